@@ -1,0 +1,46 @@
+// library.cpp — the fastattn op schemas (TORCH_LIBRARY) and the Python module init.
+//
+// Schemas are the contract torch.compile, fake tensors and opcheck see: `Tensor(a!)` marks
+// an argument an op mutates; `Tensor?` an optional one. Kernels are registered per device
+// in register_cpu.cpp and register_cuda.cpp; fake (meta) impls and autograd live in
+// fastattn/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastattn, m) {
+  // ---- rms_norm --------------------------------------------------------------------------
+  // y = rms_norm(x) * weight; rstd (x.shape[:-1]) fp32 is saved for the backward.
+  m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)");
+  // h = x + residual; y = rms_norm(h) * weight, in one pass.
+  m.def("rms_norm_add_fwd(Tensor x, Tensor residual, Tensor? weight, float eps)"
+        " -> (Tensor y, Tensor h, Tensor rstd)");
+  // dx (incl. dh, the gradient into h) and dweight (fp32; shape (0,) when weight is None).
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dh)"
+        " -> (Tensor dx, Tensor dweight)");
+
+  // ---- rotary ----------------------------------------------------------------------------
+
+  // ---- flash attention -------------------------------------------------------------------
+
+  // ---- decode attention and append_kv ----------------------------------------------------
+}
+
+// A minimal Python module so `import fastattn._C` loads the library (and with it the
+// registrations above); ops are reached through torch.ops.fastattn.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* mod = PyModule_Create(&module_def);
+  if (mod == nullptr) return nullptr;
+#ifdef FASTATTN_WITH_CUDA
+  PyModule_AddIntConstant(mod, "WITH_CUDA", 1);
+#ifdef FASTATTN_CUDA_ARCHS
+  PyModule_AddStringConstant(mod, "CUDA_ARCHS", FASTATTN_CUDA_ARCHS);
+#else
+  PyModule_AddStringConstant(mod, "CUDA_ARCHS", "");
+#endif
+#else
+  PyModule_AddIntConstant(mod, "WITH_CUDA", 0);
+  PyModule_AddStringConstant(mod, "CUDA_ARCHS", "");
+#endif
+  return mod;
+}

@@ -1,0 +1,31 @@
+// ops.h — the device-generic op implementations registered for CPU and CUDA in
+// register_cpu.cpp / register_cuda.cpp. Each validates its arguments, fills the op's params
+// struct and calls the CPU or CUDA launcher by the tensors' device. One section per op.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastattn {
+
+// ---- rms_norm (rms_norm.cpp) -----------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
+                                                const std::optional<at::Tensor>& weight,
+                                                double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_add_fwd(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    double eps);
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                const std::optional<at::Tensor>& weight,
+                                                const at::Tensor& rstd,
+                                                const std::optional<at::Tensor>& dh);
+
+// ---- rotary (rotary.cpp) ---------------------------------------------------------------
+
+// ---- flash attention (flash_attn.cpp) --------------------------------------------------
+
+// ---- decode attention and append_kv (decode.cpp) ---------------------------------------
+
+}  // namespace fastattn

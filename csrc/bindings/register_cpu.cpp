@@ -1,0 +1,17 @@
+// register_cpu.cpp — CPU kernels for every fastattn op (one section per op).
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  // ---- rms_norm --------------------------------------------------------------------------
+  m.impl("rms_norm_fwd", &fastattn::rms_norm_fwd);
+  m.impl("rms_norm_add_fwd", &fastattn::rms_norm_add_fwd);
+  m.impl("rms_norm_bwd", &fastattn::rms_norm_bwd);
+
+  // ---- rotary ----------------------------------------------------------------------------
+
+  // ---- flash attention -------------------------------------------------------------------
+
+  // ---- decode attention and append_kv ----------------------------------------------------
+}

@@ -1,0 +1,36 @@
+// api.h — the kernels' entry points. The bindings fill a params struct and call these.
+//
+// CPU launchers run on the calling thread and parallelise with ATen's thread pool.
+// CUDA launchers enqueue on `stream` and return cudaError_t; they never exit, synchronise
+// or allocate (scratch buffers are part of the params, sized by the *_workspace helpers).
+#pragma once
+
+#include <cstdint>
+
+#include "fastattn/params.h"
+
+namespace fastattn {
+
+// ---- CPU (csrc/cpu) --------------------------------------------------------------------
+void rms_norm_fwd_cpu(const RmsNormParams& params);
+void rms_norm_bwd_cpu(const RmsNormBwdParams& params);
+// Rows per dweight partial on the CPU: fixed by shape so the reduction order (and hence
+// the bits of dweight) does not depend on the number of threads.
+int64_t rms_norm_bwd_num_row_blocks_cpu(int64_t rows);
+
+}  // namespace fastattn
+
+#if defined(FASTATTN_WITH_CUDA) || defined(__CUDACC__)
+#include <cuda_runtime_api.h>
+
+namespace fastattn {
+
+// ---- CUDA (csrc/cuda) ------------------------------------------------------------------
+cudaError_t rms_norm_fwd_cuda(const RmsNormParams& params, cudaStream_t stream);
+cudaError_t rms_norm_bwd_cuda(const RmsNormBwdParams& params, cudaStream_t stream);
+// Number of row blocks the backward uses (and so rows of params.dweight_partial), a pure
+// function of the shape and the SM count: the reduction order is fixed per device.
+int64_t rms_norm_bwd_num_row_blocks_cuda(int64_t rows, int64_t n, int num_sms);
+
+}  // namespace fastattn
+#endif

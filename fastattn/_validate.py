@@ -1,0 +1,40 @@
+"""Argument checks shared by the public functions. They run in eager mode and under
+torch.compile alike (the C++ bindings check again for direct torch.ops callers), and every
+message names the argument and what was expected."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_float(t: Tensor, name: str, cuda_16bit_only: bool = False) -> None:
+    check_tensor(t, name)
+    if cuda_16bit_only and t.is_cuda and t.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be float16 or bfloat16 on CUDA, got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_same_device(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(
+            f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+            "all tensors must be on the same device"
+        )
+
+
+def check_same_dtype(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
+
+
+def check_last_dim_contiguous(t: Tensor, name: str) -> None:
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")

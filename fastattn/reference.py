@@ -1,0 +1,197 @@
+"""Pure-torch references for every fastattn op: the ground truth of tests and benchmarks.
+
+Each function computes in the dtype of its inputs, exactly as written, with no fused
+kernels. Call it on float32 (or float64) copies for the "true" answer, and on the
+low-precision inputs for the "what plain torch would get in this dtype" answer that the
+error-ratio rule compares against (DESIGN.md section 5).
+
+Layouts: B batch, S sequence, H query heads, Hk key/value heads, D head dim.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "rms_norm",
+    "apply_rotary",
+    "attention_mask",
+    "attention",
+    "decode_attention",
+    "append_kv",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# RMSNorm
+# ---------------------------------------------------------------------------------------
+def rms_norm(
+    x: Tensor,
+    weight: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    residual: Optional[Tensor] = None,
+):
+    """RMSNorm over the last dim: ``x / sqrt(mean(x**2) + eps) * weight``.
+
+    x: (..., N); weight: (N,) or None. With ``residual`` (x's shape) returns ``(y, h)``
+    where ``h = x + residual`` and ``y = rms_norm(h)``; otherwise returns ``y``.
+    """
+    h = x + residual if residual is not None else x
+    y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    return (y, h) if residual is not None else y
+
+
+# ---------------------------------------------------------------------------------------
+# Rotary position embedding
+# ---------------------------------------------------------------------------------------
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    # x (B, S, heads, D); cos/sin (B, S, 1, R/2) already in x's dtype.
+    half = cos.shape[-1]
+    rot = 2 * half
+    xr, rest = x[..., :rot], x[..., rot:]
+    if interleaved:  # GPT-J: pairs (2i, 2i+1)
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        o1 = x1 * cos - x2 * sin
+        o2 = x2 * cos + x1 * sin
+        out = torch.stack((o1, o2), dim=-1).flatten(-2)
+    else:  # NeoX / LLaMA: pairs (i, i + R/2)
+        x1, x2 = xr[..., :half], xr[..., half:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((out, rest), dim=-1)
+
+
+def apply_rotary(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Optional[Tensor] = None,
+    interleaved: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Rotary embedding of q (B, S, H, D) and k (B, S, Hk, D).
+
+    cos/sin: (max_pos, R/2) tables, R = rotary dim <= D; dims R..D pass through.
+    positions: (B, S) or (S,) integer, default ``arange(S)``. The tables are cast to q's
+    dtype first, as Hugging Face's ``apply_rotary_pos_emb`` does.
+    """
+    B, S = q.shape[0], q.shape[1]
+    if positions is None:
+        positions = torch.arange(S, device=q.device)
+    positions = positions.long()
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(0).expand(B, S)
+    c = cos[positions].unsqueeze(2).to(q.dtype)  # (B, S, 1, R/2)
+    s = sin[positions].unsqueeze(2).to(q.dtype)
+    return _rotate(q, c, s, interleaved), _rotate(k, c.to(k.dtype), s.to(k.dtype), interleaved)
+
+
+# ---------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------
+def attention_mask(
+    seqlen_q: int,
+    seqlen_k: int,
+    causal: bool = False,
+    window: Tuple[int, int] = (-1, -1),
+    device=None,
+) -> Tensor:
+    """(seqlen_q, seqlen_k) bool, True where query i may attend key j.
+
+    Bottom-right aligned (flash-attn): query i sits at key position ``i + seqlen_k -
+    seqlen_q``; it sees keys in ``[pos - left, pos + right]`` (-1 = unbounded); causal
+    forces right = 0.
+    """
+    left, right = window
+    if causal:
+        right = 0
+    i = torch.arange(seqlen_q, device=device).unsqueeze(1)
+    j = torch.arange(seqlen_k, device=device).unsqueeze(0)
+    pos = i + seqlen_k - seqlen_q
+    mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        mask &= j >= pos - left
+    if right >= 0:
+        mask &= j <= pos + right
+    return mask
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+):
+    """softmax(q k^T * scale + mask) v with GQA, bottom-right causal and a sliding window.
+
+    q (B, Sq, H, D); k, v (B, Sk, Hk, D), H % Hk == 0, query head h reads kv head
+    h // (H // Hk). key_padding_mask (B, Sk) bool, True = valid key (used by decode).
+    Returns out (B, Sq, H, D) and, with return_lse, lse (B, H, Sq) float32. A query row that
+    sees no key gets out = 0 and lse = -inf.
+    """
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if Hk != H:
+        k = k.repeat_interleave(H // Hk, dim=2)
+        v = v.repeat_interleave(H // Hk, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    mask = attention_mask(Sq, Sk, causal, window, q.device).view(1, 1, Sq, Sk)
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask.view(B, 1, 1, Sk)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores.float(), dim=-1)  # (B, H, Sq)
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key
+    out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
+    return (out, lse) if return_lse else out
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """One query token per sequence against a KV cache with ragged valid lengths.
+
+    q (B, H, D) or (B, 1, H, D); k_cache, v_cache (B, S_max, Hk, D); cache_seqlens (B,)
+    integer: sequence b attends to cache rows [0, cache_seqlens[b]). Returns out with q's
+    shape and, with return_lse, lse (B, H) float32.
+    """
+    squeeze = q.dim() == 3
+    q4 = q.unsqueeze(1) if squeeze else q
+    S_max = k_cache.shape[1]
+    valid = torch.arange(S_max, device=q.device).unsqueeze(0) < cache_seqlens.view(-1, 1).long()
+    out, lse = attention(q4, k_cache, v_cache, softmax_scale=softmax_scale, return_lse=True,
+                         key_padding_mask=valid)
+    out = out.squeeze(1) if squeeze else out
+    lse = lse.squeeze(-1)  # (B, H)
+    return (out, lse) if return_lse else out
+
+
+def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor):
+    """Write k, v (B, Sn, Hk, D) into the caches at rows [cache_seqlens[b], + Sn), in place.
+
+    The caller advances cache_seqlens afterwards. Raises ValueError past capacity.
+    """
+    S_max, Sn = k_cache.shape[1], k.shape[1]
+    for b, start in enumerate(cache_seqlens.tolist()):
+        if start < 0 or start + Sn > S_max:
+            raise ValueError(
+                f"append_kv: cache_seqlens[{b}] = {start} plus {Sn} new rows exceeds the cache "
+                f"capacity {S_max}"
+            )
+        k_cache[b, start : start + Sn] = k[b]
+        v_cache[b, start : start + Sn] = v[b]
+    return k_cache, v_cache

@@ -1,0 +1,46 @@
+"""Shared test helpers: devices, dtypes and the error-ratio rule of DESIGN.md section 5."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn
+
+HAS_CUDA = torch.cuda.is_available() and fastattn.cuda_built()
+
+# Every test that takes `device` runs on the CPU, and on CUDA when a GPU and a CUDA build are
+# present; the CUDA copies carry the `cuda` marker and are skipped (not passed) without one.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")]),
+]
+
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def dtypes_for(device: str, cuda_16bit_only: bool = False):
+    if device == "cuda" and cuda_16bit_only:
+        return [torch.float16, torch.bfloat16]
+    return ALL_DTYPES
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_error_ratio(ours, ref_low, ref_true, name: str = "output", factor: float = 2.0, atol: float = 1e-5):
+    """flash-attn's rule: err(ours) <= factor * err(reference in the same low precision) + atol,
+    both measured against the reference computed in fp32/fp64 (`ref_true`). For fp32 inputs
+    the low-precision reference *is* the fp32 reference run the unfused way, so the bound
+    stays meaningful (it is then a small multiple of fp32 rounding)."""
+    assert ours.shape == ref_true.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref_true.shape)}"
+    assert torch.isfinite(ours.float()).all() or not torch.isfinite(ref_true.float()).all(), f"{name}: non-finite values"
+    err = max_err(ours, ref_true)
+    ref_err = max_err(ref_low, ref_true)
+    bound = factor * ref_err + atol
+    assert err <= bound, f"{name}: max error {err:.3e} > {factor} * reference error {ref_err:.3e} + {atol:g}"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
