@@ -14,10 +14,14 @@ from torch import Tensor
 from . import ops
 from ._validate import check_float, check_last_dim_contiguous, check_same_device, check_same_dtype, check_tensor
 
-__all__ = ["rms_norm"]
+# Each op section appends its public names, so sections can be edited independently.
+__all__ = []
 
 
 # ---- rms_norm ----------------------------------------------------------------------------
+__all__ += ["rms_norm"]
+
+
 def rms_norm(
     x: Tensor,
     weight: Optional[Tensor] = None,

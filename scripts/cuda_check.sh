@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# CUDA compile check: every csrc/cuda/*.cu with plain nvcc -- no torch on the include path --
+# for sm_80 and sm_90a. Fails on any compile error or warning (-Werror all-warnings), and on
+# register spills unless FASTATTN_ALLOW_SPILLS=1. Prints registers / shared memory / spill
+# bytes per kernel and arch (from ptxas -v).
+#   scripts/cuda_check.sh [file.cu ...]      (default: all of csrc/cuda)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
+if [ ! -x "$NVCC" ]; then
+  echo "cuda_check: nvcc not found (set NVCC=...)" >&2
+  exit 1
+fi
+ARCHS="${FASTATTN_CHECK_ARCHS:-80 90a}"
+files=("$@")
+if [ ${#files[@]} -eq 0 ]; then
+  mapfile -t files < <(ls csrc/cuda/*.cu 2>/dev/null || true)
+fi
+if [ ${#files[@]} -eq 0 ]; then
+  echo "cuda_check: no .cu files under csrc/cuda"
+  exit 0
+fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+jobs="${MAX_JOBS:-$(nproc)}"
+echo "cuda_check: $("$NVCC" --version | tail -1); archs: $ARCHS; files: ${#files[@]}"
+
+compile_one() {  # file arch -> writes $tmp/<name>.<arch>.log, returns nvcc status
+  local f=$1 arch=$2 name
+  name=$(basename "$f" .cu)
+  "$NVCC" -c "$f" -o "$tmp/$name.$arch.o" -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr \
+    -Icsrc/include -DFASTATTN_WITH_CUDA -gencode "arch=compute_$arch,code=sm_$arch" \
+    -Xptxas -v -Werror all-warnings -Xcompiler -Wall,-Werror >"$tmp/$name.$arch.log" 2>&1
+}
+export -f compile_one
+export NVCC tmp
+
+status=0
+pids=()
+for f in "${files[@]}"; do
+  for arch in $ARCHS; do
+    compile_one "$f" "$arch" &
+    pids+=("$!:$f:$arch")
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 0.2; done
+  done
+done
+for entry in "${pids[@]}"; do
+  pid=${entry%%:*}; rest=${entry#*:}; f=${rest%:*}; arch=${rest##*:}
+  if ! wait "$pid"; then
+    echo "FAILED: $f for sm_$arch"; cat "$tmp/$(basename "$f" .cu).$arch.log"; status=1
+  fi
+done
+
+# Resource report: one line per kernel and arch.
+python3 - "$tmp" <<'PY' || status=1
+import glob, os, re, subprocess, sys
+tmp = sys.argv[1]
+allow = os.environ.get("FASTATTN_ALLOW_SPILLS") == "1"
+bad = []
+print(f"{'file':<22} {'arch':<6} {'regs':>5} {'smem':>7} {'spill st':>9} {'spill ld':>9} {'stack':>6}  kernel")
+for log in sorted(glob.glob(os.path.join(tmp, "*.log"))):
+    base = os.path.basename(log)[:-4]
+    fname, arch = base.rsplit(".", 1)
+    text = open(log).read()
+    cur = None
+    spill = (0, 0)
+    stack = 0
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            cur = m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur:
+            stack, spill = int(m.group(1)), (int(m.group(2)), int(m.group(3)))
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and cur:
+            regs = int(m.group(1))
+            sm = re.search(r"(\d+) bytes smem", line)
+            smem = int(sm.group(1)) if sm else 0
+            try:
+                name = subprocess.run(["c++filt", cur], capture_output=True, text=True).stdout.strip()
+            except OSError:
+                name = cur
+            name = re.sub(r"\(.*", "", name)[:90]
+            print(f"{fname:<22} {arch:<6} {regs:>5} {smem:>7} {spill[0]:>9} {spill[1]:>9} {stack:>6}  {name}")
+            if spill[0] or spill[1]:
+                bad.append(f"{fname} sm_{arch} {name}: {spill[0]} B spill stores, {spill[1]} B spill loads")
+            cur, spill, stack = None, (0, 0), 0
+if bad:
+    print("\nregister spills:\n  " + "\n  ".join(bad))
+    if not allow:
+        sys.exit(1)
+PY
+if [ $status -eq 0 ]; then echo "cuda_check: OK"; else echo "cuda_check: FAILED"; fi
+exit $status
