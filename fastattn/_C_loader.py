@@ -8,6 +8,8 @@ BUILD_HINT = (
 
 
 def load():
+    import torch  # noqa: F401  (libtorch must be loaded before the extension)
+
     try:
         from fastattn import _C  # noqa: F401  (loading registers torch.ops.fastattn.*)
     except ImportError as e:  # pragma: no cover - exercised only without a build
