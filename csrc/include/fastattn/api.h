@@ -18,6 +18,12 @@ void rms_norm_bwd_cpu(const RmsNormBwdParams& params);
 // the bits of dweight) does not depend on the number of threads.
 int64_t rms_norm_bwd_num_row_blocks_cpu(int64_t rows);
 
+// ---- rotary (cpu) ----
+
+// ---- flash attention (cpu) ----
+
+// ---- decode attention and append_kv (cpu) ----
+
 }  // namespace fastattn
 
 #if defined(FASTATTN_WITH_CUDA) || defined(__CUDACC__)
@@ -31,6 +37,17 @@ cudaError_t rms_norm_bwd_cuda(const RmsNormBwdParams& params, cudaStream_t strea
 // Number of row blocks the backward uses (and so rows of params.dweight_partial), a pure
 // function of the shape and the SM count: the reduction order is fixed per device.
 int64_t rms_norm_bwd_num_row_blocks_cuda(int64_t rows, int64_t n, int num_sms);
+
+// ---- rotary (cuda) ----
+
+// ---- flash attention (cuda) ----
+// Forward over the closed list dtype {fp16, bf16} x head dim {64, 128, ...} x causal/window;
+// returns cudaErrorInvalidValue for anything outside it (the binding reports it).
+cudaError_t flash_fwd_cuda(const FlashFwdParams& params, cudaStream_t stream);
+// True when flash_fwd_cuda has a kernel for this head dim.
+bool flash_fwd_cuda_supports_head_dim(int64_t d);
+
+// ---- decode attention and append_kv (cuda) ----
 
 }  // namespace fastattn
 #endif
