@@ -83,7 +83,9 @@ for log in sorted(glob.glob(os.path.join(tmp, "*.log"))):
                 name = subprocess.run(["c++filt", cur], capture_output=True, text=True).stdout.strip()
             except OSError:
                 name = cur
-            name = re.sub(r"\(.*", "", name)[:90]
+            name = name.replace("(anonymous namespace)::", "").replace("fastattn::", "")
+            name = re.sub(r"^void ", "", name)
+            name = re.sub(r"\((?!.*<).*$", "", name)[:100]
             print(f"{fname:<22} {arch:<6} {regs:>5} {smem:>7} {spill[0]:>9} {spill[1]:>9} {stack:>6}  {name}")
             if spill[0] or spill[1]:
                 bad.append(f"{fname} sm_{arch} {name}: {spill[0]} B spill stores, {spill[1]} B spill loads")
@@ -93,5 +95,32 @@ if bad:
     if not allow:
         sys.exit(1)
 PY
+# The bindings' CUDA branches (#ifdef FASTATTN_WITH_CUDA) are only built with a CUDA torch,
+# which CI does not have. Syntax-check them against the CPU torch's headers (which ship
+# c10/cuda) plus the CUDA toolkit's, so a typo there cannot wait for a GPU machine to surface.
+if [ "${FASTATTN_SKIP_BINDINGS_CHECK:-0}" != "1" ] && python3 -c "import torch" 2>/dev/null; then
+  TI=$(python3 -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
+  PYI=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+  CUDA_INC="${CUDA_HOME:-/usr/local/cuda}/include"
+  [ -f "$CUDA_INC/cuda_runtime.h" ] || CUDA_INC="$(dirname "$(dirname "$(readlink -f "$NVCC")")")/include"
+  mkdir -p "$tmp/shim/c10/cuda/impl"
+  # A generated header the CPU wheel does not ship; its only content is this macro.
+  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$tmp/shim/c10/cuda/impl/cuda_cmake_macros.h"
+  bpids=()
+  for f in csrc/bindings/*.cpp; do
+    g++ -fsyntax-only -std=c++20 -Wall -Werror -Wno-unknown-pragmas -DFASTATTN_WITH_CUDA -I"$tmp/shim" -I"$TI" \
+      -I"$TI/torch/csrc/api/include" -I"$CUDA_INC" -I"$PYI" -Icsrc/include "$f" >"$tmp/$(basename "$f").bind.log" 2>&1 &
+    bpids+=("$!:$f")
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 0.2; done
+  done
+  for entry in "${bpids[@]}"; do
+    pid=${entry%%:*}; f=${entry#*:}
+    if wait "$pid"; then echo "bindings (CUDA branch, syntax): $f OK"; else
+      echo "FAILED bindings (CUDA branch, syntax): $f"; cat "$tmp/$(basename "$f").bind.log"; status=1; fi
+  done
+else
+  echo "bindings check skipped (torch not importable or FASTATTN_SKIP_BINDINGS_CHECK=1)"
+fi
+
 if [ $status -eq 0 ]; then echo "cuda_check: OK"; else echo "cuda_check: FAILED"; fi
 exit $status
