@@ -6,7 +6,13 @@ import torch
 
 import fastattn
 
+import os
+
 HAS_CUDA = torch.cuda.is_available() and fastattn.cuda_built()
+
+# scripts/gpu_check.sh sets this: on the GPU machine a CUDA test that skips is a failure.
+if os.environ.get("FASTATTN_REQUIRE_CUDA") == "1" and not HAS_CUDA:
+    raise RuntimeError("FASTATTN_REQUIRE_CUDA=1 but no CUDA device or no CUDA build of fastattn")
 
 # Every test that takes `device` runs on the CPU, and on CUDA when a GPU and a CUDA build are
 # present; the CUDA copies carry the `cuda` marker and are skipped (not passed) without one.
