@@ -91,12 +91,40 @@ def plot(results: dict, path: str) -> None:
     print(f"plot: wrote {path}")
 
 
+def write_readme(results: dict, source: str) -> None:
+    """Write this results file's table into README.md between the perf markers. Each
+    results file (one per device) owns one block there, keyed by its file name."""
+    import io
+    import re
+
+    readme = os.path.join(os.path.dirname(HERE), "README.md")
+    text = open(readme).read()
+    begin, end = "<!-- perf:begin -->", "<!-- perf:end -->"
+    if begin not in text or end not in text:
+        print("readme: performance markers not found; README.md left unchanged")
+        return
+    head, rest = text.split(begin, 1)
+    body, tail = rest.split(end, 1)
+    parts = re.split(r"<!-- perf-file:(\S+) -->\n", body)
+    blocks = {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+    buf = io.StringIO()
+    print_table(results, file=buf)
+    rel = os.path.relpath(os.path.abspath(source), os.path.dirname(HERE))
+    blocks[os.path.basename(source)] = f"From `{rel}`:\n\n```\n{buf.getvalue()}```\n\n"
+    new_body = "\n" + "".join(f"<!-- perf-file:{k} -->\n{v}" for k, v in sorted(blocks.items()))
+    with open(readme, "w") as f:
+        f.write(head + begin + new_body + end + tail)
+    print(f"readme: performance section updated from {rel}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="results JSON path")
     p.add_argument("--plot", help="PNG path for a bar plot")
     p.add_argument("-k", dest="filter", help="pytest -k expression")
     p.add_argument("--report", help="only print the table (and --plot) of an existing results JSON")
+    p.add_argument("--readme", action="store_true",
+                   help="also write the table into README.md between the perf markers")
     args = p.parse_args(argv)
 
     if args.report:
@@ -123,6 +151,8 @@ def main(argv=None) -> int:
             results = json.load(f)
         print(f"\nresults: {args.out}\n")
     print_table(results)
+    if args.readme:
+        write_readme(results, args.report or args.out)
     if args.plot:
         plot(results, args.plot)
     return 0
