@@ -46,6 +46,11 @@ int64_t rms_norm_bwd_num_row_blocks_cuda(int64_t rows, int64_t n, int num_sms);
 cudaError_t flash_fwd_cuda(const FlashFwdParams& params, cudaStream_t stream);
 // True when flash_fwd_cuda has a kernel for this head dim.
 bool flash_fwd_cuda_supports_head_dim(int64_t d);
+// Backward (recompute): computes params.delta = rowsum(dout * out) itself, then dq, dk, dv.
+// params.workspace must hold flash_bwd_cuda_workspace_floats(params) fp32 values (0: none).
+cudaError_t flash_bwd_cuda(const FlashBwdParams& params, cudaStream_t stream);
+int64_t flash_bwd_cuda_workspace_floats(const FlashBwdParams& params);
+bool flash_bwd_cuda_supports_head_dim(int64_t d);
 
 // ---- decode attention and append_kv (cuda) ----
 
