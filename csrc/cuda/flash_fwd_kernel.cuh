@@ -86,6 +86,9 @@ struct FwdTraits {
   static constexpr int kSmemQ = kBlockM * kRowBytes;
   static constexpr int kSmemKV = kBlockN * kRowBytes;  // one K (or V) buffer
   static constexpr int kSmemBytes = kSmemQ + 4 * kSmemKV;  // Q + double-buffered K and V
+  // Blocks per SM the register budget is sized for (__launch_bounds__): two 4-warp blocks
+  // give 255 registers per thread and 8 warps per SM.
+  static constexpr int kMinBlocksPerSm = kNWarps <= 4 ? 2 : 1;
   static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole m16 tiles");
   static_assert(kHeadDim % 64 == 0, "swizzle needs >= 8 chunks per row");
   static_assert(kBlockN % 16 == 0, "P is consumed in k16 slices");
@@ -175,21 +178,29 @@ struct ElemOps<__nv_bfloat16> {
 
 // Load rows [row0, row0 + kRows) of one head of a (b, seqlen, heads, d) tensor into a
 // swizzled smem tile; rows >= seqlen are zero-filled (so no garbage, NaN included, can reach
-// the mma). Thread tid copies chunks tid, tid + kNThreads, ...: 8 consecutive threads cover
-// 8 consecutive chunks of one row, i.e. 128 contiguous global bytes (coalesced) and 8
-// distinct smem chunk positions (conflict free).
+// the mma). Thread tid copies chunk c = tid % kChunks of rows r0 + i * kRowsPerIter with
+// r0 = tid / kChunks (the same as chunks tid, tid + kNThreads, ... of the row-major tile):
+// 8 consecutive threads cover 8 consecutive chunks of one row, i.e. 128 contiguous global
+// bytes (coalesced) and 8 distinct smem chunk positions (conflict free). kRowsPerIter is a
+// multiple of 8, so every row a thread writes has the same swizzle key r0 & 7 and its smem
+// offsets are one register plus immediates; the global pointer advances by a fixed step.
 template <typename Kt, int kRows, typename T>
 __device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* head_base, int64_t row_stride,
                                           int row0, int seqlen, int tid) {
-  constexpr int kIters = kRows * Kt::kChunks / Kt::kNThreads;
+  constexpr int kRowsPerIter = Kt::kNThreads / Kt::kChunks;
+  static_assert(Kt::kNThreads % Kt::kChunks == 0 && kRowsPerIter % 8 == 0, "swizzle key per thread");
+  static_assert(kRows % kRowsPerIter == 0, "tile rows divide evenly");
+  const int r0 = tid / Kt::kChunks;
+  const int c = tid % Kt::kChunks;
+  const uint32_t dst = smem_tile + smem_offset<Kt::kChunks>(r0, c);
+  const T* src = head_base + static_cast<int64_t>(row0 + r0) * row_stride + c * 8;
+  const int64_t step = static_cast<int64_t>(kRowsPerIter) * row_stride;
 #pragma unroll
-  for (int i = 0; i < kIters; ++i) {
-    const int idx = tid + i * Kt::kNThreads;
-    const int r = idx / Kt::kChunks;
-    const int c = idx % Kt::kChunks;
-    const bool valid = row0 + r < seqlen;
-    const T* src = head_base + (valid ? static_cast<int64_t>(row0 + r) * row_stride : 0) + c * 8;
-    cp_async_16(smem_tile + smem_offset<Kt::kChunks>(r, c), src, valid);
+  for (int i = 0; i < kRows / kRowsPerIter; ++i) {
+    const bool valid = row0 + r0 + i * kRowsPerIter < seqlen;
+    // == smem_offset(r0 + i * kRowsPerIter, c): same swizzle key, rows further down
+    cp_async_16(dst + i * kRowsPerIter * Kt::kRowBytes, valid ? src : head_base, valid);
+    src += step;
   }
 }
 
@@ -199,7 +210,7 @@ __device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* head_base
 // kMasked: a window / causal bound exists (the key-tail mask is always available).
 // ---------------------------------------------------------------------------------------
 template <typename Kt, typename T, bool kMasked>
-__global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const FwdArgs a) {
+__global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_kernel(const FwdArgs a) {
   using Ops = ElemOps<T>;
   constexpr int kBlockM = Kt::kBlockM;
   constexpr int kBlockN = Kt::kBlockN;
@@ -279,19 +290,31 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const FwdAr
   //     {rows 0-7, k 8-15}, {rows 8-15, k 8-15} -> a0..a3: lane supplies row (lane & 15),
   //     chunk 2ks + (lane >> 4).
   //   K (B operand, no trans) for n8 tiles 2jp, 2jp+1: matrices {keys 0-7 of tile 2jp, k 0-7},
-  //     {same keys, k 8-15}, {keys of tile 2jp+1, k 0-7}, {same, k 8-15} -> b0,b1 of tile 2jp
-  //     and b0,b1 of tile 2jp+1: lane supplies key 16jp + (lane & 7) + 8 (lane >> 4), chunk
-  //     2ks + ((lane >> 3) & 1).
+  //     {keys of tile 2jp+1, k 0-7}, {keys of tile 2jp, k 8-15}, {keys of tile 2jp+1, k 8-15}
+  //     -> r0 = b0 and r2 = b1 of tile 2jp, r1 = b0 and r3 = b1 of tile 2jp+1: lane supplies
+  //     key 16jp + (lane & 15), chunk 2ks + (lane >> 4) (the same lane roles as Q and V).
   //   V (B operand, trans) for key slice ks, dim tiles 2jp, 2jp+1: matrices {keys 0-7, dims
   //     of tile 2jp}, {keys 8-15, same dims}, {keys 0-7, tile 2jp+1}, {keys 8-15, tile 2jp+1}
   //     -> b0,b1 of dim tile 2jp and b0,b1 of 2jp+1: lane supplies key 16ks + (lane & 15),
   //     chunk 2jp + (lane >> 4).
-  const int q_ld_row = warp_row0 + (lane & 15);
-  const int q_ld_chunk = lane >> 4;
-  const int k_ld_row = (lane & 7) + ((lane >> 4) << 3);
-  const int k_ld_chunk = (lane >> 3) & 1;
-  const int v_ld_row = lane & 15;
-  const int v_ld_chunk = lane >> 4;
+  //
+  // Every such row is (multiple of 8) + (lane & 7), so its swizzle key row & 7 is lane & 7,
+  // and every chunk is 2 * i + (0 or 1), i.e. (2 * i) ^ (0 or 1). Hence
+  //   smem_offset(R + r, 2 * i + c) = (R + r) * kRowBytes + ((2 * i) ^ (c ^ (lane & 7))) * 16
+  // and for i = 4 * i_hi + i_lo the XOR only touches the low three bits:
+  //   ((2 * i) ^ z) * 16 = i_hi * 128 + ((2 * i_lo) ^ z) * 16          (z < 8).
+  // So four per-lane offsets (i_lo = 0..3) plus compile-time immediates address every
+  // ldmatrix of the main loop, instead of one live register per unrolled address.
+  // ld_off[i_lo] serves Q, K and V alike: row (lane & 15), chunk bit (lane >> 4).
+  uint32_t ld_off[4];
+  {
+    const int z = (lane >> 4) ^ (lane & 7);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      ld_off[i] = static_cast<uint32_t>((lane & 15) * Kt::kRowBytes + (((2 * i) ^ z) << 4));
+    }
+  }
+  const uint32_t sQ_warp = sQ + warp_row0 * Kt::kRowBytes;
 
   if (n_min < n_max) {
     // Prologue: Q and the first K/V tile in one cp.async group.
@@ -330,16 +353,18 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const FwdAr
         uint32_t qa[kMTiles][4];
 #pragma unroll
         for (int mi = 0; mi < kMTiles; ++mi) {
-          ldmatrix_x4(qa[mi], sQ + smem_offset<kChunks>(q_ld_row + mi * 16, 2 * ks + q_ld_chunk));
+          // == sQ + smem_offset(warp_row0 + mi * 16 + (lane & 15), 2 * ks + (lane >> 4))
+          ldmatrix_x4(qa[mi], sQ_warp + ld_off[ks & 3] + (ks >> 2) * 128 + mi * 16 * Kt::kRowBytes);
         }
 #pragma unroll
         for (int jp = 0; jp < kNTilesS / 2; ++jp) {
           uint32_t kb[4];
-          ldmatrix_x4(kb, sK + smem_offset<kChunks>(16 * jp + k_ld_row, 2 * ks + k_ld_chunk));
+          // == sK + smem_offset(16 * jp + (lane & 15), 2 * ks + (lane >> 4))
+          ldmatrix_x4(kb, sK + ld_off[ks & 3] + (ks >> 2) * 128 + jp * 16 * Kt::kRowBytes);
 #pragma unroll
           for (int mi = 0; mi < kMTiles; ++mi) {
-            Ops::mma(s[mi][2 * jp], qa[mi], kb[0], kb[1]);
-            Ops::mma(s[mi][2 * jp + 1], qa[mi], kb[2], kb[3]);
+            Ops::mma(s[mi][2 * jp], qa[mi], kb[0], kb[2]);
+            Ops::mma(s[mi][2 * jp + 1], qa[mi], kb[1], kb[3]);
           }
         }
       }
@@ -409,25 +434,29 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const FwdAr
       }
 
       // ---- O += P V: P repacked to 16 bit is the A operand (C layout of n8 tiles 2ks and
-      // 2ks+1 == A layout of key slice ks) ------------------------------------------------
+      // 2ks+1 == A layout of key slice ks). Packed all at once so the fp32 scores die here.
+      uint32_t pa[kBlockN / 16][kMTiles][4];
 #pragma unroll
       for (int ks = 0; ks < kBlockN / 16; ++ks) {
-        uint32_t pa[kMTiles][4];
 #pragma unroll
         for (int mi = 0; mi < kMTiles; ++mi) {
-          pa[mi][0] = Ops::pack(s[mi][2 * ks][0], s[mi][2 * ks][1]);          // row g,   k 2t
-          pa[mi][1] = Ops::pack(s[mi][2 * ks][2], s[mi][2 * ks][3]);          // row g+8, k 2t
-          pa[mi][2] = Ops::pack(s[mi][2 * ks + 1][0], s[mi][2 * ks + 1][1]);  // row g,   k 2t+8
-          pa[mi][3] = Ops::pack(s[mi][2 * ks + 1][2], s[mi][2 * ks + 1][3]);  // row g+8, k 2t+8
+          pa[ks][mi][0] = Ops::pack(s[mi][2 * ks][0], s[mi][2 * ks][1]);          // row g,   k 2t
+          pa[ks][mi][1] = Ops::pack(s[mi][2 * ks][2], s[mi][2 * ks][3]);          // row g+8, k 2t
+          pa[ks][mi][2] = Ops::pack(s[mi][2 * ks + 1][0], s[mi][2 * ks + 1][1]);  // row g,   k 2t+8
+          pa[ks][mi][3] = Ops::pack(s[mi][2 * ks + 1][2], s[mi][2 * ks + 1][3]);  // row g+8, k 2t+8
         }
+      }
+#pragma unroll
+      for (int ks = 0; ks < kBlockN / 16; ++ks) {
 #pragma unroll
         for (int jp = 0; jp < kNTilesO / 2; ++jp) {
           uint32_t vb[4];
-          ldmatrix_x4_trans(vb, sV + smem_offset<kChunks>(16 * ks + v_ld_row, 2 * jp + v_ld_chunk));
+          // == sV + smem_offset(16 * ks + (lane & 15), 2 * jp + (lane >> 4))
+          ldmatrix_x4_trans(vb, sV + ld_off[jp & 3] + (jp >> 2) * 128 + ks * 16 * Kt::kRowBytes);
 #pragma unroll
           for (int mi = 0; mi < kMTiles; ++mi) {
-            Ops::mma(o[mi][2 * jp], pa[mi], vb[0], vb[1]);
-            Ops::mma(o[mi][2 * jp + 1], pa[mi], vb[2], vb[3]);
+            Ops::mma(o[mi][2 * jp], pa[ks][mi], vb[0], vb[1]);
+            Ops::mma(o[mi][2 * jp + 1], pa[ks][mi], vb[2], vb[3]);
           }
         }
       }
