@@ -11,37 +11,47 @@
 //
 // Why it is fast. The S = QK^T score matrix never touches global memory. A thread block
 // owns a 128-row query tile and streams the keys and values of its (b, kv head) through
-// shared memory in 64-row tiles; each warp keeps its 32 query rows' output accumulators
-// and softmax statistics in registers for the whole sweep (online softmax: running row max
+// shared memory tile by tile; each warp keeps its 32 query rows' output accumulators and
+// softmax statistics in registers for the whole sweep (online softmax: running row max
 // and row sum, the accumulator rescaled by 2^(old max - new max) when the max grows), so
-// every K/V byte read from global memory serves 128 queries and the HBM traffic is
-// O(Sq*D + Sk*D*Sq/128) instead of O(Sq*Sk). Both matmuls run on the tensor cores with
-// mma.sync m16n8k16 (fp32 accumulate), fed by ldmatrix from a XOR-swizzled shared layout
-// that makes every ldmatrix and every cp.async write bank-conflict free without padding.
-// The probabilities P never go back to shared memory: the m16n8k16 accumulator layout of
-// two adjacent n8 score tiles is exactly the A-operand layout of a k16 slice, so P is
-// packed to 16 bit in registers and fed straight into the PV mma. The next K/V tile is
-// fetched with cp.async (asynchronous, bypassing registers and L1) while the current one is
-// being multiplied: double buffering hides global latency behind the tensor-core work.
-// The softmax works in the log2 domain (one FMUL folds scale * log2 e, then ex2.approx), and
-// the output is divided by the row sum once, at the end. Under a causal or window mask,
-// key tiles wholly outside the band are never loaded (the loop bounds skip them), tiles
-// wholly inside run the unmasked path, and only tiles crossing a band edge (or the
+// every K/V byte read from global memory serves 128 queries. Both matmuls run on the tensor
+// cores with mma.sync m16n8k16 (fp32 accumulate), fed by ldmatrix from an XOR-swizzled
+// shared layout (16-byte chunk c of row r stored at c ^ (r & 7)) that makes every ldmatrix
+// and every cp.async write bank-conflict free without padding. The probabilities P never
+// go back to shared memory: the m16n8k16 accumulator layout of two adjacent n8 score tiles
+// is exactly the A-operand layout of a k16 slice, so P is packed to 16 bit in registers and
+// fed straight into the PV mma. The next K/V tile is fetched with cp.async (asynchronous,
+// bypassing registers and L1) into a second buffer while the current one is multiplied:
+// double buffering hides global latency behind the tensor-core work, with one barrier per
+// key tile. The softmax works in the log2 domain (one FMUL folds scale * log2 e, then
+// ex2.approx), the row sums are kept per thread and reduced across the quad only once, and
+// the output is divided by the row sum once, at the end (staged through shared memory so
+// the global stores are full 16-byte, row-contiguous writes). Under a causal or window
+// mask, key tiles wholly outside the band are never loaded (the loop bounds skip them),
+// tiles wholly inside run the unmasked path, and only tiles crossing a band edge (or the
 // ragged end of the keys) pay for per-element masking. Query blocks are issued heaviest
 // first (reverse order) so causal launches do not end on a long tail of big blocks.
 //
-// Tuning rationale. 128 x 64 tiles with 4 warps (each warp two m16 tiles) follow the
-// FlashAttention-2 choice for sm_80/sm_90: each K/V fragment pulled out of shared memory
-// with ldmatrix feeds two mma's (one per m16 tile), which keeps shared-memory bandwidth
-// below what the tensor cores consume, while the per-thread state (O: 2 x D/2 floats, S: 2 x
-// 32 floats) still fits the register file without spills (see scripts/cuda_check.sh).
-// Shared memory is Q (128 x D) plus two K and two V buffers (64 x D each): 48 KB at D = 64
-// and 96 KB at D = 128, so two blocks (8 warps) can share an SM on A100/H100. Q is read from
-// shared memory by ldmatrix at every key tile rather than pinned in registers: that costs
-// some shared bandwidth but frees the registers the two-m-tile accumulators need. The
-// masked/unmasked split is a template flag so the common unmasked kernel carries no window
-// arithmetic; everything else (lengths, strides, window sizes, GQA ratio) is a runtime value,
-// which keeps the build at 8 kernels (2 dtypes x 2 head dims x masked or not).
+// Tuning rationale. With mma.sync the limiter on A100/H100 is shared-memory bandwidth, not
+// the tensor cores: every B fragment an ldmatrix delivers should feed as many mma's as
+// possible. So each of the 4 warps owns two m16 row tiles (32 query rows): every K and V
+// fragment feeds two mma's, halving the shared traffic per flop compared with one m16 tile
+// per warp (the FlashAttention-2 layout for these GPUs). The price is registers: the O
+// accumulator is 2 x D/2 fp32 per thread. Head dim 64 affords 64-key tiles (O 64 + S 64
+// fp32 registers, ~210-225 registers in all); head dim 128 uses 32-key tiles (O 128 + S 32)
+// which is what fits 255 registers without spilling (128 x 64 spilled ~50 bytes). Q is
+// re-read from shared memory by ldmatrix for every key tile rather than pinned in
+// registers, again for register room. Shared memory is Q (128 x D) plus two K and two V
+// buffers: 48 KB at D = 64 and 64 KB at D = 128, so with 255 registers x 128 threads two
+// blocks (8 warps) share an SM on both A100 and H100. The masked/unmasked split is a
+// template flag so the common unmasked kernel carries no window arithmetic; everything else
+// (lengths, strides, window sizes, GQA ratio) is a runtime value, which keeps the build at 8
+// kernels (2 dtypes x 2 head dims x masked or not), in two files compiled in parallel.
+//
+// Requirements checked here (cudaErrorInvalidValue otherwise, nothing launched): fp16 or
+// bf16; d in {64, 128}; h % h_k == 0; q/k/v/out 16-byte aligned and every batch/row/head
+// stride a multiple of 8 elements (16-byte cp.async and stores); seqlen_q, seqlen_k <= 2^28;
+// b, h <= 65535 (grid z / y). Callers with other layouts make the tensors contiguous first.
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
