@@ -430,3 +430,40 @@ def test_smem_budget_and_layout_facts():
     for ch in (8, 16):
         offs = sorted(smem_offset(ch, r, c) for r in range(16) for c in range(ch))
         assert offs == [16 * i for i in range(16 * ch)]
+
+
+@pytest.mark.parametrize("cfg_name", list(CFGS))
+def test_kernel_address_forms_equal_smem_offset(cfg_name):
+    """The kernel does not call smem_offset() inside its loops: it uses the strength-reduced
+    forms below (per-lane ld_off[4] plus immediates; one offset per thread plus row steps
+    in load_tile). They must equal smem_offset() for every lane, warp and loop index."""
+    cfg = CFGS[cfg_name]
+    RB, ch = cfg.D * 2, cfg.CH
+    z = (LANE >> 4) ^ (LANE & 7)
+    ld_off = [(LANE & 15) * RB + (((2 * i) ^ z) << 4) for i in range(4)]
+    for warp in range(cfg.NW):
+        warp_row0 = warp * cfg.RPW
+        for ks in range(cfg.D // 16):
+            for mi in range(cfg.MT):
+                kernel = warp_row0 * RB + ld_off[ks & 3] + (ks >> 2) * 128 + mi * 16 * RB
+                ref = smem_offset(ch, warp_row0 + mi * 16 + (LANE & 15), 2 * ks + (LANE >> 4))
+                assert np.array_equal(kernel, ref)
+    for ks in range(cfg.D // 16):  # K
+        for jp in range(cfg.NTS // 2):
+            kernel = ld_off[ks & 3] + (ks >> 2) * 128 + jp * 16 * RB
+            assert np.array_equal(kernel, smem_offset(ch, 16 * jp + (LANE & 15), 2 * ks + (LANE >> 4)))
+    for ks in range(cfg.BN // 16):  # V
+        for jp in range(cfg.NTO // 2):
+            kernel = ld_off[jp & 3] + (jp >> 2) * 128 + ks * 16 * RB
+            assert np.array_equal(kernel, smem_offset(ch, 16 * ks + (LANE & 15), 2 * jp + (LANE >> 4)))
+    # load_tile: thread tid, iteration i
+    rpi = cfg.NT // ch
+    assert cfg.NT % ch == 0 and rpi % 8 == 0
+    tid = np.arange(cfg.NT)
+    r0, c = tid // ch, tid % ch
+    for n_rows in (cfg.BM, cfg.BN):
+        for i in range(n_rows // rpi):
+            idx = tid + i * cfg.NT
+            kernel = smem_offset(ch, r0, c) + i * rpi * RB
+            assert np.array_equal(kernel, smem_offset(ch, idx // ch, idx % ch))
+            assert np.array_equal(r0 + i * rpi, idx // ch) and np.array_equal(c, idx % ch)
