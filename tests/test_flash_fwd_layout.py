@@ -385,6 +385,7 @@ CASES = [
     (1, 130, 140, 1, 1, (3, -1), False),  # left only
     (1, 70, 300, 1, 1, (0, 0), False),  # diagonal only
     (1, 130, 70, 1, 1, (5, 0), False),  # many empty rows
+    (1, 300, 40, 1, 1, (-1, -1), True),  # whole query blocks see no key (empty tile range)
 ]
 
 
@@ -392,7 +393,7 @@ CASES = [
 RUNS = (
     [("d64", c, "fp16") for c in range(len(CASES))]
     + [("d64", c, "bf16") for c in (0, 4)]
-    + [("d128", c, "fp16") for c in (1, 3, 8)]
+    + [("d128", c, "fp16") for c in (1, 3, 8, 9)]
     + [("d128", 4, "bf16")]
     + [("d64_mt1", c, "fp16") for c in (2, 4)]
 )
