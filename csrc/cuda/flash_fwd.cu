@@ -51,7 +51,8 @@
 // Requirements checked here (cudaErrorInvalidValue otherwise, nothing launched): fp16 or
 // bf16; d in {64, 128}; h % h_k == 0; q/k/v/out 16-byte aligned and every batch/row/head
 // stride a multiple of 8 elements (16-byte cp.async and stores); seqlen_q, seqlen_k <= 2^28;
-// b, h <= 65535 (grid z / y). Callers with other layouts make the tensors contiguous first.
+// b, h <= 65535 (grid z / y). flash_fwd_cuda_supports_layout() tells a caller up front; one
+// with another layout passes contiguous copies instead.
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -65,13 +66,13 @@ namespace fastattn {
 bool flash_fwd_cuda_supports_head_dim(int64_t d) { return d == 64 || d == 128; }
 
 namespace {
-
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+}  // namespace
 
 // Everything the kernel needs beyond the dtype / head dim: 16-byte cp.async and uint4
 // stores need 16-byte aligned base pointers and row/head/batch strides multiple of 8
 // elements; index math is int32, so lengths are capped at 2^28.
-bool flash_fwd_cuda_args_ok(const FlashFwdParams& p) {
+bool flash_fwd_cuda_supports_layout(const FlashFwdParams& p) {
   constexpr int64_t kMaxLen = int64_t(1) << 28;
   if (p.b < 0 || p.h <= 0 || p.h_k <= 0 || p.h % p.h_k != 0) return false;
   if (p.seqlen_q < 0 || p.seqlen_k < 0 || p.seqlen_q > kMaxLen || p.seqlen_k > kMaxLen) return false;
@@ -87,12 +88,10 @@ bool flash_fwd_cuda_args_ok(const FlashFwdParams& p) {
   return true;
 }
 
-}  // namespace
-
 cudaError_t flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream) {
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return cudaErrorInvalidValue;
   if (!flash_fwd_cuda_supports_head_dim(p.d)) return cudaErrorInvalidValue;
-  if (!flash_fwd_cuda_args_ok(p)) return cudaErrorInvalidValue;
+  if (!flash_fwd_cuda_supports_layout(p)) return cudaErrorInvalidValue;
   if (p.b == 0 || p.seqlen_q == 0) return cudaSuccess;  // nothing to write
 
   // Normalise the mask: causal is right = 0; a bound at least Sq + Sk wide can never cut a
