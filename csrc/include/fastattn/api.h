@@ -46,6 +46,11 @@ int64_t rms_norm_bwd_num_row_blocks_cuda(int64_t rows, int64_t n, int num_sms);
 cudaError_t flash_fwd_cuda(const FlashFwdParams& params, cudaStream_t stream);
 // True when flash_fwd_cuda has a kernel for this head dim.
 bool flash_fwd_cuda_supports_head_dim(int64_t d);
+// True when the pointers, strides and sizes of `params` suit the kernel: q/k/v/out 16-byte
+// aligned, every batch/row/head stride a multiple of 8 elements, h % h_k == 0, seqlens
+// <= 2^28, b and h <= 65535. flash_fwd_cuda returns cudaErrorInvalidValue otherwise; a
+// binding can test this first and pass contiguous copies instead.
+bool flash_fwd_cuda_supports_layout(const FlashFwdParams& params);
 // Backward (recompute): computes params.delta = rowsum(dout * out) itself, then dq, dk, dv.
 // params.workspace must hold flash_bwd_cuda_workspace_floats(params) fp32 values (0: none).
 cudaError_t flash_bwd_cuda(const FlashBwdParams& params, cudaStream_t stream);

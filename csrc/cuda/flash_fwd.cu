@@ -1,0 +1,142 @@
+// flash_fwd.cu — FlashAttention forward on CUDA (sm_80+), FlashAttention-2 class.
+//
+// What it computes. For every batch b, query head h and query row i:
+//   out[b, i, h] = sum_j softmax_j(scale * q[b, i, h] . k[b, j, kvh]) v[b, j, kvh]
+//   lse[b, h, i] = log sum_j exp(scale * q . k)          (natural log, fp32)
+// with kvh = h / (h / h_k) (GQA/MQA without copying K/V), over the keys j row i may see:
+// j in [i + Sk - Sq - left, i + Sk - Sq + right] (bottom-right aligned; -1 = unbounded;
+// causal = right 0). A row that sees no key writes 0 and lse = -inf. fp16/bf16 in and out,
+// fp32 accumulation, head dims 64 and 128, any Sq/Sk, arbitrary batch/row/head strides
+// (last dim contiguous, 16-byte aligned rows).
+//
+// Why it is fast. The S = QK^T score matrix never touches global memory. A thread block
+// owns a 128-row query tile and streams the keys and values of its (b, kv head) through
+// shared memory tile by tile; each warp keeps its 32 query rows' output accumulators and
+// softmax statistics in registers for the whole sweep (online softmax: running row max
+// and row sum, the accumulator rescaled by 2^(old max - new max) when the max grows), so
+// every K/V byte read from global memory serves 128 queries. Both matmuls run on the tensor
+// cores with mma.sync m16n8k16 (fp32 accumulate), fed by ldmatrix from an XOR-swizzled
+// shared layout (16-byte chunk c of row r stored at c ^ (r & 7)) that makes every ldmatrix
+// and every cp.async write bank-conflict free without padding. The probabilities P never
+// go back to shared memory: the m16n8k16 accumulator layout of two adjacent n8 score tiles
+// is exactly the A-operand layout of a k16 slice, so P is packed to 16 bit in registers and
+// fed straight into the PV mma. The next K/V tile is fetched with cp.async (asynchronous,
+// bypassing registers and L1) into a second buffer while the current one is multiplied:
+// double buffering hides global latency behind the tensor-core work, with one barrier per
+// key tile. The softmax works in the log2 domain (one FMUL folds scale * log2 e, then
+// ex2.approx), the row sums are kept per thread and reduced across the quad only once, and
+// the output is divided by the row sum once, at the end (staged through shared memory so
+// the global stores are full 16-byte, row-contiguous writes). Under a causal or window
+// mask, key tiles wholly outside the band are never loaded (the loop bounds skip them),
+// tiles wholly inside run the unmasked path, and only tiles crossing a band edge (or the
+// ragged end of the keys) pay for per-element masking. Query blocks are issued heaviest
+// first (reverse order) so causal launches do not end on a long tail of big blocks.
+//
+// Tuning rationale. With mma.sync the limiter on A100/H100 is shared-memory bandwidth, not
+// the tensor cores: every B fragment an ldmatrix delivers should feed as many mma's as
+// possible. So each of the 4 warps owns two m16 row tiles (32 query rows): every K and V
+// fragment feeds two mma's, halving the shared traffic per flop compared with one m16 tile
+// per warp (the FlashAttention-2 layout for these GPUs). The price is registers: the O
+// accumulator is 2 x D/2 fp32 per thread. Head dim 64 affords 64-key tiles (O 64 + S 64
+// fp32 registers, ~210-225 registers in all); head dim 128 uses 32-key tiles (O 128 + S 32)
+// which is what fits 255 registers without spilling (128 x 64 spilled ~50 bytes). Q is
+// re-read from shared memory by ldmatrix for every key tile rather than pinned in
+// registers, again for register room. Shared memory is Q (128 x D) plus two K and two V
+// buffers: 48 KB at D = 64 and 64 KB at D = 128, so with 255 registers x 128 threads two
+// blocks (8 warps) share an SM on both A100 and H100. The masked/unmasked split is a
+// template flag so the common unmasked kernel carries no window arithmetic; everything else
+// (lengths, strides, window sizes, GQA ratio) is a runtime value, which keeps the build at 8
+// kernels (2 dtypes x 2 head dims x masked or not), in two files compiled in parallel.
+//
+// Requirements checked here (cudaErrorInvalidValue otherwise, nothing launched): fp16 or
+// bf16; d in {64, 128}; h % h_k == 0; q/k/v/out 16-byte aligned and every batch/row/head
+// stride a multiple of 8 elements (16-byte cp.async and stores); seqlen_q, seqlen_k <= 2^28;
+// b, h <= 65535 (grid z / y). flash_fwd_cuda_supports_layout() tells a caller up front; one
+// with another layout passes contiguous copies instead.
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fastattn/api.h"
+#include "fastattn/params.h"
+#include "flash_fwd_kernel.cuh"
+
+namespace fastattn {
+
+bool flash_fwd_cuda_supports_head_dim(int64_t d) { return d == 64 || d == 128; }
+
+namespace {
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+}  // namespace
+
+// Everything the kernel needs beyond the dtype / head dim: 16-byte cp.async and uint4
+// stores need 16-byte aligned base pointers and row/head/batch strides multiple of 8
+// elements; index math is int32, so lengths are capped at 2^28.
+bool flash_fwd_cuda_supports_layout(const FlashFwdParams& p) {
+  constexpr int64_t kMaxLen = int64_t(1) << 28;
+  if (p.b < 0 || p.h <= 0 || p.h_k <= 0 || p.h % p.h_k != 0) return false;
+  if (p.seqlen_q < 0 || p.seqlen_k < 0 || p.seqlen_q > kMaxLen || p.seqlen_k > kMaxLen) return false;
+  if (p.h > 65535 || p.b > 65535) return false;  // grid y / z limits
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out)) return false;
+  const int64_t strides[] = {p.q_batch_stride,   p.q_row_stride,   p.q_head_stride,
+                             p.k_batch_stride,   p.k_row_stride,   p.k_head_stride,
+                             p.v_batch_stride,   p.v_row_stride,   p.v_head_stride,
+                             p.out_batch_stride, p.out_row_stride, p.out_head_stride};
+  for (int64_t s : strides) {
+    if (s % 8 != 0) return false;
+  }
+  return true;
+}
+
+cudaError_t flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream) {
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return cudaErrorInvalidValue;
+  if (!flash_fwd_cuda_supports_head_dim(p.d)) return cudaErrorInvalidValue;
+  if (!flash_fwd_cuda_supports_layout(p)) return cudaErrorInvalidValue;
+  if (p.b == 0 || p.seqlen_q == 0) return cudaSuccess;  // nothing to write
+
+  // Normalise the mask: causal is right = 0; a bound at least Sq + Sk wide can never cut a
+  // row's band, so it is dropped (this also keeps every index sum inside int32).
+  const int64_t span = p.seqlen_q + p.seqlen_k;
+  int64_t left = p.window_left < 0 ? -1 : p.window_left;
+  int64_t right = p.window_right < 0 ? -1 : p.window_right;
+  if (p.is_causal) right = 0;  // causal AND any right bound >= 0 is right = 0
+  if (left >= span) left = -1;
+  if (right >= span) right = -1;
+  // A row whose band lies entirely off the key range outputs 0 through the same path
+  // (the kernel's loop bounds come out empty and the row sum stays 0).
+
+  flash::FwdArgs args;
+  args.q = p.q;
+  args.k = p.k;
+  args.v = p.v;
+  args.out = p.out;
+  args.lse = p.lse;
+  args.q_batch_stride = p.q_batch_stride;
+  args.q_row_stride = p.q_row_stride;
+  args.q_head_stride = p.q_head_stride;
+  args.k_batch_stride = p.k_batch_stride;
+  args.k_row_stride = p.k_row_stride;
+  args.k_head_stride = p.k_head_stride;
+  args.v_batch_stride = p.v_batch_stride;
+  args.v_row_stride = p.v_row_stride;
+  args.v_head_stride = p.v_head_stride;
+  args.out_batch_stride = p.out_batch_stride;
+  args.out_row_stride = p.out_row_stride;
+  args.out_head_stride = p.out_head_stride;
+  args.seqlen_q = static_cast<int>(p.seqlen_q);
+  args.seqlen_k = static_cast<int>(p.seqlen_k);
+  args.h = static_cast<int>(p.h);
+  args.h_per_kv = static_cast<int>(p.h / p.h_k);
+  args.window_left = static_cast<int>(left);
+  args.window_right = static_cast<int>(right);
+  args.scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const bool masked = left >= 0 || right >= 0;
+
+  switch (p.d) {
+    case 64: return flash::run_flash_fwd_hdim64(args, p.b, p.dtype, masked, stream);
+    case 128: return flash::run_flash_fwd_hdim128(args, p.b, p.dtype, masked, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace fastattn

@@ -1,0 +1,16 @@
+// flash_fwd_hdim64.cu — instantiations of the forward kernel for head dim 64 (fp16, bf16) x
+// (masked, unmasked). One file per head dim so a parallel build compiles them side by side.
+// Tile choice: see the tuning notes in flash_fwd.cu.
+#include "flash_fwd_kernel.cuh"
+
+namespace fastattn {
+namespace flash {
+
+cudaError_t run_flash_fwd_hdim64(const FwdArgs& args, int64_t batch, DType dtype, bool masked,
+                                 cudaStream_t stream) {
+  using Kt = FwdTraits</*kHeadDim=*/64, /*kBlockM=*/128, /*kBlockN=*/64, /*kNWarps=*/4>;
+  return run_flash_fwd_dispatch<Kt>(args, batch, dtype, masked, stream);
+}
+
+}  // namespace flash
+}  // namespace fastattn

@@ -1,0 +1,555 @@
+// flash_fwd_kernel.cuh — the FlashAttention-2 class forward kernel (see flash_fwd.cu for the
+// overview and the tuning rationale). This header holds the kernel template, its tile
+// traits, the PTX wrappers it is built from and the per-head-dim launch entry points that
+// flash_fwd_hdim*.cu instantiate. It includes CUDA headers only (no torch).
+//
+// ---------------------------------------------------------------------------------------
+// Fragment layouts relied on (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating
+// point type" and "ldmatrix"). lane = 0..31, g = lane >> 2 (groupID), t = lane & 3
+// (threadID_in_group). A 32-bit register holds two 16-bit values; the LOWER column index
+// lives in the LOWER 16 bits.
+//
+//   A (16x16, row-major), regs a0..a3:
+//     a0 = A[g    ][2t, 2t+1]      a1 = A[g + 8][2t, 2t+1]
+//     a2 = A[g    ][2t+8, 2t+9]    a3 = A[g + 8][2t+8, 2t+9]
+//   B (16x8, "col": B[k][n]), regs b0, b1:
+//     b0 = B[2t, 2t+1][g]          b1 = B[2t+8, 2t+9][g]
+//   C/D (16x8, fp32), regs c0..c3:
+//     c0, c1 = C[g][2t, 2t+1]      c2, c3 = C[g + 8][2t, 2t+1]
+//
+//   ldmatrix.m8n8.x4.b16: lane 8*i + r supplies the shared address of row r of matrix i
+//   (16 contiguous bytes = 8 elements). Result register i of lane l holds matrix i's
+//   M[l >> 2][2(l & 3), 2(l & 3) + 1]; with .trans it holds M[2(l & 3), 2(l & 3) + 1][l >> 2]
+//   (the transposed matrix), i.e. element (row 2t, col g) in the low half.
+//
+// How each operand is fed (derivations in the comments at each ldmatrix below):
+//   S = Q K^T : A = Q tile (rows = queries, cols = head dim), ldmatrix (no trans) from sQ.
+//               B[k][n] = K[n][k]: K is stored [key][dim], so a non-transposed ldmatrix of
+//               an 8x8 block (rows = keys, cols = dims) gives lane l K[g][2t..2t+1] = b0.
+//   O += P V  : A = P straight from the S accumulators: for key slice ks, the C fragments of
+//               n8 tiles 2ks and 2ks+1 are exactly a0,a1 (tile 2ks) and a2,a3 (tile 2ks+1)
+//               after packing (c0,c1) and (c2,c3) to 16 bit.
+//               B[k][n] = V[k][n]: V is stored [key][dim]; ldmatrix .trans of an 8x8 block
+//               (rows = keys, cols = dims) gives lane l V[2t..2t+1][g] = b0.
+//
+// Shared-memory layout: every tile (Q, K, V, and the O staging) is row-major with rows of
+// kHeadDim 16-bit elements = kHeadDim / 8 chunks of 16 bytes, and chunk c of row r is
+// stored at chunk position c ^ (r & 7). Every ldmatrix phase reads 8 rows r0..r0+7 with r0 a
+// multiple of 8 at one logical chunk, which land on 8 distinct chunk positions mod 8, i.e.
+// all 32 banks once: conflict free. The cp.async fills write 8 consecutive chunks of one
+// row per 8 lanes: again 8 distinct positions mod 8. Both sides use the one function
+// smem_offset() below, so reader and writer agree by construction.
+// ---------------------------------------------------------------------------------------
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fastattn/params.h"
+
+namespace fastattn {
+namespace flash {
+
+// Kernel arguments: the params struct flattened, with the masking already normalised by the
+// launcher (causal folded into window_right, windows clamped so all index math fits int32).
+struct FwdArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t out_batch_stride, out_row_stride, out_head_stride;
+  int seqlen_q, seqlen_k, h, h_per_kv;
+  int window_left, window_right;  // -1: unbounded; both in [-1, seqlen_q + seqlen_k]
+  float scale_log2;               // softmax_scale * log2(e)
+};
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
+struct FwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kMTiles = kBlockM / (16 * kNWarps);  // m16 tiles owned by one warp
+  static constexpr int kRowsPerWarp = 16 * kMTiles;
+  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per smem row
+  static constexpr int kRowBytes = kHeadDim * 2;
+  static constexpr int kNTilesS = kBlockN / 8;   // n8 tiles of S per m16 tile
+  static constexpr int kNTilesO = kHeadDim / 8;  // n8 tiles of O per m16 tile
+  static constexpr int kSmemQ = kBlockM * kRowBytes;
+  static constexpr int kSmemKV = kBlockN * kRowBytes;  // one K (or V) buffer
+  static constexpr int kSmemBytes = kSmemQ + 4 * kSmemKV;  // Q + double-buffered K and V
+  // Blocks per SM the register budget is sized for (__launch_bounds__): two 4-warp blocks
+  // give 255 registers per thread and 8 warps per SM.
+  static constexpr int kMinBlocksPerSm = kNWarps <= 4 ? 2 : 1;
+  static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole m16 tiles");
+  static_assert(kHeadDim % 64 == 0, "swizzle needs >= 8 chunks per row");
+  static_assert(kBlockN % 16 == 0, "P is consumed in k16 slices");
+  static_assert((kBlockM * kChunks) % kNThreads == 0, "Q tile load divides evenly");
+  static_assert((kBlockN * kChunks) % kNThreads == 0, "K/V tile load divides evenly");
+  static_assert((kRowsPerWarp * kChunks) % 32 == 0, "O store divides evenly");
+};
+
+// Byte offset of (row, 16-byte chunk) in a swizzled tile. The ONLY place the layout is
+// defined: cp.async writers, ldmatrix readers and the O staging all call it.
+template <int kChunks>
+__device__ __forceinline__ uint32_t smem_offset(int row, int chunk) {
+  return static_cast<uint32_t>(row * (kChunks * 16) + ((chunk ^ (row & 7)) << 4));
+}
+
+// ---- PTX wrappers ----------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy. pred == false writes 16 zero bytes (src-size 0: nothing is
+// read from gmem, which must still be a valid address; callers pass the tensor's first row).
+__device__ __forceinline__ void cp_async_16(uint32_t smem, const void* gmem, bool pred) {
+  const int src_size = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
+               "r"(src_size));
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ float ex2(float x) {  // 2^x; ex2(-inf) = +0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Per element type: the mma flavour and the fp32 -> packed 16-bit conversion.
+template <typename T>
+struct ElemOps;
+
+template <>
+struct ElemOps<__half> {
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <>
+struct ElemOps<__nv_bfloat16> {
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// Load rows [row0, row0 + kRows) of one head of a (b, seqlen, heads, d) tensor into a
+// swizzled smem tile; rows >= seqlen are zero-filled (so no garbage, NaN included, can reach
+// the mma). Thread tid copies chunk c = tid % kChunks of rows r0 + i * kRowsPerIter with
+// r0 = tid / kChunks (the same as chunks tid, tid + kNThreads, ... of the row-major tile):
+// 8 consecutive threads cover 8 consecutive chunks of one row, i.e. 128 contiguous global
+// bytes (coalesced) and 8 distinct smem chunk positions (conflict free). kRowsPerIter is a
+// multiple of 8, so every row a thread writes has the same swizzle key r0 & 7 and its smem
+// offsets are one register plus immediates; the global pointer advances by a fixed step.
+template <typename Kt, int kRows, typename T>
+__device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* head_base, int64_t row_stride,
+                                          int row0, int seqlen, int tid) {
+  constexpr int kRowsPerIter = Kt::kNThreads / Kt::kChunks;
+  static_assert(Kt::kNThreads % Kt::kChunks == 0 && kRowsPerIter % 8 == 0, "swizzle key per thread");
+  static_assert(kRows % kRowsPerIter == 0, "tile rows divide evenly");
+  const int r0 = tid / Kt::kChunks;
+  const int c = tid % Kt::kChunks;
+  const uint32_t dst = smem_tile + smem_offset<Kt::kChunks>(r0, c);
+  const T* src = head_base + static_cast<int64_t>(row0 + r0) * row_stride + c * 8;
+  const int64_t step = static_cast<int64_t>(kRowsPerIter) * row_stride;
+#pragma unroll
+  for (int i = 0; i < kRows / kRowsPerIter; ++i) {
+    const bool valid = row0 + r0 + i * kRowsPerIter < seqlen;
+    // == smem_offset(r0 + i * kRowsPerIter, c): same swizzle key, rows further down
+    cp_async_16(dst + i * kRowsPerIter * Kt::kRowBytes, valid ? src : head_base, valid);
+    src += step;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The kernel. Grid (ceil(seqlen_q / kBlockM), h, b); block kNThreads. Warp w owns query rows
+// [w * kRowsPerWarp, (w + 1) * kRowsPerWarp) of the block's tile, as kMTiles m16 tiles.
+// kMasked: a window / causal bound exists (the key-tail mask is always available).
+// ---------------------------------------------------------------------------------------
+template <typename Kt, typename T, bool kMasked>
+__global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_kernel(const FwdArgs a) {
+  using Ops = ElemOps<T>;
+  constexpr int kBlockM = Kt::kBlockM;
+  constexpr int kBlockN = Kt::kBlockN;
+  constexpr int kMTiles = Kt::kMTiles;
+  constexpr int kNTilesS = Kt::kNTilesS;
+  constexpr int kNTilesO = Kt::kNTilesO;
+  constexpr int kChunks = Kt::kChunks;
+  constexpr float kNegInf = -__builtin_huge_valf();
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t sQ = smem_u32(smem);
+  const uint32_t sK0 = sQ + Kt::kSmemQ;             // K buffers 0, 1
+  const uint32_t sV0 = sK0 + 2 * Kt::kSmemKV;       // V buffers 0, 1
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  // Heaviest query blocks (most keys under a causal mask) first: fewer idle SMs at the tail.
+  const int m_block = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int kv_head = head / a.h_per_kv;
+  const int seqlen_q = a.seqlen_q;
+  const int seqlen_k = a.seqlen_k;
+  const int m0 = m_block * kBlockM;
+  const int diag = seqlen_k - seqlen_q;  // bottom-right alignment: row i sits at key i + diag
+
+  const T* q_head = static_cast<const T*>(a.q) + batch * a.q_batch_stride + head * a.q_head_stride;
+  const T* k_head =
+      static_cast<const T*>(a.k) + batch * a.k_batch_stride + kv_head * a.k_head_stride;
+  const T* v_head =
+      static_cast<const T*>(a.v) + batch * a.v_batch_stride + kv_head * a.v_head_stride;
+
+  // ---- key-tile range [n_min, n_max) that intersects the band of any row of this block ---
+  // Row i sees keys [lo(i), hi(i)] with lo(i) = i + diag - left (0 if unbounded) and
+  // hi(i) = min(i + diag + right, seqlen_k - 1). The block's rows span [m0, m_last].
+  int n_min = 0;
+  int n_max = (seqlen_k + kBlockN - 1) / kBlockN;
+  // Tiles that lie wholly inside every row's band need no mask: keys of tile n are
+  // [n * kBlockN, n * kBlockN + kBlockN - 1]; they are all visible to every row of the
+  // block iff n * kBlockN >= lo(m0 + kBlockM - 1) and n * kBlockN + kBlockN - 1 <= hi(m0).
+  int mask_lo = 0;                 // max over the block's rows of lo(i)
+  int mask_hi = seqlen_k - 1;      // min over the block's rows of hi(i)
+  if (kMasked) {
+    if (a.window_right >= 0) {
+      const int m_last = min(seqlen_q, m0 + kBlockM) - 1;
+      const int hi_last = m_last + diag + a.window_right;  // largest key any row here sees
+      n_max = hi_last < 0 ? 0 : min(n_max, hi_last / kBlockN + 1);
+      mask_hi = min(mask_hi, m0 + diag + a.window_right);
+    }
+    if (a.window_left >= 0) {
+      const int lo_first = m0 + diag - a.window_left;  // smallest key any row here sees
+      n_min = max(lo_first, 0) / kBlockN;
+      mask_lo = m0 + kBlockM - 1 + diag - a.window_left;
+    }
+  }
+
+  // Per-thread accumulator rows: element (mi, half) is local row
+  // warp * kRowsPerWarp + mi * 16 + (lane >> 2) + 8 * half of the block.
+  float o[kMTiles][kNTilesO][4];
+  float row_max[kMTiles][2];  // running max of the scaled (log2-domain) scores
+  float row_sum[kMTiles][2];  // this thread's partial running sum (quad-reduced at the end)
+#pragma unroll
+  for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+    for (int j = 0; j < kNTilesO; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mi][j][e] = 0.f;
+    }
+    row_max[mi][0] = row_max[mi][1] = kNegInf;
+    row_sum[mi][0] = row_sum[mi][1] = 0.f;
+  }
+
+  const int warp_row0 = warp * Kt::kRowsPerWarp;  // first local row of this warp
+  // ldmatrix lane roles (see the header comment):
+  //   Q (A operand, no trans), matrices {rows 0-7, k 0-7}, {rows 8-15, k 0-7},
+  //     {rows 0-7, k 8-15}, {rows 8-15, k 8-15} -> a0..a3: lane supplies row (lane & 15),
+  //     chunk 2ks + (lane >> 4).
+  //   K (B operand, no trans) for n8 tiles 2jp, 2jp+1: matrices {keys 0-7 of tile 2jp, k 0-7},
+  //     {keys of tile 2jp+1, k 0-7}, {keys of tile 2jp, k 8-15}, {keys of tile 2jp+1, k 8-15}
+  //     -> r0 = b0 and r2 = b1 of tile 2jp, r1 = b0 and r3 = b1 of tile 2jp+1: lane supplies
+  //     key 16jp + (lane & 15), chunk 2ks + (lane >> 4) (the same lane roles as Q and V).
+  //   V (B operand, trans) for key slice ks, dim tiles 2jp, 2jp+1: matrices {keys 0-7, dims
+  //     of tile 2jp}, {keys 8-15, same dims}, {keys 0-7, tile 2jp+1}, {keys 8-15, tile 2jp+1}
+  //     -> b0,b1 of dim tile 2jp and b0,b1 of 2jp+1: lane supplies key 16ks + (lane & 15),
+  //     chunk 2jp + (lane >> 4).
+  //
+  // Every such row is (multiple of 8) + (lane & 7), so its swizzle key row & 7 is lane & 7,
+  // and every chunk is 2 * i + (0 or 1), i.e. (2 * i) ^ (0 or 1). Hence
+  //   smem_offset(R + r, 2 * i + c) = (R + r) * kRowBytes + ((2 * i) ^ (c ^ (lane & 7))) * 16
+  // and for i = 4 * i_hi + i_lo the XOR only touches the low three bits:
+  //   ((2 * i) ^ z) * 16 = i_hi * 128 + ((2 * i_lo) ^ z) * 16          (z < 8).
+  // So four per-lane offsets (i_lo = 0..3) plus compile-time immediates address every
+  // ldmatrix of the main loop, instead of one live register per unrolled address.
+  // ld_off[i_lo] serves Q, K and V alike: row (lane & 15), chunk bit (lane >> 4).
+  uint32_t ld_off[4];
+  {
+    const int z = (lane >> 4) ^ (lane & 7);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      ld_off[i] = static_cast<uint32_t>((lane & 15) * Kt::kRowBytes + (((2 * i) ^ z) << 4));
+    }
+  }
+  const uint32_t sQ_warp = sQ + warp_row0 * Kt::kRowBytes;
+
+  if (n_min < n_max) {
+    // Prologue: Q and the first K/V tile in one cp.async group.
+    load_tile<Kt, kBlockM>(sQ, q_head, a.q_row_stride, m0, seqlen_q, tid);
+    load_tile<Kt, kBlockN>(sK0, k_head, a.k_row_stride, n_min * kBlockN, seqlen_k, tid);
+    load_tile<Kt, kBlockN>(sV0, v_head, a.v_row_stride, n_min * kBlockN, seqlen_k, tid);
+    cp_async_commit();
+
+    for (int n = n_min; n < n_max; ++n) {
+      const int buf = (n - n_min) & 1;
+      const uint32_t sK = sK0 + buf * Kt::kSmemKV;
+      const uint32_t sV = sV0 + buf * Kt::kSmemKV;
+      // Tile n has landed for this thread; the barrier makes it visible to all and also
+      // proves every warp is done with tile n - 1, whose buffers the prefetch overwrites.
+      cp_async_wait<0>();
+      __syncthreads();
+      if (n + 1 < n_max) {
+        const uint32_t nb = (buf ^ 1) * Kt::kSmemKV;
+        load_tile<Kt, kBlockN>(sK0 + nb, k_head, a.k_row_stride, (n + 1) * kBlockN, seqlen_k, tid);
+        load_tile<Kt, kBlockN>(sV0 + nb, v_head, a.v_row_stride, (n + 1) * kBlockN, seqlen_k, tid);
+      }
+      cp_async_commit();
+
+      // ---- S = Q K^T (fp32 accumulators) ------------------------------------------------
+      float s[kMTiles][kNTilesS][4];
+#pragma unroll
+      for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+        for (int j = 0; j < kNTilesS; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mi][j][e] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int ks = 0; ks < Kt::kHeadDim / 16; ++ks) {
+        uint32_t qa[kMTiles][4];
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi) {
+          // == sQ + smem_offset(warp_row0 + mi * 16 + (lane & 15), 2 * ks + (lane >> 4))
+          ldmatrix_x4(qa[mi], sQ_warp + ld_off[ks & 3] + (ks >> 2) * 128 + mi * 16 * Kt::kRowBytes);
+        }
+#pragma unroll
+        for (int jp = 0; jp < kNTilesS / 2; ++jp) {
+          uint32_t kb[4];
+          // == sK + smem_offset(16 * jp + (lane & 15), 2 * ks + (lane >> 4))
+          ldmatrix_x4(kb, sK + ld_off[ks & 3] + (ks >> 2) * 128 + jp * 16 * Kt::kRowBytes);
+#pragma unroll
+          for (int mi = 0; mi < kMTiles; ++mi) {
+            Ops::mma(s[mi][2 * jp], qa[mi], kb[0], kb[2]);
+            Ops::mma(s[mi][2 * jp + 1], qa[mi], kb[1], kb[3]);
+          }
+        }
+      }
+
+      // ---- scale into the log2 domain, mask, online softmax ------------------------------
+      const int col0 = n * kBlockN;
+      const bool need_mask =
+          col0 + kBlockN > seqlen_k || (kMasked && (col0 < mask_lo || col0 + kBlockN - 1 > mask_hi));
+#pragma unroll
+      for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          // Accumulator (j, 2*hf + e) is S[row][col0 + 8j + 2t + e].
+          const int row = m0 + warp_row0 + mi * 16 + (lane >> 2) + 8 * hf;
+          float mx = row_max[mi][hf];
+          if (need_mask) {
+            int lo = 0, hi = seqlen_k - 1;
+            if (kMasked) {
+              if (a.window_left >= 0) lo = row + diag - a.window_left;
+              if (a.window_right >= 0) hi = min(hi, row + diag + a.window_right);
+            }
+#pragma unroll
+            for (int j = 0; j < kNTilesS; ++j) {
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int col = col0 + 8 * j + 2 * (lane & 3) + e;
+                const float x = s[mi][j][2 * hf + e] * a.scale_log2;
+                s[mi][j][2 * hf + e] = (col < lo || col > hi) ? kNegInf : x;
+                mx = fmaxf(mx, s[mi][j][2 * hf + e]);
+              }
+            }
+          } else {
+#pragma unroll
+            for (int j = 0; j < kNTilesS; ++j) {
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                s[mi][j][2 * hf + e] *= a.scale_log2;
+                mx = fmaxf(mx, s[mi][j][2 * hf + e]);
+              }
+            }
+          }
+          // The 4 threads of a quad (lanes 4g..4g+3) hold the same row: reduce across them.
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          // A row with nothing visible yet keeps max -inf; subtract 0 instead so that
+          // exp2(-inf - (-inf)) = NaN never happens (every p and the rescale become 0).
+          const float m_use = mx == kNegInf ? 0.f : mx;
+          const float alpha = ex2(row_max[mi][hf] - m_use);
+          row_max[mi][hf] = mx;
+          float sum = 0.f;
+#pragma unroll
+          for (int j = 0; j < kNTilesS; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float p = ex2(s[mi][j][2 * hf + e] - m_use);
+              s[mi][j][2 * hf + e] = p;
+              sum += p;
+            }
+          }
+          row_sum[mi][hf] = row_sum[mi][hf] * alpha + sum;
+#pragma unroll
+          for (int j = 0; j < kNTilesO; ++j) {
+            o[mi][j][2 * hf] *= alpha;
+            o[mi][j][2 * hf + 1] *= alpha;
+          }
+        }
+      }
+
+      // ---- O += P V: P repacked to 16 bit is the A operand (C layout of n8 tiles 2ks and
+      // 2ks+1 == A layout of key slice ks). Packed all at once so the fp32 scores die here.
+      uint32_t pa[kBlockN / 16][kMTiles][4];
+#pragma unroll
+      for (int ks = 0; ks < kBlockN / 16; ++ks) {
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi) {
+          pa[ks][mi][0] = Ops::pack(s[mi][2 * ks][0], s[mi][2 * ks][1]);          // row g,   k 2t
+          pa[ks][mi][1] = Ops::pack(s[mi][2 * ks][2], s[mi][2 * ks][3]);          // row g+8, k 2t
+          pa[ks][mi][2] = Ops::pack(s[mi][2 * ks + 1][0], s[mi][2 * ks + 1][1]);  // row g,   k 2t+8
+          pa[ks][mi][3] = Ops::pack(s[mi][2 * ks + 1][2], s[mi][2 * ks + 1][3]);  // row g+8, k 2t+8
+        }
+      }
+#pragma unroll
+      for (int ks = 0; ks < kBlockN / 16; ++ks) {
+#pragma unroll
+        for (int jp = 0; jp < kNTilesO / 2; ++jp) {
+          uint32_t vb[4];
+          // == sV + smem_offset(16 * ks + (lane & 15), 2 * jp + (lane >> 4))
+          ldmatrix_x4_trans(vb, sV + ld_off[jp & 3] + (jp >> 2) * 128 + ks * 16 * Kt::kRowBytes);
+#pragma unroll
+          for (int mi = 0; mi < kMTiles; ++mi) {
+            Ops::mma(o[mi][2 * jp], pa[ks][mi], vb[0], vb[1]);
+            Ops::mma(o[mi][2 * jp + 1], pa[ks][mi], vb[2], vb[3]);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // nothing may still be landing in sQ when it is reused below
+
+  // ---- epilogue: normalise, stage O through this warp's own rows of sQ, store ------------
+  // Only this warp ever read those rows of sQ, so a warp barrier is enough.
+  __syncwarp();
+  float* lse_head = a.lse == nullptr
+                        ? nullptr
+                        : a.lse + (static_cast<int64_t>(batch) * a.h + head) * seqlen_q;
+#pragma unroll
+  for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float l = row_sum[mi][hf];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const bool empty = !(l > 0.f);  // no visible key: out 0, lse -inf
+      const float inv = empty ? 0.f : 1.f / l;
+      const int lrow = warp_row0 + mi * 16 + (lane >> 2) + 8 * hf;
+#pragma unroll
+      for (int j = 0; j < kNTilesO; ++j) {
+        const uint32_t packed = Ops::pack(o[mi][j][2 * hf] * inv, o[mi][j][2 * hf + 1] * inv);
+        // Element (lrow, 8j + 2t): chunk j, byte 4t within it.
+        const uint32_t addr = sQ + smem_offset<kChunks>(lrow, j) + 4 * (lane & 3);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(packed) : "memory");
+      }
+      const int row = m0 + lrow;
+      if (lse_head != nullptr && (lane & 3) == 0 && row < seqlen_q) {
+        // natural log: sum_j e^(x_j * scale) = 2^max * l  =>  lse = max * ln 2 + ln l
+        lse_head[row] = empty ? kNegInf : row_max[mi][hf] * 0.6931471805599453f + logf(l);
+      }
+    }
+  }
+  __syncwarp();
+  T* out_head = static_cast<T*>(a.out) + batch * a.out_batch_stride + head * a.out_head_stride;
+  constexpr int kStoreIters = Kt::kRowsPerWarp * kChunks / 32;
+#pragma unroll
+  for (int i = 0; i < kStoreIters; ++i) {
+    const int idx = lane + 32 * i;
+    const int lrow = warp_row0 + idx / kChunks;
+    const int c = idx % kChunks;
+    uint4 val;
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w)
+                 : "r"(sQ + smem_offset<kChunks>(lrow, c))
+                 : "memory");
+    const int row = m0 + lrow;
+    if (row < seqlen_q) {
+      *reinterpret_cast<uint4*>(out_head + static_cast<int64_t>(row) * a.out_row_stride + c * 8) = val;
+    }
+  }
+}
+
+// Launch one instantiation: grid (m blocks, h, b), dynamic smem (opt-in above 48 KB).
+template <typename Kt, typename T, bool kMasked>
+cudaError_t launch_flash_fwd(const FwdArgs& args, int64_t batch, cudaStream_t stream) {
+  auto kernel = &flash_fwd_kernel<Kt, T, kMasked>;
+  constexpr int kSmem = Kt::kSmemBytes;
+  if (kSmem > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(static_cast<unsigned>((args.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM),
+                  static_cast<unsigned>(args.h), static_cast<unsigned>(batch));
+  kernel<<<grid, Kt::kNThreads, kSmem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+// Entry points per head dim (flash_fwd_hdim<D>.cu), dispatching dtype x masked.
+cudaError_t run_flash_fwd_hdim64(const FwdArgs& args, int64_t batch, DType dtype, bool masked,
+                                 cudaStream_t stream);
+cudaError_t run_flash_fwd_hdim128(const FwdArgs& args, int64_t batch, DType dtype, bool masked,
+                                  cudaStream_t stream);
+
+// Dispatch helper used by those files.
+template <typename Kt>
+cudaError_t run_flash_fwd_dispatch(const FwdArgs& args, int64_t batch, DType dtype, bool masked,
+                                   cudaStream_t stream) {
+  if (dtype == DType::kFloat16) {
+    return masked ? launch_flash_fwd<Kt, __half, true>(args, batch, stream)
+                  : launch_flash_fwd<Kt, __half, false>(args, batch, stream);
+  }
+  if (dtype == DType::kBFloat16) {
+    return masked ? launch_flash_fwd<Kt, __nv_bfloat16, true>(args, batch, stream)
+                  : launch_flash_fwd<Kt, __nv_bfloat16, false>(args, batch, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace flash
+}  // namespace fastattn
