@@ -255,10 +255,10 @@ __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const BwdArgs args
 // ---- kernel 2: dK, dV ----------------------------------------------------------------------
 
 template <int D> struct DkdvCfg {
-  static constexpr int kBlockN = 128;  // key rows per block: 8 warps x 16
+  static constexpr int kBlockN = bwd_layout::dkdv_block_n(D);  // key rows: 8 warps x 16
   // Query rows per inner tile. Registers per thread: dK + dV accumulators D/2 floats each,
-  // S^T and dP^T kBlockM/2 each: 128 + 64 at D = 64, 128 + 32 at D = 128 (no spills).
-  static constexpr int kBlockM = D == 64 ? 64 : 32;
+  // S^T and dP^T kBlockM/2 each: 64 + 64 at D = 64, 128 + 32 at D = 128 (no spills).
+  static constexpr int kBlockM = bwd_layout::dkdv_block_m(D);
   static constexpr int kWarps = kBlockN / 16;
   static constexpr int kThreads = kWarps * 32;
   // sK, sV [kBlockN][D]; sQ, sdO [2][kBlockM][D]; sLse, sDelta [2][kBlockM] fp32.
@@ -398,8 +398,8 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
 // ---- kernel 3: dQ --------------------------------------------------------------------------
 
 template <int D> struct DqCfg {
-  static constexpr int kBlockM = 64;  // query rows per block: 4 warps x 16
-  static constexpr int kBlockN = 64;  // key rows per inner tile
+  static constexpr int kBlockM = bwd_layout::dq_block_m(D);  // query rows: 4 warps x 16
+  static constexpr int kBlockN = bwd_layout::dq_block_n(D);  // key rows per inner tile
   static constexpr int kWarps = kBlockM / 16;
   static constexpr int kThreads = kWarps * 32;
   // sQ, sdO [kBlockM][D]; sK, sV [2][kBlockN][D].

@@ -71,6 +71,14 @@ FASTATTN_BWD_HD int bkn_col(int lane) { return (lane >> 4) * 8; }               
 FASTATTN_BWD_HD int c_row(int lane, int e) { return (lane >> 2) + (e >> 1) * 8; }
 FASTATTN_BWD_HD int c_col(int lane, int e) { return (lane & 3) * 2 + (e & 1); }
 
+// ---- tile sizes (the kernels' configuration, here so the host-side test sees it) --------
+// dK/dV kernel: key rows per block (8 warps x 16) and query rows per inner tile.
+FASTATTN_BWD_HD constexpr int dkdv_block_n(int /*d*/) { return 128; }
+FASTATTN_BWD_HD constexpr int dkdv_block_m(int d) { return d == 64 ? 64 : 32; }
+// dQ kernel: query rows per block (4 warps x 16) and key rows per inner tile.
+FASTATTN_BWD_HD constexpr int dq_block_m(int /*d*/) { return 64; }
+FASTATTN_BWD_HD constexpr int dq_block_n(int /*d*/) { return 64; }
+
 // ---- masking ----------------------------------------------------------------------------
 // The forward's rule (params.h): query i sees key j iff j < seqlen_k, i < seqlen_q and
 //   j >= i + off - wl (wl >= 0), j <= i + off + wr (wr >= 0), off = seqlen_k - seqlen_q.
