@@ -41,6 +41,7 @@ HEADER = os.path.join(ROOT, "csrc", "cuda", "flash_bwd_layout.cuh")
 DRIVER = r"""
 #include <cstdio>
 #include <iostream>
+#include <string>
 #include "flash_bwd_layout.cuh"
 using namespace fastattn::bwd_layout;
 
@@ -73,8 +74,21 @@ int main() {
   for (int d : {64, 128})
     std::printf("%s\"%d\": [%d, %d, %d, %d]", d == 64 ? "" : ", ", d, dkdv_block_m(d),
                 dkdv_block_n(d), dq_block_m(d), dq_block_n(d));
-  std::printf("},\n\"cases\": [\n");
-  // stdin: lines "sq sk wl wr bm bn dump_vis"
+  std::printf("},\n");
+  // stdin: "S n" then n lines "b h h_k seqlen_k d" (GQA splits), then lines
+  // "sq sk wl wr bm bn dump_vis" (masks and tile ranges).
+  std::string tag;
+  int nsplit = 0;
+  std::cin >> tag >> nsplit;
+  std::printf("\"splits\": [");
+  for (int s = 0; s < nsplit; ++s) {
+    long long b, h, hk, skl;
+    int d, hps = -1;
+    std::cin >> b >> h >> hk >> skl >> d;
+    const int splits = dkdv_num_splits(b, h, hk, skl, d, &hps);
+    std::printf("%s[%d, %d]", s ? "," : "", splits, hps);
+  }
+  std::printf("],\n\"cases\": [\n");
   int sq, sk, wl, wr, bm, bn, dump_vis, first = 1;
   while (std::cin >> sq >> sk >> wl >> wr >> bm >> bn >> dump_vis) {
     MaskInfo m{sq, sk, wl, wr};
@@ -111,6 +125,21 @@ WINDOWS = [(-1, -1), (-1, 0), (5, 0), (40, 3), (0, 0), (-1, 7), (3, -1), (250, 2
 BLOCKS = [(64, 128), (32, 128), (64, 64)]
 
 
+# (b, h, h_k, seqlen_k, d) for dkdv_num_splits; the block-emulation shapes come first.
+BLOCK_CASES = [
+    # sq, sk, H, Hk, wl, wr
+    (97, 150, 4, 2, -1, -1),   # GQA, tails
+    (150, 97, 4, 1, -1, 0),    # MQA, causal with Sq > Sk (rows with no key -> zero grads)
+    (130, 130, 2, 2, 20, 0),   # sliding window, causal
+    (17, 200, 6, 1, 5, 7),     # window both sides, Sq < Sk, uneven split of 6 heads
+    (64, 1, 2, 1, -1, 0),      # one key
+]
+BLOCK_B = 2
+SPLIT_SHAPES = [(BLOCK_B, H, Hk, sk, d) for (_, sk, H, Hk, _, _) in BLOCK_CASES for d in (64, 128)]
+SPLIT_SHAPES += [(b, hk * g, hk, sk, d) for b in (1, 2, 8) for hk in (1, 2, 8) for g in (1, 2, 3, 7, 8, 32)
+                 for sk in (1, 100, 1000, 8192) for d in (64, 128)]
+
+
 def _cases():
     """(sq, sk, wl, wr, bm, bn, dump_vis): a grid of edge cases (visible() dumped and checked
     too) plus random cases at larger sizes (tile ranges and masks only)."""
@@ -137,7 +166,9 @@ def tables(tmp_path_factory):
     exe = d / "driver"
     subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", os.path.dirname(HEADER),
                     str(src), "-o", str(exe)], check=True)
-    stdin = "\n".join(" ".join(map(str, c)) for c in _cases()) + "\n"
+    stdin = f"S {len(SPLIT_SHAPES)}\n"
+    stdin += "\n".join(" ".join(map(str, c)) for c in SPLIT_SHAPES) + "\n"
+    stdin += "\n".join(" ".join(map(str, c)) for c in _cases()) + "\n"
     out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True)
     t = json.loads(out.stdout)
     for k in ("a_row", "a_col", "bnk_row", "bnk_col", "bkn_row", "bkn_col"):
@@ -410,7 +441,7 @@ def _reference_grads(q, k, v, dout, scale, wl, wr):
     return out, lse, dq, dk, dv
 
 
-def _emulate_kernels(q, k, v, out, lse, dout, scale, wl, wr, cfg):
+def _emulate_kernels(q, k, v, out, lse, dout, scale, wl, wr, cfg, splits, hps):
     """flash_bwd.cu's three kernels at tile granularity (tile products as matmuls; their
     fragment-level correctness is the business of the warp tests above)."""
     B, Sq, H, D = q.shape
@@ -466,18 +497,21 @@ def _emulate_kernels(q, k, v, out, lse, dout, scale, wl, wr, cfg):
 
     delta = np.einsum("bihd,bihd->bhi", dout, out)  # flash_bwd_delta_kernel
     dq = np.zeros_like(q)
-    dk = np.zeros_like(k)
-    dv = np.zeros_like(v)
+    ws_dk = np.full((splits,) + k.shape, np.nan)  # every entry must be written
+    ws_dv = np.full((splits,) + v.shape, np.nan)
     with np.errstate(over="ignore", invalid="raise"):
         for bb in range(B):
-            for hk in range(Hk):
+            for hk_split in range(Hk * splits):  # blockIdx.y
+                hk, split = hk_split // splits, hk_split % splits
+                h_first = hk * G + split * hps
+                n_heads = min(hps, G - split * hps)
                 for nb in range(-(-Sk // bn_kv)):
                     n0 = nb * bn_kv
                     Kt, Vt = tile(k[bb, :, hk], n0, bn_kv, Sk), tile(v[bb, :, hk], n0, bn_kv, Sk)
                     acc_dk, acc_dv = np.zeros((bn_kv, D)), np.zeros((bn_kv, D))
                     mb0, mb1 = m_range(n0, bn_kv, bm_kv)
-                    for it in range((mb1 - mb0) * G):
-                        h = hk * G + it // (mb1 - mb0)
+                    for it in range((mb1 - mb0) * n_heads):
+                        h = h_first + it // (mb1 - mb0)
                         m0 = (mb0 + it % (mb1 - mb0)) * bm_kv
                         Qt, dOt = tile(q[bb, :, h], m0, bm_kv, Sq), tile(dout[bb, :, h], m0, bm_kv, Sq)
                         l, d = lse_tile(bb, h, m0, bm_kv)
@@ -489,8 +523,8 @@ def _emulate_kernels(q, k, v, out, lse, dout, scale, wl, wr, cfg):
                         ds = p * (mm(Vt, dOt.T) - d[None, :])
                         acc_dk += mm(ds, Qt)
                     r1 = min(n0 + bn_kv, Sk)
-                    dk[bb, n0:r1, hk] = (acc_dk * scale)[: r1 - n0]
-                    dv[bb, n0:r1, hk] = acc_dv[: r1 - n0]
+                    ws_dk[split, bb, n0:r1, hk] = (acc_dk * scale)[: r1 - n0]
+                    ws_dv[split, bb, n0:r1, hk] = acc_dv[: r1 - n0]
             for h in range(H):
                 hk = h // G
                 for mb in range(-(-Sq // bm_q)):
@@ -510,28 +544,60 @@ def _emulate_kernels(q, k, v, out, lse, dout, scale, wl, wr, cfg):
                         acc += mm(ds, Kt)
                     r1 = min(m0 + bm_q, Sq)
                     dq[bb, m0:r1, h] = (acc * scale)[: r1 - m0]
+    dk, dv = ws_dk[0].copy(), ws_dv[0].copy()  # flash_bwd_dkdv_reduce_kernel, split order
+    for sp in range(1, splits):
+        dk += ws_dk[sp]
+        dv += ws_dv[sp]
+    assert not np.isnan(dq).any() and not np.isnan(dk).any() and not np.isnan(dv).any()
     return dq, dk, dv
 
 
+def test_gqa_splits(tables):
+    for (b, h, hk, sk, d), (splits, hps) in zip(SPLIT_SHAPES, tables["splits"]):
+        g = h // hk
+        assert splits >= 1 and hps >= 1, (b, h, hk, sk, d)
+        # the splits partition the group: every head in exactly one, none empty
+        assert (splits - 1) * hps < g <= splits * hps, (b, h, hk, sk, d, splits, hps)
+        if g == 1:
+            assert splits == 1
+        blocks = -(-sk // tables["cfg"][str(d)][1]) * hk * b
+        if blocks >= 264:
+            assert splits == 1  # a full grid never pays for the workspace
+
+
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("sq,sk,H,Hk,wl,wr", [
-    (97, 150, 4, 2, -1, -1),   # GQA, tails
-    (150, 97, 4, 1, -1, 0),    # MQA, causal with Sq > Sk (rows with no key -> zero grads)
-    (130, 130, 2, 2, 20, 0),   # sliding window, causal
-    (17, 200, 3, 3, 5, 7),     # window both sides, Sq < Sk
-    (64, 1, 2, 1, -1, 0),      # one key
-])
-def test_block_algorithm_matches_dense(tables, D, sq, sk, H, Hk, wl, wr):
+@pytest.mark.parametrize("case", range(len(BLOCK_CASES)))
+def test_block_algorithm_matches_dense(tables, D, case):
+    sq, sk, H, Hk, wl, wr = BLOCK_CASES[case]
     cfg = tables["cfg"][str(D)]
+    splits, hps = tables["splits"][2 * case + (D == 128)]
     rng = np.random.default_rng(sq * 1000 + sk + D)
-    B = 2
+    B = BLOCK_B
     q = rng.standard_normal((B, sq, H, D))
     k = rng.standard_normal((B, sk, Hk, D))
     v = rng.standard_normal((B, sk, Hk, D))
     dout = rng.standard_normal((B, sq, H, D))
     scale = D ** -0.5
     out, lse, dq_ref, dk_ref, dv_ref = _reference_grads(q, k, v, dout, scale, wl, wr)
-    dq, dk, dv = _emulate_kernels(q, k, v, out, lse, dout, scale, wl, wr, cfg)
+    dq, dk, dv = _emulate_kernels(q, k, v, out, lse, dout, scale, wl, wr, cfg, splits, hps)
     np.testing.assert_allclose(dq, dq_ref, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(dk, dk_ref, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(dv, dv_ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("splits,hps", [(2, 4), (1, 6)])
+def test_block_algorithm_uneven_gqa_split(tables, splits, hps):
+    """The kernel's head partition with several heads per split and a short last split
+    (6 heads as 4 + 2), and the no-workspace fallback (one split of the whole group)."""
+    sq, sk, H, Hk, wl, wr = BLOCK_CASES[3]
+    D = 64
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, sq, H, D))
+    k = rng.standard_normal((1, sk, Hk, D))
+    v = rng.standard_normal((1, sk, Hk, D))
+    dout = rng.standard_normal((1, sq, H, D))
+    out, lse, dq_ref, dk_ref, dv_ref = _reference_grads(q, k, v, dout, 0.125, wl, wr)
+    dq, dk, dv = _emulate_kernels(q, k, v, out, lse, dout, 0.125, wl, wr, tables["cfg"]["64"],
+                                  splits, hps)
+    for got, ref in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9)

@@ -210,6 +210,23 @@ __device__ __forceinline__ void store_rows(T* base, int64_t row_stride, int row0
   }
 }
 
+// Same, as fp32 into a contiguous [seqlen][D] buffer (the dK/dV split partials).
+template <int D>
+__device__ __forceinline__ void store_rows_f32(float* base, int row0, int seqlen,
+                                               const float (&acc)[D / 8][4], float scale,
+                                               int lane) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row0 + bwd_layout::c_row(lane, 2 * half);
+    if (row >= seqlen) continue;
+    float* dst = base + static_cast<int64_t>(row) * D;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt)
+      *reinterpret_cast<float2*>(dst + nt * 8 + bwd_layout::c_col(lane, 0)) =
+          make_float2(acc[nt][2 * half] * scale, acc[nt][2 * half + 1] * scale);
+  }
+}
+
 __device__ __forceinline__ float lse_log2(float lse) {
   // A row that sees no key has lse = -inf: use +inf so P = exp2(s - inf) = 0 (never NaN).
   return lse == -INFINITY ? INFINITY : lse * kLog2e;
@@ -218,7 +235,9 @@ __device__ __forceinline__ float lse_log2(float lse) {
 struct BwdArgs {
   FlashBwdParams p;
   MaskInfo mask;
-  float scale_log2;  // softmax_scale * log2(e)
+  float scale_log2;     // softmax_scale * log2(e)
+  int num_splits;       // dK/dV kernel: blocks per (key tile, kv head), see dkdv_num_splits
+  int heads_per_split;  // query heads each of those blocks loops over
 };
 
 // ---- kernel 1: delta = rowsum(dO * O) ------------------------------------------------------
@@ -284,21 +303,25 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
   const MaskInfo& mask = args.mask;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int n0 = blockIdx.x * kBlockN;
-  const int hk = blockIdx.y;
+  const int hk = blockIdx.y / args.num_splits;
+  const int split = blockIdx.y % args.num_splits;
   const int64_t b = blockIdx.z;
   const int group = static_cast<int>(f.h / f.h_k);
+  // This block's query heads: [h_first, h_first + n_heads) of the kv head's group.
+  const int h_first = hk * group + split * args.heads_per_split;
+  const int n_heads = min(args.heads_per_split, group - split * args.heads_per_split);
 
   int mb_begin, mb_end;
   bwd_layout::m_block_range(mask, n0, kBlockN, kBlockM, &mb_begin, &mb_end);
   const int n_mblocks = mb_end - mb_begin;
-  const int total = n_mblocks * group;  // (query head of the group, query tile) pairs
+  const int total = n_mblocks * n_heads;  // (query head, query tile) pairs, head-major
 
   const T* q = static_cast<const T*>(f.q) + b * f.q_batch_stride;
   const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride;
 
   // Stage iteration `it`'s Q / dO tiles (cp.async) and lse / delta (plain loads) into `buf`.
   auto load_q_tile = [&](int it, int buf) {
-    const int h = hk * group + it / n_mblocks;
+    const int h = h_first + it / n_mblocks;
     const int m0 = (mb_begin + it % n_mblocks) * kBlockM;
     load_tile<T, D, kBlockM, kThreads>(sQ + buf * kBlockM * D, q + h * f.q_head_stride,
                                        f.q_row_stride, m0, mask.seqlen_q, tid);
@@ -389,10 +412,53 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     warp_gemm_xb<T, D, kBlockM / 16>(acc_dk, dp, q_s, lane);
   }
 
-  store_rows<T, D>(static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride,
-                   p.dk_row_stride, key_row0, mask.seqlen_k, acc_dk, f.softmax_scale, lane);
-  store_rows<T, D>(static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride,
-                   p.dv_row_stride, key_row0, mask.seqlen_k, acc_dv, 1.f, lane);
+  if (args.num_splits == 1) {
+    store_rows<T, D>(static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride,
+                     p.dk_row_stride, key_row0, mask.seqlen_k, acc_dk, f.softmax_scale, lane);
+    store_rows<T, D>(static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride,
+                     p.dv_row_stride, key_row0, mask.seqlen_k, acc_dv, 1.f, lane);
+  } else {
+    // fp32 partials: workspace = dK [splits][b][h_k][seqlen_k][D], then dV likewise.
+    const int64_t plane = f.b * f.h_k * f.seqlen_k * D;
+    float* ws = p.workspace + split * plane + (b * f.h_k + hk) * f.seqlen_k * D;
+    store_rows_f32<D>(ws, key_row0, mask.seqlen_k, acc_dk, f.softmax_scale, lane);
+    store_rows_f32<D>(ws + args.num_splits * plane, key_row0, mask.seqlen_k, acc_dv, 1.f, lane);
+  }
+}
+
+// dK/dV = sum over splits (in split order) of the fp32 partials; D/8 threads per key row.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) flash_bwd_dkdv_reduce_kernel(const BwdArgs args) {
+  const FlashBwdParams& p = args.p;
+  const FlashFwdParams& f = p.fwd;
+  const int64_t rows = f.b * f.h_k * f.seqlen_k;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * (D / 8)) return;
+  const int c = static_cast<int>(idx % (D / 8)) * 8;
+  const int64_t row = idx / (D / 8);  // (b, h_k, seqlen_k) flattened, the workspace order
+  const int64_t j = row % f.seqlen_k, bh = row / f.seqlen_k;
+  const int64_t hk = bh % f.h_k, b = bh / f.h_k;
+  const int64_t plane = rows * D;
+#pragma unroll
+  for (int which = 0; which < 2; ++which) {
+    const float* ws = p.workspace + which * args.num_splits * plane + row * D + c;
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+    for (int sp = 0; sp < args.num_splits; ++sp) {
+      const float4 lo = *reinterpret_cast<const float4*>(ws + sp * plane);
+      const float4 hi = *reinterpret_cast<const float4*>(ws + sp * plane + 4);
+      acc[0] += lo.x; acc[1] += lo.y; acc[2] += lo.z; acc[3] += lo.w;
+      acc[4] += hi.x; acc[5] += hi.y; acc[6] += hi.z; acc[7] += hi.w;
+    }
+    T* dst = which == 0 ? static_cast<T*>(p.dk) + b * p.dk_batch_stride + j * p.dk_row_stride +
+                              hk * p.dk_head_stride + c
+                        : static_cast<T*>(p.dv) + b * p.dv_batch_stride + j * p.dv_row_stride +
+                              hk * p.dv_head_stride + c;
+#pragma unroll
+    for (int e = 0; e < 8; e += 2)
+      *reinterpret_cast<uint32_t*>(dst + e) = MmaOp<T>::pack(acc[e], acc[e + 1]);
+  }
 }
 
 // ---- kernel 3: dQ --------------------------------------------------------------------------
@@ -420,7 +486,9 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
   const FlashFwdParams& f = p.fwd;
   const MaskInfo& mask = args.mask;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m0 = blockIdx.x * kBlockM;
+  // Highest query tile first: under causal masking it sees the most key tiles, so the longest
+  // blocks start in the first wave instead of forming the tail.
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
   const int h = blockIdx.y;
   const int64_t b = blockIdx.z;
   const int64_t hk = h / (f.h / f.h_k);
@@ -545,9 +613,15 @@ cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
     auto kernel = flash_bwd_dkdv_kernel<T, D>;
     FASTATTN_CUDA_TRY(set_smem(kernel, Cfg::kSmemBytes));
     const dim3 grid(static_cast<unsigned>(ceil_div(f.seqlen_k, Cfg::kBlockN)),
-                    static_cast<unsigned>(f.h_k), static_cast<unsigned>(f.b));
+                    static_cast<unsigned>(f.h_k * args.num_splits), static_cast<unsigned>(f.b));
     kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
     FASTATTN_CUDA_LAUNCH_CHECK();
+    if (args.num_splits > 1) {
+      const int64_t threads = f.b * f.h_k * f.seqlen_k * (D / 8);
+      flash_bwd_dkdv_reduce_kernel<T, D>
+          <<<static_cast<unsigned>(ceil_div(threads, 256)), 256, 0, stream>>>(args);
+      FASTATTN_CUDA_LAUNCH_CHECK();
+    }
   }
   if (f.seqlen_q > 0) {  // seqlen_k == 0 still runs: dQ = 0 is written
     using Cfg = DqCfg<D>;
@@ -577,7 +651,17 @@ int64_t clamp_window(int64_t w, int64_t limit) {
 
 bool flash_bwd_cuda_supports_head_dim(int64_t d) { return d == 64 || d == 128; }
 
-int64_t flash_bwd_cuda_workspace_floats(const FlashBwdParams& /*params*/) { return 0; }
+// fp32 partial dK and dV per split of a GQA/MQA group (0 for MHA and for grids that already
+// fill the GPU): 2 * splits * b * h_k * seqlen_k * d.
+int64_t flash_bwd_cuda_workspace_floats(const FlashBwdParams& params) {
+  const FlashFwdParams& f = params.fwd;
+  if (!flash_bwd_cuda_supports_head_dim(f.d) || f.h_k <= 0 || f.b <= 0 || f.seqlen_k <= 0)
+    return 0;
+  int hps = 0;
+  const int splits = bwd_layout::dkdv_num_splits(f.b, f.h, f.h_k, f.seqlen_k,
+                                                 static_cast<int>(f.d), &hps);
+  return splits > 1 ? 2 * splits * f.b * f.h_k * f.seqlen_k * f.d : 0;
+}
 
 cudaError_t flash_bwd_cuda(const FlashBwdParams& params, cudaStream_t stream) {
   const FlashFwdParams& f = params.fwd;
@@ -621,6 +705,14 @@ cudaError_t flash_bwd_cuda(const FlashBwdParams& params, cudaStream_t stream) {
   args.mask.wl = static_cast<int>(wl);
   args.mask.wr = static_cast<int>(wr);
   args.scale_log2 = f.softmax_scale * kLog2e;
+  args.num_splits = bwd_layout::dkdv_num_splits(f.b, f.h, f.h_k, f.seqlen_k,
+                                                static_cast<int>(f.d), &args.heads_per_split);
+  // Without the workspace the binding asked for, fall back to one block per group (correct,
+  // just less parallel). The workspace must be 16-byte aligned (float4 reads).
+  if (args.num_splits > 1 && (params.workspace == nullptr || !aligned(params.workspace, 16))) {
+    args.num_splits = 1;
+    args.heads_per_split = static_cast<int>(f.h / f.h_k);
+  }
 
   if (f.dtype == DType::kFloat16) {
     return f.d == 64 ? launch_bwd<__half, 64>(args, stream) : launch_bwd<__half, 128>(args, stream);

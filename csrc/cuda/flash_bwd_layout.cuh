@@ -40,6 +40,8 @@
 // ---------------------------------------------------------------------------------------
 #pragma once
 
+#include <cstdint>
+
 #if defined(__CUDACC__)
 #define FASTATTN_BWD_HD __host__ __device__ __forceinline__
 #else
@@ -78,6 +80,30 @@ FASTATTN_BWD_HD constexpr int dkdv_block_m(int d) { return d == 64 ? 64 : 32; }
 // dQ kernel: query rows per block (4 warps x 16) and key rows per inner tile.
 FASTATTN_BWD_HD constexpr int dq_block_m(int /*d*/) { return 64; }
 FASTATTN_BWD_HD constexpr int dq_block_n(int /*d*/) { return 64; }
+
+// ---- GQA / MQA split of the dK/dV kernel -------------------------------------------------
+// The dK/dV kernel runs one block per (key tile, kv head, batch) and loops over the query
+// heads of the kv head's group. With few kv heads (MQA, small batch, short keys) that grid
+// can be smaller than the GPU, so the group is split over `splits` blocks of at most
+// `heads_per_split` heads each; every split writes fp32 partial dK/dV to the workspace and a
+// reduce kernel adds the splits in index order (deterministic). The choice depends on the
+// shape only (never on the device), so results are identical on every GPU.
+constexpr int kDkdvTargetBlocks = 264;  // two waves of a 132-SM H100 at one block per SM
+
+FASTATTN_BWD_HD int dkdv_num_splits(int64_t b, int64_t h, int64_t h_k, int64_t seqlen_k, int d,
+                                    int* heads_per_split) {
+  const int64_t group = h_k > 0 ? h / h_k : 1;
+  const int64_t blocks = (seqlen_k + dkdv_block_n(d) - 1) / dkdv_block_n(d) * h_k * b;
+  if (group <= 1 || blocks <= 0 || blocks >= kDkdvTargetBlocks) {
+    *heads_per_split = static_cast<int>(group);
+    return 1;
+  }
+  int64_t want = (kDkdvTargetBlocks + blocks - 1) / blocks;
+  if (want > group) want = group;
+  const int64_t hps = (group + want - 1) / want;
+  *heads_per_split = static_cast<int>(hps);
+  return static_cast<int>((group + hps - 1) / hps);
+}
 
 // ---- masking ----------------------------------------------------------------------------
 // The forward's rule (params.h): query i sees key j iff j < seqlen_k, i < seqlen_q and
