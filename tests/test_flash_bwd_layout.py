@@ -467,8 +467,10 @@ def _emulate_kernels(q, k, v, out, lse, dout, scale, wl, wr, cfg, splits, hps):
             t[: r1 - r0] = x[r0:r1]
         return t
 
-    def lse_tile(bb, h, r0, n):  # rows past seqlen_q: lse = +inf, delta = 0; -inf -> +inf
-        l = np.full(n, np.inf)
+    def lse_tile(bb, h, r0, n, past=np.inf):  # lse * log2e with -inf -> +inf; delta
+        # Rows past seqlen_q: the dK/dV kernel zero-fills (lse 0, delta 0), the dQ kernel uses
+        # +inf / 0; either way those rows are masked.
+        l = np.full(n, past)
         d = np.zeros(n)
         r1 = min(r0 + n, Sq)
         if r1 > r0:
@@ -514,7 +516,7 @@ def _emulate_kernels(q, k, v, out, lse, dout, scale, wl, wr, cfg, splits, hps):
                         h = h_first + it // (mb1 - mb0)
                         m0 = (mb0 + it % (mb1 - mb0)) * bm_kv
                         Qt, dOt = tile(q[bb, :, h], m0, bm_kv, Sq), tile(dout[bb, :, h], m0, bm_kv, Sq)
-                        l, d = lse_tile(bb, h, m0, bm_kv)
+                        l, d = lse_tile(bb, h, m0, bm_kv, past=0.0)
                         x = mm(Kt, Qt.T) * scale_log2
                         jj, ii = np.meshgrid(n0 + np.arange(bn_kv), m0 + np.arange(bm_kv), indexing="ij")
                         x = np.where(vis(ii, jj), x, -np.inf)

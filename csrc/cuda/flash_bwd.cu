@@ -6,7 +6,7 @@
 //   P = exp(scale * Q K^T - lse)   recomputed from the forward's lse, masked as the forward
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale * dS^T Q,  dQ = scale * dS K
 //
-// Three kernels, one stream, no atomics, no workspace (flash_bwd_cuda_workspace_floats = 0):
+// Three kernels (four with a GQA split), one stream, no atomics:
 //   1. flash_bwd_delta_kernel: one row of (b, h, seqlen_q) per D/8 lanes, 16-byte loads of O
 //      and dO, shuffle reduction; writes params.delta.
 //   2. flash_bwd_dkdv_kernel: one thread block per (key tile of kBlockN = 128 rows, kv head,
@@ -14,8 +14,14 @@
 //      memory; the block loops over every query head of the kv head's group (GQA/MQA: the
 //      group's gradients are summed in registers, K/V are never repeated) and, per head, over
 //      the query tiles of kBlockM rows that can see the key tile (tiles wholly masked by
-//      causal / window are never visited). Q and dO tiles (plus their lse and delta) are
-//      double-buffered with cp.async, so the next tile's load overlaps this tile's math.
+//      causal / window are never visited). When that grid is too small to fill the GPU (few
+//      kv heads, small batch, short keys; see dkdv_num_splits, a function of the shape only)
+//      the group's heads are split over several blocks that write fp32 partial dK/dV to
+//      params.workspace, and flash_bwd_dkdv_reduce_kernel adds them in split order and
+//      converts (flash_bwd_cuda_workspace_floats is 0 whenever no split is needed; with no
+//      workspace passed the launcher falls back to one block per group). Q and dO tiles
+//      (plus their lse and delta) are double-buffered with cp.async, so the next tile's load
+//      overlaps this tile's math.
 //      Per query tile each warp computes, on tensor cores (mma.sync m16n8k16, fp32 acc):
 //        S^T = K_w Q^T -> P^T = exp2(S^T * scale*log2e - lse*log2e)  (masked only on tiles
 //        that need it) -> dV_w += P^T dO -> dP^T = V_w dO^T -> dS^T = P^T (dP^T - delta)
@@ -31,9 +37,10 @@
 //      the mma straight from its accumulators; K is the B operand via ldmatrix.trans).
 //
 // Determinism and its cost: dQ is reduced over key tiles inside one thread block in a fixed
-// order and dK/dV over query heads and query tiles likewise, so every gradient is bitwise
-// reproducible run to run (params.deterministic is honoured trivially: there is no
-// non-deterministic path). The price is the separate dQ pass, which recomputes S = Q K^T and
+// order, dK/dV over query heads and query tiles likewise (and over GQA splits in split
+// order; the split count depends on the shape only, never on the device), so every gradient
+// is bitwise reproducible run to run. params.deterministic is honoured trivially: there is
+// no non-deterministic path. The price is the separate dQ pass, which recomputes S = Q K^T and
 // dP = dO V^T: 7 tile GEMMs instead of the 5 of an atomic-add dQ, i.e. ~1.4x the backward's
 // tensor-core FLOPs, in exchange for no fp32 dQ workspace, no atomics and no convert pass.
 //
@@ -83,6 +90,12 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
   const int src_size = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_size));
+}
+// 4-byte variant (lse / delta rows), zero-filled when !pred.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool pred) {
+  const int src_size = pred ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_size));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -295,7 +308,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
   T* sV = sK + kBlockN * D;
   T* sQ = sV + kBlockN * D;        // [2][kBlockM][D]
   T* sdO = sQ + 2 * kBlockM * D;   // [2][kBlockM][D]
-  float* sLse = reinterpret_cast<float*>(sdO + 2 * kBlockM * D);  // [2][kBlockM], * log2e
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * kBlockM * D);  // [2][kBlockM]
   float* sDelta = sLse + 2 * kBlockM;                             // [2][kBlockM]
 
   const FlashBwdParams& p = args.p;
@@ -319,7 +332,10 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
   const T* q = static_cast<const T*>(f.q) + b * f.q_batch_stride;
   const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride;
 
-  // Stage iteration `it`'s Q / dO tiles (cp.async) and lse / delta (plain loads) into `buf`.
+  // Stage iteration `it`'s Q / dO tiles and lse / delta rows into `buf`, all with cp.async
+  // (so no thread waits on a global load here). Rows past seqlen_q are zero-filled: lse 0 and
+  // delta 0 there are harmless because such a tile always runs masked (tile_needs_mask) and
+  // the masked P is exactly 0.
   auto load_q_tile = [&](int it, int buf) {
     const int h = h_first + it / n_mblocks;
     const int m0 = (mb_begin + it % n_mblocks) * kBlockM;
@@ -328,15 +344,10 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     load_tile<T, D, kBlockM, kThreads>(sdO + buf * kBlockM * D, dout + h * p.dout_head_stride,
                                        p.dout_row_stride, m0, mask.seqlen_q, tid);
     if (tid < kBlockM) {
-      const int row = m0 + tid;
-      float l = INFINITY, dl = 0.f;  // rows past seqlen_q contribute nothing
-      if (row < mask.seqlen_q) {
-        const int64_t idx = (b * f.h + h) * f.seqlen_q + row;
-        l = lse_log2(f.lse[idx]);
-        dl = p.delta[idx];
-      }
-      sLse[buf * kBlockM + tid] = l;
-      sDelta[buf * kBlockM + tid] = dl;
+      const bool ok = m0 + tid < mask.seqlen_q;
+      const int64_t idx = (b * f.h + h) * f.seqlen_q + (ok ? m0 + tid : 0);
+      cp_async4(smem_addr(sLse + buf * kBlockM + tid), f.lse + idx, ok);
+      cp_async4(smem_addr(sDelta + buf * kBlockM + tid), p.delta + idx, ok);
     }
   };
 
@@ -388,7 +399,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
         float x = s[nt][e] * args.scale_log2;
         if (need_mask && !bwd_layout::visible(mask, m0 + qc, key_row0 + bwd_layout::c_row(lane, e)))
           x = -INFINITY;
-        s[nt][e] = exp2f(x - lse_s[qc]);
+        s[nt][e] = exp2f(x - lse_log2(lse_s[qc]));
       }
     }
 
