@@ -296,6 +296,9 @@ template <int D> struct DkdvCfg {
   // sK, sV [kBlockN][D]; sQ, sdO [2][kBlockM][D]; sLse, sDelta [2][kBlockM] fp32.
   static constexpr int kSmemBytes =
       (2 * kBlockN * D + 4 * kBlockM * D) * 2 + 4 * kBlockM * static_cast<int>(sizeof(float));
+  static_assert(kBlockN % 16 == 0 && kBlockM % 16 == 0, "16-row mma tiles");
+  static_assert(kBlockM <= kThreads, "one thread per lse / delta row");
+  static_assert(kSmemBytes <= 163 * 1024, "fits an sm_80 SM");
 };
 
 template <typename T, int D>
@@ -481,6 +484,8 @@ template <int D> struct DqCfg {
   static constexpr int kThreads = kWarps * 32;
   // sQ, sdO [kBlockM][D]; sK, sV [2][kBlockN][D].
   static constexpr int kSmemBytes = (2 * kBlockM * D + 4 * kBlockN * D) * 2;
+  static_assert(kBlockN % 16 == 0 && kBlockM % 16 == 0, "16-row mma tiles");
+  static_assert(kSmemBytes <= 163 * 1024, "fits an sm_80 SM");
 };
 
 template <typename T, int D>
