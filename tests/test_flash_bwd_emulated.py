@@ -84,7 +84,7 @@ def test_emulated_kernels_match_dense(emulator, tmp_path, case):
     assert res.stdout.startswith("ok"), res.stdout
     if use_ws and h // hk > 1:
         assert "used_splits=1" not in res.stdout, res.stdout  # the split path ran
-    tol = 6e-3 if dtype == "16" else 4e-2
+    tol = 2e-3 if dtype == "16" else 1.5e-2  # observed: ~5e-4 and ~4e-3
     for name, ref, shape in (("dq", dq_ref, q.shape), ("dk", dk_ref, k.shape),
                              ("dv", dv_ref, v.shape)):
         got = np.fromfile(tmp_path / f"{name}.f32", dtype=np.float32).reshape(shape)
