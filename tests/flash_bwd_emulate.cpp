@@ -84,11 +84,30 @@ inline uint16_t f32_to_bf16_bits(float x) {
 
 namespace emu {
 
+struct Copy {
+  uint32_t dst;
+  const void* src;
+  int bytes;
+  bool pred;
+};
+
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
   bool done = false;
+  std::vector<Copy> pending;  // cp.async issued but not yet performed (late mode)
 };
+
+// FASTATTN_EMU_MODE bit 0: perform cp.async copies at cp.async.wait_group (latest legal
+// moment; catches reads that do not wait) instead of at issue (earliest; catches writes into
+// a buffer other warps still read). Bit 1: schedule the fibers of a block in reverse order.
+inline int mode() {
+  static const int m = [] {
+    const char* e = std::getenv("FASTATTN_EMU_MODE");
+    return e ? std::atoi(e) : 0;
+  }();
+  return m;
+}
 
 struct Warp {
   int count = 0;
@@ -143,6 +162,10 @@ inline const uint32_t (&slot_of(int l))[12] { return g_block->warps[tid() / 32].
 
 inline void trampoline() {
   (*g_block->body)();
+  if (!g_block->fibers[g_block->cur].pending.empty()) {
+    std::fprintf(stderr, "thread exited with cp.async copies never waited for\n");
+    std::exit(1);
+  }
   g_block->fibers[g_block->cur].done = true;
 }
 
@@ -177,7 +200,8 @@ inline void launch(const int64_t (&grid)[3], int threads, int smem_bytes,
         }
         for (bool any = true; any;) {
           any = false;
-          for (int t = 0; t < threads; ++t) {
+          for (int i = 0; i < threads; ++i) {
+            const int t = mode() & 2 ? threads - 1 - i : i;
             if (b.fibers[t].done) continue;
             any = true;
             b.cur = t;
@@ -222,20 +246,31 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float v, int off) {
 inline uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::smem_base());
 }
-inline void cp_async16(uint32_t dst, const void* src, bool pred) {
-  if (pred)
-    std::memcpy(emu::smem_base() + dst, src, 16);
+inline void do_copy(const emu::Copy& c) {
+  if (c.pred)
+    std::memcpy(emu::smem_base() + c.dst, c.src, c.bytes);
   else
-    std::memset(emu::smem_base() + dst, 0, 16);
+    std::memset(emu::smem_base() + c.dst, 0, c.bytes);
 }
-inline void cp_async4(uint32_t dst, const void* src, bool pred) {
-  if (pred)
-    std::memcpy(emu::smem_base() + dst, src, 4);
+inline void cp_async(uint32_t dst, const void* src, int bytes, bool pred) {
+  if (dst % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) {
+    std::fprintf(stderr, "misaligned cp.async\n");
+    std::exit(1);
+  }
+  const emu::Copy c{dst, src, bytes, pred};
+  if (emu::mode() & 1)
+    emu::g_block->fibers[emu::tid()].pending.push_back(c);
   else
-    std::memset(emu::smem_base() + dst, 0, 4);
+    do_copy(c);
 }
+inline void cp_async16(uint32_t dst, const void* src, bool pred) { cp_async(dst, src, 16, pred); }
+inline void cp_async4(uint32_t dst, const void* src, bool pred) { cp_async(dst, src, 4, pred); }
 inline void cp_async_commit() {}
-inline void cp_async_wait_all() {}
+inline void cp_async_wait_all() {
+  auto& q = emu::g_block->fibers[emu::tid()].pending;
+  for (const auto& c : q) do_copy(c);
+  q.clear();
+}
 
 inline uint16_t smem_u16(uint32_t byte_addr) {
   uint16_t v;

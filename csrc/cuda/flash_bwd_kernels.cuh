@@ -315,13 +315,17 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     }
   };
 
-  load_tile<T, D, kBlockN, kThreads>(sK, static_cast<const T*>(f.k) + b * f.k_batch_stride +
-                                             hk * f.k_head_stride,
-                                     f.k_row_stride, n0, mask.seqlen_k, tid);
-  load_tile<T, D, kBlockN, kThreads>(sV, static_cast<const T*>(f.v) + b * f.v_batch_stride +
-                                             hk * f.v_head_stride,
-                                     f.v_row_stride, n0, mask.seqlen_k, tid);
-  if (total > 0) load_q_tile(0, 0);
+  // A key tile no query sees (total == 0) loads nothing: a block must not exit with cp.async
+  // copies in flight, and its dK = dV = 0 needs no data.
+  if (total > 0) {
+    load_tile<T, D, kBlockN, kThreads>(sK, static_cast<const T*>(f.k) + b * f.k_batch_stride +
+                                               hk * f.k_head_stride,
+                                       f.k_row_stride, n0, mask.seqlen_k, tid);
+    load_tile<T, D, kBlockN, kThreads>(sV, static_cast<const T*>(f.v) + b * f.v_batch_stride +
+                                               hk * f.v_head_stride,
+                                       f.v_row_stride, n0, mask.seqlen_k, tid);
+    load_q_tile(0, 0);
+  }
   cp_async_commit();
 
   float acc_dk[D / 8][4], acc_dv[D / 8][4];
@@ -484,13 +488,15 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
                                        mask.seqlen_k, tid);
   };
 
-  load_tile<T, D, kBlockM, kThreads>(
-      sQ, static_cast<const T*>(f.q) + b * f.q_batch_stride + h * f.q_head_stride,
-      f.q_row_stride, m0, mask.seqlen_q, tid);
-  load_tile<T, D, kBlockM, kThreads>(
-      sdO, static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride,
-      p.dout_row_stride, m0, mask.seqlen_q, tid);
-  if (total > 0) load_kv_tile(0, 0);
+  if (total > 0) {  // no visible key tile: nothing to load, dQ = 0 (and no copy in flight)
+    load_tile<T, D, kBlockM, kThreads>(
+        sQ, static_cast<const T*>(f.q) + b * f.q_batch_stride + h * f.q_head_stride,
+        f.q_row_stride, m0, mask.seqlen_q, tid);
+    load_tile<T, D, kBlockM, kThreads>(
+        sdO, static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride,
+        p.dout_row_stride, m0, mask.seqlen_q, tid);
+    load_kv_tile(0, 0);
+  }
   cp_async_commit();
 
   // lse (* log2e) and delta of this thread's two query rows (c_row(lane, 0) and +8).
