@@ -51,6 +51,12 @@
 // straddle a mask boundary or a sequence tail. Tile sizes keep the fp32 accumulators of a
 // warp (dK + dV: 2 x 16 x D, S^T and dP^T: 2 x 16 x kBlockM) in registers without spills.
 //
+// Verification (no GPU was available while writing this): tests/test_flash_bwd_layout.py
+// checks every index function (flash_bwd_layout.cuh) against the PTX ISA's fragment layouts
+// and a numpy model of the tile loops; tests/test_flash_bwd_emulated.py compiles the kernels
+// themselves (flash_bwd_kernels.cuh) for the CPU with emulated ldmatrix / mma.sync / cp.async /
+// barriers and compares dq, dk, dv with float64 gradients.
+//
 // Requirements (checked, cudaErrorInvalidValue otherwise): q, k, v, out, dout 16-byte
 // aligned with batch/row/head strides multiple of 8 elements; dq, dk, dv 4-byte aligned with
 // even strides; lse (b, h, seqlen_q) and delta (b, h, seqlen_q) contiguous fp32.

@@ -6,7 +6,8 @@
 // mapping of every ldmatrix, the lane -> (row, col) mapping of the mma accumulators, the
 // masking rule and the tile ranges a thread block loops over. tests/test_flash_bwd_layout.py
 // compiles this header with g++, dumps the tables, and emulates the warp-level products
-// (ldmatrix + mma.sync semantics taken from the PTX ISA) and the tile iteration in numpy.
+// (ldmatrix + mma.sync semantics taken from the PTX ISA) and the tile iteration in numpy;
+// tests/test_flash_bwd_emulated.py runs the kernels themselves on an emulated GPU.
 //
 // ---------------------------------------------------------------------------------------
 // PTX facts relied on (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
