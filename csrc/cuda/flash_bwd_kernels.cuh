@@ -604,6 +604,10 @@ inline BwdPrep prepare_bwd(const FlashBwdParams& params, BwdArgs* out_args) {
   if (f.h > 65535 || f.b > 65535 || f.seqlen_q >= (int64_t{1} << 29) ||
       f.seqlen_k >= (int64_t{1} << 29))
     return kBwdInvalid;
+  // 1D grids of the delta and reduce kernels (< 2^31 blocks of 16+ rows).
+  if (f.b * f.h * f.seqlen_q >= (int64_t{1} << 35) ||
+      f.b * f.h_k * f.seqlen_k >= (int64_t{1} << 35))
+    return kBwdInvalid;
   if (!f.q || !f.k || !f.v || !f.out || !f.lse || !params.dout || !params.dq || !params.dk ||
       !params.dv || !params.delta)
     return kBwdInvalid;
