@@ -354,6 +354,7 @@ template <> struct MmaOp<__half> {
     return static_cast<uint32_t>(f32_to_f16_bits(lo)) |
            (static_cast<uint32_t>(f32_to_f16_bits(hi)) << 16);
   }
+  static float to_float(__half x) { return static_cast<float>(x); }
 };
 template <> struct MmaOp<__nv_bfloat16> {
   static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -363,6 +364,7 @@ template <> struct MmaOp<__nv_bfloat16> {
     return static_cast<uint32_t>(f32_to_bf16_bits(lo)) |
            (static_cast<uint32_t>(f32_to_bf16_bits(hi)) << 16);
   }
+  static float to_float(__nv_bfloat16 x) { return static_cast<float>(x); }
 };
 
 #include "flash_bwd_kernels.cuh"

@@ -87,6 +87,8 @@ template <> struct MmaOp<__half> {
     __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
     return *reinterpret_cast<uint32_t*>(&h);
   }
+  // Explicit: torch's extension build defines __CUDA_NO_HALF_CONVERSIONS__.
+  __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
 };
 template <> struct MmaOp<__nv_bfloat16> {
   __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -100,6 +102,9 @@ template <> struct MmaOp<__nv_bfloat16> {
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
     return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 x) {
+    return __bfloat162float(x);
   }
 };
 
@@ -238,7 +243,7 @@ __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const BwdArgs args
     const T* oe = reinterpret_cast<const T*>(&ov);
     const T* ge = reinterpret_cast<const T*>(&gv);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) sum += static_cast<float>(oe[e]) * static_cast<float>(ge[e]);
+    for (int e = 0; e < 8; ++e) sum += MmaOp<T>::to_float(oe[e]) * MmaOp<T>::to_float(ge[e]);
   }
 #pragma unroll
   for (int off = kLanes / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
