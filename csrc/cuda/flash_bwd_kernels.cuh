@@ -1,0 +1,686 @@
+// flash_bwd_kernels.cuh — the kernels of flash_bwd.cu (see its header comment for the
+// design), plus the host-side argument preparation and grid sizes the launcher uses.
+//
+// Kept in a header so that tests/flash_bwd_emulate.cpp can compile exactly this code for the
+// CPU with FASTATTN_BWD_EMULATE defined: it supplies host versions of the few PTX
+// instructions (ldmatrix, mma.sync, cp.async, shfl, barriers) written from the PTX ISA, runs
+// every thread of a block as a fiber, and checks dq/dk/dv against float64 attention
+// gradients. Included by flash_bwd.cu only.
+#pragma once
+
+#if !defined(FASTATTN_BWD_EMULATE)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+#include <cstdint>
+
+#include "fastattn/params.h"
+#include "flash_bwd_layout.cuh"
+
+namespace fastattn {
+namespace {
+
+using bwd_layout::a_col;
+using bwd_layout::a_row;
+using bwd_layout::bkn_col;
+using bwd_layout::bkn_row;
+using bwd_layout::bnk_col;
+using bwd_layout::bnk_row;
+using bwd_layout::MaskInfo;
+using bwd_layout::swz;
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---- PTX wrappers ------------------------------------------------------------------------
+// Under FASTATTN_BWD_EMULATE (tests/flash_bwd_emulate.cpp) these come from a host emulation
+// of the PTX semantics instead, so the kernels below run unchanged on the CPU.
+#if !defined(FASTATTN_BWD_EMULATE)
+#define FASTATTN_BWD_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; when !pred the 16 bytes are zero-filled (src-size 0) and
+// nothing is read (src must still be a valid address, the caller passes the tensor base).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
+  const int src_size = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_size));
+}
+// 4-byte variant (lse / delta rows), zero-filled when !pred.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool pred) {
+  const int src_size = pred ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_size));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T> struct MmaOp;
+template <> struct MmaOp<__half> {
+  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  // Explicit: torch's extension build defines __CUDA_NO_HALF_CONVERSIONS__.
+  __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
+};
+template <> struct MmaOp<__nv_bfloat16> {
+  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 x) {
+    return __bfloat162float(x);
+  }
+};
+
+#endif  // !FASTATTN_BWD_EMULATE
+
+// ---- warp-level tile products ------------------------------------------------------------
+
+// acc[NT][4] (16 x 8*NT, rows = the warp's 16 rows of sA) += A (16 x D) * B^T where A is rows
+// [a_row0, a_row0 + 16) of the [*][D] tile sA and B^T is rows [0, 8*NT) of the [*][D] tile sB
+// (B[k][n] = sB[n][k], the "[n][k]" case: no transpose).
+template <typename T, int D, int NT>
+__device__ __forceinline__ void warp_gemm_abt(float (&acc)[NT][4], const T* sA, int a_row0,
+                                              const T* sB, int lane) {
+  static_assert(NT % 2 == 0, "pairs of n8 tiles");
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t a[4];
+    ldsm_x4(a, smem_addr(sA + swz<D>(a_row0 + a_row(lane), ks * 16 + a_col(lane))));
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      ldsm_x4(b, smem_addr(sB + swz<D>(np * 16 + bnk_row(lane), ks * 16 + bnk_col(lane))));
+      MmaOp<T>::run(acc[2 * np], a, b[0], b[1]);
+      MmaOp<T>::run(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[D/8][4] (16 x D) += X (16 x 16*KS, fp32 accumulators of the previous product, converted
+// to 16 bits and reused as the A operand) * sB (rows [0, 16*KS) of the [*][D] tile sB, the
+// "[k][n]" case: ldmatrix.trans).
+template <typename T, int D, int KS>
+__device__ __forceinline__ void warp_gemm_xb(float (&acc)[D / 8][4], const float (&x)[2 * KS][4],
+                                             const T* sB, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    uint32_t a[4];
+    a[0] = MmaOp<T>::pack(x[2 * ks][0], x[2 * ks][1]);
+    a[1] = MmaOp<T>::pack(x[2 * ks][2], x[2 * ks][3]);
+    a[2] = MmaOp<T>::pack(x[2 * ks + 1][0], x[2 * ks + 1][1]);
+    a[3] = MmaOp<T>::pack(x[2 * ks + 1][2], x[2 * ks + 1][3]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, smem_addr(sB + swz<D>(ks * 16 + bkn_row(lane), dp * 16 + bkn_col(lane))));
+      MmaOp<T>::run(acc[2 * dp], a, b[0], b[1]);
+      MmaOp<T>::run(acc[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Copy rows [row0, row0 + kRows) of a (seqlen, D) strided tensor into a swizzled [kRows][D]
+// tile with cp.async; rows at or past `seqlen` are zero-filled.
+template <typename T, int D, int kRows, int kThreads>
+__device__ __forceinline__ void load_tile(T* s, const T* base, int64_t row_stride, int row0,
+                                          int seqlen, int tid) {
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int c = tid; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, ch = c % kChunks;
+    const bool ok = row0 + r < seqlen;
+    const T* src = ok ? base + static_cast<int64_t>(row0 + r) * row_stride + ch * 8 : base;
+    cp_async16(smem_addr(s + swz<D>(r, ch * 8)), src, ok);
+  }
+}
+
+// Store a warp's 16 x D fp32 accumulator (rows row0 + c_row) as 16-bit pairs.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(T* base, int64_t row_stride, int row0, int seqlen,
+                                           const float (&acc)[D / 8][4], float scale, int lane) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row0 + bwd_layout::c_row(lane, 2 * half);
+    if (row >= seqlen) continue;
+    T* dst = base + static_cast<int64_t>(row) * row_stride;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const int col = nt * 8 + bwd_layout::c_col(lane, 0);
+      *reinterpret_cast<uint32_t*>(dst + col) =
+          MmaOp<T>::pack(acc[nt][2 * half] * scale, acc[nt][2 * half + 1] * scale);
+    }
+  }
+}
+
+// Same, as fp32 into a contiguous [seqlen][D] buffer (the dK/dV split partials).
+template <int D>
+__device__ __forceinline__ void store_rows_f32(float* base, int row0, int seqlen,
+                                               const float (&acc)[D / 8][4], float scale,
+                                               int lane) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row0 + bwd_layout::c_row(lane, 2 * half);
+    if (row >= seqlen) continue;
+    float* dst = base + static_cast<int64_t>(row) * D;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt)
+      *reinterpret_cast<float2*>(dst + nt * 8 + bwd_layout::c_col(lane, 0)) =
+          make_float2(acc[nt][2 * half] * scale, acc[nt][2 * half + 1] * scale);
+  }
+}
+
+__device__ __forceinline__ float lse_log2(float lse) {
+  // A row that sees no key has lse = -inf: use +inf so P = exp2(s - inf) = 0 (never NaN).
+  return lse == -INFINITY ? INFINITY : lse * kLog2e;
+}
+
+struct BwdArgs {
+  FlashBwdParams p;
+  MaskInfo mask;
+  float scale_log2;     // softmax_scale * log2(e)
+  int num_splits;       // dK/dV kernel: blocks per (key tile, kv head), see dkdv_num_splits
+  int heads_per_split;  // query heads each of those blocks loops over
+};
+
+// ---- kernel 1: delta = rowsum(dO * O) ------------------------------------------------------
+
+template <typename T, int D>
+__global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const BwdArgs args) {
+  constexpr int kLanes = D / 8;  // lanes per row, 8 elements (16 bytes) each
+  constexpr int kRowsPerBlock = 256 / kLanes;
+  const FlashBwdParams& p = args.p;
+  const int64_t rows = p.fwd.b * p.fwd.h * p.fwd.seqlen_q;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanes;
+  const int part = threadIdx.x % kLanes;
+  float sum = 0.f;
+  if (r < rows) {
+    const int64_t i = r % p.fwd.seqlen_q;
+    const int64_t hb = r / p.fwd.seqlen_q;
+    const int64_t h = hb % p.fwd.h, b = hb / p.fwd.h;
+    const T* o = static_cast<const T*>(p.fwd.out) + b * p.fwd.out_batch_stride +
+                 i * p.fwd.out_row_stride + h * p.fwd.out_head_stride + part * 8;
+    const T* g = static_cast<const T*>(p.dout) + b * p.dout_batch_stride +
+                 i * p.dout_row_stride + h * p.dout_head_stride + part * 8;
+    const uint4 ov = *reinterpret_cast<const uint4*>(o);
+    const uint4 gv = *reinterpret_cast<const uint4*>(g);
+    const T* oe = reinterpret_cast<const T*>(&ov);
+    const T* ge = reinterpret_cast<const T*>(&gv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum += MmaOp<T>::to_float(oe[e]) * MmaOp<T>::to_float(ge[e]);
+  }
+#pragma unroll
+  for (int off = kLanes / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (r < rows && part == 0) p.delta[r] = sum;  // delta is (b, h, seqlen_q) contiguous
+}
+
+// ---- kernel 2: dK, dV ----------------------------------------------------------------------
+
+template <int D> struct DkdvCfg {
+  static constexpr int kBlockN = bwd_layout::dkdv_block_n(D);  // key rows: 8 warps x 16
+  // Query rows per inner tile. Registers per thread: dK + dV accumulators D/2 floats each,
+  // S^T and dP^T kBlockM/2 each: 64 + 64 at D = 64, 128 + 32 at D = 128 (no spills).
+  static constexpr int kBlockM = bwd_layout::dkdv_block_m(D);
+  static constexpr int kWarps = kBlockN / 16;
+  static constexpr int kThreads = kWarps * 32;
+  // sK, sV [kBlockN][D]; sQ, sdO [2][kBlockM][D]; sLse, sDelta [2][kBlockM] fp32.
+  static constexpr int kSmemBytes =
+      (2 * kBlockN * D + 4 * kBlockM * D) * 2 + 4 * kBlockM * static_cast<int>(sizeof(float));
+  static_assert(kBlockN % 16 == 0 && kBlockM % 16 == 0, "16-row mma tiles");
+  static_assert(kBlockM <= kThreads, "one thread per lse / delta row");
+  static_assert(kSmemBytes <= 163 * 1024, "fits an sm_80 SM");
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
+    flash_bwd_dkdv_kernel(const BwdArgs args) {
+  using Cfg = DkdvCfg<D>;
+  constexpr int kBlockN = Cfg::kBlockN, kBlockM = Cfg::kBlockM, kThreads = Cfg::kThreads;
+  FASTATTN_BWD_SMEM(smem_raw);
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBlockN * D;
+  T* sQ = sV + kBlockN * D;        // [2][kBlockM][D]
+  T* sdO = sQ + 2 * kBlockM * D;   // [2][kBlockM][D]
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * kBlockM * D);  // [2][kBlockM]
+  float* sDelta = sLse + 2 * kBlockM;                             // [2][kBlockM]
+
+  const FlashBwdParams& p = args.p;
+  const FlashFwdParams& f = p.fwd;
+  const MaskInfo& mask = args.mask;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int n0 = blockIdx.x * kBlockN;
+  const int hk = blockIdx.y / args.num_splits;
+  const int split = blockIdx.y % args.num_splits;
+  const int64_t b = blockIdx.z;
+  const int group = static_cast<int>(f.h / f.h_k);
+  // This block's query heads: [h_first, h_first + n_heads) of the kv head's group.
+  const int h_first = hk * group + split * args.heads_per_split;
+  const int n_heads = min(args.heads_per_split, group - split * args.heads_per_split);
+
+  int mb_begin, mb_end;
+  bwd_layout::m_block_range(mask, n0, kBlockN, kBlockM, &mb_begin, &mb_end);
+  const int n_mblocks = mb_end - mb_begin;
+  const int total = n_mblocks * n_heads;  // (query head, query tile) pairs, head-major
+
+  const T* q = static_cast<const T*>(f.q) + b * f.q_batch_stride;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride;
+
+  // Stage iteration `it`'s Q / dO tiles and lse / delta rows into `buf`, all with cp.async
+  // (so no thread waits on a global load here). Rows past seqlen_q are zero-filled: lse 0 and
+  // delta 0 there are harmless because such a tile always runs masked (tile_needs_mask) and
+  // the masked P is exactly 0.
+  auto load_q_tile = [&](int it, int buf) {
+    const int h = h_first + it / n_mblocks;
+    const int m0 = (mb_begin + it % n_mblocks) * kBlockM;
+    load_tile<T, D, kBlockM, kThreads>(sQ + buf * kBlockM * D, q + h * f.q_head_stride,
+                                       f.q_row_stride, m0, mask.seqlen_q, tid);
+    load_tile<T, D, kBlockM, kThreads>(sdO + buf * kBlockM * D, dout + h * p.dout_head_stride,
+                                       p.dout_row_stride, m0, mask.seqlen_q, tid);
+    if (tid < kBlockM) {
+      const bool ok = m0 + tid < mask.seqlen_q;
+      const int64_t idx = (b * f.h + h) * f.seqlen_q + (ok ? m0 + tid : 0);
+      cp_async4(smem_addr(sLse + buf * kBlockM + tid), f.lse + idx, ok);
+      cp_async4(smem_addr(sDelta + buf * kBlockM + tid), p.delta + idx, ok);
+    }
+  };
+
+  // A key tile no query sees (total == 0) loads nothing: a block must not exit with cp.async
+  // copies in flight, and its dK = dV = 0 needs no data.
+  if (total > 0) {
+    load_tile<T, D, kBlockN, kThreads>(sK, static_cast<const T*>(f.k) + b * f.k_batch_stride +
+                                               hk * f.k_head_stride,
+                                       f.k_row_stride, n0, mask.seqlen_k, tid);
+    load_tile<T, D, kBlockN, kThreads>(sV, static_cast<const T*>(f.v) + b * f.v_batch_stride +
+                                               hk * f.v_head_stride,
+                                       f.v_row_stride, n0, mask.seqlen_k, tid);
+    load_q_tile(0, 0);
+  }
+  cp_async_commit();
+
+  float acc_dk[D / 8][4], acc_dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+
+  const int key_row0 = n0 + warp * 16;  // this warp's first key row
+  for (int it = 0; it < total; ++it) {
+    const int buf = it & 1;
+    // Tile `it` has landed, and every warp is done with tile it-1 (whose buffer we refill).
+    cp_async_wait_all();
+    __syncthreads();
+    if (it + 1 < total) load_q_tile(it + 1, buf ^ 1);
+    cp_async_commit();
+
+    const T* q_s = sQ + buf * kBlockM * D;
+    const T* do_s = sdO + buf * kBlockM * D;
+    const float* lse_s = sLse + buf * kBlockM;
+    const float* delta_s = sDelta + buf * kBlockM;
+    const int m0 = (mb_begin + it % n_mblocks) * kBlockM;
+
+    // S^T (16 keys x kBlockM queries) = K_w Q^T.
+    float s[kBlockM / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBlockM / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = 0.f;
+    warp_gemm_abt<T, D, kBlockM / 8>(s, sK, warp * 16, q_s, lane);
+
+    // P^T = exp2(S^T * scale * log2e - lse * log2e); element (key c_row, query c_col).
+    const bool need_mask = bwd_layout::tile_needs_mask(mask, m0, kBlockM, n0, kBlockN);
+#pragma unroll
+    for (int nt = 0; nt < kBlockM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qc = nt * 8 + bwd_layout::c_col(lane, e);
+        float x = s[nt][e] * args.scale_log2;
+        if (need_mask && !bwd_layout::visible(mask, m0 + qc, key_row0 + bwd_layout::c_row(lane, e)))
+          x = -INFINITY;
+        s[nt][e] = exp2f(x - lse_log2(lse_s[qc]));
+      }
+    }
+
+    // dV_w += P^T dO.
+    warp_gemm_xb<T, D, kBlockM / 16>(acc_dv, s, do_s, lane);
+
+    // dP^T = V_w dO^T, then dS^T = P^T * (dP^T - delta) in place.
+    float dp[kBlockM / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBlockM / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[i][e] = 0.f;
+    warp_gemm_abt<T, D, kBlockM / 8>(dp, sV, warp * 16, do_s, lane);
+#pragma unroll
+    for (int nt = 0; nt < kBlockM / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        dp[nt][e] = s[nt][e] * (dp[nt][e] - delta_s[nt * 8 + bwd_layout::c_col(lane, e)]);
+
+    // dK_w += dS^T Q (softmax_scale applied once, at the store).
+    warp_gemm_xb<T, D, kBlockM / 16>(acc_dk, dp, q_s, lane);
+  }
+
+  if (args.num_splits == 1) {
+    store_rows<T, D>(static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride,
+                     p.dk_row_stride, key_row0, mask.seqlen_k, acc_dk, f.softmax_scale, lane);
+    store_rows<T, D>(static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride,
+                     p.dv_row_stride, key_row0, mask.seqlen_k, acc_dv, 1.f, lane);
+  } else {
+    // fp32 partials: workspace = dK [splits][b][h_k][seqlen_k][D], then dV likewise.
+    const int64_t plane = f.b * f.h_k * f.seqlen_k * D;
+    float* ws = p.workspace + split * plane + (b * f.h_k + hk) * f.seqlen_k * D;
+    store_rows_f32<D>(ws, key_row0, mask.seqlen_k, acc_dk, f.softmax_scale, lane);
+    store_rows_f32<D>(ws + args.num_splits * plane, key_row0, mask.seqlen_k, acc_dv, 1.f, lane);
+  }
+}
+
+// dK/dV = sum over splits (in split order) of the fp32 partials; D/8 threads per key row.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) flash_bwd_dkdv_reduce_kernel(const BwdArgs args) {
+  const FlashBwdParams& p = args.p;
+  const FlashFwdParams& f = p.fwd;
+  const int64_t rows = f.b * f.h_k * f.seqlen_k;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * (D / 8)) return;
+  const int c = static_cast<int>(idx % (D / 8)) * 8;
+  const int64_t row = idx / (D / 8);  // (b, h_k, seqlen_k) flattened, the workspace order
+  const int64_t j = row % f.seqlen_k, bh = row / f.seqlen_k;
+  const int64_t hk = bh % f.h_k, b = bh / f.h_k;
+  const int64_t plane = rows * D;
+#pragma unroll
+  for (int which = 0; which < 2; ++which) {
+    const float* ws = p.workspace + which * args.num_splits * plane + row * D + c;
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+    for (int sp = 0; sp < args.num_splits; ++sp) {
+      const float4 lo = *reinterpret_cast<const float4*>(ws + sp * plane);
+      const float4 hi = *reinterpret_cast<const float4*>(ws + sp * plane + 4);
+      acc[0] += lo.x; acc[1] += lo.y; acc[2] += lo.z; acc[3] += lo.w;
+      acc[4] += hi.x; acc[5] += hi.y; acc[6] += hi.z; acc[7] += hi.w;
+    }
+    T* dst = which == 0 ? static_cast<T*>(p.dk) + b * p.dk_batch_stride + j * p.dk_row_stride +
+                              hk * p.dk_head_stride + c
+                        : static_cast<T*>(p.dv) + b * p.dv_batch_stride + j * p.dv_row_stride +
+                              hk * p.dv_head_stride + c;
+#pragma unroll
+    for (int e = 0; e < 8; e += 2)
+      *reinterpret_cast<uint32_t*>(dst + e) = MmaOp<T>::pack(acc[e], acc[e + 1]);
+  }
+}
+
+// ---- kernel 3: dQ --------------------------------------------------------------------------
+
+template <int D> struct DqCfg {
+  static constexpr int kBlockM = bwd_layout::dq_block_m(D);  // query rows: 4 warps x 16
+  static constexpr int kBlockN = bwd_layout::dq_block_n(D);  // key rows per inner tile
+  static constexpr int kWarps = kBlockM / 16;
+  static constexpr int kThreads = kWarps * 32;
+  // sQ, sdO [kBlockM][D]; sK, sV [2][kBlockN][D].
+  static constexpr int kSmemBytes = (2 * kBlockM * D + 4 * kBlockN * D) * 2;
+  static_assert(kBlockN % 16 == 0 && kBlockM % 16 == 0, "16-row mma tiles");
+  static_assert(kSmemBytes <= 163 * 1024, "fits an sm_80 SM");
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(const BwdArgs args) {
+  using Cfg = DqCfg<D>;
+  constexpr int kBlockN = Cfg::kBlockN, kBlockM = Cfg::kBlockM, kThreads = Cfg::kThreads;
+  FASTATTN_BWD_SMEM(smem_raw);
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kBlockM * D;
+  T* sK = sdO + kBlockM * D;    // [2][kBlockN][D]
+  T* sV = sK + 2 * kBlockN * D;  // [2][kBlockN][D]
+
+  const FlashBwdParams& p = args.p;
+  const FlashFwdParams& f = p.fwd;
+  const MaskInfo& mask = args.mask;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // Highest query tile first: under causal masking it sees the most key tiles, so the longest
+  // blocks start in the first wave instead of forming the tail.
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
+  const int h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int64_t hk = h / (f.h / f.h_k);
+
+  int nb_begin, nb_end;
+  bwd_layout::n_block_range(mask, m0, kBlockM, kBlockN, &nb_begin, &nb_end);
+  const int total = nb_end - nb_begin;
+
+  const T* k = static_cast<const T*>(f.k) + b * f.k_batch_stride + hk * f.k_head_stride;
+  const T* v = static_cast<const T*>(f.v) + b * f.v_batch_stride + hk * f.v_head_stride;
+  auto load_kv_tile = [&](int it, int buf) {
+    const int n0 = (nb_begin + it) * kBlockN;
+    load_tile<T, D, kBlockN, kThreads>(sK + buf * kBlockN * D, k, f.k_row_stride, n0,
+                                       mask.seqlen_k, tid);
+    load_tile<T, D, kBlockN, kThreads>(sV + buf * kBlockN * D, v, f.v_row_stride, n0,
+                                       mask.seqlen_k, tid);
+  };
+
+  if (total > 0) {  // no visible key tile: nothing to load, dQ = 0 (and no copy in flight)
+    load_tile<T, D, kBlockM, kThreads>(
+        sQ, static_cast<const T*>(f.q) + b * f.q_batch_stride + h * f.q_head_stride,
+        f.q_row_stride, m0, mask.seqlen_q, tid);
+    load_tile<T, D, kBlockM, kThreads>(
+        sdO, static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride,
+        p.dout_row_stride, m0, mask.seqlen_q, tid);
+    load_kv_tile(0, 0);
+  }
+  cp_async_commit();
+
+  // lse (* log2e) and delta of this thread's two query rows (c_row(lane, 0) and +8).
+  const int q_row0 = m0 + warp * 16;
+  float lse_r[2], delta_r[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = q_row0 + bwd_layout::c_row(lane, 2 * half);
+    lse_r[half] = INFINITY;
+    delta_r[half] = 0.f;
+    if (row < mask.seqlen_q) {
+      const int64_t idx = (b * f.h + h) * f.seqlen_q + row;
+      lse_r[half] = lse_log2(f.lse[idx]);
+      delta_r[half] = p.delta[idx];
+    }
+  }
+
+  float acc_dq[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dq[i][e] = 0.f;
+
+  for (int it = 0; it < total; ++it) {
+    const int buf = it & 1;
+    cp_async_wait_all();
+    __syncthreads();
+    if (it + 1 < total) load_kv_tile(it + 1, buf ^ 1);
+    cp_async_commit();
+
+    const T* k_s = sK + buf * kBlockN * D;
+    const T* v_s = sV + buf * kBlockN * D;
+    const int n0 = (nb_begin + it) * kBlockN;
+
+    // S (16 queries x kBlockN keys) = Q_w K^T, then P.
+    float s[kBlockN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBlockN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = 0.f;
+    warp_gemm_abt<T, D, kBlockN / 8>(s, sQ, warp * 16, k_s, lane);
+    const bool need_mask = bwd_layout::tile_needs_mask(mask, m0, kBlockM, n0, kBlockN);
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[nt][e] * args.scale_log2;
+        if (need_mask && !bwd_layout::visible(mask, q_row0 + bwd_layout::c_row(lane, e),
+                                              n0 + nt * 8 + bwd_layout::c_col(lane, e)))
+          x = -INFINITY;
+        s[nt][e] = exp2f(x - lse_r[e >> 1]);
+      }
+    }
+
+    // dP = dO_w V^T; dS = P * (dP - delta).
+    float dp[kBlockN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBlockN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[i][e] = 0.f;
+    warp_gemm_abt<T, D, kBlockN / 8>(dp, sdO, warp * 16, v_s, lane);
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - delta_r[e >> 1]);
+
+    // dQ_w += dS K.
+    warp_gemm_xb<T, D, kBlockN / 16>(acc_dq, dp, k_s, lane);
+  }
+
+  store_rows<T, D>(static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride,
+                   p.dq_row_stride, q_row0, mask.seqlen_q, acc_dq, f.softmax_scale, lane);
+}
+
+// ---- host-side preparation ---------------------------------------------------------------
+
+inline bool aligned(const void* ptr, int bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
+}
+inline bool strides_multiple(int64_t a, int64_t b, int64_t c, int64_t m) {
+  return a % m == 0 && b % m == 0 && c % m == 0;
+}
+
+inline int64_t clamp_window(int64_t w, int64_t limit) {
+  if (w < 0) return -1;
+  return w > limit ? limit : w;
+}
+
+
+// Validate params and build the kernels' arguments. Returns kBwdInvalid (the launcher
+// reports cudaErrorInvalidValue), kBwdNothing (empty problem) or kBwdLaunch.
+enum BwdPrep { kBwdInvalid, kBwdNothing, kBwdLaunch };
+
+inline bool flash_bwd_head_dim_ok(int64_t d) { return d == 64 || d == 128; }
+
+inline BwdPrep prepare_bwd(const FlashBwdParams& params, BwdArgs* out_args) {
+  const FlashFwdParams& f = params.fwd;
+  if (f.dtype != DType::kFloat16 && f.dtype != DType::kBFloat16) return kBwdInvalid;
+  if (!flash_bwd_head_dim_ok(f.d)) return kBwdInvalid;
+  if (f.b < 0 || f.h <= 0 || f.h_k <= 0 || f.h % f.h_k != 0 || f.seqlen_q < 0 ||
+      f.seqlen_k < 0)
+    return kBwdInvalid;
+  if (f.b == 0 || (f.seqlen_q == 0 && f.seqlen_k == 0)) return kBwdNothing;
+  // Grid limits (y, z <= 65535) and the int index math of the kernels (seqlens < 2^29).
+  if (f.h > 65535 || f.b > 65535 || f.seqlen_q >= (int64_t{1} << 29) ||
+      f.seqlen_k >= (int64_t{1} << 29))
+    return kBwdInvalid;
+  // 1D grids of the delta and reduce kernels (< 2^31 blocks of 16+ rows).
+  if (f.b * f.h * f.seqlen_q >= (int64_t{1} << 35) ||
+      f.b * f.h_k * f.seqlen_k >= (int64_t{1} << 35))
+    return kBwdInvalid;
+  if (!f.q || !f.k || !f.v || !f.out || !f.lse || !params.dout || !params.dq || !params.dk ||
+      !params.dv || !params.delta)
+    return kBwdInvalid;
+  // 16-byte cp.async / vector loads on the inputs, 4-byte stores on the gradients.
+  if (!aligned(f.q, 16) || !aligned(f.k, 16) || !aligned(f.v, 16) || !aligned(f.out, 16) ||
+      !aligned(params.dout, 16) ||
+      !strides_multiple(f.q_batch_stride, f.q_row_stride, f.q_head_stride, 8) ||
+      !strides_multiple(f.k_batch_stride, f.k_row_stride, f.k_head_stride, 8) ||
+      !strides_multiple(f.v_batch_stride, f.v_row_stride, f.v_head_stride, 8) ||
+      !strides_multiple(f.out_batch_stride, f.out_row_stride, f.out_head_stride, 8) ||
+      !strides_multiple(params.dout_batch_stride, params.dout_row_stride,
+                        params.dout_head_stride, 8))
+    return kBwdInvalid;
+  if (!aligned(params.dq, 4) || !aligned(params.dk, 4) || !aligned(params.dv, 4) ||
+      !strides_multiple(params.dq_batch_stride, params.dq_row_stride, params.dq_head_stride, 2) ||
+      !strides_multiple(params.dk_batch_stride, params.dk_row_stride, params.dk_head_stride, 2) ||
+      !strides_multiple(params.dv_batch_stride, params.dv_row_stride, params.dv_head_stride, 2))
+    return kBwdInvalid;
+
+  BwdArgs& args = *out_args;
+  args.p = params;
+  const int64_t limit = f.seqlen_q + f.seqlen_k;
+  int64_t wl = clamp_window(f.window_left, limit);
+  int64_t wr = clamp_window(f.window_right, limit);
+  if (f.is_causal) wr = 0;
+  args.mask.seqlen_q = static_cast<int>(f.seqlen_q);
+  args.mask.seqlen_k = static_cast<int>(f.seqlen_k);
+  args.mask.wl = static_cast<int>(wl);
+  args.mask.wr = static_cast<int>(wr);
+  args.scale_log2 = f.softmax_scale * kLog2e;
+  args.num_splits = bwd_layout::dkdv_num_splits(f.b, f.h, f.h_k, f.seqlen_k,
+                                                static_cast<int>(f.d), &args.heads_per_split);
+  // Without the workspace the binding asked for, fall back to one block per group (correct,
+  // just less parallel). The workspace must be 16-byte aligned (float4 reads).
+  if (args.num_splits > 1 && (params.workspace == nullptr || !aligned(params.workspace, 16))) {
+    args.num_splits = 1;
+    args.heads_per_split = static_cast<int>(f.h / f.h_k);
+  }
+
+  return kBwdLaunch;
+}
+
+// Grids of the four kernels (x, y, z), shared by the launcher and the host emulation.
+struct BwdGrids {
+  int64_t delta;         // 1D, 256 threads
+  int64_t dkdv[3];       // kThreads = DkdvCfg<D>::kThreads
+  int64_t reduce;        // 1D, 256 threads; 0 when there is no GQA split
+  int64_t dq[3];         // kThreads = DqCfg<D>::kThreads
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <int D>
+inline BwdGrids bwd_grids(const BwdArgs& args) {
+  const FlashFwdParams& f = args.p.fwd;
+  BwdGrids g{};
+  g.delta = ceil_div(f.b * f.h * f.seqlen_q, 256 / (D / 8));
+  // seqlen_q == 0 still runs the dK/dV kernel (it writes dK = dV = 0), and seqlen_k == 0
+  // still runs the dQ kernel (dQ = 0).
+  g.dkdv[0] = ceil_div(f.seqlen_k, DkdvCfg<D>::kBlockN);
+  g.dkdv[1] = f.h_k * args.num_splits;
+  g.dkdv[2] = f.b;
+  g.reduce = args.num_splits > 1 ? ceil_div(f.b * f.h_k * f.seqlen_k * (D / 8), 256) : 0;
+  g.dq[0] = ceil_div(f.seqlen_q, DqCfg<D>::kBlockM);
+  g.dq[1] = f.h;
+  g.dq[2] = f.b;
+  return g;
+}
+
+}  // namespace
+}  // namespace fastattn
