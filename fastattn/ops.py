@@ -94,5 +94,53 @@ torch.library.register_autograd(
 # ---- rotary ------------------------------------------------------------------------------
 
 # ---- flash attention ---------------------------------------------------------------------
+def flash_attn_fwd(
+    q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int, window_right: int
+) -> Tuple[Tensor, Tensor]:
+    """out (B, Sq, H, D), lse (B, H, Sq) fp32. Causal is (window_left, window_right) = (-1, 0)."""
+    return _ops.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right)
+
+
+@torch.library.register_fake("fastattn::flash_attn_fwd")
+def _flash_attn_fwd_fake(q, k, v, softmax_scale, window_left, window_right):
+    B, Sq, H, D = q.shape
+    return q.new_empty((B, Sq, H, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
+
+
+def _flash_attn_bwd_impl(dout, q, k, v, out, lse, softmax_scale, window_left, window_right):
+    """(dq, dk, dv) of flash_attn_fwd.
+
+    For now this differentiates ``reference.attention`` (recomputed in fp32 with
+    torch.autograd): correct but slow, O(Sq * Sk) memory. It is the one place to switch to
+    the ``fastattn::flash_attn_bwd`` kernel op; out and lse are unused until then.
+    """
+    from . import reference
+
+    with torch.enable_grad():
+        qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+        o = reference.attention(qf, kf, vf, softmax_scale=softmax_scale, window=(window_left, window_right))
+        dq, dk, dv = torch.autograd.grad(o, (qf, kf, vf), dout.float())
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _flash_attn_setup(ctx, inputs, output):
+    q, k, v, softmax_scale, window_left, window_right = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.softmax_scale = softmax_scale
+    ctx.window = (window_left, window_right)
+
+
+def _flash_attn_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _flash_attn_bwd_impl(dout, q, k, v, out, lse, ctx.softmax_scale, *ctx.window)
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd(
+    "fastattn::flash_attn_fwd", _flash_attn_backward, setup_context=_flash_attn_setup
+)
 
 # ---- decode attention and append_kv ------------------------------------------------------

@@ -21,6 +21,8 @@ int64_t rms_norm_bwd_num_row_blocks_cpu(int64_t rows);
 // ---- rotary (cpu) ----
 
 // ---- flash attention (cpu) ----
+// Forward for fp32/fp16/bf16 and any head dim; same masking semantics as the CUDA kernel.
+void flash_fwd_cpu(const FlashFwdParams& params);
 
 // ---- decode attention and append_kv (cpu) ----
 
