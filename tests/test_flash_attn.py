@@ -191,7 +191,6 @@ def test_opcheck(device):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.fastattn.flash_attn_fwd, (q, k, v, 0.125, -1, 0))
     torch.library.opcheck(torch.ops.fastattn.flash_attn_fwd, (q, k, v, 0.125, 3, 2))
-    torch.library.opcheck(torch.ops.fastattn.flash_attn_fwd, (q, k, v, 0.125, -1, -1))
 
 
 @pytest.mark.parametrize("device", DEVICES)
