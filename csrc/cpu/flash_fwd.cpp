@@ -51,12 +51,13 @@ using cpu::load_row;
 using cpu::store_row;
 
 // Query rows per task: 128 amortises each K/V block over more rows (measured ~10% faster
-// than 64 at S = 2048, D = 128); problems too small to keep every thread busy with 128-row
-// tasks use 64. Keys per block product: 256 keeps the S block (128 x 256 fp32, 128 KB) and
+// than 64 at S = 2048, D = 128); problems with fewer than kMinTasks such tasks use 64-row
+// tasks so that more threads have work. Keys per block product: 256 keeps the S block (128 x 256 fp32, 128 KB) and
 // the output accumulator in L2 (256 and 512 measured alike; 128 was slower).
 constexpr int64_t kQBlockMax = 128;
 constexpr int64_t kQBlockSmall = 64;
 constexpr int64_t kKBlock = 256;
+constexpr int64_t kMinTasks = 32;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -108,8 +109,9 @@ class FlashFwdCpu {
     band_.has_hi = right >= 0;
     band_.hi_off = shift + right;
     kt_ld_ = ceil_div(p.seqlen_k, 16) * 16;
-    const int64_t threads = at::get_num_threads();
-    q_block_ = p.b * p.h * ceil_div(p.seqlen_q, kQBlockMax) >= 4 * threads ? kQBlockMax : kQBlockSmall;
+    // A function of the shape only (not of the thread count), so the block boundaries, and
+    // with them the summation order and the output bits, are the same on any thread count.
+    q_block_ = p.b * p.h * ceil_div(p.seqlen_q, kQBlockMax) >= kMinTasks ? kQBlockMax : kQBlockSmall;
     scale_log2_ = p.softmax_scale * kLog2e;
   }
 
