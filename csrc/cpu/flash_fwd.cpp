@@ -36,9 +36,14 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <stdlib.h>
+#include <sys/mman.h>
+#endif
 
 #include "cpu_types.h"
 #include "fastattn/api.h"
@@ -88,6 +93,42 @@ inline float exp2_nonpositive(float x) {
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Uninitialised fp32 scratch for the whole call. Fresh multi-megabyte allocations are new
+// pages every call, and first-touching them one 4 KiB page fault at a time cost as much as
+// the widening pass itself (measured: ~35 ms of page faults for bf16 K^T + V at B1 H16
+// S2048 D128). Where Linux offers transparent huge pages on request, a 2 MiB-aligned buffer
+// with MADV_HUGEPAGE takes 512x fewer faults; elsewhere it is a plain allocation.
+class ScratchBuffer {
+ public:
+  void allocate(size_t count) {
+    release();
+    const size_t bytes = std::max<size_t>(count, 1) * sizeof(float);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    constexpr size_t kHuge = size_t(2) << 20;
+    if (bytes >= 2 * kHuge) {
+      void* p = nullptr;
+      const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+      if (posix_memalign(&p, kHuge, rounded) == 0) {
+        madvise(p, rounded, MADV_HUGEPAGE);
+        data_ = static_cast<float*>(p);
+        return;
+      }
+    }
+#endif
+    data_ = static_cast<float*>(std::malloc(bytes));
+    if (data_ == nullptr) throw std::bad_alloc();
+  }
+  float* get() const { return data_; }
+  ~ScratchBuffer() { release(); }
+
+ private:
+  void release() {
+    std::free(data_);
+    data_ = nullptr;
+  }
+  float* data_ = nullptr;
+};
 
 struct Band {
   // Row i sees keys [i + lo_off, i + hi_off] (before clipping to [0, seqlen_k)).
@@ -153,9 +194,9 @@ class FlashFwdCpu {
     const int64_t nbh = p_.b * p_.h_k;
     // Uninitialised on purpose: every element a block product reads is written below (the
     // padding columns past seqlen_k are never read).
-    kt_.reset(new float[static_cast<size_t>(nbh * d * kt_ld_)]);
+    kt_.allocate(static_cast<size_t>(nbh * d * kt_ld_));
     const bool widen_v = !std::is_same<T, float>::value;
-    if (widen_v) v32_.reset(new float[static_cast<size_t>(nbh * sk * d)]);
+    if (widen_v) v32_.allocate(static_cast<size_t>(nbh * sk * d));
     constexpr int64_t kChunk = 64;
     const int64_t nchunks = ceil_div(sk, kChunk);
     const T* k = static_cast<const T*>(p_.k);
@@ -310,7 +351,7 @@ class FlashFwdCpu {
   int64_t kt_ld_ = 0;
   int64_t q_block_ = kQBlockMax;
   float scale_log2_ = 0.0f;
-  std::unique_ptr<float[]> kt_, v32_;
+  ScratchBuffer kt_, v32_;
 };
 
 }  // namespace
