@@ -167,6 +167,19 @@ def test_cpu_thread_count_invariant():
         assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
 
 
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_expanded_views(device, dtype):
+    # Stride-0 (expanded) rows and heads: one key/value row repeated, a query broadcast over
+    # heads. Not a valid GEMM leading dimension, so the CPU kernel copies these rows.
+    B, S, H, D = 2, 40, 4, 64
+    q = torch.randn(B, S, 1, D, device=device, dtype=dtype).expand(B, S, H, D)
+    k = torch.randn(B, 1, 2, D, device=device, dtype=dtype).expand(B, 30, 2, D)
+    v = torch.randn(B, 1, 2, D, device=device, dtype=dtype).expand(B, 30, 2, D)
+    _check(q, k, v, causal=True)
+    _check(torch.randn(B, 1, H, D, device=device, dtype=dtype).expand(B, S, H, D),
+           torch.randn(B, 30, 2, D, device=device, dtype=dtype), torch.randn(B, 30, 2, D, device=device, dtype=dtype))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty(device):
     dtype = torch.bfloat16

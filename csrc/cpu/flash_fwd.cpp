@@ -154,6 +154,11 @@ class FlashFwdCpu {
     // with them the summation order and the output bits, are the same on any thread count.
     q_block_ = p.b * p.h * ceil_div(p.seqlen_q, kQBlockMax) >= kMinTasks ? kQBlockMax : kQBlockSmall;
     scale_log2_ = p.softmax_scale * kLog2e;
+    // fp32 Q and V are GEMM operands in place when their row stride is a valid leading
+    // dimension (>= d); rows that overlap (an expanded, stride-0 view) are copied instead.
+    constexpr bool kIsFloat = std::is_same<T, float>::value;
+    q_in_place_ = kIsFloat && p.q_row_stride >= p.d;
+    v_in_place_ = kIsFloat && p.v_row_stride >= p.d;
   }
 
   void run() {
@@ -187,15 +192,15 @@ class FlashFwdCpu {
     std::vector<float> q, s, o, m, l;
   };
 
-  // K^T (b, h_k, d, kt_ld) fp32 for every input dtype; V (b, h_k, seqlen_k, d) fp32 only for
-  // 16-bit inputs (fp32 V is read in place).
+  // K^T (b, h_k, d, kt_ld) fp32 for every input dtype; V (b, h_k, seqlen_k, d) fp32 unless
+  // V is read in place.
   void prepare_kv() {
     const int64_t d = p_.d, sk = p_.seqlen_k;
     const int64_t nbh = p_.b * p_.h_k;
     // Uninitialised on purpose: every element a block product reads is written below (the
     // padding columns past seqlen_k are never read).
     kt_.allocate(static_cast<size_t>(nbh * d * kt_ld_));
-    const bool widen_v = !std::is_same<T, float>::value;
+    const bool widen_v = !v_in_place_;
     if (widen_v) v32_.allocate(static_cast<size_t>(nbh * sk * d));
     constexpr int64_t kChunk = 64;
     const int64_t nchunks = ceil_div(sk, kChunk);
@@ -246,7 +251,7 @@ class FlashFwdCpu {
                       q0 * p_.q_row_stride;
       const float* qa;
       int64_t q_ld;
-      if (std::is_same<T, float>::value) {
+      if (q_in_place_) {
         qa = reinterpret_cast<const float*>(qsrc);
         q_ld = p_.q_row_stride;
       } else {
@@ -257,7 +262,7 @@ class FlashFwdCpu {
       const float* kt = kt_.get() + (b * p_.h_k + hk) * d * kt_ld_;
       const float* vb;
       int64_t v_ld;
-      if (std::is_same<T, float>::value) {
+      if (v_in_place_) {
         vb = reinterpret_cast<const float*>(static_cast<const T*>(p_.v) + b * p_.v_batch_stride +
                                             hk * p_.v_head_stride);
         v_ld = p_.v_row_stride;
@@ -350,6 +355,7 @@ class FlashFwdCpu {
   Band band_;
   int64_t kt_ld_ = 0;
   int64_t q_block_ = kQBlockMax;
+  bool q_in_place_ = false, v_in_place_ = false;
   float scale_log2_ = 0.0f;
   ScratchBuffer kt_, v32_;
 };
