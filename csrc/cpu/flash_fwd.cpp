@@ -12,22 +12,26 @@
 // in blocks of kKBlock, keeping the fp32 output accumulator and the online-softmax running
 // max / sum for its rows in per-thread buffers that stay in L2; the (Sq, Sk) score matrix
 // never exists. S = Q K^T and O += P V are ATen's cpublas::brgemm on fp32 operands (which
-// torch routes to oneDNN's brgemm micro-kernels or to its BLAS sgemm), running near the FMA
-// peak; everything else is O(Sq * Sk) vectorised work (max, exp2, sum) that costs a few
-// percent next to the 4 * D flops per score. K is transposed (and 16-bit K and V widened to
-// fp32) once per call in a parallel pre-pass, so each block product reads its operands in
-// GEMM-ready layout and the conversion cost is paid once per key, not once per query
-// block; fp32 Q and V are read in place through their strides. On the AVX-512 (with bf16
-// dot products, no AMX) machine this was tuned on, brgemm on fp32 ran 2-4x faster than on
-// bf16 operands at these block shapes, so 16-bit inputs are widened, not multiplied in 16
-// bit. The price is scratch memory: an fp32 K^T (and, for 16-bit inputs, an fp32 V) of the
-// whole call, allocated per call. The softmax runs in the log2
-// domain (scale * log2 e folded into one multiply, a polynomial exp2 that the compiler
-// vectorises), and O is divided by the row sum once, at the end. Under a causal or window
-// mask only the key blocks that intersect a task's band are visited, blocks wholly inside
-// the band take the unmasked path, and the per-row visible range is clipped arithmetically
-// (no -inf fill) in blocks crossing a band edge. Tasks are handed out heaviest first from an
-// atomic counter (dynamic scheduling), so causal launches end without a long tail.
+// torch routes to oneDNN's JIT brgemm micro-kernels, or to its BLAS sgemm), running near
+// the FMA peak; the rest is O(Sq * Sk) vectorised work (max, exp2, sum) next to the 4 * D
+// flops per score (perf at B1 H16 S2048 D128 causal: about three quarters of the kernel's
+// time is in the JIT GEMMs, a quarter in this file's softmax, widening and masking).
+//
+// K is transposed (and 16-bit K and V widened to fp32) once per call in a parallel
+// pre-pass, so every block product reads GEMM-ready operands and the conversion is paid
+// once per key, not once per query block; fp32 Q and V are read in place through their
+// strides. On the AVX-512 machine (bf16 dot products, no AMX) this was tuned on, brgemm on
+// fp32 operands ran 2-4x faster than on bf16 ones at these block shapes, so 16-bit inputs are
+// widened rather than multiplied in 16 bit. The price is scratch memory per call: an fp32
+// K^T (and, for 16-bit inputs, an fp32 V), in huge pages where the OS offers them.
+//
+// The softmax runs in the log2 domain (scale * log2 e folded into one multiply, a
+// polynomial exp2 that the compiler vectorises), and O is divided by the row sum once, at
+// the end. Under a causal or window mask only the key blocks that intersect a task's band
+// are visited, blocks wholly inside the band take the unmasked path, and in blocks crossing
+// a band edge each row's visible range is clipped arithmetically (no -inf fill). Tasks are
+// handed out heaviest first from an atomic counter (dynamic scheduling), so causal launches
+// end without a long tail.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -55,10 +59,10 @@ namespace {
 using cpu::load_row;
 using cpu::store_row;
 
-// Query rows per task: 128 amortises each K/V block over more rows (measured ~10% faster
-// than 64 at S = 2048, D = 128); problems with fewer than kMinTasks such tasks use 64-row
-// tasks so that more threads have work. Keys per block product: 256 keeps the S block (128 x 256 fp32, 128 KB) and
-// the output accumulator in L2 (256 and 512 measured alike; 128 was slower).
+// Query rows per task: 128 amortises each K/V block over more rows (faster than 32 or 64 at
+// S = 2048, D = 128); problems with fewer than kMinTasks such tasks use 64-row tasks so
+// that more threads have work. Keys per block product: 256 keeps the S block (128 x 256
+// fp32, 128 KB) and the output accumulator in L2 (128 and 512 were no faster; noisy machine).
 constexpr int64_t kQBlockMax = 128;
 constexpr int64_t kQBlockSmall = 64;
 constexpr int64_t kKBlock = 256;
