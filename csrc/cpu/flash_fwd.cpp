@@ -98,6 +98,34 @@ inline float exp2_nonpositive(float x) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// C (m, n) = A (m, k) @ B (k, n) [+ C], row-major with leading dims lda, ldb, ldc, fp32.
+inline void gemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                     bool add_c, const float* a, const float* b, float* c) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c);
+#else
+  // A torch without the fp32 brgemm (older than the ones this was built against): correct,
+  // compiler-vectorised over n, and much slower.
+  for (int64_t i = 0; i < m; ++i) {
+    float* ci = c + i * ldc;
+    if (!add_c) std::fill(ci, ci + n, 0.0f);
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const float aik = a[i * lda + kk];
+      const float* bk = b + kk * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) ci[j] += aik * bk[j];
+    }
+  }
+#endif
+}
+
+// Releases whatever per-thread state the GEMM backend keeps between calls.
+inline void gemm_release() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  at::native::cpublas::brgemm_release(false);
+#endif
+}
+
 // Uninitialised fp32 scratch for the whole call. Fresh multi-megabyte allocations are new
 // pages every call, and first-touching them one 4 KiB page fault at a time cost as much as
 // the widening pass itself (measured: ~35 ms of page faults for bf16 K^T + V at B1 H16
@@ -181,7 +209,7 @@ class FlashFwdCpu {
           run_task(bh / p_.h, bh % p_.h, qb, ws);
         }
       }
-      at::native::cpublas::brgemm_release(false);
+      gemm_release();
     });
   }
 
@@ -279,12 +307,12 @@ class FlashFwdCpu {
         const int64_t cols = std::min(kKBlock, k_hi - k0);
         float* s = ws.s.data();
         // S (rows, cols) = Q (rows, d) @ K^T (d, cols)
-        at::native::cpublas::brgemm(rows, cols, d, q_ld, kt_ld_, kKBlock, /*add_C=*/false, qa, kt + k0, s);
+        gemm_f32(rows, cols, d, q_ld, kt_ld_, kKBlock, /*add_c=*/false, qa, kt + k0, s);
         // Blocks wholly inside every row's band skip the per-row clipping.
         const bool masked = band_.lo(q0 + rows - 1) > k0 || band_.hi(q0) < k0 + cols - 1;
         softmax_block(s, rows, cols, q0, k0, masked, ws);
         // O (rows, d) = alpha * O + P (rows, cols) @ V (cols, d); alpha was applied in softmax.
-        at::native::cpublas::brgemm(rows, d, cols, kKBlock, v_ld, d, /*add_C=*/true, s, vb + k0 * v_ld, o);
+        gemm_f32(rows, d, cols, kKBlock, v_ld, d, /*add_c=*/true, s, vb + k0 * v_ld, o);
       }
     }
     write_output(b, h, q0, rows, ws);
