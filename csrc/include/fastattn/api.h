@@ -43,7 +43,10 @@ cudaError_t rms_norm_bwd_cuda(const RmsNormBwdParams& params, cudaStream_t strea
 int64_t rms_norm_bwd_num_row_blocks_cuda(int64_t rows, int64_t n, int num_sms);
 
 // ---- rotary (cuda) ----
-// Same contract as rotary_cpu, one launch for q and k; dtypes fp32, fp16, bf16.
+// Same contract as rotary_cpu, one launch for q and k; dtypes fp32, fp16, bf16. The token's
+// angles are staged in shared memory, which bounds the rotary dim (cudaErrorInvalidValue
+// beyond it).
+constexpr int64_t kRotaryMaxRotaryDimCuda = 12288;
 cudaError_t rotary_cuda(const RotaryParams& params, cudaStream_t stream);
 
 // ---- flash attention (cuda) ----
