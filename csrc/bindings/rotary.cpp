@@ -188,8 +188,11 @@ void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, co
   FA_CHECK_ARG(at::has_internal_overlap(k) != at::MemOverlap::Yes,
                "fastattn.apply_rotary(inplace=True): k has elements sharing memory (e.g. an expand); "
                "pass a tensor with distinct elements or use inplace=False");
+  // Detects the same tensor passed twice and overlapping contiguous tensors; strided views
+  // of a packed qkv are disjoint by construction and not provable cheaply, so not checked.
   const auto overlap = at::get_overlap_status(q, k);
-  FA_CHECK_ARG(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+  FA_CHECK_ARG((q.numel() == 0 || q.data_ptr() != k.data_ptr()) && overlap != at::MemOverlapStatus::Full &&
+                   overlap != at::MemOverlapStatus::Partial,
                "fastattn.apply_rotary(inplace=True): q and k overlap in memory; they must be disjoint");
   RotaryParams p = make_params(q, k, in.cos, in.sin, in.positions, interleaved, conjugate);
   p.q_out = q.data_ptr();
