@@ -317,3 +317,21 @@ def test_inplace_overlap_rejected():
     with pytest.raises(ValueError, match="q has elements sharing memory"):
         fastattn.apply_rotary(torch.randn(1, 4, 1, 8).expand(1, 4, 2, 8), torch.randn(1, 4, 1, 8), cos, sin,
                               inplace=True)
+
+
+def test_direct_inplace_op_autograd_guard():
+    # The raw in-place op refuses to run where autograd would need it, and bumps versions
+    # so a tensor saved for another op's backward is reported when rotated in place.
+    cos, sin = torch.rand(8, 4), torch.rand(8, 4)
+    q = torch.randn(1, 4, 2, 8, requires_grad=True) * 1.0
+    k = torch.randn(1, 4, 1, 8)
+    with pytest.raises(RuntimeError, match="rotary_ \\(in place\\) is not differentiable"):
+        torch.ops.fastattn.rotary_(q, k, cos, sin, None, False, False)
+    x = torch.randn(1, 4, 2, 8)
+    w = torch.randn(8, 8, requires_grad=True)
+    y = (x @ w).sum()
+    v = (x._version, k._version)
+    torch.ops.fastattn.rotary_(x, k, cos, sin, None, False, False)
+    assert x._version == v[0] + 1 and k._version == v[1] + 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

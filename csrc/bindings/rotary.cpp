@@ -8,6 +8,9 @@
 // When skipped, the kernel never reads outside the tables: a token with a bad position
 // gets NaN in its rotated dims, so the error is visible rather than silent.
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <torch/library.h>
 
 #include <cstdlib>
 
@@ -206,4 +209,41 @@ void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, co
   launch(p, q);
 }
 
+namespace {
+
+// The in-place op, above the kernels. It has no backward (register_autograd does not take
+// mutating ops), so when autograd would need it the call is refused instead of silently
+// dropping the rotation from the graph; fastattn.apply_rotary(inplace=True) routes such
+// calls through the out-of-place op. The ADInplaceOrView kernel bumps q's and k's version
+// counters, as every in-place torch op does, so a tensor saved for some other op's
+// backward and then rotated in place is reported at backward time.
+const c10::TypedOperatorHandle<decltype(rotary_)>& rotary_inplace_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastattn::rotary_", "").typed<decltype(rotary_)>();
+  return op;
+}
+
+void rotary_inplace_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+                             const std::optional<at::Tensor>& positions, bool interleaved, bool conjugate) {
+  TORCH_CHECK(!(c10::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad())),
+              "fastattn::rotary_ (in place) is not differentiable but q or k requires grad; use "
+              "fastattn.apply_rotary(..., inplace=True), which records the rotation for autograd, or no_grad");
+  at::AutoDispatchBelowAutograd guard;
+  rotary_inplace_op().call(q, k, cos, sin, positions, interleaved, conjugate);
+}
+
+void rotary_inplace_or_view(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+                            const std::optional<at::Tensor>& positions, bool interleaved, bool conjugate) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    rotary_inplace_op().call(q, k, cos, sin, positions, interleaved, conjugate);
+  }
+  q.unsafeGetTensorImpl()->bump_version();
+  k.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
 }  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, Autograd, m) { m.impl("rotary_", &fastattn::rotary_inplace_autograd); }
+TORCH_LIBRARY_IMPL(fastattn, ADInplaceOrView, m) { m.impl("rotary_", &fastattn::rotary_inplace_or_view); }
