@@ -8,12 +8,14 @@ from fastattn import reference
 from conftest import ALL_DTYPES, DEVICES, assert_error_ratio
 
 # (B, S, H, Hk, D, R): MHA, GQA 4:1, MQA; odd S; D 64/128 and 80 with partial rotary; an R/2
-# that is not a multiple of 8 (the CUDA kernel's scalar path).
+# that is not a multiple of 8 (the CUDA kernel's scalar path); R = 20 (the CPU kernel's
+# 16-wide fp16 loops end in a scalar remainder).
 SHAPES = [
     (2, 1, 4, 4, 64, 64),
     (2, 17, 8, 2, 128, 128),
     (1, 97, 4, 1, 80, 32),
     (2, 17, 4, 1, 64, 48),
+    (1, 5, 2, 2, 24, 20),
 ]
 MAX_POS = 160
 
