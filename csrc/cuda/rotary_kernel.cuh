@@ -231,7 +231,8 @@ bool can_vectorize(const RotaryParams& p) {
 
 // Block and grid of a launch: x walks pair groups of one head row (a warp at most), y walks
 // head pairs, as many as fill the block, evened out so the last round over the heads is not
-// mostly idle; one block per token up to max_grid (the kernel grid-strides beyond it).
+// mostly idle, in whole warps; one block per token up to max_grid (the kernel grid-strides
+// beyond it). E.g. bf16 NeoX, D = 128, 32 + 8 heads: 8 x 12 threads, two rounds of heads.
 struct LaunchShape {
   int64_t bdx, bdy, grid;
   size_t smem_bytes;
@@ -247,6 +248,9 @@ LaunchShape launch_shape(const RotaryParams& p, int64_t max_grid) {
   const int64_t max_bdy = std::max<int64_t>(1, kBlockThreads / r.bdx);
   const int64_t rounds = (head_units + max_bdy - 1) / max_bdy;
   r.bdy = std::max<int64_t>(1, (head_units + rounds - 1) / rounds);
+  // Whole warps (when bdx divides 32): 80 threads would take 3 warps of slots for 2.5.
+  const int64_t warp_rows = std::max<int64_t>(1, 32 / r.bdx);
+  r.bdy = std::min<int64_t>(max_bdy, (r.bdy + warp_rows - 1) / warp_rows * warp_rows);
   r.grid = std::max<int64_t>(1, std::min<int64_t>(p.b * p.seqlen, max_grid));
   r.smem_bytes = static_cast<size_t>(p.rotary_dim) * sizeof(float);
   return r;
