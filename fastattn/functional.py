@@ -103,7 +103,9 @@ def _check_rotary_args(q, k, cos, sin, positions) -> None:
     rotary_dim = 2 * cos.shape[1]
     if rotary_dim > q.shape[3]:
         raise ValueError(
-            f"the rotary dim R = 2 * cos.shape[1] = {rotary_dim} exceeds the head dim D = {q.shape[3]}"
+            f"the rotary dim R = 2 * cos.shape[1] = {rotary_dim} exceeds the head dim D = {q.shape[3]} "
+            "(the tables hold one column per rotated pair; a full-width Hugging Face table "
+            "cat(freqs, freqs) is passed as its first half)"
         )
     B, S = q.shape[0], q.shape[1]
     if positions is None:

@@ -311,6 +311,23 @@ def test_bad_input_direct_op(over, exc, match):
         torch.ops.fastattn.rotary_(a["q"], a["k"], a["cos"], a["sin"], a["positions"], False, False)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", [False, True], ids=["outofplace", "inplace"])
+def test_positions_out_of_range(device, inplace):
+    # Checked on every device (on CUDA with one host sync, outside graph capture).
+    q, k = torch.randn(2, 3, 2, 16, device=device), torch.randn(2, 3, 1, 16, device=device)
+    cos, sin = _tables(16, device, max_pos=10)
+    q0, k0 = q.clone(), k.clone()
+    for pos in (torch.tensor([[0, 1, 2], [3, 10, 4]], device=device),
+                torch.tensor([0, -1, 2], device=device, dtype=torch.int32)):
+        with pytest.raises(ValueError, match=r"positions must lie in \[0, 10\)"):
+            fastattn.apply_rotary(q, k, cos, sin, positions=pos, inplace=inplace)
+    assert torch.equal(q, q0) and torch.equal(k, k0)  # rejected before the kernel ran
+    pos = torch.tensor([7, 8, 9], device=device)  # up to the last row of the table
+    q2, k2 = fastattn.apply_rotary(q, k, cos, sin, positions=pos, inplace=inplace)
+    _check(q2, k2, q0, k0, cos, sin, pos, False, 16)
+
+
 def test_inplace_overlap_rejected():
     cos, sin = torch.rand(8, 4), torch.rand(8, 4)
     q = torch.randn(1, 4, 2, 8)

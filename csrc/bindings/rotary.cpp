@@ -51,7 +51,13 @@ void check_rotary_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
                ", got ", sin.sizes());
   const int64_t rotary_dim = 2 * cos.size(1);
   FA_CHECK_ARG(rotary_dim <= q.size(3), "fastattn.apply_rotary: the rotary dim R = 2 * cos.shape[1] = ",
-               rotary_dim, " exceeds the head dim D = ", q.size(3));
+               rotary_dim, " exceeds the head dim D = ", q.size(3),
+               " (the tables hold one column per rotated pair; a full-width Hugging Face table "
+               "cat(freqs, freqs) is passed as its first half)");
+#ifdef FASTATTN_WITH_CUDA
+  FA_CHECK_ARG(!q.is_cuda() || rotary_dim <= kRotaryMaxRotaryDimCuda, "fastattn.apply_rotary: the rotary dim R = ",
+               rotary_dim, " exceeds the CUDA kernel's limit of ", kRotaryMaxRotaryDimCuda);
+#endif
   if (positions.has_value()) {
     const at::Tensor& pos = *positions;
     check_same_device(pos, q, "positions", "q");
