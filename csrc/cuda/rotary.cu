@@ -12,17 +12,23 @@
 // and write every byte of q and k exactly once, at full width, and nothing else:
 //   * one thread block per token (grid-stride beyond the grid limit), covering q's H and
 //     k's Hk heads together, so q and k cost one launch;
-//   * threadIdx.x walks groups of pairs along the rotary dim and threadIdx.y walks heads:
-//     a thread loads the cos/sin of its pair group once per token (fp32, from L2-resident
-//     tables) and reuses them for every head it visits;
+//   * the token's cos/sin row (fp32, R/2 each, from L2-resident tables) is read once into
+//     shared memory by the block, sign-flipped there for the conjugate, and reused for all
+//     H + Hk heads; threadIdx.x walks groups of pairs along the rotary dim, threadIdx.y
+//     walks heads;
 //   * every access to q/k is a 16-byte vector (8 x fp16/bf16 or 4 x fp32) whenever the
 //     pointers, strides and R, D allow it: for NeoX a thread's x1 and x2 are two such
 //     vectors R/2 apart, for GPT-J one vector holds whole pairs. A scalar instantiation
 //     with the same arithmetic handles every other layout correctly;
+//   * each thread issues the loads of two heads before converting or storing either, and
+//     keeps them in their 16-bit storage form until then (4 registers per vector), so a
+//     thread has 64 bytes in flight at ~64-72 registers;
 //   * strided q/k (views into a packed qkv projection) are read where they lie; only the
 //     last dim must be contiguous.
-// Occupancy, not per-thread ILP, hides memory latency: with 128-thread blocks and one
-// token each, a 16k-token problem is ~16k blocks, many waves over the SMs.
+// Blocks are at most 128 threads, one token each: a 16k-token problem is ~16k blocks, many
+// waves over the SMs, and occupancy plus the two-head batching hide memory latency.
+// The kernel itself lives in rotary_kernel.cuh, shared with the host emulation that tests
+// its indexing on the CPU (tests/rotary_emulate.cpp).
 #include <cuda_runtime.h>
 
 #include <algorithm>
