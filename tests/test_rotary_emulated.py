@@ -28,7 +28,15 @@ def emulator(tmp_path_factory):
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ not found")
-    lib = tmp_path_factory.mktemp("rotary_emu") / "librotary_emulate.so"
+    tmp = tmp_path_factory.mktemp("rotary_emu")
+    # The emulation needs C++20 <barrier> and _Float16 (GCC >= 12 on x86); an older
+    # toolchain is a reason to skip, a compile error in the kernel header is a failure.
+    probe = tmp / "probe.cpp"
+    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); _Float16 h = 1; return int(h) - 1; }\n")
+    if subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(tmp / "probe")],
+                      capture_output=True).returncode != 0:
+        pytest.skip("g++ lacks C++20 <barrier> or _Float16")
+    lib = tmp / "librotary_emulate.so"
     subprocess.run(
         [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas",
          "-I", os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "tests", "rotary_emulate.cpp"),
