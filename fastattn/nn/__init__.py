@@ -2,4 +2,5 @@
 from .rms_norm import RMSNorm
 from .rotary import RotaryEmbedding
 
-__all__ = ["RMSNorm", "RotaryEmbedding"]
+__all__ = ["RMSNorm"]
+__all__ += ["RotaryEmbedding"]
