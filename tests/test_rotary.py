@@ -127,7 +127,11 @@ def test_empty(device):
     q2, k2 = fastattn.apply_rotary(q, k, cos, sin)
     assert q2.shape == q.shape and k2.shape == k.shape
     q, k = torch.randn(2, 0, 2, 16, device=device), torch.randn(2, 0, 1, 16, device=device)
-    fastattn.apply_rotary(q, k, cos, sin, positions=torch.zeros(2, 0, dtype=torch.long, device=device), inplace=True)
+    out = fastattn.apply_rotary(q, k, cos, sin, positions=torch.zeros(2, 0, dtype=torch.long, device=device),
+                                inplace=True)
+    assert out[0] is q and out[1] is k
+    q2, k2 = fastattn.apply_rotary(q, k, cos, sin)
+    assert q2.shape == (2, 0, 2, 16) and k2.shape == (2, 0, 1, 16)
 
 
 @pytest.mark.parametrize("device", DEVICES)
