@@ -163,7 +163,7 @@ def test_backward(device, dtype, interleaved):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_backward_one_output_and_double_backward_free_inverse(device):
+def test_backward_one_output_and_inverse(device):
     # Only q2 used: k still gets a (zero) gradient path; and rotating back by the backward
     # op recovers the input (the rotation is orthogonal).
     q = torch.randn(1, 5, 2, 32, device=device, requires_grad=True)
