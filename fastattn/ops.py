@@ -92,6 +92,58 @@ torch.library.register_autograd(
 )
 
 # ---- rotary ------------------------------------------------------------------------------
+def rotary(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor], interleaved: bool, conjugate: bool
+) -> Tuple[Tensor, Tensor]:
+    return _ops.rotary(q, k, cos, sin, positions, interleaved, conjugate)
+
+
+def rotary_(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor], interleaved: bool, conjugate: bool
+) -> None:
+    _ops.rotary_(q, k, cos, sin, positions, interleaved, conjugate)
+
+
+@torch.library.register_fake("fastattn::rotary")
+def _rotary_fake(q, k, cos, sin, positions, interleaved, conjugate):
+    # The kernel always returns freshly allocated contiguous outputs.
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.register_fake("fastattn::rotary_")
+def _rotary_inplace_fake(q, k, cos, sin, positions, interleaved, conjugate):
+    return None
+
+
+def _rotary_setup(ctx, inputs, output):
+    _q, _k, cos, sin, positions, interleaved, conjugate = inputs
+    ctx.save_for_backward(cos, sin, positions)
+    ctx.interleaved = interleaved
+    ctx.conjugate = conjugate
+    ctx.q_meta = (_q.shape, _q.dtype, _q.device)
+    ctx.k_meta = (_k.shape, _k.dtype, _k.device)
+
+
+def _grad_or_zeros(g: Optional[Tensor], meta) -> Tensor:
+    if g is None:
+        shape, dtype, device = meta
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return g if g.stride(-1) == 1 else g.contiguous()
+
+
+def _rotary_backward(ctx, dq, dk):
+    # A rotation is orthogonal: its adjoint is the rotation by the opposite angle, which is
+    # the same kernel with the conjugate flag flipped. The tables get no gradient (they are
+    # constants of the model, as in flash-attn's apply_rotary_emb).
+    cos, sin, positions = ctx.saved_tensors
+    dq = _grad_or_zeros(dq, ctx.q_meta)
+    dk = _grad_or_zeros(dk, ctx.k_meta)
+    gq, gk = _ops.rotary(dq, dk, cos, sin, positions, ctx.interleaved, not ctx.conjugate)
+    return gq, gk, None, None, None, None, None
+
+
+torch.library.register_autograd("fastattn::rotary", _rotary_backward, setup_context=_rotary_setup)
+
 
 # ---- flash attention ---------------------------------------------------------------------
 def flash_attn_fwd(

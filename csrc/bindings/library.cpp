@@ -19,6 +19,13 @@ TORCH_LIBRARY(fastattn, m) {
         " -> (Tensor dx, Tensor dweight)");
 
   // ---- rotary ----------------------------------------------------------------------------
+  // q (B, S, H, D), k (B, S, Hk, D) rotated by the angles of cos/sin (max_pos, R/2) fp32 at
+  // positions ((B, S) or (S,) int32/int64; None = arange(S)). conjugate rotates by the
+  // negated angle (the backward). Out of place: contiguous outputs. In place: q and k.
+  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions, bool interleaved,"
+        " bool conjugate) -> (Tensor q_out, Tensor k_out)");
+  m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions,"
+        " bool interleaved, bool conjugate) -> ()");
 
   // ---- flash attention -------------------------------------------------------------------
   // q (B, Sq, H, D), k/v (B, Sk, Hk, D), last dim contiguous. out (B, Sq, H, D) in q's dtype,

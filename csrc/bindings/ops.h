@@ -23,6 +23,13 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
                                                 const std::optional<at::Tensor>& dh);
 
 // ---- rotary (rotary.cpp) ---------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& cos, const at::Tensor& sin,
+                                          const std::optional<at::Tensor>& positions,
+                                          bool interleaved, bool conjugate);
+void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+             const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved,
+             bool conjugate);
 
 // ---- flash attention (flash_attn.cpp) --------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k,

@@ -11,6 +11,8 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("rms_norm_bwd", &fastattn::rms_norm_bwd);
 
   // ---- rotary ----------------------------------------------------------------------------
+  m.impl("rotary", &fastattn::rotary);
+  m.impl("rotary_", &fastattn::rotary_);
 
   // ---- flash attention -------------------------------------------------------------------
   m.impl("flash_attn_fwd", &fastattn::flash_attn_fwd);

@@ -19,6 +19,10 @@ void rms_norm_bwd_cpu(const RmsNormBwdParams& params);
 int64_t rms_norm_bwd_num_row_blocks_cpu(int64_t rows);
 
 // ---- rotary (cpu) ----
+// Rotates q and k (out of place, or in place when q_out == q and k_out == k). A token
+// whose position is outside [0, max_pos) gets NaN in its rotated dims (the binding rejects
+// such positions before calling; this is the kernel's own memory-safe answer).
+void rotary_cpu(const RotaryParams& params);
 
 // ---- flash attention (cpu) ----
 // Forward for fp32/fp16/bf16 and any head dim; same masking semantics as the CUDA kernel.
@@ -41,6 +45,11 @@ cudaError_t rms_norm_bwd_cuda(const RmsNormBwdParams& params, cudaStream_t strea
 int64_t rms_norm_bwd_num_row_blocks_cuda(int64_t rows, int64_t n, int num_sms);
 
 // ---- rotary (cuda) ----
+// Same contract as rotary_cpu, one launch for q and k; dtypes fp32, fp16, bf16. The token's
+// angles are staged in shared memory, which bounds the rotary dim (cudaErrorInvalidValue
+// beyond it).
+constexpr int64_t kRotaryMaxRotaryDimCuda = 12288;
+cudaError_t rotary_cuda(const RotaryParams& params, cudaStream_t stream);
 
 // ---- flash attention (cuda) ----
 // Forward over the closed list dtype {fp16, bf16} x head dim {64, 128, ...} x causal/window;

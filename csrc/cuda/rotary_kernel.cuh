@@ -1,0 +1,271 @@
+// rotary_kernel.cuh — the rotary kernel, its launch geometry and its dispatch, shared by
+// the launcher (rotary.cu) and by the host emulation that tests the kernel's indexing on the
+// CPU (tests/rotary_emulate.cpp, which defines FASTATTN_ROTARY_EMULATE and supplies host
+// versions of the few CUDA names used here). See rotary.cu for what the kernel computes and
+// why it is shaped this way.
+#pragma once
+
+#if !defined(FASTATTN_ROTARY_EMULATE)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+// Dynamic shared memory of the kernel, as an array of float.
+#define FASTATTN_ROTARY_SMEM(name) extern __shared__ __align__(16) float name[]
+// The emulation checks that every vector access is 16-byte aligned; on the GPU a
+// misaligned one would fault, which the launcher's can_vectorize rules out.
+#define FASTATTN_ROTARY_CHECK_ALIGNED(ptr) ((void)0)
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "fastattn/params.h"
+#include "fastattn/static_switch.h"
+
+namespace fastattn {
+namespace rotary_detail {
+
+constexpr int kBlockThreads = 128;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T, int kN>
+struct alignas(sizeof(T) * kN) Pack {
+  T v[kN];
+};
+
+// kN consecutive elements as loaded. The vector path keeps them in their storage type (a
+// 16-byte vector is 4 registers), so loads for several heads can be in flight before any
+// is converted; the scalar path holds fp32 (sub-word arrays would go to local memory).
+template <typename T, int kN, bool kVec>
+struct Raw {
+  using Elem = typename std::conditional<kVec, T, float>::type;
+  Elem v[kN];
+  __device__ __forceinline__ float get(int i) const { return to_float(v[i]); }
+  __device__ __forceinline__ void set(int i, float x) { v[i] = from_float<Elem>(x); }
+};
+
+// One aligned vector access when kVec, else kN scalar accesses (the launcher picks kVec
+// only when every address is 16-byte aligned).
+template <typename T, int kN, bool kVec>
+__device__ __forceinline__ void load_raw(const T* src, Raw<T, kN, kVec>& dst) {
+  if constexpr (kVec) {
+    FASTATTN_ROTARY_CHECK_ALIGNED(src);
+    const Pack<T, kN> p = *reinterpret_cast<const Pack<T, kN>*>(src);
+#pragma unroll
+    for (int i = 0; i < kN; ++i) dst.v[i] = p.v[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) dst.v[i] = to_float(src[i]);
+  }
+}
+
+template <typename T, int kN, bool kVec>
+__device__ __forceinline__ void store_raw(T* dst, const Raw<T, kN, kVec>& src) {
+  if constexpr (kVec) {
+    Pack<T, kN> p;
+#pragma unroll
+    for (int i = 0; i < kN; ++i) p.v[i] = src.v[i];
+    FASTATTN_ROTARY_CHECK_ALIGNED(dst);
+    *reinterpret_cast<Pack<T, kN>*>(dst) = p;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) dst[i] = from_float<T>(src.v[i]);
+  }
+}
+
+// Elements per access: a 16-byte vector, or for the scalar path the smallest unit that
+// holds whole pairs of the layout (1 element for NeoX, whose pair partner is R/2 away; 2
+// for GPT-J).
+template <typename T, bool kInterleaved, bool kVec>
+struct Shape {
+  static constexpr int kElems = kVec ? static_cast<int>(16 / sizeof(T)) : (kInterleaved ? 2 : 1);
+  static constexpr int kPairs = kInterleaved ? kElems / 2 : kElems;  // pairs per access
+};
+
+// Heads one thread loads before it converts and stores any of them.
+constexpr int kHeadsPerIter = 2;
+
+// Head row `hd` of token (bi, si): q's heads first, then k's. Recomputed from the params
+// (constant memory) rather than kept live across the loop, which keeps registers low.
+template <typename T>
+__device__ __forceinline__ void head_rows(const RotaryParams& p, int64_t bi, int64_t si, int64_t hd,
+                                          const T*& in, T*& out) {
+  if (hd < p.h) {
+    in = static_cast<const T*>(p.q) + bi * p.q_batch_stride + si * p.q_row_stride + hd * p.q_head_stride;
+    out = static_cast<T*>(p.q_out) + bi * p.q_out_batch_stride + si * p.q_out_row_stride + hd * p.q_out_head_stride;
+  } else {
+    hd -= p.h;
+    in = static_cast<const T*>(p.k) + bi * p.k_batch_stride + si * p.k_row_stride + hd * p.k_head_stride;
+    out = static_cast<T*>(p.k_out) + bi * p.k_out_batch_stride + si * p.k_out_row_stride + hd * p.k_out_head_stride;
+  }
+}
+
+// Dynamic shared memory: the token's cos (R/2 floats) then sin (R/2 floats, negated for
+// the conjugate; NaN for an out-of-range position).
+template <typename T, bool kInterleaved, bool kVec>
+__global__ void __launch_bounds__(kBlockThreads) rotary_kernel(const RotaryParams p) {
+  using S = Shape<T, kInterleaved, kVec>;
+  constexpr int kElems = S::kElems;
+  constexpr int kPairs = S::kPairs;
+  FASTATTN_ROTARY_SMEM(angles);
+  const int64_t half = p.rotary_dim / 2;
+  float* cos_s = angles;
+  float* sin_s = angles + half;
+  const int64_t groups = half / kPairs;  // exact: the launcher checks divisibility
+  const int64_t heads = p.h + p.h_k;
+  const int64_t tokens = p.b * p.seqlen;
+  const float sign = p.conjugate ? -1.0f : 1.0f;
+  const int lane = threadIdx.y * blockDim.x + threadIdx.x;
+  const int nthreads = blockDim.x * blockDim.y;
+  const bool copy_tail = p.d > p.rotary_dim && (p.q_out != p.q || p.k_out != p.k);
+
+  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    const int64_t bi = t / p.seqlen, si = t - bi * p.seqlen;
+    int64_t pos = si;
+    if (p.positions != nullptr) {
+      const int64_t idx = bi * p.positions_batch_stride + si;
+      pos = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[idx]
+                              : static_cast<int64_t>(static_cast<const int32_t*>(p.positions)[idx]);
+    }
+    const bool valid = pos >= 0 && pos < p.max_pos;
+
+    // The token's angles, read once from the (L2-resident) tables for all its heads.
+    __syncthreads();  // the previous token's readers are done
+    for (int64_t i = lane; i < half; i += nthreads) {
+      cos_s[i] = valid ? __ldg(p.cos + pos * half + i) : __int_as_float(0x7fc00000);
+      sin_s[i] = valid ? sign * __ldg(p.sin + pos * half + i) : __int_as_float(0x7fc00000);
+    }
+    __syncthreads();
+
+    for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+      const int64_t i0 = g * kPairs;  // first pair of this thread's group
+      for (int64_t hd0 = threadIdx.y * kHeadsPerIter; hd0 < heads; hd0 += blockDim.y * kHeadsPerIter) {
+        const T* in[kHeadsPerIter];
+        T* out[kHeadsPerIter];
+        Raw<T, kElems, kVec> a[kHeadsPerIter], b[kHeadsPerIter];  // b unused for GPT-J
+#pragma unroll
+        for (int u = 0; u < kHeadsPerIter; ++u) {
+          if (hd0 + u < heads) {
+            head_rows<T>(p, bi, si, hd0 + u, in[u], out[u]);
+            if constexpr (kInterleaved) {
+              load_raw<T, kElems, kVec>(in[u] + 2 * i0, a[u]);
+            } else {
+              load_raw<T, kElems, kVec>(in[u] + i0, a[u]);
+              load_raw<T, kElems, kVec>(in[u] + half + i0, b[u]);
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kHeadsPerIter; ++u) {
+          if (hd0 + u >= heads) continue;
+#pragma unroll
+          for (int j = 0; j < kPairs; ++j) {
+            const float c = cos_s[i0 + j], s = sin_s[i0 + j];
+            if constexpr (kInterleaved) {
+              const float x1 = a[u].get(2 * j), x2 = a[u].get(2 * j + 1);
+              a[u].set(2 * j, x1 * c - x2 * s);
+              a[u].set(2 * j + 1, x2 * c + x1 * s);
+            } else {
+              const float x1 = a[u].get(j), x2 = b[u].get(j);
+              a[u].set(j, x1 * c - x2 * s);
+              b[u].set(j, x2 * c + x1 * s);
+            }
+          }
+          if constexpr (kInterleaved) {
+            store_raw<T, kElems, kVec>(out[u] + 2 * i0, a[u]);
+          } else {
+            store_raw<T, kElems, kVec>(out[u] + i0, a[u]);
+            store_raw<T, kElems, kVec>(out[u] + half + i0, b[u]);
+          }
+        }
+      }
+    }
+
+    if (copy_tail) {
+      // Dims R..D of every head: 16-byte vectors on the vector path (R and D are multiples
+      // of the vector width there), single elements otherwise.
+      constexpr int kTailElems = kVec ? kElems : 1;
+      const int64_t tail_units = (p.d - p.rotary_dim) / kTailElems;
+      for (int64_t u = lane; u < heads * tail_units; u += nthreads) {
+        const int64_t hd = u / tail_units;
+        const int64_t off = p.rotary_dim + (u - hd * tail_units) * kTailElems;
+        const T* in;
+        T* out;
+        head_rows<T>(p, bi, si, hd, in, out);
+        Raw<T, kTailElems, kVec> v;
+        load_raw<T, kTailElems, kVec>(in + off, v);
+        store_raw<T, kTailElems, kVec>(out + off, v);
+      }
+    }
+  }
+}
+
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; }
+
+// True when every q/k access of the kernel can be a 16-byte vector.
+template <typename T>
+bool can_vectorize(const RotaryParams& p) {
+  constexpr int64_t kVecElems = 16 / sizeof(T);
+  const int64_t half = p.rotary_dim / 2;
+  const bool dims_ok = (p.interleaved ? p.rotary_dim % kVecElems == 0 : half % kVecElems == 0) &&
+                       p.d % kVecElems == 0;
+  const int64_t strides[] = {p.q_batch_stride,     p.q_row_stride,     p.q_head_stride,
+                             p.k_batch_stride,     p.k_row_stride,     p.k_head_stride,
+                             p.q_out_batch_stride, p.q_out_row_stride, p.q_out_head_stride,
+                             p.k_out_batch_stride, p.k_out_row_stride, p.k_out_head_stride};
+  bool strides_ok = true;
+  for (int64_t s : strides) strides_ok = strides_ok && s % kVecElems == 0;
+  return dims_ok && strides_ok && aligned16(p.q) && aligned16(p.k) && aligned16(p.q_out) && aligned16(p.k_out);
+}
+
+// Block and grid of a launch: x walks pair groups of one head row (a warp at most), y walks
+// head pairs, as many as fill the block, evened out so the last round over the heads is not
+// mostly idle, in whole warps; one block per token up to max_grid (the kernel grid-strides
+// beyond it). E.g. bf16 NeoX, D = 128, 32 + 8 heads: 8 x 12 threads, two rounds of heads.
+struct LaunchShape {
+  int64_t bdx, bdy, grid;
+  size_t smem_bytes;
+};
+
+template <typename T, bool kInterleaved, bool kVec>
+LaunchShape launch_shape(const RotaryParams& p, int64_t max_grid) {
+  using S = Shape<T, kInterleaved, kVec>;
+  const int64_t groups = (p.rotary_dim / 2) / S::kPairs;
+  const int64_t head_units = (p.h + p.h_k + kHeadsPerIter - 1) / kHeadsPerIter;
+  LaunchShape r;
+  r.bdx = std::max<int64_t>(1, std::min<int64_t>(groups, 32));
+  const int64_t max_bdy = std::max<int64_t>(1, kBlockThreads / r.bdx);
+  const int64_t rounds = (head_units + max_bdy - 1) / max_bdy;
+  r.bdy = std::max<int64_t>(1, (head_units + rounds - 1) / rounds);
+  // Whole warps (when bdx divides 32): 80 threads would take 3 warps of slots for 2.5.
+  const int64_t warp_rows = std::max<int64_t>(1, 32 / r.bdx);
+  r.bdy = std::min<int64_t>(max_bdy, (r.bdy + warp_rows - 1) / warp_rows * warp_rows);
+  r.grid = std::max<int64_t>(1, std::min<int64_t>(p.b * p.seqlen, max_grid));
+  r.smem_bytes = static_cast<size_t>(p.rotary_dim) * sizeof(float);
+  return r;
+}
+
+// The one place that maps a problem to a kernel instantiation: launch(kernel, shape) is
+// called with the kernel for (T, layout, vector or scalar path) and its geometry.
+template <typename T, typename Launch>
+auto dispatch(const RotaryParams& p, int64_t max_grid, Launch&& launch) {
+  const bool vec = can_vectorize<T>(p);
+  return BOOL_SWITCH(p.interleaved, kInterleaved, [&] {
+    return vec ? launch(rotary_kernel<T, kInterleaved, true>, launch_shape<T, kInterleaved, true>(p, max_grid))
+               : launch(rotary_kernel<T, kInterleaved, false>, launch_shape<T, kInterleaved, false>(p, max_grid));
+  });
+}
+
+}  // namespace rotary_detail
+}  // namespace fastattn

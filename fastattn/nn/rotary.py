@@ -1,0 +1,184 @@
+"""fastattn.nn.RotaryEmbedding: cached cos/sin tables and the fused rotary kernel."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _parse_scaling(scaling: Optional[dict]) -> Optional[dict]:
+    """Normalise a Hugging Face style ``rope_scaling`` dict; None means no scaling."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise TypeError(f"scaling must be a dict like a Hugging Face rope_scaling, or None; got {type(scaling).__name__}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind is None:
+        raise ValueError("scaling must name its kind with 'rope_type' (or 'type'): 'default', 'linear' or 'llama3'")
+    if kind == "default":
+        return None
+    if kind == "linear":
+        if "factor" not in scaling:
+            raise ValueError("scaling of rope_type 'linear' needs 'factor'")
+        factor = float(scaling["factor"])
+        if not factor > 0:
+            raise ValueError(f"scaling 'factor' must be > 0, got {factor}")
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "llama3":
+        missing = [key for key in _LLAMA3_KEYS if key not in scaling]
+        if missing:
+            raise ValueError(f"scaling of rope_type 'llama3' needs {', '.join(repr(m) for m in missing)}")
+        out = {"rope_type": "llama3"}
+        out.update({key: float(scaling[key]) for key in _LLAMA3_KEYS[:3]})
+        out["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
+        if not out["factor"] > 0:
+            raise ValueError(f"scaling 'factor' must be > 0, got {out['factor']}")
+        if not out["high_freq_factor"] > out["low_freq_factor"] > 0:
+            raise ValueError(
+                "scaling needs high_freq_factor > low_freq_factor > 0, got "
+                f"{out['high_freq_factor']} and {out['low_freq_factor']}"
+            )
+        return out
+    raise ValueError(f"unsupported scaling rope_type {kind!r}; expected 'default', 'linear' or 'llama3'")
+
+
+def rotary_inv_freq(dim: int, base: float = 10000.0, scaling: Optional[dict] = None, device=None) -> Tensor:
+    """Inverse frequencies (dim/2,) fp32: ``base ** (-2i / dim)``, then scaled.
+
+    ``linear`` divides every frequency by ``factor`` (position interpolation). ``llama3``
+    (LLaMA 3.1) divides the low frequencies (wavelength above original_max_position_embeddings
+    / low_freq_factor) by ``factor``, keeps the high ones (wavelength below .../
+    high_freq_factor), and blends linearly in 1/wavelength between the two bands.
+    """
+    scaling = _parse_scaling(scaling)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float32) / dim
+    inv_freq = 1.0 / (base**exponents)
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    old_len = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    # Blend weight, 0 at the low-frequency edge of the band, 1 at the high-frequency edge.
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    in_band = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(in_band, blended, out)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Rotary position embedding with cached fp32 tables, applied by the fused kernel.
+
+    Args:
+        dim: rotary width R (even). It may be smaller than the head dim D of the q/k it is
+            applied to: dims R..D pass through (partial rotary).
+        max_position_embeddings: positions the tables are built for up front.
+        base: RoPE theta.
+        interleaved: False for NeoX/LLaMA halves, True for GPT-J pairs.
+        scaling: None, or a dict with the keys of a Hugging Face config's ``rope_scaling``:
+            ``{"rope_type": "linear", "factor": f}`` or ``{"rope_type": "llama3", "factor",
+            "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``
+            (``"type"`` is accepted for ``"rope_type"``; other keys are ignored).
+        device: where the tables are built.
+
+    Buffers (not in the state_dict): ``inv_freq`` (R/2,), ``cos`` and ``sin``
+    (cached positions, R/2), all fp32, whatever dtype the module is cast to.
+
+    ``forward(q, k, positions=None, *, max_position=None, inplace=False)`` returns
+    ``fastattn.apply_rotary(q, k, cos, sin, positions=..., interleaved=..., inplace=...)``.
+    The tables grow (doubling) when a larger position is needed: with ``positions=None``
+    that is S; with CPU positions their max is read; CUDA positions are not read (that
+    would sync), so pass ``max_position`` (an exclusive upper bound of the positions) when
+    decoding past the cached length on CUDA, or the kernel call rejects the positions.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        max_position_embeddings: int = 2048,
+        base: float = 10000.0,
+        interleaved: bool = False,
+        scaling: Optional[dict] = None,
+        device=None,
+    ) -> None:
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2 != 0:
+            raise ValueError(f"dim (the rotary width) must be a positive even integer, got {dim!r}")
+        if not isinstance(max_position_embeddings, int) or max_position_embeddings <= 0:
+            raise ValueError(f"max_position_embeddings must be a positive integer, got {max_position_embeddings!r}")
+        if not base > 0:
+            raise ValueError(f"base must be > 0, got {base!r}")
+        self.dim = dim
+        self.max_position_embeddings = max_position_embeddings
+        self.base = float(base)
+        self.interleaved = bool(interleaved)
+        self.scaling = _parse_scaling(scaling)
+        self.register_buffer("inv_freq", torch.empty(0), persistent=False)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build(max_position_embeddings, device)
+
+    @property
+    def cached_positions(self) -> int:
+        return self.cos.shape[0]
+
+    def _build(self, num_positions: int, device) -> None:
+        # Always from the configuration in fp32 (never from a buffer that .to(dtype) may
+        # have rounded). Rebuilding gives bit-identical rows for positions already cached.
+        inv_freq = rotary_inv_freq(self.dim, self.base, self.scaling, device=device)
+        t = torch.arange(num_positions, device=device, dtype=torch.int64).to(torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        self.inv_freq = inv_freq
+        self.cos = freqs.cos().contiguous()
+        self.sin = freqs.sin().contiguous()
+
+    def _ensure(self, needed: int) -> None:
+        stale = self.cos.dtype != torch.float32  # the module was cast with .to(dtype)
+        if needed > self.cached_positions or stale:
+            size = self.cached_positions
+            while size < needed:
+                size *= 2
+            self._build(size, self.cos.device)
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        positions: Optional[Tensor] = None,
+        *,
+        max_position: Optional[int] = None,
+        inplace: bool = False,
+    ):
+        if positions is None:
+            needed = q.shape[1] if isinstance(q, Tensor) and q.dim() >= 2 else 0
+        elif max_position is not None:
+            needed = int(max_position)
+        elif (
+            isinstance(positions, Tensor)
+            and positions.device.type == "cpu"
+            and positions.numel() > 0
+            and not positions.dtype.is_floating_point
+            and not torch.compiler.is_compiling()
+        ):
+            needed = int(positions.max()) + 1
+        else:
+            needed = 0
+        self._ensure(needed)
+        return F.apply_rotary(
+            q, k, self.cos, self.sin, positions=positions, interleaved=self.interleaved, inplace=inplace
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, max_position_embeddings={self.max_position_embeddings}, base={self.base}, "
+            f"interleaved={self.interleaved}, scaling={self.scaling}"
+        )

@@ -1,0 +1,187 @@
+"""fastattn.nn.RotaryEmbedding: tables, scaling and agreement with Hugging Face LLaMA."""
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+from fastattn.nn.rotary import rotary_inv_freq
+
+from conftest import ALL_DTYPES, DEVICES, assert_error_ratio
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig  # noqa: E402
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb  # noqa: E402
+
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def _hf_config(head_dim, theta, scaling, max_pos=16384):
+    params = {"rope_type": "default", "rope_theta": theta} if scaling is None else dict(scaling, rope_theta=theta)
+    params["rope_type"] = params.pop("type", params.get("rope_type"))
+    return LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim,
+                       max_position_embeddings=max_pos, rope_parameters=params)
+
+
+@pytest.mark.parametrize(
+    "head_dim, theta, scaling",
+    [
+        (128, 500000.0, LLAMA3),
+        (64, 10000.0, dict(LLAMA3, factor=32.0, low_freq_factor=2.0, original_max_position_embeddings=4096)),
+        (128, 10000.0, {"rope_type": "linear", "factor": 4.0}),
+        (80, 10000.0, {"type": "linear", "factor": 2.0}),
+    ],
+)
+def test_inv_freq_matches_transformers(head_dim, theta, scaling):
+    cfg = _hf_config(head_dim, theta, scaling)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    hf_inv, attention_factor = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu")
+    assert attention_factor == 1.0
+    ours = rotary_inv_freq(head_dim, theta, scaling)
+    torch.testing.assert_close(ours, hf_inv, rtol=1e-6, atol=0)
+    mod = fastattn.nn.RotaryEmbedding(head_dim, 64, theta, scaling=scaling)
+    torch.testing.assert_close(mod.inv_freq, hf_inv, rtol=1e-6, atol=0)
+
+
+def test_default_inv_freq_matches_transformers():
+    cfg = _hf_config(128, 10000.0, None)
+    hf_inv, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)
+    torch.testing.assert_close(rotary_inv_freq(128, 10000.0), hf_inv, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("scaling", [None, LLAMA3], ids=["default", "llama3"])
+def test_matches_hf_llama_apply_rotary_pos_emb(device, dtype, scaling):
+    B, S, H, Hk, D = 2, 17, 4, 1, 64
+    theta = 500000.0
+    cfg = _hf_config(D, theta, scaling)
+    hf_rope = LlamaRotaryEmbedding(cfg).to(device)
+    ours = fastattn.nn.RotaryEmbedding(D, 256, theta, scaling=scaling, device=device)
+    q = torch.randn(B, S, H, D, device=device, dtype=dtype)
+    k = torch.randn(B, S, Hk, D, device=device, dtype=dtype)
+    pos = torch.stack([torch.arange(S), torch.arange(100, 100 + S)]).to(device)
+
+    # HF: (B, heads, S, D) and full-width cos/sin (B, S, D) = cat(freqs, freqs), in q's dtype.
+    cos_hf, sin_hf = hf_rope(q, pos)
+    # Our tables hold the same fp32 values, half-width.
+    cos32, sin32 = hf_rope(q.float(), pos)
+    torch.testing.assert_close(torch.cat([ours.cos[pos]] * 2, -1), cos32, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([ours.sin[pos]] * 2, -1), sin32, rtol=0, atol=0)
+
+    q_hf, k_hf = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos_hf, sin_hf)
+    q2, k2 = ours(q, k, pos)
+    true = reference.apply_rotary(q.double(), k.double(), ours.cos.double(), ours.sin.double(), pos)
+    if dtype == torch.float32:
+        torch.testing.assert_close(q2, q_hf.transpose(1, 2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k2, k_hf.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    # HF in the low dtype is the "plain torch" answer of the error-ratio rule.
+    assert_error_ratio(q2, q_hf.transpose(1, 2), true[0], "q")
+    assert_error_ratio(k2, k_hf.transpose(1, 2), true[1], "k")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_partial_interleaved_and_growth(device):
+    rope = fastattn.nn.RotaryEmbedding(32, max_position_embeddings=8, interleaved=True, device=device)
+    assert rope.cos.shape == (8, 16) and rope.cos.dtype == torch.float32
+    first_rows = rope.cos.clone()
+    q = torch.randn(1, 20, 2, 48, device=device)
+    k = torch.randn(1, 20, 1, 48, device=device)
+    q2, k2 = rope(q, k)  # S = 20 > 8: the tables grow (doubling) to 32
+    assert rope.cos.shape == (32, 16)
+    assert torch.equal(rope.cos[:8], first_rows)  # already cached rows are bit-identical
+    rq, rk = reference.apply_rotary(q, k, rope.cos, rope.sin, None, True)
+    torch.testing.assert_close(q2, rq)
+    torch.testing.assert_close(k2, rk)
+    assert torch.equal(q2[..., 32:], q[..., 32:])
+
+    # Positions beyond the cache: read on the CPU, or given as max_position.
+    pos = torch.arange(90, 110, device=device)
+    if device == "cpu":
+        rope(q, k, pos)
+        assert rope.cos.shape[0] >= 110
+    rope2 = fastattn.nn.RotaryEmbedding(32, 8, interleaved=True, device=device)
+    q3, _ = rope2(q, k, pos, max_position=110)
+    assert rope2.cos.shape == (128, 16)
+    torch.testing.assert_close(q3, reference.apply_rotary(q, k, rope2.cos, rope2.sin, pos, True)[0])
+
+
+def test_dtype_cast_keeps_fp32_tables():
+    rope = fastattn.nn.RotaryEmbedding(16, 32)
+    ref_cos = rope.cos.clone()
+    rope.to(torch.bfloat16)  # casts floating buffers; forward rebuilds them in fp32
+    q, k = torch.randn(1, 4, 2, 16, dtype=torch.bfloat16), torch.randn(1, 4, 2, 16, dtype=torch.bfloat16)
+    q2, _ = rope(q, k)
+    assert rope.cos.dtype == torch.float32 and torch.equal(rope.cos, ref_cos)
+    assert q2.dtype == torch.bfloat16
+    assert rope.state_dict() == {}
+
+
+def test_inplace_forward():
+    rope = fastattn.nn.RotaryEmbedding(16, 32)
+    q, k = torch.randn(2, 4, 2, 16), torch.randn(2, 4, 1, 16)
+    expect = rope(q, k)
+    out = rope(q, k, inplace=True)
+    assert out[0] is q and torch.equal(q, expect[0]) and torch.equal(k, expect[1])
+
+
+def test_extra_repr():
+    rope = fastattn.nn.RotaryEmbedding(64, 1024, 500000.0, scaling=LLAMA3)
+    text = repr(rope)
+    assert "dim=64" in text and "max_position_embeddings=1024" in text and "base=500000.0" in text
+    assert "interleaved=False" in text and "'rope_type': 'llama3'" in text
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_module(device):
+    torch._dynamo.reset()
+    rope = fastattn.nn.RotaryEmbedding(64, 64, device=device)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q, k, pos):
+        q2, k2 = rope(q, k, pos)
+        return q2.sum() + k2.sum()
+
+    q = torch.randn(2, 9, 4, 64, device=device, requires_grad=True)
+    k = torch.randn(2, 9, 1, 64, device=device, requires_grad=True)
+    pos = torch.arange(3, 12, device=device)
+    out = f(q, k, pos)
+    torch.testing.assert_close(out, sum(t.sum() for t in rope(q, k, pos)))
+    out.backward()
+    assert q.grad is not None and k.grad is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(dim=63), ValueError, "dim \\(the rotary width\\) must be a positive even integer"),
+        (dict(dim=0), ValueError, "positive even integer"),
+        (dict(dim=64, max_position_embeddings=0), ValueError, "max_position_embeddings must be a positive integer"),
+        (dict(dim=64, base=-1.0), ValueError, "base must be > 0"),
+        (dict(dim=64, scaling={"rope_type": "yarn", "factor": 2.0}), ValueError, "unsupported scaling rope_type 'yarn'"),
+        (dict(dim=64, scaling={"factor": 2.0}), ValueError, "'rope_type' \\(or 'type'\\)"),
+        (dict(dim=64, scaling={"rope_type": "linear"}), ValueError, "needs 'factor'"),
+        (dict(dim=64, scaling={"rope_type": "llama3", "factor": 8.0}), ValueError, "needs 'low_freq_factor'"),
+        (dict(dim=64, scaling=dict(LLAMA3, low_freq_factor=4.0)), ValueError, "high_freq_factor > low_freq_factor"),
+        (dict(dim=64, scaling="llama3"), TypeError, "scaling must be a dict"),
+    ],
+)
+def test_bad_config(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fastattn.nn.RotaryEmbedding(**kwargs)
+
+
+def test_bad_forward_input():
+    rope = fastattn.nn.RotaryEmbedding(64, 16)
+    q, k = torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32)
+    with pytest.raises(ValueError, match="rotary dim R = 2 \\* cos.shape\\[1\\] = 64 exceeds the head dim D = 32"):
+        rope(q, k)
+    q, k = torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64)
+    with pytest.raises(ValueError, match="positions must be int32 or int64"):
+        rope(q, k, torch.arange(4).float())
