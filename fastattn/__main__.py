@@ -329,7 +329,8 @@ def cmd_generate(args) -> None:
     dt = time.perf_counter() - t0
     new = out[0, len(prompt_ids):].tolist()
     if tokenizer is not None:
-        print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+        # decode prompt and continuation together: tokenizers put spaces between tokens
+        print(tokenizer.decode(prompt_ids + new, skip_special_tokens=True))
     else:
         print(" ".join(str(t) for t in prompt_ids + new))
     print(f"[{len(new)} new tokens in {dt:.2f} s, {len(new) / dt:.1f} tokens/s, backend {args.backend}, {device}]",
