@@ -325,10 +325,10 @@ def test_training_copy_task_on_both_backends():
     fa = Llama(cfg, backend="fastattn")
     th = copy.deepcopy(fa)
     th.backend = "torch"
-    steps = 60
+    steps = 40
     loss_fa, loss_th = train(fa, steps), train(th, steps)
     first, last = sum(loss_fa[:5]) / 5, sum(loss_fa[-5:]) / 5
-    assert last < 0.1 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert last < 0.15 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
     # same weights, same data, same optimizer: the trajectories agree (fp32 rounding only)
     assert max(abs(a - b) for a, b in zip(loss_fa, loss_th)) < 1e-3
 
