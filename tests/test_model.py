@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 
-import fastattn
 from fastattn.models import Llama, LlamaConfig, rope_tables, sample_next_token
 
 from conftest import DEVICES, assert_error_ratio
