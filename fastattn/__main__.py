@@ -311,7 +311,10 @@ def cmd_generate(args) -> None:
 
     device = args.device or _best_device()
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model = Llama.from_pretrained(args.model, backend=args.backend, dtype=dtype, device=device).eval()
+    try:
+        model = Llama.from_pretrained(args.model, backend=args.backend, dtype=dtype, device=device).eval()
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"generate: {e}")
     tokenizer = _load_tokenizer(args.model)
     if tokenizer is not None:
         prompt_ids = tokenizer.encode(args.prompt).ids
