@@ -1,10 +1,14 @@
 """fastattn.integrations.transformers: attn_implementation="fastattn" and patch_model."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import fastattn
+
+from conftest import DEVICES, assert_error_ratio
 
 transformers = pytest.importorskip("transformers")
 fa_hf = pytest.importorskip("fastattn.integrations.transformers")
@@ -132,3 +136,15 @@ def test_patch_model_swaps_norms_and_rotary(models, monkeypatch):
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
     # patching twice changes nothing more
     assert fa_hf.patch_model(model)["rms_norm"] == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fastattn_attention_low_precision(models, device):
+    """bf16 with attn_implementation="fastattn" vs bf16 eager, both against fp32 eager."""
+    eager, ours = models
+    truth = copy.deepcopy(eager).to(device)
+    low = copy.deepcopy(eager).to(device, torch.bfloat16)
+    mine = copy.deepcopy(ours).to(device, torch.bfloat16)
+    ids = ids_of(2, 40).to(device)
+    with torch.no_grad():
+        assert_error_ratio(mine(ids).logits.float(), low(ids).logits.float(), truth(ids).logits, "logits", atol=1e-2)
