@@ -134,8 +134,18 @@ def test_patch_model_swaps_norms_and_rotary(models, monkeypatch):
     model.train()
     model(ids, labels=ids).loss.backward()
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
-    # patching twice changes nothing more
-    assert fa_hf.patch_model(model)["rms_norm"] == 0
+    # patching twice changes nothing more; a deep copy stays patched, on its own weights
+    assert fa_hf.patch_model(model) == {"rms_norm": 0, "rotary": 0}
+    model.eval()
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(0.5)
+        n = len(rotary.calls)
+        out = clone(ids).logits
+    assert len(rotary.calls) == n + 2
+    with torch.no_grad():
+        assert not torch.allclose(out, model(ids).logits)
 
 
 @pytest.mark.parametrize("device", DEVICES)

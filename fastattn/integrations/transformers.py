@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import sys
+import types
 from typing import Optional
 
 import torch
@@ -152,20 +153,23 @@ def _install_rotary_dispatcher(modeling_module) -> bool:
     return True
 
 
-def _wrap_attention_forward(attn: nn.Module) -> None:
+def _patched_attention_forward(self, *args, **kwargs):
+    """forward of a patched attention module: its class's forward, with the rotary dispatcher
+    switched to fastattn for the duration of the call."""
+    token = _IN_PATCHED_ATTENTION.set(_IN_PATCHED_ATTENTION.get() + 1)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        _IN_PATCHED_ATTENTION.reset(token)
+
+
+def _wrap_attention_forward(attn: nn.Module) -> bool:
     if getattr(attn, "_fastattn_patched", False):
-        return
-    inner = attn.forward
-
-    def forward(*args, **kwargs):
-        token = _IN_PATCHED_ATTENTION.set(_IN_PATCHED_ATTENTION.get() + 1)
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            _IN_PATCHED_ATTENTION.reset(token)
-
-    attn.forward = forward
+        return False
+    # A bound method (not a closure over the old one), so deepcopy rebinds it to the copy.
+    attn.forward = types.MethodType(_patched_attention_forward, attn)
     attn._fastattn_patched = True
+    return True
 
 
 def patch_model(model: nn.Module) -> dict:
@@ -190,7 +194,6 @@ def patch_model(model: nn.Module) -> dict:
         if not type(module).__name__.endswith("Attention") or not hasattr(module, "q_proj"):
             continue
         modeling = sys.modules.get(type(module).__module__) or importlib.import_module(type(module).__module__)
-        if _install_rotary_dispatcher(modeling):
-            _wrap_attention_forward(module)
+        if _install_rotary_dispatcher(modeling) and _wrap_attention_forward(module):
             counts["rotary"] += 1
     return counts
