@@ -6,8 +6,8 @@ CPU: a small model in fp32 (the machine's threads). The torch.compile rows run o
 and on the CPU only with FASTATTN_BENCH_COMPILE=1 (compiling takes minutes there).
 
 Decode is timed as one decode_step at a fixed context: each call first resets every
-sequence's cache length to the context, so all rounds measure the same step. Decode GB/s
-records (as bytes_per_step) the weights plus the K/V rows one step reads.
+sequence's cache length to the context, so all rounds measure the same step. Decode rows also
+record bytes_per_step: the weights plus the K/V rows one step reads.
 """
 import os
 
