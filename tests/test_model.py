@@ -341,7 +341,7 @@ def test_gradients_match_between_backends(hf_llama):
         m(ids).float().logsumexp(-1).mean().backward()
     for (name, p), q in zip(fa.named_parameters(), th.parameters()):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert (p.grad - q.grad).abs().max().item() <= 1e-5 * max(1.0, q.grad.abs().max().item()), name
+        assert (p.grad - q.grad).abs().max().item() <= 1e-4 * max(1.0, q.grad.abs().max().item()), name
 
 
 # ---- loading errors -----------------------------------------------------------------------
