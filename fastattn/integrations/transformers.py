@@ -37,6 +37,9 @@ ATTN_IMPLEMENTATION = "fastattn"
 # (1 + w) variant and others with different math are deliberately absent.)
 _COMPATIBLE_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
+# Head dims the CUDA flash kernel is built for (others fall back to SDPA there).
+_CUDA_HEAD_DIMS = (64, 128)
+
 # Counts, per thread / task, how many patched attention modules are running: the rotary
 # dispatcher uses fastattn only inside those, so unpatched models in the same process keep
 # transformers' own function.
@@ -77,6 +80,7 @@ def fastattn_attention_forward(
         or kwargs.get("s_aux") is not None
         or query.shape[-1] != value.shape[-1]
         or (query.is_cuda and query.dtype == torch.float32)  # CUDA kernels are fp16/bf16
+        or (query.is_cuda and query.shape[-1] not in _CUDA_HEAD_DIMS)
     )
     if unsupported:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
