@@ -10,10 +10,12 @@ sequence's cache length to the context, so all rounds measure the same step. Dec
 record bytes_per_step: the weights plus the K/V rows one step reads.
 """
 import os
+import sys
 
 import pytest
 import torch
 
+import fastattn
 from fastattn.models import Llama, LlamaConfig
 
 from conftest import DEVICE
@@ -33,6 +35,8 @@ else:
     PREFILL = [(1, 256), (16, 64)]
 
 DECODE_BATCHES = [1, 16]
+# Decode replayed from a CUDA graph (Llama.capture_decode_step): no per-layer launch overhead.
+GRAPH_IMPLS = ["fastattn+graph", "torch+graph"] if DEVICE == "cuda" else []
 COMPILE = DEVICE == "cuda" or os.environ.get("FASTATTN_BENCH_COMPILE") == "1"
 IMPLS = ["fastattn", "torch"] + (["compile(torch)", "compile(fastattn)"] if COMPILE else [])
 
@@ -75,15 +79,25 @@ def test_prefill(bench, benchmark, impl, batch, seqlen):
     benchmark.extra_info["tokens_per_s"] = batch * seqlen / info["median_s"]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + GRAPH_IMPLS)
 @pytest.mark.parametrize("batch", DECODE_BATCHES)
 def test_decode(bench, benchmark, impl, batch):
-    model, fn = _runner(impl, "decode")
+    model, fn = _runner(impl.replace("+graph", ""), "decode")
     c = CONFIG
     cache = model.setup_cache(batch, CONTEXT + 1)
     # The step's cost does not depend on what the cache holds, only on its valid length.
     cache.k.normal_()
     cache.v.normal_()
+    if impl.endswith("+graph"):
+        placeholders = sys.modules.get("fastattn._placeholders")
+        if model.backend == "fastattn" and placeholders is not None and \
+                fastattn.append_kv is placeholders.append_kv:
+            pytest.skip("append_kv is still the reference placeholder, which syncs with the host")
+        cache.seqlens.fill_(CONTEXT)
+        try:
+            fn = model.capture_decode_step()
+        except Exception as e:  # e.g. an op that still reads lengths on the host
+            pytest.skip(f"decode step not capturable on backend {model.backend}: {type(e).__name__}: {e}")
     tokens = torch.randint(0, c.vocab_size, (batch,), device=DEVICE)
 
     def step():

@@ -11,7 +11,7 @@ import torch
 
 from fastattn.models import Llama, LlamaConfig, rope_tables, sample_next_token
 
-from conftest import DEVICES, assert_error_ratio
+from conftest import DEVICES, HAS_CUDA, assert_error_ratio
 
 try:
     import transformers
@@ -446,3 +446,27 @@ def test_cli_demo_runs_and_agrees(capsys):
     main(["demo", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "-> OK" in out and "decode tok/s" in out and "decode_attention" in out
+
+
+# ---- CUDA graphs ---------------------------------------------------------------------------
+def test_capture_decode_step_needs_cuda(hf_llama):
+    _, path = hf_llama
+    model = Llama.from_pretrained(path)
+    with pytest.raises(ValueError, match="before capture_decode_step"):
+        model.capture_decode_step()
+    model.setup_cache(1, 8)
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        model.capture_decode_step()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_decode_matches_eager(hf_llama, backend):
+    _, path = hf_llama
+    model = Llama.from_pretrained(path, backend=backend, dtype=torch.bfloat16, device="cuda")
+    ids = ids_of(3, 9).cuda()
+    lengths = torch.tensor([9, 4, 6], device="cuda")
+    eager = model.generate(ids, 12, prompt_lengths=lengths)
+    graphed = model.generate(ids, 12, prompt_lengths=lengths, cuda_graph=True)
+    assert torch.equal(eager, graphed)

@@ -475,6 +475,44 @@ class Llama(nn.Module):
         return self.output(y[:, 0])  # (B, vocab)
 
     @torch.no_grad()
+    def capture_decode_step(self, warmup: int = 2):
+        """CUDA only: record one ``decode_step`` on the current cache into a CUDA graph and
+        return ``step(tokens (B,)) -> logits (B, vocab)`` that replays it: no Python, launch
+        overhead or host sync per layer. Every op of the step must be capturable (the
+        kernels are; a reference placeholder that reads lengths on the host is not).
+
+        The graph is bound to this cache (call again after ``setup_cache`` allocates a new
+        one) and needs room for one more row per sequence. The returned logits tensor is
+        overwritten by the next replay. Warm-up steps write scratch K/V into each sequence's
+        next row only, which the real step overwrites; cache lengths are restored."""
+        cache = self.cache
+        if cache is None:
+            raise ValueError("call setup_cache (and prefill) before capture_decode_step")
+        if cache.k.device.type != "cuda":
+            raise ValueError(f"capture_decode_step needs the model on a CUDA device, not {cache.k.device}")
+        tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.k.device)
+        saved = cache.seqlens.clone()
+        # CUDA graphs want the first runs (allocator, lazy init) on a side stream.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.decode_step(tokens)
+                cache.seqlens.copy_(saved)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.decode_step(tokens)  # recorded, not run: lengths stay as saved
+        cache.seqlens.copy_(saved)
+
+        def step(new_tokens: Tensor) -> Tensor:
+            tokens.copy_(new_tokens)
+            graph.replay()
+            return logits
+
+        return step
+
+    @torch.no_grad()
     def generate(
         self,
         input_ids: Tensor,
@@ -489,6 +527,7 @@ class Llama(nn.Module):
         attention_mask: Optional[Tensor] = None,
         pad_token_id: Optional[int] = None,
         progress: bool = False,
+        cuda_graph: bool = False,
     ) -> Tensor:
         """Prefill + KV-cache decode. Greedy at temperature 0, else temperature / top-k /
         top-p sampling (``generator`` makes it reproducible).
@@ -498,7 +537,8 @@ class Llama(nn.Module):
         followed by zeros. Returns (B, S + n) ids, n <= max_new_tokens: row b is its prompt
         (prompt_lengths[b] tokens), then its new tokens, then ``pad_token_id`` (default: the
         first eos id, else 0). A sequence stops after emitting an eos id; generation stops
-        when all have.
+        when all have. ``cuda_graph=True`` (CUDA only) replays each decode step from a CUDA
+        graph (see ``capture_decode_step``).
         """
         _check_ids(input_ids, self.config, None)
         B, S = input_ids.shape
@@ -517,6 +557,7 @@ class Llama(nn.Module):
             return out[:, :S]
         self.setup_cache(B, S + max_new_tokens)
         logits = self.prefill(input_ids, lengths)  # (B, vocab)
+        decode = self.capture_decode_step() if cuda_graph and max_new_tokens > 1 else self.decode_step
         eos_t = torch.tensor(eos, device=device) if eos else None
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         rows = torch.arange(B, device=device)
@@ -535,7 +576,7 @@ class Llama(nn.Module):
                 if bool(finished.all()):
                     break
             if i + 1 < max_new_tokens:
-                logits = self.decode_step(tok)
+                logits = decode(tok)
         return out[:, : S + n]
 
     # -- loading ------------------------------------------------------------------------
