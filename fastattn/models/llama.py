@@ -27,6 +27,10 @@ to the cache, then ``cache_seqlens[b] = prompt_lengths[b]``: the pad rows lie be
 length, are never read by decode attention, and are overwritten by the next appended tokens.
 Each sequence then decodes at its own position (RoPE positions = cache_seqlens).
 
+On CUDA, ``generate(..., cuda_graph=True)`` replays each decode step from a CUDA graph
+(``capture_decode_step``), removing the per-layer launch overhead that dominates small-batch
+decode.
+
 Parameters are stored fused (q/k/v in one matrix, gate/up in another: two fewer matmuls per
 block); ``from_pretrained`` maps Hugging Face names onto them.
 """
