@@ -1,0 +1,781 @@
+"""A LLaMA-family decoder in one file, on fastattn's kernels or on plain torch.
+
+    from fastattn.models import Llama, LlamaConfig
+    model = Llama.from_pretrained("path/to/hf-llama", backend="fastattn")   # or backend="torch"
+    logits = model(input_ids)                                  # (B, S, vocab), no cache
+    ids = model.generate(input_ids, max_new_tokens=32)         # prefill + KV-cache decode
+
+The block is the standard pre-norm one: RMSNorm -> GQA attention with RoPE -> residual ->
+RMSNorm -> SwiGLU MLP -> residual, then a final norm and the LM head.
+
+Backends (same weights, same outputs within rounding):
+  "fastattn"  fastattn.rms_norm (residual add fused into the norm), fastattn.apply_rotary,
+              fastattn.flash_attention for prefill and training, fastattn.append_kv +
+              fastattn.decode_attention for one-token decode steps.
+  "torch"     fastattn.reference only (the plain-torch ground truth), except that the KV
+              cache write is a vectorised index_put (the reference's per-sequence loop syncs
+              with the host, which torch.compile cannot trace).
+
+KV cache: preallocated for (batch, max length) per layer; ``cache_seqlens`` (B,) int32 holds
+each sequence's valid length, so one batch can hold prompts of different lengths.
+
+Ragged batches: prompts are LEFT-aligned (right-padded) and their lengths are given as
+``prompt_lengths`` or an ``attention_mask`` of ones then zeros. Prefill runs causal attention
+over the whole padded block: with right padding, causality alone keeps every real token from
+seeing a pad, so no mask is needed and the flash kernel runs unchanged. All rows are written
+to the cache, then ``cache_seqlens[b] = prompt_lengths[b]``: the pad rows lie beyond the valid
+length, are never read by decode attention, and are overwritten by the next appended tokens.
+Each sequence then decodes at its own position (RoPE positions = cache_seqlens).
+
+On CUDA, ``generate(..., cuda_graph=True)`` replays each decode step from a CUDA graph
+(``capture_decode_step``), removing the per-layer launch overhead that dominates small-batch
+decode.
+
+Parameters are stored fused (q/k/v in one matrix, gate/up in another: two fewer matmuls per
+block); ``from_pretrained`` maps Hugging Face names onto them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastattn
+from fastattn import reference
+
+__all__ = ["LlamaConfig", "Llama", "KVCache", "rope_tables", "sample_next_token"]
+
+BACKENDS = ("fastattn", "torch")
+
+# Hugging Face model types this file reproduces exactly (same block, same names).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+# ---------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------
+@dataclass
+class LlamaConfig:
+    """Mirrors Hugging Face's LlamaConfig fields (same names, same defaults where it matters)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None  # None -> num_attention_heads (MHA); 1 -> MQA
+    head_dim: Optional[int] = None  # None -> hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # None, {"rope_type": "linear", "factor": f}, or {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (and on o, unless o_proj_bias says no)
+    o_proj_bias: Optional[bool] = None  # None -> attention_bias (LLaMA); Qwen2 has qkv bias only
+    mlp_bias: bool = False
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[Union[int, List[int]]] = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.o_proj_bias is None:
+            self.o_proj_bias = self.attention_bias
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type not in ("default", "linear", "llama3"):
+                raise ValueError(
+                    f"rope_scaling type {rope_type!r} is not supported (supported: 'linear', 'llama3')"
+                )
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        """From a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
+        model_type = hf.get("model_type")
+        archs = hf.get("architectures") or []
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported architecture: model_type {model_type!r} (architectures {archs}); "
+                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if archs and not any(a.endswith("ForCausalLM") for a in archs):
+            raise ValueError(f"unsupported architecture {archs}: expected a *ForCausalLM checkpoint")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}: the SwiGLU MLP needs 'silu'")
+        if hf.get("sliding_window") is not None and (model_type != "qwen2" or hf.get("use_sliding_window")):
+            raise ValueError("sliding-window attention checkpoints are not supported (sliding_window is set)")
+        if hf.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 is not supported")
+        # transformers 5 keeps rope_theta and the scaling together in rope_parameters.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None if rope_type == "default" else rope
+        if model_type == "qwen2":
+            attention_bias, o_proj_bias = True, False
+        else:
+            attention_bias = bool(hf.get("attention_bias", False))
+            o_proj_bias = attention_bias
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in hf.items() if k in names}
+        kw.update(rope_theta=float(theta), rope_scaling=scaling, attention_bias=attention_bias,
+                  o_proj_bias=o_proj_bias, mlp_bias=bool(hf.get("mlp_bias", False)))
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# RoPE tables (Hugging Face compatible: default, linear and llama3 frequency scaling)
+# ---------------------------------------------------------------------------------------
+def rope_tables(
+    head_dim: int,
+    max_positions: int,
+    theta: float = 10000.0,
+    scaling: Optional[dict] = None,
+    device=None,
+) -> Tuple[Tensor, Tensor]:
+    """cos, sin tables of shape (max_positions, head_dim // 2), float32.
+
+    Computed as transformers does (fp32 inverse frequencies, fp32 position * frequency
+    products), so the rotated q/k match its ``LlamaRotaryEmbedding`` bit for bit in fp32.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    rope_type = None if scaling is None else scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths (low frequencies) are slowed down by `factor`, short ones kept, and
+        # the band in between interpolates smoothly (Llama 3.1's context extension).
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif rope_type not in (None, "default"):
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported")
+    t = torch.arange(max_positions, device=device, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)  # (max_positions, head_dim / 2)
+    return freqs.cos(), freqs.sin()
+
+
+# ---------------------------------------------------------------------------------------
+# The four backend-dependent operations. Everything else is ordinary torch.
+# ---------------------------------------------------------------------------------------
+def _rms_norm(backend: str, x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] = None):
+    """y = rms_norm(x) or, with residual, (y, h) where h = x + residual and y = rms_norm(h)."""
+    if backend == "fastattn":
+        return fastattn.rms_norm(x, weight, eps, residual=residual)
+    return reference.rms_norm(x, weight, eps, residual=residual)
+
+
+def _rotary(backend: str, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor]):
+    if backend == "fastattn":
+        return fastattn.apply_rotary(q, k, cos, sin, positions=positions)
+    return reference.apply_rotary(q, k, cos, sin, positions=positions)
+
+
+def _causal_attention(backend: str, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    if backend == "fastattn":
+        return fastattn.flash_attention(q, k, v, causal=True)
+    return reference.attention(q, k, v, causal=True)
+
+
+def _append_kv(backend: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, write_at: Tensor) -> None:
+    if backend == "fastattn":
+        fastattn.append_kv(k_cache, v_cache, k, v, write_at)
+        return
+    # rows [write_at[b], write_at[b] + Sn) of sequence b
+    B, Sn = k.shape[0], k.shape[1]
+    rows = write_at.long().view(B, 1) + torch.arange(Sn, device=k.device).view(1, Sn)  # (B, Sn)
+    batch = torch.arange(B, device=k.device).view(B, 1).expand(B, Sn)
+    k_cache[batch, rows] = k
+    v_cache[batch, rows] = v
+
+
+def _decode_attention(backend: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) -> Tensor:
+    if backend == "fastattn":
+        return fastattn.decode_attention(q, k_cache, v_cache, lengths)
+    return reference.decode_attention(q, k_cache, v_cache, lengths)
+
+
+# ---------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------
+class KVCache:
+    """Static per-layer K/V storage for (batch, max_len) plus each sequence's valid length.
+
+    k, v: (num_layers, B, max_len, Hk, D); seqlens: (B,) int32 on the cache's device.
+    """
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def reset(self) -> None:
+        self.seqlens.zero_()
+
+
+class _Step(NamedTuple):
+    """What every layer needs for one forward pass."""
+
+    backend: str
+    cos: Tensor  # (max_pos, D/2) fp32
+    sin: Tensor
+    positions: Optional[Tensor]  # (B, S) integer, None = arange(S)
+    cache: Optional[KVCache]  # None: no cache (plain forward / training)
+    decode: bool  # one new token per sequence, attending to the cache
+    write_at: Optional[Tensor]  # (B,) int32: cache row of each sequence's first new token
+    attend_len: Optional[Tensor]  # (B,) int32: valid cache rows once the new tokens are in
+
+
+# ---------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------
+class RMSNormWeight(nn.Module):
+    """Holds an RMSNorm's weight and eps; the norm itself runs in the block (fused with the
+    residual add), on the model's backend."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_head = config.num_attention_heads
+        self.n_kv_head = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.wqkv = nn.Linear(config.hidden_size, qkv_dim, bias=config.attention_bias)
+        self.wo = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
+
+    def forward(self, x: Tensor, step: _Step, layer: int) -> Tensor:
+        B, S, _ = x.shape
+        H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.wqkv(x).view(B, S, H + 2 * Hk, D)
+        q, k, v = qkv.split([H, Hk, Hk], dim=2)  # (B, S, H, D), (B, S, Hk, D) x 2; last dim contiguous
+        q, k = _rotary(step.backend, q, k, step.cos, step.sin, step.positions)
+        if step.cache is None:  # plain forward / training: causal attention over this block
+            out = _causal_attention(step.backend, q, k, v)
+        else:
+            k_cache, v_cache = step.cache.k[layer], step.cache.v[layer]  # (B, S_max, Hk, D)
+            _append_kv(step.backend, k_cache, v_cache, k, v, step.write_at)
+            if step.decode:  # one query per sequence against its valid cache rows
+                out = _decode_attention(step.backend, q, k_cache, v_cache, step.attend_len)
+            else:  # prefill into an empty cache: the prompt attends to itself, causally
+                out = _causal_attention(step.backend, q, k, v)
+        return self.wo(out.reshape(B, S, H * D))  # (B, S, hidden)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(x W_gate) * (x W_up)), gate and up fused into one matmul."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)  # (B, S, inter) x 2
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.attention_norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, h: Tensor, delta: Optional[Tensor], step: _Step, layer: int):
+        """h: the residual stream (B, S, hidden); delta: the previous sublayer's output, not yet
+        added to h (None before the first block). Returns the new (h, delta).
+
+        The residual add happens inside the norm (one fused pass on the fastattn backend):
+        rms_norm(delta, residual=h) returns (norm(h + delta), h + delta)."""
+        norm = self.attention_norm
+        if delta is None:
+            y = _rms_norm(step.backend, h, norm.weight, norm.eps)
+        else:
+            y, h = _rms_norm(step.backend, delta, norm.weight, norm.eps, residual=h)
+        delta = self.attention(y, step, layer)
+        norm = self.ffn_norm
+        y, h = _rms_norm(step.backend, delta, norm.weight, norm.eps, residual=h)
+        return h, self.feed_forward(y)
+
+
+class Llama(nn.Module):
+    """LLaMA-family decoder. ``backend``: "fastattn" (the kernels) or "torch" (references)."""
+
+    def __init__(self, config: LlamaConfig, backend: str = "fastattn"):
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._rope: Dict[str, Tuple[Tensor, Tensor]] = {}
+        self.cache: Optional[KVCache] = None
+        self.reset_parameters()
+        self._tie_weights()
+
+    # -- setup -------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        self._backend = name
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Random init as transformers does: normal(0, 0.02) weights, zero biases, unit norms."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, RMSNormWeight):
+                nn.init.ones_(m.weight)
+
+    def _tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def rope(self, device) -> Tuple[Tensor, Tensor]:
+        """The fp32 cos/sin tables (max_position_embeddings, head_dim / 2) on `device`, built
+        once per device (kept out of the state dict and out of .to(dtype))."""
+        key = str(device)
+        if key not in self._rope:
+            c = self.config
+            self._rope[key] = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta,
+                                          c.rope_scaling, device=device)
+        return self._rope[key]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- forward ----------------------------------------------------------------------
+    def _hidden(self, input_ids: Tensor, step: _Step) -> Tensor:
+        """input_ids (B, S) -> final normed hidden states (B, S, hidden)."""
+        h = self.tok_embeddings(input_ids)  # (B, S, hidden)
+        delta = None
+        for i, layer in enumerate(self.layers):
+            h, delta = layer(h, delta, step, i)
+        y, _ = _rms_norm(step.backend, delta, self.norm.weight, self.norm.eps, residual=h)
+        return y
+
+    def _step(self, device, positions=None, cache=None, decode=False, write_at=None, attend_len=None) -> _Step:
+        cos, sin = self.rope(device)
+        return _Step(self.backend, cos, sin, positions, cache, decode, write_at, attend_len)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """input_ids (B, S) integer -> logits (B, S, vocab). No cache; differentiable."""
+        _check_ids(input_ids, self.config, self.config.max_position_embeddings)
+        return self.output(self._hidden(input_ids, self._step(input_ids.device)))
+
+    # -- KV-cache inference -------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """Preallocate (or reuse, if it fits) the static KV cache for (batch_size, max_len)."""
+        c = self.config
+        if max_len > c.max_position_embeddings:
+            raise ValueError(
+                f"max_len {max_len} exceeds max_position_embeddings {c.max_position_embeddings}"
+            )
+        cache = self.cache
+        if (cache is None or cache.batch_size != batch_size or cache.max_len < max_len
+                or cache.k.dtype != self.dtype or cache.k.device != self.device):
+            cache = KVCache(c.num_hidden_layers, batch_size, max_len, c.num_key_value_heads, c.head_dim,
+                            self.dtype, self.device)
+            self.cache = cache
+        cache.reset()
+        return cache
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor, prompt_lengths: Optional[Tensor] = None) -> Tensor:
+        """Run the prompts (B, S), right-padded, into the empty cache (``setup_cache`` first).
+        prompt_lengths (B,) gives each prompt's real length (default S). Returns the logits
+        of each prompt's last real token, (B, vocab)."""
+        cache = self.cache
+        B, S = input_ids.shape
+        if cache is None or cache.batch_size != B or cache.max_len < S:
+            raise ValueError(f"call setup_cache({B}, max_len >= {S}) before prefill")
+        if prompt_lengths is None:
+            prompt_lengths = torch.full((B,), S, dtype=torch.int32, device=input_ids.device)
+        cache.reset()
+        step = self._step(input_ids.device, cache=cache, write_at=cache.seqlens)
+        y = self._hidden(input_ids, step)  # (B, S, hidden)
+        cache.seqlens.copy_(prompt_lengths)  # pad rows beyond each length are dead
+        last = (prompt_lengths.long() - 1).view(B, 1, 1).expand(B, 1, y.shape[-1])
+        return self.output(y.gather(1, last).squeeze(1))  # (B, vocab)
+
+    @torch.no_grad()
+    def decode_step(self, tokens: Tensor) -> Tensor:
+        """One new token per sequence, tokens (B,), at position cache.seqlens[b]; appends its
+        K/V to the cache and returns the next-token logits (B, vocab)."""
+        cache = self.cache
+        B = tokens.shape[0]
+        positions = cache.seqlens.view(B, 1)  # each sequence decodes at its own position
+        attend_len = cache.seqlens + 1
+        step = self._step(tokens.device, positions=positions, cache=cache, decode=True,
+                          write_at=cache.seqlens, attend_len=attend_len)
+        y = self._hidden(tokens.view(B, 1), step)  # (B, 1, hidden)
+        cache.seqlens.copy_(attend_len)
+        return self.output(y[:, 0])  # (B, vocab)
+
+    @torch.no_grad()
+    def capture_decode_step(self, warmup: int = 2):
+        """CUDA only: record one ``decode_step`` on the current cache into a CUDA graph and
+        return ``step(tokens (B,)) -> logits (B, vocab)`` that replays it: no Python, launch
+        overhead or host sync per layer. Every op of the step must be capturable (the
+        kernels are; a reference placeholder that reads lengths on the host is not).
+
+        The graph is bound to this cache (call again after ``setup_cache`` allocates a new
+        one) and needs room for one more row per sequence. The returned logits tensor is
+        overwritten by the next replay. Warm-up steps write scratch K/V into each sequence's
+        next row only, which the real step overwrites; cache lengths are restored."""
+        cache = self.cache
+        if cache is None:
+            raise ValueError("call setup_cache (and prefill) before capture_decode_step")
+        if cache.k.device.type != "cuda":
+            raise ValueError(f"capture_decode_step needs the model on a CUDA device, not {cache.k.device}")
+        tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.k.device)
+        saved = cache.seqlens.clone()
+        # CUDA graphs want the first runs (allocator, lazy init) on a side stream.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.decode_step(tokens)
+                cache.seqlens.copy_(saved)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.decode_step(tokens)  # recorded, not run: lengths stay as saved
+        cache.seqlens.copy_(saved)
+
+        def step(new_tokens: Tensor) -> Tensor:
+            tokens.copy_(new_tokens)
+            graph.replay()
+            return logits
+
+        return step
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+        *,
+        prompt_lengths: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        pad_token_id: Optional[int] = None,
+        progress: bool = False,
+        cuda_graph: bool = False,
+    ) -> Tensor:
+        """Prefill + KV-cache decode. Greedy at temperature 0, else temperature / top-k /
+        top-p sampling (``generator`` makes it reproducible).
+
+        input_ids (B, S). Prompts of different lengths are left-aligned (right-padded) with
+        their lengths given by ``prompt_lengths`` (B,) or ``attention_mask`` (B, S) of ones
+        followed by zeros. Returns (B, S + n) ids, n <= max_new_tokens: row b is its prompt
+        (prompt_lengths[b] tokens), then its new tokens, then ``pad_token_id`` (default: the
+        first eos id, else 0). A sequence stops after emitting an eos id; generation stops
+        when all have. ``cuda_graph=True`` (CUDA only) replays each decode step from a CUDA
+        graph (see ``capture_decode_step``).
+        """
+        _check_ids(input_ids, self.config, None)
+        B, S = input_ids.shape
+        lengths = _prompt_lengths(input_ids, prompt_lengths, attention_mask)  # (B,) int32
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        _check_sampling(temperature, top_k, top_p)
+        eos = _eos_list(eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        device = input_ids.device
+
+        out = torch.full((B, S + max_new_tokens), pad, dtype=torch.long, device=device)
+        real = torch.arange(S, device=device).view(1, S) < lengths.view(B, 1).long()
+        out[:, :S] = torch.where(real, input_ids.long(), pad)
+        if max_new_tokens == 0:
+            return out[:, :S]
+        self.setup_cache(B, S + max_new_tokens)
+        logits = self.prefill(input_ids, lengths)  # (B, vocab)
+        decode = self.capture_decode_step() if cuda_graph and max_new_tokens > 1 else self.decode_step
+        eos_t = torch.tensor(eos, device=device) if eos else None
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)
+        steps = range(max_new_tokens)
+        if progress:
+            steps = _progress(steps, desc="decode")
+        n = 0
+        for i in steps:
+            tok = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            if eos_t is not None:
+                tok = torch.where(finished, torch.full_like(tok, pad), tok)
+            out[rows, lengths.long() + i] = tok
+            n = i + 1
+            if eos_t is not None:
+                finished |= torch.isin(tok, eos_t)
+                if bool(finished.all()):
+                    break
+            if i + 1 < max_new_tokens:
+                logits = decode(tok)
+        return out[:, : S + n]
+
+    # -- loading ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, backend: str = "fastattn", dtype: Optional[torch.dtype] = None,
+                        device=None) -> "Llama":
+        """Load a local Hugging Face LLaMA-format folder: config.json plus model.safetensors or
+        sharded *.safetensors with model.safetensors.index.json (never pickle files).
+
+        dtype None keeps the checkpoint's dtype; device None means the CPU."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"from_pretrained: {path!r} is not a directory")
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"from_pretrained: missing config.json in {path!r}")
+        with open(cfg_path) as f:
+            config = LlamaConfig.from_hf(json.load(f))
+        device = torch.device(device if device is not None else "cpu")
+        hf_state = _load_safetensors(path, device)
+        if dtype is None:
+            dtype = next((t.dtype for t in hf_state.values() if t.is_floating_point()), torch.float32)
+        state = _map_hf_state_dict(hf_state, config, dtype)
+        with torch.device("meta"):
+            model = cls(config, backend=backend)
+        model.load_state_dict(state, strict=True, assign=True)
+        model._tie_weights()  # assign=True gives each key its own Parameter
+        return model
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------
+def sample_next_token(
+    logits: Tensor,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """logits (B, vocab) -> next tokens (B,) int64.
+
+    temperature 0: argmax. Otherwise softmax(logits / temperature) restricted to the top_k
+    largest logits and then to the smallest set of most likely tokens whose probability
+    reaches top_p (nucleus; the most likely token is always kept), sampled with `generator`.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
+        drop = mass_before >= top_p
+        drop[..., 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers: argument checks, checkpoint loading
+# ---------------------------------------------------------------------------------------
+def _check_ids(input_ids, config: LlamaConfig, max_len: Optional[int]) -> None:
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} "
+                         f"of shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids must hold at least one token per sequence")
+    if max_len is not None and input_ids.shape[1] > max_len:
+        raise ValueError(f"input_ids has {input_ids.shape[1]} positions, more than "
+                         f"max_position_embeddings {max_len}")
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def _eos_list(eos_token_id) -> List[int]:
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(e) for e in eos_token_id]
+
+
+def _prompt_lengths(input_ids: Tensor, prompt_lengths, attention_mask) -> Tensor:
+    B, S = input_ids.shape
+    device = input_ids.device
+    if prompt_lengths is not None and attention_mask is not None:
+        raise ValueError("give prompt_lengths or attention_mask, not both")
+    if attention_mask is not None:
+        if attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask must have shape {(B, S)}, got {tuple(attention_mask.shape)}")
+        m = attention_mask.to(device=device, dtype=torch.long)
+        lengths = m.sum(dim=1)
+        left_aligned = torch.arange(S, device=device).view(1, S) < lengths.view(B, 1)
+        if not bool((m.bool() == left_aligned).all()):
+            raise ValueError("attention_mask must be ones followed by zeros (left-aligned, right-padded "
+                             "prompts); left padding is not supported")
+        prompt_lengths = lengths
+    if prompt_lengths is None:
+        return torch.full((B,), S, dtype=torch.int32, device=device)
+    lengths = torch.as_tensor(prompt_lengths, device=device).to(torch.int32).view(-1)
+    if lengths.numel() != B:
+        raise ValueError(f"prompt_lengths must have {B} entries, got {lengths.numel()}")
+    if bool(((lengths < 1) | (lengths > S)).any()):
+        raise ValueError(f"prompt_lengths must lie in [1, {S}], got {lengths.tolist()}")
+    return lengths
+
+
+def _progress(iterable, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+def _load_safetensors(path: str, device: torch.device) -> Dict[str, Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:  # pragma: no cover - safetensors ships with transformers
+        raise ImportError("from_pretrained needs the safetensors package (pip install safetensors)") from e
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(single):
+        files = ["model.safetensors"]
+    else:
+        files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        if not files:
+            pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth"))]
+            hint = (f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors)"
+                    if pickles else "")
+            raise FileNotFoundError(f"from_pretrained: no model.safetensors, model.safetensors.index.json "
+                                    f"or *.safetensors in {path!r}{hint}")
+    state: Dict[str, Tensor] = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"from_pretrained: missing weight shard {name!r} in {path!r}")
+        state.update(load_file(file, device=str(device)))
+    return state
+
+
+def _map_hf_state_dict(hf: Dict[str, Tensor], config: LlamaConfig, dtype: torch.dtype) -> Dict[str, Tensor]:
+    """Hugging Face LLaMA names -> this model's (fused q/k/v and gate/up) names."""
+    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
+    used = set()
+
+    def take(name: str) -> Tensor:
+        if name not in hf:
+            raise ValueError(f"from_pretrained: checkpoint is missing {name!r}")
+        used.add(name)
+        return hf[name].to(dtype)
+
+    out = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    if config.tie_word_embeddings:
+        out["output.weight"] = take("lm_head.weight") if "lm_head.weight" in hf else out["tok_embeddings.weight"]
+    else:
+        out["output.weight"] = take("lm_head.weight")
+    for i in range(config.num_hidden_layers):
+        p, q = f"model.layers.{i}.", f"layers.{i}."
+        out[q + "attention_norm.weight"] = take(p + "input_layernorm.weight")
+        out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        a = p + "self_attn."
+        out[q + "attention.wqkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
+        if config.attention_bias:
+            out[q + "attention.wqkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"])
+        out[q + "attention.wo.weight"] = take(a + "o_proj.weight")
+        if config.o_proj_bias:
+            out[q + "attention.wo.bias"] = take(a + "o_proj.bias")
+        m = p + "mlp."
+        out[q + "feed_forward.w13.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
+        out[q + "feed_forward.w2.weight"] = take(m + "down_proj.weight")
+        if config.mlp_bias:
+            out[q + "feed_forward.w13.bias"] = torch.cat([take(m + "gate_proj.bias"), take(m + "up_proj.bias")])
+            out[q + "feed_forward.w2.bias"] = take(m + "down_proj.bias")
+    unused = sorted(set(hf) - used)
+    if unused:
+        raise ValueError(f"from_pretrained: {len(unused)} checkpoint tensors this model does not use, "
+                         f"e.g. {unused[:4]} (is the config right?)")
+    return out

@@ -1,0 +1,472 @@
+"""The reference LLaMA model: Hugging Face parity, KV-cache decode, ragged batches, sampling,
+training, loading errors. Tiny configs (hidden 64, 2 layers, vocab 128) keep it fast."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from fastattn.models import Llama, LlamaConfig, rope_tables, sample_next_token
+
+from conftest import DEVICES, HAS_CUDA, assert_error_ratio
+
+try:
+    import transformers
+except ImportError:  # the parity tests need it; sampling, training and the CLI do not
+    transformers = None
+
+needs_transformers = pytest.mark.skipif(transformers is None, reason="needs transformers")
+
+BACKENDS = ["fastattn", "torch"]
+VOCAB = 128
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+
+
+def hf_config(**overrides):
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+    kw.update(overrides)
+    cfg = transformers.LlamaConfig(**kw)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def save_hf(model, path, **kw):
+    model.save_pretrained(str(path), **kw)
+    return str(path)
+
+
+def randomize_norms(model):
+    # transformers initialises norm weights to 1 and biases to 0; perturb them so a
+    # mis-mapped norm or bias cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = randomize_norms(transformers.LlamaForCausalLM(hf_config())).eval()
+    path = save_hf(model, tmp_path_factory.mktemp("llama"))
+    return model, path
+
+
+def ids_of(B, S, seed=1):
+    return torch.randint(0, VOCAB, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- loading and Hugging Face parity -----------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_match_transformers(hf_llama, backend):
+    hf, path = hf_llama
+    model = Llama.from_pretrained(path, backend=backend)
+    assert model.dtype == torch.float32 and model.backend == backend
+    ids = ids_of(3, 17)
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert ours.shape == (3, 17, VOCAB)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_generate_matches_transformers(hf_llama, backend):
+    hf, path = hf_llama
+    model = Llama.from_pretrained(path, backend=backend)
+    ids = ids_of(2, 9)
+    theirs = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = model.generate(ids, max_new_tokens=12)
+    assert ours.shape == (2, 21)
+    assert torch.equal(ours, theirs)
+
+
+def test_eos_stops_each_sequence_like_transformers(hf_llama):
+    hf, path = hf_llama
+    model = Llama.from_pretrained(path)
+    ids = ids_of(3, 6, seed=4)
+    free = model.generate(ids, max_new_tokens=10)
+    eos = int(free[0, 6 + 3])  # a token sequence 0 emits at step 3
+    theirs = hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=VOCAB - 1)
+    ours = model.generate(ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=VOCAB - 1)
+    assert torch.equal(ours, theirs)
+    first = (ours[0, 6:] == eos).nonzero()[0].item()
+    assert (ours[0, 6 + first + 1:] == VOCAB - 1).all()  # padded after its eos
+
+
+HF_VARIANTS = {
+    "attention_bias": dict(attention_bias=True),
+    "llama3_rope": dict(rope_scaling=LLAMA3_ROPE),
+    "linear_rope": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=500.0),
+    "tied_mqa_headdim": dict(tie_word_embeddings=True, num_key_value_heads=1, head_dim=8),
+    "mha_mlp_bias": dict(num_key_value_heads=4, mlp_bias=True),
+}
+
+
+@needs_transformers
+@pytest.mark.parametrize("variant", list(HF_VARIANTS))
+def test_config_variants_match_transformers(tmp_path, variant):
+    torch.manual_seed(0)
+    hf = randomize_norms(transformers.LlamaForCausalLM(hf_config(**HF_VARIANTS[variant]))).eval()
+    path = save_hf(hf, tmp_path)
+    # positions beyond original_max_position_embeddings exercise every llama3 frequency band
+    ids = ids_of(2, 70)
+    with torch.no_grad():
+        theirs = hf(ids).logits
+        for backend in BACKENDS:
+            model = Llama.from_pretrained(path, backend=backend)
+            assert (model(ids) - theirs).abs().max().item() <= 1e-4, backend
+    if variant == "tied_mqa_headdim":
+        assert model.output.weight is model.tok_embeddings.weight
+
+
+@needs_transformers
+def test_qwen2_matches_transformers(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg._attn_implementation = "eager"
+    hf = randomize_norms(transformers.Qwen2ForCausalLM(cfg)).eval()
+    model = Llama.from_pretrained(save_hf(hf, tmp_path))
+    assert model.config.attention_bias and not model.config.o_proj_bias
+    ids = ids_of(2, 13)
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_sharded_checkpoint_and_dtype(hf_llama, tmp_path):
+    hf, _ = hf_llama
+    path = save_hf(hf, tmp_path, max_shard_size="40KB")
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    assert len([n for n in os.listdir(path) if n.endswith(".safetensors")]) > 1
+    model = Llama.from_pretrained(path)
+    ids = ids_of(1, 8)
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    half = Llama.from_pretrained(path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    assert half.rope("cpu")[0].dtype == torch.float32  # RoPE tables stay fp32
+
+
+@needs_transformers
+def test_rope_tables_match_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = hf_config(rope_scaling=LLAMA3_ROPE)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    cos, sin = rope_tables(16, 100, 10000.0, LLAMA3_ROPE)
+    pos = torch.arange(100).float()
+    assert torch.equal(cos, torch.outer(pos, inv_freq).cos())
+    assert torch.equal(sin, torch.outer(pos, inv_freq).sin())
+
+
+# ---- KV cache, ragged batches --------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_cache_decode_equals_recompute(hf_llama, backend):
+    _, path = hf_llama
+    model = Llama.from_pretrained(path, backend=backend)
+    ids = ids_of(2, 15)
+    prompt = 9
+    model.setup_cache(2, 15)
+    steps = [model.prefill(ids[:, :prompt])]
+    for t in range(prompt, 15):
+        steps.append(model.decode_step(ids[:, t]))
+    with torch.no_grad():
+        full = model(ids)  # (B, S, vocab), no cache
+    for i, logits in enumerate(steps):
+        assert (logits - full[:, prompt - 1 + i]).abs().max().item() <= 1e-5
+    assert model.cache.seqlens.tolist() == [15, 15]
+
+
+def greedy_without_cache(model, ids, n):
+    """The oracle: recompute the whole sequence for every new token."""
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ragged_batch_equals_one_by_one(hf_llama, backend):
+    _, path = hf_llama
+    model = Llama.from_pretrained(path, backend=backend)
+    lengths = [7, 3, 11, 1]
+    ids = ids_of(4, 11, seed=3)
+    out = model.generate(ids, max_new_tokens=6, prompt_lengths=torch.tensor(lengths), pad_token_id=VOCAB - 1)
+    assert out.shape == (4, 17)
+    mask = (torch.arange(11).view(1, -1) < torch.tensor(lengths).view(-1, 1)).long()
+    assert torch.equal(out, model.generate(ids, max_new_tokens=6, attention_mask=mask, pad_token_id=VOCAB - 1))
+    for b, n in enumerate(lengths):
+        alone = greedy_without_cache(model, ids[b : b + 1, :n], 6)
+        assert torch.equal(out[b, : n + 6], alone[0])
+        assert (out[b, n + 6:] == VOCAB - 1).all()
+    # and the ragged prefill logits are each sequence's own last-token logits
+    model.setup_cache(4, 11)
+    logits = model.prefill(ids, torch.tensor(lengths, dtype=torch.int32))
+    with torch.no_grad():
+        for b, n in enumerate(lengths):
+            assert (logits[b] - model(ids[b : b + 1, :n])[0, -1]).abs().max().item() <= 1e-5
+
+
+def test_generate_input_errors(hf_llama):
+    _, path = hf_llama
+    model = Llama.from_pretrained(path)
+    ids = ids_of(2, 5)
+    with pytest.raises(ValueError, match="prompt_lengths must lie in"):
+        model.generate(ids, 2, prompt_lengths=torch.tensor([5, 6]))
+    with pytest.raises(ValueError, match="left padding is not supported"):
+        model.generate(ids, 2, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        model.generate(ids, 200)
+    with pytest.raises(ValueError, match="integer tensor"):
+        model.generate(ids.float(), 2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Llama(model.config, backend="triton")
+
+
+# ---- sampling --------------------------------------------------------------------------------
+def crafted_logits():
+    # 2 rows x 10 tokens with distinct, known probabilities
+    probs = torch.tensor([[0.30, 0.25, 0.15, 0.10, 0.08, 0.05, 0.03, 0.02, 0.01, 0.01],
+                          [0.01, 0.02, 0.05, 0.60, 0.02, 0.20, 0.04, 0.03, 0.02, 0.01]])
+    return probs.log()
+
+
+def sample_many(logits, n=400, **kw):
+    g = torch.Generator().manual_seed(0)
+    return torch.stack([sample_next_token(logits, generator=g, **kw) for _ in range(n)], 1)  # (B, n)
+
+
+def test_top_k_never_leaves_the_top_k_set():
+    logits = crafted_logits()
+    samples = sample_many(logits, temperature=1.5, top_k=3)
+    allowed = torch.topk(logits, 3).indices
+    for b in range(2):
+        assert set(samples[b].tolist()) <= set(allowed[b].tolist())
+        assert len(set(samples[b].tolist())) == 3  # and does sample within it
+
+
+def test_top_p_never_leaves_the_nucleus():
+    logits = crafted_logits()
+    # row 0: 0.30 + 0.25 + 0.15 = 0.70 >= 0.7 -> {0, 1, 2}; row 1: 0.60 + 0.20 >= 0.7 -> {3, 5}
+    samples = sample_many(logits, temperature=1.0, top_p=0.7)
+    assert set(samples[0].tolist()) <= {0, 1, 2} and set(samples[1].tolist()) <= {3, 5}
+    assert set(samples[1].tolist()) == {3, 5}
+    # top_p so small that only the most likely token survives
+    assert (sample_many(logits, n=50, temperature=1.0, top_p=0.05) == torch.tensor([[0], [3]])).all()
+    # combined with top-k: the nucleus of the top-2
+    samples = sample_many(logits, temperature=1.0, top_k=2, top_p=0.5)
+    assert set(samples[0].tolist()) <= {0, 1} and set(samples[1].tolist()) == {3}
+
+
+def test_greedy_and_temperature():
+    logits = crafted_logits()
+    assert sample_next_token(logits).tolist() == [0, 3]
+    # very low temperature concentrates on the argmax
+    assert (sample_many(logits, n=50, temperature=1e-3) == torch.tensor([[0], [3]])).all()
+    with pytest.raises(ValueError, match="top_p must be in"):
+        sample_next_token(logits, 1.0, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        sample_next_token(logits, 1.0, top_k=0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        sample_next_token(logits, -1.0)
+
+
+def test_fixed_generator_reproduces(hf_llama):
+    _, path = hf_llama
+    model = Llama.from_pretrained(path)
+    ids = ids_of(2, 4)
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return model.generate(ids, 16, temperature=1.0, top_k=50, top_p=0.95, generator=g)
+
+    a, b, c = run(7), run(7), run(8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+# ---- training -----------------------------------------------------------------------------
+def copy_batch(gen, batch=32, n=6, vocab=16):
+    # [x_1..x_n, SEP, x_1..x_n]: the second half is predictable only by attending back.
+    x = torch.randint(2, vocab, (batch, n), generator=gen)
+    seq = torch.cat([x, torch.ones(batch, 1, dtype=torch.long), x], dim=1)
+    return seq[:, :-1], seq[:, 1:], n  # inputs, targets, first target index that is a copy
+
+
+def train(model, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        inp, tgt, start = copy_batch(gen)
+        logits = model(inp)
+        loss = torch.nn.functional.cross_entropy(logits[:, start:].reshape(-1, logits.shape[-1]),
+                                                 tgt[:, start:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_training_copy_task_on_both_backends():
+    cfg = LlamaConfig(vocab_size=16, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    fa = Llama(cfg, backend="fastattn")
+    th = copy.deepcopy(fa)
+    th.backend = "torch"
+    steps = 40
+    loss_fa, loss_th = train(fa, steps), train(th, steps)
+    first, last = sum(loss_fa[:5]) / 5, sum(loss_fa[-5:]) / 5
+    assert last < 0.15 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    # same weights, same data, same optimizer: the trajectories agree (fp32 rounding only)
+    assert max(abs(a - b) for a, b in zip(loss_fa, loss_th)) < 1e-3
+
+
+def test_gradients_match_between_backends(hf_llama):
+    _, path = hf_llama
+    fa = Llama.from_pretrained(path, backend="fastattn")
+    th = Llama.from_pretrained(path, backend="torch")
+    ids = ids_of(2, 12)
+    for m in (fa, th):
+        m(ids).float().logsumexp(-1).mean().backward()
+    for (name, p), q in zip(fa.named_parameters(), th.parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert (p.grad - q.grad).abs().max().item() <= 1e-4 * max(1.0, q.grad.abs().max().item()), name
+
+
+# ---- loading errors -----------------------------------------------------------------------
+def test_missing_files(hf_llama, tmp_path):
+    _, path = hf_llama
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        Llama.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        Llama.from_pretrained(str(tmp_path))
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        Llama.from_pretrained(str(tmp_path))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="pickle checkpoints are never loaded"):
+        Llama.from_pretrained(str(tmp_path))
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}, f)
+    with pytest.raises(FileNotFoundError, match="missing weight shard 'model-00001-of-00002.safetensors'"):
+        Llama.from_pretrained(str(tmp_path))
+
+
+def test_bad_architecture_and_config(hf_llama, tmp_path):
+    _, path = hf_llama
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    with pytest.raises(ValueError, match="unsupported architecture: model_type 'gpt2'"):
+        LlamaConfig.from_hf({**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(ValueError, match="expected a \\*ForCausalLM"):
+        LlamaConfig.from_hf({**cfg, "architectures": ["LlamaForSequenceClassification"]})
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
+        LlamaConfig.from_hf({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="hidden_act"):
+        LlamaConfig.from_hf({**cfg, "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        LlamaConfig(num_attention_heads=6, num_key_value_heads=4)
+    # a checkpoint whose tensors do not fit the config
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with open(bad / "config.json", "w") as f:
+        json.dump({**cfg, "num_hidden_layers": 3}, f)
+    os.symlink(os.path.join(path, "model.safetensors"), bad / "model.safetensors")
+    with pytest.raises(ValueError, match="checkpoint is missing 'model.layers.2.input_layernorm.weight'"):
+        Llama.from_pretrained(str(bad))
+    # the old transformers 4 layout (rope_theta / rope_scaling at top level) reads the same
+    old = {k: v for k, v in cfg.items() if k != "rope_parameters"}
+    old.update(rope_theta=500.0, rope_scaling={"type": "linear", "factor": 2.0})
+    c = LlamaConfig.from_hf(old)
+    assert c.rope_theta == 500.0 and c.rope_scaling["factor"] == 2.0
+
+
+# ---- low precision and devices ------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_backends_agree_low_precision(hf_llama, device):
+    """bf16 on both backends, each measured against the fp32 model (error-ratio rule)."""
+    _, path = hf_llama
+    truth = Llama.from_pretrained(path, backend="torch", device=device)
+    fa = Llama.from_pretrained(path, backend="fastattn", dtype=torch.bfloat16, device=device)
+    th = Llama.from_pretrained(path, backend="torch", dtype=torch.bfloat16, device=device)
+    ids = ids_of(2, 33).to(device)
+    with torch.no_grad():
+        assert_error_ratio(fa(ids).float(), th(ids).float(), truth(ids), "logits", atol=1e-2)
+        out_fa = fa.generate(ids, 4)
+    assert out_fa.shape == (2, 37)
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+def test_cli_generate_with_token_ids(hf_llama, capsys):
+    from fastattn.__main__ import main
+
+    _, path = hf_llama
+    main(["generate", "--model", path, "--prompt", "5 6 7", "--max-new-tokens", "5", "--device", "cpu"])
+    printed = capsys.readouterr().out.split()
+    expected = Llama.from_pretrained(path).generate(torch.tensor([[5, 6, 7]]), 5, eos_token_id=2)
+    assert [int(t) for t in printed] == expected[0].tolist()
+
+
+def test_cli_generate_with_tokenizer(hf_llama, tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    from fastattn.__main__ import main
+
+    _, path = hf_llama
+    folder = tmp_path / "with_tok"
+    folder.mkdir()
+    for name in os.listdir(path):
+        os.symlink(os.path.join(path, name), folder / name)
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    main(["generate", "--model", str(folder), "--prompt", "w5 w6 w7", "--max-new-tokens", "4", "--device", "cpu"])
+    out = capsys.readouterr().out.strip()
+    expected = Llama.from_pretrained(path).generate(torch.tensor([[5, 6, 7]]), 4, eos_token_id=2)[0]
+    assert out == " ".join(f"w{i}" for i in expected.tolist())
+
+
+def test_cli_demo_runs_and_agrees(capsys):
+    from fastattn.__main__ import main
+
+    main(["demo", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "-> OK" in out and "decode tok/s" in out and "decode_attention" in out
+
+
+# ---- CUDA graphs ---------------------------------------------------------------------------
+def test_capture_decode_step_needs_cuda(hf_llama):
+    _, path = hf_llama
+    model = Llama.from_pretrained(path)
+    with pytest.raises(ValueError, match="before capture_decode_step"):
+        model.capture_decode_step()
+    model.setup_cache(1, 8)
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        model.capture_decode_step()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_decode_matches_eager(hf_llama, backend):
+    _, path = hf_llama
+    model = Llama.from_pretrained(path, backend=backend, dtype=torch.bfloat16, device="cuda")
+    ids = ids_of(3, 9).cuda()
+    lengths = torch.tensor([9, 4, 6], device="cuda")
+    eager = model.generate(ids, 12, prompt_lengths=lengths)
+    graphed = model.generate(ids, 12, prompt_lengths=lengths, cuda_graph=True)
+    assert torch.equal(eager, graphed)
