@@ -96,3 +96,22 @@ torch.library.register_autograd(
 # ---- flash attention ---------------------------------------------------------------------
 
 # ---- decode attention and append_kv ------------------------------------------------------
+# Decode is inference-only: neither op is differentiable, so no autograd is registered
+# (calling backward through decode_attention raises torch's "does not require grad" error).
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits):
+    return _ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits)
+
+
+def append_kv(k_cache, v_cache, k, v, cache_seqlens):
+    _ops.append_kv(k_cache, v_cache, k, v, cache_seqlens)
+
+
+@torch.library.register_fake("fastattn::decode_attention")
+def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits):
+    b, h = q.shape[0], q.shape[-2]
+    return q.new_empty(q.shape), q.new_empty((b, h), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastattn::append_kv")
+def _append_kv_fake(k_cache, v_cache, k, v, cache_seqlens):
+    return None

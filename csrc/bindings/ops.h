@@ -27,5 +27,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
 // ---- flash attention (flash_attn.cpp) --------------------------------------------------
 
 // ---- decode attention and append_kv (decode.cpp) ---------------------------------------
+std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                                    const at::Tensor& v_cache,
+                                                    const at::Tensor& cache_seqlens,
+                                                    std::optional<double> softmax_scale,
+                                                    int64_t num_splits);
+void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& cache_seqlens);
 
 }  // namespace fastattn

@@ -14,4 +14,6 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   // ---- flash attention -------------------------------------------------------------------
 
   // ---- decode attention and append_kv ----------------------------------------------------
+  m.impl("decode_attention", &fastattn::decode_attention);
+  m.impl("append_kv", &fastattn::append_kv);
 }

@@ -15,4 +15,6 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   // ---- flash attention -------------------------------------------------------------------
 
   // ---- decode attention and append_kv ----------------------------------------------------
+  m.impl("decode_attention", &fastattn::decode_attention);
+  m.impl("append_kv", &fastattn::append_kv);
 }
