@@ -8,15 +8,18 @@
 // append_kv copies new rows into the caches at rows cache_seqlens[b] + i.
 //
 // Why it is fast: decode is bound by reading the cache, so every K/V row is read from memory
-// exactly once per kv head and used by all G query heads of its group. Work is split over
-// ATen's thread pool by (batch, kv head, split): each item walks its keys in blocks of
-// kKeyBlock rows; a block of K (converted to fp32 for 16-bit caches, so it sits in L1) is
-// dotted with the G pre-scaled query rows (vectorised over the head dim), an online softmax
-// updates each head's running max and sum once per block, and each V row is converted once
-// and accumulated into all G fp32 output rows. Split-KV items write a normalised partial
-// output and its lse; a second pass merges them in split order, so the result does not
-// depend on the thread count. The number of splits chosen for num_splits = 0 depends on
-// the shapes only, for the same reason.
+// exactly once and used by all G query heads of its group. Work is split over ATen's thread
+// pool by (batch, split). Each item walks its keys in blocks of kKeyBlock rows and, inside a
+// block, every kv head in turn: in the usual (B, S, Hk, D) layout the rows of all heads of a
+// key are adjacent, so an item streams through contiguous memory (the hardware prefetchers
+// and the TLB keep up) instead of hopping by the Hk * D row stride, one page per row, as a
+// per-kv-head walk (and torch's SDPA on the transposed view) does. Per head, the block of K
+// (converted once to fp32 for 16-bit caches, so it sits in L1) is dotted with the G
+// pre-scaled query rows, 4 heads at a time in registers (16-float vectors); an online
+// softmax (vectorised exp2) updates each head once per block; then each V chunk is
+// accumulated into 4 output rows held in registers. Split-KV items write a normalised
+// partial output and its lse; a second pass merges them in split order, so the result does
+// not depend on the thread count, and num_splits = 0 is chosen from the shapes only.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -36,157 +39,276 @@ namespace {
 
 using cpu::load_row;
 
-// Keys per block: a block of fp32 K rows (32 x 128 x 4 = 16 KiB at D = 128) stays in L1
-// while all G heads are dotted with it, and the online softmax is rescaled once per block.
+// Keys per block: a block of fp32 K or V rows (32 x 128 x 4 = 16 KiB at D = 128) stays in
+// L1 while all G heads use it, and the online softmax is rescaled once per block.
 constexpr int64_t kKeyBlock = 32;
+// Query heads processed together: the dot products of one K chunk with 4 query rows, and
+// the P V update of 4 output rows from one V chunk, are 4 independent FMA chains in
+// registers. The group is padded to a multiple of 4 with zero query rows and probabilities.
+constexpr int64_t kHeadTile = 4;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+// 16 floats as one value: GCC/Clang vector extensions compile this to one AVX-512 register,
+// or two AVX2 / four SSE registers, with no intrinsics (and so no ISA #ifdefs) here.
+constexpr int64_t kW = 16;
+typedef float vfloat __attribute__((vector_size(kW * sizeof(float))));
+typedef float vfloat8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vfloat4 __attribute__((vector_size(4 * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kW * sizeof(int32_t))));
+
+inline vfloat loadu(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void storeu(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+inline vfloat splat(float x) { return vfloat{} + x; }
+
+inline float hsum(vfloat v) {
+  vfloat8 a, b;
+  std::memcpy(&a, &v, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
+  const vfloat8 s8 = a + b;
+  vfloat4 c, d;
+  std::memcpy(&c, &s8, sizeof(c));
+  std::memcpy(&d, reinterpret_cast<const char*>(&s8) + sizeof(c), sizeof(d));
+  const vfloat4 s4 = c + d;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-// Per-thread buffers of one work item.
+// 2^x for 16 lanes: x = n + r with n = round(x), |r| <= 1/2; 2^r by its degree-6 Taylor polynomial
+// (relative error < 2e-7, below fp32 accumulation noise), 2^n by adding n to the exponent.
+// Lanes below -126 (including -inf, the masked keys) give exactly 0.
+inline vfloat exp2v(vfloat x) {
+  const vint tiny = x < -126.f;
+  x = x < -126.f ? splat(-126.f) : x;
+  x = x > 127.f ? splat(127.f) : x;
+  const vfloat n = __builtin_convertvector(__builtin_convertvector(x + (x >= 0.f ? splat(0.5f) : splat(-0.5f)), vint), vfloat);
+  const vfloat r = x - n;
+  vfloat p = splat(1.54035304e-04f);
+  p = p * r + 1.33335581e-03f;
+  p = p * r + 9.61812911e-03f;
+  p = p * r + 5.55041087e-02f;
+  p = p * r + 2.40226507e-01f;
+  p = p * r + 6.93147181e-01f;
+  p = p * r + 1.00000000e+00f;
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const vfloat out = p * scale;
+  return tiny ? splat(0.f) : out;
+}
+
+// Per-thread buffers of one work item, for all h_k kv heads: q, acc (h_k, G padded to
+// kHeadTile, d); scores (G padded, kKeyBlock); m, l (h_k, G padded); k, v: one block of rows
+// converted to fp32 (16-bit caches only).
 struct Workspace {
+  int64_t gp;  // padded group
   std::vector<float> q, k, v, scores, acc, m, l;
-  Workspace(int64_t g, int64_t d)
-      : q(static_cast<size_t>(g * d)),
+  Workspace(int64_t h_k, int64_t g, int64_t d)
+      : gp((g + kHeadTile - 1) / kHeadTile * kHeadTile),
+        q(static_cast<size_t>(h_k * gp * d)),
         k(static_cast<size_t>(kKeyBlock * d)),
-        v(static_cast<size_t>(d)),
-        scores(static_cast<size_t>(g * kKeyBlock)),
-        acc(static_cast<size_t>(g * d)),
-        m(static_cast<size_t>(g)),
-        l(static_cast<size_t>(g)) {}
+        v(static_cast<size_t>(kKeyBlock * d)),
+        scores(static_cast<size_t>(gp * kKeyBlock)),
+        acc(static_cast<size_t>(h_k * gp * d)),
+        m(static_cast<size_t>(h_k * gp)),
+        l(static_cast<size_t>(h_k * gp)) {}
 };
 
-// One (batch b, kv head kvh, split s) work item: keys [begin, end) of sequence b against the
-// G query heads of kv head kvh. Writes the normalised output and lse of this split to
-// (out_row(g), lse_out(g)) for each group head g.
-template <typename T, typename OutRow, typename LseOut>
-void decode_item(const DecodeParams& p, int64_t b, int64_t kvh, int64_t begin, int64_t end,
-                 Workspace& ws, OutRow out_row, LseOut lse_out) {
-  const int64_t d = p.d, group = p.h / p.h_k;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + kvh * group * p.q_head_stride;
-  const T* kc = static_cast<const T*>(p.k_cache) + b * p.k_batch_stride + kvh * p.k_head_stride;
-  const T* vc = static_cast<const T*>(p.v_cache) + b * p.v_batch_stride + kvh * p.v_head_stride;
+// Block rows as fp32 row pointers: straight into an fp32 cache, or converted once into buf.
+template <typename T>
+inline void block_rows(const T* base, int64_t row_stride, int64_t n, int64_t d, float* buf,
+                       const float** rows) {
+  for (int64_t j = 0; j < n; ++j) {
+    if constexpr (std::is_same<T, float>::value) {
+      rows[j] = base + j * row_stride;
+    } else {
+      load_row(base + j * row_stride, buf + j * d, d);
+      rows[j] = buf + j * d;
+    }
+  }
+}
 
-  float* qf = ws.q.data();
-  for (int64_t g = 0; g < group; ++g) {
-    float* qg = qf + g * d;
-    load_row(q + g * p.q_head_stride, qg, d);
-    const float scale = p.softmax_scale;
+// scores[g][j] = q[g] . K[j] for the kHeadTile heads starting at q (rows d apart).
+inline void qk_tile(const float* q, const float* const* krows, int64_t n, int64_t d, float* scores) {
+  const int64_t dv = d / kW * kW;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* k = krows[j];
+    vfloat a0{}, a1{}, a2{}, a3{};
+    for (int64_t c = 0; c < dv; c += kW) {
+      const vfloat kv = loadu(k + c);
+      a0 += loadu(q + c) * kv;
+      a1 += loadu(q + d + c) * kv;
+      a2 += loadu(q + 2 * d + c) * kv;
+      a3 += loadu(q + 3 * d + c) * kv;
+    }
+    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+    for (int64_t c = dv; c < d; ++c) {
+      s0 += q[c] * k[c];
+      s1 += q[d + c] * k[c];
+      s2 += q[2 * d + c] * k[c];
+      s3 += q[3 * d + c] * k[c];
+    }
+    scores[j] = s0;
+    scores[kKeyBlock + j] = s1;
+    scores[2 * kKeyBlock + j] = s2;
+    scores[3 * kKeyBlock + j] = s3;
+  }
+}
+
+// acc[g] += sum_j p[g][j] V[j] for the kHeadTile output rows at acc: chunk-outer, so the 4
+// accumulators of a chunk stay in registers across the whole block.
+inline void pv_tile(const float* p, const float* const* vrows, int64_t n, int64_t d, float* acc) {
+  const int64_t dv = d / kW * kW;
+  for (int64_t c = 0; c < dv; c += kW) {
+    vfloat a0 = loadu(acc + c), a1 = loadu(acc + d + c), a2 = loadu(acc + 2 * d + c), a3 = loadu(acc + 3 * d + c);
+    for (int64_t j = 0; j < n; ++j) {
+      const vfloat vv = loadu(vrows[j] + c);
+      a0 += p[j] * vv;
+      a1 += p[kKeyBlock + j] * vv;
+      a2 += p[2 * kKeyBlock + j] * vv;
+      a3 += p[3 * kKeyBlock + j] * vv;
+    }
+    storeu(acc + c, a0);
+    storeu(acc + d + c, a1);
+    storeu(acc + 2 * d + c, a2);
+    storeu(acc + 3 * d + c, a3);
+  }
+  for (int64_t c = dv; c < d; ++c) {
+    float a0 = acc[c], a1 = acc[d + c], a2 = acc[2 * d + c], a3 = acc[3 * d + c];
+    for (int64_t j = 0; j < n; ++j) {
+      const float vv = vrows[j][c];
+      a0 += p[j] * vv;
+      a1 += p[kKeyBlock + j] * vv;
+      a2 += p[2 * kKeyBlock + j] * vv;
+      a3 += p[3 * kKeyBlock + j] * vv;
+    }
+    acc[c] = a0;
+    acc[d + c] = a1;
+    acc[2 * d + c] = a2;
+    acc[3 * d + c] = a3;
+  }
+}
+
+// One (batch b, split) work item over keys [begin, end), for every kv head and its G query
+// heads. The kv heads are walked inside each key block, so the block's rows of all heads,
+// which are adjacent in the usual (B, S, Hk, D) layout, are consumed together: the item
+// streams through contiguous cache memory (hardware prefetchers and the TLB then work)
+// instead of hopping by the Hk * D row stride once per head. Writes the normalised output
+// and natural-log lse of these keys through out_row(h, row) and lse_out(h, lse).
+template <typename T, typename OutRow, typename LseOut>
+void decode_item(const DecodeParams& p, int64_t b, int64_t begin, int64_t end, Workspace& ws,
+                 OutRow out_row, LseOut lse_out) {
+  const int64_t d = p.d, group = p.h / p.h_k, gp = ws.gp;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
+  const T* kc = static_cast<const T*>(p.k_cache) + b * p.k_batch_stride;
+  const T* vc = static_cast<const T*>(p.v_cache) + b * p.v_batch_stride;
+
+  // Query rows pre-scaled by softmax_scale * log2(e): the softmax then runs on exp2.
+  std::fill(ws.q.begin(), ws.q.end(), 0.f);
+  const float qscale = p.softmax_scale * kLog2e;
+  for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
+    for (int64_t g = 0; g < group; ++g) {
+      float* qg = ws.q.data() + (kvh * gp + g) * d;
+      load_row(q + (kvh * group + g) * p.q_head_stride, qg, d);
 #pragma omp simd
-    for (int64_t i = 0; i < d; ++i) qg[i] *= scale;
+      for (int64_t i = 0; i < d; ++i) qg[i] *= qscale;
+    }
   }
   std::fill(ws.acc.begin(), ws.acc.end(), 0.f);
   std::fill(ws.m.begin(), ws.m.end(), kNegInf);
   std::fill(ws.l.begin(), ws.l.end(), 0.f);
-  float* acc = ws.acc.data();
+  std::fill(ws.scores.begin(), ws.scores.end(), 0.f);
   float* sc = ws.scores.data();
+  const float* krows[kKeyBlock];
+  const float* vrows[kKeyBlock];
 
   for (int64_t k0 = begin; k0 < end; k0 += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, end - k0);
-    // Scores of the block: each K row is read from the cache once (converted once for
-    // 16-bit caches) and dotted with all G query rows while it is in L1.
-    for (int64_t j = 0; j < n; ++j) {
-      const T* src = kc + (k0 + j) * p.k_row_stride;
-      const float* krow;
-      if constexpr (std::is_same<T, float>::value) {
-        krow = src;
-      } else {
-        load_row(src, ws.k.data() + j * d, d);
-        krow = ws.k.data() + j * d;
-      }
-      for (int64_t g = 0; g < group; ++g) sc[g * kKeyBlock + j] = dot(qf + g * d, krow, d);
-    }
-    // Online softmax, once per block and head: new running max, rescale of the running
-    // sum and output, probabilities in place of the scores.
-    for (int64_t g = 0; g < group; ++g) {
-      float* s = sc + g * kKeyBlock;
-      float bmax = kNegInf;
-      for (int64_t j = 0; j < n; ++j) bmax = std::max(bmax, s[j]);
-      const float m_new = std::max(ws.m[g], bmax);
-      const float alpha = ws.m[g] == kNegInf ? 0.f : std::exp(ws.m[g] - m_new);
-      float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = std::exp(s[j] - m_new);
-        sum += s[j];
-      }
-      ws.l[g] = ws.l[g] * alpha + sum;
-      ws.m[g] = m_new;
-      if (alpha != 1.f) {
-        float* a = acc + g * d;
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) a[i] *= alpha;
-      }
-    }
-    // P V: each V row is read once and accumulated into all G output rows.
-    for (int64_t j = 0; j < n; ++j) {
-      const T* src = vc + (k0 + j) * p.v_row_stride;
-      const float* vrow;
-      if constexpr (std::is_same<T, float>::value) {
-        vrow = src;
-      } else {
-        load_row(src, ws.v.data(), d);
-        vrow = ws.v.data();
-      }
+    for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
+      const float* qf = ws.q.data() + kvh * gp * d;
+      float* acc = ws.acc.data() + kvh * gp * d;
+      float* m = ws.m.data() + kvh * gp;
+      float* l = ws.l.data() + kvh * gp;
+      // Scores: each K row is read (and converted) once and dotted with every query row.
+      block_rows(kc + k0 * p.k_row_stride + kvh * p.k_head_stride, p.k_row_stride, n, d, ws.k.data(), krows);
+      for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) qk_tile(qf + g0 * d, krows, n, d, sc + g0 * kKeyBlock);
+      // Online softmax once per block and head: running max, rescale of the running sum
+      // and output, probabilities in place of the scores (0 past n).
       for (int64_t g = 0; g < group; ++g) {
-        const float pj = sc[g * kKeyBlock + j];
-        float* a = acc + g * d;
+        float* s = sc + g * kKeyBlock;
+        for (int64_t j = n; j < kKeyBlock; ++j) s[j] = kNegInf;
+        float bmax = kNegInf;
+        for (int64_t j = 0; j < n; ++j) bmax = std::max(bmax, s[j]);
+        const float m_new = std::max(m[g], bmax);
+        const float alpha = m[g] == kNegInf ? 0.f : std::exp2(m[g] - m_new);
+        vfloat sum{};
+        for (int64_t j = 0; j < kKeyBlock; j += kW) {
+          const vfloat e = exp2v(loadu(s + j) - m_new);
+          storeu(s + j, e);
+          sum += e;
+        }
+        l[g] = l[g] * alpha + hsum(sum);
+        m[g] = m_new;
+        if (alpha != 1.f) {
+          float* a = acc + g * d;
 #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) a[i] += pj * vrow[i];
+          for (int64_t i = 0; i < d; ++i) a[i] *= alpha;
+        }
       }
+      // P V: each V row is read (and converted) once for all output rows.
+      block_rows(vc + k0 * p.v_row_stride + kvh * p.v_head_stride, p.v_row_stride, n, d, ws.v.data(), vrows);
+      for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) pv_tile(sc + g0 * kKeyBlock, vrows, n, d, acc + g0 * d);
     }
   }
 
-  for (int64_t g = 0; g < group; ++g) {
-    const float l = ws.l[g];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    float* a = acc + g * d;
+  for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = kvh * gp + g;
+      const float l = ws.l[r];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      float* a = ws.acc.data() + r * d;
 #pragma omp simd
-    for (int64_t i = 0; i < d; ++i) a[i] *= inv;
-    out_row(g, a);
-    lse_out(g, l > 0.f ? ws.m[g] + std::log(l) : kNegInf);
+      for (int64_t i = 0; i < d; ++i) a[i] *= inv;
+      out_row(kvh * group + g, a);
+      lse_out(kvh * group + g, l > 0.f ? (ws.m[r] + std::log2(l)) * kLn2 : kNegInf);
+    }
   }
 }
 
 template <typename T>
 void decode_impl(const DecodeParams& p) {
   const int64_t group = p.h / p.h_k, d = p.d, splits = p.num_splits;
-  const int64_t items = p.b * p.h_k * splits;
-  at::parallel_for(0, items, 1, [&](int64_t it0, int64_t it1) {
-    Workspace ws(group, d);
+  at::parallel_for(0, p.b * splits, 1, [&](int64_t it0, int64_t it1) {
+    Workspace ws(p.h_k, group, d);
     for (int64_t it = it0; it < it1; ++it) {
-      const int64_t s = it % splits;
-      const int64_t kvh = (it / splits) % p.h_k;
-      const int64_t b = it / (splits * p.h_k);
+      const int64_t s = it % splits, b = it / splits;
       const int64_t len = std::min<int64_t>(std::max<int32_t>(p.cache_seqlens[b], 0), p.seqlen_k_max);
       int64_t begin, end;
       decode::split_range(len, splits, s, kKeyBlock, &begin, &end);
-      const int64_t h0 = kvh * group;
       if (splits == 1) {
         T* out = static_cast<T*>(p.out) + b * p.out_batch_stride;
         decode_item<T>(
-            p, b, kvh, begin, end, ws,
-            [&](int64_t g, const float* row) { cpu::store_row(row, out + (h0 + g) * p.out_head_stride, d); },
-            [&](int64_t g, float lse) { p.lse[b * p.h + h0 + g] = lse; });
+            p, b, begin, end, ws,
+            [&](int64_t h, const float* row) { cpu::store_row(row, out + h * p.out_head_stride, d); },
+            [&](int64_t h, float lse) { p.lse[b * p.h + h] = lse; });
       } else {
         // Partials: out_partial (splits, b, h, d), lse_partial (splits, b, h).
-        const int64_t row0 = (s * p.b + b) * p.h + h0;
+        const int64_t row0 = (s * p.b + b) * p.h;
         decode_item<T>(
-            p, b, kvh, begin, end, ws,
-            [&](int64_t g, const float* row) {
-              std::memcpy(p.out_partial + (row0 + g) * d, row, static_cast<size_t>(d) * sizeof(float));
+            p, b, begin, end, ws,
+            [&](int64_t h, const float* row) {
+              std::memcpy(p.out_partial + (row0 + h) * d, row, static_cast<size_t>(d) * sizeof(float));
             },
-            [&](int64_t g, float lse) { p.lse_partial[row0 + g] = lse; });
+            [&](int64_t h, float lse) { p.lse_partial[row0 + h] = lse; });
       }
     }
   });
   if (splits == 1) return;
-
   // Exact merge of the splits, in split order: lse = log sum_s exp(lse_s) and
   // out = sum_s exp(lse_s - lse) out_s.
   at::parallel_for(0, p.b * p.h, 16, [&](int64_t r0, int64_t r1) {
@@ -224,11 +346,12 @@ size_t element_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 }  // namespace
 
 int64_t decode_num_splits_cpu(int64_t b, int64_t h_k, int64_t seqlen_k_max) {
-  // Enough (batch, kv head, split) items to keep any CPU's threads busy, but splits of at
-  // least 512 keys so the merge stays negligible. Shapes only: the same split (and so the
-  // same bits) on any machine and thread count.
-  constexpr int64_t kTargetItems = 128, kMinKeysPerSplit = 512;
-  const int64_t base = std::max<int64_t>(1, b * h_k);
+  // Enough (batch, split) items to keep any CPU's threads busy, but splits of at least 512
+  // keys so the merge stays negligible. Shapes only: the same split (and so the same bits)
+  // on any machine and thread count.
+  constexpr int64_t kTargetItems = 64, kMinKeysPerSplit = 512;
+  (void)h_k;
+  const int64_t base = std::max<int64_t>(1, b);
   const int64_t want = (kTargetItems + base - 1) / base;
   const int64_t cap = std::max<int64_t>(1, seqlen_k_max / kMinKeysPerSplit);
   return std::max<int64_t>(1, std::min({want, cap, decode::kMaxSplits}));
