@@ -69,11 +69,13 @@ def test_decode_matches_reference_all_splits(device, heads):
         torch.testing.assert_close(outs[n][1], outs[1][1], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")]
+DEVICE_DTYPES = [("cpu", torch.float32), ("cpu", torch.float16), ("cpu", torch.bfloat16)] + [
+    pytest.param("cuda", dt, marks=_CUDA) for dt in dtypes_for("cuda", cuda_16bit_only=True)]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES, ids=lambda x: str(x).replace("torch.", ""))
 def test_decode_dtypes(device, dtype):
-    if dtype not in dtypes_for(device, cuda_16bit_only=True):
-        pytest.skip("CUDA decode is fp16/bf16 only")
     D = 128 if device == "cuda" else 64
     lengths = [5, 1000, 0]
     kc, vc = _cache(3, 1000, 2, D, dtype, device)
@@ -272,6 +274,23 @@ def test_bad_inputs():
         app(kc, vc, k, k, sl.long())
     with pytest.raises(ValueError, match="cache_seqlens must be int32"):
         torch.ops.fastattn.append_kv(kc, vc, k, k, sl.long())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_bad_inputs():
+    kc, vc = _cache(2, 8, 2, 40, torch.float16, "cuda")
+    sl = _seqlens([3, 8], "cuda")
+    with pytest.raises(ValueError, match="head dim 40 is not supported on CUDA"):
+        fastattn.decode_attention(torch.randn(2, 4, 40, dtype=torch.float16, device="cuda"), kc, vc, sl)
+    kc32, vc32 = kc.float(), vc.float()
+    with pytest.raises(ValueError, match="q must be float16 or bfloat16 on CUDA"):
+        fastattn.decode_attention(torch.randn(2, 4, 40, device="cuda"), kc32, vc32, sl)
+    with pytest.raises(ValueError, match="cache_seqlens is on cpu"):
+        fastattn.decode_attention(torch.randn(2, 4, 40, dtype=torch.float16, device="cuda"), kc, vc, sl.cpu())
+    k = torch.randn(2, 3, 2, 40, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match="exceeds the cache capacity S_max = 8"):
+        fastattn.append_kv(kc, vc, k, k, _seqlens([5, 6], "cuda"))
 
 
 @pytest.mark.cuda
