@@ -268,6 +268,7 @@ inline void cp_async_wait() {
 
 using namespace fastattn;
 using namespace fastattn::decode_kernels;
+namespace decode = fastattn::decode;
 
 namespace {
 
@@ -341,4 +342,9 @@ extern "C" int append_kv_emulate(void** ptrs, const int64_t* ints) {
     emu::launch(grid, 256, 0, [&] { append_kv_kernel<uint16_t>(p, es); });
   if (emu::g_error) std::fprintf(stderr, "append_kv_emulate: %s\n", emu::g_error);
   return emu::g_error ? 1 : 0;
+}
+
+// The split heuristic decode_num_splits_cuda applies (decode_split.h), for tests.
+extern "C" int64_t decode_num_splits_for_slots(int64_t blocks, int64_t slots, int64_t seqlen_k_max) {
+  return decode::num_splits_for_slots(blocks, slots, seqlen_k_max, kBlockN);
 }

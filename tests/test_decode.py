@@ -244,6 +244,10 @@ def test_bad_inputs():
         dec(q, kc, vc, sl, num_splits=-1)
     with pytest.raises(TypeError, match="cache_seqlens must be a torch.Tensor"):
         dec(q, kc, vc, [3, 8])
+    with pytest.raises(ValueError, match="cache_seqlens is on meta but must be on cpu"):
+        dec(q, kc, vc, sl.to("meta"))
+    with pytest.raises(ValueError, match="k_cache must be 4-D"):
+        dec(q, kc[0], vc[0], sl)
     # Direct op callers get the binding's checks.
     with pytest.raises(ValueError, match="cache_seqlens must be int32"):
         torch.ops.fastattn.decode_attention(q, kc, vc, sl.long(), None, 0)

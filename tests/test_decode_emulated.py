@@ -40,6 +40,8 @@ def emu(tmp_path_factory):
     dll.decode_emulate.restype = ctypes.c_int
     dll.decode_emulate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
                                    ctypes.c_float, ctypes.c_int]
+    dll.decode_num_splits_for_slots.restype = ctypes.c_int64
+    dll.decode_num_splits_for_slots.argtypes = [ctypes.c_int64] * 3
     dll.append_kv_emulate.restype = ctypes.c_int
     dll.append_kv_emulate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64)]
     return dll
@@ -129,3 +131,20 @@ def test_emulated_append_kv_kernel(emu):
                                          B, Sn, S, Hk, D, es, vec, 2))
         assert rc == 0
         assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), (dtype, vec)
+
+
+def test_split_heuristic_fills_one_wave(emu):
+    """decode_num_splits_cuda's rule (decode_split.h) on an H100 (132 SMs, one block per SM
+    at D = 128): a grid that fills the GPU is not split; a small one is split to fill ONE
+    wave without a straggler second wave; never below 2 key tiles per split."""
+    f = emu.decode_num_splits_for_slots
+    assert f(64 * 8, 132, 4096) == 1            # batch 64 x 8 kv heads: already 3.9 waves
+    assert f(1 * 8, 132, 65536) == 16           # batch 1: 16 x 8 = 128 blocks <= 132
+    assert f(1 * 1, 132, 131072) == 128         # MQA batch 1: capped at kMaxSplits
+    assert f(1 * 8, 132, 1024) == 4             # short cache: >= 2 tiles of 128 keys per split
+    assert f(1 * 8, 132, 100) == 1
+    for blocks in (1, 3, 8, 17, 40, 100, 105, 106, 200):
+        for s in (1, 300, 4096, 131072):
+            n = f(blocks, 132, s)
+            assert 1 <= n <= 128
+            assert n == 1 or blocks * n <= 132

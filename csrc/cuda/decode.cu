@@ -108,17 +108,10 @@ bool decode_cuda_supports_layout(const DecodeParams& p) {
 
 int64_t decode_num_splits_cuda(int64_t b, int64_t h, int64_t h_k, int64_t seqlen_k_max, int64_t d, int num_sms) {
   // Shapes and SM count only (never cache_seqlens): a CUDA graph replays the same split.
-  // One block per SM fits at D = 128 (two at D = 64, by shared memory); split until about
-  // one full wave of blocks runs, but keep >= 2 tiles per split so the partial writes and
-  // the combine stay small next to the cache reads.
+  // By shared memory one block per SM fits at D = 128, two at D = 64.
   const int64_t slices = (h / std::max<int64_t>(h_k, 1) + kHeadsPerBlock - 1) / kHeadsPerBlock;
-  const int64_t blocks = std::max<int64_t>(1, b * h_k * slices);
   const int64_t slots = int64_t(std::max(num_sms, 1)) * (d <= 64 ? 2 : 1);
-  if (blocks * 5 >= slots * 4) return 1;
-  const int64_t want = (slots + blocks - 1) / blocks;
-  const int64_t tiles = (seqlen_k_max + kBlockN - 1) / kBlockN;
-  const int64_t cap = std::max<int64_t>(1, tiles / 2);
-  return std::max<int64_t>(1, std::min({want, cap, decode::kMaxSplits}));
+  return decode::num_splits_for_slots(b * h_k * slices, slots, seqlen_k_max, kBlockN);
 }
 
 cudaError_t decode_attention_cuda(const DecodeParams& p, cudaStream_t stream) {

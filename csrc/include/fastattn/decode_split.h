@@ -35,5 +35,21 @@ FASTATTN_DECODE_HD void split_range(int64_t len, int64_t num_splits, int64_t spl
   *end = b + chunk < len ? b + chunk : len;
 }
 
+// Split-KV factor for a grid of `blocks` (batch x kv heads x head slices) on a device that
+// runs `slots` blocks at once: with at least ~80% of a wave already, no split; otherwise
+// the most splits that still fit in ONE wave (floor, so e.g. 8 kv heads on 132 SMs take 16
+// splits = 128 blocks, not 17 = 136 blocks, a second wave of 4), but at least 2 key blocks
+// per split so partial writes and the combine stay small next to the cache reads.
+FASTATTN_DECODE_HD int64_t num_splits_for_slots(int64_t blocks, int64_t slots, int64_t seqlen_k_max,
+                                                int64_t key_block) {
+  if (blocks < 1) blocks = 1;
+  if (blocks * 5 >= slots * 4) return 1;
+  int64_t n = slots / blocks;
+  const int64_t tiles = (seqlen_k_max + key_block - 1) / key_block;
+  if (n > tiles / 2) n = tiles / 2;
+  if (n > kMaxSplits) n = kMaxSplits;
+  return n < 1 ? 1 : n;
+}
+
 }  // namespace decode
 }  // namespace fastattn
