@@ -7,19 +7,22 @@
 // natural-log sum of the exponentiated scores (-inf, with out = 0, when len_b == 0).
 // append_kv copies new rows into the caches at rows cache_seqlens[b] + i.
 //
-// Why it is fast: decode is bound by reading the cache, so every K/V row is read from memory
+// Why it is fast: decode reads the whole cache at every step, so every K/V row is read from memory
 // exactly once and used by all G query heads of its group. Work is split over ATen's thread
 // pool by (batch, split). Each item walks its keys in blocks of kKeyBlock rows and, inside a
 // block, every kv head in turn: in the usual (B, S, Hk, D) layout the rows of all heads of a
 // key are adjacent, so an item streams through contiguous memory (the hardware prefetchers
-// and the TLB keep up) instead of hopping by the Hk * D row stride, one page per row, as a
-// per-kv-head walk (and torch's SDPA on the transposed view) does. Per head, the block of K
-// (converted once to fp32 for 16-bit caches, so it sits in L1) is dotted with the G
-// pre-scaled query rows, 4 heads at a time in registers (16-float vectors); an online
-// softmax (vectorised exp2) updates each head once per block; then each V chunk is
-// accumulated into 4 output rows held in registers. Split-KV items write a normalised
-// partial output and its lse; a second pass merges them in split order, so the result does
-// not depend on the thread count, and num_splits = 0 is chosen from the shapes only.
+// and the TLB keep up, helped by an explicit prefetch of each head's next block) instead of
+// hopping by the Hk * D row stride, one page per row, as a per-kv-head walk (and torch's
+// SDPA on the transposed view) does. Per head, the block of K (converted once to fp32 for
+// 16-bit caches, so it sits in L1) is dotted with the G pre-scaled query rows in register
+// tiles of 4 keys x 4 heads (16-float vectors: each query chunk is loaded once for 4 keys),
+// an online softmax (vectorised exp2) updates each head once per block, then each V chunk
+// is accumulated into 4 output rows held in registers across the block. With this, fp32
+// decode at G = 4 is bound by the FMA units (2 * G * D FMAs per key and kv head), not by
+// loads. Split-KV items write a normalised partial output and its lse; a second pass
+// merges them in split order, so the result does not depend on the thread count, and
+// num_splits = 0 is chosen from the shapes only.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
