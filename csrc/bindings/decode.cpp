@@ -154,9 +154,15 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
     }
     FA_CHECK_ARG(decode_cuda_supports_layout(p), "fastattn.decode_attention: shape too large for the CUDA grid (B = ",
                  b, ", Hk = ", h_k, ")");
-    int num_sms = 0;
+    int num_sms = 0, smem_optin = 0;
     FA_CUDA_CHECK_LAUNCH(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q.device().index()),
                          "device query");
+    FA_CUDA_CHECK_LAUNCH(
+        cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.device().index()),
+        "device query");
+    TORCH_CHECK(smem_optin >= decode_cuda_smem_bytes(d), "fastattn.decode_attention: head dim ", d,
+                " needs ", decode_cuda_smem_bytes(d), " bytes of shared memory per block, this GPU allows ",
+                smem_optin);
     p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cuda(b, h, h_k, s_max, d, num_sms);
     alloc_scratch();
     FA_CUDA_CHECK_LAUNCH(decode_attention_cuda(p, current_stream(q)), "decode_attention");

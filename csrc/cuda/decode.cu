@@ -99,6 +99,10 @@ bool aligned16(const void* ptr, int64_t byte_stride_a, int64_t byte_stride_b, in
 
 bool decode_cuda_supports_head_dim(int64_t d) { return d == 64 || d == 128; }
 
+int64_t decode_cuda_smem_bytes(int64_t d) {
+  return d == 64 ? int64_t(DecodeSmem<64>::kBytes) : (d == 128 ? int64_t(DecodeSmem<128>::kBytes) : 0);
+}
+
 bool decode_cuda_supports_layout(const DecodeParams& p) {
   const int64_t slices = (p.h / p.h_k + kHeadsPerBlock - 1) / kHeadsPerBlock;
   return aligned16(p.k_cache, p.k_batch_stride * 2, p.k_row_stride * 2, p.k_head_stride * 2) &&

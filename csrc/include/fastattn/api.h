@@ -72,6 +72,9 @@ bool flash_bwd_cuda_supports_head_dim(int64_t d);
 // Returns cudaErrorInvalidValue outside the supported list (see the supports_* helpers).
 cudaError_t decode_attention_cuda(const DecodeParams& params, cudaStream_t stream);
 bool decode_cuda_supports_head_dim(int64_t d);
+// Dynamic shared memory one decode block needs (148 KiB at d = 128, 76 KiB at d = 64): more
+// than the 99 KiB opt-in limit of sm_86 / sm_89 at d = 128.
+int64_t decode_cuda_smem_bytes(int64_t d);
 // True when k/v caches are 16-byte aligned with every stride a multiple of 8 elements, and
 // the grid fits (b <= 65535, h_k * ceil(group / 32) <= 65535).
 bool decode_cuda_supports_layout(const DecodeParams& params);
