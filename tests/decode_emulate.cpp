@@ -12,7 +12,7 @@
 //     still read shows up. Mode bit 1 schedules the fibers in reverse order.
 //   * __half / __nv_bfloat16: 16-bit storage, round-to-nearest-even conversions.
 // Shared memory is filled with NaN bytes at every block start: reading anything the block
-// did not write poisons the result. The launch geometry mirrors launch_decode in decode.cu.
+// did not write poisons the result. The grid comes from decode_grid(), as in decode.cu.
 #include <ucontext.h>
 
 #include <cmath>
@@ -274,9 +274,8 @@ namespace {
 
 template <typename T, int kD>
 void run_decode(const DecodeParams& p) {
-  const int64_t group = p.h / p.h_k;
-  const int64_t slices = (group + kHeadsPerBlock - 1) / kHeadsPerBlock;
-  const int64_t grid[3] = {p.num_splits, p.h_k * slices, p.b};
+  int64_t grid[3];
+  decode_grid(p, grid);
   emu::launch(grid, kThreads, DecodeSmem<kD>::kBytes, [&] { decode_kernel<T, kD>(p); });
   if (p.num_splits > 1) {
     const int64_t g2[3] = {p.b * p.h, 1, 1};

@@ -89,6 +89,8 @@ CASES = [
     (torch.float16, 128, 40, 1, [140], 140, 1, True, 3),               # G = 40: two blocks per kv head
     (torch.bfloat16, 64, 2, 2, [1, 600], 600, 8, False, 1),            # MHA, more splits than tiles
     (torch.float16, 128, 17, 1, [33, 0], 64, 2, False, 0),             # G = 17: four head slices
+    (torch.float16, 128, 4, 4, [513, 1000, 31], 1000, 5, True, 1),     # MHA, D 128, splits, late copies
+    (torch.bfloat16, 128, 12, 1, [700], 700, 1, False, 3),             # G = 12, one split: 6 tiles
 ]
 
 

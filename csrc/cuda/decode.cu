@@ -68,10 +68,9 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   constexpr size_t kSmem = DecodeSmem<kD>::kBytes;
   auto kernel = decode_kernel<T, kD>;
   FASTATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
-  const int64_t group = p.h / p.h_k;
-  const int64_t slices = (group + kHeadsPerBlock - 1) / kHeadsPerBlock;
-  const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.h_k * slices),
-                  static_cast<unsigned>(p.b));
+  int64_t g[3];
+  decode_grid(p, g);
+  const dim3 grid(static_cast<unsigned>(g[0]), static_cast<unsigned>(g[1]), static_cast<unsigned>(g[2]));
   kernel<<<grid, kThreads, kSmem, stream>>>(p);
   FASTATTN_CUDA_LAUNCH_CHECK();
   if (p.num_splits > 1) {

@@ -86,6 +86,16 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Launch geometry of decode_kernel: (num_splits, h_k * head slices, b), kThreads threads; the
+// combine kernel (when num_splits > 1) runs b * h blocks of kD threads. Host code; shared by
+// decode.cu and the emulator so both launch the same grid.
+inline void decode_grid(const DecodeParams& p, int64_t (&grid)[3]) {
+  const int64_t slices = (p.h / p.h_k + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  grid[0] = p.num_splits;
+  grid[1] = p.h_k * slices;
+  grid[2] = p.b;
+}
+
 template <int kD>
 struct DecodeSmem {
   static constexpr int kTileElems = kBlockN * kD;                       // one K or V tile
