@@ -143,7 +143,7 @@ def decode_attention(
     Returns:
         out with q's shape and dtype, or ``(out, lse)`` with return_lse.
 
-    Not differentiable (an inference op). Accumulation is fp32.
+    Not differentiable (an inference op): the outputs never require grad. Accumulation is fp32.
     """
     check_float(q, "q", cuda_16bit_only=True)
     _check_caches(k_cache, v_cache)

@@ -191,6 +191,15 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastattn.append_kv, (kc, vc, k, v, _seqlens([3, 30], "cpu")))
 
 
+def test_decode_is_not_differentiable():
+    kc, vc = _cache(2, 8, 2, 16, torch.float32, "cpu")
+    q = torch.randn(2, 4, 16, requires_grad=True)
+    out, lse = fastattn.decode_attention(q, kc, vc, _seqlens([8, 3], "cpu"), return_lse=True)
+    assert not out.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        out.sum().backward()
+
+
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     kc, vc = _cache(2, 40, 2, 16, torch.float32, "cpu")
