@@ -132,12 +132,17 @@ inline void prefetch_rows(const T* base, int64_t row_stride, int64_t rows, int64
   }
 }
 
-// Block rows as fp32 row pointers: straight into an fp32 cache, or converted once into buf.
+// Block rows as fp32 row pointers: straight into an fp32 cache, or converted (or, with
+// always_copy, copied) once into buf, row after row.
 template <typename T>
 inline void block_rows(const T* base, int64_t row_stride, int64_t n, int64_t d, float* buf,
-                       const float** rows) {
+                       const float** rows, bool always_copy = false) {
   for (int64_t j = 0; j < n; ++j) {
-    if constexpr (std::is_same<T, float>::value) {
+    if (std::is_same<T, float>::value && !always_copy) {
+      rows[j] = reinterpret_cast<const float*>(base + j * row_stride);
+    } else if constexpr (std::is_same<T, float>::value) {
+      std::memcpy(buf + j * d, base + j * row_stride, static_cast<size_t>(d) * sizeof(float));
+      rows[j] = buf + j * d;
       rows[j] = base + j * row_stride;
     } else {
       load_row(base + j * row_stride, buf + j * d, d);
@@ -323,8 +328,11 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t begin, int64_t end, W
           for (int64_t i = 0; i < d; ++i) a[i] *= alpha;
         }
       }
-      // P V: each V row is read (and converted) once for all output rows.
-      block_rows(vc + k0 * p.v_row_stride + kvh * p.v_head_stride, p.v_row_stride, n, d, ws.v.data(), vrows);
+      // P V: each V row is read (and converted) once for all output rows. pv_tile walks the
+      // block chunk by chunk, i.e. across rows Hk * D apart in the cache: staging the rows
+      // in L1 first (one sequential read per row, for fp32 too) keeps those reads off DRAM.
+      block_rows(vc + k0 * p.v_row_stride + kvh * p.v_head_stride, p.v_row_stride, n, d, ws.v.data(), vrows,
+                 /*always_copy=*/true);
       for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) pv_tile(sc + g0 * kKeyBlock, vrows, n, d, acc + g0 * d);
     }
   }
