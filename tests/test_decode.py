@@ -191,6 +191,21 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastattn.append_kv, (kc, vc, k, v, _seqlens([3, 30], "cpu")))
 
 
+def test_decode_cpu_bits_do_not_depend_on_thread_count():
+    kc, vc = _cache(2, 700, 2, 32, torch.float32, "cpu")
+    q = torch.randn(2, 8, 32)
+    seqlens = _seqlens([700, 333], "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fastattn.decode_attention(q, kc, vc, seqlens, return_lse=True)  # auto splits > 1 here
+        torch.set_num_threads(max(2, threads))
+        many = fastattn.decode_attention(q, kc, vc, seqlens, return_lse=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
 def test_decode_is_not_differentiable():
     kc, vc = _cache(2, 8, 2, 16, torch.float32, "cpu")
     q = torch.randn(2, 4, 16, requires_grad=True)
