@@ -91,6 +91,8 @@ CASES = [
     (torch.float16, 128, 17, 1, [33, 0], 64, 2, False, 0),             # G = 17: four head slices
     (torch.float16, 128, 4, 4, [513, 1000, 31], 1000, 5, True, 1),     # MHA, D 128, splits, late copies
     (torch.bfloat16, 128, 12, 1, [700], 700, 1, False, 3),             # G = 12, one split: 6 tiles
+    (torch.float16, 64, 10, 2, [129, 128], 130, 1, False, 1),          # G = 5, a 1-key tail tile
+    (torch.bfloat16, 128, 32, 1, [400, 2], 400, 4, False, 2),          # MQA, G = 32: full head slice
 ]
 
 
