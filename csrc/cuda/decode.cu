@@ -46,7 +46,11 @@
 // CPU); this file holds the launchers and the split heuristic.
 //
 // NOTE: written and compile-checked (sm_80, sm_90a) without access to a GPU; it has never
-// run on one. The tile size, stage count and split heuristic are first guesses to tune there.
+// run on one. tests/test_decode_emulated.py runs the kernels' own code on the CPU (fibers for
+// threads, host cp.async / shuffles / barriers) against the reference, which checks the
+// indexing, warp roles, pipelining order, masking and merges, but not the CUDA compiler,
+// real asynchrony or speed. The tile size, stage count and split heuristic are first
+// guesses to tune on a GPU.
 #include <cuda_runtime.h>
 
 #include <algorithm>
