@@ -128,7 +128,7 @@ def decode_attention(
             on CUDA. Last dim contiguous.
         k_cache, v_cache: (B, S_max, Hk, D), q's dtype, ``H % Hk == 0`` (GQA/MQA, query head
             h reads kv head ``h // (H // Hk)``). Last dim contiguous; other strides are free
-            (e.g. a view of a larger cache). CUDA: D in {64, 128}; CPU: any D.
+            (e.g. a view of a larger cache). CUDA: D in {64, 128, 256}; CPU: any D.
         cache_seqlens: (B,) int32 on q's device; sequence b attends to cache rows
             ``[0, cache_seqlens[b])``. A sequence of length 0 gets out = 0 and lse = -inf.
             Values must lie in [0, S_max]: checked on the CPU; on CUDA they are not read on

@@ -310,6 +310,8 @@ extern "C" int decode_emulate(void** ptrs, const int64_t* ints, float softmax_sc
     bf16 ? run_decode<__nv_bfloat16, 64>(p) : run_decode<__half, 64>(p);
   else if (p.d == 128)
     bf16 ? run_decode<__nv_bfloat16, 128>(p) : run_decode<__half, 128>(p);
+  else if (p.d == 256)
+    bf16 ? run_decode<__nv_bfloat16, 256>(p) : run_decode<__half, 256>(p);
   else
     emu::fail("unsupported head dim");
   if (emu::g_error) std::fprintf(stderr, "decode_emulate: %s\n", emu::g_error);
@@ -343,7 +345,7 @@ extern "C" int append_kv_emulate(void** ptrs, const int64_t* ints) {
   return emu::g_error ? 1 : 0;
 }
 
-// The split heuristic decode_num_splits_cuda applies (decode_split.h), for tests.
+// The split heuristic decode_num_splits_cuda applies (decode_split.h), at D = 128, for tests.
 extern "C" int64_t decode_num_splits_for_slots(int64_t blocks, int64_t slots, int64_t seqlen_k_max) {
-  return decode::num_splits_for_slots(blocks, slots, seqlen_k_max, kBlockN);
+  return decode::num_splits_for_slots(blocks, slots, seqlen_k_max, block_n_for(128));
 }

@@ -306,6 +306,18 @@ def test_bad_inputs():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_cuda_head_dims(d):
+    kc, vc = _cache(3, 500, 2, d, torch.bfloat16, "cuda")
+    q = torch.randn(3, 20, d, dtype=torch.bfloat16, device="cuda")  # group 10
+    seqlens = _seqlens([500, 1, 0], "cuda")
+    for num_splits in (1, 3, 0):
+        out, lse = fastattn.decode_attention(q, kc, vc, seqlens, num_splits=num_splits, return_lse=True)
+        _check_against_reference(q, kc, vc, seqlens, out, lse)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 def test_cuda_bad_inputs():
     kc, vc = _cache(2, 8, 2, 40, torch.float16, "cuda")
     sl = _seqlens([3, 8], "cuda")
@@ -363,7 +375,15 @@ def test_cuda_graph_capture_and_replay():
 # ---- CUDA kernel layout checks that need no GPU -----------------------------------------
 # (tests/test_decode_emulated.py runs the kernels' own code on the CPU; these check what an
 # emulation cannot see: shared-memory bank conflicts and the shared-memory budget.)
-_BLOCK_N, _WARPS, _HEADS_PER_WARP, _HEADS_PER_BLOCK = 128, 4, 8, 32  # decode_kernels.cuh
+_WARPS, _HEADS_PER_WARP = 4, 8  # decode_kernels.cuh
+
+
+def _block_n(d):  # block_n_for() / heads_per_block_for() in decode_kernels.cuh
+    return 128 if d <= 128 else 64
+
+
+def _heads_per_block(d):
+    return 32 if d <= 128 else 16
 
 
 def _swz(row, col, d):
@@ -371,15 +391,16 @@ def _swz(row, col, d):
     return row * d + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7))
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_cuda_smem_swizzle_is_a_conflict_free_bijection(d):
-    # Bijection over a [128][d] tile.
-    offs = {_swz(r, c, d) for r in range(_BLOCK_N) for c in range(d)}
-    assert offs == set(range(_BLOCK_N * d))
+    block_n = _block_n(d)
+    # Bijection over a [block_n][d] tile.
+    offs = {_swz(r, c, d) for r in range(block_n) for c in range(d)}
+    assert offs == set(range(block_n * d))
     bank = lambda elem: (elem * 2 // 4) % 32  # 16-bit elements, 4-byte banks
     # Q K^T: lane l reads 16 bytes (chunk c) of row st*32 + l; a 16-byte warp load is served
     # in 4 phases of 8 lanes, each of which must touch 32 distinct banks.
-    for st in range(4):
+    for st in range(block_n // 32):
         for c in range(d // 8):
             for phase in range(4):
                 banks = [bank(_swz(st * 32 + phase * 8 + l, c * 8, d)) + w for l in range(8) for w in range(4)]
@@ -396,5 +417,5 @@ def test_cuda_smem_swizzle_is_a_conflict_free_bijection(d):
                 banks += [bank(e) + w for w in range(dpl * 2 // 4)]
             assert len(set(banks)) == len(banks) == 32
     # Shared memory per block fits an A100 (163 KiB opt-in) and so an H100.
-    smem = 2 * 2 * _BLOCK_N * d * 2 + _HEADS_PER_BLOCK * d * 4 + _WARPS * _HEADS_PER_WARP * 32 * 4
+    smem = 2 * 2 * block_n * d * 2 + _heads_per_block(d) * d * 4 + _WARPS * _HEADS_PER_WARP * 32 * 4
     assert smem <= 163 * 1024

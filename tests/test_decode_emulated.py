@@ -23,7 +23,6 @@ from fastattn import reference
 from conftest import assert_error_ratio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCK_N, HEADS_PER_BLOCK = 128, 32  # decode_kernels.cuh
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +92,8 @@ CASES = [
     (torch.bfloat16, 128, 12, 1, [700], 700, 1, False, 3),             # G = 12, one split: 6 tiles
     (torch.float16, 64, 10, 2, [129, 128], 130, 1, False, 1),          # G = 5, a 1-key tail tile
     (torch.bfloat16, 128, 32, 1, [400, 2], 400, 4, False, 2),          # MQA, G = 32: full head slice
+    (torch.bfloat16, 256, 8, 2, [130, 64], 130, 2, True, 1),           # D 256: 64-key tiles
+    (torch.float16, 256, 20, 1, [70, 200], 200, 1, False, 2),          # D 256, G = 20: 16-head slices
 ]
 
 

@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
   if (q.is_cuda()) {
 #ifdef FASTATTN_WITH_CUDA
     FA_CHECK_ARG(decode_cuda_supports_head_dim(d), "fastattn.decode_attention: head dim ", d,
-                 " is not supported on CUDA (supported: 64, 128)");
+                 " is not supported on CUDA (supported: 64, 128, 256)");
     const c10::cuda::CUDAGuard guard(q.device());
     // A cache view the 16-byte loads cannot use (odd strides or offset): run on a compact
     // copy instead. Correct, but it costs a full copy of the cache.

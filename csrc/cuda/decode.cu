@@ -15,7 +15,7 @@
 //     each re-reading the rows). G is a runtime value, any 1..32: nothing is instantiated
 //     per group size.
 //   * Loads are 16-byte cp.async copies of 128-key tiles (64 KiB of K + V per tile at
-//     D = 128), double buffered: while a tile is consumed the next one is in flight, which
+//     D = 128; 64-key tiles at D = 256, where a block holds 16 query heads), double buffered: while a tile is consumed the next one is in flight, which
 //     is more than the bandwidth-latency product of an SM (~25-40 KB) on A100/H100.
 //     Shared-memory rows are XOR-swizzled (16-byte chunk c of row r at c ^ (r & 7)), so both
 //     the row-per-lane reads of Q K^T and the row-per-warp reads of P V are conflict free.
@@ -100,14 +100,20 @@ bool aligned16(const void* ptr, int64_t byte_stride_a, int64_t byte_stride_b, in
 
 }  // namespace
 
-bool decode_cuda_supports_head_dim(int64_t d) { return d == 64 || d == 128; }
+bool decode_cuda_supports_head_dim(int64_t d) { return d == 64 || d == 128 || d == 256; }
 
 int64_t decode_cuda_smem_bytes(int64_t d) {
-  return d == 64 ? int64_t(DecodeSmem<64>::kBytes) : (d == 128 ? int64_t(DecodeSmem<128>::kBytes) : 0);
+  switch (d) {
+    case 64: return int64_t(DecodeSmem<64>::kBytes);
+    case 128: return int64_t(DecodeSmem<128>::kBytes);
+    case 256: return int64_t(DecodeSmem<256>::kBytes);
+    default: return 0;
+  }
 }
 
 bool decode_cuda_supports_layout(const DecodeParams& p) {
-  const int64_t slices = (p.h / p.h_k + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  const int64_t hpb = heads_per_block_for(static_cast<int>(p.d));
+  const int64_t slices = (p.h / p.h_k + hpb - 1) / hpb;
   return aligned16(p.k_cache, p.k_batch_stride * 2, p.k_row_stride * 2, p.k_head_stride * 2) &&
          aligned16(p.v_cache, p.v_batch_stride * 2, p.v_row_stride * 2, p.v_head_stride * 2) &&
          p.b <= 65535 && p.h_k * slices <= 65535;
@@ -115,10 +121,11 @@ bool decode_cuda_supports_layout(const DecodeParams& p) {
 
 int64_t decode_num_splits_cuda(int64_t b, int64_t h, int64_t h_k, int64_t seqlen_k_max, int64_t d, int num_sms) {
   // Shapes and SM count only (never cache_seqlens): a CUDA graph replays the same split.
-  // By shared memory one block per SM fits at D = 128, two at D = 64.
-  const int64_t slices = (h / std::max<int64_t>(h_k, 1) + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  // By shared memory one block per SM fits at D = 128 and 256, two at D = 64.
+  const int64_t hpb = heads_per_block_for(static_cast<int>(d));
+  const int64_t slices = (h / std::max<int64_t>(h_k, 1) + hpb - 1) / hpb;
   const int64_t slots = int64_t(std::max(num_sms, 1)) * (d <= 64 ? 2 : 1);
-  return decode::num_splits_for_slots(b * h_k * slices, slots, seqlen_k_max, kBlockN);
+  return decode::num_splits_for_slots(b * h_k * slices, slots, seqlen_k_max, block_n_for(static_cast<int>(d)));
 }
 
 cudaError_t decode_attention_cuda(const DecodeParams& p, cudaStream_t stream) {
@@ -129,6 +136,7 @@ cudaError_t decode_attention_cuda(const DecodeParams& p, cudaStream_t stream) {
   switch (p.d) {
     case 64: return dispatch_dtype<64>(p, stream);
     case 128: return dispatch_dtype<128>(p, stream);
+    case 256: return dispatch_dtype<256>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -21,11 +21,14 @@ namespace decode_kernels {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kBlockN = 128;            // keys per tile
-constexpr int kStepsPerTile = kBlockN / 32;
 constexpr int kStages = 2;              // tiles in shared memory (double buffering)
 constexpr int kHeadsPerWarp = 8;        // fixed register arrays; runtime count <= 8
-constexpr int kHeadsPerBlock = 32;      // kWarps * kHeadsPerWarp
+
+// Per head dim: keys per tile and query heads per block, sized so that the double-buffered
+// K/V tiles plus the fp32 query rows fit A100's 163 KiB of shared memory per block:
+// 128 keys x 32 heads (= kWarps * kHeadsPerWarp) up to D = 128, 64 keys x 16 heads at D = 256.
+__host__ __device__ constexpr int block_n_for(int d) { return d <= 128 ? 128 : 64; }
+__host__ __device__ constexpr int heads_per_block_for(int d) { return d <= 128 ? 32 : 16; }
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -90,7 +93,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 // combine kernel (when num_splits > 1) runs b * h blocks of kD threads. Host code; shared by
 // decode.cu and the emulator so both launch the same grid.
 inline void decode_grid(const DecodeParams& p, int64_t (&grid)[3]) {
-  const int64_t slices = (p.h / p.h_k + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  const int64_t hpb = heads_per_block_for(static_cast<int>(p.d));
+  const int64_t slices = (p.h / p.h_k + hpb - 1) / hpb;
   grid[0] = p.num_splits;
   grid[1] = p.h_k * slices;
   grid[2] = p.b;
@@ -98,9 +102,9 @@ inline void decode_grid(const DecodeParams& p, int64_t (&grid)[3]) {
 
 template <int kD>
 struct DecodeSmem {
-  static constexpr int kTileElems = kBlockN * kD;                       // one K or V tile
+  static constexpr int kTileElems = block_n_for(kD) * kD;               // one K or V tile
   static constexpr size_t kKV = size_t(2) * kStages * kTileElems * 2;   // bytes, 16-bit
-  static constexpr size_t kQ = size_t(kHeadsPerBlock) * kD * 4;         // fp32 query rows
+  static constexpr size_t kQ = size_t(heads_per_block_for(kD)) * kD * 4;  // fp32 query rows
   static constexpr size_t kP = size_t(kWarps) * kHeadsPerWarp * 32 * 4;  // per-warp probabilities
   static constexpr size_t kBytes = kKV + kQ + kP;
   // The end-of-block merge reuses the K/V area: per warp, 8 heads x (kD outputs + m + l).
@@ -110,8 +114,11 @@ struct DecodeSmem {
 // grid (num_splits, h_k * head_slices, b), kThreads threads, DecodeSmem<kD>::kBytes bytes.
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams p) {
-  constexpr int kChunks = kD / 8;       // 16-byte chunks per row
-  constexpr int kDimsPerLane = kD / 32;  // P V: output dims per lane (2 or 4)
+  constexpr int kBlockN = block_n_for(kD);
+  constexpr int kStepsPerTile = kBlockN / 32;
+  constexpr int kHeadsPerBlock = heads_per_block_for(kD);
+  constexpr int kChunks = kD / 8;        // 16-byte chunks per row
+  constexpr int kDimsPerLane = kD / 32;  // P V: output dims per lane (2, 4 or 8)
   FASTATTN_DECODE_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kStages * DecodeSmem<kD>::kTileElems;
@@ -250,7 +257,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
         for (int u = 0; u < 4; ++u) {
           const T* vp = tV + swz<kD>(st * 32 + j4 + u, col);
           float vf[kDimsPerLane];
-          if constexpr (kDimsPerLane == 4) {
+          if constexpr (kDimsPerLane == 8) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(vp);
+            const float2 a = to_float2(raw.x, T()), c2 = to_float2(raw.y, T());
+            const float2 e = to_float2(raw.z, T()), f = to_float2(raw.w, T());
+            vf[0] = a.x; vf[1] = a.y; vf[2] = c2.x; vf[3] = c2.y;
+            vf[4] = e.x; vf[5] = e.y; vf[6] = f.x; vf[7] = f.y;
+          } else if constexpr (kDimsPerLane == 4) {
             const uint2 raw = *reinterpret_cast<const uint2*>(vp);
             const float2 a = to_float2(raw.x, T()), c2 = to_float2(raw.y, T());
             vf[0] = a.x; vf[1] = a.y; vf[2] = c2.x; vf[3] = c2.y;

@@ -66,17 +66,17 @@ int64_t flash_bwd_cuda_workspace_floats(const FlashBwdParams& params);
 bool flash_bwd_cuda_supports_head_dim(int64_t d);
 
 // ---- decode attention and append_kv (cuda) ----
-// Grouped-KV split-KV decode over the closed list dtype {fp16, bf16} x head dim {64, 128};
+// Grouped-KV split-KV decode over the closed list dtype {fp16, bf16} x head dim {64, 128, 256};
 // any group size h / h_k. num_splits >= 1 (the scratch of DecodeParams holds num_splits
 // partials when > 1). cache_seqlens values are clamped to [0, seqlen_k_max] on the device.
 // Returns cudaErrorInvalidValue outside the supported list (see the supports_* helpers).
 cudaError_t decode_attention_cuda(const DecodeParams& params, cudaStream_t stream);
 bool decode_cuda_supports_head_dim(int64_t d);
-// Dynamic shared memory one decode block needs (148 KiB at d = 128, 76 KiB at d = 64): more
-// than the 99 KiB opt-in limit of sm_86 / sm_89 at d = 128.
+// Dynamic shared memory one decode block needs (148 KiB at d = 128 and 256, 76 KiB at
+// d = 64): more than the 99 KiB opt-in limit of sm_86 / sm_89 at d >= 128.
 int64_t decode_cuda_smem_bytes(int64_t d);
 // True when k/v caches are 16-byte aligned with every stride a multiple of 8 elements, and
-// the grid fits (b <= 65535, h_k * ceil(group / 32) <= 65535).
+// the grid fits (b <= 65535, h_k * head slices <= 65535).
 bool decode_cuda_supports_layout(const DecodeParams& params);
 // num_splits for num_splits = 0, from the shapes and the SM count only: no host read of
 // cache_seqlens, so a decode step can be captured in a CUDA graph.
