@@ -32,7 +32,9 @@
 //     scale * log2 e, are broadcast from shared memory), a warp max gives the new running
 //     max per head, p goes to shared memory, and for P V lane i owns D / 32 output dims,
 //     reading one V row per key with a single conflict-free warp load. The warps' partial
-//     (max, sum, output) are merged through shared memory at the end.
+//     (max, sum, output) are merged through shared memory at the end. (At D = 256 a tile has
+//     two 32-key steps, so with G <= 8 two of the four warps only load, halving the FMA rate
+//     left for the math: a tuning point for a GPU run.)
 //   * Split-KV (flash-decoding): when b * h_k blocks cannot fill the GPU, every sequence's
 //     keys are cut into num_splits chunks (decode_split.h; sized from each sequence's own
 //     length on the device), each block writes a normalised fp32 partial and its lse, and
