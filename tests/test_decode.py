@@ -318,6 +318,19 @@ def test_cuda_head_dims(d):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_misaligned_cache_view():
+    """A cache view the 16-byte loads cannot use (offset by one element, odd strides) runs
+    on a compact copy: same answer."""
+    base = torch.randn(2, 2, 300, 3, 65, dtype=torch.float16, device="cuda")
+    kc, vc = base[0, :, :, :, 1:], base[1, :, :, :, 1:]
+    q = torch.randn(2, 6, 64, dtype=torch.float16, device="cuda")
+    seqlens = _seqlens([300, 7], "cuda")
+    out, lse = fastattn.decode_attention(q, kc, vc, seqlens, return_lse=True)
+    _check_against_reference(q, kc, vc, seqlens, out, lse)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 def test_cuda_bad_inputs():
     kc, vc = _cache(2, 8, 2, 40, torch.float16, "cuda")
     sl = _seqlens([3, 8], "cuda")
