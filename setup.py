@@ -48,7 +48,9 @@ with_cuda = (
 )
 
 march = os.environ.get("FASTATTN_CPU_MARCH", "native")
-cxx_flags = ["-O3", f"-march={march}", "-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+# -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in ATen's headers, so without
+# it every CPU kernel here would run on one thread.
+cxx_flags = ["-O3", f"-march={march}", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
 bindings = _rel(glob.glob(os.path.join(ROOT, "csrc", "bindings", "*.cpp")))
@@ -73,6 +75,7 @@ if with_cuda:
         sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
     )
 else:
     ext = CppExtension(
@@ -80,6 +83,7 @@ else:
         sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
     )
 
 setup(

@@ -196,3 +196,36 @@ torch.library.register_autograd(
 )
 
 # ---- decode attention and append_kv ------------------------------------------------------
+# Decode is inference-only: decode_attention's outputs are marked non-differentiable (so a
+# backward through them raises torch's "does not require grad" error instead of silently
+# giving no gradient); append_kv only mutates.
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits):
+    return _ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits)
+
+
+def append_kv(k_cache, v_cache, k, v, cache_seqlens):
+    _ops.append_kv(k_cache, v_cache, k, v, cache_seqlens)
+
+
+@torch.library.register_fake("fastattn::decode_attention")
+def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits):
+    b, h = q.shape[0], q.shape[-2]
+    return q.new_empty(q.shape), q.new_empty((b, h), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastattn::append_kv")
+def _append_kv_fake(k_cache, v_cache, k, v, cache_seqlens):
+    return None
+
+
+def _decode_attention_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _decode_attention_backward(ctx, dout, dlse):
+    raise RuntimeError("fastattn.decode_attention is not differentiable")
+
+
+torch.library.register_autograd(
+    "fastattn::decode_attention", _decode_attention_backward, setup_context=_decode_attention_setup
+)

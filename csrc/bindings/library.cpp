@@ -35,6 +35,12 @@ TORCH_LIBRARY(fastattn, m) {
         " int window_right) -> (Tensor out, Tensor lse)");
 
   // ---- decode attention and append_kv ----------------------------------------------------
+  // One query token per sequence against a KV cache with ragged lengths: out has q's shape,
+  // lse (B, H) fp32. num_splits = 0 picks split-KV from the shapes only (graph-safe).
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
+        " float? softmax_scale, int num_splits) -> (Tensor out, Tensor lse)");
+  // Writes k, v (B, Sn, Hk, D) into the caches at rows cache_seqlens[b] + i, in place.
+  m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor cache_seqlens) -> ()");
 }
 
 // A minimal Python module so `import fastattn._C` loads the library (and with it the

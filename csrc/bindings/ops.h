@@ -37,5 +37,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
                                                   int64_t window_left, int64_t window_right);
 
 // ---- decode attention and append_kv (decode.cpp) ---------------------------------------
+std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                                    const at::Tensor& v_cache,
+                                                    const at::Tensor& cache_seqlens,
+                                                    std::optional<double> softmax_scale,
+                                                    int64_t num_splits);
+void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& cache_seqlens);
 
 }  // namespace fastattn

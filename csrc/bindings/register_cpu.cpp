@@ -17,4 +17,6 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("flash_attn_fwd", &fastattn::flash_attn_fwd);
 
   // ---- decode attention and append_kv ----------------------------------------------------
+  m.impl("decode_attention", &fastattn::decode_attention);
+  m.impl("append_kv", &fastattn::append_kv);
 }

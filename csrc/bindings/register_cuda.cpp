@@ -18,4 +18,6 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("flash_attn_fwd", &fastattn::flash_attn_fwd);
 
   // ---- decode attention and append_kv ----------------------------------------------------
+  m.impl("decode_attention", &fastattn::decode_attention);
+  m.impl("append_kv", &fastattn::append_kv);
 }

@@ -29,6 +29,14 @@ void rotary_cpu(const RotaryParams& params);
 void flash_fwd_cpu(const FlashFwdParams& params);
 
 // ---- decode attention and append_kv (cpu) ----
+// params.num_splits >= 1; with num_splits > 1, out_partial/lse_partial hold
+// (num_splits, b, h, d) / (num_splits, b, h) fp32. Any head dim; fp32, fp16, bf16.
+void decode_attention_cpu(const DecodeParams& params);
+// num_splits for num_splits = 0: a function of the shapes only (deterministic bits).
+int64_t decode_num_splits_cpu(int64_t b, int64_t h_k, int64_t seqlen_k_max);
+// Rows whose destination cache_seqlens[b] + i is outside [0, seqlen_k_max) are skipped (the
+// binding rejects such calls before launching).
+void append_kv_cpu(const AppendKvParams& params);
 
 }  // namespace fastattn
 
@@ -69,6 +77,26 @@ int64_t flash_bwd_cuda_workspace_floats(const FlashBwdParams& params);
 bool flash_bwd_cuda_supports_head_dim(int64_t d);
 
 // ---- decode attention and append_kv (cuda) ----
+// Grouped-KV split-KV decode over the closed list dtype {fp16, bf16} x head dim {64, 128, 256};
+// any group size h / h_k. num_splits >= 1 (the scratch of DecodeParams holds num_splits
+// partials when > 1). cache_seqlens values are clamped to [0, seqlen_k_max] on the device.
+// Returns cudaErrorInvalidValue outside the supported list (see the supports_* helpers).
+cudaError_t decode_attention_cuda(const DecodeParams& params, cudaStream_t stream);
+bool decode_cuda_supports_head_dim(int64_t d);
+// Dynamic shared memory one decode block needs (148 KiB at d = 128 and 256, 76 KiB at
+// d = 64): more than the 99 KiB opt-in limit of sm_86 / sm_89 at d >= 128.
+int64_t decode_cuda_smem_bytes(int64_t d);
+// True when k/v caches are 16-byte aligned with every stride a multiple of 8 elements, and
+// the grid fits (b <= 65535, h_k * head slices <= 65535).
+bool decode_cuda_supports_layout(const DecodeParams& params);
+// num_splits for num_splits = 0, from the shapes and the SM count only: no host read of
+// cache_seqlens, so a decode step can be captured in a CUDA graph.
+int64_t decode_num_splits_cuda(int64_t b, int64_t h, int64_t h_k, int64_t seqlen_k_max, int64_t d,
+                               int num_sms);
+// Writes rows in place; rows whose destination cache_seqlens[b] + i falls outside
+// [0, seqlen_k_max) are dropped on the device (the binding rejects them on the host when it
+// may synchronise, i.e. outside graph capture).
+cudaError_t append_kv_cuda(const AppendKvParams& params, cudaStream_t stream);
 
 }  // namespace fastattn
 #endif

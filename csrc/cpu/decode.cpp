@@ -1,0 +1,459 @@
+// decode.cpp — grouped-KV decode attention over a KV cache, and the in-place cache append,
+// on the CPU.
+//
+// What it computes: for every sequence b and query head h (one query token each),
+//   out[b, h] = softmax(scale * q[b, h] . K[b, :len_b, h / G]) V[b, :len_b, h / G]
+// with G = h / h_k query heads per kv head and len_b = cache_seqlens[b]; lse[b, h] is the
+// natural-log sum of the exponentiated scores (-inf, with out = 0, when len_b == 0).
+// append_kv copies new rows into the caches at rows cache_seqlens[b] + i.
+//
+// Why it is fast: decode reads the whole cache at every step, so every K/V row is read from memory
+// exactly once and used by all G query heads of its group. Work is split over ATen's thread
+// pool by (batch, split). Each item walks its keys in blocks of kKeyBlock rows and, inside a
+// block, every kv head in turn: in the usual (B, S, Hk, D) layout the rows of all heads of a
+// key are adjacent, so an item streams through contiguous memory (the hardware prefetchers
+// and the TLB keep up, helped by an explicit prefetch of each head's next block) instead of
+// hopping by the Hk * D row stride, one page per row, as a per-kv-head walk (and torch's
+// SDPA on the transposed view) does. Per head, the block of K (converted once to fp32 for
+// 16-bit caches, so it sits in L1) is dotted with the G pre-scaled query rows in register
+// tiles of 4 keys x 4 heads (16-float vectors: each query chunk is loaded once for 4 keys),
+// an online softmax (vectorised exp2) updates each head once per block, then each V chunk
+// is accumulated into 4 output rows held in registers across the block. With this, fp32
+// decode at G = 4 is bound by the FMA units (2 * G * D FMAs per key and kv head), not by
+// loads. Split-KV items write a normalised partial output and its lse; a second pass
+// merges them in split order, so the result does not depend on the thread count, and
+// num_splits = 0 is chosen from the shapes only.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_types.h"
+#include "fastattn/api.h"
+#include "fastattn/decode_split.h"
+#include "fastattn/static_switch.h"
+
+namespace fastattn {
+namespace {
+
+using cpu::load_row;
+
+// Keys per block: a block of fp32 K or V rows (32 x 128 x 4 = 16 KiB at D = 128) stays in
+// L1 while all G heads use it, and the online softmax is rescaled once per block.
+constexpr int64_t kKeyBlock = 32;
+// Query heads processed together: the dot products of one K chunk with 4 query rows, and
+// the P V update of 4 output rows from one V chunk, are 4 independent FMA chains in
+// registers. The group is padded to a multiple of 4 with zero query rows and probabilities.
+constexpr int64_t kHeadTile = 4;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// 16 floats as one value: GCC/Clang vector extensions compile this to one AVX-512 register,
+// or two AVX2 / four SSE registers, with no intrinsics (and so no ISA #ifdefs) here.
+constexpr int64_t kW = 16;
+typedef float vfloat __attribute__((vector_size(kW * sizeof(float))));
+typedef float vfloat8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vfloat4 __attribute__((vector_size(4 * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kW * sizeof(int32_t))));
+
+inline vfloat loadu(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void storeu(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+inline vfloat splat(float x) { return vfloat{} + x; }
+
+inline float hsum(vfloat v) {
+  vfloat8 a, b;
+  std::memcpy(&a, &v, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
+  const vfloat8 s8 = a + b;
+  vfloat4 c, d;
+  std::memcpy(&c, &s8, sizeof(c));
+  std::memcpy(&d, reinterpret_cast<const char*>(&s8) + sizeof(c), sizeof(d));
+  const vfloat4 s4 = c + d;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// 2^x for 16 lanes: x = n + r with n = round(x), |r| <= 1/2; 2^r by its degree-6 Taylor polynomial
+// (relative error < 2e-7, below fp32 accumulation noise), 2^n by adding n to the exponent.
+// Lanes below -126 (including -inf, the masked keys) give exactly 0.
+inline vfloat exp2v(vfloat x) {
+  const vint tiny = x < -126.f;
+  x = x < -126.f ? splat(-126.f) : x;
+  x = x > 127.f ? splat(127.f) : x;
+  const vfloat n = __builtin_convertvector(__builtin_convertvector(x + (x >= 0.f ? splat(0.5f) : splat(-0.5f)), vint), vfloat);
+  const vfloat r = x - n;
+  vfloat p = splat(1.54035304e-04f);
+  p = p * r + 1.33335581e-03f;
+  p = p * r + 9.61812911e-03f;
+  p = p * r + 5.55041087e-02f;
+  p = p * r + 2.40226507e-01f;
+  p = p * r + 6.93147181e-01f;
+  p = p * r + 1.00000000e+00f;
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const vfloat out = p * scale;
+  return tiny ? splat(0.f) : out;
+}
+
+// Per-thread buffers of one work item, for all h_k kv heads: q, acc (h_k, G padded to
+// kHeadTile, d); scores (G padded, kKeyBlock); m, l (h_k, G padded); k, v: one block of rows
+// converted to fp32 (16-bit caches only).
+struct Workspace {
+  int64_t gp;  // padded group
+  std::vector<float> q, k, v, scores, acc, m, l;
+  Workspace(int64_t h_k, int64_t g, int64_t d)
+      : gp((g + kHeadTile - 1) / kHeadTile * kHeadTile),
+        q(static_cast<size_t>(h_k * gp * d)),
+        k(static_cast<size_t>(kKeyBlock * d)),
+        v(static_cast<size_t>(kKeyBlock * d)),
+        scores(static_cast<size_t>(gp * kKeyBlock)),
+        acc(static_cast<size_t>(h_k * gp * d)),
+        m(static_cast<size_t>(h_k * gp)),
+        l(static_cast<size_t>(h_k * gp)) {}
+};
+
+// Asks for `rows` cache rows (d elements each, row_stride apart) ahead of their use.
+template <typename T>
+inline void prefetch_rows(const T* base, int64_t row_stride, int64_t rows, int64_t d) {
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < rows; ++j) {
+    const char* r = reinterpret_cast<const char*>(base + j * row_stride);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(r + off);
+  }
+}
+
+// Block rows as fp32 row pointers: straight into an fp32 cache, or converted (or, with
+// always_copy, copied) once into buf, row after row.
+template <typename T>
+inline void block_rows(const T* base, int64_t row_stride, int64_t n, int64_t d, float* buf,
+                       const float** rows, bool always_copy = false) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::is_same<T, float>::value && !always_copy) {
+      rows[j] = reinterpret_cast<const float*>(base + j * row_stride);
+    } else if constexpr (std::is_same<T, float>::value) {
+      std::memcpy(buf + j * d, base + j * row_stride, static_cast<size_t>(d) * sizeof(float));
+      rows[j] = buf + j * d;
+      rows[j] = base + j * row_stride;
+    } else {
+      load_row(base + j * row_stride, buf + j * d, d);
+      rows[j] = buf + j * d;
+    }
+  }
+}
+
+// Sum of the lanes of a0..a3 as {sum(a0), sum(a1), sum(a2), sum(a3)}: one reduction tree
+// for four vectors instead of four.
+inline vfloat4 hsum4(vfloat a0, vfloat a1, vfloat a2, vfloat a3) {
+  auto fold16 = [](vfloat v) {
+    vfloat8 lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    return lo + hi;
+  };
+  auto fold8 = [](vfloat8 v) {
+    vfloat4 lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    return lo + hi;
+  };
+  const vfloat4 b0 = fold8(fold16(a0)), b1 = fold8(fold16(a1)), b2 = fold8(fold16(a2)), b3 = fold8(fold16(a3));
+  // 4x4 transpose-and-add of b0..b3.
+  const vfloat4 t0 = {b0[0], b1[0], b2[0], b3[0]}, t1 = {b0[1], b1[1], b2[1], b3[1]};
+  const vfloat4 t2 = {b0[2], b1[2], b2[2], b3[2]}, t3 = {b0[3], b1[3], b2[3], b3[3]};
+  return (t0 + t1) + (t2 + t3);
+}
+
+// scores[g][j] = q[g] . K[j] for the kHeadTile heads starting at q (rows d apart). Four
+// keys at a time: each 16-float chunk of the 4 query rows is loaded once for 4 keys, so
+// the 16 FMAs per chunk need 8 loads, not 20 (the FMA units, not the loads, set the pace).
+inline void qk_tile(const float* q, const float* const* krows, int64_t n, int64_t d, float* scores) {
+  const int64_t dv = d / kW * kW;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* k0 = krows[j];
+    const float* k1 = krows[j + 1];
+    const float* k2 = krows[j + 2];
+    const float* k3 = krows[j + 3];
+    vfloat a[4][4] = {};
+    for (int64_t c = 0; c < dv; c += kW) {
+      const vfloat kv[4] = {loadu(k0 + c), loadu(k1 + c), loadu(k2 + c), loadu(k3 + c)};
+      for (int g = 0; g < 4; ++g) {
+        const vfloat qv = loadu(q + g * d + c);
+        for (int t = 0; t < 4; ++t) a[g][t] += qv * kv[t];
+      }
+    }
+    for (int g = 0; g < 4; ++g) {
+      vfloat4 s = hsum4(a[g][0], a[g][1], a[g][2], a[g][3]);
+      for (int64_t c = dv; c < d; ++c) {
+        const float qc = q[g * d + c];
+        s[0] += qc * k0[c];
+        s[1] += qc * k1[c];
+        s[2] += qc * k2[c];
+        s[3] += qc * k3[c];
+      }
+      std::memcpy(scores + g * kKeyBlock + j, &s, sizeof(s));
+    }
+  }
+  for (; j < n; ++j) {
+    const float* k = krows[j];
+    vfloat a0{}, a1{}, a2{}, a3{};
+    for (int64_t c = 0; c < dv; c += kW) {
+      const vfloat kv = loadu(k + c);
+      a0 += loadu(q + c) * kv;
+      a1 += loadu(q + d + c) * kv;
+      a2 += loadu(q + 2 * d + c) * kv;
+      a3 += loadu(q + 3 * d + c) * kv;
+    }
+    vfloat4 s = hsum4(a0, a1, a2, a3);
+    for (int64_t c = dv; c < d; ++c)
+      for (int g = 0; g < 4; ++g) s[g] += q[g * d + c] * k[c];
+    for (int g = 0; g < 4; ++g) scores[g * kKeyBlock + j] = s[g];
+  }
+}
+
+// acc[g] += sum_j p[g][j] V[j] for the kHeadTile output rows at acc: chunk-outer, so the 4
+// accumulators of a chunk stay in registers across the whole block.
+inline void pv_tile(const float* p, const float* const* vrows, int64_t n, int64_t d, float* acc) {
+  const int64_t dv = d / kW * kW;
+  for (int64_t c = 0; c < dv; c += kW) {
+    vfloat a0 = loadu(acc + c), a1 = loadu(acc + d + c), a2 = loadu(acc + 2 * d + c), a3 = loadu(acc + 3 * d + c);
+    for (int64_t j = 0; j < n; ++j) {
+      const vfloat vv = loadu(vrows[j] + c);
+      a0 += p[j] * vv;
+      a1 += p[kKeyBlock + j] * vv;
+      a2 += p[2 * kKeyBlock + j] * vv;
+      a3 += p[3 * kKeyBlock + j] * vv;
+    }
+    storeu(acc + c, a0);
+    storeu(acc + d + c, a1);
+    storeu(acc + 2 * d + c, a2);
+    storeu(acc + 3 * d + c, a3);
+  }
+  for (int64_t c = dv; c < d; ++c) {
+    float a0 = acc[c], a1 = acc[d + c], a2 = acc[2 * d + c], a3 = acc[3 * d + c];
+    for (int64_t j = 0; j < n; ++j) {
+      const float vv = vrows[j][c];
+      a0 += p[j] * vv;
+      a1 += p[kKeyBlock + j] * vv;
+      a2 += p[2 * kKeyBlock + j] * vv;
+      a3 += p[3 * kKeyBlock + j] * vv;
+    }
+    acc[c] = a0;
+    acc[d + c] = a1;
+    acc[2 * d + c] = a2;
+    acc[3 * d + c] = a3;
+  }
+}
+
+// One (batch b, split) work item over keys [begin, end), for every kv head and its G query
+// heads. The kv heads are walked inside each key block, so the block's rows of all heads,
+// which are adjacent in the usual (B, S, Hk, D) layout, are consumed together: the item
+// streams through contiguous cache memory (hardware prefetchers and the TLB then work)
+// instead of hopping by the Hk * D row stride once per head. Writes the normalised output
+// and natural-log lse of these keys through out_row(h, row) and lse_out(h, lse).
+template <typename T, typename OutRow, typename LseOut>
+void decode_item(const DecodeParams& p, int64_t b, int64_t begin, int64_t end, Workspace& ws,
+                 OutRow out_row, LseOut lse_out) {
+  const int64_t d = p.d, group = p.h / p.h_k, gp = ws.gp;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
+  const T* kc = static_cast<const T*>(p.k_cache) + b * p.k_batch_stride;
+  const T* vc = static_cast<const T*>(p.v_cache) + b * p.v_batch_stride;
+
+  // Query rows pre-scaled by softmax_scale * log2(e): the softmax then runs on exp2.
+  std::fill(ws.q.begin(), ws.q.end(), 0.f);
+  const float qscale = p.softmax_scale * kLog2e;
+  for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
+    for (int64_t g = 0; g < group; ++g) {
+      float* qg = ws.q.data() + (kvh * gp + g) * d;
+      load_row(q + (kvh * group + g) * p.q_head_stride, qg, d);
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) qg[i] *= qscale;
+    }
+  }
+  std::fill(ws.acc.begin(), ws.acc.end(), 0.f);
+  std::fill(ws.m.begin(), ws.m.end(), kNegInf);
+  std::fill(ws.l.begin(), ws.l.end(), 0.f);
+  std::fill(ws.scores.begin(), ws.scores.end(), 0.f);
+  float* sc = ws.scores.data();
+  const float* krows[kKeyBlock];
+  const float* vrows[kKeyBlock];
+
+  for (int64_t k0 = begin; k0 < end; k0 += kKeyBlock) {
+    const int64_t n = std::min(kKeyBlock, end - k0);
+    const int64_t n_next = std::min(kKeyBlock, end - k0 - n);
+    for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
+      // Ask for this head's rows of the next block now: they arrive while the other heads
+      // of this block are computed.
+      if (n_next > 0) {
+        prefetch_rows(kc + (k0 + n) * p.k_row_stride + kvh * p.k_head_stride, p.k_row_stride, n_next, d);
+        prefetch_rows(vc + (k0 + n) * p.v_row_stride + kvh * p.v_head_stride, p.v_row_stride, n_next, d);
+      }
+      const float* qf = ws.q.data() + kvh * gp * d;
+      float* acc = ws.acc.data() + kvh * gp * d;
+      float* m = ws.m.data() + kvh * gp;
+      float* l = ws.l.data() + kvh * gp;
+      // Scores: each K row is read (and converted) once and dotted with every query row.
+      block_rows(kc + k0 * p.k_row_stride + kvh * p.k_head_stride, p.k_row_stride, n, d, ws.k.data(), krows);
+      for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) qk_tile(qf + g0 * d, krows, n, d, sc + g0 * kKeyBlock);
+      // Online softmax once per block and head: running max, rescale of the running sum
+      // and output, probabilities in place of the scores (0 past n).
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = sc + g * kKeyBlock;
+        for (int64_t j = n; j < kKeyBlock; ++j) s[j] = kNegInf;
+        float bmax = kNegInf;
+        for (int64_t j = 0; j < n; ++j) bmax = std::max(bmax, s[j]);
+        const float m_new = std::max(m[g], bmax);
+        const float alpha = m[g] == kNegInf ? 0.f : std::exp2(m[g] - m_new);
+        vfloat sum{};
+        for (int64_t j = 0; j < kKeyBlock; j += kW) {
+          const vfloat e = exp2v(loadu(s + j) - m_new);
+          storeu(s + j, e);
+          sum += e;
+        }
+        l[g] = l[g] * alpha + hsum(sum);
+        m[g] = m_new;
+        if (alpha != 1.f) {
+          float* a = acc + g * d;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) a[i] *= alpha;
+        }
+      }
+      // P V: each V row is read (and converted) once for all output rows. pv_tile walks the
+      // block chunk by chunk, i.e. across rows Hk * D apart in the cache: staging the rows
+      // in L1 first (one sequential read per row, for fp32 too) keeps those reads off DRAM.
+      block_rows(vc + k0 * p.v_row_stride + kvh * p.v_head_stride, p.v_row_stride, n, d, ws.v.data(), vrows,
+                 /*always_copy=*/true);
+      for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) pv_tile(sc + g0 * kKeyBlock, vrows, n, d, acc + g0 * d);
+    }
+  }
+
+  for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = kvh * gp + g;
+      const float l = ws.l[r];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      float* a = ws.acc.data() + r * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) a[i] *= inv;
+      out_row(kvh * group + g, a);
+      lse_out(kvh * group + g, l > 0.f ? (ws.m[r] + std::log2(l)) * kLn2 : kNegInf);
+    }
+  }
+}
+
+template <typename T>
+void decode_impl(const DecodeParams& p) {
+  const int64_t group = p.h / p.h_k, d = p.d, splits = p.num_splits;
+  at::parallel_for(0, p.b * splits, 1, [&](int64_t it0, int64_t it1) {
+    Workspace ws(p.h_k, group, d);
+    for (int64_t it = it0; it < it1; ++it) {
+      const int64_t s = it % splits, b = it / splits;
+      const int64_t len = std::min<int64_t>(std::max<int32_t>(p.cache_seqlens[b], 0), p.seqlen_k_max);
+      int64_t begin, end;
+      decode::split_range(len, splits, s, kKeyBlock, &begin, &end);
+      if (splits == 1) {
+        T* out = static_cast<T*>(p.out) + b * p.out_batch_stride;
+        decode_item<T>(
+            p, b, begin, end, ws,
+            [&](int64_t h, const float* row) { cpu::store_row(row, out + h * p.out_head_stride, d); },
+            [&](int64_t h, float lse) { p.lse[b * p.h + h] = lse; });
+      } else {
+        // Partials: out_partial (splits, b, h, d), lse_partial (splits, b, h).
+        const int64_t row0 = (s * p.b + b) * p.h;
+        decode_item<T>(
+            p, b, begin, end, ws,
+            [&](int64_t h, const float* row) {
+              std::memcpy(p.out_partial + (row0 + h) * d, row, static_cast<size_t>(d) * sizeof(float));
+            },
+            [&](int64_t h, float lse) { p.lse_partial[row0 + h] = lse; });
+      }
+    }
+  });
+  if (splits == 1) return;
+  // Exact merge of the splits, in split order: lse = log sum_s exp(lse_s) and
+  // out = sum_s exp(lse_s - lse) out_s.
+  at::parallel_for(0, p.b * p.h, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> o(static_cast<size_t>(d));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / p.h, h = r % p.h;
+      float m = kNegInf;
+      for (int64_t s = 0; s < splits; ++s) m = std::max(m, p.lse_partial[s * p.b * p.h + r]);
+      std::fill(o.begin(), o.end(), 0.f);
+      float lse = kNegInf;
+      if (m != kNegInf) {
+        float sum = 0.f;
+        for (int64_t s = 0; s < splits; ++s) {
+          const float ls = p.lse_partial[s * p.b * p.h + r];
+          if (ls == kNegInf) continue;
+          const float w = std::exp(ls - m);
+          sum += w;
+          const float* src = p.out_partial + (s * p.b * p.h + r) * d;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) o[i] += w * src[i];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) o[i] *= inv;
+        lse = m + std::log(sum);
+      }
+      cpu::store_row(o.data(), static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride, d);
+      p.lse[r] = lse;
+    }
+  });
+}
+
+size_t element_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+}  // namespace
+
+int64_t decode_num_splits_cpu(int64_t b, int64_t h_k, int64_t seqlen_k_max) {
+  // Enough (batch, split) items to keep any CPU's threads busy, but splits of at least 128
+  // keys (4 blocks) so the partial writes and the merge stay small next to the key work.
+  // Shapes only: the same split (and so the same bits) on any machine and thread count.
+  // h_k does not matter: every item runs all kv heads.
+  constexpr int64_t kTargetItems = 64, kMinKeysPerSplit = 128;
+  (void)h_k;
+  const int64_t base = std::max<int64_t>(1, b);
+  const int64_t want = (kTargetItems + base - 1) / base;
+  const int64_t cap = std::max<int64_t>(1, seqlen_k_max / kMinKeysPerSplit);
+  return std::max<int64_t>(1, std::min({want, cap, decode::kMaxSplits}));
+}
+
+void decode_attention_cpu(const DecodeParams& params) {
+  FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] { decode_impl<T>(params); });
+}
+
+void append_kv_cpu(const AppendKvParams& p) {
+  const size_t row_bytes = static_cast<size_t>(p.d) * element_size(p.dtype);
+  const int64_t es = static_cast<int64_t>(element_size(p.dtype));
+  const int64_t rows = p.b * p.seqlen_new * p.h_k;
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t hk = r % p.h_k;
+      const int64_t i = (r / p.h_k) % p.seqlen_new;
+      const int64_t b = r / (p.h_k * p.seqlen_new);
+      const int64_t pos = static_cast<int64_t>(p.cache_seqlens[b]) + i;
+      if (pos < 0 || pos >= p.seqlen_k_max) continue;  // the binding has rejected these
+      char* kd = static_cast<char*>(p.k_cache) +
+                 es * (b * p.k_cache_batch_stride + pos * p.k_cache_row_stride + hk * p.k_cache_head_stride);
+      char* vd = static_cast<char*>(p.v_cache) +
+                 es * (b * p.v_cache_batch_stride + pos * p.v_cache_row_stride + hk * p.v_cache_head_stride);
+      const char* ks = static_cast<const char*>(p.k) + es * (b * p.k_batch_stride + i * p.k_row_stride + hk * p.k_head_stride);
+      const char* vs = static_cast<const char*>(p.v) + es * (b * p.v_batch_stride + i * p.v_row_stride + hk * p.v_head_stride);
+      std::memcpy(kd, ks, row_bytes);
+      std::memcpy(vd, vs, row_bytes);
+    }
+  });
+}
+
+}  // namespace fastattn

@@ -1,0 +1,170 @@
+// decode.cu — grouped-KV split-KV decode attention over a KV cache, its split combine, and
+// the in-place cache append (append_kv).
+//
+// What it computes: for every sequence b and query head h (one query token each),
+//   out[b, h] = softmax(scale * q[b, h] . K[b, :len_b, h / G]) V[b, :len_b, h / G]
+// with G = h / h_k and len_b = cache_seqlens[b] (read on the device, clamped to
+// [0, seqlen_k_max]); lse[b, h] in natural log, -inf (with out = 0) when len_b == 0.
+//
+// Why it is fast. Decode reads the whole cache once per step and does ~2 * G flops per byte,
+// so it is bound by HBM bandwidth whenever the group is small enough, and everything is
+// arranged to stream the cache once at full width:
+//   * One block (4 warps) per (batch, kv head, split). Every K/V row is loaded ONCE into
+//     shared memory and used by all G query heads of the group (up to 32 per block; a group
+//     of more than 32 heads, i.e. MQA with > 32 heads, takes ceil(G / 32) blocks per kv head,
+//     each re-reading the rows). G is a runtime value, any 1..32: nothing is instantiated
+//     per group size.
+//   * Loads are 16-byte cp.async copies of 128-key tiles (64 KiB of K + V per tile at
+//     D = 128; 64-key tiles at D = 256, where a block holds 16 query heads), double buffered: while a tile is consumed the next one is in flight, which
+//     is more than the bandwidth-latency product of an SM (~25-40 KB) on A100/H100.
+//     Shared-memory rows are XOR-swizzled (16-byte chunk c of row r at c ^ (r & 7)), so both
+//     the row-per-lane reads of Q K^T and the row-per-warp reads of P V are conflict free.
+//   * CUDA cores, not tensor cores. Math per key is G * D FMAs for Q K^T and the same for
+//     P V: at G <= 8 (every LLaMA/Qwen/Mistral GQA config: 4, 7, 8) that is well below the
+//     FMA rate that an SM's share of HBM bandwidth can feed, so fp32 FMAs cost no bandwidth
+//     and need no padding of the group to the 16 rows of an mma tile (a 4x waste at G = 4).
+//     At G = 32 the kernel is FMA bound (roughly 40-50% of bandwidth on H100 by the
+//     instruction count); a tensor-core path for large groups is the next step.
+//   * Work split inside a block: the group's heads are dealt round-robin to hs = 1, 2 or 4
+//     head slices of at most 8 heads (so per-thread state is a fixed 8-head array in
+//     registers), and the 4 / hs warps sharing a head slice take alternate 32-key steps of
+//     each tile. In a step, lane i owns key i for Q K^T (the query rows, pre-scaled by
+//     scale * log2 e, are broadcast from shared memory), a warp max gives the new running
+//     max per head, p goes to shared memory, and for P V lane i owns D / 32 output dims,
+//     reading one V row per key with a single conflict-free warp load. The warps' partial
+//     (max, sum, output) are merged through shared memory at the end. (At D = 256 a tile has
+//     two 32-key steps, so with G <= 8 two of the four warps only load, halving the FMA rate
+//     left for the math: a tuning point for a GPU run.)
+//   * Split-KV (flash-decoding): when b * h_k blocks cannot fill the GPU, every sequence's
+//     keys are cut into num_splits chunks (decode_split.h; sized from each sequence's own
+//     length on the device), each block writes a normalised fp32 partial and its lse, and
+//     decode_combine_kernel merges them exactly. num_splits = 0 is resolved by
+//     decode_num_splits_cuda from the shapes and SM count only, so no host ever reads
+//     cache_seqlens: a decode step is CUDA-graph capturable.
+//   * append_kv: one thread per 16-byte chunk of the new rows, grid-stride, rows landing
+//     outside [0, seqlen_k_max) dropped on the device.
+//
+// The kernels live in decode_kernels.cuh (so tests/decode_emulate.cpp can run them on the
+// CPU); this file holds the launchers and the split heuristic.
+//
+// NOTE: written and compile-checked (sm_80, sm_90a) without access to a GPU; it has never
+// run on one. tests/test_decode_emulated.py runs the kernels' own code on the CPU (fibers for
+// threads, host cp.async / shuffles / barriers) against the reference, which checks the
+// indexing, warp roles, pipelining order, masking and merges, but not the CUDA compiler,
+// real asynchrony or speed. The tile size, stage count and split heuristic are first
+// guesses to tune on a GPU.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "decode_kernels.cuh"
+#include "fastattn/api.h"
+#include "fastattn/cuda_check.h"
+#include "fastattn/decode_split.h"
+#include "fastattn/params.h"
+
+namespace fastattn {
+namespace {
+
+using namespace decode_kernels;
+
+template <typename T, int kD>
+cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
+  constexpr size_t kSmem = DecodeSmem<kD>::kBytes;
+  auto kernel = decode_kernel<T, kD>;
+  FASTATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
+  int64_t g[3];
+  decode_grid(p, g);
+  const dim3 grid(static_cast<unsigned>(g[0]), static_cast<unsigned>(g[1]), static_cast<unsigned>(g[2]));
+  kernel<<<grid, kThreads, kSmem, stream>>>(p);
+  FASTATTN_CUDA_LAUNCH_CHECK();
+  if (p.num_splits > 1) {
+    decode_combine_kernel<T, kD><<<static_cast<unsigned>(p.b * p.h), kD, 0, stream>>>(p);
+    FASTATTN_CUDA_LAUNCH_CHECK();
+  }
+  return cudaSuccess;
+}
+
+template <int kD>
+cudaError_t dispatch_dtype(const DecodeParams& p, cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kFloat16: return launch_decode<__half, kD>(p, stream);
+    case DType::kBFloat16: return launch_decode<__nv_bfloat16, kD>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+bool aligned16(const void* ptr, int64_t byte_stride_a, int64_t byte_stride_b, int64_t byte_stride_c) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && byte_stride_a % 16 == 0 && byte_stride_b % 16 == 0 &&
+         byte_stride_c % 16 == 0;
+}
+
+}  // namespace
+
+bool decode_cuda_supports_head_dim(int64_t d) { return d == 64 || d == 128 || d == 256; }
+
+int64_t decode_cuda_smem_bytes(int64_t d) {
+  switch (d) {
+    case 64: return int64_t(DecodeSmem<64>::kBytes);
+    case 128: return int64_t(DecodeSmem<128>::kBytes);
+    case 256: return int64_t(DecodeSmem<256>::kBytes);
+    default: return 0;
+  }
+}
+
+bool decode_cuda_supports_layout(const DecodeParams& p) {
+  const int64_t hpb = heads_per_block_for(static_cast<int>(p.d));
+  const int64_t slices = (p.h / p.h_k + hpb - 1) / hpb;
+  return aligned16(p.k_cache, p.k_batch_stride * 2, p.k_row_stride * 2, p.k_head_stride * 2) &&
+         aligned16(p.v_cache, p.v_batch_stride * 2, p.v_row_stride * 2, p.v_head_stride * 2) &&
+         p.b <= 65535 && p.h_k * slices <= 65535;
+}
+
+int64_t decode_num_splits_cuda(int64_t b, int64_t h, int64_t h_k, int64_t seqlen_k_max, int64_t d, int num_sms) {
+  // Shapes and SM count only (never cache_seqlens): a CUDA graph replays the same split.
+  // By shared memory one block per SM fits at D = 128 and 256, two at D = 64.
+  const int64_t hpb = heads_per_block_for(static_cast<int>(d));
+  const int64_t slices = (h / std::max<int64_t>(h_k, 1) + hpb - 1) / hpb;
+  const int64_t slots = int64_t(std::max(num_sms, 1)) * (d <= 64 ? 2 : 1);
+  return decode::num_splits_for_slots(b * h_k * slices, slots, seqlen_k_max, block_n_for(static_cast<int>(d)));
+}
+
+cudaError_t decode_attention_cuda(const DecodeParams& p, cudaStream_t stream) {
+  if (p.num_splits < 1 || p.num_splits > decode::kMaxSplits || p.h_k < 1 || p.h % p.h_k != 0 ||
+      !decode_cuda_supports_layout(p) || (p.num_splits > 1 && (p.out_partial == nullptr || p.lse_partial == nullptr)))
+    return cudaErrorInvalidValue;
+  if (p.b == 0 || p.h == 0) return cudaSuccess;
+  switch (p.d) {
+    case 64: return dispatch_dtype<64>(p, stream);
+    case 128: return dispatch_dtype<128>(p, stream);
+    case 256: return dispatch_dtype<256>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t append_kv_cuda(const AppendKvParams& p, cudaStream_t stream) {
+  if (p.b == 0 || p.seqlen_new == 0 || p.h_k == 0 || p.d == 0) return cudaSuccess;
+  const int64_t es = p.dtype == DType::kFloat32 ? 4 : 2;
+  const bool vec = aligned16(p.k_cache, es * p.k_cache_batch_stride, es * p.k_cache_row_stride, es * p.k_cache_head_stride) &&
+                   aligned16(p.v_cache, es * p.v_cache_batch_stride, es * p.v_cache_row_stride, es * p.v_cache_head_stride) &&
+                   aligned16(p.k, es * p.k_batch_stride, es * p.k_row_stride, es * p.k_head_stride) &&
+                   aligned16(p.v, es * p.v_batch_stride, es * p.v_row_stride, es * p.v_head_stride) &&
+                   (es * p.d) % 16 == 0;
+  // 16-byte copies when everything is aligned; otherwise one element per copy.
+  const int64_t unit_bytes = vec ? 16 : es;
+  const int64_t units = p.b * p.seqlen_new * p.h_k * (es * p.d / unit_bytes);
+  const int threads = 256;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((units + threads - 1) / threads, int64_t(1) << 16));
+  if (vec) {
+    append_kv_kernel<uint4><<<blocks, threads, 0, stream>>>(p, es);
+  } else if (es == 4) {
+    append_kv_kernel<uint32_t><<<blocks, threads, 0, stream>>>(p, es);
+  } else {
+    append_kv_kernel<uint16_t><<<blocks, threads, 0, stream>>>(p, es);
+  }
+  FASTATTN_CUDA_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+}  // namespace fastattn

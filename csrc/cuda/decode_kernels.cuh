@@ -1,0 +1,395 @@
+// decode_kernels.cuh — the decode attention, split combine and append_kv kernels that
+// decode.cu launches (see decode.cu for what they compute and why they are fast). Kept in a
+// header, CUDA headers only, so tests/decode_emulate.cpp can run this exact code on the CPU.
+#pragma once
+
+#include <cstdint>
+
+#include "fastattn/decode_split.h"
+#include "fastattn/params.h"
+
+#ifndef FASTATTN_DECODE_EMULATE
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define FASTATTN_DECODE_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace fastattn {
+namespace decode_kernels {
+
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kStages = 2;              // tiles in shared memory (double buffering)
+constexpr int kHeadsPerWarp = 8;        // fixed register arrays; runtime count <= 8
+
+// Per head dim: keys per tile and query heads per block, sized so that the double-buffered
+// K/V tiles plus the fp32 query rows fit A100's 163 KiB of shared memory per block:
+// 128 keys x 32 heads (= kWarps * kHeadsPerWarp) up to D = 128, 64 keys x 16 heads at D = 256.
+__host__ __device__ constexpr int block_n_for(int d) { return d <= 128 ? 128 : 64; }
+__host__ __device__ constexpr int heads_per_block_for(int d) { return d <= 128 ? 32 : 16; }
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Hardware surface: PTX wrappers and 16-bit conversions. tests/decode_emulate.cpp compiles
+// this header with a host compiler and supplies its own host versions of these instead.
+#ifndef FASTATTN_DECODE_EMULATE
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; !pred zero-fills the 16 bytes and reads nothing (src must
+// still be a valid address: callers pass the tensor base then).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
+  const int src_size = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+__device__ __forceinline__ float2 to_float2(uint32_t bits, __half) {
+  __half2 h;
+  memcpy(&h, &bits, 4);
+  return __half22float2(h);
+}
+__device__ __forceinline__ float2 to_float2(uint32_t bits, __nv_bfloat16) {
+  __nv_bfloat162 h;
+  memcpy(&h, &bits, 4);
+  return __bfloat1622float2(h);
+}
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+#endif  // FASTATTN_DECODE_EMULATE
+
+// Element offset of (row, col) in a swizzled [rows][kD] 16-bit tile: chunk c = col / 8 of
+// row r lives at chunk c ^ (r & 7). Every reader and writer goes through this function.
+template <int kD>
+__device__ __forceinline__ int swz(int row, int col) {
+  return row * kD + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7));
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Launch geometry of decode_kernel: (num_splits, h_k * head slices, b), kThreads threads; the
+// combine kernel (when num_splits > 1) runs b * h blocks of kD threads. Host code; shared by
+// decode.cu and the emulator so both launch the same grid.
+inline void decode_grid(const DecodeParams& p, int64_t (&grid)[3]) {
+  const int64_t hpb = heads_per_block_for(static_cast<int>(p.d));
+  const int64_t slices = (p.h / p.h_k + hpb - 1) / hpb;
+  grid[0] = p.num_splits;
+  grid[1] = p.h_k * slices;
+  grid[2] = p.b;
+}
+
+template <int kD>
+struct DecodeSmem {
+  static constexpr int kTileElems = block_n_for(kD) * kD;               // one K or V tile
+  static constexpr size_t kKV = size_t(2) * kStages * kTileElems * 2;   // bytes, 16-bit
+  static constexpr size_t kQ = size_t(heads_per_block_for(kD)) * kD * 4;  // fp32 query rows
+  static constexpr size_t kP = size_t(kWarps) * kHeadsPerWarp * 32 * 4;  // per-warp probabilities
+  static constexpr size_t kBytes = kKV + kQ + kP;
+  // The end-of-block merge reuses the K/V area: per warp, 8 heads x (kD outputs + m + l).
+  static_assert(size_t(kWarps) * kHeadsPerWarp * (kD + 2) * 4 <= kKV, "merge area must fit");
+};
+
+// grid (num_splits, h_k * head_slices, b), kThreads threads, DecodeSmem<kD>::kBytes bytes.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams p) {
+  constexpr int kBlockN = block_n_for(kD);
+  constexpr int kStepsPerTile = kBlockN / 32;
+  constexpr int kHeadsPerBlock = heads_per_block_for(kD);
+  constexpr int kChunks = kD / 8;        // 16-byte chunks per row
+  constexpr int kDimsPerLane = kD / 32;  // P V: output dims per lane (2, 4 or 8)
+  FASTATTN_DECODE_SMEM(smem);
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kStages * DecodeSmem<kD>::kTileElems;
+  float* sQ = reinterpret_cast<float*>(smem + DecodeSmem<kD>::kKV);
+  float* sP = sQ + kHeadsPerBlock * kD;
+
+  const int split = blockIdx.x;
+  const int64_t b = blockIdx.z;
+  const int group = static_cast<int>(p.h / p.h_k);
+  const int slices = (group + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  const int kvh = blockIdx.y / slices;
+  const int slice = blockIdx.y % slices;
+  const int head0 = kvh * group + slice * kHeadsPerBlock;  // first query head of this block
+  const int nhb = min(kHeadsPerBlock, group - slice * kHeadsPerBlock);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+  // Warp roles: hs head slices of <= 8 heads, ks = kWarps / hs warps per head slice.
+  const int hs = nhb <= kHeadsPerWarp ? 1 : (nhb <= 2 * kHeadsPerWarp ? 2 : 4);
+  const int ks = kWarps / hs;
+  const int hsl = warp % hs, ksl = warp / hs;
+  const int nh = (nhb - hsl + hs - 1) / hs;  // heads of this warp: hsl + hs * i, i < nh
+
+  const int64_t len = min(max(static_cast<int64_t>(p.cache_seqlens[b]), int64_t(0)), p.seqlen_k_max);
+  int64_t begin, end;
+  decode::split_range(len, p.num_splits, split, kBlockN, &begin, &end);
+  const int n_tiles = static_cast<int>((end - begin + kBlockN - 1) / kBlockN);
+
+  const T* k_base = static_cast<const T*>(p.k_cache) + b * p.k_batch_stride + kvh * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v_cache) + b * p.v_batch_stride + kvh * p.v_head_stride;
+
+  auto load_tile = [&](int tile, int stage) {
+    const int64_t row0 = begin + int64_t(tile) * kBlockN;
+    T* dk = sK + stage * DecodeSmem<kD>::kTileElems;
+    T* dv = sV + stage * DecodeSmem<kD>::kTileElems;
+#pragma unroll
+    for (int i = tid; i < kBlockN * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = i % kChunks;
+      const bool ok = row0 + r < end;
+      const T* sk = ok ? k_base + (row0 + r) * p.k_row_stride + c * 8 : k_base;
+      const T* sv = ok ? v_base + (row0 + r) * p.v_row_stride + c * 8 : v_base;
+      cp_async16(smem_u32(dk + swz<kD>(r, c * 8)), sk, ok);
+      cp_async16(smem_u32(dv + swz<kD>(r, c * 8)), sv, ok);
+    }
+  };
+
+  if (n_tiles > 0) load_tile(0, 0);
+  cp_async_commit();
+
+  // Query rows of the block, fp32, pre-scaled so the softmax runs on exp2.
+  {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
+    const float qscale = p.softmax_scale * kLog2e;
+    for (int i = tid; i < nhb * kD; i += kThreads) {
+      const int hb = i / kD, dd = i % kD;
+      sQ[hb * kD + dd] = to_float(q[int64_t(head0 + hb) * p.q_head_stride + dd]) * qscale;
+    }
+  }
+
+  float m[kHeadsPerWarp], l[kHeadsPerWarp], acc[kHeadsPerWarp][kDimsPerLane];
+#pragma unroll
+  for (int i = 0; i < kHeadsPerWarp; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+#pragma unroll
+    for (int e = 0; e < kDimsPerLane; ++e) acc[i][e] = 0.f;
+  }
+  float* myP = sP + warp * kHeadsPerWarp * 32;
+
+  for (int t = 0; t < n_tiles; ++t) {
+    if (t + 1 < n_tiles) {
+      load_tile(t + 1, (t + 1) % kStages);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // tile t (and, the first time, sQ) visible to every warp
+    const T* tK = sK + (t % kStages) * DecodeSmem<kD>::kTileElems;
+    const T* tV = sV + (t % kStages) * DecodeSmem<kD>::kTileElems;
+    const int64_t tile_row0 = begin + int64_t(t) * kBlockN;
+
+    for (int st = ksl; st < kStepsPerTile; st += ks) {
+      if (tile_row0 + st * 32 >= end) break;  // warp-uniform: the rest of the tile is empty
+      // Q K^T: lane owns key row st * 32 + lane of the tile.
+      const int row = st * 32 + lane;
+      const bool valid = tile_row0 + row < end;
+      float s[kHeadsPerWarp];
+#pragma unroll
+      for (int i = 0; i < kHeadsPerWarp; ++i) s[i] = 0.f;
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        const uint4 kraw = *reinterpret_cast<const uint4*>(tK + swz<kD>(row, c * 8));
+        float kf[8];
+        const float2 k01 = to_float2(kraw.x, T()), k23 = to_float2(kraw.y, T());
+        const float2 k45 = to_float2(kraw.z, T()), k67 = to_float2(kraw.w, T());
+        kf[0] = k01.x; kf[1] = k01.y; kf[2] = k23.x; kf[3] = k23.y;
+        kf[4] = k45.x; kf[5] = k45.y; kf[6] = k67.x; kf[7] = k67.y;
+#pragma unroll
+        for (int i = 0; i < kHeadsPerWarp; ++i) {
+          if (i < nh) {
+            const float* qr = sQ + (hsl + hs * i) * kD + c * 8;
+            const float4 qa = *reinterpret_cast<const float4*>(qr);
+            const float4 qb = *reinterpret_cast<const float4*>(qr + 4);
+            s[i] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] +
+                    qb.x * kf[4] + qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+          }
+        }
+      }
+      // Online softmax (log2 domain), per head; the running max is warp-uniform.
+#pragma unroll
+      for (int i = 0; i < kHeadsPerWarp; ++i) {
+        if (i < nh) {
+          const float si = valid ? s[i] : -INFINITY;
+          const float m_new = fmaxf(m[i], warp_max(si));
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;
+          const float alpha = exp2f(m[i] - m_use);  // 0 while m[i] is still -inf
+          const float pr = exp2f(si - m_use);
+          l[i] = l[i] * alpha + pr;
+          m[i] = m_new;
+#pragma unroll
+          for (int e = 0; e < kDimsPerLane; ++e) acc[i][e] *= alpha;
+          myP[i * 32 + lane] = pr;
+        }
+      }
+      __syncwarp();
+      // P V: lane owns output dims [lane * kDimsPerLane, +kDimsPerLane); one warp load
+      // reads a whole V row (zero-filled past `end`, where p is 0 too).
+      const int col = lane * kDimsPerLane;
+#pragma unroll 2
+      for (int j4 = 0; j4 < 32; j4 += 4) {
+        float4 p4[kHeadsPerWarp];
+#pragma unroll
+        for (int i = 0; i < kHeadsPerWarp; ++i)
+          if (i < nh) p4[i] = *reinterpret_cast<const float4*>(myP + i * 32 + j4);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const T* vp = tV + swz<kD>(st * 32 + j4 + u, col);
+          float vf[kDimsPerLane];
+          if constexpr (kDimsPerLane == 8) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(vp);
+            const float2 a = to_float2(raw.x, T()), c2 = to_float2(raw.y, T());
+            const float2 e = to_float2(raw.z, T()), f = to_float2(raw.w, T());
+            vf[0] = a.x; vf[1] = a.y; vf[2] = c2.x; vf[3] = c2.y;
+            vf[4] = e.x; vf[5] = e.y; vf[6] = f.x; vf[7] = f.y;
+          } else if constexpr (kDimsPerLane == 4) {
+            const uint2 raw = *reinterpret_cast<const uint2*>(vp);
+            const float2 a = to_float2(raw.x, T()), c2 = to_float2(raw.y, T());
+            vf[0] = a.x; vf[1] = a.y; vf[2] = c2.x; vf[3] = c2.y;
+          } else {
+            const float2 a = to_float2(*reinterpret_cast<const uint32_t*>(vp), T());
+            vf[0] = a.x; vf[1] = a.y;
+          }
+#pragma unroll
+          for (int i = 0; i < kHeadsPerWarp; ++i) {
+            if (i < nh) {
+              const float pu = u == 0 ? p4[i].x : (u == 1 ? p4[i].y : (u == 2 ? p4[i].z : p4[i].w));
+#pragma unroll
+              for (int e = 0; e < kDimsPerLane; ++e) acc[i][e] += pu * vf[e];
+            }
+          }
+        }
+      }
+      __syncwarp();  // myP is rewritten by the next step
+    }
+    __syncthreads();  // every warp is done with stage t % kStages before it is refilled
+  }
+  cp_async_wait<0>();
+
+  // Merge the ks warps of each head slice: the K/V area is free now.
+  float* sAcc = reinterpret_cast<float*>(smem);                 // [warp][8][kD]
+  float* sM = sAcc + kWarps * kHeadsPerWarp * kD;                // [warp][8]
+  float* sL = sM + kWarps * kHeadsPerWarp;                       // [warp][8]
+#pragma unroll
+  for (int i = 0; i < kHeadsPerWarp; ++i) {
+    if (i < nh) {
+      const float lt = warp_sum(l[i]);
+#pragma unroll
+      for (int e = 0; e < kDimsPerLane; ++e)
+        sAcc[(warp * kHeadsPerWarp + i) * kD + lane * kDimsPerLane + e] = acc[i][e];
+      if (lane == 0) {
+        sM[warp * kHeadsPerWarp + i] = m[i];
+        sL[warp * kHeadsPerWarp + i] = lt;
+      }
+    }
+  }
+  __syncthreads();
+
+  for (int idx = tid; idx < nhb * kD; idx += kThreads) {
+    const int hb = idx / kD, dd = idx % kD;
+    const int hslice = hb % hs, i = hb / hs;
+    float mx = -INFINITY;
+    for (int w = hslice; w < kWarps; w += hs) mx = fmaxf(mx, sM[w * kHeadsPerWarp + i]);
+    float lsum = 0.f, o = 0.f;
+    if (mx != -INFINITY) {
+      for (int w = hslice; w < kWarps; w += hs) {
+        const float mw = sM[w * kHeadsPerWarp + i];
+        if (mw == -INFINITY) continue;
+        const float wgt = exp2f(mw - mx);
+        lsum += wgt * sL[w * kHeadsPerWarp + i];
+        o += wgt * sAcc[(w * kHeadsPerWarp + i) * kD + dd];
+      }
+    }
+    const bool any = lsum > 0.f;
+    o = any ? o / lsum : 0.f;
+    const float lse = any ? (mx + __log2f(lsum)) * kLn2 : -INFINITY;
+    const int64_t head = head0 + hb;
+    if (p.num_splits == 1) {
+      static_cast<T*>(p.out)[b * p.out_batch_stride + head * p.out_head_stride + dd] = from_float<T>(o);
+      if (dd == 0) p.lse[b * p.h + head] = lse;
+    } else {
+      const int64_t r = (int64_t(split) * p.b + b) * p.h + head;
+      p.out_partial[r * kD + dd] = o;
+      if (dd == 0) p.lse_partial[r] = lse;
+    }
+  }
+}
+
+// Exact merge of the split partials: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s -
+// lse) out_s. One block of kD threads per (b, h) row, splits in order.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kD) decode_combine_kernel(const DecodeParams p) {
+  const int64_t r = blockIdx.x;  // b * h + head
+  const int64_t b = r / p.h, head = r % p.h;
+  const int dd = threadIdx.x;
+  const int64_t rows = p.b * p.h;
+  float mx = -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.lse_partial[s * rows + r]);
+  float sum = 0.f, o = 0.f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float ls = p.lse_partial[s * rows + r];
+      if (ls == -INFINITY) continue;
+      const float w = __expf(ls - mx);
+      sum += w;
+      o += w * p.out_partial[(s * rows + r) * kD + dd];
+    }
+  }
+  const bool any = sum > 0.f;
+  static_cast<T*>(p.out)[b * p.out_batch_stride + head * p.out_head_stride + dd] = from_float<T>(any ? o / sum : 0.f);
+  if (dd == 0) p.lse[r] = any ? mx + __logf(sum) : -INFINITY;
+}
+
+// append_kv: one VecT (16 bytes, or one element) per thread iteration, grid-stride.
+template <typename VecT>
+__global__ void append_kv_kernel(const AppendKvParams p, const int64_t elem_bytes) {
+  const int64_t vec_elems = int64_t(sizeof(VecT)) / elem_bytes;
+  const int64_t row_vecs = p.d / vec_elems;
+  const int64_t total = p.b * p.seqlen_new * p.h_k * row_vecs;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = idx % row_vecs;
+    int64_t rest = idx / row_vecs;
+    const int64_t hk = rest % p.h_k;
+    rest /= p.h_k;
+    const int64_t i = rest % p.seqlen_new;
+    const int64_t b = rest / p.seqlen_new;
+    const int64_t pos = int64_t(p.cache_seqlens[b]) + i;
+    if (pos < 0 || pos >= p.seqlen_k_max) continue;  // never write outside the cache
+    const int64_t col = c * vec_elems;
+    const char* ks = static_cast<const char*>(p.k) +
+                     elem_bytes * (b * p.k_batch_stride + i * p.k_row_stride + hk * p.k_head_stride + col);
+    const char* vs = static_cast<const char*>(p.v) +
+                     elem_bytes * (b * p.v_batch_stride + i * p.v_row_stride + hk * p.v_head_stride + col);
+    char* kd = static_cast<char*>(p.k_cache) +
+               elem_bytes * (b * p.k_cache_batch_stride + pos * p.k_cache_row_stride + hk * p.k_cache_head_stride + col);
+    char* vd = static_cast<char*>(p.v_cache) +
+               elem_bytes * (b * p.v_cache_batch_stride + pos * p.v_cache_row_stride + hk * p.v_cache_head_stride + col);
+    *reinterpret_cast<VecT*>(kd) = *reinterpret_cast<const VecT*>(ks);
+    *reinterpret_cast<VecT*>(vd) = *reinterpret_cast<const VecT*>(vs);
+  }
+}
+
+}  // namespace decode_kernels
+}  // namespace fastattn

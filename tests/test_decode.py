@@ -1,0 +1,434 @@
+"""decode_attention and append_kv: parity with fastattn.reference (error-ratio rule), ragged
+lengths, GQA/MQA, split-KV, strided caches, opcheck, torch.compile, bad input, CUDA graphs."""
+import math
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+
+from conftest import DEVICES, HAS_CUDA, assert_error_ratio, dtypes_for
+
+# (H, Hk): group sizes 1, 4, 7, 8 and MQA.
+HEADS = [(3, 3), (8, 2), (14, 2), (16, 2), (6, 1)]
+
+
+def _head_dim(device):
+    return 64 if device == "cuda" else 40  # CPU kernels take any head dim
+
+
+def _cache(B, S, Hk, D, dtype, device, strided=False):
+    """k/v caches (B, S, Hk, D); strided: a view into a bigger buffer (padded rows, heads and
+    head dim, so every stride but the last differs from the compact layout)."""
+    if strided:
+        base = torch.randn(2, B, S + 3, Hk + 2, D + 8, dtype=dtype, device=device)
+        return base[0, :, 1 : S + 1, 1 : Hk + 1, :D], base[1, :, 1 : S + 1, 1 : Hk + 1, :D]
+    return (torch.randn(B, S, Hk, D, dtype=dtype, device=device),
+            torch.randn(B, S, Hk, D, dtype=dtype, device=device))
+
+
+def _seqlens(lengths, device):
+    return torch.tensor(lengths, dtype=torch.int32, device=device)
+
+
+def _check_against_reference(q, kc, vc, seqlens, out, lse=None, softmax_scale=None):
+    true_out, true_lse = reference.decode_attention(q.double(), kc.double(), vc.double(), seqlens,
+                                                    softmax_scale=softmax_scale, return_lse=True)
+    low_out, low_lse = reference.decode_attention(q, kc, vc, seqlens, softmax_scale=softmax_scale,
+                                                  return_lse=True)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_error_ratio(out, low_out, true_out, "out")
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.shape == true_lse.shape
+        empty = seqlens == 0
+        assert torch.isneginf(lse[empty]).all(), "lse of an empty sequence must be -inf"
+        assert torch.equal(out[empty].float(), torch.zeros_like(out[empty].float())), "empty sequence must output 0"
+        assert_error_ratio(lse[~empty], low_lse[~empty].float(), true_lse[~empty], "lse", atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads", HEADS, ids=lambda hh: f"H{hh[0]}_Hk{hh[1]}")
+def test_decode_matches_reference_all_splits(device, heads):
+    H, Hk = heads
+    S = 300
+    D = _head_dim(device)
+    lengths = [0, 1, S, 129, 77]  # empty, one key, full capacity, ragged
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kc, vc = _cache(len(lengths), S, Hk, D, dtype, device)
+    q = torch.randn(len(lengths), H, D, dtype=dtype, device=device)
+    seqlens = _seqlens(lengths, device)
+    outs = {}
+    for num_splits in (1, 2, 8, 0):
+        out, lse = fastattn.decode_attention(q, kc, vc, seqlens, num_splits=num_splits, return_lse=True)
+        _check_against_reference(q, kc, vc, seqlens, out, lse)
+        outs[num_splits] = (out.float(), lse)
+    # Every split count computes the same thing: they agree with each other to rounding.
+    for n in (2, 8, 0):
+        torch.testing.assert_close(outs[n][0], outs[1][0], atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
+        torch.testing.assert_close(outs[n][1], outs[1][1], atol=1e-4, rtol=0)
+
+
+_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")]
+DEVICE_DTYPES = [("cpu", torch.float32), ("cpu", torch.float16), ("cpu", torch.bfloat16)] + [
+    pytest.param("cuda", dt, marks=_CUDA) for dt in dtypes_for("cuda", cuda_16bit_only=True)]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES, ids=lambda x: str(x).replace("torch.", ""))
+def test_decode_dtypes(device, dtype):
+    D = 128 if device == "cuda" else 64
+    lengths = [5, 1000, 0]
+    kc, vc = _cache(3, 1000, 2, D, dtype, device)
+    q = torch.randn(3, 8, D, dtype=dtype, device=device)
+    seqlens = _seqlens(lengths, device)
+    for num_splits in (1, 3):
+        out, lse = fastattn.decode_attention(q, kc, vc, seqlens, num_splits=num_splits, return_lse=True)
+        _check_against_reference(q, kc, vc, seqlens, out, lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_q4d_scale_and_strided_cache(device):
+    D = _head_dim(device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    kc, vc = _cache(2, 65, 2, D, dtype, device, strided=True)
+    assert not kc.is_contiguous()
+    q = torch.randn(2, 1, 10, D, dtype=dtype, device=device)  # (B, 1, H, D), group 5
+    seqlens = _seqlens([65, 33], device)
+    out, lse = fastattn.decode_attention(q, kc, vc, seqlens, softmax_scale=0.3, num_splits=2, return_lse=True)
+    assert out.shape == q.shape
+    _check_against_reference(q, kc, vc, seqlens, out, lse, softmax_scale=0.3)
+    # The 3-D form gives the same numbers, and return_lse=False returns just out.
+    out3 = fastattn.decode_attention(q[:, 0], kc, vc, seqlens, softmax_scale=0.3, num_splits=2)
+    torch.testing.assert_close(out3, out[:, 0], atol=0, rtol=0)
+    # A non-contiguous q (a head-strided slice) works too.
+    q_big = torch.randn(2, 20, D, dtype=dtype, device=device)
+    qs = q_big[:, ::2]
+    out_s = fastattn.decode_attention(qs, kc, vc, seqlens, softmax_scale=0.3)
+    _check_against_reference(qs, kc, vc, seqlens, out_s, softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_large_group(device):
+    """Group sizes past one CUDA head slice (32) and 12: still one answer."""
+    D = _head_dim(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for H, Hk in ((40, 1), (24, 2)):
+        kc, vc = _cache(2, 200, Hk, D, dtype, device)
+        q = torch.randn(2, H, D, dtype=dtype, device=device)
+        seqlens = _seqlens([200, 17], device)
+        out, lse = fastattn.decode_attention(q, kc, vc, seqlens, return_lse=True)
+        _check_against_reference(q, kc, vc, seqlens, out, lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_append_then_decode_equals_full_attention(device):
+    D = _head_dim(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    B, S_max, H, Hk, Sn = 3, 50, 8, 2, 3
+    kc = torch.zeros(B, S_max, Hk, D, dtype=dtype, device=device)
+    vc = torch.zeros_like(kc)
+    prefix = [4, 0, 40]
+    full_k = [torch.randn(p + Sn, Hk, D, dtype=dtype, device=device) for p in prefix]
+    full_v = [torch.randn(p + Sn, Hk, D, dtype=dtype, device=device) for p in prefix]
+    for b, p in enumerate(prefix):
+        kc[b, :p], vc[b, :p] = full_k[b][:p], full_v[b][:p]
+    seqlens = _seqlens(prefix, device)
+    new_k = torch.stack([full_k[b][p:] for b, p in enumerate(prefix)])
+    new_v = torch.stack([full_v[b][p:] for b, p in enumerate(prefix)])
+    fastattn.append_kv(kc, vc, new_k, new_v, seqlens)
+    assert seqlens.tolist() == prefix, "append_kv must not advance cache_seqlens"
+    seqlens += Sn
+    q = torch.randn(B, H, D, dtype=dtype, device=device)
+    out = fastattn.decode_attention(q, kc, vc, seqlens)
+    for b in range(B):
+        true = reference.attention(q[b:b + 1, None].double(), full_k[b][None].double(), full_v[b][None].double())
+        low = reference.attention(q[b:b + 1, None], full_k[b][None], full_v[b][None])
+        assert_error_ratio(out[b:b + 1, None], low, true, f"out[{b}]")
+    # Rows past the new lengths were not touched.
+    for b, p in enumerate(prefix):
+        assert kc[b, p + Sn:].abs().sum() == 0 and vc[b, p + Sn:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_append_kv_matches_reference_strided(device, dtype):
+    kc, vc = _cache(3, 20, 2, 16, dtype, device, strided=True)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    k = torch.randn(3, 4, 2, 16, dtype=dtype, device=device)
+    v = torch.randn(3, 4, 2, 16, dtype=dtype, device=device).transpose(1, 2).contiguous().transpose(1, 2)
+    seqlens = _seqlens([0, 7, 16], device)
+    fastattn.append_kv(kc, vc, k, v, seqlens)
+    reference.append_kv(kc_ref, vc_ref, k, v, seqlens)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+def _split_range(length, num_splits, split, block):
+    """Python transcription of csrc/include/fastattn/decode_split.h."""
+    per = -(-length // num_splits)
+    chunk = -(-per // block) * block
+    begin = split * chunk
+    return min(begin, length), min(begin + chunk, length)
+
+
+def test_split_ranges_partition_every_sequence():
+    for block in (32, 128):
+        for length in (0, 1, 31, 32, 33, 127, 128, 129, 1000, 4096):
+            for n in (1, 2, 3, 7, 8, 64):
+                ranges = [_split_range(length, n, s, block) for s in range(n)]
+                covered = [k for b, e in ranges for k in range(b, e)]
+                assert covered == list(range(length)), (block, length, n)
+                assert all(b % block == 0 or b == e for b, e in ranges)
+
+
+def test_opcheck():
+    kc, vc = _cache(2, 33, 2, 16, torch.float32, "cpu")
+    q = torch.randn(2, 4, 16)
+    seqlens = _seqlens([33, 5], "cpu")
+    torch.library.opcheck(torch.ops.fastattn.decode_attention, (q, kc, vc, seqlens, None, 0))
+    torch.library.opcheck(torch.ops.fastattn.decode_attention, (q, kc, vc, seqlens, 0.5, 3))
+    k = torch.randn(2, 2, 2, 16)
+    v = torch.randn(2, 2, 2, 16)
+    torch.library.opcheck(torch.ops.fastattn.append_kv, (kc, vc, k, v, _seqlens([3, 30], "cpu")))
+
+
+def test_decode_cpu_bits_do_not_depend_on_thread_count():
+    kc, vc = _cache(2, 700, 2, 32, torch.float32, "cpu")
+    q = torch.randn(2, 8, 32)
+    seqlens = _seqlens([700, 333], "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fastattn.decode_attention(q, kc, vc, seqlens, return_lse=True)  # auto splits > 1 here
+        torch.set_num_threads(max(2, threads))
+        many = fastattn.decode_attention(q, kc, vc, seqlens, return_lse=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+def test_decode_is_not_differentiable():
+    kc, vc = _cache(2, 8, 2, 16, torch.float32, "cpu")
+    q = torch.randn(2, 4, 16, requires_grad=True)
+    out, lse = fastattn.decode_attention(q, kc, vc, _seqlens([8, 3], "cpu"), return_lse=True)
+    assert not out.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        out.sum().backward()
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    kc, vc = _cache(2, 40, 2, 16, torch.float32, "cpu")
+    q = torch.randn(2, 1, 4, 16)
+    k_new = torch.randn(2, 1, 2, 16)
+    v_new = torch.randn(2, 1, 2, 16)
+    seqlens = _seqlens([10, 0], "cpu")
+
+    def step(q, kc, vc, k_new, v_new, seqlens):
+        fastattn.append_kv(kc, vc, k_new, v_new, seqlens)
+        return fastattn.decode_attention(q, kc, vc, seqlens + 1, return_lse=True)
+
+    kc2, vc2 = kc.clone(), vc.clone()
+    out, lse = torch.compile(step, fullgraph=True)(q, kc, vc, k_new, v_new, seqlens)
+    out_e, lse_e = step(q, kc2, vc2, k_new, v_new, seqlens)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    torch.testing.assert_close(out, out_e)
+    torch.testing.assert_close(lse, lse_e)
+
+
+def test_bad_inputs():
+    kc, vc = _cache(2, 8, 2, 16, torch.float32, "cpu")
+    q = torch.randn(2, 4, 16)
+    sl = _seqlens([3, 8], "cpu")
+    dec = fastattn.decode_attention
+    with pytest.raises(ValueError, match="cache_seqlens must be int32"):
+        dec(q, kc, vc, sl.long())
+    with pytest.raises(ValueError, match=r"cache_seqlens must have shape \(2,\)"):
+        dec(q, kc, vc, sl[:1])
+    with pytest.raises(ValueError, match=r"cache_seqlens must have shape \(2,\)"):
+        dec(q, kc, vc, sl.view(2, 1))
+    with pytest.raises(ValueError, match=r"cache_seqlens must be in \[0, 8\]"):
+        dec(q, kc, vc, _seqlens([3, 9], "cpu"))
+    with pytest.raises(ValueError, match=r"cache_seqlens must be in \[0, 8\]"):
+        dec(q, kc, vc, _seqlens([-1, 2], "cpu"))
+    with pytest.raises(ValueError, match="must be a multiple of the number of kv heads"):
+        dec(torch.randn(2, 3, 16), kc, vc, sl)
+    with pytest.raises(ValueError, match="v_cache must have k_cache's shape"):
+        dec(q, kc, vc[:, :4], sl)
+    with pytest.raises(ValueError, match="head dim 16 but q has head dim 8"):
+        dec(torch.randn(2, 4, 8), kc, vc, sl)
+    with pytest.raises(ValueError, match="k_cache has dtype"):
+        dec(q.double().float().half(), kc, vc, sl)
+    with pytest.raises(ValueError, match="k_cache must have a contiguous last dimension"):
+        dec(q, kc.transpose(1, 3).contiguous().transpose(1, 3), vc, sl)
+    with pytest.raises(ValueError, match=r"q must be \(B, H, D\) or \(B, 1, H, D\)"):
+        dec(torch.randn(2, 2, 4, 16), kc, vc, sl)
+    with pytest.raises(ValueError, match="k_cache has batch"):
+        dec(torch.randn(3, 4, 16), kc, vc, sl)
+    with pytest.raises(ValueError, match="num_splits must be"):
+        dec(q, kc, vc, sl, num_splits=-1)
+    with pytest.raises(TypeError, match="cache_seqlens must be a torch.Tensor"):
+        dec(q, kc, vc, [3, 8])
+    with pytest.raises(ValueError, match="cache_seqlens is on meta but must be on cpu"):
+        dec(q, kc, vc, sl.to("meta"))
+    with pytest.raises(ValueError, match="k_cache must be 4-D"):
+        dec(q, kc[0], vc[0], sl)
+    # Direct op callers get the binding's checks.
+    with pytest.raises(ValueError, match="cache_seqlens must be int32"):
+        torch.ops.fastattn.decode_attention(q, kc, vc, sl.long(), None, 0)
+    with pytest.raises(ValueError, match=r"cache_seqlens must be in \[0, 8\]"):
+        torch.ops.fastattn.decode_attention(q, kc, vc, _seqlens([3, 9], "cpu"), None, 0)
+    with pytest.raises(ValueError, match="must be a multiple of the number of kv heads"):
+        torch.ops.fastattn.decode_attention(torch.randn(2, 3, 16), kc, vc, sl, None, 0)
+    with pytest.raises(ValueError, match="num_splits must be in"):
+        torch.ops.fastattn.decode_attention(q, kc, vc, sl, None, 100000)
+
+    k = torch.randn(2, 3, 2, 16)
+    app = fastattn.append_kv
+    with pytest.raises(ValueError, match=r"exceeds the cache capacity S_max = 8"):
+        app(kc, vc, k, k, _seqlens([5, 6], "cpu"))
+    with pytest.raises(ValueError, match=r"exceeds the cache capacity S_max = 8"):
+        torch.ops.fastattn.append_kv(kc, vc, k, k, _seqlens([5, 6], "cpu"))
+    with pytest.raises(ValueError, match="cache_seqlens must be >= 0"):
+        app(kc, vc, k, k, _seqlens([-1, 0], "cpu"))
+    with pytest.raises(ValueError, match=r"k must be \(B, Sn, Hk, D\)"):
+        app(kc, vc, torch.randn(2, 3, 1, 16), k, sl)
+    with pytest.raises(ValueError, match=r"k must be \(B, Sn, Hk, D\)"):
+        torch.ops.fastattn.append_kv(kc, vc, torch.randn(2, 3, 1, 16), k, sl)
+    with pytest.raises(ValueError, match="v must have k's shape"):
+        app(kc, vc, k, k[:, :2], sl)
+    with pytest.raises(ValueError, match="k has dtype"):
+        app(kc, vc, k.half(), k, sl)
+    with pytest.raises(ValueError, match="cache_seqlens must be int32"):
+        app(kc, vc, k, k, sl.long())
+    with pytest.raises(ValueError, match="cache_seqlens must be int32"):
+        torch.ops.fastattn.append_kv(kc, vc, k, k, sl.long())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_cuda_head_dims(d):
+    kc, vc = _cache(3, 500, 2, d, torch.bfloat16, "cuda")
+    q = torch.randn(3, 20, d, dtype=torch.bfloat16, device="cuda")  # group 10
+    seqlens = _seqlens([500, 1, 0], "cuda")
+    for num_splits in (1, 3, 0):
+        out, lse = fastattn.decode_attention(q, kc, vc, seqlens, num_splits=num_splits, return_lse=True)
+        _check_against_reference(q, kc, vc, seqlens, out, lse)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_misaligned_cache_view():
+    """A cache view the 16-byte loads cannot use (offset by one element, odd strides) runs
+    on a compact copy: same answer."""
+    base = torch.randn(2, 2, 300, 3, 65, dtype=torch.float16, device="cuda")
+    kc, vc = base[0, :, :, :, 1:], base[1, :, :, :, 1:]
+    q = torch.randn(2, 6, 64, dtype=torch.float16, device="cuda")
+    seqlens = _seqlens([300, 7], "cuda")
+    out, lse = fastattn.decode_attention(q, kc, vc, seqlens, return_lse=True)
+    _check_against_reference(q, kc, vc, seqlens, out, lse)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_bad_inputs():
+    kc, vc = _cache(2, 8, 2, 40, torch.float16, "cuda")
+    sl = _seqlens([3, 8], "cuda")
+    with pytest.raises(ValueError, match="head dim 40 is not supported on CUDA"):
+        fastattn.decode_attention(torch.randn(2, 4, 40, dtype=torch.float16, device="cuda"), kc, vc, sl)
+    kc32, vc32 = kc.float(), vc.float()
+    with pytest.raises(ValueError, match="q must be float16 or bfloat16 on CUDA"):
+        fastattn.decode_attention(torch.randn(2, 4, 40, device="cuda"), kc32, vc32, sl)
+    with pytest.raises(ValueError, match="cache_seqlens is on cpu"):
+        fastattn.decode_attention(torch.randn(2, 4, 40, dtype=torch.float16, device="cuda"), kc, vc, sl.cpu())
+    k = torch.randn(2, 3, 2, 40, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match="exceeds the cache capacity S_max = 8"):
+        fastattn.append_kv(kc, vc, k, k, _seqlens([5, 6], "cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_graph_capture_and_replay():
+    """A decode step (append + decode with num_splits=0) captured once and replayed with new
+    lengths and new tokens: no host sync inside, and every replay matches eager."""
+    dev = "cuda"
+    B, S_max, H, Hk, D = 3, 4096, 32, 8, 128
+    dtype = torch.bfloat16
+    kc, vc = _cache(B, S_max, Hk, D, dtype, dev)
+    seqlens = _seqlens([100, 1, 3000], dev)
+    q = torch.randn(B, H, D, dtype=dtype, device=dev)
+    k_new = torch.randn(B, 1, Hk, D, dtype=dtype, device=dev)
+    v_new = torch.randn(B, 1, Hk, D, dtype=dtype, device=dev)
+
+    def step():
+        fastattn.append_kv(kc, vc, k_new, v_new, seqlens)
+        seqlens.add_(1)
+        return fastattn.decode_attention(q, kc, vc, seqlens, return_lse=True)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g, lse_g = step()
+    for _ in range(3):
+        q.copy_(torch.randn_like(q))
+        k_new.copy_(torch.randn_like(k_new))
+        v_new.copy_(torch.randn_like(v_new))
+        before = seqlens.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(seqlens, before + 1)
+        assert torch.equal(kc[torch.arange(B, device=dev), before.long()], k_new[:, 0])
+        _check_against_reference(q, kc, vc, seqlens, out_g.clone(), lse_g.clone())
+
+
+# ---- CUDA kernel layout checks that need no GPU -----------------------------------------
+# (tests/test_decode_emulated.py runs the kernels' own code on the CPU; these check what an
+# emulation cannot see: shared-memory bank conflicts and the shared-memory budget.)
+_WARPS, _HEADS_PER_WARP = 4, 8  # decode_kernels.cuh
+
+
+def _block_n(d):  # block_n_for() / heads_per_block_for() in decode_kernels.cuh
+    return 128 if d <= 128 else 64
+
+
+def _heads_per_block(d):
+    return 32 if d <= 128 else 16
+
+
+def _swz(row, col, d):
+    """Python transcription of swz<kD>() in csrc/cuda/decode_kernels.cuh (element offset)."""
+    return row * d + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7))
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_cuda_smem_swizzle_is_a_conflict_free_bijection(d):
+    block_n = _block_n(d)
+    # Bijection over a [block_n][d] tile.
+    offs = {_swz(r, c, d) for r in range(block_n) for c in range(d)}
+    assert offs == set(range(block_n * d))
+    bank = lambda elem: (elem * 2 // 4) % 32  # 16-bit elements, 4-byte banks
+    # Q K^T: lane l reads 16 bytes (chunk c) of row st*32 + l; a 16-byte warp load is served
+    # in 4 phases of 8 lanes, each of which must touch 32 distinct banks.
+    for st in range(block_n // 32):
+        for c in range(d // 8):
+            for phase in range(4):
+                banks = [bank(_swz(st * 32 + phase * 8 + l, c * 8, d)) + w for l in range(8) for w in range(4)]
+                assert len(set(banks)) == 32
+    # P V: all lanes read kD/32 elements of one row; each phase of (128 bytes) must hit
+    # distinct banks.
+    dpl = d // 32
+    lanes_per_phase = 128 // (dpl * 2)
+    for row in range(16):
+        for phase in range(32 // lanes_per_phase):
+            banks = []
+            for l in range(phase * lanes_per_phase, (phase + 1) * lanes_per_phase):
+                e = _swz(row, l * dpl, d)
+                banks += [bank(e) + w for w in range(dpl * 2 // 4)]
+            assert len(set(banks)) == len(banks) == 32
+    # Shared memory per block fits an A100 (163 KiB opt-in) and so an H100.
+    smem = 2 * 2 * block_n * d * 2 + _heads_per_block(d) * d * 4 + _WARPS * _HEADS_PER_WARP * 32 * 4
+    assert smem <= 163 * 1024
