@@ -14,17 +14,6 @@ from . import reference  # noqa: E402
 from .functional import *  # noqa: E402,F401,F403
 from .functional import __all__ as _functional_all  # noqa: E402
 
-# ---- TEMPORARY placeholders (integrator: delete this block and _placeholders.py) ----------
-# Ops whose kernels are on other branches, backed by fastattn.reference until they merge.
-# A name is installed only if functional.py does not define it, so real ops win automatically.
-from . import _placeholders  # noqa: E402
-
-for _name in _placeholders.__all__:
-    if _name not in globals():
-        globals()[_name] = getattr(_placeholders, _name)
-        _functional_all = list(_functional_all) + [_name]
-del _name
-# ---- end of placeholders ------------------------------------------------------------------
 from . import nn  # noqa: E402
 
 __version__ = "0.1.0"

@@ -77,16 +77,6 @@ def _progress(iterable, desc: str, total=None):
     return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr)
 
 
-def _placeholder_ops() -> list:
-    """Public ops still served by the temporary reference placeholders (not yet kernels)."""
-    import fastattn
-
-    ph = sys.modules.get("fastattn._placeholders")
-    if ph is None:
-        return []
-    return [n for n in ph.__all__ if getattr(fastattn, n, None) is getattr(ph, n)]
-
-
 # ---- demo: the model on both backends ----------------------------------------------------
 def _demo_setup(device: str):
     import torch
@@ -245,7 +235,6 @@ def demo_ops(device: str) -> None:
          lambda: fastattn.decode_attention(q1, kc, vc, seqlens), lambda: reference.decode_attention(q1, kc, vc, seqlens),
          None),
     ]
-    placeholders = set(_placeholder_ops())
     iters = 20 if device == "cuda" else 9
     print(f"\nPer-op time at the model's shapes ({str(dtype).replace('torch.', '')}, {device}); "
           "torch = fastattn.reference (plain torch)")
@@ -255,9 +244,8 @@ def demo_ops(device: str) -> None:
         extra = ""
         if builtin is not None:
             extra = f"{builtin[0]} {_time(builtin[1], device, iters) * 1e3:.3f} ms"
-        note = "  (reference placeholder: kernel not merged)" if name in placeholders else ""
         print(f"{name:<18} {shape:<30} {t_ours * 1e3:>12.3f} {t_ref * 1e3:>10.3f} {t_ref / t_ours:>7.2f}x  "
-              f"{extra:<20}{note}")
+              f"{extra:<20}")
 
 
 def cmd_demo(args) -> None:

@@ -483,7 +483,7 @@ class Llama(nn.Module):
         """CUDA only: record one ``decode_step`` on the current cache into a CUDA graph and
         return ``step(tokens (B,)) -> logits (B, vocab)`` that replays it: no Python, launch
         overhead or host sync per layer. Every op of the step must be capturable (the
-        kernels are; a reference placeholder that reads lengths on the host is not).
+        fastattn kernels are).
 
         The graph is bound to this cache (call again after ``setup_cache`` allocates a new
         one) and needs room for one more row per sequence. The returned logits tensor is
