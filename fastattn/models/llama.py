@@ -37,7 +37,6 @@ block); ``from_pretrained`` maps Hugging Face names onto them.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -48,6 +47,7 @@ from torch import Tensor, nn
 
 import fastattn
 from fastattn import reference
+from fastattn.nn.rotary import rotary_inv_freq
 
 __all__ = ["LlamaConfig", "Llama", "KVCache", "rope_tables", "sample_next_token"]
 
@@ -159,24 +159,8 @@ def rope_tables(
     Computed as transformers does (fp32 inverse frequencies, fp32 position * frequency
     products), so the rotated q/k match its ``LlamaRotaryEmbedding`` bit for bit in fp32.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    rope_type = None if scaling is None else scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif rope_type == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_ctx = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        # Long wavelengths (low frequencies) are slowed down by `factor`, short ones kept, and
-        # the band in between interpolates smoothly (Llama 3.1's context extension).
-        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    elif rope_type not in (None, "default"):
-        raise ValueError(f"rope_scaling type {rope_type!r} is not supported")
+    # The inverse frequencies (and linear / llama3 scaling) are RotaryEmbedding's.
+    inv_freq = rotary_inv_freq(head_dim, theta, scaling, device=device)
     t = torch.arange(max_positions, device=device, dtype=torch.int64).float()
     freqs = torch.outer(t, inv_freq)  # (max_positions, head_dim / 2)
     return freqs.cos(), freqs.sin()
