@@ -94,5 +94,29 @@ torch.library.register_autograd(
 # ---- rotary ------------------------------------------------------------------------------
 
 # ---- flash attention ---------------------------------------------------------------------
+def flash_attn_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    deterministic: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of ``flash_attn_fwd``: (dq, dk, dv) with q/k/v's shapes and dtype, recomputed
+    from the forward's ``out`` and ``lse`` (B, H, Sq) fp32. Gradients are bitwise
+    reproducible (``deterministic`` is accepted for API parity; both kernels always are)."""
+    return _ops.flash_attn_bwd(
+        dout, q, k, v, out, lse, softmax_scale, window_left, window_right, deterministic
+    )
+
+
+@torch.library.register_fake("fastattn::flash_attn_bwd")
+def _flash_attn_bwd_fake(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
 
 # ---- decode attention and append_kv ------------------------------------------------------

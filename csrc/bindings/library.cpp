@@ -21,6 +21,11 @@ TORCH_LIBRARY(fastattn, m) {
   // ---- rotary ----------------------------------------------------------------------------
 
   // ---- flash attention -------------------------------------------------------------------
+  // Backward of flash_attn_fwd (recompute from out and lse): dq, dk, dv with q/k/v's shapes
+  // and dtype. deterministic: bitwise reproducible gradients (both kernels always are).
+  m.def("flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float softmax_scale, int window_left, int window_right, bool deterministic)"
+        " -> (Tensor dq, Tensor dk, Tensor dv)");
 
   // ---- decode attention and append_kv ----------------------------------------------------
 }
