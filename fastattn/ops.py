@@ -94,6 +94,48 @@ torch.library.register_autograd(
 # ---- rotary ------------------------------------------------------------------------------
 
 # ---- flash attention ---------------------------------------------------------------------
+def flash_attn_fwd(
+    q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int, window_right: int
+) -> Tuple[Tensor, Tensor]:
+    """out (B, Sq, H, D), lse (B, H, Sq) fp32. Causal is (window_left, window_right) = (-1, 0)."""
+    return _ops.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right)
+
+
+@torch.library.register_fake("fastattn::flash_attn_fwd")
+def _flash_attn_fwd_fake(q, k, v, softmax_scale, window_left, window_right):
+    B, Sq, H, D = q.shape
+    return q.new_empty((B, Sq, H, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
+
+
+def _flash_attn_bwd_impl(dout, q, k, v, out, lse, softmax_scale, window_left, window_right):
+    """(dq, dk, dv) of flash_attn_fwd: the ``fastattn::flash_attn_bwd`` kernel op (recompute
+    from out and lse, deterministic)."""
+    if dout.dim() > 0 and dout.shape[-1] > 1 and dout.stride(-1) != 1:
+        dout = dout.contiguous()  # e.g. the expanded ones that out.sum().backward() sends
+    return flash_attn_bwd(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, True)
+
+
+def _flash_attn_setup(ctx, inputs, output):
+    q, k, v, softmax_scale, window_left, window_right = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.softmax_scale = softmax_scale
+    ctx.window = (window_left, window_right)
+
+
+def _flash_attn_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _flash_attn_bwd_impl(dout, q, k, v, out, lse, ctx.softmax_scale, *ctx.window)
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd(
+    "fastattn::flash_attn_fwd", _flash_attn_backward, setup_context=_flash_attn_setup
+)
+
+
 def flash_attn_bwd(
     dout: Tensor,
     q: Tensor,

@@ -21,6 +21,11 @@ TORCH_LIBRARY(fastattn, m) {
   // ---- rotary ----------------------------------------------------------------------------
 
   // ---- flash attention -------------------------------------------------------------------
+  // q (B, Sq, H, D), k/v (B, Sk, Hk, D), last dim contiguous. out (B, Sq, H, D) in q's dtype,
+  // lse (B, H, Sq) fp32 (kept for the backward). Keys visible to query i: the band
+  // [i + Sk - Sq - window_left, i + Sk - Sq + window_right], -1 = unbounded; causal = (-1, 0).
+  m.def("flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, int window_left,"
+        " int window_right) -> (Tensor out, Tensor lse)");
   // Backward of flash_attn_fwd (recompute from out and lse): dq, dk, dv with q/k/v's shapes
   // and dtype. deterministic: bitwise reproducible gradients (both kernels always are).
   m.def("flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "

@@ -13,6 +13,7 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   // ---- rotary ----------------------------------------------------------------------------
 
   // ---- flash attention -------------------------------------------------------------------
+  m.impl("flash_attn_fwd", &fastattn::flash_attn_fwd);
   m.impl("flash_attn_bwd", &fastattn::flash_attn_bwd);
 
   // ---- decode attention and append_kv ----------------------------------------------------

@@ -21,6 +21,8 @@ int64_t rms_norm_bwd_num_row_blocks_cpu(int64_t rows);
 // ---- rotary (cpu) ----
 
 // ---- flash attention (cpu) ----
+// Forward for fp32/fp16/bf16 and any head dim; same masking semantics as the CUDA kernel.
+void flash_fwd_cpu(const FlashFwdParams& params);
 // Backward (recompute): delta, then dq, dk, dv. params.delta must hold b * h * seqlen_q fp32
 // values; no workspace. Bitwise deterministic for any thread count.
 void flash_bwd_cpu(const FlashBwdParams& params);

@@ -1,0 +1,137 @@
+// flash_attn.cpp — tensors -> FlashFwdParams, validation, device dispatch of the
+// FlashAttention forward (flash_fwd_cpu / flash_fwd_cuda).
+//
+// q (B, Sq, H, D), k/v (B, Sk, Hk, D) with the last dim contiguous and any other strides;
+// out (B, Sq, H, D) contiguous in q's dtype; lse (B, H, Sq) fp32 contiguous. Masking is a
+// (window_left, window_right) band around the bottom-right aligned diagonal, -1 unbounded;
+// causal is (-1, 0).
+#include <limits>
+
+#include "common.h"
+#include "fastattn/api.h"
+#include "ops.h"
+
+namespace fastattn {
+namespace {
+
+// The CPU kernel handles any head dim; this cap only bounds its per-thread buffers.
+constexpr int64_t kMaxHeadDimCpu = 512;
+
+void check_flash_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        double softmax_scale, int64_t window_left, int64_t window_right) {
+  check_device_supported(q, "q");
+  check_same_device(k, q, "k", "q");
+  check_same_device(v, q, "v", "q");
+  check_float_dtype(q, "q", /*allow_fp32_cuda=*/false);
+  check_same_dtype(k, q, "k", "q");
+  check_same_dtype(v, q, "v", "q");
+  FA_CHECK_ARG(q.dim() == 4, "fastattn.flash_attention: q must have 4 dimensions (B, Sq, H, D), got ",
+               q.dim());
+  FA_CHECK_ARG(k.dim() == 4, "fastattn.flash_attention: k must have 4 dimensions (B, Sk, Hk, D), got ",
+               k.dim());
+  FA_CHECK_ARG(v.dim() == 4, "fastattn.flash_attention: v must have 4 dimensions (B, Sk, Hk, D), got ",
+               v.dim());
+  FA_CHECK_ARG(k.sizes() == v.sizes(), "fastattn.flash_attention: k and v must have the same shape, got k ",
+               k.sizes(), " and v ", v.sizes());
+  FA_CHECK_ARG(k.size(0) == q.size(0), "fastattn.flash_attention: k must have q's batch size ", q.size(0),
+               ", got ", k.size(0));
+  FA_CHECK_ARG(k.size(3) == q.size(3), "fastattn.flash_attention: k must have q's head dim ", q.size(3),
+               ", got ", k.size(3));
+  const int64_t h = q.size(2), h_k = k.size(2), d = q.size(3);
+  FA_CHECK_ARG(h_k >= 1 && h % h_k == 0,
+               "fastattn.flash_attention: the number of query heads (", h,
+               ") must be a multiple of the number of key/value heads (", h_k, ")");
+  if (q.is_cuda()) {
+#ifdef FASTATTN_WITH_CUDA
+    FA_CHECK_ARG(flash_fwd_cuda_supports_head_dim(d),
+                 "fastattn.flash_attention: head dim ", d, " is not supported on CUDA (supported: 64, 128)");
+#endif
+  } else {
+    FA_CHECK_ARG(d >= 1 && d <= kMaxHeadDimCpu, "fastattn.flash_attention: head dim must be in [1, ",
+                 kMaxHeadDimCpu, "] on the CPU, got ", d);
+  }
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  check_last_dim_contiguous(v, "v");
+  FA_CHECK_ARG(window_left >= -1 && window_right >= -1,
+               "fastattn.flash_attention: window sizes must be >= 0 or -1 (unbounded), got (", window_left,
+               ", ", window_right, ")");
+  FA_CHECK_ARG(softmax_scale == softmax_scale, "fastattn.flash_attention: softmax_scale must not be NaN");
+}
+
+FlashFwdParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
+                           int64_t window_left, int64_t window_right) {
+  FlashFwdParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_batch_stride = q.stride(0);
+  p.q_row_stride = q.stride(1);
+  p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0);
+  p.k_row_stride = k.stride(1);
+  p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0);
+  p.v_row_stride = v.stride(1);
+  p.v_head_stride = v.stride(2);
+  p.out_batch_stride = out.stride(0);
+  p.out_row_stride = out.stride(1);
+  p.out_head_stride = out.stride(2);
+  p.b = q.size(0);
+  p.seqlen_q = q.size(1);
+  p.seqlen_k = k.size(1);
+  p.h = q.size(2);
+  p.h_k = k.size(2);
+  p.d = q.size(3);
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.is_causal = window_left < 0 && window_right == 0;
+  p.dtype = to_dtype(q.scalar_type());
+  return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& v, double softmax_scale,
+                                                  int64_t window_left, int64_t window_right) {
+  check_flash_inputs(q, k, v, softmax_scale, window_left, window_right);
+  const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), d = q.size(3), sk = k.size(1);
+  at::Tensor out = empty_output({b, sq, h, d}, q.options());
+  at::Tensor lse = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
+  if (b == 0 || sq == 0 || h == 0) return {out, lse};
+  if (sk == 0) {  // no keys: every row sees nothing
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+
+  if (q.is_cuda()) {
+#ifdef FASTATTN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    FlashFwdParams p = make_params(q, k, v, out, lse, softmax_scale, window_left, window_right);
+    if (!flash_fwd_cuda_supports_layout(p)) {
+      // Unaligned base pointers or strides that are not multiples of 8 elements (e.g. a
+      // sliced view): the kernel's 16-byte copies need aligned rows, so hand it dense copies.
+      const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+      p = make_params(qc, kc, vc, out, lse, softmax_scale, window_left, window_right);
+      FA_CHECK_ARG(flash_fwd_cuda_supports_layout(p),
+                   "fastattn.flash_attention: problem size outside the CUDA kernel's limits "
+                   "(seqlens <= 2^28, batch and heads <= 65535)");
+      FA_CUDA_CHECK_LAUNCH(flash_fwd_cuda(p, current_stream(q)), "flash_attn forward");
+      return {out, lse};
+    }
+    FA_CUDA_CHECK_LAUNCH(flash_fwd_cuda(p, current_stream(q)), "flash_attn forward");
+#endif
+  } else {
+    const FlashFwdParams p = make_params(q, k, v, out, lse, softmax_scale, window_left, window_right);
+    flash_fwd_cpu(p);
+  }
+  return {out, lse};
+}
+
+}  // namespace fastattn

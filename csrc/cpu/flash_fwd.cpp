@@ -1,0 +1,309 @@
+// flash_fwd.cpp — FlashAttention forward on the CPU (fp32 / fp16 / bf16, any head dim).
+//
+// What it computes. For every batch b, query head h and query row i:
+//   out[b, i, h] = sum_j softmax_j(scale * q[b, i, h] . k[b, j, kvh]) v[b, j, kvh]
+//   lse[b, h, i] = log sum_j exp(scale * q . k)          (natural log, fp32)
+// with kvh = h / (h / h_k), over the keys row i may see: j in [i + Sk - Sq - left,
+// i + Sk - Sq + right] (bottom-right aligned, -1 = unbounded, causal = right 0). A row that
+// sees no key writes 0 and lse = -inf. The same algorithm and semantics as the CUDA kernel.
+//
+// Why it is fast. It is the FlashAttention loop with the two block products done by a real
+// GEMM: a task owns a block of kQBlock query rows of one (b, h) and sweeps the visible keys
+// in blocks of kKBlock, keeping the fp32 output accumulator and the online-softmax running
+// max / sum for its rows in per-thread buffers that stay in L2; the (Sq, Sk) score matrix
+// never exists. S = Q K^T and O += P V are ATen's cpublas::brgemm on fp32 operands (oneDNN's
+// JIT micro-kernels, or MKL's sgemm where those are unavailable), which run near the FMA
+// peak; everything else is O(Sq * Sk) vectorised work (max, exp2, sum) that costs a few
+// percent next to the 4 * D flops per score. K is transposed (and 16-bit K and V widened to
+// fp32) once per call in a parallel pre-pass, so each block product reads its operands in
+// GEMM-ready layout and the conversion cost is paid once per key, not once per query
+// block; fp32 Q and V are read in place through their strides. On this CPU (AVX-512 with
+// bf16 dot products) the fp32 GEMM is faster than the bf16 one for these block shapes, so
+// 16-bit inputs are widened rather than multiplied in 16 bit. The softmax runs in the log2
+// domain (scale * log2 e folded into one multiply, a polynomial exp2 that the compiler
+// vectorises), and O is divided by the row sum once, at the end. Under a causal or window
+// mask only the key blocks that intersect a task's band are visited, blocks wholly inside
+// the band take the unmasked path, and the per-row visible range is clipped arithmetically
+// (no -inf fill) in blocks crossing a band edge. Tasks are handed out heaviest first from an
+// atomic counter (dynamic scheduling), so causal launches end without a long tail.
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_types.h"
+#include "fastattn/api.h"
+#include "fastattn/static_switch.h"
+
+namespace fastattn {
+namespace {
+
+using cpu::load_row;
+using cpu::store_row;
+
+constexpr int64_t kQBlock = 64;   // query rows per task
+constexpr int64_t kKBlock = 256;  // keys per block product
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// 2^x for x <= 0 (the softmax only evaluates exp of non-positive numbers): x = n + f with
+// n = round(x), |f| <= 1/2, and 2^f from its degree-7 Taylor polynomial (relative error
+// < 1e-8 on that range); 2^n is added into the exponent bits. Branch-free, so `omp simd`
+// loops over it vectorise. Anything below 2^-126 returns 0.
+inline float exp2_nonpositive(float x) {
+  const float xc = x < -126.0f ? -126.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (xc + magic) - magic;
+  const float f = xc - n;
+  float p = 1.5252733804059841e-05f;
+  p = p * f + 1.5403530393381608e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.6181291076284772e-03f;
+  p = p * f + 5.5504108664821580e-02f;
+  p = p * f + 2.4022650695910071e-01f;
+  p = p * f + 6.9314718055994531e-01f;
+  p = p * f + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += static_cast<int32_t>(n) << 23;
+  float r;
+  std::memcpy(&r, &bits, 4);
+  return x < -126.0f ? 0.0f : r;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Band {
+  // Row i sees keys [i + lo_off, i + hi_off] (before clipping to [0, seqlen_k)).
+  bool has_lo = false, has_hi = false;
+  int64_t lo_off = 0, hi_off = 0;
+  int64_t lo(int64_t i) const { return has_lo ? i + lo_off : std::numeric_limits<int64_t>::min() / 4; }
+  int64_t hi(int64_t i) const { return has_hi ? i + hi_off : std::numeric_limits<int64_t>::max() / 4; }
+};
+
+template <typename T>
+class FlashFwdCpu {
+ public:
+  explicit FlashFwdCpu(const FlashFwdParams& p) : p_(p) {
+    const int64_t shift = p.seqlen_k - p.seqlen_q;
+    int64_t right = p.window_right;
+    if (p.is_causal) right = 0;
+    band_.has_lo = p.window_left >= 0;
+    band_.lo_off = shift - p.window_left;
+    band_.has_hi = right >= 0;
+    band_.hi_off = shift + right;
+    kt_ld_ = ceil_div(p.seqlen_k, 16) * 16;
+    scale_log2_ = p.softmax_scale * kLog2e;
+  }
+
+  void run() {
+    prepare_kv();
+    const int64_t nqb = ceil_div(p_.seqlen_q, kQBlock);
+    const int64_t ntasks = p_.b * p_.h * nqb;
+    std::atomic<int64_t> next{0};
+    const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+    at::parallel_for(0, nthreads, 1, [&](int64_t t_begin, int64_t t_end) {
+      Workspace ws(p_.d);
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        for (int64_t task = next.fetch_add(1); task < ntasks; task = next.fetch_add(1)) {
+          // Heaviest first: under a causal mask the last query blocks see the most keys.
+          const int64_t qb = nqb - 1 - task / (p_.b * p_.h);
+          const int64_t bh = task % (p_.b * p_.h);
+          run_task(bh / p_.h, bh % p_.h, qb, ws);
+        }
+      }
+      at::native::cpublas::brgemm_release(false);
+    });
+  }
+
+ private:
+  struct Workspace {
+    explicit Workspace(int64_t d)
+        : q(static_cast<size_t>(kQBlock * d)),
+          s(static_cast<size_t>(kQBlock * kKBlock)),
+          o(static_cast<size_t>(kQBlock * d)),
+          m(kQBlock),
+          l(kQBlock),
+          alpha(kQBlock) {}
+    std::vector<float> q, s, o, m, l, alpha;
+  };
+
+  // K^T (b, h_k, d, kt_ld) fp32 for every input dtype; V (b, h_k, seqlen_k, d) fp32 only for
+  // 16-bit inputs (fp32 V is read in place).
+  void prepare_kv() {
+    const int64_t d = p_.d, sk = p_.seqlen_k;
+    const int64_t nbh = p_.b * p_.h_k;
+    kt_.assign(static_cast<size_t>(nbh * d * kt_ld_), 0.0f);
+    const bool widen_v = !std::is_same<T, float>::value;
+    if (widen_v) v32_.resize(static_cast<size_t>(nbh * sk * d));
+    constexpr int64_t kChunk = 64;
+    const int64_t nchunks = ceil_div(sk, kChunk);
+    const T* k = static_cast<const T*>(p_.k);
+    const T* v = static_cast<const T*>(p_.v);
+    at::parallel_for(0, nbh * nchunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> rows(static_cast<size_t>(kChunk * d));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / nchunks, j0 = (task % nchunks) * kChunk;
+        const int64_t b = bh / p_.h_k, hk = bh % p_.h_k;
+        const int64_t n = std::min(kChunk, sk - j0);
+        const T* kbase = k + b * p_.k_batch_stride + hk * p_.k_head_stride;
+        for (int64_t j = 0; j < n; ++j) load_row(kbase + (j0 + j) * p_.k_row_stride, rows.data() + j * d, d);
+        float* kt = kt_.data() + bh * d * kt_ld_ + j0;
+        for (int64_t c = 0; c < d; ++c) {
+          float* dst = kt + c * kt_ld_;
+          for (int64_t j = 0; j < n; ++j) dst[j] = rows[j * d + c];
+        }
+        if (widen_v) {
+          const T* vbase = v + b * p_.v_batch_stride + hk * p_.v_head_stride;
+          float* dst = v32_.data() + (bh * sk + j0) * d;
+          for (int64_t j = 0; j < n; ++j) load_row(vbase + (j0 + j) * p_.v_row_stride, dst + j * d, d);
+        }
+      }
+    });
+  }
+
+  void run_task(int64_t b, int64_t h, int64_t qb, Workspace& ws) {
+    const int64_t d = p_.d, sk = p_.seqlen_k;
+    const int64_t hk = h / (p_.h / p_.h_k);
+    const int64_t q0 = qb * kQBlock;
+    const int64_t rows = std::min(kQBlock, p_.seqlen_q - q0);
+
+    // Keys any row of this block may see, clipped to [0, sk).
+    const int64_t k_lo = std::max<int64_t>(0, band_.lo(q0));
+    const int64_t k_hi = std::min<int64_t>(sk, band_.hi(q0 + rows - 1) + 1);
+
+    float* m = ws.m.data();
+    float* l = ws.l.data();
+    float* o = ws.o.data();
+    std::fill(m, m + rows, kNegInf);
+    std::fill(l, l + rows, 0.0f);
+    std::fill(o, o + rows * d, 0.0f);
+
+    if (k_hi > k_lo) {
+      // Q operand: fp32 in place (row stride as leading dim), 16-bit widened once per task.
+      const T* qsrc = static_cast<const T*>(p_.q) + b * p_.q_batch_stride + h * p_.q_head_stride +
+                      q0 * p_.q_row_stride;
+      const float* qa;
+      int64_t q_ld;
+      if (std::is_same<T, float>::value) {
+        qa = reinterpret_cast<const float*>(qsrc);
+        q_ld = p_.q_row_stride;
+      } else {
+        for (int64_t r = 0; r < rows; ++r) load_row(qsrc + r * p_.q_row_stride, ws.q.data() + r * d, d);
+        qa = ws.q.data();
+        q_ld = d;
+      }
+      const float* kt = kt_.data() + (b * p_.h_k + hk) * d * kt_ld_;
+      const float* vb;
+      int64_t v_ld;
+      if (std::is_same<T, float>::value) {
+        vb = reinterpret_cast<const float*>(static_cast<const T*>(p_.v) + b * p_.v_batch_stride +
+                                            hk * p_.v_head_stride);
+        v_ld = p_.v_row_stride;
+      } else {
+        vb = v32_.data() + (b * p_.h_k + hk) * sk * d;
+        v_ld = d;
+      }
+
+      for (int64_t k0 = k_lo; k0 < k_hi; k0 += kKBlock) {
+        const int64_t cols = std::min(kKBlock, k_hi - k0);
+        float* s = ws.s.data();
+        // S (rows, cols) = Q (rows, d) @ K^T (d, cols)
+        at::native::cpublas::brgemm(rows, cols, d, q_ld, kt_ld_, kKBlock, /*add_C=*/false, qa, kt + k0, s);
+        // Blocks wholly inside every row's band skip the per-row clipping.
+        const bool masked = band_.lo(q0 + rows - 1) > k0 || band_.hi(q0) < k0 + cols - 1;
+        softmax_block(s, rows, cols, q0, k0, masked, ws);
+        // O (rows, d) = alpha * O + P (rows, cols) @ V (cols, d); alpha was applied in softmax.
+        at::native::cpublas::brgemm(rows, d, cols, kKBlock, v_ld, d, /*add_C=*/true, s, vb + k0 * v_ld, o);
+      }
+    }
+    write_output(b, h, q0, rows, ws);
+  }
+
+  // Online softmax of one score block in place: S becomes P = 2^(scale_log2 * S - m_new),
+  // the running max and sum are updated and the accumulator rows rescaled by 2^(m_old - m_new).
+  void softmax_block(float* s, int64_t rows, int64_t cols, int64_t q0, int64_t k0, bool masked,
+                     Workspace& ws) {
+    const int64_t d = p_.d;
+    const float sl2 = scale_log2_;
+    float* m = ws.m.data();
+    float* l = ws.l.data();
+    float* o = ws.o.data();
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = s + r * kKBlock;
+      int64_t jlo = 0, jhi = cols;
+      if (masked) {
+        const int64_t i = q0 + r;
+        jlo = std::clamp<int64_t>(band_.lo(i) - k0, 0, cols);
+        jhi = std::clamp<int64_t>(band_.hi(i) - k0 + 1, 0, cols);
+        if (jhi < jlo) jhi = jlo;
+        std::fill(sr, sr + jlo, 0.0f);
+        std::fill(sr + jhi, sr + cols, 0.0f);
+        if (jhi == jlo) continue;  // this row sees no key of the block: P row 0, O unchanged
+      }
+      float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+      for (int64_t j = jlo; j < jhi; ++j) mx = std::max(mx, sr[j]);
+      // The scale may be negative: the max of the scaled scores is then the scaled min.
+      if (sl2 < 0.0f) {
+        float mn = std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(min : mn)
+        for (int64_t j = jlo; j < jhi; ++j) mn = std::min(mn, sr[j]);
+        mx = mn;
+      }
+      const float m_new = std::max(m[r], mx * sl2);
+      const float alpha = m[r] == kNegInf ? 0.0f : exp2_nonpositive(m[r] - m_new);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = jlo; j < jhi; ++j) {
+        const float pj = exp2_nonpositive(sr[j] * sl2 - m_new);
+        sr[j] = pj;
+        sum += pj;
+      }
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+      if (alpha != 1.0f) {
+        float* orow = o + r * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) orow[c] *= alpha;
+      }
+    }
+  }
+
+  void write_output(int64_t b, int64_t h, int64_t q0, int64_t rows, Workspace& ws) {
+    const int64_t d = p_.d;
+    T* out = static_cast<T*>(p_.out) + b * p_.out_batch_stride + h * p_.out_head_stride;
+    float* lse = p_.lse + (b * p_.h + h) * p_.seqlen_q;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* orow = ws.o.data() + r * d;
+      const float lr = ws.l[r];
+      const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) orow[c] *= inv;
+      store_row(orow, out + (q0 + r) * p_.out_row_stride, d);
+      lse[q0 + r] = lr > 0.0f ? (ws.m[r] + std::log2(lr)) * kLn2 : kNegInf;
+    }
+  }
+
+  const FlashFwdParams& p_;
+  Band band_;
+  int64_t kt_ld_ = 0;
+  float scale_log2_ = 0.0f;
+  std::vector<float> kt_, v32_;
+};
+
+}  // namespace
+
+void flash_fwd_cpu(const FlashFwdParams& params) {
+  if (params.b == 0 || params.seqlen_q == 0 || params.h == 0) return;
+  FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] { FlashFwdCpu<T>(params).run(); });
+}
+
+}  // namespace fastattn
