@@ -80,7 +80,8 @@ def test_strided_inputs(device, dtype):
         dtype = torch.float16
     B, S, H, Hk, D = 2, 70, 4, 2, 64
     # q from a packed (B, S, 3, H, D) tensor; k, v from (B, Hk, S, D) head-major storage;
-    # dout and out with padded rows.
+    # dout and out with padded rows (out's odd row stride also sends the CUDA binding down
+    # its contiguous-copy path).
     qkv = torch.randn(B, S, 3, H, D, device=device).to(dtype)
     q = qkv[:, :, 0]
     k = torch.randn(B, Hk, S, D, device=device).to(dtype).transpose(1, 2)
@@ -89,7 +90,7 @@ def test_strided_inputs(device, dtype):
     assert not (q.is_contiguous() or k.is_contiguous() or dout.is_contiguous())
     scale = 0.1
     out_c, lse = _fwd(q, k, v, scale, (-1, 0))
-    out = torch.empty(B, S, H, D + 8, device=device, dtype=dtype)[..., :D].copy_(out_c)
+    out = torch.empty(B, S, H, D + 1, device=device, dtype=dtype)[..., :D].copy_(out_c)
     _check(q, k, v, dout, (-1, 0), scale=scale, out=out, lse=lse)
 
 
