@@ -76,5 +76,169 @@ def rms_norm(
 # ---- rotary ------------------------------------------------------------------------------
 
 # ---- flash attention ---------------------------------------------------------------------
+__all__ += ["flash_attention", "scaled_dot_product_attention"]
+
+# Head dims the CUDA kernel is built for (flash_fwd_cuda_supports_head_dim); the CPU kernel
+# takes any head dim up to _CPU_MAX_HEAD_DIM.
+_CUDA_HEAD_DIMS = (64, 128)
+_CPU_MAX_HEAD_DIM = 512
+_CUDA_BUILT = bool(ops._load().WITH_CUDA)
+
+
+def _check_window(window) -> tuple:
+    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
+        raise ValueError(f"window must be a pair of ints (left, right), got {window!r}")
+    left, right = int(window[0]), int(window[1])
+    if left < -1 or right < -1:
+        raise ValueError(f"window sizes must be >= 0 or -1 (unbounded), got {(left, right)}")
+    return left, right
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window=(-1, -1),
+    return_lse: bool = False,
+):
+    """FlashAttention: ``softmax(q k^T * softmax_scale + mask) v`` without materialising the scores.
+
+    Args:
+        q: (B, Sq, H, D) query. float32/float16/bfloat16 on the CPU, float16/bfloat16 on
+            CUDA (D in 64, 128 there; any D up to 512 on the CPU). Last dim contiguous; the
+            other strides are free (e.g. slices of a packed qkv tensor).
+        k, v: (B, Sk, Hk, D) with q's dtype and device; ``H % Hk == 0`` (GQA/MQA: query head
+            h reads kv head ``h // (H // Hk)``; K/V are never copied per query head).
+        causal: bottom-right aligned, as flash-attn: query i sees keys ``j <= i + Sk - Sq``.
+        softmax_scale: defaults to ``1 / sqrt(D)``.
+        window: (left, right) sliding window: query i sees keys in
+            ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 is unbounded. ``causal`` sets
+            right = 0. Rows that see no key output 0 (and lse = -inf).
+        return_lse: also return the log-sum-exp of the scaled scores.
+
+    Returns:
+        out (B, Sq, H, D) contiguous, q's dtype; with return_lse, ``(out, lse)`` where lse is
+        (B, H, Sq) float32 (natural log).
+
+    Differentiable in q, k and v (not through lse). The backward currently recomputes the
+    attention through ``fastattn.reference`` with torch.autograd: correct but slow, with
+    O(Sq * Sk) memory, until the FlashAttention backward kernel is wired in.
+    """
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_float(t, name, cuda_16bit_only=True)
+    for t, name, layout in ((q, "q", "(B, Sq, H, D)"), (k, "k", "(B, Sk, Hk, D)"), (v, "v", "(B, Sk, Hk, D)")):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions {layout}, got {t.dim()}")
+    check_same_device(k, q, "k", "q")
+    check_same_device(v, q, "v", "q")
+    check_same_dtype(k, q, "k", "q")
+    check_same_dtype(v, q, "v", "q")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    B, Sq, H, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k must have q's batch size {B}, got {k.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"k must have q's head dim {D}, got {k.shape[3]}")
+    Hk = k.shape[2]
+    if Hk < 1 or H % Hk != 0:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of key/value heads ({Hk})")
+    if q.is_cuda and D not in _CUDA_HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported on CUDA (supported: {', '.join(map(str, _CUDA_HEAD_DIMS))})")
+    if not q.is_cuda and not 1 <= D <= _CPU_MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {_CPU_MAX_HEAD_DIM}] on the CPU, got {D}")
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_last_dim_contiguous(t, name)
+    left, right = _check_window(window)
+    if causal:
+        right = 0
+    if softmax_scale is None:
+        softmax_scale = D ** -0.5
+    out, lse = ops.flash_attn_fwd(q, k, v, float(softmax_scale), left, right)
+    return (out, lse) if return_lse else out
+
+
+def _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa) -> bool:
+    """True when fastattn's kernel computes exactly what F.scaled_dot_product_attention would."""
+    if attn_mask is not None or dropout_p > 0.0:
+        return False
+    if not all(isinstance(t, Tensor) for t in (query, key, value)):
+        return False
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return False
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if not (query.device == key.device == value.device) or query.device.type not in ("cpu", "cuda"):
+        return False
+    B, H, L, E = query.shape
+    Hk, S = key.shape[1], key.shape[2]
+    if key.shape != (B, Hk, S, E) or value.shape != key.shape:
+        return False  # broadcasting batches or a value head dim != E: torch handles it
+    if Hk != H and not (enable_gqa and Hk >= 1 and H % Hk == 0):
+        return False  # torch raises its own error for these
+    if L == 0 or S == 0 or B == 0 or H == 0:
+        return False
+    if query.is_cuda:
+        return _CUDA_BUILT and query.dtype != torch.float32 and E in _CUDA_HEAD_DIMS
+    return 1 <= E <= _CPU_MAX_HEAD_DIM
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on fastattn's kernel.
+
+    Args:
+        query: (B, H, L, E); key, value: (B, Hk, S, E). Hk == H, or with ``enable_gqa`` any
+            Hk dividing H (query head h reads kv head ``h // (H // Hk)``, as torch).
+        attn_mask, dropout_p: a general mask or dropout are handed to torch unchanged.
+        is_causal: TOP-LEFT aligned, as torch: query i sees keys ``j <= i`` (this differs
+            from ``flash_attention(causal=True)`` when L != S).
+        scale: defaults to ``1 / sqrt(E)``.
+
+    Returns:
+        (B, H, L, E) in query's dtype (a transposed view of a (B, L, H, E) buffer).
+
+    What the kernel does not cover is computed by torch itself, so results and errors are
+    torch's: ``attn_mask``, ``dropout_p > 0``, inputs that are not 4-D, broadcast batch dims,
+    a value head dim differing from E, fp32 or head dims other than 64/128 on CUDA, empty
+    inputs, other dtypes/devices. Differentiable (see ``flash_attention`` for the backward).
+    """
+    if not _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa):
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale, enable_gqa=enable_gqa,
+        )
+    L, S = query.shape[2], key.shape[2]
+    # (B, H, L, E) -> (B, L, H, E) is a free transpose: the op takes any batch/row/head strides.
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    left, right = -1, -1
+    if is_causal:
+        # Top-left: query i sees j <= i. With S > L the keys j >= L are seen by no query, so
+        # dropping them leaves a square causal problem; with S < L it is the bottom-right band
+        # with right = L - S.
+        if S > L:
+            k, v = k[:, :L], v[:, :L]
+        right = max(L - S, 0)
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    out, _lse = ops.flash_attn_fwd(q, k, v, float(scale), left, right)
+    return out.transpose(1, 2)
 
 # ---- decode attention and append_kv ------------------------------------------------------

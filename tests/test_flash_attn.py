@@ -1,0 +1,315 @@
+"""fastattn.flash_attention (and the fastattn::flash_attn_fwd op) against fastattn.reference.attention.
+
+Error-ratio rule (DESIGN.md section 5): the output's error against the float64 reference is
+at most twice the error of the reference computed in the input dtype, plus 1e-5.
+"""
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+
+from conftest import DEVICES, HAS_CUDA, assert_error_ratio, dtypes_for
+
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# (device, dtype) pairs: fp32/fp16/bf16 on the CPU, fp16/bf16 on CUDA (with DEVICES' cuda marks).
+_CUDA_MARKS = [d for d in DEVICES if not isinstance(d, str)][0].marks
+DEVICE_DTYPES = [
+    pytest.param(dev, dt, marks=_CUDA_MARKS if dev == "cuda" else (), id=f"{dev}-{DTYPE_IDS[dt]}")
+    for dev in ("cpu", "cuda")
+    for dt in dtypes_for(dev, cuda_16bit_only=True)
+]
+
+
+def _make(device, dtype, B, Sq, Sk, H, Hk, D):
+    q = torch.randn(B, Sq, H, D, device=device, dtype=dtype)
+    k = torch.randn(B, Sk, Hk, D, device=device, dtype=dtype)
+    v = torch.randn(B, Sk, Hk, D, device=device, dtype=dtype)
+    return q, k, v
+
+
+def _check_lse(lse, low_lse, true_lse):
+    assert lse.dtype == torch.float32 and lse.shape == true_lse.shape and lse.is_contiguous()
+    empty = torch.isinf(true_lse)
+    assert torch.equal(torch.isinf(lse), empty), "lse: rows with no visible key must be exactly -inf"
+    assert (lse[empty] < 0).all()
+    assert_error_ratio(lse[~empty], low_lse[~empty], true_lse[~empty], "lse")
+
+
+def _check(q, k, v, causal=False, window=(-1, -1), softmax_scale=None):
+    out, lse = fastattn.flash_attention(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale,
+                                        return_lse=True)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
+    true_out, true_lse = reference.attention(q.double(), k.double(), v.double(), causal=causal,
+                                             softmax_scale=softmax_scale, window=window, return_lse=True)
+    low_out, low_lse = reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window=window,
+                                           return_lse=True)
+    assert_error_ratio(out, low_out, true_out, "out")
+    _check_lse(lse, low_lse, true_lse)
+    return out
+
+
+LENGTHS = [1, 17, 97]
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("sq", LENGTHS)
+@pytest.mark.parametrize("sk", LENGTHS)
+def test_lengths(device, dtype, causal, sq, sk):
+    # Sq != Sk both ways; causal is bottom-right aligned, so Sq > Sk leaves empty rows.
+    _check(*_make(device, dtype, 2, sq, sk, 2, 2, 64), causal=causal)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("sq, sk, causal", [(1025, 1025, True), (1025, 97, False), (17, 1025, True), (1025, 1, True)])
+def test_long(device, dtype, sq, sk, causal):
+    _check(*_make(device, dtype, 1, sq, sk, 2, 1, 64), causal=causal)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("h, hk", [(6, 6), (6, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_heads(device, dtype, h, hk, causal):
+    _check(*_make(device, dtype, 2, 33, 70, h, hk, 64), causal=causal)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+def test_head_dims(device, dtype, d):
+    _check(*_make(device, dtype, 1, 130, 150, 3, 1, d), causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("d", [1, 40, 96, 200])
+def test_odd_head_dims_cpu(dtype, d):
+    _check(*_make("cpu", dtype, 1, 70, 300, 2, 2, d), causal=d % 2 == 0)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize(
+    "sq, sk, window",
+    [
+        (97, 97, (16, 0)),     # sliding window, causal side
+        (97, 97, (8, 8)),
+        (97, 300, (0, 0)),     # each row sees exactly one key
+        (300, 97, (5, 2)),     # Sq > Sk: the first rows see nothing
+        (300, 97, (-1, 0)),    # causal via the window: empty rows too
+        (97, 300, (-1, 40)),
+        (97, 300, (30, -1)),
+        (1025, 1025, (100, 0)),
+    ],
+)
+def test_window(device, dtype, sq, sk, window):
+    _check(*_make(device, dtype, 1, sq, sk, 2, 1, 64), window=window)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_causal_with_window(device, dtype):
+    q, k, v = _make(device, dtype, 1, 97, 120, 2, 2, 64)
+    out = fastattn.flash_attention(q, k, v, causal=True, window=(10, 7))  # causal forces right = 0
+    torch.testing.assert_close(out, fastattn.flash_attention(q, k, v, window=(10, 0)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("scale", [0.3, 1.0, -0.2])
+def test_softmax_scale(device, dtype, scale):
+    _check(*_make(device, dtype, 1, 40, 77, 2, 2, 64), causal=True, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_packed_qkv_views(device, dtype):
+    # q, k, v as slices of one (B, S, 3, H, D) projection output: row stride 3 * H * D.
+    B, S, H, D = 2, 97, 4, 64
+    qkv = torch.randn(B, S, 3, H, D, device=device, dtype=dtype)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    _check(q, k, v, causal=True)
+    # GQA from a packed (B, S, H + 2 Hk, D) tensor.
+    packed = torch.randn(B, S, H + 2 * 2, D, device=device, dtype=dtype)
+    _check(packed[:, :, :H], packed[:, :, H : H + 2], packed[:, :, H + 2 :], causal=False)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_other_strides(device, dtype):
+    B, S, H, D = 2, 50, 3, 64
+    # (B, H, S, D) storage transposed to (B, S, H, D), and rows padded to D + 3 elements
+    # (unaligned on CUDA: the binding hands the kernel contiguous copies).
+    q = torch.randn(B, H, S, D, device=device, dtype=dtype).transpose(1, 2)
+    k = torch.randn(B, S, H, D + 3, device=device, dtype=dtype)[..., 3:]
+    v = torch.randn(S, B, H, D, device=device, dtype=dtype).transpose(0, 1)
+    _check(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty(device):
+    dtype = torch.bfloat16
+    for (B, Sq, Sk) in [(0, 5, 5), (2, 0, 5)]:
+        q, k, v = _make(device, dtype, B, Sq, Sk, 2, 2, 64)
+        out, lse = fastattn.flash_attention(q, k, v, return_lse=True)
+        assert out.shape == q.shape and lse.shape == (B, 2, Sq)
+    q, k, v = _make(device, dtype, 2, 5, 0, 2, 2, 64)  # no keys: every row is empty
+    out, lse = fastattn.flash_attention(q, k, v, return_lse=True)
+    assert (out == 0).all() and torch.isinf(lse).all() and (lse < 0).all()
+
+
+# ---- gradients (through the reference-based backward for now) ---------------------------
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize(
+    "sq, sk, h, hk, causal, window",
+    [(17, 17, 2, 2, True, (-1, -1)), (33, 20, 4, 2, True, (-1, -1)), (20, 45, 4, 1, False, (6, 3))],
+)
+def test_gradients(device, dtype, sq, sk, h, hk, causal, window):
+    q, k, v = _make(device, dtype, 2, sq, sk, h, hk, 64)
+    dout = torch.randn(2, sq, h, 64, device=device)
+
+    def grads(fn, cast):
+        args = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        out = fn(*args, causal=causal, window=window)
+        (out.float() * dout).sum().backward()
+        return [a.grad for a in args]
+
+    def ref(q_, k_, v_, causal, window):
+        return reference.attention(q_, k_, v_, causal=causal, window=window)
+
+    ours = grads(fastattn.flash_attention, dtype)
+    true = grads(ref, torch.float64)
+    low = grads(ref, dtype)
+    for o, t, l, name in zip(ours, true, low, ("dq", "dk", "dv")):
+        assert o.dtype == dtype
+        assert_error_ratio(o, l, t, name)
+
+
+# ---- torch.library / torch.compile -------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = _make(device, dtype, 2, 9, 13, 4, 2, 64)
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.fastattn.flash_attn_fwd, (q, k, v, 0.125, -1, 0))
+    torch.library.opcheck(torch.ops.fastattn.flash_attn_fwd, (q, k, v, 0.125, 3, 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def attn(q, k, v):
+        out = fastattn.flash_attention(q, k, v, causal=True)
+        out2, lse = fastattn.flash_attention(q, k, v, window=(4, 4), softmax_scale=0.2, return_lse=True)
+        return out * 2 + out2, lse
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def sdpa(q, k, v):
+        return fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    q, k, v = (t.requires_grad_() for t in _make(device, dtype, 2, 20, 20, 4, 2, 64))
+    out, lse = attn(q, k, v)
+    o1 = fastattn.flash_attention(q, k, v, causal=True)
+    o2, lse2 = fastattn.flash_attention(q, k, v, window=(4, 4), softmax_scale=0.2, return_lse=True)
+    torch.testing.assert_close(out, o1 * 2 + o2)
+    torch.testing.assert_close(lse, lse2)
+    out.float().sum().backward()
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+    qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    got = sdpa(qt, kt, vt)
+    want = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(got, want, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
+    got.float().sum().backward()
+    assert qt.grad is not None
+
+
+def test_torch_compile_inductor_cpu():
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: fastattn.flash_attention(q, k, v, causal=True) + 1, fullgraph=True)
+    q, k, v = _make("cpu", torch.float32, 1, 16, 16, 2, 2, 32)
+    torch.testing.assert_close(f(q, k, v), fastattn.flash_attention(q, k, v, causal=True) + 1)
+
+
+# ---- bad input ---------------------------------------------------------------------------
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+BAD_INPUTS = [
+    (lambda: (_t(2, 5, 4, 64)[0], _t(2, 5, 4, 64), _t(2, 5, 4, 64)), {}, ValueError, r"q must have 4 dimensions"),
+    (lambda: (_t(2, 5, 4, 64), _t(5, 4, 64), _t(2, 5, 4, 64)), {}, ValueError, r"k must have 4 dimensions"),
+    (lambda: (_t(2, 5, 4, 64), _t(2, 5, 4, 64, dtype=torch.bfloat16), _t(2, 5, 4, 64, dtype=torch.bfloat16)), {},
+     ValueError, r"k has dtype torch.bfloat16 but q has dtype torch.float32"),
+    (lambda: (_t(2, 5, 4, 64, dtype=torch.float64),) * 3, {}, ValueError, r"q must be float32, float16 or bfloat16"),
+    (lambda: (_t(2, 5, 4, 64), _t(2, 5, 3, 64), _t(2, 5, 3, 64)), {}, ValueError,
+     r"query heads \(4\) must be a multiple of the number of key/value heads \(3\)"),
+    (lambda: (_t(2, 5, 4, 64), _t(2, 5, 2, 64), _t(2, 6, 2, 64)), {}, ValueError, r"k and v must have the same shape"),
+    (lambda: (_t(2, 5, 4, 64), _t(3, 5, 2, 64), _t(3, 5, 2, 64)), {}, ValueError, r"k must have q's batch size 2"),
+    (lambda: (_t(2, 5, 4, 64), _t(2, 5, 2, 32), _t(2, 5, 2, 32)), {}, ValueError, r"k must have q's head dim 64"),
+    (lambda: (_t(2, 5, 4, 600),) * 3, {}, ValueError, r"head dim must be in \[1, 512\] on the CPU"),
+    (lambda: (_t(2, 5, 64, 4).transpose(-1, -2), _t(2, 5, 4, 64), _t(2, 5, 4, 64)), {}, ValueError,
+     r"q must have a contiguous last dimension"),
+    (lambda: (_t(2, 5, 4, 64), _t(2, 5, 4, 64), _t(2, 5, 64, 4).transpose(-1, -2)), {}, ValueError,
+     r"v must have a contiguous last dimension"),
+    (lambda: (_t(2, 5, 4, 64), _t(2, 5, 4, 64, device="meta"), _t(2, 5, 4, 64)), {}, ValueError,
+     r"k is on meta but q is on cpu"),
+    (lambda: (_t(2, 5, 4, 64),) * 3, {"window": (-2, 0)}, ValueError, r"window sizes must be >= 0 or -1"),
+    (lambda: (_t(2, 5, 4, 64),) * 3, {"window": 3}, ValueError, r"window must be a pair of ints"),
+    (lambda: ([1.0], _t(2, 5, 4, 64), _t(2, 5, 4, 64)), {}, TypeError, r"q must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("make, kwargs, exc, match", BAD_INPUTS)
+def test_bad_input(make, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fastattn.flash_attention(*make(), **kwargs)
+
+
+def test_bad_input_direct_op():
+    # The C++ binding validates too, for callers of torch.ops.fastattn directly.
+    op = torch.ops.fastattn.flash_attn_fwd
+    ok = _t(2, 5, 4, 64)
+    cases = [
+        ((ok[0], ok, ok, 0.1, -1, -1), r"q must have 4 dimensions"),
+        ((ok, ok.half(), ok.half(), 0.1, -1, -1), r"k has dtype Half but q has dtype Float"),
+        ((ok, _t(2, 5, 3, 64), _t(2, 5, 3, 64), 0.1, -1, -1), r"must be a multiple of the number of key/value heads"),
+        ((ok, _t(2, 5, 2, 64), _t(2, 7, 2, 64), 0.1, -1, -1), r"k and v must have the same shape"),
+        ((ok, _t(2, 5, 64, 4).transpose(-1, -2), ok, 0.1, -1, -1), r"k must have a contiguous last dimension"),
+        ((ok.double(), ok.double(), ok.double(), 0.1, -1, -1), r"q must be float32, float16 or bfloat16"),
+        ((ok, ok, ok, 0.1, -3, 0), r"window sizes must be >= 0 or -1"),
+        ((_t(1, 2, 2, 513),) * 3 + (0.1, -1, -1), r"head dim must be in \[1, 512\]"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            op(*args)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.cuda
+def test_bad_input_cuda():
+    q = _t(1, 5, 2, 64, device="cuda")
+    with pytest.raises(ValueError, match=r"q must be float16 or bfloat16 on CUDA"):
+        fastattn.flash_attention(q, q, q)
+    with pytest.raises(ValueError, match=r"float16 or bfloat16 on CUDA"):
+        torch.ops.fastattn.flash_attn_fwd(q, q, q, 0.1, -1, -1)
+    h = _t(1, 5, 2, 40, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match=r"head dim 40 is not supported on CUDA"):
+        fastattn.flash_attention(h, h, h)
+    with pytest.raises(ValueError, match=r"head dim 40 is not supported on CUDA"):
+        torch.ops.fastattn.flash_attn_fwd(h, h, h, 0.1, -1, -1)
+    c = _t(1, 5, 2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"k is on cpu but q is on cuda"):
+        fastattn.flash_attention(h.new_zeros(1, 5, 2, 64), c, c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_sdpa_bshd(device):
+    # flash_attention with Sq == Sk causal equals torch's SDPA on the transposed layout.
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    q, k, v = _make(device, dtype, 2, 64, 64, 4, 4, 64)
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                            is_causal=True).transpose(1, 2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(fastattn.flash_attention(q, k, v, causal=True), want, atol=tol, rtol=tol)

@@ -1,0 +1,168 @@
+"""fastattn.scaled_dot_product_attention as a drop-in for torch.nn.functional.scaled_dot_product_attention.
+
+Parity is measured with the error-ratio rule against torch's own SDPA: the truth is torch's
+SDPA on float64 copies, the low-precision reference is torch's SDPA in the input dtype.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn import ops
+
+from conftest import DEVICES, assert_error_ratio, dtypes_for
+
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_CUDA_MARKS = [d for d in DEVICES if not isinstance(d, str)][0].marks
+DEVICE_DTYPES = [
+    pytest.param(dev, dt, marks=_CUDA_MARKS if dev == "cuda" else (), id=f"{dev}-{DTYPE_IDS[dt]}")
+    for dev in ("cpu", "cuda")
+    for dt in dtypes_for(dev, cuda_16bit_only=True)
+]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls into the fastattn kernel op, to tell the kernel path from delegation."""
+    calls = []
+    real = ops.flash_attn_fwd
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(ops, "flash_attn_fwd", counting)
+    return calls
+
+
+def _torch_sdpa_f64(q, k, v, **kw):
+    # The math backend on float64 copies is the truth (the CPU flash kernel has no fp64).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
+
+
+def _check(q, k, v, **kw):
+    ours = fastattn.scaled_dot_product_attention(q, k, v, **kw)
+    low = F.scaled_dot_product_attention(q, k, v, **kw)
+    true = _torch_sdpa_f64(q, k, v, **kw)
+    assert ours.shape == low.shape and ours.dtype == low.dtype
+    assert_error_ratio(ours, low, true)
+    return ours
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("L, S", [(1, 1), (17, 17), (97, 97), (17, 97), (97, 17), (1, 40), (40, 1)])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_parity(device, dtype, L, S, is_causal, kernel_calls):
+    # is_causal is TOP-LEFT aligned in torch: with L != S this differs from flash-attn's.
+    q = torch.randn(2, 4, L, 64, device=device, dtype=dtype)
+    k = torch.randn(2, 4, S, 64, device=device, dtype=dtype)
+    v = torch.randn(2, 4, S, 64, device=device, dtype=dtype)
+    _check(q, k, v, is_causal=is_causal)
+    assert len(kernel_calls) == 1
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("hk", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_enable_gqa(device, dtype, hk, is_causal, kernel_calls):
+    q = torch.randn(2, 8, 33, 64, device=device, dtype=dtype)
+    k = torch.randn(2, hk, 50, 64, device=device, dtype=dtype)
+    v = torch.randn(2, hk, 50, 64, device=device, dtype=dtype)
+    _check(q, k, v, is_causal=is_causal, enable_gqa=True)
+    assert len(kernel_calls) == 1
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("scale", [None, 0.05, 1.0])
+def test_scale(device, dtype, scale):
+    q, k, v = (torch.randn(1, 2, 30, 128, device=device, dtype=dtype) for _ in range(3))
+    _check(q, k, v, is_causal=True, scale=scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous(device, kernel_calls):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    # The usual layout: (B, L, H, E) projections viewed as (B, H, L, E); plus a view whose
+    # last dim is not contiguous (copied first).
+    q = torch.randn(2, 20, 4, 64, device=device, dtype=dtype).transpose(1, 2)
+    k = torch.randn(2, 25, 4, 64, device=device, dtype=dtype).transpose(1, 2)
+    v = torch.randn(2, 4, 64, 25, device=device, dtype=dtype).transpose(-1, -2)
+    _check(q, k, v, is_causal=True)
+    assert len(kernel_calls) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_gradients(device, is_causal):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    base = [torch.randn(2, h, s, 64, device=device, dtype=dtype) for h, s in ((4, 13), (2, 21), (2, 21))]
+    dout = torch.randn(2, 4, 13, 64, device=device, dtype=dtype)
+
+    def grads(fn, cast):
+        args = [t.detach().to(cast).requires_grad_() for t in base]
+        fn(*args, is_causal=is_causal, enable_gqa=True).backward(dout.to(cast))
+        return [a.grad for a in args]
+
+    ours = grads(fastattn.scaled_dot_product_attention, dtype)
+    low = grads(F.scaled_dot_product_attention, dtype)
+    true = grads(_torch_sdpa_f64, torch.float64)
+    for o, l, t, name in zip(ours, low, true, ("dq", "dk", "dv")):
+        assert_error_ratio(o, l, t, name)
+
+
+# ---- what the kernel does not cover is torch's, unchanged --------------------------------
+def test_attn_mask_delegates(kernel_calls):
+    q, k, v = (torch.randn(2, 4, 10, 64) for _ in range(3))
+    for mask in (torch.rand(10, 10) > 0.3, torch.randn(2, 1, 10, 10)):
+        got = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=0, atol=0)
+    assert not kernel_calls
+
+
+def test_dropout_delegates(kernel_calls):
+    q, k, v = (torch.randn(2, 4, 10, 64) for _ in range(3))
+    torch.manual_seed(5)
+    got = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(5)
+    want = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not kernel_calls
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        ((4, 10, 64), (4, 12, 64), (4, 12, 64)),          # 3-D
+        ((2, 3, 4, 10, 64), (2, 3, 4, 12, 64), (2, 3, 4, 12, 64)),  # 5-D
+        ((2, 4, 10, 64), (1, 4, 12, 64), (1, 4, 12, 64)),  # broadcast batch
+        ((2, 4, 10, 64), (2, 4, 12, 64), (2, 4, 12, 32)),  # value head dim != E
+    ],
+    ids=["3d", "5d", "broadcast", "ev"],
+)
+def test_other_shapes_delegate(shapes, kernel_calls):
+    q, k, v = (torch.randn(*s) for s in shapes)
+    got = fastattn.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
+    assert not kernel_calls
+
+
+def test_float64_delegates(kernel_calls):
+    q, k, v = (torch.randn(1, 2, 10, 16, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=0, atol=0)
+    assert not kernel_calls
+
+
+def test_gqa_errors_like_torch():
+    q = torch.randn(1, 4, 5, 64)
+    kv = torch.randn(1, 2, 5, 64)
+    with pytest.raises(RuntimeError):  # torch's own error: H != Hk without enable_gqa
+        F.scaled_dot_product_attention(q, kv, kv)
+    with pytest.raises(RuntimeError):
+        fastattn.scaled_dot_product_attention(q, kv, kv)
+    kv3 = torch.randn(1, 3, 5, 64)
+    with pytest.raises(RuntimeError, match="Number of heads in key and value must divide"):
+        fastattn.scaled_dot_product_attention(q, kv3, kv3, enable_gqa=True)
