@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   at::Tensor dv = empty_output(v_in.sizes(), v_in.options());
   const int64_t b = q_in.size(0), sq = q_in.size(1), h = q_in.size(2), d = q_in.size(3);
   const int64_t sk = k_in.size(1), hk = k_in.size(2);
-  if (b == 0 || sq == 0 || sk == 0) {  // nothing attends: every gradient is 0
+  if (b == 0 || h == 0 || sq == 0 || sk == 0) {  // nothing attends: every gradient is 0
     dq.zero_();
     dk.zero_();
     dv.zero_();
