@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastattn
-from fastattn import ops
 
 from conftest import DEVICE
 
@@ -37,9 +36,7 @@ _BACKENDS = {
 
 def _fastattn_step(causal):
     def attn(q, k, v):
-        if hasattr(fastattn, "flash_attention"):
-            return fastattn.flash_attention(q, k, v, causal=causal)
-        return ops.flash_attn_fwd(q, k, v, q.shape[-1] ** -0.5, -1, 0 if causal else -1)[0]
+        return fastattn.flash_attention(q, k, v, causal=causal)
 
     return attn
 

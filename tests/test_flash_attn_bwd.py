@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-import fastattn
 from fastattn import ops, reference
 
 from conftest import DEVICES, assert_error_ratio, dtypes_for

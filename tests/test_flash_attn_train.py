@@ -3,7 +3,6 @@ registered backward is the flash_attn_bwd kernel op) and through the public func
 opcheck with the autograd checks, torch.compile of a training step, and a tiny 2-layer
 attention model whose loss curve with fastattn kernels matches the reference backend."""
 import copy
-import math
 
 import pytest
 import torch
@@ -14,13 +13,6 @@ import fastattn
 from fastattn import ops, reference
 
 from conftest import DEVICES, assert_error_ratio
-
-# The public functions come from the forward issue; the tests that need them skip (and say
-# so) in a tree where they have not landed yet.
-needs_public = pytest.mark.skipif(
-    not (hasattr(fastattn, "flash_attention") and hasattr(fastattn, "scaled_dot_product_attention")),
-    reason="fastattn.flash_attention / scaled_dot_product_attention not in this tree yet",
-)
 
 
 def _dtype(device):
@@ -69,14 +61,12 @@ def test_sum_loss_expanded_grad():
         torch.testing.assert_close(x.grad.double(), r.grad, rtol=1e-4, atol=1e-5)
 
 
-@needs_public
 @pytest.mark.parametrize("device", DEVICES)
 def test_grads_through_flash_attention(device):
     q, k, v = _inputs(2, 65, 80, 4, 2, 64, _dtype(device), device)
     _check_grads(lambda q, k, v: fastattn.flash_attention(q, k, v, causal=True), q, k, v, causal=True)
 
 
-@needs_public
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_grads_through_sdpa(device, is_causal):
@@ -107,14 +97,9 @@ def test_opcheck_fwd_with_autograd(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fwd_bwd(device):
     q, k, v = _inputs(2, 40, 40, 4, 2, 64, _dtype(device), device)
-    use_public = hasattr(fastattn, "flash_attention")
 
     def loss_fn(q, k, v):
-        if use_public:
-            out = fastattn.flash_attention(q, k, v, causal=True)
-        else:
-            out = ops.flash_attn_fwd(q, k, v, 0.125, -1, 0)[0]
-        return out.float().square().mean()
+        return fastattn.flash_attention(q, k, v, causal=True).float().square().mean()
 
     def step(fn):
         # The compiled graph is the forward; AOTAutograd compiles the backward graph (which
@@ -167,9 +152,12 @@ class _Model(nn.Module):
 
 
 def _fastattn_attn(q, k, v):
-    if hasattr(fastattn, "flash_attention"):
-        return fastattn.flash_attention(q, k, v, causal=True)
-    return ops.flash_attn_fwd(q, k, v, 1.0 / math.sqrt(q.shape[-1]), -1, 0)[0]
+    # The model trains in fp32; the CUDA kernels take 16-bit inputs only, so there the
+    # attention runs in bf16 (its gradients flow back through the casts).
+    dtype = q.dtype
+    if q.is_cuda:
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    return fastattn.flash_attention(q, k, v, causal=True).to(dtype)
 
 
 def _reference_attn(q, k, v):
@@ -191,16 +179,15 @@ def _train(model, ids, steps=6):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_train_loss_curve_matches_reference(device):
-    dtype = _dtype(device)
     ids = torch.randint(0, 61, (2, 34), device=device)  # 33 positions: odd length
-    base = _Model(_reference_attn).to(device=device, dtype=dtype)
+    base = _Model(_reference_attn).to(device)
     ref_model = copy.deepcopy(base)
     fa_model = copy.deepcopy(base)
     for b in fa_model.blocks:
         b.attn = _fastattn_attn
     ref = _train(ref_model, ids)
     ours = _train(fa_model, ids)
-    assert ref[-1] < ref[0]  # it learns
-    tol = 2e-2 if dtype != torch.float32 else 1e-4
+    assert ref[-1] < ref[0] - 0.1  # it learns
+    tol = 1e-2 if device == "cuda" else 1e-4  # bf16 attention on CUDA, fp32 on the CPU
     for step, (a, b) in enumerate(zip(ours, ref)):
         assert abs(a - b) <= tol * abs(b), f"step {step}: fastattn loss {a} vs reference {b}"
