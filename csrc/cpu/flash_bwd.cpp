@@ -11,22 +11,22 @@
 //
 // Work decomposition: one pass computes delta (parallel over rows); a second runs two kinds
 // of independent tasks from one work list:
-//   * a dK/dV task per (batch, kv head, key block of kBlockN keys). The key block's K^T and
+//   * a dK/dV task per (batch, kv head, key block of kOuter keys). The key block's K^T and
 //     V^T stay in a per-thread buffer; the task loops over every query head of the kv head's
 //     group (GQA / MQA gradients are summed here, K/V are never repeated) and, per head, over
-//     the query blocks that can see the key block (blocks wholly outside the causal / window
-//     band are skipped, masking code runs only on blocks that cross the band's edge or a
-//     sequence tail). Per block pair: S = Q K^T, P, dP = dO V^T, dS, dV += P^T dO,
+//     the query blocks of kInner rows that can see the key block (blocks wholly outside the
+//     causal / window band are skipped, masking code runs only on blocks that cross the
+//     band's edge or a sequence tail). Per block pair: S = Q K^T, P, dP = dO V^T, dS, dV += P^T dO,
 //     dK += dS^T Q.
-//   * a dQ task per (batch, query head, query block of kBlockM rows), looping over the
-//     visible key blocks: S^T = K Q^T, P^T, dP^T = V dO^T, dS^T, dQ += dS K.
+//   * a dQ task per (batch, query head, query block of kOuter rows), looping over the
+//     visible key blocks of kInner keys: S^T = K Q^T, P^T, dP^T = V dO^T, dS^T, dQ += dS K.
 // Every gradient element is produced by exactly one task, which reduces it in a fixed order
 // (heads, then query blocks for dK/dV; key blocks for dQ). Which thread runs a task never
 // changes its arithmetic, so the result is bitwise the same for any thread count and run to
 // run: the kernel is always deterministic and params.deterministic has nothing to switch.
 // The cost of determinism is the separate dQ task, which recomputes S and dP: 7 block GEMMs
 // per (query block, key block) pair instead of the 5 of a dQ accumulated with atomics (or of
-// per-key-block dQ partials, which would need O(seqlen_k / kBlockN * h * seqlen_q * d) fp32
+// per-key-block dQ partials, which would need O(seqlen_k / kOuter * h * seqlen_q * d) fp32
 // scratch), i.e. ~1.4x the backward's FLOPs, in exchange for no scratch and no atomics.
 // Tasks are handed out heaviest first from a shared counter (causal makes their costs very
 // unequal), which balances the threads without changing any task's arithmetic.
@@ -65,10 +65,13 @@ namespace {
 using cpu::load_row;
 using cpu::store_row;
 
-// Block sizes. 64 x 64 score blocks keep S, dP, and the Q / dO (or K / V) blocks of a
-// 128-wide head in ~160 KiB: L2-resident, with the current GEMM's B panel in L1.
-constexpr int64_t kBlockM = 64;  // query rows per block
-constexpr int64_t kBlockN = 64;  // keys per block
+// Block sizes. A task owns an outer block of kOuter keys (dK/dV task) or query rows (dQ
+// task) and loops over inner blocks of kInner query rows / keys. The outer block's operands
+// and accumulators stay in the thread's buffers for the whole task while every inner block
+// is re-read from memory, so a large outer block halves those re-reads; for a 128-wide head
+// the buffers total ~450 KiB (L2), with the current GEMM's B panel in L1.
+constexpr int64_t kOuter = 128;
+constexpr int64_t kInner = 64;
 constexpr int64_t kMR = 8;       // microkernel rows
 constexpr int64_t kColTile = 32; // microkernel columns; every buffer's row length is a multiple
 
@@ -254,24 +257,24 @@ struct Shape {
 
 // Per-thread fp32 scratch, zero-initialised (the padding columns rely on it).
 struct Scratch {
-  std::vector<float> a_t, b_t;     // K^T, V^T (dK/dV task) or Q^T, dO^T (dQ task): dp x 64
-  std::vector<float> a, b;         // Q, dO (dK/dV task) or K, V (dQ task): 64 x dp
-  std::vector<float> s, dp_buf;    // S / P and dP / dS: 64 x 64
-  std::vector<float> acc0, acc1;   // dK, dV accumulators or dQ: 64 x dp
-  std::vector<float> lse2, delta;  // per query row of the current block
+  std::vector<float> a_t, b_t;     // K^T, V^T (dK/dV task) or Q^T, dO^T (dQ task): dp x kOuter
+  std::vector<float> a, b;         // Q, dO (dK/dV task) or K, V (dQ task): kInner x dp
+  std::vector<float> s, dp_buf;    // S / P and dP / dS (or transposed): kInner x kOuter
+  std::vector<float> acc0, acc1;   // dK, dV accumulators or dQ: kOuter x dp
+  std::vector<float> lse2, delta;  // per query row of the current query block
   std::vector<float> row;          // one row of d, conversions
   explicit Scratch(int64_t dp)
-      : a_t(dp * kBlockN), b_t(dp * kBlockN), a(kBlockN * dp), b(kBlockN * dp),
-        s(kBlockM * kBlockN), dp_buf(kBlockM * kBlockN), acc0(kBlockN * dp), acc1(kBlockN * dp),
-        lse2(kBlockM), delta(kBlockM), row(dp) {}
+      : a_t(dp * kOuter), b_t(dp * kOuter), a(kInner * dp), b(kInner * dp),
+        s(kInner * kOuter), dp_buf(kInner * kOuter), acc0(kOuter * dp), acc1(kOuter * dp),
+        lse2(kOuter), delta(kOuter), row(dp) {}
 };
 
 // lse (natural log) -> lse * log2(e) for rows [i0, i0 + n); rows past n and rows that saw no
 // key (lse = -inf) get +inf, which makes their P row exactly 0.
-void load_lse(const float* lse, const float* delta, int64_t i0, int64_t n, float* lse2,
-              float* delta_out) {
+void load_lse(const float* lse, const float* delta, int64_t i0, int64_t n, int64_t block,
+              float* lse2, float* delta_out) {
   constexpr float inf = std::numeric_limits<float>::infinity();
-  for (int64_t r = 0; r < kBlockM; ++r) {
+  for (int64_t r = 0; r < block; ++r) {
     if (r < n && lse[i0 + r] != -inf) {
       lse2[r] = lse[i0 + r] * kLog2e;
       delta_out[r] = delta[i0 + r];
@@ -287,51 +290,51 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
                int64_t hk, int64_t kb, Scratch& w) {
   const FlashFwdParams& f = p.fwd;
   const int64_t d = sh.d, dp = sh.dp;
-  const int64_t j0 = kb * kBlockN, nk = std::min(kBlockN, f.seqlen_k - j0);
+  const int64_t j0 = kb * kOuter, nk = std::min(kOuter, f.seqlen_k - j0);
   const T* k = static_cast<const T*>(f.k) + bi * f.k_batch_stride + hk * f.k_head_stride + j0 * f.k_row_stride;
   const T* v = static_cast<const T*>(f.v) + bi * f.v_batch_stride + hk * f.v_head_stride + j0 * f.v_row_stride;
   float *k_t = w.a_t.data(), *v_t = w.b_t.data(), *q = w.a.data(), *dout = w.b.data();
   float *s = w.s.data(), *ds = w.dp_buf.data(), *dk = w.acc0.data(), *dv = w.acc1.data();
-  std::fill(dk, dk + kBlockN * dp, 0.0f);
-  std::fill(dv, dv + kBlockN * dp, 0.0f);
+  std::fill(dk, dk + kOuter * dp, 0.0f);
+  std::fill(dv, dv + kOuter * dp, 0.0f);
 
   int64_t ilo, ihi, qb0, qb1;
   band.rows_seeing(j0, j0 + nk, &ilo, &ihi);
-  block_range(ilo, ihi, kBlockM, &qb0, &qb1);
+  block_range(ilo, ihi, kInner, &qb0, &qb1);
   if (qb0 < qb1) {
-    load_rows_transposed(k, f.k_row_stride, nk, d, k_t, kBlockN, kBlockN, w.row.data());
-    load_rows_transposed(v, f.v_row_stride, nk, d, v_t, kBlockN, kBlockN, w.row.data());
+    load_rows_transposed(k, f.k_row_stride, nk, d, k_t, kOuter, kOuter, w.row.data());
+    load_rows_transposed(v, f.v_row_stride, nk, d, v_t, kOuter, kOuter, w.row.data());
   }
   for (int64_t hq = hk * sh.group; hq < (hk + 1) * sh.group && qb0 < qb1; ++hq) {
     const float* lse = f.lse + (bi * f.h + hq) * f.seqlen_q;
     const float* delta = p.delta + (bi * f.h + hq) * f.seqlen_q;
     for (int64_t qb = qb0; qb < qb1; ++qb) {
-      const int64_t i0 = qb * kBlockM, nq = std::min(kBlockM, f.seqlen_q - i0);
+      const int64_t i0 = qb * kInner, nq = std::min(kInner, f.seqlen_q - i0);
       const T* qs = static_cast<const T*>(f.q) + bi * f.q_batch_stride + hq * f.q_head_stride + i0 * f.q_row_stride;
       const T* dos = static_cast<const T*>(p.dout) + bi * p.dout_batch_stride + hq * p.dout_head_stride + i0 * p.dout_row_stride;
-      load_rows(qs, f.q_row_stride, nq, d, q, dp, kBlockM);
-      load_rows(dos, p.dout_row_stride, nq, d, dout, dp, kBlockM);
-      load_lse(lse, delta, i0, nq, w.lse2.data(), w.delta.data());
+      load_rows(qs, f.q_row_stride, nq, d, q, dp, kInner);
+      load_rows(dos, p.dout_row_stride, nq, d, dout, dp, kInner);
+      load_lse(lse, delta, i0, nq, kInner, w.lse2.data(), w.delta.data());
 
-      gemm<false>(kBlockM, kBlockN, dp, q, dp, k_t, kBlockN, s, kBlockN, false);     // S = Q K^T
-      gemm<false>(kBlockM, kBlockN, dp, dout, dp, v_t, kBlockN, ds, kBlockN, false); // dP = dO V^T
-      const bool full = band.block_full(i0, i0 + kBlockM, j0, j0 + kBlockN);
-      for (int64_t r = 0; r < kBlockM; ++r) {
-        float* sr = s + r * kBlockN;
+      gemm<false>(kInner, kOuter, dp, q, dp, k_t, kOuter, s, kOuter, false);     // S = Q K^T
+      gemm<false>(kInner, kOuter, dp, dout, dp, v_t, kOuter, ds, kOuter, false); // dP = dO V^T
+      const bool full = band.block_full(i0, i0 + kInner, j0, j0 + kOuter);
+      for (int64_t r = 0; r < kInner; ++r) {
+        float* sr = s + r * kOuter;
         const float l2 = w.lse2[r];
 #pragma omp simd
-        for (int64_t c = 0; c < kBlockN; ++c) sr[c] = sr[c] * sh.scale_log2 - l2;
+        for (int64_t c = 0; c < kOuter; ++c) sr[c] = sr[c] * sh.scale_log2 - l2;
         if (!full)
-          for (int64_t c = 0; c < kBlockN; ++c)
+          for (int64_t c = 0; c < kOuter; ++c)
             if (!band.visible(i0 + r, j0 + c)) sr[c] = -std::numeric_limits<float>::infinity();
-        exp2_inplace(sr, kBlockN);  // P
-        float* dr = ds + r * kBlockN;
+        exp2_inplace(sr, kOuter);  // P
+        float* dr = ds + r * kOuter;
         const float dl = w.delta[r];
 #pragma omp simd
-        for (int64_t c = 0; c < kBlockN; ++c) dr[c] = sr[c] * (dr[c] - dl);  // dS
+        for (int64_t c = 0; c < kOuter; ++c) dr[c] = sr[c] * (dr[c] - dl);  // dS
       }
-      gemm<true>(kBlockN, dp, kBlockM, s, kBlockN, dout, dp, dv, dp, true);  // dV += P^T dO
-      gemm<true>(kBlockN, dp, kBlockM, ds, kBlockN, q, dp, dk, dp, true);    // dK += dS^T Q
+      gemm<true>(kOuter, dp, kInner, s, kOuter, dout, dp, dv, dp, true);  // dV += P^T dO
+      gemm<true>(kOuter, dp, kInner, ds, kOuter, q, dp, dk, dp, true);    // dK += dS^T Q
     }
   }
   T* dks = static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride + j0 * p.dk_row_stride;
@@ -346,47 +349,47 @@ void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t
   const FlashFwdParams& f = p.fwd;
   const int64_t d = sh.d, dp = sh.dp;
   const int64_t hk = hq / sh.group;
-  const int64_t i0 = qb * kBlockM, nq = std::min(kBlockM, f.seqlen_q - i0);
+  const int64_t i0 = qb * kOuter, nq = std::min(kOuter, f.seqlen_q - i0);
   float *q_t = w.a_t.data(), *do_t = w.b_t.data(), *k = w.a.data(), *v = w.b.data();
   float *s_t = w.s.data(), *ds_t = w.dp_buf.data(), *dq = w.acc0.data();
-  std::fill(dq, dq + kBlockM * dp, 0.0f);
+  std::fill(dq, dq + kOuter * dp, 0.0f);
 
   int64_t jlo, jhi, kb0, kb1;
   band.keys_seen(i0, i0 + nq, &jlo, &jhi);
-  block_range(jlo, jhi, kBlockN, &kb0, &kb1);
+  block_range(jlo, jhi, kInner, &kb0, &kb1);
   if (kb0 < kb1) {
     const T* qs = static_cast<const T*>(f.q) + bi * f.q_batch_stride + hq * f.q_head_stride + i0 * f.q_row_stride;
     const T* dos = static_cast<const T*>(p.dout) + bi * p.dout_batch_stride + hq * p.dout_head_stride + i0 * p.dout_row_stride;
-    load_rows_transposed(qs, f.q_row_stride, nq, d, q_t, kBlockM, kBlockM, w.row.data());
-    load_rows_transposed(dos, p.dout_row_stride, nq, d, do_t, kBlockM, kBlockM, w.row.data());
+    load_rows_transposed(qs, f.q_row_stride, nq, d, q_t, kOuter, kOuter, w.row.data());
+    load_rows_transposed(dos, p.dout_row_stride, nq, d, do_t, kOuter, kOuter, w.row.data());
     load_lse(f.lse + (bi * f.h + hq) * f.seqlen_q, p.delta + (bi * f.h + hq) * f.seqlen_q, i0, nq,
-             w.lse2.data(), w.delta.data());
+             kOuter, w.lse2.data(), w.delta.data());
   }
   const float* lse2 = w.lse2.data();
   const float* delta = w.delta.data();
   for (int64_t kb = kb0; kb < kb1; ++kb) {
-    const int64_t j0 = kb * kBlockN, nk = std::min(kBlockN, f.seqlen_k - j0);
+    const int64_t j0 = kb * kInner, nk = std::min(kInner, f.seqlen_k - j0);
     const T* ks = static_cast<const T*>(f.k) + bi * f.k_batch_stride + hk * f.k_head_stride + j0 * f.k_row_stride;
     const T* vs = static_cast<const T*>(f.v) + bi * f.v_batch_stride + hk * f.v_head_stride + j0 * f.v_row_stride;
-    load_rows(ks, f.k_row_stride, nk, d, k, dp, kBlockN);
-    load_rows(vs, f.v_row_stride, nk, d, v, dp, kBlockN);
+    load_rows(ks, f.k_row_stride, nk, d, k, dp, kInner);
+    load_rows(vs, f.v_row_stride, nk, d, v, dp, kInner);
 
-    gemm<false>(kBlockN, kBlockM, dp, k, dp, q_t, kBlockM, s_t, kBlockM, false);    // S^T = K Q^T
-    gemm<false>(kBlockN, kBlockM, dp, v, dp, do_t, kBlockM, ds_t, kBlockM, false);  // dP^T = V dO^T
-    const bool full = band.block_full(i0, i0 + kBlockM, j0, j0 + kBlockN);
-    for (int64_t c = 0; c < kBlockN; ++c) {  // c: key, r: query
-      float* sr = s_t + c * kBlockM;
+    gemm<false>(kInner, kOuter, dp, k, dp, q_t, kOuter, s_t, kOuter, false);    // S^T = K Q^T
+    gemm<false>(kInner, kOuter, dp, v, dp, do_t, kOuter, ds_t, kOuter, false);  // dP^T = V dO^T
+    const bool full = band.block_full(i0, i0 + kOuter, j0, j0 + kInner);
+    for (int64_t c = 0; c < kInner; ++c) {  // c: key, r: query
+      float* sr = s_t + c * kOuter;
 #pragma omp simd
-      for (int64_t r = 0; r < kBlockM; ++r) sr[r] = sr[r] * sh.scale_log2 - lse2[r];
+      for (int64_t r = 0; r < kOuter; ++r) sr[r] = sr[r] * sh.scale_log2 - lse2[r];
       if (!full)
-        for (int64_t r = 0; r < kBlockM; ++r)
+        for (int64_t r = 0; r < kOuter; ++r)
           if (!band.visible(i0 + r, j0 + c)) sr[r] = -std::numeric_limits<float>::infinity();
-      exp2_inplace(sr, kBlockM);  // P^T
-      float* dr = ds_t + c * kBlockM;
+      exp2_inplace(sr, kOuter);  // P^T
+      float* dr = ds_t + c * kOuter;
 #pragma omp simd
-      for (int64_t r = 0; r < kBlockM; ++r) dr[r] = sr[r] * (dr[r] - delta[r]);  // dS^T
+      for (int64_t r = 0; r < kOuter; ++r) dr[r] = sr[r] * (dr[r] - delta[r]);  // dS^T
     }
-    gemm<true>(kBlockM, dp, kBlockN, ds_t, kBlockM, k, dp, dq, dp, true);  // dQ += dS K
+    gemm<true>(kOuter, dp, kInner, ds_t, kOuter, k, dp, dq, dp, true);  // dQ += dS K
   }
   T* dqs = static_cast<T*>(p.dq) + bi * p.dq_batch_stride + hq * p.dq_head_stride + i0 * p.dq_row_stride;
   store_rows(dq, dp, nq, d, f.softmax_scale, dqs, p.dq_row_stride, w.row.data());
@@ -418,8 +421,8 @@ void flash_bwd_impl(const FlashBwdParams& p) {
 
   const Band band{f.seqlen_q, f.seqlen_k, f.seqlen_k - f.seqlen_q, f.window_left, f.window_right};
   const Shape sh{f.d, round_up(f.d, kColTile), f.h / f.h_k, f.softmax_scale * kLog2e};
-  const int64_t n_kb = (f.seqlen_k + kBlockN - 1) / kBlockN;
-  const int64_t n_qb = (f.seqlen_q + kBlockM - 1) / kBlockM;
+  const int64_t n_kb = (f.seqlen_k + kOuter - 1) / kOuter;
+  const int64_t n_qb = (f.seqlen_q + kOuter - 1) / kOuter;
 
   // One list of independent tasks: [0, n_dkdv) are (b, h_k, key block), the rest (b, h,
   // query block). Cost = visible block pairs x GEMMs per pair; heaviest first.
@@ -427,14 +430,14 @@ void flash_bwd_impl(const FlashBwdParams& p) {
   std::vector<int64_t> cost(n_dkdv + n_dq);
   for (int64_t kb = 0; kb < n_kb; ++kb) {
     int64_t lo, hi, b0, b1;
-    band.rows_seeing(kb * kBlockN, (kb + 1) * kBlockN, &lo, &hi);
-    block_range(lo, hi, kBlockM, &b0, &b1);
+    band.rows_seeing(kb * kOuter, (kb + 1) * kOuter, &lo, &hi);
+    block_range(lo, hi, kInner, &b0, &b1);
     for (int64_t bh = 0; bh < f.b * f.h_k; ++bh) cost[bh * n_kb + kb] = 4 * sh.group * (b1 - b0) + 1;
   }
   for (int64_t qb = 0; qb < n_qb; ++qb) {
     int64_t lo, hi, b0, b1;
-    band.keys_seen(qb * kBlockM, std::min((qb + 1) * kBlockM, f.seqlen_q), &lo, &hi);
-    block_range(lo, hi, kBlockN, &b0, &b1);
+    band.keys_seen(qb * kOuter, std::min((qb + 1) * kOuter, f.seqlen_q), &lo, &hi);
+    block_range(lo, hi, kInner, &b0, &b1);
     for (int64_t bh = 0; bh < f.b * f.h; ++bh) cost[n_dkdv + bh * n_qb + qb] = 3 * (b1 - b0) + 1;
   }
   std::vector<int64_t> order(cost.size());
