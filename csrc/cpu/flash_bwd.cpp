@@ -31,15 +31,15 @@
 // Tasks are handed out heaviest first from a shared counter (causal makes their costs very
 // unequal), which balances the threads without changing any task's arithmetic.
 //
-// Why it is fast: every block GEMM runs on a register-blocked microkernel (8 rows x 32
-// columns of fp32 accumulators, 16 AVX-512 registers; FMA with a broadcast A element and two
-// B vectors per k step) over per-thread fp32 buffers that stay in L1/L2. The buffers are laid
+// Why it is fast: every block GEMM runs on a register-blocked microkernel (with AVX-512,
+// 8 rows x 32 columns of fp32 accumulators in 16 zmm registers; per k step two B vector
+// loads, eight broadcast A elements, sixteen FMAs) over per-thread fp32 buffers that stay in L1/L2. The buffers are laid
 // out so that each of the five GEMM shapes reads B row-major with contiguous columns and A
 // either row-major or transposed (a transposed A is just a different broadcast stride), so no
 // GEMM ever needs a packing step: K^T and V^T are transposed once per key block in the dK/dV
 // task, Q^T and dO^T once per query block in the dQ task. Buffers are padded with zeros to
 // whole microkernel tiles, so odd head dims and sequence tails run the same code. The
-// exponential is a vectorised exp2 (scale * log2(e) and lse * log2(e) folded into one FMA).
+// exponential is a vectorised exp2 of S * (scale * log2(e)) - lse * log2(e).
 // 16-bit inputs are converted to fp32 when a block is loaded, once per block.
 #include <ATen/Parallel.h>
 
@@ -72,15 +72,19 @@ using cpu::store_row;
 // the buffers total ~450 KiB (L2), with the current GEMM's B panel in L1.
 constexpr int64_t kOuter = 128;
 constexpr int64_t kInner = 64;
-constexpr int64_t kMR = 8;       // microkernel rows
-constexpr int64_t kColTile = 32; // microkernel columns; every buffer's row length is a multiple
 
 constexpr float kLog2e = 1.4426950408889634f;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---- SIMD primitives ---------------------------------------------------------------------
+// Microkernel tile: kMR rows x kColTile columns of accumulators, sized to the register file
+// (AVX-512: 16 of 32 zmm; AVX2: 8 of 16 ymm; otherwise 8 vectors), leaving room for the B
+// vectors and the broadcast A element. Every buffer's row length is a multiple of kColTile,
+// and kInner / kOuter are multiples of kMR and kColTile.
 #if defined(__AVX512F__)
+constexpr int64_t kMR = 8;
+constexpr int64_t kColTile = 32;
 using vreg = __m512;
 constexpr int kW = 16;
 inline vreg vload(const float* p) { return _mm512_loadu_ps(p); }
@@ -90,6 +94,8 @@ inline vreg vzero() { return _mm512_setzero_ps(); }
 inline vreg vadd(vreg a, vreg b) { return _mm512_add_ps(a, b); }
 inline vreg vfma(vreg a, vreg b, vreg c) { return _mm512_fmadd_ps(a, b, c); }
 #elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kMR = 4;
+constexpr int64_t kColTile = 16;
 using vreg = __m256;
 constexpr int kW = 8;
 inline vreg vload(const float* p) { return _mm256_loadu_ps(p); }
@@ -99,6 +105,8 @@ inline vreg vzero() { return _mm256_setzero_ps(); }
 inline vreg vadd(vreg a, vreg b) { return _mm256_add_ps(a, b); }
 inline vreg vfma(vreg a, vreg b, vreg c) { return _mm256_fmadd_ps(a, b, c); }
 #else
+constexpr int64_t kMR = 4;
+constexpr int64_t kColTile = 8;
 typedef float vreg __attribute__((vector_size(16)));
 constexpr int kW = 4;
 inline vreg vload(const float* p) { vreg v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
@@ -109,10 +117,13 @@ inline vreg vadd(vreg a, vreg b) { return a + b; }
 inline vreg vfma(vreg a, vreg b, vreg c) { return a * b + c; }
 #endif
 constexpr int kNV = static_cast<int>(kColTile) / kW;  // vectors per microkernel row
+static_assert(kInner % kMR == 0 && kOuter % kMR == 0 && kInner % kColTile == 0 &&
+                  kOuter % kColTile == 0,
+              "block sizes must be whole microkernel tiles");
 
-// x[0:n] = 2^x[0:n]; values below -126 (including -inf) give exactly 0. The AVX-512 path is
+// x[0:n] = 2^x[0:n]; values below -126 (including -inf) give exactly 0. The SIMD paths are
 // range reduction to r in [-0.5, 0.5] plus a degree-7 Taylor polynomial of 2^r (relative
-// error < 1e-8 before rounding), scaled by 2^n with vscalefps.
+// error < 1e-8 before rounding), scaled by 2^e (vscalefps, or the exponent bits on AVX2).
 inline void exp2_inplace(float* x, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
@@ -135,6 +146,30 @@ inline void exp2_inplace(float* x, int64_t n) {
     p = _mm512_fmadd_ps(p, r, c1);
     p = _mm512_fmadd_ps(p, r, one);
     _mm512_storeu_ps(x + i, _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, e)));
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m256 lo = _mm256_set1_ps(-126.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256 c1 = _mm256_set1_ps(0.6931471805599453f), c2 = _mm256_set1_ps(0.2402265069591007f),
+               c3 = _mm256_set1_ps(0.05550410866482158f), c4 = _mm256_set1_ps(0.009618129107628477f),
+               c5 = _mm256_set1_ps(0.0013333558146428443f), c6 = _mm256_set1_ps(0.00015403530393381608f),
+               c7 = _mm256_set1_ps(1.525273380405984e-05f), one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 keep = _mm256_cmp_ps(v, lo, _CMP_GE_OQ);
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    const __m256 e = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_sub_ps(v, e);
+    __m256 p = _mm256_fmadd_ps(c7, r, c6);
+    p = _mm256_fmadd_ps(p, r, c5);
+    p = _mm256_fmadd_ps(p, r, c4);
+    p = _mm256_fmadd_ps(p, r, c3);
+    p = _mm256_fmadd_ps(p, r, c2);
+    p = _mm256_fmadd_ps(p, r, c1);
+    p = _mm256_fmadd_ps(p, r, one);
+    // 2^e for integer e in [-126, 127]: the exponent field e + 127.
+    const __m256 scale = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(e), _mm256_set1_epi32(127)), 23));
+    _mm256_storeu_ps(x + i, _mm256_and_ps(keep, _mm256_mul_ps(p, scale)));
   }
 #endif
   for (; i < n; ++i) x[i] = x[i] >= -126.0f ? std::exp2(x[i]) : 0.0f;
