@@ -70,6 +70,14 @@ def test_long(device, dtype, sq, sk, causal):
 
 
 @pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("sq, sk, window", [(300, 300, (-1, 0)), (300, 520, (100, 30)), (520, 300, (-1, 0))])
+def test_many_query_blocks(device, dtype, sq, sk, window):
+    # Enough (b, h, query block) tasks that the CPU kernel takes its 128-row task size (the
+    # smaller tests run 64-row tasks), with GQA and band edges inside the blocks.
+    _check(*_make(device, dtype, 2, sq, sk, 8, 2, 64), window=window)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("h, hk", [(6, 6), (6, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_heads(device, dtype, h, hk, causal):
@@ -141,6 +149,35 @@ def test_other_strides(device, dtype):
     k = torch.randn(B, S, H, D + 3, device=device, dtype=dtype)[..., 3:]
     v = torch.randn(S, B, H, D, device=device, dtype=dtype).transpose(0, 1)
     _check(q, k, v, causal=True)
+
+
+def test_cpu_thread_count_invariant():
+    # Each output row is computed by one task in an order fixed by the shape: the bits do not
+    # depend on how many threads share the work.
+    q, k, v = _make("cpu", torch.bfloat16, 2, 300, 280, 4, 2, 64)
+    outs = []
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            outs.append(fastattn.flash_attention(q, k, v, causal=True, return_lse=True))
+    finally:
+        torch.set_num_threads(prev)
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_expanded_views(device, dtype):
+    # Stride-0 (expanded) rows and heads: one key/value row repeated, a query broadcast over
+    # heads. Not a valid GEMM leading dimension, so the CPU kernel copies these rows.
+    B, S, H, D = 2, 40, 4, 64
+    q = torch.randn(B, S, 1, D, device=device, dtype=dtype).expand(B, S, H, D)
+    k = torch.randn(B, 1, 2, D, device=device, dtype=dtype).expand(B, 30, 2, D)
+    v = torch.randn(B, 1, 2, D, device=device, dtype=dtype).expand(B, 30, 2, D)
+    _check(q, k, v, causal=True)
+    _check(torch.randn(B, 1, H, D, device=device, dtype=dtype).expand(B, S, H, D),
+           torch.randn(B, 30, 2, D, device=device, dtype=dtype), torch.randn(B, 30, 2, D, device=device, dtype=dtype))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,22 +12,26 @@
 // in blocks of kKBlock, keeping the fp32 output accumulator and the online-softmax running
 // max / sum for its rows in per-thread buffers that stay in L2; the (Sq, Sk) score matrix
 // never exists. S = Q K^T and O += P V are ATen's cpublas::brgemm on fp32 operands (which
-// torch routes to oneDNN's brgemm micro-kernels or to its BLAS sgemm), running near the FMA
-// peak; everything else is O(Sq * Sk) vectorised work (max, exp2, sum) that costs a few
-// percent next to the 4 * D flops per score. K is transposed (and 16-bit K and V widened to
-// fp32) once per call in a parallel pre-pass, so each block product reads its operands in
-// GEMM-ready layout and the conversion cost is paid once per key, not once per query
-// block; fp32 Q and V are read in place through their strides. On the AVX-512 (with bf16
-// dot products, no AMX) machine this was tuned on, brgemm on fp32 ran 2-4x faster than on
-// bf16 operands at these block shapes, so 16-bit inputs are widened, not multiplied in 16
-// bit. The price is scratch memory: an fp32 K^T (and, for 16-bit inputs, an fp32 V) of the
-// whole call, allocated per call. The softmax runs in the log2
-// domain (scale * log2 e folded into one multiply, a polynomial exp2 that the compiler
-// vectorises), and O is divided by the row sum once, at the end. Under a causal or window
-// mask only the key blocks that intersect a task's band are visited, blocks wholly inside
-// the band take the unmasked path, and the per-row visible range is clipped arithmetically
-// (no -inf fill) in blocks crossing a band edge. Tasks are handed out heaviest first from an
-// atomic counter (dynamic scheduling), so causal launches end without a long tail.
+// torch routes to oneDNN's JIT brgemm micro-kernels, or to its BLAS sgemm), running near
+// the FMA peak; the rest is O(Sq * Sk) vectorised work (max, exp2, sum) next to the 4 * D
+// flops per score (perf at B1 H16 S2048 D128 causal: about three quarters of the kernel's
+// time is in the JIT GEMMs, a quarter in this file's softmax, widening and masking).
+//
+// K is transposed (and 16-bit K and V widened to fp32) once per call in a parallel
+// pre-pass, so every block product reads GEMM-ready operands and the conversion is paid
+// once per key, not once per query block; fp32 Q and V are read in place through their
+// strides. On the AVX-512 machine (bf16 dot products, no AMX) this was tuned on, brgemm on
+// fp32 operands ran 2-4x faster than on bf16 ones at these block shapes, so 16-bit inputs are
+// widened rather than multiplied in 16 bit. The price is scratch memory per call: an fp32
+// K^T (and, for 16-bit inputs, an fp32 V), in huge pages where the OS offers them.
+//
+// The softmax runs in the log2 domain (scale * log2 e folded into one multiply, a
+// polynomial exp2 that the compiler vectorises), and O is divided by the row sum once, at
+// the end. Under a causal or window mask only the key blocks that intersect a task's band
+// are visited, blocks wholly inside the band take the unmasked path, and in blocks crossing
+// a band edge each row's visible range is clipped arithmetically (no -inf fill). Tasks are
+// handed out heaviest first from an atomic counter (dynamic scheduling), so causal launches
+// end without a long tail.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -36,9 +40,14 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <stdlib.h>
+#include <sys/mman.h>
+#endif
 
 #include "cpu_types.h"
 #include "fastattn/api.h"
@@ -50,13 +59,14 @@ namespace {
 using cpu::load_row;
 using cpu::store_row;
 
-// Query rows per task: 128 amortises each K/V block over more rows (measured ~10% faster
-// than 64 at S = 2048, D = 128); problems too small to keep every thread busy with 128-row
-// tasks use 64. Keys per block product: 256 keeps the S block (128 x 256 fp32, 128 KB) and
-// the output accumulator in L2 (256 and 512 measured alike; 128 was slower).
+// Query rows per task: 128 amortises each K/V block over more rows (faster than 32 or 64 at
+// S = 2048, D = 128); problems with fewer than kMinTasks such tasks use 64-row tasks so
+// that more threads have work. Keys per block product: 256 keeps the S block (128 x 256
+// fp32, 128 KB) and the output accumulator in L2 (128 and 512 were no faster; noisy machine).
 constexpr int64_t kQBlockMax = 128;
 constexpr int64_t kQBlockSmall = 64;
 constexpr int64_t kKBlock = 256;
+constexpr int64_t kMinTasks = 32;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -88,6 +98,70 @@ inline float exp2_nonpositive(float x) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// C (m, n) = A (m, k) @ B (k, n) [+ C], row-major with leading dims lda, ldb, ldc, fp32.
+inline void gemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                     bool add_c, const float* a, const float* b, float* c) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c);
+#else
+  // A torch without the fp32 brgemm (older than the ones this was built against): correct,
+  // compiler-vectorised over n, and much slower.
+  for (int64_t i = 0; i < m; ++i) {
+    float* ci = c + i * ldc;
+    if (!add_c) std::fill(ci, ci + n, 0.0f);
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const float aik = a[i * lda + kk];
+      const float* bk = b + kk * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) ci[j] += aik * bk[j];
+    }
+  }
+#endif
+}
+
+// Releases whatever per-thread state the GEMM backend keeps between calls.
+inline void gemm_release() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  at::native::cpublas::brgemm_release(false);
+#endif
+}
+
+// Uninitialised fp32 scratch for the whole call. Fresh multi-megabyte allocations are new
+// pages every call, and first-touching them one 4 KiB page fault at a time cost as much as
+// the widening pass itself (measured: ~35 ms of page faults for bf16 K^T + V at B1 H16
+// S2048 D128). Where Linux offers transparent huge pages on request, a 2 MiB-aligned buffer
+// with MADV_HUGEPAGE takes 512x fewer faults; elsewhere it is a plain allocation.
+class ScratchBuffer {
+ public:
+  void allocate(size_t count) {
+    release();
+    const size_t bytes = std::max<size_t>(count, 1) * sizeof(float);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    constexpr size_t kHuge = size_t(2) << 20;
+    if (bytes >= 2 * kHuge) {
+      void* p = nullptr;
+      const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+      if (posix_memalign(&p, kHuge, rounded) == 0) {
+        madvise(p, rounded, MADV_HUGEPAGE);
+        data_ = static_cast<float*>(p);
+        return;
+      }
+    }
+#endif
+    data_ = static_cast<float*>(std::malloc(bytes));
+    if (data_ == nullptr) throw std::bad_alloc();
+  }
+  float* get() const { return data_; }
+  ~ScratchBuffer() { release(); }
+
+ private:
+  void release() {
+    std::free(data_);
+    data_ = nullptr;
+  }
+  float* data_ = nullptr;
+};
+
 struct Band {
   // Row i sees keys [i + lo_off, i + hi_off] (before clipping to [0, seqlen_k)).
   bool has_lo = false, has_hi = false;
@@ -108,9 +182,15 @@ class FlashFwdCpu {
     band_.has_hi = right >= 0;
     band_.hi_off = shift + right;
     kt_ld_ = ceil_div(p.seqlen_k, 16) * 16;
-    const int64_t threads = at::get_num_threads();
-    q_block_ = p.b * p.h * ceil_div(p.seqlen_q, kQBlockMax) >= 4 * threads ? kQBlockMax : kQBlockSmall;
+    // A function of the shape only (not of the thread count), so the block boundaries, and
+    // with them the summation order and the output bits, are the same on any thread count.
+    q_block_ = p.b * p.h * ceil_div(p.seqlen_q, kQBlockMax) >= kMinTasks ? kQBlockMax : kQBlockSmall;
     scale_log2_ = p.softmax_scale * kLog2e;
+    // fp32 Q and V are GEMM operands in place when their row stride is a valid leading
+    // dimension (>= d); rows that overlap (an expanded, stride-0 view) are copied instead.
+    constexpr bool kIsFloat = std::is_same<T, float>::value;
+    q_in_place_ = kIsFloat && p.q_row_stride >= p.d;
+    v_in_place_ = kIsFloat && p.v_row_stride >= p.d;
   }
 
   void run() {
@@ -129,7 +209,7 @@ class FlashFwdCpu {
           run_task(bh / p_.h, bh % p_.h, qb, ws);
         }
       }
-      at::native::cpublas::brgemm_release(false);
+      gemm_release();
     });
   }
 
@@ -144,16 +224,16 @@ class FlashFwdCpu {
     std::vector<float> q, s, o, m, l;
   };
 
-  // K^T (b, h_k, d, kt_ld) fp32 for every input dtype; V (b, h_k, seqlen_k, d) fp32 only for
-  // 16-bit inputs (fp32 V is read in place).
+  // K^T (b, h_k, d, kt_ld) fp32 for every input dtype; V (b, h_k, seqlen_k, d) fp32 unless
+  // V is read in place.
   void prepare_kv() {
     const int64_t d = p_.d, sk = p_.seqlen_k;
     const int64_t nbh = p_.b * p_.h_k;
     // Uninitialised on purpose: every element a block product reads is written below (the
     // padding columns past seqlen_k are never read).
-    kt_.reset(new float[static_cast<size_t>(nbh * d * kt_ld_)]);
-    const bool widen_v = !std::is_same<T, float>::value;
-    if (widen_v) v32_.reset(new float[static_cast<size_t>(nbh * sk * d)]);
+    kt_.allocate(static_cast<size_t>(nbh * d * kt_ld_));
+    const bool widen_v = !v_in_place_;
+    if (widen_v) v32_.allocate(static_cast<size_t>(nbh * sk * d));
     constexpr int64_t kChunk = 64;
     const int64_t nchunks = ceil_div(sk, kChunk);
     const T* k = static_cast<const T*>(p_.k);
@@ -203,7 +283,7 @@ class FlashFwdCpu {
                       q0 * p_.q_row_stride;
       const float* qa;
       int64_t q_ld;
-      if (std::is_same<T, float>::value) {
+      if (q_in_place_) {
         qa = reinterpret_cast<const float*>(qsrc);
         q_ld = p_.q_row_stride;
       } else {
@@ -214,7 +294,7 @@ class FlashFwdCpu {
       const float* kt = kt_.get() + (b * p_.h_k + hk) * d * kt_ld_;
       const float* vb;
       int64_t v_ld;
-      if (std::is_same<T, float>::value) {
+      if (v_in_place_) {
         vb = reinterpret_cast<const float*>(static_cast<const T*>(p_.v) + b * p_.v_batch_stride +
                                             hk * p_.v_head_stride);
         v_ld = p_.v_row_stride;
@@ -227,12 +307,12 @@ class FlashFwdCpu {
         const int64_t cols = std::min(kKBlock, k_hi - k0);
         float* s = ws.s.data();
         // S (rows, cols) = Q (rows, d) @ K^T (d, cols)
-        at::native::cpublas::brgemm(rows, cols, d, q_ld, kt_ld_, kKBlock, /*add_C=*/false, qa, kt + k0, s);
+        gemm_f32(rows, cols, d, q_ld, kt_ld_, kKBlock, /*add_c=*/false, qa, kt + k0, s);
         // Blocks wholly inside every row's band skip the per-row clipping.
         const bool masked = band_.lo(q0 + rows - 1) > k0 || band_.hi(q0) < k0 + cols - 1;
         softmax_block(s, rows, cols, q0, k0, masked, ws);
         // O (rows, d) = alpha * O + P (rows, cols) @ V (cols, d); alpha was applied in softmax.
-        at::native::cpublas::brgemm(rows, d, cols, kKBlock, v_ld, d, /*add_C=*/true, s, vb + k0 * v_ld, o);
+        gemm_f32(rows, d, cols, kKBlock, v_ld, d, /*add_c=*/true, s, vb + k0 * v_ld, o);
       }
     }
     write_output(b, h, q0, rows, ws);
@@ -307,8 +387,9 @@ class FlashFwdCpu {
   Band band_;
   int64_t kt_ld_ = 0;
   int64_t q_block_ = kQBlockMax;
+  bool q_in_place_ = false, v_in_place_ = false;
   float scale_log2_ = 0.0f;
-  std::unique_ptr<float[]> kt_, v32_;
+  ScratchBuffer kt_, v32_;
 };
 
 }  // namespace
