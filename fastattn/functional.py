@@ -78,11 +78,13 @@ def rms_norm(
 # ---- flash attention ---------------------------------------------------------------------
 __all__ += ["flash_attention", "scaled_dot_product_attention"]
 
+from ._C_loader import load as _load_extension  # noqa: E402
+
 # Head dims the CUDA kernel is built for (flash_fwd_cuda_supports_head_dim); the CPU kernel
 # takes any head dim up to _CPU_MAX_HEAD_DIM.
 _CUDA_HEAD_DIMS = (64, 128)
 _CPU_MAX_HEAD_DIM = 512
-_CUDA_BUILT = bool(ops._load().WITH_CUDA)
+_CUDA_BUILT = bool(_load_extension().WITH_CUDA)  # a CPU-only build delegates CUDA SDPA calls
 
 
 def _check_window(window) -> tuple:
@@ -134,6 +136,12 @@ def flash_attention(
             raise ValueError(f"{name} must have 4 dimensions {layout}, got {t.dim()}")
     check_same_device(k, q, "k", "q")
     check_same_device(v, q, "v", "q")
+    # (meta tensors pass: the op's fake impl gives shapes without a kernel)
+    if q.device.type not in ("cpu", "cuda", "meta") or (q.is_cuda and not _CUDA_BUILT):
+        raise ValueError(
+            f"q is on {q.device} but this build of fastattn has kernels for "
+            f"{'the CPU and CUDA' if _CUDA_BUILT else 'the CPU only (rebuild with a CUDA torch and nvcc)'}"
+        )
     check_same_dtype(k, q, "k", "q")
     check_same_dtype(v, q, "v", "q")
     if k.shape != v.shape:

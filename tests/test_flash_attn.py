@@ -304,6 +304,13 @@ def test_bad_input(make, kwargs, exc, match):
         fastattn.flash_attention(*make(), **kwargs)
 
 
+def test_meta_shapes():
+    # Shape inference on the meta device goes through the op's fake impl.
+    q, k = torch.empty(2, 7, 4, 64, device="meta"), torch.empty(2, 9, 2, 64, device="meta")
+    out, lse = fastattn.flash_attention(q, k, k, causal=True, return_lse=True)
+    assert out.shape == (2, 7, 4, 64) and out.device.type == "meta" and lse.shape == (2, 4, 7)
+
+
 def test_bad_input_direct_op():
     # The C++ binding validates too, for callers of torch.ops.fastattn directly.
     op = torch.ops.fastattn.flash_attn_fwd
