@@ -48,7 +48,10 @@ with_cuda = (
 )
 
 march = os.environ.get("FASTATTN_CPU_MARCH", "native")
-cxx_flags = ["-O3", f"-march={march}", "-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+# -fopenmp: ATen's at::parallel_for is an inline OpenMP region in torch's headers; without
+# it the region compiles to a serial loop and every CPU kernel runs on one thread. The
+# GOMP symbols resolve to the libgomp that libtorch_cpu already loads (none is linked here).
+cxx_flags = ["-O3", f"-march={march}", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
 bindings = _rel(glob.glob(os.path.join(ROOT, "csrc", "bindings", "*.cpp")))
