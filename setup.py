@@ -48,8 +48,10 @@ with_cuda = (
 )
 
 march = os.environ.get("FASTATTN_CPU_MARCH", "native")
-# -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in ATen's headers, so without
-# it every CPU kernel here would run on one thread.
+# -fopenmp: ATen's at::parallel_for is an inline OpenMP region in torch's headers; without
+# it the region compiles to a serial loop and every CPU kernel runs on one thread. The
+# libgomp.so.1 linked here is the one libtorch_cpu has already loaded (same soname), so
+# torch.set_num_threads governs our kernels too.
 cxx_flags = ["-O3", f"-march={march}", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))

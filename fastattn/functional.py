@@ -223,9 +223,9 @@ def flash_attention(
         out (B, Sq, H, D) contiguous, q's dtype; with return_lse, ``(out, lse)`` where lse is
         (B, H, Sq) float32 (natural log).
 
-    Differentiable in q, k and v (not through lse). The backward currently recomputes the
-    attention through ``fastattn.reference`` with torch.autograd: correct but slow, with
-    O(Sq * Sk) memory, until the FlashAttention backward kernel is wired in.
+    Differentiable in q, k and v (not through lse). The backward is the FlashAttention
+    backward kernel (``fastattn.ops.flash_attn_bwd``): recomputed from out and lse, O(Sq + Sk)
+    memory, bitwise reproducible gradients.
     """
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         check_float(t, name, cuda_16bit_only=True)

@@ -160,19 +160,11 @@ def _flash_attn_fwd_fake(q, k, v, softmax_scale, window_left, window_right):
 
 
 def _flash_attn_bwd_impl(dout, q, k, v, out, lse, softmax_scale, window_left, window_right):
-    """(dq, dk, dv) of flash_attn_fwd.
-
-    For now this differentiates ``reference.attention`` (recomputed in fp32 with
-    torch.autograd): correct but slow, O(Sq * Sk) memory. It is the one place to switch to
-    the ``fastattn::flash_attn_bwd`` kernel op; out and lse are unused until then.
-    """
-    from . import reference
-
-    with torch.enable_grad():
-        qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-        o = reference.attention(qf, kf, vf, softmax_scale=softmax_scale, window=(window_left, window_right))
-        dq, dk, dv = torch.autograd.grad(o, (qf, kf, vf), dout.float())
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    """(dq, dk, dv) of flash_attn_fwd: the ``fastattn::flash_attn_bwd`` kernel op (recompute
+    from out and lse, deterministic)."""
+    if dout.dim() > 0 and dout.shape[-1] > 1 and dout.stride(-1) != 1:
+        dout = dout.contiguous()  # e.g. the expanded ones that out.sum().backward() sends
+    return flash_attn_bwd(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, True)
 
 
 def _flash_attn_setup(ctx, inputs, output):
@@ -194,6 +186,32 @@ def _flash_attn_backward(ctx, dout, _dlse):
 torch.library.register_autograd(
     "fastattn::flash_attn_fwd", _flash_attn_backward, setup_context=_flash_attn_setup
 )
+
+
+def flash_attn_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    deterministic: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of ``flash_attn_fwd``: (dq, dk, dv) with q/k/v's shapes and dtype, recomputed
+    from the forward's ``out`` and ``lse`` (B, H, Sq) fp32. Gradients are bitwise
+    reproducible (``deterministic`` is accepted for API parity; both kernels always are)."""
+    return _ops.flash_attn_bwd(
+        dout, q, k, v, out, lse, softmax_scale, window_left, window_right, deterministic
+    )
+
+
+@torch.library.register_fake("fastattn::flash_attn_bwd")
+def _flash_attn_bwd_fake(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
 
 # ---- decode attention and append_kv ------------------------------------------------------
 # Decode is inference-only: decode_attention's outputs are marked non-differentiable (so a

@@ -33,6 +33,11 @@ TORCH_LIBRARY(fastattn, m) {
   // [i + Sk - Sq - window_left, i + Sk - Sq + window_right], -1 = unbounded; causal = (-1, 0).
   m.def("flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, int window_left,"
         " int window_right) -> (Tensor out, Tensor lse)");
+  // Backward of flash_attn_fwd (recompute from out and lse): dq, dk, dv with q/k/v's shapes
+  // and dtype. deterministic: bitwise reproducible gradients (both kernels always are).
+  m.def("flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float softmax_scale, int window_left, int window_right, bool deterministic)"
+        " -> (Tensor dq, Tensor dk, Tensor dv)");
 
   // ---- decode attention and append_kv ----------------------------------------------------
   // One query token per sequence against a KV cache with ragged lengths: out has q's shape,

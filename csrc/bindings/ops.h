@@ -35,6 +35,11 @@ void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& v, double softmax_scale,
                                                   int64_t window_left, int64_t window_right);
+// flash_attn_bwd.cpp: dq, dk, dv (q/k/v's shapes and dtype) from the forward's out and lse.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, double softmax_scale, int64_t window_left,
+    int64_t window_right, bool deterministic);
 
 // ---- decode attention and append_kv (decode.cpp) ---------------------------------------
 std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache,

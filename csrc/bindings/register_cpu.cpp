@@ -15,6 +15,7 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
 
   // ---- flash attention -------------------------------------------------------------------
   m.impl("flash_attn_fwd", &fastattn::flash_attn_fwd);
+  m.impl("flash_attn_bwd", &fastattn::flash_attn_bwd);
 
   // ---- decode attention and append_kv ----------------------------------------------------
   m.impl("decode_attention", &fastattn::decode_attention);

@@ -27,6 +27,9 @@ void rotary_cpu(const RotaryParams& params);
 // ---- flash attention (cpu) ----
 // Forward for fp32/fp16/bf16 and any head dim; same masking semantics as the CUDA kernel.
 void flash_fwd_cpu(const FlashFwdParams& params);
+// Backward (recompute): delta, then dq, dk, dv. params.delta must hold b * h * seqlen_q fp32
+// values; no workspace. Bitwise deterministic for any thread count.
+void flash_bwd_cpu(const FlashBwdParams& params);
 
 // ---- decode attention and append_kv (cpu) ----
 // params.num_splits >= 1; with num_splits > 1, out_partial/lse_partial hold

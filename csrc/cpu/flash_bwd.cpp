@@ -1,0 +1,507 @@
+// flash_bwd.cpp — FlashAttention backward on the CPU (recompute, FlashAttention-2 algorithm),
+// fp32 / bf16 / fp16 inputs, any head dim, causal (bottom-right) / sliding window, GQA / MQA,
+// any seqlen_q and seqlen_k, strided q / k / v / out / dout / dq / dk / dv.
+//
+// What it computes (fp32 throughout, gradients stored in the input dtype):
+//   delta_i = sum_d dO[i][d] * O[i][d]
+//   P = exp(scale * Q K^T - lse)      recomputed from the forward's (natural-log) lse, masked
+//   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale * dS^T Q,  dQ = scale * dS K
+// A query row whose lse is -inf saw no key in the forward: its P row is 0, so it contributes
+// nothing (and its dq row is 0).
+//
+// Work decomposition: one pass computes delta (parallel over rows); a second runs two kinds
+// of independent tasks from one work list:
+//   * a dK/dV task per (batch, kv head, key block of kOuter keys). The key block's K^T and
+//     V^T stay in a per-thread buffer; the task loops over every query head of the kv head's
+//     group (GQA / MQA gradients are summed here, K/V are never repeated) and, per head, over
+//     the query blocks of kInner rows that can see the key block (blocks wholly outside the
+//     causal / window band are skipped, masking code runs only on blocks that cross the
+//     band's edge or a sequence tail). Per block pair: S = Q K^T, P, dP = dO V^T, dS, dV += P^T dO,
+//     dK += dS^T Q.
+//   * a dQ task per (batch, query head, query block of kOuter rows), looping over the
+//     visible key blocks of kInner keys: S^T = K Q^T, P^T, dP^T = V dO^T, dS^T, dQ += dS K.
+// Every gradient element is produced by exactly one task, which reduces it in a fixed order
+// (heads, then query blocks for dK/dV; key blocks for dQ). Which thread runs a task never
+// changes its arithmetic, so the result is bitwise the same for any thread count and run to
+// run: the kernel is always deterministic and params.deterministic has nothing to switch.
+// The cost of determinism is the separate dQ task, which recomputes S and dP: 7 block GEMMs
+// per (query block, key block) pair instead of the 5 of a dQ accumulated with atomics (or of
+// per-key-block dQ partials, which would need O(seqlen_k / kOuter * h * seqlen_q * d) fp32
+// scratch), i.e. ~1.4x the backward's FLOPs, in exchange for no scratch and no atomics.
+// Tasks are handed out heaviest first from a shared counter (causal makes their costs very
+// unequal), which balances the threads without changing any task's arithmetic.
+//
+// Why it is fast: every block GEMM runs on a register-blocked microkernel (with AVX-512,
+// 8 rows x 32 columns of fp32 accumulators in 16 zmm registers; per k step two B vector
+// loads, eight broadcast A elements, sixteen FMAs) over per-thread fp32 buffers that stay in L1/L2. The buffers are laid
+// out so that each of the five GEMM shapes reads B row-major with contiguous columns and A
+// either row-major or transposed (a transposed A is just a different broadcast stride), so no
+// GEMM ever needs a packing step: K^T and V^T are transposed once per key block in the dK/dV
+// task, Q^T and dO^T once per query block in the dQ task. Buffers are padded with zeros to
+// whole microkernel tiles, so odd head dims and sequence tails run the same code. The
+// exponential is a vectorised exp2 of S * (scale * log2(e)) - lse * log2(e).
+// 16-bit inputs are converted to fp32 when a block is loaded, once per block.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "cpu_types.h"
+#include "fastattn/api.h"
+#include "fastattn/static_switch.h"
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace fastattn {
+namespace {
+
+using cpu::load_row;
+using cpu::store_row;
+
+// Block sizes. A task owns an outer block of kOuter keys (dK/dV task) or query rows (dQ
+// task) and loops over inner blocks of kInner query rows / keys. The outer block's operands
+// and accumulators stay in the thread's buffers for the whole task while every inner block
+// is re-read from memory, so a large outer block halves those re-reads; for a 128-wide head
+// the buffers total ~450 KiB (L2), with the current GEMM's B panel in L1.
+constexpr int64_t kOuter = 128;
+constexpr int64_t kInner = 64;
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---- SIMD primitives ---------------------------------------------------------------------
+// Microkernel tile: kMR rows x kColTile columns of accumulators, sized to the register file
+// (AVX-512: 16 of 32 zmm; AVX2: 8 of 16 ymm; otherwise 8 vectors), leaving room for the B
+// vectors and the broadcast A element. Every buffer's row length is a multiple of kColTile,
+// and kInner / kOuter are multiples of kMR and kColTile.
+#if defined(__AVX512F__)
+constexpr int64_t kMR = 8;
+constexpr int64_t kColTile = 32;
+using vreg = __m512;
+constexpr int kW = 16;
+inline vreg vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vreg v) { _mm512_storeu_ps(p, v); }
+inline vreg vset1(float x) { return _mm512_set1_ps(x); }
+inline vreg vzero() { return _mm512_setzero_ps(); }
+inline vreg vadd(vreg a, vreg b) { return _mm512_add_ps(a, b); }
+inline vreg vfma(vreg a, vreg b, vreg c) { return _mm512_fmadd_ps(a, b, c); }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kMR = 4;
+constexpr int64_t kColTile = 16;
+using vreg = __m256;
+constexpr int kW = 8;
+inline vreg vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vreg v) { _mm256_storeu_ps(p, v); }
+inline vreg vset1(float x) { return _mm256_set1_ps(x); }
+inline vreg vzero() { return _mm256_setzero_ps(); }
+inline vreg vadd(vreg a, vreg b) { return _mm256_add_ps(a, b); }
+inline vreg vfma(vreg a, vreg b, vreg c) { return _mm256_fmadd_ps(a, b, c); }
+#else
+constexpr int64_t kMR = 4;
+constexpr int64_t kColTile = 8;
+typedef float vreg __attribute__((vector_size(16)));
+constexpr int kW = 4;
+inline vreg vload(const float* p) { vreg v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
+inline void vstore(float* p, vreg v) { __builtin_memcpy(p, &v, sizeof(v)); }
+inline vreg vset1(float x) { return vreg{} + x; }
+inline vreg vzero() { return vreg{}; }
+inline vreg vadd(vreg a, vreg b) { return a + b; }
+inline vreg vfma(vreg a, vreg b, vreg c) { return a * b + c; }
+#endif
+constexpr int kNV = static_cast<int>(kColTile) / kW;  // vectors per microkernel row
+static_assert(kInner % kMR == 0 && kOuter % kMR == 0 && kInner % kColTile == 0 &&
+                  kOuter % kColTile == 0,
+              "block sizes must be whole microkernel tiles");
+
+// x[0:n] = 2^x[0:n]; values below -126 (including -inf) give exactly 0. The SIMD paths are
+// range reduction to r in [-0.5, 0.5] plus a degree-7 Taylor polynomial of 2^r (relative
+// error < 1e-8 before rounding), scaled by 2^e (vscalefps, or the exponent bits on AVX2).
+inline void exp2_inplace(float* x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 lo = _mm512_set1_ps(-126.0f), hi = _mm512_set1_ps(127.0f);
+  const __m512 c1 = _mm512_set1_ps(0.6931471805599453f), c2 = _mm512_set1_ps(0.2402265069591007f),
+               c3 = _mm512_set1_ps(0.05550410866482158f), c4 = _mm512_set1_ps(0.009618129107628477f),
+               c5 = _mm512_set1_ps(0.0013333558146428443f), c6 = _mm512_set1_ps(0.00015403530393381608f),
+               c7 = _mm512_set1_ps(1.525273380405984e-05f), one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    const __mmask16 keep = _mm512_cmp_ps_mask(v, lo, _CMP_GE_OQ);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    const __m512 e = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(v, e);
+    __m512 p = _mm512_fmadd_ps(c7, r, c6);
+    p = _mm512_fmadd_ps(p, r, c5);
+    p = _mm512_fmadd_ps(p, r, c4);
+    p = _mm512_fmadd_ps(p, r, c3);
+    p = _mm512_fmadd_ps(p, r, c2);
+    p = _mm512_fmadd_ps(p, r, c1);
+    p = _mm512_fmadd_ps(p, r, one);
+    _mm512_storeu_ps(x + i, _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, e)));
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m256 lo = _mm256_set1_ps(-126.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256 c1 = _mm256_set1_ps(0.6931471805599453f), c2 = _mm256_set1_ps(0.2402265069591007f),
+               c3 = _mm256_set1_ps(0.05550410866482158f), c4 = _mm256_set1_ps(0.009618129107628477f),
+               c5 = _mm256_set1_ps(0.0013333558146428443f), c6 = _mm256_set1_ps(0.00015403530393381608f),
+               c7 = _mm256_set1_ps(1.525273380405984e-05f), one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 keep = _mm256_cmp_ps(v, lo, _CMP_GE_OQ);
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    const __m256 e = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_sub_ps(v, e);
+    __m256 p = _mm256_fmadd_ps(c7, r, c6);
+    p = _mm256_fmadd_ps(p, r, c5);
+    p = _mm256_fmadd_ps(p, r, c4);
+    p = _mm256_fmadd_ps(p, r, c3);
+    p = _mm256_fmadd_ps(p, r, c2);
+    p = _mm256_fmadd_ps(p, r, c1);
+    p = _mm256_fmadd_ps(p, r, one);
+    // 2^e for integer e in [-126, 127]: the exponent field e + 127.
+    const __m256 scale = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(e), _mm256_set1_epi32(127)), 23));
+    _mm256_storeu_ps(x + i, _mm256_and_ps(keep, _mm256_mul_ps(p, scale)));
+  }
+#endif
+  for (; i < n; ++i) x[i] = x[i] >= -126.0f ? std::exp2(x[i]) : 0.0f;
+}
+
+// ---- block GEMM --------------------------------------------------------------------------
+// C[0:kMR, 0:kColTile] (+)= sum_k A(i, k) * B[k][0:kColTile], with A(i, k) = A[i * lda + k]
+// (kTransA = false) or A[k * lda + i] (kTransA = true: the A operand is a transposed view,
+// read by broadcasting from consecutive addresses).
+template <bool kTransA>
+inline void microkernel(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                        float* C, int64_t ldc, bool accumulate) {
+  vreg acc[kMR][kNV];
+  for (int i = 0; i < kMR; ++i)
+    for (int v = 0; v < kNV; ++v) acc[i][v] = vzero();
+  for (int64_t k = 0; k < K; ++k) {
+    vreg b[kNV];
+    for (int v = 0; v < kNV; ++v) b[v] = vload(B + k * ldb + v * kW);
+    for (int i = 0; i < kMR; ++i) {
+      const vreg a = vset1(kTransA ? A[k * lda + i] : A[i * lda + k]);
+      for (int v = 0; v < kNV; ++v) acc[i][v] = vfma(a, b[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < kMR; ++i)
+    for (int v = 0; v < kNV; ++v) {
+      float* c = C + i * ldc + v * kW;
+      vstore(c, accumulate ? vadd(vload(c), acc[i][v]) : acc[i][v]);
+    }
+}
+
+// C[M x N] (+)= A[M x K] B[K x N]; M a multiple of kMR, N of kColTile. B row-major (ldb),
+// C row-major (ldc), A row-major or transposed (see microkernel). Column panels outermost so
+// one K x kColTile panel of B stays in L1 across all row tiles.
+template <bool kTransA>
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  for (int64_t j = 0; j < N; j += kColTile)
+    for (int64_t i = 0; i < M; i += kMR)
+      microkernel<kTransA>(K, kTransA ? A + i : A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc,
+                           accumulate);
+}
+
+// ---- masking -----------------------------------------------------------------------------
+// Query row i sees key j iff j < seqlen_k, and j >= i + off - window_left (window_left >= 0),
+// and j <= i + off + window_right (window_right >= 0), off = seqlen_k - seqlen_q.
+struct Band {
+  int64_t seqlen_q, seqlen_k, off, wl, wr;
+
+  bool visible(int64_t i, int64_t j) const {
+    return j < seqlen_k && (wl < 0 || j >= i + off - wl) && (wr < 0 || j <= i + off + wr);
+  }
+  // Query rows that see at least one key of [j0, j1): [*lo, *hi), possibly empty.
+  void rows_seeing(int64_t j0, int64_t j1, int64_t* lo, int64_t* hi) const {
+    j1 = std::min(j1, seqlen_k);
+    *lo = wr < 0 ? 0 : std::max<int64_t>(0, j0 - off - wr);
+    *hi = wl < 0 ? seqlen_q : std::min<int64_t>(seqlen_q, j1 - 1 - off + wl + 1);
+  }
+  // Keys seen by at least one row of [i0, i1): [*lo, *hi), possibly empty.
+  void keys_seen(int64_t i0, int64_t i1, int64_t* lo, int64_t* hi) const {
+    *lo = wl < 0 ? 0 : std::max<int64_t>(0, i0 + off - wl);
+    *hi = wr < 0 ? seqlen_k : std::min<int64_t>(seqlen_k, i1 - 1 + off + wr + 1);
+  }
+  // True when every (i, j) of the block with i < seqlen_q is visible (rows past seqlen_q are
+  // zeroed through their lse instead), so the block needs no mask.
+  bool block_full(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    i1 = std::min(i1, seqlen_q);
+    return j1 <= seqlen_k && (wr < 0 || j1 - 1 <= i0 + off + wr) && (wl < 0 || j0 >= i1 - 1 + off - wl);
+  }
+};
+
+// Block index range [*b0, *b1) of blocks of size bs covering [lo, hi).
+void block_range(int64_t lo, int64_t hi, int64_t bs, int64_t* b0, int64_t* b1) {
+  if (hi <= lo) {
+    *b0 = *b1 = 0;
+    return;
+  }
+  *b0 = lo / bs;
+  *b1 = (hi - 1) / bs + 1;
+}
+
+// ---- block loads / stores ----------------------------------------------------------------
+// rows [r0, r0 + n) of a (seq, d) slice with row stride rs -> dst (kBlock x ld), rows past n
+// zeroed. Columns d..ld were zeroed when the buffer was made and are never written.
+template <typename T>
+void load_rows(const T* src, int64_t rs, int64_t n, int64_t d, float* dst, int64_t ld,
+               int64_t block) {
+  for (int64_t r = 0; r < n; ++r) load_row(src + r * rs, dst + r * ld, d);
+  for (int64_t r = n; r < block; ++r) std::fill(dst + r * ld, dst + r * ld + d, 0.0f);
+}
+
+// Same slice, transposed: dst[c][r] (d x ld_t, ld_t >= block), columns past n zeroed.
+template <typename T>
+void load_rows_transposed(const T* src, int64_t rs, int64_t n, int64_t d, float* dst,
+                          int64_t ld_t, int64_t block, float* row_tmp) {
+  for (int64_t r = 0; r < n; ++r) {
+    load_row(src + r * rs, row_tmp, d);
+    for (int64_t c = 0; c < d; ++c) dst[c * ld_t + r] = row_tmp[c];
+  }
+  if (n < block)
+    for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld_t + n, dst + c * ld_t + block, 0.0f);
+}
+
+template <typename T>
+void store_rows(const float* src, int64_t ld, int64_t n, int64_t d, float scale, T* dst,
+                int64_t rs, float* row_tmp) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* s = src + r * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) row_tmp[c] = s[c] * scale;
+    store_row(row_tmp, dst + r * rs, d);
+  }
+}
+
+// ---- the two task kinds ------------------------------------------------------------------
+struct Shape {
+  int64_t d, dp;  // head dim and its padded row length
+  int64_t group;  // query heads per kv head
+  float scale_log2;  // softmax_scale * log2(e)
+};
+
+// Per-thread fp32 scratch, zero-initialised (the padding columns rely on it).
+struct Scratch {
+  std::vector<float> a_t, b_t;     // K^T, V^T (dK/dV task) or Q^T, dO^T (dQ task): dp x kOuter
+  std::vector<float> a, b;         // Q, dO (dK/dV task) or K, V (dQ task): kInner x dp
+  std::vector<float> s, dp_buf;    // S / P and dP / dS (or transposed): kInner x kOuter
+  std::vector<float> acc0, acc1;   // dK, dV accumulators or dQ: kOuter x dp
+  std::vector<float> lse2, delta;  // per query row of the current query block
+  std::vector<float> row;          // one row of d, conversions
+  explicit Scratch(int64_t dp)
+      : a_t(dp * kOuter), b_t(dp * kOuter), a(kInner * dp), b(kInner * dp),
+        s(kInner * kOuter), dp_buf(kInner * kOuter), acc0(kOuter * dp), acc1(kOuter * dp),
+        lse2(kOuter), delta(kOuter), row(dp) {}
+};
+
+// lse (natural log) -> lse * log2(e) for rows [i0, i0 + n); rows past n and rows that saw no
+// key (lse = -inf) get +inf, which makes their P row exactly 0.
+void load_lse(const float* lse, const float* delta, int64_t i0, int64_t n, int64_t block,
+              float* lse2, float* delta_out) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < block; ++r) {
+    if (r < n && lse[i0 + r] != -inf) {
+      lse2[r] = lse[i0 + r] * kLog2e;
+      delta_out[r] = delta[i0 + r];
+    } else {
+      lse2[r] = inf;
+      delta_out[r] = 0.0f;
+    }
+  }
+}
+
+template <typename T>
+void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t bi,
+               int64_t hk, int64_t kb, Scratch& w) {
+  const FlashFwdParams& f = p.fwd;
+  const int64_t d = sh.d, dp = sh.dp;
+  const int64_t j0 = kb * kOuter, nk = std::min(kOuter, f.seqlen_k - j0);
+  const T* k = static_cast<const T*>(f.k) + bi * f.k_batch_stride + hk * f.k_head_stride + j0 * f.k_row_stride;
+  const T* v = static_cast<const T*>(f.v) + bi * f.v_batch_stride + hk * f.v_head_stride + j0 * f.v_row_stride;
+  float *k_t = w.a_t.data(), *v_t = w.b_t.data(), *q = w.a.data(), *dout = w.b.data();
+  float *s = w.s.data(), *ds = w.dp_buf.data(), *dk = w.acc0.data(), *dv = w.acc1.data();
+  std::fill(dk, dk + kOuter * dp, 0.0f);
+  std::fill(dv, dv + kOuter * dp, 0.0f);
+
+  int64_t ilo, ihi, qb0, qb1;
+  band.rows_seeing(j0, j0 + nk, &ilo, &ihi);
+  block_range(ilo, ihi, kInner, &qb0, &qb1);
+  if (qb0 < qb1) {
+    load_rows_transposed(k, f.k_row_stride, nk, d, k_t, kOuter, kOuter, w.row.data());
+    load_rows_transposed(v, f.v_row_stride, nk, d, v_t, kOuter, kOuter, w.row.data());
+  }
+  for (int64_t hq = hk * sh.group; hq < (hk + 1) * sh.group && qb0 < qb1; ++hq) {
+    const float* lse = f.lse + (bi * f.h + hq) * f.seqlen_q;
+    const float* delta = p.delta + (bi * f.h + hq) * f.seqlen_q;
+    for (int64_t qb = qb0; qb < qb1; ++qb) {
+      const int64_t i0 = qb * kInner, nq = std::min(kInner, f.seqlen_q - i0);
+      const T* qs = static_cast<const T*>(f.q) + bi * f.q_batch_stride + hq * f.q_head_stride + i0 * f.q_row_stride;
+      const T* dos = static_cast<const T*>(p.dout) + bi * p.dout_batch_stride + hq * p.dout_head_stride + i0 * p.dout_row_stride;
+      load_rows(qs, f.q_row_stride, nq, d, q, dp, kInner);
+      load_rows(dos, p.dout_row_stride, nq, d, dout, dp, kInner);
+      load_lse(lse, delta, i0, nq, kInner, w.lse2.data(), w.delta.data());
+
+      gemm<false>(kInner, kOuter, dp, q, dp, k_t, kOuter, s, kOuter, false);     // S = Q K^T
+      gemm<false>(kInner, kOuter, dp, dout, dp, v_t, kOuter, ds, kOuter, false); // dP = dO V^T
+      const bool full = band.block_full(i0, i0 + kInner, j0, j0 + kOuter);
+      for (int64_t r = 0; r < kInner; ++r) {
+        float* sr = s + r * kOuter;
+        const float l2 = w.lse2[r];
+#pragma omp simd
+        for (int64_t c = 0; c < kOuter; ++c) sr[c] = sr[c] * sh.scale_log2 - l2;
+        if (!full)
+          for (int64_t c = 0; c < kOuter; ++c)
+            if (!band.visible(i0 + r, j0 + c)) sr[c] = -std::numeric_limits<float>::infinity();
+        exp2_inplace(sr, kOuter);  // P
+        float* dr = ds + r * kOuter;
+        const float dl = w.delta[r];
+#pragma omp simd
+        for (int64_t c = 0; c < kOuter; ++c) dr[c] = sr[c] * (dr[c] - dl);  // dS
+      }
+      gemm<true>(kOuter, dp, kInner, s, kOuter, dout, dp, dv, dp, true);  // dV += P^T dO
+      gemm<true>(kOuter, dp, kInner, ds, kOuter, q, dp, dk, dp, true);    // dK += dS^T Q
+    }
+  }
+  T* dks = static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride + j0 * p.dk_row_stride;
+  T* dvs = static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride + j0 * p.dv_row_stride;
+  store_rows(dk, dp, nk, d, f.softmax_scale, dks, p.dk_row_stride, w.row.data());
+  store_rows(dv, dp, nk, d, 1.0f, dvs, p.dv_row_stride, w.row.data());
+}
+
+template <typename T>
+void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t bi, int64_t hq,
+             int64_t qb, Scratch& w) {
+  const FlashFwdParams& f = p.fwd;
+  const int64_t d = sh.d, dp = sh.dp;
+  const int64_t hk = hq / sh.group;
+  const int64_t i0 = qb * kOuter, nq = std::min(kOuter, f.seqlen_q - i0);
+  float *q_t = w.a_t.data(), *do_t = w.b_t.data(), *k = w.a.data(), *v = w.b.data();
+  float *s_t = w.s.data(), *ds_t = w.dp_buf.data(), *dq = w.acc0.data();
+  std::fill(dq, dq + kOuter * dp, 0.0f);
+
+  int64_t jlo, jhi, kb0, kb1;
+  band.keys_seen(i0, i0 + nq, &jlo, &jhi);
+  block_range(jlo, jhi, kInner, &kb0, &kb1);
+  if (kb0 < kb1) {
+    const T* qs = static_cast<const T*>(f.q) + bi * f.q_batch_stride + hq * f.q_head_stride + i0 * f.q_row_stride;
+    const T* dos = static_cast<const T*>(p.dout) + bi * p.dout_batch_stride + hq * p.dout_head_stride + i0 * p.dout_row_stride;
+    load_rows_transposed(qs, f.q_row_stride, nq, d, q_t, kOuter, kOuter, w.row.data());
+    load_rows_transposed(dos, p.dout_row_stride, nq, d, do_t, kOuter, kOuter, w.row.data());
+    load_lse(f.lse + (bi * f.h + hq) * f.seqlen_q, p.delta + (bi * f.h + hq) * f.seqlen_q, i0, nq,
+             kOuter, w.lse2.data(), w.delta.data());
+  }
+  const float* lse2 = w.lse2.data();
+  const float* delta = w.delta.data();
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const int64_t j0 = kb * kInner, nk = std::min(kInner, f.seqlen_k - j0);
+    const T* ks = static_cast<const T*>(f.k) + bi * f.k_batch_stride + hk * f.k_head_stride + j0 * f.k_row_stride;
+    const T* vs = static_cast<const T*>(f.v) + bi * f.v_batch_stride + hk * f.v_head_stride + j0 * f.v_row_stride;
+    load_rows(ks, f.k_row_stride, nk, d, k, dp, kInner);
+    load_rows(vs, f.v_row_stride, nk, d, v, dp, kInner);
+
+    gemm<false>(kInner, kOuter, dp, k, dp, q_t, kOuter, s_t, kOuter, false);    // S^T = K Q^T
+    gemm<false>(kInner, kOuter, dp, v, dp, do_t, kOuter, ds_t, kOuter, false);  // dP^T = V dO^T
+    const bool full = band.block_full(i0, i0 + kOuter, j0, j0 + kInner);
+    for (int64_t c = 0; c < kInner; ++c) {  // c: key, r: query
+      float* sr = s_t + c * kOuter;
+#pragma omp simd
+      for (int64_t r = 0; r < kOuter; ++r) sr[r] = sr[r] * sh.scale_log2 - lse2[r];
+      if (!full)
+        for (int64_t r = 0; r < kOuter; ++r)
+          if (!band.visible(i0 + r, j0 + c)) sr[r] = -std::numeric_limits<float>::infinity();
+      exp2_inplace(sr, kOuter);  // P^T
+      float* dr = ds_t + c * kOuter;
+#pragma omp simd
+      for (int64_t r = 0; r < kOuter; ++r) dr[r] = sr[r] * (dr[r] - delta[r]);  // dS^T
+    }
+    gemm<true>(kOuter, dp, kInner, ds_t, kOuter, k, dp, dq, dp, true);  // dQ += dS K
+  }
+  T* dqs = static_cast<T*>(p.dq) + bi * p.dq_batch_stride + hq * p.dq_head_stride + i0 * p.dq_row_stride;
+  store_rows(dq, dp, nq, d, f.softmax_scale, dqs, p.dq_row_stride, w.row.data());
+}
+
+// delta = rowsum(dout * out), (b, h, seqlen_q) contiguous.
+template <typename T>
+void compute_delta(const FlashBwdParams& p) {
+  const FlashFwdParams& f = p.fwd;
+  const int64_t d = f.d, rows = f.b * f.h * f.seqlen_q;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> o(d), g(d);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = r % f.seqlen_q, bh = r / f.seqlen_q, h = bh % f.h, bi = bh / f.h;
+      load_row(static_cast<const T*>(f.out) + bi * f.out_batch_stride + h * f.out_head_stride + i * f.out_row_stride, o.data(), d);
+      load_row(static_cast<const T*>(p.dout) + bi * p.dout_batch_stride + h * p.dout_head_stride + i * p.dout_row_stride, g.data(), d);
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < d; ++c) acc += o[c] * g[c];
+      p.delta[r] = acc;
+    }
+  });
+}
+
+template <typename T>
+void flash_bwd_impl(const FlashBwdParams& p) {
+  const FlashFwdParams& f = p.fwd;
+  compute_delta<T>(p);
+
+  const Band band{f.seqlen_q, f.seqlen_k, f.seqlen_k - f.seqlen_q, f.window_left, f.window_right};
+  const Shape sh{f.d, round_up(f.d, kColTile), f.h / f.h_k, f.softmax_scale * kLog2e};
+  const int64_t n_kb = (f.seqlen_k + kOuter - 1) / kOuter;
+  const int64_t n_qb = (f.seqlen_q + kOuter - 1) / kOuter;
+
+  // One list of independent tasks: [0, n_dkdv) are (b, h_k, key block), the rest (b, h,
+  // query block). Cost = visible block pairs x GEMMs per pair; heaviest first.
+  const int64_t n_dkdv = f.b * f.h_k * n_kb, n_dq = f.b * f.h * n_qb;
+  std::vector<int64_t> cost(n_dkdv + n_dq);
+  for (int64_t kb = 0; kb < n_kb; ++kb) {
+    int64_t lo, hi, b0, b1;
+    band.rows_seeing(kb * kOuter, (kb + 1) * kOuter, &lo, &hi);
+    block_range(lo, hi, kInner, &b0, &b1);
+    for (int64_t bh = 0; bh < f.b * f.h_k; ++bh) cost[bh * n_kb + kb] = 4 * sh.group * (b1 - b0) + 1;
+  }
+  for (int64_t qb = 0; qb < n_qb; ++qb) {
+    int64_t lo, hi, b0, b1;
+    band.keys_seen(qb * kOuter, std::min((qb + 1) * kOuter, f.seqlen_q), &lo, &hi);
+    block_range(lo, hi, kInner, &b0, &b1);
+    for (int64_t bh = 0; bh < f.b * f.h; ++bh) cost[n_dkdv + bh * n_qb + qb] = 3 * (b1 - b0) + 1;
+  }
+  std::vector<int64_t> order(cost.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+
+  std::atomic<int64_t> next{0};
+  const int64_t n_tasks = static_cast<int64_t>(order.size());
+  const int64_t n_workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
+  at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
+    Scratch w(sh.dp);
+    for (int64_t t = next.fetch_add(1); t < n_tasks; t = next.fetch_add(1)) {
+      const int64_t id = order[t];
+      if (id < n_dkdv) {
+        dkdv_task<T>(p, sh, band, id / (f.h_k * n_kb), (id / n_kb) % f.h_k, id % n_kb, w);
+      } else {
+        const int64_t j = id - n_dkdv;
+        dq_task<T>(p, sh, band, j / (f.h * n_qb), (j / n_qb) % f.h, j % n_qb, w);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void flash_bwd_cpu(const FlashBwdParams& params) {
+  const FlashFwdParams& f = params.fwd;
+  if (f.b == 0 || f.h == 0 || f.seqlen_q == 0 || f.seqlen_k == 0) return;
+  FASTATTN_CPU_DTYPE_SWITCH(f.dtype, T, [&] { flash_bwd_impl<T>(params); });
+}
+
+}  // namespace fastattn

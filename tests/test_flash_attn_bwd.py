@@ -1,0 +1,164 @@
+"""fastattn.flash_attn_bwd (the FlashAttention backward op) against float64 autograd of
+reference.attention, with the error-ratio rule. out and lse come from the reference run in
+fp32, so these tests do not depend on the forward kernel."""
+import math
+
+import pytest
+import torch
+
+from fastattn import ops, reference
+
+from conftest import DEVICES, assert_error_ratio, dtypes_for
+
+ALL = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _make(B, Sq, Sk, H, Hk, D, dtype, device):
+    q = torch.randn(B, Sq, H, D, device=device).to(dtype)
+    k = torch.randn(B, Sk, Hk, D, device=device).to(dtype)
+    v = torch.randn(B, Sk, Hk, D, device=device).to(dtype)
+    dout = torch.randn(B, Sq, H, D, device=device).to(dtype)
+    return q, k, v, dout
+
+
+def _ref_grads(q, k, v, dout, scale, window, dtype):
+    qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out = reference.attention(qq, kk, vv, softmax_scale=scale, window=window)
+    out.backward(dout.to(dtype))
+    return qq.grad, kk.grad, vv.grad
+
+
+def _fwd(q, k, v, scale, window):
+    """out (q's dtype) and lse from the reference computed in fp32, as a forward kernel
+    would return them."""
+    out, lse = reference.attention(q.float(), k.float(), v.float(), softmax_scale=scale,
+                                   window=window, return_lse=True)
+    return out.to(q.dtype), lse
+
+
+def _check(q, k, v, dout, window, scale=None, out=None, lse=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if out is None:
+        out, lse = _fwd(q, k, v, scale, window)
+    grads = ops.flash_attn_bwd(dout, q, k, v, out, lse, scale, window[0], window[1], True)
+    truth = _ref_grads(q, k, v, dout, scale, window, torch.float64)
+    low = _ref_grads(q, k, v, dout, scale, window, q.dtype)
+    for name, g, t, l, x in zip(("dq", "dk", "dv"), grads, truth, low, (q, k, v)):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        assert_error_ratio(g, l, t, name)
+    return grads
+
+
+# (B, Sq, Sk, H, Hk, D, window): MHA / GQA / MQA, causal (window_right = 0), windows,
+# Sq != Sk both ways (bottom-right alignment leaves rows that see no key), odd sizes.
+CASES = [
+    (2, 17, 17, 4, 4, 64, (-1, -1)),
+    (1, 97, 97, 4, 2, 64, (-1, 0)),
+    (1, 1, 97, 4, 1, 128, (-1, 0)),
+    (1, 97, 17, 2, 2, 128, (-1, 0)),
+    (1, 17, 300, 4, 2, 64, (32, 8)),
+    (1, 300, 300, 2, 1, 40, (50, -1)),
+    (1, 300, 97, 2, 2, 72, (20, 0)),
+    (1, 33, 65, 2, 1, 256, (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_q{}_k{}_h{}x{}_d{}_w{}_{}".format(*c[:6], *c[6]))
+def test_grads(device, dtype, case):
+    B, Sq, Sk, H, Hk, D, window = case
+    if device == "cuda" and (dtype not in dtypes_for("cuda", True) or D not in (64, 128)):
+        pytest.skip("CUDA backward: fp16/bf16, head dim 64/128")
+    _check(*_make(B, Sq, Sk, H, Hk, D, dtype, device), window)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
+def test_strided_inputs(device, dtype):
+    if device == "cuda" and dtype == torch.float32:
+        dtype = torch.float16
+    B, S, H, Hk, D = 2, 70, 4, 2, 64
+    # q from a packed (B, S, 3, H, D) tensor; k, v from (B, Hk, S, D) head-major storage;
+    # dout and out with padded rows (out's odd row stride also sends the CUDA binding down
+    # its contiguous-copy path).
+    qkv = torch.randn(B, S, 3, H, D, device=device).to(dtype)
+    q = qkv[:, :, 0]
+    k = torch.randn(B, Hk, S, D, device=device).to(dtype).transpose(1, 2)
+    v = torch.randn(B, Hk, S, D, device=device).to(dtype).transpose(1, 2)
+    dout = torch.randn(B, S, H, D + 8, device=device).to(dtype)[..., :D]
+    assert not (q.is_contiguous() or k.is_contiguous() or dout.is_contiguous())
+    scale = 0.1
+    out_c, lse = _fwd(q, k, v, scale, (-1, 0))
+    out = torch.empty(B, S, H, D + 1, device=device, dtype=dtype)[..., :D].copy_(out_c)
+    _check(q, k, v, dout, (-1, 0), scale=scale, out=out, lse=lse)
+
+
+def test_deterministic():
+    q, k, v, dout = _make(2, 300, 300, 4, 2, 64, torch.float32, "cpu")
+    out, lse = _fwd(q, k, v, 0.125, (-1, 0))
+    args = (dout, q, k, v, out, lse, 0.125, -1, 0, True)
+    first = ops.flash_attn_bwd(*args)
+    again = ops.flash_attn_bwd(*args)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.flash_attn_bwd(*args)
+        torch.set_num_threads(2)
+        two = ops.flash_attn_bwd(*args)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c, e in zip(first, again, one, two):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty(device):
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    q, k, v, dout = _make(1, 0, 5, 2, 2, 64, dtype, device)
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 2, 0, device=device)
+    dq, dk, dv = ops.flash_attn_bwd(dout, q, k, v, out, lse, 0.125, -1, -1, True)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert not dk.any() and not dv.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v, dout = _make(1, 33, 40, 4, 2, 64, dtype, device)
+    out, lse = _fwd(q, k, v, 0.125, (-1, 0))
+    torch.library.opcheck(torch.ops.fastattn.flash_attn_bwd, (dout, q, k, v, out, lse, 0.125, -1, 0, True))
+
+
+def test_bad_inputs():
+    q, k, v, dout = _make(1, 8, 8, 4, 2, 16, torch.float32, "cpu")
+    out, lse = _fwd(q, k, v, 0.25, (-1, -1))
+    bwd = torch.ops.fastattn.flash_attn_bwd
+
+    def call(**kw):
+        a = dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse, softmax_scale=0.25, window_left=-1,
+                 window_right=-1, deterministic=True)
+        a.update(kw)
+        return bwd(*a.values())
+
+    with pytest.raises(ValueError, match="lse must be float32"):
+        call(lse=lse.double())
+    with pytest.raises(ValueError, match=r"lse must have shape \(1, 4, 8\)"):
+        call(lse=lse[:, :2])
+    with pytest.raises(ValueError, match="must be a multiple of k/v's heads"):
+        call(k=k[:, :, :1].expand(1, 8, 3, 16).contiguous(), v=v[:, :, :1].expand(1, 8, 3, 16).contiguous())
+    with pytest.raises(ValueError, match="dout must have q's shape"):
+        call(dout=dout[:, :7])
+    with pytest.raises(ValueError, match="v must have k's shape"):
+        call(v=v[:, :7])
+    with pytest.raises(ValueError, match="dout has dtype"):
+        call(dout=dout.half())
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        call(q=q[0])
+    with pytest.raises(ValueError, match="must have a contiguous last dimension"):
+        call(q=q.transpose(1, 3).contiguous().transpose(1, 3))
+    with pytest.raises(ValueError, match="must be >= -1"):
+        call(window_left=-2)
+    with pytest.raises(ValueError, match="q must be float32, float16 or bfloat16"):
+        call(q=q.double(), k=k.double(), v=v.double(), out=out.double(), dout=dout.double())
