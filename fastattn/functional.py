@@ -223,7 +223,9 @@ def flash_attention(
         out (B, Sq, H, D) contiguous, q's dtype; with return_lse, ``(out, lse)`` where lse is
         (B, H, Sq) float32 (natural log).
 
-    Differentiable in q, k and v (not through lse). The backward is the FlashAttention
+    Differentiable in q, k and v. lse is not differentiable (as in flash-attn): it comes back
+    with ``requires_grad=False``, so a loss through it alone raises instead of silently
+    getting no gradient. The backward is the FlashAttention
     backward kernel (``fastattn.ops.flash_attn_bwd``): recomputed from out and lse, O(Sq + Sk)
     memory, bitwise reproducible gradients.
     """

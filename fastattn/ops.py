@@ -171,6 +171,9 @@ def _flash_attn_setup(ctx, inputs, output):
     q, k, v, softmax_scale, window_left, window_right = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
+    # The backward has no term for a gradient flowing into lse (as flash-attn's): saying so
+    # makes lse.requires_grad False, instead of silently dropping that gradient.
+    ctx.mark_non_differentiable(lse)
     ctx.softmax_scale = softmax_scale
     ctx.window = (window_left, window_right)
 

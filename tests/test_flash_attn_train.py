@@ -62,6 +62,15 @@ def test_sum_loss_expanded_grad():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_lse_is_not_differentiable():
+    # The backward has no dlse term: lse must say so rather than drop its gradient silently.
+    q, k, v = (torch.randn(1, 9, 2, 16, requires_grad=True) for _ in range(3))
+    out, lse = fastattn.flash_attention(q, k, v, causal=True, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        lse.sum().backward()
+
+
 def test_grads_through_flash_attention(device):
     q, k, v = _inputs(2, 65, 80, 4, 2, 64, _dtype(device), device)
     _check_grads(lambda q, k, v: fastattn.flash_attention(q, k, v, causal=True), q, k, v, causal=True)
