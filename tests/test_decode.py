@@ -331,6 +331,22 @@ def test_cuda_misaligned_cache_view():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_contiguous_cache_at_odd_offset():
+    """Contiguous caches whose data starts one element into a buffer (base pointer not
+    16-byte aligned; Tensor.contiguous() would return the same view): a fresh copy is used."""
+    shape = (2, 300, 3, 64)
+    n = 2 * 300 * 3 * 64
+    buf = torch.randn(2 * n + 2, dtype=torch.float16, device="cuda")
+    kc, vc = buf[1 : 1 + n].view(shape), buf[n + 2 :].view(shape)
+    assert kc.is_contiguous() and vc.is_contiguous()
+    q = torch.randn(2, 6, 64, dtype=torch.float16, device="cuda")
+    seqlens = _seqlens([300, 7], "cuda")
+    out, lse = fastattn.decode_attention(q, kc, vc, seqlens, return_lse=True)
+    _check_against_reference(q, kc, vc, seqlens, out, lse)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 def test_cuda_bad_inputs():
     kc, vc = _cache(2, 8, 2, 40, torch.float16, "cuda")
     sl = _seqlens([3, 8], "cuda")

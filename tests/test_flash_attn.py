@@ -151,6 +151,24 @@ def test_other_strides(device, dtype):
     _check(q, k, v, causal=True)
 
 
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_contiguous_views_at_odd_offsets(device, dtype):
+    # Contiguous tensors whose data starts one element into a buffer: on CUDA the base
+    # pointer is not 16-byte aligned, and Tensor.contiguous() would hand back the same view.
+    B, S, H, D = 2, 33, 2, 64
+    n = B * S * H * D
+    buf = torch.randn(3 * n + 3, device=device, dtype=dtype)
+    q, k, v = (buf[1 + i * (n + 1): 1 + i * (n + 1) + n].view(B, S, H, D) for i in range(3))
+    assert q.is_contiguous() and q.storage_offset() % 8 != 0
+    _check(q, k, v, causal=True)
+    qq, kk, vv = (t.detach().float().requires_grad_() for t in (q, k, v))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    fastattn.flash_attention(q, k, v, causal=True).float().square().sum().backward()
+    reference.attention(qq, kk, vv, causal=True).square().sum().backward()
+    for got, want, name in ((q, qq, "dq"), (k, kk, "dk"), (v, vv, "dv")):
+        torch.testing.assert_close(got.grad.float(), want.grad, rtol=5e-2, atol=5e-2, msg=name)
+
+
 def test_cpu_thread_count_invariant():
     # Each output row is computed by one task in an order fixed by the shape: the bits do not
     # depend on how many threads share the work.

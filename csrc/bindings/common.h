@@ -102,6 +102,13 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   return t;
 }
 
+// A dense copy of t in fresh memory, for kernels whose 16-byte vector loads need aligned rows.
+// Not Tensor::contiguous(): that returns t itself when t is already contiguous, even when
+// its storage offset leaves the data pointer unaligned (a view starting mid-buffer).
+inline at::Tensor dense_aligned_copy(const at::Tensor& t) {
+  return t.clone(at::MemoryFormat::Contiguous);
+}
+
 #ifdef FASTATTN_WITH_CUDA
 inline cudaStream_t current_stream(const at::Tensor& t) {
   return at::cuda::getCurrentCUDAStream(t.device().index()).stream();

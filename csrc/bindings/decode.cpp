@@ -148,8 +148,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
     // copy instead. Correct, but it costs a full copy of the cache.
     at::Tensor kc = k_cache, vc = v_cache;
     if (!decode_cuda_supports_layout(p)) {
-      kc = k_cache.contiguous();
-      vc = v_cache.contiguous();
+      kc = dense_aligned_copy(k_cache);
+      vc = dense_aligned_copy(v_cache);
       set_caches(kc, vc);
     }
     FA_CHECK_ARG(decode_cuda_supports_layout(p), "fastattn.decode_attention: shape too large for the CUDA grid (B = ",

@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
     if (!flash_fwd_cuda_supports_layout(p)) {
       // Unaligned base pointers or strides that are not multiples of 8 elements (e.g. a
       // sliced view): the kernel's 16-byte copies need aligned rows, so hand it dense copies.
-      const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+      const at::Tensor qc = dense_aligned_copy(q), kc = dense_aligned_copy(k), vc = dense_aligned_copy(v);
       p = make_params(qc, kc, vc, out, lse, softmax_scale, window_left, window_right);
       FA_CHECK_ARG(flash_fwd_cuda_supports_layout(p),
                    "fastattn.flash_attention: problem size outside the CUDA kernel's limits "

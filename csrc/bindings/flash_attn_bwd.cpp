@@ -70,7 +70,7 @@ void check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
 at::Tensor cuda_layout(const at::Tensor& t) {
   const bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
                   t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
-  return ok ? t : t.contiguous();
+  return ok ? t : dense_aligned_copy(t);
 }
 #endif
 
