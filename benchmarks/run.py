@@ -37,7 +37,7 @@ def print_table(results: dict, file=sys.stdout) -> None:
     if copy:
         print(f"copy bandwidth: {copy.get('copy_gbps', 0):.1f} GB/s (copy_ into a preallocated tensor); "
               f"clone {copy.get('clone_gbps', 0):.1f} GB/s", file=file)
-    header = f"{'op':<22} {'shape':<26} {'dtype':<9} {'impl':<24} {'time':>10} {'throughput':>14} {'% copy':>7}"
+    header = f"{'op':<26} {'shape':<26} {'dtype':<9} {'impl':<24} {'time':>10} {'throughput':>14} {'% copy':>7}"
     print(header, file=file)
     print("-" * len(header), file=file)
     for r in sorted(rows_of(results), key=lambda r: (r["op"], r["shape"], r["dtype"], r["impl"])):
@@ -52,7 +52,7 @@ def print_table(results: dict, file=sys.stdout) -> None:
         pct = f"{r['pct_of_copy']:.0f}%" if "pct_of_copy" in r else ""
         t = r["median_s"]
         ts = f"{t * 1e3:.3f} ms" if t < 1 else f"{t:.3f} s"
-        print(f"{r['op']:<22} {r['shape']:<26} {r['dtype']:<9} {r['impl']:<24} {ts:>10} {thr:>14} {pct:>7}", file=file)
+        print(f"{r['op']:<26} {r['shape']:<26} {r['dtype']:<9} {r['impl']:<24} {ts:>10} {thr:>14} {pct:>7}", file=file)
 
 
 def plot(results: dict, path: str) -> None:
