@@ -74,6 +74,14 @@ inline void check_device_supported(const at::Tensor& t, const char* name) {
 #endif
 }
 
+// The (batch, row, head) strides of a 4-D (B, S, H, D) tensor, in elements, into the params
+// fields `<name>_batch_stride`, `<name>_row_stride`, `<name>_head_stride`.
+inline void set_strides(const at::Tensor& t, int64_t* batch, int64_t* row, int64_t* head) {
+  *batch = t.stride(0);
+  *row = t.stride(1);
+  *head = t.stride(2);
+}
+
 // View t as (rows, n) with stride 1 along n and one row stride, copying only when the
 // leading dims cannot be flattened into a single stride.
 inline at::Tensor as_rows(const at::Tensor& t, int64_t n) {

@@ -120,12 +120,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
   auto set_caches = [&p](const at::Tensor& kc, const at::Tensor& vc) {
     p.k_cache = kc.data_ptr();
     p.v_cache = vc.data_ptr();
-    p.k_batch_stride = kc.stride(0);
-    p.k_row_stride = kc.stride(1);
-    p.k_head_stride = kc.stride(2);
-    p.v_batch_stride = vc.stride(0);
-    p.v_row_stride = vc.stride(1);
-    p.v_head_stride = vc.stride(2);
+    set_strides(kc, &p.k_batch_stride, &p.k_row_stride, &p.k_head_stride);
+    set_strides(vc, &p.v_batch_stride, &p.v_row_stride, &p.v_head_stride);
   };
   set_caches(k_cache, v_cache);
 
@@ -209,18 +205,10 @@ void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.cache_seqlens = seqlens.data_ptr<int32_t>();
-  p.k_cache_batch_stride = k_cache.stride(0);
-  p.k_cache_row_stride = k_cache.stride(1);
-  p.k_cache_head_stride = k_cache.stride(2);
-  p.v_cache_batch_stride = v_cache.stride(0);
-  p.v_cache_row_stride = v_cache.stride(1);
-  p.v_cache_head_stride = v_cache.stride(2);
-  p.k_batch_stride = k.stride(0);
-  p.k_row_stride = k.stride(1);
-  p.k_head_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0);
-  p.v_row_stride = v.stride(1);
-  p.v_head_stride = v.stride(2);
+  set_strides(k_cache, &p.k_cache_batch_stride, &p.k_cache_row_stride, &p.k_cache_head_stride);
+  set_strides(v_cache, &p.v_cache_batch_stride, &p.v_cache_row_stride, &p.v_cache_head_stride);
+  set_strides(k, &p.k_batch_stride, &p.k_row_stride, &p.k_head_stride);
+  set_strides(v, &p.v_batch_stride, &p.v_row_stride, &p.v_head_stride);
   p.b = b;
   p.seqlen_new = sn;
   p.seqlen_k_max = s_max;

@@ -74,12 +74,6 @@ at::Tensor cuda_layout(const at::Tensor& t) {
 }
 #endif
 
-void set_strides(const at::Tensor& t, int64_t* batch, int64_t* row, int64_t* head) {
-  *batch = t.stride(0);
-  *row = t.stride(1);
-  *head = t.stride(2);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(

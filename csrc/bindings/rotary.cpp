@@ -110,12 +110,8 @@ RotaryParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Ten
   RotaryParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
-  p.q_batch_stride = q.stride(0);
-  p.q_row_stride = q.stride(1);
-  p.q_head_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0);
-  p.k_row_stride = k.stride(1);
-  p.k_head_stride = k.stride(2);
+  set_strides(q, &p.q_batch_stride, &p.q_row_stride, &p.q_head_stride);
+  set_strides(k, &p.k_batch_stride, &p.k_row_stride, &p.k_head_stride);
   p.cos = cos_c.data_ptr<float>();
   p.sin = sin_c.data_ptr<float>();
   p.max_pos = cos_c.size(0);
@@ -176,12 +172,8 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
   RotaryParams p = make_params(q, k, in.cos, in.sin, in.positions, interleaved, conjugate);
   p.q_out = q_out.data_ptr();
   p.k_out = k_out.data_ptr();
-  p.q_out_batch_stride = q_out.stride(0);
-  p.q_out_row_stride = q_out.stride(1);
-  p.q_out_head_stride = q_out.stride(2);
-  p.k_out_batch_stride = k_out.stride(0);
-  p.k_out_row_stride = k_out.stride(1);
-  p.k_out_head_stride = k_out.stride(2);
+  set_strides(q_out, &p.q_out_batch_stride, &p.q_out_row_stride, &p.q_out_head_stride);
+  set_strides(k_out, &p.k_out_batch_stride, &p.k_out_row_stride, &p.k_out_head_stride);
   launch(p, q);
   return {q_out, k_out};
 }
