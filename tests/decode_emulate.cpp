@@ -13,26 +13,15 @@
 //   * __half / __nv_bfloat16: 16-bit storage, round-to-nearest-even conversions.
 // Shared memory is filled with NaN bytes at every block start: reading anything the block
 // did not write poisons the result. The grid comes from decode_grid(), as in decode.cu.
-#include <ucontext.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
-#include <vector>
 
 #define FASTATTN_DECODE_EMULATE 1
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
+#include "fiber_emulate.h"  // fibers, barriers, shuffles, the cp.async queues
 
-struct dim3_ {
-  unsigned x = 0, y = 0, z = 0;
-};
 struct uint4 {
   uint32_t x, y, z, w;
 };
@@ -94,170 +83,33 @@ template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 
 namespace emu {
 
-struct Copy {
-  uint32_t dst;
-  const void* src;
-  bool pred;
-};
-
-struct Fiber {
-  ucontext_t ctx;
-  std::vector<char> stack;
-  bool done = false;
-  std::vector<Copy> open;                  // issued since the last commit
-  std::vector<std::vector<Copy>> groups;   // committed, not yet retired (late mode)
-};
-
-inline int g_mode = 0;
-
-struct Warp {
-  int count = 0;
-  long gen = 0;
-  uint32_t slot[32];
-};
-
-struct Block {
-  dim3_ block_idx, grid_dim, block_dim;
-  int nthreads = 0;
-  std::vector<Fiber> fibers;
-  int cur = -1;
-  ucontext_t sched;
-  int bar_count = 0;
-  long bar_gen = 0;
-  Warp warps[32];
-  std::vector<unsigned char> smem;
-  const std::function<void()>* body = nullptr;
-};
-
-inline Block* g_block = nullptr;
 inline const char* g_error = nullptr;
 
-inline void fail(const char* what) {
+// Errors are recorded (the first one wins) and the entry point returns 1 after printing it.
+void fail(const char* what) {
   if (!g_error) g_error = what;
-}
-inline void yield() { swapcontext(&g_block->fibers[g_block->cur].ctx, &g_block->sched); }
-inline int tid() { return g_block->cur; }
-inline int lane() { return tid() % 32; }
-
-inline void block_barrier() {
-  Block& b = *g_block;
-  const long gen = b.bar_gen;
-  if (++b.bar_count == b.nthreads) {
-    b.bar_count = 0;
-    ++b.bar_gen;
-    return;
-  }
-  while (b.bar_gen == gen) yield();
-}
-inline void warp_barrier() {
-  Warp& w = g_block->warps[tid() / 32];
-  const long gen = w.gen;
-  if (++w.count == 32) {
-    w.count = 0;
-    ++w.gen;
-    return;
-  }
-  while (w.gen == gen) yield();
-}
-
-inline void do_copy(const Copy& c) {
-  if (c.pred)
-    std::memcpy(g_block->smem.data() + c.dst, c.src, 16);
-  else
-    std::memset(g_block->smem.data() + c.dst, 0, 16);
-}
-
-inline void trampoline() {
-  (*g_block->body)();
-  Fiber& f = g_block->fibers[g_block->cur];
-  if (!f.open.empty() || !f.groups.empty()) fail("thread exited with cp.async copies never waited for");
-  f.done = true;
-}
-
-// Run `body` on grid[0] x grid[1] x grid[2] blocks of `threads` fibers, block after block.
-inline void launch(const int64_t (&grid)[3], int threads, size_t smem_bytes, const std::function<void()>& body) {
-  static std::vector<std::vector<char>> stacks;
-  for (int64_t z = 0; z < grid[2]; ++z)
-    for (int64_t y = 0; y < grid[1]; ++y)
-      for (int64_t x = 0; x < grid[0]; ++x) {
-        Block b;
-        b.block_idx = {unsigned(x), unsigned(y), unsigned(z)};
-        b.grid_dim = {unsigned(grid[0]), unsigned(grid[1]), unsigned(grid[2])};
-        b.block_dim = {unsigned(threads), 1, 1};
-        b.nthreads = threads;
-        b.smem.assign(smem_bytes + 16, 0xff);  // NaN poison
-        b.body = &body;
-        b.fibers.resize(threads);
-        g_block = &b;
-        if (int(stacks.size()) < threads) stacks.resize(threads);
-        for (int t = 0; t < threads; ++t) {
-          Fiber& f = b.fibers[t];
-          if (stacks[t].empty()) stacks[t].resize(256 * 1024);
-          f.stack.swap(stacks[t]);
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack.data();
-          f.ctx.uc_stack.ss_size = f.stack.size();
-          f.ctx.uc_link = &b.sched;
-          makecontext(&f.ctx, trampoline, 0);
-        }
-        for (bool any = true; any;) {
-          any = false;
-          for (int i = 0; i < threads; ++i) {
-            const int t = (g_mode & 2) ? threads - 1 - i : i;
-            if (b.fibers[t].done) continue;
-            any = true;
-            b.cur = t;
-            swapcontext(&b.sched, &b.fibers[t].ctx);
-          }
-        }
-        for (int t = 0; t < threads; ++t) stacks[t].swap(b.fibers[t].stack);
-        if (b.bar_count != 0) fail("block ended inside a barrier");
-        g_block = nullptr;
-      }
 }
 
 }  // namespace emu
 
-#define threadIdx (dim3_{static_cast<unsigned>(::emu::tid()), 0, 0})
-#define blockIdx (::emu::g_block->block_idx)
-#define gridDim (::emu::g_block->grid_dim)
-#define blockDim (::emu::g_block->block_dim)
-#define FASTATTN_DECODE_SMEM(name) unsigned char* name = ::emu::g_block->smem.data()
+#define FASTATTN_DECODE_SMEM(name) unsigned char* name = ::emu::smem_base()
 
-inline void __syncthreads() { emu::block_barrier(); }
-inline void __syncwarp() { emu::warp_barrier(); }
-inline float __shfl_xor_sync(unsigned /*mask*/, float v, int off) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  emu::g_block->warps[emu::tid() / 32].slot[emu::lane()] = u;
-  emu::warp_barrier();
-  const uint32_t r = emu::g_block->warps[emu::tid() / 32].slot[emu::lane() ^ off];
-  emu::warp_barrier();
-  float out;
-  std::memcpy(&out, &r, 4);
-  return out;
-}
-
-inline uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::g_block->smem.data());
-}
+inline uint32_t smem_u32(const void* p) { return emu::smem_offset(p); }
 inline void cp_async16(uint32_t dst, const void* src, bool pred) {
   if (dst % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) emu::fail("misaligned cp.async");
   if (dst + 16 > emu::g_block->smem.size() - 16) emu::fail("cp.async past the shared memory");
-  const emu::Copy c{dst, src, pred};
-  if (emu::g_mode & 1)
-    emu::g_block->fibers[emu::tid()].open.push_back(c);
-  else
-    emu::do_copy(c);
+  emu::queue_copy(emu::Copy{dst, src, 16, pred});
 }
+// commit / wait_group: a commit closes the open group; a wait retires (performs, in late
+// mode) the oldest committed groups until at most kPending remain.
 inline void cp_async_commit() {
-  emu::Fiber& f = emu::g_block->fibers[emu::tid()];
+  emu::Fiber& f = emu::my_fiber();
   f.groups.push_back(std::move(f.open));
   f.open.clear();
 }
 template <int kPending>
 inline void cp_async_wait() {
-  emu::Fiber& f = emu::g_block->fibers[emu::tid()];
+  emu::Fiber& f = emu::my_fiber();
   while (int(f.groups.size()) > kPending) {
     for (const auto& c : f.groups.front()) emu::do_copy(c);
     f.groups.erase(f.groups.begin());
@@ -271,6 +123,8 @@ using namespace fastattn::decode_kernels;
 namespace decode = fastattn::decode;
 
 namespace {
+
+constexpr std::size_t kStackBytes = 256 * 1024;  // per fiber
 
 template <typename T, int kD>
 void run_decode(const DecodeParams& p) {
@@ -291,6 +145,7 @@ void run_decode(const DecodeParams& p) {
 // Returns 0, or 1 with the first emulation error printed.
 extern "C" int decode_emulate(void** ptrs, const int64_t* ints, float softmax_scale, int mode) {
   emu::g_mode = mode;
+  emu::g_stack_bytes = kStackBytes;
   emu::g_error = nullptr;
   DecodeParams p;
   p.q = ptrs[0], p.k_cache = ptrs[1], p.v_cache = ptrs[2];
@@ -323,6 +178,7 @@ extern "C" int decode_emulate(void** ptrs, const int64_t* ints, float softmax_sc
 // element bytes, vector copies (0/1), blocks. Runs append_kv_kernel with 256 threads.
 extern "C" int append_kv_emulate(void** ptrs, const int64_t* ints) {
   emu::g_mode = 0;
+  emu::g_stack_bytes = kStackBytes;
   emu::g_error = nullptr;
   AppendKvParams p;
   p.k_cache = ptrs[0], p.v_cache = ptrs[1], p.k = ptrs[2], p.v = ptrs[3];

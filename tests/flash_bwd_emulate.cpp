@@ -17,28 +17,18 @@
 // and DIR/{q,k,v,out,dout}.bin (16-bit, contiguous (b, s, heads, d)), DIR/lse.bin (fp32,
 // (b, h, sq)). Tensors are copied into buffers whose head stride is d + pad (strided
 // inputs and outputs). Writes DIR/{dq,dk,dv}.f32 (contiguous) and prints "ok".
-#include <ucontext.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <string>
 #include <vector>
 
 // ---- CUDA surface used by the kernels ------------------------------------------------------
 #define FASTATTN_BWD_EMULATE 1
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
+#include "fiber_emulate.h"  // fibers, barriers, shuffles, the cp.async queues
 
-struct dim3_ {
-  unsigned x = 0, y = 0, z = 0;
-};
 struct uint4 {
   uint32_t x, y, z, w;
 };
@@ -84,191 +74,40 @@ inline uint16_t f32_to_bf16_bits(float x) {
 
 namespace emu {
 
-struct Copy {
-  uint32_t dst;
-  const void* src;
-  int bytes;
-  bool pred;
-};
-
-struct Fiber {
-  ucontext_t ctx;
-  std::vector<char> stack;
-  bool done = false;
-  std::vector<Copy> pending;  // cp.async issued but not yet performed (late mode)
-};
-
-// FASTATTN_EMU_MODE bit 0: perform cp.async copies at cp.async.wait_group (latest legal
-// moment; catches reads that do not wait) instead of at issue (earliest; catches writes into
-// a buffer other warps still read). Bit 1: schedule the fibers of a block in reverse order.
-inline int mode() {
-  static const int m = [] {
-    const char* e = std::getenv("FASTATTN_EMU_MODE");
-    return e ? std::atoi(e) : 0;
-  }();
-  return m;
+// Any emulation error ends the run: the test sees a non-zero exit and the message.
+void fail(const char* what) {
+  std::fprintf(stderr, "%s\n", what);
+  std::exit(1);
 }
 
-struct Warp {
-  int count = 0;
-  long gen = 0;
-  uint32_t slot[32][12];
-};
-
-struct Block {
-  dim3_ block_idx, grid_dim, block_dim;
-  int nthreads = 0;
-  std::vector<Fiber> fibers;
-  int cur = -1;
-  ucontext_t sched;
-  int bar_count = 0;
-  long bar_gen = 0;
-  Warp warps[32];
-  std::vector<unsigned char> smem;
-  const std::function<void()>* body = nullptr;
-};
-
-inline Block* g_block = nullptr;
-
-inline void yield() {
-  Block& b = *g_block;
-  swapcontext(&b.fibers[b.cur].ctx, &b.sched);
+// FASTATTN_EMU_MODE, read once: emu::g_mode (fiber_emulate.h) — bit 0 performs cp.async
+// copies at cp.async.wait_group (latest legal moment; catches reads that do not wait) instead
+// of at issue (earliest; catches writes into a buffer other warps still read), bit 1
+// schedules the fibers of a block in reverse order.
+inline int mode_from_env() {
+  const char* e = std::getenv("FASTATTN_EMU_MODE");
+  return e ? std::atoi(e) : 0;
 }
-inline int tid() { return g_block->cur; }
-inline int lane() { return tid() % 32; }
-
-inline void block_barrier() {
-  Block& b = *g_block;
-  const long gen = b.bar_gen;
-  if (++b.bar_count == b.nthreads) {
-    b.bar_count = 0;
-    ++b.bar_gen;
-    return;
-  }
-  while (b.bar_gen == gen) yield();
-}
-inline void warp_barrier() {
-  Warp& w = g_block->warps[tid() / 32];
-  const long gen = w.gen;
-  if (++w.count == 32) {
-    w.count = 0;
-    ++w.gen;
-    return;
-  }
-  while (w.gen == gen) yield();
-}
-inline uint32_t (&my_slot())[12] { return g_block->warps[tid() / 32].slot[lane()]; }
-inline const uint32_t (&slot_of(int l))[12] { return g_block->warps[tid() / 32].slot[l]; }
-
-inline void trampoline() {
-  (*g_block->body)();
-  if (!g_block->fibers[g_block->cur].pending.empty()) {
-    std::fprintf(stderr, "thread exited with cp.async copies never waited for\n");
-    std::exit(1);
-  }
-  g_block->fibers[g_block->cur].done = true;
-}
-
-// Run `body` as grid x threads fibers, block after block.
-inline void launch(const int64_t (&grid)[3], int threads, int smem_bytes,
-                   const std::function<void()>& body) {
-  for (int64_t z = 0; z < grid[2]; ++z)
-    for (int64_t y = 0; y < grid[1]; ++y)
-      for (int64_t x = 0; x < grid[0]; ++x) {
-        Block b;
-        b.block_idx = {static_cast<unsigned>(x), static_cast<unsigned>(y),
-                       static_cast<unsigned>(z)};
-        b.grid_dim = {static_cast<unsigned>(grid[0]), static_cast<unsigned>(grid[1]),
-                      static_cast<unsigned>(grid[2])};
-        b.block_dim = {static_cast<unsigned>(threads), 1, 1};
-        b.nthreads = threads;
-        b.smem.assign(static_cast<size_t>(smem_bytes) + 16, 0xff);  // NaN poison
-        b.body = &body;
-        b.fibers.resize(threads);
-        g_block = &b;
-        static std::vector<std::vector<char>> stacks;  // reused across blocks
-        if (static_cast<int>(stacks.size()) < threads) stacks.resize(threads);
-        for (int t = 0; t < threads; ++t) {
-          Fiber& f = b.fibers[t];
-          if (stacks[t].empty()) stacks[t].resize(128 * 1024);
-          f.stack.swap(stacks[t]);
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack.data();
-          f.ctx.uc_stack.ss_size = f.stack.size();
-          f.ctx.uc_link = &b.sched;
-          makecontext(&f.ctx, trampoline, 0);
-        }
-        for (bool any = true; any;) {
-          any = false;
-          for (int i = 0; i < threads; ++i) {
-            const int t = mode() & 2 ? threads - 1 - i : i;
-            if (b.fibers[t].done) continue;
-            any = true;
-            b.cur = t;
-            swapcontext(&b.sched, &b.fibers[t].ctx);
-          }
-        }
-        for (int t = 0; t < threads; ++t) stacks[t].swap(b.fibers[t].stack);
-        if (b.bar_count != 0) {
-          std::fprintf(stderr, "block ended inside a barrier\n");
-          std::exit(1);
-        }
-        g_block = nullptr;
-      }
-}
-
-inline unsigned char* smem_base() { return g_block->smem.data(); }
 
 }  // namespace emu
 
-#define threadIdx (dim3_{static_cast<unsigned>(::emu::tid()), 0, 0})
-#define blockIdx (::emu::g_block->block_idx)
-#define gridDim (::emu::g_block->grid_dim)
-#define blockDim (::emu::g_block->block_dim)
 #define FASTATTN_BWD_SMEM(name) unsigned char* name = ::emu::smem_base()
-
-inline void __syncthreads() { emu::block_barrier(); }
-
-inline float __shfl_xor_sync(unsigned /*mask*/, float v, int off) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  emu::my_slot()[0] = u;
-  emu::warp_barrier();
-  const uint32_t r = emu::slot_of(emu::lane() ^ off)[0];
-  emu::warp_barrier();
-  float out;
-  std::memcpy(&out, &r, 4);
-  return out;
-}
 
 // ---- PTX instructions (semantics from the PTX ISA) ------------------------------------------
 
-inline uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::smem_base());
-}
-inline void do_copy(const emu::Copy& c) {
-  if (c.pred)
-    std::memcpy(emu::smem_base() + c.dst, c.src, c.bytes);
-  else
-    std::memset(emu::smem_base() + c.dst, 0, c.bytes);
-}
+inline uint32_t smem_addr(const void* p) { return emu::smem_offset(p); }
 inline void cp_async(uint32_t dst, const void* src, int bytes, bool pred) {
-  if (dst % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) {
-    std::fprintf(stderr, "misaligned cp.async\n");
-    std::exit(1);
-  }
-  const emu::Copy c{dst, src, bytes, pred};
-  if (emu::mode() & 1)
-    emu::g_block->fibers[emu::tid()].pending.push_back(c);
-  else
-    do_copy(c);
+  if (dst % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) emu::fail("misaligned cp.async");
+  emu::queue_copy(emu::Copy{dst, src, bytes, pred});
 }
 inline void cp_async16(uint32_t dst, const void* src, bool pred) { cp_async(dst, src, 16, pred); }
 inline void cp_async4(uint32_t dst, const void* src, bool pred) { cp_async(dst, src, 4, pred); }
+// The kernels only ever wait for everything, so groups are not tracked: every copy stays on
+// the open list until cp_async_wait_all performs it.
 inline void cp_async_commit() {}
 inline void cp_async_wait_all() {
-  auto& q = emu::g_block->fibers[emu::tid()].pending;
-  for (const auto& c : q) do_copy(c);
+  auto& q = emu::my_fiber().open;
+  for (const auto& c : q) emu::do_copy(c);
   q.clear();
 }
 
@@ -281,10 +120,7 @@ inline uint16_t smem_u16(uint32_t byte_addr) {
 // ldmatrix.x4: lane 8i + r gives the address of row r of matrix i. Without .trans lane l gets
 // M_i[l/4][2(l%4)], M_i[l/4][2(l%4)+1]; with .trans M_i[2(l%4)][l/4], M_i[2(l%4)+1][l/4].
 inline void ldsm_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
-  if (addr % 16 != 0) {
-    std::fprintf(stderr, "ldmatrix row address not 16-byte aligned\n");
-    std::exit(1);
-  }
+  if (addr % 16 != 0) emu::fail("ldmatrix row address not 16-byte aligned");
   emu::my_slot()[0] = addr;
   emu::warp_barrier();
   const int l = emu::lane(), g = l / 4, t = l % 4;
@@ -422,6 +258,8 @@ static void run_all(const BwdArgs& args) {
 
 int main(int argc, char** argv) {
   if (argc != 2) return 2;
+  emu::g_mode = emu::mode_from_env();
+  emu::g_stack_bytes = 128 * 1024;
   const std::string dir = argv[1];
   char dt[8];
   long long d, b, sq, sk, h, hk, wl, wr, causal, use_ws, pad;
