@@ -22,27 +22,16 @@
 
 #include "fastattn/params.h"
 #include "fastattn/static_switch.h"
+#include "float_convert.cuh"
 
 namespace fastattn {
 namespace rotary_detail {
 
 constexpr int kBlockThreads = 128;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <typename T, int kN>
-struct alignas(sizeof(T) * kN) Pack {
-  T v[kN];
-};
+using cuda_convert::from_float;
+using cuda_convert::Pack;
+using cuda_convert::to_float;
 
 // kN consecutive elements as loaded. The vector path keeps them in their storage type (a
 // 16-byte vector is 4 registers), so loads for several heads can be in flight before any
