@@ -59,36 +59,23 @@ inline void rotate_pairs(const float* in, float* out, const float* c, const floa
 }
 
 // bf16 rows rotated straight from input to output: the widening is a shift and the
-// narrowing (round to nearest even, NaN kept quiet) is integer arithmetic, all of which the
-// compiler vectorises inside the same loop, so no staging buffer is needed.
-inline float bf16_bits_to_float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint16_t float_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7fffffffu) > 0x7f800000u ? static_cast<uint16_t>(0x7fc0u) : static_cast<uint16_t>(rounded);
-}
-
+// narrowing (round to nearest even, NaN kept quiet; cpu_types.h) is integer arithmetic, all
+// of which the compiler vectorises inside the same loop, so no staging buffer is needed.
 inline void rotate_halves_bf16(const uint16_t* in, uint16_t* out, const float* c, const float* s, int64_t half) {
 #pragma omp simd
   for (int64_t i = 0; i < half; ++i) {
-    const float x1 = bf16_bits_to_float(in[i]), x2 = bf16_bits_to_float(in[i + half]);
-    out[i] = float_to_bf16_bits(x1 * c[i] - x2 * s[i]);
-    out[i + half] = float_to_bf16_bits(x2 * c[i] + x1 * s[i]);
+    const float x1 = cpu::bf16_to_float(in[i]), x2 = cpu::bf16_to_float(in[i + half]);
+    out[i] = cpu::float_to_bf16(x1 * c[i] - x2 * s[i]);
+    out[i + half] = cpu::float_to_bf16(x2 * c[i] + x1 * s[i]);
   }
 }
 
 inline void rotate_pairs_bf16(const uint16_t* in, uint16_t* out, const float* c, const float* s, int64_t half) {
 #pragma omp simd
   for (int64_t i = 0; i < half; ++i) {
-    const float x1 = bf16_bits_to_float(in[2 * i]), x2 = bf16_bits_to_float(in[2 * i + 1]);
-    out[2 * i] = float_to_bf16_bits(x1 * c[i] - x2 * s[i]);
-    out[2 * i + 1] = float_to_bf16_bits(x2 * c[i] + x1 * s[i]);
+    const float x1 = cpu::bf16_to_float(in[2 * i]), x2 = cpu::bf16_to_float(in[2 * i + 1]);
+    out[2 * i] = cpu::float_to_bf16(x1 * c[i] - x2 * s[i]);
+    out[2 * i + 1] = cpu::float_to_bf16(x2 * c[i] + x1 * s[i]);
   }
 }
 
