@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "fastattn/api.h"
+#include "flash_params.h"
 #include "ops.h"
 
 namespace fastattn {
@@ -59,33 +60,6 @@ void check_flash_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
   FA_CHECK_ARG(softmax_scale == softmax_scale, "fastattn.flash_attention: softmax_scale must not be NaN");
 }
 
-FlashFwdParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
-                           int64_t window_left, int64_t window_right) {
-  FlashFwdParams p;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  set_strides(q, &p.q_batch_stride, &p.q_row_stride, &p.q_head_stride);
-  set_strides(k, &p.k_batch_stride, &p.k_row_stride, &p.k_head_stride);
-  set_strides(v, &p.v_batch_stride, &p.v_row_stride, &p.v_head_stride);
-  set_strides(out, &p.out_batch_stride, &p.out_row_stride, &p.out_head_stride);
-  p.b = q.size(0);
-  p.seqlen_q = q.size(1);
-  p.seqlen_k = k.size(1);
-  p.h = q.size(2);
-  p.h_k = k.size(2);
-  p.d = q.size(3);
-  p.softmax_scale = static_cast<float>(softmax_scale);
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.is_causal = window_left < 0 && window_right == 0;
-  p.dtype = to_dtype(q.scalar_type());
-  return p;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k,
@@ -105,12 +79,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
   if (q.is_cuda()) {
 #ifdef FASTATTN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
-    FlashFwdParams p = make_params(q, k, v, out, lse, softmax_scale, window_left, window_right);
+    FlashFwdParams p = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right);
     if (!flash_fwd_cuda_supports_layout(p)) {
       // Unaligned base pointers or strides that are not multiples of 8 elements (e.g. a
       // sliced view): the kernel's 16-byte copies need aligned rows, so hand it dense copies.
       const at::Tensor qc = dense_aligned_copy(q), kc = dense_aligned_copy(k), vc = dense_aligned_copy(v);
-      p = make_params(qc, kc, vc, out, lse, softmax_scale, window_left, window_right);
+      p = flash_fwd_params(qc, kc, vc, out, lse, softmax_scale, window_left, window_right);
       FA_CHECK_ARG(flash_fwd_cuda_supports_layout(p),
                    "fastattn.flash_attention: problem size outside the CUDA kernel's limits "
                    "(seqlens <= 2^28, batch and heads <= 65535)");
@@ -120,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
     FA_CUDA_CHECK_LAUNCH(flash_fwd_cuda(p, current_stream(q)), "flash_attn forward");
 #endif
   } else {
-    const FlashFwdParams p = make_params(q, k, v, out, lse, softmax_scale, window_left, window_right);
+    const FlashFwdParams p = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right);
     flash_fwd_cpu(p);
   }
   return {out, lse};

@@ -2,6 +2,7 @@
 // scratch allocation (delta, and the CUDA kernels' workspace) and device dispatch.
 #include "common.h"
 #include "fastattn/api.h"
+#include "flash_params.h"
 #include "ops.h"
 
 namespace fastattn {
@@ -84,8 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   at::Tensor dq = empty_output(q_in.sizes(), q_in.options());
   at::Tensor dk = empty_output(k_in.sizes(), k_in.options());
   at::Tensor dv = empty_output(v_in.sizes(), v_in.options());
-  const int64_t b = q_in.size(0), sq = q_in.size(1), h = q_in.size(2), d = q_in.size(3);
-  const int64_t sk = k_in.size(1), hk = k_in.size(2);
+  const int64_t b = q_in.size(0), sq = q_in.size(1), h = q_in.size(2), sk = k_in.size(1);
   if (b == 0 || h == 0 || sq == 0 || sk == 0) {  // nothing attends: every gradient is 0
     dq.zero_();
     dk.zero_();
@@ -107,27 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   at::Tensor delta = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
 
   FlashBwdParams p;
-  FlashFwdParams& f = p.fwd;
-  f.q = q.data_ptr();
-  f.k = k.data_ptr();
-  f.v = v.data_ptr();
-  f.out = out.data_ptr();
-  f.lse = lse.data_ptr<float>();
-  set_strides(q, &f.q_batch_stride, &f.q_row_stride, &f.q_head_stride);
-  set_strides(k, &f.k_batch_stride, &f.k_row_stride, &f.k_head_stride);
-  set_strides(v, &f.v_batch_stride, &f.v_row_stride, &f.v_head_stride);
-  set_strides(out, &f.out_batch_stride, &f.out_row_stride, &f.out_head_stride);
-  f.b = b;
-  f.seqlen_q = sq;
-  f.seqlen_k = sk;
-  f.h = h;
-  f.h_k = hk;
-  f.d = d;
-  f.softmax_scale = static_cast<float>(softmax_scale);
-  f.window_left = window_left;
-  f.window_right = window_right;
-  f.is_causal = window_left == -1 && window_right == 0;
-  f.dtype = to_dtype(q.scalar_type());
+  p.fwd = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right);
   p.dout = dout.data_ptr();
   set_strides(dout, &p.dout_batch_stride, &p.dout_row_stride, &p.dout_head_stride);
   p.dq = dq.data_ptr();
