@@ -3,6 +3,9 @@ torch.compile alike (the C++ bindings check again for direct torch.ops callers),
 message names the argument and what was expected."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -38,3 +41,17 @@ def check_same_dtype(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
 def check_last_dim_contiguous(t: Tensor, name: str) -> None:
     if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+
+
+def check_softmax_scale(scale, name: str = "softmax_scale"):
+    """None (the caller's default) or a finite real number, returned as a Python float.
+    Tensors, strings, complex numbers, bools, NaN and +-inf are refused by name: a NaN
+    scale would silently turn every output into NaN."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be a real number (float) or None, got {type(scale).__name__}: {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{name} must be finite, got {scale}")
+    return scale
