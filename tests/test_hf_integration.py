@@ -158,3 +158,127 @@ def test_fastattn_attention_low_precision(models, device):
     ids = ids_of(2, 40).to(device)
     with torch.no_grad():
         assert_error_ratio(mine(ids).logits.float(), low(ids).logits.float(), truth(ids).logits, "logits", atol=1e-2)
+
+
+# ---- every mask/cache combination transformers produces, against attn_implementation="sdpa" ----
+# transformers passes attention_mask=None meaning SDPA's TOP-LEFT causal mask; prefill into an
+# empty static cache is such a call with Sk = the whole cache (unused zero rows at the end), the
+# path that compiled generation takes.
+def _arch_config(arch):
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    if arch == "llama-gqa":
+        return transformers.LlamaConfig(**base)
+    if arch == "llama-mqa":
+        return transformers.LlamaConfig(**{**base, "num_key_value_heads": 1})
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**base)
+    if arch == "phi3":
+        return transformers.Phi3Config(**base)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**base, head_dim=16)
+    if arch == "gemma":
+        return transformers.GemmaConfig(**base, head_dim=16)
+    if arch == "gemma3":  # sliding-window layers (their masks fall back to SDPA)
+        return transformers.Gemma3TextConfig(**base, head_dim=16, sliding_window=5)
+    if arch == "mistral-window":  # sliding window narrower than the prompts
+        return transformers.MistralConfig(**base, sliding_window=5)
+    raise AssertionError(arch)
+
+
+def _sdpa_and_fastattn(arch, patch):
+    fa_hf.register()
+    cfg = _arch_config(arch)
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    theirs.set_attn_implementation("sdpa")
+    mine = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg)).eval()  # its own config
+    mine.load_state_dict(theirs.state_dict())
+    mine.set_attn_implementation("fastattn")
+    if patch:
+        fa_hf.patch_model(mine)
+    return theirs, mine
+
+
+def _assert_logits_close(mine, theirs):
+    scale = theirs.abs().max().item()
+    assert (mine - theirs).abs().max().item() <= 1e-4 * max(scale, 1.0)
+
+
+ARCHS = ["llama-gqa", "llama-mqa", "qwen2", "phi3", "qwen3", "gemma", "gemma3"]
+
+
+@pytest.mark.parametrize("patch", [False, True], ids=["plain", "patched"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_cache_forward_and_generate_match_sdpa(arch, patch, monkeypatch):
+    from transformers import StaticCache
+
+    theirs, mine = _sdpa_and_fastattn(arch, patch)
+    spy = Spy(monkeypatch, "flash_attention")
+    ids = ids_of(2, 13)
+    with torch.no_grad():
+        logits = [m(ids, cache=StaticCache(config=m.config, max_cache_len=29), use_cache=True).logits
+                  for m in (theirs, mine)]
+    _assert_logits_close(logits[1], logits[0])
+    if arch != "gemma3":
+        assert len(spy.calls) == 2  # the prefill ran on the kernel, not on the fallback
+    kw = dict(max_new_tokens=8, do_sample=False, cache_implementation="static", pad_token_id=0,
+              eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    ref, out = theirs.generate(ids, **kw), mine.generate(ids, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    _assert_logits_close(torch.stack(out.logits), torch.stack(ref.logits))
+
+
+@pytest.mark.parametrize("arch", ARCHS + ["mistral-window"])
+def test_dynamic_cache_chunked_prefill_and_generate_match_sdpa(arch):
+    from transformers import DynamicCache
+
+    theirs, mine = _sdpa_and_fastattn(arch, patch=False)
+    ids = ids_of(2, 17)
+    with torch.no_grad():
+        results = []  # chunks of 7, then 1 and 9 queries after a filled cache
+        for m in (theirs, mine):
+            cache, chunks = DynamicCache(config=m.config), []
+            for a, b in ((0, 7), (7, 8), (8, 17)):
+                chunks.append(m(ids[:, a:b], cache=cache, use_cache=True).logits)
+            results.append(torch.cat(chunks, 1))
+    _assert_logits_close(results[1], results[0])
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(mine.generate(ids, **kw), theirs.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
+def test_static_cache_chunked_prefill_matches_sdpa(arch):
+    from transformers import StaticCache
+
+    theirs, mine = _sdpa_and_fastattn(arch, patch=False)
+    ids = ids_of(1, 19)
+    with torch.no_grad():
+        results = []
+        for m in (theirs, mine):
+            cache, chunks = StaticCache(config=m.config, max_cache_len=32), []
+            for a, b in ((0, 6), (6, 7), (7, 19)):
+                pos = torch.arange(a, b)
+                chunks.append(m(ids[:, a:b], cache=cache, use_cache=True, cache_position=pos).logits)
+            results.append(torch.cat(chunks, 1))
+    _assert_logits_close(results[1], results[0])
+
+
+def test_mask_free_call_is_top_left_causal():
+    """The attention function itself: no mask + Sk > Sq must not see keys j > i (SDPA's alignment)."""
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.randn(1, 4, 5, 16)
+    k, v = torch.randn(1, 2, 11, 16), torch.randn(1, 2, 11, 16)
+    out, _ = fa_hf.fastattn_attention_forward(module, q, k, v, None, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    one, _ = fa_hf.fastattn_attention_forward(module, q[:, :, :1], k, v, None, scaling=0.25)  # one query: all keys
+    ref1 = torch.nn.functional.scaled_dot_product_attention(q[:, :, :1], k, v, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(one, ref1.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    # fewer keys than queries (top-left: query i sees j <= i, every row sees key 0)
+    out2, _ = fa_hf.fastattn_attention_forward(module, q, k[:, :, :3], v[:, :, :3], None, scaling=0.25)
+    ref2 = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :3], v[:, :, :3], is_causal=True, scale=0.25,
+                                                            enable_gqa=True)
+    torch.testing.assert_close(out2, ref2.transpose(1, 2), atol=1e-5, rtol=1e-5)

@@ -8,13 +8,16 @@
 ``register()`` adds "fastattn" to transformers' ``AttentionInterface`` and to its
 ``AttentionMaskInterface`` (with transformers' own SDPA mask builder). Without the mask
 entry transformers would build no mask at all for an unknown implementation, silently
-dropping causality and padding. With it, the mask builder returns None exactly when the
-mask is plain causal (or, for one query token, full), and then the attention runs on
-``fastattn.flash_attention`` with bottom-right causal alignment, which is also right when
-a cache holds earlier tokens. Any real mask (padding, a static cache's unused tail, sliding
-windows, packed sequences) cannot be expressed by the flash kernel; those calls, and
-dropout in training, fall back to transformers' SDPA attention on the same mask, so results
-stay exact.
+dropping causality and padding. With it, the mask builder returns None exactly when SDPA's
+own ``is_causal`` computes the attention: a single query token (full attention over the keys),
+or causality with SDPA's TOP-LEFT alignment (query i sees keys j <= i) and no padding. That
+covers a plain forward, the first chunk of a dynamic cache, and prefill into an empty static
+cache, where the keys are the whole cache and rows j >= Sq are unused slots. Those calls run on
+``fastattn.flash_attention`` with that same alignment (the keys no query sees are dropped).
+Any real mask (padding, a filled cache with several new queries, sliding windows wider than
+the keys, packed sequences) is not expressible by the flash kernel; those calls, and dropout
+in training, soft-capping, attention sinks and position biases, fall back to transformers'
+SDPA attention on the same mask, so results stay exact.
 """
 from __future__ import annotations
 
@@ -87,11 +90,20 @@ def fastattn_attention_forward(
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
+    # attention_mask=None means what it means to SDPA (transformers' own sdpa_attention_forward):
+    # causal only for more than one query, and then TOP-LEFT aligned (query i sees keys j <= i).
+    # transformers relies on that alignment: prefill into an empty static cache passes no mask
+    # with Sk = the whole cache, whose rows j >= Sq are unused slots that no query may see.
+    Sq, Sk = query.shape[2], key.shape[2]
+    causal = bool(causal) and Sq > 1
     # (B, H, S, D) views of (B, S, H, D) projections: transposing back keeps the last dim contiguous.
-    out = fastattn.flash_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-        causal=bool(causal), softmax_scale=scaling,
-    )
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    window = (-1, -1)
+    if causal and Sk > Sq:
+        k, v = k[:, :Sq], v[:, :Sq]  # keys j >= Sq are seen by no query: a square causal problem
+    elif causal and Sk < Sq:
+        window = (-1, Sq - Sk)  # top-left j <= i is the bottom-right band with right = Sq - Sk
+    out = fastattn.flash_attention(q, k, v, causal=causal and Sk >= Sq, softmax_scale=scaling, window=window)
     return out, None  # (B, Sq, H, D), no attention weights
 
 
