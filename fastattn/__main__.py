@@ -2,7 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+
+ERRORS_EPILOG = """\
+errors: a bad argument, model folder or prompt is reported as one line,
+"fastattn: error: ...", on stderr, and exits with code 2 before any heavy work.
+An unexpected internal error prints one line with the exception type and message
+and exits with code 1; set FASTATTN_DEBUG=1 to get the full traceback instead.
+demo exits with code 1 when the two backends disagree."""
+
+
+class UsageError(Exception):
+    """A bad argument, model folder or prompt: main() prints it as one line, exit code 2."""
 
 
 def cmd_info(args=None) -> None:
@@ -32,6 +45,23 @@ def _best_device() -> str:
     import fastattn
 
     return "cuda" if torch.cuda.is_available() and fastattn.cuda_built() else "cpu"
+
+
+def _resolve_device(requested) -> str:
+    """--device, checked against this build and machine; None -> the best available."""
+    if requested is None:
+        return _best_device()
+    if requested == "cuda":
+        import torch
+
+        import fastattn
+
+        if not fastattn.cuda_built():
+            raise UsageError("--device cuda: this build of fastattn has no CUDA kernels (CPU-only build)")
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is visible to torch "
+                             f"(torch {torch.__version__}, CUDA runtime {torch.version.cuda or 'none'})")
+    return requested
 
 
 def _time(fn, device: str, iters: int = 10) -> float:
@@ -252,8 +282,8 @@ def cmd_demo(args) -> None:
     import time
 
     t0 = time.perf_counter()
+    device = _resolve_device(args.device)
     cmd_info()
-    device = args.device or _best_device()
     ok = demo_model(device)
     demo_ops(device)
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
@@ -262,9 +292,72 @@ def cmd_demo(args) -> None:
 
 
 # ---- generate from a local checkpoint -----------------------------------------------------
-def _load_tokenizer(model_dir: str):
-    import os
+# Every check on the folder, the prompt and the lengths runs before the weights are loaded.
+_CONFIG_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings")
 
+
+def _read_json(model_dir: str, name: str):
+    import json
+
+    try:
+        with open(os.path.join(model_dir, name)) as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UsageError(f"--model {model_dir}: {name} is not valid JSON ({e})")
+    except OSError as e:
+        raise UsageError(f"--model {model_dir}: cannot read {name}: {e.strerror or e}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _model_config(model_dir: str):
+    """The folder's config.json as a LlamaConfig, or a UsageError naming what is wrong."""
+    from fastattn.models import LlamaConfig
+
+    if not os.path.exists(model_dir):
+        raise UsageError(f"--model {model_dir}: no such folder")
+    if not os.path.isdir(model_dir):
+        raise UsageError(f"--model {model_dir}: not a folder (give the folder holding config.json and *.safetensors)")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise UsageError(f"--model {model_dir}: no config.json in this folder "
+                         "(expected a Hugging Face LLaMA-format checkpoint folder)")
+    hf = _read_json(model_dir, "config.json")
+    if not isinstance(hf, dict):
+        raise UsageError(f"--model {model_dir}: config.json must hold a JSON object, not {type(hf).__name__}")
+    for key in _CONFIG_SIZES:
+        value = hf.get(key)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise UsageError(f"--model {model_dir}: config.json: {key} must be a positive integer, got {value!r}")
+    try:
+        return LlamaConfig.from_hf(hf)
+    except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError) as e:
+        raise UsageError(f"--model {model_dir}: config.json: {_one_line(e)}")
+
+
+def _eos_ids(model_dir: str, config):
+    """eos_token_id from generation_config.json, else from config.json: None, an int or a list of ints."""
+    sources = []
+    if os.path.isfile(os.path.join(model_dir, "generation_config.json")):
+        gen = _read_json(model_dir, "generation_config.json")
+        if not isinstance(gen, dict):
+            raise UsageError(f"--model {model_dir}: generation_config.json must hold a JSON object, "
+                             f"not {type(gen).__name__}")
+        sources.append(("generation_config.json", gen.get("eos_token_id")))
+    sources.append(("config.json", config.eos_token_id))
+    for name, eos in sources:
+        if eos is None:
+            continue
+        if not (_is_int(eos) or (isinstance(eos, list) and all(_is_int(e) for e in eos))):
+            raise UsageError(f"--model {model_dir}: {name}: eos_token_id must be an integer or a list of "
+                             f"integers, got {eos!r}")
+        return eos
+    return None
+
+
+def _load_tokenizer(model_dir: str):
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(path):
         return None
@@ -274,20 +367,66 @@ def _load_tokenizer(model_dir: str):
         print("note: tokenizer.json found but the `tokenizers` package is not installed; "
               "give --prompt as token ids", file=sys.stderr)
         return None
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers package raises plain Exception on a malformed file
+        raise UsageError(f"--model {model_dir}: cannot read tokenizer.json: {_one_line(e)}")
 
 
-def _eos_of(model_dir: str, config):
-    import json
-    import os
+def _prompt_ids(args, tokenizer, config):
+    vocab = config.vocab_size
+    if tokenizer is not None:
+        ids = tokenizer.encode(args.prompt).ids
+        if not ids:
+            raise UsageError(f"--prompt {args.prompt!r}: encodes to no tokens with {args.model}/tokenizer.json")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise UsageError(f"--prompt: tokenizer.json gives token id {bad[0]}, outside this model's vocabulary "
+                             f"(vocab_size {vocab}): the tokenizer does not match the checkpoint")
+    else:
+        words = args.prompt.replace(",", " ").split()
+        if not words:
+            raise UsageError("--prompt: no tokens; give token ids like '1 2 3' (or text, with a tokenizer.json "
+                             "in the --model folder)")
+        ids = []
+        for w in words:
+            try:
+                ids.append(int(w))
+            except ValueError:
+                raise UsageError(f"--prompt: {w!r} is not a token id; without a tokenizer.json in {args.model}, "
+                                 "give the prompt as token ids, e.g. '1 2 3'")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise UsageError(f"--prompt: token id {bad[0]} is outside this model's vocabulary "
+                             f"(vocab_size {vocab}: ids 0 to {vocab - 1})")
+    limit = config.max_position_embeddings
+    if len(ids) >= limit:
+        raise UsageError(f"--prompt: {len(ids)} tokens, but the model's max_position_embeddings is {limit} "
+                         f"(a prompt may have at most {limit - 1} tokens)")
+    if len(ids) + args.max_new_tokens > limit:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: the {len(ids)}-token prompt plus "
+                         f"{args.max_new_tokens} new tokens exceed the model's max_position_embeddings {limit} "
+                         f"(use --max-new-tokens {limit - len(ids)} or fewer)")
+    return ids
 
-    path = os.path.join(model_dir, "generation_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
-        if eos is not None:
-            return eos
-    return config.eos_token_id
+
+def _load_model(args, dtype, device):
+    from fastattn.models import Llama
+
+    errors = (OSError, ValueError, RuntimeError, KeyError)
+    try:
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    except ImportError:
+        pass
+    try:
+        return Llama.from_pretrained(args.model, backend=args.backend, dtype=dtype, device=device).eval()
+    except errors as e:
+        msg = _one_line(e)
+        if msg.startswith("from_pretrained: "):
+            msg = msg[len("from_pretrained: "):]
+        raise UsageError(f"--model {args.model}: cannot load the checkpoint's *.safetensors weights: {msg}")
 
 
 def cmd_generate(args) -> None:
@@ -295,30 +434,19 @@ def cmd_generate(args) -> None:
 
     import torch
 
-    from fastattn.models import Llama
-
-    device = args.device or _best_device()
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    try:
-        model = Llama.from_pretrained(args.model, backend=args.backend, dtype=dtype, device=device).eval()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"generate: {e}")
+    device = _resolve_device(args.device)
+    config = _model_config(args.model)
+    eos = _eos_ids(args.model, config)
     tokenizer = _load_tokenizer(args.model)
-    if tokenizer is not None:
-        prompt_ids = tokenizer.encode(args.prompt).ids
-    else:
-        try:
-            prompt_ids = [int(t) for t in args.prompt.replace(",", " ").split()]
-        except ValueError:
-            raise SystemExit(f"no usable tokenizer.json in {args.model}: give --prompt as token ids, e.g. '1 2 3'")
-    if not prompt_ids:
-        raise SystemExit("the prompt encodes to no tokens")
+    prompt_ids = _prompt_ids(args, tokenizer, config)
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model = _load_model(args, dtype, device)
     ids = torch.tensor([prompt_ids], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     _sync(device)
     t0 = time.perf_counter()
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         generator=generator, eos_token_id=_eos_of(args.model, model.config), progress=True)
+                         generator=generator, eos_token_id=eos, progress=True)
     _sync(device)
     dt = time.perf_counter() - t0
     new = out[0, len(prompt_ids):].tolist()
@@ -331,37 +459,106 @@ def cmd_generate(args) -> None:
           file=sys.stderr)
 
 
+# ---- bench ----------------------------------------------------------------------------------
+def _output_path(flag: str, path: str, make_parents: bool) -> str:
+    """An absolute output file path (benchmarks/run.py runs from the repository root, so a
+    relative path must be resolved against the caller's folder first)."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise UsageError(f"{flag} {path}: is a folder; give a file path")
+    parent = os.path.dirname(full)
+    if not make_parents and not os.path.exists(parent):
+        raise UsageError(f"{flag} {path}: no such folder {parent}")
+    existing = parent
+    while not os.path.exists(existing):  # run.py creates the missing folders of --out
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {path}: {existing} is not a folder")
+    return full
+
+
 def cmd_bench(args) -> None:
-    import os
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    bench_dir = os.path.join(root, "benchmarks")
-    cmd = [sys.executable, os.path.join(bench_dir, "run.py")]
+    run_py = os.path.join(root, "benchmarks", "run.py")
+    if not os.path.isfile(run_py):
+        raise UsageError(f"bench: {run_py} not found; bench runs from a source checkout of fastattn")
+    cmd = [sys.executable, run_py]
     if args.out:
-        cmd += ["--out", args.out]
+        cmd += ["--out", _output_path("--out", args.out, make_parents=True)]
     if args.plot:
-        cmd += ["--plot", args.plot]
+        cmd += ["--plot", _output_path("--plot", args.plot, make_parents=False)]
     if args.filter:
         cmd += ["-k", args.filter]
     sys.exit(subprocess.call(cmd, cwd=root))
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+# ---- argument parsing and error reporting --------------------------------------------------
+def _one_line(e) -> str:
+    """An exception's message on one line (torch messages often span several)."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _int_in(lo: int, hi=None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}" if hi is None
+                                             else f"must be an integer in [{lo}, {hi}], got {value}")
+        return value
+
+    return parse
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not 0.0 < value <= 1.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (main prints it) instead of usage + message."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m fastattn", description=__doc__, epilog=ERRORS_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd")
     sub.add_parser("info", help="versions, compiled backends, device").set_defaults(func=cmd_info)
     p = sub.add_parser("demo", help="the main job: kernels vs torch on the best device")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("generate", help="generate from a local Hugging Face LLaMA-format folder")
+    p = sub.add_parser("generate", help="generate from a local Hugging Face LLaMA-format folder",
+                       epilog=ERRORS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="folder with config.json and *.safetensors")
     p.add_argument("--prompt", required=True, help="text (with the folder's tokenizer.json) or token ids '1 2 3'")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=_int_in(1), default=32)
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=_int_in(1), default=None)
+    p.add_argument("--top-p", type=_top_p, default=None)
+    p.add_argument("--seed", type=_int_in(-2 ** 63, 2 ** 64 - 1), default=None)
     p.add_argument("--backend", choices=["fastattn", "torch"], default="fastattn")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
@@ -372,8 +569,47 @@ def main(argv=None) -> None:
     p.add_argument("--plot", help="also draw a PNG plot here")
     p.add_argument("-k", dest="filter", help="pytest -k expression selecting benchmarks")
     p.set_defaults(func=cmd_bench)
-    args = parser.parse_args(argv)
-    args.func(args)
+    return parser
+
+
+def _debug() -> bool:
+    return os.environ.get("FASTATTN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"fastattn: error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def main(argv=None) -> None:
+    try:
+        parser = _build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if args.cmd is None:
+            raise UsageError(f"no command given: choose one of info, demo, generate, bench "
+                             f"(see: {parser.prog} --help)")
+        if extra:  # name the subcommand whose --help lists the valid options
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see: {parser.prog} {args.cmd} --help)")
+        args.func(args)
+    except UsageError as e:
+        _fail(str(e), 2)
+    except BrokenPipeError:
+        # stdout went away (`... | head`): nothing left to report to
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        _fail("interrupted", 130)
+    except Exception as e:
+        if _debug():
+            raise
+        _fail(f"{type(e).__name__}: {_one_line(e)} (unexpected; set FASTATTN_DEBUG=1 for the traceback)", 1)
 
 
 if __name__ == "__main__":

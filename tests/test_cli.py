@@ -1,0 +1,303 @@
+"""`python -m fastattn`: every bad input is one line on stderr ("fastattn: error: ...") and a
+non-zero exit, never a traceback; unexpected errors show one line unless FASTATTN_DEBUG=1.
+
+The reported cases run the CLI in a subprocess, all at once (each one imports torch, ~2 s);
+the rest of the matrix calls `fastattn.__main__.main` in-process, which goes through the
+same error handling. The checkpoint is a hand-written one-layer LLaMA (vocab 64), so
+nothing here needs transformers and every generate call is quick."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import __main__ as cli
+
+VOCAB, MAX_POS = 64, 32
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_OK = fastattn.cuda_built() and torch.cuda.is_available()
+
+
+def write_tiny_llama(folder) -> str:
+    """config.json + model.safetensors (Hugging Face names) + generation_config.json."""
+    from safetensors.torch import save_file
+
+    hidden, inter, heads, kv_heads = 32, 48, 2, 1
+    head_dim = hidden // heads
+    os.makedirs(folder, exist_ok=True)
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=VOCAB, hidden_size=hidden,
+                  intermediate_size=inter, num_hidden_layers=1, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, max_position_embeddings=MAX_POS, rms_norm_eps=1e-6,
+                  hidden_act="silu", tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": 2}, f)
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    p = "model.layers.0."
+    state = {
+        "model.embed_tokens.weight": w(VOCAB, hidden), "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": w(VOCAB, hidden),
+        p + "input_layernorm.weight": torch.ones(hidden), p + "post_attention_layernorm.weight": torch.ones(hidden),
+        p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
+        p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
+        p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
+        p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+        p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
+        p + "mlp.down_proj.weight": w(hidden, inter),
+    }
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama") / "model")
+
+
+def copy_of(model_dir, dest, **replace):
+    """A folder linking model_dir's files, except those given in `replace` (name -> text or None)."""
+    dest.mkdir()
+    for name in os.listdir(model_dir):
+        if name not in replace:
+            os.symlink(os.path.join(model_dir, name), dest / name)
+    for name, text in replace.items():
+        if text is not None:
+            (dest / name).write_text(text)
+    return str(dest)
+
+
+def assert_one_line_error(rc, out, err, *fragments, code=2):
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("fastattn: error: "), lines[0]
+    for frag in fragments:
+        assert frag in lines[0], f"{frag!r} not in {lines[0]!r}"
+    assert rc == code, f"exit code {rc}, expected {code}; stderr: {err}"
+    assert out == "", f"nothing should reach stdout on an error, got {out!r}"
+
+
+# ---- subprocess: the reported cases, run concurrently -------------------------------------
+def _subprocess_cases(model_dir):
+    return {
+        "token_out_of_vocab": ["generate", "--model", model_dir, "--prompt", f"5 {VOCAB + 100}", "--device", "cpu"],
+        "generate_cuda": ["generate", "--model", model_dir, "--prompt", "5", "--device", "cuda"],
+        "demo_cuda": ["demo", "--device", "cuda"],
+        "negative_new_tokens": ["generate", "--model", model_dir, "--prompt", "5", "--max-new-tokens", "-1"],
+        "ok": ["generate", "--model", model_dir, "--prompt", "5 6 7", "--max-new-tokens", "3", "--device", "cpu"],
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir):
+    env = {k: v for k, v in os.environ.items() if k != "FASTATTN_DEBUG"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+
+    def run(argv):
+        return subprocess.run([sys.executable, "-m", "fastattn", *argv], capture_output=True, text=True,
+                              timeout=120, env=env, cwd=ROOT)
+
+    cases = _subprocess_cases(model_dir)
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        done = dict(zip(cases, pool.map(run, cases.values())))
+    return done
+
+
+def _check_run(r, *fragments, code=2):
+    assert_one_line_error(r.returncode, r.stdout, r.stderr, *fragments, code=code)
+
+
+def test_subprocess_token_id_out_of_vocab(runs):
+    _check_run(runs["token_out_of_vocab"], "--prompt", str(VOCAB + 100), f"vocab_size {VOCAB}")
+
+
+@pytest.mark.skipif(CUDA_OK, reason="a CUDA build with a GPU accepts --device cuda")
+@pytest.mark.parametrize("case", ["generate_cuda", "demo_cuda"])
+def test_subprocess_device_cuda_without_cuda(runs, case):
+    expected = "no CUDA kernels (CPU-only build)" if not fastattn.cuda_built() else "no CUDA device"
+    _check_run(runs[case], "--device cuda", expected)
+
+
+def test_subprocess_negative_max_new_tokens(runs):
+    _check_run(runs["negative_new_tokens"], "--max-new-tokens", ">= 1", "-1")
+
+
+def test_subprocess_success_unchanged(runs, model_dir):
+    r = runs["ok"]
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    ids = [int(t) for t in r.stdout.split()]
+    assert ids[:3] == [5, 6, 7] and 3 < len(ids) <= 6 and all(0 <= t < VOCAB for t in ids)
+    assert "new tokens in" in r.stderr
+
+
+# ---- in-process: the whole matrix ---------------------------------------------------------
+def run_main(argv, capsys):
+    """main(argv) -> (exit code, stdout, stderr)."""
+    try:
+        cli.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check(argv, capsys, *fragments, code=2):
+    rc, out, err = run_main(argv, capsys)
+    assert_one_line_error(rc, out, err, *fragments, code=code)
+
+
+def gen(model_dir, *extra, prompt="5 6 7"):
+    return ["generate", "--model", model_dir, "--prompt", prompt, "--max-new-tokens", "4", "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--max-new-tokens", "-1"], ["--max-new-tokens", ">= 1"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens", ">= 1"]),
+    (["--max-new-tokens", "ten"], ["--max-new-tokens", "'ten'"]),
+    (["--max-new-tokens", "40"], ["--max-new-tokens", "max_position_embeddings", str(MAX_POS)]),
+    (["--temperature", "-0.5"], ["--temperature", ">= 0"]),
+    (["--temperature", "nan"], ["--temperature", "nan"]),
+    (["--temperature", "inf"], ["--temperature", "inf"]),
+    (["--top-k", "0"], ["--top-k", ">= 1"]),
+    (["--top-k", "-3"], ["--top-k", ">= 1"]),
+    (["--top-p", "0"], ["--top-p", "(0, 1]"]),
+    (["--top-p", "1.5"], ["--top-p", "(0, 1]"]),
+    (["--top-p", "nan"], ["--top-p", "(0, 1]"]),
+    (["--seed", str(2 ** 64)], ["--seed", str(2 ** 64)]),
+    (["--seed", "1.5"], ["--seed", "'1.5'"]),
+    (["--dtype", "int8"], ["--dtype", "'int8'"]),
+    (["--device", "tpu"], ["--device", "'tpu'"]),
+    (["--backend", "jax"], ["--backend", "'jax'"]),
+    (["--bogus"], ["--bogus", "python -m fastattn generate --help"]),
+], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("-") else None)
+def test_generate_bad_option_values(model_dir, capsys, extra, fragments):
+    check(gen(model_dir, *extra), capsys, *fragments)
+
+
+@pytest.mark.parametrize("prompt, fragments", [
+    ("", ["--prompt", "no tokens"]),
+    ("   ", ["--prompt", "no tokens"]),
+    ("5 six 7", ["--prompt", "'six'", "token ids"]),
+    (f"5 {VOCAB}", ["--prompt", str(VOCAB), f"vocab_size {VOCAB}"]),
+    ("5 -3", ["--prompt", "-3", f"vocab_size {VOCAB}"]),
+    (" ".join(["7"] * MAX_POS), ["--prompt", f"{MAX_POS} tokens", "max_position_embeddings"]),
+], ids=["empty", "blank", "not_an_id", "id_eq_vocab", "negative_id", "too_long"])
+def test_generate_bad_prompts(model_dir, capsys, prompt, fragments):
+    check(gen(model_dir, prompt=prompt), capsys, *fragments)
+
+
+def test_generate_model_folder_errors(model_dir, tmp_path, capsys):
+    check(gen(str(tmp_path / "nope")), capsys, "--model", "no such folder")
+    (tmp_path / "a_file").write_text("x")
+    check(gen(str(tmp_path / "a_file")), capsys, "--model", "not a folder")
+    (tmp_path / "empty").mkdir()
+    check(gen(str(tmp_path / "empty")), capsys, "--model", "no config.json")
+    bad_json = copy_of(model_dir, tmp_path / "bad_json", **{"config.json": "{not json"})
+    check(gen(bad_json), capsys, "--model", "config.json")
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    gpt2 = copy_of(model_dir, tmp_path / "gpt2", **{"config.json": json.dumps({**cfg, "model_type": "gpt2"})})
+    check(gen(gpt2), capsys, "--model", "config.json", "unsupported architecture")
+    zero_heads = copy_of(model_dir, tmp_path / "zero_heads",
+                         **{"config.json": json.dumps({**cfg, "num_attention_heads": 0})})
+    check(gen(zero_heads), capsys, "--model", "config.json", "num_attention_heads")
+    as_list = copy_of(model_dir, tmp_path / "as_list", **{"config.json": "[1, 2]"})
+    check(gen(as_list), capsys, "--model", "config.json")
+    no_weights = copy_of(model_dir, tmp_path / "no_weights", **{"model.safetensors": None})
+    check(gen(no_weights), capsys, "--model", "safetensors")
+    bad_weights = copy_of(model_dir, tmp_path / "bad_weights", **{"model.safetensors": "garbage"})
+    check(gen(bad_weights), capsys, "--model", "safetensors")
+    two_layers = copy_of(model_dir, tmp_path / "two_layers",
+                         **{"config.json": json.dumps({**cfg, "num_hidden_layers": 2})})
+    check(gen(two_layers), capsys, "--model", "model.layers.1")
+    bad_gen = copy_of(model_dir, tmp_path / "bad_gen", **{"generation_config.json": '{"eos_token_id": "end"}'})
+    check(gen(bad_gen), capsys, "--model", "generation_config.json", "eos_token_id")
+
+
+def test_generate_tokenizer_errors(model_dir, tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    vocab["huge"] = VOCAB + 10  # a tokenizer that does not fit the checkpoint
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    folder = copy_of(model_dir, tmp_path / "with_tok", **{"tokenizer.json": tok.to_str()})
+    check(gen(folder, prompt="   "), capsys, "--prompt", "no tokens")
+    check(gen(folder, prompt="w5 huge"), capsys, "--prompt", str(VOCAB + 10), "tokenizer.json")
+    broken = copy_of(model_dir, tmp_path / "broken_tok", **{"tokenizer.json": "{}"})
+    check(gen(broken, prompt="w5"), capsys, "--model", "tokenizer.json")
+    # and a good prompt still works
+    rc, out, err = run_main(gen(folder, "--max-new-tokens", "2", prompt="w5 w6"), capsys)
+    assert rc == 0 and out.startswith("w5 w6"), err
+
+
+@pytest.mark.skipif(CUDA_OK, reason="a CUDA build with a GPU accepts --device cuda")
+@pytest.mark.parametrize("sub", ["generate", "demo"])
+def test_device_cuda_without_cuda(model_dir, capsys, sub):
+    argv = gen(model_dir)[:-2] + ["--device", "cuda"] if sub == "generate" else ["demo", "--device", "cuda"]
+    expected = "no CUDA kernels (CPU-only build)" if not fastattn.cuda_built() else "no CUDA device"
+    check(argv, capsys, "--device cuda", expected)
+
+
+def test_demo_and_top_level_usage_errors(capsys):
+    check(["demo", "--device", "tpu"], capsys, "--device", "'tpu'")
+    check([], capsys, "command")
+    check(["train"], capsys, "'train'")
+    check(["info", "--verbose"], capsys, "--verbose")
+
+
+def test_bench_path_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("bench ran despite a bad argument"))
+    check(["bench", "--out", str(tmp_path)], capsys, "--out", "is a folder")
+    check(["bench", "--plot", str(tmp_path / "missing" / "p.png")], capsys, "--plot", "no such folder")
+    (tmp_path / "f").write_text("")
+    check(["bench", "--out", str(tmp_path / "f" / "r.json")], capsys, "--out", "not a folder")
+
+
+def test_bench_paths_are_relative_to_the_callers_folder(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_call(cmd, cwd=None):
+        seen["cmd"] = cmd
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", fake_call)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--out", "r.json", "--plot", "p.png", "-k", "rms"])
+    assert e.value.code == 0
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--out") + 1] == str(tmp_path / "r.json")
+    assert cmd[cmd.index("--plot") + 1] == str(tmp_path / "p.png")
+
+
+def test_unexpected_error_is_one_line_unless_debug(monkeypatch, capsys):
+    def boom(args=None):
+        raise RuntimeError("kernel exploded\nsecond line of detail")
+
+    monkeypatch.setattr(cli, "cmd_info", boom)
+    monkeypatch.delenv("FASTATTN_DEBUG", raising=False)
+    check(["info"], capsys, "RuntimeError: kernel exploded", "FASTATTN_DEBUG=1", code=1)
+    monkeypatch.setenv("FASTATTN_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        cli.main(["info"])
+
+
+def test_help_documents_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "FASTATTN_DEBUG" in out and "exit" in out
