@@ -405,7 +405,8 @@ def decode_attention(
             ``[0, cache_seqlens[b])``. A sequence of length 0 gets out = 0 and lse = -inf.
             Values must lie in [0, S_max]: checked on the CPU; on CUDA they are not read on
             the host (that would synchronise) and are clamped to [0, S_max] by the kernel.
-        softmax_scale: defaults to ``1 / sqrt(D)``.
+        softmax_scale: a finite real number, default ``1 / sqrt(D)``. NaN or +-inf raise
+            ValueError (they would make every output NaN), a non-number TypeError.
         num_splits: split-KV factor (each sequence's keys are cut into this many chunks,
             merged exactly). 0 picks it from the shapes (and the SM count on CUDA) only,
             never from the values of cache_seqlens: no host synchronisation, so a decode
@@ -433,10 +434,13 @@ def decode_attention(
     if Hk == 0 or H % Hk != 0:
         raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of kv heads ({Hk})")
     _check_cache_seqlens(cache_seqlens, q, B)
+    softmax_scale = check_softmax_scale(softmax_scale)
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
     out, lse = ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits)
     return (out, lse) if return_lse else out
+
+from ._validate import check_softmax_scale  # noqa: E402
 
 
 def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor) -> None:
@@ -455,6 +459,15 @@ def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seql
     S_max``) or at a negative row. On CUDA that check reads cache_seqlens on the host (one
     synchronisation) and is skipped while a CUDA graph is being captured; then the kernel
     silently drops out-of-range rows instead (memory is never written out of bounds).
+
+    An in-place op like torch's own: it bumps the caches' version counters (a cache saved
+    for some backward and then appended to is reported when that backward runs). It is not
+    differentiable, so with grad mode on it raises RuntimeError if a cache, k or v requires
+    grad (call it under ``torch.no_grad()``/``torch.inference_mode()``). ValueError if a
+    cache has elements sharing memory (an expand), if the two caches share elements (the
+    same tensor twice; k and v interleaved in one buffer are fine), or if k, v or
+    cache_seqlens share memory with a cache. k and v may be the same tensor (both are only
+    read).
     """
     _check_caches(k_cache, v_cache)
     for t, name in ((k, "k"), (v, "v")):

@@ -448,3 +448,123 @@ def test_cuda_smem_swizzle_is_a_conflict_free_bijection(d):
     # Shared memory per block fits an A100 (163 KiB opt-in) and so an H100.
     smem = 2 * 2 * block_n * d * 2 + _heads_per_block(d) * d * 4 + _WARPS * _HEADS_PER_WARP * 32 * 4
     assert smem <= 163 * 1024
+
+
+# ---- issue 13: append_kv is an in-place op (versions, autograd, aliasing); softmax_scale ----
+def _append_args(device="cpu"):
+    return (torch.full((1, 1, 1, 2), 5.0, device=device), torch.zeros(1, 1, 1, 2, device=device),
+            _seqlens([1], device))
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["functional", "op"])
+def test_append_kv_refuses_grad_and_bumps_versions(direct):
+    app = torch.ops.fastattn.append_kv if direct else fastattn.append_kv
+    k_new, v_new, sl = _append_args()
+    # The issue's case: a cache that is part of a graph used to be overwritten silently,
+    # so its gradient came out as 10 instead of 2 in the written row.
+    w = torch.ones(1, 4, 1, 2, requires_grad=True)
+    kc = w * 1.0
+    vc = torch.zeros(1, 4, 1, 2)
+    loss = (kc * kc).sum()
+    with pytest.raises(RuntimeError, match="append_kv is not differentiable but k_cache requires grad"):
+        app(kc, vc, k_new, v_new, sl)
+    with pytest.raises(RuntimeError, match="append_kv is not differentiable but v_cache requires grad"):
+        app(vc, kc, k_new, v_new, sl)
+    # k/v that require grad would be copied into the cache without a graph edge.
+    with pytest.raises(RuntimeError, match="append_kv is not differentiable but k requires grad"):
+        app(torch.zeros(1, 4, 1, 2), vc, k_new.requires_grad_(), v_new, sl)
+    k_new = k_new.detach()
+    assert torch.equal(kc, torch.ones(1, 4, 1, 2)) and torch.equal(vc, torch.zeros(1, 4, 1, 2))
+    # Under no_grad the write happens, and bumps both versions like any in-place torch op,
+    # so the cache saved for (kc * kc)'s backward is reported instead of a wrong gradient.
+    versions = (kc._version, vc._version)
+    with torch.no_grad():
+        app(kc, vc, k_new, v_new, sl)
+    assert (kc._version, vc._version) == (versions[0] + 1, versions[1] + 1)
+    assert torch.equal(kc[0, 1], torch.full((1, 2), 5.0))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # A cache that does not require grad but was saved by another op is caught the same way.
+    x = torch.randn(1, 4, 1, 2)
+    y = (x * w).sum()
+    app(x, torch.zeros(1, 4, 1, 2), k_new, v_new, sl)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["functional", "op"])
+def test_append_kv_refuses_overlapping_memory(direct):
+    app = torch.ops.fastattn.append_kv if direct else fastattn.append_kv
+    sl = _seqlens([1, 2], "cpu")
+    kc, vc = _cache(2, 8, 2, 16, torch.float32, "cpu")
+    k, v = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 2, 16)
+    before = (kc.clone(), vc.clone())
+    with pytest.raises(ValueError, match="k_cache has elements sharing memory"):
+        app(torch.zeros(2, 1, 2, 16).expand(2, 8, 2, 16), vc, k, v, sl)
+    with pytest.raises(ValueError, match="v_cache has elements sharing memory"):
+        app(kc, torch.zeros(2, 8, 1, 16).expand(2, 8, 2, 16), k, v, sl)
+    # Strides that cannot rule sharing out (rows 8 elements apart, 16 wide) are refused too.
+    with pytest.raises(ValueError, match="k_cache has elements sharing memory"):
+        app(torch.zeros(300).as_strided((2, 8, 2, 16), (128, 8, 64, 1)), vc, k, v, sl)
+    with pytest.raises(ValueError, match="k_cache and v_cache overlap in memory"):
+        app(kc, kc, k, v, sl)
+    with pytest.raises(ValueError, match="k_cache and v_cache overlap in memory"):
+        app(kc[:, 1:], kc[:, :-1], k, v, sl)
+    with pytest.raises(ValueError, match="k and k_cache overlap in memory"):
+        app(kc, vc, kc[:, 5:], v, sl)
+    with pytest.raises(ValueError, match="v and k_cache overlap in memory"):
+        app(kc, vc, k, kc[:, :3], sl)
+    with pytest.raises(ValueError, match="k and v_cache overlap in memory"):
+        app(kc, vc, vc[:, 2:5], v, sl)
+    with pytest.raises(ValueError, match="cache_seqlens and k_cache overlap in memory"):
+        app(kc, vc, k, v, kc.view(-1)[:2].view(torch.int32))
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+    # k and v are only read: the same tensor (or overlapping views) for both is fine.
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    app(kc, vc, k, k, sl)
+    reference.append_kv(kc_ref, vc_ref, k, k, sl)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+def test_append_kv_interleaved_kv_cache():
+    # k and v caches interleaved in one (B, S, 2, Hk, D) buffer: their byte ranges intersect
+    # but no element is shared, so the write is allowed and exact.
+    kv = torch.randn(2, 8, 2, 2, 16)
+    kc, vc = kv[:, :, 0], kv[:, :, 1]
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    k, v = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 2, 16)
+    sl = _seqlens([0, 5], "cpu")
+    fastattn.append_kv(kc, vc, k, v, sl)
+    reference.append_kv(kc_ref, vc_ref, k, v, sl)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+@pytest.mark.parametrize(
+    "scale, exc, match",
+    [
+        (float("nan"), ValueError, "softmax_scale must be finite.*got nan"),
+        (float("inf"), ValueError, "softmax_scale must be finite.*got inf"),
+        (-float("inf"), ValueError, "softmax_scale must be finite"),
+        (1e39, ValueError, "softmax_scale must be finite in float32"),  # inf once the kernel casts it
+        ("abc", TypeError, "softmax_scale must be a real number"),
+        (1j, TypeError, "softmax_scale must be a real number"),
+        (torch.tensor(0.5), TypeError, "softmax_scale must be a real number"),
+        (True, TypeError, "softmax_scale must be a real number"),
+    ],
+)
+def test_decode_bad_softmax_scale(scale, exc, match):
+    kc, vc = _cache(2, 8, 2, 16, torch.float32, "cpu")
+    q = torch.randn(2, 4, 16)
+    with pytest.raises(exc, match=match):
+        fastattn.decode_attention(q, kc, vc, _seqlens([3, 8], "cpu"), softmax_scale=scale)
+
+
+def test_decode_direct_op_refuses_non_finite_scale():
+    kc, vc = _cache(2, 8, 2, 16, torch.float32, "cpu")
+    q = torch.randn(2, 4, 16)
+    for bad in (float("nan"), float("inf"), -float("inf"), -1e39):
+        with pytest.raises(ValueError, match="decode_attention: softmax_scale must be finite"):
+            torch.ops.fastattn.decode_attention(q, kc, vc, _seqlens([3, 8], "cpu"), bad, 0)
+    # A Python int is a real number and is accepted.
+    out = fastattn.decode_attention(q, kc, vc, _seqlens([3, 8], "cpu"), softmax_scale=1)
+    _check_against_reference(q, kc, vc, _seqlens([3, 8], "cpu"), out, softmax_scale=1.0)

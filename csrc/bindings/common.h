@@ -3,9 +3,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -115,6 +120,188 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
 // its storage offset leaves the data pointer unaligned (a view starting mid-buffer).
 inline at::Tensor dense_aligned_copy(const at::Tensor& t) {
   return t.clone(at::MemoryFormat::Contiguous);
+}
+
+// ---- in-place ops: autograd, version counters, aliasing ------------------------------------
+// An op that writes into its arguments behaves like torch's own in-place ops: an Autograd
+// kernel refuses the call when the graph would need a backward the op does not have, an
+// ADInplaceOrView kernel bumps the version counters of what it wrote (so a tensor saved for
+// another op's backward and then overwritten is reported at backward time), and the kernel
+// refuses destinations whose elements share memory with each other or with an input.
+
+struct NamedTensor {
+  const at::Tensor& t;
+  const char* name;
+};
+
+// For an in-place op with no backward: with grad mode on, an argument that requires grad
+// would either lose the mutation from its graph (a written tensor) or have its values
+// copied without a graph edge (a read one). Either way the gradient would be silently
+// wrong, so the call is refused with `hint` saying what to do instead.
+inline void check_inplace_not_differentiable(const char* op, std::initializer_list<NamedTensor> args,
+                                             const char* hint) {
+  if (!c10::GradMode::is_enabled()) return;
+  for (const NamedTensor& a : args) {
+    TORCH_CHECK(!a.t.requires_grad(), op, " is not differentiable but ", a.name, " requires grad; ", hint);
+  }
+}
+
+template <class... Ts>
+void bump_versions(const Ts&... ts) {
+  (ts.unsafeGetTensorImpl()->bump_version(), ...);
+}
+
+enum class Overlap { kNo, kYes, kUnknown };
+
+namespace overlap_detail {
+
+struct Term {
+  int64_t coef, lo, hi;  // coef * z with lo <= z <= hi
+};
+
+inline int64_t floor_div(int64_t a, int64_t b) {  // b > 0
+  const int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
+// Is there an integer z_i in [lo_i, hi_i] for every term i >= first with
+// sum coef_i z_i == r? Terms are sorted by coef, largest first; rest_lo/rest_hi[i] bound the
+// sum of terms i.. (rest_*[n] = 0). A depth-first search that tries, for each term, only
+// the values that leave r reachable by the smaller terms: for real tensor layouts (each
+// stride larger than the span of the smaller ones) that is one or two values per level.
+// `budget` caps the visited values; running out answers kUnknown.
+inline Overlap solve(const std::vector<Term>& terms, const std::vector<int64_t>& rest_lo,
+                     const std::vector<int64_t>& rest_hi, size_t first, int64_t r, int64_t& budget) {
+  if (r < rest_lo[first] || r > rest_hi[first]) return Overlap::kNo;
+  if (first == terms.size()) return r == 0 ? Overlap::kYes : Overlap::kNo;
+  const Term& t = terms[first];
+  const int64_t z_lo = std::max(t.lo, ceil_div(r - rest_hi[first + 1], t.coef));
+  const int64_t z_hi = std::min(t.hi, floor_div(r - rest_lo[first + 1], t.coef));
+  bool unknown = false;
+  for (int64_t z = z_lo; z <= z_hi; ++z) {
+    if (--budget < 0) return Overlap::kUnknown;
+    const Overlap o = solve(terms, rest_lo, rest_hi, first + 1, r - t.coef * z, budget);
+    if (o == Overlap::kYes) return o;
+    unknown = unknown || o == Overlap::kUnknown;
+  }
+  return unknown ? Overlap::kUnknown : Overlap::kNo;
+}
+
+// Offset in elements of t's last element from its first (strides >= 0).
+inline int64_t span_elems(const at::Tensor& t) {
+  int64_t span = 0;
+  for (int64_t i = 0; i < t.dim(); ++i) span += t.stride(i) * (t.size(i) - 1);
+  return span;
+}
+
+inline bool has_negative_stride(const at::Tensor& t) {
+  for (int64_t i = 0; i < t.dim(); ++i)
+    if (t.stride(i) < 0) return true;
+  return false;
+}
+
+}  // namespace overlap_detail
+
+// [first, last] byte addresses t's elements occupy (t.numel() > 0, strides >= 0).
+inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const int64_t elem = static_cast<int64_t>(t.element_size());
+  return {begin, begin + static_cast<uintptr_t>((overlap_detail::span_elems(t) + 1) * elem) - 1};
+}
+
+// Whether two distinct indices of t address the same memory. kNo is proven from the sizes
+// and strides (sorted by stride, every stride exceeds the span of the smaller dims: true of
+// any slice, transpose or padded view of a dense buffer); a stride-0 dim of size > 1 (an
+// expand) is kYes; anything else (an as_strided with interleaved rows) is kUnknown.
+inline Overlap internal_overlap(const at::Tensor& t) {
+  if (t.numel() <= 1) return Overlap::kNo;
+  if (overlap_detail::has_negative_stride(t)) return Overlap::kUnknown;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of dims with size > 1
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (t.size(i) <= 1) continue;
+    if (t.stride(i) == 0) return Overlap::kYes;
+    dims.emplace_back(t.stride(i), t.size(i));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return Overlap::kUnknown;
+    span += stride * (size - 1);
+  }
+  return Overlap::kNo;
+}
+
+// Whether a and b (both on one device) have an element in common, exactly: kNo when their
+// byte ranges are apart, else an integer solve of addr_a + sum_i sa_i x_i == addr_b +
+// sum_j sb_j y_j over the index boxes. Disjoint interleaved views (q and k heads of one
+// packed qkv projection, k and v caches of one (B, S, 2, Hk, D) buffer) are kNo; views
+// sharing an element are kYes. kUnknown only for different element sizes, element
+// addresses that are not a whole number of elements apart, or an exhausted search budget.
+inline Overlap elements_overlap(const at::Tensor& a, const at::Tensor& b) {
+  using namespace overlap_detail;
+  if (a.numel() == 0 || b.numel() == 0) return Overlap::kNo;
+  if (has_negative_stride(a) || has_negative_stride(b)) return Overlap::kUnknown;
+  const auto [a_lo, a_hi] = byte_span(a);
+  const auto [b_lo, b_hi] = byte_span(b);
+  if (a_hi < b_lo || b_hi < a_lo) return Overlap::kNo;
+  const int64_t elem = static_cast<int64_t>(a.element_size());
+  if (static_cast<int64_t>(b.element_size()) != elem) return Overlap::kUnknown;
+  const int64_t delta_bytes = static_cast<int64_t>(b_lo - a_lo);  // wraps to the signed difference
+  if (delta_bytes % elem != 0) return Overlap::kUnknown;
+  // a[x] == b[y]  <=>  sum sa_i x_i - sum sb_j y_j == delta, 0 <= x_i < na_i, 0 <= y_j < nb_j.
+  // Terms with one stride merge into one (their ranges add), so identical layouts reduce to
+  // one unknown per dim, the index difference.
+  std::vector<Term> terms;
+  auto add = [&terms](int64_t coef, int64_t lo, int64_t hi) {
+    if (coef == 0 || (lo == 0 && hi == 0)) return;
+    for (Term& t : terms) {
+      if (t.coef == coef) {
+        t.lo += lo;
+        t.hi += hi;
+        return;
+      }
+    }
+    terms.push_back({coef, lo, hi});
+  };
+  for (int64_t i = 0; i < a.dim(); ++i) add(a.stride(i), 0, a.size(i) - 1);
+  for (int64_t j = 0; j < b.dim(); ++j) add(b.stride(j), -(b.size(j) - 1), 0);
+  std::sort(terms.begin(), terms.end(), [](const Term& x, const Term& y) { return x.coef > y.coef; });
+  std::vector<int64_t> rest_lo(terms.size() + 1, 0), rest_hi(terms.size() + 1, 0);
+  for (size_t i = terms.size(); i-- > 0;) {
+    rest_lo[i] = rest_lo[i + 1] + terms[i].coef * terms[i].lo;
+    rest_hi[i] = rest_hi[i + 1] + terms[i].coef * terms[i].hi;
+  }
+  int64_t budget = 1 << 16;
+  return solve(terms, rest_lo, rest_hi, 0, delta_bytes / elem, budget);
+}
+
+// An in-place op's destination must not have elements sharing memory: each would be
+// written more than once (an expand, or strides that cannot rule it out).
+inline void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* name) {
+  FA_CHECK_ARG(internal_overlap(t) == Overlap::kNo, op, ": ", name,
+               " has elements sharing memory (e.g. an expand), or strides that cannot rule it out; "
+               "it is written in place, so pass a tensor with distinct elements");
+}
+
+// a and b, at least one of them written in place (the other another destination, or an
+// input read while the op writes), must not share an element. exact = false refuses as
+// soon as their byte ranges intersect (for arguments with no reason to share a buffer).
+inline void check_no_overlap(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                             const char* op, bool exact = true) {
+  Overlap o = Overlap::kNo;
+  if (a.numel() > 0 && b.numel() > 0) {
+    if (exact) {
+      o = elements_overlap(a, b);
+    } else {
+      const auto [a_lo, a_hi] = byte_span(a);
+      const auto [b_lo, b_hi] = byte_span(b);
+      o = (a_hi < b_lo || b_hi < a_lo) ? Overlap::kNo : Overlap::kYes;
+    }
+  }
+  FA_CHECK_ARG(o == Overlap::kNo, op, ": ", a_name, " and ", b_name, " overlap in memory",
+               o == Overlap::kUnknown ? " (or their strides cannot rule it out)" : "",
+               "; the op writes in place, so they must not share elements");
 }
 
 #ifdef FASTATTN_WITH_CUDA

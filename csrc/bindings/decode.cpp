@@ -7,6 +7,19 @@
 // done; on CUDA it is done (one device-to-host read) only when the current stream is not
 // capturing a graph. Inside a capture the kernel drops rows that would land outside the
 // cache, so memory is never corrupted, but no error can be raised there.
+//
+// append_kv is an in-place op like torch's: it refuses arguments that require grad while
+// grad mode is on (it has no backward, so the graph would silently miss the write), bumps
+// the caches' version counters, and refuses caches whose elements share memory or that
+// share elements with each other, with k/v or with cache_seqlens. k and v may alias each
+// other (both are only read). These checks use sizes, strides and addresses only: no sync,
+// so they hold inside CUDA graph capture too.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
 #include "common.h"
 #include "fastattn/api.h"
 #include "fastattn/decode_split.h"
@@ -78,6 +91,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
   FA_CHECK_ARG(h % h_k == 0, "fastattn.decode_attention: the number of query heads (", h,
                ") must be a multiple of the number of kv heads (", h_k, ")");
   check_seqlens(cache_seqlens, q, b, "decode_attention");
+  // A NaN or infinite scale (also one finite in double but not in the kernel's fp32) would
+  // turn every output into NaN without an error.
+  FA_CHECK_ARG(!softmax_scale.has_value() ||
+                   (std::isfinite(*softmax_scale) && std::abs(*softmax_scale) <= std::numeric_limits<float>::max()),
+               "fastattn.decode_attention: softmax_scale must be finite in float32 (|softmax_scale| <= ",
+               std::numeric_limits<float>::max(), "), got ", softmax_scale.value_or(0.0));
   FA_CHECK_ARG(num_splits >= 0 && num_splits <= decode::kMaxSplits,
                "fastattn.decode_attention: num_splits must be in [0, ", decode::kMaxSplits,
                "] (0 = automatic), got ", num_splits);
@@ -187,6 +206,16 @@ void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
   check_seqlens(cache_seqlens, k_cache, b, "append_kv");
+  // The caches are written in place while k, v and cache_seqlens are read.
+  constexpr const char* op = "fastattn.append_kv";
+  check_no_internal_overlap(k_cache, op, "k_cache");
+  check_no_internal_overlap(v_cache, op, "v_cache");
+  check_no_overlap(k_cache, "k_cache", v_cache, "v_cache", op);
+  for (const auto& [cache, cache_name] : {NamedTensor{k_cache, "k_cache"}, NamedTensor{v_cache, "v_cache"}}) {
+    check_no_overlap(k, "k", cache, cache_name, op);
+    check_no_overlap(v, "v", cache, cache_name, op);
+    check_no_overlap(cache_seqlens, "cache_seqlens", cache, cache_name, op, /*exact=*/false);
+  }
   const int64_t sn = k.size(1);
   if (b == 0 || sn == 0) return;
 
@@ -225,4 +254,37 @@ void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
   }
 }
 
+namespace {
+
+// append_kv above the kernels, as rotary_ in rotary.cpp: the Autograd kernel refuses what
+// autograd would need to record, the ADInplaceOrView kernel bumps the caches' versions.
+const c10::TypedOperatorHandle<decltype(append_kv)>& append_kv_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastattn::append_kv", "").typed<decltype(append_kv)>();
+  return op;
+}
+
+void append_kv_autograd(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& cache_seqlens) {
+  check_inplace_not_differentiable(
+      "fastattn.append_kv", {{k_cache, "k_cache"}, {v_cache, "v_cache"}, {k, "k"}, {v, "v"}},
+      "it writes the cache for inference only, so call it under torch.no_grad() or "
+      "torch.inference_mode(), or pass detached tensors");
+  at::AutoDispatchBelowAutograd guard;
+  append_kv_op().call(k_cache, v_cache, k, v, cache_seqlens);
+}
+
+void append_kv_inplace_or_view(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& cache_seqlens) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    append_kv_op().call(k_cache, v_cache, k, v, cache_seqlens);
+  }
+  bump_versions(k_cache, v_cache);
+}
+
+}  // namespace
 }  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, Autograd, m) { m.impl("append_kv", &fastattn::append_kv_autograd); }
+TORCH_LIBRARY_IMPL(fastattn, ADInplaceOrView, m) { m.impl("append_kv", &fastattn::append_kv_inplace_or_view); }
