@@ -19,7 +19,36 @@ __all__ = []
 
 
 # ---- rms_norm ----------------------------------------------------------------------------
+import numbers as _numbers  # noqa: E402
+
 __all__ += ["rms_norm"]
+
+
+def _rms_norm_eps(eps) -> float:
+    """torch's rules for rms_norm's eps: any real number (negative and 0 included; a row
+    whose mean square plus eps is <= 0 comes out NaN/inf, as in torch), and None means the
+    epsilon of the fp32 accumulation type, whatever the input dtype (torch uses
+    numeric_limits<opmath_t>::epsilon(), so 2**-23 for bfloat16/float16 inputs too, not
+    finfo(bfloat16).eps)."""
+    if eps is None:
+        return torch.finfo(torch.float32).eps
+    if isinstance(eps, Tensor) and eps.numel() == 1 and not eps.is_complex():
+        return float(eps)
+    if not isinstance(eps, (_numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"eps must be a real number (float) or None, got {type(eps).__name__}: {eps!r}")
+    return float(eps)
+
+
+def _check_rms_float(t, name: str) -> None:
+    check_tensor(t, name)
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _contiguous_last_dim(t: Tensor) -> Tensor:
+    # The kernels read rows with unit stride; any other layout is copied once (as torch's
+    # own kernels do), and the copy is differentiable.
+    return t.contiguous() if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1 else t
 
 
 def rms_norm(
@@ -34,41 +63,64 @@ def rms_norm(
     ``y = x / sqrt(mean(x**2, -1) + eps) * weight``
 
     Args:
-        x: (..., N) float32/float16/bfloat16, last dim contiguous; other strides are free.
-        weight: (N,) with x's dtype, or None.
-        eps: added to the mean square; None means ``torch.finfo(x.dtype).eps``.
-        residual: optional tensor of x's shape. Then ``h = x + residual`` is computed and
-            normalised in the same pass, and ``(y, h)`` is returned (the pre-norm residual
-            stream of a transformer block).
+        x: (..., N) float32/float16/bfloat16, any strides (a last dim that is not
+            contiguous is copied once).
+        weight: (N,) or None, any float dtype and strides. A weight whose dtype differs from
+            x's (the fp32 master weight of a 16-bit model, or under autocast) is converted
+            to x's dtype for the kernel; its gradient is reduced in fp32 and returned in the
+            weight's own dtype.
+        eps: added to the mean square; any real number as in torch (a row whose mean
+            square + eps <= 0 gives NaN/inf, as in torch). None means the fp32 epsilon
+            (2**-23) for every input dtype, as torch.
+        residual: optional tensor of x's shape, any float dtype and strides. Then
+            ``h = x + residual`` (torch's type promotion) is computed and normalised in the
+            same pass, and ``(y, h)`` is returned (the pre-norm residual stream).
 
     Returns:
-        y (x's shape and dtype), or ``(y, h)`` when ``residual`` is given.
+        y (x's shape and dtype), or ``(y, h)`` when ``residual`` is given (both of h's
+        dtype). Computed in fp32. Under CUDA autocast, where torch runs rms_norm in fp32,
+        16-bit inputs are normalised in fp32 and y is fp32, exactly as torch's.
 
-    Differentiable in x, weight and residual.
+    Differentiable in x, weight and residual, to any order (with ``create_graph=True`` the
+    backward is recorded as torch ops).
     """
     check_float(x, "x")
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension, got a 0-dim tensor")
-    check_last_dim_contiguous(x, "x")
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
+    eps = _rms_norm_eps(eps)
     if weight is not None:
-        check_tensor(weight, "weight")
+        _check_rms_float(weight, "weight")
         check_same_device(weight, x, "weight", "x")
-        check_same_dtype(weight, x, "weight", "x")
         if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
             raise ValueError(
                 f"weight must have shape ({x.shape[-1]},) to match x's last dimension, got {tuple(weight.shape)}"
             )
+    if residual is not None:
+        _check_rms_float(residual, "residual")
+        check_same_device(residual, x, "residual", "x")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            # h = x + residual in the promoted dtype, as the unfused expression.
+            dtype = torch.promote_types(x.dtype, residual.dtype)
+            if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise ValueError(
+                    f"residual has dtype {residual.dtype}: x + residual would be {dtype} (torch's type "
+                    f"promotion with x's {x.dtype}), but rms_norm computes in float32, float16 or bfloat16"
+                )
+            x, residual = x.to(dtype), residual.to(dtype)
+    if x.is_cuda and x.dtype != torch.float32 and torch.is_autocast_enabled("cuda"):
+        # torch lists rms_norm among CUDA autocast's fp32 ops: it normalises in fp32 and
+        # returns fp32 (CPU autocast leaves it alone). The residual add is not an autocast op.
+        if residual is None:
+            return rms_norm(x.float(), weight, eps)
+        h = x + residual
+        return rms_norm(h.float(), weight, eps), h
+    x = _contiguous_last_dim(x)
     if residual is None:
         y, _rstd = ops.rms_norm_fwd(x, weight, eps)
         return y
-    check_tensor(residual, "residual")
-    check_same_device(residual, x, "residual", "x")
-    check_same_dtype(residual, x, "residual", "x")
-    if residual.shape != x.shape:
-        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    check_last_dim_contiguous(residual, "residual")
+    residual = _contiguous_last_dim(residual)
     y, h, _rstd = ops.rms_norm_add_fwd(x, residual, weight, eps)
     return y, h
 

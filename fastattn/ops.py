@@ -54,34 +54,82 @@ def _rms_norm_bwd_fake(dy, x, weight, rstd, dh):
 
 
 def _dweight(dw: Tensor, weight: Optional[Tensor], needed: bool):
+    # dw is fp32 from the kernel; the weight may have any float dtype (an fp32 master weight
+    # under 16-bit activations), and its gradient is rounded once, to that dtype.
     return dw.to(weight.dtype) if (weight is not None and needed) else None
 
 
+def _rms_norm_grads_composite(dy, x, weight, eps, dh, need_dw):
+    """The backward written with differentiable torch ops in fp32, used when autograd must
+    record the backward itself (``create_graph=True``: gradient penalties, Hessian-vector
+    products). rstd is recomputed from x rather than taken from the forward, so that its
+    dependence on x is part of the recorded graph. Same formulas as the kernels."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = xf * rstd
+    g = dy.float() if dy is not None else torch.zeros_like(xf)
+    gw = g * weight.float() if weight is not None else g
+    dx = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+    if dh is not None:
+        dx = dx + dh.float()
+    dw = None
+    if weight is not None and need_dw:
+        dw = (g * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    return dx.to(x.dtype), dw
+
+
 def _rms_norm_setup(ctx, inputs, output):
-    x, weight, _eps = inputs
+    x, weight, eps = inputs
     _y, rstd = output
+    ctx.eps = eps
     ctx.save_for_backward(x, weight, rstd)
 
 
 def _rms_norm_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
+    need_dw = ctx.needs_input_grad[1]
+    if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable
+        dx, dw = _rms_norm_grads_composite(dy, x, weight, ctx.eps, None, need_dw)
+        return dx, dw, None
     dx, dw = _ops.rms_norm_bwd(dy, x, weight, rstd, None)
-    return dx, _dweight(dw, weight, ctx.needs_input_grad[1]), None
+    return dx, _dweight(dw, weight, need_dw), None
 
 
 def _rms_norm_add_setup(ctx, inputs, output):
-    _x, _residual, weight, _eps = inputs
+    _x, _residual, weight, eps = inputs
     _y, h, rstd = output
+    ctx.eps = eps
     ctx.save_for_backward(h, weight, rstd)
 
 
 def _rms_norm_add_backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
+    need_dw = ctx.needs_input_grad[2]
+    if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable
+        # h is an output of the op; second-order gradients reaching it come back through
+        # this function as dh, which is exactly the derivative of h = x + residual.
+        dx, dw = _rms_norm_grads_composite(dy, h, weight, ctx.eps, dh, need_dw)
+        return dx, dx, dw, None
     if dy is None:
         dy = torch.zeros_like(h)
     dx, dw = _ops.rms_norm_bwd(dy, h, weight, rstd, dh)
     # h = x + residual, so both receive the same gradient.
-    return dx, dx, _dweight(dw, weight, ctx.needs_input_grad[2]), None
+    return dx, dx, _dweight(dw, weight, need_dw), None
+
+
+def _rms_norm_bwd_setup(ctx, inputs, output):
+    pass
+
+
+def _rms_norm_bwd_backward(ctx, *grads):
+    # The public functions never record this op (with create_graph=True they differentiate
+    # the composite above instead); only a direct caller of the raw op gets here. Refuse
+    # rather than let autograd treat the op as constant and return zeros.
+    raise RuntimeError(
+        "fastattn::rms_norm_bwd (the rms_norm backward op) has no derivative: double backward "
+        "through the raw op is not supported; differentiate fastattn.rms_norm itself, whose "
+        "backward supports create_graph=True"
+    )
 
 
 torch.library.register_autograd(
@@ -89,6 +137,9 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(
     "fastattn::rms_norm_add_fwd", _rms_norm_add_backward, setup_context=_rms_norm_add_setup
+)
+torch.library.register_autograd(
+    "fastattn::rms_norm_bwd", _rms_norm_bwd_backward, setup_context=_rms_norm_bwd_setup
 )
 
 # ---- rotary ------------------------------------------------------------------------------

@@ -46,3 +46,98 @@ def test_dtype_and_wrong_shape():
     assert m(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"trailing shape \(8,\)"):
         m(torch.randn(2, 9, dtype=torch.bfloat16))
+
+
+# ---- issue 13: drop-in gaps ------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [64, (4, 16)])
+def test_low_precision_input_fp32_weight(device, dtype, shape):
+    # The default of nn.RMSNorm(...) is an fp32 weight; feeding it bf16/fp16 activations
+    # (mixed precision, autocast) is what torch.nn.RMSNorm accepts.
+    ours = fastattn.nn.RMSNorm(shape, eps=1e-6, device=device)
+    theirs = torch.nn.RMSNorm(shape, eps=1e-6, device=device)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 5, 64, device=device).reshape(3, 5, *((64,) if shape == 64 else shape)).to(dtype)
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    assert ya.dtype == yb.dtype == dtype
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    torch.testing.assert_close(ya, yb, rtol=tol, atol=tol)
+    gy = torch.randn_like(ya)
+    (ya * gy).sum().backward()
+    (yb * gy).sum().backward()
+    assert ours.weight.grad.dtype == torch.float32 and xa.grad.dtype == dtype
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-2, atol=1e-2)
+    with torch.autocast(device, dtype=dtype):
+        assert ours(x).dtype == theirs(x).dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [16, (4, 16)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_non_contiguous_input(device, shape, residual):
+    ours = fastattn.nn.RMSNorm(shape, eps=1e-6, device=device)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+    full = (16,) if shape == 16 else (4, 16)
+    base = torch.randn(3, *full, 2, device=device)
+    base_r = torch.randn(3, *full, 2, device=device)
+    xa = base[..., 0].detach().requires_grad_()  # a leaf, and its strided view below
+    x = base.detach().clone().requires_grad_()
+    r = base_r.detach().clone().requires_grad_() if residual else None
+    out = ours(x[..., 0], r[..., 1] if residual else None)
+    assert x[..., 0].stride(-1) == 2
+    h_ref = xa + base_r[..., 1] if residual else xa
+    y_ref = torch.nn.functional.rms_norm(h_ref, full, ours.weight, 1e-6)
+    y = out[0] if residual else out
+    torch.testing.assert_close(y, y_ref)
+    if residual:
+        torch.testing.assert_close(out[1], h_ref)
+    y.pow(2).sum().backward()
+    y_ref.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad[..., 0], xa.grad)
+    assert torch.all(x.grad[..., 1] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("eps", [-1e-6, 0.0, None])
+def test_eps_like_torch_module(device, eps):
+    ours = fastattn.nn.RMSNorm(24, eps=eps, device=device)
+    theirs = torch.nn.RMSNorm(24, eps=eps, device=device)
+    x = torch.randn(4, 24, device=device, dtype=torch.bfloat16) * 1e-2
+    x[0] = 0
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1.6e-2, atol=1.6e-2, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_double_backward(device, residual):
+    # create_graph=True through the module (e.g. a gradient penalty) must give the true
+    # second derivative, never zeros.
+    theirs = torch.nn.RMSNorm(32, eps=1e-6, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+    x = torch.randn(6, 32, device=device)
+    r = torch.randn(6, 32, device=device)
+    results = []
+    ours = fastattn.nn.RMSNorm(32, eps=1e-6, device=device)
+    ours.load_state_dict(theirs.state_dict())  # fp32 copy of the same weight
+    for m, cast in ((ours, torch.float32), (theirs, torch.float64)):
+        xx = x.detach().to(cast).requires_grad_()
+        rr = r.detach().to(cast).requires_grad_() if residual else None
+        if residual:
+            y, h = m(xx, rr) if m is ours else (m(xx + rr), xx + rr)
+            out = y.pow(3).sum() + h.pow(3).sum()
+        else:
+            out = m(xx).pow(3).sum()
+        (gx,) = torch.autograd.grad(out, xx, create_graph=True)
+        gx.pow(2).sum().backward()
+        results.append((gx.detach(), xx.grad, m.weight.grad) + ((rr.grad,) if residual else ()))
+    for a, b in zip(*results):
+        assert b.abs().max() > 1e-3
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)

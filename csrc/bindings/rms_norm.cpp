@@ -6,21 +6,31 @@
 namespace fastattn {
 namespace {
 
-void check_rms_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                      double eps) {
+// eps may be any value, as in torch: negative or zero eps gives NaN/inf on rows whose mean
+// square + eps <= 0, exactly where torch's does. The weight may have any floating dtype and
+// any strides (see weight_for_kernel).
+void check_rms_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight) {
   check_device_supported(x, "x");
   check_float_dtype(x, "x");
   FA_CHECK_ARG(x.dim() >= 1, "fastattn.rms_norm: x must have at least 1 dimension, got a scalar");
   check_last_dim_contiguous(x, "x");
-  FA_CHECK_ARG(eps >= 0.0, "fastattn.rms_norm: eps must be >= 0, got ", eps);
   if (weight.has_value()) {
     const at::Tensor& w = *weight;
     check_same_device(w, x, "weight", "x");
-    check_same_dtype(w, x, "weight", "x");
+    FA_CHECK_ARG(at::isFloatingType(w.scalar_type()),
+                 "fastattn.rms_norm: weight must be a floating-point tensor, got ", w.scalar_type());
     FA_CHECK_ARG(w.dim() == 1 && w.size(0) == x.size(-1),
                  "fastattn.rms_norm: weight must have shape (", x.size(-1),
                  ",) to match x's last dimension, got ", w.sizes());
   }
+}
+
+// The kernels read the weight densely in x's dtype. A weight of another dtype (the fp32
+// master weight of a 16-bit model: torch accepts it) is converted here, once per call; it is
+// n elements, negligible next to the rows. dweight is fp32 whatever the weight's dtype.
+at::Tensor weight_for_kernel(const std::optional<at::Tensor>& weight, const at::Tensor& x) {
+  if (!weight.has_value()) return at::Tensor();
+  return weight->to(x.scalar_type()).contiguous();
 }
 
 void launch_fwd(const RmsNormParams& p, const at::Tensor& x) {
@@ -39,7 +49,7 @@ void launch_fwd(const RmsNormParams& p, const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
                                                 const std::optional<at::Tensor>& weight,
                                                 double eps) {
-  check_rms_inputs(x, weight, eps);
+  check_rms_inputs(x, weight);
   const int64_t n = x.size(-1);
   at::Tensor y = empty_output(x.sizes(), x.options());
   auto rstd_sizes = x.sizes().vec();
@@ -48,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
   if (x.numel() == 0) return {y, rstd};
 
   const at::Tensor x2 = as_rows(x, n);
-  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor w = weight_for_kernel(weight, x);
   RmsNormParams p;
   p.x = x2.data_ptr();
   p.x_row_stride = x2.stride(0);
@@ -67,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_add_fwd(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
     double eps) {
-  check_rms_inputs(x, weight, eps);
+  check_rms_inputs(x, weight);
   check_same_device(residual, x, "residual", "x");
   check_same_dtype(residual, x, "residual", "x");
   FA_CHECK_ARG(residual.sizes() == x.sizes(), "fastattn.rms_norm: residual must have x's shape ",
@@ -83,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_add_fwd(
 
   const at::Tensor x2 = as_rows(x, n);
   const at::Tensor r2 = as_rows(residual, n);
-  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor w = weight_for_kernel(weight, x);
   RmsNormParams p;
   p.x = x2.data_ptr();
   p.x_row_stride = x2.stride(0);
@@ -107,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
                                                 const std::optional<at::Tensor>& weight,
                                                 const at::Tensor& rstd,
                                                 const std::optional<at::Tensor>& dh) {
-  check_rms_inputs(x, weight, 0.0);
+  check_rms_inputs(x, weight);
   check_same_device(dy, x, "dy", "x");
   check_same_dtype(dy, x, "dy", "x");
   FA_CHECK_ARG(dy.sizes() == x.sizes(), "fastattn.rms_norm backward: dy must have x's shape ",
@@ -129,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   const at::Tensor dy2 = as_rows(dy.stride(-1) == 1 ? dy : dy.contiguous(), n);
   const at::Tensor x2 = as_rows(x, n);
   const at::Tensor rstd_c = rstd.contiguous();
-  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor w = weight_for_kernel(weight, x);
   at::Tensor dh2;
   if (dh.has_value()) dh2 = as_rows(dh->stride(-1) == 1 ? *dh : dh->contiguous(), n);
 
