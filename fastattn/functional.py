@@ -174,6 +174,96 @@ def _check_rotary_args(q, k, cos, sin, positions) -> None:
         raise ValueError(f"positions must have shape (S,) = ({S},) or (B, S) = ({B}, {S}), got {tuple(positions.shape)}")
 
 
+def _stride_span(t: Tensor) -> int:
+    return sum(st * (n - 1) for st, n in zip(t.stride(), t.shape))
+
+
+def _internal_overlap(t: Tensor):
+    """Whether two indices of t reach one memory location: False when proven from the
+    strides (sorted, each exceeds the span of the smaller dims), True for an expand, None
+    when the strides cannot tell. Mirrors internal_overlap in csrc/bindings/common.h."""
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1)
+    if t.numel() <= 1 or not dims:
+        return False
+    if dims[0][0] < 0:
+        return None
+    if dims[0][0] == 0:
+        return True
+    span = 0
+    for st, n in dims:
+        if st <= span:
+            return None
+        span += st * (n - 1)
+    return False
+
+
+def _elements_overlap(a: Tensor, b: Tensor):
+    """Whether a and b share an element, exactly (True/False), or None when undecidable
+    (different element sizes, misaligned addresses, search budget spent). Mirrors
+    elements_overlap in csrc/bindings/common.h: a[x] is b[y] iff sum sa_i x_i - sum sb_j y_j
+    equals the element distance of their first elements, solved over the index boxes."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if min(a.stride() + b.stride(), default=0) < 0:
+        return None
+    esz = a.element_size()
+    a_lo, b_lo = a.data_ptr(), b.data_ptr()
+    if a_lo + (_stride_span(a) + 1) * esz <= b_lo or b_lo + (_stride_span(b) + 1) * b.element_size() <= a_lo:
+        return False
+    if b.element_size() != esz or (b_lo - a_lo) % esz:
+        return None
+    ranges = {}  # stride -> (lo, hi) of the index difference along it
+    for t, sign in ((a, 1), (b, -1)):
+        for st, n in zip(t.stride(), t.shape):
+            if st and n > 1:
+                lo, hi = ranges.get(st, (0, 0))
+                ranges[st] = (lo, hi + n - 1) if sign > 0 else (lo - (n - 1), hi)
+    terms = sorted(ranges.items(), reverse=True)
+    rest_lo, rest_hi = [0] * (len(terms) + 1), [0] * (len(terms) + 1)
+    for i in range(len(terms) - 1, -1, -1):
+        c, (lo, hi) = terms[i]
+        rest_lo[i], rest_hi[i] = rest_lo[i + 1] + c * lo, rest_hi[i + 1] + c * hi
+    budget = [1 << 16]
+
+    def solve(i, r):
+        if r < rest_lo[i] or r > rest_hi[i]:
+            return False
+        if i == len(terms):
+            return r == 0
+        c, (lo, hi) = terms[i]
+        unknown = False
+        for z in range(max(lo, -((rest_hi[i + 1] - r) // c)), min(hi, (r - rest_lo[i + 1]) // c) + 1):
+            budget[0] -= 1
+            if budget[0] < 0:
+                return None
+            found = solve(i + 1, r - c * z)
+            if found:
+                return True
+            unknown = unknown or found is None
+        return None if unknown else False
+
+    return solve(0, (b_lo - a_lo) // esz)
+
+
+def _check_inplace_memory(q: Tensor, k: Tensor) -> None:
+    # The binding makes the same checks for the in-place kernel; this is for the path that
+    # rotates out of place and copies back, where shared elements would get k's rotation
+    # in q (copy_ itself only refuses an expand).
+    for t, name in ((q, "q"), (k, "k")):
+        if _internal_overlap(t) is not False:
+            raise ValueError(
+                f"fastattn.apply_rotary(inplace=True): {name} has elements sharing memory (e.g. an expand), or "
+                "strides that cannot rule it out; it is written in place, so pass a tensor with distinct elements"
+            )
+    found = _elements_overlap(q, k)
+    if found is not False:
+        raise ValueError(
+            "fastattn.apply_rotary(inplace=True): q and k overlap in memory"
+            + (" (or their strides cannot rule it out)" if found is None else "")
+            + "; the op writes in place, so they must not share elements"
+        )
+
+
 def apply_rotary(
     q: Tensor,
     k: Tensor,
@@ -204,7 +294,14 @@ def apply_rotary(
             the op (grad mode on and q or k requires grad) the rotation is computed out of
             place and copied back with ``Tensor.copy_``, so autograd sees an ordinary
             in-place op: gradients are correct for non-leaf tensors, and a leaf that
-            requires grad raises torch's usual in-place error.
+            requires grad raises torch's usual in-place error. q and k may be views of one
+            buffer (e.g. the q and k heads of a packed qkv projection, interleaved in
+            memory) as long as they share no element: that is decided exactly from their
+            sizes, strides and addresses. ValueError if q and k share an element (it would
+            be rotated twice), if q or k has elements sharing memory (an expand, or strides
+            that cannot rule it out), or if the tables or positions lie in q's or k's
+            memory. (Under torch.compile the copy-back path skips these checks, which need
+            real addresses; the in-place kernel always makes them.)
 
     Returns:
         (q_rot, k_rot) with q's and k's shapes and dtype (new contiguous tensors, or q and k
@@ -217,6 +314,8 @@ def apply_rotary(
     if not inplace:
         return ops.rotary(q, k, cos, sin, positions, interleaved, False)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        if not torch.compiler.is_compiling():
+            _check_inplace_memory(q, k)
         q_rot, k_rot = ops.rotary(q, k, cos, sin, positions, interleaved, False)
         q.copy_(q_rot)
         k.copy_(k_rot)
@@ -404,6 +503,8 @@ def scaled_dot_product_attention(
 # ---- decode attention and append_kv ------------------------------------------------------
 __all__ += ["decode_attention", "append_kv"]
 
+from ._validate import check_softmax_scale  # noqa: E402
+
 
 def _check_cache_seqlens(cache_seqlens, ref: Tensor, batch: int) -> None:
     check_tensor(cache_seqlens, "cache_seqlens")
@@ -491,8 +592,6 @@ def decode_attention(
         raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
     out, lse = ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits)
     return (out, lse) if return_lse else out
-
-from ._validate import check_softmax_scale  # noqa: E402
 
 
 def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor) -> None:

@@ -185,3 +185,47 @@ def test_bad_forward_input():
     q, k = torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64)
     with pytest.raises(ValueError, match="positions must be int32 or int64"):
         rope(q, k, torch.arange(4).float())
+
+
+# ---- issue 13: bounded table growth, clear errors for bad positions ------------------------
+def test_table_growth_is_bounded():
+    rope = fastattn.nn.RotaryEmbedding(8, 16)
+    q, k = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 1, 8)
+    limit = fastattn.nn.RotaryEmbedding.max_positions
+    assert limit == 2**24
+    # Used to try to build a 2**41-row table (terabytes) or, at 2**28, silently tens of GB.
+    for p in (2**40, 2**28, limit):
+        with pytest.raises(ValueError, match=rf"positions: the largest position asked for is {p} .* at most {limit}"):
+            rope(q, k, torch.tensor([p]))
+        with pytest.raises(ValueError, match=rf"max_position = {p + 1} .* at most {limit}"):
+            rope(q, k, torch.tensor([0]), max_position=p + 1)
+    assert rope.cached_positions == 16  # nothing was built
+    # The bound is a class attribute, overridable per instance; doubling stops at it.
+    rope.max_positions = 100
+    rope(q, k, torch.tensor([99]))
+    assert rope.cached_positions == 100
+    with pytest.raises(ValueError, match="positions: the largest position asked for is 100 .* at most 100"):
+        rope(q, k, torch.tensor([100]))
+    with pytest.raises(ValueError, match=r"positions \(default arange\(S\), S = 101\) .* at most 100"):
+        rope(torch.randn(1, 101, 2, 8), torch.randn(1, 101, 1, 8))
+    with pytest.raises(ValueError, match="max_position_embeddings = 200 exceeds .* at most 100"):
+        type("Small", (fastattn.nn.RotaryEmbedding,), {"max_positions": 100})(8, 200)
+
+
+def test_bad_positions_named():
+    rope = fastattn.nn.RotaryEmbedding(8, 16)
+    q, k = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 1, 8)
+    with pytest.raises(ValueError, match=r"positions must be >= 0, got a minimum of -3"):
+        rope(q, k, torch.tensor([-3, 40]))
+    with pytest.raises(ValueError, match="positions must be int32 or int64, got torch.float32"):
+        rope(q, k, torch.tensor([0.5, 1.5]))
+    with pytest.raises(ValueError, match="positions must be int32 or int64, got torch.complex64"):
+        rope(q, k, torch.tensor([1j, 2j]))
+    with pytest.raises(TypeError, match="positions must be a torch.Tensor"):
+        rope(q, k, [0, 1])
+    for bad in (2.5, "9", True, [3]):
+        with pytest.raises(TypeError, match="max_position must be an int"):
+            rope(q, k, torch.tensor([0, 1]), max_position=bad)
+    with pytest.raises(ValueError, match="max_position must be >= 0, got -1"):
+        rope(q, k, torch.tensor([0, 1]), max_position=-1)
+    assert rope.cached_positions == 16

@@ -358,3 +358,128 @@ def test_direct_inplace_op_autograd_guard():
     assert x._version == v[0] + 1 and k._version == v[1] + 1
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+# ---- issue 13: in-place rotation of q and k that share memory ------------------------------
+def _overlapping_views(requires_grad=False):
+    # Heads 2..3 of q are heads 0..1 of k: the same elements, reached through strided views
+    # (at::get_overlap_status cannot decide those).
+    buf = torch.randn(1, 4, 6, 8)
+    if requires_grad:
+        buf = buf.requires_grad_() * 1.0
+    return buf, buf[:, :, 0:4], buf[:, :, 2:6]
+
+
+@pytest.mark.parametrize("how", ["functional", "op", "functional_grad"])
+def test_inplace_shared_elements_refused(how):
+    cos, sin = torch.rand(8, 4), torch.rand(8, 4)
+    buf, q, k = _overlapping_views(requires_grad=how == "functional_grad")
+    before = buf.detach().clone()
+    with pytest.raises(ValueError, match="q and k overlap in memory"):
+        if how == "op":
+            torch.ops.fastattn.rotary_(q, k, cos, sin, None, False, False)
+        else:
+            fastattn.apply_rotary(q, k, cos, sin, inplace=True)
+    assert torch.equal(buf.detach(), before)  # nothing rotated (let alone twice)
+    # Out of place they are just two inputs.
+    q2, k2 = fastattn.apply_rotary(q, k, cos, sin)
+    rq, rk = reference.apply_rotary(q.detach(), k.detach(), cos, sin, None, False)
+    torch.testing.assert_close(q2, rq)
+    torch.testing.assert_close(k2, rk)
+
+
+@pytest.mark.parametrize("layout", ["heads", "qkv_axis", "row_padded"])
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_inplace_packed_qkv_layouts(layout, grad):
+    # Disjoint q and k interleaved in one buffer (their byte ranges intersect): rotated in
+    # place, exactly as out of place; in the grad path the gradients match too.
+    B, S, H, Hk, D = 2, 5, 4, 2, 16
+    if layout == "heads":  # (B, S, H + 2 Hk, D), the usual fused projection
+        base = torch.randn(B, S, H + 2 * Hk, D)
+        views = lambda t: (t[:, :, :H], t[:, :, H : H + Hk])  # noqa: E731
+    elif layout == "qkv_axis":  # (B, S, 3, H, D) with H == Hk
+        base = torch.randn(B, S, 3, H, D)
+        views = lambda t: (t[:, :, 0], t[:, :, 1, :Hk])  # noqa: E731
+    else:  # q and k share rows with padding between heads and an odd head stride
+        base = torch.randn(B, S, H + Hk, D + 3)
+        views = lambda t: (t[:, :, :H, 1 : D + 1], t[:, :, H:, 2 : D + 2])  # noqa: E731
+    cos, sin = _tables(12, "cpu")
+    pos = _positions("batch_int64", B, S, "cpu")
+    leaf = base.clone().requires_grad_(grad)
+    q0, k0 = views(leaf)
+    q_out, k_out = fastattn.apply_rotary(q0, k0, cos, sin, positions=pos)
+    buf = leaf * 1.0 if grad else leaf.detach().clone()
+    q, k = views(buf)
+    q2, k2 = fastattn.apply_rotary(q, k, cos, sin, positions=pos, inplace=True)
+    assert q2 is q and k2 is k
+    assert torch.equal(q, q_out) and torch.equal(k, k_out)
+    if grad:
+        gq, gk = torch.randn_like(q), torch.randn_like(k)
+        ((q * gq).sum() + (k * gk).sum()).backward()
+        g_inplace = leaf.grad.clone()
+        leaf.grad = None
+        ((q_out * gq).sum() + (k_out * gk).sum()).backward()
+        torch.testing.assert_close(g_inplace, leaf.grad)
+
+
+def test_inplace_internal_and_table_overlap_refused():
+    cos, sin = torch.rand(8, 4), torch.rand(8, 4)
+    k = torch.randn(1, 4, 1, 8)
+    # Rows 4 elements apart but 8 wide: each row shares half its elements with the next.
+    q = torch.randn(64).as_strided((1, 4, 1, 8), (32, 4, 8, 1))
+    with pytest.raises(ValueError, match="q has elements sharing memory"):
+        torch.ops.fastattn.rotary_(q, k, cos, sin, None, False, False)
+    with pytest.raises(ValueError, match="q has elements sharing memory"):
+        fastattn.apply_rotary(q, k, cos, sin, inplace=True)
+    # q written while the kernel reads the cos table from the same memory.
+    buf = torch.rand(64)
+    with pytest.raises(ValueError, match="q and cos overlap in memory"):
+        fastattn.apply_rotary(buf.view(1, 4, 2, 8), k, buf[:32].view(8, 4), sin, inplace=True)
+    zeros = torch.zeros(32)  # positions 0 read from the memory that k's rotation writes
+    with pytest.raises(ValueError, match="k and positions overlap in memory"):
+        fastattn.apply_rotary(torch.randn(1, 4, 2, 8), zeros.view(1, 4, 1, 8), cos, sin,
+                              positions=zeros[:4].view(torch.int32), inplace=True)
+
+
+def test_overlap_decision_is_exact_on_random_views():
+    # q and k as random strided views (last dim contiguous) of one buffer, against a
+    # brute-force comparison of their element addresses: the in-place op refuses exactly
+    # the pairs that share an element, and the Python check of the autograd path agrees.
+    from fastattn.functional import _elements_overlap, _internal_overlap
+
+    gen = torch.Generator().manual_seed(13)
+
+    def rnd(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    def view(buf, B, S, D):
+        H = rnd(1, 3)
+        strides = (rnd(0, 40), rnd(0, 24), rnd(D, 12), 1)
+        size = (B, S, H, D)
+        span = sum(st * (n - 1) for st, n in zip(strides, size)) + 1
+        return buf.as_strided(size, strides, rnd(0, buf.numel() - span))
+
+    def addresses(t):
+        idx = torch.arange(N).as_strided(t.shape, t.stride(), t.storage_offset())
+        return set(idx.flatten().tolist())
+
+    cos, sin = torch.rand(8, 2), torch.rand(8, 2)
+    seen = {True: 0, False: 0}
+    N = 200
+    for _ in range(600):
+        buf = torch.randn(N)
+        B, S, D = rnd(1, 2), rnd(1, 3), rnd(4, 6)
+        q, k = view(buf, B, S, D), view(buf, B, S, D)
+        if _internal_overlap(q) is not False or _internal_overlap(k) is not False:
+            continue
+        shared = bool(addresses(q) & addresses(k))
+        assert _elements_overlap(q, k) is shared and _elements_overlap(k, q) is shared
+        seen[shared] += 1
+        if shared:
+            with pytest.raises(ValueError, match="q and k overlap in memory;"):
+                torch.ops.fastattn.rotary_(q, k, cos, sin, None, False, False)
+        else:
+            expect = fastattn.apply_rotary(q, k, cos, sin)
+            torch.ops.fastattn.rotary_(q, k, cos, sin, None, False, False)
+            assert torch.equal(q, expect[0]) and torch.equal(k, expect[1])
+    assert min(seen.values()) > 20, seen

@@ -7,9 +7,7 @@
 // FASTATTN_ROTARY_SKIP_POSITION_CHECK=1 (for decode loops that cannot afford the sync).
 // When skipped, the kernel never reads outside the tables: a token with a bad position
 // gets NaN in its rotated dims, so the error is visible rather than silent.
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -181,20 +179,21 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
 void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
              const std::optional<at::Tensor>& positions, bool interleaved, bool conjugate) {
   const Prepared in = prepare(q, k, cos, sin, positions);
-  // Writing through a tensor whose elements share memory (an expand) or into q and k that
-  // overlap would rotate some elements twice.
-  FA_CHECK_ARG(at::has_internal_overlap(q) != at::MemOverlap::Yes,
-               "fastattn.apply_rotary(inplace=True): q has elements sharing memory (e.g. an expand); "
-               "pass a tensor with distinct elements or use inplace=False");
-  FA_CHECK_ARG(at::has_internal_overlap(k) != at::MemOverlap::Yes,
-               "fastattn.apply_rotary(inplace=True): k has elements sharing memory (e.g. an expand); "
-               "pass a tensor with distinct elements or use inplace=False");
-  // Detects the same tensor passed twice and overlapping contiguous tensors; strided views
-  // of a packed qkv are disjoint by construction and not provable cheaply, so not checked.
-  const auto overlap = at::get_overlap_status(q, k);
-  FA_CHECK_ARG((q.numel() == 0 || q.data_ptr() != k.data_ptr()) && overlap != at::MemOverlapStatus::Full &&
-                   overlap != at::MemOverlapStatus::Partial,
-               "fastattn.apply_rotary(inplace=True): q and k overlap in memory; they must be disjoint");
+  // Writing through a tensor whose elements share memory (an expand), or into q and k that
+  // share elements, would rotate some elements twice; writing q or k while the kernel reads
+  // the tables or positions from the same memory would read rotated values. q and k are
+  // compared exactly (views of one packed qkv buffer interleave but are disjoint, and stay
+  // allowed); the tables and positions have no reason to share a buffer with q or k, so
+  // any intersection of their byte ranges is refused.
+  constexpr const char* op = "fastattn.apply_rotary(inplace=True)";
+  check_no_internal_overlap(q, op, "q");
+  check_no_internal_overlap(k, op, "k");
+  check_no_overlap(q, "q", k, "k", op);
+  for (const auto& [t, name] : {NamedTensor{q, "q"}, NamedTensor{k, "k"}}) {
+    check_no_overlap(t, name, cos, "cos", op, /*exact=*/false);
+    check_no_overlap(t, name, sin, "sin", op, /*exact=*/false);
+    if (positions.has_value()) check_no_overlap(t, name, *positions, "positions", op, /*exact=*/false);
+  }
   RotaryParams p = make_params(q, k, in.cos, in.sin, in.positions, interleaved, conjugate);
   p.q_out = q.data_ptr();
   p.k_out = k.data_ptr();
@@ -223,9 +222,9 @@ const c10::TypedOperatorHandle<decltype(rotary_)>& rotary_inplace_op() {
 
 void rotary_inplace_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
                              const std::optional<at::Tensor>& positions, bool interleaved, bool conjugate) {
-  TORCH_CHECK(!(c10::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad())),
-              "fastattn::rotary_ (in place) is not differentiable but q or k requires grad; use "
-              "fastattn.apply_rotary(..., inplace=True), which records the rotation for autograd, or no_grad");
+  check_inplace_not_differentiable("fastattn::rotary_ (in place)", {{q, "q"}, {k, "k"}},
+                                   "use fastattn.apply_rotary(..., inplace=True), which records the rotation "
+                                   "for autograd, or no_grad");
   at::AutoDispatchBelowAutograd guard;
   rotary_inplace_op().call(q, k, cos, sin, positions, interleaved, conjugate);
 }
@@ -236,8 +235,7 @@ void rotary_inplace_or_view(const at::Tensor& q, const at::Tensor& k, const at::
     at::AutoDispatchBelowADInplaceOrView guard;
     rotary_inplace_op().call(q, k, cos, sin, positions, interleaved, conjugate);
   }
-  q.unsafeGetTensorImpl()->bump_version();
-  k.unsafeGetTensorImpl()->bump_version();
+  bump_versions(q, k);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -99,7 +100,17 @@ class RotaryEmbedding(torch.nn.Module):
     that is S; with CPU positions their max is read; CUDA positions are not read (that
     would sync), so pass ``max_position`` (an exclusive upper bound of the positions) when
     decoding past the cached length on CUDA, or the kernel call rejects the positions.
+
+    Growth is bounded by ``max_positions`` (class attribute, 2**24 = 16M positions, beyond
+    any released model's context; set it on an instance or subclass to change it): the
+    tables never hold more rows, which caps them at 2**24 * R * 4 bytes (8 GiB for R = 128,
+    both tables). A larger position (or max_position, or S, or max_position_embeddings)
+    raises ValueError naming it and the limit instead of attempting the allocation. CPU
+    positions below 0 raise ValueError; positions must be an int32/int64 tensor.
     """
+
+    #: The most positions the cos/sin tables are ever built for.
+    max_positions: int = 2**24
 
     def __init__(
         self,
@@ -117,6 +128,11 @@ class RotaryEmbedding(torch.nn.Module):
             raise ValueError(f"max_position_embeddings must be a positive integer, got {max_position_embeddings!r}")
         if not base > 0:
             raise ValueError(f"base must be > 0, got {base!r}")
+        if max_position_embeddings > self.max_positions:
+            raise ValueError(
+                f"max_position_embeddings = {max_position_embeddings} exceeds the table limit: RotaryEmbedding "
+                f"builds its cos/sin tables for at most {self.max_positions} positions (max_positions)"
+            )
         self.dim = dim
         self.max_position_embeddings = max_position_embeddings
         self.base = float(base)
@@ -141,13 +157,20 @@ class RotaryEmbedding(torch.nn.Module):
         self.cos = freqs.cos().contiguous()
         self.sin = freqs.sin().contiguous()
 
-    def _ensure(self, needed: int) -> None:
+    def _ensure(self, needed: int, what: str) -> None:
+        # `what` names where `needed` came from, for the error.
+        limit = self.max_positions
+        if needed > limit:
+            raise ValueError(
+                f"{what} but RotaryEmbedding builds its cos/sin tables for at most {limit} positions "
+                f"(max_positions; a table that long already takes {limit * self.dim * 4 / 2**30:.3g} GiB)"
+            )
         stale = self.cos.dtype != torch.float32  # the module was cast with .to(dtype)
         if needed > self.cached_positions or stale:
-            size = self.cached_positions
+            size = max(self.cached_positions, 1)
             while size < needed:
                 size *= 2
-            self._build(size, self.cos.device)
+            self._build(min(size, limit), self.cos.device)
 
     def forward(
         self,
@@ -160,19 +183,32 @@ class RotaryEmbedding(torch.nn.Module):
     ):
         if positions is None:
             needed = q.shape[1] if isinstance(q, Tensor) and q.dim() >= 2 else 0
+            what = f"positions (default arange(S), S = {needed}) need {needed} table rows"
         elif max_position is not None:
+            if isinstance(max_position, bool) or not isinstance(max_position, (numbers.Integral, torch.SymInt)):
+                raise TypeError(
+                    f"max_position must be an int (an exclusive bound of the positions) or None, got "
+                    f"{type(max_position).__name__}: {max_position!r}"
+                )
             needed = int(max_position)
+            if needed < 0:
+                raise ValueError(f"max_position must be >= 0, got {needed}")
+            what = f"max_position = {needed} asks for {needed} table rows"
         elif (
             isinstance(positions, Tensor)
             and positions.device.type == "cpu"
             and positions.numel() > 0
-            and not positions.dtype.is_floating_point
+            and positions.dtype in (torch.int32, torch.int64)
             and not torch.compiler.is_compiling()
         ):
-            needed = int(positions.max()) + 1
-        else:
-            needed = 0
-        self._ensure(needed)
+            lo, hi = (int(v) for v in torch.aminmax(positions))
+            if lo < 0:
+                raise ValueError(f"positions must be >= 0, got a minimum of {lo}")
+            needed = hi + 1
+            what = f"positions: the largest position asked for is {hi}"
+        else:  # checked by apply_rotary (dtype, shape; CUDA values by the kernel)
+            needed, what = 0, ""
+        self._ensure(needed, what)
         return F.apply_rotary(
             q, k, self.cos, self.sin, positions=positions, interleaved=self.interleaved, inplace=inplace
         )
