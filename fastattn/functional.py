@@ -23,6 +23,8 @@ import numbers as _numbers  # noqa: E402
 
 __all__ += ["rms_norm"]
 
+_RMS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
 
 def _rms_norm_eps(eps) -> float:
     """torch's rules for rms_norm's eps: any real number (negative and 0 included; a row
@@ -64,7 +66,8 @@ def rms_norm(
 
     Args:
         x: (..., N) float32/float16/bfloat16, any strides (a last dim that is not
-            contiguous is copied once).
+            contiguous is copied once). float64 is accepted too and computed by torch's
+            own rms_norm (there are no fp64 kernels).
         weight: (N,) or None, any float dtype and strides. A weight whose dtype differs from
             x's (the fp32 master weight of a 16-bit model, or under autocast) is converted
             to x's dtype for the kernel; its gradient is reduced in fp32 and returned in the
@@ -84,7 +87,9 @@ def rms_norm(
     Differentiable in x, weight and residual, to any order (with ``create_graph=True`` the
     backward is recorded as torch ops).
     """
-    check_float(x, "x")
+    check_tensor(x, "x")
+    if x.dtype not in _RMS_DTYPES:
+        raise ValueError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension, got a 0-dim tensor")
     eps = _rms_norm_eps(eps)
@@ -103,12 +108,17 @@ def rms_norm(
         if residual.dtype != x.dtype:
             # h = x + residual in the promoted dtype, as the unfused expression.
             dtype = torch.promote_types(x.dtype, residual.dtype)
-            if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            if dtype not in _RMS_DTYPES:
                 raise ValueError(
                     f"residual has dtype {residual.dtype}: x + residual would be {dtype} (torch's type "
-                    f"promotion with x's {x.dtype}), but rms_norm computes in float32, float16 or bfloat16"
+                    f"promotion with x's {x.dtype}), not float32, float16, bfloat16 or float64"
                 )
             x, residual = x.to(dtype), residual.to(dtype)
+    if x.dtype == torch.float64:
+        # No fp64 kernels (fp64 is for checking, e.g. gradcheck, not for speed): torch's own.
+        h = x + residual if residual is not None else x
+        y = torch.nn.functional.rms_norm(h, (h.shape[-1],), weight, eps)
+        return (y, h) if residual is not None else y
     if x.is_cuda and x.dtype != torch.float32 and torch.is_autocast_enabled("cuda"):
         # torch lists rms_norm among CUDA autocast's fp32 ops: it normalises in fp32 and
         # returns fp32 (CPU autocast leaves it alone). The residual add is not an autocast op.

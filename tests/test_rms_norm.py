@@ -133,6 +133,28 @@ def test_opcheck(device):
     dy = torch.randn_like(y)
     torch.library.opcheck(torch.ops.fastattn.rms_norm_bwd, (dy, x.detach(), w.detach(), rstd, None))
     torch.library.opcheck(torch.ops.fastattn.rms_norm_bwd, (dy, x.detach(), None, rstd, dy.clone()))
+    # A weight of another dtype than x (converted inside; dweight stays fp32).
+    xb = x.detach().bfloat16().requires_grad_()
+    torch.library.opcheck(torch.ops.fastattn.rms_norm_fwd, (xb, w, 1e-6))
+    torch.library.opcheck(torch.ops.fastattn.rms_norm_add_fwd, (xb, r.detach().bfloat16(), w, -1e-6))
+    yb, rstdb = torch.ops.fastattn.rms_norm_fwd(xb.detach(), w.detach(), 1e-6)
+    torch.library.opcheck(torch.ops.fastattn.rms_norm_bwd, (torch.randn_like(yb), xb.detach(), w.detach(), rstdb, None))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_float64_like_torch(device, residual):
+    # torch.nn.RMSNorm(dtype=torch.float64) works (gradcheck, numerics); so does ours.
+    x = torch.randn(3, 20, device=device, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 20, device=device, dtype=torch.float64, requires_grad=True) if residual else None
+    w = torch.rand(20, device=device, dtype=torch.float64, requires_grad=True)
+    out = fastattn.rms_norm(x, w, 1e-6, residual=r)
+    y = out[0] if residual else out
+    assert y.dtype == torch.float64
+    h = x + r if residual else x
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(h, (20,), w, 1e-6))
+    assert torch.autograd.gradcheck(lambda *a: fastattn.rms_norm(a[0], a[1], 1e-6, residual=a[2] if residual else None),
+                                    (x, w, r if residual else None))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -540,7 +562,8 @@ def test_cuda_autocast_runs_in_fp32():
     [
         (lambda: (torch.randn(4, 8), torch.randn(7), None), ValueError, r"weight must have shape \(8,\)"),
         (lambda: (torch.randn(4, 8), torch.randn(8, 1), None), ValueError, "weight must have shape"),
-        (lambda: (torch.randint(0, 5, (4, 8)), None, None), ValueError, "x must be float32, float16 or bfloat16"),
+        (lambda: (torch.randint(0, 5, (4, 8)), None, None), ValueError, "x must be float32, float16, bfloat16 or float64"),
+        (lambda: (torch.randn(4, 8), None, torch.ones(4, 8, dtype=torch.complex64)), ValueError, "residual must be a floating-point"),
         (lambda: (torch.randn(4, 8), torch.arange(8), None), ValueError, "weight must be a floating-point tensor"),
         (lambda: (torch.randn(4, 8), None, torch.randn(4, 9)), ValueError, "residual must have x's shape"),
         (lambda: (torch.randn(4, 8), None, torch.ones(4, 8, dtype=torch.int32)), ValueError, "residual must be a floating-point tensor"),
