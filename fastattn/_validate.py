@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def check_tensor(t, name: str) -> None:
@@ -52,6 +53,6 @@ def check_softmax_scale(scale, name: str = "softmax_scale"):
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name} must be a real number (float) or None, got {type(scale).__name__}: {scale!r}")
     scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"{name} must be finite, got {scale}")
+    if not math.isfinite(scale) or abs(scale) > _FLOAT32_MAX:  # the kernels scale in fp32
+        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {_FLOAT32_MAX:.4g}), got {scale}")
     return scale

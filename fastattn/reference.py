@@ -106,7 +106,9 @@ def attention_mask(
     seqlen_q``; it sees keys in ``[pos - left, pos + right]`` (-1 = unbounded); causal
     forces right = 0.
     """
-    left, right = window
+    # A side at least seqlen_q + seqlen_k wide excludes nothing (and pos + sys.maxsize would
+    # overflow int64 below).
+    left, right = (-1 if w >= seqlen_q + seqlen_k else w for w in window)
     if causal:
         right = 0
     i = torch.arange(seqlen_q, device=device).unsqueeze(1)

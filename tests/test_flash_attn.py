@@ -3,6 +3,8 @@
 Error-ratio rule (DESIGN.md section 5): the output's error against the float64 reference is
 at most twice the error of the reference computed in the input dtype, plus 1e-5.
 """
+import sys
+
 import pytest
 import torch
 
@@ -313,6 +315,13 @@ BAD_INPUTS = [
     (lambda: (_t(2, 5, 4, 64),) * 3, {"window": (-2, 0)}, ValueError, r"window sizes must be >= 0 or -1"),
     (lambda: (_t(2, 5, 4, 64),) * 3, {"window": 3}, ValueError, r"window must be a pair of ints"),
     (lambda: ([1.0], _t(2, 5, 4, 64), _t(2, 5, 4, 64)), {}, TypeError, r"q must be a torch.Tensor"),
+    (lambda: (_t(2, 5, 4, 64),) * 3, {"softmax_scale": float("nan")}, ValueError, r"softmax_scale must be finite"),
+    (lambda: (_t(2, 5, 4, 64),) * 3, {"softmax_scale": float("inf")}, ValueError, r"softmax_scale must be finite"),
+    (lambda: (_t(2, 5, 4, 64),) * 3, {"softmax_scale": 1e39}, ValueError, r"softmax_scale must be finite in float32"),
+    (lambda: (_t(2, 5, 4, 64),) * 3, {"softmax_scale": "abc"}, TypeError, r"softmax_scale must be a real number"),
+    (lambda: (_t(2, 5, 4, 64),) * 3, {"softmax_scale": 1j}, TypeError, r"softmax_scale must be a real number"),
+    (lambda: (_t(2, 5, 4, 64),) * 3, {"softmax_scale": torch.tensor(0.5)}, TypeError,
+     r"softmax_scale must be a real number"),
 ]
 
 
@@ -375,3 +384,71 @@ def test_matches_sdpa_bshd(device):
                                                             is_causal=True).transpose(1, 2)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(fastattn.flash_attention(q, k, v, causal=True), want, atol=tol, rtol=tol)
+
+
+def test_op_refuses_nonfinite_scale():
+    # Direct torch.ops callers get the binding's check (the scale is used in fp32).
+    q = _t(1, 3, 2, 16)
+    for scale in (float("nan"), float("inf"), 1e39):
+        with pytest.raises(ValueError, match="softmax_scale must be finite in float32"):
+            torch.ops.fastattn.flash_attn_fwd(q, q, q, scale, -1, -1)
+
+
+# ---- extreme but legal arguments: exact, never garbage -----------------------------------
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("window", [(-1, sys.maxsize), (sys.maxsize, 0), (sys.maxsize, sys.maxsize), (2**62, 2**40)])
+def test_huge_window_is_unbounded(device, dtype, window):
+    """Any side >= Sq + Sk excludes nothing (sys.maxsize used to overflow the band arithmetic:
+    rows came out 0); forward and backward equal the unbounded window."""
+    q, k, v = _make(device, dtype, 2, 9, 13, 4, 2, 64)
+    unbounded = tuple(-1 if w >= 9 + 13 else w for w in window)
+    _check(q, k, v, window=window)
+    grads = []
+    for w in (window, unbounded):
+        qs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fastattn.flash_attention(*qs, window=w)
+        grads.append((out, *torch.autograd.grad(out.float().square().sum(), qs)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("scale", [1e9, -1e9, 1e30, 3e3])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_huge_softmax_scale_exact(device, dtype, scale, causal):
+    """|scale * q.k| far beyond 2^24: the softmax is (nearly) a hard argmax and must be exact at
+    the row maximum, forward and backward. It used to return wrong rows, and inf gradients.
+    Truth is the float64 reference; the bar is twice the fp32 reference's own error (whose
+    fp32 scores carry scale * ulp(q.k) of error in the exponent) plus the output rounding."""
+    q, k, v = _make(device, dtype, 1, 11, 23, 4, 2, 64)
+    qs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = fastattn.flash_attention(*qs, causal=causal, softmax_scale=scale, return_lse=True)
+    runs = []
+    for ref_dtype in (torch.float64, torch.float32):
+        ins = [t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v)]
+        ref, ref_lse = reference.attention(*ins, causal=causal, softmax_scale=scale, return_lse=True)
+        runs.append((ref, ref_lse, ins))
+    (true, true_lse, true_in), (low, low_lse, low_in) = runs
+    rounding = 1e-5 if dtype == torch.float32 else 1e-2  # out is stored in q's dtype
+    assert_error_ratio(out.double(), low.double(), true, "out", atol=rounding)
+    assert_error_ratio(lse.double(), low_lse.double(), true_lse.double(), "lse", atol=1e-5 * abs(scale))
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, qs, dout)
+    true_grads = torch.autograd.grad(true, true_in, dout.double())
+    low_grads = torch.autograd.grad(low, low_in, dout.float())
+    for name, g, t, l in zip("qkv", grads, true_grads, low_grads):
+        assert torch.isfinite(g).all(), f"d{name} has non-finite entries"
+        assert_error_ratio(g.double(), l.double(), t, f"d{name}", atol=rounding * max(1.0, t.abs().max().item()))
+
+
+def test_double_backward_raises():
+    """create_graph=True then a gradient of the gradients: a clear error, never silent zeros."""
+    q, k, v = (t.requires_grad_() for t in _make("cpu", torch.float32, 1, 5, 7, 2, 1, 16))
+    out = fastattn.flash_attention(q, k, v, causal=True)
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives .double backward. are not supported"):
+        torch.autograd.grad(gq.sum(), (q, k, v))
+    # first-order gradients are untouched
+    out = fastattn.flash_attention(q, k, v, causal=True)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -5,6 +5,7 @@
 // out (B, Sq, H, D) contiguous in q's dtype; lse (B, H, Sq) fp32 contiguous. Masking is a
 // (window_left, window_right) band around the bottom-right aligned diagonal, -1 unbounded;
 // causal is (-1, 0).
+#include <cmath>
 #include <limits>
 
 #include "common.h"
@@ -57,7 +58,8 @@ void check_flash_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
   FA_CHECK_ARG(window_left >= -1 && window_right >= -1,
                "fastattn.flash_attention: window sizes must be >= 0 or -1 (unbounded), got (", window_left,
                ", ", window_right, ")");
-  FA_CHECK_ARG(softmax_scale == softmax_scale, "fastattn.flash_attention: softmax_scale must not be NaN");
+  FA_CHECK_ARG(std::isfinite(static_cast<float>(softmax_scale)),
+               "fastattn.flash_attention: softmax_scale must be finite in float32, got ", softmax_scale);
 }
 
 }  // namespace

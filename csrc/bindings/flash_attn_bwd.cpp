@@ -1,5 +1,8 @@
 // flash_attn_bwd.cpp — tensors -> FlashBwdParams for the FlashAttention backward, validation,
 // scratch allocation (delta, and the CUDA kernels' workspace) and device dispatch.
+#include <cmath>
+#include <limits>
+
 #include "common.h"
 #include "fastattn/api.h"
 #include "flash_params.h"
@@ -65,6 +68,64 @@ void check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
 #endif
 }
 
+// The kernels recompute P = exp(scale * s - lse) from ONE fp32 lse per row. That is exact to
+// a few ulps while |lse| is moderate, but the fp32 spacing of lse grows with it (2^-14 at
+// 512, about 1e11 at softmax_scale = 1e9), and a saturated softmax, whose P row must be
+// one-hot at the row maximum, then comes out as inf or 0. Past this bound the gradients are
+// computed by exact_backward instead. Ordinary attention (|scale * s| in the tens) never
+// gets near it.
+constexpr double kLseExactLimit = 512.0;
+
+bool needs_exact_backward(const at::Tensor& lse, double softmax_scale) {
+  // On CUDA the test reads lse on the host (one synchronisation); scales of magnitude <= 1,
+  // the scale of every real model, skip it.
+  if (lse.is_cuda() && std::abs(softmax_scale) <= 1.0) return false;
+  const at::Tensor finite_abs = at::where(at::isfinite(lse), lse.abs(), at::zeros({}, lse.options()));
+  return finite_abs.max().item<double>() > kLseExactLimit;
+}
+
+// The same gradients with fp32 ATen ops, one (batch, query head) at a time (O(Sq * Sk)
+// memory for that head only), the softmax taken around each row's RAW maximum score so the
+// maximum gets exponent exactly 0 for any finite scale: P = exp(|scale| * (a - max a)) / l
+// with a = sign(scale) * s. window_left/right are the normalised ones of FlashFwdParams.
+void exact_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    double softmax_scale, int64_t window_left, int64_t window_right, at::Tensor& dq,
+                    at::Tensor& dk, at::Tensor& dv) {
+  const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), sk = k.size(1), h_k = k.size(2);
+  const int64_t group = h / h_k;
+  const auto idx = q.options().dtype(at::kLong);
+  const at::Tensor pos = at::arange(sq, idx).unsqueeze(1) + (sk - sq);  // bottom-right diagonal
+  const at::Tensor j = at::arange(sk, idx).unsqueeze(0);
+  at::Tensor visible = at::ones({sq, sk}, q.options().dtype(at::kBool));
+  if (window_left >= 0) visible = visible.logical_and(j >= pos - window_left);
+  if (window_right >= 0) visible = visible.logical_and(j <= pos + window_right);
+  const double sign = softmax_scale < 0 ? -1.0 : 1.0, magnitude = std::abs(softmax_scale);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  at::Tensor dk32 = at::zeros(k.sizes(), k.options().dtype(at::kFloat));
+  at::Tensor dv32 = at::zeros(v.sizes(), v.options().dtype(at::kFloat));
+  for (int64_t bi = 0; bi < b; ++bi) {
+    for (int64_t hi = 0; hi < h; ++hi) {
+      const int64_t hk = hi / group;
+      const at::Tensor qh = q[bi].select(1, hi).to(at::kFloat);  // (Sq, D)
+      const at::Tensor kh = k[bi].select(1, hk).to(at::kFloat);  // (Sk, D)
+      const at::Tensor vh = v[bi].select(1, hk).to(at::kFloat);
+      const at::Tensor doh = dout[bi].select(1, hi).to(at::kFloat);
+      const at::Tensor a = (at::matmul(qh, kh.t()) * sign).masked_fill(visible.logical_not(), neg_inf);
+      at::Tensor row_max = std::get<0>(a.max(-1, /*keepdim=*/true));
+      row_max = at::where(at::isinf(row_max), at::zeros({}, row_max.options()), row_max);  // rows with no key
+      const at::Tensor e = at::exp((a - row_max) * magnitude);
+      const at::Tensor p = at::nan_to_num(e / e.sum(-1, /*keepdim=*/true), 0.0);  // P (Sq, Sk)
+      const at::Tensor dp = at::matmul(doh, vh.t());
+      const at::Tensor ds = p * (dp - (p * dp).sum(-1, /*keepdim=*/true));
+      dq[bi].select(1, hi).copy_(at::matmul(ds, kh) * softmax_scale);
+      dk32[bi].select(1, hk).add_(at::matmul(ds.t(), qh) * softmax_scale);
+      dv32[bi].select(1, hk).add_(at::matmul(p.t(), doh));
+    }
+  }
+  dk.copy_(dk32);
+  dv.copy_(dv32);
+}
+
 #ifdef FASTATTN_WITH_CUDA
 // The CUDA kernels read q, k, v, out and dout with 16-byte vector loads: base 16-byte aligned
 // and every batch / row / head stride a multiple of 8 elements. Anything else is copied.
@@ -107,6 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   at::Tensor delta = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
 
   FlashBwdParams p;
+  FA_CHECK_ARG(std::isfinite(static_cast<float>(softmax_scale)), kOp,
+               "softmax_scale must be finite in float32, got ", softmax_scale);
   p.fwd = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right);
   p.dout = dout.data_ptr();
   set_strides(dout, &p.dout_batch_stride, &p.dout_row_stride, &p.dout_head_stride);
@@ -118,6 +181,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   set_strides(dv, &p.dv_batch_stride, &p.dv_row_stride, &p.dv_head_stride);
   p.delta = delta.data_ptr<float>();
   p.deterministic = deterministic;
+
+  if (needs_exact_backward(lse, softmax_scale)) {
+    exact_backward(dout, q, k, v, softmax_scale, p.fwd.window_left, p.fwd.window_right, dq, dk, dv);
+    return {dq, dk, dv};
+  }
 
   if (q.is_cuda()) {
 #ifdef FASTATTN_WITH_CUDA

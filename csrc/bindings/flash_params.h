@@ -28,9 +28,13 @@ inline FlashFwdParams flash_fwd_params(const at::Tensor& q, const at::Tensor& k,
   p.h_k = k.size(2);
   p.d = q.size(3);
   p.softmax_scale = static_cast<float>(softmax_scale);
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.is_causal = window_left < 0 && window_right == 0;
+  // A side of the band at least seqlen_q + seqlen_k wide excludes no key: it is unbounded.
+  // Normalising here keeps huge values (users write sys.maxsize for "unbounded") out of the
+  // kernels' band arithmetic, where i + seqlen_k - seqlen_q + window would overflow.
+  const int64_t no_bound = p.seqlen_q + p.seqlen_k;
+  p.window_left = window_left >= no_bound ? -1 : window_left;
+  p.window_right = window_right >= no_bound ? -1 : window_right;
+  p.is_causal = p.window_left < 0 && p.window_right == 0;
   p.dtype = to_dtype(q.scalar_type());
   return p;
 }

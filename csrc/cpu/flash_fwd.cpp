@@ -318,8 +318,13 @@ class FlashFwdCpu {
     write_output(b, h, q0, rows, ws);
   }
 
-  // Online softmax of one score block in place: S becomes P = 2^(scale_log2 * S - m_new),
-  // the running max and sum are updated and the accumulator rows rescaled by 2^(m_old - m_new).
+  // Online softmax of one score block in place: S becomes P = 2^(scale_log2 * (S - m_new)),
+  // the running max and sum are updated and the accumulator rows rescaled by
+  // 2^(scale_log2 * (m_old - m_new)). m is kept in RAW score units (the score whose scaled
+  // value is largest: the max, or the min for a negative scale) and the scale is applied to
+  // the difference: at the row maximum the exponent is exactly 0 whatever the scale. The
+  // usual 2^(S * scale_log2 - max_scaled) is one FMA whose rounding error grows with
+  // |scale * S| (about 1e11 at scale 1e9), turning a hard argmax into inf or 0.
   void softmax_block(float* s, int64_t rows, int64_t cols, int64_t q0, int64_t k0, bool masked,
                      Workspace& ws) {
     const int64_t d = p_.d;
@@ -339,22 +344,23 @@ class FlashFwdCpu {
         std::fill(sr + jhi, sr + cols, 0.0f);
         if (jhi == jlo) continue;  // this row sees no key of the block: P row 0, O unchanged
       }
-      float mx = kNegInf;
+      float mx;
+      if (sl2 >= 0.0f) {
+        mx = kNegInf;
 #pragma omp simd reduction(max : mx)
-      for (int64_t j = jlo; j < jhi; ++j) mx = std::max(mx, sr[j]);
-      // The scale may be negative: the max of the scaled scores is then the scaled min.
-      if (sl2 < 0.0f) {
-        float mn = std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(min : mn)
-        for (int64_t j = jlo; j < jhi; ++j) mn = std::min(mn, sr[j]);
-        mx = mn;
+        for (int64_t j = jlo; j < jhi; ++j) mx = std::max(mx, sr[j]);
+      } else {  // a negative scale: the largest scaled score is the smallest raw one
+        mx = std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(min : mx)
+        for (int64_t j = jlo; j < jhi; ++j) mx = std::min(mx, sr[j]);
       }
-      const float m_new = std::max(m[r], mx * sl2);
-      const float alpha = m[r] == kNegInf ? 0.0f : exp2_nonpositive(m[r] - m_new);
+      const bool first = l[r] == 0.0f;  // no key seen yet (after one, the max contributes 1)
+      const float m_new = first ? mx : (sl2 >= 0.0f ? std::max(m[r], mx) : std::min(m[r], mx));
+      const float alpha = first ? 0.0f : exp2_nonpositive((m[r] - m_new) * sl2);
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = jlo; j < jhi; ++j) {
-        const float pj = exp2_nonpositive(sr[j] * sl2 - m_new);
+        const float pj = exp2_nonpositive((sr[j] - m_new) * sl2);
         sr[j] = pj;
         sum += pj;
       }
@@ -379,7 +385,7 @@ class FlashFwdCpu {
 #pragma omp simd
       for (int64_t c = 0; c < d; ++c) orow[c] *= inv;
       store_row(orow, out + (q0 + r) * p_.out_row_stride, d);
-      lse[q0 + r] = lr > 0.0f ? (ws.m[r] + std::log2(lr)) * kLn2 : kNegInf;
+      lse[q0 + r] = lr > 0.0f ? (ws.m[r] * scale_log2_ + std::log2(lr)) * kLn2 : kNegInf;
     }
   }
 

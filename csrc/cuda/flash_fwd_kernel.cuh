@@ -370,6 +370,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
       }
 
       // ---- scale into the log2 domain, mask, online softmax ------------------------------
+      // __fmul_rn: the scaled score is rounded once and the max is taken over those rounded
+      // values, so ex2(x - max) is exactly ex2(0) at the row maximum for any scale. A plain
+      // multiply may be contracted into ex2(fma(s, scale, -max)), whose rounding error grows
+      // with |scale * s| (a hard argmax at softmax_scale 1e9 would come out inf or 0).
       const int col0 = n * kBlockN;
       const bool need_mask =
           col0 + kBlockN > seqlen_k || (kMasked && (col0 < mask_lo || col0 + kBlockN - 1 > mask_hi));
@@ -391,7 +395,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
                 const int col = col0 + 8 * j + 2 * (lane & 3) + e;
-                const float x = s[mi][j][2 * hf + e] * a.scale_log2;
+                const float x = __fmul_rn(s[mi][j][2 * hf + e], a.scale_log2);
                 s[mi][j][2 * hf + e] = (col < lo || col > hi) ? kNegInf : x;
                 mx = fmaxf(mx, s[mi][j][2 * hf + e]);
               }
@@ -401,7 +405,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
             for (int j = 0; j < kNTilesS; ++j) {
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
-                s[mi][j][2 * hf + e] *= a.scale_log2;
+                s[mi][j][2 * hf + e] = __fmul_rn(s[mi][j][2 * hf + e], a.scale_log2);
                 mx = fmaxf(mx, s[mi][j][2 * hf + e]);
               }
             }
