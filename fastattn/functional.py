@@ -12,7 +12,14 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._validate import check_float, check_last_dim_contiguous, check_same_device, check_same_dtype, check_tensor
+from ._validate import (
+    check_float,
+    check_last_dim_contiguous,
+    check_same_device,
+    check_same_dtype,
+    check_softmax_scale,
+    check_tensor,
+)
 
 # Each op section appends its public names, so sections can be edited independently.
 __all__ = []
@@ -424,16 +431,22 @@ def flash_attention(
     left, right = _check_window(window)
     if causal:
         right = 0
+    softmax_scale = check_softmax_scale(softmax_scale)
     if softmax_scale is None:
         softmax_scale = D ** -0.5
-    out, lse = ops.flash_attn_fwd(q, k, v, float(softmax_scale), left, right)
+    out, lse = ops.flash_attn_fwd(q, k, v, softmax_scale, left, right)
     return (out, lse) if return_lse else out
 
 
-def _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa) -> bool:
+def _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, scale) -> bool:
     """True when fastattn's kernel computes exactly what F.scaled_dot_product_attention would."""
     if attn_mask is not None or dropout_p > 0.0:
         return False
+    if scale is not None:
+        try:
+            check_softmax_scale(scale, "scale")
+        except (TypeError, ValueError):
+            return False  # torch decides what such a scale means (or how it fails)
     if not all(isinstance(t, Tensor) for t in (query, key, value)):
         return False
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
@@ -483,7 +496,7 @@ def scaled_dot_product_attention(
     a value head dim differing from E, fp32 or head dims other than 64/128 on CUDA, empty
     inputs, other dtypes/devices. Differentiable (see ``flash_attention`` for the backward).
     """
-    if not _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa):
+    if not _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, scale):
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,

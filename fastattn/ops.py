@@ -267,10 +267,26 @@ def _flash_attn_bwd_fake(dout, q, k, v, out, lse, softmax_scale, window_left, wi
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _flash_attn_double_backward(ctx, *grads):
+    # Reached only when a second derivative is requested (create_graph=True, then a grad of
+    # the gradients): without this formula autograd would warn and return zeros.
+    raise RuntimeError(
+        "fastattn.flash_attention: second derivatives (double backward) are not supported; "
+        "the first backward works, but gradients of its gradients cannot be computed"
+    )
+
+
+torch.library.register_autograd(
+    "fastattn::flash_attn_bwd", _flash_attn_double_backward, setup_context=lambda ctx, inputs, output: None
+)
+
+
 # ---- decode attention and append_kv ------------------------------------------------------
 # Decode is inference-only: decode_attention's outputs are marked non-differentiable (so a
 # backward through them raises torch's "does not require grad" error instead of silently
-# giving no gradient); append_kv only mutates.
+# giving no gradient); append_kv only mutates. Its Autograd and ADInplaceOrView kernels are
+# in C++ (csrc/bindings/decode.cpp, as rotary_'s in rotary.cpp): they refuse arguments that
+# require grad while grad mode is on and bump the caches' version counters.
 def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits):
     return _ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits)
 
