@@ -16,7 +16,11 @@ class RMSNorm(torch.nn.Module):
     """RMSNorm over the last ``len(normalized_shape)`` dims, as ``torch.nn.RMSNorm``.
 
     Same constructor, attributes (``normalized_shape``, ``eps``, ``elementwise_affine``,
-    ``weight``) and state_dict. ``eps=None`` means ``torch.finfo(x.dtype).eps``.
+    ``weight``) and state_dict, and the same inputs: any strides, an input dtype other than
+    the weight's (a bf16 activation with the default fp32 weight, autocast; the output has
+    the input's dtype, as torch's), any eps. ``eps=None`` means the fp32 epsilon 2**-23
+    whatever the input dtype, which is what torch computes (its docs say
+    ``torch.finfo(x.dtype).eps``; its kernels use the fp32 accumulation type's).
 
     ``forward(x)`` returns y; ``forward(x, residual)`` returns ``(y, h)`` with
     ``h = x + residual`` computed in the same kernel pass (the pre-norm residual stream).
