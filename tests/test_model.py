@@ -229,6 +229,32 @@ def test_generate_input_errors(hf_llama):
         model.generate(ids.float(), 2)
     with pytest.raises(ValueError, match="backend must be one of"):
         Llama(model.config, backend="triton")
+    vocab = model.config.vocab_size
+    for bad in (vocab, -1):  # an IndexError deep in the embedding before
+        with pytest.raises(ValueError, match=rf"token id {bad}, outside the vocabulary \[0, {vocab}\)"):
+            model.generate(torch.tensor([[1, bad]]), 2)
+        with pytest.raises(ValueError, match=rf"token id {bad}, outside the vocabulary"):
+            model(torch.tensor([[bad, 1]]))
+    for bad in (float("nan"), float("inf"), -0.5, "hot"):
+        with pytest.raises(ValueError, match=r"temperature must be >= 0 \(a finite number\)"):
+            model.generate(ids, 2, temperature=bad)
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                                   "num_hidden_layers", "intermediate_size", "max_position_embeddings"])
+def test_config_sizes_must_be_positive(field):
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=32)
+    LlamaConfig(**kw)
+    with pytest.raises(ValueError, match=f"{field} must be a positive int, got 0"):
+        LlamaConfig(**{**kw, field: 0})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_from_pretrained_cuda_without_gpu(hf_llama):
+    _, path = hf_llama
+    with pytest.raises(ValueError, match="device 'cuda' requested but torch sees no CUDA device"):
+        Llama.from_pretrained(path, device="cuda")
 
 
 # ---- sampling --------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ block); ``from_pretrained`` maps Hugging Face names onto them.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -85,6 +87,11 @@ class LlamaConfig:
     eos_token_id: Optional[Union[int, List[int]]] = None
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -584,6 +591,9 @@ class Llama(nn.Module):
         with open(cfg_path) as f:
             config = LlamaConfig.from_hf(json.load(f))
         device = torch.device(device if device is not None else "cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"from_pretrained: device {str(device)!r} requested but torch sees no CUDA device "
+                             f"(torch {torch.__version__}, CUDA {torch.version.cuda})")
         hf_state = _load_safetensors(path, device)
         if dtype is None:
             dtype = next((t.dtype for t in hf_state.values() if t.is_floating_point()), torch.float32)
@@ -644,11 +654,20 @@ def _check_ids(input_ids, config: LlamaConfig, max_len: Optional[int]) -> None:
     if max_len is not None and input_ids.shape[1] > max_len:
         raise ValueError(f"input_ids has {input_ids.shape[1]} positions, more than "
                          f"max_position_embeddings {max_len}")
+    # An id outside the vocabulary would be an IndexError deep in the embedding on the CPU and
+    # a device-side assert on CUDA. Reading the range is one host sync per call on CUDA; a
+    # compiled graph skips it rather than break on a data-dependent branch.
+    if input_ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {config.vocab_size})")
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (a finite number), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not (0.0 < top_p <= 1.0):
