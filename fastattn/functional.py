@@ -381,10 +381,13 @@ def flash_attention(
         k, v: (B, Sk, Hk, D) with q's dtype and device; ``H % Hk == 0`` (GQA/MQA: query head
             h reads kv head ``h // (H // Hk)``; K/V are never copied per query head).
         causal: bottom-right aligned, as flash-attn: query i sees keys ``j <= i + Sk - Sq``.
-        softmax_scale: defaults to ``1 / sqrt(D)``.
+        softmax_scale: defaults to ``1 / sqrt(D)``. Any finite float32 value (negative and 0
+            included); NaN, inf, non-numbers raise. The softmax is exact at each row's
+            maximum whatever the scale, so a huge scale gives the hard argmax.
         window: (left, right) sliding window: query i sees keys in
-            ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 is unbounded. ``causal`` sets
-            right = 0. Rows that see no key output 0 (and lse = -inf).
+            ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 is unbounded, and so is any
+            side >= Sq + Sk (e.g. ``sys.maxsize``). ``causal`` sets right = 0. Rows that see
+            no key output 0 (and lse = -inf).
         return_lse: also return the log-sum-exp of the scaled scores.
 
     Returns:
@@ -395,7 +398,11 @@ def flash_attention(
     with ``requires_grad=False``, so a loss through it alone raises instead of silently
     getting no gradient. The backward is the FlashAttention
     backward kernel (``fastattn.ops.flash_attn_bwd``): recomputed from out and lse, O(Sq + Sk)
-    memory, bitwise reproducible gradients.
+    memory, bitwise reproducible gradients. When |lse| exceeds 512 (scores scaled far beyond
+    anything a model produces, where one fp32 lse per row cannot resolve P) the gradients come
+    from an exact fp32 path with O(Sq * Sk) memory per head instead; on CUDA that test reads
+    lse on the host and is made only when |softmax_scale| > 1. Second derivatives
+    (``create_graph=True`` and a gradient of the gradients) raise a RuntimeError.
     """
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         check_float(t, name, cuda_16bit_only=True)
