@@ -496,10 +496,29 @@ def _check_paths(device, dtype, n, rows, layout, residual, weight):
         assert_error_ratio(o, l, t, f"{name} (n={n})", atol=1e-5 * max(1.0, t.abs().max().item()))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+_LAYOUTS_2D = ["contiguous", "padded", "misaligned"]
+
+
+def _dev_name(dev):
+    return dev if isinstance(dev, str) else dev.values[0]
+
+
+def _dev_marks(dev):
+    return () if isinstance(dev, str) else dev.marks
+
+
+# The CPU kernel has no size thresholds: a few sizes keep the CPU suite quick; CUDA gets all.
+_CPU_PATH_SIZES = [8, 4096, 12288, 131072]
+_PATH_CASES = [
+    pytest.param(_dev_name(dev), n, layout, id=f"{_dev_name(dev)}-{n}-{layout}", marks=_dev_marks(dev))
+    for dev in DEVICES
+    for n in (_CPU_PATH_SIZES if _dev_name(dev) == "cpu" else PATH_SIZES)
+    for layout in _LAYOUTS_2D
+]
+
+
+@pytest.mark.parametrize("device, n, layout", _PATH_CASES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("n", PATH_SIZES)
-@pytest.mark.parametrize("layout", ["contiguous", "padded", "misaligned"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_kernel_paths(device, dtype, n, layout, residual):
     if device == "cuda":
