@@ -176,6 +176,25 @@ def test_torch_compile_fullgraph(device):
     assert x.grad is not None and w.grad is not None
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_drop_in_cases(device):
+    # The issue-13 inputs trace without graph breaks: strided x, mixed dtypes, eps None/< 0.
+    torch._dynamo.reset()
+
+    def block(x, w, r):
+        y, h = fastattn.rms_norm(x[:, ::2], w, None, residual=r)
+        return fastattn.rms_norm(y, w.bfloat16(), -1e-6) + h
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(32, device=device, requires_grad=True)
+    r = torch.randn(4, 32, device=device)
+    out = compiled(x, w, r)
+    torch.testing.assert_close(out, block(x, w, r))
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+
+
 def test_torch_compile_inductor_cpu():
     torch._dynamo.reset()
     f = torch.compile(lambda x, w: fastattn.rms_norm(x, w) * 3, fullgraph=True)
