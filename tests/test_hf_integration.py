@@ -282,3 +282,26 @@ def test_mask_free_call_is_top_left_causal():
     ref2 = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :3], v[:, :, :3], is_causal=True, scale=0.25,
                                                             enable_gqa=True)
     torch.testing.assert_close(out2, ref2.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                              (torch.float16, torch.float16)])
+def test_patched_norm_keeps_hf_result_dtype(x_dtype, w_dtype):
+    """A swapped LlamaRMSNorm returns what the HF module returns: weight * normed.to(x.dtype),
+    so torch's promotion of the two dtypes (fp32 for bf16 activations and an fp32 weight)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.norm = LlamaRMSNorm(40, eps=1e-5).to(w_dtype)
+    with torch.no_grad():
+        holder.norm.weight.add_(torch.randn(40).to(w_dtype) * 0.1)
+    x = torch.randn(3, 7, 40).to(x_dtype)
+    with torch.no_grad():
+        theirs = holder.norm(x)
+        fa_hf.patch_model(holder)
+        assert isinstance(holder.norm, fastattn.nn.RMSNorm)
+        mine = holder.norm(x)
+        truth = holder.norm.weight.double() * torch.nn.functional.rms_norm(x.double(), (40,), eps=1e-5)
+    assert mine.dtype == theirs.dtype
+    assert_error_ratio(mine, theirs, truth, "rms_norm", atol=1e-5)

@@ -188,6 +188,20 @@ def _wrap_attention_forward(attn: nn.Module) -> bool:
     return True
 
 
+class _HFRMSNorm(fastattn.nn.RMSNorm):
+    """fastattn.nn.RMSNorm with the result dtype of the LLaMA-family RMSNorm it replaces,
+    ``weight * x_normed.to(x.dtype)``: torch's promotion of x's and the weight's dtypes (fp32
+    for bf16 activations with an fp32 weight, as under autocast), where torch.nn.RMSNorm and
+    ours return x's dtype."""
+
+    def forward(self, x, residual=None):
+        out = super().forward(x, residual)
+        if self.weight is None or self.weight.dtype == x.dtype:
+            return out
+        dtype = torch.promote_types(x.dtype, self.weight.dtype)
+        return out.to(dtype) if residual is None else (out[0].to(dtype), out[1])
+
+
 def patch_model(model: nn.Module) -> dict:
     """Swap a transformers LLaMA-family model's RMSNorm modules for ``fastattn.nn.RMSNorm``
     (sharing the same weight Parameter, so state_dict and training are unchanged) and run its
@@ -202,7 +216,7 @@ def patch_model(model: nn.Module) -> dict:
                 replacements.append((parent, child_name, child))
     for parent, child_name, child in replacements:
         eps = getattr(child, "variance_epsilon", getattr(child, "eps", 1e-6))
-        norm = fastattn.nn.RMSNorm(child.weight.shape[0], eps=eps, device="meta")
+        norm = _HFRMSNorm(child.weight.shape[0], eps=eps, device="meta")
         norm.weight = child.weight
         setattr(parent, child_name, norm)
         counts["rms_norm"] += 1
