@@ -1,5 +1,6 @@
 // fiber_emulate.h — the host runtime shared by the CPU emulators of the CUDA kernels
-// (tests/decode_emulate.cpp, tests/flash_bwd_emulate.cpp).
+// (tests/decode_emulate.cpp, tests/flash_bwd_emulate.cpp, tests/rms_norm_emulate.cpp; the
+// last one also uses the CUDA runtime API stand-ins at the end of this file).
 //
 // Why it exists: both emulators compile real kernel code (csrc/cuda/*.cuh) with g++ and run
 // every CUDA thread of a block as a fiber (ucontext), so that the kernels' own control flow,
@@ -204,4 +205,179 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float v, int off) {
   float out;
   std::memcpy(&out, &r, 4);
   return out;
+}
+
+// ---- CUDA runtime API stand-ins (used by emulators that run a .cu file's own launchers) ----
+// An emulator that compiles a whole .cu (launchers included) rewrites, before compiling it,
+//   kernel<<<grid, threads, smem, stream>>>(args)  ->  ::emu::KernelLaunch(kernel, grid, threads, smem, stream)(args)
+//   extern __shared__ ... name[];                    ->  unsigned char* name = ::emu::dynamic_smem();  (cast to its type)
+//   __shared__ T name[DIM];                          ->  EMU_STATIC_SHARED(T, name, [DIM]);
+// and gets the runtime calls the launchers make from here. The emulated device: emu::g_device
+// (opt-in shared-memory limit per block, SM count), set by the emulator per call, together
+// with emu::reset_runtime(). Each kernel's static shared-memory size (what nvcc would report
+// in cudaFuncAttributes::sharedSizeBytes) is stated by the emulator (emu::set_static_smem);
+// every block checks that the kernel's __shared__ declarations use exactly that much.
+// Launch rules enforced (as the CUDA runtime does): 1..1024 threads, a non-empty grid, and
+// dynamic shared memory within the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize
+// (48 KiB - static by default; cudaFuncSetAttribute may raise it to opt-in limit - static).
+// A bad launch is not run; it leaves its error for cudaGetLastError.
+#include <map>
+#include <string>
+
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9,
+                   cudaErrorInvalidDeviceFunction = 98 };
+using cudaStream_t = struct emu_stream_*;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+struct cudaFuncAttributes {
+  std::size_t sharedSizeBytes = 0;
+  int maxDynamicSharedSizeBytes = 0;
+  int maxThreadsPerBlock = 1024;
+};
+#define __align__(n) alignas(n)
+
+namespace emu {
+
+struct Device {
+  int smem_optin = 227 * 1024;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
+  int num_sms = 132;
+};
+inline Device g_device;
+inline cudaError_t g_last_error = cudaSuccess;
+inline std::map<const void*, std::size_t> g_static_smem;  // kernel -> static __shared__ bytes
+inline std::map<const void*, int> g_max_dyn_smem;         // kernel -> cudaFuncSetAttribute value
+inline std::map<const void*, std::string> g_kernel_name;  // kernel -> name for the launch log
+inline std::vector<std::string> g_launch_log;             // "name grid threads smem", one per launch
+constexpr std::size_t kDefaultSmem = 48 * 1024;
+
+inline void reset_runtime() {
+  g_last_error = cudaSuccess;
+  g_max_dyn_smem.clear();
+  g_launch_log.clear();
+}
+template <typename F>
+inline void set_static_smem(F* kernel, std::size_t bytes, const std::string& name = "") {
+  g_static_smem[reinterpret_cast<const void*>(kernel)] = bytes;
+  g_kernel_name[reinterpret_cast<const void*>(kernel)] = name;
+}
+
+// The running launch's static shared-memory layout: static first, dynamic after (16-aligned).
+struct SmemLayout {
+  std::size_t static_bytes = 0, dynamic_offset = 0, used = 0;
+  long block_key = -1;
+  std::map<const void*, std::size_t> sites;  // __shared__ declaration -> offset, this block
+};
+inline SmemLayout g_layout;
+inline long g_block_counter = 0;
+inline long g_current_block = -1;
+
+inline unsigned char* dynamic_smem() { return smem_base() + g_layout.dynamic_offset; }
+inline void close_block_layout() {
+  if (g_layout.block_key >= 0 && g_layout.used != g_layout.static_bytes)
+    fail("a kernel's __shared__ declarations differ from its stated static shared memory");
+  g_layout.block_key = -1;
+}
+inline void* static_shared(const void* site, std::size_t bytes, std::size_t align) {
+  if (g_layout.block_key != g_current_block) {
+    close_block_layout();
+    g_layout.block_key = g_current_block;
+    g_layout.used = 0;
+    g_layout.sites.clear();
+  }
+  auto it = g_layout.sites.find(site);
+  if (it == g_layout.sites.end()) {
+    const std::size_t off = (g_layout.used + align - 1) / align * align;
+    if (off + bytes > g_layout.static_bytes) fail("static __shared__ past the stated static shared memory");
+    it = g_layout.sites.emplace(site, off).first;
+    g_layout.used = off + bytes;
+  }
+  return smem_base() + it->second;
+}
+
+inline std::size_t static_smem_of(const void* kernel) {
+  auto it = g_static_smem.find(kernel);
+  if (it == g_static_smem.end()) fail("kernel without a stated static shared-memory size");
+  return it == g_static_smem.end() ? 0 : it->second;
+}
+inline int max_dyn_smem_of(const void* kernel) {
+  auto it = g_max_dyn_smem.find(kernel);
+  return it != g_max_dyn_smem.end() ? it->second : int(kDefaultSmem - static_smem_of(kernel));
+}
+
+template <typename F>
+struct KernelLaunch {
+  F* kernel;
+  int64_t grid;
+  int64_t threads;
+  std::size_t smem;
+  KernelLaunch(F* k, int64_t g, int64_t t, std::size_t s, cudaStream_t) : kernel(k), grid(g), threads(t), smem(s) {}
+  template <typename... Args>
+  void operator()(const Args&... args) const {
+    const void* key = reinterpret_cast<const void*>(kernel);
+    const std::size_t st = static_smem_of(key);
+    if (grid < 1 || threads < 1 || threads > 1024) {
+      if (g_last_error == cudaSuccess) g_last_error = cudaErrorInvalidConfiguration;
+      return;
+    }
+    if (smem > std::size_t(max_dyn_smem_of(key)) || st + smem > std::size_t(g_device.smem_optin)) {
+      if (g_last_error == cudaSuccess) g_last_error = cudaErrorInvalidValue;
+      return;
+    }
+    g_launch_log.push_back(g_kernel_name[key] + " " + std::to_string(grid) + " " +
+                           std::to_string(threads) + " " + std::to_string(smem));
+    g_layout = SmemLayout{};
+    g_layout.static_bytes = st;
+    g_layout.dynamic_offset = (st + 15) / 16 * 16;
+    const int64_t g[3] = {grid, 1, 1};
+    const long first = g_block_counter;
+    g_block_counter += grid;
+    launch(g, int(threads), g_layout.dynamic_offset + smem, [&] {
+      g_current_block = first + g_block->block_idx.x;
+      kernel(args...);
+    });
+    close_block_layout();
+  }
+};
+
+}  // namespace emu
+
+#define EMU_STATIC_SHARED(T, name, dim)                                                         \
+  static char emu_site_##name = 0;                                                              \
+  T(&name) dim = *reinterpret_cast<T(*) dim>(                                                   \
+      ::emu::static_shared(&emu_site_##name, sizeof(T dim), alignof(T)))
+
+template <typename F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F* kernel) {
+  const void* key = reinterpret_cast<const void*>(kernel);
+  if (!emu::g_static_smem.count(key)) return cudaErrorInvalidDeviceFunction;
+  attr->sharedSizeBytes = emu::static_smem_of(key);
+  attr->maxDynamicSharedSizeBytes = emu::max_dyn_smem_of(key);
+  return cudaSuccess;
+}
+template <typename F>
+inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
+  const void* key = reinterpret_cast<const void*>(kernel);
+  if (!emu::g_static_smem.count(key)) return cudaErrorInvalidDeviceFunction;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value < 0 || std::size_t(value) + emu::static_smem_of(key) > std::size_t(emu::g_device.smem_optin))
+    return cudaErrorInvalidValue;
+  emu::g_max_dyn_smem[key] = value;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = emu::g_device.smem_optin; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = emu::g_device.num_sms; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu::g_last_error;
+  emu::g_last_error = cudaSuccess;
+  return e;
 }
