@@ -42,37 +42,7 @@ inline float __int_as_float(int i) {
   return f;
 }
 
-struct __half {
-  uint16_t bits;
-};
-struct __nv_bfloat16 {
-  uint16_t bits;
-};
-inline float __half2float(__half h) {
-  _Float16 v;
-  std::memcpy(&v, &h.bits, 2);
-  return static_cast<float>(v);
-}
-inline __half __float2half_rn(float f) {
-  const _Float16 v = static_cast<_Float16>(f);  // round to nearest even
-  __half h;
-  std::memcpy(&h.bits, &v, 2);
-  return h;
-}
-inline float __bfloat162float(__nv_bfloat16 b) {
-  const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  __nv_bfloat16 b;
-  b.bits = std::isnan(f) ? static_cast<uint16_t>(0x7fc0u)
-                         : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  return b;
-}
+#include "cuda_fp16_emulate.h"  // __half, __nv_bfloat16 and their conversions
 
 #define FASTATTN_ROTARY_SMEM(name) float* name = g_block_smem
 #define FASTATTN_ROTARY_CHECK_ALIGNED(ptr)                                                   \
