@@ -99,12 +99,36 @@ def _sync(device: str) -> None:
 
 
 def _progress(iterable, desc: str, total=None):
-    """tqdm when installed (stderr, cleared when done), the plain iterable otherwise."""
+    """A progress bar on stderr, never on stdout: tqdm (cleared when done) when stderr is a
+    terminal; otherwise (a log file, a pipe) one plain line naming the step, so logs hold no
+    carriage-return debris glued to the table lines of stdout."""
+    sys.stdout.flush()  # what stdout holds goes out before the bar appears
+    if not _stderr_is_tty():
+        sys.stderr.write(f"{desc} ...\n")
+        sys.stderr.flush()
+        return iterable
     try:
         from tqdm import tqdm
     except ImportError:
         return iterable
     return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr)
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _emit(line: str, bar=None) -> None:
+    """Print a table line on stdout while `bar` (from _progress) may be drawn on stderr: the
+    bar is cleared first and redrawn after, so the two never share a terminal line."""
+    if hasattr(bar, "clear") and hasattr(bar, "write"):
+        bar.write(line, file=sys.stdout)
+        sys.stdout.flush()
+    else:
+        print(line, flush=True)
 
 
 # ---- demo: the model on both backends ----------------------------------------------------
@@ -269,13 +293,14 @@ def demo_ops(device: str) -> None:
     print(f"\nPer-op time at the model's shapes ({str(dtype).replace('torch.', '')}, {device}); "
           "torch = fastattn.reference (plain torch)")
     print(f"{'op':<18} {'shape':<30} {'fastattn ms':>12} {'torch ms':>10} {'speedup':>8}  {'torch built-in':<20}")
-    for name, shape, ours, ref, builtin in _progress(rows, desc="per-op timing"):
+    bar = _progress(rows, desc="per-op timing")
+    for name, shape, ours, ref, builtin in bar:
         t_ours, t_ref = _time(ours, device, iters), _time(ref, device, iters)
         extra = ""
         if builtin is not None:
             extra = f"{builtin[0]} {_time(builtin[1], device, iters) * 1e3:.3f} ms"
-        print(f"{name:<18} {shape:<30} {t_ours * 1e3:>12.3f} {t_ref * 1e3:>10.3f} {t_ref / t_ours:>7.2f}x  "
-              f"{extra:<20}")
+        _emit(f"{name:<18} {shape:<30} {t_ours * 1e3:>12.3f} {t_ref * 1e3:>10.3f} {t_ref / t_ours:>7.2f}x  "
+              f"{extra:<20}".rstrip(), bar)
 
 
 def cmd_demo(args) -> None:
@@ -441,12 +466,17 @@ def cmd_generate(args) -> None:
     prompt_ids = _prompt_ids(args, tokenizer, config)
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model = _load_model(args, dtype, device)
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        given = " and ".join(f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p)) if v is not None)
+        sys.stderr.write(f"fastattn: warning: {given} ignored: --temperature 0 is greedy decoding "
+                         "(give --temperature > 0 to sample)\n")
+        sys.stderr.flush()
     ids = torch.tensor([prompt_ids], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     _sync(device)
     t0 = time.perf_counter()
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         generator=generator, eos_token_id=eos, progress=True)
+                         generator=generator, eos_token_id=eos, progress=_stderr_is_tty())
     _sync(device)
     dt = time.perf_counter() - t0
     new = out[0, len(prompt_ids):].tolist()
@@ -460,9 +490,24 @@ def cmd_generate(args) -> None:
 
 
 # ---- bench ----------------------------------------------------------------------------------
+BENCH_EPILOG = """\
+Where results go: --out, else benchmarks/results/<device>-<date>.json when run from inside the
+fastattn source checkout the package is imported from, else ./fastattn-bench-<device>-<date>.json
+in the current folder. The suites ship inside the package (fastattn/benchmarks), so this works
+from an installed wheel; it needs pytest and pytest-benchmark, and --plot needs matplotlib:
+pip install 'fastattn[bench]'.
+
+Output: stdout holds only the table; progress (one line per benchmark) goes to stderr; pytest's
+own output goes to a log file (--log, else a temporary file whose path is given on failure).
+'% copy' is the share of the copy bandwidth measured in the same run, given only for working
+sets larger than the last-level cache ('in cache' otherwise).
+
+--readme rewrites README.md's performance section, from results of a clean commit only.
+Errors are one line on stderr: exit 2 for a bad argument, 1 when a benchmark fails."""
+
+
 def _output_path(flag: str, path: str, make_parents: bool) -> str:
-    """An absolute output file path (benchmarks/run.py runs from the repository root, so a
-    relative path must be resolved against the caller's folder first)."""
+    """An absolute output file path, checked before any benchmark runs."""
     full = os.path.abspath(path)
     if os.path.isdir(full):
         raise UsageError(f"{flag} {path}: is a folder; give a file path")
@@ -470,28 +515,120 @@ def _output_path(flag: str, path: str, make_parents: bool) -> str:
     if not make_parents and not os.path.exists(parent):
         raise UsageError(f"{flag} {path}: no such folder {parent}")
     existing = parent
-    while not os.path.exists(existing):  # run.py creates the missing folders of --out
+    while not os.path.exists(existing):  # the missing folders of --out are created
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UsageError(f"{flag} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable")
+    return full
+
+
+def _read_results(path: str) -> dict:
+    import json
+
+    if not os.path.exists(path):
+        raise UsageError(f"--report {path}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"--report {path}: is a folder; give a results JSON file")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except ValueError as e:
+        raise UsageError(f"--report {path}: not valid JSON ({_one_line(e)})")
+    except OSError as e:
+        raise UsageError(f"--report {path}: cannot read: {e.strerror or e}")
+    if not isinstance(results, dict) or not isinstance(results.get("benchmarks"), list):
+        raise UsageError(f"--report {path}: not a benchmark results file (no \"benchmarks\" list)")
+    return results
+
+
+def _check_plot_path(path: str) -> str:
+    from fastattn.benchmarks import report
+
+    full = _output_path("--plot", path, make_parents=False)
+    missing = report.matplotlib_missing()
+    if missing:
+        raise UsageError(missing)
+    ext = os.path.splitext(full)[1].lstrip(".").lower()
+    if ext:
+        from matplotlib.figure import Figure
+
+        supported = Figure().canvas.get_supported_filetypes()
+        if ext not in supported:
+            raise UsageError(f"--plot {path}: matplotlib cannot write .{ext} files "
+                             f"(use .png, or one of {', '.join(sorted(supported))})")
     return full
 
 
 def cmd_bench(args) -> None:
-    import subprocess
+    from fastattn.benchmarks import meta, report, runner
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run_py = os.path.join(root, "benchmarks", "run.py")
-    if not os.path.isfile(run_py):
-        raise UsageError(f"bench: {run_py} not found; bench runs from a source checkout of fastattn")
-    cmd = [sys.executable, run_py]
-    if args.out:
-        cmd += ["--out", _output_path("--out", args.out, make_parents=True)]
-    if args.plot:
-        cmd += ["--plot", _output_path("--plot", args.plot, make_parents=False)]
-    if args.filter:
-        cmd += ["-k", args.filter]
-    sys.exit(subprocess.call(cmd, cwd=root))
+    results = None
+    if args.report:
+        conflicts = [flag for flag, value in (("--out", args.out), ("-k", args.filter), ("--tiny", args.tiny),
+                                              ("--log", args.log)) if value]
+        if conflicts:
+            raise UsageError(f"--report reads an existing results file; {', '.join(conflicts)} only apply to "
+                             "a new run")
+        results = _read_results(args.report)
+    plot_path = _check_plot_path(args.plot) if args.plot else None
+    root = None
+    if args.readme:
+        root = meta.source_checkout()
+        if root is None:
+            raise UsageError("--readme: fastattn is not imported from a source checkout; there is no README.md "
+                             "to update")
+        if results is not None:
+            refusal = report.readme_refusal(results)
+            if refusal:
+                raise UsageError(refusal)
+        else:
+            if args.tiny:
+                raise UsageError("--readme: a --tiny run is a plumbing check; the README takes real sizes only")
+            commit, dirty = meta.git_state(root)
+            if commit is None:
+                raise UsageError(f"--readme: {root} is not a git checkout; the README takes results from a clean "
+                                 "commit only")
+            if dirty:
+                raise UsageError("--readme: the tree has uncommitted changes; the README takes results from a "
+                                 "clean commit only (commit first, then run bench --readme)")
+    failures, log_path, source = [], None, args.report
+    if results is None:
+        missing = runner.missing_runtime()
+        if missing:
+            raise UsageError(missing)
+        out = _output_path("--out", args.out, make_parents=True) if args.out else runner.default_out(_best_device())
+        log = _output_path("--log", args.log, make_parents=False) if args.log else None
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        try:
+            results, failures, log_path = runner.run_suites(out, args.filter, args.tiny, log)
+        except runner.BenchUsageError as e:
+            raise UsageError(str(e))
+        except runner.BenchError as e:
+            _fail(str(e), 1)
+        source = out
+    report.print_table(results)
+    sys.stdout.flush()
+    if plot_path:
+        try:
+            report.plot(results, plot_path)
+        except report.ReportError as e:
+            raise UsageError(str(e))
+        sys.stderr.write(f"plot: {plot_path}\n")
+    if failures:
+        nodeid, message = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        _fail(f"bench: {len(failures)} benchmark{'s' if len(failures) > 1 else ''} failed; {nodeid}: {message}"
+              f"{more} (pytest log: {log_path})", 1)
+    if args.readme:
+        refusal = report.readme_refusal(results)
+        if refusal:
+            raise UsageError(refusal)
+        try:
+            sys.stderr.write(report.write_readme(results, source, root) + "\n")
+        except report.ReportError as e:
+            raise UsageError(str(e))
 
 
 # ---- argument parsing and error reporting --------------------------------------------------
@@ -564,10 +701,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto = the checkpoint's dtype")
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("bench", help="run the benchmark suite, print a table")
-    p.add_argument("--out", help="results JSON path (default benchmarks/results/<device>-<date>.json)")
-    p.add_argument("--plot", help="also draw a PNG plot here")
-    p.add_argument("-k", dest="filter", help="pytest -k expression selecting benchmarks")
+    p = sub.add_parser("bench", help="run the benchmark suites (or --report a results file), print a table",
+                       description="Run fastattn's benchmark suites against their peers (pytest-benchmark), save "
+                                   "a results JSON, print a table, optionally draw a PNG.",
+                       epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="results JSON path (default: see below)")
+    p.add_argument("--plot", metavar="PNG", help="also draw one figure (a panel per op family) into this file")
+    p.add_argument("-k", dest="filter", metavar="EXPR",
+                   help="pytest -k expression selecting benchmarks, e.g. rms_norm, 'flash and not bwd'")
+    p.add_argument("--report", metavar="JSON", help="no run: table (and --plot) of an existing results file")
+    p.add_argument("--readme", action="store_true",
+                   help="also write the table into README.md's performance section (clean commits only)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny shapes, 2 rounds: checks the plumbing in seconds, the numbers mean nothing")
+    p.add_argument("--log", help="keep pytest's output in this file (default: a temporary file)")
     p.set_defaults(func=cmd_bench)
     return parser
 

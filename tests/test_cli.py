@@ -259,28 +259,61 @@ def test_demo_and_top_level_usage_errors(capsys):
 
 
 def test_bench_path_errors(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("bench ran despite a bad argument"))
+    from fastattn.benchmarks import runner
+
+    monkeypatch.setattr(runner, "run_suites", lambda *a, **k: pytest.fail("bench ran despite a bad argument"))
     check(["bench", "--out", str(tmp_path)], capsys, "--out", "is a folder")
     check(["bench", "--plot", str(tmp_path / "missing" / "p.png")], capsys, "--plot", "no such folder")
     (tmp_path / "f").write_text("")
     check(["bench", "--out", str(tmp_path / "f" / "r.json")], capsys, "--out", "not a folder")
+    # more bench cases (reports, plots, real tiny runs) are in tests/test_bench.py
 
 
-def test_bench_paths_are_relative_to_the_callers_folder(tmp_path, monkeypatch):
-    seen = {}
+# ---- progress on stderr, tables on stdout ------------------------------------------------------
+def _tiny_demo_setup(device):
+    from fastattn.models import LlamaConfig
 
-    def fake_call(cmd, cwd=None):
-        seen["cmd"] = cmd
-        return 0
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return config, torch.float32, 2, [8, 6], 4
 
-    monkeypatch.setattr(subprocess, "call", fake_call)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--out", "r.json", "--plot", "p.png", "-k", "rms"])
-    assert e.value.code == 0
-    cmd = seen["cmd"]
-    assert cmd[cmd.index("--out") + 1] == str(tmp_path / "r.json")
-    assert cmd[cmd.index("--plot") + 1] == str(tmp_path / "p.png")
+
+@pytest.mark.parametrize("tty", [True, False], ids=["stderr_tty", "stderr_log"])
+def test_demo_progress_never_reaches_stdout(monkeypatch, capsys, tty):
+    """Bars (a terminal) or one plain line per step (a log) go to stderr only; stdout holds
+    whole table lines, none glued to a bar."""
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(cli, "_demo_setup", _tiny_demo_setup)
+    monkeypatch.setattr(cli, "_stderr_is_tty", lambda: tty)
+    rc, out, err = run_main(["demo", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert "\r" not in out and "it/s" not in out and "%|" not in out
+    for name in ("warm-up", "decode fastattn", "per-op timing"):
+        assert name not in out and name in err
+    op_lines = [ln for ln in out.splitlines() if ln.split()[:1] and ln.split()[0] in
+                ("rms_norm+residual", "apply_rotary", "flash_attention", "append_kv", "decode_attention")]
+    assert len(op_lines) == 5 and all(ln.split()[-1].endswith(("x", "ms")) for ln in op_lines), out
+    assert "agreement" in out and "OK" in out
+    if tty:
+        assert "\r" in err  # a real bar was drawn (and cleared)
+    else:
+        assert "\r" not in err and all(ln.endswith("...") for ln in err.splitlines() if ln.strip()), err
+
+
+def test_generate_warns_when_sampling_options_are_ignored(model_dir, capsys):
+    rc, out, err = run_main(gen(model_dir, "--top-k", "5"), capsys)
+    assert rc == 0 and out.split()[:3] == ["5", "6", "7"]
+    warnings = [ln for ln in err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith("fastattn: warning: --top-k ignored")
+    assert "--temperature 0" in warnings[0] and "greedy" in warnings[0]
+    rc, out, err = run_main(gen(model_dir, "--top-k", "5", "--top-p", "0.9", "--temperature", "0"), capsys)
+    assert rc == 0 and "--top-k and --top-p ignored" in err
+    rc, out, err = run_main(gen(model_dir, "--top-p", "0.9", "--temperature", "0.7", "--seed", "1"), capsys)
+    assert rc == 0 and "warning" not in err
+    rc, out, err = run_main(gen(model_dir), capsys)
+    assert rc == 0 and "warning" not in err
+    # the warning comes after every check: a bad input still gives exactly one line
+    check(gen(model_dir, "--top-k", "5", prompt="5 x"), capsys, "--prompt", "'x'")
 
 
 def test_unexpected_error_is_one_line_unless_debug(monkeypatch, capsys):

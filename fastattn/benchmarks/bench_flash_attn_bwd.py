@@ -13,9 +13,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastattn
 
-from conftest import DEVICE
+from fastattn.benchmarks.plugin import DEVICE, TINY
 
-if DEVICE == "cuda":
+if TINY:
+    SHAPES = [(1, 64, 2, 32)]
+    DTYPES = [torch.float32]
+    CAUSAL = [True]
+    IMPLS = ["fastattn", "sdpa"]
+elif DEVICE == "cuda":
     # bf16, head dim 128, heads * d = 2048, batch * seqlen = 16k tokens.
     SHAPES = [(16384 // s, s, 16, 128) for s in (1024, 2048, 4096, 8192, 16384)]
     DTYPES = [torch.bfloat16]

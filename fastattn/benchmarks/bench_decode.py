@@ -8,9 +8,14 @@ import torch.nn.functional as F
 import fastattn
 from fastattn import reference
 
-from conftest import DEVICE
+from fastattn.benchmarks.plugin import DEVICE, TINY
 
-if DEVICE == "cuda":
+if TINY:
+    SHAPES = [(2, 64, 4, 2)]
+    DTYPES = [torch.float32]
+    SDPA_BACKENDS = {}
+    IMPLS = ["fastattn", "sdpa"]
+elif DEVICE == "cuda":
     # (batch, context, H, Hk): batch 1 over growing contexts, batch 64 x 4k; GQA 32/8 and MQA.
     SHAPES = [(1, 4096, 32, 8), (1, 16384, 32, 8), (1, 65536, 32, 8), (1, 131072, 32, 8),
               (64, 4096, 32, 8), (1, 65536, 32, 1), (64, 4096, 32, 1)]
@@ -24,7 +29,7 @@ else:
     DTYPES = [torch.float32, torch.bfloat16]
     SDPA_BACKENDS = {}
     IMPLS = ["fastattn", "sdpa", "reference"]
-D = 128
+D = 32 if TINY else 128
 
 
 def _fn(impl, q, kc, vc, seqlens):

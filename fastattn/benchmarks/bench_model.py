@@ -17,9 +17,15 @@ import torch
 import fastattn
 from fastattn.models import Llama, LlamaConfig
 
-from conftest import DEVICE
+from fastattn.benchmarks.plugin import DEVICE, TINY
 
-if DEVICE == "cuda":
+if TINY:
+    CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    DTYPE = torch.float32
+    CONTEXT = 16
+    PREFILL = [(1, 16)]
+elif DEVICE == "cuda":
     CONFIG = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
                          max_position_embeddings=4096, tie_word_embeddings=True)
@@ -33,10 +39,10 @@ else:
     CONTEXT = 256
     PREFILL = [(1, 256), (16, 64)]
 
-DECODE_BATCHES = [1, 16]
+DECODE_BATCHES = [1] if TINY else [1, 16]
 # Decode replayed from a CUDA graph (Llama.capture_decode_step): no per-layer launch overhead.
-GRAPH_IMPLS = ["fastattn+graph", "torch+graph"] if DEVICE == "cuda" else []
-COMPILE = DEVICE == "cuda" or os.environ.get("FASTATTN_BENCH_COMPILE") == "1"
+GRAPH_IMPLS = ["fastattn+graph", "torch+graph"] if DEVICE == "cuda" and not TINY else []
+COMPILE = (DEVICE == "cuda" and not TINY) or os.environ.get("FASTATTN_BENCH_COMPILE") == "1"
 IMPLS = ["fastattn", "torch"] + (["compile(torch)", "compile(fastattn)"] if COMPILE else [])
 
 _state = {}

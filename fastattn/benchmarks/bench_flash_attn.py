@@ -15,9 +15,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastattn
 
-from conftest import DEVICE
+from fastattn.benchmarks.plugin import DEVICE, TINY
 
-if DEVICE == "cuda":
+if TINY:
+    SHAPES = [(1, 64, 2, 32, True)]
+    DTYPES = [torch.float32]
+    IMPLS = ["fastattn", "sdpa"]
+elif DEVICE == "cuda":
     SHAPES = [(16384 // s, s, 2048 // d, d, c) for d in (64, 128) for s in (512, 1024, 2048, 4096, 8192, 16384)
               for c in (False, True)]
     DTYPES = [torch.bfloat16]

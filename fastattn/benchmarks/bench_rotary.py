@@ -9,9 +9,14 @@ import torch
 
 import fastattn
 
-from conftest import DEVICE
+from fastattn.benchmarks.plugin import DEVICE, TINY
 
-if DEVICE == "cuda":
+if TINY:
+    SHAPES = [(1, 64, 4, 2, 32)]
+    DTYPES = [torch.float32]
+    MODES = ["outofplace", "inplace"]
+    IMPLS = ["fastattn", "hf_eager"]
+elif DEVICE == "cuda":
     # 16k tokens, 32 query / 8 kv heads, D = 128.
     SHAPES = [(4, 4096, 32, 8, 128)]
     DTYPES = [torch.bfloat16]
@@ -24,7 +29,7 @@ else:
     MODES = ["outofplace", "inplace"]
     IMPLS = ["fastattn", "hf_eager", "compile(hf_eager)"]
 
-MAX_POS = 8192
+MAX_POS = 128 if TINY else 8192
 
 
 def _rotate_half(x):
@@ -79,5 +84,7 @@ def test_rotary(bench, impl, mode, dtype, shape):
         f = hf_eager if impl == "hf_eager" else _hf_compiled()
         fn = lambda: f(q, k, cos_full, sin_full, positions)  # noqa: E731
         table_bytes = 2 * B * S * D * 4
+    # Working set (distinct bytes touched): q, k, their outputs (none in place) and the tables.
+    working_set = (qk_bytes if mode == "inplace" else 2 * qk_bytes) + table_bytes
     bench(fn, op="rotary_" + mode, impl=impl, shape="B{}xS{}xH{}xHk{}xD{}".format(*shape), dtype=dtype,
-          bytes=2 * qk_bytes + table_bytes)
+          bytes=2 * qk_bytes + table_bytes, working_set=working_set)

@@ -6,16 +6,19 @@ import torch.nn.functional as F
 import fastattn
 from fastattn import reference
 
-from conftest import DEVICE
+from fastattn.benchmarks.plugin import DEVICE, TINY
 
-if DEVICE == "cuda":
+if TINY:
+    SHAPES = [(64, 256)]
+    DTYPES = [torch.float32]
+elif DEVICE == "cuda":
     SHAPES = [(32768, 4096), (32768, 8192)]
     DTYPES = [torch.bfloat16, torch.float16]
 else:
     SHAPES = [(8192, 4096)]
     DTYPES = [torch.float32, torch.bfloat16]
 
-IMPLS = ["fastattn", "F.rms_norm"] + (["compile(reference)"] if DEVICE == "cuda" else [])
+IMPLS = ["fastattn", "F.rms_norm"] + (["compile(reference)"] if DEVICE == "cuda" and not TINY else [])
 
 _compiled = {}
 
