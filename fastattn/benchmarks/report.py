@@ -218,6 +218,11 @@ _COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
            "#17becf"]
 
 
+def _natural(text: str):
+    """Sort key reading digit runs as numbers: 1x512 < 1x1024 < 16x1024."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", text) if p)
+
+
 def _wrap_shape(text: str, width: int = 14) -> str:
     if len(text) <= width:
         return text
@@ -279,8 +284,7 @@ def figure(results: dict):
     if not rows:
         raise ReportError("--plot: no throughput figures in these results to plot")
     panels = _panels(rows)
-    all_impls = sorted({r["impl"] for r in rows}, key=lambda i: (i != "fastattn", i))
-    color = {impl: _COLORS[i % len(_COLORS)] for i, impl in enumerate(all_impls)}
+    all_impls = sorted({r["impl"] for r in rows}, key=lambda i: (i != "fastattn", _natural(i)))
     copy_gbps = (meta.get("copy_bandwidth") or {}).get("copy_gbps")
 
     # layout: panels with many groups get a full row
@@ -299,8 +303,12 @@ def figure(results: dict):
     for ax, (fam, title, entries) in zip(axes.flat, panels):
         metric = max({metric_of(r) for _, r in entries}, key=lambda m: sum(metric_of(r) == m for _, r in entries))
         entries = [(v, r) for v, r in entries if metric_of(r) == metric]
-        groups = sorted({(v, str(r["shape"]), str(r["dtype"])) for v, r in entries})
+        groups = sorted({(v, str(r["shape"]), str(r["dtype"])) for v, r in entries},
+                        key=lambda g: tuple(_natural(x) for x in g))
         impls = [i for i in all_impls if any(r["impl"] == i for _, r in entries)]
+        # colours per panel (a panel has few impls, the file may have many): fastattn always red
+        others = iter(_COLORS[1:] * 3)
+        color = {i: _COLORS[0] if i == "fastattn" else next(others) for i in impls}
         # what does not vary across the panel goes into its title, not under every group
         fixed = [len({g[i] for g in groups}) == 1 for i in range(3)]
         label_parts = [i for i in range(3) if not fixed[i]]

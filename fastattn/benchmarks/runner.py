@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -159,19 +160,40 @@ def run_suites(out: str, filter_expr=None, tiny: bool = False, log_path=None, pr
                suites_dir=None):
     """Run the suites and write `out` (the results JSON). Returns (results, failures, log path):
     the JSON's contents, [(benchmark, one-line reason)] of failed benchmarks, and where pytest's
-    output went (`log_path`, or a temporary file removed after a clean run). `suites_dir`: the
-    folder of bench_*.py files (this package's by default)."""
+    output went: `log_path`, or a temporary file that is kept only when something failed.
+    `suites_dir`: the folder of bench_*.py files (this package's by default)."""
+    keep_log = log_path is not None
+    if log_path is None:
+        fd, log_path = tempfile.mkstemp(prefix="fastattn-bench-", suffix=".log")
+        os.close(fd)
+    # pytest's config file and pytest-benchmark's storage folder: a private folder, removed after.
     workdir = tempfile.mkdtemp(prefix="fastattn-bench-")
+    failed = True
+    try:
+        results, failures = _run(out, filter_expr, tiny, log_path, progress_stream, suites_dir or PACKAGE_DIR,
+                                 workdir)
+        failed = bool(failures)
+    except BenchUsageError:
+        failed = False  # a bad -k: the log holds nothing the message does not say
+        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if not keep_log and not failed:
+            try:
+                os.remove(log_path)
+            except OSError:
+                pass
+    return results, failures, log_path
+
+
+def _run(out, filter_expr, tiny, log_path, progress_stream, suites_dir, workdir):
     ini = os.path.join(workdir, "pytest.ini")
     with open(ini, "w") as f:
         f.write(PYTEST_INI)
-    keep_log = log_path is not None
-    log_path = log_path or os.path.join(workdir, "pytest.log")
-    suites_dir = suites_dir or PACKAGE_DIR
     cmd = [sys.executable, "-m", "pytest", suites_dir, "-c", ini, "--rootdir", suites_dir, "-q", "-rfEs",
            "-p", "no:cacheprovider", "-p", "pytest_benchmark.plugin", "-p", "fastattn.benchmarks.plugin",
            "--benchmark-only", "--benchmark-save-data", f"--benchmark-json={out}", "--benchmark-disable-gc",
-           "--benchmark-columns=median,rounds"]
+           "--benchmark-columns=median,rounds", f"--benchmark-storage=file://{os.path.join(workdir, 'storage')}"]
     if filter_expr:
         cmd += ["-k", filter_expr]
     env = dict(os.environ)
@@ -192,6 +214,9 @@ def run_suites(out: str, filter_expr=None, tiny: bool = False, log_path=None, pr
         try:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     cwd=workdir, pass_fds=(write_fd,))
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
         try:
@@ -214,7 +239,7 @@ def run_suites(out: str, filter_expr=None, tiny: bool = False, log_path=None, pr
     where = f"pytest log: {log_path}"
     if rc == 5 or (rc == 0 and progress.total == 0):
         raise BenchUsageError(f"-k {filter_expr!r} selects no benchmark (names look like "
-                         "bench_rms_norm.py::test_rms_norm[fastattn-float32-8192x4096-plain])")
+                              "bench_rms_norm.py::test_rms_norm[plain-8192x4096-float32-fastattn])")
     if rc == 4:
         raise BenchUsageError(f"pytest refused the run: {_last_error_line(log_path)}")
     if progress.collect_errors:
@@ -225,20 +250,11 @@ def run_suites(out: str, filter_expr=None, tiny: bool = False, log_path=None, pr
                          f"{_last_error_line(log_path)} ({where})")
     with open(out) as f:
         results = json.load(f)
-    summary = f"bench: {c.get('passed', 0)} ran, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed " \
-              f"in {secs:.0f} s; results: {out}"
     failures = list(progress.failures)
     if rc == 1 and not failures:
         failures = [("?", _last_error_line(log_path))]
-    if failures or keep_log:
-        summary += f"; pytest log: {log_path}"
-    else:
-        try:
-            os.remove(log_path)
-            os.remove(ini)
-            os.rmdir(workdir)
-        except OSError:
-            pass
+    summary = f"bench: {c.get('passed', 0)} ran, {c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed " \
+              f"in {secs:.0f} s; results: {out}"
     sys.stderr.write(summary + "\n")
     sys.stderr.flush()
-    return results, failures, log_path
+    return results, failures
