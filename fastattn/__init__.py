@@ -23,3 +23,14 @@ __all__ = list(_functional_all) + ["nn", "reference", "ops", "__version__"]
 def cuda_built() -> bool:
     """True when this build of fastattn has its CUDA kernels."""
     return bool(_C.WITH_CUDA)
+
+
+def cpu_isa() -> str:
+    """The instruction-set tier of the CPU kernels in use: "baseline" (any x86-64), "avx2"
+    (x86-64-v3) or "avx512" (x86-64-v4) in a portable build, chosen at the first CPU kernel
+    call as the best the CPU supports (FASTATTN_CPU_ISA=baseline|avx2|avx512 caps it);
+    "native" / "custom" in a build with FASTATTN_CPU_MARCH=native / another -march."""
+    return _C.cpu_isa()
+
+
+__all__.append("cpu_isa")

@@ -7,6 +7,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "fastattn/cpu_dispatch.h"
+
 TORCH_LIBRARY(fastattn, m) {
   // ---- rms_norm --------------------------------------------------------------------------
   // y = rms_norm(x) * weight; rstd (x.shape[:-1]) fp32 is saved for the backward.
@@ -50,8 +52,16 @@ TORCH_LIBRARY(fastattn, m) {
 
 // A minimal Python module so `import fastattn._C` loads the library (and with it the
 // registrations above); ops are reached through torch.ops.fastattn.
+// _C.cpu_isa() -> str: the instruction-set tier of the CPU kernels in use (first call picks it).
+static PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(fastattn::cpu_isa()); }
+
+static PyMethodDef module_methods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The CPU kernels' instruction-set tier: baseline, avx2, avx512 (native/custom in a single-tier build)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   PyObject* mod = PyModule_Create(&module_def);
   if (mod == nullptr) return nullptr;
 #ifdef FASTATTN_WITH_CUDA

@@ -34,6 +34,7 @@
 
 #include "cpu_types.h"
 #include "fastattn/api.h"
+#include "fastattn/cpu_dispatch.h"
 #include "fastattn/decode_split.h"
 #include "fastattn/static_switch.h"
 
@@ -429,11 +430,11 @@ int64_t decode_num_splits_cpu(int64_t b, int64_t h_k, int64_t seqlen_k_max) {
   return std::max<int64_t>(1, std::min({want, cap, decode::kMaxSplits}));
 }
 
-void decode_attention_cpu(const DecodeParams& params) {
+void cpu::decode_attention_kernel(const DecodeParams& params) {
   FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] { decode_impl<T>(params); });
 }
 
-void append_kv_cpu(const AppendKvParams& p) {
+void cpu::append_kv_kernel(const AppendKvParams& p) {
   const size_t row_bytes = static_cast<size_t>(p.d) * element_size(p.dtype);
   const int64_t es = static_cast<int64_t>(element_size(p.dtype));
   const int64_t rows = p.b * p.seqlen_new * p.h_k;

@@ -53,6 +53,7 @@
 
 #include "cpu_types.h"
 #include "fastattn/api.h"
+#include "fastattn/cpu_dispatch.h"
 #include "fastattn/static_switch.h"
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -498,7 +499,7 @@ void flash_bwd_impl(const FlashBwdParams& p) {
 
 }  // namespace
 
-void flash_bwd_cpu(const FlashBwdParams& params) {
+void cpu::flash_bwd_kernel(const FlashBwdParams& params) {
   const FlashFwdParams& f = params.fwd;
   if (f.b == 0 || f.h == 0 || f.seqlen_q == 0 || f.seqlen_k == 0) return;
   FASTATTN_CPU_DTYPE_SWITCH(f.dtype, T, [&] { flash_bwd_impl<T>(params); });

@@ -51,6 +51,7 @@
 
 #include "cpu_types.h"
 #include "fastattn/api.h"
+#include "fastattn/cpu_dispatch.h"
 #include "fastattn/static_switch.h"
 
 namespace fastattn {
@@ -400,7 +401,7 @@ class FlashFwdCpu {
 
 }  // namespace
 
-void flash_fwd_cpu(const FlashFwdParams& params) {
+void cpu::flash_fwd_kernel(const FlashFwdParams& params) {
   if (params.b == 0 || params.seqlen_q == 0 || params.h == 0) return;
   FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] { FlashFwdCpu<T>(params).run(); });
 }

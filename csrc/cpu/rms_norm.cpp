@@ -20,6 +20,7 @@
 
 #include "cpu_types.h"
 #include "fastattn/api.h"
+#include "fastattn/cpu_dispatch.h"
 #include "fastattn/static_switch.h"
 
 namespace fastattn {
@@ -147,11 +148,11 @@ void rms_norm_bwd_impl(const RmsNormBwdParams& p) {
 
 }  // namespace
 
-void rms_norm_fwd_cpu(const RmsNormParams& params) {
+void cpu::rms_norm_fwd_kernel(const RmsNormParams& params) {
   FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] { rms_norm_fwd_impl<T>(params); });
 }
 
-void rms_norm_bwd_cpu(const RmsNormBwdParams& params) {
+void cpu::rms_norm_bwd_kernel(const RmsNormBwdParams& params) {
   FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] { rms_norm_bwd_impl<T>(params); });
 }
 

@@ -29,6 +29,7 @@
 
 #include "cpu_types.h"
 #include "fastattn/api.h"
+#include "fastattn/cpu_dispatch.h"
 #include "fastattn/static_switch.h"
 
 namespace fastattn {
@@ -237,7 +238,7 @@ void rotary_impl(const RotaryParams& p) {
 
 }  // namespace
 
-void rotary_cpu(const RotaryParams& params) {
+void cpu::rotary_kernel(const RotaryParams& params) {
   if (params.b * params.seqlen <= 0) return;
   FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] { rotary_impl<T>(params); });
 }
