@@ -702,8 +702,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="auto = the checkpoint's dtype")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("bench", help="run the benchmark suites (or --report a results file), print a table",
-                       description="Run fastattn's benchmark suites against their peers (pytest-benchmark), save "
-                                   "a results JSON, print a table, optionally draw a PNG.",
+                       description="Run fastattn's benchmark suites against their peers (pytest-benchmark),\n"
+                                   "save a results JSON, print a table, optionally draw a PNG.",
                        epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="results JSON path (default: see below)")
     p.add_argument("--plot", metavar="PNG", help="also draw one figure (a panel per op family) into this file")

@@ -308,16 +308,21 @@ def test_broken(bench):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The CLI as a user outside the checkout runs it (PYTHONPATH stands in for the wheel),
-    all cases at once: each pays for a torch import."""
+    """The CLI as a user of the wheel runs it: a copy of the built package (what a wheel
+    installs: no benchmarks/, no pyproject.toml, no .git around it) on PYTHONPATH, run from a
+    folder outside the checkout; all cases at once, as each pays for a torch import."""
+    import shutil
+
     work = tmp_path_factory.mktemp("bench_cli")
+    site = work / "site"
+    shutil.copytree(os.path.join(ROOT, "fastattn"), site / "fastattn", ignore=shutil.ignore_patterns("__pycache__"))
     res = work / "synthetic.json"
     res.write_text(json.dumps(synthetic_results()))
     failing = work / "failing"
     failing.mkdir()
     (failing / "bench_failing.py").write_text(FAILING_SUITE)
     env = {k: v for k, v in os.environ.items() if k not in ("FASTATTN_DEBUG", "PYTEST_ADDOPTS")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(site) + os.pathsep + env.get("PYTHONPATH", "")
     plot_args = ["--plot", str(work / "tiny.png")] if HAVE_MPL else []
     failing_run = ("import sys; from fastattn import __main__ as m; from fastattn.benchmarks import runner; "
                    f"runner.PACKAGE_DIR = {str(failing)!r}; m.main(['bench', '--tiny', '--out', 'f.json'])")
@@ -379,6 +384,8 @@ def test_tiny_run_table_on_stdout_progress_on_stderr(runs):
                 "torch", "cuda", "fastattn", "cpu_isa", "date", "copy_bandwidth"):
         assert key in block, key
     assert block["tiny"] is True and block["copy_bandwidth"]["working_set_bytes"] > (block["llc_bytes"] or 0)
+    assert block["git_commit"] is None and block["git_dirty"] is None  # no checkout around a wheel
+    assert "commit unknown (not a git checkout)" in r.stdout.splitlines()[0]
     if HAVE_MPL:
         assert f"plot: {runs[2] / 'tiny.png'}" in r.stderr
         assert (runs[2] / "tiny.png").read_bytes()[:4] == b"\x89PNG"
