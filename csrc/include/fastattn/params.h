@@ -145,6 +145,20 @@ struct FlashFwdParams {
   int64_t window_right = -1;  // -1: unbounded; 0 with window_left = -1 is causal
   bool is_causal = false;     // window_right == 0 and window_left == -1
   DType dtype = DType::kFloat16;
+
+  // Variable-length (packed) batches, as flash-attn's varlen API. When cu_seqlens_q is
+  // non-null (then cu_seqlens_k is too), q/out are (total_q, h, d) and k/v (total_k, h_k, d):
+  // sequence i owns query rows [cu_seqlens_q[i], cu_seqlens_q[i+1]) and key rows
+  // [cu_seqlens_k[i], cu_seqlens_k[i+1]); the batch strides are unused (0); b is the number
+  // of sequences; seqlen_q / seqlen_k hold max_seqlen_q / max_seqlen_k, upper bounds used
+  // only to size the launch; lse is (h, total_q). Masking is per sequence with that
+  // sequence's own lengths (bottom-right causal / window as above). Kernels must stay in
+  // bounds for any cu_seqlens content: each sequence's rows are clamped to
+  // [0, total_q) / [0, total_k) and its lengths to the max_seqlen bounds.
+  const int32_t* cu_seqlens_q = nullptr;  // (b + 1) int32, on the kernel's device
+  const int32_t* cu_seqlens_k = nullptr;  // (b + 1) int32
+  int64_t total_q = 0;
+  int64_t total_k = 0;
 };
 
 // FlashAttention backward (recompute). Gradients dq/dk/dv have q/k/v's shapes.
