@@ -17,6 +17,17 @@
 // and DIR/{q,k,v,out,dout}.bin (16-bit, contiguous (b, s, heads, d)), DIR/lse.bin (fp32,
 // (b, h, sq)). Tensors are copied into buffers whose head stride is d + pad (strided
 // inputs and outputs). Writes DIR/{dq,dk,dv}.f32 (contiguous) and prints "ok".
+//
+// Variable-length (packed) batches: when DIR/varlen.txt exists it holds "total_q total_k"
+// and meta.txt's b, sq, sk are the number of sequences and the max_seqlen bounds;
+// DIR/cu_q.bin, DIR/cu_k.bin hold the (b + 1) int32 cu_seqlens (any content: the kernels
+// must stay in bounds even for malformed ones), q/out/dout.bin are (total_q, h, d), k/v.bin
+// (total_k, hk, d), lse.bin (h, total_q). Every buffer of that run (tensors, lse, delta,
+// workspace, cu_seqlens) is placed against a PROT_NONE guard page, at its end or (with
+// FASTATTN_EMU_GUARD=start) at its start, so any access past either edge kills the process.
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -256,6 +267,155 @@ static void run_all(const BwdArgs& args) {
                 [&] { flash_bwd_dq_kernel<T, D>(args); });
 }
 
+// ---- guarded buffers (the memcheck analogue of the varlen runs) ---------------------------
+
+// `bytes` of storage between two PROT_NONE pages, flush against the upper one (or the lower
+// one with FASTATTN_EMU_GUARD=start), `align`-byte aligned: an access past the buffer's end
+// (or before its start) faults. Never freed (the process is short-lived).
+static void* guarded_alloc(size_t bytes, size_t align) {
+  static const bool at_start = [] {
+    const char* e = std::getenv("FASTATTN_EMU_GUARD");
+    return e != nullptr && std::string(e) == "start";
+  }();
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t body = (bytes + align + page - 1) / page * page;
+  void* m = mmap(nullptr, body + 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                 -1, 0);
+  if (m == MAP_FAILED) emu::fail("mmap failed");
+  unsigned char* base = static_cast<unsigned char*>(m);
+  if (mprotect(base, page, PROT_NONE) != 0 || mprotect(base + page + body, page, PROT_NONE) != 0)
+    emu::fail("mprotect failed");
+  if (at_start || bytes == 0) return base + page;
+  const uintptr_t end = reinterpret_cast<uintptr_t>(base + page + body);
+  return reinterpret_cast<void*>((end - bytes) / align * align);
+}
+
+template <typename E>
+static E* guarded_copy(const std::vector<E>& v, size_t align) {
+  E* p = static_cast<E*>(guarded_alloc(v.size() * sizeof(E), align));
+  if (!v.empty()) std::memcpy(p, v.data(), v.size() * sizeof(E));
+  return p;
+}
+
+static std::vector<float> read_f32(const std::string& path, size_t n) {
+  std::vector<float> v(n);
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f || std::fread(v.data(), 4, n, f) != n) {
+    std::fprintf(stderr, "cannot read %s\n", path.c_str());
+    std::exit(1);
+  }
+  std::fclose(f);
+  return v;
+}
+
+// Packed (rows, heads, d) -> guarded buffer with head stride d + pad (rows of heads * (d + pad)).
+struct Packed {
+  uint16_t* buf;
+  int64_t rows, heads, d, rs, hs;
+};
+static Packed make_packed(const std::vector<uint16_t>& src, int64_t rows, int64_t heads,
+                          int64_t d, int64_t pad) {
+  Packed t{nullptr, rows, heads, d, heads * (d + pad), d + pad};
+  std::vector<uint16_t> tmp(static_cast<size_t>(rows * t.rs), 0x7e00);  // NaN-ish fill
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t k = 0; k < heads; ++k)
+      std::memcpy(&tmp[j * t.rs + k * t.hs], &src[(j * heads + k) * d], static_cast<size_t>(d) * 2);
+  t.buf = guarded_copy(tmp, 16);
+  return t;
+}
+
+static int run_varlen(const std::string& dir, bool bf, long long d, long long b, long long sq,
+                      long long sk, long long h, long long hk, long long wl, long long wr,
+                      long long causal, float scale, long long use_ws, long long pad) {
+  long long total_q, total_k;
+  FILE* m = std::fopen((dir + "/varlen.txt").c_str(), "r");
+  if (!m || std::fscanf(m, "%lld %lld", &total_q, &total_k) != 2) return 3;
+  std::fclose(m);
+  auto read_i32 = [&](const char* name) {
+    std::vector<int32_t> v(b + 1);
+    FILE* f = std::fopen((dir + "/" + name).c_str(), "rb");
+    if (!f || std::fread(v.data(), 4, v.size(), f) != v.size()) {
+      std::fprintf(stderr, "cannot read %s\n", name);
+      std::exit(1);
+    }
+    std::fclose(f);
+    return v;
+  };
+  const int32_t* cu_q = guarded_copy(read_i32("cu_q.bin"), 4);
+  const int32_t* cu_k = guarded_copy(read_i32("cu_k.bin"), 4);
+  Packed q = make_packed(read_u16(dir + "/q.bin", total_q * h * d), total_q, h, d, pad);
+  Packed k = make_packed(read_u16(dir + "/k.bin", total_k * hk * d), total_k, hk, d, pad);
+  Packed v = make_packed(read_u16(dir + "/v.bin", total_k * hk * d), total_k, hk, d, pad);
+  Packed o = make_packed(read_u16(dir + "/out.bin", total_q * h * d), total_q, h, d, pad);
+  Packed go = make_packed(read_u16(dir + "/dout.bin", total_q * h * d), total_q, h, d, pad);
+  float* lse = guarded_copy(read_f32(dir + "/lse.bin", h * total_q), 4);
+  Packed dq = make_packed(std::vector<uint16_t>(total_q * h * d, 0x7e00), total_q, h, d, pad);
+  Packed dk = make_packed(std::vector<uint16_t>(total_k * hk * d, 0x7e00), total_k, hk, d, pad);
+  Packed dv = make_packed(std::vector<uint16_t>(total_k * hk * d, 0x7e00), total_k, hk, d, pad);
+  float* delta = guarded_copy(std::vector<float>(h * total_q, NAN), 4);
+
+  FlashBwdParams p;
+  FlashFwdParams& f = p.fwd;
+  f.q = q.buf, f.k = k.buf, f.v = v.buf, f.out = o.buf, f.lse = lse;
+  f.q_row_stride = q.rs, f.q_head_stride = q.hs;  // batch strides stay 0 (unused)
+  f.k_row_stride = k.rs, f.k_head_stride = k.hs;
+  f.v_row_stride = v.rs, f.v_head_stride = v.hs;
+  f.out_row_stride = o.rs, f.out_head_stride = o.hs;
+  f.b = b, f.seqlen_q = sq, f.seqlen_k = sk, f.h = h, f.h_k = hk, f.d = d;
+  f.softmax_scale = scale;
+  f.window_left = wl, f.window_right = wr, f.is_causal = causal != 0;
+  f.dtype = bf ? DType::kBFloat16 : DType::kFloat16;
+  f.cu_seqlens_q = cu_q, f.cu_seqlens_k = cu_k, f.total_q = total_q, f.total_k = total_k;
+  p.dout = go.buf;
+  p.dout_row_stride = go.rs, p.dout_head_stride = go.hs;
+  p.dq = dq.buf, p.dk = dk.buf, p.dv = dv.buf;
+  p.dq_row_stride = dq.rs, p.dq_head_stride = dq.hs;
+  p.dk_row_stride = dk.rs, p.dk_head_stride = dk.hs;
+  p.dv_row_stride = dv.rs, p.dv_head_stride = dv.hs;
+  p.delta = delta;
+  // flash_bwd_cuda_workspace_floats' formula (b sequences x max_seqlen_k rows per split).
+  int hps = 0;
+  const int splits = bwd_layout::dkdv_num_splits(b, h, hk, sk, static_cast<int>(d), &hps);
+  if (use_ws && splits > 1)
+    p.workspace = guarded_copy(std::vector<float>(2 * splits * b * hk * sk * d, NAN), 16);
+
+  BwdArgs args;
+  const BwdPrep prep = prepare_bwd(p, &args);
+  if (prep == kBwdInvalid) {
+    std::fprintf(stderr, "prepare_bwd rejected the problem\n");
+    return 5;
+  }
+  if (prep == kBwdLaunch) {
+    if (bf)
+      d == 64 ? run_all<__nv_bfloat16, 64>(args) : run_all<__nv_bfloat16, 128>(args);
+    else
+      d == 64 ? run_all<__half, 64>(args) : run_all<__half, 128>(args);
+  }
+  auto dump = [&](const Packed& t, const char* name) {
+    std::vector<float> outv(t.rows * t.heads * t.d);
+    for (int64_t j = 0; j < t.rows; ++j)
+      for (int64_t kk = 0; kk < t.heads; ++kk)
+        for (int64_t e = 0; e < t.d; ++e) {
+          const uint16_t bits = t.buf[j * t.rs + kk * t.hs + e];
+          outv[(j * t.heads + kk) * t.d + e] =
+              bf ? half_to_float<__nv_bfloat16>(bits) : half_to_float<__half>(bits);
+        }
+    FILE* fo = std::fopen((dir + "/" + name + ".f32").c_str(), "wb");
+    std::fwrite(outv.data(), 4, outv.size(), fo);
+    std::fclose(fo);
+  };
+  dump(dq, "dq");
+  dump(dk, "dk");
+  dump(dv, "dv");
+  {
+    FILE* fo = std::fopen((dir + "/delta.f32").c_str(), "wb");
+    std::fwrite(delta, 4, static_cast<size_t>(h * total_q), fo);
+    std::fclose(fo);
+  }
+  std::printf("ok splits=%d hps=%d used_splits=%d\n", splits, hps, args.num_splits);
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc != 2) return 2;
   emu::g_mode = emu::mode_from_env();
@@ -271,6 +431,10 @@ int main(int argc, char** argv) {
     return 3;
   std::fclose(m);
   const bool bf = std::string(dt) == "bf";
+  if (FILE* vl = std::fopen((dir + "/varlen.txt").c_str(), "r")) {
+    std::fclose(vl);
+    return run_varlen(dir, bf, d, b, sq, sk, h, hk, wl, wr, causal, scale, use_ws, pad);
+  }
 
   Strided q = make_strided(read_u16(dir + "/q.bin", b * sq * h * d), b, sq, h, d, pad);
   Strided k = make_strided(read_u16(dir + "/k.bin", b * sk * hk * d), b, sk, hk, d, pad);

@@ -57,9 +57,20 @@
 // themselves (flash_bwd_kernels.cuh) for the CPU with emulated ldmatrix / mma.sync / cp.async /
 // barriers and compares dq, dk, dv with float64 gradients.
 //
+// Variable-length (packed) batches (FlashFwdParams::cu_seqlens_q non-null), flash-attn 2
+// style with no padding copies: the dK/dV grid spans ceil(max_seqlen_k / kBlockN) key tiles x
+// kv heads x sequences and the dQ grid ceil(max_seqlen_q / kBlockM) query tiles x heads x
+// sequences; each block reads its sequence's row ranges from cu_seqlens once (block_seq,
+// clamped so any cu_seqlens content stays in bounds), leaves at once if its tile lies past
+// the sequence's end, and otherwise runs the dense code with the sequence's own lengths
+// (masking, tile ranges, row tails) and row-0 pointers. delta and lse are (h, total_q); the
+// delta kernel needs no sequence boundaries at all. A runtime branch in the block prologue,
+// not a template flag: no new instantiations, and the inner loops are shared code.
+//
 // Requirements (checked, cudaErrorInvalidValue otherwise): q, k, v, out, dout 16-byte
 // aligned with batch/row/head strides multiple of 8 elements; dq, dk, dv 4-byte aligned with
-// even strides; lse (b, h, seqlen_q) and delta (b, h, seqlen_q) contiguous fp32.
+// even strides; lse (b, h, seqlen_q) and delta (b, h, seqlen_q) contiguous fp32 (varlen: both
+// (h, total_q); cu_seqlens 4-byte aligned, totals below 2^31).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -117,7 +128,11 @@ cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
 bool flash_bwd_cuda_supports_head_dim(int64_t d) { return flash_bwd_head_dim_ok(d); }
 
 // fp32 partial dK and dV per split of a GQA/MQA group (0 for MHA and for grids that already
-// fill the GPU): 2 * splits * b * h_k * seqlen_k * d.
+// fill the GPU): 2 * splits * b * h_k * seqlen_k * d. Varlen: the same formula with b the
+// number of sequences and seqlen_k = max_seqlen_k, i.e. b * max_seqlen_k rows per (split,
+// kv head), laid out as the dK/dV grid is (one max-length slot per sequence, rows past a
+// sequence's own length unused): the split decision is taken on that grid, and it only
+// splits small grids, so the slack over total_k stays small.
 int64_t flash_bwd_cuda_workspace_floats(const FlashBwdParams& params) {
   const FlashFwdParams& f = params.fwd;
   if (!flash_bwd_cuda_supports_head_dim(f.d) || f.h_k <= 0 || f.b <= 0 || f.seqlen_k <= 0)

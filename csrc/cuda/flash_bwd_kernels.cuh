@@ -219,6 +219,46 @@ struct BwdArgs {
   int heads_per_split;  // query heads each of those blocks loops over
 };
 
+// Where a block's sequence lives. Dense: batch b of (b, seqlen, heads, d) tensors, lse and
+// delta (b, h, seqlen_q). Varlen (cu_seqlens_q non-null): rows [q_start, q_start + len_q) of
+// the packed q / out / dout / dq and [k_start, k_start + len_k) of k / v / dk / dv (clamped,
+// see bwd_layout::varlen_bounds), lse and delta (h, total_q); the batch strides are not read.
+// Worked out once per block; `mask` carries the sequence's own lengths, so the masking, the
+// tile ranges and the row tails below are the dense code unchanged.
+struct BlockSeq {
+  MaskInfo mask;
+  bool varlen;
+  int64_t b, q_start, k_start;
+  int64_t lse_row0, lse_head_stride;  // lse / delta index of (head, row) = row0 + head*stride + row
+  // Element offset of the sequence's row 0 in a q-side (q_off) or k-side (k_off) tensor.
+  __device__ __forceinline__ int64_t q_off(int64_t batch_stride, int64_t row_stride) const {
+    return varlen ? q_start * row_stride : b * batch_stride;
+  }
+  __device__ __forceinline__ int64_t k_off(int64_t batch_stride, int64_t row_stride) const {
+    return varlen ? k_start * row_stride : b * batch_stride;
+  }
+};
+
+__device__ __forceinline__ BlockSeq block_seq(const BwdArgs& args, int64_t b) {
+  const FlashFwdParams& f = args.p.fwd;
+  BlockSeq s;
+  s.mask = args.mask;
+  s.b = b;
+  s.varlen = f.cu_seqlens_q != nullptr;
+  s.q_start = s.k_start = 0;
+  s.lse_row0 = b * f.h * f.seqlen_q;
+  s.lse_head_stride = f.seqlen_q;
+  if (s.varlen) {
+    bwd_layout::varlen_bounds(f.cu_seqlens_q, b, f.total_q, f.seqlen_q, &s.q_start,
+                              &s.mask.seqlen_q);
+    bwd_layout::varlen_bounds(f.cu_seqlens_k, b, f.total_k, f.seqlen_k, &s.k_start,
+                              &s.mask.seqlen_k);
+    s.lse_row0 = s.q_start;
+    s.lse_head_stride = f.total_q;
+  }
+  return s;
+}
+
 // ---- kernel 1: delta = rowsum(dO * O) ------------------------------------------------------
 
 template <typename T, int D>
@@ -226,13 +266,18 @@ __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const BwdArgs args
   constexpr int kLanes = D / 8;  // lanes per row, 8 elements (16 bytes) each
   constexpr int kRowsPerBlock = 256 / kLanes;
   const FlashBwdParams& p = args.p;
-  const int64_t rows = p.fwd.b * p.fwd.h * p.fwd.seqlen_q;
+  // Dense: rows (b, h, seqlen_q). Varlen: rows (h, total_q) of the packed out / dout, one
+  // "batch" (sequence boundaries do not matter for a row sum; rows outside every sequence
+  // get a delta nobody reads).
+  const bool varlen = p.fwd.cu_seqlens_q != nullptr;
+  const int64_t seq_rows = varlen ? p.fwd.total_q : p.fwd.seqlen_q;
+  const int64_t rows = (varlen ? 1 : p.fwd.b) * p.fwd.h * seq_rows;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanes;
   const int part = threadIdx.x % kLanes;
   float sum = 0.f;
   if (r < rows) {
-    const int64_t i = r % p.fwd.seqlen_q;
-    const int64_t hb = r / p.fwd.seqlen_q;
+    const int64_t i = r % seq_rows;
+    const int64_t hb = r / seq_rows;
     const int64_t h = hb % p.fwd.h, b = hb / p.fwd.h;
     const T* o = static_cast<const T*>(p.fwd.out) + b * p.fwd.out_batch_stride +
                  i * p.fwd.out_row_stride + h * p.fwd.out_head_stride + part * 8;
@@ -247,7 +292,7 @@ __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const BwdArgs args
   }
 #pragma unroll
   for (int off = kLanes / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (r < rows && part == 0) p.delta[r] = sum;  // delta is (b, h, seqlen_q) contiguous
+  if (r < rows && part == 0) p.delta[r] = sum;  // delta: (b, h, seqlen_q) / (h, total_q)
 }
 
 // ---- kernel 2: dK, dV ----------------------------------------------------------------------
@@ -282,12 +327,16 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
 
   const FlashBwdParams& p = args.p;
   const FlashFwdParams& f = p.fwd;
-  const MaskInfo& mask = args.mask;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int n0 = blockIdx.x * kBlockN;
   const int hk = blockIdx.y / args.num_splits;
   const int split = blockIdx.y % args.num_splits;
   const int64_t b = blockIdx.z;
+  const BlockSeq seq = block_seq(args, b);
+  const MaskInfo& mask = seq.mask;
+  // Varlen: the grid covers max_seqlen_k; a key tile past this sequence's end has no rows to
+  // write (its workspace rows are never read either: the reduce skips them). Dense: never.
+  if (n0 >= mask.seqlen_k) return;  // block-uniform, before any cp.async or barrier
   const int group = static_cast<int>(f.h / f.h_k);
   // This block's query heads: [h_first, h_first + n_heads) of the kv head's group.
   const int h_first = hk * group + split * args.heads_per_split;
@@ -298,8 +347,9 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
   const int n_mblocks = mb_end - mb_begin;
   const int total = n_mblocks * n_heads;  // (query head, query tile) pairs, head-major
 
-  const T* q = static_cast<const T*>(f.q) + b * f.q_batch_stride;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride;
+  const T* q = static_cast<const T*>(f.q) + seq.q_off(f.q_batch_stride, f.q_row_stride);
+  const T* dout =
+      static_cast<const T*>(p.dout) + seq.q_off(p.dout_batch_stride, p.dout_row_stride);
 
   // Stage iteration `it`'s Q / dO tiles and lse / delta rows into `buf`, all with cp.async
   // (so no thread waits on a global load here). Rows past seqlen_q are zero-filled: lse 0 and
@@ -314,7 +364,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
                                        p.dout_row_stride, m0, mask.seqlen_q, tid);
     if (tid < kBlockM) {
       const bool ok = m0 + tid < mask.seqlen_q;
-      const int64_t idx = (b * f.h + h) * f.seqlen_q + (ok ? m0 + tid : 0);
+      const int64_t idx = seq.lse_row0 + h * seq.lse_head_stride + (ok ? m0 + tid : 0);
       cp_async4(smem_addr(sLse + buf * kBlockM + tid), f.lse + idx, ok);
       cp_async4(smem_addr(sDelta + buf * kBlockM + tid), p.delta + idx, ok);
     }
@@ -323,10 +373,12 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
   // A key tile no query sees (total == 0) loads nothing: a block must not exit with cp.async
   // copies in flight, and its dK = dV = 0 needs no data.
   if (total > 0) {
-    load_tile<T, D, kBlockN, kThreads>(sK, static_cast<const T*>(f.k) + b * f.k_batch_stride +
+    load_tile<T, D, kBlockN, kThreads>(sK, static_cast<const T*>(f.k) +
+                                               seq.k_off(f.k_batch_stride, f.k_row_stride) +
                                                hk * f.k_head_stride,
                                        f.k_row_stride, n0, mask.seqlen_k, tid);
-    load_tile<T, D, kBlockN, kThreads>(sV, static_cast<const T*>(f.v) + b * f.v_batch_stride +
+    load_tile<T, D, kBlockN, kThreads>(sV, static_cast<const T*>(f.v) +
+                                               seq.k_off(f.v_batch_stride, f.v_row_stride) +
                                                hk * f.v_head_stride,
                                        f.v_row_stride, n0, mask.seqlen_k, tid);
     load_q_tile(0, 0);
@@ -397,12 +449,15 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
   }
 
   if (args.num_splits == 1) {
-    store_rows<T, D>(static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride,
+    store_rows<T, D>(static_cast<T*>(p.dk) + seq.k_off(p.dk_batch_stride, p.dk_row_stride) +
+                         hk * p.dk_head_stride,
                      p.dk_row_stride, key_row0, mask.seqlen_k, acc_dk, f.softmax_scale, lane);
-    store_rows<T, D>(static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride,
+    store_rows<T, D>(static_cast<T*>(p.dv) + seq.k_off(p.dv_batch_stride, p.dv_row_stride) +
+                         hk * p.dv_head_stride,
                      p.dv_row_stride, key_row0, mask.seqlen_k, acc_dv, 1.f, lane);
   } else {
-    // fp32 partials: workspace = dK [splits][b][h_k][seqlen_k][D], then dV likewise.
+    // fp32 partials: workspace = dK [splits][b][h_k][seqlen_k][D], then dV likewise (varlen:
+    // seqlen_k is the max bound and rows past the sequence's own length stay unwritten).
     const int64_t plane = f.b * f.h_k * f.seqlen_k * D;
     float* ws = p.workspace + split * plane + (b * f.h_k + hk) * f.seqlen_k * D;
     store_rows_f32<D>(ws, key_row0, mask.seqlen_k, acc_dk, f.softmax_scale, lane);
@@ -423,6 +478,18 @@ __global__ void __launch_bounds__(256) flash_bwd_dkdv_reduce_kernel(const BwdArg
   const int64_t j = row % f.seqlen_k, bh = row / f.seqlen_k;
   const int64_t hk = bh % f.h_k, b = bh / f.h_k;
   const int64_t plane = rows * D;
+  // Destination row: dense (b, j); varlen packed row k_start + j, only for j < the sequence's
+  // own key length (the dK/dV blocks wrote nothing past it).
+  int64_t dk_off = b * p.dk_batch_stride + j * p.dk_row_stride;
+  int64_t dv_off = b * p.dv_batch_stride + j * p.dv_row_stride;
+  if (f.cu_seqlens_q != nullptr) {
+    int64_t k_start;
+    int len_k;
+    bwd_layout::varlen_bounds(f.cu_seqlens_k, b, f.total_k, f.seqlen_k, &k_start, &len_k);
+    if (j >= len_k) return;
+    dk_off = (k_start + j) * p.dk_row_stride;
+    dv_off = (k_start + j) * p.dv_row_stride;
+  }
 #pragma unroll
   for (int which = 0; which < 2; ++which) {
     const float* ws = p.workspace + which * args.num_splits * plane + row * D + c;
@@ -435,10 +502,8 @@ __global__ void __launch_bounds__(256) flash_bwd_dkdv_reduce_kernel(const BwdArg
       acc[0] += lo.x; acc[1] += lo.y; acc[2] += lo.z; acc[3] += lo.w;
       acc[4] += hi.x; acc[5] += hi.y; acc[6] += hi.z; acc[7] += hi.w;
     }
-    T* dst = which == 0 ? static_cast<T*>(p.dk) + b * p.dk_batch_stride + j * p.dk_row_stride +
-                              hk * p.dk_head_stride + c
-                        : static_cast<T*>(p.dv) + b * p.dv_batch_stride + j * p.dv_row_stride +
-                              hk * p.dv_head_stride + c;
+    T* dst = which == 0 ? static_cast<T*>(p.dk) + dk_off + hk * p.dk_head_stride + c
+                        : static_cast<T*>(p.dv) + dv_off + hk * p.dv_head_stride + c;
 #pragma unroll
     for (int e = 0; e < 8; e += 2)
       *reinterpret_cast<uint32_t*>(dst + e) = MmaOp<T>::pack(acc[e], acc[e + 1]);
@@ -470,7 +535,6 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
 
   const FlashBwdParams& p = args.p;
   const FlashFwdParams& f = p.fwd;
-  const MaskInfo& mask = args.mask;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   // Highest query tile first: under causal masking it sees the most key tiles, so the longest
   // blocks start in the first wave instead of forming the tail.
@@ -478,13 +542,19 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
   const int h = blockIdx.y;
   const int64_t b = blockIdx.z;
   const int64_t hk = h / (f.h / f.h_k);
+  const BlockSeq seq = block_seq(args, b);
+  const MaskInfo& mask = seq.mask;
+  // Varlen: the grid covers max_seqlen_q; a query tile past this sequence's end has no rows.
+  if (m0 >= mask.seqlen_q) return;  // block-uniform, before any cp.async or barrier
 
   int nb_begin, nb_end;
   bwd_layout::n_block_range(mask, m0, kBlockM, kBlockN, &nb_begin, &nb_end);
   const int total = nb_end - nb_begin;
 
-  const T* k = static_cast<const T*>(f.k) + b * f.k_batch_stride + hk * f.k_head_stride;
-  const T* v = static_cast<const T*>(f.v) + b * f.v_batch_stride + hk * f.v_head_stride;
+  const T* k = static_cast<const T*>(f.k) + seq.k_off(f.k_batch_stride, f.k_row_stride) +
+               hk * f.k_head_stride;
+  const T* v = static_cast<const T*>(f.v) + seq.k_off(f.v_batch_stride, f.v_row_stride) +
+               hk * f.v_head_stride;
   auto load_kv_tile = [&](int it, int buf) {
     const int n0 = (nb_begin + it) * kBlockN;
     load_tile<T, D, kBlockN, kThreads>(sK + buf * kBlockN * D, k, f.k_row_stride, n0,
@@ -495,10 +565,14 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
 
   if (total > 0) {  // no visible key tile: nothing to load, dQ = 0 (and no copy in flight)
     load_tile<T, D, kBlockM, kThreads>(
-        sQ, static_cast<const T*>(f.q) + b * f.q_batch_stride + h * f.q_head_stride,
+        sQ,
+        static_cast<const T*>(f.q) + seq.q_off(f.q_batch_stride, f.q_row_stride) +
+            h * f.q_head_stride,
         f.q_row_stride, m0, mask.seqlen_q, tid);
     load_tile<T, D, kBlockM, kThreads>(
-        sdO, static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride,
+        sdO,
+        static_cast<const T*>(p.dout) + seq.q_off(p.dout_batch_stride, p.dout_row_stride) +
+            h * p.dout_head_stride,
         p.dout_row_stride, m0, mask.seqlen_q, tid);
     load_kv_tile(0, 0);
   }
@@ -513,7 +587,7 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
     lse_r[half] = INFINITY;
     delta_r[half] = 0.f;
     if (row < mask.seqlen_q) {
-      const int64_t idx = (b * f.h + h) * f.seqlen_q + row;
+      const int64_t idx = seq.lse_row0 + h * seq.lse_head_stride + row;
       lse_r[half] = lse_log2(f.lse[idx]);
       delta_r[half] = p.delta[idx];
     }
@@ -572,7 +646,8 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
     warp_gemm_xb<T, D, kBlockN / 16>(acc_dq, dp, k_s, lane);
   }
 
-  store_rows<T, D>(static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride,
+  store_rows<T, D>(static_cast<T*>(p.dq) + seq.q_off(p.dq_batch_stride, p.dq_row_stride) +
+                       h * p.dq_head_stride,
                    p.dq_row_stride, q_row0, mask.seqlen_q, acc_dq, f.softmax_scale, lane);
 }
 
@@ -604,7 +679,16 @@ inline BwdPrep prepare_bwd(const FlashBwdParams& params, BwdArgs* out_args) {
   if (f.b < 0 || f.h <= 0 || f.h_k <= 0 || f.h % f.h_k != 0 || f.seqlen_q < 0 ||
       f.seqlen_k < 0)
     return kBwdInvalid;
+  const bool varlen = f.cu_seqlens_q != nullptr;
+  if (varlen) {
+    // Packed rows: cu_seqlens int32 (so totals below 2^31), both arrays given and aligned.
+    if (f.cu_seqlens_k == nullptr || !aligned(f.cu_seqlens_q, 4) || !aligned(f.cu_seqlens_k, 4) ||
+        f.total_q < 0 || f.total_k < 0 || f.total_q >= (int64_t{1} << 31) ||
+        f.total_k >= (int64_t{1} << 31) || f.h * f.total_q >= (int64_t{1} << 35))
+      return kBwdInvalid;
+  }
   if (f.b == 0 || (f.seqlen_q == 0 && f.seqlen_k == 0)) return kBwdNothing;
+  if (varlen && f.total_q == 0 && f.total_k == 0) return kBwdNothing;
   // Grid limits (y, z <= 65535) and the int index math of the kernels (seqlens < 2^29).
   if (f.h > 65535 || f.b > 65535 || f.seqlen_q >= (int64_t{1} << 29) ||
       f.seqlen_k >= (int64_t{1} << 29))
@@ -613,8 +697,11 @@ inline BwdPrep prepare_bwd(const FlashBwdParams& params, BwdArgs* out_args) {
   if (f.b * f.h * f.seqlen_q >= (int64_t{1} << 35) ||
       f.b * f.h_k * f.seqlen_k >= (int64_t{1} << 35))
     return kBwdInvalid;
-  if (!f.q || !f.k || !f.v || !f.out || !f.lse || !params.dout || !params.dq || !params.dk ||
-      !params.dv || !params.delta)
+  // Varlen with no query (or no key) row at all: those tensors are empty, their data
+  // pointers may be null, and the kernels never dereference them.
+  const bool need_q = !varlen || f.total_q > 0, need_k = !varlen || f.total_k > 0;
+  if ((need_q && (!f.q || !f.out || !f.lse || !params.dout || !params.dq || !params.delta)) ||
+      (need_k && (!f.k || !f.v || !params.dk || !params.dv)))
     return kBwdInvalid;
   // 16-byte cp.async / vector loads on the inputs, 4-byte stores on the gradients.
   if (!aligned(f.q, 16) || !aligned(f.k, 16) || !aligned(f.v, 16) || !aligned(f.out, 16) ||
@@ -669,7 +756,9 @@ template <int D>
 inline BwdGrids bwd_grids(const BwdArgs& args) {
   const FlashFwdParams& f = args.p.fwd;
   BwdGrids g{};
-  g.delta = ceil_div(f.b * f.h * f.seqlen_q, 256 / (D / 8));
+  const int64_t delta_rows =
+      f.cu_seqlens_q != nullptr ? f.h * f.total_q : f.b * f.h * f.seqlen_q;
+  g.delta = ceil_div(delta_rows, 256 / (D / 8));
   // seqlen_q == 0 still runs the dK/dV kernel (it writes dK = dV = 0), and seqlen_k == 0
   // still runs the dQ kernel (dQ = 0).
   g.dkdv[0] = ceil_div(f.seqlen_k, DkdvCfg<D>::kBlockN);

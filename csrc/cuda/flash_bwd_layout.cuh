@@ -106,6 +106,21 @@ FASTATTN_BWD_HD int dkdv_num_splits(int64_t b, int64_t h, int64_t h_k, int64_t s
   return static_cast<int>((group + hps - 1) / hps);
 }
 
+// ---- variable-length (packed) batches ------------------------------------------------------
+// Rows [*start, *start + *len) of sequence i of a packed tensor of `total` rows, from its
+// cu_seqlens (FlashFwdParams), memory-safe for ANY content since nothing validates cu_seqlens
+// on the device side: start clamped to [0, total], end to [start, total], length to the launch
+// bound max_len (the grid was sized from it). Well-formed cu_seqlens pass through unchanged.
+FASTATTN_BWD_HD void varlen_bounds(const int32_t* cu, int64_t i, int64_t total, int64_t max_len,
+                                   int64_t* start, int* len) {
+  int64_t s = cu[i];
+  s = s < 0 ? 0 : (s > total ? total : s);
+  int64_t e = cu[i + 1];
+  e = e < s ? s : (e > total ? total : e);
+  *start = s;
+  *len = static_cast<int>(e - s < max_len ? e - s : max_len);
+}
+
 // ---- masking ----------------------------------------------------------------------------
 // The forward's rule (params.h): query i sees key j iff j < seqlen_k, i < seqlen_q and
 //   j >= i + off - wl (wl >= 0), j <= i + off + wr (wr >= 0), off = seqlen_k - seqlen_q.
