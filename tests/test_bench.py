@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import os
 import subprocess
 import sys
@@ -129,6 +130,24 @@ def test_percent_of_copy_rule():
     assert report.pct_of_copy(row, meta_old) is None and report.format_pct(row, meta_old) == "?"
     assert report.format_pct(row, {"llc_bytes": 32 * MiB}) == "in cache"
     assert report.format_pct({**row, "bytes": 64 * MiB}, {"llc_bytes": 32 * MiB, **meta_old}) == "200%"
+
+
+def test_speedup_summary_against_the_fastest_peer():
+    res = {"benchmarks": [
+        _row("flash", "fastattn", "S1", median_s=0.020),
+        _row("flash", "sdpa", "S1", median_s=0.050),
+        _row("flash", "sdpa-math", "S1", median_s=0.030),   # the fastest peer, not the first
+        _row("flash", "fastattn", "S1", dtype="bfloat16", median_s=0.040),
+        _row("flash", "sdpa", "S1", dtype="bfloat16", median_s=0.010),  # a peer that wins: < 1x
+        _row("rotary", "fastattn", "S1", median_s=0.001),                # no peer: no summary row
+        _row("rms", "F.rms_norm", "S1", median_s=0.001),                 # no fastattn row: none
+    ]}
+    rows = report.speedup_rows(res)
+    assert [(r[0], r[2], r[4]) for r in rows] == [("flash", "bfloat16", "sdpa"), ("flash", "float32", "sdpa-math")]
+    assert rows[0][6] == pytest.approx(0.25) and rows[1][6] == pytest.approx(1.5)
+    lines = report.speedup_lines(res)
+    assert lines[-2].endswith("0.25x") and lines[-1].endswith("1.50x")
+    assert report.speedup_lines({"benchmarks": [_row("rotary", "fastattn", "S1")]}) == []
 
 
 def test_report_reads_the_older_results_format(tmp_path, capsys):
@@ -367,8 +386,12 @@ def test_tiny_run_table_on_stdout_progress_on_stderr(runs):
     # stdout: the table and nothing else (no pytest dots, no progress, no carriage returns)
     assert r.stdout.startswith("device: ") and "\r" not in r.stdout
     assert "passed" not in r.stdout and "[1/" not in r.stdout and "bench:" not in r.stdout
-    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("rms_norm")]
+    table, _, summary = r.stdout.partition("fastattn against the fastest peer")
+    rows = [ln for ln in table.splitlines() if ln.startswith("rms_norm")]
     assert len(rows) == 4 and all(ln.endswith("in cache") for ln in rows), r.stdout
+    # the summary: one line per (op, shape, dtype) with fastattn and a peer, speedup = peer / ours
+    speedups = [ln for ln in summary.splitlines() if ln.startswith("rms_norm")]
+    assert len(speedups) == 2 and all(re.search(r"F\.rms_norm +[0-9.]+ ms +[0-9.]+x$", ln) for ln in speedups), r.stdout
     # stderr: one line per benchmark (not a terminal: plain lines), then where the results went
     err = r.stderr.splitlines()
     assert err[0] == "bench: 4 benchmarks"

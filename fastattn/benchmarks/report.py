@@ -201,6 +201,48 @@ def print_table(results: dict, file=None) -> None:
     print("-" * len(header), file=file)
     for c in cells:
         print(fmt(c), file=file)
+    summary = speedup_lines(results)
+    if summary:
+        print("", file=file)
+        for line in summary:
+            print(line, file=file)
+
+
+def speedup_rows(results: dict):
+    """Per (op, shape, dtype): fastattn's time against the fastest other implementation
+    measured in the same run. Groups without a fastattn row or without a peer are left out."""
+    groups = {}
+    for r in rows_of(results):
+        groups.setdefault((r["op"], str(r["shape"]), str(r["dtype"])), []).append(r)
+    out = []
+    for key in sorted(groups, key=lambda k: (k[0], _natural(k[1]), k[2])):
+        ours = [r for r in groups[key] if r["impl"] == "fastattn"]
+        peers = [r for r in groups[key] if r["impl"] != "fastattn"]
+        if not ours or not peers:
+            continue
+        best = min(peers, key=lambda r: r["median_s"])
+        out.append((*key, ours[0]["median_s"], best["impl"], best["median_s"], best["median_s"] / ours[0]["median_s"]))
+    return out
+
+
+def speedup_lines(results: dict):
+    """The summary under the table: 'speedup' > 1 means fastattn is faster than the
+    fastest peer of the same run (< 1: slower)."""
+    rows = speedup_rows(results)
+    if not rows:
+        return []
+    cells = [(op, shape, dtype, format_time(t_ours), impl, format_time(t_peer), f"{sp:.2f}x")
+             for op, shape, dtype, t_ours, impl, t_peer, sp in rows]
+    names = ("op", "shape", "dtype", "fastattn", "fastest peer", "its time", "speedup")
+    widths = [max(len(names[i]), *(len(c[i]) for c in cells)) for i in range(len(names))]
+    right = (False, False, False, True, False, True, True)
+
+    def fmt(c):
+        return " ".join(c[i].rjust(widths[i]) if right[i] else c[i].ljust(widths[i]) for i in range(len(c))).rstrip()
+
+    header = fmt(names)
+    return ["fastattn against the fastest peer in the same run (speedup > 1: fastattn is faster):",
+            header, "-" * len(header)] + [fmt(c) for c in cells]
 
 
 # ---- plot -----------------------------------------------------------------------------------
