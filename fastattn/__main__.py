@@ -30,6 +30,7 @@ def cmd_info(args=None) -> None:
     print(f"python   {platform.python_version()}  on {platform.machine()}, {torch.get_num_threads()} CPU threads")
     backends = ["cpu"] + (["cuda (archs: " + fastattn._C.CUDA_ARCHS + ")"] if fastattn.cuda_built() else [])
     print(f"kernels  {', '.join(backends)}")
+    print(f"cpu isa  {fastattn.cpu_isa()}  (the CPU kernel build in use; FASTATTN_CPU_ISA caps it)")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

@@ -334,3 +334,12 @@ def test_help_documents_errors(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "FASTATTN_DEBUG" in out and "exit" in out
+
+
+def test_info_names_the_cpu_kernel_isa(capsys):
+    import fastattn
+
+    assert cli.main(["info"]) in (0, None)
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("cpu isa")]
+    assert len(line) == 1 and line[0].split()[2] == fastattn.cpu_isa(), out
