@@ -530,6 +530,135 @@ def scaled_dot_product_attention(
     out, _lse = ops.flash_attn_fwd(q, k, v, float(scale), left, right)
     return out.transpose(1, 2)
 
+# ---- variable-length (packed) flash attention --------------------------------------------
+__all__ += ["flash_attention_varlen"]
+
+
+def _check_max_seqlen(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (_numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{name} must be a Python int (an upper bound on the sequence lengths), "
+                        f"got {type(value).__name__}: {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value if isinstance(value, torch.SymInt) else int(value)
+
+
+def _check_cu_seqlens(cu_seqlens, name: str, ref: Tensor) -> None:
+    check_tensor(cu_seqlens, name)
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"{name} must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(
+            f"{name} must be 1-D of length B + 1 (cumulative sequence lengths from 0), got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != ref.device:
+        raise ValueError(f"{name} is on {cu_seqlens.device} but must be on {ref.device} with q, k and v")
+
+
+def flash_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window=(-1, -1),
+    return_lse: bool = False,
+):
+    """FlashAttention over a packed batch of variable-length sequences (flash-attn's varlen API).
+
+    Sequence ``i`` owns query rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of q and key/value
+    rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of k and v, and its output is exactly
+    ``flash_attention(q_i[None], k_i[None], v_i[None], ...)[0]`` on those slices: no padding,
+    no attention across sequences, the same masking, scale, GQA and lse conventions.
+
+    Args:
+        q: (total_q, H, D) queries of all sequences, concatenated along tokens. float32/
+            float16/bfloat16 on the CPU (D in 1..512), float16/bfloat16 on CUDA (D in 64,
+            128). Last dim contiguous; the other strides are free (e.g. a slice of a packed
+            qkv projection).
+        k, v: (total_k, Hk, D) with q's dtype and device; ``H % Hk == 0`` (GQA/MQA: query
+            head h reads kv head ``h // (H // Hk)``).
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 on q's device, cumulative lengths:
+            ``[0, len_0, len_0 + len_1, ..., total]``. Sequences of length 0 are allowed (a
+            query row whose sequence has no key outputs 0, lse -inf). Both have B + 1 entries.
+        max_seqlen_q, max_seqlen_k: Python ints, upper bounds on the per-sequence lengths
+            (used to size the launch; under torch.compile they stay Python ints and nothing
+            reads cu_seqlens on the host).
+        causal: bottom-right aligned per sequence: query i of a sequence with lengths
+            (Sq_i, Sk_i) sees keys ``j <= i + Sk_i - Sq_i``.
+        softmax_scale: defaults to ``1 / sqrt(D)``; any finite float32 value.
+        window: (left, right) sliding window per sequence, as ``flash_attention``: query i
+            sees keys in ``[i + Sk_i - Sq_i - left, i + Sk_i - Sq_i + right]``; -1 (or any
+            side >= max_seqlen_q + max_seqlen_k) is unbounded; ``causal`` sets right = 0.
+        return_lse: also return the log-sum-exp of the scaled scores.
+
+    Returns:
+        out (total_q, H, D) contiguous in q's dtype; with return_lse, ``(out, lse)`` where lse
+        is (H, total_q) float32 (natural log, flash-attn's varlen layout).
+
+    Validation: on the CPU the values of cu_seqlens are checked (start at 0, non-decreasing,
+    end at total_q / total_k, every length <= max_seqlen) and a violation raises ValueError.
+    On CUDA they are not read on the host (that would synchronise; a training step or a CUDA
+    graph must not): the kernels clamp every sequence's rows to the tensors and its lengths
+    to max_seqlen, so malformed cu_seqlens are memory-safe but give unspecified results.
+
+    Differentiable in q, k and v (the FlashAttention backward kernel, bitwise reproducible
+    gradients; lse is not differentiable). Second derivatives raise a RuntimeError.
+    """
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_float(t, name, cuda_16bit_only=True)
+    for t, name, layout in ((q, "q", "(total_q, H, D)"), (k, "k", "(total_k, Hk, D)"), (v, "v", "(total_k, Hk, D)")):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have 3 dimensions {layout}, got {t.dim()}")
+    check_same_device(k, q, "k", "q")
+    check_same_device(v, q, "v", "q")
+    if q.device.type not in ("cpu", "cuda", "meta") or (q.is_cuda and not _CUDA_BUILT):
+        raise ValueError(
+            f"q is on {q.device} but this build of fastattn has kernels for "
+            f"{'the CPU and CUDA' if _CUDA_BUILT else 'the CPU only (rebuild with a CUDA torch and nvcc)'}"
+        )
+    check_same_dtype(k, q, "k", "q")
+    check_same_dtype(v, q, "v", "q")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    _total_q, H, D = q.shape
+    if k.shape[2] != D:
+        raise ValueError(f"k must have q's head dim {D}, got {k.shape[2]}")
+    Hk = k.shape[1]
+    if Hk < 1 or H % Hk != 0:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of key/value heads ({Hk})")
+    if q.is_cuda and D not in _CUDA_HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported on CUDA (supported: {', '.join(map(str, _CUDA_HEAD_DIMS))})")
+    if not q.is_cuda and not 1 <= D <= _CPU_MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {_CPU_MAX_HEAD_DIM}] on the CPU, got {D}")
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_last_dim_contiguous(t, name)
+    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q)
+    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q)
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(
+            "cu_seqlens_q and cu_seqlens_k must have the same length B + 1 (one entry per sequence, plus one), "
+            f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}"
+        )
+    max_seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q")
+    max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k")
+    left, right = _check_window(window)
+    if causal:
+        right = 0
+    softmax_scale = check_softmax_scale(softmax_scale)
+    if softmax_scale is None:
+        softmax_scale = D ** -0.5
+    out, lse = ops.flash_attn_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, left, right
+    )
+    return (out, lse) if return_lse else out
+
+
 # ---- decode attention and append_kv ------------------------------------------------------
 __all__ += ["decode_attention", "append_kv"]
 

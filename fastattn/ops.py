@@ -281,6 +281,100 @@ torch.library.register_autograd(
 )
 
 
+# ---- variable-length (packed) flash attention --------------------------------------------
+def flash_attn_varlen_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+) -> Tuple[Tensor, Tensor]:
+    """q (total_q, H, D), k/v (total_k, Hk, D), cu_seqlens (B + 1,) int32: out (total_q, H, D),
+    lse (H, total_q) fp32. Each sequence is masked as flash_attn_fwd masks it alone."""
+    return _ops.flash_attn_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right
+    )
+
+
+@torch.library.register_fake("fastattn::flash_attn_varlen_fwd")
+def _flash_attn_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                window_left, window_right):
+    # Shapes come from q alone: cu_seqlens' values are never read (they are data on the device).
+    total_q, H, D = q.shape
+    return q.new_empty((total_q, H, D)), q.new_empty((H, total_q), dtype=torch.float32)
+
+
+def flash_attn_varlen_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    deterministic: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of ``flash_attn_varlen_fwd``: (dq, dk, dv) with q/k/v's shapes and dtype,
+    recomputed from out and lse (H, total_q); bitwise reproducible."""
+    return _ops.flash_attn_varlen_bwd(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+        window_left, window_right, deterministic,
+    )
+
+
+@torch.library.register_fake("fastattn::flash_attn_varlen_bwd")
+def _flash_attn_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                softmax_scale, window_left, window_right, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_attn_varlen_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.mark_non_differentiable(lse)  # as the dense op: no gradient term for lse
+    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right)
+
+
+def _flash_attn_varlen_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if dout.dim() > 0 and dout.shape[-1] > 1 and dout.stride(-1) != 1:
+        dout = dout.contiguous()  # e.g. the expanded ones that out.sum().backward() sends
+    dq, dk, dv = flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, True)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fastattn::flash_attn_varlen_fwd", _flash_attn_varlen_backward, setup_context=_flash_attn_varlen_setup
+)
+
+
+def _flash_attn_varlen_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fastattn.flash_attention_varlen: second derivatives (double backward) are not supported; "
+        "the first backward works, but gradients of its gradients cannot be computed"
+    )
+
+
+torch.library.register_autograd(
+    "fastattn::flash_attn_varlen_bwd", _flash_attn_varlen_double_backward,
+    setup_context=lambda ctx, inputs, output: None,
+)
+
+
 # ---- decode attention and append_kv ------------------------------------------------------
 # Decode is inference-only: decode_attention's outputs are marked non-differentiable (so a
 # backward through them raises torch's "does not require grad" error instead of silently

@@ -76,6 +76,8 @@ void check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
 // gets near it.
 constexpr double kLseExactLimit = 512.0;
 
+}  // namespace
+
 bool needs_exact_backward(const at::Tensor& lse, double softmax_scale) {
   // On CUDA the test reads lse on the host (one synchronisation); scales of magnitude <= 1,
   // the scale of every real model, skip it.
@@ -125,6 +127,8 @@ void exact_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
   dk.copy_(dk32);
   dv.copy_(dv32);
 }
+
+namespace {
 
 #ifdef FASTATTN_WITH_CUDA
 // The CUDA kernels read q, k, v, out and dout with 16-byte vector loads: base 16-byte aligned

@@ -41,6 +41,18 @@ TORCH_LIBRARY(fastattn, m) {
         "float softmax_scale, int window_left, int window_right, bool deterministic)"
         " -> (Tensor dq, Tensor dk, Tensor dv)");
 
+  // Variable-length (packed) form: q (total_q, H, D), k/v (total_k, Hk, D); sequence i owns
+  // rows [cu_seqlens_q[i], cu_seqlens_q[i+1]) of q and [cu_seqlens_k[i], cu_seqlens_k[i+1])
+  // of k/v (cu_seqlens (B + 1) int32 on the device) and is masked as flash_attn_fwd masks
+  // it alone. max_seqlen_q/_k bound the lengths (launch sizing only; never a host read of
+  // cu_seqlens on CUDA). out (total_q, H, D), lse (H, total_q) fp32.
+  m.def("flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
+        " int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right)"
+        " -> (Tensor out, Tensor lse)");
+  m.def("flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale,"
+        " int window_left, int window_right, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+
   // ---- decode attention and append_kv ----------------------------------------------------
   // One query token per sequence against a KV cache with ragged lengths: out has q's shape,
   // lse (B, H) fp32. num_splits = 0 picks split-KV from the shapes only (graph-safe).

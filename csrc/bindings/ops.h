@@ -41,6 +41,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
     const at::Tensor& out, const at::Tensor& lse, double softmax_scale, int64_t window_left,
     int64_t window_right, bool deterministic);
 
+// ---- variable-length (packed) flash attention (flash_attn_varlen.cpp) --------------------
+// q (total_q, H, D), k/v (total_k, Hk, D), cu_seqlens (B + 1) int32: out (total_q, H, D) and
+// lse (H, total_q) fp32; the backward gives dq, dk, dv with q/k/v's shapes and dtype.
+std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                         const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                         int64_t max_seqlen_k, double softmax_scale,
+                                                         int64_t window_left, int64_t window_right);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
+    bool deterministic);
+
 // ---- decode attention and append_kv (decode.cpp) ---------------------------------------
 std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                                     const at::Tensor& v_cache,

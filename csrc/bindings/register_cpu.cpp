@@ -16,6 +16,8 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   // ---- flash attention -------------------------------------------------------------------
   m.impl("flash_attn_fwd", &fastattn::flash_attn_fwd);
   m.impl("flash_attn_bwd", &fastattn::flash_attn_bwd);
+  m.impl("flash_attn_varlen_fwd", &fastattn::flash_attn_varlen_fwd);
+  m.impl("flash_attn_varlen_bwd", &fastattn::flash_attn_varlen_bwd);
 
   // ---- decode attention and append_kv ----------------------------------------------------
   m.impl("decode_attention", &fastattn::decode_attention);

@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "cpu_types.h"
+#include "flash_varlen.h"
 #include "fastattn/api.h"
 #include "fastattn/cpu_dispatch.h"
 #include "fastattn/static_switch.h"
@@ -321,14 +322,24 @@ void load_lse(const float* lse, const float* delta, int64_t i0, int64_t n, int64
   }
 }
 
+// Offset of (batch or sequence bi, query head h)'s first row in lse / delta: (b, h, seqlen_q)
+// dense, (h, total_q) varlen (the sequence's rows start at seq.q_start).
+inline int64_t lse_offset(const FlashFwdParams& f, int64_t bi, int64_t h, const cpu::VarlenSeq& seq) {
+  return f.cu_seqlens_q != nullptr ? h * f.total_q + seq.q_start : (bi * f.h + h) * f.seqlen_q;
+}
+
+// Rows and keys below are indices inside sequence `seq` (dense: the batch entry bi, whose
+// batch strides place it; varlen: the batch strides are 0 and seq.q_start / seq.k_start
+// place it in the packed tensors).
 template <typename T>
 void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t bi,
-               int64_t hk, int64_t kb, Scratch& w) {
+               const cpu::VarlenSeq& seq, int64_t hk, int64_t kb, Scratch& w) {
   const FlashFwdParams& f = p.fwd;
   const int64_t d = sh.d, dp = sh.dp;
-  const int64_t j0 = kb * kOuter, nk = std::min(kOuter, f.seqlen_k - j0);
-  const T* k = static_cast<const T*>(f.k) + bi * f.k_batch_stride + hk * f.k_head_stride + j0 * f.k_row_stride;
-  const T* v = static_cast<const T*>(f.v) + bi * f.v_batch_stride + hk * f.v_head_stride + j0 * f.v_row_stride;
+  const int64_t j0 = kb * kOuter, nk = std::min(kOuter, seq.seqlen_k - j0);
+  const int64_t kr = seq.k_start + j0, qr = seq.q_start;  // packed row of key j0 / query 0
+  const T* k = static_cast<const T*>(f.k) + bi * f.k_batch_stride + hk * f.k_head_stride + kr * f.k_row_stride;
+  const T* v = static_cast<const T*>(f.v) + bi * f.v_batch_stride + hk * f.v_head_stride + kr * f.v_row_stride;
   float *k_t = w.a_t.data(), *v_t = w.b_t.data(), *q = w.a.data(), *dout = w.b.data();
   float *s = w.s.data(), *ds = w.dp_buf.data(), *dk = w.acc0.data(), *dv = w.acc1.data();
   std::fill(dk, dk + kOuter * dp, 0.0f);
@@ -342,12 +353,12 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
     load_rows_transposed(v, f.v_row_stride, nk, d, v_t, kOuter, kOuter, w.row.data());
   }
   for (int64_t hq = hk * sh.group; hq < (hk + 1) * sh.group && qb0 < qb1; ++hq) {
-    const float* lse = f.lse + (bi * f.h + hq) * f.seqlen_q;
-    const float* delta = p.delta + (bi * f.h + hq) * f.seqlen_q;
+    const float* lse = f.lse + lse_offset(f, bi, hq, seq);
+    const float* delta = p.delta + lse_offset(f, bi, hq, seq);
     for (int64_t qb = qb0; qb < qb1; ++qb) {
-      const int64_t i0 = qb * kInner, nq = std::min(kInner, f.seqlen_q - i0);
-      const T* qs = static_cast<const T*>(f.q) + bi * f.q_batch_stride + hq * f.q_head_stride + i0 * f.q_row_stride;
-      const T* dos = static_cast<const T*>(p.dout) + bi * p.dout_batch_stride + hq * p.dout_head_stride + i0 * p.dout_row_stride;
+      const int64_t i0 = qb * kInner, nq = std::min(kInner, seq.seqlen_q - i0);
+      const T* qs = static_cast<const T*>(f.q) + bi * f.q_batch_stride + hq * f.q_head_stride + (qr + i0) * f.q_row_stride;
+      const T* dos = static_cast<const T*>(p.dout) + bi * p.dout_batch_stride + hq * p.dout_head_stride + (qr + i0) * p.dout_row_stride;
       load_rows(qs, f.q_row_stride, nq, d, q, dp, kInner);
       load_rows(dos, p.dout_row_stride, nq, d, dout, dp, kInner);
       load_lse(lse, delta, i0, nq, kInner, w.lse2.data(), w.delta.data());
@@ -373,19 +384,20 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
       gemm<true>(kOuter, dp, kInner, ds, kOuter, q, dp, dk, dp, true);    // dK += dS^T Q
     }
   }
-  T* dks = static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride + j0 * p.dk_row_stride;
-  T* dvs = static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride + j0 * p.dv_row_stride;
+  T* dks = static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride + kr * p.dk_row_stride;
+  T* dvs = static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride + kr * p.dv_row_stride;
   store_rows(dk, dp, nk, d, f.softmax_scale, dks, p.dk_row_stride, w.row.data());
   store_rows(dv, dp, nk, d, 1.0f, dvs, p.dv_row_stride, w.row.data());
 }
 
 template <typename T>
-void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t bi, int64_t hq,
-             int64_t qb, Scratch& w) {
+void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t bi,
+             const cpu::VarlenSeq& seq, int64_t hq, int64_t qb, Scratch& w) {
   const FlashFwdParams& f = p.fwd;
   const int64_t d = sh.d, dp = sh.dp;
   const int64_t hk = hq / sh.group;
-  const int64_t i0 = qb * kOuter, nq = std::min(kOuter, f.seqlen_q - i0);
+  const int64_t i0 = qb * kOuter, nq = std::min(kOuter, seq.seqlen_q - i0);
+  const int64_t qr = seq.q_start + i0, kr = seq.k_start;  // packed row of query i0 / key 0
   float *q_t = w.a_t.data(), *do_t = w.b_t.data(), *k = w.a.data(), *v = w.b.data();
   float *s_t = w.s.data(), *ds_t = w.dp_buf.data(), *dq = w.acc0.data();
   std::fill(dq, dq + kOuter * dp, 0.0f);
@@ -394,19 +406,19 @@ void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t
   band.keys_seen(i0, i0 + nq, &jlo, &jhi);
   block_range(jlo, jhi, kInner, &kb0, &kb1);
   if (kb0 < kb1) {
-    const T* qs = static_cast<const T*>(f.q) + bi * f.q_batch_stride + hq * f.q_head_stride + i0 * f.q_row_stride;
-    const T* dos = static_cast<const T*>(p.dout) + bi * p.dout_batch_stride + hq * p.dout_head_stride + i0 * p.dout_row_stride;
+    const T* qs = static_cast<const T*>(f.q) + bi * f.q_batch_stride + hq * f.q_head_stride + qr * f.q_row_stride;
+    const T* dos = static_cast<const T*>(p.dout) + bi * p.dout_batch_stride + hq * p.dout_head_stride + qr * p.dout_row_stride;
     load_rows_transposed(qs, f.q_row_stride, nq, d, q_t, kOuter, kOuter, w.row.data());
     load_rows_transposed(dos, p.dout_row_stride, nq, d, do_t, kOuter, kOuter, w.row.data());
-    load_lse(f.lse + (bi * f.h + hq) * f.seqlen_q, p.delta + (bi * f.h + hq) * f.seqlen_q, i0, nq,
+    load_lse(f.lse + lse_offset(f, bi, hq, seq), p.delta + lse_offset(f, bi, hq, seq), i0, nq,
              kOuter, w.lse2.data(), w.delta.data());
   }
   const float* lse2 = w.lse2.data();
   const float* delta = w.delta.data();
   for (int64_t kb = kb0; kb < kb1; ++kb) {
-    const int64_t j0 = kb * kInner, nk = std::min(kInner, f.seqlen_k - j0);
-    const T* ks = static_cast<const T*>(f.k) + bi * f.k_batch_stride + hk * f.k_head_stride + j0 * f.k_row_stride;
-    const T* vs = static_cast<const T*>(f.v) + bi * f.v_batch_stride + hk * f.v_head_stride + j0 * f.v_row_stride;
+    const int64_t j0 = kb * kInner, nk = std::min(kInner, seq.seqlen_k - j0);
+    const T* ks = static_cast<const T*>(f.k) + bi * f.k_batch_stride + hk * f.k_head_stride + (kr + j0) * f.k_row_stride;
+    const T* vs = static_cast<const T*>(f.v) + bi * f.v_batch_stride + hk * f.v_head_stride + (kr + j0) * f.v_row_stride;
     load_rows(ks, f.k_row_stride, nk, d, k, dp, kInner);
     load_rows(vs, f.v_row_stride, nk, d, v, dp, kInner);
 
@@ -427,19 +439,22 @@ void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t
     }
     gemm<true>(kOuter, dp, kInner, ds_t, kOuter, k, dp, dq, dp, true);  // dQ += dS K
   }
-  T* dqs = static_cast<T*>(p.dq) + bi * p.dq_batch_stride + hq * p.dq_head_stride + i0 * p.dq_row_stride;
+  T* dqs = static_cast<T*>(p.dq) + bi * p.dq_batch_stride + hq * p.dq_head_stride + qr * p.dq_row_stride;
   store_rows(dq, dp, nq, d, f.softmax_scale, dqs, p.dq_row_stride, w.row.data());
 }
 
-// delta = rowsum(dout * out), (b, h, seqlen_q) contiguous.
+// delta = rowsum(dout * out), (b, h, seqlen_q) contiguous; varlen (h, total_q), every packed
+// row (a row no sequence owns gets a value no task reads).
 template <typename T>
 void compute_delta(const FlashBwdParams& p) {
   const FlashFwdParams& f = p.fwd;
-  const int64_t d = f.d, rows = f.b * f.h * f.seqlen_q;
+  const bool varlen = f.cu_seqlens_q != nullptr;
+  const int64_t nb = varlen ? 1 : f.b, sq = varlen ? f.total_q : f.seqlen_q;
+  const int64_t d = f.d, rows = nb * f.h * sq;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
     std::vector<float> o(d), g(d);
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t i = r % f.seqlen_q, bh = r / f.seqlen_q, h = bh % f.h, bi = bh / f.h;
+      const int64_t i = r % sq, bh = r / sq, h = bh % f.h, bi = bh / f.h;
       load_row(static_cast<const T*>(f.out) + bi * f.out_batch_stride + h * f.out_head_stride + i * f.out_row_stride, o.data(), d);
       load_row(static_cast<const T*>(p.dout) + bi * p.dout_batch_stride + h * p.dout_head_stride + i * p.dout_row_stride, g.data(), d);
       float acc = 0.0f;
@@ -455,26 +470,55 @@ void flash_bwd_impl(const FlashBwdParams& p) {
   const FlashFwdParams& f = p.fwd;
   compute_delta<T>(p);
 
-  const Band band{f.seqlen_q, f.seqlen_k, f.seqlen_k - f.seqlen_q, f.window_left, f.window_right};
-  const Shape sh{f.d, round_up(f.d, kColTile), f.h / f.h_k, f.softmax_scale * kLog2e};
-  const int64_t n_kb = (f.seqlen_k + kOuter - 1) / kOuter;
-  const int64_t n_qb = (f.seqlen_q + kOuter - 1) / kOuter;
-
-  // One list of independent tasks: [0, n_dkdv) are (b, h_k, key block), the rest (b, h,
-  // query block). Cost = visible block pairs x GEMMs per pair; heaviest first.
-  const int64_t n_dkdv = f.b * f.h_k * n_kb, n_dq = f.b * f.h * n_qb;
-  std::vector<int64_t> cost(n_dkdv + n_dq);
-  for (int64_t kb = 0; kb < n_kb; ++kb) {
-    int64_t lo, hi, b0, b1;
-    band.rows_seeing(kb * kOuter, (kb + 1) * kOuter, &lo, &hi);
-    block_range(lo, hi, kInner, &b0, &b1);
-    for (int64_t bh = 0; bh < f.b * f.h_k; ++bh) cost[bh * n_kb + kb] = 4 * sh.group * (b1 - b0) + 1;
+  // The sequences: dense, every batch entry is {0, seqlen_q, 0, seqlen_k}; varlen, each
+  // sequence's own (clamped) offsets and lengths from cu_seqlens.
+  const bool varlen = f.cu_seqlens_q != nullptr;
+  std::vector<cpu::VarlenSeq> seqs(static_cast<size_t>(varlen ? f.b : 1));
+  std::vector<Band> bands(seqs.size());
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    seqs[i] = varlen ? cpu::varlen_seq(f, static_cast<int64_t>(i)) : cpu::VarlenSeq{0, f.seqlen_q, 0, f.seqlen_k};
+    const cpu::VarlenSeq& s = seqs[i];
+    bands[i] = Band{s.seqlen_q, s.seqlen_k, s.seqlen_k - s.seqlen_q, f.window_left, f.window_right};
   }
-  for (int64_t qb = 0; qb < n_qb; ++qb) {
-    int64_t lo, hi, b0, b1;
-    band.keys_seen(qb * kOuter, std::min((qb + 1) * kOuter, f.seqlen_q), &lo, &hi);
-    block_range(lo, hi, kInner, &b0, &b1);
-    for (int64_t bh = 0; bh < f.b * f.h; ++bh) cost[n_dkdv + bh * n_qb + qb] = 3 * (b1 - b0) + 1;
+  auto seq_of = [&](int64_t bi) -> int64_t { return varlen ? bi : 0; };
+  const Shape sh{f.d, round_up(f.d, kColTile), f.h / f.h_k, f.softmax_scale * kLog2e};
+
+  // One list of independent tasks: dK/dV tasks (b, h_k, key block) first, then dQ tasks (b,
+  // h, query block), each batch entry / sequence with its own number of blocks. Cost =
+  // visible block pairs x GEMMs per pair; heaviest first. A flat list over (sequence, head,
+  // block) keeps the threads busy when one sequence is much longer than the rest.
+  struct Task {
+    int64_t bi, head, block;
+    bool dq;
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> cost;
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool dq = pass == 1;
+    for (int64_t bi = 0; bi < f.b; ++bi) {
+      const cpu::VarlenSeq& s = seqs[seq_of(bi)];
+      const Band& band = bands[seq_of(bi)];
+      const int64_t nblk = ((dq ? s.seqlen_q : s.seqlen_k) + kOuter - 1) / kOuter;
+      std::vector<int64_t> blk_cost(static_cast<size_t>(nblk));
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        int64_t lo, hi, b0, b1;
+        if (dq) {
+          band.keys_seen(blk * kOuter, std::min((blk + 1) * kOuter, s.seqlen_q), &lo, &hi);
+          block_range(lo, hi, kInner, &b0, &b1);
+          blk_cost[blk] = 3 * (b1 - b0) + 1;
+        } else {
+          band.rows_seeing(blk * kOuter, (blk + 1) * kOuter, &lo, &hi);
+          block_range(lo, hi, kInner, &b0, &b1);
+          blk_cost[blk] = 4 * sh.group * (b1 - b0) + 1;
+        }
+      }
+      for (int64_t head = 0; head < (dq ? f.h : f.h_k); ++head) {
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          tasks.push_back({bi, head, blk, dq});
+          cost.push_back(blk_cost[blk]);
+        }
+      }
+    }
   }
   std::vector<int64_t> order(cost.size());
   std::iota(order.begin(), order.end(), 0);
@@ -482,16 +526,19 @@ void flash_bwd_impl(const FlashBwdParams& p) {
 
   std::atomic<int64_t> next{0};
   const int64_t n_tasks = static_cast<int64_t>(order.size());
+  if (n_tasks == 0) return;
   const int64_t n_workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
   at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
     Scratch w(sh.dp);
     for (int64_t t = next.fetch_add(1); t < n_tasks; t = next.fetch_add(1)) {
-      const int64_t id = order[t];
-      if (id < n_dkdv) {
-        dkdv_task<T>(p, sh, band, id / (f.h_k * n_kb), (id / n_kb) % f.h_k, id % n_kb, w);
+      const Task& task = tasks[order[t]];
+      // Varlen: the batch strides are 0, so the batch index in the pointer arithmetic is 0.
+      const int64_t bi = varlen ? 0 : task.bi;
+      const int64_t si = seq_of(task.bi);
+      if (!task.dq) {
+        dkdv_task<T>(p, sh, bands[si], bi, seqs[si], task.head, task.block, w);
       } else {
-        const int64_t j = id - n_dkdv;
-        dq_task<T>(p, sh, band, j / (f.h * n_qb), (j / n_qb) % f.h, j % n_qb, w);
+        dq_task<T>(p, sh, bands[si], bi, seqs[si], task.head, task.block, w);
       }
     }
   });
@@ -502,6 +549,7 @@ void flash_bwd_impl(const FlashBwdParams& p) {
 void cpu::flash_bwd_kernel(const FlashBwdParams& params) {
   const FlashFwdParams& f = params.fwd;
   if (f.b == 0 || f.h == 0 || f.seqlen_q == 0 || f.seqlen_k == 0) return;
+  if (f.cu_seqlens_q != nullptr && (f.total_q == 0 || f.total_k == 0)) return;
   FASTATTN_CPU_DTYPE_SWITCH(f.dtype, T, [&] { flash_bwd_impl<T>(params); });
 }
 

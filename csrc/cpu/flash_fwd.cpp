@@ -50,6 +50,7 @@
 #endif
 
 #include "cpu_types.h"
+#include "flash_varlen.h"
 #include "fastattn/api.h"
 #include "fastattn/cpu_dispatch.h"
 #include "fastattn/static_switch.h"
@@ -175,17 +176,24 @@ template <typename T>
 class FlashFwdCpu {
  public:
   explicit FlashFwdCpu(const FlashFwdParams& p) : p_(p) {
-    const int64_t shift = p.seqlen_k - p.seqlen_q;
-    int64_t right = p.window_right;
-    if (p.is_causal) right = 0;
-    band_.has_lo = p.window_left >= 0;
-    band_.lo_off = shift - p.window_left;
-    band_.has_hi = right >= 0;
-    band_.hi_off = shift + right;
-    kt_ld_ = ceil_div(p.seqlen_k, 16) * 16;
+    varlen_ = p.cu_seqlens_q != nullptr;
+    // K/V rows as the pre-pass lays them out: dense, (b, h_k) slices of seqlen_k keys each;
+    // varlen, one (h_k) slice of all total_k packed keys (each sequence a column range of it).
+    kv_batches_ = varlen_ ? 1 : p.b;
+    kv_rows_ = varlen_ ? p.total_k : p.seqlen_k;
+    kt_ld_ = ceil_div(kv_rows_, 16) * 16;
+    int64_t q_blocks_max = p.b * ceil_div(p.seqlen_q, kQBlockMax);
+    if (varlen_) {
+      seqs_.resize(static_cast<size_t>(p.b));
+      q_blocks_max = 0;
+      for (int64_t i = 0; i < p.b; ++i) {
+        seqs_[i] = cpu::varlen_seq(p, i);
+        q_blocks_max += ceil_div(seqs_[i].seqlen_q, kQBlockMax);
+      }
+    }
     // A function of the shape only (not of the thread count), so the block boundaries, and
     // with them the summation order and the output bits, are the same on any thread count.
-    q_block_ = p.b * p.h * ceil_div(p.seqlen_q, kQBlockMax) >= kMinTasks ? kQBlockMax : kQBlockSmall;
+    q_block_ = p.h * q_blocks_max >= kMinTasks ? kQBlockMax : kQBlockSmall;
     scale_log2_ = p.softmax_scale * kLog2e;
     // fp32 Q and V are GEMM operands in place when their row stride is a valid leading
     // dimension (>= d); rows that overlap (an expanded, stride-0 view) are copied instead.
@@ -196,8 +204,14 @@ class FlashFwdCpu {
 
   void run() {
     prepare_kv();
+    if (varlen_) {
+      run_varlen();
+      return;
+    }
     const int64_t nqb = ceil_div(p_.seqlen_q, q_block_);
     const int64_t ntasks = p_.b * p_.h * nqb;
+    const cpu::VarlenSeq dense{0, p_.seqlen_q, 0, p_.seqlen_k};
+    const Band band = make_band(dense);
     std::atomic<int64_t> next{0};
     const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
     at::parallel_for(0, nthreads, 1, [&](int64_t t_begin, int64_t t_end) {
@@ -207,7 +221,43 @@ class FlashFwdCpu {
           // Heaviest first: under a causal mask the last query blocks see the most keys.
           const int64_t qb = nqb - 1 - task / (p_.b * p_.h);
           const int64_t bh = task % (p_.b * p_.h);
-          run_task(bh / p_.h, bh % p_.h, qb, ws);
+          run_task(bh / p_.h, bh % p_.h, qb, dense, band, ws);
+        }
+      }
+      gemm_release();
+    });
+  }
+
+  // Varlen: one flat list of (sequence, query block) items, each run for every head, sorted
+  // by the keys the block sees (heaviest first), so one long sequence is spread over all
+  // threads by its query blocks and heads instead of landing on one thread.
+  void run_varlen() {
+    struct Item {
+      int64_t seq, qb, cost;
+    };
+    std::vector<Item> items;
+    std::vector<Band> bands(seqs_.size());
+    for (int64_t i = 0; i < p_.b; ++i) {
+      const cpu::VarlenSeq& s = seqs_[i];
+      bands[i] = make_band(s);
+      for (int64_t qb = 0; qb < ceil_div(s.seqlen_q, q_block_); ++qb) {
+        const int64_t q0 = qb * q_block_, rows = std::min(q_block_, s.seqlen_q - q0);
+        const int64_t k_lo = std::max<int64_t>(0, bands[i].lo(q0));
+        const int64_t k_hi = std::min<int64_t>(s.seqlen_k, bands[i].hi(q0 + rows - 1) + 1);
+        items.push_back({i, qb, rows * (std::max<int64_t>(k_hi - k_lo, 0) + 16)});
+      }
+    }
+    std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+    const int64_t ntasks = static_cast<int64_t>(items.size()) * p_.h;
+    if (ntasks == 0) return;
+    std::atomic<int64_t> next{0};
+    const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+    at::parallel_for(0, nthreads, 1, [&](int64_t t_begin, int64_t t_end) {
+      Workspace ws(q_block_, p_.d);
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        for (int64_t task = next.fetch_add(1); task < ntasks; task = next.fetch_add(1)) {
+          const Item& it = items[task / p_.h];
+          run_task(it.seq, task % p_.h, it.qb, seqs_[it.seq], bands[it.seq], ws);
         }
       }
       gemm_release();
@@ -225,11 +275,25 @@ class FlashFwdCpu {
     std::vector<float> q, s, o, m, l;
   };
 
-  // K^T (b, h_k, d, kt_ld) fp32 for every input dtype; V (b, h_k, seqlen_k, d) fp32 unless
-  // V is read in place.
+  // Band of one sequence (dense: the whole problem): bottom-right aligned to its own lengths.
+  Band make_band(const cpu::VarlenSeq& s) const {
+    const int64_t shift = s.seqlen_k - s.seqlen_q;
+    int64_t right = p_.window_right;
+    if (p_.is_causal) right = 0;
+    Band band;
+    band.has_lo = p_.window_left >= 0;
+    band.lo_off = shift - p_.window_left;
+    band.has_hi = right >= 0;
+    band.hi_off = shift + right;
+    return band;
+  }
+
+  // K^T (kv_batches, h_k, d, kt_ld) fp32 for every input dtype; V (kv_batches, h_k, kv_rows,
+  // d) fp32 unless V is read in place. Varlen: kv_batches = 1 and kv_rows = total_k, the
+  // packed keys of all sequences side by side (the same work per key as the dense layout).
   void prepare_kv() {
-    const int64_t d = p_.d, sk = p_.seqlen_k;
-    const int64_t nbh = p_.b * p_.h_k;
+    const int64_t d = p_.d, sk = kv_rows_;
+    const int64_t nbh = kv_batches_ * p_.h_k;
     // Uninitialised on purpose: every element a block product reads is written below (the
     // padding columns past seqlen_k are never read).
     kt_.allocate(static_cast<size_t>(nbh * d * kt_ld_));
@@ -261,15 +325,19 @@ class FlashFwdCpu {
     });
   }
 
-  void run_task(int64_t b, int64_t h, int64_t qb, Workspace& ws) {
-    const int64_t d = p_.d, sk = p_.seqlen_k;
+  // Query block qb of sequence b (dense: batch b), head h. Rows and keys are indices inside
+  // the sequence; s.q_start / s.k_start place them in the packed tensors (0 when dense,
+  // where the batch strides do it).
+  void run_task(int64_t b, int64_t h, int64_t qb, const cpu::VarlenSeq& seq, const Band& band, Workspace& ws) {
+    const int64_t d = p_.d, sk = seq.seqlen_k;
     const int64_t hk = h / (p_.h / p_.h_k);
     const int64_t q0 = qb * q_block_;
-    const int64_t rows = std::min(q_block_, p_.seqlen_q - q0);
+    const int64_t rows = std::min(q_block_, seq.seqlen_q - q0);
+    const int64_t kvb = varlen_ ? 0 : b;
 
     // Keys any row of this block may see, clipped to [0, sk).
-    const int64_t k_lo = std::max<int64_t>(0, band_.lo(q0));
-    const int64_t k_hi = std::min<int64_t>(sk, band_.hi(q0 + rows - 1) + 1);
+    const int64_t k_lo = std::max<int64_t>(0, band.lo(q0));
+    const int64_t k_hi = std::min<int64_t>(sk, band.hi(q0 + rows - 1) + 1);
 
     float* m = ws.m.data();
     float* l = ws.l.data();
@@ -281,7 +349,7 @@ class FlashFwdCpu {
     if (k_hi > k_lo) {
       // Q operand: fp32 in place (row stride as leading dim), 16-bit widened once per task.
       const T* qsrc = static_cast<const T*>(p_.q) + b * p_.q_batch_stride + h * p_.q_head_stride +
-                      q0 * p_.q_row_stride;
+                      (seq.q_start + q0) * p_.q_row_stride;
       const float* qa;
       int64_t q_ld;
       if (q_in_place_) {
@@ -292,15 +360,15 @@ class FlashFwdCpu {
         qa = ws.q.data();
         q_ld = d;
       }
-      const float* kt = kt_.get() + (b * p_.h_k + hk) * d * kt_ld_;
+      const float* kt = kt_.get() + (kvb * p_.h_k + hk) * d * kt_ld_ + seq.k_start;
       const float* vb;
       int64_t v_ld;
       if (v_in_place_) {
         vb = reinterpret_cast<const float*>(static_cast<const T*>(p_.v) + b * p_.v_batch_stride +
-                                            hk * p_.v_head_stride);
+                                            hk * p_.v_head_stride + seq.k_start * p_.v_row_stride);
         v_ld = p_.v_row_stride;
       } else {
-        vb = v32_.get() + (b * p_.h_k + hk) * sk * d;
+        vb = v32_.get() + ((kvb * p_.h_k + hk) * kv_rows_ + seq.k_start) * d;
         v_ld = d;
       }
 
@@ -310,13 +378,13 @@ class FlashFwdCpu {
         // S (rows, cols) = Q (rows, d) @ K^T (d, cols)
         gemm_f32(rows, cols, d, q_ld, kt_ld_, kKBlock, /*add_c=*/false, qa, kt + k0, s);
         // Blocks wholly inside every row's band skip the per-row clipping.
-        const bool masked = band_.lo(q0 + rows - 1) > k0 || band_.hi(q0) < k0 + cols - 1;
-        softmax_block(s, rows, cols, q0, k0, masked, ws);
+        const bool masked = band.lo(q0 + rows - 1) > k0 || band.hi(q0) < k0 + cols - 1;
+        softmax_block(s, rows, cols, q0, k0, masked, band, ws);
         // O (rows, d) = alpha * O + P (rows, cols) @ V (cols, d); alpha was applied in softmax.
         gemm_f32(rows, d, cols, kKBlock, v_ld, d, /*add_c=*/true, s, vb + k0 * v_ld, o);
       }
     }
-    write_output(b, h, q0, rows, ws);
+    write_output(b, h, seq.q_start + q0, rows, ws);
   }
 
   // Online softmax of one score block in place: S becomes P = 2^(scale_log2 * (S - m_new)),
@@ -327,7 +395,7 @@ class FlashFwdCpu {
   // usual 2^(S * scale_log2 - max_scaled) is one FMA whose rounding error grows with
   // |scale * S| (about 1e11 at scale 1e9), turning a hard argmax into inf or 0.
   void softmax_block(float* s, int64_t rows, int64_t cols, int64_t q0, int64_t k0, bool masked,
-                     Workspace& ws) {
+                     const Band& band, Workspace& ws) {
     const int64_t d = p_.d;
     const float sl2 = scale_log2_;
     float* m = ws.m.data();
@@ -338,8 +406,8 @@ class FlashFwdCpu {
       int64_t jlo = 0, jhi = cols;
       if (masked) {
         const int64_t i = q0 + r;
-        jlo = std::clamp<int64_t>(band_.lo(i) - k0, 0, cols);
-        jhi = std::clamp<int64_t>(band_.hi(i) - k0 + 1, 0, cols);
+        jlo = std::clamp<int64_t>(band.lo(i) - k0, 0, cols);
+        jhi = std::clamp<int64_t>(band.hi(i) - k0 + 1, 0, cols);
         if (jhi < jlo) jhi = jlo;
         std::fill(sr, sr + jlo, 0.0f);
         std::fill(sr + jhi, sr + cols, 0.0f);
@@ -375,10 +443,12 @@ class FlashFwdCpu {
     }
   }
 
+  // q0: the first row in the (packed) tensor, i.e. including the sequence's q_start.
   void write_output(int64_t b, int64_t h, int64_t q0, int64_t rows, Workspace& ws) {
     const int64_t d = p_.d;
     T* out = static_cast<T*>(p_.out) + b * p_.out_batch_stride + h * p_.out_head_stride;
-    float* lse = p_.lse + (b * p_.h + h) * p_.seqlen_q;
+    // lse (b, h, seqlen_q) dense; (h, total_q) varlen.
+    float* lse = varlen_ ? p_.lse + h * p_.total_q : p_.lse + (b * p_.h + h) * p_.seqlen_q;
     for (int64_t r = 0; r < rows; ++r) {
       float* orow = ws.o.data() + r * d;
       const float lr = ws.l[r];
@@ -391,7 +461,9 @@ class FlashFwdCpu {
   }
 
   const FlashFwdParams& p_;
-  Band band_;
+  bool varlen_ = false;
+  std::vector<cpu::VarlenSeq> seqs_;  // varlen: each sequence's clamped offsets and lengths
+  int64_t kv_batches_ = 0, kv_rows_ = 0;
   int64_t kt_ld_ = 0;
   int64_t q_block_ = kQBlockMax;
   bool q_in_place_ = false, v_in_place_ = false;
@@ -403,6 +475,7 @@ class FlashFwdCpu {
 
 void cpu::flash_fwd_kernel(const FlashFwdParams& params) {
   if (params.b == 0 || params.seqlen_q == 0 || params.h == 0) return;
+  if (params.cu_seqlens_q != nullptr && params.total_q == 0) return;
   FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] { FlashFwdCpu<T>(params).run(); });
 }
 
