@@ -20,6 +20,7 @@ __all__ = [
     "apply_rotary",
     "attention_mask",
     "attention",
+    "attention_varlen",
     "decode_attention",
     "append_kv",
 ]
@@ -154,6 +155,39 @@ def attention(
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key
     out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window: Tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+):
+    """Packed variable-length attention: ``attention`` on each sequence's slice.
+
+    q (total_q, H, D); k, v (total_k, Hk, D); cu_seqlens_q / cu_seqlens_k (B + 1,) integer
+    cumulative lengths from 0. Sequence i is ``attention(q[cq[i]:cq[i+1]][None],
+    k[ck[i]:ck[i+1]][None], ...)`` with its own bottom-right causal / window alignment.
+    Returns out (total_q, H, D) and, with return_lse, lse (H, total_q) float32.
+    Differentiable (autograd through the slices).
+    """
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for i in range(len(cq) - 1):
+        o, l = attention(q[cq[i] : cq[i + 1]].unsqueeze(0), k[ck[i] : ck[i + 1]].unsqueeze(0),
+                         v[ck[i] : ck[i + 1]].unsqueeze(0), causal=causal, softmax_scale=softmax_scale,
+                         window=window, return_lse=True)
+        outs.append(o[0])
+        lses.append(l[0])
+    H = q.shape[1]
+    out = torch.cat(outs, 0) if outs else q.new_zeros((0,) + tuple(q.shape[1:]))
+    lse = torch.cat(lses, 1) if lses else q.new_zeros((H, 0), dtype=torch.float32)
     return (out, lse) if return_lse else out
 
 

@@ -1,0 +1,423 @@
+"""fastattn.flash_attention_varlen (and the fastattn::flash_attn_varlen_fwd/bwd ops).
+
+Every sequence of a packed batch must behave exactly as fastattn.flash_attention on its own
+slice: compared with per-sequence dense calls (fp32: bitwise or within a few ulps), and with
+fastattn.reference.attention_varlen under the error-ratio rule (DESIGN.md section 5).
+"""
+import itertools
+import sys
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+
+from conftest import DEVICES, HAS_CUDA, assert_error_ratio
+
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_CUDA_MARKS = [d for d in DEVICES if not isinstance(d, str)][0].marks
+DEVICE_DTYPES = [
+    pytest.param(dev, dt, marks=_CUDA_MARKS if dev == "cuda" else (), id=f"{dev}-{DTYPE_IDS[dt]}")
+    for dev, dt in [("cpu", torch.float32), ("cpu", torch.float16), ("cpu", torch.bfloat16),
+                    ("cuda", torch.float16), ("cuda", torch.bfloat16)]
+]
+
+
+def _cu(lens, device):
+    return torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)
+
+
+def _make(device, dtype, lens_q, lens_k, H, Hk, D):
+    q = torch.randn(sum(lens_q), H, D, device=device, dtype=dtype)
+    k = torch.randn(sum(lens_k), Hk, D, device=device, dtype=dtype)
+    v = torch.randn(sum(lens_k), Hk, D, device=device, dtype=dtype)
+    return q, k, v, _cu(lens_q, device), _cu(lens_k, device)
+
+
+def _call(q, k, v, cq, ck, lens_q, lens_k, **kw):
+    return fastattn.flash_attention_varlen(q, k, v, cq, ck, max(lens_q, default=0), max(lens_k, default=0),
+                                           return_lse=True, **kw)
+
+
+def _dense_per_sequence(q, k, v, cq, ck, **kw):
+    """flash_attention on each slice: out (total_q, H, D), lse (H, total_q)."""
+    cq, ck = cq.tolist(), ck.tolist()
+    outs, lses = [], []
+    for i in range(len(cq) - 1):
+        sl = lambda t, c: t[c[i]:c[i + 1]].unsqueeze(0)  # noqa: E731
+        o, l = fastattn.flash_attention(sl(q, cq), sl(k, ck), sl(v, ck), return_lse=True, **kw)
+        outs.append(o[0])
+        lses.append(l[0])
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
+def _assert_same(got, want, name, dtype):
+    # fp32: the same kernel on the same rows; only the query-block boundaries may differ from
+    # the per-sequence call, which moves a few roundings. 16-bit: one ulp of the output type.
+    tol = 2e-6 if dtype == torch.float32 else (8e-3 if dtype == torch.bfloat16 else 1e-3)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=name)
+
+
+def _check(device, dtype, lens_q, lens_k, H=4, Hk=2, D=64, **kw):
+    q, k, v, cq, ck = _make(device, dtype, lens_q, lens_k, H, Hk, D)
+    out, lse = _call(q, k, v, cq, ck, lens_q, lens_k, **kw)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (H, q.shape[0]) and lse.dtype == torch.float32 and lse.is_contiguous()
+    d_out, d_lse = _dense_per_sequence(q, k, v, cq, ck, **kw)
+    _assert_same(out, d_out, "out vs dense", dtype)
+    assert torch.equal(torch.isinf(lse), torch.isinf(d_lse))
+    fin = torch.isfinite(d_lse)
+    _assert_same(lse[fin], d_lse[fin], "lse vs dense", torch.float32)
+    ref_kw = {k_: v_ for k_, v_ in kw.items()}
+    true_out, true_lse = reference.attention_varlen(q.double(), k.double(), v.double(), cq, ck, return_lse=True,
+                                                    **ref_kw)
+    low_out, low_lse = reference.attention_varlen(q, k, v, cq, ck, return_lse=True, **ref_kw)
+    assert_error_ratio(out, low_out, true_out, "out")
+    assert torch.equal(torch.isinf(lse), torch.isinf(true_lse)), "rows that see no key must have lse -inf"
+    fin = torch.isfinite(true_lse)
+    assert_error_ratio(lse[fin], low_lse[fin], true_lse[fin].float(), "lse")
+    return q, k, v, cq, ck
+
+
+RAGGED = [
+    ([5, 0, 17, 1, 64], [5, 3, 17, 1, 64]),        # lengths 0 and 1, Sq == Sk
+    ([1, 65, 128, 129], [63, 65, 127, 257]),      # around the block sizes
+    ([40, 7, 300], [10, 7, 20]),                  # Sk < Sq: causal leaves empty rows
+    ([0, 0], [0, 0]),                             # nothing at all
+    ([3, 9], [0, 12]),                            # a sequence without keys
+]
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("lens", RAGGED, ids=["ragged", "blocks", "sk<sq", "empty", "no-keys"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_ragged(device, dtype, lens, causal):
+    _check(device, dtype, *lens, causal=causal)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("h, hk", [(6, 6), (6, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+def test_heads(device, dtype, h, hk):
+    _check(device, dtype, [33, 1, 70], [50, 9, 70], H=h, Hk=hk, causal=True)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("window", [(16, 0), (8, 8), (0, 0), (5, 2), (-1, 40), (30, -1), (sys.maxsize, 3)])
+def test_window(device, dtype, window):
+    _check(device, dtype, [97, 20, 1, 150], [97, 60, 4, 90], H=2, Hk=1, window=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [1, 40, 128])
+def test_head_dims_cpu(dtype, d):
+    _check("cpu", dtype, [17, 70, 3], [30, 70, 3], H=2, Hk=2, D=d, causal=True, softmax_scale=0.3)
+
+
+def test_one_long_sequence_many_short():
+    # The balanced case: one sequence far longer than the rest, many (sequence, head, block)
+    # items; also enough items for the 128-row query blocks of the CPU forward.
+    _check("cpu", torch.float32, [1000] + [3] * 20, [1000] + [5] * 20, H=4, Hk=4, D=32, causal=True)
+
+
+def test_causal_sets_right_window():
+    q, k, v, cq, ck = _make("cpu", torch.float32, [20, 33], [25, 40], 2, 2, 32)
+    a = fastattn.flash_attention_varlen(q, k, v, cq, ck, 33, 40, causal=True, window=(10, 7))
+    b = fastattn.flash_attention_varlen(q, k, v, cq, ck, 33, 40, window=(10, 0))
+    assert torch.equal(a, b)
+
+
+def test_max_seqlen_larger_than_needed():
+    # max_seqlen is only an upper bound: a looser one changes nothing.
+    q, k, v, cq, ck = _make("cpu", torch.float32, [20, 33], [25, 40], 2, 1, 32)
+    a = fastattn.flash_attention_varlen(q, k, v, cq, ck, 33, 40, causal=True)
+    b = fastattn.flash_attention_varlen(q, k, v, cq, ck, 500, 700, causal=True)
+    torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_strided_inputs(device, dtype):
+    lens = [17, 0, 40, 1]
+    total, H, D = sum(lens), 4, 64
+    cu = _cu(lens, device)
+    # q, k, v slices of one packed (total, 3, H, D) projection, and a (H, total, D) storage.
+    qkv = torch.randn(total, 3, H, D, device=device, dtype=dtype)
+    q, k, v = qkv.unbind(1)
+    assert not q.is_contiguous()
+    out = fastattn.flash_attention_varlen(q, k, v, cu, cu, 40, 40, causal=True)
+    want = fastattn.flash_attention_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, 40, 40,
+                                           causal=True)
+    assert torch.equal(out, want)
+    qt = torch.randn(H, total, D, device=device, dtype=dtype).transpose(0, 1)
+    out = fastattn.flash_attention_varlen(qt, k, v, cu, cu, 40, 40)
+    assert torch.equal(out, fastattn.flash_attention_varlen(qt.contiguous(), k, v, cu, cu, 40, 40))
+
+
+# ---- gradients -----------------------------------------------------------------------------
+def _grads(fn, inputs, dout):
+    args = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*args)
+    return torch.autograd.grad(out, args, dout.to(out.dtype))
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize(
+    "lens_q, lens_k, h, hk, kw",
+    [([17, 0, 65, 1], [17, 4, 65, 0], 2, 2, {"causal": True}),
+     ([33, 20, 129], [20, 45, 100], 4, 2, {"causal": True}),
+     ([20, 7], [45, 30], 4, 1, {"window": (6, 3)})],
+    ids=["ragged-causal", "gqa-sk<sq", "mqa-window"],
+)
+def test_gradients(device, dtype, lens_q, lens_k, h, hk, kw):
+    q, k, v, cq, ck = _make(device, dtype, lens_q, lens_k, h, hk, 64)
+    dout = torch.randn(q.shape, device=device)
+    mq, mk = max(lens_q), max(lens_k)
+    ours = _grads(lambda a, b, c: fastattn.flash_attention_varlen(a, b, c, cq, ck, mq, mk, **kw), (q, k, v), dout)
+    for g, t in zip(ours, (q, k, v)):
+        assert g.dtype == dtype and g.shape == t.shape
+
+    # against per-sequence dense backward
+    def dense(a, b, c):
+        return _dense_per_sequence(a, b, c, cq, ck, **kw)[0]
+
+    for g, want, name in zip(ours, _grads(dense, (q, k, v), dout), ("dq", "dk", "dv")):
+        _assert_same(g, want, name + " vs dense", dtype)
+    # against reference autograd (error-ratio rule)
+    true = _grads(lambda a, b, c: reference.attention_varlen(a, b, c, cq, ck, **kw),
+                  [t.double() for t in (q, k, v)], dout)
+    low = _grads(lambda a, b, c: reference.attention_varlen(a, b, c, cq, ck, **kw), (q, k, v), dout)
+    for o, t, l, name in zip(ours, true, low, ("dq", "dk", "dv")):
+        assert_error_ratio(o, l, t, name)
+
+
+def test_gradients_strided_inputs():
+    lens = [17, 40, 1]
+    total, H, D = sum(lens), 2, 32
+    cu = _cu(lens, "cpu")
+    qkv = torch.randn(total, 3, H, D, requires_grad=True)
+    q, k, v = qkv.unbind(1)
+    out = fastattn.flash_attention_varlen(q, k, v, cu, cu, 40, 40, causal=True)
+    (g,) = torch.autograd.grad(out.square().sum(), qkv)
+    qkv2 = qkv.detach().clone().requires_grad_()
+    ref = reference.attention_varlen(*qkv2.unbind(1), cu, cu, causal=True)
+    (g2,) = torch.autograd.grad(ref.square().sum(), qkv2)
+    torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-4)
+
+
+def test_huge_softmax_scale_exact_backward():
+    # |lse| > 512 takes the exact fp32 backward path, run per sequence.
+    lens_q, lens_k = [5, 0, 11], [7, 3, 23]
+    q, k, v, cq, ck = _make("cpu", torch.float32, lens_q, lens_k, 4, 2, 16)
+    dout = torch.randn(q.shape)
+    kw = {"causal": True, "softmax_scale": 1e4}
+    ours = _grads(lambda a, b, c: fastattn.flash_attention_varlen(a, b, c, cq, ck, 11, 23, **kw), (q, k, v), dout)
+    want = _grads(lambda a, b, c: _dense_per_sequence(a, b, c, cq, ck, **kw)[0], (q, k, v), dout)
+    for g, w, name in zip(ours, want, "qkv"):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+
+
+def test_cpu_thread_count_invariant():
+    # Forward and backward bits do not depend on the number of threads.
+    lens_q, lens_k = [300, 5, 0, 130], [280, 9, 3, 130]
+    q, k, v, cq, ck = _make("cpu", torch.bfloat16, lens_q, lens_k, 4, 2, 64)
+    dout = torch.randn(q.shape, dtype=torch.bfloat16)
+    runs = []
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            args = [t.clone().requires_grad_() for t in (q, k, v)]
+            out, lse = fastattn.flash_attention_varlen(*args, cq, ck, 300, 280, causal=True, return_lse=True)
+            runs.append((out, lse, *torch.autograd.grad(out, args, dout)))
+    finally:
+        torch.set_num_threads(prev)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
+
+
+def test_double_backward_raises():
+    q, k, v, cq, ck = _make("cpu", torch.float32, [5, 3], [7, 2], 2, 1, 16)
+    q.requires_grad_()
+    out = fastattn.flash_attention_varlen(q, k, v, cq, ck, 5, 7, causal=True)
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(gq.sum(), q)
+
+
+def test_lse_not_differentiable():
+    q, k, v, cq, ck = _make("cpu", torch.float32, [5, 3], [7, 2], 2, 1, 16)
+    q.requires_grad_()
+    out, lse = fastattn.flash_attention_varlen(q, k, v, cq, ck, 5, 7, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+
+
+# ---- torch.library / torch.compile ---------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v, cq, ck = _make(device, dtype, [4, 0, 9], [6, 2, 13], 4, 2, 64)
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.fastattn.flash_attn_varlen_fwd, (q, k, v, cq, ck, 9, 13, 0.125, -1, 0))
+    torch.library.opcheck(torch.ops.fastattn.flash_attn_varlen_fwd, (q, k, v, cq, ck, 9, 13, 0.125, 3, 2))
+    out, lse = torch.ops.fastattn.flash_attn_varlen_fwd(q, k, v, cq, ck, 9, 13, 0.125, -1, 0)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.fastattn.flash_attn_varlen_bwd,
+                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cq, ck, 9, 13, 0.125, -1, 0,
+                           True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    lens_q, lens_k = [7, 0, 20], [9, 4, 20]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def attn(q, k, v, cq, ck):
+        out = fastattn.flash_attention_varlen(q, k, v, cq, ck, 20, 20, causal=True)
+        out2, lse = fastattn.flash_attention_varlen(q, k, v, cq, ck, 20, 20, window=(4, 4), softmax_scale=0.2,
+                                                    return_lse=True)
+        return out * 2 + out2, lse
+
+    q, k, v, cq, ck = _make(device, dtype, lens_q, lens_k, 4, 2, 64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = attn(q, k, v, cq, ck)
+    o1 = fastattn.flash_attention_varlen(q, k, v, cq, ck, 20, 20, causal=True)
+    o2, lse2 = fastattn.flash_attention_varlen(q, k, v, cq, ck, 20, 20, window=(4, 4), softmax_scale=0.2,
+                                               return_lse=True)
+    torch.testing.assert_close(out, o1 * 2 + o2)
+    torch.testing.assert_close(lse, lse2)
+    out.float().sum().backward()
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+    # other cu_seqlens values (same shapes) reuse the graph: nothing was specialised on them
+    cq2, ck2 = _cu([10, 10, 7], device), _cu([3, 20, 10], device)
+    out3, _ = attn(q, k, v, cq2, ck2)
+    torch.testing.assert_close(out3, 2 * fastattn.flash_attention_varlen(q, k, v, cq2, ck2, 20, 20, causal=True)
+                               + fastattn.flash_attention_varlen(q, k, v, cq2, ck2, 20, 20, window=(4, 4),
+                                                                 softmax_scale=0.2))
+
+
+def test_meta_shapes():
+    q = torch.empty(30, 4, 64, device="meta")
+    k = torch.empty(50, 2, 64, device="meta")
+    cu = torch.empty(4, dtype=torch.int32, device="meta")
+    out, lse = fastattn.flash_attention_varlen(q, k, k, cu, cu, 20, 30, causal=True, return_lse=True)
+    assert out.shape == (30, 4, 64) and out.device.type == "meta" and lse.shape == (4, 30)
+
+
+# ---- bad input -----------------------------------------------------------------------------
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def _i(*vals, device="cpu", dtype=torch.int32):
+    return torch.tensor(vals, dtype=dtype, device=device)
+
+
+Q, K = (lambda: _t(10, 4, 32)), (lambda: _t(12, 2, 32))
+CQ, CK = (lambda: _i(0, 4, 10)), (lambda: _i(0, 5, 12))
+
+BAD_INPUTS = [
+    # (q, k, v, cu_q, cu_k, max_q, max_k), kwargs, exception, message
+    (lambda: (_t(2, 10, 4, 32), K(), K(), CQ(), CK(), 6, 7), {}, ValueError, r"q must have 3 dimensions"),
+    (lambda: (Q(), _t(12, 32), K(), CQ(), CK(), 6, 7), {}, ValueError, r"k must have 3 dimensions"),
+    (lambda: (Q(), K(), K()[:11], CQ(), CK(), 6, 7), {}, ValueError, r"k and v must have the same shape"),
+    (lambda: (Q(), _t(12, 2, 16), _t(12, 2, 16), CQ(), CK(), 6, 7), {}, ValueError, r"k must have q's head dim 32"),
+    (lambda: (Q(), _t(12, 3, 32), _t(12, 3, 32), CQ(), CK(), 6, 7), {}, ValueError,
+     r"query heads \(4\) must be a multiple of the number of key/value heads \(3\)"),
+    (lambda: (Q().double(), K().double(), K().double(), CQ(), CK(), 6, 7), {}, ValueError,
+     r"q must be float32, float16 or bfloat16"),
+    (lambda: (Q(), K().half(), K().half(), CQ(), CK(), 6, 7), {}, ValueError,
+     r"k has dtype torch.float16 but q has dtype torch.float32"),
+    (lambda: (_t(10, 4, 600), _t(12, 2, 600), _t(12, 2, 600), CQ(), CK(), 6, 7), {}, ValueError,
+     r"head dim must be in \[1, 512\] on the CPU"),
+    (lambda: (_t(10, 32, 4).transpose(1, 2), K(), K(), CQ(), CK(), 6, 7), {}, ValueError,
+     r"q must have a contiguous last dimension"),
+    (lambda: (Q(), K(), K(), _i(0, 4, 10, dtype=torch.int64), CK(), 6, 7), {}, ValueError,
+     r"cu_seqlens_q must be int32, got torch.int64"),
+    (lambda: (Q(), K(), K(), CQ(), _i(0, 5, 12).float(), 6, 7), {}, ValueError, r"cu_seqlens_k must be int32"),
+    (lambda: (Q(), K(), K(), _i(0, 4, 10).view(1, 3), CK(), 6, 7), {}, ValueError,
+     r"cu_seqlens_q must be 1-D of length B \+ 1"),
+    (lambda: (Q(), K(), K(), _i(), CK(), 6, 7), {}, ValueError, r"cu_seqlens_q must be 1-D of length B \+ 1"),
+    (lambda: (Q(), K(), K(), CQ(), _i(0, 5, 12, device="meta"), 6, 7), {}, ValueError,
+     r"cu_seqlens_k is on meta but must be on cpu"),
+    (lambda: (Q(), K(), K(), CQ(), _i(0, 12), 6, 12), {}, ValueError,
+     r"cu_seqlens_q and cu_seqlens_k must have the same length B \+ 1.*got 3 and 2"),
+    (lambda: (Q(), K(), K(), [0, 4, 10], CK(), 6, 7), {}, TypeError, r"cu_seqlens_q must be a torch.Tensor"),
+    (lambda: (Q(), K(), K(), CQ(), CK(), 6.0, 7), {}, TypeError, r"max_seqlen_q must be a Python int"),
+    (lambda: (Q(), K(), K(), CQ(), CK(), 6, torch.tensor(7)), {}, TypeError, r"max_seqlen_k must be a Python int"),
+    (lambda: (Q(), K(), K(), CQ(), CK(), -1, 7), {}, ValueError, r"max_seqlen_q must be >= 0"),
+    (lambda: (Q(), K(), K(), CQ(), CK(), 6, 7), {"window": (-2, 0)}, ValueError, r"window sizes must be >= 0 or -1"),
+    (lambda: (Q(), K(), K(), CQ(), CK(), 6, 7), {"softmax_scale": float("nan")}, ValueError,
+     r"softmax_scale must be finite"),
+    (lambda: (Q(), K(), K(), CQ(), CK(), 6, 7), {"softmax_scale": "x"}, TypeError,
+     r"softmax_scale must be a real number"),
+    (lambda: (Q(), _t(12, 2, 32, device="meta"), K(), CQ(), CK(), 6, 7), {}, ValueError,
+     r"k is on meta but q is on cpu"),
+    # values of cu_seqlens (checked on the CPU, in the binding)
+    (lambda: (Q(), K(), K(), _i(1, 4, 10), CK(), 6, 7), {}, ValueError, r"cu_seqlens_q must start at 0, got 1"),
+    (lambda: (Q(), K(), K(), CQ(), _i(0, 13, 12), 6, 13), {}, ValueError,
+     r"cu_seqlens_k must be non-decreasing"),
+    (lambda: (Q(), K(), K(), _i(0, 4, 9), CK(), 6, 7), {}, ValueError,
+     r"cu_seqlens_q must end at total_q \(q.shape\[0\]\) = 10, got 9"),
+    (lambda: (Q(), K(), K(), CQ(), _i(0, 5, 13), 6, 8), {}, ValueError,
+     r"cu_seqlens_k must end at total_k \(k.shape\[0\]\) = 12, got 13"),
+    (lambda: (Q(), K(), K(), CQ(), CK(), 5, 7), {}, ValueError,
+     r"sequence 1 has length 6 \(cu_seqlens_q\) but max_seqlen_q is 5"),
+    (lambda: (Q(), K(), K(), CQ(), CK(), 6, 6), {}, ValueError,
+     r"sequence 1 has length 7 \(cu_seqlens_k\) but max_seqlen_k is 6"),
+]
+
+
+@pytest.mark.parametrize("make, kwargs, exc, match", BAD_INPUTS)
+def test_bad_input(make, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fastattn.flash_attention_varlen(*make(), **kwargs)
+
+
+def test_bad_input_direct_op():
+    # The C++ binding validates too, for callers of torch.ops.fastattn directly.
+    fwd = torch.ops.fastattn.flash_attn_varlen_fwd
+    q, k, cq, ck = Q(), K(), CQ(), CK()
+    cases = [
+        ((q[0], k, k, cq, ck, 6, 7), r"q must have 3 dimensions"),
+        ((q, k, k[:5], cq, ck, 6, 7), r"k and v must have the same shape"),
+        ((q, _t(12, 3, 32), _t(12, 3, 32), cq, ck, 6, 7), r"must be a multiple of the number of key/value heads"),
+        ((q, k, k, cq.long(), ck, 6, 7), r"cu_seqlens_q must be int32"),
+        ((q, k, k, cq, ck[:2], 6, 7), r"cu_seqlens_q and cu_seqlens_k must have the same length"),
+        ((q, k, k, cq.view(1, 3), ck, 6, 7), r"cu_seqlens_q must be 1-D"),
+        ((q, k, k, cq, ck, -1, 7), r"max_seqlen_q and max_seqlen_k must be >= 0"),
+        ((q, k, k, _i(0, 4, 11), ck, 7, 7), r"cu_seqlens_q must end at total_q"),
+        ((q, k, k, cq, _i(0, 7, 5), 7, 7), r"cu_seqlens_k must be non-decreasing"),
+        ((q, k, k, cq, ck, 6, 3), r"max_seqlen_k must be at least the longest sequence"),
+        ((_t(10, 4, 513), _t(12, 2, 513), _t(12, 2, 513), cq, ck, 6, 7), r"head dim must be in \[1, 512\]"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fwd(*args, 0.1, -1, -1)
+    with pytest.raises(ValueError, match="softmax_scale must be finite"):
+        fwd(q, k, k, cq, ck, 6, 7, float("inf"), -1, -1)
+    with pytest.raises(ValueError, match="window sizes must be >= 0 or -1"):
+        fwd(q, k, k, cq, ck, 6, 7, 0.1, -3, -1)
+    out, lse = fwd(q, k, k, cq, ck, 6, 7, 0.1, -1, 0)
+    bwd = torch.ops.fastattn.flash_attn_varlen_bwd
+    with pytest.raises(ValueError, match=r"lse must have shape \(4, 10\)"):
+        bwd(out, q, k, k, out, lse.t().contiguous(), cq, ck, 6, 7, 0.1, -1, 0, True)
+    with pytest.raises(ValueError, match="dout must have q's shape"):
+        bwd(out[:5], q, k, k, out, lse, cq, ck, 6, 7, 0.1, -1, 0, True)
+    with pytest.raises(ValueError, match="cu_seqlens_q must start at 0"):
+        bwd(out, q, k, k, out, lse, _i(2, 4, 10), ck, 6, 7, 0.1, -1, 0, True)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.cuda
+def test_bad_input_cuda():
+    q = _t(10, 4, 64, device="cuda", dtype=torch.float16)
+    cq = _i(0, 4, 10, device="cuda")
+    with pytest.raises(ValueError, match=r"cu_seqlens_q is on cpu but must be on cuda"):
+        fastattn.flash_attention_varlen(q, q, q, _i(0, 4, 10), cq, 6, 6)
+    with pytest.raises(ValueError, match=r"q must be float16 or bfloat16 on CUDA"):
+        fastattn.flash_attention_varlen(q.float(), q.float(), q.float(), cq, cq, 6, 6)
