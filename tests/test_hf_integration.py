@@ -82,16 +82,18 @@ def test_generate_with_cache_matches_eager(models, monkeypatch):
     assert len(spy.calls) == 2 * 8  # prefill + 7 decode steps (query length 1, bottom-right causal)
 
 
-def test_padding_mask_falls_back_exactly(models, monkeypatch):
+def test_padding_mask_runs_varlen(models, monkeypatch):
     eager, ours = models
     spy = Spy(monkeypatch, "flash_attention")
+    varlen = Spy(monkeypatch, "flash_attention_varlen")
     ids = ids_of(2, 10)
     mask = torch.ones(2, 10, dtype=torch.long)
-    mask[1, :4] = 0  # left padding: not expressible by the flash kernel
+    mask[1, :4] = 0  # left padding: unpadded to per-sequence lengths (tests/test_hf_varlen.py)
     with torch.no_grad():
         theirs, mine = eager(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
     assert (mine - theirs)[mask.bool()].abs().max().item() <= 1e-4
-    assert spy.calls == []  # went to transformers' SDPA with the mask, not silently unmasked
+    assert spy.calls == []  # not silently unmasked on the dense kernel
+    assert len(varlen.calls) == 2 and all(c["causal"] for c in varlen.calls)
 
 
 def test_from_pretrained_with_fastattn(tmp_path, models):
@@ -179,7 +181,7 @@ def _arch_config(arch):
         return transformers.Qwen3Config(**base, head_dim=16)
     if arch == "gemma":
         return transformers.GemmaConfig(**base, head_dim=16)
-    if arch == "gemma3":  # sliding-window layers (their masks fall back to SDPA)
+    if arch == "gemma3":  # sliding-window layers (their masked calls run on flash_attention_varlen)
         return transformers.Gemma3TextConfig(**base, head_dim=16, sliding_window=5)
     if arch == "mistral-window":  # sliding window narrower than the prompts
         return transformers.MistralConfig(**base, sliding_window=5)

@@ -1,30 +1,56 @@
 """Hugging Face transformers integration (transformers stays optional).
 
     import fastattn.integrations.transformers as fa_hf
-    fa_hf.register()    # attn_implementation="fastattn" -> fastattn.flash_attention
+    fa_hf.register()    # attn_implementation="fastattn" -> fastattn.flash_attention(_varlen)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fastattn")
     fa_hf.patch_model(model)   # RMSNorm modules -> fastattn.nn.RMSNorm, RoPE -> fastattn.apply_rotary
 
 ``register()`` adds "fastattn" to transformers' ``AttentionInterface`` and to its
-``AttentionMaskInterface`` (with transformers' own SDPA mask builder). Without the mask
-entry transformers would build no mask at all for an unknown implementation, silently
-dropping causality and padding. With it, the mask builder returns None exactly when SDPA's
-own ``is_causal`` computes the attention: a single query token (full attention over the keys),
-or causality with SDPA's TOP-LEFT alignment (query i sees keys j <= i) and no padding. That
-covers a plain forward, the first chunk of a dynamic cache, and prefill into an empty static
-cache, where the keys are the whole cache and rows j >= Sq are unused slots. Those calls run on
-``fastattn.flash_attention`` with that same alignment (the keys no query sees are dropped).
-Any real mask (padding, a filled cache with several new queries, sliding windows wider than
-the keys, packed sequences) is not expressible by the flash kernel; those calls, and dropout
-in training, soft-capping, attention sinks and position biases, fall back to transformers'
-SDPA attention on the same mask, so results stay exact.
+``AttentionMaskInterface`` (``fastattn_mask``; without a mask entry transformers would build no
+mask at all for an unknown implementation, silently dropping causality and padding). The mask
+function hands each attention call one of three things:
+
+* None, exactly where transformers' ``sdpa_mask`` returns None, i.e. where SDPA's own
+  ``is_causal`` computes the attention: a single query token (full attention over the keys), or
+  causality with SDPA's TOP-LEFT alignment (query i sees keys j <= i) and no padding (a plain
+  forward, the first chunk of a dynamic cache, prefill into an empty static cache whose rows
+  j >= Sq are unused). These run on ``fastattn.flash_attention`` with that same alignment.
+* A 2-D (B, M) mask when the pattern is per-sequence lengths + causal (+ sliding window):
+  padding (left or right, any zeros in ``attention_mask``), caches filled before (dynamic,
+  static with unused rows, sliding-window caches), and packed sequences (``position_ids``
+  restarting inside a row, which transformers detects when there is no ``attention_mask`` and no
+  cache, e.g. training with ``use_cache=False``). This is what transformers' flash_attention_2
+  path gets: the padding mask up to the last query (bool), or for packed rows an int32
+  sequence index + 1. The attention call unpads q/k/v into packed per-sequence tokens (each
+  sequence's queries are its last tokens) and runs one ``fastattn.flash_attention_varlen``
+  (bottom-right causal, window (sliding_window - 1, 0)), then scatters the output back to
+  (B, Sq, H, D). The unpadding indices are computed once per mask and shared by all layers.
+  Query rows that are padding come back as 0 (as flash_attention_2; SDPA gives 0 where such a
+  row sees no key, e.g. left padding, and attends right-padding rows to the earlier real
+  tokens); they only ever reach padded positions, so real tokens' logits match SDPA.
+* transformers' own 4-D SDPA mask for anything else: overlays (``or_mask_function`` /
+  ``and_mask_function``, e.g. bidirectional image tokens), chunked or bidirectional masks,
+  a user's 4-D mask, and every mask built under torch.compile / tracing.
+
+Calls fall back to transformers' SDPA attention (on the exact mask SDPA would get, rebuilt from
+the 2-D one where needed) for: 4-D masks, dropout in training, soft-capping, attention sinks,
+position biases, value head dims that differ, float32 or unsupported head dims on CUDA, a
+sliding window over a row whose padding has holes, and builds without
+``fastattn.flash_attention_varlen``. Each fallback is counted by reason and warned about once
+per reason (``RuntimeWarning``)::
+
+    fa_hf.reset_stats()
+    model.generate(ids, attention_mask=mask, max_new_tokens=32)
+    fa_hf.stats()   # {"fastattn": 64, "sdpa_fallback": 0, "reasons": {}}, one count per layer call
 """
 from __future__ import annotations
 
 import contextvars
 import importlib
 import sys
+import threading
 import types
+import warnings
 from typing import Optional
 
 import torch
@@ -32,7 +58,8 @@ from torch import nn
 
 import fastattn
 
-__all__ = ["register", "patch_model", "fastattn_attention_forward", "ATTN_IMPLEMENTATION"]
+__all__ = ["register", "patch_model", "fastattn_attention_forward", "fastattn_mask", "stats", "reset_stats",
+           "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "fastattn"
 
@@ -58,8 +85,309 @@ def _require_transformers():
 
 
 # ---------------------------------------------------------------------------------------
+# Fallback accounting
+# ---------------------------------------------------------------------------------------
+_STATS_LOCK = threading.Lock()
+_STATS = {"fastattn": 0, "sdpa_fallback": 0, "reasons": {}}
+_WARNED_REASONS: set = set()
+
+
+def stats() -> dict:
+    """How the attention calls of attn_implementation="fastattn" models ran since the last
+    ``reset_stats()``: ``{"fastattn": n, "sdpa_fallback": m, "reasons": {reason: count}}``, one
+    count per attention call (per layer and forward). Calls inside torch.compile are not counted."""
+    with _STATS_LOCK:
+        return {"fastattn": _STATS["fastattn"], "sdpa_fallback": _STATS["sdpa_fallback"],
+                "reasons": dict(_STATS["reasons"])}
+
+
+def reset_stats() -> None:
+    """Zero the counters of ``stats()`` (the once-per-reason warnings are not re-armed)."""
+    with _STATS_LOCK:
+        _STATS["fastattn"] = 0
+        _STATS["sdpa_fallback"] = 0
+        _STATS["reasons"] = {}
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _count_fastattn() -> None:
+    if not _compiling():
+        with _STATS_LOCK:
+            _STATS["fastattn"] += 1
+
+
+def _count_fallback(reason: str) -> None:
+    if _compiling():
+        return
+    with _STATS_LOCK:
+        _STATS["sdpa_fallback"] += 1
+        _STATS["reasons"][reason] = _STATS["reasons"].get(reason, 0) + 1
+        first = reason not in _WARNED_REASONS
+        _WARNED_REASONS.add(reason)
+    if first:
+        warnings.warn(f"fastattn: attention call fell back to transformers' SDPA ({reason}); counts in "
+                      "fastattn.integrations.transformers.stats()", RuntimeWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------
+# Mask: transformers' mask function for attn_implementation="fastattn"
+# ---------------------------------------------------------------------------------------
+_MASK_CODES = None
+
+
+def _mask_codes():
+    """Code objects of transformers' mask-function closures, to recognise causal, sliding-window
+    and packed-sequence mask functions by structure (anything else is 'arbitrary')."""
+    global _MASK_CODES
+    if _MASK_CODES is None:
+        from transformers import masking_utils as mu
+
+        t = torch.zeros(1, 1, dtype=torch.long)
+        _MASK_CODES = {
+            "and": mu.and_masks(mu.causal_mask_function).__code__,
+            "sliding": mu.sliding_window_overlay(1).__code__,
+            "remap": mu.remap_positions_for_packed_sequence(mu.causal_mask_function, t).__code__,
+            "packed": mu.packed_sequence_mask_function(t).__code__,
+            "causal": mu.causal_mask_function,
+        }
+    return _MASK_CODES
+
+
+def _closure_vars(fn) -> dict:
+    cells = fn.__closure__ or ()
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in cells)))
+
+
+def _parse_mask_function(fn):
+    """(window, packed_sequence_mask) when ``fn`` is transformers' causal mask function, its
+    sliding-window causal one (window = sliding_window, keys with q - kv < window), or either
+    remapped for packed sequences (packed_sequence_mask (B, S): a sequence index per token).
+    None for anything else (or_masks/and_masks overlays, chunked, bidirectional, block masks...)."""
+    codes = _mask_codes()
+    if fn is codes["causal"]:
+        return None, None
+    code = getattr(fn, "__code__", None)
+    if code is not codes["and"]:
+        return None
+    parts = list(_closure_vars(fn).get("mask_functions", ()))
+    # Packed sequences: and_masks(remap_positions_for_packed_sequence(base, position_ids), packed(psm))
+    if len(parts) == 2 and getattr(parts[0], "__code__", None) is codes["remap"] \
+            and getattr(parts[1], "__code__", None) is codes["packed"]:
+        base = _parse_mask_function(_closure_vars(parts[0]).get("mask_function"))
+        psm = _closure_vars(parts[1]).get("packed_sequence_mask")
+        if base is None or base[1] is not None or not isinstance(psm, torch.Tensor) or psm.dim() != 2:
+            return None
+        return base[0], psm
+    # Sliding window: and_masks(sliding_window_overlay(w), causal_mask_function)
+    window, causal = None, False
+    for part in parts:
+        if part is codes["causal"]:
+            causal = True
+        elif getattr(part, "__code__", None) is codes["sliding"]:
+            w = _closure_vars(part).get("sliding_window")
+            if isinstance(w, torch.Tensor) and w.numel() == 1:
+                w = int(w)
+            if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+                return None
+            window = w if window is None else min(window, w)
+        else:
+            return None
+    return (window, None) if causal else None
+
+
+def _sdpa_would_skip(padding_mask, q_length, kv_length, q_offset, kv_offset, local_size) -> bool:
+    """Whether transformers' sdpa_mask returns None here (SDPA's is_causal computes the attention)."""
+    try:
+        from transformers.masking_utils import _ignore_causal_mask_sdpa
+    except ImportError:  # a transformers without it: every masked call takes the varlen path
+        return False
+    return bool(_ignore_causal_mask_sdpa(padding_mask, q_length, kv_length, q_offset, kv_offset, local_size))
+
+
+def fastattn_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: Optional[torch.Tensor] = None,
+    local_size: Optional[int] = None,
+    allow_is_causal_skip: bool = True,
+    **kwargs,
+):
+    """transformers mask-interface function for "fastattn" (see the module docstring).
+
+    Returns None where transformers' ``sdpa_mask`` does (SDPA's top-left ``is_causal``); for a
+    causal / sliding-window causal pattern with padding, a filled cache or packed sequences, a
+    2-D (B, M) mask over positions 0..M-1, M ending at the last query (bool: real token; int32:
+    packed-sequence index + 1), carrying the window as ``_fastattn_window``; and ``sdpa_mask``'s
+    4-D mask for anything else, which ``fastattn_attention_forward`` hands to SDPA."""
+    from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
+
+    if mask_function is None:
+        mask_function = causal_mask_function
+
+    def dense():
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+
+    if _compiling() or (attention_mask is not None and attention_mask.dim() != 2):
+        return dense()
+    try:
+        pattern = _parse_mask_function(mask_function)
+    except Exception:  # a transformers whose closures look different: be exact, via SDPA
+        pattern = None
+    if pattern is None:
+        return dense()
+    window, packed = pattern
+    device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
+    q_offset = int(q_offset)  # static caches keep it in a tensor
+    padding_mask = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if packed is None and allow_is_causal_skip and _sdpa_would_skip(
+            padding_mask, q_length, kv_length, q_offset, kv_offset, local_size):
+        return None
+    # The mask we return is the padding mask up to the last query (later positions are seen by no
+    # query), in absolute positions: still a valid transformers 2-D mask, so handing it back to a
+    # mask function (generate() builds masks ahead for static caches) gives the same mask again.
+    # The attention forward aligns its last min(end, Sk) columns with the key rows, which is where
+    # every transformers cache puts them (keys ending at the last query, or starting at position
+    # 0 with unused rows after it); anything else takes SDPA's mask.
+    end = q_offset + q_length
+    if kv_offset != max(end - kv_length, 0):
+        return dense()
+    if packed is not None:
+        if padding_mask is not None or q_offset != 0 or tuple(packed.shape) != (batch_size, end):
+            return dense()
+        mask = packed.to(device=device, dtype=torch.int32) + 1
+    elif padding_mask is None:
+        mask = torch.ones(batch_size, end, dtype=torch.bool, device=device)
+    else:
+        # (a copy: the attribute below never lands on the caller's mask)
+        mask = padding_mask[:, :end].to(torch.bool).expand(batch_size, -1).clone()
+    mask._fastattn_window = window  # sliding window (q - kv < window), None for plain causal
+    return mask
+
+
+# ---------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------
+class _VarlenPlan:
+    """Unpadding of a 2-D fastattn mask for Sq queries, computed once per mask and query length
+    (every layer of a forward shares the mask)."""
+
+    def __init__(self, mask: torch.Tensor, Sq: int, window: Optional[int]):
+        B, L = mask.shape
+        packed = mask.dtype != torch.bool
+        seg = mask.to(torch.int64)
+        valid_k = seg > 0
+        nseg = int(seg.max()) + 1 if packed and seg.numel() else 2
+        gid = torch.arange(B, device=mask.device).unsqueeze(1) * nseg + seg  # (B, L): one id per sequence
+        valid_q = valid_k[:, L - Sq:]
+        gid_q = gid[:, L - Sq:]
+        cnt_q = torch.bincount(gid_q[valid_q], minlength=B * nseg)
+        cnt_k = torch.bincount(gid[valid_k], minlength=B * nseg)
+        keep = cnt_q > 0  # sequences with at least one query (the others' keys are seen by nobody)
+        sel_k = valid_k & keep[gid]
+        idx_q = valid_q.flatten().nonzero().squeeze(1)
+        idx_k = sel_k.flatten().nonzero().squeeze(1)
+        cnt_q, cnt_k = cnt_q[keep], cnt_k[keep]
+        zero = cnt_q.new_zeros(1)
+        self.cu_q = torch.cat([zero, cnt_q.cumsum(0)]).to(torch.int32)
+        self.cu_k = torch.cat([zero, cnt_k.cumsum(0)]).to(torch.int32)
+        # A window counts positions; unpadding keeps them only where each row's tokens are contiguous.
+        contiguous = torch.ones((), dtype=torch.bool, device=mask.device)
+        if window is not None and not packed:
+            pos = torch.arange(L, device=mask.device)
+            first = torch.where(valid_k, pos, L).amin(1)
+            last = torch.where(valid_k, pos, -1).amax(1)
+            count = valid_k.sum(1)
+            contiguous = ((last - first + 1 == count) | (count == 0)).all()
+        host = torch.stack([cnt_q.max() if cnt_q.numel() else zero[0], cnt_k.max() if cnt_k.numel() else zero[0],
+                            contiguous.to(cnt_q.dtype), idx_q.new_tensor(idx_q.numel())]).tolist()
+        self.max_q, self.max_k, self.windowable, total_q = int(host[0]), int(host[1]), bool(host[2]), int(host[3])
+        self.all_q = total_q == B * Sq  # every query row is a real token: no gather/scatter of queries
+        self.bq, self.sq = idx_q // Sq, idx_q % Sq
+        self.bk, self.ck = idx_k // L, idx_k % L
+        self.total_q = total_q
+
+
+def _mask_window(attention_mask, kwargs):
+    if hasattr(attention_mask, "_fastattn_window"):
+        return attention_mask._fastattn_window
+    # A 2-D mask that is not ours (or was rebuilt by model code): flash_attention_2's convention.
+    w = kwargs.get("sliding_window")
+    return int(w) if w else None
+
+
+def _key_rows(mask: torch.Tensor, Sk: int) -> torch.Tensor:
+    """The columns of a 2-D mask (positions up to the last query) that are key rows 0..L-1:
+    the last Sk of them (keys ending at the last query) or all (a cache with unused rows)."""
+    return mask[:, max(mask.shape[1] - Sk, 0):]
+
+
+def _varlen_plan(mask: torch.Tensor, Sq: int, Sk: int, window) -> _VarlenPlan:
+    plans = getattr(mask, "_fastattn_plans", None)
+    if plans is None:
+        plans = {}
+        try:
+            mask._fastattn_plans = plans
+        except (AttributeError, RuntimeError):
+            pass
+    key = (Sq, Sk, window)
+    if key not in plans:
+        plans[key] = _VarlenPlan(_key_rows(mask, Sk), Sq, window)
+    return plans[key]
+
+
+def _dense_from_2d(mask: torch.Tensor, Sq: int, Sk: int, window) -> torch.Tensor:
+    """The (B, 1, Sq, Sk) boolean mask SDPA gets for a 2-D fastattn mask (for the fallbacks)."""
+    mask = _key_rows(mask, Sk)
+    B, L = mask.shape
+    kcol = torch.arange(L, device=mask.device)
+    qcol = torch.arange(L - Sq, L, device=mask.device)
+    allowed = kcol.unsqueeze(0) <= qcol.unsqueeze(1)  # (Sq, L)
+    if window is not None:
+        allowed = allowed & (qcol.unsqueeze(1) - kcol.unsqueeze(0) < window)
+    if mask.dtype == torch.bool:  # padding: exactly transformers' sdpa_mask
+        dense = mask.unsqueeze(1) & allowed
+    else:  # packed sequences: same sequence only
+        seg = mask.to(torch.int64)
+        dense = (seg.unsqueeze(1) == seg[:, L - Sq:].unsqueeze(2)) & (seg.unsqueeze(1) > 0) & allowed
+    if Sk > L:
+        dense = torch.nn.functional.pad(dense, (0, Sk - L), value=False)
+    return dense.unsqueeze(1)
+
+
+def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
+    if dropout > 0.0 and module.training:
+        return "attention dropout in training"
+    if kwargs.get("softcap") is not None:
+        return "soft-capped scores"
+    if kwargs.get("position_bias") is not None:
+        return "position bias"
+    if kwargs.get("s_aux") is not None:
+        return "attention sinks (s_aux)"
+    if query.shape[-1] != value.shape[-1]:
+        return "value head dim differs from the query head dim"
+    if query.is_cuda and query.dtype == torch.float32:
+        return "float32 on CUDA (the CUDA kernels are fp16/bf16)"
+    if query.is_cuda and query.shape[-1] not in _CUDA_HEAD_DIMS:
+        return f"head dim {query.shape[-1]} on CUDA (built for {_CUDA_HEAD_DIMS})"
+    return None
+
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
 def fastattn_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -72,32 +400,46 @@ def fastattn_attention_forward(
     **kwargs,
 ):
     """transformers attention function: query (B, H, Sq, D), key/value (B, Hk, Sk, D) ->
-    (out (B, Sq, H, D), None). Mask-free calls run on fastattn.flash_attention; the rest fall
-    back to transformers' SDPA attention (see the module docstring)."""
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    unsupported = (
-        attention_mask is not None
-        or (dropout > 0.0 and module.training)
-        or kwargs.get("softcap") is not None
-        or kwargs.get("position_bias") is not None
-        or kwargs.get("s_aux") is not None
-        or query.shape[-1] != value.shape[-1]
-        or (query.is_cuda and query.dtype == torch.float32)  # CUDA kernels are fp16/bf16
-        or (query.is_cuda and query.shape[-1] not in _CUDA_HEAD_DIMS)
-    )
-    if unsupported:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    (out (B, Sq, H, D), None). A None mask runs on fastattn.flash_attention, a 2-D mask (padding,
+    filled caches, packed sequences; see ``fastattn_mask``) on fastattn.flash_attention_varlen;
+    the rest falls back to transformers' SDPA attention, counted in ``stats()``."""
+    Sq, Sk = query.shape[2], key.shape[2]
+    two_d = attention_mask is not None and attention_mask.dim() == 2
+    window = _mask_window(attention_mask, kwargs) if two_d else None
+    if two_d and (attention_mask.shape[1] < Sq or attention_mask.shape[0] != query.shape[0]):
+        raise ValueError(f"a 2-D attention mask for fastattn must be (B={query.shape[0]}, M >= Sq={Sq}) (positions up "
+                         f"to the last query), got {tuple(attention_mask.shape)}")
+    reason = _unsupported_reason(module, query, value, dropout, kwargs)
+    if reason is None and attention_mask is not None and not two_d:
+        reason = "mask not expressible as per-sequence lengths + causal/window"
+    plan = None
+    if reason is None and two_d:
+        if _compiling():  # the unpadding reads lengths on the host: SDPA's mask, traceable
+            reason = "2-D mask under torch.compile"
+        elif not hasattr(fastattn, "flash_attention_varlen"):
+            reason = "fastattn.flash_attention_varlen unavailable"
+        else:
+            plan = _varlen_plan(attention_mask, Sq, Sk, window)
+            if window is not None and not plan.windowable:
+                reason = "sliding window over padding with holes"
+    if reason is not None:
+        _count_fallback(reason)
+        if two_d:
+            attention_mask = _dense_from_2d(attention_mask, Sq, Sk, window)
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    _count_fastattn()
+    # (B, H, S, D) views of (B, S, H, D) projections: transposing back keeps the last dim contiguous.
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if two_d:
+        return _varlen_forward(q, k, v, plan, scaling, window), None
+
     # attention_mask=None means what it means to SDPA (transformers' own sdpa_attention_forward):
     # causal only for more than one query, and then TOP-LEFT aligned (query i sees keys j <= i).
     # transformers relies on that alignment: prefill into an empty static cache passes no mask
     # with Sk = the whole cache, whose rows j >= Sq are unused slots that no query may see.
-    Sq, Sk = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(causal) and Sq > 1
-    # (B, H, S, D) views of (B, S, H, D) projections: transposing back keeps the last dim contiguous.
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     window = (-1, -1)
     if causal and Sk > Sq:
         k, v = k[:, :Sq], v[:, :Sq]  # keys j >= Sq are seen by no query: a square causal problem
@@ -107,16 +449,32 @@ def fastattn_attention_forward(
     return out, None  # (B, Sq, H, D), no attention weights
 
 
+def _varlen_forward(q, k, v, plan: _VarlenPlan, scaling, window):
+    """q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> (B, Sq, H, D): the real tokens packed, one varlen
+    call (bottom-right causal per sequence: its queries are its last tokens), padded query rows 0
+    (as flash_attention_2; SDPA gives them 0 too when they see no key)."""
+    B, Sq, H, D = q.shape
+    if plan.total_q == 0:
+        return q.new_zeros(B, Sq, H, D)
+    qp = q.reshape(B * Sq, H, D) if plan.all_q else q[plan.bq, plan.sq]
+    kp, vp = k[plan.bk, plan.ck], v[plan.bk, plan.ck]
+    out = fastattn.flash_attention_varlen(qp, kp, vp, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, causal=True,
+                                          softmax_scale=scaling,
+                                          window=(window - 1, 0) if window is not None else (-1, -1))
+    if plan.all_q:
+        return out.view(B, Sq, H, D)
+    return out.new_zeros(B, Sq, H, D).index_put((plan.bq, plan.sq), out)
+
+
 def register() -> None:
     """Make ``attn_implementation="fastattn"`` available in transformers (idempotent)."""
     _require_transformers()
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, fastattn_attention_forward)
-    # sdpa_mask returns None when the mask is plain causal (then we take the flash path) and a
-    # boolean (B, 1, Sq, Sk) mask otherwise (then we fall back, with that mask).
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    # None (SDPA's is_causal), a 2-D per-sequence mask (varlen) or SDPA's 4-D mask (fallback).
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, fastattn_mask)
 
 
 # ---------------------------------------------------------------------------------------
