@@ -48,6 +48,15 @@
 // (lengths, strides, window sizes, GQA ratio) is a runtime value, which keeps the build at 8
 // kernels (2 dtypes x 2 head dims x masked or not), in two files compiled in parallel.
 //
+// Variable-length (packed) batches, flash-attn 2 style (FlashFwdParams::cu_seqlens_q non-null):
+// no padding and no copies. The grid is (ceil(max_seqlen_q / 128), h, number of sequences);
+// each block reads its sequence's row ranges from cu_seqlens_q / cu_seqlens_k once, clamps
+// them to the packed tensors (any cu_seqlens content stays in bounds, see varlen_bounds),
+// exits at once when its query block lies past the sequence's end, and otherwise runs the
+// dense code unchanged with the sequence's own lengths (masking, tails) and row-0 pointers.
+// This is a runtime branch in the per-block prologue, not a template flag: the instantiation
+// count stays at 8 and the main loop is the same code for both layouts.
+//
 // Requirements checked here (cudaErrorInvalidValue otherwise, nothing launched): fp16 or
 // bf16; d in {64, 128}; h % h_k == 0; q/k/v/out 16-byte aligned and every batch/row/head
 // stride a multiple of 8 elements (16-byte cp.async and stores); seqlen_q, seqlen_k <= 2^28;
@@ -72,9 +81,21 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 // Everything the kernel needs beyond the dtype / head dim: 16-byte cp.async and uint4
 // stores need 16-byte aligned base pointers and row/head/batch strides multiple of 8
 // elements; index math is int32, so lengths are capped at 2^28.
+// Varlen (cu_seqlens_q non-null): cu_seqlens_k must be given too, both 4-byte aligned (they
+// are int32 arrays); total_q / total_k in [0, 2^31) (cu_seqlens are int32); seqlen_q /
+// seqlen_k are the max bounds, capped as above; the batch strides are not read.
 bool flash_fwd_cuda_supports_layout(const FlashFwdParams& p) {
   constexpr int64_t kMaxLen = int64_t(1) << 28;
   if (p.b < 0 || p.h <= 0 || p.h_k <= 0 || p.h % p.h_k != 0) return false;
+  if (p.cu_seqlens_q != nullptr) {
+    constexpr int64_t kMaxTotal = (int64_t(1) << 31) - 1;
+    if (p.cu_seqlens_k == nullptr) return false;
+    if ((reinterpret_cast<uintptr_t>(p.cu_seqlens_q) & 3u) != 0 ||
+        (reinterpret_cast<uintptr_t>(p.cu_seqlens_k) & 3u) != 0)
+      return false;
+    if (p.total_q < 0 || p.total_k < 0 || p.total_q > kMaxTotal || p.total_k > kMaxTotal)
+      return false;
+  }
   if (p.seqlen_q < 0 || p.seqlen_k < 0 || p.seqlen_q > kMaxLen || p.seqlen_k > kMaxLen) return false;
   if (p.h > 65535 || p.b > 65535) return false;  // grid y / z limits
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out)) return false;
@@ -93,6 +114,7 @@ cudaError_t flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream) {
   if (!flash_fwd_cuda_supports_head_dim(p.d)) return cudaErrorInvalidValue;
   if (!flash_fwd_cuda_supports_layout(p)) return cudaErrorInvalidValue;
   if (p.b == 0 || p.seqlen_q == 0) return cudaSuccess;  // nothing to write
+  if (p.cu_seqlens_q != nullptr && p.total_q == 0) return cudaSuccess;  // no query row at all
 
   // Normalise the mask: causal is right = 0; a bound at least Sq + Sk wide can never cut a
   // row's band, so it is dropped (this also keeps every index sum inside int32).
@@ -130,6 +152,10 @@ cudaError_t flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream) {
   args.window_left = static_cast<int>(left);
   args.window_right = static_cast<int>(right);
   args.scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  args.cu_seqlens_q = p.cu_seqlens_q;
+  args.cu_seqlens_k = p.cu_seqlens_q != nullptr ? p.cu_seqlens_k : nullptr;
+  args.total_q = p.total_q;
+  args.total_k = p.total_k;
   const bool masked = left >= 0 || right >= 0;
 
   switch (p.d) {

@@ -40,11 +40,18 @@
 // row per 8 lanes: again 8 distinct positions mod 8. Both sides use the one function
 // smem_offset() below, so reader and writer agree by construction.
 // ---------------------------------------------------------------------------------------
+//
+// Emulation: tests/flash_fwd_emulate.cpp compiles this header and the launchers
+// (flash_fwd.cu, flash_fwd_hdim*.cu) with g++ and FASTATTN_FWD_EMULATE defined; it then
+// supplies host versions of the PTX wrappers below (written from the PTX ISA), the dynamic
+// shared-memory declaration and the launch, and runs every thread as a fiber.
 #pragma once
 
+#if !defined(FASTATTN_FWD_EMULATE)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstdint>
 
@@ -65,10 +72,30 @@ struct FwdArgs {
   int64_t k_batch_stride, k_row_stride, k_head_stride;
   int64_t v_batch_stride, v_row_stride, v_head_stride;
   int64_t out_batch_stride, out_row_stride, out_head_stride;
-  int seqlen_q, seqlen_k, h, h_per_kv;
+  int seqlen_q, seqlen_k, h, h_per_kv;  // varlen: seqlen_q / seqlen_k are the max bounds
   int window_left, window_right;  // -1: unbounded; both in [-1, seqlen_q + seqlen_k]
   float scale_log2;               // softmax_scale * log2(e)
+  // Varlen (packed) batches, see FlashFwdParams: null for the dense layout. Otherwise the
+  // batch strides are unused, sequence `batch` owns rows [cu[batch], cu[batch + 1]) of the
+  // packed q/out and k/v (clamped on the device, see varlen_bounds) and lse is (h, total_q).
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
+  int64_t total_q, total_k;
 };
+
+// Rows [*start, *start + *len) of sequence i of a packed tensor of `total` rows, from its
+// cu_seqlens, made memory-safe for ANY content (nothing validates cu_seqlens on the device
+// side, and the host must not synchronise to look): start is clamped to [0, total], the end
+// to [start, total], and the length to the launch bound max_len (the grid was sized from it).
+// Well-formed cu_seqlens (0 = cu[0] <= cu[1] <= ... <= cu[b] <= total, lengths <= max_len)
+// pass through unchanged.
+__device__ __forceinline__ void varlen_bounds(const int32_t* cu, int i, int64_t total, int max_len,
+                                              int64_t* start, int* len) {
+  const int64_t s = min(max(static_cast<int64_t>(cu[i]), int64_t{0}), total);
+  const int64_t e = min(max(static_cast<int64_t>(cu[i + 1]), s), total);
+  *start = s;
+  *len = static_cast<int>(min(e - s, static_cast<int64_t>(max_len)));
+}
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
 struct FwdTraits {
@@ -105,6 +132,8 @@ __device__ __forceinline__ uint32_t smem_offset(int row, int chunk) {
 }
 
 // ---- PTX wrappers ----------------------------------------------------------------------
+#if !defined(FASTATTN_FWD_EMULATE)
+#define FASTATTN_FWD_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -176,6 +205,20 @@ struct ElemOps<__nv_bfloat16> {
   }
 };
 
+// Shared-memory stores / loads of the epilogue's O staging (addresses from smem_offset).
+__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+#endif  // !FASTATTN_FWD_EMULATE
+
 // Load rows [row0, row0 + kRows) of one head of a (b, seqlen, heads, d) tensor into a
 // swizzled smem tile; rows >= seqlen are zero-filled (so no garbage, NaN included, can reach
 // the mma). Thread tid copies chunk c = tid % kChunks of rows r0 + i * kRowsPerIter with
@@ -205,7 +248,8 @@ __device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* head_base
 }
 
 // ---------------------------------------------------------------------------------------
-// The kernel. Grid (ceil(seqlen_q / kBlockM), h, b); block kNThreads. Warp w owns query rows
+// The kernel. Grid (ceil(seqlen_q / kBlockM), h, b) (varlen: ceil(max_seqlen_q / kBlockM),
+// h, number of sequences; blocks past their sequence's end exit at once); block kNThreads. Warp w owns query rows
 // [w * kRowsPerWarp, (w + 1) * kRowsPerWarp) of the block's tile, as kMTiles m16 tiles.
 // kMasked: a window / causal bound exists (the key-tail mask is always available).
 // ---------------------------------------------------------------------------------------
@@ -220,7 +264,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   constexpr int kChunks = Kt::kChunks;
   constexpr float kNegInf = -__builtin_huge_valf();
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  FASTATTN_FWD_SMEM(smem);
   const uint32_t sQ = smem_u32(smem);
   const uint32_t sK0 = sQ + Kt::kSmemQ;             // K buffers 0, 1
   const uint32_t sV0 = sK0 + 2 * Kt::kSmemKV;       // V buffers 0, 1
@@ -233,16 +277,34 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int kv_head = head / a.h_per_kv;
-  const int seqlen_q = a.seqlen_q;
-  const int seqlen_k = a.seqlen_k;
   const int m0 = m_block * kBlockM;
+
+  // Where this block's sequence lives: dense, batch `batch` of (b, seqlen, heads, d) tensors;
+  // varlen, a row range of the packed tensors with the sequence's own lengths (the grid is
+  // sized by the max bounds, so a query block past this sequence's end has nothing to do and
+  // leaves before touching memory). Worked out once per block; the main loop below only
+  // sees seqlen_q / seqlen_k and the row-0 pointers, whichever layout it is.
+  int seqlen_q = a.seqlen_q;
+  int seqlen_k = a.seqlen_k;
+  int64_t q_off = batch * a.q_batch_stride, k_off = batch * a.k_batch_stride;
+  int64_t v_off = batch * a.v_batch_stride, o_off = batch * a.out_batch_stride;
+  int64_t lse_off = (static_cast<int64_t>(batch) * a.h + head) * seqlen_q;
+  if (a.cu_seqlens_q != nullptr) {
+    int64_t q_start, k_start;
+    varlen_bounds(a.cu_seqlens_q, batch, a.total_q, a.seqlen_q, &q_start, &seqlen_q);
+    varlen_bounds(a.cu_seqlens_k, batch, a.total_k, a.seqlen_k, &k_start, &seqlen_k);
+    if (m0 >= seqlen_q) return;  // block-uniform, before any cp.async or barrier
+    q_off = q_start * a.q_row_stride;
+    o_off = q_start * a.out_row_stride;
+    k_off = k_start * a.k_row_stride;
+    v_off = k_start * a.v_row_stride;
+    lse_off = head * a.total_q + q_start;  // lse (h, total_q)
+  }
   const int diag = seqlen_k - seqlen_q;  // bottom-right alignment: row i sits at key i + diag
 
-  const T* q_head = static_cast<const T*>(a.q) + batch * a.q_batch_stride + head * a.q_head_stride;
-  const T* k_head =
-      static_cast<const T*>(a.k) + batch * a.k_batch_stride + kv_head * a.k_head_stride;
-  const T* v_head =
-      static_cast<const T*>(a.v) + batch * a.v_batch_stride + kv_head * a.v_head_stride;
+  const T* q_head = static_cast<const T*>(a.q) + q_off + head * a.q_head_stride;
+  const T* k_head = static_cast<const T*>(a.k) + k_off + kv_head * a.k_head_stride;
+  const T* v_head = static_cast<const T*>(a.v) + v_off + kv_head * a.v_head_stride;
 
   // ---- key-tile range [n_min, n_max) that intersects the band of any row of this block ---
   // Row i sees keys [lo(i), hi(i)] with lo(i) = i + diag - left (0 if unbounded) and
@@ -471,9 +533,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   // ---- epilogue: normalise, stage O through this warp's own rows of sQ, store ------------
   // Only this warp ever read those rows of sQ, so a warp barrier is enough.
   __syncwarp();
-  float* lse_head = a.lse == nullptr
-                        ? nullptr
-                        : a.lse + (static_cast<int64_t>(batch) * a.h + head) * seqlen_q;
+  float* lse_head = a.lse == nullptr ? nullptr : a.lse + lse_off;
 #pragma unroll
   for (int mi = 0; mi < kMTiles; ++mi) {
 #pragma unroll
@@ -489,7 +549,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
         const uint32_t packed = Ops::pack(o[mi][j][2 * hf] * inv, o[mi][j][2 * hf + 1] * inv);
         // Element (lrow, 8j + 2t): chunk j, byte 4t within it.
         const uint32_t addr = sQ + smem_offset<kChunks>(lrow, j) + 4 * (lane & 3);
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(packed) : "memory");
+        st_shared_b32(addr, packed);
       }
       const int row = m0 + lrow;
       if (lse_head != nullptr && (lane & 3) == 0 && row < seqlen_q) {
@@ -499,18 +559,14 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
     }
   }
   __syncwarp();
-  T* out_head = static_cast<T*>(a.out) + batch * a.out_batch_stride + head * a.out_head_stride;
+  T* out_head = static_cast<T*>(a.out) + o_off + head * a.out_head_stride;
   constexpr int kStoreIters = Kt::kRowsPerWarp * kChunks / 32;
 #pragma unroll
   for (int i = 0; i < kStoreIters; ++i) {
     const int idx = lane + 32 * i;
     const int lrow = warp_row0 + idx / kChunks;
     const int c = idx % kChunks;
-    uint4 val;
-    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w)
-                 : "r"(sQ + smem_offset<kChunks>(lrow, c))
-                 : "memory");
+    const uint4 val = ld_shared_v4(sQ + smem_offset<kChunks>(lrow, c));
     const int row = m0 + lrow;
     if (row < seqlen_q) {
       *reinterpret_cast<uint4*>(out_head + static_cast<int64_t>(row) * a.out_row_stride + c * 8) = val;
@@ -530,8 +586,12 @@ cudaError_t launch_flash_fwd(const FwdArgs& args, int64_t batch, cudaStream_t st
   }
   const dim3 grid(static_cast<unsigned>((args.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM),
                   static_cast<unsigned>(args.h), static_cast<unsigned>(batch));
+#if defined(FASTATTN_FWD_EMULATE)
+  return FASTATTN_FWD_EMULATE_LAUNCH(kernel, grid, Kt::kNThreads, kSmem, stream, args);
+#else
   kernel<<<grid, Kt::kNThreads, kSmem, stream>>>(args);
   return cudaGetLastError();
+#endif
 }
 
 // Entry points per head dim (flash_fwd_hdim<D>.cu), dispatching dtype x masked.

@@ -1,0 +1,378 @@
+// flash_fwd_emulate.cpp — run the CUDA FlashAttention forward (csrc/cuda/flash_fwd.cu: the
+// launcher flash_fwd_cuda, its layout checks and mask normalisation, the per-head-dim dispatch
+// of flash_fwd_hdim{64,128}.cu and the kernel of flash_fwd_kernel.cuh) on the CPU.
+//
+// The .cu files are #included as they are, compiled by g++ with FASTATTN_FWD_EMULATE defined
+// and an include directory of empty <cuda_*.h> stubs (the test builds it); this file supplies
+// what flash_fwd_kernel.cuh leaves out under that macro, from the PTX ISA:
+//   * every thread of a block is a fiber (fiber_emulate.h); __syncthreads / __syncwarp and the
+//     warp collectives are barriers between fibers;
+//   * ldmatrix(.trans).x4, mma.sync.m16n8k16 (f16/bf16 in, f32 accumulate), cp.async.cg with
+//     zero-fill, commit / wait_group, st.shared.b32 / ld.shared.v4.b32, ex2.approx.ftz: the
+//     same stand-ins as tests/flash_bwd_emulate.cpp (fragment tables in flash_fwd_kernel.cuh's
+//     header comment); every shared-memory access is bounds-checked against the launch's
+//     dynamic shared memory, which is born NaN at every block start;
+//   * FASTATTN_EMU_MODE bit 0: cp.async copies land at the wait (latest), else at issue
+//     (earliest); bit 1: fibers scheduled in reverse order.
+// Every global buffer (q, k, v, out, lse, cu_seqlens) sits against a PROT_NONE guard page, at
+// its end or (FASTATTN_EMU_GUARD=start) at its start: an out-of-bounds access kills the run.
+//
+// Usage: flash_fwd_emulate DIR — DIR/meta.txt: "dtype(16|bf) d b sq sk h hk wl wr causal scale
+// pad"; DIR/{q,k,v}.bin 16-bit contiguous (b, s, heads, d). With DIR/varlen.txt ("total_q
+// total_k"): b is the number of sequences, sq / sk the max_seqlen bounds, DIR/cu_q.bin,
+// DIR/cu_k.bin the int32 cu_seqlens, q.bin (total_q, h, d), k/v.bin (total_k, hk, d).
+// Tensors get head stride d + pad. Writes DIR/out.f32 (contiguous), DIR/lse.f32 ((b, h, sq)
+// or (h, total_q)) and prints "ok"; "rc=N" and exit 6 when flash_fwd_cuda returns an error.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#define FASTATTN_FWD_EMULATE 1
+#define FASTATTN_WITH_CUDA 1  // api.h declares the CUDA launchers (types from fiber_emulate.h)
+#include "fiber_emulate.h"
+
+struct uint4 {
+  uint32_t x, y, z, w;
+};
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+template <typename T>
+inline T min(T a, T b) { return a < b ? a : b; }
+template <typename T>
+inline T max(T a, T b) { return a > b ? a : b; }
+inline float __fmul_rn(float a, float b) { return a * b; }  // g++ -ffp-contract=off (the test)
+
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float bits_to_float(uint16_t b, bool bf) {
+  if (bf) {
+    const uint32_t u = static_cast<uint32_t>(b) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  _Float16 h;
+  std::memcpy(&h, &b, 2);
+  return static_cast<float>(h);
+}
+inline uint16_t f32_to_f16_bits(float x) {
+  const _Float16 h = static_cast<_Float16>(x);  // round to nearest even
+  uint16_t b;
+  std::memcpy(&b, &h, 2);
+  return b;
+}
+inline uint16_t f32_to_bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);                     // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+namespace emu {
+void fail(const char* what) {
+  std::fprintf(stderr, "%s\n", what);
+  std::exit(1);
+}
+inline std::size_t g_smem_bytes = 0;  // the running launch's dynamic shared memory
+inline unsigned char* smem_at(uint32_t addr, uint32_t bytes) {
+  if (addr + bytes > g_smem_bytes) fail("shared-memory access past the dynamic allocation");
+  if (addr % bytes != 0) fail("misaligned shared-memory access");
+  return smem_base() + addr;
+}
+}  // namespace emu
+
+// ---- the PTX wrappers flash_fwd_kernel.cuh expects (namespace fastattn::flash) -------------
+namespace fastattn {
+namespace flash {
+
+#define FASTATTN_FWD_SMEM(name) unsigned char* name = ::emu::smem_base()
+
+inline uint32_t smem_u32(const void* p) { return emu::smem_offset(p); }
+
+inline void cp_async_16(uint32_t smem, const void* gmem, bool pred) {
+  emu::smem_at(smem, 16);
+  if (reinterpret_cast<uintptr_t>(gmem) % 16 != 0) emu::fail("misaligned cp.async source");
+  emu::queue_copy(emu::Copy{smem, gmem, 16, pred});
+}
+inline void cp_async_commit() {}
+// The kernel only ever waits for everything (wait_group 0): copies stay on the open list
+// (mode bit 0) until then.
+template <int N>
+inline void cp_async_wait() {
+  static_assert(N == 0, "only wait_group 0 is emulated");
+  auto& q = emu::my_fiber().open;
+  for (const auto& c : q) emu::do_copy(c);
+  q.clear();
+}
+
+inline uint16_t smem_u16(uint32_t addr) {
+  uint16_t v;
+  std::memcpy(&v, emu::smem_at(addr, 2), 2);
+  return v;
+}
+// ldmatrix.x4: lane 8i + r gives the address of row r of matrix i. Without .trans lane l gets
+// M_i[l/4][2(l%4)], M_i[l/4][2(l%4)+1]; with .trans M_i[2(l%4)][l/4], M_i[2(l%4)+1][l/4].
+inline void ldsm_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
+  emu::smem_at(addr, 16);  // a 16-byte row, 16-byte aligned
+  emu::my_slot()[0] = addr;
+  emu::warp_barrier();
+  const int l = emu::lane(), g = l / 4, t = l % 4;
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo, hi;
+    if (!trans) {
+      const uint32_t row = emu::slot_of(8 * i + g)[0];
+      lo = smem_u16(row + 2 * (2 * t));
+      hi = smem_u16(row + 2 * (2 * t + 1));
+    } else {
+      lo = smem_u16(emu::slot_of(8 * i + 2 * t)[0] + 2 * g);
+      hi = smem_u16(emu::slot_of(8 * i + 2 * t + 1)[0] + 2 * g);
+    }
+    r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  emu::warp_barrier();
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldsm_impl(r, addr, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldsm_impl(r, addr, true); }
+
+// ex2.approx.ftz.f32: 2^x, ex2(-inf) = +0 (approximation error not modelled).
+inline float ex2(float x) { return std::exp2(x); }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: g = lane/4, t = lane%4.
+//   A: reg0 = A[g][2t..], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..], reg3 = A[g+8][2t+8..]
+//   B: reg0 = B[2t..2t+1][g], reg1 = B[2t+8..2t+9][g]
+//   C/D: c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
+template <bool kBf>
+inline void mma_impl(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  uint32_t(&s)[12] = emu::my_slot();
+  for (int i = 0; i < 4; ++i) s[i] = a[i];
+  s[4] = b0;
+  s[5] = b1;
+  emu::warp_barrier();
+  auto elem = [](uint32_t reg, int k) {
+    return bits_to_float(static_cast<uint16_t>(k & 1 ? reg >> 16 : reg & 0xffff), kBf);
+  };
+  auto A = [&](int row, int k) {
+    const int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return elem(emu::slot_of(4 * (row % 8) + (k % 8) / 2)[reg], k);
+  };
+  auto B = [&](int k, int n) { return elem(emu::slot_of(4 * n + (k % 8) / 2)[4 + (k >= 8 ? 1 : 0)], k); };
+  const int l = emu::lane(), g = l / 4, t = l % 4;
+  float d[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+    float acc = c[e];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    d[e] = acc;
+  }
+  emu::warp_barrier();
+  for (int e = 0; e < 4; ++e) c[e] = d[e];
+}
+
+template <typename T>
+struct ElemOps;
+template <>
+struct ElemOps<__half> {
+  static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    mma_impl<false>(d, a, b0, b1);
+  }
+  static uint32_t pack(float lo, float hi) {
+    return static_cast<uint32_t>(f32_to_f16_bits(lo)) | (static_cast<uint32_t>(f32_to_f16_bits(hi)) << 16);
+  }
+};
+template <>
+struct ElemOps<__nv_bfloat16> {
+  static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    mma_impl<true>(d, a, b0, b1);
+  }
+  static uint32_t pack(float lo, float hi) {
+    return static_cast<uint32_t>(f32_to_bf16_bits(lo)) | (static_cast<uint32_t>(f32_to_bf16_bits(hi)) << 16);
+  }
+};
+
+inline void st_shared_b32(uint32_t addr, uint32_t v) { std::memcpy(emu::smem_at(addr, 4), &v, 4); }
+inline uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  std::memcpy(&v, emu::smem_at(addr, 16), 16);
+  return v;
+}
+
+// kernel<<<grid, threads, smem, stream>>>(args), with the runtime's dynamic shared-memory rule
+// (above 48 KiB only after cudaFuncSetAttribute raised the kernel's limit).
+template <typename F, typename A>
+cudaError_t emulate_launch(F* kernel, const dim3& grid, int threads, int smem, const A& args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+    return cudaErrorInvalidConfiguration;
+  if (smem > emu::max_dyn_smem_of(reinterpret_cast<const void*>(kernel))) return cudaErrorInvalidValue;
+  const int64_t g[3] = {grid.x, grid.y, grid.z};
+  emu::g_smem_bytes = static_cast<std::size_t>(smem);
+  emu::launch(g, threads, smem, [&] { kernel(args); });
+  return cudaSuccess;
+}
+#define FASTATTN_FWD_EMULATE_LAUNCH(kernel, grid, threads, smem, stream, args) \
+  emulate_launch(kernel, grid, threads, smem, args)
+
+}  // namespace flash
+}  // namespace fastattn
+
+#include "flash_fwd.cu"
+#include "flash_fwd_hdim128.cu"
+#include "flash_fwd_hdim64.cu"
+
+// ---- driver --------------------------------------------------------------------------------
+using namespace fastattn;
+
+static void* guarded_alloc(size_t bytes, size_t align) {
+  static const bool at_start = [] {
+    const char* e = std::getenv("FASTATTN_EMU_GUARD");
+    return e != nullptr && std::string(e) == "start";
+  }();
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t body = (bytes + align + page - 1) / page * page;
+  void* m = mmap(nullptr, body + 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) emu::fail("mmap failed");
+  unsigned char* base = static_cast<unsigned char*>(m);
+  if (mprotect(base, page, PROT_NONE) != 0 || mprotect(base + page + body, page, PROT_NONE) != 0)
+    emu::fail("mprotect failed");
+  if (at_start || bytes == 0) return base + page;
+  const uintptr_t end = reinterpret_cast<uintptr_t>(base + page + body);
+  return reinterpret_cast<void*>((end - bytes) / align * align);
+}
+
+template <typename E>
+static std::vector<E> read_vec(const std::string& path, size_t n) {
+  std::vector<E> v(n);
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f || std::fread(v.data(), sizeof(E), n, f) != n) {
+    std::fprintf(stderr, "cannot read %s\n", path.c_str());
+    std::exit(1);
+  }
+  std::fclose(f);
+  return v;
+}
+
+// (nb, rows, heads, d) contiguous -> guarded buffer with head stride d + pad.
+struct Buf {
+  uint16_t* p;
+  int64_t nb, rows, heads, d, bs, rs, hs;
+};
+static Buf make_buf(const std::vector<uint16_t>& src, int64_t nb, int64_t rows, int64_t heads,
+                    int64_t d, int64_t pad) {
+  Buf t{nullptr, nb, rows, heads, d, 0, heads * (d + pad), d + pad};
+  t.bs = rows * t.rs;
+  const size_t n = static_cast<size_t>(nb * t.bs);
+  t.p = static_cast<uint16_t*>(guarded_alloc(n * 2, 16));
+  for (size_t i = 0; i < n; ++i) t.p[i] = 0x7e00;  // NaN-ish fill
+  for (int64_t i = 0; i < nb; ++i)
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t k = 0; k < heads; ++k)
+        std::memcpy(&t.p[i * t.bs + j * t.rs + k * t.hs], &src[((i * rows + j) * heads + k) * d],
+                    static_cast<size_t>(d) * 2);
+  return t;
+}
+
+int main(int argc, char** argv) {
+  if (argc != 2) return 2;
+  emu::g_mode = std::getenv("FASTATTN_EMU_MODE") ? std::atoi(std::getenv("FASTATTN_EMU_MODE")) : 0;
+  emu::g_stack_bytes = 256 * 1024;
+  const std::string dir = argv[1];
+  char dt[8];
+  long long d, b, sq, sk, h, hk, wl, wr, causal, pad;
+  float scale;
+  FILE* m = std::fopen((dir + "/meta.txt").c_str(), "r");
+  if (!m || std::fscanf(m, "%7s %lld %lld %lld %lld %lld %lld %lld %lld %lld %f %lld", dt, &d, &b,
+                        &sq, &sk, &h, &hk, &wl, &wr, &causal, &scale, &pad) != 12)
+    return 3;
+  std::fclose(m);
+  const bool bf = std::string(dt) == "bf";
+  long long total_q = 0, total_k = 0;
+  const bool varlen = [&] {
+    FILE* v = std::fopen((dir + "/varlen.txt").c_str(), "r");
+    if (!v) return false;
+    const bool ok = std::fscanf(v, "%lld %lld", &total_q, &total_k) == 2;
+    std::fclose(v);
+    if (!ok) std::exit(3);
+    return true;
+  }();
+  // Dense: (b, sq, ...) tensors; varlen: one "batch" of total_q / total_k packed rows.
+  const int64_t nb = varlen ? 1 : b, rq = varlen ? total_q : sq, rk = varlen ? total_k : sk;
+  Buf q = make_buf(read_vec<uint16_t>(dir + "/q.bin", nb * rq * h * d), nb, rq, h, d, pad);
+  Buf k = make_buf(read_vec<uint16_t>(dir + "/k.bin", nb * rk * hk * d), nb, rk, hk, d, pad);
+  Buf v = make_buf(read_vec<uint16_t>(dir + "/v.bin", nb * rk * hk * d), nb, rk, hk, d, pad);
+  Buf o = make_buf(std::vector<uint16_t>(nb * rq * h * d, 0x7e00), nb, rq, h, d, pad);
+  const size_t n_lse = static_cast<size_t>(nb * h * rq);
+  float* lse = static_cast<float*>(guarded_alloc(n_lse * 4, 4));
+  for (size_t i = 0; i < n_lse; ++i) lse[i] = NAN;
+
+  FlashFwdParams p;
+  p.q = q.p, p.k = k.p, p.v = v.p, p.out = o.p, p.lse = lse;
+  if (!varlen) {
+    p.q_batch_stride = q.bs, p.k_batch_stride = k.bs, p.v_batch_stride = v.bs;
+    p.out_batch_stride = o.bs;
+  }
+  p.q_row_stride = q.rs, p.q_head_stride = q.hs;
+  p.k_row_stride = k.rs, p.k_head_stride = k.hs;
+  p.v_row_stride = v.rs, p.v_head_stride = v.hs;
+  p.out_row_stride = o.rs, p.out_head_stride = o.hs;
+  p.b = b, p.seqlen_q = sq, p.seqlen_k = sk, p.h = h, p.h_k = hk, p.d = d;
+  p.softmax_scale = scale;
+  p.window_left = wl, p.window_right = wr, p.is_causal = causal != 0;
+  p.dtype = bf ? DType::kBFloat16 : DType::kFloat16;
+  if (varlen) {
+    auto cu = [&](const char* name) {
+      const std::vector<int32_t> src = read_vec<int32_t>(dir + "/" + name, b + 1);
+      int32_t* g = static_cast<int32_t*>(guarded_alloc(src.size() * 4, 4));
+      std::memcpy(g, src.data(), src.size() * 4);
+      return g;
+    };
+    p.cu_seqlens_q = cu("cu_q.bin");
+    p.cu_seqlens_k = cu("cu_k.bin");
+    p.total_q = total_q, p.total_k = total_k;
+  }
+  // The 8 instantiations' static shared memory (none: all of it is dynamic), which the
+  // runtime stand-ins (cudaFuncSetAttribute) need to know.
+  using K64 = flash::FwdTraits<64, 128, 64, 4>;
+  using K128 = flash::FwdTraits<128, 128, 32, 4>;
+  emu::set_static_smem(&flash::flash_fwd_kernel<K64, __half, false>, 0);
+  emu::set_static_smem(&flash::flash_fwd_kernel<K64, __half, true>, 0);
+  emu::set_static_smem(&flash::flash_fwd_kernel<K64, __nv_bfloat16, false>, 0);
+  emu::set_static_smem(&flash::flash_fwd_kernel<K64, __nv_bfloat16, true>, 0);
+  emu::set_static_smem(&flash::flash_fwd_kernel<K128, __half, false>, 0);
+  emu::set_static_smem(&flash::flash_fwd_kernel<K128, __half, true>, 0);
+  emu::set_static_smem(&flash::flash_fwd_kernel<K128, __nv_bfloat16, false>, 0);
+  emu::set_static_smem(&flash::flash_fwd_kernel<K128, __nv_bfloat16, true>, 0);
+  emu::reset_runtime();
+
+  const cudaError_t rc = flash_fwd_cuda(p, nullptr);
+  if (rc != cudaSuccess) {
+    std::printf("rc=%d\n", static_cast<int>(rc));
+    return 6;
+  }
+  std::vector<float> outv(static_cast<size_t>(nb * rq * h * d));
+  for (int64_t i = 0; i < nb; ++i)
+    for (int64_t j = 0; j < rq; ++j)
+      for (int64_t kk = 0; kk < h; ++kk)
+        for (int64_t e = 0; e < d; ++e)
+          outv[((i * rq + j) * h + kk) * d + e] = bits_to_float(o.p[i * o.bs + j * o.rs + kk * o.hs + e], bf);
+  FILE* fo = std::fopen((dir + "/out.f32").c_str(), "wb");
+  std::fwrite(outv.data(), 4, outv.size(), fo);
+  std::fclose(fo);
+  fo = std::fopen((dir + "/lse.f32").c_str(), "wb");
+  std::fwrite(lse, 4, n_lse, fo);
+  std::fclose(fo);
+  std::printf("ok\n");
+  return 0;
+}

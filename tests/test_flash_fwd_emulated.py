@@ -1,0 +1,192 @@
+"""Run the CUDA FlashAttention forward's own code on the CPU (no GPU needed).
+
+tests/flash_fwd_emulate.cpp compiles csrc/cuda/flash_fwd.cu (the launcher flash_fwd_cuda:
+layout checks, mask normalisation, dispatch), flash_fwd_hdim{64,128}.cu and the kernel of
+flash_fwd_kernel.cuh with g++, with host versions of ldmatrix / mma.sync / cp.async /
+shared loads and stores / shfl / barriers written from the PTX ISA, every thread a fiber,
+shared memory born NaN and every global buffer against a PROT_NONE guard page. Here out and
+lse are compared with a float64 reference of attention: dense and variable-length (packed,
+cu_seqlens) batches, head dims 64 and 128, fp16 and bf16, masked (causal / window) and
+unmasked kernels, GQA/MQA, rows that see no key; malformed cu_seqlens must run in bounds.
+What this cannot exercise: the CUDA compiler, real asynchrony and the tensor cores' exact
+rounding (the emulated mma accumulates in fp32 in k order; ex2.approx is exact here).
+"""
+import importlib.util
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tests", path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_layout = _load("flash_bwd_layout_test", "test_flash_bwd_layout.py")
+_emu = _load("flash_bwd_emulated_test", "test_flash_bwd_emulated.py")
+_to_bits, _from_bits = _emu._to_bits, _emu._from_bits
+
+
+@pytest.fixture(scope="module")
+def fwd_emulator(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found")
+    build = tmp_path_factory.mktemp("flash_fwd_emulate")
+    stub = build / "stub"  # empty <cuda_*.h>: the emulator supplies what the code uses
+    stub.mkdir()
+    for name in ("cuda_runtime_api.h", "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
+        (stub / name).write_text("#pragma once\n")
+    exe = build / "flash_fwd_emulate"
+    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-strict-aliasing",
+                    "-Wall", "-Werror", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized",
+                    "-I", str(stub), "-I", os.path.join(ROOT, "tests"),
+                    "-I", os.path.join(ROOT, "csrc", "include"),
+                    "-I", os.path.join(ROOT, "csrc", "cuda"),
+                    os.path.join(ROOT, "tests", "flash_fwd_emulate.cpp"), "-o", str(exe)],
+                   check=True)
+    return str(exe)
+
+
+def _reference(q, k, v, scale, wl, wr):
+    """One batch entry / sequence: q (sq, h, d) -> out (sq, h, d), lse (h, sq), float64."""
+    sq, h, d = q.shape
+    if sq == 0 or k.shape[0] == 0:
+        return np.zeros_like(q), np.full((h, sq), -np.inf)
+    dout = np.zeros_like(q)
+    out, lse, _, _, _ = _layout._reference_grads(q[None], k[None], v[None], dout[None], scale,
+                                                 wl, wr)
+    return out[0], lse[0]
+
+
+def _write(tmp_path, dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, q, k, v,
+           varlen=None):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _to_bits(x, dtype).tofile(tmp_path / f"{name}.bin")
+    (tmp_path / "meta.txt").write_text(
+        f"{dtype} {d} {b} {sq} {sk} {h} {hk} {wl} {wr} {causal} {scale!r} 8\n")
+    if varlen is not None:
+        cu_q, cu_k, total_q, total_k = varlen
+        np.asarray(cu_q, np.int32).tofile(tmp_path / "cu_q.bin")
+        np.asarray(cu_k, np.int32).tofile(tmp_path / "cu_k.bin")
+        (tmp_path / "varlen.txt").write_text(f"{total_q} {total_k}\n")
+
+
+def _run(exe, tmp_path, mode, guard):
+    env = dict(os.environ, FASTATTN_EMU_MODE=str(mode), FASTATTN_EMU_GUARD=guard)
+    res = subprocess.run([exe, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)
+    assert res.stdout.startswith("ok"), res.stdout
+
+
+def _check(got_out, got_lse, ref_out, ref_lse, dtype, what):
+    tol = 4e-3 if dtype == "16" else 2.5e-2  # P is rounded to 16 bits before the PV mma
+    assert np.isfinite(got_out).all(), what
+    err = np.abs(got_out - ref_out).max(initial=0) / max(np.abs(ref_out).max(initial=0), 0.5)
+    assert err < tol, (what, "out", err)
+    empty = np.isneginf(ref_lse)
+    assert (np.isneginf(got_lse) == empty).all(), (what, "lse -inf exactly where no key")
+    if (~empty).any():
+        lerr = np.abs(got_lse[~empty] - ref_lse[~empty]).max()
+        assert lerr < 1e-4 * max(1.0, np.abs(ref_lse[~empty]).max()), (what, "lse", lerr)
+
+
+def _rnd(rng, dtype, *shape):
+    return _from_bits(_to_bits(rng.standard_normal(shape), dtype), dtype)
+
+
+DENSE = [
+    # dtype, d, b, sq, sk, h, hk, wl, wr, causal
+    ("16", 64, 2, 130, 200, 4, 2, -1, -1, 0),    # unmasked GQA, query and key tails
+    ("bf", 128, 1, 150, 90, 2, 2, 20, -1, 1),    # causal + window, Sq > Sk: rows with no key
+    ("16", 128, 1, 1, 1, 1, 1, -1, -1, 0),       # a single query and key
+    ("bf", 64, 1, 20, 300, 3, 1, 40, 40, 0),     # window both sides, MQA, most tiles skipped
+    ("16", 64, 1, 129, 129, 2, 2, -1, 0, 1),     # causal MHA, two query blocks
+    ("bf", 128, 2, 33, 70, 4, 1, -1, -1, 0),     # unmasked bf16 d128
+]
+
+
+@pytest.mark.parametrize("mode", [0, 3])
+@pytest.mark.parametrize("case", DENSE, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_forward_dense(fwd_emulator, tmp_path, case, mode):
+    dtype, d, b, sq, sk, h, hk, wl, wr, causal = case
+    rng = np.random.default_rng(sq * 5 + sk + d)
+    q, k, v = (_rnd(rng, dtype, b, sq, h, d), _rnd(rng, dtype, b, sk, hk, d),
+               _rnd(rng, dtype, b, sk, hk, d))
+    scale = d ** -0.5
+    _write(tmp_path, dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, q, k, v)
+    _run(fwd_emulator, tmp_path, mode, "end" if mode == 0 else "start")
+    got = np.fromfile(tmp_path / "out.f32", np.float32).reshape(b, sq, h, d)
+    lse = np.fromfile(tmp_path / "lse.f32", np.float32).reshape(b, h, sq)
+    for i in range(b):
+        ro, rl = _reference(q[i], k[i], v[i], scale, wl, 0 if causal else wr)
+        _check(got[i], lse[i], ro, rl, dtype, f"batch {i}")
+        if causal and sq > sk:
+            assert (got[i, :sq - sk] == 0).all()  # rows that see no key: exactly 0
+
+
+VARLEN = [
+    # dtype, d, h, hk, wl, wr, causal, [(sq, sk) per sequence], max slack
+    ("16", 64, 4, 1, -1, -1, 0, [(0, 5), (1, 1), (64, 130), (129, 63), (3, 0), (130, 128)], 0),
+    ("bf", 128, 2, 2, 20, -1, 1, [(150, 90), (1, 200), (33, 33), (0, 0), (31, 40)], 0),
+    ("bf", 64, 4, 2, 40, 40, 0, [(20, 300), (97, 97), (1, 0), (128, 64)], 0),
+    ("16", 128, 2, 1, -1, 3, 0, [(17, 129), (128, 1), (5, 5)], 40),
+    ("16", 64, 2, 2, -1, 0, 1, [(1, 17), (129, 129), (64, 1)], 0),
+]
+
+
+@pytest.mark.parametrize("mode", [0, 3])
+@pytest.mark.parametrize("case", VARLEN, ids=lambda c: f"{c[0]}-d{c[1]}-h{c[2]}-{c[3]}-"
+                         f"w{c[4]}_{c[5]}-c{c[6]}-n{len(c[7])}")
+def test_emulated_forward_varlen(fwd_emulator, tmp_path, case, mode):
+    dtype, d, h, hk, wl, wr, causal, lens, slack = case
+    rng = np.random.default_rng(sum(a * 3 + b for a, b in lens) + d)
+    cu_q = np.concatenate([[0], np.cumsum([a for a, _ in lens])]).astype(np.int64)
+    cu_k = np.concatenate([[0], np.cumsum([b for _, b in lens])]).astype(np.int64)
+    total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
+    max_q = max(a for a, _ in lens) + slack
+    max_k = max(b for _, b in lens) + slack
+    q = _rnd(rng, dtype, total_q, h, d)
+    k, v = _rnd(rng, dtype, total_k, hk, d), _rnd(rng, dtype, total_k, hk, d)
+    scale = d ** -0.5
+    _write(tmp_path, dtype, d, len(lens), max_q, max_k, h, hk, wl, wr, causal, scale,
+           q, k, v, varlen=(cu_q, cu_k, total_q, total_k))
+    _run(fwd_emulator, tmp_path, mode, "end" if mode == 0 else "start")
+    got = np.fromfile(tmp_path / "out.f32", np.float32).reshape(total_q, h, d)
+    lse = np.fromfile(tmp_path / "lse.f32", np.float32).reshape(h, total_q)
+    for i in range(len(lens)):
+        qs, qe, ks, ke = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+        ro, rl = _reference(q[qs:qe], k[ks:ke], v[ks:ke], scale, wl, 0 if causal else wr)
+        _check(got[qs:qe], lse[:, qs:qe], ro, rl, dtype, f"sequence {i} {lens[i]}")
+        if ke == ks:
+            assert (got[qs:qe] == 0).all()
+
+
+MALFORMED = [
+    # dtype, d, h, hk, wl, wr, causal, cu_q, cu_k, total_q, total_k, max_q, max_k
+    ("16", 64, 4, 1, -1, -1, 0, [0, 50, 20, 70], [0, 90, 10, 100], 70, 100, 64, 128),
+    ("16", 64, 2, 1, 10, 0, 1, [0, 30, 500, 900], [-7, 60, 2**31 - 1, 40], 70, 100, 64, 128),
+    ("bf", 128, 2, 2, -1, -1, 0, [-100, 200, 201, 70], [0, 100, 100, 100], 70, 100, 64, 64),
+    ("bf", 128, 4, 2, -1, 5, 0, [5, 3, 2**31 - 1, -2**31], [70, 0, 35, 35], 40, 35, 200, 200),
+]
+
+
+@pytest.mark.parametrize("guard", ["end", "start"])
+@pytest.mark.parametrize("mode", [0, 3])
+@pytest.mark.parametrize("case", MALFORMED, ids=lambda c: f"{c[0]}-d{c[1]}-cuq{c[7]}-cuk{c[8]}")
+def test_emulated_forward_malformed_cu_seqlens_in_bounds(fwd_emulator, tmp_path, case, mode,
+                                                         guard):
+    dtype, d, h, hk, wl, wr, causal, cu_q, cu_k, total_q, total_k, max_q, max_k = case
+    rng = np.random.default_rng(total_q + total_k + d)
+    q = _rnd(rng, dtype, total_q, h, d)
+    k, v = _rnd(rng, dtype, total_k, hk, d), _rnd(rng, dtype, total_k, hk, d)
+    _write(tmp_path, dtype, d, len(cu_q) - 1, max_q, max_k, h, hk, wl, wr, causal, d ** -0.5,
+           q, k, v, varlen=(cu_q, cu_k, total_q, total_k))
+    _run(fwd_emulator, tmp_path, mode, guard)
