@@ -41,6 +41,12 @@
 // whole microkernel tiles, so odd head dims and sequence tails run the same code. The
 // exponential is a vectorised exp2 of S * (scale * log2(e)) - lse * log2(e).
 // 16-bit inputs are converted to fp32 when a block is loaded, once per block.
+//
+// Variable-length batches (params.fwd.cu_seqlens_q set, see params.h): every task belongs to
+// one sequence, reads its rows at that sequence's packed offsets and masks with its own
+// lengths; lse / delta are (h, total_q). The task list is the same flat list over (sequence,
+// head, block) with each sequence's own block counts, so balance does not depend on how the
+// lengths are distributed.
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -7,6 +7,14 @@
 // i + Sk - Sq + right] (bottom-right aligned, -1 = unbounded, causal = right 0). A row that
 // sees no key writes 0 and lse = -inf. The same algorithm and semantics as the CUDA kernel.
 //
+// Variable-length batches (params.cu_seqlens_q set, see params.h): q/out (total_q, h, d), k/v
+// (total_k, h_k, d) packed, lse (h, total_q); each sequence is exactly the dense problem of
+// its own lengths (its own bottom-right band). The same code runs them: the K^T / V pre-pass
+// lays out all total_k packed keys once (the same work per key as dense, no padding), a
+// sequence is a column offset into it, and the tasks are a flat list of (sequence, query
+// block) items times heads, heaviest first, so one long sequence among short ones is spread
+// over every thread by its blocks and heads.
+//
 // Why it is fast. It is the FlashAttention loop with the two block products done by a real
 // GEMM: a task owns a block of up to 128 query rows of one (b, h) and sweeps the visible keys
 // in blocks of kKBlock, keeping the fp32 output accumulator and the online-softmax running
