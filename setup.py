@@ -218,6 +218,7 @@ def _say(msg):
 # without -v and turns each finished unit into "[3/7] csrc/cpu/flash_fwd.cpp (avx2)";
 # everything else ninja prints (compiler diagnostics, the failing command) passes through.
 _dir_labels = {}
+_dir_names = {}
 _STATUS = re.compile(r"^\[(\d+)/(\d+)\] (.*)$")
 
 
@@ -239,11 +240,13 @@ def _run_ninja_build(build_directory, verbose, error_prefix):
             tag = "cuda" if what.endswith(".cu") else label
             print(f"[{m.group(1)}/{m.group(2)}] {what} ({tag})", flush=True)
         elif line.startswith("ninja: no work to do"):
-            print("  (objects up to date)", flush=True)
+            continue
         else:
             print(line, end="", flush=True)
     if proc.wait() != 0:
         raise RuntimeError(error_prefix)
+    # Also ends, for scripts/setup.sh, the part of the output that is the compiler's.
+    _say(f"{_dir_names.get(os.path.abspath(build_directory), build_directory)}: objects ready")
 
 
 cpp_extension._run_ninja_build = _run_ninja_build
@@ -271,6 +274,7 @@ class FastattnBuildExt(BuildExtension.with_options(use_ninja=True)):
         self.build_temp = os.path.join(BUILD_DIR, ext.name)
         os.makedirs(self.build_temp, exist_ok=True)
         _dir_labels[os.path.abspath(self.build_temp)] = ext_labels.get(ext.name, "")
+        _dir_names[os.path.abspath(self.build_temp)] = ext.name
         ext_path = os.path.abspath(self.get_ext_fullpath(ext.name))
         try:
             from setuptools._distutils._modified import newer_group
