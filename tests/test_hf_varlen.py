@@ -114,7 +114,7 @@ def test_left_padded_generate_matches_sdpa_on_fastattn(arch, monkeypatch):
     assert count.stats["fastattn"] == layers * 10 and count.varlen == layers * 10  # prefill + 9 decode steps
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
+@pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window", "gemma3"])
 def test_left_padded_static_cache_generate_matches_sdpa(arch, monkeypatch):
     """A static cache longer than prompt + new tokens: its unused tail must stay invisible."""
     theirs, mine = _models(arch)
@@ -154,6 +154,30 @@ def test_static_cache_forward_with_padding_and_spare_rows(monkeypatch):
     _assert_close(a1[valid], a0[valid])
     _assert_close(b1, b0)
     assert count.stats == {"fastattn": 4, "sdpa_fallback": 0, "reasons": {}} and count.varlen == 4
+
+
+@pytest.mark.parametrize("arch", ["mistral-window", "gemma3"])
+def test_dynamic_cache_chunked_prefill_with_padding_matches_sdpa(arch, monkeypatch):
+    """Chunks of 8, 1 and 11 queries over a filled dynamic (sliding) cache, left padding; the
+    first chunk holds rows that are all padding (no query of theirs is real)."""
+    from transformers import DynamicCache
+
+    theirs, mine = _models(arch)
+    ids, mask = _padded_batch(lens=(9, 20, 3, 14))
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    results = []
+    with torch.no_grad():
+        for m in (theirs, mine):
+            if m is mine:
+                count = _Count(monkeypatch)
+            cache, chunks = DynamicCache(config=m.config), []
+            for a, b in ((0, 8), (8, 9), (9, 20)):
+                chunks.append(m(ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b], cache=cache,
+                                use_cache=True).logits)
+            results.append(torch.cat(chunks, 1))
+    valid = mask.bool()
+    _assert_close(results[1][valid], results[0][valid])
+    assert count.stats["sdpa_fallback"] == 0 and count.stats["fastattn"] == 3 * mine.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen3"])
