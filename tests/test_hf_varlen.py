@@ -237,6 +237,28 @@ def test_packed_training_step_matches_sdpa_and_separate_sequences(arch, monkeypa
             start += n
 
 
+def test_right_padded_training_step_matches_sdpa(monkeypatch):
+    """Padded fine-tuning batch (labels -100 on the padding): loss and every gradient as SDPA's."""
+    theirs, mine = _models("qwen3")
+    ids, mask = _padded_batch(lens=(6, 13, 9, 11), side="right")
+    labels = ids.masked_fill(mask == 0, -100)
+    losses, grads = [], []
+    for m in (theirs, mine):
+        m.zero_grad(set_to_none=True)
+        m.train()
+        if m is mine:
+            count = _Count(monkeypatch)
+        loss = m(ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        loss.backward()
+        m.eval()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert count.stats["fastattn"] == 2 and count.stats["sdpa_fallback"] == 0 and count.varlen == 2
+    _assert_close(losses[1], losses[0])
+    for name in grads[0]:
+        _assert_close(grads[1][name], grads[0][name])
+
+
 def test_arbitrary_4d_mask_falls_back_counted_and_warned(monkeypatch):
     theirs, mine = _models("llama-gqa")
     ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
