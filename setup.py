@@ -53,8 +53,9 @@ except ImportError:
     # pip's default build isolation lands here (pyproject.toml does not list torch, on purpose:
     # it would fetch a multi-GB wheel that is not the torch fastattn will run with).
     sys.exit(
-        "fastattn: the build needs the torch you will run with; install torch first, then: "
-        "pip install --no-build-isolation ."
+        "fastattn: torch is not importable here; fastattn compiles against the torch you run, so "
+        "build without pip's isolated environment: pip install --no-build-isolation . "
+        "(install torch first if you have none, e.g. pip install torch==2.13.0)"
     )
 
 from torch.utils import cpp_extension  # noqa: E402
@@ -300,9 +301,22 @@ class FastattnBuildExt(BuildExtension.with_options(use_ninja=True)):
         self._outputs[ext_path] = _config_hash
 
 
+
+
+def _torch_requirement() -> str:
+    """The torch releases this build runs with: the compiled extension links against
+    libtorch's C++ ABI, which changes between minor releases (2.13 -> 2.14) but not between
+    patch releases. So a wheel says what it was built against, and pip keeps a matching torch
+    instead of letting an unrelated one in."""
+    public = torch.__version__.split("+")[0]  # "2.13.0" (or "2.11.0a0" for a pre-release)
+    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", public).groups())
+    return f"torch>={public},<{major}.{minor + 1}"
+
+
 setup(
     name="fastattn",
     packages=find_packages(include=["fastattn", "fastattn.*"]),
     ext_modules=exts,
     cmdclass={"build_ext": FastattnBuildExt},
+    install_requires=["numpy", _torch_requirement()],
 )
