@@ -300,6 +300,14 @@ def test_torch_compile_fullgraph(device):
                                                                  softmax_scale=0.2))
 
 
+def test_torch_compile_inductor_cpu():
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v, cq, ck: fastattn.flash_attention_varlen(q, k, v, cq, ck, 9, 11, causal=True) + 1,
+                      fullgraph=True)
+    q, k, v, cq, ck = _make("cpu", torch.float32, [9, 0, 4], [11, 2, 4], 2, 1, 32)
+    torch.testing.assert_close(f(q, k, v, cq, ck), fastattn.flash_attention_varlen(q, k, v, cq, ck, 9, 11, causal=True) + 1)
+
+
 def test_meta_shapes():
     q = torch.empty(30, 4, 64, device="meta")
     k = torch.empty(50, 2, 64, device="meta")
