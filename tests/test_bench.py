@@ -195,6 +195,7 @@ def test_default_results_location(tmp_path):
     assert os.path.basename(outside).startswith("fastattn-bench-cpu-")
 
 
+@pytest.mark.source_tree
 def test_benchmark_files_are_not_collected_as_tests():
     names = os.listdir(PKG_BENCH)
     assert any(n.startswith("bench_") for n in names)
@@ -364,6 +365,7 @@ def runs(tmp_path_factory):
     return done, folders, work
 
 
+@pytest.mark.source_tree
 def test_help_outside_the_checkout(runs):
     r = runs[0]["help"]
     assert r.returncode == 0 and r.stderr == ""
@@ -373,12 +375,14 @@ def test_help_outside_the_checkout(runs):
     assert "fastattn[bench]" in text
 
 
+@pytest.mark.source_tree
 def test_report_outside_the_checkout(runs):
     r = runs[0]["report"]
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert r.stdout.startswith("device: Test CPU") and "in cache" in r.stdout
 
 
+@pytest.mark.source_tree
 def test_tiny_run_table_on_stdout_progress_on_stderr(runs):
     r = runs[0]["tiny"]
     folder = runs[1]["tiny"]
@@ -414,11 +418,13 @@ def test_tiny_run_table_on_stdout_progress_on_stderr(runs):
         assert (runs[2] / "tiny.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.source_tree
 def test_no_matching_benchmark_is_one_line(runs):
     r = runs[0]["no_match"]
     assert_one_line_error(r.returncode, r.stdout, r.stderr, "-k 'no_such_benchmark' selects no benchmark")
 
 
+@pytest.mark.source_tree
 def test_failing_benchmark_is_one_line_and_exit_1(runs):
     r = runs[0]["failing"]
     assert r.returncode == 1, r.stderr
