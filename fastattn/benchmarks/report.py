@@ -190,17 +190,8 @@ def print_table(results: dict, file=None) -> None:
     cells = [(r["op"], str(r["shape"]), str(r["dtype"]), r["impl"], format_time(r["median_s"]),
               format_throughput(r), format_pct(r, meta)) for r in rows]
     names = ("op", "shape", "dtype", "impl", "time", "throughput", "% copy")
-    widths = [max(len(names[i]), *(len(c[i]) for c in cells)) for i in range(len(names))]
-    right = (False, False, False, False, True, True, True)
-
-    def fmt(c):
-        return " ".join(c[i].rjust(widths[i]) if right[i] else c[i].ljust(widths[i]) for i in range(len(c))).rstrip()
-
-    header = fmt(names)
-    print(header, file=file)
-    print("-" * len(header), file=file)
-    for c in cells:
-        print(fmt(c), file=file)
+    for line in _columns(names, cells, right=(False, False, False, False, True, True, True)):
+        print(line, file=file)
     summary = speedup_lines(results)
     if summary:
         print("", file=file)
@@ -234,15 +225,20 @@ def speedup_lines(results: dict):
     cells = [(op, shape, dtype, format_time(t_ours), impl, format_time(t_peer), f"{sp:.2f}x")
              for op, shape, dtype, t_ours, impl, t_peer, sp in rows]
     names = ("op", "shape", "dtype", "fastattn", "fastest peer", "its time", "speedup")
+    return (["fastattn against the fastest peer in the same run (speedup > 1: fastattn is faster):"]
+            + _columns(names, cells, right=(False, False, False, True, False, True, True)))
+
+
+def _columns(names, cells, right):
+    """Header, rule and one line per row, each column as wide as its widest cell, the columns
+    flagged in `right` right-aligned."""
     widths = [max(len(names[i]), *(len(c[i]) for c in cells)) for i in range(len(names))]
-    right = (False, False, False, True, False, True, True)
 
     def fmt(c):
         return " ".join(c[i].rjust(widths[i]) if right[i] else c[i].ljust(widths[i]) for i in range(len(c))).rstrip()
 
     header = fmt(names)
-    return ["fastattn against the fastest peer in the same run (speedup > 1: fastattn is faster):",
-            header, "-" * len(header)] + [fmt(c) for c in cells]
+    return [header, "-" * len(header)] + [fmt(c) for c in cells]
 
 
 # ---- plot -----------------------------------------------------------------------------------
