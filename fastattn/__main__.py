@@ -69,27 +69,10 @@ def _time(fn, device: str, iters: int = 10) -> float:
     """Median seconds per call of fn after one warm-up call (CUDA: events around each call).
     A median, not a mean: the machine may be shared."""
     import statistics
-    import time
 
-    import torch
+    from fastattn.benchmarks.timing import time_calls
 
-    fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_calls(fn, device, iters, warmup=1))
 
 
 def _sync(device: str) -> None:

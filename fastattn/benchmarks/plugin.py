@@ -37,6 +37,7 @@ import torch
 
 import fastattn
 from fastattn.benchmarks import meta
+from fastattn.benchmarks.timing import time_calls
 
 DEVICE = "cuda" if (torch.cuda.is_available() and fastattn.cuda_built()) else "cpu"
 TINY = os.environ.get("FASTATTN_BENCH_TINY", "") not in ("", "0")
@@ -45,31 +46,9 @@ ROUNDS = int(os.environ.get("FASTATTN_BENCH_ROUNDS", "2" if TINY else "20" if DE
 _SESSION = {"copy": None, "meta": None, "results": {}}
 
 
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_fn(fn, rounds: int = ROUNDS, warmup: int = 2):
     """Seconds per call of fn, one entry per round."""
-    for _ in range(warmup):
-        fn()
-    _sync()
-    times = []
-    if DEVICE == "cuda":
-        for _ in range(rounds):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
+    return time_calls(fn, DEVICE, rounds, warmup)
 
 
 def run_meta() -> dict:
