@@ -362,6 +362,46 @@ def _check_window(window) -> tuple:
     return left, right
 
 
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, layouts) -> int:
+    """The checks flash_attention (4-D, batched) and flash_attention_varlen (3-D, packed)
+    share: dtypes, ranks, devices, shapes, GQA head counts, head dims per device, contiguous
+    last dims. Returns the head dim D."""
+    q_layout, kv_layout = layouts
+    rank = q_layout.count(",") + 1
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_float(t, name, cuda_16bit_only=True)
+    for t, name, layout in ((q, "q", q_layout), (k, "k", kv_layout), (v, "v", kv_layout)):
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have {rank} dimensions {layout}, got {t.dim()}")
+    check_same_device(k, q, "k", "q")
+    check_same_device(v, q, "v", "q")
+    # (meta tensors pass: the op's fake impl gives shapes without a kernel)
+    if q.device.type not in ("cpu", "cuda", "meta") or (q.is_cuda and not _CUDA_BUILT):
+        raise ValueError(
+            f"q is on {q.device} but this build of fastattn has kernels for "
+            f"{'the CPU and CUDA' if _CUDA_BUILT else 'the CPU only (rebuild with a CUDA torch and nvcc)'}"
+        )
+    check_same_dtype(k, q, "k", "q")
+    check_same_dtype(v, q, "v", "q")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    H, D = q.shape[-2], q.shape[-1]
+    if rank == 4 and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k must have q's batch size {q.shape[0]}, got {k.shape[0]}")
+    if k.shape[-1] != D:
+        raise ValueError(f"k must have q's head dim {D}, got {k.shape[-1]}")
+    Hk = k.shape[-2]
+    if Hk < 1 or H % Hk != 0:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of key/value heads ({Hk})")
+    if q.is_cuda and D not in _CUDA_HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported on CUDA (supported: {', '.join(map(str, _CUDA_HEAD_DIMS))})")
+    if not q.is_cuda and not 1 <= D <= _CPU_MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {_CPU_MAX_HEAD_DIM}] on the CPU, got {D}")
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_last_dim_contiguous(t, name)
+    return D
+
+
 def flash_attention(
     q: Tensor,
     k: Tensor,
@@ -404,37 +444,7 @@ def flash_attention(
     lse on the host and is made only when |softmax_scale| > 1. Second derivatives
     (``create_graph=True`` and a gradient of the gradients) raise a RuntimeError.
     """
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        check_float(t, name, cuda_16bit_only=True)
-    for t, name, layout in ((q, "q", "(B, Sq, H, D)"), (k, "k", "(B, Sk, Hk, D)"), (v, "v", "(B, Sk, Hk, D)")):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions {layout}, got {t.dim()}")
-    check_same_device(k, q, "k", "q")
-    check_same_device(v, q, "v", "q")
-    # (meta tensors pass: the op's fake impl gives shapes without a kernel)
-    if q.device.type not in ("cpu", "cuda", "meta") or (q.is_cuda and not _CUDA_BUILT):
-        raise ValueError(
-            f"q is on {q.device} but this build of fastattn has kernels for "
-            f"{'the CPU and CUDA' if _CUDA_BUILT else 'the CPU only (rebuild with a CUDA torch and nvcc)'}"
-        )
-    check_same_dtype(k, q, "k", "q")
-    check_same_dtype(v, q, "v", "q")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    B, Sq, H, D = q.shape
-    if k.shape[0] != B:
-        raise ValueError(f"k must have q's batch size {B}, got {k.shape[0]}")
-    if k.shape[3] != D:
-        raise ValueError(f"k must have q's head dim {D}, got {k.shape[3]}")
-    Hk = k.shape[2]
-    if Hk < 1 or H % Hk != 0:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of key/value heads ({Hk})")
-    if q.is_cuda and D not in _CUDA_HEAD_DIMS:
-        raise ValueError(f"head dim {D} is not supported on CUDA (supported: {', '.join(map(str, _CUDA_HEAD_DIMS))})")
-    if not q.is_cuda and not 1 <= D <= _CPU_MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {_CPU_MAX_HEAD_DIM}] on the CPU, got {D}")
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        check_last_dim_contiguous(t, name)
+    D = _check_qkv(q, k, v, ("(B, Sq, H, D)", "(B, Sk, Hk, D)"))
     left, right = _check_window(window)
     if causal:
         right = 0
@@ -610,34 +620,7 @@ def flash_attention_varlen(
     Differentiable in q, k and v (the FlashAttention backward kernel, bitwise reproducible
     gradients; lse is not differentiable). Second derivatives raise a RuntimeError.
     """
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        check_float(t, name, cuda_16bit_only=True)
-    for t, name, layout in ((q, "q", "(total_q, H, D)"), (k, "k", "(total_k, Hk, D)"), (v, "v", "(total_k, Hk, D)")):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have 3 dimensions {layout}, got {t.dim()}")
-    check_same_device(k, q, "k", "q")
-    check_same_device(v, q, "v", "q")
-    if q.device.type not in ("cpu", "cuda", "meta") or (q.is_cuda and not _CUDA_BUILT):
-        raise ValueError(
-            f"q is on {q.device} but this build of fastattn has kernels for "
-            f"{'the CPU and CUDA' if _CUDA_BUILT else 'the CPU only (rebuild with a CUDA torch and nvcc)'}"
-        )
-    check_same_dtype(k, q, "k", "q")
-    check_same_dtype(v, q, "v", "q")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    _total_q, H, D = q.shape
-    if k.shape[2] != D:
-        raise ValueError(f"k must have q's head dim {D}, got {k.shape[2]}")
-    Hk = k.shape[1]
-    if Hk < 1 or H % Hk != 0:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of key/value heads ({Hk})")
-    if q.is_cuda and D not in _CUDA_HEAD_DIMS:
-        raise ValueError(f"head dim {D} is not supported on CUDA (supported: {', '.join(map(str, _CUDA_HEAD_DIMS))})")
-    if not q.is_cuda and not 1 <= D <= _CPU_MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {_CPU_MAX_HEAD_DIM}] on the CPU, got {D}")
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        check_last_dim_contiguous(t, name)
+    D = _check_qkv(q, k, v, ("(total_q, H, D)", "(total_k, Hk, D)"))
     _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q)
     _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q)
     if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
