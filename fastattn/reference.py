@@ -23,6 +23,8 @@ __all__ = [
     "attention_varlen",
     "decode_attention",
     "append_kv",
+    "paged_rows",
+    "attention_with_kvcache",
 ]
 
 
@@ -191,6 +193,25 @@ def attention_varlen(
     return (out, lse) if return_lse else out
 
 
+def paged_rows(pool: Tensor, block_table: Tensor, seqlen: int) -> Tensor:
+    """Rows [0, seqlen) of every sequence of a paged cache, as a dense (B, seqlen, Hk, D) tensor.
+
+    pool (num_pages, page_size, Hk, D); block_table (B, max_pages) integer: token t of
+    sequence b is ``pool[block_table[b, t // page_size], t % page_size]``.
+    """
+    page_size = pool.shape[1]
+    t = torch.arange(seqlen, device=pool.device)
+    pages = block_table[:, t // page_size].long()  # (B, seqlen)
+    return pool[pages, (t % page_size).unsqueeze(0).expand_as(pages)]
+
+
+def _cache_view(cache: Tensor, block_table: Optional[Tensor]) -> Tensor:
+    """The cache as (B, capacity, Hk, D): itself, or the paged pool gathered (a copy)."""
+    if block_table is None:
+        return cache
+    return paged_rows(cache, block_table, block_table.shape[1] * cache.shape[1])
+
+
 def decode_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -198,13 +219,16 @@ def decode_attention(
     cache_seqlens: Tensor,
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
+    block_table: Optional[Tensor] = None,
 ):
     """One query token per sequence against a KV cache with ragged valid lengths.
 
-    q (B, H, D) or (B, 1, H, D); k_cache, v_cache (B, S_max, Hk, D); cache_seqlens (B,)
-    integer: sequence b attends to cache rows [0, cache_seqlens[b]). Returns out with q's
-    shape and, with return_lse, lse (B, H) float32.
+    q (B, H, D) or (B, 1, H, D); k_cache, v_cache (B, S_max, Hk, D), or page pools
+    (num_pages, page_size, Hk, D) with ``block_table`` (B, max_pages) (see ``paged_rows``);
+    cache_seqlens (B,) integer: sequence b attends to cache rows [0, cache_seqlens[b]).
+    Returns out with q's shape and, with return_lse, lse (B, H) float32.
     """
+    k_cache, v_cache = _cache_view(k_cache, block_table), _cache_view(v_cache, block_table)
     squeeze = q.dim() == 3
     q4 = q.unsqueeze(1) if squeeze else q
     S_max = k_cache.shape[1]
@@ -216,18 +240,71 @@ def decode_attention(
     return (out, lse) if return_lse else out
 
 
-def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor):
+def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
+              block_table: Optional[Tensor] = None):
     """Write k, v (B, Sn, Hk, D) into the caches at rows [cache_seqlens[b], + Sn), in place.
 
-    The caller advances cache_seqlens afterwards. Raises ValueError past capacity.
+    Contiguous caches (B, S_max, Hk, D), or page pools with ``block_table`` (capacity
+    max_pages * page_size). The caller advances cache_seqlens afterwards. Raises ValueError
+    past capacity.
     """
-    S_max, Sn = k_cache.shape[1], k.shape[1]
+    Sn = k.shape[1]
+    if block_table is None:
+        S_max = k_cache.shape[1]
+    else:
+        page_size = k_cache.shape[1]
+        S_max = block_table.shape[1] * page_size
     for b, start in enumerate(cache_seqlens.tolist()):
         if start < 0 or start + Sn > S_max:
             raise ValueError(
                 f"append_kv: cache_seqlens[{b}] = {start} plus {Sn} new rows exceeds the cache "
                 f"capacity {S_max}"
             )
-        k_cache[b, start : start + Sn] = k[b]
-        v_cache[b, start : start + Sn] = v[b]
+        if block_table is None:
+            k_cache[b, start : start + Sn] = k[b]
+            v_cache[b, start : start + Sn] = v[b]
+        else:
+            t = torch.arange(start, start + Sn, device=k_cache.device)
+            pages = block_table[b, t // page_size].long()
+            k_cache[pages, t % page_size] = k[b]
+            v_cache[pages, t % page_size] = v[b]
     return k_cache, v_cache
+
+
+def attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    causal: bool = True,
+    window: Tuple[int, int] = (-1, -1),
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Sq new queries per sequence over a KV cache (chunked prefill, speculative decoding).
+
+    q (B, Sq, H, D). If k, v (B, Sq, Hk, D) are given they are first written into the caches
+    at rows [cache_seqlens[b], + Sq) (in place; cache_seqlens is not advanced) and the key
+    length is L_b = cache_seqlens[b] + Sq, else L_b = cache_seqlens[b]. Sequence b is then
+    ``attention(q[b], K[b, :L_b], V[b, :L_b], causal, window)``: bottom-right aligned, query i
+    at key position L_b - Sq + i. Returns out (B, Sq, H, D) and, with return_lse,
+    lse (B, H, Sq) float32 (a row that sees no key: out 0, lse -inf).
+    """
+    if k is not None:
+        append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table)
+    B, Sq, H, _ = q.shape
+    added = Sq if k is not None else 0
+    kc, vc = _cache_view(k_cache, block_table), _cache_view(v_cache, block_table)
+    outs, lses = [], []
+    for b, length in enumerate(cache_seqlens.tolist()):
+        L = length + added
+        o, l = attention(q[b : b + 1], kc[b : b + 1, :L], vc[b : b + 1, :L], causal=causal,
+                         softmax_scale=softmax_scale, window=window, return_lse=True)
+        outs.append(o)
+        lses.append(l)
+    out = torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+    lse = torch.cat(lses, 0) if lses else q.new_zeros((B, H, Sq), dtype=torch.float32)
+    return (out, lse) if return_lse else out

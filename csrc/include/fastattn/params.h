@@ -180,10 +180,31 @@ struct FlashBwdParams {
 };
 
 // ---------------------------------------------------------------------------------------
-// Decode attention: one query token per sequence against a KV cache with ragged lengths.
-// q (b, h, d); k_cache/v_cache (b, seqlen_k_max, h_k, d); cache_seqlens (b) int32 on the
-// device; out (b, h, d); lse (b, h) fp32. Split-KV: num_splits chunks of the sequence each
-// write a partial (out_partial, lse_partial) merged by a combine pass.
+// Attention over a KV cache: decode_attention (one query token per sequence) and
+// attention_with_kvcache (seqlen_q new query tokens per sequence: chunked prefill,
+// speculative decoding), on a contiguous or a paged cache. One kernel serves both.
+//
+// q (b, seqlen_q, h, d); out (b, seqlen_q, h, d); lse (b, h, seqlen_q) fp32 (for
+// seqlen_q = 1 that is decode's (b, h)). cache_seqlens (b) int32 on the device.
+//
+// Key length of sequence b: len_b = clamp(cache_seqlens[b] + seqlens_k_add, 0, seqlen_k_max)
+// (seqlens_k_add = seqlen_q when the new keys were appended just before, else 0). Query i
+// sits at key position pos_i = len_b - seqlen_q + i (bottom-right alignment) and sees the
+// keys j in [0, len_b) with pos_i - window_left <= j <= pos_i + window_right (-1 =
+// unbounded on that side; causal = window_right 0). A row that sees no key: out 0, lse -inf.
+//
+// Cache layout (see kv_cache_layout.h for the one address function every kernel uses):
+//  * contiguous (block_table == nullptr): k_cache (b, seqlen_k_max, h_k, d); k_batch_stride
+//    is the stride of dim 0.
+//  * paged: k_cache is a pool (num_pages, page_size, h_k, d) and k_batch_stride the stride of
+//    its dim 0 (one page); block_table (b, max_pages_per_seq) int32, row stride
+//    block_table_batch_stride; token t of sequence b lives at
+//    pool[block_table[b][t / page_size], t % page_size]; seqlen_k_max = max_pages_per_seq *
+//    page_size. Page indices are clamped to [0, num_pages) by the kernels (memory safety on
+//    CUDA, where the host never reads the table; the CPU binding rejects bad indices).
+//
+// Split-KV: num_splits chunks of each sequence's keys each write a partial (out_partial,
+// lse_partial) merged by a combine pass.
 // ---------------------------------------------------------------------------------------
 struct DecodeParams {
   const void* q = nullptr;
@@ -191,23 +212,36 @@ struct DecodeParams {
   const void* v_cache = nullptr;
   const int32_t* cache_seqlens = nullptr;
   void* out = nullptr;
-  float* lse = nullptr;
-  int64_t q_batch_stride = 0, q_head_stride = 0;
+  float* lse = nullptr;  // (b, h, seqlen_q)
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
   int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
   int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
-  int64_t out_batch_stride = 0, out_head_stride = 0;
+  int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
 
-  int64_t b = 0, seqlen_k_max = 0, h = 0, h_k = 0, d = 0;
+  int64_t b = 0, seqlen_q = 1, seqlen_k_max = 0, h = 0, h_k = 0, d = 0;
+  int64_t seqlens_k_add = 0;
+  int64_t window_left = -1, window_right = -1;
   float softmax_scale = 1.0f;
+
+  // Paged cache (nullptr: contiguous).
+  const int32_t* block_table = nullptr;
+  int64_t block_table_batch_stride = 0;
+  int64_t page_size = 0;
+  int64_t num_pages = 0;
+
   int64_t num_splits = 1;
-  // Scratch for split-KV: out_partial (num_splits, b, h, d) and lse_partial
-  // (num_splits, b, h), fp32.
+  // Scratch for split-KV: out_partial (num_splits, b, h, seqlen_q, d) and lse_partial
+  // (num_splits, b, h, seqlen_q), fp32.
   float* out_partial = nullptr;
   float* lse_partial = nullptr;
   DType dtype = DType::kFloat16;
 };
 
-// append_kv: k_cache[b, cache_seqlens[b] + i] = k[b, i] (same for v), for i < seqlen_new.
+// append_kv: row cache_seqlens[b] + i of sequence b's cache = k[b, i] (same for v), for
+// i < seqlen_new; the cache is contiguous or paged exactly as in DecodeParams (k_cache_batch_
+// stride is then the page stride and seqlen_k_max = max_pages_per_seq * page_size). Rows
+// that would land outside [0, seqlen_k_max) are dropped (the binding rejects them first
+// wherever it may read cache_seqlens on the host).
 struct AppendKvParams {
   void* k_cache = nullptr;
   void* v_cache = nullptr;
@@ -219,6 +253,10 @@ struct AppendKvParams {
   int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
   int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
   int64_t b = 0, seqlen_new = 0, seqlen_k_max = 0, h_k = 0, d = 0;
+  const int32_t* block_table = nullptr;
+  int64_t block_table_batch_stride = 0;
+  int64_t page_size = 0;
+  int64_t num_pages = 0;
   DType dtype = DType::kFloat16;
 };
 
