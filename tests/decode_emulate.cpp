@@ -132,16 +132,19 @@ void run_decode(const DecodeParams& p) {
   decode_grid(p, grid);
   emu::launch(grid, kThreads, DecodeSmem<kD>::kBytes, [&] { decode_kernel<T, kD>(p); });
   if (p.num_splits > 1) {
-    const int64_t g2[3] = {p.b * p.h, 1, 1};
+    const int64_t g2[3] = {p.b * p.h * p.seqlen_q, 1, 1};
     emu::launch(g2, kD, 0, [&] { decode_combine_kernel<T, kD>(p); });
   }
 }
 
 }  // namespace
 
-// ptrs: q, k_cache, v_cache, cache_seqlens, out, lse, out_partial, lse_partial.
-// ints: q_batch, q_head, k_batch, k_row, k_head, v_batch, v_row, v_head, out_batch, out_head
-//       strides, then b, seqlen_k_max, h, h_k, d, num_splits, bf16 (0/1).
+// ptrs: q, k_cache, v_cache, cache_seqlens, out, lse, out_partial, lse_partial, block_table
+//       (null: contiguous cache).
+// ints: q batch/row/head, k batch/row/head, v batch/row/head, out batch/row/head strides
+//       (k/v batch = page stride when paged), then b, seqlen_q, seqlen_k_max, h, h_k, d,
+//       num_splits, bf16 (0/1), seqlens_k_add, window_left, window_right,
+//       block_table_batch_stride, page_size, num_pages.
 // Returns 0, or 1 with the first emulation error printed.
 extern "C" int decode_emulate(void** ptrs, const int64_t* ints, float softmax_scale, int mode) {
   emu::g_mode = mode;
@@ -152,13 +155,16 @@ extern "C" int decode_emulate(void** ptrs, const int64_t* ints, float softmax_sc
   p.cache_seqlens = static_cast<const int32_t*>(ptrs[3]);
   p.out = ptrs[4], p.lse = static_cast<float*>(ptrs[5]);
   p.out_partial = static_cast<float*>(ptrs[6]), p.lse_partial = static_cast<float*>(ptrs[7]);
-  p.q_batch_stride = ints[0], p.q_head_stride = ints[1];
-  p.k_batch_stride = ints[2], p.k_row_stride = ints[3], p.k_head_stride = ints[4];
-  p.v_batch_stride = ints[5], p.v_row_stride = ints[6], p.v_head_stride = ints[7];
-  p.out_batch_stride = ints[8], p.out_head_stride = ints[9];
-  p.b = ints[10], p.seqlen_k_max = ints[11], p.h = ints[12], p.h_k = ints[13], p.d = ints[14];
-  p.num_splits = ints[15];
-  const bool bf16 = ints[16] != 0;
+  p.block_table = static_cast<const int32_t*>(ptrs[8]);
+  p.q_batch_stride = ints[0], p.q_row_stride = ints[1], p.q_head_stride = ints[2];
+  p.k_batch_stride = ints[3], p.k_row_stride = ints[4], p.k_head_stride = ints[5];
+  p.v_batch_stride = ints[6], p.v_row_stride = ints[7], p.v_head_stride = ints[8];
+  p.out_batch_stride = ints[9], p.out_row_stride = ints[10], p.out_head_stride = ints[11];
+  p.b = ints[12], p.seqlen_q = ints[13], p.seqlen_k_max = ints[14], p.h = ints[15], p.h_k = ints[16];
+  p.d = ints[17], p.num_splits = ints[18];
+  const bool bf16 = ints[19] != 0;
+  p.seqlens_k_add = ints[20], p.window_left = ints[21], p.window_right = ints[22];
+  p.block_table_batch_stride = ints[23], p.page_size = ints[24], p.num_pages = ints[25];
   p.dtype = bf16 ? DType::kBFloat16 : DType::kFloat16;
   p.softmax_scale = softmax_scale;
   if (p.d == 64)
@@ -173,9 +179,10 @@ extern "C" int decode_emulate(void** ptrs, const int64_t* ints, float softmax_sc
   return emu::g_error ? 1 : 0;
 }
 
-// ptrs: k_cache, v_cache, k, v, cache_seqlens. ints: the 12 strides in AppendKvParams order
-// (k_cache b/row/head, v_cache ..., k ..., v ...), then b, seqlen_new, seqlen_k_max, h_k, d,
-// element bytes, vector copies (0/1), blocks. Runs append_kv_kernel with 256 threads.
+// ptrs: k_cache, v_cache, k, v, cache_seqlens, block_table (null: contiguous). ints: the 12
+// strides in AppendKvParams order (k_cache b/row/head, v_cache ..., k ..., v ...), then b,
+// seqlen_new, seqlen_k_max, h_k, d, element bytes, vector copies (0/1), blocks,
+// block_table_batch_stride, page_size, num_pages. Runs append_kv_kernel with 256 threads.
 extern "C" int append_kv_emulate(void** ptrs, const int64_t* ints) {
   emu::g_mode = 0;
   emu::g_stack_bytes = kStackBytes;
@@ -188,6 +195,8 @@ extern "C" int append_kv_emulate(void** ptrs, const int64_t* ints) {
   p.k_batch_stride = ints[6], p.k_row_stride = ints[7], p.k_head_stride = ints[8];
   p.v_batch_stride = ints[9], p.v_row_stride = ints[10], p.v_head_stride = ints[11];
   p.b = ints[12], p.seqlen_new = ints[13], p.seqlen_k_max = ints[14], p.h_k = ints[15], p.d = ints[16];
+  p.block_table = static_cast<const int32_t*>(ptrs[5]);
+  p.block_table_batch_stride = ints[20], p.page_size = ints[21], p.num_pages = ints[22];
   const int64_t es = ints[17];
   const bool vec = ints[18] != 0;
   const int64_t grid[3] = {ints[19], 1, 1};

@@ -54,20 +54,38 @@ def _ints(*vals):
     return (ctypes.c_int64 * len(vals))(*vals)
 
 
-def _emulated_decode(emu, q, kc, vc, seqlens, scale, num_splits, mode=0):
-    B, H, D = q.shape
-    S, Hk = kc.shape[1], kc.shape[2]
-    out = torch.full((B, H, D), float("nan"), dtype=q.dtype)
-    lse = torch.full((B, H), float("nan"))
-    op = torch.full((num_splits, B, H, D), float("nan"))
-    lp = torch.full((num_splits, B, H), float("nan"))
+def _emulated_decode(emu, q, kc, vc, seqlens, scale, num_splits, mode=0, block_table=None, seqlens_k_add=0,
+                     window=(-1, -1), out_transposed=False):
+    """Run decode_kernel (+ combine) under the emulator. q (B, H, D) -> out (B, H, D), lse (B, H);
+    q (B, Sq, H, D) -> out (B, Sq, H, D), lse (B, H, Sq). kc/vc: contiguous caches
+    (B, S_max, Hk, D) or, with block_table (B, max_pages) int32, page pools (num_pages,
+    page_size, Hk, D). out_transposed: out is a (B, H, Sq, D) buffer seen as (B, Sq, H, D),
+    so its row and head strides differ from q's."""
+    squeeze = q.dim() == 3
+    q4 = q.unsqueeze(1) if squeeze else q
+    B, Sq, H, D = q4.shape
+    Hk = kc.shape[2]
+    if block_table is None:
+        S, bt_stride, page, npages = kc.shape[1], 0, 0, 0
+    else:
+        page, npages = kc.shape[1], kc.shape[0]
+        S, bt_stride = block_table.shape[1] * page, block_table.stride(0)
+    if out_transposed:
+        out = torch.full((B, H, Sq, D), float("nan"), dtype=q.dtype).transpose(1, 2)
+    else:
+        out = torch.full((B, Sq, H, D), float("nan"), dtype=q.dtype)
+    lse = torch.full((B, H, Sq), float("nan"))
+    op = torch.full((num_splits, B, H, Sq, D), float("nan"))
+    lp = torch.full((num_splits, B, H, Sq), float("nan"))
+    wl, wr = window
     rc = emu.decode_emulate(
-        _ptrs(q, kc, vc, seqlens, out, lse, op, lp),
-        _ints(q.stride(0), q.stride(1), *kc.stride()[:3], *vc.stride()[:3], out.stride(0), out.stride(1),
-              B, S, H, Hk, D, num_splits, int(q.dtype == torch.bfloat16)),
+        _ptrs(q4, kc, vc, seqlens, out, lse, op, lp, block_table),
+        _ints(*q4.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *out.stride()[:3],
+              B, Sq, S, H, Hk, D, num_splits, int(q.dtype == torch.bfloat16), seqlens_k_add, wl, wr,
+              bt_stride, page, npages),
         scale, mode)
     assert rc == 0, "the emulator reported an error (see stderr)"
-    return out, lse
+    return (out[:, 0], lse[:, :, 0]) if squeeze else (out, lse)
 
 
 def _check(q, kc, vc, seqlens, out, lse, scale):
@@ -131,9 +149,9 @@ def test_emulated_append_kv_kernel(emu):
             n = min(Sn, S - start)
             kc_ref[b, start:start + n] = k[b, :n]
             vc_ref[b, start:start + n] = v[b, :n]
-        rc = emu.append_kv_emulate(_ptrs(kc, vc, k, v, seqlens),
+        rc = emu.append_kv_emulate(_ptrs(kc, vc, k, v, seqlens, None),
                                    _ints(*kc.stride()[:3], *vc.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                                         B, Sn, S, Hk, D, es, vec, 2))
+                                         B, Sn, S, Hk, D, es, vec, 2, 0, 0, 0))
         assert rc == 0
         assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), (dtype, vec)
 

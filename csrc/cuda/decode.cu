@@ -1,10 +1,30 @@
-// decode.cu — grouped-KV split-KV decode attention over a KV cache, its split combine, and
-// the in-place cache append (append_kv).
+// decode.cu — grouped-KV split-KV attention over a KV cache (decode_attention and
+// attention_with_kvcache), its split combine, and the in-place cache append (append_kv).
 //
-// What it computes: for every sequence b and query head h (one query token each),
-//   out[b, h] = softmax(scale * q[b, h] . K[b, :len_b, h / G]) V[b, :len_b, h / G]
-// with G = h / h_k and len_b = cache_seqlens[b] (read on the device, clamped to
-// [0, seqlen_k_max]); lse[b, h] in natural log, -inf (with out = 0) when len_b == 0.
+// What it computes (the full spec is the comment above DecodeParams in params.h): for every
+// sequence b, query token i < seqlen_q and query head h,
+//   out[b, i, h] = softmax(scale * q[b, i, h] . K[b, keys(i), h / G]) V[b, keys(i), h / G]
+// with G = h / h_k, len_b = clamp(cache_seqlens[b] + seqlens_k_add, 0, seqlen_k_max) (read on
+// the device), query i at key position pos_i = len_b - seqlen_q + i and keys(i) = the j in
+// [0, len_b) with pos_i - window_left <= j <= pos_i + window_right (-1: unbounded; causal is
+// window_right = 0); lse[b, h, i] in natural log, -inf (with out = 0) for a row with no key.
+// decode_attention is seqlen_q = 1 with no window: one query token over the whole cache.
+// The cache is contiguous (b, seqlen_k_max, h_k, d) or a paged pool (num_pages, page_size,
+// h_k, d) with a block table; every cache row address, read or written, comes from
+// KvLayout::row_offset (kv_cache_layout.h), which clamps page indices into the pool.
+//
+// What changed with paging and multi-query (issue 18):
+//   * Paged: the K/V tile loads and append_kv address rows through KvLayout; a 16-byte
+//     cp.async chunk lies within one row, so any page_size >= 1 works (one page-table read and
+//     one division per loaded row: rows of a tile may sit on different pages).
+//   * Multi-query: per kv head a block serves "rows" r = i * G + g (query i, head kv * G + g),
+//     up to 32 (16 at D = 256) of them, so all seqlen_q tokens of a group share each K/V row
+//     load; ceil(G * seqlen_q / 32) blocks per kv head. For seqlen_q = 1 rows are heads.
+//   * Masking: with a left window no row sees a key before kbeg = pos_0 - window_left, so the
+//     key range (and the split-KV cut) is [kbeg, len), and for seqlen_q = 1 that is the whole
+//     mask. With seqlen_q > 1 and a window the rows' visible ranges are kept in shared memory
+//     and applied per (row, key) as -inf scores, only in 32-key steps that straddle some row's
+//     bound (a warp-uniform test), so unmasked steps run the unchanged loop.
 //
 // Why it is fast. Decode reads the whole cache once per step and does ~2 * G flops per byte,
 // so it is bound by HBM bandwidth whenever the group is small enough, and everything is
@@ -48,7 +68,8 @@
 // CPU); this file holds the launchers and the split heuristic.
 //
 // NOTE: written and compile-checked (sm_80, sm_90a) without access to a GPU; it has never
-// run on one. tests/test_decode_emulated.py runs the kernels' own code on the CPU (fibers for
+// run on one -- neither the original decode kernel nor the paged / multi-query / masking
+// changes. tests/test_decode_emulated.py runs the kernels' own code on the CPU (fibers for
 // threads, host cp.async / shuffles / barriers) against the reference, which checks the
 // indexing, warp roles, pipelining order, masking and merges, but not the CUDA compiler,
 // real asynchrony or speed. The tile size, stage count and split heuristic are first
@@ -80,7 +101,7 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   kernel<<<grid, kThreads, kSmem, stream>>>(p);
   FASTATTN_CUDA_LAUNCH_CHECK();
   if (p.num_splits > 1) {
-    decode_combine_kernel<T, kD><<<static_cast<unsigned>(p.b * p.h), kD, 0, stream>>>(p);
+    decode_combine_kernel<T, kD><<<static_cast<unsigned>(p.b * p.h * p.seqlen_q), kD, 0, stream>>>(p);
     FASTATTN_CUDA_LAUNCH_CHECK();
   }
   return cudaSuccess;
@@ -114,15 +135,30 @@ int64_t decode_cuda_smem_bytes(int64_t d) {
 }
 
 bool decode_cuda_supports_layout(const DecodeParams& p) {
-  const int64_t hpb = heads_per_block_for(static_cast<int>(p.d));
-  const int64_t slices = (p.h / p.h_k + hpb - 1) / hpb;
-  return aligned16(p.k_cache, p.k_batch_stride * 2, p.k_row_stride * 2, p.k_head_stride * 2) &&
-         aligned16(p.v_cache, p.v_batch_stride * 2, p.v_row_stride * 2, p.v_head_stride * 2) &&
-         p.b <= 65535 && p.h_k * slices <= 65535;
+  if (p.h_k < 1 || p.seqlen_q < 1 || p.h % p.h_k != 0) return false;
+  // cp.async copies 16 bytes: the cache bases and every stride (the batch stride is the page
+  // stride of a paged pool) must be 16-byte multiples.
+  if (!aligned16(p.k_cache, p.k_batch_stride * 2, p.k_row_stride * 2, p.k_head_stride * 2) ||
+      !aligned16(p.v_cache, p.v_batch_stride * 2, p.v_row_stride * 2, p.v_head_stride * 2))
+    return false;
+  // Grid limits: grid[1] = h_k * ceil(group * seqlen_q / rows per block) and grid[2] = b are
+  // capped at 65535; the combine runs b * h * seqlen_q blocks in grid x (2^31 - 1). Checked
+  // whatever num_splits is: the binding asks before it picks the split count.
+  int64_t grid[3];
+  decode_grid(p, grid);
+  if (grid[2] > 65535 || grid[1] > 65535 || p.b * p.h * p.seqlen_q > int64_t(0x7fffffff)) return false;
+  // The kernel keeps key offsets within a block's range and the per-row masks in int32.
+  if (p.seqlen_k_max > (int64_t(1) << 30)) return false;
+  // Paged: a table and a non-empty pool (page indices are clamped into [0, num_pages)).
+  if (p.block_table != nullptr && (p.page_size < 1 || p.num_pages < 1)) return false;
+  return true;
 }
 
 int64_t decode_num_splits_cuda(int64_t b, int64_t h, int64_t h_k, int64_t seqlen_k_max, int64_t d, int num_sms) {
   // Shapes and SM count only (never cache_seqlens): a CUDA graph replays the same split.
+  // For attention_with_kvcache the binding passes h = h * seqlen_q, the query rows per
+  // sequence, so h / h_k = group * seqlen_q rows per kv head and `slices` below is
+  // decode_slices(), the kernel's blocks per (batch, kv head).
   // By shared memory one block per SM fits at D = 128 and 256, two at D = 64.
   const int64_t hpb = heads_per_block_for(static_cast<int>(d));
   const int64_t slices = (h / std::max<int64_t>(h_k, 1) + hpb - 1) / hpb;
@@ -134,7 +170,7 @@ cudaError_t decode_attention_cuda(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_splits < 1 || p.num_splits > decode::kMaxSplits || p.h_k < 1 || p.h % p.h_k != 0 ||
       !decode_cuda_supports_layout(p) || (p.num_splits > 1 && (p.out_partial == nullptr || p.lse_partial == nullptr)))
     return cudaErrorInvalidValue;
-  if (p.b == 0 || p.h == 0) return cudaSuccess;
+  if (p.b == 0 || p.h == 0 || p.seqlen_q == 0) return cudaSuccess;
   switch (p.d) {
     case 64: return dispatch_dtype<64>(p, stream);
     case 128: return dispatch_dtype<128>(p, stream);
@@ -144,6 +180,7 @@ cudaError_t decode_attention_cuda(const DecodeParams& p, cudaStream_t stream) {
 }
 
 cudaError_t append_kv_cuda(const AppendKvParams& p, cudaStream_t stream) {
+  if (p.block_table != nullptr && (p.page_size < 1 || p.num_pages < 1)) return cudaErrorInvalidValue;
   if (p.b == 0 || p.seqlen_new == 0 || p.h_k == 0 || p.d == 0) return cudaSuccess;
   const int64_t es = p.dtype == DType::kFloat32 ? 4 : 2;
   const bool vec = aligned16(p.k_cache, es * p.k_cache_batch_stride, es * p.k_cache_row_stride, es * p.k_cache_head_stride) &&

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "fastattn/decode_split.h"
+#include "fastattn/kv_cache_layout.h"
 #include "fastattn/params.h"
 
 #ifndef FASTATTN_DECODE_EMULATE
@@ -89,14 +90,21 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Launch geometry of decode_kernel: (num_splits, h_k * head slices, b), kThreads threads; the
-// combine kernel (when num_splits > 1) runs b * h blocks of kD threads. Host code; shared by
-// decode.cu and the emulator so both launch the same grid.
-inline void decode_grid(const DecodeParams& p, int64_t (&grid)[3]) {
+// Query rows of one kv head: the group's G query heads times seqlen_q query tokens, row
+// i * G + g = (query i, head kvh * G + g). A block takes a slice of heads_per_block_for(d)
+// consecutive rows; the rows of a slice all share the kv head, so every K/V row a block loads
+// serves all of them (for seqlen_q = 1 the rows are exactly the group's heads, as before).
+inline int64_t decode_slices(const DecodeParams& p) {
   const int64_t hpb = heads_per_block_for(static_cast<int>(p.d));
-  const int64_t slices = (p.h / p.h_k + hpb - 1) / hpb;
+  return ((p.h / p.h_k) * p.seqlen_q + hpb - 1) / hpb;
+}
+
+// Launch geometry of decode_kernel: (num_splits, h_k * row slices, b), kThreads threads; the
+// combine kernel (when num_splits > 1) runs b * h * seqlen_q blocks of kD threads. Host code;
+// shared by decode.cu and the emulator so both launch the same grid.
+inline void decode_grid(const DecodeParams& p, int64_t (&grid)[3]) {
   grid[0] = p.num_splits;
-  grid[1] = p.h_k * slices;
+  grid[1] = p.h_k * decode_slices(p);
   grid[2] = p.b;
 }
 
@@ -106,12 +114,16 @@ struct DecodeSmem {
   static constexpr size_t kKV = size_t(2) * kStages * kTileElems * 2;   // bytes, 16-bit
   static constexpr size_t kQ = size_t(heads_per_block_for(kD)) * kD * 4;  // fp32 query rows
   static constexpr size_t kP = size_t(kWarps) * kHeadsPerWarp * 32 * 4;  // per-warp probabilities
-  static constexpr size_t kBytes = kKV + kQ + kP;
+  // Per row: visible keys [lo, hi) relative to the block's first key, int32 (masking only).
+  static constexpr size_t kMask = (size_t(2) * heads_per_block_for(kD) * 4 + 15) / 16 * 16;
+  static constexpr size_t kBytes = kKV + kQ + kP + kMask;
   // The end-of-block merge reuses the K/V area: per warp, 8 heads x (kD outputs + m + l).
   static_assert(size_t(kWarps) * kHeadsPerWarp * (kD + 2) * 4 <= kKV, "merge area must fit");
 };
 
-// grid (num_splits, h_k * head_slices, b), kThreads threads, DecodeSmem<kD>::kBytes bytes.
+// grid (num_splits, h_k * row slices, b), kThreads threads, DecodeSmem<kD>::kBytes bytes.
+// The spec (paged cache, seqlen_q query tokens, key lengths, window masks) is the comment
+// above DecodeParams in params.h.
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams p) {
   constexpr int kBlockN = block_n_for(kD);
@@ -124,15 +136,18 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   T* sV = sK + kStages * DecodeSmem<kD>::kTileElems;
   float* sQ = reinterpret_cast<float*>(smem + DecodeSmem<kD>::kKV);
   float* sP = sQ + kHeadsPerBlock * kD;
+  int* sLo = reinterpret_cast<int*>(sP + kWarps * kHeadsPerWarp * 32);
+  int* sHi = sLo + kHeadsPerBlock;
 
   const int split = blockIdx.x;
   const int64_t b = blockIdx.z;
   const int group = static_cast<int>(p.h / p.h_k);
-  const int slices = (group + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  const int rows = group * static_cast<int>(p.seqlen_q);  // query rows of a kv head (decode_slices)
+  const int slices = (rows + kHeadsPerBlock - 1) / kHeadsPerBlock;
   const int kvh = blockIdx.y / slices;
   const int slice = blockIdx.y % slices;
-  const int head0 = kvh * group + slice * kHeadsPerBlock;  // first query head of this block
-  const int nhb = min(kHeadsPerBlock, group - slice * kHeadsPerBlock);
+  const int row0 = slice * kHeadsPerBlock;  // first row (query i * group + head g) of this block
+  const int nhb = min(kHeadsPerBlock, rows - row0);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
   // Warp roles: hs head slices of <= 8 heads, ks = kWarps / hs warps per head slice.
@@ -141,24 +156,63 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   const int hsl = warp % hs, ksl = warp / hs;
   const int nh = (nhb - hsl + hs - 1) / hs;  // heads of this warp: hsl + hs * i, i < nh
 
-  const int64_t len = min(max(static_cast<int64_t>(p.cache_seqlens[b]), int64_t(0)), p.seqlen_k_max);
+  // Keys [0, len) exist; query i sits at pos_i = len - seqlen_q + i. With a left window no
+  // row sees a key before kbeg = pos_0 - window_left, so the splits cut [kbeg, len) and the
+  // dead keys are never loaded (for seqlen_q = 1 that is exactly the one row's window).
+  const int64_t len = min(max(static_cast<int64_t>(p.cache_seqlens[b]) + p.seqlens_k_add, int64_t(0)), p.seqlen_k_max);
+  const int64_t kbeg = p.window_left >= 0 ? max(len - p.seqlen_q - p.window_left, int64_t(0)) : int64_t(0);
   int64_t begin, end;
-  decode::split_range(len, p.num_splits, split, kBlockN, &begin, &end);
+  decode::split_range(len - kbeg, p.num_splits, split, kBlockN, &begin, &end);
+  begin += kbeg;
+  end += kbeg;
   const int n_tiles = static_cast<int>((end - begin + kBlockN - 1) / kBlockN);
 
-  const T* k_base = static_cast<const T*>(p.k_cache) + b * p.k_batch_stride + kvh * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v_cache) + b * p.v_batch_stride + kvh * p.v_head_stride;
+  // Per-row masks, needed only with several query rows and a window: for one row (seqlen_q =
+  // 1) the right side never cuts (pos = len - 1) and kbeg is the left side. Row r sees the
+  // keys begin + [sLo[r], sHi[r]) (int32: decode_cuda_supports_layout bounds seqlen_k_max).
+  // A 32-key step inside [edge_lo, edge_hi) is visible to every row of the block and skips
+  // the per-row test: bounds grow with the query index, so that is [lo of the last row, hi of
+  // the first row). Without masking the range is everything and no step is an edge step.
+  int edge_lo = 0, edge_hi = 0x7fffffff;
+  if (p.seqlen_q > 1 && (p.window_left >= 0 || p.window_right >= 0)) {
+    const int64_t span = end - begin;
+    auto rel = [&](int64_t key) { return static_cast<int>(min(max(key - begin, int64_t(0)), span)); };
+    auto lo_of = [&](int r) {
+      const int64_t pos = len - p.seqlen_q + r / group;
+      return rel(p.window_left >= 0 ? pos - p.window_left : int64_t(0));
+    };
+    auto hi_of = [&](int r) {
+      const int64_t pos = len - p.seqlen_q + r / group;
+      return rel(p.window_right >= 0 ? min(pos + p.window_right + 1, len) : len);
+    };
+    for (int r = tid; r < nhb; r += kThreads) {
+      sLo[r] = lo_of(row0 + r);
+      sHi[r] = hi_of(row0 + r);
+    }
+    edge_lo = lo_of(row0 + nhb - 1);
+    edge_hi = hi_of(row0);
+  }
+
+  // Every cache row address comes from KvLayout (contiguous or paged; page indices clamped).
+  // K and V share the page table but not their strides. A 16-byte chunk never crosses a row,
+  // so any page size works.
+  const KvLayout k_layout{p.k_batch_stride, p.k_row_stride, p.block_table, p.block_table_batch_stride,
+                          p.page_size, p.num_pages};
+  const KvLayout v_layout{p.v_batch_stride, p.v_row_stride, p.block_table, p.block_table_batch_stride,
+                          p.page_size, p.num_pages};
+  const T* k_base = static_cast<const T*>(p.k_cache) + kvh * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v_cache) + kvh * p.v_head_stride;
 
   auto load_tile = [&](int tile, int stage) {
-    const int64_t row0 = begin + int64_t(tile) * kBlockN;
+    const int64_t key0 = begin + int64_t(tile) * kBlockN;
     T* dk = sK + stage * DecodeSmem<kD>::kTileElems;
     T* dv = sV + stage * DecodeSmem<kD>::kTileElems;
 #pragma unroll
     for (int i = tid; i < kBlockN * kChunks; i += kThreads) {
       const int r = i / kChunks, c = i % kChunks;
-      const bool ok = row0 + r < end;
-      const T* sk = ok ? k_base + (row0 + r) * p.k_row_stride + c * 8 : k_base;
-      const T* sv = ok ? v_base + (row0 + r) * p.v_row_stride + c * 8 : v_base;
+      const bool ok = key0 + r < end;  // and then key0 + r < len: inside the page table
+      const T* sk = ok ? k_base + k_layout.row_offset(b, key0 + r) + c * 8 : k_base;
+      const T* sv = ok ? v_base + v_layout.row_offset(b, key0 + r) + c * 8 : v_base;
       cp_async16(smem_u32(dk + swz<kD>(r, c * 8)), sk, ok);
       cp_async16(smem_u32(dv + swz<kD>(r, c * 8)), sv, ok);
     }
@@ -167,13 +221,16 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   if (n_tiles > 0) load_tile(0, 0);
   cp_async_commit();
 
-  // Query rows of the block, fp32, pre-scaled so the softmax runs on exp2.
+  // Query rows of the block, fp32, pre-scaled so the softmax runs on exp2. Row r is query
+  // r / group of head kvh * group + r % group.
   {
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
     const float qscale = p.softmax_scale * kLog2e;
     for (int i = tid; i < nhb * kD; i += kThreads) {
       const int hb = i / kD, dd = i % kD;
-      sQ[hb * kD + dd] = to_float(q[int64_t(head0 + hb) * p.q_head_stride + dd]) * qscale;
+      const int r = row0 + hb;
+      const int64_t qi = r / group, head = int64_t(kvh) * group + r % group;
+      sQ[hb * kD + dd] = to_float(q[qi * p.q_row_stride + head * p.q_head_stride + dd]) * qscale;
     }
   }
 
@@ -224,6 +281,18 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
             const float4 qb = *reinterpret_cast<const float4*>(qr + 4);
             s[i] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] +
                     qb.x * kf[4] + qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+          }
+        }
+      }
+      // Masked keys (edge steps only; `edge` is warp-uniform) score -inf like keys past `end`.
+      const int rel0 = t * kBlockN + st * 32;
+      if (rel0 < edge_lo || rel0 + 32 > edge_hi) {
+        const int j = rel0 + lane;
+#pragma unroll
+        for (int i = 0; i < kHeadsPerWarp; ++i) {
+          if (i < nh) {
+            const int hb = hsl + hs * i;
+            if (j < sLo[hb] || j >= sHi[hb]) s[i] = -INFINITY;
           }
         }
       }
@@ -324,26 +393,30 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
     const bool any = lsum > 0.f;
     o = any ? o / lsum : 0.f;
     const float lse = any ? (mx + __log2f(lsum)) * kLn2 : -INFINITY;
-    const int64_t head = head0 + hb;
+    const int r = row0 + hb;
+    const int64_t qi = r / group, head = int64_t(kvh) * group + r % group;
     if (p.num_splits == 1) {
-      static_cast<T*>(p.out)[b * p.out_batch_stride + head * p.out_head_stride + dd] = from_float<T>(o);
-      if (dd == 0) p.lse[b * p.h + head] = lse;
+      static_cast<T*>(p.out)[b * p.out_batch_stride + qi * p.out_row_stride + head * p.out_head_stride + dd] =
+          from_float<T>(o);
+      if (dd == 0) p.lse[(b * p.h + head) * p.seqlen_q + qi] = lse;
     } else {
-      const int64_t r = (int64_t(split) * p.b + b) * p.h + head;
-      p.out_partial[r * kD + dd] = o;
-      if (dd == 0) p.lse_partial[r] = lse;
+      const int64_t pr = ((int64_t(split) * p.b + b) * p.h + head) * p.seqlen_q + qi;
+      p.out_partial[pr * kD + dd] = o;
+      if (dd == 0) p.lse_partial[pr] = lse;
     }
   }
 }
 
 // Exact merge of the split partials: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s -
-// lse) out_s. One block of kD threads per (b, h) row, splits in order.
+// lse) out_s. One block of kD threads per (b, head, query i) row, splits in order; rows are
+// numbered as lse: r = (b * h + head) * seqlen_q + i.
 template <typename T, int kD>
 __global__ void __launch_bounds__(kD) decode_combine_kernel(const DecodeParams p) {
-  const int64_t r = blockIdx.x;  // b * h + head
-  const int64_t b = r / p.h, head = r % p.h;
+  const int64_t r = blockIdx.x;
+  const int64_t qi = r % p.seqlen_q, bh = r / p.seqlen_q;
+  const int64_t b = bh / p.h, head = bh % p.h;
   const int dd = threadIdx.x;
-  const int64_t rows = p.b * p.h;
+  const int64_t rows = p.b * p.h * p.seqlen_q;
   float mx = -INFINITY;
   for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.lse_partial[s * rows + r]);
   float sum = 0.f, o = 0.f;
@@ -357,13 +430,19 @@ __global__ void __launch_bounds__(kD) decode_combine_kernel(const DecodeParams p
     }
   }
   const bool any = sum > 0.f;
-  static_cast<T*>(p.out)[b * p.out_batch_stride + head * p.out_head_stride + dd] = from_float<T>(any ? o / sum : 0.f);
+  static_cast<T*>(p.out)[b * p.out_batch_stride + qi * p.out_row_stride + head * p.out_head_stride + dd] =
+      from_float<T>(any ? o / sum : 0.f);
   if (dd == 0) p.lse[r] = any ? mx + __logf(sum) : -INFINITY;
 }
 
-// append_kv: one VecT (16 bytes, or one element) per thread iteration, grid-stride.
+// append_kv: one VecT (16 bytes, or one element) per thread iteration, grid-stride. The
+// destination row comes from KvLayout (contiguous or paged, page indices clamped).
 template <typename VecT>
 __global__ void append_kv_kernel(const AppendKvParams p, const int64_t elem_bytes) {
+  const KvLayout kc{p.k_cache_batch_stride, p.k_cache_row_stride, p.block_table, p.block_table_batch_stride,
+                    p.page_size, p.num_pages};
+  const KvLayout vc{p.v_cache_batch_stride, p.v_cache_row_stride, p.block_table, p.block_table_batch_stride,
+                    p.page_size, p.num_pages};
   const int64_t vec_elems = int64_t(sizeof(VecT)) / elem_bytes;
   const int64_t row_vecs = p.d / vec_elems;
   const int64_t total = p.b * p.seqlen_new * p.h_k * row_vecs;
@@ -382,10 +461,8 @@ __global__ void append_kv_kernel(const AppendKvParams p, const int64_t elem_byte
                      elem_bytes * (b * p.k_batch_stride + i * p.k_row_stride + hk * p.k_head_stride + col);
     const char* vs = static_cast<const char*>(p.v) +
                      elem_bytes * (b * p.v_batch_stride + i * p.v_row_stride + hk * p.v_head_stride + col);
-    char* kd = static_cast<char*>(p.k_cache) +
-               elem_bytes * (b * p.k_cache_batch_stride + pos * p.k_cache_row_stride + hk * p.k_cache_head_stride + col);
-    char* vd = static_cast<char*>(p.v_cache) +
-               elem_bytes * (b * p.v_cache_batch_stride + pos * p.v_cache_row_stride + hk * p.v_cache_head_stride + col);
+    char* kd = static_cast<char*>(p.k_cache) + elem_bytes * (kc.row_offset(b, pos) + hk * p.k_cache_head_stride + col);
+    char* vd = static_cast<char*>(p.v_cache) + elem_bytes * (vc.row_offset(b, pos) + hk * p.v_cache_head_stride + col);
     *reinterpret_cast<VecT*>(kd) = *reinterpret_cast<const VecT*>(ks);
     *reinterpret_cast<VecT*>(vd) = *reinterpret_cast<const VecT*>(vs);
   }
