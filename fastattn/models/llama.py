@@ -19,6 +19,17 @@ Backends (same weights, same outputs within rounding):
 KV cache: preallocated for (batch, max length) per layer; ``cache_seqlens`` (B,) int32 holds
 each sequence's valid length, so one batch can hold prompts of different lengths.
 
+Paged KV cache (``generate(..., cache="paged", page_size=16)``): per layer a pool of pages
+(num_pages, page_size, Hk, D) for K and one for V, and a ``block_table`` (B, max_pages) int32:
+token t of sequence b lives at ``pool[block_table[b, t // page_size], t % page_size]``. Pages
+come from a free list on the host, one when a sequence's length crosses a page boundary, before
+the step's kernels run (the host knows the prompt lengths and the step count: no device sync).
+A ragged batch so holds sum_b ceil(len_b / page_size) pages instead of B * max_len rows. Page 0
+is the null page: it is never handed out, every unused block_table entry points at it, and the
+pad rows of a right-padded prompt that fall outside the sequence's own pages land there (dead
+data, as the contiguous cache's pad rows are). The attention code is the same for both caches;
+the paged one only passes its block_table to the append and decode calls.
+
 Ragged batches: prompts are LEFT-aligned (right-padded) and their lengths are given as
 ``prompt_lengths`` or an ``attention_mask`` of ones then zeros. Prefill runs causal attention
 over the whole padded block: with right padding, causality alone keeps every real token from
@@ -51,9 +62,10 @@ import fastattn
 from fastattn import reference
 from fastattn.nn.rotary import rotary_inv_freq
 
-__all__ = ["LlamaConfig", "Llama", "KVCache", "rope_tables", "sample_next_token"]
+__all__ = ["LlamaConfig", "Llama", "KVCache", "PagedKVCache", "rope_tables", "sample_next_token"]
 
 BACKENDS = ("fastattn", "torch")
+CACHES = ("contiguous", "paged")
 
 # Hugging Face model types this file reproduces exactly (same block, same names).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -195,22 +207,39 @@ def _causal_attention(backend: str, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return reference.attention(q, k, v, causal=True)
 
 
-def _append_kv(backend: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, write_at: Tensor) -> None:
+def _append_kv(backend: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, write_at: Tensor,
+               block_table: Optional[Tensor] = None) -> None:
     if backend == "fastattn":
-        fastattn.append_kv(k_cache, v_cache, k, v, write_at)
+        if block_table is None:
+            fastattn.append_kv(k_cache, v_cache, k, v, write_at)
+        else:
+            fastattn.append_kv(k_cache, v_cache, k, v, write_at, block_table=block_table)
         return
-    # rows [write_at[b], write_at[b] + Sn) of sequence b
+    # rows [write_at[b], write_at[b] + Sn) of sequence b; on a paged cache, row t of sequence
+    # b is slot t % page_size of page block_table[b, t // page_size] (reference.paged_rows)
     B, Sn = k.shape[0], k.shape[1]
     rows = write_at.long().view(B, 1) + torch.arange(Sn, device=k.device).view(1, Sn)  # (B, Sn)
     batch = torch.arange(B, device=k.device).view(B, 1).expand(B, Sn)
+    if block_table is not None:
+        page_size = k_cache.shape[1]
+        batch, rows = block_table[batch, rows // page_size].long(), rows % page_size  # (page, slot)
     k_cache[batch, rows] = k
     v_cache[batch, rows] = v
 
 
-def _decode_attention(backend: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) -> Tensor:
+def _decode_attention(backend: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
+                      block_table: Optional[Tensor] = None) -> Tensor:
     if backend == "fastattn":
-        return fastattn.decode_attention(q, k_cache, v_cache, lengths)
-    return reference.decode_attention(q, k_cache, v_cache, lengths)
+        if block_table is None:
+            return fastattn.decode_attention(q, k_cache, v_cache, lengths)
+        return fastattn.decode_attention(q, k_cache, v_cache, lengths, block_table=block_table)
+    return reference.decode_attention(q, k_cache, v_cache, lengths, block_table=block_table)
+
+
+def paged_kernels_available() -> bool:
+    """Whether this fastattn build has the paged-cache kernels (append_kv / decode_attention
+    with block_table, attention_with_kvcache)."""
+    return hasattr(fastattn, "attention_with_kvcache")
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,6 +250,8 @@ class KVCache:
 
     k, v: (num_layers, B, max_len, Hk, D); seqlens: (B,) int32 on the cache's device.
     """
+
+    block_table = None  # contiguous: row t of sequence b is k[layer, b, t]; see PagedKVCache
 
     def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device):
@@ -237,8 +268,133 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    @property
+    def bytes_total(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
     def reset(self) -> None:
         self.seqlens.zero_()
+
+    def grow(self, num_new: int) -> None:
+        """Nothing to do: every sequence owns max_len rows from the start (see
+        ``PagedKVCache.grow``)."""
+
+
+class PagedKVCache:
+    """Paged K/V storage: pages of ``page_size`` tokens handed out to sequences on demand.
+
+    k, v: (num_layers, num_pages, page_size, Hk, D), so ``k[layer]`` is one layer's pool;
+    block_table: (B, max_pages_per_seq) int32, token t of sequence b at
+    ``k[layer, block_table[b, t // page_size], t % page_size]``; seqlens: (B,) int32.
+    All on the cache's device.
+
+    The allocator lives on the host: a free list of page ids and each sequence's pages, plus
+    ``host_seqlens``, the lengths the host has made room for. ``start`` / ``grow`` give a
+    sequence a page exactly when its length crosses a page boundary, and write the new
+    block_table entries in place (a scalar fill each: no host sync, CUDA-graph safe, since the
+    table is never reallocated). Page 0 is the null page: never handed out; every unused
+    block_table entry points at it, so stray writes (the pad rows of a right-padded prefill)
+    land there and are never read.
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_pages: int, page_size: int, max_pages_per_seq: int,
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (page 0 is the null page), got {num_pages}")
+        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_table = torch.zeros(batch, max_pages_per_seq, dtype=torch.int32, device=device)
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.reset()
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_table.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def num_pages(self) -> int:
+        """Pages in the pool, the null page included."""
+        return self.k.shape[1]
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return self.block_table.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        """The most tokens one sequence can address."""
+        return self.max_pages_per_seq * self.page_size
+
+    @property
+    def num_pages_used(self) -> int:
+        """Pages held by sequences now: sum over b of ceil(host_seqlens[b] / page_size)."""
+        return sum(len(p) for p in self.pages)
+
+    @property
+    def num_pages_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page, K and V of every layer."""
+        return 2 * self.k[:, 0].numel() * self.k.element_size()
+
+    @property
+    def bytes_used(self) -> int:
+        return self.num_pages_used * self.page_bytes
+
+    @property
+    def bytes_total(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    def reset(self) -> None:
+        """Every page back on the free list, every sequence empty."""
+        self._free: List[int] = list(range(self.num_pages - 1, 0, -1))  # pop() hands out 1, 2, ...
+        self.pages: List[List[int]] = [[] for _ in range(self.batch_size)]
+        self.host_seqlens: List[int] = [0] * self.batch_size
+        self.block_table.zero_()
+        self.seqlens.zero_()
+
+    def reserve(self, lengths: Sequence[int]) -> None:
+        """Give sequence b pages for lengths[b] tokens (host side; pages it holds are kept).
+        Does not change host_seqlens or seqlens."""
+        p = self.page_size
+        for b, n in enumerate(lengths):
+            need = -(-int(n) // p)
+            if need > self.max_pages_per_seq:
+                raise ValueError(f"paged KV cache: sequence {b} would hold {n} tokens, more than its "
+                                 f"{self.max_pages_per_seq} pages of {p} ({self.max_len} tokens)")
+            held = self.pages[b]
+            while len(held) < need:
+                if not self._free:
+                    raise RuntimeError(
+                        f"paged KV cache: out of pages ({self.num_pages - 1} pages of {p} tokens, all "
+                        f"held) giving sequence {b} room for {n} tokens; size the pool with "
+                        f"setup_cache(..., max_lengths=) covering every sequence's final length")
+                page = self._free.pop()
+                self.block_table[b, len(held)] = page  # in place: a CUDA graph keeps reading it
+                held.append(page)
+
+    def grow(self, num_new: int) -> None:
+        """Make room for num_new more tokens in every sequence (before the step's kernels
+        run) and count them in host_seqlens."""
+        self.start([n + num_new for n in self.host_seqlens])
+
+    def start(self, lengths: Sequence[int]) -> None:
+        """Make room for lengths[b] tokens in sequence b and set host_seqlens (prefill:
+        the prompt lengths, after ``reset``). seqlens on the device is the model's to set."""
+        lengths = [int(n) for n in lengths]
+        if len(lengths) != self.batch_size:
+            raise ValueError(f"paged KV cache: {len(lengths)} lengths for a batch of {self.batch_size}")
+        self.reserve(lengths)
+        self.host_seqlens = lengths
 
 
 class _Step(NamedTuple):
@@ -248,7 +404,7 @@ class _Step(NamedTuple):
     cos: Tensor  # (max_pos, D/2) fp32
     sin: Tensor
     positions: Optional[Tensor]  # (B, S) integer, None = arange(S)
-    cache: Optional[KVCache]  # None: no cache (plain forward / training)
+    cache: Union[KVCache, PagedKVCache, None]  # None: no cache (plain forward / training)
     decode: bool  # one new token per sequence, attending to the cache
     write_at: Optional[Tensor]  # (B,) int32: cache row of each sequence's first new token
     attend_len: Optional[Tensor]  # (B,) int32: valid cache rows once the new tokens are in
@@ -289,10 +445,12 @@ class Attention(nn.Module):
         if step.cache is None:  # plain forward / training: causal attention over this block
             out = _causal_attention(step.backend, q, k, v)
         else:
-            k_cache, v_cache = step.cache.k[layer], step.cache.v[layer]  # (B, S_max, Hk, D)
-            _append_kv(step.backend, k_cache, v_cache, k, v, step.write_at)
+            # (B, S_max, Hk, D), or page pools (num_pages, page_size, Hk, D) with a block table
+            k_cache, v_cache = step.cache.k[layer], step.cache.v[layer]
+            table = step.cache.block_table  # None for the contiguous cache
+            _append_kv(step.backend, k_cache, v_cache, k, v, step.write_at, table)
             if step.decode:  # one query per sequence against its valid cache rows
-                out = _decode_attention(step.backend, q, k_cache, v_cache, step.attend_len)
+                out = _decode_attention(step.backend, q, k_cache, v_cache, step.attend_len, table)
             else:  # prefill into an empty cache: the prompt attends to itself, causally
                 out = _causal_attention(step.backend, q, k, v)
         return self.wo(out.reshape(B, S, H * D))  # (B, S, hidden)
@@ -349,7 +507,7 @@ class Llama(nn.Module):
         self.norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._rope: Dict[str, Tuple[Tensor, Tensor]] = {}
-        self.cache: Optional[KVCache] = None
+        self.cache: Union[KVCache, PagedKVCache, None] = None
         self.reset_parameters()
         self._tie_weights()
 
@@ -421,27 +579,66 @@ class Llama(nn.Module):
         return self.output(self._hidden(input_ids, self._step(input_ids.device)))
 
     # -- KV-cache inference -------------------------------------------------------------
-    def setup_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """Preallocate (or reuse, if it fits) the static KV cache for (batch_size, max_len)."""
+    def setup_cache(self, batch_size: int, max_len: int, *, cache: str = "contiguous", page_size: int = 16,
+                    max_lengths: Optional[Sequence[int]] = None) -> Union[KVCache, PagedKVCache]:
+        """Preallocate (or reuse, if it fits) the KV cache for batch_size sequences of up to
+        max_len positions (a prefill of S padded positions needs max_len >= S).
+
+        cache="contiguous": a static (batch_size, max_len) cache per layer.
+        cache="paged": a pool of pages of page_size tokens. max_lengths (B,), default max_len
+        each, is the most tokens sequence b will ever hold; the pool has
+        1 + sum_b ceil(max_lengths[b] / page_size) pages (page 0 is the null page), so it
+        never runs out, and the block table ceil(max_len / page_size) columns."""
         c = self.config
+        if cache not in CACHES:
+            raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
         if max_len > c.max_position_embeddings:
             raise ValueError(
                 f"max_len {max_len} exceeds max_position_embeddings {c.max_position_embeddings}"
             )
-        cache = self.cache
-        if (cache is None or cache.batch_size != batch_size or cache.max_len < max_len
-                or cache.k.dtype != self.dtype or cache.k.device != self.device):
-            cache = KVCache(c.num_hidden_layers, batch_size, max_len, c.num_key_value_heads, c.head_dim,
-                            self.dtype, self.device)
-            self.cache = cache
-        cache.reset()
-        return cache
+        if cache == "paged":
+            return self._setup_paged_cache(batch_size, max_len, page_size, max_lengths)
+        kv = self.cache
+        if (not isinstance(kv, KVCache) or kv.batch_size != batch_size or kv.max_len < max_len
+                or kv.k.dtype != self.dtype or kv.k.device != self.device):
+            kv = KVCache(c.num_hidden_layers, batch_size, max_len, c.num_key_value_heads, c.head_dim,
+                         self.dtype, self.device)
+            self.cache = kv
+        kv.reset()
+        return kv
+
+    def _setup_paged_cache(self, batch_size: int, max_len: int, page_size, max_lengths) -> PagedKVCache:
+        c = self.config
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+        if self.backend == "fastattn" and not paged_kernels_available():
+            raise NotImplementedError(
+                "cache='paged' on the fastattn backend needs fastattn's paged-cache kernels (append_kv / "
+                "decode_attention with block_table), which this build lacks; use backend='torch' or "
+                "cache='contiguous'")
+        max_lengths = [max_len] * batch_size if max_lengths is None else [int(n) for n in max_lengths]
+        if len(max_lengths) != batch_size or not all(0 <= n <= max_len for n in max_lengths):
+            raise ValueError(f"max_lengths must hold {batch_size} lengths in [0, {max_len}], got {max_lengths}")
+        num_pages = 1 + sum(-(-n // page_size) for n in max_lengths)  # + the null page
+        width = -(-max_len // page_size)
+        kv = self.cache
+        if (not isinstance(kv, PagedKVCache) or kv.batch_size != batch_size or kv.page_size != page_size
+                or kv.num_pages < num_pages or kv.max_pages_per_seq < width
+                or kv.k.dtype != self.dtype or kv.k.device != self.device):
+            kv = PagedKVCache(c.num_hidden_layers, batch_size, num_pages, page_size, width, c.num_key_value_heads,
+                              c.head_dim, self.dtype, self.device)
+            self.cache = kv
+        kv.reset()
+        return kv
 
     @torch.no_grad()
     def prefill(self, input_ids: Tensor, prompt_lengths: Optional[Tensor] = None) -> Tensor:
         """Run the prompts (B, S), right-padded, into the empty cache (``setup_cache`` first).
         prompt_lengths (B,) gives each prompt's real length (default S). Returns the logits
-        of each prompt's last real token, (B, vocab)."""
+        of each prompt's last real token, (B, vocab).
+
+        All S rows are appended; on a paged cache the pad rows past a sequence's own pages go
+        to the null page."""
         cache = self.cache
         B, S = input_ids.shape
         if cache is None or cache.batch_size != B or cache.max_len < S:
@@ -449,6 +646,8 @@ class Llama(nn.Module):
         if prompt_lengths is None:
             prompt_lengths = torch.full((B,), S, dtype=torch.int32, device=input_ids.device)
         cache.reset()
+        if cache.block_table is not None:  # paged: pages for each prompt's real tokens, first
+            cache.start(prompt_lengths.tolist())
         step = self._step(input_ids.device, cache=cache, write_at=cache.seqlens)
         y = self._hidden(input_ids, step)  # (B, S, hidden)
         cache.seqlens.copy_(prompt_lengths)  # pad rows beyond each length are dead
@@ -459,6 +658,11 @@ class Llama(nn.Module):
     def decode_step(self, tokens: Tensor) -> Tensor:
         """One new token per sequence, tokens (B,), at position cache.seqlens[b]; appends its
         K/V to the cache and returns the next-token logits (B, vocab)."""
+        self.cache.grow(1)  # paged: a new page for each sequence that crosses a page boundary
+        return self._decode(tokens)
+
+    def _decode(self, tokens: Tensor) -> Tensor:
+        """decode_step's device work (what a CUDA graph records): no host-side allocation."""
         cache = self.cache
         B = tokens.shape[0]
         positions = cache.seqlens.view(B, 1)  # each sequence decodes at its own position
@@ -479,7 +683,11 @@ class Llama(nn.Module):
         The graph is bound to this cache (call again after ``setup_cache`` allocates a new
         one) and needs room for one more row per sequence. The returned logits tensor is
         overwritten by the next replay. Warm-up steps write scratch K/V into each sequence's
-        next row only, which the real step overwrites; cache lengths are restored."""
+        next row only, which the real step overwrites; cache lengths are restored.
+
+        On a paged cache the block table is read in place by every replay: ``step`` first
+        gives each sequence crossing a page boundary its new page (host side, from the free
+        list, as ``decode_step`` does), then replays."""
         cache = self.cache
         if cache is None:
             raise ValueError("call setup_cache (and prefill) before capture_decode_step")
@@ -487,20 +695,23 @@ class Llama(nn.Module):
             raise ValueError(f"capture_decode_step needs the model on a CUDA device, not {cache.k.device}")
         tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.k.device)
         saved = cache.seqlens.clone()
+        if cache.block_table is not None:  # the warm-up rows' pages (the next step's anyway)
+            cache.reserve([n + 1 for n in cache.host_seqlens])
         # CUDA graphs want the first runs (allocator, lazy init) on a side stream.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                self.decode_step(tokens)
+                self._decode(tokens)
                 cache.seqlens.copy_(saved)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.decode_step(tokens)  # recorded, not run: lengths stay as saved
+            logits = self._decode(tokens)  # recorded, not run: lengths stay as saved
         cache.seqlens.copy_(saved)
 
         def step(new_tokens: Tensor) -> Tensor:
+            cache.grow(1)
             tokens.copy_(new_tokens)
             graph.replay()
             return logits
@@ -523,6 +734,8 @@ class Llama(nn.Module):
         pad_token_id: Optional[int] = None,
         progress: bool = False,
         cuda_graph: bool = False,
+        cache: str = "contiguous",
+        page_size: int = 16,
     ) -> Tensor:
         """Prefill + KV-cache decode. Greedy at temperature 0, else temperature / top-k /
         top-p sampling (``generator`` makes it reproducible).
@@ -534,6 +747,12 @@ class Llama(nn.Module):
         first eos id, else 0). A sequence stops after emitting an eos id; generation stops
         when all have. ``cuda_graph=True`` (CUDA only) replays each decode step from a CUDA
         graph (see ``capture_decode_step``).
+
+        ``cache="paged"`` keeps K/V in pages of ``page_size`` tokens (``PagedKVCache``): only
+        each prompt's real tokens and its new ones take pages, and the pool holds
+        sum_b ceil((prompt_lengths[b] + max_new_tokens) / page_size) of them (plus the null
+        page). Same tokens as the default ``cache="contiguous"``; ``self.cache`` reports the
+        pages used afterwards.
         """
         _check_ids(input_ids, self.config, None)
         B, S = input_ids.shape
@@ -541,6 +760,10 @@ class Llama(nn.Module):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         _check_sampling(temperature, top_k, top_p)
+        if cache not in CACHES:
+            raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
         eos = _eos_list(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         device = input_ids.device
@@ -550,7 +773,10 @@ class Llama(nn.Module):
         out[:, :S] = torch.where(real, input_ids.long(), pad)
         if max_new_tokens == 0:
             return out[:, :S]
-        self.setup_cache(B, S + max_new_tokens)
+        max_lengths = None
+        if cache == "paged":  # what each sequence can hold by the end: its pool share
+            max_lengths = [n + max_new_tokens for n in lengths.tolist()]
+        self.setup_cache(B, S + max_new_tokens, cache=cache, page_size=page_size, max_lengths=max_lengths)
         logits = self.prefill(input_ids, lengths)  # (B, vocab)
         decode = self.capture_decode_step() if cuda_graph and max_new_tokens > 1 else self.decode_step
         eos_t = torch.tensor(eos, device=device) if eos else None
