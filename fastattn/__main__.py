@@ -444,6 +444,12 @@ def cmd_generate(args) -> None:
     import torch
 
     device = _resolve_device(args.device)
+    if args.cache == "paged" and args.backend == "fastattn":
+        from fastattn.models.llama import paged_kernels_available
+
+        if not paged_kernels_available():
+            raise UsageError("--cache paged: this fastattn build has no paged-cache kernels for --backend fastattn; "
+                             "use --backend torch (or --cache contiguous)")
     config = _model_config(args.model)
     eos = _eos_ids(args.model, config)
     tokenizer = _load_tokenizer(args.model)
@@ -460,7 +466,8 @@ def cmd_generate(args) -> None:
     _sync(device)
     t0 = time.perf_counter()
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         generator=generator, eos_token_id=eos, progress=_stderr_is_tty())
+                         generator=generator, eos_token_id=eos, progress=_stderr_is_tty(), cache=args.cache,
+                         page_size=args.page_size)
     _sync(device)
     dt = time.perf_counter() - t0
     new = out[0, len(prompt_ids):].tolist()
@@ -469,7 +476,10 @@ def cmd_generate(args) -> None:
         print(tokenizer.decode(prompt_ids + new, skip_special_tokens=True))
     else:
         print(" ".join(str(t) for t in prompt_ids + new))
-    print(f"[{len(new)} new tokens in {dt:.2f} s, {len(new) / dt:.1f} tokens/s, backend {args.backend}, {device}]",
+    kv = ""
+    if args.cache == "paged" and model.cache is not None:
+        kv = f", paged KV cache: {model.cache.num_pages_used} pages of {args.page_size} tokens"
+    print(f"[{len(new)} new tokens in {dt:.2f} s, {len(new) / dt:.1f} tokens/s, backend {args.backend}, {device}{kv}]",
           file=sys.stderr)
 
 
@@ -684,6 +694,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto = the checkpoint's dtype")
+    p.add_argument("--cache", choices=["contiguous", "paged"], default="contiguous",
+                   help="KV cache layout: contiguous (default, one (max length) block per sequence) or paged "
+                        "(pages of --page-size tokens handed out as sequences grow); same tokens either way")
+    p.add_argument("--page-size", type=_int_in(1), default=16, metavar="N",
+                   help="tokens per page of the paged cache (default 16; used with --cache paged)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("bench", help="run the benchmark suites (or --report a results file), print a table",
                        description="Run fastattn's benchmark suites against their peers (pytest-benchmark),\n"
