@@ -381,22 +381,35 @@ torch.library.register_autograd(
 # giving no gradient); append_kv only mutates. Its Autograd and ADInplaceOrView kernels are
 # in C++ (csrc/bindings/decode.cpp, as rotary_'s in rotary.cpp): they refuse arguments that
 # require grad while grad mode is on and bump the caches' version counters.
-def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits):
-    return _ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits)
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, block_table=None):
+    return _ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, block_table)
 
 
-def append_kv(k_cache, v_cache, k, v, cache_seqlens):
-    _ops.append_kv(k_cache, v_cache, k, v, cache_seqlens)
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left,
+                           window_right, seqlens_k_add, num_splits):
+    return _ops.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale,
+                                       window_left, window_right, seqlens_k_add, num_splits)
+
+
+def append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=None):
+    _ops.append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table)
 
 
 @torch.library.register_fake("fastattn::decode_attention")
-def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits):
+def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, block_table=None):
     b, h = q.shape[0], q.shape[-2]
     return q.new_empty(q.shape), q.new_empty((b, h), dtype=torch.float32)
 
 
+@torch.library.register_fake("fastattn::attention_with_kvcache")
+def _attention_with_kvcache_fake(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left,
+                                 window_right, seqlens_k_add, num_splits):
+    b, sq, h = q.shape[0], q.shape[1], q.shape[2]
+    return q.new_empty(q.shape), q.new_empty((b, h, sq), dtype=torch.float32)
+
+
 @torch.library.register_fake("fastattn::append_kv")
-def _append_kv_fake(k_cache, v_cache, k, v, cache_seqlens):
+def _append_kv_fake(k_cache, v_cache, k, v, cache_seqlens, block_table=None):
     return None
 
 
@@ -408,6 +421,13 @@ def _decode_attention_backward(ctx, dout, dlse):
     raise RuntimeError("fastattn.decode_attention is not differentiable")
 
 
+def _attention_with_kvcache_backward(ctx, dout, dlse):
+    raise RuntimeError("fastattn.attention_with_kvcache is not differentiable")
+
+
 torch.library.register_autograd(
     "fastattn::decode_attention", _decode_attention_backward, setup_context=_decode_attention_setup
+)
+torch.library.register_autograd(
+    "fastattn::attention_with_kvcache", _attention_with_kvcache_backward, setup_context=_decode_attention_setup
 )

@@ -1,6 +1,11 @@
 // decode.cpp — tensors -> DecodeParams / AppendKvParams, validation, split-KV scratch and
 // device dispatch for decode_attention and append_kv.
 //
+// Paged caches: with block_table, k_cache/v_cache are page pools (num_pages, page_size, Hk,
+// D). On the CPU every page index a call uses is checked against the pool (the host reads
+// the table); on CUDA the table is never read on the host and the kernels clamp indices
+// into the pool (memory safe; a wrong index reads or overwrites another page).
+//
 // Graph safety: decode never reads cache_seqlens on the host on CUDA (num_splits = 0 is
 // chosen from the shapes and the SM count; the kernel clamps the lengths to [0, S_max]).
 // append_kv's capacity check needs the values of cache_seqlens: on the CPU it is always
@@ -19,6 +24,8 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
+#include <vector>
 
 #include "common.h"
 #include "fastattn/api.h"
@@ -38,13 +45,16 @@ void check_seqlens(const at::Tensor& cache_seqlens, const at::Tensor& ref, int64
                cache_seqlens.sizes());
 }
 
-// Both caches (B, S_max, Hk, D), same shape, dtype and device, last dim contiguous.
-void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, const char* op) {
+// Both caches: (B, S_max, Hk, D), or page pools (num_pages, page_size, Hk, D) when paged;
+// same shape, dtype and device, last dim contiguous.
+void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, bool paged, const char* op) {
   check_device_supported(k_cache, "k_cache");
   check_float_dtype(k_cache, "k_cache");
   check_same_device(v_cache, k_cache, "v_cache", "k_cache");
   check_same_dtype(v_cache, k_cache, "v_cache", "k_cache");
-  FA_CHECK_ARG(k_cache.dim() == 4, "fastattn.", op, ": k_cache must be 4-D (B, S_max, Hk, D), got shape ",
+  const char* shape = paged ? "(num_pages, page_size, Hk, D) (a page pool, as block_table is given)"
+                            : "(B, S_max, Hk, D)";
+  FA_CHECK_ARG(k_cache.dim() == 4, "fastattn.", op, ": k_cache must be 4-D ", shape, ", got shape ",
                k_cache.sizes());
   FA_CHECK_ARG(v_cache.sizes() == k_cache.sizes(), "fastattn.", op, ": v_cache must have k_cache's shape ",
                k_cache.sizes(), ", got ", v_cache.sizes());
@@ -52,6 +62,38 @@ void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, const ch
   check_last_dim_contiguous(v_cache, "v_cache");
   FA_CHECK_ARG(k_cache.size(2) > 0 && k_cache.size(3) > 0, "fastattn.", op,
                ": k_cache must have Hk > 0 and D > 0, got shape ", k_cache.sizes());
+  if (paged)
+    FA_CHECK_ARG(k_cache.size(1) > 0, "fastattn.", op, ": the page size (k_cache.shape[1]) must be >= 1, got shape ",
+                 k_cache.sizes());
+}
+
+// block_table (B, max_pages_per_seq) int32 on the caches' device; returned with a unit
+// stride along the pages (a copy only when the caller's has another).
+at::Tensor check_block_table(const at::Tensor& block_table, const at::Tensor& k_cache, int64_t b, const char* op) {
+  FA_CHECK_ARG(block_table.scalar_type() == at::kInt, "fastattn.", op, ": block_table must be int32, got ",
+               block_table.scalar_type());
+  FA_CHECK_ARG(block_table.device() == k_cache.device(), "fastattn.", op, ": block_table is on ",
+               block_table.device(), " but must be on ", k_cache.device(), " with the caches");
+  FA_CHECK_ARG(block_table.dim() == 2 && block_table.size(0) == b, "fastattn.", op,
+               ": block_table must have shape (", b, ", max_pages_per_seq) (one row of page indices per "
+               "sequence), got ", block_table.sizes());
+  return block_table.size(1) > 1 && block_table.stride(1) != 1 ? block_table.contiguous() : block_table;
+}
+
+// CPU only (the host may read everything there): every page a sequence uses for its tokens
+// [first[b], last[b]) must be an index into the pool.
+void check_pages_cpu(const at::Tensor& block_table, int64_t page_size, int64_t num_pages,
+                     const std::vector<int64_t>& first, const std::vector<int64_t>& last, const char* op) {
+  const auto bt = block_table.accessor<int32_t, 2>();
+  for (int64_t b = 0; b < static_cast<int64_t>(first.size()); ++b) {
+    if (last[b] <= first[b]) continue;
+    for (int64_t j = first[b] / page_size; j <= (last[b] - 1) / page_size; ++j) {
+      const int64_t page = bt[b][j];
+      FA_CHECK_ARG(page >= 0 && page < num_pages, "fastattn.", op, ": block_table[", b, ", ", j, "] = ", page,
+                   " is not a page of the pool (num_pages = ", num_pages, "); sequence ", b, " uses its tokens [",
+                   first[b], ", ", last[b], ") there");
+    }
+  }
 }
 
 bool is_capturing(const at::Tensor& t) {
@@ -66,147 +108,206 @@ bool is_capturing(const at::Tensor& t) {
   return false;
 }
 
-}  // namespace
+void set_paging(DecodeParams* p, const std::optional<at::Tensor>& bt, const at::Tensor& pool) {
+  if (!bt.has_value()) return;
+  p->block_table = bt->data_ptr<int32_t>();
+  p->block_table_batch_stride = bt->stride(0);
+  p->page_size = pool.size(1);
+  p->num_pages = pool.size(0);
+}
 
-std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                                                    const at::Tensor& v_cache,
-                                                    const at::Tensor& cache_seqlens,
-                                                    std::optional<double> softmax_scale,
-                                                    int64_t num_splits) {
-  check_caches(k_cache, v_cache, "decode_attention");
-  check_device_supported(q, "q");
-  check_same_device(q, k_cache, "q", "k_cache");
-  check_float_dtype(q, "q", /*allow_fp32_cuda=*/false);
-  check_same_dtype(k_cache, q, "k_cache", "q");
-  FA_CHECK_ARG(q.dim() == 3 || (q.dim() == 4 && q.size(1) == 1),
-               "fastattn.decode_attention: q must be (B, H, D) or (B, 1, H, D), got shape ", q.sizes());
-  check_last_dim_contiguous(q, "q");
-  const at::Tensor q3 = q.dim() == 4 ? q.select(1, 0) : q;
-  const int64_t b = q3.size(0), h = q3.size(1), d = q3.size(2);
-  const int64_t s_max = k_cache.size(1), h_k = k_cache.size(2);
-  FA_CHECK_ARG(k_cache.size(0) == b, "fastattn.decode_attention: k_cache has batch ", k_cache.size(0),
-               " but q has batch ", b);
-  FA_CHECK_ARG(k_cache.size(3) == d, "fastattn.decode_attention: k_cache has head dim ", k_cache.size(3),
+// The attention of decode_attention and attention_with_kvcache: q4 (B, Sq, H, D) over the
+// cache rows [0, cache_seqlens[b] + seqlens_k_add) with the window (bottom-right aligned).
+// Returns out (B, Sq, H, D) and lse (B, H, Sq).
+std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const at::Tensor& k_cache,
+                                                     const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                     const std::optional<at::Tensor>& block_table_arg,
+                                                     std::optional<double> softmax_scale, int64_t window_left,
+                                                     int64_t window_right, int64_t seqlens_k_add,
+                                                     int64_t num_splits, const char* op) {
+  const bool paged = block_table_arg.has_value();
+  check_caches(k_cache, v_cache, paged, op);
+  const int64_t b = q4.size(0), sq = q4.size(1), h = q4.size(2), d = q4.size(3);
+  const int64_t h_k = k_cache.size(2);
+  std::optional<at::Tensor> block_table;
+  if (paged) block_table = check_block_table(*block_table_arg, k_cache, b, op);
+  if (!paged)
+    FA_CHECK_ARG(k_cache.size(0) == b, "fastattn.", op, ": k_cache has batch ", k_cache.size(0), " but q has batch ",
+                 b);
+  FA_CHECK_ARG(k_cache.size(3) == d, "fastattn.", op, ": k_cache has head dim ", k_cache.size(3),
                " but q has head dim ", d);
-  FA_CHECK_ARG(h % h_k == 0, "fastattn.decode_attention: the number of query heads (", h,
+  FA_CHECK_ARG(h % h_k == 0, "fastattn.", op, ": the number of query heads (", h,
                ") must be a multiple of the number of kv heads (", h_k, ")");
-  check_seqlens(cache_seqlens, q, b, "decode_attention");
+  check_seqlens(cache_seqlens, q4, b, op);
   // A NaN or infinite scale (also one finite in double but not in the kernel's fp32) would
   // turn every output into NaN without an error.
   FA_CHECK_ARG(!softmax_scale.has_value() ||
                    (std::isfinite(*softmax_scale) && std::abs(*softmax_scale) <= std::numeric_limits<float>::max()),
-               "fastattn.decode_attention: softmax_scale must be finite in float32 (|softmax_scale| <= ",
+               "fastattn.", op, ": softmax_scale must be finite in float32 (|softmax_scale| <= ",
                std::numeric_limits<float>::max(), "), got ", softmax_scale.value_or(0.0));
-  FA_CHECK_ARG(num_splits >= 0 && num_splits <= decode::kMaxSplits,
-               "fastattn.decode_attention: num_splits must be in [0, ", decode::kMaxSplits,
-               "] (0 = automatic), got ", num_splits);
+  FA_CHECK_ARG(num_splits >= 0 && num_splits <= decode::kMaxSplits, "fastattn.", op, ": num_splits must be in [0, ",
+               decode::kMaxSplits, "] (0 = automatic), got ", num_splits);
+  FA_CHECK_ARG(window_left >= -1 && window_right >= -1, "fastattn.", op,
+               ": window sizes must be >= -1 (-1 = unbounded), got (", window_left, ", ", window_right, ")");
+  // Capacity in tokens: S_max, or max_pages_per_seq * page_size.
+  const int64_t s_max = paged ? block_table->size(1) * k_cache.size(1) : k_cache.size(1);
 
-  at::Tensor out = empty_output({b, h, d}, q.options());
-  at::Tensor lse = at::empty({b, h}, q.options().dtype(at::kFloat));
-  auto result_out = [&]() { return q.dim() == 4 ? out.view({b, 1, h, d}) : out; };
-  if (b == 0 || h == 0) return {result_out(), lse};
+  at::Tensor out = empty_output({b, sq, h, d}, q4.options());
+  at::Tensor lse = at::empty({b, h, sq}, q4.options().dtype(at::kFloat));
+  if (b == 0 || h == 0 || sq == 0) return {out, lse};
 
-  if (q.is_cpu()) {
-    if (s_max > 0) {
-      const at::Tensor lo = cache_seqlens.min(), hi = cache_seqlens.max();
-      const int64_t lo_v = lo.item<int32_t>(), hi_v = hi.item<int32_t>();
-      FA_CHECK_ARG(lo_v >= 0 && hi_v <= s_max, "fastattn.decode_attention: cache_seqlens must be in [0, ",
-                   s_max, "] (the cache capacity S_max), got values in [", lo_v, ", ", hi_v, "]");
-    } else {
-      FA_CHECK_ARG(cache_seqlens.eq(0).all().item<bool>(),
-                   "fastattn.decode_attention: cache_seqlens must be 0 for an empty cache (S_max = 0)");
+  if (q4.is_cpu()) {
+    const at::Tensor seq = cache_seqlens.to(at::kLong);
+    const auto len = seq.accessor<int64_t, 1>();
+    std::vector<int64_t> first(b, 0), last(b);
+    for (int64_t i = 0; i < b; ++i) {
+      last[i] = len[i] + seqlens_k_add;
+      FA_CHECK_ARG(len[i] >= 0 && last[i] <= s_max, "fastattn.", op, ": cache_seqlens",
+                   seqlens_k_add > 0 ? " (plus the " + std::to_string(seqlens_k_add) + " new rows)" : std::string(),
+                   " must be in [0, ", s_max, "] (the cache capacity",
+                   paged ? " max_pages_per_seq * page_size" : " S_max", "), got cache_seqlens[", i, "] = ", len[i]);
     }
+    if (paged) check_pages_cpu(*block_table, k_cache.size(1), k_cache.size(0), first, last, op);
   }
 
   const at::Tensor seqlens = cache_seqlens.contiguous();
   DecodeParams p;
-  p.q = q3.data_ptr();
-  p.q_batch_stride = q3.stride(0);
-  p.q_head_stride = q3.stride(1);
+  p.q = q4.data_ptr();
+  set_strides(q4, &p.q_batch_stride, &p.q_row_stride, &p.q_head_stride);
   p.cache_seqlens = seqlens.data_ptr<int32_t>();
   p.out = out.data_ptr();
-  p.out_batch_stride = h * d;
-  p.out_head_stride = d;
+  set_strides(out, &p.out_batch_stride, &p.out_row_stride, &p.out_head_stride);
   p.lse = lse.data_ptr<float>();
   p.b = b;
+  p.seqlen_q = sq;
   p.seqlen_k_max = s_max;
   p.h = h;
   p.h_k = h_k;
   p.d = d;
+  p.seqlens_k_add = seqlens_k_add;
+  p.window_left = window_left;
+  p.window_right = window_right;
   p.softmax_scale = static_cast<float>(softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(double(d)));
-  p.dtype = to_dtype(q.scalar_type());
+  p.dtype = to_dtype(q4.scalar_type());
 
-  auto set_caches = [&p](const at::Tensor& kc, const at::Tensor& vc) {
+  auto set_caches = [&p, &block_table](const at::Tensor& kc, const at::Tensor& vc) {
     p.k_cache = kc.data_ptr();
     p.v_cache = vc.data_ptr();
     set_strides(kc, &p.k_batch_stride, &p.k_row_stride, &p.k_head_stride);
     set_strides(vc, &p.v_batch_stride, &p.v_row_stride, &p.v_head_stride);
+    set_paging(&p, block_table, kc);
   };
   set_caches(k_cache, v_cache);
 
   at::Tensor out_partial, lse_partial;
   auto alloc_scratch = [&]() {
     if (p.num_splits > 1) {
-      out_partial = at::empty({p.num_splits, b, h, d}, q.options().dtype(at::kFloat));
-      lse_partial = at::empty({p.num_splits, b, h}, q.options().dtype(at::kFloat));
+      out_partial = at::empty({p.num_splits, b, h, sq, d}, q4.options().dtype(at::kFloat));
+      lse_partial = at::empty({p.num_splits, b, h, sq}, q4.options().dtype(at::kFloat));
       p.out_partial = out_partial.data_ptr<float>();
       p.lse_partial = lse_partial.data_ptr<float>();
     }
   };
 
-  if (q.is_cuda()) {
+  if (q4.is_cuda()) {
 #ifdef FASTATTN_WITH_CUDA
-    FA_CHECK_ARG(decode_cuda_supports_head_dim(d), "fastattn.decode_attention: head dim ", d,
+    FA_CHECK_ARG(decode_cuda_supports_head_dim(d), "fastattn.", op, ": head dim ", d,
                  " is not supported on CUDA (supported: 64, 128, 256)");
-    const c10::cuda::CUDAGuard guard(q.device());
+    const c10::cuda::CUDAGuard guard(q4.device());
     // A cache view the 16-byte loads cannot use (odd strides or offset): run on a compact
-    // copy instead. Correct, but it costs a full copy of the cache.
+    // copy instead. Correct, but it costs a full copy of the cache (or pool).
     at::Tensor kc = k_cache, vc = v_cache;
     if (!decode_cuda_supports_layout(p)) {
       kc = dense_aligned_copy(k_cache);
       vc = dense_aligned_copy(v_cache);
       set_caches(kc, vc);
     }
-    FA_CHECK_ARG(decode_cuda_supports_layout(p), "fastattn.decode_attention: shape too large for the CUDA grid (B = ",
-                 b, ", Hk = ", h_k, ")");
+    FA_CHECK_ARG(decode_cuda_supports_layout(p), "fastattn.", op, ": shape too large for the CUDA grid (B = ", b,
+                 ", Hk = ", h_k, ", Sq = ", sq, ")");
     int num_sms = 0, smem_optin = 0;
-    FA_CUDA_CHECK_LAUNCH(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q.device().index()),
+    FA_CUDA_CHECK_LAUNCH(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q4.device().index()),
                          "device query");
     FA_CUDA_CHECK_LAUNCH(
-        cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.device().index()),
+        cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q4.device().index()),
         "device query");
-    TORCH_CHECK(smem_optin >= decode_cuda_smem_bytes(d), "fastattn.decode_attention: head dim ", d,
-                " needs ", decode_cuda_smem_bytes(d), " bytes of shared memory per block, this GPU allows ",
-                smem_optin);
-    p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cuda(b, h, h_k, s_max, d, num_sms);
+    TORCH_CHECK(smem_optin >= decode_cuda_smem_bytes(d), "fastattn.", op, ": head dim ", d, " needs ",
+                decode_cuda_smem_bytes(d), " bytes of shared memory per block, this GPU allows ", smem_optin);
+    // Query rows per sequence (Sq * H) take the place of the heads in the split heuristic.
+    p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cuda(b, h * sq, h_k, s_max, d, num_sms);
     alloc_scratch();
-    FA_CUDA_CHECK_LAUNCH(decode_attention_cuda(p, current_stream(q)), "decode_attention");
+    FA_CUDA_CHECK_LAUNCH(decode_attention_cuda(p, current_stream(q4)), op);
 #endif
   } else {
-    p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cpu(b, h_k, s_max);
+    const int64_t chunks = (sq + decode::cpu_query_chunk(h / h_k, h_k, d, sq) - 1) /
+                           decode::cpu_query_chunk(h / h_k, h_k, d, sq);
+    p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cpu(b * chunks, h_k, s_max);
     alloc_scratch();
     decode_attention_cpu(p);
   }
-  return {result_out(), lse};
+  return {out, lse};
+}
+
+void check_query(const at::Tensor& q, const at::Tensor& k_cache, const char* op) {
+  check_device_supported(q, "q");
+  check_same_device(q, k_cache, "q", "k_cache");
+  check_float_dtype(q, "q", /*allow_fp32_cuda=*/false);
+  check_same_dtype(k_cache, q, "k_cache", "q");
+  check_last_dim_contiguous(q, "q");
+  (void)op;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                                    const at::Tensor& v_cache,
+                                                    const at::Tensor& cache_seqlens,
+                                                    std::optional<double> softmax_scale, int64_t num_splits,
+                                                    const std::optional<at::Tensor>& block_table) {
+  check_query(q, k_cache, "decode_attention");
+  FA_CHECK_ARG(q.dim() == 3 || (q.dim() == 4 && q.size(1) == 1),
+               "fastattn.decode_attention: q must be (B, H, D) or (B, 1, H, D), got shape ", q.sizes());
+  const at::Tensor q4 = q.dim() == 3 ? q.unsqueeze(1) : q;
+  auto [out, lse] = kvcache_attention(q4, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, -1, -1, 0,
+                                      num_splits, "decode_attention");
+  return {q.dim() == 3 ? out.view({q.size(0), q.size(1), q.size(2)}) : out, lse.view({q4.size(0), q4.size(2)})};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
+                                                          const at::Tensor& v_cache,
+                                                          const at::Tensor& cache_seqlens,
+                                                          const std::optional<at::Tensor>& block_table,
+                                                          std::optional<double> softmax_scale, int64_t window_left,
+                                                          int64_t window_right, int64_t seqlens_k_add,
+                                                          int64_t num_splits) {
+  check_query(q, k_cache, "attention_with_kvcache");
+  FA_CHECK_ARG(q.dim() == 4, "fastattn.attention_with_kvcache: q must be (B, Sq, H, D), got shape ", q.sizes());
+  FA_CHECK_ARG(seqlens_k_add >= 0, "fastattn.attention_with_kvcache: seqlens_k_add must be >= 0, got ",
+               seqlens_k_add);
+  return kvcache_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left,
+                           window_right, seqlens_k_add, num_splits, "attention_with_kvcache");
 }
 
 void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-               const at::Tensor& cache_seqlens) {
-  check_caches(k_cache, v_cache, "append_kv");
+               const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table_arg) {
+  const bool paged = block_table_arg.has_value();
+  check_caches(k_cache, v_cache, paged, "append_kv");
   check_same_device(k, k_cache, "k", "k_cache");
   check_same_device(v, k_cache, "v", "k_cache");
   check_same_dtype(k, k_cache, "k", "k_cache");
   check_same_dtype(v, k_cache, "v", "k_cache");
-  const int64_t b = k_cache.size(0), s_max = k_cache.size(1), h_k = k_cache.size(2), d = k_cache.size(3);
-  FA_CHECK_ARG(k.dim() == 4 && k.size(0) == b && k.size(2) == h_k && k.size(3) == d,
-               "fastattn.append_kv: k must be (B, Sn, Hk, D) = (", b, ", Sn, ", h_k, ", ", d,
-               ") to match k_cache, got shape ", k.sizes());
+  const int64_t h_k = k_cache.size(2), d = k_cache.size(3);
+  const int64_t b = paged ? block_table_arg->size(0) : k_cache.size(0);
+  FA_CHECK_ARG(k.dim() == 4 && (paged || k.size(0) == b) && k.size(2) == h_k && k.size(3) == d,
+               "fastattn.append_kv: k must be (B, Sn, Hk, D) = (", paged ? "B" : std::to_string(b), ", Sn, ", h_k,
+               ", ", d, ") to match k_cache, got shape ", k.sizes());
   FA_CHECK_ARG(v.sizes() == k.sizes(), "fastattn.append_kv: v must have k's shape ", k.sizes(), ", got ",
                v.sizes());
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
-  check_seqlens(cache_seqlens, k_cache, b, "append_kv");
-  // The caches are written in place while k, v and cache_seqlens are read.
+  std::optional<at::Tensor> block_table;
+  if (paged) block_table = check_block_table(*block_table_arg, k_cache, k.size(0), "append_kv");
+  check_seqlens(cache_seqlens, k_cache, k.size(0), "append_kv");
+  // The caches are written in place while k, v, cache_seqlens and block_table are read.
   constexpr const char* op = "fastattn.append_kv";
   check_no_internal_overlap(k_cache, op, "k_cache");
   check_no_internal_overlap(v_cache, op, "v_cache");
@@ -215,16 +316,25 @@ void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
     check_no_overlap(k, "k", cache, cache_name, op);
     check_no_overlap(v, "v", cache, cache_name, op);
     check_no_overlap(cache_seqlens, "cache_seqlens", cache, cache_name, op, /*exact=*/false);
+    if (paged) check_no_overlap(*block_table_arg, "block_table", cache, cache_name, op, /*exact=*/false);
   }
-  const int64_t sn = k.size(1);
-  if (b == 0 || sn == 0) return;
+  const int64_t batch = k.size(0), sn = k.size(1);
+  const int64_t s_max = paged ? block_table->size(1) * k_cache.size(1) : k_cache.size(1);
+  if (batch == 0 || sn == 0) return;
 
-  // Capacity: every sequence needs 0 <= cache_seqlens[b] and cache_seqlens[b] + Sn <= S_max.
+  // Capacity: every sequence needs 0 <= cache_seqlens[b] and cache_seqlens[b] + Sn <= S_max
+  // (max_pages_per_seq * page_size when paged), and on the CPU the pages written must exist.
   if (!is_capturing(k_cache)) {
     const int64_t lo_v = cache_seqlens.min().item<int32_t>(), hi_v = cache_seqlens.max().item<int32_t>();
     FA_CHECK_ARG(lo_v >= 0, "fastattn.append_kv: cache_seqlens must be >= 0, got a minimum of ", lo_v);
-    FA_CHECK_ARG(hi_v + sn <= s_max, "fastattn.append_kv: appending ", sn,
-                 " rows at cache_seqlens (max ", hi_v, ") exceeds the cache capacity S_max = ", s_max);
+    FA_CHECK_ARG(hi_v + sn <= s_max, "fastattn.append_kv: appending ", sn, " rows at cache_seqlens (max ", hi_v,
+                 ") exceeds the cache capacity ", paged ? "max_pages_per_seq * page_size = " : "S_max = ", s_max);
+  }
+  if (paged && k_cache.is_cpu()) {
+    const at::Tensor seq = cache_seqlens.to(at::kLong);
+    std::vector<int64_t> first(seq.data_ptr<int64_t>(), seq.data_ptr<int64_t>() + batch), last(first);
+    for (auto& x : last) x += sn;
+    check_pages_cpu(*block_table, k_cache.size(1), k_cache.size(0), first, last, "append_kv");
   }
 
   const at::Tensor seqlens = cache_seqlens.contiguous();
@@ -238,11 +348,17 @@ void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
   set_strides(v_cache, &p.v_cache_batch_stride, &p.v_cache_row_stride, &p.v_cache_head_stride);
   set_strides(k, &p.k_batch_stride, &p.k_row_stride, &p.k_head_stride);
   set_strides(v, &p.v_batch_stride, &p.v_row_stride, &p.v_head_stride);
-  p.b = b;
+  p.b = batch;
   p.seqlen_new = sn;
   p.seqlen_k_max = s_max;
   p.h_k = h_k;
   p.d = d;
+  if (paged) {
+    p.block_table = block_table->data_ptr<int32_t>();
+    p.block_table_batch_stride = block_table->stride(0);
+    p.page_size = k_cache.size(1);
+    p.num_pages = k_cache.size(0);
+  }
   p.dtype = to_dtype(k_cache.scalar_type());
   if (k_cache.is_cuda()) {
 #ifdef FASTATTN_WITH_CUDA
@@ -265,20 +381,22 @@ const c10::TypedOperatorHandle<decltype(append_kv)>& append_kv_op() {
 }
 
 void append_kv_autograd(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
-                        const at::Tensor& v, const at::Tensor& cache_seqlens) {
+                        const at::Tensor& v, const at::Tensor& cache_seqlens,
+                        const std::optional<at::Tensor>& block_table) {
   check_inplace_not_differentiable(
       "fastattn.append_kv", {{k_cache, "k_cache"}, {v_cache, "v_cache"}, {k, "k"}, {v, "v"}},
       "it writes the cache for inference only, so call it under torch.no_grad() or "
       "torch.inference_mode(), or pass detached tensors");
   at::AutoDispatchBelowAutograd guard;
-  append_kv_op().call(k_cache, v_cache, k, v, cache_seqlens);
+  append_kv_op().call(k_cache, v_cache, k, v, cache_seqlens, block_table);
 }
 
 void append_kv_inplace_or_view(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& cache_seqlens) {
+                               const at::Tensor& v, const at::Tensor& cache_seqlens,
+                               const std::optional<at::Tensor>& block_table) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    append_kv_op().call(k_cache, v_cache, k, v, cache_seqlens);
+    append_kv_op().call(k_cache, v_cache, k, v, cache_seqlens, block_table);
   }
   bump_versions(k_cache, v_cache);
 }

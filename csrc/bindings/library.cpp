@@ -56,10 +56,19 @@ TORCH_LIBRARY(fastattn, m) {
   // ---- decode attention and append_kv ----------------------------------------------------
   // One query token per sequence against a KV cache with ragged lengths: out has q's shape,
   // lse (B, H) fp32. num_splits = 0 picks split-KV from the shapes only (graph-safe).
+  // block_table (B, max_pages) int32: the caches are page pools (num_pages, page_size, Hk, D)
+  // and token t of sequence b is pool[block_table[b, t // page_size], t % page_size].
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
-        " float? softmax_scale, int num_splits) -> (Tensor out, Tensor lse)");
+        " float? softmax_scale, int num_splits, Tensor? block_table=None) -> (Tensor out, Tensor lse)");
+  // q (B, Sq, H, D) over the cache rows [0, cache_seqlens[b] + seqlens_k_add) (contiguous or
+  // paged as above), bottom-right aligned, keys limited by the window (-1 = unbounded;
+  // causal = right 0). out (B, Sq, H, D), lse (B, H, Sq) fp32.
+  m.def("attention_with_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
+        " Tensor? block_table, float? softmax_scale, int window_left, int window_right, int seqlens_k_add,"
+        " int num_splits) -> (Tensor out, Tensor lse)");
   // Writes k, v (B, Sn, Hk, D) into the caches at rows cache_seqlens[b] + i, in place.
-  m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor cache_seqlens) -> ()");
+  m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor cache_seqlens,"
+        " Tensor? block_table=None) -> ()");
 }
 
 // A minimal Python module so `import fastattn._C` loads the library (and with it the

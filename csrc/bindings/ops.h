@@ -60,8 +60,16 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
                                                     const at::Tensor& v_cache,
                                                     const at::Tensor& cache_seqlens,
                                                     std::optional<double> softmax_scale,
-                                                    int64_t num_splits);
+                                                    int64_t num_splits,
+                                                    const std::optional<at::Tensor>& block_table);
+std::tuple<at::Tensor, at::Tensor> attention_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
+                                                          const at::Tensor& v_cache,
+                                                          const at::Tensor& cache_seqlens,
+                                                          const std::optional<at::Tensor>& block_table,
+                                                          std::optional<double> softmax_scale, int64_t window_left,
+                                                          int64_t window_right, int64_t seqlens_k_add,
+                                                          int64_t num_splits);
 void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-               const at::Tensor& cache_seqlens);
+               const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table);
 
 }  // namespace fastattn

@@ -21,5 +21,6 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
 
   // ---- decode attention and append_kv ----------------------------------------------------
   m.impl("decode_attention", &fastattn::decode_attention);
+  m.impl("attention_with_kvcache", &fastattn::attention_with_kvcache);
   m.impl("append_kv", &fastattn::append_kv);
 }

@@ -1,11 +1,16 @@
-// decode.cpp — grouped-KV decode attention over a KV cache, and the in-place cache append,
-// on the CPU.
+// decode.cpp — grouped-KV attention over a KV cache (decode_attention, and
+// attention_with_kvcache's few new queries per sequence), contiguous or paged, and the
+// in-place cache append, on the CPU.
 //
-// What it computes: for every sequence b and query head h (one query token each),
-//   out[b, h] = softmax(scale * q[b, h] . K[b, :len_b, h / G]) V[b, :len_b, h / G]
-// with G = h / h_k query heads per kv head and len_b = cache_seqlens[b]; lse[b, h] is the
-// natural-log sum of the exponentiated scores (-inf, with out = 0, when len_b == 0).
-// append_kv copies new rows into the caches at rows cache_seqlens[b] + i.
+// What it computes: for every sequence b, query row i < seqlen_q and query head h,
+//   out[b, i, h] = softmax(scale * q[b, i, h] . K[b, keys, h / G]) V[b, keys, h / G]
+// with G = h / h_k query heads per kv head, len_b = cache_seqlens[b] + seqlens_k_add and
+// keys the band of [0, len_b) that query i (at position len_b - seqlen_q + i) sees under
+// the causal / window limits (params.h); decode is seqlen_q = 1 with every key visible.
+// lse[b, h, i] is the natural-log sum of the exponentiated scores (-inf, with out = 0, when
+// the row sees no key). A paged cache is read through kv_cache_layout.h's row address, one
+// lookup per key row of a block; append_kv copies new rows to cache_seqlens[b] + i the same
+// way.
 //
 // Why it is fast: decode reads the whole cache at every step, so every K/V row is read from memory
 // exactly once and used by all G query heads of its group. Work is split over ATen's thread
@@ -22,7 +27,10 @@
 // decode at G = 4 is bound by the FMA units (2 * G * D FMAs per key and kv head), not by
 // loads. Split-KV items write a normalised partial output and its lse; a second pass
 // merges them in split order, so the result does not depend on the thread count, and
-// num_splits = 0 is chosen from the shapes only.
+// num_splits = 0 is chosen from the shapes only. Several queries per sequence are just more
+// rows per kv head (seqlen_q * G instead of G, each with its own key band), so K/V are still
+// read once per item for all of them; long query blocks are cut into chunks
+// (decode::cpu_query_chunk) so each item's query and output rows stay in L2.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -36,6 +44,7 @@
 #include "fastattn/api.h"
 #include "fastattn/cpu_dispatch.h"
 #include "fastattn/decode_split.h"
+#include "fastattn/kv_cache_layout.h"
 #include "fastattn/static_switch.h"
 
 namespace fastattn {
@@ -106,14 +115,14 @@ inline vfloat exp2v(vfloat x) {
   return tiny ? splat(0.f) : out;
 }
 
-// Per-thread buffers of one work item, for all h_k kv heads: q, acc (h_k, G padded to
-// kHeadTile, d); scores (G padded, kKeyBlock); m, l (h_k, G padded); k, v: one block of rows
-// converted to fp32 (16-bit caches only).
+// Per-thread buffers of one work item, for all h_k kv heads: q, acc (h_k, rows padded to
+// kHeadTile, d) with rows = query chunk * G; scores (rows padded, kKeyBlock); m, l (h_k,
+// rows padded); k, v: one block of rows converted to fp32 (16-bit caches only).
 struct Workspace {
-  int64_t gp;  // padded group
+  int64_t gp;  // padded rows per kv head
   std::vector<float> q, k, v, scores, acc, m, l;
-  Workspace(int64_t h_k, int64_t g, int64_t d)
-      : gp((g + kHeadTile - 1) / kHeadTile * kHeadTile),
+  Workspace(int64_t h_k, int64_t rows, int64_t d)
+      : gp((rows + kHeadTile - 1) / kHeadTile * kHeadTile),
         q(static_cast<size_t>(h_k * gp * d)),
         k(static_cast<size_t>(kKeyBlock * d)),
         v(static_cast<size_t>(kKeyBlock * d)),
@@ -123,32 +132,34 @@ struct Workspace {
         l(static_cast<size_t>(h_k * gp)) {}
 };
 
-// Asks for `rows` cache rows (d elements each, row_stride apart) ahead of their use.
+// Block rows as fp32 row pointers: straight into an fp32 cache, or converted (or, with
+// always_copy, copied) once into buf, row after row. Row j is at base + offsets[j].
 template <typename T>
-inline void prefetch_rows(const T* base, int64_t row_stride, int64_t rows, int64_t d) {
-  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
-  for (int64_t j = 0; j < rows; ++j) {
-    const char* r = reinterpret_cast<const char*>(base + j * row_stride);
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(r + off);
+inline void block_rows(const T* base, const int64_t* offsets, int64_t n, int64_t d, float* buf,
+                       const float** rows, bool always_copy = false) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* src = base + offsets[j];
+    if constexpr (std::is_same<T, float>::value) {
+      if (!always_copy) {
+        rows[j] = src;
+      } else {
+        std::memcpy(buf + j * d, src, static_cast<size_t>(d) * sizeof(float));
+        rows[j] = buf + j * d;
+      }
+    } else {
+      load_row(src, buf + j * d, d);
+      rows[j] = buf + j * d;
+    }
   }
 }
 
-// Block rows as fp32 row pointers: straight into an fp32 cache, or converted (or, with
-// always_copy, copied) once into buf, row after row.
+// Asks for the rows at base + offsets[j] ahead of their use.
 template <typename T>
-inline void block_rows(const T* base, int64_t row_stride, int64_t n, int64_t d, float* buf,
-                       const float** rows, bool always_copy = false) {
+inline void prefetch_rows(const T* base, const int64_t* offsets, int64_t n, int64_t d) {
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
   for (int64_t j = 0; j < n; ++j) {
-    if (std::is_same<T, float>::value && !always_copy) {
-      rows[j] = reinterpret_cast<const float*>(base + j * row_stride);
-    } else if constexpr (std::is_same<T, float>::value) {
-      std::memcpy(buf + j * d, base + j * row_stride, static_cast<size_t>(d) * sizeof(float));
-      rows[j] = buf + j * d;
-      rows[j] = base + j * row_stride;
-    } else {
-      load_row(base + j * row_stride, buf + j * d, d);
-      rows[j] = buf + j * d;
-    }
+    const char* r = reinterpret_cast<const char*>(base + offsets[j]);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(r + off);
   }
 }
 
@@ -256,29 +267,45 @@ inline void pv_tile(const float* p, const float* const* vrows, int64_t n, int64_
   }
 }
 
-// One (batch b, split) work item over keys [begin, end), for every kv head and its G query
-// heads. The kv heads are walked inside each key block, so the block's rows of all heads,
-// which are adjacent in the usual (B, S, Hk, D) layout, are consumed together: the item
-// streams through contiguous cache memory (hardware prefetchers and the TLB then work)
-// instead of hopping by the Hk * D row stride once per head. Writes the normalised output
-// and natural-log lse of these keys through out_row(h, row) and lse_out(h, lse).
+// Query rows [i0, i0 + nq) of sequence b whose key length is len: the key band of each row
+// (inclusive [lo, hi]; everything outside is masked) and the key range the rows need at all.
+struct QueryBand {
+  int64_t pos0;  // key position of query row i0 (bottom-right alignment)
+  int64_t wl, wr;  // window sides, -1 = unbounded
+  int64_t len;
+  int64_t lo(int64_t qi) const { return wl >= 0 ? pos0 + qi - wl : 0; }
+  int64_t hi(int64_t qi) const { return wr >= 0 ? std::min(pos0 + qi + wr, len - 1) : len - 1; }
+};
+
+// One (batch b, query chunk, split) work item over keys [begin, end), for every kv head and
+// the nq query rows of the chunk times its G query heads (row r = query qi * G + head g).
+// The kv heads are walked inside each key block, so the block's rows of all heads, which
+// are adjacent in the usual (B, S, Hk, D) layout (and in a page), are consumed together:
+// the item streams through contiguous cache memory (hardware prefetchers and the TLB then
+// work) instead of hopping by the Hk * D row stride once per head. Writes the normalised
+// output and natural-log lse of these keys through out_row(head, qi, row) and
+// lse_out(head, qi, lse).
 template <typename T, typename OutRow, typename LseOut>
-void decode_item(const DecodeParams& p, int64_t b, int64_t begin, int64_t end, Workspace& ws,
-                 OutRow out_row, LseOut lse_out) {
-  const int64_t d = p.d, group = p.h / p.h_k, gp = ws.gp;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
-  const T* kc = static_cast<const T*>(p.k_cache) + b * p.k_batch_stride;
-  const T* vc = static_cast<const T*>(p.v_cache) + b * p.v_batch_stride;
+void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const QueryBand& band,
+                 int64_t begin, int64_t end, Workspace& ws, OutRow out_row, LseOut lse_out) {
+  const int64_t d = p.d, group = p.h / p.h_k, gp = ws.gp, rows = nq * group;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + i0 * p.q_row_stride;
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const KvLayout k_layout{p.k_batch_stride, p.k_row_stride, p.block_table, p.block_table_batch_stride,
+                          p.page_size, p.num_pages};
+  const KvLayout v_layout{p.v_batch_stride, p.v_row_stride, p.block_table, p.block_table_batch_stride,
+                          p.page_size, p.num_pages};
 
   // Query rows pre-scaled by softmax_scale * log2(e): the softmax then runs on exp2.
   std::fill(ws.q.begin(), ws.q.end(), 0.f);
   const float qscale = p.softmax_scale * kLog2e;
   for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
-    for (int64_t g = 0; g < group; ++g) {
-      float* qg = ws.q.data() + (kvh * gp + g) * d;
-      load_row(q + (kvh * group + g) * p.q_head_stride, qg, d);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* qr = ws.q.data() + (kvh * gp + r) * d;
+      load_row(q + (r / group) * p.q_row_stride + (kvh * group + r % group) * p.q_head_stride, qr, d);
 #pragma omp simd
-      for (int64_t i = 0; i < d; ++i) qg[i] *= qscale;
+      for (int64_t i = 0; i < d; ++i) qr[i] *= qscale;
     }
   }
   std::fill(ws.acc.begin(), ws.acc.end(), 0.f);
@@ -288,43 +315,64 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t begin, int64_t end, W
   float* sc = ws.scores.data();
   const float* krows[kKeyBlock];
   const float* vrows[kKeyBlock];
+  // Cache row offsets (batch/page + row; the head is added per head) of this block and the next.
+  int64_t koff[2][kKeyBlock], voff[2][kKeyBlock];
+  auto fill_offsets = [&](int64_t k0, int64_t n, int slot) {
+    for (int64_t j = 0; j < n; ++j) {
+      koff[slot][j] = k_layout.row_offset(b, k0 + j);
+      voff[slot][j] = v_layout.row_offset(b, k0 + j);
+    }
+  };
+  if (begin < end) fill_offsets(begin, std::min(kKeyBlock, end - begin), 0);
 
-  for (int64_t k0 = begin; k0 < end; k0 += kKeyBlock) {
+  int slot = 0;
+  for (int64_t k0 = begin; k0 < end; k0 += kKeyBlock, slot ^= 1) {
     const int64_t n = std::min(kKeyBlock, end - k0);
     const int64_t n_next = std::min(kKeyBlock, end - k0 - n);
+    if (n_next > 0) fill_offsets(k0 + n, n_next, slot ^ 1);
     for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
       // Ask for this head's rows of the next block now: they arrive while the other heads
       // of this block are computed.
       if (n_next > 0) {
-        prefetch_rows(kc + (k0 + n) * p.k_row_stride + kvh * p.k_head_stride, p.k_row_stride, n_next, d);
-        prefetch_rows(vc + (k0 + n) * p.v_row_stride + kvh * p.v_head_stride, p.v_row_stride, n_next, d);
+        prefetch_rows(kc + kvh * p.k_head_stride, koff[slot ^ 1], n_next, d);
+        prefetch_rows(vc + kvh * p.v_head_stride, voff[slot ^ 1], n_next, d);
       }
       const float* qf = ws.q.data() + kvh * gp * d;
       float* acc = ws.acc.data() + kvh * gp * d;
       float* m = ws.m.data() + kvh * gp;
       float* l = ws.l.data() + kvh * gp;
       // Scores: each K row is read (and converted) once and dotted with every query row.
-      block_rows(kc + k0 * p.k_row_stride + kvh * p.k_head_stride, p.k_row_stride, n, d, ws.k.data(), krows);
+      block_rows(kc + kvh * p.k_head_stride, koff[slot], n, d, ws.k.data(), krows);
       for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) qk_tile(qf + g0 * d, krows, n, d, sc + g0 * kKeyBlock);
-      // Online softmax once per block and head: running max, rescale of the running sum
-      // and output, probabilities in place of the scores (0 past n).
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = sc + g * kKeyBlock;
+      // Online softmax once per block and row: keys outside the row's band masked, running
+      // max, rescale of the running sum and output, probabilities in place of the scores
+      // (0 past n, and for a row that has seen no visible key yet).
+      for (int64_t r = 0; r < rows; ++r) {
+        float* s = sc + r * kKeyBlock;
         for (int64_t j = n; j < kKeyBlock; ++j) s[j] = kNegInf;
+        const int64_t lo = band.lo(r / group), hi = band.hi(r / group);
+        if (k0 < lo || k0 + n - 1 > hi) {
+          for (int64_t j = 0; j < n; ++j)
+            if (k0 + j < lo || k0 + j > hi) s[j] = kNegInf;
+        }
         float bmax = kNegInf;
         for (int64_t j = 0; j < n; ++j) bmax = std::max(bmax, s[j]);
-        const float m_new = std::max(m[g], bmax);
-        const float alpha = m[g] == kNegInf ? 0.f : std::exp2(m[g] - m_new);
+        const float m_new = std::max(m[r], bmax);
+        if (m_new == kNegInf) {  // nothing visible yet: no probability mass, acc stays 0
+          std::fill(s, s + kKeyBlock, 0.f);
+          continue;
+        }
+        const float alpha = m[r] == kNegInf ? 0.f : std::exp2(m[r] - m_new);
         vfloat sum{};
         for (int64_t j = 0; j < kKeyBlock; j += kW) {
           const vfloat e = exp2v(loadu(s + j) - m_new);
           storeu(s + j, e);
           sum += e;
         }
-        l[g] = l[g] * alpha + hsum(sum);
-        m[g] = m_new;
+        l[r] = l[r] * alpha + hsum(sum);
+        m[r] = m_new;
         if (alpha != 1.f) {
-          float* a = acc + g * d;
+          float* a = acc + r * d;
 #pragma omp simd
           for (int64_t i = 0; i < d; ++i) a[i] *= alpha;
         }
@@ -332,73 +380,86 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t begin, int64_t end, W
       // P V: each V row is read (and converted) once for all output rows. pv_tile walks the
       // block chunk by chunk, i.e. across rows Hk * D apart in the cache: staging the rows
       // in L1 first (one sequential read per row, for fp32 too) keeps those reads off DRAM.
-      block_rows(vc + k0 * p.v_row_stride + kvh * p.v_head_stride, p.v_row_stride, n, d, ws.v.data(), vrows,
-                 /*always_copy=*/true);
+      block_rows(vc + kvh * p.v_head_stride, voff[slot], n, d, ws.v.data(), vrows, /*always_copy=*/true);
       for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) pv_tile(sc + g0 * kKeyBlock, vrows, n, d, acc + g0 * d);
     }
   }
 
   for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t r = kvh * gp + g;
-      const float l = ws.l[r];
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t w = kvh * gp + r;
+      const float l = ws.l[w];
       const float inv = l > 0.f ? 1.f / l : 0.f;
-      float* a = ws.acc.data() + r * d;
+      float* a = ws.acc.data() + w * d;
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) a[i] *= inv;
-      out_row(kvh * group + g, a);
-      lse_out(kvh * group + g, l > 0.f ? (ws.m[r] + std::log2(l)) * kLn2 : kNegInf);
+      const int64_t head = kvh * group + r % group, qi = i0 + r / group;
+      out_row(head, qi, a);
+      lse_out(head, qi, l > 0.f ? (ws.m[w] + std::log2(l)) * kLn2 : kNegInf);
     }
   }
 }
 
 template <typename T>
 void decode_impl(const DecodeParams& p) {
-  const int64_t group = p.h / p.h_k, d = p.d, splits = p.num_splits;
-  at::parallel_for(0, p.b * splits, 1, [&](int64_t it0, int64_t it1) {
-    Workspace ws(p.h_k, group, d);
+  const int64_t group = p.h / p.h_k, d = p.d, splits = p.num_splits, sq = p.seqlen_q;
+  const int64_t chunk = decode::cpu_query_chunk(group, p.h_k, d, sq);
+  const int64_t chunks = (sq + chunk - 1) / chunk;
+  at::parallel_for(0, p.b * chunks * splits, 1, [&](int64_t it0, int64_t it1) {
+    Workspace ws(p.h_k, std::min(chunk, sq) * group, d);
     for (int64_t it = it0; it < it1; ++it) {
-      const int64_t s = it % splits, b = it / splits;
-      const int64_t len = std::min<int64_t>(std::max<int32_t>(p.cache_seqlens[b], 0), p.seqlen_k_max);
+      const int64_t s = it % splits, c = (it / splits) % chunks, b = it / (splits * chunks);
+      const int64_t i0 = c * chunk, nq = std::min(chunk, sq - i0);
+      const int64_t len = std::min<int64_t>(
+          std::max<int64_t>(static_cast<int64_t>(p.cache_seqlens[b]) + p.seqlens_k_add, 0), p.seqlen_k_max);
+      const QueryBand band{len - sq + i0, p.window_left, p.window_right, len};
+      // Keys any row of the chunk sees: [lo of its first row, hi of its last row] in [0, len).
+      const int64_t kbeg = std::max<int64_t>(band.lo(0), 0);
+      const int64_t kend = std::max(kbeg, band.hi(nq - 1) + 1);
       int64_t begin, end;
-      decode::split_range(len, splits, s, kKeyBlock, &begin, &end);
+      decode::split_range(kend - kbeg, splits, s, kKeyBlock, &begin, &end);
+      begin += kbeg;
+      end += kbeg;
       if (splits == 1) {
         T* out = static_cast<T*>(p.out) + b * p.out_batch_stride;
         decode_item<T>(
-            p, b, begin, end, ws,
-            [&](int64_t h, const float* row) { cpu::store_row(row, out + h * p.out_head_stride, d); },
-            [&](int64_t h, float lse) { p.lse[b * p.h + h] = lse; });
-      } else {
-        // Partials: out_partial (splits, b, h, d), lse_partial (splits, b, h).
-        const int64_t row0 = (s * p.b + b) * p.h;
-        decode_item<T>(
-            p, b, begin, end, ws,
-            [&](int64_t h, const float* row) {
-              std::memcpy(p.out_partial + (row0 + h) * d, row, static_cast<size_t>(d) * sizeof(float));
+            p, b, i0, nq, band, begin, end, ws,
+            [&](int64_t h, int64_t qi, const float* row) {
+              cpu::store_row(row, out + qi * p.out_row_stride + h * p.out_head_stride, d);
             },
-            [&](int64_t h, float lse) { p.lse_partial[row0 + h] = lse; });
+            [&](int64_t h, int64_t qi, float lse) { p.lse[(b * p.h + h) * sq + qi] = lse; });
+      } else {
+        // Partials: out_partial (splits, b, h, seqlen_q, d), lse_partial (splits, b, h, seqlen_q).
+        const int64_t row0 = (s * p.b + b) * p.h * sq;
+        decode_item<T>(
+            p, b, i0, nq, band, begin, end, ws,
+            [&](int64_t h, int64_t qi, const float* row) {
+              std::memcpy(p.out_partial + (row0 + h * sq + qi) * d, row, static_cast<size_t>(d) * sizeof(float));
+            },
+            [&](int64_t h, int64_t qi, float lse) { p.lse_partial[row0 + h * sq + qi] = lse; });
       }
     }
   });
   if (splits == 1) return;
   // Exact merge of the splits, in split order: lse = log sum_s exp(lse_s) and
-  // out = sum_s exp(lse_s - lse) out_s.
-  at::parallel_for(0, p.b * p.h, 16, [&](int64_t r0, int64_t r1) {
+  // out = sum_s exp(lse_s - lse) out_s. Row r = (b * h + head) * seqlen_q + qi.
+  const int64_t total = p.b * p.h * sq;
+  at::parallel_for(0, total, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> o(static_cast<size_t>(d));
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / p.h, h = r % p.h;
+      const int64_t qi = r % sq, h = (r / sq) % p.h, b = r / (sq * p.h);
       float m = kNegInf;
-      for (int64_t s = 0; s < splits; ++s) m = std::max(m, p.lse_partial[s * p.b * p.h + r]);
+      for (int64_t s = 0; s < splits; ++s) m = std::max(m, p.lse_partial[s * total + r]);
       std::fill(o.begin(), o.end(), 0.f);
       float lse = kNegInf;
       if (m != kNegInf) {
         float sum = 0.f;
         for (int64_t s = 0; s < splits; ++s) {
-          const float ls = p.lse_partial[s * p.b * p.h + r];
+          const float ls = p.lse_partial[s * total + r];
           if (ls == kNegInf) continue;
           const float w = std::exp(ls - m);
           sum += w;
-          const float* src = p.out_partial + (s * p.b * p.h + r) * d;
+          const float* src = p.out_partial + (s * total + r) * d;
 #pragma omp simd
           for (int64_t i = 0; i < d; ++i) o[i] += w * src[i];
         }
@@ -407,7 +468,8 @@ void decode_impl(const DecodeParams& p) {
         for (int64_t i = 0; i < d; ++i) o[i] *= inv;
         lse = m + std::log(sum);
       }
-      cpu::store_row(o.data(), static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride, d);
+      cpu::store_row(o.data(),
+                     static_cast<T*>(p.out) + b * p.out_batch_stride + qi * p.out_row_stride + h * p.out_head_stride, d);
       p.lse[r] = lse;
     }
   });
@@ -438,6 +500,10 @@ void cpu::append_kv_kernel(const AppendKvParams& p) {
   const size_t row_bytes = static_cast<size_t>(p.d) * element_size(p.dtype);
   const int64_t es = static_cast<int64_t>(element_size(p.dtype));
   const int64_t rows = p.b * p.seqlen_new * p.h_k;
+  const KvLayout k_layout{p.k_cache_batch_stride, p.k_cache_row_stride, p.block_table, p.block_table_batch_stride,
+                          p.page_size, p.num_pages};
+  const KvLayout v_layout{p.v_cache_batch_stride, p.v_cache_row_stride, p.block_table, p.block_table_batch_stride,
+                          p.page_size, p.num_pages};
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t hk = r % p.h_k;
@@ -445,10 +511,8 @@ void cpu::append_kv_kernel(const AppendKvParams& p) {
       const int64_t b = r / (p.h_k * p.seqlen_new);
       const int64_t pos = static_cast<int64_t>(p.cache_seqlens[b]) + i;
       if (pos < 0 || pos >= p.seqlen_k_max) continue;  // the binding has rejected these
-      char* kd = static_cast<char*>(p.k_cache) +
-                 es * (b * p.k_cache_batch_stride + pos * p.k_cache_row_stride + hk * p.k_cache_head_stride);
-      char* vd = static_cast<char*>(p.v_cache) +
-                 es * (b * p.v_cache_batch_stride + pos * p.v_cache_row_stride + hk * p.v_cache_head_stride);
+      char* kd = static_cast<char*>(p.k_cache) + es * (k_layout.row_offset(b, pos) + hk * p.k_cache_head_stride);
+      char* vd = static_cast<char*>(p.v_cache) + es * (v_layout.row_offset(b, pos) + hk * p.v_cache_head_stride);
       const char* ks = static_cast<const char*>(p.k) + es * (b * p.k_batch_stride + i * p.k_row_stride + hk * p.k_head_stride);
       const char* vs = static_cast<const char*>(p.v) + es * (b * p.v_batch_stride + i * p.v_row_stride + hk * p.v_head_stride);
       std::memcpy(kd, ks, row_bytes);

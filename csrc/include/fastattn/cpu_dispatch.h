@@ -23,7 +23,7 @@
 namespace fastattn {
 
 // Bump when the table layout or a kernel's contract changes.
-constexpr uint32_t kCpuKernelTableVersion = 1;
+constexpr uint32_t kCpuKernelTableVersion = 2;  // 2: paged / multi-query DecodeParams
 
 // Tiers, lowest first. A later avx512bf16 / amx tier (issue 17) goes after kAvx512: add its
 // kernels, a row to the table in dispatch.cpp and an extension in setup.py.

@@ -51,5 +51,19 @@ FASTATTN_DECODE_HD int64_t num_splits_for_slots(int64_t blocks, int64_t slots, i
   return n < 1 ? 1 : n;
 }
 
+// Multi-query (attention_with_kvcache) on the CPU: a work item handles a chunk of the
+// seqlen_q query rows of one sequence for all h_k kv heads, holding chunk * group * h_k
+// fp32 query rows and as many output rows. The chunk keeps those two buffers within
+// ~128 KiB each (so they stay in L2 next to the streamed K/V block); decode (seqlen_q = 1)
+// is one chunk. Shapes only, so the work split and the bits never depend on the machine.
+FASTATTN_DECODE_HD int64_t cpu_query_chunk(int64_t group, int64_t h_k, int64_t d, int64_t seqlen_q) {
+  constexpr int64_t kRowBudgetFloats = 32768;
+  int64_t per_query = group * h_k * d;
+  if (per_query < 1) per_query = 1;
+  int64_t chunk = kRowBudgetFloats / per_query;
+  if (chunk < 1) chunk = 1;
+  return chunk < seqlen_q ? chunk : (seqlen_q < 1 ? 1 : seqlen_q);
+}
+
 }  // namespace decode
 }  // namespace fastattn
