@@ -642,10 +642,12 @@ def flash_attention_varlen(
     return (out, lse) if return_lse else out
 
 
-# ---- decode attention and append_kv ------------------------------------------------------
-__all__ += ["decode_attention", "append_kv"]
+# ---- attention over a KV cache: decode_attention, attention_with_kvcache, append_kv -------
+__all__ += ["decode_attention", "attention_with_kvcache", "append_kv"]
 
 from ._validate import check_softmax_scale  # noqa: E402
+
+_DECODE_CUDA_HEAD_DIMS = (64, 128, 256)
 
 
 def _check_cache_seqlens(cache_seqlens, ref: Tensor, batch: int) -> None:
@@ -662,17 +664,61 @@ def _check_cache_seqlens(cache_seqlens, ref: Tensor, batch: int) -> None:
         )
 
 
-def _check_caches(k_cache, v_cache) -> None:
+def _check_caches(k_cache, v_cache, paged: bool = False) -> None:
     check_float(k_cache, "k_cache")
     check_tensor(v_cache, "v_cache")
     check_same_device(v_cache, k_cache, "v_cache", "k_cache")
     check_same_dtype(v_cache, k_cache, "v_cache", "k_cache")
+    layout = "(num_pages, page_size, Hk, D) (a page pool, as block_table is given)" if paged else "(B, S_max, Hk, D)"
     if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be 4-D (B, S_max, Hk, D), got shape {tuple(k_cache.shape)}")
+        raise ValueError(f"k_cache must be 4-D {layout}, got shape {tuple(k_cache.shape)}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     check_last_dim_contiguous(k_cache, "k_cache")
     check_last_dim_contiguous(v_cache, "v_cache")
+    if paged and k_cache.shape[1] < 1:
+        raise ValueError(f"the page size (k_cache.shape[1]) must be >= 1, got shape {tuple(k_cache.shape)}")
+
+
+def _check_block_table(block_table, k_cache: Tensor, batch: int) -> None:
+    check_tensor(block_table, "block_table")
+    if block_table.dtype != torch.int32:
+        raise ValueError(f"block_table must be int32, got {block_table.dtype}")
+    if block_table.device != k_cache.device:
+        raise ValueError(f"block_table is on {block_table.device} but must be on {k_cache.device} with the caches")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(
+            f"block_table must have shape ({batch}, max_pages_per_seq) (one row of page indices per sequence), "
+            f"got {tuple(block_table.shape)}"
+        )
+
+
+def _check_cache_query(q, k_cache, v_cache, cache_seqlens, block_table, batch: int) -> None:
+    """Checks shared by decode_attention and attention_with_kvcache (q's rank is theirs)."""
+    check_float(q, "q", cuda_16bit_only=True)
+    _check_caches(k_cache, v_cache, paged=block_table is not None)
+    check_same_device(k_cache, q, "k_cache", "q")
+    check_same_dtype(k_cache, q, "k_cache", "q")
+    check_last_dim_contiguous(q, "q")
+    H, D = q.shape[-2], q.shape[-1]
+    Hk = k_cache.shape[2]
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has batch {batch}")
+    else:
+        _check_block_table(block_table, k_cache, batch)
+    if k_cache.shape[3] != D:
+        raise ValueError(f"k_cache has head dim {k_cache.shape[3]} but q has head dim {D}")
+    if Hk == 0 or H % Hk != 0:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of kv heads ({Hk})")
+    if q.is_cuda and D not in _DECODE_CUDA_HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported on CUDA (supported: {_DECODE_CUDA_HEAD_DIMS})")
+    _check_cache_seqlens(cache_seqlens, q, batch)
+
+
+def _check_num_splits(num_splits) -> None:
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
 
 
 def decode_attention(
@@ -684,22 +730,27 @@ def decode_attention(
     softmax_scale: Optional[float] = None,
     num_splits: int = 0,
     return_lse: bool = False,
+    block_table: Optional[Tensor] = None,
 ):
     """Attention of one new query token per sequence over a KV cache (the decode step).
 
-    ``out[b, h] = softmax(softmax_scale * q[b, h] . k_cache[b, :L_b, h // G]) v_cache[b, :L_b, h // G]``
-    with ``G = H // Hk`` and ``L_b = cache_seqlens[b]`` (ragged batches).
+    ``out[b, h] = softmax(softmax_scale * q[b, h] . K_b[:L_b, h // G]) V_b[:L_b, h // G]``
+    with ``G = H // Hk``, ``L_b = cache_seqlens[b]`` (ragged batches) and ``K_b`` sequence
+    b's keys (its cache row, or its pages).
 
     Args:
         q: (B, H, D) or (B, 1, H, D); float32/float16/bfloat16 on the CPU, float16/bfloat16
             on CUDA. Last dim contiguous.
-        k_cache, v_cache: (B, S_max, Hk, D), q's dtype, ``H % Hk == 0`` (GQA/MQA, query head
-            h reads kv head ``h // (H // Hk)``). Last dim contiguous; other strides are free
-            (e.g. a view of a larger cache). CUDA: D in {64, 128, 256}; CPU: any D.
-        cache_seqlens: (B,) int32 on q's device; sequence b attends to cache rows
+        k_cache, v_cache: q's dtype, ``H % Hk == 0`` (GQA/MQA, query head h reads kv head
+            ``h // (H // Hk)``), last dim contiguous, other strides free (e.g. a view of a
+            larger cache). CUDA: D in {64, 128, 256}; CPU: any D.
+            Contiguous cache (``block_table=None``): (B, S_max, Hk, D).
+            Paged cache: page pools (num_pages, page_size, Hk, D), any page_size >= 1.
+        cache_seqlens: (B,) int32 on q's device; sequence b attends to its tokens
             ``[0, cache_seqlens[b])``. A sequence of length 0 gets out = 0 and lse = -inf.
-            Values must lie in [0, S_max]: checked on the CPU; on CUDA they are not read on
-            the host (that would synchronise) and are clamped to [0, S_max] by the kernel.
+            Values must lie in [0, capacity] (S_max, or max_pages_per_seq * page_size):
+            checked on the CPU; on CUDA they are not read on the host (that would
+            synchronise) and are clamped into that range by the kernel.
         softmax_scale: a finite real number, default ``1 / sqrt(D)``. NaN or +-inf raise
             ValueError (they would make every output NaN), a non-number TypeError.
         num_splits: split-KV factor (each sequence's keys are cut into this many chunks,
@@ -707,72 +758,168 @@ def decode_attention(
             never from the values of cache_seqlens: no host synchronisation, so a decode
             step can be captured in a CUDA graph.
         return_lse: also return lse (B, H) float32, the natural-log sum of exp(scores).
+        block_table: (B, max_pages_per_seq) int32 on q's device, for a paged cache: token t
+            of sequence b is ``k_cache[block_table[b, t // page_size], t % page_size]``.
+            Only the entries of pages holding tokens < cache_seqlens[b] are read (the rest
+            may hold anything); pages may be shared between sequences and listed in any
+            order. On the CPU every used entry is checked to be in [0, num_pages)
+            (ValueError); on CUDA the table is never read on the host and the kernel clamps
+            entries into the pool, so a bad entry reads a wrong page but never memory
+            outside the pool.
 
     Returns:
         out with q's shape and dtype, or ``(out, lse)`` with return_lse.
 
     Not differentiable (an inference op): the outputs never require grad. Accumulation is fp32.
     """
-    check_float(q, "q", cuda_16bit_only=True)
-    _check_caches(k_cache, v_cache)
-    check_same_device(k_cache, q, "k_cache", "q")
-    check_same_dtype(k_cache, q, "k_cache", "q")
+    if not isinstance(q, Tensor):
+        check_tensor(q, "q")
     if not (q.dim() == 3 or (q.dim() == 4 and q.shape[1] == 1)):
         raise ValueError(f"q must be (B, H, D) or (B, 1, H, D), got shape {tuple(q.shape)}")
-    check_last_dim_contiguous(q, "q")
-    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
-    Hk = k_cache.shape[2]
-    if k_cache.shape[0] != B:
-        raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has batch {B}")
-    if k_cache.shape[3] != D:
-        raise ValueError(f"k_cache has head dim {k_cache.shape[3]} but q has head dim {D}")
-    if Hk == 0 or H % Hk != 0:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of kv heads ({Hk})")
-    _check_cache_seqlens(cache_seqlens, q, B)
+    _check_cache_query(q, k_cache, v_cache, cache_seqlens, block_table, q.shape[0])
     softmax_scale = check_softmax_scale(softmax_scale)
-    if not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
-    out, lse = ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits)
+    _check_num_splits(num_splits)
+    out, lse = ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, block_table)
     return (out, lse) if return_lse else out
 
 
-def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor) -> None:
-    """Write new keys/values into the caches in place: ``k_cache[b, cache_seqlens[b] + i] = k[b, i]``.
+def attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    *,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    causal: bool = True,
+    window=(-1, -1),
+    softmax_scale: Optional[float] = None,
+    num_splits: int = 0,
+    return_lse: bool = False,
+):
+    """Several new query tokens per sequence over a KV cache: the chunked-prefill,
+    speculative-decoding or multi-token step (flash-attn's ``flash_attn_with_kvcache``).
+
+    If ``k``/``v`` are given they are first written into the caches at each sequence's
+    tokens ``[cache_seqlens[b], cache_seqlens[b] + Sq)`` (as ``append_kv``), and the keys
+    are ``L_b = cache_seqlens[b] + Sq`` tokens; without them the cache already holds the
+    keys and ``L_b = cache_seqlens[b]``. Then, per sequence, the Sq queries attend to keys
+    ``[0, L_b)`` bottom-right aligned: query i sits at key position ``L_b - Sq + i`` (with
+    k/v given, that is ``cache_seqlens[b] + i``) and, causal, sees keys up to it; a window
+    ``(left, right)`` limits it to ``[pos - left, pos + right]`` (-1 = unbounded). A query
+    that sees no key (Sq > L_b, causal) gets out = 0 and lse = -inf. ``cache_seqlens`` is
+    NOT advanced: the caller adds Sq after the step.
 
     Args:
-        k_cache, v_cache: (B, S_max, Hk, D), modified in place; last dim contiguous, other
-            strides free.
+        q: (B, Sq, H, D), Sq >= 0; dtypes as ``decode_attention``.
+        k_cache, v_cache: (B, S_max, Hk, D), or page pools (num_pages, page_size, Hk, D)
+            with ``block_table``, as in ``decode_attention``. Written in place when k/v are
+            given.
+        cache_seqlens: (B,) int32, as in ``decode_attention``; with k/v, every
+            ``cache_seqlens[b] + Sq`` must fit the capacity (ValueError; on CUDA inside a
+            graph capture the rows past capacity are dropped instead, as ``append_kv``).
+        k, v: (B, Sq, Hk, D) new keys/values for the q tokens, or both None.
+        block_table: (B, max_pages_per_seq) int32 for a paged cache (see ``decode_attention``).
+        causal: mask keys after each query's position (default True, as a decoder needs).
+        window: (left, right) sliding window, -1 = unbounded; causal sets right = 0.
+        softmax_scale, num_splits: as in ``decode_attention``.
+        return_lse: also return lse (B, H, Sq) float32.
+
+    Returns:
+        out (B, Sq, H, D) in q's dtype, or ``(out, lse)``.
+
+    With Sq = 1 and no window this is ``decode_attention`` (same kernel). Forward only: not
+    differentiable. On CUDA, one thread block serves up to 32 (query, head) rows of a kv
+    head, so large Sq * H / Hk re-reads the cache once per 32 rows (fine for speculative
+    decoding; long chunked prefills are better served by ``flash_attention``).
+    """
+    check_tensor(q, "q")
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, Sq, H, D), got shape {tuple(q.shape)}")
+    B, Sq = q.shape[0], q.shape[1]
+    _check_cache_query(q, k_cache, v_cache, cache_seqlens, block_table, B)
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new keys and values) or both be None")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    left, right = _check_window(window)
+    if causal:
+        right = 0
+    softmax_scale = check_softmax_scale(softmax_scale)
+    _check_num_splits(num_splits)
+    if k is not None:
+        for t, name in ((k, "k"), (v, "v")):
+            check_tensor(t, name)
+        Hk, D = k_cache.shape[2], k_cache.shape[3]
+        if k.dim() != 4 or tuple(k.shape) != (B, Sq, Hk, D):
+            raise ValueError(f"k must be (B, Sq, Hk, D) = ({B}, {Sq}, {Hk}, {D}) to match q and k_cache, "
+                             f"got shape {tuple(k.shape)}")
+        append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table)
+    out, lse = ops.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, left,
+                                          right, Sq if k is not None else 0, num_splits)
+    return (out, lse) if return_lse else out
+
+
+def append_kv(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_seqlens: Tensor,
+    *,
+    block_table: Optional[Tensor] = None,
+) -> None:
+    """Write new keys/values into the caches in place: token ``cache_seqlens[b] + i`` of
+    sequence b becomes ``k[b, i]`` (same for v).
+
+    Args:
+        k_cache, v_cache: (B, S_max, Hk, D), or page pools (num_pages, page_size, Hk, D) with
+            ``block_table``; modified in place; last dim contiguous, other strides free.
         k, v: (B, Sn, Hk, D) with the caches' dtype and device.
         cache_seqlens: (B,) int32 on the caches' device: the current valid length of each
             sequence, i.e. where its new rows go. It is NOT advanced: the caller does
             ``cache_seqlens += Sn`` after the call (so several layers can append with the
             same lengths before one update).
+        block_table: (B, max_pages_per_seq) int32, for a paged cache (see
+            ``decode_attention``): the pages that will hold the new tokens must be in the
+            table already (the caller allocates pages).
 
     Raises ValueError when a write would land past the capacity (``cache_seqlens[b] + Sn >
-    S_max``) or at a negative row. On CUDA that check reads cache_seqlens on the host (one
-    synchronisation) and is skipped while a CUDA graph is being captured; then the kernel
-    silently drops out-of-range rows instead (memory is never written out of bounds).
+    S_max``, or ``max_pages_per_seq * page_size``) or at a negative row, and on the CPU when
+    a page index it would write is not in [0, num_pages). On CUDA the capacity check reads
+    cache_seqlens on the host (one synchronisation) and is skipped while a CUDA graph is
+    being captured; then the kernel silently drops out-of-range rows instead (memory is
+    never written out of bounds); page indices are never read on the host there and are
+    clamped into the pool. Two sequences appending into the same page rows race: the
+    allocator must give each its own pages for new tokens.
 
     An in-place op like torch's own: it bumps the caches' version counters (a cache saved
     for some backward and then appended to is reported when that backward runs). It is not
     differentiable, so with grad mode on it raises RuntimeError if a cache, k or v requires
     grad (call it under ``torch.no_grad()``/``torch.inference_mode()``). ValueError if a
     cache has elements sharing memory (an expand), if the two caches share elements (the
-    same tensor twice; k and v interleaved in one buffer are fine), or if k, v or
-    cache_seqlens share memory with a cache. k and v may be the same tensor (both are only
-    read).
+    same tensor twice; k and v interleaved in one buffer are fine), or if k, v,
+    cache_seqlens or block_table share memory with a cache. k and v may be the same tensor
+    (both are only read).
     """
-    _check_caches(k_cache, v_cache)
+    paged = block_table is not None
+    _check_caches(k_cache, v_cache, paged=paged)
     for t, name in ((k, "k"), (v, "v")):
         check_tensor(t, name)
         check_same_device(t, k_cache, name, "k_cache")
         check_same_dtype(t, k_cache, name, "k_cache")
-    B, _, Hk, D = k_cache.shape
+    _, _, Hk, D = k_cache.shape
+    B = k.shape[0] if (paged and k.dim() == 4) else k_cache.shape[0]
     if k.dim() != 4 or k.shape[0] != B or k.shape[2] != Hk or k.shape[3] != D:
-        raise ValueError(f"k must be (B, Sn, Hk, D) = ({B}, Sn, {Hk}, {D}) to match k_cache, got shape {tuple(k.shape)}")
+        batch = "B" if paged else str(B)
+        raise ValueError(f"k must be (B, Sn, Hk, D) = ({batch}, Sn, {Hk}, {D}) to match k_cache, "
+                         f"got shape {tuple(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     check_last_dim_contiguous(k, "k")
     check_last_dim_contiguous(v, "v")
+    if paged:
+        _check_block_table(block_table, k_cache, B)
     _check_cache_seqlens(cache_seqlens, k_cache, B)
-    ops.append_kv(k_cache, v_cache, k, v, cache_seqlens)
+    ops.append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table)
