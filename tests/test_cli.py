@@ -20,8 +20,11 @@ import fastattn
 from fastattn import __main__ as cli
 
 VOCAB, MAX_POS = 64, 32
+PAGED_PROMPT = "3 14 15 9 26"  # the tiny model continues it with varied tokens and no eos
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_OK = fastattn.cuda_built() and torch.cuda.is_available()
+PAGED_KERNELS = hasattr(fastattn, "attention_with_kvcache")
+PAGED_BACKEND = "fastattn" if PAGED_KERNELS else "torch"
 
 
 def write_tiny_llama(folder) -> str:
@@ -96,6 +99,10 @@ def _subprocess_cases(model_dir):
         "demo_cuda": ["demo", "--device", "cuda"],
         "negative_new_tokens": ["generate", "--model", model_dir, "--prompt", "5", "--max-new-tokens", "-1"],
         "ok": ["generate", "--model", model_dir, "--prompt", "5 6 7", "--max-new-tokens", "3", "--device", "cpu"],
+        "paged": ["generate", "--model", model_dir, "--prompt", PAGED_PROMPT, "--max-new-tokens", "8", "--device", "cpu",
+                  "--cache", "paged", "--page-size", "16", "--backend", PAGED_BACKEND],
+        "paged_contiguous": ["generate", "--model", model_dir, "--prompt", PAGED_PROMPT, "--max-new-tokens", "8",
+                             "--device", "cpu", "--cache", "contiguous", "--backend", PAGED_BACKEND],
     }
 
 
@@ -142,6 +149,17 @@ def test_subprocess_success_unchanged(runs, model_dir):
     assert "new tokens in" in r.stderr
 
 
+def test_subprocess_paged_cache_same_tokens(runs):
+    paged, contiguous = runs["paged"], runs["paged_contiguous"]
+    assert paged.returncode == 0 and contiguous.returncode == 0, paged.stderr + contiguous.stderr
+    assert "Traceback" not in paged.stderr
+    ids = [int(t) for t in paged.stdout.split()]
+    assert ids[:5] == [3, 14, 15, 9, 26] and len(ids) == 13
+    assert paged.stdout == contiguous.stdout
+    assert "paged KV cache: 1 pages of 16 tokens" in paged.stderr  # 5 + 7 tokens held
+    assert "paged KV cache" not in contiguous.stderr
+
+
 # ---- in-process: the whole matrix ---------------------------------------------------------
 def run_main(argv, capsys):
     """main(argv) -> (exit code, stdout, stderr)."""
@@ -182,6 +200,10 @@ def gen(model_dir, *extra, prompt="5 6 7"):
     (["--device", "tpu"], ["--device", "'tpu'"]),
     (["--backend", "jax"], ["--backend", "'jax'"]),
     (["--bogus"], ["--bogus", "python -m fastattn generate --help"]),
+    (["--cache", "paged", "--page-size", "0"], ["--page-size", ">= 1", "got 0"]),
+    (["--cache", "paged", "--page-size", "-4"], ["--page-size", ">= 1", "got -4"]),
+    (["--page-size", "16.5"], ["--page-size", "'16.5'"]),
+    (["--cache", "ring"], ["--cache", "'ring'", "contiguous", "paged"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("-") else None)
 def test_generate_bad_option_values(model_dir, capsys, extra, fragments):
     check(gen(model_dir, *extra), capsys, *fragments)
@@ -314,6 +336,30 @@ def test_generate_warns_when_sampling_options_are_ignored(model_dir, capsys):
     assert rc == 0 and "warning" not in err
     # the warning comes after every check: a bad input still gives exactly one line
     check(gen(model_dir, "--top-k", "5", prompt="5 x"), capsys, "--prompt", "'x'")
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("fastattn", marks=pytest.mark.skipif(not PAGED_KERNELS, reason="no paged-cache kernels in this build")),
+    "torch"])
+def test_generate_paged_cache_same_tokens(model_dir, capsys, backend):
+    argv = gen(model_dir, "--backend", backend, "--max-new-tokens", "8", prompt=PAGED_PROMPT)
+    rc, contiguous, err = run_main(argv, capsys)
+    assert rc == 0 and "paged" not in err
+    assert len(set(contiguous.split()[5:])) >= 3  # a varied continuation: a cache bug would show
+    for page_size, pages in (("1", 12), ("3", 4), ("16", 1)):  # 5 prompt + 7 appended tokens held
+        rc, out, err = run_main(argv + ["--cache", "paged", "--page-size", page_size], capsys)
+        assert rc == 0, err
+        assert out == contiguous
+        assert f"paged KV cache: {pages} pages of {page_size} tokens" in err
+
+
+def test_generate_paged_cache_without_kernels_is_a_usage_error(model_dir, capsys, monkeypatch):
+    import fastattn.models.llama as llama
+
+    monkeypatch.setattr(llama, "paged_kernels_available", lambda: False)
+    check(gen(model_dir, "--cache", "paged"), capsys, "--cache paged", "--backend torch")
+    rc, out, err = run_main(gen(model_dir, "--cache", "paged", "--backend", "torch"), capsys)
+    assert rc == 0 and out.split()[:3] == ["5", "6", "7"], err
 
 
 def test_unexpected_error_is_one_line_unless_debug(monkeypatch, capsys):
