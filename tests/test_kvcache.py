@@ -1,0 +1,390 @@
+"""Paged KV caches (block_table) for decode_attention and append_kv, and
+attention_with_kvcache (several new queries per sequence over a contiguous or paged cache):
+parity with fastattn.reference and between layouts, ragged lengths (0, page boundaries),
+page sizes 1 / 3 / 16 / 256, pages shuffled in a larger pool, GQA/MQA, causal / window,
+split-KV, query chunking, opcheck, torch.compile, bad input, CUDA graphs."""
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+
+from conftest import DEVICES, HAS_CUDA, assert_error_ratio
+
+HEADS = [(4, 4), (8, 2), (6, 1)]  # MHA, GQA 4, MQA
+
+
+def _head_dim(device):
+    return 64 if device == "cuda" else 40  # CPU kernels take any head dim
+
+
+def _dtypes(device):
+    return [torch.float16, torch.bfloat16] if device == "cuda" else [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _seqlens(lengths, device):
+    return torch.tensor(lengths, dtype=torch.int32, device=device)
+
+
+def _to_paged(kc, vc, page_size, spare_pages=3, generator=None):
+    """The dense caches (B, S_max, Hk, D) as page pools in shuffled order plus spare pages
+    (random data the kernels must never read), and the block table (B, ceil(S_max / ps))."""
+    B, S_max, Hk, D = kc.shape
+    per_seq = -(-S_max // page_size)
+    num_pages = B * per_seq + spare_pages
+    order = torch.randperm(num_pages, generator=generator)[: B * per_seq]
+    block_table = order.view(B, per_seq).to(torch.int32).to(kc.device)
+    pools = []
+    for cache in (kc, vc):
+        pool = torch.randn(num_pages, page_size, Hk, D, dtype=cache.dtype, device=cache.device)
+        padded = torch.zeros(B, per_seq * page_size, Hk, D, dtype=cache.dtype, device=cache.device)
+        padded[:, :S_max] = cache
+        pool[block_table.long().cpu().view(-1).to(cache.device)] = padded.view(B * per_seq, page_size, Hk, D)
+        pools.append(pool)
+    return pools[0], pools[1], block_table
+
+
+def _check(out, lse, true_out, true_lse, low_out, low_lse):
+    assert out.shape == true_out.shape and lse.shape == true_lse.shape and lse.dtype == torch.float32
+    assert_error_ratio(out, low_out, true_out, "out")
+    dead = torch.isneginf(true_lse)
+    assert torch.equal(torch.isneginf(lse), dead), "lse must be -inf exactly where a row sees no key"
+    assert_error_ratio(lse[~dead], low_lse[~dead].float(), true_lse[~dead], "lse", atol=1e-4)
+    dead_rows = dead.transpose(1, 2) if out.dim() == 4 else dead
+    assert (out[dead_rows] == 0).all(), "a row that sees no key must output 0"
+
+
+# ---- paged decode ------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page_size", [1, 3, 16, 256])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda hh: f"H{hh[0]}_Hk{hh[1]}")
+def test_paged_decode_matches_reference_and_contiguous(device, page_size, heads):
+    H, Hk = heads
+    D = _head_dim(device)
+    S_max = 2 * page_size + 40 if page_size < 256 else 512
+    # Ragged: empty, exactly one page, one past a page, mid-page, the full capacity.
+    lengths = [0, page_size, page_size + 1, min(S_max, 2 * page_size + 5), S_max]
+    B = len(lengths)
+    for dtype in _dtypes(device):
+        kc = torch.randn(B, S_max, Hk, D, dtype=dtype, device=device)
+        vc = torch.randn(B, S_max, Hk, D, dtype=dtype, device=device)
+        kp, vp, bt = _to_paged(kc, vc, page_size)
+        seqlens = _seqlens(lengths, device)
+        q = torch.randn(B, H, D, dtype=dtype, device=device)
+        true_out, true_lse = reference.decode_attention(q.double(), kc.double(), vc.double(), seqlens, return_lse=True)
+        low_out, low_lse = reference.decode_attention(q, kc, vc, seqlens, return_lse=True)
+        for num_splits in (1, 3, 0):
+            out, lse = fastattn.decode_attention(q, kp, vp, seqlens, block_table=bt, num_splits=num_splits,
+                                                 return_lse=True)
+            _check(out, lse, true_out, true_lse, low_out, low_lse)
+            if S_max % page_size == 0 and num_splits > 0:
+                # Same keys, same blocks, same split: the layouts must give the same bits.
+                out_c, lse_c = fastattn.decode_attention(q, kc, vc, seqlens, num_splits=num_splits, return_lse=True)
+                assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+        # The reference reading the pool through the table agrees with the dense reference.
+        ref_paged = reference.decode_attention(q.double(), kp.double(), vp.double(), seqlens, block_table=bt)
+        assert torch.allclose(ref_paged, true_out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_decode_shared_and_strided_pool(device):
+    """Two sequences sharing their first pages (prefix caching), a pool that is a strided view
+    of a bigger buffer, and a block table whose rows are a strided view too."""
+    D, Hk, H, ps = _head_dim(device), 2, 4, 4
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    base = torch.randn(2, 12, ps + 1, Hk + 1, D + 8, dtype=dtype, device=device)
+    kp, vp = base[0, :, 1:, :Hk, :D], base[1, :, 1:, :Hk, :D]
+    table = torch.tensor([[5, 7, 2, 0, 9, 9], [5, 7, 11, 0, 3, 3]], dtype=torch.int32, device=device)
+    bt = table[:, ::2]  # pages [5, 2, 9] and [5, 11, 3], stride 2 along the pages
+    seqlens = _seqlens([10, 9], device)
+    q = torch.randn(2, H, D, dtype=dtype, device=device)
+    out, lse = fastattn.decode_attention(q, kp, vp, seqlens, block_table=bt, return_lse=True)
+    kd = reference.paged_rows(kp, bt, 12)
+    vd = reference.paged_rows(vp, bt, 12)
+    true_out, true_lse = reference.decode_attention(q.double(), kd.double(), vd.double(), seqlens, return_lse=True)
+    low_out, low_lse = reference.decode_attention(q, kd, vd, seqlens, return_lse=True)
+    _check(out, lse, true_out, true_lse, low_out, low_lse)
+
+
+# ---- paged append ------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_paged_append_matches_reference(device, page_size):
+    """Rows crossing page boundaries land in the right (shuffled) pages; no other byte of the
+    pool changes."""
+    B, Hk, D = 3, 2, _head_dim(device)
+    for dtype in _dtypes(device):
+        kc = torch.randn(B, 4 * page_size + 8, Hk, D, dtype=dtype, device=device)
+        kp, vp, bt = _to_paged(kc, kc.clone(), page_size)
+        seqlens = _seqlens([0, page_size - 1, 2 * page_size], device)
+        Sn = page_size + 2
+        k = torch.randn(B, Sn, Hk, D, dtype=dtype, device=device)
+        v = torch.randn(B, Sn, Hk, D, dtype=dtype, device=device)
+        kr, vr = kp.clone(), vp.clone()
+        reference.append_kv(kr, vr, k, v, seqlens, block_table=bt)
+        fastattn.append_kv(kp, vp, k, v, seqlens, block_table=bt)
+        assert torch.equal(kp, kr) and torch.equal(vp, vr)
+        assert torch.equal(seqlens, _seqlens([0, page_size - 1, 2 * page_size], device)), "not advanced"
+
+
+def test_paged_append_then_decode_equals_contiguous():
+    """A decode loop on a paged cache (pages handed out as sequences grow) gives the same bits
+    as the same loop on a contiguous cache."""
+    B, H, Hk, D, ps, steps = 3, 8, 2, 32, 4, 11
+    S_max = 16
+    kc = torch.zeros(B, S_max, Hk, D)
+    vc = torch.zeros(B, S_max, Hk, D)
+    kp = torch.zeros(B * S_max // ps + 1, ps, Hk, D)
+    vp = torch.zeros_like(kp)
+    bt = torch.zeros(B, S_max // ps, dtype=torch.int32)
+    free = list(range(1, kp.shape[0]))[::-1]  # page 0 never used
+    len_c = _seqlens([0, 2, 5], "cpu")
+    len_p = len_c.clone()
+    for b, n in enumerate(len_c.tolist()):
+        for j in range(-(-n // ps)):
+            bt[b, j] = free.pop()
+    for _ in range(steps):
+        for b, n in enumerate(len_p.tolist()):
+            if n % ps == 0:
+                bt[b, n // ps] = free.pop()
+        q = torch.randn(B, H, D)
+        k, v = torch.randn(B, 1, Hk, D), torch.randn(B, 1, Hk, D)
+        fastattn.append_kv(kc, vc, k, v, len_c)
+        fastattn.append_kv(kp, vp, k, v, len_p, block_table=bt)
+        len_c += 1
+        len_p += 1
+        out_c = fastattn.decode_attention(q, kc, vc, len_c, num_splits=1)
+        out_p = fastattn.decode_attention(q, kp, vp, len_p, block_table=bt, num_splits=1)
+        assert torch.equal(out_c, out_p)
+
+
+# ---- attention_with_kvcache --------------------------------------------------------------
+def _kvcache_case(device, dtype, B, H, Hk, D, Sq, lengths, S_max, paged, page_size=16):
+    kc = torch.randn(B, S_max, Hk, D, dtype=dtype, device=device)
+    vc = torch.randn(B, S_max, Hk, D, dtype=dtype, device=device)
+    q = torch.randn(B, Sq, H, D, dtype=dtype, device=device)
+    k = torch.randn(B, Sq, Hk, D, dtype=dtype, device=device)
+    v = torch.randn(B, Sq, Hk, D, dtype=dtype, device=device)
+    seqlens = _seqlens(lengths, device)
+    bt = None
+    if paged:
+        kc, vc, bt = _to_paged(kc, vc, page_size)
+    return q, k, v, kc, vc, seqlens, bt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("append", [True, False], ids=["append", "noappend"])
+@pytest.mark.parametrize("mask", [(True, (-1, -1)), (False, (-1, -1)), (True, (5, 0)), (False, (3, 2))],
+                         ids=["causal", "full", "causal_window", "window"])
+@pytest.mark.parametrize("Sq", [1, 4, 16])
+def test_attention_with_kvcache_matches_reference(device, paged, append, mask, Sq):
+    causal, window = mask
+    B, H, Hk, D, S_max = 4, 8, 2, _head_dim(device), 64
+    # Lengths before the step: 0 (the queries see only themselves, or nothing without
+    # append), short (rows with no visible key when causal and Sq > length), page boundary.
+    lengths = [0, 2, 16, 40]
+    for dtype in _dtypes(device):
+        q, k, v, kc, vc, seqlens, bt = _kvcache_case(device, dtype, B, H, Hk, D, Sq, lengths, S_max, paged)
+        kw = dict(causal=causal, window=window, block_table=bt)
+        if append:
+            kw.update(k=k, v=v)
+        k_ref, v_ref = kc.double(), vc.double()  # copies: the reference appends into them
+        true_out, true_lse = reference.attention_with_kvcache(
+            q.double(), k_ref, v_ref, seqlens,
+            **{**kw, **({"k": k.double(), "v": v.double()} if append else {})}, return_lse=True)
+        low_out, low_lse = reference.attention_with_kvcache(q, kc.clone(), vc.clone(), seqlens, **kw,
+                                                            return_lse=True)
+        out, lse = fastattn.attention_with_kvcache(q, kc, vc, seqlens, **kw, return_lse=True)
+        _check(out, lse, true_out, true_lse, low_out, low_lse)
+        if append:  # the new rows are in the caches, the lengths untouched
+            assert torch.equal(kc.double(), k_ref) and torch.equal(vc.double(), v_ref)
+            assert torch.equal(seqlens, _seqlens(lengths, device))
+        # Split-KV merges exactly what one split computes (up to fp32 rounding).
+        # (With append, the rows are in the caches now: the same keys are cache_seqlens + Sq.)
+        keys = seqlens + Sq if append else seqlens
+        out_s = fastattn.attention_with_kvcache(q, kc, vc, keys, causal=causal, window=window, block_table=bt,
+                                                num_splits=3)
+        assert_error_ratio(out_s, low_out, true_out, "out (num_splits=3)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_with_kvcache_single_query_is_decode(device):
+    B, H, Hk, D = 3, 8, 2, _head_dim(device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    q, _, _, kc, vc, seqlens, bt = _kvcache_case(device, dtype, B, H, Hk, D, 1, [0, 7, 33], 48, paged=True)
+    for splits in (1, 4):
+        out, lse = fastattn.attention_with_kvcache(q, kc, vc, seqlens, block_table=bt, num_splits=splits,
+                                                   return_lse=True)
+        out_d, lse_d = fastattn.decode_attention(q, kc, vc, seqlens, block_table=bt, num_splits=splits,
+                                                 return_lse=True)
+        assert torch.equal(out, out_d) and torch.equal(lse[..., 0], lse_d)
+
+
+def test_attention_with_kvcache_long_query_block_chunks():
+    """Sq large enough that the CPU kernel cuts the queries into several chunks (and odd)."""
+    B, H, Hk, D, Sq = 2, 8, 2, 64, 130
+    q, k, v, kc, vc, seqlens, bt = _kvcache_case("cpu", torch.float32, B, H, Hk, D, Sq, [0, 100], 256, paged=True)
+    true_out, true_lse = reference.attention_with_kvcache(q.double(), kc.clone().double(), vc.clone().double(),
+                                                          seqlens, k=k.double(), v=v.double(), block_table=bt,
+                                                          return_lse=True)
+    low_out, low_lse = reference.attention_with_kvcache(q, kc.clone(), vc.clone(), seqlens, k=k, v=v,
+                                                        block_table=bt, return_lse=True)
+    out, lse = fastattn.attention_with_kvcache(q, kc, vc, seqlens, k=k, v=v, block_table=bt, return_lse=True)
+    _check(out, lse, true_out, true_lse, low_out, low_lse)
+
+
+def test_attention_with_kvcache_empty_shapes():
+    q = torch.randn(2, 0, 4, 16)
+    kc = torch.randn(2, 8, 2, 16)
+    out, lse = fastattn.attention_with_kvcache(q, kc, kc.clone(), _seqlens([1, 2], "cpu"), return_lse=True)
+    assert out.shape == (2, 0, 4, 16) and lse.shape == (2, 4, 0)
+
+
+# ---- op contracts ------------------------------------------------------------------------
+def test_opcheck():
+    B, H, Hk, D, ps = 2, 4, 2, 16, 4
+    kc = torch.randn(B, 12, Hk, D)
+    kp, vp, bt = _to_paged(kc, kc.clone(), ps)
+    seqlens = _seqlens([5, 12], "cpu")
+    q = torch.randn(B, H, D)
+    torch.library.opcheck(torch.ops.fastattn.decode_attention, (q, kp, vp, seqlens, None, 0, bt))
+    q4 = torch.randn(B, 3, H, D)
+    torch.library.opcheck(torch.ops.fastattn.attention_with_kvcache, (q4, kp, vp, seqlens, bt, None, -1, 0, 0, 0))
+    torch.library.opcheck(torch.ops.fastattn.attention_with_kvcache, (q4, kc, kc, seqlens, None, 0.3, 2, 1, 0, 2))
+    k = torch.randn(B, 2, Hk, D)
+    torch.library.opcheck(torch.ops.fastattn.append_kv, (kp, vp, k, k.clone(), _seqlens([3, 9], "cpu"), bt))
+
+
+def test_not_differentiable():
+    q = torch.randn(1, 2, 2, 8, requires_grad=True)
+    kc = torch.randn(1, 4, 2, 8)
+    out = fastattn.attention_with_kvcache(q, kc, kc, _seqlens([4], "cpu"))
+    assert not out.requires_grad
+
+
+def test_torch_compile_fullgraph_paged_step():
+    """A paged decode step (append + attend) and a multi-token step under
+    torch.compile(fullgraph=True) equal eager."""
+    B, H, Hk, D, ps = 2, 8, 2, 32, 8
+    kc = torch.randn(B, 32, Hk, D)
+    kp, vp, bt = _to_paged(kc, kc.clone(), ps)
+    seqlens = _seqlens([3, 17], "cpu")
+
+    def step(q, kp, vp, k, v, seqlens, bt):
+        fastattn.append_kv(kp, vp, k, v, seqlens, block_table=bt)
+        out = fastattn.decode_attention(q, kp, vp, seqlens + 1, block_table=bt)
+        multi = fastattn.attention_with_kvcache(q.unsqueeze(1).expand(B, 2, H, D).contiguous(), kp, vp, seqlens + 1,
+                                                block_table=bt, window=(4, 0))
+        return out, multi
+
+    q = torch.randn(B, H, D)
+    k, v = torch.randn(B, 1, Hk, D), torch.randn(B, 1, Hk, D)
+    kp2, vp2 = kp.clone(), vp.clone()
+    eager = step(q, kp, vp, k, v, seqlens, bt)
+    compiled = torch.compile(step, fullgraph=True)(q, kp2, vp2, k, v, seqlens, bt)
+    assert torch.equal(kp, kp2) and torch.equal(vp, vp2)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
+def test_bad_inputs():
+    B, H, Hk, D, ps = 2, 4, 2, 16, 4
+    kp = torch.randn(10, ps, Hk, D)
+    vp = torch.randn(10, ps, Hk, D)
+    bt = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.int32)
+    seqlens = _seqlens([5, 12], "cpu")
+    q = torch.randn(B, H, D)
+    with pytest.raises(ValueError, match="block_table must be int32"):
+        fastattn.decode_attention(q, kp, vp, seqlens, block_table=bt.long())
+    with pytest.raises(ValueError, match=r"block_table must have shape \(2, max_pages_per_seq\)"):
+        fastattn.decode_attention(q, kp, vp, seqlens, block_table=bt[:1])
+    with pytest.raises(ValueError, match="page pool"):
+        fastattn.decode_attention(q, kp[0], vp[0], seqlens, block_table=bt)
+    with pytest.raises(ValueError, match=r"cache capacity max_pages_per_seq \* page_size"):
+        fastattn.decode_attention(q, kp, vp, _seqlens([5, 13], "cpu"), block_table=bt)
+    bad = bt.clone()
+    bad[1, 2] = 10
+    with pytest.raises(ValueError, match=r"block_table\[1, 2\] = 10 is not a page of the pool"):
+        fastattn.decode_attention(q, kp, vp, seqlens, block_table=bad)
+    bad[1, 2] = -1  # unused by a sequence of length 8: never read, so accepted
+    fastattn.decode_attention(q, kp, vp, _seqlens([5, 8], "cpu"), block_table=bad)
+    k = torch.randn(B, 2, Hk, D)
+    with pytest.raises(ValueError, match=r"block_table\[1, 2\] = -1 is not a page of the pool"):
+        fastattn.append_kv(kp, vp, k, k, _seqlens([0, 7], "cpu"), block_table=bad)
+    with pytest.raises(ValueError, match="exceeds the cache capacity max_pages_per_seq"):
+        fastattn.append_kv(kp, vp, k, k, _seqlens([0, 11], "cpu"), block_table=bt)
+    with pytest.raises(ValueError, match="overlap"):
+        fastattn.append_kv(kp, vp, k, k, seqlens, block_table=kp.view(torch.int32)[:2, :3, 0, 0])
+    q4 = torch.randn(B, 3, H, D)
+    with pytest.raises(ValueError, match="k and v must be given together"):
+        fastattn.attention_with_kvcache(q4, kp, vp, seqlens, k=k, block_table=bt)
+    with pytest.raises(ValueError, match=r"k must be \(B, Sq, Hk, D\)"):
+        fastattn.attention_with_kvcache(q4, kp, vp, seqlens, k=k, v=k, block_table=bt)
+    with pytest.raises(ValueError, match=r"q must be \(B, Sq, H, D\)"):
+        fastattn.attention_with_kvcache(q, kp, vp, seqlens, block_table=bt)
+    with pytest.raises(ValueError, match="window"):
+        fastattn.attention_with_kvcache(q4, kp, vp, seqlens, block_table=bt, window=(-2, 0))
+    with pytest.raises(ValueError, match=r"plus the 3 new rows|exceeds the cache capacity"):
+        k3 = torch.randn(B, 3, Hk, D)
+        fastattn.attention_with_kvcache(q4, kp, vp, _seqlens([0, 10], "cpu"), k=k3, v=k3, block_table=bt)
+    with pytest.raises(ValueError, match="plus the 3 new rows"):
+        torch.ops.fastattn.attention_with_kvcache(q4, kp, vp, _seqlens([0, 10], "cpu"), bt, None, -1, 0, 3, 0)
+    with pytest.raises(ValueError, match="num_splits"):
+        fastattn.attention_with_kvcache(q4, kp, vp, seqlens, block_table=bt, num_splits=-1)
+
+
+# ---- CUDA --------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_paged_bad_page_index_is_clamped():
+    """CUDA never reads the table on the host: an out-of-range entry is clamped into the pool
+    (finite output, no fault); the documented cost is a wrong page, not corrupted memory."""
+    dev, D = "cuda", 64
+    kp = torch.randn(4, 16, 2, D, dtype=torch.float16, device=dev)
+    bt = torch.tensor([[0, 1000], [-7, 2]], dtype=torch.int32, device=dev)
+    out = fastattn.decode_attention(torch.randn(2, 4, D, dtype=torch.float16, device=dev), kp, kp,
+                                    _seqlens([20, 30], dev), block_table=bt)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_graph_capture_paged_decode_step():
+    """A paged decode step (append + decode, num_splits=0) captured once and replayed while the
+    block table is updated in place: no host sync inside; every replay matches eager."""
+    dev, dtype = "cuda", torch.bfloat16
+    B, H, Hk, D, ps = 3, 32, 8, 128, 16
+    S_max = 1024
+    kc = torch.randn(B, S_max, Hk, D, dtype=dtype, device=dev)
+    kp, vp, bt = _to_paged(kc, kc.clone(), ps)
+    seqlens = _seqlens([100, 1, 700], dev)
+    q = torch.randn(B, H, D, dtype=dtype, device=dev)
+    k_new = torch.randn(B, 1, Hk, D, dtype=dtype, device=dev)
+    v_new = torch.randn(B, 1, Hk, D, dtype=dtype, device=dev)
+
+    def step():
+        fastattn.append_kv(kp, vp, k_new, v_new, seqlens, block_table=bt)
+        seqlens.add_(1)
+        return fastattn.decode_attention(q, kp, vp, seqlens, block_table=bt, return_lse=True)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g, lse_g = step()
+    for _ in range(3):
+        q.copy_(torch.randn_like(q))
+        k_new.copy_(torch.randn_like(k_new))
+        v_new.copy_(torch.randn_like(v_new))
+        bt.copy_(bt.roll(1, 0))  # the same pages, dealt to other sequences
+        before = seqlens.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(seqlens, before + 1)
+        out_e, lse_e = fastattn.decode_attention(q, kp, vp, seqlens, block_table=bt, return_lse=True)
+        assert torch.equal(out_g, out_e) and torch.equal(lse_g, lse_e)
