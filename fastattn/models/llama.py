@@ -11,10 +11,13 @@ RMSNorm -> SwiGLU MLP -> residual, then a final norm and the LM head.
 Backends (same weights, same outputs within rounding):
   "fastattn"  fastattn.rms_norm (residual add fused into the norm), fastattn.apply_rotary,
               fastattn.flash_attention for prefill and training, fastattn.append_kv +
-              fastattn.decode_attention for one-token decode steps.
+              fastattn.decode_attention for one-token decode steps (both given the block
+              table on a paged cache).
   "torch"     fastattn.reference only (the plain-torch ground truth), except that the KV
-              cache write is a vectorised index_put (the reference's per-sequence loop syncs
-              with the host, which torch.compile cannot trace).
+              cache write is a vectorised index_put, through the block table on a paged
+              cache (the reference's per-sequence loop syncs with the host, which
+              torch.compile and CUDA graphs cannot take; tests check it writes what
+              reference.append_kv writes).
 
 KV cache: preallocated for (batch, max length) per layer; ``cache_seqlens`` (B,) int32 holds
 each sequence's valid length, so one batch can hold prompts of different lengths.
