@@ -171,3 +171,230 @@ def test_split_heuristic_fills_one_wave(emu):
             n = f(blocks, 132, s)
             assert 1 <= n <= 128
             assert n == 1 or blocks * n <= 132
+
+
+# ---- paged caches and several query rows (attention_with_kvcache) -------------------------
+
+def _to_pool(dense, page, extra, table=None, padded=False):
+    """Scatter a dense cache (B, cap, Hk, D) (cap a multiple of page) into a pool of
+    B * cap / page + extra pages, in shuffled order (or as `table` says); unused pages hold
+    NaN, which must never reach an output. padded: the pool is a view of a bigger buffer, so
+    its page, row and head strides differ from a compact pool's (K and V then differ)."""
+    B, cap, Hk, D = dense.shape
+    mp = cap // page
+    n = B * mp + extra
+    if table is None:
+        table = torch.randperm(n)[:B * mp].view(B, mp).to(torch.int32)
+    if padded:
+        pool = torch.full((n, page + 1, Hk + 1, D + 8), float("nan"), dtype=dense.dtype)[:, :page, :Hk, :D]
+    else:
+        pool = torch.full((n, page, Hk, D), float("nan"), dtype=dense.dtype)
+    pool[table.long()] = dense.view(B, mp, page, Hk, D)
+    return pool, table
+
+
+def _make_cache(B, cap, Hk, D, dtype, lengths, dead_before=None):
+    """Dense K/V caches with NaN in rows no query may see: at and past each length, and
+    before dead_before[b] (keys left of every row's window, which the kernel must skip)."""
+    kc = torch.randn(B, cap, Hk, D).to(dtype)
+    vc = torch.randn(B, cap, Hk, D).to(dtype)
+    for b, n in enumerate(lengths):
+        kc[b, n:] = float("nan")
+        vc[b, n:] = float("nan")
+        if dead_before is not None:
+            kc[b, :dead_before[b]] = float("nan")
+            vc[b, :dead_before[b]] = float("nan")
+    return kc, vc
+
+
+def _check_kvcache(q, kc, vc, key_lens, out, lse, scale, window, block_table=None):
+    """Compare with reference.attention_with_kvcache at key lengths key_lens (B,), the
+    caches' NaN rows zeroed for the reference (the kernel must never have read them)."""
+    kc0, vc0 = kc.nan_to_num(0.0), vc.nan_to_num(0.0)
+    true_out, true_lse = reference.attention_with_kvcache(
+        q.double(), kc0.double(), vc0.double(), key_lens, block_table=block_table, causal=False, window=window,
+        softmax_scale=scale, return_lse=True)
+    low_out = reference.attention_with_kvcache(q, kc0, vc0, key_lens, block_table=block_table, causal=False,
+                                               window=window, softmax_scale=scale)
+    assert_error_ratio(out, low_out, true_out, "out")
+    dead = torch.isneginf(true_lse)  # (B, H, Sq): rows that see no key
+    assert torch.isneginf(lse[dead]).all()
+    assert (out.permute(0, 2, 1, 3)[dead] == 0).all()
+    torch.testing.assert_close(lse[~dead].double(), true_lse[~dead].double(), atol=2e-3, rtol=0)
+    return dead
+
+
+# (dtype, D, H, Hk, page_size, lengths, max_pages, num_splits, mode)
+PAGED_CASES = [
+    (torch.bfloat16, 64, 8, 2, 1, [37, 0, 40], 40, 1, 0),           # page 1: every row its own page
+    (torch.float16, 128, 4, 1, 16, [32, 48, 5, 0], 4, 3, 1),        # MQA, lengths on page bounds, splits
+    (torch.bfloat16, 64, 16, 2, 256, [256, 300, 1], 2, 2, 2),       # page 256 > tile, length at a bound
+    (torch.float16, 256, 8, 1, 3, [9, 100, 0], 40, 2, 3),           # odd page size, D 256, MQA G = 8
+    (torch.float16, 64, 4, 4, 16, [160, 17], 12, 4, 1),             # MHA, more splits, late copies
+    (torch.bfloat16, 64, 40, 1, 7, [50], 8, 1, 0),                  # G = 40: two blocks per kv head
+]
+
+
+@pytest.mark.parametrize("case", PAGED_CASES, ids=lambda c: f"{str(c[0])[6:]}_D{c[1]}_H{c[2]}_Hk{c[3]}_p{c[4]}_s{c[7]}_m{c[8]}")
+def test_emulated_paged_decode_matches_reference(emu, case):
+    dtype, D, H, Hk, page, lengths, mp, num_splits, mode = case
+    B = len(lengths)
+    kd, vd = _make_cache(B, mp * page, Hk, D, dtype, lengths)
+    kp, table = _to_pool(kd, page, extra=3)
+    vp, _ = _to_pool(vd, page, extra=3, table=table, padded=True)
+    assert kp.stride() != vp.stride()
+    q = torch.randn(B, H, D).to(dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    scale = 1.0 / math.sqrt(D)
+    out, lse = _emulated_decode(emu, q, kp, vp, seqlens, scale, num_splits, mode, block_table=table)
+    true_out, true_lse = reference.decode_attention(q.double(), kp.nan_to_num(0.0).double(),
+                                                    vp.nan_to_num(0.0).double(), seqlens, softmax_scale=scale,
+                                                    return_lse=True, block_table=table)
+    low_out = reference.decode_attention(q, kp.nan_to_num(0.0), vp.nan_to_num(0.0), seqlens, softmax_scale=scale,
+                                         block_table=table)
+    assert_error_ratio(out, low_out, true_out, "out")
+    finite = seqlens.long() > 0
+    assert torch.isneginf(lse[~finite]).all() and (out[~finite] == 0).all()
+    torch.testing.assert_close(lse[finite].double(), true_lse[finite].double(), atol=2e-3, rtol=0)
+    # The same cache, contiguous: the two layouts give the same numbers (same key order).
+    out_c, lse_c = _emulated_decode(emu, q, kd, vd, seqlens, scale, num_splits, mode)
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+
+
+# (dtype, D, H, Hk, Sq, seqlens_k_add, window, cache lengths, page (0: contiguous), cap, splits, mode)
+MQ_CASES = [
+    (torch.bfloat16, 64, 8, 2, 1, 0, (5, 0), [40, 3, 0], 0, 48, 2, 0),       # windowed decode: kbeg only
+    (torch.float16, 64, 8, 2, 3, 3, (-1, 0), [10, 0, 130], 16, 144, 2, 1),   # causal chunk, paged
+    (torch.bfloat16, 64, 4, 1, 16, 16, (-1, 0), [100, 0], 0, 128, 3, 2),     # Sq 16, G 4: 64 rows, 2 slices
+    (torch.float16, 128, 2, 2, 16, 16, (5, 0), [200, 3], 16, 224, 2, 1),     # sliding window, paged, D 128
+    (torch.bfloat16, 64, 12, 1, 3, 0, (-1, -1), [50, 2, 0], 0, 64, 1, 3),    # no mask, G 12 x 3 = 36 rows
+    (torch.float16, 64, 4, 2, 3, 0, (-1, 0), [2, 1, 0, 5], 3, 6, 1, 0),      # rows before key 0 see nothing
+    (torch.bfloat16, 64, 4, 2, 5, 0, (0, 0), [3, 7], 0, 8, 2, 1),           # only its own key; some none
+    (torch.float16, 64, 6, 3, 5, 0, (4, 2), [30, 6], 7, 35, 3, 2),           # window with a right side
+    (torch.bfloat16, 256, 16, 2, 16, 16, (5, 0), [40], 0, 64, 2, 3),         # D 256: 8 rows x 16 = 8 slices
+    (torch.float16, 64, 8, 1, 16, 16, (-1, 0), [300], 16, 320, 5, 1),        # G 8 x 16: 4 slices, 5 splits
+    # Edge steps: a 32-key step is unmasked only if inside every row's range. Left-only window
+    # (no right bound): step [0, 32) is inside row 0's range but not row 15's.
+    (torch.float16, 64, 4, 2, 16, 16, (20, -1), [200], 0, 224, 1, 0),
+    # Causal, key length 140: step [96, 128) ends inside row 15's range but past row 0's.
+    (torch.bfloat16, 64, 4, 1, 16, 0, (-1, 0), [140], 0, 160, 1, 2),
+]
+
+
+@pytest.mark.parametrize("case", MQ_CASES,
+                         ids=lambda c: f"{str(c[0])[6:]}_D{c[1]}_H{c[2]}_Hk{c[3]}_Sq{c[4]}_add{c[5]}_w{c[6][0]}_{c[6][1]}_p{c[8]}_s{c[10]}")
+def test_emulated_kvcache_attention_matches_reference(emu, case):
+    dtype, D, H, Hk, Sq, add, window, lengths, page, cap, num_splits, mode = case
+    B = len(lengths)
+    key_lens = [n + add for n in lengths]
+    # Keys left of every row's window (kbeg = key_len - Sq - window_left) are NaN: skipped.
+    dead = [max(n - Sq - window[0], 0) if window[0] >= 0 else 0 for n in key_lens]
+    kc, vc = _make_cache(B, cap, Hk, D, dtype, key_lens, dead)
+    table = None
+    if page:
+        kc, table = _to_pool(kc, page, extra=2, padded=True)
+        vc, _ = _to_pool(vc, page, extra=2, table=table)
+    # q as a (B, H, Sq, D) buffer seen as (B, Sq, H, D): row stride D, head stride Sq * D.
+    q = torch.randn(B, H, Sq, D).to(dtype).transpose(1, 2)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    scale = 1.0 / math.sqrt(D)
+    out, lse = _emulated_decode(emu, q, kc, vc, seqlens, scale, num_splits, mode, block_table=table,
+                                seqlens_k_add=add, window=window, out_transposed=Sq > 1)
+    dead_rows = _check_kvcache(q, kc, vc, torch.tensor(key_lens), out, lse, scale, window, table)
+    # The cases mean to cover rows without any key where they say so (and not elsewhere).
+    if window in ((-1, 0), (0, 0)) and add == 0 and min(lengths) < Sq:
+        assert dead_rows.any()
+
+
+def test_emulated_kvcache_split_invariance(emu):
+    """Causal multi-query rows give the same result for 1 and several splits (the splits cut
+    [kbeg, len) and the combine merges exactly, up to fp32 rounding)."""
+    dtype, D, H, Hk, Sq = torch.float16, 64, 4, 2, 8
+    lengths = [150, 9]
+    key_lens = [n + Sq for n in lengths]
+    kc, vc = _make_cache(2, 160, Hk, D, dtype, key_lens, [max(n - Sq - 20, 0) for n in key_lens])
+    q = torch.randn(2, Sq, H, D).to(dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    o1, l1 = _emulated_decode(emu, q, kc, vc, seqlens, 0.125, 1, 0, seqlens_k_add=Sq, window=(20, 0))
+    o4, l4 = _emulated_decode(emu, q, kc, vc, seqlens, 0.125, 4, 1, seqlens_k_add=Sq, window=(20, 0))
+    torch.testing.assert_close(o4.float(), o1.float(), atol=2e-3, rtol=0)
+    torch.testing.assert_close(l4, l1, atol=1e-5, rtol=0)
+
+
+def _append(emu, kc, vc, k, v, seqlens, table, es, vec, cap):
+    B, Sn, Hk, D = k.shape
+    if table is None:
+        bt_stride, page, npages = 0, 0, 0
+    else:
+        bt_stride, page, npages = table.stride(0), kc.shape[1], kc.shape[0]
+    rc = emu.append_kv_emulate(_ptrs(kc, vc, k, v, seqlens, table),
+                               _ints(*kc.stride()[:3], *vc.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                                     B, Sn, cap, Hk, D, es, vec, 3, bt_stride, page, npages))
+    assert rc == 0
+
+
+@pytest.mark.parametrize("page", [1, 3, 16])
+def test_emulated_paged_append_kv_kernel(emu, page):
+    for dtype, vec, es in ((torch.bfloat16, 1, 2), (torch.float16, 0, 2), (torch.float32, 1, 4)):
+        B, Hk, D, Sn, mp = 4, 2, 16, 5, 48 // page
+        cap = mp * page
+        kp, table = _to_pool(torch.randn(B, cap, Hk, D).to(dtype), page, extra=3)
+        vp, _ = _to_pool(torch.randn(B, cap, Hk, D).to(dtype), page, extra=3, table=table, padded=True)
+        # Unused pages: finite markers that must stay untouched (NaN would not compare equal).
+        kp.nan_to_num_(-7.0)
+        vp.nan_to_num_(7.0)
+        k = torch.randn(B, Sn, Hk, D).to(dtype)
+        v = torch.randn(B, Sn, Hk, D).to(dtype)
+        # Rows crossing page boundaries; the last sequence runs past capacity (dropped rows).
+        starts = [0, 14, 30, cap - 2]
+        seqlens = torch.tensor(starts, dtype=torch.int32)
+        k_ref, v_ref = kp.clone(), vp.clone()
+        for b, start in enumerate(starts):
+            n = min(Sn, cap - start)
+            reference.append_kv(k_ref, v_ref, k[b:b + 1, :n], v[b:b + 1, :n], seqlens[b:b + 1], table[b:b + 1])
+        _append(emu, kp, vp, k, v, seqlens, table, es, vec, cap)
+        assert torch.equal(kp, k_ref) and torch.equal(vp, v_ref), (dtype, vec, page)
+
+
+def test_emulated_bad_page_indices_stay_in_the_pool(emu):
+    """block_table entries outside [0, num_pages) are clamped by KvLayout: decode reads and
+    append writes stay inside the pool. The pool is a slice of a larger buffer whose pages
+    around it hold NaN (decode) or sentinels (append)."""
+    dtype, D, H, Hk, page, mp, B = torch.float16, 64, 4, 2, 4, 6, 2
+    n = B * mp + 4
+    kbig = torch.full((n + 4, page, Hk, D), float("nan"), dtype=dtype)
+    vbig = torch.full((n + 4, page, Hk, D), float("nan"), dtype=dtype)
+    kp, vp = kbig[2:-2], vbig[2:-2]
+    kp.copy_(torch.randn(n, page, Hk, D))
+    vp.copy_(torch.randn(n, page, Hk, D))
+    table = (torch.randperm(n - 2)[:B * mp] + 1).view(B, mp).to(torch.int32)  # pages 0, n-1 unused
+    # Just outside the pool on both sides, within the two guard pages of the buffer, so that
+    # an unclamped access shows up as NaN / a changed sentinel rather than a crash.
+    table[0, 1] = -2          # clamps to page 0
+    table[1, 0] = n + 1       # clamps to page n - 1
+    table[1, 3] = n           # one past the end: also page n - 1
+    clamped = table.clamp(0, n - 1)
+    lengths = [mp * page, 15]
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(B, H, D).to(dtype)
+    out, lse = _emulated_decode(emu, q, kp, vp, seqlens, 0.125, 2, 1, block_table=table)
+    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
+    true_out = reference.decode_attention(q.double(), kp.double(), vp.double(), seqlens, softmax_scale=0.125,
+                                          block_table=clamped)
+    low_out = reference.decode_attention(q, kp, vp, seqlens, softmax_scale=0.125, block_table=clamped)
+    assert_error_ratio(out, low_out, true_out, "out")
+
+    # append: sentinels around the pool; writes through bad entries land on the clamped pages.
+    kbig.fill_(3.0)
+    vbig.fill_(-3.0)
+    kp.copy_(torch.randn(n, page, Hk, D))
+    vp.copy_(torch.randn(n, page, Hk, D))
+    k = torch.randn(B, 6, Hk, D).to(dtype)
+    v = torch.randn(B, 6, Hk, D).to(dtype)
+    starts = torch.tensor([2, 0], dtype=torch.int32)  # seq 0 rows 2..7 (pages 0, 1), seq 1 rows 0..5
+    k_ref, v_ref = kp.clone(), vp.clone()
+    reference.append_kv(k_ref, v_ref, k, v, starts, clamped)
+    _append(emu, kp, vp, k, v, starts, table, 2, 1, mp * page)
+    assert torch.equal(kp, k_ref) and torch.equal(vp, v_ref)
+    assert (kbig[:2] == 3.0).all() and (kbig[-2:] == 3.0).all()
+    assert (vbig[:2] == -3.0).all() and (vbig[-2:] == -3.0).all()
