@@ -213,10 +213,7 @@ def _causal_attention(backend: str, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def _append_kv(backend: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, write_at: Tensor,
                block_table: Optional[Tensor] = None) -> None:
     if backend == "fastattn":
-        if block_table is None:
-            fastattn.append_kv(k_cache, v_cache, k, v, write_at)
-        else:
-            fastattn.append_kv(k_cache, v_cache, k, v, write_at, block_table=block_table)
+        fastattn.append_kv(k_cache, v_cache, k, v, write_at, block_table=block_table)
         return
     # rows [write_at[b], write_at[b] + Sn) of sequence b; on a paged cache, row t of sequence
     # b is slot t % page_size of page block_table[b, t // page_size] (reference.paged_rows)
@@ -233,8 +230,6 @@ def _append_kv(backend: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Ten
 def _decode_attention(backend: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
                       block_table: Optional[Tensor] = None) -> Tensor:
     if backend == "fastattn":
-        if block_table is None:
-            return fastattn.decode_attention(q, k_cache, v_cache, lengths)
         return fastattn.decode_attention(q, k_cache, v_cache, lengths, block_table=block_table)
     return reference.decode_attention(q, k_cache, v_cache, lengths, block_table=block_table)
 
