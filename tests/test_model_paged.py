@@ -283,6 +283,13 @@ def test_fastattn_backend_without_paged_kernels_says_so(model):
         m.generate(ids, 2, prompt_lengths=lens, cache="paged")
 
 
+def test_capture_decode_step_on_a_paged_cpu_cache_needs_cuda(model):
+    m = with_backend(model, "torch")
+    m.setup_cache(2, 8, cache="paged", page_size=4)
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        m.capture_decode_step()
+
+
 # ---- CUDA ------------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
