@@ -12,9 +12,10 @@ test_decode_paged (op "decode_attention+paged"): fastattn.decode_attention over 
     the same for both layouts.
 
 test_attention_with_kvcache: fastattn.attention_with_kvcache (Sq new queries per sequence over
-    a cache of L = 4096 keys, bottom-right causal, no append: the keys are already cached) with
-    Sq in 1, 4, 16, 128, contiguous cache ("/contiguous") and a shuffled page-16 pool
-    ("/page16"), against
+    a cache of L = 4096 keys, bottom-right causal, no append: the keys are already cached), B = 8,
+    H = 32, Hk = 8, D = 128, with Sq in 1, 4, 16, 128 on a contiguous cache ("/contiguous") and
+    Sq 1 and 16 (all four on CUDA) on a shuffled page-16 pool ("/page16"); on the CPU the
+    Sq = 128 rows use B = 2 so the suite stays minutes. Against
       sdpa: F.scaled_dot_product_attention(enable_gqa=True), as bench_decode, on the equivalent
           dense keys [0, L) (the cache itself, sliced; for the paged rows, the dense tensors the
           pool was filled from), with the bottom-right causal mask as a boolean attn_mask (its
@@ -43,16 +44,22 @@ if TINY:
     DTYPES = [torch.float32]
     # (B, L, H, Hk, D)
     KV_SHAPES = [(2, 64, 4, 2, 32)]
-    SQ_LAYOUTS = [(1, None), (4, None), (1, 16), (4, 16)]  # (Sq, page size or None)
+    SQ_LAYOUTS = [(1, None), (4, None), (16, None), (1, 16), (4, 16)]  # (Sq, page size or None)
 else:
     DECODE_BATCHES = [(8, 3584, 4608, 32, 8, 128)]
     PAGE_SIZES = [1, 16, 256]
     DTYPES = [torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.bfloat16]
     KV_SHAPES = [(8, 4096, 32, 8, 128)]
-    SQ_LAYOUTS = [(1, None), (4, None), (16, None), (128, None), (1, 16), (4, 16), (16, 16), (128, 16)]
+    SQ_LAYOUTS = [(1, None), (4, None), (16, None), (128, None), (1, 16), (16, 16)]
+    if DEVICE == "cuda":
+        SQ_LAYOUTS += [(4, 16), (128, 16)]
+# The chunked-prefill step (Sq = 128) on the CPU runs at batch 2 (its 4 * 8 * 128 * 4096 * 32 * 128
+# FLOPs at batch 8 take seconds per call on a few cores: the suite must stay minutes).
+CPU_CHUNKED_PREFILL_BATCH = 2
 DECODE_IMPLS = ["fastattn", "fastattn-contiguous"]
 KV_IMPLS = ["fastattn", "fastattn-decode", "sdpa"]
-CHUNKED_PREFILL_SQ = 64  # Sq at or above this: a chunked-prefill step, reported in TFLOP/s
+# Sq at or above this: a chunked-prefill step, reported in TFLOP/s (tiny: Sq = 16 takes that path)
+CHUNKED_PREFILL_SQ = 16 if TINY else 64
 
 
 def _dtype_id(d):
@@ -134,6 +141,8 @@ def _sq_id(s):
 def test_attention_with_kvcache(bench, impl, sq_layout, dtype, shape):
     B, L, H, Hk, D = shape
     Sq, page_size = sq_layout
+    if Sq >= CHUNKED_PREFILL_SQ and DEVICE == "cpu" and not TINY:
+        B = min(B, CPU_CHUNKED_PREFILL_BATCH)
     if impl == "fastattn-decode" and Sq != 1:
         pytest.skip("decode_attention takes one query per sequence: measured at Sq = 1 only")
     gen = torch.Generator(device=DEVICE).manual_seed(1)
