@@ -351,6 +351,7 @@ def runs(tmp_path_factory):
         "report": ["-m", "fastattn", "bench", "--report", str(res)],
         "tiny": ["-m", "fastattn", "bench", "--tiny", "-k", "rms_norm", *plot_args],
         "no_match": ["-m", "fastattn", "bench", "--tiny", "-k", "no_such_benchmark"],
+        "kvcache": ["-m", "fastattn", "bench", "--tiny", "-k", "kvcache", "--out", "kv.json"],
         "failing": ["-c", failing_run],
     }
     folders = {name: work / name for name in cases}
@@ -416,6 +417,35 @@ def test_tiny_run_table_on_stdout_progress_on_stderr(runs):
     if HAVE_MPL:
         assert f"plot: {runs[2] / 'tiny.png'}" in r.stderr
         assert (runs[2] / "tiny.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.source_tree
+def test_tiny_kvcache_suite(runs):
+    """bench_kvcache.py at tiny sizes: paged vs contiguous decode at every page size, and
+    attention_with_kvcache against SDPA (and decode_attention at Sq = 1), contiguous and paged."""
+    r = runs[0]["kvcache"]
+    assert r.returncode == 0, r.stderr
+    assert "0 failed" in r.stderr and "FAILED" not in r.stderr, r.stderr
+    rows = report.rows_of(json.load(open(runs[1]["kvcache"] / "kv.json")))
+    got = {(row["op"], row["shape"].rsplit("/", 1)[1], row["impl"]) for row in rows}
+    for page in ("page1", "page16", "page256"):
+        assert {("decode_attention+paged", page, "fastattn"),
+                ("decode_attention+paged", page, "fastattn-contiguous")} <= got, got
+    for layout in ("contiguous", "page16"):
+        assert {("attention_with_kvcache", layout, impl) for impl in ("fastattn", "fastattn-decode", "sdpa")} <= got
+    # the chunked-prefill step: TFLOP/s against SDPA (its GB/s recorded too)
+    prefill = [row for row in rows if row["op"] == "attention_with_kvcache+chunked_prefill"]
+    assert {row["impl"] for row in prefill} == {"fastattn", "sdpa"}
+    assert all(row["tflops"] > 0 and row["flops"] > 0 for row in prefill), prefill
+    # every row: GB/s of the same bytes for every implementation of a group
+    groups = {}
+    for row in rows:
+        assert row["gbps"] > 0 and "in_cache" in row, row
+        groups.setdefault((row["op"], row["shape"], row["dtype"]), set()).add(row["bytes"])
+    assert all(len(b) == 1 for b in groups.values()), groups
+    # the speedup summary has a line per group: paged vs contiguous, and Sq = 1 vs decode_attention
+    summary = r.stdout.partition("fastattn against the fastest peer")[2]
+    assert "decode_attention+paged" in summary and "attention_with_kvcache" in summary
 
 
 @pytest.mark.source_tree
