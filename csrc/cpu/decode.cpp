@@ -40,6 +40,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_gemm.h"
 #include "cpu_types.h"
 #include "fastattn/api.h"
 #include "fastattn/cpu_dispatch.h"
@@ -59,6 +60,10 @@ constexpr int64_t kKeyBlock = 32;
 // the P V update of 4 output rows from one V chunk, are 4 independent FMA chains in
 // registers. The group is padded to a multiple of 4 with zero query rows and probabilities.
 constexpr int64_t kHeadTile = 4;
+// From this many query rows per kv head on (several queries per sequence: speculative or
+// chunked-prefill steps), the block products are small GEMMs: ATen's brgemm micro-kernels
+// beat the 4 x 4 register tiles there, and K is transposed once per block for them.
+constexpr int64_t kGemmMinRows = 16;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
@@ -120,9 +125,10 @@ inline vfloat exp2v(vfloat x) {
 // rows padded); k, v: one block of rows converted to fp32 (16-bit caches only).
 struct Workspace {
   int64_t gp;  // padded rows per kv head
-  std::vector<float> q, k, v, scores, acc, m, l;
+  std::vector<float> q, k, v, kt, scores, acc, m, l;
   Workspace(int64_t h_k, int64_t rows, int64_t d)
       : gp((rows + kHeadTile - 1) / kHeadTile * kHeadTile),
+        kt(rows >= kGemmMinRows ? static_cast<size_t>(d * kKeyBlock) : 0),
         q(static_cast<size_t>(h_k * gp * d)),
         k(static_cast<size_t>(kKeyBlock * d)),
         v(static_cast<size_t>(kKeyBlock * d)),
@@ -289,6 +295,7 @@ template <typename T, typename OutRow, typename LseOut>
 void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const QueryBand& band,
                  int64_t begin, int64_t end, Workspace& ws, OutRow out_row, LseOut lse_out) {
   const int64_t d = p.d, group = p.h / p.h_k, gp = ws.gp, rows = nq * group;
+  const bool use_gemm = rows >= kGemmMinRows;
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + i0 * p.q_row_stride;
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
@@ -343,7 +350,14 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
       float* l = ws.l.data() + kvh * gp;
       // Scores: each K row is read (and converted) once and dotted with every query row.
       block_rows(kc + kvh * p.k_head_stride, koff[slot], n, d, ws.k.data(), krows);
-      for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) qk_tile(qf + g0 * d, krows, n, d, sc + g0 * kKeyBlock);
+      if (use_gemm) {
+        float* kt = ws.kt.data();  // K^T of the block: (d, n), leading dim kKeyBlock
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t c = 0; c < d; ++c) kt[c * kKeyBlock + j] = krows[j][c];
+        cpu::gemm_f32(rows, n, d, d, kKeyBlock, kKeyBlock, /*add_c=*/false, qf, kt, sc);
+      } else {
+        for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) qk_tile(qf + g0 * d, krows, n, d, sc + g0 * kKeyBlock);
+      }
       // Online softmax once per block and row: keys outside the row's band masked, running
       // max, rescale of the running sum and output, probabilities in place of the scores
       // (0 past n, and for a row that has seen no visible key yet).
@@ -381,7 +395,11 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
       // block chunk by chunk, i.e. across rows Hk * D apart in the cache: staging the rows
       // in L1 first (one sequential read per row, for fp32 too) keeps those reads off DRAM.
       block_rows(vc + kvh * p.v_head_stride, voff[slot], n, d, ws.v.data(), vrows, /*always_copy=*/true);
-      for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) pv_tile(sc + g0 * kKeyBlock, vrows, n, d, acc + g0 * d);
+      if (use_gemm) {  // the staged rows are contiguous: V block (n, d) at ws.v
+        cpu::gemm_f32(rows, d, n, kKeyBlock, d, d, /*add_c=*/true, sc, ws.v.data(), acc);
+      } else {
+        for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) pv_tile(sc + g0 * kKeyBlock, vrows, n, d, acc + g0 * d);
+      }
     }
   }
 
@@ -439,6 +457,7 @@ void decode_impl(const DecodeParams& p) {
             [&](int64_t h, int64_t qi, float lse) { p.lse_partial[row0 + h * sq + qi] = lse; });
       }
     }
+    cpu::gemm_release();
   });
   if (splits == 1) return;
   // Exact merge of the splits, in split order: lse = log sum_s exp(lse_s) and

@@ -41,7 +41,6 @@
 // handed out heaviest first from an atomic counter (dynamic scheduling), so causal launches
 // end without a long tail.
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <atomic>
@@ -57,6 +56,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "cpu_gemm.h"
 #include "cpu_types.h"
 #include "flash_varlen.h"
 #include "fastattn/api.h"
@@ -108,33 +108,8 @@ inline float exp2_nonpositive(float x) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// C (m, n) = A (m, k) @ B (k, n) [+ C], row-major with leading dims lda, ldb, ldc, fp32.
-inline void gemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
-                     bool add_c, const float* a, const float* b, float* c) {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c);
-#else
-  // A torch without the fp32 brgemm (older than the ones this was built against): correct,
-  // compiler-vectorised over n, and much slower.
-  for (int64_t i = 0; i < m; ++i) {
-    float* ci = c + i * ldc;
-    if (!add_c) std::fill(ci, ci + n, 0.0f);
-    for (int64_t kk = 0; kk < k; ++kk) {
-      const float aik = a[i * lda + kk];
-      const float* bk = b + kk * ldb;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) ci[j] += aik * bk[j];
-    }
-  }
-#endif
-}
-
-// Releases whatever per-thread state the GEMM backend keeps between calls.
-inline void gemm_release() {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  at::native::cpublas::brgemm_release(false);
-#endif
-}
+using cpu::gemm_f32;
+using cpu::gemm_release;
 
 // Uninitialised fp32 scratch for the whole call. Fresh multi-megabyte allocations are new
 // pages every call, and first-touching them one 4 KiB page fault at a time cost as much as
