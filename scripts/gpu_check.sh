@@ -1,89 +1,369 @@
 #!/usr/bin/env bash
-# One command for a GPU session (DESIGN.md section 7): build for the visible arch, run the
-# whole test suite on CUDA (a CUDA test that skips is a failure here), compute-sanitizer
-# memcheck + racecheck over a representative subset, the benchmark suite against the peers,
-# and leave the log, junit XML, results JSON and plot in the output folder.
+# One command for a GPU session (DESIGN.md section 7), sized to one lease: 15 minutes of device
+# time in all, one command at most 10 minutes. Every step runs under its own `timeout`, writes
+# into the output folder as it goes, and the summary table (step, status, seconds) is printed
+# last even when a step times out or fails. Total at most 510 s (8.5 min) on a 16-core H100/H200.
 #
-#   scripts/gpu_check.sh [OUT_DIR]        (default: $OUT, else ./gpu_check_out)
-#   scripts/gpu_check.sh --dry-run [OUT_DIR]  on a CPU machine: no build (the installed
-#       extension is used), tests only collected, no sanitizer, benchmarks at tiny sizes;
-#       proves the script and its output folder before a GPU minute is spent on them.
-#   GPU_CHECK_SKIP_BENCH=1 / GPU_CHECK_SKIP_SANITIZER=1 to shorten a run;
-#   GPU_CHECK_BENCH_FILTER="rms_norm" to pass -k to the benchmarks.
+#   scripts/gpu_check.sh [OUT_DIR]            OUT_DIR default: $OUT, else ./gpu_check_out
+#   scripts/gpu_check.sh --dry-run [--quick] [OUT_DIR]
+#       the same script on a CPU machine: no build (the extension already built in the
+#       checkout), the CUDA test files run (every test skips), the sweep and the sanitizer
+#       driver at tiny sizes on the CPU, sanitizers and ncu "skipped (no GPU)", the benchmarks
+#       with --tiny. --quick: one CUDA test file, and the sanitizer driver is not run on the CPU
+#       (tests/test_gpu_check.py runs its cases itself), to keep the CI test short.
+#
+# Steps (budget seconds, printed at the start; GPU_CHECK_T_<STEP> overrides one):
+#   info       nvidia-smi, versions, the tools present
+#   build      setup.py build_ext --inplace for the visible arch only, MAX_JOBS=nproc
+#              (incremental: setup.py keeps its objects under build/)
+#   tests      pytest -m cuda, one process per test file (-x in each, so one broken file
+#              neither hides the rest nor, with a sticky CUDA error, poisons them), up to
+#              GPU_CHECK_TEST_JOBS files at once; FASTATTN_REQUIRE_CUDA=1; a per-test timeout
+#              when pytest-timeout is installed
+#   sweep      scripts/gpu_sweep.py: production shapes the unit tests miss, vs fastattn.reference
+#   sanitizer_probe, memcheck, racecheck
+#              compute-sanitizer over scripts/gpu_sweep.py --paths (every kernel path once,
+#              small), after a trivial probe run; skipped cleanly where the sanitizer is
+#              missing or refuses the device
+#   bench      the headline benchmarks (decode, rms_norm, rotary, flash forward; no model, no
+#              torch.compile) with python -m fastattn bench -k "$BENCH_K"
+#   ncu        optional (GPU_CHECK_NCU=1), only in the time left: ncu --clock-control none on
+#              the --paths driver, one launch per kernel
+# After a failed build the GPU steps are "skipped (build failed)". GPU_CHECK_SKIP="memcheck
+# bench" skips named steps. Exit status 0 only when every step that ran passed.
+#
+# Output folder (at most 8 files: what the device tool brings back): gpu_check.log (everything),
+# summary.tsv, tests.tsv (one line per test file), sweep.json, bench.json, bench.png,
+# bench_pytest.log, ncu.ncu-rep.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
+
 DRY_RUN=0
-if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
-OUT_DIR="${1:-${OUT:-$PWD/gpu_check_out}}"
-mkdir -p "$OUT_DIR"
-exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
-PY="${PYTHON:-python3}"
-declare -A RC
-step() { echo; echo "=== $1  ($(date -u +%T))"; }
-
-step "device"
-nvidia-smi || true
-unset FASTATTN_CUDA_ARCHS FASTATTN_FORCE_CPU   # build for the visible GPU's arch only
-
-if [ "$DRY_RUN" = "1" ]; then
-  step "build (dry run: skipped, using the installed extension)"
-  "$PY" -m fastattn info
-  RC[build]=$?
-  step "tests (dry run: collected only)"
-  "$PY" -m pytest tests -q -p no:cacheprovider --collect-only >"$OUT_DIR/tests_collect.log" 2>&1
-  RC[tests]=$?
-  tail -n 1 "$OUT_DIR/tests_collect.log"
-else
-step "build"
-start=$(date +%s)
-MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
-  || MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" setup.py -q build_ext --inplace
-RC[build]=$?
-echo "build: rc=${RC[build]} in $(( $(date +%s) - start )) s"
-"$PY" -m fastattn info
-if ! "$PY" -c "import fastattn, torch, sys; sys.exit(0 if fastattn.cuda_built() and torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: the CUDA kernels are not built or no GPU is visible"; RC[build]=1
-fi
-
-step "tests (all, CUDA required: no CUDA test may skip)"
-FASTATTN_REQUIRE_CUDA=1 "$PY" -m pytest tests -q -p no:cacheprovider -rs --junitxml="$OUT_DIR/tests.xml"
-RC[tests]=$?
-fi
-
-if [ "$DRY_RUN" != "1" ] && [ "${GPU_CHECK_SKIP_SANITIZER:-0}" != "1" ] && command -v compute-sanitizer >/dev/null; then
-  subset=()
-  for f in tests/test_rms_norm.py tests/test_rotary.py tests/test_decode.py tests/test_flash_attn.py; do
-    [ -f "$f" ] && subset+=("$f")
-  done
-  step "compute-sanitizer memcheck (${subset[*]})"
-  timeout 900 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
-    "$PY" -m pytest "${subset[@]}" -q -p no:cacheprovider -x -k "cuda and not compile and not opcheck"
-  RC[memcheck]=$?
-  step "compute-sanitizer racecheck (attention subset)"
-  att=()
-  for f in tests/test_flash_attn.py tests/test_decode.py tests/test_rms_norm.py; do [ -f "$f" ] && att+=("$f"); done
-  timeout 900 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
-    "$PY" -m pytest "${att[@]}" -q -p no:cacheprovider -x -k "cuda and not compile and not opcheck and not grad and not backward"
-  RC[racecheck]=$?
-fi
-
-if [ "${GPU_CHECK_SKIP_BENCH:-0}" != "1" ]; then
-  step "benchmarks"
-  args=(--out "$OUT_DIR/results.json")
-  # The GPU machine may lack matplotlib: then plot afterwards, with bench --report --plot.
-  if "$PY" -c "import matplotlib" 2>/dev/null; then args+=(--plot "$OUT_DIR/results.png")
-  else echo "no matplotlib here: no plot (later: python -m fastattn bench --report results.json --plot results.png)"; fi
-  [ "$DRY_RUN" = "1" ] && args+=(--tiny)
-  [ -n "${GPU_CHECK_BENCH_FILTER:-}" ] && args+=(-k "$GPU_CHECK_BENCH_FILTER")
-  "$PY" -m fastattn bench --log "$OUT_DIR/bench_pytest.log" "${args[@]}"
-  RC[bench]=$?
-fi
-
-step "summary"
-fail=0
-for k in "${!RC[@]}"; do
-  echo "  $k: rc=${RC[$k]}"
-  [ "${RC[$k]}" != "0" ] && fail=1
+QUICK=0
+OUT_DIR=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    --quick) QUICK=1 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "gpu_check: unknown option $arg (see --help)" >&2; exit 2 ;;
+    *) OUT_DIR=$arg ;;
+  esac
 done
-echo "outputs in $OUT_DIR"
+OUT_DIR="${OUT_DIR:-${OUT:-$ROOT/gpu_check_out}}"
+mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd) || { echo "gpu_check: cannot create $OUT_DIR" >&2; exit 2; }
+PY="${PYTHON:-python3}"
+LOG="$OUT_DIR/gpu_check.log"
+SUMMARY="$OUT_DIR/summary.tsv"
+: >"$LOG"
+printf 'step\tstatus\tseconds\tbudget\n' >"$SUMMARY"
+# The log gets everything as it happens; fds 3/4 keep the terminal for the final table, which
+# is printed after tee is flushed so that it really is the last thing on stdout.
+exec 3>&1 4>&2
+exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
+
+# ---- time budget -----------------------------------------------------------------------------
+# Per-step budgets in seconds. tests/test_gpu_check.py parses these lines and checks that their
+# sum plus KILL_GRACE per step plus SLACK stays within TOTAL_BUDGET: keep the format.
+declare -A BUDGET
+BUDGET[info]=${GPU_CHECK_T_INFO:-8}
+BUDGET[build]=${GPU_CHECK_T_BUILD:-150}
+BUDGET[tests]=${GPU_CHECK_T_TESTS:-125}
+BUDGET[sweep]=${GPU_CHECK_T_SWEEP:-40}
+BUDGET[sanitizer_probe]=${GPU_CHECK_T_SANITIZER_PROBE:-15}
+BUDGET[memcheck]=${GPU_CHECK_T_MEMCHECK:-45}
+BUDGET[racecheck]=${GPU_CHECK_T_RACECHECK:-40}
+BUDGET[bench]=${GPU_CHECK_T_BENCH:-60}
+OPTIONAL_BUDGET_ncu=${GPU_CHECK_T_NCU:-60}  # optional step: only ever gets the time left
+TOTAL_BUDGET=510   # seconds: 8.5 minutes, the whole command
+KILL_GRACE=2       # timeout -k: SIGKILL this long after SIGTERM
+SLACK=10           # the summary, the tee flush, shell overhead
+STEPS=(info build tests sweep sanitizer_probe memcheck racecheck bench ncu)
+BUDGET[ncu]=$OPTIONAL_BUDGET_ncu
+
+T_START=$(date +%s)
+DEADLINE=$((T_START + TOTAL_BUDGET - SLACK))
+SKIP_LIST=" ${GPU_CHECK_SKIP:-} "
+SKIP_LIST=${SKIP_LIST//,/ }
+declare -A STATUS SECS
+BUILD_OK=1
+
+now_ms() { date +%s%3N; }
+fmt_secs() { printf '%d.%d' $(($1 / 1000)) $((($1 % 1000) / 100)); }
+
+record() {  # record STEP STATUS MILLISECONDS
+  STATUS[$1]=$2
+  SECS[$1]=$(fmt_secs "$3")
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "${SECS[$1]}" "${BUDGET[$1]}" >>"$SUMMARY"
+  echo "--- $1: $2 (${SECS[$1]} s)"
+}
+
+# run_step STEP FUNCTION: runs the (exported) shell function under `timeout`, its budget
+# capped by the time left before the deadline; timeout kills the function's whole process
+# group (pytest, compute-sanitizer and their children included).
+run_step() {
+  local step=$1 fn=$2 left t rc t0
+  if [[ "$SKIP_LIST" == *" $step "* ]]; then
+    record "$step" "skipped (GPU_CHECK_SKIP)" 0; return
+  fi
+  left=$((DEADLINE - $(date +%s) - KILL_GRACE))
+  t=${BUDGET[$step]}
+  ((t > left)) && t=$left
+  if ((t < 3)); then
+    record "$step" "skipped (no time left)" 0; return
+  fi
+  echo
+  echo "=== $step  (budget ${BUDGET[$step]} s, time box $t s, $(date -u +%T), +$(($(date +%s) - T_START)) s)"
+  export STEP_DEADLINE=$(($(date +%s) + t))
+  : >"$STEP_NOTE"
+  t0=$(now_ms)
+  timeout -k "$KILL_GRACE" "$t" bash -c "$fn"
+  rc=$?
+  local ms=$(($(now_ms) - t0))
+  if ((rc == 0)); then record "$step" "pass" "$ms"
+  elif ((rc == 124 || rc == 137)); then record "$step" "TIMEOUT (time box $t s)" "$ms"
+  elif ((rc == 77)); then record "$step" "$(cat "$STEP_NOTE" 2>/dev/null || echo skipped)" "$ms"
+  else record "$step" "FAIL (rc $rc)" "$ms"
+  fi
+}
+
+skip_step() {  # skip_step STEP REASON
+  echo; echo "=== $1: skipped ($2)"
+  record "$1" "skipped ($2)" 0
+}
+
+# A step function that decides to skip itself writes its status to $STEP_NOTE and exits 77.
+STEP_NOTE=$(mktemp)
+TMP_DIR=$(mktemp -d)
+trap 'rm -rf "$TMP_DIR" "$STEP_NOTE"' EXIT
+
+export ROOT OUT_DIR PY DRY_RUN QUICK STEP_NOTE TMP_DIR
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's fastattn, built in place
+export PYTHONUNBUFFERED=1
+unset FASTATTN_FORCE_CPU
+
+# ---- the steps (each runs in `bash -c` under timeout, so they are exported) -------------------
+step_info() {
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  else
+    echo "nvidia-smi: not found"
+  fi
+  echo "nproc: $(nproc)"
+  for tool in nvcc compute-sanitizer ncu; do
+    if command -v "$tool" >/dev/null; then echo "$tool: $("$tool" --version 2>&1 | tail -n 1)"
+    else echo "$tool: not found"; fi
+  done
+  # (A dry run's build step prints the same through fastattn info: no second torch import.)
+  [ "$DRY_RUN" = 1 ] || "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', \
+torch.__version__, '| CUDA', torch.version.cuda, '| GPU visible', torch.cuda.is_available())"
+  "$PY" -c "import pytest_timeout" 2>/dev/null && echo "pytest-timeout: yes" || echo "pytest-timeout: no (the step time boxes only)"
+  return 0
+}
+
+step_build() {
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "dry run: no build; the extension already built in the checkout:"
+    "$PY" -m fastattn info
+    return
+  fi
+  # Only the visible GPU's arch ("9.0" -> "9.0a": sm_90a features, as setup.py's default).
+  local cap
+  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
+  [ -n "$cap" ] || cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  [ "${cap%%.*}" -ge 9 ] 2>/dev/null && cap="${cap}a"
+  export FASTATTN_CUDA_ARCHS="${FASTATTN_CUDA_ARCHS:-$cap}"
+  # The CUDA tests need no portable CPU tiers: one native CPU build instead of three.
+  export FASTATTN_CPU_MARCH="${GPU_CHECK_CPU_MARCH:-native}"
+  export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  echo "FASTATTN_CUDA_ARCHS=$FASTATTN_CUDA_ARCHS FASTATTN_CPU_MARCH=$FASTATTN_CPU_MARCH MAX_JOBS=$MAX_JOBS"
+  # setup.py directly: no pip, so nothing can try to reach an index on the offline machine.
+  "$PY" setup.py -q build_ext --inplace || return 1
+  "$PY" -m fastattn info || return 1
+  "$PY" -c "import fastattn, torch, sys; sys.exit(0 if fastattn.cuda_built() and torch.cuda.is_available() else 1)" \
+    || { echo "build: the CUDA kernels are not built or no GPU is visible"; return 1; }
+}
+
+# The test files with CUDA tests (they parametrize over conftest.DEVICES or use the cuda
+# marker), heaviest first so that parallel jobs finish together.
+CUDA_TEST_FILES="test_rms_norm test_flash_attn test_kvcache test_rotary test_flash_attn_varlen test_sdpa
+test_flash_attn_bwd test_decode test_nn_rms_norm test_flash_attn_train test_nn_rotary test_hf_rms_norm_autocast
+test_model_paged test_model test_hf_integration"
+export CUDA_TEST_FILES
+
+step_tests() {
+  # Units of work, one pytest process each: one file per unit on the GPU. In a dry run every
+  # test skips, so per-file isolation buys nothing and one process over all files (or, with
+  # --quick, over one file) runs the same loop in a fraction of the time.
+  local units=() f all=""
+  for f in $CUDA_TEST_FILES; do all+="tests/$f.py "; done
+  if [ "$DRY_RUN" = 1 ] && [ "$QUICK" = 1 ]; then units=("tests/test_decode.py")
+  elif [ "$DRY_RUN" = 1 ]; then units=("${all% }")
+  else for f in $all; do units+=("$f"); done
+  fi
+  local jobs=${GPU_CHECK_TEST_JOBS:-4}
+  local args=(-m cuda -x -q -p no:cacheprovider --tb=short)
+  # GPU: list the reasons of the skips left (a CUDA test skipping there deserves a look).
+  if [ "$DRY_RUN" = 1 ]; then args+=(-rfE); else args+=(-rfEs); fi
+  if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+    # thread method: a test stuck in a CUDA sync never returns to Python for a signal.
+    args+=(-o "timeout=${GPU_CHECK_TEST_TIMEOUT:-45}" -o timeout_method=thread)
+  fi
+  local env_req=()
+  [ "$DRY_RUN" = 1 ] || env_req=(env FASTATTN_REQUIRE_CUDA=1)
+  local tsv="$OUT_DIR/tests.tsv"
+  printf 'files\tstatus\tseconds\tresult\n' >"$tsv"
+  echo "${#units[@]} pytest processes, $jobs at a time: pytest FILES ${args[*]}"
+  declare -A pids
+  local running=0 i=0 fail=0 n k rc secs
+  finish_one() {  # report a finished unit: its log, then one line in tests.tsv
+    local k=$1 rc=$2 secs=$3 log="$TMP_DIR/unit$1.log" st last
+    last=$(grep -E '(passed|failed|skipped|error|deselected|no tests ran)' "$log" | tail -n 1)
+    if ((rc == 0)); then st=pass; elif ((rc == 124 || rc == 137)); then st=TIMEOUT; else st="FAIL (rc $rc)"; fi
+    ((rc == 0)) || fail=1
+    echo "----- ${units[$k]}: $st in ${secs} s: $last"
+    cat "$log"
+    printf '%s\t%s\t%s\t%s\n' "${units[$k]}" "$st" "$secs" "$last" >>"$tsv"
+  }
+  while ((i < ${#units[@]} || running > 0)); do
+    while ((running < jobs && i < ${#units[@]})); do
+      n=$i; i=$((i + 1))
+      local left=$((STEP_DEADLINE - $(date +%s) - 3))
+      if ((left < 5)); then
+        echo "----- ${units[$n]}: not run (the step's time is spent)"
+        printf '%s\tnot run\t0\t\n' "${units[$n]}" >>"$tsv"; fail=1; continue
+      fi
+      # Each unit gets its own time box inside the step's, so it ends before the step does.
+      # ${units[$n]} unquoted: a unit is a space-separated list of files.
+      ( s=$(date +%s); timeout -k 2 "$left" "${env_req[@]}" "$PY" -m pytest ${units[$n]} "${args[@]}" \
+          >"$TMP_DIR/unit$n.log" 2>&1
+        echo "$? $(($(date +%s) - s))" >"$TMP_DIR/unit$n.rc" ) &
+      pids[$n]=$!; running=$((running + 1))
+    done
+    ((running > 0)) || break
+    wait -n 2>/dev/null
+    for k in "${!pids[@]}"; do
+      if [ -f "$TMP_DIR/unit$k.rc" ]; then
+        read -r rc secs <"$TMP_DIR/unit$k.rc"
+        wait "${pids[$k]}" 2>/dev/null
+        finish_one "$k" "$rc" "$secs"
+        unset "pids[$k]"; running=$((running - 1))
+      fi
+    done
+  done
+  echo "tests: $(grep -c $'\tpass\t' "$tsv") of ${#units[@]} pytest processes passed (tests.tsv)"
+  return $fail
+}
+
+step_sweep() {
+  if [ "$DRY_RUN" = 1 ]; then
+    "$PY" scripts/gpu_sweep.py --device cpu --tiny --json "$OUT_DIR/sweep.json"
+  else
+    "$PY" scripts/gpu_sweep.py --device cuda --json "$OUT_DIR/sweep.json"
+  fi
+}
+
+# The sanitizers run the --paths driver with the caching allocator off, so that an access past
+# a tensor lands outside any allocation instead of inside a cached block.
+SANITIZER_ARGS="--error-exitcode 86 --print-limit 20 --report-api-errors no"
+export SANITIZER_ARGS
+
+step_sanitizer_probe() {
+  if [ "$DRY_RUN" = 1 ]; then echo "skipped (no GPU)" >"$STEP_NOTE"; exit 77; fi
+  if ! command -v compute-sanitizer >/dev/null; then echo "skipped (compute-sanitizer not found)" >"$STEP_NOTE"; exit 77; fi
+  # A trivial CUDA run: where the sanitizer refuses the device (gVisor: "Device not
+  # supported", then error 999) it fails here, and the two steps after it skip cleanly.
+  local out
+  out=$(compute-sanitizer --tool memcheck $SANITIZER_ARGS "$PY" -c \
+    "import torch; x = torch.arange(8., device='cuda'); assert (x + 1).sum().item() == 36" 2>&1)
+  local rc=$?
+  echo "$out" | tail -n 20
+  if ((rc != 0)); then
+    echo "skipped (sanitizer refuses the device, rc $rc)" >"$STEP_NOTE"; exit 77
+  fi
+  touch "$TMP_DIR/sanitizer_ok"
+}
+
+run_sanitizer() {  # run_sanitizer TOOL
+  if [ "$DRY_RUN" = 1 ]; then
+    # No GPU: the step is skipped, but the driver it would run is proven on the CPU here
+    # (not with --quick: tests/test_gpu_check.py runs the driver's cases in its own process).
+    if [ "$1" = memcheck ] && [ "$QUICK" != 1 ]; then
+      "$PY" scripts/gpu_sweep.py --paths --device cpu --tiny \
+        || { echo "FAIL (the --paths driver failed on the CPU)" >"$STEP_NOTE"; exit 77; }
+      echo "skipped (no GPU; its driver passed on the CPU)" >"$STEP_NOTE"; exit 77
+    fi
+    echo "skipped (no GPU)" >"$STEP_NOTE"; exit 77
+  fi
+  if [ ! -f "$TMP_DIR/sanitizer_ok" ]; then echo "skipped (no working compute-sanitizer)" >"$STEP_NOTE"; exit 77; fi
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$1" $SANITIZER_ARGS \
+    "$PY" scripts/gpu_sweep.py --paths --device cuda
+}
+step_memcheck() { run_sanitizer memcheck; }
+step_racecheck() { run_sanitizer racecheck; }
+
+# The headline benchmarks: decode (fastattn vs SDPA's flash and cuDNN backends), RMSNorm and
+# RoPE (vs torch eager), flash forward d128 at S 2k and 8k (vs SDPA flash, cuDNN); no model
+# suite, no torch.compile peers, no backward/varlen/kvcache suites. About 55 benchmarks on CUDA.
+BENCH_K='(bench_decode and not math and not efficient and not reference) or (bench_rms_norm and not compile) or (bench_rotary and not compile) or (bench_flash_attn.py and not d64 and not s512 and not s1024 and not s4096 and not s16384 and not math and not efficient)'
+export BENCH_K
+
+step_bench() {
+  local args=(-k "${GPU_CHECK_BENCH_K:-$BENCH_K}" --out "$OUT_DIR/bench.json" --log "$OUT_DIR/bench_pytest.log")
+  if "$PY" -c "import matplotlib" 2>/dev/null; then args+=(--plot "$OUT_DIR/bench.png")
+  else echo "no matplotlib: no plot (later: python -m fastattn bench --report bench.json --plot bench.png)"; fi
+  [ "$DRY_RUN" = 1 ] && args+=(--tiny)
+  "$PY" -m fastattn bench "${args[@]}"
+}
+
+step_ncu() {
+  if [ "$DRY_RUN" = 1 ]; then echo "skipped (no GPU)" >"$STEP_NOTE"; exit 77; fi
+  if ! command -v ncu >/dev/null; then echo "skipped (ncu not found)" >"$STEP_NOTE"; exit 77; fi
+  # --clock-control none: leave the card's clocks as found (device README); the --paths
+  # driver launches each fastattn kernel about once, so the first 40 matching launches cover
+  # every kernel.
+  ncu --clock-control none --kernel-name regex:'rms_norm|rotary|decode|append_kv|flash' --launch-count 40 \
+    --export "$OUT_DIR/ncu" --force-overwrite "$PY" scripts/gpu_sweep.py --paths --device cuda
+}
+export -f step_info step_build step_tests step_sweep step_sanitizer_probe run_sanitizer step_memcheck \
+  step_racecheck step_bench step_ncu
+
+# ---- run ---------------------------------------------------------------------------------------
+budget_line=""
+for s in "${STEPS[@]}"; do budget_line+="$s ${BUDGET[$s]}s, "; done
+echo "gpu_check $( ((DRY_RUN)) && echo "--dry-run ")$( ((QUICK)) && echo "--quick ")into $OUT_DIR, $(date -u +%FT%TZ)"
+echo "budget: ${budget_line%, } (ncu optional, time left only); total ${TOTAL_BUDGET} s"
+echo "bench -k: ${GPU_CHECK_BENCH_K:-$BENCH_K}"
+
+run_step info step_info
+run_step build step_build
+[ "${STATUS[build]}" = pass ] || BUILD_OK=0
+for s in tests sweep sanitizer_probe memcheck racecheck bench; do
+  if ((BUILD_OK)); then run_step "$s" "step_$s"; else skip_step "$s" "build failed"; fi
+done
+if ((!BUILD_OK)); then skip_step ncu "build failed"
+elif [ "${GPU_CHECK_NCU:-0}" = 1 ] || ((DRY_RUN)); then run_step ncu step_ncu
+else skip_step ncu "GPU_CHECK_NCU not set"
+fi
+
+# ---- summary: always last ----------------------------------------------------------------------
+fail=0
+table=$(
+  echo
+  echo "=== summary ($( ((DRY_RUN)) && echo "dry run, ")$(( $(date +%s) - T_START )) s of ${TOTAL_BUDGET} s; outputs in $OUT_DIR)"
+  printf '%-16s %-46s %8s %7s\n' step status seconds budget
+  for s in "${STEPS[@]}"; do
+    printf '%-16s %-46s %8s %7s\n' "$s" "${STATUS[$s]:-not run}" "${SECS[$s]:-0.0}" "${BUDGET[$s]}"
+  done
+)
+for s in "${STEPS[@]}"; do
+  case "${STATUS[$s]:-not run}" in pass|skipped*) ;; *) fail=1 ;; esac
+done
+# Flush the log's tee, then print the table to the terminal and append it to the log.
+exec 1>&3 2>&4
+wait "$TEE_PID" 2>/dev/null
+result="gpu_check: $( ((fail)) && echo "FAILED" || echo "all steps passed or skipped")"
+printf '%s\n%s\n' "$table" "$result" | tee -a "$LOG"
 exit $fail

@@ -1,0 +1,469 @@
+#!/usr/bin/env python3
+"""Correctness checks for scripts/gpu_check.sh that the unit tests do not make.
+
+Two modes, each printing one line per case and rewriting a JSON of all results after every
+case (so a run cut short by its time box still leaves what it got):
+
+  gpu_sweep.py [--device cuda|cpu] [--tiny] [--json PATH]
+      the shape sweep: production-sized shapes the unit tests (which keep shapes small to
+      stay fast) never reach -- RMSNorm rows of N = 4096..131072 (fwd, residual, bwd), decode
+      at B64 x 4096 and B1 x 65536 with ragged lengths (GQA 32/8, D 128, bf16), paged decode
+      (page 16) at B64 x 4096, RoPE at the benchmark shape, CUDA-graph replay of append_kv +
+      decode_attention (contiguous and paged), flash forward at S 8k.
+  gpu_sweep.py --paths [--device cuda|cpu] [--tiny] [--json PATH]
+      every kernel path once at small shapes: the driver compute-sanitizer memcheck and
+      racecheck run (small, so the sanitizer's slowdown stays inside its time box), still
+      checking each result so a path that runs clean but computes garbage is caught too.
+
+--tiny shrinks every shape so the CPU kernels run the same cases in seconds (gpu_check.sh
+--dry-run). Each case is compared with fastattn.reference (or torch SDPA for the 8k flash
+forward, whose reference would materialise 8k x 8k scores) computed in float32 on upcast
+inputs, by ||out - ref|| / ||ref|| against a tolerance (bf16 operands: 1e-2, DESIGN/METHOD's
+band), and must be finite everywhere. Exit status 0 only when every case passed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # the checkout's fastattn (gpu_check.sh builds it in place)
+
+import fastattn  # noqa: E402
+from fastattn import reference  # noqa: E402
+
+# bf16 operands land between 1e-3 and 1e-2 relative error against an fp32 reference;
+# fp32 far below. Anything above these is a wrong result, not rounding.
+TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+
+
+class CaseFailed(AssertionError):
+    pass
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.float(), ref.float()
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def check(name, out, ref, dtype, errs):
+    """Record rel error of `out` vs `ref`; raise CaseFailed past the tolerance or on non-finite."""
+    if tuple(out.shape) != tuple(ref.shape):
+        raise CaseFailed(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    if not torch.isfinite(out.float()).all():
+        raise CaseFailed(f"{name}: non-finite values in the output")
+    e = rel_err(out, ref)
+    errs[name] = e
+    tol = TOL[dtype]
+    if not e <= tol:
+        raise CaseFailed(f"{name}: relative error {e:.3e} > {tol:g}")
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- inputs --------------------------------------------------------------------------------
+def ragged_lengths(B, cap, gen_device, seed):
+    """Lengths in [1, cap], random, so mostly not multiples of the 16/64/128 tiles; the first
+    is cap (a full cache; cap - 13 when B = 1, so a lone sequence still has a ragged tail)
+    and, for B > 2, the second is 1 (a single key)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, cap + 1, (B,), generator=g)
+    lens[0] = cap if B > 1 else cap - 13
+    if B > 2:
+        lens[1] = 1
+    return lens.to(torch.int32).to(gen_device)
+
+
+def paged_copy(kc, vc, lens, page_size, seed):
+    """The same tokens as the contiguous caches kc/vc (B, S, Hk, D), in a page pool handed out
+    in shuffled order, with 3 spare NaN pages that no table entry names: a kernel reading a page
+    it was not given turns the output NaN. Table entries past a sequence's last page point at
+    its first page (finite: the fp32 reference reads whole tables, masked)."""
+    B, S, Hk, D = kc.shape
+    per_seq = [math.ceil(int(n) / page_size) for n in lens.tolist()]
+    max_pages = math.ceil(S / page_size)
+    total = sum(per_seq) + 3
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(total, generator=g).tolist()
+    pools = [torch.full((total, page_size, Hk, D), float("nan"), dtype=kc.dtype, device=kc.device)
+             for _ in range(2)]
+    table = torch.zeros(B, max_pages, dtype=torch.int32)
+    nxt = 0
+    for b, n in enumerate(per_seq):
+        for p in range(n):
+            page = order[nxt]
+            nxt += 1
+            table[b, p] = page
+            rows = slice(p * page_size, min((p + 1) * page_size, S))
+            cnt = rows.stop - rows.start
+            for pool, cache in zip(pools, (kc, vc)):
+                pool[page, :cnt] = cache[b, rows]
+                if cnt < page_size:
+                    pool[page, cnt:] = 0
+        table[b, n:] = table[b, 0]
+    return pools[0], pools[1], table.to(kc.device)
+
+
+def garbage_tail(cache, lens):
+    """Rows past each length get large finite garbage: a kernel that forgets the length
+    mask shows it, while the (masked) fp32 reference is unaffected."""
+    for b, n in enumerate(lens.tolist()):
+        cache[b, n:] = 100.0
+
+
+def rope_tables(max_pos, rot_dim, device):
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def sdpa_ref(q, k, v, causal, window=None):
+    """fp32 SDPA on (B, S, H, D) inputs with GQA; causal bottom-right as fastattn's."""
+    Sq, Sk = q.shape[1], k.shape[1]
+    qt, kt, vt = (t.float().transpose(1, 2) for t in (q, k, v))
+    mask = None
+    if causal or window is not None:
+        i = torch.arange(Sq, device=q.device).view(-1, 1) + (Sk - Sq)
+        j = torch.arange(Sk, device=q.device).view(1, -1)
+        mask = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+        if causal:
+            mask &= j <= i
+        if window is not None:
+            mask &= j >= i - window[0]
+            if window[1] >= 0:
+                mask &= j <= i + window[1]
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+# ---- sweep cases ---------------------------------------------------------------------------
+def case_rms_norm(dev, dt, rows, n, residual, backward):
+    def run(errs):
+        x = torch.randn(rows, n, device=dev, dtype=dt)
+        w = (torch.rand(n, device=dev, dtype=dt) + 0.5)
+        r = torch.randn_like(x) if residual else None
+        if backward:
+            x.requires_grad_(True)
+            w.requires_grad_(True)
+        y = fastattn.rms_norm(x, w, 1e-6, residual=r) if residual else fastattn.rms_norm(x, w, 1e-6)
+        y, h = (y if residual else (y, None))
+        xr = x.detach().float().requires_grad_(backward)
+        wr = w.detach().float().requires_grad_(backward)
+        if residual:
+            yr, hr = reference.rms_norm(xr, wr, 1e-6, residual=r.float())
+            check("h", h, hr, dt, errs)
+        else:
+            yr = reference.rms_norm(xr, wr, 1e-6)
+        check("y", y, yr, dt, errs)
+        if backward:
+            g = torch.randn_like(y)
+            y.backward(g)
+            yr.backward(g.float())
+            check("dx", x.grad, xr.grad, dt, errs)
+            check("dweight", w.grad, wr.grad, dt, errs)
+    return run
+
+
+def case_decode(dev, dt, B, S, H, Hk, D, page_size=None, num_splits=0):
+    def run(errs):
+        kc = torch.randn(B, S, Hk, D, device=dev, dtype=dt)
+        vc = torch.randn(B, S, Hk, D, device=dev, dtype=dt)
+        lens = ragged_lengths(B, S, dev, seed=B * 7 + S)
+        q = torch.randn(B, H, D, device=dev, dtype=dt)
+        kr, vr = kc.float(), vc.float()  # reference sees the valid rows only (masked)
+        if page_size is None:
+            garbage_tail(kc, lens)
+            garbage_tail(vc, lens)
+            out = fastattn.decode_attention(q, kc, vc, lens, num_splits=num_splits)
+        else:
+            kp, vp, bt = paged_copy(kc, vc, lens, page_size, seed=S)
+            out = fastattn.decode_attention(q, kp, vp, lens, block_table=bt, num_splits=num_splits)
+        ref = reference.decode_attention(q.float(), kr, vr, lens)
+        check("out", out, ref, dt, errs)
+    return run
+
+
+def case_rope(dev, dt, B, S, H, Hk, D, inplace, random_positions, rot_dim=None, interleaved=False):
+    def run(errs):
+        max_pos = max(2 * S, 128)
+        cos, sin = rope_tables(max_pos, rot_dim or D, dev)
+        q = torch.randn(B, S, H, D, device=dev, dtype=dt)
+        k = torch.randn(B, S, Hk, D, device=dev, dtype=dt)
+        pos = torch.randint(0, max_pos, (B, S), device=dev) if random_positions else None
+        qr, kr = reference.apply_rotary(q.float(), k.float(), cos, sin, positions=pos, interleaved=interleaved)
+        qo, ko = fastattn.apply_rotary(q, k, cos, sin, positions=pos, interleaved=interleaved, inplace=inplace)
+        if inplace and (qo.data_ptr() != q.data_ptr() or ko.data_ptr() != k.data_ptr()):
+            raise CaseFailed("inplace=True returned new tensors")
+        check("q", qo, qr, dt, errs)
+        check("k", ko, kr, dt, errs)
+    return run
+
+
+def case_graph(dev, dt, B, S, H, Hk, D, steps, page_size=None):
+    """append_kv + decode_attention captured once in a CUDA graph (on the CPU: run eagerly),
+    replayed `steps` times with fresh inputs copied into the static buffers; checked each step
+    against the reference advancing an fp32 mirror of the cache. cache_seqlens advances inside
+    the graph, so a replay that reads a stale length or writes the wrong row shows."""
+    def run(errs):
+        cap = S + steps
+        kc = torch.randn(B, cap, Hk, D, device=dev, dtype=dt)
+        vc = torch.randn(B, cap, Hk, D, device=dev, dtype=dt)
+        lens = ragged_lengths(B, S, dev, seed=11)
+        bt = None
+        if page_size is not None:
+            kc, vc, bt = paged_copy(kc, vc, torch.full((B,), cap, dtype=torch.int32), page_size, seed=5)
+        q = torch.randn(B, H, D, device=dev, dtype=dt)
+        kn = torch.randn(B, 1, Hk, D, device=dev, dtype=dt)
+        vn = torch.randn_like(kn)
+        out = torch.empty_like(q)
+
+        def step():
+            fastattn.append_kv(kc, vc, kn, vn, lens, block_table=bt)
+            lens.add_(1)
+            out.copy_(fastattn.decode_attention(q, kc, vc, lens, block_table=bt))
+
+        graph = None
+        if dev == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()  # warm-up outside the capture, as CUDA graphs require
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+        # The fp32 mirror starts from the state after the warm-up (the capture ran nothing).
+        kr, vr, lr = kc.float(), vc.float(), lens.clone()
+        for i in range(steps):
+            for t in (q, kn, vn):
+                t.copy_(torch.randn_like(t))
+            if graph is not None:
+                graph.replay()
+            else:
+                step()
+            reference.append_kv(kr, vr, kn.float(), vn.float(), lr, block_table=bt)
+            lr.add_(1)
+            if not torch.equal(lens, lr):
+                raise CaseFailed(f"step {i}: cache_seqlens {lens.tolist()[:4]}... != {lr.tolist()[:4]}...")
+            check(f"out[{i}]", out, reference.decode_attention(q.float(), kr, vr, lr, block_table=bt), dt, errs)
+        # append_kv is a copy: the cache must equal the mirror exactly, pad rows included.
+        if not torch.equal(kc.float().nan_to_num(7.0), kr.nan_to_num(7.0)) or \
+                not torch.equal(vc.float().nan_to_num(7.0), vr.nan_to_num(7.0)):
+            raise CaseFailed("the caches differ from the reference's appends")
+    return run
+
+
+def case_flash(dev, dt, B, Sq, Sk, H, Hk, D, causal, window=None, backward=False):
+    def run(errs):
+        q = torch.randn(B, Sq, H, D, device=dev, dtype=dt, requires_grad=backward)
+        k = torch.randn(B, Sk, Hk, D, device=dev, dtype=dt, requires_grad=backward)
+        v = torch.randn(B, Sk, Hk, D, device=dev, dtype=dt, requires_grad=backward)
+        kw = {"window": window} if window is not None else {}
+        out = fastattn.flash_attention(q, k, v, causal=causal, **kw)
+        if backward:
+            qr, kr, vr = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+            ref = reference.attention(qr, kr, vr, causal=causal, window=window or (-1, -1))
+        else:
+            ref = sdpa_ref(q.detach(), k.detach(), v.detach(), causal, window)
+        check("out", out, ref, dt, errs)
+        if backward:
+            g = torch.randn_like(out)
+            out.backward(g)
+            ref.backward(g.float())
+            for name, a, b in (("dq", q, qr), ("dk", k, kr), ("dv", v, vr)):
+                check(name, a.grad, b.grad, dt, errs)
+    return run
+
+
+def case_varlen(dev, dt, lens_q, H, Hk, D, causal, backward):
+    def run(errs):
+        cu = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0).tolist()), dtype=torch.int32, device=dev)
+        total, mx = int(cu[-1]), max(lens_q)
+        q = torch.randn(total, H, D, device=dev, dtype=dt, requires_grad=backward)
+        k = torch.randn(total, Hk, D, device=dev, dtype=dt, requires_grad=backward)
+        v = torch.randn(total, Hk, D, device=dev, dtype=dt, requires_grad=backward)
+        out = fastattn.flash_attention_varlen(q, k, v, cu, cu, mx, mx, causal=causal)
+        qr, kr, vr = (t.detach().float().requires_grad_(backward) for t in (q, k, v))
+        ref = reference.attention_varlen(qr, kr, vr, cu, cu, causal=causal)
+        check("out", out, ref, dt, errs)
+        if backward:
+            g = torch.randn_like(out)
+            out.backward(g)
+            ref.backward(g.float())
+            for name, a, b in (("dq", q, qr), ("dk", k, kr), ("dv", v, vr)):
+                check(name, a.grad, b.grad, dt, errs)
+    return run
+
+
+def case_kvcache(dev, dt, B, S, Sq, H, Hk, D, page_size=None):
+    """attention_with_kvcache with new k/v (append + Sq queries, bottom-right causal)."""
+    def run(errs):
+        kc = torch.randn(B, S, Hk, D, device=dev, dtype=dt)
+        vc = torch.randn(B, S, Hk, D, device=dev, dtype=dt)
+        lens = ragged_lengths(B, S - Sq, dev, seed=3)
+        bt = None
+        if page_size is not None:
+            kc, vc, bt = paged_copy(kc, vc, torch.full((B,), S, dtype=torch.int32), page_size, seed=9)
+        q = torch.randn(B, Sq, H, D, device=dev, dtype=dt)
+        kn = torch.randn(B, Sq, Hk, D, device=dev, dtype=dt)
+        vn = torch.randn_like(kn)
+        kr, vr = kc.float(), vc.float()
+        out = fastattn.attention_with_kvcache(q, kc, vc, lens, k=kn, v=vn, block_table=bt)
+        ref = reference.attention_with_kvcache(q.float(), kr, vr, lens, k=kn.float(), v=vn.float(),
+                                               block_table=bt)
+        check("out", out, ref, dt, errs)
+    return run
+
+
+def case_append(dev, dt, B, S, Hk, D, Sn, page_size=None):
+    def run(errs):
+        kc = torch.randn(B, S, Hk, D, device=dev, dtype=dt)
+        vc = torch.randn(B, S, Hk, D, device=dev, dtype=dt)
+        lens = ragged_lengths(B, S - Sn, dev, seed=4)
+        bt = None
+        if page_size is not None:
+            kc, vc, bt = paged_copy(kc, vc, torch.full((B,), S, dtype=torch.int32), page_size, seed=2)
+        kn = torch.randn(B, Sn, Hk, D, device=dev, dtype=dt)
+        vn = torch.randn_like(kn)
+        kr, vr = kc.clone(), vc.clone()
+        fastattn.append_kv(kc, vc, kn, vn, lens, block_table=bt)
+        reference.append_kv(kr, vr, kn, vn, lens, block_table=bt)
+        # A copy: exact, NaN pages included (compare with NaN mapped to a sentinel).
+        for name, a, b in (("k_cache", kc, kr), ("v_cache", vc, vr)):
+            if not torch.equal(a.float().nan_to_num(7.0), b.float().nan_to_num(7.0)):
+                raise CaseFailed(f"{name} differs from the reference append")
+            errs[name] = 0.0
+    return run
+
+
+# ---- case lists ----------------------------------------------------------------------------
+def sweep_cases(dev, tiny):
+    bf = torch.bfloat16
+    c = []
+    ns = [256, 1024] if tiny else [4096, 8192, 16384, 32768, 65536, 131072]
+    rows = 4 if tiny else 64
+    for n in ns:
+        c.append((f"rms_norm {rows}x{n}", case_rms_norm(dev, bf, rows, n, False, False)))
+        c.append((f"rms_norm+residual {rows}x{n}", case_rms_norm(dev, bf, rows, n, True, False)))
+    for n in (ns[0], ns[-1]):
+        c.append((f"rms_norm fwd+bwd {rows}x{n}", case_rms_norm(dev, bf, rows, n, False, True)))
+    H, Hk, D = (4, 2, 32) if tiny else (32, 8, 128)
+    b64, s4k, s64k = (4, 64, 256) if tiny else (64, 4096, 65536)
+    c.append((f"decode B{b64}x{s4k} ragged GQA {H}/{Hk} d{D}", case_decode(dev, bf, b64, s4k, H, Hk, D)))
+    c.append((f"decode B1x{s64k} ragged GQA {H}/{Hk} d{D}", case_decode(dev, bf, 1, s64k, H, Hk, D)))
+    c.append((f"decode B4x{s64k} ragged GQA {H}/{Hk} d{D}", case_decode(dev, bf, 4, s64k, H, Hk, D)))
+    c.append((f"decode paged16 B{b64}x{s4k} ragged GQA {H}/{Hk} d{D}",
+              case_decode(dev, bf, b64, s4k, H, Hk, D, page_size=16)))
+    c.append((f"decode paged16 B1x{s64k} ragged GQA {H}/{Hk} d{D}",
+              case_decode(dev, bf, 1, s64k, H, Hk, D, page_size=16)))
+    rb, rs = (1, 64) if tiny else (4, 4096)  # the CUDA benchmark's shape: B4 S4096 H32 Hk8 D128
+    c.append((f"rope B{rb} S{rs} H{H} Hk{Hk} D{D} out-of-place", case_rope(dev, bf, rb, rs, H, Hk, D, False, False)))
+    c.append((f"rope B{rb} S{rs} H{H} Hk{Hk} D{D} inplace random positions",
+              case_rope(dev, bf, rb, rs, H, Hk, D, True, True)))
+    gb, gs = (2, 40) if tiny else (8, 4000)
+    c.append((f"graph replay append+decode B{gb}x{gs}", case_graph(dev, bf, gb, gs, H, Hk, D, steps=4)))
+    c.append((f"graph replay append+decode paged16 B{gb}x{gs}",
+              case_graph(dev, bf, gb, gs, H, Hk, D, steps=4, page_size=16)))
+    fs = 128 if tiny else 8192
+    fd = 64 if tiny else 128
+    c.append((f"flash fwd B1 S{fs} H{H}/{Hk} d{fd} causal", case_flash(dev, bf, 1, fs, fs, H, Hk, fd, True)))
+    c.append((f"flash fwd B1 S{fs} H{H}/{Hk} d{fd} full", case_flash(dev, bf, 1, fs, fs, H, Hk, fd, False)))
+    fr = fs - 61  # a ragged tail in both Sq and Sk
+    c.append((f"flash fwd B1 S{fr} H{H}/{Hk} d{fd} causal", case_flash(dev, bf, 1, fr, fr, H, Hk, fd, True)))
+    fq = fs // 8 - 5  # a chunk of queries over a longer key range: bottom-right causal
+    c.append((f"flash fwd B1 Sq{fq} Sk{fs} H{H}/{Hk} d{fd} causal",
+              case_flash(dev, bf, 1, fq, fs, H, Hk, fd, True)))
+    return c
+
+
+def path_cases(dev, tiny):
+    """Each kernel path once, small (the sanitizers run this)."""
+    bf = torch.bfloat16
+    n_big = 4096 if tiny else 65536  # past the row cache: the two-pass RMSNorm path
+    return [
+        ("rms_norm fwd+bwd 16x1024", case_rms_norm(dev, bf, 16, 1024, False, True)),
+        ("rms_norm+residual fwd+bwd 16x1024", case_rms_norm(dev, bf, 16, 1024, True, True)),
+        (f"rms_norm fwd+bwd 4x{n_big}", case_rms_norm(dev, bf, 4, n_big, False, True)),
+        ("rope out-of-place neox", case_rope(dev, bf, 2, 33, 4, 2, 128, False, False)),
+        ("rope inplace interleaved positions", case_rope(dev, bf, 2, 33, 4, 2, 128, True, True, interleaved=True)),
+        ("rope partial rotary dim 64 of 128", case_rope(dev, bf, 2, 33, 4, 2, 128, False, True, rot_dim=64)),
+        ("flash fwd+bwd d64 causal GQA 4/2", case_flash(dev, bf, 1, 200, 200, 4, 2, 64, True, backward=True)),
+        ("flash fwd+bwd d128 full", case_flash(dev, bf, 1, 130, 130, 2, 2, 128, False, backward=True)),
+        ("flash fwd d128 window (32, 0) Sq<Sk", case_flash(dev, bf, 1, 70, 190, 4, 2, 128, False, window=(32, 0))),
+        ("flash varlen fwd+bwd d128 causal", case_varlen(dev, bf, [100, 1, 157], 4, 2, 128, True, True)),
+        ("decode contiguous 1 split", case_decode(dev, bf, 3, 300, 8, 2, 128, num_splits=1)),
+        ("decode contiguous 4 splits", case_decode(dev, bf, 3, 300, 8, 2, 128, num_splits=4)),
+        ("decode d64 auto splits", case_decode(dev, bf, 3, 300, 8, 2, 64)),
+        ("decode paged16", case_decode(dev, bf, 3, 300, 8, 2, 128, page_size=16)),
+        ("append_kv contiguous", case_append(dev, bf, 3, 64, 2, 128, 5)),
+        ("append_kv paged16", case_append(dev, bf, 3, 64, 2, 128, 5, page_size=16)),
+        ("attention_with_kvcache Sq4 contiguous", case_kvcache(dev, bf, 2, 96, 4, 8, 2, 128)),
+        ("attention_with_kvcache Sq4 paged16", case_kvcache(dev, bf, 2, 96, 4, 8, 2, 128, page_size=16)),
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                    help="default: cuda when a GPU and a CUDA build are present, else cpu")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU dry run)")
+    ap.add_argument("--paths", action="store_true", help="each kernel path once, small (the sanitizer driver)")
+    ap.add_argument("--json", default=None, help="write the results here (rewritten after every case)")
+    ap.add_argument("-k", dest="only", default=None, help="run only cases whose name contains this")
+    args = ap.parse_args(argv)
+    dev = args.device or ("cuda" if torch.cuda.is_available() and fastattn.cuda_built() else "cpu")
+    if dev == "cuda" and not (torch.cuda.is_available() and fastattn.cuda_built()):
+        print("gpu_sweep: --device cuda but no CUDA device or no CUDA build of fastattn", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    cases = path_cases(dev, args.tiny) if args.paths else sweep_cases(dev, args.tiny)
+    if args.only:
+        cases = [(n, f) for n, f in cases if args.only in n]
+    mode = "paths" if args.paths else "sweep"
+    doc = {"mode": mode, "device": dev, "tiny": args.tiny, "torch": torch.__version__,
+           "gpu": torch.cuda.get_device_name() if dev == "cuda" else None, "cases": []}
+    width = max((len(n) for n, _ in cases), default=10)
+    print(f"gpu_sweep {mode} on {dev}{' (tiny)' if args.tiny else ''}: {len(cases)} cases", flush=True)
+    failed = 0
+    for name, fn in cases:
+        errs = {}
+        t0 = time.perf_counter()
+        status, msg = "pass", ""
+        try:
+            fn(errs)
+            sync(dev)
+        except CaseFailed as e:
+            status, msg = "FAIL", str(e)
+        except Exception as e:  # a crash is a failure of this case, not of the whole sweep
+            status, msg = "ERROR", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            traceback.print_exc(limit=3)
+        secs = time.perf_counter() - t0
+        failed += status != "pass"
+        worst = max(errs.values(), default=float("nan"))
+        print(f"{status:5s} {name:{width}s}  max rel err {worst:9.2e}  {secs:6.2f} s  {msg}", flush=True)
+        doc["cases"].append({"case": name, "status": status, "message": msg, "seconds": round(secs, 3),
+                             "rel_err": errs})
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(doc, f, indent=1)
+            os.replace(tmp, args.json)
+    print(f"gpu_sweep {mode}: {len(cases) - failed} passed, {failed} failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
