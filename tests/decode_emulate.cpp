@@ -3,8 +3,8 @@
 //
 // Host versions of what the kernels use from CUDA:
 //   * every thread of a block is a fiber (ucontext); __syncthreads / __syncwarp and
-//     __shfl_xor_sync are barriers between fibers, so the kernels' own control flow, warp
-//     roles, indexing, double buffering and merges run as written;
+//     __shfl_xor_sync / __shfl_sync are barriers between fibers, so the kernels' own control
+//     flow, warp roles, indexing, double buffering and merges run as written;
 //   * cp.async.cg (16 bytes, zero-fill when src-size is 0) with commit / wait_group: in
 //     "late" mode (mode bit 0) a copy lands only when a wait_group retires its group, the
 //     latest moment the PTX ISA allows, so a read of a tile that was not waited for sees
@@ -114,6 +114,23 @@ inline void cp_async_wait() {
     for (const auto& c : f.groups.front()) emu::do_copy(c);
     f.groups.erase(f.groups.begin());
   }
+}
+
+// Indexed shuffle of a 64-bit value (the paged tile loader shares row addresses this way).
+inline long long __shfl_sync(unsigned /*mask*/, long long v, int src) {
+  uint32_t w[2];
+  std::memcpy(w, &v, 8);
+  emu::my_slot()[0] = w[0];
+  emu::my_slot()[1] = w[1];
+  emu::warp_barrier();
+  if (src < 0 || src >= 32) emu::fail("shuffle source lane out of range");
+  const uint32_t* s = emu::slot_of(src & 31);
+  w[0] = s[0];
+  w[1] = s[1];
+  emu::warp_barrier();
+  long long out;
+  std::memcpy(&out, w, 8);
+  return out;
 }
 
 #include "decode_kernels.cuh"

@@ -203,18 +203,48 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   const T* k_base = static_cast<const T*>(p.k_cache) + kvh * p.k_head_stride;
   const T* v_base = static_cast<const T*>(p.v_cache) + kvh * p.v_head_stride;
 
+  // Tile loads: in iteration k thread tid copies chunk c = tid % kChunks of tile row
+  // tid / kChunks + k * kRowsPerIter (a warp covers whole rows: coalesced). A paged row
+  // address costs a page-table read and a 64-bit division, and kChunks threads share each row,
+  // so there each lane of a warp looks up ONE of the <= 32 rows its warp copies in the tile
+  // and the others fetch it by shuffle (warp-uniform branch; the contiguous path is as before).
+  constexpr int kRowsPerIter = kThreads / kChunks;
+  constexpr int kWarpRows = 32 / kChunks;  // rows per warp per iteration
+  constexpr int kIters = kBlockN * kChunks / kThreads;
+  static_assert(kThreads % kChunks == 0 && 32 % kChunks == 0 && kIters * kWarpRows <= 32, "row lookup per lane");
   auto load_tile = [&](int tile, int stage) {
     const int64_t key0 = begin + int64_t(tile) * kBlockN;
     T* dk = sK + stage * DecodeSmem<kD>::kTileElems;
     T* dv = sV + stage * DecodeSmem<kD>::kTileElems;
+    const int c = tid % kChunks;
+    if (p.block_table == nullptr) {
 #pragma unroll
-    for (int i = tid; i < kBlockN * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = i % kChunks;
-      const bool ok = key0 + r < end;  // and then key0 + r < len: inside the page table
-      const T* sk = ok ? k_base + k_layout.row_offset(b, key0 + r) + c * 8 : k_base;
-      const T* sv = ok ? v_base + v_layout.row_offset(b, key0 + r) + c * 8 : v_base;
-      cp_async16(smem_u32(dk + swz<kD>(r, c * 8)), sk, ok);
-      cp_async16(smem_u32(dv + swz<kD>(r, c * 8)), sv, ok);
+      for (int k = 0; k < kIters; ++k) {
+        const int r = tid / kChunks + k * kRowsPerIter;
+        const bool ok = key0 + r < end;
+        const T* sk = ok ? k_base + k_layout.row_offset(b, key0 + r) + c * 8 : k_base;
+        const T* sv = ok ? v_base + v_layout.row_offset(b, key0 + r) + c * 8 : v_base;
+        cp_async16(smem_u32(dk + swz<kD>(r, c * 8)), sk, ok);
+        cp_async16(smem_u32(dv + swz<kD>(r, c * 8)), sv, ok);
+      }
+    } else {
+      // Lane L: row of iteration L / kWarpRows, sub-row L % kWarpRows of this warp.
+      const int64_t lkey = key0 + (lane / kWarpRows) * kRowsPerIter + warp * kWarpRows + lane % kWarpRows;
+      const bool lok = lane / kWarpRows < kIters && lkey < end;  // only then is the table read
+      const int64_t koff = lok ? k_layout.row_offset(b, lkey) : 0;
+      const int64_t voff = lok ? v_layout.row_offset(b, lkey) : 0;
+#pragma unroll
+      for (int k = 0; k < kIters; ++k) {
+        const int r = tid / kChunks + k * kRowsPerIter;
+        const int src = k * kWarpRows + lane / kChunks;  // the lane that looked row r up
+        const long long ko = __shfl_sync(0xffffffffu, static_cast<long long>(koff), src);
+        const long long vo = __shfl_sync(0xffffffffu, static_cast<long long>(voff), src);
+        const bool ok = key0 + r < end;  // and then key0 + r < len: inside the page table
+        const T* sk = ok ? k_base + ko + c * 8 : k_base;
+        const T* sv = ok ? v_base + vo + c * 8 : v_base;
+        cp_async16(smem_u32(dk + swz<kD>(r, c * 8)), sk, ok);
+        cp_async16(smem_u32(dv + swz<kD>(r, c * 8)), sv, ok);
+      }
     }
   };
 
