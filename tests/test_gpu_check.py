@@ -1,0 +1,219 @@
+"""scripts/gpu_check.sh and scripts/gpu_sweep.py, proven on the CPU (DESIGN.md section 7): a
+GPU lease is 15 minutes, so the script must work the first time it runs there.
+
+- the dry run (--dry-run --quick) exits 0 and prints the summary table, every step in it, last;
+- the per-step budgets in the script add up, with the kill grace and slack, to at most 510 s;
+- the time boxes work: a step over its budget is reported TIMEOUT (and the run fails), a
+  failed build skips the GPU steps, and the table is still printed;
+- gpu_sweep's kernel-path cases pass on the CPU, and its checker fails on a wrong result;
+- the benchmark -k expression selects the headline CUDA benchmarks (and no compile/model ones)
+  from the CUDA parametrization of the suites.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.source_tree
+
+SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
+SWEEP = os.path.join(ROOT, "scripts", "gpu_sweep.py")
+MAX_TOTAL = 510  # seconds: the issue's 8.5 minutes for the whole command
+
+
+def _script_text():
+    with open(SCRIPT) as f:
+        return f.read()
+
+
+def _steps():
+    m = re.search(r"^STEPS=\(([^)]*)\)$", _script_text(), re.M)
+    assert m, "STEPS=(...) not found in gpu_check.sh"
+    return m.group(1).split()
+
+
+def _budgets():
+    """{step: default seconds} from the BUDGET[step]=${GPU_CHECK_T_STEP:-N} lines."""
+    found = re.findall(r"^BUDGET\[(\w+)\]=\$\{GPU_CHECK_T_(\w+):-(\d+)\}$", _script_text(), re.M)
+    for step, env, _ in found:
+        assert env == step.upper(), f"BUDGET[{step}] is overridden by GPU_CHECK_T_{env}"
+    return {step: int(secs) for step, _, secs in found}
+
+
+def _const(name):
+    m = re.search(rf"^{name}=(\d+)\b", _script_text(), re.M)
+    assert m, f"{name}= not found in gpu_check.sh"
+    return int(m.group(1))
+
+
+def _run(args, env_extra=None, timeout=240):
+    env = dict(os.environ)
+    for var in list(env):  # the script's knobs, as a developer's shell might hold them
+        if var.startswith("GPU_CHECK_") or var == "OUT":
+            env.pop(var)
+    env["PYTHON"] = sys.executable  # the interpreter running these tests, not whatever python3 is
+    env.update(env_extra or {})
+    return subprocess.run(["bash", SCRIPT] + args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _summary(stdout):
+    """{step: status} from the summary table, which must close the output."""
+    lines = stdout.rstrip("\n").splitlines()
+    assert lines and lines[-1].startswith("gpu_check: "), f"no verdict line last:\n{stdout[-2000:]}"
+    heads = [i for i, ln in enumerate(lines) if ln.startswith("step ") and "status" in ln and "budget" in ln]
+    assert heads, f"no summary table:\n{stdout[-2000:]}"
+    rows = {}
+    for ln in lines[heads[-1] + 1 : -1]:
+        m = re.match(r"^(\S+)\s+(.*?)\s+(\d+\.\d)\s+(\d+)$", ln)
+        assert m, f"bad summary row {ln!r}"
+        rows[m.group(1)] = m.group(2)
+    return rows
+
+
+def test_budget_fits_the_window():
+    steps, budgets = _steps(), _budgets()
+    optional = [s for s in steps if s not in budgets]
+    # ncu is the only step without a BUDGET line of its own: it runs only in the time left.
+    assert optional == ["ncu"], f"steps without a BUDGET[...] line: {optional}"
+    assert re.search(r"^OPTIONAL_BUDGET_ncu=\$\{GPU_CHECK_T_NCU:-\d+\}", _script_text(), re.M)
+    assert set(budgets) == set(steps) - set(optional), f"budgets for unknown steps: {set(budgets) - set(steps)}"
+    total, grace, slack = _const("TOTAL_BUDGET"), _const("KILL_GRACE"), _const("SLACK")
+    assert total <= MAX_TOTAL
+    need = sum(budgets.values()) + grace * len(steps) + slack
+    assert need <= total, f"budgets {budgets} + {grace} s kill grace x {len(steps)} steps + {slack} s = {need} s > {total} s"
+    text = _script_text()
+    # Every step, the optional one too, is capped by one deadline that leaves the slack.
+    assert "DEADLINE=$((T_START + TOTAL_BUDGET - SLACK))" in text
+    assert re.search(r'timeout -k "\$KILL_GRACE" "\$t" bash -c "\$fn"', text), "run_step must use timeout"
+
+
+def test_dry_run_quick(tmp_path):
+    out = tmp_path / "out"
+    r = _run(["--dry-run", "--quick", str(out)])
+    rows = _summary(r.stdout)
+    assert list(rows) == _steps(), f"summary rows {list(rows)} != steps {_steps()}"
+    for step, status in rows.items():
+        assert status == "pass" or status.startswith("skipped"), f"{step}: {status}\n{r.stdout[-3000:]}"
+    for step in ("info", "build", "tests", "sweep", "bench"):
+        assert rows[step] == "pass", f"{step} must run in a dry run, got {rows[step]}"
+    assert rows["memcheck"].startswith("skipped (no GPU") and rows["racecheck"] == "skipped (no GPU)"
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.stdout.rstrip().endswith("gpu_check: all steps passed or skipped")
+    # What the device tool brings back: at most 8 files, all of them here.
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files
+    for name in ("gpu_check.log", "summary.tsv", "tests.tsv", "sweep.json", "bench.json"):
+        assert name in files, f"{name} missing from {files}"
+    assert "=== summary" in (out / "gpu_check.log").read_text()
+    with open(out / "summary.tsv") as f:
+        assert [ln.split("\t")[0] for ln in f.read().splitlines()[1:]] == _steps()
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["device"] == "cpu" and sweep["tiny"] and len(sweep["cases"]) >= 10
+    assert all(c["status"] == "pass" for c in sweep["cases"])
+    tests = (out / "tests.tsv").read_text().splitlines()
+    assert len(tests) == 2 and "\tpass\t" in tests[1] and "skipped" in tests[1], tests
+
+
+def test_time_box_and_skips(tmp_path):
+    # The sweep gets 3 s (it needs several): TIMEOUT, a failed run, and the table still last.
+    r = _run(["--dry-run", str(tmp_path)], {"GPU_CHECK_T_SWEEP": "3", "GPU_CHECK_SKIP": "tests memcheck bench"},
+             timeout=120)
+    rows = _summary(r.stdout)
+    assert rows["sweep"].startswith("TIMEOUT"), rows
+    assert rows["tests"] == rows["bench"] == rows["memcheck"] == "skipped (GPU_CHECK_SKIP)", rows
+    assert rows["build"] == "pass"
+    assert r.returncode == 1
+    assert r.stdout.rstrip().endswith("gpu_check: FAILED")
+
+
+def test_failed_build_skips_the_rest(tmp_path):
+    r = _run(["--dry-run", str(tmp_path)], {"PYTHON": "false"}, timeout=60)
+    rows = _summary(r.stdout)
+    assert rows["build"].startswith("FAIL"), rows
+    for step in _steps()[2:]:
+        assert rows[step] == "skipped (build failed)", (step, rows[step])
+    assert r.returncode == 1
+
+
+def _load_sweep():
+    spec = importlib.util.spec_from_file_location("gpu_sweep", SWEEP)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_path_cases_pass_on_cpu():
+    sweep = _load_sweep()
+    names = []
+    for name, fn in sweep.path_cases("cpu", tiny=True):
+        errs = {}
+        fn(errs)
+        assert errs, f"{name}: checked nothing"
+        names.append(name)
+    # Every kernel family the sanitizers must cover has a case.
+    for family in ("rms_norm", "rope", "flash fwd+bwd", "varlen", "decode", "paged16", "append_kv",
+                   "attention_with_kvcache"):
+        assert any(family in n for n in names), family
+
+
+def test_sweep_checker_catches_wrong_results(monkeypatch):
+    sweep = _load_sweep()
+    fastattn = sweep.fastattn
+    real = fastattn.rms_norm
+    # 1% too large: inside bf16's rounding for one element, far outside it in the norm.
+    monkeypatch.setattr(fastattn, "rms_norm", lambda *a, **k: real(*a, **k) * 1.03)
+    with pytest.raises(sweep.CaseFailed, match="relative error"):
+        sweep.case_rms_norm("cpu", torch.bfloat16, 4, 256, False, False)({})
+    real_dec = fastattn.decode_attention
+    monkeypatch.setattr(fastattn, "decode_attention",
+                        lambda *a, **k: real_dec(*a, **k).index_fill(0, torch.tensor([0]), float("nan")))
+    with pytest.raises(sweep.CaseFailed, match="non-finite"):
+        sweep.case_decode("cpu", torch.bfloat16, 3, 64, 4, 2, 32)({})
+    # The sweep's exit status follows its cases.
+    monkeypatch.setattr(fastattn, "decode_attention", real_dec)
+    assert sweep.main(["--device", "cpu", "--tiny", "-k", "decode B1x"]) == 0
+    monkeypatch.setattr(fastattn, "decode_attention", lambda *a, **k: real_dec(*a, **k) * 2)
+    assert sweep.main(["--device", "cpu", "--tiny", "-k", "decode B1x"]) == 1
+
+
+_COLLECT_AS_CUDA = r"""
+import os, sys, tempfile
+import torch, fastattn
+# Collect the suites as they parametrize themselves on a GPU machine (their shapes and peers
+# are chosen at import from plugin.DEVICE); nothing is run.
+torch.cuda.is_available = lambda: True
+fastattn.cuda_built = lambda: True
+import pytest
+import fastattn.benchmarks as b
+d = os.path.dirname(b.__file__)
+ini = os.path.join(tempfile.mkdtemp(), "pytest.ini")
+with open(ini, "w") as f:
+    f.write("[pytest]\npython_files = bench_*.py\npython_functions = test_*\naddopts =\n")
+sys.exit(pytest.main([d, "-c", ini, "--rootdir", d, "--collect-only", "-q", "-p", "no:cacheprovider",
+                      "-k", sys.argv[1]]))
+"""
+
+
+def test_bench_selection_on_cuda():
+    m = re.search(r"^BENCH_K='([^']+)'$", _script_text(), re.M)
+    assert m, "BENCH_K='...' not found in gpu_check.sh"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _COLLECT_AS_CUDA, m.group(1)], capture_output=True, text=True,
+                       env=env, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ids = [ln for ln in r.stdout.splitlines() if "::" in ln]
+    for family in ("bench_decode.py", "bench_rms_norm.py", "bench_rotary.py", "bench_flash_attn.py"):
+        assert any(i.startswith(family) and i.endswith("fastattn]") for i in ids), f"no fastattn run of {family}"
+    for banned in ("compile", "bench_model", "bwd", "varlen", "kvcache", "math"):
+        assert not any(banned in i for i in ids), f"{banned} selected: {[i for i in ids if banned in i][:3]}"
+    # The bench step's 60 s hold about this many CUDA benchmarks (inputs, warm-up, 20 rounds each).
+    assert 20 <= len(ids) <= 60, len(ids)
