@@ -93,28 +93,24 @@ def paged_copy(kc, vc, lens, page_size, seed):
     it was not given turns the output NaN. Table entries past a sequence's last page point at
     its first page (finite: the fp32 reference reads whole tables, masked)."""
     B, S, Hk, D = kc.shape
-    per_seq = [math.ceil(int(n) / page_size) for n in lens.tolist()]
+    dev = kc.device
     max_pages = math.ceil(S / page_size)
-    total = sum(per_seq) + 3
+    per_seq = (lens.to(torch.int64).cpu() + page_size - 1) // page_size  # (B,)
+    used = torch.arange(max_pages).view(1, -1) < per_seq.view(-1, 1)  # (B, max_pages)
+    total = int(per_seq.sum()) + 3
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(total, generator=g).tolist()
-    pools = [torch.full((total, page_size, Hk, D), float("nan"), dtype=kc.dtype, device=kc.device)
-             for _ in range(2)]
-    table = torch.zeros(B, max_pages, dtype=torch.int32)
-    nxt = 0
-    for b, n in enumerate(per_seq):
-        for p in range(n):
-            page = order[nxt]
-            nxt += 1
-            table[b, p] = page
-            rows = slice(p * page_size, min((p + 1) * page_size, S))
-            cnt = rows.stop - rows.start
-            for pool, cache in zip(pools, (kc, vc)):
-                pool[page, :cnt] = cache[b, rows]
-                if cnt < page_size:
-                    pool[page, cnt:] = 0
-        table[b, n:] = table[b, 0]
-    return pools[0], pools[1], table.to(kc.device)
+    order = torch.randperm(total, generator=g)
+    table = torch.zeros(B, max_pages, dtype=torch.int64)
+    table[used] = order[: int(per_seq.sum())]
+    table = torch.where(used, table, table[:, :1])
+    pad = max_pages * page_size - S
+    pools = []
+    for cache in (kc, vc):
+        pool = torch.full((total, page_size, Hk, D), float("nan"), dtype=kc.dtype, device=dev)
+        paged = F.pad(cache, (0, 0, 0, 0, 0, pad)).view(B, max_pages, page_size, Hk, D)
+        pool[table[used].to(dev)] = paged[used.to(dev)]  # one scatter, not a loop over pages
+        pools.append(pool)
+    return pools[0], pools[1], table.to(torch.int32).to(dev)
 
 
 def garbage_tail(cache, lens):
