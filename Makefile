@@ -5,7 +5,7 @@
 #   make bench       set up and run the benchmark suite (table + results JSON)
 PY ?= python3
 
-.PHONY: setup demo test cuda-check bench gpu-check
+.PHONY: setup demo test cuda-check cuda-build-check bench gpu-check
 
 setup:
 	@bash scripts/setup.sh
@@ -18,6 +18,9 @@ test: setup
 
 cuda-check:
 	@bash scripts/cuda_check.sh
+
+cuda-build-check:
+	@bash scripts/cuda_build_check.sh
 
 bench: setup
 	$(PY) -m fastattn bench
