@@ -278,6 +278,8 @@ MQ_CASES = [
     (torch.float16, 64, 4, 2, 16, 16, (20, -1), [200], 0, 224, 1, 0),
     # Causal, key length 140: step [96, 128) ends inside row 15's range but past row 0's.
     (torch.bfloat16, 64, 4, 1, 16, 0, (-1, 0), [140], 0, 160, 1, 2),
+    # Window sides at the int64 limit: no overflow, nothing masked (len 1 < Sq: pos_0 < 0).
+    (torch.float16, 64, 4, 2, 3, 0, (2 ** 63 - 1, 2 ** 63 - 1), [20, 1], 0, 32, 2, 0),
 ]
 
 

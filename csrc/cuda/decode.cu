@@ -15,8 +15,9 @@
 //
 // What changed with paging and multi-query (issue 18):
 //   * Paged: the K/V tile loads and append_kv address rows through KvLayout; a 16-byte
-//     cp.async chunk lies within one row, so any page_size >= 1 works (one page-table read and
-//     one division per loaded row: rows of a tile may sit on different pages).
+//     cp.async chunk lies within one row, so any page_size >= 1 works. A paged row address
+//     costs a page-table read and a 64-bit division, so each row of a tile is looked up by one
+//     lane of the warp that copies it and shared by shuffle (contiguous loads as before).
 //   * Multi-query: per kv head a block serves "rows" r = i * G + g (query i, head kv * G + g),
 //     up to 32 (16 at D = 256) of them, so all seqlen_q tokens of a group share each K/V row
 //     load; ceil(G * seqlen_q / 32) blocks per kv head. For seqlen_q = 1 rows are heads.

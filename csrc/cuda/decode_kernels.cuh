@@ -160,7 +160,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   // row sees a key before kbeg = pos_0 - window_left, so the splits cut [kbeg, len) and the
   // dead keys are never loaded (for seqlen_q = 1 that is exactly the one row's window).
   const int64_t len = min(max(static_cast<int64_t>(p.cache_seqlens[b]) + p.seqlens_k_add, int64_t(0)), p.seqlen_k_max);
-  const int64_t kbeg = p.window_left >= 0 ? max(len - p.seqlen_q - p.window_left, int64_t(0)) : int64_t(0);
+  // (Window sides may be as large as int64 allows: compare before subtracting or adding.)
+  const int64_t pos0 = len - p.seqlen_q;
+  const int64_t kbeg = p.window_left >= 0 && p.window_left < pos0 ? pos0 - p.window_left : int64_t(0);
   int64_t begin, end;
   decode::split_range(len - kbeg, p.num_splits, split, kBlockN, &begin, &end);
   begin += kbeg;
@@ -177,13 +179,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   if (p.seqlen_q > 1 && (p.window_left >= 0 || p.window_right >= 0)) {
     const int64_t span = end - begin;
     auto rel = [&](int64_t key) { return static_cast<int>(min(max(key - begin, int64_t(0)), span)); };
-    auto lo_of = [&](int r) {
-      const int64_t pos = len - p.seqlen_q + r / group;
-      return rel(p.window_left >= 0 ? pos - p.window_left : int64_t(0));
+    auto lo_of = [&](int r) {  // pos - window_left, or 0 when that is <= 0
+      const int64_t pos = pos0 + r / group;
+      return rel(p.window_left >= 0 && p.window_left < pos ? pos - p.window_left : int64_t(0));
     };
-    auto hi_of = [&](int r) {
-      const int64_t pos = len - p.seqlen_q + r / group;
-      return rel(p.window_right >= 0 ? min(pos + p.window_right + 1, len) : len);
+    auto hi_of = [&](int r) {  // pos + window_right + 1, or len when that is >= len
+      const int64_t pos = pos0 + r / group;
+      return rel(p.window_right >= 0 && p.window_right < len - pos - 1 ? pos + p.window_right + 1 : len);
     };
     for (int r = tid; r < nhb; r += kThreads) {
       sLo[r] = lo_of(row0 + r);
