@@ -21,10 +21,11 @@
 #              GPU_CHECK_TEST_JOBS files at once; FASTATTN_REQUIRE_CUDA=1; a per-test timeout
 #              when pytest-timeout is installed
 #   sweep      scripts/gpu_sweep.py: production shapes the unit tests miss, vs fastattn.reference
-#   sanitizer_probe, memcheck, racecheck
+#   memcheck, racecheck
 #              compute-sanitizer over scripts/gpu_sweep.py --paths (every kernel path once,
-#              small), after a trivial probe run; skipped cleanly where the sanitizer is
-#              missing or refuses the device
+#              small; only fastattn's kernels instrumented), after a trivial probe run (in
+#              memcheck's box); both skip cleanly where the sanitizer is missing, refuses the
+#              device or cannot start torch within the probe's 20 s
 #   bench      the headline benchmarks (decode, rms_norm, rotary, flash forward; no model, no
 #              torch.compile) with python -m fastattn bench -k "$BENCH_K"
 #   ncu        optional (GPU_CHECK_NCU=1), only in the time left: ncu --clock-control none on
@@ -72,15 +73,14 @@ BUDGET[info]=${GPU_CHECK_T_INFO:-8}
 BUDGET[build]=${GPU_CHECK_T_BUILD:-150}
 BUDGET[tests]=${GPU_CHECK_T_TESTS:-122}
 BUDGET[sweep]=${GPU_CHECK_T_SWEEP:-40}
-BUDGET[sanitizer_probe]=${GPU_CHECK_T_SANITIZER_PROBE:-15}
-BUDGET[memcheck]=${GPU_CHECK_T_MEMCHECK:-45}
-BUDGET[racecheck]=${GPU_CHECK_T_RACECHECK:-40}
+BUDGET[memcheck]=${GPU_CHECK_T_MEMCHECK:-58}  # the probe (<= 20 s) included
+BUDGET[racecheck]=${GPU_CHECK_T_RACECHECK:-45}
 BUDGET[bench]=${GPU_CHECK_T_BENCH:-60}
 OPTIONAL_BUDGET_ncu=${GPU_CHECK_T_NCU:-60}  # optional step: only ever gets the time left
 TOTAL_BUDGET=510   # seconds: 8.5 minutes, the whole command
 KILL_GRACE=2       # timeout -k: SIGKILL this long after SIGTERM
 SLACK=10           # the summary, the tee flush, shell overhead
-STEPS=(info build tests sweep sanitizer_probe memcheck racecheck bench ncu)
+STEPS=(info build tests sweep memcheck racecheck bench ncu)
 BUDGET[ncu]=$OPTIONAL_BUDGET_ncu
 
 T_START=$(date +%s)
@@ -119,7 +119,7 @@ run_step() {
   export STEP_DEADLINE=$(($(date +%s) + t))
   : >"$STEP_NOTE"
   t0=$(now_ms)
-  timeout -k "$KILL_GRACE" "$t" bash -c "$fn"
+  timeout -k "$KILL_GRACE" "$t" bash -c "$fn" </dev/null
   rc=$?
   local ms=$(($(now_ms) - t0))
   if ((rc == 0)); then record "$step" "pass" "$ms"
@@ -269,20 +269,19 @@ step_sweep() {
 SANITIZER_ARGS="--error-exitcode 86 --print-limit 20 --report-api-errors no"
 export SANITIZER_ARGS
 
-step_sanitizer_probe() {
-  if [ "$DRY_RUN" = 1 ]; then echo "skipped (no GPU)" >"$STEP_NOTE"; exit 77; fi
-  if ! command -v compute-sanitizer >/dev/null; then echo "skipped (compute-sanitizer not found)" >"$STEP_NOTE"; exit 77; fi
-  # A trivial CUDA run: where the sanitizer refuses the device (gVisor: "Device not
-  # supported", then error 999) it fails here, and the two steps after it skip cleanly.
-  local out
-  out=$(compute-sanitizer --tool memcheck $SANITIZER_ARGS "$PY" -c \
+# The probe: a trivial CUDA run under memcheck, inside the memcheck step's box. Where the
+# sanitizer refuses the device (gVisor: "Device not supported", then error 999) or cannot even
+# start torch within the probe's own time box, memcheck and racecheck skip cleanly, saying why.
+sanitizer_probe() {
+  local out rc t=${GPU_CHECK_T_SANITIZER_PROBE:-20}
+  out=$(timeout -k 2 "$t" compute-sanitizer --tool memcheck $SANITIZER_ARGS "$PY" -c \
     "import torch; x = torch.arange(8., device='cuda'); assert (x + 1).sum().item() == 36" 2>&1)
-  local rc=$?
+  rc=$?
   echo "$out" | tail -n 20
-  if ((rc != 0)); then
-    echo "skipped (sanitizer refuses the device, rc $rc)" >"$STEP_NOTE"; exit 77
-  fi
-  touch "$TMP_DIR/sanitizer_ok"
+  if ((rc == 124 || rc == 137)); then echo "probe timed out after $t s (too slow here)"
+  elif ((rc != 0)); then echo "sanitizer refuses the device, probe rc $rc"
+  fi >"$TMP_DIR/sanitizer_probe"
+  ((rc == 0))
 }
 
 run_sanitizer() {  # run_sanitizer TOOL
@@ -296,7 +295,14 @@ run_sanitizer() {  # run_sanitizer TOOL
     fi
     echo "skipped (no GPU)" >"$STEP_NOTE"; exit 77
   fi
-  if [ ! -f "$TMP_DIR/sanitizer_ok" ]; then echo "skipped (no working compute-sanitizer)" >"$STEP_NOTE"; exit 77; fi
+  if ! command -v compute-sanitizer >/dev/null; then echo "skipped (compute-sanitizer not found)" >"$STEP_NOTE"; exit 77; fi
+  # memcheck probes; racecheck reuses that verdict (or probes itself when memcheck was skipped).
+  if [ ! -e "$TMP_DIR/sanitizer_probe" ]; then
+    sanitizer_probe && echo "probe passed: compute-sanitizer works here"
+  fi
+  if [ -s "$TMP_DIR/sanitizer_probe" ]; then
+    echo "skipped ($(cat "$TMP_DIR/sanitizer_probe"))" >"$STEP_NOTE"; exit 77
+  fi
   # kns=fastattn: instrument only our kernels (all in namespace fastattn), not torch's or
   # cuBLAS's in the reference computations: faster, and no reports about code we don't own.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$1" $SANITIZER_ARGS --kernel-name kns=fastattn \
@@ -328,7 +334,7 @@ step_ncu() {
   ncu --clock-control none --kernel-name regex:'rms_norm|rotary|decode|append_kv|flash' --launch-count 40 \
     --export "$OUT_DIR/ncu" --force-overwrite "$PY" scripts/gpu_sweep.py --paths --device cuda
 }
-export -f step_info step_build step_tests step_sweep step_sanitizer_probe run_sanitizer step_memcheck \
+export -f step_info step_build step_tests step_sweep sanitizer_probe run_sanitizer step_memcheck \
   step_racecheck step_bench step_ncu
 
 # ---- run ---------------------------------------------------------------------------------------
@@ -341,7 +347,7 @@ echo "bench -k: ${GPU_CHECK_BENCH_K:-$BENCH_K}"
 run_step info step_info
 run_step build step_build
 [ "${STATUS[build]}" = pass ] || BUILD_OK=0
-for s in tests sweep sanitizer_probe memcheck racecheck bench; do
+for s in tests sweep memcheck racecheck bench; do
   if ((BUILD_OK)); then run_step "$s" "step_$s"; else skip_step "$s" "build failed"; fi
 done
 if ((!BUILD_OK)); then skip_step ncu "build failed"

@@ -43,7 +43,7 @@ def _steps():
 
 def _budgets():
     """{step: default seconds} from the BUDGET[step]=${GPU_CHECK_T_STEP:-N} lines."""
-    found = re.findall(r"^BUDGET\[(\w+)\]=\$\{GPU_CHECK_T_(\w+):-(\d+)\}$", _script_text(), re.M)
+    found = re.findall(r"^BUDGET\[(\w+)\]=\$\{GPU_CHECK_T_(\w+):-(\d+)\}(?:\s+#.*)?$", _script_text(), re.M)
     for step, env, _ in found:
         assert env == step.upper(), f"BUDGET[{step}] is overridden by GPU_CHECK_T_{env}"
     return {step: int(secs) for step, _, secs in found}
