@@ -185,19 +185,31 @@ step_build() {
     || { echo "build: the CUDA kernels are not built or no GPU is visible"; return 1; }
 }
 
-# The test files with CUDA tests (they parametrize over conftest.DEVICES or use the cuda
-# marker), heaviest first so that parallel jobs finish together.
-CUDA_TEST_FILES="test_rms_norm test_flash_attn test_kvcache test_rotary test_flash_attn_varlen test_sdpa
+# The test files with CUDA tests: those that parametrize over conftest.DEVICES or use the cuda
+# marker, found by grep so a new file is never left out. Known heavy files go first, so that
+# the parallel jobs finish together; any other file follows.
+CUDA_TEST_ORDER="test_rms_norm test_flash_attn test_kvcache test_rotary test_flash_attn_varlen test_sdpa
 test_flash_attn_bwd test_decode test_nn_rms_norm test_flash_attn_train test_nn_rotary test_hf_rms_norm_autocast
 test_model_paged test_model test_hf_integration"
-export CUDA_TEST_FILES
+export CUDA_TEST_ORDER
+
+cuda_test_files() {
+  local found f
+  found=$(grep -lE '\bDEVICES\b|mark\.cuda\b' tests/test_*.py | sort)
+  for f in $CUDA_TEST_ORDER; do
+    grep -qx "tests/$f.py" <<<"$found" && echo "tests/$f.py"
+  done
+  for f in $found; do
+    grep -qw "$(basename "$f" .py)" <<<"$CUDA_TEST_ORDER" || echo "$f"
+  done
+}
 
 step_tests() {
   # Units of work, one pytest process each: one file per unit on the GPU. In a dry run every
   # test skips, so per-file isolation buys nothing and one process over all files (or, with
   # --quick, over one file) runs the same loop in a fraction of the time.
   local units=() f all=""
-  for f in $CUDA_TEST_FILES; do all+="tests/$f.py "; done
+  for f in $(cuda_test_files); do all+="$f "; done
   if [ "$DRY_RUN" = 1 ] && [ "$QUICK" = 1 ]; then units=("tests/test_decode.py")
   elif [ "$DRY_RUN" = 1 ]; then units=("${all% }")
   else for f in $all; do units+=("$f"); done
@@ -334,7 +346,7 @@ step_ncu() {
   ncu --clock-control none --kernel-name regex:'rms_norm|rotary|decode|append_kv|flash' --launch-count 40 \
     --export "$OUT_DIR/ncu" --force-overwrite "$PY" scripts/gpu_sweep.py --paths --device cuda
 }
-export -f step_info step_build step_tests step_sweep sanitizer_probe run_sanitizer step_memcheck \
+export -f cuda_test_files step_info step_build step_tests step_sweep sanitizer_probe run_sanitizer step_memcheck \
   step_racecheck step_bench step_ncu
 
 # ---- run ---------------------------------------------------------------------------------------
@@ -360,9 +372,9 @@ fail=0
 table=$(
   echo
   echo "=== summary ($( ((DRY_RUN)) && echo "dry run, ")$(( $(date +%s) - T_START )) s of ${TOTAL_BUDGET} s; outputs in $OUT_DIR)"
-  printf '%-16s %-46s %8s %7s\n' step status seconds budget
+  printf '%-16s %-54s %8s %7s\n' step status seconds budget
   for s in "${STEPS[@]}"; do
-    printf '%-16s %-46s %8s %7s\n' "$s" "${STATUS[$s]:-not run}" "${SECS[$s]:-0.0}" "${BUDGET[$s]}"
+    printf '%-16s %-54s %8s %7s\n' "$s" "${STATUS[$s]:-not run}" "${SECS[$s]:-0.0}" "${BUDGET[$s]}"
   done
 )
 for s in "${STEPS[@]}"; do
