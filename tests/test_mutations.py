@@ -1,0 +1,235 @@
+"""Mutation proof of the CPU emulation of the CUDA kernels (issue 14, item 3).
+
+Each MUTATION plants one known bug into a COPY of the kernel sources (csrc/) and runs a few
+of the emulated tests (tests/*_emulated.py, copied beside it) against that copy; the bug is
+caught iff one of them FAILS. The real extension is untouched: the subprocess imports fastattn
+from this checkout (PYTHONPATH), and only the sources the emulators compile with g++ are
+mutated.
+
+Rules that keep the proof honest:
+  * the original snippet must occur exactly once in the real source, or the test fails and
+    names the mutation to update (a refactor must not turn a mutation into a silent no-op);
+  * the same emulated tests must PASS on an unmutated copy (one control run, shared), so a
+    catch is not an artefact of the copy;
+  * a catch is a test FAILURE (a failed assertion inside a test), not an error: a mutation
+    whose source no longer compiles (the emulators compile in fixtures -> setup error), a
+    crash of the test process or a missing test id is reported as such, never as a catch;
+  * tests are selected by exact node id: a renamed case fails the control loudly.
+
+At the end of the module the table "mutation -> emulated test that caught it" is printed.
+Run one mutation: pytest tests/test_mutations.py -k <name>. Skipped outside the source
+checkout (tests/conftest.py, the `source_tree` marker).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+# ~3-4 minutes on 2 cores (one pytest per mutation, each compiling its emulator). `make test`
+# runs slow tests too (no -m filter), so CI runs this; `-m 'not slow'` skips it locally.
+pytestmark = [pytest.mark.source_tree, pytest.mark.slow]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 600
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str         # test id: the bug
+    path: str         # source file, relative to the checkout root
+    old: str          # exact snippet of the real source (must occur exactly once)
+    new: str          # what the bug looks like
+    tests: tuple      # node ids of emulated tests (relative to the copy's root) expected to fail
+    why: str          # how the emulation sees it
+
+
+FWD = "tests/test_flash_fwd_emulated.py::test_emulated_forward_dense"
+RMS = "tests/test_rms_norm_emulated.py::test_emulated_rms_norm_fwd"
+ROT = "tests/test_rotary_emulated.py::test_contiguous"
+DEC = "tests/test_decode_emulated.py::test_emulated_decode_kernel_matches_reference"
+
+MUTATIONS = [
+    Mutation(
+        "fwd_main_loop_syncthreads_removed",
+        "csrc/cuda/flash_fwd_kernel.cuh",
+        "      cp_async_wait<0>();\n      __syncthreads();\n      if (n + 1 < n_max) {",
+        "      cp_async_wait<0>();\n      if (n + 1 < n_max) {",
+        (f"{FWD}[16-64-1-129-129-2-2--1-0-1-3]", f"{FWD}[16-64-1-129-129-2-2--1-0-1-0]"),
+        "late cp.async (mode bit 0) + reverse schedule: a warp reads K/Q rows other threads "
+        "have not copied yet -> NaN-born shared memory in the scores"),
+    Mutation(
+        "rms_norm_fwd_tail_off_by_one",
+        "csrc/cuda/rms_norm.cu",
+        "    // cached row needs no barrier.\n    for (int64_t i = threadIdx.x; i < npacks; i += blockDim.x) {",
+        "    // cached row needs no barrier.\n    for (int64_t i = threadIdx.x; i <= npacks; i += blockDim.x) {",
+        (f"{RMS}[half_r4_n111_w1_res0_lead8_pad0_optin227k_m2]",
+         f"{RMS}[half_r3_n111_w0_res1_lead8_pad3_optin227k_m0]"),
+        "the store pass writes one element past the row: the sentinel around y is overwritten"),
+    Mutation(
+        "fwd_ldmatrix_lane_row_address",
+        "csrc/cuda/flash_fwd_kernel.cuh",
+        "ld_off[i] = static_cast<uint32_t>((lane & 15) * Kt::kRowBytes",
+        "ld_off[i] = static_cast<uint32_t>((lane & 7) * Kt::kRowBytes",
+        (f"{FWD}[16-64-1-129-129-2-2--1-0-1-0]",),
+        "lanes 8-15 / 24-31 address rows 0-7 again: matrices 1 and 3 of every Q/K/V ldmatrix "
+        "are the wrong rows -> wrong out/lse"),
+    Mutation(
+        "fwd_online_softmax_rescale_skipped",
+        "csrc/cuda/flash_fwd_kernel.cuh",
+        "            o[mi][j][2 * hf] *= alpha;\n            o[mi][j][2 * hf + 1] *= alpha;\n",
+        "",
+        (f"{FWD}[16-64-2-130-200-4-2--1--1-0-0]",),
+        "O keeps contributions scaled by an old row max when a later key tile raises it"),
+    Mutation(
+        "rotary_second_half_offset_uses_head_dim",
+        "csrc/cuda/rotary_kernel.cuh",
+        "load_raw<T, kElems, kVec>(in[u] + half + i0, b[u]);",
+        "load_raw<T, kElems, kVec>(in[u] + p.d / 2 + i0, b[u]);",
+        (f"{ROT}[1x11x3x1x128x64-neox-dtype1]", f"{ROT}[1x11x3x1x128x64-neox-dtype0]"),
+        "partial rotary (R 64 < D 128): x2 is read from the pass-through tail, not R/2 on"),
+    Mutation(
+        "decode_cp_async_wait_count",
+        "csrc/cuda/decode_kernels.cuh",
+        "      cp_async_commit();\n      cp_async_wait<1>();\n",
+        "      cp_async_commit();\n      cp_async_wait<2>();\n",
+        (f"{DEC}[bfloat16_D128_H12_Hk1_s1_m3]", f"{DEC}[float16_D64_H7_Hk1_s3_m1]"),
+        "tile t is not waited for: in late-copy mode its shared memory is still NaN (or the "
+        "previous tile) when the warps read it"),
+    Mutation(
+        "decode_key_bounds_check_dropped",
+        "csrc/cuda/decode_kernels.cuh",
+        "const bool valid = tile_row0 + row < end;",
+        "const bool valid = row < kBlockN;",
+        (f"{DEC}[bfloat16_D128_H32_Hk8_s1_m0]",),
+        "the key predicate checks the tile bound instead of the sequence end: keys past the end "
+        "(zero-filled K) score 0 instead of -inf and take softmax weight (ragged lengths)"),
+    Mutation(
+        "decode_k_read_ignores_swizzle",
+        "csrc/cuda/decode_kernels.cuh",
+        "*reinterpret_cast<const uint4*>(tK + swz<kD>(row, c * 8));",
+        "*reinterpret_cast<const uint4*>(tK + row * kD + c * 8);",
+        (f"{DEC}[bfloat16_D128_H32_Hk8_s1_m0]",),
+        "K chunks are written swizzled (chunk c of row r at c ^ (r & 7)) but read linearly: "
+        "every row but r % 8 == 0 dots Q with permuted K chunks"),
+]
+
+
+def _copy_tree(dst):
+    """csrc/ and tests/ (the emulators find sources relative to tests/), plus the two files
+    conftest.py and pytest look at (setup.py marks a source tree, pyproject.toml the ini)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.o")
+    for d in ("csrc", "tests"):
+        shutil.copytree(os.path.join(ROOT, d), os.path.join(dst, d), ignore=ignore)
+    for f in ("setup.py", "pyproject.toml"):
+        if os.path.exists(os.path.join(ROOT, f)):
+            shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f))
+
+
+def _run_pytest(tree, node_ids, first_failure_stops):
+    """Run the node ids in `tree`; returns (returncode, {node id: outcome}, output, seconds).
+    Outcome: 'passed', 'failed' (an assertion in the test), 'error' (setup / collection),
+    'skipped'."""
+    xml = os.path.join(tree, "junit.xml")
+    if os.path.exists(xml):
+        os.remove(xml)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("PYTEST_ADDOPTS", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", tree,
+           f"--junitxml={xml}", "-o", "junit_family=xunit2"]
+    if first_failure_stops:
+        cmd.append("-x")
+    t0 = time.monotonic()
+    res = subprocess.run(cmd + list(node_ids), cwd=tree, env=env, capture_output=True, text=True,
+                         timeout=TIMEOUT_S)
+    secs = time.monotonic() - t0
+    out = res.stdout[-6000:] + res.stderr[-3000:]
+    outcomes = {}
+    if os.path.exists(xml):
+        for tc in ET.parse(xml).getroot().iter("testcase"):
+            file = tc.get("file") or ""
+            cls = tc.get("classname", "")
+            name = tc.get("name", "")
+            # classname is "tests.test_x" (module path, dots); rebuild "tests/test_x.py::name"
+            node = cls.replace(".", "/") + ".py::" + name if not file else f"{file}::{name}"
+            kinds = {child.tag for child in tc}
+            outcome = ("failed" if "failure" in kinds else "error" if "error" in kinds else
+                       "skipped" if "skipped" in kinds else "passed")
+            outcomes[node] = outcome
+    return res.returncode, outcomes, out, secs
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory):
+    """One unmutated copy; every mutation's tests run there once and must all pass."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found (the emulators compile the kernels with it)")
+    tree = str(tmp_path_factory.mktemp("mutation_control"))
+    _copy_tree(tree)
+    ids = sorted({t for m in MUTATIONS for t in m.tests})
+    rc, outcomes, out, secs = _run_pytest(tree, ids, first_failure_stops=False)
+    return rc, outcomes, out, secs
+
+
+@pytest.fixture(scope="module")
+def report(request):
+    rows = []
+    yield rows
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    lines = ["", "mutation proof: each planted bug and the emulated test that caught it",
+             f"{'mutation':42} {'file':32} {'secs':>5}  caught by"]
+    for name, path, caught_by, secs in rows:
+        lines.append(f"{name:42} {path:32} {secs:5.1f}  {caught_by}")
+    text = "\n".join(lines)
+    if tr is not None:
+        tr.write_line(text)
+    else:
+        print(text)
+    out = os.environ.get("FASTATTN_MUTATION_REPORT")
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
+@pytest.mark.parametrize("mut", MUTATIONS, ids=lambda m: m.name)
+def test_mutation_is_caught(mut, control, report, tmp_path):
+    with open(os.path.join(ROOT, mut.path)) as f:
+        src = f.read()
+    n = src.count(mut.old)
+    assert n == 1, (
+        f"mutation {mut.name!r}: its original snippet occurs {n} times in {mut.path} (expected "
+        f"exactly once). The source was refactored: update this mutation in "
+        f"tests/test_mutations.py so that it still plants the same bug.\nsnippet:\n{mut.old}")
+    assert mut.new != mut.old
+
+    rc, outcomes, out, _ = control
+    for t in mut.tests:
+        assert outcomes.get(t) == "passed", (
+            f"control: {t} did not pass on an UNMUTATED copy of the sources "
+            f"({outcomes.get(t, 'not run / not found')}), so it cannot prove {mut.name!r}.\n{out}")
+
+    tree = str(tmp_path / "tree")
+    _copy_tree(tree)
+    target = os.path.join(tree, mut.path)
+    with open(target, "w") as f:
+        f.write(src.replace(mut.old, mut.new, 1))
+    rc, outcomes, out, secs = _run_pytest(tree, mut.tests, first_failure_stops=True)
+
+    failed = [t for t in mut.tests if outcomes.get(t) == "failed"]
+    errored = [t for t in mut.tests if outcomes.get(t) == "error"]
+    assert not errored or failed, (
+        f"mutation {mut.name!r} made {errored} ERROR (setup / compile), which is not a catch: "
+        f"make the mutation compile.\n{out}")
+    assert outcomes or rc == 0, f"mutation {mut.name!r}: the test process crashed (rc {rc}).\n{out}"
+    assert failed, (
+        f"mutation {mut.name!r} ({mut.path}) was NOT caught: {mut.tests} -> {outcomes} "
+        f"(rc {rc}). Expected: {mut.why}.\n{out}")
+    report.append((mut.name, mut.path, failed[0].split("/", 1)[1], secs))
+    print(f"{mut.name}: caught by {failed[0]} in {secs:.1f} s")
