@@ -8,9 +8,8 @@
 #   scripts/gpu_check.sh --dry-run [--quick] [OUT_DIR]
 #       the same script on a CPU machine: no build (the extension already built in the
 #       checkout), the CUDA test files run (every test skips), the sweep and the sanitizer
-#       driver at tiny sizes on the CPU, sanitizers and ncu "skipped (no GPU)", the benchmarks
-#       with --tiny. --quick: one CUDA test file, and the sanitizer driver is not run on the CPU
-#       (tests/test_gpu_check.py runs its cases itself), to keep the CI test short.
+#       driver's cases at tiny sizes on the CPU, sanitizers and ncu "skipped (no GPU)", the
+#       benchmarks with --tiny. --quick: one CUDA test file (tests/test_gpu_check.py).
 #
 # Steps (budget seconds, printed at the start; GPU_CHECK_T_<STEP> overrides one):
 #   info       nvidia-smi, versions, the tools present
@@ -20,7 +19,8 @@
 #              neither hides the rest nor, with a sticky CUDA error, poisons them), up to
 #              GPU_CHECK_TEST_JOBS files at once; FASTATTN_REQUIRE_CUDA=1; a per-test timeout
 #              when pytest-timeout is installed
-#   sweep      scripts/gpu_sweep.py: production shapes the unit tests miss, vs fastattn.reference
+#   sweep      scripts/gpu_sweep.py --all: production shapes the unit tests miss, then the
+#              sanitizer driver's cases without a sanitizer, each vs fastattn.reference
 #   memcheck, racecheck
 #              compute-sanitizer over scripts/gpu_sweep.py --paths (every kernel path once,
 #              small; only fastattn's kernels instrumented), after a trivial probe run (in
@@ -270,9 +270,11 @@ step_tests() {
 
 step_sweep() {
   if [ "$DRY_RUN" = 1 ]; then
-    "$PY" scripts/gpu_sweep.py --device cpu --tiny --json "$OUT_DIR/sweep.json"
+    "$PY" scripts/gpu_sweep.py --all --device cpu --tiny --json "$OUT_DIR/sweep.json"
   else
-    "$PY" scripts/gpu_sweep.py --device cuda --json "$OUT_DIR/sweep.json"
+    # --all: the sanitizers' driver cases too, plain, so a sanitizer step that fails can be
+    # read as a sanitizer finding (or not) against this run.
+    "$PY" scripts/gpu_sweep.py --all --device cuda --json "$OUT_DIR/sweep.json"
   fi
 }
 
@@ -297,16 +299,8 @@ sanitizer_probe() {
 }
 
 run_sanitizer() {  # run_sanitizer TOOL
-  if [ "$DRY_RUN" = 1 ]; then
-    # No GPU: the step is skipped, but the driver it would run is proven on the CPU here
-    # (not with --quick: tests/test_gpu_check.py runs the driver's cases in its own process).
-    if [ "$1" = memcheck ] && [ "$QUICK" != 1 ]; then
-      "$PY" scripts/gpu_sweep.py --paths --device cpu --tiny \
-        || { echo "FAIL (the --paths driver failed on the CPU)" >"$STEP_NOTE"; exit 77; }
-      echo "skipped (no GPU; its driver passed on the CPU)" >"$STEP_NOTE"; exit 77
-    fi
-    echo "skipped (no GPU)" >"$STEP_NOTE"; exit 77
-  fi
+  # No GPU: skipped; the driver's cases ran on the CPU in the sweep step (gpu_sweep.py --all).
+  if [ "$DRY_RUN" = 1 ]; then echo "skipped (no GPU)" >"$STEP_NOTE"; exit 77; fi
   if ! command -v compute-sanitizer >/dev/null; then echo "skipped (compute-sanitizer not found)" >"$STEP_NOTE"; exit 77; fi
   # memcheck probes; racecheck reuses that verdict (or probes itself when memcheck was skipped).
   if [ ! -e "$TMP_DIR/sanitizer_probe" ]; then

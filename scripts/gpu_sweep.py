@@ -10,6 +10,7 @@ case (so a run cut short by its time box still leaves what it got):
       at B64 x 4096 and B1 x 65536 with ragged lengths (GQA 32/8, D 128, bf16), paged decode
       (page 16) at B64 x 4096, RoPE at the benchmark shape, CUDA-graph replay of append_kv +
       decode_attention (contiguous and paged), flash forward at S 8k.
+  gpu_sweep.py --all ...   the sweep, then the --paths cases (no sanitizer: gpu_check.sh's sweep step)
   gpu_sweep.py --paths [--device cuda|cpu] [--tiny] [--json PATH]
       every kernel path once at small shapes: the driver compute-sanitizer memcheck and
       racecheck run (small, so the sanitizer's slowdown stays inside its time box), still
@@ -417,6 +418,9 @@ def main(argv=None) -> int:
                     help="default: cuda when a GPU and a CUDA build are present, else cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU dry run)")
     ap.add_argument("--paths", action="store_true", help="each kernel path once, small (the sanitizer driver)")
+    ap.add_argument("--all", action="store_true",
+                    help="the sweep, then the --paths cases without a sanitizer (so that a path case that "
+                         "fails on its own is told apart from a sanitizer finding)")
     ap.add_argument("--json", default=None, help="write the results here (rewritten after every case)")
     ap.add_argument("-k", dest="only", default=None, help="run only cases whose name contains this")
     args = ap.parse_args(argv)
@@ -425,10 +429,15 @@ def main(argv=None) -> int:
         print("gpu_sweep: --device cuda but no CUDA device or no CUDA build of fastattn", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    cases = path_cases(dev, args.tiny) if args.paths else sweep_cases(dev, args.tiny)
+    if args.paths:
+        cases = path_cases(dev, args.tiny)
+    else:
+        cases = sweep_cases(dev, args.tiny)
+        if args.all:
+            cases += [(f"paths: {n}", f) for n, f in path_cases(dev, args.tiny)]
     if args.only:
         cases = [(n, f) for n, f in cases if args.only in n]
-    mode = "paths" if args.paths else "sweep"
+    mode = "paths" if args.paths else "sweep+paths" if args.all else "sweep"
     doc = {"mode": mode, "device": dev, "tiny": args.tiny, "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name() if dev == "cuda" else None, "cases": []}
     width = max((len(n) for n, _ in cases), default=10)

@@ -105,7 +105,7 @@ def test_dry_run_quick(tmp_path):
         assert status == "pass" or status.startswith("skipped"), f"{step}: {status}\n{r.stdout[-3000:]}"
     for step in ("info", "build", "tests", "sweep", "bench"):
         assert rows[step] == "pass", f"{step} must run in a dry run, got {rows[step]}"
-    assert rows["memcheck"].startswith("skipped (no GPU") and rows["racecheck"] == "skipped (no GPU)"
+    assert rows["memcheck"] == rows["racecheck"] == "skipped (no GPU)"
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert r.stdout.rstrip().endswith("gpu_check: all steps passed or skipped")
     # What the device tool brings back: at most 8 files, all of them here.
@@ -117,8 +117,10 @@ def test_dry_run_quick(tmp_path):
     with open(out / "summary.tsv") as f:
         assert [ln.split("\t")[0] for ln in f.read().splitlines()[1:]] == _steps()
     sweep = json.loads((out / "sweep.json").read_text())
-    assert sweep["device"] == "cpu" and sweep["tiny"] and len(sweep["cases"]) >= 10
-    assert all(c["status"] == "pass" for c in sweep["cases"])
+    assert sweep["device"] == "cpu" and sweep["tiny"] and sweep["mode"] == "sweep+paths"
+    names = [c["case"] for c in sweep["cases"]]
+    assert any(n.startswith("paths: ") for n in names) and any(n.startswith("graph replay") for n in names)
+    assert all(c["status"] == "pass" for c in sweep["cases"]), [c for c in sweep["cases"] if c["status"] != "pass"]
     tests = (out / "tests.tsv").read_text().splitlines()
     assert len(tests) == 2 and "\tpass\t" in tests[1] and "skipped" in tests[1], tests
 
