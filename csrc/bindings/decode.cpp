@@ -222,8 +222,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
       vc = dense_aligned_copy(v_cache);
       set_caches(kc, vc);
     }
-    FA_CHECK_ARG(decode_cuda_supports_layout(p), "fastattn.", op, ": shape too large for the CUDA grid (B = ", b,
-                 ", Hk = ", h_k, ", Sq = ", sq, ")");
+    FA_CHECK_ARG(decode_cuda_supports_layout(p), "fastattn.", op,
+                 ": shape outside the CUDA kernel's limits (B <= 65535, Hk x row slices <= 65535, B * H * Sq < 2^31, "
+                 "cache capacity <= 2^30 tokens); got B = ", b, ", Hk = ", h_k, ", H = ", h, ", Sq = ", sq,
+                 ", capacity = ", s_max);
     int num_sms = 0, smem_optin = 0;
     FA_CUDA_CHECK_LAUNCH(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q4.device().index()),
                          "device query");
