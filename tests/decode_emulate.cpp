@@ -13,11 +13,23 @@
 //   * __half / __nv_bfloat16: 16-bit storage, round-to-nearest-even conversions.
 // Shared memory is filled with NaN bytes at every block start: reading anything the block
 // did not write poisons the result. The grid comes from decode_grid(), as in decode.cu.
+//
+// Sanitizers (fiber_emulate.h, "sanitizer analogues"), on for every run:
+//   * memcheck: every buffer (q, caches, seqlens, out, lse, partials, block table; sizes from
+//     the caller) is a guarded copy, so a raw out-of-bounds load / store faults and is
+//     reported with the kernel, buffer and offset; every cp.async source (when it reads) is
+//     bounds-checked against the buffers byte-exactly;
+//   * racecheck / initcheck / bank conflicts: at the cp.async destinations (when the copy
+//     lands). The kernels' raw reads of sK / sV / sQ / sAcc and their stores of sQ / sAcc /
+//     the merge scratch are plain C++ and not tracked (NaN-filled shared memory still catches
+//     a read of unwritten bytes there through the result).
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#include <type_traits>
 
 #define FASTATTN_DECODE_EMULATE 1
 #include "fiber_emulate.h"  // fibers, barriers, shuffles, the cp.async queues
@@ -98,6 +110,7 @@ inline uint32_t smem_u32(const void* p) { return emu::smem_offset(p); }
 inline void cp_async16(uint32_t dst, const void* src, bool pred) {
   if (dst % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) emu::fail("misaligned cp.async");
   if (dst + 16 > emu::g_block->smem.size() - 16) emu::fail("cp.async past the shared memory");
+  if (pred) emu::check_global(src, 16, false, "cp.async source");
   emu::queue_copy(emu::Copy{dst, src, 16, pred});
 }
 // commit / wait_group: a commit closes the open group; a wait retires (performs, in late
@@ -143,13 +156,20 @@ namespace {
 
 constexpr std::size_t kStackBytes = 256 * 1024;  // per fiber
 
+template <typename T>
+const char* tname() { return sizeof(T) == 2 && std::is_same<T, __half>::value ? "half" : "bf16"; }
+
 template <typename T, int kD>
 void run_decode(const DecodeParams& p) {
   int64_t grid[3];
   decode_grid(p, grid);
+  static const std::string k1 = std::string("decode_kernel<") + tname<T>() + "," + std::to_string(kD) + ">";
+  static const std::string k2 = std::string("decode_combine_kernel<") + tname<T>() + "," + std::to_string(kD) + ">";
+  emu::g_kernel = k1.c_str();
   emu::launch(grid, kThreads, DecodeSmem<kD>::kBytes, [&] { decode_kernel<T, kD>(p); });
   if (p.num_splits > 1) {
     const int64_t g2[3] = {p.b * p.h * p.seqlen_q, 1, 1};
+    emu::g_kernel = k2.c_str();
     emu::launch(g2, kD, 0, [&] { decode_combine_kernel<T, kD>(p); });
   }
 }
@@ -162,17 +182,25 @@ void run_decode(const DecodeParams& p) {
 //       (k/v batch = page stride when paged), then b, seqlen_q, seqlen_k_max, h, h_k, d,
 //       num_splits, bf16 (0/1), seqlens_k_add, window_left, window_right,
 //       block_table_batch_stride, page_size, num_pages.
+// nbytes: each buffer's extent in bytes from its pointer (what the kernels may touch; each is
+//         run on a guarded copy of it, see the sanitizers above).
 // Returns 0, or 1 with the first emulation error printed.
-extern "C" int decode_emulate(void** ptrs, const int64_t* ints, float softmax_scale, int mode) {
+extern "C" int decode_emulate(void** ptrs, const int64_t* nbytes, const int64_t* ints, float softmax_scale,
+                              int mode) {
   emu::g_mode = mode;
   emu::g_stack_bytes = kStackBytes;
   emu::g_error = nullptr;
+  emu::g_sanitize = true;
+  static const char* const names[9] = {"q", "k_cache", "v_cache", "cache_seqlens", "out", "lse",
+                                       "out_partial", "lse_partial", "block_table"};
+  void* g[9];
+  for (int i = 0; i < 9; ++i) g[i] = emu::guard(ptrs[i], nbytes[i], names[i]);
   DecodeParams p;
-  p.q = ptrs[0], p.k_cache = ptrs[1], p.v_cache = ptrs[2];
-  p.cache_seqlens = static_cast<const int32_t*>(ptrs[3]);
-  p.out = ptrs[4], p.lse = static_cast<float*>(ptrs[5]);
-  p.out_partial = static_cast<float*>(ptrs[6]), p.lse_partial = static_cast<float*>(ptrs[7]);
-  p.block_table = static_cast<const int32_t*>(ptrs[8]);
+  p.q = g[0], p.k_cache = g[1], p.v_cache = g[2];
+  p.cache_seqlens = static_cast<const int32_t*>(g[3]);
+  p.out = g[4], p.lse = static_cast<float*>(g[5]);
+  p.out_partial = static_cast<float*>(g[6]), p.lse_partial = static_cast<float*>(g[7]);
+  p.block_table = static_cast<const int32_t*>(g[8]);
   p.q_batch_stride = ints[0], p.q_row_stride = ints[1], p.q_head_stride = ints[2];
   p.k_batch_stride = ints[3], p.k_row_stride = ints[4], p.k_head_stride = ints[5];
   p.v_batch_stride = ints[6], p.v_row_stride = ints[7], p.v_head_stride = ints[8];
@@ -192,6 +220,7 @@ extern "C" int decode_emulate(void** ptrs, const int64_t* ints, float softmax_sc
     bf16 ? run_decode<__nv_bfloat16, 256>(p) : run_decode<__half, 256>(p);
   else
     emu::fail("unsupported head dim");
+  emu::unguard_all();
   if (emu::g_error) std::fprintf(stderr, "decode_emulate: %s\n", emu::g_error);
   return emu::g_error ? 1 : 0;
 }
@@ -200,29 +229,36 @@ extern "C" int decode_emulate(void** ptrs, const int64_t* ints, float softmax_sc
 // strides in AppendKvParams order (k_cache b/row/head, v_cache ..., k ..., v ...), then b,
 // seqlen_new, seqlen_k_max, h_k, d, element bytes, vector copies (0/1), blocks,
 // block_table_batch_stride, page_size, num_pages. Runs append_kv_kernel with 256 threads.
-extern "C" int append_kv_emulate(void** ptrs, const int64_t* ints) {
+// nbytes: as for decode_emulate (memcheck: guarded copies).
+extern "C" int append_kv_emulate(void** ptrs, const int64_t* nbytes, const int64_t* ints) {
   emu::g_mode = 0;
   emu::g_stack_bytes = kStackBytes;
   emu::g_error = nullptr;
+  emu::g_sanitize = true;
+  static const char* const names[6] = {"k_cache", "v_cache", "k", "v", "cache_seqlens", "block_table"};
+  void* g[6];
+  for (int i = 0; i < 6; ++i) g[i] = emu::guard(ptrs[i], nbytes[i], names[i]);
   AppendKvParams p;
-  p.k_cache = ptrs[0], p.v_cache = ptrs[1], p.k = ptrs[2], p.v = ptrs[3];
-  p.cache_seqlens = static_cast<const int32_t*>(ptrs[4]);
+  p.k_cache = g[0], p.v_cache = g[1], p.k = g[2], p.v = g[3];
+  p.cache_seqlens = static_cast<const int32_t*>(g[4]);
   p.k_cache_batch_stride = ints[0], p.k_cache_row_stride = ints[1], p.k_cache_head_stride = ints[2];
   p.v_cache_batch_stride = ints[3], p.v_cache_row_stride = ints[4], p.v_cache_head_stride = ints[5];
   p.k_batch_stride = ints[6], p.k_row_stride = ints[7], p.k_head_stride = ints[8];
   p.v_batch_stride = ints[9], p.v_row_stride = ints[10], p.v_head_stride = ints[11];
   p.b = ints[12], p.seqlen_new = ints[13], p.seqlen_k_max = ints[14], p.h_k = ints[15], p.d = ints[16];
-  p.block_table = static_cast<const int32_t*>(ptrs[5]);
+  p.block_table = static_cast<const int32_t*>(g[5]);
   p.block_table_batch_stride = ints[20], p.page_size = ints[21], p.num_pages = ints[22];
   const int64_t es = ints[17];
   const bool vec = ints[18] != 0;
   const int64_t grid[3] = {ints[19], 1, 1};
+  emu::g_kernel = vec ? "append_kv_kernel<uint4>" : es == 4 ? "append_kv_kernel<uint32_t>" : "append_kv_kernel<uint16_t>";
   if (vec)
     emu::launch(grid, 256, 0, [&] { append_kv_kernel<uint4>(p, es); });
   else if (es == 4)
     emu::launch(grid, 256, 0, [&] { append_kv_kernel<uint32_t>(p, es); });
   else
     emu::launch(grid, 256, 0, [&] { append_kv_kernel<uint16_t>(p, es); });
+  emu::unguard_all();
   if (emu::g_error) std::fprintf(stderr, "append_kv_emulate: %s\n", emu::g_error);
   return emu::g_error ? 1 : 0;
 }

@@ -57,6 +57,7 @@ struct Copy {
 
 struct Fiber {
   ucontext_t ctx;
+  uint32_t bank_seq = 0;                  // this thread's tracked shared accesses since the last barrier
   std::vector<char> stack;
   bool done = false;
   std::vector<Copy> open;                 // issued, not yet performed or committed (mode bit 0)
@@ -86,6 +87,8 @@ struct Block {
 };
 
 inline Block* g_block = nullptr;
+inline long g_block_serial = 0;  // counts blocks run by this process (the shadow's owner)
+inline void bank_flush();  // sanitizers, below
 
 inline void yield() {
   Block& b = *g_block;
@@ -105,6 +108,7 @@ inline void block_barrier() {
   if (++b.bar_count == b.nthreads) {
     b.bar_count = 0;
     ++b.bar_gen;
+    bank_flush();
     return;
   }
   while (b.bar_gen == gen) yield();
@@ -122,7 +126,9 @@ inline void warp_barrier() {
 inline uint32_t (&my_slot())[12] { return g_block->warps[tid() / 32].slot[lane()]; }
 inline const uint32_t (&slot_of(int l))[12] { return g_block->warps[tid() / 32].slot[l]; }
 
+inline void smem_track(uint32_t off, uint32_t bytes, bool write, const char* what);  // sanitizers, below
 inline void do_copy(const Copy& c) {
+  smem_track(c.dst, uint32_t(c.bytes), true, "cp.async");
   if (c.pred)
     std::memcpy(smem_base() + c.dst, c.src, c.bytes);
   else
@@ -144,8 +150,9 @@ inline void trampoline() {
 }
 
 // Run `body` on grid[0] x grid[1] x grid[2] blocks of `threads` fibers, block after block.
+// block_x > 0: a 2-D block of block_x x (threads / block_x) threads (threadIdx.x fastest).
 inline void launch(const int64_t (&grid)[3], int threads, std::size_t smem_bytes,
-                   const std::function<void()>& body) {
+                   const std::function<void()>& body, int block_x = 0) {
   static std::vector<std::vector<char>> stacks;  // reused across blocks and launches
   for (int64_t z = 0; z < grid[2]; ++z)
     for (int64_t y = 0; y < grid[1]; ++y)
@@ -153,7 +160,9 @@ inline void launch(const int64_t (&grid)[3], int threads, std::size_t smem_bytes
         Block b;
         b.block_idx = {unsigned(x), unsigned(y), unsigned(z)};
         b.grid_dim = {unsigned(grid[0]), unsigned(grid[1]), unsigned(grid[2])};
-        b.block_dim = {unsigned(threads), 1, 1};
+        b.block_dim = block_x > 0 ? dim3_{unsigned(block_x), unsigned(threads / block_x), 1}
+                                  : dim3_{unsigned(threads), 1, 1};
+        ++g_block_serial;
         b.nthreads = threads;
         b.smem.assign(smem_bytes + 16, 0xff);  // NaN poison
         b.body = &body;
@@ -181,14 +190,331 @@ inline void launch(const int64_t (&grid)[3], int threads, std::size_t smem_bytes
           }
         }
         for (int t = 0; t < threads; ++t) stacks[t].swap(b.fibers[t].stack);
+        bank_flush();
         if (b.bar_count != 0) fail("block ended inside a barrier");
         g_block = nullptr;
       }
 }
 
+
+// ---- sanitizer analogues (compute-sanitizer's memcheck / racecheck / initcheck, and a
+// bank-conflict count), shared by the emulators that turn them on (g_sanitize) ------------
+//
+// memcheck: every global buffer a kernel sees is a copy (emu::guard) between two PROT_NONE
+//   guard pages, placed flush against the upper guard (default) or, with
+//   FASTATTN_EMU_GUARD=start, against the lower one; the original keeps its alignment
+//   modulo 16, so a buffer whose size is not a multiple of 16 leaves up to 15 bytes of slack
+//   before the guard. A raw load / store that walks onto a guard page raises SIGSEGV; the
+//   handler here turns it into a reported failure ("memcheck: KERNEL: out-of-bounds
+//   read|write at byte offset N of buffer NAME (B bytes)"), opens the page so the kernel can
+//   finish, and the run returns its error. In addition, the global accesses the emulator
+//   sees (cp.async sources, and whatever an emulator passes to emu::check_global) are
+//   bounds-checked byte-exactly against the registered buffers, on either side. After the
+//   run, emu::unguard_all copies back the bytes the kernel changed and unmaps.
+// racecheck / initcheck: a shadow of the block's shared memory, one entry per 4-byte word:
+//   the last writer's warp and barrier interval, and the interval's reader warp (or "many").
+//   An interval is the time between two __syncthreads of the block. At the access points
+//   the emulator sees (emu::smem_track: cp.async destinations when the copy lands, and the
+//   emulator's tracked ld / st.shared accessors, e.g. rms_norm's Pack loads / stores), it
+//   fails on
+//     * write after write / read after write / write after read of the same word by two
+//       different warps in the same interval (no __syncthreads between them); accesses by
+//       the same warp are ordered by __syncwarp / program order and are not checked;
+//     * a read of a word no tracked write has written since the block started (shared
+//       memory still starts as NaN bytes, so an untracked read of unwritten memory shows up
+//       as NaN in the result instead).
+//   Raw C++ pointer accesses to shared memory are invisible to the emulator and not tracked.
+// bank conflicts: every tracked access is also recorded per warp, the k-th tracked access of
+//   each lane since the last barrier forming the warp's k-th instruction; at each barrier
+//   the instructions are priced in wavefronts (16-byte accesses in 4 phases of 8 lanes,
+//   8-byte in 2 of 16, smaller in 1 of 32; per phase, the most distinct 4-byte words any of
+//   the 32 banks must serve), against the ideal (one per active phase). Totals per kernel
+//   and access kind: emu_bank_report. A count, never a failure.
 }  // namespace emu
 
-#define threadIdx (dim3_{static_cast<unsigned>(::emu::tid()), 0, 0})
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <deque>
+#include <map>
+#include <string>
+
+namespace emu {
+
+inline bool g_sanitize = false;            // the emulator turns the checkers on
+inline const char* g_kernel = "kernel";    // the running kernel's name, for the reports
+
+// fail() with a formatted message (kept alive for emulators that store the pointer).
+inline void failf(const char* fmt, ...) {
+  static std::deque<std::string> msgs;
+  char buf[512];
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(buf, sizeof(buf), fmt, ap);
+  va_end(ap);
+  if (msgs.size() > 256) msgs.pop_front();
+  msgs.emplace_back(buf);
+  fail(msgs.back().c_str());
+}
+
+// ---- memcheck ----
+struct Guarded {
+  unsigned char* host;
+  unsigned char* dev;
+  std::size_t bytes;
+  unsigned char* map;
+  std::size_t map_bytes;
+  std::size_t page;
+  std::vector<unsigned char> snap;  // the bytes copied in: only what changed is copied back
+  std::string name;
+};
+inline std::vector<Guarded> g_guarded;
+inline struct sigaction g_old_segv;
+inline bool g_segv_installed = false;
+inline char g_segv_msg[512];
+
+inline void segv_handler(int sig, siginfo_t* si, void* uctx) {
+  unsigned char* a = static_cast<unsigned char*>(si->si_addr);
+  for (auto& g : g_guarded) {
+    unsigned char* lo = g.map;                        // lower guard page
+    unsigned char* hi = g.map + g.map_bytes - g.page;  // upper guard page
+    const bool in_lo = a >= lo && a < lo + g.page, in_hi = a >= hi && a < hi + g.page;
+    if (!in_lo && !in_hi) continue;
+    bool write = false;
+#if defined(__x86_64__) && defined(REG_ERR)
+    write = (static_cast<ucontext_t*>(uctx)->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+#else
+    (void)uctx;
+#endif
+    std::snprintf(g_segv_msg, sizeof(g_segv_msg),
+                  "memcheck: %s: out-of-bounds %s at byte offset %lld of buffer %s (%zu bytes)", g_kernel,
+                  write ? "write" : "read", static_cast<long long>(a - g.dev), g.name.c_str(), g.bytes);
+    fail(g_segv_msg);
+    mprotect(in_lo ? lo : hi, g.page, PROT_READ | PROT_WRITE);  // let the kernel finish
+    return;
+  }
+  sigaction(SIGSEGV, &g_old_segv, nullptr);  // not ours: fault again, as before
+  (void)sig;
+}
+
+// A guarded copy of host[0, bytes) (null stays null). The same host range twice gets the
+// same copy (an in-place kernel's input and output).
+inline void* guard(void* host, int64_t bytes, const char* name) {
+  if (host == nullptr) return nullptr;
+  if (bytes < 0) bytes = 0;
+  for (auto& g : g_guarded)
+    if (g.host == host && g.bytes == std::size_t(bytes)) return g.dev;
+  static const bool at_start = [] {
+    const char* e = std::getenv("FASTATTN_EMU_GUARD");
+    return e != nullptr && std::string(e) == "start";
+  }();
+  Guarded g;
+  g.page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  g.host = static_cast<unsigned char*>(host);
+  g.bytes = std::size_t(bytes);
+  g.name = name;
+  const std::size_t body = (g.bytes + 16 + g.page - 1) / g.page * g.page;
+  g.map_bytes = body + 2 * g.page;
+  void* m = mmap(nullptr, g.map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) {
+    fail("memcheck: mmap failed");
+    return host;
+  }
+  g.map = static_cast<unsigned char*>(m);
+  mprotect(g.map, g.page, PROT_NONE);
+  mprotect(g.map + g.page + body, g.page, PROT_NONE);
+  const uintptr_t mis = reinterpret_cast<uintptr_t>(host) % 16;
+  if (at_start) {
+    g.dev = g.map + g.page + mis;
+  } else {
+    const uintptr_t end = reinterpret_cast<uintptr_t>(g.map + g.page + body);
+    uintptr_t d = end - g.bytes;
+    d -= ((d % 16) + 16 - mis) % 16;  // same alignment modulo 16 as the original
+    g.dev = reinterpret_cast<unsigned char*>(d);
+  }
+  std::memcpy(g.dev, host, g.bytes);
+  g.snap.assign(g.dev, g.dev + g.bytes);
+  if (!g_segv_installed) {
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = segv_handler;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+    g_segv_installed = true;
+  }
+  g_guarded.push_back(std::move(g));
+  return g_guarded.back().dev;
+}
+
+// Copy back what the kernel changed, unmap, restore the previous SIGSEGV handler.
+inline void unguard_all() {
+  for (auto& g : g_guarded) {
+    for (std::size_t i = 0; i < g.bytes; ++i)
+      if (g.dev[i] != g.snap[i]) g.host[i] = g.dev[i];
+    munmap(g.map, g.map_bytes);
+  }
+  g_guarded.clear();
+  if (g_segv_installed) sigaction(SIGSEGV, &g_old_segv, nullptr);
+  g_segv_installed = false;
+}
+
+// A global access the emulator sees: [p, p + bytes) must lie inside one registered buffer
+// (no check when none is registered). Returns false (after failing) when it does not.
+inline bool check_global(const void* p, std::size_t bytes, bool write, const char* what) {
+  if (g_guarded.empty()) return true;
+  const unsigned char* a = static_cast<const unsigned char*>(p);
+  const Guarded* near = nullptr;
+  long long best = 0;
+  for (const auto& g : g_guarded) {
+    if (a >= g.dev && a + bytes <= g.dev + g.bytes) return true;
+    const long long d = a < g.dev ? g.dev - a : a - (g.dev + g.bytes);
+    if (!near || d < best) near = &g, best = d;
+  }
+  failf("memcheck: %s: out-of-bounds %s (%s, %zu bytes) at byte offset %lld of buffer %s (%zu bytes)", g_kernel,
+        write ? "write" : "read", what, bytes, static_cast<long long>(a - near->dev), near->name.c_str(),
+        near->bytes);
+  return false;
+}
+
+// ---- racecheck / initcheck ----
+struct ShadowWord {
+  uint32_t w_epoch = 0, r_epoch = 0;  // 0: never
+  int16_t w_warp = -1, r_warp = -1;   // r_warp -2: several warps read in r_epoch
+};
+inline std::vector<ShadowWord> g_shadow;
+inline long g_shadow_block = -1;
+
+// ---- bank conflicts ----
+struct BankInst {
+  int bytes = 0;
+  const char* kind = "";
+  uint32_t mask = 0;
+  uint32_t addr[32];
+};
+struct BankStats {
+  long long instructions = 0, wavefronts = 0, ideal = 0;
+};
+inline std::map<std::string, std::map<std::string, BankStats>> g_bank;  // kernel -> kind -> totals
+inline std::vector<std::vector<BankInst>> g_bank_insts;                   // per warp, this interval
+
+inline void bank_record(uint32_t off, uint32_t bytes, const char* kind) {
+  Block& b = *g_block;
+  const int w = tid() / 32;
+  if (int(g_bank_insts.size()) <= w) g_bank_insts.resize(w + 1);
+  auto& v = g_bank_insts[w];
+  const uint32_t k = my_fiber().bank_seq++;
+  if (v.size() <= k) v.resize(k + 1);
+  BankInst& in = v[k];
+  if (in.mask == 0) in.bytes = int(bytes), in.kind = kind;
+  in.mask |= 1u << lane();
+  in.addr[lane()] = off;
+  (void)b;
+}
+
+inline void bank_flush() {
+  if (!g_sanitize) return;
+  Block& b = *g_block;
+  for (auto& f : b.fibers) f.bank_seq = 0;
+  for (auto& v : g_bank_insts) {
+    for (auto& in : v) {
+      if (in.mask == 0) continue;
+      const int phases = in.bytes >= 16 ? 4 : in.bytes == 8 ? 2 : 1, per = 32 / phases;
+      BankStats& st = g_bank[g_kernel][in.kind];
+      ++st.instructions;
+      for (int ph = 0; ph < phases; ++ph) {
+        uint32_t words[32][32];  // per bank, the distinct words (a phase touches at most 32)
+        int nw[32] = {0};
+        bool any = false;
+        for (int l = ph * per; l < (ph + 1) * per; ++l) {
+          if (!(in.mask >> l & 1)) continue;
+          any = true;
+          const uint32_t first = in.addr[l] / 4, last = (in.addr[l] + uint32_t(in.bytes) - 1) / 4;
+          for (uint32_t wd = first; wd <= last; ++wd) {
+            const int bank = int(wd % 32);
+            bool seen = false;
+            for (int i = 0; i < nw[bank]; ++i) seen |= words[bank][i] == wd;
+            if (!seen && nw[bank] < 32) words[bank][nw[bank]++] = wd;
+          }
+        }
+        if (!any) continue;
+        int worst = 1;
+        for (int i = 0; i < 32; ++i) worst = nw[i] > worst ? nw[i] : worst;
+        st.wavefronts += worst;
+        ++st.ideal;
+      }
+      in.mask = 0;
+    }
+    v.clear();
+  }
+}
+
+// A tracked shared-memory access of [off, off + bytes) by the running thread.
+inline void smem_track(uint32_t off, uint32_t bytes, bool write, const char* what) {
+  if (!g_sanitize || g_block == nullptr) return;
+  Block& b = *g_block;
+  if (off + bytes > b.smem.size()) {
+    failf("memcheck: %s: %s of shared bytes [%u, %u) past the block's %zu bytes", g_kernel, what, off, off + bytes,
+          b.smem.size() - 16);
+    return;
+  }
+  if (g_shadow_block != g_block_serial) {
+    g_shadow.assign(b.smem.size() / 4 + 1, ShadowWord{});
+    g_shadow_block = g_block_serial;
+  }
+  bank_record(off, bytes, what);
+  const uint32_t epoch = uint32_t(b.bar_gen) + 1;
+  const int16_t warp = int16_t(tid() / 32);
+  for (uint32_t wd = off / 4; wd < (off + bytes + 3) / 4; ++wd) {
+    ShadowWord& s = g_shadow[wd];
+    if (write) {
+      if (s.w_epoch == epoch && s.w_warp != warp)
+        failf("racecheck: %s: write-after-write hazard: warps %d and %d write shared bytes [%u, %u) (%s) with no "
+              "__syncthreads between them (block %u)", g_kernel, s.w_warp, warp, wd * 4, wd * 4 + 4, what,
+              b.block_idx.x);
+      else if (s.r_epoch == epoch && s.r_warp != warp)
+        failf("racecheck: %s: write-after-read hazard: warp %d writes shared bytes [%u, %u) (%s) that warp %d read "
+              "with no __syncthreads between them (block %u)", g_kernel, warp, wd * 4, wd * 4 + 4, what,
+              s.r_warp == -2 ? -1 : s.r_warp, b.block_idx.x);
+      s.w_epoch = epoch;
+      s.w_warp = warp;
+    } else {
+      if (s.w_epoch == 0)
+        failf("initcheck: %s: warp %d reads shared bytes [%u, %u) (%s) that were never written (block %u)", g_kernel,
+              warp, wd * 4, wd * 4 + 4, what, b.block_idx.x);
+      else if (s.w_epoch == epoch && s.w_warp != warp)
+        failf("racecheck: %s: read-after-write hazard: warp %d reads shared bytes [%u, %u) (%s) that warp %d wrote "
+              "with no __syncthreads between them (block %u)", g_kernel, warp, wd * 4, wd * 4 + 4, what, s.w_warp,
+              b.block_idx.x);
+      if (s.r_epoch != epoch) s.r_epoch = epoch, s.r_warp = warp;
+      else if (s.r_warp != warp) s.r_warp = -2;
+    }
+  }
+}
+
+// Tracked ld / st.shared for emulators and self-tests (by byte offset into shared memory).
+template <typename V>
+inline void smem_store(uint32_t off, const V& v) {
+  smem_track(off, sizeof(V), true, "st.shared");
+  std::memcpy(smem_base() + off, &v, sizeof(V));
+}
+template <typename V>
+inline V smem_load(uint32_t off) {
+  smem_track(off, sizeof(V), false, "ld.shared");
+  V v;
+  std::memcpy(&v, smem_base() + off, sizeof(V));
+  return v;
+}
+
+}  // namespace emu
+
+#define threadIdx                                                                   \
+  (dim3_{static_cast<unsigned>(::emu::tid()) % ::emu::g_block->block_dim.x,          \
+         static_cast<unsigned>(::emu::tid()) / ::emu::g_block->block_dim.x, 0})
 #define blockIdx (::emu::g_block->block_idx)
 #define gridDim (::emu::g_block->grid_dim)
 #define blockDim (::emu::g_block->block_dim)
@@ -380,4 +706,17 @@ inline cudaError_t cudaGetLastError() {
   const cudaError_t e = emu::g_last_error;
   emu::g_last_error = cudaSuccess;
   return e;
+}
+
+// The bank-conflict totals as text, one "kernel<TAB>kind<TAB>instructions<TAB>wavefronts<TAB>ideal"
+// line per kernel and access kind; reset = 1 clears them. Returns the length needed.
+extern "C" int emu_bank_report(char* buf, int len, int reset) {
+  std::string s;
+  for (const auto& k : emu::g_bank)
+    for (const auto& a : k.second)
+      s += k.first + "\t" + a.first + "\t" + std::to_string(a.second.instructions) + "\t" +
+           std::to_string(a.second.wavefronts) + "\t" + std::to_string(a.second.ideal) + "\n";
+  if (buf != nullptr && len > 0) std::snprintf(buf, static_cast<std::size_t>(len), "%s", s.c_str());
+  if (reset) emu::g_bank.clear();
+  return static_cast<int>(s.size()) + 1;
 }

@@ -38,16 +38,32 @@ def emu(tmp_path_factory):
     dll = ctypes.CDLL(str(lib))
     dll.decode_emulate.restype = ctypes.c_int
     dll.decode_emulate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
+                                   ctypes.POINTER(ctypes.c_int64),
                                    ctypes.c_float, ctypes.c_int]
     dll.decode_num_splits_for_slots.restype = ctypes.c_int64
     dll.decode_num_splits_for_slots.argtypes = [ctypes.c_int64] * 3
     dll.append_kv_emulate.restype = ctypes.c_int
-    dll.append_kv_emulate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64)]
+    dll.append_kv_emulate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
+                                      ctypes.POINTER(ctypes.c_int64)]
+    dll.emu_bank_report.restype = ctypes.c_int
+    dll.emu_bank_report.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
     return dll
 
 
 def _ptrs(*tensors):
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t is not None else None for t in tensors])
+
+
+def _extent(t):
+    """Bytes from t's data pointer to the end of its last element (what a kernel may touch)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def _ptrs_sizes(*tensors):
+    """(pointers, extents in bytes): the emulator runs the kernels on guarded copies (memcheck)."""
+    return _ptrs(*tensors), (ctypes.c_int64 * len(tensors))(*[_extent(t) for t in tensors])
 
 
 def _ints(*vals):
@@ -79,7 +95,7 @@ def _emulated_decode(emu, q, kc, vc, seqlens, scale, num_splits, mode=0, block_t
     lp = torch.full((num_splits, B, H, Sq), float("nan"))
     wl, wr = window
     rc = emu.decode_emulate(
-        _ptrs(q4, kc, vc, seqlens, out, lse, op, lp, block_table),
+        *_ptrs_sizes(q4, kc, vc, seqlens, out, lse, op, lp, block_table),
         _ints(*q4.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *out.stride()[:3],
               B, Sq, S, H, Hk, D, num_splits, int(q.dtype == torch.bfloat16), seqlens_k_add, wl, wr,
               bt_stride, page, npages),
@@ -149,7 +165,7 @@ def test_emulated_append_kv_kernel(emu):
             n = min(Sn, S - start)
             kc_ref[b, start:start + n] = k[b, :n]
             vc_ref[b, start:start + n] = v[b, :n]
-        rc = emu.append_kv_emulate(_ptrs(kc, vc, k, v, seqlens, None),
+        rc = emu.append_kv_emulate(*_ptrs_sizes(kc, vc, k, v, seqlens, None),
                                    _ints(*kc.stride()[:3], *vc.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                          B, Sn, S, Hk, D, es, vec, 2, 0, 0, 0))
         assert rc == 0
@@ -329,7 +345,7 @@ def _append(emu, kc, vc, k, v, seqlens, table, es, vec, cap):
         bt_stride, page, npages = 0, 0, 0
     else:
         bt_stride, page, npages = table.stride(0), kc.shape[1], kc.shape[0]
-    rc = emu.append_kv_emulate(_ptrs(kc, vc, k, v, seqlens, table),
+    rc = emu.append_kv_emulate(*_ptrs_sizes(kc, vc, k, v, seqlens, table),
                                _ints(*kc.stride()[:3], *vc.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                      B, Sn, cap, Hk, D, es, vec, 3, bt_stride, page, npages))
     assert rc == 0
@@ -400,3 +416,38 @@ def test_emulated_bad_page_indices_stay_in_the_pool(emu):
     assert torch.equal(kp, k_ref) and torch.equal(vp, v_ref)
     assert (kbig[:2] == 3.0).all() and (kbig[-2:] == 3.0).all()
     assert (vbig[:2] == -3.0).all() and (vbig[-2:] == -3.0).all()
+
+
+def _bank_table(emu, tmp_path, label):
+    """The shared-memory bank-conflict totals gathered by the emulator (a report, not a check)."""
+    n = emu.emu_bank_report(None, 0, 0)
+    buf = ctypes.create_string_buffer(n)
+    emu.emu_bank_report(buf, n, 0)
+    rows = []
+    for line in buf.value.decode().splitlines():
+        kernel, kind, inst, waves, ideal = line.split("\t")
+        rows.append({"kernel": kernel, "access": kind, "instructions": int(inst), "wavefronts": int(waves),
+                     "ideal_wavefronts": int(ideal), "conflict_ratio": int(waves) / max(int(ideal), 1)})
+    print(f"\n{label}: shared-memory bank conflicts at the tracked access points")
+    print(f"{'kernel':32} {'access':10} {'instr':>9} {'wavefronts':>11} {'ideal':>9} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['kernel']:32} {r['access']:10} {r['instructions']:9d} {r['wavefronts']:11d} "
+              f"{r['ideal_wavefronts']:9d} {r['conflict_ratio']:6.2f}")
+    import json
+    path = tmp_path / f"{label}_bank_conflicts.json"
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"written to {path}")
+    return rows
+
+
+def test_bank_conflict_report(emu, tmp_path):
+    """Prints (and writes to JSON under the pytest tmp dir) the bank-conflict totals of every
+    kernel this module ran, at the access points the emulator tracks (cp.async destinations).
+    Run alone, it first runs one decode case of each head dim so that there is something to report."""
+    for D in (64, 128, 256):
+        q = torch.randn(2, 4, D).to(torch.float16)
+        kc = torch.randn(2, 130, 2, D).to(torch.float16)
+        vc = torch.randn(2, 130, 2, D).to(torch.float16)
+        _emulated_decode(emu, q, kc, vc, torch.tensor([130, 70], dtype=torch.int32), 0.1, 2)
+    rows = _bank_table(emu, tmp_path, "decode")
+    assert any(r["kernel"].startswith("decode_kernel<") and r["instructions"] > 0 for r in rows)
