@@ -31,7 +31,11 @@
 #   ncu        optional (GPU_CHECK_NCU=1), only in the time left: ncu --clock-control none on
 #              the --paths driver, one launch per kernel
 # After a failed build the GPU steps are "skipped (build failed)". GPU_CHECK_SKIP="memcheck
-# bench" skips named steps. Exit status 0 only when every step that ran passed.
+# bench" skips named steps (skipping build uses the extension already built: a rerun on the
+# warm machine); GPU_CHECK_TEST_FILES="tests/a.py tests/b.py" runs only those test files;
+# GPU_CHECK_BENCH_K replaces the benchmark -k expression; GPU_CHECK_TEST_JOBS (4) and
+# GPU_CHECK_TEST_TIMEOUT (45 s per test) tune the tests step. Exit status 0 only when every
+# step that ran passed.
 #
 # Output folder (at most 8 files: what the device tool brings back): gpu_check.log (everything),
 # summary.tsv, tests.tsv (one line per test file), sweep.json, bench.json, bench.png,
@@ -214,6 +218,8 @@ step_tests() {
   elif [ "$DRY_RUN" = 1 ]; then units=("${all% }")
   else for f in $all; do units+=("$f"); done
   fi
+  # A rerun can name its files: GPU_CHECK_TEST_FILES="tests/test_decode.py tests/test_kvcache.py".
+  if [ -n "${GPU_CHECK_TEST_FILES:-}" ]; then read -r -a units <<<"$GPU_CHECK_TEST_FILES"; fi
   local jobs=${GPU_CHECK_TEST_JOBS:-4}
   local args=(-m cuda -x -q -p no:cacheprovider --tb=short)
   # GPU: list the reasons of the skips left (a CUDA test skipping there deserves a look).
@@ -352,7 +358,8 @@ echo "bench -k: ${GPU_CHECK_BENCH_K:-$BENCH_K}"
 
 run_step info step_info
 run_step build step_build
-[ "${STATUS[build]}" = pass ] || BUILD_OK=0
+# A build skipped on purpose (a rerun on the warm machine with nothing changed) counts as built.
+[ "${STATUS[build]}" = pass ] || [ "${STATUS[build]}" = "skipped (GPU_CHECK_SKIP)" ] || BUILD_OK=0
 for s in tests sweep memcheck racecheck bench; do
   if ((BUILD_OK)); then run_step "$s" "step_$s"; else skip_step "$s" "build failed"; fi
 done
