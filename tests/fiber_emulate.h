@@ -308,10 +308,8 @@ inline void* guard(void* host, int64_t bytes, const char* name) {
   if (bytes < 0) bytes = 0;
   for (auto& g : g_guarded)
     if (g.host == host && g.bytes == std::size_t(bytes)) return g.dev;
-  static const bool at_start = [] {
-    const char* e = std::getenv("FASTATTN_EMU_GUARD");
-    return e != nullptr && std::string(e) == "start";
-  }();
+  const char* env = std::getenv("FASTATTN_EMU_GUARD");
+  const bool at_start = env != nullptr && std::string(env) == "start";
   Guarded g;
   g.page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
   g.host = static_cast<unsigned char*>(host);
