@@ -647,6 +647,7 @@ struct KernelLaunch {
       if (g_last_error == cudaSuccess) g_last_error = cudaErrorInvalidValue;
       return;
     }
+    g_kernel = g_kernel_name[key].c_str();  // the sanitizers' reports name it
     g_launch_log.push_back(g_kernel_name[key] + " " + std::to_string(grid) + " " +
                            std::to_string(threads) + " " + std::to_string(smem));
     g_layout = SmemLayout{};

@@ -22,6 +22,15 @@
 //     1 / sqrtf (the GPU's is within 2 ulp of it);
 //   * every 16-byte (vector) and scalar global access goes through Pack, whose alignment is
 //     checked here (a misaligned vector access faults on the GPU).
+// Sanitizers (fiber_emulate.h, "sanitizer analogues"), on for every run:
+//   * memcheck: every buffer (x, residual, weight, y, h, rstd; dy, x, weight, rstd, dh, dx,
+//     dweight, dweight_partial; sizes from the caller) is a guarded copy, so a raw
+//     out-of-bounds access faults and is reported with the kernel, buffer and offset; every
+//     Pack access to global memory is bounds-checked byte-exactly against the buffers;
+//   * racecheck / initcheck / bank conflicts: at every Pack access to shared memory (the row
+//     cache's load_pack / store_pack: a load of a const pointer is a read, a store a write).
+//     The block_sum scratch (scratch[warp] = v, scratch[w] reads) and the backward's fp32
+//     dweight accumulator in shared memory (acc[...] +=) are raw C++ and not tracked.
 // Shared memory (static and dynamic) is filled with NaN bytes at every block start.
 #include <cmath>
 #include <cstdint>
@@ -29,6 +38,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #define FASTATTN_RMS_NORM_EMULATE 1
 #define FASTATTN_WITH_CUDA 1
@@ -50,15 +60,23 @@ void fail(const char* what) {
 // the scalar path); the rewrite routes its pointer cast through here.
 // A misaligned one is reported and redirected to a NaN scratch pack, so that the run ends
 // with the error rather than with whatever the host does on a misaligned vector access.
+// A shared-memory Pack is a tracked access (racecheck / initcheck / banks); a global one is
+// bounds-checked against the guarded buffers, and redirected to the scratch pack when outside.
 template <typename P, typename Src>
 P* aligned_ptr(Src* src) {
+  alignas(64) static unsigned char scratch[64];
+  const bool write = !std::is_const<Src>::value;
+  const unsigned char* a = reinterpret_cast<const unsigned char*>(src);
   if (reinterpret_cast<uintptr_t>(src) % alignof(P) != 0) {
     fail("misaligned vector access");
-    alignas(64) static unsigned char scratch[64];
-    std::memset(scratch, 0xff, sizeof(scratch));
-    return reinterpret_cast<P*>(scratch);
+  } else if (a >= smem_base() && a < smem_base() + g_block->smem.size()) {
+    smem_track(smem_offset(a), sizeof(P), write, write ? "st.shared" : "ld.shared");
+    return reinterpret_cast<P*>(src);
+  } else if (check_global(src, sizeof(P), write, "Pack")) {
+    return reinterpret_cast<P*>(src);
   }
-  return reinterpret_cast<P*>(src);
+  std::memset(scratch, 0xff, sizeof(scratch));
+  return reinterpret_cast<P*>(scratch);
 }
 
 }  // namespace emu
@@ -84,6 +102,7 @@ void state_row_kernels(const char* tname) {
 void setup(int mode, int smem_optin, int num_sms) {
   emu::g_mode = mode;
   emu::g_error = nullptr;
+  emu::g_sanitize = true;
   emu::g_stack_bytes = 64 * 1024;
   emu::reset_runtime();
   emu::g_device.smem_optin = smem_optin;
@@ -101,6 +120,7 @@ void setup(int mode, int smem_optin, int num_sms) {
 
 // The launch log, one "kernel grid threads dynamic_smem" line per launch, into `log`.
 int finish(int err, char* log, int log_len) {
+  emu::unguard_all();
   std::string s;
   for (const auto& l : emu::g_launch_log) s += l + "\n";
   if (log_len > 0) {
@@ -117,10 +137,14 @@ int finish(int err, char* log, int log_len) {
 
 // ptrs: x, residual, weight, y, h, rstd (residual, weight, h may be null).
 // ints: x, residual, y, h row strides, rows, n, dtype (0 fp32, 1 fp16, 2 bf16).
+// nbytes: each buffer's extent in bytes from its pointer (memcheck: guarded copies).
 // Returns the launcher's cudaError_t (0), or -1 with the first emulation error printed.
-extern "C" int rms_norm_fwd_emulate(void** ptrs, const int64_t* ints, float eps, int mode, int smem_optin,
-                                    char* log, int log_len) {
+extern "C" int rms_norm_fwd_emulate(void** host, const int64_t* nbytes, const int64_t* ints, float eps, int mode,
+                                    int smem_optin, char* log, int log_len) {
   setup(mode, smem_optin, 132);
+  static const char* const names[6] = {"x", "residual", "weight", "y", "h", "rstd"};
+  void* ptrs[6];
+  for (int i = 0; i < 6; ++i) ptrs[i] = emu::guard(host[i], nbytes[i], names[i]);
   RmsNormParams p;
   p.x = ptrs[0], p.residual = ptrs[1], p.weight = ptrs[2];
   p.y = ptrs[3], p.h = ptrs[4], p.rstd = static_cast<float*>(ptrs[5]);
@@ -140,9 +164,13 @@ extern "C" int64_t rms_norm_bwd_num_row_blocks_emulate(int64_t rows, int64_t n, 
 // ptrs: dy, x, weight, rstd, dh, dx, dweight, dweight_partial (weight, dh and, without a
 // weight, dweight / dweight_partial may be null).
 // ints: dy, x, dh, dx row strides, rows, n, dtype, num_row_blocks.
-extern "C" int rms_norm_bwd_emulate(void** ptrs, const int64_t* ints, int mode, int smem_optin, char* log,
-                                    int log_len) {
+// nbytes: as for rms_norm_fwd_emulate.
+extern "C" int rms_norm_bwd_emulate(void** host, const int64_t* nbytes, const int64_t* ints, int mode,
+                                    int smem_optin, char* log, int log_len) {
   setup(mode, smem_optin, 132);
+  static const char* const names[8] = {"dy", "x", "weight", "rstd", "dh", "dx", "dweight", "dweight_partial"};
+  void* ptrs[8];
+  for (int i = 0; i < 8; ++i) ptrs[i] = emu::guard(host[i], nbytes[i], names[i]);
   RmsNormBwdParams p;
   p.dy = ptrs[0], p.x = ptrs[1], p.weight = ptrs[2], p.rstd = static_cast<const float*>(ptrs[3]);
   p.dh = ptrs[4], p.dx = ptrs[5], p.dweight = static_cast<float*>(ptrs[6]);

@@ -15,6 +15,7 @@ stay NaN (a write outside them is caught). What it cannot exercise: nvcc, the ha
 rounding of rsqrtf, speed.
 """
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -68,9 +69,11 @@ def emu(tmp_path_factory):
     dll = ctypes.CDLL(str(lib))
     P, I64, I = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_int
     dll.rms_norm_fwd_emulate.restype = I
-    dll.rms_norm_fwd_emulate.argtypes = [P, I64, ctypes.c_float, I, I, ctypes.c_char_p, I]
+    dll.rms_norm_fwd_emulate.argtypes = [P, I64, I64, ctypes.c_float, I, I, ctypes.c_char_p, I]
     dll.rms_norm_bwd_emulate.restype = I
-    dll.rms_norm_bwd_emulate.argtypes = [P, I64, I, I, ctypes.c_char_p, I]
+    dll.rms_norm_bwd_emulate.argtypes = [P, I64, I64, I, I, ctypes.c_char_p, I]
+    dll.emu_bank_report.restype = I
+    dll.emu_bank_report.argtypes = [ctypes.c_char_p, I, I]
     dll.rms_norm_bwd_num_row_blocks_emulate.restype = ctypes.c_int64
     dll.rms_norm_bwd_num_row_blocks_emulate.argtypes = [ctypes.c_int64, ctypes.c_int64, I]
     return dll
@@ -101,6 +104,18 @@ class Buf:
 
 def _ptrs(*ts):
     return (ctypes.c_void_p * len(ts))(*[t.data_ptr() if t is not None else None for t in ts])
+
+
+def _extent(t):
+    """Bytes from t's data pointer to the end of its last element (what a kernel may touch)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def _ptrs_sizes(*ts):
+    """(pointers, extents in bytes): the emulator runs the kernels on guarded copies (memcheck)."""
+    return _ptrs(*ts), (ctypes.c_int64 * len(ts))(*[_extent(t) for t in ts])
 
 
 def _ints(*vals):
@@ -158,7 +173,7 @@ def test_emulated_rms_norm_fwd(emu, case):
     rstd = Buf(1, rows, torch.float32)
     log = ctypes.create_string_buffer(4096)
     rc = emu.rms_norm_fwd_emulate(
-        _ptrs(x.t, r.t if r else None, w.t if w else None, y.t, h.t if h else None, rstd.t),
+        *_ptrs_sizes(x.t, r.t if r else None, w.t if w else None, y.t, h.t if h else None, rstd.t),
         _ints(x.stride, r.stride if r else 0, y.stride, h.stride if h else 0, rows, n, DTYPE_CODE[dtype]),
         eps, mode, optin, log, len(log))
     assert rc == 0, f"launcher returned {rc} (-1: emulation error, see stderr)"
@@ -216,7 +231,7 @@ def test_emulated_rms_norm_bwd(emu, case):
     partial = Buf(nblocks, n, torch.float32) if has_w else None
     log = ctypes.create_string_buffer(4096)
     rc = emu.rms_norm_bwd_emulate(
-        _ptrs(dy.t, x.t, w.t if w else None, rstd.t, dh.t if dh else None, dx.t, dw.t if dw else None,
+        *_ptrs_sizes(dy.t, x.t, w.t if w else None, rstd.t, dh.t if dh else None, dx.t, dw.t if dw else None,
               partial.t if partial else None),
         _ints(dy.stride, x.stride, dh.stride if dh else 0, dx.stride, rows, n, DTYPE_CODE[dtype], nblocks),
         mode, optin, log, len(log))
@@ -267,8 +282,35 @@ def test_emulated_launch_refused_past_the_attribute(emu):
     y = Buf(rows, n, torch.float32)
     rstd = Buf(1, rows, torch.float32)
     log = ctypes.create_string_buffer(4096)
-    rc = emu.rms_norm_fwd_emulate(_ptrs(x.t, None, None, y.t, None, rstd.t),
+    rc = emu.rms_norm_fwd_emulate(*_ptrs_sizes(x.t, None, None, y.t, None, rstd.t),
                                   _ints(n, 0, n, 0, rows, n, 0), 1e-6, 0, 48 * 1024 + 32, log, len(log))
     assert rc == 0
     assert _log(log) == [("fwd<float,4,0>", rows, 512, 0)]
     assert_error_ratio(y.t, reference.rms_norm(x.t, None, 1e-6), reference.rms_norm(x.t.double(), None, 1e-6), "y")
+
+
+def test_bank_conflict_report(emu, tmp_path):
+    """Prints (and writes to JSON under the pytest tmp dir) the shared-memory bank-conflict totals
+    of every kernel this module ran, at the access points the emulator tracks (the row cache's
+    Pack loads / stores). A report, not a check; run alone, it first runs one forward and one
+    backward case of each path."""
+    test_emulated_rms_norm_fwd(emu, FWD[0])
+    test_emulated_rms_norm_fwd(emu, FWD[1])
+    test_emulated_rms_norm_bwd(emu, BWD[0])
+    n = emu.emu_bank_report(None, 0, 0)
+    buf = ctypes.create_string_buffer(n)
+    emu.emu_bank_report(buf, n, 0)
+    rows = []
+    for line in buf.value.decode().splitlines():
+        kernel, kind, inst, waves, ideal = line.split("\t")
+        rows.append({"kernel": kernel, "access": kind, "instructions": int(inst), "wavefronts": int(waves),
+                     "ideal_wavefronts": int(ideal), "conflict_ratio": int(waves) / max(int(ideal), 1)})
+    print("\nrms_norm: shared-memory bank conflicts at the tracked access points")
+    print(f"{'kernel':24} {'access':10} {'instr':>9} {'wavefronts':>11} {'ideal':>9} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['kernel']:24} {r['access']:10} {r['instructions']:9d} {r['wavefronts']:11d} "
+              f"{r['ideal_wavefronts']:9d} {r['conflict_ratio']:6.2f}")
+    path = tmp_path / "rms_norm_bank_conflicts.json"
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"written to {path}")
+    assert any(r["kernel"].startswith("fwd<") and r["instructions"] > 0 for r in rows)
