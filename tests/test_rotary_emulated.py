@@ -1,7 +1,8 @@
 """The CUDA rotary kernel, run on the CPU by tests/rotary_emulate.cpp.
 
 tests/rotary_emulate.cpp compiles csrc/cuda/rotary_kernel.cuh (the kernel, launch geometry
-and dispatch that rotary.cu launches) with g++, one std::thread per CUDA thread. This checks
+and dispatch that rotary.cu launches) with g++, one fiber per CUDA thread (tests/fiber_emulate.h),
+on guarded copies of the buffers (memcheck: an out-of-bounds access is reported). This checks
 the kernel's indexing, vector/scalar path choice, tail copy, grid-stride loop and
 out-of-range handling without a GPU; it says nothing about speed or about the GPU's own
 float rounding (the emulation rounds like IEEE fp32 without FMA contraction).
@@ -29,24 +30,25 @@ def emulator(tmp_path_factory):
     if cxx is None:
         pytest.skip("g++ not found")
     tmp = tmp_path_factory.mktemp("rotary_emu")
-    # The emulation needs C++20 <barrier> and _Float16 (GCC >= 12 on x86); an older
-    # toolchain is a reason to skip, a compile error in the kernel header is a failure.
+    # The emulation needs _Float16 (GCC >= 12 on x86); an older toolchain is a reason to
+    # skip, a compile error in the kernel header is a failure.
     probe = tmp / "probe.cpp"
-    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); _Float16 h = 1; return int(h) - 1; }\n")
-    if subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(tmp / "probe")],
+    probe.write_text("int main() { _Float16 h = 1; return int(h) - 1; }\n")
+    if subprocess.run([cxx, "-std=c++20", str(probe), "-o", str(tmp / "probe")],
                       capture_output=True).returncode != 0:
-        pytest.skip("g++ lacks C++20 <barrier> or _Float16")
+        pytest.skip("g++ lacks _Float16")
     lib = tmp / "librotary_emulate.so"
     subprocess.run(
-        [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-         "-I", os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "tests", "rotary_emulate.cpp"),
+        [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+         "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "rotary_emulate.cpp"),
          "-o", str(lib)],
         check=True,
     )
     fn = ctypes.CDLL(str(lib)).rotary_emulate
     fn.restype = ctypes.c_int
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [P, P, P, P, P, P, P, I64, P, I, I64, I64, I64, I64, I64, I64, I64, I, I, I, I64]
+    fn.argtypes = [P, P, P, P, P, P, P, I64, P, I, I64, I64, I64, I64, I64, I64, I64, I, I, I, I64,
+                   ctypes.POINTER(I64)]
     return fn
 
 
@@ -66,10 +68,19 @@ def run(fn, q, k, cos, sin, positions=None, interleaved=False, conjugate=False, 
         pos_ptr = positions.data_ptr()
         pos64 = int(positions.dtype == torch.int64)
         pos_bs = positions.stride(0) if positions.dim() == 2 else 0
+    nbytes = (ctypes.c_int64 * 7)(*[_extent(t) for t in (q, k, q_out, k_out, cos, sin, positions)])
     vec = fn(q.data_ptr(), k.data_ptr(), q_out.data_ptr(), k_out.data_ptr(), strides, cos.data_ptr(),
              sin.data_ptr(), cos.shape[0], pos_ptr, pos64, pos_bs, B, S, H, k.shape[2], D, 2 * cos.shape[1],
-             int(interleaved), int(conjugate), DTYPE_CODE[q.dtype], max_grid)
+             int(interleaved), int(conjugate), DTYPE_CODE[q.dtype], max_grid, nbytes)
+    assert vec >= 0, "the emulator reported an error (see stderr)"
     return q_out, k_out, bool(vec)
+
+
+def _extent(t):
+    """Bytes from t's data pointer to the end of its last element (what the kernel may touch)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
 def tables(rot):
