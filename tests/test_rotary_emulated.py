@@ -53,8 +53,10 @@ def emulator(tmp_path_factory):
 
 
 def run(fn, q, k, cos, sin, positions=None, interleaved=False, conjugate=False, inplace=False, max_grid=7,
-        q_out=None, k_out=None):
-    """Rotate with the emulated kernel; returns (q_out, k_out, vector_path_used)."""
+        q_out=None, k_out=None, shrink=None):
+    """Rotate with the emulated kernel; returns (q_out, k_out, vector_path_used). shrink = (i, n):
+    tell the emulator that buffer i (q, k, q_out, k_out, cos, sin, positions) is n bytes shorter
+    than it is, and return the raw result (-1: the emulator reported an error)."""
     B, S, H, D = q.shape
     if inplace:
         q_out, k_out = q, k
@@ -71,7 +73,12 @@ def run(fn, q, k, cos, sin, positions=None, interleaved=False, conjugate=False, 
     nbytes = (ctypes.c_int64 * 7)(*[_extent(t) for t in (q, k, q_out, k_out, cos, sin, positions)])
     vec = fn(q.data_ptr(), k.data_ptr(), q_out.data_ptr(), k_out.data_ptr(), strides, cos.data_ptr(),
              sin.data_ptr(), cos.shape[0], pos_ptr, pos64, pos_bs, B, S, H, k.shape[2], D, 2 * cos.shape[1],
-             int(interleaved), int(conjugate), DTYPE_CODE[q.dtype], max_grid, nbytes)
+             int(interleaved), int(conjugate), DTYPE_CODE[q.dtype], max_grid, nbytes) if shrink is None else None
+    if shrink is not None:
+        nbytes[shrink[0]] -= shrink[1]
+        return fn(q.data_ptr(), k.data_ptr(), q_out.data_ptr(), k_out.data_ptr(), strides, cos.data_ptr(),
+                  sin.data_ptr(), cos.shape[0], pos_ptr, pos64, pos_bs, B, S, H, k.shape[2], D, 2 * cos.shape[1],
+                  int(interleaved), int(conjugate), DTYPE_CODE[q.dtype], max_grid, nbytes)
     assert vec >= 0, "the emulator reported an error (see stderr)"
     return q_out, k_out, bool(vec)
 
@@ -185,3 +192,35 @@ def test_out_of_range_positions_give_nan(emulator, dtype):
     ref = reference.apply_rotary(q[:, good], k[:, good], cos, sin, pos[:, good])
     torch.testing.assert_close(q2[:, good], ref[0], atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(k2[:, good], ref[1], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("which,vector,shrink,expected", [
+    # vector path: the last 16-byte load of q (bytes 1520..1535) crosses the shortened end
+    # (bounds-checked, byte-exact)
+    (0, True, 8, "memcheck: rotary_kernel<half,0,1>: out-of-bounds read (16-byte vector, 16 bytes) at byte offset 1520 "
+                 "of buffer q (1528 bytes)"),
+    # scalar path (misaligned view): raw 2-byte loads walk onto the guard page (SIGSEGV, reported;
+    # the first to fault in the emulator's thread order, past the <= 15 bytes of alignment slack)
+    (1, False, 64, "memcheck: rotary_kernel<half,0,0>: out-of-bounds read at byte offset 764 of buffer k (704 bytes)"),
+    # a raw store past the shortened output (SIGSEGV: the fault says write)
+    (3, False, 64, "memcheck: rotary_kernel<half,0,0>: out-of-bounds write at byte offset 764 of buffer k_out "
+                   "(704 bytes)"),
+    # cos table: __ldg is bounds-checked (the last position's last angle)
+    (4, True, 4, "memcheck: rotary_kernel<half,0,1>: out-of-bounds read (__ldg, 4 bytes) at byte offset 8188 of buffer "
+                 "cos (8188 bytes)"),
+])
+def test_memcheck_reports_out_of_bounds_in_the_real_kernel(emulator, capfd, monkeypatch, which, vector, shrink,
+                                                           expected):
+    """The sanitizer wiring: told that a buffer is shorter than the kernel's extent, the emulator
+    must report the first access past it (kernel, buffer, offset) and return -1."""
+    monkeypatch.setenv("FASTATTN_EMU_GUARD", "end")
+    B, S, H, Hk, D = 1, 3, 4, 2, 64
+    full = torch.randn(B, S, H + Hk + 1, D, dtype=torch.float16)
+    q = torch.randn(B, S, H, D, dtype=torch.float16)
+    # the misaligned view (one element in) forces the scalar path
+    k = full[:, :, :Hk] if vector else full.view(-1)[1:1 + B * S * Hk * D].view(B, S, Hk, D)
+    cos, sin = tables(D)
+    pos = torch.arange(S, dtype=torch.int32) + (MAX_POS - S)   # the last positions: the table's end
+    rc = run(emulator, q, k, cos, sin, pos, shrink=(which, shrink))
+    assert rc == -1
+    assert expected in capfd.readouterr().err
