@@ -121,19 +121,20 @@ MUTATIONS = [
 ]
 
 
-def _copy_tree(dst):
+def _copy_tree(src, dst):
     """csrc/ and tests/ (the emulators find sources relative to tests/), plus the two files
     conftest.py and pytest look at (setup.py marks a source tree, pyproject.toml the ini)."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.o")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.o", "junit.xml")
     for d in ("csrc", "tests"):
-        shutil.copytree(os.path.join(ROOT, d), os.path.join(dst, d), ignore=ignore)
+        shutil.copytree(os.path.join(src, d), os.path.join(dst, d), ignore=ignore)
     for f in ("setup.py", "pyproject.toml"):
-        if os.path.exists(os.path.join(ROOT, f)):
-            shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f))
+        if os.path.exists(os.path.join(src, f)):
+            shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
 
 
 def _run_pytest(tree, node_ids, first_failure_stops):
-    """Run the node ids in `tree`; returns (returncode, {node id: outcome}, output, seconds).
+    """Run the node ids in `tree`; returns (returncode, {node id: outcome}, {node id: failure
+    message}, output, seconds).
     Outcome: 'passed', 'failed' (an assertion in the test), 'error' (setup / collection),
     'skipped'."""
     xml = os.path.join(tree, "junit.xml")
@@ -152,6 +153,7 @@ def _run_pytest(tree, node_ids, first_failure_stops):
     secs = time.monotonic() - t0
     out = res.stdout[-6000:] + res.stderr[-3000:]
     outcomes = {}
+    messages = {}  # node id -> the start of its failure message
     if os.path.exists(xml):
         for tc in ET.parse(xml).getroot().iter("testcase"):
             file = tc.get("file") or ""
@@ -159,37 +161,49 @@ def _run_pytest(tree, node_ids, first_failure_stops):
             name = tc.get("name", "")
             # classname is "tests.test_x" (module path, dots); rebuild "tests/test_x.py::name"
             node = cls.replace(".", "/") + ".py::" + name if not file else f"{file}::{name}"
-            kinds = {child.tag for child in tc}
+            kinds = {child.tag: child for child in tc}
             outcome = ("failed" if "failure" in kinds else "error" if "error" in kinds else
                        "skipped" if "skipped" in kinds else "passed")
             outcomes[node] = outcome
-    return res.returncode, outcomes, out, secs
+            if "failure" in kinds:
+                messages[node] = " ".join((kinds["failure"].get("message") or "").split())[:160]
+    return res.returncode, outcomes, messages, out, secs
 
 
 @pytest.fixture(scope="module")
-def control(tmp_path_factory):
-    """One unmutated copy; every mutation's tests run there once and must all pass."""
+def snapshot(tmp_path_factory):
+    """The checkout's sources, copied once: the control and every mutation start from the same
+    bytes even if someone edits the working tree during the run."""
     if shutil.which("g++") is None:
         pytest.skip("g++ not found (the emulators compile the kernels with it)")
+    tree = str(tmp_path_factory.mktemp("mutation_snapshot"))
+    _copy_tree(ROOT, tree)
+    return tree
+
+
+@pytest.fixture(scope="module")
+def control(snapshot, tmp_path_factory):
+    """One unmutated copy; every mutation's tests run there once and must all pass."""
     tree = str(tmp_path_factory.mktemp("mutation_control"))
-    _copy_tree(tree)
+    _copy_tree(snapshot, tree)
     ids = sorted({t for m in MUTATIONS for t in m.tests})
-    rc, outcomes, out, secs = _run_pytest(tree, ids, first_failure_stops=False)
-    return rc, outcomes, out, secs
+    return _run_pytest(tree, ids, first_failure_stops=False)
 
 
 @pytest.fixture(scope="module")
 def report(request):
     rows = []
     yield rows
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
     lines = ["", "mutation proof: each planted bug and the emulated test that caught it",
              f"{'mutation':42} {'file':32} {'secs':>5}  caught by"]
-    for name, path, caught_by, secs in rows:
+    for name, path, caught_by, secs, why in rows:
         lines.append(f"{name:42} {path:32} {secs:5.1f}  {caught_by}")
+        lines.append(f"{'':82}   ({why})")
     text = "\n".join(lines)
-    if tr is not None:
-        tr.write_line(text)
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            print(text, flush=True)
     else:
         print(text)
     out = os.environ.get("FASTATTN_MUTATION_REPORT")
@@ -199,8 +213,8 @@ def report(request):
 
 
 @pytest.mark.parametrize("mut", MUTATIONS, ids=lambda m: m.name)
-def test_mutation_is_caught(mut, control, report, tmp_path):
-    with open(os.path.join(ROOT, mut.path)) as f:
+def test_mutation_is_caught(mut, snapshot, control, report, tmp_path, record_property):
+    with open(os.path.join(snapshot, mut.path)) as f:
         src = f.read()
     n = src.count(mut.old)
     assert n == 1, (
@@ -209,18 +223,18 @@ def test_mutation_is_caught(mut, control, report, tmp_path):
         f"tests/test_mutations.py so that it still plants the same bug.\nsnippet:\n{mut.old}")
     assert mut.new != mut.old
 
-    rc, outcomes, out, _ = control
+    rc, outcomes, _, out, _ = control
     for t in mut.tests:
         assert outcomes.get(t) == "passed", (
             f"control: {t} did not pass on an UNMUTATED copy of the sources "
             f"({outcomes.get(t, 'not run / not found')}), so it cannot prove {mut.name!r}.\n{out}")
 
     tree = str(tmp_path / "tree")
-    _copy_tree(tree)
+    _copy_tree(snapshot, tree)
     target = os.path.join(tree, mut.path)
     with open(target, "w") as f:
         f.write(src.replace(mut.old, mut.new, 1))
-    rc, outcomes, out, secs = _run_pytest(tree, mut.tests, first_failure_stops=True)
+    rc, outcomes, messages, out, secs = _run_pytest(tree, mut.tests, first_failure_stops=True)
 
     failed = [t for t in mut.tests if outcomes.get(t) == "failed"]
     errored = [t for t in mut.tests if outcomes.get(t) == "error"]
@@ -231,5 +245,8 @@ def test_mutation_is_caught(mut, control, report, tmp_path):
     assert failed, (
         f"mutation {mut.name!r} ({mut.path}) was NOT caught: {mut.tests} -> {outcomes} "
         f"(rc {rc}). Expected: {mut.why}.\n{out}")
-    report.append((mut.name, mut.path, failed[0].split("/", 1)[1], secs))
+    why = messages.get(failed[0], "")
+    report.append((mut.name, mut.path, failed[0].split("/", 1)[1], secs, why))
+    record_property("caught_by", failed[0])
+    record_property("failure", why)
     print(f"{mut.name}: caught by {failed[0]} in {secs:.1f} s")
