@@ -71,7 +71,7 @@ def _ints(*vals):
 
 
 def _emulated_decode(emu, q, kc, vc, seqlens, scale, num_splits, mode=0, block_table=None, seqlens_k_add=0,
-                     window=(-1, -1), out_transposed=False):
+                     window=(-1, -1), out_transposed=False, shrink=None):
     """Run decode_kernel (+ combine) under the emulator. q (B, H, D) -> out (B, H, D), lse (B, H);
     q (B, Sq, H, D) -> out (B, Sq, H, D), lse (B, H, Sq). kc/vc: contiguous caches
     (B, S_max, Hk, D) or, with block_table (B, max_pages) int32, page pools (num_pages,
@@ -94,12 +94,17 @@ def _emulated_decode(emu, q, kc, vc, seqlens, scale, num_splits, mode=0, block_t
     op = torch.full((num_splits, B, H, Sq, D), float("nan"))
     lp = torch.full((num_splits, B, H, Sq), float("nan"))
     wl, wr = window
+    ptrs, sizes = _ptrs_sizes(q4, kc, vc, seqlens, out, lse, op, lp, block_table)
+    if shrink is not None:  # (i, n): tell the emulator buffer i is n bytes shorter; return rc
+        sizes[shrink[0]] -= shrink[1]
     rc = emu.decode_emulate(
-        *_ptrs_sizes(q4, kc, vc, seqlens, out, lse, op, lp, block_table),
+        ptrs, sizes,
         _ints(*q4.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *out.stride()[:3],
               B, Sq, S, H, Hk, D, num_splits, int(q.dtype == torch.bfloat16), seqlens_k_add, wl, wr,
               bt_stride, page, npages),
         scale, mode)
+    if shrink is not None:
+        return rc
     assert rc == 0, "the emulator reported an error (see stderr)"
     return (out[:, 0], lse[:, :, 0]) if squeeze else (out, lse)
 
@@ -416,6 +421,26 @@ def test_emulated_bad_page_indices_stay_in_the_pool(emu):
     assert torch.equal(kp, k_ref) and torch.equal(vp, v_ref)
     assert (kbig[:2] == 3.0).all() and (kbig[-2:] == 3.0).all()
     assert (vbig[:2] == -3.0).all() and (vbig[-2:] == -3.0).all()
+
+
+@pytest.mark.parametrize("which,shrink,expected", [
+    # the last key row's last 16-byte chunk (cp.async source, bounds-checked byte-exactly)
+    (1, 2, "memcheck: decode_kernel<half,64>: out-of-bounds read (cp.async source, 16 bytes) at byte offset 16368 "
+           "of buffer k_cache (16382 bytes)"),
+    # a raw store of the output past its shortened end (guard page, SIGSEGV reported)
+    (4, 64, "memcheck: decode_kernel<half,64>: out-of-bounds write at byte offset 960 of buffer out (960 bytes)"),
+])
+def test_memcheck_reports_out_of_bounds_in_the_real_kernel(emu, capfd, monkeypatch, which, shrink, expected):
+    """The sanitizer wiring: told that a buffer is shorter than the kernel's extent, the emulator
+    must report the first access past it (kernel, buffer, offset) and return 1."""
+    monkeypatch.setenv("FASTATTN_EMU_GUARD", "end")
+    q = torch.randn(2, 4, 64).to(torch.float16)
+    kc = torch.randn(2, 64, 1, 64).to(torch.float16)
+    vc = torch.randn(2, 64, 1, 64).to(torch.float16)
+    seqlens = torch.tensor([64, 64], dtype=torch.int32)
+    rc = _emulated_decode(emu, q, kc, vc, seqlens, 0.125, 1, shrink=(which, shrink))
+    assert rc == 1
+    assert expected in capfd.readouterr().err
 
 
 def _bank_table(emu, tmp_path, label):
