@@ -289,6 +289,29 @@ def test_emulated_launch_refused_past_the_attribute(emu):
     assert_error_ratio(y.t, reference.rms_norm(x.t, None, 1e-6), reference.rms_norm(x.t.double(), None, 1e-6), "y")
 
 
+@pytest.mark.parametrize("which,expected", [
+    (0, "memcheck: fwd<float,4,0>: out-of-bounds read (Pack, 16 bytes) at byte offset 8176 of buffer x (8188 bytes)"),
+    (3, "memcheck: fwd<float,4,0>: out-of-bounds write (Pack, 16 bytes) at byte offset 8176 of buffer y (8188 bytes)"),
+    (2, "memcheck: fwd<float,4,0>: out-of-bounds read (Pack, 16 bytes) at byte offset 4080 of buffer weight "
+        "(4092 bytes)"),
+])
+def test_memcheck_reports_out_of_bounds_in_the_real_kernel(emu, capfd, which, expected):
+    """The sanitizer wiring: told that a buffer is 4 bytes shorter than the kernel's extent, the
+    emulator must report the first Pack access past it (kernel, buffer, offset) and return -1."""
+    rows, n, dtype = 2, 1024, torch.float32
+    x = torch.randn(rows, n)
+    w = torch.randn(1, n)
+    y = torch.empty(rows, n)
+    rstd = torch.empty(1, rows)
+    ptrs, sizes = _ptrs_sizes(x, None, w, y, None, rstd)
+    sizes[which] -= 4
+    log = ctypes.create_string_buffer(4096)
+    rc = emu.rms_norm_fwd_emulate(ptrs, sizes, _ints(n, 0, n, 0, rows, n, DTYPE_CODE[dtype]), 1e-6, 0, H100_OPTIN,
+                                  log, len(log))
+    assert rc == -1
+    assert expected in capfd.readouterr().err
+
+
 def test_bank_conflict_report(emu, tmp_path):
     """Prints (and writes to JSON under the pytest tmp dir) the shared-memory bank-conflict totals
     of every kernel this module ran, at the access points the emulator tracks (the row cache's
