@@ -16,6 +16,12 @@
 //     (earliest); bit 1: fibers scheduled in reverse order.
 // Every global buffer (q, k, v, out, lse, cu_seqlens) sits against a PROT_NONE guard page, at
 // its end or (FASTATTN_EMU_GUARD=start) at its start: an out-of-bounds access kills the run.
+// racecheck / initcheck / bank conflicts (fiber_emulate.h, "sanitizer analogues"; off with
+// FASTATTN_EMU_SANITIZE=0): every shared-memory access of this kernel goes through the
+// wrappers below, and each is tracked: cp.async destinations (when the copy lands),
+// ldmatrix rows (16 bytes per lane), st.shared.b32 and ld.shared.v4. A hazard between two
+// warps with no __syncthreads between them, or a read of never-written shared memory, fails
+// the run. With FASTATTN_EMU_BANK_REPORT=FILE the bank-conflict totals go to FILE.
 //
 // Usage: flash_fwd_emulate DIR — DIR/meta.txt: "dtype(16|bf) d b sq sk h hk wl wr causal scale
 // pad"; DIR/{q,k,v}.bin 16-bit contiguous (b, s, heads, d). With DIR/varlen.txt ("total_q
@@ -128,6 +134,7 @@ inline uint16_t smem_u16(uint32_t addr) {
 // M_i[l/4][2(l%4)], M_i[l/4][2(l%4)+1]; with .trans M_i[2(l%4)][l/4], M_i[2(l%4)+1][l/4].
 inline void ldsm_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
   emu::smem_at(addr, 16);  // a 16-byte row, 16-byte aligned
+  emu::smem_track(addr, 16, false, "ldmatrix");
   emu::my_slot()[0] = addr;
   emu::warp_barrier();
   const int l = emu::lane(), g = l / 4, t = l % 4;
@@ -203,8 +210,12 @@ struct ElemOps<__nv_bfloat16> {
   }
 };
 
-inline void st_shared_b32(uint32_t addr, uint32_t v) { std::memcpy(emu::smem_at(addr, 4), &v, 4); }
+inline void st_shared_b32(uint32_t addr, uint32_t v) {
+  emu::smem_track(addr, 4, true, "st.shared");
+  std::memcpy(emu::smem_at(addr, 4), &v, 4);
+}
 inline uint4 ld_shared_v4(uint32_t addr) {
+  emu::smem_track(addr, 16, false, "ld.shared");
   uint4 v;
   std::memcpy(&v, emu::smem_at(addr, 16), 16);
   return v;
@@ -218,6 +229,7 @@ cudaError_t emulate_launch(F* kernel, const dim3& grid, int threads, int smem, c
     return cudaErrorInvalidConfiguration;
   if (smem > emu::max_dyn_smem_of(reinterpret_cast<const void*>(kernel))) return cudaErrorInvalidValue;
   const int64_t g[3] = {grid.x, grid.y, grid.z};
+  emu::g_kernel = "flash_fwd_kernel";
   emu::g_smem_bytes = static_cast<std::size_t>(smem);
   emu::launch(g, threads, smem, [&] { kernel(args); });
   return cudaSuccess;
@@ -288,6 +300,7 @@ int main(int argc, char** argv) {
   if (argc != 2) return 2;
   emu::g_mode = std::getenv("FASTATTN_EMU_MODE") ? std::atoi(std::getenv("FASTATTN_EMU_MODE")) : 0;
   emu::g_stack_bytes = 256 * 1024;
+  emu::g_sanitize = !(std::getenv("FASTATTN_EMU_SANITIZE") && std::string(std::getenv("FASTATTN_EMU_SANITIZE")) == "0");
   const std::string dir = argv[1];
   char dt[8];
   long long d, b, sq, sk, h, hk, wl, wr, causal, pad;
@@ -373,6 +386,14 @@ int main(int argc, char** argv) {
   fo = std::fopen((dir + "/lse.f32").c_str(), "wb");
   std::fwrite(lse, 4, n_lse, fo);
   std::fclose(fo);
+  if (const char* bank = std::getenv("FASTATTN_EMU_BANK_REPORT")) {
+    std::vector<char> text(static_cast<std::size_t>(emu_bank_report(nullptr, 0, 0)));
+    emu_bank_report(text.data(), static_cast<int>(text.size()), 0);
+    if (FILE* fb = std::fopen(bank, "w")) {
+      std::fputs(text.data(), fb);
+      std::fclose(fb);
+    }
+  }
   std::printf("ok\n");
   return 0;
 }
