@@ -1,6 +1,9 @@
 // fiber_emulate.h — the host runtime shared by the CPU emulators of the CUDA kernels
-// (tests/decode_emulate.cpp, tests/flash_bwd_emulate.cpp, tests/rms_norm_emulate.cpp; the
-// last one also uses the CUDA runtime API stand-ins at the end of this file).
+// (tests/decode_emulate.cpp, tests/rms_norm_emulate.cpp, tests/rotary_emulate.cpp,
+// tests/flash_fwd_emulate.cpp, tests/flash_bwd_emulate.cpp; rms_norm and flash_fwd also use
+// the CUDA runtime API stand-ins at the end of this file), and the sanitizer analogues
+// (memcheck / racecheck / initcheck / bank-conflict counting, "sanitizer analogues" below;
+// proven on deliberately bad kernels by tests/sanitizer_selftest.cpp).
 //
 // Why it exists: both emulators compile real kernel code (csrc/cuda/*.cuh) with g++ and run
 // every CUDA thread of a block as a fiber (ucontext), so that the kernels' own control flow,
