@@ -452,3 +452,40 @@ def test_double_backward_raises():
     out = fastattn.flash_attention(q, k, v, causal=True)
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# ---- short queries over long keys (CPU: the KV-cache kernel, k/v read in place) ----------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("sq, sk", [(1, 64), (4, 300), (16, 64), (16, 300)])
+@pytest.mark.parametrize("heads", [(8, 2), (6, 1), (3, 3)], ids=lambda hh: f"H{hh[0]}_Hk{hh[1]}")
+@pytest.mark.parametrize("mask", [(False, (-1, -1)), (True, (-1, -1)), (True, (7, 0)), (False, (5, 3))],
+                         ids=["full", "causal", "causal_window", "window"])
+def test_short_queries_over_long_keys_cpu(dtype, sq, sk, heads, mask):
+    """Sq <= 16 with Sk >= 4 Sq takes the KV-cache kernel on the CPU; k/v as the transposed
+    (B, Hk, Sk, D) views Hugging Face passes, read in place."""
+    causal, window = mask
+    H, Hk = heads
+    q = torch.randn(2, H, sq, 48, dtype=dtype).transpose(1, 2)
+    k = torch.randn(2, Hk, sk, 48, dtype=dtype).transpose(1, 2)
+    v = torch.randn(2, Hk, sk, 48, dtype=dtype).transpose(1, 2)
+    _check(q, k, v, causal=causal, window=window)
+
+
+def test_short_queries_gradients_and_thread_invariance_cpu():
+    q, k, v = (t.requires_grad_() for t in _make("cpu", torch.float32, 2, 5, 200, 8, 2, 32))
+    out = fastattn.flash_attention(q, k, v, causal=True, window=(50, 0))
+    out.square().sum().backward()
+    qq, kk, vv = (t.detach().double().requires_grad_() for t in (q, k, v))
+    reference.attention(qq, kk, vv, causal=True, window=(50, 0)).square().sum().backward()
+    for got, want, name in ((q, qq, "dq"), (k, kk, "dk"), (v, vv, "dv")):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5, msg=name)
+    prev = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            outs.append(fastattn.flash_attention(q.detach(), k.detach(), v.detach(), return_lse=True))
+    finally:
+        torch.set_num_threads(prev)
+    for o, lse in outs[1:]:
+        assert torch.equal(o, outs[0][0]) and torch.equal(lse, outs[0][1])

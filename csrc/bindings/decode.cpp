@@ -116,6 +116,54 @@ void set_paging(DecodeParams* p, const std::optional<at::Tensor>& bt, const at::
   p->num_pages = pool.size(0);
 }
 
+// DecodeParams for q4 (B, Sq, H, D) and its outputs; the caches are set by the caller.
+DecodeParams kvcache_params(const at::Tensor& q4, const at::Tensor& out, const at::Tensor& lse,
+                            const int32_t* cache_seqlens, int64_t s_max, int64_t seqlens_k_add, int64_t window_left,
+                            int64_t window_right, double softmax_scale) {
+  DecodeParams p;
+  p.q = q4.data_ptr();
+  set_strides(q4, &p.q_batch_stride, &p.q_row_stride, &p.q_head_stride);
+  p.cache_seqlens = cache_seqlens;
+  p.out = out.data_ptr();
+  set_strides(out, &p.out_batch_stride, &p.out_row_stride, &p.out_head_stride);
+  p.lse = lse.data_ptr<float>();
+  p.b = q4.size(0);
+  p.seqlen_q = q4.size(1);
+  p.h = q4.size(2);
+  p.d = q4.size(3);
+  p.seqlen_k_max = s_max;
+  p.seqlens_k_add = seqlens_k_add;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.dtype = to_dtype(q4.scalar_type());
+  return p;
+}
+
+void set_cache_pointers(DecodeParams* p, const at::Tensor& kc, const at::Tensor& vc) {
+  p->k_cache = kc.data_ptr();
+  p->v_cache = vc.data_ptr();
+  p->h_k = kc.size(2);
+  set_strides(kc, &p->k_batch_stride, &p->k_row_stride, &p->k_head_stride);
+  set_strides(vc, &p->v_batch_stride, &p->v_row_stride, &p->v_head_stride);
+}
+
+// The CPU kernel with its split-KV scratch; num_splits = 0 picks it from the shapes only
+// (query chunks count as more sequences: decode::cpu_query_chunk).
+void run_kvcache_cpu(DecodeParams& p, int64_t num_splits, const at::TensorOptions& options) {
+  const int64_t chunk = decode::cpu_query_chunk(p.h / p.h_k, p.h_k, p.d, p.seqlen_q);
+  const int64_t chunks = (p.seqlen_q + chunk - 1) / chunk;
+  p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cpu(p.b * chunks, p.h_k, p.seqlen_k_max);
+  at::Tensor out_partial, lse_partial;
+  if (p.num_splits > 1) {
+    out_partial = at::empty({p.num_splits, p.b, p.h, p.seqlen_q, p.d}, options.dtype(at::kFloat));
+    lse_partial = at::empty({p.num_splits, p.b, p.h, p.seqlen_q}, options.dtype(at::kFloat));
+    p.out_partial = out_partial.data_ptr<float>();
+    p.lse_partial = lse_partial.data_ptr<float>();
+  }
+  decode_attention_cpu(p);
+}
+
 // The attention of decode_attention and attention_with_kvcache: q4 (B, Sq, H, D) over the
 // cache rows [0, cache_seqlens[b] + seqlens_k_add) with the window (bottom-right aligned).
 // Returns out (B, Sq, H, D) and lse (B, H, Sq).
@@ -171,30 +219,11 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
   }
 
   const at::Tensor seqlens = cache_seqlens.contiguous();
-  DecodeParams p;
-  p.q = q4.data_ptr();
-  set_strides(q4, &p.q_batch_stride, &p.q_row_stride, &p.q_head_stride);
-  p.cache_seqlens = seqlens.data_ptr<int32_t>();
-  p.out = out.data_ptr();
-  set_strides(out, &p.out_batch_stride, &p.out_row_stride, &p.out_head_stride);
-  p.lse = lse.data_ptr<float>();
-  p.b = b;
-  p.seqlen_q = sq;
-  p.seqlen_k_max = s_max;
-  p.h = h;
-  p.h_k = h_k;
-  p.d = d;
-  p.seqlens_k_add = seqlens_k_add;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.softmax_scale = static_cast<float>(softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(double(d)));
-  p.dtype = to_dtype(q4.scalar_type());
-
+  DecodeParams p = kvcache_params(q4, out, lse, seqlens.data_ptr<int32_t>(), s_max, seqlens_k_add, window_left,
+                                  window_right,
+                                  softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(double(d)));
   auto set_caches = [&p, &block_table](const at::Tensor& kc, const at::Tensor& vc) {
-    p.k_cache = kc.data_ptr();
-    p.v_cache = vc.data_ptr();
-    set_strides(kc, &p.k_batch_stride, &p.k_row_stride, &p.k_head_stride);
-    set_strides(vc, &p.v_batch_stride, &p.v_row_stride, &p.v_head_stride);
+    set_cache_pointers(&p, kc, vc);
     set_paging(&p, block_table, kc);
   };
   set_caches(k_cache, v_cache);
@@ -240,11 +269,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
     FA_CUDA_CHECK_LAUNCH(decode_attention_cuda(p, current_stream(q4)), op);
 #endif
   } else {
-    const int64_t chunks = (sq + decode::cpu_query_chunk(h / h_k, h_k, d, sq) - 1) /
-                           decode::cpu_query_chunk(h / h_k, h_k, d, sq);
-    p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cpu(b * chunks, h_k, s_max);
-    alloc_scratch();
-    decode_attention_cpu(p);
+    run_kvcache_cpu(p, num_splits, q4.options());
   }
   return {out, lse};
 }
@@ -259,6 +284,17 @@ void check_query(const at::Tensor& q, const at::Tensor& k_cache, const char* op)
 }
 
 }  // namespace
+
+void flash_attn_fwd_short_query_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
+                                    int64_t window_left, int64_t window_right) {
+  // Every sequence has all Sk keys: the "cache" is k/v itself, read in place (no re-layout).
+  const std::vector<int32_t> lengths(static_cast<size_t>(q.size(0)), static_cast<int32_t>(k.size(1)));
+  DecodeParams p = kvcache_params(q, out, lse, lengths.data(), k.size(1), 0, window_left, window_right,
+                                  softmax_scale);
+  set_cache_pointers(&p, k, v);
+  run_kvcache_cpu(p, 0, q.options());
+}
 
 std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                                     const at::Tensor& v_cache,

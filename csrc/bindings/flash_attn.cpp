@@ -19,6 +19,13 @@ namespace {
 // The CPU kernel handles any head dim; this cap only bounds its per-thread buffers.
 constexpr int64_t kMaxHeadDimCpu = 512;
 
+// A few queries over many keys (a decode step through flash_attention, as Hugging Face's
+// cached generation does): the tiled kernel would re-lay out and widen all of K and V for
+// them; the KV-cache kernel reads k/v in place instead, streaming each key row once for all
+// query rows. Up to 16 queries, and only when the keys are at least 4x as many.
+constexpr int64_t kShortQueryMax = 16;
+bool use_short_query_path(int64_t sq, int64_t sk) { return sq <= kShortQueryMax && sk >= 4 * sq; }
+
 void check_flash_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         double softmax_scale, int64_t window_left, int64_t window_right) {
   check_device_supported(q, "q");
@@ -95,6 +102,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
     }
     FA_CUDA_CHECK_LAUNCH(flash_fwd_cuda(p, current_stream(q)), "flash_attn forward");
 #endif
+  } else if (use_short_query_path(sq, sk)) {
+    flash_attn_fwd_short_query_cpu(q, k, v, out, lse, softmax_scale, window_left, window_right);
   } else {
     const FlashFwdParams p = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right);
     flash_fwd_cpu(p);

@@ -128,10 +128,10 @@ struct Workspace {
   std::vector<float> q, k, v, kt, scores, acc, m, l;
   Workspace(int64_t h_k, int64_t rows, int64_t d)
       : gp((rows + kHeadTile - 1) / kHeadTile * kHeadTile),
-        kt(rows >= kGemmMinRows ? static_cast<size_t>(d * kKeyBlock) : 0),
         q(static_cast<size_t>(h_k * gp * d)),
         k(static_cast<size_t>(kKeyBlock * d)),
         v(static_cast<size_t>(kKeyBlock * d)),
+        kt(rows >= kGemmMinRows ? static_cast<size_t>(d * kKeyBlock) : 0),
         scores(static_cast<size_t>(gp * kKeyBlock)),
         acc(static_cast<size_t>(h_k * gp * d)),
         m(static_cast<size_t>(h_k * gp)),
