@@ -75,3 +75,25 @@ def assert_error_ratio(ours, ref_low, ref_true, name: str = "output", factor: fl
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ---- ctypes arguments of the CPU emulators of the CUDA kernels (tests/*_emulate.cpp) --------
+def emu_ptrs(*tensors):
+    """The tensors' data pointers (None for None) as a C array of void*."""
+    import ctypes
+
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t is not None else None for t in tensors])
+
+
+def emu_extent(t) -> int:
+    """Bytes from t's data pointer to the end of its last element (what a kernel may touch)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def emu_ptrs_sizes(*tensors):
+    """(pointers, extents in bytes): the emulators run the kernels on guarded copies (memcheck)."""
+    import ctypes
+
+    return emu_ptrs(*tensors), (ctypes.c_int64 * len(tensors))(*[emu_extent(t) for t in tensors])

@@ -21,6 +21,7 @@ import torch
 from fastattn import reference
 
 from conftest import assert_error_ratio
+from conftest import emu_ptrs as _ptrs, emu_extent as _extent, emu_ptrs_sizes as _ptrs_sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,22 +49,6 @@ def emu(tmp_path_factory):
     dll.emu_bank_report.restype = ctypes.c_int
     dll.emu_bank_report.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
     return dll
-
-
-def _ptrs(*tensors):
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t is not None else None for t in tensors])
-
-
-def _extent(t):
-    """Bytes from t's data pointer to the end of its last element (what a kernel may touch)."""
-    if t is None or t.numel() == 0:
-        return 0
-    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
-
-
-def _ptrs_sizes(*tensors):
-    """(pointers, extents in bytes): the emulator runs the kernels on guarded copies (memcheck)."""
-    return _ptrs(*tensors), (ctypes.c_int64 * len(tensors))(*[_extent(t) for t in tensors])
 
 
 def _ints(*vals):

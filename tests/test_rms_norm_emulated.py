@@ -27,6 +27,7 @@ import torch
 from fastattn import reference
 
 from conftest import assert_error_ratio
+from conftest import emu_ptrs as _ptrs, emu_extent as _extent, emu_ptrs_sizes as _ptrs_sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -100,22 +101,6 @@ class Buf:
     def untouched_outside(self):
         out = self.base[self.mask]
         return bool(torch.isnan(out).all() if self.fill != self.fill else (out == self.fill).all())
-
-
-def _ptrs(*ts):
-    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() if t is not None else None for t in ts])
-
-
-def _extent(t):
-    """Bytes from t's data pointer to the end of its last element (what a kernel may touch)."""
-    if t is None or t.numel() == 0:
-        return 0
-    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
-
-
-def _ptrs_sizes(*ts):
-    """(pointers, extents in bytes): the emulator runs the kernels on guarded copies (memcheck)."""
-    return _ptrs(*ts), (ctypes.c_int64 * len(ts))(*[_extent(t) for t in ts])
 
 
 def _ints(*vals):

@@ -18,6 +18,7 @@ import torch
 from fastattn import reference
 
 from conftest import ALL_DTYPES, assert_error_ratio
+from conftest import emu_extent as _extent
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -81,13 +82,6 @@ def run(fn, q, k, cos, sin, positions=None, interleaved=False, conjugate=False, 
                   int(interleaved), int(conjugate), DTYPE_CODE[q.dtype], max_grid, nbytes)
     assert vec >= 0, "the emulator reported an error (see stderr)"
     return q_out, k_out, bool(vec)
-
-
-def _extent(t):
-    """Bytes from t's data pointer to the end of its last element (what the kernel may touch)."""
-    if t is None or t.numel() == 0:
-        return 0
-    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
 def tables(rot):
