@@ -5,9 +5,10 @@
 //   * every thread of a block is a fiber (ucontext); __syncthreads and the warp-collective
 //     instructions are barriers between fibers, so the kernels' own control flow, indexing,
 //     double buffering and epilogues run as written;
-//   * ldmatrix(.trans).x4, mma.sync.m16n8k16 (f16/bf16 in, f32 accumulate), cp.async (with
-//     zero-fill), __shfl_xor_sync: implemented from the PTX ISA's definitions (fragment
-//     tables in flash_bwd_layout.cuh's header comment), independently of the kernels;
+//   * ldmatrix(.trans).x4, mma.sync.m16n8k16 (f16/bf16 in, f32 accumulate): tests/ptx_emulate.h
+//     (shared with flash_fwd_emulate.cpp, tested on its own by tests/test_ptx_emulate.py);
+//     cp.async (with zero-fill), __shfl_xor_sync: fiber_emulate.h; all implemented from the
+//     PTX ISA's definitions, independently of the kernels;
 //   * __half / __nv_bfloat16: 16-bit storage with round-to-nearest-even conversion.
 // Shared memory is filled with NaN bytes at every block start, so reading anything the block
 // did not write poisons the result.
@@ -39,6 +40,7 @@
 // ---- CUDA surface used by the kernels ------------------------------------------------------
 #define FASTATTN_BWD_EMULATE 1
 #include "fiber_emulate.h"  // fibers, barriers, shuffles, the cp.async queues
+#include "ptx_emulate.h"    // ldmatrix, mma.sync from the PTX ISA
 
 struct uint4 {
   uint32_t x, y, z, w;
@@ -128,26 +130,10 @@ inline uint16_t smem_u16(uint32_t byte_addr) {
   return v;
 }
 
-// ldmatrix.x4: lane 8i + r gives the address of row r of matrix i. Without .trans lane l gets
-// M_i[l/4][2(l%4)], M_i[l/4][2(l%4)+1]; with .trans M_i[2(l%4)][l/4], M_i[2(l%4)+1][l/4].
+// ldmatrix.x4 (.trans): tests/ptx_emulate.h, after the row-alignment check.
 inline void ldsm_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
   if (addr % 16 != 0) emu::fail("ldmatrix row address not 16-byte aligned");
-  emu::my_slot()[0] = addr;
-  emu::warp_barrier();
-  const int l = emu::lane(), g = l / 4, t = l % 4;
-  for (int i = 0; i < 4; ++i) {
-    uint16_t lo, hi;
-    if (!trans) {
-      const uint32_t row = emu::slot_of(8 * i + g)[0];
-      lo = smem_u16(row + 2 * (2 * t));
-      hi = smem_u16(row + 2 * (2 * t + 1));
-    } else {
-      lo = smem_u16(emu::slot_of(8 * i + 2 * t)[0] + 2 * g);
-      hi = smem_u16(emu::slot_of(8 * i + 2 * t + 1)[0] + 2 * g);
-    }
-    r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-  }
-  emu::warp_barrier();
+  ptx::ldmatrix(r, addr, trans, smem_u16);
 }
 inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) { ldsm_impl(r, addr, false); }
 inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldsm_impl(r, addr, true); }
@@ -159,43 +145,11 @@ inline float half_to_float(uint16_t b) {
   return static_cast<float>(h);
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: g = lane/4, t = lane%4.
-//   A: reg0 = A[g][2t..], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..], reg3 = A[g+8][2t+8..]
-//   B: reg0 = B[2t..2t+1][g], reg1 = B[2t+8..2t+9][g]
-//   C/D: c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
-template <typename T>
-inline void mma_impl(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  uint32_t(&s)[12] = emu::my_slot();
-  for (int i = 0; i < 4; ++i) s[i] = a[i];
-  s[4] = b0;
-  s[5] = b1;
-  emu::warp_barrier();
-  auto elem = [](uint32_t reg, int k) {
-    return half_to_float<T>(static_cast<uint16_t>(k & 1 ? reg >> 16 : reg & 0xffff));
-  };
-  auto A = [&](int row, int k) {  // lane 4*(row%8) + (k%8)/2, reg by (row >= 8, k >= 8)
-    const int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-    return elem(emu::slot_of(4 * (row % 8) + (k % 8) / 2)[reg], k);
-  };
-  auto B = [&](int k, int n) {  // lane 4n + (k%8)/2, reg by k >= 8
-    return elem(emu::slot_of(4 * n + (k % 8) / 2)[4 + (k >= 8 ? 1 : 0)], k);
-  };
-  const int l = emu::lane(), g = l / 4, t = l % 4;
-  float d[4];
-  for (int e = 0; e < 4; ++e) {
-    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
-    float acc = c[e];
-    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
-    d[e] = acc;
-  }
-  emu::warp_barrier();
-  for (int e = 0; e < 4; ++e) c[e] = d[e];
-}
-
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: tests/ptx_emulate.h.
 template <typename T> struct MmaOp;
 template <> struct MmaOp<__half> {
   static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    mma_impl<__half>(c, a, b0, b1);
+    ptx::mma_m16n8k16<false>(c, a, b0, b1);
   }
   static uint32_t pack(float lo, float hi) {
     return static_cast<uint32_t>(f32_to_f16_bits(lo)) |
@@ -205,7 +159,7 @@ template <> struct MmaOp<__half> {
 };
 template <> struct MmaOp<__nv_bfloat16> {
   static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    mma_impl<__nv_bfloat16>(c, a, b0, b1);
+    ptx::mma_m16n8k16<true>(c, a, b0, b1);
   }
   static uint32_t pack(float lo, float hi) {
     return static_cast<uint32_t>(f32_to_bf16_bits(lo)) |

@@ -8,10 +8,11 @@
 //   * every thread of a block is a fiber (fiber_emulate.h); __syncthreads / __syncwarp and the
 //     warp collectives are barriers between fibers;
 //   * ldmatrix(.trans).x4, mma.sync.m16n8k16 (f16/bf16 in, f32 accumulate), cp.async.cg with
-//     zero-fill, commit / wait_group, st.shared.b32 / ld.shared.v4.b32, ex2.approx.ftz: the
-//     same stand-ins as tests/flash_bwd_emulate.cpp (fragment tables in flash_fwd_kernel.cuh's
-//     header comment); every shared-memory access is bounds-checked against the launch's
-//     dynamic shared memory, which is born NaN at every block start;
+//     zero-fill, commit / wait_group, st.shared.b32 / ld.shared.v4.b32, ex2.approx.ftz (the
+//     ldmatrix / mma / ex2 stand-ins are tests/ptx_emulate.h, shared with
+//     tests/flash_bwd_emulate.cpp and tested on its own by tests/test_ptx_emulate.py); every
+//     shared-memory access is bounds-checked against the launch's dynamic shared memory, which
+//     is born NaN at every block start;
 //   * FASTATTN_EMU_MODE bit 0: cp.async copies land at the wait (latest), else at issue
 //     (earliest); bit 1: fibers scheduled in reverse order.
 // Every global buffer (q, k, v, out, lse, cu_seqlens) sits against a PROT_NONE guard page, at
@@ -43,6 +44,7 @@
 #define FASTATTN_FWD_EMULATE 1
 #define FASTATTN_WITH_CUDA 1  // api.h declares the CUDA launchers (types from fiber_emulate.h)
 #include "fiber_emulate.h"
+#include "ptx_emulate.h"  // ldmatrix, mma.sync, ex2 from the PTX ISA
 
 struct uint4 {
   uint32_t x, y, z, w;
@@ -130,71 +132,25 @@ inline uint16_t smem_u16(uint32_t addr) {
   std::memcpy(&v, emu::smem_at(addr, 2), 2);
   return v;
 }
-// ldmatrix.x4: lane 8i + r gives the address of row r of matrix i. Without .trans lane l gets
-// M_i[l/4][2(l%4)], M_i[l/4][2(l%4)+1]; with .trans M_i[2(l%4)][l/4], M_i[2(l%4)+1][l/4].
+// ldmatrix.x4 (.trans): tests/ptx_emulate.h; here each lane's row is checked (16 bytes, 16-byte
+// aligned, inside the launch's shared memory) and tracked for the sanitizers first.
 inline void ldsm_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
   emu::smem_at(addr, 16);  // a 16-byte row, 16-byte aligned
   emu::smem_track(addr, 16, false, "ldmatrix");
-  emu::my_slot()[0] = addr;
-  emu::warp_barrier();
-  const int l = emu::lane(), g = l / 4, t = l % 4;
-  for (int i = 0; i < 4; ++i) {
-    uint16_t lo, hi;
-    if (!trans) {
-      const uint32_t row = emu::slot_of(8 * i + g)[0];
-      lo = smem_u16(row + 2 * (2 * t));
-      hi = smem_u16(row + 2 * (2 * t + 1));
-    } else {
-      lo = smem_u16(emu::slot_of(8 * i + 2 * t)[0] + 2 * g);
-      hi = smem_u16(emu::slot_of(8 * i + 2 * t + 1)[0] + 2 * g);
-    }
-    r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-  }
-  emu::warp_barrier();
+  ptx::ldmatrix(r, addr, trans, smem_u16);
 }
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldsm_impl(r, addr, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldsm_impl(r, addr, true); }
 
-// ex2.approx.ftz.f32: 2^x, ex2(-inf) = +0 (approximation error not modelled).
-inline float ex2(float x) { return std::exp2(x); }
-
-// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: g = lane/4, t = lane%4.
-//   A: reg0 = A[g][2t..], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..], reg3 = A[g+8][2t+8..]
-//   B: reg0 = B[2t..2t+1][g], reg1 = B[2t+8..2t+9][g]
-//   C/D: c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
-template <bool kBf>
-inline void mma_impl(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  uint32_t(&s)[12] = emu::my_slot();
-  for (int i = 0; i < 4; ++i) s[i] = a[i];
-  s[4] = b0;
-  s[5] = b1;
-  emu::warp_barrier();
-  auto elem = [](uint32_t reg, int k) {
-    return bits_to_float(static_cast<uint16_t>(k & 1 ? reg >> 16 : reg & 0xffff), kBf);
-  };
-  auto A = [&](int row, int k) {
-    const int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-    return elem(emu::slot_of(4 * (row % 8) + (k % 8) / 2)[reg], k);
-  };
-  auto B = [&](int k, int n) { return elem(emu::slot_of(4 * n + (k % 8) / 2)[4 + (k >= 8 ? 1 : 0)], k); };
-  const int l = emu::lane(), g = l / 4, t = l % 4;
-  float d[4];
-  for (int e = 0; e < 4; ++e) {
-    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
-    float acc = c[e];
-    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
-    d[e] = acc;
-  }
-  emu::warp_barrier();
-  for (int e = 0; e < 4; ++e) c[e] = d[e];
-}
+// ex2.approx.ftz.f32 and mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: tests/ptx_emulate.h.
+inline float ex2(float x) { return ptx::ex2_approx_ftz(x); }
 
 template <typename T>
 struct ElemOps;
 template <>
 struct ElemOps<__half> {
   static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    mma_impl<false>(d, a, b0, b1);
+    ptx::mma_m16n8k16<false>(d, a, b0, b1);
   }
   static uint32_t pack(float lo, float hi) {
     return static_cast<uint32_t>(f32_to_f16_bits(lo)) | (static_cast<uint32_t>(f32_to_f16_bits(hi)) << 16);
@@ -203,7 +159,7 @@ struct ElemOps<__half> {
 template <>
 struct ElemOps<__nv_bfloat16> {
   static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    mma_impl<true>(d, a, b0, b1);
+    ptx::mma_m16n8k16<true>(d, a, b0, b1);
   }
   static uint32_t pack(float lo, float hi) {
     return static_cast<uint32_t>(f32_to_bf16_bits(lo)) | (static_cast<uint32_t>(f32_to_bf16_bits(hi)) << 16);
