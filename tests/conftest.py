@@ -97,3 +97,30 @@ def emu_ptrs_sizes(*tensors):
     import ctypes
 
     return emu_ptrs(*tensors), (ctypes.c_int64 * len(tensors))(*[emu_extent(t) for t in tensors])
+
+
+def emu_bank_rows(text: str, kernel=None) -> list:
+    """Rows of an emulator's bank-conflict report (tab-separated: kernel, access, instructions,
+    wavefronts, ideal wavefronts); `kernel` overrides the first column."""
+    rows = []
+    for line in text.splitlines():
+        name, kind, inst, waves, ideal = line.split("\t")
+        rows.append({"kernel": kernel or name, "access": kind, "instructions": int(inst), "wavefronts": int(waves),
+                     "ideal_wavefronts": int(ideal), "conflict_ratio": int(waves) / max(int(ideal), 1)})
+    return rows
+
+
+def emu_bank_report(rows: list, label: str, tmp_path) -> list:
+    """Prints the bank-conflict rows as a table and writes them to <tmp_path>/<label>_bank_conflicts.json
+    (a report, not a check)."""
+    import json
+
+    print(f"\n{label}: shared-memory bank conflicts at the tracked access points")
+    print(f"{'kernel':32} {'access':10} {'instr':>9} {'wavefronts':>11} {'ideal':>9} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['kernel']:32} {r['access']:10} {r['instructions']:9d} {r['wavefronts']:11d} "
+              f"{r['ideal_wavefronts']:9d} {r['conflict_ratio']:6.2f}")
+    path = tmp_path / f"{label}_bank_conflicts.json"
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"written to {path}")
+    return rows

@@ -20,7 +20,7 @@ import torch
 
 from fastattn import reference
 
-from conftest import assert_error_ratio
+from conftest import assert_error_ratio, emu_bank_report, emu_bank_rows
 from conftest import emu_ptrs as _ptrs, emu_extent as _extent, emu_ptrs_sizes as _ptrs_sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -433,21 +433,7 @@ def _bank_table(emu, tmp_path, label):
     n = emu.emu_bank_report(None, 0, 0)
     buf = ctypes.create_string_buffer(n)
     emu.emu_bank_report(buf, n, 0)
-    rows = []
-    for line in buf.value.decode().splitlines():
-        kernel, kind, inst, waves, ideal = line.split("\t")
-        rows.append({"kernel": kernel, "access": kind, "instructions": int(inst), "wavefronts": int(waves),
-                     "ideal_wavefronts": int(ideal), "conflict_ratio": int(waves) / max(int(ideal), 1)})
-    print(f"\n{label}: shared-memory bank conflicts at the tracked access points")
-    print(f"{'kernel':32} {'access':10} {'instr':>9} {'wavefronts':>11} {'ideal':>9} {'ratio':>6}")
-    for r in rows:
-        print(f"{r['kernel']:32} {r['access']:10} {r['instructions']:9d} {r['wavefronts']:11d} "
-              f"{r['ideal_wavefronts']:9d} {r['conflict_ratio']:6.2f}")
-    import json
-    path = tmp_path / f"{label}_bank_conflicts.json"
-    path.write_text(json.dumps(rows, indent=1))
-    print(f"written to {path}")
-    return rows
+    return emu_bank_report(emu_bank_rows(buf.value.decode()), label, tmp_path)
 
 
 def test_bank_conflict_report(emu, tmp_path):

@@ -19,6 +19,8 @@ import subprocess
 import numpy as np
 import pytest
 
+from conftest import emu_bank_report, emu_bank_rows
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -197,7 +199,6 @@ def test_bank_conflict_report(fwd_emulator, tmp_path):
     of the forward kernel at d 64 and d 128, at every shared access the emulator tracks
     (cp.async destinations, ldmatrix rows, st.shared.b32, ld.shared.v4). A report, not a check;
     the racecheck / initcheck analogues run on every case of this file."""
-    import json
     rows = []
     for case in (DENSE[0], DENSE[5]):
         dtype, d, b, sq, sk, h, hk, wl, wr, causal = case
@@ -210,17 +211,6 @@ def test_bank_conflict_report(fwd_emulator, tmp_path):
         env = dict(os.environ, FASTATTN_EMU_MODE="0", FASTATTN_EMU_GUARD="end", FASTATTN_EMU_BANK_REPORT=str(report))
         res = subprocess.run([fwd_emulator, str(run_dir)], capture_output=True, text=True, env=env)
         assert res.returncode == 0, res.stderr
-        for line in report.read_text().splitlines():
-            _, kind, inst, waves, ideal = line.split("\t")
-            rows.append({"kernel": f"flash_fwd_kernel<d{d}>", "access": kind, "instructions": int(inst),
-                         "wavefronts": int(waves), "ideal_wavefronts": int(ideal),
-                         "conflict_ratio": int(waves) / max(int(ideal), 1)})
-    print("\nflash_fwd: shared-memory bank conflicts at the tracked access points")
-    print(f"{'kernel':24} {'access':10} {'instr':>9} {'wavefronts':>11} {'ideal':>9} {'ratio':>6}")
-    for r in rows:
-        print(f"{r['kernel']:24} {r['access']:10} {r['instructions']:9d} {r['wavefronts']:11d} "
-              f"{r['ideal_wavefronts']:9d} {r['conflict_ratio']:6.2f}")
-    path = tmp_path / "flash_fwd_bank_conflicts.json"
-    path.write_text(json.dumps(rows, indent=1))
-    print(f"written to {path}")
+        rows += emu_bank_rows(report.read_text(), kernel=f"flash_fwd_kernel<d{d}>")
+    emu_bank_report(rows, "flash_fwd", tmp_path)
     assert {r["access"] for r in rows} >= {"cp.async", "ldmatrix", "st.shared", "ld.shared"}
