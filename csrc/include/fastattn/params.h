@@ -144,6 +144,10 @@ struct FlashFwdParams {
   int64_t window_left = -1;   // -1: unbounded
   int64_t window_right = -1;  // -1: unbounded; 0 with window_left = -1 is causal
   bool is_causal = false;     // window_right == 0 and window_left == -1
+  // Logit soft-capping (Gemma 2, Grok): when softcap > 0 the score s = softmax_scale * q.k
+  // becomes softcap * tanh(s / softcap) before masking and softmax; 0 = off. Kernels select
+  // a compile-time variant on softcap > 0 so the uncapped path pays nothing.
+  float softcap = 0.0f;
   DType dtype = DType::kFloat16;
 
   // Variable-length (packed) batches, as flash-attn's varlen API. When cu_seqlens_q is
@@ -222,6 +226,7 @@ struct DecodeParams {
   int64_t seqlens_k_add = 0;
   int64_t window_left = -1, window_right = -1;
   float softmax_scale = 1.0f;
+  float softcap = 0.0f;  // > 0: scores softcap * tanh(s / softcap), as FlashFwdParams
 
   // Paged cache (nullptr: contiguous).
   const int32_t* block_table = nullptr;
