@@ -134,8 +134,12 @@ def attention(
     window: Tuple[int, int] = (-1, -1),
     return_lse: bool = False,
     key_padding_mask: Optional[Tensor] = None,
+    softcap: float = 0.0,
 ):
-    """softmax(q k^T * scale + mask) v with GQA, bottom-right causal and a sliding window.
+    """softmax(cap(q k^T * scale) + mask) v with GQA, bottom-right causal and a sliding window.
+
+    cap(s) = softcap * tanh(s / softcap) when softcap > 0 (Gemma 2's logit soft-capping),
+    else s.
 
     q (B, Sq, H, D); k, v (B, Sk, Hk, D), H % Hk == 0, query head h reads kv head
     h // (H // Hk). key_padding_mask (B, Sk) bool, True = valid key (used by decode).
@@ -149,6 +153,8 @@ def attention(
         k = k.repeat_interleave(H // Hk, dim=2)
         v = v.repeat_interleave(H // Hk, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
     mask = attention_mask(Sq, Sk, causal, window, q.device).view(1, 1, Sq, Sk)
     if key_padding_mask is not None:
         mask = mask & key_padding_mask.view(B, 1, 1, Sk)
@@ -170,6 +176,7 @@ def attention_varlen(
     softmax_scale: Optional[float] = None,
     window: Tuple[int, int] = (-1, -1),
     return_lse: bool = False,
+    softcap: float = 0.0,
 ):
     """Packed variable-length attention: ``attention`` on each sequence's slice.
 
@@ -184,7 +191,7 @@ def attention_varlen(
     for i in range(len(cq) - 1):
         o, l = attention(q[cq[i] : cq[i + 1]].unsqueeze(0), k[ck[i] : ck[i + 1]].unsqueeze(0),
                          v[ck[i] : ck[i + 1]].unsqueeze(0), causal=causal, softmax_scale=softmax_scale,
-                         window=window, return_lse=True)
+                         window=window, return_lse=True, softcap=softcap)
         outs.append(o[0])
         lses.append(l[0])
     H = q.shape[1]
@@ -220,6 +227,7 @@ def decode_attention(
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
     block_table: Optional[Tensor] = None,
+    softcap: float = 0.0,
 ):
     """One query token per sequence against a KV cache with ragged valid lengths.
 
@@ -234,7 +242,7 @@ def decode_attention(
     S_max = k_cache.shape[1]
     valid = torch.arange(S_max, device=q.device).unsqueeze(0) < cache_seqlens.view(-1, 1).long()
     out, lse = attention(q4, k_cache, v_cache, softmax_scale=softmax_scale, return_lse=True,
-                         key_padding_mask=valid)
+                         key_padding_mask=valid, softcap=softcap)
     out = out.squeeze(1) if squeeze else out
     lse = lse.squeeze(-1)  # (B, H)
     return (out, lse) if return_lse else out
@@ -283,6 +291,7 @@ def attention_with_kvcache(
     window: Tuple[int, int] = (-1, -1),
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
+    softcap: float = 0.0,
 ):
     """Sq new queries per sequence over a KV cache (chunked prefill, speculative decoding).
 
@@ -302,7 +311,7 @@ def attention_with_kvcache(
     for b, length in enumerate(cache_seqlens.tolist()):
         L = length + added
         o, l = attention(q[b : b + 1], kc[b : b + 1, :L], vc[b : b + 1, :L], causal=causal,
-                         softmax_scale=softmax_scale, window=window, return_lse=True)
+                         softmax_scale=softmax_scale, window=window, return_lse=True, softcap=softcap)
         outs.append(o)
         lses.append(l)
     out = torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
