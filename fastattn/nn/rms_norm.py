@@ -1,4 +1,5 @@
-"""fastattn.nn.RMSNorm: a drop-in for torch.nn.RMSNorm on fastattn's kernel."""
+"""fastattn.nn.RMSNorm: a drop-in for torch.nn.RMSNorm on fastattn's kernel (and, with
+``unit_offset=True``, for Gemma's ``(1 + w)`` RMSNorm)."""
 from __future__ import annotations
 
 import numbers
@@ -10,6 +11,38 @@ from torch import Tensor
 from .. import functional as F
 
 _shape_t = Union[int, Sequence[int], torch.Size]
+
+__all__ = ["RMSNorm", "rms_norm_unit_offset"]
+
+
+def rms_norm_unit_offset(x: Tensor, weight: Tensor, eps: Optional[float] = 1e-6, residual: Optional[Tensor] = None):
+    """Gemma's RMSNorm: ``x / sqrt(mean(x**2) + eps) * (1 + weight)`` over the last dim.
+
+    The weight is stored as an offset from one (zeros = identity scale). As in Gemma's
+    norms, ``1 + weight`` and the product are computed in fp32 (fp64 for fp64 inputs) and
+    the result has x's dtype (also under autocast, and for a weight of another dtype).
+
+    With ``residual``, ``h = x + residual`` (torch's type promotion) and ``(y, h)`` is
+    returned with ``y = norm(h)``. On fp32 inputs this is one fused kernel pass with the
+    scale ``1 + weight`` as the kernel's weight. The kernel reads its weight in x's dtype,
+    so on 16-bit inputs ``1 + weight`` rounded to 16 bits would cost up to 2**-9 relative
+    (bf16) on every output; there the add is torch's (Gemma's own, in h's dtype) and the
+    norm runs in fp32 on ``h.float()``, rounded once to h's dtype at the end.
+
+    Differentiable in x, weight and residual.
+    """
+    if residual is not None and residual.dtype != x.dtype:
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
+    if weight is None:
+        return F.rms_norm(x, None, eps, residual=residual)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = 1.0 + weight.to(compute)
+    if x.dtype == compute:
+        return F.rms_norm(x, scale, eps, residual=residual)
+    h = x if residual is None else x + residual
+    y = F.rms_norm(h.to(compute), scale, eps).to(h.dtype)
+    return y if residual is None else (y, h)
 
 
 class RMSNorm(torch.nn.Module):
@@ -24,9 +57,13 @@ class RMSNorm(torch.nn.Module):
 
     ``forward(x)`` returns y; ``forward(x, residual)`` returns ``(y, h)`` with
     ``h = x + residual`` computed in the same kernel pass (the pre-norm residual stream).
+
+    ``unit_offset=True`` is Gemma's variant: the weight is an offset from one (initialised
+    to zeros) and y = x / rms(x) * (1 + weight), computed in fp32 and returned in x's
+    dtype whatever the weight's dtype (``rms_norm_unit_offset``). Same state_dict.
     """
 
-    __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+    __constants__ = ["normalized_shape", "eps", "elementwise_affine", "unit_offset"]
 
     def __init__(
         self,
@@ -35,8 +72,11 @@ class RMSNorm(torch.nn.Module):
         elementwise_affine: bool = True,
         device=None,
         dtype=None,
+        *,
+        unit_offset: bool = False,
     ) -> None:
         super().__init__()
+        self.unit_offset = bool(unit_offset)
         if isinstance(normalized_shape, numbers.Integral):
             normalized_shape = (normalized_shape,)
         self.normalized_shape = tuple(normalized_shape)
@@ -50,7 +90,7 @@ class RMSNorm(torch.nn.Module):
 
     def reset_parameters(self) -> None:
         if self.elementwise_affine:
-            torch.nn.init.ones_(self.weight)
+            (torch.nn.init.zeros_ if self.unit_offset else torch.nn.init.ones_)(self.weight)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
         nd = len(self.normalized_shape)
@@ -67,7 +107,10 @@ class RMSNorm(torch.nn.Module):
         if nd > 1:
             x = x.reshape(*lead, n)
             residual = residual.reshape(*lead, n) if residual is not None else None
-        out = F.rms_norm(x, weight, self.eps, residual=residual)
+        if self.unit_offset:
+            out = rms_norm_unit_offset(x, weight, self.eps, residual=residual)
+        else:
+            out = F.rms_norm(x, weight, self.eps, residual=residual)
         if nd > 1:
             if residual is not None:
                 return out[0].reshape(*lead, *self.normalized_shape), out[1].reshape(*lead, *self.normalized_shape)
@@ -75,4 +118,5 @@ class RMSNorm(torch.nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        offset = ", unit_offset=True" if self.unit_offset else ""
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}{offset}"
