@@ -120,7 +120,8 @@ def test_patch_model_swaps_norms_and_rotary(models, monkeypatch):
     reference.set_attn_implementation("eager")
     weight = model.model.norm.weight
     counts = fa_hf.patch_model(model)
-    assert counts == {"rms_norm": 2 * 2 + 1, "rotary": 2}
+    assert counts == {"rms_norm": 2 * 2 + 1, "rotary": 2, "left_alone": {},
+                      "swapped": {"LlamaRMSNorm": 2 * 2 + 1, "rotary:LlamaAttention": 2}}
     assert isinstance(model.model.norm, fastattn.nn.RMSNorm) and model.model.norm.weight is weight
     assert isinstance(model.model.layers[0].input_layernorm, fastattn.nn.RMSNorm)
     assert set(model.state_dict()) == set(reference.state_dict())
@@ -137,7 +138,7 @@ def test_patch_model_swaps_norms_and_rotary(models, monkeypatch):
     model(ids, labels=ids).loss.backward()
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
     # patching twice changes nothing more; a deep copy stays patched, on its own weights
-    assert fa_hf.patch_model(model) == {"rms_norm": 0, "rotary": 0}
+    assert fa_hf.patch_model(model) == {"rms_norm": 0, "rotary": 0, "swapped": {}, "left_alone": {}}
     model.eval()
     clone = copy.deepcopy(model)
     with torch.no_grad():
@@ -307,3 +308,187 @@ def test_patched_norm_keeps_hf_result_dtype(x_dtype, w_dtype):
         truth = holder.norm.weight.double() * torch.nn.functional.rms_norm(x.double(), (40,), eps=1e-5)
     assert mine.dtype == theirs.dtype
     assert_error_ratio(mine, theirs, truth, "rms_norm", atol=1e-5)
+
+
+# ---- patch_model on Gemma's (1 + w) norms and Phi-3's partial rotary; soft-capping -------------
+def _gemma_config(arch, **kw):
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0)
+    base.update(kw)
+    if arch == "gemma":
+        return transformers.GemmaConfig(**base)
+    if arch == "gemma2":
+        return transformers.Gemma2Config(**{"sliding_window": 5, **base})
+    if arch == "gemma3":
+        return transformers.Gemma3TextConfig(**{"sliding_window": 5, "sliding_window_pattern": 2, **base})
+    raise AssertionError(arch)
+
+
+def _eager_pair(cfg):
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ref.set_attn_implementation("eager")
+    with torch.no_grad():  # Gemma inits its norm offsets to 0: make (1 + w) matter
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    model = copy.deepcopy(ref)
+    return ref, model
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_patch_model_swaps_gemma_unit_offset_norms(arch, monkeypatch):
+    ref, model = _eager_pair(_gemma_config(arch))
+    norm_class = {"gemma": "GemmaRMSNorm", "gemma2": "Gemma2RMSNorm", "gemma3": "Gemma3RMSNorm"}[arch]
+    attn_class = {"gemma": "GemmaAttention", "gemma2": "Gemma2Attention", "gemma3": "Gemma3Attention"}[arch]
+    per_layer = {"gemma": 2, "gemma2": 4, "gemma3": 6}[arch]  # gemma3: + q_norm, k_norm
+    weight = model.model.norm.weight
+    report = fa_hf.patch_model(model)
+    assert report["swapped"] == {norm_class: 2 * per_layer + 1, "rotary:" + attn_class: 2}
+    assert report["rms_norm"] == 2 * per_layer + 1 and report["rotary"] == 2 and report["left_alone"] == {}
+    norm = model.model.norm
+    assert isinstance(norm, fastattn.nn.RMSNorm) and norm.unit_offset and norm.weight is weight
+    assert not any(type(m).__name__ == norm_class for m in model.modules())
+    assert set(model.state_dict()) == set(ref.state_dict())
+    rotary = Spy(monkeypatch, "apply_rotary")
+    ids = ids_of(2, 11)
+    with torch.no_grad():
+        theirs, mine = ref(ids).logits, model(ids).logits
+    assert len(rotary.calls) == 2
+    _assert_logits_close(mine, theirs)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
+def test_patched_gemma_norm_is_hf_math(x_dtype, w_dtype):
+    """(x.float() / rms) * (1 + w.float()), cast to x's dtype: the same bits as Gemma's module."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.norm = GemmaRMSNorm(48, eps=1e-6).to(w_dtype)
+    with torch.no_grad():
+        holder.norm.weight.normal_(0.0, 0.5)
+    x = (torch.randn(3, 5, 48) * 4).to(x_dtype)
+    r = torch.randn(3, 5, 48).to(x_dtype)
+    with torch.no_grad():
+        theirs, theirs_res = holder.norm(x), holder.norm(x + r)
+        assert fa_hf.patch_model(holder)["swapped"] == {"GemmaRMSNorm": 1}
+        mine = holder.norm(x)
+        mine_res, h = holder.norm(x, r)
+    assert mine.dtype == theirs.dtype == x_dtype
+    tol = 0 if x_dtype != torch.float32 else 1e-6  # 16-bit: both round the same fp32 value once
+    torch.testing.assert_close(mine, theirs, atol=tol, rtol=tol)
+    torch.testing.assert_close(mine_res, theirs_res, atol=tol, rtol=tol)
+    assert torch.equal(h, x + r)
+    # gradients reach the offset weight
+    x.requires_grad_(True)
+    holder.norm(x).float().sum().backward()
+    assert holder.norm.weight.grad is not None and torch.isfinite(holder.norm.weight.grad).all()
+
+
+def test_patch_model_phi3_partial_rotary(monkeypatch):
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    cfg = transformers.Phi3Config(**base, partial_rotary_factor=0.5)  # rotates 8 of 16 dims per head
+    torch.manual_seed(0)
+    ref = transformers.Phi3ForCausalLM(cfg).eval()
+    ref.set_attn_implementation("eager")
+    model = copy.deepcopy(ref)
+    report = fa_hf.patch_model(model)
+    assert report["swapped"] == {"Phi3RMSNorm": 2 * 2 + 1, "rotary:Phi3Attention": 2}
+    rotary = Spy(monkeypatch, "apply_rotary")
+    ids = ids_of(2, 12)
+    with torch.no_grad():
+        theirs, mine = ref(ids).logits, model(ids).logits
+    assert len(rotary.calls) == 2  # partial rotary on the kernel (dims 8..16 passed through)
+    _assert_logits_close(mine, theirs)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def test_patch_model_reports_what_it_left_alone():
+    class OddRMSNorm(torch.nn.Module):  # some other norm math: not ours to swap
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+
+    class ConvAttention(torch.nn.Module):  # an "attention" without q/k projections
+        pass
+
+    holder = torch.nn.Module()
+    holder.norm, holder.attn = OddRMSNorm(), ConvAttention()
+    report = fa_hf.patch_model(holder)
+    assert report["rms_norm"] == 0 and report["rotary"] == 0 and report["swapped"] == {}
+    assert set(report["left_alone"]) == {"OddRMSNorm", "rotary:ConvAttention"}
+    assert type(holder.norm) is OddRMSNorm
+
+
+def _softcap_pair(arch="gemma2"):
+    fa_hf.register()
+    cfg = _gemma_config(arch, num_hidden_layers=2, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+    ref, mine = _eager_pair(cfg)
+    with torch.no_grad():  # large scores, so that the cap (5) bends them
+        for name, p in ref.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(20.0)
+    mine.load_state_dict(ref.state_dict())
+    mine.set_attn_implementation("fastattn")
+    return ref, mine
+
+
+def test_softcap_gemma2_matches_eager():
+    """Gemma 2 (attention soft-capping, sliding layers) under attn_implementation="fastattn":
+    the cap reaches the kernels when they take softcap=, else the model's eager attention runs
+    it (never SDPA's 'does not support softcap' error)."""
+    ref, mine = _softcap_pair()
+    ids = ids_of(2, 13)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, 9:] = 0  # right padding: the varlen path
+    fa_hf.reset_stats()
+    with torch.no_grad():
+        for m in (None, mask):
+            theirs, got = ref(ids, attention_mask=m).logits, mine(ids, attention_mask=m).logits
+            keep = slice(None) if m is None else m.bool()
+            _assert_logits_close(got[keep], theirs[keep])
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(mine.generate(ids, **kw), ref.generate(ids, **kw))
+    st = fa_hf.stats()
+    if fa_hf._kernels_take_softcap():
+        assert st["sdpa_fallback"] == 0 and st["fastattn"] > 0
+    else:
+        assert set(st["reasons"]) == {"soft-capped scores (this fastattn build's kernels have no softcap=)"}
+
+
+def test_softcap_is_passed_to_the_kernels(monkeypatch):
+    """The plumbing: with kernels that take softcap= (stand-ins on fastattn.reference here, so the
+    test runs on any build), every Gemma 2 attention call passes the config's cap through."""
+    from fastattn import reference
+
+    calls = []
+
+    def flash(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), softcap=0.0):
+        calls.append(("dense", softcap))
+        return reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window=window,
+                                   softcap=softcap)
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, softmax_scale=None, window=(-1, -1),
+               softcap=0.0):
+        calls.append(("varlen", softcap))
+        return reference.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, softmax_scale=softmax_scale,
+                                          window=window, softcap=softcap)
+
+    monkeypatch.setattr(fastattn, "flash_attention", flash)
+    monkeypatch.setattr(fastattn, "flash_attention_varlen", varlen)
+    monkeypatch.setattr(fa_hf, "_kernels_take_softcap", lambda: True)
+    ref, mine = _softcap_pair()
+    ids = ids_of(2, 13)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[0, :3] = 0  # left padding: the varlen path
+    fa_hf.reset_stats()
+    with torch.no_grad():
+        _assert_logits_close(mine(ids).logits, ref(ids).logits)
+        theirs, got = ref(ids, attention_mask=mask).logits, mine(ids, attention_mask=mask).logits
+    _assert_logits_close(got[mask.bool()], theirs[mask.bool()])
+    assert fa_hf.stats()["sdpa_fallback"] == 0
+    assert {c[0] for c in calls} == {"dense", "varlen"} and all(c[1] == 5.0 for c in calls)

@@ -32,11 +32,16 @@ function hands each attention call one of three things:
   ``and_mask_function``, e.g. bidirectional image tokens), chunked or bidirectional masks,
   a user's 4-D mask, and every mask built under torch.compile / tracing.
 
+Gemma 2's attention logit soft-capping (the ``softcap`` keyword: scores become
+``softcap * tanh(score / softcap)``) is passed to the kernels' own ``softcap=``.
+
 Calls fall back to transformers' SDPA attention (on the exact mask SDPA would get, rebuilt from
-the 2-D one where needed) for: 4-D masks, dropout in training, soft-capping, attention sinks,
+the 2-D one where needed) for: 4-D masks, dropout in training, attention sinks,
 position biases, value head dims that differ, float32 or unsupported head dims on CUDA, a
 sliding window over a row whose padding has holes, and builds without
-``fastattn.flash_attention_varlen``. Each fallback is counted by reason and warned about once
+``fastattn.flash_attention_varlen``. A soft-capped call that falls back (or any soft-capped
+call on a build whose kernels lack ``softcap=``) runs the model's own eager attention instead,
+SDPA having no soft-capping. Each fallback is counted by reason and warned about once
 per reason (``RuntimeWarning``)::
 
     fa_hf.reset_stats()
@@ -46,7 +51,9 @@ per reason (``RuntimeWarning``)::
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib
+import inspect
 import sys
 import threading
 import types
@@ -63,9 +70,13 @@ __all__ = ["register", "patch_model", "fastattn_attention_forward", "fastattn_ma
 
 ATTN_IMPLEMENTATION = "fastattn"
 
-# RMSNorm classes computing w * (x / rms(x)) exactly, i.e. safe to swap for ours. (Gemma's
-# (1 + w) variant and others with different math are deliberately absent.)
-_COMPATIBLE_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+# RMSNorm classes computing w * (x / rms(x)) exactly, i.e. safe to swap for ours.
+_COMPATIBLE_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
+# Gemma's: (x.float() / rms) * (1 + w.float()), cast to x's dtype: ours with unit_offset=True.
+_UNIT_OFFSET_RMSNORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+# Modeling modules whose apply_rotary_pos_emb rotates only the first cos.shape[-1] dims of q/k
+# and passes the rest through (partial rotary), as fastattn.apply_rotary does for R < D.
+_PARTIAL_ROTARY_MODULES = ("transformers.models.phi3.modeling_phi3",)
 
 # Head dims the CUDA flash kernel is built for (others fall back to SDPA there).
 _CUDA_HEAD_DIMS = (64, 128)
@@ -128,7 +139,8 @@ def _count_fallback(reason: str) -> None:
         first = reason not in _WARNED_REASONS
         _WARNED_REASONS.add(reason)
     if first:
-        warnings.warn(f"fastattn: attention call fell back to transformers' SDPA ({reason}); counts in "
+        to = "eager attention" if reason.startswith("soft-capped") else "SDPA"  # SDPA has no soft-capping
+        warnings.warn(f"fastattn: attention call fell back to transformers' {to} ({reason}); counts in "
                       "fastattn.integrations.transformers.stats()", RuntimeWarning, stacklevel=3)
 
 
@@ -363,11 +375,27 @@ def _dense_from_2d(mask: torch.Tensor, Sq: int, Sk: int, window) -> torch.Tensor
     return dense.unsqueeze(1)
 
 
+@functools.lru_cache(maxsize=None)
+def _kernels_take_softcap() -> bool:
+    """Whether this build's flash_attention and flash_attention_varlen take ``softcap=``."""
+    try:
+        return all("softcap" in inspect.signature(getattr(fastattn.functional, name)).parameters
+                   for name in ("flash_attention", "flash_attention_varlen"))
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _softcap(kwargs) -> Optional[float]:
+    """The call's attention logit soft-cap (Gemma 2 passes ``softcap``), None when off."""
+    cap = kwargs.get("softcap")
+    return float(cap) if cap is not None and cap > 0 else None
+
+
 def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
     if dropout > 0.0 and module.training:
         return "attention dropout in training"
-    if kwargs.get("softcap") is not None:
-        return "soft-capped scores"
+    if _softcap(kwargs) is not None and not _kernels_take_softcap():
+        return "soft-capped scores (this fastattn build's kernels have no softcap=)"
     if kwargs.get("position_bias") is not None:
         return "position bias"
     if kwargs.get("s_aux") is not None:
@@ -382,10 +410,33 @@ def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
 
 
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    if _softcap(kwargs) is not None:  # SDPA refuses soft-capping: the model's eager attention has it
+        return _eager_softcapped(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+def _eager_softcapped(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    """A soft-capped fallback on the eager attention of the module's own modeling file, given the
+    mask SDPA would get (None = SDPA's top-left is_causal) as the additive mask eager expects."""
+    modeling = sys.modules.get(type(module).__module__)
+    eager = getattr(modeling, "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(
+            f"fastattn: soft-capped attention (softcap={kwargs.get('softcap')}) in {type(module).__name__} needs "
+            f"fastattn kernels with softcap= or an eager_attention_forward in {type(module).__module__}")
+    Sq, Sk = query.shape[2], key.shape[2]
+    mask = attention_mask
+    if mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if causal and Sq > 1:
+            mask = torch.ones(Sq, Sk, dtype=torch.bool, device=query.device).tril().view(1, 1, Sq, Sk)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def fastattn_attention_forward(
@@ -431,8 +482,9 @@ def fastattn_attention_forward(
     _count_fastattn()
     # (B, H, S, D) views of (B, S, H, D) projections: transposing back keeps the last dim contiguous.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    cap = {"softcap": _softcap(kwargs)} if _softcap(kwargs) is not None else {}  # scores cap * tanh(s / cap)
     if two_d:
-        return _varlen_forward(q, k, v, plan, scaling, window), None
+        return _varlen_forward(q, k, v, plan, scaling, window, cap), None
 
     # attention_mask=None means what it means to SDPA (transformers' own sdpa_attention_forward):
     # causal only for more than one query, and then TOP-LEFT aligned (query i sees keys j <= i).
@@ -445,11 +497,12 @@ def fastattn_attention_forward(
         k, v = k[:, :Sq], v[:, :Sq]  # keys j >= Sq are seen by no query: a square causal problem
     elif causal and Sk < Sq:
         window = (-1, Sq - Sk)  # top-left j <= i is the bottom-right band with right = Sq - Sk
-    out = fastattn.flash_attention(q, k, v, causal=causal and Sk >= Sq, softmax_scale=scaling, window=window)
+    out = fastattn.flash_attention(q, k, v, causal=causal and Sk >= Sq, softmax_scale=scaling, window=window,
+                                   **cap)
     return out, None  # (B, Sq, H, D), no attention weights
 
 
-def _varlen_forward(q, k, v, plan: _VarlenPlan, scaling, window):
+def _varlen_forward(q, k, v, plan: _VarlenPlan, scaling, window, cap=None):
     """q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> (B, Sq, H, D): the real tokens packed, one varlen
     call (bottom-right causal per sequence: its queries are its last tokens), padded query rows 0
     (as flash_attention_2; SDPA gives them 0 too when they see no key)."""
@@ -460,7 +513,7 @@ def _varlen_forward(q, k, v, plan: _VarlenPlan, scaling, window):
     kp, vp = k[plan.bk, plan.ck], v[plan.bk, plan.ck]
     out = fastattn.flash_attention_varlen(qp, kp, vp, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, causal=True,
                                           softmax_scale=scaling,
-                                          window=(window - 1, 0) if window is not None else (-1, -1))
+                                          window=(window - 1, 0) if window is not None else (-1, -1), **(cap or {}))
     if plan.all_q:
         return out.view(B, Sq, H, D)
     return out.new_zeros(B, Sq, H, D).index_put((plan.bq, plan.sq), out)
@@ -483,12 +536,13 @@ def register() -> None:
 def _hf_rotary_on_fastattn(q, k, cos, sin, unsqueeze_dim=1):
     """transformers' apply_rotary_pos_emb(q, k, cos, sin) on fastattn.apply_rotary.
 
-    q (B, H, S, D), k (B, Hk, S, D); cos/sin (B or 1, S, D), already gathered per position
+    q (B, H, S, D), k (B, Hk, S, D); cos/sin (B or 1, S, R), already gathered per position
     and holding each frequency twice (NeoX halves). The first halves of cos/sin, flattened
     over (batch, seq), form a table whose row b * S + s is the angle of token (b, s), so the
-    kernel reads it with positions = arange(B * S)."""
-    Bc, S, D = cos.shape
-    half = D // 2
+    kernel reads it with positions = arange(B * S). R < D (Phi-3's partial rotary) rotates
+    dims 0..R and passes R..D through, in the kernel as in Phi-3's function."""
+    Bc, S, R = cos.shape
+    half = R // 2
     cos_t = cos[..., :half].reshape(Bc * S, half).float()
     sin_t = sin[..., :half].reshape(Bc * S, half).float()
     if Bc == 1:
@@ -499,14 +553,18 @@ def _hf_rotary_on_fastattn(q, k, cos, sin, unsqueeze_dim=1):
     return q2.transpose(1, 2), k2.transpose(1, 2)
 
 
-def _make_rotary_dispatcher(original):
+def _make_rotary_dispatcher(original, partial: bool = False):
+    """partial: the original rotates the first cos.shape[-1] dims only (else cos spans the head)."""
+
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         unsqueeze_dim = kwargs.get("unsqueeze_dim", args[0] if args else 1)
+        R = cos.shape[-1] if cos.dim() == 3 else -1
         usable = (
             _IN_PATCHED_ATTENTION.get() > 0
             and unsqueeze_dim == 1
-            and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3
-            and cos.shape[-1] == q.shape[-1] == k.shape[-1]
+            and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and sin.shape == cos.shape
+            and q.shape[-1] == k.shape[-1] and R % 2 == 0
+            and (R == q.shape[-1] or (partial and 0 < R < q.shape[-1]))
             and cos.shape[0] in (1, q.shape[0]) and cos.shape[1] == q.shape[2]
             and q.stride(-1) == 1 and k.stride(-1) == 1
         )
@@ -523,7 +581,8 @@ def _install_rotary_dispatcher(modeling_module) -> bool:
     if fn is None:
         return False
     if not hasattr(fn, "_fastattn_original"):
-        modeling_module.apply_rotary_pos_emb = _make_rotary_dispatcher(fn)
+        partial = getattr(modeling_module, "__name__", "") in _PARTIAL_ROTARY_MODULES
+        modeling_module.apply_rotary_pos_emb = _make_rotary_dispatcher(fn, partial)
     return True
 
 
@@ -560,28 +619,68 @@ class _HFRMSNorm(fastattn.nn.RMSNorm):
         return out.to(dtype) if residual is None else (out[0].to(dtype), out[1])
 
 
+def _norm_eps(module) -> float:
+    return getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+
+
 def patch_model(model: nn.Module) -> dict:
-    """Swap a transformers LLaMA-family model's RMSNorm modules for ``fastattn.nn.RMSNorm``
-    (sharing the same weight Parameter, so state_dict and training are unchanged) and run its
-    rotary embedding on ``fastattn.apply_rotary``. Modules with different math are left
-    alone. Returns counts: {"rms_norm": n, "rotary": m}."""
+    """Swap a transformers model's RMSNorm modules for ``fastattn.nn.RMSNorm`` (sharing the same
+    weight Parameter, so state_dict and training are unchanged) and run its rotary embedding on
+    ``fastattn.apply_rotary``:
+
+    * LLaMA-family norms (``w * x / rms(x)``: Llama, Mistral, Qwen2/3, Phi-3) become our
+      RMSNorm; Gemma 1/2/3's ``(1 + w)`` norms (including Gemma 3's q/k norms) become our
+      RMSNorm with ``unit_offset=True`` (fp32 math, x's dtype out, as Gemma's);
+    * attention modules with q/k projections (``q_proj`` or a fused ``qkv_proj``) whose modeling
+      file has ``apply_rotary_pos_emb`` run it on fastattn.apply_rotary; Phi-3's partial rotary
+      (cos/sin narrower than the head) too.
+
+    Anything else is left alone. Returns a report: ``{"rms_norm": n, "rotary": m, "swapped":
+    {class name: count}, "left_alone": {class name: reason}}`` (rotary entries are named by
+    their attention class, e.g. ``"rotary:GemmaAttention"``). Modules patched by an earlier call
+    count as neither."""
     _require_transformers()
-    counts = {"rms_norm": 0, "rotary": 0}
+    report = {"rms_norm": 0, "rotary": 0, "swapped": {}, "left_alone": {}}
+
+    def swapped(name):
+        report["swapped"][name] = report["swapped"].get(name, 0) + 1
+
     replacements = []
-    for parent_name, parent in model.named_modules():
+    for parent in model.modules():
         for child_name, child in parent.named_children():
-            if type(child).__name__ in _COMPATIBLE_RMSNORMS and isinstance(getattr(child, "weight", None), nn.Parameter):
-                replacements.append((parent, child_name, child))
+            name = type(child).__name__
+            if isinstance(child, fastattn.nn.RMSNorm):
+                continue  # ours already (an earlier patch_model)
+            weight = getattr(child, "weight", None)
+            if name in _COMPATIBLE_RMSNORMS + _UNIT_OFFSET_RMSNORMS:
+                if isinstance(weight, nn.Parameter) and weight.dim() == 1:
+                    replacements.append((parent, child_name, child))
+                else:
+                    report["left_alone"][name] = "no 1-D weight Parameter"
+            elif "RMSNorm" in name:
+                report["left_alone"][name] = ("RMSNorm variant not known to compute w * x / rms(x) or "
+                                              "(1 + w) * x / rms(x)")
     for parent, child_name, child in replacements:
-        eps = getattr(child, "variance_epsilon", getattr(child, "eps", 1e-6))
-        norm = _HFRMSNorm(child.weight.shape[0], eps=eps, device="meta")
+        name = type(child).__name__
+        offset = name in _UNIT_OFFSET_RMSNORMS
+        cls = fastattn.nn.RMSNorm if offset else _HFRMSNorm  # Gemma's returns x's dtype, as ours
+        norm = cls(child.weight.shape[0], eps=_norm_eps(child), device="meta", unit_offset=offset)
         norm.weight = child.weight
         setattr(parent, child_name, norm)
-        counts["rms_norm"] += 1
+        report["rms_norm"] += 1
+        swapped(name)
     for module in model.modules():
-        if not type(module).__name__.endswith("Attention") or not hasattr(module, "q_proj"):
+        name = type(module).__name__
+        if not name.endswith("Attention") or getattr(module, "_fastattn_patched", False):
+            continue
+        if not (hasattr(module, "q_proj") or hasattr(module, "qkv_proj")):
+            report["left_alone"]["rotary:" + name] = "no q_proj / qkv_proj (not a rotary self-attention)"
             continue
         modeling = sys.modules.get(type(module).__module__) or importlib.import_module(type(module).__module__)
-        if _install_rotary_dispatcher(modeling) and _wrap_attention_forward(module):
-            counts["rotary"] += 1
-    return counts
+        if not _install_rotary_dispatcher(modeling):
+            report["left_alone"]["rotary:" + name] = f"no apply_rotary_pos_emb in {modeling.__name__}"
+            continue
+        if _wrap_attention_forward(module):
+            report["rotary"] += 1
+            swapped("rotary:" + name)
+    return report
