@@ -8,6 +8,13 @@
 The block is the standard pre-norm one: RMSNorm -> GQA attention with RoPE -> residual ->
 RMSNorm -> SwiGLU MLP -> residual, then a final norm and the LM head.
 
+Sliding-window attention (Mistral; Qwen2/Qwen3 with use_sliding_window; any config with
+per-layer ``layer_types``): on a "sliding_attention" layer a query at position i sees keys
+i - sliding_window + 1 .. i (sliding_window tokens, itself included, as transformers' mask
+``kv > q - sliding_window``), on every path: ``window=(sliding_window - 1, 0)`` for the
+prefill / training attention, and for a decode step attention_with_kvcache with that window
+instead of decode_attention (which has none). The KV cache still keeps every row.
+
 Backends (same weights, same outputs within rounding):
   "fastattn"  fastattn.rms_norm (residual add fused into the norm), fastattn.apply_rotary,
               fastattn.flash_attention for prefill and training, fastattn.append_kv +
@@ -69,6 +76,7 @@ __all__ = ["LlamaConfig", "Llama", "KVCache", "PagedKVCache", "rope_tables", "sa
 
 BACKENDS = ("fastattn", "torch")
 CACHES = ("contiguous", "paged")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's config.layer_types values
 
 # Hugging Face model types this file reproduces exactly (same block, same names).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -100,6 +108,12 @@ class LlamaConfig:
     mlp_bias: bool = False
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Union[int, List[int]]] = None
+    # Sliding-window attention: a query at position i sees keys i - sliding_window + 1 .. i
+    # (sliding_window tokens, itself included) on the layers whose layer_types entry is
+    # "sliding_attention"; "full_attention" layers see every earlier key. layer_types None:
+    # every layer slides when sliding_window is set, none otherwise.
+    sliding_window: Optional[int] = None
+    layer_types: Optional[List[str]] = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -126,6 +140,32 @@ class LlamaConfig:
                 raise ValueError(
                     f"rope_scaling type {rope_type!r} is not supported (supported: 'linear', 'llama3')"
                 )
+        self._check_layer_types()
+
+    def _check_layer_types(self) -> None:
+        w = self.sliding_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"sliding_window must be a positive int or None, got {w!r}")
+        if self.layer_types is None:
+            kind = "full_attention" if w is None else "sliding_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                             f"num_hidden_layers {self.num_hidden_layers}")
+        for kind in self.layer_types:
+            if kind not in LAYER_TYPES:
+                raise ValueError(f"layer_types entry {kind!r} is not supported (supported: {LAYER_TYPES})")
+        if w is None and "sliding_attention" in self.layer_types:
+            raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None")
+
+    def attention_window(self, layer: int) -> int:
+        """How many earlier keys a query of `layer` sees besides itself: sliding_window - 1 on
+        a sliding layer, -1 (unbounded) on a full one. It is the left side of the kernels'
+        ``window=(left, 0)``."""
+        if self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window - 1
+        return -1
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
@@ -142,8 +182,6 @@ class LlamaConfig:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r}: the SwiGLU MLP needs 'silu'")
-        if hf.get("sliding_window") is not None and (model_type != "qwen2" or hf.get("use_sliding_window")):
-            raise ValueError("sliding-window attention checkpoints are not supported (sliding_window is set)")
         if hf.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("partial_rotary_factor != 1 is not supported")
         # transformers 5 keeps rope_theta and the scaling together in rope_parameters.
@@ -160,10 +198,35 @@ class LlamaConfig:
         kw = {k: v for k, v in hf.items() if k in names}
         kw.update(rope_theta=float(theta), rope_scaling=scaling, attention_bias=attention_bias,
                   o_proj_bias=o_proj_bias, mlp_bias=bool(hf.get("mlp_bias", False)))
+        kw["sliding_window"], kw["layer_types"] = _hf_sliding_window(hf, model_type)
         return cls(**kw)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _hf_sliding_window(hf: dict, model_type: str) -> Tuple[Optional[int], Optional[List[str]]]:
+    """(sliding_window, layer_types) as transformers reads them for each model type."""
+    window = hf.get("sliding_window")
+    if model_type in ("qwen2", "qwen3"):
+        # the window is on only with use_sliding_window, and then (when the config carries no
+        # layer_types) on the layers from max_window_layers up
+        window = window if hf.get("use_sliding_window", False) else None
+        layer_types = hf.get("layer_types")
+        if layer_types is None:
+            first = hf.get("max_window_layers", 28)
+            layer_types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                           for i in range(hf["num_hidden_layers"])]
+        return window, layer_types
+    if model_type in ("mistral", "phi3"):
+        return window, None  # one window for every layer (layer_types, if present, is not read)
+    if model_type in _PER_LAYER_WINDOW_TYPES:  # layer_types as the config gives them
+        return window, hf.get("layer_types")
+    return None, None  # llama: no sliding window (a stray sliding_window field is not read)
+
+
+# Model types whose config.json carries sliding_window and per-layer layer_types as they are.
+_PER_LAYER_WINDOW_TYPES: Tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,10 +267,11 @@ def _rotary(backend: str, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positi
     return reference.apply_rotary(q, k, cos, sin, positions=positions)
 
 
-def _causal_attention(backend: str, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _causal_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, window: int = -1) -> Tensor:
+    """Causal self-attention of a block; window >= 0: query i sees keys i - window .. i only."""
     if backend == "fastattn":
-        return fastattn.flash_attention(q, k, v, causal=True)
-    return reference.attention(q, k, v, causal=True)
+        return fastattn.flash_attention(q, k, v, causal=True, window=(window, 0))
+    return reference.attention(q, k, v, causal=True, window=(window, 0))
 
 
 def _append_kv(backend: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, write_at: Tensor,
@@ -228,7 +292,16 @@ def _append_kv(backend: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Ten
 
 
 def _decode_attention(backend: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
-                      block_table: Optional[Tensor] = None) -> Tensor:
+                      block_table: Optional[Tensor] = None, window: int = -1) -> Tensor:
+    """q (B, 1, H, D) at cache row lengths[b] - 1 against rows [0, lengths[b]) of sequence b;
+    window >= 0: only rows [lengths[b] - 1 - window, lengths[b]) (decode_attention has no
+    window, attention_with_kvcache does: same kernel family, bottom-right aligned)."""
+    if window >= 0:
+        if backend == "fastattn":
+            return fastattn.attention_with_kvcache(q, k_cache, v_cache, lengths, block_table=block_table,
+                                                   causal=True, window=(window, 0))
+        return reference.attention_with_kvcache(q, k_cache, v_cache, lengths, block_table=block_table,
+                                                causal=True, window=(window, 0))
     if backend == "fastattn":
         return fastattn.decode_attention(q, k_cache, v_cache, lengths, block_table=block_table)
     return reference.decode_attention(q, k_cache, v_cache, lengths, block_table=block_table)
@@ -276,6 +349,25 @@ class KVCache:
     def grow(self, num_new: int) -> None:
         """Nothing to do: every sequence owns max_len rows from the start (see
         ``PagedKVCache.grow``)."""
+
+    def reorder_rows(self, index: Tensor, upto: Optional[int] = None) -> None:
+        """Sequence i becomes what sequence index[i] was (beam search: beams follow their
+        parents), with one gather over all layers. index (N,) integer on any device.
+
+        N == batch_size: in place (a captured CUDA graph stays valid), copying only the first
+        ``upto`` rows of each sequence (default all: the rows a caller knows to be live).
+        N != batch_size: new (N, max_len) storage (expanding each prompt to its beams)."""
+        idx = index.to(device=self.k.device, dtype=torch.long).view(-1)
+        if idx.numel() == self.batch_size:
+            t = self.max_len if upto is None else max(0, min(int(upto), self.max_len))
+            for kv in (self.k, self.v):
+                rows = kv[:, :, :t]
+                rows.copy_(rows.index_select(1, idx))
+            self.seqlens.copy_(self.seqlens.index_select(0, idx))
+        else:
+            self.k = self.k.index_select(1, idx)
+            self.v = self.v.index_select(1, idx)
+            self.seqlens = self.seqlens.index_select(0, idx)
 
 
 class PagedKVCache:
@@ -394,6 +486,38 @@ class PagedKVCache:
         self.reserve(lengths)
         self.host_seqlens = lengths
 
+    def reorder_rows(self, index: Tensor, upto: Optional[int] = None) -> None:
+        """Sequence i becomes what sequence index[i] was (beam search), index (N,) with
+        N == batch_size. Each sequence keeps its own pages (taking more from the free list
+        if its new length needs them) and the K/V of the pages its source's tokens fill are
+        copied in: one gather and one scatter over all layers, for the sequences whose
+        source is another one. Reads index on the host (one sync). ``upto`` is accepted
+        for symmetry with ``KVCache.reorder_rows``; the host lengths already bound the copy."""
+        src_rows = [int(i) for i in index.tolist()]
+        if len(src_rows) != self.batch_size:
+            raise ValueError(f"paged KV cache: reorder_rows got {len(src_rows)} rows for a batch of "
+                             f"{self.batch_size} (expand a prompt to its beams before prefill)")
+        if any(not 0 <= s < self.batch_size for s in src_rows):
+            raise ValueError(f"paged KV cache: reorder_rows index out of [0, {self.batch_size}): {src_rows}")
+        lengths = [self.host_seqlens[s] for s in src_rows]
+        self.reserve(lengths)  # only appends pages: the pages holding tokens stay put
+        p = self.page_size
+        src_pages: List[int] = []
+        dst_pages: List[int] = []
+        for i, s in enumerate(src_rows):
+            if s != i:
+                n = -(-lengths[i] // p)
+                src_pages += self.pages[s][:n]
+                dst_pages += self.pages[i][:n]
+        if src_pages:
+            device = self.k.device
+            src = torch.tensor(src_pages, dtype=torch.long, device=device)
+            dst = torch.tensor(dst_pages, dtype=torch.long, device=device)
+            for kv in (self.k, self.v):
+                kv[:, dst] = kv[:, src]  # the right side is gathered first: overlaps are safe
+        self.seqlens.copy_(self.seqlens.index_select(0, index.to(device=self.seqlens.device, dtype=torch.long)))
+        self.host_seqlens = lengths
+
 
 class _Step(NamedTuple):
     """What every layer needs for one forward pass."""
@@ -433,24 +557,26 @@ class Attention(nn.Module):
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         self.wqkv = nn.Linear(config.hidden_size, qkv_dim, bias=config.attention_bias)
         self.wo = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
+        self.config = config  # config.attention_window(layer): the layer's sliding window
 
     def forward(self, x: Tensor, step: _Step, layer: int) -> Tensor:
         B, S, _ = x.shape
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
+        window = self.config.attention_window(layer)  # keys seen besides the query's own; -1 = all
         qkv = self.wqkv(x).view(B, S, H + 2 * Hk, D)
         q, k, v = qkv.split([H, Hk, Hk], dim=2)  # (B, S, H, D), (B, S, Hk, D) x 2; last dim contiguous
         q, k = _rotary(step.backend, q, k, step.cos, step.sin, step.positions)
         if step.cache is None:  # plain forward / training: causal attention over this block
-            out = _causal_attention(step.backend, q, k, v)
+            out = _causal_attention(step.backend, q, k, v, window)
         else:
             # (B, S_max, Hk, D), or page pools (num_pages, page_size, Hk, D) with a block table
             k_cache, v_cache = step.cache.k[layer], step.cache.v[layer]
             table = step.cache.block_table  # None for the contiguous cache
             _append_kv(step.backend, k_cache, v_cache, k, v, step.write_at, table)
             if step.decode:  # one query per sequence against its valid cache rows
-                out = _decode_attention(step.backend, q, k_cache, v_cache, step.attend_len, table)
+                out = _decode_attention(step.backend, q, k_cache, v_cache, step.attend_len, table, window)
             else:  # prefill into an empty cache: the prompt attends to itself, causally
-                out = _causal_attention(step.backend, q, k, v)
+                out = _causal_attention(step.backend, q, k, v, window)
         return self.wo(out.reshape(B, S, H * D))  # (B, S, hidden)
 
 
@@ -730,13 +856,19 @@ class Llama(nn.Module):
         prompt_lengths: Optional[Tensor] = None,
         attention_mask: Optional[Tensor] = None,
         pad_token_id: Optional[int] = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: Union[bool, str] = False,
+        num_return_sequences: int = 1,
+        repetition_penalty: float = 1.0,
+        min_new_tokens: int = 0,
         progress: bool = False,
         cuda_graph: bool = False,
         cache: str = "contiguous",
         page_size: int = 16,
     ) -> Tensor:
         """Prefill + KV-cache decode. Greedy at temperature 0, else temperature / top-k /
-        top-p sampling (``generator`` makes it reproducible).
+        top-p sampling (``generator`` makes it reproducible); beam search with num_beams > 1.
 
         input_ids (B, S). Prompts of different lengths are left-aligned (right-padded) with
         their lengths given by ``prompt_lengths`` (B,) or ``attention_mask`` (B, S) of ones
@@ -746,57 +878,49 @@ class Llama(nn.Module):
         when all have. ``cuda_graph=True`` (CUDA only) replays each decode step from a CUDA
         graph (see ``capture_decode_step``).
 
+        ``repetition_penalty`` (1 = off) divides the positive and multiplies the negative
+        scores of every token already in the sequence (prompt or generated);
+        ``min_new_tokens`` forbids the eos ids until that many tokens are out. Both as
+        transformers' ``generate`` (see ``fastattn.models.generation``).
+
+        Beam search (``num_beams`` > 1, no sampling options), transformers' rules:
+        ``length_penalty`` (a finished hypothesis scores sum(log p) / length ** length_penalty),
+        ``early_stopping`` (True: stop once num_beams hypotheses are done; False: stop when
+        none can improve, by the current length; "never": by the maximum length). Returns
+        (B * num_return_sequences, S + n): each prompt's best ``num_return_sequences``
+        hypotheses, best first, laid out as above. Beams are cache rows, reordered in place
+        after each step; the prompts are prefilled once (the paged cache prefills each beam's
+        copy of its prompt, so that every beam owns its pages).
+
         ``cache="paged"`` keeps K/V in pages of ``page_size`` tokens (``PagedKVCache``): only
         each prompt's real tokens and its new ones take pages, and the pool holds
         sum_b ceil((prompt_lengths[b] + max_new_tokens) / page_size) of them (plus the null
         page). Same tokens as the default ``cache="contiguous"``; ``self.cache`` reports the
         pages used afterwards.
         """
+        from . import generation
+
         _check_ids(input_ids, self.config, None)
-        B, S = input_ids.shape
         lengths = _prompt_lengths(input_ids, prompt_lengths, attention_mask)  # (B,) int32
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         _check_sampling(temperature, top_k, top_p)
+        generation.check_options(num_beams, length_penalty, early_stopping, num_return_sequences,
+                                 repetition_penalty, min_new_tokens, temperature, top_k, top_p)
         if cache not in CACHES:
             raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
         eos = _eos_list(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-        device = input_ids.device
-
-        out = torch.full((B, S + max_new_tokens), pad, dtype=torch.long, device=device)
-        real = torch.arange(S, device=device).view(1, S) < lengths.view(B, 1).long()
-        out[:, :S] = torch.where(real, input_ids.long(), pad)
-        if max_new_tokens == 0:
-            return out[:, :S]
-        max_lengths = None
-        if cache == "paged":  # what each sequence can hold by the end: its pool share
-            max_lengths = [n + max_new_tokens for n in lengths.tolist()]
-        self.setup_cache(B, S + max_new_tokens, cache=cache, page_size=page_size, max_lengths=max_lengths)
-        logits = self.prefill(input_ids, lengths)  # (B, vocab)
-        decode = self.capture_decode_step() if cuda_graph and max_new_tokens > 1 else self.decode_step
-        eos_t = torch.tensor(eos, device=device) if eos else None
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        rows = torch.arange(B, device=device)
-        steps = range(max_new_tokens)
-        if progress:
-            steps = _progress(steps, desc="decode")
-        n = 0
-        for i in steps:
-            tok = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
-            if eos_t is not None:
-                tok = torch.where(finished, torch.full_like(tok, pad), tok)
-            out[rows, lengths.long() + i] = tok
-            n = i + 1
-            if eos_t is not None:
-                finished |= torch.isin(tok, eos_t)
-                if bool(finished.all()):
-                    break
-            if i + 1 < max_new_tokens:
-                logits = decode(tok)
-        return out[:, : S + n]
+        common = dict(eos=eos, pad=pad, repetition_penalty=float(repetition_penalty), min_new_tokens=min_new_tokens,
+                      progress=progress, cuda_graph=cuda_graph, cache=cache, page_size=page_size)
+        if num_beams > 1:
+            return generation.beam_search(self, input_ids, lengths, max_new_tokens, num_beams=num_beams,
+                                          length_penalty=float(length_penalty), early_stopping=early_stopping,
+                                          num_return_sequences=num_return_sequences, **common)
+        return generation.sample(self, input_ids, lengths, max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, generator=generator, **common)
 
     # -- loading ------------------------------------------------------------------------
     @classmethod

