@@ -57,6 +57,7 @@ block); ``from_pretrained`` maps Hugging Face names onto them.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import numbers
@@ -70,6 +71,7 @@ from torch import Tensor, nn
 
 import fastattn
 from fastattn import reference
+from fastattn.nn.rms_norm import rms_norm_unit_offset
 from fastattn.nn.rotary import rotary_inv_freq
 
 __all__ = ["LlamaConfig", "Llama", "KVCache", "PagedKVCache", "rope_tables", "sample_next_token"]
@@ -77,9 +79,11 @@ __all__ = ["LlamaConfig", "Llama", "KVCache", "PagedKVCache", "rope_tables", "sa
 BACKENDS = ("fastattn", "torch")
 CACHES = ("contiguous", "paged")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's config.layer_types values
+# The gated MLP's activation by Hugging Face name: SwiGLU (LLaMA) or GeGLU with tanh GELU (Gemma).
+MLP_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 # Hugging Face model types this file reproduces exactly (same block, same names).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,6 +118,17 @@ class LlamaConfig:
     # every layer slides when sliding_window is set, none otherwise.
     sliding_window: Optional[int] = None
     layer_types: Optional[List[str]] = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on every q and k head, before RoPE
+    partial_rotary_factor: float = 1.0  # RoPE on the first rotary_dim = head_dim * this dims of a head
+    # Gemma 1/2/3 (model types gemma, gemma2, gemma3_text); the defaults are LLaMA's.
+    hidden_act: str = "silu"  # gated MLP activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)
+    norm_unit_offset: bool = False  # RMSNorm weights are offsets from 1: x / rms(x) * (1 + w), in fp32
+    embedding_multiplier: Optional[float] = None  # embeddings times this, rounded to the model dtype
+    query_pre_attn_scalar: Optional[float] = None  # softmax scale = its -1/2 power; None: head_dim ** -0.5
+    attn_logit_softcapping: Optional[float] = None  # attention scores s -> cap * tanh(s / cap)
+    final_logit_softcapping: Optional[float] = None  # logits z -> cap * tanh(z / cap)
+    sandwich_norms: bool = False  # also norm the attention and MLP outputs before each residual add
+    rope_local_theta: Optional[float] = None  # sliding layers' RoPE base, unscaled (Gemma 3); None: one RoPE
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -134,6 +149,10 @@ class LlamaConfig:
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        f = self.partial_rotary_factor
+        if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < f <= 1 or self.rotary_dim % 2:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1] with an even rotary_dim = "
+                             f"int(head_dim * partial_rotary_factor) >= 2, got {f!r} (head_dim {self.head_dim})")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if rope_type not in ("default", "linear", "llama3"):
@@ -141,6 +160,22 @@ class LlamaConfig:
                     f"rope_scaling type {rope_type!r} is not supported (supported: 'linear', 'llama3')"
                 )
         self._check_layer_types()
+        self._check_gemma_fields()
+
+    def _check_gemma_fields(self) -> None:
+        if self.hidden_act not in MLP_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (supported: {tuple(MLP_ACTIVATIONS)})")
+        for name in ("embedding_multiplier", "query_pre_attn_scalar", "attn_logit_softcapping",
+                     "final_logit_softcapping", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+
+    @property
+    def softmax_scale(self) -> float:
+        """The attention scores' scale: query_pre_attn_scalar ** -0.5 (Gemma 2/3), else head_dim ** -0.5."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def _check_layer_types(self) -> None:
         w = self.sliding_window
@@ -159,6 +194,11 @@ class LlamaConfig:
         if w is None and "sliding_attention" in self.layer_types:
             raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None")
 
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
     def attention_window(self, layer: int) -> int:
         """How many earlier keys a query of `layer` sees besides itself: sliding_window - 1 on
         a sliding layer, -1 (unbounded) on a full one. It is the left side of the kernels'
@@ -172,6 +212,8 @@ class LlamaConfig:
         """From a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
         model_type = hf.get("model_type")
         archs = hf.get("architectures") or []
+        if model_type in GEMMA_MODEL_TYPES + ("gemma3",):  # their own reading: _gemma_config_kwargs
+            return cls(**_gemma_config_kwargs(hf, {f.name for f in fields(cls)}))
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported architecture: model_type {model_type!r} (architectures {archs}); "
@@ -182,11 +224,10 @@ class LlamaConfig:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r}: the SwiGLU MLP needs 'silu'")
-        if hf.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("partial_rotary_factor != 1 is not supported")
         # transformers 5 keeps rope_theta and the scaling together in rope_parameters.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        partial = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         scaling = None if rope_type == "default" else rope
         if model_type == "qwen2":
@@ -199,6 +240,7 @@ class LlamaConfig:
         kw.update(rope_theta=float(theta), rope_scaling=scaling, attention_bias=attention_bias,
                   o_proj_bias=o_proj_bias, mlp_bias=bool(hf.get("mlp_bias", False)))
         kw["sliding_window"], kw["layer_types"] = _hf_sliding_window(hf, model_type)
+        kw.update(qk_norm=model_type == "qwen3", partial_rotary_factor=partial)
         return cls(**kw)
 
     def to_dict(self) -> dict:
@@ -228,6 +270,82 @@ def _hf_sliding_window(hf: dict, model_type: str) -> Tuple[Optional[int], Option
 # Model types whose config.json carries sliding_window and per-layer layer_types as they are.
 _PER_LAYER_WINDOW_TYPES: Tuple[str, ...] = ()
 
+# Gemma 1, 2 and 3 (the text decoder, Gemma3ForCausalLM), read by _gemma_config_kwargs.
+GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+
+
+def _gemma_config_kwargs(hf: dict, names) -> dict:
+    """LlamaConfig keywords for a Gemma 1/2/3 config.json (transformers 4.x or 5.x layout),
+    with transformers' defaults for the fields a config leaves out. What the three add to the
+    LLaMA block: (1 + w) RMSNorms in fp32, embeddings times sqrt(hidden_size), GeGLU with the
+    tanh GELU, head_dim 256 by default; Gemma 2/3: softmax scale query_pre_attn_scalar ** -0.5,
+    norms after the attention and the MLP too, sliding and full layers (Gemma 2 alternates,
+    Gemma 3 slides on 5 of every 6 by default); Gemma 2: attention and final logit
+    soft-capping; Gemma 3: q/k norms and the sliding layers' own RoPE base
+    (rope_local_base_freq, unscaled), the full layers' possibly scaled."""
+    model_type = hf.get("model_type")
+    archs = hf.get("architectures") or []
+    if model_type == "gemma3":
+        raise ValueError("unsupported architecture: model_type 'gemma3' is Gemma 3's multimodal checkpoint "
+                         f"({archs or 'Gemma3ForConditionalGeneration'}); the text decoder loads from a "
+                         "'gemma3_text' config (Gemma3ForCausalLM)")
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise ValueError(f"unsupported architecture {archs}: expected a *ForCausalLM checkpoint")
+    gen = GEMMA_MODEL_TYPES.index(model_type) + 1
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention is not supported: this model is a causal decoder")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"partial_rotary_factor {hf['partial_rotary_factor']} is not supported for {model_type}")
+    if gen == 1:  # transformers reads hidden_act, taking the legacy "gelu" for the tanh GELU
+        act_field, act = "hidden_act", hf.get("hidden_act", "gelu_pytorch_tanh")
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
+    else:
+        act_field, act = "hidden_activation", hf.get("hidden_activation", "gelu_pytorch_tanh")
+    if act not in MLP_ACTIVATIONS:
+        raise ValueError(f"unsupported {act_field} {act!r} (supported: {tuple(MLP_ACTIVATIONS)})")
+    # RoPE: transformers 5 nests Gemma 3's per layer type in rope_parameters; 4.x had rope_theta
+    # (+ rope_scaling) for the full layers and rope_local_base_freq for the sliding ones.
+    params = hf.get("rope_parameters")
+    local = None
+    if gen == 3 and isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
+        rope, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    else:
+        rope = dict(params or hf.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", hf.get("rope_theta", 1e6 if gen == 3 else 1e4))
+    theta = float(rope.pop("rope_theta"))
+    scaling = None if rope.get("rope_type", rope.get("type", "default")) == "default" else rope
+    local_theta = None
+    if gen == 3:
+        local = local if local is not None else {}
+        local_type = local.get("rope_type", local.get("type", "default"))
+        if local_type != "default":
+            raise ValueError(f"rope_parameters['sliding_attention'] rope_type {local_type!r} is not supported "
+                             "(the sliding layers' RoPE must be 'default')")
+        local_theta = float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4)))
+    # Sliding layers: as the config lists them, else transformers' default pattern.
+    window, layer_types = (hf.get("sliding_window"), hf.get("layer_types")) if gen > 1 else (None, None)
+    if gen > 1 and layer_types is None:
+        every = 2 if gen == 2 else hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+        layer_types = ["sliding_attention" if (i + 1) % every else "full_attention"
+                       for i in range(hf["num_hidden_layers"])]
+    kw = {k: v for k, v in hf.items() if k in names}
+    kw.update(
+        head_dim=hf.get("head_dim", 256), hidden_act=act, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=hf.get("max_position_embeddings", 131072 if gen == 3 else 8192),
+        tie_word_embeddings=hf.get("tie_word_embeddings", True), rope_theta=theta, rope_scaling=scaling,
+        attention_bias=bool(hf.get("attention_bias", False)), o_proj_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=False, sliding_window=window, layer_types=layer_types, norm_unit_offset=True,
+        embedding_multiplier=hf["hidden_size"] ** 0.5, sandwich_norms=gen > 1, qk_norm=gen == 3,
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if gen > 1 else None,
+        # Gemma 3 keeps attn_logit_softcapping in its config but transformers never applies it
+        attn_logit_softcapping=hf.get("attn_logit_softcapping", 50.0) if gen == 2 else None,
+        final_logit_softcapping=hf.get("final_logit_softcapping", 30.0 if gen == 2 else None) if gen > 1 else None,
+        rope_local_theta=local_theta,
+    )
+    if "partial_rotary_factor" in names:
+        kw["partial_rotary_factor"] = 1.0
+    return kw
+
 
 # ---------------------------------------------------------------------------------------
 # RoPE tables (Hugging Face compatible: default, linear and llama3 frequency scaling)
@@ -239,7 +357,8 @@ def rope_tables(
     scaling: Optional[dict] = None,
     device=None,
 ) -> Tuple[Tensor, Tensor]:
-    """cos, sin tables of shape (max_positions, head_dim // 2), float32.
+    """cos, sin tables of shape (max_positions, head_dim // 2), float32. With partial rotary,
+    head_dim is the rotary dim (the kernels rotate that many leading dims of each head).
 
     Computed as transformers does (fp32 inverse frequencies, fp32 position * frequency
     products), so the rotated q/k match its ``LlamaRotaryEmbedding`` bit for bit in fp32.
@@ -254,8 +373,18 @@ def rope_tables(
 # ---------------------------------------------------------------------------------------
 # The four backend-dependent operations. Everything else is ordinary torch.
 # ---------------------------------------------------------------------------------------
-def _rms_norm(backend: str, x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] = None):
-    """y = rms_norm(x) or, with residual, (y, h) where h = x + residual and y = rms_norm(h)."""
+def _rms_norm(backend: str, x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] = None,
+              unit_offset: bool = False):
+    """y = rms_norm(x) or, with residual, (y, h) where h = x + residual and y = rms_norm(h).
+
+    unit_offset (Gemma): y = x / rms(x) * (1 + weight) computed in fp32 and rounded once to
+    x's dtype, as Hugging Face's GemmaRMSNorm; h is the add in x's dtype."""
+    if unit_offset:
+        if backend == "fastattn":  # nn.RMSNorm(unit_offset=True)'s function: fused on fp32
+            return rms_norm_unit_offset(x, weight, eps, residual=residual)
+        h = x if residual is None else x + residual
+        y = reference.rms_norm(h.float(), 1.0 + weight.float(), eps).to(h.dtype)
+        return y if residual is None else (y, h)
     if backend == "fastattn":
         return fastattn.rms_norm(x, weight, eps, residual=residual)
     return reference.rms_norm(x, weight, eps, residual=residual)
@@ -267,11 +396,35 @@ def _rotary(backend: str, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positi
     return reference.apply_rotary(q, k, cos, sin, positions=positions)
 
 
-def _causal_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, window: int = -1) -> Tensor:
-    """Causal self-attention of a block; window >= 0: query i sees keys i - window .. i only."""
+def _kernels_take_softcap() -> bool:
+    """Whether this fastattn build's attention kernels take ``softcap=`` (issue 20 item 1)."""
+    try:
+        return all("softcap" in inspect.signature(getattr(fastattn.functional, name)).parameters
+                   for name in ("flash_attention", "decode_attention", "attention_with_kvcache"))
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _softcap_kw(backend: str, softcap: float) -> dict:
+    """``{"softcap": cap}`` for a soft-capped layer (scores s -> cap * tanh(s / cap), Gemma 2),
+    ``{}`` otherwise, so that every other model calls the kernels exactly as before."""
+    if not softcap:
+        return {}
+    if backend == "fastattn" and not _kernels_take_softcap():
+        raise NotImplementedError(
+            "attn_logit_softcapping (Gemma 2's attention soft-capping) on the fastattn backend needs "
+            "fastattn kernels with softcap=, which this build lacks; use backend='torch'")
+    return {"softcap": float(softcap)}
+
+
+def _causal_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, window: int = -1,
+                      scale: Optional[float] = None, softcap: float = 0.0) -> Tensor:
+    """Causal self-attention of a block; window >= 0: query i sees keys i - window .. i only.
+    scale None: head_dim ** -0.5; softcap > 0: scores s -> softcap * tanh(s / softcap)."""
+    cap = _softcap_kw(backend, softcap)
     if backend == "fastattn":
-        return fastattn.flash_attention(q, k, v, causal=True, window=(window, 0))
-    return reference.attention(q, k, v, causal=True, window=(window, 0))
+        return fastattn.flash_attention(q, k, v, causal=True, window=(window, 0), softmax_scale=scale, **cap)
+    return reference.attention(q, k, v, causal=True, window=(window, 0), softmax_scale=scale, **cap)
 
 
 def _append_kv(backend: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, write_at: Tensor,
@@ -292,19 +445,20 @@ def _append_kv(backend: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Ten
 
 
 def _decode_attention(backend: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
-                      block_table: Optional[Tensor] = None, window: int = -1) -> Tensor:
+                      block_table: Optional[Tensor] = None, window: int = -1, scale: Optional[float] = None,
+                      softcap: float = 0.0) -> Tensor:
     """q (B, 1, H, D) at cache row lengths[b] - 1 against rows [0, lengths[b]) of sequence b;
     window >= 0: only rows [lengths[b] - 1 - window, lengths[b]) (decode_attention has no
-    window, attention_with_kvcache does: same kernel family, bottom-right aligned)."""
+    window, attention_with_kvcache does: same kernel family, bottom-right aligned). scale and
+    softcap as in ``_causal_attention``."""
+    kw = dict(block_table=block_table, softmax_scale=scale, **_softcap_kw(backend, softcap))
     if window >= 0:
         if backend == "fastattn":
-            return fastattn.attention_with_kvcache(q, k_cache, v_cache, lengths, block_table=block_table,
-                                                   causal=True, window=(window, 0))
-        return reference.attention_with_kvcache(q, k_cache, v_cache, lengths, block_table=block_table,
-                                                causal=True, window=(window, 0))
+            return fastattn.attention_with_kvcache(q, k_cache, v_cache, lengths, causal=True, window=(window, 0), **kw)
+        return reference.attention_with_kvcache(q, k_cache, v_cache, lengths, causal=True, window=(window, 0), **kw)
     if backend == "fastattn":
-        return fastattn.decode_attention(q, k_cache, v_cache, lengths, block_table=block_table)
-    return reference.decode_attention(q, k_cache, v_cache, lengths, block_table=block_table)
+        return fastattn.decode_attention(q, k_cache, v_cache, lengths, **kw)
+    return reference.decode_attention(q, k_cache, v_cache, lengths, **kw)
 
 
 def paged_kernels_available() -> bool:
@@ -530,6 +684,7 @@ class _Step(NamedTuple):
     decode: bool  # one new token per sequence, attending to the cache
     write_at: Optional[Tensor]  # (B,) int32: cache row of each sequence's first new token
     attend_len: Optional[Tensor]  # (B,) int32: valid cache rows once the new tokens are in
+    rope_local: Optional[Tuple[Tensor, Tensor]] = None  # sliding layers' cos/sin when they differ (Gemma 3)
 
 
 # ---------------------------------------------------------------------------------------
@@ -539,13 +694,14 @@ class RMSNormWeight(nn.Module):
     """Holds an RMSNorm's weight and eps; the norm itself runs in the block (fused with the
     residual add), on the model's backend."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset  # Gemma: the weight is an offset, the scale is 1 + weight
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
         self.eps = eps
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (", unit_offset=True" if self.unit_offset else "")
 
 
 class Attention(nn.Module):
@@ -558,6 +714,12 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.hidden_size, qkv_dim, bias=config.attention_bias)
         self.wo = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
         self.config = config  # config.attention_window(layer): the layer's sliding window
+        if config.qk_norm:  # Qwen3, Gemma 3: one RMSNorm weight over head_dim, shared by the heads
+            self.q_norm = RMSNormWeight(self.head_dim, config.rms_norm_eps, config.norm_unit_offset)
+            self.k_norm = RMSNormWeight(self.head_dim, config.rms_norm_eps, config.norm_unit_offset)
+        # Gemma 2/3: scores scaled by query_pre_attn_scalar ** -0.5 (None: the kernels' head_dim ** -0.5)
+        self.softmax_scale = config.softmax_scale if config.query_pre_attn_scalar is not None else None
+        self.softcap = config.attn_logit_softcapping or 0.0  # Gemma 2: scores s -> cap * tanh(s / cap)
 
     def forward(self, x: Tensor, step: _Step, layer: int) -> Tensor:
         B, S, _ = x.shape
@@ -565,41 +727,55 @@ class Attention(nn.Module):
         window = self.config.attention_window(layer)  # keys seen besides the query's own; -1 = all
         qkv = self.wqkv(x).view(B, S, H + 2 * Hk, D)
         q, k, v = qkv.split([H, Hk, Hk], dim=2)  # (B, S, H, D), (B, S, Hk, D) x 2; last dim contiguous
-        q, k = _rotary(step.backend, q, k, step.cos, step.sin, step.positions)
+        if self.config.qk_norm:  # each head's q and k normed over D, before RoPE
+            q = _rms_norm(step.backend, q, self.q_norm.weight, self.q_norm.eps, unit_offset=self.q_norm.unit_offset)
+            k = _rms_norm(step.backend, k, self.k_norm.weight, self.k_norm.eps, unit_offset=self.k_norm.unit_offset)
+        cos, sin = step.cos, step.sin
+        if step.rope_local is not None and self.config.layer_types[layer] == "sliding_attention":
+            cos, sin = step.rope_local  # Gemma 3: local layers rotate with their own base
+        q, k = _rotary(step.backend, q, k, cos, sin, step.positions)
+        scale, cap = self.softmax_scale, self.softcap
         if step.cache is None:  # plain forward / training: causal attention over this block
-            out = _causal_attention(step.backend, q, k, v, window)
+            out = _causal_attention(step.backend, q, k, v, window, scale, cap)
         else:
             # (B, S_max, Hk, D), or page pools (num_pages, page_size, Hk, D) with a block table
             k_cache, v_cache = step.cache.k[layer], step.cache.v[layer]
             table = step.cache.block_table  # None for the contiguous cache
             _append_kv(step.backend, k_cache, v_cache, k, v, step.write_at, table)
             if step.decode:  # one query per sequence against its valid cache rows
-                out = _decode_attention(step.backend, q, k_cache, v_cache, step.attend_len, table, window)
+                out = _decode_attention(step.backend, q, k_cache, v_cache, step.attend_len, table, window, scale, cap)
             else:  # prefill into an empty cache: the prompt attends to itself, causally
-                out = _causal_attention(step.backend, q, k, v, window)
+                out = _causal_attention(step.backend, q, k, v, window, scale, cap)
         return self.wo(out.reshape(B, S, H * D))  # (B, S, hidden)
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(x W_gate) * (x W_up)), gate and up fused into one matmul."""
+    """SwiGLU: w2(silu(x W_gate) * (x W_up)), gate and up fused into one matmul (GeGLU with
+    the tanh GELU in place of silu when config.hidden_act says so: Gemma)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
+        self.hidden_act = config.hidden_act  # a key of MLP_ACTIVATIONS
         self.intermediate_size = config.intermediate_size
         self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x).split(self.intermediate_size, dim=-1)  # (B, S, inter) x 2
-        return self.w2(F.silu(gate) * up)
+        return self.w2(MLP_ACTIVATIONS[self.hidden_act](gate) * up)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.attention_norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps)
+        offset = config.norm_unit_offset
+        self.attention_norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps, offset)
         self.attention = Attention(config)
-        self.ffn_norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps)
+        self.ffn_norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps, offset)
+        self.sandwich_norms = config.sandwich_norms
+        if config.sandwich_norms:  # Gemma 2/3: each sublayer's output is normed before the residual add
+            self.post_attention_norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps, offset)
+            self.post_ffn_norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps, offset)
         self.feed_forward = FeedForward(config)
 
     def forward(self, h: Tensor, delta: Optional[Tensor], step: _Step, layer: int):
@@ -610,13 +786,20 @@ class TransformerBlock(nn.Module):
         rms_norm(delta, residual=h) returns (norm(h + delta), h + delta)."""
         norm = self.attention_norm
         if delta is None:
-            y = _rms_norm(step.backend, h, norm.weight, norm.eps)
+            y = _rms_norm(step.backend, h, norm.weight, norm.eps, unit_offset=norm.unit_offset)
         else:
-            y, h = _rms_norm(step.backend, delta, norm.weight, norm.eps, residual=h)
+            y, h = _rms_norm(step.backend, delta, norm.weight, norm.eps, residual=h, unit_offset=norm.unit_offset)
         delta = self.attention(y, step, layer)
+        if self.sandwich_norms:
+            norm = self.post_attention_norm
+            delta = _rms_norm(step.backend, delta, norm.weight, norm.eps, unit_offset=norm.unit_offset)
         norm = self.ffn_norm
-        y, h = _rms_norm(step.backend, delta, norm.weight, norm.eps, residual=h)
-        return h, self.feed_forward(y)
+        y, h = _rms_norm(step.backend, delta, norm.weight, norm.eps, residual=h, unit_offset=norm.unit_offset)
+        delta = self.feed_forward(y)
+        if self.sandwich_norms:
+            norm = self.post_ffn_norm
+            delta = _rms_norm(step.backend, delta, norm.weight, norm.eps, unit_offset=norm.unit_offset)
+        return h, delta
 
 
 class Llama(nn.Module):
@@ -628,7 +811,7 @@ class Llama(nn.Module):
         self.backend = backend
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._rope: Dict[str, Tuple[Tensor, Tensor]] = {}
         self.cache: Union[KVCache, PagedKVCache, None] = None
@@ -656,20 +839,21 @@ class Llama(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=std)
             elif isinstance(m, RMSNormWeight):
-                nn.init.ones_(m.weight)
+                (nn.init.zeros_ if m.unit_offset else nn.init.ones_)(m.weight)
 
     def _tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def rope(self, device) -> Tuple[Tensor, Tensor]:
-        """The fp32 cos/sin tables (max_position_embeddings, head_dim / 2) on `device`, built
-        once per device (kept out of the state dict and out of .to(dtype))."""
-        key = str(device)
+    def rope(self, device, local: bool = False) -> Tuple[Tensor, Tensor]:
+        """The fp32 cos/sin tables (max_position_embeddings, rotary_dim / 2) on `device`, built
+        once per device (kept out of the state dict and out of .to(dtype)). local: the sliding
+        layers' tables (base rope_local_theta, unscaled: Gemma 3)."""
+        key = f"{device}/local" if local else str(device)
         if key not in self._rope:
             c = self.config
-            self._rope[key] = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta,
-                                          c.rope_scaling, device=device)
+            theta, scaling = (c.rope_local_theta, None) if local else (c.rope_theta, c.rope_scaling)
+            self._rope[key] = rope_tables(c.rotary_dim, c.max_position_embeddings, theta, scaling, device=device)
         return self._rope[key]
 
     @property
@@ -687,20 +871,34 @@ class Llama(nn.Module):
     def _hidden(self, input_ids: Tensor, step: _Step) -> Tensor:
         """input_ids (B, S) -> final normed hidden states (B, S, hidden)."""
         h = self.tok_embeddings(input_ids)  # (B, S, hidden)
+        if self.config.embedding_multiplier is not None:
+            # Gemma: times sqrt(hidden) rounded to the model dtype (via fp32), as transformers does
+            h = h * float(torch.tensor(self.config.embedding_multiplier, dtype=torch.float32).to(h.dtype))
         delta = None
         for i, layer in enumerate(self.layers):
             h, delta = layer(h, delta, step, i)
-        y, _ = _rms_norm(step.backend, delta, self.norm.weight, self.norm.eps, residual=h)
+        y, _ = _rms_norm(step.backend, delta, self.norm.weight, self.norm.eps, residual=h,
+                         unit_offset=self.norm.unit_offset)
         return y
+
+    def _logits(self, y: Tensor) -> Tensor:
+        """The LM head; with final_logit_softcapping (Gemma 2) z -> cap * tanh(z / cap), in the
+        model dtype and in transformers' order of operations."""
+        logits = self.output(y)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def _step(self, device, positions=None, cache=None, decode=False, write_at=None, attend_len=None) -> _Step:
         cos, sin = self.rope(device)
-        return _Step(self.backend, cos, sin, positions, cache, decode, write_at, attend_len)
+        local = self.rope(device, local=True) if self.config.rope_local_theta is not None else None
+        return _Step(self.backend, cos, sin, positions, cache, decode, write_at, attend_len, local)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids (B, S) integer -> logits (B, S, vocab). No cache; differentiable."""
         _check_ids(input_ids, self.config, self.config.max_position_embeddings)
-        return self.output(self._hidden(input_ids, self._step(input_ids.device)))
+        return self._logits(self._hidden(input_ids, self._step(input_ids.device)))
 
     # -- KV-cache inference -------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, *, cache: str = "contiguous", page_size: int = 16,
@@ -776,7 +974,7 @@ class Llama(nn.Module):
         y = self._hidden(input_ids, step)  # (B, S, hidden)
         cache.seqlens.copy_(prompt_lengths)  # pad rows beyond each length are dead
         last = (prompt_lengths.long() - 1).view(B, 1, 1).expand(B, 1, y.shape[-1])
-        return self.output(y.gather(1, last).squeeze(1))  # (B, vocab)
+        return self._logits(y.gather(1, last).squeeze(1))  # (B, vocab)
 
     @torch.no_grad()
     def decode_step(self, tokens: Tensor) -> Tensor:
@@ -795,7 +993,7 @@ class Llama(nn.Module):
                           write_at=cache.seqlens, attend_len=attend_len)
         y = self._hidden(tokens.view(B, 1), step)  # (B, 1, hidden)
         cache.seqlens.copy_(attend_len)
-        return self.output(y[:, 0])  # (B, vocab)
+        return self._logits(y[:, 0])  # (B, vocab)
 
     @torch.no_grad()
     def capture_decode_step(self, warmup: int = 2):
@@ -1111,16 +1309,33 @@ def _map_hf_state_dict(hf: Dict[str, Tensor], config: LlamaConfig, dtype: torch.
     for i in range(config.num_hidden_layers):
         p, q = f"model.layers.{i}.", f"layers.{i}."
         out[q + "attention_norm.weight"] = take(p + "input_layernorm.weight")
-        out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        if config.sandwich_norms:  # Gemma 2/3: post_attention_layernorm norms the attention output
+            out[q + "post_attention_norm.weight"] = take(p + "post_attention_layernorm.weight")
+            out[q + "ffn_norm.weight"] = take(p + "pre_feedforward_layernorm.weight")
+            out[q + "post_ffn_norm.weight"] = take(p + "post_feedforward_layernorm.weight")
+        else:
+            out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
         a = p + "self_attn."
-        out[q + "attention.wqkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
-        if config.attention_bias:
-            out[q + "attention.wqkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"])
+        if a + "qkv_proj.weight" in hf:  # Phi-3: already fused, rows q then k then v as ours
+            out[q + "attention.wqkv.weight"] = take(a + "qkv_proj.weight")
+            if config.attention_bias:
+                out[q + "attention.wqkv.bias"] = take(a + "qkv_proj.bias")
+        else:
+            out[q + "attention.wqkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
+            if config.attention_bias:
+                out[q + "attention.wqkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"])
+        if config.qk_norm:
+            out[q + "attention.q_norm.weight"] = take(a + "q_norm.weight")
+            out[q + "attention.k_norm.weight"] = take(a + "k_norm.weight")
         out[q + "attention.wo.weight"] = take(a + "o_proj.weight")
         if config.o_proj_bias:
             out[q + "attention.wo.bias"] = take(a + "o_proj.bias")
         m = p + "mlp."
-        out[q + "feed_forward.w13.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
+        if m + "gate_up_proj.weight" in hf:  # Phi-3: already fused, gate rows then up rows as ours
+            out[q + "feed_forward.w13.weight"] = take(m + "gate_up_proj.weight")
+        else:
+            out[q + "feed_forward.w13.weight"] = torch.cat([take(m + "gate_proj.weight"),
+                                                            take(m + "up_proj.weight")])
         out[q + "feed_forward.w2.weight"] = take(m + "down_proj.weight")
         if config.mlp_bias:
             out[q + "feed_forward.w13.bias"] = torch.cat([take(m + "gate_proj.bias"), take(m + "up_proj.bias")])
