@@ -73,6 +73,7 @@ import fastattn
 from fastattn import reference
 from fastattn.nn.rms_norm import rms_norm_unit_offset
 from fastattn.nn.rotary import rotary_inv_freq
+from fastattn.models.moe import MoEFeedForward
 
 __all__ = ["LlamaConfig", "Llama", "KVCache", "PagedKVCache", "rope_tables", "sample_next_token"]
 
@@ -83,7 +84,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's config.l
 MLP_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 # Hugging Face model types this file reproduces exactly (same block, same names).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,6 +130,19 @@ class LlamaConfig:
     final_logit_softcapping: Optional[float] = None  # logits z -> cap * tanh(z / cap)
     sandwich_norms: bool = False  # also norm the attention and MLP outputs before each residual add
     rope_local_theta: Optional[float] = None  # sliding layers' RoPE base, unscaled (Gemma 3); None: one RoPE
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; fastattn.models.moe). num_experts 0: dense.
+    # Layer i has the MoE feed-forward when i is not in mlp_only_layers and (i + 1) %
+    # decoder_sparse_step == 0, else the dense MLP of intermediate_size. Router jitter and the
+    # load-balancing loss (router_jitter_noise, router_aux_loss_coef, output_router_logits) are
+    # training-only and not represented.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2  # top-k
+    moe_intermediate_size: Optional[int] = None  # each expert's; None -> intermediate_size
+    norm_topk_prob: bool = True  # renormalise the top-k probabilities to sum to 1 (Mixtral: always)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert; 0: none
+    decoder_sparse_step: int = 1
+    mlp_only_layers: Optional[List[int]] = None  # None -> []
+    router_weights_in_input_dtype: bool = False  # Qwen2/3-MoE round the top-k weights to the model dtype
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -161,6 +175,31 @@ class LlamaConfig:
                 )
         self._check_layer_types()
         self._check_gemma_fields()
+        self._check_moe_fields()
+
+    def _check_moe_fields(self) -> None:
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                     "decoder_sparse_step"):
+            value = getattr(self, name)
+            low = 1 if name in ("num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step") else 0
+            if (value is not None or name != "moe_intermediate_size") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        if self.num_experts and self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_experts "
+                             f"({self.num_experts})")
+        self.mlp_only_layers = [] if self.mlp_only_layers is None else [int(i) for i in self.mlp_only_layers]
+        if self.num_experts and self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported for mixture-of-experts layers "
+                             "(their experts are SwiGLU: 'silu')")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` has the mixture-of-experts feed-forward (as transformers' Qwen2-MoE
+        / Qwen3-MoE pick it; Mixtral: every layer)."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     def _check_gemma_fields(self) -> None:
         if self.hidden_act not in MLP_ACTIVATIONS:
@@ -232,6 +271,8 @@ class LlamaConfig:
         scaling = None if rope_type == "default" else rope
         if model_type == "qwen2":
             attention_bias, o_proj_bias = True, False
+        elif model_type == "qwen2_moe":  # q/k/v bias unless qkv_bias says no, never on o
+            attention_bias, o_proj_bias = bool(hf.get("qkv_bias", True)), False
         else:
             attention_bias = bool(hf.get("attention_bias", False))
             o_proj_bias = attention_bias
@@ -240,7 +281,8 @@ class LlamaConfig:
         kw.update(rope_theta=float(theta), rope_scaling=scaling, attention_bias=attention_bias,
                   o_proj_bias=o_proj_bias, mlp_bias=bool(hf.get("mlp_bias", False)))
         kw["sliding_window"], kw["layer_types"] = _hf_sliding_window(hf, model_type)
-        kw.update(qk_norm=model_type == "qwen3", partial_rotary_factor=partial)
+        kw.update(qk_norm=model_type in ("qwen3", "qwen3_moe"), partial_rotary_factor=partial)
+        kw.update(_hf_moe_kwargs(hf, model_type))
         return cls(**kw)
 
     def to_dict(self) -> dict:
@@ -260,11 +302,42 @@ def _hf_sliding_window(hf: dict, model_type: str) -> Tuple[Optional[int], Option
             layer_types = ["sliding_attention" if window is not None and i >= first else "full_attention"
                            for i in range(hf["num_hidden_layers"])]
         return window, layer_types
-    if model_type in ("mistral", "phi3"):
+    if model_type in ("mistral", "phi3", "mixtral"):
         return window, None  # one window for every layer (layer_types, if present, is not read)
+    if model_type in ("qwen2_moe", "qwen3_moe"):  # the window only with use_sliding_window
+        window = window if hf.get("use_sliding_window", False) else None
+        if model_type == "qwen3_moe" or window is None:
+            return window, None  # Qwen3-MoE: every layer
+        layer_types = hf.get("layer_types")  # Qwen2-MoE: the odd layers below max_window_layers
+        if layer_types is None:
+            first = hf.get("max_window_layers", 28)
+            layer_types = ["sliding_attention" if (i + 1) % 2 and i < first else "full_attention"
+                           for i in range(hf["num_hidden_layers"])]
+        return window, layer_types
     if model_type in _PER_LAYER_WINDOW_TYPES:  # layer_types as the config gives them
         return window, hf.get("layer_types")
     return None, None  # llama: no sliding window (a stray sliding_window field is not read)
+
+
+def _hf_moe_kwargs(hf: dict, model_type: str) -> dict:
+    """The mixture-of-experts LlamaConfig fields as transformers reads each model type's config."""
+    if model_type == "mixtral":  # every layer: num_local_experts experts of intermediate_size
+        return dict(num_experts=hf.get("num_local_experts", 8), num_experts_per_tok=hf.get("num_experts_per_tok", 2),
+                    moe_intermediate_size=hf.get("intermediate_size", 14336), norm_topk_prob=True,
+                    shared_expert_intermediate_size=0, decoder_sparse_step=1, mlp_only_layers=[],
+                    router_weights_in_input_dtype=False)
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, 4.x as num_experts
+        experts = hf.get("num_experts", hf.get("num_local_experts", 60 if model_type == "qwen2_moe" else 128))
+        return dict(num_experts=experts,
+                    num_experts_per_tok=hf.get("num_experts_per_tok", 4 if model_type == "qwen2_moe" else 8),
+                    moe_intermediate_size=hf.get("moe_intermediate_size", 1408 if model_type == "qwen2_moe" else 768),
+                    norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                    shared_expert_intermediate_size=(hf.get("shared_expert_intermediate_size", 5632) or 0
+                                                     if model_type == "qwen2_moe" else 0),
+                    decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+                    mlp_only_layers=list(hf.get("mlp_only_layers") or []), router_weights_in_input_dtype=True)
+    return dict(num_experts=0)
 
 
 # Model types whose config.json carries sliding_window and per-layer layer_types as they are.
@@ -766,7 +839,7 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer: int = 0):
         super().__init__()
         offset = config.norm_unit_offset
         self.attention_norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps, offset)
@@ -776,7 +849,14 @@ class TransformerBlock(nn.Module):
         if config.sandwich_norms:  # Gemma 2/3: each sublayer's output is normed before the residual add
             self.post_attention_norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps, offset)
             self.post_ffn_norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps, offset)
-        self.feed_forward = FeedForward(config)
+        if config.is_moe_layer(layer):  # Mixtral / Qwen2-MoE / Qwen3-MoE: routed experts
+            self.feed_forward = MoEFeedForward(
+                config.hidden_size, config.moe_intermediate_size, config.num_experts, config.num_experts_per_tok,
+                norm_topk_prob=config.norm_topk_prob,
+                shared_expert_intermediate_size=config.shared_expert_intermediate_size,
+                router_weights_in_input_dtype=config.router_weights_in_input_dtype)
+        else:
+            self.feed_forward = FeedForward(config)
 
     def forward(self, h: Tensor, delta: Optional[Tensor], step: _Step, layer: int):
         """h: the residual stream (B, S, hidden); delta: the previous sublayer's output, not yet
@@ -810,7 +890,7 @@ class Llama(nn.Module):
         self.config = config
         self.backend = backend
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNormWeight(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._rope: Dict[str, Tuple[Tensor, Tensor]] = {}
@@ -840,6 +920,9 @@ class Llama(nn.Module):
                 nn.init.normal_(m.weight, std=std)
             elif isinstance(m, RMSNormWeight):
                 (nn.init.zeros_ if m.unit_offset else nn.init.ones_)(m.weight)
+            elif isinstance(m, MoEFeedForward):  # its fused expert weights are plain Parameters
+                nn.init.normal_(m.w13, std=std)
+                nn.init.normal_(m.w2, std=std)
 
     def _tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -1290,6 +1373,33 @@ def _load_safetensors(path: str, device: torch.device) -> Dict[str, Tensor]:
     return state
 
 
+def _map_hf_moe(take, hf: Dict[str, Tensor], p: str, q: str, config: LlamaConfig) -> Dict[str, Tensor]:
+    """One MoE layer's Hugging Face tensors (prefix p = "model.layers.{i}.") -> MoEFeedForward's
+    (prefix q). Either layout save_pretrained writes: per-expert matrices (the default,
+    save_original_format=True: Mixtral's block_sparse_moe.experts.{e}.w1/w3/w2, Qwen's
+    mlp.experts.{e}.gate_proj/up_proj/down_proj) or transformers 5's fused 3-D tensors
+    (mlp.experts.gate_up_proj (E, 2 * inter, hidden), gate rows then up rows, and
+    mlp.experts.down_proj (E, hidden, inter)), which are ours as they are."""
+    m = p + ("block_sparse_moe." if p + "block_sparse_moe.gate.weight" in hf else "mlp.")
+    out = {q + "router.weight": take(m + "gate.weight")}
+    E = config.num_experts
+    if m + "experts.gate_up_proj" in hf:
+        out[q + "w13"] = take(m + "experts.gate_up_proj")
+        out[q + "w2"] = take(m + "experts.down_proj")
+    else:
+        names = ("w1", "w3", "w2") if m + "experts.0.w1.weight" in hf else ("gate_proj", "up_proj", "down_proj")
+        e = m + "experts.{}."
+        out[q + "w13"] = torch.stack([torch.cat([take(e.format(j) + names[0] + ".weight"),
+                                                 take(e.format(j) + names[1] + ".weight")]) for j in range(E)])
+        out[q + "w2"] = torch.stack([take(e.format(j) + names[2] + ".weight") for j in range(E)])
+    if config.shared_expert_intermediate_size:  # Qwen2-MoE
+        s = m + "shared_expert."
+        out[q + "shared_w13.weight"] = torch.cat([take(s + "gate_proj.weight"), take(s + "up_proj.weight")])
+        out[q + "shared_w2.weight"] = take(s + "down_proj.weight")
+        out[q + "shared_gate.weight"] = take(m + "shared_expert_gate.weight")
+    return out
+
+
 def _map_hf_state_dict(hf: Dict[str, Tensor], config: LlamaConfig, dtype: torch.dtype) -> Dict[str, Tensor]:
     """Hugging Face LLaMA names -> this model's (fused q/k/v and gate/up) names."""
     hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -1331,6 +1441,9 @@ def _map_hf_state_dict(hf: Dict[str, Tensor], config: LlamaConfig, dtype: torch.
         if config.o_proj_bias:
             out[q + "attention.wo.bias"] = take(a + "o_proj.bias")
         m = p + "mlp."
+        if config.is_moe_layer(i):
+            out.update(_map_hf_moe(take, hf, p, q + "feed_forward.", config))
+            continue
         if m + "gate_up_proj.weight" in hf:  # Phi-3: already fused, gate rows then up rows as ours
             out[q + "feed_forward.w13.weight"] = take(m + "gate_up_proj.weight")
         else:

@@ -1,0 +1,156 @@
+"""Mixture-of-experts feed-forward (Mixtral, Qwen2-MoE, Qwen3-MoE), plain torch.
+
+    moe = MoEFeedForward(hidden_size=1024, intermediate_size=3584, num_experts=8, top_k=2)
+    y = moe(x)                                     # x (..., hidden) -> (..., hidden)
+
+Per token x (one row of the flattened input):
+  router      p = softmax(x W_router^T)  (logits in x's dtype, softmax in fp32, E experts)
+  top-k       the k largest p_e (torch.topk: ties go as topk breaks them) with their ids
+  renormalise w = p_topk / sum(p_topk) when ``norm_topk_prob`` (Mixtral always; Qwen2-MoE
+              and Qwen3-MoE as their config says), else w = p_topk
+  experts     y = sum_j w_j * expert_{e_j}(x), expert_e(x) = W2_e (silu(x G_e^T) * (x U_e^T))
+  shared      + sigmoid(x g^T) * shared_mlp(x)   when a shared expert is configured (Qwen2-MoE)
+
+Expert weights are stored fused: ``w13`` (E, 2 * inter, hidden) holds each expert's gate rows
+then its up rows (Hugging Face's ``gate_up_proj`` layout), ``w2`` (E, hidden, inter).
+
+No Python loop over tokens: the flattened (token, slot) pairs are sorted by expert id (a stable
+argsort), so each expert's tokens are one contiguous slice of the gathered input; each expert
+with tokens runs one gate/up matmul and one down matmul on its slice (the only loop is over the
+E experts, skipping those no token picked), the results go back to their (token, slot) places
+with one gather (the inverse permutation), and a (1 x k) @ (k x hidden) batched matmul per token combines them with
+the routing weights. The combine and the accumulation are fp32; the output has x's dtype.
+
+Low precision on the CPU: CPUs without bf16/fp16 matrix instructions run torch's bf16/fp16
+matmuls several times slower than fp32 ones. An expert with at least ``UPCAST_MIN_ROWS`` tokens
+(prefill) therefore widens its weights and its tokens to fp32 once and multiplies in fp32 (the
+products are exact in fp32 and the sums accumulate in fp32, as a bf16 matmul's do); experts with
+few tokens (decode) use the native matmul, where widening the weights would cost more than the
+matmul. Either way the activation silu(gate) * up is stored in the model's dtype, as in the dense
+MLP. On CUDA the native matmul is always used.
+
+The host learns the per-expert token counts once per call (one device sync on CUDA), so a decode
+step of an MoE model is not CUDA-graph capturable.
+
+Router fields that do not change inference are not represented: router jitter noise
+(``router_jitter_noise``, training only) and the load-balancing loss (``router_aux_loss_coef``,
+``output_router_logits``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MoEFeedForward", "UPCAST_MIN_ROWS"]
+
+# CPU, bf16/fp16: an expert with at least this many tokens multiplies in fp32 (see the module
+# docstring). Widening one expert's weights costs about as much as ~8-16 rows of a bf16 matmul
+# on an AVX2 machine.
+UPCAST_MIN_ROWS = 16
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed SwiGLU experts, with an optional sigmoid-gated shared expert.
+
+    ``router_weights_in_input_dtype``: Qwen2-MoE / Qwen3-MoE round the top-k routing weights to
+    the activations' dtype before combining; Mixtral keeps them fp32 (no difference in fp32).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
+                 norm_topk_prob: bool = True, shared_expert_intermediate_size: int = 0,
+                 router_weights_in_input_dtype: bool = False):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok ({top_k}) must lie in [1, num_experts ({num_experts})]")
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.norm_topk_prob = bool(norm_topk_prob)
+        self.router_weights_in_input_dtype = bool(router_weights_in_input_dtype)
+        self.shared_intermediate_size = int(shared_expert_intermediate_size or 0)
+        self.router = nn.Linear(hidden_size, num_experts, bias=False)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        if self.shared_intermediate_size:
+            self.shared_w13 = nn.Linear(hidden_size, 2 * self.shared_intermediate_size, bias=False)
+            self.shared_w2 = nn.Linear(self.shared_intermediate_size, hidden_size, bias=False)
+            self.shared_gate = nn.Linear(hidden_size, 1, bias=False)
+        else:
+            self.shared_w13 = self.shared_w2 = self.shared_gate = None
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """normal(0, std) for every weight, as transformers initialises its experts."""
+        for p in self.parameters():
+            nn.init.normal_(p, std=std)
+
+    def extra_repr(self) -> str:
+        s = (f"hidden={self.hidden_size}, inter={self.intermediate_size}, experts={self.num_experts}, "
+             f"top_k={self.top_k}, norm_topk_prob={self.norm_topk_prob}")
+        if self.shared_intermediate_size:
+            s += f", shared_inter={self.shared_intermediate_size}"
+        return s
+
+    # -- routing ------------------------------------------------------------------------
+    def route(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """x (N, hidden) -> (weights (N, k) fp32, expert ids (N, k) int64)."""
+        logits = F.linear(x, self.router.weight)  # (N, E), x's dtype
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.router_weights_in_input_dtype:
+            weights = weights.to(x.dtype).float()
+        return weights, ids
+
+    # -- experts ------------------------------------------------------------------------
+    def _swiglu(self, x: Tensor, w13: Tensor, w2: Tensor, inter: int) -> Tensor:
+        """w2 (silu(x G^T) * (x U^T)) for one expert's rows x (n, hidden); w13 (2*inter, hidden)
+        and w2 (hidden, inter). Returns fp32 when it multiplied in fp32, else x's dtype."""
+        dtype = x.dtype
+        if dtype != torch.float32 and x.device.type == "cpu" and x.shape[0] >= UPCAST_MIN_ROWS:
+            gate, up = F.linear(x.float(), w13.float()).split(inter, dim=-1)
+            act = (F.silu(gate) * up).to(dtype)
+            return F.linear(act.float(), w2.float())
+        gate, up = F.linear(x, w13).split(inter, dim=-1)
+        return F.linear(F.silu(gate) * up, w2)
+
+    def experts(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        """sum_j weights[:, j] * expert_{ids[:, j]}(x) for x (N, hidden): (N, hidden) fp32."""
+        N, k = ids.shape
+        flat = ids.reshape(-1)  # (N*k,) slot s = token s // k, choice s % k
+        order = torch.argsort(flat, stable=True)  # slots grouped by expert, token order kept
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync
+        xs = x.index_select(0, order // k)  # (N*k, hidden): each slot's token, expert-major
+        ys = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                ys.append(self._swiglu(xs[start:start + n], self.w13[e], self.w2[e], self.intermediate_size).float())
+                start += n
+        ys = torch.cat(ys) if len(ys) > 1 else ys[0]  # (N*k, hidden) fp32, expert-major
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)  # the inverse permutation
+        slots = ys.index_select(0, back).view(N, k, self.hidden_size)  # (token, choice) order
+        return torch.bmm(weights.view(N, 1, k), slots).view(N, self.hidden_size)
+
+    def shared_expert(self, x: Tensor) -> Tensor:
+        """sigmoid(x g^T) * shared_mlp(x), x (N, hidden) -> (N, hidden) fp32."""
+        y = self._swiglu(x, self.shared_w13.weight, self.shared_w2.weight, self.shared_intermediate_size)
+        gate = torch.sigmoid(F.linear(x, self.shared_gate.weight))  # (N, 1), x's dtype
+        return gate.float() * y.float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.hidden_size)
+        if x2.shape[0] == 0:
+            return torch.zeros_like(x)
+        weights, ids = self.route(x2)
+        out = self.experts(x2, weights, ids)
+        if self.shared_intermediate_size:
+            out = out + self.shared_expert(x2)
+        return out.to(x.dtype).view(shape)
