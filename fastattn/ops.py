@@ -198,30 +198,33 @@ torch.library.register_autograd("fastattn::rotary", _rotary_backward, setup_cont
 
 # ---- flash attention ---------------------------------------------------------------------
 def flash_attn_fwd(
-    q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int, window_right: int
+    q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int, window_right: int,
+    softcap: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
-    """out (B, Sq, H, D), lse (B, H, Sq) fp32. Causal is (window_left, window_right) = (-1, 0)."""
-    return _ops.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right)
+    """out (B, Sq, H, D), lse (B, H, Sq) fp32. Causal is (window_left, window_right) = (-1, 0).
+    softcap > 0 caps the scores s to softcap * tanh(s / softcap) before the softmax."""
+    return _ops.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap)
 
 
 @torch.library.register_fake("fastattn::flash_attn_fwd")
-def _flash_attn_fwd_fake(q, k, v, softmax_scale, window_left, window_right):
+def _flash_attn_fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap=0.0):
     B, Sq, H, D = q.shape
     return q.new_empty((B, Sq, H, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
 
 
-def _flash_attn_bwd_impl(dout, q, k, v, out, lse, softmax_scale, window_left, window_right):
+def _flash_attn_bwd_impl(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, softcap=0.0):
     """(dq, dk, dv) of flash_attn_fwd: the ``fastattn::flash_attn_bwd`` kernel op (recompute
     from out and lse, deterministic)."""
     if dout.dim() > 0 and dout.shape[-1] > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()  # e.g. the expanded ones that out.sum().backward() sends
-    return flash_attn_bwd(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, True)
+    return flash_attn_bwd(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, True, softcap)
 
 
 def _flash_attn_setup(ctx, inputs, output):
-    q, k, v, softmax_scale, window_left, window_right = inputs
+    q, k, v, softmax_scale, window_left, window_right, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
+    ctx.softcap = rest[0] if rest else 0.0
     # The backward has no term for a gradient flowing into lse (as flash-attn's): saying so
     # makes lse.requires_grad False, instead of silently dropping that gradient.
     ctx.mark_non_differentiable(lse)
@@ -233,8 +236,8 @@ def _flash_attn_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _flash_attn_bwd_impl(dout, q, k, v, out, lse, ctx.softmax_scale, *ctx.window)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _flash_attn_bwd_impl(dout, q, k, v, out, lse, ctx.softmax_scale, *ctx.window, ctx.softcap)
+    return dq, dk, dv, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -253,17 +256,20 @@ def flash_attn_bwd(
     window_left: int,
     window_right: int,
     deterministic: bool = True,
+    softcap: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward of ``flash_attn_fwd``: (dq, dk, dv) with q/k/v's shapes and dtype, recomputed
-    from the forward's ``out`` and ``lse`` (B, H, Sq) fp32. Gradients are bitwise
-    reproducible (``deterministic`` is accepted for API parity; both kernels always are)."""
+    from the forward's ``out`` and ``lse`` (B, H, Sq) fp32 (``softcap`` must be the
+    forward's). Gradients are bitwise reproducible (``deterministic`` is accepted for API
+    parity; both kernels always are)."""
     return _ops.flash_attn_bwd(
-        dout, q, k, v, out, lse, softmax_scale, window_left, window_right, deterministic
+        dout, q, k, v, out, lse, softmax_scale, window_left, window_right, deterministic, softcap
     )
 
 
 @torch.library.register_fake("fastattn::flash_attn_bwd")
-def _flash_attn_bwd_fake(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, deterministic):
+def _flash_attn_bwd_fake(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, deterministic,
+                         softcap=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -293,17 +299,19 @@ def flash_attn_varlen_fwd(
     softmax_scale: float,
     window_left: int,
     window_right: int,
+    softcap: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     """q (total_q, H, D), k/v (total_k, Hk, D), cu_seqlens (B + 1,) int32: out (total_q, H, D),
-    lse (H, total_q) fp32. Each sequence is masked as flash_attn_fwd masks it alone."""
+    lse (H, total_q) fp32. Each sequence is masked (and soft-capped) as flash_attn_fwd does it alone."""
     return _ops.flash_attn_varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+        softcap,
     )
 
 
 @torch.library.register_fake("fastattn::flash_attn_varlen_fwd")
 def _flash_attn_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                window_left, window_right):
+                                window_left, window_right, softcap=0.0):
     # Shapes come from q alone: cu_seqlens' values are never read (they are data on the device).
     total_q, H, D = q.shape
     return q.new_empty((total_q, H, D)), q.new_empty((H, total_q), dtype=torch.float32)
@@ -324,27 +332,31 @@ def flash_attn_varlen_bwd(
     window_left: int,
     window_right: int,
     deterministic: bool = True,
+    softcap: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward of ``flash_attn_varlen_fwd``: (dq, dk, dv) with q/k/v's shapes and dtype,
-    recomputed from out and lse (H, total_q); bitwise reproducible."""
+    recomputed from out and lse (H, total_q) (``softcap`` must be the forward's); bitwise
+    reproducible."""
     return _ops.flash_attn_varlen_bwd(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-        window_left, window_right, deterministic,
+        window_left, window_right, deterministic, softcap,
     )
 
 
 @torch.library.register_fake("fastattn::flash_attn_varlen_bwd")
 def _flash_attn_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                softmax_scale, window_left, window_right, deterministic):
+                                softmax_scale, window_left, window_right, deterministic, softcap=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _flash_attn_varlen_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right = inputs
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+     *rest) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
     ctx.mark_non_differentiable(lse)  # as the dense op: no gradient term for lse
     ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right)
+    ctx.softcap = rest[0] if rest else 0.0
 
 
 def _flash_attn_varlen_backward(ctx, dout, _dlse):
@@ -353,8 +365,9 @@ def _flash_attn_varlen_backward(ctx, dout, _dlse):
         dout = torch.zeros_like(out)
     if dout.dim() > 0 and dout.shape[-1] > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()  # e.g. the expanded ones that out.sum().backward() sends
-    dq, dk, dv = flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, True)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, True,
+                                       ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -381,14 +394,14 @@ torch.library.register_autograd(
 # giving no gradient); append_kv only mutates. Its Autograd and ADInplaceOrView kernels are
 # in C++ (csrc/bindings/decode.cpp, as rotary_'s in rotary.cpp): they refuse arguments that
 # require grad while grad mode is on and bump the caches' version counters.
-def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, block_table=None):
-    return _ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, block_table)
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, block_table=None, softcap=0.0):
+    return _ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, block_table, softcap)
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left,
-                           window_right, seqlens_k_add, num_splits):
+                           window_right, seqlens_k_add, num_splits, softcap=0.0):
     return _ops.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale,
-                                       window_left, window_right, seqlens_k_add, num_splits)
+                                       window_left, window_right, seqlens_k_add, num_splits, softcap)
 
 
 def append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=None):
@@ -396,14 +409,15 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=None):
 
 
 @torch.library.register_fake("fastattn::decode_attention")
-def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, block_table=None):
+def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, block_table=None,
+                           softcap=0.0):
     b, h = q.shape[0], q.shape[-2]
     return q.new_empty(q.shape), q.new_empty((b, h), dtype=torch.float32)
 
 
 @torch.library.register_fake("fastattn::attention_with_kvcache")
 def _attention_with_kvcache_fake(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left,
-                                 window_right, seqlens_k_add, num_splits):
+                                 window_right, seqlens_k_add, num_splits, softcap=0.0):
     b, sq, h = q.shape[0], q.shape[1], q.shape[2]
     return q.new_empty(q.shape), q.new_empty((b, h, sq), dtype=torch.float32)
 

@@ -7,8 +7,10 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -77,6 +79,13 @@ inline void check_device_supported(const at::Tensor& t, const char* name) {
   FA_CHECK_ARG(t.is_cpu(), "fastattn: ", name, " is on ", t.device(),
                " but this build of fastattn has only CPU kernels (rebuild with a CUDA torch and nvcc)");
 #endif
+}
+
+// softcap: 0 (off) or a positive number finite in float32, the kernels' type. A NaN,
+// infinite or negative cap would silently give NaN or a wrong softmax.
+inline void check_softcap(double softcap, const char* op) {
+  FA_CHECK_ARG(std::isfinite(softcap) && softcap >= 0.0 && softcap <= std::numeric_limits<float>::max(), op,
+               "softcap must be 0 (off) or a positive number finite in float32, got ", softcap);
 }
 
 // The (batch, row, head) strides of a 4-D (B, S, H, D) tensor, in elements, into the params

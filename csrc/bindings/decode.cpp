@@ -119,7 +119,7 @@ void set_paging(DecodeParams* p, const std::optional<at::Tensor>& bt, const at::
 // DecodeParams for q4 (B, Sq, H, D) and its outputs; the caches are set by the caller.
 DecodeParams kvcache_params(const at::Tensor& q4, const at::Tensor& out, const at::Tensor& lse,
                             const int32_t* cache_seqlens, int64_t s_max, int64_t seqlens_k_add, int64_t window_left,
-                            int64_t window_right, double softmax_scale) {
+                            int64_t window_right, double softmax_scale, double softcap) {
   DecodeParams p;
   p.q = q4.data_ptr();
   set_strides(q4, &p.q_batch_stride, &p.q_row_stride, &p.q_head_stride);
@@ -136,6 +136,7 @@ DecodeParams kvcache_params(const at::Tensor& q4, const at::Tensor& out, const a
   p.window_left = window_left;
   p.window_right = window_right;
   p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softcap = static_cast<float>(softcap);
   p.dtype = to_dtype(q4.scalar_type());
   return p;
 }
@@ -172,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
                                                      const std::optional<at::Tensor>& block_table_arg,
                                                      std::optional<double> softmax_scale, int64_t window_left,
                                                      int64_t window_right, int64_t seqlens_k_add,
-                                                     int64_t num_splits, const char* op) {
+                                                     int64_t num_splits, double softcap, const char* op) {
   const bool paged = block_table_arg.has_value();
   check_caches(k_cache, v_cache, paged, op);
   const int64_t b = q4.size(0), sq = q4.size(1), h = q4.size(2), d = q4.size(3);
@@ -197,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
                decode::kMaxSplits, "] (0 = automatic), got ", num_splits);
   FA_CHECK_ARG(window_left >= -1 && window_right >= -1, "fastattn.", op,
                ": window sizes must be >= -1 (-1 = unbounded), got (", window_left, ", ", window_right, ")");
+  check_softcap(softcap, (std::string("fastattn.") + op + ": ").c_str());
   // Capacity in tokens: S_max, or max_pages_per_seq * page_size.
   const int64_t s_max = paged ? block_table->size(1) * k_cache.size(1) : k_cache.size(1);
 
@@ -221,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
   const at::Tensor seqlens = cache_seqlens.contiguous();
   DecodeParams p = kvcache_params(q4, out, lse, seqlens.data_ptr<int32_t>(), s_max, seqlens_k_add, window_left,
                                   window_right,
-                                  softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(double(d)));
+                                  softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(double(d)), softcap);
   auto set_caches = [&p, &block_table](const at::Tensor& kc, const at::Tensor& vc) {
     set_cache_pointers(&p, kc, vc);
     set_paging(&p, block_table, kc);
@@ -287,11 +289,11 @@ void check_query(const at::Tensor& q, const at::Tensor& k_cache, const char* op)
 
 void flash_attn_fwd_short_query_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
-                                    int64_t window_left, int64_t window_right) {
+                                    int64_t window_left, int64_t window_right, double softcap) {
   // Every sequence has all Sk keys: the "cache" is k/v itself, read in place (no re-layout).
   const std::vector<int32_t> lengths(static_cast<size_t>(q.size(0)), static_cast<int32_t>(k.size(1)));
   DecodeParams p = kvcache_params(q, out, lse, lengths.data(), k.size(1), 0, window_left, window_right,
-                                  softmax_scale);
+                                  softmax_scale, softcap);
   set_cache_pointers(&p, k, v);
   run_kvcache_cpu(p, 0, q.options());
 }
@@ -300,13 +302,13 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
                                                     const at::Tensor& v_cache,
                                                     const at::Tensor& cache_seqlens,
                                                     std::optional<double> softmax_scale, int64_t num_splits,
-                                                    const std::optional<at::Tensor>& block_table) {
+                                                    const std::optional<at::Tensor>& block_table, double softcap) {
   check_query(q, k_cache, "decode_attention");
   FA_CHECK_ARG(q.dim() == 3 || (q.dim() == 4 && q.size(1) == 1),
                "fastattn.decode_attention: q must be (B, H, D) or (B, 1, H, D), got shape ", q.sizes());
   const at::Tensor q4 = q.dim() == 3 ? q.unsqueeze(1) : q;
   auto [out, lse] = kvcache_attention(q4, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, -1, -1, 0,
-                                      num_splits, "decode_attention");
+                                      num_splits, softcap, "decode_attention");
   return {q.dim() == 3 ? out.view({q.size(0), q.size(1), q.size(2)}) : out, lse.view({q4.size(0), q4.size(2)})};
 }
 
@@ -316,13 +318,13 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kvcache(const at::Tensor& q, c
                                                           const std::optional<at::Tensor>& block_table,
                                                           std::optional<double> softmax_scale, int64_t window_left,
                                                           int64_t window_right, int64_t seqlens_k_add,
-                                                          int64_t num_splits) {
+                                                          int64_t num_splits, double softcap) {
   check_query(q, k_cache, "attention_with_kvcache");
   FA_CHECK_ARG(q.dim() == 4, "fastattn.attention_with_kvcache: q must be (B, Sq, H, D), got shape ", q.sizes());
   FA_CHECK_ARG(seqlens_k_add >= 0, "fastattn.attention_with_kvcache: seqlens_k_add must be >= 0, got ",
                seqlens_k_add);
   return kvcache_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left,
-                           window_right, seqlens_k_add, num_splits, "attention_with_kvcache");
+                           window_right, seqlens_k_add, num_splits, softcap, "attention_with_kvcache");
 }
 
 void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,

@@ -27,7 +27,7 @@ constexpr int64_t kShortQueryMax = 16;
 bool use_short_query_path(int64_t sq, int64_t sk) { return sq <= kShortQueryMax && sk >= 4 * sq; }
 
 void check_flash_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        double softmax_scale, int64_t window_left, int64_t window_right) {
+                        double softmax_scale, int64_t window_left, int64_t window_right, double softcap) {
   check_device_supported(q, "q");
   check_same_device(k, q, "k", "q");
   check_same_device(v, q, "v", "q");
@@ -67,14 +67,15 @@ void check_flash_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
                ", ", window_right, ")");
   FA_CHECK_ARG(std::isfinite(static_cast<float>(softmax_scale)),
                "fastattn.flash_attention: softmax_scale must be finite in float32, got ", softmax_scale);
+  check_softcap(softcap, "fastattn.flash_attention: ");
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& v, double softmax_scale,
-                                                  int64_t window_left, int64_t window_right) {
-  check_flash_inputs(q, k, v, softmax_scale, window_left, window_right);
+                                                  int64_t window_left, int64_t window_right, double softcap) {
+  check_flash_inputs(q, k, v, softmax_scale, window_left, window_right, softcap);
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), d = q.size(3), sk = k.size(1);
   at::Tensor out = empty_output({b, sq, h, d}, q.options());
   at::Tensor lse = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
@@ -88,12 +89,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
   if (q.is_cuda()) {
 #ifdef FASTATTN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
-    FlashFwdParams p = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right);
+    FlashFwdParams p = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right, softcap);
     if (!flash_fwd_cuda_supports_layout(p)) {
       // Unaligned base pointers or strides that are not multiples of 8 elements (e.g. a
       // sliced view): the kernel's 16-byte copies need aligned rows, so hand it dense copies.
       const at::Tensor qc = dense_aligned_copy(q), kc = dense_aligned_copy(k), vc = dense_aligned_copy(v);
-      p = flash_fwd_params(qc, kc, vc, out, lse, softmax_scale, window_left, window_right);
+      p = flash_fwd_params(qc, kc, vc, out, lse, softmax_scale, window_left, window_right, softcap);
       FA_CHECK_ARG(flash_fwd_cuda_supports_layout(p),
                    "fastattn.flash_attention: problem size outside the CUDA kernel's limits "
                    "(seqlens <= 2^28, batch and heads <= 65535)");
@@ -103,9 +104,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
     FA_CUDA_CHECK_LAUNCH(flash_fwd_cuda(p, current_stream(q)), "flash_attn forward");
 #endif
   } else if (use_short_query_path(sq, sk)) {
-    flash_attn_fwd_short_query_cpu(q, k, v, out, lse, softmax_scale, window_left, window_right);
+    flash_attn_fwd_short_query_cpu(q, k, v, out, lse, softmax_scale, window_left, window_right, softcap);
   } else {
-    const FlashFwdParams p = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right);
+    const FlashFwdParams p = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right, softcap);
     flash_fwd_cpu(p);
   }
   return {out, lse};

@@ -90,9 +90,11 @@ bool needs_exact_backward(const at::Tensor& lse, double softmax_scale) {
 // memory for that head only), the softmax taken around each row's RAW maximum score so the
 // maximum gets exponent exactly 0 for any finite scale: P = exp(|scale| * (a - max a)) / l
 // with a = sign(scale) * s. window_left/right are the normalised ones of FlashFwdParams.
+// Soft-capped (softcap > 0): the scores are c * tanh(scale * s / c), bounded by c, taken as
+// they are (no raw-max trick needed), and dS gets the cap's derivative 1 - tanh^2.
 void exact_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    double softmax_scale, int64_t window_left, int64_t window_right, at::Tensor& dq,
-                    at::Tensor& dk, at::Tensor& dv) {
+                    double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
+                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), sk = k.size(1), h_k = k.size(2);
   const int64_t group = h / h_k;
   const auto idx = q.options().dtype(at::kLong);
@@ -112,13 +114,24 @@ void exact_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
       const at::Tensor kh = k[bi].select(1, hk).to(at::kFloat);  // (Sk, D)
       const at::Tensor vh = v[bi].select(1, hk).to(at::kFloat);
       const at::Tensor doh = dout[bi].select(1, hi).to(at::kFloat);
-      const at::Tensor a = (at::matmul(qh, kh.t()) * sign).masked_fill(visible.logical_not(), neg_inf);
+      const at::Tensor raw = at::matmul(qh, kh.t());
+      at::Tensor t;  // tanh(scale * s / c) when capped
+      at::Tensor a;
+      double exp_scale = magnitude;
+      if (softcap > 0) {
+        t = at::tanh(raw * (softmax_scale / softcap));
+        a = (t * softcap).masked_fill(visible.logical_not(), neg_inf);
+        exp_scale = 1.0;
+      } else {
+        a = (raw * sign).masked_fill(visible.logical_not(), neg_inf);
+      }
       at::Tensor row_max = std::get<0>(a.max(-1, /*keepdim=*/true));
       row_max = at::where(at::isinf(row_max), at::zeros({}, row_max.options()), row_max);  // rows with no key
-      const at::Tensor e = at::exp((a - row_max) * magnitude);
+      const at::Tensor e = at::exp((a - row_max) * exp_scale);
       const at::Tensor p = at::nan_to_num(e / e.sum(-1, /*keepdim=*/true), 0.0);  // P (Sq, Sk)
       const at::Tensor dp = at::matmul(doh, vh.t());
-      const at::Tensor ds = p * (dp - (p * dp).sum(-1, /*keepdim=*/true));
+      at::Tensor ds = p * (dp - (p * dp).sum(-1, /*keepdim=*/true));
+      if (softcap > 0) ds = ds * (1 - t * t);
       dq[bi].select(1, hi).copy_(at::matmul(ds, kh) * softmax_scale);
       dk32[bi].select(1, hk).add_(at::matmul(ds.t(), qh) * softmax_scale);
       dv32[bi].select(1, hk).add_(at::matmul(p.t(), doh));
@@ -145,8 +158,9 @@ at::Tensor cuda_layout(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
-    double softmax_scale, int64_t window_left, int64_t window_right, bool deterministic) {
+    double softmax_scale, int64_t window_left, int64_t window_right, bool deterministic, double softcap) {
   check_inputs(dout_in, q_in, k_in, v_in, out_in, lse_in, window_left, window_right);
+  check_softcap(softcap, kOp);
   at::Tensor dq = empty_output(q_in.sizes(), q_in.options());
   at::Tensor dk = empty_output(k_in.sizes(), k_in.options());
   at::Tensor dv = empty_output(v_in.sizes(), v_in.options());
@@ -174,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   FlashBwdParams p;
   FA_CHECK_ARG(std::isfinite(static_cast<float>(softmax_scale)), kOp,
                "softmax_scale must be finite in float32, got ", softmax_scale);
-  p.fwd = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right);
+  p.fwd = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right, softcap);
   p.dout = dout.data_ptr();
   set_strides(dout, &p.dout_batch_stride, &p.dout_row_stride, &p.dout_head_stride);
   p.dq = dq.data_ptr();
@@ -187,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   p.deterministic = deterministic;
 
   if (needs_exact_backward(lse, softmax_scale)) {
-    exact_backward(dout, q, k, v, softmax_scale, p.fwd.window_left, p.fwd.window_right, dq, dk, dv);
+    exact_backward(dout, q, k, v, softmax_scale, p.fwd.window_left, p.fwd.window_right, softcap, dq, dk, dv);
     return {dq, dk, dv};
   }
 

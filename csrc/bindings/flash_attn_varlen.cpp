@@ -128,9 +128,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(const at::Tensor& q_in,
                                                          const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
                                                          const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                          int64_t max_seqlen_k, double softmax_scale,
-                                                         int64_t window_left, int64_t window_right) {
+                                                         int64_t window_left, int64_t window_right, double softcap) {
   check_varlen_inputs(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                       window_left, window_right, kFwdOp);
+  check_softcap(softcap, kFwdOp);
   const int64_t total_q = q_in.size(0), h = q_in.size(1), d = q_in.size(2), total_k = k_in.size(0);
   const int64_t b = cu_seqlens_q.size(0) - 1;
   at::Tensor out = empty_output({total_q, h, d}, q_in.options());
@@ -150,14 +151,14 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(const at::Tensor& q_in,
     k = cuda_layout3(k);
     v = cuda_layout3(v);
     const FlashFwdParams p = flash_varlen_fwd_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
-                                                     softmax_scale, window_left, window_right);
+                                                     softmax_scale, window_left, window_right, softcap);
     FA_CHECK_ARG(flash_fwd_cuda_supports_layout(p), kFwdOp,
                  "problem size outside the CUDA kernel's limits (seqlens <= 2^28, batch and heads <= 65535)");
     FA_CUDA_CHECK_LAUNCH(flash_fwd_cuda(p, current_stream(q)), "flash_attn varlen forward");
 #endif
   } else {
     const FlashFwdParams p = flash_varlen_fwd_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
-                                                     softmax_scale, window_left, window_right);
+                                                     softmax_scale, window_left, window_right, softcap);
     flash_fwd_cpu(p);
   }
   return {out, lse};
@@ -167,9 +168,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-    int64_t window_left, int64_t window_right, bool deterministic) {
+    int64_t window_left, int64_t window_right, bool deterministic, double softcap) {
   check_varlen_inputs(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                       window_left, window_right, kBwdOp);
+  check_softcap(softcap, kBwdOp);
   const std::pair<const at::Tensor*, const char*> same[] = {{&out_in, "out"}, {&dout_in, "dout"}};
   for (const auto& [t, name] : same) {
     check_same_device(*t, q_in, name, "q");
@@ -215,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
 
   FlashBwdParams p;
   p.fwd = flash_varlen_fwd_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                  window_left, window_right);
+                                  window_left, window_right, softcap);
   p.dout = dout.data_ptr();
   set_packed_strides(dout, &p.dout_batch_stride, &p.dout_row_stride, &p.dout_head_stride);
   p.dq = dq.data_ptr();
@@ -243,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
       auto seq = [](const at::Tensor& t, int64_t a, int64_t e) { return t.slice(0, a, e).unsqueeze(0); };
       at::Tensor dq_i = seq(dq, q0, q1), dk_i = seq(dk, k0, k1), dv_i = seq(dv, k0, k1);
       exact_backward(seq(dout, q0, q1), seq(q, q0, q1), seq(k, k0, k1), seq(v, k0, k1), softmax_scale,
-                     p.fwd.window_left, p.fwd.window_right, dq_i, dk_i, dv_i);
+                     p.fwd.window_left, p.fwd.window_right, softcap, dq_i, dk_i, dv_i);
     }
     return {dq, dk, dv};
   }

@@ -10,7 +10,7 @@ namespace fastattn {
 
 inline FlashFwdParams flash_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                         const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
-                                        int64_t window_left, int64_t window_right) {
+                                        int64_t window_left, int64_t window_right, double softcap) {
   FlashFwdParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -35,6 +35,7 @@ inline FlashFwdParams flash_fwd_params(const at::Tensor& q, const at::Tensor& k,
   p.window_left = window_left >= no_bound ? -1 : window_left;
   p.window_right = window_right >= no_bound ? -1 : window_right;
   p.is_causal = p.window_left < 0 && p.window_right == 0;
+  p.softcap = static_cast<float>(softcap);
   p.dtype = to_dtype(q.scalar_type());
   return p;
 }
@@ -54,7 +55,7 @@ inline FlashFwdParams flash_varlen_fwd_params(const at::Tensor& q, const at::Ten
                                               const at::Tensor& out, const at::Tensor& lse,
                                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                               int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-                                              int64_t window_left, int64_t window_right) {
+                                              int64_t window_left, int64_t window_right, double softcap) {
   FlashFwdParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -80,6 +81,7 @@ inline FlashFwdParams flash_varlen_fwd_params(const at::Tensor& q, const at::Ten
   p.window_left = window_left >= no_bound ? -1 : window_left;
   p.window_right = window_right >= no_bound ? -1 : window_right;
   p.is_causal = p.window_left < 0 && p.window_right == 0;
+  p.softcap = static_cast<float>(softcap);
   p.dtype = to_dtype(q.scalar_type());
   return p;
 }
@@ -89,7 +91,7 @@ inline FlashFwdParams flash_varlen_fwd_params(const at::Tensor& q, const at::Ten
 // (B, S, H, D); window sides already normalised.
 bool needs_exact_backward(const at::Tensor& lse, double softmax_scale);
 void exact_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    double softmax_scale, int64_t window_left, int64_t window_right, at::Tensor& dq,
-                    at::Tensor& dk, at::Tensor& dv);
+                    double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
+                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
 
 }  // namespace fastattn

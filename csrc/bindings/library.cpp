@@ -33,12 +33,14 @@ TORCH_LIBRARY(fastattn, m) {
   // q (B, Sq, H, D), k/v (B, Sk, Hk, D), last dim contiguous. out (B, Sq, H, D) in q's dtype,
   // lse (B, H, Sq) fp32 (kept for the backward). Keys visible to query i: the band
   // [i + Sk - Sq - window_left, i + Sk - Sq + window_right], -1 = unbounded; causal = (-1, 0).
+  // softcap > 0 (here and on every attention op below): the scores s = softmax_scale * q.k
+  // become softcap * tanh(s / softcap) before masking and softmax (Gemma 2); 0 = off.
   m.def("flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, int window_left,"
-        " int window_right) -> (Tensor out, Tensor lse)");
+        " int window_right, float softcap=0.0) -> (Tensor out, Tensor lse)");
   // Backward of flash_attn_fwd (recompute from out and lse): dq, dk, dv with q/k/v's shapes
   // and dtype. deterministic: bitwise reproducible gradients (both kernels always are).
   m.def("flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "float softmax_scale, int window_left, int window_right, bool deterministic)"
+        "float softmax_scale, int window_left, int window_right, bool deterministic, float softcap=0.0)"
         " -> (Tensor dq, Tensor dk, Tensor dv)");
 
   // Variable-length (packed) form: q (total_q, H, D), k/v (total_k, Hk, D); sequence i owns
@@ -47,11 +49,12 @@ TORCH_LIBRARY(fastattn, m) {
   // it alone. max_seqlen_q/_k bound the lengths (launch sizing only; never a host read of
   // cu_seqlens on CUDA). out (total_q, H, D), lse (H, total_q) fp32.
   m.def("flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
-        " int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right)"
-        " -> (Tensor out, Tensor lse)");
+        " int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right,"
+        " float softcap=0.0) -> (Tensor out, Tensor lse)");
   m.def("flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale,"
-        " int window_left, int window_right, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+        " int window_left, int window_right, bool deterministic, float softcap=0.0)"
+        " -> (Tensor dq, Tensor dk, Tensor dv)");
 
   // ---- decode attention and append_kv ----------------------------------------------------
   // One query token per sequence against a KV cache with ragged lengths: out has q's shape,
@@ -59,13 +62,14 @@ TORCH_LIBRARY(fastattn, m) {
   // block_table (B, max_pages) int32: the caches are page pools (num_pages, page_size, Hk, D)
   // and token t of sequence b is pool[block_table[b, t // page_size], t % page_size].
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
-        " float? softmax_scale, int num_splits, Tensor? block_table=None) -> (Tensor out, Tensor lse)");
+        " float? softmax_scale, int num_splits, Tensor? block_table=None, float softcap=0.0)"
+        " -> (Tensor out, Tensor lse)");
   // q (B, Sq, H, D) over the cache rows [0, cache_seqlens[b] + seqlens_k_add) (contiguous or
   // paged as above), bottom-right aligned, keys limited by the window (-1 = unbounded;
   // causal = right 0). out (B, Sq, H, D), lse (B, H, Sq) fp32.
   m.def("attention_with_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
         " Tensor? block_table, float? softmax_scale, int window_left, int window_right, int seqlens_k_add,"
-        " int num_splits) -> (Tensor out, Tensor lse)");
+        " int num_splits, float softcap=0.0) -> (Tensor out, Tensor lse)");
   // Writes k, v (B, Sn, Hk, D) into the caches at rows cache_seqlens[b] + i, in place.
   m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor cache_seqlens,"
         " Tensor? block_table=None) -> ()");

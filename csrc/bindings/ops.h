@@ -34,12 +34,12 @@ void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
 // ---- flash attention (flash_attn.cpp) --------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& v, double softmax_scale,
-                                                  int64_t window_left, int64_t window_right);
+                                                  int64_t window_left, int64_t window_right, double softcap);
 // flash_attn_bwd.cpp: dq, dk, dv (q/k/v's shapes and dtype) from the forward's out and lse.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double softmax_scale, int64_t window_left,
-    int64_t window_right, bool deterministic);
+    int64_t window_right, bool deterministic, double softcap);
 
 // ---- variable-length (packed) flash attention (flash_attn_varlen.cpp) --------------------
 // q (total_q, H, D), k/v (total_k, Hk, D), cu_seqlens (B + 1) int32: out (total_q, H, D) and
@@ -48,12 +48,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(const at::Tensor& q, co
                                                          const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                                                          const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                          int64_t max_seqlen_k, double softmax_scale,
-                                                         int64_t window_left, int64_t window_right);
+                                                         int64_t window_left, int64_t window_right, double softcap);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
-    bool deterministic);
+    bool deterministic, double softcap);
 
 // ---- decode attention and append_kv (decode.cpp) ---------------------------------------
 std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
@@ -61,20 +61,20 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
                                                     const at::Tensor& cache_seqlens,
                                                     std::optional<double> softmax_scale,
                                                     int64_t num_splits,
-                                                    const std::optional<at::Tensor>& block_table);
+                                                    const std::optional<at::Tensor>& block_table, double softcap);
 std::tuple<at::Tensor, at::Tensor> attention_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
                                                           const at::Tensor& v_cache,
                                                           const at::Tensor& cache_seqlens,
                                                           const std::optional<at::Tensor>& block_table,
                                                           std::optional<double> softmax_scale, int64_t window_left,
                                                           int64_t window_right, int64_t seqlens_k_add,
-                                                          int64_t num_splits);
+                                                          int64_t num_splits, double softcap);
 void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table);
 // flash_attn_fwd on the CPU for a few queries over many keys: the KV-cache kernel, reading k/v
 // in place (flash_attn.cpp decides when). out (B, Sq, H, D) and lse (B, H, Sq) preallocated.
 void flash_attn_fwd_short_query_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
-                                    int64_t window_left, int64_t window_right);
+                                    int64_t window_left, int64_t window_right, double softcap);
 
 }  // namespace fastattn

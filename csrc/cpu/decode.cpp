@@ -31,6 +31,12 @@
 // rows per kv head (seqlen_q * G instead of G, each with its own key band), so K/V are still
 // read once per item for all of them; long query blocks are cut into chunks
 // (decode::cpu_query_chunk) so each item's query and output rows stay in L2.
+//
+// Logit soft-capping (params.softcap = c > 0): the scores here are in log2 units (the
+// queries carry scale * log2(e)), so each block's valid scores are taken back to natural
+// units, capped (c * tanh(s / c)) and returned to log2 units in place, before the band mask
+// and the running max. A template flag (kCap): the uncapped items are
+// the code they were without it.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -41,6 +47,7 @@
 #include <vector>
 
 #include "cpu_gemm.h"
+#include "cpu_math.h"
 #include "cpu_types.h"
 #include "fastattn/api.h"
 #include "fastattn/cpu_dispatch.h"
@@ -291,7 +298,7 @@ struct QueryBand {
 // work) instead of hopping by the Hk * D row stride once per head. Writes the normalised
 // output and natural-log lse of these keys through out_row(head, qi, row) and
 // lse_out(head, qi, lse).
-template <typename T, typename OutRow, typename LseOut>
+template <typename T, bool kCap, typename OutRow, typename LseOut>
 void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const QueryBand& band,
                  int64_t begin, int64_t end, Workspace& ws, OutRow out_row, LseOut lse_out) {
   const int64_t d = p.d, group = p.h / p.h_k, gp = ws.gp, rows = nq * group;
@@ -363,6 +370,8 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
       // (0 past n, and for a row that has seen no visible key yet).
       for (int64_t r = 0; r < rows; ++r) {
         float* s = sc + r * kKeyBlock;
+        // Before the -inf fills below: tanh would turn a masked -inf into -c2.
+        if constexpr (kCap) cpu::softcap_row(s, n, p.softcap, 1.0f / kLog2e, kLog2e);
         for (int64_t j = n; j < kKeyBlock; ++j) s[j] = kNegInf;
         const int64_t lo = band.lo(r / group), hi = band.hi(r / group);
         if (k0 < lo || k0 + n - 1 > hi) {
@@ -418,7 +427,7 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
   }
 }
 
-template <typename T>
+template <typename T, bool kCap>
 void decode_impl(const DecodeParams& p) {
   const int64_t group = p.h / p.h_k, d = p.d, splits = p.num_splits, sq = p.seqlen_q;
   const int64_t chunk = decode::cpu_query_chunk(group, p.h_k, d, sq);
@@ -440,7 +449,7 @@ void decode_impl(const DecodeParams& p) {
       end += kbeg;
       if (splits == 1) {
         T* out = static_cast<T*>(p.out) + b * p.out_batch_stride;
-        decode_item<T>(
+        decode_item<T, kCap>(
             p, b, i0, nq, band, begin, end, ws,
             [&](int64_t h, int64_t qi, const float* row) {
               cpu::store_row(row, out + qi * p.out_row_stride + h * p.out_head_stride, d);
@@ -449,7 +458,7 @@ void decode_impl(const DecodeParams& p) {
       } else {
         // Partials: out_partial (splits, b, h, seqlen_q, d), lse_partial (splits, b, h, seqlen_q).
         const int64_t row0 = (s * p.b + b) * p.h * sq;
-        decode_item<T>(
+        decode_item<T, kCap>(
             p, b, i0, nq, band, begin, end, ws,
             [&](int64_t h, int64_t qi, const float* row) {
               std::memcpy(p.out_partial + (row0 + h * sq + qi) * d, row, static_cast<size_t>(d) * sizeof(float));
@@ -512,7 +521,9 @@ int64_t decode_num_splits_cpu(int64_t b, int64_t h_k, int64_t seqlen_k_max) {
 }
 
 void cpu::decode_attention_kernel(const DecodeParams& params) {
-  FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] { decode_impl<T>(params); });
+  FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] {
+    BOOL_SWITCH(params.softcap > 0.0f, kCap, [&] { decode_impl<T, kCap>(params); });
+  });
 }
 
 void cpu::append_kv_kernel(const AppendKvParams& p) {

@@ -8,6 +8,10 @@
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale * dS^T Q,  dQ = scale * dS K
 // A query row whose lse is -inf saw no key in the forward: its P row is 0, so it contributes
 // nothing (and its dq row is 0).
+// Soft-capped (params.fwd.softcap = c > 0): with t = tanh(scale * q.k / c) the forward's
+// score was c * t, so P = exp(c * t - lse) and the chain rule through the cap multiplies dS
+// by dcap/ds = 1 - t^2 before the two GEMMs that use it (dK, dQ keep their scale factor).
+// A template flag (kCap), so the uncapped tasks are the code they were without it.
 //
 // Work decomposition: one pass computes delta (parallel over rows); a second runs two kinds
 // of independent tasks from one work list:
@@ -57,6 +61,7 @@
 #include <numeric>
 #include <vector>
 
+#include "cpu_math.h"
 #include "cpu_types.h"
 #include "flash_varlen.h"
 #include "fastattn/api.h"
@@ -296,6 +301,8 @@ struct Shape {
   int64_t d, dp;  // head dim and its padded row length
   int64_t group;  // query heads per kv head
   float scale_log2;  // softmax_scale * log2(e)
+  float scale;       // softmax_scale
+  float cap;         // softcap (> 0 in the kCap tasks only)
 };
 
 // Per-thread fp32 scratch, zero-initialised (the padding columns rely on it).
@@ -306,10 +313,11 @@ struct Scratch {
   std::vector<float> acc0, acc1;   // dK, dV accumulators or dQ: kOuter x dp
   std::vector<float> lse2, delta;  // per query row of the current query block
   std::vector<float> row;          // one row of d, conversions
+  std::vector<float> tanh_row;     // soft-capping: tanh of one row of S (kOuter)
   explicit Scratch(int64_t dp)
       : a_t(dp * kOuter), b_t(dp * kOuter), a(kInner * dp), b(kInner * dp),
         s(kInner * kOuter), dp_buf(kInner * kOuter), acc0(kOuter * dp), acc1(kOuter * dp),
-        lse2(kOuter), delta(kOuter), row(dp) {}
+        lse2(kOuter), delta(kOuter), row(dp), tanh_row(kOuter) {}
 };
 
 // lse (natural log) -> lse * log2(e) for rows [i0, i0 + n); rows past n and rows that saw no
@@ -337,7 +345,7 @@ inline int64_t lse_offset(const FlashFwdParams& f, int64_t bi, int64_t h, const 
 // Rows and keys below are indices inside sequence `seq` (dense: the batch entry bi, whose
 // batch strides place it; varlen: the batch strides are 0 and seq.q_start / seq.k_start
 // place it in the packed tensors).
-template <typename T>
+template <typename T, bool kCap>
 void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t bi,
                const cpu::VarlenSeq& seq, int64_t hk, int64_t kb, Scratch& w) {
   const FlashFwdParams& f = p.fwd;
@@ -375,16 +383,28 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
       for (int64_t r = 0; r < kInner; ++r) {
         float* sr = s + r * kOuter;
         const float l2 = w.lse2[r];
+        float* tr = w.tanh_row.data();
+        if constexpr (kCap) {  // P = 2^(c * t * log2(e) - lse2), t = tanh(scale * S / c)
+          cpu::tanh_row(sr, cpu::softcap_multiplier(sh.scale, sh.cap), tr, kOuter);
 #pragma omp simd
-        for (int64_t c = 0; c < kOuter; ++c) sr[c] = sr[c] * sh.scale_log2 - l2;
+          for (int64_t c = 0; c < kOuter; ++c) sr[c] = (tr[c] * sh.cap) * kLog2e - l2;
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < kOuter; ++c) sr[c] = sr[c] * sh.scale_log2 - l2;
+        }
         if (!full)
           for (int64_t c = 0; c < kOuter; ++c)
             if (!band.visible(i0 + r, j0 + c)) sr[c] = -std::numeric_limits<float>::infinity();
         exp2_inplace(sr, kOuter);  // P
         float* dr = ds + r * kOuter;
         const float dl = w.delta[r];
+        if constexpr (kCap) {
 #pragma omp simd
-        for (int64_t c = 0; c < kOuter; ++c) dr[c] = sr[c] * (dr[c] - dl);  // dS
+          for (int64_t c = 0; c < kOuter; ++c) dr[c] = sr[c] * (dr[c] - dl) * (1.0f - tr[c] * tr[c]);  // dS
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < kOuter; ++c) dr[c] = sr[c] * (dr[c] - dl);  // dS
+        }
       }
       gemm<true>(kOuter, dp, kInner, s, kOuter, dout, dp, dv, dp, true);  // dV += P^T dO
       gemm<true>(kOuter, dp, kInner, ds, kOuter, q, dp, dk, dp, true);    // dK += dS^T Q
@@ -396,7 +416,7 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
   store_rows(dv, dp, nk, d, 1.0f, dvs, p.dv_row_stride, w.row.data());
 }
 
-template <typename T>
+template <typename T, bool kCap>
 void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t bi,
              const cpu::VarlenSeq& seq, int64_t hq, int64_t qb, Scratch& w) {
   const FlashFwdParams& f = p.fwd;
@@ -433,15 +453,27 @@ void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t
     const bool full = band.block_full(i0, i0 + kOuter, j0, j0 + kInner);
     for (int64_t c = 0; c < kInner; ++c) {  // c: key, r: query
       float* sr = s_t + c * kOuter;
+      float* tr = w.tanh_row.data();
+      if constexpr (kCap) {  // as in dkdv_task, along a column of S
+        cpu::tanh_row(sr, cpu::softcap_multiplier(sh.scale, sh.cap), tr, kOuter);
 #pragma omp simd
-      for (int64_t r = 0; r < kOuter; ++r) sr[r] = sr[r] * sh.scale_log2 - lse2[r];
+        for (int64_t r = 0; r < kOuter; ++r) sr[r] = (tr[r] * sh.cap) * kLog2e - lse2[r];
+      } else {
+#pragma omp simd
+        for (int64_t r = 0; r < kOuter; ++r) sr[r] = sr[r] * sh.scale_log2 - lse2[r];
+      }
       if (!full)
         for (int64_t r = 0; r < kOuter; ++r)
           if (!band.visible(i0 + r, j0 + c)) sr[r] = -std::numeric_limits<float>::infinity();
       exp2_inplace(sr, kOuter);  // P^T
       float* dr = ds_t + c * kOuter;
+      if constexpr (kCap) {
 #pragma omp simd
-      for (int64_t r = 0; r < kOuter; ++r) dr[r] = sr[r] * (dr[r] - delta[r]);  // dS^T
+        for (int64_t r = 0; r < kOuter; ++r) dr[r] = sr[r] * (dr[r] - delta[r]) * (1.0f - tr[r] * tr[r]);  // dS^T
+      } else {
+#pragma omp simd
+        for (int64_t r = 0; r < kOuter; ++r) dr[r] = sr[r] * (dr[r] - delta[r]);  // dS^T
+      }
     }
     gemm<true>(kOuter, dp, kInner, ds_t, kOuter, k, dp, dq, dp, true);  // dQ += dS K
   }
@@ -471,7 +503,7 @@ void compute_delta(const FlashBwdParams& p) {
   });
 }
 
-template <typename T>
+template <typename T, bool kCap>
 void flash_bwd_impl(const FlashBwdParams& p) {
   const FlashFwdParams& f = p.fwd;
   compute_delta<T>(p);
@@ -487,7 +519,7 @@ void flash_bwd_impl(const FlashBwdParams& p) {
     bands[i] = Band{s.seqlen_q, s.seqlen_k, s.seqlen_k - s.seqlen_q, f.window_left, f.window_right};
   }
   auto seq_of = [&](int64_t bi) -> int64_t { return varlen ? bi : 0; };
-  const Shape sh{f.d, round_up(f.d, kColTile), f.h / f.h_k, f.softmax_scale * kLog2e};
+  const Shape sh{f.d, round_up(f.d, kColTile), f.h / f.h_k, f.softmax_scale * kLog2e, f.softmax_scale, f.softcap};
 
   // One list of independent tasks: dK/dV tasks (b, h_k, key block) first, then dQ tasks (b,
   // h, query block), each batch entry / sequence with its own number of blocks. Cost =
@@ -542,9 +574,9 @@ void flash_bwd_impl(const FlashBwdParams& p) {
       const int64_t bi = varlen ? 0 : task.bi;
       const int64_t si = seq_of(task.bi);
       if (!task.dq) {
-        dkdv_task<T>(p, sh, bands[si], bi, seqs[si], task.head, task.block, w);
+        dkdv_task<T, kCap>(p, sh, bands[si], bi, seqs[si], task.head, task.block, w);
       } else {
-        dq_task<T>(p, sh, bands[si], bi, seqs[si], task.head, task.block, w);
+        dq_task<T, kCap>(p, sh, bands[si], bi, seqs[si], task.head, task.block, w);
       }
     }
   });
@@ -556,7 +588,9 @@ void cpu::flash_bwd_kernel(const FlashBwdParams& params) {
   const FlashFwdParams& f = params.fwd;
   if (f.b == 0 || f.h == 0 || f.seqlen_q == 0 || f.seqlen_k == 0) return;
   if (f.cu_seqlens_q != nullptr && (f.total_q == 0 || f.total_k == 0)) return;
-  FASTATTN_CPU_DTYPE_SWITCH(f.dtype, T, [&] { flash_bwd_impl<T>(params); });
+  FASTATTN_CPU_DTYPE_SWITCH(f.dtype, T, [&] {
+    BOOL_SWITCH(f.softcap > 0.0f, kCap, [&] { flash_bwd_impl<T, kCap>(params); });
+  });
 }
 
 }  // namespace fastattn

@@ -40,6 +40,12 @@
 // a band edge each row's visible range is clipped arithmetically (no -inf fill). Tasks are
 // handed out heaviest first from an atomic counter (dynamic scheduling), so causal launches
 // end without a long tail.
+//
+// Logit soft-capping (params.softcap > 0, Gemma 2 / Grok): each visible score becomes
+// cap * tanh(scale * q.k / cap), in natural-log units, right after its block product and
+// before the running max; the softmax then runs with scale 1 on the capped scores (so m and
+// lse are in capped units too). It is a template flag (kCap): the uncapped kernel is the same
+// code as without the feature, and the capped one pays one vectorised tanh per visible score.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -57,6 +63,7 @@
 #endif
 
 #include "cpu_gemm.h"
+#include "cpu_math.h"
 #include "cpu_types.h"
 #include "flash_varlen.h"
 #include "fastattn/api.h"
@@ -155,7 +162,7 @@ struct Band {
   int64_t hi(int64_t i) const { return has_hi ? i + hi_off : std::numeric_limits<int64_t>::max() / 4; }
 };
 
-template <typename T>
+template <typename T, bool kCap>
 class FlashFwdCpu {
  public:
   explicit FlashFwdCpu(const FlashFwdParams& p) : p_(p) {
@@ -177,7 +184,9 @@ class FlashFwdCpu {
     // A function of the shape only (not of the thread count), so the block boundaries, and
     // with them the summation order and the output bits, are the same on any thread count.
     q_block_ = p.h * q_blocks_max >= kMinTasks ? kQBlockMax : kQBlockSmall;
-    scale_log2_ = p.softmax_scale * kLog2e;
+    // Capped: the block scores are turned into capped scores (the scale applied inside the
+    // tanh) before the softmax, which then runs at scale 1.
+    scale_log2_ = kCap ? kLog2e : p.softmax_scale * kLog2e;
     // fp32 Q and V are GEMM operands in place when their row stride is a valid leading
     // dimension (>= d); rows that overlap (an expanded, stride-0 view) are copied instead.
     constexpr bool kIsFloat = std::is_same<T, float>::value;
@@ -396,6 +405,7 @@ class FlashFwdCpu {
         std::fill(sr + jhi, sr + cols, 0.0f);
         if (jhi == jlo) continue;  // this row sees no key of the block: P row 0, O unchanged
       }
+      if constexpr (kCap) cpu::softcap_row(sr + jlo, jhi - jlo, p_.softcap, p_.softmax_scale, 1.0f);
       float mx;
       if (sl2 >= 0.0f) {
         mx = kNegInf;
@@ -459,7 +469,9 @@ class FlashFwdCpu {
 void cpu::flash_fwd_kernel(const FlashFwdParams& params) {
   if (params.b == 0 || params.seqlen_q == 0 || params.h == 0) return;
   if (params.cu_seqlens_q != nullptr && params.total_q == 0) return;
-  FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] { FlashFwdCpu<T>(params).run(); });
+  FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] {
+    BOOL_SWITCH(params.softcap > 0.0f, kCap, [&] { FlashFwdCpu<T, kCap>(params).run(); });
+  });
 }
 
 }  // namespace fastattn

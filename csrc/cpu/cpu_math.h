@@ -1,0 +1,125 @@
+// cpu_math.h — vectorised tanh for logit soft-capping (Gemma 2, Grok) in the CPU attention
+// kernels: scores s become cap * tanh(s / cap) before the softmax.
+//
+// Written with GCC/Clang vector extensions (16 floats per value, as decode.cpp's exp2v):
+// one source for every ISA tier (one AVX-512 register, two AVX2 or four SSE registers), and
+// it vectorises whatever the floating-point flags. A scalar loop with selects does not: under
+// the default -ftrapping-math GCC will not if-convert the float -> int conversion an
+// exponential needs, and the loop stays scalar.
+//
+// Only the soft-capped kernel variants call this; the uncapped paths never see it.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace fastattn {
+namespace cpu {
+
+namespace vmath {
+constexpr int64_t kLanes = 16;
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline vf splat(float x) { return vf{} + x; }
+inline vi as_int(vf x) {
+  vi r;
+  std::memcpy(&r, &x, sizeof(r));
+  return r;
+}
+inline vf as_float(vi x) {
+  vf r;
+  std::memcpy(&r, &x, sizeof(r));
+  return r;
+}
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// tanh of 16 floats, within ~2.2e-7 relative (1e-7 absolute) of the exact value. Two
+// formulas, each where it is accurate:
+//  * |x| < 0.4: the odd Taylor series to x^13 (the first dropped term is < 4e-9 of the
+//    value); this is where the exponential form cancels (tanh x ~ x is small).
+//  * |x| >= 0.4: tanh|x| = 1 - 2e / (1 + e) with e = exp(-2|x|) in (0, 0.45], so nothing
+//    overflows for any x (e bottoms out at 2^-126 and the result rounds to exactly 1).
+// The sign is copied back from x. NaN propagates; +-inf give +-1.
+inline vf tanh(vf x) {
+  const vi bits = as_int(x);
+  const vi sign = bits & static_cast<int32_t>(0x80000000u);
+  const vf a = as_float(bits & 0x7fffffff);
+  const vf x2 = x * x;
+  vf p = splat(3.5921280e-3f);  // 21844 / 6081075
+  p = p * x2 - 8.8632355e-3f;   // 1382 / 155925
+  p = p * x2 + 2.1869489e-2f;   // 62 / 2835
+  p = p * x2 - 5.3968254e-2f;   // 17 / 315
+  p = p * x2 + 1.3333334e-1f;   // 2 / 15
+  p = p * x2 - 3.3333334e-1f;   // 1 / 3
+  const vf small = x + x * x2 * p;
+
+  // e = 2^t, t = -2 log2(e) |x| <= 0: t = n + r, n = round(t), |r| <= 1/2; 2^r by its
+  // degree-7 Taylor polynomial (< 1e-8 relative), 2^n through the exponent bits.
+  vf t = a * -2.8853900817779268f;
+  t = t < -126.0f ? splat(-126.0f) : t;
+  const vi n = __builtin_convertvector(t - 0.5f, vi);  // truncation of t - 1/2: round(t)
+  const vf r = t - __builtin_convertvector(n, vf);
+  vf q = splat(1.5252733804059841e-05f);
+  q = q * r + 1.5403530393381608e-04f;
+  q = q * r + 1.3333558146428443e-03f;
+  q = q * r + 9.6181291076284772e-03f;
+  q = q * r + 5.5504108664821580e-02f;
+  q = q * r + 2.4022650695910071e-01f;
+  q = q * r + 6.9314718055994531e-01f;
+  q = q * r + 1.0f;
+  const vf e = q * as_float((n + 127) << 23);
+  const vf big = as_float(as_int(1.0f - 2.0f * e / (1.0f + e)) | sign);
+  // NaN fails the comparison and takes the series, which keeps it NaN.
+  return a >= 0.4f ? big : small;
+}
+}  // namespace vmath
+
+// in_scale / cap, the factor that takes a stored value to the tanh argument, clamped to the
+// finite floats: a denormal cap would make it inf, and inf * 0 (a zero score) NaN.
+inline float softcap_multiplier(float in_scale, float cap) {
+  constexpr float kMax = 3.4028234663852886e+38f;
+  const float m = in_scale / cap;
+  return m > kMax ? kMax : (m < -kMax ? -kMax : m);
+}
+
+// t[j] = tanh(x[j] * mul) for j in [0, n). x and t may be the same array.
+inline void tanh_row(const float* x, float mul, float* t, int64_t n) {
+  using namespace vmath;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) store(t + j, vmath::tanh(load(x + j) * mul));
+  if (j < n) {  // the tail through a zero-padded block: the same arithmetic as full blocks
+    float buf[kLanes] = {};
+    std::memcpy(buf, x + j, static_cast<size_t>(n - j) * sizeof(float));
+    store(buf, vmath::tanh(load(buf) * mul));
+    std::memcpy(t + j, buf, static_cast<size_t>(n - j) * sizeof(float));
+  }
+}
+
+// Logit soft-capping in place: s[j] = (cap * tanh(s[j] * in_scale / cap)) * out_scale.
+// in_scale turns the stored value into the score the cap applies to (softmax_scale when s
+// holds raw q.k products); out_scale multiplies the capped score (log2(e) when an exp2
+// softmax follows). Multiplying by cap before out_scale keeps any finite fp32 cap finite.
+inline void softcap_row(float* s, int64_t n, float cap, float in_scale, float out_scale) {
+  using namespace vmath;
+  const float in_mul = softcap_multiplier(in_scale, cap);
+  auto cap_block = [&](const float* src, float* dst) {
+    store(dst, (vmath::tanh(load(src) * in_mul) * cap) * out_scale);
+  };
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) cap_block(s + j, s + j);
+  if (j < n) {  // the tail through a zero-padded block: the same arithmetic as full blocks
+    float buf[kLanes] = {};
+    std::memcpy(buf, s + j, static_cast<size_t>(n - j) * sizeof(float));
+    cap_block(buf, buf);
+    std::memcpy(s + j, buf, static_cast<size_t>(n - j) * sizeof(float));
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastattn
