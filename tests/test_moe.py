@@ -1,0 +1,338 @@
+"""Mixture-of-experts feed-forward (fastattn.models.moe) and the MoE decoders built on it
+(Mixtral, Qwen2-MoE, Qwen3-MoE through fastattn.models.Llama).
+
+The module is checked against a naive loop over tokens (exact in fp32 up to summation order),
+including routing ties, both renormalisation settings and the shared expert; the decoders
+against transformers on tiny random checkpoints (2 layers, GQA, 4 experts top-2) saved with
+save_pretrained in both of its layouts: fp32 logits, greedy tokens of a ragged batch on both
+backends, bf16 runs, and clear errors for what is not supported."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastattn.models import Llama, LlamaConfig
+from fastattn.models import moe as moe_mod
+from fastattn.models.moe import MoEFeedForward
+
+from conftest import assert_error_ratio
+
+BACKENDS = ["fastattn", "torch"]
+VOCAB = 128
+NEW_TOKENS = 16
+
+
+# ---- the module against a per-token loop ---------------------------------------------------
+def naive_moe(m: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
+    """The definition, one token at a time, in fp32."""
+    x2 = x.reshape(-1, m.hidden_size).float()
+    I = m.intermediate_size
+    out = torch.zeros_like(x2)
+    for t in range(x2.shape[0]):
+        xt = x2[t]
+        probs = torch.softmax(m.router.weight.float() @ xt, dim=-1)
+        w, ids = torch.topk(probs, m.top_k)
+        if m.norm_topk_prob:
+            w = w / w.sum()
+        for j in range(m.top_k):
+            e = int(ids[j])
+            h = m.w13[e].float() @ xt
+            y = m.w2[e].float() @ (F.silu(h[:I]) * h[I:])
+            out[t] += w[j] * y
+        if m.shared_intermediate_size:
+            S = m.shared_intermediate_size
+            h = m.shared_w13.weight.float() @ xt
+            y = m.shared_w2.weight.float() @ (F.silu(h[:S]) * h[S:])
+            out[t] += torch.sigmoid(m.shared_gate.weight.float() @ xt)[0] * y
+    return out.view(x.shape)
+
+
+def make_moe(seed=0, hidden=32, inter=24, experts=4, top_k=2, **kw):
+    torch.manual_seed(seed)
+    m = MoEFeedForward(hidden, inter, experts, top_k, **kw)
+    with torch.no_grad():
+        m.router.weight.normal_(0, 0.5)  # decisive routing, no near-ties
+    return m.eval()
+
+
+@pytest.mark.parametrize("top_k,norm,shared", [(2, True, 0), (2, False, 0), (1, True, 0), (3, False, 40),
+                                               (2, True, 40), (4, True, 0)])
+def test_module_matches_per_token_loop(top_k, norm, shared):
+    m = make_moe(top_k=top_k, norm_topk_prob=norm, shared_expert_intermediate_size=shared)
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        ours, ref = m(x), naive_moe(m, x)
+    assert ours.shape == x.shape and ours.dtype == torch.float32
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_one_token_and_an_expert_nobody_picks():
+    m = make_moe(experts=8, top_k=2)
+    x = torch.randn(1, 32)  # one token: 6 of the 8 experts get no rows
+    with torch.no_grad():
+        assert (m(x) - naive_moe(m, x)).abs().max().item() <= 1e-5
+        assert m(x[:0]).shape == (0, 32)
+
+
+def test_routing_ties_follow_topk():
+    """All router logits equal: every expert ties, the experts are those torch.topk picks and
+    the weights are 1/E (raw) or 1/k (renormalised); the output still equals the loop's."""
+    for norm in (False, True):
+        m = make_moe(experts=4, top_k=2, norm_topk_prob=norm)
+        with torch.no_grad():
+            m.router.weight.zero_()
+            x = torch.randn(5, 32)
+            w, ids = m.route(x)
+            _, expect = torch.topk(torch.full((5, 4), 0.25), 2, dim=-1)
+            assert torch.equal(ids, expect)
+            assert torch.allclose(w, torch.full_like(w, 0.5 if norm else 0.25))
+            assert (m(x) - naive_moe(m, x)).abs().max().item() <= 1e-5
+    # two experts with identical router rows always tie with each other
+    m = make_moe(experts=4, top_k=2, norm_topk_prob=False)
+    with torch.no_grad():
+        m.router.weight[3] = m.router.weight[1]
+        x = torch.randn(9, 32)
+        w, ids = m.route(x)
+        probs = torch.softmax(x @ m.router.weight.t(), dim=-1)
+        assert torch.equal(ids, torch.topk(probs, 2, dim=-1).indices)
+        assert (m(x) - naive_moe(m, x)).abs().max().item() <= 1e-5
+
+
+def test_renormalisation_flag():
+    x = torch.randn(6, 32)
+    raw = make_moe(seed=3, norm_topk_prob=False)
+    normed = make_moe(seed=3, norm_topk_prob=True)
+    with torch.no_grad():
+        w_raw, ids_raw = raw.route(x)
+        w_norm, ids_norm = normed.route(x)
+    assert torch.equal(ids_raw, ids_norm)
+    assert torch.allclose(w_norm.sum(-1), torch.ones(6))
+    assert (w_raw.sum(-1) < 1 - 1e-3).all()
+    assert torch.allclose(w_norm, w_raw / w_raw.sum(-1, keepdim=True))
+    # the Qwen routers round the top-k weights to the activation dtype
+    q = make_moe(seed=3, norm_topk_prob=False, router_weights_in_input_dtype=True).to(torch.bfloat16)
+    with torch.no_grad():
+        w_q, _ = q.route(x.bfloat16())
+    assert w_q.dtype == torch.float32 and torch.equal(w_q, w_q.bfloat16().float())
+
+
+def test_shared_expert():
+    m = make_moe(shared_expert_intermediate_size=40)
+    plain = make_moe()  # same seed: same router and experts, no shared expert
+    with torch.no_grad():
+        plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("shared")})
+        x = torch.randn(4, 32)
+        h = x @ m.shared_w13.weight.t()
+        mlp = (F.silu(h[:, :40]) * h[:, 40:]) @ m.shared_w2.weight.t()
+        expect = plain(x) + torch.sigmoid(x @ m.shared_gate.weight.t()) * mlp
+        assert (m(x) - expect).abs().max().item() <= 1e-5
+        m.shared_gate.weight.zero_()  # gate 0.5
+        assert (m(x) - plain(x) - 0.5 * mlp).abs().max().item() <= 1e-5
+
+
+def test_gradients_match_the_loop():
+    m = make_moe(shared_expert_intermediate_size=16).train()
+    x = torch.randn(10, 32, requires_grad=True)
+    g = torch.randn(10, 32)
+    (m(x) * g).sum().backward()
+    ours = [x.grad, m.w13.grad, m.w2.grad, m.router.weight.grad, m.shared_gate.weight.grad]
+    x2 = x.detach().clone().requires_grad_()
+    m.zero_grad()
+    (naive_moe(m, x2) * g).sum().backward()
+    ref = [x2.grad, m.w13.grad, m.w2.grad, m.router.weight.grad, m.shared_gate.weight.grad]
+    for a, b in zip(ours, ref):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_both_expert_paths(dtype, monkeypatch):
+    """Experts with many tokens multiply in fp32 (CPU), those with few natively: both within
+    the error-ratio rule of the fp32 module, and they agree with each other."""
+    m = make_moe(experts=4, top_k=2, shared_expert_intermediate_size=40)
+    x = torch.randn(64, 32)  # ~32 rows per expert: above UPCAST_MIN_ROWS
+    with torch.no_grad():
+        ref = m(x)
+        low = m.to(dtype)
+        wide = low(x.to(dtype))
+        monkeypatch.setattr(moe_mod, "UPCAST_MIN_ROWS", 10 ** 9)
+        native = low(x.to(dtype))
+    assert wide.dtype == dtype and native.dtype == dtype
+    rounded = make_moe(experts=4, top_k=2, shared_expert_intermediate_size=40).to(dtype).float()
+    with torch.no_grad():
+        truth = rounded(x.to(dtype).float())  # the same rounded weights, fp32 math
+    assert_error_ratio(wide.float(), native.float(), truth, f"{dtype} moe", atol=1e-3)
+    assert (wide.float() - native.float()).abs().max().item() <= 0.05 * ref.abs().max().item()
+
+
+def test_module_argument_errors():
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        MoEFeedForward(32, 24, 4, 5)
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        MoEFeedForward(32, 24, 4, 0)
+
+
+# ---- Hugging Face decoders -----------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+
+ARCHS = {
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(num_local_experts=4, num_experts_per_tok=2)),
+    # raw top-k weights (norm_topk_prob False), a shared expert, layer 1 dense (mlp_only_layers)
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                       shared_expert_intermediate_size=80, norm_topk_prob=False, mlp_only_layers=[1])),
+    # q/k norms, renormalised top-k, head_dim 32 != hidden / heads
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                       head_dim=32)),
+}
+
+
+def build_hf(name, **overrides):
+    config_cls, model_cls, extra = ARCHS[name]
+    kw = dict(TINY, **extra)
+    kw.update(overrides)
+    cfg = config_cls(**kw)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model_cls(cfg)
+    with torch.no_grad():  # norms and biases off their init, decisive routers
+        for pname, p in model.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif pname.endswith("gate.weight"):  # routers and Qwen2-MoE's shared-expert gate
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> (transformers model, folder in the default per-expert layout, folder in
+    transformers 5's fused layout)."""
+    out = {}
+    for name in ARCHS:
+        hf = build_hf(name)
+        per_expert = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(str(per_expert))
+        fused = tmp_path_factory.mktemp(name + "_fused")
+        hf.save_pretrained(str(fused), save_original_format=False)
+        out[name] = (hf, str(per_expert), str(fused))
+    return out
+
+
+def ids_of(B, S, seed=1):
+    return torch.randint(0, VOCAB, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def test_checkpoint_layouts(checkpoints):
+    """The two layouts really differ (per-expert matrices vs fused 3-D tensors)."""
+    from safetensors import safe_open
+    _, per_expert, fused = checkpoints["mixtral"]
+    with safe_open(os.path.join(per_expert, "model.safetensors"), "pt") as f:
+        assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in f.keys()
+    with safe_open(os.path.join(fused, "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.experts.gate_up_proj").shape == (4, 2 * 96, 64)
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_logits_match_transformers(checkpoints, name):
+    hf, per_expert, fused = checkpoints[name]
+    ids = ids_of(3, 13)
+    with torch.no_grad():
+        theirs = hf(ids).logits
+    for path in (per_expert, fused):
+        for backend in BACKENDS:
+            model = Llama.from_pretrained(path, backend=backend)
+            with torch.no_grad():
+                err = (model(ids) - theirs).abs().max().item() / theirs.abs().max().item()
+            assert err <= 1e-4, (path, backend, err)
+    kinds = [type(layer.feed_forward).__name__ for layer in model.layers]
+    assert kinds == (["MoEFeedForward", "FeedForward"] if name == "qwen2_moe" else ["MoEFeedForward"] * 2)
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_greedy_ragged_batch_matches_transformers(checkpoints, name):
+    """A right-padded ragged batch, both backends: each row is the prompt, then the 16 tokens
+    transformers' greedy generate gives that prompt alone, then padding."""
+    hf, path, _ = checkpoints[name]
+    lengths = [9, 4, 12]
+    ids = ids_of(3, 12, seed=5)
+    theirs = [hf.generate(ids[b:b + 1, :L], max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0] for b, L in enumerate(lengths)]
+    for backend in BACKENDS:
+        model = Llama.from_pretrained(path, backend=backend)
+        out = model.generate(ids, NEW_TOKENS, prompt_lengths=torch.tensor(lengths), pad_token_id=VOCAB - 1)
+        assert out.shape == (3, 12 + NEW_TOKENS)
+        for b, L in enumerate(lengths):
+            assert torch.equal(out[b, :L + NEW_TOKENS], theirs[b]), (backend, b)
+            assert (out[b, L + NEW_TOKENS:] == VOCAB - 1).all()
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_bf16_runs(checkpoints, name):
+    _, path, _ = checkpoints[name]
+    ids = ids_of(2, 24)  # 48 tokens: the prefill experts take the fp32-multiply path
+    truth = Llama.from_pretrained(path, backend="torch")
+    with torch.no_grad():
+        ref = truth(ids)
+        outs = {}
+        for backend in BACKENDS:
+            model = Llama.from_pretrained(path, backend=backend, dtype=torch.bfloat16)
+            assert model.layers[0].feed_forward.w13.dtype == torch.bfloat16
+            outs[backend] = model(ids).float()
+            assert torch.isfinite(outs[backend]).all()
+            assert model.generate(ids[:, :6], 4).shape == (2, 10)
+    assert_error_ratio(outs["fastattn"], outs["torch"], ref, f"{name} bf16 logits", atol=1e-2)
+
+
+def test_decoder_sparse_step_layers():
+    """Qwen2/3-MoE pick the MoE layers as transformers does: (i + 1) % decoder_sparse_step == 0
+    and i not in mlp_only_layers."""
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
+                      num_attention_heads=4, num_experts=4, moe_intermediate_size=16, decoder_sparse_step=2,
+                      mlp_only_layers=[3])
+    model = Llama(cfg)
+    assert [type(l.feed_forward).__name__ == "MoEFeedForward" for l in model.layers] == \
+        [False, True, False, False, False, True]
+    assert model.layers[1].feed_forward.w13.shape == (4, 32, 32)
+    assert model.layers[0].feed_forward.w13.weight.shape == (96, 32)
+    with torch.no_grad():
+        assert model(ids_of(1, 5)).shape == (1, 5, VOCAB)
+
+
+def _write(tmp_path, name, **changes):
+    config = dict(json.load(open(os.path.join(name, "config.json"))))
+    config.update(changes)
+    folder = tmp_path / "edited"
+    folder.mkdir(exist_ok=True)
+    for f in os.listdir(name):
+        if f != "config.json":
+            dst = folder / f
+            if not dst.exists():
+                os.symlink(os.path.join(name, f), dst)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_unsupported_fields_are_named(checkpoints, tmp_path):
+    _, path, _ = checkpoints["mixtral"]
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        Llama.from_pretrained(_write(tmp_path, path, num_experts_per_tok=5))
+    with pytest.raises(ValueError, match="hidden_act"):
+        Llama.from_pretrained(_write(tmp_path, path, hidden_act="gelu"))
+    with pytest.raises(ValueError, match="model_type 'deepseek_v2'"):
+        Llama.from_pretrained(_write(tmp_path, path, model_type="deepseek_v2"))
+    with pytest.raises(ValueError, match="num_experts"):
+        LlamaConfig(num_experts=-1)
+    with pytest.raises(ValueError, match="decoder_sparse_step"):
+        LlamaConfig(num_experts=4, decoder_sparse_step=0)
+    # a checkpoint whose expert count disagrees with the config is refused, naming a tensor
+    with pytest.raises(ValueError, match="experts"):
+        Llama.from_pretrained(_write(tmp_path, path, num_local_experts=3))
