@@ -113,6 +113,14 @@ ARCHS = {
     "qwen2_window": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
                      dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=WINDOW,
                           max_window_layers=1)),
+    # q/k RMSNorm per head, head_dim (32) != hidden / heads, biases on q/k/v and o, layer 1 slides
+    "qwen3_window": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+                     dict(head_dim=32, attention_bias=True, use_sliding_window=True, sliding_window=WINDOW,
+                          max_window_layers=1)),
+    # fused qkv_proj / gate_up_proj, RoPE on half of each head, every layer slides
+    "phi3_partial_rotary": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+                            dict(partial_rotary_factor=0.5, sliding_window=WINDOW, pad_token_id=0,
+                                 bos_token_id=1, eos_token_id=2)),
 }
 
 LENGTHS = [13, 7, 10]  # ragged, every prompt longer than WINDOW
@@ -142,11 +150,14 @@ def test_bf16_runs_and_agrees(arch):
 
 # ---- sliding window specifics ---------------------------------------------------------------
 def test_layer_types_read_as_transformers_does(arch):
-    name, hf, path = arch
-    model = Llama.from_pretrained(path)
-    assert model.config.layer_types == list(hf.config.layer_types if name.startswith("qwen")
-                                            else ["sliding_attention"] * hf.config.num_hidden_layers)
-    assert model.config.sliding_window == WINDOW
+    _, hf, path = arch
+    config = Llama.from_pretrained(path).config
+    window = getattr(hf.config, "sliding_window", None)
+    expected = getattr(hf.config, "layer_types", None)  # Mistral / Phi-3 carry none: all layers alike
+    if expected is None:
+        expected = ["full_attention" if window is None else "sliding_attention"] * hf.config.num_hidden_layers
+    assert config.sliding_window == window
+    assert config.layer_types == list(expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -174,8 +185,9 @@ def test_window_matters_and_training_forward(backend, tmp_path):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-def test_sliding_window_config_errors(arch):
-    name, _, path = arch
+def test_sliding_window_config_errors(tmp_path):
+    config_cls, model_cls, kw = ARCHS["qwen2_window"]
+    path = save_hf(build_hf(config_cls, model_cls, **kw), tmp_path)
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     with pytest.raises(ValueError, match="layer_types entry 'chunked_attention'"):
@@ -194,3 +206,35 @@ def test_sliding_window_config_errors(arch):
     assert off.sliding_window is None and set(off.layer_types) == {"full_attention"}
     llama = LlamaConfig.from_hf({**cfg, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     assert llama.sliding_window is None and set(llama.layer_types) == {"full_attention"}
+
+
+# ---- Qwen3 and Phi-3 specifics ---------------------------------------------------------------
+def test_qwen3_qk_norm_and_phi3_partial_rotary_config(arch):
+    name, hf, path = arch
+    config = Llama.from_pretrained(path).config
+    assert config.qk_norm == name.startswith("qwen3")
+    if name.startswith("qwen3"):
+        assert config.head_dim == 32 and config.attention_bias and config.o_proj_bias
+    if name.startswith("phi3"):
+        assert config.partial_rotary_factor == 0.5 and config.rotary_dim == config.head_dim // 2
+
+
+def test_phi3_unsupported_fields(tmp_path):
+    config_cls, model_cls, kw = ARCHS["phi3_partial_rotary"]
+    path = save_hf(build_hf(config_cls, model_cls, **kw), tmp_path)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    half = cfg["hidden_size"] // cfg["num_attention_heads"] // 4
+    longrope = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                "short_factor": [1.0] * half, "long_factor": [2.0] * half,
+                "original_max_position_embeddings": 32}
+    with pytest.raises(ValueError, match="rope_scaling type 'longrope'"):
+        LlamaConfig.from_hf({**cfg, "rope_parameters": longrope})
+    with pytest.raises(ValueError, match="rope_scaling type 'su'"):  # the old name (transformers 4)
+        LlamaConfig.from_hf({**{k: v for k, v in cfg.items() if k != "rope_parameters"},
+                             "rope_scaling": {**longrope, "rope_type": "su"}})
+    with pytest.raises(ValueError, match="partial_rotary_factor"):  # rotary_dim 16 * 0.3 -> 4.8 -> 4 ok; 0.1 -> 1
+        LlamaConfig.from_hf({**cfg, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                        "partial_rotary_factor": 0.1}})
+    with pytest.raises(ValueError, match="hidden_act"):
+        LlamaConfig.from_hf({**cfg, "hidden_act": "gelu_new"})
