@@ -153,10 +153,11 @@ def test_low_precision_both_expert_paths(dtype, monkeypatch):
     """Experts with many tokens multiply in fp32 (CPU), those with few natively: both within
     the error-ratio rule of the fp32 module, and they agree with each other."""
     m = make_moe(experts=4, top_k=2, shared_expert_intermediate_size=40)
-    x = torch.randn(64, 32)  # ~32 rows per expert: above UPCAST_MIN_ROWS
+    x = torch.randn(64, 32)  # ~32 rows per expert
     with torch.no_grad():
         ref = m(x)
         low = m.to(dtype)
+        monkeypatch.setattr(moe_mod, "UPCAST_MIN_ROWS", 1)
         wide = low(x.to(dtype))
         monkeypatch.setattr(moe_mod, "UPCAST_MIN_ROWS", 10 ** 9)
         native = low(x.to(dtype))
@@ -276,9 +277,11 @@ def test_greedy_ragged_batch_matches_transformers(checkpoints, name):
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_bf16_runs(checkpoints, name):
+def test_bf16_runs(checkpoints, name, monkeypatch):
     _, path, _ = checkpoints[name]
-    ids = ids_of(2, 24)  # 48 tokens: the prefill experts take the fp32-multiply path
+    # prefill experts (~24 rows each) take the fp32-multiply path, decode experts (<= 2) the native one
+    monkeypatch.setattr(moe_mod, "UPCAST_MIN_ROWS", 8)
+    ids = ids_of(2, 24)
     truth = Llama.from_pretrained(path, backend="torch")
     with torch.no_grad():
         ref = truth(ids)

@@ -21,6 +21,7 @@ FAMILIES = [
     ("decode", "decode attention over a KV cache"),
     ("model_prefill", "model prefill"),
     ("model_decode", "model decode step"),
+    ("moe", "mixture-of-experts feed-forward"),
 ]
 _UNITS = {"gbps": "GB/s", "tflops": "TFLOP/s", "tokens_per_s": "tok/s"}
 
@@ -54,6 +55,8 @@ def family_of(op: str):
         return "model_prefill", ""
     if op == "model decode":
         return "model_decode", ""
+    if op == "moe":
+        return "moe", ""
     return op, ""
 
 
