@@ -238,3 +238,29 @@ def test_phi3_unsupported_fields(tmp_path):
                                                         "partial_rotary_factor": 0.1}})
     with pytest.raises(ValueError, match="hidden_act"):
         LlamaConfig.from_hf({**cfg, "hidden_act": "gelu_new"})
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_torch_backend_windowed_decode_equals_reference(paged, softcap):
+    """The torch backend's one-call windowed decode (CUDA-graph capturable) is
+    reference.attention_with_kvcache with window=(w, 0) for one query per sequence."""
+    from fastattn import reference
+    from fastattn.models.llama import _windowed_decode_reference
+
+    B, H, Hk, D, cap, page = 3, 4, 2, 16, 24, 4
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, 1, H, D, generator=g)
+    lengths = torch.tensor([1, 9, 24], dtype=torch.int32)
+    if paged:
+        pages = cap // page
+        table = torch.randperm(B * pages, generator=g).view(B, pages).to(torch.int32) + 1
+        k_cache = torch.randn(B * pages + 1, page, Hk, D, generator=g)
+    else:
+        table, k_cache = None, torch.randn(B, cap, Hk, D, generator=g)
+    v_cache = torch.randn(k_cache.shape, generator=g)
+    for window in (0, 3, 30):
+        ours = _windowed_decode_reference(q, k_cache, v_cache, lengths, table, window, None, softcap)
+        ref = reference.attention_with_kvcache(q, k_cache, v_cache, lengths, block_table=table, causal=True,
+                                               window=(window, 0), softcap=softcap)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)

@@ -15,6 +15,18 @@ i - sliding_window + 1 .. i (sliding_window tokens, itself included, as transfor
 prefill / training attention, and for a decode step attention_with_kvcache with that window
 instead of decode_attention (which has none). The KV cache still keeps every row.
 
+Gemma 1/2/3 (model types gemma, gemma2, gemma3_text) are config switches on the same block:
+RMSNorm weights stored as offsets, x / rms(x) * (1 + w) in fp32 (``norm_unit_offset``; the
+fastattn backend uses ``fastattn.nn.rms_norm_unit_offset``, the function behind
+``fastattn.nn.RMSNorm(unit_offset=True)``), embeddings times sqrt(hidden_size) rounded to the
+model dtype, GeGLU (``hidden_act="gelu_pytorch_tanh"``), softmax scale
+query_pre_attn_scalar ** -0.5; Gemma 2/3 also norm each sublayer's output before its residual
+add (``sandwich_norms``) and alternate sliding and full layers; Gemma 2 soft-caps attention
+scores (the kernels' ``softcap=``) and the final logits, z -> cap * tanh(z / cap); Gemma 3 has
+q/k norms and rotates its sliding layers with their own unscaled RoPE base
+(``rope_local_theta``, from rope_local_base_freq) and its full layers with rope_theta and
+rope_scaling.
+
 Backends (same weights, same outputs within rounding):
   "fastattn"  fastattn.rms_norm (residual add fused into the norm), fastattn.apply_rotary,
               fastattn.flash_attention for prefill and training, fastattn.append_kv +
@@ -84,7 +96,8 @@ LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's config.l
 MLP_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 # Hugging Face model types this file reproduces exactly (same block, same names).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe",
+                         "gemma", "gemma2", "gemma3_text")
 
 
 # ---------------------------------------------------------------------------------------
@@ -528,10 +541,28 @@ def _decode_attention(backend: str, q: Tensor, k_cache: Tensor, v_cache: Tensor,
     if window >= 0:
         if backend == "fastattn":
             return fastattn.attention_with_kvcache(q, k_cache, v_cache, lengths, causal=True, window=(window, 0), **kw)
-        return reference.attention_with_kvcache(q, k_cache, v_cache, lengths, causal=True, window=(window, 0), **kw)
+        return _windowed_decode_reference(q, k_cache, v_cache, lengths, block_table, window, scale, softcap)
     if backend == "fastattn":
         return fastattn.decode_attention(q, k_cache, v_cache, lengths, **kw)
     return reference.decode_attention(q, k_cache, v_cache, lengths, **kw)
+
+
+def _windowed_decode_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
+                               block_table: Optional[Tensor], window: int, scale: Optional[float],
+                               softcap: float) -> Tensor:
+    """reference.attention_with_kvcache(q, ..., lengths, window=(window, 0)) for one query per
+    sequence, as a single masked reference.attention call: sequence b sees cache rows
+    [lengths[b] - 1 - window, lengths[b]). (The reference loops over sequences with a host
+    sync each, which CUDA graphs cannot capture; tests check both give the same.)"""
+    if block_table is not None:  # the pages gathered into (B, capacity, Hk, D)
+        rows = block_table.shape[1] * k_cache.shape[1]
+        k_cache = reference.paged_rows(k_cache, block_table, rows)
+        v_cache = reference.paged_rows(v_cache, block_table, rows)
+    j = torch.arange(k_cache.shape[1], device=q.device).view(1, -1)
+    last = lengths.long().view(-1, 1) - 1  # (B, 1): the query's row
+    visible = (j <= last) & (j >= last - window)  # (B, capacity)
+    return reference.attention(q, k_cache, v_cache, softmax_scale=scale, key_padding_mask=visible,
+                               softcap=float(softcap or 0.0))
 
 
 def paged_kernels_available() -> bool:
