@@ -56,3 +56,15 @@ def check_softmax_scale(scale, name: str = "softmax_scale"):
     if not math.isfinite(scale) or abs(scale) > _FLOAT32_MAX:  # the kernels scale in fp32
         raise ValueError(f"{name} must be finite in float32 (|{name}| <= {_FLOAT32_MAX:.4g}), got {scale}")
     return scale
+
+
+def check_softcap(softcap, name: str = "softcap") -> float:
+    """Logit soft-capping: 0 (off) or a positive real number finite in float32, returned as a
+    Python float. Anything else (negative, NaN, inf, a bool, a tensor, a string) is a
+    ValueError naming the argument: a wrong cap would silently give NaN or a wrong softmax."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise ValueError(f"{name} must be a real number >= 0 (0 = off), got {type(softcap).__name__}: {softcap!r}")
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap < 0 or softcap > _FLOAT32_MAX:
+        raise ValueError(f"{name} must be 0 (off) or a positive number finite in float32, got {softcap}")
+    return softcap

@@ -17,6 +17,7 @@ from ._validate import (
     check_last_dim_contiguous,
     check_same_device,
     check_same_dtype,
+    check_softcap,
     check_softmax_scale,
     check_tensor,
 )
@@ -410,9 +411,10 @@ def flash_attention(
     causal: bool = False,
     softmax_scale: Optional[float] = None,
     window=(-1, -1),
+    softcap: float = 0.0,
     return_lse: bool = False,
 ):
-    """FlashAttention: ``softmax(q k^T * softmax_scale + mask) v`` without materialising the scores.
+    """FlashAttention: ``softmax(cap(q k^T * softmax_scale) + mask) v`` without materialising the scores.
 
     Args:
         q: (B, Sq, H, D) query. float32/float16/bfloat16 on the CPU, float16/bfloat16 on
@@ -428,7 +430,11 @@ def flash_attention(
             ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 is unbounded, and so is any
             side >= Sq + Sk (e.g. ``sys.maxsize``). ``causal`` sets right = 0. Rows that see
             no key output 0 (and lse = -inf).
-        return_lse: also return the log-sum-exp of the scaled scores.
+        softcap: logit soft-capping (Gemma 2, Grok; flash-attn's ``softcap``): when > 0 each
+            scaled score s becomes ``cap(s) = softcap * tanh(s / softcap)`` before the mask
+            and softmax; 0 (the default) is off and runs the uncapped kernel. A real number
+            >= 0, finite in float32 (ValueError otherwise).
+        return_lse: also return the log-sum-exp of the (capped) scaled scores.
 
     Returns:
         out (B, Sq, H, D) contiguous, q's dtype; with return_lse, ``(out, lse)`` where lse is
@@ -449,9 +455,10 @@ def flash_attention(
     if causal:
         right = 0
     softmax_scale = check_softmax_scale(softmax_scale)
+    softcap = check_softcap(softcap)
     if softmax_scale is None:
         softmax_scale = D ** -0.5
-    out, lse = ops.flash_attn_fwd(q, k, v, softmax_scale, left, right)
+    out, lse = ops.flash_attn_fwd(q, k, v, softmax_scale, left, right, softcap)
     return (out, lse) if return_lse else out
 
 
@@ -577,6 +584,7 @@ def flash_attention_varlen(
     causal: bool = False,
     softmax_scale: Optional[float] = None,
     window=(-1, -1),
+    softcap: float = 0.0,
     return_lse: bool = False,
 ):
     """FlashAttention over a packed batch of variable-length sequences (flash-attn's varlen API).
@@ -605,7 +613,9 @@ def flash_attention_varlen(
         window: (left, right) sliding window per sequence, as ``flash_attention``: query i
             sees keys in ``[i + Sk_i - Sq_i - left, i + Sk_i - Sq_i + right]``; -1 (or any
             side >= max_seqlen_q + max_seqlen_k) is unbounded; ``causal`` sets right = 0.
-        return_lse: also return the log-sum-exp of the scaled scores.
+        softcap: > 0 caps each scaled score s to ``softcap * tanh(s / softcap)`` before the
+            softmax, as ``flash_attention``; 0 = off.
+        return_lse: also return the log-sum-exp of the (capped) scaled scores.
 
     Returns:
         out (total_q, H, D) contiguous in q's dtype; with return_lse, ``(out, lse)`` where lse
@@ -634,10 +644,11 @@ def flash_attention_varlen(
     if causal:
         right = 0
     softmax_scale = check_softmax_scale(softmax_scale)
+    softcap = check_softcap(softcap)
     if softmax_scale is None:
         softmax_scale = D ** -0.5
     out, lse = ops.flash_attn_varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, left, right
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, left, right, softcap
     )
     return (out, lse) if return_lse else out
 
@@ -731,10 +742,11 @@ def decode_attention(
     num_splits: int = 0,
     return_lse: bool = False,
     block_table: Optional[Tensor] = None,
+    softcap: float = 0.0,
 ):
     """Attention of one new query token per sequence over a KV cache (the decode step).
 
-    ``out[b, h] = softmax(softmax_scale * q[b, h] . K_b[:L_b, h // G]) V_b[:L_b, h // G]``
+    ``out[b, h] = softmax(cap(softmax_scale * q[b, h] . K_b[:L_b, h // G])) V_b[:L_b, h // G]``
     with ``G = H // Hk``, ``L_b = cache_seqlens[b]`` (ragged batches) and ``K_b`` sequence
     b's keys (its cache row, or its pages).
 
@@ -766,6 +778,8 @@ def decode_attention(
             (ValueError); on CUDA the table is never read on the host and the kernel clamps
             entries into the pool, so a bad entry reads a wrong page but never memory
             outside the pool.
+        softcap: logit soft-capping, ``cap(s) = softcap * tanh(s / softcap)`` when > 0
+            (Gemma 2); 0 = off (``cap(s) = s``). As in ``flash_attention``.
 
     Returns:
         out with q's shape and dtype, or ``(out, lse)`` with return_lse.
@@ -778,8 +792,10 @@ def decode_attention(
         raise ValueError(f"q must be (B, H, D) or (B, 1, H, D), got shape {tuple(q.shape)}")
     _check_cache_query(q, k_cache, v_cache, cache_seqlens, block_table, q.shape[0])
     softmax_scale = check_softmax_scale(softmax_scale)
+    softcap = check_softcap(softcap)
     _check_num_splits(num_splits)
-    out, lse = ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, block_table)
+    out, lse = ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, block_table,
+                                    softcap)
     return (out, lse) if return_lse else out
 
 
@@ -795,6 +811,7 @@ def attention_with_kvcache(
     causal: bool = True,
     window=(-1, -1),
     softmax_scale: Optional[float] = None,
+    softcap: float = 0.0,
     num_splits: int = 0,
     return_lse: bool = False,
 ):
@@ -823,7 +840,7 @@ def attention_with_kvcache(
         block_table: (B, max_pages_per_seq) int32 for a paged cache (see ``decode_attention``).
         causal: mask keys after each query's position (default True, as a decoder needs).
         window: (left, right) sliding window, -1 = unbounded; causal sets right = 0.
-        softmax_scale, num_splits: as in ``decode_attention``.
+        softmax_scale, softcap, num_splits: as in ``decode_attention``.
         return_lse: also return lse (B, H, Sq) float32.
 
     Returns:
@@ -847,6 +864,7 @@ def attention_with_kvcache(
     if causal:
         right = 0
     softmax_scale = check_softmax_scale(softmax_scale)
+    softcap = check_softcap(softcap)
     _check_num_splits(num_splits)
     if k is not None:
         for t, name in ((k, "k"), (v, "v")):
@@ -857,7 +875,7 @@ def attention_with_kvcache(
                              f"got shape {tuple(k.shape)}")
         append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table)
     out, lse = ops.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, left,
-                                          right, Sq if k is not None else 0, num_splits)
+                                          right, Sq if k is not None else 0, num_splits, softcap)
     return (out, lse) if return_lse else out
 
 
