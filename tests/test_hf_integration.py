@@ -184,6 +184,9 @@ def _arch_config(arch):
         return transformers.GemmaConfig(**base, head_dim=16)
     if arch == "gemma3":  # sliding-window layers (their masked calls run on flash_attention_varlen)
         return transformers.Gemma3TextConfig(**base, head_dim=16, sliding_window=5)
+    if arch == "gemma2":  # soft-capped scores on the kernels' softcap= (SDPA has none: eager is the reference)
+        return transformers.Gemma2Config(**base, head_dim=16, sliding_window=5, attn_logit_softcapping=1.0,
+                                         final_logit_softcapping=2.0)
     if arch == "mistral-window":  # sliding window narrower than the prompts
         return transformers.MistralConfig(**base, sliding_window=5)
     raise AssertionError(arch)
@@ -194,7 +197,7 @@ def _sdpa_and_fastattn(arch, patch):
     cfg = _arch_config(arch)
     torch.manual_seed(0)
     theirs = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    theirs.set_attn_implementation("sdpa")
+    theirs.set_attn_implementation("eager" if arch == "gemma2" else "sdpa")
     mine = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg)).eval()  # its own config
     mine.load_state_dict(theirs.state_dict())
     mine.set_attn_implementation("fastattn")
@@ -208,7 +211,7 @@ def _assert_logits_close(mine, theirs):
     assert (mine - theirs).abs().max().item() <= 1e-4 * max(scale, 1.0)
 
 
-ARCHS = ["llama-gqa", "llama-mqa", "qwen2", "phi3", "qwen3", "gemma", "gemma3"]
+ARCHS = ["llama-gqa", "llama-mqa", "qwen2", "phi3", "qwen3", "gemma", "gemma2", "gemma3"]
 
 
 @pytest.mark.parametrize("patch", [False, True], ids=["plain", "patched"])
@@ -223,7 +226,7 @@ def test_static_cache_forward_and_generate_match_sdpa(arch, patch, monkeypatch):
         logits = [m(ids, cache=StaticCache(config=m.config, max_cache_len=29), use_cache=True).logits
                   for m in (theirs, mine)]
     _assert_logits_close(logits[1], logits[0])
-    if arch != "gemma3":
+    if arch not in ("gemma2", "gemma3"):  # (their sliding layers' masked calls run on the varlen kernel)
         assert len(spy.calls) == 2  # the prefill ran on the kernel, not on the fallback
     kw = dict(max_new_tokens=8, do_sample=False, cache_implementation="static", pad_token_id=0,
               eos_token_id=None, output_logits=True, return_dict_in_generate=True)
