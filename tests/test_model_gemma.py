@@ -274,3 +274,20 @@ def test_unit_offset_norm_init():
     with pytest.raises(ValueError, match="hidden_act 'gelu'"):
         LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                     num_attention_heads=2, hidden_act="gelu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_embedding_scale_rounds_as_transformers(dtype):
+    """sqrt(48) is not representable: transformers multiplies by its fp32 value cast to the
+    weights' dtype (6.9375 in bf16), and so does the model."""
+    from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=2, head_dim=16, embedding_multiplier=48 ** 0.5)
+    model = Llama(cfg, backend="torch").to(dtype)
+    theirs = GemmaTextScaledWordEmbedding(VOCAB, 48, 0, embed_scale=48 ** 0.5).to(dtype)
+    with torch.no_grad():
+        theirs.weight.copy_(model.tok_embeddings.weight)
+    ids = ids_of(2, 9)
+    mine = model.tok_embeddings(ids) * model._embedding_scale(dtype)
+    assert torch.equal(mine, theirs(ids))

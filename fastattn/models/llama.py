@@ -15,6 +15,15 @@ i - sliding_window + 1 .. i (sliding_window tokens, itself included, as transfor
 prefill / training attention, and for a decode step attention_with_kvcache with that window
 instead of decode_attention (which has none). The KV cache still keeps every row.
 
+Qwen3: q and k are RMS-normed per head over head_dim (``qk_norm``) before RoPE; head_dim
+comes from the config. Phi-3: the checkpoint's fused qkv_proj and gate_up_proj load as they
+are (same row order as ours); ``partial_rotary_factor`` < 1 rotates only the first
+rotary_dim = int(head_dim * factor) dims of each head (cos/sin tables of width rotary_dim / 2,
+the kernels pass the other dims through); LongRoPE (``rope_scaling`` type "longrope", or
+"su" / "yarn" on Phi-3, as transformers reads them) keeps short- and long-factor tables and,
+like transformers, rotates a whole forward pass with the long ones once its largest position
++ 1 exceeds original_max_position_embeddings (decided on the device during decode).
+
 Gemma 1/2/3 (model types gemma, gemma2, gemma3_text) are config switches on the same block:
 RMSNorm weights stored as offsets, x / rms(x) * (1 + w) in fp32 (``norm_unit_offset``; the
 fastattn backend uses ``fastattn.nn.rms_norm_unit_offset``, the function behind
@@ -26,6 +35,13 @@ scores (the kernels' ``softcap=``) and the final logits, z -> cap * tanh(z / cap
 q/k norms and rotates its sliding layers with their own unscaled RoPE base
 (``rope_local_theta``, from rope_local_base_freq) and its full layers with rope_theta and
 rope_scaling.
+
+Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): the MLP of a layer is replaced by
+``fastattn.models.moe.MoEFeedForward`` (softmax router, top-k, renormalised as the config says,
+Qwen2-MoE's sigmoid-gated shared expert; tokens grouped per expert, no loop over tokens) on the
+layers ``LlamaConfig.is_moe_layer`` picks (Qwen's decoder_sparse_step / mlp_only_layers keep
+dense layers in between). It is plain torch, the same on both backends. Its decode step syncs
+with the host once per layer (per-expert token counts), so ``cuda_graph=True`` does not apply.
 
 Backends (same weights, same outputs within rounding):
   "fastattn"  fastattn.rms_norm (residual add fused into the norm), fastattn.apply_rotary,
@@ -182,10 +198,12 @@ class LlamaConfig:
                              f"int(head_dim * partial_rotary_factor) >= 2, got {f!r} (head_dim {self.head_dim})")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if rope_type not in ("default", "linear", "llama3"):
+            if rope_type not in ("default", "linear", "llama3", "longrope"):
                 raise ValueError(
-                    f"rope_scaling type {rope_type!r} is not supported (supported: 'linear', 'llama3')"
+                    f"rope_scaling type {rope_type!r} is not supported (supported: 'linear', 'llama3', 'longrope')"
                 )
+            if rope_type == "longrope":
+                self._check_longrope()
         self._check_layer_types()
         self._check_gemma_fields()
         self._check_moe_fields()
@@ -246,6 +264,28 @@ class LlamaConfig:
         if w is None and "sliding_attention" in self.layer_types:
             raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None")
 
+    def _check_longrope(self) -> None:
+        r, half = self.rope_scaling, self.rotary_dim // 2
+        for name in ("short_factor", "long_factor"):
+            f = r.get(name)
+            if not isinstance(f, (list, tuple)) or len(f) != half or not all(
+                    isinstance(x, numbers.Real) and not isinstance(x, bool) and x > 0 for x in f):
+                raise ValueError(f"rope_scaling {name} must be {half} positive numbers (rotary_dim / 2) for "
+                                 f"'longrope', got {f!r}")
+        orig = r.get("original_max_position_embeddings")
+        if isinstance(orig, bool) or not isinstance(orig, int) or orig < 1:
+            raise ValueError(f"rope_scaling original_max_position_embeddings must be a positive int for "
+                             f"'longrope', got {orig!r}")
+
+    @property
+    def longrope_switch(self) -> Optional[int]:
+        """LongRoPE (Phi-3): the pretraining length past which a pass uses the long factors;
+        None for every other RoPE."""
+        r = self.rope_scaling
+        if r is None or r.get("rope_type", r.get("type")) != "longrope":
+            return None
+        return r["original_max_position_embeddings"]
+
     @property
     def rotary_dim(self) -> int:
         """Dims of each head that RoPE rotates (the first ones; the rest pass through)."""
@@ -281,6 +321,12 @@ class LlamaConfig:
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         partial = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if model_type == "phi3" and rope_type in ("su", "yarn"):  # transformers reads both as longrope
+            rope_type = rope["rope_type"] = "longrope"
+        if rope_type == "longrope":  # the pretraining length; Phi-3's top-level field wins, as in transformers
+            top = hf.get("original_max_position_embeddings", 4096 if model_type == "phi3" else None)
+            rope["original_max_position_embeddings"] = (
+                top if top is not None else rope.get("original_max_position_embeddings", hf.get("max_position_embeddings")))
         scaling = None if rope_type == "default" else rope
         if model_type == "qwen2":
             attention_bias, o_proj_bias = True, False
@@ -454,6 +500,34 @@ def rope_tables(
     t = torch.arange(max_positions, device=device, dtype=torch.int64).float()
     freqs = torch.outer(t, inv_freq)  # (max_positions, head_dim / 2)
     return freqs.cos(), freqs.sin()
+
+
+def longrope_tables(rotary_dim: int, max_positions: int, theta: float, scaling: dict,
+                    device=None) -> Tuple[Tensor, Tensor]:
+    """LongRoPE (Phi-3) cos, sin tables of shape (2 * max_positions, rotary_dim // 2), float32.
+
+    Rows [0, max_positions) use the short factors, rows [max_positions, 2 * max_positions)
+    the long ones: inverse frequency i is 1 / (factor_i * theta ** (2i / rotary_dim)). Both
+    halves are multiplied by the attention factor (given, else sqrt(1 + ln(s) / ln(orig)) for
+    s = factor or max_positions / orig when s > 1, else 1). As transformers does, a forward
+    pass uses the long factors for all its tokens when its largest position + 1 exceeds
+    original_max_position_embeddings: ``Llama`` then reads the second half (positions offset
+    by max_positions)."""
+    orig = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor")
+    factor = max_positions / orig if factor is None else factor
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
+    t = torch.arange(max_positions, device=device, dtype=torch.int64).float()
+    cos, sin = [], []
+    for name in ("short_factor", "long_factor"):
+        ext = torch.tensor(scaling[name], dtype=torch.float32, device=device)
+        freqs = torch.outer(t, 1.0 / (ext * theta**exponents))  # (max_positions, rotary_dim / 2)
+        cos.append(freqs.cos() * attention_factor)
+        sin.append(freqs.sin() * attention_factor)
+    return torch.cat(cos), torch.cat(sin)
 
 
 # ---------------------------------------------------------------------------------------
@@ -967,7 +1041,10 @@ class Llama(nn.Module):
         if key not in self._rope:
             c = self.config
             theta, scaling = (c.rope_local_theta, None) if local else (c.rope_theta, c.rope_scaling)
-            self._rope[key] = rope_tables(c.rotary_dim, c.max_position_embeddings, theta, scaling, device=device)
+            if c.longrope_switch is not None and not local:  # short then long half: see longrope_tables
+                self._rope[key] = longrope_tables(c.rotary_dim, c.max_position_embeddings, theta, scaling, device)
+            else:
+                self._rope[key] = rope_tables(c.rotary_dim, c.max_position_embeddings, theta, scaling, device=device)
         return self._rope[key]
 
     @property
@@ -984,16 +1061,40 @@ class Llama(nn.Module):
     # -- forward ----------------------------------------------------------------------
     def _hidden(self, input_ids: Tensor, step: _Step) -> Tensor:
         """input_ids (B, S) -> final normed hidden states (B, S, hidden)."""
+        if self.config.longrope_switch is not None:
+            step = step._replace(positions=self._longrope_positions(step.positions, input_ids.shape[1],
+                                                                   input_ids.device))
         h = self.tok_embeddings(input_ids)  # (B, S, hidden)
-        if self.config.embedding_multiplier is not None:
-            # Gemma: times sqrt(hidden) rounded to the model dtype (via fp32), as transformers does
-            h = h * float(torch.tensor(self.config.embedding_multiplier, dtype=torch.float32).to(h.dtype))
+        if self.config.embedding_multiplier is not None:  # Gemma: times sqrt(hidden)
+            h = h * self._embedding_scale(h.dtype)
         delta = None
         for i, layer in enumerate(self.layers):
             h, delta = layer(h, delta, step, i)
         y, _ = _rms_norm(step.backend, delta, self.norm.weight, self.norm.eps, residual=h,
                          unit_offset=self.norm.unit_offset)
         return y
+
+    def _longrope_positions(self, positions: Optional[Tensor], S: int, device) -> Optional[Tensor]:
+        """LongRoPE picks its factors per forward pass, as transformers does: the long ones
+        (the tables' second half, rows offset by max_position_embeddings) when the pass's
+        largest position + 1 exceeds original_max_position_embeddings. positions None means
+        arange(S); given positions (decode) are tested on the device: no host sync."""
+        switch, offset = self.config.longrope_switch, self.config.max_position_embeddings
+        if positions is None:
+            return None if S <= switch else torch.arange(S, device=device) + offset
+        use_long = (positions.max() + 1 > switch).to(positions.dtype)
+        return positions + use_long * offset
+
+    def _embedding_scale(self, dtype: torch.dtype) -> float:
+        """config.embedding_multiplier rounded to fp32 and then to `dtype` (transformers keeps it
+        in an fp32 buffer and casts it to the weights' dtype), as a Python float: multiplying by
+        it is the same as by the rounded tensor, and a CUDA graph or torch.compile sees a
+        constant (the first call per dtype does the rounding)."""
+        key = (self.config.embedding_multiplier, dtype)
+        scales = self.__dict__.setdefault("_embedding_scales", {})
+        if key not in scales:
+            scales[key] = float(torch.tensor(key[0], dtype=torch.float32).to(dtype))
+        return scales[key]
 
     def _logits(self, y: Tensor) -> Tensor:
         """The LM head; with final_logit_softcapping (Gemma 2) z -> cap * tanh(z / cap), in the
