@@ -444,6 +444,12 @@ def cmd_generate(args) -> None:
     import torch
 
     device = _resolve_device(args.device)
+    if args.num_beams > 1 and (args.temperature != 0 or args.top_k is not None or args.top_p is not None):
+        raise UsageError("--num-beams > 1 is beam search, which is deterministic: drop --temperature, --top-k and "
+                         "--top-p (they are for sampling with --num-beams 1)")
+    if args.num_return_sequences > args.num_beams:
+        raise UsageError(f"--num-return-sequences {args.num_return_sequences}: at most --num-beams "
+                         f"({args.num_beams}) sequences come back")
     if args.cache == "paged" and args.backend == "fastattn":
         from fastattn.models.llama import paged_kernels_available
 
@@ -467,15 +473,22 @@ def cmd_generate(args) -> None:
     t0 = time.perf_counter()
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          generator=generator, eos_token_id=eos, progress=_stderr_is_tty(), cache=args.cache,
-                         page_size=args.page_size)
+                         page_size=args.page_size, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                         early_stopping=args.early_stopping, num_return_sequences=args.num_return_sequences,
+                         repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens)
     _sync(device)
     dt = time.perf_counter() - t0
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else eos)
+    for row in out.tolist():  # one line per returned sequence (beam search: best first)
+        new = row[len(prompt_ids):]
+        ends = [i for i, t in enumerate(new) if t in eos_ids]
+        new = new[:ends[0] + 1] if ends else new  # the padding after an eos is not text
+        if tokenizer is not None:
+            # decode prompt and continuation together: tokenizers put spaces between tokens
+            print(tokenizer.decode(prompt_ids + new, skip_special_tokens=True))
+        else:
+            print(" ".join(str(t) for t in prompt_ids + new))
     new = out[0, len(prompt_ids):].tolist()
-    if tokenizer is not None:
-        # decode prompt and continuation together: tokenizers put spaces between tokens
-        print(tokenizer.decode(prompt_ids + new, skip_special_tokens=True))
-    else:
-        print(" ".join(str(t) for t in prompt_ids + new))
     kv = ""
     if args.cache == "paged" and model.cache is not None:
         kv = f", paged KV cache: {model.cache.num_pages_used} pages of {args.page_size} tokens"
@@ -656,6 +669,30 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _early_stopping(text: str):
+    choices = {"true": True, "false": False, "never": "never"}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"must be true, false or never, got {text!r}")
+    return choices[text.lower()]
+
+
 def _top_p(text: str) -> float:
     try:
         value = float(text)
@@ -699,6 +736,20 @@ def _build_parser() -> argparse.ArgumentParser:
                         "(pages of --page-size tokens handed out as sequences grow); same tokens either way")
     p.add_argument("--page-size", type=_int_in(1), default=16, metavar="N",
                    help="tokens per page of the paged cache (default 16; used with --cache paged)")
+    p.add_argument("--num-beams", type=_int_in(1), default=1, metavar="N",
+                   help="beam search with N beams (default 1: greedy / sampling)")
+    p.add_argument("--length-penalty", type=_finite, default=1.0,
+                   help="beam search: a finished beam scores sum(log p) / length ** this (default 1)")
+    p.add_argument("--early-stopping", type=_early_stopping, default=False, metavar="{true,false,never}",
+                   help="beam search: true = stop when N beams are done; false (default) = when none can improve "
+                        "at the current length; never = at the maximum length (transformers' meanings)")
+    p.add_argument("--num-return-sequences", type=_int_in(1), default=1, metavar="R",
+                   help="beam search: print the R best beams, best first (default 1)")
+    p.add_argument("--repetition-penalty", type=_positive, default=1.0,
+                   help="> 1 discourages tokens already in the text (positive logits divided, negative "
+                        "multiplied; default 1 = off)")
+    p.add_argument("--min-new-tokens", type=_int_in(0), default=0, metavar="N",
+                   help="no eos before N new tokens (default 0)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("bench", help="run the benchmark suites (or --report a results file), print a table",
                        description="Run fastattn's benchmark suites against their peers (pytest-benchmark),\n"

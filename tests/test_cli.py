@@ -204,6 +204,13 @@ def gen(model_dir, *extra, prompt="5 6 7"):
     (["--cache", "paged", "--page-size", "-4"], ["--page-size", ">= 1", "got -4"]),
     (["--page-size", "16.5"], ["--page-size", "'16.5'"]),
     (["--cache", "ring"], ["--cache", "'ring'", "contiguous", "paged"]),
+    (["--num-beams", "0"], ["--num-beams", ">= 1"]),
+    (["--num-beams", "4", "--temperature", "0.7"], ["--num-beams", "deterministic", "--temperature"]),
+    (["--num-beams", "2", "--num-return-sequences", "3"], ["--num-return-sequences 3", "--num-beams"]),
+    (["--early-stopping", "maybe"], ["--early-stopping", "true, false or never"]),
+    (["--length-penalty", "nan"], ["--length-penalty", "finite"]),
+    (["--repetition-penalty", "0"], ["--repetition-penalty", "> 0"]),
+    (["--min-new-tokens", "-1"], ["--min-new-tokens", ">= 0"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("-") else None)
 def test_generate_bad_option_values(model_dir, capsys, extra, fragments):
     check(gen(model_dir, *extra), capsys, *fragments)
@@ -389,3 +396,26 @@ def test_info_names_the_cpu_kernel_isa(capsys):
     out = capsys.readouterr().out
     line = [ln for ln in out.splitlines() if ln.startswith("cpu isa")]
     assert len(line) == 1 and line[0].split()[2] == fastattn.cpu_isa(), out
+
+
+def test_generate_beam_search_and_penalties(model_dir, capsys):
+    """The flags reach Llama.generate: the printed beams are generate's, best first, each cut
+    after its eos."""
+    from fastattn.models import Llama
+
+    argv = gen(model_dir, "--num-beams", "3", "--num-return-sequences", "2", "--length-penalty", "0.5",
+               "--early-stopping", "never", "--repetition-penalty", "1.3", "--min-new-tokens", "2",
+               "--max-new-tokens", "6", prompt=PAGED_PROMPT)
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 0, err
+    expected = Llama.from_pretrained(model_dir).generate(
+        torch.tensor([[int(t) for t in PAGED_PROMPT.split()]]), 6, eos_token_id=2, num_beams=3,
+        num_return_sequences=2, length_penalty=0.5, early_stopping="never", repetition_penalty=1.3, min_new_tokens=2)
+    lines = out.splitlines()
+    assert len(lines) == 2
+    for line, row in zip(lines, expected.tolist()):
+        toks = [int(t) for t in line.split()]
+        assert toks == row[:len(toks)] and all(t == 2 for t in row[len(toks):])
+    rc, plain, _ = run_main(gen(model_dir, "--repetition-penalty", "1.0", prompt=PAGED_PROMPT), capsys)
+    rc2, again, _ = run_main(gen(model_dir, prompt=PAGED_PROMPT), capsys)
+    assert rc == rc2 == 0 and plain == again
