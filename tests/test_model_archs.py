@@ -219,21 +219,48 @@ def test_qwen3_qk_norm_and_phi3_partial_rotary_config(arch):
         assert config.partial_rotary_factor == 0.5 and config.rotary_dim == config.head_dim // 2
 
 
-def test_phi3_unsupported_fields(tmp_path):
+def phi3_longrope(tmp_path, seed=3):
+    """A Phi-3 with LongRoPE: 16 pretraining positions of 64, random short and long factors."""
     config_cls, model_cls, kw = ARCHS["phi3_partial_rotary"]
-    path = save_hf(build_hf(config_cls, model_cls, **kw), tmp_path)
+    half = TINY["hidden_size"] // TINY["num_attention_heads"] // 4  # rotary_dim / 2 at factor 0.5
+    g = torch.Generator().manual_seed(seed)
+    rope = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+            "short_factor": (1 + torch.rand(half, generator=g)).tolist(),
+            "long_factor": (1 + 3 * torch.rand(half, generator=g)).tolist()}
+    kw = {**kw, "max_position_embeddings": 64, "original_max_position_embeddings": 16, "rope_parameters": rope,
+          "sliding_window": None}
+    hf = build_hf(config_cls, model_cls, **kw)
+    return hf, save_hf(hf, tmp_path)
+
+
+def test_phi3_longrope_matches_transformers(tmp_path):
+    """LongRoPE switches to its long factors for a whole pass once the pass reaches past
+    original_max_position_embeddings (as transformers does), also midway through generation."""
+    hf, path = phi3_longrope(tmp_path)
+    ids = ids_of(2, 23)
+    with torch.no_grad():  # the switch matters: a 12-token pass rotates by the short factors
+        assert (hf(ids[:, :12]).logits - hf(ids).logits[:, :12]).abs().max() > 1e-3
+        for S in (12, 23):
+            check_logits(hf, path, ids[:, :S])
+    # equal prompt lengths: the batch crosses the threshold at one step, as each row alone does
+    check_generate(hf, path, ids_of(2, 10, seed=5), [10, 10])
+    assert Llama.from_pretrained(path).config.longrope_switch == 16
+
+
+def test_unsupported_rope_fields(tmp_path):
+    hf, path = phi3_longrope(tmp_path)
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
-    half = cfg["hidden_size"] // cfg["num_attention_heads"] // 4
-    longrope = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
-                "short_factor": [1.0] * half, "long_factor": [2.0] * half,
-                "original_max_position_embeddings": 32}
-    with pytest.raises(ValueError, match="rope_scaling type 'longrope'"):
-        LlamaConfig.from_hf({**cfg, "rope_parameters": longrope})
-    with pytest.raises(ValueError, match="rope_scaling type 'su'"):  # the old name (transformers 4)
-        LlamaConfig.from_hf({**{k: v for k, v in cfg.items() if k != "rope_parameters"},
-                             "rope_scaling": {**longrope, "rope_type": "su"}})
-    with pytest.raises(ValueError, match="partial_rotary_factor"):  # rotary_dim 16 * 0.3 -> 4.8 -> 4 ok; 0.1 -> 1
+    rope = cfg["rope_parameters"]
+    # transformers 4's name 'su' reads as longrope on Phi-3
+    old = {k: v for k, v in cfg.items() if k != "rope_parameters"}
+    su = LlamaConfig.from_hf({**old, "rope_scaling": {**rope, "rope_type": "su"}})
+    assert su.longrope_switch == 16 and su.rope_scaling["rope_type"] == "longrope"
+    with pytest.raises(ValueError, match="rope_scaling short_factor must be 4 positive numbers"):
+        LlamaConfig.from_hf({**cfg, "rope_parameters": {**rope, "short_factor": [1.0] * 8}})
+    with pytest.raises(ValueError, match="rope_scaling type 'dynamic' is not supported"):
+        LlamaConfig.from_hf({**cfg, "rope_parameters": {**rope, "rope_type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ValueError, match="partial_rotary_factor"):  # rotary_dim int(16 * 0.1) = 1
         LlamaConfig.from_hf({**cfg, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                         "partial_rotary_factor": 0.1}})
     with pytest.raises(ValueError, match="hidden_act"):
