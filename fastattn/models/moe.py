@@ -18,8 +18,9 @@ No Python loop over tokens: the flattened (token, slot) pairs are sorted by expe
 argsort), so each expert's tokens are one contiguous slice of the gathered input; each expert
 with tokens runs one gate/up matmul and one down matmul on its slice (the only loop is over the
 E experts, skipping those no token picked), the results go back to their (token, slot) places
-with one gather (the inverse permutation), and a (1 x k) @ (k x hidden) batched matmul per token combines them with
-the routing weights. The combine and the accumulation are fp32; the output has x's dtype.
+with one gather (the inverse permutation), and a (1 x k) @ (k x hidden) batched matmul per
+token combines them with the routing weights. The combine and the accumulation are fp32; the
+output has x's dtype.
 
 Low precision on the CPU: CPUs without bf16/fp16 matrix instructions run torch's bf16/fp16
 matmuls several times slower than fp32 ones. An expert with at least ``UPCAST_MIN_ROWS`` tokens
@@ -38,7 +39,7 @@ Router fields that do not change inference are not represented: router jitter no
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
