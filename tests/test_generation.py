@@ -208,24 +208,33 @@ def test_beam_search_cuda_graph_matches_eager(llama, backend):
 
 
 # ---- repetition_penalty and min_new_tokens (greedy) -----------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_repetition_penalty_and_min_new_tokens_greedy_match_transformers(llama, backend):
+GREEDY_IDS, GREEDY_LENGTHS = ids_of(2, S, seed=2), [S, 4]
+
+
+@pytest.fixture(scope="module")
+def greedy_cases(llama):
+    """[(generate kwargs, transformers' left-padded output)], computed once for both backends;
+    the eos id is one greedy emits at step 1, so min_new_tokens must hold it back."""
     hf, ours = llama
-    model = ours[backend]
-    ids, lengths = ids_of(2, S, seed=2), [S, 4]
-    left, mask = left_padded(ids, lengths)
-    pl = torch.tensor(lengths)
-    plain = model.generate(ids, NEW, prompt_lengths=pl, pad_token_id=PAD)
-    eos = [int(plain[0, S + 1])]  # greedy emits it at step 1: min_new_tokens must hold it back
-    for kw in (dict(repetition_penalty=1.3), dict(repetition_penalty=0.7),
-               dict(min_new_tokens=5, eos_token_id=eos),
-               dict(repetition_penalty=1.5, min_new_tokens=3, eos_token_id=eos)):
-        expected = theirs(hf, left, mask, **kw)
-        out = model.generate(ids, NEW, prompt_lengths=pl, pad_token_id=PAD, **kw)
-        assert_same_as_left_padded(out, expected, lengths)
-        assert not torch.equal(out[:, :out.shape[1]], plain[:, :out.shape[1]]) or out.shape != plain.shape, kw
-    held = model.generate(ids, NEW, prompt_lengths=pl, pad_token_id=PAD, min_new_tokens=5, eos_token_id=eos)
-    assert eos[0] not in held[0, S:S + 5].tolist()
+    plain = ours["torch"].generate(GREEDY_IDS, NEW, prompt_lengths=torch.tensor(GREEDY_LENGTHS), pad_token_id=PAD)
+    eos = [int(plain[0, S + 1])]
+    left, mask = left_padded(GREEDY_IDS, GREEDY_LENGTHS)
+    cases = [dict(repetition_penalty=1.3), dict(repetition_penalty=0.7), dict(min_new_tokens=5, eos_token_id=eos),
+             dict(repetition_penalty=1.5, min_new_tokens=3, eos_token_id=eos)]
+    return plain, [(kw, theirs(hf, left, mask, **kw)) for kw in cases]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repetition_penalty_and_min_new_tokens_greedy_match_transformers(llama, greedy_cases, backend):
+    _, ours = llama
+    plain, cases = greedy_cases
+    pl = torch.tensor(GREEDY_LENGTHS)
+    for kw, expected in cases:
+        out = ours[backend].generate(GREEDY_IDS, NEW, prompt_lengths=pl, pad_token_id=PAD, **kw)
+        assert_same_as_left_padded(out, expected, GREEDY_LENGTHS)
+        assert out.shape != plain.shape or not torch.equal(out, plain), kw  # the option matters here
+        if kw.get("min_new_tokens"):
+            assert not set(kw["eos_token_id"]) & set(out[:, S:S + kw["min_new_tokens"]].flatten().tolist())
 
 
 def test_repetition_penalty_rule():
@@ -287,7 +296,7 @@ def test_paged_kv_cache_reorder_rows_matches_contiguous():
     assert p.host_seqlens == [6, 5, 6] and p.seqlens.tolist() == [6, 5, 6]
     for got, want in zip(after, [before[2], before[0], before[2]]):
         assert torch.equal(got, want)
-    assert p.num_pages_used == used + 1  # row 1 grew from 3 to 5 tokens: one more page of 2... of its own
+    assert p.num_pages_used == used + 1  # row 1 went from 3 tokens (2 pages) to 5 (3 pages of its own)
     pages = [pg for row in p.pages for pg in row]
     assert len(pages) == len(set(pages))  # nothing shared
     with pytest.raises(ValueError, match="rows for a batch of 3"):
