@@ -291,3 +291,17 @@ def test_embedding_scale_rounds_as_transformers(dtype):
     ids = ids_of(2, 9)
     mine = model.tok_embeddings(ids) * model._embedding_scale(dtype)
     assert torch.equal(mine, theirs(ids))
+
+
+def test_softcap_without_kernel_support_is_a_clear_error(arch, monkeypatch):
+    """On a build whose kernels lack softcap=, Gemma 2 on the fastattn backend refuses with an
+    error naming the field (never silently uncapped); the torch backend still runs."""
+    name, _, path = arch
+    if name != "gemma2":
+        pytest.skip("only Gemma 2 soft-caps attention scores")
+    monkeypatch.setattr(llama_mod, "_kernels_take_softcap", lambda: False)
+    ids = ids_of(1, 8)
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match="attn_logit_softcapping.*backend='torch'"):
+            Llama.from_pretrained(path, backend="fastattn")(ids)
+        assert torch.isfinite(Llama.from_pretrained(path, backend="torch")(ids)).all()
