@@ -35,8 +35,8 @@
 // Logit soft-capping (params.softcap = c > 0): the scores here are in log2 units (the
 // queries carry scale * log2(e)), so each block's valid scores are taken back to natural
 // units, capped (c * tanh(s / c)) and returned to log2 units in place, before the band mask
-// and the running max. A template flag (kCap): the uncapped items are
-// the code they were without it.
+// and the running max. A template flag (kCap): the uncapped items are the code they were
+// without it.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -370,7 +370,7 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
       // (0 past n, and for a row that has seen no visible key yet).
       for (int64_t r = 0; r < rows; ++r) {
         float* s = sc + r * kKeyBlock;
-        // Before the -inf fills below: tanh would turn a masked -inf into -c2.
+        // Before the -inf fills below: the cap would turn a masked -inf into -softcap.
         if constexpr (kCap) cpu::softcap_row(s, n, p.softcap, 1.0f / kLog2e, kLog2e);
         for (int64_t j = n; j < kKeyBlock; ++j) s[j] = kNegInf;
         const int64_t lo = band.lo(r / group), hi = band.hi(r / group);
