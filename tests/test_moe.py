@@ -68,6 +68,8 @@ def test_module_matches_per_token_loop(top_k, norm, shared):
         ours, ref = m(x), naive_moe(m, x)
     assert ours.shape == x.shape and ours.dtype == torch.float32
     assert (ours - ref).abs().max().item() <= 1e-5
+    # the autograd path (per-expert SwiGLU, concatenated) gives the same numbers
+    assert (m(x).detach() - ours).abs().max().item() <= 1e-6
 
 
 def test_one_token_and_an_expert_nobody_picks():
@@ -339,3 +341,19 @@ def test_unsupported_fields_are_named(checkpoints, tmp_path):
     # a checkpoint whose expert count disagrees with the config is refused, naming a tensor
     with pytest.raises(ValueError, match="experts"):
         Llama.from_pretrained(_write(tmp_path, path, num_local_experts=3))
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["grouped_mm", "eager"])
+def test_bench_builds_the_same_block_as_transformers(eager):
+    """bench_moe's pair shares its weights, and the module equals transformers'
+    MixtralSparseMoeBlock (fp32 exactly up to summation order; bf16 within rounding)."""
+    from fastattn.benchmarks import bench_moe
+
+    shape = dict(hidden=32, inter=48, experts=4, top_k=2)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        ours, theirs = bench_moe.build(dtype, device="cpu", shape=shape, eager=eager)
+        assert theirs.experts.gate_up_proj is ours.w13 and theirs.gate.weight is ours.router.weight
+        x = torch.randn(2, 40, 32).to(dtype)
+        with torch.no_grad():
+            a, b = ours(x).float(), theirs(x).float()
+        assert (a - b).abs().max().item() <= tol * b.abs().max().item()

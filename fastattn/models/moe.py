@@ -20,7 +20,8 @@ with tokens runs one gate/up matmul and one down matmul on its slice (the only l
 E experts, skipping those no token picked), the results go back to their (token, slot) places
 with one gather (the inverse permutation), and a (1 x k) @ (k x hidden) batched matmul per
 token combines them with the routing weights. The combine and the accumulation are fp32; the
-output has x's dtype.
+output has x's dtype. Without autograd (inference) the per-expert matmuls write into two
+shared buffers and silu(gate) * up runs once over all tokens, not once per expert.
 
 Low precision on the CPU: CPUs without bf16/fp16 matrix instructions run torch's bf16/fp16
 matmuls several times slower than fp32 ones. An expert with at least ``UPCAST_MIN_ROWS`` tokens
@@ -127,17 +128,54 @@ class MoEFeedForward(nn.Module):
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, token order kept
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync
         xs = x.index_select(0, order // k)  # (N*k, hidden): each slot's token, expert-major
-        ys = []
+        spans = []  # (expert, first slot, end slot) of each expert with tokens
         start = 0
         for e, n in enumerate(counts):
             if n:
-                ys.append(self._swiglu(xs[start:start + n], self.w13[e], self.w2[e], self.intermediate_size).float())
+                spans.append((e, start, start + n))
                 start += n
-        ys = torch.cat(ys) if len(ys) > 1 else ys[0]  # (N*k, hidden) fp32, expert-major
+        if torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad or self.w2.requires_grad):
+            ys = torch.cat([self._swiglu(xs[s:t], self.w13[e], self.w2[e], self.intermediate_size).float()
+                            for e, s, t in spans])  # (N*k, hidden) fp32, expert-major
+        else:
+            ys = self._experts_no_grad(xs, spans)
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)  # the inverse permutation
         slots = ys.index_select(0, back).view(N, k, self.hidden_size)  # (token, choice) order
         return torch.bmm(weights.view(N, 1, k), slots).view(N, self.hidden_size)
+
+    def _experts_no_grad(self, xs: Tensor, spans) -> Tensor:
+        """The experts on the expert-major slots xs (M, hidden) without autograd: each matmul
+        writes its expert's rows of one (M, 2 * inter) and one (M, hidden) buffer, and
+        silu(gate) * up runs once over all slots instead of once per expert (element-wise
+        passes and temporaries per expert cost more than they compute). Same numbers as
+        ``_swiglu`` per expert, except that on the CPU in bf16/fp16 the activation is computed
+        in fp32 from the (rounded) gate/up and then rounded, whichever matmul made them.
+        Returns (M, hidden) fp32."""
+        I, dtype = self.intermediate_size, xs.dtype
+        wide = dtype != torch.float32 and xs.device.type == "cpu"  # fp32 buffers, fp32 matmuls for big experts
+        buf = torch.float32 if wide else dtype
+        gate_up = xs.new_empty(xs.shape[0], 2 * I, dtype=buf)
+        for e, s, t in spans:
+            if not wide:
+                torch.mm(xs[s:t], self.w13[e].t(), out=gate_up[s:t])
+            elif t - s >= UPCAST_MIN_ROWS:
+                torch.mm(xs[s:t].float(), self.w13[e].float().t(), out=gate_up[s:t])
+            else:
+                gate_up[s:t] = F.linear(xs[s:t], self.w13[e])  # native low-precision matmul
+        gate, up = gate_up.split(I, dim=-1)
+        act = F.silu(gate).mul_(up)  # (M, inter)
+        if wide:
+            act = act.to(dtype)  # the activation is stored in the model's dtype
+        ys = xs.new_empty(xs.shape[0], self.hidden_size, dtype=buf)
+        for e, s, t in spans:
+            if not wide:
+                torch.mm(act[s:t], self.w2[e].t(), out=ys[s:t])
+            elif t - s >= UPCAST_MIN_ROWS:
+                torch.mm(act[s:t].float(), self.w2[e].float().t(), out=ys[s:t])
+            else:
+                ys[s:t] = F.linear(act[s:t], self.w2[e])
+        return ys.float()
 
     def shared_expert(self, x: Tensor) -> Tensor:
         """sigmoid(x g^T) * shared_mlp(x), x (N, hidden) -> (N, hidden) fp32."""
