@@ -25,12 +25,13 @@ trap 'rm -rf "$tmp"' EXIT
 jobs="${MAX_JOBS:-$(nproc)}"
 echo "cuda_check: $("$NVCC" --version | tail -1); archs: $ARCHS; files: ${#files[@]}"
 
-compile_one() {  # file arch -> writes $tmp/<name>.<arch>.log, returns nvcc status
-  local f=$1 arch=$2 name
+compile_one() {  # file arch -> writes $tmp/<name>.<arch>.log (+ .secs: "wall user sys" seconds), returns nvcc status
+  local f=$1 arch=$2 name rc=0 TIMEFORMAT='%R %U %S'
   name=$(basename "$f" .cu)
-  "$NVCC" -c "$f" -o "$tmp/$name.$arch.o" -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr \
+  { time "$NVCC" -c "$f" -o "$tmp/$name.$arch.o" -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr \
     -Icsrc/include -DFASTATTN_WITH_CUDA -gencode "arch=compute_$arch,code=sm_$arch" \
-    -Xptxas -v -Werror all-warnings -Xcompiler -Wall,-Werror >"$tmp/$name.$arch.log" 2>&1
+    -Xptxas -v -Werror all-warnings -Xcompiler -Wall,-Werror >"$tmp/$name.$arch.log" 2>&1 || rc=$?; } 2>"$tmp/$name.$arch.secs"
+  return $rc
 }
 export -f compile_one
 export NVCC tmp
@@ -90,6 +91,25 @@ for log in sorted(glob.glob(os.path.join(tmp, "*.log"))):
             if spill[0] or spill[1]:
                 bad.append(f"{fname} sm_{arch} {name}: {spill[0]} B spill stores, {spill[1]} B spill loads")
             cur, spill, stack = None, (0, 0), 0
+# Build cost: kernel instantiations per arch and each file's nvcc wall time (the parallel
+# build's wall time is about the slowest file's; keep it well under ~3 minutes).
+counts = {}
+for log in glob.glob(os.path.join(tmp, "*.log")):
+    arch = os.path.basename(log)[:-4].rsplit(".", 1)[1]
+    counts[arch] = counts.get(arch, 0) + len(re.findall(r"Compiling entry function", open(log).read()))
+print("kernel instantiations per arch: " + ", ".join(f"sm_{a} {n}" for a, n in sorted(counts.items())))
+secs = []
+for f in sorted(glob.glob(os.path.join(tmp, "*.secs"))):
+    fname, arch = os.path.basename(f)[:-5].rsplit(".", 1)
+    try:
+        wall, user, sys_ = (float(x) for x in open(f).read().split()[-3:])
+        secs.append((user + sys_, wall, fname, arch))
+    except ValueError:
+        pass
+# CPU seconds are what a 16-core build pays per file regardless of how loaded this machine is;
+# wall seconds are this run's (inflated when other work shares the cores).
+print("nvcc per file, CPU s (wall s): " + ", ".join(f"{n}/sm_{a} {c:.0f} ({w:.0f})" for c, w, n, a in sorted(secs, reverse=True)))
+print(f"nvcc CPU seconds in all: {sum(c for c, _, _, _ in secs):.0f}")
 if bad:
     print("\nregister spills:\n  " + "\n  ".join(bad))
     if not allow:

@@ -33,6 +33,12 @@
 
 #define FASTATTN_DECODE_EMULATE 1
 #include "fiber_emulate.h"  // fibers, barriers, shuffles, the cp.async queues
+#include "ptx_emulate.h"    // ex2.approx / rcp.approx (soft-capping)
+
+namespace fastattn {  // softcap.cuh's ex2.approx.ftz / rcp.approx.ftz wrappers (soft-capping)
+inline float softcap_ex2(float x) { return ptx::ex2_approx_ftz(x); }
+inline float softcap_rcp(float x) { return ptx::rcp_approx_ftz(x); }
+}  // namespace fastattn
 
 struct uint4 {
   uint32_t x, y, z, w;
@@ -159,14 +165,20 @@ constexpr std::size_t kStackBytes = 256 * 1024;  // per fiber
 template <typename T>
 const char* tname() { return sizeof(T) == 2 && std::is_same<T, __half>::value ? "half" : "bf16"; }
 
+// As decode.cu's launch_decode, with its softcap dispatch (p.softcap > 0: the capped twin).
 template <typename T, int kD>
 void run_decode(const DecodeParams& p) {
   int64_t grid[3];
   decode_grid(p, grid);
+  const bool softcap = p.softcap > 0.f;
   static const std::string k1 = std::string("decode_kernel<") + tname<T>() + "," + std::to_string(kD) + ">";
+  static const std::string k1s = std::string("decode_kernel<") + tname<T>() + "," + std::to_string(kD) + ",softcap>";
   static const std::string k2 = std::string("decode_combine_kernel<") + tname<T>() + "," + std::to_string(kD) + ">";
-  emu::g_kernel = k1.c_str();
-  emu::launch(grid, kThreads, DecodeSmem<kD>::kBytes, [&] { decode_kernel<T, kD>(p); });
+  emu::g_kernel = softcap ? k1s.c_str() : k1.c_str();
+  if (softcap)
+    emu::launch(grid, kThreads, DecodeSmem<kD>::kBytes, [&] { decode_kernel<T, kD, true>(p); });
+  else
+    emu::launch(grid, kThreads, DecodeSmem<kD>::kBytes, [&] { decode_kernel<T, kD, false>(p); });
   if (p.num_splits > 1) {
     const int64_t g2[3] = {p.b * p.h * p.seqlen_q, 1, 1};
     emu::g_kernel = k2.c_str();
@@ -184,9 +196,9 @@ void run_decode(const DecodeParams& p) {
 //       block_table_batch_stride, page_size, num_pages.
 // nbytes: each buffer's extent in bytes from its pointer (what the kernels may touch; each is
 //         run on a guarded copy of it, see the sanitizers above).
-// Returns 0, or 1 with the first emulation error printed.
+// softcap: DecodeParams::softcap (0 = off). Returns 0, or 1 with the first emulation error printed.
 extern "C" int decode_emulate(void** ptrs, const int64_t* nbytes, const int64_t* ints, float softmax_scale,
-                              int mode) {
+                              int mode, float softcap) {
   emu::g_mode = mode;
   emu::g_stack_bytes = kStackBytes;
   emu::g_error = nullptr;
@@ -212,6 +224,7 @@ extern "C" int decode_emulate(void** ptrs, const int64_t* nbytes, const int64_t*
   p.block_table_batch_stride = ints[23], p.page_size = ints[24], p.num_pages = ints[25];
   p.dtype = bf16 ? DType::kBFloat16 : DType::kFloat16;
   p.softmax_scale = softmax_scale;
+  p.softcap = softcap;
   if (p.d == 64)
     bf16 ? run_decode<__nv_bfloat16, 64>(p) : run_decode<__half, 64>(p);
   else if (p.d == 128)

@@ -25,7 +25,7 @@
 // the run. With FASTATTN_EMU_BANK_REPORT=FILE the bank-conflict totals go to FILE.
 //
 // Usage: flash_fwd_emulate DIR — DIR/meta.txt: "dtype(16|bf) d b sq sk h hk wl wr causal scale
-// pad"; DIR/{q,k,v}.bin 16-bit contiguous (b, s, heads, d). With DIR/varlen.txt ("total_q
+// pad [softcap]" (softcap optional, 0 = off); DIR/{q,k,v}.bin 16-bit contiguous (b, s, heads, d). With DIR/varlen.txt ("total_q
 // total_k"): b is the number of sequences, sq / sk the max_seqlen bounds, DIR/cu_q.bin,
 // DIR/cu_k.bin the int32 cu_seqlens, q.bin (total_q, h, d), k/v.bin (total_k, hk, d).
 // Tensors get head stride d + pad. Writes DIR/out.f32 (contiguous), DIR/lse.f32 ((b, h, sq)
@@ -44,7 +44,7 @@
 #define FASTATTN_FWD_EMULATE 1
 #define FASTATTN_WITH_CUDA 1  // api.h declares the CUDA launchers (types from fiber_emulate.h)
 #include "fiber_emulate.h"
-#include "ptx_emulate.h"  // ldmatrix, mma.sync, ex2 from the PTX ISA
+#include "ptx_emulate.h"  // ldmatrix, mma.sync, ex2, rcp from the PTX ISA
 
 struct uint4 {
   uint32_t x, y, z, w;
@@ -105,6 +105,9 @@ inline unsigned char* smem_at(uint32_t addr, uint32_t bytes) {
 
 // ---- the PTX wrappers flash_fwd_kernel.cuh expects (namespace fastattn::flash) -------------
 namespace fastattn {
+// ex2.approx.ftz / rcp.approx.ftz, softcap.cuh's wrappers (soft-capping): tests/ptx_emulate.h.
+inline float softcap_ex2(float x) { return ptx::ex2_approx_ftz(x); }
+inline float softcap_rcp(float x) { return ptx::rcp_approx_ftz(x); }
 namespace flash {
 
 #define FASTATTN_FWD_SMEM(name) unsigned char* name = ::emu::smem_base()
@@ -199,6 +202,8 @@ cudaError_t emulate_launch(F* kernel, const dim3& grid, int threads, int smem, c
 #include "flash_fwd.cu"
 #include "flash_fwd_hdim128.cu"
 #include "flash_fwd_hdim64.cu"
+#include "flash_fwd_hdim128_softcap.cu"
+#include "flash_fwd_hdim64_softcap.cu"
 
 // ---- driver --------------------------------------------------------------------------------
 using namespace fastattn;
@@ -260,11 +265,12 @@ int main(int argc, char** argv) {
   const std::string dir = argv[1];
   char dt[8];
   long long d, b, sq, sk, h, hk, wl, wr, causal, pad;
-  float scale;
+  float scale, softcap = 0.f;
   FILE* m = std::fopen((dir + "/meta.txt").c_str(), "r");
   if (!m || std::fscanf(m, "%7s %lld %lld %lld %lld %lld %lld %lld %lld %lld %f %lld", dt, &d, &b,
                         &sq, &sk, &h, &hk, &wl, &wr, &causal, &scale, &pad) != 12)
     return 3;
+  if (std::fscanf(m, "%f", &softcap) != 1) softcap = 0.f;
   std::fclose(m);
   const bool bf = std::string(dt) == "bf";
   long long total_q = 0, total_k = 0;
@@ -298,6 +304,7 @@ int main(int argc, char** argv) {
   p.out_row_stride = o.rs, p.out_head_stride = o.hs;
   p.b = b, p.seqlen_q = sq, p.seqlen_k = sk, p.h = h, p.h_k = hk, p.d = d;
   p.softmax_scale = scale;
+  p.softcap = softcap;
   p.window_left = wl, p.window_right = wr, p.is_causal = causal != 0;
   p.dtype = bf ? DType::kBFloat16 : DType::kFloat16;
   if (varlen) {
@@ -311,10 +318,14 @@ int main(int argc, char** argv) {
     p.cu_seqlens_k = cu("cu_k.bin");
     p.total_q = total_q, p.total_k = total_k;
   }
-  // The 8 instantiations' static shared memory (none: all of it is dynamic), which the
+  // The 12 instantiations' static shared memory (none: all of it is dynamic), which the
   // runtime stand-ins (cudaFuncSetAttribute) need to know.
-  using K64 = flash::FwdTraits<64, 128, 64, 4>;
-  using K128 = flash::FwdTraits<128, 128, 32, 4>;
+  using K64 = flash::FwdTraitsHdim64;
+  using K128 = flash::FwdTraitsHdim128;
+  emu::set_static_smem(&flash::flash_fwd_kernel<K64, __half, true, true>, 0);
+  emu::set_static_smem(&flash::flash_fwd_kernel<K64, __nv_bfloat16, true, true>, 0);
+  emu::set_static_smem(&flash::flash_fwd_kernel<K128, __half, true, true>, 0);
+  emu::set_static_smem(&flash::flash_fwd_kernel<K128, __nv_bfloat16, true, true>, 0);
   emu::set_static_smem(&flash::flash_fwd_kernel<K64, __half, false>, 0);
   emu::set_static_smem(&flash::flash_fwd_kernel<K64, __half, true>, 0);
   emu::set_static_smem(&flash::flash_fwd_kernel<K64, __nv_bfloat16, false>, 0);

@@ -4,6 +4,7 @@
 //   * ptx::ldmatrix<N>        ldmatrix.sync.aligned.m8n8.x{1,2,4}{,.trans}.shared.b16
 //   * ptx::mma_m16n8k16<kBf>  mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32
 //   * ptx::ex2_approx_ftz     ex2.approx.ftz.f32
+//   * ptx::rcp_approx_ftz     rcp.approx.ftz.f32
 // Warp-level instructions run on the fibers of tests/fiber_emulate.h: each lane publishes its
 // operands in its warp slot (emu::my_slot), a warp barrier makes all 32 lanes' operands visible,
 // every lane computes its own result registers from them, a second barrier ends the exchange.
@@ -121,5 +122,16 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
 // std::exp2: the ISA's approximation error (documented maximum relative error 2^-22 on .f32) and
 // .ftz's flushing of subnormal results to +0 are not modelled.
 inline float ex2_approx_ftz(float x) { return std::exp2(x); }
+
+// ---- rcp ---------------------------------------------------------------------------------------
+// PTX ISA 9.7.3.x "Floating Point Instructions: rcp": rcp.approx.ftz.f32 d, a computes a fast
+// approximation of 1/a, maximum error 1 ulp over the full range; rcp(+-0) = +-Inf,
+// rcp(+-Inf) = +-0, NaN -> NaN; .ftz flushes subnormal inputs and results to sign-preserving 0.
+// Emulated by the correctly rounded quotient (within the 1 ulp) with the .ftz flushing.
+inline float rcp_approx_ftz(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = std::copysign(0.0f, x);
+  const float y = 1.0f / x;
+  return std::fpclassify(y) == FP_SUBNORMAL ? std::copysign(0.0f, y) : y;
+}
 
 }  // namespace ptx

@@ -86,3 +86,8 @@ extern "C" int ptx_mma(int bf, const uint32_t* a, const uint32_t* b, const float
 extern "C" void ptx_ex2(const float* x, float* y, int n) {
   for (int i = 0; i < n; ++i) y[i] = ptx::ex2_approx_ftz(x[i]);
 }
+
+// rcp.approx.ftz.f32 on n inputs (a plain function: no warp needed).
+extern "C" void ptx_rcp(const float* x, float* y, int n) {
+  for (int i = 0; i < n; ++i) y[i] = ptx::rcp_approx_ftz(x[i]);
+}

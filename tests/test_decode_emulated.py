@@ -40,7 +40,7 @@ def emu(tmp_path_factory):
     dll.decode_emulate.restype = ctypes.c_int
     dll.decode_emulate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
                                    ctypes.POINTER(ctypes.c_int64),
-                                   ctypes.c_float, ctypes.c_int]
+                                   ctypes.c_float, ctypes.c_int, ctypes.c_float]
     dll.decode_num_splits_for_slots.restype = ctypes.c_int64
     dll.decode_num_splits_for_slots.argtypes = [ctypes.c_int64] * 3
     dll.append_kv_emulate.restype = ctypes.c_int
@@ -56,7 +56,7 @@ def _ints(*vals):
 
 
 def _emulated_decode(emu, q, kc, vc, seqlens, scale, num_splits, mode=0, block_table=None, seqlens_k_add=0,
-                     window=(-1, -1), out_transposed=False, shrink=None):
+                     window=(-1, -1), out_transposed=False, shrink=None, softcap=0.0):
     """Run decode_kernel (+ combine) under the emulator. q (B, H, D) -> out (B, H, D), lse (B, H);
     q (B, Sq, H, D) -> out (B, Sq, H, D), lse (B, H, Sq). kc/vc: contiguous caches
     (B, S_max, Hk, D) or, with block_table (B, max_pages) int32, page pools (num_pages,
@@ -87,7 +87,7 @@ def _emulated_decode(emu, q, kc, vc, seqlens, scale, num_splits, mode=0, block_t
         _ints(*q4.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *out.stride()[:3],
               B, Sq, S, H, Hk, D, num_splits, int(q.dtype == torch.bfloat16), seqlens_k_add, wl, wr,
               bt_stride, page, npages),
-        scale, mode)
+        scale, mode, softcap)
     if shrink is not None:
         return rc
     assert rc == 0, "the emulator reported an error (see stderr)"
@@ -447,3 +447,53 @@ def test_bank_conflict_report(emu, tmp_path):
         _emulated_decode(emu, q, kc, vc, torch.tensor([130, 70], dtype=torch.int32), 0.1, 2)
     rows = _bank_table(emu, tmp_path, "decode")
     assert any(r["kernel"].startswith("decode_kernel<") and r["instructions"] > 0 for r in rows)
+
+
+# ---- logit soft-capping (DecodeParams::softcap: the kSoftcap twin of decode_kernel) ---------
+# (dtype, D, H, Hk, Sq, window, cache lengths, page (0: contiguous), cap, splits, scale, softcap, mode)
+SOFTCAP_CASES = [
+    (torch.bfloat16, 128, 8, 2, 1, (-1, -1), [300, 1, 0], 0, 300, 2, None, 2.0, 0),     # decode, G 4, splits
+    (torch.float16, 64, 7, 1, 1, (-1, -1), [200, 129], 16, 208, 1, 1.0, 30.0, 3),       # paged, raw scores ~ +-8
+    (torch.float16, 256, 8, 2, 1, (-1, -1), [130, 64], 0, 130, 2, None, 1.0, 1),        # D 256
+    (torch.bfloat16, 64, 4, 1, 16, (-1, 0), [100, 0], 7, 126, 3, 0.5, 5.0, 2),          # multi-query causal, paged
+    (torch.float16, 128, 2, 2, 5, (4, 2), [30, 6], 0, 40, 1, None, 1.5, 1),             # window both sides
+    (torch.bfloat16, 256, 16, 2, 4, (-1, 0), [40], 5, 50, 2, None, 3.0, 3),             # D 256 multi-query, paged
+]
+
+
+@pytest.mark.parametrize("case", SOFTCAP_CASES,
+                         ids=lambda c: f"{str(c[0])[6:]}_D{c[1]}_H{c[2]}_Hk{c[3]}_Sq{c[4]}_w{c[5][0]}_{c[5][1]}_p{c[7]}_cap{c[11]}")
+def test_emulated_decode_softcap_matches_reference(emu, case):
+    """Soft-capped decode and multi-query (chunked prefill) attention, contiguous and paged,
+    against reference.attention_with_kvcache(softcap=...) by the error-ratio rule, with
+    the cap's tanh built from ex2 / rcp as softcap.cuh does; the cap must change the answer here."""
+    dtype, D, H, Hk, Sq, window, lengths, page, cap, num_splits, scale, softcap, mode = case
+    B = len(lengths)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    dead = [max(n - Sq - window[0], 0) if window[0] >= 0 else 0 for n in lengths]
+    kc, vc = _make_cache(B, cap, Hk, D, dtype, lengths, dead)
+    table = None
+    if page:
+        kc, table = _to_pool(kc, page, extra=2, padded=True)
+        vc, _ = _to_pool(vc, page, extra=2, table=table)
+    q = torch.randn(B, Sq, H, D).to(dtype)
+    key_lens = torch.tensor(lengths, dtype=torch.int32)
+    out, lse = _emulated_decode(emu, q, kc, vc, key_lens, scale, num_splits, mode, block_table=table,
+                                window=window, softcap=softcap)
+    kc0, vc0 = kc.nan_to_num(0.0), vc.nan_to_num(0.0)
+    kw = dict(block_table=table, causal=False, window=window, softmax_scale=scale, softcap=softcap)
+    true_out, true_lse = reference.attention_with_kvcache(q.double(), kc0.double(), vc0.double(), key_lens,
+                                                          return_lse=True, **kw)
+    low_out = reference.attention_with_kvcache(q, kc0, vc0, key_lens, **kw)
+    assert_error_ratio(out, low_out, true_out, "out")
+    dead_rows = torch.isneginf(true_lse)
+    assert torch.isneginf(lse[dead_rows]).all()
+    assert (out.permute(0, 2, 1, 3)[dead_rows] == 0).all()
+    torch.testing.assert_close(lse[~dead_rows].double(), true_lse[~dead_rows].double(), atol=2e-3, rtol=0)
+    uncapped = reference.attention_with_kvcache(q.double(), kc0.double(), vc0.double(), key_lens,
+                                                **dict(kw, softcap=0.0))
+    assert (uncapped - true_out).abs().max() > 1e-2, "the cap must change the result here"
+    if Sq == 1:  # decode_attention's own reference (one query token) agrees too
+        ref1 = reference.decode_attention(q[:, 0].double(), kc0.double(), vc0.double(), key_lens,
+                                          softmax_scale=scale, block_table=table, softcap=softcap)
+        torch.testing.assert_close(ref1, true_out[:, 0])

@@ -8,6 +8,8 @@ shared memory born NaN and every global buffer against a PROT_NONE guard page. H
 lse are compared with a float64 reference of attention: dense and variable-length (packed,
 cu_seqlens) batches, head dims 64 and 128, fp16 and bf16, masked (causal / window) and
 unmasked kernels, GQA/MQA, rows that see no key; malformed cu_seqlens must run in bounds.
+Logit soft-capping (FlashFwdParams::softcap) is checked against fastattn.reference with
+softcap= by the error-ratio rule (softcap.cuh: the cap's tanh from ex2.approx and rcp.approx).
 What this cannot exercise: the CUDA compiler, real asynchrony and the tensor cores' exact
 rounding (the emulated mma accumulates in fp32 in k order; ex2.approx is exact here).
 """
@@ -18,8 +20,10 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import emu_bank_report, emu_bank_rows
+from conftest import assert_error_ratio, emu_bank_report, emu_bank_rows
+from fastattn import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,11 +73,11 @@ def _reference(q, k, v, scale, wl, wr):
 
 
 def _write(tmp_path, dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, q, k, v,
-           varlen=None):
+           varlen=None, softcap=0.0):
     for name, x in (("q", q), ("k", k), ("v", v)):
         _to_bits(x, dtype).tofile(tmp_path / f"{name}.bin")
     (tmp_path / "meta.txt").write_text(
-        f"{dtype} {d} {b} {sq} {sk} {h} {hk} {wl} {wr} {causal} {scale!r} 8\n")
+        f"{dtype} {d} {b} {sq} {sk} {h} {hk} {wl} {wr} {causal} {scale!r} 8 {softcap!r}\n")
     if varlen is not None:
         cu_q, cu_k, total_q, total_k = varlen
         np.asarray(cu_q, np.int32).tofile(tmp_path / "cu_q.bin")
@@ -214,3 +218,67 @@ def test_bank_conflict_report(fwd_emulator, tmp_path):
         rows += emu_bank_rows(report.read_text(), kernel=f"flash_fwd_kernel<d{d}>")
     emu_bank_report(rows, "flash_fwd", tmp_path)
     assert {r["access"] for r in rows} >= {"cp.async", "ldmatrix", "st.shared", "ld.shared"}
+
+
+# ---- logit soft-capping ---------------------------------------------------------------------
+SOFTCAP = [
+    # dtype, d, b, sq, sk, h, hk, wl, wr, causal, softmax_scale, softcap
+    ("16", 64, 1, 130, 200, 4, 2, -1, -1, 0, None, 2.0),     # unmasked problem (masked kernel), tails
+    ("bf", 64, 1, 129, 129, 2, 1, -1, 0, 1, 1.0, 30.0),      # causal, raw q.k scores ~ +-8 sigma
+    ("bf", 128, 1, 150, 90, 2, 2, 20, -1, 1, None, 1.0),     # causal + window, rows with no key
+    ("16", 128, 2, 33, 70, 4, 1, 10, 10, 0, 0.5, 5.0),       # window both sides, MQA, saturating
+]
+
+
+def _torch(x, dtype):
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float16 if dtype == "16" else torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", [0, 3])
+@pytest.mark.parametrize("case", SOFTCAP, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_forward_softcap(fwd_emulator, tmp_path, case, mode):
+    """Soft-capped scores (the kSoftcap kernels) against reference.attention(softcap=...): out by
+    flash-attn's error-ratio rule against the same reference run in fp16 / bf16, lse close to
+    the float64 one."""
+    dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, cap = case
+    rng = np.random.default_rng(sq * 3 + sk + d)
+    q, k, v = (_rnd(rng, dtype, b, sq, h, d), _rnd(rng, dtype, b, sk, hk, d),
+               _rnd(rng, dtype, b, sk, hk, d))
+    scale = d ** -0.5 if scale is None else scale
+    _write(tmp_path, dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, q, k, v, softcap=cap)
+    _run(fwd_emulator, tmp_path, mode, "end" if mode == 0 else "start")
+    got = torch.from_numpy(np.fromfile(tmp_path / "out.f32", np.float32).reshape(b, sq, h, d))
+    lse = torch.from_numpy(np.fromfile(tmp_path / "lse.f32", np.float32).reshape(b, h, sq))
+    qt, kt, vt = _torch(q, dtype), _torch(k, dtype), _torch(v, dtype)
+    kw = dict(causal=bool(causal), softmax_scale=scale, window=(wl, wr), softcap=cap)
+    true_out, true_lse = reference.attention(qt.double(), kt.double(), vt.double(), return_lse=True, **kw)
+    low_out = reference.attention(qt, kt, vt, **kw)
+    assert_error_ratio(got.to(qt.dtype), low_out, true_out, "out")
+    empty = torch.isneginf(true_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "lse -inf exactly where no key"
+    assert (got[empty.permute(0, 2, 1)] == 0).all()  # rows that see no key: exactly 0
+    torch.testing.assert_close(lse[~empty].double(), true_lse[~empty].double(), atol=2e-4, rtol=1e-5)
+    uncapped = reference.attention(qt.double(), kt.double(), vt.double(), **dict(kw, softcap=0.0))
+    assert (uncapped - true_out).abs().max() > 1e-2, "the cap must change the result here"
+
+
+def test_emulated_forward_softcap_varlen(fwd_emulator, tmp_path):
+    """The capped kernel under the varlen prologue: per-sequence reference.attention(softcap=)."""
+    dtype, d, h, hk, cap = "bf", 64, 4, 2, 3.0
+    lens = [(1, 17), (129, 129), (0, 5), (40, 30)]
+    rng = np.random.default_rng(11)
+    cu_q = np.concatenate([[0], np.cumsum([a for a, _ in lens])]).astype(np.int64)
+    cu_k = np.concatenate([[0], np.cumsum([b for _, b in lens])]).astype(np.int64)
+    total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
+    q = _rnd(rng, dtype, total_q, h, d)
+    k, v = _rnd(rng, dtype, total_k, hk, d), _rnd(rng, dtype, total_k, hk, d)
+    _write(tmp_path, dtype, d, len(lens), 129, 129, h, hk, -1, 0, 1, 0.5, q, k, v,
+           varlen=(cu_q, cu_k, total_q, total_k), softcap=cap)
+    _run(fwd_emulator, tmp_path, 3, "start")
+    got = torch.from_numpy(np.fromfile(tmp_path / "out.f32", np.float32).reshape(total_q, h, d))
+    qt, kt, vt = _torch(q, dtype), _torch(k, dtype), _torch(v, dtype)
+    cq, ck = torch.from_numpy(cu_q), torch.from_numpy(cu_k)
+    kw = dict(causal=True, softmax_scale=0.5, softcap=cap)
+    true_out = reference.attention_varlen(qt.double(), kt.double(), vt.double(), cq, ck, **kw)
+    low_out = reference.attention_varlen(qt, kt, vt, cq, ck, **kw)
+    assert_error_ratio(got.to(qt.dtype), low_out, true_out, "out")

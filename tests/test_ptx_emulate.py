@@ -16,6 +16,9 @@ tables below are written out from the PTX ISA text, independently of the C++ cod
   * ex2.approx.ftz.f32: 2^x within the ISA's maximum relative error 2^-22 where the result is
     a normal f32, within 2^-126 absolute where it is subnormal (.ftz may flush it to +0),
     ex2(-inf) = +0, ex2(+inf) = +inf, ex2(NaN) = NaN.
+  * rcp.approx.ftz.f32: 1/x within 1 ulp, rcp(+-0) = +-inf, rcp(+-inf) = +-0, subnormal
+    inputs and results flushed to sign-preserving zero, NaN -> NaN; and the soft-capping tanh
+    of csrc/cuda/softcap.cuh built from the ex2 and rcp stand-ins.
 
 Each check is also run against a deliberately wrong table (transposed A / B fragments, the
 .trans and plain ldmatrix tables swapped, a matrix order reversed, e^x for 2^x) and must then
@@ -50,6 +53,8 @@ def lib(tmp_path_factory):
     dll.ptx_mma.argtypes = [ctypes.c_int, p, p, p, p]
     dll.ptx_ex2.restype = None
     dll.ptx_ex2.argtypes = [p, p, ctypes.c_int]
+    dll.ptx_rcp.restype = None
+    dll.ptx_rcp.argtypes = [p, p, ctypes.c_int]
     return dll
 
 
@@ -290,3 +295,66 @@ def test_ex2_check_fails_on_a_wrong_table(lib):
     assert not all(_ex2_ok(a, b, ref=lambda v: np.exp(np.float64(v))) for a, b in zip(x, y))
     # ...and a result off by 2^-20 relative would be rejected.
     assert not _ex2_ok(np.float32(0.3), np.float32(2.0 ** 0.3 * (1 + 2.0 ** -20)))
+
+
+# ---- rcp.approx.ftz.f32 -------------------------------------------------------------------------
+def _ulp(x):
+    return np.spacing(np.float32(abs(x)))
+
+
+def _rcp_ok(x, y, ref=lambda x: 1.0 / np.float64(x)):
+    """Whether y is an acceptable rcp.approx.ftz.f32(x): within 1 ulp, .ftz flushing."""
+    if np.isnan(x):
+        return bool(np.isnan(y))
+    if abs(x) < 2.0 ** -126:  # +-0 and (flushed) subnormals: +-inf
+        return np.isinf(y) and np.signbit(y) == np.signbit(x)
+    if np.isinf(x):
+        return y == 0 and np.signbit(y) == np.signbit(x)
+    want = ref(x)
+    if abs(want) < 2.0 ** -126:  # subnormal result: flushed to a sign-preserving 0 (or 1 ulp off)
+        return abs(np.float64(y)) <= 2.0 ** -126 and np.signbit(y) == np.signbit(x)
+    return abs(np.float64(y) - want) <= _ulp(np.float32(want))
+
+
+def _rcp_inputs():
+    rng = np.random.default_rng(2)
+    fixed = [np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-40, -1e-40, 1.0, -1.0, 2.0, 3.0, 1.5, 2.0 ** 126,
+             2.0 ** 127, 3e38, -3e38, 2.0 ** -126, 1e-30]
+    rand = np.concatenate([rng.uniform(1.0, 2.0, 500), np.exp(rng.uniform(-80, 80, 1500)) *
+                           rng.choice([-1, 1], 1500)])
+    return np.array(fixed + list(rand), np.float32)
+
+
+def _run_rcp(lib, x):
+    y = np.full_like(x, np.nan)
+    lib.ptx_rcp(_ptr(x), _ptr(y), x.size)
+    return y
+
+
+def test_rcp_approx_within_isa_error(lib):
+    x = _rcp_inputs()
+    y = _run_rcp(lib, x)
+    bad = [(float(a), float(b)) for a, b in zip(x, y) if not _rcp_ok(a, b)]
+    assert not bad, bad[:10]
+    # Powers of two are exact; 1 / 2^127 is subnormal and .ftz flushes it to 0.
+    p = np.float32([2.0 ** k for k in range(-126, 127)])
+    np.testing.assert_array_equal(_run_rcp(lib, p), (1.0 / p.astype(np.float64)).astype(np.float32))
+    assert _run_rcp(lib, np.float32([2.0 ** 127]))[0] == 0.0
+
+
+def test_rcp_check_fails_on_a_wrong_table(lib):
+    x = _rcp_inputs()
+    y = _run_rcp(lib, x)
+    assert not all(_rcp_ok(a, b, ref=lambda v: 1.0 / np.sqrt(abs(np.float64(v)))) for a, b in zip(x, y))
+    assert not _rcp_ok(np.float32(3.0), np.float32(1 / 3) + 2 * _ulp(np.float32(1 / 3)))
+
+
+def test_softcap_tanh_from_ex2_and_rcp(lib):
+    """softcap.cuh's tanh, 1 - 2 * rcp(ex2(2 x log2 e) + 1), on these stand-ins: within a few
+    2^-24 of tanh in absolute terms (what a capped logit needs), the limits +-1 exact."""
+    x = np.concatenate([np.linspace(-12, 12, 4001), [-1e30, 1e30, 0.0, 1e-20]]).astype(np.float32)
+    y2 = (x * np.float32(2.8853900817779268)).astype(np.float32)
+    e = _run_ex2(lib, y2)
+    t = (np.float32(1) - np.float32(2) * _run_rcp(lib, (e + np.float32(1)).astype(np.float32))).astype(np.float32)
+    assert np.abs(t.astype(np.float64) - np.tanh(x.astype(np.float64))).max() < 2.0 ** -21
+    assert t[-4] == -1.0 and t[-3] == 1.0 and abs(t[-2]) < 2.0 ** -22

@@ -65,6 +65,13 @@
 //   * append_kv: one thread per 16-byte chunk of the new rows, grid-stride, rows landing
 //     outside [0, seqlen_k_max) dropped on the device.
 //
+// Logit soft-capping (DecodeParams::softcap > 0): a compile-time twin of decode_kernel (the
+// uncapped kernels are unchanged; 6 more kernels), see softcap.cuh: the pre-scaled query rows
+// carry softmax_scale / softcap * 2 log2 e, and each lane's q.k becomes tanh (from ex2 and rcp)
+// times softcap * log2 e before the mask. Two MUFU ops per (key, head) on a bandwidth-bound
+// kernel: free in practice.
+// The split combine works on lse and is unchanged.
+//
 // The kernels live in decode_kernels.cuh (so tests/decode_emulate.cpp can run them on the
 // CPU); this file holds the launchers and the split heuristic.
 //
@@ -91,10 +98,10 @@ namespace {
 
 using namespace decode_kernels;
 
-template <typename T, int kD>
+template <typename T, int kD, bool kSoftcap>
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   constexpr size_t kSmem = DecodeSmem<kD>::kBytes;
-  auto kernel = decode_kernel<T, kD>;
+  auto kernel = decode_kernel<T, kD, kSoftcap>;
   FASTATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
   int64_t g[3];
   decode_grid(p, g);
@@ -110,9 +117,13 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
 
 template <int kD>
 cudaError_t dispatch_dtype(const DecodeParams& p, cudaStream_t stream) {
+  const bool softcap = p.softcap > 0.f;  // the capped twin of each kernel (softcap.cuh)
   switch (p.dtype) {
-    case DType::kFloat16: return launch_decode<__half, kD>(p, stream);
-    case DType::kBFloat16: return launch_decode<__nv_bfloat16, kD>(p, stream);
+    case DType::kFloat16:
+      return softcap ? launch_decode<__half, kD, true>(p, stream) : launch_decode<__half, kD, false>(p, stream);
+    case DType::kBFloat16:
+      return softcap ? launch_decode<__nv_bfloat16, kD, true>(p, stream)
+                     : launch_decode<__nv_bfloat16, kD, false>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }

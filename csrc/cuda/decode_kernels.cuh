@@ -8,6 +8,7 @@
 #include "fastattn/decode_split.h"
 #include "fastattn/kv_cache_layout.h"
 #include "fastattn/params.h"
+#include "softcap.cuh"
 
 #ifndef FASTATTN_DECODE_EMULATE
 #include <cuda_bf16.h>
@@ -123,8 +124,11 @@ struct DecodeSmem {
 
 // grid (num_splits, h_k * row slices, b), kThreads threads, DecodeSmem<kD>::kBytes bytes.
 // The spec (paged cache, seqlen_q query tokens, key lengths, window masks) is the comment
-// above DecodeParams in params.h.
-template <typename T, int kD>
+// above DecodeParams in params.h. kSoftcap (set by the launcher on p.softcap > 0): scores are
+// soft-capped (softcap.cuh): the query rows are pre-scaled by softmax_scale / softcap * 2 log2 e
+// instead of softmax_scale * log2 e, and each q.k becomes softcap_tanh(q.k) * softcap * log2 e
+// before masking.
+template <typename T, int kD, bool kSoftcap = false>
 __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams p) {
   constexpr int kBlockN = block_n_for(kD);
   constexpr int kStepsPerTile = kBlockN / 32;
@@ -257,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   // r / group of head kvh * group + r % group.
   {
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
-    const float qscale = p.softmax_scale * kLog2e;
+    const float qscale = kSoftcap ? p.softmax_scale / p.softcap * kSoftcapTwoLog2e : p.softmax_scale * kLog2e;
     for (int i = tid; i < nhb * kD; i += kThreads) {
       const int hb = i / kD, dd = i % kD;
       const int r = row0 + hb;
@@ -314,6 +318,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
             s[i] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] +
                     qb.x * kf[4] + qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
           }
+        }
+      }
+      if constexpr (kSoftcap) {  // cap before the mask, as the spec says (a masked key is -inf either way)
+        const float post = p.softcap * kLog2e;
+#pragma unroll
+        for (int i = 0; i < kHeadsPerWarp; ++i) {
+          if (i < nh) s[i] = softcap_tanh(s[i]) * post;
         }
       }
       // Masked keys (edge steps only; `edge` is warp-uniform) score -inf like keys past `end`.

@@ -48,6 +48,15 @@
 // (lengths, strides, window sizes, GQA ratio) is a runtime value, which keeps the build at 8
 // kernels (2 dtypes x 2 head dims x masked or not), in two files compiled in parallel.
 //
+// Logit soft-capping (FlashFwdParams::softcap > 0, Gemma 2): the score becomes
+// softcap * tanh(score / softcap) before masking and softmax, folded as softcap.cuh explains
+// (one multiply by softmax_scale / softcap * 2 log2 e on the accumulator, a tanh from ex2 and
+// rcp, and the log2 multiplier becomes softcap * log2 e; lse stays the natural-log lse of the capped scores). It
+// is a template flag so the uncapped kernels do not change, and only the masked kernel gets a
+// capped twin (it also runs unmasked problems, at the cost of the window arithmetic): 4 more
+// kernels (12 in all), in two more files (flash_fwd_hdim{64,128}_softcap.cu) that a parallel
+// build compiles beside the others, so the build's wall time does not grow.
+//
 // Variable-length (packed) batches, flash-attn 2 style (FlashFwdParams::cu_seqlens_q non-null):
 // no padding and no copies. The grid is (ceil(max_seqlen_q / 128), h, number of sequences);
 // each block reads its sequence's row ranges from cu_seqlens_q / cu_seqlens_k once, clamps
@@ -55,7 +64,7 @@
 // exits at once when its query block lies past the sequence's end, and otherwise runs the
 // dense code unchanged with the sequence's own lengths (masking, tails) and row-0 pointers.
 // This is a runtime branch in the per-block prologue, not a template flag: the instantiation
-// count stays at 8 and the main loop is the same code for both layouts.
+// count is unchanged by varlen and the main loop is the same code for both layouts.
 //
 // Requirements checked here (cudaErrorInvalidValue otherwise, nothing launched): fp16 or
 // bf16; d in {64, 128}; h % h_k == 0; q/k/v/out 16-byte aligned and every batch/row/head
@@ -151,13 +160,23 @@ cudaError_t flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream) {
   args.h_per_kv = static_cast<int>(p.h / p.h_k);
   args.window_left = static_cast<int>(left);
   args.window_right = static_cast<int>(right);
-  args.scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  // Soft-capping (softcap.cuh): x = tanh(q.k * softmax_scale / softcap) * softcap * log2 e.
+  const bool softcap = p.softcap > 0.f;
+  args.scale_log2 = (softcap ? p.softcap : p.softmax_scale) * 1.4426950408889634f;
+  args.softcap_pre = softcap ? p.softmax_scale / p.softcap * kSoftcapTwoLog2e : 0.f;
   args.cu_seqlens_q = p.cu_seqlens_q;
   args.cu_seqlens_k = p.cu_seqlens_q != nullptr ? p.cu_seqlens_k : nullptr;
   args.total_q = p.total_q;
   args.total_k = p.total_k;
   const bool masked = left >= 0 || right >= 0;
 
+  if (softcap) {
+    switch (p.d) {
+      case 64: return flash::run_flash_fwd_hdim64_softcap(args, p.b, p.dtype, stream);
+      case 128: return flash::run_flash_fwd_hdim128_softcap(args, p.b, p.dtype, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   switch (p.d) {
     case 64: return flash::run_flash_fwd_hdim64(args, p.b, p.dtype, masked, stream);
     case 128: return flash::run_flash_fwd_hdim128(args, p.b, p.dtype, masked, stream);

@@ -7,9 +7,8 @@ namespace fastattn {
 namespace flash {
 
 cudaError_t run_flash_fwd_hdim128(const FwdArgs& args, int64_t batch, DType dtype, bool masked,
-                                 cudaStream_t stream) {
-  using Kt = FwdTraits</*kHeadDim=*/128, /*kBlockM=*/128, /*kBlockN=*/32, /*kNWarps=*/4>;
-  return run_flash_fwd_dispatch<Kt>(args, batch, dtype, masked, stream);
+                                  cudaStream_t stream) {
+  return run_flash_fwd_dispatch<FwdTraitsHdim128>(args, batch, dtype, masked, stream);
 }
 
 }  // namespace flash

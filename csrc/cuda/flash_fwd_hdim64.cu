@@ -8,8 +8,7 @@ namespace flash {
 
 cudaError_t run_flash_fwd_hdim64(const FwdArgs& args, int64_t batch, DType dtype, bool masked,
                                  cudaStream_t stream) {
-  using Kt = FwdTraits</*kHeadDim=*/64, /*kBlockM=*/128, /*kBlockN=*/64, /*kNWarps=*/4>;
-  return run_flash_fwd_dispatch<Kt>(args, batch, dtype, masked, stream);
+  return run_flash_fwd_dispatch<FwdTraitsHdim64>(args, batch, dtype, masked, stream);
 }
 
 }  // namespace flash

@@ -56,6 +56,7 @@
 #include <cstdint>
 
 #include "fastattn/params.h"
+#include "softcap.cuh"
 
 namespace fastattn {
 namespace flash {
@@ -74,7 +75,8 @@ struct FwdArgs {
   int64_t out_batch_stride, out_row_stride, out_head_stride;
   int seqlen_q, seqlen_k, h, h_per_kv;  // varlen: seqlen_q / seqlen_k are the max bounds
   int window_left, window_right;  // -1: unbounded; both in [-1, seqlen_q + seqlen_k]
-  float scale_log2;               // softmax_scale * log2(e)
+  float scale_log2;               // softmax_scale * log2(e); with softcap: softcap * log2(e)
+  float softcap_pre;              // softmax_scale / softcap * 2 log2(e) (softcap kernels only)
   // Varlen (packed) batches, see FlashFwdParams: null for the dense layout. Otherwise the
   // batch strides are unused, sequence `batch` owns rows [cu[batch], cu[batch + 1]) of the
   // packed q/out and k/v (clamped on the device, see varlen_bounds) and lse is (h, total_q).
@@ -252,8 +254,10 @@ __device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* head_base
 // h, number of sequences; blocks past their sequence's end exit at once); block kNThreads. Warp w owns query rows
 // [w * kRowsPerWarp, (w + 1) * kRowsPerWarp) of the block's tile, as kMTiles m16 tiles.
 // kMasked: a window / causal bound exists (the key-tail mask is always available).
+// kSoftcap: scores are soft-capped (softcap.cuh); instantiated only with kMasked (see
+// flash_fwd.cu), so the uncapped kernels are the code they were.
 // ---------------------------------------------------------------------------------------
-template <typename Kt, typename T, bool kMasked>
+template <typename Kt, typename T, bool kMasked, bool kSoftcap = false>
 __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_kernel(const FwdArgs a) {
   using Ops = ElemOps<T>;
   constexpr int kBlockM = Kt::kBlockM;
@@ -436,6 +440,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
       // values, so ex2(x - max) is exactly ex2(0) at the row maximum for any scale. A plain
       // multiply may be contracted into ex2(fma(s, scale, -max)), whose rounding error grows
       // with |scale * s| (a hard argmax at softmax_scale 1e9 would come out inf or 0).
+      // Soft-capped: x = tanh(s * softmax_scale / softcap) * (softcap * log2 e) (softcap.cuh),
+      // the same single rounding of the last product.
+      auto log2_score = [&](float acc) {
+        if constexpr (kSoftcap) return __fmul_rn(softcap_tanh(acc * a.softcap_pre), a.scale_log2);
+        return __fmul_rn(acc, a.scale_log2);
+      };
       const int col0 = n * kBlockN;
       const bool need_mask =
           col0 + kBlockN > seqlen_k || (kMasked && (col0 < mask_lo || col0 + kBlockN - 1 > mask_hi));
@@ -457,7 +467,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
                 const int col = col0 + 8 * j + 2 * (lane & 3) + e;
-                const float x = __fmul_rn(s[mi][j][2 * hf + e], a.scale_log2);
+                const float x = log2_score(s[mi][j][2 * hf + e]);
                 s[mi][j][2 * hf + e] = (col < lo || col > hi) ? kNegInf : x;
                 mx = fmaxf(mx, s[mi][j][2 * hf + e]);
               }
@@ -467,7 +477,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
             for (int j = 0; j < kNTilesS; ++j) {
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
-                s[mi][j][2 * hf + e] = __fmul_rn(s[mi][j][2 * hf + e], a.scale_log2);
+                s[mi][j][2 * hf + e] = log2_score(s[mi][j][2 * hf + e]);
                 mx = fmaxf(mx, s[mi][j][2 * hf + e]);
               }
             }
@@ -575,9 +585,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
 }
 
 // Launch one instantiation: grid (m blocks, h, b), dynamic smem (opt-in above 48 KB).
-template <typename Kt, typename T, bool kMasked>
+template <typename Kt, typename T, bool kMasked, bool kSoftcap>
 cudaError_t launch_flash_fwd(const FwdArgs& args, int64_t batch, cudaStream_t stream) {
-  auto kernel = &flash_fwd_kernel<Kt, T, kMasked>;
+  auto kernel = &flash_fwd_kernel<Kt, T, kMasked, kSoftcap>;
   constexpr int kSmem = Kt::kSmemBytes;
   if (kSmem > 48 * 1024) {
     cudaError_t err =
@@ -594,24 +604,43 @@ cudaError_t launch_flash_fwd(const FwdArgs& args, int64_t batch, cudaStream_t st
 #endif
 }
 
-// Entry points per head dim (flash_fwd_hdim<D>.cu), dispatching dtype x masked.
+// The tile configuration per head dim (rationale: the tuning notes in flash_fwd.cu), shared by
+// the plain and the soft-capped instantiation files.
+using FwdTraitsHdim64 = FwdTraits</*kHeadDim=*/64, /*kBlockM=*/128, /*kBlockN=*/64, /*kNWarps=*/4>;
+using FwdTraitsHdim128 = FwdTraits</*kHeadDim=*/128, /*kBlockM=*/128, /*kBlockN=*/32, /*kNWarps=*/4>;
+
+// Entry points per head dim (flash_fwd_hdim<D>.cu), dispatching dtype x masked, and the
+// soft-capped ones (flash_fwd_hdim<D>_softcap.cu), dispatching dtype.
 cudaError_t run_flash_fwd_hdim64(const FwdArgs& args, int64_t batch, DType dtype, bool masked,
                                  cudaStream_t stream);
 cudaError_t run_flash_fwd_hdim128(const FwdArgs& args, int64_t batch, DType dtype, bool masked,
                                   cudaStream_t stream);
+cudaError_t run_flash_fwd_hdim64_softcap(const FwdArgs& args, int64_t batch, DType dtype,
+                                         cudaStream_t stream);
+cudaError_t run_flash_fwd_hdim128_softcap(const FwdArgs& args, int64_t batch, DType dtype,
+                                          cudaStream_t stream);
 
-// Dispatch helper used by those files.
+// Dispatch helpers used by those files.
 template <typename Kt>
 cudaError_t run_flash_fwd_dispatch(const FwdArgs& args, int64_t batch, DType dtype, bool masked,
                                    cudaStream_t stream) {
   if (dtype == DType::kFloat16) {
-    return masked ? launch_flash_fwd<Kt, __half, true>(args, batch, stream)
-                  : launch_flash_fwd<Kt, __half, false>(args, batch, stream);
+    return masked ? launch_flash_fwd<Kt, __half, true, false>(args, batch, stream)
+                  : launch_flash_fwd<Kt, __half, false, false>(args, batch, stream);
   }
   if (dtype == DType::kBFloat16) {
-    return masked ? launch_flash_fwd<Kt, __nv_bfloat16, true>(args, batch, stream)
-                  : launch_flash_fwd<Kt, __nv_bfloat16, false>(args, batch, stream);
+    return masked ? launch_flash_fwd<Kt, __nv_bfloat16, true, false>(args, batch, stream)
+                  : launch_flash_fwd<Kt, __nv_bfloat16, false, false>(args, batch, stream);
   }
+  return cudaErrorInvalidValue;
+}
+// Soft-capped: the masked kernel serves masked and unmasked problems alike (with no window its
+// band test is the key-tail test), so capping adds 2 kernels per head dim, not 4.
+template <typename Kt>
+cudaError_t run_flash_fwd_softcap_dispatch(const FwdArgs& args, int64_t batch, DType dtype,
+                                           cudaStream_t stream) {
+  if (dtype == DType::kFloat16) return launch_flash_fwd<Kt, __half, true, true>(args, batch, stream);
+  if (dtype == DType::kBFloat16) return launch_flash_fwd<Kt, __nv_bfloat16, true, true>(args, batch, stream);
   return cudaErrorInvalidValue;
 }
 
