@@ -14,7 +14,7 @@
 // did not write poisons the result.
 //
 // Usage: flash_bwd_emulate DIR  — DIR/meta.txt holds
-//   dtype(16|bf) d b sq sk h hk wl wr causal scale use_workspace pad
+//   dtype(16|bf) d b sq sk h hk wl wr causal scale use_workspace pad [softcap]
 // and DIR/{q,k,v,out,dout}.bin (16-bit, contiguous (b, s, heads, d)), DIR/lse.bin (fp32,
 // (b, h, sq)). Tensors are copied into buffers whose head stride is d + pad (strided
 // inputs and outputs). Writes DIR/{dq,dk,dv}.f32 (contiguous) and prints "ok".
@@ -40,7 +40,7 @@
 // ---- CUDA surface used by the kernels ------------------------------------------------------
 #define FASTATTN_BWD_EMULATE 1
 #include "fiber_emulate.h"  // fibers, barriers, shuffles, the cp.async queues
-#include "ptx_emulate.h"    // ldmatrix, mma.sync from the PTX ISA
+#include "ptx_emulate.h"    // ldmatrix, mma.sync, ex2, rcp from the PTX ISA
 
 struct uint4 {
   uint32_t x, y, z, w;
@@ -168,6 +168,14 @@ template <> struct MmaOp<__nv_bfloat16> {
   static float to_float(__nv_bfloat16 x) { return static_cast<float>(x); }
 };
 
+// __log2f (lg2.approx.f32; the soft-capped dK/dV kernel recovers tanh from P with it): exact.
+inline float __log2f(float x) { return std::log2(x); }
+
+namespace fastattn {  // softcap.cuh's ex2.approx.ftz / rcp.approx.ftz wrappers (soft-capping)
+inline float softcap_ex2(float x) { return ptx::ex2_approx_ftz(x); }
+inline float softcap_rcp(float x) { return ptx::rcp_approx_ftz(x); }
+}  // namespace fastattn
+
 #include "flash_bwd_kernels.cuh"
 
 // ---- driver --------------------------------------------------------------------------------
@@ -205,20 +213,28 @@ static Strided make_strided(const std::vector<uint16_t>& src, int64_t b, int64_t
   return t;
 }
 
-template <typename T, int D>
-static void run_all(const BwdArgs& args) {
+// As flash_bwd.cu's launch_bwd (kSoftcap: the launcher's choice on softcap > 0).
+template <typename T, int D, bool kSoftcap>
+static void run_all_impl(const BwdArgs& args) {
   const BwdGrids g = bwd_grids<D>(args);
   const int64_t g1[3] = {g.delta, 1, 1};
   if (g.delta > 0) emu::launch(g1, 256, 0, [&] { flash_bwd_delta_kernel<T, D>(args); });
   if (g.dkdv[0] > 0) {
     emu::launch(g.dkdv, DkdvCfg<D>::kThreads, DkdvCfg<D>::kSmemBytes,
-                [&] { flash_bwd_dkdv_kernel<T, D>(args); });
+                [&] { flash_bwd_dkdv_kernel<T, D, kSoftcap>(args); });
     const int64_t gr[3] = {g.reduce, 1, 1};
     if (g.reduce > 0) emu::launch(gr, 256, 0, [&] { flash_bwd_dkdv_reduce_kernel<T, D>(args); });
   }
   if (g.dq[0] > 0)
     emu::launch(g.dq, DqCfg<D>::kThreads, DqCfg<D>::kSmemBytes,
-                [&] { flash_bwd_dq_kernel<T, D>(args); });
+                [&] { flash_bwd_dq_kernel<T, D, kSoftcap>(args); });
+}
+template <typename T, int D>
+static void run_all(const BwdArgs& args) {
+  if (args.p.fwd.softcap > 0.f)
+    run_all_impl<T, D, true>(args);
+  else
+    run_all_impl<T, D, false>(args);
 }
 
 // ---- guarded buffers (the memcheck analogue of the varlen runs) ---------------------------
@@ -278,6 +294,8 @@ static Packed make_packed(const std::vector<uint16_t>& src, int64_t rows, int64_
   return t;
 }
 
+static float g_softcap = 0.f;  // FlashFwdParams::softcap, meta.txt's optional last field
+
 static int run_varlen(const std::string& dir, bool bf, long long d, long long b, long long sq,
                       long long sk, long long h, long long hk, long long wl, long long wr,
                       long long causal, float scale, long long use_ws, long long pad) {
@@ -317,6 +335,7 @@ static int run_varlen(const std::string& dir, bool bf, long long d, long long b,
   f.out_row_stride = o.rs, f.out_head_stride = o.hs;
   f.b = b, f.seqlen_q = sq, f.seqlen_k = sk, f.h = h, f.h_k = hk, f.d = d;
   f.softmax_scale = scale;
+  f.softcap = g_softcap;
   f.window_left = wl, f.window_right = wr, f.is_causal = causal != 0;
   f.dtype = bf ? DType::kBFloat16 : DType::kFloat16;
   f.cu_seqlens_q = cu_q, f.cu_seqlens_k = cu_k, f.total_q = total_q, f.total_k = total_k;
@@ -383,6 +402,7 @@ int main(int argc, char** argv) {
                         &d, &b, &sq, &sk, &h, &hk, &wl, &wr, &causal, &scale, &use_ws,
                         &pad) != 13)
     return 3;
+  if (std::fscanf(m, "%f", &g_softcap) != 1) g_softcap = 0.f;  // optional 14th field
   std::fclose(m);
   const bool bf = std::string(dt) == "bf";
   if (FILE* vl = std::fopen((dir + "/varlen.txt").c_str(), "r")) {
@@ -419,6 +439,7 @@ int main(int argc, char** argv) {
   f.out_batch_stride = o.bs, f.out_row_stride = o.rs, f.out_head_stride = o.hs;
   f.b = b, f.seqlen_q = sq, f.seqlen_k = sk, f.h = h, f.h_k = hk, f.d = d;
   f.softmax_scale = scale;
+  f.softcap = g_softcap;
   f.window_left = wl, f.window_right = wr, f.is_causal = causal != 0;
   f.dtype = bf ? DType::kBFloat16 : DType::kFloat16;
   p.dout = go.buf.data();

@@ -6,7 +6,9 @@ every thread of every block as a fiber, and writes dq/dk/dv. Here they are compa
 float64 gradients of dense attention. This exercises the kernels' real control flow, indexing,
 strides, double buffering, masking, GQA split + reduce and epilogues; what it cannot exercise
 is the CUDA compiler, the hardware's asynchrony (cp.async, barriers are synchronous here) and
-the tensor cores' exact rounding. See also test_flash_bwd_layout.py.
+the tensor cores' exact rounding. See also test_flash_bwd_layout.py. Logit soft-capping
+(the kSoftcap kernels) is checked against autograd through fastattn.reference(softcap=) by
+flash-attn's error-ratio rule (softcap.cuh: the cap's tanh from ex2.approx and rcp.approx).
 """
 import importlib.util
 import os
@@ -15,6 +17,10 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
+
+from conftest import assert_error_ratio
+from fastattn import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(
@@ -102,3 +108,54 @@ def test_emulated_kernels_match_dense(emulator, tmp_path, case, mode):
         empty = sq - sk
         got = np.fromfile(tmp_path / "dq.f32", dtype=np.float32).reshape(q.shape)
         assert (got[:, :empty] == 0).all()
+
+
+# ---- logit soft-capping ---------------------------------------------------------------------
+SOFTCAP = [
+    # dtype, d, b, sq, sk, h, hk, wl, wr, causal, use_workspace, softmax_scale, softcap
+    ("16", 64, 1, 70, 150, 4, 1, -1, -1, 0, 1, None, 2.0),    # unmasked, MQA split + reduce, tails
+    ("bf", 128, 1, 150, 90, 2, 2, 20, -1, 1, 0, 1.0, 30.0),   # causal + window, raw scores ~ +-11
+    ("bf", 64, 1, 130, 130, 2, 1, -1, 0, 1, 0, None, 1.0),    # causal GQA, several tiles
+    ("16", 128, 2, 33, 40, 2, 1, -1, 3, 0, 0, 0.5, 5.0),      # window, saturating scores
+]
+
+
+@pytest.mark.parametrize("mode", [0, 3])
+@pytest.mark.parametrize("case", SOFTCAP, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_softcap_gradients(emulator, tmp_path, case, mode):
+    """dq, dk, dv of soft-capped attention (forward out / lse from the float64 reference, as the
+    capped forward kernel would store them) against autograd through reference.attention with
+    softcap=, by the error-ratio rule against the same autograd run in fp16 / bf16."""
+    dtype, d, b, sq, sk, h, hk, wl, wr, causal, use_ws, scale, cap = case
+    tdt = torch.float16 if dtype == "16" else torch.bfloat16
+    rng = np.random.default_rng(sq * 11 + sk + d)
+    q, k, v, dout = (torch.from_numpy(rng.standard_normal(shape)).to(tdt) for shape in
+                     ((b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d), (b, sq, h, d)))
+    scale = d ** -0.5 if scale is None else scale
+    kw = dict(causal=bool(causal), softmax_scale=scale, window=(wl, wr), softcap=cap)
+
+    def grads(dt):
+        xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        out, lse = reference.attention(*xs, return_lse=True, **kw)
+        out.backward(dout.to(dt))
+        return out.detach(), lse.detach(), [x.grad for x in xs]
+
+    out, lse, true_grads = grads(torch.float64)
+    _, _, low_grads = grads(tdt)
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out.to(tdt)), ("dout", dout)):
+        x.view(torch.int16).numpy().view(np.uint16).tofile(tmp_path / f"{name}.bin")
+    lse.to(torch.float32).numpy().tofile(tmp_path / "lse.bin")
+    (tmp_path / "meta.txt").write_text(
+        f"{dtype} {d} {b} {sq} {sk} {h} {hk} {wl} {wr} {causal} {scale!r} {use_ws} 8 {cap!r}\n")
+    env = dict(os.environ, FASTATTN_EMU_MODE=str(mode))
+    res = subprocess.run([emulator, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("ok"), res.stdout
+    for name, ref, low, shape in zip(("dq", "dk", "dv"), true_grads, low_grads,
+                                     (q.shape, k.shape, v.shape)):
+        got = torch.from_numpy(np.fromfile(tmp_path / f"{name}.f32", dtype=np.float32).reshape(shape))
+        assert_error_ratio(got.to(tdt), low, ref, name)
+    # The cap changes the gradients here (so a kernel that ignored it would fail above).
+    xs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference.attention(*xs, **dict(kw, softcap=0.0)).backward(dout.double())
+    assert (xs[0].grad - true_grads[0]).abs().max() > 1e-2

@@ -18,6 +18,10 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
+
+from conftest import assert_error_ratio
+from fastattn import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,3 +173,40 @@ def test_varlen_backward_malformed_cu_seqlens_in_bounds(emulator, tmp_path, case
     res = _run(emulator, tmp_path, mode, guard)
     assert res.returncode == 0, (res.returncode, res.stderr)
     assert res.stdout.startswith("ok"), res.stdout
+
+
+def test_varlen_backward_softcap(emulator, tmp_path):
+    """The soft-capped dK/dV and dQ kernels under the varlen prologue (causal GQA with the split
+    workspace, an empty and a one-row sequence) against autograd through
+    reference.attention_varlen(softcap=), by the error-ratio rule."""
+    dtype, d, h, hk, cap, scale = "bf", 64, 4, 2, 2.0, 0.25
+    lens = [(1, 17), (0, 3), (129, 130), (40, 30)]
+    tdt = torch.bfloat16
+    rng = np.random.default_rng(5)
+    cu_q = np.concatenate([[0], np.cumsum([a for a, _ in lens])]).astype(np.int64)
+    cu_k = np.concatenate([[0], np.cumsum([b for _, b in lens])]).astype(np.int64)
+    total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
+    q, k, v, dout = (torch.from_numpy(rng.standard_normal(shape)).to(tdt) for shape in
+                     ((total_q, h, d), (total_k, hk, d), (total_k, hk, d), (total_q, h, d)))
+    cq, ck = torch.from_numpy(cu_q), torch.from_numpy(cu_k)
+    kw = dict(causal=True, softmax_scale=scale, softcap=cap)
+
+    def grads(dt):
+        xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        out, lse = reference.attention_varlen(*xs, cq, ck, return_lse=True, **kw)
+        out.backward(dout.to(dt))
+        return out.detach(), lse.detach(), [x.grad for x in xs]
+
+    out, lse, true_grads = grads(torch.float64)
+    _, _, low_grads = grads(tdt)
+    f = lambda t: _from_bits(t.view(torch.int16).numpy().view(np.uint16), dtype)
+    _write_inputs(tmp_path, dtype, d, h, hk, -1, 0, 1, 1, cu_q, cu_k, total_q, total_k,
+                  max(a for a, _ in lens), max(b for _, b in lens), f(q), f(k), f(v),
+                  f(out.to(tdt)), f(dout), lse.numpy(), scale)
+    meta = tmp_path / "meta.txt"
+    meta.write_text(meta.read_text().strip() + f" {cap!r}\n")  # the optional softcap field
+    res = _run(emulator, tmp_path, 3, "start")
+    assert res.returncode == 0, res.stderr
+    for name, ref, low in zip(("dq", "dk", "dv"), true_grads, low_grads):
+        got = torch.from_numpy(np.fromfile(tmp_path / f"{name}.f32", dtype=np.float32).reshape(ref.shape))
+        assert_error_ratio(got.to(tdt), low, ref, name)

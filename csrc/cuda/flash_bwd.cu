@@ -67,6 +67,12 @@
 // delta kernel needs no sequence boundaries at all. A runtime branch in the block prologue,
 // not a template flag: no new instantiations, and the inner loops are shared code.
 //
+// Logit soft-capping (FlashFwdParams::softcap > 0): the forward's capped scores
+// c = softcap * tanh(s / softcap) are recomputed (softcap.cuh: the same tanh, so P
+// matches the forward's lse), and dS = P * (dP - delta) * (1 - tanh^2) is the gradient of the
+// uncapped score s, from which dQ, dK follow as before. Template twins of the dK/dV and dQ
+// kernels (8 more kernels; delta and the split reduce do not depend on the scores).
+//
 // Requirements (checked, cudaErrorInvalidValue otherwise): q, k, v, out, dout 16-byte
 // aligned with batch/row/head strides multiple of 8 elements; dq, dk, dv 4-byte aligned with
 // even strides; lse (b, h, seqlen_q) and delta (b, h, seqlen_q) contiguous fp32 (varlen: both
@@ -91,7 +97,7 @@ cudaError_t set_smem(Kernel kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kSoftcap>
 cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
   const BwdGrids g = bwd_grids<D>(args);
   auto dim = [](const int64_t (&v)[3]) {
@@ -104,7 +110,7 @@ cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
   }
   if (g.dkdv[0] > 0) {
     using Cfg = DkdvCfg<D>;
-    auto kernel = flash_bwd_dkdv_kernel<T, D>;
+    auto kernel = flash_bwd_dkdv_kernel<T, D, kSoftcap>;
     FASTATTN_CUDA_TRY(set_smem(kernel, Cfg::kSmemBytes));
     kernel<<<dim(g.dkdv), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
     FASTATTN_CUDA_LAUNCH_CHECK();
@@ -115,7 +121,7 @@ cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
   }
   if (g.dq[0] > 0) {
     using Cfg = DqCfg<D>;
-    auto kernel = flash_bwd_dq_kernel<T, D>;
+    auto kernel = flash_bwd_dq_kernel<T, D, kSoftcap>;
     FASTATTN_CUDA_TRY(set_smem(kernel, Cfg::kSmemBytes));
     kernel<<<dim(g.dq), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
     FASTATTN_CUDA_LAUNCH_CHECK();
@@ -149,11 +155,18 @@ cudaError_t flash_bwd_cuda(const FlashBwdParams& params, cudaStream_t stream) {
   const BwdPrep prep = prepare_bwd(params, &args);
   if (prep == kBwdInvalid) return cudaErrorInvalidValue;
   if (prep == kBwdNothing) return cudaSuccess;
-  if (f.dtype == DType::kFloat16) {
-    return f.d == 64 ? launch_bwd<__half, 64>(args, stream) : launch_bwd<__half, 128>(args, stream);
+  if (f.softcap > 0.f) {  // the soft-capped dK/dV and dQ kernels (softcap.cuh)
+    if (f.dtype == DType::kFloat16) {
+      return f.d == 64 ? launch_bwd<__half, 64, true>(args, stream) : launch_bwd<__half, 128, true>(args, stream);
+    }
+    return f.d == 64 ? launch_bwd<__nv_bfloat16, 64, true>(args, stream)
+                     : launch_bwd<__nv_bfloat16, 128, true>(args, stream);
   }
-  return f.d == 64 ? launch_bwd<__nv_bfloat16, 64>(args, stream)
-                   : launch_bwd<__nv_bfloat16, 128>(args, stream);
+  if (f.dtype == DType::kFloat16) {
+    return f.d == 64 ? launch_bwd<__half, 64, false>(args, stream) : launch_bwd<__half, 128, false>(args, stream);
+  }
+  return f.d == 64 ? launch_bwd<__nv_bfloat16, 64, false>(args, stream)
+                   : launch_bwd<__nv_bfloat16, 128, false>(args, stream);
 }
 
 }  // namespace fastattn

@@ -18,6 +18,7 @@
 
 #include "fastattn/params.h"
 #include "flash_bwd_layout.cuh"
+#include "softcap.cuh"
 
 namespace fastattn {
 namespace {
@@ -214,7 +215,9 @@ __device__ __forceinline__ float lse_log2(float lse) {
 struct BwdArgs {
   FlashBwdParams p;
   MaskInfo mask;
-  float scale_log2;     // softmax_scale * log2(e)
+  float scale_log2;     // softmax_scale * log2(e); soft-capped: softcap * log2(e)
+  float softcap_pre;    // soft-capped: softmax_scale / softcap * 2 log2(e) (softcap.cuh)
+  float inv_scale_log2;  // soft-capped: 1 / (softcap * log2(e))
   int num_splits;       // dK/dV kernel: blocks per (key tile, kv head), see dkdv_num_splits
   int heads_per_split;  // query heads each of those blocks loops over
 };
@@ -312,7 +315,9 @@ template <int D> struct DkdvCfg {
   static_assert(kSmemBytes <= 163 * 1024, "fits an sm_80 SM");
 };
 
-template <typename T, int D>
+// kSoftcap: the forward's soft-capped scores (softcap.cuh), P recomputed from them and dS
+// multiplied by the cap's derivative 1 - t^2 (see the P^T step below).
+template <typename T, int D, bool kSoftcap = false>
 __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     flash_bwd_dkdv_kernel(const BwdArgs args) {
   using Cfg = DkdvCfg<D>;
@@ -415,13 +420,20 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     warp_gemm_abt<T, D, kBlockM / 8>(s, sK, warp * 16, q_s, lane);
 
     // P^T = exp2(S^T * scale * log2e - lse * log2e); element (key c_row, query c_col).
+    // Soft-capped: t = tanh(S^T * scale / softcap) and P^T = exp2(t * softcap * log2e - lse *
+    // log2e); the cap's derivative 1 - t^2 is folded into P once dV has consumed it (below).
     const bool need_mask = bwd_layout::tile_needs_mask(mask, m0, kBlockM, n0, kBlockN);
 #pragma unroll
     for (int nt = 0; nt < kBlockM / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int qc = nt * 8 + bwd_layout::c_col(lane, e);
-        float x = s[nt][e] * args.scale_log2;
+        float x;
+        if constexpr (kSoftcap) {
+          x = softcap_tanh(s[nt][e] * args.softcap_pre) * args.scale_log2;
+        } else {
+          x = s[nt][e] * args.scale_log2;
+        }
         if (need_mask && !bwd_layout::visible(mask, m0 + qc, key_row0 + bwd_layout::c_row(lane, e)))
           x = -INFINITY;
         s[nt][e] = exp2f(x - lse_log2(lse_s[qc]));
@@ -430,6 +442,24 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
 
     // dV_w += P^T dO.
     warp_gemm_xb<T, D, kBlockM / 16>(acc_dv, s, do_s, lane);
+    // Soft-capped: P^T *= 1 - t^2, so dS^T below is the gradient of the uncapped score. t is
+    // recovered from P itself, t = (log2 P + lse log2e) / (softcap log2e) (one lg2.approx;
+    // absolute error ~2^-22, far below the 16-bit rounding dS^T gets for the dK mma), rather
+    // than kept from above: holding 1 - t^2 (even as fp16 pairs) across the dV product spilled
+    // the d128 kernel (255 registers, sm_80 and sm_90a). P = 0 (masked, underflowed, or a row
+    // with no key: lse -inf) has dS = 0 whatever t is.
+    if constexpr (kSoftcap) {
+#pragma unroll
+      for (int nt = 0; nt < kBlockM / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float pe = s[nt][e];
+          const float lse2 = lse_log2(lse_s[nt * 8 + bwd_layout::c_col(lane, e)]);
+          const float t = (__log2f(pe) + lse2) * args.inv_scale_log2;
+          s[nt][e] = pe > 0.f ? pe * (1.f - t * t) : 0.f;
+        }
+      }
+    }
 
     // dP^T = V_w dO^T, then dS^T = P^T * (dP^T - delta) in place.
     float dp[kBlockM / 8][4];
@@ -523,7 +553,8 @@ template <int D> struct DqCfg {
   static_assert(kSmemBytes <= 163 * 1024, "fits an sm_80 SM");
 };
 
-template <typename T, int D>
+// kSoftcap: as flash_bwd_dkdv_kernel (P folded with 1 - t^2 at once: dQ needs no bare P).
+template <typename T, int D, bool kSoftcap = false>
 __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(const BwdArgs args) {
   using Cfg = DqCfg<D>;
   constexpr int kBlockN = Cfg::kBlockN, kBlockM = Cfg::kBlockM, kThreads = Cfg::kThreads;
@@ -622,15 +653,23 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = s[nt][e] * args.scale_log2;
+        float x, dcap = 1.f;
+        if constexpr (kSoftcap) {  // P * (1 - t^2): see flash_bwd_dkdv_kernel
+          const float t = softcap_tanh(s[nt][e] * args.softcap_pre);
+          dcap = 1.f - t * t;
+          x = t * args.scale_log2;
+        } else {
+          x = s[nt][e] * args.scale_log2;
+        }
         if (need_mask && !bwd_layout::visible(mask, q_row0 + bwd_layout::c_row(lane, e),
                                               n0 + nt * 8 + bwd_layout::c_col(lane, e)))
           x = -INFINITY;
         s[nt][e] = exp2f(x - lse_r[e >> 1]);
+        if constexpr (kSoftcap) s[nt][e] *= dcap;
       }
     }
 
-    // dP = dO_w V^T; dS = P * (dP - delta).
+    // dP = dO_w V^T; dS = P * (dP - delta) (soft-capped: P already carries 1 - t^2).
     float dp[kBlockN / 8][4];
 #pragma unroll
     for (int i = 0; i < kBlockN / 8; ++i)
@@ -729,7 +768,12 @@ inline BwdPrep prepare_bwd(const FlashBwdParams& params, BwdArgs* out_args) {
   args.mask.seqlen_k = static_cast<int>(f.seqlen_k);
   args.mask.wl = static_cast<int>(wl);
   args.mask.wr = static_cast<int>(wr);
-  args.scale_log2 = f.softmax_scale * kLog2e;
+  // Soft-capping (softcap.cuh): the kernels' log2 multiplier becomes softcap * log2(e) and
+  // the raw q.k is first multiplied by softmax_scale / softcap * 2 log2(e), as in the forward.
+  const bool softcap = f.softcap > 0.f;
+  args.scale_log2 = (softcap ? f.softcap : f.softmax_scale) * kLog2e;
+  args.softcap_pre = softcap ? f.softmax_scale / f.softcap * kSoftcapTwoLog2e : 0.f;
+  args.inv_scale_log2 = softcap ? 1.f / args.scale_log2 : 0.f;
   args.num_splits = bwd_layout::dkdv_num_splits(f.b, f.h, f.h_k, f.seqlen_k,
                                                 static_cast<int>(f.d), &args.heads_per_split);
   // Without the workspace the binding asked for, fall back to one block per group (correct,
