@@ -169,6 +169,7 @@ def test_beam_search_paged_cache_same_tokens(llama, free_beams, backend):
     cache = model.cache
     assert isinstance(cache, PagedKVCache) and cache.batch_size == 8
     assert cache.num_pages_used + cache.num_pages_free == cache.num_pages - 1  # no page lost or shared
+    assert len({pg for row in cache.pages for pg in row}) == cache.num_pages_used
 
 
 def test_beam_search_mixtral(tmp_path):
@@ -299,8 +300,32 @@ def test_paged_kv_cache_reorder_rows_matches_contiguous():
     assert p.num_pages_used == used + 1  # row 1 went from 3 tokens (2 pages) to 5 (3 pages of its own)
     pages = [pg for row in p.pages for pg in row]
     assert len(pages) == len(set(pages))  # nothing shared
-    with pytest.raises(ValueError, match="rows for a batch of 3"):
-        p.reorder_rows(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="index out of"):
+        p.reorder_rows(torch.tensor([0, 3, 1]))
+
+
+def test_paged_kv_cache_expands_rows_to_beams():
+    torch.manual_seed(0)
+    p = PagedKVCache(1, 2, 6, 2, 4, 1, 2, torch.float32, "cpu")  # 5 usable pages: too few for 4 beams
+    p.start([3, 2])
+    p.k.normal_()
+    p.seqlens.copy_(torch.tensor([3, 2], dtype=torch.int32))
+
+    def dense(c):
+        return [c.k[0, c.block_table[b].long()].reshape(-1, 1, 2)[: c.host_seqlens[b]] for b in range(c.batch_size)]
+
+    before = dense(p)
+    owned = list(p.pages[1])
+    p.reorder_rows(torch.tensor([1, 1, 1]), max_lengths=[5, 5, 6])  # row 0 dropped, row 1 to 3 beams
+    assert p.batch_size == 3 and p.host_seqlens == [2, 2, 2] and p.seqlens.tolist() == [2, 2, 2]
+    assert p.pages[0] == owned  # the first beam takes the source's pages over, the others get copies
+    for got in dense(p):
+        assert torch.equal(got, before[1])
+    assert p.num_pages == 1 + 3 + 3 + 3  # enlarged to hold every beam at its cap
+    p.grow(4)  # to 6 tokens: 3 pages each, from the pool
+    assert p.num_pages_free == 0 and len({pg for row in p.pages for pg in row}) == 9
+    with pytest.raises(ValueError, match="max_lengths"):
+        p.reorder_rows(torch.tensor([0, 1]), max_lengths=[1, 6])
 
 
 # ---- argument errors ------------------------------------------------------------------------

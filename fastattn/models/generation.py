@@ -10,8 +10,8 @@ transformers' rules so that tokens match its ``generate`` one for one:
   search to the log-probabilities (so those, all <= 0, are multiplied), as transformers does.
 * min_new_tokens m: while fewer than m tokens have been generated, every eos id scores -inf.
 
-Beam search (``beam_search``) -- beams are cache rows. A batch of B prompts is prefilled, the
-cache is expanded to B * num_beams rows (row b * num_beams + j is beam j of prompt b), and
+Beam search (``beam_search``) -- beams are cache rows. A batch of B prompts is prefilled once,
+the cache is expanded to B * num_beams rows (row b * num_beams + j is beam j of prompt b), and
 every step runs one decode over all rows, then reorders the cache rows to follow the
 surviving beams with one gather (``KVCache.reorder_rows`` / ``PagedKVCache.reorder_rows``).
 Nothing is re-prefilled. The scoring is transformers' (v4.50+ vectorised) beam search:
@@ -188,15 +188,17 @@ def beam_search(model, input_ids: Tensor, lengths: Tensor, max_new_tokens: int, 
         return _prompt_block(input_ids, lengths, 0, pad).repeat_interleave(num_return_sequences, 0)
     T = max_new_tokens
     expand = torch.arange(B, device=device).repeat_interleave(nb)  # cache row of each beam, at the start
-    if cache == "paged":  # prefill the expanded batch: each beam row holds its own pages
-        beam_lengths = lengths.repeat_interleave(nb)
-        model.setup_cache(N, S + T, cache="paged", page_size=page_size,
-                          max_lengths=[n + T for n in beam_lengths.tolist()])
-        logits = model.prefill(input_ids.repeat_interleave(nb, 0), beam_lengths)  # (N, vocab)
-    else:  # prefill each prompt once, then copy its rows to its beams
+    # prefill each prompt once, then copy its cache rows (pages) to its beams
+    caps = [n + T for n in lengths.tolist()]  # what each sequence may grow to
+    if cache == "paged":
+        model.setup_cache(B, S + T, cache="paged", page_size=page_size, max_lengths=caps)
+        logits = model.prefill(input_ids, lengths)
+        model.cache.reorder_rows(expand, max_lengths=[c for c in caps for _ in range(nb)])
+    else:
         model.setup_cache(B, S + T)
-        logits = model.prefill(input_ids, lengths).index_select(0, expand)  # (N, vocab)
+        logits = model.prefill(input_ids, lengths)
         model.cache.reorder_rows(expand, upto=S)
+    logits = logits.index_select(0, expand)  # (N, vocab)
     decode = model.capture_decode_step() if cuda_graph and T > 1 else model.decode_step
     V = logits.shape[-1]
     eos_t = torch.tensor(eos, device=device) if eos else None

@@ -818,19 +818,27 @@ class PagedKVCache:
         self.reserve(lengths)
         self.host_seqlens = lengths
 
-    def reorder_rows(self, index: Tensor, upto: Optional[int] = None) -> None:
-        """Sequence i becomes what sequence index[i] was (beam search), index (N,) with
-        N == batch_size. Each sequence keeps its own pages (taking more from the free list
-        if its new length needs them) and the K/V of the pages its source's tokens fill are
-        copied in: one gather and one scatter over all layers, for the sequences whose
-        source is another one. Reads index on the host (one sync). ``upto`` is accepted
-        for symmetry with ``KVCache.reorder_rows``; the host lengths already bound the copy."""
+    def reorder_rows(self, index: Tensor, upto: Optional[int] = None,
+                     max_lengths: Optional[Sequence[int]] = None) -> None:
+        """Sequence i becomes what sequence index[i] was (beam search). Reads index (N,) on
+        the host (one sync). ``upto`` is accepted for symmetry with ``KVCache.reorder_rows``;
+        the host lengths already bound the copy.
+
+        N == batch_size: each sequence keeps its own pages (taking more from the free list if
+        its new length needs them) and the K/V of the pages its source's tokens fill are
+        copied in: one gather and one scatter over all layers, for the sequences whose source
+        is another one. No page is shared, so appends never need copy-on-write.
+
+        N != batch_size (expanding prompts to their beams after one prefill): a new block
+        table of N rows; the first row taking a source takes over its pages, every other one
+        gets copies; sources nobody takes give their pages back. ``max_lengths`` (N,), default
+        the new lengths, is what each new row may grow to: the pool is enlarged (reallocated
+        once) so that it never runs out."""
         src_rows = [int(i) for i in index.tolist()]
-        if len(src_rows) != self.batch_size:
-            raise ValueError(f"paged KV cache: reorder_rows got {len(src_rows)} rows for a batch of "
-                             f"{self.batch_size} (expand a prompt to its beams before prefill)")
         if any(not 0 <= s < self.batch_size for s in src_rows):
             raise ValueError(f"paged KV cache: reorder_rows index out of [0, {self.batch_size}): {src_rows}")
+        if len(src_rows) != self.batch_size:
+            return self._expand_rows(index, src_rows, max_lengths)
         lengths = [self.host_seqlens[s] for s in src_rows]
         self.reserve(lengths)  # only appends pages: the pages holding tokens stay put
         p = self.page_size
@@ -848,6 +856,51 @@ class PagedKVCache:
             for kv in (self.k, self.v):
                 kv[:, dst] = kv[:, src]  # the right side is gathered first: overlaps are safe
         self.seqlens.copy_(self.seqlens.index_select(0, index.to(device=self.seqlens.device, dtype=torch.long)))
+        self.host_seqlens = lengths
+
+    def _expand_rows(self, index: Tensor, src_rows: List[int], max_lengths) -> None:
+        p = self.page_size
+        lengths = [self.host_seqlens[s] for s in src_rows]
+        caps = lengths if max_lengths is None else [int(n) for n in max_lengths]
+        if len(caps) != len(src_rows) or any(c < n or c > self.max_len for c, n in zip(caps, lengths)):
+            raise ValueError(f"paged KV cache: max_lengths must hold {len(src_rows)} lengths, each in "
+                             f"[the row's length, {self.max_len}], got {caps}")
+        # the pool must hold every new row at its cap (plus the null page)
+        want = 1 + sum(-(-c // p) for c in caps)
+        if want > self.num_pages:
+            extra = want - self.num_pages
+            pad = (self.k.shape[0], extra) + tuple(self.k.shape[2:])
+            self.k = torch.cat([self.k, self.k.new_zeros(pad)], dim=1)
+            self.v = torch.cat([self.v, self.v.new_zeros(pad)], dim=1)
+            self._free = list(range(want - 1, want - 1 - extra, -1)) + self._free  # pop() hands out old first
+        taken = set()
+        pages: List[List[int]] = []
+        src_pages: List[int] = []
+        dst_pages: List[int] = []
+        for s, n in zip(src_rows, lengths):
+            held = self.pages[s][:-(-n // p)]
+            if s not in taken:
+                taken.add(s)
+                pages.append(list(self.pages[s]))
+                continue
+            copy = [self._free.pop() for _ in held]
+            src_pages += held
+            dst_pages += copy
+            pages.append(copy)
+        for s in range(self.batch_size):
+            if s not in taken:
+                self._free += reversed(self.pages[s])
+        if src_pages:
+            src = torch.tensor(src_pages, dtype=torch.long, device=self.k.device)
+            dst = torch.tensor(dst_pages, dtype=torch.long, device=self.k.device)
+            for kv in (self.k, self.v):
+                kv[:, dst] = kv[:, src]
+        table = torch.zeros(len(src_rows), self.max_pages_per_seq, dtype=torch.int32)
+        for i, row in enumerate(pages):
+            table[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
+        self.block_table = table.to(self.block_table.device)
+        self.pages = pages
+        self.seqlens = self.seqlens.index_select(0, index.to(device=self.seqlens.device, dtype=torch.long))
         self.host_seqlens = lengths
 
 
@@ -1302,8 +1355,8 @@ class Llama(nn.Module):
         none can improve, by the current length; "never": by the maximum length). Returns
         (B * num_return_sequences, S + n): each prompt's best ``num_return_sequences``
         hypotheses, best first, laid out as above. Beams are cache rows, reordered in place
-        after each step; the prompts are prefilled once (the paged cache prefills each beam's
-        copy of its prompt, so that every beam owns its pages).
+        after each step (one gather; on the paged cache every beam owns its pages and the
+        moved beams' pages are copied); the prompts are prefilled once, then copied to their beams.
 
         ``cache="paged"`` keeps K/V in pages of ``page_size`` tokens (``PagedKVCache``): only
         each prompt's real tokens and its new ones take pages, and the pool holds
