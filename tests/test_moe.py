@@ -278,6 +278,16 @@ def test_greedy_ragged_batch_matches_transformers(checkpoints, name):
             assert (out[b, L + NEW_TOKENS:] == VOCAB - 1).all()
 
 
+def test_beam_search_matches_transformers(checkpoints):
+    """4 beams on the Mixtral checkpoint, both backends: transformers' generate(num_beams=4)."""
+    hf, path, _ = checkpoints["mixtral"]
+    ids = ids_of(2, 7, seed=5)
+    theirs = hf.generate(ids, max_new_tokens=12, num_beams=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    for backend in BACKENDS:
+        model = Llama.from_pretrained(path, backend=backend)
+        assert torch.equal(model.generate(ids, 12, num_beams=4, eos_token_id=None), theirs), backend
+
+
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_bf16_runs(checkpoints, name, monkeypatch):
     _, path, _ = checkpoints[name]
