@@ -66,7 +66,8 @@
 //     outside [0, seqlen_k_max) dropped on the device.
 //
 // Logit soft-capping (DecodeParams::softcap > 0): a compile-time twin of decode_kernel (the
-// uncapped kernels are unchanged; 6 more kernels), see softcap.cuh: the pre-scaled query rows
+// uncapped kernels are unchanged; 6 more kernels, in decode_softcap.cu so that a parallel build
+// compiles them beside these instead of doubling this file's compile time), see softcap.cuh: the pre-scaled query rows
 // carry softmax_scale / softcap * 2 log2 e, and each lane's q.k becomes tanh (from ex2 and rcp)
 // times softcap * log2 e before the mask. Two MUFU ops per (key, head) on a bandwidth-bound
 // kernel: free in practice.
@@ -88,6 +89,7 @@
 #include <cstdint>
 
 #include "decode_kernels.cuh"
+#include "decode_launch.cuh"
 #include "fastattn/api.h"
 #include "fastattn/cuda_check.h"
 #include "fastattn/decode_split.h"
@@ -98,32 +100,11 @@ namespace {
 
 using namespace decode_kernels;
 
-template <typename T, int kD, bool kSoftcap>
-cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
-  constexpr size_t kSmem = DecodeSmem<kD>::kBytes;
-  auto kernel = decode_kernel<T, kD, kSoftcap>;
-  FASTATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
-  int64_t g[3];
-  decode_grid(p, g);
-  const dim3 grid(static_cast<unsigned>(g[0]), static_cast<unsigned>(g[1]), static_cast<unsigned>(g[2]));
-  kernel<<<grid, kThreads, kSmem, stream>>>(p);
-  FASTATTN_CUDA_LAUNCH_CHECK();
-  if (p.num_splits > 1) {
-    decode_combine_kernel<T, kD><<<static_cast<unsigned>(p.b * p.h * p.seqlen_q), kD, 0, stream>>>(p);
-    FASTATTN_CUDA_LAUNCH_CHECK();
-  }
-  return cudaSuccess;
-}
-
 template <int kD>
 cudaError_t dispatch_dtype(const DecodeParams& p, cudaStream_t stream) {
-  const bool softcap = p.softcap > 0.f;  // the capped twin of each kernel (softcap.cuh)
   switch (p.dtype) {
-    case DType::kFloat16:
-      return softcap ? launch_decode<__half, kD, true>(p, stream) : launch_decode<__half, kD, false>(p, stream);
-    case DType::kBFloat16:
-      return softcap ? launch_decode<__nv_bfloat16, kD, true>(p, stream)
-                     : launch_decode<__nv_bfloat16, kD, false>(p, stream);
+    case DType::kFloat16: return launch_decode<__half, kD, false>(p, stream);
+    case DType::kBFloat16: return launch_decode<__nv_bfloat16, kD, false>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -183,6 +164,7 @@ cudaError_t decode_attention_cuda(const DecodeParams& p, cudaStream_t stream) {
       !decode_cuda_supports_layout(p) || (p.num_splits > 1 && (p.out_partial == nullptr || p.lse_partial == nullptr)))
     return cudaErrorInvalidValue;
   if (p.b == 0 || p.h == 0 || p.seqlen_q == 0) return cudaSuccess;
+  if (p.softcap > 0.f) return decode_attention_softcap_cuda(p, stream);  // decode_softcap.cu
   switch (p.d) {
     case 64: return dispatch_dtype<64>(p, stream);
     case 128: return dispatch_dtype<128>(p, stream);
