@@ -262,8 +262,9 @@ def test_logits_match_transformers(checkpoints, name):
 
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_greedy_ragged_batch_matches_transformers(checkpoints, name):
-    """A right-padded ragged batch, both backends: each row is the prompt, then the 16 tokens
-    transformers' greedy generate gives that prompt alone, then padding."""
+    """A right-padded ragged batch, both backends, contiguous and paged caches: each row is the
+    prompt, then the 16 tokens transformers' greedy generate gives that prompt alone, then
+    padding."""
     hf, path, _ = checkpoints[name]
     lengths = [9, 4, 12]
     ids = ids_of(3, 12, seed=5)
@@ -271,11 +272,13 @@ def test_greedy_ragged_batch_matches_transformers(checkpoints, name):
                           pad_token_id=0)[0] for b, L in enumerate(lengths)]
     for backend in BACKENDS:
         model = Llama.from_pretrained(path, backend=backend)
-        out = model.generate(ids, NEW_TOKENS, prompt_lengths=torch.tensor(lengths), pad_token_id=VOCAB - 1)
-        assert out.shape == (3, 12 + NEW_TOKENS)
-        for b, L in enumerate(lengths):
-            assert torch.equal(out[b, :L + NEW_TOKENS], theirs[b]), (backend, b)
-            assert (out[b, L + NEW_TOKENS:] == VOCAB - 1).all()
+        for cache in ("contiguous", "paged"):
+            out = model.generate(ids, NEW_TOKENS, prompt_lengths=torch.tensor(lengths), pad_token_id=VOCAB - 1,
+                                 cache=cache, page_size=4)
+            assert out.shape == (3, 12 + NEW_TOKENS)
+            for b, L in enumerate(lengths):
+                assert torch.equal(out[b, :L + NEW_TOKENS], theirs[b]), (backend, cache, b)
+                assert (out[b, L + NEW_TOKENS:] == VOCAB - 1).all()
 
 
 def test_beam_search_matches_transformers(checkpoints):
