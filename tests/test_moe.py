@@ -281,6 +281,32 @@ def test_greedy_ragged_batch_matches_transformers(checkpoints, name):
                 assert (out[b, L + NEW_TOKENS:] == VOCAB - 1).all()
 
 
+WINDOWED = {  # every layer slides (Mixtral, Qwen3-MoE); Qwen2-MoE: the odd layers below max_window_layers
+    "mixtral": dict(sliding_window=5),
+    "qwen2_moe": dict(use_sliding_window=True, sliding_window=5, max_window_layers=2),
+    "qwen3_moe": dict(use_sliding_window=True, sliding_window=5),
+}
+
+
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_sliding_window_variants(name, tmp_path):
+    hf = build_hf(name, **WINDOWED[name])
+    hf.save_pretrained(str(tmp_path))
+    ids = ids_of(2, 13)  # longer than the window
+    with torch.no_grad():
+        theirs = hf(ids).logits
+        for backend in BACKENDS:
+            model = Llama.from_pretrained(str(tmp_path), backend=backend)
+            err = (model(ids) - theirs).abs().max().item() / theirs.abs().max().item()
+            assert err <= 1e-4, (backend, err)
+    expect = ["sliding_attention", "full_attention"] if name == "qwen2_moe" else ["sliding_attention"] * 2
+    assert model.config.sliding_window == 5 and model.config.layer_types == expect
+    # a Qwen2-MoE config.json without layer_types (transformers 4.x) gets transformers' default pattern
+    config = json.load(open(tmp_path / "config.json"))
+    config.pop("layer_types", None)
+    assert LlamaConfig.from_hf(config).layer_types == expect
+
+
 def test_beam_search_matches_transformers(checkpoints):
     """4 beams on the Mixtral checkpoint, both backends: transformers' generate(num_beams=4)."""
     hf, path, _ = checkpoints["mixtral"]
