@@ -200,9 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   p.delta = delta.data_ptr<float>();
   p.deterministic = deterministic;
 
-  // The CUDA backward kernels do not apply the soft cap (the CPU kernel and every forward
-  // do): a capped backward on CUDA takes the exact path, correct at O(Sq * Sk) memory per head.
-  if ((q.is_cuda() && softcap > 0) || needs_exact_backward(lse, softmax_scale)) {
+  if (needs_exact_backward(lse, softmax_scale)) {
     exact_backward(dout, q, k, v, softmax_scale, p.fwd.window_left, p.fwd.window_right, softcap, dq, dk, dv);
     return {dq, dk, dv};
   }

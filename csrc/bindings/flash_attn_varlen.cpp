@@ -229,10 +229,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
   p.delta = delta.data_ptr<float>();
   p.deterministic = deterministic;
 
-  if ((q.is_cuda() && softcap > 0) || needs_exact_backward(lse, softmax_scale)) {
+  if (needs_exact_backward(lse, softmax_scale)) {
     // Scores scaled far beyond any model's: the exact fp32 path of the dense op, one
     // sequence at a time (reads cu_seqlens on the host; on CUDA only when |scale| > 1).
-    // Also a soft-capped backward on CUDA, whose backward kernels do not apply the cap.
     dq.zero_();
     dk.zero_();
     dv.zero_();
