@@ -19,13 +19,14 @@
 #              neither hides the rest nor, with a sticky CUDA error, poisons them), up to
 #              GPU_CHECK_TEST_JOBS files at once; FASTATTN_REQUIRE_CUDA=1; a per-test timeout
 #              when pytest-timeout is installed
-#   sweep      scripts/gpu_sweep.py --all: production shapes the unit tests miss, then the
+#   sweep      scripts/gpu_sweep.py --all: production shapes the unit tests miss (soft-capped
+#              flash/varlen/decode/kvcache and a Gemma-2-like model step included), then the
 #              sanitizer driver's cases without a sanitizer, each vs fastattn.reference
 #   memcheck, racecheck
 #              compute-sanitizer over scripts/gpu_sweep.py --paths (every kernel path once,
-#              small; only fastattn's kernels instrumented), after a trivial probe run (in
-#              memcheck's box); both skip cleanly where the sanitizer is missing, refuses the
-#              device or cannot start torch within the probe's 20 s
+#              the softcap twins too, small; only fastattn's kernels instrumented), after a
+#              trivial probe run (in memcheck's box); both skip cleanly where the sanitizer is
+#              missing, refuses the device or cannot start torch within the probe's 20 s
 #   bench      the headline benchmarks (decode, rms_norm, rotary, flash forward; no model, no
 #              torch.compile) with python -m fastattn bench -k "$BENCH_K"
 #   ncu        optional (GPU_CHECK_NCU=1), only in the time left: ncu --clock-control none on
@@ -192,7 +193,7 @@ step_build() {
 # The test files with CUDA tests: those that parametrize over conftest.DEVICES or use the cuda
 # marker, found by grep so a new file is never left out. Known heavy files go first, so that
 # the parallel jobs finish together; any other file follows.
-CUDA_TEST_ORDER="test_rms_norm test_flash_attn test_kvcache test_rotary test_flash_attn_varlen test_sdpa
+CUDA_TEST_ORDER="test_rms_norm test_flash_attn test_kvcache test_softcap test_rotary test_flash_attn_varlen test_sdpa
 test_flash_attn_bwd test_decode test_nn_rms_norm test_flash_attn_train test_nn_rotary test_hf_rms_norm_autocast
 test_model_paged test_model test_hf_integration"
 export CUDA_TEST_ORDER
@@ -341,9 +342,9 @@ step_ncu() {
   if [ "$DRY_RUN" = 1 ]; then echo "skipped (no GPU)" >"$STEP_NOTE"; exit 77; fi
   if ! command -v ncu >/dev/null; then echo "skipped (ncu not found)" >"$STEP_NOTE"; exit 77; fi
   # --clock-control none: leave the card's clocks as found (device README); the --paths
-  # driver launches each fastattn kernel about once, so the first 40 matching launches cover
-  # every kernel.
-  ncu --clock-control none --kernel-name regex:'rms_norm|rotary|decode|append_kv|flash' --launch-count 40 \
+  # driver launches each fastattn kernel about once, so the first 64 matching launches cover
+  # every kernel (about 40 uncapped, about 20 more for the soft-capped cases).
+  ncu --clock-control none --kernel-name regex:'rms_norm|rotary|decode|append_kv|flash' --launch-count 64 \
     --export "$OUT_DIR/ncu" --force-overwrite "$PY" scripts/gpu_sweep.py --paths --device cuda
 }
 export -f cuda_test_files step_info step_build step_tests step_sweep sanitizer_probe run_sanitizer step_memcheck \

@@ -9,18 +9,29 @@ case (so a run cut short by its time box still leaves what it got):
       stay fast) never reach -- RMSNorm rows of N = 4096..131072 (fwd, residual, bwd), decode
       at B64 x 4096 and B1 x 65536 with ragged lengths (GQA 32/8, D 128, bf16), paged decode
       (page 16) at B64 x 4096, RoPE at the benchmark shape, CUDA-graph replay of append_kv +
-      decode_attention (contiguous and paged), flash forward at S 8k.
+      decode_attention (contiguous and paged), flash forward at S 8k; logit soft-capping
+      (softcap=, the kSoftcap kernels) on flash forward S 2k, flash fwd+bwd S 1k, varlen fwd+bwd,
+      decode and paged decode at B64 x 4096, paged attention_with_kvcache at B8 x 4096; and one
+      Gemma-2-like model step (fastattn.models.Llama: capped scores, sliding + full layers,
+      forward, ragged paged prefill and decode), bf16 fastattn vs bf16 torch vs fp32 torch.
   gpu_sweep.py --all ...   the sweep, then the --paths cases (no sanitizer: gpu_check.sh's sweep step)
   gpu_sweep.py --paths [--device cuda|cpu] [--tiny] [--json PATH]
       every kernel path once at small shapes: the driver compute-sanitizer memcheck and
       racecheck run (small, so the sanitizer's slowdown stays inside its time box), still
-      checking each result so a path that runs clean but computes garbage is caught too.
+      checking each result so a path that runs clean but computes garbage is caught too. The
+      soft-capped twins included: flash forward d64/d128 causal and not, flash backward d64/d128,
+      varlen fwd+bwd, decode (1 split, splits + combine, paged, d64/d128/d256), paged
+      attention_with_kvcache.
 
 --tiny shrinks every shape so the CPU kernels run the same cases in seconds (gpu_check.sh
 --dry-run). Each case is compared with fastattn.reference (or torch SDPA for the 8k flash
 forward, whose reference would materialise 8k x 8k scores) computed in float32 on upcast
 inputs, by ||out - ref|| / ||ref|| against a tolerance (bf16 operands: 1e-2, DESIGN/METHOD's
-band), and must be finite everywhere. Exit status 0 only when every case passed.
+band), and must be finite everywhere. A soft-capped case also checks that the cap changes the
+reference by more than 10x the tolerance (else it could not catch a kernel ignoring softcap=);
+its q and k are scaled by 2 and the cap is 2. The model case uses the error-ratio rule
+(check_ratio; its "rel err" column is its error over the allowed bound, <= 1 passes). Exit
+status 0 only when every case passed.
 """
 from __future__ import annotations
 
@@ -68,6 +79,43 @@ def check(name, out, ref, dtype, errs):
     tol = TOL[dtype]
     if not e <= tol:
         raise CaseFailed(f"{name}: relative error {e:.3e} > {tol:g}")
+
+
+def check_backward(out, ref, pairs, dt, errs):
+    """Backpropagate one random cotangent through `out` and (in fp32) through `ref`, then check
+    each (name, ours, reference) leaf's .grad: the backward half of every fwd+bwd case."""
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.float())
+    for name, a, b in pairs:
+        check(name, a.grad, b.grad, dt, errs)
+
+
+def check_cap_bites(ref, ref_uncapped, dt):
+    """A soft-capped case proves something only if the cap changes the answer well past the
+    tolerance: otherwise a kernel that ignored softcap= would pass it."""
+    e = rel_err(ref, ref_uncapped)
+    if not e > 10 * TOL[dt]:
+        raise CaseFailed(f"softcap changes the reference by only {e:.3e}: the case would not catch an uncapped kernel")
+
+
+def max_abs_err(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def check_ratio(name, ours, low, true, errs, factor=2.0, atol=1e-2):
+    """The error-ratio rule (tests/conftest.assert_error_ratio): max|ours - true| <= factor *
+    max|low - true| + atol, `low` the same computation on the torch path in the same precision.
+    errs records ours' error relative to that bound (<= 1 passes)."""
+    if tuple(ours.shape) != tuple(true.shape):
+        raise CaseFailed(f"{name}: shape {tuple(ours.shape)} != reference {tuple(true.shape)}")
+    if not torch.isfinite(ours.float()).all():
+        raise CaseFailed(f"{name}: non-finite values in the output")
+    err, ref_err = max_abs_err(ours, true), max_abs_err(low, true)
+    bound = factor * ref_err + atol
+    errs[name] = err / bound
+    if not err <= bound:
+        raise CaseFailed(f"{name}: max error {err:.3e} > {factor} * torch's {ref_err:.3e} + {atol:g}")
 
 
 def sync(device):
@@ -166,30 +214,43 @@ def case_rms_norm(dev, dt, rows, n, residual, backward):
             yr = reference.rms_norm(xr, wr, 1e-6)
         check("y", y, yr, dt, errs)
         if backward:
-            g = torch.randn_like(y)
-            y.backward(g)
-            yr.backward(g.float())
-            check("dx", x.grad, xr.grad, dt, errs)
-            check("dweight", w.grad, wr.grad, dt, errs)
+            check_backward(y, yr, (("dx", x, xr), ("dweight", w, wr)), dt, errs)
     return run
 
 
-def case_decode(dev, dt, B, S, H, Hk, D, page_size=None, num_splits=0):
+def softcap_kw(softcap):
+    """{} for an uncapped case (the call exactly as before softcap= existed), else {"softcap": cap}."""
+    return {"softcap": softcap} if softcap else {}
+
+
+def amp(softcap):
+    """Soft-capped cases scale q and k by 2 so that the scores spread over several units of the
+    cap (CAP = 2): tanh bends most of them (check_cap_bites)."""
+    return 2.0 if softcap else 1.0
+
+
+CAP = 2.0  # the soft-capped cases' cap: small enough to bend most scores
+
+
+def case_decode(dev, dt, B, S, H, Hk, D, page_size=None, num_splits=0, softcap=0.0):
     def run(errs):
-        kc = torch.randn(B, S, Hk, D, device=dev, dtype=dt)
+        kc = (torch.randn(B, S, Hk, D, device=dev) * amp(softcap)).to(dt)
         vc = torch.randn(B, S, Hk, D, device=dev, dtype=dt)
         lens = ragged_lengths(B, S, dev, seed=B * 7 + S)
-        q = torch.randn(B, H, D, device=dev, dtype=dt)
+        q = (torch.randn(B, H, D, device=dev) * amp(softcap)).to(dt)
         kr, vr = kc.float(), vc.float()  # reference sees the valid rows only (masked)
+        cap = softcap_kw(softcap)
         if page_size is None:
             garbage_tail(kc, lens)
             garbage_tail(vc, lens)
-            out = fastattn.decode_attention(q, kc, vc, lens, num_splits=num_splits)
+            out = fastattn.decode_attention(q, kc, vc, lens, num_splits=num_splits, **cap)
         else:
             kp, vp, bt = paged_copy(kc, vc, lens, page_size, seed=S)
-            out = fastattn.decode_attention(q, kp, vp, lens, block_table=bt, num_splits=num_splits)
-        ref = reference.decode_attention(q.float(), kr, vr, lens)
+            out = fastattn.decode_attention(q, kp, vp, lens, block_table=bt, num_splits=num_splits, **cap)
+        ref = reference.decode_attention(q.float(), kr, vr, lens, **cap)
         check("out", out, ref, dt, errs)
+        if softcap:
+            check_cap_bites(ref, reference.decode_attention(q.float(), kr, vr, lens), dt)
     return run
 
 
@@ -263,65 +324,76 @@ def case_graph(dev, dt, B, S, H, Hk, D, steps, page_size=None):
     return run
 
 
-def case_flash(dev, dt, B, Sq, Sk, H, Hk, D, causal, window=None, backward=False):
+def qkv_inputs(dev, dt, q_shape, kv_shape, backward, softcap):
+    """q, k, v leaves (amp(softcap)-scaled q and k) and their fp32 copies for the reference."""
+    a = amp(softcap)
+    q = (torch.randn(q_shape, device=dev) * a).to(dt).requires_grad_(backward)
+    k = (torch.randn(kv_shape, device=dev) * a).to(dt).requires_grad_(backward)
+    v = torch.randn(kv_shape, device=dev).to(dt).requires_grad_(backward)
+    qr, kr, vr = (t.detach().float().requires_grad_(backward) for t in (q, k, v))
+    return (q, k, v), (qr, kr, vr)
+
+
+def case_flash(dev, dt, B, Sq, Sk, H, Hk, D, causal, window=None, backward=False, softcap=0.0):
     def run(errs):
-        q = torch.randn(B, Sq, H, D, device=dev, dtype=dt, requires_grad=backward)
-        k = torch.randn(B, Sk, Hk, D, device=dev, dtype=dt, requires_grad=backward)
-        v = torch.randn(B, Sk, Hk, D, device=dev, dtype=dt, requires_grad=backward)
+        (q, k, v), (qr, kr, vr) = qkv_inputs(dev, dt, (B, Sq, H, D), (B, Sk, Hk, D), backward, softcap)
         kw = {"window": window} if window is not None else {}
-        out = fastattn.flash_attention(q, k, v, causal=causal, **kw)
-        if backward:
-            qr, kr, vr = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-            ref = reference.attention(qr, kr, vr, causal=causal, window=window or (-1, -1))
+        cap = softcap_kw(softcap)
+        out = fastattn.flash_attention(q, k, v, causal=causal, **kw, **cap)
+        if backward or softcap:  # SDPA has no soft-capping
+            ref = reference.attention(qr, kr, vr, causal=causal, window=window or (-1, -1), **cap)
         else:
-            ref = sdpa_ref(q.detach(), k.detach(), v.detach(), causal, window)
+            ref = sdpa_ref(qr, kr, vr, causal, window)
         check("out", out, ref, dt, errs)
+        if softcap:
+            with torch.no_grad():
+                check_cap_bites(ref, reference.attention(qr, kr, vr, causal=causal, window=window or (-1, -1)), dt)
         if backward:
-            g = torch.randn_like(out)
-            out.backward(g)
-            ref.backward(g.float())
-            for name, a, b in (("dq", q, qr), ("dk", k, kr), ("dv", v, vr)):
-                check(name, a.grad, b.grad, dt, errs)
+            check_backward(out, ref, (("dq", q, qr), ("dk", k, kr), ("dv", v, vr)), dt, errs)
     return run
 
 
-def case_varlen(dev, dt, lens_q, H, Hk, D, causal, backward):
+def case_varlen(dev, dt, lens_q, H, Hk, D, causal, backward, softcap=0.0):
     def run(errs):
         cu = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0).tolist()), dtype=torch.int32, device=dev)
         total, mx = int(cu[-1]), max(lens_q)
-        q = torch.randn(total, H, D, device=dev, dtype=dt, requires_grad=backward)
-        k = torch.randn(total, Hk, D, device=dev, dtype=dt, requires_grad=backward)
-        v = torch.randn(total, Hk, D, device=dev, dtype=dt, requires_grad=backward)
-        out = fastattn.flash_attention_varlen(q, k, v, cu, cu, mx, mx, causal=causal)
-        qr, kr, vr = (t.detach().float().requires_grad_(backward) for t in (q, k, v))
-        ref = reference.attention_varlen(qr, kr, vr, cu, cu, causal=causal)
+        (q, k, v), (qr, kr, vr) = qkv_inputs(dev, dt, (total, H, D), (total, Hk, D), backward, softcap)
+        cap = softcap_kw(softcap)
+        out = fastattn.flash_attention_varlen(q, k, v, cu, cu, mx, mx, causal=causal, **cap)
+        ref = reference.attention_varlen(qr, kr, vr, cu, cu, causal=causal, **cap)
         check("out", out, ref, dt, errs)
+        if softcap:
+            with torch.no_grad():
+                check_cap_bites(ref, reference.attention_varlen(qr, kr, vr, cu, cu, causal=causal), dt)
         if backward:
-            g = torch.randn_like(out)
-            out.backward(g)
-            ref.backward(g.float())
-            for name, a, b in (("dq", q, qr), ("dk", k, kr), ("dv", v, vr)):
-                check(name, a.grad, b.grad, dt, errs)
+            check_backward(out, ref, (("dq", q, qr), ("dk", k, kr), ("dv", v, vr)), dt, errs)
     return run
 
 
-def case_kvcache(dev, dt, B, S, Sq, H, Hk, D, page_size=None):
+def case_kvcache(dev, dt, B, S, Sq, H, Hk, D, page_size=None, softcap=0.0):
     """attention_with_kvcache with new k/v (append + Sq queries, bottom-right causal)."""
     def run(errs):
-        kc = torch.randn(B, S, Hk, D, device=dev, dtype=dt)
+        a = amp(softcap)
+        kc = (torch.randn(B, S, Hk, D, device=dev) * a).to(dt)
         vc = torch.randn(B, S, Hk, D, device=dev, dtype=dt)
         lens = ragged_lengths(B, S - Sq, dev, seed=3)
         bt = None
         if page_size is not None:
             kc, vc, bt = paged_copy(kc, vc, torch.full((B,), S, dtype=torch.int32), page_size, seed=9)
-        q = torch.randn(B, Sq, H, D, device=dev, dtype=dt)
-        kn = torch.randn(B, Sq, Hk, D, device=dev, dtype=dt)
-        vn = torch.randn_like(kn)
+        q = (torch.randn(B, Sq, H, D, device=dev) * a).to(dt)
+        kn = (torch.randn(B, Sq, Hk, D, device=dev) * a).to(dt)
+        vn = torch.randn(B, Sq, Hk, D, device=dev, dtype=dt)
         kr, vr = kc.float(), vc.float()
-        out = fastattn.attention_with_kvcache(q, kc, vc, lens, k=kn, v=vn, block_table=bt)
-        ref = reference.attention_with_kvcache(q.float(), kr, vr, lens, k=kn.float(), v=vn.float(),
-                                               block_table=bt)
+        cap = softcap_kw(softcap)
+        out = fastattn.attention_with_kvcache(q, kc, vc, lens, k=kn, v=vn, block_table=bt, **cap)
+
+        def ref_of(**kw):  # appends into the fp32 copies (the same rows again: idempotent)
+            return reference.attention_with_kvcache(q.float(), kr, vr, lens, k=kn.float(),
+                                                    v=vn.float(), block_table=bt, **kw)
+        ref = ref_of(**cap)
         check("out", out, ref, dt, errs)
+        if softcap:
+            check_cap_bites(ref, ref_of(), dt)
     return run
 
 
@@ -343,6 +415,50 @@ def case_append(dev, dt, B, S, Hk, D, Sn, page_size=None):
             if not torch.equal(a.float().nan_to_num(7.0), b.float().nan_to_num(7.0)):
                 raise CaseFailed(f"{name} differs from the reference append")
             errs[name] = 0.0
+    return run
+
+
+def case_gemma2_model(dev, tiny):
+    """A Gemma-2-like model step (fastattn.models.Llama, random weights): sliding and full
+    layers, scores soft-capped (attn_logit_softcapping) and final logits capped, GeGLU, unit-offset
+    and sandwich norms, head_dim 128. The bf16 fastattn backend against the bf16 torch backend,
+    both against the fp32 torch model (check_ratio): a forward over the batch (capped flash
+    forward with a window and without), then a ragged prefill into a paged cache and decode steps
+    (capped attention_with_kvcache on the sliding layer, capped decode_attention on the full one)."""
+    def run(errs):
+        import copy
+
+        from fastattn.models import Llama, LlamaConfig
+        hidden, S, window, steps = (256, 40, 16, 3) if tiny else (512, 300, 100, 3)
+        cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=512,
+                          sliding_window=window, layer_types=["sliding_attention", "full_attention"],
+                          hidden_act="gelu_pytorch_tanh", norm_unit_offset=True, embedding_multiplier=hidden ** 0.5,
+                          query_pre_attn_scalar=128, attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
+                          sandwich_norms=True, tie_word_embeddings=True)
+        truth = Llama(cfg, backend="torch").to(dev)
+        with torch.no_grad():  # scores large enough for the cap to bend (as tests/test_model_gemma.py)
+            for layer in truth.layers:
+                layer.attention.wqkv.weight[: 6 * 128].mul_(8.0)  # the q (4 heads) and k (2 heads) rows
+        fa, th = copy.deepcopy(truth).to(torch.bfloat16), copy.deepcopy(truth).to(torch.bfloat16)
+        fa.backend = "fastattn"
+        g = torch.Generator().manual_seed(7)
+        B = 3
+        ids = torch.randint(1, cfg.vocab_size, (B, S + steps), generator=g).to(dev)
+        with torch.no_grad():
+            check_ratio("logits", fa(ids[:, :S]).float(), th(ids[:, :S]).float(), truth(ids[:, :S]), errs)
+        lens = torch.tensor([S, S - 7, S - 13], dtype=torch.int32, device=dev)  # ragged prompts
+        prompts = ids[:, :S]
+        got = {}
+        for tag, m in (("fa", fa), ("th", th), ("truth", truth)):
+            m.setup_cache(B, S + steps, cache="paged", page_size=16)
+            out = [m.prefill(prompts, prompt_lengths=lens).float()]
+            for i in range(steps):
+                out.append(m.decode_step(ids.gather(1, (lens.long() + i).view(B, 1)).view(B)).float())
+            got[tag] = out
+        for i in range(steps + 1):
+            check_ratio("prefill logits" if i == 0 else f"decode {i} logits", got["fa"][i], got["th"][i],
+                        got["truth"][i], errs)
     return run
 
 
@@ -383,6 +499,25 @@ def sweep_cases(dev, tiny):
     fq = fs // 8 - 5  # a chunk of queries over a longer key range: bottom-right causal
     c.append((f"flash fwd B1 Sq{fq} Sk{fs} H{H}/{Hk} d{fd} causal",
               case_flash(dev, bf, 1, fq, fs, H, Hk, fd, True)))
+    # Logit soft-capping (softcap=, Gemma 2): the capped kernels at modest production shapes,
+    # each against fastattn.reference with the cap (the paths list has every capped kernel once).
+    cs = 128 if tiny else 2048
+    c.append((f"flash fwd B1 S{cs - 61} H{H}/{Hk} d{fd} causal softcap",
+              case_flash(dev, bf, 1, cs - 61, cs - 61, H, Hk, fd, True, softcap=CAP)))
+    cb = 96 if tiny else 1024
+    c.append((f"flash fwd+bwd B1 S{cb} H{H}/{Hk} d{fd} causal softcap",
+              case_flash(dev, bf, 1, cb, cb, H, Hk, fd, True, backward=True, softcap=CAP)))
+    vl = [50, 1, 37] if tiny else [777, 1, 1500]
+    c.append((f"flash varlen fwd+bwd {vl} H{H}/{Hk} d{fd} causal softcap",
+              case_varlen(dev, bf, vl, H, Hk, fd, True, True, softcap=CAP)))
+    c.append((f"decode B{b64}x{s4k} ragged GQA {H}/{Hk} d{D} softcap",
+              case_decode(dev, bf, b64, s4k, H, Hk, D, softcap=CAP)))
+    c.append((f"decode paged16 B{b64}x{s4k} ragged GQA {H}/{Hk} d{D} softcap",
+              case_decode(dev, bf, b64, s4k, H, Hk, D, page_size=16, softcap=CAP)))
+    kb, ks = (2, 96) if tiny else (8, 4096)
+    c.append((f"attention_with_kvcache Sq4 paged16 B{kb}x{ks} GQA {H}/{Hk} d{D} softcap",
+              case_kvcache(dev, bf, kb, ks, 4, H, Hk, D, page_size=16, softcap=CAP)))
+    c.append(("model gemma2-like bf16 forward + paged prefill/decode (softcap)", case_gemma2_model(dev, tiny)))
     return c
 
 
@@ -409,6 +544,24 @@ def path_cases(dev, tiny):
         ("append_kv paged16", case_append(dev, bf, 3, 64, 2, 128, 5, page_size=16)),
         ("attention_with_kvcache Sq4 contiguous", case_kvcache(dev, bf, 2, 96, 4, 8, 2, 128)),
         ("attention_with_kvcache Sq4 paged16", case_kvcache(dev, bf, 2, 96, 4, 8, 2, 128, page_size=16)),
+        # The soft-capped twins (kSoftcap kernels): flash forward d64/d128 x causal/not (always the
+        # masked kernel), flash backward dK/dV + dQ d64/d128, varlen, decode (1 split, split +
+        # combine, paged, d64/d128/d256) and attention_with_kvcache (multi-query, paged).
+        ("flash fwd+bwd d64 causal GQA 4/2 softcap",
+         case_flash(dev, bf, 1, 150, 150, 4, 2, 64, True, backward=True, softcap=CAP)),
+        ("flash fwd d64 full Sq<Sk softcap", case_flash(dev, bf, 1, 70, 133, 4, 2, 64, False, softcap=CAP)),
+        ("flash fwd d128 causal Sq<Sk softcap", case_flash(dev, bf, 1, 70, 133, 4, 2, 128, True, softcap=CAP)),
+        ("flash fwd+bwd d128 full softcap",
+         case_flash(dev, bf, 1, 130, 130, 2, 2, 128, False, backward=True, softcap=CAP)),
+        ("flash varlen fwd+bwd d128 causal softcap",
+         case_varlen(dev, bf, [100, 1, 57], 4, 2, 128, True, True, softcap=CAP)),
+        ("decode contiguous 1 split softcap", case_decode(dev, bf, 3, 300, 8, 2, 128, num_splits=1, softcap=CAP)),
+        ("decode paged16 4 splits softcap",
+         case_decode(dev, bf, 3, 300, 8, 2, 128, page_size=16, num_splits=4, softcap=CAP)),
+        ("decode d64 auto splits softcap", case_decode(dev, bf, 3, 300, 8, 2, 64, softcap=CAP)),
+        ("decode d256 auto splits softcap", case_decode(dev, bf, 3, 300, 8, 2, 256, softcap=CAP)),
+        ("attention_with_kvcache Sq4 paged16 softcap",
+         case_kvcache(dev, bf, 2, 96, 4, 8, 2, 128, page_size=16, softcap=CAP)),
     ]
 
 

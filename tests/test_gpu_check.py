@@ -6,6 +6,8 @@ GPU lease is 15 minutes, so the script must work the first time it runs there.
 - the time boxes work: a step over its budget is reported TIMEOUT (and the run fails), a
   failed build skips the GPU steps, and the table is still printed;
 - gpu_sweep's kernel-path cases pass on the CPU, and its checker fails on a wrong result;
+- the soft-capped kernels (softcap=) are in both the sweep and the sanitizer driver, run in the
+  dry run, and each capped case fails when its op drops the cap;
 - the benchmark -k expression selects the headline CUDA benchmarks (and no compile/model ones)
   from the CUDA parametrization of the suites.
 """
@@ -121,6 +123,17 @@ def test_dry_run_quick(tmp_path):
     names = [c["case"] for c in sweep["cases"]]
     assert any(n.startswith("paths: ") for n in names) and any(n.startswith("graph replay") for n in names)
     assert all(c["status"] == "pass" for c in sweep["cases"]), [c for c in sweep["cases"] if c["status"] != "pass"]
+    # The soft-capped kernels ran in the dry run: in the sweep, in the sanitizer driver's cases,
+    # and the Gemma-2-like model step; each printed as a passing line of the sweep's output.
+    capped = [n for n in names if "softcap" in n]
+    sweep_capped = [n for n in capped if not n.startswith("paths: ")]
+    paths_capped = [n[len("paths: "):] for n in capped if n.startswith("paths: ")]
+    assert paths_capped == [n for n, _ in _load_sweep().path_cases("cpu", tiny=True) if "softcap" in n]
+    for family in ("flash fwd ", "flash fwd+bwd", "varlen", "decode ", "decode paged16", "attention_with_kvcache",
+                   "model gemma2"):
+        assert any(family in n for n in sweep_capped), f"no soft-capped {family!r} case in the sweep: {sweep_capped}"
+    for n in capped:
+        assert re.search(rf"^pass\s+{re.escape(n)}\s+max rel err", r.stdout, re.M), f"{n!r} not reported as passed"
     tests = (out / "tests.tsv").read_text().splitlines()
     assert len(tests) == 2 and "\tpass\t" in tests[1] and "skipped" in tests[1], tests
 
@@ -165,6 +178,46 @@ def test_sweep_path_cases_pass_on_cpu():
     for family in ("rms_norm", "rope", "flash fwd+bwd", "varlen", "decode", "paged16", "append_kv",
                    "attention_with_kvcache"):
         assert any(family in n for n in names), family
+    # ... and every soft-capped twin (the kSoftcap kernels): flash forward d64/d128 causal and
+    # not, flash backward d64/d128, varlen, decode (1 split, splits + combine, paged, each head
+    # dim), multi-query paged attention_with_kvcache.
+    capped = [n for n in names if n.endswith(" softcap")]
+    for d in ("d64", "d128"):
+        assert any(f"flash fwd+bwd {d}" in n for n in capped), f"no capped flash backward {d}"
+        for mode in ("causal", "full"):
+            assert any(n.startswith("flash fwd") and f" {d} {mode}" in n for n in capped), (d, mode)
+    for family in ("flash varlen fwd+bwd", "decode contiguous 1 split", "splits", "decode paged16", "decode d64",
+                   "decode d256", "attention_with_kvcache Sq4 paged16"):
+        assert any(family in n for n in capped), family
+
+
+def test_softcap_cases_catch_an_uncapped_kernel(monkeypatch):
+    """Each soft-capped path case fails when its op silently drops softcap= (the cap bends these
+    scores far past the tolerance), and the checks pass again with the real op."""
+    sweep = _load_sweep()
+    fastattn = sweep.fastattn
+    cases = dict(sweep.path_cases("cpu", tiny=True))
+    ops = {"flash_attention": ["flash fwd+bwd d64 causal GQA 4/2 softcap", "flash fwd d128 causal Sq<Sk softcap"],
+           "flash_attention_varlen": ["flash varlen fwd+bwd d128 causal softcap"],
+           "decode_attention": ["decode paged16 4 splits softcap"],
+           "attention_with_kvcache": ["attention_with_kvcache Sq4 paged16 softcap"]}
+    for op, names in ops.items():
+        real = getattr(fastattn, op)
+
+        def uncapped(*a, _real=real, **k):
+            k.pop("softcap", None)
+            return _real(*a, **k)
+        monkeypatch.setattr(fastattn, op, uncapped)
+        for name in names:
+            with pytest.raises(sweep.CaseFailed, match="relative error"):
+                cases[name]({})
+        monkeypatch.setattr(fastattn, op, real)
+        errs = {}
+        cases[names[0]](errs)
+        assert errs and max(errs.values()) <= sweep.TOL[torch.bfloat16]
+    # A case whose scores the cap would not bend is refused, not passed.
+    with pytest.raises(sweep.CaseFailed, match="would not catch"):
+        sweep.check_cap_bites(torch.ones(4), torch.ones(4), torch.bfloat16)
 
 
 def test_sweep_checker_catches_wrong_results(monkeypatch):
