@@ -124,3 +124,34 @@ def emu_bank_report(rows: list, label: str, tmp_path) -> list:
     path.write_text(json.dumps(rows, indent=1))
     print(f"written to {path}")
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Tiny Hugging Face models for the model tests (test_model, test_model_archs, test_generation)
+# ---------------------------------------------------------------------------------------
+def randomize_norms(model):
+    """transformers initialises norm weights to 1 and biases to 0; perturb them so a
+    mis-mapped norm or bias cannot hide."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_hf(model, path, **kw) -> str:
+    """save_pretrained (safetensors) into path; returns it as a str for from_pretrained."""
+    model.save_pretrained(str(path), **kw)
+    return str(path)
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    """A 2-layer GQA transformers.LlamaConfig with eager attention (the exact reference)."""
+    import transformers
+
+    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+    kw.update(overrides)
+    cfg = transformers.LlamaConfig(**kw)
+    cfg._attn_implementation = "eager"
+    return cfg

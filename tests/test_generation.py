@@ -15,7 +15,7 @@ from fastattn.models import KVCache, Llama, PagedKVCache
 from fastattn.models import generation
 from fastattn.models.llama import paged_kernels_available
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,12 +27,7 @@ NEW = 16
 
 
 def hf_config(**overrides):
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
-    kw.update(overrides)
-    cfg = transformers.LlamaConfig(**kw)
-    cfg._attn_implementation = "eager"
-    return cfg
+    return tiny_llama_config(VOCAB, **overrides)
 
 
 def perturb_norms(model):

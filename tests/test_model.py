@@ -11,7 +11,7 @@ import torch
 
 from fastattn.models import Llama, LlamaConfig, rope_tables, sample_next_token
 
-from conftest import DEVICES, HAS_CUDA, assert_error_ratio
+from conftest import DEVICES, HAS_CUDA, assert_error_ratio, randomize_norms, save_hf, tiny_llama_config
 
 try:
     import transformers
@@ -28,27 +28,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def hf_config(**overrides):
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
-    kw.update(overrides)
-    cfg = transformers.LlamaConfig(**kw)
-    cfg._attn_implementation = "eager"
-    return cfg
-
-
-def save_hf(model, path, **kw):
-    model.save_pretrained(str(path), **kw)
-    return str(path)
-
-
-def randomize_norms(model):
-    # transformers initialises norm weights to 1 and biases to 0; perturb them so a
-    # mis-mapped norm or bias cannot hide.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return tiny_llama_config(VOCAB, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch
 
 from fastattn.models import Llama, LlamaConfig
 
-from conftest import assert_error_ratio
+from conftest import assert_error_ratio, randomize_norms, save_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,19 +42,6 @@ def build_hf(config_cls, model_cls, seed: int = 0, **overrides):
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     return randomize_norms(model_cls(cfg)).eval()
-
-
-def randomize_norms(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
-def save_hf(model, path) -> str:
-    model.save_pretrained(str(path), safe_serialization=True)
-    return str(path)
 
 
 def ids_of(B, S, seed=1):
