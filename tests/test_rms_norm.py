@@ -49,6 +49,22 @@ def test_forward_residual(device, dtype, n, strided):
     assert_error_ratio(y, low_y, true_y, "y")
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_forward_large_cpu(dtype, residual):
+    """Outputs of >= 16 MiB take the CPU kernel's non-temporal-store path (csrc/cpu/rms_norm.cpp,
+    use_streaming_stores); the other tests' outputs are far smaller."""
+    x, w, r = _inputs("cpu", dtype, 4096, rows=(2, 1024), residual=residual)
+    out = fastattn.rms_norm(x, w, 1e-6, residual=r)
+    y, h = out if residual else (out, None)
+    if residual:
+        torch.testing.assert_close(h, x + r, rtol=0, atol=0)
+    src = x + r if residual else x
+    true = reference.rms_norm(src.double(), w.double(), 1e-6)
+    low = reference.rms_norm(src, w, 1e-6)
+    assert_error_ratio(y, low, true)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("n", SIZES)

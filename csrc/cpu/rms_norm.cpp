@@ -6,9 +6,14 @@
 //
 // Why it is fast: the op is memory bound, so the goal is one read of each input and one
 // write of each output at streaming speed. Rows are split over ATen's thread pool in
-// chunks of ~32K elements; each row is converted once into an fp32 buffer that stays in L1,
-// reduced with a vectorised sum (omp simd reduction), scaled and converted back, so the
-// 16-bit paths cost no more than fp32. The weight is converted to fp32 once per call.
+// contiguous chunks (one per thread: threads share at most the output line at a chunk edge). On AVX2/FMA/F16C tiers
+// (x86-64-v3 and up) the forward makes two passes per row with the row still in L1 for the
+// second: a sum of squares in four independent FMA chains with the 16-bit widening done in
+// registers, then scale-and-store; outputs larger than the caches are written with
+// non-temporal stores (no read-for-ownership). With the residual, h = T(x + residual) is
+// stored in the first pass and kept in an fp32 row buffer for the second. On the baseline
+// tier each row is converted once into an fp32 buffer, reduced with a vectorised sum (omp
+// simd reduction), scaled and converted back. The weight is converted to fp32 once per call.
 // dweight is reduced deterministically: a fixed number of row blocks (a function of the
 // row count only) each write a partial sum, added in block order afterwards.
 #include <ATen/Parallel.h>
@@ -19,6 +24,9 @@
 #include <vector>
 
 #include "cpu_types.h"
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include "fastattn/api.h"
 #include "fastattn/cpu_dispatch.h"
 #include "fastattn/static_switch.h"
@@ -40,6 +48,297 @@ std::vector<float> weight_as_float(const void* weight, int64_t n, DType dtype) {
   return w;
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// ---- AVX2 forward: one streaming pass per row ----------------------------------------------
+// Per row: pass 1 reads the row from memory, widening 16-bit values in registers (bf16: zero-
+// extend to 32 bits and shift left by 16; fp16: vcvtph2ps), and accumulates the sum of squares
+// in four independent FMA chains (one chain would be bound by FMA latency, not bandwidth).
+// Pass 2 re-reads the row, which is still in L1 (a 4096-float row is 16 KiB), scales it and
+// stores y. Large outputs are written with non-temporal stores: y is not re-read by this
+// kernel, and a streaming store skips the read-for-ownership of the destination line, which
+// otherwise makes every written byte cost a read as well.
+namespace vec {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const cpu::bf16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+inline __m256 load8(const cpu::half_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// bf16 round to nearest even, as cpu::float_to_bf16, result kept in the high half of each
+// 32-bit lane (so it is also the fp32 value of the rounded bf16). NaN -> 0x7fc0.
+inline __m256i bf16_round_hi(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+  r = _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  return _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)), nan));
+}
+
+// v rounded to T and widened back: what storing v as T and loading it again gives.
+inline __m256 round_to(__m256 v, const float*) { return v; }
+inline __m256 round_to(__m256 v, const cpu::bf16_t*) { return _mm256_castsi256_ps(bf16_round_hi(v)); }
+inline __m256 round_to(__m256 v, const cpu::half_t*) {
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// Store 8 values. NT: non-temporal (the caller guarantees 32-byte (fp32) / 16-byte (16-bit)
+// alignment). EXACT: v is already representable in T (from round_to), so bf16 needs no rounding.
+template <bool NT>
+inline void store8(float* p, __m256 v, bool) {
+  if (NT) _mm256_stream_ps(p, v); else _mm256_storeu_ps(p, v);
+}
+template <bool NT>
+inline void store16bit(void* p, __m128i v) {
+  if (NT) _mm_stream_si128(static_cast<__m128i*>(p), v);
+  else _mm_storeu_si128(static_cast<__m128i*>(p), v);
+}
+template <bool NT>
+inline void store8(cpu::bf16_t* p, __m256 v, bool exact) {
+  const __m256i hi = _mm256_srli_epi32(exact ? _mm256_castps_si256(v) : bf16_round_hi(v), 16);
+  store16bit<NT>(p, _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)));
+}
+template <bool NT>
+inline void store8(cpu::half_t* p, __m256 v, bool) {
+  store16bit<NT>(p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(cpu::bf16_t v) { return cpu::bf16_to_float(v.bits); }
+inline float to_float(cpu::half_t v) {
+  float f;
+  _mm_store_ss(&f, _mm_cvtph_ps(_mm_cvtsi32_si128(v.bits)));
+  return f;
+}
+inline void from_float(float v, float* p) { *p = v; }
+inline void from_float(float v, cpu::bf16_t* p) { p->bits = cpu::float_to_bf16(v); }
+inline void from_float(float v, cpu::half_t* p) {
+  p->bits = static_cast<uint16_t>(_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT), 0));
+}
+inline float round_scalar(float v, const float*) { return v; }
+template <typename T>
+inline float round_scalar(float v, const T*) {
+  T t;
+  vec::from_float(v, &t);
+  return vec::to_float(t);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace vec
+
+// bf16 in blocks of 16: one 256-bit load of 16 values is widened with two unpacks against
+// zero (the bf16 bits land in the high half of each 32-bit lane: that is the fp32 value).
+// The unpacks work within 128-bit lanes, so the two vectors hold elements
+// {0-3, 8-11} and {4-7, 12-15}; the inverse (shift right by 16 and packus) restores the
+// natural order, and the weight is stored permuted the same way (kernel_weight), so the
+// block costs 3 shuffles instead of 4 widenings and 2 pack + extract pairs.
+inline void load16_bf16(const cpu::bf16_t* p, __m256& a, __m256& b) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i z = _mm256_setzero_si256();
+  a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
+  b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
+}
+// a, b: values already rounded to bf16 (high halves), in load16_bf16's order.
+template <bool NT>
+inline void store16_bf16(cpu::bf16_t* p, __m256 a, __m256 b) {
+  const __m256i v = _mm256_packus_epi32(_mm256_srli_epi32(_mm256_castps_si256(a), 16),
+                                        _mm256_srli_epi32(_mm256_castps_si256(b), 16));
+  if (NT) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+}
+constexpr int64_t kBf16Block = 16;
+
+template <typename T>
+constexpr int64_t block16_end(int64_t n) {
+  return std::is_same<T, cpu::bf16_t>::value ? n / kBf16Block * kBf16Block : 0;
+}
+
+// The fp32 weight in the order the kernel reads it (bf16: permuted within each full block of
+// 16 as load16_bf16 orders x; the tail, and other dtypes, in natural order).
+template <typename T>
+std::vector<float> kernel_weight(const void* weight, int64_t n, DType dtype) {
+  std::vector<float> w = weight_as_float(weight, n, dtype);
+  if (w.empty()) return w;
+  for (int64_t i = 0; i < block16_end<T>(n); i += kBf16Block) {
+    float blk[kBf16Block];
+    for (int k = 0; k < 4; ++k) {
+      blk[k] = w[i + k];
+      blk[4 + k] = w[i + 8 + k];
+      blk[8 + k] = w[i + 4 + k];
+      blk[12 + k] = w[i + 12 + k];
+    }
+    std::copy(blk, blk + kBf16Block, w.begin() + i);
+  }
+  return w;
+}
+
+// Pass 1 of a row. Without residual: sum of squares of x. With residual: h = T(x + res) is
+// stored (to h and to the fp32 row buffer hb, which pass 2 reads) and its squares summed.
+template <typename T, bool RES, bool NT>
+float row_sumsq(const T* x, const T* res, T* h, float* hb, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  if constexpr (std::is_same<T, cpu::bf16_t>::value) {
+    auto block = [&](int64_t j, __m256& acc_a, __m256& acc_b) {
+      __m256 va, vb;
+      load16_bf16(x + j, va, vb);
+      if (RES) {
+        __m256 ra, rb;
+        load16_bf16(res + j, ra, rb);
+        va = vec::round_to(_mm256_add_ps(va, ra), x);
+        vb = vec::round_to(_mm256_add_ps(vb, rb), x);
+        store16_bf16<NT>(h + j, va, vb);
+        _mm256_storeu_ps(hb + j, va);
+        _mm256_storeu_ps(hb + j + 8, vb);
+      }
+      acc_a = _mm256_fmadd_ps(va, va, acc_a);
+      acc_b = _mm256_fmadd_ps(vb, vb, acc_b);
+    };
+    const int64_t nb = block16_end<T>(n);
+    for (; i + 2 * kBf16Block <= nb; i += 2 * kBf16Block) {
+      block(i, a0, a1);
+      block(i + kBf16Block, a2, a3);
+    }
+    for (; i < nb; i += kBf16Block) block(i, a0, a1);
+  }
+  auto step = [&](int64_t j, __m256& acc) {
+    __m256 v = vec::load8(x + j);
+    if (RES) {
+      v = vec::round_to(_mm256_add_ps(v, vec::load8(res + j)), x);
+      vec::store8<NT>(h + j, v, true);
+      _mm256_storeu_ps(hb + j, v);
+    }
+    acc = _mm256_fmadd_ps(v, v, acc);
+  };
+  for (; i + 32 <= n; i += 32) {
+    step(i, a0);
+    step(i + 8, a1);
+    step(i + 16, a2);
+    step(i + 24, a3);
+  }
+  for (; i + 8 <= n; i += 8) step(i, a0);
+  float ss = vec::hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < n; ++i) {
+    float v = vec::to_float(x[i]);
+    if (RES) {
+      v = vec::round_scalar(v + vec::to_float(res[i]), x);
+      vec::from_float(v, h + i);
+      hb[i] = v;
+    }
+    ss += v * v;
+  }
+  return ss;
+}
+
+// Pass 2: y = src * rstd * w (src: x, or the fp32 h buffer, both in the order of w, see
+// kernel_weight), in the order (src * rstd) * w.
+template <typename T, typename S, bool NT>
+void row_scale(const S* src, const float* w, float rstd, T* y, int64_t n) {
+  const __m256 rs = _mm256_set1_ps(rstd);
+  int64_t i = 0;
+  if constexpr (std::is_same<T, cpu::bf16_t>::value) {
+    const int64_t nb = block16_end<T>(n);
+    for (; i < nb; i += kBf16Block) {
+      __m256 a, b;
+      if constexpr (std::is_same<S, float>::value) {
+        a = _mm256_loadu_ps(src + i);
+        b = _mm256_loadu_ps(src + i + 8);
+      } else {
+        load16_bf16(src + i, a, b);
+      }
+      a = _mm256_mul_ps(a, rs);
+      b = _mm256_mul_ps(b, rs);
+      if (w) {
+        a = _mm256_mul_ps(a, _mm256_loadu_ps(w + i));
+        b = _mm256_mul_ps(b, _mm256_loadu_ps(w + i + 8));
+      }
+      store16_bf16<NT>(y + i, vec::round_to(a, y), vec::round_to(b, y));
+    }
+  }
+  auto step = [&](int64_t j) {
+    __m256 v = _mm256_mul_ps(vec::load8(src + j), rs);
+    if (w) v = _mm256_mul_ps(v, _mm256_loadu_ps(w + j));
+    vec::store8<NT>(y + j, v, false);
+  };
+  for (; i + 16 <= n; i += 16) {
+    step(i);
+    step(i + 8);
+  }
+  for (; i + 8 <= n; i += 8) step(i);
+  for (; i < n; ++i) {
+    float v = vec::to_float(src[i]) * rstd;
+    if (w) v *= w[i];
+    vec::from_float(v, y + i);
+  }
+}
+
+template <typename T, bool RES, bool NT>
+void rms_norm_fwd_rows(const RmsNormParams& p, const float* wf, int64_t begin, int64_t end, float* hb) {
+  const int64_t n = p.n;
+  const T* x = static_cast<const T*>(p.x);
+  const T* res = static_cast<const T*>(p.residual);
+  T* y = static_cast<T*>(p.y);
+  T* h = static_cast<T*>(p.h);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* xr = x + r * p.x_row_stride;
+    T* yr = y + r * p.y_row_stride;
+    const float ss = row_sumsq<T, RES, NT>(xr, RES ? res + r * p.residual_row_stride : nullptr,
+                                           RES ? h + r * p.h_row_stride : nullptr, hb, n);
+    const float rstd = 1.0f / std::sqrt(ss / static_cast<float>(n) + p.eps);
+    p.rstd[r] = rstd;
+    if (RES) row_scale<T, float, NT>(hb, wf, rstd, yr, n);
+    else row_scale<T, T, NT>(xr, wf, rstd, yr, n);
+  }
+  if (NT) _mm_sfence();
+}
+
+// Non-temporal stores only pay off when the output is far larger than the caches (it would
+// be evicted before anyone reads it anyway), and need every row to start aligned.
+template <typename T>
+bool use_streaming_stores(const RmsNormParams& p) {
+  constexpr uintptr_t align = std::is_same<T, cpu::half_t>::value ? 16 : 32;
+  const int64_t out_bytes = p.rows * p.n * static_cast<int64_t>(sizeof(T)) * (p.residual ? 2 : 1);
+  if (out_bytes < (int64_t(16) << 20)) return false;
+  auto aligned = [&](const void* ptr, int64_t stride) {
+    return reinterpret_cast<uintptr_t>(ptr) % align == 0 &&
+           (stride * static_cast<int64_t>(sizeof(T))) % static_cast<int64_t>(align) == 0;
+  };
+  return aligned(p.y, p.y_row_stride) && (!p.residual || aligned(p.h, p.h_row_stride));
+}
+
+template <typename T>
+void rms_norm_fwd_impl(const RmsNormParams& p) {
+  const int64_t n = p.n;
+  const std::vector<float> w = kernel_weight<T>(p.weight, n, p.dtype);
+  const float* wf = w.empty() ? nullptr : w.data();
+  const bool nt = use_streaming_stores<T>(p);
+  const bool res = p.residual != nullptr;
+  // Contiguous row chunks per thread (ATen splits [0, rows) into one chunk per thread), so
+  // threads never write the same cache line of y or h.
+  at::parallel_for(0, p.rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> hb(res ? static_cast<size_t>(n) : 0);
+    float* b = hb.data();
+    if (res) {
+      if (nt) rms_norm_fwd_rows<T, true, true>(p, wf, begin, end, b);
+      else rms_norm_fwd_rows<T, true, false>(p, wf, begin, end, b);
+    } else {
+      if (nt) rms_norm_fwd_rows<T, false, true>(p, wf, begin, end, b);
+      else rms_norm_fwd_rows<T, false, false>(p, wf, begin, end, b);
+    }
+  });
+}
+#else
 template <typename T>
 void rms_norm_fwd_impl(const RmsNormParams& p) {
   const int64_t n = p.n;
@@ -81,6 +380,7 @@ void rms_norm_fwd_impl(const RmsNormParams& p) {
     }
   });
 }
+#endif  // AVX2 forward
 
 template <typename T>
 void rms_norm_bwd_impl(const RmsNormBwdParams& p) {
