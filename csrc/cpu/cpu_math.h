@@ -1,5 +1,6 @@
-// cpu_math.h — vectorised tanh for logit soft-capping (Gemma 2, Grok) in the CPU attention
-// kernels: scores s become cap * tanh(s / cap) before the softmax.
+// cpu_math.h — vectorised math for the CPU attention kernels: exp2 for the softmax (decode)
+// and tanh for logit soft-capping (Gemma 2, Grok: scores s become cap * tanh(s / cap)
+// before the softmax).
 //
 // Written with GCC/Clang vector extensions, one native register per value (16 floats with
 // AVX-512, 8 with AVX2, 4 with SSE): one source for every ISA tier, and it vectorises
@@ -7,7 +8,7 @@
 // the default -ftrapping-math GCC will not if-convert the float -> int conversion an
 // exponential needs, and the loop stays scalar.
 //
-// Only the soft-capped kernel variants call this; the uncapped paths never see it.
+// Only the soft-capped kernel variants call tanh; the uncapped paths never see it.
 #pragma once
 
 #include <cstdint>
@@ -46,6 +47,29 @@ inline vf load(const float* p) {
   return v;
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// 2^x of kLanes floats: x = n + r with n = round(x) (half away from zero), |r| <= 1/2; 2^r
+// by its degree-6 Taylor polynomial (relative error < 2e-7, below fp32 accumulation noise),
+// 2^n by adding n to the exponent. Lanes below -126 (including -inf, masked keys) give
+// exactly 0; lanes above 127 give 2^127 times the polynomial. Every lane on its own: the
+// result does not depend on kLanes.
+inline vf exp2(vf x) {
+  const vi tiny = x < -126.f;
+  x = x < -126.f ? splat(-126.f) : x;
+  x = x > 127.f ? splat(127.f) : x;
+  const vi ni = __builtin_convertvector(x + (x >= 0.f ? splat(0.5f) : splat(-0.5f)), vi);
+  const vf n = __builtin_convertvector(ni, vf);
+  const vf r = x - n;
+  vf p = splat(1.54035304e-04f);
+  p = p * r + 1.33335581e-03f;
+  p = p * r + 9.61812911e-03f;
+  p = p * r + 5.55041087e-02f;
+  p = p * r + 2.40226507e-01f;
+  p = p * r + 6.93147181e-01f;
+  p = p * r + 1.00000000e+00f;
+  const vf out = p * as_float((ni + 127) << 23);
+  return tiny ? splat(0.f) : out;
+}
 
 // tanh of kLanes floats, within ~2.2e-7 relative (1e-7 absolute) of the exact value. Two
 // formulas, each where it is accurate:

@@ -76,55 +76,77 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// 16 floats as one value: GCC/Clang vector extensions compile this to one AVX-512 register,
-// or two AVX2 / four SSE registers, with no intrinsics (and so no ISA #ifdefs) here.
-constexpr int64_t kW = 16;
-typedef float vfloat __attribute__((vector_size(kW * sizeof(float))));
-typedef float vfloat8 __attribute__((vector_size(8 * sizeof(float))));
+// Vectors: one native register per value (cpu_math.h's vmath: 16 floats with AVX-512, 8 with
+// AVX2, 4 with SSE), no intrinsics and so no ISA #ifdefs here. GCC lowers a wider-than-native
+// vector type badly: its selects lane by lane in scalar code, and 64-byte accumulators of a
+// loop through the stack and general registers (on AVX2 that made decode compute-bound).
+using cpu::vmath::kLanes;
+using cpu::vmath::vf;
 typedef float vfloat4 __attribute__((vector_size(4 * sizeof(float))));
-typedef int32_t vint __attribute__((vector_size(kW * sizeof(int32_t))));
 
-inline vfloat loadu(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+// The dot products sum in 16 lanes, whatever the ISA: a score is the same bits on every tier.
+// kSub native vectors hold those 16 lanes (lane l of vector v is lane v * kLanes + l).
+constexpr int64_t kW = 16;
+constexpr int kSub = static_cast<int>(kW / kLanes);
+static_assert(kSub * kLanes == kW, "16 must be a multiple of the native width");
+
+inline vf loadv(const float* p) { return cpu::vmath::load(p); }
+inline void storev(float* p, vf v) { cpu::vmath::store(p, v); }
+
+// The 16 lanes a[0..kSub) folded to 4: lane i + 8 onto lane i, then lane i + 4 onto lane i.
+template <int S = kSub>
+inline vfloat4 fold16to4(const vf* a) {
+  vfloat4 r;
+  if constexpr (S == 1) {
+    typedef float vfloat8 __attribute__((vector_size(8 * sizeof(float))));
+    vfloat8 lo, hi;
+    std::memcpy(&lo, &a[0], sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&a[0]) + sizeof(lo), sizeof(hi));
+    const vfloat8 s8 = lo + hi;
+    vfloat4 c, d;
+    std::memcpy(&c, &s8, sizeof(c));
+    std::memcpy(&d, reinterpret_cast<const char*>(&s8) + sizeof(c), sizeof(d));
+    r = c + d;
+  } else if constexpr (S == 2) {
+    const vf s8 = a[0] + a[1];
+    vfloat4 c, d;
+    std::memcpy(&c, &s8, sizeof(c));
+    std::memcpy(&d, reinterpret_cast<const char*>(&s8) + sizeof(c), sizeof(d));
+    r = c + d;
+  } else {
+    static_assert(S == 4, "16 lanes in 1, 2 or 4 vectors");
+    const vf lo = a[0] + a[2], hi = a[1] + a[3];
+    std::memcpy(&r, &lo, sizeof(r));
+    vfloat4 h;
+    std::memcpy(&h, &hi, sizeof(h));
+    r = r + h;
+  }
+  return r;
 }
-inline void storeu(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
-inline vfloat splat(float x) { return vfloat{} + x; }
 
-inline float hsum(vfloat v) {
-  vfloat8 a, b;
-  std::memcpy(&a, &v, sizeof(a));
-  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
-  const vfloat8 s8 = a + b;
-  vfloat4 c, d;
-  std::memcpy(&c, &s8, sizeof(c));
-  std::memcpy(&d, reinterpret_cast<const char*>(&s8) + sizeof(c), sizeof(d));
-  const vfloat4 s4 = c + d;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+// Sum of the 32 probabilities of a block row, always in the same order (16 lanes folded to
+// 8, 4, then pairs): the row sum is the same bits on every tier.
+inline float sum32(const float* s) {
+  float t[kW];
+  for (int64_t i = 0; i < kW; i += kLanes) storev(t + i, loadv(s + i) + loadv(s + kW + i));
+  float u[8], w[4];
+  for (int i = 0; i < 8; ++i) u[i] = t[i] + t[i + 8];
+  for (int i = 0; i < 4; ++i) w[i] = u[i] + u[i + 4];
+  return (w[0] + w[2]) + (w[1] + w[3]);
 }
+static_assert(kKeyBlock == 2 * kW, "sum32 sums one block row");
 
-// 2^x for 16 lanes: x = n + r with n = round(x), |r| <= 1/2; 2^r by its degree-6 Taylor polynomial
-// (relative error < 2e-7, below fp32 accumulation noise), 2^n by adding n to the exponent.
-// Lanes below -126 (including -inf, the masked keys) give exactly 0.
-inline vfloat exp2v(vfloat x) {
-  const vint tiny = x < -126.f;
-  x = x < -126.f ? splat(-126.f) : x;
-  x = x > 127.f ? splat(127.f) : x;
-  const vfloat n = __builtin_convertvector(__builtin_convertvector(x + (x >= 0.f ? splat(0.5f) : splat(-0.5f)), vint), vfloat);
-  const vfloat r = x - n;
-  vfloat p = splat(1.54035304e-04f);
-  p = p * r + 1.33335581e-03f;
-  p = p * r + 9.61812911e-03f;
-  p = p * r + 5.55041087e-02f;
-  p = p * r + 2.40226507e-01f;
-  p = p * r + 6.93147181e-01f;
-  p = p * r + 1.00000000e+00f;
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  vfloat scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const vfloat out = p * scale;
-  return tiny ? splat(0.f) : out;
+// Largest of the n <= kKeyBlock values at s (-inf when n == 0); NaNs are skipped. Reads
+// the whole block row: the caller has filled s[n:kKeyBlock) with -inf.
+inline float block_max(const float* s) {
+  vf m = cpu::vmath::splat(kNegInf);
+  for (int64_t j = 0; j < kKeyBlock; j += kLanes) {
+    const vf v = loadv(s + j);
+    m = v > m ? v : m;
+  }
+  float r = kNegInf;
+  for (int64_t i = 0; i < kLanes; ++i) r = std::max(r, m[i]);
+  return r;
 }
 
 // Per-thread buffers of one work item, for all h_k kv heads: q, acc (h_k, rows padded to
@@ -176,49 +198,51 @@ inline void prefetch_rows(const T* base, const int64_t* offsets, int64_t n, int6
   }
 }
 
-// Sum of the lanes of a0..a3 as {sum(a0), sum(a1), sum(a2), sum(a3)}: one reduction tree
-// for four vectors instead of four.
-inline vfloat4 hsum4(vfloat a0, vfloat a1, vfloat a2, vfloat a3) {
-  auto fold16 = [](vfloat v) {
-    vfloat8 lo, hi;
-    std::memcpy(&lo, &v, sizeof(lo));
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-    return lo + hi;
-  };
-  auto fold8 = [](vfloat8 v) {
-    vfloat4 lo, hi;
-    std::memcpy(&lo, &v, sizeof(lo));
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-    return lo + hi;
-  };
-  const vfloat4 b0 = fold8(fold16(a0)), b1 = fold8(fold16(a1)), b2 = fold8(fold16(a2)), b3 = fold8(fold16(a3));
-  // 4x4 transpose-and-add of b0..b3.
-  const vfloat4 t0 = {b0[0], b1[0], b2[0], b3[0]}, t1 = {b0[1], b1[1], b2[1], b3[1]};
-  const vfloat4 t2 = {b0[2], b1[2], b2[2], b3[2]}, t3 = {b0[3], b1[3], b2[3], b3[3]};
-  return (t0 + t1) + (t2 + t3);
+// The scores of NG heads x NK keys as 4-lane partial sums, out[g][t0 + t]: the 16-lane sums
+// over the 16-float chunks below dv of q[g] * k[t], folded by fold16to4. As many
+// accumulators as the register file holds next to the key chunks: 4 x 4 of one register each
+// with AVX-512 (32 registers), 2 x 2 of two with AVX2 and 2 x 1 of four with SSE (16).
+constexpr int kQkHeads = kSub == 1 ? 4 : 2;
+constexpr int kQkKeys = kSub == 1 ? 4 : (kSub == 2 ? 2 : 1);
+template <int NG, int NK>
+inline void qk_micro(const float* q, int64_t d, const float* const* k, int64_t dv, vfloat4 (*out)[4], int t0) {
+  vf a[NG][NK][kSub] = {};
+  for (int64_t c = 0; c < dv; c += kW) {
+    vf kv[NK][kSub];
+    for (int t = 0; t < NK; ++t)
+      for (int v = 0; v < kSub; ++v) kv[t][v] = loadv(k[t] + c + v * kLanes);
+    for (int g = 0; g < NG; ++g)
+      for (int v = 0; v < kSub; ++v) {
+        const vf qv = loadv(q + g * d + c + v * kLanes);
+        for (int t = 0; t < NK; ++t) a[g][t][v] += qv * kv[t][v];
+      }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int t = 0; t < NK; ++t) out[g][t0 + t] = fold16to4(a[g][t]);
 }
 
-// scores[g][j] = q[g] . K[j] for the kHeadTile heads starting at q (rows d apart). Four
-// keys at a time: each 16-float chunk of the 4 query rows is loaded once for 4 keys, so
-// the 16 FMAs per chunk need 8 loads, not 20 (the FMA units, not the loads, set the pace).
+// scores[g][j] = q[g] . K[j] for the kHeadTile heads starting at q (rows d apart): the
+// 4-lane partial sums of 4 keys (qk_micro), then per head one 4 x 4 transpose-and-add for
+// the 4 scores, and the d % 16 tail. Each query chunk is loaded once for kQkKeys keys and
+// each key chunk once for kQkHeads heads.
 inline void qk_tile(const float* q, const float* const* krows, int64_t n, int64_t d, float* scores) {
   const int64_t dv = d / kW * kW;
   int64_t j = 0;
+  vfloat4 b[kHeadTile][4];
   for (; j + 4 <= n; j += 4) {
+    for (int g0 = 0; g0 < kHeadTile; g0 += kQkHeads)
+      for (int t0 = 0; t0 < 4; t0 += kQkKeys)
+        qk_micro<kQkHeads, kQkKeys>(q + g0 * d, d, krows + j + t0, dv, b + g0, t0);
     const float* k0 = krows[j];
     const float* k1 = krows[j + 1];
     const float* k2 = krows[j + 2];
     const float* k3 = krows[j + 3];
-    vfloat a[4][4] = {};
-    for (int64_t c = 0; c < dv; c += kW) {
-      const vfloat kv[4] = {loadu(k0 + c), loadu(k1 + c), loadu(k2 + c), loadu(k3 + c)};
-      for (int g = 0; g < 4; ++g) {
-        const vfloat qv = loadu(q + g * d + c);
-        for (int t = 0; t < 4; ++t) a[g][t] += qv * kv[t];
-      }
-    }
     for (int g = 0; g < 4; ++g) {
-      vfloat4 s = hsum4(a[g][0], a[g][1], a[g][2], a[g][3]);
+      // 4x4 transpose-and-add of b[g][0..3]: lane t = (b_t[0] + b_t[1]) + (b_t[2] + b_t[3]).
+      const vfloat4 b0 = b[g][0], b1 = b[g][1], b2 = b[g][2], b3 = b[g][3];
+      const vfloat4 t0 = {b0[0], b1[0], b2[0], b3[0]}, t1 = {b0[1], b1[1], b2[1], b3[1]};
+      const vfloat4 t2 = {b0[2], b1[2], b2[2], b3[2]}, t3 = {b0[3], b1[3], b2[3], b3[3]};
+      vfloat4 s = (t0 + t1) + (t2 + t3);
       for (int64_t c = dv; c < d; ++c) {
         const float qc = q[g * d + c];
         s[0] += qc * k0[c];
@@ -231,41 +255,69 @@ inline void qk_tile(const float* q, const float* const* krows, int64_t n, int64_
   }
   for (; j < n; ++j) {
     const float* k = krows[j];
-    vfloat a0{}, a1{}, a2{}, a3{};
-    for (int64_t c = 0; c < dv; c += kW) {
-      const vfloat kv = loadu(k + c);
-      a0 += loadu(q + c) * kv;
-      a1 += loadu(q + d + c) * kv;
-      a2 += loadu(q + 2 * d + c) * kv;
-      a3 += loadu(q + 3 * d + c) * kv;
-    }
-    vfloat4 s = hsum4(a0, a1, a2, a3);
+    for (int g0 = 0; g0 < kHeadTile; g0 += kQkHeads)
+      qk_micro<kQkHeads, 1>(q + g0 * d, d, krows + j, dv, b + g0, 0);
+    const vfloat4 b0 = b[0][0], b1 = b[1][0], b2 = b[2][0], b3 = b[3][0];
+    const vfloat4 t0 = {b0[0], b1[0], b2[0], b3[0]}, t1 = {b0[1], b1[1], b2[1], b3[1]};
+    const vfloat4 t2 = {b0[2], b1[2], b2[2], b3[2]}, t3 = {b0[3], b1[3], b2[3], b3[3]};
+    vfloat4 s = (t0 + t1) + (t2 + t3);
     for (int64_t c = dv; c < d; ++c)
       for (int g = 0; g < 4; ++g) s[g] += q[g * d + c] * k[c];
     for (int g = 0; g < 4; ++g) scores[g * kKeyBlock + j] = s[g];
   }
 }
 
-// acc[g] += sum_j p[g][j] V[j] for the kHeadTile output rows at acc: chunk-outer, so the 4
-// accumulators of a chunk stay in registers across the whole block.
+// acc[g] += sum_j p[g][j] V[j] for the kHeadTile output rows at acc: chunk-outer, two native
+// vectors per row at a time, so the 8 accumulators of a chunk pair stay in registers across
+// the whole block (8 independent FMA chains). Every element sums over j in order: the same
+// bits at any vector width.
 inline void pv_tile(const float* p, const float* const* vrows, int64_t n, int64_t d, float* acc) {
-  const int64_t dv = d / kW * kW;
-  for (int64_t c = 0; c < dv; c += kW) {
-    vfloat a0 = loadu(acc + c), a1 = loadu(acc + d + c), a2 = loadu(acc + 2 * d + c), a3 = loadu(acc + 3 * d + c);
+  float* a0p = acc;
+  float* a1p = acc + d;
+  float* a2p = acc + 2 * d;
+  float* a3p = acc + 3 * d;
+  int64_t c = 0;
+  for (; c + 2 * kLanes <= d; c += 2 * kLanes) {
+    vf a0 = loadv(a0p + c), a1 = loadv(a1p + c), a2 = loadv(a2p + c), a3 = loadv(a3p + c);
+    vf b0 = loadv(a0p + c + kLanes), b1 = loadv(a1p + c + kLanes), b2 = loadv(a2p + c + kLanes),
+       b3 = loadv(a3p + c + kLanes);
     for (int64_t j = 0; j < n; ++j) {
-      const vfloat vv = loadu(vrows[j] + c);
+      const vf v0 = loadv(vrows[j] + c), v1 = loadv(vrows[j] + c + kLanes);
+      const float p0 = p[j], p1 = p[kKeyBlock + j], p2 = p[2 * kKeyBlock + j], p3 = p[3 * kKeyBlock + j];
+      a0 += p0 * v0;
+      b0 += p0 * v1;
+      a1 += p1 * v0;
+      b1 += p1 * v1;
+      a2 += p2 * v0;
+      b2 += p2 * v1;
+      a3 += p3 * v0;
+      b3 += p3 * v1;
+    }
+    storev(a0p + c, a0);
+    storev(a1p + c, a1);
+    storev(a2p + c, a2);
+    storev(a3p + c, a3);
+    storev(a0p + c + kLanes, b0);
+    storev(a1p + c + kLanes, b1);
+    storev(a2p + c + kLanes, b2);
+    storev(a3p + c + kLanes, b3);
+  }
+  for (; c + kLanes <= d; c += kLanes) {
+    vf a0 = loadv(a0p + c), a1 = loadv(a1p + c), a2 = loadv(a2p + c), a3 = loadv(a3p + c);
+    for (int64_t j = 0; j < n; ++j) {
+      const vf vv = loadv(vrows[j] + c);
       a0 += p[j] * vv;
       a1 += p[kKeyBlock + j] * vv;
       a2 += p[2 * kKeyBlock + j] * vv;
       a3 += p[3 * kKeyBlock + j] * vv;
     }
-    storeu(acc + c, a0);
-    storeu(acc + d + c, a1);
-    storeu(acc + 2 * d + c, a2);
-    storeu(acc + 3 * d + c, a3);
+    storev(a0p + c, a0);
+    storev(a1p + c, a1);
+    storev(a2p + c, a2);
+    storev(a3p + c, a3);
   }
-  for (int64_t c = dv; c < d; ++c) {
-    float a0 = acc[c], a1 = acc[d + c], a2 = acc[2 * d + c], a3 = acc[3 * d + c];
+  for (; c < d; ++c) {
+    float a0 = a0p[c], a1 = a1p[c], a2 = a2p[c], a3 = a3p[c];
     for (int64_t j = 0; j < n; ++j) {
       const float vv = vrows[j][c];
       a0 += p[j] * vv;
@@ -273,10 +325,10 @@ inline void pv_tile(const float* p, const float* const* vrows, int64_t n, int64_
       a2 += p[2 * kKeyBlock + j] * vv;
       a3 += p[3 * kKeyBlock + j] * vv;
     }
-    acc[c] = a0;
-    acc[d + c] = a1;
-    acc[2 * d + c] = a2;
-    acc[3 * d + c] = a3;
+    a0p[c] = a0;
+    a1p[c] = a1;
+    a2p[c] = a2;
+    a3p[c] = a3;
   }
 }
 
@@ -378,21 +430,14 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
           for (int64_t j = 0; j < n; ++j)
             if (k0 + j < lo || k0 + j > hi) s[j] = kNegInf;
         }
-        float bmax = kNegInf;
-        for (int64_t j = 0; j < n; ++j) bmax = std::max(bmax, s[j]);
-        const float m_new = std::max(m[r], bmax);
+        const float m_new = std::max(m[r], block_max(s));
         if (m_new == kNegInf) {  // nothing visible yet: no probability mass, acc stays 0
           std::fill(s, s + kKeyBlock, 0.f);
           continue;
         }
         const float alpha = m[r] == kNegInf ? 0.f : std::exp2(m[r] - m_new);
-        vfloat sum{};
-        for (int64_t j = 0; j < kKeyBlock; j += kW) {
-          const vfloat e = exp2v(loadu(s + j) - m_new);
-          storeu(s + j, e);
-          sum += e;
-        }
-        l[r] = l[r] * alpha + hsum(sum);
+        for (int64_t j = 0; j < kKeyBlock; j += kLanes) storev(s + j, cpu::vmath::exp2(loadv(s + j) - m_new));
+        l[r] = l[r] * alpha + sum32(s);
         m[r] = m_new;
         if (alpha != 1.f) {
           float* a = acc + r * d;
