@@ -157,6 +157,26 @@ inline void store16_bf16(cpu::bf16_t* p, __m256 a, __m256 b) {
   if (NT) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
   else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
 }
+// bf16 bits of v (round to nearest even, NaN -> 0x7fc0) in the low half of each lane: as
+// vec::bf16_round_hi followed by the shift, one mask fewer. NO_NAN: the caller knows v holds
+// no NaN (the NaN select is then skipped; +-inf rounds to itself without it).
+template <bool NO_NAN>
+inline __m256i bf16_round_lo(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  if (NO_NAN) return r;
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  return _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0)), nan));
+}
+// a, b: fp32 values, rounded here.
+template <bool NT, bool NO_NAN>
+inline void store16_bf16_round(cpu::bf16_t* p, __m256 a, __m256 b) {
+  const __m256i v = _mm256_packus_epi32(bf16_round_lo<NO_NAN>(a), bf16_round_lo<NO_NAN>(b));
+  if (NT) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+}
 constexpr int64_t kBf16Block = 16;
 
 template <typename T>
@@ -242,8 +262,9 @@ float row_sumsq(const T* x, const T* res, T* h, float* hb, int64_t n) {
 }
 
 // Pass 2: y = src * rstd * w (src: x, or the fp32 h buffer, both in the order of w, see
-// kernel_weight), in the order (src * rstd) * w.
-template <typename T, typename S, bool NT>
+// kernel_weight), in the order (src * rstd) * w. NO_NAN: src, rstd and w are all finite, so
+// no product is NaN.
+template <typename T, typename S, bool NT, bool NO_NAN>
 void row_scale(const S* src, const float* w, float rstd, T* y, int64_t n) {
   const __m256 rs = _mm256_set1_ps(rstd);
   int64_t i = 0;
@@ -263,7 +284,7 @@ void row_scale(const S* src, const float* w, float rstd, T* y, int64_t n) {
         a = _mm256_mul_ps(a, _mm256_loadu_ps(w + i));
         b = _mm256_mul_ps(b, _mm256_loadu_ps(w + i + 8));
       }
-      store16_bf16<NT>(y + i, vec::round_to(a, y), vec::round_to(b, y));
+      store16_bf16_round<NT, NO_NAN>(y + i, a, b);
     }
   }
   auto step = [&](int64_t j) {
@@ -284,7 +305,8 @@ void row_scale(const S* src, const float* w, float rstd, T* y, int64_t n) {
 }
 
 template <typename T, bool RES, bool NT>
-void rms_norm_fwd_rows(const RmsNormParams& p, const float* wf, int64_t begin, int64_t end, float* hb) {
+void rms_norm_fwd_rows(const RmsNormParams& p, const float* wf, bool w_finite, int64_t begin, int64_t end,
+                       float* hb) {
   const int64_t n = p.n;
   const T* x = static_cast<const T*>(p.x);
   const T* res = static_cast<const T*>(p.residual);
@@ -297,8 +319,14 @@ void rms_norm_fwd_rows(const RmsNormParams& p, const float* wf, int64_t begin, i
                                            RES ? h + r * p.h_row_stride : nullptr, hb, n);
     const float rstd = 1.0f / std::sqrt(ss / static_cast<float>(n) + p.eps);
     p.rstd[r] = rstd;
-    if (RES) row_scale<T, float, NT>(hb, wf, rstd, yr, n);
-    else row_scale<T, T, NT>(xr, wf, rstd, yr, n);
+    // A finite sum of squares means every value of the row is finite.
+    if (w_finite && std::isfinite(ss) && std::isfinite(rstd)) {
+      if (RES) row_scale<T, float, NT, true>(hb, wf, rstd, yr, n);
+      else row_scale<T, T, NT, true>(xr, wf, rstd, yr, n);
+    } else {
+      if (RES) row_scale<T, float, NT, false>(hb, wf, rstd, yr, n);
+      else row_scale<T, T, NT, false>(xr, wf, rstd, yr, n);
+    }
   }
   if (NT) _mm_sfence();
 }
@@ -324,17 +352,19 @@ void rms_norm_fwd_impl(const RmsNormParams& p) {
   const float* wf = w.empty() ? nullptr : w.data();
   const bool nt = use_streaming_stores<T>(p);
   const bool res = p.residual != nullptr;
+  bool w_finite = true;
+  for (float v : w) w_finite = w_finite && std::isfinite(v);
   // Contiguous row chunks per thread (ATen splits [0, rows) into one chunk per thread), so
   // threads never write the same cache line of y or h.
   at::parallel_for(0, p.rows, row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<float> hb(res ? static_cast<size_t>(n) : 0);
     float* b = hb.data();
     if (res) {
-      if (nt) rms_norm_fwd_rows<T, true, true>(p, wf, begin, end, b);
-      else rms_norm_fwd_rows<T, true, false>(p, wf, begin, end, b);
+      if (nt) rms_norm_fwd_rows<T, true, true>(p, wf, w_finite, begin, end, b);
+      else rms_norm_fwd_rows<T, true, false>(p, wf, w_finite, begin, end, b);
     } else {
-      if (nt) rms_norm_fwd_rows<T, false, true>(p, wf, begin, end, b);
-      else rms_norm_fwd_rows<T, false, false>(p, wf, begin, end, b);
+      if (nt) rms_norm_fwd_rows<T, false, true>(p, wf, w_finite, begin, end, b);
+      else rms_norm_fwd_rows<T, false, false>(p, wf, w_finite, begin, end, b);
     }
   });
 }
