@@ -14,18 +14,17 @@
 //
 // Why it is fast: decode reads the whole cache at every step, so every K/V row is read from memory
 // exactly once and used by all G query heads of its group. Work is split over ATen's thread
-// pool by (batch, split). Each item walks its keys in blocks of kKeyBlock rows and, inside a
-// block, every kv head in turn: in the usual (B, S, Hk, D) layout the rows of all heads of a
-// key are adjacent, so an item streams through contiguous memory (the hardware prefetchers
-// and the TLB keep up, helped by an explicit prefetch of each head's next block) instead of
-// hopping by the Hk * D row stride, one page per row, as a per-kv-head walk (and torch's
-// SDPA on the transposed view) does. Per head, the block of K (converted once to fp32 for
-// 16-bit caches, so it sits in L1) is dotted with the G pre-scaled query rows in register
-// tiles of 4 keys x 4 heads (16-float vectors: each query chunk is loaded once for 4 keys),
-// an online softmax (vectorised exp2) updates each head once per block, then each V chunk
-// is accumulated into 4 output rows held in registers across the block. With this, fp32
-// decode at G = 4 is bound by the FMA units (2 * G * D FMAs per key and kv head), not by
-// loads. Split-KV items write a normalised partial output and its lse; a second pass
+// pool by (batch, split). Each item walks its keys in blocks of kKeyBlock rows. A block's K
+// and V rows of every kv head are first converted (16-bit) or copied (fp32) to fp32 staging
+// buffers in memory order: in the usual (B, S, Hk, D) layout the rows of all heads of a key
+// are adjacent, so this is one sequential read per block that the hardware prefetchers follow,
+// instead of hopping by the Hk * D row stride, one page per row, as a per-kv-head walk (and
+// torch's SDPA on the transposed view) does. Then, per kv head, the staged K block (in L2) is
+// dotted with the G pre-scaled query rows in register tiles (16-lane sums in native registers:
+// each query chunk loaded once for several keys), an online softmax (vectorised exp2)
+// updates each head once per block, and each staged V chunk is accumulated into 4 output rows
+// held in registers across the block (2 * G * D FMAs per key and kv head in all).
+// Split-KV items write a normalised partial output and its lse; a second pass
 // merges them in split order, so the result does not depend on the thread count, and
 // num_splits = 0 is chosen from the shapes only. Several queries per sequence are just more
 // rows per kv head (seqlen_q * G instead of G, each with its own key band), so K/V are still
@@ -151,52 +150,22 @@ inline float block_max(const float* s) {
 
 // Per-thread buffers of one work item, for all h_k kv heads: q, acc (h_k, rows padded to
 // kHeadTile, d) with rows = query chunk * G; scores (rows padded, kKeyBlock); m, l (h_k,
-// rows padded); k, v: one block of rows converted to fp32 (16-bit caches only).
+// rows padded); kst, vst: one key block of K and V rows of every kv head in fp32, (h_k,
+// kKeyBlock, d) each (256 KiB at h_k = 8, d = 128: they stay in L2).
 struct Workspace {
   int64_t gp;  // padded rows per kv head
-  std::vector<float> q, k, v, kt, scores, acc, m, l;
+  std::vector<float> q, kt, scores, acc, m, l, kst, vst;
   Workspace(int64_t h_k, int64_t rows, int64_t d)
       : gp((rows + kHeadTile - 1) / kHeadTile * kHeadTile),
         q(static_cast<size_t>(h_k * gp * d)),
-        k(static_cast<size_t>(kKeyBlock * d)),
-        v(static_cast<size_t>(kKeyBlock * d)),
         kt(rows >= kGemmMinRows ? static_cast<size_t>(d * kKeyBlock) : 0),
         scores(static_cast<size_t>(gp * kKeyBlock)),
         acc(static_cast<size_t>(h_k * gp * d)),
         m(static_cast<size_t>(h_k * gp)),
-        l(static_cast<size_t>(h_k * gp)) {}
+        l(static_cast<size_t>(h_k * gp)),
+        kst(static_cast<size_t>(h_k * kKeyBlock * d)),
+        vst(static_cast<size_t>(h_k * kKeyBlock * d)) {}
 };
-
-// Block rows as fp32 row pointers: straight into an fp32 cache, or converted (or, with
-// always_copy, copied) once into buf, row after row. Row j is at base + offsets[j].
-template <typename T>
-inline void block_rows(const T* base, const int64_t* offsets, int64_t n, int64_t d, float* buf,
-                       const float** rows, bool always_copy = false) {
-  for (int64_t j = 0; j < n; ++j) {
-    const T* src = base + offsets[j];
-    if constexpr (std::is_same<T, float>::value) {
-      if (!always_copy) {
-        rows[j] = src;
-      } else {
-        std::memcpy(buf + j * d, src, static_cast<size_t>(d) * sizeof(float));
-        rows[j] = buf + j * d;
-      }
-    } else {
-      load_row(src, buf + j * d, d);
-      rows[j] = buf + j * d;
-    }
-  }
-}
-
-// Asks for the rows at base + offsets[j] ahead of their use.
-template <typename T>
-inline void prefetch_rows(const T* base, const int64_t* offsets, int64_t n, int64_t d) {
-  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
-  for (int64_t j = 0; j < n; ++j) {
-    const char* r = reinterpret_cast<const char*>(base + offsets[j]);
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(r + off);
-  }
-}
 
 // The scores of NG heads x NK keys as 4-lane partial sums, out[g][t0 + t]: the 16-lane sums
 // over the 16-float chunks below dv of q[g] * k[t], folded by fold16to4. As many
@@ -396,19 +365,24 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
     const int64_t n = std::min(kKeyBlock, end - k0);
     const int64_t n_next = std::min(kKeyBlock, end - k0 - n);
     if (n_next > 0) fill_offsets(k0 + n, n_next, slot ^ 1);
-    for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
-      // Ask for this head's rows of the next block now: they arrive while the other heads
-      // of this block are computed.
-      if (n_next > 0) {
-        prefetch_rows(kc + kvh * p.k_head_stride, koff[slot ^ 1], n_next, d);
-        prefetch_rows(vc + kvh * p.v_head_stride, voff[slot ^ 1], n_next, d);
+    // The block's K and V rows of every kv head, converted (16-bit) or copied (fp32) to the
+    // staging buffers in memory order: in the usual (B, S, Hk, D) layout (and in a page) this
+    // is one sequential read per block, which the hardware prefetchers follow (a walk per kv
+    // head hops by the Hk * D row stride, one 4 KiB page per row at Hk * D * 4 = 4 KiB, and
+    // explicit prefetches of it stalled on the miss buffers). The heads then read L2.
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
+        load_row(kc + koff[slot][j] + kvh * p.k_head_stride, ws.kst.data() + (kvh * kKeyBlock + j) * d, d);
+        load_row(vc + voff[slot][j] + kvh * p.v_head_stride, ws.vst.data() + (kvh * kKeyBlock + j) * d, d);
       }
+    }
+    for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
       const float* qf = ws.q.data() + kvh * gp * d;
       float* acc = ws.acc.data() + kvh * gp * d;
       float* m = ws.m.data() + kvh * gp;
       float* l = ws.l.data() + kvh * gp;
-      // Scores: each K row is read (and converted) once and dotted with every query row.
-      block_rows(kc + kvh * p.k_head_stride, koff[slot], n, d, ws.k.data(), krows);
+      // Scores: each staged K row is dotted with every query row.
+      for (int64_t j = 0; j < n; ++j) krows[j] = ws.kst.data() + (kvh * kKeyBlock + j) * d;
       if (use_gemm) {
         float* kt = ws.kt.data();  // K^T of the block: (d, n), leading dim kKeyBlock
         for (int64_t j = 0; j < n; ++j)
@@ -445,12 +419,10 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
           for (int64_t i = 0; i < d; ++i) a[i] *= alpha;
         }
       }
-      // P V: each V row is read (and converted) once for all output rows. pv_tile walks the
-      // block chunk by chunk, i.e. across rows Hk * D apart in the cache: staging the rows
-      // in L1 first (one sequential read per row, for fp32 too) keeps those reads off DRAM.
-      block_rows(vc + kvh * p.v_head_stride, voff[slot], n, d, ws.v.data(), vrows, /*always_copy=*/true);
-      if (use_gemm) {  // the staged rows are contiguous: V block (n, d) at ws.v
-        cpu::gemm_f32(rows, d, n, kKeyBlock, d, d, /*add_c=*/true, sc, ws.v.data(), acc);
+      // P V: each staged V row is used once for all output rows.
+      for (int64_t j = 0; j < n; ++j) vrows[j] = ws.vst.data() + (kvh * kKeyBlock + j) * d;
+      if (use_gemm) {  // the staged rows are contiguous: V block (n, d)
+        cpu::gemm_f32(rows, d, n, kKeyBlock, d, d, /*add_c=*/true, sc, ws.vst.data() + kvh * kKeyBlock * d, acc);
       } else {
         for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) pv_tile(sc + g0 * kKeyBlock, vrows, n, d, acc + g0 * d);
       }
