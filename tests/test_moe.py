@@ -396,3 +396,16 @@ def test_bench_builds_the_same_block_as_transformers(eager):
         with torch.no_grad():
             a, b = ours(x).float(), theirs(x).float()
         assert (a - b).abs().max().item() <= tol * b.abs().max().item()
+
+
+def test_cuda_graph_capture_refuses_moe(checkpoints):
+    """MoE routing reads per-expert counts on the host, which a CUDA graph cannot hold: a
+    clear error before any device work (checked on the CPU, where it is raised first)."""
+    _, per_expert, _ = checkpoints["mixtral"]
+    model = Llama.from_pretrained(per_expert, backend="torch")
+    model.setup_cache(1, 16)
+    model.prefill(ids_of(1, 5))
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        model.capture_decode_step()
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        model.generate(ids_of(1, 5), 3, cuda_graph=True)

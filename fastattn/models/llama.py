@@ -1281,6 +1281,11 @@ class Llama(nn.Module):
         cache = self.cache
         if cache is None:
             raise ValueError("call setup_cache (and prefill) before capture_decode_step")
+        moe = [i for i in range(self.config.num_hidden_layers) if self.config.is_moe_layer(i)]
+        if moe:  # the expert grouping reads per-expert token counts on the host
+            raise ValueError(f"capture_decode_step (cuda_graph=True) does not support mixture-of-experts "
+                             f"layers ({len(moe)} here): their routing syncs with the host every step; "
+                             f"decode without cuda_graph")
         if cache.k.device.type != "cuda":
             raise ValueError(f"capture_decode_step needs the model on a CUDA device, not {cache.k.device}")
         tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.k.device)
