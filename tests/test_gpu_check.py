@@ -139,9 +139,14 @@ def test_dry_run_quick(tmp_path):
 
 
 def test_time_box_and_skips(tmp_path):
-    # The sweep gets 3 s (it needs several): TIMEOUT, a failed run, and the table still last.
-    r = _run(["--dry-run", str(tmp_path)], {"GPU_CHECK_T_SWEEP": "3", "GPU_CHECK_SKIP": "tests memcheck bench"},
-             timeout=120)
+    # The sweep gets 3 s and, through an interpreter wrapper that stalls only the sweep, needs
+    # 60 (on a quiet machine the real tiny sweep can finish inside 3 s): TIMEOUT, a failed run,
+    # and the table still last.
+    wrapper = tmp_path / "slow_sweep_python"
+    wrapper.write_text(f'#!/bin/bash\ncase " $* " in *gpu_sweep.py*) sleep 60;; esac\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    r = _run(["--dry-run", str(tmp_path / "out")], {"GPU_CHECK_T_SWEEP": "3", "PYTHON": str(wrapper),
+                                                   "GPU_CHECK_SKIP": "tests memcheck bench"}, timeout=120)
     rows = _summary(r.stdout)
     assert rows["sweep"].startswith("TIMEOUT"), rows
     assert rows["tests"] == rows["bench"] == rows["memcheck"] == "skipped (GPU_CHECK_SKIP)", rows
