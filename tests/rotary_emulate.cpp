@@ -16,10 +16,13 @@
 //     access faults and is reported with the kernel, buffer and offset; every 16-byte vector
 //     access (FASTATTN_ROTARY_CHECK_ALIGNED) and every __ldg of the cos / sin tables is
 //     bounds-checked byte-exactly against the buffers;
-//   * racecheck / initcheck / bank conflicts: nothing to track. The kernel's only shared
-//     memory, the token's cos / sin (cos_s[i] = ..., ... = cos_s[j]), is accessed through raw
-//     float pointers the emulator cannot see (a read of unwritten bytes still shows up as NaN
-//     in the result).
+//   * racecheck / initcheck / bank conflicts: the kernel's only shared memory, the token's
+//     cos / sin, is written and read through float_convert.cuh's lds / sts, which
+//     FASTATTN_EMU_TRACK_SMEM routes to emu::smem_store / smem_load here: a read of a word no
+//     thread wrote, or a refill of the angles while another warp may still read the previous
+//     token's (no __syncthreads between), fails the run;
+//   * every 128-bit store (float_convert.cuh's store16, st.global.v4.b32 on the GPU) is
+//     alignment- and bounds-checked (FASTATTN_STORE16 -> emu::store16_words).
 //
 // Built as a shared library by tests/test_rotary_emulated.py and called through ctypes.
 #include <cmath>
@@ -49,7 +52,17 @@ inline void check_vector(T* ptr) {
   check_global(ptr, 16, !std::is_const<T>::value, "16-byte vector");
 }
 
+// float_convert.cuh's store16: one 16-byte global store of four 32-bit words.
+inline void store16_words(void* ptr, uint32_t x, uint32_t y, uint32_t z, uint32_t w) {
+  check_vector(ptr);
+  const uint32_t words[4] = {x, y, z, w};
+  std::memcpy(ptr, words, 16);
+}
+
 }  // namespace emu
+
+#define FASTATTN_STORE16(ptr, x, y, z, w) ::emu::store16_words(ptr, x, y, z, w)
+#define FASTATTN_EMU_TRACK_SMEM 1
 
 template <typename T>
 inline T __ldg(const T* p) {

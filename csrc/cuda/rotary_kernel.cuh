@@ -62,11 +62,13 @@ __device__ __forceinline__ void load_raw(const T* src, Raw<T, kN, kVec>& dst) {
 template <typename T, int kN, bool kVec>
 __device__ __forceinline__ void store_raw(T* dst, const Raw<T, kN, kVec>& src) {
   if constexpr (kVec) {
+    // One STG.E.128: the elements go out as four 32-bit words (float_convert.cuh, store16);
+    // a Pack stored through its own type compiled to 8 x STG.E.U16 for fp16 / bf16.
     Pack<T, kN> p;
 #pragma unroll
     for (int i = 0; i < kN; ++i) p.v[i] = src.v[i];
     FASTATTN_ROTARY_CHECK_ALIGNED(dst);
-    *reinterpret_cast<Pack<T, kN>*>(dst) = p;
+    cuda_convert::store16(dst, p);
   } else {
 #pragma unroll
     for (int i = 0; i < kN; ++i) dst[i] = from_float<T>(src.v[i]);
@@ -132,8 +134,8 @@ __global__ void __launch_bounds__(kBlockThreads) rotary_kernel(const RotaryParam
     // The token's angles, read once from the (L2-resident) tables for all its heads.
     __syncthreads();  // the previous token's readers are done
     for (int64_t i = lane; i < half; i += nthreads) {
-      cos_s[i] = valid ? __ldg(p.cos + pos * half + i) : __int_as_float(0x7fc00000);
-      sin_s[i] = valid ? sign * __ldg(p.sin + pos * half + i) : __int_as_float(0x7fc00000);
+      cuda_convert::sts(cos_s + i, valid ? __ldg(p.cos + pos * half + i) : __int_as_float(0x7fc00000));
+      cuda_convert::sts(sin_s + i, valid ? sign * __ldg(p.sin + pos * half + i) : __int_as_float(0x7fc00000));
     }
     __syncthreads();
 
@@ -160,7 +162,7 @@ __global__ void __launch_bounds__(kBlockThreads) rotary_kernel(const RotaryParam
           if (hd0 + u >= heads) continue;
 #pragma unroll
           for (int j = 0; j < kPairs; ++j) {
-            const float c = cos_s[i0 + j], s = sin_s[i0 + j];
+            const float c = cuda_convert::lds(cos_s + i0 + j), s = cuda_convert::lds(sin_s + i0 + j);
             if constexpr (kInterleaved) {
               const float x1 = a[u].get(2 * j), x2 = a[u].get(2 * j + 1);
               a[u].set(2 * j, x1 * c - x2 * s);
