@@ -165,8 +165,8 @@ def run_block(cfg, dtype, q, k, v, out, lse, m_block, wl, wr, scale_log2, masked
     warp_row0 = warp * cfg.RPW
     q_ld_row = warp_row0 + (lane & 15)
     q_ld_chunk = lane >> 4
-    k_ld_row = lane & 15
-    k_ld_chunk = lane >> 4
+    k_ld_row = (lane & 7) + 8 * (lane >> 4)  # b0, b1 of tile 2jp in r0, r1; of 2jp+1 in r2, r3
+    k_ld_chunk = (lane >> 3) & 1
     v_ld_row = lane & 15
     v_ld_chunk = lane >> 4
     ch = cfg.CH
@@ -196,8 +196,8 @@ def run_block(cfg, dtype, q, k, v, out, lse, m_block, wl, wr, scale_log2, masked
                         smem, np.broadcast_to(sK + smem_offset(ch, 16 * jp + k_ld_row, 2 * ks + k_ld_chunk), (NW, 32))
                     )
                     for mi in range(MT):
-                        mma(s[:, :, mi, 2 * jp], qa[mi], kb[:, :, 0], kb[:, :, 2])
-                        mma(s[:, :, mi, 2 * jp + 1], qa[mi], kb[:, :, 1], kb[:, :, 3])
+                        mma(s[:, :, mi, 2 * jp], qa[mi], kb[:, :, 0], kb[:, :, 1])
+                        mma(s[:, :, mi, 2 * jp + 1], qa[mi], kb[:, :, 2], kb[:, :, 3])
             col0 = n * BN
             need_mask = col0 + BN > sk or (masked and (col0 < mask_lo or col0 + BN - 1 > mask_hi))
             for mi in range(MT):
@@ -442,6 +442,8 @@ def test_kernel_address_forms_equal_smem_offset(cfg_name):
     RB, ch = cfg.D * 2, cfg.CH
     z = (LANE >> 4) ^ (LANE & 7)
     ld_off = [(LANE & 15) * RB + (((2 * i) ^ z) << 4) for i in range(4)]
+    zk = ((LANE >> 3) & 1) ^ (LANE & 7)
+    ldk_off = [((LANE & 7) + 8 * (LANE >> 4)) * RB + (((2 * i) ^ zk) << 4) for i in range(4)]
     for warp in range(cfg.NW):
         warp_row0 = warp * cfg.RPW
         for ks in range(cfg.D // 16):
@@ -451,8 +453,9 @@ def test_kernel_address_forms_equal_smem_offset(cfg_name):
                 assert np.array_equal(kernel, ref)
     for ks in range(cfg.D // 16):  # K
         for jp in range(cfg.NTS // 2):
-            kernel = ld_off[ks & 3] + (ks >> 2) * 128 + jp * 16 * RB
-            assert np.array_equal(kernel, smem_offset(ch, 16 * jp + (LANE & 15), 2 * ks + (LANE >> 4)))
+            kernel = ldk_off[ks & 3] + (ks >> 2) * 128 + jp * 16 * RB
+            ref = smem_offset(ch, 16 * jp + (LANE & 7) + 8 * (LANE >> 4), 2 * ks + ((LANE >> 3) & 1))
+            assert np.array_equal(kernel, ref)
     for ks in range(cfg.BN // 16):  # V
         for jp in range(cfg.NTO // 2):
             kernel = ld_off[jp & 3] + (jp >> 2) * 128 + ks * 16 * RB

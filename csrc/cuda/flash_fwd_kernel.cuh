@@ -355,10 +355,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   //   Q (A operand, no trans), matrices {rows 0-7, k 0-7}, {rows 8-15, k 0-7},
   //     {rows 0-7, k 8-15}, {rows 8-15, k 8-15} -> a0..a3: lane supplies row (lane & 15),
   //     chunk 2ks + (lane >> 4).
-  //   K (B operand, no trans) for n8 tiles 2jp, 2jp+1: matrices {keys 0-7 of tile 2jp, k 0-7},
-  //     {keys of tile 2jp+1, k 0-7}, {keys of tile 2jp, k 8-15}, {keys of tile 2jp+1, k 8-15}
-  //     -> r0 = b0 and r2 = b1 of tile 2jp, r1 = b0 and r3 = b1 of tile 2jp+1: lane supplies
-  //     key 16jp + (lane & 15), chunk 2ks + (lane >> 4) (the same lane roles as Q and V).
+  //   K (B operand, no trans) for n8 tiles 2jp, 2jp+1: matrices {keys of tile 2jp, k 0-7},
+  //     {keys of tile 2jp, k 8-15}, {keys of tile 2jp+1, k 0-7}, {keys of tile 2jp+1, k 8-15}
+  //     -> r0, r1 = b0, b1 of tile 2jp and r2, r3 = b0, b1 of tile 2jp+1, i.e. each mma's B
+  //     operand is an adjacent register pair straight from ldmatrix (with the Q/V lane roles
+  //     below it would be r0, r2 / r1, r3, and ptxas pays ~120 register moves per d128 key
+  //     tile to build the pairs): lane supplies key 16jp + (lane & 7) + 8 (lane >> 4), chunk
+  //     2ks + ((lane >> 3) & 1).
   //   V (B operand, trans) for key slice ks, dim tiles 2jp, 2jp+1: matrices {keys 0-7, dims
   //     of tile 2jp}, {keys 8-15, same dims}, {keys 0-7, tile 2jp+1}, {keys 8-15, tile 2jp+1}
   //     -> b0,b1 of dim tile 2jp and b0,b1 of 2jp+1: lane supplies key 16ks + (lane & 15),
@@ -371,13 +374,17 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   //   ((2 * i) ^ z) * 16 = i_hi * 128 + ((2 * i_lo) ^ z) * 16          (z < 8).
   // So four per-lane offsets (i_lo = 0..3) plus compile-time immediates address every
   // ldmatrix of the main loop, instead of one live register per unrolled address.
-  // ld_off[i_lo] serves Q, K and V alike: row (lane & 15), chunk bit (lane >> 4).
-  uint32_t ld_off[4];
+  // ld_off[i_lo] serves Q and V: row (lane & 15), chunk bit (lane >> 4); ldk_off[i_lo] serves
+  // K: row (lane & 7) + 8 (lane >> 4), chunk bit (lane >> 3) & 1.
+  uint32_t ld_off[4], ldk_off[4];
   {
     const int z = (lane >> 4) ^ (lane & 7);
+    const int zk = ((lane >> 3) & 1) ^ (lane & 7);
+    const int rk = (lane & 7) + ((lane >> 4) << 3);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       ld_off[i] = static_cast<uint32_t>((lane & 15) * Kt::kRowBytes + (((2 * i) ^ z) << 4));
+      ldk_off[i] = static_cast<uint32_t>(rk * Kt::kRowBytes + (((2 * i) ^ zk) << 4));
     }
   }
   const uint32_t sQ_warp = sQ + warp_row0 * Kt::kRowBytes;
@@ -425,12 +432,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
 #pragma unroll
         for (int jp = 0; jp < kNTilesS / 2; ++jp) {
           uint32_t kb[4];
-          // == sK + smem_offset(16 * jp + (lane & 15), 2 * ks + (lane >> 4))
-          ldmatrix_x4(kb, sK + ld_off[ks & 3] + (ks >> 2) * 128 + jp * 16 * Kt::kRowBytes);
+          // == sK + smem_offset(16 * jp + (lane & 7) + 8 * (lane >> 4), 2 * ks + ((lane >> 3) & 1))
+          ldmatrix_x4(kb, sK + ldk_off[ks & 3] + (ks >> 2) * 128 + jp * 16 * Kt::kRowBytes);
 #pragma unroll
           for (int mi = 0; mi < kMTiles; ++mi) {
-            Ops::mma(s[mi][2 * jp], qa[mi], kb[0], kb[2]);
-            Ops::mma(s[mi][2 * jp + 1], qa[mi], kb[1], kb[3]);
+            Ops::mma(s[mi][2 * jp], qa[mi], kb[0], kb[1]);
+            Ops::mma(s[mi][2 * jp + 1], qa[mi], kb[2], kb[3]);
           }
         }
       }
