@@ -6,8 +6,8 @@
 // The test copies rms_norm.cu into its build folder as rms_norm_rewritten.cu with four
 // mechanical rewrites only (see fiber_emulate.h, "CUDA runtime API stand-ins"): a <<<...>>>
 // launch becomes ::emu::KernelLaunch(...)(...), `extern __shared__` becomes the block's
-// dynamic shared memory, `__shared__ T name[DIM]` its static shared memory, and the Pack
-// pointer casts of load_pack / store_pack go through emu::aligned_ptr; it also puts
+// dynamic shared memory, `__shared__ T name[DIM]` its static shared memory, and the global
+// Pack pointer casts of ldg_pack / stg_pack go through emu::aligned_ptr; it also puts
 // empty <cuda_runtime.h> / <cuda_runtime_api.h> / <cuda_fp16.h> / <cuda_bf16.h> on the include
 // path, since everything they would declare is defined here or in fiber_emulate.h.
 //
@@ -20,17 +20,18 @@
 //     memory than the kernel's attribute allows is refused, as the runtime refuses it;
 //   * __half / __nv_bfloat16: 16-bit storage, round-to-nearest-even conversions; rsqrtf is
 //     1 / sqrtf (the GPU's is within 2 ulp of it);
-//   * every 16-byte (vector) and scalar global access goes through Pack, whose alignment is
-//     checked here (a misaligned vector access faults on the GPU).
+//   * every 16-byte (vector) and scalar global access goes through Pack, or for 16-byte
+//     stores float_convert.cuh's store16 (FASTATTN_STORE16 -> emu::store16_words), whose
+//     alignment is checked here (a misaligned vector access faults on the GPU).
 // Sanitizers (fiber_emulate.h, "sanitizer analogues"), on for every run:
 //   * memcheck: every buffer (x, residual, weight, y, h, rstd; dy, x, weight, rstd, dh, dx,
 //     dweight, dweight_partial; sizes from the caller) is a guarded copy, so a raw
 //     out-of-bounds access faults and is reported with the kernel, buffer and offset; every
 //     Pack access to global memory is bounds-checked byte-exactly against the buffers;
-//   * racecheck / initcheck / bank conflicts: at every Pack access to shared memory (the row
-//     cache's load_pack / store_pack: a load of a const pointer is a read, a store a write).
-//     The block_sum scratch (scratch[warp] = v, scratch[w] reads) and the backward's fp32
-//     dweight accumulator in shared memory (acc[...] +=) are raw C++ and not tracked.
+//   * racecheck / initcheck / bank conflicts: at every shared-memory access. The kernels
+//     reach shared memory only through float_convert.cuh's lds / sts (the row cache, the
+//     block_sum scratch, the backward's fp32 dweight accumulator, the reduce kernel's tree),
+//     which FASTATTN_EMU_TRACK_SMEM routes to emu::smem_load / smem_store.
 // Shared memory (static and dynamic) is filled with NaN bytes at every block start.
 #include <cmath>
 #include <cstdint>
@@ -79,7 +80,18 @@ P* aligned_ptr(Src* src) {
   return reinterpret_cast<P*>(scratch);
 }
 
+// float_convert.cuh's store16: one 16-byte store of four 32-bit words, checked as a Pack.
+struct alignas(16) Words16 {
+  uint32_t w[4];
+};
+inline void store16_words(void* ptr, uint32_t x, uint32_t y, uint32_t z, uint32_t w) {
+  *aligned_ptr<Words16>(ptr) = Words16{{x, y, z, w}};
+}
+
 }  // namespace emu
+
+#define FASTATTN_STORE16(ptr, x, y, z, w) ::emu::store16_words(ptr, x, y, z, w)
+#define FASTATTN_EMU_TRACK_SMEM 1
 
 #include "rms_norm_rewritten.cu"
 
@@ -88,7 +100,7 @@ namespace {
 using namespace fastattn;
 
 // What nvcc reports as each kernel's static shared memory: the block_sum scratch (one float
-// per warp of the largest block) in the row kernels, nothing in the reduce kernel. Every
+// per warp of the largest block) in the row kernels, the tree's sums in the reduce kernel. Every
 // block checks that the kernel's declarations use exactly this.
 template <typename T, int kN>
 void state_row_kernels(const char* tname) {
@@ -114,7 +126,7 @@ void setup(int mode, int smem_optin, int num_sms) {
     state_row_kernels<__half, 8>("half");
     state_row_kernels<__nv_bfloat16, 1>("bf16");
     state_row_kernels<__nv_bfloat16, 8>("bf16");
-    emu::set_static_smem(rms_norm_dweight_reduce_kernel, 0, "reduce");
+    emu::set_static_smem(rms_norm_dweight_reduce_kernel, sizeof(float[kReduceCols * kReduceRows]), "reduce");
   }
 }
 

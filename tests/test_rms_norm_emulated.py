@@ -1,7 +1,7 @@
 """Run csrc/cuda/rms_norm.cu — the kernels AND their launchers — on the CPU (no GPU needed).
 
 tests/rms_norm_emulate.cpp compiles rms_norm.cu with g++ after four mechanical rewrites done
-here (<<<...>>> launches, extern / static __shared__, the Pack pointer casts; see the .cpp),
+here (<<<...>>> launches, extern / static __shared__, the global Pack pointer casts; see the .cpp),
 over the fiber runtime and the CUDA runtime API stand-ins of tests/fiber_emulate.h. The calls
 go through rms_norm_fwd_cuda / rms_norm_bwd_cuda / rms_norm_bwd_num_row_blocks_cuda, as the
 binding makes them, so the launchers' own choices run: vector or scalar instantiation
@@ -41,8 +41,9 @@ def _rewrite(src):
         (r"(\w+)<<<(.*?)>>>\(", r"::emu::KernelLaunch(\1, \2)(", 3),
         (r"extern __shared__ (?:__align__\(\d+\) )?(\w[\w ]*?) (\w+)\[\];",
          r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_smem());", 2),
-        (r"__shared__ (\w[\w:<>, ]*?) (\w+)(\[[^\]]+\]);", r"EMU_STATIC_SHARED(\1, \2, \3);", 2),
-        (r"reinterpret_cast<((?:const )?Pack<[^>]*>)\*>\((\w+)\)", r"::emu::aligned_ptr<\1>(\2)", 2),
+        (r"__shared__ (\w[\w:<>, ]*?) (\w+)(\[[^\]]+\]);", r"EMU_STATIC_SHARED(\1, \2, \3);", 3),
+        # ldg_pack / stg_pack (global memory); shared memory goes through lds / sts (tracked)
+        (r"reinterpret_cast<((?:const )?Pack<[^>]*>)\*>\((g\w+)\)", r"::emu::aligned_ptr<\1>(\2)", 2),
     ]
     for pat, rep, count in rules:
         src, n = re.subn(pat, rep, src, flags=re.S)
@@ -128,6 +129,15 @@ def _expected_smem(nbytes, optin):
     return nbytes if nbytes + STATIC <= max(optin, 48 * 1024) else 0
 
 
+def _threads(npacks):
+    return min(max(-(-npacks // 32) * 32, 32), 512)
+
+
+def _row_in_registers(npacks, kn):
+    """rms_norm.cu's row_in_registers: a thread holds up to 2 vectors (4 scalars) of the row."""
+    return npacks <= (2 if kn > 1 else 4) * _threads(npacks)
+
+
 # (dtype, rows, n, weight, residual, lead (elements before x), x row stride pad, optin, mode)
 FWD = [
     (torch.float32, 5, 1024, True, False, 8, 0, H100_OPTIN, 0),    # vector, row cache
@@ -141,6 +151,10 @@ FWD = [
     (torch.bfloat16, 2, 30000, True, False, 8, 0, NO_OPTIN, 2),    # no opt-in device: no row cache
     (torch.float16, 2, 24577, True, True, 8, 0, NO_OPTIN, 0),      # scalar, residual, no row cache
     (torch.float32, 40, 48, False, False, 8, 0, H100_OPTIN, 2),    # many rows, one warp
+    (torch.bfloat16, 3, 8192, True, True, 8, 0, H100_OPTIN, 2),    # vector, the largest row held in registers
+    (torch.bfloat16, 2, 8200, True, False, 8, 0, H100_OPTIN, 0),   # one pack past it: rounds + row cache
+    (torch.float16, 2, 4097, True, False, 8, 0, H100_OPTIN, 2),    # scalar, odd: rounds of 4 + row cache
+    (torch.float32, 2, 8192, True, True, 8, 0, NO_OPTIN, 0),       # vector, rounds of 2, residual, cache
 ]
 
 
@@ -164,8 +178,8 @@ def test_emulated_rms_norm_fwd(emu, case):
 
     vec = n % _vec(dtype) == 0 and lead % _vec(dtype) == 0 and pad % _vec(dtype) == 0
     kn = _vec(dtype) if vec else 1
-    smem = _expected_smem(n * x.t.element_size(), optin)
-    threads = min(max(-(-(n // kn) // 32) * 32, 32), 512)
+    smem = 0 if _row_in_registers(n // kn, kn) else _expected_smem(n * x.t.element_size(), optin)
+    threads = _threads(n // kn)
     assert _log(log) == [(f"fwd<{_tname(dtype)},{kn},{int(has_res)}>", rows, threads, smem)]
 
     wt = w.t[0] if w else None
@@ -195,6 +209,8 @@ BWD = [
     (torch.float32, 3, 12288, True, True, 8, H100_OPTIN, 1, 0),    # 48 KiB accumulator: opt-in
     (torch.bfloat16, 5, 16384, True, False, 8, NO_OPTIN, 2, 2),    # 64 KiB > limit: partial rows in global
     (torch.float32, 3, 60000, True, False, 8, H100_OPTIN, 1, 0),   # 240000 B > opt-in: global
+    (torch.bfloat16, 300, 1024, True, True, 8, H100_OPTIN, 132, 2),  # 264 row blocks of 4 warps, 1-2 rows each
+    (torch.float32, 70, 4097, True, False, 8, H100_OPTIN, 8, 0),   # scalar, odd n, 16 row blocks
 ]
 
 
@@ -223,11 +239,11 @@ def test_emulated_rms_norm_bwd(emu, case):
 
     vec = n % _vec(dtype) == 0 and lead % _vec(dtype) == 0
     kn = _vec(dtype) if vec else 1
-    threads = min(max(-(-(n // kn) // 32) * 32, 32), 512)
+    threads = _threads(n // kn)
     smem = _expected_smem(n * 4, optin) if has_w else 0
     expected = [(f"bwd<{_tname(dtype)},{kn}>", nblocks, threads, smem)]
     if has_w:
-        expected.append(("reduce", -(-n // 256), 256, 0))
+        expected.append(("reduce", -(-n // 32), 512, 0))
     assert _log(log) == expected
     for b in (dx, dw, partial, x, dy, w, dh, rstd):
         assert b is None or b.untouched_outside()
@@ -245,15 +261,23 @@ def test_emulated_rms_norm_bwd(emu, case):
     assert_error_ratio(dx.t, low_dx, true_dx, "dx")
     if has_w:
         assert_error_ratio(dw.t[0], low_dw, true_dw, "dweight")
-        # The reduce adds the block partials in block order: bit-exact.
-        assert torch.equal(dw.t[0], partial.t.sum(0) if nblocks == 1 else _ordered_sum(partial.t))
+        # The reduce adds the block partials in its fixed order: bit-exact.
+        assert torch.equal(dw.t[0], _reduce_order_sum(partial.t))
 
 
-def _ordered_sum(p):
-    s = torch.zeros(p.shape[1], dtype=torch.float32)
-    for row in p:
-        s = s + row
-    return s
+def _reduce_order_sum(p):
+    """rms_norm_dweight_reduce_kernel's order: per column, 16 running sums over the partial
+    rows y, y + 16, ... in increasing order (from 0.0), then the tree s[y] += s[y + h] for
+    h = 8, 4, 2, 1. fp32 adds, as on the device."""
+    s = [torch.zeros(p.shape[1], dtype=torch.float32) for _ in range(16)]
+    for b in range(p.shape[0]):
+        s[b % 16] = s[b % 16] + p[b]
+    h = 8
+    while h > 0:
+        for y in range(h):
+            s[y] = s[y] + s[y + h]
+        h //= 2
+    return s[0]
 
 
 def test_emulated_launch_refused_past_the_attribute(emu):
@@ -298,8 +322,8 @@ def test_memcheck_reports_out_of_bounds_in_the_real_kernel(emu, capfd, which, ex
 
 def test_bank_conflict_report(emu, tmp_path):
     """Prints (and writes to JSON under the pytest tmp dir) the shared-memory bank-conflict totals
-    of every kernel this module ran, at the access points the emulator tracks (the row cache's
-    Pack loads / stores). A report, not a check; run alone, it first runs one forward and one
+    of every kernel this module ran, at the access points the emulator tracks (every lds / sts:
+    the row cache, the block_sum scratch, the dweight accumulator, the reduce tree). A report, not a check; run alone, it first runs one forward and one
     backward case of each path."""
     test_emulated_rms_norm_fwd(emu, FWD[0])
     test_emulated_rms_norm_fwd(emu, FWD[1])

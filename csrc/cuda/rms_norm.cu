@@ -39,22 +39,54 @@ constexpr int kMaxThreads = 512;
 constexpr int kWarp = 32;
 
 using cuda_convert::from_float;
+using cuda_convert::lds;
 using cuda_convert::Pack;
+using cuda_convert::sts;
 using cuda_convert::to_float;
 
+// Packs a thread loads before it uses any (its loads in flight): 2 x 16 bytes on the vector
+// path, 4 elements on the scalar one. A row of up to kUnrollOf * blockDim.x packs (8192
+// elements of any type at 512 threads) is held in registers between the sum of squares and
+// the scaled store, so it is read from global memory once and needs no shared-memory row
+// cache. (4 vectors per thread took the bf16 kernels to 100-121 registers on sm_90a, and
+// spilled when held to 64.)
+template <int kN>
+constexpr int kUnrollOf = kN == 1 ? 4 : 2;
+
+// Global memory: one Pack per access (16 bytes on the vector path); every 16-byte store is
+// one STG.E.128 (float_convert.cuh, store16). Shared memory: lds / sts (tracked under
+// emulation). The emulator rewrites the two `reinterpret_cast<...Pack...>(g...)` casts.
 template <typename T, int kN>
-__device__ __forceinline__ void load_pack(const T* src, float (&dst)[kN]) {
-  const Pack<T, kN> p = *reinterpret_cast<const Pack<T, kN>*>(src);
+__device__ __forceinline__ Pack<T, kN> ldg_pack(const T* gsrc) {
+  return *reinterpret_cast<const Pack<T, kN>*>(gsrc);
+}
+template <typename T, int kN>
+__device__ __forceinline__ void stg_pack(T* gdst, const Pack<T, kN>& v) {
+  if constexpr (sizeof(T) * kN == 16) {
+    cuda_convert::store16(gdst, v);
+  } else {
+    *reinterpret_cast<Pack<T, kN>*>(gdst) = v;
+  }
+}
+template <typename T, int kN>
+__device__ __forceinline__ void unpack(const Pack<T, kN>& p, float (&dst)[kN]) {
 #pragma unroll
   for (int i = 0; i < kN; ++i) dst[i] = to_float(p.v[i]);
 }
-
 template <typename T, int kN>
-__device__ __forceinline__ void store_pack(T* dst, const float (&src)[kN]) {
+__device__ __forceinline__ Pack<T, kN> pack(const float (&src)[kN]) {
   Pack<T, kN> p;
 #pragma unroll
   for (int i = 0; i < kN; ++i) p.v[i] = from_float<T>(src[i]);
-  *reinterpret_cast<Pack<T, kN>*>(dst) = p;
+  return p;
+}
+template <typename T, int kN>
+__device__ __forceinline__ void load_pack(const T* gsrc, float (&dst)[kN]) {
+  unpack<T, kN>(ldg_pack<T, kN>(gsrc), dst);
+}
+template <typename T, int kN>
+__device__ __forceinline__ void store_pack(T* gdst, const float (&src)[kN]) {
+  stg_pack<T, kN>(gdst, pack<T, kN>(src));
 }
 
 // Sum over the block; every thread gets the result. `scratch` holds one float per warp.
@@ -64,15 +96,96 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int nwarps = (blockDim.x + kWarp - 1) / kWarp;
   __syncthreads();  // scratch may still be read from the previous call
-  if (lane == 0) scratch[warp] = v;
+  if (lane == 0) sts(scratch + warp, v);
   __syncthreads();
   float total = 0.f;
-  for (int w = 0; w < nwarps; ++w) total += scratch[w];  // same order in every thread
+  for (int w = 0; w < nwarps; ++w) total += lds(scratch + w);  // same order in every thread
   return total;
 }
 
-// One block per row (grid-stride over rows). Dynamic shared memory: the row in T when
-// cache_row is set, else nothing (the second pass then re-reads from global/L2).
+// The rows a launch keeps in registers: npacks <= kUnrollOf * threads (the launcher and the
+// kernel decide it the same way).
+template <int kN>
+__host__ __device__ __forceinline__ bool row_in_registers(int64_t npacks, int64_t threads) {
+  return npacks <= kUnrollOf<kN> * threads;
+}
+
+// One row of the fused x (+ residual) load: y_or_h_src is x, or h after the residual add.
+// Returns the thread's packs in storage form (h rounded to T for the fused residual) and
+// adds their squares to ss. Pack u is column pack i0 + u * nt; only u < count are touched.
+template <typename T, int kN, bool kResidual>
+__device__ __forceinline__ void load_round(const T* __restrict__ x, const T* __restrict__ res, T* __restrict__ h,
+                                           int64_t i0, int64_t nt, int count, Pack<T, kN> (&xs)[kUnrollOf<kN>],
+                                           float& ss) {
+  Pack<T, kN> rs[kUnrollOf<kN>];
+  // Every load of the round is issued before any is used.
+#pragma unroll
+  for (int u = 0; u < kUnrollOf<kN>; ++u) {
+    if (u < count) {
+      xs[u] = ldg_pack<T, kN>(x + (i0 + u * nt) * kN);
+      if constexpr (kResidual) rs[u] = ldg_pack<T, kN>(res + (i0 + u * nt) * kN);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kUnrollOf<kN>; ++u) {
+    if (u < count) {
+      float v[kN];
+      unpack<T, kN>(xs[u], v);
+      if constexpr (kResidual) {
+        float r[kN];
+        unpack<T, kN>(rs[u], r);
+#pragma unroll
+        for (int j = 0; j < kN; ++j) v[j] += r[j];
+        // Normalise the rounded h, exactly as the unfused x + r -> rms_norm would.
+        xs[u] = pack<T, kN>(v);
+        stg_pack<T, kN>(h + (i0 + u * nt) * kN, xs[u]);
+        unpack<T, kN>(xs[u], v);
+      }
+#pragma unroll
+      for (int j = 0; j < kN; ++j) ss += v[j] * v[j];
+    }
+  }
+}
+
+// y = xs * rstd * weight for the packs of one round (weight loads issued first).
+template <typename T, int kN>
+__device__ __forceinline__ void store_round(const T* __restrict__ wgt, T* __restrict__ y, int64_t i0, int64_t nt,
+                                            int count, const Pack<T, kN> (&xs)[kUnrollOf<kN>], float rstd) {
+  Pack<T, kN> ws[kUnrollOf<kN>];
+  if (wgt != nullptr) {
+#pragma unroll
+    for (int u = 0; u < kUnrollOf<kN>; ++u) {
+      if (u < count) ws[u] = ldg_pack<T, kN>(wgt + (i0 + u * nt) * kN);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kUnrollOf<kN>; ++u) {
+    if (u < count) {
+      float v[kN];
+      unpack<T, kN>(xs[u], v);
+      if (wgt != nullptr) {
+        float w[kN];
+        unpack<T, kN>(ws[u], w);
+#pragma unroll
+        for (int j = 0; j < kN; ++j) v[j] = v[j] * rstd * w[j];
+      } else {
+#pragma unroll
+        for (int j = 0; j < kN; ++j) v[j] *= rstd;
+      }
+      store_pack<T, kN>(y + (i0 + u * nt) * kN, v);
+    }
+  }
+}
+
+// One block per row (grid-stride over rows). Thread t owns packs t, t + blockDim.x, ...
+//   * a row of at most kUnrollOf * blockDim.x packs (the launcher's row_in_registers: N up to
+//     8192) is loaded in one round, all of the thread's loads issued
+//     back to back before the first use, and kept in registers across the reduction; the
+//     store pass reads only the weight;
+//   * a longer row is walked in rounds of kUnrollOf packs (the same loads in flight); its
+//     packs are kept in the dynamic shared-memory row cache when cache_row is set (each
+//     thread revisits exactly the packs it wrote: no barrier), else the store pass re-reads
+//     them from global memory (L2).
 template <typename T, int kN, bool kResidual>
 __global__ void __launch_bounds__(kMaxThreads)
 rms_norm_fwd_kernel(const RmsNormParams p, const bool cache_row) {
@@ -81,6 +194,9 @@ rms_norm_fwd_kernel(const RmsNormParams p, const bool cache_row) {
   __shared__ float scratch[kMaxThreads / kWarp];
 
   const int64_t npacks = p.n / kN;
+  const int64_t nt = blockDim.x;
+  const int64_t t = threadIdx.x;
+  const bool in_regs = row_in_registers<kN>(npacks, nt);
   const T* __restrict__ wgt = static_cast<const T*>(p.weight);
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const T* __restrict__ x = static_cast<const T*>(p.x) + row * p.x_row_stride;
@@ -88,55 +204,65 @@ rms_norm_fwd_kernel(const RmsNormParams p, const bool cache_row) {
     T* __restrict__ h = kResidual ? static_cast<T*>(p.h) + row * p.h_row_stride : nullptr;
     T* __restrict__ y = static_cast<T*>(p.y) + row * p.y_row_stride;
 
-    // Pass 1: load (and add the residual), keep the row, accumulate the sum of squares.
+    Pack<T, kN> xs[kUnrollOf<kN>];
     float ss = 0.f;
-    for (int64_t i = threadIdx.x; i < npacks; i += blockDim.x) {
-      float v[kN];
-      load_pack<T, kN>(x + i * kN, v);
-      if constexpr (kResidual) {
-        float r[kN];
-        load_pack<T, kN>(res + i * kN, r);
+    if (in_regs) {
+      const int count = t < npacks ? static_cast<int>((npacks - 1 - t) / nt) + 1 : 0;
+      load_round<T, kN, kResidual>(x, res, h, t, nt, count, xs, ss);
+      const float rstd = rsqrtf(block_sum(ss, scratch) / static_cast<float>(p.n) + p.eps);
+      if (t == 0) p.rstd[row] = rstd;
+      store_round<T, kN>(wgt, y, t, nt, count, xs, rstd);
+    } else {
+      for (int64_t i0 = t; i0 < npacks; i0 += kUnrollOf<kN> * nt) {
+        const int count = static_cast<int>(std::min<int64_t>(kUnrollOf<kN>, (npacks - 1 - i0) / nt + 1));
+        load_round<T, kN, kResidual>(x, res, h, i0, nt, count, xs, ss);
+        if (cache_row) {
 #pragma unroll
-        for (int j = 0; j < kN; ++j) v[j] += r[j];
-        store_pack<T, kN>(h + i * kN, v);
-        // Normalise the rounded h, exactly as the unfused x + r -> rms_norm would.
-#pragma unroll
-        for (int j = 0; j < kN; ++j) v[j] = to_float(from_float<T>(v[j]));
+          for (int u = 0; u < kUnrollOf<kN>; ++u) {
+            if (u < count) sts(reinterpret_cast<Pack<T, kN>*>(row_cache + (i0 + u * nt) * kN), xs[u]);
+          }
+        }
       }
-      if (cache_row) store_pack<T, kN>(row_cache + i * kN, v);
+      const float rstd = rsqrtf(block_sum(ss, scratch) / static_cast<float>(p.n) + p.eps);
+      if (t == 0) p.rstd[row] = rstd;
+      for (int64_t i0 = t; i0 < npacks; i0 += kUnrollOf<kN> * nt) {
+        const int count = static_cast<int>(std::min<int64_t>(kUnrollOf<kN>, (npacks - 1 - i0) / nt + 1));
 #pragma unroll
-      for (int j = 0; j < kN; ++j) ss += v[j] * v[j];
+        for (int u = 0; u < kUnrollOf<kN>; ++u) {
+          if (u < count) {
+            const int64_t i = i0 + u * nt;
+            xs[u] = cache_row ? lds(reinterpret_cast<const Pack<T, kN>*>(row_cache + i * kN))
+                              : ldg_pack<T, kN>((kResidual ? h : x) + i * kN);
+          }
+        }
+        store_round<T, kN>(wgt, y, i0, nt, count, xs, rstd);
+      }
     }
-    const float total = block_sum(ss, scratch);
-    const float rstd = rsqrtf(total / static_cast<float>(p.n) + p.eps);
-    if (threadIdx.x == 0) p.rstd[row] = rstd;
+  }
+}
 
-    // Pass 2: scale and store. Each thread revisits exactly the packs it wrote, so the
-    // cached row needs no barrier.
-    for (int64_t i = threadIdx.x; i < npacks; i += blockDim.x) {
-      float v[kN];
-      if (cache_row) {
-        load_pack<T, kN>(row_cache + i * kN, v);
-      } else {
-        load_pack<T, kN>((kResidual ? h : x) + i * kN, v);
-      }
-      if (wgt != nullptr) {
-        float w[kN];
-        load_pack<T, kN>(wgt + i * kN, w);
+// acc[0, kN) += d, as 16-byte accesses when kN is a multiple of 4 (fp32 shared memory, or
+// this block's row of dweight_partial in global memory).
+template <int kN>
+__device__ __forceinline__ void acc_add(float* acc, bool in_smem, const float (&d)[kN]) {
+  constexpr int kC = kN % 4 == 0 ? 4 : 1;
 #pragma unroll
-        for (int j = 0; j < kN; ++j) v[j] = v[j] * rstd * w[j];
-      } else {
+  for (int c = 0; c < kN; c += kC) {
+    Pack<float, kC> a = in_smem ? lds(reinterpret_cast<const Pack<float, kC>*>(acc + c)) : ldg_pack<float, kC>(acc + c);
 #pragma unroll
-        for (int j = 0; j < kN; ++j) v[j] *= rstd;
-      }
-      store_pack<T, kN>(y + i * kN, v);
+    for (int j = 0; j < kC; ++j) a.v[j] += d[c + j];
+    if (in_smem) {
+      sts(reinterpret_cast<Pack<float, kC>*>(acc + c), a);
+    } else {
+      stg_pack<float, kC>(acc + c, a);
     }
   }
 }
 
 // Block b handles rows b, b + gridDim.x, ... in increasing order and accumulates its
 // dweight contribution in `acc` (fp32 shared memory when it fits, else its own row of
-// dweight_partial); each thread only ever touches its own columns, so no atomics.
+// dweight_partial); each thread only ever touches its own columns, so no atomics and no
+// barrier.
 template <typename T, int kN>
 __global__ void __launch_bounds__(kMaxThreads)
 rms_norm_bwd_kernel(const RmsNormBwdParams p, const bool acc_in_smem) {
@@ -149,8 +275,14 @@ rms_norm_bwd_kernel(const RmsNormBwdParams p, const bool acc_in_smem) {
   if (has_weight) {
     acc = acc_in_smem ? reinterpret_cast<float*>(smem_raw) : p.dweight_partial + blockIdx.x * p.n;
     for (int64_t i = threadIdx.x; i < npacks; i += blockDim.x) {
+      float z[kN];
 #pragma unroll
-      for (int j = 0; j < kN; ++j) acc[i * kN + j] = 0.f;
+      for (int j = 0; j < kN; ++j) z[j] = 0.f;
+      if (acc_in_smem) {
+        sts(reinterpret_cast<Pack<float, kN>*>(acc + i * kN), Pack<float, kN>{});
+      } else {
+        store_pack<float, kN>(acc + i * kN, z);
+      }
     }
   }
 
@@ -167,14 +299,15 @@ rms_norm_bwd_kernel(const RmsNormBwdParams p, const bool acc_in_smem) {
       load_pack<T, kN>(x + i * kN, xv);
       load_pack<T, kN>(dy + i * kN, g);
       if (has_weight) {
-        float w[kN];
+        float w[kN], d[kN];
         load_pack<T, kN>(wgt + i * kN, w);
 #pragma unroll
         for (int j = 0; j < kN; ++j) {
           const float xhat = xv[j] * rstd;
-          acc[i * kN + j] += g[j] * xhat;
+          d[j] = g[j] * xhat;
           dot += g[j] * w[j] * xhat;
         }
+        acc_add<kN>(acc + i * kN, acc_in_smem, d);
       } else {
 #pragma unroll
         for (int j = 0; j < kN; ++j) dot += g[j] * xv[j] * rstd;
@@ -208,20 +341,41 @@ rms_norm_bwd_kernel(const RmsNormBwdParams p, const bool acc_in_smem) {
   if (has_weight && acc_in_smem) {
     float* out = p.dweight_partial + blockIdx.x * p.n;
     for (int64_t i = threadIdx.x; i < npacks; i += blockDim.x) {
+      constexpr int kC = kN % 4 == 0 ? 4 : 1;
 #pragma unroll
-      for (int j = 0; j < kN; ++j) out[i * kN + j] = acc[i * kN + j];
+      for (int c = 0; c < kN; c += kC) {
+        stg_pack<float, kC>(out + i * kN + c, lds(reinterpret_cast<const Pack<float, kC>*>(acc + i * kN + c)));
+      }
     }
   }
 }
 
-// dweight[c] = sum over blocks (in block order) of dweight_partial[b][c].
-__global__ void rms_norm_dweight_reduce_kernel(const float* __restrict__ partial, float* __restrict__ dweight,
-                                               int64_t num_blocks, int64_t n) {
-  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (c >= n) return;
+// dweight[c] = sum over row blocks b of dweight_partial[b][c], in a fixed order whatever
+// the device: a block of kReduceCols x kReduceRows threads owns kReduceCols columns; thread
+// (x, y) sums rows y, y + kReduceRows, ... of its column in increasing order (a warp reads
+// 32 consecutive floats of a row), then the kReduceRows sums are added as a fixed tree in
+// shared memory. One block per 32 columns: N = 4096 is 128 blocks of 512 threads, each
+// thread adding num_row_blocks / 16 partials (was: 16 blocks of 256 threads, each thread
+// adding all num_row_blocks partials of its column one after the other).
+constexpr int kReduceCols = kWarp, kReduceRows = 16;
+__global__ void __launch_bounds__(kReduceCols * kReduceRows)
+rms_norm_dweight_reduce_kernel(const float* __restrict__ partial, float* __restrict__ dweight, int64_t num_blocks,
+                               int64_t n) {
+  __shared__ float sums[kReduceCols * kReduceRows];
+  const int tx = threadIdx.x % kReduceCols, ty = threadIdx.x / kReduceCols;
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kReduceCols) + tx;
   float s = 0.f;
-  for (int64_t b = 0; b < num_blocks; ++b) s += partial[b * n + c];
-  dweight[c] = s;
+  if (c < n) {
+#pragma unroll 4
+    for (int64_t b = ty; b < num_blocks; b += kReduceRows) s += partial[b * n + c];
+  }
+  sts(sums + threadIdx.x, s);
+#pragma unroll
+  for (int half = kReduceRows / 2; half > 0; half /= 2) {
+    __syncthreads();
+    if (ty < half) sts(sums + threadIdx.x, lds(sums + threadIdx.x) + lds(sums + threadIdx.x + half * kReduceCols));
+  }
+  if (ty == 0 && c < n) dweight[c] = lds(sums + tx);
 }
 
 bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; }
@@ -257,13 +411,15 @@ template <typename T, int kN, bool kResidual>
 cudaError_t launch_fwd(const RmsNormParams& p, cudaStream_t stream) {
   auto kernel = rms_norm_fwd_kernel<T, kN, kResidual>;
   const int64_t npacks = p.n / kN;
-  size_t smem = static_cast<size_t>(p.n) * sizeof(T);
-  bool cache = true;
-  FASTATTN_CUDA_TRY(request_smem(kernel, smem, &cache));
+  const int threads = threads_for(npacks);
+  // A row held in registers needs no row cache (and no shared memory limits occupancy).
+  bool cache = !row_in_registers<kN>(npacks, threads);
+  size_t smem = cache ? static_cast<size_t>(p.n) * sizeof(T) : 0;
+  if (cache) FASTATTN_CUDA_TRY(request_smem(kernel, smem, &cache));
   if (!cache) smem = 0;
   // Rows beyond the grid limit are covered by the grid-stride loop.
   const int64_t grid = std::min<int64_t>(p.rows, 2147483647);
-  kernel<<<static_cast<unsigned>(grid), threads_for(npacks), smem, stream>>>(p, cache);
+  kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(p, cache);
   FASTATTN_CUDA_LAUNCH_CHECK();
   return cudaSuccess;
 }
@@ -294,9 +450,8 @@ cudaError_t launch_bwd(const RmsNormBwdParams& p, cudaStream_t stream) {
   kernel<<<static_cast<unsigned>(p.num_row_blocks), threads_for(npacks), smem, stream>>>(p, acc_in_smem);
   FASTATTN_CUDA_LAUNCH_CHECK();
   if (p.weight != nullptr) {
-    const int threads = 256;
-    const int64_t blocks = (p.n + threads - 1) / threads;
-    rms_norm_dweight_reduce_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+    const int64_t blocks = (p.n + kReduceCols - 1) / kReduceCols;
+    rms_norm_dweight_reduce_kernel<<<static_cast<unsigned>(blocks), kReduceCols * kReduceRows, 0, stream>>>(
         p.dweight_partial, p.dweight, p.num_row_blocks, p.n);
     FASTATTN_CUDA_LAUNCH_CHECK();
   }
