@@ -48,11 +48,14 @@ Backends (same weights, same outputs within rounding):
               fastattn.flash_attention for prefill and training, fastattn.append_kv +
               fastattn.decode_attention for one-token decode steps (both given the block
               table on a paged cache).
-  "torch"     fastattn.reference only (the plain-torch ground truth), except that the KV
-              cache write is a vectorised index_put, through the block table on a paged
-              cache (the reference's per-sequence loop syncs with the host, which
-              torch.compile and CUDA graphs cannot take; tests check it writes what
-              reference.append_kv writes).
+  "torch"     the strongest plain-torch model, what a user would write today: F.rms_norm,
+              the ordinary rotary (cos/sin tables, rotate_half), F.scaled_dot_product_attention
+              with enable_gqa (is_causal for prefill; a boolean key mask for windows and for
+              decode steps over the cache, built on the device), the KV cache write a
+              vectorised index_put (through the block table on a paged cache, which decode
+              gathers first). Soft-capped layers (Gemma 2) use fastattn.reference's explicit
+              attention, SDPA having no soft-capping. No host syncs: torch.compile and CUDA
+              graphs take it.
 
 KV cache: preallocated for (batch, max length) per layer; ``cache_seqlens`` (B,) int32 holds
 each sequence's valid length, so one batch can hold prompts of different lengths.
@@ -538,22 +541,49 @@ def _rms_norm(backend: str, x: Tensor, weight: Tensor, eps: float, residual: Opt
     """y = rms_norm(x) or, with residual, (y, h) where h = x + residual and y = rms_norm(h).
 
     unit_offset (Gemma): y = x / rms(x) * (1 + weight) computed in fp32 and rounded once to
-    x's dtype, as Hugging Face's GemmaRMSNorm; h is the add in x's dtype."""
-    if unit_offset:
-        if backend == "fastattn":  # nn.RMSNorm(unit_offset=True)'s function: fused on fp32
-            return rms_norm_unit_offset(x, weight, eps, residual=residual)
-        h = x if residual is None else x + residual
-        y = reference.rms_norm(h.float(), 1.0 + weight.float(), eps).to(h.dtype)
-        return y if residual is None else (y, h)
+    x's dtype, as Hugging Face's GemmaRMSNorm; h is the add in x's dtype. On the torch
+    backend this is F.rms_norm (which normalises in fp32 and rounds to x's dtype before the
+    weight, as LlamaRMSNorm does)."""
     if backend == "fastattn":
+        if unit_offset:  # nn.RMSNorm(unit_offset=True)'s function: fused on fp32
+            return rms_norm_unit_offset(x, weight, eps, residual=residual)
         return fastattn.rms_norm(x, weight, eps, residual=residual)
-    return reference.rms_norm(x, weight, eps, residual=residual)
+    h = x if residual is None else x + residual
+    shape = (h.shape[-1],)
+    if unit_offset:
+        y = F.rms_norm(h.float(), shape, 1.0 + weight.float(), eps).to(h.dtype)
+    else:
+        y = F.rms_norm(h, shape, weight, eps)
+    return y if residual is None else (y, h)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
 def _rotary(backend: str, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor]):
+    """RoPE of q (B, S, H, D) and k (B, S, Hk, D) at `positions` (None: arange(S)); cos/sin
+    (max_pos, R/2) fp32 rotate the first R dims (NeoX halves), the rest pass through. The torch
+    backend is the ordinary rotary: full-width tables cast to q's dtype, x * cos + rotate_half(x) * sin."""
     if backend == "fastattn":
         return fastattn.apply_rotary(q, k, cos, sin, positions=positions)
-    return reference.apply_rotary(q, k, cos, sin, positions=positions)
+    S, R = q.shape[1], 2 * cos.shape[-1]
+    if positions is None:
+        c, s = cos[:S], sin[:S]  # (S, R/2)
+    else:
+        positions = positions.long()
+        c, s = cos[positions], sin[positions]  # (S, R/2) or (B, S, R/2)
+    c = torch.cat((c, c), dim=-1).to(q.dtype).unsqueeze(-2)  # (..., S, 1, R): broadcast over heads
+    s = torch.cat((s, s), dim=-1).to(q.dtype).unsqueeze(-2)
+
+    def rotate(x: Tensor) -> Tensor:
+        if R == x.shape[-1]:
+            return x * c + _rotate_half(x) * s
+        xr = x[..., :R]  # partial rotary (Phi-3): the other dims pass through
+        return torch.cat((xr * c + _rotate_half(xr) * s, x[..., R:]), dim=-1)
+
+    return rotate(q), rotate(k)
 
 
 def _kernels_take_softcap() -> bool:
@@ -577,14 +607,30 @@ def _softcap_kw(backend: str, softcap: float) -> dict:
     return {"softcap": float(softcap)}
 
 
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
+          scale: Optional[float] = None) -> Tensor:
+    """F.scaled_dot_product_attention on our (B, S, heads, D) layout, GQA by enable_gqa (no
+    repeated K/V); mask: bool, True = attend, broadcast to (B, H, Sq, Sk). Returns (B, Sq, H, D)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=is_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
 def _causal_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, window: int = -1,
                       scale: Optional[float] = None, softcap: float = 0.0) -> Tensor:
     """Causal self-attention of a block; window >= 0: query i sees keys i - window .. i only.
-    scale None: head_dim ** -0.5; softcap > 0: scores s -> softcap * tanh(s / softcap)."""
+    scale None: head_dim ** -0.5; softcap > 0: scores s -> softcap * tanh(s / softcap). The torch
+    backend runs SDPA (is_causal, or an explicit mask for a window); SDPA has no soft-capping,
+    so soft-capped layers take the explicit reference path."""
     cap = _softcap_kw(backend, softcap)
     if backend == "fastattn":
         return fastattn.flash_attention(q, k, v, causal=True, window=(window, 0), softmax_scale=scale, **cap)
-    return reference.attention(q, k, v, causal=True, window=(window, 0), softmax_scale=scale, **cap)
+    if cap:
+        return reference.attention(q, k, v, causal=True, window=(window, 0), softmax_scale=scale, **cap)
+    Sq, Sk = q.shape[1], k.shape[1]
+    if window < 0 or window + 1 >= Sk:  # the window hides nothing: plain causal (Sq == Sk here)
+        return _sdpa(q, k, v, is_causal=True, scale=scale)
+    return _sdpa(q, k, v, reference.attention_mask(Sq, Sk, True, (window, 0), q.device), scale=scale)
 
 
 def _append_kv(backend: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, write_at: Tensor,
@@ -610,33 +656,41 @@ def _decode_attention(backend: str, q: Tensor, k_cache: Tensor, v_cache: Tensor,
     """q (B, 1, H, D) at cache row lengths[b] - 1 against rows [0, lengths[b]) of sequence b;
     window >= 0: only rows [lengths[b] - 1 - window, lengths[b]) (decode_attention has no
     window, attention_with_kvcache does: same kernel family, bottom-right aligned). scale and
-    softcap as in ``_causal_attention``."""
+    softcap as in ``_causal_attention``. The torch backend runs SDPA over the whole cache with
+    a (B, 1, 1, S_max) key mask built on the device (no host sync: CUDA graphs can capture it);
+    a paged cache is gathered into (B, capacity, Hk, D) first."""
     kw = dict(block_table=block_table, softmax_scale=scale, **_softcap_kw(backend, softcap))
-    if window >= 0:
-        if backend == "fastattn":
-            return fastattn.attention_with_kvcache(q, k_cache, v_cache, lengths, causal=True, window=(window, 0), **kw)
-        return _windowed_decode_reference(q, k_cache, v_cache, lengths, block_table, window, scale, softcap)
     if backend == "fastattn":
+        if window >= 0:
+            return fastattn.attention_with_kvcache(q, k_cache, v_cache, lengths, causal=True, window=(window, 0), **kw)
         return fastattn.decode_attention(q, k_cache, v_cache, lengths, **kw)
-    return reference.decode_attention(q, k_cache, v_cache, lengths, **kw)
+    return _torch_decode(q, k_cache, v_cache, lengths, block_table, window, scale, softcap)
 
 
-def _windowed_decode_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
-                               block_table: Optional[Tensor], window: int, scale: Optional[float],
-                               softcap: float) -> Tensor:
-    """reference.attention_with_kvcache(q, ..., lengths, window=(window, 0)) for one query per
-    sequence, as a single masked reference.attention call: sequence b sees cache rows
-    [lengths[b] - 1 - window, lengths[b]). (The reference loops over sequences with a host
-    sync each, which CUDA graphs cannot capture; tests check both give the same.)"""
+def _torch_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_table: Optional[Tensor],
+                  window: int, scale: Optional[float], softcap: float) -> Tensor:
+    """The torch backend's decode step: reference.attention_with_kvcache(q, ..., lengths,
+    window=(window, 0)) for one query per sequence (window -1: all rows), as ONE attention call
+    over the whole cache with a key mask built on the device: sequence b sees cache rows
+    [lengths[b] - 1 - window, lengths[b]). (The reference loops over sequences with a host sync
+    each, which CUDA graphs cannot capture; tests check both give the same.)"""
     if block_table is not None:  # the pages gathered into (B, capacity, Hk, D)
         rows = block_table.shape[1] * k_cache.shape[1]
         k_cache = reference.paged_rows(k_cache, block_table, rows)
         v_cache = reference.paged_rows(v_cache, block_table, rows)
     j = torch.arange(k_cache.shape[1], device=q.device).view(1, -1)
     last = lengths.long().view(-1, 1) - 1  # (B, 1): the query's row
-    visible = (j <= last) & (j >= last - window)  # (B, capacity)
-    return reference.attention(q, k_cache, v_cache, softmax_scale=scale, key_padding_mask=visible,
-                               softcap=float(softcap or 0.0))
+    visible = j <= last  # (B, capacity)
+    if window >= 0:
+        visible = visible & (j >= last - window)
+    if softcap:  # SDPA has no soft-capping: the explicit path
+        return reference.attention(q, k_cache, v_cache, softmax_scale=scale, key_padding_mask=visible,
+                                   softcap=float(softcap))
+    B, S_max = visible.shape
+    return _sdpa(q, k_cache, v_cache, visible.view(B, 1, 1, S_max), scale=scale)
+
+
+_windowed_decode_reference = _torch_decode  # the name tests/test_model_archs.py imports
 
 
 def paged_kernels_available() -> bool:
