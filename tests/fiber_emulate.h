@@ -145,6 +145,23 @@ inline void queue_copy(const Copy& c) {
     do_copy(c);
 }
 
+// cp.async.commit_group / cp.async.wait_group N on this fiber's queues (PTX ISA, "cp.async.
+// wait_group"): a commit closes the open group (an empty one too); a wait retires the oldest
+// committed groups until at most `pending` remain, performing their copies in late mode (mode
+// bit 0; otherwise they landed at issue). Shared by the emulators that wait for N > 0.
+inline void commit_group() {
+  Fiber& f = my_fiber();
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+inline void wait_group(int pending) {
+  Fiber& f = my_fiber();
+  while (static_cast<int>(f.groups.size()) > pending) {
+    for (const auto& c : f.groups.front()) do_copy(c);
+    f.groups.erase(f.groups.begin());
+  }
+}
+
 inline void trampoline() {
   (*g_block->body)();
   Fiber& f = g_block->fibers[g_block->cur];

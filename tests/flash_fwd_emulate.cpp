@@ -13,8 +13,8 @@
 //     tests/flash_bwd_emulate.cpp and tested on its own by tests/test_ptx_emulate.py); every
 //     shared-memory access is bounds-checked against the launch's dynamic shared memory, which
 //     is born NaN at every block start;
-//   * FASTATTN_EMU_MODE bit 0: cp.async copies land at the wait (latest), else at issue
-//     (earliest); bit 1: fibers scheduled in reverse order.
+//   * FASTATTN_EMU_MODE bit 0: cp.async copies land when a wait_group retires their group
+//     (latest), else at issue (earliest); bit 1: fibers scheduled in reverse order.
 // Every global buffer (q, k, v, out, lse, cu_seqlens) sits against a PROT_NONE guard page, at
 // its end or (FASTATTN_EMU_GUARD=start) at its start: an out-of-bounds access kills the run.
 // racecheck / initcheck / bank conflicts (fiber_emulate.h, "sanitizer analogues"; off with
@@ -119,15 +119,14 @@ inline void cp_async_16(uint32_t smem, const void* gmem, bool pred) {
   if (reinterpret_cast<uintptr_t>(gmem) % 16 != 0) emu::fail("misaligned cp.async source");
   emu::queue_copy(emu::Copy{smem, gmem, 16, pred});
 }
-inline void cp_async_commit() {}
-// The kernel only ever waits for everything (wait_group 0): copies stay on the open list
-// (mode bit 0) until then.
+// commit_group / wait_group N (fiber_emulate.h): in late mode (bit 0) a group's copies land
+// only when a wait retires it, so reading a tile whose group was not waited for sees the
+// NaN-born (or the previous tile's) shared memory, and the sanitizers flag it.
+inline void cp_async_commit() { emu::commit_group(); }
 template <int N>
 inline void cp_async_wait() {
-  static_assert(N == 0, "only wait_group 0 is emulated");
-  auto& q = emu::my_fiber().open;
-  for (const auto& c : q) emu::do_copy(c);
-  q.clear();
+  static_assert(N >= 0, "wait_group N >= 0");
+  emu::wait_group(N);
 }
 
 inline uint16_t smem_u16(uint32_t addr) {

@@ -34,7 +34,7 @@ class Cfg:
         self.NTO = head_dim // 8  # kNTilesO
         self.smem_q = block_m * head_dim * 2
         self.smem_kv = block_n * head_dim * 2
-        self.smem_bytes = self.smem_q + 4 * self.smem_kv
+        self.smem_bytes = self.smem_q + 2 * self.smem_kv  # Q + one K and one V tile
 
 
 def smem_offset(ch, row, chunk):
@@ -139,8 +139,8 @@ def run_block(cfg, dtype, q, k, v, out, lse, m_block, wl, wr, scale_log2, masked
     D, BM, BN, NW, MT = cfg.D, cfg.BM, cfg.BN, cfg.NW, cfg.MT
     sq, sk = q.shape[0], k.shape[0]
     smem = Smem(cfg.smem_bytes)
-    sQ, sK0 = 0, cfg.smem_q
-    sV0 = sK0 + 2 * cfg.smem_kv
+    sQ, sK = 0, cfg.smem_q
+    sV = sK + cfg.smem_kv
     m0 = m_block * BM
     diag = sk - sq
     warp = np.arange(NW)[:, None]  # (W, 1)
@@ -174,17 +174,12 @@ def run_block(cfg, dtype, q, k, v, out, lse, m_block, wl, wr, scale_log2, masked
 
     if n_min < n_max:
         load_tile(cfg, smem, sQ, q, m0, sq, BM)
-        load_tile(cfg, smem, sK0, k, n_min * BN, sk, BN)
-        load_tile(cfg, smem, sV0, v, n_min * BN, sk, BN)
+        load_tile(cfg, smem, sK, k, n_min * BN, sk, BN)
         for n in range(n_min, n_max):
             tiles_visited.append(n)
-            buf = (n - n_min) & 1
-            sK = sK0 + buf * cfg.smem_kv
-            sV = sV0 + buf * cfg.smem_kv
-            if n + 1 < n_max:
-                # the prefetch lands in the other buffer; emulate it after this tile (the
-                # kernel's barrier guarantees nobody reads the other buffer meanwhile)
-                pass
+            # V(n) is issued after the barrier that ends PV(n - 1); K(n + 1) after the one that
+            # ends QK^T(n) (the kernel's waits and barriers order them against the readers)
+            load_tile(cfg, smem, sV, v, n * BN, sk, BN)
             s = np.zeros((NW, 32, MT, cfg.NTS, 4), np.float32)
             for ks in range(D // 16):
                 qa = [
@@ -198,6 +193,8 @@ def run_block(cfg, dtype, q, k, v, out, lse, m_block, wl, wr, scale_log2, masked
                     for mi in range(MT):
                         mma(s[:, :, mi, 2 * jp], qa[mi], kb[:, :, 0], kb[:, :, 1])
                         mma(s[:, :, mi, 2 * jp + 1], qa[mi], kb[:, :, 2], kb[:, :, 3])
+            if n + 1 < n_max:
+                load_tile(cfg, smem, sK, k, (n + 1) * BN, sk, BN)
             col0 = n * BN
             need_mask = col0 + BN > sk or (masked and (col0 < mask_lo or col0 + BN - 1 > mask_hi))
             for mi in range(MT):
@@ -246,10 +243,6 @@ def run_block(cfg, dtype, q, k, v, out, lse, m_block, wl, wr, scale_log2, masked
                     for mi in range(MT):
                         mma(o[:, :, mi, 2 * jp], pa[mi], vb[:, :, 0], vb[:, :, 1])
                         mma(o[:, :, mi, 2 * jp + 1], pa[mi], vb[:, :, 2], vb[:, :, 3])
-            if n + 1 < n_max:
-                nb = (buf ^ 1) * cfg.smem_kv
-                load_tile(cfg, smem, sK0 + nb, k, (n + 1) * BN, sk, BN)
-                load_tile(cfg, smem, sV0 + nb, v, (n + 1) * BN, sk, BN)
 
     # epilogue
     for mi in range(MT):
@@ -425,8 +418,8 @@ def test_emulated_kernel_matches_attention(cfg_name, case, dtype):
 def test_smem_budget_and_layout_facts():
     for cfg in CFGS.values():
         assert cfg.D % 64 == 0 and cfg.BN % 16 == 0
-    assert CFGS["d64"].smem_bytes == 48 * 1024
-    assert CFGS["d128"].smem_bytes == 64 * 1024
+    assert CFGS["d64"].smem_bytes == 32 * 1024
+    assert CFGS["d128"].smem_bytes == 48 * 1024
     # swizzle is a permutation of the chunks of every row group
     for ch in (8, 16):
         offs = sorted(smem_offset(ch, r, c) for r in range(16) for c in range(ch))

@@ -20,10 +20,10 @@
 // and every cp.async write bank-conflict free without padding. The probabilities P never
 // go back to shared memory: the m16n8k16 accumulator layout of two adjacent n8 score tiles
 // is exactly the A-operand layout of a k16 slice, so P is packed to 16 bit in registers and
-// fed straight into the PV mma. The next K/V tile is fetched with cp.async (asynchronous,
-// bypassing registers and L1) into a second buffer while the current one is multiplied:
-// double buffering hides global latency behind the tensor-core work, with one barrier per
-// key tile. The softmax works in the log2 domain (one FMUL folds scale * log2 e, then
+// fed straight into the PV mma. K and V tiles are fetched with cp.async (asynchronous,
+// bypassing registers and L1) as separate groups, FlashAttention-2 style: V(n) streams in
+// under QK^T(n) and the softmax, K(n + 1) under the softmax and PV(n) (one buffer each,
+// three barriers per key tile; flash_fwd_kernel.cuh, the main loop). The softmax works in the log2 domain (one FMUL folds scale * log2 e, then
 // ex2.approx), the row sums are kept per thread and reduced across the quad only once, and
 // the output is divided by the row sum once, at the end (staged through shared memory so
 // the global stores are full 16-byte, row-contiguous writes). Under a causal or window

@@ -114,7 +114,9 @@ struct FwdTraits {
   static constexpr int kNTilesO = kHeadDim / 8;  // n8 tiles of O per m16 tile
   static constexpr int kSmemQ = kBlockM * kRowBytes;
   static constexpr int kSmemKV = kBlockN * kRowBytes;  // one K (or V) buffer
-  static constexpr int kSmemBytes = kSmemQ + 4 * kSmemKV;  // Q + double-buffered K and V
+  // Q + one K and one V buffer: K and V are separate cp.async groups, so V(n) lands under
+  // QK^T(n) + softmax(n) and K(n + 1) under softmax(n) + PV(n) (see the main loop).
+  static constexpr int kSmemBytes = kSmemQ + 2 * kSmemKV;
   // Blocks per SM the register budget is sized for (__launch_bounds__): two 4-warp blocks
   // give 255 registers per thread and 8 warps per SM.
   static constexpr int kMinBlocksPerSm = kNWarps <= 4 ? 2 : 1;
@@ -270,8 +272,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
 
   FASTATTN_FWD_SMEM(smem);
   const uint32_t sQ = smem_u32(smem);
-  const uint32_t sK0 = sQ + Kt::kSmemQ;             // K buffers 0, 1
-  const uint32_t sV0 = sK0 + 2 * Kt::kSmemKV;       // V buffers 0, 1
+  const uint32_t sK = sQ + Kt::kSmemQ;  // the K tile
+  const uint32_t sV = sK + Kt::kSmemKV;  // the V tile
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -390,25 +392,26 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   const uint32_t sQ_warp = sQ + warp_row0 * Kt::kRowBytes;
 
   if (n_min < n_max) {
-    // Prologue: Q and the first K/V tile in one cp.async group.
+    // Pipeline (FlashAttention-2's, with the V wait moved past the softmax). K and V of a key
+    // tile are separate cp.async groups in one buffer each; per key tile n:
+    //   wait K(n) (wait_group 0: it is the only pending group); barrier  [K(n) visible to all;
+    //     every warp is done with PV(n - 1), so sV is free]
+    //   issue V(n)                         -> lands under QK^T(n) and the softmax
+    //   S = Q K(n)^T; barrier               [every warp is done with sK]
+    //   issue K(n + 1)                     -> lands under the softmax and PV(n)
+    //   softmax(n)
+    //   wait V(n) (wait_group 1: K(n + 1) may stay in flight); barrier  [V(n) visible]
+    //   O += P V(n)
+    // Every iteration commits exactly two groups (an empty one when there is no K(n + 1)), so
+    // the wait counts hold on every tile. Q travels in the group of the first K tile.
     load_tile<Kt, kBlockM>(sQ, q_head, a.q_row_stride, m0, seqlen_q, tid);
-    load_tile<Kt, kBlockN>(sK0, k_head, a.k_row_stride, n_min * kBlockN, seqlen_k, tid);
-    load_tile<Kt, kBlockN>(sV0, v_head, a.v_row_stride, n_min * kBlockN, seqlen_k, tid);
+    load_tile<Kt, kBlockN>(sK, k_head, a.k_row_stride, n_min * kBlockN, seqlen_k, tid);
     cp_async_commit();
 
     for (int n = n_min; n < n_max; ++n) {
-      const int buf = (n - n_min) & 1;
-      const uint32_t sK = sK0 + buf * Kt::kSmemKV;
-      const uint32_t sV = sV0 + buf * Kt::kSmemKV;
-      // Tile n has landed for this thread; the barrier makes it visible to all and also
-      // proves every warp is done with tile n - 1, whose buffers the prefetch overwrites.
       cp_async_wait<0>();
       __syncthreads();
-      if (n + 1 < n_max) {
-        const uint32_t nb = (buf ^ 1) * Kt::kSmemKV;
-        load_tile<Kt, kBlockN>(sK0 + nb, k_head, a.k_row_stride, (n + 1) * kBlockN, seqlen_k, tid);
-        load_tile<Kt, kBlockN>(sV0 + nb, v_head, a.v_row_stride, (n + 1) * kBlockN, seqlen_k, tid);
-      }
+      load_tile<Kt, kBlockN>(sV, v_head, a.v_row_stride, n * kBlockN, seqlen_k, tid);
       cp_async_commit();
 
       // ---- S = Q K^T (fp32 accumulators) ------------------------------------------------
@@ -441,6 +444,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
           }
         }
       }
+
+      // Every warp has read its last K(n) fragment: refill sK with K(n + 1).
+      __syncthreads();
+      if (n + 1 < n_max) {
+        load_tile<Kt, kBlockN>(sK, k_head, a.k_row_stride, (n + 1) * kBlockN, seqlen_k, tid);
+      }
+      cp_async_commit();
 
       // ---- scale into the log2 domain, mask, online softmax ------------------------------
       // __fmul_rn: the scaled score is rounded once and the max is taken over those rounded
@@ -515,6 +525,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
           }
         }
       }
+
+      // V(n) is the older of the two pending groups; the barrier makes every thread's part
+      // of it visible.
+      cp_async_wait<1>();
+      __syncthreads();
 
       // ---- O += P V: P repacked to 16 bit is the A operand (C layout of n8 tiles 2ks and
       // 2ks+1 == A layout of key slice ks). Packed all at once so the fp32 scores die here.
