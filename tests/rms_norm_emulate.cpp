@@ -119,7 +119,10 @@ void setup(int mode, int smem_optin, int num_sms) {
   emu::reset_runtime();
   emu::g_device.smem_optin = smem_optin;
   emu::g_device.num_sms = num_sms;
-  if (emu::g_static_smem.empty()) {
+  // Stated on every call: emu's inline globals are GNU-unique symbols, shared with the other
+  // emulators a test process has loaded, so the map may already hold their kernels (never
+  // test it for emptiness).
+  {
     state_row_kernels<float, 1>("float");
     state_row_kernels<float, 4>("float");
     state_row_kernels<__half, 1>("half");

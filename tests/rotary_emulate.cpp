@@ -95,6 +95,11 @@ void run_grid(Kernel kernel, const fastattn::rotary_detail::LaunchShape& s, cons
 
 }  // namespace
 
+// emu::g_mode for the following rotary_emulate calls (bit 1: reverse fiber schedule; the
+// kernel has no cp.async, so bit 0 changes nothing).
+static int g_rotary_mode = 0;
+extern "C" void rotary_emulate_set_mode(int mode) { g_rotary_mode = mode; }
+
 // strides: q (batch, row, head), k (...), q_out (...), k_out (...). dtype: 0 fp32, 1 fp16,
 // 2 bf16. max_grid caps the grid (to exercise the kernel's grid-stride loop). nbytes: the
 // extents in bytes of q, k, q_out, k_out, cos, sin, positions (memcheck: guarded copies).
@@ -105,7 +110,7 @@ extern "C" int rotary_emulate(const void* q, const void* k, void* q_out, void* k
                               int64_t h, int64_t h_k, int64_t d, int64_t rotary_dim, int interleaved,
                               int conjugate, int dtype, int64_t max_grid, const int64_t* nbytes) {
   emu::g_error = nullptr;
-  emu::g_mode = 0;
+  emu::g_mode = g_rotary_mode;
   emu::g_sanitize = true;
   emu::g_stack_bytes = 64 * 1024;
   RotaryParams p;

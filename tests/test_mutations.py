@@ -52,26 +52,86 @@ class Mutation:
 
 FWD = "tests/test_flash_fwd_emulated.py::test_emulated_forward_dense"
 RMS = "tests/test_rms_norm_emulated.py::test_emulated_rms_norm_fwd"
+RMS_BWD = "tests/test_rms_norm_emulated.py::test_emulated_rms_norm_bwd"
 ROT = "tests/test_rotary_emulated.py::test_contiguous"
 DEC = "tests/test_decode_emulated.py::test_emulated_decode_kernel_matches_reference"
+BWD = "tests/test_flash_bwd_emulated.py::test_emulated_kernels_match_dense"
 
 MUTATIONS = [
     Mutation(
+        "bwd_dkdv_main_loop_syncthreads_removed",
+        "csrc/cuda/flash_bwd_kernels.cuh",
+        "    cp_async_wait_all();\n    __syncthreads();\n    if (it + 1 < total) load_q_tile(it + 1, buf ^ 1);\n",
+        "    cp_async_wait_all();\n    if (it + 1 < total) load_q_tile(it + 1, buf ^ 1);\n",
+        (f"{BWD}[16-64-1-70-150-4-1--1--1-0-1-0]",),
+        "initcheck: a warp's ldmatrix reads K / Q rows other warps have not copied yet (shared "
+        "memory never written in this block)"),
+    Mutation(
+        "bwd_dkdv_refill_before_barrier",
+        "csrc/cuda/flash_bwd_kernels.cuh",
+        "    cp_async_wait_all();\n    __syncthreads();\n    if (it + 1 < total) load_q_tile(it + 1, buf ^ 1);\n",
+        "    cp_async_wait_all();\n    if (it + 1 < total) load_q_tile(it + 1, buf ^ 1);\n    __syncthreads();\n",
+        (f"{BWD}[bf-64-1-130-130-1-1--1-0-1-0-0]",),
+        "racecheck: the Q / dO refill (cp.async landing at issue) overwrites the buffer slower warps "
+        "still read in the same barrier interval (write-after-read; needs >= 3 query tiles)"),
+    Mutation(
+        "bwd_load_tile_row_bound_off_by_one",
+        "csrc/cuda/flash_bwd_kernels.cuh",
+        "const bool ok = row0 + r < seqlen;",
+        "const bool ok = row0 + r <= seqlen;",
+        (f"{BWD}[16-64-1-70-150-4-1--1--1-0-1-0]",),
+        "memcheck: the tile tail copies row seqlen, past the end of q for the last head (the "
+        "cp.async source is bounds-checked)"),
+    Mutation(
+        "bwd_store_row_bound_dropped",
+        "csrc/cuda/flash_bwd_kernels.cuh",
+        "    if (row >= seqlen) continue;\n    T* dst",
+        "    T* dst",
+        (f"{BWD}[16-64-1-70-150-4-1--1--1-0-1-0]",),
+        "memcheck: the dQ epilogue stores the rows of the last query tile past seqlen_q onto the "
+        "guard page after dq (a raw store, SIGSEGV reported)"),
+    Mutation(
         "fwd_main_loop_syncthreads_removed",
         "csrc/cuda/flash_fwd_kernel.cuh",
-        "      cp_async_wait<0>();\n      __syncthreads();\n      if (n + 1 < n_max) {",
-        "      cp_async_wait<0>();\n      if (n + 1 < n_max) {",
+        "      cp_async_wait<0>();\n      __syncthreads();\n      load_tile<Kt, kBlockN>(sV,",
+        "      cp_async_wait<0>();\n      load_tile<Kt, kBlockN>(sV,",
         (f"{FWD}[16-64-1-129-129-2-2--1-0-1-3]", f"{FWD}[16-64-1-129-129-2-2--1-0-1-0]"),
         "late cp.async (mode bit 0) + reverse schedule: a warp reads K/Q rows other threads "
         "have not copied yet -> NaN-born shared memory in the scores"),
     Mutation(
         "rms_norm_fwd_tail_off_by_one",
         "csrc/cuda/rms_norm.cu",
-        "    // cached row needs no barrier.\n    for (int64_t i = threadIdx.x; i < npacks; i += blockDim.x) {",
-        "    // cached row needs no barrier.\n    for (int64_t i = threadIdx.x; i <= npacks; i += blockDim.x) {",
+        "const int count = t < npacks ? ",
+        "const int count = t <= npacks ? ",
         (f"{RMS}[half_r4_n111_w1_res0_lead8_pad0_optin227k_m2]",
          f"{RMS}[half_r3_n111_w0_res1_lead8_pad3_optin227k_m0]"),
-        "the store pass writes one element past the row: the sentinel around y is overwritten"),
+        "the row held in registers counts pack npacks as the last thread's: one element past the "
+        "row is loaded and stored, the sentinel around y is overwritten"),
+    Mutation(
+        "rms_norm_block_sum_scratch_barrier_removed",
+        "csrc/cuda/rms_norm.cu",
+        "  __syncthreads();  // scratch may still be read from the previous call\n",
+        "",
+        (f"{RMS_BWD}[bf16_r300_n1024_w1_dh1_lead8_optin227k_sms132_m2]",),
+        "a block's next row writes its warp's scratch sum while other warps may still read the "
+        "previous row's: racecheck (the scratch goes through the tracked lds / sts) reports the "
+        "write-after-read between warps; the fiber schedule alone leaves the values right"),
+    Mutation(
+        "rotary_angles_refill_barrier_removed",
+        "csrc/cuda/rotary_kernel.cuh",
+        "    __syncthreads();  // the previous token's readers are done\n",
+        "",
+        (f"{ROT}[2x9x8x2x128x128-neox-dtype1]",),
+        "the next token's cos / sin overwrite the shared angles while other warps still rotate "
+        "with the previous token's (grid-stride tokens): racecheck on the tracked lds / sts"),
+    Mutation(
+        "fwd_cp_async_v_wait_count",
+        "csrc/cuda/flash_fwd_kernel.cuh",
+        "      cp_async_wait<1>();\n      __syncthreads();\n",
+        "      cp_async_wait<2>();\n      __syncthreads();\n",
+        (f"{FWD}[16-64-2-130-200-4-2--1--1-0-3]", f"{FWD}[bf-128-2-33-70-4-1--1--1-0-3]"),
+        "wait_group 2 with V(n) and K(n + 1) pending retires nothing: in late mode (bit 0) the PV "
+        "mma reads V before its copies land -> NaN-born shared memory (initcheck) / wrong out"),
     Mutation(
         "fwd_ldmatrix_lane_row_address",
         "csrc/cuda/flash_fwd_kernel.cuh",
@@ -83,7 +143,7 @@ MUTATIONS = [
     Mutation(
         "fwd_online_softmax_rescale_skipped",
         "csrc/cuda/flash_fwd_kernel.cuh",
-        "            o[mi][j][2 * hf] *= alpha;\n            o[mi][j][2 * hf + 1] *= alpha;\n",
+        "              o[mi][j][2 * hf] *= alpha[mi][hf];\n              o[mi][j][2 * hf + 1] *= alpha[mi][hf];\n",
         "",
         (f"{FWD}[16-64-2-130-200-4-2--1--1-0-0]",),
         "O keeps contributions scaled by an old row max when a later key tile raises it"),

@@ -25,6 +25,9 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_POS = 64
 
 
+_SET_MODE = []  # rotary_emulate_set_mode of the loaded emulator
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     cxx = shutil.which("g++")
@@ -45,7 +48,11 @@ def emulator(tmp_path_factory):
          "-o", str(lib)],
         check=True,
     )
-    fn = ctypes.CDLL(str(lib)).rotary_emulate
+    dll = ctypes.CDLL(str(lib))
+    dll.rotary_emulate_set_mode.restype = None
+    dll.rotary_emulate_set_mode.argtypes = [ctypes.c_int]
+    _SET_MODE[:] = [dll.rotary_emulate_set_mode]
+    fn = dll.rotary_emulate
     fn.restype = ctypes.c_int
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [P, P, P, P, P, P, P, I64, P, I, I64, I64, I64, I64, I64, I64, I64, I, I, I, I64,
@@ -54,10 +61,12 @@ def emulator(tmp_path_factory):
 
 
 def run(fn, q, k, cos, sin, positions=None, interleaved=False, conjugate=False, inplace=False, max_grid=7,
-        q_out=None, k_out=None, shrink=None):
+        q_out=None, k_out=None, shrink=None, mode=0):
     """Rotate with the emulated kernel; returns (q_out, k_out, vector_path_used). shrink = (i, n):
     tell the emulator that buffer i (q, k, q_out, k_out, cos, sin, positions) is n bytes shorter
-    than it is, and return the raw result (-1: the emulator reported an error)."""
+    than it is, and return the raw result (-1: the emulator reported an error). mode 2: the
+    fibers of a block run in reverse order."""
+    _SET_MODE[0](mode)
     B, S, H, D = q.shape
     if inplace:
         q_out, k_out = q, k
@@ -123,7 +132,7 @@ def test_contiguous(emulator, dtype, interleaved, case):
     assert vec == ((R % width == 0) if interleaved else ((R // 2) % width == 0))
     check(q2, k2, q, k, cos, sin, pos, interleaved, R)
     qi, ki = q.clone(), k.clone()
-    run(emulator, qi, ki, cos, sin, pos, interleaved, inplace=True)
+    run(emulator, qi, ki, cos, sin, pos, interleaved, inplace=True, mode=2)  # reverse fiber schedule
     check(qi, ki, q, k, cos, sin, pos, interleaved, R)
 
 

@@ -10,14 +10,21 @@
 // built to move each byte once at full width:
 //   * one thread block per row, every access a 16-byte vector (8 x fp16/bf16 or 4 x fp32)
 //     whenever pointers, row strides and n allow it (a scalar instantiation handles the
-//     rest correctly), so a warp issues 512-byte fully coalesced transactions;
-//   * the row is staged in shared memory in its storage type on the first pass (the sum of
-//     squares), so the second pass (scale and store) never re-reads global memory;
+//     rest correctly), so a warp issues 512-byte fully coalesced transactions; every
+//     vector store is one STG.E.128 (float_convert.cuh, store16);
+//   * a thread issues all the loads of its slice of the row (2 vectors, with the residual 4)
+//     back to back before it uses any, and for rows up to 8192 elements keeps the slice in
+//     registers across the reduction, so the store pass reads only the weight; longer rows
+//     go in rounds of the same width and are staged in shared memory (the row cache, in
+//     their storage type), so the store pass never re-reads global memory when it fits;
 //   * the sum of squares is reduced with warp shuffles and one shared-memory exchange
 //     between warps — no atomics;
 //   * dweight is reduced deterministically: a fixed grid of row blocks (a function of the
 //     shape and SM count) accumulate their rows' contributions in fp32 shared memory, write
-//     one partial row each, and a second tiny kernel adds the partials in block order.
+//     one partial row each, and a reduce kernel adds the partials in parallel in a fixed
+//     order (per column 16 strided running sums, then a shared-memory tree);
+//   * every shared-memory access goes through float_convert.cuh's lds / sts (plain
+//     ld / st.shared here; tracked by the emulator's racecheck / initcheck).
 // Accumulation is always fp32 whatever the storage type.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

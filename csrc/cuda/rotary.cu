@@ -18,8 +18,10 @@
 //     walks heads;
 //   * every access to q/k is a 16-byte vector (8 x fp16/bf16 or 4 x fp32) whenever the
 //     pointers, strides and R, D allow it: for NeoX a thread's x1 and x2 are two such
-//     vectors R/2 apart, for GPT-J one vector holds whole pairs. A scalar instantiation
-//     with the same arithmetic handles every other layout correctly;
+//     vectors R/2 apart, for GPT-J one vector holds whole pairs; every vector store is one
+//     STG.E.128 (float_convert.cuh, store16 — a plain 16-byte C++ store of `out + half + i0`
+//     compiled to 8 x STG.E.U16). A scalar instantiation with the same arithmetic handles
+//     every other layout correctly;
 //   * each thread issues the loads of two heads before converting or storing either, and
 //     keeps them in their 16-bit storage form until then (4 registers per vector), so a
 //     thread has 64 bytes in flight at ~64-72 registers;
