@@ -4,6 +4,10 @@
 # register spills unless FASTATTN_ALLOW_SPILLS=1. Prints registers / shared memory / spill
 # bytes per kernel and arch (from ptxas -v).
 #   scripts/cuda_check.sh [file.cu ...]      (default: all of csrc/cuda)
+# The objects and ptxas logs are kept in $FASTATTN_CHECK_OBJDIR (default build/cuda-check/objs,
+# <name>.<arch>.o / .log) for scripts/sass_report.py (make sass-report) to read without a second
+# compile. A run over all files empties that directory first; a run over some files replaces
+# only their objects.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
@@ -22,15 +26,19 @@ if [ ${#files[@]} -eq 0 ]; then
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+OBJDIR="${FASTATTN_CHECK_OBJDIR:-build/cuda-check/objs}"
+mkdir -p "$OBJDIR"
+if [ $# -eq 0 ]; then rm -f "$OBJDIR"/*.o "$OBJDIR"/*.log; fi
 jobs="${MAX_JOBS:-$(nproc)}"
 echo "cuda_check: $("$NVCC" --version | tail -1); archs: $ARCHS; files: ${#files[@]}"
 
-compile_one() {  # file arch -> writes $tmp/<name>.<arch>.log (+ .secs: "wall user sys" seconds), returns nvcc status
+compile_one() {  # file arch -> writes $tmp/<name>.<arch>.log (+ .secs: "wall user sys" seconds, .rc: nvcc status)
   local f=$1 arch=$2 name rc=0 TIMEFORMAT='%R %U %S'
   name=$(basename "$f" .cu)
   { time "$NVCC" -c "$f" -o "$tmp/$name.$arch.o" -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr \
     -Icsrc/include -DFASTATTN_WITH_CUDA -gencode "arch=compute_$arch,code=sm_$arch" \
     -Xptxas -v -Werror all-warnings -Xcompiler -Wall,-Werror >"$tmp/$name.$arch.log" 2>&1 || rc=$?; } 2>"$tmp/$name.$arch.secs"
+  echo "$rc" >"$tmp/$name.$arch.rc"
   return $rc
 }
 export -f compile_one
@@ -45,11 +53,20 @@ for f in "${files[@]}"; do
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 0.2; done
   done
 done
+# Each compile's status comes from its .rc file, not from `wait PID`: on a busy machine the
+# pids wrap (pid_max 32768) and a later child of this shell (the sleeps above) can take a finished
+# compile's pid, after which bash has forgotten that compile's status ("not a child of this shell").
+wait
 for entry in "${pids[@]}"; do
-  pid=${entry%%:*}; rest=${entry#*:}; f=${rest%:*}; arch=${rest##*:}
-  if ! wait "$pid"; then
-    echo "FAILED: $f for sm_$arch"; cat "$tmp/$(basename "$f" .cu).$arch.log"; status=1
+  rest=${entry#*:}; f=${rest%:*}; arch=${rest##*:}
+  n=$(basename "$f" .cu)
+  if [ "$(cat "$tmp/$n.$arch.rc" 2>/dev/null)" != "0" ]; then
+    echo "FAILED: $f for sm_$arch"; cat "$tmp/$n.$arch.log"; status=1
   fi
+  # Keep the object and the ptxas log for sass_report.py (a failed compile leaves no stale object).
+  rm -f "$OBJDIR/$n.$arch.o" "$OBJDIR/$n.$arch.log"
+  [ -f "$tmp/$n.$arch.o" ] && mv "$tmp/$n.$arch.o" "$OBJDIR/"
+  cp "$tmp/$n.$arch.log" "$OBJDIR/" 2>/dev/null || true
 done
 
 # Resource report: one line per kernel and arch.
