@@ -113,9 +113,18 @@ def test_probe_gate_end_to_end(probe, tmp_path, capsys):
     d, _ = probe
     base, js = tmp_path / "base.json", tmp_path / "report.json"
     # (the baseline is written before the check: checked against itself here)
-    assert sr.main([str(d), "--quiet", "--json", str(js), "--write-baseline", str(base), "--check", str(base)]) == 0
+    assert sr.main([str(d), "--quiet", "--json", str(js), "--write-baseline", str(base), "--check", str(base),
+                    "--dyn-smem", "^probe_k=100000"]) == 0
     assert "sass gate: OK" in capsys.readouterr().out
-    assert {k["key"] for k in json.loads(js.read_text())["kernels"]} == {"probe:probe_kernel", "probe:unbounded_kernel"}
+    rows = json.loads(js.read_text())["kernels"]
+    assert {r["key"] for r in rows} == {"probe:probe_kernel", "probe:unbounded_kernel"}
+    for r in rows:  # --dyn-smem reaches the matching kernel's occupancy only
+        dyn = 100000 if r["name"] == "probe_kernel" else None
+        assert r["dynamic_smem"] == dyn
+        if dyn:
+            assert r["occupancy"] == sr.occupancy(r["arch"][3:], r["regs"], 128, 1024 + dyn)[0]
+    with pytest.raises(ValueError, match="--dyn-smem"):
+        sr.main([str(d), "--dyn-smem", "probe_kernel"])
     # A baseline where every STG of the probe was 128-bit: today's 16-bit store is a regression.
     b = json.loads(base.read_text())
     key = "sm_90a probe:probe_kernel"
