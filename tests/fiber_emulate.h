@@ -654,12 +654,16 @@ struct KernelLaunch {
   int64_t grid;
   int64_t threads;
   std::size_t smem;
+  int64_t grid_y = 1, grid_z = 1;  // a 3-D grid (x, y, z): the constructor below
   KernelLaunch(F* k, int64_t g, int64_t t, std::size_t s, cudaStream_t) : kernel(k), grid(g), threads(t), smem(s) {}
+  KernelLaunch(F* k, const int64_t (&g)[3], int64_t t, std::size_t s, cudaStream_t)
+      : kernel(k), grid(g[0]), threads(t), smem(s), grid_y(g[1]), grid_z(g[2]) {}
   template <typename... Args>
   void operator()(const Args&... args) const {
     const void* key = reinterpret_cast<const void*>(kernel);
     const std::size_t st = static_smem_of(key);
-    if (grid < 1 || threads < 1 || threads > 1024) {
+    if (grid < 1 || threads < 1 || threads > 1024 || grid >= (int64_t{1} << 31) || grid_y < 1 || grid_y > 65535 ||
+        grid_z < 1 || grid_z > 65535) {
       if (g_last_error == cudaSuccess) g_last_error = cudaErrorInvalidConfiguration;
       return;
     }
@@ -668,16 +672,19 @@ struct KernelLaunch {
       return;
     }
     g_kernel = g_kernel_name[key].c_str();  // the sanitizers' reports name it
-    g_launch_log.push_back(g_kernel_name[key] + " " + std::to_string(grid) + " " +
-                           std::to_string(threads) + " " + std::to_string(smem));
+    const std::string dims = grid_y == 1 && grid_z == 1 ? std::to_string(grid)  // "x" or "xXyXz"
+                                                        : std::to_string(grid) + "x" + std::to_string(grid_y) +
+                                                              "x" + std::to_string(grid_z);
+    g_launch_log.push_back(g_kernel_name[key] + " " + dims + " " + std::to_string(threads) + " " +
+                           std::to_string(smem));
     g_layout = SmemLayout{};
     g_layout.static_bytes = st;
     g_layout.dynamic_offset = (st + 15) / 16 * 16;
-    const int64_t g[3] = {grid, 1, 1};
+    const int64_t g[3] = {grid, grid_y, grid_z};
     const long first = g_block_counter;
-    g_block_counter += grid;
+    g_block_counter += grid * grid_y * grid_z;
     launch(g, int(threads), g_layout.dynamic_offset + smem, [&] {
-      g_current_block = first + g_block->block_idx.x;
+      g_current_block = first + g_block->block_idx.x + grid * (g_block->block_idx.y + grid_y * g_block->block_idx.z);
       kernel(args...);
     });
     close_block_layout();

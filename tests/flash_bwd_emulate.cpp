@@ -1,34 +1,45 @@
-// flash_bwd_emulate.cpp — run the CUDA FlashAttention backward kernels on the CPU.
-//
-// Compiles csrc/cuda/flash_bwd_kernels.cuh (the exact kernel code flash_bwd.cu launches) with
-// a host C++ compiler, supplying host versions of what the kernels use from CUDA:
-//   * every thread of a block is a fiber (ucontext); __syncthreads and the warp-collective
-//     instructions are barriers between fibers, so the kernels' own control flow, indexing,
-//     double buffering and epilogues run as written;
-//   * ldmatrix(.trans).x4, mma.sync.m16n8k16 (f16/bf16 in, f32 accumulate): tests/ptx_emulate.h
-//     (shared with flash_fwd_emulate.cpp, tested on its own by tests/test_ptx_emulate.py);
-//     cp.async (with zero-fill), __shfl_xor_sync: fiber_emulate.h; all implemented from the
-//     PTX ISA's definitions, independently of the kernels;
+// flash_bwd_emulate.cpp — run the CUDA FlashAttention backward on the CPU: the launcher of
+// flash_bwd.cu (csrc/cuda/flash_bwd_launch.cuh: prepare_bwd's validation and split choice, the
+// kSoftcap / dtype / head-dim dispatch, the grids, the shared-memory opt-in) and the kernels of
+// flash_bwd_kernels.cuh (delta, dK/dV, the split reduce, dQ; plain and soft-capped), compiled
+// by g++ with FASTATTN_BWD_EMULATE defined and an include directory of empty <cuda_*.h> stubs
+// (the test builds it). What the code takes from CUDA comes from the host stand-ins:
+//   * every thread of a block is a fiber (tests/fiber_emulate.h); __syncthreads and the warp
+//     collectives are barriers between fibers, so the kernels' own control flow, indexing,
+//     double buffering and epilogues run as written; the launches go through the CUDA runtime
+//     stand-ins there (emu::KernelLaunch: block size, grid limits, dynamic shared memory against
+//     the cudaFuncSetAttribute limit, which the launcher must raise above 48 KiB);
+//   * ldmatrix(.trans).x4, mma.sync.m16n8k16 (f16/bf16 in, f32 accumulate), ex2 / rcp:
+//     tests/ptx_emulate.h (shared with the forward's emulator, tested on its own by
+//     tests/test_ptx_emulate.py); cp.async (with zero-fill), __shfl_xor_sync: fiber_emulate.h;
 //   * __half / __nv_bfloat16: 16-bit storage with round-to-nearest-even conversion.
-// Shared memory is filled with NaN bytes at every block start, so reading anything the block
-// did not write poisons the result.
+// Sanitizer analogues (fiber_emulate.h, "sanitizer analogues"; off with FASTATTN_EMU_SANITIZE=0):
+//   * memcheck: every global buffer (q, k, v, out, dout, lse, delta, dq, dk, dv, the split
+//     workspace, cu_seqlens) is a guarded copy ending at a PROT_NONE page (or starting at one,
+//     FASTATTN_EMU_GUARD=start), its extent exactly the tensor's (a strided tensor ends at its
+//     last element, not at the padding after it); raw loads / stores that leave it are reported
+//     with kernel, buffer and offset; every cp.async source is bounds-checked byte-exactly;
+//   * racecheck / initcheck: every shared-memory access of these kernels goes through a wrapper
+//     here and is tracked: cp.async destinations (when the copy lands), ldmatrix rows (16 bytes
+//     per lane) and the fp32 lse / delta reads (lds_f32). Shared memory is born NaN;
+//   * bank conflicts per kernel: FASTATTN_EMU_BANK_REPORT=FILE writes the totals to FILE.
+// FASTATTN_EMU_MODE: bit 0 lands cp.async copies at the wait (latest) instead of at issue,
+// bit 1 schedules the fibers of a block in reverse order.
 //
 // Usage: flash_bwd_emulate DIR  — DIR/meta.txt holds
 //   dtype(16|bf) d b sq sk h hk wl wr causal scale use_workspace pad [softcap]
 // and DIR/{q,k,v,out,dout}.bin (16-bit, contiguous (b, s, heads, d)), DIR/lse.bin (fp32,
-// (b, h, sq)). Tensors are copied into buffers whose head stride is d + pad (strided
-// inputs and outputs). Writes DIR/{dq,dk,dv}.f32 (contiguous) and prints "ok".
+// (b, h, sq)). Tensors are copied into buffers whose head stride is d + pad (strided inputs
+// and outputs). Writes DIR/{dq,dk,dv}.f32 (contiguous) and DIR/delta.f32, prints
+// "ok splits=S hps=H used_splits=U" (S, H: bwd_layout::dkdv_num_splits; U: the splits the
+// launched dK/dV grid has, 0 without a dK/dV launch) and then one line per launch
+// ("kernel grid threads smem"); "rc=N" and exit 6 when the launcher returns an error.
 //
 // Variable-length (packed) batches: when DIR/varlen.txt exists it holds "total_q total_k"
 // and meta.txt's b, sq, sk are the number of sequences and the max_seqlen bounds;
 // DIR/cu_q.bin, DIR/cu_k.bin hold the (b + 1) int32 cu_seqlens (any content: the kernels
 // must stay in bounds even for malformed ones), q/out/dout.bin are (total_q, h, d), k/v.bin
-// (total_k, hk, d), lse.bin (h, total_q). Every buffer of that run (tensors, lse, delta,
-// workspace, cu_seqlens) is placed against a PROT_NONE guard page, at its end or (with
-// FASTATTN_EMU_GUARD=start) at its start, so any access past either edge kills the process.
-#include <sys/mman.h>
-#include <unistd.h>
-
+// (total_k, hk, d), lse.bin (h, total_q).
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -39,7 +50,7 @@
 
 // ---- CUDA surface used by the kernels ------------------------------------------------------
 #define FASTATTN_BWD_EMULATE 1
-#include "fiber_emulate.h"  // fibers, barriers, shuffles, the cp.async queues
+#include "fiber_emulate.h"  // fibers, barriers, shuffles, the cp.async queues, runtime, sanitizers
 #include "ptx_emulate.h"    // ldmatrix, mma.sync, ex2, rcp from the PTX ISA
 
 struct uint4 {
@@ -56,20 +67,11 @@ inline int min(int a, int b) { return a < b ? a : b; }
 
 struct __half {
   uint16_t bits;
-  operator float() const {
-    _Float16 h;
-    std::memcpy(&h, &bits, 2);
-    return static_cast<float>(h);
-  }
+  operator float() const { return ptx::f16_bits_to_float(bits); }
 };
 struct __nv_bfloat16 {
   uint16_t bits;
-  operator float() const {
-    const uint32_t u = static_cast<uint32_t>(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
+  operator float() const { return ptx::bf16_bits_to_float(bits); }
 };
 inline uint16_t f32_to_f16_bits(float x) {
   const _Float16 h = static_cast<_Float16>(x);  // round to nearest even
@@ -90,38 +92,55 @@ namespace emu {
 // Any emulation error ends the run: the test sees a non-zero exit and the message.
 void fail(const char* what) {
   std::fprintf(stderr, "%s\n", what);
-  std::exit(1);
+  std::fflush(stderr);
+  std::_Exit(1);
 }
 
-// FASTATTN_EMU_MODE, read once: emu::g_mode (fiber_emulate.h) — bit 0 performs cp.async
-// copies at cp.async.wait_group (latest legal moment; catches reads that do not wait) instead
-// of at issue (earliest; catches writes into a buffer other warps still read), bit 1
-// schedules the fibers of a block in reverse order.
-inline int mode_from_env() {
-  const char* e = std::getenv("FASTATTN_EMU_MODE");
-  return e ? std::atoi(e) : 0;
+inline bool env_is(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e != nullptr && std::string(e) == value;
+}
+
+// The running launch's shared memory (dynamic only: the kernels declare no static __shared__).
+inline void check_smem(uint32_t addr, uint32_t bytes, const char* what) {
+  if (addr + bytes > g_block->smem.size() - 16) failf("memcheck: %s: %s of shared bytes [%u, %u) past the %zu "
+                                                     "bytes of the launch", g_kernel, what, addr, addr + bytes,
+                                                     g_block->smem.size() - 16);
+  if (addr % bytes != 0) failf("%s: misaligned %s at shared byte %u", g_kernel, what, addr);
 }
 
 }  // namespace emu
 
-#define FASTATTN_BWD_SMEM(name) unsigned char* name = ::emu::smem_base()
+#define FASTATTN_BWD_SMEM(name) unsigned char* name = ::emu::dynamic_smem()
 
 // ---- PTX instructions (semantics from the PTX ISA) ------------------------------------------
 
 inline uint32_t smem_addr(const void* p) { return emu::smem_offset(p); }
+// cp.async.{cg,ca}.shared.global [dst], [src], bytes, src-size (src-size 0 when !pred: zero
+// fill, nothing read). The source of a predicated copy is bounds-checked against the guarded
+// buffers; the destination is tracked when the copy lands (fiber_emulate.h, emu::do_copy).
 inline void cp_async(uint32_t dst, const void* src, int bytes, bool pred) {
-  if (dst % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) emu::fail("misaligned cp.async");
+  emu::check_smem(dst, uint32_t(bytes), "cp.async destination");
+  if (reinterpret_cast<uintptr_t>(src) % bytes != 0) emu::failf("%s: misaligned cp.async source", emu::g_kernel);
+  if (pred) emu::check_global(src, std::size_t(bytes), false, "cp.async source");
   emu::queue_copy(emu::Copy{dst, src, bytes, pred});
 }
 inline void cp_async16(uint32_t dst, const void* src, bool pred) { cp_async(dst, src, 16, pred); }
 inline void cp_async4(uint32_t dst, const void* src, bool pred) { cp_async(dst, src, 4, pred); }
 // The kernels only ever wait for everything, so groups are not tracked: every copy stays on
-// the open list until cp_async_wait_all performs it.
+// the open list (mode bit 0) until cp_async_wait_all performs it.
 inline void cp_async_commit() {}
 inline void cp_async_wait_all() {
   auto& q = emu::my_fiber().open;
   for (const auto& c : q) emu::do_copy(c);
   q.clear();
+}
+
+// ld.shared.f32 of the lse / delta rows: tracked.
+inline float lds_f32(const float* p) {
+  const uint32_t off = emu::smem_offset(p);
+  emu::check_smem(off, 4, "ld.shared");
+  return emu::smem_load<float>(off);
 }
 
 inline uint16_t smem_u16(uint32_t byte_addr) {
@@ -130,20 +149,15 @@ inline uint16_t smem_u16(uint32_t byte_addr) {
   return v;
 }
 
-// ldmatrix.x4 (.trans): tests/ptx_emulate.h, after the row-alignment check.
+// ldmatrix.x4 (.trans): tests/ptx_emulate.h, after each lane's row (16 bytes, 16-byte aligned,
+// inside the launch's shared memory) is checked and tracked.
 inline void ldsm_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
-  if (addr % 16 != 0) emu::fail("ldmatrix row address not 16-byte aligned");
+  emu::check_smem(addr, 16, "ldmatrix row");
+  emu::smem_track(addr, 16, false, "ldmatrix");
   ptx::ldmatrix(r, addr, trans, smem_u16);
 }
 inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) { ldsm_impl(r, addr, false); }
 inline void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldsm_impl(r, addr, true); }
-
-template <typename T>
-inline float half_to_float(uint16_t b) {
-  T h;
-  h.bits = b;
-  return static_cast<float>(h);
-}
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: tests/ptx_emulate.h.
 template <typename T> struct MmaOp;
@@ -176,101 +190,17 @@ inline float softcap_ex2(float x) { return ptx::ex2_approx_ftz(x); }
 inline float softcap_rcp(float x) { return ptx::rcp_approx_ftz(x); }
 }  // namespace fastattn
 
-#include "flash_bwd_kernels.cuh"
+#include "flash_bwd_launch.cuh"  // the launcher flash_bwd.cu runs (and the kernels)
 
 // ---- driver --------------------------------------------------------------------------------
 
 using namespace fastattn;
 
-static std::vector<uint16_t> read_u16(const std::string& path, size_t n) {
-  std::vector<uint16_t> v(n);
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f || std::fread(v.data(), 2, n, f) != n) {
-    std::fprintf(stderr, "cannot read %s\n", path.c_str());
-    std::exit(1);
-  }
-  std::fclose(f);
-  return v;
-}
-
-// (b, s, heads, d) contiguous -> buffer with head stride d + pad (16-byte aligned rows).
-struct Strided {
-  std::vector<uint16_t> buf;
-  int64_t bs, rs, hs;
-};
-static Strided make_strided(const std::vector<uint16_t>& src, int64_t b, int64_t s, int64_t h,
-                            int64_t d, int64_t pad) {
-  Strided t;
-  t.hs = d + pad;
-  t.rs = h * t.hs;
-  t.bs = s * t.rs;
-  t.buf.assign(static_cast<size_t>(b * t.bs + 8), 0x7e00);  // fp16/bf16-ish NaN fill
-  for (int64_t i = 0; i < b; ++i)
-    for (int64_t j = 0; j < s; ++j)
-      for (int64_t k = 0; k < h; ++k)
-        std::memcpy(&t.buf[i * t.bs + j * t.rs + k * t.hs], &src[((i * s + j) * h + k) * d],
-                    static_cast<size_t>(d) * 2);
-  return t;
-}
-
-// As flash_bwd.cu's launch_bwd (kSoftcap: the launcher's choice on softcap > 0).
-template <typename T, int D, bool kSoftcap>
-static void run_all_impl(const BwdArgs& args) {
-  const BwdGrids g = bwd_grids<D>(args);
-  const int64_t g1[3] = {g.delta, 1, 1};
-  if (g.delta > 0) emu::launch(g1, 256, 0, [&] { flash_bwd_delta_kernel<T, D>(args); });
-  if (g.dkdv[0] > 0) {
-    emu::launch(g.dkdv, DkdvCfg<D>::kThreads, DkdvCfg<D>::kSmemBytes,
-                [&] { flash_bwd_dkdv_kernel<T, D, kSoftcap>(args); });
-    const int64_t gr[3] = {g.reduce, 1, 1};
-    if (g.reduce > 0) emu::launch(gr, 256, 0, [&] { flash_bwd_dkdv_reduce_kernel<T, D>(args); });
-  }
-  if (g.dq[0] > 0)
-    emu::launch(g.dq, DqCfg<D>::kThreads, DqCfg<D>::kSmemBytes,
-                [&] { flash_bwd_dq_kernel<T, D, kSoftcap>(args); });
-}
-template <typename T, int D>
-static void run_all(const BwdArgs& args) {
-  if (args.p.fwd.softcap > 0.f)
-    run_all_impl<T, D, true>(args);
-  else
-    run_all_impl<T, D, false>(args);
-}
-
-// ---- guarded buffers (the memcheck analogue of the varlen runs) ---------------------------
-
-// `bytes` of storage between two PROT_NONE pages, flush against the upper one (or the lower
-// one with FASTATTN_EMU_GUARD=start), `align`-byte aligned: an access past the buffer's end
-// (or before its start) faults. Never freed (the process is short-lived).
-static void* guarded_alloc(size_t bytes, size_t align) {
-  static const bool at_start = [] {
-    const char* e = std::getenv("FASTATTN_EMU_GUARD");
-    return e != nullptr && std::string(e) == "start";
-  }();
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  const size_t body = (bytes + align + page - 1) / page * page;
-  void* m = mmap(nullptr, body + 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                 -1, 0);
-  if (m == MAP_FAILED) emu::fail("mmap failed");
-  unsigned char* base = static_cast<unsigned char*>(m);
-  if (mprotect(base, page, PROT_NONE) != 0 || mprotect(base + page + body, page, PROT_NONE) != 0)
-    emu::fail("mprotect failed");
-  if (at_start || bytes == 0) return base + page;
-  const uintptr_t end = reinterpret_cast<uintptr_t>(base + page + body);
-  return reinterpret_cast<void*>((end - bytes) / align * align);
-}
-
 template <typename E>
-static E* guarded_copy(const std::vector<E>& v, size_t align) {
-  E* p = static_cast<E*>(guarded_alloc(v.size() * sizeof(E), align));
-  if (!v.empty()) std::memcpy(p, v.data(), v.size() * sizeof(E));
-  return p;
-}
-
-static std::vector<float> read_f32(const std::string& path, size_t n) {
-  std::vector<float> v(n);
+static std::vector<E> read_vec(const std::string& path, std::size_t n) {
+  std::vector<E> v(n);
   FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f || std::fread(v.data(), 4, n, f) != n) {
+  if (!f || std::fread(v.data(), sizeof(E), n, f) != n) {
     std::fprintf(stderr, "cannot read %s\n", path.c_str());
     std::exit(1);
   }
@@ -278,219 +208,183 @@ static std::vector<float> read_f32(const std::string& path, size_t n) {
   return v;
 }
 
-// Packed (rows, heads, d) -> guarded buffer with head stride d + pad (rows of heads * (d + pad)).
-struct Packed {
-  uint16_t* buf;
-  int64_t rows, heads, d, rs, hs;
+// A (nb, rows, heads, d) tensor with head stride d + pad, NaN-ish between the heads; `dev` is
+// its guarded copy (memcheck), whose extent ends at the last element (no trailing padding).
+struct Tensor {
+  std::vector<uint16_t> host;
+  uint16_t* dev = nullptr;
+  int64_t nb, rows, heads, d, bs, rs, hs;
 };
-static Packed make_packed(const std::vector<uint16_t>& src, int64_t rows, int64_t heads,
-                          int64_t d, int64_t pad) {
-  Packed t{nullptr, rows, heads, d, heads * (d + pad), d + pad};
-  std::vector<uint16_t> tmp(static_cast<size_t>(rows * t.rs), 0x7e00);  // NaN-ish fill
-  for (int64_t j = 0; j < rows; ++j)
+static Tensor make_tensor(const std::vector<uint16_t>& src, int64_t nb, int64_t rows,
+                          int64_t heads, int64_t d, int64_t pad, const char* name) {
+  Tensor t;
+  t.nb = nb, t.rows = rows, t.heads = heads, t.d = d;
+  t.hs = d + pad;
+  t.rs = heads * t.hs;
+  t.bs = rows * t.rs;
+  const int64_t n = nb * t.bs;
+  t.host.assign(static_cast<std::size_t>(n), 0x7e00);
+  for (int64_t i = 0; i < nb * rows; ++i)
     for (int64_t k = 0; k < heads; ++k)
-      std::memcpy(&tmp[j * t.rs + k * t.hs], &src[(j * heads + k) * d], static_cast<size_t>(d) * 2);
-  t.buf = guarded_copy(tmp, 16);
+      std::memcpy(&t.host[i * t.rs + k * t.hs], &src[(i * heads + k) * d], static_cast<std::size_t>(d) * 2);
+  t.dev = static_cast<uint16_t*>(emu::guard(n > 0 ? t.host.data() : nullptr, (n - pad) * 2, name));
   return t;
 }
+template <typename E>
+static E* guard_vec(std::vector<E>& v, const char* name) {
+  return static_cast<E*>(emu::guard(v.empty() ? nullptr : v.data(), int64_t(v.size() * sizeof(E)), name));
+}
 
-static float g_softcap = 0.f;  // FlashFwdParams::softcap, meta.txt's optional last field
+static void write_f32(const std::string& path, const float* p, std::size_t n) {
+  FILE* fo = std::fopen(path.c_str(), "wb");
+  if (fo == nullptr || std::fwrite(p, 4, n, fo) != n) {
+    std::fprintf(stderr, "cannot write %s\n", path.c_str());
+    std::exit(1);
+  }
+  std::fclose(fo);
+}
 
-static int run_varlen(const std::string& dir, bool bf, long long d, long long b, long long sq,
-                      long long sk, long long h, long long hk, long long wl, long long wr,
-                      long long causal, float scale, long long use_ws, long long pad) {
-  long long total_q, total_k;
-  FILE* m = std::fopen((dir + "/varlen.txt").c_str(), "r");
-  if (!m || std::fscanf(m, "%lld %lld", &total_q, &total_k) != 2) return 3;
-  std::fclose(m);
-  auto read_i32 = [&](const char* name) {
-    std::vector<int32_t> v(b + 1);
-    FILE* f = std::fopen((dir + "/" + name).c_str(), "rb");
-    if (!f || std::fread(v.data(), 4, v.size(), f) != v.size()) {
-      std::fprintf(stderr, "cannot read %s\n", name);
-      std::exit(1);
-    }
-    std::fclose(f);
-    return v;
+// Every instantiation the launcher can pick, with its static shared memory (none: the kernels'
+// shared memory is all dynamic) and its name for the launch log and the sanitizer reports.
+template <typename T, int D>
+static void register_kernels(const char* type) {
+  auto name = [&](const char* k, bool cap) {
+    return std::string(k) + "<" + type + ",d" + std::to_string(D) + (cap ? ",softcap>" : ">");
   };
-  const int32_t* cu_q = guarded_copy(read_i32("cu_q.bin"), 4);
-  const int32_t* cu_k = guarded_copy(read_i32("cu_k.bin"), 4);
-  Packed q = make_packed(read_u16(dir + "/q.bin", total_q * h * d), total_q, h, d, pad);
-  Packed k = make_packed(read_u16(dir + "/k.bin", total_k * hk * d), total_k, hk, d, pad);
-  Packed v = make_packed(read_u16(dir + "/v.bin", total_k * hk * d), total_k, hk, d, pad);
-  Packed o = make_packed(read_u16(dir + "/out.bin", total_q * h * d), total_q, h, d, pad);
-  Packed go = make_packed(read_u16(dir + "/dout.bin", total_q * h * d), total_q, h, d, pad);
-  float* lse = guarded_copy(read_f32(dir + "/lse.bin", h * total_q), 4);
-  Packed dq = make_packed(std::vector<uint16_t>(total_q * h * d, 0x7e00), total_q, h, d, pad);
-  Packed dk = make_packed(std::vector<uint16_t>(total_k * hk * d, 0x7e00), total_k, hk, d, pad);
-  Packed dv = make_packed(std::vector<uint16_t>(total_k * hk * d, 0x7e00), total_k, hk, d, pad);
-  float* delta = guarded_copy(std::vector<float>(h * total_q, NAN), 4);
-
-  FlashBwdParams p;
-  FlashFwdParams& f = p.fwd;
-  f.q = q.buf, f.k = k.buf, f.v = v.buf, f.out = o.buf, f.lse = lse;
-  f.q_row_stride = q.rs, f.q_head_stride = q.hs;  // batch strides stay 0 (unused)
-  f.k_row_stride = k.rs, f.k_head_stride = k.hs;
-  f.v_row_stride = v.rs, f.v_head_stride = v.hs;
-  f.out_row_stride = o.rs, f.out_head_stride = o.hs;
-  f.b = b, f.seqlen_q = sq, f.seqlen_k = sk, f.h = h, f.h_k = hk, f.d = d;
-  f.softmax_scale = scale;
-  f.softcap = g_softcap;
-  f.window_left = wl, f.window_right = wr, f.is_causal = causal != 0;
-  f.dtype = bf ? DType::kBFloat16 : DType::kFloat16;
-  f.cu_seqlens_q = cu_q, f.cu_seqlens_k = cu_k, f.total_q = total_q, f.total_k = total_k;
-  p.dout = go.buf;
-  p.dout_row_stride = go.rs, p.dout_head_stride = go.hs;
-  p.dq = dq.buf, p.dk = dk.buf, p.dv = dv.buf;
-  p.dq_row_stride = dq.rs, p.dq_head_stride = dq.hs;
-  p.dk_row_stride = dk.rs, p.dk_head_stride = dk.hs;
-  p.dv_row_stride = dv.rs, p.dv_head_stride = dv.hs;
-  p.delta = delta;
-  // flash_bwd_cuda_workspace_floats' formula (b sequences x max_seqlen_k rows per split).
-  int hps = 0;
-  const int splits = bwd_layout::dkdv_num_splits(b, h, hk, sk, static_cast<int>(d), &hps);
-  if (use_ws && splits > 1)
-    p.workspace = guarded_copy(std::vector<float>(2 * splits * b * hk * sk * d, NAN), 16);
-
-  BwdArgs args;
-  const BwdPrep prep = prepare_bwd(p, &args);
-  if (prep == kBwdInvalid) {
-    std::fprintf(stderr, "prepare_bwd rejected the problem\n");
-    return 5;
-  }
-  if (prep == kBwdLaunch) {
-    if (bf)
-      d == 64 ? run_all<__nv_bfloat16, 64>(args) : run_all<__nv_bfloat16, 128>(args);
-    else
-      d == 64 ? run_all<__half, 64>(args) : run_all<__half, 128>(args);
-  }
-  auto dump = [&](const Packed& t, const char* name) {
-    std::vector<float> outv(t.rows * t.heads * t.d);
-    for (int64_t j = 0; j < t.rows; ++j)
-      for (int64_t kk = 0; kk < t.heads; ++kk)
-        for (int64_t e = 0; e < t.d; ++e) {
-          const uint16_t bits = t.buf[j * t.rs + kk * t.hs + e];
-          outv[(j * t.heads + kk) * t.d + e] =
-              bf ? half_to_float<__nv_bfloat16>(bits) : half_to_float<__half>(bits);
-        }
-    FILE* fo = std::fopen((dir + "/" + name + ".f32").c_str(), "wb");
-    std::fwrite(outv.data(), 4, outv.size(), fo);
-    std::fclose(fo);
-  };
-  dump(dq, "dq");
-  dump(dk, "dk");
-  dump(dv, "dv");
-  {
-    FILE* fo = std::fopen((dir + "/delta.f32").c_str(), "wb");
-    std::fwrite(delta, 4, static_cast<size_t>(h * total_q), fo);
-    std::fclose(fo);
-  }
-  std::printf("ok splits=%d hps=%d used_splits=%d\n", splits, hps, args.num_splits);
-  return 0;
+  emu::set_static_smem(&flash_bwd_delta_kernel<T, D>, 0, name("flash_bwd_delta_kernel", false));
+  emu::set_static_smem(&flash_bwd_dkdv_reduce_kernel<T, D>, 0, name("flash_bwd_dkdv_reduce_kernel", false));
+  emu::set_static_smem(&flash_bwd_dkdv_kernel<T, D, false>, 0, name("flash_bwd_dkdv_kernel", false));
+  emu::set_static_smem(&flash_bwd_dkdv_kernel<T, D, true>, 0, name("flash_bwd_dkdv_kernel", true));
+  emu::set_static_smem(&flash_bwd_dq_kernel<T, D, false>, 0, name("flash_bwd_dq_kernel", false));
+  emu::set_static_smem(&flash_bwd_dq_kernel<T, D, true>, 0, name("flash_bwd_dq_kernel", true));
 }
 
 int main(int argc, char** argv) {
   if (argc != 2) return 2;
-  emu::g_mode = emu::mode_from_env();
+  emu::g_mode = std::getenv("FASTATTN_EMU_MODE") ? std::atoi(std::getenv("FASTATTN_EMU_MODE")) : 0;
   emu::g_stack_bytes = 128 * 1024;
+  emu::g_sanitize = !emu::env_is("FASTATTN_EMU_SANITIZE", "0");
   const std::string dir = argv[1];
   char dt[8];
   long long d, b, sq, sk, h, hk, wl, wr, causal, use_ws, pad;
-  float scale;
+  float scale, softcap = 0.f;
   FILE* m = std::fopen((dir + "/meta.txt").c_str(), "r");
   if (!m || std::fscanf(m, "%7s %lld %lld %lld %lld %lld %lld %lld %lld %lld %f %lld %lld", dt,
                         &d, &b, &sq, &sk, &h, &hk, &wl, &wr, &causal, &scale, &use_ws,
                         &pad) != 13)
     return 3;
-  if (std::fscanf(m, "%f", &g_softcap) != 1) g_softcap = 0.f;  // optional 14th field
+  if (std::fscanf(m, "%f", &softcap) != 1) softcap = 0.f;  // optional 14th field
   std::fclose(m);
   const bool bf = std::string(dt) == "bf";
-  if (FILE* vl = std::fopen((dir + "/varlen.txt").c_str(), "r")) {
-    std::fclose(vl);
-    return run_varlen(dir, bf, d, b, sq, sk, h, hk, wl, wr, causal, scale, use_ws, pad);
+  long long total_q = 0, total_k = 0;
+  const bool varlen = [&] {
+    FILE* v = std::fopen((dir + "/varlen.txt").c_str(), "r");
+    if (!v) return false;
+    const bool ok = std::fscanf(v, "%lld %lld", &total_q, &total_k) == 2;
+    std::fclose(v);
+    if (!ok) std::exit(3);
+    return true;
+  }();
+  // Dense: (b, s, heads, d) tensors, lse / delta (b, h, sq); varlen: one "batch" of total_q /
+  // total_k packed rows, lse / delta (h, total_q).
+  const int64_t nb = varlen ? 1 : b, rq = varlen ? total_q : sq, rk = varlen ? total_k : sk;
+  const auto nq = static_cast<std::size_t>(nb * rq * h * d), nk = static_cast<std::size_t>(nb * rk * hk * d);
+  const std::vector<uint16_t> nan_q(nq, 0x7e00), nan_k(nk, 0x7e00);  // outputs start NaN
+  Tensor q = make_tensor(read_vec<uint16_t>(dir + "/q.bin", nq), nb, rq, h, d, pad, "q");
+  Tensor k = make_tensor(read_vec<uint16_t>(dir + "/k.bin", nk), nb, rk, hk, d, pad, "k");
+  Tensor v = make_tensor(read_vec<uint16_t>(dir + "/v.bin", nk), nb, rk, hk, d, pad, "v");
+  Tensor o = make_tensor(read_vec<uint16_t>(dir + "/out.bin", nq), nb, rq, h, d, pad, "out");
+  Tensor go = make_tensor(read_vec<uint16_t>(dir + "/dout.bin", nq), nb, rq, h, d, pad, "dout");
+  Tensor dq = make_tensor(nan_q, nb, rq, h, d, pad, "dq");
+  Tensor dk = make_tensor(nan_k, nb, rk, hk, d, pad, "dk");
+  Tensor dv = make_tensor(nan_k, nb, rk, hk, d, pad, "dv");
+  const auto n_lse = static_cast<std::size_t>(nb * h * rq);
+  std::vector<float> lse = read_vec<float>(dir + "/lse.bin", n_lse), delta(n_lse, NAN);
+  std::vector<int32_t> cu_q, cu_k;
+  if (varlen) {
+    cu_q = read_vec<int32_t>(dir + "/cu_q.bin", static_cast<std::size_t>(b + 1));
+    cu_k = read_vec<int32_t>(dir + "/cu_k.bin", static_cast<std::size_t>(b + 1));
   }
-
-  Strided q = make_strided(read_u16(dir + "/q.bin", b * sq * h * d), b, sq, h, d, pad);
-  Strided k = make_strided(read_u16(dir + "/k.bin", b * sk * hk * d), b, sk, hk, d, pad);
-  Strided v = make_strided(read_u16(dir + "/v.bin", b * sk * hk * d), b, sk, hk, d, pad);
-  Strided o = make_strided(read_u16(dir + "/out.bin", b * sq * h * d), b, sq, h, d, pad);
-  Strided go = make_strided(read_u16(dir + "/dout.bin", b * sq * h * d), b, sq, h, d, pad);
-  std::vector<float> lse(b * h * sq);
-  {
-    FILE* f = std::fopen((dir + "/lse.bin").c_str(), "rb");
-    if (!f || std::fread(lse.data(), 4, lse.size(), f) != lse.size()) return 4;
-    std::fclose(f);
-  }
-  Strided dq = make_strided(std::vector<uint16_t>(b * sq * h * d, 0x7e00), b, sq, h, d, pad);
-  Strided dk = make_strided(std::vector<uint16_t>(b * sk * hk * d, 0x7e00), b, sk, hk, d, pad);
-  Strided dv = make_strided(std::vector<uint16_t>(b * sk * hk * d, 0x7e00), b, sk, hk, d, pad);
-  std::vector<float> delta(b * h * sq, NAN);
 
   FlashBwdParams p;
   FlashFwdParams& f = p.fwd;
-  f.q = q.buf.data();
-  f.k = k.buf.data();
-  f.v = v.buf.data();
-  f.out = o.buf.data();
-  f.lse = lse.data();
-  f.q_batch_stride = q.bs, f.q_row_stride = q.rs, f.q_head_stride = q.hs;
-  f.k_batch_stride = k.bs, f.k_row_stride = k.rs, f.k_head_stride = k.hs;
-  f.v_batch_stride = v.bs, f.v_row_stride = v.rs, f.v_head_stride = v.hs;
-  f.out_batch_stride = o.bs, f.out_row_stride = o.rs, f.out_head_stride = o.hs;
+  f.q = q.dev, f.k = k.dev, f.v = v.dev, f.out = o.dev;
+  f.lse = guard_vec(lse, "lse");
+  if (!varlen) {  // varlen: the batch strides stay 0 (unused)
+    f.q_batch_stride = q.bs, f.k_batch_stride = k.bs, f.v_batch_stride = v.bs, f.out_batch_stride = o.bs;
+    p.dout_batch_stride = go.bs, p.dq_batch_stride = dq.bs, p.dk_batch_stride = dk.bs, p.dv_batch_stride = dv.bs;
+  }
+  f.q_row_stride = q.rs, f.q_head_stride = q.hs;
+  f.k_row_stride = k.rs, f.k_head_stride = k.hs;
+  f.v_row_stride = v.rs, f.v_head_stride = v.hs;
+  f.out_row_stride = o.rs, f.out_head_stride = o.hs;
   f.b = b, f.seqlen_q = sq, f.seqlen_k = sk, f.h = h, f.h_k = hk, f.d = d;
   f.softmax_scale = scale;
-  f.softcap = g_softcap;
+  f.softcap = softcap;
   f.window_left = wl, f.window_right = wr, f.is_causal = causal != 0;
   f.dtype = bf ? DType::kBFloat16 : DType::kFloat16;
-  p.dout = go.buf.data();
-  p.dout_batch_stride = go.bs, p.dout_row_stride = go.rs, p.dout_head_stride = go.hs;
-  p.dq = dq.buf.data(), p.dk = dk.buf.data(), p.dv = dv.buf.data();
-  p.dq_batch_stride = dq.bs, p.dq_row_stride = dq.rs, p.dq_head_stride = dq.hs;
-  p.dk_batch_stride = dk.bs, p.dk_row_stride = dk.rs, p.dk_head_stride = dk.hs;
-  p.dv_batch_stride = dv.bs, p.dv_row_stride = dv.rs, p.dv_head_stride = dv.hs;
-  p.delta = delta.data();
+  if (varlen) {
+    f.cu_seqlens_q = guard_vec(cu_q, "cu_seqlens_q");
+    f.cu_seqlens_k = guard_vec(cu_k, "cu_seqlens_k");
+    f.total_q = total_q, f.total_k = total_k;
+  }
+  p.dout = go.dev;
+  p.dout_row_stride = go.rs, p.dout_head_stride = go.hs;
+  p.dq = dq.dev, p.dk = dk.dev, p.dv = dv.dev;
+  p.dq_row_stride = dq.rs, p.dq_head_stride = dq.hs;
+  p.dk_row_stride = dk.rs, p.dk_head_stride = dk.hs;
+  p.dv_row_stride = dv.rs, p.dv_head_stride = dv.hs;
+  p.delta = guard_vec(delta, "delta");
+  // The workspace the binding allocates: flash_bwd_cuda_workspace_floats (the launcher's own
+  // formula), NaN so that every partial the reduce reads must have been written.
+  std::vector<float> ws;
+  if (use_ws) ws.assign(static_cast<std::size_t>(bwd_workspace_floats(p)), NAN);
+  p.workspace = guard_vec(ws, "workspace");
 
-  // The workspace size the binding would allocate (same formula as
-  // flash_bwd_cuda_workspace_floats, which lives in flash_bwd.cu).
+  register_kernels<__half, 64>("f16");
+  register_kernels<__half, 128>("f16");
+  register_kernels<__nv_bfloat16, 64>("bf16");
+  register_kernels<__nv_bfloat16, 128>("bf16");
+  emu::reset_runtime();
+  const cudaError_t rc = bwd_run(p, nullptr);  // = flash_bwd_cuda
+  emu::unguard_all();  // the gradients, delta and workspace changes back into the host copies
+  if (rc != cudaSuccess) {
+    std::printf("rc=%d\n", static_cast<int>(rc));
+    return 6;
+  }
+
+  auto dump = [&](const Tensor& t, const char* name) {
+    std::vector<float> outv(static_cast<std::size_t>(t.nb * t.rows * t.heads * t.d));
+    for (int64_t i = 0; i < t.nb * t.rows; ++i)
+      for (int64_t kk = 0; kk < t.heads; ++kk)
+        for (int64_t e = 0; e < t.d; ++e) {
+          const uint16_t bits = t.host[i * t.rs + kk * t.hs + e];
+          outv[(i * t.heads + kk) * t.d + e] = bf ? ptx::bf16_bits_to_float(bits) : ptx::f16_bits_to_float(bits);
+        }
+    write_f32(dir + "/" + name + ".f32", outv.data(), outv.size());
+  };
+  dump(dq, "dq");
+  dump(dk, "dk");
+  dump(dv, "dv");
+  write_f32(dir + "/delta.f32", delta.data(), delta.size());
+  if (const char* bank = std::getenv("FASTATTN_EMU_BANK_REPORT")) {
+    std::vector<char> text(static_cast<std::size_t>(emu_bank_report(nullptr, 0, 0)));
+    emu_bank_report(text.data(), static_cast<int>(text.size()), 0);
+    if (FILE* fb = std::fopen(bank, "w")) {
+      std::fputs(text.data(), fb);
+      std::fclose(fb);
+    }
+  }
   int hps = 0;
   const int splits = bwd_layout::dkdv_num_splits(b, h, hk, sk, static_cast<int>(d), &hps);
-  std::vector<float> ws;
-  if (use_ws && splits > 1) {
-    ws.assign(static_cast<size_t>(2 * splits * b * hk * sk * d), NAN);  // must be overwritten
-    p.workspace = ws.data();
+  long long used = 0;  // the launched dK/dV grid's y extent / h_k (the log's grid: "x" or "xXyXz")
+  for (const auto& l : emu::g_launch_log) {
+    long long gx = 0, gy = 1, gz = 1;
+    if (l.rfind("flash_bwd_dkdv_kernel<", 0) == 0 &&
+        std::sscanf(l.c_str() + l.find(' '), " %lldx%lldx%lld", &gx, &gy, &gz) >= 1)
+      used = gy / hk;
   }
-  // Host vectors of uint16 are only 2-byte aligned in principle; the launcher's alignment
-  // checks would reject them, so check what the kernels actually need here instead.
-  BwdArgs args;
-  const BwdPrep prep = prepare_bwd(p, &args);
-  if (prep == kBwdInvalid) {
-    std::fprintf(stderr, "prepare_bwd rejected the problem\n");
-    return 5;
-  }
-  if (prep == kBwdLaunch) {
-    if (bf)
-      d == 64 ? run_all<__nv_bfloat16, 64>(args) : run_all<__nv_bfloat16, 128>(args);
-    else
-      d == 64 ? run_all<__half, 64>(args) : run_all<__half, 128>(args);
-  }
-
-  auto dump = [&](const Strided& t, int64_t s, int64_t heads, const char* name) {
-    std::vector<float> outv(b * s * heads * d);
-    for (int64_t i = 0; i < b; ++i)
-      for (int64_t j = 0; j < s; ++j)
-        for (int64_t kk = 0; kk < heads; ++kk)
-          for (int64_t e = 0; e < d; ++e) {
-            const uint16_t bits = t.buf[i * t.bs + j * t.rs + kk * t.hs + e];
-            outv[((i * s + j) * heads + kk) * d + e] =
-                bf ? half_to_float<__nv_bfloat16>(bits) : half_to_float<__half>(bits);
-          }
-    FILE* fo = std::fopen((dir + "/" + name + ".f32").c_str(), "wb");
-    std::fwrite(outv.data(), 4, outv.size(), fo);
-    std::fclose(fo);
-  };
-  dump(dq, sq, h, "dq");
-  dump(dk, sk, hk, "dk");
-  dump(dv, sk, hk, "dv");
-  std::printf("ok splits=%d hps=%d used_splits=%d\n", splits, hps, args.num_splits);
+  std::printf("ok splits=%d hps=%d used_splits=%lld\n", splits, hps, used);
+  for (const auto& l : emu::g_launch_log) std::printf("%s\n", l.c_str());
   return 0;
 }

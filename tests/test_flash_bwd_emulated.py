@@ -1,12 +1,17 @@
-"""Run the CUDA FlashAttention backward kernels' own code on the CPU (no GPU needed).
+"""Run the CUDA FlashAttention backward's own code on the CPU (no GPU needed).
 
-tests/flash_bwd_emulate.cpp compiles csrc/cuda/flash_bwd_kernels.cuh with g++, with host
-versions of ldmatrix / mma.sync / cp.async / shfl / barriers written from the PTX ISA, runs
-every thread of every block as a fiber, and writes dq/dk/dv. Here they are compared with the
-float64 gradients of dense attention. This exercises the kernels' real control flow, indexing,
-strides, double buffering, masking, GQA split + reduce and epilogues; what it cannot exercise
-is the CUDA compiler, the hardware's asynchrony (cp.async, barriers are synchronous here) and
-the tensor cores' exact rounding. See also test_flash_bwd_layout.py. Logit soft-capping
+tests/flash_bwd_emulate.cpp compiles the launcher flash_bwd.cu runs (csrc/cuda/flash_bwd_launch.cuh:
+validation, split choice, kSoftcap / dtype / head-dim dispatch, grids, shared-memory opt-in) and
+the kernels of flash_bwd_kernels.cuh with g++, with host versions of ldmatrix / mma.sync /
+cp.async / shfl / barriers written from the PTX ISA, runs every thread of every block as a fiber,
+and writes dq/dk/dv. Here they are compared with the float64 gradients of dense attention. Every
+run is under the sanitizer analogues of tests/fiber_emulate.h: global buffers between guard
+pages and cp.async sources bounds-checked (memcheck), every shared-memory access tracked per
+barrier interval (racecheck, initcheck); test_bank_conflict_report prints the bank-conflict
+totals per kernel. This exercises the kernels' real control flow, indexing, strides, double
+buffering, masking, GQA split + reduce and epilogues; what it cannot exercise is the CUDA
+compiler, the hardware's asynchrony (cp.async, barriers are synchronous here) and the tensor
+cores' exact rounding. See also test_flash_bwd_layout.py. Logit soft-capping
 (the kSoftcap kernels) is checked against autograd through fastattn.reference(softcap=) by
 flash-attn's error-ratio rule (softcap.cuh: the cap's tanh from ex2.approx and rcp.approx).
 """
@@ -19,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_error_ratio
+from conftest import assert_error_ratio, emu_bank_report, emu_bank_rows
 from fastattn import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +40,15 @@ def emulator(tmp_path_factory):
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ not found")
-    exe = tmp_path_factory.mktemp("flash_bwd_emulate") / "flash_bwd_emulate"
+    build = tmp_path_factory.mktemp("flash_bwd_emulate")
+    stub = build / "stub"  # empty <cuda_*.h>: the emulator supplies what the code uses
+    stub.mkdir()
+    for name in ("cuda_runtime_api.h", "cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
+        (stub / name).write_text("#pragma once\n")
+    exe = build / "flash_bwd_emulate"
     subprocess.run([cxx, "-std=c++17", "-O2", "-fno-strict-aliasing", "-Wall", "-Werror",
                     "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized",
+                    "-I", str(stub), "-I", os.path.join(ROOT, "tests"),
                     "-I", os.path.join(ROOT, "csrc", "include"),
                     "-I", os.path.join(ROOT, "csrc", "cuda"),
                     os.path.join(ROOT, "tests", "flash_bwd_emulate.cpp"), "-o", str(exe)],
@@ -70,13 +81,17 @@ CASES = [
 ]
 
 
-# FASTATTN_EMU_MODE: 0 = cp.async copies at issue, fibers in order; 3 = copies at the wait,
-# fibers in reverse order (see flash_bwd_emulate.cpp). Each case runs in both.
-@pytest.mark.parametrize("mode", [0, 3])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_emulated_kernels_match_dense(emulator, tmp_path, case, mode):
+def _env(mode, **extra):
+    """FASTATTN_EMU_MODE plus the guard side: copies at issue / buffers flush against the guard
+    page after them (mode 0), copies at the wait / reverse fibers / guard page before (mode 3)."""
+    return dict(os.environ, FASTATTN_EMU_MODE=str(mode), FASTATTN_EMU_GUARD="end" if mode == 0 else "start",
+                **extra)
+
+
+def _write_dense(tmp_path, case, seed):
+    """Random inputs of a CASES entry and their float64 reference gradients, written for the emulator."""
     dtype, d, b, sq, sk, h, hk, wl, wr, causal, use_ws = case
-    rng = np.random.default_rng(sq * 7 + sk + d)
+    rng = np.random.default_rng(seed)
     q = _from_bits(_to_bits(rng.standard_normal((b, sq, h, d)), dtype), dtype)
     k = _from_bits(_to_bits(rng.standard_normal((b, sk, hk, d)), dtype), dtype)
     v = _from_bits(_to_bits(rng.standard_normal((b, sk, hk, d)), dtype), dtype)
@@ -90,12 +105,23 @@ def test_emulated_kernels_match_dense(emulator, tmp_path, case, mode):
     lse.astype(np.float32).tofile(tmp_path / "lse.bin")
     (tmp_path / "meta.txt").write_text(
         f"{dtype} {d} {b} {sq} {sk} {h} {hk} {wl} {wr} {causal} {scale!r} {use_ws} 8\n")
-    env = dict(os.environ, FASTATTN_EMU_MODE=str(mode))
-    res = subprocess.run([emulator, str(tmp_path)], capture_output=True, text=True, env=env)
+    return q, k, v, dq_ref, dk_ref, dv_ref
+
+
+# FASTATTN_EMU_MODE: 0 = cp.async copies at issue, fibers in order; 3 = copies at the wait,
+# fibers in reverse order (see flash_bwd_emulate.cpp). Each case runs in both.
+@pytest.mark.parametrize("mode", [0, 3])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_kernels_match_dense(emulator, tmp_path, case, mode):
+    dtype, d, b, sq, sk, h, hk, wl, wr, causal, use_ws = case
+    q, k, v, dq_ref, dk_ref, dv_ref = _write_dense(tmp_path, case, sq * 7 + sk + d)
+    res = subprocess.run([emulator, str(tmp_path)], capture_output=True, text=True, env=_env(mode))
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("ok"), res.stdout
     if use_ws and h // hk > 1:
         assert "used_splits=1" not in res.stdout, res.stdout  # the split path ran
+        assert "flash_bwd_dkdv_reduce_kernel<" in res.stdout, res.stdout
+    assert "softcap" not in res.stdout, res.stdout  # the launcher picked the uncapped kernels
     tol = 2e-3 if dtype == "16" else 1.5e-2  # observed: ~5e-4 and ~4e-3
     for name, ref, shape in (("dq", dq_ref, q.shape), ("dk", dk_ref, k.shape),
                              ("dv", dv_ref, v.shape)):
@@ -108,6 +134,27 @@ def test_emulated_kernels_match_dense(emulator, tmp_path, case, mode):
         empty = sq - sk
         got = np.fromfile(tmp_path / "dq.f32", dtype=np.float32).reshape(q.shape)
         assert (got[:, :empty] == 0).all()
+
+
+def test_bank_conflict_report(emulator, tmp_path):
+    """Prints (and writes to JSON under the pytest tmp dir) the shared-memory bank-conflict totals
+    of the backward kernels at d 64 (MQA split) and d 128 (causal + window), at every shared
+    access the emulator tracks (cp.async destinations, ldmatrix rows, the lse / delta
+    ld.shared). A report, not a check; racecheck / initcheck run on every case of this file."""
+    rows = []
+    for case in (CASES[0], CASES[1]):
+        run_dir = tmp_path / f"d{case[1]}"
+        run_dir.mkdir()
+        _write_dense(run_dir, case, 1)
+        report = run_dir / "bank.txt"
+        res = subprocess.run([emulator, str(run_dir)], capture_output=True, text=True,
+                             env=_env(0, FASTATTN_EMU_BANK_REPORT=str(report)))
+        assert res.returncode == 0, res.stderr
+        rows += emu_bank_rows(report.read_text())
+    emu_bank_report(rows, "flash_bwd", tmp_path)
+    kernels = {r["kernel"].split("<")[0] for r in rows}
+    assert kernels == {"flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel"}  # the two with shared memory
+    assert {r["access"] for r in rows} == {"cp.async", "ldmatrix", "ld.shared"}
 
 
 # ---- logit soft-capping ---------------------------------------------------------------------
@@ -147,10 +194,12 @@ def test_emulated_softcap_gradients(emulator, tmp_path, case, mode):
     lse.to(torch.float32).numpy().tofile(tmp_path / "lse.bin")
     (tmp_path / "meta.txt").write_text(
         f"{dtype} {d} {b} {sq} {sk} {h} {hk} {wl} {wr} {causal} {scale!r} {use_ws} 8 {cap!r}\n")
-    env = dict(os.environ, FASTATTN_EMU_MODE=str(mode))
-    res = subprocess.run([emulator, str(tmp_path)], capture_output=True, text=True, env=env)
+    res = subprocess.run([emulator, str(tmp_path)], capture_output=True, text=True, env=_env(mode))
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("ok"), res.stdout
+    launched = res.stdout.splitlines()[1:]  # the launcher's choice: the kSoftcap twins
+    assert [l for l in launched if l.startswith(("flash_bwd_dkdv_kernel<", "flash_bwd_dq_kernel<"))], res.stdout
+    assert all("softcap>" in l for l in launched if l.startswith(("flash_bwd_dkdv_kernel<", "flash_bwd_dq_kernel<")))
     for name, ref, low, shape in zip(("dq", "dk", "dv"), true_grads, low_grads,
                                      (q.shape, k.shape, v.shape)):
         got = torch.from_numpy(np.fromfile(tmp_path / f"{name}.f32", dtype=np.float32).reshape(shape))

@@ -1,10 +1,13 @@
 """Variable-length (packed) FlashAttention backward: the REAL CUDA kernels on the CPU.
 
 tests/flash_bwd_emulate.cpp (see test_flash_bwd_emulated.py for what the emulation covers)
-runs flash_bwd_kernels.cuh with FlashFwdParams::cu_seqlens_q/k set: packed q/k/v/out/dout,
-lse and delta (h, total_q), one grid over the max_seqlen bounds with per-block sequence
-offsets. Every buffer of a varlen run sits against a PROT_NONE guard page (at its end, or at
-its start with FASTATTN_EMU_GUARD=start), so an out-of-bounds access kills the emulator.
+runs the launcher flash_bwd.cu runs (flash_bwd_launch.cuh) and flash_bwd_kernels.cuh with
+FlashFwdParams::cu_seqlens_q/k set: packed q/k/v/out/dout, lse and delta (h, total_q), one grid
+over the max_seqlen bounds with per-block sequence offsets. Under the emulator's sanitizer
+analogues: every buffer (cu_seqlens and the workspace too) sits against a PROT_NONE guard page
+(at its end, or at its start with FASTATTN_EMU_GUARD=start) and cp.async sources are
+bounds-checked (memcheck), shared-memory accesses are checked for races and reads of
+never-written bytes (racecheck / initcheck); any report fails the run.
 
 Checked here: ragged batches (lengths 0 and 1, around the 64 / 128 / 32 row tiles, Sq != Sk
 per sequence, GQA/MQA with and without the split workspace, causal, windows) against a

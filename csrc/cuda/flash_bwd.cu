@@ -54,8 +54,9 @@
 // Verification (no GPU was available while writing this): tests/test_flash_bwd_layout.py
 // checks every index function (flash_bwd_layout.cuh) against the PTX ISA's fragment layouts
 // and a numpy model of the tile loops; tests/test_flash_bwd_emulated.py compiles the kernels
-// themselves (flash_bwd_kernels.cuh) for the CPU with emulated ldmatrix / mma.sync / cp.async /
-// barriers and compares dq, dk, dv with float64 gradients.
+// themselves (flash_bwd_kernels.cuh) and this file's launcher (flash_bwd_launch.cuh) for the
+// CPU with emulated ldmatrix / mma.sync / cp.async / barriers, under the memcheck / racecheck /
+// initcheck analogues of tests/fiber_emulate.h, and compares dq, dk, dv with float64 gradients.
 //
 // Variable-length (packed) batches (FlashFwdParams::cu_seqlens_q non-null), flash-attn 2
 // style with no padding copies: the dK/dV grid spans ceil(max_seqlen_k / kBlockN) key tiles x
@@ -82,91 +83,19 @@
 #include <cstdint>
 
 #include "fastattn/api.h"
-#include "fastattn/cuda_check.h"
 #include "fastattn/params.h"
-#include "flash_bwd_kernels.cuh"
+#include "flash_bwd_launch.cuh"  // the launcher (kSoftcap / dtype / head-dim dispatch, grids, smem)
 
 namespace fastattn {
-namespace {
-
-// ---- launchers -----------------------------------------------------------------------------
-
-template <typename Kernel>
-cudaError_t set_smem(Kernel kernel, int bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-}
-
-template <typename T, int D, bool kSoftcap>
-cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
-  const BwdGrids g = bwd_grids<D>(args);
-  auto dim = [](const int64_t (&v)[3]) {
-    return dim3(static_cast<unsigned>(v[0]), static_cast<unsigned>(v[1]),
-                static_cast<unsigned>(v[2]));
-  };
-  if (g.delta > 0) {
-    flash_bwd_delta_kernel<T, D><<<static_cast<unsigned>(g.delta), 256, 0, stream>>>(args);
-    FASTATTN_CUDA_LAUNCH_CHECK();
-  }
-  if (g.dkdv[0] > 0) {
-    using Cfg = DkdvCfg<D>;
-    auto kernel = flash_bwd_dkdv_kernel<T, D, kSoftcap>;
-    FASTATTN_CUDA_TRY(set_smem(kernel, Cfg::kSmemBytes));
-    kernel<<<dim(g.dkdv), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
-    FASTATTN_CUDA_LAUNCH_CHECK();
-    if (g.reduce > 0) {
-      flash_bwd_dkdv_reduce_kernel<T, D><<<static_cast<unsigned>(g.reduce), 256, 0, stream>>>(args);
-      FASTATTN_CUDA_LAUNCH_CHECK();
-    }
-  }
-  if (g.dq[0] > 0) {
-    using Cfg = DqCfg<D>;
-    auto kernel = flash_bwd_dq_kernel<T, D, kSoftcap>;
-    FASTATTN_CUDA_TRY(set_smem(kernel, Cfg::kSmemBytes));
-    kernel<<<dim(g.dq), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
-    FASTATTN_CUDA_LAUNCH_CHECK();
-  }
-  return cudaSuccess;
-}
-
-}  // namespace
 
 bool flash_bwd_cuda_supports_head_dim(int64_t d) { return flash_bwd_head_dim_ok(d); }
 
-// fp32 partial dK and dV per split of a GQA/MQA group (0 for MHA and for grids that already
-// fill the GPU): 2 * splits * b * h_k * seqlen_k * d. Varlen: the same formula with b the
-// number of sequences and seqlen_k = max_seqlen_k, i.e. b * max_seqlen_k rows per (split,
-// kv head), laid out as the dK/dV grid is (one max-length slot per sequence, rows past a
-// sequence's own length unused): the split decision is taken on that grid, and it only
-// splits small grids, so the slack over total_k stays small.
 int64_t flash_bwd_cuda_workspace_floats(const FlashBwdParams& params) {
-  const FlashFwdParams& f = params.fwd;
-  if (!flash_bwd_cuda_supports_head_dim(f.d) || f.h_k <= 0 || f.b <= 0 || f.seqlen_k <= 0)
-    return 0;
-  int hps = 0;
-  const int splits = bwd_layout::dkdv_num_splits(f.b, f.h, f.h_k, f.seqlen_k,
-                                                 static_cast<int>(f.d), &hps);
-  return splits > 1 ? 2 * splits * f.b * f.h_k * f.seqlen_k * f.d : 0;
+  return bwd_workspace_floats(params);
 }
 
 cudaError_t flash_bwd_cuda(const FlashBwdParams& params, cudaStream_t stream) {
-  const FlashFwdParams& f = params.fwd;
-  BwdArgs args;
-  const BwdPrep prep = prepare_bwd(params, &args);
-  if (prep == kBwdInvalid) return cudaErrorInvalidValue;
-  if (prep == kBwdNothing) return cudaSuccess;
-  if (f.softcap > 0.f) {  // the soft-capped dK/dV and dQ kernels (softcap.cuh)
-    if (f.dtype == DType::kFloat16) {
-      return f.d == 64 ? launch_bwd<__half, 64, true>(args, stream) : launch_bwd<__half, 128, true>(args, stream);
-    }
-    return f.d == 64 ? launch_bwd<__nv_bfloat16, 64, true>(args, stream)
-                     : launch_bwd<__nv_bfloat16, 128, true>(args, stream);
-  }
-  if (f.dtype == DType::kFloat16) {
-    return f.d == 64 ? launch_bwd<__half, 64, false>(args, stream) : launch_bwd<__half, 128, false>(args, stream);
-  }
-  return f.d == 64 ? launch_bwd<__nv_bfloat16, 64, false>(args, stream)
-                   : launch_bwd<__nv_bfloat16, 128, false>(args, stream);
+  return bwd_run(params, stream);
 }
 
 }  // namespace fastattn

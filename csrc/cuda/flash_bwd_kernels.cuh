@@ -5,7 +5,10 @@
 // CPU with FASTATTN_BWD_EMULATE defined: it supplies host versions of the few PTX
 // instructions (ldmatrix, mma.sync, cp.async, shfl, barriers) written from the PTX ISA, runs
 // every thread of a block as a fiber, and checks dq/dk/dv against float64 attention
-// gradients. Included by flash_bwd.cu only.
+// gradients. Included by flash_bwd_launch.cuh (the launcher, shared by flash_bwd.cu and the
+// emulator). Every shared-memory access goes through a wrapper the emulator replaces with a
+// tracked one (racecheck / initcheck / bank conflicts): cp.async destinations, ldmatrix rows
+// and the fp32 lse / delta reads (lds_f32); no raw C++ access to shared memory is left.
 #pragma once
 
 #if !defined(FASTATTN_BWD_EMULATE)
@@ -58,6 +61,8 @@ __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool pr
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_size));
 }
+// ld.shared.f32: a plain load on the GPU (the emulator substitutes a tracked one).
+__device__ __forceinline__ float lds_f32(const float* p) { return *p; }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
@@ -436,7 +441,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
         }
         if (need_mask && !bwd_layout::visible(mask, m0 + qc, key_row0 + bwd_layout::c_row(lane, e)))
           x = -INFINITY;
-        s[nt][e] = exp2f(x - lse_log2(lse_s[qc]));
+        s[nt][e] = exp2f(x - lse_log2(lds_f32(lse_s + qc)));
       }
     }
 
@@ -454,7 +459,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float pe = s[nt][e];
-          const float lse2 = lse_log2(lse_s[nt * 8 + bwd_layout::c_col(lane, e)]);
+          const float lse2 = lse_log2(lds_f32(lse_s + nt * 8 + bwd_layout::c_col(lane, e)));
           const float t = (__log2f(pe) + lse2) * args.inv_scale_log2;
           s[nt][e] = pe > 0.f ? pe * (1.f - t * t) : 0.f;
         }
@@ -472,7 +477,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     for (int nt = 0; nt < kBlockM / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        dp[nt][e] = s[nt][e] * (dp[nt][e] - delta_s[nt * 8 + bwd_layout::c_col(lane, e)]);
+        dp[nt][e] = s[nt][e] * (dp[nt][e] - lds_f32(delta_s + nt * 8 + bwd_layout::c_col(lane, e)));
 
     // dK_w += dS^T Q (softmax_scale applied once, at the store).
     warp_gemm_xb<T, D, kBlockM / 16>(acc_dk, dp, q_s, lane);
