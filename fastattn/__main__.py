@@ -167,7 +167,9 @@ def _median(xs):
 
 
 def demo_model(device: str) -> bool:
-    """Small random LLaMA: prefill + decode on both backends, parity and tokens/s."""
+    """Small random LLaMA: prefill + decode on both backends (fastattn's kernels; the torch
+    backend is the strongest plain-torch model: SDPA with enable_gqa, F.rms_norm, the ordinary
+    rotary), parity and tokens/s."""
     import time
 
     import torch
@@ -212,8 +214,8 @@ def demo_model(device: str) -> bool:
     diff = max((a - b).abs().max().item() for a, b in zip(logits_fa, logits_t))
     scale = max(a.abs().max().item() for a in logits_t)
     top1 = sum((a.argmax(-1) == b.argmax(-1)).float().mean().item() for a, b in zip(logits_fa, logits_t)) / len(logits_t)
-    # fp32: rounding only. bf16: the backends round differently (fastattn accumulates in fp32,
-    # the references in bf16), a few bf16 ulps of the largest logit.
+    # fp32: rounding only. bf16: the backends round differently (fused kernels round once, torch
+    # rounds after each op), a few bf16 ulps of the largest logit.
     tol = 1e-3 * max(1.0, scale) if dtype == torch.float32 else 5e-2 * max(1.0, scale)
     ok = diff <= tol
     print(f"{'backend':<10} {'prefill tok/s':>14} {'decode tok/s':>13} {'prefill ms':>11} {'ms/token step':>14}")
@@ -222,12 +224,71 @@ def demo_model(device: str) -> bool:
     for name in results:
         print(f"{name:<10} {sum(lens) / t_pre[name]:>14.0f} {B / t_step[name]:>13.0f} {t_pre[name] * 1e3:>11.2f} "
               f"{t_step[name] * 1e3:>14.3f}")
-    print(f"fastattn vs torch: prefill {t_pre['torch'] / t_pre['fastattn']:.2f}x, "
+    print(f"fastattn vs torch (SDPA, F.rms_norm): prefill {t_pre['torch'] / t_pre['fastattn']:.2f}x, "
           f"decode {t_step['torch'] / t_step['fastattn']:.2f}x  (medians; batch {B})")
     print(f"agreement (same weights, same tokens fed): max |logit diff| {diff:.2e} (tolerance {tol:.1e}), "
           f"top-1 agreement {100 * top1:.1f}% -> {'OK' if ok else 'MISMATCH'}")
     print(f"sample continuation (fastattn, sequence 0): {tok_fa[0, :12].tolist()}")
     return ok
+
+
+# ---- demo: against transformers on the same weights --------------------------------------
+def demo_transformers(device: str) -> None:
+    """Whole greedy generate() calls on one random checkpoint (saved with transformers'
+    save_pretrained, the demo model's shapes): our model on fastattn vs on its torch backend
+    (SDPA, F.rms_norm) vs transformers with attn_implementation="sdpa", and transformers with
+    attn_implementation="fastattn" (register + patch_model) vs "sdpa". Interleaved rounds,
+    medians. Skipped with a note when transformers is not installed."""
+    import importlib.util
+    import shutil
+    import tempfile
+
+    import torch
+
+    if importlib.util.find_spec("transformers") is None:
+        print("\nAgainst transformers: skipped (transformers is not installed: pip install transformers)")
+        return
+    from fastattn.benchmarks import e2e
+
+    config, dtype, B, lens, new_tokens = _demo_setup(device)
+    S, rounds = max(lens), 3
+    hf_config = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                     intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+                     num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+                     max_position_embeddings=config.max_position_embeddings)
+    path = tempfile.mkdtemp(prefix="fastattn-demo-")
+    try:
+        e2e.save_checkpoint(path, **hf_config)
+        gens = e2e.runners(path, dtype, device, new_tokens)
+        ids = torch.randint(0, config.vocab_size, (B, S), generator=torch.Generator().manual_seed(1)).to(device)
+        print(f"\nAgainst transformers {_transformers_version()} on the same weights (save_pretrained checkpoint): "
+              f"generate(), batch {B}, prompts of {S} tokens, {new_tokens} new tokens, "
+              f"{str(dtype).replace('torch.', '')}; {rounds} interleaved rounds, medians")
+        bar = _progress(range(rounds), desc="generate rounds")
+        it = iter(bar)
+        measured = e2e.measure(gens, ids, rounds, on_round=lambda r: next(it, None))
+        if hasattr(bar, "close"):
+            bar.close()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    med = {name: _median(times) for name, (times, _) in measured.items()}
+    ref_tokens = measured["hf-sdpa"][1]
+    labels = {"ours-fastattn": "our model, fastattn backend", "ours-torch": "our model, torch backend (SDPA)",
+              "hf-sdpa": 'transformers, attn_implementation="sdpa"',
+              "hf-fastattn": 'transformers, attn_implementation="fastattn"'}
+    print(f"{'':<46} {'new tok/s':>10} {'s/generate':>11} {'tokens = sdpa':>14}")
+    for name in e2e.RUNNERS:
+        agree = (measured[name][1] == ref_tokens).float().mean().item()
+        print(f"{labels[name]:<46} {B * new_tokens / med[name]:>10.1f} {med[name]:>11.3f} {100 * agree:>13.1f}%")
+    print(f"our model on fastattn: {med['ours-torch'] / med['ours-fastattn']:.2f}x its torch backend, "
+          f"{med['hf-sdpa'] / med['ours-fastattn']:.2f}x transformers+sdpa; transformers with fastattn: "
+          f"{med['hf-sdpa'] / med['hf-fastattn']:.2f}x transformers+sdpa")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 # ---- demo: per-op times at the model's shapes ---------------------------------------------
@@ -294,6 +355,7 @@ def cmd_demo(args) -> None:
     device = _resolve_device(args.device)
     cmd_info()
     ok = demo_model(device)
+    demo_transformers(device)
     demo_ops(device)
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
     if not ok:

@@ -352,6 +352,7 @@ def runs(tmp_path_factory):
         "tiny": ["-m", "fastattn", "bench", "--tiny", "-k", "rms_norm", *plot_args],
         "no_match": ["-m", "fastattn", "bench", "--tiny", "-k", "no_such_benchmark"],
         "kvcache": ["-m", "fastattn", "bench", "--tiny", "-k", "kvcache", "--out", "kv.json"],
+        "e2e": ["-m", "fastattn", "bench", "--tiny", "-k", "e2e or (flash_attn_fwd and not varlen)", "--out", "e2e.json"],
         "failing": ["-c", failing_run],
     }
     folders = {name: work / name for name in cases}
@@ -446,6 +447,67 @@ def test_tiny_kvcache_suite(runs):
     # the speedup summary has a line per group: paged vs contiguous, and Sq = 1 vs decode_attention
     summary = r.stdout.partition("fastattn against the fastest peer")[2]
     assert "decode_attention+paged" in summary and "attention_with_kvcache" in summary
+
+
+@pytest.mark.source_tree
+def test_tiny_end_to_end_and_gemm_rate(runs):
+    """bench_e2e.py at tiny sizes: our model on fastattn / on its torch backend / transformers
+    with sdpa, and transformers with fastattn / sdpa, one interleaved measurement feeding both
+    groups, every way generating the same greedy tokens; attention rows carry % of the GEMM
+    rate measured in the same run (fp32 and bf16), recorded with the ISA tier and threads."""
+    pytest.importorskip("transformers")
+    r = runs[0]["e2e"]
+    assert r.returncode == 0, r.stderr
+    assert "0 failed" in r.stderr and "FAILED" not in r.stderr, r.stderr
+    results = json.load(open(runs[1]["e2e"] / "e2e.json"))
+    rows = report.rows_of(results)
+    gen = {(row["op"], row["impl"]): row for row in rows if row["op"].startswith("generate")}
+    assert set(gen) == {("generate (our model)", i) for i in ("fastattn", "torch", "transformers-sdpa")} | {
+        ("generate (transformers)", i) for i in ("fastattn", "sdpa")}, set(gen)
+    for row in gen.values():
+        assert row["tokens_agree"] == 1.0 and row["tokens_per_s"] > 0, row
+        assert len(row["times_s"]) == row["rounds_interleaved"] and row["median_s"] > 0
+        assert row["tokens"] == row["batch"] * row["new_tokens"]
+    # the transformers-sdpa peer of our model is the same measurement as the sdpa row
+    assert gen[("generate (our model)", "transformers-sdpa")]["times_s"] == gen[("generate (transformers)",
+                                                                                     "sdpa")]["times_s"]
+    block = results["fastattn"]
+    assert block["cpu_isa"] and block["cpu_threads"] >= 1 and block["cpu_model"]
+    gemm = block["gemm"]
+    assert gemm["n"] > 0 and all(gemm[d]["tflops"] > 0 for d in ("float32", "bfloat16"))
+    attn = [row for row in rows if row["op"].startswith("flash_attn_fwd")]
+    assert attn
+    for row in attn:
+        assert row["pct_of_gemm"] == pytest.approx(100 * row["tflops"] / gemm[row["dtype"]]["tflops"])
+    # the table: a % GEMM column, the GEMM rates in the header, both generate groups in the summary
+    assert "% GEMM" in r.stdout and "GEMM rate: float32 " in r.stdout
+    summary = r.stdout.partition("fastattn against the fastest peer")[2]
+    assert "generate (our model)" in summary and "generate (transformers)" in summary
+
+
+def test_gemm_fields_and_the_gemm_column(capsys):
+    from fastattn.benchmarks.plugin import gemm_fields
+
+    import torch
+
+    gemm = {"n": 2048, "flops": 2 * 2048**3, "float32": {"tflops": 2.0}, "bfloat16": {"tflops": 4.0}}
+    bf16 = gemm_fields(10**12, 1.0, torch.bfloat16, gemm)
+    assert bf16["tflops"] == pytest.approx(1.0) and bf16["pct_of_gemm"] == pytest.approx(25.0)
+    assert gemm_fields(10**12, 1.0, torch.float16, gemm)["pct_of_gemm"] == pytest.approx(50.0)  # fp32's rate
+    assert "pct_of_gemm" not in gemm_fields(10**12, 1.0, torch.float32, None)
+    res = synthetic_results()
+    report.print_table(res)
+    old = capsys.readouterr().out
+    assert "% GEMM" not in old and "GEMM rate" not in old  # files from before the GEMM rate read as before
+    res["fastattn"]["gemm"] = gemm
+    for b in res["benchmarks"]:
+        if "tflops" in b["extra_info"]:
+            b["extra_info"]["pct_of_gemm"] = 100 * b["extra_info"]["tflops"] / 2.0
+    report.print_table(res)
+    out = capsys.readouterr().out
+    assert "GEMM rate: float32 2.000 TFLOP/s, bfloat16 4.000 TFLOP/s" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("flash_attn_fwd+causal") and " sdpa " in ln)
+    assert line.endswith("10%"), line
 
 
 @pytest.mark.source_tree

@@ -323,6 +323,14 @@ def test_demo_progress_never_reaches_stdout(monkeypatch, capsys, tty):
                 ("rms_norm+residual", "apply_rotary", "flash_attention", "append_kv", "decode_attention")]
     assert len(op_lines) == 5 and all(ln.split()[-1].endswith(("x", "ms")) for ln in op_lines), out
     assert "agreement" in out and "OK" in out
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        assert "Against transformers: skipped" in out
+    else:  # the four ways of running the same checkpoint, each generating transformers+sdpa's tokens
+        ways = [ln for ln in out.splitlines() if ln.startswith(("our model, ", "transformers, attn_implementation"))]
+        assert len(ways) == 4 and all(ln.endswith("100.0%") for ln in ways), out
+        assert "x transformers+sdpa" in out and "generate rounds" in err
     if tty:
         assert "\r" in err  # a real bar was drawn (and cleared)
     else:

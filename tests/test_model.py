@@ -147,6 +147,76 @@ def test_rope_tables_match_transformers():
     assert torch.equal(sin, torch.outer(pos, inv_freq).sin())
 
 
+# ---- the torch backend: the strongest plain-torch model ---------------------------------------
+def test_torch_backend_runs_sdpa_with_gqa_and_f_rms_norm(monkeypatch):
+    """backend='torch' is what a user would write: every attention call (prefill and decode
+    steps) is F.scaled_dot_product_attention with enable_gqa on the un-repeated K/V heads,
+    prefill with is_causal, decode with a key mask; every norm is F.rms_norm."""
+    import torch.nn.functional as F
+
+    real_sdpa, real_rms = F.scaled_dot_product_attention, F.rms_norm
+    calls = {"sdpa": [], "rms_norm": 0}
+
+    def sdpa(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls["sdpa"].append((q.shape[1], k.shape[1], q.shape[2], kw.get("enable_gqa"), is_causal,
+                              attn_mask is not None))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    def rms_norm(*args, **kw):
+        calls["rms_norm"] += 1
+        return real_rms(*args, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(F, "rms_norm", rms_norm)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = Llama(cfg, backend="torch").eval()
+    model.generate(ids_of(2, 9), 3)
+    # prefill: one causal call per layer; then 2 decode steps x 2 layers over the masked cache
+    # (q heads, kv heads, queries, enable_gqa, is_causal, mask) in SDPA's (B, heads, S, D) layout
+    assert calls["sdpa"] == [(4, 2, 9, True, True, False)] * 2 + [(4, 2, 1, True, False, True)] * 4
+    assert calls["rms_norm"] == 3 * (2 * 2 + 1)  # 2 norms per layer + the final one, 3 forward passes
+
+
+@pytest.mark.parametrize("window", [-1, 0, 3])
+def test_torch_backend_ops_equal_the_reference(window):
+    """The torch backend's ops (SDPA, F.rms_norm, rotate_half RoPE) compute what
+    fastattn.reference defines, on odd sizes, partial rotary, explicit positions and windows."""
+    from fastattn import reference
+    from fastattn.models.llama import _causal_attention, _decode_attention, _rms_norm, _rotary
+
+    g = torch.Generator().manual_seed(3)
+    B, S, H, Hk, D = 2, 11, 4, 2, 16
+    q, k, v = (torch.randn(B, S, h, D, generator=g) for h in (H, Hk, Hk))
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_causal_attention("torch", q, k, v, window, 0.3),
+                               reference.attention(q, k, v, causal=True, window=(window, 0), softmax_scale=0.3),
+                               **close)
+    # decode: one query per sequence against rows [0, lengths[b]) (within the window) of the cache
+    kc, vc = torch.randn(B, 20, Hk, D, generator=g), torch.randn(B, 20, Hk, D, generator=g)
+    q1, lengths = torch.randn(B, 1, H, D, generator=g), torch.tensor([5, 20], dtype=torch.int32)
+    expected = (reference.decode_attention(q1, kc, vc, lengths) if window < 0 else
+                reference.attention_with_kvcache(q1, kc, vc, lengths, causal=True, window=(window, 0)))
+    torch.testing.assert_close(_decode_attention("torch", q1, kc, vc, lengths, window=window), expected, **close)
+    # RMSNorm with residual, and Gemma's unit offset
+    x, r, w = torch.randn(3, 5, 24, generator=g), torch.randn(3, 5, 24, generator=g), torch.randn(24, generator=g)
+    y, h = _rms_norm("torch", x, w, 1e-5, residual=r)
+    y_ref, h_ref = reference.rms_norm(x, w, 1e-5, residual=r)
+    torch.testing.assert_close(y, y_ref, **close)
+    assert torch.equal(h, h_ref)
+    torch.testing.assert_close(_rms_norm("torch", x, w, 1e-5, unit_offset=True),
+                               reference.rms_norm(x, 1 + w, 1e-5), **close)
+    # RoPE: full and partial rotary dim, default and explicit (B, S) positions
+    for rotary_dim in (D, 12):
+        cos, sin = rope_tables(rotary_dim, 64)
+        for positions in (None, torch.randint(0, 64, (B, S), generator=g)):
+            ours = _rotary("torch", q, k, cos, sin, positions)
+            ref = reference.apply_rotary(q, k, cos, sin, positions=positions)
+            for a, b in zip(ours, ref):
+                torch.testing.assert_close(a, b, **close)
+
+
 # ---- KV cache, ragged batches --------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kv_cache_decode_equals_recompute(hf_llama, backend):
@@ -452,6 +522,8 @@ def test_cli_demo_runs_and_agrees(capsys):
     main(["demo", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "-> OK" in out and "decode tok/s" in out and "decode_attention" in out
+    if transformers is not None:  # the same checkpoint run four ways, all making sdpa's tokens
+        assert 'transformers, attn_implementation="fastattn"' in out and "x transformers+sdpa" in out
 
 
 # ---- CUDA graphs ---------------------------------------------------------------------------

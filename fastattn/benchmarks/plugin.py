@@ -14,7 +14,12 @@ distinct bytes they touch; `working_set=` where that differs from `bytes`, as fo
 in-place op) and, only where that working set is larger than the last-level cache, the %
 of the copy bandwidth measured in this same run (itself on a working set several times the
 last-level cache); a smaller working set is marked `in_cache` instead, since its GB/s is a
-cache bandwidth, not a fraction of DRAM/HBM bandwidth.
+cache bandwidth, not a fraction of DRAM/HBM bandwidth. Compute-bound entries (`flops=`)
+record their TFLOP/s and its % of the dense GEMM rate (torch.mm on large square matrices)
+measured in this same run in the entry's dtype ("% GEMM": fp32 rows against the fp32 GEMM,
+bf16 rows against the bf16 one), the compute roof an attention kernel is read against.
+`times=` hands in timings the suite measured itself (interleaved with the peers, as the
+end-to-end suite does).
 
 The plugin also reports each benchmark's start and end as JSON lines on the file descriptor
 named by FASTATTN_BENCH_PROGRESS_FD (the runner draws the progress bar from them), and adds
@@ -43,7 +48,7 @@ DEVICE = "cuda" if (torch.cuda.is_available() and fastattn.cuda_built()) else "c
 TINY = os.environ.get("FASTATTN_BENCH_TINY", "") not in ("", "0")
 ROUNDS = int(os.environ.get("FASTATTN_BENCH_ROUNDS", "2" if TINY else "20" if DEVICE == "cuda" else "5"))
 
-_SESSION = {"copy": None, "meta": None, "results": {}}
+_SESSION = {"copy": None, "gemm": None, "meta": None, "results": {}}
 
 
 def time_fn(fn, rounds: int = ROUNDS, warmup: int = 2):
@@ -98,6 +103,46 @@ def memory_fields(nbytes: int, working_set: int, median_s: float, copy_gbps, llc
     return out
 
 
+def gemm_size() -> int:
+    """n of the n x n x n GEMM reference: large enough to run at the BLAS's peak rate."""
+    return 256 if TINY else 4096 if DEVICE == "cuda" else 2048
+
+
+def _measure_gemm():
+    """The dense matrix-multiply rate of this device, measured now (torch.mm on n x n
+    matrices, 2 n^3 FLOP), per dtype an attention kernel may run in: the compute roof that
+    attention's TFLOP/s is read against ("% GEMM")."""
+    n = gemm_size()
+    dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
+    out = {"n": n, "flops": 2 * n**3}
+    for dtype in dtypes:
+        a = torch.randn(n, n, device=DEVICE).to(dtype)
+        b = torch.randn(n, n, device=DEVICE).to(dtype)
+        c = torch.empty(n, n, device=DEVICE, dtype=dtype)
+        times = time_fn(lambda: torch.mm(a, b, out=c))
+        name = str(dtype).replace("torch.", "")
+        out[name] = {"times_s": times, "tflops": out["flops"] / statistics.median(times) / 1e12}
+    return out
+
+
+def gemm_fields(flops: int, median_s: float, dtype, gemm) -> dict:
+    """TFLOP/s of a compute-bound entry and its % of the same run's GEMM rate in its dtype
+    (fp16/bf16 against that dtype's GEMM, anything else against fp32)."""
+    out = {"flops": flops, "tflops": flops / median_s / 1e12}
+    name = str(dtype).replace("torch.", "")
+    ref = (gemm or {}).get(name) or (gemm or {}).get("float32")
+    if ref and ref.get("tflops"):
+        out["pct_of_gemm"] = 100.0 * out["tflops"] / ref["tflops"]
+    return out
+
+
+@pytest.fixture(scope="session")
+def gemm_rate():
+    if _SESSION["gemm"] is None:
+        _SESSION["gemm"] = _measure_gemm()
+    return _SESSION["gemm"]
+
+
 @pytest.fixture(scope="session")
 def copy_bandwidth():
     if _SESSION["copy"] is None:
@@ -107,12 +152,19 @@ def copy_bandwidth():
 
 @pytest.fixture
 def bench(request, benchmark, copy_bandwidth):
-    def run(fn, *, op, impl, shape, dtype, bytes=None, flops=None, working_set=None, **extra):
-        times = time_fn(fn)
+    def run(fn, *, op, impl, shape, dtype, bytes=None, flops=None, working_set=None, times=None, **extra):
+        """times: per-round seconds measured by the caller (interleaved with its peers, as the
+        end-to-end suite does); pytest-benchmark then times fn once more, one round (its entry
+        is what puts the row into the JSON)."""
+        pedantic = dict(rounds=max(2 if TINY else 3, ROUNDS // 2), warmup_rounds=1)
+        if times is None:
+            times = time_fn(fn)
+        else:
+            pedantic = dict(rounds=1, warmup_rounds=0)
         # Also hand the callable to pytest-benchmark, so its own statistics and raw data are
         # in the JSON; on CUDA each call is synchronised for that wall-clock view.
         target = (lambda: (fn(), torch.cuda.synchronize())) if DEVICE == "cuda" else fn
-        benchmark.pedantic(target, rounds=max(2 if TINY else 3, ROUNDS // 2), iterations=1, warmup_rounds=1)
+        benchmark.pedantic(target, iterations=1, **pedantic)
         med = statistics.median(times)
         info = {
             "op": op,
@@ -127,8 +179,7 @@ def bench(request, benchmark, copy_bandwidth):
             info.update(memory_fields(bytes, working_set if working_set is not None else bytes, med,
                                       copy_bandwidth["copy_gbps"], run_meta()["llc_bytes"]))
         if flops is not None:
-            info["flops"] = flops
-            info["tflops"] = flops / med / 1e12
+            info.update(gemm_fields(flops, med, dtype, request.getfixturevalue("gemm_rate")))
         info.update(extra)
         if "tokens" in extra:
             info["tokens_per_s"] = extra["tokens"] / med
@@ -141,10 +192,11 @@ def bench(request, benchmark, copy_bandwidth):
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Everything needed to trust a results file: device, versions, commit and dirty flag,
-    CPU model/flags/threads/LLC, GPU, date, and the copy bandwidth the percentages refer to
-    (with its raw timings)."""
+    CPU model/flags/threads/LLC and the CPU kernels' ISA tier, GPU, date, and the copy
+    bandwidth and GEMM rates the percentages refer to (with their raw timings)."""
     block = dict(run_meta())
     block["copy_bandwidth"] = _SESSION["copy"]
+    block["gemm"] = _SESSION["gemm"]
     block["tiny"] = TINY
     block["rounds"] = ROUNDS
     output_json["fastattn"] = block
@@ -214,7 +266,7 @@ def pytest_runtest_logreport(report):
 def pytest_runtest_logfinish(nodeid, location):
     info = _SESSION["results"].get(nodeid) or {}
     summary = {k: info[k] for k in ("op", "impl", "shape", "dtype", "median_s", "gbps", "tflops", "tokens_per_s",
-                                    "pct_of_copy", "in_cache") if k in info}
+                                    "pct_of_copy", "pct_of_gemm", "in_cache") if k in info}
     _EVENTS.send(event="end", nodeid=nodeid, outcome=_EVENTS.outcome.get(nodeid, "passed"),
                  message=_EVENTS.message.get(nodeid, ""),
                  seconds=time.perf_counter() - _EVENTS.t0.get(nodeid, time.perf_counter()), result=summary)

@@ -22,6 +22,8 @@ FAMILIES = [
     ("model_prefill", "model prefill"),
     ("model_decode", "model decode step"),
     ("moe", "mixture-of-experts feed-forward"),
+    ("generate_ours", "end to end: our model's generate"),
+    ("generate_hf", "end to end: transformers generate"),
 ]
 _UNITS = {"gbps": "GB/s", "tflops": "TFLOP/s", "tokens_per_s": "tok/s"}
 
@@ -57,6 +59,8 @@ def family_of(op: str):
         return "model_decode", ""
     if op == "moe":
         return "moe", ""
+    if op.startswith("generate"):
+        return ("generate_hf" if "transformers" in op else "generate_ours"), ""
     return op, ""
 
 
@@ -139,6 +143,12 @@ def header_lines(results: dict):
         text = f"copy bandwidth: {copy['copy_gbps']:.1f} GB/s (copy_ into a preallocated tensor, {_mib(ws)} working set"
         text += ")" if dev == "cuda" or not copy.get("clone_gbps") else f"); clone {copy['clone_gbps']:.1f} GB/s"
         lines.append(text)
+    gemm = meta.get("gemm") or {}
+    rates = [f"{k} {v['tflops']:.3f} TFLOP/s" for k, v in gemm.items()
+             if isinstance(v, dict) and isinstance(v.get("tflops"), (int, float))]
+    if rates:
+        lines.append(f"GEMM rate: {', '.join(rates)} (torch.mm, {gemm.get('n')}x{gemm.get('n')} square, same run): "
+                     "'% GEMM' of attention rows is against their dtype's rate")
     if llc_bytes(meta) is not None:
         lines.append(f"% copy: only for working sets larger than the {_mib(llc_bytes(meta))} last-level cache; "
                      "smaller ones say 'in cache'")
@@ -177,6 +187,11 @@ def format_pct(r, meta) -> str:
     return "" if pct is None else f"{pct:.0f}%"
 
 
+def format_gemm(r) -> str:
+    pct = r.get("pct_of_gemm")
+    return f"{pct:.0f}%" if isinstance(pct, (int, float)) else ""
+
+
 def format_time(t) -> str:
     return f"{t * 1e3:.3f} ms" if t < 1 else f"{t:.3f} s"
 
@@ -191,9 +206,13 @@ def print_table(results: dict, file=None) -> None:
         print("(no benchmark results in this file)", file=file)
         return
     cells = [(r["op"], str(r["shape"]), str(r["dtype"]), r["impl"], format_time(r["median_s"]),
-              format_throughput(r), format_pct(r, meta)) for r in rows]
-    names = ("op", "shape", "dtype", "impl", "time", "throughput", "% copy")
-    for line in _columns(names, cells, right=(False, False, False, False, True, True, True)):
+              format_throughput(r), format_pct(r, meta), format_gemm(r)) for r in rows]
+    names = ("op", "shape", "dtype", "impl", "time", "throughput", "% copy", "% GEMM")
+    if not any(c[-1] for c in cells):  # no compute-bound row (or a file from before the GEMM rate)
+        cells, names = [c[:-1] for c in cells], names[:-1]
+    if not any(c[-1] for c in cells) and names[-1] == "% copy":  # nothing memory-bound either
+        cells, names = [c[:-1] for c in cells], names[:-1]
+    for line in _columns(names, cells, right=(False, False, False, False, True, True, True, True)):
         print(line, file=file)
     summary = speedup_lines(results)
     if summary:

@@ -141,6 +141,8 @@ def _describe(outcome: str, ev: dict) -> str:
         thr += " (in cache)"
     elif isinstance(r.get("pct_of_copy"), (int, float)):
         thr += f" ({r['pct_of_copy']:.0f}% of copy)"
+    elif isinstance(r.get("pct_of_gemm"), (int, float)):
+        thr += f" ({r['pct_of_gemm']:.0f}% of GEMM)"
     return f"{thr}  [{secs}]" if thr else f"ok  [{secs}]"
 
 
