@@ -328,6 +328,7 @@ def test_bank_conflict_report(emu, tmp_path):
     test_emulated_rms_norm_fwd(emu, FWD[0])
     test_emulated_rms_norm_fwd(emu, FWD[1])
     test_emulated_rms_norm_bwd(emu, BWD[0])
+    test_emulated_rms_norm_bwd(emu, BWD[-2])  # bf16: the accumulator's two 16-byte chunks per pack
     n = emu.emu_bank_report(None, 0, 0)
     buf = ctypes.create_string_buffer(n)
     emu.emu_bank_report(buf, n, 0)

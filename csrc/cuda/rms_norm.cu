@@ -248,20 +248,42 @@ rms_norm_fwd_kernel(const RmsNormParams p, const bool cache_row) {
   }
 }
 
-// acc[0, kN) += d, as 16-byte accesses when kN is a multiple of 4 (fp32 shared memory, or
-// this block's row of dweight_partial in global memory).
+// The dweight accumulator of a row block: columns [i * kN, i * kN + kN) of pack i, in chunks
+// of kAccChunk floats (one 16-byte access when kN is a multiple of 4). In global memory (this
+// block's row of dweight_partial) chunk k of pack i lies at its columns; in shared memory at
+// (k * npacks + i) * kAccChunk, so the lanes of one access touch consecutive 16-byte slots
+// (a pack of 8 columns in column order would put them 32 bytes apart: 2-way bank conflicts).
 template <int kN>
-__device__ __forceinline__ void acc_add(float* acc, bool in_smem, const float (&d)[kN]) {
-  constexpr int kC = kN % 4 == 0 ? 4 : 1;
+constexpr int kAccChunk = kN % 4 == 0 ? 4 : 1;
+template <int kN>
+__device__ __forceinline__ float* acc_smem_slot(float* acc, int64_t i, int k, int64_t npacks) {
+  return acc + (k * npacks + i) * kAccChunk<kN>;
+}
+
+// Pack i's columns of the accumulator += d (set to d when `first`: the zero start). The
+// shared (acc_s) and global (acc_g) bases stay separate pointers so that the compiler emits
+// LDS / STS and LDG / STG rather than generic accesses.
+template <int kN>
+__device__ __forceinline__ void acc_add(float* acc_s, float* acc_g, bool in_smem, int64_t i, int64_t npacks,
+                                        const float (&d)[kN], bool first) {
+  constexpr int kC = kAccChunk<kN>;
 #pragma unroll
-  for (int c = 0; c < kN; c += kC) {
-    Pack<float, kC> a = in_smem ? lds(reinterpret_cast<const Pack<float, kC>*>(acc + c)) : ldg_pack<float, kC>(acc + c);
+  for (int k = 0; k < kN / kC; ++k) {
+    Pack<float, kC> a;
 #pragma unroll
-    for (int j = 0; j < kC; ++j) a.v[j] += d[c + j];
+    for (int j = 0; j < kC; ++j) a.v[j] = 0.f;
     if (in_smem) {
-      sts(reinterpret_cast<Pack<float, kC>*>(acc + c), a);
+      float* slot = acc_smem_slot<kN>(acc_s, i, k, npacks);
+      if (!first) a = lds(reinterpret_cast<const Pack<float, kC>*>(slot));
+#pragma unroll
+      for (int j = 0; j < kC; ++j) a.v[j] += d[k * kC + j];
+      sts(reinterpret_cast<Pack<float, kC>*>(slot), a);
     } else {
-      stg_pack<float, kC>(acc + c, a);
+      float* slot = acc_g + i * kN + k * kC;
+      if (!first) a = ldg_pack<float, kC>(slot);
+#pragma unroll
+      for (int j = 0; j < kC; ++j) a.v[j] += d[k * kC + j];
+      stg_pack<float, kC>(slot, a);
     }
   }
 }
@@ -278,19 +300,11 @@ rms_norm_bwd_kernel(const RmsNormBwdParams p, const bool acc_in_smem) {
   const int64_t npacks = p.n / kN;
   const T* __restrict__ wgt = static_cast<const T*>(p.weight);
   const bool has_weight = wgt != nullptr;
-  float* acc = nullptr;
-  if (has_weight) {
-    acc = acc_in_smem ? reinterpret_cast<float*>(smem_raw) : p.dweight_partial + blockIdx.x * p.n;
-    for (int64_t i = threadIdx.x; i < npacks; i += blockDim.x) {
-      float z[kN];
-#pragma unroll
-      for (int j = 0; j < kN; ++j) z[j] = 0.f;
-      if (acc_in_smem) {
-        sts(reinterpret_cast<Pack<float, kN>*>(acc + i * kN), Pack<float, kN>{});
-      } else {
-        store_pack<float, kN>(acc + i * kN, z);
-      }
-    }
+  float* const acc_s = reinterpret_cast<float*>(smem_raw);
+  float* const acc_g = has_weight ? p.dweight_partial + blockIdx.x * p.n : nullptr;
+  if (has_weight && blockIdx.x >= p.rows) {  // a block without rows still owes its zero partial row
+    const float z[kN] = {};
+    for (int64_t i = threadIdx.x; i < npacks; i += blockDim.x) acc_add<kN>(acc_s, acc_g, acc_in_smem, i, npacks, z, true);
   }
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
@@ -314,7 +328,7 @@ rms_norm_bwd_kernel(const RmsNormBwdParams p, const bool acc_in_smem) {
           d[j] = g[j] * xhat;
           dot += g[j] * w[j] * xhat;
         }
-        acc_add<kN>(acc + i * kN, acc_in_smem, d);
+        acc_add<kN>(acc_s, acc_g, acc_in_smem, i, npacks, d, row == blockIdx.x);  // the first row starts it
       } else {
 #pragma unroll
         for (int j = 0; j < kN; ++j) dot += g[j] * xv[j] * rstd;
@@ -346,12 +360,12 @@ rms_norm_bwd_kernel(const RmsNormBwdParams p, const bool acc_in_smem) {
   }
 
   if (has_weight && acc_in_smem) {
-    float* out = p.dweight_partial + blockIdx.x * p.n;
     for (int64_t i = threadIdx.x; i < npacks; i += blockDim.x) {
-      constexpr int kC = kN % 4 == 0 ? 4 : 1;
+      constexpr int kC = kAccChunk<kN>;
 #pragma unroll
-      for (int c = 0; c < kN; c += kC) {
-        stg_pack<float, kC>(out + i * kN + c, lds(reinterpret_cast<const Pack<float, kC>*>(acc + i * kN + c)));
+      for (int k = 0; k < kN / kC; ++k) {
+        stg_pack<float, kC>(acc_g + i * kN + k * kC,
+                            lds(reinterpret_cast<const Pack<float, kC>*>(acc_smem_slot<kN>(acc_s, i, k, npacks))));
       }
     }
   }
