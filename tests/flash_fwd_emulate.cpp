@@ -58,6 +58,16 @@ inline T min(T a, T b) { return a < b ? a : b; }
 template <typename T>
 inline T max(T a, T b) { return a > b ? a : b; }
 inline float __fmul_rn(float a, float b) { return a * b; }  // g++ -ffp-contract=off (the test)
+// vote.any.sync (PTX ISA "vote.sync"): the full-warp mask only (the kernel's one use).
+inline int __any_sync(unsigned mask, int pred) {
+  if (mask != 0xffffffffu) std::fprintf(stderr, "__any_sync: only the full-warp mask is emulated\n"), std::exit(1);
+  emu::my_slot()[0] = pred != 0;
+  emu::warp_barrier();
+  int any = 0;
+  for (int l = 0; l < 32; ++l) any |= static_cast<int>(emu::slot_of(l)[0]);
+  emu::warp_barrier();
+  return any;
+}
 
 struct __half {
   uint16_t bits;

@@ -463,6 +463,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
         if constexpr (kSoftcap) return __fmul_rn(softcap_tanh(acc * a.softcap_pre), a.scale_log2);
         return __fmul_rn(acc, a.scale_log2);
       };
+      float alpha[kMTiles][2];  // per row: 2^(old max - new max), the rescale of O
+      bool grew = false;        // did any of this thread's row maxima change on this tile
       const int col0 = n * kBlockN;
       const bool need_mask =
           col0 + kBlockN > seqlen_k || (kMasked && (col0 < mask_lo || col0 + kBlockN - 1 > mask_hi));
@@ -505,7 +507,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
           // A row with nothing visible yet keeps max -inf; subtract 0 instead so that
           // exp2(-inf - (-inf)) = NaN never happens (every p and the rescale become 0).
           const float m_use = mx == kNegInf ? 0.f : mx;
-          const float alpha = ex2(row_max[mi][hf] - m_use);
+          alpha[mi][hf] = ex2(row_max[mi][hf] - m_use);
+          grew |= mx != row_max[mi][hf];
           row_max[mi][hf] = mx;
           float sum = 0.f;
 #pragma unroll
@@ -517,11 +520,23 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
               sum += p;
             }
           }
-          row_sum[mi][hf] = row_sum[mi][hf] * alpha + sum;
+          row_sum[mi][hf] = row_sum[mi][hf] * alpha[mi][hf] + sum;
+        }
+      }
+      // Rescale O only if some row max of this warp grew (a warp-uniform vote: no divergence).
+      // Skipping is exact: an unchanged finite max gives alpha = ex2(0) = 1, and a row whose
+      // max is still -inf has O = 0. Once the running max has settled (after the first tiles
+      // of a row, the common case) this saves kMTiles * kHeadDim / 2 FMULs per key tile.
+      if (__any_sync(0xffffffffu, grew)) {
 #pragma unroll
-          for (int j = 0; j < kNTilesO; ++j) {
-            o[mi][j][2 * hf] *= alpha;
-            o[mi][j][2 * hf + 1] *= alpha;
+        for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+#pragma unroll
+            for (int j = 0; j < kNTilesO; ++j) {
+              o[mi][j][2 * hf] *= alpha[mi][hf];
+              o[mi][j][2 * hf + 1] *= alpha[mi][hf];
+            }
           }
         }
       }
