@@ -1,6 +1,8 @@
 // ptx_emulate.h — the host stand-ins of the tensor-core PTX the CUDA FlashAttention kernels use
 // (one copy, shared by tests/flash_fwd_emulate.cpp and tests/flash_bwd_emulate.cpp), each written
-// from the PTX ISA (section numbers of the PTX ISA 8.x manual, "Parallel Thread Execution ISA"):
+// from the PTX ISA (section numbers of the PTX ISA 8.x manual, "Parallel Thread Execution ISA";
+// checked against the ISA text on 2026-12-04. The titles are stable, the numbers shift between
+// versions: the mma fragment section is 9.7.13.4.8 in 7.x, 9.7.14.5.8 in 8.x, 9.7.16.5.8 in 9.4):
 //   * ptx::ldmatrix<N>        ldmatrix.sync.aligned.m8n8.x{1,2,4}{,.trans}.shared.b16
 //   * ptx::mma_m16n8k16<kBf>  mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32
 //   * ptx::ex2_approx_ftz     ex2.approx.ftz.f32
@@ -42,14 +44,16 @@ inline float elem_to_float(uint16_t b) {
 }
 
 // ---- ldmatrix ----------------------------------------------------------------------------------
-// PTX ISA 9.7.14.5.15 "Warp-level matrix load instruction: ldmatrix", .shape .m8n8, .type .b16:
+// PTX ISA 9.7.14.5.15 "Warp-level Matrix Load Instruction: ldmatrix", .shape .m8n8, .type .b16:
 // .num = .x1 / .x2 / .x4 loads N = 1 / 2 / 4 8x8 matrices of 16-bit elements. Threads 8j..8j+7
 // give the addresses of rows 0..7 of matrix j (for .x1 only threads 0-7 matter, for .x2 0-15);
-// each row is 16 contiguous, 16-byte-aligned bytes. Destination register r[j] of thread t holds
-// row t/4, columns 2(t%4) (low half) and 2(t%4)+1 (high half) of matrix j ("Fragment layout for
-// ldmatrix": groupID = t/4 is the row, threadID_in_group = t%4 picks the column pair). With
-// .trans each matrix is transposed on the way: r[j] of thread t holds M_j[2(t%4)][t/4] (low)
-// and M_j[2(t%4)+1][t/4] (high), i.e. column t/4 read from the rows 2(t%4), 2(t%4)+1.
+// each row is 16 contiguous bytes, its address naturally aligned (16 bytes). Destination register
+// r[j] of thread t holds row t/4, columns 2(t%4) (low half) and 2(t%4)+1 (high half) of matrix j
+// (the ISA: each thread loads fragments of a row, thread 0 receiving the first; a group of four
+// threads loads an entire row, its figure for .m8n8 .b16; the .x2 / .x4 matrices go to the next
+// registers). .trans (each matrix read in column-major order): r[j] of thread t holds
+// M_j[2(t%4)][t/4] (low) and M_j[2(t%4)+1][t/4] (high), i.e. column t/4 read from the rows
+// 2(t%4), 2(t%4)+1.
 // `read16(byte_addr)` reads one 16-bit element of shared memory (the emulator's checked read).
 template <int N, typename Read16>
 inline void ldmatrix(uint32_t (&r)[N], uint32_t row_addr, bool trans, Read16 read16) {
@@ -117,14 +121,18 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
 }
 
 // ---- ex2 ---------------------------------------------------------------------------------------
-// PTX ISA 9.7.3.22 "Floating Point Instructions: ex2": ex2.approx.ftz.f32 d, a computes an
-// approximation of 2^a; ex2(-Inf) = +0, ex2(+Inf) = +Inf, NaN -> NaN. Emulated by the exact
-// std::exp2: the ISA's approximation error (documented maximum relative error 2^-22 on .f32) and
-// .ftz's flushing of subnormal results to +0 are not modelled.
-inline float ex2_approx_ftz(float x) { return std::exp2(x); }
+// PTX ISA 9.7.3.21 "Floating Point Instructions: ex2": ex2.approx.ftz.f32 d, a computes an
+// approximation of 2^a, at most 2 ulp from the correctly rounded result over the full range;
+// ex2(-Inf) = +0, ex2(+-0) = +1, ex2(+Inf) = +Inf, NaN -> NaN; .ftz flushes subnormal inputs
+// (2^+-0 = 1: no effect) and subnormal results to sign-preserving zero (+0 here). Emulated by
+// std::exp2 (the ISA's approximation error is not modelled) with the .ftz flush of the result.
+inline float ex2_approx_ftz(float x) {
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+}
 
 // ---- rcp ---------------------------------------------------------------------------------------
-// PTX ISA 9.7.3.x "Floating Point Instructions: rcp": rcp.approx.ftz.f32 d, a computes a fast
+// PTX ISA 9.7.3.13 "Floating Point Instructions: rcp": rcp.approx.ftz.f32 d, a computes a fast
 // approximation of 1/a, maximum error 1 ulp over the full range; rcp(+-0) = +-Inf,
 // rcp(+-Inf) = +-0, NaN -> NaN; .ftz flushes subnormal inputs and results to sign-preserving 0.
 // Emulated by the correctly rounded quotient (within the 1 ulp) with the .ftz flushing.
