@@ -34,8 +34,9 @@ Usage:
       --check BASELINE         regression gate: exit 1 if a kernel gained spills (ptxas spill bytes,
                                STL/LDL instructions) or if the share of its global loads/stores
                                (LDG, STG, LDGSTS) at least as wide as its widest one in the baseline
-                               dropped; kernels new since the baseline or gone from it are reported,
-                               not failed
+                               dropped while the number of narrower ones grew (fewer wide ones
+                               alone is a restructured kernel); kernels new since the baseline or
+                               gone from it are reported, not failed
       --write-baseline PATH    write that baseline from the current objects
       --dyn-smem REGEX=BYTES   dynamic shared memory of the kernels whose short name matches
   make sass-report             (CI: cuda_check.sh's objects, table, build/cuda-check/sass_report.json,
@@ -508,18 +509,23 @@ def gate(baseline: dict, current: dict) -> tuple[list[str], list[str]]:
         notes.append(f"kernel gone since the baseline: {k}")
     for k in sorted(set(base) & set(cur)):
         b, c = base[k], cur[k]
-        for m in ("spill_store_bytes", "spill_load_bytes", "stl", "ldl"):
-            if b.get(m) is not None and c.get(m) is not None and c[m] > b[m]:
-                fails.append(f"{k}: {m} {b[m]} -> {c[m]} (gained spills)")
+        grew = [f"{m} {b[m]} -> {c[m]}" for m in ("spill_store_bytes", "spill_load_bytes", "stl", "ldl")
+                if b.get(m) is not None and c.get(m) is not None and c[m] > b[m]]
+        if grew:
+            fails.append(f"{k}: gained spills: " + ", ".join(grew))
         for kind in GATE_KINDS:
             bw, cw = b.get(kind) or {}, c.get(kind) or {}
             if not sum(bw.values()):
                 continue
             widest = max(int(x) for x, n in bw.items() if n)
             bs, cs = wide_share(bw, widest), wide_share(cw, widest)
+            # Narrower accesses than the baseline's widest: a regression needs more of them and a
+            # lower share of wide ones (fewer wide accesses alone is a restructured kernel).
+            bn = sum(n for x, n in bw.items() if int(x) < widest)
+            cn = sum(n for x, n in cw.items() if int(x) < widest)
             if cs is None:
                 notes.append(f"{k}: no {kind.upper()} left (baseline {fmt_widths(bw)})")
-            elif cs < bs - 1e-9:
+            elif cs < bs - 1e-9 and cn > bn:
                 fails.append(f"{k}: {kind.upper()} share at >= {widest} bits {bs:.2f} -> {cs:.2f} "
                              f"(widths {fmt_widths(bw)} -> {fmt_widths(cw)})")
     return fails, notes
