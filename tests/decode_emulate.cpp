@@ -1,28 +1,36 @@
-// decode_emulate.cpp — run the CUDA decode kernels (csrc/cuda/decode_kernels.cuh, the exact
-// code decode.cu launches) on the CPU, as a shared library driven by tests/test_decode_emulated.py.
+// decode_emulate.cpp — run csrc/cuda/decode.cu and decode_softcap.cu on the CPU: their entry
+// points (decode_attention_cuda with its checks and softcap twin choice, append_kv_cuda with
+// its 16-byte / element path choice, decode_num_splits_cuda, decode_cuda_supports_layout), the
+// launches of decode_launch.cuh (dispatch, grids, shared-memory opt-in) and the kernels of
+// decode_kernels.cuh, as a shared library driven by tests/test_decode_emulated.py. Both .cu
+// files are #included here unmodified, with FASTATTN_DECODE_EMULATE defined and an include
+// directory of empty <cuda_runtime.h> / <cuda_runtime_api.h> stubs (the test builds it).
 //
-// Host versions of what the kernels use from CUDA:
+// Host versions of what the code uses from CUDA:
 //   * every thread of a block is a fiber (ucontext); __syncthreads / __syncwarp and
 //     __shfl_xor_sync / __shfl_sync are barriers between fibers, so the kernels' own control
 //     flow, warp roles, indexing, double buffering and merges run as written;
+//   * the launchers' runtime calls and launches: the CUDA runtime stand-ins of fiber_emulate.h
+//     (emu::KernelLaunch: block size, grid limits, dynamic shared memory against the
+//     cudaFuncSetAttribute limit) on an emulated device whose SM count and opt-in shared
+//     memory per block are set per call (emu_set_device); decode_launch_log lists the launches;
 //   * cp.async.cg (16 bytes, zero-fill when src-size is 0) with commit / wait_group: in
 //     "late" mode (mode bit 0) a copy lands only when a wait_group retires its group, the
 //     latest moment the PTX ISA allows, so a read of a tile that was not waited for sees
 //     stale data; otherwise at issue, the earliest, so a refill of a stage that other warps
 //     still read shows up. Mode bit 1 schedules the fibers in reverse order.
 //   * __half / __nv_bfloat16: 16-bit storage, round-to-nearest-even conversions.
-// Shared memory is filled with NaN bytes at every block start: reading anything the block
-// did not write poisons the result. The grid comes from decode_grid(), as in decode.cu.
+// Shared memory is filled with NaN bytes at every block start.
 //
 // Sanitizers (fiber_emulate.h, "sanitizer analogues"), on for every run:
-//   * memcheck: every buffer (q, caches, seqlens, out, lse, partials, block table; sizes from
-//     the caller) is a guarded copy, so a raw out-of-bounds load / store faults and is
-//     reported with the kernel, buffer and offset; every cp.async source (when it reads) is
-//     bounds-checked against the buffers byte-exactly;
-//   * racecheck / initcheck / bank conflicts: at the cp.async destinations (when the copy
-//     lands). The kernels' raw reads of sK / sV / sQ / sAcc and their stores of sQ / sAcc /
-//     the merge scratch are plain C++ and not tracked (NaN-filled shared memory still catches
-//     a read of unwritten bytes there through the result).
+//   * memcheck: every buffer (q, caches, seqlens, out, lse, partials, block table; k / v of
+//     append_kv; sizes from the caller) is a guarded copy, so a raw out-of-bounds load / store
+//     faults and is reported with the kernel, buffer and offset; every cp.async source (when
+//     it reads) is bounds-checked against the buffers byte-exactly;
+//   * racecheck / initcheck / bank conflicts: at EVERY shared-memory access of the kernels:
+//     the cp.async destinations (when the copy lands) and all loads / stores, which the
+//     kernels make through lds<V> / sts<V> (decode_kernels.cuh; tracked here, a plain
+//     dereference on the GPU). The combine and append kernels use no shared memory.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -32,7 +40,7 @@
 #include <type_traits>
 
 #define FASTATTN_DECODE_EMULATE 1
-#include "fiber_emulate.h"  // fibers, barriers, shuffles, the cp.async queues
+#include "fiber_emulate.h"  // fibers, barriers, shuffles, the cp.async queues, runtime, sanitizers
 #include "ptx_emulate.h"    // ex2.approx / rcp.approx (soft-capping)
 
 namespace fastattn {  // softcap.cuh's ex2.approx.ftz / rcp.approx.ftz wrappers (soft-capping)
@@ -52,6 +60,8 @@ struct alignas(8) float2 {
 struct alignas(16) float4 {
   float x, y, z, w;
 };
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 template <typename T>
 inline T min(T a, T b) { return a < b ? a : b; }
 template <typename T>
@@ -110,9 +120,20 @@ void fail(const char* what) {
 
 }  // namespace emu
 
-#define FASTATTN_DECODE_SMEM(name) unsigned char* name = ::emu::smem_base()
+#define FASTATTN_DECODE_SMEM(name) unsigned char* name = ::emu::dynamic_smem()
 
 inline uint32_t smem_u32(const void* p) { return emu::smem_offset(p); }
+
+// The kernels' shared-memory loads and stores (decode_kernels.cuh): tracked accesses.
+template <typename V>
+inline V lds(const void* p) {
+  return emu::smem_load<V>(emu::smem_offset(p));
+}
+template <typename V>
+inline void sts(void* p, const V& v) {
+  emu::smem_store<V>(emu::smem_offset(p), v);
+}
+
 inline void cp_async16(uint32_t dst, const void* src, bool pred) {
   if (dst % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) emu::fail("misaligned cp.async");
   if (dst + 16 > emu::g_block->smem.size() - 16) emu::fail("cp.async past the shared memory");
@@ -152,42 +173,83 @@ inline long long __shfl_sync(unsigned /*mask*/, long long v, int src) {
   return out;
 }
 
-#include "decode_kernels.cuh"
+// The real launchers and kernels, unmodified.
+#include "decode.cu"
+#include "decode_softcap.cu"
 
 using namespace fastattn;
 using namespace fastattn::decode_kernels;
-namespace decode = fastattn::decode;
 
 namespace {
 
 constexpr std::size_t kStackBytes = 256 * 1024;  // per fiber
 
-template <typename T>
-const char* tname() { return sizeof(T) == 2 && std::is_same<T, __half>::value ? "half" : "bf16"; }
-
-// As decode.cu's launch_decode, with its softcap dispatch (p.softcap > 0: the capped twin).
+// Every kernel the launchers may start, with the name the reports use. None declares static
+// __shared__ memory (decode_kernel's is all dynamic).
 template <typename T, int kD>
-void run_decode(const DecodeParams& p) {
-  int64_t grid[3];
-  decode_grid(p, grid);
-  const bool softcap = p.softcap > 0.f;
-  static const std::string k1 = std::string("decode_kernel<") + tname<T>() + "," + std::to_string(kD) + ">";
-  static const std::string k1s = std::string("decode_kernel<") + tname<T>() + "," + std::to_string(kD) + ",softcap>";
-  static const std::string k2 = std::string("decode_combine_kernel<") + tname<T>() + "," + std::to_string(kD) + ">";
-  emu::g_kernel = softcap ? k1s.c_str() : k1.c_str();
-  if (softcap)
-    emu::launch(grid, kThreads, DecodeSmem<kD>::kBytes, [&] { decode_kernel<T, kD, true>(p); });
-  else
-    emu::launch(grid, kThreads, DecodeSmem<kD>::kBytes, [&] { decode_kernel<T, kD, false>(p); });
-  if (p.num_splits > 1) {
-    const int64_t g2[3] = {p.b * p.h * p.seqlen_q, 1, 1};
-    emu::g_kernel = k2.c_str();
-    emu::launch(g2, kD, 0, [&] { decode_combine_kernel<T, kD>(p); });
+void state_kernels(const char* tname) {
+  const std::string s = std::string("<") + tname + "," + std::to_string(kD);
+  emu::set_static_smem(decode_kernel<T, kD, false>, 0, "decode_kernel" + s + ">");
+  emu::set_static_smem(decode_kernel<T, kD, true>, 0, "decode_kernel" + s + ",softcap>");
+  emu::set_static_smem(decode_combine_kernel<T, kD>, 0, "decode_combine_kernel" + s + ">");
+}
+
+int g_smem_optin = 227 * 1024, g_num_sms = 132;  // the emulated device (emu_set_device)
+
+void setup(int mode) {
+  emu::g_mode = mode;
+  emu::g_stack_bytes = kStackBytes;
+  emu::g_error = nullptr;
+  emu::g_sanitize = true;
+  emu::reset_runtime();
+  emu::g_device.smem_optin = g_smem_optin;
+  emu::g_device.num_sms = g_num_sms;
+  if (emu::g_static_smem.empty()) {
+    for (const char* t : {"half", "bf16"}) {
+      const bool h = std::string(t) == "half";
+      h ? state_kernels<__half, 64>(t) : state_kernels<__nv_bfloat16, 64>(t);
+      h ? state_kernels<__half, 128>(t) : state_kernels<__nv_bfloat16, 128>(t);
+      h ? state_kernels<__half, 256>(t) : state_kernels<__nv_bfloat16, 256>(t);
+    }
+    emu::set_static_smem(append_kv_kernel<uint4>, 0, "append_kv_kernel<uint4>");
+    emu::set_static_smem(append_kv_kernel<uint32_t>, 0, "append_kv_kernel<uint32_t>");
+    emu::set_static_smem(append_kv_kernel<uint16_t>, 0, "append_kv_kernel<uint16_t>");
   }
+}
+
+// The first error of the run (emulation or launcher), or null.
+std::string g_last;
+int finish(cudaError_t rc, const char* who) {
+  emu::unguard_all();
+  if (emu::g_error == nullptr && rc != cudaSuccess) {
+    static std::string msg;
+    msg = std::string(who) + " returned cudaError_t " + std::to_string(int(rc));
+    emu::g_error = msg.c_str();
+  }
+  g_last = emu::g_error ? emu::g_error : "";
+  if (emu::g_error) std::fprintf(stderr, "decode_emulate: %s\n", emu::g_error);
+  return emu::g_error ? 1 : 0;
 }
 
 }  // namespace
 
+// The emulated device for the following calls: opt-in shared memory per block (bytes) and SM count.
+extern "C" void emu_set_device(int smem_optin, int num_sms) {
+  g_smem_optin = smem_optin;
+  g_num_sms = num_sms;
+}
+
+// The last run's first error ("" when clean) and its launches, one "kernel grid threads smem"
+// line each (grid "x" or "xXyXz").
+extern "C" const char* decode_last_error() { return g_last.c_str(); }
+extern "C" int decode_launch_log(char* buf, int len) {
+  std::string s;
+  for (const auto& l : emu::g_launch_log) s += l + "\n";
+  if (buf != nullptr && len > 0) std::snprintf(buf, static_cast<std::size_t>(len), "%s", s.c_str());
+  return static_cast<int>(s.size()) + 1;
+}
+
+// decode_attention_cuda (decode.cu) on the emulated device.
 // ptrs: q, k_cache, v_cache, cache_seqlens, out, lse, out_partial, lse_partial, block_table
 //       (null: contiguous cache).
 // ints: q batch/row/head, k batch/row/head, v batch/row/head, out batch/row/head strides
@@ -196,13 +258,11 @@ void run_decode(const DecodeParams& p) {
 //       block_table_batch_stride, page_size, num_pages.
 // nbytes: each buffer's extent in bytes from its pointer (what the kernels may touch; each is
 //         run on a guarded copy of it, see the sanitizers above).
-// softcap: DecodeParams::softcap (0 = off). Returns 0, or 1 with the first emulation error printed.
+// softcap: DecodeParams::softcap (0 = off). Returns 0, or 1 with the first error (emulation,
+// or the launcher's cudaError_t) printed and kept for decode_last_error.
 extern "C" int decode_emulate(void** ptrs, const int64_t* nbytes, const int64_t* ints, float softmax_scale,
                               int mode, float softcap) {
-  emu::g_mode = mode;
-  emu::g_stack_bytes = kStackBytes;
-  emu::g_error = nullptr;
-  emu::g_sanitize = true;
+  setup(mode);
   static const char* const names[9] = {"q", "k_cache", "v_cache", "cache_seqlens", "out", "lse",
                                        "out_partial", "lse_partial", "block_table"};
   void* g[9];
@@ -219,35 +279,21 @@ extern "C" int decode_emulate(void** ptrs, const int64_t* nbytes, const int64_t*
   p.out_batch_stride = ints[9], p.out_row_stride = ints[10], p.out_head_stride = ints[11];
   p.b = ints[12], p.seqlen_q = ints[13], p.seqlen_k_max = ints[14], p.h = ints[15], p.h_k = ints[16];
   p.d = ints[17], p.num_splits = ints[18];
-  const bool bf16 = ints[19] != 0;
+  p.dtype = ints[19] != 0 ? DType::kBFloat16 : DType::kFloat16;
   p.seqlens_k_add = ints[20], p.window_left = ints[21], p.window_right = ints[22];
   p.block_table_batch_stride = ints[23], p.page_size = ints[24], p.num_pages = ints[25];
-  p.dtype = bf16 ? DType::kBFloat16 : DType::kFloat16;
   p.softmax_scale = softmax_scale;
   p.softcap = softcap;
-  if (p.d == 64)
-    bf16 ? run_decode<__nv_bfloat16, 64>(p) : run_decode<__half, 64>(p);
-  else if (p.d == 128)
-    bf16 ? run_decode<__nv_bfloat16, 128>(p) : run_decode<__half, 128>(p);
-  else if (p.d == 256)
-    bf16 ? run_decode<__nv_bfloat16, 256>(p) : run_decode<__half, 256>(p);
-  else
-    emu::fail("unsupported head dim");
-  emu::unguard_all();
-  if (emu::g_error) std::fprintf(stderr, "decode_emulate: %s\n", emu::g_error);
-  return emu::g_error ? 1 : 0;
+  return finish(decode_attention_cuda(p, nullptr), "decode_attention_cuda");
 }
 
+// append_kv_cuda (decode.cu), which picks 16-byte or element copies from the alignment.
 // ptrs: k_cache, v_cache, k, v, cache_seqlens, block_table (null: contiguous). ints: the 12
 // strides in AppendKvParams order (k_cache b/row/head, v_cache ..., k ..., v ...), then b,
-// seqlen_new, seqlen_k_max, h_k, d, element bytes, vector copies (0/1), blocks,
-// block_table_batch_stride, page_size, num_pages. Runs append_kv_kernel with 256 threads.
-// nbytes: as for decode_emulate (memcheck: guarded copies).
+// seqlen_new, seqlen_k_max, h_k, d, element bytes (4: fp32, 2: fp16), block_table_batch_stride,
+// page_size, num_pages. nbytes: as for decode_emulate (memcheck: guarded copies).
 extern "C" int append_kv_emulate(void** ptrs, const int64_t* nbytes, const int64_t* ints) {
-  emu::g_mode = 0;
-  emu::g_stack_bytes = kStackBytes;
-  emu::g_error = nullptr;
-  emu::g_sanitize = true;
+  setup(0);
   static const char* const names[6] = {"k_cache", "v_cache", "k", "v", "cache_seqlens", "block_table"};
   void* g[6];
   for (int i = 0; i < 6; ++i) g[i] = emu::guard(ptrs[i], nbytes[i], names[i]);
@@ -259,21 +305,16 @@ extern "C" int append_kv_emulate(void** ptrs, const int64_t* nbytes, const int64
   p.k_batch_stride = ints[6], p.k_row_stride = ints[7], p.k_head_stride = ints[8];
   p.v_batch_stride = ints[9], p.v_row_stride = ints[10], p.v_head_stride = ints[11];
   p.b = ints[12], p.seqlen_new = ints[13], p.seqlen_k_max = ints[14], p.h_k = ints[15], p.d = ints[16];
+  p.dtype = ints[17] == 4 ? DType::kFloat32 : DType::kFloat16;
   p.block_table = static_cast<const int32_t*>(g[5]);
-  p.block_table_batch_stride = ints[20], p.page_size = ints[21], p.num_pages = ints[22];
-  const int64_t es = ints[17];
-  const bool vec = ints[18] != 0;
-  const int64_t grid[3] = {ints[19], 1, 1};
-  emu::g_kernel = vec ? "append_kv_kernel<uint4>" : es == 4 ? "append_kv_kernel<uint32_t>" : "append_kv_kernel<uint16_t>";
-  if (vec)
-    emu::launch(grid, 256, 0, [&] { append_kv_kernel<uint4>(p, es); });
-  else if (es == 4)
-    emu::launch(grid, 256, 0, [&] { append_kv_kernel<uint32_t>(p, es); });
-  else
-    emu::launch(grid, 256, 0, [&] { append_kv_kernel<uint16_t>(p, es); });
-  emu::unguard_all();
-  if (emu::g_error) std::fprintf(stderr, "append_kv_emulate: %s\n", emu::g_error);
-  return emu::g_error ? 1 : 0;
+  p.block_table_batch_stride = ints[18], p.page_size = ints[19], p.num_pages = ints[20];
+  return finish(append_kv_cuda(p, nullptr), "append_kv_cuda");
+}
+
+// decode_num_splits_cuda (decode.cu): the split count num_splits = 0 resolves to.
+extern "C" int64_t decode_num_splits_emulate(int64_t b, int64_t h, int64_t h_k, int64_t seqlen_k_max, int64_t d,
+                                             int num_sms) {
+  return decode_num_splits_cuda(b, h, h_k, seqlen_k_max, d, num_sms);
 }
 
 // The split heuristic decode_num_splits_cuda applies (decode_split.h), at D = 128, for tests.

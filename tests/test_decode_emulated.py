@@ -1,13 +1,20 @@
-"""Run the CUDA decode kernels' own code on the CPU (no GPU needed).
+"""Run the CUDA decode code (launchers and kernels) on the CPU (no GPU needed).
 
-tests/decode_emulate.cpp compiles csrc/cuda/decode_kernels.cuh (the kernels decode.cu
-launches) with g++ into a shared library, with host versions of cp.async (zero-fill, commit /
-wait_group), shuffles, barriers and the 16-bit types, and runs every thread of every block
-as a fiber. Here its outputs are compared with the float64 reference. This exercises the
-kernels' real control flow, warp roles for every group size, split-KV ranges, swizzled
-shared-memory indexing, double buffering, masking, the in-block merge, the combine kernel and
-append_kv's indexing. What it cannot exercise: the CUDA compiler, real asynchrony, the
-hardware's fast-math rounding and speed.
+tests/decode_emulate.cpp compiles csrc/cuda/decode.cu and decode_softcap.cu themselves (the
+entry points decode_attention_cuda / append_kv_cuda / decode_num_splits_cuda, the launches of
+decode_launch.cuh, the kernels of decode_kernels.cuh) with g++ into a shared library, with
+host versions of cp.async (zero-fill, commit / wait_group), shuffles, barriers, the CUDA
+runtime calls and the 16-bit types, and runs every thread of every block as a fiber, under
+the memcheck / racecheck / initcheck analogues of tests/fiber_emulate.h (every shared-memory
+access of the kernels is tracked). Here its outputs are compared with the float64 reference.
+This exercises the launchers' checks, dispatch and grids, the kernels' real control flow,
+warp roles for every group size, split-KV ranges, swizzled shared-memory indexing, double
+buffering, barriers, masking, the in-block merge, the combine kernel and append_kv's
+indexing. What it cannot exercise: the CUDA compiler, real asynchrony, the hardware's
+fast-math rounding and speed.
+
+FASTATTN_EMU_MODE_XOR=N (0..3) flips the cp.async landing order (bit 0) and the fiber
+schedule (bit 1) of every case, so the whole module can be run under all four combinations.
 """
 import ctypes
 import math
@@ -31,10 +38,24 @@ def emu(tmp_path_factory):
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ not found")
-    lib = tmp_path_factory.mktemp("decode_emulate") / "decode_emulate.so"
+    return _build(cxx, tmp_path_factory.mktemp("decode_emulate"), os.path.join(ROOT, "csrc", "cuda"))
+
+
+def _build(cxx, folder, cuda_dir):
+    """Compile tests/decode_emulate.cpp (which #includes decode.cu and decode_softcap.cu from
+    cuda_dir) into folder/decode_emulate.so and load it. The .cu files include
+    <cuda_runtime.h> / <cuda_runtime_api.h>: empty stubs here, fiber_emulate.h defines what
+    the launchers use. -fno-gnu-unique: the emulator's inline globals (tests/fiber_emulate.h)
+    stay this library's own, not shared with another emulator loaded into the same process
+    (the other emulators' libraries, or a mutant build of this one)."""
+    stubs = folder / "stubs"
+    stubs.mkdir(exist_ok=True)
+    for h in ("cuda_runtime.h", "cuda_runtime_api.h"):
+        (stubs / h).write_text("// empty: tests/fiber_emulate.h stands in for the CUDA runtime\n")
+    lib = folder / "decode_emulate.so"
     subprocess.run([cxx, "-std=c++17", "-O2", "-fno-strict-aliasing", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-                    "-Wno-maybe-uninitialized", "-shared", "-fPIC",
-                    "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
+                    "-Wno-maybe-uninitialized", "-fno-gnu-unique", "-shared", "-fPIC", "-I", str(stubs), "-I", cuda_dir,
+                    "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "tests"),
                     os.path.join(ROOT, "tests", "decode_emulate.cpp"), "-o", str(lib)], check=True)
     dll = ctypes.CDLL(str(lib))
     dll.decode_emulate.restype = ctypes.c_int
@@ -43,12 +64,39 @@ def emu(tmp_path_factory):
                                    ctypes.c_float, ctypes.c_int, ctypes.c_float]
     dll.decode_num_splits_for_slots.restype = ctypes.c_int64
     dll.decode_num_splits_for_slots.argtypes = [ctypes.c_int64] * 3
+    dll.decode_num_splits_emulate.restype = ctypes.c_int64
+    dll.decode_num_splits_emulate.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_int]
     dll.append_kv_emulate.restype = ctypes.c_int
     dll.append_kv_emulate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
                                       ctypes.POINTER(ctypes.c_int64)]
+    dll.emu_set_device.restype = None
+    dll.emu_set_device.argtypes = [ctypes.c_int, ctypes.c_int]
+    dll.decode_last_error.restype = ctypes.c_char_p
+    dll.decode_launch_log.restype = ctypes.c_int
+    dll.decode_launch_log.argtypes = [ctypes.c_char_p, ctypes.c_int]
     dll.emu_bank_report.restype = ctypes.c_int
     dll.emu_bank_report.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+    dll.emu_set_device(SMEM_OPTIN, NUM_SMS)
     return dll
+
+
+# The emulated device: H100's opt-in shared memory per block and SM count.
+SMEM_OPTIN, NUM_SMS = 227 * 1024, 132
+MODE_XOR = int(os.environ.get("FASTATTN_EMU_MODE_XOR", "0"))
+
+
+def _launch_log(emu):
+    """The last run's launches: one (kernel, grid, threads, smem) tuple each (grid "x" or "xXyXz")."""
+    n = emu.decode_launch_log(None, 0)
+    buf = ctypes.create_string_buffer(n)
+    emu.decode_launch_log(buf, n)
+    return [tuple(line.split(" ")) for line in buf.value.decode().splitlines()]
+
+
+def _num_splits(emu, B, Sq, H, Hk, S, D, num_sms=NUM_SMS):
+    """num_splits = 0 resolved as the binding resolves it: decode_num_splits_cuda with the query
+    rows per sequence (Sq * H) in place of the heads."""
+    return emu.decode_num_splits_emulate(B, Sq * H, Hk, S, D, num_sms)
 
 
 def _ints(*vals):
@@ -57,11 +105,13 @@ def _ints(*vals):
 
 def _emulated_decode(emu, q, kc, vc, seqlens, scale, num_splits, mode=0, block_table=None, seqlens_k_add=0,
                      window=(-1, -1), out_transposed=False, shrink=None, softcap=0.0):
-    """Run decode_kernel (+ combine) under the emulator. q (B, H, D) -> out (B, H, D), lse (B, H);
-    q (B, Sq, H, D) -> out (B, Sq, H, D), lse (B, H, Sq). kc/vc: contiguous caches
-    (B, S_max, Hk, D) or, with block_table (B, max_pages) int32, page pools (num_pages,
-    page_size, Hk, D). out_transposed: out is a (B, H, Sq, D) buffer seen as (B, Sq, H, D),
-    so its row and head strides differ from q's."""
+    """Run decode_attention_cuda (decode_kernel + combine) under the emulator. q (B, H, D) ->
+    out (B, H, D), lse (B, H); q (B, Sq, H, D) -> out (B, Sq, H, D), lse (B, H, Sq). kc/vc:
+    contiguous caches (B, S_max, Hk, D) or, with block_table (B, max_pages) int32, page pools
+    (num_pages, page_size, Hk, D). out_transposed: out is a (B, H, Sq, D) buffer seen as
+    (B, Sq, H, D), so its row and head strides differ from q's. num_splits 0: the launcher's
+    own choice (decode_num_splits_cuda on the emulated device), the partials sized for it as
+    the binding sizes them."""
     squeeze = q.dim() == 3
     q4 = q.unsqueeze(1) if squeeze else q
     B, Sq, H, D = q4.shape
@@ -71,6 +121,10 @@ def _emulated_decode(emu, q, kc, vc, seqlens, scale, num_splits, mode=0, block_t
     else:
         page, npages = kc.shape[1], kc.shape[0]
         S, bt_stride = block_table.shape[1] * page, block_table.stride(0)
+    if num_splits == 0:
+        num_splits = _num_splits(emu, B, Sq, H, Hk, S, D)
+    if shrink is None:  # (the memcheck test below expects the first faulting thread of mode 0)
+        mode ^= MODE_XOR
     if out_transposed:
         out = torch.full((B, H, Sq, D), float("nan"), dtype=q.dtype).transpose(1, 2)
     else:
@@ -90,7 +144,7 @@ def _emulated_decode(emu, q, kc, vc, seqlens, scale, num_splits, mode=0, block_t
         scale, mode, softcap)
     if shrink is not None:
         return rc
-    assert rc == 0, "the emulator reported an error (see stderr)"
+    assert rc == 0, emu.decode_last_error().decode()
     return (out[:, 0], lse[:, :, 0]) if squeeze else (out, lse)
 
 
@@ -142,9 +196,15 @@ def test_emulated_decode_kernel_matches_reference(emu, case):
     _check(q, kc.nan_to_num(0.0), vc.nan_to_num(0.0), seqlens, out, lse, scale)
 
 
+# append_kv_cuda copies 16 bytes at a time when every base, stride and row is 16-byte
+# aligned, else one element: (dtype, D, the kernel it must launch).
+APPEND_PATHS = [(torch.bfloat16, 16, "append_kv_kernel<uint4>"), (torch.float16, 12, "append_kv_kernel<uint16_t>"),
+                (torch.float32, 6, "append_kv_kernel<uint32_t>"), (torch.float32, 16, "append_kv_kernel<uint4>")]
+
+
 def test_emulated_append_kv_kernel(emu):
-    for dtype, vec, es in ((torch.bfloat16, 1, 2), (torch.float16, 0, 2), (torch.float32, 0, 4), (torch.float32, 1, 4)):
-        B, S, Hk, D, Sn = 3, 20, 2, 16, 4
+    for dtype, D, kernel in APPEND_PATHS:
+        B, S, Hk, Sn = 3, 20, 2, 4
         kc = torch.randn(B, S, Hk, D).to(dtype)
         vc = torch.randn(B, S, Hk, D).to(dtype)
         k = torch.randn(B, Sn, Hk, D).to(dtype)
@@ -155,11 +215,71 @@ def test_emulated_append_kv_kernel(emu):
             n = min(Sn, S - start)
             kc_ref[b, start:start + n] = k[b, :n]
             vc_ref[b, start:start + n] = v[b, :n]
-        rc = emu.append_kv_emulate(*_ptrs_sizes(kc, vc, k, v, seqlens, None),
-                                   _ints(*kc.stride()[:3], *vc.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                                         B, Sn, S, Hk, D, es, vec, 2, 0, 0, 0))
-        assert rc == 0
-        assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), (dtype, vec)
+        _append(emu, kc, vc, k, v, seqlens, None, S, kernel)
+        assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), (dtype, D)
+
+
+# ---- the launcher itself (decode_attention_cuda: checks, twin choice, grids, opt-in) -------
+
+def _small_decode(dtype=torch.float16, D=64, B=2, H=8, Hk=2, S=200, lengths=(200, 77)):
+    kc = torch.randn(B, S, Hk, D).to(dtype)
+    vc = torch.randn(B, S, Hk, D).to(dtype)
+    return torch.randn(B, H, D).to(dtype), kc, vc, torch.tensor(lengths, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 20.0])
+def test_launcher_grids_and_twin_choice(emu, softcap):
+    """decode_attention_cuda launches the (capped or uncapped) decode_kernel on the grid
+    (splits, Hk x row slices, B) with 128 threads and more than the default 48 KiB of dynamic
+    shared memory (its opt-in), then the combine over B x H x Sq rows of D threads; with one
+    split, no combine. G = 40 needs two 32-row slices per kv head."""
+    for splits, H, Hk in ((3, 8, 2), (1, 40, 1)):
+        q, kc, vc, seqlens = _small_decode(H=H, Hk=Hk)
+        out, lse = _emulated_decode(emu, q, kc, vc, seqlens, 0.125, splits, softcap=softcap)
+        log = _launch_log(emu)
+        name = "decode_kernel<half,64,softcap>" if softcap else "decode_kernel<half,64>"
+        slices = -(-(H // Hk) // 32)
+        assert [e[:3] for e in log[:1]] == [(name, f"{splits}x{Hk * slices}x2", "128")]
+        assert int(log[0][3]) > 48 * 1024
+        if splits > 1:
+            assert log[1:] == [("decode_combine_kernel<half,64>", str(2 * H), "64", "0")]
+        else:
+            assert len(log) == 1
+        if not softcap:
+            _check(q, kc, vc, seqlens, out, lse, 0.125)
+
+
+def test_launcher_split_choice_and_refusals(emu):
+    """num_splits = 0 resolved by decode_num_splits_cuda (one kv head on 132 SMs: the cache is
+    cut into as many splits as keep >= 2 key tiles each), the partials sized for it; and the
+    launcher's refusals: a split count outside [1, kMaxSplits], missing partials, a head
+    dim the device cannot give its shared memory to (sm_86's 99 KiB opt-in at D = 128)."""
+    q, kc, vc, seqlens = _small_decode(dtype=torch.bfloat16, D=128, B=1, H=4, Hk=1, S=1000, lengths=(1000,))
+    splits = _num_splits(emu, 1, 1, 4, 1, 1000, 128)
+    assert splits == (1000 + 127) // 128 // 2
+    out, lse = _emulated_decode(emu, q, kc, vc, seqlens, 0.1, 0)
+    assert _launch_log(emu)[0][1] == str(splits)  # grid (splits, 1, 1), logged as "x" alone
+    _check(q, kc, vc, seqlens, out, lse, 0.1)
+
+    def rc_of(num_splits, partials=True):
+        B, H, D = q.shape
+        bufs = (torch.empty(B, 1, H, D, dtype=q.dtype), torch.empty(B, H),  # kept alive over the call
+                torch.empty(max(num_splits, 1), B, H, D) if partials else None, torch.empty(max(num_splits, 1), B, H))
+        ptrs, sizes = _ptrs_sizes(q, kc, vc, seqlens, *bufs, None)
+        return emu.decode_emulate(ptrs, sizes, _ints(H * D, H * D, D, *kc.stride()[:3], *vc.stride()[:3], H * D,
+                                                     H * D, D, B, 1, kc.shape[1], H, kc.shape[2], D, num_splits, 1, 0,
+                                                     -1, -1, 0, 0, 0), 0.1, 0, 0.0)
+
+    for bad in (0, 129):
+        assert rc_of(bad) == 1 and "decode_attention_cuda returned cudaError_t 1" in emu.decode_last_error().decode()
+        assert _launch_log(emu) == []
+    assert rc_of(2, partials=False) == 1 and _launch_log(emu) == []
+    emu.emu_set_device(99 * 1024, NUM_SMS)
+    try:
+        assert rc_of(1) == 1 and _launch_log(emu) == []
+    finally:
+        emu.emu_set_device(SMEM_OPTIN, NUM_SMS)
+    assert rc_of(1) == 0 and len(_launch_log(emu)) == 1
 
 
 def test_split_heuristic_fills_one_wave(emu):
@@ -329,7 +449,8 @@ def test_emulated_kvcache_split_invariance(emu):
     torch.testing.assert_close(l4, l1, atol=1e-5, rtol=0)
 
 
-def _append(emu, kc, vc, k, v, seqlens, table, es, vec, cap):
+def _append(emu, kc, vc, k, v, seqlens, table, cap, kernel):
+    """append_kv_cuda under the emulator; it must launch `kernel` (its path choice), once."""
     B, Sn, Hk, D = k.shape
     if table is None:
         bt_stride, page, npages = 0, 0, 0
@@ -337,14 +458,15 @@ def _append(emu, kc, vc, k, v, seqlens, table, es, vec, cap):
         bt_stride, page, npages = table.stride(0), kc.shape[1], kc.shape[0]
     rc = emu.append_kv_emulate(*_ptrs_sizes(kc, vc, k, v, seqlens, table),
                                _ints(*kc.stride()[:3], *vc.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                                     B, Sn, cap, Hk, D, es, vec, 3, bt_stride, page, npages))
-    assert rc == 0
+                                     B, Sn, cap, Hk, D, k.element_size(), bt_stride, page, npages))
+    assert rc == 0, emu.decode_last_error().decode()
+    assert [entry[0] for entry in _launch_log(emu)] == [kernel]
 
 
 @pytest.mark.parametrize("page", [1, 3, 16])
 def test_emulated_paged_append_kv_kernel(emu, page):
-    for dtype, vec, es in ((torch.bfloat16, 1, 2), (torch.float16, 0, 2), (torch.float32, 1, 4)):
-        B, Hk, D, Sn, mp = 4, 2, 16, 5, 48 // page
+    for dtype, D, kernel in APPEND_PATHS[:3]:
+        B, Hk, Sn, mp = 4, 2, 5, 48 // page
         cap = mp * page
         kp, table = _to_pool(torch.randn(B, cap, Hk, D).to(dtype), page, extra=3)
         vp, _ = _to_pool(torch.randn(B, cap, Hk, D).to(dtype), page, extra=3, table=table, padded=True)
@@ -360,8 +482,8 @@ def test_emulated_paged_append_kv_kernel(emu, page):
         for b, start in enumerate(starts):
             n = min(Sn, cap - start)
             reference.append_kv(k_ref, v_ref, k[b:b + 1, :n], v[b:b + 1, :n], seqlens[b:b + 1], table[b:b + 1])
-        _append(emu, kp, vp, k, v, seqlens, table, es, vec, cap)
-        assert torch.equal(kp, k_ref) and torch.equal(vp, v_ref), (dtype, vec, page)
+        _append(emu, kp, vp, k, v, seqlens, table, cap, kernel)
+        assert torch.equal(kp, k_ref) and torch.equal(vp, v_ref), (dtype, D, page)
 
 
 def test_emulated_bad_page_indices_stay_in_the_pool(emu):
@@ -402,7 +524,7 @@ def test_emulated_bad_page_indices_stay_in_the_pool(emu):
     starts = torch.tensor([2, 0], dtype=torch.int32)  # seq 0 rows 2..7 (pages 0, 1), seq 1 rows 0..5
     k_ref, v_ref = kp.clone(), vp.clone()
     reference.append_kv(k_ref, v_ref, k, v, starts, clamped)
-    _append(emu, kp, vp, k, v, starts, table, 2, 1, mp * page)
+    _append(emu, kp, vp, k, v, starts, table, mp * page, "append_kv_kernel<uint4>")
     assert torch.equal(kp, k_ref) and torch.equal(vp, v_ref)
     assert (kbig[:2] == 3.0).all() and (kbig[-2:] == 3.0).all()
     assert (vbig[:2] == -3.0).all() and (vbig[-2:] == -3.0).all()
@@ -426,6 +548,45 @@ def test_memcheck_reports_out_of_bounds_in_the_real_kernel(emu, capfd, monkeypat
     rc = _emulated_decode(emu, q, kc, vc, seqlens, 0.125, 1, shrink=(which, shrink))
     assert rc == 1
     assert expected in capfd.readouterr().err
+
+
+# The barrier between the end-of-block merge's stores (each warp's partial output, max and sum)
+# and the merge's reads of the other warps' partials.
+MERGE_BARRIER = """        sts<float>(sL + warp * kHeadsPerWarp + i, l[i]);
+      }
+    }
+  }
+  __syncthreads();
+"""
+
+
+def test_racecheck_catches_a_removed_merge_barrier(tmp_path):
+    """A planted bug the numbers alone may miss: without the __syncthreads between the merge's
+    shared-memory stores and its reads of other warps' partials, a warp can read another's
+    stale bytes. The tracked accessors (lds / sts) must make racecheck report it, naming the
+    kernel; the decode cases run clean with the barrier in place (every test above)."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found")
+    src = os.path.join(ROOT, "csrc", "cuda")
+    mutant = tmp_path / "cuda"
+    mutant.mkdir()
+    for f in os.listdir(src):
+        shutil.copy(os.path.join(src, f), mutant / f)
+    text = (mutant / "decode_kernels.cuh").read_text()
+    assert text.count(MERGE_BARRIER) == 1, "decode_kernels.cuh changed: update MERGE_BARRIER"
+    (mutant / "decode_kernels.cuh").write_text(text.replace(MERGE_BARRIER, MERGE_BARRIER.replace("  __syncthreads();\n", "")))
+    emu = _build(cxx, tmp_path, str(mutant))
+    q, kc, vc, seqlens = _small_decode(H=8, Hk=2)  # G = 4: one head slice, four warps share it
+    out, lse = torch.empty(2, 1, 8, 64, dtype=q.dtype), torch.empty(2, 8)  # alive over the calls
+    ptrs, sizes = _ptrs_sizes(q.unsqueeze(1), kc, vc, seqlens, out, lse, None, None, None)
+    ints = _ints(8 * 64, 8 * 64, 64, *kc.stride()[:3], *vc.stride()[:3], 8 * 64, 8 * 64, 64,
+                 2, 1, 200, 8, 2, 64, 1, 0, 0, -1, -1, 0, 0, 0)
+    for mode in range(4):  # both cp.async landing orders, both fiber schedules
+        rc = emu.decode_emulate(ptrs, sizes, ints, 0.125, mode, 0.0)
+        err = emu.decode_last_error().decode()
+        assert rc == 1 and err.startswith("racecheck: decode_kernel<half,64>: "), (mode, err)
+        assert "hazard" in err and "with no __syncthreads between them" in err, err
 
 
 def _bank_table(emu, tmp_path, label):

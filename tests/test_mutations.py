@@ -173,11 +173,20 @@ MUTATIONS = [
     Mutation(
         "decode_k_read_ignores_swizzle",
         "csrc/cuda/decode_kernels.cuh",
-        "*reinterpret_cast<const uint4*>(tK + swz<kD>(row, c * 8));",
-        "*reinterpret_cast<const uint4*>(tK + row * kD + c * 8);",
+        "lds<uint4>(tK + swz<kD>(row, c * 8));",
+        "lds<uint4>(tK + row * kD + c * 8);",
         (f"{DEC}[bfloat16_D128_H32_Hk8_s1_m0]",),
         "K chunks are written swizzled (chunk c of row r at c ^ (r & 7)) but read linearly: "
         "every row but r % 8 == 0 dots Q with permuted K chunks"),
+    Mutation(
+        "decode_merge_syncthreads_removed",
+        "csrc/cuda/decode_kernels.cuh",
+        "        sts<float>(sL + warp * kHeadsPerWarp + i, l[i]);\n      }\n    }\n  }\n  __syncthreads();\n",
+        "        sts<float>(sL + warp * kHeadsPerWarp + i, l[i]);\n      }\n    }\n  }\n",
+        (f"{DEC}[bfloat16_D128_H32_Hk8_s1_m0]", f"{DEC}[float16_D64_H7_Hk1_s3_m1]"),
+        "racecheck: the merge reads other warps' partial outputs / max / sum with no barrier after "
+        "their shared-memory stores (tracked lds / sts): a write-after-read or read-after-write "
+        "hazard, reported with the kernel's name"),
 ]
 
 

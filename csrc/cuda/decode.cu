@@ -73,16 +73,18 @@
 // kernel: free in practice.
 // The split combine works on lse and is unchanged.
 //
-// The kernels live in decode_kernels.cuh (so tests/decode_emulate.cpp can run them on the
-// CPU); this file holds the launchers and the split heuristic.
+// The kernels live in decode_kernels.cuh and their launches in decode_launch.cuh; this file
+// holds the entry points (checks, softcap twin choice, append_kv) and the split heuristic.
 //
 // NOTE: written and compile-checked (sm_80, sm_90a) without access to a GPU; it has never
 // run on one -- neither the original decode kernel nor the paged / multi-query / masking
-// changes. tests/test_decode_emulated.py runs the kernels' own code on the CPU (fibers for
-// threads, host cp.async / shuffles / barriers) against the reference, which checks the
-// indexing, warp roles, pipelining order, masking and merges, but not the CUDA compiler,
-// real asynchrony or speed. The tile size, stage count and split heuristic are first
-// guesses to tune on a GPU.
+// changes. tests/test_decode_emulated.py compiles THIS file (and decode_softcap.cu) with g++
+// and runs its entry points on the CPU (fibers for threads, host cp.async / shuffles /
+// barriers, the CUDA runtime stand-ins of tests/fiber_emulate.h) against the reference, with
+// every shared-memory access tracked (racecheck / initcheck / bank conflicts) and the global
+// buffers guarded (memcheck). That checks the launchers, indexing, warp roles, pipelining
+// order, barriers, masking and merges, but not the CUDA compiler, real asynchrony or speed.
+// The tile size, stage count and split heuristic are first guesses to tune on a GPU.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -99,15 +101,6 @@ namespace fastattn {
 namespace {
 
 using namespace decode_kernels;
-
-template <int kD>
-cudaError_t dispatch_dtype(const DecodeParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat16: return launch_decode<__half, kD, false>(p, stream);
-    case DType::kBFloat16: return launch_decode<__nv_bfloat16, kD, false>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
 
 bool aligned16(const void* ptr, int64_t byte_stride_a, int64_t byte_stride_b, int64_t byte_stride_c) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && byte_stride_a % 16 == 0 && byte_stride_b % 16 == 0 &&
@@ -165,12 +158,7 @@ cudaError_t decode_attention_cuda(const DecodeParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   if (p.b == 0 || p.h == 0 || p.seqlen_q == 0) return cudaSuccess;
   if (p.softcap > 0.f) return decode_attention_softcap_cuda(p, stream);  // decode_softcap.cu
-  switch (p.d) {
-    case 64: return dispatch_dtype<64>(p, stream);
-    case 128: return dispatch_dtype<128>(p, stream);
-    case 256: return dispatch_dtype<256>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_decode<false>(p, stream);
 }
 
 cudaError_t append_kv_cuda(const AppendKvParams& p, cudaStream_t stream) {
@@ -186,16 +174,10 @@ cudaError_t append_kv_cuda(const AppendKvParams& p, cudaStream_t stream) {
   const int64_t unit_bytes = vec ? 16 : es;
   const int64_t units = p.b * p.seqlen_new * p.h_k * (es * p.d / unit_bytes);
   const int threads = 256;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((units + threads - 1) / threads, int64_t(1) << 16));
-  if (vec) {
-    append_kv_kernel<uint4><<<blocks, threads, 0, stream>>>(p, es);
-  } else if (es == 4) {
-    append_kv_kernel<uint32_t><<<blocks, threads, 0, stream>>>(p, es);
-  } else {
-    append_kv_kernel<uint16_t><<<blocks, threads, 0, stream>>>(p, es);
-  }
-  FASTATTN_CUDA_LAUNCH_CHECK();
-  return cudaSuccess;
+  const int64_t grid[3] = {std::min<int64_t>((units + threads - 1) / threads, int64_t(1) << 16), 1, 1};
+  if (vec) return launch_kernel(append_kv_kernel<uint4>, grid, threads, 0, stream, p, es);
+  if (es == 4) return launch_kernel(append_kv_kernel<uint32_t>, grid, threads, 0, stream, p, es);
+  return launch_kernel(append_kv_kernel<uint16_t>, grid, threads, 0, stream, p, es);
 }
 
 }  // namespace fastattn

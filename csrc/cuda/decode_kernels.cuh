@@ -34,11 +34,25 @@ __host__ __device__ constexpr int heads_per_block_for(int d) { return d <= 128 ?
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Hardware surface: PTX wrappers and 16-bit conversions. tests/decode_emulate.cpp compiles
-// this header with a host compiler and supplies its own host versions of these instead.
+// Hardware surface: PTX wrappers, shared-memory accessors and 16-bit conversions.
+// tests/decode_emulate.cpp compiles this header with a host compiler and supplies its own
+// host versions of these instead.
 #ifndef FASTATTN_DECODE_EMULATE
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Every load and store of shared memory in these kernels (besides the cp.async copies) goes
+// through lds / sts: a plain dereference here (the same ld.shared / st.shared the raw access
+// compiles to), a tracked access under the emulator (racecheck, initcheck, bank conflicts).
+// V is the access width: float, int, float4, uint4, uint2, uint32_t.
+template <typename V>
+__device__ __forceinline__ V lds(const void* p) {
+  return *reinterpret_cast<const V*>(p);
+}
+template <typename V>
+__device__ __forceinline__ void sts(void* p, const V& v) {
+  *reinterpret_cast<V*>(p) = v;
 }
 
 // 16-byte global -> shared copy; !pred zero-fills the 16 bytes and reads nothing (src must
@@ -192,8 +206,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
       return rel(p.window_right >= 0 && p.window_right < len - pos - 1 ? pos + p.window_right + 1 : len);
     };
     for (int r = tid; r < nhb; r += kThreads) {
-      sLo[r] = lo_of(row0 + r);
-      sHi[r] = hi_of(row0 + r);
+      sts<int>(sLo + r, lo_of(row0 + r));
+      sts<int>(sHi + r, hi_of(row0 + r));
     }
     edge_lo = lo_of(row0 + nhb - 1);
     edge_hi = hi_of(row0);
@@ -266,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
       const int hb = i / kD, dd = i % kD;
       const int r = row0 + hb;
       const int64_t qi = r / group, head = int64_t(kvh) * group + r % group;
-      sQ[hb * kD + dd] = to_float(q[qi * p.q_row_stride + head * p.q_head_stride + dd]) * qscale;
+      sts<float>(sQ + hb * kD + dd, to_float(q[qi * p.q_row_stride + head * p.q_head_stride + dd]) * qscale);
     }
   }
 
@@ -303,7 +317,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
       for (int i = 0; i < kHeadsPerWarp; ++i) s[i] = 0.f;
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
-        const uint4 kraw = *reinterpret_cast<const uint4*>(tK + swz<kD>(row, c * 8));
+        const uint4 kraw = lds<uint4>(tK + swz<kD>(row, c * 8));
         float kf[8];
         const float2 k01 = to_float2(kraw.x, T()), k23 = to_float2(kraw.y, T());
         const float2 k45 = to_float2(kraw.z, T()), k67 = to_float2(kraw.w, T());
@@ -313,8 +327,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
         for (int i = 0; i < kHeadsPerWarp; ++i) {
           if (i < nh) {
             const float* qr = sQ + (hsl + hs * i) * kD + c * 8;
-            const float4 qa = *reinterpret_cast<const float4*>(qr);
-            const float4 qb = *reinterpret_cast<const float4*>(qr + 4);
+            const float4 qa = lds<float4>(qr);
+            const float4 qb = lds<float4>(qr + 4);
             s[i] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] +
                     qb.x * kf[4] + qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
           }
@@ -335,7 +349,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
         for (int i = 0; i < kHeadsPerWarp; ++i) {
           if (i < nh) {
             const int hb = hsl + hs * i;
-            if (j < sLo[hb] || j >= sHi[hb]) s[i] = -INFINITY;
+            const int lo = lds<int>(sLo + hb), hi = lds<int>(sHi + hb);
+            if (j < lo || j >= hi) s[i] = -INFINITY;
           }
         }
       }
@@ -352,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
           m[i] = m_new;
 #pragma unroll
           for (int e = 0; e < kDimsPerLane; ++e) acc[i][e] *= alpha;
-          myP[i * 32 + lane] = pr;
+          sts<float>(myP + i * 32 + lane, pr);
         }
       }
       __syncwarp();
@@ -364,23 +379,23 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
         float4 p4[kHeadsPerWarp];
 #pragma unroll
         for (int i = 0; i < kHeadsPerWarp; ++i)
-          if (i < nh) p4[i] = *reinterpret_cast<const float4*>(myP + i * 32 + j4);
+          if (i < nh) p4[i] = lds<float4>(myP + i * 32 + j4);
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const T* vp = tV + swz<kD>(st * 32 + j4 + u, col);
           float vf[kDimsPerLane];
           if constexpr (kDimsPerLane == 8) {
-            const uint4 raw = *reinterpret_cast<const uint4*>(vp);
+            const uint4 raw = lds<uint4>(vp);
             const float2 a = to_float2(raw.x, T()), c2 = to_float2(raw.y, T());
             const float2 e = to_float2(raw.z, T()), f = to_float2(raw.w, T());
             vf[0] = a.x; vf[1] = a.y; vf[2] = c2.x; vf[3] = c2.y;
             vf[4] = e.x; vf[5] = e.y; vf[6] = f.x; vf[7] = f.y;
           } else if constexpr (kDimsPerLane == 4) {
-            const uint2 raw = *reinterpret_cast<const uint2*>(vp);
+            const uint2 raw = lds<uint2>(vp);
             const float2 a = to_float2(raw.x, T()), c2 = to_float2(raw.y, T());
             vf[0] = a.x; vf[1] = a.y; vf[2] = c2.x; vf[3] = c2.y;
           } else {
-            const float2 a = to_float2(*reinterpret_cast<const uint32_t*>(vp), T());
+            const float2 a = to_float2(lds<uint32_t>(vp), T());
             vf[0] = a.x; vf[1] = a.y;
           }
 #pragma unroll
@@ -403,16 +418,28 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   float* sAcc = reinterpret_cast<float*>(smem);                 // [warp][8][kD]
   float* sM = sAcc + kWarps * kHeadsPerWarp * kD;                // [warp][8]
   float* sL = sM + kWarps * kHeadsPerWarp;                       // [warp][8]
+  // Each lane stores its kDimsPerLane outputs of a head as one 8- or 16-byte vector (two at
+  // D = 256); then lane 0 the warp-uniform running max and sum of every head.
 #pragma unroll
   for (int i = 0; i < kHeadsPerWarp; ++i) {
     if (i < nh) {
-      const float lt = warp_sum(l[i]);
+      l[i] = warp_sum(l[i]);
+      float* dst = sAcc + (warp * kHeadsPerWarp + i) * kD + lane * kDimsPerLane;
+      if constexpr (kDimsPerLane == 2) {
+        sts<float2>(dst, make_float2(acc[i][0], acc[i][1]));
+      } else {
 #pragma unroll
-      for (int e = 0; e < kDimsPerLane; ++e)
-        sAcc[(warp * kHeadsPerWarp + i) * kD + lane * kDimsPerLane + e] = acc[i][e];
-      if (lane == 0) {
-        sM[warp * kHeadsPerWarp + i] = m[i];
-        sL[warp * kHeadsPerWarp + i] = lt;
+        for (int e = 0; e < kDimsPerLane; e += 4)
+          sts<float4>(dst + e, make_float4(acc[i][e], acc[i][e + 1], acc[i][e + 2], acc[i][e + 3]));
+      }
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < kHeadsPerWarp; ++i) {
+      if (i < nh) {
+        sts<float>(sM + warp * kHeadsPerWarp + i, m[i]);
+        sts<float>(sL + warp * kHeadsPerWarp + i, l[i]);
       }
     }
   }
@@ -422,15 +449,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
     const int hb = idx / kD, dd = idx % kD;
     const int hslice = hb % hs, i = hb / hs;
     float mx = -INFINITY;
-    for (int w = hslice; w < kWarps; w += hs) mx = fmaxf(mx, sM[w * kHeadsPerWarp + i]);
+    for (int w = hslice; w < kWarps; w += hs) mx = fmaxf(mx, lds<float>(sM + w * kHeadsPerWarp + i));
     float lsum = 0.f, o = 0.f;
     if (mx != -INFINITY) {
       for (int w = hslice; w < kWarps; w += hs) {
-        const float mw = sM[w * kHeadsPerWarp + i];
+        const float mw = lds<float>(sM + w * kHeadsPerWarp + i);
         if (mw == -INFINITY) continue;
         const float wgt = exp2f(mw - mx);
-        lsum += wgt * sL[w * kHeadsPerWarp + i];
-        o += wgt * sAcc[(w * kHeadsPerWarp + i) * kD + dd];
+        lsum += wgt * lds<float>(sL + w * kHeadsPerWarp + i);
+        o += wgt * lds<float>(sAcc + (w * kHeadsPerWarp + i) * kD + dd);
       }
     }
     const bool any = lsum > 0.f;

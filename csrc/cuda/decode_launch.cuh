@@ -1,10 +1,19 @@
-// decode_launch.cuh — the launch of one decode_kernel instantiation (+ the split combine),
-// shared by decode.cu (uncapped kernels) and decode_softcap.cu (the soft-capped twins), so the
-// two files compile in parallel. Device build only (the emulator launches the kernels itself).
+// decode_launch.cuh — the launches of decode.cu's kernels: one decode_kernel instantiation
+// (+ the split combine) and the head dim x dtype dispatch of decode_attention_cuda, shared by
+// decode.cu (uncapped kernels) and decode_softcap.cu (the soft-capped twins) so the two files
+// compile in parallel.
+//
+// One copy, also compiled by tests/decode_emulate.cpp (g++ over the CUDA runtime stand-ins of
+// tests/fiber_emulate.h, FASTATTN_DECODE_EMULATE defined), which includes decode.cu and
+// decode_softcap.cu themselves: the emulated tests run exactly the launchers the GPU runs
+// (checks, softcap twin choice, dispatch, grids, shared-memory opt-in). The one line that
+// differs is the launch statement: kernel<<<grid, threads, smem, stream>>>(args) on the GPU,
+// ::emu::KernelLaunch(kernel, grid, threads, smem, stream)(args) under emulation (the same
+// launch rules: block size, grid limits, dynamic shared memory against the
+// cudaFuncSetAttribute limit).
 #pragma once
 
-#include <cuda_runtime.h>
-
+#include <cstddef>
 #include <cstdint>
 
 #include "decode_kernels.cuh"
@@ -14,21 +23,53 @@
 namespace fastattn {
 namespace decode_kernels {
 
+// Launch `kernel` on a (x, y, z) grid and report a bad configuration without synchronising.
+template <typename Kernel, typename... Args>
+inline cudaError_t launch_kernel(Kernel* kernel, const int64_t (&grid)[3], int threads, size_t smem,
+                                 cudaStream_t stream, const Args&... args) {
+#if defined(FASTATTN_DECODE_EMULATE)
+  ::emu::KernelLaunch<Kernel>(kernel, grid, threads, smem, stream)(args...);
+#else
+  kernel<<<dim3(static_cast<unsigned>(grid[0]), static_cast<unsigned>(grid[1]), static_cast<unsigned>(grid[2])),
+           threads, smem, stream>>>(args...);
+#endif
+  FASTATTN_CUDA_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
 template <typename T, int kD, bool kSoftcap>
 inline cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   constexpr size_t kSmem = DecodeSmem<kD>::kBytes;
   auto kernel = decode_kernel<T, kD, kSoftcap>;
   FASTATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
-  int64_t g[3];
-  decode_grid(p, g);
-  const dim3 grid(static_cast<unsigned>(g[0]), static_cast<unsigned>(g[1]), static_cast<unsigned>(g[2]));
-  kernel<<<grid, kThreads, kSmem, stream>>>(p);
-  FASTATTN_CUDA_LAUNCH_CHECK();
+  int64_t grid[3];
+  decode_grid(p, grid);
+  FASTATTN_CUDA_TRY(launch_kernel(kernel, grid, kThreads, kSmem, stream, p));
   if (p.num_splits > 1) {
-    decode_combine_kernel<T, kD><<<static_cast<unsigned>(p.b * p.h * p.seqlen_q), kD, 0, stream>>>(p);
-    FASTATTN_CUDA_LAUNCH_CHECK();
+    const int64_t rows[3] = {p.b * p.h * p.seqlen_q, 1, 1};
+    FASTATTN_CUDA_TRY(launch_kernel(decode_combine_kernel<T, kD>, rows, kD, 0, stream, p));
   }
   return cudaSuccess;
+}
+
+// The closed list head dim {64, 128, 256} x dtype {fp16, bf16}, for the uncapped kernels
+// (decode.cu) or their soft-capped twins (decode_softcap.cu).
+template <bool kSoftcap, int kD>
+inline cudaError_t dispatch_dtype(const DecodeParams& p, cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kFloat16: return launch_decode<__half, kD, kSoftcap>(p, stream);
+    case DType::kBFloat16: return launch_decode<__nv_bfloat16, kD, kSoftcap>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+template <bool kSoftcap>
+inline cudaError_t dispatch_decode(const DecodeParams& p, cudaStream_t stream) {
+  switch (p.d) {
+    case 64: return dispatch_dtype<kSoftcap, 64>(p, stream);
+    case 128: return dispatch_dtype<kSoftcap, 128>(p, stream);
+    case 256: return dispatch_dtype<kSoftcap, 256>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 // The soft-capped entry (decode_softcap.cu): decode_attention_cuda's dispatch for softcap > 0,
