@@ -562,6 +562,13 @@ def main(argv: list[str] | None = None) -> int:
     for p in paths:
         if not os.path.exists(p):
             raise RuntimeError(f"sass_report: {p} does not exist (run scripts/cuda_check.sh first: make cuda-check)")
+    if not args.paths:  # cuda_check.sh's objects: say so when a kernel source changed since
+        objs = glob.glob(os.path.join(DEFAULT_OBJDIR, "*.o"))
+        srcs = [f for ext in ("cu", "cuh", "h") for f in glob.glob(os.path.join(ROOT, "csrc", "**", f"*.{ext}"),
+                                                                  recursive=True)]
+        if objs and srcs and max(map(os.path.getmtime, srcs)) > min(map(os.path.getmtime, objs)):
+            print("sass_report: WARNING: csrc/ changed after these objects were compiled: run make cuda-check "
+                  "for a current report")
     rows = collect(paths, cuobjdump, dyn)
     if not rows:
         raise RuntimeError(f"sass_report: no kernels found in {paths} (run scripts/cuda_check.sh first)")
