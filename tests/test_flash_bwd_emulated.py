@@ -116,7 +116,7 @@ def test_emulated_kernels_match_dense(emulator, tmp_path, case, mode):
     dtype, d, b, sq, sk, h, hk, wl, wr, causal, use_ws = case
     q, k, v, dq_ref, dk_ref, dv_ref = _write_dense(tmp_path, case, sq * 7 + sk + d)
     res = subprocess.run([emulator, str(tmp_path)], capture_output=True, text=True, env=_env(mode))
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0, res.stderr or res.stdout  # a sanitizer report, or the launcher's rc=N
     assert res.stdout.startswith("ok"), res.stdout
     if use_ws and h // hk > 1:
         assert "used_splits=1" not in res.stdout, res.stdout  # the split path ran

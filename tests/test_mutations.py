@@ -91,6 +91,14 @@ MUTATIONS = [
         "memcheck: the dQ epilogue stores the rows of the last query tile past seqlen_q onto the "
         "guard page after dq (a raw store, SIGSEGV reported)"),
     Mutation(
+        "bwd_launcher_smem_opt_in_dropped",
+        "csrc/cuda/flash_bwd_launch.cuh",
+        "  if (smem > 48 * 1024)\n    FASTATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));\n",
+        "",
+        (f"{BWD}[16-64-1-70-150-4-1--1--1-0-1-0]",),
+        "the real launcher runs under the emulated CUDA runtime: the dK/dV kernel's 65 KiB of "
+        "dynamic shared memory without cudaFuncSetAttribute is refused (cudaErrorInvalidValue)"),
+    Mutation(
         "fwd_main_loop_syncthreads_removed",
         "csrc/cuda/flash_fwd_kernel.cuh",
         "      cp_async_wait<0>();\n      __syncthreads();\n      load_tile<Kt, kBlockN>(sV,",
