@@ -145,14 +145,16 @@ if [ "${FASTATTN_SKIP_BINDINGS_CHECK:-0}" != "1" ] && python3 -c "import torch" 
   printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$tmp/shim/c10/cuda/impl/cuda_cmake_macros.h"
   bpids=()
   for f in csrc/bindings/*.cpp; do
-    g++ -fsyntax-only -std=c++20 -Wall -Werror -Wno-unknown-pragmas -DFASTATTN_WITH_CUDA -I"$tmp/shim" -I"$TI" \
-      -I"$TI/torch/csrc/api/include" -I"$CUDA_INC" -I"$PYI" -Icsrc/include "$f" >"$tmp/$(basename "$f").bind.log" 2>&1 &
+    { rc=0; g++ -fsyntax-only -std=c++20 -Wall -Werror -Wno-unknown-pragmas -DFASTATTN_WITH_CUDA -I"$tmp/shim" -I"$TI" \
+      -I"$TI/torch/csrc/api/include" -I"$CUDA_INC" -I"$PYI" -Icsrc/include "$f" >"$tmp/$(basename "$f").bind.log" 2>&1 \
+      || rc=$?; echo "$rc" >"$tmp/$(basename "$f").bind.rc"; } &
     bpids+=("$!:$f")
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 0.2; done
   done
+  wait  # statuses from the .rc files, as for the kernels above
   for entry in "${bpids[@]}"; do
-    pid=${entry%%:*}; f=${entry#*:}
-    if wait "$pid"; then echo "bindings (CUDA branch, syntax): $f OK"; else
+    f=${entry#*:}
+    if [ "$(cat "$tmp/$(basename "$f").bind.rc" 2>/dev/null)" = "0" ]; then echo "bindings (CUDA branch, syntax): $f OK"; else
       echo "FAILED bindings (CUDA branch, syntax): $f"; cat "$tmp/$(basename "$f").bind.log"; status=1; fi
   done
 else
