@@ -37,13 +37,15 @@
 // possible. So each of the 4 warps owns two m16 row tiles (32 query rows): every K and V
 // fragment feeds two mma's, halving the shared traffic per flop compared with one m16 tile
 // per warp (the FlashAttention-2 layout for these GPUs). The price is registers: the O
-// accumulator is 2 x D/2 fp32 per thread. Head dim 64 affords 64-key tiles (O 64 + S 64
-// fp32 registers, ~210-225 registers in all); head dim 128 uses 32-key tiles (O 128 + S 32)
-// which is what fits 255 registers without spilling (128 x 64 spilled ~50 bytes). Q is
-// re-read from shared memory by ldmatrix for every key tile rather than pinned in
-// registers, again for register room. Shared memory is Q (128 x D) plus two K and two V
-// buffers: 48 KB at D = 64 and 64 KB at D = 128, so with 255 registers x 128 threads two
-// blocks (8 warps) share an SM on both A100 and H100. The masked/unmasked split is a
+// accumulator is 2 x D/2 fp32 per thread. Both head dims use 64-key tiles, FlashAttention-2's
+// 128 x 64 (O 128 + S 64 fp32 registers at D = 128): P is packed to 16 bit as soon as each
+// probability pair is computed, so the fp32 scores die before the O rescale and the V wait,
+// which is what keeps D = 128 at ~240-246 registers without spilling (with P packed after
+// the softmax it spilled 8-68 bytes). 128 x 128 at D = 64 spilled 4-24 bytes, so D = 64
+// stays 128 x 64. Q is re-read from shared memory by ldmatrix for every key tile rather
+// than pinned in registers, again for register room. Shared memory is Q (128 x D) plus one
+// K and one V tile: 32 KB at D = 64 and 64 KB at D = 128 (opt-in above 48 KB), so with
+// <= 255 registers x 128 threads two blocks (8 warps) share an SM on both A100 and H100. The masked/unmasked split is a
 // template flag so the common unmasked kernel carries no window arithmetic; everything else
 // (lengths, strides, window sizes, GQA ratio) is a runtime value, which keeps the build at 8
 // kernels (2 dtypes x 2 head dims x masked or not), in two files compiled in parallel.

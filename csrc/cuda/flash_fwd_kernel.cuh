@@ -463,6 +463,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
         if constexpr (kSoftcap) return __fmul_rn(softcap_tanh(acc * a.softcap_pre), a.scale_log2);
         return __fmul_rn(acc, a.scale_log2);
       };
+      // P packed to 16 bit as soon as it is computed (the fp32 scores die here): the C
+      // fragments of n8 tiles 2ks, 2ks + 1 are the A fragment of key slice ks, so probability
+      // pair (j, hf) goes to register 2 (j & 1) + hf of pa[j / 2][mi].
+      uint32_t pa[kBlockN / 16][kMTiles][4];
+      // m0 + warp_row0 + g + diag - 2t: row (mi, hf) + diag - (col0 + 2t) is this plus
+      // mi * 16 + 8 hf - col0.
+      const int thread_diag = m0 + warp_row0 + (lane >> 2) + diag - 2 * (lane & 3);
       float alpha[kMTiles][2];  // per row: 2^(old max - new max), the rescale of O
       bool grew = false;        // did any of this thread's row maxima change on this tile
       const int col0 = n * kBlockN;
@@ -473,19 +480,22 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           // Accumulator (j, 2*hf + e) is S[row][col0 + 8j + 2t + e].
-          const int row = m0 + warp_row0 + mi * 16 + (lane >> 2) + 8 * hf;
+          // row + diag - col0 - 2t of this thread's row (the mask bounds below, relative)
+          const int rel = thread_diag - col0 + mi * 16 + 8 * hf;
           float mx = row_max[mi][hf];
           if (need_mask) {
-            int lo = 0, hi = seqlen_k - 1;
+            // Bounds relative to this thread's first column col0 + 2t, so each test is
+            // against an immediate 8j + e (fewer live registers in the unrolled loop).
+            int lo = -col0 - 2 * (lane & 3), hi = seqlen_k - 1 - col0 - 2 * (lane & 3);
             if (kMasked) {
-              if (a.window_left >= 0) lo = row + diag - a.window_left;
-              if (a.window_right >= 0) hi = min(hi, row + diag + a.window_right);
+              if (a.window_left >= 0) lo = rel - a.window_left;
+              if (a.window_right >= 0) hi = min(hi, rel + a.window_right);
             }
 #pragma unroll
             for (int j = 0; j < kNTilesS; ++j) {
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
-                const int col = col0 + 8 * j + 2 * (lane & 3) + e;
+                const int col = 8 * j + e;  // key col0 + 2t + 8j + e
                 const float x = log2_score(s[mi][j][2 * hf + e]);
                 s[mi][j][2 * hf + e] = (col < lo || col > hi) ? kNegInf : x;
                 mx = fmaxf(mx, s[mi][j][2 * hf + e]);
@@ -513,12 +523,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
           float sum = 0.f;
 #pragma unroll
           for (int j = 0; j < kNTilesS; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float p = ex2(s[mi][j][2 * hf + e] - m_use);
-              s[mi][j][2 * hf + e] = p;
-              sum += p;
-            }
+            const float p0 = ex2(s[mi][j][2 * hf] - m_use);
+            const float p1 = ex2(s[mi][j][2 * hf + 1] - m_use);
+            sum += p0;
+            sum += p1;
+            pa[j / 2][mi][2 * (j & 1) + hf] = Ops::pack(p0, p1);
           }
           row_sum[mi][hf] = row_sum[mi][hf] * alpha[mi][hf] + sum;
         }
@@ -546,19 +555,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
       cp_async_wait<1>();
       __syncthreads();
 
-      // ---- O += P V: P repacked to 16 bit is the A operand (C layout of n8 tiles 2ks and
-      // 2ks+1 == A layout of key slice ks). Packed all at once so the fp32 scores die here.
-      uint32_t pa[kBlockN / 16][kMTiles][4];
-#pragma unroll
-      for (int ks = 0; ks < kBlockN / 16; ++ks) {
-#pragma unroll
-        for (int mi = 0; mi < kMTiles; ++mi) {
-          pa[ks][mi][0] = Ops::pack(s[mi][2 * ks][0], s[mi][2 * ks][1]);          // row g,   k 2t
-          pa[ks][mi][1] = Ops::pack(s[mi][2 * ks][2], s[mi][2 * ks][3]);          // row g+8, k 2t
-          pa[ks][mi][2] = Ops::pack(s[mi][2 * ks + 1][0], s[mi][2 * ks + 1][1]);  // row g,   k 2t+8
-          pa[ks][mi][3] = Ops::pack(s[mi][2 * ks + 1][2], s[mi][2 * ks + 1][3]);  // row g+8, k 2t+8
-        }
-      }
+      // ---- O += P V: P (pa, above) is the A operand, V the B operand via ldmatrix.trans.
 #pragma unroll
       for (int ks = 0; ks < kBlockN / 16; ++ks) {
 #pragma unroll
@@ -644,7 +641,7 @@ cudaError_t launch_flash_fwd(const FwdArgs& args, int64_t batch, cudaStream_t st
 // The tile configuration per head dim (rationale: the tuning notes in flash_fwd.cu), shared by
 // the plain and the soft-capped instantiation files.
 using FwdTraitsHdim64 = FwdTraits</*kHeadDim=*/64, /*kBlockM=*/128, /*kBlockN=*/64, /*kNWarps=*/4>;
-using FwdTraitsHdim128 = FwdTraits</*kHeadDim=*/128, /*kBlockM=*/128, /*kBlockN=*/32, /*kNWarps=*/4>;
+using FwdTraitsHdim128 = FwdTraits</*kHeadDim=*/128, /*kBlockM=*/128, /*kBlockN=*/64, /*kNWarps=*/4>;
 
 // Entry points per head dim (flash_fwd_hdim<D>.cu), dispatching dtype x masked, and the
 // soft-capped ones (flash_fwd_hdim<D>_softcap.cu), dispatching dtype.
