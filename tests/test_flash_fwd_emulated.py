@@ -116,6 +116,7 @@ DENSE = [
     ("bf", 64, 1, 20, 300, 3, 1, 40, 40, 0),     # window both sides, MQA, most tiles skipped
     ("16", 64, 1, 129, 129, 2, 2, -1, 0, 1),     # causal MHA, two query blocks
     ("bf", 128, 2, 33, 70, 4, 1, -1, -1, 0),     # unmasked bf16 d128
+    ("bf", 64, 1, 97, 17, 2, 1, -1, -1, 0),      # unmasked bf16 d64 (the one instantiation not above), odd lengths
 ]
 
 
