@@ -112,10 +112,15 @@ template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 namespace emu {
 
 inline const char* g_error = nullptr;
+inline std::string g_error_text;
 
-// Errors are recorded (the first one wins) and the entry point returns 1 after printing it.
+// Errors are recorded (the first one wins, copied: failf keeps only its latest 256 messages)
+// and the entry point returns 1 after printing it.
 void fail(const char* what) {
-  if (!g_error) g_error = what;
+  if (!g_error) {
+    g_error_text = what;
+    g_error = g_error_text.c_str();
+  }
 }
 
 }  // namespace emu
