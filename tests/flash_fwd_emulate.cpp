@@ -1,6 +1,6 @@
 // flash_fwd_emulate.cpp — run the CUDA FlashAttention forward (csrc/cuda/flash_fwd.cu: the
 // launcher flash_fwd_cuda, its layout checks and mask normalisation, the per-head-dim dispatch
-// of flash_fwd_hdim{64,128}.cu and the kernel of flash_fwd_kernel.cuh) on the CPU.
+// of flash_fwd_hdim{32,64,96,128,192,256}*.cu and the kernel of flash_fwd_kernel.cuh) on the CPU.
 //
 // The .cu files are #included as they are, compiled by g++ with FASTATTN_FWD_EMULATE defined
 // and an include directory of empty <cuda_*.h> stubs (the test builds it); this file supplies
@@ -213,6 +213,10 @@ cudaError_t emulate_launch(F* kernel, const dim3& grid, int threads, int smem, c
 #include "flash_fwd_hdim64.cu"
 #include "flash_fwd_hdim128_softcap.cu"
 #include "flash_fwd_hdim64_softcap.cu"
+#include "flash_fwd_hdim32.cu"
+#include "flash_fwd_hdim96.cu"
+#include "flash_fwd_hdim192.cu"
+#include "flash_fwd_hdim256.cu"
 
 // ---- driver --------------------------------------------------------------------------------
 using namespace fastattn;
@@ -327,7 +331,7 @@ int main(int argc, char** argv) {
     p.cu_seqlens_k = cu("cu_k.bin");
     p.total_q = total_q, p.total_k = total_k;
   }
-  // The 12 instantiations' static shared memory (none: all of it is dynamic), which the
+  // The 28 instantiations' static shared memory (none: all of it is dynamic), which the
   // runtime stand-ins (cudaFuncSetAttribute) need to know.
   using K64 = flash::FwdTraitsHdim64;
   using K128 = flash::FwdTraitsHdim128;
@@ -343,6 +347,18 @@ int main(int argc, char** argv) {
   emu::set_static_smem(&flash::flash_fwd_kernel<K128, __half, true>, 0);
   emu::set_static_smem(&flash::flash_fwd_kernel<K128, __nv_bfloat16, false>, 0);
   emu::set_static_smem(&flash::flash_fwd_kernel<K128, __nv_bfloat16, true>, 0);
+  // head dims 32, 96, 192, 256: the masked kernel and its capped twin only
+  auto masked_only = [](auto traits) {
+    using Kt = decltype(traits);
+    emu::set_static_smem(&flash::flash_fwd_kernel<Kt, __half, true, false>, 0);
+    emu::set_static_smem(&flash::flash_fwd_kernel<Kt, __half, true, true>, 0);
+    emu::set_static_smem(&flash::flash_fwd_kernel<Kt, __nv_bfloat16, true, false>, 0);
+    emu::set_static_smem(&flash::flash_fwd_kernel<Kt, __nv_bfloat16, true, true>, 0);
+  };
+  masked_only(flash::FwdTraitsHdim32{});
+  masked_only(flash::FwdTraitsHdim96{});
+  masked_only(flash::FwdTraitsHdim192{});
+  masked_only(flash::FwdTraitsHdim256{});
   emu::reset_runtime();
 
   const cudaError_t rc = flash_fwd_cuda(p, nullptr);

@@ -92,6 +92,27 @@ def test_head_dims(device, dtype, d):
     _check(*_make(device, dtype, 1, 130, 150, 3, 1, d), causal=True)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", [32, 96, 192, 256])
+@pytest.mark.parametrize("window, softcap", [((-1, -1), 0.0), ((-1, 0), 0.0), ((40, 7), 0.0), ((-1, 0), 30.0)],
+                         ids=["full", "causal", "window", "causal-softcap"])
+def test_cuda_forward_head_dims_32_96_192_256(dtype, d, window, softcap):
+    # The CUDA forward kernels of these head dims through the op (fastattn.flash_attention takes
+    # them once the CUDA backward does too: functional._CUDA_HEAD_DIMS). Two query blocks at
+    # every tile height (128 rows; 64 at d 256), key tails, GQA.
+    q, k, v = _make("cuda", dtype, 2, 130, 201, 4, 2, d)
+    scale = d ** -0.5
+    out, lse = torch.ops.fastattn.flash_attn_fwd(q, k, v, scale, window[0], window[1], softcap)
+    kw = dict(softmax_scale=scale, window=window, softcap=softcap, return_lse=True)
+    true_out, true_lse = reference.attention(q.double(), k.double(), v.double(), **kw)
+    low_out, low_lse = reference.attention(q, k, v, **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_error_ratio(out, low_out, true_out, "out")
+    _check_lse(lse, low_lse, true_lse)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("d", [1, 40, 96, 200])
 def test_odd_head_dims_cpu(dtype, d):

@@ -1,13 +1,15 @@
 """Run the CUDA FlashAttention forward's own code on the CPU (no GPU needed).
 
 tests/flash_fwd_emulate.cpp compiles csrc/cuda/flash_fwd.cu (the launcher flash_fwd_cuda:
-layout checks, mask normalisation, dispatch), flash_fwd_hdim{64,128}.cu and the kernel of
+layout checks, mask normalisation, dispatch), flash_fwd_hdim*.cu and the kernel of
 flash_fwd_kernel.cuh with g++, with host versions of ldmatrix / mma.sync / cp.async /
 shared loads and stores / shfl / barriers written from the PTX ISA, every thread a fiber,
 shared memory born NaN and every global buffer against a PROT_NONE guard page. Here out and
 lse are compared with a float64 reference of attention: dense and variable-length (packed,
 cu_seqlens) batches, head dims 64 and 128, fp16 and bf16, masked (causal / window) and
 unmasked kernels, GQA/MQA, rows that see no key; malformed cu_seqlens must run in bounds.
+Head dims 32, 96, 192 and 256 (masked kernel + soft-capped twin only): every instantiation,
+dense and varlen, by the error-ratio rule against fastattn.reference (test_*_new_head_dims*).
 Logit soft-capping (FlashFwdParams::softcap) is checked against fastattn.reference with
 softcap= by the error-ratio rule (softcap.cuh: the cap's tanh from ex2.approx and rcp.approx).
 What this cannot exercise: the CUDA compiler, real asynchrony and the tensor cores' exact
@@ -201,11 +203,14 @@ def test_emulated_forward_malformed_cu_seqlens_in_bounds(fwd_emulator, tmp_path,
 
 def test_bank_conflict_report(fwd_emulator, tmp_path):
     """Prints (and writes to JSON under the pytest tmp dir) the shared-memory bank-conflict totals
-    of the forward kernel at d 64 and d 128, at every shared access the emulator tracks
-    (cp.async destinations, ldmatrix rows, st.shared.b32, ld.shared.v4). A report, not a check;
-    the racecheck / initcheck analogues run on every case of this file."""
+    of the forward kernel at every head dim, at every shared access the emulator tracks
+    (cp.async destinations, ldmatrix rows, st.shared.b32, ld.shared.v4), and checks the swizzle's
+    claim (flash_fwd_kernel.cuh, header comment): every access of every head dim takes its ideal
+    number of wavefronts, the odd-half-line rows of d 32 / 96 included. The racecheck / initcheck
+    analogues run on every case of this file."""
     rows = []
-    for case in (DENSE[0], DENSE[5]):
+    cases = [c[:10] for c in (DENSE[0], DENSE[5]) + tuple(NEW_DIMS[i] for i in (0, 4, 8, 12))]
+    for case in cases:
         dtype, d, b, sq, sk, h, hk, wl, wr, causal = case
         rng = np.random.default_rng(1)
         q, k, v = (_rnd(rng, dtype, b, sq, h, d), _rnd(rng, dtype, b, sk, hk, d), _rnd(rng, dtype, b, sk, hk, d))
@@ -218,7 +223,10 @@ def test_bank_conflict_report(fwd_emulator, tmp_path):
         assert res.returncode == 0, res.stderr
         rows += emu_bank_rows(report.read_text(), kernel=f"flash_fwd_kernel<d{d}>")
     emu_bank_report(rows, "flash_fwd", tmp_path)
+    assert {r["kernel"] for r in rows} == {f"flash_fwd_kernel<d{c[1]}>" for c in cases}
     assert {r["access"] for r in rows} >= {"cp.async", "ldmatrix", "st.shared", "ld.shared"}
+    conflicts = [r for r in rows if r["wavefronts"] != r["ideal_wavefronts"]]
+    assert not conflicts, conflicts
 
 
 # ---- logit soft-capping ---------------------------------------------------------------------
@@ -283,3 +291,91 @@ def test_emulated_forward_softcap_varlen(fwd_emulator, tmp_path):
     true_out = reference.attention_varlen(qt.double(), kt.double(), vt.double(), cq, ck, **kw)
     low_out = reference.attention_varlen(qt, kt, vt, cq, ck, **kw)
     assert_error_ratio(got.to(qt.dtype), low_out, true_out, "out")
+
+
+# ---- head dims 32, 96, 192, 256 (masked kernel + soft-capped twin only) ---------------------
+# Every one of their 16 instantiations (d x fp16/bf16 x capped or not) runs here on odd lengths,
+# with GQA/MQA, causal / window / none, rows that see no key and two query blocks, in both
+# landing orders / schedules; out by the error-ratio rule against reference.attention, lse
+# against the float64 one. Tiles (FwdTraitsHdim<d>): 128 x 64 at d 32 / 96 / 192 (8 warps at
+# 192), 64 x 64 at d 256.
+NEW_DIMS = [
+    # dtype, d, b, sq, sk, h, hk, wl, wr, causal, softcap
+    ("16", 32, 1, 97, 130, 4, 2, -1, -1, 0, 0.0),    # unmasked problem on the masked kernel, GQA
+    ("bf", 32, 1, 130, 70, 2, 1, 20, -1, 1, 0.0),    # causal + window, Sq > Sk, two query blocks
+    ("16", 32, 1, 33, 90, 2, 2, 10, 10, 0, 5.0),     # capped, window both sides
+    ("bf", 32, 1, 97, 97, 2, 1, -1, 0, 1, 30.0),     # capped, causal
+    ("bf", 96, 1, 97, 130, 2, 1, -1, -1, 0, 0.0),    # Phi-3: unmasked, MQA, key tail
+    ("16", 96, 1, 70, 33, 2, 2, -1, 0, 1, 0.0),      # causal, Sq > Sk: rows with no key
+    ("16", 96, 1, 33, 70, 4, 2, -1, -1, 0, 2.0),     # capped, unmasked
+    ("bf", 96, 1, 129, 90, 2, 1, 30, 5, 0, 10.0),    # capped, window, two query blocks
+    ("16", 192, 1, 97, 70, 2, 1, -1, -1, 0, 0.0),    # unmasked, MQA
+    ("bf", 192, 1, 60, 97, 2, 2, 40, 0, 1, 0.0),     # causal + window
+    ("bf", 192, 1, 33, 70, 4, 2, -1, 0, 1, 50.0),    # capped, causal, GQA
+    ("16", 192, 1, 97, 33, 2, 1, 5, 5, 0, 3.0),      # capped, window, rows with no key
+    ("bf", 256, 1, 65, 97, 4, 2, -1, -1, 0, 0.0),    # Gemma: unmasked, GQA, two query blocks
+    ("16", 256, 1, 70, 40, 2, 1, -1, 0, 1, 0.0),     # causal, Sq > Sk
+    ("bf", 256, 1, 33, 70, 2, 1, 20, 0, 1, 50.0),    # Gemma 2: capped, causal + window
+    ("16", 256, 1, 65, 65, 2, 2, -1, -1, 0, 1.0),    # capped, unmasked, saturating
+]
+
+
+@pytest.mark.parametrize("mode", [0, 3])
+@pytest.mark.parametrize("case", NEW_DIMS, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_forward_new_head_dims(fwd_emulator, tmp_path, case, mode):
+    dtype, d, b, sq, sk, h, hk, wl, wr, causal, cap = case
+    rng = np.random.default_rng(sq * 7 + sk + d)
+    q, k, v = (_rnd(rng, dtype, b, sq, h, d), _rnd(rng, dtype, b, sk, hk, d),
+               _rnd(rng, dtype, b, sk, hk, d))
+    scale = d ** -0.5
+    _write(tmp_path, dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, q, k, v, softcap=cap)
+    _run(fwd_emulator, tmp_path, mode, "end" if mode == 0 else "start")
+    got = torch.from_numpy(np.fromfile(tmp_path / "out.f32", np.float32).reshape(b, sq, h, d))
+    lse = torch.from_numpy(np.fromfile(tmp_path / "lse.f32", np.float32).reshape(b, h, sq))
+    qt, kt, vt = _torch(q, dtype), _torch(k, dtype), _torch(v, dtype)
+    kw = dict(causal=bool(causal), softmax_scale=scale, window=(wl, wr), softcap=cap)
+    true_out, true_lse = reference.attention(qt.double(), kt.double(), vt.double(), return_lse=True, **kw)
+    assert_error_ratio(got.to(qt.dtype), reference.attention(qt, kt, vt, **kw), true_out, "out")
+    empty = torch.isneginf(true_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "lse -inf exactly where no key"
+    assert (got[empty.permute(0, 2, 1)] == 0).all()  # rows that see no key: exactly 0
+    torch.testing.assert_close(lse[~empty].double(), true_lse[~empty].double(), atol=2e-4, rtol=1e-5)
+
+
+NEW_DIMS_VARLEN = [
+    # dtype, d, h, hk, wl, wr, causal, softcap, [(sq, sk) per sequence]
+    ("bf", 32, 2, 1, -1, 0, 1, 0.0, [(1, 17), (130, 129), (0, 5), (40, 30)]),
+    ("16", 96, 2, 2, -1, -1, 0, 0.0, [(17, 70), (0, 0), (97, 1), (5, 5)]),
+    ("16", 192, 4, 2, 10, 10, 0, 0.0, [(33, 40), (3, 0), (70, 97)]),
+    ("bf", 256, 2, 1, -1, 0, 1, 30.0, [(65, 65), (1, 0), (20, 33)]),
+]
+
+
+@pytest.mark.parametrize("case", NEW_DIMS_VARLEN, ids=lambda c: f"{c[0]}-d{c[1]}-n{len(c[8])}")
+def test_emulated_forward_new_head_dims_varlen(fwd_emulator, tmp_path, case):
+    """The varlen prologue once per new head dim (mode 3, guard at the start: late landing,
+    reverse schedule), per sequence against reference.attention_varlen."""
+    dtype, d, h, hk, wl, wr, causal, cap, lens = case
+    rng = np.random.default_rng(sum(a * 3 + b for a, b in lens) + d)
+    cu_q = np.concatenate([[0], np.cumsum([a for a, _ in lens])]).astype(np.int64)
+    cu_k = np.concatenate([[0], np.cumsum([b for _, b in lens])]).astype(np.int64)
+    total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
+    q = _rnd(rng, dtype, total_q, h, d)
+    k, v = _rnd(rng, dtype, total_k, hk, d), _rnd(rng, dtype, total_k, hk, d)
+    scale = d ** -0.5
+    _write(tmp_path, dtype, d, len(lens), max(a for a, _ in lens), max(b for _, b in lens), h, hk,
+           wl, wr, causal, scale, q, k, v, varlen=(cu_q, cu_k, total_q, total_k), softcap=cap)
+    _run(fwd_emulator, tmp_path, 3, "start")
+    got = torch.from_numpy(np.fromfile(tmp_path / "out.f32", np.float32).reshape(total_q, h, d))
+    lse = torch.from_numpy(np.fromfile(tmp_path / "lse.f32", np.float32).reshape(h, total_q))
+    qt, kt, vt = _torch(q, dtype), _torch(k, dtype), _torch(v, dtype)
+    cq, ck = torch.from_numpy(cu_q), torch.from_numpy(cu_k)
+    kw = dict(causal=bool(causal), softmax_scale=scale, window=(wl, wr), softcap=cap)
+    true_out, true_lse = reference.attention_varlen(qt.double(), kt.double(), vt.double(), cq, ck,
+                                                    return_lse=True, **kw)
+    low_out = reference.attention_varlen(qt, kt, vt, cq, ck, **kw)
+    assert_error_ratio(got.to(qt.dtype), low_out, true_out, "out")
+    empty = torch.isneginf(true_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "lse -inf exactly where no key"
+    assert (got[empty.t()] == 0).all()
+    torch.testing.assert_close(lse[~empty].double(), true_lse[~empty].double(), atol=2e-4, rtol=1e-5)

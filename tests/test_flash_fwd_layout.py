@@ -24,8 +24,9 @@ NEG_INF = -np.inf
 
 
 class Cfg:
-    def __init__(self, head_dim, block_m, block_n, n_warps):
+    def __init__(self, head_dim, block_m, block_n, n_warps, masked_only=False):
         self.D, self.BM, self.BN, self.NW = head_dim, block_m, block_n, n_warps
+        self.masked_only = masked_only  # only the masked kernel is instantiated (d 32, 96, 192, 256)
         self.NT = n_warps * 32
         self.MT = block_m // (16 * n_warps)  # kMTiles
         self.RPW = 16 * self.MT  # kRowsPerWarp
@@ -35,11 +36,20 @@ class Cfg:
         self.smem_q = block_m * head_dim * 2
         self.smem_kv = block_n * head_dim * 2
         self.smem_bytes = self.smem_q + 2 * self.smem_kv  # Q + one K and one V tile
+        # kLoadTpr: threads sharing one row in load_tile (largest of 16, 8, 4 dividing kChunks)
+        self.TPR = 16 if self.CH % 16 == 0 else 8 if self.CH % 8 == 0 else 4
+
+
+def swizzle_key(ch, row):
+    """fastattn::flash::swizzle_key<kChunks>(row): row & 7 for rows of a multiple of 8 chunks,
+    (row >> 1) & 3 for rows of an odd multiple of 4 (d 32, 96)."""
+    assert ch % 4 == 0
+    return (row & 7) if ch % 8 == 0 else ((row >> 1) & 3)
 
 
 def smem_offset(ch, row, chunk):
     """fastattn::flash::smem_offset<kChunks>(row, chunk), in bytes."""
-    return row * (ch * 16) + ((chunk ^ (row & 7)) << 4)
+    return row * (ch * 16) + ((chunk ^ swizzle_key(ch, row)) << 4)
 
 
 LANE = np.arange(32)
@@ -112,22 +122,24 @@ def round16(x, dtype):
 
 
 def load_tile(cfg, smem, base, src, row0, seqlen, n_rows):
-    """load_tile<Kt, kRows>: thread tid copies chunks tid + i * kNThreads (zero-fill past seqlen)."""
-    iters = n_rows * cfg.CH // cfg.NT
-    assert n_rows * cfg.CH % cfg.NT == 0
+    """load_tile<Kt, kRows>: with kTpr threads per row, thread tid copies chunk
+    tid % kTpr + g * kTpr of rows tid / kTpr + i * (kNThreads / kTpr) (zero-fill past seqlen)."""
+    tpr = cfg.TPR
+    rpi = cfg.NT // tpr
+    assert cfg.NT % tpr == 0 and rpi % 8 == 0 and n_rows % rpi == 0
     tid = np.arange(cfg.NT)
     written = []
-    for i in range(iters):
-        idx = tid + i * cfg.NT
-        r, c = idx // cfg.CH, idx % cfg.CH
-        valid = row0 + r < seqlen
-        rows = np.where(valid, row0 + r, 0)
-        vals = src[rows[:, None], c[:, None] * 8 + np.arange(8)]
-        vals = np.where(valid[:, None], vals, 0.0)
-        addr = base + smem_offset(cfg.CH, r, c)
-        assert_conflict_free(addr.reshape(-1, 32))
-        smem.write16(addr, vals)
-        written.append(addr)
+    for i in range(n_rows // rpi):
+        for g in range(cfg.CH // tpr):
+            r, c = tid // tpr + i * rpi, tid % tpr + g * tpr
+            valid = row0 + r < seqlen
+            rows = np.where(valid, row0 + r, 0)
+            vals = src[rows[:, None], c[:, None] * 8 + np.arange(8)]
+            vals = np.where(valid[:, None], vals, 0.0)
+            addr = base + smem_offset(cfg.CH, r, c)
+            assert_conflict_free(addr.reshape(-1, 32))
+            smem.write16(addr, vals)
+            written.append(addr)
     written = np.sort(np.concatenate(written))
     # every 16-byte slot of the tile written exactly once
     assert np.array_equal(written, base + 16 * np.arange(n_rows * cfg.CH))
@@ -303,7 +315,7 @@ def emulate(cfg, dtype, q, k, v, scale, window=(-1, -1), causal=False):
     out = np.full((B, sq, H, D), np.nan, np.float32)
     lse = np.full((B, H, sq), np.nan, np.float32)
     wl, wr = normalise_window(sq, sk, window, causal)
-    masked = wl >= 0 or wr >= 0
+    masked = cfg.masked_only or wl >= 0 or wr >= 0
     scale_log2 = np.float32(scale * 1.4426950408889634)
     for b in range(B):
         for h in range(H):
@@ -363,6 +375,10 @@ CFGS = {
     # the shipped configurations (flash_fwd_hdim*.cu)
     "d64": Cfg(64, 128, 64, 4),
     "d128": Cfg(128, 128, 64, 4),
+    "d32": Cfg(32, 128, 64, 4, masked_only=True),
+    "d96": Cfg(96, 128, 64, 4, masked_only=True),
+    "d192": Cfg(192, 128, 64, 8, masked_only=True),
+    "d256": Cfg(256, 64, 64, 4, masked_only=True),
     # the template's one-m-tile-per-warp path (kMTiles = 1, 8 warps), kept valid
     "d64_mt1": Cfg(64, 128, 64, 8),
 }
@@ -389,6 +405,12 @@ RUNS = (
     + [("d128", c, "fp16") for c in (3, 8, 9)]
     + [("d128", 4, "bf16")]
     + [("d64_mt1", c, "fp16") for c in (2, 4)]
+    + [("d32", c, "fp16") for c in (3, 4)]
+    + [("d32", 8, "bf16")]
+    + [("d96", c, "bf16") for c in (1, 2)]
+    + [("d96", 6, "fp16")]
+    + [("d192", c, "fp16") for c in (3, 9)]
+    + [("d256", c, "bf16") for c in (2, 4)]
 )
 
 
@@ -417,13 +439,21 @@ def test_emulated_kernel_matches_attention(cfg_name, case, dtype):
 
 def test_smem_budget_and_layout_facts():
     for cfg in CFGS.values():
-        assert cfg.D % 64 == 0 and cfg.BN % 16 == 0
+        assert cfg.D % 32 == 0 and cfg.BN % 16 == 0
     assert CFGS["d64"].smem_bytes == 32 * 1024
     assert CFGS["d128"].smem_bytes == 64 * 1024
-    # swizzle is a permutation of the chunks of every row group
-    for ch in (8, 16):
-        offs = sorted(smem_offset(ch, r, c) for r in range(16) for c in range(ch))
-        assert offs == [16 * i for i in range(16 * ch)]
+    assert CFGS["d32"].smem_bytes == 16 * 1024
+    assert CFGS["d96"].smem_bytes == 48 * 1024  # no opt-in needed
+    # 96 KB: within the opt-in limit of every sm_80+ part (sm_86 / sm_89: 99 KB)
+    assert CFGS["d192"].smem_bytes == CFGS["d256"].smem_bytes == 96 * 1024
+    # the swizzle permutes the chunks of each row in place (never leaves the row), and
+    # 8 rows r0..r0+7 at one chunk hit 8 distinct 16-byte bank groups, for every row length
+    for ch in (4, 8, 12, 16, 24, 32):
+        for r in range(16):
+            assert sorted(smem_offset(ch, r, c) for c in range(ch)) == [r * ch * 16 + 16 * c for c in range(ch)]
+        for r0 in (0, 8):
+            for c in range(ch):
+                assert len({(smem_offset(ch, r0 + r, c) >> 4) & 7 for r in range(8)}) == 8
 
 
 @pytest.mark.parametrize("cfg_name", list(CFGS))
@@ -433,9 +463,10 @@ def test_kernel_address_forms_equal_smem_offset(cfg_name):
     in load_tile). They must equal smem_offset() for every lane, warp and loop index."""
     cfg = CFGS[cfg_name]
     RB, ch = cfg.D * 2, cfg.CH
-    z = (LANE >> 4) ^ (LANE & 7)
+    key = swizzle_key(ch, LANE & 7)
+    z = (LANE >> 4) ^ key
     ld_off = [(LANE & 15) * RB + (((2 * i) ^ z) << 4) for i in range(4)]
-    zk = ((LANE >> 3) & 1) ^ (LANE & 7)
+    zk = ((LANE >> 3) & 1) ^ key
     ldk_off = [((LANE & 7) + 8 * (LANE >> 4)) * RB + (((2 * i) ^ zk) << 4) for i in range(4)]
     for warp in range(cfg.NW):
         warp_row0 = warp * cfg.RPW
@@ -453,14 +484,18 @@ def test_kernel_address_forms_equal_smem_offset(cfg_name):
         for jp in range(cfg.NTO // 2):
             kernel = ld_off[jp & 3] + (jp >> 2) * 128 + ks * 16 * RB
             assert np.array_equal(kernel, smem_offset(ch, 16 * ks + (LANE & 15), 2 * jp + (LANE >> 4)))
-    # load_tile: thread tid, iteration i
-    rpi = cfg.NT // ch
-    assert cfg.NT % ch == 0 and rpi % 8 == 0
+    # load_tile: thread tid, row iteration i, column group g
+    tpr = cfg.TPR
+    rpi = cfg.NT // tpr
+    assert cfg.NT % tpr == 0 and rpi % 8 == 0 and ch % tpr == 0
     tid = np.arange(cfg.NT)
-    r0, c = tid // ch, tid % ch
+    r0, c = tid // tpr, tid % tpr
     for n_rows in (cfg.BM, cfg.BN):
         for i in range(n_rows // rpi):
-            idx = tid + i * cfg.NT
-            kernel = smem_offset(ch, r0, c) + i * rpi * RB
-            assert np.array_equal(kernel, smem_offset(ch, idx // ch, idx % ch))
-            assert np.array_equal(r0 + i * rpi, idx // ch) and np.array_equal(c, idx % ch)
+            for g in range(ch // tpr):
+                kernel = smem_offset(ch, r0, c) + i * rpi * RB + g * tpr * 16
+                assert np.array_equal(kernel, smem_offset(ch, r0 + i * rpi, c + g * tpr))
+        if tpr == ch:  # d 32, 64, 128: chunks tid, tid + kNThreads, ... of the row-major tile
+            for i in range(n_rows // rpi):
+                idx = tid + i * cfg.NT
+                assert np.array_equal(r0 + i * rpi, idx // ch) and np.array_equal(c, idx % ch)

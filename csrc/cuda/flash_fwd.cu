@@ -6,7 +6,7 @@
 // with kvh = h / (h / h_k) (GQA/MQA without copying K/V), over the keys j row i may see:
 // j in [i + Sk - Sq - left, i + Sk - Sq + right] (bottom-right aligned; -1 = unbounded;
 // causal = right 0). A row that sees no key writes 0 and lse = -inf. fp16/bf16 in and out,
-// fp32 accumulation, head dims 64 and 128, any Sq/Sk, arbitrary batch/row/head strides
+// fp32 accumulation, head dims 32, 64, 96, 128, 192 and 256, any Sq/Sk, arbitrary batch/row/head strides
 // (last dim contiguous, 16-byte aligned rows).
 //
 // Why it is fast. The S = QK^T score matrix never touches global memory. A thread block
@@ -16,8 +16,10 @@
 // and row sum, the accumulator rescaled by 2^(old max - new max) when the max grows), so
 // every K/V byte read from global memory serves 128 queries. Both matmuls run on the tensor
 // cores with mma.sync m16n8k16 (fp32 accumulate), fed by ldmatrix from an XOR-swizzled
-// shared layout (16-byte chunk c of row r stored at c ^ (r & 7)) that makes every ldmatrix
-// and every cp.async write bank-conflict free without padding. The probabilities P never
+// shared layout (16-byte chunk c of row r stored at c ^ (r & 7); at d 32 / 96, whose rows are
+// an odd number of half bank lines, at c ^ ((r >> 1) & 3), inside aligned 4-chunk groups:
+// flash_fwd_kernel.cuh) that makes every ldmatrix and every cp.async write bank-conflict free
+// without padding. The probabilities P never
 // go back to shared memory: the m16n8k16 accumulator layout of two adjacent n8 score tiles
 // is exactly the A-operand layout of a k16 slice, so P is packed to 16 bit in registers and
 // fed straight into the PV mma. K and V tiles are fetched with cp.async (asynchronous,
@@ -50,6 +52,23 @@
 // (lengths, strides, window sizes, GQA ratio) is a runtime value, which keeps the build at 8
 // kernels (2 dtypes x 2 head dims x masked or not), in two files compiled in parallel.
 //
+// The other head dims (Phi-3's 96, Gemma's 256, small models' 32, and 192) reuse the same
+// kernel template; only the tile changes, chosen for registers and shared memory (0 spills on
+// sm_80 and sm_90a):
+//   d 32, d 96: 128 x 64, 4 warps of two m16 tiles, as d 64 / 128 (O 2 x 16 / 2 x 48 fp32 per
+//     thread). Smem 16 KB / 48 KB (no opt-in), two blocks (8 warps) per SM on A100 and H100.
+//   d 192: 128 x 64, 8 warps of ONE m16 tile (O 96 fp32): two m16 tiles per warp would need
+//     O 192 + S 64 fp32 registers, past the 255 limit. 8 warps keep 128 queries per K/V tile
+//     (half the K/V traffic of 64 x 64). Smem Q 48 + K 24 + V 24 = 96 KB: one block (8 warps,
+//     the register file's limit at ~255 registers x 256 threads) per SM.
+//   d 256: 64 x 64, 4 warps of one m16 tile (O 128 fp32). Smem Q 32 + K 32 + V 32 = 96 KB, which
+//     still fits the 99 KB opt-in limit of sm_86 / sm_89 parts (128 x 64 would need 128 KB);
+//     two blocks (8 warps) per SM on H100 (227 KB), one on A100 (164 KB).
+// They exist only as the masked kernel (which runs unmasked problems too, paying the window
+// arithmetic, as the softcap twins do) plus its soft-capped twin: 4 kernels per head dim
+// (2 dtypes x capped or not), one file per head dim (flash_fwd_hdim{32,96,192,256}.cu), so the
+// whole forward is 28 kernels in 8 files that a parallel build compiles side by side.
+//
 // Logit soft-capping (FlashFwdParams::softcap > 0, Gemma 2): the score becomes
 // softcap * tanh(score / softcap) before masking and softmax, folded as softcap.cuh explains
 // (one multiply by softmax_scale / softcap * 2 log2 e on the accumulator, a tanh from ex2 and
@@ -69,7 +88,7 @@
 // count is unchanged by varlen and the main loop is the same code for both layouts.
 //
 // Requirements checked here (cudaErrorInvalidValue otherwise, nothing launched): fp16 or
-// bf16; d in {64, 128}; h % h_k == 0; q/k/v/out 16-byte aligned and every batch/row/head
+// bf16; d in {32, 64, 96, 128, 192, 256}; h % h_k == 0; q/k/v/out 16-byte aligned and every batch/row/head
 // stride a multiple of 8 elements (16-byte cp.async and stores); seqlen_q, seqlen_k <= 2^28;
 // b, h <= 65535 (grid z / y). flash_fwd_cuda_supports_layout() tells a caller up front; one
 // with another layout passes contiguous copies instead.
@@ -83,7 +102,9 @@
 
 namespace fastattn {
 
-bool flash_fwd_cuda_supports_head_dim(int64_t d) { return d == 64 || d == 128; }
+bool flash_fwd_cuda_supports_head_dim(int64_t d) {
+  return d == 32 || d == 64 || d == 96 || d == 128 || d == 192 || d == 256;
+}
 
 namespace {
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -172,6 +193,13 @@ cudaError_t flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream) {
   args.total_k = p.total_k;
   const bool masked = left >= 0 || right >= 0;
 
+  switch (p.d) {  // the masked-only head dims: masked kernel or its capped twin
+    case 32: return flash::run_flash_fwd_hdim32(args, p.b, p.dtype, softcap, stream);
+    case 96: return flash::run_flash_fwd_hdim96(args, p.b, p.dtype, softcap, stream);
+    case 192: return flash::run_flash_fwd_hdim192(args, p.b, p.dtype, softcap, stream);
+    case 256: return flash::run_flash_fwd_hdim256(args, p.b, p.dtype, softcap, stream);
+    default: break;
+  }
   if (softcap) {
     switch (p.d) {
       case 64: return flash::run_flash_fwd_hdim64_softcap(args, p.b, p.dtype, stream);

@@ -33,12 +33,24 @@
 //               (rows = keys, cols = dims) gives lane l V[2t..2t+1][g] = b0.
 //
 // Shared-memory layout: every tile (Q, K, V, and the O staging) is row-major with rows of
-// kHeadDim 16-bit elements = kHeadDim / 8 chunks of 16 bytes, and chunk c of row r is
-// stored at chunk position c ^ (r & 7). Every ldmatrix phase reads 8 rows r0..r0+7 with r0 a
-// multiple of 8 at one logical chunk, which land on 8 distinct chunk positions mod 8, i.e.
-// all 32 banks once: conflict free. The cp.async fills write 8 consecutive chunks of one
-// row per 8 lanes: again 8 distinct positions mod 8. Both sides use the one function
-// smem_offset() below, so reader and writer agree by construction.
+// kHeadDim 16-bit elements = kChunks = kHeadDim / 8 chunks of 16 bytes, and chunk c of row r
+// is stored at chunk position c ^ key(r) of its row (no padding). A 16-byte access at byte
+// address A uses bank group (A / 16) mod 8 (8 groups of 4 banks = one 128-byte line); a phase
+// of 8 lanes is conflict free iff its 8 addresses hit 8 distinct groups.
+//   kChunks % 8 == 0 (d 64, 128, 192, 256): key(r) = r & 7. Rows are whole bank lines, so the
+//     group of (r, c) is (c ^ (r & 7)) mod 8: the 8 rows r0..r0+7 (r0 a multiple of 8) of an
+//     ldmatrix phase at one logical chunk hit 8 distinct groups, and so do 8 consecutive
+//     chunks of one row (the cp.async fills and the O store).
+//   kChunks % 8 == 4 (d 32: 4 chunks, d 96: 12): a row is an odd number of half bank lines,
+//     so the group of (r, c) is 4 (r & 1) + (c ^ key(r)) mod 8, and key(r) = (r >> 1) & 3 only
+//     permutes the chunks inside each aligned 4-chunk group (the XOR never leaves the row).
+//     Rows r0..r0+7 at one chunk: (r & 1, key) takes all 8 values: 8 distinct groups. Four
+//     chunks of rows 2k and 2k + 1 (the cp.async fills, 4 lanes per row): one key, two halves.
+//     The same holds for any 8 consecutive row-major chunks (the O store), which always form
+//     two aligned 4-chunk groups. So every phase stays conflict free (emulated bank report:
+//     tests/test_flash_fwd_emulated.py::test_bank_conflict_report).
+// Both sides use the one function smem_offset() below, so reader and writer agree by
+// construction.
 // ---------------------------------------------------------------------------------------
 //
 // Emulation: tests/flash_fwd_emulate.cpp compiles this header and the launchers
@@ -109,6 +121,10 @@ struct FwdTraits {
   static constexpr int kMTiles = kBlockM / (16 * kNWarps);  // m16 tiles owned by one warp
   static constexpr int kRowsPerWarp = 16 * kMTiles;
   static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per smem row
+  // load_tile: threads that share one row, each copying one chunk of a kLoadTpr-chunk column
+  // group (the largest of 16, 8, 4 dividing kChunks): kNThreads / kLoadTpr rows per sweep, a
+  // multiple of 8, so a thread's swizzle key is the same for every row it copies.
+  static constexpr int kLoadTpr = kChunks % 16 == 0 ? 16 : kChunks % 8 == 0 ? 8 : 4;
   static constexpr int kRowBytes = kHeadDim * 2;
   static constexpr int kNTilesS = kBlockN / 8;   // n8 tiles of S per m16 tile
   static constexpr int kNTilesO = kHeadDim / 8;  // n8 tiles of O per m16 tile
@@ -121,18 +137,33 @@ struct FwdTraits {
   // give 255 registers per thread and 8 warps per SM.
   static constexpr int kMinBlocksPerSm = kNWarps <= 4 ? 2 : 1;
   static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole m16 tiles");
-  static_assert(kHeadDim % 64 == 0, "swizzle needs >= 8 chunks per row");
+  static_assert(kHeadDim % 32 == 0, "swizzle works on groups of 4 or 8 chunks per row");
+  static_assert((kNThreads / kLoadTpr) % 8 == 0, "load_tile: one swizzle key per thread");
   static_assert(kBlockN % 16 == 0, "P is consumed in k16 slices");
   static_assert((kBlockM * kChunks) % kNThreads == 0, "Q tile load divides evenly");
   static_assert((kBlockN * kChunks) % kNThreads == 0, "K/V tile load divides evenly");
   static_assert((kRowsPerWarp * kChunks) % 32 == 0, "O store divides evenly");
 };
 
+// The swizzle key of a row: chunk c of row r is stored at chunk position c ^ key(r). Rows of a
+// multiple of 8 chunks (d 64, 128, 192, 256): key = r & 7. Rows of an odd multiple of 4 chunks
+// (d 32, 96: 64 or 192 bytes, so rows r and r + 1 start half a 128-byte bank line apart):
+// key = (r >> 1) & 3, an XOR inside each aligned 4-chunk group (see the header comment).
+template <int kChunks>
+__device__ __forceinline__ int swizzle_key(int row) {
+  static_assert(kChunks % 4 == 0, "rows of whole 4-chunk groups");
+  if constexpr (kChunks % 8 == 0) {
+    return row & 7;
+  } else {
+    return (row >> 1) & 3;
+  }
+}
+
 // Byte offset of (row, 16-byte chunk) in a swizzled tile. The ONLY place the layout is
 // defined: cp.async writers, ldmatrix readers and the O staging all call it.
 template <int kChunks>
 __device__ __forceinline__ uint32_t smem_offset(int row, int chunk) {
-  return static_cast<uint32_t>(row * (kChunks * 16) + ((chunk ^ (row & 7)) << 4));
+  return static_cast<uint32_t>(row * (kChunks * 16) + ((chunk ^ swizzle_key<kChunks>(row)) << 4));
 }
 
 // ---- PTX wrappers ----------------------------------------------------------------------
@@ -225,28 +256,39 @@ __device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
 
 // Load rows [row0, row0 + kRows) of one head of a (b, seqlen, heads, d) tensor into a
 // swizzled smem tile; rows >= seqlen are zero-filled (so no garbage, NaN included, can reach
-// the mma). Thread tid copies chunk c = tid % kChunks of rows r0 + i * kRowsPerIter with
-// r0 = tid / kChunks (the same as chunks tid, tid + kNThreads, ... of the row-major tile):
-// 8 consecutive threads cover 8 consecutive chunks of one row, i.e. 128 contiguous global
-// bytes (coalesced) and 8 distinct smem chunk positions (conflict free). kRowsPerIter is a
-// multiple of 8, so every row a thread writes has the same swizzle key r0 & 7 and its smem
-// offsets are one register plus immediates; the global pointer advances by a fixed step.
+// the mma). kTpr = Kt::kLoadTpr threads share a row: thread tid copies chunks
+// c + g * kTpr (c = tid % kTpr, every column group g < kChunks / kTpr) of rows
+// r0 + i * kRowsPerIter with r0 = tid / kTpr. When kTpr == kChunks (d 32, 64, 128) that is
+// chunks tid, tid + kNThreads, ... of the row-major tile. Consecutive threads cover kTpr
+// consecutive chunks of one row, 64 to 256 contiguous global bytes (whole 32-byte sectors,
+// coalesced), and every 8-lane phase writes 8 distinct bank-line chunk positions (conflict
+// free: kTpr >= 8 gives 8 chunks of one row, XORed with one key < 8 inside an aligned 8-chunk
+// group; kTpr = 4 gives 4 chunks of rows 2k and 2k + 1, which share the key and start half a
+// bank line apart). kRowsPerIter is a multiple of 8, so every row a thread writes has the same
+// swizzle key and its smem offsets are one register plus immediates (the key < kTpr, so the XOR
+// never leaves the column group); the global pointer advances by a fixed step.
 template <typename Kt, int kRows, typename T>
 __device__ __forceinline__ void load_tile(uint32_t smem_tile, const T* head_base, int64_t row_stride,
                                           int row0, int seqlen, int tid) {
-  constexpr int kRowsPerIter = Kt::kNThreads / Kt::kChunks;
-  static_assert(Kt::kNThreads % Kt::kChunks == 0 && kRowsPerIter % 8 == 0, "swizzle key per thread");
+  constexpr int kTpr = Kt::kLoadTpr;
+  constexpr int kRowsPerIter = Kt::kNThreads / kTpr;
+  static_assert(Kt::kNThreads % kTpr == 0 && kRowsPerIter % 8 == 0, "swizzle key per thread");
   static_assert(kRows % kRowsPerIter == 0, "tile rows divide evenly");
-  const int r0 = tid / Kt::kChunks;
-  const int c = tid % Kt::kChunks;
+  const int r0 = tid / kTpr;
+  const int c = tid % kTpr;
   const uint32_t dst = smem_tile + smem_offset<Kt::kChunks>(r0, c);
   const T* src = head_base + static_cast<int64_t>(row0 + r0) * row_stride + c * 8;
   const int64_t step = static_cast<int64_t>(kRowsPerIter) * row_stride;
 #pragma unroll
   for (int i = 0; i < kRows / kRowsPerIter; ++i) {
     const bool valid = row0 + r0 + i * kRowsPerIter < seqlen;
-    // == smem_offset(r0 + i * kRowsPerIter, c): same swizzle key, rows further down
-    cp_async_16(dst + i * kRowsPerIter * Kt::kRowBytes, valid ? src : head_base, valid);
+#pragma unroll
+    for (int g = 0; g < Kt::kChunks / kTpr; ++g) {
+      // == smem_offset(r0 + i * kRowsPerIter, c + g * kTpr): same swizzle key, rows further
+      // down, chunks further right
+      cp_async_16(dst + i * kRowsPerIter * Kt::kRowBytes + g * kTpr * 16,
+                  valid ? src + g * kTpr * 8 : head_base, valid);
+    }
     src += step;
   }
 }
@@ -369,9 +411,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   //     -> b0,b1 of dim tile 2jp and b0,b1 of 2jp+1: lane supplies key 16ks + (lane & 15),
   //     chunk 2jp + (lane >> 4).
   //
-  // Every such row is (multiple of 8) + (lane & 7), so its swizzle key row & 7 is lane & 7,
+  // Every such row is (multiple of 8) + (lane & 7), so its swizzle key is key(lane & 7) (< 8),
   // and every chunk is 2 * i + (0 or 1), i.e. (2 * i) ^ (0 or 1). Hence
-  //   smem_offset(R + r, 2 * i + c) = (R + r) * kRowBytes + ((2 * i) ^ (c ^ (lane & 7))) * 16
+  //   smem_offset(R + r, 2 * i + c) = (R + r) * kRowBytes + ((2 * i) ^ (c ^ key(lane & 7))) * 16
   // and for i = 4 * i_hi + i_lo the XOR only touches the low three bits:
   //   ((2 * i) ^ z) * 16 = i_hi * 128 + ((2 * i_lo) ^ z) * 16          (z < 8).
   // So four per-lane offsets (i_lo = 0..3) plus compile-time immediates address every
@@ -380,8 +422,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   // K: row (lane & 7) + 8 (lane >> 4), chunk bit (lane >> 3) & 1.
   uint32_t ld_off[4], ldk_off[4];
   {
-    const int z = (lane >> 4) ^ (lane & 7);
-    const int zk = ((lane >> 3) & 1) ^ (lane & 7);
+    const int key = swizzle_key<kChunks>(lane & 7);
+    const int z = (lane >> 4) ^ key;
+    const int zk = ((lane >> 3) & 1) ^ key;
     const int rk = (lane & 7) + ((lane >> 4) << 3);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -642,6 +685,10 @@ cudaError_t launch_flash_fwd(const FwdArgs& args, int64_t batch, cudaStream_t st
 // the plain and the soft-capped instantiation files.
 using FwdTraitsHdim64 = FwdTraits</*kHeadDim=*/64, /*kBlockM=*/128, /*kBlockN=*/64, /*kNWarps=*/4>;
 using FwdTraitsHdim128 = FwdTraits</*kHeadDim=*/128, /*kBlockM=*/128, /*kBlockN=*/64, /*kNWarps=*/4>;
+using FwdTraitsHdim32 = FwdTraits</*kHeadDim=*/32, /*kBlockM=*/128, /*kBlockN=*/64, /*kNWarps=*/4>;
+using FwdTraitsHdim96 = FwdTraits</*kHeadDim=*/96, /*kBlockM=*/128, /*kBlockN=*/64, /*kNWarps=*/4>;
+using FwdTraitsHdim192 = FwdTraits</*kHeadDim=*/192, /*kBlockM=*/128, /*kBlockN=*/64, /*kNWarps=*/8>;
+using FwdTraitsHdim256 = FwdTraits</*kHeadDim=*/256, /*kBlockM=*/64, /*kBlockN=*/64, /*kNWarps=*/4>;
 
 // Entry points per head dim (flash_fwd_hdim<D>.cu), dispatching dtype x masked, and the
 // soft-capped ones (flash_fwd_hdim<D>_softcap.cu), dispatching dtype.
@@ -653,6 +700,16 @@ cudaError_t run_flash_fwd_hdim64_softcap(const FwdArgs& args, int64_t batch, DTy
                                          cudaStream_t stream);
 cudaError_t run_flash_fwd_hdim128_softcap(const FwdArgs& args, int64_t batch, DType dtype,
                                           cudaStream_t stream);
+// Head dims 32, 96, 192, 256 (flash_fwd_hdim<D>.cu): the masked kernel only (it serves
+// unmasked problems too) and its soft-capped twin, dispatching dtype x softcap.
+cudaError_t run_flash_fwd_hdim32(const FwdArgs& args, int64_t batch, DType dtype, bool softcap,
+                                 cudaStream_t stream);
+cudaError_t run_flash_fwd_hdim96(const FwdArgs& args, int64_t batch, DType dtype, bool softcap,
+                                 cudaStream_t stream);
+cudaError_t run_flash_fwd_hdim192(const FwdArgs& args, int64_t batch, DType dtype, bool softcap,
+                                  cudaStream_t stream);
+cudaError_t run_flash_fwd_hdim256(const FwdArgs& args, int64_t batch, DType dtype, bool softcap,
+                                  cudaStream_t stream);
 
 // Dispatch helpers used by those files.
 template <typename Kt>
@@ -675,6 +732,16 @@ cudaError_t run_flash_fwd_softcap_dispatch(const FwdArgs& args, int64_t batch, D
                                            cudaStream_t stream) {
   if (dtype == DType::kFloat16) return launch_flash_fwd<Kt, __half, true, true>(args, batch, stream);
   if (dtype == DType::kBFloat16) return launch_flash_fwd<Kt, __nv_bfloat16, true, true>(args, batch, stream);
+  return cudaErrorInvalidValue;
+}
+// Masked-only head dims: the masked kernel for every mask (and none), capped or not: 4 kernels
+// per head dim.
+template <typename Kt>
+cudaError_t run_flash_fwd_masked_dispatch(const FwdArgs& args, int64_t batch, DType dtype,
+                                          bool softcap, cudaStream_t stream) {
+  if (softcap) return run_flash_fwd_softcap_dispatch<Kt>(args, batch, dtype, stream);
+  if (dtype == DType::kFloat16) return launch_flash_fwd<Kt, __half, true, false>(args, batch, stream);
+  if (dtype == DType::kBFloat16) return launch_flash_fwd<Kt, __nv_bfloat16, true, false>(args, batch, stream);
   return cudaErrorInvalidValue;
 }
 
