@@ -327,7 +327,8 @@ def test_emulated_forward_new_head_dims(fwd_emulator, tmp_path, case, mode):
     rng = np.random.default_rng(sq * 7 + sk + d)
     q, k, v = (_rnd(rng, dtype, b, sq, h, d), _rnd(rng, dtype, b, sk, hk, d),
                _rnd(rng, dtype, b, sk, hk, d))
-    scale = d ** -0.5
+    # capped: raw q.k scores (std sqrt(d)), so that even cap 50 bends them visibly
+    scale = 1.0 if cap > 0 else d ** -0.5
     _write(tmp_path, dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, q, k, v, softcap=cap)
     _run(fwd_emulator, tmp_path, mode, "end" if mode == 0 else "start")
     got = torch.from_numpy(np.fromfile(tmp_path / "out.f32", np.float32).reshape(b, sq, h, d))
@@ -340,6 +341,9 @@ def test_emulated_forward_new_head_dims(fwd_emulator, tmp_path, case, mode):
     assert torch.equal(torch.isneginf(lse), empty), "lse -inf exactly where no key"
     assert (got[empty.permute(0, 2, 1)] == 0).all()  # rows that see no key: exactly 0
     torch.testing.assert_close(lse[~empty].double(), true_lse[~empty].double(), atol=2e-4, rtol=1e-5)
+    if cap > 0:  # the launcher must have picked the capped twin: the cap changes the result here
+        uncapped = reference.attention(qt.double(), kt.double(), vt.double(), **dict(kw, softcap=0.0))
+        assert (uncapped - true_out).abs().max() > 1e-2 and (got - uncapped.float()).abs().max() > 1e-2
 
 
 NEW_DIMS_VARLEN = [
@@ -362,7 +366,7 @@ def test_emulated_forward_new_head_dims_varlen(fwd_emulator, tmp_path, case):
     total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
     q = _rnd(rng, dtype, total_q, h, d)
     k, v = _rnd(rng, dtype, total_k, hk, d), _rnd(rng, dtype, total_k, hk, d)
-    scale = d ** -0.5
+    scale = 1.0 if cap > 0 else d ** -0.5
     _write(tmp_path, dtype, d, len(lens), max(a for a, _ in lens), max(b for _, b in lens), h, hk,
            wl, wr, causal, scale, q, k, v, varlen=(cu_q, cu_k, total_q, total_k), softcap=cap)
     _run(fwd_emulator, tmp_path, 3, "start")
@@ -379,3 +383,6 @@ def test_emulated_forward_new_head_dims_varlen(fwd_emulator, tmp_path, case):
     assert torch.equal(torch.isneginf(lse), empty), "lse -inf exactly where no key"
     assert (got[empty.t()] == 0).all()
     torch.testing.assert_close(lse[~empty].double(), true_lse[~empty].double(), atol=2e-4, rtol=1e-5)
+    if cap > 0:  # the capped twin ran: the cap changes the result here
+        uncapped = reference.attention_varlen(qt.double(), kt.double(), vt.double(), cq, ck, **dict(kw, softcap=0.0))
+        assert (uncapped - true_out).abs().max() > 1e-2 and (got - uncapped.float()).abs().max() > 1e-2
