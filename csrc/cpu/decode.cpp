@@ -14,22 +14,24 @@
 //
 // Why it is fast: decode reads the whole cache at every step, so every K/V row is read from memory
 // exactly once and used by all G query heads of its group. Work is split over ATen's thread
-// pool by (batch, split). Each item walks its keys in blocks of kKeyBlock rows. A block's K
-// and V rows of every kv head are first converted (16-bit) or copied (fp32) to fp32 staging
-// buffers in memory order: in the usual (B, S, Hk, D) layout the rows of all heads of a key
-// are adjacent, so this is one sequential read per block that the hardware prefetchers follow,
-// instead of hopping by the Hk * D row stride, one page per row, as a per-kv-head walk (and
-// torch's SDPA on the transposed view) does. Then, per kv head, the staged K block (in L2) is
-// dotted with the G pre-scaled query rows in register tiles (16-lane sums in native registers:
-// each query chunk loaded once for several keys), an online softmax (vectorised exp2)
-// updates each head once per block, and each staged V chunk is accumulated into 4 output rows
-// held in registers across the block (2 * G * D FMAs per key and kv head in all).
+// pool by (batch, split). Each item walks its keys in blocks of kKeyBlock rows and, inside a
+// block, kv head by kv head. A head's K rows are read in place from the cache (fp32 loaded,
+// bf16 widened by a zero-extension and a 16-bit shift, fp16 by F16C, all in registers: no
+// staging copy) and dotted with the G pre-scaled query rows in register tiles (16-lane sums
+// in native registers: each key vector widened once for 4 query rows); an online softmax
+// (vectorised exp2) updates each row once per block; then the head's V rows, read in place
+// the same way, are accumulated into 4 output rows held in registers across the block
+// (2 * G * D FMAs per key and kv head in all). Meanwhile the rows of the next kv head (or of
+// the first head of the next block) are software-prefetched: a per-head walk hops by the
+// Hk * D row stride, which the hardware prefetchers do not follow on their own.
 // Split-KV items write a normalised partial output and its lse; a second pass
 // merges them in split order, so the result does not depend on the thread count, and
 // num_splits = 0 is chosen from the shapes only. Several queries per sequence are just more
 // rows per kv head (seqlen_q * G instead of G, each with its own key band), so K/V are still
 // read once per item for all of them; long query blocks are cut into chunks
-// (decode::cpu_query_chunk) so each item's query and output rows stay in L2.
+// (decode::cpu_query_chunk) so each item's query and output rows stay in L2. From
+// kGemmMinRows rows per kv head on, the block's rows of all heads are staged in fp32 for
+// ATen's brgemm instead.
 //
 // Logit soft-capping (params.softcap = c > 0): the scores here are in log2 units (the
 // queries carry scale * log2(e)), so each block's valid scores are taken back to natural
@@ -92,6 +94,53 @@ static_assert(kSub * kLanes == kW, "16 must be a multiple of the native width");
 inline vf loadv(const float* p) { return cpu::vmath::load(p); }
 inline void storev(float* p, vf v) { cpu::vmath::store(p, v); }
 
+// kLanes consecutive cache elements widened to fp32 in registers: fp32 is a load, bf16 a
+// zero-extension and a 16-bit shift (vpmovzxwd + vpslld on AVX2), fp16 the F16C / AVX-512
+// convert where the tier has it. The same values as cpu::load_row.
+inline vf loadT(const float* p) { return loadv(p); }
+inline vf loadT(const cpu::bf16_t* p) {
+#if defined(__AVX512F__)
+  static_assert(kLanes == 16, "");
+  return vf(_mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16)));
+#elif defined(__AVX2__)
+  static_assert(kLanes == 8, "");
+  return vf(_mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16)));
+#else
+  typedef uint16_t vu16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+  typedef uint32_t vu32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+  vu16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const vu32 w = __builtin_convertvector(h, vu32) << 16;
+  vf r;
+  std::memcpy(&r, &w, sizeof(r));
+  return r;
+#endif
+}
+inline vf loadT(const cpu::half_t* p) {
+#if defined(__AVX512F__)
+  static_assert(kLanes == 16, "");
+  return cpu::vmath::vf(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__)
+  static_assert(kLanes == 8, "");
+  return cpu::vmath::vf(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  vf r;
+  for (int64_t i = 0; i < kLanes; ++i) r[i] = cpu::half_to_float(p[i].bits);
+  return r;
+#endif
+}
+inline float loadT1(const float* p) { return *p; }
+inline float loadT1(const cpu::bf16_t* p) { return cpu::to_float(*p); }
+inline float loadT1(const cpu::half_t* p) { return cpu::to_float(*p); }
+
+// Software prefetch of the bytes [p, p + bytes) (one per cache line).
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
 // The 16 lanes a[0..kSub) folded to 4: lane i + 8 onto lane i, then lane i + 4 onto lane i.
 template <int S = kSub>
 inline vfloat4 fold16to4(const vf* a) {
@@ -150,8 +199,9 @@ inline float block_max(const float* s) {
 
 // Per-thread buffers of one work item, for all h_k kv heads: q, acc (h_k, rows padded to
 // kHeadTile, d) with rows = query chunk * G; scores (rows padded, kKeyBlock); m, l (h_k,
-// rows padded); kst, vst: one key block of K and V rows of every kv head in fp32, (h_k,
-// kKeyBlock, d) each (256 KiB at h_k = 8, d = 128: they stay in L2).
+// rows padded); GEMM path only (rows >= kGemmMinRows): kt, and kst, vst: one key block of K
+// and V rows of every kv head in fp32, (h_k, kKeyBlock, d) each. Nothing proportional to
+// the cache length.
 struct Workspace {
   int64_t gp;  // padded rows per kv head
   std::vector<float> q, kt, scores, acc, m, l, kst, vst;
@@ -163,49 +213,57 @@ struct Workspace {
         acc(static_cast<size_t>(h_k * gp * d)),
         m(static_cast<size_t>(h_k * gp)),
         l(static_cast<size_t>(h_k * gp)),
-        kst(static_cast<size_t>(h_k * kKeyBlock * d)),
-        vst(static_cast<size_t>(h_k * kKeyBlock * d)) {}
+        kst(rows >= kGemmMinRows ? static_cast<size_t>(h_k * kKeyBlock * d) : 0),
+        vst(rows >= kGemmMinRows ? static_cast<size_t>(h_k * kKeyBlock * d) : 0) {}
 };
 
-// The scores of NG heads x NK keys as 4-lane partial sums, out[g][t0 + t]: the 16-lane sums
-// over the 16-float chunks below dv of q[g] * k[t], folded by fold16to4. As many
-// accumulators as the register file holds next to the key chunks: 4 x 4 of one register each
-// with AVX-512 (32 registers), 2 x 2 of two with AVX2 and 2 x 1 of four with SSE (16).
-constexpr int kQkHeads = kSub == 1 ? 4 : 2;
-constexpr int kQkKeys = kSub == 1 ? 4 : (kSub == 2 ? 2 : 1);
-template <int NG, int NK>
-inline void qk_micro(const float* q, int64_t d, const float* const* k, int64_t dv, vfloat4 (*out)[4], int t0) {
-  vf a[NG][NK][kSub] = {};
-  for (int64_t c = 0; c < dv; c += kW) {
-    vf kv[NK][kSub];
-    for (int t = 0; t < NK; ++t)
-      for (int v = 0; v < kSub; ++v) kv[t][v] = loadv(k[t] + c + v * kLanes);
-    for (int g = 0; g < NG; ++g)
-      for (int v = 0; v < kSub; ++v) {
-        const vf qv = loadv(q + g * d + c + v * kLanes);
-        for (int t = 0; t < NK; ++t) a[g][t][v] += qv * kv[t][v];
+// The scores of the kHeadTile heads at q (rows d apart) x NK keys as 4-lane partial sums,
+// out[g][t0 + t]: the 16-lane sums over the 16-float chunks below dv of q[g] * k[t], folded
+// by fold16to4. The kSub native vectors of the 16 lanes are summed one after the other (a
+// pass over the chunks per vector), so each pass holds only kHeadTile x NK accumulators of
+// one register next to NK key vectors: 4 x 4 with AVX-512 (32 registers), 4 x 2 with AVX2
+// and SSE (16). Each key vector is widened once and used for the 4 heads. Lane l of the 16
+// still sums its products over the chunks in order: the same bits on every tier.
+constexpr int kQkKeys = kSub == 1 ? 4 : 2;
+template <int NK, typename T>
+inline void qk_micro(const float* q, int64_t d, const T* const* k, int64_t dv, vfloat4 (*out)[4], int t0) {
+  vf a[kHeadTile][NK][kSub];
+  for (int v = 0; v < kSub; ++v) {
+    vf acc[kHeadTile][NK] = {};
+    for (int64_t c = v * kLanes; c < dv; c += kW) {
+      vf kv[NK];
+      for (int t = 0; t < NK; ++t) kv[t] = loadT(k[t] + c);
+      for (int g = 0; g < kHeadTile; ++g) {
+        const vf qv = loadv(q + g * d + c);
+        for (int t = 0; t < NK; ++t) acc[g][t] += qv * kv[t];
       }
+    }
+    for (int g = 0; g < kHeadTile; ++g)
+      for (int t = 0; t < NK; ++t) a[g][t][v] = acc[g][t];
   }
-  for (int g = 0; g < NG; ++g)
+  for (int g = 0; g < kHeadTile; ++g)
     for (int t = 0; t < NK; ++t) out[g][t0 + t] = fold16to4(a[g][t]);
 }
 
-// scores[g][j] = q[g] . K[j] for the kHeadTile heads starting at q (rows d apart): the
-// 4-lane partial sums of 4 keys (qk_micro), then per head one 4 x 4 transpose-and-add for
-// the 4 scores, and the d % 16 tail. Each query chunk is loaded once for kQkKeys keys and
-// each key chunk once for kQkHeads heads.
-inline void qk_tile(const float* q, const float* const* krows, int64_t n, int64_t d, float* scores) {
+// scores[g][j] = q[g] . K[j] for the kHeadTile heads starting at q (rows d apart), the key
+// rows read in place from the cache (widened in registers): the 4-lane partial sums of 4
+// keys (qk_micro), then per head one 4 x 4 transpose-and-add for the 4 scores, and the
+// d % 16 tail. When pf is given, the rows pf[0, n) (row_bytes each: the next rows this item
+// reads) are prefetched along the way, 4 rows per 4 keys.
+template <typename T>
+inline void qk_tile(const float* q, const T* const* krows, int64_t n, int64_t d, float* scores,
+                    const T* const* pf, int64_t row_bytes) {
   const int64_t dv = d / kW * kW;
   int64_t j = 0;
   vfloat4 b[kHeadTile][4];
   for (; j + 4 <= n; j += 4) {
-    for (int g0 = 0; g0 < kHeadTile; g0 += kQkHeads)
-      for (int t0 = 0; t0 < 4; t0 += kQkKeys)
-        qk_micro<kQkHeads, kQkKeys>(q + g0 * d, d, krows + j + t0, dv, b + g0, t0);
-    const float* k0 = krows[j];
-    const float* k1 = krows[j + 1];
-    const float* k2 = krows[j + 2];
-    const float* k3 = krows[j + 3];
+    if (pf != nullptr)
+      for (int t = 0; t < 4; ++t) prefetch_row(pf[j + t], row_bytes);
+    for (int t0 = 0; t0 < 4; t0 += kQkKeys) qk_micro<kQkKeys>(q, d, krows + j + t0, dv, b, t0);
+    const T* k0 = krows[j];
+    const T* k1 = krows[j + 1];
+    const T* k2 = krows[j + 2];
+    const T* k3 = krows[j + 3];
     for (int g = 0; g < 4; ++g) {
       // 4x4 transpose-and-add of b[g][0..3]: lane t = (b_t[0] + b_t[1]) + (b_t[2] + b_t[3]).
       const vfloat4 b0 = b[g][0], b1 = b[g][1], b2 = b[g][2], b3 = b[g][3];
@@ -214,33 +272,36 @@ inline void qk_tile(const float* q, const float* const* krows, int64_t n, int64_
       vfloat4 s = (t0 + t1) + (t2 + t3);
       for (int64_t c = dv; c < d; ++c) {
         const float qc = q[g * d + c];
-        s[0] += qc * k0[c];
-        s[1] += qc * k1[c];
-        s[2] += qc * k2[c];
-        s[3] += qc * k3[c];
+        s[0] += qc * loadT1(k0 + c);
+        s[1] += qc * loadT1(k1 + c);
+        s[2] += qc * loadT1(k2 + c);
+        s[3] += qc * loadT1(k3 + c);
       }
       std::memcpy(scores + g * kKeyBlock + j, &s, sizeof(s));
     }
   }
   for (; j < n; ++j) {
-    const float* k = krows[j];
-    for (int g0 = 0; g0 < kHeadTile; g0 += kQkHeads)
-      qk_micro<kQkHeads, 1>(q + g0 * d, d, krows + j, dv, b + g0, 0);
+    if (pf != nullptr) prefetch_row(pf[j], row_bytes);
+    const T* k = krows[j];
+    qk_micro<1>(q, d, krows + j, dv, b, 0);
     const vfloat4 b0 = b[0][0], b1 = b[1][0], b2 = b[2][0], b3 = b[3][0];
     const vfloat4 t0 = {b0[0], b1[0], b2[0], b3[0]}, t1 = {b0[1], b1[1], b2[1], b3[1]};
     const vfloat4 t2 = {b0[2], b1[2], b2[2], b3[2]}, t3 = {b0[3], b1[3], b2[3], b3[3]};
     vfloat4 s = (t0 + t1) + (t2 + t3);
     for (int64_t c = dv; c < d; ++c)
-      for (int g = 0; g < 4; ++g) s[g] += q[g * d + c] * k[c];
+      for (int g = 0; g < 4; ++g) s[g] += q[g * d + c] * loadT1(k + c);
     for (int g = 0; g < 4; ++g) scores[g * kKeyBlock + j] = s[g];
   }
 }
 
-// acc[g] += sum_j p[g][j] V[j] for the kHeadTile output rows at acc: chunk-outer, two native
-// vectors per row at a time, so the 8 accumulators of a chunk pair stay in registers across
-// the whole block (8 independent FMA chains). Every element sums over j in order: the same
-// bits at any vector width.
-inline void pv_tile(const float* p, const float* const* vrows, int64_t n, int64_t d, float* acc) {
+// acc[g] += sum_j p[g][j] V[j] for the kHeadTile output rows at acc, the value rows read in
+// place from the cache (widened in registers): chunk-outer, two native vectors per row at a
+// time, so the 8 accumulators of a chunk pair stay in registers across the whole block (8
+// independent FMA chains). Every element sums over j in order: the same bits at any vector
+// width. When pf is given, the rows pf[0, n) are prefetched along the way (the chunk pair's
+// bytes of each row as the chunk pair is read).
+template <typename T>
+inline void pv_tile(const float* p, const T* const* vrows, int64_t n, int64_t d, float* acc, const T* const* pf) {
   float* a0p = acc;
   float* a1p = acc + d;
   float* a2p = acc + 2 * d;
@@ -250,8 +311,10 @@ inline void pv_tile(const float* p, const float* const* vrows, int64_t n, int64_
     vf a0 = loadv(a0p + c), a1 = loadv(a1p + c), a2 = loadv(a2p + c), a3 = loadv(a3p + c);
     vf b0 = loadv(a0p + c + kLanes), b1 = loadv(a1p + c + kLanes), b2 = loadv(a2p + c + kLanes),
        b3 = loadv(a3p + c + kLanes);
+    const bool pf_here = pf != nullptr && (c * static_cast<int64_t>(sizeof(T))) % 64 == 0;
     for (int64_t j = 0; j < n; ++j) {
-      const vf v0 = loadv(vrows[j] + c), v1 = loadv(vrows[j] + c + kLanes);
+      if (pf_here) __builtin_prefetch(pf[j] + c, 0, 3);
+      const vf v0 = loadT(vrows[j] + c), v1 = loadT(vrows[j] + c + kLanes);
       const float p0 = p[j], p1 = p[kKeyBlock + j], p2 = p[2 * kKeyBlock + j], p3 = p[3 * kKeyBlock + j];
       a0 += p0 * v0;
       b0 += p0 * v1;
@@ -274,7 +337,8 @@ inline void pv_tile(const float* p, const float* const* vrows, int64_t n, int64_
   for (; c + kLanes <= d; c += kLanes) {
     vf a0 = loadv(a0p + c), a1 = loadv(a1p + c), a2 = loadv(a2p + c), a3 = loadv(a3p + c);
     for (int64_t j = 0; j < n; ++j) {
-      const vf vv = loadv(vrows[j] + c);
+      if (pf != nullptr) __builtin_prefetch(pf[j] + c, 0, 3);
+      const vf vv = loadT(vrows[j] + c);
       a0 += p[j] * vv;
       a1 += p[kKeyBlock + j] * vv;
       a2 += p[2 * kKeyBlock + j] * vv;
@@ -288,7 +352,7 @@ inline void pv_tile(const float* p, const float* const* vrows, int64_t n, int64_
   for (; c < d; ++c) {
     float a0 = a0p[c], a1 = a1p[c], a2 = a2p[c], a3 = a3p[c];
     for (int64_t j = 0; j < n; ++j) {
-      const float vv = vrows[j][c];
+      const float vv = loadT1(vrows[j] + c);
       a0 += p[j] * vv;
       a1 += p[kKeyBlock + j] * vv;
       a2 += p[2 * kKeyBlock + j] * vv;
@@ -349,7 +413,13 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
   std::fill(ws.scores.begin(), ws.scores.end(), 0.f);
   float* sc = ws.scores.data();
   const float* krows[kKeyBlock];
-  const float* vrows[kKeyBlock];
+  // Register-tile path: the rows of the current kv head in the cache, and the rows to
+  // prefetch meanwhile (the next kv head's of this block, or the first head's of the next).
+  const T* kin[kKeyBlock];
+  const T* vin[kKeyBlock];
+  const T* kpf[kKeyBlock];
+  const T* vpf[kKeyBlock];
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
   // Cache row offsets (batch/page + row; the head is added per head) of this block and the next.
   int64_t koff[2][kKeyBlock], voff[2][kKeyBlock];
   auto fill_offsets = [&](int64_t k0, int64_t n, int slot) {
@@ -365,15 +435,14 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
     const int64_t n = std::min(kKeyBlock, end - k0);
     const int64_t n_next = std::min(kKeyBlock, end - k0 - n);
     if (n_next > 0) fill_offsets(k0 + n, n_next, slot ^ 1);
-    // The block's K and V rows of every kv head, converted (16-bit) or copied (fp32) to the
-    // staging buffers in memory order: in the usual (B, S, Hk, D) layout (and in a page) this
-    // is one sequential read per block, which the hardware prefetchers follow (a walk per kv
-    // head hops by the Hk * D row stride, one 4 KiB page per row at Hk * D * 4 = 4 KiB, and
-    // explicit prefetches of it stalled on the miss buffers). The heads then read L2.
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
-        load_row(kc + koff[slot][j] + kvh * p.k_head_stride, ws.kst.data() + (kvh * kKeyBlock + j) * d, d);
-        load_row(vc + voff[slot][j] + kvh * p.v_head_stride, ws.vst.data() + (kvh * kKeyBlock + j) * d, d);
+    // GEMM path (many query rows): the block's K and V rows of every kv head converted
+    // (16-bit) or copied (fp32) to fp32 staging buffers in memory order, for the brgemm.
+    if (use_gemm) {
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
+          load_row(kc + koff[slot][j] + kvh * p.k_head_stride, ws.kst.data() + (kvh * kKeyBlock + j) * d, d);
+          load_row(vc + voff[slot][j] + kvh * p.v_head_stride, ws.vst.data() + (kvh * kKeyBlock + j) * d, d);
+        }
       }
     }
     for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
@@ -381,15 +450,26 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
       float* acc = ws.acc.data() + kvh * gp * d;
       float* m = ws.m.data() + kvh * gp;
       float* l = ws.l.data() + kvh * gp;
-      // Scores: each staged K row is dotted with every query row.
-      for (int64_t j = 0; j < n; ++j) krows[j] = ws.kst.data() + (kvh * kKeyBlock + j) * d;
       if (use_gemm) {
+        for (int64_t j = 0; j < n; ++j) krows[j] = ws.kst.data() + (kvh * kKeyBlock + j) * d;
         float* kt = ws.kt.data();  // K^T of the block: (d, n), leading dim kKeyBlock
         for (int64_t j = 0; j < n; ++j)
           for (int64_t c = 0; c < d; ++c) kt[c * kKeyBlock + j] = krows[j][c];
         cpu::gemm_f32(rows, n, d, d, kKeyBlock, kKeyBlock, /*add_c=*/false, qf, kt, sc);
       } else {
-        for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) qk_tile(qf + g0 * d, krows, n, d, sc + g0 * kKeyBlock);
+        // Scores straight from the cache rows of this kv head, the next rows prefetched.
+        const bool last = kvh + 1 == p.h_k;
+        const int ps = last ? slot ^ 1 : slot;
+        const int64_t pn = last ? n_next : n, ph = last ? 0 : kvh + 1;
+        for (int64_t j = 0; j < n; ++j) {
+          kin[j] = kc + koff[slot][j] + kvh * p.k_head_stride;
+          vin[j] = vc + voff[slot][j] + kvh * p.v_head_stride;
+          const int64_t jj = std::min(j, pn - 1);
+          kpf[j] = jj < 0 ? kin[j] : kc + koff[ps][jj] + ph * p.k_head_stride;
+          vpf[j] = jj < 0 ? vin[j] : vc + voff[ps][jj] + ph * p.v_head_stride;
+        }
+        for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile)
+          qk_tile<T>(qf + g0 * d, kin, n, d, sc + g0 * kKeyBlock, g0 == 0 ? kpf : nullptr, row_bytes);
       }
       // Online softmax once per block and row: keys outside the row's band masked, running
       // max, rescale of the running sum and output, probabilities in place of the scores
@@ -419,12 +499,12 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
           for (int64_t i = 0; i < d; ++i) a[i] *= alpha;
         }
       }
-      // P V: each staged V row is used once for all output rows.
-      for (int64_t j = 0; j < n; ++j) vrows[j] = ws.vst.data() + (kvh * kKeyBlock + j) * d;
+      // P V: each V row is used once for all output rows.
       if (use_gemm) {  // the staged rows are contiguous: V block (n, d)
         cpu::gemm_f32(rows, d, n, kKeyBlock, d, d, /*add_c=*/true, sc, ws.vst.data() + kvh * kKeyBlock * d, acc);
       } else {
-        for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile) pv_tile(sc + g0 * kKeyBlock, vrows, n, d, acc + g0 * d);
+        for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile)
+          pv_tile<T>(sc + g0 * kKeyBlock, vin, n, d, acc + g0 * d, g0 == 0 ? vpf : nullptr);
       }
     }
   }
