@@ -65,6 +65,42 @@ def test_forward_large_cpu(dtype, residual):
     assert_error_ratio(y, low, true)
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("n", [7, 111, 4097])
+@pytest.mark.parametrize("residual", [False, True])
+def test_forward_rows_independent_cpu(dtype, n, residual):
+    """The CPU kernel sweeps a thread's rows pipelined (the next row's sum of squares with the
+    current row's scaling; csrc/cpu/rms_norm.cpp, row_pass), the chunk's first and last rows
+    through the unpaired halves. A row's y, h and rstd must be the same bits whichever way it
+    ran: alone, inside a chunk, on 1 or 2 threads (non-finite rows included)."""
+    x, w, r = _inputs("cpu", dtype, n, rows=(1, 9), residual=residual)
+    x = x[0]
+    r = r[0] if residual else None
+    x[3, n // 2] = float("nan")
+    x[5, 0] = float("inf")
+
+    def fwd(xx, rr):
+        return fastattn.ops.rms_norm_add_fwd(xx, rr, w, 1e-6) if residual else fastattn.ops.rms_norm_fwd(xx, w, 1e-6)
+
+    def bits(ts):
+        return [t.view(torch.int32 if t.element_size() == 4 else torch.int16) for t in ts]
+
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(bits(fwd(x, r)))
+        rows = [bits(fwd(x[i : i + 1], r[i : i + 1] if residual else None)) for i in range(x.shape[0])]
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(outs[0], outs[1]):
+        assert torch.equal(a, b)
+    for i, row in enumerate(rows):
+        for whole, alone in zip(outs[0], row):
+            assert torch.equal(whole[i : i + 1], alone), f"row {i}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("n", SIZES)
