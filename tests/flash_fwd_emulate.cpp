@@ -8,8 +8,8 @@
 //   * every thread of a block is a fiber (fiber_emulate.h); __syncthreads / __syncwarp and the
 //     warp collectives are barriers between fibers;
 //   * ldmatrix(.trans).x4, mma.sync.m16n8k16 (f16/bf16 in, f32 accumulate), cp.async.cg with
-//     zero-fill, commit / wait_group, st.shared.b32 / ld.shared.v4.b32, ex2.approx.ftz (the
-//     ldmatrix / mma / ex2 stand-ins are tests/ptx_emulate.h, shared with
+//     zero-fill, commit / wait_group, st.shared.b32 / ld.shared.v4.b32, st.global.v4.b32,
+//     ex2.approx.ftz (the ldmatrix / mma / ex2 stand-ins are tests/ptx_emulate.h, shared with
 //     tests/flash_bwd_emulate.cpp and tested on its own by tests/test_ptx_emulate.py); every
 //     shared-memory access is bounds-checked against the launch's dynamic shared memory, which
 //     is born NaN at every block start;
@@ -181,6 +181,12 @@ struct ElemOps<__nv_bfloat16> {
 inline void st_shared_b32(uint32_t addr, uint32_t v) {
   emu::smem_track(addr, 4, true, "st.shared");
   std::memcpy(emu::smem_at(addr, 4), &v, 4);
+}
+// st.global.v4.b32: 16 bytes to a 16-byte aligned global address (the guard pages catch the
+// out-of-bounds ones).
+inline void st_global_v4(void* addr, const uint4& v) {
+  if (reinterpret_cast<uintptr_t>(addr) % 16 != 0) emu::fail("misaligned st.global.v4");
+  std::memcpy(addr, &v, 16);
 }
 inline uint4 ld_shared_v4(uint32_t addr) {
   emu::smem_track(addr, 16, false, "ld.shared");

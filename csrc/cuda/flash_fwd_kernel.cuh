@@ -252,6 +252,15 @@ __device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
                : "memory");
   return v;
 }
+// One 16-byte global store, st.global.v4.b32 (addr 16-byte aligned: the launcher's layout
+// rule). The plain C++ `*reinterpret_cast<uint4*>(p) = v` of the O store compiled to one
+// STG.E.128 at d 96 / 192 but to 4 x STG.E (32-bit) at d 32 / 64 / 128 / 256: NVVM split it
+// where it could not prove the alignment (the same trap as float_convert.cuh's store16).
+__device__ __forceinline__ void st_global_v4(void* addr, const uint4& v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(addr), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
 #endif  // !FASTATTN_FWD_EMULATE
 
 // Load rows [row0, row0 + kRows) of one head of a (b, seqlen, heads, d) tensor into a
@@ -656,7 +665,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
     const uint4 val = ld_shared_v4(sQ + smem_offset<kChunks>(lrow, c));
     const int row = m0 + lrow;
     if (row < seqlen_q) {
-      *reinterpret_cast<uint4*>(out_head + static_cast<int64_t>(row) * a.out_row_stride + c * 8) = val;
+      st_global_v4(out_head + static_cast<int64_t>(row) * a.out_row_stride + c * 8, val);
     }
   }
 }
