@@ -63,7 +63,7 @@
 //     the register file's limit at ~255 registers x 256 threads) per SM.
 //   d 256: 64 x 64, 4 warps of one m16 tile (O 128 fp32). Smem Q 32 + K 32 + V 32 = 96 KB, which
 //     still fits the 99 KB opt-in limit of sm_86 / sm_89 parts (128 x 64 would need 128 KB);
-//     two blocks (8 warps) per SM on H100 (227 KB), one on A100 (164 KB).
+//     two blocks (8 warps) per SM on H100 (227 KB), one (4 warps) on A100 (164 KB).
 // They exist only as the masked kernel (which runs unmasked problems too, paying the window
 // arithmetic, as the softcap twins do) plus its soft-capped twin: 4 kernels per head dim
 // (2 dtypes x capped or not), one file per head dim (flash_fwd_hdim{32,96,192,256}.cu), so the
@@ -79,7 +79,7 @@
 // build compiles beside the others, so the build's wall time does not grow.
 //
 // Variable-length (packed) batches, flash-attn 2 style (FlashFwdParams::cu_seqlens_q non-null):
-// no padding and no copies. The grid is (ceil(max_seqlen_q / 128), h, number of sequences);
+// no padding and no copies. The grid is (ceil(max_seqlen_q / kBlockM), h, number of sequences);
 // each block reads its sequence's row ranges from cu_seqlens_q / cu_seqlens_k once, clamps
 // them to the packed tensors (any cu_seqlens content stays in bounds, see varlen_bounds),
 // exits at once when its query block lies past the sequence's end, and otherwise runs the
