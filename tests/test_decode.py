@@ -107,6 +107,22 @@ def test_decode_q4d_scale_and_strided_cache(device):
     _check_against_reference(qs, kc, vc, seqlens, out_s, softmax_scale=0.3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_decode_cpu_strided_16bit_cache_odd_head_dim(dtype):
+    """The CPU register-tile path reads K/V in place and widens 16-bit rows in registers: a
+    strided cache view (padded rows, heads and head dim), D = 44 (two 16-lane chunks, one
+    native-vector chunk and a scalar tail of the value rows on AVX2), a group of 3 (padded to
+    the 4-row tile), lengths that end mid-block and mid-4-key-group."""
+    D = 44
+    kc, vc = _cache(3, 101, 2, D, dtype, "cpu", strided=True)
+    assert not kc.is_contiguous() and kc.stride(2) != D
+    q = torch.randn(3, 6, D, dtype=dtype)
+    seqlens = _seqlens([101, 35, 2], "cpu")
+    for num_splits in (1, 3):
+        out, lse = fastattn.decode_attention(q, kc, vc, seqlens, num_splits=num_splits, return_lse=True)
+        _check_against_reference(q, kc, vc, seqlens, out, lse)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_large_group(device):
     """Group sizes past one CUDA head slice (32) and 12: still one answer."""
