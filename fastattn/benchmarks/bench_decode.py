@@ -67,3 +67,60 @@ def test_decode(bench, impl, dtype, shape):
     # Bytes that must move: the valid K and V rows (q and out are negligible).
     nbytes = kc.nbytes + vc.nbytes
     bench(fn, op="decode_attention", impl=impl, shape=f"B{B}xS{S}xH{H}/{Hk}xD{D}", dtype=dtype, bytes=nbytes)
+
+
+def interleaved_vs_copy(reps=7, threads=None, shape=(4, 8192, 32, 8), dtypes=("float32", "bfloat16")):
+    """CPU decode against the copy bandwidth of the same process, measured interleaved: every
+    repetition times one dst.copy_(src) of 256 MiB (read + write bytes counted) and then each
+    dtype's decode (K + V bytes counted), so machine noise hits both alike. Returns a list of
+    lines: copy GB/s (median, min-max), then per dtype median ms, GB/s and % of copy."""
+    import statistics
+    import time
+
+    from fastattn.benchmarks.meta import cpu_model
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    B, S, H, Hk = shape
+    src = torch.randn(64 * 1024 * 1024)
+    dst = torch.empty_like(src)
+    cases = {}
+    for name in dtypes:
+        dt = getattr(torch, name)
+        g = torch.Generator().manual_seed(0)
+        kc = torch.randn(B, S, Hk, 128, generator=g).to(dt)
+        vc = torch.randn(B, S, Hk, 128, generator=g).to(dt)
+        q = torch.randn(B, H, 128, generator=g).to(dt)
+        sl = torch.full((B,), S, dtype=torch.int32)
+        cases[name] = ((q, kc, vc, sl), kc.nbytes + vc.nbytes)
+        fastattn.decode_attention(q, kc, vc, sl)  # warm-up
+    dst.copy_(src)
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    copy_t, op_t = [], {k: [] for k in cases}
+    for _ in range(reps):
+        copy_t.append(timed(lambda: dst.copy_(src)))
+        for k, (args, _) in cases.items():
+            op_t[k].append(timed(lambda: fastattn.decode_attention(*args)))
+    cbw = [2 * src.nbytes / t / 1e9 for t in copy_t]
+    copy_gbs = statistics.median(cbw)
+    lines = [f"{cpu_model()}, {torch.get_num_threads()} threads, ISA {fastattn.cpu_isa()}, B{B} S{S} H{H}/{Hk} D128, "
+             f"{reps} interleaved reps",
+             f"copy_: {copy_gbs:.1f} GB/s (min {min(cbw):.1f}, max {max(cbw):.1f})"]
+    for k, (_, nbytes) in cases.items():
+        m = statistics.median(op_t[k])
+        gbs = nbytes / m / 1e9
+        lines.append(f"decode {k}: {m * 1e3:.2f} ms, {gbs:.1f} GB/s = {100 * gbs / copy_gbs:.0f}% of copy "
+                     f"(best {nbytes / min(op_t[k]) / 1e9:.1f} GB/s)")
+    return lines
+
+
+if __name__ == "__main__":  # python -m fastattn.benchmarks.bench_decode [reps] [threads]
+    import sys
+
+    print("\n".join(interleaved_vs_copy(int(sys.argv[1]) if len(sys.argv) > 1 else 7,
+                                        int(sys.argv[2]) if len(sys.argv) > 2 else None)))
