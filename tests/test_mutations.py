@@ -149,6 +149,15 @@ MUTATIONS = [
         "lanes 8-15 / 24-31 address rows 0-7 again: matrices 1 and 3 of every Q/K/V ldmatrix "
         "are the wrong rows -> wrong out/lse"),
     Mutation(
+        "fwd_ldmatrix_swizzle_key_odd_half_lines",
+        "csrc/cuda/flash_fwd_kernel.cuh",
+        "    const int key = swizzle_key<kChunks>(lane & 7);\n",
+        "    const int key = lane & 7;\n",
+        ("tests/test_flash_fwd_emulated.py::test_emulated_forward_new_head_dims[bf-96-1-97-130-2-1--1--1-0-0.0-0]",),
+        "the ldmatrix readers use the 8-chunk key r & 7 while the cp.async writers and the O "
+        "staging use d 96's (r >> 1) & 3: Q/K/V fragments come from the wrong chunks (and the "
+        "reads hit rows other warps stage O in: racecheck)"),
+    Mutation(
         "fwd_online_softmax_rescale_skipped",
         "csrc/cuda/flash_fwd_kernel.cuh",
         "              o[mi][j][2 * hf] *= alpha[mi][hf];\n              o[mi][j][2 * hf + 1] *= alpha[mi][hf];\n",
