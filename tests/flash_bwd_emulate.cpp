@@ -190,7 +190,15 @@ inline float softcap_ex2(float x) { return ptx::ex2_approx_ftz(x); }
 inline float softcap_rcp(float x) { return ptx::rcp_approx_ftz(x); }
 }  // namespace fastattn
 
-#include "flash_bwd_launch.cuh"  // the launcher flash_bwd.cu runs (and the kernels)
+// The CUDA sources themselves, unmodified: flash_bwd.cu (the head-dim switch flash_bwd_cuda,
+// the workspace size) and one flash_bwd_hdim<D>.cu per head dim (the launcher and kernels).
+#include "flash_bwd.cu"
+#include "flash_bwd_hdim32.cu"
+#include "flash_bwd_hdim64.cu"
+#include "flash_bwd_hdim96.cu"
+#include "flash_bwd_hdim128.cu"
+#include "flash_bwd_hdim192.cu"
+#include "flash_bwd_hdim256.cu"
 
 // ---- driver --------------------------------------------------------------------------------
 
@@ -247,7 +255,7 @@ static void write_f32(const std::string& path, const float* p, std::size_t n) {
 // Every instantiation the launcher can pick, with its static shared memory (none: the kernels'
 // shared memory is all dynamic) and its name for the launch log and the sanitizer reports.
 template <typename T, int D>
-static void register_kernels(const char* type) {
+static void register_kernels_t(const char* type) {
   auto name = [&](const char* k, bool cap) {
     return std::string(k) + "<" + type + ",d" + std::to_string(D) + (cap ? ",softcap>" : ">");
   };
@@ -257,6 +265,11 @@ static void register_kernels(const char* type) {
   emu::set_static_smem(&flash_bwd_dkdv_kernel<T, D, true>, 0, name("flash_bwd_dkdv_kernel", true));
   emu::set_static_smem(&flash_bwd_dq_kernel<T, D, false>, 0, name("flash_bwd_dq_kernel", false));
   emu::set_static_smem(&flash_bwd_dq_kernel<T, D, true>, 0, name("flash_bwd_dq_kernel", true));
+}
+template <int D>
+static void register_kernels() {
+  register_kernels_t<__half, D>("f16");
+  register_kernels_t<__nv_bfloat16, D>("bf16");
 }
 
 int main(int argc, char** argv) {
@@ -341,12 +354,14 @@ int main(int argc, char** argv) {
   if (use_ws) ws.assign(static_cast<std::size_t>(bwd_workspace_floats(p)), NAN);
   p.workspace = guard_vec(ws, "workspace");
 
-  register_kernels<__half, 64>("f16");
-  register_kernels<__half, 128>("f16");
-  register_kernels<__nv_bfloat16, 64>("bf16");
-  register_kernels<__nv_bfloat16, 128>("bf16");
+  register_kernels<32>();
+  register_kernels<64>();
+  register_kernels<96>();
+  register_kernels<128>();
+  register_kernels<192>();
+  register_kernels<256>();
   emu::reset_runtime();
-  const cudaError_t rc = bwd_run(p, nullptr);  // = flash_bwd_cuda
+  const cudaError_t rc = flash_bwd_cuda(p, nullptr);
   emu::unguard_all();  // the gradients, delta and workspace changes back into the host copies
   if (rc != cudaSuccess) {
     std::printf("rc=%d\n", static_cast<int>(rc));

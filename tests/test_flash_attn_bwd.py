@@ -60,6 +60,9 @@ CASES = [
     (1, 300, 300, 2, 1, 40, (50, -1)),
     (1, 300, 97, 2, 2, 72, (20, 0)),
     (1, 33, 65, 2, 1, 256, (-1, -1)),
+    (1, 17, 33, 2, 1, 32, (-1, 0)),
+    (1, 33, 17, 2, 2, 96, (-1, -1)),
+    (1, 20, 40, 2, 1, 192, (5, 3)),
 ]
 
 
@@ -68,8 +71,8 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_q{}_k{}_h{}x{}_d{}_w{}_{}".format(*c[:6], *c[6]))
 def test_grads(device, dtype, case):
     B, Sq, Sk, H, Hk, D, window = case
-    if device == "cuda" and (dtype not in dtypes_for("cuda", True) or D not in (64, 128)):
-        pytest.skip("CUDA backward: fp16/bf16, head dim 64/128")
+    if device == "cuda" and (dtype not in dtypes_for("cuda", True) or D not in (32, 64, 96, 128, 192, 256)):
+        pytest.skip("CUDA backward: fp16/bf16, head dims 32, 64, 96, 128, 192, 256")
     _check(*_make(B, Sq, Sk, H, Hk, D, dtype, device), window)
 
 

@@ -136,13 +136,24 @@ def test_emulated_kernels_match_dense(emulator, tmp_path, case, mode):
         assert (got[:, :empty] == 0).all()
 
 
+# Bank-report runs beyond CASES[0], CASES[1]: the in-row swizzle of d32 / d96
+# (c ^ ((r >> 1) & 3)) and the column-split warps of d256.
+BANK_EXTRA = [
+    ("16", 32, 1, 37, 45, 4, 2, -1, -1, 0, 1),
+    ("bf", 96, 1, 41, 77, 4, 1, -1, -1, 0, 1),
+    ("16", 256, 1, 23, 45, 4, 1, -1, -1, 0, 1),
+]
+
+
 def test_bank_conflict_report(emulator, tmp_path):
     """Prints (and writes to JSON under the pytest tmp dir) the shared-memory bank-conflict totals
-    of the backward kernels at d 64 (MQA split) and d 128 (causal + window), at every shared
-    access the emulator tracks (cp.async destinations, ldmatrix rows, the lse / delta
-    ld.shared). A report, not a check; racecheck / initcheck run on every case of this file."""
+    of the backward kernels at d 64 (MQA split), d 128 (causal + window), d 32, d 96 and d 256, at
+    every shared access the emulator tracks (cp.async destinations, ldmatrix rows, the lse /
+    delta ld.shared). A report; the one check is that the d32 / d96 swizzle keeps ldmatrix and
+    cp.async at 1 wavefront per ideal (its reason to exist). racecheck / initcheck run on every
+    case of this file."""
     rows = []
-    for case in (CASES[0], CASES[1]):
+    for case in (CASES[0], CASES[1], *BANK_EXTRA):
         run_dir = tmp_path / f"d{case[1]}"
         run_dir.mkdir()
         _write_dense(run_dir, case, 1)
@@ -155,6 +166,10 @@ def test_bank_conflict_report(emulator, tmp_path):
     kernels = {r["kernel"].split("<")[0] for r in rows}
     assert kernels == {"flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel"}  # the two with shared memory
     assert {r["access"] for r in rows} == {"cp.async", "ldmatrix", "ld.shared"}
+    for d in (32, 96):
+        swizzled = [r for r in rows if f",d{d}" in r["kernel"] and r["access"] != "ld.shared"]
+        assert len(swizzled) == 4, swizzled  # dK/dV and dQ x cp.async / ldmatrix
+        assert all(r["conflict_ratio"] == 1.0 for r in swizzled), swizzled
 
 
 # ---- logit soft-capping ---------------------------------------------------------------------
@@ -173,6 +188,48 @@ def test_emulated_softcap_gradients(emulator, tmp_path, case, mode):
     """dq, dk, dv of soft-capped attention (forward out / lse from the float64 reference, as the
     capped forward kernel would store them) against autograd through reference.attention with
     softcap=, by the error-ratio rule against the same autograd run in fp16 / bf16."""
+    _check_against_reference(emulator, tmp_path, case, mode)
+
+
+# ---- head dims 32, 96, 192, 256 ----------------------------------------------------------
+# Every instantiation of flash_bwd_hdim{32,96,192,256}.cu: each head dim x fp16 / bf16 x plain /
+# soft-capped (cap 0.0 = the plain kernels), tiny odd shapes, each case in one emulator mode
+# (the two modes alternate) to keep the emulator time small. d192 / d256 run the column-split
+# dK/dV warps (64-key tiles, two warps per 16 key rows) and 32-key dQ tiles; d32 / d96 the
+# in-row swizzle (c ^ ((r >> 1) & 3)).
+HEAD_DIMS = [
+    # dtype, d, b, sq, sk, h, hk, wl, wr, causal, use_workspace, softmax_scale, softcap, mode
+    ("16", 32, 1, 37, 45, 4, 2, -1, -1, 0, 1, None, 0.0, 0),   # GQA split + reduce, tails
+    ("bf", 32, 2, 19, 70, 2, 1, -1, 0, 1, 0, None, 0.0, 3),    # causal MQA, no workspace
+    ("bf", 32, 1, 70, 40, 2, 2, 10, 5, 0, 0, None, 3.0, 3),    # window both sides, Sq > Sk
+    ("16", 32, 1, 33, 33, 2, 1, -1, -1, 0, 1, 0.5, 5.0, 0),    # saturating scores, split
+    ("bf", 96, 1, 41, 77, 4, 1, -1, -1, 0, 1, None, 0.0, 3),   # MQA split + reduce
+    ("16", 96, 1, 70, 31, 2, 2, 20, -1, 1, 0, None, 0.0, 0),   # causal + window, rows with no key
+    ("16", 96, 2, 17, 23, 2, 1, -1, 3, 0, 0, None, 2.0, 3),    # right window, GQA, b = 2
+    ("bf", 96, 1, 66, 66, 2, 1, -1, 0, 1, 1, 1.0, 30.0, 0),    # causal, raw scores ~ +-10
+    ("16", 192, 1, 40, 70, 2, 1, -1, -1, 1, 1, None, 0.0, 3),  # causal MQA split, 2 key tiles
+    ("bf", 192, 1, 33, 21, 2, 2, -1, 7, 0, 0, None, 0.0, 0),   # right window, Sq > Sk
+    ("bf", 192, 1, 19, 67, 2, 1, 30, -1, 0, 1, None, 1.0, 0),  # left window, split
+    ("16", 192, 1, 35, 35, 1, 1, -1, 0, 1, 0, None, 5.0, 3),   # causal MHA
+    ("bf", 256, 2, 33, 70, 2, 1, 5, -1, 0, 0, None, 0.0, 3),   # left window, GQA, b = 2
+    ("16", 256, 1, 65, 37, 2, 2, -1, 0, 1, 0, None, 0.0, 0),   # causal, Sq > Sk, 2 dK/dV q tiles
+    ("16", 256, 1, 23, 45, 4, 1, -1, -1, 0, 1, None, 2.0, 0),  # MQA split + reduce
+    ("bf", 256, 1, 37, 37, 2, 1, -1, 0, 1, 0, 1.0, 30.0, 3),   # causal GQA, raw scores ~ +-16
+]
+
+
+@pytest.mark.parametrize("case", HEAD_DIMS, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_head_dims(emulator, tmp_path, case):
+    """dq, dk, dv at head dims 32 / 96 / 192 / 256 against autograd through reference.attention
+    by the error-ratio rule (fp16 / bf16 autograd as the low-precision reference)."""
+    *case, mode = case
+    _check_against_reference(emulator, tmp_path, tuple(case), mode)
+    assert {c[1] for c in HEAD_DIMS} == {32, 96, 192, 256}
+    # every (head dim, dtype, plain / capped) instantiation is in the list
+    assert len({(c[0], c[1], c[12] > 0) for c in HEAD_DIMS}) == 16
+
+
+def _check_against_reference(emulator, tmp_path, case, mode):
     dtype, d, b, sq, sk, h, hk, wl, wr, causal, use_ws, scale, cap = case
     tdt = torch.float16 if dtype == "16" else torch.bfloat16
     rng = np.random.default_rng(sq * 11 + sk + d)
@@ -195,15 +252,20 @@ def test_emulated_softcap_gradients(emulator, tmp_path, case, mode):
     (tmp_path / "meta.txt").write_text(
         f"{dtype} {d} {b} {sq} {sk} {h} {hk} {wl} {wr} {causal} {scale!r} {use_ws} 8 {cap!r}\n")
     res = subprocess.run([emulator, str(tmp_path)], capture_output=True, text=True, env=_env(mode))
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0, res.stderr or res.stdout
     assert res.stdout.startswith("ok"), res.stdout
-    launched = res.stdout.splitlines()[1:]  # the launcher's choice: the kSoftcap twins
-    assert [l for l in launched if l.startswith(("flash_bwd_dkdv_kernel<", "flash_bwd_dq_kernel<"))], res.stdout
-    assert all("softcap>" in l for l in launched if l.startswith(("flash_bwd_dkdv_kernel<", "flash_bwd_dq_kernel<")))
+    if use_ws and h // hk > 1:
+        assert "used_splits=1" not in res.stdout, res.stdout  # the split path ran
+    launched = res.stdout.splitlines()[1:]  # the launcher's choice: the kSoftcap twins iff cap > 0
+    main = [l for l in launched if l.startswith(("flash_bwd_dkdv_kernel<", "flash_bwd_dq_kernel<"))]
+    assert len(main) == 2, res.stdout
+    assert all(f",d{d}" in l and ("softcap>" in l) == (cap > 0) for l in main), res.stdout
     for name, ref, low, shape in zip(("dq", "dk", "dv"), true_grads, low_grads,
                                      (q.shape, k.shape, v.shape)):
         got = torch.from_numpy(np.fromfile(tmp_path / f"{name}.f32", dtype=np.float32).reshape(shape))
         assert_error_ratio(got.to(tdt), low, ref, name)
+    if cap == 0:
+        return
     # The cap changes the gradients here (so a kernel that ignored it would fail above).
     xs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     reference.attention(*xs, **dict(kw, softcap=0.0)).backward(dout.double())

@@ -68,12 +68,22 @@ int main() {
   for (int l = 0; l < 32; ++l)
     for (int e = 0; e < 4; ++e) std::printf("%s%d", (l || e) ? "," : "", c_col(l, e));
   std::printf("],\n");
+  dump_swz<32>();
   dump_swz<64>();
+  dump_swz<96>();
   dump_swz<128>();
+  dump_swz<192>();
+  dump_swz<256>();
   std::printf("\"cfg\": {");
-  for (int d : {64, 128})
-    std::printf("%s\"%d\": [%d, %d, %d, %d]", d == 64 ? "" : ", ", d, dkdv_block_m(d),
-                dkdv_block_n(d), dq_block_m(d), dq_block_n(d));
+  for (int d : {32, 64, 96, 128, 192, 256})
+    std::printf("%s\"%d\": [%d, %d, %d, %d, %d, %d]", d == 32 ? "" : ", ", d, dkdv_block_m(d),
+                dkdv_block_n(d), dq_block_m(d), dq_block_n(d), dkdv_d_split(d), dq_d_split(d));
+  std::printf("},\n\"supported\": [");
+  for (int d = 0; d <= 512; ++d)
+    if (head_dim_supported(d)) std::printf("%s%d", d == 32 ? "" : ", ", d);
+  std::printf("],\n\"delta_lanes\": {");
+  for (int d : {32, 64, 96, 128, 192, 256})
+    std::printf("%s\"%d\": %d", d == 32 ? "" : ", ", d, delta_lanes(d));
   std::printf("},\n");
   // stdin: "S n" then n lines "b h h_k seqlen_k d" (GQA splits), then lines
   // "sq sk wl wr bm bn dump_vis" (masks and tile ranges).
@@ -123,6 +133,10 @@ int main() {
 SEQLENS = [1, 17, 64, 97, 130, 200]
 WINDOWS = [(-1, -1), (-1, 0), (5, 0), (40, 3), (0, 0), (-1, 7), (3, -1), (250, 250)]
 BLOCKS = [(64, 128), (32, 128), (64, 64)]
+# (bm, bn) of the d192 / d256 kernels (dK/dV 32 x 64 and 16 x 64, dQ 64 x 16 and 64 x 32):
+# random cases only, to keep the exhaustive grid at its size.
+BLOCKS_LARGE_D = [(32, 64), (16, 64), (64, 16), (64, 32)]
+HEAD_DIMS = [32, 64, 96, 128, 192, 256]
 
 
 # (b, h, h_k, seqlen_k, d) for dkdv_num_splits; the block-emulation shapes come first.
@@ -135,9 +149,10 @@ BLOCK_CASES = [
     (64, 1, 2, 1, -1, 0),      # one key
 ]
 BLOCK_B = 2
-SPLIT_SHAPES = [(BLOCK_B, H, Hk, sk, d) for (_, sk, H, Hk, _, _) in BLOCK_CASES for d in (64, 128)]
+SPLIT_SHAPES = [(BLOCK_B, H, Hk, sk, d) for (_, sk, H, Hk, _, _) in BLOCK_CASES
+                for d in (64, 128, 192, 256)]
 SPLIT_SHAPES += [(b, hk * g, hk, sk, d) for b in (1, 2, 8) for hk in (1, 2, 8) for g in (1, 2, 3, 7, 8, 32)
-                 for sk in (1, 100, 1000, 8192) for d in (64, 128)]
+                 for sk in (1, 100, 1000, 8192) for d in (64, 128, 256)]
 
 
 def _cases():
@@ -150,7 +165,7 @@ def _cases():
     for _ in range(300):
         sq, sk = (int(x) for x in rng.integers(1, 700, size=2))
         wl, wr = (int(x) if x >= 0 else -1 for x in rng.integers(-40, 300, size=2))
-        bm, bn = BLOCKS[int(rng.integers(0, len(BLOCKS)))]
+        bm, bn = (BLOCKS + BLOCKS_LARGE_D)[int(rng.integers(0, len(BLOCKS) + len(BLOCKS_LARGE_D)))]
         rand.append((sq, sk, wl, wr, bm, bn, 0))
     return grid + rand
 
@@ -175,8 +190,7 @@ def tables(tmp_path_factory):
         t[k] = np.array(t[k])
     t["c_row"] = np.array(t["c_row"]).reshape(32, 4)
     t["c_col"] = np.array(t["c_col"]).reshape(32, 4)
-    t["swz"] = {64: np.array(t.pop("swz64")).reshape(128, 64),
-                128: np.array(t.pop("swz128")).reshape(128, 128)}
+    t["swz"] = {D: np.array(t.pop(f"swz{D}")).reshape(128, D) for D in HEAD_DIMS}
     return t
 
 
@@ -246,16 +260,18 @@ def warp_gemm_abt(acc, sA, a_row0, sB, D, NT, T):
             mma_m16n8k16(acc[2 * np_ + 1], a, b[:, 2:4])
 
 
-def warp_gemm_xb(acc, x, sB, D, KS, T):
+def warp_gemm_xb(acc, x, sB, D, KS, T, col0=0):
+    """acc[DN/8] += X * sB[:, col0:col0 + DN] (DN = 8 * len(acc): the column-split warps)."""
     sw = T["swz"][D]
+    DN = 8 * acc.shape[0]
     for ks in range(KS):
         a = np.zeros((32, 4, 2))
         a[:, 0] = x[2 * ks][:, 0:2]
         a[:, 1] = x[2 * ks][:, 2:4]
         a[:, 2] = x[2 * ks + 1][:, 0:2]
         a[:, 3] = x[2 * ks + 1][:, 2:4]
-        for dp in range(D // 16):
-            b = ldmatrix_x4(sB, [sw[ks * 16 + T["bkn_row"][l], dp * 16 + T["bkn_col"][l]]
+        for dp in range(DN // 16):
+            b = ldmatrix_x4(sB, [sw[ks * 16 + T["bkn_row"][l], col0 + dp * 16 + T["bkn_col"][l]]
                                  for l in range(32)], trans=True)
             mma_m16n8k16(acc[2 * dp], a, b[:, 0:2])
             mma_m16n8k16(acc[2 * dp + 1], a, b[:, 2:4])
@@ -297,7 +313,24 @@ def test_ptx_tables_cover_fragments(tables):
         assert [T["c_col"][lane, e] for e in range(4)] == [2 * t, 2 * t + 1] * 2
 
 
-@pytest.mark.parametrize("D", [64, 128])
+def test_config_tables(tables):
+    """The launcher's head dims and the tile table the kernels compile with (smem per block
+    within an sm_80 SM's 163 KiB opt-in limit; 8 dK/dV warps; delta lanes a power of two that
+    divides the D / 8 chunks of a row)."""
+    assert tables["supported"] == HEAD_DIMS
+    for D in HEAD_DIMS:
+        bm, bn, qm, qn, split_kv, split_q = tables["cfg"][str(D)]
+        assert bn // 16 * split_kv == 8 and D % (16 * split_kv) == 0 and D % (16 * split_q) == 0
+        assert bm % 16 == 0 and qn % 16 == 0 and qm == 64
+        smem_kv = (2 * bn * D + 4 * bm * D) * 2 + 4 * bm * 4
+        smem_q = (2 * qm * D + 4 * qn * D) * 2
+        assert max(smem_kv, smem_q) <= 163 * 1024, D
+        lanes = tables["delta_lanes"][str(D)]
+        assert lanes & (lanes - 1) == 0 and (D // 8) % lanes == 0 and lanes <= 32
+        assert (D // 8 // lanes) % 2 == 1  # the largest such power of two
+
+
+@pytest.mark.parametrize("D", HEAD_DIMS)
 def test_swizzle(tables, D):
     sw = tables["swz"][D]
     assert sorted(sw.ravel().tolist()) == list(range(128 * D))  # bijection on a 128-row tile
@@ -318,12 +351,15 @@ def test_swizzle(tables, D):
                     assert len(groups) == 8, (rowmap, row0, col0, i)
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", HEAD_DIMS)
 def test_dkdv_warp_products(tables, D):
     """One warp of flash_bwd_dkdv_kernel: S^T = K_w Q^T, dV += P^T dO, dP^T = V_w dO^T,
-    dK += dS^T Q, with K/V tiles of 128 rows (warp 3's rows) and Q/dO tiles of kBlockM rows."""
+    dK += dS^T Q, with K/V tiles of kBlockN rows (warp 3's rows) and Q/dO tiles of kBlockM rows;
+    at d192 / d256 the warp's dK / dV columns are its half (the last half: warp 7)."""
     T = tables
-    bm, bn = T["cfg"][str(D)][0], T["cfg"][str(D)][1]
+    bm, bn, split = T["cfg"][str(D)][0], T["cfg"][str(D)][1], T["cfg"][str(D)][4]
+    dn = D // split
+    col0 = (split - 1) * dn
     rng = np.random.default_rng(D)
     K, V = rng.standard_normal((bn, D)), rng.standard_normal((bn, D))
     Q, dO = rng.standard_normal((bm, D)), rng.standard_normal((bm, D))
@@ -338,24 +374,29 @@ def test_dkdv_warp_products(tables, D):
 
     P = np.exp(St / 8 - 1.0)  # any elementwise map: layout is what is tested
     p_acc = dense_to_acc(P, T)
-    dv = np.zeros((D // 8, 32, 4))
-    warp_gemm_xb(dv, p_acc, sdO, D, bm // 16, T)
-    np.testing.assert_allclose(acc_to_dense(dv, T), mm(P, dO), rtol=1e-12, atol=1e-12)
+    dv = np.zeros((dn // 8, 32, 4))
+    warp_gemm_xb(dv, p_acc, sdO, D, bm // 16, T, col0)
+    np.testing.assert_allclose(acc_to_dense(dv, T), mm(P, dO[:, col0:col0 + dn]), rtol=1e-12,
+                               atol=1e-12)
 
     dp = np.zeros((bm // 8, 32, 4))
     warp_gemm_abt(dp, sV, 16 * w, sdO, D, bm // 8, T)
     np.testing.assert_allclose(acc_to_dense(dp, T), mm(Vw, dO.T), rtol=1e-12, atol=1e-12)
 
-    dk = np.zeros((D // 8, 32, 4))
-    warp_gemm_xb(dk, dp, sQ, D, bm // 16, T)
-    np.testing.assert_allclose(acc_to_dense(dk, T), mm(mm(Vw, dO.T), Q), rtol=1e-12, atol=1e-10)
+    dk = np.zeros((dn // 8, 32, 4))
+    warp_gemm_xb(dk, dp, sQ, D, bm // 16, T, col0)
+    np.testing.assert_allclose(acc_to_dense(dk, T), mm(mm(Vw, dO.T), Q[:, col0:col0 + dn]),
+                               rtol=1e-12, atol=1e-10)
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", HEAD_DIMS)
 def test_dq_warp_products(tables, D):
-    """One warp of flash_bwd_dq_kernel: S = Q_w K^T, dP = dO_w V^T, dQ += dS K."""
+    """One warp of flash_bwd_dq_kernel: S = Q_w K^T, dP = dO_w V^T, dQ += dS K (at d256 the
+    warp's half of the dQ columns, the last half)."""
     T = tables
-    bm, bn = T["cfg"][str(D)][2], T["cfg"][str(D)][3]
+    bm, bn, split = T["cfg"][str(D)][2], T["cfg"][str(D)][3], T["cfg"][str(D)][5]
+    dn = D // split
+    col0 = (split - 1) * dn
     rng = np.random.default_rng(D + 1)
     Q, dO = rng.standard_normal((bm, D)), rng.standard_normal((bm, D))
     K, V = rng.standard_normal((bn, D)), rng.standard_normal((bn, D))
@@ -369,9 +410,10 @@ def test_dq_warp_products(tables, D):
     warp_gemm_abt(dp, sdO, 16 * w, sV, D, bn // 8, T)
     dS = acc_to_dense(dp, T)
     np.testing.assert_allclose(dS, mm(dO[16 * w: 16 * w + 16], V.T), rtol=1e-12, atol=1e-12)
-    dq = np.zeros((D // 8, 32, 4))
-    warp_gemm_xb(dq, dp, sK, D, bn // 16, T)
-    np.testing.assert_allclose(acc_to_dense(dq, T), mm(dS, K), rtol=1e-12, atol=1e-10)
+    dq = np.zeros((dn // 8, 32, 4))
+    warp_gemm_xb(dq, dp, sK, D, bn // 16, T, col0)
+    np.testing.assert_allclose(acc_to_dense(dq, T), mm(dS, K[:, col0:col0 + dn]), rtol=1e-12,
+                               atol=1e-10)
 
 
 def test_tile_ranges_and_masks(tables):
@@ -447,7 +489,7 @@ def _emulate_kernels(q, k, v, out, lse, dout, scale, wl, wr, cfg, splits, hps):
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
     G = H // Hk
-    bm_kv, bn_kv, bm_q, bn_q = cfg
+    bm_kv, bn_kv, bm_q, bn_q = cfg[:4]
     off = Sk - Sq
     log2e = 1.4426950408889634
     scale_log2 = scale * log2e
@@ -567,12 +609,12 @@ def test_gqa_splits(tables):
             assert splits == 1  # a full grid never pays for the workspace
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 192, 256])
 @pytest.mark.parametrize("case", range(len(BLOCK_CASES)))
 def test_block_algorithm_matches_dense(tables, D, case):
     sq, sk, H, Hk, wl, wr = BLOCK_CASES[case]
     cfg = tables["cfg"][str(D)]
-    splits, hps = tables["splits"][2 * case + (D == 128)]
+    splits, hps = tables["splits"][SPLIT_SHAPES.index((BLOCK_B, H, Hk, sk, D))]
     rng = np.random.default_rng(sq * 1000 + sk + D)
     B = BLOCK_B
     q = rng.standard_normal((B, sq, H, D))

@@ -94,6 +94,28 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-d{c[1]}-h{c[2]}-{c[3]}-"
                          f"w{c[4]}_{c[5]}-c{c[6]}-ws{c[7]}-n{len(c[8])}")
 def test_varlen_backward_matches_per_sequence(emulator, tmp_path, case, mode):
+    _check_per_sequence(emulator, tmp_path, case, mode)
+
+
+# Head dims 32 / 96 / 192 / 256 under the varlen prologue, one emulator mode each: around
+# their own tiles (d192: 64-key dK/dV blocks of two column halves, 16-key dQ tiles; d256:
+# 16-query dK/dV tiles, dQ column halves), empty and one-row sequences.
+HEAD_DIM_CASES = [
+    # dtype, d, h, hk, wl, wr, causal, use_workspace, [(sq, sk) per sequence], max slack, mode
+    ("bf", 32, 2, 1, -1, -1, 1, 1, [(1, 17), (0, 3), (66, 65)], 0, 3),
+    ("16", 96, 2, 2, 9, -1, 0, 0, [(33, 20), (1, 1), (0, 0)], 5, 0),
+    ("bf", 192, 4, 1, -1, -1, 0, 1, [(17, 65), (3, 0), (20, 7)], 0, 0),
+    ("16", 256, 2, 1, -1, 4, 1, 0, [(40, 33), (1, 1), (17, 0)], 3, 3),
+]
+
+
+@pytest.mark.parametrize("case", HEAD_DIM_CASES, ids=lambda c: f"{c[0]}-d{c[1]}-m{c[-1]}")
+def test_varlen_backward_head_dims(emulator, tmp_path, case):
+    *case, mode = case
+    _check_per_sequence(emulator, tmp_path, tuple(case), mode)
+
+
+def _check_per_sequence(emulator, tmp_path, case, mode):
     dtype, d, h, hk, wl, wr, causal, use_ws, lens, slack = case
     rng = np.random.default_rng(sum(a * 3 + b for a, b in lens) + d)
     cu_q = np.concatenate([[0], np.cumsum([a for a, _ in lens])]).astype(np.int64)

@@ -63,7 +63,7 @@ void check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
 #ifdef FASTATTN_WITH_CUDA
   if (q.is_cuda()) {
     FA_CHECK_ARG(flash_bwd_cuda_supports_head_dim(d), kOp, "head_dim ", d,
-                 " has no CUDA backward kernel (supported: 64, 128)");
+                 " has no CUDA backward kernel (supported: 32, 64, 96, 128, 192, 256)");
   }
 #endif
 }

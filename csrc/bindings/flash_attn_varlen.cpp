@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
 #ifdef FASTATTN_WITH_CUDA
   if (q_in.is_cuda()) {
     FA_CHECK_ARG(flash_bwd_cuda_supports_head_dim(q_in.size(2)), kBwdOp, "head_dim ", q_in.size(2),
-                 " has no CUDA backward kernel (supported: 64, 128)");
+                 " has no CUDA backward kernel (supported: 32, 64, 96, 128, 192, 256)");
   }
 #endif
   at::Tensor dq = empty_output(q_in.sizes(), q_in.options());

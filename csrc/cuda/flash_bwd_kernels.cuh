@@ -139,12 +139,13 @@ __device__ __forceinline__ void warp_gemm_abt(float (&acc)[NT][4], const T* sA, 
   }
 }
 
-// acc[D/8][4] (16 x D) += X (16 x 16*KS, fp32 accumulators of the previous product, converted
-// to 16 bits and reused as the A operand) * sB (rows [0, 16*KS) of the [*][D] tile sB, the
-// "[k][n]" case: ldmatrix.trans).
-template <typename T, int D, int KS>
-__device__ __forceinline__ void warp_gemm_xb(float (&acc)[D / 8][4], const float (&x)[2 * KS][4],
-                                             const T* sB, int lane) {
+// acc[DN/8][4] (16 x DN) += X (16 x 16*KS, fp32 accumulators of the previous product, converted
+// to 16 bits and reused as the A operand) * sB (rows [0, 16*KS), columns [col0, col0 + DN) of
+// the [*][D] tile sB, the "[k][n]" case: ldmatrix.trans). DN = D, col0 = 0 but for the dK/dV
+// kernel's column-split warps (d192 / d256).
+template <typename T, int D, int KS, int DN = D>
+__device__ __forceinline__ void warp_gemm_xb(float (&acc)[DN / 8][4], const float (&x)[2 * KS][4],
+                                             const T* sB, int lane, int col0 = 0) {
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
     uint32_t a[4];
@@ -153,9 +154,9 @@ __device__ __forceinline__ void warp_gemm_xb(float (&acc)[D / 8][4], const float
     a[2] = MmaOp<T>::pack(x[2 * ks + 1][0], x[2 * ks + 1][1]);
     a[3] = MmaOp<T>::pack(x[2 * ks + 1][2], x[2 * ks + 1][3]);
 #pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
+    for (int dp = 0; dp < DN / 16; ++dp) {
       uint32_t b[4];
-      ldsm_x4_trans(b, smem_addr(sB + swz<D>(ks * 16 + bkn_row(lane), dp * 16 + bkn_col(lane))));
+      ldsm_x4_trans(b, smem_addr(sB + swz<D>(ks * 16 + bkn_row(lane), col0 + dp * 16 + bkn_col(lane))));
       MmaOp<T>::run(acc[2 * dp], a, b[0], b[1]);
       MmaOp<T>::run(acc[2 * dp + 1], a, b[2], b[3]);
     }
@@ -195,10 +196,11 @@ __device__ __forceinline__ void store_rows(T* base, int64_t row_stride, int row0
   }
 }
 
-// Same, as fp32 into a contiguous [seqlen][D] buffer (the dK/dV split partials).
-template <int D>
+// Same, as fp32 into a contiguous [seqlen][D] buffer (the dK/dV split partials): DN columns
+// from `base` (a column-split warp passes its first column's address).
+template <int D, int DN = D>
 __device__ __forceinline__ void store_rows_f32(float* base, int row0, int seqlen,
-                                               const float (&acc)[D / 8][4], float scale,
+                                               const float (&acc)[DN / 8][4], float scale,
                                                int lane) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -206,7 +208,7 @@ __device__ __forceinline__ void store_rows_f32(float* base, int row0, int seqlen
     if (row >= seqlen) continue;
     float* dst = base + static_cast<int64_t>(row) * D;
 #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt)
+    for (int nt = 0; nt < DN / 8; ++nt)
       *reinterpret_cast<float2*>(dst + nt * 8 + bwd_layout::c_col(lane, 0)) =
           make_float2(acc[nt][2 * half] * scale, acc[nt][2 * half + 1] * scale);
   }
@@ -271,7 +273,10 @@ __device__ __forceinline__ BlockSeq block_seq(const BwdArgs& args, int64_t b) {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const BwdArgs args) {
-  constexpr int kLanes = D / 8;  // lanes per row, 8 elements (16 bytes) each
+  // kLanes lanes per row (a power of two), kPerLane 16-byte chunks of 8 elements each: 1 up
+  // to d128 and at d256, 3 at d96 (4 lanes) and d192 (8 lanes).
+  constexpr int kLanes = bwd_layout::delta_lanes(D);
+  constexpr int kPerLane = D / 8 / kLanes;
   constexpr int kRowsPerBlock = 256 / kLanes;
   const FlashBwdParams& p = args.p;
   // Dense: rows (b, h, seqlen_q). Varlen: rows (h, total_q) of the packed out / dout, one
@@ -291,12 +296,15 @@ __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const BwdArgs args
                  i * p.fwd.out_row_stride + h * p.fwd.out_head_stride + part * 8;
     const T* g = static_cast<const T*>(p.dout) + b * p.dout_batch_stride +
                  i * p.dout_row_stride + h * p.dout_head_stride + part * 8;
-    const uint4 ov = *reinterpret_cast<const uint4*>(o);
-    const uint4 gv = *reinterpret_cast<const uint4*>(g);
-    const T* oe = reinterpret_cast<const T*>(&ov);
-    const T* ge = reinterpret_cast<const T*>(&gv);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) sum += MmaOp<T>::to_float(oe[e]) * MmaOp<T>::to_float(ge[e]);
+    for (int c = 0; c < kPerLane; ++c) {
+      const uint4 ov = *reinterpret_cast<const uint4*>(o + c * kLanes * 8);
+      const uint4 gv = *reinterpret_cast<const uint4*>(g + c * kLanes * 8);
+      const T* oe = reinterpret_cast<const T*>(&ov);
+      const T* ge = reinterpret_cast<const T*>(&gv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum += MmaOp<T>::to_float(oe[e]) * MmaOp<T>::to_float(ge[e]);
+    }
   }
 #pragma unroll
   for (int off = kLanes / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
@@ -306,11 +314,16 @@ __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const BwdArgs args
 // ---- kernel 2: dK, dV ----------------------------------------------------------------------
 
 template <int D> struct DkdvCfg {
-  static constexpr int kBlockN = bwd_layout::dkdv_block_n(D);  // key rows: 8 warps x 16
-  // Query rows per inner tile. Registers per thread: dK + dV accumulators D/2 floats each,
-  // S^T and dP^T kBlockM/2 each: 64 + 64 at D = 64, 128 + 32 at D = 128 (no spills).
+  static constexpr int kBlockN = bwd_layout::dkdv_block_n(D);  // key rows: kRowWarps x 16
+  // Query rows per inner tile. Registers per thread: dK + dV accumulators kDn/2 floats each,
+  // S^T and dP^T kBlockM/2 each: 32 + 64 at D = 32, 64 + 64 at 64, 96 + 64 at 96, 128 + 32 at
+  // 128, 96 + 64 at 192, 128 + 32 at 256 (no spills; flash_bwd.cu).
   static constexpr int kBlockM = bwd_layout::dkdv_block_m(D);
-  static constexpr int kWarps = kBlockN / 16;
+  // Warps sharing a 16-key-row slice; each accumulates dK / dV columns [col0, col0 + kDn).
+  static constexpr int kDSplit = bwd_layout::dkdv_d_split(D);
+  static constexpr int kDn = D / kDSplit;
+  static constexpr int kRowWarps = kBlockN / 16;
+  static constexpr int kWarps = kRowWarps * kDSplit;
   static constexpr int kThreads = kWarps * 32;
   // sK, sV [kBlockN][D]; sQ, sdO [2][kBlockM][D]; sLse, sDelta [2][kBlockM] fp32.
   static constexpr int kSmemBytes =
@@ -337,7 +350,11 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
 
   const FlashBwdParams& p = args.p;
   const FlashFwdParams& f = p.fwd;
+  constexpr int kDn = Cfg::kDn;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // This warp's 16 key rows (wrow) and its dK / dV columns [col0, col0 + kDn).
+  const int wrow = Cfg::kDSplit == 1 ? warp : warp % Cfg::kRowWarps;
+  const int col0 = Cfg::kDSplit == 1 ? 0 : (warp / Cfg::kRowWarps) * kDn;
   const int n0 = blockIdx.x * kBlockN;
   const int hk = blockIdx.y / args.num_splits;
   const int split = blockIdx.y % args.num_splits;
@@ -395,13 +412,13 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
   }
   cp_async_commit();
 
-  float acc_dk[D / 8][4], acc_dv[D / 8][4];
+  float acc_dk[kDn / 8][4], acc_dv[kDn / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i)
+  for (int i = 0; i < kDn / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
 
-  const int key_row0 = n0 + warp * 16;  // this warp's first key row
+  const int key_row0 = n0 + wrow * 16;  // this warp's first key row
   for (int it = 0; it < total; ++it) {
     const int buf = it & 1;
     // Tile `it` has landed, and every warp is done with tile it-1 (whose buffer we refill).
@@ -422,7 +439,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     for (int i = 0; i < kBlockM / 8; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] = 0.f;
-    warp_gemm_abt<T, D, kBlockM / 8>(s, sK, warp * 16, q_s, lane);
+    warp_gemm_abt<T, D, kBlockM / 8>(s, sK, wrow * 16, q_s, lane);
 
     // P^T = exp2(S^T * scale * log2e - lse * log2e); element (key c_row, query c_col).
     // Soft-capped: t = tanh(S^T * scale / softcap) and P^T = exp2(t * softcap * log2e - lse *
@@ -446,7 +463,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     }
 
     // dV_w += P^T dO.
-    warp_gemm_xb<T, D, kBlockM / 16>(acc_dv, s, do_s, lane);
+    warp_gemm_xb<T, D, kBlockM / 16, kDn>(acc_dv, s, do_s, lane, col0);
     // Soft-capped: P^T *= 1 - t^2, so dS^T below is the gradient of the uncapped score. t is
     // recovered from P itself, t = (log2 P + lse log2e) / (softcap log2e) (one lg2.approx;
     // absolute error ~2^-22, far below the 16-bit rounding dS^T gets for the dK mma), rather
@@ -472,7 +489,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     for (int i = 0; i < kBlockM / 8; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[i][e] = 0.f;
-    warp_gemm_abt<T, D, kBlockM / 8>(dp, sV, warp * 16, do_s, lane);
+    warp_gemm_abt<T, D, kBlockM / 8>(dp, sV, wrow * 16, do_s, lane);
 #pragma unroll
     for (int nt = 0; nt < kBlockM / 8; ++nt)
 #pragma unroll
@@ -480,23 +497,24 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
         dp[nt][e] = s[nt][e] * (dp[nt][e] - lds_f32(delta_s + nt * 8 + bwd_layout::c_col(lane, e)));
 
     // dK_w += dS^T Q (softmax_scale applied once, at the store).
-    warp_gemm_xb<T, D, kBlockM / 16>(acc_dk, dp, q_s, lane);
+    warp_gemm_xb<T, D, kBlockM / 16, kDn>(acc_dk, dp, q_s, lane, col0);
   }
 
   if (args.num_splits == 1) {
-    store_rows<T, D>(static_cast<T*>(p.dk) + seq.k_off(p.dk_batch_stride, p.dk_row_stride) +
-                         hk * p.dk_head_stride,
-                     p.dk_row_stride, key_row0, mask.seqlen_k, acc_dk, f.softmax_scale, lane);
-    store_rows<T, D>(static_cast<T*>(p.dv) + seq.k_off(p.dv_batch_stride, p.dv_row_stride) +
-                         hk * p.dv_head_stride,
-                     p.dv_row_stride, key_row0, mask.seqlen_k, acc_dv, 1.f, lane);
+    store_rows<T, kDn>(static_cast<T*>(p.dk) + seq.k_off(p.dk_batch_stride, p.dk_row_stride) +
+                           hk * p.dk_head_stride + col0,
+                       p.dk_row_stride, key_row0, mask.seqlen_k, acc_dk, f.softmax_scale, lane);
+    store_rows<T, kDn>(static_cast<T*>(p.dv) + seq.k_off(p.dv_batch_stride, p.dv_row_stride) +
+                           hk * p.dv_head_stride + col0,
+                       p.dv_row_stride, key_row0, mask.seqlen_k, acc_dv, 1.f, lane);
   } else {
     // fp32 partials: workspace = dK [splits][b][h_k][seqlen_k][D], then dV likewise (varlen:
     // seqlen_k is the max bound and rows past the sequence's own length stay unwritten).
     const int64_t plane = f.b * f.h_k * f.seqlen_k * D;
-    float* ws = p.workspace + split * plane + (b * f.h_k + hk) * f.seqlen_k * D;
-    store_rows_f32<D>(ws, key_row0, mask.seqlen_k, acc_dk, f.softmax_scale, lane);
-    store_rows_f32<D>(ws + args.num_splits * plane, key_row0, mask.seqlen_k, acc_dv, 1.f, lane);
+    float* ws = p.workspace + split * plane + (b * f.h_k + hk) * f.seqlen_k * D + col0;
+    store_rows_f32<D, kDn>(ws, key_row0, mask.seqlen_k, acc_dk, f.softmax_scale, lane);
+    store_rows_f32<D, kDn>(ws + args.num_splits * plane, key_row0, mask.seqlen_k, acc_dv, 1.f,
+                           lane);
   }
 }
 
@@ -548,9 +566,13 @@ __global__ void __launch_bounds__(256) flash_bwd_dkdv_reduce_kernel(const BwdArg
 // ---- kernel 3: dQ --------------------------------------------------------------------------
 
 template <int D> struct DqCfg {
-  static constexpr int kBlockM = bwd_layout::dq_block_m(D);  // query rows: 4 warps x 16
+  static constexpr int kBlockM = bwd_layout::dq_block_m(D);  // query rows: kRowWarps x 16
   static constexpr int kBlockN = bwd_layout::dq_block_n(D);  // key rows per inner tile
-  static constexpr int kWarps = kBlockM / 16;
+  // Warps sharing 16 query rows; each accumulates dQ columns [col0, col0 + kDn).
+  static constexpr int kDSplit = bwd_layout::dq_d_split(D);
+  static constexpr int kDn = D / kDSplit;
+  static constexpr int kRowWarps = kBlockM / 16;
+  static constexpr int kWarps = kRowWarps * kDSplit;
   static constexpr int kThreads = kWarps * 32;
   // sQ, sdO [kBlockM][D]; sK, sV [2][kBlockN][D].
   static constexpr int kSmemBytes = (2 * kBlockM * D + 4 * kBlockN * D) * 2;
@@ -571,7 +593,11 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
 
   const FlashBwdParams& p = args.p;
   const FlashFwdParams& f = p.fwd;
+  constexpr int kDn = Cfg::kDn;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // This warp's 16 query rows (wrow) and its dQ columns [col0, col0 + kDn).
+  const int wrow = Cfg::kDSplit == 1 ? warp : warp % Cfg::kRowWarps;
+  const int col0 = Cfg::kDSplit == 1 ? 0 : (warp / Cfg::kRowWarps) * kDn;
   // Highest query tile first: under causal masking it sees the most key tiles, so the longest
   // blocks start in the first wave instead of forming the tail.
   const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
@@ -615,7 +641,7 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
   cp_async_commit();
 
   // lse (* log2e) and delta of this thread's two query rows (c_row(lane, 0) and +8).
-  const int q_row0 = m0 + warp * 16;
+  const int q_row0 = m0 + wrow * 16;
   float lse_r[2], delta_r[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -629,9 +655,9 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
     }
   }
 
-  float acc_dq[D / 8][4];
+  float acc_dq[kDn / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i)
+  for (int i = 0; i < kDn / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_dq[i][e] = 0.f;
 
@@ -652,7 +678,7 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
     for (int i = 0; i < kBlockN / 8; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] = 0.f;
-    warp_gemm_abt<T, D, kBlockN / 8>(s, sQ, warp * 16, k_s, lane);
+    warp_gemm_abt<T, D, kBlockN / 8>(s, sQ, wrow * 16, k_s, lane);
     const bool need_mask = bwd_layout::tile_needs_mask(mask, m0, kBlockM, n0, kBlockN);
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
@@ -680,18 +706,18 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
     for (int i = 0; i < kBlockN / 8; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[i][e] = 0.f;
-    warp_gemm_abt<T, D, kBlockN / 8>(dp, sdO, warp * 16, v_s, lane);
+    warp_gemm_abt<T, D, kBlockN / 8>(dp, sdO, wrow * 16, v_s, lane);
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - delta_r[e >> 1]);
 
     // dQ_w += dS K.
-    warp_gemm_xb<T, D, kBlockN / 16>(acc_dq, dp, k_s, lane);
+    warp_gemm_xb<T, D, kBlockN / 16, kDn>(acc_dq, dp, k_s, lane, col0);
   }
 
-  store_rows<T, D>(static_cast<T*>(p.dq) + seq.q_off(p.dq_batch_stride, p.dq_row_stride) +
-                       h * p.dq_head_stride,
+  store_rows<T, kDn>(static_cast<T*>(p.dq) + seq.q_off(p.dq_batch_stride, p.dq_row_stride) +
+                       h * p.dq_head_stride + col0,
                    p.dq_row_stride, q_row0, mask.seqlen_q, acc_dq, f.softmax_scale, lane);
 }
 
@@ -714,7 +740,7 @@ inline int64_t clamp_window(int64_t w, int64_t limit) {
 // reports cudaErrorInvalidValue), kBwdNothing (empty problem) or kBwdLaunch.
 enum BwdPrep { kBwdInvalid, kBwdNothing, kBwdLaunch };
 
-inline bool flash_bwd_head_dim_ok(int64_t d) { return d == 64 || d == 128; }
+inline bool flash_bwd_head_dim_ok(int64_t d) { return bwd_layout::head_dim_supported(d); }
 
 inline BwdPrep prepare_bwd(const FlashBwdParams& params, BwdArgs* out_args) {
   const FlashFwdParams& f = params.fwd;
@@ -807,7 +833,7 @@ inline BwdGrids bwd_grids(const BwdArgs& args) {
   BwdGrids g{};
   const int64_t delta_rows =
       f.cu_seqlens_q != nullptr ? f.h * f.total_q : f.b * f.h * f.seqlen_q;
-  g.delta = ceil_div(delta_rows, 256 / (D / 8));
+  g.delta = ceil_div(delta_rows, 256 / bwd_layout::delta_lanes(D));
   // seqlen_q == 0 still runs the dK/dV kernel (it writes dK = dV = 0), and seqlen_k == 0
   // still runs the dQ kernel (dQ = 0).
   g.dkdv[0] = ceil_div(f.seqlen_k, DkdvCfg<D>::kBlockN);

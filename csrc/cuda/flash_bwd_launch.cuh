@@ -1,11 +1,13 @@
 // flash_bwd_launch.cuh — the host side of the FlashAttention backward (flash_bwd.cu): the
-// workspace size, the kSoftcap / dtype / head-dim dispatch, and the four launches with their
-// grids (bwd_grids), block sizes and shared-memory opt-in. Argument validation and the split
-// decision are prepare_bwd in flash_bwd_kernels.cuh.
+// workspace size, the kSoftcap / dtype dispatch of one head dim (bwd_run_dim<D>, called by
+// that head dim's flash_bwd_hdim<D>.cu), and the four launches with their grids (bwd_grids),
+// block sizes and shared-memory opt-in. Argument validation and the split decision are
+// prepare_bwd in flash_bwd_kernels.cuh; the head-dim switch is flash_bwd_cuda in flash_bwd.cu.
 //
-// One copy, included by flash_bwd.cu (nvcc) and by tests/flash_bwd_emulate.cpp (g++ over the
-// CUDA runtime stand-ins of tests/fiber_emulate.h, FASTATTN_BWD_EMULATE defined), so the
-// emulated tests run exactly the launcher the GPU runs. The one line that differs is the launch
+// One copy, included by flash_bwd.cu and flash_bwd_hdim*.cu (nvcc) and, through those very
+// files, by tests/flash_bwd_emulate.cpp (g++ over the CUDA runtime stand-ins of
+// tests/fiber_emulate.h, FASTATTN_BWD_EMULATE defined), so the emulated tests run exactly the
+// launcher the GPU runs. The one line that differs is the launch
 // statement itself: kernel<<<grid, threads, smem, stream>>>(args) on the GPU,
 // ::emu::KernelLaunch(kernel, grid, threads, smem, stream)(args) under emulation (same launch
 // rules: block size, grid, dynamic shared memory against the cudaFuncSetAttribute limit).
@@ -18,6 +20,17 @@
 #include "flash_bwd_kernels.cuh"
 
 namespace fastattn {
+
+// flash_bwd_hdim<D>.cu: the backward for one head dim (validation, then the plain or
+// soft-capped kernels for the dtype). One file per head dim, so a parallel build compiles
+// the six sets of kernels side by side; flash_bwd_cuda (flash_bwd.cu) switches on params.fwd.d.
+cudaError_t flash_bwd_cuda_hdim32(const FlashBwdParams& params, cudaStream_t stream);
+cudaError_t flash_bwd_cuda_hdim64(const FlashBwdParams& params, cudaStream_t stream);
+cudaError_t flash_bwd_cuda_hdim96(const FlashBwdParams& params, cudaStream_t stream);
+cudaError_t flash_bwd_cuda_hdim128(const FlashBwdParams& params, cudaStream_t stream);
+cudaError_t flash_bwd_cuda_hdim192(const FlashBwdParams& params, cudaStream_t stream);
+cudaError_t flash_bwd_cuda_hdim256(const FlashBwdParams& params, cudaStream_t stream);
+
 namespace {
 
 // Raise the kernel's dynamic shared-memory limit when it needs more than the default 48 KiB,
@@ -78,23 +91,22 @@ inline int64_t bwd_workspace_floats(const FlashBwdParams& params) {
   return splits > 1 ? 2 * splits * f.b * f.h_k * f.seqlen_k * f.d : 0;
 }
 
-// flash_bwd_cuda (api.h): validate, then the soft-capped (softcap.cuh) or plain dK/dV and dQ
-// kernels for the dtype and head dim.
-inline cudaError_t bwd_run(const FlashBwdParams& params, cudaStream_t stream) {
+// flash_bwd_cuda_hdim<D>: validate, then the soft-capped (softcap.cuh) or plain dK/dV and dQ
+// kernels for the dtype, at head dim D (params.fwd.d == D: flash_bwd_cuda's switch).
+template <int D>
+inline cudaError_t bwd_run_dim(const FlashBwdParams& params, cudaStream_t stream) {
   const FlashFwdParams& f = params.fwd;
+  if (f.d != D) return cudaErrorInvalidValue;
   BwdArgs args;
   const BwdPrep prep = prepare_bwd(params, &args);
   if (prep == kBwdInvalid) return cudaErrorInvalidValue;
   if (prep == kBwdNothing) return cudaSuccess;
-  const bool h16 = f.dtype == DType::kFloat16, d64 = f.d == 64;
-  if (f.softcap > 0.f) {
-    if (h16) return d64 ? launch_bwd<__half, 64, true>(args, stream) : launch_bwd<__half, 128, true>(args, stream);
-    return d64 ? launch_bwd<__nv_bfloat16, 64, true>(args, stream)
-               : launch_bwd<__nv_bfloat16, 128, true>(args, stream);
-  }
-  if (h16) return d64 ? launch_bwd<__half, 64, false>(args, stream) : launch_bwd<__half, 128, false>(args, stream);
-  return d64 ? launch_bwd<__nv_bfloat16, 64, false>(args, stream)
-             : launch_bwd<__nv_bfloat16, 128, false>(args, stream);
+  const bool h16 = f.dtype == DType::kFloat16;
+  if (f.softcap > 0.f)
+    return h16 ? launch_bwd<__half, D, true>(args, stream)
+               : launch_bwd<__nv_bfloat16, D, true>(args, stream);
+  return h16 ? launch_bwd<__half, D, false>(args, stream)
+             : launch_bwd<__nv_bfloat16, D, false>(args, stream);
 }
 
 }  // namespace

@@ -52,14 +52,27 @@
 namespace fastattn {
 namespace bwd_layout {
 
-// Shared-memory tiles are [rows][D] 16-bit elements (D = 64 or 128, so a row is 128 or 256
-// bytes). Each row is 8 or 16 chunks of 16 bytes; chunk c of row r is stored at chunk
-// c ^ (r & 7). An ldmatrix phase reads the same logical chunk of 8 consecutive rows, which
-// lands on 8 different 16-byte bank groups (the XOR permutes the low 3 bits of the chunk
-// index), so ldmatrix and ldmatrix.trans are bank-conflict free; cp.async writes whole rows.
+// Shared-memory tiles are [rows][D] 16-bit elements, D one of 32, 64, 96, 128, 192, 256 (a row
+// is D/8 chunks of 16 bytes). An ldmatrix phase reads the same logical chunk of 8 consecutive
+// rows; the swizzle must land those 8 reads on 8 different 16-byte bank groups (the 128-byte
+// bank window) and keep every chunk inside its own row (a permutation of the row's chunks):
+//   * D % 64 == 0 (8k chunks per row, so a row starts on a 128-byte boundary): chunk c of row
+//     r is stored at chunk c ^ (r & 7). The XOR permutes the low 3 bits of the chunk index,
+//     i.e. within aligned groups of 8 chunks, which the row has a whole number of.
+//   * D = 32 or 96 (4 or 12 chunks: rows alternate between the two 64-byte halves of the
+//     window): chunk c of row r is stored at c ^ ((r >> 1) & 3). The XOR stays inside aligned
+//     groups of 4 chunks (in-row), r & 1 picks the half of the window and (r >> 1) & 3 the
+//     16-byte group inside it, so 8 consecutive rows again hit 8 distinct bank groups.
+// cp.async writes whole 16-byte chunks (the set of chunks of an aligned group is unchanged by
+// the XOR, so 8 consecutive chunk copies stay conflict-free too).
 template <int D>
 FASTATTN_BWD_HD int swz(int row, int col) {
-  return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+  static_assert(D % 64 == 0 || D % 64 == 32, "head dim: a multiple of 32");
+  if constexpr (D % 64 == 0) {
+    return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+  } else {
+    return row * D + ((((col >> 3) ^ ((row >> 1) & 3))) << 3) + (col & 7);
+  }
 }
 
 // ldmatrix.x4 lane -> (row, col) offsets inside a 16 x 16 block, see the header comment.
@@ -75,12 +88,28 @@ FASTATTN_BWD_HD int c_row(int lane, int e) { return (lane >> 2) + (e >> 1) * 8; 
 FASTATTN_BWD_HD int c_col(int lane, int e) { return (lane & 3) * 2 + (e & 1); }
 
 // ---- tile sizes (the kernels' configuration, here so the host-side test sees it) --------
-// dK/dV kernel: key rows per block (8 warps x 16) and query rows per inner tile.
-FASTATTN_BWD_HD constexpr int dkdv_block_n(int /*d*/) { return 128; }
-FASTATTN_BWD_HD constexpr int dkdv_block_m(int d) { return d == 64 ? 64 : 32; }
-// dQ kernel: query rows per block (4 warps x 16) and key rows per inner tile.
+// The head dims the CUDA backward supports (one flash_bwd_hdim<D>.cu each).
+FASTATTN_BWD_HD constexpr bool head_dim_supported(int64_t d) {
+  return d == 32 || d == 64 || d == 96 || d == 128 || d == 192 || d == 256;
+}
+// dK/dV kernel: key rows per block, query rows per inner tile, and the number of warps that
+// share one 16-key-row slice, each owning D / dkdv_d_split columns of its dK and dV (1 up to
+// d128; 2 at d192 / d256, whose full 16 x D fp32 dK + dV accumulators, D floats per thread,
+// would not fit in registers). Warps = dkdv_block_n / 16 * dkdv_d_split = 8 at every head dim.
+FASTATTN_BWD_HD constexpr int dkdv_block_n(int d) { return d <= 128 ? 128 : 64; }
+FASTATTN_BWD_HD constexpr int dkdv_d_split(int d) { return d <= 128 ? 1 : 2; }
+FASTATTN_BWD_HD constexpr int dkdv_block_m(int d) {
+  return d <= 64 ? 64 : (d == 256 ? 16 : 32);
+}
+// dQ kernel: query rows per block (4 row warps x 16), key rows per inner tile, and warps per
+// 16 query rows (each owning D / dq_d_split columns of dQ: 2 at d256 only, where the 16 x 256
+// fp32 accumulator, 128 floats per thread, spilled 28-32 B even with 16-key tiles).
 FASTATTN_BWD_HD constexpr int dq_block_m(int /*d*/) { return 64; }
-FASTATTN_BWD_HD constexpr int dq_block_n(int /*d*/) { return 64; }
+FASTATTN_BWD_HD constexpr int dq_block_n(int d) { return d <= 128 ? 64 : (d == 192 ? 16 : 32); }
+FASTATTN_BWD_HD constexpr int dq_d_split(int d) { return d == 256 ? 2 : 1; }
+// delta kernel: lanes per row (the largest power of two dividing the D / 8 16-byte chunks, so
+// a row's lanes sit inside one warp and reduce with xor shuffles), D / 8 / lanes chunks each.
+FASTATTN_BWD_HD constexpr int delta_lanes(int d) { return (d / 8) & -(d / 8); }
 
 // ---- GQA / MQA split of the dK/dV kernel -------------------------------------------------
 // The dK/dV kernel runs one block per (key tile, kv head, batch) and loops over the query
