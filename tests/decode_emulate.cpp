@@ -213,6 +213,7 @@ void setup(int mode) {
     for (const char* t : {"half", "bf16"}) {
       const bool h = std::string(t) == "half";
       h ? state_kernels<__half, 64>(t) : state_kernels<__nv_bfloat16, 64>(t);
+      h ? state_kernels<__half, 96>(t) : state_kernels<__nv_bfloat16, 96>(t);
       h ? state_kernels<__half, 128>(t) : state_kernels<__nv_bfloat16, 128>(t);
       h ? state_kernels<__half, 256>(t) : state_kernels<__nv_bfloat16, 256>(t);
     }

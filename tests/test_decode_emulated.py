@@ -172,6 +172,10 @@ CASES = [
     (torch.bfloat16, 128, 32, 1, [400, 2], 400, 4, False, 2),          # MQA, G = 32: full head slice
     (torch.bfloat16, 256, 8, 2, [130, 64], 130, 2, True, 1),           # D 256: 64-key tiles
     (torch.float16, 256, 20, 1, [70, 200], 200, 1, False, 2),          # D 256, G = 20: 16-head slices
+    # D 96 (12 chunks a row: the 4 trailing chunks swizzled among themselves, 16 copy lanes per
+    # row with 4 idle, P V on 24 lanes x 4 dims): ragged, tails, splits, strided, both dtypes.
+    (torch.float16, 96, 32, 8, [300, 1, 0, 257], 300, 3, True, 1),     # G = 4, splits, late copies
+    (torch.bfloat16, 96, 40, 1, [140, 33], 140, 1, False, 2),          # G = 40: two blocks per kv head
 ]
 
 
@@ -247,6 +251,21 @@ def test_launcher_grids_and_twin_choice(emu, softcap):
             assert len(log) == 1
         if not softcap:
             _check(q, kc, vc, seqlens, out, lse, 0.125)
+
+
+def test_launcher_warps_per_head_dim(emu):
+    """Block size per head dim (warps_for in decode_kernels.cuh): 4 warps at D = 64, where two
+    blocks share an SM, 8 warps from D = 96 on (one block per SM by shared memory), and the
+    dynamic shared memory the launcher asks for: the double-buffered K/V tiles, the fp32 query
+    rows, one 8-head x 32-key probability buffer per warp and the per-row mask bounds."""
+    for D, warps, block_n, rows in ((64, 4, 128, 32), (96, 8, 128, 32), (128, 8, 128, 32), (256, 8, 64, 16)):
+        q, kc, vc, seqlens = _small_decode(D=D, H=8, Hk=2, S=150, lengths=(150, 40))
+        out, lse = _emulated_decode(emu, q, kc, vc, seqlens, 0.1, 1)
+        _check(q, kc, vc, seqlens, out, lse, 0.1)
+        log = _launch_log(emu)
+        smem = 2 * 2 * block_n * D * 2 + rows * D * 4 + warps * 8 * 32 * 4 + (2 * rows * 4 + 15) // 16 * 16
+        assert log == [(f"decode_kernel<half,{D}>", "1x2x2", str(32 * warps), str(smem))], (D, log)
+        assert smem <= 163 * 1024  # an A100's opt-in
 
 
 def test_launcher_split_choice_and_refusals(emu):
@@ -358,6 +377,7 @@ PAGED_CASES = [
     (torch.float16, 256, 8, 1, 3, [9, 100, 0], 40, 2, 3),           # odd page size, D 256, MQA G = 8
     (torch.float16, 64, 4, 4, 16, [160, 17], 12, 4, 1),             # MHA, more splits, late copies
     (torch.bfloat16, 64, 40, 1, 7, [50], 8, 1, 0),                  # G = 40: two blocks per kv head
+    (torch.bfloat16, 96, 8, 2, 3, [9, 200, 0], 70, 2, 3),           # D 96: odd pages, splits
 ]
 
 
@@ -398,6 +418,7 @@ MQ_CASES = [
     (torch.bfloat16, 64, 4, 2, 5, 0, (0, 0), [3, 7], 0, 8, 2, 1),           # only its own key; some none
     (torch.float16, 64, 6, 3, 5, 0, (4, 2), [30, 6], 7, 35, 3, 2),           # window with a right side
     (torch.bfloat16, 256, 16, 2, 16, 16, (5, 0), [40], 0, 64, 2, 3),         # D 256: 8 rows x 16 = 8 slices
+    (torch.float16, 96, 8, 2, 5, 5, (-1, 0), [150, 3], 16, 160, 2, 1),       # D 96: causal chunk, paged
     (torch.float16, 64, 8, 1, 16, 16, (-1, 0), [300], 16, 320, 5, 1),        # G 8 x 16: 4 slices, 5 splits
     # Edge steps: a 32-key step is unmasked only if inside every row's range. Left-only window
     # (no right bound): step [0, 32) is inside row 0's range but not row 15's.
@@ -603,7 +624,7 @@ def test_bank_conflict_report(emu, tmp_path):
     lds / sts loads and stores). Run alone, it first runs one decode case of each head dim so
     that there is something to report. (Known: at D = 256 the end-of-block merge stores two
     16-byte vectors per lane 32 bytes apart, a 2-way conflict on one store per head per block.)"""
-    for D in (64, 128, 256):
+    for D in (64, 96, 128, 256):
         q = torch.randn(2, 4, D).to(torch.float16)
         kc = torch.randn(2, 130, 2, D).to(torch.float16)
         vc = torch.randn(2, 130, 2, D).to(torch.float16)
@@ -621,6 +642,8 @@ SOFTCAP_CASES = [
     (torch.bfloat16, 64, 4, 1, 16, (-1, 0), [100, 0], 7, 126, 3, 0.5, 5.0, 2),          # multi-query causal, paged
     (torch.float16, 128, 2, 2, 5, (4, 2), [30, 6], 0, 40, 1, None, 1.5, 1),             # window both sides
     (torch.bfloat16, 256, 16, 2, 4, (-1, 0), [40], 5, 50, 2, None, 3.0, 3),             # D 256 multi-query, paged
+    (torch.bfloat16, 96, 8, 2, 1, (-1, -1), [200, 7], 0, 200, 3, None, 2.0, 1),         # D 96 decode, splits
+    (torch.float16, 96, 4, 1, 6, (-1, 0), [60], 9, 63, 1, None, 1.5, 2),                # D 96 multi-query, paged
 ]
 
 

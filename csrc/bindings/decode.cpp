@@ -243,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
   if (q4.is_cuda()) {
 #ifdef FASTATTN_WITH_CUDA
     FA_CHECK_ARG(decode_cuda_supports_head_dim(d), "fastattn.", op, ": head dim ", d,
-                 " is not supported on CUDA (supported: 64, 128, 256)");
+                 " is not supported on CUDA (supported: 64, 96, 128, 256)");
     const c10::cuda::CUDAGuard guard(q4.device());
     // A cache view the 16-byte loads cannot use (odd strides or offset): run on a compact
     // copy instead. Correct, but it costs a full copy of the cache (or pool).

@@ -30,7 +30,10 @@
 // Why it is fast. Decode reads the whole cache once per step and does ~2 * G flops per byte,
 // so it is bound by HBM bandwidth whenever the group is small enough, and everything is
 // arranged to stream the cache once at full width:
-//   * One block (4 warps) per (batch, kv head, split). Every K/V row is loaded ONCE into
+//   * One block per (batch, kv head, split): 4 warps at D = 64 (two blocks per SM), 8 warps
+//     at D = 96, 128 and 256, where shared memory allows one block per SM (4 warps there
+//     left a single warp per scheduler to hide every shared-memory and FMA latency; 8 give
+//     each scheduler two, within the same 255-register budget). Every K/V row is loaded ONCE into
 //     shared memory and used by all G query heads of the group (up to 32 per block; a group
 //     of more than 32 heads, i.e. MQA with > 32 heads, takes ceil(G / 32) blocks per kv head,
 //     each re-reading the rows). G is a runtime value, any 1..32: nothing is instantiated
@@ -38,8 +41,9 @@
 //   * Loads are 16-byte cp.async copies of 128-key tiles (64 KiB of K + V per tile at
 //     D = 128; 64-key tiles at D = 256, where a block holds 16 query heads), double buffered: while a tile is consumed the next one is in flight, which
 //     is more than the bandwidth-latency product of an SM (~25-40 KB) on A100/H100.
-//     Shared-memory rows are XOR-swizzled (16-byte chunk c of row r at c ^ (r & 7)), so both
-//     the row-per-lane reads of Q K^T and the row-per-warp reads of P V are conflict free.
+//     Shared-memory rows are XOR-swizzled (16-byte chunk c of row r at c ^ (r & 7); at
+//     D = 96, 12 chunks a row, c ^ ((r >> 1) & 3), see swz), so the row-per-lane reads of
+//     Q K^T, the row-per-warp reads of P V and the cp.async writes are conflict free.
 //   * CUDA cores, not tensor cores. Math per key is G * D FMAs for Q K^T and the same for
 //     P V: at G <= 8 (every LLaMA/Qwen/Mistral GQA config: 4, 7, 8) that is well below the
 //     FMA rate that an SM's share of HBM bandwidth can feed, so fp32 FMAs cost no bandwidth
@@ -48,14 +52,14 @@
 //     instruction count); a tensor-core path for large groups is the next step.
 //   * Work split inside a block: the group's heads are dealt round-robin to hs = 1, 2 or 4
 //     head slices of at most 8 heads (so per-thread state is a fixed 8-head array in
-//     registers), and the 4 / hs warps sharing a head slice take alternate 32-key steps of
-//     each tile. In a step, lane i owns key i for Q K^T (the query rows, pre-scaled by
+//     registers; hs >= warps / 32-key steps per tile, so no warp is left without a step),
+//     and the warps / hs warps sharing a head slice take alternate 32-key steps of each tile. In a step, lane i owns key i for Q K^T (the query rows, pre-scaled by
 //     scale * log2 e, are broadcast from shared memory), a warp max gives the new running
-//     max per head, p goes to shared memory, and for P V lane i owns D / 32 output dims,
-//     reading one V row per key with a single conflict-free warp load. The warps' partial
-//     (max, sum, output) are merged through shared memory at the end. (At D = 256 a tile has
-//     two 32-key steps, so with G <= 8 two of the four warps only load, halving the FMA rate
-//     left for the math: a tuning point for a GPU run.)
+//     max per head, p goes to shared memory, and for P V lane i owns D / 32 output dims
+//     (4 dims on lanes 0..23 at D = 96), reading one V row per key with a single
+//     conflict-free warp load. The warps' partial (max, sum, output) are merged through shared
+//     memory at the end. (At D = 256 a tile has two 32-key steps: the 8 warps form 4 head
+//     slices of 2 warps, so with G <= 8 every warp computes, on <= 2 heads.)
 //   * Split-KV (flash-decoding): when b * h_k blocks cannot fill the GPU, every sequence's
 //     keys are cut into num_splits chunks (decode_split.h; sized from each sequence's own
 //     length on the device), each block writes a normalised fp32 partial and its lse, and
@@ -66,7 +70,7 @@
 //     outside [0, seqlen_k_max) dropped on the device.
 //
 // Logit soft-capping (DecodeParams::softcap > 0): a compile-time twin of decode_kernel (the
-// uncapped kernels are unchanged; 6 more kernels, in decode_softcap.cu so that a parallel build
+// uncapped kernels are unchanged; 8 more kernels, in decode_softcap.cu so that a parallel build
 // compiles them beside these instead of doubling this file's compile time), see softcap.cuh: the pre-scaled query rows
 // carry softmax_scale / softcap * 2 log2 e, and each lane's q.k becomes tanh (from ex2 and rcp)
 // times softcap * log2 e before the mask. Two MUFU ops per (key, head) on a bandwidth-bound
@@ -109,11 +113,12 @@ bool aligned16(const void* ptr, int64_t byte_stride_a, int64_t byte_stride_b, in
 
 }  // namespace
 
-bool decode_cuda_supports_head_dim(int64_t d) { return d == 64 || d == 128 || d == 256; }
+bool decode_cuda_supports_head_dim(int64_t d) { return d == 64 || d == 96 || d == 128 || d == 256; }
 
 int64_t decode_cuda_smem_bytes(int64_t d) {
   switch (d) {
     case 64: return int64_t(DecodeSmem<64>::kBytes);
+    case 96: return int64_t(DecodeSmem<96>::kBytes);
     case 128: return int64_t(DecodeSmem<128>::kBytes);
     case 256: return int64_t(DecodeSmem<256>::kBytes);
     default: return 0;
@@ -145,7 +150,7 @@ int64_t decode_num_splits_cuda(int64_t b, int64_t h, int64_t h_k, int64_t seqlen
   // For attention_with_kvcache the binding passes h = h * seqlen_q, the query rows per
   // sequence, so h / h_k = group * seqlen_q rows per kv head and `slices` below is
   // decode_slices(), the kernel's blocks per (batch, kv head).
-  // By shared memory one block per SM fits at D = 128 and 256, two at D = 64.
+  // By shared memory one block per SM fits at D = 96, 128 and 256, two at D = 64.
   const int64_t hpb = heads_per_block_for(static_cast<int>(d));
   const int64_t slices = (h / std::max<int64_t>(h_k, 1) + hpb - 1) / hpb;
   const int64_t slots = int64_t(std::max(num_sms, 1)) * (d <= 64 ? 2 : 1);

@@ -21,14 +21,18 @@ namespace fastattn {
 namespace decode_kernels {
 
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
+// Warps per block: 4 at D = 64 (two blocks fit an SM's shared memory: 8 warps per SM), 8 from
+// D = 96 on, where one block per SM is all the shared memory allows (4 warps would leave one
+// warp per scheduler, nothing to hide a shared-memory or FMA latency with). The 255-register
+// budget of __launch_bounds__(256, 1) is the one 128 threads had.
+__host__ __device__ constexpr int warps_for(int d) { return d <= 64 ? 4 : 8; }
+__host__ __device__ constexpr int threads_for(int d) { return warps_for(d) * 32; }
 constexpr int kStages = 2;              // tiles in shared memory (double buffering)
 constexpr int kHeadsPerWarp = 8;        // fixed register arrays; runtime count <= 8
 
 // Per head dim: keys per tile and query heads per block, sized so that the double-buffered
 // K/V tiles plus the fp32 query rows fit A100's 163 KiB of shared memory per block:
-// 128 keys x 32 heads (= kWarps * kHeadsPerWarp) up to D = 128, 64 keys x 16 heads at D = 256.
+// 128 keys x 32 heads (= 4 * kHeadsPerWarp) up to D = 128, 64 keys x 16 heads at D = 256.
 __host__ __device__ constexpr int block_n_for(int d) { return d <= 128 ? 128 : 64; }
 __host__ __device__ constexpr int heads_per_block_for(int d) { return d <= 128 ? 32 : 16; }
 constexpr float kLog2e = 1.4426950408889634f;
@@ -89,9 +93,23 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 
 // Element offset of (row, col) in a swizzled [rows][kD] 16-bit tile: chunk c = col / 8 of
 // row r lives at chunk c ^ (r & 7). Every reader and writer goes through this function.
+// D = 96 (12 chunks, a 192-byte row): chunk c of row r lives at c ^ ((r >> 1) & 3), which
+// keeps chunks 0..7 and 8..11 within their own groups (c ^ (r & 7) would send 8..11 past the
+// row). The 16-byte bank group of (r, chunk) is (12 r + chunk) mod 8 = 4 (r & 1) + chunk mod 8,
+// so it is conflict free for the three access patterns: Q K^T's row-per-lane reads (8 lanes
+// of a phase read rows 8p + j, j = 0..7), P V's row-per-warp reads (whole 128-byte spans of a
+// row) and the tile loads' cp.async writes (8 consecutive chunks of a two-row run of 24).
 template <int kD>
 __device__ __forceinline__ int swz(int row, int col) {
-  return row * kD + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7));
+  const int c = col >> 3;
+  int cs;
+  if constexpr (kD % 64 == 0) {
+    cs = c ^ (row & 7);
+  } else {
+    static_assert(kD == 96, "swz: head dim 96 is the one dim that is not a multiple of 64");
+    cs = c ^ ((row >> 1) & 3);
+  }
+  return row * kD + ((cs << 3) | (col & 7));
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -128,12 +146,12 @@ struct DecodeSmem {
   static constexpr int kTileElems = block_n_for(kD) * kD;               // one K or V tile
   static constexpr size_t kKV = size_t(2) * kStages * kTileElems * 2;   // bytes, 16-bit
   static constexpr size_t kQ = size_t(heads_per_block_for(kD)) * kD * 4;  // fp32 query rows
-  static constexpr size_t kP = size_t(kWarps) * kHeadsPerWarp * 32 * 4;  // per-warp probabilities
+  static constexpr size_t kP = size_t(warps_for(kD)) * kHeadsPerWarp * 32 * 4;  // per-warp probabilities
   // Per row: visible keys [lo, hi) relative to the block's first key, int32 (masking only).
   static constexpr size_t kMask = (size_t(2) * heads_per_block_for(kD) * 4 + 15) / 16 * 16;
   static constexpr size_t kBytes = kKV + kQ + kP + kMask;
   // The end-of-block merge reuses the K/V area: per warp, 8 heads x (kD outputs + m + l).
-  static_assert(size_t(kWarps) * kHeadsPerWarp * (kD + 2) * 4 <= kKV, "merge area must fit");
+  static_assert(size_t(warps_for(kD)) * kHeadsPerWarp * (kD + 2) * 4 <= kKV, "merge area must fit");
 };
 
 // grid (num_splits, h_k * row slices, b), kThreads threads, DecodeSmem<kD>::kBytes bytes.
@@ -143,12 +161,18 @@ struct DecodeSmem {
 // instead of softmax_scale * log2 e, and each q.k becomes softcap_tanh(q.k) * softcap * log2 e
 // before masking.
 template <typename T, int kD, bool kSoftcap = false>
-__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(threads_for(kD), 1) decode_kernel(const DecodeParams p) {
+  constexpr int kWarps = warps_for(kD);
+  constexpr int kThreads = kWarps * 32;
   constexpr int kBlockN = block_n_for(kD);
   constexpr int kStepsPerTile = kBlockN / 32;
   constexpr int kHeadsPerBlock = heads_per_block_for(kD);
   constexpr int kChunks = kD / 8;        // 16-byte chunks per row
-  constexpr int kDimsPerLane = kD / 32;  // P V: output dims per lane (2, 4 or 8)
+  // P V: output dims per lane (2, 4 or 8); at D = 96, 4 dims on lanes 0..23 (kPvLanes) and
+  // lanes 24..31 idle in P V (3 dims a lane would be 6-byte, unaligned reads).
+  constexpr int kDimsPerLane = kD % 64 == 0 ? kD / 32 : 4;
+  constexpr int kPvLanes = kD / kDimsPerLane;
+  static_assert(kPvLanes <= 32 && 32 - kPvLanes <= kPvLanes - 16 && kPvLanes * kDimsPerLane == kD, "P V lane split");
   FASTATTN_DECODE_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kStages * DecodeSmem<kD>::kTileElems;
@@ -168,8 +192,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   const int nhb = min(kHeadsPerBlock, rows - row0);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-  // Warp roles: hs head slices of <= 8 heads, ks = kWarps / hs warps per head slice.
-  const int hs = nhb <= kHeadsPerWarp ? 1 : (nhb <= 2 * kHeadsPerWarp ? 2 : 4);
+  // Warp roles: hs head slices of <= 8 heads, ks = kWarps / hs warps per head slice, at most
+  // one warp per 32-key step of a tile (kWarps / kStepsPerTile slices at least: with 8 warps,
+  // 2 at D = 96 / 128 and 4 at D = 256, each warp's heads fewer rather than warps idle).
+  constexpr int kMinSlices = kWarps / kStepsPerTile > 1 ? kWarps / kStepsPerTile : 1;
+  const int hs = max(kMinSlices, nhb <= kHeadsPerWarp ? 1 : (nhb <= 2 * kHeadsPerWarp ? 2 : 4));
   const int ks = kWarps / hs;
   const int hsl = warp % hs, ksl = warp / hs;
   const int nh = (nhb - hsl + hs - 1) / hs;  // heads of this warp: hsl + hs * i, i < nh
@@ -223,29 +250,41 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   const T* k_base = static_cast<const T*>(p.k_cache) + kvh * p.k_head_stride;
   const T* v_base = static_cast<const T*>(p.v_cache) + kvh * p.v_head_stride;
 
-  // Tile loads: in iteration k thread tid copies chunk c = tid % kChunks of tile row
-  // tid / kChunks + k * kRowsPerIter (a warp covers whole rows: coalesced). A paged row
-  // address costs a page-table read and a 64-bit division, and kChunks threads share each row,
+  // Tile loads: kLanesPerRow lanes share a row (kChunks of them, or 4 at D = 96, whose 12
+  // chunks do not tile a warp), each copying kChunkReps chunks (lane % kLanesPerRow + m *
+  // kLanesPerRow) of it; in iteration k thread tid copies tile row tid / kLanesPerRow + k *
+  // kRowsPerIter. kRowsPerIter is a multiple of 8, so a thread's row % 8, and with it every
+  // swizzled shared-memory offset, is the same in every iteration (only a k * row stride
+  // apart). A warp copies whole 16-byte-chunk runs of rows: coalesced. A paged row
+  // address costs a page-table read and a 64-bit division, and kLanesPerRow threads share each row,
   // so there each lane of a warp looks up ONE of the <= 32 rows its warp copies in the tile
   // and the others fetch it by shuffle (warp-uniform branch; the contiguous path is as before).
-  constexpr int kRowsPerIter = kThreads / kChunks;
-  constexpr int kWarpRows = 32 / kChunks;  // rows per warp per iteration
-  constexpr int kIters = kBlockN * kChunks / kThreads;
-  static_assert(kThreads % kChunks == 0 && 32 % kChunks == 0 && kIters * kWarpRows <= 32, "row lookup per lane");
+  constexpr int kLanesPerRow = kChunks % 8 == 0 ? kChunks : 4;
+  constexpr int kChunkReps = kChunks / kLanesPerRow;
+  constexpr int kRowsPerIter = kThreads / kLanesPerRow;
+  constexpr int kWarpRows = 32 / kLanesPerRow;  // rows per warp per iteration
+  constexpr int kIters = kBlockN / kRowsPerIter;
+  static_assert(kLanesPerRow * kChunkReps == kChunks && 32 % kLanesPerRow == 0 && kBlockN % kRowsPerIter == 0 &&
+                kIters * kWarpRows <= 32, "row lookup per lane");
+  static_assert(kD % 64 == 0 || kRowsPerIter % 8 == 0, "D = 96: a thread's row % 8 fixed over the iterations");
   auto load_tile = [&](int tile, int stage) {
     const int64_t key0 = begin + int64_t(tile) * kBlockN;
     T* dk = sK + stage * DecodeSmem<kD>::kTileElems;
     T* dv = sV + stage * DecodeSmem<kD>::kTileElems;
-    const int c = tid % kChunks;
+    const int c0 = tid % kLanesPerRow;
     if (p.block_table == nullptr) {
 #pragma unroll
       for (int k = 0; k < kIters; ++k) {
-        const int r = tid / kChunks + k * kRowsPerIter;
+        const int r = tid / kLanesPerRow + k * kRowsPerIter;
         const bool ok = key0 + r < end;
-        const T* sk = ok ? k_base + k_layout.row_offset(b, key0 + r) + c * 8 : k_base;
-        const T* sv = ok ? v_base + v_layout.row_offset(b, key0 + r) + c * 8 : v_base;
-        cp_async16(smem_u32(dk + swz<kD>(r, c * 8)), sk, ok);
-        cp_async16(smem_u32(dv + swz<kD>(r, c * 8)), sv, ok);
+#pragma unroll
+        for (int m = 0; m < kChunkReps; ++m) {
+          const int c = c0 + m * kLanesPerRow;
+          const T* sk = ok ? k_base + k_layout.row_offset(b, key0 + r) + c * 8 : k_base;
+          const T* sv = ok ? v_base + v_layout.row_offset(b, key0 + r) + c * 8 : v_base;
+          cp_async16(smem_u32(dk + swz<kD>(r, c * 8)), sk, ok);
+          cp_async16(smem_u32(dv + swz<kD>(r, c * 8)), sv, ok);
+        }
       }
     } else {
       // Lane L: row of iteration L / kWarpRows, sub-row L % kWarpRows of this warp.
@@ -255,15 +294,19 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
       const int64_t voff = lok ? v_layout.row_offset(b, lkey) : 0;
 #pragma unroll
       for (int k = 0; k < kIters; ++k) {
-        const int r = tid / kChunks + k * kRowsPerIter;
-        const int src = k * kWarpRows + lane / kChunks;  // the lane that looked row r up
+        const int r = tid / kLanesPerRow + k * kRowsPerIter;
+        const int src = k * kWarpRows + lane / kLanesPerRow;  // the lane that looked row r up
         const long long ko = __shfl_sync(0xffffffffu, static_cast<long long>(koff), src);
         const long long vo = __shfl_sync(0xffffffffu, static_cast<long long>(voff), src);
         const bool ok = key0 + r < end;  // and then key0 + r < len: inside the page table
-        const T* sk = ok ? k_base + ko + c * 8 : k_base;
-        const T* sv = ok ? v_base + vo + c * 8 : v_base;
-        cp_async16(smem_u32(dk + swz<kD>(r, c * 8)), sk, ok);
-        cp_async16(smem_u32(dv + swz<kD>(r, c * 8)), sv, ok);
+#pragma unroll
+        for (int m = 0; m < kChunkReps; ++m) {
+          const int c = c0 + m * kLanesPerRow;
+          const T* sk = ok ? k_base + ko + c * 8 : k_base;
+          const T* sv = ok ? v_base + vo + c * 8 : v_base;
+          cp_async16(smem_u32(dk + swz<kD>(r, c * 8)), sk, ok);
+          cp_async16(smem_u32(dv + swz<kD>(r, c * 8)), sv, ok);
+        }
       }
     }
   };
@@ -372,8 +415,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
       }
       __syncwarp();
       // P V: lane owns output dims [lane * kDimsPerLane, +kDimsPerLane); one warp load
-      // reads a whole V row (zero-filled past `end`, where p is 0 too).
-      const int col = lane * kDimsPerLane;
+      // reads a whole V row (zero-filled past `end`, where p is 0 too). At D = 96 lanes
+      // 24..31 own no dims: they repeat lanes 16..23's reads (the same words in the same
+      // 8-byte phase: no extra wavefront, no divergence) and their sums are never stored.
+      const int col = (lane < kPvLanes ? lane : lane - (32 - kPvLanes)) * kDimsPerLane;
 #pragma unroll 2
       for (int j4 = 0; j4 < 32; j4 += 4) {
         float4 p4[kHeadsPerWarp];
@@ -424,6 +469,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   for (int i = 0; i < kHeadsPerWarp; ++i) {
     if (i < nh) {
       l[i] = warp_sum(l[i]);
+      if (kPvLanes < 32 && lane >= kPvLanes) continue;  // (D = 96: no dims on this lane)
       float* dst = sAcc + (warp * kHeadsPerWarp + i) * kD + lane * kDimsPerLane;
       if constexpr (kDimsPerLane == 2) {
         sts<float2>(dst, make_float2(acc[i][0], acc[i][1]));

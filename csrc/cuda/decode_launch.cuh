@@ -44,7 +44,7 @@ inline cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   FASTATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
   int64_t grid[3];
   decode_grid(p, grid);
-  FASTATTN_CUDA_TRY(launch_kernel(kernel, grid, kThreads, kSmem, stream, p));
+  FASTATTN_CUDA_TRY(launch_kernel(kernel, grid, threads_for(kD), kSmem, stream, p));
   if (p.num_splits > 1) {
     const int64_t rows[3] = {p.b * p.h * p.seqlen_q, 1, 1};
     FASTATTN_CUDA_TRY(launch_kernel(decode_combine_kernel<T, kD>, rows, kD, 0, stream, p));
@@ -52,7 +52,7 @@ inline cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// The closed list head dim {64, 128, 256} x dtype {fp16, bf16}, for the uncapped kernels
+// The closed list head dim {64, 96, 128, 256} x dtype {fp16, bf16}, for the uncapped kernels
 // (decode.cu) or their soft-capped twins (decode_softcap.cu).
 template <bool kSoftcap, int kD>
 inline cudaError_t dispatch_dtype(const DecodeParams& p, cudaStream_t stream) {
@@ -66,6 +66,7 @@ template <bool kSoftcap>
 inline cudaError_t dispatch_decode(const DecodeParams& p, cudaStream_t stream) {
   switch (p.d) {
     case 64: return dispatch_dtype<kSoftcap, 64>(p, stream);
+    case 96: return dispatch_dtype<kSoftcap, 96>(p, stream);
     case 128: return dispatch_dtype<kSoftcap, 128>(p, stream);
     case 256: return dispatch_dtype<kSoftcap, 256>(p, stream);
     default: return cudaErrorInvalidValue;
