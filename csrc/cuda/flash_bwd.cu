@@ -102,8 +102,8 @@
 // The swizzle keeps each 16-byte chunk in its row at every head dim (flash_bwd_layout.cuh:
 // c ^ (r & 7) when D % 64 == 0, c ^ ((r >> 1) & 3) at d32 / d96); the emulator's bank counts
 // (tests/test_flash_bwd_emulated.py::test_bank_conflict_report) show 1.00 wavefronts per ideal
-// for every ldmatrix and tile cp.async at all six head dims (d256's dK/dV kernel: 1.01 on
-// cp.async and 1.02 on ld.shared overall, from its 16-row lse / delta accesses).
+// for every ldmatrix at all six head dims, and for every cp.async and ld.shared except in
+// d256's dK/dV kernel: 1.01 (cp.async) and 1.02 (ld.shared) in aggregate, not yet attributed.
 //
 // Why it is fast: all five GEMM shapes run on mma.sync with ldmatrix-fed operands from an
 // XOR-swizzled (bank-conflict free) shared-memory layout; every global load of Q/K/V/dO is a
