@@ -445,3 +445,24 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "fastattn::attention_with_kvcache", _attention_with_kvcache_backward, setup_context=_decode_attention_setup
 )
+
+
+# ---- moe_experts (CPU kernel only; no autograd: inference) ---------------------------------
+def moe_experts(x, routing_weights, expert_ids, w13, w2):
+    return _ops.moe_experts(x, routing_weights, expert_ids, w13, w2)
+
+
+@torch.library.register_fake("fastattn::moe_experts")
+def _moe_experts_fake(x, routing_weights, expert_ids, w13, w2):
+    return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.float32)
+
+
+def _moe_experts_setup(ctx, inputs, output):
+    pass  # the output stays attached to the graph so that a backward through it says why it fails
+
+
+def _moe_experts_backward(ctx, dout):
+    raise RuntimeError("fastattn.moe_experts is not differentiable (MoEFeedForward uses it without autograd only)")
+
+
+torch.library.register_autograd("fastattn::moe_experts", _moe_experts_backward, setup_context=_moe_experts_setup)

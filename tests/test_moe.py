@@ -178,6 +178,144 @@ def test_module_argument_errors():
         MoEFeedForward(32, 24, 4, 0)
 
 
+# ---- the experts kernel (torch.ops.fastattn.moe_experts, CPU) -------------------------------
+def kernel(m: MoEFeedForward, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.ops.fastattn.moe_experts(x, weights, ids, m.w13, m.w2)
+
+
+def routed(m: MoEFeedForward, n: int, dtype=torch.float32, seed=0):
+    x = torch.randn(n, m.hidden_size, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    with torch.no_grad():
+        weights, ids = m.route(x)
+    return x, weights, ids
+
+
+# (hidden, inter, experts, top_k, tokens): odd sizes (vector tails, odd pair counts), one expert
+# (all rows in it: 13 > the kernel's 4-row block), top_k = E, and M per expert from 1 upwards.
+KERNEL_CASES = [(32, 24, 4, 2, 1), (32, 24, 4, 2, 5), (111, 97, 8, 2, 13), (111, 97, 1, 1, 13),
+                (64, 40, 4, 4, 6), (17, 9, 3, 3, 2), (48, 16, 2, 1, 9)]
+
+
+@pytest.mark.parametrize("hidden,inter,experts,top_k,tokens", KERNEL_CASES)
+def test_kernel_matches_torch_experts_fp32(hidden, inter, experts, top_k, tokens):
+    """fp32: the kernel equals the module's torch experts up to summation order. Tolerance:
+    both sum hidden (then inter) fp32 products in different orders (8 lanes + a horizontal
+    sum vs BLAS blocking) and the kernel's silu uses a polynomial exp (2e-7 relative), so the
+    two differ by a few fp32 ulps of the largest partial sums: 2e-6 of max |out|."""
+    m = make_moe(hidden=hidden, inter=inter, experts=experts, top_k=top_k)
+    x, weights, ids = routed(m, tokens)
+    with torch.no_grad():
+        ours = kernel(m, x, weights, ids)
+        ref = m.experts(x, weights, ids)
+    assert ours.dtype == torch.float32 and ours.shape == (tokens, hidden)
+    assert (ours - ref).abs().max().item() <= 2e-6 * ref.abs().max().item()
+    # and the definition (the per-token loop) in the same tolerance
+    truth = naive_moe(m, x)
+    assert (ours - truth).abs().max().item() <= 2e-6 * truth.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("hidden,inter,experts,top_k,tokens", [(111, 97, 8, 2, 13), (64, 40, 4, 4, 6)])
+def test_kernel_low_precision_error_ratio(dtype, hidden, inter, experts, top_k, tokens):
+    """bf16/fp16 weights widened in registers, fp32 sums, the activation rounded to the dtype:
+    within the error-ratio rule of the module's torch experts in the same dtype, both against
+    fp32 math on the same rounded weights and inputs."""
+    m = make_moe(hidden=hidden, inter=inter, experts=experts, top_k=top_k).to(dtype)
+    x, weights, ids = routed(m, tokens, dtype)
+    with torch.no_grad():
+        ours = kernel(m, x, weights, ids)
+        low = m.experts(x, weights, ids)
+        m32 = make_moe(hidden=hidden, inter=inter, experts=experts, top_k=top_k).to(dtype).float()
+        truth = m32.experts(x.float(), weights, ids)
+    assert_error_ratio(ours, low, truth, f"{dtype} moe_experts", atol=1e-6)
+
+
+def test_kernel_strided_inputs_and_thread_count():
+    """x and the weights read through their strides (row-strided x, padded weight rows, every
+    other expert), and the same bits with one thread and with two."""
+    m = make_moe(hidden=40, inter=28, experts=6, top_k=2)
+    base = torch.randn(7, 2 * 40)
+    x = base[:, 8:48]  # row stride 80
+    assert not x.is_contiguous()
+    w13_pad = torch.randn(12, 56, 47)
+    w2_pad = torch.randn(12, 40, 33)
+    with torch.no_grad():
+        w13_pad[::2, :, :40] = m.w13
+        w2_pad[::2, :, :28] = m.w2
+    w13, w2 = w13_pad[::2, :, :40], w2_pad[::2, :, :28]
+    with torch.no_grad():
+        weights, ids = m.route(x)
+        ref = m.experts(x.contiguous(), weights, ids)
+        ours = torch.ops.fastattn.moe_experts(x, weights, ids, w13, w2)
+        assert (ours - ref).abs().max().item() <= 2e-6 * ref.abs().max().item()
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = torch.ops.fastattn.moe_experts(x, weights, ids, w13, w2)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, ours)
+
+
+@pytest.mark.parametrize("shared", [0, 40], ids=["mixtral", "shared_expert"])
+@pytest.mark.parametrize("tokens", [1, 4, 16])
+def test_module_uses_the_kernel_on_the_fastattn_backend(shared, tokens, monkeypatch):
+    """Few tokens per expert, no autograd, CPU: forward (backend "fastattn", the default) runs
+    the kernel; backend "torch" and autograd run the torch experts; all agree (fp32)."""
+    m = make_moe(experts=8, top_k=2, shared_expert_intermediate_size=shared)
+    x = torch.randn(1, tokens, 32)
+    calls = []
+    real = MoEFeedForward.uses_kernel
+    monkeypatch.setattr(MoEFeedForward, "uses_kernel", lambda self, *a: calls.append(real(self, *a)) or calls[-1])
+    with torch.no_grad():
+        fa, pt = m(x), m(x, backend="torch")
+    assert calls == [True, False]
+    graded = m(x)  # parameters require grad: the autograd path
+    assert calls[-1] is False and graded.requires_grad
+    ref = naive_moe(m, x)
+    for out in (fa, pt, graded.detach()):
+        assert out.shape == x.shape and (out - ref).abs().max().item() <= 2e-6 * ref.abs().max().item()
+    with torch.no_grad():  # many tokens per expert: torch's GEMMs
+        assert not m.uses_kernel(torch.randn(8 * moe_mod.KERNEL_MAX_ROWS_PER_EXPERT, 32))
+
+
+def test_kernel_opcheck():
+    m = make_moe(hidden=24, inter=20, experts=4, top_k=2)
+    x, weights, ids = routed(m, 5)
+    w13, w2 = m.w13.detach(), m.w2.detach()
+    torch.library.opcheck(torch.ops.fastattn.moe_experts.default, (x, weights, ids, w13, w2))
+
+
+def test_kernel_argument_errors():
+    m = make_moe(hidden=24, inter=20, experts=4, top_k=2)
+    x, weights, ids = routed(m, 5)
+    w13, w2 = m.w13.detach(), m.w2.detach()
+    op = torch.ops.fastattn.moe_experts
+    bad = [
+        (dict(x=x.t().contiguous().t()), "x must have a contiguous last dimension"),
+        (dict(x=x[None]), "x must have 2 dims"),
+        (dict(x=x.long()), "x must be float32, float16 or bfloat16"),
+        (dict(w13=w13.half()), "w13 has dtype"),
+        (dict(w13=w13[:, :, :20]), "w13 must have shape"),
+        (dict(w13=w13[:, :39]), "w13 must have shape"),
+        (dict(w2=w2[:3]), "w2 must have shape"),
+        (dict(w2=w2[0]), "w2 must have 3 dims"),
+        (dict(weights=weights.half()), "routing_weights must be float32"),
+        (dict(weights=weights[:, :1]), "routing_weights must have expert_ids' shape"),
+        (dict(ids=ids.int()), "expert_ids must be int64"),
+        (dict(ids=ids[:4]), "expert_ids must have shape"),
+        (dict(ids=ids + 3), r"expert_ids must lie in \[0, 4\)"),
+        (dict(ids=ids - 1), r"expert_ids must lie in \[0, 4\)"),
+    ]
+    for change, message in bad:
+        args = dict(x=x, weights=weights, ids=ids, w13=w13, w2=w2)
+        args.update(change)
+        with pytest.raises(ValueError, match=message):
+            op(args["x"], args["weights"], args["ids"], args["w13"], args["w2"])
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        op(x.requires_grad_(), weights, ids, w13, w2).sum().backward()
+
+
 # ---- Hugging Face decoders -----------------------------------------------------------------
 transformers = pytest.importorskip("transformers")
 
@@ -261,16 +399,21 @@ def test_logits_match_transformers(checkpoints, name):
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_greedy_ragged_batch_matches_transformers(checkpoints, name):
+def test_greedy_ragged_batch_matches_transformers(checkpoints, name, monkeypatch):
     """A right-padded ragged batch, both backends, contiguous and paged caches: each row is the
     prompt, then the 16 tokens transformers' greedy generate gives that prompt alone, then
-    padding."""
+    padding. The fastattn backend runs its MoE layers' decode steps with the experts kernel
+    (CPU, no autograd, few tokens per expert), the torch backend never uses it."""
     hf, path, _ = checkpoints[name]
     lengths = [9, 4, 12]
     ids = ids_of(3, 12, seed=5)
     theirs = [hf.generate(ids[b:b + 1, :L], max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0] for b, L in enumerate(lengths)]
+    used = []
+    real = MoEFeedForward.uses_kernel
+    monkeypatch.setattr(MoEFeedForward, "uses_kernel", lambda self, *a: used.append(real(self, *a)) or used[-1])
     for backend in BACKENDS:
+        used.clear()
         model = Llama.from_pretrained(path, backend=backend)
         for cache in ("contiguous", "paged"):
             out = model.generate(ids, NEW_TOKENS, prompt_lengths=torch.tensor(lengths), pad_token_id=VOCAB - 1,
@@ -279,6 +422,7 @@ def test_greedy_ragged_batch_matches_transformers(checkpoints, name):
             for b, L in enumerate(lengths):
                 assert torch.equal(out[b, :L + NEW_TOKENS], theirs[b]), (backend, cache, b)
                 assert (out[b, L + NEW_TOKENS:] == VOCAB - 1).all()
+        assert used and any(used) == (backend == "fastattn"), backend  # fastattn: the decode steps at least
 
 
 WINDOWED = {  # every layer slides (Mixtral, Qwen3-MoE); Qwen2-MoE: the odd layers below max_window_layers

@@ -73,6 +73,13 @@ TORCH_LIBRARY(fastattn, m) {
   // Writes k, v (B, Sn, Hk, D) into the caches at rows cache_seqlens[b] + i, in place.
   m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor cache_seqlens,"
         " Tensor? block_table=None) -> ()");
+
+  // ---- mixture-of-experts experts (CPU kernel only) --------------------------------------
+  // out (N, hidden) fp32 = sum_j routing_weights[:, j] * expert_{expert_ids[:, j]}(x) for
+  // x (N, hidden), routing_weights (N, k) fp32, expert_ids (N, k) int64 in [0, E), w13
+  // (E, 2 * inter, hidden) (gate rows, then up rows), w2 (E, hidden, inter); expert_e(x) =
+  // W2_e (silu(x G_e^T) * (x U_e^T)) with the activation stored in x's dtype, fp32 sums.
+  m.def("moe_experts(Tensor x, Tensor routing_weights, Tensor expert_ids, Tensor w13, Tensor w2) -> Tensor");
 }
 
 // A minimal Python module so `import fastattn._C` loads the library (and with it the

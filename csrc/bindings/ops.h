@@ -77,4 +77,10 @@ void flash_attn_fwd_short_query_cpu(const at::Tensor& q, const at::Tensor& k, co
                                     const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
                                     int64_t window_left, int64_t window_right, double softcap);
 
+// ---- mixture-of-experts experts (moe.cpp; CPU only) ----------------------------------------
+// x (N, hidden), routing_weights (N, k) fp32, expert_ids (N, k) int64, w13 (E, 2 * inter, hidden),
+// w2 (E, hidden, inter): out (N, hidden) fp32 = the routed SwiGLU experts combined.
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& routing_weights, const at::Tensor& expert_ids,
+                       const at::Tensor& w13, const at::Tensor& w2);
+
 }  // namespace fastattn

@@ -23,4 +23,7 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("decode_attention", &fastattn::decode_attention);
   m.impl("attention_with_kvcache", &fastattn::attention_with_kvcache);
   m.impl("append_kv", &fastattn::append_kv);
+
+  // ---- mixture-of-experts experts (CPU only) ----------------------------------------------
+  m.impl("moe_experts", &fastattn::moe_experts);
 }

@@ -24,4 +24,7 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("decode_attention", &fastattn::decode_attention);
   m.impl("attention_with_kvcache", &fastattn::attention_with_kvcache);
   m.impl("append_kv", &fastattn::append_kv);
+
+  // ---- mixture-of-experts experts: no CUDA kernel; CUDA tensors get a ValueError saying so --
+  m.impl("moe_experts", &fastattn::moe_experts);
 }

@@ -103,7 +103,7 @@ const CpuKernelTable* load_tier(int tier) {
   using Fn = const CpuKernelTable* (*)();
   auto fn = reinterpret_cast<Fn>(dlsym(handle, "fastattn_cpu_kernel_table_v1"));
   const CpuKernelTable* t = fn ? fn() : nullptr;
-  const uint32_t sizes[7] = FASTATTN_CPU_PARAMS_SIZES;
+  const uint32_t sizes[8] = FASTATTN_CPU_PARAMS_SIZES;
   if (t == nullptr || t->version != kCpuKernelTableVersion || t->table_size != sizeof(CpuKernelTable) ||
       std::memcmp(t->params_sizes, sizes, sizeof(sizes)) != 0 || t->tier != tier) {
     warn(path + " is not a kernel library of this build of fastattn (stale file?); falling back to a lower tier");
@@ -163,5 +163,6 @@ void flash_fwd_cpu(const FlashFwdParams& params) { selection().table->flash_fwd(
 void flash_bwd_cpu(const FlashBwdParams& params) { selection().table->flash_bwd(params); }
 void decode_attention_cpu(const DecodeParams& params) { selection().table->decode_attention(params); }
 void append_kv_cpu(const AppendKvParams& params) { selection().table->append_kv(params); }
+void moe_experts_cpu(const MoeParams& params) { selection().table->moe_experts(params); }
 
 }  // namespace fastattn

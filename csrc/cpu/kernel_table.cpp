@@ -26,6 +26,7 @@ constexpr CpuKernelTable kTable = {
     &flash_bwd_kernel,
     &decode_attention_kernel,
     &append_kv_kernel,
+    &moe_experts_kernel,
 };
 
 }  // namespace

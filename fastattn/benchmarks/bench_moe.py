@@ -2,6 +2,14 @@
 MixtralSparseMoeBlock (its default experts implementation, "grouped_mm" where torch has it)
 on the same weights, in tokens/s.
 
+What is reported besides tokens/s: decode-sized calls are bound by reading the selected
+experts' weights, so their entries carry ``gbps`` (bytes of the distinct experts the tokens
+picked, 3 * hidden * inter each, over the median time; ``pct_of_copy`` against the run's copy
+bandwidth); prefill-sized calls are matrix products, so they carry ``tflops`` (2 * tokens *
+top_k * 3 * hidden * inter over the median time; ``pct_of_gemm`` against the run's GEMM rate).
+Our module runs the fastattn backend: on the CPU its decode calls go through the
+``moe_experts`` kernel, its prefill calls through the per-expert torch matmuls.
+
 Shapes: a Mixtral block scaled to the machine (CPU: hidden 1024, expert inter 3584, 8 experts,
 top-2; CUDA: Mixtral-8x7B's hidden 4096, inter 14336), a prefill-sized batch (512 tokens) and
 a decode-sized one (4 tokens), fp32 and bf16 on the CPU, bf16 on CUDA. Both modules route with
@@ -77,10 +85,26 @@ def _default_experts_implementation() -> str:
     return "grouped_mm" if has else "eager"
 
 
+def is_decode(tokens: int) -> bool:
+    return tokens <= 8
+
+
 def shape_label(tokens: int, shape=None) -> str:
     s = SHAPE if shape is None else shape
-    kind = "decode" if tokens <= 8 else "prefill"
+    kind = "decode" if is_decode(tokens) else "prefill"
     return f"{kind} T{tokens} H{s['hidden']} I{s['inter']} E{s['experts']} k{s['top_k']}"
+
+
+def work(ours, x, shape=None) -> dict:
+    """What one call on x (.., hidden) must do: weight_bytes (the distinct experts its tokens
+    pick, each read once) and expert_flops (2 * tokens * top_k * 3 * hidden * inter)."""
+    s = SHAPE if shape is None else shape
+    with torch.no_grad():
+        _, ids = ours.route(x.reshape(-1, s["hidden"]))
+    tokens = x.numel() // s["hidden"]
+    per_expert = 3 * s["hidden"] * s["inter"] * x.element_size()
+    return {"weight_bytes": int(torch.unique(ids).numel()) * per_expert,
+            "expert_flops": 2 * tokens * s["top_k"] * 3 * s["hidden"] * s["inter"]}
 
 
 _models = {}
@@ -102,10 +126,12 @@ def test_moe(bench, benchmark, impl, tokens, dtype):
         pytest.skip("transformers is not installed")
     fn = ours if impl == "fastattn" else theirs
     x = torch.randn(1, tokens, SHAPE["hidden"], device=DEVICE, dtype=dtype)
-    s = SHAPE
+    w = work(ours, x)
+    # decode: GB/s of weight reads; prefill: GFLOP/s of the expert matmuls (see the docstring)
+    measure = dict(bytes=w["weight_bytes"]) if is_decode(tokens) else dict(flops=w["expert_flops"])
     with torch.no_grad():
         info = bench(lambda: fn(x), op="moe", impl=impl, shape=shape_label(tokens), dtype=dtype, tokens=tokens,
-                     expert_flops=2 * tokens * s["top_k"] * 3 * s["hidden"] * s["inter"])
+                     expert_flops=w["expert_flops"], weight_bytes=w["weight_bytes"], **measure)
     benchmark.extra_info["tokens_per_s"] = tokens / info["median_s"]
 
 
@@ -138,8 +164,11 @@ def interleaved(dtype, tokens: int, reps: int = 7, eager: bool = False, shape=No
                 _sync()
                 times[name].append(time.perf_counter() - t0)
     out = {"dtype": str(dtype).replace("torch.", ""), "tokens": tokens, "rel_err": err}
+    out.update(work(ours, x, shape))
     for name, t in times.items():
-        out[name] = {"median_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t)}
+        med = statistics.median(t)
+        out[name] = {"median_s": med, "tokens_per_s": tokens / med,
+                     "weight_gbps": out["weight_bytes"] / med / 1e9, "gflops": out["expert_flops"] / med / 1e9}
         if name != "fastattn":
             out[name]["speedup"] = statistics.median(a / b for a, b in zip(t, times["fastattn"]))
     return out
@@ -156,11 +185,14 @@ def main(argv=None):
     for dt in args.dtypes:
         for tokens in args.tokens:
             r = interleaved(getattr(torch, dt), tokens, args.reps, args.eager)
+            rate = ((lambda d: f"{d['weight_gbps']:5.1f} GB/s") if is_decode(tokens)
+                    else (lambda d: f"{d['gflops']:6.1f} GFLOP/s"))
             line = f"{dt:9s} {shape_label(tokens):40s} rel.err {r['rel_err']:.1e}  fastattn " \
-                   f"{r['fastattn']['tokens_per_s']:9.1f} tok/s"
+                   f"{r['fastattn']['tokens_per_s']:9.1f} tok/s ({rate(r['fastattn'])})"
             for name in r:
                 if name.startswith("transformers"):
-                    line += f"  {name} {r[name]['tokens_per_s']:9.1f} tok/s (speedup {r[name]['speedup']:.2f}x)"
+                    line += f"  {name} {r[name]['tokens_per_s']:9.1f} tok/s ({rate(r[name])}, speedup " \
+                            f"{r[name]['speedup']:.2f}x)"
             print(line, flush=True)
 
 

@@ -40,8 +40,11 @@ Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): the MLP of a layer is replac
 ``fastattn.models.moe.MoEFeedForward`` (softmax router, top-k, renormalised as the config says,
 Qwen2-MoE's sigmoid-gated shared expert; tokens grouped per expert, no loop over tokens) on the
 layers ``LlamaConfig.is_moe_layer`` picks (Qwen's decoder_sparse_step / mlp_only_layers keep
-dense layers in between). It is plain torch, the same on both backends. Its decode step syncs
-with the host once per layer (per-expert token counts), so ``cuda_graph=True`` does not apply.
+dense layers in between). On the fastattn backend, CPU inference with few tokens per expert
+(decode steps, short prompts) runs the routed experts with the ``fastattn.moe_experts`` kernel
+(``MoEFeedForward.uses_kernel``); otherwise, and always on the torch backend, it is plain torch.
+Its decode step syncs with the host once per layer (per-expert token counts), so
+``cuda_graph=True`` does not apply.
 
 Backends (same weights, same outputs within rounding):
   "fastattn"  fastattn.rms_norm (residual add fused into the norm), fastattn.apply_rotary,
@@ -1087,7 +1090,10 @@ class TransformerBlock(nn.Module):
             delta = _rms_norm(step.backend, delta, norm.weight, norm.eps, unit_offset=norm.unit_offset)
         norm = self.ffn_norm
         y, h = _rms_norm(step.backend, delta, norm.weight, norm.eps, residual=h, unit_offset=norm.unit_offset)
-        delta = self.feed_forward(y)
+        if isinstance(self.feed_forward, MoEFeedForward):  # its CPU experts kernel on the fastattn backend
+            delta = self.feed_forward(y, backend=step.backend)
+        else:
+            delta = self.feed_forward(y)
         if self.sandwich_norms:
             norm = self.post_ffn_norm
             delta = _rms_norm(step.backend, delta, norm.weight, norm.eps, unit_offset=norm.unit_offset)

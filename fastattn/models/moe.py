@@ -1,4 +1,4 @@
-"""Mixture-of-experts feed-forward (Mixtral, Qwen2-MoE, Qwen3-MoE), plain torch.
+"""Mixture-of-experts feed-forward (Mixtral, Qwen2-MoE, Qwen3-MoE): torch, and a CPU kernel for the experts.
 
     moe = MoEFeedForward(hidden_size=1024, intermediate_size=3584, num_experts=8, top_k=2)
     y = moe(x)                                     # x (..., hidden) -> (..., hidden)
@@ -20,8 +20,20 @@ with tokens runs one gate/up matmul and one down matmul on its slice (the only l
 E experts, skipping those no token picked), the results go back to their (token, slot) places
 with one gather (the inverse permutation), and a (1 x k) @ (k x hidden) batched matmul per
 token combines them with the routing weights. The combine and the accumulation are fp32; the
-output has x's dtype. Without autograd (inference) the per-expert matmuls write into two
-shared buffers and silu(gate) * up runs once over all tokens, not once per expert.
+output has x's dtype. Without autograd (inference) each expert's temporaries are sized to its
+tokens (cache-resident), silu(gate) * up is formed in place and the down matmul writes straight
+into the expert's rows of one output buffer.
+
+The experts kernel: the fastattn backend (the module's default) runs CPU inference with few
+tokens per expert (decode steps, short prompts) through ``torch.ops.fastattn.moe_experts``
+instead (``uses_kernel``; csrc/cpu/moe.cpp). It groups the slots by expert itself, streams each
+selected expert's weights from memory once for all of its tokens (register-blocked fp32 FMAs,
+16-bit weights widened in registers), forms silu(gate) * up as the gate/up dots come out and
+adds the weighted down projection into the fp32 output. Same numbers as the torch experts up to
+fp32 summation order; in bf16/fp16 its gate/up and expert outputs stay fp32 and only the
+activation is rounded to the model's dtype (as on the upcast path below, where the native
+matmuls of few-token experts round gate/up and the output too). The torch backend always runs
+the torch experts.
 
 Low precision on the CPU: CPUs without bf16/fp16 matrix instructions run torch's bf16/fp16
 matmuls several times slower than fp32 ones. An expert with at least ``UPCAST_MIN_ROWS`` tokens
@@ -46,12 +58,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MoEFeedForward", "UPCAST_MIN_ROWS"]
+__all__ = ["MoEFeedForward", "UPCAST_MIN_ROWS", "KERNEL_MAX_ROWS_PER_EXPERT"]
 
 # CPU, bf16/fp16: an expert with at least this many tokens multiplies in fp32 (see the module
 # docstring). Widening one expert's weights (Mixtral-like, hidden 1024 x inter 3584) cost about
 # as much as 30-40 rows of a bf16 matmul on the 2-core AVX2 machine this was measured on.
 UPCAST_MIN_ROWS = 32
+
+# CPU inference on the fastattn backend: the experts kernel runs calls with at most this many
+# (token, choice) slots per expert on average (N * top_k <= this * num_experts); above it the
+# per-expert torch matmuls are faster (see ``MoEFeedForward.uses_kernel``).
+KERNEL_MAX_ROWS_PER_EXPERT = 16
+
+
+def _kernel_available() -> bool:
+    """Whether the loaded fastattn extension has the moe_experts op (a build from before it
+    does not; the torch path then runs)."""
+    global _KERNEL
+    if _KERNEL is None:
+        try:
+            import fastattn.ops  # noqa: F401  (loads the extension and the op's fake impl)
+            _KERNEL = hasattr(torch.ops.fastattn, "moe_experts")
+        except (ImportError, RuntimeError):
+            _KERNEL = False
+    return _KERNEL
+
+
+_KERNEL = None
 
 
 class MoEFeedForward(nn.Module):
@@ -145,36 +178,37 @@ class MoEFeedForward(nn.Module):
         return torch.bmm(weights.view(N, 1, k), slots).view(N, self.hidden_size)
 
     def _experts_no_grad(self, xs: Tensor, spans) -> Tensor:
-        """The experts on the expert-major slots xs (M, hidden) without autograd: each matmul
-        writes its expert's rows of one (M, 2 * inter) and one (M, hidden) buffer, and
-        silu(gate) * up runs once over all slots instead of once per expert (element-wise
-        passes and temporaries per expert cost more than they compute). Same numbers as
+        """The experts on the expert-major slots xs (M, hidden) without autograd, one expert at
+        a time with temporaries sized to that expert (n rows: one (n, 2 * inter) product, in
+        which silu(gate) * up is formed in place, and the down matmul writes the expert's rows
+        of the output). Buffers spanning all slots would be several times the last-level
+        cache (a Mixtral-like prefill: 29 MB for gate/up alone), be written and re-read from
+        memory and, being fresh large allocations, page-fault on first touch on every call;
+        per-expert ones stay in cache and are recycled by the allocator. Same numbers as
         ``_swiglu`` per expert, except that on the CPU in bf16/fp16 the activation is computed
-        in fp32 from the (rounded) gate/up and then rounded, whichever matmul made them.
-        Returns (M, hidden) fp32."""
+        in fp32 from the (rounded) gate/up of the native matmul and then rounded. Returns
+        (M, hidden) fp32."""
         I, dtype = self.intermediate_size, xs.dtype
-        wide = dtype != torch.float32 and xs.device.type == "cpu"  # fp32 buffers, fp32 matmuls for big experts
-        buf = torch.float32 if wide else dtype
-        gate_up = xs.new_empty(xs.shape[0], 2 * I, dtype=buf)
+        wide = dtype != torch.float32 and xs.device.type == "cpu"  # fp32 math for big experts
+        ys = xs.new_empty(xs.shape[0], self.hidden_size, dtype=torch.float32 if wide else dtype)
         for e, s, t in spans:
-            if not wide:
-                torch.mm(xs[s:t], self.w13[e].t(), out=gate_up[s:t])
-            elif t - s >= UPCAST_MIN_ROWS:
-                torch.mm(xs[s:t].float(), self.w13[e].float().t(), out=gate_up[s:t])
+            upcast = wide and t - s >= UPCAST_MIN_ROWS
+            if upcast:
+                h = torch.mm(xs[s:t].float(), self.w13[e].float().t())
             else:
-                gate_up[s:t] = F.linear(xs[s:t], self.w13[e])  # native low-precision matmul
-        gate, up = gate_up.split(I, dim=-1)
-        act = F.silu(gate).mul_(up)  # (M, inter)
-        if wide:
-            act = act.to(dtype)  # the activation is stored in the model's dtype
-        ys = xs.new_empty(xs.shape[0], self.hidden_size, dtype=buf)
-        for e, s, t in spans:
-            if not wide:
-                torch.mm(act[s:t], self.w2[e].t(), out=ys[s:t])
-            elif t - s >= UPCAST_MIN_ROWS:
-                torch.mm(act[s:t].float(), self.w2[e].float().t(), out=ys[s:t])
+                h = torch.mm(xs[s:t], self.w13[e].t())  # native low-precision matmul when wide
+                if wide:
+                    h = h.float()
+            gate, up = h.split(I, dim=-1)
+            act = F.silu(gate, inplace=True).mul_(up)  # (n, inter), a view into h
+            if wide:
+                act = act.to(dtype)  # the activation is stored in the model's dtype
+            if upcast:
+                torch.mm(act.float(), self.w2[e].float().t(), out=ys[s:t])
+            elif wide:
+                ys[s:t] = torch.mm(act, self.w2[e].t())
             else:
-                ys[s:t] = F.linear(act[s:t], self.w2[e])
+                torch.mm(act, self.w2[e].t(), out=ys[s:t])
         return ys.float()
 
     def shared_expert(self, x: Tensor) -> Tensor:
@@ -183,13 +217,32 @@ class MoEFeedForward(nn.Module):
         gate = torch.sigmoid(F.linear(x, self.shared_gate.weight))  # (N, 1), x's dtype
         return gate.float() * y.float()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def uses_kernel(self, x: Tensor, backend: str = "fastattn") -> bool:
+        """Whether ``forward`` runs the routed experts with the ``fastattn.moe_experts`` CPU
+        kernel for the (N, hidden) input x: the fastattn backend, the CPU, no autograd, x in the
+        weights' dtype, and few token rows per expert (at most ``KERNEL_MAX_ROWS_PER_EXPERT`` on
+        average: decode steps and short prompts, where the experts are bound by reading the
+        weights; longer inputs are matrix-matrix products, which torch's GEMM does best)."""
+        return (backend == "fastattn" and x.device.type == "cpu" and x.dtype == self.w13.dtype
+                and x.dtype == self.w2.dtype
+                and x.shape[0] * self.top_k <= KERNEL_MAX_ROWS_PER_EXPERT * self.num_experts
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad
+                                                      or self.w2.requires_grad))
+                and _kernel_available())
+
+    def forward(self, x: Tensor, backend: str = "fastattn") -> Tensor:
+        """x (..., hidden) -> (..., hidden) in x's dtype. ``backend`` (the model's): "fastattn"
+        lets CPU inference use the experts kernel (see ``uses_kernel``), "torch" always runs
+        the plain-torch experts."""
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
         if x2.shape[0] == 0:
             return torch.zeros_like(x)
         weights, ids = self.route(x2)
-        out = self.experts(x2, weights, ids)
+        if self.uses_kernel(x2, backend):
+            out = torch.ops.fastattn.moe_experts(x2, weights, ids, self.w13, self.w2)
+        else:
+            out = self.experts(x2, weights, ids)
         if self.shared_intermediate_size:
             out = out + self.shared_expert(x2)
         return out.to(x.dtype).view(shape)

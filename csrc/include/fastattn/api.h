@@ -41,6 +41,11 @@ int64_t decode_num_splits_cpu(int64_t b, int64_t h_k, int64_t seqlen_k_max);
 // binding rejects such calls before launching).
 void append_kv_cpu(const AppendKvParams& params);
 
+// ---- mixture-of-experts experts (cpu) ----
+// The routed SwiGLU experts and their top-k combine (MoeParams); fp32, fp16, bf16 weights,
+// out fp32. No CUDA kernel: on CUDA the model runs the experts with torch.
+void moe_experts_cpu(const MoeParams& params);
+
 }  // namespace fastattn
 
 #if defined(FASTATTN_WITH_CUDA) || defined(__CUDACC__)

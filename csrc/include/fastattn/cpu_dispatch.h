@@ -23,7 +23,7 @@
 namespace fastattn {
 
 // Bump when the table layout or a kernel's contract changes.
-constexpr uint32_t kCpuKernelTableVersion = 2;  // 2: paged / multi-query DecodeParams
+constexpr uint32_t kCpuKernelTableVersion = 3;  // 2: paged / multi-query DecodeParams; 3: moe_experts
 
 // Tiers, lowest first. A later avx512bf16 / amx tier (issue 17) goes after kAvx512: add its
 // kernels, a row to the table in dispatch.cpp and an extension in setup.py.
@@ -38,7 +38,7 @@ struct CpuKernelTable {
   uint32_t table_size;   // sizeof(CpuKernelTable)
   // sizeof of each params struct as the library was compiled: a library left over from a
   // build with other headers is rejected instead of reading fields at the wrong offsets.
-  uint32_t params_sizes[7];
+  uint32_t params_sizes[8];
   int tier;              // CpuTier the library was compiled for
   void (*rms_norm_fwd)(const RmsNormParams&);
   void (*rms_norm_bwd)(const RmsNormBwdParams&);
@@ -47,6 +47,7 @@ struct CpuKernelTable {
   void (*flash_bwd)(const FlashBwdParams&);
   void (*decode_attention)(const DecodeParams&);
   void (*append_kv)(const AppendKvParams&);
+  void (*moe_experts)(const MoeParams&);
 };
 
 #define FASTATTN_CPU_PARAMS_SIZES                                                             \
@@ -54,7 +55,7 @@ struct CpuKernelTable {
     sizeof(::fastattn::RmsNormParams), sizeof(::fastattn::RmsNormBwdParams),                  \
         sizeof(::fastattn::RotaryParams), sizeof(::fastattn::FlashFwdParams),                 \
         sizeof(::fastattn::FlashBwdParams), sizeof(::fastattn::DecodeParams),                 \
-        sizeof(::fastattn::AppendKvParams)                                                    \
+        sizeof(::fastattn::AppendKvParams), sizeof(::fastattn::MoeParams)                    \
   }
 
 namespace cpu {
@@ -66,6 +67,7 @@ void flash_fwd_kernel(const FlashFwdParams& params);
 void flash_bwd_kernel(const FlashBwdParams& params);
 void decode_attention_kernel(const DecodeParams& params);
 void append_kv_kernel(const AppendKvParams& params);
+void moe_experts_kernel(const MoeParams& params);
 
 // This compilation's table (csrc/cpu/kernel_table.cpp): in _C the baseline (or -march=native)
 // kernels, in a tier library that tier's.

@@ -265,4 +265,35 @@ struct AppendKvParams {
   DType dtype = DType::kFloat16;
 };
 
+// ---------------------------------------------------------------------------------------
+// Mixture-of-experts SwiGLU experts with their top-k combine (CPU; fastattn.models.moe):
+//   out[t] = sum_j routing_weights[t, j] * expert_{expert_ids[t, j]}(x[t])
+//   expert_e(x) = W2_e (round(silu(x G_e^T) * (x U_e^T)))
+// with G_e the first `inter` rows of w13[e] and U_e the next `inter` (Hugging Face's
+// gate_up_proj layout). round() stores the activation in `dtype` (a no-op in fp32); the
+// matmuls accumulate in fp32 and out is fp32.
+//
+// x (n_tokens, hidden); routing_weights (n_tokens, top_k) fp32; expert_ids (n_tokens, top_k)
+// int64, values in [0, num_experts) (slots with other values are skipped; the binding rejects
+// them); w13 (num_experts, 2 * inter, hidden); w2 (num_experts, hidden, inter); out
+// (n_tokens, hidden) fp32, fully written. Last dims contiguous, the other strides free.
+// ---------------------------------------------------------------------------------------
+struct MoeParams {
+  const void* x = nullptr;
+  const float* routing_weights = nullptr;
+  const int64_t* expert_ids = nullptr;
+  const void* w13 = nullptr;
+  const void* w2 = nullptr;
+  float* out = nullptr;
+  int64_t x_row_stride = 0;
+  int64_t routing_weights_row_stride = 0;
+  int64_t expert_ids_row_stride = 0;
+  int64_t w13_expert_stride = 0, w13_row_stride = 0;
+  int64_t w2_expert_stride = 0, w2_row_stride = 0;
+  int64_t out_row_stride = 0;
+
+  int64_t n_tokens = 0, top_k = 0, num_experts = 0, hidden = 0, inter = 0;
+  DType dtype = DType::kFloat32;  // of x, w13, w2 (and of the stored activation)
+};
+
 }  // namespace fastattn
