@@ -99,6 +99,18 @@ MUTATIONS = [
         "the real launcher runs under the emulated CUDA runtime: the dK/dV kernel's 65 KiB of "
         "dynamic shared memory without cudaFuncSetAttribute is refused (cudaErrorInvalidValue)"),
     Mutation(
+        "bwd_dkdv_column_half_dropped",
+        "csrc/cuda/flash_bwd_kernels.cuh",
+        "  // This warp's 16 key rows (wrow) and its dK / dV columns [col0, col0 + kDn).\n"
+        "  const int wrow = Cfg::kDSplit == 1 ? warp : warp % Cfg::kRowWarps;\n"
+        "  const int col0 = Cfg::kDSplit == 1 ? 0 : (warp / Cfg::kRowWarps) * kDn;\n",
+        "  // This warp's 16 key rows (wrow) and its dK / dV columns [col0, col0 + kDn).\n"
+        "  const int wrow = Cfg::kDSplit == 1 ? warp : warp % Cfg::kRowWarps;\n"
+        "  const int col0 = 0;\n",
+        ("tests/test_flash_bwd_emulated.py::test_emulated_head_dims[bf-192-1-33-21-2-2--1-7-0-0-None-0.0-0]",),
+        "d192 column-split dK/dV warps: both halves accumulate and store columns [0, 96), so "
+        "dK / dV columns 96..191 keep the NaN the output buffers are born with"),
+    Mutation(
         "fwd_main_loop_syncthreads_removed",
         "csrc/cuda/flash_fwd_kernel.cuh",
         "      cp_async_wait<0>();\n      __syncthreads();\n      load_tile<Kt, kBlockN>(sV,",
@@ -204,6 +216,16 @@ MUTATIONS = [
         "racecheck: the merge reads other warps' partial outputs / max / sum with no barrier after "
         "their shared-memory stores (tracked lds / sts): a write-after-read or read-after-write "
         "hazard, reported with the kernel's name"),
+    Mutation(
+        "decode_d96_idle_lanes_store_partials",
+        "csrc/cuda/decode_kernels.cuh",
+        "      if (kPvLanes < 32 && lane >= kPvLanes) continue;  // (D = 96: no dims on this lane)\n",
+        "",
+        (f"{DEC}[bfloat16_D96_H40_Hk1_s1_m2]",),
+        "D = 96: lanes 24..31 own no output dims (their P V sums repeat lanes 16..23's columns); "
+        "storing them writes past the head's 96 floats into the next merge row, which the same "
+        "lane's next head overwrites, except after a warp's 8th head (G = 32 slice: 8 heads a "
+        "warp), where it lands in the next warp's row or the max / sum area"),
 ]
 
 
