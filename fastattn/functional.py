@@ -349,7 +349,7 @@ from ._C_loader import load as _load_extension  # noqa: E402
 
 # Head dims the CUDA kernel is built for (flash_fwd_cuda_supports_head_dim); the CPU kernel
 # takes any head dim up to _CPU_MAX_HEAD_DIM.
-_CUDA_HEAD_DIMS = (64, 128)
+_CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 _CPU_MAX_HEAD_DIM = 512
 _CUDA_BUILT = bool(_load_extension().WITH_CUDA)  # a CPU-only build delegates CUDA SDPA calls
 
@@ -418,7 +418,7 @@ def flash_attention(
 
     Args:
         q: (B, Sq, H, D) query. float32/float16/bfloat16 on the CPU, float16/bfloat16 on
-            CUDA (D in 64, 128 there; any D up to 512 on the CPU). Last dim contiguous; the
+            CUDA (D in 32, 64, 96, 128, 192, 256 there; any D up to 512 on the CPU). Last dim contiguous; the
             other strides are free (e.g. slices of a packed qkv tensor).
         k, v: (B, Sk, Hk, D) with q's dtype and device; ``H % Hk == 0`` (GQA/MQA: query head
             h reads kv head ``h // (H // Hk)``; K/V are never copied per query head).
@@ -517,7 +517,7 @@ def scaled_dot_product_attention(
 
     What the kernel does not cover is computed by torch itself, so results and errors are
     torch's: ``attn_mask``, ``dropout_p > 0``, inputs that are not 4-D, broadcast batch dims,
-    a value head dim differing from E, fp32 or head dims other than 64/128 on CUDA, empty
+    a value head dim differing from E, fp32 or head dims other than 32/64/96/128/192/256 on CUDA, empty
     inputs, other dtypes/devices. Differentiable (see ``flash_attention`` for the backward).
     """
     if not _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, scale):
@@ -658,7 +658,7 @@ __all__ += ["decode_attention", "attention_with_kvcache", "append_kv"]
 
 from ._validate import check_softmax_scale  # noqa: E402
 
-_DECODE_CUDA_HEAD_DIMS = (64, 128, 256)
+_DECODE_CUDA_HEAD_DIMS = (64, 96, 128, 256)
 
 
 def _check_cache_seqlens(cache_seqlens, ref: Tensor, batch: int) -> None:
@@ -755,7 +755,7 @@ def decode_attention(
             on CUDA. Last dim contiguous.
         k_cache, v_cache: q's dtype, ``H % Hk == 0`` (GQA/MQA, query head h reads kv head
             ``h // (H // Hk)``), last dim contiguous, other strides free (e.g. a view of a
-            larger cache). CUDA: D in {64, 128, 256}; CPU: any D.
+            larger cache). CUDA: D in {64, 96, 128, 256}; CPU: any D.
             Contiguous cache (``block_table=None``): (B, S_max, Hk, D).
             Paged cache: page pools (num_pages, page_size, Hk, D), any page_size >= 1.
         cache_seqlens: (B,) int32 on q's device; sequence b attends to its tokens

@@ -322,7 +322,7 @@ def test_bad_inputs():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
-@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("d", [64, 96, 128, 256])
 def test_cuda_head_dims(d):
     kc, vc = _cache(3, 500, 2, d, torch.bfloat16, "cuda")
     q = torch.randn(3, 20, d, dtype=torch.bfloat16, device="cuda")  # group 10
@@ -420,7 +420,11 @@ def test_cuda_graph_capture_and_replay():
 # ---- CUDA kernel layout checks that need no GPU -----------------------------------------
 # (tests/test_decode_emulated.py runs the kernels' own code on the CPU; these check what an
 # emulation cannot see: shared-memory bank conflicts and the shared-memory budget.)
-_WARPS, _HEADS_PER_WARP = 4, 8  # decode_kernels.cuh
+_HEADS_PER_WARP = 8  # decode_kernels.cuh
+
+
+def _warps(d):  # warps_for() in decode_kernels.cuh: 8-warp blocks from D = 96 up
+    return 4 if d <= 64 else 8
 
 
 def _block_n(d):  # block_n_for() / heads_per_block_for() in decode_kernels.cuh
@@ -432,11 +436,14 @@ def _heads_per_block(d):
 
 
 def _swz(row, col, d):
-    """Python transcription of swz<kD>() in csrc/cuda/decode_kernels.cuh (element offset)."""
-    return row * d + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7))
+    """Python transcription of swz<kD>() in csrc/cuda/decode_kernels.cuh (element offset):
+    chunk c ^ (row & 7) when a row is a multiple of 8 chunks, else (D = 96, 12 chunks) the
+    swizzle stays inside aligned 4-chunk groups, c ^ ((row >> 1) & 3)."""
+    key = (row & 7) if d % 64 == 0 else ((row >> 1) & 3)
+    return row * d + ((((col >> 3) ^ key) << 3) | (col & 7))
 
 
-@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("d", [64, 96, 128, 256])
 def test_cuda_smem_swizzle_is_a_conflict_free_bijection(d):
     block_n = _block_n(d)
     # Bijection over a [block_n][d] tile.
@@ -452,17 +459,22 @@ def test_cuda_smem_swizzle_is_a_conflict_free_bijection(d):
                 assert len(set(banks)) == 32
     # P V: all lanes read kD/32 elements of one row; each phase of (128 bytes) must hit
     # distinct banks.
-    dpl = d // 32
+    # At D = 96 lanes 0..23 read 4 elements each and lanes 24..31 repeat lanes 16..23's
+    # addresses (a broadcast, not a conflict): distinct 4-byte words of a phase, distinct banks.
+    dpl = 4 if d == 96 else d // 32
+    lane_col = (lambda l: (l if l < 24 else l - 8) * dpl) if d == 96 else (lambda l: l * dpl)
     lanes_per_phase = 128 // (dpl * 2)
     for row in range(16):
         for phase in range(32 // lanes_per_phase):
-            banks = []
+            words = set()
             for l in range(phase * lanes_per_phase, (phase + 1) * lanes_per_phase):
-                e = _swz(row, l * dpl, d)
-                banks += [bank(e) + w for w in range(dpl * 2 // 4)]
-            assert len(set(banks)) == len(banks) == 32
+                e = _swz(row, lane_col(l), d)
+                words |= {e * 2 // 4 + w for w in range(dpl * 2 // 4)}
+            banks = [w % 32 for w in words]
+            assert len(set(banks)) == len(banks)
+            assert len(banks) == (32 if d != 96 or phase == 0 else 16)
     # Shared memory per block fits an A100 (163 KiB opt-in) and so an H100.
-    smem = 2 * 2 * block_n * d * 2 + _heads_per_block(d) * d * 4 + _WARPS * _HEADS_PER_WARP * 32 * 4
+    smem = 2 * 2 * block_n * d * 2 + _heads_per_block(d) * d * 4 + _warps(d) * _HEADS_PER_WARP * 32 * 4
     assert smem <= 163 * 1024
 
 

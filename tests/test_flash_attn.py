@@ -100,7 +100,7 @@ def test_head_dims(device, dtype, d):
                          ids=["full", "causal", "window", "causal-softcap"])
 def test_cuda_forward_head_dims_32_96_192_256(dtype, d, window, softcap):
     # The CUDA forward kernels of these head dims through the op (fastattn.flash_attention takes
-    # them once the CUDA backward does too: functional._CUDA_HEAD_DIMS). Two query blocks at
+    # them too: functional._CUDA_HEAD_DIMS). Two query blocks at
     # every tile height (128 rows; 64 at d 256), key tails, GQA.
     q, k, v = _make("cuda", dtype, 2, 130, 201, 4, 2, d)
     scale = d ** -0.5

@@ -75,8 +75,8 @@ def _case_id(c):
 @pytest.mark.parametrize("case", FWD_CASES, ids=_case_id)
 def test_flash_attention_forward(device, dtype, case):
     B, Sq, Sk, H, Hk, D, causal, window = case
-    if device == "cuda" and D not in (64, 128):
-        pytest.skip("CUDA head dims are 64 and 128")
+    if device == "cuda" and D not in (32, 64, 96, 128, 192, 256):
+        pytest.skip("CUDA head dims are 32, 64, 96, 128, 192, 256")
     q, k, v = _qkv(B, Sq, Sk, H, Hk, D, dtype, device)
     kw = dict(causal=causal, window=window, softcap=CAP)
     out, lse = fastattn.flash_attention(q, k, v, return_lse=True, **kw)

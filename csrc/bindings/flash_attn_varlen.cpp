@@ -84,7 +84,7 @@ void check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
   if (q.is_cuda()) {
 #ifdef FASTATTN_WITH_CUDA
     FA_CHECK_ARG(flash_fwd_cuda_supports_head_dim(d), op, "head dim ", d,
-                 " is not supported on CUDA (supported: 64, 128)");
+                 " is not supported on CUDA (supported: 32, 64, 96, 128, 192, 256)");
 #endif
   } else {
     FA_CHECK_ARG(d >= 1 && d <= kMaxHeadDimCpu, op, "head dim must be in [1, ", kMaxHeadDimCpu,

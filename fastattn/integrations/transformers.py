@@ -79,7 +79,7 @@ _UNIT_OFFSET_RMSNORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
 _PARTIAL_ROTARY_MODULES = ("transformers.models.phi3.modeling_phi3",)
 
 # Head dims the CUDA flash kernel is built for (others fall back to SDPA there).
-_CUDA_HEAD_DIMS = (64, 128)
+_CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 
 # Counts, per thread / task, how many patched attention modules are running: the rotary
 # dispatcher uses fastattn only inside those, so unpatched models in the same process keep
