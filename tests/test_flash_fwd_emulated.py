@@ -243,17 +243,14 @@ def _torch(x, dtype):
     return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float16 if dtype == "16" else torch.bfloat16)
 
 
-@pytest.mark.parametrize("mode", [0, 3])
-@pytest.mark.parametrize("case", SOFTCAP, ids=lambda c: "-".join(map(str, c)))
-def test_emulated_forward_softcap(fwd_emulator, tmp_path, case, mode):
-    """Soft-capped scores (the kSoftcap kernels) against reference.attention(softcap=...): out by
-    flash-attn's error-ratio rule against the same reference run in fp16 / bf16, lse close to
-    the float64 one."""
-    dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, cap = case
-    rng = np.random.default_rng(sq * 3 + sk + d)
+def _run_dense_and_check(fwd_emulator, tmp_path, mode, rng, dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, cap):
+    """One dense case through the emulated launcher (mode 0: guard at the end, else the start),
+    checked against reference.attention: out by flash-attn's error-ratio rule against the same
+    reference run in fp16 / bf16, lse -inf (and out exactly 0) where a row sees no key, lse
+    close to the float64 one elsewhere. Returns (out, (q, k, v) as torch tensors, the
+    reference kwargs, the float64 reference out)."""
     q, k, v = (_rnd(rng, dtype, b, sq, h, d), _rnd(rng, dtype, b, sk, hk, d),
                _rnd(rng, dtype, b, sk, hk, d))
-    scale = d ** -0.5 if scale is None else scale
     _write(tmp_path, dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, q, k, v, softcap=cap)
     _run(fwd_emulator, tmp_path, mode, "end" if mode == 0 else "start")
     got = torch.from_numpy(np.fromfile(tmp_path / "out.f32", np.float32).reshape(b, sq, h, d))
@@ -261,13 +258,25 @@ def test_emulated_forward_softcap(fwd_emulator, tmp_path, case, mode):
     qt, kt, vt = _torch(q, dtype), _torch(k, dtype), _torch(v, dtype)
     kw = dict(causal=bool(causal), softmax_scale=scale, window=(wl, wr), softcap=cap)
     true_out, true_lse = reference.attention(qt.double(), kt.double(), vt.double(), return_lse=True, **kw)
-    low_out = reference.attention(qt, kt, vt, **kw)
-    assert_error_ratio(got.to(qt.dtype), low_out, true_out, "out")
+    assert_error_ratio(got.to(qt.dtype), reference.attention(qt, kt, vt, **kw), true_out, "out")
     empty = torch.isneginf(true_lse)
     assert torch.equal(torch.isneginf(lse), empty), "lse -inf exactly where no key"
     assert (got[empty.permute(0, 2, 1)] == 0).all()  # rows that see no key: exactly 0
     torch.testing.assert_close(lse[~empty].double(), true_lse[~empty].double(), atol=2e-4, rtol=1e-5)
-    uncapped = reference.attention(qt.double(), kt.double(), vt.double(), **dict(kw, softcap=0.0))
+    return got, (qt, kt, vt), kw, true_out
+
+
+@pytest.mark.parametrize("mode", [0, 3])
+@pytest.mark.parametrize("case", SOFTCAP, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_forward_softcap(fwd_emulator, tmp_path, case, mode):
+    """Soft-capped scores (the kSoftcap kernels) against reference.attention(softcap=...): out by
+    flash-attn's error-ratio rule against the same reference run in fp16 / bf16, lse close to
+    the float64 one."""
+    dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, cap = case
+    scale = d ** -0.5 if scale is None else scale
+    got, qkv, kw, true_out = _run_dense_and_check(fwd_emulator, tmp_path, mode, np.random.default_rng(sq * 3 + sk + d),
+                                                  dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, cap)
+    uncapped = reference.attention(*(t.double() for t in qkv), **dict(kw, softcap=0.0))
     assert (uncapped - true_out).abs().max() > 1e-2, "the cap must change the result here"
 
 
@@ -324,25 +333,12 @@ NEW_DIMS = [
 @pytest.mark.parametrize("case", NEW_DIMS, ids=lambda c: "-".join(map(str, c)))
 def test_emulated_forward_new_head_dims(fwd_emulator, tmp_path, case, mode):
     dtype, d, b, sq, sk, h, hk, wl, wr, causal, cap = case
-    rng = np.random.default_rng(sq * 7 + sk + d)
-    q, k, v = (_rnd(rng, dtype, b, sq, h, d), _rnd(rng, dtype, b, sk, hk, d),
-               _rnd(rng, dtype, b, sk, hk, d))
     # capped: raw q.k scores (std sqrt(d)), so that even cap 50 bends them visibly
     scale = 1.0 if cap > 0 else d ** -0.5
-    _write(tmp_path, dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, q, k, v, softcap=cap)
-    _run(fwd_emulator, tmp_path, mode, "end" if mode == 0 else "start")
-    got = torch.from_numpy(np.fromfile(tmp_path / "out.f32", np.float32).reshape(b, sq, h, d))
-    lse = torch.from_numpy(np.fromfile(tmp_path / "lse.f32", np.float32).reshape(b, h, sq))
-    qt, kt, vt = _torch(q, dtype), _torch(k, dtype), _torch(v, dtype)
-    kw = dict(causal=bool(causal), softmax_scale=scale, window=(wl, wr), softcap=cap)
-    true_out, true_lse = reference.attention(qt.double(), kt.double(), vt.double(), return_lse=True, **kw)
-    assert_error_ratio(got.to(qt.dtype), reference.attention(qt, kt, vt, **kw), true_out, "out")
-    empty = torch.isneginf(true_lse)
-    assert torch.equal(torch.isneginf(lse), empty), "lse -inf exactly where no key"
-    assert (got[empty.permute(0, 2, 1)] == 0).all()  # rows that see no key: exactly 0
-    torch.testing.assert_close(lse[~empty].double(), true_lse[~empty].double(), atol=2e-4, rtol=1e-5)
+    got, qkv, kw, true_out = _run_dense_and_check(fwd_emulator, tmp_path, mode, np.random.default_rng(sq * 7 + sk + d),
+                                                  dtype, d, b, sq, sk, h, hk, wl, wr, causal, scale, cap)
     if cap > 0:  # the launcher must have picked the capped twin: the cap changes the result here
-        uncapped = reference.attention(qt.double(), kt.double(), vt.double(), **dict(kw, softcap=0.0))
+        uncapped = reference.attention(*(t.double() for t in qkv), **dict(kw, softcap=0.0))
         assert (uncapped - true_out).abs().max() > 1e-2 and (got - uncapped.float()).abs().max() > 1e-2
 
 
