@@ -61,6 +61,12 @@ def _contiguous_last_dim(t: Tensor) -> Tensor:
     return t.contiguous() if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1 else t
 
 
+# Whether this torch's CUDA autocast runs rms_norm in fp32 (torch 2.13 does; torch 2.11 left it
+# alone, seen on an H200: nn.RMSNorm under fp16 autocast returned fp16). Read off torch's own
+# dispatcher once, so fastattn.rms_norm returns what torch's rms_norm returns on either.
+_CUDA_AUTOCAST_RMS_NORM_FP32 = torch._C._dispatch_has_kernel_for_dispatch_key("aten::rms_norm", "AutocastCUDA")
+
+
 def rms_norm(
     x: Tensor,
     weight: Optional[Tensor] = None,
@@ -89,8 +95,9 @@ def rms_norm(
 
     Returns:
         y (x's shape and dtype), or ``(y, h)`` when ``residual`` is given (both of h's
-        dtype). Computed in fp32. Under CUDA autocast, where torch runs rms_norm in fp32,
-        16-bit inputs are normalised in fp32 and y is fp32, exactly as torch's.
+        dtype). Computed in fp32. Under CUDA autocast, where this torch runs rms_norm in
+        fp32 (2.13 does, 2.11 did not), 16-bit inputs are normalised in fp32 and y is fp32,
+        exactly as torch's.
 
     Differentiable in x, weight and residual, to any order (with ``create_graph=True`` the
     backward is recorded as torch ops).
@@ -127,9 +134,9 @@ def rms_norm(
         h = x + residual if residual is not None else x
         y = torch.nn.functional.rms_norm(h, (h.shape[-1],), weight, eps)
         return (y, h) if residual is not None else y
-    if x.is_cuda and x.dtype != torch.float32 and torch.is_autocast_enabled("cuda"):
-        # torch lists rms_norm among CUDA autocast's fp32 ops: it normalises in fp32 and
-        # returns fp32 (CPU autocast leaves it alone). The residual add is not an autocast op.
+    if x.is_cuda and x.dtype != torch.float32 and _CUDA_AUTOCAST_RMS_NORM_FP32 and torch.is_autocast_enabled("cuda"):
+        # Where torch lists rms_norm among CUDA autocast's fp32 ops, it normalises in fp32
+        # and returns fp32 (CPU autocast leaves it alone). The residual add is not an autocast op.
         if residual is None:
             return rms_norm(x.float(), weight, eps)
         h = x + residual

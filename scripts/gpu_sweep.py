@@ -276,7 +276,7 @@ def case_graph(dev, dt, B, S, H, Hk, D, steps, page_size=None):
     against the reference advancing an fp32 mirror of the cache. cache_seqlens advances inside
     the graph, so a replay that reads a stale length or writes the wrong row shows."""
     def run(errs):
-        cap = S + steps
+        cap = S + steps + 1  # + 1: on CUDA the warm-up before the capture appends one row too
         kc = torch.randn(B, cap, Hk, D, device=dev, dtype=dt)
         vc = torch.randn(B, cap, Hk, D, device=dev, dtype=dt)
         lens = ragged_lengths(B, S, dev, seed=11)

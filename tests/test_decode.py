@@ -371,9 +371,11 @@ def test_cuda_bad_inputs():
     kc32, vc32 = kc.float(), vc.float()
     with pytest.raises(ValueError, match="q must be float16 or bfloat16 on CUDA"):
         fastattn.decode_attention(torch.randn(2, 4, 40, device="cuda"), kc32, vc32, sl)
+    # The remaining checks need a head dim the CUDA kernels take, else that check fires first.
+    kc, vc = _cache(2, 8, 2, 64, torch.float16, "cuda")
     with pytest.raises(ValueError, match="cache_seqlens is on cpu"):
-        fastattn.decode_attention(torch.randn(2, 4, 40, dtype=torch.float16, device="cuda"), kc, vc, sl.cpu())
-    k = torch.randn(2, 3, 2, 40, dtype=torch.float16, device="cuda")
+        fastattn.decode_attention(torch.randn(2, 4, 64, dtype=torch.float16, device="cuda"), kc, vc, sl.cpu())
+    k = torch.randn(2, 3, 2, 64, dtype=torch.float16, device="cuda")
     with pytest.raises(ValueError, match="exceeds the cache capacity S_max = 8"):
         fastattn.append_kv(kc, vc, k, k, _seqlens([5, 6], "cuda"))
 

@@ -153,14 +153,24 @@ def test_patch_model_swaps_norms_and_rotary(models, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fastattn_attention_low_precision(models, device):
-    """bf16 with attn_implementation="fastattn" vs bf16 eager, both against fp32 eager."""
+    """bf16 with attn_implementation="fastattn" vs bf16 eager, both against fp32 eager. On CUDA
+    with head_dim 64 (the tiny models' 16 has no CUDA kernel and would fall back to SDPA), and
+    every attention call must have run on fastattn's kernel."""
     eager, ours = models
+    if device == "cuda":
+        torch.manual_seed(0)
+        eager = transformers.LlamaForCausalLM(tiny_config(head_dim=64)).eval()
+        eager.set_attn_implementation("eager")
+        ours = copy.deepcopy(eager)
+        ours.set_attn_implementation("fastattn")
     truth = copy.deepcopy(eager).to(device)
     low = copy.deepcopy(eager).to(device, torch.bfloat16)
     mine = copy.deepcopy(ours).to(device, torch.bfloat16)
     ids = ids_of(2, 40).to(device)
+    fa_hf.reset_stats()
     with torch.no_grad():
         assert_error_ratio(mine(ids).logits.float(), low(ids).logits.float(), truth(ids).logits, "logits", atol=1e-2)
+    assert fa_hf.stats()["sdpa_fallback"] == 0 and fa_hf.stats()["fastattn"] == 2, fa_hf.stats()
 
 
 # ---- every mask/cache combination transformers produces, against attn_implementation="sdpa" ----

@@ -472,10 +472,19 @@ def test_bad_architecture_and_config(hf_llama, tmp_path):
 
 
 # ---- low precision and devices ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_llama_d64(tmp_path_factory):
+    """hf_llama with head_dim 64: a head dim both CUDA attention kernels take (flash 32..256, decode 64..256), not the tiny 16."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = randomize_norms(transformers.LlamaForCausalLM(hf_config(head_dim=64))).eval()
+    return model, save_hf(model, tmp_path_factory.mktemp("llama_d64"))
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_backends_agree_low_precision(hf_llama, device):
+def test_backends_agree_low_precision(request, device):
     """bf16 on both backends, each measured against the fp32 model (error-ratio rule)."""
-    _, path = hf_llama
+    _, path = request.getfixturevalue("hf_llama_d64" if device == "cuda" else "hf_llama")
     truth = Llama.from_pretrained(path, backend="torch", device=device)
     fa = Llama.from_pretrained(path, backend="fastattn", dtype=torch.bfloat16, device=device)
     th = Llama.from_pretrained(path, backend="torch", dtype=torch.bfloat16, device=device)
@@ -540,8 +549,8 @@ def test_capture_decode_step_needs_cuda(hf_llama):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cuda_graph_decode_matches_eager(hf_llama, backend):
-    _, path = hf_llama
+def test_cuda_graph_decode_matches_eager(hf_llama_d64, backend):
+    _, path = hf_llama_d64
     model = Llama.from_pretrained(path, backend=backend, dtype=torch.bfloat16, device="cuda")
     ids = ids_of(3, 9).cuda()
     lengths = torch.tensor([9, 4, 6], device="cuda")

@@ -619,12 +619,26 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_cau
     return out.transpose(1, 2)
 
 
+def _attention_kernels_take(q: Tensor, decode: bool) -> bool:
+    """Whether fastattn's attention kernels take q: any dtype and head dim on the CPU; on CUDA
+    fp16/bf16 and the compiled head dims (flash 32..256, decode/KV cache 64, 96, 128, 256).
+    Elsewhere (an fp32 or head-dim-16 model on CUDA) the fastattn backend runs that attention
+    call the torch backend's way, as the Hugging Face integration falls back to SDPA, instead
+    of failing mid-forward; norms, RoPE and the MLP stay on fastattn's kernels."""
+    if not q.is_cuda:
+        return True
+    dims = fastattn.functional._DECODE_CUDA_HEAD_DIMS if decode else fastattn.functional._CUDA_HEAD_DIMS
+    return q.dtype != torch.float32 and q.shape[-1] in dims
+
+
 def _causal_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, window: int = -1,
                       scale: Optional[float] = None, softcap: float = 0.0) -> Tensor:
     """Causal self-attention of a block; window >= 0: query i sees keys i - window .. i only.
     scale None: head_dim ** -0.5; softcap > 0: scores s -> softcap * tanh(s / softcap). The torch
     backend runs SDPA (is_causal, or an explicit mask for a window); SDPA has no soft-capping,
     so soft-capped layers take the explicit reference path."""
+    if backend == "fastattn" and not _attention_kernels_take(q, decode=False):
+        backend = "torch"
     cap = _softcap_kw(backend, softcap)
     if backend == "fastattn":
         return fastattn.flash_attention(q, k, v, causal=True, window=(window, 0), softmax_scale=scale, **cap)
@@ -638,7 +652,7 @@ def _causal_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, window: int
 
 def _append_kv(backend: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, write_at: Tensor,
                block_table: Optional[Tensor] = None) -> None:
-    if backend == "fastattn":
+    if backend == "fastattn" and _attention_kernels_take(k, decode=True):
         fastattn.append_kv(k_cache, v_cache, k, v, write_at, block_table=block_table)
         return
     # rows [write_at[b], write_at[b] + Sn) of sequence b; on a paged cache, row t of sequence
@@ -662,6 +676,8 @@ def _decode_attention(backend: str, q: Tensor, k_cache: Tensor, v_cache: Tensor,
     softcap as in ``_causal_attention``. The torch backend runs SDPA over the whole cache with
     a (B, 1, 1, S_max) key mask built on the device (no host sync: CUDA graphs can capture it);
     a paged cache is gathered into (B, capacity, Hk, D) first."""
+    if backend == "fastattn" and not _attention_kernels_take(q, decode=True):
+        backend = "torch"
     kw = dict(block_table=block_table, softmax_scale=scale, **_softcap_kw(backend, softcap))
     if backend == "fastattn":
         if window >= 0:

@@ -58,7 +58,15 @@ def rotary_inv_freq(dim: int, base: float = 10000.0, scaling: Optional[dict] = N
     high_freq_factor), and blends linearly in 1/wavelength between the two bands.
     """
     scaling = _parse_scaling(scaling)
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float32) / dim
+    # Always computed on the CPU, then moved: the CUDA pow can differ from the CPU's by an ulp,
+    # and Hugging Face computes its inv_freq on the CPU at init; one ulp of inv_freq is a few
+    # ulps of cos/sin at position 100 (seen on an H200 against LlamaRotaryEmbedding).
+    inv_freq = _scaled_inv_freq(dim, base, scaling)
+    return inv_freq if device is None else inv_freq.to(device)
+
+
+def _scaled_inv_freq(dim: int, base: float, scaling: Optional[dict]) -> Tensor:
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
     inv_freq = 1.0 / (base**exponents)
     if scaling is None:
         return inv_freq
