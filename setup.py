@@ -114,6 +114,15 @@ else:
 # torch.set_num_threads governs our kernels too.
 # -Wno-psabi: decode.cpp's GCC vector types are wider than a baseline/AVX2 register; GCC
 # notes the (irrelevant: internal functions only) ABI difference once per build otherwise.
+# link_flags: -lstdc++ names the SHARED libstdc++ explicitly. On the H200 image (Ubuntu
+# Python 3.12, torch 2.11, CUDA build) _C came out with libstdc++ linked in statically (no
+# libstdc++.so.6 in its NEEDED list, 734 locale/ostream symbols defined in it); with the
+# -Wl,-Bsymbolic-functions of Ubuntu's LDCXXSHARED its functions bound to that private copy
+# while the facet ids (unique data) bound to torch's libstdc++.so.6, and the first C++ error
+# message that streamed an integer segfaulted. An explicit -lstdc++ ahead of the driver's own
+# libraries resolves every libstdc++ symbol from the shared library, so no archive member is
+# pulled in. tests/test_build.py checks the NEEDED entry.
+link_flags = ["-fopenmp", "-lstdc++"]
 common_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-Wno-psabi"]
 cxx_flags = common_flags + c_march + [f"-DFASTATTN_CPU_MODE={cpu_mode}"]
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
@@ -150,7 +159,7 @@ if with_cuda:
         include_dirs=include_dirs,
         depends=headers,
         extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     ))
 else:
     archs = []
@@ -160,7 +169,7 @@ else:
         include_dirs=include_dirs,
         depends=headers,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     ))
 
 # One library per tier: the same kernel sources with the tier's -march, every symbol hidden
@@ -176,7 +185,7 @@ for name, flags, tier_id in tiers:
         extra_compile_args={"cxx": common_flags + flags + [
             "-fvisibility=hidden", "-fvisibility-inlines-hidden",
             f"-DFASTATTN_CPU_TIER_ID={tier_id}", "-DFASTATTN_CPU_TIER_LIBRARY"]},
-        extra_link_args=["-fopenmp", f"-Wl,--version-script={TIER_EXPORTS}"],
+        extra_link_args=link_flags + [f"-Wl,--version-script={TIER_EXPORTS}"],
     ))
     ext_labels[f"fastattn._cpu_{name}"] = name
 
