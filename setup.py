@@ -114,15 +114,27 @@ else:
 # torch.set_num_threads governs our kernels too.
 # -Wno-psabi: decode.cpp's GCC vector types are wider than a baseline/AVX2 register; GCC
 # notes the (irrelevant: internal functions only) ABI difference once per build otherwise.
-# link_flags: -lstdc++ names the SHARED libstdc++ explicitly. On the H200 image (Ubuntu
-# Python 3.12, torch 2.11, CUDA build) _C came out with libstdc++ linked in statically (no
-# libstdc++.so.6 in its NEEDED list, 734 locale/ostream symbols defined in it); with the
-# -Wl,-Bsymbolic-functions of Ubuntu's LDCXXSHARED its functions bound to that private copy
-# while the facet ids (unique data) bound to torch's libstdc++.so.6, and the first C++ error
-# message that streamed an integer segfaulted. An explicit -lstdc++ ahead of the driver's own
-# libraries resolves every libstdc++ symbol from the shared library, so no archive member is
-# pulled in. tests/test_build.py checks the NEEDED entry.
-link_flags = ["-fopenmp", "-lstdc++"]
+# link_flags: the SHARED libstdc++, named explicitly. On the H200 image (Ubuntu Python 3.12,
+# torch 2.11, CUDA build) _C came out with libstdc++ linked in statically (no libstdc++.so.6 in
+# its NEEDED list, 734 locale/ostream symbols defined in it: what an image without the
+# libstdc++.so dev symlink but with libstdc++.a gives). Under the -Wl,-Bsymbolic-functions of
+# Ubuntu's LDCXXSHARED its functions bound to that private copy while the facet ids (unique
+# data) bound to torch's libstdc++.so.6, and the first C++ error message that streamed an
+# integer segfaulted. The full path of libstdc++.so.6 (from the compiler driver), placed before
+# the driver's own libraries, resolves every libstdc++ symbol from the shared library, so no
+# archive member is pulled in; -lstdc++ where the driver does not know the file.
+# tests/test_build.py checks the NEEDED entry.
+def _shared_libstdcxx() -> str:
+    cxx = (os.environ.get("CXX") or "c++").split()
+    try:
+        path = subprocess.run(cxx + ["-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        path = ""
+    return os.path.realpath(path) if os.path.isabs(path) and os.path.exists(path) else "-lstdc++"
+
+
+link_flags = ["-fopenmp", _shared_libstdcxx()] if sys.platform.startswith("linux") else ["-fopenmp"]
 common_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-Wno-psabi"]
 cxx_flags = common_flags + c_march + [f"-DFASTATTN_CPU_MODE={cpu_mode}"]
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
