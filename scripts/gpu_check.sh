@@ -30,7 +30,8 @@
 #   bench      the headline benchmarks (decode, rms_norm, rotary, flash forward; no model, no
 #              torch.compile) with python -m fastattn bench -k "$BENCH_K"
 #   ncu        optional (GPU_CHECK_NCU=1), only in the time left: ncu --clock-control none on
-#              the --paths driver, one launch per kernel
+#              the --paths driver, one launch per kernel; speed of light, warp stall reasons,
+#              launch geometry and occupancy as CSV (ncu.csv)
 # After a failed build the GPU steps are "skipped (build failed)". GPU_CHECK_SKIP="memcheck
 # bench" skips named steps (skipping build uses the extension already built: a rerun on the
 # warm machine); GPU_CHECK_TEST_FILES="tests/a.py tests/b.py" runs only those test files;
@@ -40,7 +41,7 @@
 #
 # Output folder (at most 8 files: what the device tool brings back): gpu_check.log (everything),
 # summary.tsv, tests.tsv (one line per test file), sweep.json, bench.json, bench.png,
-# bench_pytest.log, ncu.ncu-rep.
+# bench_pytest.log, ncu.csv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -344,8 +345,12 @@ step_ncu() {
   # --clock-control none: leave the card's clocks as found (device README); the --paths
   # driver launches each fastattn kernel about once, so the first 64 matching launches cover
   # every kernel (about 40 uncapped, about 20 more for the soft-capped cases).
+  # The sections a text reader needs (the lease has no ncu UI): speed of light (DRAM / SM
+  # throughput), warp stall reasons (e.g. "No Instruction" for an instruction-cache-bound
+  # loop), launch geometry and occupancy; one CSV row per metric per launch in ncu.csv.
   ncu --clock-control none --kernel-name regex:'rms_norm|rotary|decode|append_kv|flash' --launch-count 64 \
-    --export "$OUT_DIR/ncu" --force-overwrite "$PY" scripts/gpu_sweep.py --paths --device cuda
+    --section SpeedOfLight --section WarpStateStats --section LaunchStats --section Occupancy \
+    --csv --page details --log-file "$OUT_DIR/ncu.csv" "$PY" scripts/gpu_sweep.py --paths --device cuda
 }
 export -f cuda_test_files step_info step_build step_tests step_sweep sanitizer_probe run_sanitizer step_memcheck \
   step_racecheck step_bench step_ncu
