@@ -133,9 +133,20 @@ def _threads(npacks):
     return min(max(-(-npacks // 32) * 32, 32), 512)
 
 
+def _unroll(kn):
+    """rms_norm.cu's kUnrollOf: the packs a forward thread holds, 2 vectors or 4 scalars."""
+    return 2 if kn > 1 else 4
+
+
+def _fwd_threads(npacks, kn):
+    """rms_norm.cu's threads_fwd: the fewest whole warps holding the row at kUnrollOf packs per
+    thread, 32..512 (the backward keeps one thread per pack, _threads)."""
+    return _threads(-(-npacks // _unroll(kn)))
+
+
 def _row_in_registers(npacks, kn):
     """rms_norm.cu's row_in_registers: a thread holds up to 2 vectors (4 scalars) of the row."""
-    return npacks <= (2 if kn > 1 else 4) * _threads(npacks)
+    return npacks <= _unroll(kn) * _fwd_threads(npacks, kn)
 
 
 # (dtype, rows, n, weight, residual, lead (elements before x), x row stride pad, optin, mode)
@@ -155,6 +166,9 @@ FWD = [
     (torch.bfloat16, 2, 8200, True, False, 8, 0, H100_OPTIN, 0),   # one pack past it: rounds + row cache
     (torch.float16, 2, 4097, True, False, 8, 0, H100_OPTIN, 2),    # scalar, odd: rounds of 4 + row cache
     (torch.float32, 2, 8192, True, True, 8, 0, NO_OPTIN, 0),       # vector, rounds of 2, residual, cache
+    (torch.bfloat16, 3, 4096, True, False, 8, 0, H100_OPTIN, 2),   # vector, 256 threads x 2 packs each
+    (torch.float16, 3, 4096, False, False, 8, 0, H100_OPTIN, 0),   # the same, fp16, no weight
+    (torch.bfloat16, 3, 4104, True, True, 8, 8, H100_OPTIN, 0),    # 513 packs: 288 threads, 2 or 1 pack each
 ]
 
 
@@ -179,7 +193,7 @@ def test_emulated_rms_norm_fwd(emu, case):
     vec = n % _vec(dtype) == 0 and lead % _vec(dtype) == 0 and pad % _vec(dtype) == 0
     kn = _vec(dtype) if vec else 1
     smem = 0 if _row_in_registers(n // kn, kn) else _expected_smem(n * x.t.element_size(), optin)
-    threads = _threads(n // kn)
+    threads = _fwd_threads(n // kn, kn)
     assert _log(log) == [(f"fwd<{_tname(dtype)},{kn},{int(has_res)}>", rows, threads, smem)]
 
     wt = w.t[0] if w else None

@@ -17,6 +17,11 @@
 //     registers across the reduction, so the store pass reads only the weight; longer rows
 //     go in rounds of the same width and are staged in shared memory (the row cache, in
 //     their storage type), so the store pass never re-reads global memory when it fits;
+//   * the forward's block is sized so that every thread has that full slice (threads_fwd:
+//     N = 4096 bf16 is 256 threads of 2 x 16 bytes, not 512 of one), and bf16 packs are
+//     widened from their 32-bit words (unpack), so a held pack costs 4 registers: 38-40
+//     registers, 1536 resident threads per SM on sm_90, 48 KiB of loads in flight per SM
+//     (96 KiB with the residual) at N = 4096;
 //   * the sum of squares is reduced with warp shuffles and one shared-memory exchange
 //     between warps — no atomics;
 //   * dweight is reduced deterministically: a fixed grid of row blocks (a function of the
@@ -32,6 +37,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "fastattn/api.h"
 #include "fastattn/cuda_check.h"
@@ -75,10 +82,26 @@ __device__ __forceinline__ void stg_pack(T* gdst, const Pack<T, kN>& v) {
     *reinterpret_cast<Pack<T, kN>*>(gdst) = v;
   }
 }
+// bf16 pairs are widened straight from the 32-bit words of the pack (low element: word << 16,
+// high: word & 0xffff0000), so a loaded pack stays 4 registers until it is used. Element by
+// element (__bfloat162float) nvcc first split every 16-byte bf16 pack into 8 registers of one
+// element each (PRMT), right at the load: the forward held 16 of them across the block
+// reduction and took 58 registers (fp16: 38), i.e. 2 resident 512-thread blocks per SM, not 3.
 template <typename T, int kN>
 __device__ __forceinline__ void unpack(const Pack<T, kN>& p, float (&dst)[kN]) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && kN % 2 == 0) {
+    uint32_t w[kN / 2];
+    memcpy(w, &p, sizeof(w));
 #pragma unroll
-  for (int i = 0; i < kN; ++i) dst[i] = to_float(p.v[i]);
+    for (int i = 0; i < kN / 2; ++i) {
+      const uint32_t lo = w[i] << 16, hi = w[i] & 0xffff0000u;
+      memcpy(&dst[2 * i], &lo, 4);
+      memcpy(&dst[2 * i + 1], &hi, 4);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) dst[i] = to_float(p.v[i]);
+  }
 }
 template <typename T, int kN>
 __device__ __forceinline__ Pack<T, kN> pack(const float (&src)[kN]) {
@@ -428,11 +451,22 @@ cudaError_t request_smem(Kernel kernel, size_t bytes, bool* ok) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
+// Forward block size: the fewest whole warps that hold the row at kUnrollOf packs per thread,
+// 32..512 threads. So every thread of a row up to kUnrollOf * 512 packs has its full kUnrollOf
+// loads in flight (2 x 16 bytes on the vector path; 2 + 2 with the residual), and a short row
+// is a small block (more resident blocks per SM) rather than a big block of half-idle threads.
+// (Was threads_for, one thread per pack: at N = 4096 bf16/fp16 512 threads of ONE 16-byte
+// load each for the plain forward -- half the bytes in flight of the residual forward.)
+template <int kN>
+int threads_fwd(int64_t npacks) {
+  return threads_for((npacks + kUnrollOf<kN> - 1) / kUnrollOf<kN>);
+}
+
 template <typename T, int kN, bool kResidual>
 cudaError_t launch_fwd(const RmsNormParams& p, cudaStream_t stream) {
   auto kernel = rms_norm_fwd_kernel<T, kN, kResidual>;
   const int64_t npacks = p.n / kN;
-  const int threads = threads_for(npacks);
+  const int threads = threads_fwd<kN>(npacks);
   // A row held in registers needs no row cache (and no shared memory limits occupancy).
   bool cache = !row_in_registers<kN>(npacks, threads);
   size_t smem = cache ? static_cast<size_t>(p.n) * sizeof(T) : 0;
