@@ -41,7 +41,7 @@
 
 #define FASTATTN_DECODE_EMULATE 1
 #include "fiber_emulate.h"  // fibers, barriers, shuffles, the cp.async queues, runtime, sanitizers
-#include "ptx_emulate.h"    // ex2.approx / rcp.approx (soft-capping)
+#include "ptx_emulate.h"    // ex2.approx / rcp.approx (soft-capping), ldmatrix / mma (decode_mma.cuh)
 
 namespace fastattn {  // softcap.cuh's ex2.approx.ftz / rcp.approx.ftz wrappers (soft-capping)
 inline float softcap_ex2(float x) { return ptx::ex2_approx_ftz(x); }
@@ -178,6 +178,41 @@ inline long long __shfl_sync(unsigned /*mask*/, long long v, int src) {
   return out;
 }
 
+// decode_mma.cuh's tensor-core operations: ldmatrix.x4 (.trans) and mma.m16n8k16 from
+// tests/ptx_emulate.h (the stand-ins the flash emulators use); each lane's ldmatrix row is
+// checked (16 bytes, 16-byte aligned, inside shared memory) and tracked for the sanitizers.
+inline void dmma_ldsm_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
+  if (addr % 16 != 0 || addr + 16 > emu::g_block->smem.size() - 16) emu::fail("ldmatrix row misaligned or past the shared memory");
+  emu::smem_track(addr, 16, false, "ldmatrix");
+  ptx::ldmatrix(r, addr, trans, [](uint32_t a) {
+    uint16_t v;
+    std::memcpy(&v, emu::smem_base() + a, 2);
+    return v;
+  });
+}
+inline void dmma_ldsm_x4(uint32_t (&r)[4], uint32_t addr) { dmma_ldsm_impl(r, addr, false); }
+inline void dmma_ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) { dmma_ldsm_impl(r, addr, true); }
+template <typename T>
+struct DmmaOps {
+  static constexpr bool kBf = std::is_same<T, __nv_bfloat16>::value;
+  static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    ptx::mma_m16n8k16<kBf>(d, a, b0, b1);
+  }
+  static uint32_t pack(float lo, float hi) {  // round to nearest even, lo in the low half
+    return uint32_t(from_float<T>(lo).bits) | (uint32_t(from_float<T>(hi).bits) << 16);
+  }
+};
+
+// Whether the launcher may pick decode_mma_kernel (emu_set_decode_mma; on by default): the
+// decode_kernel tests switch it off so that they keep running the CUDA-core kernel on every
+// group size (and the mutation tests that name them keep catching its bugs).
+namespace fastattn {
+namespace decode_kernels {
+inline bool g_decode_mma_enabled = true;
+bool emu_decode_mma_enabled() { return g_decode_mma_enabled; }
+}  // namespace decode_kernels
+}  // namespace fastattn
+
 // The real launchers and kernels, unmodified.
 #include "decode.cu"
 #include "decode_softcap.cu"
@@ -197,6 +232,10 @@ void state_kernels(const char* tname) {
   emu::set_static_smem(decode_kernel<T, kD, false>, 0, "decode_kernel" + s + ">");
   emu::set_static_smem(decode_kernel<T, kD, true>, 0, "decode_kernel" + s + ",softcap>");
   emu::set_static_smem(decode_combine_kernel<T, kD>, 0, "decode_combine_kernel" + s + ">");
+  if constexpr (kD == 64 || kD == 128) {
+    emu::set_static_smem(decode_mma_kernel<T, kD, 1>, 0, "decode_mma_kernel" + s + ",1>");
+    emu::set_static_smem(decode_mma_kernel<T, kD, 2>, 0, "decode_mma_kernel" + s + ",2>");
+  }
 }
 
 int g_smem_optin = 227 * 1024, g_num_sms = 132;  // the emulated device (emu_set_device)
@@ -244,6 +283,9 @@ extern "C" void emu_set_device(int smem_optin, int num_sms) {
   g_smem_optin = smem_optin;
   g_num_sms = num_sms;
 }
+
+// decode_mma_kernel allowed (1, the default) or not (0: decode_kernel runs every shape).
+extern "C" void emu_set_decode_mma(int on) { fastattn::decode_kernels::g_decode_mma_enabled = on != 0; }
 
 // The last run's first error ("" when clean) and its launches, one "kernel grid threads smem"
 // line each (grid "x" or "xXyXz").

@@ -77,6 +77,8 @@ def _build(cxx, folder, cuda_dir):
     dll.emu_bank_report.restype = ctypes.c_int
     dll.emu_bank_report.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
     dll.emu_set_device(SMEM_OPTIN, NUM_SMS)
+    dll.emu_set_decode_mma.restype = None
+    dll.emu_set_decode_mma.argtypes = [ctypes.c_int]
     return dll
 
 
@@ -181,6 +183,17 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{str(c[0])[6:]}_D{c[1]}_H{c[2]}_Hk{c[3]}_s{c[6]}_m{c[8]}")
 def test_emulated_decode_kernel_matches_reference(emu, case):
+    """The CUDA-core decode_kernel on every case (decode_mma_kernel switched off: the same
+    cases run on the tensor-core path in test_emulated_decode_cases_on_mma)."""
+    emu.emu_set_decode_mma(0)
+    try:
+        _run_decode_case(emu, case)
+        assert _launch_log(emu)[0][0].startswith("decode_kernel<")
+    finally:
+        emu.emu_set_decode_mma(1)
+
+
+def _run_decode_case(emu, case):
     dtype, D, H, Hk, lengths, S, num_splits, strided, mode = case
     B = len(lengths)
     if strided:  # a view into a bigger cache: every stride but the last differs (multiples of 8)
@@ -236,12 +249,17 @@ def test_launcher_grids_and_twin_choice(emu, softcap):
     """decode_attention_cuda launches the (capped or uncapped) decode_kernel on the grid
     (splits, Hk x row slices, B) with 128 threads and more than the default 48 KiB of dynamic
     shared memory (its opt-in), then the combine over B x H x Sq rows of D threads; with one
-    split, no combine. G = 40 needs two 32-row slices per kv head."""
-    for splits, H, Hk in ((3, 8, 2), (1, 40, 1)):
+    split, no combine. G = 40 needs two 32-row slices per kv head. An uncapped group of 4..32
+    heads (G = 4 here) takes the tensor-core decode_mma_kernel instead, on the grid (splits, Hk,
+    B) (one 16-row m-tile: kernel argument 1), with the same combine; G = 2 and the capped
+    calls stay on decode_kernel."""
+    for splits, H, Hk in ((3, 8, 2), (1, 40, 1), (3, 4, 2)):
         q, kc, vc, seqlens = _small_decode(H=H, Hk=Hk)
         out, lse = _emulated_decode(emu, q, kc, vc, seqlens, 0.125, splits, softcap=softcap)
         log = _launch_log(emu)
         name = "decode_kernel<half,64,softcap>" if softcap else "decode_kernel<half,64>"
+        if not softcap and 4 <= H // Hk <= 32:
+            name = "decode_mma_kernel<half,64,1>"
         slices = -(-(H // Hk) // 32)
         assert [e[:3] for e in log[:1]] == [(name, f"{splits}x{Hk * slices}x2", "128")]
         assert int(log[0][3]) > 48 * 1024
@@ -257,15 +275,22 @@ def test_launcher_warps_per_head_dim(emu):
     """Block size per head dim (warps_for in decode_kernels.cuh): 4 warps at D = 64, where two
     blocks share an SM, 8 warps from D = 96 on (one block per SM by shared memory), and the
     dynamic shared memory the launcher asks for: the double-buffered K/V tiles, the fp32 query
-    rows, one 8-head x 32-key probability buffer per warp and the per-row mask bounds."""
-    for D, warps, block_n, rows in ((64, 4, 128, 32), (96, 8, 128, 32), (128, 8, 128, 32), (256, 8, 64, 16)):
-        q, kc, vc, seqlens = _small_decode(D=D, H=8, Hk=2, S=150, lengths=(150, 40))
-        out, lse = _emulated_decode(emu, q, kc, vc, seqlens, 0.1, 1)
-        _check(q, kc, vc, seqlens, out, lse, 0.1)
-        log = _launch_log(emu)
-        smem = 2 * 2 * block_n * D * 2 + rows * D * 4 + warps * 8 * 32 * 4 + (2 * rows * 4 + 15) // 16 * 16
-        assert log == [(f"decode_kernel<half,{D}>", "1x2x2", str(32 * warps), str(smem))], (D, log)
-        assert smem <= 163 * 1024  # an A100's opt-in
+    rows, one 8-head x 32-key probability buffer per warp and the per-row mask bounds. At G = 4
+    (H = 8) and D = 64 / 128 the tensor-core decode_mma_kernel runs instead: 4 warps, each with
+    its own 3-stage ring of 16-key K and V slabs, plus 32 16-bit query rows."""
+    for H in (4, 8):  # G = 2: decode_kernel at every D; G = 4: decode_mma_kernel at D 64 / 128
+        for D, warps, block_n, rows in ((64, 4, 128, 32), (96, 8, 128, 32), (128, 8, 128, 32), (256, 8, 64, 16)):
+            q, kc, vc, seqlens = _small_decode(D=D, H=H, Hk=2, S=150, lengths=(150, 40))
+            out, lse = _emulated_decode(emu, q, kc, vc, seqlens, 0.1, 1)
+            _check(q, kc, vc, seqlens, out, lse, 0.1)
+            log = _launch_log(emu)
+            if H == 8 and D in (64, 128):
+                smem = 4 * 3 * 2 * 16 * D * 2 + 32 * D * 2
+                assert log == [(f"decode_mma_kernel<half,{D},1>", "1x2x2", "128", str(smem))], (D, log)
+            else:
+                smem = 2 * 2 * block_n * D * 2 + rows * D * 4 + warps * 8 * 32 * 4 + (2 * rows * 4 + 15) // 16 * 16
+                assert log == [(f"decode_kernel<half,{D}>", "1x2x2", str(32 * warps), str(smem))], (D, log)
+            assert smem <= 163 * 1024  # an A100's opt-in
 
 
 def test_launcher_split_choice_and_refusals(emu):
@@ -551,18 +576,23 @@ def test_emulated_bad_page_indices_stay_in_the_pool(emu):
     assert (vbig[:2] == -3.0).all() and (vbig[-2:] == -3.0).all()
 
 
-@pytest.mark.parametrize("which,shrink,expected", [
+@pytest.mark.parametrize("which,shrink,expected,H", [
     # the last key row's last 16-byte chunk (cp.async source, bounds-checked byte-exactly)
     (1, 2, "memcheck: decode_kernel<half,64>: out-of-bounds read (cp.async source, 16 bytes) at byte offset 16368 "
-           "of buffer k_cache (16382 bytes)"),
+           "of buffer k_cache (16382 bytes)", 2),
     # a raw store of the output past its shortened end (guard page, SIGSEGV reported)
-    (4, 64, "memcheck: decode_kernel<half,64>: out-of-bounds write at byte offset 960 of buffer out (960 bytes)"),
+    (4, 64, "memcheck: decode_kernel<half,64>: out-of-bounds write at byte offset 448 of buffer out (448 bytes)", 2),
+    # the same two in the tensor-core kernel (G = 4)
+    (1, 2, "memcheck: decode_mma_kernel<half,64,1>: out-of-bounds read (cp.async source, 16 bytes) at byte offset "
+           "16368 of buffer k_cache (16382 bytes)", 4),
+    (4, 64, "memcheck: decode_mma_kernel<half,64,1>: out-of-bounds write at byte offset 1000 of buffer out (960 bytes)",
+     4),
 ])
-def test_memcheck_reports_out_of_bounds_in_the_real_kernel(emu, capfd, monkeypatch, which, shrink, expected):
+def test_memcheck_reports_out_of_bounds_in_the_real_kernel(emu, capfd, monkeypatch, which, shrink, expected, H):
     """The sanitizer wiring: told that a buffer is shorter than the kernel's extent, the emulator
     must report the first access past it (kernel, buffer, offset) and return 1."""
     monkeypatch.setenv("FASTATTN_EMU_GUARD", "end")
-    q = torch.randn(2, 4, 64).to(torch.float16)
+    q = torch.randn(2, H, 64).to(torch.float16)
     kc = torch.randn(2, 64, 1, 64).to(torch.float16)
     vc = torch.randn(2, 64, 1, 64).to(torch.float16)
     seqlens = torch.tensor([64, 64], dtype=torch.int32)
@@ -598,11 +628,12 @@ def test_racecheck_catches_a_removed_merge_barrier(tmp_path):
     assert text.count(MERGE_BARRIER) == 1, "decode_kernels.cuh changed: update MERGE_BARRIER"
     (mutant / "decode_kernels.cuh").write_text(text.replace(MERGE_BARRIER, MERGE_BARRIER.replace("  __syncthreads();\n", "")))
     emu = _build(cxx, tmp_path, str(mutant))
-    q, kc, vc, seqlens = _small_decode(H=8, Hk=2)  # G = 4: one head slice, four warps share it
-    out, lse = torch.empty(2, 1, 8, 64, dtype=q.dtype), torch.empty(2, 8)  # alive over the calls
+    # G = 2: one head slice, four warps share it (G = 4..32 would run decode_mma_kernel)
+    q, kc, vc, seqlens = _small_decode(H=4, Hk=2)
+    out, lse = torch.empty(2, 1, 4, 64, dtype=q.dtype), torch.empty(2, 4)  # alive over the calls
     ptrs, sizes = _ptrs_sizes(q.unsqueeze(1), kc, vc, seqlens, out, lse, None, None, None)
-    ints = _ints(8 * 64, 8 * 64, 64, *kc.stride()[:3], *vc.stride()[:3], 8 * 64, 8 * 64, 64,
-                 2, 1, 200, 8, 2, 64, 1, 0, 0, -1, -1, 0, 0, 0)
+    ints = _ints(4 * 64, 4 * 64, 64, *kc.stride()[:3], *vc.stride()[:3], 4 * 64, 4 * 64, 64,
+                 2, 1, 200, 4, 2, 64, 1, 0, 0, -1, -1, 0, 0, 0)
     for mode in range(4):  # both cp.async landing orders, both fiber schedules
         rc = emu.decode_emulate(ptrs, sizes, ints, 0.125, mode, 0.0)
         err = emu.decode_last_error().decode()
@@ -683,3 +714,159 @@ def test_emulated_decode_softcap_matches_reference(emu, case):
         ref1 = reference.decode_attention(q[:, 0].double(), kc0.double(), vc0.double(), key_lens,
                                           softmax_scale=scale, block_table=table, softcap=softcap)
         torch.testing.assert_close(ref1, true_out[:, 0])
+
+
+# ---- tensor-core decode (decode_mma.cuh): seqlen_q = 1, group 4..32, uncapped, D 64 / 128 -----
+# (dtype, D, H, Hk, lengths, cap, page (0: contiguous; -1: strided contiguous view), num_splits
+#  (0: the launcher's choice), window_left, mode)
+MMA_CASES = [
+    (torch.bfloat16, 128, 32, 8, [300, 1, 0, 257], 300, 0, 1, -1, 0),    # G = 4, ragged, empty row, tails
+    (torch.float16, 128, 16, 2, [97, 1025], 1040, 16, 3, -1, 1),          # G = 8, paged 16, splits, late copies
+    (torch.bfloat16, 64, 32, 1, [513, 17], 520, -1, 1, -1, 2),            # MQA G = 32: two m-tiles, strided
+    (torch.float16, 64, 32, 1, [37, 0, 40], 40, 1, 2, -1, 3),             # G = 32, page 1, splits
+    (torch.bfloat16, 128, 40, 2, [65, 130], 130, 0, 4, -1, 1),            # G = 20: padded second m-tile
+    (torch.float16, 64, 8, 2, [300, 20], 300, 0, 2, 50, 0),               # G = 4, left window 50, splits
+    (torch.bfloat16, 128, 8, 1, [200, 33, 16], 208, 16, 1, -1, 3),        # MQA G = 8, paged, lengths on pages
+    (torch.float16, 128, 32, 1, [1025], 1025, 0, 0, -1, 2),               # G = 32 D 128, auto splits
+    (torch.bfloat16, 64, 12, 3, [17, 97, 1], 97, 7, 3, 9, 1),             # G = 4, odd pages, window, splits
+]
+
+
+@pytest.mark.parametrize("case", MMA_CASES,
+                         ids=lambda c: f"{str(c[0])[6:]}_D{c[1]}_H{c[2]}_Hk{c[3]}_p{c[6]}_s{c[7]}_w{c[8]}_m{c[9]}")
+def test_emulated_decode_mma_matches_reference(emu, case):
+    """decode_attention_cuda routes one-token uncapped decode with a group of 4..32 heads at
+    D 64 / 128 to decode_mma_kernel (one m16 tile of heads for G <= 16, two for G <= 32), and
+    its output and lse match the reference by the error-ratio rule: contiguous (also a strided
+    view), paged (page sizes 1, 7, 16), split (same partials + combine) and not, left windows,
+    ragged lengths with an empty sequence, odd lengths; NaN rows outside the window / past the
+    length must never reach the output."""
+    dtype, D, H, Hk, lengths, cap, page, num_splits, wl, mode = case
+    B = len(lengths)
+    dead = [max(n - 1 - wl, 0) if wl >= 0 else 0 for n in lengths]
+    if page > 0:
+        cap = -(-cap // page) * page
+    kc, vc = _make_cache(B, cap, Hk, D, dtype, lengths, dead)
+    table = None
+    if page > 0:
+        kc, table = _to_pool(kc, page, extra=3)
+        vc, _ = _to_pool(vc, page, extra=3, table=table, padded=True)
+    elif page < 0:  # a view into a bigger cache: every stride but the last differs
+        base = torch.full((2, B, cap + 2, Hk + 1, D + 8), float("nan"), dtype=dtype)
+        base[0, :, 1:cap + 1, :Hk, :D] = kc
+        base[1, :, 1:cap + 1, :Hk, :D] = vc
+        kc, vc = base[0, :, 1:cap + 1, :Hk, :D], base[1, :, 1:cap + 1, :Hk, :D]
+    q = torch.randn(B, H, D).to(dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    scale = 1.0 / math.sqrt(D)
+    out, lse = _emulated_decode(emu, q, kc, vc, seqlens, scale, num_splits, mode, block_table=table, window=(wl, -1))
+    log = _launch_log(emu)
+    splits = num_splits or _num_splits(emu, B, 1, H, Hk, cap if table is None else table.shape[1] * page, D)
+    tname = "half" if dtype == torch.float16 else "bf16"
+    mtiles = 1 if H // Hk <= 16 else 2
+    grid = "x".join(str(v) for v in (splits, Hk, B)) if (Hk, B) != (1, 1) else str(splits)
+    assert log[0][:3] == (f"decode_mma_kernel<{tname},{D},{mtiles}>", grid, "128"), log
+    assert len(log) == (2 if splits > 1 else 1)
+    dead_rows = _check_kvcache(q.unsqueeze(1), kc, vc, seqlens, out.unsqueeze(1), lse.unsqueeze(2), scale, (wl, -1),
+                               table)
+    assert dead_rows.sum() == H * lengths.count(0)
+
+
+def test_emulated_decode_mma_split_invariance(emu):
+    """1, 3 and 7 splits of the tensor-core path agree up to fp32 rounding (the key cuts move,
+    the exact combine merges them)."""
+    q, kc, vc, seqlens = _small_decode(dtype=torch.bfloat16, D=128, B=2, H=16, Hk=2, S=700, lengths=(700, 129))
+    o1, l1 = _emulated_decode(emu, q, kc, vc, seqlens, 0.09, 1, 0)
+    assert _launch_log(emu)[0][0] == "decode_mma_kernel<bf16,128,1>"
+    for splits, mode in ((3, 1), (7, 2)):
+        o, lse = _emulated_decode(emu, q, kc, vc, seqlens, 0.09, splits, mode)
+        torch.testing.assert_close(o.float(), o1.float(), atol=1e-2, rtol=0)
+        torch.testing.assert_close(lse, l1, atol=1e-5, rtol=0)
+
+
+def test_emulated_decode_mma_routing(emu):
+    """What stays on decode_kernel: groups below 4 or above 32, soft-capping, several query
+    tokens, head dims 96 / 256; the same shapes at G = 4 / 32, D 64 / 128 take decode_mma_kernel."""
+    def first_kernel(H, Hk, D, softcap=0.0, Sq=1):
+        q = torch.randn(1, Sq, H, D).to(torch.float16)
+        kc = torch.randn(1, 40, Hk, D).to(torch.float16)
+        vc = torch.randn(1, 40, Hk, D).to(torch.float16)
+        _emulated_decode(emu, q, kc, vc, torch.tensor([40], dtype=torch.int32), 0.1, 1, softcap=softcap)
+        return _launch_log(emu)[0][0]
+
+    assert first_kernel(4, 1, 64) == "decode_mma_kernel<half,64,1>"
+    assert first_kernel(32, 1, 128) == "decode_mma_kernel<half,128,2>"
+    assert first_kernel(17, 1, 64) == "decode_mma_kernel<half,64,2>"
+    assert first_kernel(3, 1, 64) == "decode_kernel<half,64>"
+    assert first_kernel(33, 1, 64) == "decode_kernel<half,64>"
+    assert first_kernel(8, 2, 64, softcap=5.0) == "decode_kernel<half,64,softcap>"
+    assert first_kernel(8, 2, 64, Sq=2) == "decode_kernel<half,64>"
+    assert first_kernel(8, 2, 96) == "decode_kernel<half,96>"
+    assert first_kernel(8, 2, 256) == "decode_kernel<half,256>"
+
+
+# The barrier between decode_mma_kernel's merge stores (each warp's O rows, max, sum) and the
+# reads of all warps' partials.
+MMA_MERGE_BARRIER = """        sts<float>(sL + warp * 32 + row, l);
+      }
+    }
+  }
+  __syncthreads();
+"""
+
+
+def test_racecheck_catches_a_removed_mma_merge_barrier(tmp_path):
+    """The tensor-core kernel's merge under racecheck: without its __syncthreads, the reads of
+    other warps' partials are a read-after-write hazard, reported under the kernel's name."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found")
+    src = os.path.join(ROOT, "csrc", "cuda")
+    mutant = tmp_path / "cuda"
+    mutant.mkdir()
+    for f in os.listdir(src):
+        shutil.copy(os.path.join(src, f), mutant / f)
+    text = (mutant / "decode_mma.cuh").read_text()
+    assert text.count(MMA_MERGE_BARRIER) == 1, "decode_mma.cuh changed: update MMA_MERGE_BARRIER"
+    (mutant / "decode_mma.cuh").write_text(
+        text.replace(MMA_MERGE_BARRIER, MMA_MERGE_BARRIER.replace("  __syncthreads();\n", "")))
+    emu = _build(cxx, tmp_path, str(mutant))
+    q, kc, vc, seqlens = _small_decode(H=8, Hk=2)  # G = 4
+    out, lse = torch.empty(2, 1, 8, 64, dtype=q.dtype), torch.empty(2, 8)
+    ptrs, sizes = _ptrs_sizes(q.unsqueeze(1), kc, vc, seqlens, out, lse, None, None, None)
+    ints = _ints(8 * 64, 8 * 64, 64, *kc.stride()[:3], *vc.stride()[:3], 8 * 64, 8 * 64, 64,
+                 2, 1, 200, 8, 2, 64, 1, 0, 0, -1, -1, 0, 0, 0)
+    for mode in range(4):
+        rc = emu.decode_emulate(ptrs, sizes, ints, 0.125, mode, 0.0)
+        err = emu.decode_last_error().decode()
+        assert rc == 1 and err.startswith("racecheck: decode_mma_kernel<half,64,1>: "), (mode, err)
+        assert "hazard" in err and "with no __syncthreads between them" in err, err
+
+
+def test_decode_mma_bank_conflicts(emu, tmp_path):
+    """decode_mma_kernel's shared-memory accesses are conflict free: the swizzled cp.async slab
+    fills and every ldmatrix phase (8 rows at one logical chunk), the padded merge stores and the
+    merge reads, at both head dims and both m-tile counts. The count starts afresh here: the
+    emulator pairs the k-th tracked access of each lane of a warp, so the merge stores of a
+    group that only partly fills an m-tile (G = 20: lanes of rows >= G store nothing) would be
+    paired across different instructions."""
+    emu.emu_bank_report(None, 0, 1)
+    for D in (64, 128):
+        for H in (8, 64):  # G = 4 and 32
+            q = torch.randn(2, H, D).to(torch.bfloat16)
+            kc = torch.randn(2, 150, 2, D).to(torch.bfloat16)
+            vc = torch.randn(2, 150, 2, D).to(torch.bfloat16)
+            _emulated_decode(emu, q, kc, vc, torch.tensor([150, 70], dtype=torch.int32), 0.1, 2)
+    rows = [r for r in _bank_table(emu, tmp_path, "decode_mma") if r["kernel"].startswith("decode_mma_kernel<")]
+    assert {r["kernel"] for r in rows} >= {f"decode_mma_kernel<bf16,{D},{m}>" for D in (64, 128) for m in (1, 2)}
+    for r in rows:
+        assert r["conflict_ratio"] == 1.0, r
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] in (64, 128) and 4 <= c[2] // c[3] <= 32],
+                         ids=lambda c: f"{str(c[0])[6:]}_D{c[1]}_H{c[2]}_Hk{c[3]}_s{c[6]}_m{c[8]}")
+def test_emulated_decode_cases_on_mma(emu, case):
+    """The decode_kernel cases whose shapes the launcher now sends to decode_mma_kernel (group
+    4..32, D 64 / 128), as the launcher runs them: on the tensor-core kernel, same checks."""
+    _run_decode_case(emu, case)
+    assert _launch_log(emu)[0][0].startswith("decode_mma_kernel<")

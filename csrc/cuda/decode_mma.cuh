@@ -1,0 +1,411 @@
+// decode_mma.cuh — tensor-core (mma.sync.m16n8k16) decode for grouped-KV heads with a large
+// group: seqlen_q == 1, group G = h / h_k in [4, 32], no soft-capping, head dims 64 and 128,
+// fp16 / bf16, contiguous or paged caches, split-KV with the same partial / lse outputs as
+// decode_kernel (decode_kernels.cuh), merged by the same decode_combine_kernel. Everything
+// else stays on decode_kernel (decode_launch.cuh chooses).
+//
+// What it computes: for one (batch b, kv head, split) block, the G query heads sharing the kv
+// head form a tiny GEMM pair, S[G x N] = Q[G x D] K^T and O += P[G x N] V, with the online
+// softmax in between (log2 domain, as decode_kernel). G is padded to kMTiles m16 tiles (one
+// for G <= 16, two for G <= 32; padding rows are zero queries whose results are never
+// stored), so the math runs on mma.m16n8k16 with fp32 accumulation:
+//   * Q K^T: A = Q (16-bit, unscaled, in shared memory, ldmatrix non-trans), B = K via a
+//     non-transposed ldmatrix of [key][dim] rows (flash_fwd_kernel.cuh's K lane roles: one
+//     x4 gives both n8 key tiles of a k16 dim slice as adjacent register pairs).
+//   * P V: the S accumulators of the two n8 key tiles ARE the A fragment of one k16 key
+//     slice after packing to 16 bit in registers (no shared-memory round trip), and V comes
+//     through ldmatrix.trans of [key][dim] rows, exactly as in the flash forward kernel.
+//   The fragment layouts are the ones written out in flash_fwd_kernel.cuh's header.
+//
+// Why it is fast. decode_kernel does G * D fp32 FMAs per key for each of Q K^T and P V on
+// CUDA cores; at G = 4 on H200 it reached 22% of copy bandwidth, at G = 32 8% (FMA and
+// shared-memory-read bound). Here one warp-wide HMMA does 16 x 8 x 16 MACs, so per 16-key
+// step a warp issues D / 8 HMMA for Q K^T and D / 8 for P V per m-tile (d128: 32 HMMA and
+// 16 LDSM) instead of 16 * G * D / 32 FMAs a lane: the math stops being the bound even with
+// the 4x padding waste at G = 4, and the kernel is left to stream K/V at full width.
+//   * Work split: 4 warps per block, each warp an independent flash-decoding stream over
+//     16-key steps (warp w takes steps w, w + 4, w + 8, ... of the block's key range) with
+//     its OWN 3-stage cp.async ring of 16-row K and V slabs: a warp loads exactly the rows it
+//     consumes, so the main loop has no __syncthreads at all (wait_group + __syncwarp), and
+//     two stages per warp (16 KiB at d128) are always in flight: 8 warps per SM (two blocks
+//     fit: 104 KiB of shared memory at d128, 52 KiB at d64) keep ~128 KiB of loads in flight,
+//     several times the bandwidth-latency product of an SM. The warps' (max, sum, O) are
+//     merged through shared memory at the end, like decode_kernel's warp merge.
+//   * Shared-memory rows are XOR-swizzled exactly as decode_kernel's (swz: chunk c of row r at
+//     c ^ (r & 7)), so every ldmatrix phase (8 rows at one logical chunk) and every 8-chunk
+//     cp.async run is conflict free.
+//   * Paged caches: a row's address costs a page-table read and a 64-bit division, so each
+//     lane of a warp looks up one of its slab's 16 rows and the copying lanes fetch it by
+//     shuffle (as decode_kernel).
+//   * Windows: with seqlen_q = 1 only the left side cuts (kbeg, the same rule as
+//     decode_kernel): the key range is [kbeg, len), split by the same decode::split_range.
+// Registers: O is kMTiles x D / 8 x 4 fp32 per lane (128 at d128 with two m-tiles), under
+// __launch_bounds__(128, 2)'s 255.
+#pragma once
+
+#include <cstdint>
+
+#include "decode_kernels.cuh"
+
+namespace fastattn {
+namespace decode_kernels {
+
+constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = kMmaWarps * 32;
+constexpr int kMmaWarpN = 16;  // keys per warp step (one k16 slice of P V)
+constexpr int kMmaStages = 3;  // per-warp K/V slab ring
+
+// Is (p) a call the tensor-core kernel takes? (The launcher also needs !softcap, kD in {64, 128}.)
+#if defined(FASTATTN_DECODE_EMULATE)
+bool emu_decode_mma_enabled();  // tests/decode_emulate.cpp: off runs decode_kernel on these shapes too
+#endif
+inline bool decode_mma_applies(const DecodeParams& p) {
+#if defined(FASTATTN_DECODE_EMULATE)
+  if (!emu_decode_mma_enabled()) return false;
+#endif
+  if (p.seqlen_q != 1 || p.h_k < 1 || p.softcap > 0.f) return false;
+  const int64_t group = p.h / p.h_k;
+  return group >= 4 && group <= 32 && (p.d == 64 || p.d == 128);
+}
+
+template <int kD>
+struct DecodeMmaSmem {
+  static constexpr int kSlabElems = kMmaWarpN * kD;  // one warp's K (or V) slab
+  static constexpr size_t kKV = size_t(kMmaWarps) * kMmaStages * 2 * kSlabElems * 2;
+  static constexpr size_t kQ = size_t(32) * kD * 2;  // up to two m16 tiles of 16-bit Q rows
+  static constexpr size_t kBytes = kKV + kQ;
+  // End-of-block merge, in the K/V area: per warp 32 rows x (kD + 8) fp32 (padded so the
+  // float2 stores of a quad's 8 rows fall in distinct banks), then per warp 32 maxima and sums.
+  static constexpr int kAccStride = kD + 8;
+  static_assert(size_t(kMmaWarps) * 32 * (kAccStride + 2) * 4 <= kKV, "merge area must fit");
+};
+
+#ifndef FASTATTN_DECODE_EMULATE
+__device__ __forceinline__ void dmma_ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void dmma_ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+template <typename T>
+struct DmmaOps;
+template <>
+struct DmmaOps<__half> {
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <>
+struct DmmaOps<__nv_bfloat16> {
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+#endif  // FASTATTN_DECODE_EMULATE
+
+// grid (num_splits, h_k, b), kMmaThreads threads, DecodeMmaSmem<kD>::kBytes bytes. Rows of
+// the block: the group's heads kvh * G + r, r < G <= 16 * kMTiles.
+template <typename T, int kD, int kMTiles>
+__global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const DecodeParams p) {
+  using Ops = DmmaOps<T>;
+  constexpr int kChunks = kD / 8;
+  constexpr int kNTilesO = kD / 8;
+  constexpr int kSlab = DecodeMmaSmem<kD>::kSlabElems;
+  static_assert(kD % 64 == 0, "swz: chunk c ^ (r & 7)");
+  FASTATTN_DECODE_SMEM(smem);
+  T* sKV = reinterpret_cast<T*>(smem);  // [warp][stage][K, V][16 rows][kD]
+  T* sQ = reinterpret_cast<T*>(smem + DecodeMmaSmem<kD>::kKV);
+
+  const int split = blockIdx.x;
+  const int kvh = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int group = static_cast<int>(p.h / p.h_k);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+  // Key range: [kbeg, len) cut by split_range, as decode_kernel (seqlen_q = 1: pos = len - 1).
+  const int64_t len = min(max(static_cast<int64_t>(p.cache_seqlens[b]) + p.seqlens_k_add, int64_t(0)), p.seqlen_k_max);
+  const int64_t pos0 = len - 1;
+  const int64_t kbeg = p.window_left >= 0 && p.window_left < pos0 ? pos0 - p.window_left : int64_t(0);
+  int64_t begin, end;
+  decode::split_range(len - kbeg, p.num_splits, split, kMmaWarps * kMmaWarpN, &begin, &end);
+  begin += kbeg;
+  end += kbeg;
+  const int n_steps = static_cast<int>((end - begin + kMmaWarpN - 1) / kMmaWarpN);
+  const int n_mine = n_steps > warp ? (n_steps - warp + kMmaWarps - 1) / kMmaWarps : 0;
+
+  const KvLayout k_layout{p.k_batch_stride, p.k_row_stride, p.block_table, p.block_table_batch_stride,
+                          p.page_size, p.num_pages};
+  const KvLayout v_layout{p.v_batch_stride, p.v_row_stride, p.block_table, p.block_table_batch_stride,
+                          p.page_size, p.num_pages};
+  const T* k_base = static_cast<const T*>(p.k_cache) + kvh * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v_cache) + kvh * p.v_head_stride;
+  T* my_kv = sKV + warp * kMmaStages * 2 * kSlab;
+
+  // Slab load of the warp's i-th step (keys begin + (i * kMmaWarps + warp) * 16 + [0, 16)):
+  // kLanesPerRow lanes share a row (8 at d64, 16 at d128), each copying kChunks /
+  // kLanesPerRow chunks; rows past `end` are zero-filled (their scores are masked to -inf,
+  // and zero V rows times p = 0 add nothing).
+  constexpr int kLanesPerRow = kChunks < 32 ? kChunks : 32;
+  constexpr int kChunkReps = kChunks / kLanesPerRow;
+  constexpr int kWarpRows = 32 / kLanesPerRow;  // rows per warp iteration
+  constexpr int kIters = kMmaWarpN / kWarpRows;
+  static_assert(kLanesPerRow * kChunkReps == kChunks && kIters * kWarpRows == kMmaWarpN, "slab copy split");
+  auto load_slab = [&](int i, int stage) {
+    const int64_t key0 = begin + (int64_t(i) * kMmaWarps + warp) * kMmaWarpN;
+    T* dk = my_kv + stage * 2 * kSlab;
+    T* dv = dk + kSlab;
+    const int c0 = lane % kLanesPerRow;
+    // Paged: lane L < 16 looks up row L of the slab once; the copying lanes fetch it by shuffle.
+    int64_t koff = 0, voff = 0;
+    if (p.block_table != nullptr) {
+      const bool lok = lane < kMmaWarpN && key0 + lane < end;  // only then is the table read
+      koff = lok ? k_layout.row_offset(b, key0 + lane) : 0;
+      voff = lok ? v_layout.row_offset(b, key0 + lane) : 0;
+    }
+#pragma unroll
+    for (int k = 0; k < kIters; ++k) {
+      const int r = k * kWarpRows + lane / kLanesPerRow;
+      const bool ok = key0 + r < end;
+      int64_t ko, vo;
+      if (p.block_table != nullptr) {  // warp-uniform
+        ko = __shfl_sync(0xffffffffu, static_cast<long long>(koff), r);
+        vo = __shfl_sync(0xffffffffu, static_cast<long long>(voff), r);
+      } else {
+        ko = ok ? k_layout.row_offset(b, key0 + r) : 0;
+        vo = ok ? v_layout.row_offset(b, key0 + r) : 0;
+      }
+#pragma unroll
+      for (int m = 0; m < kChunkReps; ++m) {
+        const int c = c0 + m * kLanesPerRow;
+        cp_async16(smem_u32(dk + swz<kD>(r, c * 8)), ok ? k_base + ko + c * 8 : k_base, ok);
+        cp_async16(smem_u32(dv + swz<kD>(r, c * 8)), ok ? v_base + vo + c * 8 : v_base, ok);
+      }
+    }
+  };
+
+  // Prologue: the first kMmaStages - 1 slabs of this warp in flight, one group each.
+#pragma unroll
+  for (int s = 0; s < kMmaStages - 1; ++s) {
+    if (s < n_mine) load_slab(s, s);
+    cp_async_commit();
+  }
+
+  // Q rows of the block, 16-bit, unscaled, swizzled; padding rows (>= G) are zero.
+  {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + int64_t(kvh) * group * p.q_head_stride;
+    for (int i = tid; i < 16 * kMTiles * kChunks; i += kMmaThreads) {
+      const int r = i / kChunks, c = i % kChunks;
+      uint32_t w[4] = {0u, 0u, 0u, 0u};
+      if (r < group) {
+        const T* src = q + r * p.q_head_stride + c * 8;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          T lo = src[2 * e], hi = src[2 * e + 1];
+          uint16_t l16, h16;
+          memcpy(&l16, &lo, 2);
+          memcpy(&h16, &hi, 2);
+          w[e] = uint32_t(l16) | (uint32_t(h16) << 16);
+        }
+      }
+      sts<uint4>(sQ + swz<kD>(r, c * 8), uint4{w[0], w[1], w[2], w[3]});
+    }
+  }
+  __syncthreads();  // sQ visible to every warp
+
+  const float qscale = p.softmax_scale * kLog2e;
+  const int g = lane >> 2, t = lane & 3;
+  // ldmatrix lane roles (flash_fwd_kernel.cuh): Q and V: row lane & 15, chunk bit lane >> 4;
+  // K: row (lane & 7) + 8 (lane >> 4), chunk bit (lane >> 3) & 1.
+  const int rq = lane & 15, cq = lane >> 4;
+  const int rk = (lane & 7) + ((lane >> 4) << 3), ck = (lane >> 3) & 1;
+  const uint32_t sQa = smem_u32(sQ);
+
+  float o[kMTiles][kNTilesO][4];
+  float row_max[kMTiles][2], row_sum[kMTiles][2];
+#pragma unroll
+  for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+    for (int j = 0; j < kNTilesO; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mi][j][e] = 0.f;
+    }
+    row_max[mi][0] = row_max[mi][1] = -INFINITY;
+    row_sum[mi][0] = row_sum[mi][1] = 0.f;
+  }
+
+  for (int i = 0; i < n_mine; ++i) {
+    cp_async_wait<kMmaStages - 2>();
+    __syncwarp();  // slab i visible to the whole warp; every lane is done with slab i - 1
+    if (i + kMmaStages - 1 < n_mine) load_slab(i + kMmaStages - 1, (i + kMmaStages - 1) % kMmaStages);
+    cp_async_commit();
+    const T* tK = my_kv + (i % kMmaStages) * 2 * kSlab;
+    const uint32_t sK = smem_u32(tK), sV = smem_u32(tK + kSlab);
+
+    // S = Q K^T over the 16 keys of the slab: two n8 key tiles per m-tile.
+    float s[kMTiles][2][4];
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[mi][0][e] = s[mi][1][e] = 0.f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      uint32_t kb[4];
+      dmma_ldsm_x4(kb, sK + 2 * swz<kD>(rk, (2 * ks + ck) * 8));
+#pragma unroll
+      for (int mi = 0; mi < kMTiles; ++mi) {
+        uint32_t qa[4];
+        dmma_ldsm_x4(qa, sQa + 2 * swz<kD>(mi * 16 + rq, (2 * ks + cq) * 8));
+        Ops::mma(s[mi][0], qa, kb[0], kb[1]);
+        Ops::mma(s[mi][1], qa, kb[2], kb[3]);
+      }
+    }
+
+    // Online softmax (log2 domain). Accumulator (j, 2 hf + e) is row g + 8 hf, key
+    // key0 + 8 j + 2 t + e; keys at or past `end` (zero-filled rows) score -inf.
+    const int64_t key0 = begin + (int64_t(i) * kMmaWarps + warp) * kMmaWarpN;
+    const int n_valid = static_cast<int>(min(end - key0, int64_t(kMmaWarpN)));  // >= 1
+    uint32_t pa[kMTiles][4];
+    float alpha[kMTiles][2];
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = row_max[mi][hf];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float x = s[mi][j][2 * hf + e] * qscale;
+            s[mi][j][2 * hf + e] = 8 * j + 2 * t + e < n_valid ? x : -INFINITY;
+            mx = fmaxf(mx, s[mi][j][2 * hf + e]);
+          }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        alpha[mi][hf] = exp2f(row_max[mi][hf] - m_use);  // 0 while the old max is -inf
+        row_max[mi][hf] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float p0 = exp2f(s[mi][j][2 * hf] - m_use);
+          const float p1 = exp2f(s[mi][j][2 * hf + 1] - m_use);
+          sum += p0 + p1;
+          pa[mi][2 * j + hf] = Ops::pack(p0, p1);
+        }
+        row_sum[mi][hf] = row_sum[mi][hf] * alpha[mi][hf] + sum;
+      }
+    }
+
+    // O = alpha O + P V: V via ldmatrix.trans, two n8 dim tiles per x4.
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+      for (int j = 0; j < kNTilesO; ++j) {
+        o[mi][j][0] *= alpha[mi][0];
+        o[mi][j][1] *= alpha[mi][0];
+        o[mi][j][2] *= alpha[mi][1];
+        o[mi][j][3] *= alpha[mi][1];
+      }
+    }
+#pragma unroll
+    for (int jp = 0; jp < kNTilesO / 2; ++jp) {
+      uint32_t vb[4];
+      dmma_ldsm_x4_trans(vb, sV + 2 * swz<kD>(rq, (2 * jp + cq) * 8));
+#pragma unroll
+      for (int mi = 0; mi < kMTiles; ++mi) {
+        Ops::mma(o[mi][2 * jp], pa[mi], vb[0], vb[1]);
+        Ops::mma(o[mi][2 * jp + 1], pa[mi], vb[2], vb[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with its slabs (and their copies have landed): reuse as merge area
+
+  // Merge the 4 warps: each stores its unnormalised O rows, and (quad lane 0) the row max and
+  // the quad-reduced row sum; then every thread finishes elements of the output.
+  constexpr int kAS = DecodeMmaSmem<kD>::kAccStride;
+  float* sAcc = reinterpret_cast<float*>(smem);       // [warp][32][kAS]
+  float* sM = sAcc + kMmaWarps * 32 * kAS;             // [warp][32]
+  float* sL = sM + kMmaWarps * 32;                     // [warp][32]
+  // (O rows first, then the maxima and sums: the quad-lane-0 stores come last.)
+#pragma unroll
+  for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = mi * 16 + g + 8 * hf;
+      if (row < group) {
+        float* dst = sAcc + (warp * 32 + row) * kAS + 2 * t;
+#pragma unroll
+        for (int j = 0; j < kNTilesO; ++j) sts<float2>(dst + 8 * j, make_float2(o[mi][j][2 * hf], o[mi][j][2 * hf + 1]));
+      }
+    }
+  }
+#pragma unroll
+  for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float l = row_sum[mi][hf];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int row = mi * 16 + g + 8 * hf;
+      if (row < group && t == 0) {
+        sts<float>(sM + warp * 32 + row, row_max[mi][hf]);
+        sts<float>(sL + warp * 32 + row, l);
+      }
+    }
+  }
+  __syncthreads();
+
+  for (int idx = tid; idx < group * kD; idx += kMmaThreads) {
+    const int row = idx / kD, dd = idx % kD;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) mx = fmaxf(mx, lds<float>(sM + w * 32 + row));
+    float lsum = 0.f, acc = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kMmaWarps; ++w) {
+        const float mw = lds<float>(sM + w * 32 + row);
+        if (mw == -INFINITY) continue;
+        const float wgt = exp2f(mw - mx);
+        lsum += wgt * lds<float>(sL + w * 32 + row);
+        acc += wgt * lds<float>(sAcc + (w * 32 + row) * kAS + dd);
+      }
+    }
+    const bool any = lsum > 0.f;
+    const float out = any ? acc / lsum : 0.f;
+    const float lse = any ? (mx + __log2f(lsum)) * kLn2 : -INFINITY;
+    const int64_t head = int64_t(kvh) * group + row;
+    if (p.num_splits == 1) {
+      static_cast<T*>(p.out)[b * p.out_batch_stride + head * p.out_head_stride + dd] = from_float<T>(out);
+      if (dd == 0) p.lse[b * p.h + head] = lse;
+    } else {
+      const int64_t pr = (int64_t(split) * p.b + b) * p.h + head;
+      p.out_partial[pr * kD + dd] = out;
+      if (dd == 0) p.lse_partial[pr] = lse;
+    }
+  }
+}
+
+}  // namespace decode_kernels
+}  // namespace fastattn
