@@ -273,15 +273,20 @@ __global__ void __launch_bounds__(threads_for(kD), 1) decode_kernel(const Decode
     T* dv = sV + stage * DecodeSmem<kD>::kTileElems;
     const int c0 = tid % kLanesPerRow;
     if (p.block_table == nullptr) {
-#pragma unroll
+      // The contiguous layouts spelled with a null table, so that row_offset is the plain
+      // b * batch_stride + t * row_stride here (the compiler does not carry the branch's
+      // block_table == nullptr into k_layout and kept the paged path, divisions included).
+      const KvLayout k_rows{p.k_batch_stride, p.k_row_stride, nullptr, 0, 1, 1};
+      const KvLayout v_rows{p.v_batch_stride, p.v_row_stride, nullptr, 0, 1, 1};
+#pragma unroll 1
       for (int k = 0; k < kIters; ++k) {
         const int r = tid / kLanesPerRow + k * kRowsPerIter;
         const bool ok = key0 + r < end;
 #pragma unroll
         for (int m = 0; m < kChunkReps; ++m) {
           const int c = c0 + m * kLanesPerRow;
-          const T* sk = ok ? k_base + k_layout.row_offset(b, key0 + r) + c * 8 : k_base;
-          const T* sv = ok ? v_base + v_layout.row_offset(b, key0 + r) + c * 8 : v_base;
+          const T* sk = ok ? k_base + k_rows.row_offset(b, key0 + r) + c * 8 : k_base;
+          const T* sv = ok ? v_base + v_rows.row_offset(b, key0 + r) + c * 8 : v_base;
           cp_async16(smem_u32(dk + swz<kD>(r, c * 8)), sk, ok);
           cp_async16(smem_u32(dv + swz<kD>(r, c * 8)), sv, ok);
         }
@@ -292,7 +297,7 @@ __global__ void __launch_bounds__(threads_for(kD), 1) decode_kernel(const Decode
       const bool lok = lane / kWarpRows < kIters && lkey < end;  // only then is the table read
       const int64_t koff = lok ? k_layout.row_offset(b, lkey) : 0;
       const int64_t voff = lok ? v_layout.row_offset(b, lkey) : 0;
-#pragma unroll
+#pragma unroll 1
       for (int k = 0; k < kIters; ++k) {
         const int r = tid / kLanesPerRow + k * kRowsPerIter;
         const int src = k * kWarpRows + lane / kLanesPerRow;  // the lane that looked row r up
@@ -337,6 +342,12 @@ __global__ void __launch_bounds__(threads_for(kD), 1) decode_kernel(const Decode
   }
   float* myP = sP + warp * kHeadsPerWarp * 32;
 
+  // Code size: the tile loop is streamed by every warp once per tile, so it is kept small
+  // enough for the SM's instruction caches. Only loops over register arrays are unrolled
+  // (the kHeadsPerWarp heads, a chunk's 8 dims, a lane's P V dims, the 4 keys of a p4 load);
+  // the loops over the chunks of a K row, the 32-key P V step and the tile-load iterations are
+  // rolled (#pragma unroll 1). Fully unrolled, the kChunks x kHeadsPerWarp QK^T nest, the PV
+  // loop and the two inlined tile loads made the loop 3700-7600 instructions (60-120 KB) long.
   for (int t = 0; t < n_tiles; ++t) {
     if (t + 1 < n_tiles) {
       load_tile(t + 1, (t + 1) % kStages);
@@ -358,7 +369,7 @@ __global__ void __launch_bounds__(threads_for(kD), 1) decode_kernel(const Decode
       float s[kHeadsPerWarp];
 #pragma unroll
       for (int i = 0; i < kHeadsPerWarp; ++i) s[i] = 0.f;
-#pragma unroll
+#pragma unroll 1
       for (int c = 0; c < kChunks; ++c) {
         const uint4 kraw = lds<uint4>(tK + swz<kD>(row, c * 8));
         float kf[8];
@@ -419,7 +430,7 @@ __global__ void __launch_bounds__(threads_for(kD), 1) decode_kernel(const Decode
       // 24..31 own no dims: they repeat lanes 16..23's reads (the same words in the same
       // 8-byte phase: no extra wavefront, no divergence) and their sums are never stored.
       const int col = (lane < kPvLanes ? lane : lane - (32 - kPvLanes)) * kDimsPerLane;
-#pragma unroll 2
+#pragma unroll 1
       for (int j4 = 0; j4 < 32; j4 += 4) {
         float4 p4[kHeadsPerWarp];
 #pragma unroll
