@@ -178,6 +178,16 @@ inline long long __shfl_sync(unsigned /*mask*/, long long v, int src) {
   return out;
 }
 
+// __any_sync (decode_mma.cuh's rescale vote): true if any lane's predicate is.
+inline bool __any_sync(unsigned /*mask*/, bool pred) {
+  emu::my_slot()[0] = pred ? 1u : 0u;
+  emu::warp_barrier();
+  bool any = false;
+  for (int l = 0; l < 32; ++l) any |= emu::slot_of(l)[0] != 0;
+  emu::warp_barrier();
+  return any;
+}
+
 // decode_mma.cuh's tensor-core operations: ldmatrix.x4 (.trans) and mma.m16n8k16 from
 // tests/ptx_emulate.h (the stand-ins the flash emulators use); each lane's ldmatrix row is
 // checked (16 bytes, 16-byte aligned, inside shared memory) and tracked for the sanitizers.

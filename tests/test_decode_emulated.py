@@ -585,7 +585,8 @@ def test_emulated_bad_page_indices_stay_in_the_pool(emu):
     # the same two in the tensor-core kernel (G = 4)
     (1, 2, "memcheck: decode_mma_kernel<half,64,1>: out-of-bounds read (cp.async source, 16 bytes) at byte offset "
            "16368 of buffer k_cache (16382 bytes)", 4),
-    (4, 64, "memcheck: decode_mma_kernel<half,64,1>: out-of-bounds write at byte offset 1000 of buffer out (960 bytes)",
+    # (its first faulting store depends on the fiber schedule: any offset past the end)
+    (4, 64, ("memcheck: decode_mma_kernel<half,64,1>: out-of-bounds write at byte offset ", " of buffer out (960 bytes)"),
      4),
 ])
 def test_memcheck_reports_out_of_bounds_in_the_real_kernel(emu, capfd, monkeypatch, which, shrink, expected, H):
@@ -598,7 +599,9 @@ def test_memcheck_reports_out_of_bounds_in_the_real_kernel(emu, capfd, monkeypat
     seqlens = torch.tensor([64, 64], dtype=torch.int32)
     rc = _emulated_decode(emu, q, kc, vc, seqlens, 0.125, 1, shrink=(which, shrink))
     assert rc == 1
-    assert expected in capfd.readouterr().err
+    err = capfd.readouterr().err
+    for part in (expected if isinstance(expected, tuple) else (expected,)):
+        assert part in err, err
 
 
 # The barrier between the end-of-block merge's stores (each warp's partial output, max and sum)

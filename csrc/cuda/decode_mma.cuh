@@ -34,9 +34,12 @@
 //   * Shared-memory rows are XOR-swizzled exactly as decode_kernel's (swz: chunk c of row r at
 //     c ^ (r & 7)), so every ldmatrix phase (8 rows at one logical chunk) and every 8-chunk
 //     cp.async run is conflict free.
-//   * Paged caches: a row's address costs a page-table read and a 64-bit division, so each
-//     lane of a warp looks up one of its slab's 16 rows and the copying lanes fetch it by
-//     shuffle (as decode_kernel).
+//   * Slab copies: lane L copies row L & 15 of its warp's slab (chunks 2 m + (L >> 4)), so a
+//     row address, contiguous or paged (page-table read + 64-bit division, KvLayout), is
+//     computed once per lane and step for K and V, with no shuffles; the shared-memory
+//     offsets of the copies and of every ldmatrix are four per-lane registers plus immediates
+//     (the flash forward kernel's trick). Main loop, d128 one m-tile: 575 SASS instructions
+//     on sm_90a per 16-key step of a warp, 32 HMMA, 24 LDSM, 16 LDGSTS.
 //   * Windows: with seqlen_q = 1 only the left side cuts (kbeg, the same rule as
 //     decode_kernel): the key range is [kbeg, len), split by the same decode::split_range.
 // Registers: O is kMTiles x D / 8 x 4 fp32 per lane (128 at d128 with two m-tiles), under
@@ -157,47 +160,46 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
                           p.page_size, p.num_pages};
   const T* k_base = static_cast<const T*>(p.k_cache) + kvh * p.k_head_stride;
   const T* v_base = static_cast<const T*>(p.v_cache) + kvh * p.v_head_stride;
-  T* my_kv = sKV + warp * kMmaStages * 2 * kSlab;
+  const uint32_t my_kv = smem_u32(sKV + warp * kMmaStages * 2 * kSlab);
+  constexpr uint32_t kSlabBytes = kSlab * 2;
+  constexpr uint32_t kRowBytes = kD * 2;
+
+  // Per-lane shared-memory offsets (flash_fwd_kernel.cuh's trick). Lane roles: Q and V
+  // ldmatrix and the slab copies: row lane & 15, chunk 2 i + (lane >> 4); K ldmatrix: row
+  // (lane & 7) + 8 (lane >> 4), chunk 2 i + ((lane >> 3) & 1). Every such row is (a multiple
+  // of 8) + (lane & 7), so its swizzle key is lane & 7, and for i = 4 i_hi + i_lo
+  //   swz offset of chunk 2 i + h = i_hi * 128 + ((2 i_lo) ^ (h ^ (lane & 7))) * 16 bytes:
+  // four per-lane offsets plus immediates address every ldmatrix and cp.async of the loop.
+  uint32_t ld_off[4], ldk_off[4];
+  {
+    const int z = (lane >> 4) ^ (lane & 7);
+    const int zk = ((lane >> 3) & 1) ^ (lane & 7);
+    const int rk = (lane & 7) + ((lane >> 4) << 3);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      ld_off[i] = static_cast<uint32_t>((lane & 15) * kRowBytes + (((2 * i) ^ z) << 4));
+      ldk_off[i] = static_cast<uint32_t>(rk * kRowBytes + (((2 * i) ^ zk) << 4));
+    }
+  }
 
   // Slab load of the warp's i-th step (keys begin + (i * kMmaWarps + warp) * 16 + [0, 16)):
-  // kLanesPerRow lanes share a row (8 at d64, 16 at d128), each copying kChunks /
-  // kLanesPerRow chunks; rows past `end` are zero-filled (their scores are masked to -inf,
-  // and zero V rows times p = 0 add nothing).
-  constexpr int kLanesPerRow = kChunks < 32 ? kChunks : 32;
-  constexpr int kChunkReps = kChunks / kLanesPerRow;
-  constexpr int kWarpRows = 32 / kLanesPerRow;  // rows per warp iteration
-  constexpr int kIters = kMmaWarpN / kWarpRows;
-  static_assert(kLanesPerRow * kChunkReps == kChunks && kIters * kWarpRows == kMmaWarpN, "slab copy split");
+  // lane L copies row L & 15, chunks 2 m + (L >> 4), m < kD / 16. One row per lane, so a
+  // paged row address (page-table read, 64-bit division) is looked up once per lane and
+  // step, K and V alike. An 8-lane phase writes 8 rows at one logical chunk (8 distinct bank
+  // groups); each lane pair (L, L + 16) reads 32 contiguous bytes of a row (whole sectors).
+  // Rows past `end` are zero-filled (their scores are masked to -inf, and zero V rows
+  // times p = 0 add nothing); their source is the tensor base (nothing is read).
   auto load_slab = [&](int i, int stage) {
-    const int64_t key0 = begin + (int64_t(i) * kMmaWarps + warp) * kMmaWarpN;
-    T* dk = my_kv + stage * 2 * kSlab;
-    T* dv = dk + kSlab;
-    const int c0 = lane % kLanesPerRow;
-    // Paged: lane L < 16 looks up row L of the slab once; the copying lanes fetch it by shuffle.
-    int64_t koff = 0, voff = 0;
-    if (p.block_table != nullptr) {
-      const bool lok = lane < kMmaWarpN && key0 + lane < end;  // only then is the table read
-      koff = lok ? k_layout.row_offset(b, key0 + lane) : 0;
-      voff = lok ? v_layout.row_offset(b, key0 + lane) : 0;
-    }
+    const int64_t key = begin + (int64_t(i) * kMmaWarps + warp) * kMmaWarpN + (lane & 15);
+    const bool ok = key < end;
+    const T* sk = ok ? k_base + k_layout.row_offset(b, key) + (lane >> 4) * 8 : k_base;
+    const T* sv = ok ? v_base + v_layout.row_offset(b, key) + (lane >> 4) * 8 : v_base;
+    const uint32_t dk = my_kv + stage * 2 * kSlabBytes;
 #pragma unroll
-    for (int k = 0; k < kIters; ++k) {
-      const int r = k * kWarpRows + lane / kLanesPerRow;
-      const bool ok = key0 + r < end;
-      int64_t ko, vo;
-      if (p.block_table != nullptr) {  // warp-uniform
-        ko = __shfl_sync(0xffffffffu, static_cast<long long>(koff), r);
-        vo = __shfl_sync(0xffffffffu, static_cast<long long>(voff), r);
-      } else {
-        ko = ok ? k_layout.row_offset(b, key0 + r) : 0;
-        vo = ok ? v_layout.row_offset(b, key0 + r) : 0;
-      }
-#pragma unroll
-      for (int m = 0; m < kChunkReps; ++m) {
-        const int c = c0 + m * kLanesPerRow;
-        cp_async16(smem_u32(dk + swz<kD>(r, c * 8)), ok ? k_base + ko + c * 8 : k_base, ok);
-        cp_async16(smem_u32(dv + swz<kD>(r, c * 8)), ok ? v_base + vo + c * 8 : v_base, ok);
-      }
+    for (int m = 0; m < kD / 16; ++m) {
+      const uint32_t off = ld_off[m & 3] + (m >> 2) * 128;
+      cp_async16(dk + off, ok ? sk + m * 16 : k_base, ok);
+      cp_async16(dk + kSlabBytes + off, ok ? sv + m * 16 : v_base, ok);
     }
   };
 
@@ -232,10 +234,6 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
 
   const float qscale = p.softmax_scale * kLog2e;
   const int g = lane >> 2, t = lane & 3;
-  // ldmatrix lane roles (flash_fwd_kernel.cuh): Q and V: row lane & 15, chunk bit lane >> 4;
-  // K: row (lane & 7) + 8 (lane >> 4), chunk bit (lane >> 3) & 1.
-  const int rq = lane & 15, cq = lane >> 4;
-  const int rk = (lane & 7) + ((lane >> 4) << 3), ck = (lane >> 3) & 1;
   const uint32_t sQa = smem_u32(sQ);
 
   float o[kMTiles][kNTilesO][4];
@@ -256,8 +254,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
     __syncwarp();  // slab i visible to the whole warp; every lane is done with slab i - 1
     if (i + kMmaStages - 1 < n_mine) load_slab(i + kMmaStages - 1, (i + kMmaStages - 1) % kMmaStages);
     cp_async_commit();
-    const T* tK = my_kv + (i % kMmaStages) * 2 * kSlab;
-    const uint32_t sK = smem_u32(tK), sV = smem_u32(tK + kSlab);
+    const uint32_t sK = my_kv + (i % kMmaStages) * 2 * kSlabBytes, sV = sK + kSlabBytes;
 
     // S = Q K^T over the 16 keys of the slab: two n8 key tiles per m-tile.
     float s[kMTiles][2][4];
@@ -269,11 +266,13 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
       uint32_t kb[4];
-      dmma_ldsm_x4(kb, sK + 2 * swz<kD>(rk, (2 * ks + ck) * 8));
+      // == sK + 2 swz(rk, (2 ks + ck) * 8): keys of n8 tiles 0 and 1 -> b0, b1 of each
+      dmma_ldsm_x4(kb, sK + ldk_off[ks & 3] + (ks >> 2) * 128);
 #pragma unroll
       for (int mi = 0; mi < kMTiles; ++mi) {
         uint32_t qa[4];
-        dmma_ldsm_x4(qa, sQa + 2 * swz<kD>(mi * 16 + rq, (2 * ks + cq) * 8));
+        // == sQ + 2 swz(16 mi + (lane & 15), (2 ks + (lane >> 4)) * 8)
+        dmma_ldsm_x4(qa, sQa + ld_off[ks & 3] + (ks >> 2) * 128 + mi * 16 * kRowBytes);
         Ops::mma(s[mi][0], qa, kb[0], kb[1]);
         Ops::mma(s[mi][1], qa, kb[2], kb[3]);
       }
@@ -285,6 +284,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
     const int n_valid = static_cast<int>(min(end - key0, int64_t(kMmaWarpN)));  // >= 1
     uint32_t pa[kMTiles][4];
     float alpha[kMTiles][2];
+    bool grew = false;  // did any of this lane's row maxima change on this step
 #pragma unroll
     for (int mi = 0; mi < kMTiles; ++mi) {
 #pragma unroll
@@ -303,6 +303,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_use = mx == -INFINITY ? 0.f : mx;
         alpha[mi][hf] = exp2f(row_max[mi][hf] - m_use);  // 0 while the old max is -inf
+        grew |= mx != row_max[mi][hf];
         row_max[mi][hf] = mx;
         float sum = 0.f;
 #pragma unroll
@@ -316,21 +317,26 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
       }
     }
 
-    // O = alpha O + P V: V via ldmatrix.trans, two n8 dim tiles per x4.
+    // O = alpha O + P V: V via ldmatrix.trans, two n8 dim tiles per x4. The rescale only when
+    // some row max of the warp grew (a warp-uniform vote; exact: an unchanged finite max has
+    // alpha = 1, and a row whose max is still -inf has O = 0).
+    if (__any_sync(0xffffffffu, grew)) {
 #pragma unroll
-    for (int mi = 0; mi < kMTiles; ++mi) {
+      for (int mi = 0; mi < kMTiles; ++mi) {
 #pragma unroll
-      for (int j = 0; j < kNTilesO; ++j) {
-        o[mi][j][0] *= alpha[mi][0];
-        o[mi][j][1] *= alpha[mi][0];
-        o[mi][j][2] *= alpha[mi][1];
-        o[mi][j][3] *= alpha[mi][1];
+        for (int j = 0; j < kNTilesO; ++j) {
+          o[mi][j][0] *= alpha[mi][0];
+          o[mi][j][1] *= alpha[mi][0];
+          o[mi][j][2] *= alpha[mi][1];
+          o[mi][j][3] *= alpha[mi][1];
+        }
       }
     }
 #pragma unroll
     for (int jp = 0; jp < kNTilesO / 2; ++jp) {
       uint32_t vb[4];
-      dmma_ldsm_x4_trans(vb, sV + 2 * swz<kD>(rq, (2 * jp + cq) * 8));
+      // == sV + 2 swz(lane & 15, (2 jp + (lane >> 4)) * 8): b0, b1 of dim tiles 2 jp, 2 jp + 1
+      dmma_ldsm_x4_trans(vb, sV + ld_off[jp & 3] + (jp >> 2) * 128);
 #pragma unroll
       for (int mi = 0; mi < kMTiles; ++mi) {
         Ops::mma(o[mi][2 * jp], pa[mi], vb[0], vb[1]);
