@@ -107,14 +107,19 @@ def check(q2, k2, q, k, cos, sin, pos, interleaved, rot):
 
 
 # (B, S, H, Hk, D, R): GQA / MQA / MHA, partial rotary (tail copy), R/2 not a multiple of the
-# vector width (scalar NeoX path), 32 + 8 heads (two rounds of head pairs), and R = 512 fp32
-# (more pair groups than threads along x).
+# vector width (scalar NeoX path), 32 + 8 heads (one round of head pairs for fp16 / bf16 NeoX
+# at D = 128: the vector path's prefetched first item is every item; two or more rounds for
+# GPT-J, fp32 and D = 256), odd head counts (a head pair past the last head: the kernel re-reads the last
+# head's row and must not store it), idle rows of threads (hd >= heads), and R = 512 / 1024
+# (more pair groups than threads along x: the first item prefetched, the rest loaded in turn).
 CASES = [
     (2, 9, 8, 2, 128, 128),
     (1, 11, 3, 1, 128, 64),
     (2, 5, 2, 2, 64, 48),
     (1, 3, 32, 8, 128, 128),
+    (1, 2, 32, 8, 256, 256),
     (1, 3, 2, 1, 512, 512),
+    (1, 2, 2, 1, 1024, 1024),
 ]
 
 

@@ -19,16 +19,26 @@
 //   * every access to q/k is a 16-byte vector (8 x fp16/bf16 or 4 x fp32) whenever the
 //     pointers, strides and R, D allow it: for NeoX a thread's x1 and x2 are two such
 //     vectors R/2 apart, for GPT-J one vector holds whole pairs; every vector store is one
-//     STG.E.128 (float_convert.cuh, store16 — a plain 16-byte C++ store of `out + half + i0`
-//     compiled to 8 x STG.E.U16). A scalar instantiation with the same arithmetic handles
-//     every other layout correctly;
+//     STG.E.128 (float_convert.cuh's FASTATTN_STORE16, st.global.v4.b32 — a plain 16-byte
+//     C++ store of `out + half + i0` compiled to 8 x STG.E.U16). A scalar instantiation with
+//     the same arithmetic handles every other layout correctly;
 //   * each thread issues the loads of two heads before converting or storing either, and
-//     keeps them in their 16-bit storage form until then (4 registers per vector), so a
-//     thread has 64 bytes in flight at ~64-72 registers;
+//     keeps each 16-byte vector as the four 32-bit words the load wrote until the rotation
+//     reads them (an array of 16-bit elements was unpacked right after each load, which made
+//     the second head's loads wait for the first head's data), so a thread has 64 bytes in
+//     flight at <= 64 registers (__launch_bounds__(256, 4));
+//   * on the vector path those loads are issued before the token's position and angles are
+//     read and before the block's barriers (a barrier does not wait for them), so the DRAM
+//     round trip of q/k overlaps the position -> cos/sin -> barrier chain: one DRAM latency
+//     a block instead of the angles' L2 round trip plus one DRAM round trip per head and
+//     round of heads;
 //   * strided q/k (views into a packed qkv projection) are read where they lie; only the
 //     last dim must be contiguous.
-// Blocks are at most 128 threads, one token each: a 16k-token problem is ~16k blocks, many
-// waves over the SMs, and occupancy plus the two-head batching hide memory latency.
+// Blocks are at most 256 threads, one token each, enough for all of a token's heads in one
+// round up to 64 q + k heads for fp16 / bf16 NeoX at D = 128 (32 + 8 heads: 160 threads, the
+// token's 10 KB of q/k in flight at once; 6 such blocks on an sm_90 SM by registers, 60 KB,
+// above the ~36 KB Little's law asks of an SM at H200 bandwidth). A 16k-token problem is
+// ~16k blocks, ~20 waves over the SMs.
 // The kernel itself lives in rotary_kernel.cuh, shared with the host emulation that tests
 // its indexing on the CPU (tests/rotary_emulate.cpp).
 #include <cuda_runtime.h>

@@ -18,7 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
+#include <cstring>
 
 #include "fastattn/params.h"
 #include "fastattn/static_switch.h"
@@ -27,21 +27,45 @@
 namespace fastattn {
 namespace rotary_detail {
 
-constexpr int kBlockThreads = 128;
+constexpr int kBlockThreads = 256;
+constexpr int kMinBlocks = 4;  // ptxas keeps <= 64 registers a thread (74 on sm_80 without it)
 
+using cuda_convert::bits_of;
 using cuda_convert::from_float;
-using cuda_convert::Pack;
 using cuda_convert::to_float;
 
-// kN consecutive elements as loaded. The vector path keeps them in their storage type (a
-// 16-byte vector is 4 registers), so loads for several heads can be in flight before any
-// is converted; the scalar path holds fp32 (sub-word arrays would go to local memory).
+// kN consecutive elements as loaded. The vector path keeps the 16 bytes as the four 32-bit
+// words the LDG.E.128 wrote, untouched until the rotation reads them: nothing consumes a load
+// before every load of the thread's heads has been issued (an array of kN 16-bit elements
+// was split into one register per element right after each load, and that unpacking waited
+// for the load, so the second head's loads only went out once the first head's had come
+// back). The scalar path holds fp32 (sub-word arrays would go to local memory).
 template <typename T, int kN, bool kVec>
 struct Raw {
-  using Elem = typename std::conditional<kVec, T, float>::type;
-  Elem v[kN];
-  __device__ __forceinline__ float get(int i) const { return to_float(v[i]); }
-  __device__ __forceinline__ void set(int i, float x) { v[i] = from_float<Elem>(x); }
+  float v[kN];
+  __device__ __forceinline__ float get(int i) const { return v[i]; }
+};
+
+template <typename T, int kN>
+struct Raw<T, kN, true> {
+  static_assert(sizeof(T) * kN == 16, "a vector is 16 bytes");
+  uint32_t w[4];
+  __device__ __forceinline__ float get(int i) const {
+    if constexpr (sizeof(T) == 4) {
+      float f;
+      memcpy(&f, &w[i], 4);
+      return f;
+    } else {
+      const uint16_t u = static_cast<uint16_t>(w[i / 2] >> (16 * (i % 2)));
+      T x;
+      memcpy(&x, &u, 2);
+      return to_float(x);
+    }
+  }
+};
+
+struct alignas(16) Words16 {
+  uint32_t w[4];
 };
 
 // One aligned vector access when kVec, else kN scalar accesses (the launcher picks kVec
@@ -50,28 +74,49 @@ template <typename T, int kN, bool kVec>
 __device__ __forceinline__ void load_raw(const T* src, Raw<T, kN, kVec>& dst) {
   if constexpr (kVec) {
     FASTATTN_ROTARY_CHECK_ALIGNED(src);
-    const Pack<T, kN> p = *reinterpret_cast<const Pack<T, kN>*>(src);
+    const Words16 p = *reinterpret_cast<const Words16*>(src);
 #pragma unroll
-    for (int i = 0; i < kN; ++i) dst.v[i] = p.v[i];
+    for (int i = 0; i < 4; ++i) dst.w[i] = p.w[i];
   } else {
 #pragma unroll
     for (int i = 0; i < kN; ++i) dst.v[i] = to_float(src[i]);
   }
 }
 
+// The raw elements back out unchanged (the tail copy).
 template <typename T, int kN, bool kVec>
 __device__ __forceinline__ void store_raw(T* dst, const Raw<T, kN, kVec>& src) {
   if constexpr (kVec) {
-    // One STG.E.128: the elements go out as four 32-bit words (float_convert.cuh, store16);
-    // a Pack stored through its own type compiled to 8 x STG.E.U16 for fp16 / bf16.
-    Pack<T, kN> p;
-#pragma unroll
-    for (int i = 0; i < kN; ++i) p.v[i] = src.v[i];
+    // One STG.E.128 of four 32-bit words (float_convert.cuh's FASTATTN_STORE16); a 16-byte
+    // C++ store of `out + half + i0` compiled to 8 x STG.E.U16 for fp16 / bf16.
     FASTATTN_ROTARY_CHECK_ALIGNED(dst);
-    cuda_convert::store16(dst, p);
+    FASTATTN_STORE16(dst, src.w[0], src.w[1], src.w[2], src.w[3]);
   } else {
 #pragma unroll
     for (int i = 0; i < kN; ++i) dst[i] = from_float<T>(src.v[i]);
+  }
+}
+
+// kN fp32 results rounded to T and stored: one STG.E.128 when kVec (two 16-bit elements per
+// word, the lower address in the low half), else kN scalar stores.
+template <typename T, int kN, bool kVec>
+__device__ __forceinline__ void store_floats(T* dst, const float (&y)[kN]) {
+  if constexpr (kVec) {
+    static_assert(sizeof(T) * kN == 16, "a vector is 16 bytes");
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (sizeof(T) == 4) {
+        w[i] = bits_of(y[i]);
+      } else {
+        w[i] = bits_of(from_float<T>(y[2 * i])) | (bits_of(from_float<T>(y[2 * i + 1])) << 16);
+      }
+    }
+    FASTATTN_ROTARY_CHECK_ALIGNED(dst);
+    FASTATTN_STORE16(dst, w[0], w[1], w[2], w[3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) dst[i] = from_float<T>(y[i]);
   }
 }
 
@@ -84,7 +129,8 @@ struct Shape {
   static constexpr int kPairs = kInterleaved ? kElems / 2 : kElems;  // pairs per access
 };
 
-// Heads one thread loads before it converts and stores any of them.
+// Heads one thread loads before it converts and stores any of them (64 bytes in flight a
+// thread on the NeoX vector path).
 constexpr int kHeadsPerIter = 2;
 
 // Head row `hd` of token (bi, si): q's heads first, then k's. Recomputed from the params
@@ -102,10 +148,81 @@ __device__ __forceinline__ void head_rows(const RotaryParams& p, int64_t bi, int
   }
 }
 
+// One work item of a thread: pair group i0 of heads hd0 .. hd0 + kHeadsPerIter - 1, as loaded.
+template <typename T, bool kInterleaved, bool kVec>
+struct Item {
+  using S = Shape<T, kInterleaved, kVec>;
+  Raw<T, S::kElems, kVec> a[kHeadsPerIter], b[kHeadsPerIter];  // b unused for GPT-J
+  T* out[kHeadsPerIter];
+};
+
+// Issues every load of an item back to back, with no branch between them: a head index past
+// the last head re-reads the last head's row (in bounds; never stored).
+template <typename T, bool kInterleaved, bool kVec>
+__device__ __forceinline__ void load_item(const RotaryParams& p, int64_t bi, int64_t si, int64_t hd0, int64_t heads,
+                                          int64_t i0, int64_t half, Item<T, kInterleaved, kVec>& it) {
+  constexpr int kElems = Shape<T, kInterleaved, kVec>::kElems;
+#pragma unroll
+  for (int u = 0; u < kHeadsPerIter; ++u) {
+    const int64_t hd = hd0 + u < heads ? hd0 + u : heads - 1;
+    const T* in;
+    head_rows<T>(p, bi, si, hd, in, it.out[u]);
+    if constexpr (kInterleaved) {
+      load_raw<T, kElems, kVec>(in + 2 * i0, it.a[u]);
+    } else {
+      load_raw<T, kElems, kVec>(in + i0, it.a[u]);
+      load_raw<T, kElems, kVec>(in + half + i0, it.b[u]);
+    }
+  }
+}
+
+// Rotates the item's heads by the angles of pairs i0 .. i0 + kPairs - 1 (shared memory) and
+// stores them.
+template <typename T, bool kInterleaved, bool kVec>
+__device__ __forceinline__ void rotate_store(const Item<T, kInterleaved, kVec>& it, int64_t hd0, int64_t heads,
+                                             int64_t i0, int64_t half, const float* cos_s, const float* sin_s) {
+  using S = Shape<T, kInterleaved, kVec>;
+  constexpr int kElems = S::kElems;
+  constexpr int kPairs = S::kPairs;
+#pragma unroll
+  for (int u = 0; u < kHeadsPerIter; ++u) {
+    if (hd0 + u >= heads) continue;
+    float ya[kElems], yb[kElems];  // yb unused for GPT-J
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      const float c = cuda_convert::lds(cos_s + i0 + j), s = cuda_convert::lds(sin_s + i0 + j);
+      if constexpr (kInterleaved) {
+        const float x1 = it.a[u].get(2 * j), x2 = it.a[u].get(2 * j + 1);
+        ya[2 * j] = x1 * c - x2 * s;
+        ya[2 * j + 1] = x2 * c + x1 * s;
+      } else {
+        const float x1 = it.a[u].get(j), x2 = it.b[u].get(j);
+        ya[j] = x1 * c - x2 * s;
+        yb[j] = x2 * c + x1 * s;
+      }
+    }
+    if constexpr (kInterleaved) {
+      store_floats<T, kElems, kVec>(it.out[u] + 2 * i0, ya);
+    } else {
+      store_floats<T, kElems, kVec>(it.out[u] + i0, ya);
+      store_floats<T, kElems, kVec>(it.out[u] + half + i0, yb);
+    }
+  }
+}
+
 // Dynamic shared memory: the token's cos (R/2 floats) then sin (R/2 floats, negated for
 // the conjugate; NaN for an out-of-range position).
+//
+// Per token, on the vector path, a thread first issues the q/k loads of its first item (with
+// the launch shape's block, its only item unless the heads need more than one round), and
+// only then reads the position and the token's angles and waits at the barriers: the DRAM
+// round trip of q/k and the position -> cos/sin -> barrier chain overlap (a barrier does not
+// wait for a thread's outstanding global loads; nothing before the second barrier waits on
+// the q/k loads' scoreboard, checked in the SASS), so a block costs one DRAM latency, not two
+// or more in a row. The scalar path, the fallback for layouts no 16-byte vector fits, loads
+// after the barriers (one copy of its load code).
 template <typename T, bool kInterleaved, bool kVec>
-__global__ void __launch_bounds__(kBlockThreads) rotary_kernel(const RotaryParams p) {
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocks) rotary_kernel(const RotaryParams p) {
   using S = Shape<T, kInterleaved, kVec>;
   constexpr int kElems = S::kElems;
   constexpr int kPairs = S::kPairs;
@@ -120,16 +237,32 @@ __global__ void __launch_bounds__(kBlockThreads) rotary_kernel(const RotaryParam
   const int lane = threadIdx.y * blockDim.x + threadIdx.x;
   const int nthreads = blockDim.x * blockDim.y;
   const bool copy_tail = p.d > p.rotary_dim && (p.q_out != p.q || p.k_out != p.k);
+  const int64_t g_first = threadIdx.x, hd_first = threadIdx.y * kHeadsPerIter;
+  constexpr bool kPrefetch = kVec;
+  const bool prefetch = kPrefetch && g_first < groups && hd_first < heads;
 
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     const int64_t bi = t / p.seqlen, si = t - bi * p.seqlen;
+
+    // This thread's first item: its loads go out before anything below waits.
+    Item<T, kInterleaved, kVec> it;
+    if (prefetch) load_item<T, kInterleaved, kVec>(p, bi, si, hd_first, heads, g_first * kPairs, half, it);
+
+    // The position. `valid` is computed in each branch: with one int64 `pos` merged from both
+    // loads and checked after the merge, ptxas put the int64 load on the q/k loads' scoreboard,
+    // and the check waited for the q/k data.
     int64_t pos = si;
+    bool valid = si < p.max_pos;
     if (p.positions != nullptr) {
       const int64_t idx = bi * p.positions_batch_stride + si;
-      pos = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[idx]
-                              : static_cast<int64_t>(static_cast<const int32_t*>(p.positions)[idx]);
+      if (p.positions_int64) {
+        pos = __ldg(static_cast<const int64_t*>(p.positions) + idx);
+        valid = pos >= 0 && pos < p.max_pos;
+      } else {
+        pos = __ldg(static_cast<const int32_t*>(p.positions) + idx);
+        valid = pos >= 0 && pos < p.max_pos;
+      }
     }
-    const bool valid = pos >= 0 && pos < p.max_pos;
 
     // The token's angles, read once from the (L2-resident) tables for all its heads.
     __syncthreads();  // the previous token's readers are done
@@ -139,47 +272,14 @@ __global__ void __launch_bounds__(kBlockThreads) rotary_kernel(const RotaryParam
     }
     __syncthreads();
 
-    for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
-      const int64_t i0 = g * kPairs;  // first pair of this thread's group
-      for (int64_t hd0 = threadIdx.y * kHeadsPerIter; hd0 < heads; hd0 += blockDim.y * kHeadsPerIter) {
-        const T* in[kHeadsPerIter];
-        T* out[kHeadsPerIter];
-        Raw<T, kElems, kVec> a[kHeadsPerIter], b[kHeadsPerIter];  // b unused for GPT-J
-#pragma unroll
-        for (int u = 0; u < kHeadsPerIter; ++u) {
-          if (hd0 + u < heads) {
-            head_rows<T>(p, bi, si, hd0 + u, in[u], out[u]);
-            if constexpr (kInterleaved) {
-              load_raw<T, kElems, kVec>(in[u] + 2 * i0, a[u]);
-            } else {
-              load_raw<T, kElems, kVec>(in[u] + i0, a[u]);
-              load_raw<T, kElems, kVec>(in[u] + half + i0, b[u]);
-            }
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kHeadsPerIter; ++u) {
-          if (hd0 + u >= heads) continue;
-#pragma unroll
-          for (int j = 0; j < kPairs; ++j) {
-            const float c = cuda_convert::lds(cos_s + i0 + j), s = cuda_convert::lds(sin_s + i0 + j);
-            if constexpr (kInterleaved) {
-              const float x1 = a[u].get(2 * j), x2 = a[u].get(2 * j + 1);
-              a[u].set(2 * j, x1 * c - x2 * s);
-              a[u].set(2 * j + 1, x2 * c + x1 * s);
-            } else {
-              const float x1 = a[u].get(j), x2 = b[u].get(j);
-              a[u].set(j, x1 * c - x2 * s);
-              b[u].set(j, x2 * c + x1 * s);
-            }
-          }
-          if constexpr (kInterleaved) {
-            store_raw<T, kElems, kVec>(out[u] + 2 * i0, a[u]);
-          } else {
-            store_raw<T, kElems, kVec>(out[u] + i0, a[u]);
-            store_raw<T, kElems, kVec>(out[u] + half + i0, b[u]);
-          }
-        }
+    // The prefetched first item, then any further ones (heads beyond one round, or more pair
+    // groups than threads along x), each loaded and rotated in turn.
+    const int64_t hd_step = blockDim.y * kHeadsPerIter;
+    if (prefetch) rotate_store<T, kInterleaved, kVec>(it, hd_first, heads, g_first * kPairs, half, cos_s, sin_s);
+    for (int64_t g = g_first; g < groups; g += blockDim.x) {
+      for (int64_t hd0 = kPrefetch && g == g_first ? hd_first + hd_step : hd_first; hd0 < heads; hd0 += hd_step) {
+        load_item<T, kInterleaved, kVec>(p, bi, si, hd0, heads, g * kPairs, half, it);
+        rotate_store<T, kInterleaved, kVec>(it, hd0, heads, g * kPairs, half, cos_s, sin_s);
       }
     }
 
@@ -221,9 +321,12 @@ bool can_vectorize(const RotaryParams& p) {
 }
 
 // Block and grid of a launch: x walks pair groups of one head row (a warp at most), y walks
-// head pairs, as many as fill the block, evened out so the last round over the heads is not
-// mostly idle, in whole warps; one block per token up to max_grid (the kernel grid-strides
-// beyond it). E.g. bf16 NeoX, D = 128, 32 + 8 heads: 8 x 12 threads, two rounds of heads.
+// head pairs, as many as fill the block (256 threads: one round up to 64 q + k heads for
+// fp16 / bf16 NeoX at D = 128, so every q/k load of a token is a prefetch), evened out so
+// the last round over the heads is not mostly idle, in whole warps; one block per token up
+// to max_grid (the kernel grid-strides beyond it). E.g. bf16 NeoX, D = 128, 32 + 8 heads:
+// 8 x 20 threads, one round, the token's 10 KB of q/k in flight at once (64 registers:
+// 6 blocks, 60 KB a SM, on an sm_90).
 struct LaunchShape {
   int64_t bdx, bdy, grid;
   size_t smem_bytes;
