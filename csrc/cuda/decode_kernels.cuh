@@ -168,6 +168,11 @@ __global__ void __launch_bounds__(threads_for(kD), 1) decode_kernel(const Decode
   constexpr int kStepsPerTile = kBlockN / 32;
   constexpr int kHeadsPerBlock = heads_per_block_for(kD);
   constexpr int kChunks = kD / 8;        // 16-byte chunks per row
+  // K chunks per Q K^T iteration (kChunks is a multiple of 4). 1: the smallest loop; 2 or 4
+  // trade ~110 / ~330 more instructions in the tile loop for fewer executed branches and
+  // independent per-chunk FMA chains (a GPU A/B decides; the arithmetic is the same).
+  constexpr int kQkChunks = 1;
+  static_assert(kChunks % kQkChunks == 0, "Q K^T chunk groups");
   // P V: output dims per lane (2, 4 or 8); at D = 96, 4 dims on lanes 0..23 (kPvLanes) and
   // lanes 24..31 idle in P V (3 dims a lane would be 6-byte, unaligned reads).
   constexpr int kDimsPerLane = kD % 64 == 0 ? kD / 32 : 4;
@@ -369,22 +374,31 @@ __global__ void __launch_bounds__(threads_for(kD), 1) decode_kernel(const Decode
       float s[kHeadsPerWarp];
 #pragma unroll
       for (int i = 0; i < kHeadsPerWarp; ++i) s[i] = 0.f;
+      // kQkChunks chunks of the row per iteration, one branch per head over all of them
+      // (each head still sums its chunks in order c = 0, 1, ...).
 #pragma unroll 1
-      for (int c = 0; c < kChunks; ++c) {
-        const uint4 kraw = lds<uint4>(tK + swz<kD>(row, c * 8));
-        float kf[8];
-        const float2 k01 = to_float2(kraw.x, T()), k23 = to_float2(kraw.y, T());
-        const float2 k45 = to_float2(kraw.z, T()), k67 = to_float2(kraw.w, T());
-        kf[0] = k01.x; kf[1] = k01.y; kf[2] = k23.x; kf[3] = k23.y;
-        kf[4] = k45.x; kf[5] = k45.y; kf[6] = k67.x; kf[7] = k67.y;
+      for (int c0 = 0; c0 < kChunks; c0 += kQkChunks) {
+        float kf[kQkChunks][8];
+#pragma unroll
+        for (int g = 0; g < kQkChunks; ++g) {
+          const int c = c0 + g;
+          const uint4 kraw = lds<uint4>(tK + swz<kD>(row, c * 8));
+          const float2 k01 = to_float2(kraw.x, T()), k23 = to_float2(kraw.y, T());
+          const float2 k45 = to_float2(kraw.z, T()), k67 = to_float2(kraw.w, T());
+          kf[g][0] = k01.x; kf[g][1] = k01.y; kf[g][2] = k23.x; kf[g][3] = k23.y;
+          kf[g][4] = k45.x; kf[g][5] = k45.y; kf[g][6] = k67.x; kf[g][7] = k67.y;
+        }
 #pragma unroll
         for (int i = 0; i < kHeadsPerWarp; ++i) {
           if (i < nh) {
-            const float* qr = sQ + (hsl + hs * i) * kD + c * 8;
-            const float4 qa = lds<float4>(qr);
-            const float4 qb = lds<float4>(qr + 4);
-            s[i] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] +
-                    qb.x * kf[4] + qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+            const float* qr = sQ + (hsl + hs * i) * kD + c0 * 8;
+#pragma unroll
+            for (int g = 0; g < kQkChunks; ++g) {
+              const float4 qa = lds<float4>(qr + g * 8);
+              const float4 qb = lds<float4>(qr + g * 8 + 4);
+              s[i] += qa.x * kf[g][0] + qa.y * kf[g][1] + qa.z * kf[g][2] + qa.w * kf[g][3] +
+                      qb.x * kf[g][4] + qb.y * kf[g][5] + qb.z * kf[g][6] + qb.w * kf[g][7];
+            }
           }
         }
       }
@@ -430,36 +444,38 @@ __global__ void __launch_bounds__(threads_for(kD), 1) decode_kernel(const Decode
       // 24..31 own no dims: they repeat lanes 16..23's reads (the same words in the same
       // 8-byte phase: no extra wavefront, no divergence) and their sums are never stored.
       const int col = (lane < kPvLanes ? lane : lane - (32 - kPvLanes)) * kDimsPerLane;
+      // Four keys per iteration: their V rows first, then one branch per head that applies
+      // all four (each acc[i][e] still adds keys in order j4, j4 + 1, j4 + 2, j4 + 3).
 #pragma unroll 1
       for (int j4 = 0; j4 < 32; j4 += 4) {
-        float4 p4[kHeadsPerWarp];
-#pragma unroll
-        for (int i = 0; i < kHeadsPerWarp; ++i)
-          if (i < nh) p4[i] = lds<float4>(myP + i * 32 + j4);
+        float vf[4][kDimsPerLane];
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const T* vp = tV + swz<kD>(st * 32 + j4 + u, col);
-          float vf[kDimsPerLane];
           if constexpr (kDimsPerLane == 8) {
             const uint4 raw = lds<uint4>(vp);
             const float2 a = to_float2(raw.x, T()), c2 = to_float2(raw.y, T());
             const float2 e = to_float2(raw.z, T()), f = to_float2(raw.w, T());
-            vf[0] = a.x; vf[1] = a.y; vf[2] = c2.x; vf[3] = c2.y;
-            vf[4] = e.x; vf[5] = e.y; vf[6] = f.x; vf[7] = f.y;
+            vf[u][0] = a.x; vf[u][1] = a.y; vf[u][2] = c2.x; vf[u][3] = c2.y;
+            vf[u][4] = e.x; vf[u][5] = e.y; vf[u][6] = f.x; vf[u][7] = f.y;
           } else if constexpr (kDimsPerLane == 4) {
             const uint2 raw = lds<uint2>(vp);
             const float2 a = to_float2(raw.x, T()), c2 = to_float2(raw.y, T());
-            vf[0] = a.x; vf[1] = a.y; vf[2] = c2.x; vf[3] = c2.y;
+            vf[u][0] = a.x; vf[u][1] = a.y; vf[u][2] = c2.x; vf[u][3] = c2.y;
           } else {
             const float2 a = to_float2(lds<uint32_t>(vp), T());
-            vf[0] = a.x; vf[1] = a.y;
+            vf[u][0] = a.x; vf[u][1] = a.y;
           }
+        }
 #pragma unroll
-          for (int i = 0; i < kHeadsPerWarp; ++i) {
-            if (i < nh) {
-              const float pu = u == 0 ? p4[i].x : (u == 1 ? p4[i].y : (u == 2 ? p4[i].z : p4[i].w));
+        for (int i = 0; i < kHeadsPerWarp; ++i) {
+          if (i < nh) {
+            const float4 p4 = lds<float4>(myP + i * 32 + j4);
+            const float pu[4] = {p4.x, p4.y, p4.z, p4.w};
 #pragma unroll
-              for (int e = 0; e < kDimsPerLane; ++e) acc[i][e] += pu * vf[e];
+            for (int u = 0; u < 4; ++u) {
+#pragma unroll
+              for (int e = 0; e < kDimsPerLane; ++e) acc[i][e] += pu[u] * vf[u][e];
             }
           }
         }
