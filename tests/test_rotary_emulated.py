@@ -107,10 +107,11 @@ def check(q2, k2, q, k, cos, sin, pos, interleaved, rot):
 
 
 # (B, S, H, Hk, D, R): GQA / MQA / MHA, partial rotary (tail copy), R/2 not a multiple of the
-# vector width (scalar NeoX path), 32 + 8 heads (one round of head pairs for fp16 / bf16 NeoX
-# at D = 128: the vector path's prefetched first item is every item; two or more rounds for
-# GPT-J, fp32 and D = 256), odd head counts (a head pair past the last head: the kernel re-reads the last
-# head's row and must not store it), idle rows of threads (hd >= heads), and R = 512 / 1024
+# vector width (scalar NeoX path), 32 + 8 heads (one round of items, 2 heads each or 4 for
+# GPT-J vectors, for fp16 / bf16 at D = 128: the vector path's prefetched first item is every
+# item; two rounds for fp32 and for D = 256), head counts that are not a multiple of an item
+# (heads past the last: the kernel re-reads the last head's row and must not store it), idle
+# rows of threads (hd >= heads), and R = 512 / 1024
 # (more pair groups than threads along x: the first item prefetched, the rest loaded in turn).
 CASES = [
     (2, 9, 8, 2, 128, 128),

@@ -22,11 +22,11 @@
 //     STG.E.128 (float_convert.cuh's FASTATTN_STORE16, st.global.v4.b32 — a plain 16-byte
 //     C++ store of `out + half + i0` compiled to 8 x STG.E.U16). A scalar instantiation with
 //     the same arithmetic handles every other layout correctly;
-//   * each thread issues the loads of two heads before converting or storing either, and
-//     keeps each 16-byte vector as the four 32-bit words the load wrote until the rotation
-//     reads them (an array of 16-bit elements was unpacked right after each load, which made
-//     the second head's loads wait for the first head's data), so a thread has 64 bytes in
-//     flight at <= 64 registers (__launch_bounds__(256, 4));
+//   * each thread issues the loads of two heads (four for GPT-J vectors) before converting
+//     or storing any, and keeps each 16-byte vector as the four 32-bit words the load wrote
+//     until the rotation reads them (an array of 16-bit elements was unpacked right after
+//     each load, which made the second head's loads wait for the first head's data), so a
+//     thread has 64 bytes in flight at <= 64 registers (__launch_bounds__(256, 4));
 //   * on the vector path those loads are issued before the token's position and angles are
 //     read and before the block's barriers (a barrier does not wait for them), so the DRAM
 //     round trip of q/k overlaps the position -> cos/sin -> barrier chain: one DRAM latency

@@ -127,11 +127,11 @@ template <typename T, bool kInterleaved, bool kVec>
 struct Shape {
   static constexpr int kElems = kVec ? static_cast<int>(16 / sizeof(T)) : (kInterleaved ? 2 : 1);
   static constexpr int kPairs = kInterleaved ? kElems / 2 : kElems;  // pairs per access
+  // Heads of an item: one thread loads them all before it converts and stores any. On the
+  // vector path 64 bytes in flight a thread: NeoX's x1 and x2 vectors of 2 heads, GPT-J's one
+  // vector of 4 heads.
+  static constexpr int kHeads = kVec && kInterleaved ? 4 : 2;
 };
-
-// Heads one thread loads before it converts and stores any of them (64 bytes in flight a
-// thread on the NeoX vector path).
-constexpr int kHeadsPerIter = 2;
 
 // Head row `hd` of token (bi, si): q's heads first, then k's. Recomputed from the params
 // (constant memory) rather than kept live across the loop, which keeps registers low.
@@ -148,12 +148,12 @@ __device__ __forceinline__ void head_rows(const RotaryParams& p, int64_t bi, int
   }
 }
 
-// One work item of a thread: pair group i0 of heads hd0 .. hd0 + kHeadsPerIter - 1, as loaded.
+// One work item of a thread: pair group i0 of heads hd0 .. hd0 + kHeads - 1, as loaded.
 template <typename T, bool kInterleaved, bool kVec>
 struct Item {
   using S = Shape<T, kInterleaved, kVec>;
-  Raw<T, S::kElems, kVec> a[kHeadsPerIter], b[kHeadsPerIter];  // b unused for GPT-J
-  T* out[kHeadsPerIter];
+  Raw<T, S::kElems, kVec> a[S::kHeads], b[kInterleaved ? 1 : S::kHeads];  // b: NeoX's x2
+  T* out[S::kHeads];
 };
 
 // Issues every load of an item back to back, with no branch between them: a head index past
@@ -161,9 +161,10 @@ struct Item {
 template <typename T, bool kInterleaved, bool kVec>
 __device__ __forceinline__ void load_item(const RotaryParams& p, int64_t bi, int64_t si, int64_t hd0, int64_t heads,
                                           int64_t i0, int64_t half, Item<T, kInterleaved, kVec>& it) {
-  constexpr int kElems = Shape<T, kInterleaved, kVec>::kElems;
+  using S = Shape<T, kInterleaved, kVec>;
+  constexpr int kElems = S::kElems;
 #pragma unroll
-  for (int u = 0; u < kHeadsPerIter; ++u) {
+  for (int u = 0; u < S::kHeads; ++u) {
     const int64_t hd = hd0 + u < heads ? hd0 + u : heads - 1;
     const T* in;
     head_rows<T>(p, bi, si, hd, in, it.out[u]);
@@ -185,7 +186,7 @@ __device__ __forceinline__ void rotate_store(const Item<T, kInterleaved, kVec>& 
   constexpr int kElems = S::kElems;
   constexpr int kPairs = S::kPairs;
 #pragma unroll
-  for (int u = 0; u < kHeadsPerIter; ++u) {
+  for (int u = 0; u < S::kHeads; ++u) {
     if (hd0 + u >= heads) continue;
     float ya[kElems], yb[kElems];  // yb unused for GPT-J
 #pragma unroll
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocks) rotary_kernel(const
   const int lane = threadIdx.y * blockDim.x + threadIdx.x;
   const int nthreads = blockDim.x * blockDim.y;
   const bool copy_tail = p.d > p.rotary_dim && (p.q_out != p.q || p.k_out != p.k);
-  const int64_t g_first = threadIdx.x, hd_first = threadIdx.y * kHeadsPerIter;
+  const int64_t g_first = threadIdx.x, hd_first = threadIdx.y * S::kHeads;
   constexpr bool kPrefetch = kVec;
   const bool prefetch = kPrefetch && g_first < groups && hd_first < heads;
 
@@ -274,7 +275,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocks) rotary_kernel(const
 
     // The prefetched first item, then any further ones (heads beyond one round, or more pair
     // groups than threads along x), each loaded and rotated in turn.
-    const int64_t hd_step = blockDim.y * kHeadsPerIter;
+    const int64_t hd_step = blockDim.y * S::kHeads;
     if (prefetch) rotate_store<T, kInterleaved, kVec>(it, hd_first, heads, g_first * kPairs, half, cos_s, sin_s);
     for (int64_t g = g_first; g < groups; g += blockDim.x) {
       for (int64_t hd0 = kPrefetch && g == g_first ? hd_first + hd_step : hd_first; hd0 < heads; hd0 += hd_step) {
@@ -321,12 +322,12 @@ bool can_vectorize(const RotaryParams& p) {
 }
 
 // Block and grid of a launch: x walks pair groups of one head row (a warp at most), y walks
-// head pairs, as many as fill the block (256 threads: one round up to 64 q + k heads for
-// fp16 / bf16 NeoX at D = 128, so every q/k load of a token is a prefetch), evened out so
-// the last round over the heads is not mostly idle, in whole warps; one block per token up
-// to max_grid (the kernel grid-strides beyond it). E.g. bf16 NeoX, D = 128, 32 + 8 heads:
+// items of kHeads heads, as many as fill the block (256 threads: one round up to 64 q + k
+// heads for fp16 / bf16 at D = 128, so every q/k load of a token is a prefetch), evened out
+// so the last round over the heads is not mostly idle, in whole warps; one block per token
+// up to max_grid (the kernel grid-strides beyond it). E.g. bf16 NeoX, D = 128, 32 + 8 heads:
 // 8 x 20 threads, one round, the token's 10 KB of q/k in flight at once (64 registers:
-// 6 blocks, 60 KB a SM, on an sm_90).
+// 6 blocks, 60 KB a SM, on an sm_90); GPT-J: 16 x 10 threads.
 struct LaunchShape {
   int64_t bdx, bdy, grid;
   size_t smem_bytes;
@@ -336,7 +337,7 @@ template <typename T, bool kInterleaved, bool kVec>
 LaunchShape launch_shape(const RotaryParams& p, int64_t max_grid) {
   using S = Shape<T, kInterleaved, kVec>;
   const int64_t groups = (p.rotary_dim / 2) / S::kPairs;
-  const int64_t head_units = (p.h + p.h_k + kHeadsPerIter - 1) / kHeadsPerIter;
+  const int64_t head_units = (p.h + p.h_k + S::kHeads - 1) / S::kHeads;
   LaunchShape r;
   r.bdx = std::max<int64_t>(1, std::min<int64_t>(groups, 32));
   const int64_t max_bdy = std::max<int64_t>(1, kBlockThreads / r.bdx);
