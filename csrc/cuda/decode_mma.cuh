@@ -38,8 +38,9 @@
 //     row address, contiguous or paged (page-table read + 64-bit division, KvLayout), is
 //     computed once per lane and step for K and V, with no shuffles; the shared-memory
 //     offsets of the copies and of every ldmatrix are four per-lane registers plus immediates
-//     (the flash forward kernel's trick). Main loop, d128 one m-tile: 575 SASS instructions
-//     on sm_90a per 16-key step of a warp, 32 HMMA, 24 LDSM, 16 LDGSTS.
+//     (the flash forward kernel's trick). Main loop, d128 one m-tile: 569 SASS instructions
+//     on sm_90a per 16-key step of a warp, 32 HMMA, 16 LDSM (Q held in registers with one
+//     m-tile), 16 LDGSTS.
 //   * Windows: with seqlen_q = 1 only the left side cuts (kbeg, the same rule as
 //     decode_kernel): the key range is [kbeg, len), split by the same decode::split_range.
 // Registers: O is kMTiles x D / 8 x 4 fp32 per lane (128 at d128 with two m-tiles), under
@@ -236,6 +237,15 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
   const int g = lane >> 2, t = lane & 3;
   const uint32_t sQa = smem_u32(sQ);
 
+  // One m-tile: the Q fragments of every k16 slice stay in registers (4 kD / 16 of them);
+  // with two, each step re-reads them from sQ (registers: O alone is 128 at d128).
+  constexpr bool kQInRegs = kMTiles == 1;
+  uint32_t qreg[kQInRegs ? kD / 16 : 1][4];
+  if constexpr (kQInRegs) {
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) dmma_ldsm_x4(qreg[ks], sQa + ld_off[ks & 3] + (ks >> 2) * 128);
+  }
+
   float o[kMTiles][kNTilesO][4];
   float row_max[kMTiles][2], row_sum[kMTiles][2];
 #pragma unroll
@@ -270,11 +280,16 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
       dmma_ldsm_x4(kb, sK + ldk_off[ks & 3] + (ks >> 2) * 128);
 #pragma unroll
       for (int mi = 0; mi < kMTiles; ++mi) {
-        uint32_t qa[4];
-        // == sQ + 2 swz(16 mi + (lane & 15), (2 ks + (lane >> 4)) * 8)
-        dmma_ldsm_x4(qa, sQa + ld_off[ks & 3] + (ks >> 2) * 128 + mi * 16 * kRowBytes);
-        Ops::mma(s[mi][0], qa, kb[0], kb[1]);
-        Ops::mma(s[mi][1], qa, kb[2], kb[3]);
+        if constexpr (kQInRegs) {
+          Ops::mma(s[mi][0], qreg[ks], kb[0], kb[1]);
+          Ops::mma(s[mi][1], qreg[ks], kb[2], kb[3]);
+        } else {
+          uint32_t qa[4];
+          // == sQ + 2 swz(16 mi + (lane & 15), (2 ks + (lane >> 4)) * 8)
+          dmma_ldsm_x4(qa, sQa + ld_off[ks & 3] + (ks >> 2) * 128 + mi * 16 * kRowBytes);
+          Ops::mma(s[mi][0], qa, kb[0], kb[1]);
+          Ops::mma(s[mi][1], qa, kb[2], kb[3]);
+        }
       }
     }
 
