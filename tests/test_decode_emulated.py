@@ -614,11 +614,9 @@ MERGE_BARRIER = """        sts<float>(sL + warp * kHeadsPerWarp + i, l[i]);
 """
 
 
-def test_racecheck_catches_a_removed_merge_barrier(tmp_path):
-    """A planted bug the numbers alone may miss: without the __syncthreads between the merge's
-    shared-memory stores and its reads of other warps' partials, a warp can read another's
-    stale bytes. The tracked accessors (lds / sts) must make racecheck report it, naming the
-    kernel; the decode cases run clean with the barrier in place (every test above)."""
+def _emulator_without_barrier(tmp_path, kernel_file, snippet):
+    """The emulator built from a copy of csrc/cuda in which `snippet` (a unique piece of
+    kernel_file ending in its __syncthreads) has lost that barrier."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ not found")
@@ -627,10 +625,18 @@ def test_racecheck_catches_a_removed_merge_barrier(tmp_path):
     mutant.mkdir()
     for f in os.listdir(src):
         shutil.copy(os.path.join(src, f), mutant / f)
-    text = (mutant / "decode_kernels.cuh").read_text()
-    assert text.count(MERGE_BARRIER) == 1, "decode_kernels.cuh changed: update MERGE_BARRIER"
-    (mutant / "decode_kernels.cuh").write_text(text.replace(MERGE_BARRIER, MERGE_BARRIER.replace("  __syncthreads();\n", "")))
-    emu = _build(cxx, tmp_path, str(mutant))
+    text = (mutant / kernel_file).read_text()
+    assert text.count(snippet) == 1, f"{kernel_file} changed: update the snippet"
+    (mutant / kernel_file).write_text(text.replace(snippet, snippet.replace("  __syncthreads();\n", "")))
+    return _build(cxx, tmp_path, str(mutant))
+
+
+def test_racecheck_catches_a_removed_merge_barrier(tmp_path):
+    """A planted bug the numbers alone may miss: without the __syncthreads between the merge's
+    shared-memory stores and its reads of other warps' partials, a warp can read another's
+    stale bytes. The tracked accessors (lds / sts) must make racecheck report it, naming the
+    kernel; the decode cases run clean with the barrier in place (every test above)."""
+    emu = _emulator_without_barrier(tmp_path, "decode_kernels.cuh", MERGE_BARRIER)
     # G = 2: one head slice, four warps share it (G = 4..32 would run decode_mma_kernel)
     q, kc, vc, seqlens = _small_decode(H=4, Hk=2)
     out, lse = torch.empty(2, 1, 4, 64, dtype=q.dtype), torch.empty(2, 4)  # alive over the calls
@@ -821,19 +827,7 @@ MMA_MERGE_BARRIER = """        sts<float>(sL + warp * 32 + row, l);
 def test_racecheck_catches_a_removed_mma_merge_barrier(tmp_path):
     """The tensor-core kernel's merge under racecheck: without its __syncthreads, the reads of
     other warps' partials are a read-after-write hazard, reported under the kernel's name."""
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found")
-    src = os.path.join(ROOT, "csrc", "cuda")
-    mutant = tmp_path / "cuda"
-    mutant.mkdir()
-    for f in os.listdir(src):
-        shutil.copy(os.path.join(src, f), mutant / f)
-    text = (mutant / "decode_mma.cuh").read_text()
-    assert text.count(MMA_MERGE_BARRIER) == 1, "decode_mma.cuh changed: update MMA_MERGE_BARRIER"
-    (mutant / "decode_mma.cuh").write_text(
-        text.replace(MMA_MERGE_BARRIER, MMA_MERGE_BARRIER.replace("  __syncthreads();\n", "")))
-    emu = _build(cxx, tmp_path, str(mutant))
+    emu = _emulator_without_barrier(tmp_path, "decode_mma.cuh", MMA_MERGE_BARRIER)
     q, kc, vc, seqlens = _small_decode(H=8, Hk=2)  # G = 4
     out, lse = torch.empty(2, 1, 8, 64, dtype=q.dtype), torch.empty(2, 8)
     ptrs, sizes = _ptrs_sizes(q.unsqueeze(1), kc, vc, seqlens, out, lse, None, None, None)
