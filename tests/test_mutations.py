@@ -123,10 +123,10 @@ MUTATIONS = [
         "csrc/cuda/rms_norm.cu",
         "const int count = t < npacks ? ",
         "const int count = t <= npacks ? ",
-        (f"{RMS}[half_r4_n111_w1_res0_lead8_pad0_optin227k_m2]",
-         f"{RMS}[half_r3_n111_w0_res1_lead8_pad3_optin227k_m0]"),
-        "the row held in registers counts pack npacks as the last thread's: one element past the "
-        "row is loaded and stored, the sentinel around y is overwritten"),
+        (f"{RMS}[float_r40_n48_w0_res0_lead8_pad0_optin227k_m2]",),
+        "the row held in registers gives thread npacks a pack too (it exists in a one-warp block over "
+        "a 12-pack fp32 row): the vector just past the row is loaded and stored, so the row's sum "
+        "and the next row's y go wrong and the last row's store hits the sentinel around y"),
     Mutation(
         "rms_norm_block_sum_scratch_barrier_removed",
         "csrc/cuda/rms_norm.cu",
@@ -179,8 +179,8 @@ MUTATIONS = [
     Mutation(
         "rotary_second_half_offset_uses_head_dim",
         "csrc/cuda/rotary_kernel.cuh",
-        "load_raw<T, kElems, kVec>(in[u] + half + i0, b[u]);",
-        "load_raw<T, kElems, kVec>(in[u] + p.d / 2 + i0, b[u]);",
+        "load_raw<T, kElems, kVec>(in + half + i0, it.b[u]);",
+        "load_raw<T, kElems, kVec>(in + p.d / 2 + i0, it.b[u]);",
         (f"{ROT}[1x11x3x1x128x64-neox-dtype1]", f"{ROT}[1x11x3x1x128x64-neox-dtype0]"),
         "partial rotary (R 64 < D 128): x2 is read from the pass-through tail, not R/2 on"),
     Mutation(
