@@ -23,7 +23,8 @@ command line -- and prints, per kernel and arch:
   insts      static instruction count (NOPs excluded)
   loop       instructions in the main loop: the largest address range [target, branch] of a
              backward branch in the SASS (so the outermost loop when loops nest; code the
-             compiler moved out of the range is not counted)
+             compiler moved out of the range is not counted; branches of the cold code placed
+             after the last EXIT are not loops)
   mov        MOV + IMAD.MOV* register moves, in the whole kernel / in the main loop
   LDG, STG   global loads / stores by access width in bits, e.g. 128x8 16x4
   LDS STS LDSM MMA LDGSTS   counts (MMA = HMMA + HGMMA)
@@ -266,12 +267,19 @@ _HEX = re.compile(r"0x([0-9a-f]+)")
 
 
 def main_loop(insts: list[tuple[int, str, str]]) -> tuple[int, int] | None:
-    """(start address, end address) of the largest backward-branch range, or None."""
+    """(start address, end address) of the largest backward-branch range, or None. Branches
+    placed after the kernel's last EXIT are out-of-line cold code (e.g. the BRA.DIV fallback of
+    a diverged warp's shuffle), which jumps back into the prologue: its range would span the
+    prologue, the real loop and the epilogue, so it does not count as a loop."""
     best, best_n = None, 0
     addrs = [a for a, _, _ in insts]
+    exits = [a for a, mn, _ in insts if mn.split(".")[0] == "EXIT"]
+    last_exit = exits[-1] if exits else None
     import bisect
     for addr, mn, ops in insts:
         if not mn.startswith("BRA"):
+            continue
+        if last_exit is not None and addr > last_exit:
             continue
         targets = _HEX.findall(ops)
         if not targets:

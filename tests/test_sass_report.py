@@ -223,3 +223,15 @@ def test_gate_logic():
     assert sr.gate(b3, {"kernels": {"a": _entry(ldg={"128": 7, "32": 2}, stg={"32": 3, "16": 4})}})[0] == [
         "a: LDG share at >= 128 bits 0.90 -> 0.78 (widths 128x9 32x1 -> 128x7 32x2)",
         "a: STG share at >= 32 bits 0.50 -> 0.43 (widths 32x3 16x3 -> 32x3 16x4)"]
+
+
+def test_main_loop_ignores_cold_code_after_exit():
+    # A loop [0x20, 0x50] and, after EXIT, an out-of-line fallback that branches back into the
+    # prologue (0x10): its range would swallow the whole kernel, so it is not the main loop.
+    insts = [(0x00, "S2R", "R0, SR_TID.X"), (0x10, "MOV", "R1, R0"), (0x20, "LDS", "R2, [R1]"),
+             (0x30, "FFMA", "R3, R2, R2, R3"), (0x40, "ISETP.NE.AND", "P0, PT, R1, RZ, PT"),
+             (0x50, "BRA", "0x20"), (0x60, "EXIT", ""), (0x70, "SHFL.BFLY", "R4, R3, 0x1, 0x1f"),
+             (0x80, "BRA", "0x10")]
+    assert sr.main_loop(insts) == (0x20, 0x50)
+    # Without an EXIT every backward branch counts, as before.
+    assert sr.main_loop([i for i in insts if i[1] != "EXIT"]) == (0x10, 0x80)
