@@ -156,6 +156,7 @@ def test_low_precision_both_expert_paths(dtype, monkeypatch):
     the error-ratio rule of the fp32 module, and they agree with each other."""
     m = make_moe(experts=4, top_k=2, shared_expert_intermediate_size=40)
     x = torch.randn(64, 32)  # ~32 rows per expert
+    monkeypatch.setitem(moe_mod.NATIVE_CPU_MATMUL, dtype, False)  # a CPU without bf16/fp16 matrix units
     with torch.no_grad():
         ref = m(x)
         low = m.to(dtype)
@@ -169,6 +170,25 @@ def test_low_precision_both_expert_paths(dtype, monkeypatch):
         truth = rounded(x.to(dtype).float())  # the same rounded weights, fp32 math
     assert_error_ratio(wide.float(), native.float(), truth, f"{dtype} moe", atol=1e-3)
     assert (wide.float() - native.float()).abs().max().item() <= 0.05 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_native_cpu_matmul_widens_no_expert(dtype, monkeypatch):
+    """On a CPU with matrix instructions for the dtype every expert multiplies natively, however
+    many tokens it has: the upcast threshold no longer matters, and the result is not the
+    widened path's."""
+    m = make_moe(experts=4, top_k=2).to(dtype)
+    x = torch.randn(64, 32).to(dtype)  # ~32 rows per expert
+    with torch.no_grad():
+        monkeypatch.setitem(moe_mod.NATIVE_CPU_MATMUL, dtype, True)
+        monkeypatch.setattr(moe_mod, "UPCAST_MIN_ROWS", 10 ** 9)
+        native = m(x)
+        monkeypatch.setattr(moe_mod, "UPCAST_MIN_ROWS", 1)
+        with_units = m(x)
+        monkeypatch.setitem(moe_mod.NATIVE_CPU_MATMUL, dtype, False)
+        widened = m(x)
+    assert torch.equal(with_units, native)
+    assert not torch.equal(widened, native)
 
 
 def test_module_argument_errors():
@@ -465,7 +485,9 @@ def test_beam_search_matches_transformers(checkpoints):
 def test_bf16_runs(checkpoints, name, monkeypatch):
     _, path, _ = checkpoints[name]
     # prefill experts (~24 rows each) take the fp32-multiply path, decode experts (<= 2) the native one
+    # (as on a CPU without bf16 matrix instructions)
     monkeypatch.setattr(moe_mod, "UPCAST_MIN_ROWS", 8)
+    monkeypatch.setitem(moe_mod.NATIVE_CPU_MATMUL, torch.bfloat16, False)
     ids = ids_of(2, 24)
     truth = Llama.from_pretrained(path, backend="torch")
     with torch.no_grad():

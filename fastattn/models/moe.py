@@ -36,12 +36,14 @@ matmuls of few-token experts round gate/up and the output too). The torch backen
 the torch experts.
 
 Low precision on the CPU: CPUs without bf16/fp16 matrix instructions run torch's bf16/fp16
-matmuls several times slower than fp32 ones. An expert with at least ``UPCAST_MIN_ROWS`` tokens
-(prefill) therefore widens its weights and its tokens to fp32 once and multiplies in fp32 (the
-products are exact in fp32 and the sums accumulate in fp32, as a bf16 matmul's do); experts with
-few tokens (decode) use the native matmul, where widening the weights would cost more than the
-matmul. Either way the activation silu(gate) * up is stored in the model's dtype, as in the dense
-MLP. On CUDA the native matmul is always used.
+matmuls several times slower than fp32 ones; ``NATIVE_CPU_MATMUL`` says, per dtype, whether
+this CPU has them. Where it does, every expert uses the native matmul. Where it does not, an
+expert with at least ``UPCAST_MIN_ROWS`` tokens (prefill) widens its weights and its tokens to
+fp32 once and multiplies in fp32 (the products are exact in fp32 and the sums accumulate in
+fp32, as a bf16 matmul's do); experts with few tokens (decode) use the native matmul, where
+widening the weights would cost more than the matmul. Either way the activation
+silu(gate) * up is stored in the model's dtype, as in the dense MLP. On CUDA the native matmul
+is always used.
 
 The host learns the per-expert token counts once per call (one device sync on CUDA), so a decode
 step of an MoE model is not CUDA-graph capturable.
@@ -58,12 +60,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MoEFeedForward", "UPCAST_MIN_ROWS", "KERNEL_MAX_ROWS_PER_EXPERT"]
+__all__ = ["MoEFeedForward", "UPCAST_MIN_ROWS", "NATIVE_CPU_MATMUL", "KERNEL_MAX_ROWS_PER_EXPERT"]
 
 # CPU, bf16/fp16: an expert with at least this many tokens multiplies in fp32 (see the module
 # docstring). Widening one expert's weights (Mixtral-like, hidden 1024 x inter 3584) cost about
 # as much as 30-40 rows of a bf16 matmul on the 2-core AVX2 machine this was measured on.
 UPCAST_MIN_ROWS = 32
+
+
+def _cpu_flags() -> frozenset:
+    """The x86 ISA flags of this CPU as /proc/cpuinfo spells them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+# Whether torch's CPU matmuls in that dtype run on matrix instructions of this CPU (AVX512-BF16
+# or AMX-BF16 for bf16; AVX512-FP16 or AMX-FP16 for fp16). There the native matmul is faster
+# than fp32 (measured on a 2-core AVX512-BF16 machine, Mixtral-like prefill: bf16 343 GFLOP/s,
+# fp32 108) and no expert is widened; elsewhere torch emulates them, several times slower than
+# fp32, and experts of UPCAST_MIN_ROWS tokens or more multiply in fp32.
+_FLAGS = _cpu_flags()
+NATIVE_CPU_MATMUL = {
+    torch.bfloat16: bool(_FLAGS & {"avx512_bf16", "amx_bf16"}),
+    torch.float16: bool(_FLAGS & {"avx512_fp16", "amx_fp16"}),
+}
 
 # CPU inference on the fastattn backend: the experts kernel runs calls with at most this many
 # (token, choice) slots per expert on average (N * top_k <= this * num_experts); above it the
@@ -147,7 +173,8 @@ class MoEFeedForward(nn.Module):
         """w2 (silu(x G^T) * (x U^T)) for one expert's rows x (n, hidden); w13 (2*inter, hidden)
         and w2 (hidden, inter). Returns fp32 when it multiplied in fp32, else x's dtype."""
         dtype = x.dtype
-        if dtype != torch.float32 and x.device.type == "cpu" and x.shape[0] >= UPCAST_MIN_ROWS:
+        if (dtype != torch.float32 and x.device.type == "cpu" and not NATIVE_CPU_MATMUL.get(dtype, False)
+                and x.shape[0] >= UPCAST_MIN_ROWS):
             gate, up = F.linear(x.float(), w13.float()).split(inter, dim=-1)
             act = (F.silu(gate) * up).to(dtype)
             return F.linear(act.float(), w2.float())
@@ -189,7 +216,8 @@ class MoEFeedForward(nn.Module):
         on the CPU in bf16/fp16 the activation is computed in fp32 from the (rounded) gate/up
         of the native matmul and then rounded. Returns (M, hidden) fp32."""
         I, dtype = self.intermediate_size, xs.dtype
-        wide = dtype != torch.float32 and xs.device.type == "cpu"  # fp32 math for big experts
+        # fp32 math for big experts, where this CPU has no matrix instructions for the dtype
+        wide = dtype != torch.float32 and xs.device.type == "cpu" and not NATIVE_CPU_MATMUL.get(dtype, False)
         ys = xs.new_empty(xs.shape[0], self.hidden_size, dtype=torch.float32 if wide else dtype)
         # One gate/up buffer for the largest expert, reused by every expert (one allocation and
         # one first touch per call instead of one per expert).
