@@ -19,6 +19,7 @@ import sys
 import pytest
 
 import fastattn
+from fastattn.benchmarks.meta import all_cpu_flags
 
 TIERS = ["baseline", "avx2", "avx512"]
 PKG_DIR = os.path.dirname(os.path.abspath(fastattn.__file__))
@@ -37,19 +38,8 @@ def _portable_build() -> bool:
     return _run_isa({}).stdout.strip() in TIERS
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
 def _best_tier():
-    flags = _cpu_flags()
+    flags = all_cpu_flags()
     if flags is None or not sys.platform.startswith("linux") or os.uname().machine != "x86_64":
         return None
     if V4_FLAGS <= flags:

@@ -92,13 +92,19 @@ def cpu_model():
     return name or platform.processor() or platform.machine() or None
 
 
-def cpu_flags():
-    """The relevant ISA flags this CPU has (sorted), or None where they cannot be read."""
+def all_cpu_flags():
+    """Every ISA flag of this CPU as /proc/cpuinfo spells it (a frozenset), or None where they
+    cannot be read."""
     info = _cpuinfo()
     flags = info.get("flags") or info.get("Features")
-    if flags is None:
+    return None if flags is None else frozenset(flags.split())
+
+
+def cpu_flags():
+    """The relevant ISA flags this CPU has (sorted), or None where they cannot be read."""
+    have = all_cpu_flags()
+    if have is None:
         return None
-    have = set(flags.split())
     return sorted(f for f in RELEVANT_CPU_FLAGS if f in have)
 
 

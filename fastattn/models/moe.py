@@ -60,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastattn.benchmarks.meta import all_cpu_flags  # stdlib only: the /proc/cpuinfo reader
+
 __all__ = ["MoEFeedForward", "UPCAST_MIN_ROWS", "NATIVE_CPU_MATMUL", "KERNEL_MAX_ROWS_PER_EXPERT"]
 
 # CPU, bf16/fp16: an expert with at least this many tokens multiplies in fp32 (see the module
@@ -67,25 +69,12 @@ __all__ = ["MoEFeedForward", "UPCAST_MIN_ROWS", "NATIVE_CPU_MATMUL", "KERNEL_MAX
 # as much as 30-40 rows of a bf16 matmul on the 2-core AVX2 machine this was measured on.
 UPCAST_MIN_ROWS = 32
 
-
-def _cpu_flags() -> frozenset:
-    """The x86 ISA flags of this CPU as /proc/cpuinfo spells them (empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 # Whether torch's CPU matmuls in that dtype run on matrix instructions of this CPU (AVX512-BF16
 # or AMX-BF16 for bf16; AVX512-FP16 or AMX-FP16 for fp16). There the native matmul is faster
 # than fp32 (measured on a 2-core AVX512-BF16 machine, Mixtral-like prefill: bf16 343 GFLOP/s,
 # fp32 108) and no expert is widened; elsewhere torch emulates them, several times slower than
 # fp32, and experts of UPCAST_MIN_ROWS tokens or more multiply in fp32.
-_FLAGS = _cpu_flags()
+_FLAGS = all_cpu_flags() or frozenset()
 NATIVE_CPU_MATMUL = {
     torch.bfloat16: bool(_FLAGS & {"avx512_bf16", "amx_bf16"}),
     torch.float16: bool(_FLAGS & {"avx512_fp16", "amx_fp16"}),
