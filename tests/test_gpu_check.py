@@ -277,3 +277,13 @@ def test_bench_selection_on_cuda():
         assert not any(banned in i for i in ids), f"{banned} selected: {[i for i in ids if banned in i][:3]}"
     # The bench step's 60 s hold about this many CUDA benchmarks (inputs, warm-up, 20 rounds each).
     assert 20 <= len(ids) <= 60, len(ids)
+
+
+def test_profile_shapes_script_runs_on_cpu():
+    """scripts/gpu_profile_shapes.py (the benchmark shapes for ncu) runs its calls at tiny
+    sizes on the CPU, so a GPU session does not find a broken script first."""
+    env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_profile_shapes.py")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "gpu_profile_shapes: done on cpu" in r.stdout
