@@ -369,10 +369,15 @@ extern "C" int append_kv_emulate(void** ptrs, const int64_t* nbytes, const int64
   return finish(append_kv_cuda(p, nullptr), "append_kv_cuda");
 }
 
-// decode_num_splits_cuda (decode.cu): the split count num_splits = 0 resolves to.
-extern "C" int64_t decode_num_splits_emulate(int64_t b, int64_t h, int64_t h_k, int64_t seqlen_k_max, int64_t d,
-                                             int num_sms) {
-  return decode_num_splits_cuda(b, h, h_k, seqlen_k_max, d, num_sms);
+// decode_num_splits_cuda (decode.cu): the split count num_splits = 0 resolves to, for the
+// kernel the launcher will pick (the tensor-core switch above included).
+extern "C" int64_t decode_num_splits_emulate(int64_t b, int64_t seqlen_q, int64_t h, int64_t h_k,
+                                             int64_t seqlen_k_max, int64_t d, int num_sms, int64_t smem_per_sm,
+                                             float softcap) {
+  DecodeParams p;
+  p.b = b, p.seqlen_q = seqlen_q, p.h = h, p.h_k = h_k, p.seqlen_k_max = seqlen_k_max, p.d = d;
+  p.softcap = softcap;
+  return decode_num_splits_cuda(p, num_sms, smem_per_sm);
 }
 
 // The split heuristic decode_num_splits_cuda applies (decode_split.h), at D = 128, for tests.

@@ -65,7 +65,7 @@ def _build(cxx, folder, cuda_dir):
     dll.decode_num_splits_for_slots.restype = ctypes.c_int64
     dll.decode_num_splits_for_slots.argtypes = [ctypes.c_int64] * 3
     dll.decode_num_splits_emulate.restype = ctypes.c_int64
-    dll.decode_num_splits_emulate.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_int]
+    dll.decode_num_splits_emulate.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_int, ctypes.c_int64, ctypes.c_float]
     dll.append_kv_emulate.restype = ctypes.c_int
     dll.append_kv_emulate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
                                       ctypes.POINTER(ctypes.c_int64)]
@@ -84,6 +84,7 @@ def _build(cxx, folder, cuda_dir):
 
 # The emulated device: H100's opt-in shared memory per block and SM count.
 SMEM_OPTIN, NUM_SMS = 227 * 1024, 132
+SMEM_PER_SM = 228 * 1024  # an H100's / H200's shared memory per SM (cudaDevAttrMaxSharedMemoryPerMultiprocessor)
 MODE_XOR = int(os.environ.get("FASTATTN_EMU_MODE_XOR", "0"))
 
 
@@ -95,10 +96,10 @@ def _launch_log(emu):
     return [tuple(line.split(" ")) for line in buf.value.decode().splitlines()]
 
 
-def _num_splits(emu, B, Sq, H, Hk, S, D, num_sms=NUM_SMS):
-    """num_splits = 0 resolved as the binding resolves it: decode_num_splits_cuda with the query
-    rows per sequence (Sq * H) in place of the heads."""
-    return emu.decode_num_splits_emulate(B, Sq * H, Hk, S, D, num_sms)
+def _num_splits(emu, B, Sq, H, Hk, S, D, num_sms=NUM_SMS, smem_per_sm=SMEM_PER_SM, softcap=0.0):
+    """num_splits = 0 resolved as the binding resolves it: decode_num_splits_cuda on the
+    emulated device, for the kernel the launcher picks."""
+    return emu.decode_num_splits_emulate(B, Sq, H, Hk, S, D, num_sms, smem_per_sm, softcap)
 
 
 def _ints(*vals):
@@ -124,7 +125,7 @@ def _emulated_decode(emu, q, kc, vc, seqlens, scale, num_splits, mode=0, block_t
         page, npages = kc.shape[1], kc.shape[0]
         S, bt_stride = block_table.shape[1] * page, block_table.stride(0)
     if num_splits == 0:
-        num_splits = _num_splits(emu, B, Sq, H, Hk, S, D)
+        num_splits = _num_splits(emu, B, Sq, H, Hk, S, D, softcap=softcap)
     if shrink is None:  # (the memcheck test below expects the first faulting thread of mode 0)
         mode ^= MODE_XOR
     if out_transposed:
@@ -298,8 +299,8 @@ def test_launcher_split_choice_and_refusals(emu):
     cut into as many splits as keep >= 2 key tiles each), the partials sized for it; and the
     launcher's refusals: a split count outside [1, kMaxSplits], missing partials, a head
     dim the device cannot give its shared memory to (sm_86's 99 KiB opt-in at D = 128)."""
-    q, kc, vc, seqlens = _small_decode(dtype=torch.bfloat16, D=128, B=1, H=4, Hk=1, S=1000, lengths=(1000,))
-    splits = _num_splits(emu, 1, 1, 4, 1, 1000, 128)
+    q, kc, vc, seqlens = _small_decode(dtype=torch.bfloat16, D=128, B=1, H=2, Hk=1, S=1000, lengths=(1000,))
+    splits = _num_splits(emu, 1, 1, 2, 1, 1000, 128)  # group 2: the CUDA-core kernel, 128-key tiles
     assert splits == (1000 + 127) // 128 // 2
     out, lse = _emulated_decode(emu, q, kc, vc, seqlens, 0.1, 0)
     assert _launch_log(emu)[0][1] == str(splits)  # grid (splits, 1, 1), logged as "x" alone
@@ -341,6 +342,35 @@ def test_split_heuristic_fills_one_wave(emu):
             n = f(blocks, 132, s)
             assert 1 <= n <= 128
             assert n == 1 or blocks * n <= 132
+
+
+def test_split_heuristic_sizes_for_the_tensor_core_kernel(emu):
+    """num_splits = 0 counts the blocks per SM of the kernel that will run: decode_mma_kernel
+    fits 2 blocks per SM at d128 (4 / 3 at d64 with one / two m16 tiles) where shared memory
+    allows, decode_kernel 1 (2 at d64). On the H200 the one-block rule left batch 64 x 4k MQA
+    at 128 blocks for 264 slots (6% achieved occupancy, 52% of copy)."""
+    assert _num_splits(emu, 64, 1, 32, 1, 4096, 128) == 4       # MQA, 64 blocks: 4 splits = 256 of 264 slots
+    assert _num_splits(emu, 1, 1, 32, 8, 65536, 128) == 33      # 8 kv heads: 264 blocks
+    assert _num_splits(emu, 64, 1, 32, 8, 4096, 128) == 1       # 512 blocks: no split
+    assert _num_splits(emu, 1, 1, 32, 8, 65536, 64) == 66       # d64, G = 4, one m-tile: 4 per SM
+    assert _num_splits(emu, 4, 1, 32, 1, 65536, 64) == 99       # d64, G = 32, two m-tiles: 3 per SM
+    assert _num_splits(emu, 1, 1, 32, 8, 4096, 128) == 32       # >= 2 key blocks of 64 per split
+    # An A100's 164 KiB per SM holds one d128 block (104 KiB + 1 KiB reserved).
+    assert _num_splits(emu, 1, 1, 32, 8, 65536, 128, num_sms=108, smem_per_sm=164 * 1024) == 13
+    # The CUDA-core kernel keeps its rule: soft-capping, several query rows, group < 4, or the
+    # tensor-core path switched off.
+    assert _num_splits(emu, 1, 1, 32, 8, 65536, 128, softcap=30.0) == 16
+    assert _num_splits(emu, 1, 2, 32, 8, 65536, 128) == 16
+    assert _num_splits(emu, 1, 1, 16, 8, 65536, 128) == 16
+    emu.emu_set_decode_mma(0)
+    try:
+        assert _num_splits(emu, 1, 1, 32, 8, 65536, 128) == 16
+    finally:
+        emu.emu_set_decode_mma(1)
+    for B, H, Hk, D in ((1, 32, 8, 128), (3, 28, 4, 128), (64, 32, 1, 128), (2, 32, 2, 64), (5, 20, 1, 64)):
+        n = _num_splits(emu, B, 1, H, Hk, 100000, D)
+        per_sm = 2 if D == 128 else (4 if H // Hk <= 16 else 3)
+        assert 1 <= n <= 128 and (n == 1 or B * Hk * n <= NUM_SMS * per_sm), (B, H, Hk, D, n)
 
 
 # ---- paged caches and several query rows (attention_with_kvcache) -------------------------

@@ -56,6 +56,7 @@ RMS_BWD = "tests/test_rms_norm_emulated.py::test_emulated_rms_norm_bwd"
 ROT = "tests/test_rotary_emulated.py::test_contiguous"
 DEC = "tests/test_decode_emulated.py::test_emulated_decode_kernel_matches_reference"
 BWD = "tests/test_flash_bwd_emulated.py::test_emulated_kernels_match_dense"
+DMMA = "tests/test_decode_emulated.py::test_emulated_decode_mma_matches_reference"
 
 MUTATIONS = [
     Mutation(
@@ -216,6 +217,23 @@ MUTATIONS = [
         "racecheck: the merge reads other warps' partial outputs / max / sum with no barrier after "
         "their shared-memory stores (tracked lds / sts): a write-after-read or read-after-write "
         "hazard, reported with the kernel's name"),
+    Mutation(
+        "decode_mma_copy_ignores_swizzle",
+        "csrc/cuda/decode_mma.cuh",
+        "(((lane & 7) ^ ((lane >> 3) + 4 * jj)) << 4)",
+        "((lane & 7) << 4)",
+        (f"{DMMA}[bfloat16_D128_H32_Hk8_p0_s1_w-1_m0]", f"{DMMA}[float16_D64_H32_Hk1_p1_s2_w-1_m3]"),
+        "the slab copies write chunk c of row r linearly while every ldmatrix reads it at "
+        "c ^ (r & 7): K and V rows arrive with permuted chunks"),
+    Mutation(
+        "decode_mma_copy_end_bound_dropped",
+        "csrc/cuda/decode_mma.cuh",
+        "      const bool ok = key < end;\n      int64_t page = b, row = key;",
+        "      const bool ok = true;\n      int64_t page = b, row = key;",
+        (f"{DMMA}[float16_D128_H16_Hk2_p16_s3_w-1_m1]",),
+        "rows past the split's end are copied instead of zero-filled: on a paged pool the table "
+        "is read past the sequence's pages (memcheck) and NaN rows of unused pages reach P V "
+        "(0 * NaN)"),
     Mutation(
         "decode_d96_idle_lanes_store_partials",
         "csrc/cuda/decode_kernels.cuh",

@@ -257,16 +257,18 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
                  ": shape outside the CUDA kernel's limits (B <= 65535, Hk x row slices <= 65535, B * H * Sq < 2^31, "
                  "cache capacity <= 2^30 tokens); got B = ", b, ", Hk = ", h_k, ", H = ", h, ", Sq = ", sq,
                  ", capacity = ", s_max);
-    int num_sms = 0, smem_optin = 0;
+    int num_sms = 0, smem_optin = 0, smem_per_sm = 0;
     FA_CUDA_CHECK_LAUNCH(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q4.device().index()),
                          "device query");
+    FA_CUDA_CHECK_LAUNCH(
+        cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, q4.device().index()),
+        "device query");
     FA_CUDA_CHECK_LAUNCH(
         cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q4.device().index()),
         "device query");
     TORCH_CHECK(smem_optin >= decode_cuda_smem_bytes(d), "fastattn.", op, ": head dim ", d, " needs ",
                 decode_cuda_smem_bytes(d), " bytes of shared memory per block, this GPU allows ", smem_optin);
-    // Query rows per sequence (Sq * H) take the place of the heads in the split heuristic.
-    p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cuda(b, h * sq, h_k, s_max, d, num_sms);
+    p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cuda(p, num_sms, smem_per_sm);
     alloc_scratch();
     FA_CUDA_CHECK_LAUNCH(decode_attention_cuda(p, current_stream(q4)), op);
 #endif

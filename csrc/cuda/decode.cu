@@ -145,16 +145,31 @@ bool decode_cuda_supports_layout(const DecodeParams& p) {
   return true;
 }
 
-int64_t decode_num_splits_cuda(int64_t b, int64_t h, int64_t h_k, int64_t seqlen_k_max, int64_t d, int num_sms) {
-  // Shapes and SM count only (never cache_seqlens): a CUDA graph replays the same split.
-  // For attention_with_kvcache the binding passes h = h * seqlen_q, the query rows per
-  // sequence, so h / h_k = group * seqlen_q rows per kv head and `slices` below is
-  // decode_slices(), the kernel's blocks per (batch, kv head).
+int64_t decode_num_splits_cuda(const DecodeParams& p, int num_sms, int64_t smem_per_sm) {
+  // Shapes, SM count and shared memory only (never cache_seqlens): a CUDA graph replays the
+  // same split. The query rows per sequence (seqlen_q * h) take the place of the heads, so
+  // h / h_k = group * seqlen_q rows per kv head and `slices` is decode_slices(), the
+  // CUDA-core kernel's blocks per (batch, kv head); the tensor-core kernel runs one block
+  // per (batch, kv head) for its whole group.
+  const int64_t d = p.d, h_k = std::max<int64_t>(p.h_k, 1);
+  const int64_t sms = std::max(num_sms, 1);
+  if (decode_mma_applies(p)) {
+    // Blocks per SM: registers allow 4 at d64 with one m16 tile (128 regs), 3 with two
+    // (164), 2 at d128 (197 / 240; sm_90a, scripts/sass_baseline.json); shared memory (plus
+    // the 1 KiB the driver reserves per block) allows 2 at d128 on sm_90 (228 KiB per SM)
+    // but 1 on sm_80 (164 KiB). On the H200 one block per SM at batch 64 x 4k MQA ran at 52%
+    // of copy with 6% achieved occupancy (128 blocks for 264 slots).
+    const int64_t by_regs = d <= 64 ? (p.h / h_k <= 16 ? 4 : 3) : 2;
+    const int64_t block_smem = int64_t(d <= 64 ? DecodeMmaSmem<64>::kBytes : DecodeMmaSmem<128>::kBytes) + 1024;
+    const int64_t by_smem = std::max<int64_t>(smem_per_sm / block_smem, 1);
+    return decode::num_splits_for_slots(p.b * h_k, sms * std::min(by_regs, by_smem), p.seqlen_k_max,
+                                        kMmaWarps * kMmaWarpN);
+  }
   // By shared memory one block per SM fits at D = 96, 128 and 256, two at D = 64.
   const int64_t hpb = heads_per_block_for(static_cast<int>(d));
-  const int64_t slices = (h / std::max<int64_t>(h_k, 1) + hpb - 1) / hpb;
-  const int64_t slots = int64_t(std::max(num_sms, 1)) * (d <= 64 ? 2 : 1);
-  return decode::num_splits_for_slots(b * h_k * slices, slots, seqlen_k_max, block_n_for(static_cast<int>(d)));
+  const int64_t slices = (p.h * p.seqlen_q / h_k + hpb - 1) / hpb;
+  const int64_t slots = sms * (d <= 64 ? 2 : 1);
+  return decode::num_splits_for_slots(p.b * h_k * slices, slots, p.seqlen_k_max, block_n_for(static_cast<int>(d)));
 }
 
 cudaError_t decode_attention_cuda(const DecodeParams& p, cudaStream_t stream) {

@@ -34,13 +34,13 @@
 //   * Shared-memory rows are XOR-swizzled exactly as decode_kernel's (swz: chunk c of row r at
 //     c ^ (r & 7)), so every ldmatrix phase (8 rows at one logical chunk) and every 8-chunk
 //     cp.async run is conflict free.
-//   * Slab copies: lane L copies row L & 15 of its warp's slab (chunks 2 m + (L >> 4)), so a
-//     row address, contiguous or paged (page-table read + 64-bit division, KvLayout), is
-//     computed once per lane and step for K and V, with no shuffles; the shared-memory
-//     offsets of the copies and of every ldmatrix are four per-lane registers plus immediates
-//     (the flash forward kernel's trick). Main loop, d128 one m-tile: 569 SASS instructions
-//     on sm_90a per 16-key step of a warp, 32 HMMA, 16 LDSM (Q held in registers with one
-//     m-tile), 16 LDGSTS.
+//   * Slab copies: 8 lanes per 128-byte line, so every cp.async instruction reads 4 whole
+//     lines (lane L: rows (L >> 3) + 4 j, chunks 8 h + (L & 7)); a lane computes 4 row
+//     addresses per step, contiguous or paged (one page-table read and 32-bit division per
+//     row serve K and V). The shared-memory offsets of the copies (two per lane) and of every
+//     ldmatrix (four per lane) are per-lane registers plus immediates (the flash forward
+//     kernel's trick). Main loop, d128 one m-tile: SASS counts per 16-key step of a warp in
+//     scripts/sass_baseline.json (32 HMMA, 16 LDSM with Q held in registers, 16 LDGSTS).
 //   * Windows: with seqlen_q = 1 only the left side cuts (kbeg, the same rule as
 //     decode_kernel): the key range is [kbeg, len), split by the same decode::split_range.
 // Registers: O is kMTiles x D / 8 x 4 fp32 per lane (128 at d128 with two m-tiles), under
@@ -155,10 +155,6 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
   const int n_steps = static_cast<int>((end - begin + kMmaWarpN - 1) / kMmaWarpN);
   const int n_mine = n_steps > warp ? (n_steps - warp + kMmaWarps - 1) / kMmaWarps : 0;
 
-  const KvLayout k_layout{p.k_batch_stride, p.k_row_stride, p.block_table, p.block_table_batch_stride,
-                          p.page_size, p.num_pages};
-  const KvLayout v_layout{p.v_batch_stride, p.v_row_stride, p.block_table, p.block_table_batch_stride,
-                          p.page_size, p.num_pages};
   const T* k_base = static_cast<const T*>(p.k_cache) + kvh * p.k_head_stride;
   const T* v_base = static_cast<const T*>(p.v_cache) + kvh * p.v_head_stride;
   const uint32_t my_kv = smem_u32(sKV + warp * kMmaStages * 2 * kSlab);
@@ -184,23 +180,50 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
   }
 
   // Slab load of the warp's i-th step (keys begin + (i * kMmaWarps + warp) * 16 + [0, 16)):
-  // lane L copies row L & 15, chunks 2 m + (L >> 4), m < kD / 16. One row per lane, so a
-  // paged row address (page-table read, 64-bit division) is looked up once per lane and
-  // step, K and V alike. An 8-lane phase writes 8 rows at one logical chunk (8 distinct bank
-  // groups); each lane pair (L, L + 16) reads 32 contiguous bytes of a row (whole sectors).
-  // Rows past `end` are zero-filled (their scores are masked to -inf, and zero V rows
-  // times p = 0 add nothing); their source is the tensor base (nothing is read).
+  // 8 lanes per 128-byte line, so each cp.async instruction of the warp reads 4 whole lines:
+  // lane L copies chunks 8 h + (L & 7), h < kD / 64, of rows (L >> 3) + 4 j, j < 4. (The
+  // row-per-lane copy before it read 16 rows x 32 bytes per instruction, 4x the L2 requests
+  // per byte; on the H200 it streamed at 68% of DRAM bandwidth with the L2 88% busy, ncu.)
+  // The four rows' offsets, K and V, are all computed before the first copy is issued.
+  // Shared memory: chunk c of row r sits at c ^ (r & 7) (swz), and r & 7 = (L >> 3) +
+  // 4 (j & 1), so a destination is cp_off[j & 1] plus immediates; an 8-lane phase writes one
+  // row's 128 bytes, all 8 bank groups. Rows past `end` are
+  // zero-filled (their scores are masked to -inf, and zero V rows times p = 0 add nothing);
+  // their source is the tensor base (nothing is read).
+  uint32_t cp_off[2];
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj)
+    cp_off[jj] = static_cast<uint32_t>((lane >> 3) * kRowBytes + (((lane & 7) ^ ((lane >> 3) + 4 * jj)) << 4));
   auto load_slab = [&](int i, int stage) {
-    const int64_t key = begin + (int64_t(i) * kMmaWarps + warp) * kMmaWarpN + (lane & 15);
-    const bool ok = key < end;
-    const T* sk = ok ? k_base + k_layout.row_offset(b, key) + (lane >> 4) * 8 : k_base;
-    const T* sv = ok ? v_base + v_layout.row_offset(b, key) + (lane >> 4) * 8 : v_base;
+    const int64_t key0 = begin + (int64_t(i) * kMmaWarps + warp) * kMmaWarpN + (lane >> 3);
+    int64_t koff[4], voff[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t key = key0 + 4 * j;
+      // (page, row in page) of the key, or (b, key) for a contiguous cache: one table read
+      // and one 32-bit division serve K and V (keys and page sizes are < 2^30:
+      // decode_cuda_supports_layout).
+      const bool ok = key < end;
+      int64_t page = b, row = key;
+      if (ok && p.block_table != nullptr) {  // (a key past `end` may lie past the table's row)
+        const uint32_t t = static_cast<uint32_t>(key), ps = static_cast<uint32_t>(p.page_size);
+        const int32_t pg = p.block_table[b * p.block_table_batch_stride + t / ps];
+        page = pg < 0 ? 0 : (pg >= p.num_pages ? p.num_pages - 1 : pg);
+        row = t % ps;
+      }
+      koff[j] = ok ? page * p.k_batch_stride + row * p.k_row_stride + (lane & 7) * 8 : -1;
+      voff[j] = ok ? page * p.v_batch_stride + row * p.v_row_stride + (lane & 7) * 8 : -1;
+    }
     const uint32_t dk = my_kv + stage * 2 * kSlabBytes;
 #pragma unroll
-    for (int m = 0; m < kD / 16; ++m) {
-      const uint32_t off = ld_off[m & 3] + (m >> 2) * 128;
-      cp_async16(dk + off, ok ? sk + m * 16 : k_base, ok);
-      cp_async16(dk + kSlabBytes + off, ok ? sv + m * 16 : v_base, ok);
+    for (int j = 0; j < 4; ++j) {
+      const bool ok = koff[j] >= 0;
+#pragma unroll
+      for (int h = 0; h < kD / 64; ++h) {
+        const uint32_t off = cp_off[j & 1] + j * 4 * kRowBytes + h * 128;
+        cp_async16(dk + off, ok ? k_base + koff[j] + h * 64 : k_base, ok);
+        cp_async16(dk + kSlabBytes + off, ok ? v_base + voff[j] + h * 64 : v_base, ok);
+      }
     }
   };
 

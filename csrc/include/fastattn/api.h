@@ -97,10 +97,11 @@ int64_t decode_cuda_smem_bytes(int64_t d);
 // True when k/v caches are 16-byte aligned with every stride a multiple of 8 elements, and
 // the grid fits (b <= 65535, h_k * head slices <= 65535).
 bool decode_cuda_supports_layout(const DecodeParams& params);
-// num_splits for num_splits = 0, from the shapes and the SM count only: no host read of
-// cache_seqlens, so a decode step can be captured in a CUDA graph.
-int64_t decode_num_splits_cuda(int64_t b, int64_t h, int64_t h_k, int64_t seqlen_k_max, int64_t d,
-                               int num_sms);
+// num_splits for num_splits = 0, from the shapes (params: everything but num_splits and the
+// scratch pointers), the SM count and the shared memory per SM only: no host read of
+// cache_seqlens, so a decode step can be captured in a CUDA graph. Sized for the kernel the
+// launcher will pick (tensor-core or CUDA-core), whose blocks per SM differ.
+int64_t decode_num_splits_cuda(const DecodeParams& params, int num_sms, int64_t smem_per_sm);
 // Writes rows in place; rows whose destination cache_seqlens[b] + i falls outside
 // [0, seqlen_k_max) are dropped on the device (the binding rejects them on the host when it
 // may synchronise, i.e. outside graph capture).
