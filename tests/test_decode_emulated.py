@@ -41,6 +41,14 @@ def emu(tmp_path_factory):
     return _build(cxx, tmp_path_factory.mktemp("decode_emulate"), os.path.join(ROOT, "csrc", "cuda"))
 
 
+@pytest.fixture(autouse=True)
+def _decode_mma_back_on(request):
+    """Tests that switch the tensor-core path off (emu_set_decode_mma(0)) get it back on after."""
+    yield
+    if "emu" in request.fixturenames:
+        request.getfixturevalue("emu").emu_set_decode_mma(1)
+
+
 def _build(cxx, folder, cuda_dir):
     """Compile tests/decode_emulate.cpp (which #includes decode.cu and decode_softcap.cu from
     cuda_dir) into folder/decode_emulate.so and load it. The .cu files include
@@ -250,16 +258,16 @@ def test_launcher_grids_and_twin_choice(emu, softcap):
     """decode_attention_cuda launches the (capped or uncapped) decode_kernel on the grid
     (splits, Hk x row slices, B) with 128 threads and more than the default 48 KiB of dynamic
     shared memory (its opt-in), then the combine over B x H x Sq rows of D threads; with one
-    split, no combine. G = 40 needs two 32-row slices per kv head. An uncapped group of 4..32
-    heads (G = 4 here) takes the tensor-core decode_mma_kernel instead, on the grid (splits, Hk,
-    B) (one 16-row m-tile: kernel argument 1), with the same combine; G = 2 and the capped
-    calls stay on decode_kernel."""
+    split, no combine. G = 40 needs two 32-row slices per kv head. An uncapped group of 1..32
+    heads (G = 4 and 2 here) takes the tensor-core decode_mma_kernel instead, on the grid
+    (splits, Hk, B) (one 16-row m-tile: kernel argument 1), with the same combine; G = 40 and
+    the capped calls stay on decode_kernel."""
     for splits, H, Hk in ((3, 8, 2), (1, 40, 1), (3, 4, 2)):
         q, kc, vc, seqlens = _small_decode(H=H, Hk=Hk)
         out, lse = _emulated_decode(emu, q, kc, vc, seqlens, 0.125, splits, softcap=softcap)
         log = _launch_log(emu)
         name = "decode_kernel<half,64,softcap>" if softcap else "decode_kernel<half,64>"
-        if not softcap and 4 <= H // Hk <= 32:
+        if not softcap and 1 <= H // Hk <= 32:
             name = "decode_mma_kernel<half,64,1>"
         slices = -(-(H // Hk) // 32)
         assert [e[:3] for e in log[:1]] == [(name, f"{splits}x{Hk * slices}x2", "128")]
@@ -276,16 +284,18 @@ def test_launcher_warps_per_head_dim(emu):
     """Block size per head dim (warps_for in decode_kernels.cuh): 4 warps at D = 64, where two
     blocks share an SM, 8 warps from D = 96 on (one block per SM by shared memory), and the
     dynamic shared memory the launcher asks for: the double-buffered K/V tiles, the fp32 query
-    rows, one 8-head x 32-key probability buffer per warp and the per-row mask bounds. At G = 4
-    (H = 8) and D = 64 / 128 the tensor-core decode_mma_kernel runs instead: 4 warps, each with
-    its own 3-stage ring of 16-key K and V slabs, plus 32 16-bit query rows."""
-    for H in (4, 8):  # G = 2: decode_kernel at every D; G = 4: decode_mma_kernel at D 64 / 128
+    rows, one 8-head x 32-key probability buffer per warp and the per-row mask bounds. At
+    D = 64 / 128 the tensor-core decode_mma_kernel runs instead (here G = 4; with it switched
+    off, decode_kernel): 4 warps, each with its own 3-stage ring of 16-key K and V slabs, plus
+    32 16-bit query rows."""
+    for mma in (False, True):
+        emu.emu_set_decode_mma(int(mma))
         for D, warps, block_n, rows in ((64, 4, 128, 32), (96, 8, 128, 32), (128, 8, 128, 32), (256, 8, 64, 16)):
-            q, kc, vc, seqlens = _small_decode(D=D, H=H, Hk=2, S=150, lengths=(150, 40))
+            q, kc, vc, seqlens = _small_decode(D=D, H=8, Hk=2, S=150, lengths=(150, 40))
             out, lse = _emulated_decode(emu, q, kc, vc, seqlens, 0.1, 1)
             _check(q, kc, vc, seqlens, out, lse, 0.1)
             log = _launch_log(emu)
-            if H == 8 and D in (64, 128):
+            if mma and D in (64, 128):
                 smem = 4 * 3 * 2 * 16 * D * 2 + 32 * D * 2
                 assert log == [(f"decode_mma_kernel<half,{D},1>", "1x2x2", "128", str(smem))], (D, log)
             else:
@@ -299,8 +309,9 @@ def test_launcher_split_choice_and_refusals(emu):
     cut into as many splits as keep >= 2 key tiles each), the partials sized for it; and the
     launcher's refusals: a split count outside [1, kMaxSplits], missing partials, a head
     dim the device cannot give its shared memory to (sm_86's 99 KiB opt-in at D = 128)."""
+    emu.emu_set_decode_mma(0)  # the CUDA-core kernel (128-key tiles); restored by the fixture
     q, kc, vc, seqlens = _small_decode(dtype=torch.bfloat16, D=128, B=1, H=2, Hk=1, S=1000, lengths=(1000,))
-    splits = _num_splits(emu, 1, 1, 2, 1, 1000, 128)  # group 2: the CUDA-core kernel, 128-key tiles
+    splits = _num_splits(emu, 1, 1, 2, 1, 1000, 128)
     assert splits == (1000 + 127) // 128 // 2
     out, lse = _emulated_decode(emu, q, kc, vc, seqlens, 0.1, 0)
     assert _launch_log(emu)[0][1] == str(splits)  # grid (splits, 1, 1), logged as "x" alone
@@ -361,7 +372,7 @@ def test_split_heuristic_sizes_for_the_tensor_core_kernel(emu):
     # tensor-core path switched off.
     assert _num_splits(emu, 1, 1, 32, 8, 65536, 128, softcap=30.0) == 16
     assert _num_splits(emu, 1, 2, 32, 8, 65536, 128) == 16
-    assert _num_splits(emu, 1, 1, 16, 8, 65536, 128) == 16
+    assert _num_splits(emu, 1, 1, 40, 1, 65536, 128) == 66     # G = 40 > 32: decode_kernel, 2 slices
     emu.emu_set_decode_mma(0)
     try:
         assert _num_splits(emu, 1, 1, 32, 8, 65536, 128) == 16
@@ -623,6 +634,7 @@ def test_memcheck_reports_out_of_bounds_in_the_real_kernel(emu, capfd, monkeypat
     """The sanitizer wiring: told that a buffer is shorter than the kernel's extent, the emulator
     must report the first access past it (kernel, buffer, offset) and return 1."""
     monkeypatch.setenv("FASTATTN_EMU_GUARD", "end")
+    emu.emu_set_decode_mma(int("decode_mma_kernel" in str(expected)))  # G = 2 would take it too
     q = torch.randn(2, H, 64).to(torch.float16)
     kc = torch.randn(2, 64, 1, 64).to(torch.float16)
     vc = torch.randn(2, 64, 1, 64).to(torch.float16)
@@ -667,7 +679,8 @@ def test_racecheck_catches_a_removed_merge_barrier(tmp_path):
     stale bytes. The tracked accessors (lds / sts) must make racecheck report it, naming the
     kernel; the decode cases run clean with the barrier in place (every test above)."""
     emu = _emulator_without_barrier(tmp_path, "decode_kernels.cuh", MERGE_BARRIER)
-    # G = 2: one head slice, four warps share it (G = 4..32 would run decode_mma_kernel)
+    # G = 2: one head slice, four warps share it (decode_mma_kernel switched off: it would take it)
+    emu.emu_set_decode_mma(0)
     q, kc, vc, seqlens = _small_decode(H=4, Hk=2)
     out, lse = torch.empty(2, 1, 4, 64, dtype=q.dtype), torch.empty(2, 4)  # alive over the calls
     ptrs, sizes = _ptrs_sizes(q.unsqueeze(1), kc, vc, seqlens, out, lse, None, None, None)
@@ -755,7 +768,7 @@ def test_emulated_decode_softcap_matches_reference(emu, case):
         torch.testing.assert_close(ref1, true_out[:, 0])
 
 
-# ---- tensor-core decode (decode_mma.cuh): seqlen_q = 1, group 4..32, uncapped, D 64 / 128 -----
+# ---- tensor-core decode (decode_mma.cuh): seqlen_q = 1, group 1..32, uncapped, D 64 / 128 -----
 # (dtype, D, H, Hk, lengths, cap, page (0: contiguous; -1: strided contiguous view), num_splits
 #  (0: the launcher's choice), window_left, mode)
 MMA_CASES = [
@@ -768,13 +781,16 @@ MMA_CASES = [
     (torch.bfloat16, 128, 8, 1, [200, 33, 16], 208, 16, 1, -1, 3),        # MQA G = 8, paged, lengths on pages
     (torch.float16, 128, 32, 1, [1025], 1025, 0, 0, -1, 2),               # G = 32 D 128, auto splits
     (torch.bfloat16, 64, 12, 3, [17, 97, 1], 97, 7, 3, 9, 1),             # G = 4, odd pages, window, splits
+    (torch.float16, 128, 6, 6, [300, 0, 129], 300, 0, 3, -1, 2),          # MHA G = 1: 15 padding rows
+    (torch.bfloat16, 64, 4, 2, [77, 500], 512, 16, 0, 40, 1),             # G = 2, paged, window, auto splits
+    (torch.float16, 128, 9, 3, [1, 260], 260, -1, 2, -1, 3),              # G = 3, strided, splits
 ]
 
 
 @pytest.mark.parametrize("case", MMA_CASES,
                          ids=lambda c: f"{str(c[0])[6:]}_D{c[1]}_H{c[2]}_Hk{c[3]}_p{c[6]}_s{c[7]}_w{c[8]}_m{c[9]}")
 def test_emulated_decode_mma_matches_reference(emu, case):
-    """decode_attention_cuda routes one-token uncapped decode with a group of 4..32 heads at
+    """decode_attention_cuda routes one-token uncapped decode with a group of 1..32 heads at
     D 64 / 128 to decode_mma_kernel (one m16 tile of heads for G <= 16, two for G <= 32), and
     its output and lse match the reference by the error-ratio rule: contiguous (also a strided
     view), paged (page sizes 1, 7, 16), split (same partials + combine) and not, left windows,
@@ -824,8 +840,8 @@ def test_emulated_decode_mma_split_invariance(emu):
 
 
 def test_emulated_decode_mma_routing(emu):
-    """What stays on decode_kernel: groups below 4 or above 32, soft-capping, several query
-    tokens, head dims 96 / 256; the same shapes at G = 4 / 32, D 64 / 128 take decode_mma_kernel."""
+    """What stays on decode_kernel: groups above 32, soft-capping, several query tokens, head
+    dims 96 / 256; the same shapes at G = 1..32, D 64 / 128 take decode_mma_kernel."""
     def first_kernel(H, Hk, D, softcap=0.0, Sq=1):
         q = torch.randn(1, Sq, H, D).to(torch.float16)
         kc = torch.randn(1, 40, Hk, D).to(torch.float16)
@@ -836,7 +852,8 @@ def test_emulated_decode_mma_routing(emu):
     assert first_kernel(4, 1, 64) == "decode_mma_kernel<half,64,1>"
     assert first_kernel(32, 1, 128) == "decode_mma_kernel<half,128,2>"
     assert first_kernel(17, 1, 64) == "decode_mma_kernel<half,64,2>"
-    assert first_kernel(3, 1, 64) == "decode_kernel<half,64>"
+    assert first_kernel(3, 1, 64) == "decode_mma_kernel<half,64,1>"
+    assert first_kernel(2, 2, 128) == "decode_mma_kernel<half,128,1>"
     assert first_kernel(33, 1, 64) == "decode_kernel<half,64>"
     assert first_kernel(8, 2, 64, softcap=5.0) == "decode_kernel<half,64,softcap>"
     assert first_kernel(8, 2, 64, Sq=2) == "decode_kernel<half,64>"
@@ -890,10 +907,10 @@ def test_decode_mma_bank_conflicts(emu, tmp_path):
         assert r["conflict_ratio"] == 1.0, r
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[1] in (64, 128) and 4 <= c[2] // c[3] <= 32],
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] in (64, 128) and 1 <= c[2] // c[3] <= 32],
                          ids=lambda c: f"{str(c[0])[6:]}_D{c[1]}_H{c[2]}_Hk{c[3]}_s{c[6]}_m{c[8]}")
 def test_emulated_decode_cases_on_mma(emu, case):
     """The decode_kernel cases whose shapes the launcher now sends to decode_mma_kernel (group
-    4..32, D 64 / 128), as the launcher runs them: on the tensor-core kernel, same checks."""
+    1..32, D 64 / 128), as the launcher runs them: on the tensor-core kernel, same checks."""
     _run_decode_case(emu, case)
     assert _launch_log(emu)[0][0].startswith("decode_mma_kernel<")

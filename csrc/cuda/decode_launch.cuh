@@ -2,7 +2,7 @@
 // (+ the split combine) and the head dim x dtype dispatch of decode_attention_cuda, shared by
 // decode.cu (uncapped kernels) and decode_softcap.cu (the soft-capped twins) so the two files
 // compile in parallel. decode.cu's uncapped launches at d 64 / 128 also choose the tensor-core
-// decode_mma_kernel (decode_mma.cuh) for seqlen_q = 1 with a group of 4..32 heads.
+// decode_mma_kernel (decode_mma.cuh) for seqlen_q = 1 with a group of 1..32 heads.
 //
 // One copy, also compiled by tests/decode_emulate.cpp (g++ over the CUDA runtime stand-ins of
 // tests/fiber_emulate.h, FASTATTN_DECODE_EMULATE defined), which includes decode.cu and
@@ -57,7 +57,7 @@ inline cudaError_t launch_decode_mma(const DecodeParams& p, cudaStream_t stream)
 
 template <typename T, int kD, bool kSoftcap>
 inline cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
-  // Tensor cores for one query token with a group of 4..32 heads, uncapped, d 64 / 128
+  // Tensor cores for one query token with a group of 1..32 heads, uncapped, d 64 / 128
   // (decode_mma_applies); everything else on the CUDA-core decode_kernel.
   if constexpr (!kSoftcap && (kD == 64 || kD == 128)) {
     if (decode_mma_applies(p)) {

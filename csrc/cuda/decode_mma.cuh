@@ -1,5 +1,5 @@
-// decode_mma.cuh — tensor-core (mma.sync.m16n8k16) decode for grouped-KV heads with a large
-// group: seqlen_q == 1, group G = h / h_k in [4, 32], no soft-capping, head dims 64 and 128,
+// decode_mma.cuh — tensor-core (mma.sync.m16n8k16) decode for grouped-KV heads:
+// seqlen_q == 1, group G = h / h_k in [1, 32], no soft-capping, head dims 64 and 128,
 // fp16 / bf16, contiguous or paged caches, split-KV with the same partial / lse outputs as
 // decode_kernel (decode_kernels.cuh), merged by the same decode_combine_kernel. Everything
 // else stays on decode_kernel (decode_launch.cuh chooses).
@@ -23,6 +23,11 @@
 // step a warp issues D / 8 HMMA for Q K^T and D / 8 for P V per m-tile (d128: 32 HMMA and
 // 16 LDSM) instead of 16 * G * D / 32 FMAs a lane: the math stops being the bound even with
 // the 4x padding waste at G = 4, and the kernel is left to stream K/V at full width.
+// Groups 1..3 (multi-head attention and small GQA groups) run here too: their math is 16x /
+// 5x padding, still far below the tensor cores' rate at memory speed, and they get this
+// kernel's streaming (8 warps per SM, no loop barriers), which on the H200 reached 52-71% of
+// copy where decode_kernel, before its restructuring, sat at 8-22% (whether the restructured
+// decode_kernel would do better at G < 4 was never measured).
 //   * Work split: 4 warps per block, each warp an independent flash-decoding stream over
 //     16-key steps (warp w takes steps w, w + 4, w + 8, ... of the block's key range) with
 //     its OWN 3-stage cp.async ring of 16-row K and V slabs: a warp loads exactly the rows it
@@ -69,7 +74,7 @@ inline bool decode_mma_applies(const DecodeParams& p) {
 #endif
   if (p.seqlen_q != 1 || p.h_k < 1 || p.softcap > 0.f) return false;
   const int64_t group = p.h / p.h_k;
-  return group >= 4 && group <= 32 && (p.d == 64 || p.d == 128);
+  return group >= 1 && group <= 32 && (p.d == 64 || p.d == 128);
 }
 
 template <int kD>
