@@ -298,6 +298,7 @@ def apply_rotary(
     positions: Optional[Tensor] = None,
     interleaved: bool = False,
     inplace: bool = False,
+    check_positions: bool = True,
 ):
     """Rotary position embedding of q and k in one fused pass.
 
@@ -310,7 +311,7 @@ def apply_rotary(
         positions: (B, S) or (S,) int32/int64 position of each token, default ``arange(S)``;
             decoding at an offset is ``positions=torch.arange(off, off + S)``. Values must
             lie in [0, max_pos): always checked on the CPU; on CUDA checked with one host
-            sync, except during CUDA graph capture or with
+            sync, except with ``check_positions=False``, during CUDA graph capture or with
             ``FASTATTN_ROTARY_SKIP_POSITION_CHECK=1``, where a token with a bad position
             gets NaN in its rotated dims instead (the kernel never reads outside the tables).
         interleaved: False for NeoX/LLaMA (pairs ``(i, i + R/2)``), True for GPT-J (pairs
@@ -327,7 +328,11 @@ def apply_rotary(
             that cannot rule it out), or if the tables or positions lie in q's or k's
             memory. (Under torch.compile the copy-back path skips these checks, which need
             real addresses; the in-place kernel always makes them.)
-
+        check_positions: True (default) checks the positions' values as above. False is for
+            callers that guarantee them (e.g. a decode loop that bounds its lengths on the
+            host): on CUDA it skips the check and its host sync (one per call otherwise:
+            the device cannot run ahead of the CPU); on the CPU, where the check costs no
+            sync, the values are still checked. Shape and dtype checks always run.
     Returns:
         (q_rot, k_rot) with q's and k's shapes and dtype (new contiguous tensors, or q and k
         themselves when ``inplace``). Math is done in fp32.
@@ -336,16 +341,18 @@ def apply_rotary(
     sin are treated as constants and get no gradient.
     """
     _check_rotary_args(q, k, cos, sin, positions)
+    if not isinstance(check_positions, bool):
+        raise TypeError(f"check_positions must be a bool, got {type(check_positions).__name__}")
     if not inplace:
-        return ops.rotary(q, k, cos, sin, positions, interleaved, False)
+        return ops.rotary(q, k, cos, sin, positions, interleaved, False, check_positions)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         if not torch.compiler.is_compiling():
             _check_inplace_memory(q, k)
-        q_rot, k_rot = ops.rotary(q, k, cos, sin, positions, interleaved, False)
+        q_rot, k_rot = ops.rotary(q, k, cos, sin, positions, interleaved, False, check_positions)
         q.copy_(q_rot)
         k.copy_(k_rot)
         return q, k
-    ops.rotary_(q, k, cos, sin, positions, interleaved, False)
+    ops.rotary_(q, k, cos, sin, positions, interleaved, False, check_positions)
     return q, k
 
 
@@ -894,6 +901,7 @@ def append_kv(
     cache_seqlens: Tensor,
     *,
     block_table: Optional[Tensor] = None,
+    check_capacity: bool = True,
 ) -> None:
     """Write new keys/values into the caches in place: token ``cache_seqlens[b] + i`` of
     sequence b becomes ``k[b, i]`` (same for v).
@@ -909,15 +917,20 @@ def append_kv(
         block_table: (B, max_pages_per_seq) int32, for a paged cache (see
             ``decode_attention``): the pages that will hold the new tokens must be in the
             table already (the caller allocates pages).
+        check_capacity: True (default) checks the lengths as below. False is for callers
+            that guarantee them (e.g. a decode loop that bounds its lengths on the host): on
+            CUDA it skips the check and its host read of cache_seqlens; on the CPU, where
+            the check costs no sync, it still runs.
 
     Raises ValueError when a write would land past the capacity (``cache_seqlens[b] + Sn >
     S_max``, or ``max_pages_per_seq * page_size``) or at a negative row, and on the CPU when
     a page index it would write is not in [0, num_pages). On CUDA the capacity check reads
-    cache_seqlens on the host (one synchronisation) and is skipped while a CUDA graph is
-    being captured; then the kernel silently drops out-of-range rows instead (memory is
-    never written out of bounds); page indices are never read on the host there and are
-    clamped into the pool. Two sequences appending into the same page rows race: the
-    allocator must give each its own pages for new tokens.
+    cache_seqlens on the host (one synchronisation) and is skipped with
+    ``check_capacity=False`` or while a CUDA graph is being captured; then the kernel
+    silently drops out-of-range rows instead (memory is never written out of bounds); page
+    indices are never read on the host there and are clamped into the pool. Two sequences
+    appending into the same page rows race: the allocator must give each its own pages for
+    new tokens.
 
     An in-place op like torch's own: it bumps the caches' version counters (a cache saved
     for some backward and then appended to is reported when that backward runs). It is not
@@ -947,4 +960,6 @@ def append_kv(
     if paged:
         _check_block_table(block_table, k_cache, B)
     _check_cache_seqlens(cache_seqlens, k_cache, B)
-    ops.append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table)
+    if not isinstance(check_capacity, bool):
+        raise TypeError(f"check_capacity must be a bool, got {type(check_capacity).__name__}")
+    ops.append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table, check_capacity)

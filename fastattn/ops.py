@@ -143,31 +143,35 @@ torch.library.register_autograd(
 )
 
 # ---- rotary ------------------------------------------------------------------------------
+# check_positions=False skips the position-range check on CUDA (a host sync per call); the
+# CPU always checks (see csrc/bindings/rotary.cpp).
 def rotary(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor], interleaved: bool, conjugate: bool
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor], interleaved: bool, conjugate: bool,
+    check_positions: bool = True,
 ) -> Tuple[Tensor, Tensor]:
-    return _ops.rotary(q, k, cos, sin, positions, interleaved, conjugate)
+    return _ops.rotary(q, k, cos, sin, positions, interleaved, conjugate, check_positions)
 
 
 def rotary_(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor], interleaved: bool, conjugate: bool
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor], interleaved: bool, conjugate: bool,
+    check_positions: bool = True,
 ) -> None:
-    _ops.rotary_(q, k, cos, sin, positions, interleaved, conjugate)
+    _ops.rotary_(q, k, cos, sin, positions, interleaved, conjugate, check_positions)
 
 
 @torch.library.register_fake("fastattn::rotary")
-def _rotary_fake(q, k, cos, sin, positions, interleaved, conjugate):
+def _rotary_fake(q, k, cos, sin, positions, interleaved, conjugate, check_positions=True):
     # The kernel always returns freshly allocated contiguous outputs.
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 @torch.library.register_fake("fastattn::rotary_")
-def _rotary_inplace_fake(q, k, cos, sin, positions, interleaved, conjugate):
+def _rotary_inplace_fake(q, k, cos, sin, positions, interleaved, conjugate, check_positions=True):
     return None
 
 
 def _rotary_setup(ctx, inputs, output):
-    _q, _k, cos, sin, positions, interleaved, conjugate = inputs
+    _q, _k, cos, sin, positions, interleaved, conjugate, _check_positions = inputs
     ctx.save_for_backward(cos, sin, positions)
     ctx.interleaved = interleaved
     ctx.conjugate = conjugate
@@ -185,12 +189,13 @@ def _grad_or_zeros(g: Optional[Tensor], meta) -> Tensor:
 def _rotary_backward(ctx, dq, dk):
     # A rotation is orthogonal: its adjoint is the rotation by the opposite angle, which is
     # the same kernel with the conjugate flag flipped. The tables get no gradient (they are
-    # constants of the model, as in flash-attn's apply_rotary_emb).
+    # constants of the model, as in flash-attn's apply_rotary_emb). The forward already
+    # checked these positions (or its caller vouched for them): no second host sync here.
     cos, sin, positions = ctx.saved_tensors
     dq = _grad_or_zeros(dq, ctx.q_meta)
     dk = _grad_or_zeros(dk, ctx.k_meta)
-    gq, gk = _ops.rotary(dq, dk, cos, sin, positions, ctx.interleaved, not ctx.conjugate)
-    return gq, gk, None, None, None, None, None
+    gq, gk = _ops.rotary(dq, dk, cos, sin, positions, ctx.interleaved, not ctx.conjugate, False)
+    return gq, gk, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastattn::rotary", _rotary_backward, setup_context=_rotary_setup)
@@ -404,8 +409,9 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, soft
                                        window_left, window_right, seqlens_k_add, num_splits, softcap)
 
 
-def append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=None):
-    _ops.append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table)
+def append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=None, check_capacity=True):
+    # check_capacity=False: no host read of cache_seqlens on CUDA (the CPU always checks)
+    _ops.append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table, check_capacity)
 
 
 @torch.library.register_fake("fastattn::decode_attention")
@@ -423,7 +429,7 @@ def _attention_with_kvcache_fake(q, k_cache, v_cache, cache_seqlens, block_table
 
 
 @torch.library.register_fake("fastattn::append_kv")
-def _append_kv_fake(k_cache, v_cache, k, v, cache_seqlens, block_table=None):
+def _append_kv_fake(k_cache, v_cache, k, v, cache_seqlens, block_table=None, check_capacity=True):
     return None
 
 

@@ -254,6 +254,38 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastattn.attention_with_kvcache, (q4, kc, kc, seqlens, None, 0.3, 2, 1, 0, 2))
     k = torch.randn(B, 2, Hk, D)
     torch.library.opcheck(torch.ops.fastattn.append_kv, (kp, vp, k, k.clone(), _seqlens([3, 9], "cpu"), bt))
+    for check in (True, False):  # the trailing check_capacity argument
+        torch.library.opcheck(torch.ops.fastattn.append_kv, (kp, vp, k, k.clone(), _seqlens([3, 9], "cpu"), bt, check))
+        torch.library.opcheck(torch.ops.fastattn.append_kv, (kc, kc.clone(), k, k.clone(), _seqlens([3, 9], "cpu"),
+                                                             None, check))
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_append_kv_check_capacity_flag_cpu(paged):
+    # check_capacity=False skips the host read of cache_seqlens on CUDA only: on the CPU the
+    # check costs no sync and still runs (a write past the capacity stays a clear error).
+    B, Hk, D, ps = 2, 2, 8, 4
+    kc = torch.zeros(B, 12, Hk, D)
+    vc = torch.zeros_like(kc)
+    bt = None
+    if paged:
+        kc, vc, bt = _to_paged(kc, vc, ps)
+    k, v = torch.randn(B, 3, Hk, D), torch.randn(B, 3, Hk, D)
+    kc0, vc0 = kc.clone(), vc.clone()
+    for check in (True, False):
+        for lens, match in (([3, 10], "exceeds the cache capacity"), ([-1, 2], "cache_seqlens must be >= 0")):
+            with pytest.raises(ValueError, match=match):
+                fastattn.append_kv(kc, vc, k, v, _seqlens(lens, "cpu"), block_table=bt, check_capacity=check)
+            with pytest.raises(ValueError, match=match):
+                torch.ops.fastattn.append_kv(kc, vc, k, v, _seqlens(lens, "cpu"), bt, check)
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0)  # nothing written
+    fastattn.append_kv(kc, vc, k, v, _seqlens([0, 9], "cpu"), block_table=bt, check_capacity=False)
+    ref_k, ref_v = kc0.clone(), vc0.clone()
+    reference.append_kv(ref_k, ref_v, k, v, _seqlens([0, 9], "cpu"), bt)
+    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+    for bad_flag in (0, None):
+        with pytest.raises(TypeError, match="check_capacity must be a bool"):
+            fastattn.append_kv(kc, vc, k, v, _seqlens([0, 1], "cpu"), block_table=bt, check_capacity=bad_flag)
 
 
 def test_not_differentiable():

@@ -229,3 +229,23 @@ def test_bad_positions_named():
     with pytest.raises(ValueError, match="max_position must be >= 0, got -1"):
         rope(q, k, torch.tensor([0, 1]), max_position=-1)
     assert rope.cached_positions == 16
+
+
+def test_forward_passes_check_positions(monkeypatch):
+    import fastattn.nn.rotary as nn_rotary
+
+    seen = []
+    real = nn_rotary.F.apply_rotary
+
+    def apply_rotary(*args, **kw):
+        seen.append(kw["check_positions"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(nn_rotary.F, "apply_rotary", apply_rotary)
+    rope = fastattn.nn.RotaryEmbedding(8, max_position_embeddings=16)
+    q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 1, 8)
+    pos = torch.tensor([2, 5, 7])
+    a = rope(q, k, pos)
+    b = rope(q, k, pos, check_positions=False)
+    assert seen == [True, False]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -215,6 +215,12 @@ def test_opcheck(device):
                 torch.ops.fastattn.rotary_,
                 (q.detach().clone(), k.detach().clone(), cos, sin, pos, interleaved, conjugate),
             )
+        # the trailing check_positions argument, both ways
+        for check in (True, False):
+            torch.library.opcheck(torch.ops.fastattn.rotary, (q, k, cos, sin, pos, False, False, check))
+            torch.library.opcheck(
+                torch.ops.fastattn.rotary_, (q.detach().clone(), k.detach().clone(), cos, sin, pos, True, False, check)
+            )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -330,6 +336,51 @@ def test_positions_out_of_range(device, inplace):
     pos = torch.tensor([7, 8, 9], device=device)  # up to the last row of the table
     q2, k2 = fastattn.apply_rotary(q, k, cos, sin, positions=pos, inplace=inplace)
     _check(q2, k2, q0, k0, cos, sin, pos, False, 16)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["outofplace", "inplace"])
+def test_check_positions_flag_cpu(inplace):
+    # check_positions=False skips the check's host sync on CUDA only: on the CPU the check
+    # costs no sync and still runs, so a bad position stays a clear error there.
+    q, k = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 1, 16)
+    cos, sin = _tables(16, "cpu", max_pos=10)
+    bad = torch.tensor([[0, 1, 2], [3, 10, 4]])
+    for check in (True, False):
+        with pytest.raises(ValueError, match=r"positions must lie in \[0, 10\)"):
+            fastattn.apply_rotary(q, k, cos, sin, positions=bad, inplace=inplace, check_positions=check)
+        with pytest.raises(ValueError, match=r"positions must lie in \[0, 10\)"):
+            torch.ops.fastattn.rotary(q, k, cos, sin, bad, False, False, check)
+    # good positions: the same result either way
+    pos = torch.tensor([[7, 8, 9], [0, 5, 9]])
+    r_true = fastattn.apply_rotary(q.clone(), k.clone(), cos, sin, positions=pos, inplace=inplace)
+    r_false = fastattn.apply_rotary(q.clone(), k.clone(), cos, sin, positions=pos, inplace=inplace,
+                                    check_positions=False)
+    assert torch.equal(r_true[0], r_false[0]) and torch.equal(r_true[1], r_false[1])
+    _check(r_false[0], r_false[1], q, k, cos, sin, pos, False, 16)
+    for bad_flag in (1, None, "yes"):
+        with pytest.raises(TypeError, match="check_positions must be a bool"):
+            fastattn.apply_rotary(q, k, cos, sin, positions=pos, check_positions=bad_flag)
+
+
+def test_backward_does_not_recheck_positions():
+    # The backward rotates with the same positions the forward checked: check_positions=False.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.fastattn.rotary.default:
+                seen.append((args[6], args[7] if len(args) > 7 else kwargs.get("check_positions", True)))
+            return func(*args, **(kwargs or {}))
+
+    cos, sin = _tables(16, "cpu", max_pos=10)
+    q = torch.randn(1, 3, 2, 16, requires_grad=True)
+    k = torch.randn(1, 3, 1, 16, requires_grad=True)
+    with Record():
+        q2, k2 = fastattn.apply_rotary(q, k, cos, sin, positions=torch.tensor([1, 4, 9]))
+        (q2.sum() + k2.sum()).backward()
+    assert seen == [(False, True), (True, False)]  # (conjugate, check_positions): forward, backward
 
 
 def test_inplace_overlap_rejected():

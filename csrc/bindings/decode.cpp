@@ -330,7 +330,8 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kvcache(const at::Tensor& q, c
 }
 
 void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-               const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table_arg) {
+               const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table_arg,
+               bool check_capacity) {
   const bool paged = block_table_arg.has_value();
   check_caches(k_cache, v_cache, paged, "append_kv");
   check_same_device(k, k_cache, "k", "k_cache");
@@ -366,8 +367,13 @@ void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
 
   // Capacity: every sequence needs 0 <= cache_seqlens[b] and cache_seqlens[b] + Sn <= S_max
   // (max_pages_per_seq * page_size when paged), and on the CPU the pages written must exist.
-  if (!is_capturing(k_cache)) {
-    const int64_t lo_v = cache_seqlens.min().item<int32_t>(), hi_v = cache_seqlens.max().item<int32_t>();
+  // On CUDA this reads cache_seqlens on the host: one sync (min and max copied together),
+  // skipped with check_capacity=False (the caller guarantees the lengths: the model's decode
+  // step) or while capturing a graph. The CPU always checks: there it costs no sync.
+  if ((check_capacity || !k_cache.is_cuda()) && !is_capturing(k_cache)) {
+    const auto [lo_t, hi_t] = at::aminmax(cache_seqlens);
+    const at::Tensor both = at::stack({lo_t, hi_t}).to(at::kCPU, at::kLong);
+    const int64_t lo_v = both[0].item<int64_t>(), hi_v = both[1].item<int64_t>();
     FA_CHECK_ARG(lo_v >= 0, "fastattn.append_kv: cache_seqlens must be >= 0, got a minimum of ", lo_v);
     FA_CHECK_ARG(hi_v + sn <= s_max, "fastattn.append_kv: appending ", sn, " rows at cache_seqlens (max ", hi_v,
                  ") exceeds the cache capacity ", paged ? "max_pages_per_seq * page_size = " : "S_max = ", s_max);
@@ -424,21 +430,21 @@ const c10::TypedOperatorHandle<decltype(append_kv)>& append_kv_op() {
 
 void append_kv_autograd(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
                         const at::Tensor& v, const at::Tensor& cache_seqlens,
-                        const std::optional<at::Tensor>& block_table) {
+                        const std::optional<at::Tensor>& block_table, bool check_capacity) {
   check_inplace_not_differentiable(
       "fastattn.append_kv", {{k_cache, "k_cache"}, {v_cache, "v_cache"}, {k, "k"}, {v, "v"}},
       "it writes the cache for inference only, so call it under torch.no_grad() or "
       "torch.inference_mode(), or pass detached tensors");
   at::AutoDispatchBelowAutograd guard;
-  append_kv_op().call(k_cache, v_cache, k, v, cache_seqlens, block_table);
+  append_kv_op().call(k_cache, v_cache, k, v, cache_seqlens, block_table, check_capacity);
 }
 
 void append_kv_inplace_or_view(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& cache_seqlens,
-                               const std::optional<at::Tensor>& block_table) {
+                               const std::optional<at::Tensor>& block_table, bool check_capacity) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    append_kv_op().call(k_cache, v_cache, k, v, cache_seqlens, block_table);
+    append_kv_op().call(k_cache, v_cache, k, v, cache_seqlens, block_table, check_capacity);
   }
   bump_versions(k_cache, v_cache);
 }

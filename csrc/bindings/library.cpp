@@ -24,10 +24,12 @@ TORCH_LIBRARY(fastattn, m) {
   // q (B, S, H, D), k (B, S, Hk, D) rotated by the angles of cos/sin (max_pos, R/2) fp32 at
   // positions ((B, S) or (S,) int32/int64; None = arange(S)). conjugate rotates by the
   // negated angle (the backward). Out of place: contiguous outputs. In place: q and k.
+  // check_positions=False skips the position-range check on CUDA (a host sync); the CPU
+  // always checks. Unchecked, a bad position gives NaN in its token's rotated dims.
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions, bool interleaved,"
-        " bool conjugate) -> (Tensor q_out, Tensor k_out)");
+        " bool conjugate, bool check_positions=True) -> (Tensor q_out, Tensor k_out)");
   m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions,"
-        " bool interleaved, bool conjugate) -> ()");
+        " bool interleaved, bool conjugate, bool check_positions=True) -> ()");
 
   // ---- flash attention -------------------------------------------------------------------
   // q (B, Sq, H, D), k/v (B, Sk, Hk, D), last dim contiguous. out (B, Sq, H, D) in q's dtype,
@@ -71,8 +73,10 @@ TORCH_LIBRARY(fastattn, m) {
         " Tensor? block_table, float? softmax_scale, int window_left, int window_right, int seqlens_k_add,"
         " int num_splits, float softcap=0.0) -> (Tensor out, Tensor lse)");
   // Writes k, v (B, Sn, Hk, D) into the caches at rows cache_seqlens[b] + i, in place.
+  // check_capacity=False skips the capacity check on CUDA (a host read of cache_seqlens);
+  // the CPU always checks. Unchecked, rows outside the cache are dropped on the device.
   m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor cache_seqlens,"
-        " Tensor? block_table=None) -> ()");
+        " Tensor? block_table=None, bool check_capacity=True) -> ()");
 
   // ---- mixture-of-experts experts (CPU kernel only) --------------------------------------
   // out (N, hidden) fp32 = sum_j routing_weights[:, j] * expert_{expert_ids[:, j]}(x) for

@@ -26,10 +26,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
 std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k,
                                           const at::Tensor& cos, const at::Tensor& sin,
                                           const std::optional<at::Tensor>& positions,
-                                          bool interleaved, bool conjugate);
+                                          bool interleaved, bool conjugate, bool check_positions);
 void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
              const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved,
-             bool conjugate);
+             bool conjugate, bool check_positions);
 
 // ---- flash attention (flash_attn.cpp) --------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k,
@@ -70,7 +70,8 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kvcache(const at::Tensor& q, c
                                                           int64_t window_right, int64_t seqlens_k_add,
                                                           int64_t num_splits, double softcap);
 void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-               const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table);
+               const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+               bool check_capacity);
 // flash_attn_fwd on the CPU for a few queries over many keys: the KV-cache kernel, reading k/v
 // in place (flash_attn.cpp decides when). out (B, Sq, H, D) and lse (B, H, Sq) preallocated.
 void flash_attn_fwd_short_query_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

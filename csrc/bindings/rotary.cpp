@@ -1,10 +1,12 @@
 // rotary.cpp — tensors -> RotaryParams, validation, device dispatch for the rotary ops.
 //
 // Out-of-range positions: on the CPU they are always rejected here (a min/max over the
-// positions, cheap next to the rotation). On CUDA the same check needs one device-to-host
-// copy, i.e. a host sync; it is made in eager use, and skipped while the current stream is
-// being captured into a CUDA graph (where a sync is illegal) or when the environment sets
-// FASTATTN_ROTARY_SKIP_POSITION_CHECK=1 (for decode loops that cannot afford the sync).
+// positions, cheap next to the rotation, whatever check_positions says). On CUDA the same
+// check needs one device-to-host copy, i.e. a host sync; it is made in eager use, and
+// skipped when the caller passes check_positions=False (it guarantees the values: the
+// model's decode step, the Hugging Face integration's arange, the autograd backward), while
+// the current stream is being captured into a CUDA graph (where a sync is illegal), or when
+// the environment sets FASTATTN_ROTARY_SKIP_POSITION_CHECK=1.
 // When skipped, the kernel never reads outside the tables: a token with a bad position
 // gets NaN in its rotated dims, so the error is visible rather than silent.
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -81,11 +83,11 @@ bool position_check_disabled() {
 }
 #endif
 
-void check_position_values(const at::Tensor& pos, int64_t max_pos) {
+void check_position_values(const at::Tensor& pos, int64_t max_pos, bool check_positions) {
   if (pos.numel() == 0) return;
 #ifdef FASTATTN_WITH_CUDA
   if (pos.is_cuda()) {
-    if (position_check_disabled()) return;
+    if (!check_positions || position_check_disabled()) return;
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     // An error here means the stream is in a state where syncing is not safe either.
     if (cudaStreamIsCapturing(current_stream(pos), &capture) != cudaSuccess ||
@@ -147,14 +149,14 @@ struct Prepared {
 };
 
 Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-                 const std::optional<at::Tensor>& positions) {
+                 const std::optional<at::Tensor>& positions, bool check_positions) {
   check_rotary_inputs(q, k, cos, sin, positions);
   Prepared r;
   r.cos = cos.contiguous();
   r.sin = sin.contiguous();
   if (positions.has_value()) {
     r.positions = positions->stride(-1) == 1 ? *positions : positions->contiguous();
-    check_position_values(r.positions, cos.size(0));
+    check_position_values(r.positions, cos.size(0), check_positions);
   }
   return r;
 }
@@ -163,8 +165,8 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos
 
 std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                           const at::Tensor& sin, const std::optional<at::Tensor>& positions,
-                                          bool interleaved, bool conjugate) {
-  const Prepared in = prepare(q, k, cos, sin, positions);
+                                          bool interleaved, bool conjugate, bool check_positions) {
+  const Prepared in = prepare(q, k, cos, sin, positions, check_positions);
   at::Tensor q_out = empty_output(q.sizes(), q.options());
   at::Tensor k_out = empty_output(k.sizes(), k.options());
   RotaryParams p = make_params(q, k, in.cos, in.sin, in.positions, interleaved, conjugate);
@@ -177,8 +179,9 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
 }
 
 void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-             const std::optional<at::Tensor>& positions, bool interleaved, bool conjugate) {
-  const Prepared in = prepare(q, k, cos, sin, positions);
+             const std::optional<at::Tensor>& positions, bool interleaved, bool conjugate,
+             bool check_positions) {
+  const Prepared in = prepare(q, k, cos, sin, positions, check_positions);
   // Writing through a tensor whose elements share memory (an expand), or into q and k that
   // share elements, would rotate some elements twice; writing q or k while the kernel reads
   // the tables or positions from the same memory would read rotated values. q and k are
@@ -221,19 +224,21 @@ const c10::TypedOperatorHandle<decltype(rotary_)>& rotary_inplace_op() {
 }
 
 void rotary_inplace_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-                             const std::optional<at::Tensor>& positions, bool interleaved, bool conjugate) {
+                             const std::optional<at::Tensor>& positions, bool interleaved, bool conjugate,
+                             bool check_positions) {
   check_inplace_not_differentiable("fastattn::rotary_ (in place)", {{q, "q"}, {k, "k"}},
                                    "use fastattn.apply_rotary(..., inplace=True), which records the rotation "
                                    "for autograd, or no_grad");
   at::AutoDispatchBelowAutograd guard;
-  rotary_inplace_op().call(q, k, cos, sin, positions, interleaved, conjugate);
+  rotary_inplace_op().call(q, k, cos, sin, positions, interleaved, conjugate, check_positions);
 }
 
 void rotary_inplace_or_view(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-                            const std::optional<at::Tensor>& positions, bool interleaved, bool conjugate) {
+                            const std::optional<at::Tensor>& positions, bool interleaved, bool conjugate,
+                            bool check_positions) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    rotary_inplace_op().call(q, k, cos, sin, positions, interleaved, conjugate);
+    rotary_inplace_op().call(q, k, cos, sin, positions, interleaved, conjugate, check_positions);
   }
   bump_versions(q, k);
 }

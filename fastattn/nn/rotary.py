@@ -102,8 +102,10 @@ class RotaryEmbedding(torch.nn.Module):
     Buffers (not in the state_dict): ``inv_freq`` (R/2,), ``cos`` and ``sin``
     (cached positions, R/2), all fp32, whatever dtype the module is cast to.
 
-    ``forward(q, k, positions=None, *, max_position=None, inplace=False)`` returns
-    ``fastattn.apply_rotary(q, k, cos, sin, positions=..., interleaved=..., inplace=...)``.
+    ``forward(q, k, positions=None, *, max_position=None, inplace=False, check_positions=True)``
+    returns ``fastattn.apply_rotary(q, k, cos, sin, positions=..., interleaved=..., inplace=...,
+    check_positions=...)`` (False: the caller guarantees the positions, and CUDA skips the
+    check's host sync).
     The tables grow (doubling) when a larger position is needed: with ``positions=None``
     that is S; with CPU positions their max is read; CUDA positions are not read (that
     would sync), so pass ``max_position`` (an exclusive upper bound of the positions) when
@@ -188,6 +190,7 @@ class RotaryEmbedding(torch.nn.Module):
         *,
         max_position: Optional[int] = None,
         inplace: bool = False,
+        check_positions: bool = True,
     ):
         if positions is None:
             needed = q.shape[1] if isinstance(q, Tensor) and q.dim() >= 2 else 0
@@ -218,7 +221,8 @@ class RotaryEmbedding(torch.nn.Module):
             needed, what = 0, ""
         self._ensure(needed, what)
         return F.apply_rotary(
-            q, k, self.cos, self.sin, positions=positions, interleaved=self.interleaved, inplace=inplace
+            q, k, self.cos, self.sin, positions=positions, interleaved=self.interleaved, inplace=inplace,
+            check_positions=check_positions,
         )
 
     def extra_repr(self) -> str:
