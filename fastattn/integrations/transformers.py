@@ -549,7 +549,10 @@ def _hf_rotary_on_fastattn(q, k, cos, sin, unsqueeze_dim=1):
         positions = torch.arange(S, device=q.device)
     else:
         positions = torch.arange(Bc * S, device=q.device).view(Bc, S)
-    q2, k2 = fastattn.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos_t, sin_t, positions=positions)
+    # positions index the table just built from cos itself: in range by construction, so no
+    # value check (on CUDA it would be a host sync in every attention layer).
+    q2, k2 = fastattn.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos_t, sin_t, positions=positions,
+                                   check_positions=False)
     return q2.transpose(1, 2), k2.transpose(1, 2)
 
 

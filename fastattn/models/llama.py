@@ -565,12 +565,15 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _rotary(backend: str, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor]):
+def _rotary(backend: str, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor],
+            check: bool = True):
     """RoPE of q (B, S, H, D) and k (B, S, Hk, D) at `positions` (None: arange(S)); cos/sin
     (max_pos, R/2) fp32 rotate the first R dims (NeoX halves), the rest pass through. The torch
-    backend is the ordinary rotary: full-width tables cast to q's dtype, x * cos + rotate_half(x) * sin."""
+    backend is the ordinary rotary: full-width tables cast to q's dtype, x * cos + rotate_half(x) * sin.
+    check=False: the caller has bounded the positions on the host (fastattn then skips its
+    value check, a host sync per call on CUDA)."""
     if backend == "fastattn":
-        return fastattn.apply_rotary(q, k, cos, sin, positions=positions)
+        return fastattn.apply_rotary(q, k, cos, sin, positions=positions, check_positions=check)
     S, R = q.shape[1], 2 * cos.shape[-1]
     if positions is None:
         c, s = cos[:S], sin[:S]  # (S, R/2)
@@ -651,9 +654,11 @@ def _causal_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, window: int
 
 
 def _append_kv(backend: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, write_at: Tensor,
-               block_table: Optional[Tensor] = None) -> None:
+               block_table: Optional[Tensor] = None, check: bool = True) -> None:
+    """check=False: the caller has bounded write_at + Sn by the capacity on the host (fastattn
+    then skips its capacity check, a host read of write_at per call on CUDA)."""
     if backend == "fastattn" and _attention_kernels_take(k, decode=True):
-        fastattn.append_kv(k_cache, v_cache, k, v, write_at, block_table=block_table)
+        fastattn.append_kv(k_cache, v_cache, k, v, write_at, block_table=block_table, check_capacity=check)
         return
     # rows [write_at[b], write_at[b] + Sn) of sequence b; on a paged cache, row t of sequence
     # b is slot t % page_size of page block_table[b, t // page_size] (reference.paged_rows)
@@ -721,7 +726,42 @@ def paged_kernels_available() -> bool:
 # ---------------------------------------------------------------------------------------
 # KV cache
 # ---------------------------------------------------------------------------------------
-class KVCache:
+class _HostLengthBound:
+    """An upper bound of the lengths in ``seqlens`` kept on the host, so that a decode step can
+    vouch for its RoPE positions and its cache rows without reading seqlens from the device
+    (fastattn's value checks would cost a host sync per layer on CUDA; see ``Llama.decode_step``).
+
+    The bound belongs to the seqlens tensor the cache and the model last wrote, at that
+    tensor's version counter: any other in-place write to seqlens (``cache.seqlens.fill_(n)``)
+    bumps the counter, and a new seqlens tensor is another object, so either voids the bound
+    (``known_max_seqlen()`` is None) and the next decode step reads the lengths once to
+    re-establish it. Inference tensors (a cache made under ``torch.inference_mode()``) have
+    no version counter: the bound is never trusted, and every step reads the lengths once."""
+
+    _bound = None  # (seqlens, its version, bound) or None
+
+    def known_max_seqlen(self) -> Optional[int]:
+        """n with 0 <= seqlens[b] <= n for every b, known without reading the device; None
+        when seqlens was written outside the cache and the model since the bound was set."""
+        if self._bound is None:
+            return None
+        t, version, n = self._bound
+        if t is not self.seqlens:
+            return None
+        try:
+            return n if t._version == version else None
+        except RuntimeError:  # an inference tensor
+            return None
+
+    def _note_max_seqlen(self, n: Optional[int]) -> None:
+        """Record n >= max(seqlens) (after the write that made it so); None forgets the bound."""
+        try:
+            self._bound = None if n is None else (self.seqlens, self.seqlens._version, int(n))
+        except RuntimeError:  # an inference tensor has no version counter: nothing to vouch with
+            self._bound = None
+
+
+class KVCache(_HostLengthBound):
     """Static per-layer K/V storage for (batch, max_len) plus each sequence's valid length.
 
     k, v: (num_layers, B, max_len, Hk, D); seqlens: (B,) int32 on the cache's device.
@@ -735,6 +775,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self._note_max_seqlen(0)
 
     @property
     def batch_size(self) -> int:
@@ -750,6 +791,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.seqlens.zero_()
+        self._note_max_seqlen(0)
 
     def grow(self, num_new: int) -> None:
         """Nothing to do: every sequence owns max_len rows from the start (see
@@ -763,6 +805,7 @@ class KVCache:
         ``upto`` rows of each sequence (default all: the rows a caller knows to be live).
         N != batch_size: new (N, max_len) storage (expanding each prompt to its beams)."""
         idx = index.to(device=self.k.device, dtype=torch.long).view(-1)
+        bound = self.known_max_seqlen()  # a gather of the lengths keeps their bound
         if idx.numel() == self.batch_size:
             t = self.max_len if upto is None else max(0, min(int(upto), self.max_len))
             for kv in (self.k, self.v):
@@ -773,9 +816,10 @@ class KVCache:
             self.k = self.k.index_select(1, idx)
             self.v = self.v.index_select(1, idx)
             self.seqlens = self.seqlens.index_select(0, idx)
+        self._note_max_seqlen(bound)
 
 
-class PagedKVCache:
+class PagedKVCache(_HostLengthBound):
     """Paged K/V storage: pages of ``page_size`` tokens handed out to sequences on demand.
 
     k, v: (num_layers, num_pages, page_size, Hk, D), so ``k[layer]`` is one layer's pool;
@@ -856,6 +900,7 @@ class PagedKVCache:
         self.host_seqlens: List[int] = [0] * self.batch_size
         self.block_table.zero_()
         self.seqlens.zero_()
+        self._note_max_seqlen(0)
 
     def reserve(self, lengths: Sequence[int]) -> None:
         """Give sequence b pages for lengths[b] tokens (host side; pages it holds are kept).
@@ -910,8 +955,11 @@ class PagedKVCache:
         src_rows = [int(i) for i in index.tolist()]
         if any(not 0 <= s < self.batch_size for s in src_rows):
             raise ValueError(f"paged KV cache: reorder_rows index out of [0, {self.batch_size}): {src_rows}")
+        bound = self.known_max_seqlen()  # a gather of the lengths keeps their bound
         if len(src_rows) != self.batch_size:
-            return self._expand_rows(index, src_rows, max_lengths)
+            self._expand_rows(index, src_rows, max_lengths)
+            self._note_max_seqlen(bound)
+            return
         lengths = [self.host_seqlens[s] for s in src_rows]
         self.reserve(lengths)  # only appends pages: the pages holding tokens stay put
         p = self.page_size
@@ -930,6 +978,7 @@ class PagedKVCache:
                 kv[:, dst] = kv[:, src]  # the right side is gathered first: overlaps are safe
         self.seqlens.copy_(self.seqlens.index_select(0, index.to(device=self.seqlens.device, dtype=torch.long)))
         self.host_seqlens = lengths
+        self._note_max_seqlen(bound)
 
     def _expand_rows(self, index: Tensor, src_rows: List[int], max_lengths) -> None:
         p = self.page_size
@@ -989,6 +1038,9 @@ class _Step(NamedTuple):
     write_at: Optional[Tensor]  # (B,) int32: cache row of each sequence's first new token
     attend_len: Optional[Tensor]  # (B,) int32: valid cache rows once the new tokens are in
     rope_local: Optional[Tuple[Tensor, Tensor]] = None  # sliding layers' cos/sin when they differ (Gemma 3)
+    # False: positions and cache rows were bounded on the host, so the fastattn kernels skip
+    # their value checks (each a host sync per layer on CUDA)
+    checked: bool = True
 
 
 # ---------------------------------------------------------------------------------------
@@ -1037,7 +1089,7 @@ class Attention(nn.Module):
         cos, sin = step.cos, step.sin
         if step.rope_local is not None and self.config.layer_types[layer] == "sliding_attention":
             cos, sin = step.rope_local  # Gemma 3: local layers rotate with their own base
-        q, k = _rotary(step.backend, q, k, cos, sin, step.positions)
+        q, k = _rotary(step.backend, q, k, cos, sin, step.positions, step.checked)
         scale, cap = self.softmax_scale, self.softcap
         if step.cache is None:  # plain forward / training: causal attention over this block
             out = _causal_attention(step.backend, q, k, v, window, scale, cap)
@@ -1045,7 +1097,7 @@ class Attention(nn.Module):
             # (B, S_max, Hk, D), or page pools (num_pages, page_size, Hk, D) with a block table
             k_cache, v_cache = step.cache.k[layer], step.cache.v[layer]
             table = step.cache.block_table  # None for the contiguous cache
-            _append_kv(step.backend, k_cache, v_cache, k, v, step.write_at, table)
+            _append_kv(step.backend, k_cache, v_cache, k, v, step.write_at, table, step.checked)
             if step.decode:  # one query per sequence against its valid cache rows
                 out = _decode_attention(step.backend, q, k_cache, v_cache, step.attend_len, table, window, scale, cap)
             else:  # prefill into an empty cache: the prompt attends to itself, causally
@@ -1234,15 +1286,17 @@ class Llama(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def _step(self, device, positions=None, cache=None, decode=False, write_at=None, attend_len=None) -> _Step:
+    def _step(self, device, positions=None, cache=None, decode=False, write_at=None, attend_len=None,
+              checked=True) -> _Step:
         cos, sin = self.rope(device)
         local = self.rope(device, local=True) if self.config.rope_local_theta is not None else None
-        return _Step(self.backend, cos, sin, positions, cache, decode, write_at, attend_len, local)
+        return _Step(self.backend, cos, sin, positions, cache, decode, write_at, attend_len, local, checked)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids (B, S) integer -> logits (B, S, vocab). No cache; differentiable."""
         _check_ids(input_ids, self.config, self.config.max_position_embeddings)
-        return self._logits(self._hidden(input_ids, self._step(input_ids.device)))
+        # S <= max_position_embeddings: the positions (arange(S), LongRoPE's offset ones) are in the tables
+        return self._logits(self._hidden(input_ids, self._step(input_ids.device, checked=False)))
 
     # -- KV-cache inference -------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, *, cache: str = "contiguous", page_size: int = 16,
@@ -1311,30 +1365,74 @@ class Llama(nn.Module):
             raise ValueError(f"call setup_cache({B}, max_len >= {S}) before prefill")
         if prompt_lengths is None:
             prompt_lengths = torch.full((B,), S, dtype=torch.int32, device=input_ids.device)
+            lengths = [S] * B
+        else:  # read once (one sync on CUDA): the host bound of the lengths decode steps vouch with
+            lengths = [int(n) for n in prompt_lengths.reshape(-1).tolist()]
+            if len(lengths) != B or not all(1 <= n <= S for n in lengths):
+                raise ValueError(f"prompt_lengths must hold {B} lengths in [1, {S}], got {lengths}")
         cache.reset()
         if cache.block_table is not None:  # paged: pages for each prompt's real tokens, first
-            cache.start(prompt_lengths.tolist())
-        step = self._step(input_ids.device, cache=cache, write_at=cache.seqlens)
+            cache.start(lengths)
+        # The rows written are [0, S) of an empty cache holding max_len >= S, and the positions
+        # arange(S) (LongRoPE: + max_position_embeddings) lie in the tables when S <= max_position_embeddings:
+        # nothing for the kernels to check then (else they raise the error).
+        step = self._step(input_ids.device, cache=cache, write_at=cache.seqlens,
+                          checked=S > self.config.max_position_embeddings)
         y = self._hidden(input_ids, step)  # (B, S, hidden)
         cache.seqlens.copy_(prompt_lengths)  # pad rows beyond each length are dead
+        cache._note_max_seqlen(max(lengths, default=0))
         last = (prompt_lengths.long() - 1).view(B, 1, 1).expand(B, 1, y.shape[-1])
         return self._logits(y.gather(1, last).squeeze(1))  # (B, vocab)
 
     @torch.no_grad()
     def decode_step(self, tokens: Tensor) -> Tensor:
         """One new token per sequence, tokens (B,), at position cache.seqlens[b]; appends its
-        K/V to the cache and returns the next-token logits (B, vocab)."""
-        self.cache.grow(1)  # paged: a new page for each sequence that crosses a page boundary
-        return self._decode(tokens)
+        K/V to the cache and returns the next-token logits (B, vocab).
 
-    def _decode(self, tokens: Tensor) -> Tensor:
-        """decode_step's device work (what a CUDA graph records): no host-side allocation."""
+        ValueError, before any work, when a sequence already fills the cache (or the RoPE
+        tables, max_position_embeddings). That is decided on the host from the lengths the
+        model wrote (prefill, then one more per step): the kernels then skip their own value
+        checks, which on CUDA cost a host sync per layer. If ``cache.seqlens`` was written
+        directly since, the step reads it once (one sync) instead."""
+        cache = self.cache
+        bound = self._decode_room(cache)
+        cache.grow(1)  # paged: a new page for each sequence that crosses a page boundary
+        logits = self._decode(tokens, checked=False)
+        cache._note_max_seqlen(bound)
+        return logits
+
+    def _decode_room(self, cache, read: bool = True) -> Optional[int]:
+        """Host check that every sequence of `cache` has room for one more token: in the cache
+        and in the RoPE tables (positions < max_position_embeddings). Returns the bound of the
+        lengths after that token. Without a known bound (seqlens written directly) the lengths
+        are read (one sync), or with read=False None is returned (nothing checked)."""
+        n = cache.known_max_seqlen()
+        if n is None:
+            if not read:
+                return None
+            n = 0
+            if cache.seqlens.numel():
+                lo, n = torch.stack(torch.aminmax(cache.seqlens)).tolist()
+                if lo < 0:
+                    raise ValueError(f"cache.seqlens must be >= 0, got a minimum of {lo}")
+        max_pos = self.config.max_position_embeddings
+        if n + 1 > min(cache.max_len, max_pos):
+            what = (f"the cache's capacity max_len = {cache.max_len}" if cache.max_len <= max_pos
+                    else f"max_position_embeddings = {max_pos} (the RoPE tables)")
+            raise ValueError(f"decode past the end: a sequence already holds {n} tokens and one more exceeds "
+                             f"{what}; size the cache with setup_cache(batch, max_len) for prompt plus new tokens")
+        return n + 1
+
+    def _decode(self, tokens: Tensor, checked: bool = True) -> Tensor:
+        """decode_step's device work (what a CUDA graph records): no host-side allocation.
+        checked=False when the caller has made sure every sequence has room for the new token
+        (``_decode_room``): the fastattn kernels then skip their host-synchronising checks."""
         cache = self.cache
         B = tokens.shape[0]
         positions = cache.seqlens.view(B, 1)  # each sequence decodes at its own position
         attend_len = cache.seqlens + 1
         step = self._step(tokens.device, positions=positions, cache=cache, decode=True,
-                          write_at=cache.seqlens, attend_len=attend_len)
+                          write_at=cache.seqlens, attend_len=attend_len, checked=checked)
         y = self._hidden(tokens.view(B, 1), step)  # (B, 1, hidden)
         cache.seqlens.copy_(attend_len)
         return self._logits(y[:, 0])  # (B, vocab)
@@ -1364,6 +1462,7 @@ class Llama(nn.Module):
                              f"decode without cuda_graph")
         if cache.k.device.type != "cuda":
             raise ValueError(f"capture_decode_step needs the model on a CUDA device, not {cache.k.device}")
+        bound = self._decode_room(cache)  # the warm-up and recorded steps write one more row
         tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.k.device)
         saved = cache.seqlens.clone()
         if cache.block_table is not None:  # the warm-up rows' pages (the next step's anyway)
@@ -1373,18 +1472,24 @@ class Llama(nn.Module):
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                self._decode(tokens)
+                self._decode(tokens, checked=False)
                 cache.seqlens.copy_(saved)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self._decode(tokens)  # recorded, not run: lengths stay as saved
+            logits = self._decode(tokens, checked=False)  # recorded, not run: lengths stay as saved
         cache.seqlens.copy_(saved)
+        cache._note_max_seqlen(bound - 1)  # the lengths are back as they were
 
         def step(new_tokens: Tensor) -> Tensor:
+            # The host bound of the lengths, when known, catches a step past the end for free.
+            # A replay never syncs: if seqlens was written directly (no known bound), nothing
+            # is checked, as inside any graph, and the kernels drop rows past the capacity.
+            n = self._decode_room(cache, read=False)
             cache.grow(1)
             tokens.copy_(new_tokens)
             graph.replay()
+            cache._note_max_seqlen(n)  # None (unknown) stays unknown
             return logits
 
         return step
