@@ -333,6 +333,7 @@ def apply_rotary(
             host): on CUDA it skips the check and its host sync (one per call otherwise:
             the device cannot run ahead of the CPU); on the CPU, where the check costs no
             sync, the values are still checked. Shape and dtype checks always run.
+
     Returns:
         (q_rot, k_rot) with q's and k's shapes and dtype (new contiguous tensors, or q and k
         themselves when ``inplace``). Math is done in fp32.

@@ -326,9 +326,10 @@ step_memcheck() { run_sanitizer memcheck; }
 step_racecheck() { run_sanitizer racecheck; }
 
 # The headline benchmarks: decode (fastattn vs SDPA's flash and cuDNN backends), RMSNorm and
-# RoPE (vs torch eager), flash forward d128 at S 2k and 8k (vs SDPA flash, cuDNN); no model
-# suite, no torch.compile peers, no backward/varlen/kvcache suites. About 55 benchmarks on CUDA.
-BENCH_K='(bench_decode and not math and not efficient and not reference) or (bench_rms_norm and not compile) or (bench_rotary and not compile) or (bench_flash_attn.py and not d64 and not s512 and not s1024 and not s4096 and not s16384 and not math and not efficient)'
+# RoPE (vs torch eager), flash forward and forward + backward d128 at S 2k and 8k (vs SDPA
+# flash, cuDNN); no model suite, no torch.compile peers, no varlen/kvcache suites. About 67
+# benchmarks on CUDA (the second H200 session ran 64 of them in 32 s).
+BENCH_K='(bench_decode and not math and not efficient and not reference) or (bench_rms_norm and not compile) or (bench_rotary and not compile) or (bench_flash_attn.py and not d64 and not s512 and not s1024 and not s4096 and not s16384 and not math and not efficient) or (bench_flash_attn_bwd and (s2048 or s8192) and not efficient)'
 export BENCH_K
 
 step_bench() {

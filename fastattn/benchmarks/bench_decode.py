@@ -16,9 +16,10 @@ if TINY:
     SDPA_BACKENDS = {}
     IMPLS = ["fastattn", "sdpa"]
 elif DEVICE == "cuda":
-    # (batch, context, H, Hk): batch 1 over growing contexts, batch 64 x 4k; GQA 32/8 and MQA.
+    # (batch, context, H, Hk): batch 1 over growing contexts, batch 64 x 4k; GQA 32/8, MQA, and
+    # multi-head (Llama-2-7B-like, 32/32) at batch 16 x 4k (1 GiB of cache).
     SHAPES = [(1, 4096, 32, 8), (1, 16384, 32, 8), (1, 65536, 32, 8), (1, 131072, 32, 8),
-              (64, 4096, 32, 8), (1, 65536, 32, 1), (64, 4096, 32, 1)]
+              (64, 4096, 32, 8), (1, 65536, 32, 1), (64, 4096, 32, 1), (16, 4096, 32, 32)]
     DTYPES = [torch.bfloat16]
     from torch.nn.attention import SDPBackend, sdpa_kernel
     SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
