@@ -492,6 +492,44 @@ def test_short_queries_over_long_keys_cpu(dtype, sq, sk, heads, mask):
     _check(q, k, v, causal=causal, window=window)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("sq, sk", [(1, 1000), (16, 64)])
+@pytest.mark.parametrize("heads", [(8, 2), (3, 3), (40, 1)], ids=lambda hh: f"H{hh[0]}_Hk{hh[1]}")
+@pytest.mark.parametrize("d", [32, 64, 128, 256])
+@pytest.mark.parametrize("window, softcap", [((-1, -1), 0.0), ((-1, 0), 0.0), ((7, 0), 0.0), ((-1, 0), 20.0)],
+                         ids=["full", "causal", "causal_window", "causal-softcap"])
+def test_short_queries_over_long_keys_cuda(dtype, sq, sk, heads, d, window, softcap):
+    """On CUDA, Sq <= 16 with Sk >= 4 Sq takes the decode kernels (tensor cores for one query
+    and no cap) at head dims 64 / 128 / 256, the tiled kernel at 32; k/v as the transposed
+    (B, Hk, Sk, D) views Hugging Face passes. Output and lse by the error-ratio rule, and the
+    backward (the tiled backward kernels from this lse) against the fp64 reference."""
+    H, Hk = heads
+    q = torch.randn(2, H, sq, d, dtype=dtype, device="cuda").transpose(1, 2)
+    k = torch.randn(2, Hk, sk, d, dtype=dtype, device="cuda").transpose(1, 2)
+    v = torch.randn(2, Hk, sk, d, dtype=dtype, device="cuda").transpose(1, 2)
+    causal = window[1] == 0
+    win = (window[0], -1) if causal else window
+    out, lse = fastattn.flash_attention(q, k, v, causal=causal, window=win, softcap=softcap, return_lse=True)
+    kw = dict(causal=causal, window=win, softcap=softcap, return_lse=True)
+    true_out, true_lse = reference.attention(q.double(), k.double(), v.double(), **kw)
+    low_out, low_lse = reference.attention(q, k, v, **kw)
+    assert out.shape == q.shape and out.is_contiguous()
+    assert_error_ratio(out, low_out, true_out, "out")
+    _check_lse(lse, low_lse, true_lse)
+    if sq == 16 and d in (64, 128):
+        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        g = torch.randn_like(out)
+        fastattn.flash_attention(qg, kg, vg, causal=causal, window=win, softcap=softcap).backward(g)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        reference.attention(qd, kd, vd, causal=causal, window=win, softcap=softcap).backward(g.double())
+        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        reference.attention(ql, kl, vl, causal=causal, window=win, softcap=softcap).backward(g)
+        for got, low, want, name in ((qg, ql, qd, "dq"), (kg, kl, kd, "dk"), (vg, vl, vd, "dv")):
+            assert_error_ratio(got.grad, low.grad, want.grad, name)
+
+
 def test_short_queries_gradients_and_thread_invariance_cpu():
     q, k, v = (t.requires_grad_() for t in _make("cpu", torch.float32, 2, 5, 200, 8, 2, 32))
     out = fastattn.flash_attention(q, k, v, causal=True, window=(50, 0))

@@ -289,15 +289,16 @@ void check_query(const at::Tensor& q, const at::Tensor& k_cache, const char* op)
 
 }  // namespace
 
-void flash_attn_fwd_short_query_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
-                                    int64_t window_left, int64_t window_right, double softcap) {
-  // Every sequence has all Sk keys: the "cache" is k/v itself, read in place (no re-layout).
-  const std::vector<int32_t> lengths(static_cast<size_t>(q.size(0)), static_cast<int32_t>(k.size(1)));
-  DecodeParams p = kvcache_params(q, out, lse, lengths.data(), k.size(1), 0, window_left, window_right,
-                                  softmax_scale, softcap);
-  set_cache_pointers(&p, k, v);
-  run_kvcache_cpu(p, 0, q.options());
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_short_query(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, double softmax_scale,
+                                                              int64_t window_left, int64_t window_right,
+                                                              double softcap) {
+  // Every sequence has all Sk keys: the "cache" is k/v itself, read in place (no re-layout),
+  // at lengths Sk (filled on q's device: no host sync on CUDA). The same code path on both
+  // devices, so the CPU tests of the short-query cases run this glue too.
+  const at::Tensor lengths = at::full({q.size(0)}, k.size(1), q.options().dtype(at::kInt));
+  return kvcache_attention(q, k, v, lengths, std::nullopt, softmax_scale, window_left, window_right,
+                           /*seqlens_k_add=*/0, /*num_splits=*/0, softcap, "flash_attention");
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache,

@@ -20,11 +20,25 @@ namespace {
 constexpr int64_t kMaxHeadDimCpu = 512;
 
 // A few queries over many keys (a decode step through flash_attention, as Hugging Face's
-// cached generation does): the tiled kernel would re-lay out and widen all of K and V for
-// them; the KV-cache kernel reads k/v in place instead, streaming each key row once for all
-// query rows. Up to 16 queries, and only when the keys are at least 4x as many.
+// cached generation does). On the CPU the tiled kernel would re-lay out and widen all of K and
+// V for them; on CUDA it would run one 128-row query tile per (batch, query head) for <= 16
+// rows, each tile streaming its kv head's whole K and V (group times over), with no split over
+// the keys. The KV-cache kernels read k/v in place instead, each key row once per kv head for
+// all its query rows, split over the keys to fill the machine (on CUDA the decode kernels,
+// tensor cores for one query: decode_mma.cuh). Up to 16 queries, and only when the keys are
+// at least 4x as many; on CUDA for the decode kernels' head dims (64, 96, 128, 256).
 constexpr int64_t kShortQueryMax = 16;
-bool use_short_query_path(int64_t sq, int64_t sk) { return sq <= kShortQueryMax && sk >= 4 * sq; }
+bool use_short_query_path(const at::Tensor& q, const at::Tensor& k, int64_t sq, int64_t sk) {
+  // (empty problems stay below: the KV-cache entry refuses zero kv heads)
+  if (sq < 1 || sq > kShortQueryMax || sk < 4 * sq || q.size(0) == 0 || q.size(2) == 0 || k.size(2) == 0)
+    return false;
+  if (!q.is_cuda()) return true;
+#ifdef FASTATTN_WITH_CUDA
+  return decode_cuda_supports_head_dim(q.size(3));
+#else
+  return false;
+#endif
+}
 
 void check_flash_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         double softmax_scale, int64_t window_left, int64_t window_right, double softcap) {
@@ -77,6 +91,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
                                                   int64_t window_left, int64_t window_right, double softcap) {
   check_flash_inputs(q, k, v, softmax_scale, window_left, window_right, softcap);
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), d = q.size(3), sk = k.size(1);
+  if (use_short_query_path(q, k, sq, sk)) {
+    return flash_attn_fwd_short_query(q, k, v, softmax_scale, window_left, window_right, softcap);
+  }
   at::Tensor out = empty_output({b, sq, h, d}, q.options());
   at::Tensor lse = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
   if (b == 0 || sq == 0 || h == 0) return {out, lse};
@@ -85,7 +102,6 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-
   if (q.is_cuda()) {
 #ifdef FASTATTN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
@@ -103,8 +119,6 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
     }
     FA_CUDA_CHECK_LAUNCH(flash_fwd_cuda(p, current_stream(q)), "flash_attn forward");
 #endif
-  } else if (use_short_query_path(sq, sk)) {
-    flash_attn_fwd_short_query_cpu(q, k, v, out, lse, softmax_scale, window_left, window_right, softcap);
   } else {
     const FlashFwdParams p = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right, softcap);
     flash_fwd_cpu(p);

@@ -72,11 +72,12 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kvcache(const at::Tensor& q, c
 void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
                bool check_capacity);
-// flash_attn_fwd on the CPU for a few queries over many keys: the KV-cache kernel, reading k/v
-// in place (flash_attn.cpp decides when). out (B, Sq, H, D) and lse (B, H, Sq) preallocated.
-void flash_attn_fwd_short_query_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
-                                    int64_t window_left, int64_t window_right, double softcap);
+// flash_attn_fwd for a few queries over many keys: the KV-cache kernels (CPU or CUDA), reading
+// k/v in place (flash_attn.cpp decides when). Returns out (B, Sq, H, D) and lse (B, H, Sq).
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_short_query(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, double softmax_scale,
+                                                              int64_t window_left, int64_t window_right,
+                                                              double softcap);
 
 // ---- mixture-of-experts experts (moe.cpp; CPU only) ----------------------------------------
 // x (N, hidden), routing_weights (N, k) fp32, expert_ids (N, k) int64, w13 (E, 2 * inter, hidden),
