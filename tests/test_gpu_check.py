@@ -291,3 +291,14 @@ def test_profile_shapes_script_runs_on_cpu():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "gpu_profile_shapes: done on cpu" in r.stdout
+
+
+def test_decode_ab_script_runs_on_cpu():
+    """scripts/gpu_ab_decode.py (tensor-core vs CUDA-core decode, one process each) runs its
+    plumbing on the CPU with --tiny: both sides time, and the table has a row per shape."""
+    env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_ab_decode.py"), "--tiny"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("2x64x4/")]
+    assert len(rows) == 2 and all(ln.rstrip().endswith("x") for ln in rows), r.stdout

@@ -53,6 +53,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "decode_kernels.cuh"
 
@@ -65,13 +66,23 @@ constexpr int kMmaWarpN = 16;  // keys per warp step (one k16 slice of P V)
 constexpr int kMmaStages = 3;  // per-warp K/V slab ring
 
 // Is (p) a call the tensor-core kernel takes? (The launcher also needs !softcap, kD in {64, 128}.)
+// Off switch, for A/B timing on a GPU (scripts/gpu_ab_decode.py): FASTATTN_DECODE_MMA=0 in the
+// environment (read once) sends these shapes to decode_kernel, splits sized for it; the
+// emulator has its own switch.
 #if defined(FASTATTN_DECODE_EMULATE)
 bool emu_decode_mma_enabled();  // tests/decode_emulate.cpp: off runs decode_kernel on these shapes too
+inline bool decode_mma_enabled() { return emu_decode_mma_enabled(); }
+#else
+inline bool decode_mma_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("FASTATTN_DECODE_MMA");
+    return env == nullptr || env[0] != '0';
+  }();
+  return enabled;
+}
 #endif
 inline bool decode_mma_applies(const DecodeParams& p) {
-#if defined(FASTATTN_DECODE_EMULATE)
-  if (!emu_decode_mma_enabled()) return false;
-#endif
+  if (!decode_mma_enabled()) return false;
   if (p.seqlen_q != 1 || p.h_k < 1 || p.softcap > 0.f) return false;
   const int64_t group = p.h / p.h_k;
   return group >= 1 && group <= 32 && (p.d == 64 || p.d == 128);
