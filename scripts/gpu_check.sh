@@ -27,8 +27,10 @@
 #              the softcap twins too, small; only fastattn's kernels instrumented), after a
 #              trivial probe run (in memcheck's box); both skip cleanly where the sanitizer is
 #              missing, refuses the device or cannot start torch within the probe's 20 s
-#   bench      the headline benchmarks (decode, rms_norm, rotary, flash forward; no model, no
-#              torch.compile) with python -m fastattn bench -k "$BENCH_K"
+#   bench      the headline benchmarks (decode, rms_norm, rotary, flash forward and forward +
+#              backward; no model, no torch.compile) with python -m fastattn bench -k "$BENCH_K",
+#              then scripts/gpu_ab_decode.py: both decode kernels (tensor-core and CUDA-core,
+#              FASTATTN_DECODE_MMA) on the shapes whose kernel choice is unmeasured
 #   ncu        optional (GPU_CHECK_NCU=1), only in the time left: ncu --clock-control none on
 #              the --paths driver, one launch per kernel; speed of light, warp stall reasons,
 #              launch geometry and occupancy as CSV (ncu.csv)
@@ -76,12 +78,12 @@ TEE_PID=$!
 # sum plus KILL_GRACE per step plus SLACK stays within TOTAL_BUDGET: keep the format.
 declare -A BUDGET
 BUDGET[info]=${GPU_CHECK_T_INFO:-8}
-BUDGET[build]=${GPU_CHECK_T_BUILD:-150}
+BUDGET[build]=${GPU_CHECK_T_BUILD:-120}  # 42-44 s in both H200 sessions (sm_90a, 16 jobs)
 BUDGET[tests]=${GPU_CHECK_T_TESTS:-122}
 BUDGET[sweep]=${GPU_CHECK_T_SWEEP:-40}
 BUDGET[memcheck]=${GPU_CHECK_T_MEMCHECK:-58}  # the probe (<= 20 s) included
 BUDGET[racecheck]=${GPU_CHECK_T_RACECHECK:-45}
-BUDGET[bench]=${GPU_CHECK_T_BENCH:-60}
+BUDGET[bench]=${GPU_CHECK_T_BENCH:-90}  # 32 s for the suites in the second H200 session, + the A/B
 OPTIONAL_BUDGET_ncu=${GPU_CHECK_T_NCU:-60}  # optional step: only ever gets the time left
 TOTAL_BUDGET=510   # seconds: 8.5 minutes, the whole command
 KILL_GRACE=2       # timeout -k: SIGKILL this long after SIGTERM
@@ -337,7 +339,11 @@ step_bench() {
   if "$PY" -c "import matplotlib" 2>/dev/null; then args+=(--plot "$OUT_DIR/bench.png")
   else echo "no matplotlib: no plot (later: python -m fastattn bench --report bench.json --plot bench.png)"; fi
   [ "$DRY_RUN" = 1 ] && args+=(--tiny)
-  "$PY" -m fastattn bench "${args[@]}"
+  "$PY" -m fastattn bench "${args[@]}" || return 1
+  # Tensor-core vs CUDA-core decode, one process each (the table goes to the log).
+  local ab=()
+  [ "$DRY_RUN" = 1 ] && ab+=(--tiny)
+  "$PY" scripts/gpu_ab_decode.py "${ab[@]}"
 }
 
 step_ncu() {

@@ -278,7 +278,7 @@ def test_bench_selection_on_cuda():
         assert not any(banned in i for i in ids), f"{banned} selected: {[i for i in ids if banned in i][:3]}"
     # the backward at the two headline lengths only (each step is 3.5 forwards)
     assert all("_s2048_" in i or "_s8192_" in i for i in ids if i.startswith("bench_flash_attn_bwd.py"))
-    # The bench step's 60 s hold about this many CUDA benchmarks (inputs, warm-up, 20 rounds
+    # The bench step's 90 s hold these CUDA benchmarks (inputs, warm-up, 20 rounds
     # each): the second H200 session ran 64 of them, the backward ones included, in 32 s.
     assert 20 <= len(ids) <= 75, len(ids)
 
