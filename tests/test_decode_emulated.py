@@ -258,18 +258,19 @@ def test_launcher_grids_and_twin_choice(emu, softcap):
     """decode_attention_cuda launches the (capped or uncapped) decode_kernel on the grid
     (splits, Hk x row slices, B) with 128 threads and more than the default 48 KiB of dynamic
     shared memory (its opt-in), then the combine over B x H x Sq rows of D threads; with one
-    split, no combine. G = 40 needs two 32-row slices per kv head. An uncapped group of 1..32
-    heads (G = 4 and 2 here) takes the tensor-core decode_mma_kernel instead, on the grid
-    (splits, Hk, B) (one 16-row m-tile: kernel argument 1), with the same combine; G = 40 and
-    the capped calls stay on decode_kernel."""
+    split, no combine. G = 40 needs two 32-row slices per kv head. An uncapped call takes the
+    tensor-core decode_mma_kernel instead, on the grid (splits, Hk x head slices, B): G = 4 and
+    2 one slice with one 16-row m-tile (kernel argument 1), G = 40 two slices of 20 heads with
+    two m-tiles; the same combine. The capped calls stay on decode_kernel."""
     for splits, H, Hk in ((3, 8, 2), (1, 40, 1), (3, 4, 2)):
         q, kc, vc, seqlens = _small_decode(H=H, Hk=Hk)
         out, lse = _emulated_decode(emu, q, kc, vc, seqlens, 0.125, splits, softcap=softcap)
         log = _launch_log(emu)
         name = "decode_kernel<half,64,softcap>" if softcap else "decode_kernel<half,64>"
-        if not softcap and 1 <= H // Hk <= 32:
-            name = "decode_mma_kernel<half,64,1>"
         slices = -(-(H // Hk) // 32)
+        if not softcap:
+            rows = -(-(H // Hk) // slices)
+            name = f"decode_mma_kernel<half,64,{1 if rows <= 16 else 2}>"
         assert [e[:3] for e in log[:1]] == [(name, f"{splits}x{Hk * slices}x2", "128")]
         assert int(log[0][3]) > 48 * 1024
         if splits > 1:
@@ -372,7 +373,7 @@ def test_split_heuristic_sizes_for_the_tensor_core_kernel(emu):
     # tensor-core path switched off.
     assert _num_splits(emu, 1, 1, 32, 8, 65536, 128, softcap=30.0) == 16
     assert _num_splits(emu, 1, 2, 32, 8, 65536, 128) == 16
-    assert _num_splits(emu, 1, 1, 40, 1, 65536, 128) == 66     # G = 40 > 32: decode_kernel, 2 slices
+    assert _num_splits(emu, 1, 1, 40, 1, 65536, 128) == 128    # G = 40: 2 head slices, 264 / 2 capped
     emu.emu_set_decode_mma(0)
     try:
         assert _num_splits(emu, 1, 1, 32, 8, 65536, 128) == 16
@@ -768,7 +769,7 @@ def test_emulated_decode_softcap_matches_reference(emu, case):
         torch.testing.assert_close(ref1, true_out[:, 0])
 
 
-# ---- tensor-core decode (decode_mma.cuh): seqlen_q = 1, group 1..32, uncapped, D 64 / 128 -----
+# ---- tensor-core decode (decode_mma.cuh): seqlen_q = 1, any group, uncapped, D 64 / 128 -------
 # (dtype, D, H, Hk, lengths, cap, page (0: contiguous; -1: strided contiguous view), num_splits
 #  (0: the launcher's choice), window_left, mode)
 MMA_CASES = [
@@ -784,6 +785,9 @@ MMA_CASES = [
     (torch.float16, 128, 6, 6, [300, 0, 129], 300, 0, 3, -1, 2),          # MHA G = 1: 15 padding rows
     (torch.bfloat16, 64, 4, 2, [77, 500], 512, 16, 0, 40, 1),             # G = 2, paged, window, auto splits
     (torch.float16, 128, 9, 3, [1, 260], 260, -1, 2, -1, 3),              # G = 3, strided, splits
+    (torch.bfloat16, 128, 48, 1, [300, 0], 300, 16, 3, -1, 0),            # MQA G = 48: 2 slices of 24
+    (torch.float16, 64, 71, 1, [129, 64], 130, 7, 0, 30, 1),              # G = 71 (Falcon): 3 slices, 24 / 24 / 23
+    (torch.bfloat16, 64, 66, 2, [77, 200], 200, -1, 2, -1, 2),            # G = 33 twice: slices of 17 and 16
 ]
 
 
@@ -818,8 +822,9 @@ def test_emulated_decode_mma_matches_reference(emu, case):
     log = _launch_log(emu)
     splits = num_splits or _num_splits(emu, B, 1, H, Hk, cap if table is None else table.shape[1] * page, D)
     tname = "half" if dtype == torch.float16 else "bf16"
-    mtiles = 1 if H // Hk <= 16 else 2
-    grid = "x".join(str(v) for v in (splits, Hk, B)) if (Hk, B) != (1, 1) else str(splits)
+    slices = -(-(H // Hk) // 32)
+    mtiles = 1 if -(-(H // Hk) // slices) <= 16 else 2
+    grid = "x".join(str(v) for v in (splits, Hk * slices, B)) if (Hk * slices, B) != (1, 1) else str(splits)
     assert log[0][:3] == (f"decode_mma_kernel<{tname},{D},{mtiles}>", grid, "128"), log
     assert len(log) == (2 if splits > 1 else 1)
     dead_rows = _check_kvcache(q.unsqueeze(1), kc, vc, seqlens, out.unsqueeze(1), lse.unsqueeze(2), scale, (wl, -1),
@@ -840,8 +845,8 @@ def test_emulated_decode_mma_split_invariance(emu):
 
 
 def test_emulated_decode_mma_routing(emu):
-    """What stays on decode_kernel: groups above 32, soft-capping, several query tokens, head
-    dims 96 / 256; the same shapes at G = 1..32, D 64 / 128 take decode_mma_kernel."""
+    """What stays on decode_kernel: soft-capping, several query tokens, head dims 96 / 256;
+    every group at D 64 / 128 takes decode_mma_kernel (above 32 in slices of <= 32 heads)."""
     def first_kernel(H, Hk, D, softcap=0.0, Sq=1):
         q = torch.randn(1, Sq, H, D).to(torch.float16)
         kc = torch.randn(1, 40, Hk, D).to(torch.float16)
@@ -854,7 +859,8 @@ def test_emulated_decode_mma_routing(emu):
     assert first_kernel(17, 1, 64) == "decode_mma_kernel<half,64,2>"
     assert first_kernel(3, 1, 64) == "decode_mma_kernel<half,64,1>"
     assert first_kernel(2, 2, 128) == "decode_mma_kernel<half,128,1>"
-    assert first_kernel(33, 1, 64) == "decode_kernel<half,64>"
+    assert first_kernel(33, 1, 64) == "decode_mma_kernel<half,64,2>"   # 2 slices of 17 and 16
+    assert first_kernel(96, 2, 128) == "decode_mma_kernel<half,128,2>"  # G = 48: 2 slices of 24
     assert first_kernel(8, 2, 64, softcap=5.0) == "decode_kernel<half,64,softcap>"
     assert first_kernel(8, 2, 64, Sq=2) == "decode_kernel<half,64>"
     assert first_kernel(8, 2, 96) == "decode_kernel<half,96>"
@@ -907,10 +913,10 @@ def test_decode_mma_bank_conflicts(emu, tmp_path):
         assert r["conflict_ratio"] == 1.0, r
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[1] in (64, 128) and 1 <= c[2] // c[3] <= 32],
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] in (64, 128)],
                          ids=lambda c: f"{str(c[0])[6:]}_D{c[1]}_H{c[2]}_Hk{c[3]}_s{c[6]}_m{c[8]}")
 def test_emulated_decode_cases_on_mma(emu, case):
-    """The decode_kernel cases whose shapes the launcher now sends to decode_mma_kernel (group
-    1..32, D 64 / 128), as the launcher runs them: on the tensor-core kernel, same checks."""
+    """The decode_kernel cases whose shapes the launcher now sends to decode_mma_kernel (every
+    group at D 64 / 128), as the launcher runs them: on the tensor-core kernel, same checks."""
     _run_decode_case(emu, case)
     assert _launch_log(emu)[0][0].startswith("decode_mma_kernel<")

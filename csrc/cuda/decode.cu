@@ -149,21 +149,23 @@ int64_t decode_num_splits_cuda(const DecodeParams& p, int num_sms, int64_t smem_
   // Shapes, SM count and shared memory only (never cache_seqlens): a CUDA graph replays the
   // same split. The query rows per sequence (seqlen_q * h) take the place of the heads, so
   // h / h_k = group * seqlen_q rows per kv head and `slices` is decode_slices(), the
-  // CUDA-core kernel's blocks per (batch, kv head); the tensor-core kernel runs one block
-  // per (batch, kv head) for its whole group.
+  // CUDA-core kernel's blocks per (batch, kv head); the tensor-core kernel runs
+  // decode_mma_slices(G) blocks per (batch, kv head): one up to 32 heads.
   const int64_t d = p.d, h_k = std::max<int64_t>(p.h_k, 1);
   const int64_t sms = std::max(num_sms, 1);
   if (decode_mma_applies(p)) {
-    // Blocks per SM: registers allow 4 at d64 with one m16 tile (128 regs), 3 with two
-    // (164), 2 at d128 (197 / 240; sm_90a, scripts/sass_baseline.json); shared memory (plus
+    // Blocks per SM: registers allow 4 at d64 with one m16 tile, 3 with two, 2 at d128
+    // (kMmaMinBlocks, the kernel's __launch_bounds__); shared memory (plus
     // the 1 KiB the driver reserves per block) allows 2 at d128 on sm_90 (228 KiB per SM)
     // but 1 on sm_80 (164 KiB). On the H200 one block per SM at batch 64 x 4k MQA ran at 52%
     // of copy with 6% achieved occupancy (128 blocks for 264 slots).
-    const int64_t by_regs = d <= 64 ? (p.h / h_k <= 16 ? 4 : 3) : 2;
+    const int64_t group = p.h / h_k;
+    const int64_t by_regs = d <= 64 ? (decode_mma_rows(group) <= 16 ? kMmaMinBlocks<64, 1> : kMmaMinBlocks<64, 2>)
+                                    : kMmaMinBlocks<128, 1>;
     const int64_t block_smem = int64_t(d <= 64 ? DecodeMmaSmem<64>::kBytes : DecodeMmaSmem<128>::kBytes) + 1024;
     const int64_t by_smem = std::max<int64_t>(smem_per_sm / block_smem, 1);
-    return decode::num_splits_for_slots(p.b * h_k, sms * std::min(by_regs, by_smem), p.seqlen_k_max,
-                                        kMmaWarps * kMmaWarpN);
+    return decode::num_splits_for_slots(p.b * h_k * decode_mma_slices(group), sms * std::min(by_regs, by_smem),
+                                        p.seqlen_k_max, kMmaWarps * kMmaWarpN);
   }
   // By shared memory one block per SM fits at D = 96, 128 and 256, two at D = 64.
   const int64_t hpb = heads_per_block_for(static_cast<int>(d));

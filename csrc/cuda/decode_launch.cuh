@@ -2,7 +2,7 @@
 // (+ the split combine) and the head dim x dtype dispatch of decode_attention_cuda, shared by
 // decode.cu (uncapped kernels) and decode_softcap.cu (the soft-capped twins) so the two files
 // compile in parallel. decode.cu's uncapped launches at d 64 / 128 also choose the tensor-core
-// decode_mma_kernel (decode_mma.cuh) for seqlen_q = 1 with a group of 1..32 heads.
+// decode_mma_kernel (decode_mma.cuh) for seqlen_q = 1, any group.
 //
 // One copy, also compiled by tests/decode_emulate.cpp (g++ over the CUDA runtime stand-ins of
 // tests/fiber_emulate.h, FASTATTN_DECODE_EMULATE defined), which includes decode.cu and
@@ -39,14 +39,15 @@ inline cudaError_t launch_kernel(Kernel* kernel, const int64_t (&grid)[3], int t
   return cudaSuccess;
 }
 
-// The tensor-core kernel (decode_mma.cuh) on grid (num_splits, h_k, b), then the same
-// combine as decode_kernel's. kMTiles: m16 tiles of query heads (G <= 16: 1, G <= 32: 2).
+// The tensor-core kernel (decode_mma.cuh) on grid (num_splits, h_k * head slices, b), then
+// the same combine as decode_kernel's. kMTiles: m16 tiles of a slice's query heads (<= 16: 1,
+// <= 32: 2).
 template <typename T, int kD, int kMTiles>
 inline cudaError_t launch_decode_mma(const DecodeParams& p, cudaStream_t stream) {
   constexpr size_t kSmem = DecodeMmaSmem<kD>::kBytes;
   auto kernel = decode_mma_kernel<T, kD, kMTiles>;
   FASTATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
-  const int64_t grid[3] = {p.num_splits, p.h_k, p.b};
+  const int64_t grid[3] = {p.num_splits, p.h_k * decode_mma_slices(p.h / p.h_k), p.b};
   FASTATTN_CUDA_TRY(launch_kernel(kernel, grid, kMmaThreads, kSmem, stream, p));
   if (p.num_splits > 1) {
     const int64_t rows[3] = {p.b * p.h * p.seqlen_q, 1, 1};
@@ -57,11 +58,12 @@ inline cudaError_t launch_decode_mma(const DecodeParams& p, cudaStream_t stream)
 
 template <typename T, int kD, bool kSoftcap>
 inline cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
-  // Tensor cores for one query token with a group of 1..32 heads, uncapped, d 64 / 128
+  // Tensor cores for one query token, any group (head slices above 32), uncapped, d 64 / 128
   // (decode_mma_applies); everything else on the CUDA-core decode_kernel.
   if constexpr (!kSoftcap && (kD == 64 || kD == 128)) {
     if (decode_mma_applies(p)) {
-      return p.h / p.h_k <= 16 ? launch_decode_mma<T, kD, 1>(p, stream) : launch_decode_mma<T, kD, 2>(p, stream);
+      return decode_mma_rows(p.h / p.h_k) <= 16 ? launch_decode_mma<T, kD, 1>(p, stream)
+                                                : launch_decode_mma<T, kD, 2>(p, stream);
     }
   }
   constexpr size_t kSmem = DecodeSmem<kD>::kBytes;

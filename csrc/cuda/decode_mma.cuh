@@ -1,5 +1,6 @@
 // decode_mma.cuh — tensor-core (mma.sync.m16n8k16) decode for grouped-KV heads:
-// seqlen_q == 1, group G = h / h_k in [1, 32], no soft-capping, head dims 64 and 128,
+// seqlen_q == 1, any group G = h / h_k (above 32 in head slices of <= 32 heads), no
+// soft-capping, head dims 64 and 128,
 // fp16 / bf16, contiguous or paged caches, split-KV with the same partial / lse outputs as
 // decode_kernel (decode_kernels.cuh), merged by the same decode_combine_kernel. Everything
 // else stays on decode_kernel (decode_launch.cuh chooses).
@@ -27,7 +28,10 @@
 // 5x padding, still far below the tensor cores' rate at memory speed, and they get this
 // kernel's streaming (8 warps per SM, no loop barriers), which on the H200 reached 52-71% of
 // copy where decode_kernel, before its restructuring, sat at 8-22% (whether the restructured
-// decode_kernel would do better at G < 4 was never measured).
+// decode_kernel would do better at G < 4 was never measured). Groups above 32 (MQA with
+// many heads: StarCoder's 48, Falcon-7B's 71) are cut into decode_mma_slices(G) blocks per kv
+// head of at most 32 heads, each streaming the kv head's keys (K/V read once per slice, as
+// decode_kernel's 32-row slices do).
 //   * Work split: 4 warps per block, each warp an independent flash-decoding stream over
 //     16-key steps (warp w takes steps w, w + 4, w + 8, ... of the block's key range) with
 //     its OWN 3-stage cp.async ring of 16-row K and V slabs: a warp loads exactly the rows it
@@ -84,8 +88,16 @@ inline bool decode_mma_enabled() {
 inline bool decode_mma_applies(const DecodeParams& p) {
   if (!decode_mma_enabled()) return false;
   if (p.seqlen_q != 1 || p.h_k < 1 || p.softcap > 0.f) return false;
-  const int64_t group = p.h / p.h_k;
-  return group >= 1 && group <= 32 && (p.d == 64 || p.d == 128);
+  return p.h % p.h_k == 0 && p.h >= p.h_k && (p.d == 64 || p.d == 128);
+}
+
+// Head slices: a group of more than 32 query heads per kv head (MQA with many heads, e.g. 48
+// or 71) is cut into decode_mma_slices(G) blocks per kv head of decode_mma_rows(G) <= 32
+// heads each (evenly: 71 = 24 + 24 + 23), each streaming the kv head's keys; G <= 32 is one.
+__host__ __device__ inline int decode_mma_slices(int64_t group) { return static_cast<int>((group + 31) / 32); }
+__host__ __device__ inline int decode_mma_rows(int64_t group) {
+  const int slices = decode_mma_slices(group);
+  return static_cast<int>((group + slices - 1) / slices);
 }
 
 template <int kD>
@@ -141,10 +153,16 @@ struct DmmaOps<__nv_bfloat16> {
 };
 #endif  // FASTATTN_DECODE_EMULATE
 
-// grid (num_splits, h_k, b), kMmaThreads threads, DecodeMmaSmem<kD>::kBytes bytes. Rows of
-// the block: the group's heads kvh * G + r, r < G <= 16 * kMTiles.
+// grid (num_splits, h_k * slices, b), kMmaThreads threads, DecodeMmaSmem<kD>::kBytes bytes.
+// Rows of the block: heads kvh * G + slice * decode_mma_rows(G) + r, r < its slice's rows
+// <= 16 * kMTiles.
+// Blocks per SM the registers must allow (decode_num_splits_cuda counts on them): 4 at d64
+// with one m-tile (<= 128 registers), 3 with two (<= 168), 2 at d128 (<= 255).
+template <int kD, int kMTiles>
+constexpr int kMmaMinBlocks = kD == 64 ? (kMTiles == 1 ? 4 : 3) : 2;
+
 template <typename T, int kD, int kMTiles>
-__global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks<kD, kMTiles>) decode_mma_kernel(const DecodeParams p) {
   using Ops = DmmaOps<T>;
   constexpr int kChunks = kD / 8;
   constexpr int kNTilesO = kD / 8;
@@ -155,9 +173,14 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
   T* sQ = reinterpret_cast<T*>(smem + DecodeMmaSmem<kD>::kKV);
 
   const int split = blockIdx.x;
-  const int kvh = blockIdx.y;
-  const int64_t b = blockIdx.z;
+  // (32-bit: head counts fit; the grid limits cap h_k * slices at 65535)
   const int group = static_cast<int>(p.h / p.h_k);
+  const int slices = decode_mma_slices(group), rows_per_slice = decode_mma_rows(group);
+  const int kvh = static_cast<int>(blockIdx.y) / slices;
+  const int slice = static_cast<int>(blockIdx.y) - kvh * slices;
+  const int rows = min(rows_per_slice, group - slice * rows_per_slice);  // heads of this block
+  const int head0 = kvh * group + slice * rows_per_slice;                 // its first head
+  const int64_t b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
   // Key range: [kbeg, len) cut by split_range, as decode_kernel (seqlen_q = 1: pos = len - 1).
@@ -250,13 +273,13 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
     cp_async_commit();
   }
 
-  // Q rows of the block, 16-bit, unscaled, swizzled; padding rows (>= G) are zero.
+  // Q rows of the block, 16-bit, unscaled, swizzled; padding rows (>= rows) are zero.
   {
-    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + int64_t(kvh) * group * p.q_head_stride;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + int64_t(head0) * p.q_head_stride;
     for (int i = tid; i < 16 * kMTiles * kChunks; i += kMmaThreads) {
       const int r = i / kChunks, c = i % kChunks;
       uint32_t w[4] = {0u, 0u, 0u, 0u};
-      if (r < group) {
+      if (r < rows) {
         const T* src = q + r * p.q_head_stride + c * 8;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -413,7 +436,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int row = mi * 16 + g + 8 * hf;
-      if (row < group) {
+      if (row < rows) {
         float* dst = sAcc + (warp * 32 + row) * kAS + 2 * t;
 #pragma unroll
         for (int j = 0; j < kNTilesO; ++j) sts<float2>(dst + 8 * j, make_float2(o[mi][j][2 * hf], o[mi][j][2 * hf + 1]));
@@ -428,7 +451,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const int row = mi * 16 + g + 8 * hf;
-      if (row < group && t == 0) {
+      if (row < rows && t == 0) {
         sts<float>(sM + warp * 32 + row, row_max[mi][hf]);
         sts<float>(sL + warp * 32 + row, l);
       }
@@ -436,7 +459,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
   }
   __syncthreads();
 
-  for (int idx = tid; idx < group * kD; idx += kMmaThreads) {
+  for (int idx = tid; idx < rows * kD; idx += kMmaThreads) {
     const int row = idx / kD, dd = idx % kD;
     float mx = -INFINITY;
 #pragma unroll
@@ -455,7 +478,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_mma_kernel(const Decode
     const bool any = lsum > 0.f;
     const float out = any ? acc / lsum : 0.f;
     const float lse = any ? (mx + __log2f(lsum)) * kLn2 : -INFINITY;
-    const int64_t head = int64_t(kvh) * group + row;
+    const int64_t head = int64_t(head0) + row;
     if (p.num_splits == 1) {
       static_cast<T*>(p.out)[b * p.out_batch_stride + head * p.out_head_stride + dd] = from_float<T>(out);
       if (dd == 0) p.lse[b * p.h + head] = lse;
