@@ -24,6 +24,14 @@
 // output (each thread streams its rows of every W2_e, adds into its own columns of out, so
 // no two threads write one cache line and no atomics are needed). Every output element is
 // computed by one thread in a fixed order, so the bits do not depend on the thread count.
+//
+// bf16 on CPUs with AVX512-BF16 (the avx512 tier library, checked at run time): widening each
+// weight in registers costs ~5 instructions per 8 weights, which made bf16 compute-bound at
+// about half the memory bandwidth. There the token rows are kept in bf16 (they are bf16
+// inputs, exact) and so is the activation (it is rounded to bf16 anyway), and the dots run
+// on vdpbf16ps: one 64-byte weight load and one instruction per 32 weights and token row,
+// products exact in fp32, sums in fp32 (pairwise within the instruction; its denormal inputs
+// and results flush to zero, values below 1.2e-38 that no trained weight has).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -166,37 +174,132 @@ void dot_block(const W* const* w, const float* const* x, int64_t K, float* out) 
 // res[q][r] = dot(w[q], x[r]) for nw <= 4 weight rows and R token rows: blocks of 4 weight
 // rows for one or two token rows, of 2 for three or four (at most 8 accumulators + the
 // token vectors in 16 registers), single rows for the remainder.
-template <typename W, int R>
-void rows_dots(const W* const* w, int nw, const float* const* x, int64_t K, float (*res)[kMaxRows]) {
+template <class Dot, typename W, int R>
+void rows_dots(const W* const* w, int nw, const typename Dot::X* const* x, int64_t K, float (*res)[kMaxRows]) {
   float tmp[4 * R];
   int q = 0;
   if constexpr (R <= 2) {
     if (nw == 4) {
-      dot_block<W, 4, R>(w, x, K, tmp);
+      Dot::template block<4, R>(w, x, K, tmp);
       for (int n = 0; n < 4; ++n)
         for (int r = 0; r < R; ++r) res[n][r] = tmp[n * R + r];
       q = 4;
     }
   }
   for (; q + 2 <= nw; q += 2) {
-    dot_block<W, 2, R>(w + q, x, K, tmp);
+    Dot::template block<2, R>(w + q, x, K, tmp);
     for (int n = 0; n < 2; ++n)
       for (int r = 0; r < R; ++r) res[q + n][r] = tmp[n * R + r];
   }
   if (q < nw) {
-    dot_block<W, 1, R>(w + q, x, K, tmp);
+    Dot::template block<1, R>(w + q, x, K, tmp);
     for (int r = 0; r < R; ++r) res[q][r] = tmp[r];
   }
 }
 
-template <typename W>
-void rows_dots_any(const W* const* w, int nw, const float* const* x, int rows, int64_t K,
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__x86_64__) && defined(__GNUC__)
+#define FASTATTN_MOE_DPBF16 1
+// bf16 dots on vdpbf16ps (AVX512-BF16). Only the avx512 tier library compiles them (the
+// instruction needs AVX-512 registers); whether the CPU has the instruction is checked at run
+// time (has_dpbf16), so the tier itself still runs on every AVX-512 CPU.
+namespace dpbf16 {
+#define FASTATTN_DPBF16 __attribute__((target("avx512bf16")))
+
+bool has_dpbf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// acc[n][r] += w[n][k:k+32] . x[r][k:k+32] (16 lanes, each a pair of products); the masked
+// form reads only the first bits of the 32 values (tails: nothing past a row is touched).
+template <int NW, int R, bool kMasked>
+FASTATTN_DPBF16 __attribute__((always_inline)) inline void dp_step(__m512 (&acc)[NW][R], const uint16_t* const* w,
+                                                                   const uint16_t* const* x, int64_t k,
+                                                                   __mmask32 mask) {
+  __m512i xv[R];
+  for (int r = 0; r < R; ++r)
+    xv[r] = kMasked ? _mm512_maskz_loadu_epi16(mask, x[r] + k) : _mm512_loadu_si512(x[r] + k);
+  for (int n = 0; n < NW; ++n) {
+    const __m512i wv = kMasked ? _mm512_maskz_loadu_epi16(mask, w[n] + k) : _mm512_loadu_si512(w[n] + k);
+    for (int r = 0; r < R; ++r) acc[n][r] = _mm512_dpbf16_ps(acc[n][r], (__m512bh)wv, (__m512bh)xv[r]);
+  }
+}
+
+// out[n * R + r] = dot(w[n][0:K], x[r][0:K]) for NW bf16 weight rows and R bf16 token rows:
+// one cache line (32 values) of every weight row per step, prefetched kPrefetchBytes ahead;
+// with few accumulators (NW * R <= 4) alternate lines go to two sets (latency hiding).
+template <int NW, int R>
+FASTATTN_DPBF16 void dot_block(const uint16_t* const* w, const uint16_t* const* x, int64_t K, float* out) {
+  constexpr bool kTwoSets = NW * R <= 4;
+  constexpr int64_t kAhead = kPrefetchBytes<uint16_t> / 2;
+  __m512 a0[NW][R], a1[NW][R];
+  for (int n = 0; n < NW; ++n)
+    for (int r = 0; r < R; ++r) a0[n][r] = a1[n][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  if constexpr (kTwoSets) {
+    for (; k + 64 <= K; k += 64) {
+      for (int n = 0; n < NW; ++n) {
+        __builtin_prefetch(w[n] + k + kAhead, 0, 3);
+        __builtin_prefetch(w[n] + k + kAhead + 32, 0, 3);
+      }
+      dp_step<NW, R, false>(a0, w, x, k, 0);
+      dp_step<NW, R, false>(a1, w, x, k + 32, 0);
+    }
+  }
+  for (; k + 32 <= K; k += 32) {
+    for (int n = 0; n < NW; ++n) __builtin_prefetch(w[n] + k + kAhead, 0, 3);
+    dp_step<NW, R, false>(a0, w, x, k, 0);
+  }
+  if (k < K) dp_step<NW, R, true>(a1, w, x, k, static_cast<__mmask32>((1u << (K - k)) - 1u));
+  // (through memory: GCC 12's _mm512_reduce_add_ps trips -Wuninitialized in its own header)
+  alignas(64) float lanes[16];
+  for (int n = 0; n < NW; ++n)
+    for (int r = 0; r < R; ++r) {
+      _mm512_store_ps(lanes, _mm512_add_ps(a0[n][r], a1[n][r]));
+      float sum = 0.0f;
+      for (int l = 0; l < 8; ++l) sum += lanes[l] + lanes[l + 8];
+      out[n * R + r] = sum;
+    }
+}
+#undef FASTATTN_DPBF16
+}  // namespace dpbf16
+#else
+namespace dpbf16 {
+inline bool has_dpbf16() { return false; }
+}  // namespace dpbf16
+#endif
+
+// The dot products of one call, by how token and activation rows are held: Widen keeps them
+// in fp32 and widens 16-bit weights in registers (every dtype, every tier); DpBf16 keeps them
+// in bf16 for vdpbf16ps (bf16 weights, AVX512-BF16 only).
+template <typename T>
+struct Widen {
+  using X = float;
+  static constexpr int64_t kRowPad = kColumnGroup;  // 16 floats: rows start on cache lines
+  template <int NW, int R>
+  static void block(const T* const* w, const X* const* x, int64_t K, float* out) {
+    dot_block<T, NW, R>(w, x, K, out);
+  }
+};
+#if defined(FASTATTN_MOE_DPBF16)
+struct DpBf16 {
+  using X = uint16_t;
+  static constexpr int64_t kRowPad = 32;  // 32 bf16: one cache line
+  template <int NW, int R>
+  static void block(const cpu::bf16_t* const* w, const X* const* x, int64_t K, float* out) {
+    dpbf16::dot_block<NW, R>(reinterpret_cast<const uint16_t* const*>(w), x, K, out);
+  }
+};
+#endif
+
+template <class Dot, typename W>
+void rows_dots_any(const W* const* w, int nw, const typename Dot::X* const* x, int rows, int64_t K,
                    float (*res)[kMaxRows]) {
   switch (rows) {
-    case 1: rows_dots<W, 1>(w, nw, x, K, res); break;
-    case 2: rows_dots<W, 2>(w, nw, x, K, res); break;
-    case 3: rows_dots<W, 3>(w, nw, x, K, res); break;
-    default: rows_dots<W, 4>(w, nw, x, K, res); break;
+    case 1: rows_dots<Dot, W, 1>(w, nw, x, K, res); break;
+    case 2: rows_dots<Dot, W, 2>(w, nw, x, K, res); break;
+    case 3: rows_dots<Dot, W, 3>(w, nw, x, K, res); break;
+    default: rows_dots<Dot, W, 4>(w, nw, x, K, res); break;
   }
 }
 
@@ -228,22 +331,37 @@ void silu_mul_round(float* g, const float* u, int64_t n) {
 }
 
 struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
+  void operator()(void* p) const { std::free(p); }
 };
 
-// A 64-byte aligned fp32 scratch buffer.
-std::unique_ptr<float, FreeDeleter> scratch(int64_t floats) {
-  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(floats, 1)) * sizeof(float) + 63) & ~size_t(63);
-  return std::unique_ptr<float, FreeDeleter>(static_cast<float*>(std::aligned_alloc(64, bytes)));
+// A 64-byte aligned scratch buffer of n elements.
+template <typename E>
+std::unique_ptr<E, FreeDeleter> scratch(int64_t n) {
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(E) + 63) & ~size_t(63);
+  return std::unique_ptr<E, FreeDeleter>(static_cast<E*>(std::aligned_alloc(64, bytes)));
 }
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// A token row into the dot products' form, zero padded from n to `padded` values.
 template <typename T>
+void load_x(const T* src, float* dst, int64_t n, int64_t padded) {
+  cpu::load_row(src, dst, n);
+  std::fill(dst + n, dst + padded, 0.0f);
+}
+inline void load_x(const cpu::bf16_t* src, uint16_t* dst, int64_t n, int64_t padded) {
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(uint16_t));
+  std::fill(dst + n, dst + padded, uint16_t{0});
+}
+
+template <typename T, class Dot>
 void moe_impl(const MoeParams& p) {
+  using X = typename Dot::X;
+  constexpr bool kPackedAct = !std::is_same<X, float>::value;  // the activation kept as bf16 bits
   const int64_t N = p.n_tokens, k = p.top_k, E = p.num_experts, H = p.hidden, I = p.inter;
-  const int64_t Hp = round_up(std::max<int64_t>(H, 1), kColumnGroup);
+  const int64_t Hp = round_up(std::max<int64_t>(H, 1), Dot::kRowPad);
   const int64_t Ip = round_up(std::max<int64_t>(I, 1), kColumnGroup);
+  const int64_t Ia = kPackedAct ? round_up(std::max<int64_t>(I, 1), Dot::kRowPad) : Ip;
 
   // Slots grouped by expert (a counting sort, token order kept within an expert).
   std::vector<int64_t> begin(static_cast<size_t>(E) + 1, 0);
@@ -268,20 +386,26 @@ void moe_impl(const MoeParams& p) {
       }
   }
 
-  // The slots' token rows in fp32 (zero padded to Hp), gate (then act) and up per slot.
-  auto xbuf = scratch(used * Hp);
-  auto gbuf = scratch(used * Ip);
-  auto ubuf = scratch(used * Ip);
-  float* xs = xbuf.get();
+  // The slots' token rows (zero padded to Hp), gate (then act) and up per slot in fp32, and
+  // with packed activations the act rows in bf16 (zero padded to Ia).
+  auto xbuf = scratch<X>(used * Hp);
+  auto gbuf = scratch<float>(used * Ip);
+  auto ubuf = scratch<float>(used * Ip);
+  auto abuf = scratch<X>(kPackedAct ? used * Ia : 0);
+  X* xs = xbuf.get();
   float* gs = gbuf.get();
   float* us = ubuf.get();
   const T* x = static_cast<const T*>(p.x);
   at::parallel_for(0, used, std::max<int64_t>(1, 65536 / Hp), [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
-      cpu::load_row(x + token[s] * p.x_row_stride, xs + s * Hp, H);
-      std::fill(xs + s * Hp + H, xs + (s + 1) * Hp, 0.0f);
+      load_x(x + token[s] * p.x_row_stride, xs + s * Hp, H, Hp);
+      if constexpr (kPackedAct) std::fill(abuf.get() + s * Ia + I, abuf.get() + (s + 1) * Ia, X{0});
     }
   });
+  // What pass 2 multiplies: the act rows, fp32 in gs or bf16 in abuf.
+  const X* acts;
+  if constexpr (kPackedAct) acts = abuf.get();
+  else acts = gs;
 
   const T* w13 = static_cast<const T*>(p.w13);
   const T* w2 = static_cast<const T*>(p.w2);
@@ -304,9 +428,9 @@ void moe_impl(const MoeParams& p) {
         }
         for (int64_t s = sb; s < se; s += kMaxRows) {
           const int nr = static_cast<int>(std::min<int64_t>(kMaxRows, se - s));
-          const float* xr[kMaxRows];
+          const X* xr[kMaxRows];
           for (int r = 0; r < nr; ++r) xr[r] = xs + (s + r) * Hp;
-          rows_dots_any<T>(rows, 2 * pairs, xr, nr, H, res);
+          rows_dots_any<Dot>(rows, 2 * pairs, xr, nr, H, res);
           for (int q = 0; q < pairs; ++q)
             for (int r = 0; r < nr; ++r) {
               gs[(s + r) * Ip + i + q] = res[2 * q][r];
@@ -314,12 +438,17 @@ void moe_impl(const MoeParams& p) {
             }
         }
       }
-      for (int64_t s = sb; s < se; ++s) silu_mul_round<T>(gs + s * Ip + i0, us + s * Ip + i0, i1 - i0);
+      for (int64_t s = sb; s < se; ++s) {
+        silu_mul_round<T>(gs + s * Ip + i0, us + s * Ip + i0, i1 - i0);
+        if constexpr (kPackedAct)  // exact: the values are bf16 already, these are their bits
+          for (int64_t i = i0; i < i1; ++i) abuf.get()[s * Ia + i] = cpu::float_to_bf16(gs[s * Ip + i]);
+      }
     }
   });
 
   // Pass 2: out[t][j] = sum over t's slots s of weight_s * (act_s . W2_e[j]), columns j of
   // out split across threads.
+  const int64_t act_stride = kPackedAct ? Ia : Ip;
   const int64_t out_groups = (H + kColumnGroup - 1) / kColumnGroup;
   at::parallel_for(0, out_groups, 1, [&](int64_t g0, int64_t g1) {
     const int64_t j0 = g0 * kColumnGroup, j1 = std::min(H, g1 * kColumnGroup);
@@ -335,9 +464,9 @@ void moe_impl(const MoeParams& p) {
         for (int q = 0; q < nw; ++q) rows[q] = we + (j + q) * p.w2_row_stride;
         for (int64_t s = sb; s < se; s += kMaxRows) {
           const int nr = static_cast<int>(std::min<int64_t>(kMaxRows, se - s));
-          const float* ar[kMaxRows];
-          for (int r = 0; r < nr; ++r) ar[r] = gs + (s + r) * Ip;
-          rows_dots_any<T>(rows, nw, ar, nr, I, res);
+          const X* ar[kMaxRows];
+          for (int r = 0; r < nr; ++r) ar[r] = acts + (s + r) * act_stride;
+          rows_dots_any<Dot>(rows, nw, ar, nr, I, res);
           for (int r = 0; r < nr; ++r) {
             float* o = p.out + token[s + r] * p.out_row_stride + j;
             const float wt = weight[s + r];
@@ -349,11 +478,21 @@ void moe_impl(const MoeParams& p) {
   });
 }
 
+template <typename T>
+void moe_dispatch(const MoeParams& p) {
+#if defined(FASTATTN_MOE_DPBF16)
+  if constexpr (std::is_same<T, cpu::bf16_t>::value) {
+    if (dpbf16::has_dpbf16()) return moe_impl<T, DpBf16>(p);
+  }
+#endif
+  moe_impl<T, Widen<T>>(p);
+}
+
 }  // namespace
 
 void cpu::moe_experts_kernel(const MoeParams& params) {
   if (params.n_tokens <= 0 || params.hidden <= 0) return;
-  FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] { moe_impl<T>(params); });
+  FASTATTN_CPU_DTYPE_SWITCH(params.dtype, T, [&] { moe_dispatch<T>(params); });
 }
 
 }  // namespace fastattn

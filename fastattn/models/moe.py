@@ -28,7 +28,7 @@ The experts kernel: the fastattn backend (the module's default) runs CPU inferen
 tokens per expert (decode steps, short prompts) through ``torch.ops.fastattn.moe_experts``
 instead (``uses_kernel``; csrc/cpu/moe.cpp). It groups the slots by expert itself, streams each
 selected expert's weights from memory once for all of its tokens (register-blocked fp32 FMAs,
-16-bit weights widened in registers), forms silu(gate) * up as the gate/up dots come out and
+16-bit weights widened in registers; bf16 on AVX512-BF16 CPUs through vdpbf16ps), forms silu(gate) * up as the gate/up dots come out and
 adds the weighted down projection into the fp32 output. Same numbers as the torch experts up to
 fp32 summation order; in bf16/fp16 its gate/up and expert outputs stay fp32 and only the
 activation is rounded to the model's dtype (as on the upcast path below, where the native
