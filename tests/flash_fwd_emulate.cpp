@@ -13,6 +13,7 @@
 //     tests/flash_bwd_emulate.cpp and tested on its own by tests/test_ptx_emulate.py); every
 //     shared-memory access is bounds-checked against the launch's dynamic shared memory, which
 //     is born NaN at every block start;
+//   * FASTATTN_EMU_SCHED_L2_BYTES: see emu_sched_l2_bytes below;
 //   * FASTATTN_EMU_MODE bit 0: cp.async copies land when a wait_group retires their group
 //     (latest), else at issue (earliest); bit 1: fibers scheduled in reverse order.
 // Every global buffer (q, k, v, out, lse, cu_seqlens) sits against a PROT_NONE guard page, at
@@ -213,6 +214,14 @@ cudaError_t emulate_launch(F* kernel, const dim3& grid, int threads, int smem, c
 
 }  // namespace flash
 }  // namespace fastattn
+
+// FASTATTN_EMU_SCHED_L2_BYTES: the K/V budget of a causal scheduling section (flash_fwd.cu),
+// small in the tests so that small problems run several sections, the last one partial.
+static int64_t emu_sched_l2_bytes() {
+  const char* e = std::getenv("FASTATTN_EMU_SCHED_L2_BYTES");
+  return e != nullptr ? std::atoll(e) : (int64_t{16} << 20);
+}
+#define FASTATTN_FWD_SCHED_L2_BYTES emu_sched_l2_bytes()
 
 #include "flash_fwd.cu"
 #include "flash_fwd_hdim128.cu"
