@@ -68,3 +68,19 @@ def check_softcap(softcap, name: str = "softcap") -> float:
     if not math.isfinite(softcap) or softcap < 0 or softcap > _FLOAT32_MAX:
         raise ValueError(f"{name} must be 0 (off) or a positive number finite in float32, got {softcap}")
     return softcap
+
+
+def check_bool(value, name: str) -> bool:
+    """A flag: a Python bool or a NumPy bool, returned as a Python bool. Anything else (an
+    int, a string, None) is a TypeError naming the argument, not read by truthiness:
+    ``causal="no"`` must not silently mean causal."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
+
+
+def is_integer(value) -> bool:
+    """A Python or NumPy integer (any numbers.Integral), but not a bool: True is not a size."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import ops
 from ._validate import (
+    check_bool,
     check_float,
     check_last_dim_contiguous,
     check_same_device,
@@ -20,6 +21,7 @@ from ._validate import (
     check_softcap,
     check_softmax_scale,
     check_tensor,
+    is_integer,
 )
 
 # Each op section appends its public names, so sections can be edited independently.
@@ -52,7 +54,13 @@ def _rms_norm_eps(eps) -> float:
 def _check_rms_float(t, name: str) -> None:
     check_tensor(t, name)
     if not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        # torch's rms_norm promotes an integer weight/residual to x's dtype; fastattn refuses
+        # it instead (the kernels read them as floats, and an integer norm weight is almost
+        # always a mistake), saying how to get torch's result.
+        raise ValueError(
+            f"{name} must be a floating-point tensor, got {t.dtype} (fastattn does not promote integer "
+            f"tensors as torch.nn.functional.rms_norm does; pass {name}.to(x.dtype) for its result)"
+        )
 
 
 def _contiguous_last_dim(t: Tensor) -> Tensor:
@@ -344,6 +352,8 @@ def apply_rotary(
     _check_rotary_args(q, k, cos, sin, positions)
     if not isinstance(check_positions, bool):
         raise TypeError(f"check_positions must be a bool, got {type(check_positions).__name__}")
+    interleaved = check_bool(interleaved, "interleaved")
+    inplace = check_bool(inplace, "inplace")
     if not inplace:
         return ops.rotary(q, k, cos, sin, positions, interleaved, False, check_positions)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
@@ -369,13 +379,19 @@ _CPU_MAX_HEAD_DIM = 512
 _CUDA_BUILT = bool(_load_extension().WITH_CUDA)  # a CPU-only build delegates CUDA SDPA calls
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _check_window(window) -> tuple:
-    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
+    # Python and NumPy integers alike; a bool is refused (True is not a window size).
+    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(is_integer(w) for w in window)):
         raise ValueError(f"window must be a pair of ints (left, right), got {window!r}")
     left, right = int(window[0]), int(window[1])
     if left < -1 or right < -1:
         raise ValueError(f"window sizes must be >= 0 or -1 (unbounded), got {(left, right)}")
-    return left, right
+    # A side past int64 (the ops' schema type) reaches past any sequence: unbounded, as the
+    # docs promise for every side >= Sq + Sk, rather than the schema's "expected int" error.
+    return (-1 if left > _INT64_MAX else left), (-1 if right > _INT64_MAX else right)
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, layouts) -> int:
@@ -439,8 +455,10 @@ def flash_attention(
             h reads kv head ``h // (H // Hk)``; K/V are never copied per query head).
         causal: bottom-right aligned, as flash-attn: query i sees keys ``j <= i + Sk - Sq``.
         softmax_scale: defaults to ``1 / sqrt(D)``. Any finite float32 value (negative and 0
-            included); NaN, inf, non-numbers raise. The softmax is exact at each row's
-            maximum whatever the scale, so a huge scale gives the hard argmax.
+            included); NaN, inf, non-numbers raise. The scaled scores ``softmax_scale * q.k``
+            are computed in fp32 and must stay finite there: a large scale sharpens the
+            softmax towards the hard argmax, but where a score overflows to +-inf the result
+            is unspecified (zeros, NaN or another key's value row; not checked).
         window: (left, right) sliding window: query i sees keys in
             ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 is unbounded, and so is any
             side >= Sq + Sk (e.g. ``sys.maxsize``). ``causal`` sets right = 0. Rows that see
@@ -466,6 +484,8 @@ def flash_attention(
     (``create_graph=True`` and a gradient of the gradients) raise a RuntimeError.
     """
     D = _check_qkv(q, k, v, ("(B, Sq, H, D)", "(B, Sk, Hk, D)"))
+    causal = check_bool(causal, "causal")
+    return_lse = check_bool(return_lse, "return_lse")
     left, right = _check_window(window)
     if causal:
         right = 0
@@ -507,6 +527,27 @@ def _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, sca
     return 1 <= E <= _CPU_MAX_HEAD_DIM
 
 
+def _sdpa_autocast(query, key, value):
+    """What autocast does to SDPA's inputs (it is in the lower-precision list of CPU and CUDA
+    autocast): with autocast on for the device, every floating-point tensor on it other than
+    float64 is cast to the autocast dtype. The fastattn op has no autocast kernel, so the
+    cast is made here; the result then has the autocast dtype, as torch's."""
+    if not isinstance(query, Tensor) or query.device.type not in ("cpu", "cuda"):
+        return query, key, value
+    device_type = query.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if (isinstance(t, Tensor) and t.device.type == device_type and t.is_floating_point()
+                and t.dtype not in (torch.float64, dtype)):
+            return t.to(dtype)
+        return t
+
+    return cast(query), cast(key), cast(value)
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -524,17 +565,35 @@ def scaled_dot_product_attention(
             Hk dividing H (query head h reads kv head ``h // (H // Hk)``, as torch).
         attn_mask, dropout_p: a general mask or dropout are handed to torch unchanged.
         is_causal: TOP-LEFT aligned, as torch: query i sees keys ``j <= i`` (this differs
-            from ``flash_attention(causal=True)`` when L != S).
-        scale: defaults to ``1 / sqrt(E)``.
+            from ``flash_attention(causal=True)`` when L != S). A Python bool, as torch
+            (TypeError otherwise); so is ``enable_gqa``.
+        scale: defaults to ``1 / sqrt(E)``. The scaled scores must be finite in fp32 (see
+            ``flash_attention``).
 
     Returns:
-        (B, H, L, E) in query's dtype (a transposed view of a (B, L, H, E) buffer).
+        (B, H, L, E) in query's dtype, with query's memory layout as torch's (contiguous for
+        a contiguous query). The kernel writes a (B, L, H, E) buffer, so a query that is
+        such a buffer transposed (or L = 1) costs nothing more; other layouts cost one copy
+        of the output (measured on the CPU at 0.2-2.6% of the call for typical shapes, up to
+        ~8% when S is tiny).
+
+    Under autocast (CPU or CUDA), floating-point inputs other than float64 are cast to the
+    autocast dtype first and the result has that dtype, exactly as torch's SDPA (which is on
+    autocast's lower-precision list).
 
     What the kernel does not cover is computed by torch itself, so results and errors are
     torch's: ``attn_mask``, ``dropout_p > 0``, inputs that are not 4-D, broadcast batch dims,
     a value head dim differing from E, fp32 or head dims other than 32/64/96/128/192/256 on CUDA, empty
     inputs, other dtypes/devices. Differentiable (see ``flash_attention`` for the backward).
     """
+    # torch's own argument errors (its parser takes a Python bool only, not an int or a NumPy
+    # bool): a truthy non-bool must not silently switch the mask on.
+    for flag, name in ((is_causal, "is_causal"), (enable_gqa, "enable_gqa")):
+        if not isinstance(flag, bool):
+            raise TypeError(
+                f"scaled_dot_product_attention(): argument '{name}' must be bool, not {type(flag).__name__}"
+            )
+    query, key, value = _sdpa_autocast(query, key, value)
     if not _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, scale):
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
@@ -560,10 +619,25 @@ def scaled_dot_product_attention(
     if scale is None:
         scale = query.shape[-1] ** -0.5
     out, _lse = ops.flash_attn_fwd(q, k, v, float(scale), left, right)
-    return out.transpose(1, 2)
+    out = out.transpose(1, 2)
+    # torch returns query's memory layout (its kernels write an empty_like of the query, whose
+    # last dim they make contiguous first), so code that views the result (out.view(B, -1))
+    # works on ours too. The kernel writes (B, L, H, E): free when query is that buffer
+    # transposed (a q projection viewed and transposed, as in Hugging Face models; and L = 1
+    # decode steps); any other query layout costs one copy of the output, a few percent of
+    # the attention on the CPU (the copy is O(L * E) per head, the kernel O(L * S * E)).
+    if any(n > 1 and so != sq for n, so, sq in zip(out.shape, out.stride(), query.stride())):
+        if query.shape[-1] > 1 and query.stride(-1) != 1:
+            out = out.contiguous()
+        else:
+            out = torch.empty_like(query).copy_(out)
+    return out
 
 # ---- variable-length (packed) flash attention --------------------------------------------
 __all__ += ["flash_attention_varlen"]
+
+
+_INT32_MAX = 2**31 - 1
 
 
 def _check_max_seqlen(value, name: str) -> int:
@@ -572,7 +646,11 @@ def _check_max_seqlen(value, name: str) -> int:
                         f"got {type(value).__name__}: {value!r}")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
-    return value if isinstance(value, torch.SymInt) else int(value)
+    if isinstance(value, torch.SymInt):
+        return value
+    if value > _INT32_MAX:  # the op's limit (lengths are int32, as cu_seqlens)
+        raise ValueError(f"{name} must be <= {_INT32_MAX} (sequence lengths are int32, as cu_seqlens), got {value}")
+    return int(value)
 
 
 def _check_cu_seqlens(cu_seqlens, name: str, ref: Tensor) -> None:
@@ -624,7 +702,8 @@ def flash_attention_varlen(
             reads cu_seqlens on the host).
         causal: bottom-right aligned per sequence: query i of a sequence with lengths
             (Sq_i, Sk_i) sees keys ``j <= i + Sk_i - Sq_i``.
-        softmax_scale: defaults to ``1 / sqrt(D)``; any finite float32 value.
+        softmax_scale: defaults to ``1 / sqrt(D)``; any finite float32 value, with the
+            scaled scores finite in fp32 (as ``flash_attention``: unspecified where they overflow).
         window: (left, right) sliding window per sequence, as ``flash_attention``: query i
             sees keys in ``[i + Sk_i - Sq_i - left, i + Sk_i - Sq_i + right]``; -1 (or any
             side >= max_seqlen_q + max_seqlen_k) is unbounded; ``causal`` sets right = 0.
@@ -655,6 +734,8 @@ def flash_attention_varlen(
         )
     max_seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q")
     max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k")
+    causal = check_bool(causal, "causal")
+    return_lse = check_bool(return_lse, "return_lse")
     left, right = _check_window(window)
     if causal:
         right = 0
@@ -742,9 +823,35 @@ def _check_cache_query(q, k_cache, v_cache, cache_seqlens, block_table, batch: i
     _check_cache_seqlens(cache_seqlens, q, batch)
 
 
-def _check_num_splits(num_splits) -> None:
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+# decode::kMaxSplits (csrc/include/fastattn/decode_split.h): the ops refuse more splits. Checked
+# here too, before attention_with_kvcache appends: a call that raises must leave the caches alone.
+_MAX_SPLITS = 128
+
+
+def _check_num_splits(num_splits) -> int:
+    if not is_integer(num_splits):
+        raise TypeError(f"num_splits must be an int in [0, {_MAX_SPLITS}] (0 = automatic), "
+                        f"got {type(num_splits).__name__}: {num_splits!r}")
+    if not 0 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [0, {_MAX_SPLITS}] (0 = automatic), got {num_splits}")
+    return int(num_splits)
+
+
+def _check_pages_cpu(block_table: Tensor, pool: Tensor, cache_seqlens: Tensor, extra: int) -> None:
+    """CPU only (values are read on the host): every page holding a token of
+    ``[0, cache_seqlens[b] + extra)`` must be an index into the pool, as the op checks. Lengths
+    outside [0, capacity] are clamped here; append_kv reports them (before it writes)."""
+    num_pages, page_size = pool.shape[0], pool.shape[1]
+    max_pages = block_table.shape[1]
+    last = (cache_seqlens.to(torch.int64) + extra).clamp(0, max_pages * page_size)
+    used = torch.arange(max_pages) < ((last + page_size - 1) // page_size)[:, None]
+    bad = used & ((block_table < 0) | (block_table >= num_pages))
+    if bool(bad.any()):
+        b, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"block_table[{b}, {j}] = {int(block_table[b, j])} is not a page of the pool (num_pages = {num_pages}); "
+            f"sequence {b} uses its tokens [0, {int(last[b])}) there"
+        )
 
 
 def decode_attention(
@@ -779,9 +886,12 @@ def decode_attention(
             checked on the CPU; on CUDA they are not read on the host (that would
             synchronise) and are clamped into that range by the kernel.
         softmax_scale: a finite real number, default ``1 / sqrt(D)``. NaN or +-inf raise
-            ValueError (they would make every output NaN), a non-number TypeError.
-        num_splits: split-KV factor (each sequence's keys are cut into this many chunks,
-            merged exactly). 0 picks it from the shapes (and the SM count on CUDA) only,
+            ValueError (they would make every output NaN), a non-number TypeError. The
+            scaled scores ``softmax_scale * q.k`` must be finite in fp32: where one
+            overflows to +-inf the result is unspecified (zeros, NaN or another key's
+            value row; not checked), as in ``flash_attention``.
+        num_splits: split-KV factor in [0, 128] (each sequence's keys are cut into this many
+            chunks, merged exactly). 0 picks it from the shapes (and the SM count on CUDA) only,
             never from the values of cache_seqlens: no host synchronisation, so a decode
             step can be captured in a CUDA graph.
         return_lse: also return lse (B, H) float32, the natural-log sum of exp(scores).
@@ -808,7 +918,8 @@ def decode_attention(
     _check_cache_query(q, k_cache, v_cache, cache_seqlens, block_table, q.shape[0])
     softmax_scale = check_softmax_scale(softmax_scale)
     softcap = check_softcap(softcap)
-    _check_num_splits(num_splits)
+    num_splits = _check_num_splits(num_splits)
+    return_lse = check_bool(return_lse, "return_lse")
     out, lse = ops.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, block_table,
                                     softcap)
     return (out, lse) if return_lse else out
@@ -855,8 +966,14 @@ def attention_with_kvcache(
         block_table: (B, max_pages_per_seq) int32 for a paged cache (see ``decode_attention``).
         causal: mask keys after each query's position (default True, as a decoder needs).
         window: (left, right) sliding window, -1 = unbounded; causal sets right = 0.
-        softmax_scale, softcap, num_splits: as in ``decode_attention``.
+        softmax_scale, softcap, num_splits: as in ``decode_attention`` (the scaled scores
+            must be finite in fp32).
         return_lse: also return lse (B, H, Sq) float32.
+
+    A call that raises leaves the caches unchanged: every check (on the CPU also the page
+    indices of all tokens ``[0, cache_seqlens[b] + Sq)``) runs before k/v are appended.
+    One exception: under torch.compile (where reading values would break the graph) the page
+    indices of the tokens already cached are checked by the attention op, after the append.
 
     Returns:
         out (B, Sq, H, D) in q's dtype, or ``(out, lse)``.
@@ -873,14 +990,14 @@ def attention_with_kvcache(
     _check_cache_query(q, k_cache, v_cache, cache_seqlens, block_table, B)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values) or both be None")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    causal = check_bool(causal, "causal")
+    return_lse = check_bool(return_lse, "return_lse")
     left, right = _check_window(window)
     if causal:
         right = 0
     softmax_scale = check_softmax_scale(softmax_scale)
     softcap = check_softcap(softcap)
-    _check_num_splits(num_splits)
+    num_splits = _check_num_splits(num_splits)
     if k is not None:
         for t, name in ((k, "k"), (v, "v")):
             check_tensor(t, name)
@@ -888,6 +1005,14 @@ def attention_with_kvcache(
         if k.dim() != 4 or tuple(k.shape) != (B, Sq, Hk, D):
             raise ValueError(f"k must be (B, Sq, Hk, D) = ({B}, {Sq}, {Hk}, {D}) to match q and k_cache, "
                              f"got shape {tuple(k.shape)}")
+        # Every check the attention op makes runs before the append, so a call that raises
+        # leaves the caches as they were (a caller that catches and retries must not append
+        # twice). The op's CPU page check covers tokens [0, cache_seqlens + Sq), append_kv's
+        # only the new rows: the pages of the tokens already cached are checked here. On CUDA
+        # neither op reads the table on the host (the kernels clamp page indices), and under
+        # torch.compile reading values would break the graph: the op checks after the append.
+        if block_table is not None and k_cache.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_pages_cpu(block_table, k_cache, cache_seqlens, Sq)
         append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table)
     out, lse = ops.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, left,
                                           right, Sq if k is not None else 0, num_splits, softcap)

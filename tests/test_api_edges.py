@@ -1,0 +1,261 @@
+"""Edges of the public API found by an external fuzz review: a failed attention_with_kvcache
+call must leave the caches alone; flags are bools (not truthy values); integers past int64 and
+NumPy integers; SDPA's dtype under autocast and its output layout, as torch's; the message for
+an integer rms_norm weight. CPU only."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from conftest import assert_error_ratio
+
+
+def _i32(values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+# ---- 1. attention_with_kvcache: a call that raises changes nothing -------------------------
+def _kv_step(B=1, Sq=2, H=2, Hk=1, D=8):
+    return torch.randn(B, Sq, H, D), torch.randn(B, Sq, Hk, D), torch.randn(B, Sq, Hk, D)
+
+
+@pytest.mark.parametrize("num_splits", [129, 200, 2**64])
+def test_kvcache_bad_num_splits_leaves_cache_unchanged(num_splits):
+    q, k, v = _kv_step()
+    kc, vc = torch.randn(1, 8, 1, 8), torch.randn(1, 8, 1, 8)
+    kc0, vc0 = kc.clone(), vc.clone()
+    with pytest.raises(ValueError, match=r"num_splits must be in \[0, 128\]"):
+        fastattn.attention_with_kvcache(q, kc, vc, _i32([3]), k=k, v=v, num_splits=num_splits)
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0)
+
+
+def test_kvcache_bad_cached_page_leaves_pool_unchanged():
+    # The bad index is in the page of tokens already cached (0..3), not in the page the new
+    # rows go to (1): append_kv alone would not see it, the attention would, after writing.
+    q, k, v = _kv_step()
+    kp, vp = torch.randn(4, 4, 1, 8), torch.randn(4, 4, 1, 8)
+    kp0, vp0 = kp.clone(), vp.clone()
+    for bad in (99, -1, 4):
+        with pytest.raises(ValueError, match=rf"block_table\[0, 0\] = {bad} is not a page of the pool"):
+            fastattn.attention_with_kvcache(q, kp, vp, _i32([4]), k=k, v=v, block_table=_i32([[bad, 1]]))
+        assert torch.equal(kp, kp0) and torch.equal(vp, vp0)
+    # Entries past the used pages may hold anything; a good table appends and attends.
+    out = fastattn.attention_with_kvcache(q, kp, vp, _i32([4]), k=k, v=v, block_table=_i32([[2, 1, 99]]))
+    assert torch.equal(kp[1, :2], k[0]) and torch.isfinite(out).all()
+
+
+def test_kvcache_capacity_error_leaves_pool_unchanged():
+    q, k, v = _kv_step(Sq=3)
+    kp, vp = torch.randn(4, 4, 1, 8), torch.randn(4, 4, 1, 8)
+    kp0 = kp.clone()
+    with pytest.raises(ValueError, match="exceeds the cache capacity"):
+        fastattn.attention_with_kvcache(q[:, :3], kp, vp, _i32([6]), k=k, v=v, block_table=_i32([[0, 1]]))
+    assert torch.equal(kp, kp0)
+
+
+def test_num_splits_bounds_and_types():
+    q = torch.randn(2, 4, 16)
+    kc, vc = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    sl = _i32([3, 8])
+    ref = fastattn.decode_attention(q, kc, vc, sl, num_splits=1)
+    for n in (128, np.int64(3), np.int32(0)):
+        torch.testing.assert_close(fastattn.decode_attention(q, kc, vc, sl, num_splits=n), ref)
+    for n in (129, 2**64, -1):
+        with pytest.raises(ValueError, match=r"num_splits must be in \[0, 128\]"):
+            fastattn.decode_attention(q, kc, vc, sl, num_splits=n)
+    for n in (1.5, True, "2", None):
+        with pytest.raises(TypeError, match="num_splits must be an int"):
+            fastattn.decode_attention(q, kc, vc, sl, num_splits=n)
+
+
+# ---- 2. flags are bools ---------------------------------------------------------------------
+def _flash_qkv():
+    return torch.randn(1, 3, 2, 8), torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 8)
+
+
+@pytest.mark.parametrize("name", ["causal", "return_lse"])
+@pytest.mark.parametrize("value", ["no", 1, 0, None, 1.0])
+def test_flash_flags_must_be_bool(name, value):
+    q, k, v = _flash_qkv()
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        fastattn.flash_attention(q, k, v, **{name: value})
+    cu = _i32([0, 3])
+    cuk = _i32([0, 4])
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        fastattn.flash_attention_varlen(q[0], k[0], v[0], cu, cuk, 3, 4, **{name: value})
+
+
+def test_numpy_bool_flags_accepted():
+    q, k, v = _flash_qkv()
+    out, lse = fastattn.flash_attention(q, k, v, causal=np.bool_(True), return_lse=np.bool_(True))
+    ref, ref_lse = fastattn.flash_attention(q, k, v, causal=True, return_lse=True)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+
+
+def test_cache_and_rotary_flags_must_be_bool():
+    q = torch.randn(1, 1, 2, 8)
+    kc = torch.randn(1, 4, 1, 8)
+    sl = _i32([4])
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        fastattn.decode_attention(q[:, 0], kc, kc, sl, return_lse=1)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        fastattn.attention_with_kvcache(q, kc, kc, sl, return_lse="yes")
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        fastattn.attention_with_kvcache(q, kc, kc, sl, causal=1)
+    x = torch.randn(1, 3, 2, 8)
+    cos, sin = torch.randn(3, 4), torch.randn(3, 4)
+    for name in ("interleaved", "inplace"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            fastattn.apply_rotary(x, x, cos, sin, **{name: 1})
+
+
+@pytest.mark.parametrize("name", ["is_causal", "enable_gqa"])
+@pytest.mark.parametrize("value", [1, "no", np.bool_(True), None])
+def test_sdpa_flags_type_error_as_torch(name, value):
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(TypeError, match=f"argument '{name}' must be bool") as ours:
+        fastattn.scaled_dot_product_attention(q, q, q, **{name: value})
+    with pytest.raises(TypeError) as theirs:
+        F.scaled_dot_product_attention(q, q, q, **{name: value})
+    assert str(ours.value).split(",")[0] == str(theirs.value).split(",")[0]
+
+
+@pytest.mark.parametrize("window", [(True, False), (0, True), (1.0, 0), ("1", 0)])
+def test_window_entries_must_be_ints(window):
+    q, k, v = _flash_qkv()
+    with pytest.raises(ValueError, match="window must be a pair of ints"):
+        fastattn.flash_attention(q, k, v, window=window)
+
+
+# ---- 3. integers past int64, NumPy integers -------------------------------------------------
+def test_huge_window_is_unbounded():
+    q, k, v = _flash_qkv()
+    for causal in (False, True):
+        ref = fastattn.flash_attention(q, k, v, causal=causal)
+        for w in [(2**64, 2**64), (2**63, -1), (-1, 2**100)]:
+            torch.testing.assert_close(fastattn.flash_attention(q, k, v, causal=causal, window=w), ref, rtol=0, atol=0)
+    ref = fastattn.flash_attention_varlen(q[0], k[0], v[0], _i32([0, 3]), _i32([0, 4]), 3, 4)
+    out = fastattn.flash_attention_varlen(q[0], k[0], v[0], _i32([0, 3]), _i32([0, 4]), 3, 4, window=(2**64, 2**64))
+    assert torch.equal(out, ref)
+    kc = torch.randn(1, 6, 1, 8)
+    qk = torch.randn(1, 2, 2, 8)
+    ref = fastattn.attention_with_kvcache(qk, kc, kc, _i32([5]))
+    assert torch.equal(fastattn.attention_with_kvcache(qk, kc, kc, _i32([5]), window=(2**64, 2**64)), ref)
+    with pytest.raises(ValueError, match="window sizes must be >= 0 or -1"):
+        fastattn.flash_attention(q, k, v, window=(-(2**64), 0))
+
+
+def test_numpy_window_accepted():
+    q, k, v = _flash_qkv()
+    ref = fastattn.flash_attention(q, k, v, window=(2, 0))
+    assert torch.equal(fastattn.flash_attention(q, k, v, window=(np.int64(2), np.int32(0))), ref)
+
+
+def test_max_seqlen_past_int32():
+    q, k, v = _flash_qkv()
+    cu, cuk = _i32([0, 3]), _i32([0, 4])
+    for kw in ({"max_seqlen_q": 2**64, "max_seqlen_k": 4}, {"max_seqlen_q": 3, "max_seqlen_k": 2**31}):
+        name = next(n for n, x in kw.items() if x > 4)
+        with pytest.raises(ValueError, match=rf"{name} must be <= 2147483647"):
+            fastattn.flash_attention_varlen(q[0], k[0], v[0], cu, cuk, **kw)
+    ref = fastattn.flash_attention_varlen(q[0], k[0], v[0], cu, cuk, 3, 4)
+    assert torch.equal(fastattn.flash_attention_varlen(q[0], k[0], v[0], cu, cuk, np.int64(3), np.int32(4)), ref)
+
+
+# ---- 4. SDPA under autocast -----------------------------------------------------------------
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_cpu_autocast_matches_torch(amp_dtype, is_causal):
+    q, k, v = torch.randn(2, 4, 9, 32), torch.randn(2, 4, 13, 32), torch.randn(2, 4, 13, 32)
+    with torch.autocast("cpu", dtype=amp_dtype):
+        ours = fastattn.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        theirs = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        # mixed inputs: torch casts every eligible input, so do we
+        mixed = fastattn.scaled_dot_product_attention(q.to(amp_dtype), k, v, is_causal=is_causal)
+        # float64 is not cast by autocast
+        f64 = fastattn.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=is_causal)
+    assert ours.dtype == theirs.dtype == mixed.dtype == amp_dtype and f64.dtype == torch.float64
+    lo = [t.to(amp_dtype) for t in (q, k, v)]
+    true = F.scaled_dot_product_attention(*(t.double() for t in lo), is_causal=is_causal)
+    assert_error_ratio(ours, theirs, true, "out")
+    assert torch.equal(mixed, ours)
+
+
+def test_sdpa_autocast_gradients_flow_to_fp32_inputs():
+    q, k, v = (torch.randn(1, 2, 5, 16, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (q, k, v))
+
+
+# ---- 5. SDPA output layout ------------------------------------------------------------------
+_B, _H, _L, _S, _E = 2, 4, 5, 7, 8
+_QUERY_LAYOUTS = {
+    "contiguous": lambda: torch.randn(_B, _H, _L, _E),
+    "BLHE_transposed": lambda: torch.randn(_B, _L, _H, _E).transpose(1, 2),
+    "HBLE_permuted": lambda: torch.randn(_H, _B, _L, _E).transpose(0, 1),
+    "LBHE_permuted": lambda: torch.randn(_L, _B, _H, _E).permute(1, 2, 0, 3),
+    "head_sliced": lambda: torch.randn(_B, 2 * _H, _L, _E)[:, ::2],
+    "last_dim_strided": lambda: torch.randn(_B, _H, _E, _L).transpose(2, 3),
+    "decode_L1": lambda: torch.randn(_B, _H, 1, _E),
+}
+
+
+@pytest.mark.parametrize("layout", list(_QUERY_LAYOUTS))
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_output_layout_as_torch(layout, is_causal):
+    q = _QUERY_LAYOUTS[layout]()
+    k, v = torch.randn(_B, _H, _S, _E), torch.randn(_B, _H, _S, _E)
+    ours = fastattn.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    torch.testing.assert_close(ours, theirs)
+    assert ours.is_contiguous() == theirs.is_contiguous()
+    live = [i for i, n in enumerate(ours.shape) if n > 1]  # a size-1 dim's stride is free
+    assert [ours.stride(i) for i in live] == [theirs.stride(i) for i in live]
+    if theirs.is_contiguous():
+        ours.view(_B, -1)
+
+
+def test_sdpa_contiguous_output_gradients():
+    q, k, v = (torch.randn(_B, _H, n, _E, dtype=torch.float64).float().requires_grad_() for n in (_L, _S, _S))
+    out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.is_contiguous()
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out.view(_B, -1), (q, k, v), dout.view(_B, -1))
+    ins = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ins, is_causal=True)
+    ref_grads = torch.autograd.grad(ref, ins, dout.double())
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+
+
+def test_sdpa_compile_fullgraph_layout_and_autocast():
+    f = torch.compile(fastattn.scaled_dot_product_attention, fullgraph=True, backend="aot_eager")
+    q, k, v = torch.randn(_B, _H, _L, _E), torch.randn(_B, _H, _S, _E), torch.randn(_B, _H, _S, _E)
+    out = f(q, k, v, is_causal=True)
+    eager = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.stride() == eager.stride() and out.is_contiguous()
+    torch.testing.assert_close(out, eager)
+    qt = torch.randn(_B, _L, _H, _E).transpose(1, 2)
+    assert f(qt, k, v).stride() == fastattn.scaled_dot_product_attention(qt, k, v).stride()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = f(q, k, v)
+        eager = fastattn.scaled_dot_product_attention(q, k, v)
+    assert out.dtype == eager.dtype == torch.bfloat16
+    torch.testing.assert_close(out, eager)
+
+
+# ---- 6. rms_norm with an integer weight -----------------------------------------------------
+def test_rms_norm_integer_weight_message():
+    x = torch.randn(3, 5)
+    w = torch.ones(5, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"weight must be a floating-point tensor.*weight\.to\(x\.dtype\)"):
+        fastattn.rms_norm(x, w)
+    # The suggested conversion gives torch's result.
+    torch.testing.assert_close(fastattn.rms_norm(x, w.to(x.dtype)), F.rms_norm(x, (5,), w, 1e-6))
+    # (nn.RMSNorm cannot hold an integer weight, in torch or here: a Parameter that requires
+    # grad must be floating point.)
