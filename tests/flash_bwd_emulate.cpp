@@ -190,6 +190,14 @@ inline float softcap_ex2(float x) { return ptx::ex2_approx_ftz(x); }
 inline float softcap_rcp(float x) { return ptx::rcp_approx_ftz(x); }
 }  // namespace fastattn
 
+// FASTATTN_EMU_SCHED_L2_BYTES: the shared-bytes budget of a causal scheduling section
+// (block_order.cuh), small in the tests so that small problems run several sections.
+static int64_t emu_sched_l2_bytes() {
+  const char* e = std::getenv("FASTATTN_EMU_SCHED_L2_BYTES");
+  return e != nullptr ? std::atoll(e) : (int64_t{16} << 20);
+}
+#define FASTATTN_SCHED_L2_BYTES emu_sched_l2_bytes()
+
 // The CUDA sources themselves, unmodified: flash_bwd.cu (the head-dim switch flash_bwd_cuda,
 // the workspace size) and one flash_bwd_hdim<D>.cu per head dim (the launcher and kernels).
 #include "flash_bwd.cu"

@@ -215,13 +215,13 @@ cudaError_t emulate_launch(F* kernel, const dim3& grid, int threads, int smem, c
 }  // namespace flash
 }  // namespace fastattn
 
-// FASTATTN_EMU_SCHED_L2_BYTES: the K/V budget of a causal scheduling section (flash_fwd.cu),
+// FASTATTN_EMU_SCHED_L2_BYTES: the K/V budget of a causal scheduling section (block_order.cuh),
 // small in the tests so that small problems run several sections, the last one partial.
 static int64_t emu_sched_l2_bytes() {
   const char* e = std::getenv("FASTATTN_EMU_SCHED_L2_BYTES");
   return e != nullptr ? std::atoll(e) : (int64_t{16} << 20);
 }
-#define FASTATTN_FWD_SCHED_L2_BYTES emu_sched_l2_bytes()
+#define FASTATTN_SCHED_L2_BYTES emu_sched_l2_bytes()
 
 #include "flash_fwd.cu"
 #include "flash_fwd_hdim128.cu"

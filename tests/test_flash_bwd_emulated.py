@@ -229,7 +229,7 @@ def test_emulated_head_dims(emulator, tmp_path, case):
     assert len({(c[0], c[1], c[12] > 0) for c in HEAD_DIMS}) == 16
 
 
-def _check_against_reference(emulator, tmp_path, case, mode):
+def _check_against_reference(emulator, tmp_path, case, mode, **extra_env):
     dtype, d, b, sq, sk, h, hk, wl, wr, causal, use_ws, scale, cap = case
     tdt = torch.float16 if dtype == "16" else torch.bfloat16
     rng = np.random.default_rng(sq * 11 + sk + d)
@@ -251,7 +251,7 @@ def _check_against_reference(emulator, tmp_path, case, mode):
     lse.to(torch.float32).numpy().tofile(tmp_path / "lse.bin")
     (tmp_path / "meta.txt").write_text(
         f"{dtype} {d} {b} {sq} {sk} {h} {hk} {wl} {wr} {causal} {scale!r} {use_ws} 8 {cap!r}\n")
-    res = subprocess.run([emulator, str(tmp_path)], capture_output=True, text=True, env=_env(mode))
+    res = subprocess.run([emulator, str(tmp_path)], capture_output=True, text=True, env=_env(mode, **extra_env))
     assert res.returncode == 0, res.stderr or res.stdout
     assert res.stdout.startswith("ok"), res.stdout
     if use_ws and h // hk > 1:
@@ -270,3 +270,21 @@ def _check_against_reference(emulator, tmp_path, case, mode):
     xs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     reference.attention(*xs, **dict(kw, softcap=0.0)).backward(dout.double())
     assert (xs[0].grad - true_grads[0]).abs().max() > 1e-2
+
+
+# Causal block order in sections of pairs (csrc/cuda/block_order.cuh) for the dK/dV and dQ
+# kernels: a tiny shared-bytes budget gives one pair per section (the budget is below every
+# pair's bytes), a middle one several pairs with a partial last section. The gradients are
+# born NaN in the emulator, so a tile skipped (or run twice in place of another) fails.
+SECTIONS = [
+    # dtype, d, b, sq, sk, h, hk, wl, wr, causal, use_workspace, softmax_scale, softcap, mode, budget
+    ("16", 64, 2, 130, 130, 3, 3, -1, 0, 1, 0, None, 0.0, 0, 1),        # 6 pairs, 1 per section
+    ("bf", 64, 3, 70, 140, 2, 1, -1, 0, 1, 1, None, 0.0, 3, 75_000),    # GQA split, Sq < Sk: 4 + 2 pairs
+    ("16", 128, 2, 140, 70, 4, 2, 30, 0, 1, 0, None, 0.0, 0, 60_000),   # window + causal, Sq > Sk: dQ 3 + 3 + 2
+]
+
+
+@pytest.mark.parametrize("case", SECTIONS, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_causal_sections(emulator, tmp_path, case):
+    *case, mode, budget = case
+    _check_against_reference(emulator, tmp_path, tuple(case), mode, FASTATTN_EMU_SCHED_L2_BYTES=str(budget))

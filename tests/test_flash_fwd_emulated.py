@@ -141,7 +141,7 @@ def test_emulated_forward_dense(fwd_emulator, tmp_path, case, mode):
             assert (got[i, :sq - sk] == 0).all()  # rows that see no key: exactly 0
 
 
-# Causal block order in sections of (head, batch) pairs (flash::block_coords): a small K/V
+# Causal block order in sections of (head, batch) pairs (csrc/cuda/block_order.cuh): a small K/V
 # budget makes these run several sections, the last one partial. kv bytes per pair = sk * d * 4
 # / (h / hk); (case, budget in pairs).
 SECTIONS = [

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "block_order.cuh"
 #include "fastattn/params.h"
 #include "flash_bwd_layout.cuh"
 #include "softcap.cuh"
@@ -227,6 +228,9 @@ struct BwdArgs {
   float inv_scale_log2;  // soft-capped: 1 / (softcap * log2(e))
   int num_splits;       // dK/dV kernel: blocks per (key tile, kv head), see dkdv_num_splits
   int heads_per_split;  // query heads each of those blocks loops over
+  // Block order of the dK/dV and dQ kernels (block_order.cuh): pairs per section, 1 = the
+  // plain grid order. Above 1 only under a causal (right) bound, where tile costs differ.
+  int64_t dkdv_section, dq_section;
 };
 
 // Where a block's sequence lives. Dense: batch b of (b, seqlen, heads, d) tensors, lse and
@@ -355,10 +359,20 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
   // This warp's 16 key rows (wrow) and its dK / dV columns [col0, col0 + kDn).
   const int wrow = Cfg::kDSplit == 1 ? warp : warp % Cfg::kRowWarps;
   const int col0 = Cfg::kDSplit == 1 ? 0 : (warp / Cfg::kRowWarps) * kDn;
-  const int n0 = blockIdx.x * kBlockN;
-  const int hk = blockIdx.y / args.num_splits;
-  const int split = blockIdx.y % args.num_splits;
-  const int64_t b = blockIdx.z;
+  // Lowest key tile first: under a causal mask it is seen by the most query tiles. With
+  // sections (block_order.cuh) that order holds across several (kv head, split, batch) pairs.
+  int n_block = static_cast<int>(blockIdx.x), pair_y = static_cast<int>(blockIdx.y);
+  int64_t b = blockIdx.z;
+  if (args.dkdv_section > 1) {
+    const BlockOrder bo = block_order(FASTATTN_LINEAR_BLOCK(), gridDim.x, gridDim.y * gridDim.z,
+                                      static_cast<uint32_t>(args.dkdv_section));
+    n_block = bo.rank;
+    pair_y = bo.pair % static_cast<int>(gridDim.y);
+    b = bo.pair / static_cast<int>(gridDim.y);
+  }
+  const int n0 = n_block * kBlockN;
+  const int hk = pair_y / args.num_splits;
+  const int split = pair_y % args.num_splits;
   const BlockSeq seq = block_seq(args, b);
   const MaskInfo& mask = seq.mask;
   // Varlen: the grid covers max_seqlen_k; a key tile past this sequence's end has no rows to
@@ -599,10 +613,21 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
   const int wrow = Cfg::kDSplit == 1 ? warp : warp % Cfg::kRowWarps;
   const int col0 = Cfg::kDSplit == 1 ? 0 : (warp / Cfg::kRowWarps) * kDn;
   // Highest query tile first: under causal masking it sees the most key tiles, so the longest
-  // blocks start in the first wave instead of forming the tail.
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
-  const int h = blockIdx.y;
-  const int64_t b = blockIdx.z;
+  // blocks start in the first wave instead of forming the tail; with sections
+  // (block_order.cuh) that order holds across several (head, batch) pairs.
+  int m_rank = static_cast<int>(blockIdx.x), h = static_cast<int>(blockIdx.y);
+  int64_t b = blockIdx.z;
+  // d128 soft-capped: the section arithmetic tipped ptxas into 12 B of spills (sm_90a); that
+  // kernel keeps the plain order.
+  constexpr bool kSections = !(D == 128 && kSoftcap);
+  if (kSections && args.dq_section > 1) {
+    const BlockOrder bo = block_order(FASTATTN_LINEAR_BLOCK(), gridDim.x, gridDim.y * gridDim.z,
+                                      static_cast<uint32_t>(args.dq_section));
+    m_rank = bo.rank;
+    h = bo.pair % static_cast<int>(gridDim.y);
+    b = bo.pair / static_cast<int>(gridDim.y);
+  }
+  const int m0 = (static_cast<int>(gridDim.x) - 1 - m_rank) * kBlockM;
   const int64_t hk = h / (f.h / f.h_k);
   const BlockSeq seq = block_seq(args, b);
   const MaskInfo& mask = seq.mask;
@@ -812,6 +837,18 @@ inline BwdPrep prepare_bwd(const FlashBwdParams& params, BwdArgs* out_args) {
   if (args.num_splits > 1 && (params.workspace == nullptr || !aligned(params.workspace, 16))) {
     args.num_splits = 1;
     args.heads_per_split = static_cast<int>(f.h / f.h_k);
+  }
+  // Block order (block_order.cuh): under a right bound (causal) tile costs differ, so the
+  // heaviest tiles of a section of pairs run first. What a section's blocks share: dK/dV
+  // blocks the Q and dO rows of their heads, dQ blocks the K and V rows of their kv head.
+  args.dkdv_section = args.dq_section = 1;
+  if (wr >= 0) {
+    // (tile counts bounded with 16-row tiles, the smallest: only the 2^31-block limit reads them)
+    args.dkdv_section = block_order_section((f.seqlen_k + 15) / 16, f.b * f.h_k * args.num_splits,
+                                            f.seqlen_q * f.d * 4 * args.heads_per_split,
+                                            FASTATTN_SCHED_L2_BYTES);
+    args.dq_section = block_order_section((f.seqlen_q + 15) / 16, f.b * f.h,
+                                          f.seqlen_k * f.d * 4 / (f.h / f.h_k), FASTATTN_SCHED_L2_BYTES);
   }
 
   return kBwdLaunch;

@@ -94,19 +94,11 @@
 // with another layout passes contiguous copies instead.
 #include <cuda_runtime_api.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "fastattn/api.h"
 #include "fastattn/params.h"
 #include "flash_fwd_kernel.cuh"
-
-// K/V bytes a section of causal blocks may share (see flash_fwd_cuda): well inside the L2 of an
-// A100 (40 MB) and of an H100 / H200 (50 / 60 MB). The CPU emulation overrides it to test small
-// sections.
-#ifndef FASTATTN_FWD_SCHED_L2_BYTES
-#define FASTATTN_FWD_SCHED_L2_BYTES (int64_t{16} << 20)
-#endif
 
 namespace fastattn {
 
@@ -200,16 +192,14 @@ cudaError_t flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream) {
   args.total_q = p.total_q;
   args.total_k = p.total_k;
   const bool masked = left >= 0 || right >= 0;
-  // Block order (flash::block_coords): with a right bound (causal) later query blocks see more
-  // keys, so (head, batch) pairs run in sections, heaviest blocks of the whole section first;
-  // a section is as many pairs as share FASTATTN_FWD_SCHED_L2_BYTES of K/V (GQA heads of one
-  // kv head are adjacent pairs and read the same K/V). No right bound: the plain order.
+  // Block order (block_order.cuh): with a right bound (causal) later query blocks see more
+  // keys, so (head, batch) pairs run in sections, the heaviest blocks of a whole section first;
+  // a section is as many pairs as share FASTATTN_SCHED_L2_BYTES of K/V (the GQA heads of a kv
+  // head are adjacent pairs and read the same K/V). No right bound: the plain order.
   args.sched_section = 1;
-  if (right >= 0) {
-    const int64_t pairs = p.h * p.b;
-    const int64_t kv_bytes = std::max<int64_t>(1, p.seqlen_k * p.d * 4 / std::max<int64_t>(1, p.h / p.h_k));
-    args.sched_section = std::min<int64_t>(pairs, std::max<int64_t>(1, FASTATTN_FWD_SCHED_L2_BYTES / kv_bytes));
-  }
+  if (right >= 0)
+    args.sched_section = block_order_section((p.seqlen_q + 63) / 64, p.h * p.b,
+                                             p.seqlen_k * p.d * 4 / (p.h / p.h_k), FASTATTN_SCHED_L2_BYTES);
 
   switch (p.d) {  // the masked-only head dims: masked kernel or its capped twin
     case 32: return flash::run_flash_fwd_hdim32(args, p.b, p.dtype, softcap, stream);

@@ -67,6 +67,7 @@
 
 #include <cstdint>
 
+#include "block_order.cuh"
 #include "fastattn/params.h"
 #include "softcap.cuh"
 
@@ -95,34 +96,10 @@ struct FwdArgs {
   const int32_t* cu_seqlens_q;
   const int32_t* cu_seqlens_k;
   int64_t total_q, total_k;
-  // Block order (block_coords): (head, batch) pairs are scheduled in sections of this many
-  // pairs; 1 is the plain (query block, head, batch) order. Set by the host (flash_fwd.cu).
+  // Block order (block_order.cuh): (head, batch) pairs run in sections of this many pairs; 1 is
+  // the plain (query block, head, batch) order. Set by the host (flash_fwd.cu).
   int64_t sched_section;
 };
-
-// Which (query block, head, batch) a block runs, from its linear index (x fastest, the order
-// in which the GPU hands out blocks, roughly). The heaviest query blocks run first: under a
-// causal mask block m sees m + 1 key blocks, so their costs differ by up to seqlen_q / kBlockM
-// times. With the plain order (section 1) each (head, batch) pair's blocks run heaviest first,
-// but the last pairs' heavy blocks start near the end and the GPU idles while they finish
-// (a list-scheduling simulation of 264 block slots over 2 x 16 heads x 8k queries: 14% over
-// the ideal makespan). With sections of S pairs the order is: section, then query block
-// descending, then pair within the section; so every section runs heaviest first across all
-// of its pairs and the grid ends on its lightest blocks (same simulation: 0.4% over for S >=
-// 4). The host sizes S so that a section's K/V fit in an L2 budget (the blocks running
-// together read the same K/V, as in the plain order). A bijection of [0, blocks) for any S >= 1.
-struct BlockCoords {
-  int m_block, head, batch;
-};
-__host__ __device__ inline BlockCoords block_coords(int64_t linear, int num_m_blocks, int h,
-                                                    int64_t num_pairs, int64_t section) {
-  const int64_t first = linear / (section * num_m_blocks) * section;  // the section's first pair
-  const int64_t len = num_pairs - first < section ? num_pairs - first : section;
-  const int64_t r = linear - first * num_m_blocks;
-  const int64_t pair = first + r % len;
-  return {num_m_blocks - 1 - static_cast<int>(r / len), static_cast<int>(pair % h),
-          static_cast<int>(pair / h)};
-}
 
 // Rows [*start, *start + *len) of sequence i of a packed tensor of `total` rows, from its
 // cu_seqlens, made memory-safe for ANY content (nothing validates cu_seqlens on the device
@@ -356,19 +333,22 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
-  // Heaviest query blocks (most keys under a causal mask) first: fewer idle SMs at the tail.
-  // Only a masked problem can have sections (sched_section > 1); the unmasked kernel keeps the
-  // plain order without the 64-bit index arithmetic (at d128 on sm_80 that costs it spills).
-  const BlockCoords bc =
-      kMasked ? block_coords(blockIdx.x + static_cast<int64_t>(gridDim.x) *
-                                              (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z),
-                             static_cast<int>(gridDim.x), static_cast<int>(gridDim.y),
-                             static_cast<int64_t>(gridDim.y) * gridDim.z, a.sched_section)
-              : BlockCoords{static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x),
-                            static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z)};
-  const int m_block = bc.m_block;
-  const int head = bc.head;
-  const int batch = bc.batch;
+  // Heaviest query blocks (most keys under a causal mask) first, across a section of (head,
+  // batch) pairs (block_order.cuh). Only a masked problem has sections (sched_section > 1); the
+  // unmasked kernel keeps the plain order without the 64-bit index arithmetic (at d128 on
+  // sm_80 that cost it spills).
+  int m_block = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+  int head = static_cast<int>(blockIdx.y);
+  int batch = static_cast<int>(blockIdx.z);
+  // d96: the section arithmetic tipped ptxas into 32 B of spills (sm_90a); it keeps the plain order.
+  constexpr bool kSections = kMasked && Kt::kHeadDim != 96;
+  if (kSections && a.sched_section > 1) {
+    const BlockOrder bo = block_order(FASTATTN_LINEAR_BLOCK(), gridDim.x, gridDim.y * gridDim.z,
+                                      static_cast<uint32_t>(a.sched_section));
+    m_block = static_cast<int>(gridDim.x) - 1 - bo.rank;
+    head = bo.pair % static_cast<int>(gridDim.y);
+    batch = bo.pair / static_cast<int>(gridDim.y);
+  }
   const int kv_head = head / a.h_per_kv;
   const int m0 = m_block * kBlockM;
 
