@@ -41,7 +41,9 @@ position biases, value head dims that differ, float32 or unsupported head dims o
 sliding window over a row whose padding has holes, and builds without
 ``fastattn.flash_attention_varlen``. A soft-capped call that falls back (or any soft-capped
 call on a build whose kernels lack ``softcap=``) runs the model's own eager attention instead,
-SDPA having no soft-capping. Each fallback is counted by reason and warned about once
+SDPA having no soft-capping; so does a call asked for attention weights
+(``output_attentions=True``: the kernels return none, and SDPA only warns that it returns none),
+which then returns eager's weights. Each fallback is counted by reason and warned about once
 per reason (``RuntimeWarning``)::
 
     fa_hf.reset_stats()
@@ -51,7 +53,6 @@ per reason (``RuntimeWarning``)::
 from __future__ import annotations
 
 import contextvars
-import functools
 import importlib
 import inspect
 import sys
@@ -85,6 +86,13 @@ _CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 # dispatcher uses fastattn only inside those, so unpatched models in the same process keep
 # transformers' own function.
 _IN_PATCHED_ATTENTION = contextvars.ContextVar("fastattn_in_patched_attention", default=0)
+# The same count for code that torch.compile traces: dynamo cannot trace ContextVar.get/set
+# (two graph breaks per layer, and torch.compile(fullgraph=True) of a patched model failed),
+# but it traces a module global's reads and writes (replayed after the graph runs).
+_IN_PATCHED_ATTENTION_TRACED = 0
+
+# The reason under which calls asked for attention weights run the model's eager attention.
+_OUTPUT_ATTENTIONS_REASON = "attention weights requested (output_attentions=True)"
 
 
 def _require_transformers():
@@ -139,7 +147,8 @@ def _count_fallback(reason: str) -> None:
         first = reason not in _WARNED_REASONS
         _WARNED_REASONS.add(reason)
     if first:
-        to = "eager attention" if reason.startswith("soft-capped") else "SDPA"  # SDPA has no soft-capping
+        # SDPA has no soft-capping and returns no weights
+        to = "eager attention" if reason.startswith("soft-capped") or reason == _OUTPUT_ATTENTIONS_REASON else "SDPA"
         warnings.warn(f"fastattn: attention call fell back to transformers' {to} ({reason}); counts in "
                       "fastattn.integrations.transformers.stats()", RuntimeWarning, stacklevel=3)
 
@@ -375,14 +384,21 @@ def _dense_from_2d(mask: torch.Tensor, Sq: int, Sk: int, window) -> torch.Tensor
     return dense.unsqueeze(1)
 
 
-@functools.lru_cache(maxsize=None)
+_TAKE_SOFTCAP: Optional[bool] = None
+
+
 def _kernels_take_softcap() -> bool:
-    """Whether this build's flash_attention and flash_attention_varlen take ``softcap=``."""
-    try:
-        return all("softcap" in inspect.signature(getattr(fastattn.functional, name)).parameters
-                   for name in ("flash_attention", "flash_attention_varlen"))
-    except (AttributeError, TypeError, ValueError):
-        return False
+    """Whether this build's flash_attention and flash_attention_varlen take ``softcap=``.
+    (Cached in a module global, not functools.lru_cache: torch.compile reads a global as a
+    constant, where it traces through an lru_cache wrapper with a warning.)"""
+    global _TAKE_SOFTCAP
+    if _TAKE_SOFTCAP is None:
+        try:
+            _TAKE_SOFTCAP = all("softcap" in inspect.signature(getattr(fastattn.functional, name)).parameters
+                                for name in ("flash_attention", "flash_attention_varlen"))
+        except (AttributeError, TypeError, ValueError):
+            _TAKE_SOFTCAP = False
+    return _TAKE_SOFTCAP
 
 
 def _softcap(kwargs) -> Optional[float]:
@@ -411,18 +427,25 @@ def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
 
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
     if _softcap(kwargs) is not None:  # SDPA refuses soft-capping: the model's eager attention has it
-        return _eager_softcapped(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+        return _eager_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    if kwargs.get("output_attentions") and _eager_of(module) is not None:  # SDPA returns no weights
+        return _eager_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 
 
-def _eager_softcapped(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
-    """A soft-capped fallback on the eager attention of the module's own modeling file, given the
-    mask SDPA would get (None = SDPA's top-left is_causal) as the additive mask eager expects."""
-    modeling = sys.modules.get(type(module).__module__)
-    eager = getattr(modeling, "eager_attention_forward", None)
+def _eager_of(module):
+    """The eager attention function of the module's own modeling file, None if it has none."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def _eager_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    """A fallback on the eager attention of the module's own modeling file (soft-capped scores,
+    attention weights asked for), given the mask SDPA would get (None = SDPA's top-left
+    is_causal) as the additive mask eager expects. Returns eager's (out, weights)."""
+    eager = _eager_of(module)
     if eager is None:
         raise NotImplementedError(
             f"fastattn: soft-capped attention (softcap={kwargs.get('softcap')}) in {type(module).__name__} needs "
@@ -451,9 +474,10 @@ def fastattn_attention_forward(
     **kwargs,
 ):
     """transformers attention function: query (B, H, Sq, D), key/value (B, Hk, Sk, D) ->
-    (out (B, Sq, H, D), None). A None mask runs on fastattn.flash_attention, a 2-D mask (padding,
-    filled caches, packed sequences; see ``fastattn_mask``) on fastattn.flash_attention_varlen;
-    the rest falls back to transformers' SDPA attention, counted in ``stats()``."""
+    (out (B, Sq, H, D), None), or eager's (out, weights) when ``output_attentions`` asks for
+    weights. A None mask runs on fastattn.flash_attention, a 2-D mask (padding, filled caches,
+    packed sequences; see ``fastattn_mask``) on fastattn.flash_attention_varlen; the rest falls
+    back to transformers' SDPA attention, counted in ``stats()``."""
     Sq, Sk = query.shape[2], key.shape[2]
     two_d = attention_mask is not None and attention_mask.dim() == 2
     window = _mask_window(attention_mask, kwargs) if two_d else None
@@ -461,6 +485,10 @@ def fastattn_attention_forward(
         raise ValueError(f"a 2-D attention mask for fastattn must be (B={query.shape[0]}, M >= Sq={Sq}) (positions up "
                          f"to the last query), got {tuple(attention_mask.shape)}")
     reason = _unsupported_reason(module, query, value, dropout, kwargs)
+    if reason is None and kwargs.get("output_attentions"):
+        # The kernels return no weights; eager attention does (SDPA and flash_attention_2 just
+        # log that they return none). Without an eager function: SDPA, which says so itself.
+        reason = _OUTPUT_ATTENTIONS_REASON
     if reason is None and attention_mask is not None and not two_d:
         reason = "mask not expressible as per-sequence lengths + causal/window"
     plan = None
@@ -525,6 +553,7 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    _kernels_take_softcap()  # looked up now, not first inside a compiled graph
     AttentionInterface.register(ATTN_IMPLEMENTATION, fastattn_attention_forward)
     # None (SDPA's is_causal), a 2-D per-sequence mask (varlen) or SDPA's 4-D mask (fallback).
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, fastattn_mask)
@@ -563,7 +592,7 @@ def _make_rotary_dispatcher(original, partial: bool = False):
         unsqueeze_dim = kwargs.get("unsqueeze_dim", args[0] if args else 1)
         R = cos.shape[-1] if cos.dim() == 3 else -1
         usable = (
-            _IN_PATCHED_ATTENTION.get() > 0
+            _in_patched_attention()
             and unsqueeze_dim == 1
             and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and sin.shape == cos.shape
             and q.shape[-1] == k.shape[-1] and R % 2 == 0
@@ -589,9 +618,22 @@ def _install_rotary_dispatcher(modeling_module) -> bool:
     return True
 
 
+def _in_patched_attention() -> bool:
+    if torch.compiler.is_compiling():
+        return _IN_PATCHED_ATTENTION_TRACED > 0
+    return _IN_PATCHED_ATTENTION.get() > 0
+
+
 def _patched_attention_forward(self, *args, **kwargs):
     """forward of a patched attention module: its class's forward, with the rotary dispatcher
     switched to fastattn for the duration of the call."""
+    if torch.compiler.is_compiling():  # traced: a global dynamo can follow (see its definition)
+        global _IN_PATCHED_ATTENTION_TRACED
+        _IN_PATCHED_ATTENTION_TRACED += 1
+        try:
+            return type(self).forward(self, *args, **kwargs)
+        finally:
+            _IN_PATCHED_ATTENTION_TRACED -= 1
     token = _IN_PATCHED_ATTENTION.set(_IN_PATCHED_ATTENTION.get() + 1)
     try:
         return type(self).forward(self, *args, **kwargs)
@@ -636,7 +678,8 @@ def patch_model(model: nn.Module) -> dict:
       RMSNorm with ``unit_offset=True`` (fp32 math, x's dtype out, as Gemma's);
     * attention modules with q/k projections (``q_proj`` or a fused ``qkv_proj``) whose modeling
       file has ``apply_rotary_pos_emb`` run it on fastattn.apply_rotary; Phi-3's partial rotary
-      (cos/sin narrower than the head) too.
+      (cos/sin narrower than the head) too. The switch to fastattn's rotary inside patched
+      modules traces under torch.compile (``fullgraph=True`` included).
 
     Anything else is left alone. Returns a report: ``{"rms_norm": n, "rotary": m, "swapped":
     {class name: count}, "left_alone": {class name: reason}}`` (rotary entries are named by
