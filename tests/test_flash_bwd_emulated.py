@@ -229,6 +229,24 @@ def test_emulated_head_dims(emulator, tmp_path, case):
     assert len({(c[0], c[1], c[12] > 0) for c in HEAD_DIMS}) == 16
 
 
+# ---- zero and negative softmax_scale under masks ---------------------------------------------
+# The kernels scale the scores before masking them: a mask applied first (-inf) and scaled
+# after would give -inf * 0 = NaN at scale 0 and +inf at a negative scale. Both are legal
+# scales (finite is all the API asks).
+SIGNED_SCALES = [
+    # dtype, d, b, sq, sk, h, hk, wl, wr, causal, use_workspace, softmax_scale, softcap
+    ("bf", 128, 1, 70, 90, 2, 1, -1, 0, 1, 0, -0.1, 0.0),  # causal GQA, Sq < Sk, tails
+    ("16", 64, 1, 65, 65, 2, 2, 9, 0, 1, 1, 0.0, 0.0),     # causal + window, uniform softmax
+]
+
+
+@pytest.mark.parametrize("case", SIGNED_SCALES, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_signed_scales(emulator, tmp_path, case):
+    """dq, dk, dv with a negative and a zero softmax_scale on masked tiles, by the error-ratio
+    rule against autograd through reference.attention."""
+    _check_against_reference(emulator, tmp_path, case, 0)
+
+
 def _check_against_reference(emulator, tmp_path, case, mode, **extra_env):
     dtype, d, b, sq, sk, h, hk, wl, wr, causal, use_ws, scale, cap = case
     tdt = torch.float16 if dtype == "16" else torch.bfloat16

@@ -62,27 +62,37 @@ MUTATIONS = [
     Mutation(
         "bwd_dkdv_main_loop_syncthreads_removed",
         "csrc/cuda/flash_bwd_kernels.cuh",
-        "    cp_async_wait_all();\n    __syncthreads();\n    if (it + 1 < total) load_q_tile(it + 1, buf ^ 1);\n",
-        "    cp_async_wait_all();\n    if (it + 1 < total) load_q_tile(it + 1, buf ^ 1);\n",
+        "    cp_async_wait_all();\n    __syncthreads();\n    next_tile(&next_h, &next_m0);",
+        "    cp_async_wait_all();\n    next_tile(&next_h, &next_m0);",
         (f"{BWD}[16-64-1-70-150-4-1--1--1-0-1-0]",),
         "initcheck: a warp's ldmatrix reads K / Q rows other warps have not copied yet (shared "
         "memory never written in this block)"),
     Mutation(
         "bwd_dkdv_refill_before_barrier",
         "csrc/cuda/flash_bwd_kernels.cuh",
-        "    cp_async_wait_all();\n    __syncthreads();\n    if (it + 1 < total) load_q_tile(it + 1, buf ^ 1);\n",
-        "    cp_async_wait_all();\n    if (it + 1 < total) load_q_tile(it + 1, buf ^ 1);\n    __syncthreads();\n",
+        "    __syncthreads();\n    next_tile(&next_h, &next_m0);  // now the tile of iteration it + 1\n"
+        "    if (it + 1 < total) load_q_tile(next_h, next_m0, buf ^ 1);\n",
+        "    next_tile(&next_h, &next_m0);  // now the tile of iteration it + 1\n"
+        "    if (it + 1 < total) load_q_tile(next_h, next_m0, buf ^ 1);\n    __syncthreads();\n",
         (f"{BWD}[bf-64-1-130-130-1-1--1-0-1-0-0]",),
         "racecheck: the Q / dO refill (cp.async landing at issue) overwrites the buffer slower warps "
         "still read in the same barrier interval (write-after-read; needs >= 3 query tiles)"),
     Mutation(
         "bwd_load_tile_row_bound_off_by_one",
         "csrc/cuda/flash_bwd_kernels.cuh",
-        "const bool ok = row0 + r < seqlen;",
-        "const bool ok = row0 + r <= seqlen;",
+        "const bool ok = row0 + r0 + i * kRowsPerSweep < seqlen;",
+        "const bool ok = row0 + r0 + i * kRowsPerSweep <= seqlen;",
         (f"{BWD}[16-64-1-70-150-4-1--1--1-0-1-0]",),
         "memcheck: the tile tail copies row seqlen, past the end of q for the last head (the "
         "cp.async source is bounds-checked)"),
+    Mutation(
+        "bwd_dkdv_next_head_not_advanced",
+        "csrc/cuda/flash_bwd_kernels.cuh",
+        "      *m = mb_begin * kBlockM;\n      ++*h;\n",
+        "      *m = mb_begin * kBlockM;\n",
+        ("tests/test_flash_bwd_emulated.py::test_emulated_signed_scales[bf-128-1-70-90-2-1--1-0-1-0--0.1-0.0]",),
+        "GQA without a split: one dK/dV block loops over both query heads of its kv head; with the "
+        "head counter stuck it reads head 0's Q / dO twice, so dK / dV miss head 1's share"),
     Mutation(
         "bwd_store_row_bound_dropped",
         "csrc/cuda/flash_bwd_kernels.cuh",

@@ -166,16 +166,38 @@ __device__ __forceinline__ void warp_gemm_xb(float (&acc)[DN / 8][4], const floa
 
 // Copy rows [row0, row0 + kRows) of a (seqlen, D) strided tensor into a swizzled [kRows][D]
 // tile with cp.async; rows at or past `seqlen` are zero-filled.
+// Thread layout: kTpr threads per row (the largest of 16, 8, 4 dividing the D / 8 chunks),
+// each copying chunks c, c + kTpr, ... of it, kThreads / kTpr rows per sweep. That sweep is a
+// multiple of the swizzle's 8-row period, so every row a thread copies has the same swizzle
+// key (the key is < kTpr, so the XOR stays inside the thread's chunk group) and its shared
+// offsets are one register plus immediates; the source pointer advances by a fixed step.
+// Fully unrolled, no division: the generic strided loop this replaces compiled to a runtime
+// trip count with a remainder loop, ~60 SASS instructions per tile row sweep (the d128 dK/dV
+// kernel's main loop spent ~45% of its static instructions there).
 template <typename T, int D, int kRows, int kThreads>
 __device__ __forceinline__ void load_tile(T* s, const T* base, int64_t row_stride, int row0,
                                           int seqlen, int tid) {
   constexpr int kChunks = D / 8;
+  constexpr int kTpr = kChunks % 16 == 0 ? 16 : kChunks % 8 == 0 ? 8 : 4;
+  constexpr int kRowsPerSweep = kThreads / kTpr;
+  static_assert(kThreads % kTpr == 0 && kRowsPerSweep % 8 == 0, "one swizzle key per thread");
+  // d96's 32-row dK/dV query tiles are half a 64-row sweep: the upper half of the block idles.
+  static_assert(kRows % kRowsPerSweep == 0 || kRowsPerSweep % kRows == 0, "whole sweeps");
+  constexpr int kSweeps = kRows >= kRowsPerSweep ? kRows / kRowsPerSweep : 1;
+  const int r0 = tid / kTpr, c = tid % kTpr;
+  if (kRows < kRowsPerSweep && r0 >= kRows) return;  // warp-uniform (kTpr divides 32)
+  // swz(r0 + i * sweep, (c + g * kTpr) * 8) == swz(r0, c * 8) + i * sweep * D + g * kTpr * 8.
+  T* dst = s + swz<D>(r0, c * 8);
+  const T* src = base + static_cast<int64_t>(row0 + r0) * row_stride + c * 8;
+  const int64_t step = static_cast<int64_t>(kRowsPerSweep) * row_stride;
 #pragma unroll
-  for (int c = tid; c < kRows * kChunks; c += kThreads) {
-    const int r = c / kChunks, ch = c % kChunks;
-    const bool ok = row0 + r < seqlen;
-    const T* src = ok ? base + static_cast<int64_t>(row0 + r) * row_stride + ch * 8 : base;
-    cp_async16(smem_addr(s + swz<D>(r, ch * 8)), src, ok);
+  for (int i = 0; i < kSweeps; ++i) {
+    const bool ok = row0 + r0 + i * kRowsPerSweep < seqlen;
+#pragma unroll
+    for (int g = 0; g < kChunks / kTpr; ++g)
+      cp_async16(smem_addr(dst + i * kRowsPerSweep * D + g * kTpr * 8),
+                 ok ? src + g * kTpr * 8 : base, ok);
+    src += step;
   }
 }
 
@@ -396,9 +418,9 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
   // (so no thread waits on a global load here). Rows past seqlen_q are zero-filled: lse 0 and
   // delta 0 there are harmless because such a tile always runs masked (tile_needs_mask) and
   // the masked P is exactly 0.
-  auto load_q_tile = [&](int it, int buf) {
-    const int h = h_first + it / n_mblocks;
-    const int m0 = (mb_begin + it % n_mblocks) * kBlockM;
+  // (h, m0) of an iteration: head h_first + it / n_mblocks, tile mb_begin + it % n_mblocks,
+  // stepped by next_tile() instead of divided out per tile.
+  auto load_q_tile = [&](int h, int m0, int buf) {
     load_tile<T, D, kBlockM, kThreads>(sQ + buf * kBlockM * D, q + h * f.q_head_stride,
                                        f.q_row_stride, m0, mask.seqlen_q, tid);
     load_tile<T, D, kBlockM, kThreads>(sdO + buf * kBlockM * D, dout + h * p.dout_head_stride,
@@ -422,9 +444,20 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
                                                seq.k_off(f.v_batch_stride, f.v_row_stride) +
                                                hk * f.v_head_stride,
                                        f.v_row_stride, n0, mask.seqlen_k, tid);
-    load_q_tile(0, 0);
+    load_q_tile(h_first, mb_begin * kBlockM, 0);
   }
   cp_async_commit();
+  // The tile being computed (m0) and the one being loaded (next_h, next_m0).
+  int m0 = mb_begin * kBlockM;
+  int next_h = h_first, next_m0 = m0;
+  const int m_end = mb_end * kBlockM;
+  auto next_tile = [&](int* h, int* m) {
+    *m += kBlockM;
+    if (*m == m_end) {
+      *m = mb_begin * kBlockM;
+      ++*h;
+    }
+  };
 
   float acc_dk[kDn / 8][4], acc_dv[kDn / 8][4];
 #pragma unroll
@@ -438,14 +471,14 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     // Tile `it` has landed, and every warp is done with tile it-1 (whose buffer we refill).
     cp_async_wait_all();
     __syncthreads();
-    if (it + 1 < total) load_q_tile(it + 1, buf ^ 1);
+    next_tile(&next_h, &next_m0);  // now the tile of iteration it + 1
+    if (it + 1 < total) load_q_tile(next_h, next_m0, buf ^ 1);
     cp_async_commit();
 
     const T* q_s = sQ + buf * kBlockM * D;
     const T* do_s = sdO + buf * kBlockM * D;
     const float* lse_s = sLse + buf * kBlockM;
     const float* delta_s = sDelta + buf * kBlockM;
-    const int m0 = (mb_begin + it % n_mblocks) * kBlockM;
 
     // S^T (16 keys x kBlockM queries) = K_w Q^T.
     float s[kBlockM / 8][4];
@@ -458,23 +491,32 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     // P^T = exp2(S^T * scale * log2e - lse * log2e); element (key c_row, query c_col).
     // Soft-capped: t = tanh(S^T * scale / softcap) and P^T = exp2(t * softcap * log2e - lse *
     // log2e); the cap's derivative 1 - t^2 is folded into P once dV has consumed it (below).
-    const bool need_mask = bwd_layout::tile_needs_mask(mask, m0, kBlockM, n0, kBlockN);
+    // The mask pass runs only on tiles that straddle a mask boundary or a sequence tail: one
+    // branch per tile, not a test per element (which compiled to a branch region each).
 #pragma unroll
-    for (int nt = 0; nt < kBlockM / 8; ++nt) {
+    for (int nt = 0; nt < kBlockM / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int qc = nt * 8 + bwd_layout::c_col(lane, e);
-        float x;
         if constexpr (kSoftcap) {
-          x = softcap_tanh(s[nt][e] * args.softcap_pre) * args.scale_log2;
+          s[nt][e] = softcap_tanh(s[nt][e] * args.softcap_pre) * args.scale_log2;
         } else {
-          x = s[nt][e] * args.scale_log2;
+          s[nt][e] *= args.scale_log2;
         }
-        if (need_mask && !bwd_layout::visible(mask, m0 + qc, key_row0 + bwd_layout::c_row(lane, e)))
-          x = -INFINITY;
-        s[nt][e] = exp2f(x - lse_log2(lds_f32(lse_s + qc)));
       }
+    if (bwd_layout::tile_needs_mask(mask, m0, kBlockM, n0, kBlockN)) {
+#pragma unroll
+      for (int nt = 0; nt < kBlockM / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!bwd_layout::visible(mask, m0 + nt * 8 + bwd_layout::c_col(lane, e),
+                                   key_row0 + bwd_layout::c_row(lane, e)))
+            s[nt][e] = -INFINITY;
     }
+#pragma unroll
+    for (int nt = 0; nt < kBlockM / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        s[nt][e] = exp2f(s[nt][e] - lse_log2(lds_f32(lse_s + nt * 8 + bwd_layout::c_col(lane, e))));
 
     // dV_w += P^T dO.
     warp_gemm_xb<T, D, kBlockM / 16, kDn>(acc_dv, s, do_s, lane, col0);
@@ -512,6 +554,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
 
     // dK_w += dS^T Q (softmax_scale applied once, at the store).
     warp_gemm_xb<T, D, kBlockM / 16, kDn>(acc_dk, dp, q_s, lane, col0);
+    m0 = next_m0;
   }
 
   if (args.num_splits == 1) {
@@ -705,24 +748,40 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
       for (int e = 0; e < 4; ++e) s[i][e] = 0.f;
     warp_gemm_abt<T, D, kBlockN / 8>(s, sQ, wrow * 16, k_s, lane);
     const bool need_mask = bwd_layout::tile_needs_mask(mask, m0, kBlockM, n0, kBlockN);
+    if constexpr (kSoftcap) {
+      // P * (1 - t^2) (see flash_bwd_dkdv_kernel), 1 - t^2 used as soon as it is made: holding
+      // it across a separate mask pass spilled 16 B at d128 (sm_90a).
 #pragma unroll
-    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+      for (int nt = 0; nt < kBlockN / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x, dcap = 1.f;
-        if constexpr (kSoftcap) {  // P * (1 - t^2): see flash_bwd_dkdv_kernel
+        for (int e = 0; e < 4; ++e) {
           const float t = softcap_tanh(s[nt][e] * args.softcap_pre);
-          dcap = 1.f - t * t;
-          x = t * args.scale_log2;
-        } else {
-          x = s[nt][e] * args.scale_log2;
+          float x = t * args.scale_log2;
+          if (need_mask && !bwd_layout::visible(mask, q_row0 + bwd_layout::c_row(lane, e),
+                                                n0 + nt * 8 + bwd_layout::c_col(lane, e)))
+            x = -INFINITY;
+          s[nt][e] = exp2f(x - lse_r[e >> 1]) * (1.f - t * t);
         }
-        if (need_mask && !bwd_layout::visible(mask, q_row0 + bwd_layout::c_row(lane, e),
-                                              n0 + nt * 8 + bwd_layout::c_col(lane, e)))
-          x = -INFINITY;
-        s[nt][e] = exp2f(x - lse_r[e >> 1]);
-        if constexpr (kSoftcap) s[nt][e] *= dcap;
+    } else {
+      // The mask pass runs on straddling tiles only: one branch per tile, as in dK/dV. It
+      // follows the scaling (a zero or negative softmax_scale must not scale -inf).
+#pragma unroll
+      for (int nt = 0; nt < kBlockN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] *= args.scale_log2;
+      if (need_mask) {
+#pragma unroll
+        for (int nt = 0; nt < kBlockN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (!bwd_layout::visible(mask, q_row0 + bwd_layout::c_row(lane, e),
+                                     n0 + nt * 8 + bwd_layout::c_col(lane, e)))
+              s[nt][e] = -INFINITY;
       }
+#pragma unroll
+      for (int nt = 0; nt < kBlockN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = exp2f(s[nt][e] - lse_r[e >> 1]);
     }
 
     // dP = dO_w V^T; dS = P * (dP - delta) (soft-capped: P already carries 1 - t^2).
