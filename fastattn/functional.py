@@ -39,9 +39,10 @@ _RMS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def _rms_norm_eps(eps) -> float:
     """torch's rules for rms_norm's eps: any real number (negative and 0 included; a row
     whose mean square plus eps is <= 0 comes out NaN/inf, as in torch), and None means the
-    epsilon of the fp32 accumulation type, whatever the input dtype (torch uses
+    epsilon of the fp32 accumulation type of the kernels' dtypes (torch uses
     numeric_limits<opmath_t>::epsilon(), so 2**-23 for bfloat16/float16 inputs too, not
-    finfo(bfloat16).eps)."""
+    finfo(bfloat16).eps). The float64 and complex inputs that torch computes keep None, so
+    torch applies its own default there (2**-52 for float64: its opmath type is double)."""
     if eps is None:
         return torch.finfo(torch.float32).eps
     if isinstance(eps, Tensor) and eps.numel() == 1 and not eps.is_complex():
@@ -51,9 +52,9 @@ def _rms_norm_eps(eps) -> float:
     return float(eps)
 
 
-def _check_rms_float(t, name: str) -> None:
+def _check_rms_float(t, name: str, allow_complex: bool = False) -> None:
     check_tensor(t, name)
-    if not t.is_floating_point():
+    if not (t.is_floating_point() or (allow_complex and t.is_complex())):
         # torch's rms_norm promotes an integer weight/residual to x's dtype; fastattn refuses
         # it instead (the kernels read them as floats, and an integer norm weight is almost
         # always a mistake), saying how to get torch's result.
@@ -88,15 +89,17 @@ def rms_norm(
 
     Args:
         x: (..., N) float32/float16/bfloat16, any strides (a last dim that is not
-            contiguous is copied once). float64 is accepted too and computed by torch's
-            own rms_norm (there are no fp64 kernels).
+            contiguous is copied once). float64, complex64 and complex128 are accepted
+            too, and so are nested (jagged) tensors: those are computed by torch's own
+            rms_norm (there are no such kernels).
         weight: (N,) or None, any float dtype and strides. A weight whose dtype differs from
             x's (the fp32 master weight of a 16-bit model, or under autocast) is converted
             to x's dtype for the kernel; its gradient is reduced in fp32 and returned in the
             weight's own dtype.
         eps: added to the mean square; any real number as in torch (a row whose mean
-            square + eps <= 0 gives NaN/inf, as in torch). None means the fp32 epsilon
-            (2**-23) for every input dtype, as torch.
+            square + eps <= 0 gives NaN/inf, as in torch). None means torch's default: the
+            fp32 epsilon (2**-23) for float32/float16/bfloat16 inputs, the float64 one
+            (2**-52) for float64 (and complex128) inputs.
         residual: optional tensor of x's shape, any float dtype and strides. Then
             ``h = x + residual`` (torch's type promotion) is computed and normalised in the
             same pass, and ``(y, h)`` is returned (the pre-norm residual stream).
@@ -111,36 +114,48 @@ def rms_norm(
     backward is recorded as torch ops).
     """
     check_tensor(x, "x")
-    if x.dtype not in _RMS_DTYPES:
-        raise ValueError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dtype not in _RMS_DTYPES and not x.is_complex():
+        raise ValueError(
+            f"x must be float32, float16, bfloat16 or float64 (or complex, computed by torch), got {x.dtype}"
+        )
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension, got a 0-dim tensor")
+    torch_eps = eps is None  # None is left to torch where torch computes (its default depends on the dtype)
     eps = _rms_norm_eps(eps)
+    if x.is_nested or (isinstance(residual, Tensor) and residual.is_nested):
+        # Nested (jagged) tensors: torch's own rms_norm (the kernels take strided tensors).
+        h = x + residual if residual is not None else x
+        y = torch.nn.functional.rms_norm(h, (h.shape[-1],), weight, None if torch_eps else eps)
+        return (y, h) if residual is not None else y
+    # Complex weights and residuals only with a complex x (torch would drop their imaginary
+    # parts, or make a real x complex, with a warning at most).
+    if residual is not None:
+        _check_rms_float(residual, "residual", allow_complex=x.is_complex())
     if weight is not None:
-        _check_rms_float(weight, "weight")
+        _check_rms_float(weight, "weight", allow_complex=x.is_complex())
         check_same_device(weight, x, "weight", "x")
         if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
             raise ValueError(
                 f"weight must have shape ({x.shape[-1]},) to match x's last dimension, got {tuple(weight.shape)}"
             )
     if residual is not None:
-        _check_rms_float(residual, "residual")
         check_same_device(residual, x, "residual", "x")
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         if residual.dtype != x.dtype:
             # h = x + residual in the promoted dtype, as the unfused expression.
             dtype = torch.promote_types(x.dtype, residual.dtype)
-            if dtype not in _RMS_DTYPES:
+            if dtype not in _RMS_DTYPES and not dtype.is_complex:
                 raise ValueError(
                     f"residual has dtype {residual.dtype}: x + residual would be {dtype} (torch's type "
-                    f"promotion with x's {x.dtype}), not float32, float16, bfloat16 or float64"
+                    f"promotion with x's {x.dtype}), not float32, float16, bfloat16, float64 or complex"
                 )
             x, residual = x.to(dtype), residual.to(dtype)
-    if x.dtype == torch.float64:
-        # No fp64 kernels (fp64 is for checking, e.g. gradcheck, not for speed): torch's own.
+    if x.dtype == torch.float64 or x.is_complex():
+        # No fp64 or complex kernels (fp64 is for checking, e.g. gradcheck, not for speed):
+        # torch's own, with torch's default eps when none is given.
         h = x + residual if residual is not None else x
-        y = torch.nn.functional.rms_norm(h, (h.shape[-1],), weight, eps)
+        y = torch.nn.functional.rms_norm(h, (h.shape[-1],), weight, None if torch_eps else eps)
         return (y, h) if residual is not None else y
     if x.is_cuda and x.dtype != torch.float32 and _CUDA_AUTOCAST_RMS_NORM_FP32 and torch.is_autocast_enabled("cuda"):
         # Where torch lists rms_norm among CUDA autocast's fp32 ops, it normalises in fp32
@@ -508,6 +523,8 @@ def _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, sca
             return False  # torch decides what such a scale means (or how it fails)
     if not all(isinstance(t, Tensor) for t in (query, key, value)):
         return False
+    if any(t.is_nested for t in (query, key, value)) or (isinstance(attn_mask, Tensor) and attn_mask.is_nested):
+        return False  # nested (jagged) batches: torch's nested SDPA
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return False
     if not (query.dtype == key.dtype == value.dtype) or query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -582,9 +599,9 @@ def scaled_dot_product_attention(
     autocast's lower-precision list).
 
     What the kernel does not cover is computed by torch itself, so results and errors are
-    torch's: ``attn_mask``, ``dropout_p > 0``, inputs that are not 4-D, broadcast batch dims,
-    a value head dim differing from E, fp32 or head dims other than 32/64/96/128/192/256 on CUDA, empty
-    inputs, other dtypes/devices. Differentiable (see ``flash_attention`` for the backward).
+    torch's: ``attn_mask``, ``dropout_p > 0``, nested (jagged) tensors, inputs that are not
+    4-D, broadcast batch dims, a value head dim differing from E, fp32 or head dims other
+    than 32/64/96/128/192/256 on CUDA, empty inputs, other dtypes/devices. Differentiable (see ``flash_attention`` for the backward).
     """
     # torch's own argument errors (its parser takes a Python bool only, not an int or a NumPy
     # bool): a truthy non-bool must not silently switch the mask on.

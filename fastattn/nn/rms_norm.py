@@ -51,9 +51,9 @@ class RMSNorm(torch.nn.Module):
     Same constructor, attributes (``normalized_shape``, ``eps``, ``elementwise_affine``,
     ``weight``) and state_dict, and the same inputs: any strides, an input dtype other than
     the weight's (a bf16 activation with the default fp32 weight, autocast; the output has
-    the input's dtype, as torch's), any eps. ``eps=None`` means the fp32 epsilon 2**-23
-    whatever the input dtype, which is what torch computes (its docs say
-    ``torch.finfo(x.dtype).eps``; its kernels use the fp32 accumulation type's).
+    the input's dtype, as torch's), any eps. ``eps=None`` means the epsilon of torch's
+    accumulation type, which is what torch computes (its docs say ``torch.finfo(x.dtype).eps``):
+    the fp32 one, 2**-23, for float32/float16/bfloat16 inputs, the float64 one for float64.
 
     ``forward(x)`` returns y; ``forward(x, residual)`` returns ``(y, h)`` with
     ``h = x + residual`` computed in the same kernel pass (the pre-norm residual stream).
@@ -94,10 +94,25 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
         nd = len(self.normalized_shape)
+        if nd == 0:
+            raise ValueError("RMSNorm's normalized_shape must have at least one dimension, got ()")
+        if self.weight is not None and tuple(self.weight.shape) != self.normalized_shape:
+            raise ValueError(
+                f"RMSNorm's weight must have normalized_shape {self.normalized_shape}, got {tuple(self.weight.shape)}"
+            )
         if tuple(x.shape[-nd:]) != self.normalized_shape:
             raise ValueError(
                 f"RMSNorm expected input with trailing shape {self.normalized_shape}, got {tuple(x.shape)}"
             )
+        if nd > 1 and x.is_nested:
+            # A nested (jagged) tensor cannot be flattened over its trailing dims: torch's own
+            # rms_norm over normalized_shape (one normalized dim goes to F.rms_norm, which
+            # hands nested tensors to torch as well).
+            if self.unit_offset:
+                raise ValueError("RMSNorm(unit_offset=True) takes a nested tensor only with a 1-D normalized_shape")
+            h = x if residual is None else x + residual
+            y = torch.nn.functional.rms_norm(h, self.normalized_shape, self.weight, self.eps)
+            return y if residual is None else (y, h)
         # Normalising over several trailing dims is normalising over their flattening.
         lead = x.shape[:-nd]
         n = 1
