@@ -437,6 +437,61 @@ def test_patch_model_reports_what_it_left_alone():
     assert type(holder.norm) is OddRMSNorm
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_patch_model_swaps_llama_copies(arch):
+    """MixtralRMSNorm / Qwen2MoeRMSNorm are LlamaRMSNorm under another name (same forward
+    source): patch_model swaps them (2 per layer + the final norm), and logits stay eager's."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "mixtral":
+        cfg, norm_name = transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2), "MixtralRMSNorm"
+    else:
+        cfg, norm_name = transformers.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2,
+                                                     moe_intermediate_size=32, shared_expert_intermediate_size=32), \
+            "Qwen2MoeRMSNorm"
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model = copy.deepcopy(ref)
+    norm_cls = type(model.model.norm)
+    assert norm_cls.__name__ == norm_name and norm_cls is not LlamaRMSNorm
+    report = fa_hf.patch_model(model)
+    assert report["swapped"][norm_name] == 2 * 2 + 1 and report["rms_norm"] == 2 * 2 + 1
+    assert norm_name not in report["left_alone"]
+    assert isinstance(model.model.norm, fastattn.nn.RMSNorm)
+    ids = ids_of(2, 11)
+    with torch.no_grad():
+        assert (model(ids).logits - ref(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_patch_model_leaves_near_copies_of_llama_norm_alone():
+    """A norm whose forward differs from LlamaRMSNorm's by anything (here the weight applied in
+    fp32, a different result dtype) is a variant patch_model does not know: left alone."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class NearRMSNorm(LlamaRMSNorm):
+        def forward(self, hidden_states):
+            input_dtype = hidden_states.dtype
+            hidden_states = hidden_states.to(torch.float32)
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+            return (self.weight.float() * hidden_states).to(input_dtype)
+
+    class InheritedRMSNorm(LlamaRMSNorm):  # Llama's forward itself: swapped
+        pass
+
+    holder = torch.nn.Module()
+    holder.near, holder.inherited = NearRMSNorm(8), InheritedRMSNorm(8)
+    report = fa_hf.patch_model(holder)
+    assert report["swapped"] == {"InheritedRMSNorm": 1} and set(report["left_alone"]) == {"NearRMSNorm"}
+    assert type(holder.near) is NearRMSNorm and isinstance(holder.inherited, fastattn.nn.RMSNorm)
+
+
 def _softcap_pair(arch="gemma2"):
     fa_hf.register()
     cfg = _gemma_config(arch, num_hidden_layers=2, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)

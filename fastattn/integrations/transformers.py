@@ -75,6 +75,30 @@ ATTN_IMPLEMENTATION = "fastattn"
 _COMPATIBLE_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
 # Gemma's: (x.float() / rms) * (1 + w.float()), cast to x's dtype: ours with unit_offset=True.
 _UNIT_OFFSET_RMSNORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+# Other models copy LlamaRMSNorm under their own name (Mixtral, Qwen2-MoE, Qwen3-MoE, Granite,
+# DeepSeek-V2/V3, OLMoE, GLM-4, ... about 140 classes in transformers 5). A class whose forward
+# has LlamaRMSNorm.forward's source, character for character, computes the same thing from the
+# same attributes (weight, variance_epsilon), so it is swapped too; anything that differs by one
+# character (an offset, an fp32 weight product, no weight) stays a "variant not known". Decided
+# once per class.
+_LLAMA_COPY_CACHE: dict = {}
+
+
+def _is_llama_rmsnorm_copy(cls) -> bool:
+    hit = _LLAMA_COPY_CACHE.get(cls)
+    if hit is None:
+        hit = False
+        try:
+            from transformers.models.llama.modeling_llama import LlamaRMSNorm
+            forward = getattr(cls, "forward", None)
+            hit = forward is LlamaRMSNorm.forward or (
+                inspect.isfunction(forward) and inspect.getsource(forward) == inspect.getsource(LlamaRMSNorm.forward))
+        except (ImportError, OSError, TypeError):  # no source (frozen / built-in), no transformers
+            hit = False
+        _LLAMA_COPY_CACHE[cls] = hit
+    return hit
+
+
 # Modeling modules whose apply_rotary_pos_emb rotates only the first cos.shape[-1] dims of q/k
 # and passes the rest through (partial rotary), as fastattn.apply_rotary does for R < D.
 _PARTIAL_ROTARY_MODULES = ("transformers.models.phi3.modeling_phi3",)
@@ -673,8 +697,9 @@ def patch_model(model: nn.Module) -> dict:
     weight Parameter, so state_dict and training are unchanged) and run its rotary embedding on
     ``fastattn.apply_rotary``:
 
-    * LLaMA-family norms (``w * x / rms(x)``: Llama, Mistral, Qwen2/3, Phi-3) become our
-      RMSNorm; Gemma 1/2/3's ``(1 + w)`` norms (including Gemma 3's q/k norms) become our
+    * LLaMA-family norms (``w * x / rms(x)``: Llama, Mistral, Qwen2/3, Phi-3, and every
+      RMSNorm class whose forward is LlamaRMSNorm's source verbatim: Mixtral, Qwen2/3-MoE,
+      DeepSeek-V2/V3, Granite, OLMoE, GLM-4, ...) become our RMSNorm; Gemma 1/2/3's ``(1 + w)`` norms (including Gemma 3's q/k norms) become our
       RMSNorm with ``unit_offset=True`` (fp32 math, x's dtype out, as Gemma's);
     * attention modules with q/k projections (``q_proj`` or a fused ``qkv_proj``) whose modeling
       file has ``apply_rotary_pos_emb`` run it on fastattn.apply_rotary; Phi-3's partial rotary
@@ -698,7 +723,8 @@ def patch_model(model: nn.Module) -> dict:
             if isinstance(child, fastattn.nn.RMSNorm):
                 continue  # ours already (an earlier patch_model)
             weight = getattr(child, "weight", None)
-            if name in _COMPATIBLE_RMSNORMS + _UNIT_OFFSET_RMSNORMS:
+            if (name in _COMPATIBLE_RMSNORMS + _UNIT_OFFSET_RMSNORMS
+                    or ("RMSNorm" in name and _is_llama_rmsnorm_copy(type(child)))):
                 if isinstance(weight, nn.Parameter) and weight.dim() == 1:
                     replacements.append((parent, child_name, child))
                 else:
