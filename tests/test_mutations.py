@@ -94,6 +94,15 @@ MUTATIONS = [
         "GQA without a split: one dK/dV block loops over both query heads of its kv head; with the "
         "head counter stuck it reads head 0's Q / dO twice, so dK / dV miss head 1's share"),
     Mutation(
+        "bwd_ldmatrix_row_address_group_step",
+        "csrc/cuda/flash_bwd_kernels.cuh",
+        "return addr[s % kPer] + static_cast<uint32_t>((s / kPer) * kGroup * 16 + extra_rows * D * 2);",
+        "return addr[s % kPer] + static_cast<uint32_t>((s / kPer) * kGroup * 8 + extra_rows * D * 2);",
+        ("tests/test_flash_bwd_emulated.py::test_emulated_signed_scales[bf-128-1-70-90-2-1--1-0-1-0--0.1-0.0]",),
+        "the precomputed ldmatrix row addresses step half a chunk group per group (only head dims "
+        "of two or more groups, d >= 128, take that step): the d128 dQ kernel reads chunks 4..11 "
+        "where 8..15 belong, so dQ is wrong"),
+    Mutation(
         "bwd_store_row_bound_dropped",
         "csrc/cuda/flash_bwd_kernels.cuh",
         "    if (row >= seqlen) continue;\n    T* dst",

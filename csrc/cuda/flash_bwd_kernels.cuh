@@ -119,21 +119,52 @@ template <> struct MmaOp<__nv_bfloat16> {
 
 // ---- warp-level tile products ------------------------------------------------------------
 
+// ldmatrix addresses along the rows of a swizzled [*][D] tile. swz puts chunk c of row r at
+// c ^ key(r): an XOR inside aligned groups of kGroup chunks (8 when D % 64 == 0, else 4) with a
+// key that depends on r mod 8 only. At k16 step s a lane reads chunk chunk0 + 2 s of rows with
+// one fixed key, and (x + kGroup m) ^ key == (x ^ key) + kGroup m, so only s mod kPer changes
+// the XOR: those kPer byte addresses are made once per product, and every other (step, row
+// block) is one of them plus an immediate. (swz per ldmatrix compiled to ~3 integer
+// instructions each, ~140 per query tile in the d128 dK/dV kernel's main loop.)
+template <int D>
+struct SwzRow {
+  static constexpr int kGroup = D % 64 == 0 ? 8 : 4;
+  static constexpr int kPer = kGroup / 2;  // k16 steps per chunk group
+  uint32_t addr[kPer];
+  // tile: shared address of element (0, 0); row: the lane's row at row block 0; chunk0: its
+  // chunk at step 0.
+  __device__ __forceinline__ SwzRow(uint32_t tile, int row, int chunk0) {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j)
+      addr[j] = tile + 2u * static_cast<uint32_t>(swz<D>(row, (chunk0 + 2 * j) * 8));
+  }
+  // Step s, rows further down by extra_rows (a multiple of 8, so the key is unchanged).
+  __device__ __forceinline__ uint32_t at(int s, int extra_rows) const {
+    return addr[s % kPer] + static_cast<uint32_t>((s / kPer) * kGroup * 16 + extra_rows * D * 2);
+  }
+};
+
 // acc[NT][4] (16 x 8*NT, rows = the warp's 16 rows of sA) += A (16 x D) * B^T where A is rows
 // [a_row0, a_row0 + 16) of the [*][D] tile sA and B^T is rows [0, 8*NT) of the [*][D] tile sB
-// (B[k][n] = sB[n][k], the "[n][k]" case: no transpose).
-template <typename T, int D, int NT>
+// (B[k][n] = sB[n][k], the "[n][k]" case: no transpose). a_row0: a multiple of 8.
+// kRowAddr = false: each address from swz itself (the d128 dK/dV kernels, where the row
+// addresses' live registers tipped ptxas into 24-52 B of spills on sm_90a).
+template <typename T, int D, int NT, bool kRowAddr = true>
 __device__ __forceinline__ void warp_gemm_abt(float (&acc)[NT][4], const T* sA, int a_row0,
                                               const T* sB, int lane) {
   static_assert(NT % 2 == 0, "pairs of n8 tiles");
+  const SwzRow<D> ra(smem_addr(sA), a_row0 + a_row(lane), a_col(lane) / 8);
+  const SwzRow<D> rb(smem_addr(sB), bnk_row(lane), bnk_col(lane) / 8);
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
     uint32_t a[4];
-    ldsm_x4(a, smem_addr(sA + swz<D>(a_row0 + a_row(lane), ks * 16 + a_col(lane))));
+    ldsm_x4(a, kRowAddr ? ra.at(ks, 0)
+                        : smem_addr(sA + swz<D>(a_row0 + a_row(lane), ks * 16 + a_col(lane))));
 #pragma unroll
     for (int np = 0; np < NT / 2; ++np) {
       uint32_t b[4];
-      ldsm_x4(b, smem_addr(sB + swz<D>(np * 16 + bnk_row(lane), ks * 16 + bnk_col(lane))));
+      ldsm_x4(b, kRowAddr ? rb.at(ks, np * 16)
+                          : smem_addr(sB + swz<D>(np * 16 + bnk_row(lane), ks * 16 + bnk_col(lane))));
       MmaOp<T>::run(acc[2 * np], a, b[0], b[1]);
       MmaOp<T>::run(acc[2 * np + 1], a, b[2], b[3]);
     }
@@ -144,9 +175,10 @@ __device__ __forceinline__ void warp_gemm_abt(float (&acc)[NT][4], const T* sA, 
 // to 16 bits and reused as the A operand) * sB (rows [0, 16*KS), columns [col0, col0 + DN) of
 // the [*][D] tile sB, the "[k][n]" case: ldmatrix.trans). DN = D, col0 = 0 but for the dK/dV
 // kernel's column-split warps (d192 / d256).
-template <typename T, int D, int KS, int DN = D>
+template <typename T, int D, int KS, int DN = D, bool kRowAddr = true>
 __device__ __forceinline__ void warp_gemm_xb(float (&acc)[DN / 8][4], const float (&x)[2 * KS][4],
                                              const T* sB, int lane, int col0 = 0) {
+  const SwzRow<D> rb(smem_addr(sB), bkn_row(lane), (col0 + bkn_col(lane)) / 8);
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
     uint32_t a[4];
@@ -157,7 +189,10 @@ __device__ __forceinline__ void warp_gemm_xb(float (&acc)[DN / 8][4], const floa
 #pragma unroll
     for (int dp = 0; dp < DN / 16; ++dp) {
       uint32_t b[4];
-      ldsm_x4_trans(b, smem_addr(sB + swz<D>(ks * 16 + bkn_row(lane), col0 + dp * 16 + bkn_col(lane))));
+      // == smem_addr(sB + swz<D>(ks * 16 + bkn_row(lane), col0 + dp * 16 + bkn_col(lane)))
+      ldsm_x4_trans(b, kRowAddr ? rb.at(dp, ks * 16)
+                                : smem_addr(sB + swz<D>(ks * 16 + bkn_row(lane),
+                                                        col0 + dp * 16 + bkn_col(lane))));
       MmaOp<T>::run(acc[2 * dp], a, b[0], b[1]);
       MmaOp<T>::run(acc[2 * dp + 1], a, b[2], b[3]);
     }
@@ -466,6 +501,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
 
   const int key_row0 = n0 + wrow * 16;  // this warp's first key row
+  constexpr bool kRowAddr = D != 128;    // see warp_gemm_abt
   for (int it = 0; it < total; ++it) {
     const int buf = it & 1;
     // Tile `it` has landed, and every warp is done with tile it-1 (whose buffer we refill).
@@ -486,7 +522,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     for (int i = 0; i < kBlockM / 8; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] = 0.f;
-    warp_gemm_abt<T, D, kBlockM / 8>(s, sK, wrow * 16, q_s, lane);
+    warp_gemm_abt<T, D, kBlockM / 8, kRowAddr>(s, sK, wrow * 16, q_s, lane);
 
     // P^T = exp2(S^T * scale * log2e - lse * log2e); element (key c_row, query c_col).
     // Soft-capped: t = tanh(S^T * scale / softcap) and P^T = exp2(t * softcap * log2e - lse *
@@ -519,7 +555,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
         s[nt][e] = exp2f(s[nt][e] - lse_log2(lds_f32(lse_s + nt * 8 + bwd_layout::c_col(lane, e))));
 
     // dV_w += P^T dO.
-    warp_gemm_xb<T, D, kBlockM / 16, kDn>(acc_dv, s, do_s, lane, col0);
+    warp_gemm_xb<T, D, kBlockM / 16, kDn, kRowAddr>(acc_dv, s, do_s, lane, col0);
     // Soft-capped: P^T *= 1 - t^2, so dS^T below is the gradient of the uncapped score. t is
     // recovered from P itself, t = (log2 P + lse log2e) / (softcap log2e) (one lg2.approx;
     // absolute error ~2^-22, far below the 16-bit rounding dS^T gets for the dK mma), rather
@@ -545,7 +581,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     for (int i = 0; i < kBlockM / 8; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[i][e] = 0.f;
-    warp_gemm_abt<T, D, kBlockM / 8>(dp, sV, wrow * 16, do_s, lane);
+    warp_gemm_abt<T, D, kBlockM / 8, kRowAddr>(dp, sV, wrow * 16, do_s, lane);
 #pragma unroll
     for (int nt = 0; nt < kBlockM / 8; ++nt)
 #pragma unroll
@@ -553,7 +589,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
         dp[nt][e] = s[nt][e] * (dp[nt][e] - lds_f32(delta_s + nt * 8 + bwd_layout::c_col(lane, e)));
 
     // dK_w += dS^T Q (softmax_scale applied once, at the store).
-    warp_gemm_xb<T, D, kBlockM / 16, kDn>(acc_dk, dp, q_s, lane, col0);
+    warp_gemm_xb<T, D, kBlockM / 16, kDn, kRowAddr>(acc_dk, dp, q_s, lane, col0);
     m0 = next_m0;
   }
 
