@@ -316,6 +316,21 @@ def _attn_ref_grads(q, k, v, dout, **kw):
     return [o, lse] + _grads(o, (qd, kd, vd), dout.double())
 
 
+def _flash_autograd_case(name, q, k, v, dout, qs, ks, kw, dtype, each=True):
+    """flash_attention forward (out, lse) and its autograd gradients, q / dout with strides qs,
+    k / v with ks (None: contiguous), against the float64 reference."""
+    def run(t):
+        q_, k_, v_ = (t[n].requires_grad_() for n in ("q", "k", "v"))
+        o, lse = fastattn.flash_attention(q_, k_, v_, return_lse=True, **kw)
+        return [o, lse] + _grads(o, (q_, k_, v_), t["dout"])
+
+    def expect():
+        return _attn_ref_grads(q, k, v, dout, **kw)
+
+    return Case(name, {"q": (q, qs), "k": (k, ks), "v": (v, ks), "dout": (dout, qs)}, run, expect, dtype,
+                each=each)
+
+
 def flash_cases():
     cases = []
     configs = [  # B, Sq, Sk, H, Hk, D, causal, window, softcap, pad
@@ -343,16 +358,7 @@ def flash_cases():
             tag = (f"flash {_SHORT[dtype]} q{tuple(q.shape)} kv{tuple(k.shape)} causal={causal} window={window} "
                    f"softcap={softcap} pad={pad}")
 
-            def run_auto(t, kw=kw):
-                q_, k_, v_ = (t[n].requires_grad_() for n in ("q", "k", "v"))
-                o, lse = fastattn.flash_attention(q_, k_, v_, return_lse=True, **kw)
-                return [o, lse] + _grads(o, (q_, k_, v_), t["dout"])
-
-            def exp_auto(q=q, k=k, v=v, dout=dout, kw=kw):
-                return _attn_ref_grads(q, k, v, dout, **kw)
-
-            cases.append(Case(f"{tag} fwd+autograd", {"q": (q, qs), "k": (k, ks), "v": (v, ks), "dout": (dout, qs)},
-                              run_auto, exp_auto, dtype))
+            cases.append(_flash_autograd_case(f"{tag} fwd+autograd", q, k, v, dout, qs, ks, kw, dtype))
 
             # The backward op with every input guarded (out and lse, which autograd passes from
             # the forward, alone only here).
@@ -447,6 +453,21 @@ def varlen_cases():
     return cases
 
 
+def _moe_expected(x, w13, w2, ids, rw):
+    """moe_experts in float64: per token, the routing-weighted sum over its picked experts of
+    w2 @ (silu(gate) * up), the activation rounded to x's dtype as the kernel stores it."""
+    T, K = ids.shape
+    inter = w13.shape[1] // 2
+    y = torch.zeros(T, x.shape[1], dtype=torch.float64)
+    for ti in range(T):
+        for j in range(K):
+            e = int(ids[ti, j])
+            hh = w13[e].double() @ x[ti].double()
+            act = (torch.nn.functional.silu(hh[:inter]) * hh[inter:]).to(x.dtype).double()
+            y[ti] += rw[ti, j].double() * (w2[e].double() @ act)
+    return y
+
+
 def _paged(g, B, cap_pages, page_size, num_pages, last_len):
     """A block table (B, cap_pages) of distinct pages in shuffled order, with the pool's first
     page as sequence 0's first and its last page holding token last_len - 1 of sequence
@@ -455,6 +476,18 @@ def _paged(g, B, cap_pages, page_size, num_pages, last_len):
     bt[0, 0] = 0
     bt[B - 1, max(0, (last_len - 1) // page_size)] = num_pages - 1
     return bt.to(torch.int32)
+
+
+def _decode_caches(g, B, S, Hk, D, lens, psz, dtype):
+    """(block_table or None, cache shape, k_cache, v_cache): page pools of page size psz with a
+    capacity of S tokens per sequence (two spare pages), or (B, S, Hk, D) caches when psz = 0."""
+    if psz:
+        cap_pages = -(-S // psz)
+        num_pages = B * cap_pages + 2
+        bt, cshape = _paged(g, B, cap_pages, psz, num_pages, lens[-1]), (num_pages, psz, Hk, D)
+    else:
+        bt, cshape = None, (B, S, Hk, D)
+    return bt, cshape, _rand(g, *cshape, dtype=dtype), _rand(g, *cshape, dtype=dtype)
 
 
 def decode_cases():
@@ -473,15 +506,7 @@ def decode_cases():
             g = torch.Generator().manual_seed(500 + ci)
             q = _rand(g, B, 1, H, D, dtype=dtype) if q4 else _rand(g, B, H, D, dtype=dtype)
             seqlens = torch.tensor(lens, dtype=torch.int32)
-            if psz:
-                cap_pages = -(-S // psz)
-                num_pages = B * cap_pages + 2
-                bt = _paged(g, B, cap_pages, psz, num_pages, lens[-1])
-                cshape = (num_pages, psz, Hk, D)
-            else:
-                bt = None
-                cshape = (B, S, Hk, D)
-            kc, vc = _rand(g, *cshape, dtype=dtype), _rand(g, *cshape, dtype=dtype)
+            bt, cshape, kc, vc = _decode_caches(g, B, S, Hk, D, lens, psz, dtype)
             cs = padded_strides(cshape, pad) if pad else None
             qs = padded_strides(q.shape, pad) if pad else None
             tag = (f"decode {_SHORT[dtype]} q{tuple(q.shape)} cache{cshape} lens={lens} splits={splits} "
@@ -597,15 +622,8 @@ def moe_cases():
             def run(t):
                 return [torch.ops.fastattn.moe_experts(t["x"], t["rw"], t["ids"], t["w13"], t["w2"])]
 
-            def exp(x=x, w13=w13, w2=w2, ids=ids, rw=rw, T=T, K=K, I=I, Hd=Hd):
-                y = torch.zeros(T, Hd, dtype=torch.float64)
-                for ti in range(T):
-                    for j in range(K):
-                        e = int(ids[ti, j])
-                        hh = w13[e].double() @ x[ti].double()
-                        act = (torch.nn.functional.silu(hh[:I]) * hh[I:]).to(x.dtype).double()
-                        y[ti] += rw[ti, j].double() * (w2[e].double() @ act)
-                return [y]
+            def exp(x=x, w13=w13, w2=w2, ids=ids, rw=rw):
+                return [_moe_expected(x, w13, w2, ids, rw)]
 
             cases.append(Case(tag, {"x": (x, ps(x.shape)), "rw": (rw, ps(rw.shape)), "ids": (ids, ps(ids.shape)),
                                     "w13": (w13, ps(w13.shape)), "w2": (w2, ps(w2.shape))}, run, exp, dtype))
@@ -634,17 +652,8 @@ def large_cases():
             ks = padded_strides(k.shape, pad) if pad else None
             kw = dict(causal=causal, window=window)
 
-            def run_auto(t, kw=kw):
-                q_, k_, v_ = (t[n].requires_grad_() for n in ("q", "k", "v"))
-                o, lse = fastattn.flash_attention(q_, k_, v_, return_lse=True, **kw)
-                return [o, lse] + _grads(o, (q_, k_, v_), t["dout"])
-
-            def exp_auto(q=q, k=k, v=v, dout=dout, kw=kw):
-                return _attn_ref_grads(q, k, v, dout, **kw)
-
-            cases.append(Case(f"large flash {sd} q{tuple(q.shape)} kv{tuple(k.shape)} {kw} pad={pad}",
-                              {"q": (q, qs), "k": (k, ks), "v": (v, ks), "dout": (dout, qs)}, run_auto, exp_auto,
-                              dtype, each=False))
+            cases.append(_flash_autograd_case(f"large flash {sd} q{tuple(q.shape)} kv{tuple(k.shape)} {kw} pad={pad}",
+                                              q, k, v, dout, qs, ks, kw, dtype, each=False))
         lq, lk, H, Hk, D = [130, 7, 1], [261, 3, 66], 2, 1, 40
         cq = torch.tensor([0] + list(itertools.accumulate(lq)), dtype=torch.int32)
         ck = torch.tensor([0] + list(itertools.accumulate(lk)), dtype=torch.int32)
@@ -673,14 +682,7 @@ def large_cases():
                                                  (2, 37, 4, 4, 20, [37, 12], 1, 0)]:
             q = _rand(g, B, H, D, dtype=dtype)
             seqlens = torch.tensor(lens, dtype=torch.int32)
-            if psz:
-                cap_pages = -(-S // psz)
-                num_pages = B * cap_pages + 2
-                bt = _paged(g, B, cap_pages, psz, num_pages, lens[-1])
-                cshape = (num_pages, psz, Hk, D)
-            else:
-                bt, cshape = None, (B, S, Hk, D)
-            kc, vc = _rand(g, *cshape, dtype=dtype), _rand(g, *cshape, dtype=dtype)
+            bt, cshape, kc, vc = _decode_caches(g, B, S, Hk, D, lens, psz, dtype)
             cs = padded_strides(cshape, pad) if pad else None
 
             def run_dec(t):
@@ -762,14 +764,7 @@ def large_cases():
             return [torch.ops.fastattn.moe_experts(t["x"], t["rw"], t["ids"], t["w13"], t["w2"])]
 
         def exp_moe(x=x, w13=w13, w2=w2, ids=ids, rw=rw):
-            y = torch.zeros(T, Hd, dtype=torch.float64)
-            for ti in range(T):
-                for j in range(K):
-                    e = int(ids[ti, j])
-                    hh = w13[e].double() @ x[ti].double()
-                    act = (torch.nn.functional.silu(hh[:I]) * hh[I:]).to(x.dtype).double()
-                    y[ti] += rw[ti, j].double() * (w2[e].double() @ act)
-            return [y]
+            return [_moe_expected(x, w13, w2, ids, rw)]
 
         cases.append(Case(f"large moe {sd} x{tuple(x.shape)} inter={I} experts={E}", {
             "x": (x, None), "rw": (rw, None), "ids": (ids, None), "w13": (w13, None), "w2": (w2, None)},
