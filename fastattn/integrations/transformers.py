@@ -41,7 +41,8 @@ position biases, value head dims that differ, float32 or unsupported head dims o
 sliding window over a row whose padding has holes, and builds without
 ``fastattn.flash_attention_varlen``. A soft-capped call that falls back (or any soft-capped
 call on a build whose kernels lack ``softcap=``) runs the model's own eager attention instead,
-SDPA having no soft-capping; so does a call asked for attention weights
+SDPA having no soft-capping; so does a call with attention sinks (``s_aux``: GPT-OSS, ...;
+transformers' SDPA attention ignores it) and a call asked for attention weights
 (``output_attentions=True``: the kernels return none, and SDPA only warns that it returns none),
 which then returns eager's weights. Each fallback is counted by reason and warned about once
 per reason (``RuntimeWarning``)::
@@ -99,9 +100,23 @@ def _is_llama_rmsnorm_copy(cls) -> bool:
     return hit
 
 
-# Modeling modules whose apply_rotary_pos_emb rotates only the first cos.shape[-1] dims of q/k
-# and passes the rest through (partial rotary), as fastattn.apply_rotary does for R < D.
-_PARTIAL_ROTARY_MODULES = ("transformers.models.phi3.modeling_phi3",)
+# apply_rotary_pos_emb variants that fastattn.apply_rotary computes: LLaMA's rotate-half (NeoX)
+# rotation, q * cos + rotate_half(q) * sin, over the whole head (partial=False) or over its first
+# cos.shape[-1] dims with the rest passed through (partial=True, as ours does for R < D). A
+# modeling module gets the dispatcher only when its apply_rotary_pos_emb is one of these
+# functions (the same code, docstring aside) and its rotate_half is LLaMA's: models copy the name
+# for other rotations (Cohere, Ernie 4.5, Helium, GLM: interleaved pairs; NanoChat: flipped
+# signs; BLT: LLaMA's function over an interleaved rotate_half; Gemma 3n / 4: one tensor at a
+# time), which ours does not compute.
+_ROTARY_REFERENCES = (
+    ("transformers.models.llama.modeling_llama", False),
+    ("transformers.models.olmo.modeling_olmo", False),  # + a cast back to q's / k's dtype
+    ("transformers.models.phi3.modeling_phi3", True),
+    ("transformers.models.glm4_moe.modeling_glm4_moe", True),  # Phi-3's, written out in more lines
+    ("transformers.models.nemotron.modeling_nemotron", True),
+)
+_ROTARY_REFERENCE_CODE = None
+_ROTARY_KIND_CACHE: dict = {}
 
 # Head dims the CUDA flash kernel is built for (others fall back to SDPA there).
 _CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
@@ -117,6 +132,10 @@ _IN_PATCHED_ATTENTION_TRACED = 0
 
 # The reason under which calls asked for attention weights run the model's eager attention.
 _OUTPUT_ATTENTIONS_REASON = "attention weights requested (output_attentions=True)"
+# The reason under which calls with attention sinks (GPT-OSS, ... pass ``s_aux``) run the model's
+# eager attention: transformers' SDPA attention ignores ``s_aux``, so an SDPA fallback would
+# silently drop the sinks.
+_SINKS_REASON = "attention sinks (s_aux)"
 
 
 def _require_transformers():
@@ -172,7 +191,8 @@ def _count_fallback(reason: str) -> None:
         _WARNED_REASONS.add(reason)
     if first:
         # SDPA has no soft-capping and returns no weights
-        to = "eager attention" if reason.startswith("soft-capped") or reason == _OUTPUT_ATTENTIONS_REASON else "SDPA"
+        to = ("eager attention" if reason.startswith("soft-capped") or reason in (_OUTPUT_ATTENTIONS_REASON, _SINKS_REASON)
+              else "SDPA")
         warnings.warn(f"fastattn: attention call fell back to transformers' {to} ({reason}); counts in "
                       "fastattn.integrations.transformers.stats()", RuntimeWarning, stacklevel=3)
 
@@ -439,7 +459,7 @@ def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
     if kwargs.get("position_bias") is not None:
         return "position bias"
     if kwargs.get("s_aux") is not None:
-        return "attention sinks (s_aux)"
+        return _SINKS_REASON
     if query.shape[-1] != value.shape[-1]:
         return "value head dim differs from the query head dim"
     if query.is_cuda and query.dtype == torch.float32:
@@ -451,6 +471,8 @@ def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
 
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
     if _softcap(kwargs) is not None:  # SDPA refuses soft-capping: the model's eager attention has it
+        return _eager_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    if kwargs.get("s_aux") is not None:  # transformers' SDPA attention ignores the sinks: eager has them
         return _eager_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     if kwargs.get("output_attentions") and _eager_of(module) is not None:  # SDPA returns no weights
         return _eager_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
@@ -467,13 +489,15 @@ def _eager_of(module):
 
 def _eager_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
     """A fallback on the eager attention of the module's own modeling file (soft-capped scores,
-    attention weights asked for), given the mask SDPA would get (None = SDPA's top-left
+    attention sinks, attention weights asked for), given the mask SDPA would get (None = SDPA's top-left
     is_causal) as the additive mask eager expects. Returns eager's (out, weights)."""
     eager = _eager_of(module)
     if eager is None:
+        what = (f"soft-capped attention (softcap={kwargs.get('softcap')})" if _softcap(kwargs) is not None
+                else "attention with sinks (s_aux)")
         raise NotImplementedError(
-            f"fastattn: soft-capped attention (softcap={kwargs.get('softcap')}) in {type(module).__name__} needs "
-            f"fastattn kernels with softcap= or an eager_attention_forward in {type(module).__module__}")
+            f"fastattn: {what} in {type(module).__name__} needs an eager_attention_forward in "
+            f"{type(module).__module__} (or, soft-capped, fastattn kernels with softcap=)")
     Sq, Sk = query.shape[2], key.shape[2]
     mask = attention_mask
     if mask is None:
@@ -632,14 +656,91 @@ def _make_rotary_dispatcher(original, partial: bool = False):
     return apply_rotary_pos_emb
 
 
-def _install_rotary_dispatcher(modeling_module) -> bool:
+def _unwrapped_function(fn):
+    """The Python function behind ``fn``: itself, a functools.wraps wrapper's target, or the
+    function a ``kernels`` hub wrapper module calls (transformers' use_kernel_forward_from_hub
+    turns apply_rotary_pos_emb into such a module when the ``kernels`` package is installed).
+    None when there is none."""
+    for _ in range(4):
+        if inspect.isfunction(fn):
+            return fn
+        inner = getattr(fn, "__wrapped__", None)
+        if inner is None and isinstance(fn, nn.Module):
+            forward = getattr(type(fn), "forward", None)
+            if inspect.isfunction(forward) and forward.__closure__:
+                inner = _closure_vars(forward).get("func")
+        if inner is None:
+            return None
+        fn = inner
+    return None
+
+
+def _code_of(fn):
+    """The AST of a function's code, its name, decorators and docstring left out (None if its
+    source cannot be read)."""
+    import ast
+    import textwrap
+
+    fn = _unwrapped_function(fn)
+    if fn is None:
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    node = tree.body[0] if tree.body else None
+    if not isinstance(node, ast.FunctionDef):
+        return None
+    if node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) \
+            and isinstance(node.body[0].value.value, str):
+        node.body = node.body[1:]  # the docstring
+    node.name, node.decorator_list = "f", []
+    return ast.dump(node)
+
+
+def _rotary_kind(modeling_module):
+    """"full" / "partial" when the module's apply_rotary_pos_emb is one of _ROTARY_REFERENCES's
+    (with LLaMA's rotate_half), None for any other rotation. Decided once per module."""
+    global _ROTARY_REFERENCE_CODE
+    name = getattr(modeling_module, "__name__", "")
+    if name in _ROTARY_KIND_CACHE:
+        return _ROTARY_KIND_CACHE[name]
+    if _ROTARY_REFERENCE_CODE is None:
+        refs = {}
+        for ref_name, partial in _ROTARY_REFERENCES:
+            try:
+                ref = importlib.import_module(ref_name)
+            except ImportError:  # a transformers without that model
+                continue
+            code = _code_of(getattr(ref, "apply_rotary_pos_emb", None))
+            if code is not None:
+                refs.setdefault(code, "partial" if partial else "full")
+        from transformers.models.llama import modeling_llama
+
+        _ROTARY_REFERENCE_CODE = (refs, _code_of(modeling_llama.rotate_half))
+    refs, rotate_half = _ROTARY_REFERENCE_CODE
+    kind = None
+    fn = getattr(modeling_module, "apply_rotary_pos_emb", None)
+    if fn is not None and rotate_half is not None and _code_of(getattr(modeling_module, "rotate_half", None)) == \
+            rotate_half:
+        kind = refs.get(_code_of(fn))
+    _ROTARY_KIND_CACHE[name] = kind
+    return kind
+
+
+def _install_rotary_dispatcher(modeling_module) -> Optional[str]:
+    """None when the module's rotary now runs on fastattn (or already did), else why not."""
     fn = getattr(modeling_module, "apply_rotary_pos_emb", None)
     if fn is None:
-        return False
-    if not hasattr(fn, "_fastattn_original"):
-        partial = getattr(modeling_module, "__name__", "") in _PARTIAL_ROTARY_MODULES
-        modeling_module.apply_rotary_pos_emb = _make_rotary_dispatcher(fn, partial)
-    return True
+        return f"no apply_rotary_pos_emb in {modeling_module.__name__}"
+    if hasattr(fn, "_fastattn_original"):
+        return None
+    kind = _rotary_kind(modeling_module)
+    if kind is None:
+        return (f"apply_rotary_pos_emb in {modeling_module.__name__} is not LLaMA's rotate-half rotary (full or "
+                "partial): another rotation (interleaved pairs, other signs, ...) or signature")
+    modeling_module.apply_rotary_pos_emb = _make_rotary_dispatcher(fn, kind == "partial")
+    return None
 
 
 def _in_patched_attention() -> bool:
@@ -702,8 +803,11 @@ def patch_model(model: nn.Module) -> dict:
       DeepSeek-V2/V3, Granite, OLMoE, GLM-4, ...) become our RMSNorm; Gemma 1/2/3's ``(1 + w)`` norms (including Gemma 3's q/k norms) become our
       RMSNorm with ``unit_offset=True`` (fp32 math, x's dtype out, as Gemma's);
     * attention modules with q/k projections (``q_proj`` or a fused ``qkv_proj``) whose modeling
-      file has ``apply_rotary_pos_emb`` run it on fastattn.apply_rotary; Phi-3's partial rotary
-      (cos/sin narrower than the head) too. The switch to fastattn's rotary inside patched
+      file's ``apply_rotary_pos_emb`` is LLaMA's rotate-half rotary (its code, or Phi-3's / GLM-4-MoE's /
+      Nemotron's partial rotary for cos/sin narrower than the head, or OLMo's, each with LLaMA's
+      ``rotate_half``) run it on fastattn.apply_rotary; other rotations that share the name
+      (interleaved pairs: Cohere, Ernie 4.5, Helium, GLM; NanoChat's signs; Gemma 3n/4's one-tensor
+      form) are left alone. The switch to fastattn's rotary inside patched
       modules traces under torch.compile (``fullgraph=True`` included).
 
     Anything else is left alone. Returns a report: ``{"rms_norm": n, "rotary": m, "swapped":
@@ -749,8 +853,9 @@ def patch_model(model: nn.Module) -> dict:
             report["left_alone"]["rotary:" + name] = "no q_proj / qkv_proj (not a rotary self-attention)"
             continue
         modeling = sys.modules.get(type(module).__module__) or importlib.import_module(type(module).__module__)
-        if not _install_rotary_dispatcher(modeling):
-            report["left_alone"]["rotary:" + name] = f"no apply_rotary_pos_emb in {modeling.__name__}"
+        why = _install_rotary_dispatcher(modeling)
+        if why is not None:
+            report["left_alone"]["rotary:" + name] = why
             continue
         if _wrap_attention_forward(module):
             report["rotary"] += 1
