@@ -194,6 +194,8 @@ def _config(arch):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type, extra = ARCHS[arch]
+    if model_type not in CONFIG_MAPPING:  # another transformers release than the sweep's (5.25)
+        pytest.skip(f"transformers {transformers.__version__} has no model type {model_type!r}")
     cls = CONFIG_MAPPING[model_type]
     known = set(cls().to_dict())
     kw = {k: v for k, v in BASE.items() if k in known}
