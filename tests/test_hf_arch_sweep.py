@@ -14,9 +14,13 @@ what patch_model is expected to do to each (its report), so a change in what it 
 the arch. Not here (tried; 2025 transformers 5.25): hybrid/linear-attention archs that need
 model-specific layer layouts beyond those below, composite (vision/audio) configs whose default
 towers are large (Gemma 3 / Mllama / Emu3 / Phi-4-MM / dots3), Falcon-H1 and Nemotron-H (tens of
-seconds on CPU: the torch Mamba path), and archs whose own attention code indexes the mask as
-4-D (DeepSeek-V3.2 / GLM-MoE-DSA indexers, Doge, HY-V4): fastattn's mask function hands them a
-2-D mask and they raise an IndexError (see the commit message).
+seconds on CPU: the torch Mamba path).
+
+Archs whose own code reads the attention mask as 4-D (the sparse-attention indexers of
+DeepSeek-V3.2 / GLM-MoE-DSA / HY-V4 / A.X-K2, Doge's dynamic mask, ALiBi Falcon adding its bias
+onto the mask) get transformers' SDPA mask from fastattn's mask function and run on the SDPA (or
+eager) fallback; the indexers' key selection (``indices``, top 4 of up to 15 keys here, so it
+changes the logits) is applied there as eager / SDPA apply it.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_l
 
 MLA = dict(num_key_value_heads=4)  # latent attention: as many kv heads as heads
 MLA_ROPE8 = dict(num_key_value_heads=4, head_dim=8)  # their config's head_dim is the rope dim
+IDX = dict(index_topk=4, index_head_dim=16, index_n_heads=2)  # sparse attention: 4 keys per query
 MAMBA = dict(mamba_d_state=4, mamba_n_heads=4, mamba_d_head=16, mamba_expand=1)
 
 # arch (test id) -> (config model_type, config kwargs on top of BASE)
@@ -57,6 +62,7 @@ ARCHS = {
     "arcee": ("arcee", {}),
     "aria_text": ("aria_text", {}),
     "axk1": ("axk1", MLA_ROPE8),
+    "axk2": ("axk2", dict(IDX, **MLA_ROPE8)),
     "bamba": ("bamba", dict(attn_layer_indices=[1], **MAMBA)),
     "beam": ("beam", {}),
     "bitnet": ("bitnet", {}),
@@ -65,10 +71,12 @@ ARCHS = {
     "cohere2_moe": ("cohere2_moe", {}),
     "cwm": ("cwm", {}),
     "deepseek_v2": ("deepseek_v2", MLA),
+    "deepseek_v32": ("deepseek_v32", dict(IDX, **MLA)),
     "deepseek_v3": ("deepseek_v3", MLA_ROPE8),
     "deepseek_v3-no-interleave": ("deepseek_v3", dict(rope_interleave=False, **MLA_ROPE8)),  # LLaMA's rotary
     "deepseek_v4": ("deepseek_v4", {}),
     "diffllama": ("diffllama", {}),
+    "doge": ("doge", {}),
     "dots1": ("dots1", {}),
     "ergo": ("ergo", {}),
     "ernie4_5": ("ernie4_5", {}),
@@ -77,6 +85,7 @@ ARCHS = {
     "exaone4": ("exaone4", {}),
     "exaone_moe": ("exaone_moe", {}),
     "falcon": ("falcon", {}),
+    "falcon-alibi": ("falcon", dict(alibi=True)),
     "falcon_mamba": ("falcon_mamba", {}),
     "flex_olmo": ("flex_olmo", {}),
     "flint": ("flint", {}),
@@ -86,6 +95,7 @@ ARCHS = {
     "gemma4_text": ("gemma4_text", dict(sliding_window=5, layer_types=["sliding_attention", "full_attention"])),
     "glm": ("glm", {}),
     "glm4": ("glm4", {}),
+    "glm_moe_dsa": ("glm_moe_dsa", dict(IDX, **MLA)),
     "glm4_moe": ("glm4_moe", {}),
     "glm4_moe_lite": ("glm4_moe_lite", MLA),
     "gpt_neox": ("gpt_neox", {}),
@@ -101,6 +111,7 @@ ARCHS = {
     "hrm_text": ("hrm_text", {}),
     "hunyuan_v1_dense": ("hunyuan_v1_dense", {}),
     "hunyuan_v1_moe": ("hunyuan_v1_moe", {}),
+    "hy_v4": ("hy_v4", dict(IDX, indexer_types=["full", "shared"])),
     "hy_v3": ("hy_v3", {}),
     "hyperclovax": ("hyperclovax", {}),
     "inkling_text": ("inkling_text", {}),
@@ -163,11 +174,11 @@ ARCHS = {
 # (interleaved pairs: Cohere, Ergo, Ernie 4.5, Helium, GLM/GLM-4, GPT-J; flipped signs: NanoChat;
 # one-tensor signature: Gemma 4; GPT-OSS's chunked form).
 EXPECT = {}  # filled below from the lists, so each arch's line stays short
-_NO_NORM_SWAP = {"afmoe", "beam", "cohere", "cohere2", "cohere2_moe", "deepseek_v4", "ergo", "falcon", "flex_olmo",
+_NO_NORM_SWAP = {"afmoe", "falcon-alibi", "beam", "cohere", "cohere2", "cohere2_moe", "deepseek_v4", "ergo", "falcon", "flex_olmo",
                  "flint", "gemma4_text", "gpt_neox", "gpt_oss", "gptj", "helium", "hrm_text", "jais2", "lara_mini",
                  "llama4_text", "minimax_m3_vl_text", "moshi", "nanochat", "nemotron", "olmo", "olmo2", "olmo3",
                  "olmo_hybrid", "persimmon", "phi", "phimoe", "qwen3_next", "stablelm", "starcoder2", "vaultgemma"}
-_NO_ROTARY_SWAP = {"axk1", "cohere", "cohere2", "cohere2_moe", "deepseek_v2", "deepseek_v4", "ergo", "ernie4_5",
+_NO_ROTARY_SWAP = {"axk1", "axk2", "deepseek_v32", "falcon-alibi", "glm_moe_dsa", "hy_v4", "cohere", "cohere2", "cohere2_moe", "deepseek_v2", "deepseek_v4", "ergo", "ernie4_5",
                    "ernie4_5_moe", "falcon", "falcon_mamba", "gemma4_text", "glm", "glm4", "gpt_neox", "gpt_oss",
                    "gptj", "helium", "inkling_text", "jetmoe", "lfm3", "llama4_text", "minicpm5_moe", "nanochat",
                    "persimmon"}
@@ -183,7 +194,11 @@ _NO_ATTENTION = {"falcon_mamba", "lfm3"}
 # position bias and Llama 4's chunked attention mask run on transformers' SDPA.
 _SINKS = "attention sinks (s_aux)"
 FALLBACKS = {arch: {_SINKS} for arch in ("deepseek_v4", "flint", "gpt_oss", "granite_swa", "granitemoe_swa",
-                                         "mimo_v2_flash")}
+                                         "hy_v4", "mimo_v2_flash")}
+# Sparse attention: the top-k key selection runs on transformers' SDPA (HY-V4 has sinks too: eager).
+FALLBACKS.update({arch: {"sparse key selection (indices)"} for arch in ("axk2", "deepseek_v32", "glm_moe_dsa")})
+FALLBACKS["doge"] = {"mask not expressible as per-sequence lengths + causal/window"}  # its dynamic mask
+FALLBACKS["falcon-alibi"] = {"mask not expressible as per-sequence lengths + causal/window"}  # ALiBi bias
 FALLBACKS["inkling_text"] = {"position bias"}
 FALLBACKS["llama4_text"] = {"mask not expressible as per-sequence lengths + causal/window"}
 for _arch in ARCHS:

@@ -30,14 +30,18 @@ function hands each attention call one of three things:
   tokens); they only ever reach padded positions, so real tokens' logits match SDPA.
 * transformers' own 4-D SDPA mask for anything else: overlays (``or_mask_function`` /
   ``and_mask_function``, e.g. bidirectional image tokens), chunked or bidirectional masks,
-  a user's 4-D mask, and every mask built under torch.compile / tracing.
+  a user's 4-D mask, every mask built under torch.compile / tracing, and the masks of models
+  that read the mask themselves (``_model_reads_mask``: ALiBi Falcon, and models declaring no
+  flash-attention support that force the mask, e.g. the sparse-attention indexers of
+  DeepSeek-V3.2 / GLM-MoE-DSA / HY-V4, or Doge).
 
 Gemma 2's attention logit soft-capping (the ``softcap`` keyword: scores become
 ``softcap * tanh(score / softcap)``) is passed to the kernels' own ``softcap=``.
 
 Calls fall back to transformers' SDPA attention (on the exact mask SDPA would get, rebuilt from
 the 2-D one where needed) for: 4-D masks, dropout in training, attention sinks,
-position biases, value head dims that differ, float32 or unsupported head dims on CUDA, a
+sparse key selection (``indices``: DeepSeek-V3.2's indexer picks keys per query; applied to the
+mask as eager / SDPA apply it), position biases, value head dims that differ, float32 or unsupported head dims on CUDA, a
 sliding window over a row whose padding has holes, and builds without
 ``fastattn.flash_attention_varlen``. A soft-capped call that falls back (or any soft-capped
 call on a build whose kernels lack ``softcap=``) runs the model's own eager attention instead,
@@ -136,6 +140,7 @@ _OUTPUT_ATTENTIONS_REASON = "attention weights requested (output_attentions=True
 # eager attention: transformers' SDPA attention ignores ``s_aux``, so an SDPA fallback would
 # silently drop the sinks.
 _SINKS_REASON = "attention sinks (s_aux)"
+_INDICES_REASON = "sparse key selection (indices)"
 
 
 def _require_transformers():
@@ -272,6 +277,46 @@ def _sdpa_would_skip(padding_mask, q_length, kv_length, q_offset, kv_offset, loc
     return bool(_ignore_causal_mask_sdpa(padding_mask, q_length, kv_length, q_offset, kv_offset, local_size))
 
 
+_READS_MASK: dict = {}
+
+
+def _model_reads_mask(config) -> bool:
+    """Whether the model of ``config`` reads the mask it asks to be materialized
+    (``allow_is_causal_skip=False``) in its own code, so it must get the 4-D mask SDPA gets:
+    ALiBi Falcon adds its bias onto it, and the models that declare no flash-attention support
+    (flash_attention_2 would hand them a 2-D mask too) index it as (B, 1, Sq, Sk): the sparse
+    attention indexers of DeepSeek-V3.2 / GLM-MoE-DSA / HY-V4 / Mistral-Large-4, Doge's dynamic
+    mask. Their attention calls then take the SDPA fallback. A model's own static-cache decode
+    or packed sequences also come with ``allow_is_causal_skip=False``: a model that supports
+    flash attention keeps the 2-D mask there."""
+    if config is None:
+        return False
+    if getattr(config, "alibi", False) is True:
+        return True
+    cls = type(config)
+    if cls not in _READS_MASK:
+        _READS_MASK[cls] = _declares_no_flash_attention(cls)
+    return _READS_MASK[cls]
+
+
+def _declares_no_flash_attention(config_cls) -> bool:
+    """True when a transformers model class of ``config_cls`` (from its modeling module, which is
+    imported once the model is built) sets ``_supports_flash_attn = False``; False when unknown."""
+    import typing
+
+    modeling = sys.modules.get(config_cls.__module__.replace(".configuration_", ".modeling_"))
+    if modeling is None:
+        return False
+    for obj in list(vars(modeling).values()):
+        cc = getattr(obj, "config_class", None) if isinstance(obj, type) else None
+        if cc is None or "_supports_flash_attn" not in dir(obj):
+            continue
+        if cc is config_cls or config_cls in typing.get_args(cc):
+            if getattr(obj, "_supports_flash_attn", True) is False:
+                return True
+    return False
+
+
 def fastattn_mask(
     batch_size: int,
     q_length: int,
@@ -302,6 +347,8 @@ def fastattn_mask(
                          local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
 
     if _compiling() or (attention_mask is not None and attention_mask.dim() != 2):
+        return dense()
+    if not allow_is_causal_skip and _model_reads_mask(kwargs.get("config")):
         return dense()
     try:
         pattern = _parse_mask_function(mask_function)
@@ -460,6 +507,8 @@ def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
         return "position bias"
     if kwargs.get("s_aux") is not None:
         return _SINKS_REASON
+    if kwargs.get("indices") is not None:
+        return _INDICES_REASON
     if query.shape[-1] != value.shape[-1]:
         return "value head dim differs from the query head dim"
     if query.is_cuda and query.dtype == torch.float32:
@@ -467,6 +516,27 @@ def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
     if query.is_cuda and query.shape[-1] not in _CUDA_HEAD_DIMS:
         return f"head dim {query.shape[-1]} on CUDA (built for {_CUDA_HEAD_DIMS})"
     return None
+
+
+def _with_selected_keys(attention_mask, indices, query, key, module, is_causal):
+    """The mask restricted to the keys a sparse-attention indexer picked: ``indices`` (B, Sq, topk)
+    key positions per query (DeepSeek-V3.2 and its kin pass them to a non-eager, non-SDPA
+    implementation in place of the (B, 1, Sq, Sk) restriction they apply for eager / SDPA: the
+    same mask is built here). Returns (mask, is_causal) for the SDPA / eager fallback."""
+    B, Sq, Sk = query.shape[0], query.shape[2], key.shape[2]
+    if indices.dim() != 3 or indices.shape[:2] != (B, Sq):
+        raise ValueError(f"fastattn: sparse-attention indices must be (B={B}, Sq={Sq}, topk), got "
+                         f"{tuple(indices.shape)}")
+    picked = torch.zeros(B, Sq, Sk, dtype=torch.bool, device=query.device)
+    picked = picked.scatter(-1, indices.long(), True).unsqueeze(1)  # (B, 1, Sq, Sk)
+    if attention_mask is None:  # SDPA's meaning of no mask: top-left causal for more than one query
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if causal and Sq > 1:
+            picked = picked & torch.ones(Sq, Sk, dtype=torch.bool, device=query.device).tril()
+        return picked, False
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & picked, is_causal
+    return attention_mask.masked_fill(~picked, torch.finfo(attention_mask.dtype).min), is_causal
 
 
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
@@ -553,6 +623,9 @@ def fastattn_attention_forward(
         _count_fallback(reason)
         if two_d:
             attention_mask = _dense_from_2d(attention_mask, Sq, Sk, window)
+        if kwargs.get("indices") is not None:
+            attention_mask, is_causal = _with_selected_keys(attention_mask, kwargs.pop("indices"), query, key,
+                                                            module, is_causal)
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
 
     _count_fastattn()
