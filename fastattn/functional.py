@@ -67,7 +67,12 @@ def _check_rms_float(t, name: str, allow_complex: bool = False) -> None:
 def _contiguous_last_dim(t: Tensor) -> Tensor:
     # The kernels read rows with unit stride; any other layout is copied once (as torch's
     # own kernels do), and the copy is differentiable.
-    return t.contiguous() if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1 else t
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        # An empty tensor counts as contiguous whatever its strides, so .contiguous() would
+        # return it unchanged and the op would refuse its last-dim stride where torch returns
+        # an empty result: an explicit contiguous clone (nothing to copy).
+        return t.clone(memory_format=torch.contiguous_format) if t.numel() == 0 else t.contiguous()
+    return t
 
 
 # Whether this torch's CUDA autocast runs rms_norm in fp32 (torch 2.13 does; torch 2.11 left it
@@ -164,6 +169,16 @@ def rms_norm(
             return rms_norm(x.float(), weight, eps)
         h = x + residual
         return rms_norm(h.float(), weight, eps), h
+    if weight is not None and weight.dtype != x.dtype and x.dtype != torch.float32:
+        # torch multiplies a 16-bit x's normalised rows by a weight of another dtype in fp32
+        # and rounds the product once. The kernels read the weight in x's dtype, and rounding
+        # it there first (an fp32 master weight under bf16 activations) cost up to twice
+        # torch's error, or overflowed it (a bf16 weight above 65504 with fp16 x: inf where
+        # torch is finite). So normalise in fp32 (a 16-bit weight converts exactly) and round
+        # once, as torch; the add of a residual stays in h's dtype, as in the unfused form.
+        h = x + residual if residual is not None else x
+        y = rms_norm(h.float(), weight if weight.dtype != torch.float64 else weight.float(), eps).to(h.dtype)
+        return (y, h) if residual is not None else y
     x = _contiguous_last_dim(x)
     if residual is None:
         y, _rstd = ops.rms_norm_fwd(x, weight, eps)

@@ -1,0 +1,590 @@
+"""Differential fuzz of every public fastattn op against an independent computation.
+
+Each op is called with random but valid inputs (seeded, reproducible) and compared with
+``fastattn.reference`` in float64 or with torch itself (``F.scaled_dot_product_attention``,
+``F.rms_norm``, ``torch.nn.RMSNorm``), forward and backward, by DESIGN.md section 5's rule:
+``err(ours) <= 2 * err(reference in the same dtype) + 1e-5`` against the float64 truth
+(for fp32 inputs the "same dtype" reference is the unfused fp32 computation, so that bound
+is a small multiple of fp32 rounding).
+
+The default case counts keep the whole file well under a minute on 2 cores. More cases:
+``FASTATTN_FUZZ_CASES=N`` (per op and per test), another seed: ``FASTATTN_FUZZ_SEED=S``.
+A failure message carries the case's parameters; every case is rebuilt from
+``(seed, op, index)`` alone, so ``FASTATTN_FUZZ_ONLY=<index>`` reruns one case.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn import reference as ref
+
+SEED = int(os.environ.get("FASTATTN_FUZZ_SEED", "20261205"))
+_CASES = os.environ.get("FASTATTN_FUZZ_CASES")
+_ONLY = os.environ.get("FASTATTN_FUZZ_ONLY")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cases(default: int):
+    if _ONLY is not None:
+        return [int(_ONLY)]
+    return range(int(_CASES) if _CASES else default)
+
+
+def _rng(op: str, i: int) -> random.Random:
+    # A str seed is hashed deterministically (sha512): the same case on every run and machine.
+    return random.Random(f"{SEED}/{op}/{i}")
+
+
+def _gen(rng: random.Random) -> torch.Generator:
+    return torch.Generator().manual_seed(rng.getrandbits(62))
+
+
+def _randn(shape, dtype, g, scale=1.0):
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def _strided(t: torch.Tensor, rng: random.Random, keep_last=True) -> torch.Tensor:
+    """t's values in a random layout: the leading dims permuted in memory and padded (and, with
+    keep_last, the last dim contiguous but its rows padded), so every stride but the last is
+    'free'. Half the time t itself (contiguous)."""
+    if t.dim() < 2 or rng.random() < 0.5:
+        return t
+    nd = t.dim()
+    lead = list(range(nd - 1)) if keep_last else list(range(nd))
+    perm = lead[:]
+    rng.shuffle(perm)
+    if keep_last:
+        perm = perm + [nd - 1]
+    pads = [rng.choice((0, 0, 1, 3)) for _ in range(nd)]
+    big_shape = [t.shape[d] + pads[d] for d in perm]
+    big = torch.full(big_shape, float("nan"), dtype=t.dtype)  # padding is NaN: a stray read shows
+    view = big[tuple(slice(0, t.shape[d]) for d in perm)]
+    inv = [perm.index(d) for d in range(nd)]
+    out = view.permute(inv)
+    out.copy_(t)
+    assert out.shape == t.shape and (not keep_last or t.shape[-1] <= 1 or out.stride(-1) == 1)
+    return out
+
+
+def _max_err(a, b) -> float:
+    """max |a - b| over the entries where b is finite."""
+    if b.numel() == 0:
+        return 0.0
+    d = (a.double() - b.double()).abs()
+    return torch.where(torch.isfinite(b), d, 0.0).max().item()
+
+
+def _absmax(*ts) -> float:
+    """The largest finite |value| of the tensors (0 for none)."""
+    vals = [torch.where(torch.isfinite(t), t.double().abs(), 0.0).max().item() for t in ts if t.numel()]
+    return max(vals, default=0.0)
+
+
+def check_ratio(ours, low, true, what: str, case, factor=2.0, atol=1e-5, scale=None):
+    """DESIGN.md section 5: max|ours - true| <= factor * max|low - true| + atol, over the
+    entries where the truth is finite; where it is not (lse = -inf of a row that sees no key,
+    a NaN that propagates) ours must be the same non-finite value.
+
+    atol is relative to ``scale`` (default: the largest finite |true|) when that exceeds 1:
+    the unfused reference is sometimes exact by structure (dq of a row that sees one key is
+    0 = P * (dP - rowsum(dO * O)) with P = 1, computed as y * (g - g)), where the fused
+    kernel's fp32 rounding of terms of size ``scale`` shows instead."""
+    assert ours.shape == true.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(true.shape)} [{case}]"
+    t = true.double()
+    o = ours.double()
+    nonfin = ~torch.isfinite(t)
+    if nonfin.any():
+        same = (o[nonfin] == t[nonfin]) | (torch.isnan(o[nonfin]) & torch.isnan(t[nonfin]))
+        assert same.all(), f"{what}: non-finite truth not matched ({o[nonfin][~same][:4].tolist()}) [{case}]"
+    assert torch.isfinite(o[~nonfin]).all(), f"{what}: non-finite values where the truth is finite [{case}]"
+    err, ref_err = _max_err(o, t), _max_err(low, t)
+    atol = atol * max(1.0, _absmax(t) if scale is None else scale)
+    bound = factor * ref_err + atol
+    assert err <= bound, f"{what}: max error {err:.3e} > {factor} * reference error {ref_err:.3e} + {atol:g} [{case}]"
+
+
+# =========================================================================================
+# flash_attention
+# =========================================================================================
+HEAD_DIMS = (8, 40, 72, 96, 160, 256, 1, 3, 16, 17, 32, 64, 128)
+
+
+def _seqlen(rng):
+    return rng.choice((1, 1, 2, rng.randint(1, 20), rng.randint(1, 70), rng.randint(60, 140)))
+
+
+def _window(rng, sq, sk):
+    if rng.random() < 0.5:
+        return (-1, -1)
+    side = lambda: rng.choice((-1, 0, 1, rng.randint(0, sq + sk + 2)))  # noqa: E731
+    return (side(), side())
+
+
+def flash_case(rng):
+    dtype = rng.choice(DTYPES)
+    B = rng.randint(1, 3)
+    Sq, Sk = _seqlen(rng), _seqlen(rng)
+    if rng.random() < 0.2:  # the short-query (decode kernel) path: Sq <= 16, Sk >= 4 Sq
+        Sq, Sk = rng.randint(1, 16), rng.randint(64, 160)
+    Hk = rng.randint(1, 3)
+    H = Hk * rng.choice((1, 1, 2, 3, 4))
+    D = rng.choice(HEAD_DIMS)
+    if Sq * Sk * D * B * H > 2_000_000:  # keep each case cheap
+        D = rng.choice((8, 16, 40))
+    return dict(dtype=dtype, B=B, Sq=Sq, Sk=Sk, H=H, Hk=Hk, D=D, causal=rng.random() < 0.4,
+                window=_window(rng, Sq, Sk), softcap=rng.choice((0.0, 0.0, 0.0, rng.uniform(2.0, 30.0))),
+                scale=rng.choice((None, None, rng.uniform(-0.5, 1.5))), return_lse=rng.random() < 0.5,
+                grad=rng.random() < 0.5, mag=rng.choice((1.0, 1.0, 3.0, 0.01)))
+
+
+def _probs64(q, k, c):
+    """P (B, H, Sq, Sk) in float64 (rows that see no key: 0), cap'(s) of the soft-cap, and the
+    kv-head-expanded k, for the backward's rounding terms below."""
+    q, k = q.double(), k.double()
+    H, Hk, D = q.shape[2], k.shape[2], q.shape[3]
+    kk = k.repeat_interleave(H // Hk, 2)
+    scale = c["scale"] if c["scale"] is not None else D ** -0.5
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    dcap = torch.ones_like(s)
+    if c["softcap"] > 0:
+        th = torch.tanh(s / c["softcap"])
+        s, dcap = th * c["softcap"], 1 - th * th
+    mask = ref.attention_mask(q.shape[1], k.shape[1], c["causal"], c["window"]).view(1, 1, q.shape[1], k.shape[1])
+    P = torch.nan_to_num(torch.softmax(s.masked_fill(~mask, float("-inf")), -1), nan=0.0)
+    return P, dcap, kk, scale
+
+
+def flash_bwd_rounding(q, k, dout, out64, c, dtype):
+    """The FlashAttention backward (flash-attn's, and fastattn's) forms dS = P * (dP - D) with
+    D = rowsum(dO * O) taken from the output the forward returned, i.e. O rounded to the input
+    dtype, where the unfused reference differentiates the softmax exactly. That rounding is
+    the algorithm's, not an implementation error, and it can exceed the bf16/fp16 reference's
+    own error when the softmax is peaked (P near one-hot, dP - D a cancellation). Returns the
+    (dq, dk) terms it adds to the exact gradients, in float64: exact + these is the algorithm
+    run in exact arithmetic on an output rounded to dtype."""
+    P, dcap, kk, scale = _probs64(q, k, c)
+    o_r = out64.to(dtype).double()
+    delta = ((dout.double() * (out64 - o_r)).sum(-1)).permute(0, 2, 1).unsqueeze(-1)  # D - D_rounded
+    dS = P * dcap * delta  # (B, H, Sq, Sk)
+    dq = scale * torch.einsum("bhqk,bkhd->bqhd", dS, kk)
+    dk = scale * torch.einsum("bhqk,bqhd->bkhd", dS, q.double())
+    B, Sk, Hk = k.shape[0], k.shape[1], k.shape[2]
+    dk = dk.reshape(B, Sk, Hk, -1, k.shape[3]).sum(3)  # GQA: the group's heads add up
+    return dq, dk
+
+
+def bwd_fp32_atol(q, k, v, dout, c, gscale) -> float:
+    """The fp32 rounding the FlashAttention backward cannot avoid, which the unfused
+    reference (exact by structure in peaked cases) does not have:
+    - dS = P * (dP - D) cancels terms of size T = |scale| * max|dO_i| * max|v_j| (row norms),
+      times max(|q|, |k|) in dq/dk, summed over up to n = max(Sq * group, Sk) rows;
+    - P is recomputed as exp(s - lse) from an fp32 lse: relative error ~ eps * max|s|.
+    Both are tiny for ordinary inputs; real bugs (a wrong mask, head or scale) are O(gscale)."""
+    H, Hk, D = q.shape[2], k.shape[2], q.shape[3]
+    scale = c["scale"] if c["scale"] is not None else D ** -0.5
+    nrm = lambda t: t.double().norm(dim=-1).max().item() if t.numel() else 0.0  # noqa: E731
+    T = abs(scale) * nrm(dout) * nrm(v) * max(_absmax(q), _absmax(k))
+    n = max(q.shape[1] * H // Hk, k.shape[1])
+    smax = abs(scale) * nrm(q) * nrm(k)
+    if c["softcap"] > 0:
+        smax = min(smax, c["softcap"])
+    eps = torch.finfo(torch.float32).eps
+    return 1e-5 * max(1.0, gscale) + 4 * eps * (T * math.sqrt(n) + smax * gscale)
+
+
+def run_flash_case(i):
+    rng = _rng("flash", i)
+    c = flash_case(rng)
+    g = _gen(rng)
+    dtype, B, Sq, Sk, H, Hk, D = (c[n] for n in ("dtype", "B", "Sq", "Sk", "H", "Hk", "D"))
+    q = _randn((B, Sq, H, D), dtype, g, c["mag"])
+    k = _randn((B, Sk, Hk, D), dtype, g, c["mag"])
+    v = _randn((B, Sk, Hk, D), dtype, g)
+    dout = _randn((B, Sq, H, D), dtype, g)
+    kw = dict(causal=c["causal"], softmax_scale=c["scale"], window=c["window"], softcap=c["softcap"])
+    case = f"flash #{i} {c}"
+
+    def run(fn, cast, lay):
+        args = [lay(t.to(cast)).requires_grad_(c["grad"]) for t in (q, k, v)]
+        out, lse = fn(*args, **kw, return_lse=True)
+        grads = None
+        if c["grad"]:
+            grads = torch.autograd.grad(out, args, dout.to(cast))
+        return out, lse, grads
+
+    ours = run(fastattn.flash_attention, dtype, lambda t: _strided(t, rng))
+    low = run(ref.attention, dtype, lambda t: t)
+    true = run(ref.attention, torch.float64, lambda t: t)
+    assert ours[0].dtype == dtype and ours[0].is_contiguous() and ours[1].dtype == torch.float32, case
+    check_ratio(ours[0], low[0], true[0], "out", case)
+    check_ratio(ours[1], low[1], true[1], "lse", case)
+    if c["grad"]:
+        gscale = _absmax(*true[2])
+        atol = bwd_fp32_atol(q, k, v, dout, c, gscale)
+        # the reference error: the unfused one in dtype, or the algorithm's own (D from O in dtype)
+        extra = flash_bwd_rounding(q, k, dout, true[0].detach(), c, dtype) + (None,)
+        for name, o, lo, t, x in zip(("dq", "dk", "dv"), ours[2], low[2], true[2], extra):
+            assert o.dtype == dtype, case
+            if x is not None and _max_err((t + x).to(dtype), t) > _max_err(lo, t):
+                lo = (t + x).to(dtype)
+            check_ratio(o, lo, t, name, case, atol=atol, scale=1.0)
+    # return_lse=False returns the output alone, bitwise the same
+    if not c["grad"]:
+        plain = fastattn.flash_attention(q, k, v, **kw)
+        assert isinstance(plain, torch.Tensor) and torch.equal(plain, ours[0]), case
+
+
+@pytest.mark.parametrize("i", _cases(150))
+def test_fuzz_flash_attention(i):
+    run_flash_case(i)
+
+
+# =========================================================================================
+# flash_attention_varlen
+# =========================================================================================
+def run_varlen_case(i):
+    rng = _rng("varlen", i)
+    g = _gen(rng)
+    dtype = rng.choice(DTYPES)
+    nseq = rng.randint(1, 5)
+    lq = [rng.choice((0, 1, rng.randint(0, 40), rng.randint(0, 90))) for _ in range(nseq)]
+    lk = [rng.choice((0, 1, rng.randint(0, 40), rng.randint(0, 90))) for _ in range(nseq)]
+    Hk = rng.randint(1, 3)
+    H = Hk * rng.choice((1, 2, 4))
+    D = rng.choice(HEAD_DIMS)
+    c = dict(dtype=dtype, lq=lq, lk=lk, H=H, Hk=Hk, D=D, causal=rng.random() < 0.4,
+             window=_window(rng, max(lq), max(lk)), softcap=rng.choice((0.0, 0.0, rng.uniform(2.0, 30.0))),
+             scale=rng.choice((None, None, rng.uniform(-0.5, 1.5))), grad=rng.random() < 0.5,
+             extra_q=rng.choice((0, 0, 5)), extra_k=rng.choice((0, 0, 7)))
+    case = f"varlen #{i} {c}"
+    tq, tk = sum(lq), sum(lk)
+    q = _randn((tq, H, D), dtype, g)
+    k = _randn((tk, Hk, D), dtype, g)
+    v = _randn((tk, Hk, D), dtype, g)
+    dout = _randn((tq, H, D), dtype, g)
+    cq = torch.tensor([0] + list(torch.tensor(lq).cumsum(0).tolist()), dtype=torch.int32)
+    ck = torch.tensor([0] + list(torch.tensor(lk).cumsum(0).tolist()), dtype=torch.int32)
+    # max_seqlen may be larger than needed (an upper bound)
+    mq, mk = max(lq) + c["extra_q"], max(lk) + c["extra_k"]
+    kw = dict(causal=c["causal"], softmax_scale=c["scale"], window=c["window"], softcap=c["softcap"])
+
+    def run(fn, cast, lay, *extra):
+        args = [lay(t.to(cast)).requires_grad_(c["grad"]) for t in (q, k, v)]
+        out, lse = fn(*args, cq, ck, *extra, **kw, return_lse=True)
+        grads = torch.autograd.grad(out, args, dout.to(cast), allow_unused=True) if c["grad"] and tq else None
+        return out, lse, grads
+
+    ours = run(fastattn.flash_attention_varlen, dtype, lambda t: _strided(t, rng), mq, mk)
+    low = run(ref.attention_varlen, dtype, lambda t: t)
+    true = run(ref.attention_varlen, torch.float64, lambda t: t)
+    assert ours[0].dtype == dtype and ours[1].shape == (H, tq), case
+    check_ratio(ours[0], low[0], true[0], "out", case)
+    check_ratio(ours[1], low[1], true[1], "lse", case)
+    if ours[2] is not None:
+        gscale = _absmax(*[t for t in true[2] if t is not None])
+        for name, o, lo, t in zip(("dq", "dk", "dv"), ours[2], low[2], true[2]):
+            if t is None:  # the reference never touched the rows (every sequence empty)
+                t = lo = torch.zeros_like(o, dtype=torch.float64)
+            assert o is not None and o.dtype == dtype and o.shape == t.shape, case
+            # per sequence the dense case's tolerances apply; use their worst over sequences
+            atol, x_err = 0.0, 0.0
+            for b in range(nseq):
+                sl_q, sl_k = slice(int(cq[b]), int(cq[b + 1])), slice(int(ck[b]), int(ck[b + 1]))
+                if lq[b] == 0 or lk[b] == 0:
+                    continue
+                qb, kb, vb, db = q[sl_q][None], k[sl_k][None], v[sl_k][None], dout[sl_q][None]
+                atol = max(atol, bwd_fp32_atol(qb, kb, vb, db, c, gscale))
+                if name != "dv":
+                    ob = true[0][sl_q][None].detach()
+                    xq, xk = flash_bwd_rounding(qb, kb, db, ob, c, dtype)
+                    x = xq if name == "dq" else xk
+                    tb = (t[sl_q] if name == "dq" else t[sl_k])[None]
+                    x_err = max(x_err, _max_err((tb + x).to(dtype), tb))
+            if x_err > _max_err(lo, t):  # the algorithm's own rounding (see flash_bwd_rounding)
+                lo = _with_err(t, x_err)
+            check_ratio(o, lo, t, name, case, atol=max(atol, 1e-5), scale=1.0)
+
+
+def _with_err(t, err):
+    """A tensor at max distance err from t (to feed check_ratio a reference error)."""
+    out = t.clone()
+    if out.numel():
+        out.view(-1)[0] += err
+    return out
+
+
+@pytest.mark.parametrize("i", _cases(100))
+def test_fuzz_flash_attention_varlen(i):
+    run_varlen_case(i)
+
+
+# =========================================================================================
+# scaled_dot_product_attention (drop-in: compared with torch's, as a user would)
+# =========================================================================================
+def _outcome(fn):
+    """(result, None) or (None, exception)."""
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 -- the point is to compare what is raised
+        return None, e
+
+
+def _sdpa_f64(q, k, v, **kw):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cast = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    kw = dict(kw, attn_mask=cast(kw.get("attn_mask")))
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(cast(q), cast(k), cast(v), **kw)
+
+
+def sdpa_case(rng):
+    dtype = rng.choice(DTYPES + (torch.float64,) if rng.random() < 0.1 else DTYPES)
+    B, L, S = rng.randint(1, 3), _seqlen(rng), _seqlen(rng)
+    Hk = rng.randint(1, 3)
+    gqa = rng.random() < 0.3
+    H = Hk * rng.choice((2, 3)) if gqa else Hk
+    E = rng.choice(HEAD_DIMS)
+    Ev = E if rng.random() < 0.9 else rng.choice((8, 24))
+    rank = rng.choice((4, 4, 4, 4, 3, 5))
+    mask = rng.choice((None, None, None, "bool", "float"))
+    mask_shape = rng.choice(("LS", "LS", "11LS", "B1LS", "BHLS", "1HLS", "1S", "S"))
+    # (torch refuses a mask with is_causal: a few such cases check that we raise alike)
+    return dict(dtype=dtype, B=B, L=L, S=S, H=H, Hk=Hk, E=E, Ev=Ev, rank=rank, gqa=gqa,
+                is_causal=rng.random() < (0.4 if mask is None else 0.05), scale=rng.choice((None, None, rng.uniform(0.01, 1.5))),
+                mask=mask, mask_shape=mask_shape, grad=rng.random() < 0.4)
+
+
+def run_sdpa_case(i):
+    rng = _rng("sdpa", i)
+    c = sdpa_case(rng)
+    g = _gen(rng)
+    dtype, B, L, S, H, Hk, E, Ev = (c[n] for n in ("dtype", "B", "L", "S", "H", "Hk", "E", "Ev"))
+    case = f"sdpa #{i} {c}"
+    lead = {4: (B,), 3: (), 5: (B, 2)}[c["rank"]]
+    q = _randn(lead + (H, L, E), dtype, g)
+    k = _randn(lead + (Hk, S, E), dtype, g)
+    v = _randn(lead + (Hk, S, Ev), dtype, g)
+    dout = _randn(lead + (H, L, Ev), dtype, g)
+    mask = None
+    if c["mask"]:
+        shape = {"LS": (L, S), "11LS": (1, 1, L, S), "B1LS": lead + (1, L, S), "BHLS": lead + (H, L, S),
+                 "1HLS": (1, H, L, S), "S": (S,), "1S": (1, S)}[c["mask_shape"]]
+        if c["mask"] == "bool":
+            mask = torch.rand(shape, generator=g) > 0.3
+        else:
+            mask = _randn(shape, dtype, g)
+    kw = dict(attn_mask=mask, is_causal=c["is_causal"], scale=c["scale"], enable_gqa=c["gqa"])
+    layouts = [rng.getrandbits(32) if rng.random() < 0.5 else None for _ in range(3)]
+
+    def lay(t, j):
+        # the same layout for fastattn and torch (torch's backend choice depends on strides)
+        if layouts[j] is None or t.dim() < 2:
+            return t
+        r = random.Random(layouts[j])
+        # a projection viewed as (B, H, L, E): heads and tokens swapped in memory; sometimes
+        # the last dim is strided too (torch accepts any strides)
+        t2 = t.transpose(-2, -3).contiguous().transpose(-2, -3)
+        return _strided(t2, r, keep_last=r.random() < 0.8)
+
+    def run(fn, cast):
+        args = [lay(t.to(cast), j).requires_grad_(c["grad"]) for j, t in enumerate((q, k, v))]
+        out = fn(*args, **kw)
+        grads = torch.autograd.grad(out, args, dout.to(cast)) if c["grad"] else None
+        return out, grads
+
+    ours, e_ours = _outcome(lambda: run(fastattn.scaled_dot_product_attention, dtype))
+    low, e_low = _outcome(lambda: run(F.scaled_dot_product_attention, dtype))
+    if e_low is not None or e_ours is not None:
+        # torch's errors are the drop-in's errors
+        assert e_low is not None and e_ours is not None, f"torch: {e_low!r}, fastattn: {e_ours!r} [{case}]"
+        assert type(e_ours) is type(e_low), f"torch raised {e_low!r}, fastattn {e_ours!r} [{case}]"
+        return
+    if mask is not None or q.dim() != 4 or Ev != E or dtype == torch.float64:
+        # documented as delegated to torch: torch's result, bitwise
+        assert torch.equal(ours[0], low[0]) and ours[0].stride() == low[0].stride(), case
+        for o, lo in zip(ours[1] or (), low[1] or ()):
+            assert torch.equal(o, lo), case
+        return
+    true = run(_sdpa_f64, torch.float64)
+    assert ours[0].dtype == low[0].dtype and ours[0].shape == low[0].shape, case
+    check_ratio(ours[0], low[0], true[0], "out", case)
+    if c["grad"]:
+        gscale = _absmax(*true[1])
+        scale = c["scale"] if c["scale"] is not None else E ** -0.5
+        cc = dict(scale=scale, softcap=0.0)
+        atol = 1e-5 * max(1.0, gscale)
+        if q.dim() == 4 and mask is None and Ev == E:  # the kernel's backward: its fp32 terms
+            tr = lambda t: t.transpose(1, 2)  # noqa: E731
+            atol = bwd_fp32_atol(tr(q), tr(k), tr(v), tr(dout), cc, gscale)
+        for name, o, lo, t in zip(("dq", "dk", "dv"), ours[1], low[1], true[1]):
+            assert o.dtype == lo.dtype and o.shape == lo.shape, case
+            if name != "dv" and q.dim() == 4 and mask is None and Ev == E and dtype != torch.float64:
+                # the algorithm's rounding of O (flash_bwd_rounding), top-left causal as torch
+                Sk_eff = min(S, L) if c["is_causal"] else S
+                cw = dict(cc, causal=False, window=(-1, max(L - S, 0)) if c["is_causal"] else (-1, -1))
+                tr = lambda t: t.transpose(1, 2)  # noqa: E731
+                xq, xk = flash_bwd_rounding(tr(q), tr(k)[:, :Sk_eff], tr(dout), tr(true[0]).detach(), cw, dtype)
+                x = tr(xq) if name == "dq" else torch.cat([tr(xk), torch.zeros_like(t[:, :, Sk_eff:])], 2)
+                if _max_err((t + x).to(dtype), t) > _max_err(lo, t):
+                    lo = (t + x).to(dtype)
+            check_ratio(o, lo, t, name, case, atol=atol, scale=1.0)
+
+
+@pytest.mark.parametrize("i", _cases(150))
+def test_fuzz_scaled_dot_product_attention(i):
+    run_sdpa_case(i)
+
+
+# =========================================================================================
+# rms_norm and nn.RMSNorm (drop-ins: torch's dtypes, shapes and errors)
+# =========================================================================================
+RMS_N = (1, 3, 4, 5, 8, 17, 64, 111, 128, 1000, 4097)
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _lead_shape(rng):
+    return rng.choice(((), (0,), (1,), (3,), (2, 5), (rng.randint(1, 40),), (2, 0, 3), (2, 3, 4)))
+
+
+def rms_case(rng):
+    dtype = rng.choice(FLOATS + (torch.float64,) if rng.random() < 0.1 else FLOATS)
+    N = rng.choice(RMS_N)
+    lead = _lead_shape(rng)
+    if N > 1000:
+        lead = lead[:1]
+    wdt = rng.choice((None, dtype, dtype, rng.choice(FLOATS)))
+    rdt = rng.choice((None, None, dtype, rng.choice(FLOATS)))
+    return dict(dtype=dtype, N=N, lead=lead, wdt=wdt, rdt=rdt,
+                eps=rng.choice((1e-6, 1e-5, None, 0.0, 1e-2, 1.0)), grad=rng.random() < 0.5,
+                mag=rng.choice((1.0, 1.0, 1e-3, 100.0)))
+
+
+def _torch_rms(x, w, eps, r):
+    h = x + r if r is not None else x
+    y = F.rms_norm(h, (h.shape[-1],), w, eps)
+    return (y, h) if r is not None else y
+
+
+def run_rms_case(i, module=False):
+    rng = _rng("rms_nn" if module else "rms", i)
+    c = rms_case(rng)
+    g = _gen(rng)
+    dtype, N, lead = c["dtype"], c["N"], c["lead"]
+    case = f"{'nn.RMSNorm' if module else 'rms_norm'} #{i} {c}"
+    shape = lead + (N,)
+    x = _randn(shape, dtype, g, c["mag"])
+    w = _randn((N,), c["wdt"], g) if c["wdt"] else None
+    r = _randn(shape, c["rdt"], g, c["mag"]) if c["rdt"] else None
+    seeds = [rng.getrandbits(32) for _ in range(3)]
+    grad = c["grad"] and x.numel() > 0
+    eps = c["eps"]
+
+    def lay(t, j):  # the same (random, any-stride) layout for every run
+        return None if t is None else _strided(t, random.Random(seeds[j]), keep_last=False)
+
+    douts = []
+
+    def run(impl, cast):
+        cx = lambda t, j: None if t is None else lay(t.to(cast) if cast else t, j)  # noqa: E731
+        xx, ww, rr = cx(x, 0), cx(w, 1), cx(r, 2)
+        leaves = [t.requires_grad_(grad) for t in (xx, ww, rr) if t is not None]
+        if impl == "ours" and module:
+            m = fastattn.nn.RMSNorm(N, eps=eps, elementwise_affine=w is not None, dtype=c["wdt"])
+            if w is not None:
+                m.weight = torch.nn.Parameter(ww, requires_grad=grad)
+                leaves[1] = m.weight
+            out = m(xx) if rr is None else m(xx, rr)
+        elif impl == "ours":
+            out = fastattn.rms_norm(xx, ww, eps, residual=rr)
+        else:
+            out = _torch_rms(xx, ww, eps if eps is not None or cast != torch.float64 else None, rr)
+        outs = out if isinstance(out, tuple) else (out,)
+        grads = None
+        if grad:
+            if not douts:  # drawn once, in the dtypes of our outputs; the same values for every run
+                douts.extend(_randn(o.shape, o.dtype, torch.Generator().manual_seed(seeds[0] + j))
+                             for j, o in enumerate(outs))
+            grads = torch.autograd.grad(outs, leaves, [d.to(o.dtype) for d, o in zip(douts, outs)])
+        return outs, grads
+
+    ours = run("ours", None)
+    low = run("torch", None)
+    for o, lo in zip(ours[0], low[0]):
+        assert o.dtype == lo.dtype and o.shape == lo.shape, f"{o.dtype}{tuple(o.shape)} vs torch {lo.dtype}{tuple(lo.shape)} [{case}]"
+    if len(ours[0]) == 2:
+        assert torch.equal(ours[0][1], low[0][1]), f"h = x + residual differs from torch's [{case}]"
+    if eps is None and dtype != torch.float64:
+        eps = torch.finfo(torch.float32).eps  # torch's default: the fp32 (accumulation) epsilon
+    true = run("torch", torch.float64) if eps is not None else low
+    if eps is not None and len(true[0]) == 2:
+        # the truth normalises the h the op actually formed (rounded in the promoted dtype)
+        h = ours[0][1].detach().double()
+        true = ((F.rms_norm(h, (N,), None if w is None else w.double(), eps), true[0][1]), true[1])
+    check_ratio(ours[0][0], low[0][0], true[0][0], "y", case)
+    if grad:
+        for j, (o, lo, t) in enumerate(zip(ours[1], low[1], true[1])):
+            assert o.dtype == lo.dtype and o.shape == lo.shape, case
+            check_ratio(o, lo, t, f"grad {j}", case, atol=1e-5)
+
+
+def run_rms_nn_case(i):
+    run_rms_case(i, module=True)
+
+
+@pytest.mark.parametrize("i", _cases(150))
+def test_fuzz_rms_norm(i):
+    run_rms_case(i)
+
+
+@pytest.mark.parametrize("i", _cases(60))
+def test_fuzz_nn_rms_norm(i):
+    run_rms_nn_case(i)
+
+
+# ---- regressions found by the fuzzer ----------------------------------------------------
+def test_regression_rms_norm_empty_strided_last_dim():
+    # An empty x (or residual) whose last dim has stride != 1 counts as contiguous to torch, so
+    # .contiguous() returned it as it was and the op refused its stride (ValueError); torch
+    # returns an empty result.
+    for x in (torch.randn(2, 0, 3, 34)[..., ::2], torch.randn(0, 34)[:, ::2]):
+        w = torch.randn(17)
+        want = F.rms_norm(x, (17,), w, 1e-6)
+        got = fastattn.rms_norm(x, w, 1e-6)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        y, h = fastattn.rms_norm(x, w, 1e-6, residual=x.clone())
+        assert y.shape == h.shape == x.shape
+        assert fastattn.nn.RMSNorm(17)(x).shape == x.shape
+
+
+@pytest.mark.parametrize("xdt, wdt", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                      (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)])
+def test_regression_rms_norm_weight_of_another_dtype(xdt, wdt):
+    # torch multiplies by a weight of another dtype in fp32 and rounds once; fastattn rounded
+    # the weight to x's dtype first: up to ~2.3x torch's error (fp32 master weight, bf16 x),
+    # and inf where a bf16 weight overflows fp16 (torch: finite).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1000, generator=g).to(xdt)
+    w = (torch.randn(1000, generator=g) * 3).to(wdt)
+    true = F.rms_norm(x.double(), (1000,), w.double(), 1e-6)
+    ours, theirs = fastattn.rms_norm(x, w, 1e-6), F.rms_norm(x, (1000,), w, 1e-6)
+    assert ours.dtype == theirs.dtype == xdt
+    # correctly rounded, as torch's: within half an ulp of the truth (+ fp32 rounding)
+    ulp = torch.finfo(xdt).eps * true.abs().clamp_min(torch.finfo(xdt).tiny)
+    assert ((ours.double() - true).abs() <= 0.5 * ulp * 1.001 + 1e-6).all()
+    # a weight beyond fp16's range: torch's result is finite where x * rstd * w is
+    if xdt == torch.float16 and wdt == torch.bfloat16:
+        xs = torch.full((4, 16), 0.01, dtype=xdt) * torch.rand(4, 16, generator=g).to(xdt)
+        big = torch.full((16,), 1e5, dtype=wdt)
+        want = F.rms_norm(xs, (16,), big)
+        got = fastattn.rms_norm(xs, big)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.isfinite(want).any()
