@@ -18,6 +18,16 @@ _load()
 _ops = torch.ops.fastattn
 
 
+def _contiguous_last_dim(t: Tensor) -> Tensor:
+    """t with a unit last-dim stride, as the kernels read it: incoming gradients are often
+    expanded (``out.sum().backward()`` sends zero strides). An EMPTY tensor counts as
+    contiguous whatever its strides, so ``.contiguous()`` returns it unchanged and the op
+    would refuse it; it gets a fresh contiguous (empty) tensor instead."""
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.clone(memory_format=torch.contiguous_format) if t.numel() == 0 else t.contiguous()
+    return t
+
+
 # ---- rms_norm ----------------------------------------------------------------------------
 def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
     return _ops.rms_norm_fwd(x, weight, eps)
@@ -183,7 +193,7 @@ def _grad_or_zeros(g: Optional[Tensor], meta) -> Tensor:
     if g is None:
         shape, dtype, device = meta
         return torch.zeros(shape, dtype=dtype, device=device)
-    return g if g.stride(-1) == 1 else g.contiguous()
+    return _contiguous_last_dim(g)
 
 
 def _rotary_backward(ctx, dq, dk):
@@ -220,8 +230,7 @@ def _flash_attn_fwd_fake(q, k, v, softmax_scale, window_left, window_right, soft
 def _flash_attn_bwd_impl(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, softcap=0.0):
     """(dq, dk, dv) of flash_attn_fwd: the ``fastattn::flash_attn_bwd`` kernel op (recompute
     from out and lse, deterministic)."""
-    if dout.dim() > 0 and dout.shape[-1] > 1 and dout.stride(-1) != 1:
-        dout = dout.contiguous()  # e.g. the expanded ones that out.sum().backward() sends
+    dout = _contiguous_last_dim(dout)  # e.g. the expanded ones that out.sum().backward() sends
     return flash_attn_bwd(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, True, softcap)
 
 
@@ -368,8 +377,7 @@ def _flash_attn_varlen_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    if dout.dim() > 0 and dout.shape[-1] > 1 and dout.stride(-1) != 1:
-        dout = dout.contiguous()  # e.g. the expanded ones that out.sum().backward() sends
+    dout = _contiguous_last_dim(dout)  # e.g. the expanded ones that out.sum().backward() sends
     dq, dk, dv = flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, True,
                                        ctx.softcap)
     return dq, dk, dv, None, None, None, None, None, None, None, None

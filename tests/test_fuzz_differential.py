@@ -588,3 +588,211 @@ def test_regression_rms_norm_weight_of_another_dtype(xdt, wdt):
         got = fastattn.rms_norm(xs, big)
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         assert torch.isfinite(want).any()
+
+
+# =========================================================================================
+# apply_rotary and nn.RotaryEmbedding
+# =========================================================================================
+def _tables(max_pos, half, base=10000.0):
+    inv = 1.0 / (base ** (torch.arange(0, half, dtype=torch.float64) * 2 / (2 * half)))
+    f = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv)
+    return f.cos().float(), f.sin().float()
+
+
+def _rotary_truth(q, k, cos, sin, positions, interleaved):
+    # the reference formula in float64 on the fp32 tables
+    return ref.apply_rotary(q.double(), k.double(), cos.double(), sin.double(), positions, interleaved)
+
+
+def run_rotary_case(i):
+    rng = _rng("rotary", i)
+    g = _gen(rng)
+    dtype = rng.choice(DTYPES)
+    B, S = rng.randint(1, 3), rng.choice((1, 2, rng.randint(1, 40), rng.randint(40, 130)))
+    Hk = rng.randint(1, 3)
+    H = Hk * rng.choice((1, 2, 4))
+    D = rng.choice((2, 4, 8, 16, 40, 64, 72, 96, 128, 160, 256, 6, 34))
+    R = rng.choice((D, D, 2 * rng.randint(1, D // 2)))
+    max_pos = S + rng.choice((0, 0, 5, 300))
+    pos_kind = rng.choice(("none", "S", "BS"))
+    c = dict(dtype=dtype, B=B, S=S, H=H, Hk=Hk, D=D, R=R, max_pos=max_pos, pos=pos_kind,
+             interleaved=rng.random() < 0.5, inplace=rng.random() < 0.3, grad=rng.random() < 0.4,
+             pdt=rng.choice((torch.int32, torch.int64)))
+    case = f"rotary #{i} {c}"
+    cos, sin = _tables(max_pos, R // 2, base=rng.choice((10000.0, 500000.0, 10.0)))
+    positions = None
+    if pos_kind == "S":
+        positions = torch.randint(0, max_pos, (S,), generator=g).to(c["pdt"])
+    elif pos_kind == "BS":
+        positions = torch.randint(0, max_pos, (B, S), generator=g).to(c["pdt"])
+    q = _randn((B, S, H, D), dtype, g)
+    k = _randn((B, S, Hk, D), dtype, g)
+    dq, dk = _randn(q.shape, dtype, g), _randn(k.shape, dtype, g)
+    seeds = [rng.getrandbits(32) for _ in range(2)]
+    lay = lambda t, j: _strided(t, random.Random(seeds[j]))  # noqa: E731
+
+    def run(fn, cast, ours):
+        qq, kk = lay(q.to(cast).clone(), 0), lay(k.to(cast).clone(), 1)  # (ours may rotate in place)
+        if c["grad"]:
+            leaves = (qq.requires_grad_(), kk.requires_grad_())
+            # in place needs a non-leaf (as any torch in-place op on a tensor that requires grad)
+            qq, kk = qq * 1, kk * 1
+        if ours:
+            before = (qq.data_ptr(), kk.data_ptr())
+            oq, ok = fastattn.apply_rotary(qq, kk, cos, sin, positions=positions, interleaved=c["interleaved"],
+                                           inplace=c["inplace"])
+            if c["inplace"]:
+                assert oq is qq and ok is kk and (oq.data_ptr(), ok.data_ptr()) == before, case
+        else:
+            oq, ok = fn(qq, kk, cos.to(torch.float64) if cast == torch.float64 else cos,
+                        sin.to(torch.float64) if cast == torch.float64 else sin, positions, c["interleaved"])
+        grads = torch.autograd.grad((oq, ok), leaves, (dq.to(cast), dk.to(cast))) if c["grad"] else None
+        return (oq, ok), grads
+
+    ours = run(None, dtype, True)
+    true = run(ref.apply_rotary, torch.float64, False)
+    # the "same dtype" reference: the rotation in fp32 on the fp32 tables, rounded once (what an
+    # fp32-accumulating kernel can reach; ref.apply_rotary in bf16 would round the tables first)
+    low = run(lambda q_, k_, *a: tuple(t.to(dtype) for t in ref.apply_rotary(q_, k_, *a)), torch.float32, False)
+    for name, o, lo, t in zip(("q", "k"), ours[0], low[0], true[0]):
+        assert o.dtype == dtype and o.shape == t.shape, case
+        check_ratio(o, lo, t, name, case)
+    if c["grad"]:
+        for name, o, lo, t in zip(("dq", "dk"), ours[1], low[1], true[1]):
+            assert o.dtype == dtype, case
+            check_ratio(o, lo.to(dtype), t, name, case)
+
+
+@pytest.mark.parametrize("i", _cases(120))
+def test_fuzz_apply_rotary(i):
+    run_rotary_case(i)
+
+
+# =========================================================================================
+# decode_attention, attention_with_kvcache, append_kv (contiguous and paged caches)
+# =========================================================================================
+def _kv_setup(rng, g, dtype, B, Hk, D, need):
+    """Caches (contiguous or paged, maybe strided views) with random contents, and
+    block_table; ``need[b]`` tokens of sequence b must fit."""
+    paged = rng.random() < 0.5
+    if not paged:
+        S_max = max(need) + rng.choice((0, 0, 3, 17))
+        shape = (B, S_max, Hk, D)
+        block_table, num_pages, page_size = None, None, None
+    else:
+        page_size = rng.choice((1, 3, 16, rng.randint(1, 20)))
+        max_pages = max(1, -(-max(need) // page_size) + rng.choice((0, 0, 1, 2)))
+        num_pages = B * max_pages + rng.choice((0, 3))
+        perm = torch.randperm(num_pages, generator=g)[: B * max_pages].view(B, max_pages).to(torch.int32)
+        # entries past the pages a sequence uses may hold anything (-1 here, or a big index)
+        block_table = perm.clone()
+        for b in range(B):
+            used = -(-need[b] // page_size)
+            if used < max_pages and rng.random() < 0.5:
+                block_table[b, used:] = rng.choice((-1, 10**6))
+        shape = (num_pages, page_size, Hk, D)
+    seeds = [rng.getrandbits(32) for _ in range(2)]
+    values = [_randn(shape, dtype, g) for _ in range(2)]
+    # the caches fastattn gets: views of larger buffers (random strides) as often as not
+    strided = lambda: [_strided(t, random.Random(s)) for t, s in zip(values, seeds)]  # noqa: E731
+    return values, strided, block_table, paged
+
+
+def run_kvcache_case(i):
+    rng = _rng("kvcache", i)
+    g = _gen(rng)
+    dtype = rng.choice(DTYPES)
+    B = rng.randint(1, 4)
+    Hk = rng.randint(1, 3)
+    H = Hk * rng.choice((1, 2, 4, 8))
+    D = rng.choice(HEAD_DIMS)
+    op = rng.choice(("decode", "decode", "kvcache", "kvcache", "kvcache_append", "append"))
+    Sq = 1 if op == "decode" else rng.choice((1, 1, 2, rng.randint(1, 9)))
+    lens = [rng.choice((0, 1, rng.randint(0, 40), rng.randint(0, 200))) for _ in range(B)]
+    add = Sq if op in ("kvcache_append", "append") else 0
+    need = [n + add for n in lens]
+    values, strided, bt, paged = _kv_setup(rng, g, dtype, B, Hk, D, need)
+    c = dict(op=op, dtype=dtype, B=B, H=H, Hk=Hk, D=D, Sq=Sq, lens=lens, paged=paged,
+             page_size=values[0].shape[1] if paged else None, cache_shape=tuple(values[0].shape),
+             num_splits=rng.choice((0, 0, 1, 2, 3, 7, 128)), softcap=rng.choice((0.0, 0.0, rng.uniform(2.0, 30.0))),
+             scale=rng.choice((None, None, rng.uniform(-0.5, 1.5))), causal=rng.random() < 0.7,
+             window=_window(rng, Sq, max(need)), q4=rng.random() < 0.5)
+    case = f"kvcache #{i} {c}"
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    q = _strided(_randn((B, Sq, H, D), dtype, g), rng)
+    k_new = _randn((B, Sq, Hk, D), dtype, g)
+    v_new = _randn((B, Sq, Hk, D), dtype, g)
+    common = dict(softmax_scale=c["scale"], softcap=c["softcap"])
+
+    caches = strided()
+    ref_caches = [t.clone() for t in values]
+    bt_ours = bt
+    if bt is not None:  # the reference gathers every listed page: the unused entries made valid
+        bt = bt.clamp(0, values[0].shape[0] - 1)
+    if op == "append":
+        before = [t._version for t in caches]
+        fastattn.append_kv(*caches, k_new, v_new, seqlens, block_table=bt_ours)
+        ref.append_kv(*ref_caches, k_new, v_new, seqlens, block_table=bt)
+        assert all(t._version > v for t, v in zip(caches, before)), f"version counters not bumped [{case}]"
+        for o, r in zip(caches, ref_caches):
+            assert torch.equal(o, r), f"append_kv wrote differently from the reference [{case}]"
+        return
+    if op == "decode":
+        qd = q[:, 0] if not c["q4"] else q
+        out, lse = fastattn.decode_attention(qd, *caches, seqlens, num_splits=c["num_splits"], return_lse=True,
+                                             block_table=bt_ours, **common)
+        res = lambda cast: ref.decode_attention(  # noqa: E731
+            qd.to(cast), ref_caches[0].to(cast), ref_caches[1].to(cast), seqlens, c["scale"], True, bt, c["softcap"])
+        low, true = res(dtype), res(torch.float64)
+        assert out.shape == qd.shape and lse.shape == (B, H), case
+    else:
+        kv = dict(k=k_new, v=v_new) if op == "kvcache_append" else {}
+        out, lse = fastattn.attention_with_kvcache(
+            q, *caches, seqlens, **kv, block_table=bt_ours, causal=c["causal"], window=c["window"],
+            num_splits=c["num_splits"], return_lse=True, **common)
+
+        def res(cast):
+            rc = [t.to(cast) for t in ref_caches]
+            kv_ = {n: t.to(cast) for n, t in kv.items()}
+            return ref.attention_with_kvcache(q.to(cast), *rc, seqlens, **kv_, block_table=bt, causal=c["causal"],
+                                              window=c["window"], softmax_scale=c["scale"], return_lse=True,
+                                              softcap=c["softcap"])
+        low, true = res(dtype), res(torch.float64)
+        assert out.shape == q.shape and lse.shape == (B, H, Sq), case
+        if kv:  # the appended rows, exactly; cache_seqlens not advanced
+            ref.append_kv(*ref_caches, k_new, v_new, seqlens, block_table=bt)
+            for o, r in zip(caches, ref_caches):
+                assert torch.equal(o, r), f"the append differs from the reference [{case}]"
+        else:
+            for o, r in zip(caches, ref_caches):
+                assert torch.equal(o, r), f"the caches changed without k/v [{case}]"
+        assert seqlens.tolist() == lens, case
+    assert out.dtype == dtype and lse.dtype == torch.float32 and not out.requires_grad, case
+    check_ratio(out, low[0], true[0], "out", case)
+    check_ratio(lse, low[1], true[1], "lse", case)
+
+
+@pytest.mark.parametrize("i", _cases(150))
+def test_fuzz_kvcache(i):
+    run_kvcache_case(i)
+
+
+def test_regression_backward_of_empty_outputs():
+    # out.sum().backward() sends an expanded (zero-stride) gradient; for an empty output
+    # .contiguous() kept those strides (an empty tensor counts as contiguous) and the backward
+    # ops refused dout's last-dim stride: ValueError instead of torch's empty/zero gradients.
+    def leaves(*shapes):
+        return [torch.randn(*s, requires_grad=True) for s in shapes]
+
+    for shapes in (((1, 0, 2, 8), (1, 5, 2, 8), (1, 5, 2, 8)), ((0, 3, 2, 8), (0, 5, 2, 8), (0, 5, 2, 8))):
+        q, k, v = leaves(*shapes)
+        fastattn.flash_attention(q, k, v).sum().backward()
+        assert q.grad.shape == q.shape and torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+    q, k, v = leaves((0, 2, 8), (6, 2, 8), (6, 2, 8))
+    cu_q, cu_k = torch.tensor([0, 0], dtype=torch.int32), torch.tensor([0, 6], dtype=torch.int32)
+    fastattn.flash_attention_varlen(q, k, v, cu_q, cu_k, 0, 6).sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+    q, k = leaves((1, 0, 2, 8), (1, 0, 2, 8))
+    qr, kr = fastattn.apply_rotary(q, k, torch.randn(4, 4), torch.randn(4, 4))
+    (qr.sum() + kr.sum()).backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
