@@ -27,13 +27,25 @@ function hands each attention call one of three things:
   (B, Sq, H, D). The unpadding indices are computed once per mask and shared by all layers.
   Query rows that are padding come back as 0 (as flash_attention_2; SDPA gives 0 where such a
   row sees no key, e.g. left padding, and attends right-padding rows to the earlier real
-  tokens); they only ever reach padded positions, so real tokens' logits match SDPA.
+  tokens); they only ever reach padded positions, so real tokens' logits match SDPA. (A
+  right-padded prompt given to ``generate()``, which transformers warns against, samples its
+  first new token from a padded position: that token can differ from SDPA's, as it does under
+  flash_attention_2.)
 * transformers' own 4-D SDPA mask for anything else: overlays (``or_mask_function`` /
   ``and_mask_function``, e.g. bidirectional image tokens), chunked or bidirectional masks,
   a user's 4-D mask, every mask built under torch.compile / tracing, and the masks of models
   that read the mask themselves (``_model_reads_mask``: ALiBi Falcon, and models declaring no
   flash-attention support that force the mask, e.g. the sparse-attention indexers of
   DeepSeek-V3.2 / GLM-MoE-DSA / HY-V4, or Doge).
+
+Padding-free batches (sequences flattened into one row) are kept apart as flash_attention_2 keeps
+them, beyond what transformers' masks express: the flash kwargs ``cu_seq_lens_q`` /
+``cu_seq_lens_k`` (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``) always define
+the sequences (a ValueError when they do not describe the call's tokens), and without a mask
+``position_ids`` restarting inside a single row do too, even when a cache exists (a model called
+without ``use_cache=False``, in training or eval mode, builds a DynamicCache, and transformers
+then builds a plain causal mask: SDPA and eager attend across the sequences there). A padding
+mask decides over both, as for flash_attention_2.
 
 Gemma 2's attention logit soft-capping (the ``softcap`` keyword: scores become
 ``softcap * tanh(score / softcap)``) is passed to the kernels' own ``softcap=``.
@@ -47,7 +59,9 @@ sliding window over a row whose padding has holes, and builds without
 call on a build whose kernels lack ``softcap=``) runs the model's own eager attention instead,
 SDPA having no soft-capping; so does a call with attention sinks (``s_aux``: GPT-OSS, ...;
 transformers' SDPA attention ignores it) and a call asked for attention weights
-(``output_attentions=True``: the kernels return none, and SDPA only warns that it returns none),
+(``output_attentions=True``, or transformers' output collector asking for them, as for a model
+built from a config with ``output_attentions=True``: the kernels return none, and SDPA only warns
+that it returns none),
 which then returns eager's weights. Each fallback is counted by reason and warned about once
 per reason (``RuntimeWarning``)::
 
@@ -544,12 +558,30 @@ def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal
         return _eager_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     if kwargs.get("s_aux") is not None:  # transformers' SDPA attention ignores the sinks: eager has them
         return _eager_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-    if kwargs.get("output_attentions") and _eager_of(module) is not None:  # SDPA returns no weights
+    if _weights_requested(kwargs) and _eager_of(module) is not None:  # SDPA returns no weights
         return _eager_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+def _weights_requested(kwargs) -> bool:
+    """Whether this call must return attention weights: ``output_attentions=True`` passed down, or
+    transformers' output collector asking for "attentions" without it (a config built with
+    ``output_attentions=True``, e.g. ``from_config``: the flag then never reaches the attention
+    call, and the kernels' missing weights left ``outputs.attentions`` an empty tuple)."""
+    if kwargs.get("output_attentions"):
+        return True
+    if _compiling():
+        return False
+    collector = sys.modules.get("transformers.utils.output_capturing")
+    active = getattr(collector, "_active_collector", None)
+    try:
+        wanted = active.get() if active is not None else None
+    except Exception:  # another transformers' collector
+        return False
+    return isinstance(wanted, dict) and "attentions" in wanted
 
 
 def _eager_of(module):
@@ -580,6 +612,152 @@ def _eager_fallback(module, query, key, value, attention_mask, dropout, scaling,
     return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
+def _version_of(t) -> Optional[int]:
+    """A tensor's in-place version counter (None for inference-mode tensors, which have none):
+    what the per-tensor caches below are keyed by."""
+    try:
+        return int(t._version)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _packed_from_cu_seq_lens(cu_q, cu_k, B: int, Sq: int, Sk: int, mask_is_none: bool, device) -> torch.Tensor:
+    """The (B, Sq) packed-sequence mask (int32 sequence index + 1) of flash-attention's padding-free
+    kwargs ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (cumulative sequence lengths over the B * Sq tokens
+    flattened, as DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes them). Raises a
+    ValueError for kwargs that do not describe these tokens."""
+    cu_q, cu_k = torch.as_tensor(cu_q), torch.as_tensor(cu_k)
+    key = (B, Sq, Sk, mask_is_none, str(device), _version_of(cu_q), _version_of(cu_k))
+    if not _compiling() and None not in key:
+        cache = getattr(cu_q, "_fastattn_packed", None)  # (every layer gets the same tensors)
+        hit = cache.get(key) if isinstance(cache, dict) else None
+        if hit is not None and hit[0] is cu_k:
+            return hit[1]
+        problem = None
+        # keys = queries (self-attention over the same tokens), or a static cache's prefill: keys
+        # 0..Sq-1 are the tokens, the rows after them unused (a None mask, SDPA's top-left is_causal)
+        if not (Sk == Sq or (Sk > Sq and mask_is_none)):
+            problem = f"{Sq} queries against {Sk} keys (a filled cache)"
+        elif cu_q.dim() != 1 or cu_q.numel() < 2 or cu_q.shape != cu_k.shape or \
+                not torch.equal(cu_q.cpu().long(), cu_k.cpu().long()):
+            problem = "cu_seq_lens_k differs from cu_seq_lens_q"
+        else:
+            host = cu_q.cpu().long()
+            ends = set(host.tolist())
+            if int(host[0]) != 0 or int(host[-1]) != B * Sq or bool((host.diff() < 0).any()):
+                problem = f"cu_seq_lens_q {host.tolist()} is not 0 = c0 <= c1 <= ... = B * Sq = {B * Sq}"
+            elif any(b * Sq not in ends for b in range(1, B)):
+                problem = "a sequence crosses a batch row"
+        if problem is not None:
+            raise ValueError(f"fastattn: the flash-attention kwargs cu_seq_lens_q / cu_seq_lens_k do not describe the "
+                             f"packed sequences of this call: {problem}")
+    tokens = torch.arange(B * Sq, device=device)
+    seg = torch.bucketize(tokens, cu_q[1:].to(device=device, dtype=torch.int64), right=True)
+    mask = (seg.view(B, Sq) + 1).to(torch.int32)
+    if not _compiling() and None not in key:
+        try:
+            cu_q._fastattn_packed = {key: (cu_k, mask)}
+        except (AttributeError, RuntimeError):
+            pass
+    return mask
+
+
+def _packed_from_position_ids(position_ids, B: int, Sq: int) -> Optional[torch.Tensor]:
+    """flash_attention_2's padding-free detection: one row (B = 1) whose position_ids restart (a
+    position that is not the previous + 1 starts a new sequence, as transformers'
+    find_packed_sequence_indices). The (1, Sq) packed mask (int32 sequence index + 1), None when
+    the row is one sequence (or the ids are not a (1, Sq) tensor)."""
+    if not isinstance(position_ids, torch.Tensor) or B != 1 or Sq < 2:
+        return None
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if position_ids.dim() != 2 or tuple(position_ids.shape) != (1, Sq) or position_ids.is_floating_point():
+        return None
+    version = _version_of(position_ids)
+    cached = getattr(position_ids, "_fastattn_packed", None)  # (every layer gets the same tensor)
+    if cached is not None and version is not None and cached[0] == version:
+        return cached[1]
+    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    seg = starts.cumsum(-1)
+    mask = (seg + 1).to(torch.int32) if bool(seg[0, -1] > 0) else None
+    if version is not None:
+        try:
+            position_ids._fastattn_packed = (version, mask)
+        except (AttributeError, RuntimeError):
+            pass
+    return mask
+
+
+def _all_true(mask: torch.Tensor) -> bool:
+    """Whether a boolean mask has no False (computed once per mask tensor: layers share it)."""
+    version = _version_of(mask)
+    cached = getattr(mask, "_fastattn_all_true", None)
+    if cached is not None and version is not None and cached[0] == version:
+        return cached[1]
+    hit = bool(mask.all())
+    if version is not None:
+        try:
+            mask._fastattn_all_true = (version, hit)
+        except (AttributeError, RuntimeError):
+            pass
+    return hit
+
+
+def _apply_padding_free_packing(module, query, key, attention_mask, is_causal, kwargs):
+    """flash_attention_2 honours padding-free packing that transformers' SDPA / eager masks miss:
+    the flash kwargs ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)), and packed ``position_ids`` without an attention mask even when
+    a cache exists (a model in training or eval mode builds a DynamicCache unless use_cache=False,
+    and transformers then builds a plain causal mask: every token would attend across the packed
+    sequences). Returns (mask, where its window comes from) with the mask to use instead: a packed
+    2-D mask (varlen) for a None or packed mask, the 4-D mask restricted to same-sequence keys;
+    the mask unchanged where a padding mask decides (as flash_attention_2, which unpads by it and
+    ignores the rest) or nothing is packed. A 2-D mask's sliding window is the one of the mask it
+    replaces (our mask function's), else the layer's ``sliding_window`` kwarg (as
+    flash_attention_2 takes it)."""
+    B, Sq, Sk = query.shape[0], query.shape[2], key.shape[2]
+    two_d = attention_mask is not None and attention_mask.dim() == 2
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    has_cu = cu_q is not None and cu_k is not None
+    if two_d and attention_mask.dtype == torch.bool:
+        # A padding mask decides. One without padding over just these queries (our mask function
+        # returns it for a sliding window shorter than the queries, where
+        # flash_attention_2's mask function returns None) is no mask.
+        if not (has_cu or (B == 1 and Sq > 1 and isinstance(kwargs.get("position_ids"), torch.Tensor))) \
+                or attention_mask.shape[1] != Sq or _compiling() or not _all_true(attention_mask):
+            return attention_mask, attention_mask
+        original, attention_mask, two_d = attention_mask, None, False
+    else:
+        original = attention_mask
+    if has_cu:
+        packed = _packed_from_cu_seq_lens(cu_q, cu_k, B, Sq, Sk, attention_mask is None, query.device)
+    elif attention_mask is None and not _compiling():
+        if Sk < Sq:
+            return original, original
+        packed = _packed_from_position_ids(kwargs.get("position_ids"), B, Sq)
+    else:
+        return original, original
+    if packed is None:
+        return original, original  # (a mask without padding keeps its sliding window)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None or two_d:
+        if not causal:  # block-diagonal, not causal: SDPA on the dense mask
+            same = packed.unsqueeze(2) == packed.unsqueeze(1)  # (B, Sq, Sq)
+            if Sk > Sq:
+                same = torch.nn.functional.pad(same, (0, Sk - Sq), value=False)
+            return same.unsqueeze(1), None
+        # (the packed mask is shared by the layers: no _fastattn_window set on it)
+        return packed, original
+    # a 4-D mask (SDPA fallback): keep only keys of the query's own sequence
+    if attention_mask.shape[-1] != Sq or attention_mask.shape[-2] != Sq:
+        raise ValueError(f"fastattn: packed sequences (cu_seq_lens_q / cu_seq_lens_k) with a "
+                         f"{tuple(attention_mask.shape)} attention mask for {Sq} queries / {Sk} keys")
+    same = (packed.unsqueeze(2) == packed.unsqueeze(1)).unsqueeze(1)  # (B, 1, Sq, Sq)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & same, None
+    return attention_mask.masked_fill(~same, torch.finfo(attention_mask.dtype).min), None
+
+
 def fastattn_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -597,13 +775,14 @@ def fastattn_attention_forward(
     packed sequences; see ``fastattn_mask``) on fastattn.flash_attention_varlen; the rest falls
     back to transformers' SDPA attention, counted in ``stats()``."""
     Sq, Sk = query.shape[2], key.shape[2]
+    attention_mask, window_of = _apply_padding_free_packing(module, query, key, attention_mask, is_causal, kwargs)
     two_d = attention_mask is not None and attention_mask.dim() == 2
-    window = _mask_window(attention_mask, kwargs) if two_d else None
+    window = _mask_window(window_of if window_of is not None else attention_mask, kwargs) if two_d else None
     if two_d and (attention_mask.shape[1] < Sq or attention_mask.shape[0] != query.shape[0]):
         raise ValueError(f"a 2-D attention mask for fastattn must be (B={query.shape[0]}, M >= Sq={Sq}) (positions up "
                          f"to the last query), got {tuple(attention_mask.shape)}")
     reason = _unsupported_reason(module, query, value, dropout, kwargs)
-    if reason is None and kwargs.get("output_attentions"):
+    if reason is None and _weights_requested(kwargs):
         # The kernels return no weights; eager attention does (SDPA and flash_attention_2 just
         # log that they return none). Without an eager function: SDPA, which says so itself.
         reason = _OUTPUT_ATTENTIONS_REASON
