@@ -14,7 +14,7 @@
 //     tests/test_ptx_emulate.py); cp.async (with zero-fill), __shfl_xor_sync: fiber_emulate.h;
 //   * __half / __nv_bfloat16: 16-bit storage with round-to-nearest-even conversion.
 // Sanitizer analogues (fiber_emulate.h, "sanitizer analogues"; off with FASTATTN_EMU_SANITIZE=0):
-//   * memcheck: every global buffer (q, k, v, out, dout, lse, delta, dq, dk, dv, the split
+//   * memcheck: every global buffer (q, k, v, out, dout, lse, delta, lse_log2, dq, dk, dv, the split
 //     workspace, cu_seqlens) is a guarded copy ending at a PROT_NONE page (or starting at one,
 //     FASTATTN_EMU_GUARD=start), its extent exactly the tensor's (a strided tensor ends at its
 //     last element, not at the padding after it); raw loads / stores that leave it are reported
@@ -320,7 +320,7 @@ int main(int argc, char** argv) {
   Tensor dk = make_tensor(nan_k, nb, rk, hk, d, pad, "dk");
   Tensor dv = make_tensor(nan_k, nb, rk, hk, d, pad, "dv");
   const auto n_lse = static_cast<std::size_t>(nb * h * rq);
-  std::vector<float> lse = read_vec<float>(dir + "/lse.bin", n_lse), delta(n_lse, NAN);
+  std::vector<float> lse = read_vec<float>(dir + "/lse.bin", n_lse), delta(n_lse, NAN), lse_log2(n_lse, NAN);
   std::vector<int32_t> cu_q, cu_k;
   if (varlen) {
     cu_q = read_vec<int32_t>(dir + "/cu_q.bin", static_cast<std::size_t>(b + 1));
@@ -356,6 +356,7 @@ int main(int argc, char** argv) {
   p.dk_row_stride = dk.rs, p.dk_head_stride = dk.hs;
   p.dv_row_stride = dv.rs, p.dv_head_stride = dv.hs;
   p.delta = guard_vec(delta, "delta");
+  p.lse_log2 = guard_vec(lse_log2, "lse_log2");  // NaN-born: every row read must be written
   // The workspace the binding allocates: flash_bwd_cuda_workspace_floats (the launcher's own
   // formula), NaN so that every partial the reduce reads must have been written.
   std::vector<float> ws;

@@ -103,6 +103,22 @@ MUTATIONS = [
         "of two or more groups, d >= 128, take that step): the d128 dQ kernel reads chunks 4..11 "
         "where 8..15 belong, so dQ is wrong"),
     Mutation(
+        "bwd_lse_log2_not_scaled",
+        "csrc/cuda/flash_bwd_kernels.cuh",
+        "    p.lse_log2[r] = lse_log2(p.fwd.lse[r]);",
+        "    p.lse_log2[r] = p.fwd.lse[r];",
+        (f"{BWD}[16-64-1-70-150-4-1--1--1-0-1-0]",),
+        "the delta kernel hands the dK/dV and dQ loops lse in natural-log units where they subtract "
+        "it from log2-domain scores: P is off by a factor 2^(lse (log2 e - 1)), every gradient wrong"),
+    Mutation(
+        "bwd_dkdv_mask_pass_keeps_p",
+        "csrc/cuda/flash_bwd_kernels.cuh",
+        "                                   key_row0 + bwd_layout::c_row(lane, e)))\n            s[nt][e] = -INFINITY;",
+        "                                   key_row0 + bwd_layout::c_row(lane, e)))\n            s[nt][e] += 0.f;",
+        (f"{BWD}[bf-64-1-130-130-1-1--1-0-1-0-0]",),
+        "the dK/dV mask pass leaves the scores of hidden keys in place: causal dK / dV take the "
+        "future queries' share"),
+    Mutation(
         "bwd_store_row_bound_dropped",
         "csrc/cuda/flash_bwd_kernels.cuh",
         "    if (row >= seqlen) continue;\n    T* dst",

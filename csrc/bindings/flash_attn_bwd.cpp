@@ -183,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   }
 #endif
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor delta = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
+  // delta (and on CUDA, lse * log2 e: FlashBwdParams::lse_log2) in one scratch allocation.
+  at::Tensor delta = at::empty({q.is_cuda() ? 2 : 1, b, h, sq}, q.options().dtype(at::kFloat));
 
   FlashBwdParams p;
   FA_CHECK_ARG(std::isfinite(static_cast<float>(softmax_scale)), kOp,
@@ -198,6 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   set_strides(dk, &p.dk_batch_stride, &p.dk_row_stride, &p.dk_head_stride);
   set_strides(dv, &p.dv_batch_stride, &p.dv_row_stride, &p.dv_head_stride);
   p.delta = delta.data_ptr<float>();
+  if (q.is_cuda()) p.lse_log2 = delta[1].data_ptr<float>();
   p.deterministic = deterministic;
 
   if (needs_exact_backward(lse, softmax_scale)) {

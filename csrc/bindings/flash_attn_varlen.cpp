@@ -213,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
   }
 #endif
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor delta = at::empty({h, total_q}, q.options().dtype(at::kFloat));
+  // delta (and on CUDA, lse * log2 e: FlashBwdParams::lse_log2) in one scratch allocation.
+  at::Tensor delta = at::empty({q.is_cuda() ? 2 : 1, h, total_q}, q.options().dtype(at::kFloat));
 
   FlashBwdParams p;
   p.fwd = flash_varlen_fwd_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -227,6 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
   set_packed_strides(dk, &p.dk_batch_stride, &p.dk_row_stride, &p.dk_head_stride);
   set_packed_strides(dv, &p.dv_batch_stride, &p.dv_row_stride, &p.dv_head_stride);
   p.delta = delta.data_ptr<float>();
+  if (q.is_cuda()) p.lse_log2 = delta[1].data_ptr<float>();
   p.deterministic = deterministic;
 
   if (needs_exact_backward(lse, softmax_scale)) {

@@ -272,8 +272,10 @@ __device__ __forceinline__ void store_rows_f32(float* base, int row0, int seqlen
   }
 }
 
+// lse in the log2 domain, written once per row by the delta kernel (params.lse_log2) so the
+// dK/dV and dQ loops compute P = exp2(fma(S, scale * log2e, -lse2)): one FFMA per score. A row
+// that sees no key has lse = -inf: +inf here, so its P is 0 even before the mask pass zeroes it.
 __device__ __forceinline__ float lse_log2(float lse) {
-  // A row that sees no key has lse = -inf: use +inf so P = exp2(s - inf) = 0 (never NaN).
   return lse == -INFINITY ? INFINITY : lse * kLog2e;
 }
 
@@ -369,7 +371,10 @@ __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const BwdArgs args
   }
 #pragma unroll
   for (int off = kLanes / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (r < rows && part == 0) p.delta[r] = sum;  // delta: (b, h, seqlen_q) / (h, total_q)
+  if (r < rows && part == 0) {  // delta, lse2: (b, h, seqlen_q) / (h, total_q), like lse
+    p.delta[r] = sum;
+    p.lse_log2[r] = lse_log2(p.fwd.lse[r]);
+  }
 }
 
 // ---- kernel 2: dK, dV ----------------------------------------------------------------------
@@ -463,7 +468,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
     if (tid < kBlockM) {
       const bool ok = m0 + tid < mask.seqlen_q;
       const int64_t idx = seq.lse_row0 + h * seq.lse_head_stride + (ok ? m0 + tid : 0);
-      cp_async4(smem_addr(sLse + buf * kBlockM + tid), f.lse + idx, ok);
+      cp_async4(smem_addr(sLse + buf * kBlockM + tid), p.lse_log2 + idx, ok);
       cp_async4(smem_addr(sDelta + buf * kBlockM + tid), p.delta + idx, ok);
     }
   };
@@ -524,20 +529,19 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
       for (int e = 0; e < 4; ++e) s[i][e] = 0.f;
     warp_gemm_abt<T, D, kBlockM / 8, kRowAddr>(s, sK, wrow * 16, q_s, lane);
 
-    // P^T = exp2(S^T * scale * log2e - lse * log2e); element (key c_row, query c_col).
-    // Soft-capped: t = tanh(S^T * scale / softcap) and P^T = exp2(t * softcap * log2e - lse *
-    // log2e); the cap's derivative 1 - t^2 is folded into P once dV has consumed it (below).
-    // The mask pass runs only on tiles that straddle a mask boundary or a sequence tail: one
-    // branch per tile, not a test per element (which compiled to a branch region each).
+    // P^T = exp2(fma(S^T, scale * log2e, -lse2)) (lse2 = lse * log2e from the delta kernel);
+    // element (key c_row, query c_col). Soft-capped: t = tanh(S^T * scale / softcap) and
+    // P^T = exp2(fma(t, softcap * log2e, -lse2)); the cap's derivative 1 - t^2 is folded into P
+    // once dV has consumed it (below). The mask pass sets -inf after the FFMA (so no -inf is
+    // ever scaled, whatever the sign of softmax_scale) and runs only on tiles that straddle a
+    // mask boundary or a sequence tail: one branch per tile, not a test per element.
 #pragma unroll
     for (int nt = 0; nt < kBlockM / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        if constexpr (kSoftcap) {
-          s[nt][e] = softcap_tanh(s[nt][e] * args.softcap_pre) * args.scale_log2;
-        } else {
-          s[nt][e] *= args.scale_log2;
-        }
+        const float lse2 = lds_f32(lse_s + nt * 8 + bwd_layout::c_col(lane, e));
+        const float x = kSoftcap ? softcap_tanh(s[nt][e] * args.softcap_pre) : s[nt][e];
+        s[nt][e] = fmaf(x, args.scale_log2, -lse2);
       }
     if (bwd_layout::tile_needs_mask(mask, m0, kBlockM, n0, kBlockN)) {
 #pragma unroll
@@ -551,8 +555,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
 #pragma unroll
     for (int nt = 0; nt < kBlockM / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        s[nt][e] = exp2f(s[nt][e] - lse_log2(lds_f32(lse_s + nt * 8 + bwd_layout::c_col(lane, e))));
+      for (int e = 0; e < 4; ++e) s[nt][e] = exp2f(s[nt][e]);
 
     // dV_w += P^T dO.
     warp_gemm_xb<T, D, kBlockM / 16, kDn, kRowAddr>(acc_dv, s, do_s, lane, col0);
@@ -568,7 +571,7 @@ __global__ void __launch_bounds__(DkdvCfg<D>::kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float pe = s[nt][e];
-          const float lse2 = lse_log2(lds_f32(lse_s + nt * 8 + bwd_layout::c_col(lane, e)));
+          const float lse2 = lds_f32(lse_s + nt * 8 + bwd_layout::c_col(lane, e));
           const float t = (__log2f(pe) + lse2) * args.inv_scale_log2;
           s[nt][e] = pe > 0.f ? pe * (1.f - t * t) : 0.f;
         }
@@ -744,7 +747,8 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
   }
   cp_async_commit();
 
-  // lse (* log2e) and delta of this thread's two query rows (c_row(lane, 0) and +8).
+  // lse2 (lse * log2e, the delta kernel's) and delta of this thread's two query rows
+  // (c_row(lane, 0) and +8).
   const int q_row0 = m0 + wrow * 16;
   float lse_r[2], delta_r[2];
 #pragma unroll
@@ -754,7 +758,7 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
     delta_r[half] = 0.f;
     if (row < mask.seqlen_q) {
       const int64_t idx = seq.lse_row0 + h * seq.lse_head_stride + row;
-      lse_r[half] = lse_log2(f.lse[idx]);
+      lse_r[half] = p.lse_log2[idx];
       delta_r[half] = p.delta[idx];
     }
   }
@@ -792,19 +796,19 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float t = softcap_tanh(s[nt][e] * args.softcap_pre);
-          float x = t * args.scale_log2;
+          float x = fmaf(t, args.scale_log2, -lse_r[e >> 1]);
           if (need_mask && !bwd_layout::visible(mask, q_row0 + bwd_layout::c_row(lane, e),
                                                 n0 + nt * 8 + bwd_layout::c_col(lane, e)))
             x = -INFINITY;
-          s[nt][e] = exp2f(x - lse_r[e >> 1]) * (1.f - t * t);
+          s[nt][e] = exp2f(x) * (1.f - t * t);
         }
     } else {
-      // The mask pass runs on straddling tiles only: one branch per tile, as in dK/dV. It
-      // follows the scaling (a zero or negative softmax_scale must not scale -inf).
+      // P = exp2(fma(S, scale * log2e, -lse2)), then the mask pass on straddling tiles only
+      // (one branch per tile, as in dK/dV), zeroing P after the exp2.
 #pragma unroll
       for (int nt = 0; nt < kBlockN / 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] *= args.scale_log2;
+        for (int e = 0; e < 4; ++e) s[nt][e] = exp2f(fmaf(s[nt][e], args.scale_log2, -lse_r[e >> 1]));
       if (need_mask) {
 #pragma unroll
         for (int nt = 0; nt < kBlockN / 8; ++nt)
@@ -812,12 +816,8 @@ __global__ void __launch_bounds__(DqCfg<D>::kThreads, 1) flash_bwd_dq_kernel(con
           for (int e = 0; e < 4; ++e)
             if (!bwd_layout::visible(mask, q_row0 + bwd_layout::c_row(lane, e),
                                      n0 + nt * 8 + bwd_layout::c_col(lane, e)))
-              s[nt][e] = -INFINITY;
+              s[nt][e] = 0.f;
       }
-#pragma unroll
-      for (int nt = 0; nt < kBlockN / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = exp2f(s[nt][e] - lse_r[e >> 1]);
     }
 
     // dP = dO_w V^T; dS = P * (dP - delta) (soft-capped: P already carries 1 - t^2).
@@ -890,7 +890,8 @@ inline BwdPrep prepare_bwd(const FlashBwdParams& params, BwdArgs* out_args) {
   // Varlen with no query (or no key) row at all: those tensors are empty, their data
   // pointers may be null, and the kernels never dereference them.
   const bool need_q = !varlen || f.total_q > 0, need_k = !varlen || f.total_k > 0;
-  if ((need_q && (!f.q || !f.out || !f.lse || !params.dout || !params.dq || !params.delta)) ||
+  if ((need_q && (!f.q || !f.out || !f.lse || !params.dout || !params.dq || !params.delta ||
+                 !params.lse_log2)) ||
       (need_k && (!f.k || !f.v || !params.dk || !params.dv)))
     return kBwdInvalid;
   // 16-byte cp.async / vector loads on the inputs, 4-byte stores on the gradients.

@@ -78,7 +78,8 @@ bool flash_fwd_cuda_supports_head_dim(int64_t d);
 // <= 2^28, b and h <= 65535. flash_fwd_cuda returns cudaErrorInvalidValue otherwise; a
 // binding can test this first and pass contiguous copies instead.
 bool flash_fwd_cuda_supports_layout(const FlashFwdParams& params);
-// Backward (recompute): computes params.delta = rowsum(dout * out) itself, then dq, dk, dv.
+// Backward (recompute): computes params.delta = rowsum(dout * out) and params.lse_log2 = lse *
+// log2(e) itself (both scratch laid out like lse), then dq, dk, dv.
 // params.workspace must hold flash_bwd_cuda_workspace_floats(params) fp32 values (0: none).
 cudaError_t flash_bwd_cuda(const FlashBwdParams& params, cudaStream_t stream);
 int64_t flash_bwd_cuda_workspace_floats(const FlashBwdParams& params);

@@ -179,6 +179,9 @@ struct FlashBwdParams {
   // Scratch: delta = rowsum(dout * out) (b, h, seqlen_q) fp32, and fp32 accumulators the
   // kernels may use (sizes chosen by the launcher's workspace query).
   float* delta = nullptr;
+  // CUDA only (the CPU kernels ignore it): lse * log2(e) per row, +inf where lse = -inf, laid
+  // out like lse; written by the delta kernel next to delta, read by the dK/dV and dQ loops.
+  float* lse_log2 = nullptr;
   float* workspace = nullptr;
   bool deterministic = true;
 };
