@@ -512,6 +512,10 @@ def flash_attention(
     from an exact fp32 path with O(Sq * Sk) memory per head instead; on CUDA that test reads
     lse on the host and is made only when |softmax_scale| > 1. Second derivatives
     (``create_graph=True`` and a gradient of the gradients) raise a RuntimeError.
+
+    NaN inputs propagate as in torch's math: a NaN in q, or in a key a row sees, makes that
+    row's output and lse NaN; a NaN in v reaches the rows that see its key (and possibly
+    rows that do not, through 0 * NaN, as in torch). Checked on the CPU kernels.
     """
     D = _check_qkv(q, k, v, ("(B, Sq, H, D)", "(B, Sk, Hk, D)"))
     causal = check_bool(causal, "causal")
@@ -949,6 +953,8 @@ def decode_attention(
         out with q's shape and dtype, or ``(out, lse)`` with return_lse.
 
     Not differentiable (an inference op): the outputs never require grad. Accumulation is fp32.
+    A NaN in q or in a cached key a row sees makes its output and lse NaN (whatever
+    num_splits), as in ``flash_attention``.
     """
     if not isinstance(q, Tensor):
         check_tensor(q, "q")

@@ -161,7 +161,17 @@ def attention(
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores.float(), dim=-1)  # (B, H, Sq)
     probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key
+    # Rows with no visible key (softmax of all -inf is NaN) output 0. Only those: a NaN in q
+    # or in a visible key stays NaN (nan_to_num here used to turn it into 0 or a finite mix).
+    probs = torch.where(mask.any(-1, keepdim=True), probs, 0.0)
+    vnan = torch.isnan(v)
+    if vnan.any():
+        # A value row reaches the queries that see its key, and only those: its NaN must not
+        # come in through 0 * NaN in the product with a masked key's zero probability.
+        out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v.masked_fill(vnan, 0.0))
+        seen = mask.expand(B, H, Sq, Sk).to(v.dtype)
+        reach = torch.einsum("bhqk,bkhd->bqhd", seen, vnan.to(v.dtype)) > 0
+        return (out.masked_fill(reach, float("nan")), lse) if return_lse else out.masked_fill(reach, float("nan"))
     out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
     return (out, lse) if return_lse else out
 

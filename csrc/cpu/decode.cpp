@@ -486,6 +486,12 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
         }
         const float m_new = std::max(m[r], block_max(s));
         if (m_new == kNegInf) {  // nothing visible yet: no probability mass, acc stays 0
+          // ...unless visible scores are NaN (block_max skips NaNs): a NaN in q or in a key
+          // the row sees makes the row NaN (l, sticky: l * alpha + sum stays NaN), as in
+          // torch's math, instead of passing for a row that sees no key (0, lse -inf).
+          // Only rows with nothing visible yet take this branch.
+          for (int64_t j = 0; j < n; ++j)
+            if (std::isnan(s[j])) l[r] = s[j];
           std::fill(s, s + kKeyBlock, 0.f);
           continue;
         }
@@ -513,13 +519,14 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t w = kvh * gp + r;
       const float l = ws.l[w];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      // l = 0: no visible key (out 0, lse -inf); l = NaN: a NaN reached the row (all NaN).
+      const float inv = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);
       float* a = ws.acc.data() + w * d;
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) a[i] *= inv;
       const int64_t head = kvh * group + r % group, qi = i0 + r / group;
       out_row(head, qi, a);
-      lse_out(head, qi, l > 0.f ? (ws.m[w] + std::log2(l)) * kLn2 : kNegInf);
+      lse_out(head, qi, l > 0.f ? (ws.m[w] + std::log2(l)) * kLn2 : (l == 0.f ? kNegInf : l));
     }
   }
 }
@@ -574,10 +581,15 @@ void decode_impl(const DecodeParams& p) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t qi = r % sq, h = (r / sq) % p.h, b = r / (sq * p.h);
       float m = kNegInf;
-      for (int64_t s = 0; s < splits; ++s) m = std::max(m, p.lse_partial[s * total + r]);
-      std::fill(o.begin(), o.end(), 0.f);
-      float lse = kNegInf;
-      if (m != kNegInf) {
+      bool nan = false;  // a split whose row is NaN makes the row NaN (not skipped as empty)
+      for (int64_t s = 0; s < splits; ++s) {
+        const float ls = p.lse_partial[s * total + r];
+        nan = nan || std::isnan(ls);
+        m = std::max(m, ls);
+      }
+      std::fill(o.begin(), o.end(), nan ? std::numeric_limits<float>::quiet_NaN() : 0.f);
+      float lse = nan ? std::numeric_limits<float>::quiet_NaN() : kNegInf;
+      if (!nan && m != kNegInf) {
         float sum = 0.f;
         for (int64_t s = 0; s < splits; ++s) {
           const float ls = p.lse_partial[s * total + r];

@@ -445,11 +445,14 @@ class FlashFwdCpu {
     for (int64_t r = 0; r < rows; ++r) {
       float* orow = ws.o.data() + r * d;
       const float lr = ws.l[r];
-      const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
+      // l = 0: the row saw no key (out 0, lse -inf). l = NaN: a NaN reached a visible score
+      // (a NaN in q or in a key the row sees): the whole row and its lse are NaN, as in
+      // torch's math, rather than lse = -inf beside a NaN output.
+      const float inv = lr > 0.0f ? 1.0f / lr : (lr == 0.0f ? 0.0f : lr);
 #pragma omp simd
       for (int64_t c = 0; c < d; ++c) orow[c] *= inv;
       store_row(orow, out + (q0 + r) * p_.out_row_stride, d);
-      lse[q0 + r] = lr > 0.0f ? (ws.m[r] * scale_log2_ + std::log2(lr)) * kLn2 : kNegInf;
+      lse[q0 + r] = lr > 0.0f ? (ws.m[r] * scale_log2_ + std::log2(lr)) * kLn2 : (lr == 0.0f ? kNegInf : lr);
     }
   }
 
