@@ -607,8 +607,9 @@ def scaled_dot_product_attention(
             ``flash_attention``).
 
     Returns:
-        (B, H, L, E) in query's dtype, with query's memory layout as torch's (contiguous for
-        a contiguous query). The kernel writes a (B, L, H, E) buffer, so a query that is
+        (B, H, L, E) in query's dtype, in torch's memory layout: query's (contiguous for a
+        contiguous query), or contiguous where any of query, key, value has a last dim that
+        is not contiguous (torch computes those with its math backend). The kernel writes a (B, L, H, E) buffer, so a query that is
         such a buffer transposed (or L = 1) costs nothing more; other layouts cost one copy
         of the output (measured on the CPU at 0.2-2.6% of the call for typical shapes, up to
         ~8% when S is tiny).
@@ -662,11 +663,13 @@ def scaled_dot_product_attention(
     # transposed (a q projection viewed and transposed, as in Hugging Face models; and L = 1
     # decode steps); any other query layout costs one copy of the output, a few percent of
     # the attention on the CPU (the copy is O(L * E) per head, the kernel O(L * S * E)).
-    if any(n > 1 and so != sq for n, so, sq in zip(out.shape, out.stride(), query.stride())):
-        if query.shape[-1] > 1 and query.stride(-1) != 1:
-            out = out.contiguous()
-        else:
-            out = torch.empty_like(query).copy_(out)
+    if any(t.stride(-1) != 1 for t in (query, key, value)):
+        # torch's fused kernels take a unit last-dim stride only (its check counts a size-1
+        # head dim too) on all three inputs; otherwise its math backend computes, and returns
+        # a contiguous result whatever query's layout (a strided k or v alone decides it).
+        out = out.contiguous()
+    elif any(n > 1 and so != sq for n, so, sq in zip(out.shape, out.stride(), query.stride())):
+        out = torch.empty_like(query).copy_(out)
     return out
 
 # ---- variable-length (packed) flash attention --------------------------------------------

@@ -152,6 +152,19 @@ def flash_case(rng):
                 nan=rng.choice((None,) * 9 + ("q", "k", "v")))
 
 
+def _index_view(t: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """t's values (an int tensor: cu_seqlens, cache_seqlens, block_table, positions) as a
+    strided view of a larger buffer half the time: nothing documents them contiguous."""
+    if rng.random() < 0.5 or t.numel() == 0:
+        return t
+    big = torch.full(tuple(2 * n for n in t.shape), -7, dtype=t.dtype)
+    view = big[tuple(slice(0, None, 2) for _ in t.shape)]
+    if t.dim() == 2 and rng.random() < 0.5:  # column-major
+        view = torch.full(t.shape[::-1], -7, dtype=t.dtype).t()
+    view.copy_(t)
+    return view
+
+
 def _inject_nan(c, rng, tensors):
     """A NaN at a random element of q, k or v (c["nan"]): it must reach exactly the outputs
     it reaches in the reference (a row that sees it: NaN out and lse; as torch's math), not
@@ -319,6 +332,7 @@ def run_varlen_case(i):
         nan_at = _inject_nan(c, rng, (q, k, v))
     cq = torch.tensor([0] + list(torch.tensor(lq).cumsum(0).tolist()), dtype=torch.int32)
     ck = torch.tensor([0] + list(torch.tensor(lk).cumsum(0).tolist()), dtype=torch.int32)
+    cq, ck = _index_view(cq, rng), _index_view(ck, rng)
     # max_seqlen may be larger than needed (an upper bound)
     mq, mk = max(lq) + c["extra_q"], max(lk) + c["extra_k"]
     kw = dict(causal=c["causal"], softmax_scale=c["scale"], window=c["window"], softcap=c["softcap"])
@@ -463,6 +477,9 @@ def run_sdpa_case(i):
         return
     true = run(_sdpa_f64, torch.float64)
     assert ours[0].dtype == low[0].dtype and ours[0].shape == low[0].shape, case
+    # torch's memory layout (code that views the result must work on ours too)
+    same_layout = all(n <= 1 or a == b for n, a, b in zip(ours[0].shape, ours[0].stride(), low[0].stride()))
+    assert same_layout, f"strides {ours[0].stride()} != torch's {low[0].stride()} [{case}]"
     check_ratio(ours[0], low[0], true[0], "out", case)
     if c["grad"]:
         gscale = _absmax(*true[1])
@@ -672,6 +689,8 @@ def run_rotary_case(i):
         positions = torch.randint(0, max_pos, (S,), generator=g).to(c["pdt"])
     elif pos_kind == "BS":
         positions = torch.randint(0, max_pos, (B, S), generator=g).to(c["pdt"])
+    if positions is not None:
+        positions = _index_view(positions, rng)
     q = _randn((B, S, H, D), dtype, g)
     k = _randn((B, S, Hk, D), dtype, g)
     dq, dk = _randn(q.shape, dtype, g), _randn(k.shape, dtype, g)
@@ -766,7 +785,7 @@ def run_kvcache_case(i):
              window=_window(rng, Sq, max(need)), q4=rng.random() < 0.5,
              nan=rng.choice((None,) * 9 + ("q", "k", "v")))
     case = f"kvcache #{i} {c}"
-    seqlens = torch.tensor(lens, dtype=torch.int32)
+    seqlens = _index_view(torch.tensor(lens, dtype=torch.int32), rng)
     q = _strided(_randn((B, Sq, H, D), dtype, g), rng)
     k_new = _randn((B, Sq, Hk, D), dtype, g)
     v_new = _randn((B, Sq, Hk, D), dtype, g)
@@ -776,7 +795,7 @@ def run_kvcache_case(i):
 
     caches = strided()
     ref_caches = [t.clone() for t in values]
-    bt_ours = bt
+    bt_ours = _index_view(bt, rng) if bt is not None else None
     if bt is not None:  # the reference gathers every listed page: the unused entries made valid
         bt = bt.clamp(0, values[0].shape[0] - 1)
     if op == "append":
@@ -1086,3 +1105,23 @@ def test_regression_nan_propagates(dtype):
     out, lse = fastattn.attention_with_kvcache(q4, kc[:, :99], vc[:, :99], torch.tensor([99, 90], dtype=torch.int32),
                                                return_lse=True)
     assert torch.isnan(out[1, 0, 0]).all() and torch.isnan(lse[1, 0, 0]) and torch.isnan(lse).sum() == 1
+
+
+@pytest.mark.parametrize("E", [1, 8, 64])
+@pytest.mark.parametrize("strided", ["q", "k", "v", None])
+def test_regression_sdpa_output_layout_like_torch(E, strided):
+    # torch's fused kernels need a unit last-dim stride on query, key AND value (a size-1 head
+    # dim included); otherwise its math backend computes and returns a contiguous result. The
+    # drop-in returned query's layout whenever query's last dim was contiguous (a strided k or
+    # v alone, or E = 1), so out.view(B, -1), fine on torch's result, failed on ours.
+    def lay(L, name):
+        step = 2 if strided == name else 1
+        return torch.randn(2, L, 3, E * step)[..., ::step].transpose(1, 2)
+
+    q, k, v = lay(5, "q"), lay(7, "k"), lay(7, "v")
+    ours = fastattn.scaled_dot_product_attention(q, k, v)
+    theirs = F.scaled_dot_product_attention(q, k, v)
+    assert ours.stride() == theirs.stride()
+    torch.testing.assert_close(ours, theirs)
+    if theirs.is_contiguous():
+        ours.view(2, -1)  # what code relying on torch's layout does
