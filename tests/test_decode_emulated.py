@@ -222,6 +222,38 @@ def _run_decode_case(emu, case):
     _check(q, kc.nan_to_num(0.0), vc.nan_to_num(0.0), seqlens, out, lse, scale)
 
 
+@pytest.mark.parametrize("mma", [0, 1])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_emulated_decode_nan_propagates(emu, mma, num_splits):
+    """A NaN in q, or in a key a row sees, makes that row NaN, out AND lse, as torch's attention
+    (and fastattn's CPU kernels) do; before, the merges skipped it: 0 / -inf, or the other
+    splits' finite result. Keys a row does not see (past its length) never reach it."""
+    emu.emu_set_decode_mma(mma)
+    torch.manual_seed(3)
+    B, H, Hk, D, S = 2, 8, 2, 128, 200
+    q = torch.randn(B, H, D).to(torch.bfloat16)
+    kc = torch.randn(B, S, Hk, D).to(torch.bfloat16)
+    vc = torch.randn(B, S, Hk, D).to(torch.bfloat16)
+    seqlens = torch.tensor([200, 120], dtype=torch.int32)
+    q[0, 1, 5] = float("nan")             # one query row
+    kc[1, 50, 0, 3] = float("nan")        # a key that heads 0..3 of batch 1 see
+    kc[1, 150:, 1] = float("nan")         # keys past batch 1's length: seen by nobody
+    vc[1, 150:, 1] = float("nan")
+    out, lse = _emulated_decode(emu, q, kc, vc, seqlens, D ** -0.5, num_splits)
+    nan_rows = torch.zeros(B, H, dtype=torch.bool)
+    nan_rows[0, 1] = True
+    nan_rows[1, :4] = True
+    assert torch.isnan(out[nan_rows].float()).all() and torch.isnan(lse[nan_rows]).all()
+    clean = ~nan_rows
+    assert torch.isfinite(out[clean].float()).all() and torch.isfinite(lse[clean]).all()
+    ref_out, ref_lse = reference.decode_attention(q.double().nan_to_num(0.0), kc.double().nan_to_num(0.0),
+                                                  vc.double().nan_to_num(0.0), seqlens, softmax_scale=D ** -0.5,
+                                                  return_lse=True)
+    torch.testing.assert_close(out[clean].double(), ref_out[clean], atol=2e-2, rtol=0)
+    torch.testing.assert_close(lse[clean].double(), ref_lse[clean].double(), atol=2e-3, rtol=0)
+    assert _launch_log(emu)[0][0].startswith("decode_mma_kernel<" if mma else "decode_kernel<")
+
+
 # append_kv_cuda copies 16 bytes at a time when every base, stride and row is 16-byte
 # aligned, else one element: (dtype, D, the kernel it must launch).
 APPEND_PATHS = [(torch.bfloat16, 16, "append_kv_kernel<uint4>"), (torch.float16, 12, "append_kv_kernel<uint16_t>"),

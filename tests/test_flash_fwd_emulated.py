@@ -141,6 +141,32 @@ def test_emulated_forward_dense(fwd_emulator, tmp_path, case, mode):
             assert (got[i, :sq - sk] == 0).all()  # rows that see no key: exactly 0
 
 
+@pytest.mark.parametrize("mode", [0, 3])
+def test_emulated_forward_nan_propagates(fwd_emulator, tmp_path, mode):
+    """A NaN in q, or in a key a row sees, makes that row NaN, out AND lse, as torch's attention
+    (and fastattn's CPU kernels) do; before, the epilogue took a NaN row sum for an empty row
+    (out 0, lse -inf). Causal: a NaN key at position j reaches rows i >= j only."""
+    dtype, d, b, sq, sk, h, hk = "bf", 128, 1, 150, 150, 2, 1
+    rng = np.random.default_rng(11)
+    q, k, v = (_rnd(rng, dtype, b, sq, h, d), _rnd(rng, dtype, b, sk, hk, d), _rnd(rng, dtype, b, sk, hk, d))
+    q[0, 7, 1, 3] = np.nan     # query row 7 of head 1
+    k[0, 100, 0, 5] = np.nan   # key 100: rows 100.. of both heads see it
+    scale = d ** -0.5
+    _write(tmp_path, dtype, d, b, sq, sk, h, hk, -1, 0, 1, scale, q, k, v)
+    _run(fwd_emulator, tmp_path, mode, "end" if mode == 0 else "start")
+    got = np.fromfile(tmp_path / "out.f32", np.float32).reshape(b, sq, h, d)
+    lse = np.fromfile(tmp_path / "lse.f32", np.float32).reshape(b, h, sq)
+    nan_rows = np.zeros((sq, h), bool)
+    nan_rows[7, 1] = True
+    nan_rows[100:, :] = True
+    assert np.isnan(got[0][nan_rows]).all() and np.isnan(lse[0].T[nan_rows]).all()
+    clean = ~nan_rows
+    assert np.isfinite(got[0][clean]).all() and np.isfinite(lse[0].T[clean]).all()
+    ro, rl = _reference(np.nan_to_num(q[0]), np.nan_to_num(k[0]), v[0], scale, -1, 0)
+    assert np.abs(got[0][clean] - ro[clean]).max() < 2.5e-2 * max(np.abs(ro[clean]).max(), 0.5)
+    assert np.abs(lse[0].T[clean] - rl.T[clean]).max() < 1e-4 * max(1.0, np.abs(rl).max())
+
+
 # Causal block order in sections of (head, batch) pairs (csrc/cuda/block_order.cuh): a small K/V
 # budget makes these run several sections, the last one partial. kv bytes per pair = sk * d * 4
 # / (h / hk); (case, budget in pairs).

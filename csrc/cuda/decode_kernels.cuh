@@ -523,19 +523,21 @@ __global__ void __launch_bounds__(threads_for(kD), 1) decode_kernel(const Decode
     const int hslice = hb % hs, i = hb / hs;
     float mx = -INFINITY;
     for (int w = hslice; w < kWarps; w += hs) mx = fmaxf(mx, lds<float>(sM + w * kHeadsPerWarp + i));
+    // A NaN score (a NaN in q, or in a key the row sees) leaves the warp's max alone (fmaxf)
+    // but makes its l NaN: merged through here (a warp is skipped only when it saw no key,
+    // l = 0), so the row comes out NaN, out and lse, as torch's attention does, not 0 / -inf.
+    const float m_use = mx == -INFINITY ? 0.f : mx;
     float lsum = 0.f, o = 0.f;
-    if (mx != -INFINITY) {
-      for (int w = hslice; w < kWarps; w += hs) {
-        const float mw = lds<float>(sM + w * kHeadsPerWarp + i);
-        if (mw == -INFINITY) continue;
-        const float wgt = exp2f(mw - mx);
-        lsum += wgt * lds<float>(sL + w * kHeadsPerWarp + i);
-        o += wgt * lds<float>(sAcc + (w * kHeadsPerWarp + i) * kD + dd);
-      }
+    for (int w = hslice; w < kWarps; w += hs) {
+      const float lw = lds<float>(sL + w * kHeadsPerWarp + i);
+      if (lw == 0.f) continue;
+      const float wgt = exp2f(lds<float>(sM + w * kHeadsPerWarp + i) - m_use);
+      lsum += wgt * lw;
+      o += wgt * lds<float>(sAcc + (w * kHeadsPerWarp + i) * kD + dd);
     }
-    const bool any = lsum > 0.f;
+    const bool any = lsum != 0.f;  // (NaN included)
     o = any ? o / lsum : 0.f;
-    const float lse = any ? (mx + __log2f(lsum)) * kLn2 : -INFINITY;
+    const float lse = any ? (m_use + __log2f(lsum)) * kLn2 : -INFINITY;
     const int r = row0 + hb;
     const int64_t qi = r / group, head = int64_t(kvh) * group + r % group;
     if (p.num_splits == 1) {
@@ -562,20 +564,21 @@ __global__ void __launch_bounds__(kD) decode_combine_kernel(const DecodeParams p
   const int64_t rows = p.b * p.h * p.seqlen_q;
   float mx = -INFINITY;
   for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.lse_partial[s * rows + r]);
+  // A split whose row is NaN (lse NaN, see the merge above) is merged through, not skipped:
+  // the row comes out NaN. Only empty splits (lse -inf) are skipped.
+  const float m_use = mx == -INFINITY ? 0.f : mx;
   float sum = 0.f, o = 0.f;
-  if (mx != -INFINITY) {
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float ls = p.lse_partial[s * rows + r];
-      if (ls == -INFINITY) continue;
-      const float w = __expf(ls - mx);
-      sum += w;
-      o += w * p.out_partial[(s * rows + r) * kD + dd];
-    }
+  for (int s = 0; s < p.num_splits; ++s) {
+    const float ls = p.lse_partial[s * rows + r];
+    if (ls == -INFINITY) continue;
+    const float w = __expf(ls - m_use);
+    sum += w;
+    o += w * p.out_partial[(s * rows + r) * kD + dd];
   }
-  const bool any = sum > 0.f;
+  const bool any = sum != 0.f;  // (NaN included)
   static_cast<T*>(p.out)[b * p.out_batch_stride + qi * p.out_row_stride + head * p.out_head_stride + dd] =
       from_float<T>(any ? o / sum : 0.f);
-  if (dd == 0) p.lse[r] = any ? mx + __logf(sum) : -INFINITY;
+  if (dd == 0) p.lse[r] = any ? m_use + __logf(sum) : -INFINITY;
 }
 
 // append_kv: one VecT (16 bytes, or one element) per thread iteration, grid-stride. The

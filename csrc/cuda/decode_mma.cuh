@@ -464,20 +464,21 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks<kD, kMTiles>) decod
     float mx = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) mx = fmaxf(mx, lds<float>(sM + w * 32 + row));
+    // As decode_kernel's merge: a warp that saw a NaN score has l NaN and is merged through
+    // (only warps that saw no key, l = 0, are skipped), so the row comes out NaN.
+    const float m_use = mx == -INFINITY ? 0.f : mx;
     float lsum = 0.f, acc = 0.f;
-    if (mx != -INFINITY) {
 #pragma unroll
-      for (int w = 0; w < kMmaWarps; ++w) {
-        const float mw = lds<float>(sM + w * 32 + row);
-        if (mw == -INFINITY) continue;
-        const float wgt = exp2f(mw - mx);
-        lsum += wgt * lds<float>(sL + w * 32 + row);
-        acc += wgt * lds<float>(sAcc + (w * 32 + row) * kAS + dd);
-      }
+    for (int w = 0; w < kMmaWarps; ++w) {
+      const float lw = lds<float>(sL + w * 32 + row);
+      if (lw == 0.f) continue;
+      const float wgt = exp2f(lds<float>(sM + w * 32 + row) - m_use);
+      lsum += wgt * lw;
+      acc += wgt * lds<float>(sAcc + (w * 32 + row) * kAS + dd);
     }
-    const bool any = lsum > 0.f;
+    const bool any = lsum != 0.f;  // (NaN included)
     const float out = any ? acc / lsum : 0.f;
-    const float lse = any ? (mx + __log2f(lsum)) * kLn2 : -INFINITY;
+    const float lse = any ? (m_use + __log2f(lsum)) * kLn2 : -INFINITY;
     const int64_t head = int64_t(head0) + row;
     if (p.num_splits == 1) {
       static_cast<T*>(p.out)[b * p.out_batch_stride + head * p.out_head_stride + dd] = from_float<T>(out);

@@ -653,7 +653,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
       float l = row_sum[mi][hf];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const bool empty = !(l > 0.f);  // no visible key: out 0, lse -inf
+      // No visible key: out 0, lse -inf. A NaN score (in q, or in a key the row sees) makes l
+      // NaN, not 0: the row comes out NaN, out and lse, as torch's attention does.
+      const bool empty = l == 0.f;
       const float inv = empty ? 0.f : 1.f / l;
       const int lrow = warp_row0 + mi * 16 + (lane >> 2) + 8 * hf;
 #pragma unroll
