@@ -16,14 +16,14 @@ import fastattn
 transformers = pytest.importorskip("transformers")
 fa_hf = pytest.importorskip("fastattn.integrations.transformers")
 
+from hf_tiny import padded, rel_err, same_weight_models, tiny_config_kwargs  # noqa: E402
+
 VOCAB = 100
 PAD = 0
 
 
 def _config(arch):
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, bos_token_id=1,
-                eos_token_id=2)
+    base = tiny_config_kwargs(VOCAB, PAD, max_positions=128)
     if arch == "llama":
         return transformers.LlamaConfig(**base)
     if arch == "qwen2":
@@ -58,38 +58,16 @@ def _models(arch, dtype=torch.float32):
     weights; the fastattn one set up as the README says (register + patch_model)."""
     key = (arch, dtype)
     if key not in _MODELS:
-        fa_hf.register()
-        cfg = _config(arch)
-        torch.manual_seed(0)
-        state = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg)).state_dict()
-        out = {}
-        for impl in ("eager", "sdpa", "fastattn"):
-            if impl == "sdpa" and arch == "gemma2":
-                continue  # transformers refuses SDPA for soft-capped Gemma 2
-            m = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl)
-            m.load_state_dict(state)
-            m = m.to(dtype).eval()
-            if impl == "fastattn":
-                fa_hf.patch_model(m)
-            out[impl] = m
-        _MODELS[key] = out
+        _MODELS[key] = same_weight_models(transformers, fa_hf, _config(arch), dtype,
+                                          skip_sdpa=arch == "gemma2")  # (SDPA refuses its softcap)
     return _MODELS[key]
 
 
 def _padded(lens, side="left", seed=1):
-    S = max(lens)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (len(lens), S), generator=g)
-    mask = torch.zeros(len(lens), S, dtype=torch.long)
-    for b, n in enumerate(lens):
-        mask[b, slice(S - n, S) if side == "left" else slice(0, n)] = 1
-    ids[mask == 0] = PAD
-    return ids, mask
+    return padded(lens, VOCAB, PAD, side, seed)
 
 
-def _rel_err(mine, theirs):
-    mine, theirs = mine.float(), theirs.float()
-    return ((mine - theirs).abs().max() / max(theirs.abs().max().item(), 1.0)).item()
+_rel_err = rel_err
 
 
 BATCHES = {"b1": (7,), "b3": (9, 4, 6)}  # prompts up to 9 tokens, past the window of 5 once generating
