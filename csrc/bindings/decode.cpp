@@ -230,16 +230,6 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
   };
   set_caches(k_cache, v_cache);
 
-  at::Tensor out_partial, lse_partial;
-  auto alloc_scratch = [&]() {
-    if (p.num_splits > 1) {
-      out_partial = at::empty({p.num_splits, b, h, sq, d}, q4.options().dtype(at::kFloat));
-      lse_partial = at::empty({p.num_splits, b, h, sq}, q4.options().dtype(at::kFloat));
-      p.out_partial = out_partial.data_ptr<float>();
-      p.lse_partial = lse_partial.data_ptr<float>();
-    }
-  };
-
   if (q4.is_cuda()) {
 #ifdef FASTATTN_WITH_CUDA
     FA_CHECK_ARG(decode_cuda_supports_head_dim(d), "fastattn.", op, ": head dim ", d,
@@ -269,7 +259,13 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
     TORCH_CHECK(smem_optin >= decode_cuda_smem_bytes(d), "fastattn.", op, ": head dim ", d, " needs ",
                 decode_cuda_smem_bytes(d), " bytes of shared memory per block, this GPU allows ", smem_optin);
     p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cuda(p, num_sms, smem_per_sm);
-    alloc_scratch();
+    at::Tensor out_partial, lse_partial;  // split-KV partials, merged by the combine kernel
+    if (p.num_splits > 1) {
+      out_partial = at::empty({p.num_splits, b, h, sq, d}, q4.options().dtype(at::kFloat));
+      lse_partial = at::empty({p.num_splits, b, h, sq}, q4.options().dtype(at::kFloat));
+      p.out_partial = out_partial.data_ptr<float>();
+      p.lse_partial = lse_partial.data_ptr<float>();
+    }
     FA_CUDA_CHECK_LAUNCH(decode_attention_cuda(p, current_stream(q4)), op);
 #endif
   } else {
