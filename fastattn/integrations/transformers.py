@@ -673,34 +673,35 @@ def _packed_from_position_ids(position_ids, B: int, Sq: int) -> Optional[torch.T
         position_ids = position_ids.unsqueeze(0)
     if position_ids.dim() != 2 or tuple(position_ids.shape) != (1, Sq) or position_ids.is_floating_point():
         return None
-    version = _version_of(position_ids)
-    cached = getattr(position_ids, "_fastattn_packed", None)  # (every layer gets the same tensor)
-    if cached is not None and version is not None and cached[0] == version:
-        return cached[1]
-    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
-    seg = starts.cumsum(-1)
-    mask = (seg + 1).to(torch.int32) if bool(seg[0, -1] > 0) else None
-    if version is not None:
-        try:
-            position_ids._fastattn_packed = (version, mask)
-        except (AttributeError, RuntimeError):
-            pass
-    return mask
+
+    def packed():
+        starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+        seg = starts.cumsum(-1)
+        return (seg + 1).to(torch.int32) if bool(seg[0, -1] > 0) else None
+
+    return _memo_on(position_ids, "_fastattn_packed", packed)
 
 
 def _all_true(mask: torch.Tensor) -> bool:
     """Whether a boolean mask has no False (computed once per mask tensor: layers share it)."""
-    version = _version_of(mask)
-    cached = getattr(mask, "_fastattn_all_true", None)
+    return _memo_on(mask, "_fastattn_all_true", lambda: bool(mask.all()))
+
+
+def _memo_on(t: torch.Tensor, attr: str, compute):
+    """compute() once per tensor and in-place version, kept on the tensor as ``attr``: every layer
+    of a forward gets the same mask / position_ids tensor. Not kept for tensors without a version
+    counter (inference mode) or that take no attribute."""
+    version = _version_of(t)
+    cached = getattr(t, attr, None)
     if cached is not None and version is not None and cached[0] == version:
         return cached[1]
-    hit = bool(mask.all())
+    value = compute()
     if version is not None:
         try:
-            mask._fastattn_all_true = (version, hit)
+            setattr(t, attr, (version, value))
         except (AttributeError, RuntimeError):
             pass
-    return hit
+    return value
 
 
 def _apply_padding_free_packing(module, query, key, attention_mask, is_causal, kwargs):
