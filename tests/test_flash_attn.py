@@ -208,6 +208,47 @@ def test_cpu_thread_count_invariant():
         assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_retained_scratch_is_invisible(dtype):
+    # The CPU forward keeps its K^T / widened-V scratch between calls (one buffer, reused by
+    # the next call that fits, never initialised). Its stale contents, left by a larger call
+    # of another shape, and callers from several threads at once must not change any bit.
+    import threading
+
+    torch.manual_seed(0)
+    small = _make("cpu", dtype, 2, 190, 333, 4, 2, 64)
+    large = _make("cpu", dtype, 1, 700, 1500, 8, 8, 128)  # 6 MiB of fp32 K^T (+ V): huge pages
+    mid = _make("cpu", dtype, 1, 257, 515, 6, 3, 96)
+    want = [fastattn.flash_attention(*t, causal=True, return_lse=True) for t in (small, mid)]
+    fastattn.flash_attention(*large)  # leaves its (larger) buffer in the cache
+    for t, (out, lse) in zip((small, mid), want):
+        got, got_lse = fastattn.flash_attention(*t, causal=True, return_lse=True)
+        assert torch.equal(got, out) and torch.equal(got_lse, lse)
+    low = reference.attention(*small, causal=True)
+    assert_error_ratio(want[0][0], low, reference.attention(*(x.double() for x in small), causal=True), "out")
+    results, errors = {}, []
+
+    def worker(i):
+        try:
+            t = (small, mid, large)[i % 3]
+            for _ in range(3):
+                results.setdefault(i, []).append(fastattn.flash_attention(*t, causal=i % 3 != 2, return_lse=True))
+        except Exception as e:  # reported below: a thread's exception would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    want.append(fastattn.flash_attention(*large, return_lse=True))
+    for i, outs in results.items():
+        out, lse = want[i % 3]
+        for got, got_lse in outs:
+            assert torch.equal(got, out) and torch.equal(got_lse, lse), f"thread {i}"
+
+
 @pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
 def test_expanded_views(device, dtype):
     # Stride-0 (expanded) rows and heads: one key/value row repeated, a query broadcast over

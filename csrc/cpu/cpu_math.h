@@ -112,6 +112,35 @@ inline vf tanh(vf x) {
 }
 }  // namespace vmath
 
+// The largest (kLargest) or smallest value of x[0, n): -inf / +inf when n == 0; NaNs are
+// skipped (a softmax that uses this still sees a NaN score through its exponential). Four
+// vector accumulators, so the compares are not one serial chain. An `omp simd
+// reduction(max)` over std::max stayed scalar under GCC (it will not reorder that
+// NaN-sensitive select): one dependent vmaxss per score, slower than the exponentials.
+template <bool kLargest>
+inline float row_extreme(const float* x, int64_t n) {
+  using namespace vmath;
+  auto pick = [](vf a, vf v) {
+    if constexpr (kLargest) return v > a ? v : a;
+    else return v < a ? v : a;
+  };
+  const vf init = splat(kLargest ? -__builtin_inff() : __builtin_inff());
+  vf a0 = init, a1 = init, a2 = init, a3 = init;
+  int64_t j = 0;
+  for (; j + 4 * kLanes <= n; j += 4 * kLanes) {
+    a0 = pick(a0, load(x + j));
+    a1 = pick(a1, load(x + j + kLanes));
+    a2 = pick(a2, load(x + j + 2 * kLanes));
+    a3 = pick(a3, load(x + j + 3 * kLanes));
+  }
+  for (; j + kLanes <= n; j += kLanes) a0 = pick(a0, load(x + j));
+  a0 = pick(pick(a0, a1), pick(a2, a3));
+  float r = a0[0];
+  for (int64_t i = 1; i < kLanes; ++i) r = kLargest ? (a0[i] > r ? a0[i] : r) : (a0[i] < r ? a0[i] : r);
+  for (; j < n; ++j) r = kLargest ? (x[j] > r ? x[j] : r) : (x[j] < r ? x[j] : r);
+  return r;
+}
+
 // in_scale / cap, the factor that takes a stored value to the tanh argument, clamped to the
 // finite floats: a denormal cap would make it inf, and inf * 0 (a zero score) NaN.
 inline float softcap_multiplier(float in_scale, float cap) {

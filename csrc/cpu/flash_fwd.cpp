@@ -53,6 +53,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <new>
 #include <type_traits>
 #include <vector>
@@ -118,16 +119,55 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 using cpu::gemm_f32;
 using cpu::gemm_release;
 
-// Uninitialised fp32 scratch for the whole call. Fresh multi-megabyte allocations are new
-// pages every call, and first-touching them one 4 KiB page fault at a time cost as much as
-// the widening pass itself (measured: ~35 ms of page faults for bf16 K^T + V at B1 H16
-// S2048 D128). Where Linux offers transparent huge pages on request, a 2 MiB-aligned buffer
-// with MADV_HUGEPAGE takes 512x fewer faults; elsewhere it is a plain allocation.
+// Uninitialised fp32 scratch for the whole call (the K^T / widened V copies). Fresh
+// multi-megabyte allocations are new pages every call, and first-touching them one 4 KiB page
+// fault at a time cost as much as the widening pass itself (measured: ~35 ms of page faults
+// for bf16 K^T + V at B1 H16 S2048 D128). Where Linux offers transparent huge pages on
+// request, a 2 MiB-aligned buffer with MADV_HUGEPAGE takes 512x fewer faults; elsewhere it is
+// a plain allocation. Even the huge-page faults were ~13% of an fp32 call at that shape on
+// the 2-core VM this was tuned on (a VM's freed pages may go back to the host, and every
+// fresh buffer is zeroed again), so one buffer of up to kRetainBytes is kept between calls
+// and the next call that fits reuses it: a model's prefill calls all have the same shape.
+// Larger buffers are freed at once: their first-touch cost grows with the sequence length,
+// the attention with its square, so past that size the faults are a few percent.
+constexpr size_t kRetainBytes = size_t(64) << 20;
+std::mutex g_cached_mutex;
+void* g_cached = nullptr;  // the retained buffer (process-wide, one per loaded CPU tier)
+size_t g_cached_bytes = 0;
+
+// The retained buffer if it holds at least `bytes` (it leaves the cache), else nullptr.
+void* take_cached(size_t bytes, size_t* capacity) {
+  std::lock_guard<std::mutex> lock(g_cached_mutex);
+  if (g_cached == nullptr || g_cached_bytes < bytes) return nullptr;
+  void* p = g_cached;
+  *capacity = g_cached_bytes;
+  g_cached = nullptr;
+  g_cached_bytes = 0;
+  return p;
+}
+
+// Retains p when it is small enough and larger than the retained buffer; frees the other.
+void give_back_cached(void* p, size_t bytes) {
+  if (bytes <= kRetainBytes) {
+    std::lock_guard<std::mutex> lock(g_cached_mutex);
+    if (bytes > g_cached_bytes) {
+      std::swap(p, g_cached);
+      std::swap(bytes, g_cached_bytes);
+    }
+  }
+  std::free(p);
+}
+
 class ScratchBuffer {
  public:
   void allocate(size_t count) {
     release();
     const size_t bytes = std::max<size_t>(count, 1) * sizeof(float);
+    if (void* p = take_cached(bytes, &bytes_)) {
+      data_ = static_cast<float*>(p);
+      return;
+    }
+    bytes_ = bytes;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     constexpr size_t kHuge = size_t(2) << 20;
     if (bytes >= 2 * kHuge) {
@@ -136,6 +176,7 @@ class ScratchBuffer {
       if (posix_memalign(&p, kHuge, rounded) == 0) {
         madvise(p, rounded, MADV_HUGEPAGE);
         data_ = static_cast<float*>(p);
+        bytes_ = rounded;
         return;
       }
     }
@@ -148,10 +189,12 @@ class ScratchBuffer {
 
  private:
   void release() {
-    std::free(data_);
+    if (data_ != nullptr) give_back_cached(data_, bytes_);
     data_ = nullptr;
+    bytes_ = 0;
   }
   float* data_ = nullptr;
+  size_t bytes_ = 0;
 };
 
 struct Band {
@@ -288,9 +331,12 @@ class FlashFwdCpu {
     const int64_t nbh = kv_batches_ * p_.h_k;
     // Uninitialised on purpose: every element a block product reads is written below (the
     // padding columns past seqlen_k are never read).
-    kt_.allocate(static_cast<size_t>(nbh * d * kt_ld_));
+    // One buffer for both (the retained one holds one): K^T first, V from a 64-byte boundary.
     const bool widen_v = !v_in_place_;
-    if (widen_v) v32_.allocate(static_cast<size_t>(nbh * sk * d));
+    const int64_t kt_count = ceil_div(nbh * d * kt_ld_, 16) * 16;
+    scratch_.allocate(static_cast<size_t>(kt_count + (widen_v ? nbh * sk * d : 0)));
+    kt_ = scratch_.get();
+    v32_ = widen_v ? kt_ + kt_count : nullptr;
     constexpr int64_t kChunk = 64;
     const int64_t nchunks = ceil_div(sk, kChunk);
     const T* k = static_cast<const T*>(p_.k);
@@ -303,14 +349,14 @@ class FlashFwdCpu {
         const int64_t n = std::min(kChunk, sk - j0);
         const T* kbase = k + b * p_.k_batch_stride + hk * p_.k_head_stride;
         for (int64_t j = 0; j < n; ++j) load_row(kbase + (j0 + j) * p_.k_row_stride, rows.data() + j * d, d);
-        float* kt = kt_.get() + bh * d * kt_ld_ + j0;
+        float* kt = kt_ + bh * d * kt_ld_ + j0;
         for (int64_t c = 0; c < d; ++c) {
           float* dst = kt + c * kt_ld_;
           for (int64_t j = 0; j < n; ++j) dst[j] = rows[j * d + c];
         }
         if (widen_v) {
           const T* vbase = v + b * p_.v_batch_stride + hk * p_.v_head_stride;
-          float* dst = v32_.get() + (bh * sk + j0) * d;
+          float* dst = v32_ + (bh * sk + j0) * d;
           for (int64_t j = 0; j < n; ++j) load_row(vbase + (j0 + j) * p_.v_row_stride, dst + j * d, d);
         }
       }
@@ -352,7 +398,7 @@ class FlashFwdCpu {
         qa = ws.q.data();
         q_ld = d;
       }
-      const float* kt = kt_.get() + (kvb * p_.h_k + hk) * d * kt_ld_ + seq.k_start;
+      const float* kt = kt_ + (kvb * p_.h_k + hk) * d * kt_ld_ + seq.k_start;
       const float* vb;
       int64_t v_ld;
       if (v_in_place_) {
@@ -360,7 +406,7 @@ class FlashFwdCpu {
                                             hk * p_.v_head_stride + seq.k_start * p_.v_row_stride);
         v_ld = p_.v_row_stride;
       } else {
-        vb = v32_.get() + ((kvb * p_.h_k + hk) * kv_rows_ + seq.k_start) * d;
+        vb = v32_ + ((kvb * p_.h_k + hk) * kv_rows_ + seq.k_start) * d;
         v_ld = d;
       }
 
@@ -406,16 +452,9 @@ class FlashFwdCpu {
         if (jhi == jlo) continue;  // this row sees no key of the block: P row 0, O unchanged
       }
       if constexpr (kCap) cpu::softcap_row(sr + jlo, jhi - jlo, p_.softcap, p_.softmax_scale, 1.0f);
-      float mx;
-      if (sl2 >= 0.0f) {
-        mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-        for (int64_t j = jlo; j < jhi; ++j) mx = std::max(mx, sr[j]);
-      } else {  // a negative scale: the largest scaled score is the smallest raw one
-        mx = std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(min : mx)
-        for (int64_t j = jlo; j < jhi; ++j) mx = std::min(mx, sr[j]);
-      }
+      // A negative scale: the largest scaled score is the smallest raw one.
+      const float mx = sl2 >= 0.0f ? cpu::row_extreme<true>(sr + jlo, jhi - jlo)
+                                   : cpu::row_extreme<false>(sr + jlo, jhi - jlo);
       const bool first = l[r] == 0.0f;  // no key seen yet (after one, the max contributes 1)
       const float m_new = first ? mx : (sl2 >= 0.0f ? std::max(m[r], mx) : std::min(m[r], mx));
       const float alpha = first ? 0.0f : exp2_nonpositive((m[r] - m_new) * sl2);
@@ -464,7 +503,9 @@ class FlashFwdCpu {
   int64_t q_block_ = kQBlockMax;
   bool q_in_place_ = false, v_in_place_ = false;
   float scale_log2_ = 0.0f;
-  ScratchBuffer kt_, v32_;
+  ScratchBuffer scratch_;
+  float* kt_ = nullptr;   // K^T (kv_batches, h_k, d, kt_ld) in scratch_
+  float* v32_ = nullptr;  // widened V (kv_batches, h_k, kv_rows, d) in scratch_, or unused
 };
 
 }  // namespace
