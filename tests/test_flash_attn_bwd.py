@@ -115,6 +115,61 @@ def test_deterministic():
         assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, e)
 
 
+def _bwd_on_threads(threads, op, args):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return op(*args)
+    finally:
+        torch.set_num_threads(prev)
+
+
+# (B, Sq, Sk, H, Hk, D, window, softcap); every shape has B * Hk >= 2, so one thread runs the
+# fused tasks (dK, dV and dQ per (batch, kv head)) and 64 threads the split dK/dV and dQ tasks.
+FUSED_CASES = [
+    (2, 300, 300, 4, 2, 64, (-1, 0), 0.0),
+    (1, 77, 200, 6, 3, 40, (-1, -1), 0.0),
+    (3, 129, 65, 2, 1, 128, (5, 7), 0.0),
+    (1, 200, 90, 4, 4, 96, (30, 0), 5.0),
+    (2, 1, 5, 2, 2, 32, (-1, 0), 0.0),
+    (1, 64, 128, 8, 2, 256, (-1, -1), 5.0),
+]
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "B{}_q{}_k{}_h{}x{}_d{}".format(*c[:6]))
+def test_cpu_fused_and_split_tasks_agree_bitwise(dtype, case):
+    # The CPU backward runs one of two task layouts, chosen by the thread count: they must give
+    # the same bits (the gradients do not depend on the machine), and both are right.
+    B, Sq, Sk, H, Hk, D, window, cap = case
+    torch.manual_seed(1)
+    q, k, v, dout = _make(B, Sq, Sk, H, Hk, D, dtype, "cpu")
+    out, lse = ops.flash_attn_fwd(q, k, v, 0.1, *window, cap)
+    args = (dout, q, k, v, out, lse, 0.1, *window, True, cap)
+    fused = _bwd_on_threads(1, ops.flash_attn_bwd, args)
+    split = _bwd_on_threads(64, ops.flash_attn_bwd, args)
+    for a, b in zip(fused, split):
+        assert torch.equal(a, b)
+    if cap == 0.0:
+        true = _ref_grads(q, k, v, dout, 0.1, window, torch.float64)
+        low = _ref_grads(q, k, v, dout, 0.1, window, dtype)
+        for got, lo, tr, name in zip(fused, low, true, ("dq", "dk", "dv")):
+            assert_error_ratio(got, lo, tr, name)
+    # varlen: the same rows as B sequences of different lengths, packed
+    lens_q = torch.tensor([Sq - 3 * i if Sq > 3 * i else 1 for i in range(B)])
+    lens_k = torch.tensor([Sk - 2 * i if Sk > 2 * i else 1 for i in range(B)])
+    cu_q = torch.nn.functional.pad(lens_q.cumsum(0), (1, 0)).int()
+    cu_k = torch.nn.functional.pad(lens_k.cumsum(0), (1, 0)).int()
+    pq, pk, pv, pd = (torch.cat([t[b, :n] for b, n in enumerate(lens.tolist())])
+                      for t, lens in ((q, lens_q), (k, lens_k), (v, lens_k), (dout, lens_q)))
+    vout, vlse = ops.flash_attn_varlen_fwd(pq, pk, pv, cu_q, cu_k, Sq, Sk, 0.1, *window, cap)
+    vargs = (pd, pq, pk, pv, vout, vlse, cu_q, cu_k, Sq, Sk, 0.1, *window, True, cap)
+    fused = _bwd_on_threads(1, ops.flash_attn_varlen_bwd, vargs)
+    split = _bwd_on_threads(64, ops.flash_attn_varlen_bwd, vargs)
+    for a, b in zip(fused, split):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty(device):
     dtype = torch.float16 if device == "cuda" else torch.float32

@@ -13,27 +13,33 @@
 // by dcap/ds = 1 - t^2 before the two GEMMs that use it (dK, dQ keep their scale factor).
 // A template flag (kCap), so the uncapped tasks are the code they were without it.
 //
-// Work decomposition: one pass computes delta (parallel over rows); a second runs two kinds
-// of independent tasks from one work list:
-//   * a dK/dV task per (batch, kv head, key block of kOuter keys). The key block's K^T and
-//     V^T stay in a per-thread buffer; the task loops over every query head of the kv head's
-//     group (GQA / MQA gradients are summed here, K/V are never repeated) and, per head, over
-//     the query blocks of kInner rows that can see the key block (blocks wholly outside the
-//     causal / window band are skipped, masking code runs only on blocks that cross the
-//     band's edge or a sequence tail). Per block pair: S = Q K^T, P, dP = dO V^T, dS, dV += P^T dO,
-//     dK += dS^T Q.
-//   * a dQ task per (batch, query head, query block of kOuter rows), looping over the
-//     visible key blocks of kInner keys: S^T = K Q^T, P^T, dP^T = V dO^T, dS^T, dQ += dS K.
-// Every gradient element is produced by exactly one task, which reduces it in a fixed order
-// (heads, then query blocks for dK/dV; key blocks for dQ). Which thread runs a task never
-// changes its arithmetic, so the result is bitwise the same for any thread count and run to
-// run: the kernel is always deterministic and params.deterministic has nothing to switch.
-// The cost of determinism is the separate dQ task, which recomputes S and dP: 7 block GEMMs
-// per (query block, key block) pair instead of the 5 of a dQ accumulated with atomics (or of
-// per-key-block dQ partials, which would need O(seqlen_k / kOuter * h * seqlen_q * d) fp32
-// scratch), i.e. ~1.4x the backward's FLOPs, in exchange for no scratch and no atomics.
-// Tasks are handed out heaviest first from a shared counter (causal makes their costs very
-// unequal), which balances the threads without changing any task's arithmetic.
+// Work decomposition: one pass computes delta (parallel over rows); a second runs one of two
+// task layouts, both deterministic and bitwise identical to each other (for finite k; a
+// non-finite key times a zero dS can reach dQ rows of the block it shares in one layout only):
+//   * fused (when there are at least two (batch, kv head) units per thread, none heavier than
+//     half a thread's share, and a unit's dQ fits a 16 MiB per-thread buffer): a task per
+//     (batch, kv head) sweeps its key blocks of kOuter keys; per block it keeps K^T and V^T in
+//     the thread's buffers and loops over the group's query heads and, per head, over the
+//     query blocks of kInner rows that can see the key block. Per block pair: S = Q K^T, P,
+//     dP = dO V^T, dS, dV += P^T dO, dK += dS^T Q and dQ += dS K into the task's own dQ rows:
+//     5 block GEMMs per pair, FlashAttention-2's count, with no atomics (the task owns the
+//     rows) and no scratch beyond the thread's buffer.
+//   * split (fewer, larger units: few heads, one long sequence, many threads): a dK/dV task per
+//     (batch, kv head, key block of kOuter keys), the same code as above without dQ, and a dQ
+//     task per (batch, query head, query block of kOuter rows) looping over the visible key
+//     blocks of kInner keys: S^T = K Q^T, P^T, dP^T = V dO^T, dS^T, dQ += dS K. The dQ task
+//     recomputes S and dP: 7 block GEMMs per pair, ~1.4x the fused FLOPs, in exchange for
+//     parallelism over blocks where units are too few.
+// Blocks wholly outside the causal / window band are skipped, and masking code runs only on
+// blocks that cross the band's edge or a sequence tail. GQA / MQA gradients are summed over
+// the group's heads inside a task (K / V are never repeated). Every gradient element is
+// produced by exactly one task, which reduces it in a fixed order (heads, then query blocks
+// for dK / dV; key blocks of kInner for dQ, which the fused task reproduces by one GEMM per
+// kInner-key half of its key block, over the key blocks the dQ task would visit). Which thread
+// runs a task, and which layout runs, never changes the arithmetic, so the result is bitwise
+// the same for any thread count and run to run: the kernel is always deterministic and
+// params.deterministic has nothing to switch. Tasks are handed out heaviest first from a
+// shared counter (causal makes the split tasks' costs very unequal).
 //
 // Why it is fast: every block GEMM runs on a register-blocked microkernel (with AVX-512,
 // 8 rows x 32 columns of fp32 accumulators in 16 zmm registers; per k step two B vector
@@ -85,6 +91,9 @@ using cpu::store_row;
 // the buffers total ~450 KiB (L2), with the current GEMM's B panel in L1.
 constexpr int64_t kOuter = 128;
 constexpr int64_t kInner = 64;
+// The fused task's per-thread dQ buffer (group heads x seqlen_q x padded head dim, fp32) at
+// most this large, else the split tasks run (e.g. 8 heads per kv head x 4096 rows x 128).
+constexpr int64_t kFusedDqBytes = int64_t(16) << 20;
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -314,10 +323,12 @@ struct Scratch {
   std::vector<float> lse2, delta;  // per query row of the current query block
   std::vector<float> row;          // one row of d, conversions
   std::vector<float> tanh_row;     // soft-capping: tanh of one row of S (kOuter)
+  std::vector<float> k_rows;       // fused task: K of the key block, kOuter x dp
+  std::vector<float> dq;           // fused task: dQ of its group's heads, (group, rows, dp)
   explicit Scratch(int64_t dp)
       : a_t(dp * kOuter), b_t(dp * kOuter), a(kInner * dp), b(kInner * dp),
         s(kInner * kOuter), dp_buf(kInner * kOuter), acc0(kOuter * dp), acc1(kOuter * dp),
-        lse2(kOuter), delta(kOuter), row(dp), tanh_row(kOuter) {}
+        lse2(kOuter), delta(kOuter), row(dp), tanh_row(kOuter), k_rows(kOuter * dp) {}
 };
 
 // lse (natural log) -> lse * log2(e) for rows [i0, i0 + n); rows past n and rows that saw no
@@ -345,9 +356,12 @@ inline int64_t lse_offset(const FlashFwdParams& f, int64_t bi, int64_t h, const 
 // Rows and keys below are indices inside sequence `seq` (dense: the batch entry bi, whose
 // batch strides place it; varlen: the batch strides are 0 and seq.q_start / seq.k_start
 // place it in the packed tensors).
+// dq_acc (the fused task, else nullptr): also dQ += dS K into dq_acc, (group, dq_rows, dp)
+// fp32, as the dQ task would compute it (see fused_task).
 template <typename T, bool kCap>
 void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t bi,
-               const cpu::VarlenSeq& seq, int64_t hk, int64_t kb, Scratch& w) {
+               const cpu::VarlenSeq& seq, int64_t hk, int64_t kb, Scratch& w,
+               float* dq_acc = nullptr, int64_t dq_rows = 0) {
   const FlashFwdParams& f = p.fwd;
   const int64_t d = sh.d, dp = sh.dp;
   const int64_t j0 = kb * kOuter, nk = std::min(kOuter, seq.seqlen_k - j0);
@@ -365,6 +379,7 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
   if (qb0 < qb1) {
     load_rows_transposed(k, f.k_row_stride, nk, d, k_t, kOuter, kOuter, w.row.data());
     load_rows_transposed(v, f.v_row_stride, nk, d, v_t, kOuter, kOuter, w.row.data());
+    if (dq_acc != nullptr) load_rows(k, f.k_row_stride, nk, d, w.k_rows.data(), dp, kOuter);
   }
   for (int64_t hq = hk * sh.group; hq < (hk + 1) * sh.group && qb0 < qb1; ++hq) {
     const float* lse = f.lse + lse_offset(f, bi, hq, seq);
@@ -408,6 +423,22 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
       }
       gemm<true>(kOuter, dp, kInner, s, kOuter, dout, dp, dv, dp, true);  // dV += P^T dO
       gemm<true>(kOuter, dp, kInner, ds, kOuter, q, dp, dk, dp, true);    // dK += dS^T Q
+      if (dq_acc != nullptr) {
+        // dQ += dS K, one GEMM per half of the key block: the dQ task's key blocks are kInner
+        // wide, each summed on its own and then added (the microkernel's order), and it visits
+        // those its kOuter-row query block sees; doing the same gives the same bits.
+        float* dq = dq_acc + ((hq - hk * sh.group) * dq_rows + i0) * dp;
+        const int64_t o0 = i0 / kOuter * kOuter;
+        int64_t jlo, jhi, kb0, kb1;
+        band.keys_seen(o0, std::min(o0 + kOuter, seq.seqlen_q), &jlo, &jhi);
+        block_range(jlo, jhi, kInner, &kb0, &kb1);
+        for (int64_t half = 0; half < kOuter / kInner; ++half) {
+          const int64_t kbi = j0 / kInner + half;
+          if (kbi < kb0 || kbi >= kb1) continue;
+          gemm<false>(kInner, dp, kInner, ds + half * kInner, kOuter, w.k_rows.data() + half * kInner * dp, dp,
+                      dq, dp, true);
+        }
+      }
     }
   }
   T* dks = static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride + kr * p.dk_row_stride;
@@ -481,6 +512,29 @@ void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t
   store_rows(dq, dp, nq, d, f.softmax_scale, dqs, p.dq_row_stride, w.row.data());
 }
 
+// The fused task: every key block of one (batch or sequence, kv head), dK / dV as the dK/dV
+// task computes them and dQ of the group's heads accumulated beside them in w.dq (5 block
+// GEMMs per block pair instead of 7: no dQ task recomputing S and dP). It owns all of its
+// heads' dQ rows, so nothing is shared and no atomics are needed; it is used when there are
+// enough such units to keep every thread busy (flash_bwd_impl). Every dQ element is the same
+// sum in the same order as the dQ task's, so the gradients are bitwise those of the split
+// tasks and the choice (which depends on the thread count) never shows in the result.
+template <typename T, bool kCap>
+void fused_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t bi,
+                const cpu::VarlenSeq& seq, int64_t hk, Scratch& w) {
+  const FlashFwdParams& f = p.fwd;
+  const int64_t dq_rows = round_up(seq.seqlen_q, kOuter);  // whole kInner blocks are written
+  w.dq.assign(static_cast<size_t>(sh.group * dq_rows * sh.dp), 0.0f);
+  for (int64_t kb = 0; kb * kOuter < seq.seqlen_k; ++kb)
+    dkdv_task<T, kCap>(p, sh, band, bi, seq, hk, kb, w, w.dq.data(), dq_rows);
+  for (int64_t g = 0; g < sh.group; ++g) {
+    const int64_t hq = hk * sh.group + g;
+    T* dqs = static_cast<T*>(p.dq) + bi * p.dq_batch_stride + hq * p.dq_head_stride + seq.q_start * p.dq_row_stride;
+    store_rows(w.dq.data() + g * dq_rows * sh.dp, sh.dp, seq.seqlen_q, sh.d, f.softmax_scale, dqs, p.dq_row_stride,
+               w.row.data());
+  }
+}
+
 // delta = rowsum(dout * out), (b, h, seqlen_q) contiguous; varlen (h, total_q), every packed
 // row (a row no sequence owns gets a value no task reads).
 template <typename T>
@@ -521,17 +575,38 @@ void flash_bwd_impl(const FlashBwdParams& p) {
   auto seq_of = [&](int64_t bi) -> int64_t { return varlen ? bi : 0; };
   const Shape sh{f.d, round_up(f.d, kColTile), f.h / f.h_k, f.softmax_scale * kLog2e, f.softmax_scale, f.softcap};
 
-  // One list of independent tasks: dK/dV tasks (b, h_k, key block) first, then dQ tasks (b,
-  // h, query block), each batch entry / sequence with its own number of blocks. Cost =
-  // visible block pairs x GEMMs per pair; heaviest first. A flat list over (sequence, head,
-  // block) keeps the threads busy when one sequence is much longer than the rest.
+  // One list of independent tasks, heaviest first. Fused: one task per (b, h_k) (fused_task)
+  // when there are enough of them, of even enough cost, for every thread: at least two per
+  // thread, none more than half a thread's share, and their dQ buffer small. Otherwise dK/dV
+  // tasks (b, h_k, key block) and dQ tasks (b, h, query block), each batch entry / sequence
+  // with its own number of blocks; cost = visible block pairs x GEMMs per pair. The flat list
+  // over (sequence, head, block) keeps the threads busy when one sequence is much longer
+  // than the rest, or there are few heads.
   struct Task {
     int64_t bi, head, block;
-    bool dq;
+    bool dq, fused;
   };
   std::vector<Task> tasks;
   std::vector<int64_t> cost;
-  for (int pass = 0; pass < 2; ++pass) {
+  const int64_t n_threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t unit_total = 0, unit_max = 0, rows_max = 0;
+  for (int64_t bi = 0; bi < f.b; ++bi) {
+    const cpu::VarlenSeq& s = seqs[seq_of(bi)];
+    const int64_t c = (s.seqlen_q + 1) * (s.seqlen_k + 1);
+    unit_total += c * f.h_k;
+    unit_max = std::max(unit_max, c);
+    rows_max = std::max(rows_max, s.seqlen_q);
+  }
+  const bool fused = unit_max * 2 * n_threads <= unit_total &&
+                     sh.group * round_up(rows_max, kOuter) * sh.dp * int64_t(sizeof(float)) <= kFusedDqBytes;
+  for (int64_t bi = 0; fused && bi < f.b; ++bi) {
+    const cpu::VarlenSeq& s = seqs[seq_of(bi)];
+    for (int64_t hk = 0; hk < f.h_k; ++hk) {
+      tasks.push_back({bi, hk, 0, false, true});
+      cost.push_back((s.seqlen_q + 1) * (s.seqlen_k + 1));
+    }
+  }
+  for (int pass = 0; pass < 2 && !fused; ++pass) {
     const bool dq = pass == 1;
     for (int64_t bi = 0; bi < f.b; ++bi) {
       const cpu::VarlenSeq& s = seqs[seq_of(bi)];
@@ -552,7 +627,7 @@ void flash_bwd_impl(const FlashBwdParams& p) {
       }
       for (int64_t head = 0; head < (dq ? f.h : f.h_k); ++head) {
         for (int64_t blk = 0; blk < nblk; ++blk) {
-          tasks.push_back({bi, head, blk, dq});
+          tasks.push_back({bi, head, blk, dq, false});
           cost.push_back(blk_cost[blk]);
         }
       }
@@ -573,7 +648,9 @@ void flash_bwd_impl(const FlashBwdParams& p) {
       // Varlen: the batch strides are 0, so the batch index in the pointer arithmetic is 0.
       const int64_t bi = varlen ? 0 : task.bi;
       const int64_t si = seq_of(task.bi);
-      if (!task.dq) {
+      if (task.fused) {
+        fused_task<T, kCap>(p, sh, bands[si], bi, seqs[si], task.head, w);
+      } else if (!task.dq) {
         dkdv_task<T, kCap>(p, sh, bands[si], bi, seqs[si], task.head, task.block, w);
       } else {
         dq_task<T, kCap>(p, sh, bands[si], bi, seqs[si], task.head, task.block, w);
