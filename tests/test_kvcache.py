@@ -222,8 +222,10 @@ def test_attention_with_kvcache_single_query_is_decode(device):
 
 
 def test_attention_with_kvcache_long_query_block_chunks():
-    """Sq large enough that the CPU kernel cuts the queries into several chunks (and odd)."""
-    B, H, Hk, D, Sq = 2, 8, 2, 64, 130
+    """Sq large enough that the CPU kernel cuts the queries into several chunks (and odd):
+    decode::cpu_query_chunk gives 131072 / (group 4 * Hk 8 * D 64) = 64 queries per chunk,
+    so 130 queries are chunks of 64, 64 and 2."""
+    B, H, Hk, D, Sq = 2, 32, 8, 64, 130
     q, k, v, kc, vc, seqlens, bt = _kvcache_case("cpu", torch.float32, B, H, Hk, D, Sq, [0, 100], 256, paged=True)
     true_out, true_lse = reference.attention_with_kvcache(q.double(), kc.clone().double(), vc.clone().double(),
                                                           seqlens, k=k.double(), v=v.double(), block_table=bt,
