@@ -143,11 +143,16 @@ static_assert(kInner % kMR == 0 && kOuter % kMR == 0 && kInner % kColTile == 0 &
                   kOuter % kColTile == 0,
               "block sizes must be whole microkernel tiles");
 
-// x[0:n] = 2^x[0:n]; values below -126 (including -inf) give exactly 0. The SIMD paths are
+// x[0:kN] = 2^x[0:kN]; values below -126 (including -inf) give exactly 0. The SIMD paths are
 // range reduction to r in [-0.5, 0.5] plus a degree-7 Taylor polynomial of 2^r (relative
 // error < 1e-8 before rounding), scaled by 2^e (vscalefps, or the exponent bits on AVX2).
-inline void exp2_inplace(float* x, int64_t n) {
+// kN is a whole number of vectors (a block row), so there is no scalar tail: GCC warned
+// (-Waggressive-loop-optimizations) on one that could never run once inlined.
+template <int64_t kN>
+inline void exp2_row(float* x) {
   int64_t i = 0;
+  constexpr int64_t n = kN;
+  static_assert(kN % 16 == 0, "a block row is whole vectors on every tier");
 #if defined(__AVX512F__)
   const __m512 lo = _mm512_set1_ps(-126.0f), hi = _mm512_set1_ps(127.0f);
   const __m512 c1 = _mm512_set1_ps(0.6931471805599453f), c2 = _mm512_set1_ps(0.2402265069591007f),
@@ -193,8 +198,9 @@ inline void exp2_inplace(float* x, int64_t n) {
         _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(e), _mm256_set1_epi32(127)), 23));
     _mm256_storeu_ps(x + i, _mm256_and_ps(keep, _mm256_mul_ps(p, scale)));
   }
-#endif
+#else
   for (; i < n; ++i) x[i] = x[i] >= -126.0f ? std::exp2(x[i]) : 0.0f;
+#endif
 }
 
 // ---- block GEMM --------------------------------------------------------------------------
@@ -410,7 +416,7 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
         if (!full)
           for (int64_t c = 0; c < kOuter; ++c)
             if (!band.visible(i0 + r, j0 + c)) sr[c] = -std::numeric_limits<float>::infinity();
-        exp2_inplace(sr, kOuter);  // P
+        exp2_row<kOuter>(sr);  // P
         float* dr = ds + r * kOuter;
         const float dl = w.delta[r];
         if constexpr (kCap) {
@@ -496,7 +502,7 @@ void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t
       if (!full)
         for (int64_t r = 0; r < kOuter; ++r)
           if (!band.visible(i0 + r, j0 + c)) sr[r] = -std::numeric_limits<float>::infinity();
-      exp2_inplace(sr, kOuter);  // P^T
+      exp2_row<kOuter>(sr);  // P^T
       float* dr = ds_t + c * kOuter;
       if constexpr (kCap) {
 #pragma omp simd
