@@ -595,21 +595,22 @@ void flash_bwd_impl(const FlashBwdParams& p) {
   std::vector<Task> tasks;
   std::vector<int64_t> cost;
   const int64_t n_threads = std::max<int64_t>(1, at::get_num_threads());
+  // A fused unit's cost, per batch entry / sequence (all its kv heads alike).
+  std::vector<int64_t> unit_cost(static_cast<size_t>(f.b));
   int64_t unit_total = 0, unit_max = 0, rows_max = 0;
   for (int64_t bi = 0; bi < f.b; ++bi) {
     const cpu::VarlenSeq& s = seqs[seq_of(bi)];
-    const int64_t c = (s.seqlen_q + 1) * (s.seqlen_k + 1);
-    unit_total += c * f.h_k;
-    unit_max = std::max(unit_max, c);
+    unit_cost[bi] = (s.seqlen_q + 1) * (s.seqlen_k + 1);
+    unit_total += unit_cost[bi] * f.h_k;
+    unit_max = std::max(unit_max, unit_cost[bi]);
     rows_max = std::max(rows_max, s.seqlen_q);
   }
   const bool fused = unit_max * 2 * n_threads <= unit_total &&
                      sh.group * round_up(rows_max, kOuter) * sh.dp * int64_t(sizeof(float)) <= kFusedDqBytes;
   for (int64_t bi = 0; fused && bi < f.b; ++bi) {
-    const cpu::VarlenSeq& s = seqs[seq_of(bi)];
     for (int64_t hk = 0; hk < f.h_k; ++hk) {
       tasks.push_back({bi, hk, 0, false, true});
-      cost.push_back((s.seqlen_q + 1) * (s.seqlen_k + 1));
+      cost.push_back(unit_cost[bi]);
     }
   }
   for (int pass = 0; pass < 2 && !fused; ++pass) {
