@@ -138,7 +138,7 @@ inline float loadT1(const cpu::half_t* p) { return cpu::to_float(*p); }
 // Software prefetch of the bytes [p, p + bytes) (one per cache line).
 inline void prefetch_row(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
 }
 
 // The 16 lanes a[0..kSub) folded to 4: lane i + 8 onto lane i, then lane i + 4 onto lane i.
@@ -146,15 +146,14 @@ template <int S = kSub>
 inline vfloat4 fold16to4(const vf* a) {
   vfloat4 r;
   if constexpr (S == 1) {
-    typedef float vfloat8 __attribute__((vector_size(8 * sizeof(float))));
-    vfloat8 lo, hi;
-    std::memcpy(&lo, &a[0], sizeof(lo));
-    std::memcpy(&hi, reinterpret_cast<const char*>(&a[0]) + sizeof(lo), sizeof(hi));
-    const vfloat8 s8 = lo + hi;
-    vfloat4 c, d;
-    std::memcpy(&c, &s8, sizeof(c));
-    std::memcpy(&d, reinterpret_cast<const char*>(&s8) + sizeof(c), sizeof(d));
-    r = c + d;
+#if defined(__AVX512F__)
+    // Register extracts: halving a[0] through memory (memcpy of its halves) kept every
+    // accumulator of qk_micro on the stack, a load and a store around each FMA.
+    const __m512 z = a[0];
+    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(z),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
+    r = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+#endif
   } else if constexpr (S == 2) {
     const vf s8 = a[0] + a[1];
     vfloat4 c, d;
@@ -306,14 +305,18 @@ inline void pv_tile(const float* p, const T* const* vrows, int64_t n, int64_t d,
   float* a1p = acc + d;
   float* a2p = acc + 2 * d;
   float* a3p = acc + 3 * d;
+  constexpr int64_t kSize = sizeof(T);
   int64_t c = 0;
   for (; c + 2 * kLanes <= d; c += 2 * kLanes) {
     vf a0 = loadv(a0p + c), a1 = loadv(a1p + c), a2 = loadv(a2p + c), a3 = loadv(a3p + c);
     vf b0 = loadv(a0p + c + kLanes), b1 = loadv(a1p + c + kLanes), b2 = loadv(a2p + c + kLanes),
        b3 = loadv(a3p + c + kLanes);
-    const bool pf_here = pf != nullptr && (c * static_cast<int64_t>(sizeof(T))) % 64 == 0;
+    // The cache lines that start inside this chunk pair's bytes (two with fp32 on AVX-512,
+    // none for every other pair with fp32 on SSE): each line of a row prefetched once.
+    const int64_t pf_from = (c * kSize + 63) / 64 * 64, pf_to = pf != nullptr ? (c + 2 * kLanes) * kSize : 0;
     for (int64_t j = 0; j < n; ++j) {
-      if (pf_here) __builtin_prefetch(pf[j] + c, 0, 3);
+      for (int64_t o = pf_from; o < pf_to; o += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(pf[j]) + o, 0, 2);
       const vf v0 = loadT(vrows[j] + c), v1 = loadT(vrows[j] + c + kLanes);
       const float p0 = p[j], p1 = p[kKeyBlock + j], p2 = p[2 * kKeyBlock + j], p3 = p[3 * kKeyBlock + j];
       a0 += p0 * v0;
@@ -337,7 +340,7 @@ inline void pv_tile(const float* p, const T* const* vrows, int64_t n, int64_t d,
   for (; c + kLanes <= d; c += kLanes) {
     vf a0 = loadv(a0p + c), a1 = loadv(a1p + c), a2 = loadv(a2p + c), a3 = loadv(a3p + c);
     for (int64_t j = 0; j < n; ++j) {
-      if (pf != nullptr) __builtin_prefetch(pf[j] + c, 0, 3);
+      if (pf != nullptr) __builtin_prefetch(pf[j] + c, 0, 2);
       const vf vv = loadT(vrows[j] + c);
       a0 += p[j] * vv;
       a1 += p[kKeyBlock + j] * vv;
