@@ -533,7 +533,7 @@ def kvcache_cases():
     configs = [  # B, S_max, Sq, H, Hk, D, start lens, append, paged page_size, causal, window, pad
         (1, 4, 1, 1, 1, 1, [3], True, 0, True, (-1, -1), 0),
         (2, 20, 3, 4, 2, 17, [0, 17], True, 0, True, (-1, -1), 3),
-        (2, 40, 17, 2, 1, 32, [5, 23], True, 0, True, (-1, -1), 0),  # 17 rows per kv head: GEMM path
+        (2, 40, 7, 6, 1, 32, [5, 23], True, 0, True, (-1, -1), 0),  # 42 rows per kv head: GEMM path
         (2, 33, 5, 6, 2, 40, [7, 33], False, 0, True, (6, -1), 1),
         (3, 24, 4, 2, 2, 24, [9, 0, 20], True, 8, True, (-1, -1), 0),
         (2, 30, 16, 4, 1, 66, [3, 14], True, 5, False, (-1, -1), 2),
