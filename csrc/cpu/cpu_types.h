@@ -18,6 +18,21 @@
 namespace fastattn {
 namespace cpu {
 
+// bf16 dot products on vdpbf16ps (AVX512-BF16): only the avx512 tier library compiles code
+// for them (the instruction needs AVX-512 registers), in functions marked FASTATTN_DPBF16;
+// whether the CPU has the instruction is asked at run time (has_dpbf16), so the tier itself
+// still runs on every AVX-512 CPU.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__x86_64__) && defined(__GNUC__)
+#define FASTATTN_HAVE_DPBF16 1
+#define FASTATTN_DPBF16 __attribute__((target("avx512bf16")))
+inline bool has_dpbf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#else
+inline bool has_dpbf16() { return false; }
+#endif
+
 struct half_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
 

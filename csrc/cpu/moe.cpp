@@ -197,18 +197,9 @@ void rows_dots(const W* const* w, int nw, const typename Dot::X* const* x, int64
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__x86_64__) && defined(__GNUC__)
-#define FASTATTN_MOE_DPBF16 1
-// bf16 dots on vdpbf16ps (AVX512-BF16). Only the avx512 tier library compiles them (the
-// instruction needs AVX-512 registers); whether the CPU has the instruction is checked at run
-// time (has_dpbf16), so the tier itself still runs on every AVX-512 CPU.
+#if defined(FASTATTN_HAVE_DPBF16)
+// bf16 dots on vdpbf16ps (AVX512-BF16; cpu_types.h: avx512 tier only, checked at run time).
 namespace dpbf16 {
-#define FASTATTN_DPBF16 __attribute__((target("avx512bf16")))
-
-bool has_dpbf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-}
 
 // acc[n][r] += w[n][k:k+32] . x[r][k:k+32] (16 lanes, each a pair of products); the masked
 // form reads only the first bits of the 32 values (tails: nothing past a row is touched).
@@ -261,11 +252,6 @@ FASTATTN_DPBF16 void dot_block(const uint16_t* const* w, const uint16_t* const* 
       out[n * R + r] = sum;
     }
 }
-#undef FASTATTN_DPBF16
-}  // namespace dpbf16
-#else
-namespace dpbf16 {
-inline bool has_dpbf16() { return false; }
 }  // namespace dpbf16
 #endif
 
@@ -281,7 +267,7 @@ struct Widen {
     dot_block<T, NW, R>(w, x, K, out);
   }
 };
-#if defined(FASTATTN_MOE_DPBF16)
+#if defined(FASTATTN_HAVE_DPBF16)
 struct DpBf16 {
   using X = uint16_t;
   static constexpr int64_t kRowPad = 32;  // 32 bf16: one cache line
@@ -480,9 +466,9 @@ void moe_impl(const MoeParams& p) {
 
 template <typename T>
 void moe_dispatch(const MoeParams& p) {
-#if defined(FASTATTN_MOE_DPBF16)
+#if defined(FASTATTN_HAVE_DPBF16)
   if constexpr (std::is_same<T, cpu::bf16_t>::value) {
-    if (dpbf16::has_dpbf16()) return moe_impl<T, DpBf16>(p);
+    if (cpu::has_dpbf16()) return moe_impl<T, DpBf16>(p);
   }
 #endif
   moe_impl<T, Widen<T>>(p);
