@@ -31,12 +31,14 @@
 // strides. On the AVX-512 machine (bf16 dot products, no AMX) this was tuned on, brgemm on
 // fp32 operands ran 2-4x faster than on bf16 ones at these block shapes, so 16-bit inputs are
 // widened rather than multiplied in 16 bit. The exception: bf16 on a CPU with AVX512-BF16
-// computes S = Q K^T with this file's own vdpbf16ps micro-kernel (dp_scores: exact bf16
-// products summed in fp32 at twice the fp32 FMA rate; K laid out by pairs of dims instead of
-// transposed to fp32), 1.27x the widened path for the whole bf16 forward at B1 H16 S2048 D128
-// on a 2-core Zen 4; P V stays the fp32 GEMM, so P is never rounded to bf16. The price is
-// scratch memory per call: an fp32 K^T (or the bf16 K pairs) and, for 16-bit inputs, an fp32
-// V, in huge pages where the OS offers them.
+// runs both block products on this file's own vdpbf16ps micro-kernels (exact bf16 products
+// summed in fp32, at twice the fp32 FMA rate): S = Q K^T (dp_scores) from K laid out by pairs
+// of dims, and O += P V (dp_pv) from V laid out by pairs of keys, with P rounded to bf16 as
+// the GPU kernels round it (the output error against float64 moved from 7.8e-3 to 8.2e-3 at
+// most on the shapes checked; torch's bf16 math is at 4e-2 to 9e-2 there). The bf16 forward
+// at B1 H16 S2048 D128 on a 2-core Zen 4: 180 ms widened, 103 ms so. The price is scratch
+// memory per call: an fp32 K^T (or the bf16 K pairs) and, for 16-bit inputs, an fp32 V (or
+// the bf16 V pairs), in huge pages where the OS offers them.
 //
 // The softmax runs in the log2 domain (scale * log2 e folded into one multiply, a
 // polynomial exp2 that the compiler vectorises), and O is divided by the row sum once, at
@@ -178,6 +180,75 @@ void dp_scores(int64_t rows, int64_t cols, int64_t pairs, const uint32_t* q, int
     }
   }
 }
+
+// O (R rows, ncols <= 32 of its columns) += P V on vdpbf16ps: p holds each row's probabilities
+// as bf16 pairs of consecutive keys (word u = keys 2u, 2u + 1), vp the V rows by the same
+// pairs, vp[u * vp_ld + c] = (v[2u][c], v[2u + 1][c]).
+template <int R>
+FASTATTN_DPBF16 void dp_pv_tile(const uint32_t* p, int64_t p_ld, const uint32_t* vp, int64_t vp_ld, int64_t pairs,
+                                int64_t ncols, float* o, int64_t o_ld) {
+  const __mmask16 m0 = ncols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << ncols) - 1u);
+  const __mmask16 m1 = ncols >= 32 ? __mmask16(0xFFFF) : ncols <= 16 ? __mmask16(0) : __mmask16((1u << (ncols - 16)) - 1u);
+  __m512 acc0[R], acc1[R];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    acc0[i] = _mm512_maskz_loadu_ps(m0, o + i * o_ld);
+    acc1[i] = _mm512_maskz_loadu_ps(m1, o + i * o_ld + 16);
+  }
+  for (int64_t u = 0; u < pairs; ++u) {
+    const __m512bh v0 = (__m512bh)_mm512_maskz_loadu_epi32(m0, vp + u * vp_ld);
+    const __m512bh v1 = (__m512bh)_mm512_maskz_loadu_epi32(m1, vp + u * vp_ld + 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m512bh pv = (__m512bh)_mm512_set1_epi32(static_cast<int>(p[i * p_ld + u]));
+      acc0[i] = _mm512_dpbf16_ps(acc0[i], pv, v0);
+      acc1[i] = _mm512_dpbf16_ps(acc1[i], pv, v1);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    _mm512_mask_storeu_ps(o + i * o_ld, m0, acc0[i]);
+    _mm512_mask_storeu_ps(o + i * o_ld + 16, m1, acc1[i]);
+  }
+}
+
+// O (rows, d) += P V by dp_pv_tile: 32-column tiles of O, 8-row tiles inside each.
+void dp_pv(int64_t rows, int64_t d, int64_t pairs, const uint32_t* p, int64_t p_ld, const uint32_t* vp,
+           int64_t vp_ld, float* o, int64_t o_ld) {
+  for (int64_t c0 = 0; c0 < d; c0 += 32) {
+    const int64_t nc = std::min<int64_t>(32, d - c0);
+    for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+      const uint32_t* pr = p + r0 * p_ld;
+      float* orow = o + r0 * o_ld + c0;
+      switch (std::min<int64_t>(8, rows - r0)) {
+        case 1: dp_pv_tile<1>(pr, p_ld, vp + c0, vp_ld, pairs, nc, orow, o_ld); break;
+        case 2: dp_pv_tile<2>(pr, p_ld, vp + c0, vp_ld, pairs, nc, orow, o_ld); break;
+        case 3: dp_pv_tile<3>(pr, p_ld, vp + c0, vp_ld, pairs, nc, orow, o_ld); break;
+        case 4: dp_pv_tile<4>(pr, p_ld, vp + c0, vp_ld, pairs, nc, orow, o_ld); break;
+        case 5: dp_pv_tile<5>(pr, p_ld, vp + c0, vp_ld, pairs, nc, orow, o_ld); break;
+        case 6: dp_pv_tile<6>(pr, p_ld, vp + c0, vp_ld, pairs, nc, orow, o_ld); break;
+        case 7: dp_pv_tile<7>(pr, p_ld, vp + c0, vp_ld, pairs, nc, orow, o_ld); break;
+        default: dp_pv_tile<8>(pr, p_ld, vp + c0, vp_ld, pairs, nc, orow, o_ld); break;
+      }
+    }
+  }
+}
+
+// dst[u] = the pair (src[2u], src[2u + 1]) rounded to bf16 (nearest even), u < pairs.
+FASTATTN_DPBF16 void to_bf16_pairs(const float* src, int64_t pairs, uint32_t* dst) {
+  int64_t u = 0;
+  for (; u + 16 <= pairs; u += 16) {
+    const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 2 * u + 16), _mm512_loadu_ps(src + 2 * u));
+    _mm512_storeu_si512(dst + u, (__m512i)b);
+  }
+  if (u < pairs) {
+    const int64_t n = 2 * (pairs - u);  // < 32 values
+    const __mmask16 lo = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+    const __mmask16 hi = n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1u);
+    const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, src + 2 * u + 16), _mm512_maskz_loadu_ps(lo, src + 2 * u));
+    _mm512_mask_storeu_epi32(dst + u, __mmask16((1u << (pairs - u)) - 1u), (__m512i)b);
+  }
+}
 #endif
 
 // Uninitialised fp32 scratch for the whole call (the K^T / widened V copies). Fresh
@@ -296,9 +367,8 @@ class FlashFwdCpu {
     constexpr bool kIsFloat = std::is_same<T, float>::value;
     q_in_place_ = kIsFloat && p.q_row_stride >= p.d;
     v_in_place_ = kIsFloat && p.v_row_stride >= p.d;
-    // bf16 on a CPU with AVX512-BF16: S = Q K^T on vdpbf16ps from bf16 operands (K laid out
-    // by pairs of dims instead of transposed to fp32); P V stays the fp32 GEMM (P is not
-    // rounded to bf16).
+    // bf16 on a CPU with AVX512-BF16: S = Q K^T and O += P V on vdpbf16ps from bf16 operands
+    // (K by pairs of dims, V by pairs of keys, P rounded to bf16) instead of fp32 GEMMs.
     use_dp_ = std::is_same<T, cpu::bf16_t>::value && cpu::has_dpbf16();
     pairs_ = (p.d + 1) / 2;
   }
@@ -370,12 +440,14 @@ class FlashFwdCpu {
     Workspace(int64_t q_block, int64_t d, int64_t pairs)
         : q(static_cast<size_t>(q_block * d)),
           qp(static_cast<size_t>(q_block * pairs)),
+          pp(pairs > 0 ? static_cast<size_t>(q_block * (kKBlock / 2)) : 0),
           s(static_cast<size_t>(q_block * kKBlock)),
           o(static_cast<size_t>(q_block * d)),
           m(static_cast<size_t>(q_block)),
           l(static_cast<size_t>(q_block)) {}
     std::vector<float> q;
     std::vector<uint32_t> qp;  // bf16 Q rows as pairs (use_dp_)
+    std::vector<uint32_t> pp;  // a block's P rows as bf16 pairs (use_dp_)
     std::vector<float> s, o, m, l;
   };
 
@@ -402,11 +474,14 @@ class FlashFwdCpu {
     // Uninitialised on purpose: every element a block product reads is written below (the
     // padding columns past seqlen_k are never read).
     // One buffer for both (the retained one holds one): K^T first, V from a 64-byte boundary.
-    const bool widen_v = !v_in_place_;
+    // use_dp_: V by pairs of keys instead, (kv_batches, h_k, ceil(kv_rows / 2), d) words.
+    const bool widen_v = !v_in_place_ && !use_dp_;
     const int64_t kt_count = ceil_div(nbh * (use_dp_ ? pairs_ : d) * kt_ld_, 16) * 16;
-    scratch_.allocate(static_cast<size_t>(kt_count + (widen_v ? nbh * sk * d : 0)));
+    const int64_t v_count = widen_v ? nbh * sk * d : use_dp_ ? nbh * vpairs() * d : 0;
+    scratch_.allocate(static_cast<size_t>(kt_count + v_count));
     kt_ = scratch_.get();
     v32_ = widen_v ? kt_ + kt_count : nullptr;
+    vp_ = use_dp_ ? reinterpret_cast<uint32_t*>(kt_ + kt_count) : nullptr;
     constexpr int64_t kChunk = 64;
     const int64_t nchunks = ceil_div(sk, kChunk);
     const T* k = static_cast<const T*>(p_.k);
@@ -439,6 +514,16 @@ class FlashFwdCpu {
           const T* vbase = v + b * p_.v_batch_stride + hk * p_.v_head_stride;
           float* dst = v32_ + (bh * sk + j0) * d;
           for (int64_t j = 0; j < n; ++j) load_row(vbase + (j0 + j) * p_.v_row_stride, dst + j * d, d);
+        }
+        if (use_dp_) {  // kChunk is even: a chunk holds whole pairs (the last one may be half)
+          const T* vbase = v + b * p_.v_batch_stride + hk * p_.v_head_stride;
+          uint32_t* dst = vp_ + (bh * vpairs() + j0 / 2) * d;
+          for (int64_t j = 0; j < n; j += 2) {
+            const uint16_t* lo = reinterpret_cast<const uint16_t*>(vbase + (j0 + j) * p_.v_row_stride);
+            const uint16_t* hi = j + 1 < n ? reinterpret_cast<const uint16_t*>(vbase + (j0 + j + 1) * p_.v_row_stride) : nullptr;
+            uint32_t* w = dst + (j / 2) * d;
+            for (int64_t c = 0; c < d; ++c) w[c] = lo[c] | (hi != nullptr ? uint32_t(hi[c]) << 16 : 0u);
+          }
         }
       }
     });
@@ -490,9 +575,10 @@ class FlashFwdCpu {
       const float* kt = use_dp_ ? nullptr : kt_ + (kvb * p_.h_k + hk) * d * kt_ld_ + seq.k_start;
       const uint32_t* kp =
           use_dp_ ? reinterpret_cast<const uint32_t*>(kt_) + (kvb * p_.h_k + hk) * pairs_ * kt_ld_ + seq.k_start : nullptr;
-      const float* vb;
-      int64_t v_ld;
-      if (v_in_place_) {
+      const float* vb = nullptr;
+      int64_t v_ld = d;
+      if (use_dp_) {
+      } else if (v_in_place_) {
         vb = reinterpret_cast<const float*>(static_cast<const T*>(p_.v) + b * p_.v_batch_stride +
                                             hk * p_.v_head_stride + seq.k_start * p_.v_row_stride);
         v_ld = p_.v_row_stride;
@@ -513,7 +599,10 @@ class FlashFwdCpu {
         const bool masked = band.lo(q0 + rows - 1) > k0 || band.hi(q0) < k0 + cols - 1;
         softmax_block(s, rows, cols, q0, k0, masked, band, ws);
         // O (rows, d) = alpha * O + P (rows, cols) @ V (cols, d); alpha was applied in softmax.
-        gemm_f32(rows, d, cols, kKBlock, v_ld, d, /*add_c=*/true, s, vb + k0 * v_ld, o);
+        if (use_dp_)
+          pv_block_dp(b, hk, kvb, seq, k0, rows, cols, ws);
+        else
+          gemm_f32(rows, d, cols, kKBlock, v_ld, d, /*add_c=*/true, s, vb + k0 * v_ld, o);
       }
     }
     write_output(b, h, seq.q_start + q0, rows, ws);
@@ -526,6 +615,44 @@ class FlashFwdCpu {
     (void)rows, (void)cols, (void)qp, (void)kp, (void)s;  // use_dp_ is never set in such builds
 #endif
   }
+
+  // use_dp_: O += P V for the block's keys [k0, k0 + cols) of the sequence, P (ws.s) rounded
+  // to bf16 pairs for dp_pv. The V pairs are pairs of the slice's keys (0-1, 2-3, ...): a
+  // block starting at an odd slice key leaves its first key outside any whole pair of the
+  // block, and an odd count its last; those take an fp32 row update from V itself, so no key
+  // outside the block (a masked or another sequence's key) enters the sum, not even times 0.
+  void pv_block_dp(int64_t b, int64_t hk, int64_t kvb, const cpu::VarlenSeq& seq, int64_t k0, int64_t rows,
+                   int64_t cols, Workspace& ws) const {
+#if defined(FASTATTN_HAVE_DPBF16)
+    const int64_t d = p_.d;
+    const int64_t a0 = seq.k_start + k0;  // the block's first key in the pre-pass slice
+    const int64_t first = a0 & 1, np = (cols - first) / 2;
+    const bool last = (cols - first) % 2 != 0;
+    const float* s = ws.s.data();
+    float* o = ws.o.data();
+    if (np > 0) {
+      for (int64_t r = 0; r < rows; ++r) to_bf16_pairs(s + r * kKBlock + first, np, ws.pp.data() + r * (kKBlock / 2));
+      const uint32_t* vp = vp_ + ((kvb * p_.h_k + hk) * vpairs() + (a0 + first) / 2) * d;
+      dp_pv(rows, d, np, ws.pp.data(), kKBlock / 2, vp, d, o, d);
+    }
+    const T* vsrc = static_cast<const T*>(p_.v) + b * p_.v_batch_stride + hk * p_.v_head_stride +
+                    (seq.k_start + k0) * p_.v_row_stride;
+    for (int64_t j : {first != 0 ? int64_t(0) : int64_t(-1), last ? cols - 1 : int64_t(-1)}) {
+      if (j < 0) continue;
+      float* vrow = ws.q.data();  // d floats, unused on this path (Q is in ws.qp)
+      load_row(vsrc + j * p_.v_row_stride, vrow, d);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float pj = s[r * kKBlock + j];
+        float* orow = o + r * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) orow[c] += pj * vrow[c];
+      }
+    }
+#else
+    (void)b, (void)hk, (void)kvb, (void)seq, (void)k0, (void)rows, (void)cols, (void)ws;
+#endif
+  }
+  int64_t vpairs() const { return (kv_rows_ + 1) / 2; }
 
   // Online softmax of one score block in place: S becomes P = 2^(scale_log2 * (S - m_new)),
   // the running max and sum are updated and the accumulator rows rescaled by
@@ -610,6 +737,7 @@ class FlashFwdCpu {
   ScratchBuffer scratch_;
   float* kt_ = nullptr;   // K^T (kv_batches, h_k, d, kt_ld) in scratch_ (use_dp_: K pairs)
   float* v32_ = nullptr;  // widened V (kv_batches, h_k, kv_rows, d) in scratch_, or unused
+  uint32_t* vp_ = nullptr;  // use_dp_: V by pairs of keys (kv_batches, h_k, ceil(kv_rows / 2), d)
 };
 
 }  // namespace
