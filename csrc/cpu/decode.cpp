@@ -33,7 +33,8 @@
 // read once per item for all of them; long query blocks are cut into chunks
 // (decode::cpu_query_chunk) so each item's query and output rows stay in L2. From
 // kGemmMinRows rows per kv head on, the block's rows of all heads are staged in fp32 for
-// ATen's brgemm instead.
+// ATen's brgemm instead; bf16 on a CPU with AVX512-BF16 stages them as bf16 pairs for the
+// vdpbf16ps block products of cpu_dpbf16.h (from kDpMinRows rows on; P rounded to bf16).
 //
 // Logit soft-capping (params.softcap = c > 0): the scores here are in log2 units (the
 // queries carry scale * log2(e)), so each block's valid scores are taken back to natural
@@ -49,6 +50,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_dpbf16.h"
 #include "cpu_gemm.h"
 #include "cpu_math.h"
 #include "cpu_types.h"
@@ -77,6 +79,10 @@ constexpr int64_t kHeadTile = 4;
 // 16 rows 20 ms against the GEMM's 29, 32 rows 37 against 43 fp32 and even bf16, 64 rows
 // 71 against 65); the AVX2 / SSE tiles are half as wide and stop at 16 as before.
 constexpr int64_t kGemmMinRows = cpu::vmath::kLanes == 16 ? 40 : 16;
+// The same on the bf16 pair path (vdpbf16ps block products, cpu_dpbf16.h): B8 L4096 H32/8
+// D128 on the same machine, 16 rows 23 ms against the register tiles' 19, 24 rows 28 and 28,
+// 32 rows 31.5 against 36.5, 64 rows 48 against the fp32 GEMM's 61.
+constexpr int64_t kDpMinRows = 32;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
@@ -203,22 +209,37 @@ inline float block_max(const float* s) {
 
 // Per-thread buffers of one work item, for all h_k kv heads: q, acc (h_k, rows padded to
 // kHeadTile, d) with rows = query chunk * G; scores (rows padded, kKeyBlock); m, l (h_k,
-// rows padded); GEMM path only (rows >= kGemmMinRows): kt, and kst, vst: one key block of K
-// and V rows of every kv head in fp32, (h_k, kKeyBlock, d) each. Nothing proportional to
-// the cache length.
+// rows padded); GEMM path only (rows >= kGemmMinRows, or kDpMinRows): kt, and kst, vst: one key block of K
+// and V rows of every kv head in fp32, (h_k, kKeyBlock, d) each; or, on the bf16 pair path
+// (dp: bf16 on a CPU with AVX512-BF16, cpu_dpbf16.h), qp: the query rows as bf16 pairs of
+// dims (h_k, rows padded, pairs), kps: the block's K by pairs of dims (h_k, pairs,
+// kKeyBlock), vps: its V by pairs of keys (h_k, kKeyBlock / 2, d), pp: one head's
+// probabilities as bf16 pairs (rows padded, kKeyBlock / 2). Nothing proportional to the
+// cache length.
 struct Workspace {
   int64_t gp;  // padded rows per kv head
+  bool gemm;   // block products as GEMMs (staged blocks) instead of register tiles
+  bool dp;     // ... on vdpbf16ps
+  int64_t pairs;
   std::vector<float> q, kt, scores, acc, m, l, kst, vst;
-  Workspace(int64_t h_k, int64_t rows, int64_t d)
+  std::vector<uint32_t> qp, kps, vps, pp;
+  Workspace(int64_t h_k, int64_t rows, int64_t d, bool bf16_pairs)
       : gp((rows + kHeadTile - 1) / kHeadTile * kHeadTile),
+        gemm(rows >= (bf16_pairs ? kDpMinRows : kGemmMinRows)),
+        dp(bf16_pairs && gemm),
+        pairs((d + 1) / 2),
         q(static_cast<size_t>(h_k * gp * d)),
-        kt(rows >= kGemmMinRows ? static_cast<size_t>(d * kKeyBlock) : 0),
+        kt(gemm && !dp ? static_cast<size_t>(d * kKeyBlock) : 0),
         scores(static_cast<size_t>(gp * kKeyBlock)),
         acc(static_cast<size_t>(h_k * gp * d)),
         m(static_cast<size_t>(h_k * gp)),
         l(static_cast<size_t>(h_k * gp)),
-        kst(rows >= kGemmMinRows ? static_cast<size_t>(h_k * kKeyBlock * d) : 0),
-        vst(rows >= kGemmMinRows ? static_cast<size_t>(h_k * kKeyBlock * d) : 0) {}
+        kst(gemm && !dp ? static_cast<size_t>(h_k * kKeyBlock * d) : 0),
+        vst(gemm && !dp ? static_cast<size_t>(h_k * kKeyBlock * d) : 0),
+        qp(dp ? static_cast<size_t>(h_k * gp * pairs) : 0),
+        kps(dp ? static_cast<size_t>(h_k * pairs * kKeyBlock) : 0),
+        vps(dp ? static_cast<size_t>(h_k * (kKeyBlock / 2) * d) : 0),
+        pp(dp ? static_cast<size_t>(gp * (kKeyBlock / 2)) : 0) {}
 };
 
 // The scores of the kHeadTile heads at q (rows d apart) x NK keys as 4-lane partial sums,
@@ -391,6 +412,27 @@ struct QueryBand {
   int64_t hi(int64_t qi) const { return wr >= 0 ? std::min(pos0 + qi + wr, len - 1) : len - 1; }
 };
 
+// The bf16 pair path's block products (cpu_dpbf16.h); Workspace::dp is never set in builds
+// without them. scores (rows, n) = Q K^T from the pairs; acc (rows, d) += P V, P (rows,
+// kKeyBlock) converted to bf16 pairs into pp first.
+inline void dp_scores_block(int64_t rows, int64_t n, int64_t pairs, const uint32_t* qp, const uint32_t* kp,
+                            float* scores) {
+#if defined(FASTATTN_HAVE_DPBF16)
+  cpu::dp_scores(rows, n, pairs, qp, pairs, kp, kKeyBlock, scores, kKeyBlock);
+#else
+  (void)rows, (void)n, (void)pairs, (void)qp, (void)kp, (void)scores;
+#endif
+}
+inline void dp_pv_block(int64_t rows, int64_t d, int64_t np, const float* p, uint32_t* pp, const uint32_t* vp,
+                        float* acc) {
+#if defined(FASTATTN_HAVE_DPBF16)
+  for (int64_t r = 0; r < rows; ++r) cpu::to_bf16_pairs(p + r * kKeyBlock, np, pp + r * (kKeyBlock / 2));
+  cpu::dp_pv(rows, d, np, pp, kKeyBlock / 2, vp, d, acc, d);
+#else
+  (void)rows, (void)d, (void)np, (void)p, (void)pp, (void)vp, (void)acc;
+#endif
+}
+
 // One (batch b, query chunk, split) work item over keys [begin, end), for every kv head and
 // the nq query rows of the chunk times its G query heads (row r = query qi * G + head g).
 // The kv heads are walked inside each key block, so the block's rows of all heads, which
@@ -403,7 +445,9 @@ template <typename T, bool kCap, typename OutRow, typename LseOut>
 void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const QueryBand& band,
                  int64_t begin, int64_t end, Workspace& ws, OutRow out_row, LseOut lse_out) {
   const int64_t d = p.d, group = p.h / p.h_k, gp = ws.gp, rows = nq * group;
-  const bool use_gemm = rows >= kGemmMinRows;
+  const bool use_gemm = ws.gemm && rows >= (ws.dp ? kDpMinRows : kGemmMinRows);
+  const bool use_dp = use_gemm && ws.dp;  // bf16 pairs on vdpbf16ps (T is bf16)
+  const int64_t pairs = ws.pairs;
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + i0 * p.q_row_stride;
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
@@ -417,8 +461,15 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
   const float qscale = p.softmax_scale * kLog2e;
   for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
     for (int64_t r = 0; r < rows; ++r) {
+      const T* src = q + (r / group) * p.q_row_stride + (kvh * group + r % group) * p.q_head_stride;
+      if (use_dp) {  // the bf16 row as pairs, unscaled: the scale goes onto the scores
+        const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+        uint32_t* dst = ws.qp.data() + (kvh * gp + r) * pairs;
+        for (int64_t t = 0; t < pairs; ++t) dst[t] = bits[2 * t] | (2 * t + 1 < d ? uint32_t(bits[2 * t + 1]) << 16 : 0u);
+        continue;
+      }
       float* qr = ws.q.data() + (kvh * gp + r) * d;
-      load_row(q + (r / group) * p.q_row_stride + (kvh * group + r % group) * p.q_head_stride, qr, d);
+      load_row(src, qr, d);
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) qr[i] *= qscale;
     }
@@ -453,7 +504,24 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
     if (n_next > 0) fill_offsets(k0 + n, n_next, slot ^ 1);
     // GEMM path (many query rows): the block's K and V rows of every kv head converted
     // (16-bit) or copied (fp32) to fp32 staging buffers in memory order, for the brgemm.
-    if (use_gemm) {
+    if (use_dp) {  // bf16 pairs: K by pairs of dims, V by pairs of the block's keys
+      for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
+        uint32_t* kp = ws.kps.data() + kvh * pairs * kKeyBlock;
+        uint32_t* vp = ws.vps.data() + kvh * (kKeyBlock / 2) * d;
+        for (int64_t j = 0; j < n; ++j) {
+          const uint16_t* kr = reinterpret_cast<const uint16_t*>(kc + koff[slot][j] + kvh * p.k_head_stride);
+          for (int64_t t = 0; t < pairs; ++t)
+            kp[t * kKeyBlock + j] = kr[2 * t] | (2 * t + 1 < d ? uint32_t(kr[2 * t + 1]) << 16 : 0u);
+        }
+        for (int64_t j = 0; j < n; j += 2) {  // an odd block's last pair: the key after it is 0
+          const uint16_t* lo = reinterpret_cast<const uint16_t*>(vc + voff[slot][j] + kvh * p.v_head_stride);
+          const uint16_t* hi =
+              j + 1 < n ? reinterpret_cast<const uint16_t*>(vc + voff[slot][j + 1] + kvh * p.v_head_stride) : nullptr;
+          uint32_t* w = vp + (j / 2) * d;
+          for (int64_t c = 0; c < d; ++c) w[c] = lo[c] | (hi != nullptr ? uint32_t(hi[c]) << 16 : 0u);
+        }
+      }
+    } else if (use_gemm) {
       for (int64_t j = 0; j < n; ++j) {
         for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
           load_row(kc + koff[slot][j] + kvh * p.k_head_stride, ws.kst.data() + (kvh * kKeyBlock + j) * d, d);
@@ -466,7 +534,11 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
       float* acc = ws.acc.data() + kvh * gp * d;
       float* m = ws.m.data() + kvh * gp;
       float* l = ws.l.data() + kvh * gp;
-      if (use_gemm) {
+      if (use_dp) {
+        dp_scores_block(rows, n, pairs, ws.qp.data() + kvh * gp * pairs, ws.kps.data() + kvh * pairs * kKeyBlock, sc);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < n; ++j) sc[r * kKeyBlock + j] *= qscale;
+      } else if (use_gemm) {
         for (int64_t j = 0; j < n; ++j) krows[j] = ws.kst.data() + (kvh * kKeyBlock + j) * d;
         float* kt = ws.kt.data();  // K^T of the block: (d, n), leading dim kKeyBlock
         for (int64_t j = 0; j < n; ++j)
@@ -522,7 +594,9 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
         }
       }
       // P V: each V row is used once for all output rows.
-      if (use_gemm) {  // the staged rows are contiguous: V block (n, d)
+      if (use_dp) {  // P rounded to bf16 pairs (P past n is 0, as is the V row after an odd n)
+        dp_pv_block(rows, d, (n + 1) / 2, sc, ws.pp.data(), ws.vps.data() + kvh * (kKeyBlock / 2) * d, acc);
+      } else if (use_gemm) {  // the staged rows are contiguous: V block (n, d)
         cpu::gemm_f32(rows, d, n, kKeyBlock, d, d, /*add_c=*/true, sc, ws.vst.data() + kvh * kKeyBlock * d, acc);
       } else {
         for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile)
@@ -553,7 +627,7 @@ void decode_impl(const DecodeParams& p) {
   const int64_t chunk = decode::cpu_query_chunk(group, p.h_k, d, sq);
   const int64_t chunks = (sq + chunk - 1) / chunk;
   at::parallel_for(0, p.b * chunks * splits, 1, [&](int64_t it0, int64_t it1) {
-    Workspace ws(p.h_k, std::min(chunk, sq) * group, d);
+    Workspace ws(p.h_k, std::min(chunk, sq) * group, d, std::is_same<T, cpu::bf16_t>::value && cpu::has_dpbf16());
     for (int64_t it = it0; it < it1; ++it) {
       const int64_t s = it % splits, c = (it / splits) % chunks, b = it / (splits * chunks);
       const int64_t i0 = c * chunk, nq = std::min(chunk, sq - i0);
