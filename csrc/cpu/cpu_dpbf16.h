@@ -17,6 +17,17 @@
 namespace fastattn {
 namespace cpu {
 
+// The operand layouts (plain C++, every tier): dst[t * stride] = the word of dims (2t, 2t + 1)
+// of a bf16 row of d values (the dim past an odd d is 0), for t < ceil(d / 2).
+inline void pack_dim_pairs(const uint16_t* row, int64_t d, uint32_t* dst, int64_t stride) {
+  for (int64_t t = 0; 2 * t < d; ++t)
+    dst[t * stride] = row[2 * t] | (2 * t + 1 < d ? uint32_t(row[2 * t + 1]) << 16 : 0u);
+}
+// dst[c] = the word of two bf16 rows' dim c (lo, hi): a pair of keys; hi null = a zero row.
+inline void pack_row_pairs(const uint16_t* lo, const uint16_t* hi, int64_t d, uint32_t* dst) {
+  for (int64_t c = 0; c < d; ++c) dst[c] = lo[c] | (hi != nullptr ? uint32_t(hi[c]) << 16 : 0u);
+}
+
 #if defined(FASTATTN_HAVE_DPBF16)
 // C (R rows, ncols <= 32 of its columns) = or += A B on vdpbf16ps, twice the fp32 FMA rate:
 // each 32-bit lane of the instruction adds two exact bf16 products to an fp32 sum. A and B

@@ -209,8 +209,9 @@ inline float block_max(const float* s) {
 
 // Per-thread buffers of one work item, for all h_k kv heads: q, acc (h_k, rows padded to
 // kHeadTile, d) with rows = query chunk * G; scores (rows padded, kKeyBlock); m, l (h_k,
-// rows padded); GEMM path only (rows >= kGemmMinRows, or kDpMinRows): kt, and kst, vst: one key block of K
-// and V rows of every kv head in fp32, (h_k, kKeyBlock, d) each; or, on the bf16 pair path
+// rows padded); GEMM path only (rows >= kGemmMinRows, kDpMinRows on the pair path): kt, and
+// kst, vst: one key block of K and V rows of every kv head in fp32, (h_k, kKeyBlock, d)
+// each; or, on the bf16 pair path
 // (dp: bf16 on a CPU with AVX512-BF16, cpu_dpbf16.h), qp: the query rows as bf16 pairs of
 // dims (h_k, rows padded, pairs), kps: the block's K by pairs of dims (h_k, pairs,
 // kKeyBlock), vps: its V by pairs of keys (h_k, kKeyBlock / 2, d), pp: one head's
@@ -463,9 +464,7 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
     for (int64_t r = 0; r < rows; ++r) {
       const T* src = q + (r / group) * p.q_row_stride + (kvh * group + r % group) * p.q_head_stride;
       if (use_dp) {  // the bf16 row as pairs, unscaled: the scale goes onto the scores
-        const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-        uint32_t* dst = ws.qp.data() + (kvh * gp + r) * pairs;
-        for (int64_t t = 0; t < pairs; ++t) dst[t] = bits[2 * t] | (2 * t + 1 < d ? uint32_t(bits[2 * t + 1]) << 16 : 0u);
+        cpu::pack_dim_pairs(reinterpret_cast<const uint16_t*>(src), d, ws.qp.data() + (kvh * gp + r) * pairs, 1);
         continue;
       }
       float* qr = ws.q.data() + (kvh * gp + r) * d;
@@ -508,17 +507,14 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
       for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
         uint32_t* kp = ws.kps.data() + kvh * pairs * kKeyBlock;
         uint32_t* vp = ws.vps.data() + kvh * (kKeyBlock / 2) * d;
-        for (int64_t j = 0; j < n; ++j) {
-          const uint16_t* kr = reinterpret_cast<const uint16_t*>(kc + koff[slot][j] + kvh * p.k_head_stride);
-          for (int64_t t = 0; t < pairs; ++t)
-            kp[t * kKeyBlock + j] = kr[2 * t] | (2 * t + 1 < d ? uint32_t(kr[2 * t + 1]) << 16 : 0u);
-        }
+        for (int64_t j = 0; j < n; ++j)
+          cpu::pack_dim_pairs(reinterpret_cast<const uint16_t*>(kc + koff[slot][j] + kvh * p.k_head_stride), d,
+                              kp + j, kKeyBlock);
         for (int64_t j = 0; j < n; j += 2) {  // an odd block's last pair: the key after it is 0
           const uint16_t* lo = reinterpret_cast<const uint16_t*>(vc + voff[slot][j] + kvh * p.v_head_stride);
           const uint16_t* hi =
               j + 1 < n ? reinterpret_cast<const uint16_t*>(vc + voff[slot][j + 1] + kvh * p.v_head_stride) : nullptr;
-          uint32_t* w = vp + (j / 2) * d;
-          for (int64_t c = 0; c < d; ++c) w[c] = lo[c] | (hi != nullptr ? uint32_t(hi[c]) << 16 : 0u);
+          cpu::pack_row_pairs(lo, hi, d, vp + (j / 2) * d);
         }
       }
     } else if (use_gemm) {

@@ -372,13 +372,8 @@ class FlashFwdCpu {
         const T* kbase = k + b * p_.k_batch_stride + hk * p_.k_head_stride;
         if (use_dp_) {
           uint32_t* kp = reinterpret_cast<uint32_t*>(kt_) + bh * pairs_ * kt_ld_ + j0;
-          for (int64_t j = 0; j < n; ++j) {
-            const uint16_t* kr = reinterpret_cast<const uint16_t*>(kbase + (j0 + j) * p_.k_row_stride);
-            for (int64_t t = 0; t < pairs_; ++t) {
-              const uint32_t hi = 2 * t + 1 < d ? kr[2 * t + 1] : 0u;
-              kp[t * kt_ld_ + j] = kr[2 * t] | hi << 16;
-            }
-          }
+          for (int64_t j = 0; j < n; ++j)
+            cpu::pack_dim_pairs(reinterpret_cast<const uint16_t*>(kbase + (j0 + j) * p_.k_row_stride), d, kp + j, kt_ld_);
         }
         if (!use_dp_)
           for (int64_t j = 0; j < n; ++j) load_row(kbase + (j0 + j) * p_.k_row_stride, rows.data() + j * d, d);
@@ -398,8 +393,7 @@ class FlashFwdCpu {
           for (int64_t j = 0; j < n; j += 2) {
             const uint16_t* lo = reinterpret_cast<const uint16_t*>(vbase + (j0 + j) * p_.v_row_stride);
             const uint16_t* hi = j + 1 < n ? reinterpret_cast<const uint16_t*>(vbase + (j0 + j + 1) * p_.v_row_stride) : nullptr;
-            uint32_t* w = dst + (j / 2) * d;
-            for (int64_t c = 0; c < d; ++c) w[c] = lo[c] | (hi != nullptr ? uint32_t(hi[c]) << 16 : 0u);
+            cpu::pack_row_pairs(lo, hi, d, dst + (j / 2) * d);
           }
         }
       }
@@ -439,11 +433,8 @@ class FlashFwdCpu {
       } else if (use_dp_) {
         qa = nullptr;
         q_ld = 0;
-        for (int64_t r = 0; r < rows; ++r) {
-          const uint16_t* qr = reinterpret_cast<const uint16_t*>(qsrc + r * p_.q_row_stride);
-          uint32_t* dst = ws.qp.data() + r * pairs_;
-          for (int64_t t = 0; t < pairs_; ++t) dst[t] = qr[2 * t] | (2 * t + 1 < d ? uint32_t(qr[2 * t + 1]) : 0u) << 16;
-        }
+        for (int64_t r = 0; r < rows; ++r)
+          cpu::pack_dim_pairs(reinterpret_cast<const uint16_t*>(qsrc + r * p_.q_row_stride), d, ws.qp.data() + r * pairs_, 1);
       } else {
         for (int64_t r = 0; r < rows; ++r) load_row(qsrc + r * p_.q_row_stride, ws.q.data() + r * d, d);
         qa = ws.q.data();
