@@ -237,6 +237,30 @@ def test_cpu_thread_count_invariant():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+def test_cpu_other_sequences_keys_never_enter(dtype):
+    """A non-finite value in one sequence's V reaches no other sequence, not even as 0 * inf.
+    Sequences starting at odd packed offsets matter on the bf16 pair path (AVX512-BF16 CPUs),
+    whose V layout pairs packed keys 2u, 2u + 1: a pair straddling two sequences must not be
+    multiplied into either (its odd edge key is added on its own)."""
+    lens_q, lens_k = [3, 70, 5, 41], [3, 67, 9, 41]  # sequences start at packed keys 0, 3, 70, 79
+    q, k, v, cq, ck = _make("cpu", dtype, lens_q, lens_k, 4, 2, 64)
+    v_bad = v.clone()
+    starts = ck.tolist()
+    poisoned = [0, 2]  # the last key of sequences 0 and 2: packed keys 2 and 78, each paired
+    for s in poisoned:    # with the next sequence's first key
+        v_bad[starts[s + 1] - 1] = float("inf")
+    for causal, window in [(True, (-1, -1)), (False, (-1, -1)), (True, (8, 0))]:
+        kw = dict(causal=causal, window=window)
+        out_bad, _ = _call(q, k, v_bad, cq, ck, lens_q, lens_k, **kw)
+        out, _ = _call(q, k, v, cq, ck, lens_q, lens_k, **kw)
+        qs = cq.tolist()
+        for s in (1, 3):  # the clean sequences right after the poisoned ones
+            rows = slice(qs[s], qs[s + 1])
+            assert torch.isfinite(out_bad[rows].float()).all(), f"sequence {s} {kw}: another sequence's inf got in"
+            assert torch.equal(out_bad[rows], out[rows]), f"sequence {s} {kw}"
+
+
 def test_double_backward_raises():
     q, k, v, cq, ck = _make("cpu", torch.float32, [5, 3], [7, 2], 2, 1, 16)
     q.requires_grad_()
