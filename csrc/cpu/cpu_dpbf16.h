@@ -115,6 +115,17 @@ FASTATTN_DPBF16 inline void to_bf16_pairs(const float* src, int64_t pairs, uint3
     _mm512_mask_storeu_epi32(dst + u, __mmask16((1u << (pairs - u)) - 1u), (__m512i)b);
   }
 }
+#else
+// Builds without the instruction (the AVX2 and baseline tiers): has_dpbf16() is false there,
+// so callers never reach these; they exist so the callers need no #if of their own.
+[[noreturn]] inline void dp_unavailable() { __builtin_trap(); }
+inline void dp_scores(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t) {
+  dp_unavailable();
+}
+inline void dp_pv(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t) {
+  dp_unavailable();
+}
+inline void to_bf16_pairs(const float*, int64_t, uint32_t*) { dp_unavailable(); }
 #endif
 
 }  // namespace cpu

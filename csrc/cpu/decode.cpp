@@ -413,27 +413,6 @@ struct QueryBand {
   int64_t hi(int64_t qi) const { return wr >= 0 ? std::min(pos0 + qi + wr, len - 1) : len - 1; }
 };
 
-// The bf16 pair path's block products (cpu_dpbf16.h); Workspace::dp is never set in builds
-// without them. scores (rows, n) = Q K^T from the pairs; acc (rows, d) += P V, P (rows,
-// kKeyBlock) converted to bf16 pairs into pp first.
-inline void dp_scores_block(int64_t rows, int64_t n, int64_t pairs, const uint32_t* qp, const uint32_t* kp,
-                            float* scores) {
-#if defined(FASTATTN_HAVE_DPBF16)
-  cpu::dp_scores(rows, n, pairs, qp, pairs, kp, kKeyBlock, scores, kKeyBlock);
-#else
-  (void)rows, (void)n, (void)pairs, (void)qp, (void)kp, (void)scores;
-#endif
-}
-inline void dp_pv_block(int64_t rows, int64_t d, int64_t np, const float* p, uint32_t* pp, const uint32_t* vp,
-                        float* acc) {
-#if defined(FASTATTN_HAVE_DPBF16)
-  for (int64_t r = 0; r < rows; ++r) cpu::to_bf16_pairs(p + r * kKeyBlock, np, pp + r * (kKeyBlock / 2));
-  cpu::dp_pv(rows, d, np, pp, kKeyBlock / 2, vp, d, acc, d);
-#else
-  (void)rows, (void)d, (void)np, (void)p, (void)pp, (void)vp, (void)acc;
-#endif
-}
-
 // One (batch b, query chunk, split) work item over keys [begin, end), for every kv head and
 // the nq query rows of the chunk times its G query heads (row r = query qi * G + head g).
 // The kv heads are walked inside each key block, so the block's rows of all heads, which
@@ -531,7 +510,8 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
       float* m = ws.m.data() + kvh * gp;
       float* l = ws.l.data() + kvh * gp;
       if (use_dp) {
-        dp_scores_block(rows, n, pairs, ws.qp.data() + kvh * gp * pairs, ws.kps.data() + kvh * pairs * kKeyBlock, sc);
+        cpu::dp_scores(rows, n, pairs, ws.qp.data() + kvh * gp * pairs, pairs, ws.kps.data() + kvh * pairs * kKeyBlock,
+                       kKeyBlock, sc, kKeyBlock);
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t j = 0; j < n; ++j) sc[r * kKeyBlock + j] *= qscale;
       } else if (use_gemm) {
@@ -591,7 +571,10 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
       }
       // P V: each V row is used once for all output rows.
       if (use_dp) {  // P rounded to bf16 pairs (P past n is 0, as is the V row after an odd n)
-        dp_pv_block(rows, d, (n + 1) / 2, sc, ws.pp.data(), ws.vps.data() + kvh * (kKeyBlock / 2) * d, acc);
+        const int64_t np = (n + 1) / 2;
+        for (int64_t r = 0; r < rows; ++r)
+          cpu::to_bf16_pairs(sc + r * kKeyBlock, np, ws.pp.data() + r * (kKeyBlock / 2));
+        cpu::dp_pv(rows, d, np, ws.pp.data(), kKeyBlock / 2, ws.vps.data() + kvh * (kKeyBlock / 2) * d, d, acc, d);
       } else if (use_gemm) {  // the staged rows are contiguous: V block (n, d)
         cpu::gemm_f32(rows, d, n, kKeyBlock, d, d, /*add_c=*/true, sc, ws.vst.data() + kvh * kKeyBlock * d, acc);
       } else {

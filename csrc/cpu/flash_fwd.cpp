@@ -31,7 +31,7 @@
 // strides. On the AVX-512 machine (bf16 dot products, no AMX) this was tuned on, brgemm on
 // fp32 operands ran 2-4x faster than on bf16 ones at these block shapes, so 16-bit inputs are
 // widened rather than multiplied in 16 bit. The exception: bf16 on a CPU with AVX512-BF16
-// runs both block products on this file's own vdpbf16ps micro-kernels (exact bf16 products
+// runs both block products on our own vdpbf16ps micro-kernels (cpu_dpbf16.h: exact bf16 products
 // summed in fp32, at twice the fp32 FMA rate): S = Q K^T (dp_scores) from K laid out by pairs
 // of dims, and O += P V (dp_pv) from V laid out by pairs of keys, with P rounded to bf16 as
 // the GPU kernels round it (the output error against float64 moved from 7.8e-3 to 8.2e-3 at
@@ -126,7 +126,6 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 using cpu::gemm_f32;
 using cpu::gemm_release;
-
 
 // Uninitialised fp32 scratch for the whole call (the K^T / widened V copies). Fresh
 // multi-megabyte allocations are new pages every call, and first-touching them one 4 KiB page
@@ -364,7 +363,7 @@ class FlashFwdCpu {
     const T* k = static_cast<const T*>(p_.k);
     const T* v = static_cast<const T*>(p_.v);
     at::parallel_for(0, nbh * nchunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> rows(static_cast<size_t>(kChunk * d));
+      std::vector<float> rows(use_dp_ ? 0 : static_cast<size_t>(kChunk * d));
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / nchunks, j0 = (task % nchunks) * kChunk;
         const int64_t b = bh / p_.h_k, hk = bh % p_.h_k;
@@ -374,13 +373,13 @@ class FlashFwdCpu {
           uint32_t* kp = reinterpret_cast<uint32_t*>(kt_) + bh * pairs_ * kt_ld_ + j0;
           for (int64_t j = 0; j < n; ++j)
             cpu::pack_dim_pairs(reinterpret_cast<const uint16_t*>(kbase + (j0 + j) * p_.k_row_stride), d, kp + j, kt_ld_);
-        }
-        if (!use_dp_)
+        } else {
           for (int64_t j = 0; j < n; ++j) load_row(kbase + (j0 + j) * p_.k_row_stride, rows.data() + j * d, d);
-        float* kt = use_dp_ ? nullptr : kt_ + bh * d * kt_ld_ + j0;
-        for (int64_t c = 0; kt != nullptr && c < d; ++c) {
-          float* dst = kt + c * kt_ld_;
-          for (int64_t j = 0; j < n; ++j) dst[j] = rows[j * d + c];
+          float* kt = kt_ + bh * d * kt_ld_ + j0;
+          for (int64_t c = 0; c < d; ++c) {
+            float* dst = kt + c * kt_ld_;
+            for (int64_t j = 0; j < n; ++j) dst[j] = rows[j * d + c];
+          }
         }
         if (widen_v) {
           const T* vbase = v + b * p_.v_batch_stride + hk * p_.v_head_stride;
@@ -443,10 +442,9 @@ class FlashFwdCpu {
       const float* kt = use_dp_ ? nullptr : kt_ + (kvb * p_.h_k + hk) * d * kt_ld_ + seq.k_start;
       const uint32_t* kp =
           use_dp_ ? reinterpret_cast<const uint32_t*>(kt_) + (kvb * p_.h_k + hk) * pairs_ * kt_ld_ + seq.k_start : nullptr;
-      const float* vb = nullptr;
+      const float* vb = nullptr;  // fp32 V operand (use_dp_: the V pairs instead, pv_block_dp)
       int64_t v_ld = d;
-      if (use_dp_) {
-      } else if (v_in_place_) {
+      if (v_in_place_) {
         vb = reinterpret_cast<const float*>(static_cast<const T*>(p_.v) + b * p_.v_batch_stride +
                                             hk * p_.v_head_stride + seq.k_start * p_.v_row_stride);
         v_ld = p_.v_row_stride;
@@ -460,7 +458,7 @@ class FlashFwdCpu {
         float* s = ws.s.data();
         // S (rows, cols) = Q (rows, d) @ K^T (d, cols)
         if (use_dp_)
-          score_block_dp(rows, cols, ws.qp.data(), kp + k0, s);
+          cpu::dp_scores(rows, cols, pairs_, ws.qp.data(), pairs_, kp + k0, kt_ld_, s, kKBlock);
         else
           gemm_f32(rows, cols, d, q_ld, kt_ld_, kKBlock, /*add_c=*/false, qa, kt + k0, s);
         // Blocks wholly inside every row's band skip the per-row clipping.
@@ -476,14 +474,6 @@ class FlashFwdCpu {
     write_output(b, h, seq.q_start + q0, rows, ws);
   }
 
-  void score_block_dp(int64_t rows, int64_t cols, const uint32_t* qp, const uint32_t* kp, float* s) const {
-#if defined(FASTATTN_HAVE_DPBF16)
-    cpu::dp_scores(rows, cols, pairs_, qp, pairs_, kp, kt_ld_, s, kKBlock);
-#else
-    (void)rows, (void)cols, (void)qp, (void)kp, (void)s;  // use_dp_ is never set in such builds
-#endif
-  }
-
   // use_dp_: O += P V for the block's keys [k0, k0 + cols) of the sequence, P (ws.s) rounded
   // to bf16 pairs for dp_pv. The V pairs are pairs of the slice's keys (0-1, 2-3, ...): a
   // block starting at an odd slice key leaves its first key outside any whole pair of the
@@ -491,7 +481,6 @@ class FlashFwdCpu {
   // outside the block (a masked or another sequence's key) enters the sum, not even times 0.
   void pv_block_dp(int64_t b, int64_t hk, int64_t kvb, const cpu::VarlenSeq& seq, int64_t k0, int64_t rows,
                    int64_t cols, Workspace& ws) const {
-#if defined(FASTATTN_HAVE_DPBF16)
     const int64_t d = p_.d;
     const int64_t a0 = seq.k_start + k0;  // the block's first key in the pre-pass slice
     const int64_t first = a0 & 1, np = (cols - first) / 2;
@@ -516,9 +505,6 @@ class FlashFwdCpu {
         for (int64_t c = 0; c < d; ++c) orow[c] += pj * vrow[c];
       }
     }
-#else
-    (void)b, (void)hk, (void)kvb, (void)seq, (void)k0, (void)rows, (void)cols, (void)ws;
-#endif
   }
   int64_t vpairs() const { return (kv_rows_ + 1) / 2; }
 
