@@ -50,6 +50,8 @@ def check_softmax_scale(scale, name: str = "softmax_scale"):
     scale would silently turn every output into NaN."""
     if scale is None:
         return None
+    if type(scale) is float and abs(scale) <= _FLOAT32_MAX:  # (the common case, without the ABC checks)
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name} must be a real number (float) or None, got {type(scale).__name__}: {scale!r}")
     scale = float(scale)
@@ -62,6 +64,8 @@ def check_softcap(softcap, name: str = "softcap") -> float:
     """Logit soft-capping: 0 (off) or a positive real number finite in float32, returned as a
     Python float. Anything else (negative, NaN, inf, a bool, a tensor, a string) is a
     ValueError naming the argument: a wrong cap would silently give NaN or a wrong softmax."""
+    if type(softcap) is float and 0.0 <= softcap <= _FLOAT32_MAX:  # (the common case, without the ABC checks)
+        return softcap
     if isinstance(softcap, bool) or not isinstance(softcap, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise ValueError(f"{name} must be a real number >= 0 (0 = off), got {type(softcap).__name__}: {softcap!r}")
     softcap = float(softcap)
@@ -83,4 +87,4 @@ def check_bool(value, name: str) -> bool:
 
 def is_integer(value) -> bool:
     """A Python or NumPy integer (any numbers.Integral), but not a bool: True is not a size."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))

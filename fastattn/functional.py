@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import ops
 from ._validate import (
+    FLOAT_DTYPES,
     check_bool,
     check_float,
     check_last_dim_contiguous,
@@ -75,6 +76,30 @@ def _contiguous_last_dim(t: Tensor) -> Tensor:
     return t
 
 
+def _rms_norm_plain(x, weight, eps, residual) -> bool:
+    """The usual call, decided in a few comparisons (~1 us instead of ~4 of checks): a float32 /
+    float16 / bfloat16 x that is not nested, a float eps, a weight of x's dtype and device and
+    shape (N,) or none, a residual of x's dtype, shape and device or none, and not the CUDA
+    autocast case. rms_norm then goes straight to the kernels; anything else takes its checks
+    and conversions one by one."""
+    if not (isinstance(x, Tensor) and type(eps) is float):
+        return False
+    dtype = x.dtype
+    if not (dtype in _KERNEL_DTYPES and x.dim() >= 1 and not x.is_nested):
+        return False
+    if weight is not None and not (isinstance(weight, Tensor) and weight.dtype == dtype and weight.dim() == 1
+                                   and weight.shape[0] == x.shape[-1] and weight.device == x.device):
+        return False
+    if residual is not None and not (isinstance(residual, Tensor) and residual.dtype == dtype
+                                     and residual.shape == x.shape and residual.device == x.device
+                                     and not residual.is_nested):
+        return False
+    return not (x.is_cuda and dtype != torch.float32 and _CUDA_AUTOCAST_RMS_NORM_FP32
+                and torch.is_autocast_enabled("cuda"))
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 # Whether this torch's CUDA autocast runs rms_norm in fp32 (torch 2.13 does; torch 2.11 left it
 # alone, seen on an H200: nn.RMSNorm under fp16 autocast returned fp16). Read off torch's own
 # dispatcher once, so fastattn.rms_norm returns what torch's rms_norm returns on either.
@@ -118,6 +143,12 @@ def rms_norm(
     Differentiable in x, weight and residual, to any order (with ``create_graph=True`` the
     backward is recorded as torch ops).
     """
+    if _rms_norm_plain(x, weight, eps, residual):  # every check below passes: straight to the kernel
+        x = _contiguous_last_dim(x)
+        if residual is None:
+            return ops.rms_norm_fwd(x, weight, eps)[0]
+        y, h, _rstd = ops.rms_norm_add_fwd(x, _contiguous_last_dim(residual), weight, eps)
+        return y, h
     check_tensor(x, "x")
     if x.dtype not in _RMS_DTYPES and not x.is_complex():
         raise ValueError(
@@ -192,7 +223,28 @@ def rms_norm(
 __all__ += ["apply_rotary"]
 
 
+def _rotary_args_ok(q, k, cos, sin, positions) -> bool:
+    """Whether _check_rotary_args passes, decided in a few comparisons (~1 us instead of ~5);
+    anything else goes through its checks one by one, which name what is wrong."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(cos, Tensor) and isinstance(sin, Tensor)):
+        return False
+    qs, ks, cs, device = q.shape, k.shape, cos.shape, q.device
+    if not (len(qs) == 4 and len(ks) == 4 and q.dtype in FLOAT_DTYPES and k.dtype == q.dtype and k.device == device
+            and ks[0] == qs[0] and ks[1] == qs[1] and ks[3] == qs[3]
+            and (qs[3] <= 1 or (q.stride(-1) == 1 and k.stride(-1) == 1))
+            and cos.dtype == torch.float32 and sin.dtype == torch.float32 and len(cs) == 2 and cs[1] >= 1
+            and sin.shape == cs and cos.device == device and sin.device == device and 2 * cs[1] <= qs[3]):
+        return False
+    if positions is None:
+        return qs[1] <= cs[0]
+    return (isinstance(positions, Tensor) and positions.device == device
+            and positions.dtype in (torch.int32, torch.int64)
+            and (positions.shape == (qs[1],) or positions.shape == (qs[0], qs[1])))
+
+
 def _check_rotary_args(q, k, cos, sin, positions) -> None:
+    if _rotary_args_ok(q, k, cos, sin, positions):
+        return
     for t, name in ((q, "q"), (k, "k")):
         check_float(t, name)
         if t.dim() != 4:
@@ -413,6 +465,10 @@ _INT64_MAX = 2**63 - 1
 
 
 def _check_window(window) -> tuple:
+    if type(window) is tuple and len(window) == 2:  # the common case: plain ints in range
+        left, right = window
+        if type(left) is int and type(right) is int and -1 <= left <= _INT64_MAX and -1 <= right <= _INT64_MAX:
+            return left, right
     # Python and NumPy integers alike; a bool is refused (True is not a window size).
     if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(is_integer(w) for w in window)):
         raise ValueError(f"window must be a pair of ints (left, right), got {window!r}")
@@ -424,12 +480,34 @@ def _check_window(window) -> tuple:
     return (-1 if left > _INT64_MAX else left), (-1 if right > _INT64_MAX else right)
 
 
+def _qkv_ok(q, k, v, rank: int) -> bool:
+    """Whether q, k, v pass every check of _check_qkv, decided in a few comparisons: the usual
+    call costs ~1 us of checks instead of ~5. Anything else (including what is fine but not
+    plain, e.g. meta tensors) goes through the checks one by one, which name what is wrong."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        return False
+    dtype, device, qs, ks = q.dtype, q.device, q.shape, k.shape
+    if not (len(qs) == rank and len(ks) == rank and ks == v.shape and k.dtype == dtype and v.dtype == dtype
+            and k.device == device and v.device == device and (rank != 4 or ks[0] == qs[0])):
+        return False
+    D, H, Hk = qs[-1], qs[-2], ks[-2]
+    if device.type == "cpu":
+        dims_ok = dtype in FLOAT_DTYPES and 1 <= D <= _CPU_MAX_HEAD_DIM
+    else:
+        dims_ok = (device.type == "cuda" and _CUDA_BUILT and dtype in (torch.float16, torch.bfloat16)
+                   and D in _CUDA_HEAD_DIMS)
+    return (dims_ok and ks[-1] == D and Hk >= 1 and H % Hk == 0
+            and (D == 1 or (q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)))
+
+
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, layouts) -> int:
     """The checks flash_attention (4-D, batched) and flash_attention_varlen (3-D, packed)
     share: dtypes, ranks, devices, shapes, GQA head counts, head dims per device, contiguous
     last dims. Returns the head dim D."""
     q_layout, kv_layout = layouts
     rank = q_layout.count(",") + 1
+    if _qkv_ok(q, k, v, rank):
+        return q.shape[-1]
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         check_float(t, name, cuda_16bit_only=True)
     for t, name, layout in ((q, "q", q_layout), (k, "k", kv_layout), (v, "v", kv_layout)):

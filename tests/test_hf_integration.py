@@ -420,6 +420,57 @@ def test_patch_model_phi3_partial_rotary(monkeypatch):
     assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
 
 
+@pytest.mark.parametrize("batch_tables", [False, True])
+@pytest.mark.parametrize("S", [1, 7])
+def test_rotary_tables_kept_per_forward(batch_tables, S, monkeypatch):
+    """The rotary tables are built once per cos / sin pair (every layer of a forward gets the same
+    tensors), and never reused for another sin, a cos or sin changed in place, or inference
+    tensors (no version counter): each result equals transformers' own rotary."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    B, H, Hk, D = 3, 4, 2, 16
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(B, H, S, D, generator=g), torch.randn(B, Hk, S, D, generator=g)
+
+    def tables():
+        angles = torch.rand(B if batch_tables else 1, S, D // 2, generator=g) * 6.0
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos(), emb.sin()
+
+    built = []
+    real = fa_hf._rotary_tables
+    monkeypatch.setattr(fa_hf, "_rotary_tables", lambda c, s: built.append(1) or real(c, s))
+
+    def check(cos, sin):
+        mine = fa_hf._hf_rotary_on_fastattn(q, k, cos, sin)
+        theirs = apply_rotary_pos_emb(q, k, cos, sin)
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    cos, sin = tables()
+    for _ in range(3):  # three layers of one forward
+        check(cos, sin)
+    assert len(built) == 1
+    other_cos, other_sin = tables()
+    check(cos, other_sin)  # same cos, another sin: not the kept tables
+    assert len(built) == 2
+    check(cos, sin)  # (the pair kept first is still valid)
+    assert len(built) == 2
+    with torch.no_grad():
+        cos.copy_(other_cos)  # in place: new version, new tables
+    check(cos, sin)
+    assert len(built) == 3
+    with torch.no_grad():
+        sin.copy_(other_sin)
+    check(cos, sin)
+    assert len(built) == 4
+    with torch.inference_mode():
+        icos, isin = tables()
+        check(icos, isin)
+        check(icos, isin)
+    assert len(built) == 6
+
+
 def test_patch_model_reports_what_it_left_alone():
     class OddRMSNorm(torch.nn.Module):  # some other norm math: not ours to swap
         def __init__(self):

@@ -78,6 +78,7 @@ import sys
 import threading
 import types
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -863,22 +864,38 @@ def register() -> None:
 # ---------------------------------------------------------------------------------------
 # patch_model: RMSNorm modules and rotary application
 # ---------------------------------------------------------------------------------------
+def _rotary_tables(cos, sin):
+    """(cos_t, sin_t, positions) for fastattn.apply_rotary from transformers' cos/sin (B or 1, S, R),
+    which hold each frequency twice (NeoX halves) per token: their first halves, flattened over
+    (batch, seq), form a table whose row b * S + s is the angle of token (b, s), read with
+    positions arange(B * S) (None, the kernel's default arange(S), for one batch row). Copies
+    (never views of cos: the tables are kept on cos itself, see _hf_rotary_on_fastattn)."""
+    Bc, S, R = cos.shape
+    half = R // 2
+    cos_t = cos[..., :half].reshape(Bc * S, half).to(torch.float32, copy=True)
+    sin_t = sin[..., :half].reshape(Bc * S, half).to(torch.float32, copy=True)
+    positions = None if Bc == 1 else torch.arange(Bc * S, device=cos.device).view(Bc, S)
+    return cos_t, sin_t, positions
+
+
 def _hf_rotary_on_fastattn(q, k, cos, sin, unsqueeze_dim=1):
     """transformers' apply_rotary_pos_emb(q, k, cos, sin) on fastattn.apply_rotary.
 
     q (B, H, S, D), k (B, Hk, S, D); cos/sin (B or 1, S, R), already gathered per position
-    and holding each frequency twice (NeoX halves). The first halves of cos/sin, flattened
-    over (batch, seq), form a table whose row b * S + s is the angle of token (b, s), so the
-    kernel reads it with positions = arange(B * S). R < D (Phi-3's partial rotary) rotates
-    dims 0..R and passes R..D through, in the kernel as in Phi-3's function."""
-    Bc, S, R = cos.shape
-    half = R // 2
-    cos_t = cos[..., :half].reshape(Bc * S, half).float()
-    sin_t = sin[..., :half].reshape(Bc * S, half).float()
-    if Bc == 1:
-        positions = torch.arange(S, device=q.device)
-    else:
-        positions = torch.arange(Bc * S, device=q.device).view(Bc, S)
+    (see _rotary_tables). R < D (Phi-3's partial rotary) rotates dims 0..R and passes R..D
+    through, in the kernel as in Phi-3's function. Every layer of a forward gets the same cos
+    and sin tensors: the tables are made once per forward (kept on cos, keyed by its and
+    sin's in-place versions and sin's identity)."""
+    tables = None
+    sin_version = None if _compiling() else _version_of(sin)
+    if sin_version is not None:
+        memo = _memo_on(cos, "_fastattn_rotary_tables",
+                        lambda: (weakref.ref(sin), sin_version, _rotary_tables(cos, sin)))
+        if memo[0]() is sin and memo[1] == sin_version:
+            tables = memo[2]
+    if tables is None:  # traced, inference tensors, or another sin with this cos
+        tables = _rotary_tables(cos, sin)
+    cos_t, sin_t, positions = tables
     # positions index the table just built from cos itself: in range by construction, so no
     # value check (on CUDA it would be a host sync in every attention layer).
     q2, k2 = fastattn.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos_t, sin_t, positions=positions,
@@ -1036,9 +1053,10 @@ class _HFRMSNorm(fastattn.nn.RMSNorm):
 
     def forward(self, x, residual=None):
         out = super().forward(x, residual)
-        if self.weight is None or self.weight.dtype == x.dtype:
+        weight = self.weight
+        if weight is None or weight.dtype == x.dtype:
             return out
-        dtype = torch.promote_types(x.dtype, self.weight.dtype)
+        dtype = torch.promote_types(x.dtype, weight.dtype)
         return out.to(dtype) if residual is None else (out[0].to(dtype), out[1])
 
 

@@ -96,41 +96,43 @@ class RMSNorm(torch.nn.Module):
         nd = len(self.normalized_shape)
         if nd == 0:
             raise ValueError("RMSNorm's normalized_shape must have at least one dimension, got ()")
-        if self.weight is not None and tuple(self.weight.shape) != self.normalized_shape:
+        weight = self.weight  # (one Module attribute lookup: this forward runs per layer per token)
+        if weight is not None and weight.shape != self.normalized_shape:
             raise ValueError(
-                f"RMSNorm's weight must have normalized_shape {self.normalized_shape}, got {tuple(self.weight.shape)}"
+                f"RMSNorm's weight must have normalized_shape {self.normalized_shape}, got {tuple(weight.shape)}"
             )
-        if tuple(x.shape[-nd:]) != self.normalized_shape:
+        if x.shape[-nd:] != self.normalized_shape:
             raise ValueError(
                 f"RMSNorm expected input with trailing shape {self.normalized_shape}, got {tuple(x.shape)}"
             )
-        if nd > 1 and x.is_nested:
+        if nd == 1:  # nothing to flatten
+            if self.unit_offset:
+                return rms_norm_unit_offset(x, weight, self.eps, residual=residual)
+            return F.rms_norm(x, weight, self.eps, residual=residual)
+        if x.is_nested:
             # A nested (jagged) tensor cannot be flattened over its trailing dims: torch's own
             # rms_norm over normalized_shape (one normalized dim goes to F.rms_norm, which
             # hands nested tensors to torch as well).
             if self.unit_offset:
                 raise ValueError("RMSNorm(unit_offset=True) takes a nested tensor only with a 1-D normalized_shape")
             h = x if residual is None else x + residual
-            y = torch.nn.functional.rms_norm(h, self.normalized_shape, self.weight, self.eps)
+            y = torch.nn.functional.rms_norm(h, self.normalized_shape, weight, self.eps)
             return y if residual is None else (y, h)
         # Normalising over several trailing dims is normalising over their flattening.
         lead = x.shape[:-nd]
         n = 1
         for s in self.normalized_shape:
             n *= s
-        weight = self.weight.reshape(n) if self.weight is not None else None
-        if nd > 1:
-            x = x.reshape(*lead, n)
-            residual = residual.reshape(*lead, n) if residual is not None else None
+        weight = weight.reshape(n) if weight is not None else None
+        x = x.reshape(*lead, n)
+        residual = residual.reshape(*lead, n) if residual is not None else None
         if self.unit_offset:
             out = rms_norm_unit_offset(x, weight, self.eps, residual=residual)
         else:
             out = F.rms_norm(x, weight, self.eps, residual=residual)
-        if nd > 1:
-            if residual is not None:
-                return out[0].reshape(*lead, *self.normalized_shape), out[1].reshape(*lead, *self.normalized_shape)
-            return out.reshape(*lead, *self.normalized_shape)
-        return out
+        if residual is not None:
+            return out[0].reshape(*lead, *self.normalized_shape), out[1].reshape(*lead, *self.normalized_shape)
+        return out.reshape(*lead, *self.normalized_shape)
 
     def extra_repr(self) -> str:
         offset = ", unit_offset=True" if self.unit_offset else ""
