@@ -338,6 +338,25 @@ def test_positions_out_of_range(device, inplace):
     _check(q2, k2, q0, k0, cos, sin, pos, False, 16)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_positions_check_reads_only_the_view_cpu(dtype):
+    # The CPU check reads the positions' own elements: a (B, S) view into a wider buffer (row
+    # stride != S) or an expanded row, values outside the view ignored, inside it refused.
+    q, k = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 1, 16)
+    cos, sin = _tables(16, "cpu", max_pos=10)
+    wide = torch.tensor([[1, 2, 3, 99], [4, 5, 6, -7]], dtype=dtype)
+    view = wide[:, :3]
+    q2, k2 = fastattn.apply_rotary(q, k, cos, sin, positions=view)
+    _check(q2, k2, q, k, cos, sin, view, False, 16)
+    expanded = torch.tensor([2, 9, 0], dtype=dtype).expand(2, 3)
+    q2, k2 = fastattn.apply_rotary(q, k, cos, sin, positions=expanded)
+    _check(q2, k2, q, k, cos, sin, expanded, False, 16)
+    for bad, lo, hi in ((wide[:, 1:], -7, 99), (torch.tensor([2, 10, 0], dtype=dtype).expand(2, 3), 0, 10),
+                        (wide[1:, :3] - 5, -1, 1)):
+        with pytest.raises(ValueError, match=rf"positions must lie in \[0, 10\).*\[{lo}, {hi}\]"):
+            fastattn.apply_rotary(q, k, cos, sin, positions=bad.expand(2, 3))
+
+
 @pytest.mark.parametrize("inplace", [False, True], ids=["outofplace", "inplace"])
 def test_check_positions_flag_cpu(inplace):
     # check_positions=False skips the check's host sync on CUDA only: on the CPU the check
