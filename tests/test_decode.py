@@ -222,6 +222,45 @@ def test_decode_cpu_bits_do_not_depend_on_thread_count():
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Hk", [4, 5, 8, 13])
+def test_decode_cpu_mha_packed_heads(dtype, Hk):
+    """MHA decode (one query row per kv head) runs the register tiles over 4 kv heads at a time
+    (the first Hk // 4 * 4 heads; the rest one by one): each head's output and lse are the same
+    bits as that head decoded alone, over odd head dims, strided and paged caches, ragged
+    lengths (0 and 1 included), splits, a window and soft-capping; a NaN in one head's keys
+    reaches that head only."""
+    torch.manual_seed(Hk)
+    B, S = 3, 77
+    lens = _seqlens([77, 0, 41], "cpu")
+    for D, strided, splits in ((8, False, 0), (24, True, 3), (40, False, 1), (130, True, 0)):
+        kc, vc = _cache(B, S, Hk, D, dtype, "cpu", strided=strided)
+        q = torch.randn(B, Hk, D).to(dtype)
+        out, lse = fastattn.decode_attention(q, kc, vc, lens, num_splits=splits, return_lse=True)
+        _check_against_reference(q, kc, vc, lens, out, lse)
+        for h in range(Hk):
+            o1, l1 = fastattn.decode_attention(q[:, h:h + 1], kc[:, :, h:h + 1], vc[:, :, h:h + 1], lens,
+                                               num_splits=splits, return_lse=True)
+            assert torch.equal(out[:, h:h + 1], o1) and torch.equal(lse[:, h:h + 1], l1), (D, h)
+    # window and soft-capping (attention_with_kvcache, one query per sequence), paged caches
+    D, page = 48, 16
+    pool_k, pool_v = torch.randn(12, page, Hk, D).to(dtype), torch.randn(12, page, Hk, D).to(dtype)
+    table = torch.tensor([[3, 7, 1, 0, 9], [11, 2, 4, 5, 6], [8, 10, 0, 1, 2]], dtype=torch.int32)
+    q = torch.randn(B, 1, Hk, D).to(dtype)
+    kw = dict(block_table=table, causal=True, window=(29, 0), softcap=3.0)
+    out = fastattn.attention_with_kvcache(q, pool_k, pool_v, lens, **kw)
+    for h in range(Hk):
+        o1 = fastattn.attention_with_kvcache(q[:, :, h:h + 1], pool_k[:, :, h:h + 1].contiguous(),
+                                             pool_v[:, :, h:h + 1].contiguous(), lens, **kw)
+        assert torch.equal(out[:, :, h:h + 1], o1), h
+    kc, vc = _cache(B, S, Hk, 40, dtype, "cpu")
+    kc[0, 5, Hk - 1, 3] = float("nan")
+    q = torch.randn(B, Hk, 40).to(dtype)
+    out = fastattn.decode_attention(q, kc, vc, lens)
+    assert torch.isnan(out[0, Hk - 1]).all() and not torch.isnan(out[0, :Hk - 1]).any()
+    assert not torch.isnan(out[1:]).any()
+
+
 def test_decode_is_not_differentiable():
     kc, vc = _cache(2, 8, 2, 16, torch.float32, "cpu")
     q = torch.randn(2, 4, 16, requires_grad=True)

@@ -251,9 +251,13 @@ struct Workspace {
 // and SSE (16). Each key vector is widened once and used for the 4 heads. Lane l of the 16
 // still sums its products over the chunks in order: the same bits on every tier.
 constexpr int kQkKeys = kSub == 1 ? 4 : 2;
-template <int NK, typename T>
-inline void qk_micro(const float* q, int64_t d, const T* const* k, int64_t dv, vfloat4 (*out)[4], int t0,
-                     const T* const* pf) {
+//
+// kPacked (MHA decode: one query row per kv head): the kHeadTile rows are kHeadTile kv heads,
+// row g reading its own key rows k[t] + g * hs (hs = the cache's head stride), so no FMA is
+// spent on padding rows; each row's sums are the same as alone.
+template <int NK, bool kPacked, typename T>
+inline void qk_micro(const float* q, int64_t d, const T* const* k, int64_t hs, int64_t dv, vfloat4 (*out)[4],
+                     int t0, const T* const* pf) {
   constexpr int64_t kSize = sizeof(T);
   vf a[kHeadTile][NK][kSub];
   for (int v = 0; v < kSub; ++v) {
@@ -261,15 +265,23 @@ inline void qk_micro(const float* q, int64_t d, const T* const* k, int64_t dv, v
     for (int64_t c = v * kLanes; c < dv; c += kW) {
       if (pf != nullptr && v == 0) {  // the lines of the pf rows that start in this chunk
         const int64_t to = (c + kW < dv ? c + kW : d) * kSize;
-        for (int t = 0; t < NK; ++t)
-          for (int64_t o = (c * kSize + 63) / 64 * 64; o < to; o += 64)
-            __builtin_prefetch(reinterpret_cast<const char*>(pf[t]) + o, 0, 2);
+        for (int g = 0; g < (kPacked ? kHeadTile : 1); ++g)
+          for (int t = 0; t < NK; ++t)
+            for (int64_t o = (c * kSize + 63) / 64 * 64; o < to; o += 64)
+              __builtin_prefetch(reinterpret_cast<const char*>(pf[t] + g * hs) + o, 0, 2);
       }
-      vf kv[NK];
-      for (int t = 0; t < NK; ++t) kv[t] = loadT(k[t] + c);
-      for (int g = 0; g < kHeadTile; ++g) {
-        const vf qv = loadv(q + g * d + c);
-        for (int t = 0; t < NK; ++t) acc[g][t] += qv * kv[t];
+      if constexpr (kPacked) {
+        for (int g = 0; g < kHeadTile; ++g) {
+          const vf qv = loadv(q + g * d + c);
+          for (int t = 0; t < NK; ++t) acc[g][t] += qv * loadT(k[t] + g * hs + c);
+        }
+      } else {
+        vf kv[NK];
+        for (int t = 0; t < NK; ++t) kv[t] = loadT(k[t] + c);
+        for (int g = 0; g < kHeadTile; ++g) {
+          const vf qv = loadv(q + g * d + c);
+          for (int t = 0; t < NK; ++t) acc[g][t] += qv * kv[t];
+        }
       }
     }
     for (int g = 0; g < kHeadTile; ++g)
@@ -285,45 +297,49 @@ inline void qk_micro(const float* q, int64_t d, const T* const* k, int64_t dv, v
 // d % 16 tail. When pf is given, the rows pf[0, n) (row_bytes each: the next rows this item
 // reads) are prefetched along the way, each 16-element chunk's lines of the 4 rows next to
 // that chunk's FMAs.
-template <typename T>
-inline void qk_tile(const float* q, const T* const* krows, int64_t n, int64_t d, float* scores,
+template <bool kPacked, typename T>
+inline void qk_tile(const float* q, const T* const* krows, int64_t hs, int64_t n, int64_t d, float* scores,
                     const T* const* pf, int64_t row_bytes) {
   const int64_t dv = d / kW * kW;
+  const int64_t row_hs = kPacked ? hs : 0;  // row g's key rows are g * row_hs further
   int64_t j = 0;
   vfloat4 b[kHeadTile][4];
   for (; j + 4 <= n; j += 4) {
     for (int t0 = 0; t0 < 4; t0 += kQkKeys)
-      qk_micro<kQkKeys>(q, d, krows + j + t0, dv, b, t0, pf != nullptr ? pf + j + t0 : nullptr);
-    const T* k0 = krows[j];
-    const T* k1 = krows[j + 1];
-    const T* k2 = krows[j + 2];
-    const T* k3 = krows[j + 3];
+      qk_micro<kQkKeys, kPacked>(q, d, krows + j + t0, hs, dv, b, t0, pf != nullptr ? pf + j + t0 : nullptr);
     for (int g = 0; g < 4; ++g) {
+      const T* k0 = krows[j] + g * row_hs;
+      const T* k1 = krows[j + 1] + g * row_hs;
+      const T* k2 = krows[j + 2] + g * row_hs;
+      const T* k3 = krows[j + 3] + g * row_hs;
       // 4x4 transpose-and-add of b[g][0..3]: lane t = (b_t[0] + b_t[1]) + (b_t[2] + b_t[3]).
       const vfloat4 b0 = b[g][0], b1 = b[g][1], b2 = b[g][2], b3 = b[g][3];
       const vfloat4 t0 = {b0[0], b1[0], b2[0], b3[0]}, t1 = {b0[1], b1[1], b2[1], b3[1]};
       const vfloat4 t2 = {b0[2], b1[2], b2[2], b3[2]}, t3 = {b0[3], b1[3], b2[3], b3[3]};
       vfloat4 s = (t0 + t1) + (t2 + t3);
+      // (explicit fmas in the tails: how the compiler contracts a scalar a * b + c depends on
+      // the surrounding code, and a head's scores must not depend on the tile it is in)
       for (int64_t c = dv; c < d; ++c) {
         const float qc = q[g * d + c];
-        s[0] += qc * loadT1(k0 + c);
-        s[1] += qc * loadT1(k1 + c);
-        s[2] += qc * loadT1(k2 + c);
-        s[3] += qc * loadT1(k3 + c);
+        s[0] = std::fma(qc, loadT1(k0 + c), s[0]);
+        s[1] = std::fma(qc, loadT1(k1 + c), s[1]);
+        s[2] = std::fma(qc, loadT1(k2 + c), s[2]);
+        s[3] = std::fma(qc, loadT1(k3 + c), s[3]);
       }
       std::memcpy(scores + g * kKeyBlock + j, &s, sizeof(s));
     }
   }
   for (; j < n; ++j) {
-    if (pf != nullptr) prefetch_row(pf[j], row_bytes);
+    if (pf != nullptr)
+      for (int g = 0; g < (kPacked ? kHeadTile : 1); ++g) prefetch_row(pf[j] + g * hs, row_bytes);
     const T* k = krows[j];
-    qk_micro<1, T>(q, d, krows + j, dv, b, 0, nullptr);
+    qk_micro<1, kPacked, T>(q, d, krows + j, hs, dv, b, 0, nullptr);
     const vfloat4 b0 = b[0][0], b1 = b[1][0], b2 = b[2][0], b3 = b[3][0];
     const vfloat4 t0 = {b0[0], b1[0], b2[0], b3[0]}, t1 = {b0[1], b1[1], b2[1], b3[1]};
     const vfloat4 t2 = {b0[2], b1[2], b2[2], b3[2]}, t3 = {b0[3], b1[3], b2[3], b3[3]};
     vfloat4 s = (t0 + t1) + (t2 + t3);
     for (int64_t c = dv; c < d; ++c)
-      for (int g = 0; g < 4; ++g) s[g] += q[g * d + c] * loadT1(k + c);
+      for (int g = 0; g < 4; ++g) s[g] = std::fma(q[g * d + c], loadT1(k + g * row_hs + c), s[g]);
     for (int g = 0; g < 4; ++g) scores[g * kKeyBlock + j] = s[g];
   }
 }
@@ -334,8 +350,12 @@ inline void qk_tile(const float* q, const T* const* krows, int64_t n, int64_t d,
 // independent FMA chains). Every element sums over j in order: the same bits at any vector
 // width. When pf is given, the rows pf[0, n) are prefetched along the way (the chunk pair's
 // bytes of each row as the chunk pair is read).
-template <typename T>
-inline void pv_tile(const float* p, const T* const* vrows, int64_t n, int64_t d, float* acc, const T* const* pf) {
+//
+// kPacked: the 4 output rows are 4 kv heads, row g reading its own value rows vrows[j] + g * hs.
+template <bool kPacked, typename T>
+inline void pv_tile(const float* p, const T* const* vrows, int64_t hs, int64_t n, int64_t d, float* acc,
+                    const T* const* pf) {
+  const int64_t h1 = kPacked ? hs : 0, h2 = 2 * h1, h3 = 3 * h1;  // row g's value rows, g * hs further
   float* a0p = acc;
   float* a1p = acc + d;
   float* a2p = acc + 2 * d;
@@ -350,18 +370,31 @@ inline void pv_tile(const float* p, const T* const* vrows, int64_t n, int64_t d,
     // none for every other pair with fp32 on SSE): each line of a row prefetched once.
     const int64_t pf_from = (c * kSize + 63) / 64 * 64, pf_to = pf != nullptr ? (c + 2 * kLanes) * kSize : 0;
     for (int64_t j = 0; j < n; ++j) {
-      for (int64_t o = pf_from; o < pf_to; o += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(pf[j]) + o, 0, 2);
-      const vf v0 = loadT(vrows[j] + c), v1 = loadT(vrows[j] + c + kLanes);
+      for (int g = 0; g < (kPacked ? kHeadTile : 1); ++g)
+        for (int64_t o = pf_from; o < pf_to; o += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(pf[j] + g * hs) + o, 0, 2);
+      const T* v = vrows[j] + c;
       const float p0 = p[j], p1 = p[kKeyBlock + j], p2 = p[2 * kKeyBlock + j], p3 = p[3 * kKeyBlock + j];
-      a0 += p0 * v0;
-      b0 += p0 * v1;
-      a1 += p1 * v0;
-      b1 += p1 * v1;
-      a2 += p2 * v0;
-      b2 += p2 * v1;
-      a3 += p3 * v0;
-      b3 += p3 * v1;
+      if constexpr (kPacked) {
+        a0 += p0 * loadT(v);
+        b0 += p0 * loadT(v + kLanes);
+        a1 += p1 * loadT(v + h1);
+        b1 += p1 * loadT(v + h1 + kLanes);
+        a2 += p2 * loadT(v + h2);
+        b2 += p2 * loadT(v + h2 + kLanes);
+        a3 += p3 * loadT(v + h3);
+        b3 += p3 * loadT(v + h3 + kLanes);
+      } else {
+        const vf v0 = loadT(v), v1 = loadT(v + kLanes);
+        a0 += p0 * v0;
+        b0 += p0 * v1;
+        a1 += p1 * v0;
+        b1 += p1 * v1;
+        a2 += p2 * v0;
+        b2 += p2 * v1;
+        a3 += p3 * v0;
+        b3 += p3 * v1;
+      }
     }
     storev(a0p + c, a0);
     storev(a1p + c, a1);
@@ -375,12 +408,14 @@ inline void pv_tile(const float* p, const T* const* vrows, int64_t n, int64_t d,
   for (; c + kLanes <= d; c += kLanes) {
     vf a0 = loadv(a0p + c), a1 = loadv(a1p + c), a2 = loadv(a2p + c), a3 = loadv(a3p + c);
     for (int64_t j = 0; j < n; ++j) {
-      if (pf != nullptr) __builtin_prefetch(pf[j] + c, 0, 2);
-      const vf vv = loadT(vrows[j] + c);
-      a0 += p[j] * vv;
-      a1 += p[kKeyBlock + j] * vv;
-      a2 += p[2 * kKeyBlock + j] * vv;
-      a3 += p[3 * kKeyBlock + j] * vv;
+      if (pf != nullptr)
+        for (int g = 0; g < (kPacked ? kHeadTile : 1); ++g) __builtin_prefetch(pf[j] + g * hs + c, 0, 2);
+      const T* v = vrows[j] + c;
+      const vf v0 = loadT(v);
+      a0 += p[j] * v0;
+      a1 += p[kKeyBlock + j] * (kPacked ? loadT(v + h1) : v0);
+      a2 += p[2 * kKeyBlock + j] * (kPacked ? loadT(v + h2) : v0);
+      a3 += p[3 * kKeyBlock + j] * (kPacked ? loadT(v + h3) : v0);
     }
     storev(a0p + c, a0);
     storev(a1p + c, a1);
@@ -390,11 +425,11 @@ inline void pv_tile(const float* p, const T* const* vrows, int64_t n, int64_t d,
   for (; c < d; ++c) {
     float a0 = a0p[c], a1 = a1p[c], a2 = a2p[c], a3 = a3p[c];
     for (int64_t j = 0; j < n; ++j) {
-      const float vv = loadT1(vrows[j] + c);
-      a0 += p[j] * vv;
-      a1 += p[kKeyBlock + j] * vv;
-      a2 += p[2 * kKeyBlock + j] * vv;
-      a3 += p[3 * kKeyBlock + j] * vv;
+      const T* v = vrows[j] + c;
+      a0 = std::fma(p[j], loadT1(v), a0);
+      a1 = std::fma(p[kKeyBlock + j], loadT1(v + h1), a1);
+      a2 = std::fma(p[2 * kKeyBlock + j], loadT1(v + h2), a2);
+      a3 = std::fma(p[3 * kKeyBlock + j], loadT1(v + h3), a3);
     }
     a0p[c] = a0;
     a1p[c] = a1;
@@ -428,6 +463,16 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
   const bool use_gemm = ws.gemm && rows >= (ws.dp ? kDpMinRows : kGemmMinRows);
   const bool use_dp = use_gemm && ws.dp;  // bf16 pairs on vdpbf16ps (T is bf16)
   const int64_t pairs = ws.pairs;
+  // MHA decode (one query row per kv head): the register tiles take kHeadTile kv heads at a
+  // time (qk_tile / pv_tile's kPacked), 4 useful rows instead of one head and three zero rows:
+  // the first packed_heads heads in units of kHeadTile, any others one by one. The kv-head
+  // loop walks units: unit u's first head, its ws row (wrow) and how many heads it holds.
+  const int64_t packed_heads = !use_gemm && rows == 1 ? p.h_k / kHeadTile * kHeadTile : 0;
+  const int64_t packed_units = packed_heads / kHeadTile, units = packed_units + (p.h_k - packed_heads);
+  auto wrow = [&](int64_t kvh, int64_t r) {  // ws row of query row r of kv head kvh
+    return kvh < packed_heads ? kvh : packed_heads + (kvh - packed_heads) * gp + r;
+  };
+  auto unit_head = [&](int64_t u) { return u < packed_units ? u * kHeadTile : packed_heads + (u - packed_units); };
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + i0 * p.q_row_stride;
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
@@ -446,7 +491,7 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
         cpu::pack_dim_pairs(reinterpret_cast<const uint16_t*>(src), d, ws.qp.data() + (kvh * gp + r) * pairs, 1);
         continue;
       }
-      float* qr = ws.q.data() + (kvh * gp + r) * d;
+      float* qr = ws.q.data() + wrow(kvh, r) * d;
       load_row(src, qr, d);
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) qr[i] *= qscale;
@@ -504,11 +549,14 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
         }
       }
     }
-    for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
-      const float* qf = ws.q.data() + kvh * gp * d;
-      float* acc = ws.acc.data() + kvh * gp * d;
-      float* m = ws.m.data() + kvh * gp;
-      float* l = ws.l.data() + kvh * gp;
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t kvh = unit_head(u), w0 = wrow(kvh, 0);
+      const bool packed = u < packed_units;  // kHeadTile heads, one query row each
+      const int64_t unit_rows = packed ? kHeadTile : rows;
+      const float* qf = ws.q.data() + w0 * d;
+      float* acc = ws.acc.data() + w0 * d;
+      float* m = ws.m.data() + w0;
+      float* l = ws.l.data() + w0;
       if (use_dp) {
         cpu::dp_scores(rows, n, pairs, ws.qp.data() + kvh * gp * pairs, pairs, ws.kps.data() + kvh * pairs * kKeyBlock,
                        kKeyBlock, sc, kKeyBlock);
@@ -521,10 +569,10 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
           for (int64_t c = 0; c < d; ++c) kt[c * kKeyBlock + j] = krows[j][c];
         cpu::gemm_f32(rows, n, d, d, kKeyBlock, kKeyBlock, /*add_c=*/false, qf, kt, sc);
       } else {
-        // Scores straight from the cache rows of this kv head, the next rows prefetched.
-        const bool last = kvh + 1 == p.h_k;
+        // Scores straight from the cache rows of this unit's heads, the next rows prefetched.
+        const bool last = u + 1 == units;
         const int ps = last ? slot ^ 1 : slot;
-        const int64_t pn = last ? n_next : n, ph = last ? 0 : kvh + 1;
+        const int64_t pn = last ? n_next : n, ph = last ? 0 : unit_head(u + 1);
         for (int64_t j = 0; j < n; ++j) {
           kin[j] = kc + koff[slot][j] + kvh * p.k_head_stride;
           vin[j] = vc + voff[slot][j] + kvh * p.v_head_stride;
@@ -532,18 +580,23 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
           kpf[j] = jj < 0 ? kin[j] : kc + koff[ps][jj] + ph * p.k_head_stride;
           vpf[j] = jj < 0 ? vin[j] : vc + voff[ps][jj] + ph * p.v_head_stride;
         }
-        for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile)
-          qk_tile<T>(qf + g0 * d, kin, n, d, sc + g0 * kKeyBlock, g0 == 0 ? kpf : nullptr, row_bytes);
+        if (packed) {
+          qk_tile<true, T>(qf, kin, p.k_head_stride, n, d, sc, kpf, row_bytes);
+        } else {
+          for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile)
+            qk_tile<false, T>(qf + g0 * d, kin, 0, n, d, sc + g0 * kKeyBlock, g0 == 0 ? kpf : nullptr, row_bytes);
+        }
       }
       // Online softmax once per block and row: keys outside the row's band masked, running
       // max, rescale of the running sum and output, probabilities in place of the scores
       // (0 past n, and for a row that has seen no visible key yet).
-      for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t r = 0; r < unit_rows; ++r) {
         float* s = sc + r * kKeyBlock;
         // Before the -inf fills below: the cap would turn a masked -inf into -softcap.
         if constexpr (kCap) cpu::softcap_row(s, n, p.softcap, 1.0f / kLog2e, kLog2e);
         for (int64_t j = n; j < kKeyBlock; ++j) s[j] = kNegInf;
-        const int64_t lo = band.lo(r / group), hi = band.hi(r / group);
+        const int64_t qi = packed ? 0 : r / group;  // (a packed unit's rows are heads of one query)
+        const int64_t lo = band.lo(qi), hi = band.hi(qi);
         if (k0 < lo || k0 + n - 1 > hi) {
           for (int64_t j = 0; j < n; ++j)
             if (k0 + j < lo || k0 + j > hi) s[j] = kNegInf;
@@ -577,16 +630,18 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
         cpu::dp_pv(rows, d, np, ws.pp.data(), kKeyBlock / 2, ws.vps.data() + kvh * (kKeyBlock / 2) * d, d, acc, d);
       } else if (use_gemm) {  // the staged rows are contiguous: V block (n, d)
         cpu::gemm_f32(rows, d, n, kKeyBlock, d, d, /*add_c=*/true, sc, ws.vst.data() + kvh * kKeyBlock * d, acc);
+      } else if (packed) {
+        pv_tile<true, T>(sc, vin, p.v_head_stride, n, d, acc, vpf);
       } else {
         for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile)
-          pv_tile<T>(sc + g0 * kKeyBlock, vin, n, d, acc + g0 * d, g0 == 0 ? vpf : nullptr);
+          pv_tile<false, T>(sc + g0 * kKeyBlock, vin, 0, n, d, acc + g0 * d, g0 == 0 ? vpf : nullptr);
       }
     }
   }
 
   for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t w = kvh * gp + r;
+      const int64_t w = wrow(kvh, r);
       const float l = ws.l[w];
       // l = 0: no visible key (out 0, lse -inf); l = NaN: a NaN reached the row (all NaN).
       const float inv = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);
