@@ -618,9 +618,9 @@ def _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, sca
             check_softmax_scale(scale, "scale")
         except (TypeError, ValueError):
             return False  # torch decides what such a scale means (or how it fails)
-    if not all(isinstance(t, Tensor) for t in (query, key, value)):
+    if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
         return False
-    if any(t.is_nested for t in (query, key, value)) or (isinstance(attn_mask, Tensor) and attn_mask.is_nested):
+    if query.is_nested or key.is_nested or value.is_nested:
         return False  # nested (jagged) batches: torch's nested SDPA
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return False

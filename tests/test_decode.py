@@ -261,6 +261,18 @@ def test_decode_cpu_mha_packed_heads(dtype, Hk):
     assert not torch.isnan(out[1:]).any()
 
 
+def test_decode_cpu_strided_cache_seqlens():
+    # cache_seqlens may be any int32 view: its own elements are checked and read (not the buffer's).
+    kc, vc = _cache(3, 20, 2, 16, torch.float32, "cpu")
+    q = torch.randn(3, 4, 16)
+    buffer = torch.tensor([20, 99, 0, -5, 7, 99], dtype=torch.int32)
+    view = buffer[::2]  # [20, 0, 7]
+    out = fastattn.decode_attention(q, kc, vc, view)
+    assert torch.equal(out, fastattn.decode_attention(q, kc, vc, view.contiguous()))
+    with pytest.raises(ValueError, match=r"cache_seqlens must be in \[0, 20\].*cache_seqlens\[0\] = 99"):
+        fastattn.decode_attention(q, kc, vc, buffer[1::2])
+
+
 def test_decode_is_not_differentiable():
     kc, vc = _cache(2, 8, 2, 16, torch.float32, "cpu")
     q = torch.randn(2, 4, 16, requires_grad=True)

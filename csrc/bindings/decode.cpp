@@ -207,8 +207,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
   if (b == 0 || h == 0 || sq == 0) return {out, lse};
 
   if (q4.is_cpu()) {
-    const at::Tensor seq = cache_seqlens.to(at::kLong);
-    const auto len = seq.accessor<int64_t, 1>();
+    const auto len = cache_seqlens.accessor<int32_t, 1>();  // (int32: check_seqlens; any stride)
     std::vector<int64_t> first(b, 0), last(b);
     for (int64_t i = 0; i < b; ++i) {
       last[i] = len[i] + seqlens_k_add;

@@ -26,7 +26,8 @@ elif DEVICE == "cuda":
                      "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
     IMPLS = ["fastattn"] + [f"sdpa-{name}" for name in SDPA_BACKENDS] + ["reference"]
 else:
-    SHAPES = [(4, 8192, 32, 8)]  # the acceptance shape
+    # the acceptance shape (GQA 32/8), and multi-head (Llama-2-7B-like, 32/32) at batch 1 x 4k
+    SHAPES = [(4, 8192, 32, 8), (1, 4096, 32, 32)]
     DTYPES = [torch.float32, torch.bfloat16]
     SDPA_BACKENDS = {}
     IMPLS = ["fastattn", "sdpa", "reference"]
