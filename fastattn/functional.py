@@ -716,13 +716,10 @@ def scaled_dot_product_attention(
         )
     L, S = query.shape[2], key.shape[2]
     # (B, H, L, E) -> (B, L, H, E) is a free transpose: the op takes any batch/row/head strides.
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    unit_last = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    if not unit_last:
+        q, k, v = _contiguous_last_dim(q), _contiguous_last_dim(k), _contiguous_last_dim(v)
     left, right = -1, -1
     if is_causal:
         # Top-left: query i sees j <= i. With S > L the keys j >= L are seen by no query, so
@@ -741,12 +738,13 @@ def scaled_dot_product_attention(
     # transposed (a q projection viewed and transposed, as in Hugging Face models; and L = 1
     # decode steps); any other query layout costs one copy of the output, a few percent of
     # the attention on the CPU (the copy is O(L * E) per head, the kernel O(L * S * E)).
-    if any(t.stride(-1) != 1 for t in (query, key, value)):
+    if not unit_last:
         # torch's fused kernels take a unit last-dim stride only (its check counts a size-1
         # head dim too) on all three inputs; otherwise its math backend computes, and returns
         # a contiguous result whatever query's layout (a strided k or v alone decides it).
         out = out.contiguous()
-    elif any(n > 1 and so != sq for n, so, sq in zip(out.shape, out.stride(), query.stride())):
+    elif out.stride() != query.stride() and any(
+            n > 1 and so != sq for n, so, sq in zip(out.shape, out.stride(), query.stride())):
         out = torch.empty_like(query).copy_(out)
     return out
 
