@@ -1013,9 +1013,11 @@ def decode_attention(
             overflows to +-inf the result is unspecified (zeros, NaN or another key's
             value row; not checked), as in ``flash_attention``.
         num_splits: split-KV factor in [0, 128] (each sequence's keys are cut into this many
-            chunks, merged exactly). 0 picks it from the shapes (and the SM count on CUDA) only,
-            never from the values of cache_seqlens: no host synchronisation, so a decode
-            step can be captured in a CUDA graph.
+            chunks, merged exactly). 0 picks it: on CUDA from the shapes and the SM count only,
+            never from the values of cache_seqlens (no host synchronisation, so a decode step
+            can be captured in a CUDA graph); on the CPU, which reads the lengths anyway to
+            check them, from the batch size and the longest sequence (not the capacity S_max).
+            Never from the thread count: the same bits on any number of threads.
         return_lse: also return lse (B, H) float32, the natural-log sum of exp(scores).
         block_table: (B, max_pages_per_seq) int32 on q's device, for a paged cache: token t
             of sequence b is ``k_cache[block_table[b, t // page_size], t % page_size]``.

@@ -273,6 +273,22 @@ def test_decode_cpu_strided_cache_seqlens():
         fastattn.decode_attention(q, kc, vc, buffer[1::2])
 
 
+@pytest.mark.parametrize("lengths", [[110, 3, 64], [700, 110, 0]])
+def test_decode_cpu_auto_splits_follow_lengths_not_capacity(lengths):
+    # num_splits=0 on the CPU is picked from the longest sequence, not the cache's capacity:
+    # the same caches' first max(lengths) rows inside a 2048-row allocation give the same bits
+    # (a capacity-based pick cut the big one into 16 mostly empty splits).
+    B, Hk, D, used = len(lengths), 2, 40, max(lengths)
+    big_k, big_v = _cache(B, 2048, Hk, D, torch.float32, "cpu")
+    q = torch.randn(B, 8, D)
+    seqlens = _seqlens(lengths, "cpu")
+    big = fastattn.decode_attention(q, big_k, big_v, seqlens, return_lse=True)
+    tight = fastattn.decode_attention(q, big_k[:, :used].contiguous(), big_v[:, :used].contiguous(), seqlens,
+                                      return_lse=True)
+    assert torch.equal(big[0], tight[0]) and torch.equal(big[1], tight[1])
+    _check_against_reference(q, big_k, big_v, seqlens, big[0], big[1])
+
+
 def test_decode_is_not_differentiable():
     kc, vc = _cache(2, 8, 2, 16, torch.float32, "cpu")
     q = torch.randn(2, 4, 16, requires_grad=True)

@@ -22,6 +22,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -149,12 +150,14 @@ void set_cache_pointers(DecodeParams* p, const at::Tensor& kc, const at::Tensor&
   set_strides(vc, &p->v_batch_stride, &p->v_row_stride, &p->v_head_stride);
 }
 
-// The CPU kernel with its split-KV scratch; num_splits = 0 picks it from the shapes only
-// (query chunks count as more sequences: decode::cpu_query_chunk).
-void run_kvcache_cpu(DecodeParams& p, int64_t num_splits, const at::TensorOptions& options) {
+// The CPU kernel with its split-KV scratch; num_splits = 0 picks it from the shapes and the
+// longest sequence's key count max_keys (query chunks count as more sequences:
+// decode::cpu_query_chunk). Not from the capacity: a cache allocated for 2048 tokens holding
+// 110 was cut into 16 splits of mostly empty items (4x the time of one).
+void run_kvcache_cpu(DecodeParams& p, int64_t num_splits, int64_t max_keys, const at::TensorOptions& options) {
   const int64_t chunk = decode::cpu_query_chunk(p.h / p.h_k, p.h_k, p.d, p.seqlen_q);
   const int64_t chunks = (p.seqlen_q + chunk - 1) / chunk;
-  p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cpu(p.b * chunks, p.h_k, p.seqlen_k_max);
+  p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cpu(p.b * chunks, p.h_k, max_keys);
   at::Tensor out_partial, lse_partial;
   if (p.num_splits > 1) {
     out_partial = at::empty({p.num_splits, p.b, p.h, p.seqlen_q, p.d}, options.dtype(at::kFloat));
@@ -206,11 +209,13 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
   at::Tensor lse = at::empty({b, h, sq}, q4.options().dtype(at::kFloat));
   if (b == 0 || h == 0 || sq == 0) return {out, lse};
 
+  int64_t max_keys = 0;  // (CPU: the longest sequence's keys, for the split count)
   if (q4.is_cpu()) {
     const auto len = cache_seqlens.accessor<int32_t, 1>();  // (int32: check_seqlens; any stride)
     std::vector<int64_t> first(b, 0), last(b);
     for (int64_t i = 0; i < b; ++i) {
       last[i] = len[i] + seqlens_k_add;
+      max_keys = std::max(max_keys, last[i]);
       FA_CHECK_ARG(len[i] >= 0 && last[i] <= s_max, "fastattn.", op, ": cache_seqlens",
                    seqlens_k_add > 0 ? " (plus the " + std::to_string(seqlens_k_add) + " new rows)" : std::string(),
                    " must be in [0, ", s_max, "] (the cache capacity",
@@ -268,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
     FA_CUDA_CHECK_LAUNCH(decode_attention_cuda(p, current_stream(q4)), op);
 #endif
   } else {
-    run_kvcache_cpu(p, num_splits, q4.options());
+    run_kvcache_cpu(p, num_splits, max_keys, q4.options());
   }
   return {out, lse};
 }

@@ -740,16 +740,16 @@ size_t element_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 }  // namespace
 
-int64_t decode_num_splits_cpu(int64_t b, int64_t h_k, int64_t seqlen_k_max) {
+int64_t decode_num_splits_cpu(int64_t b, int64_t h_k, int64_t max_keys) {
   // Enough (batch, split) items to keep any CPU's threads busy, but splits of at least 128
-  // keys (4 blocks) so the partial writes and the merge stay small next to the key work.
-  // Shapes only: the same split (and so the same bits) on any machine and thread count.
-  // h_k does not matter: every item runs all kv heads.
+  // keys (4 blocks) of the longest sequence, so the partial writes and the merge stay small
+  // next to the key work. Never of the machine or the thread count: the same split (and so
+  // the same bits) everywhere. h_k does not matter: every item runs all kv heads.
   constexpr int64_t kTargetItems = 64, kMinKeysPerSplit = 128;
   (void)h_k;
   const int64_t base = std::max<int64_t>(1, b);
   const int64_t want = (kTargetItems + base - 1) / base;
-  const int64_t cap = std::max<int64_t>(1, seqlen_k_max / kMinKeysPerSplit);
+  const int64_t cap = std::max<int64_t>(1, max_keys / kMinKeysPerSplit);
   return std::max<int64_t>(1, std::min({want, cap, decode::kMaxSplits}));
 }
 

@@ -35,8 +35,9 @@ void flash_bwd_cpu(const FlashBwdParams& params);
 // params.num_splits >= 1; with num_splits > 1, out_partial/lse_partial hold
 // (num_splits, b, h, d) / (num_splits, b, h) fp32. Any head dim; fp32, fp16, bf16.
 void decode_attention_cpu(const DecodeParams& params);
-// num_splits for num_splits = 0: a function of the shapes only (deterministic bits).
-int64_t decode_num_splits_cpu(int64_t b, int64_t h_k, int64_t seqlen_k_max);
+// num_splits for num_splits = 0: a function of the batch size and the longest sequence's key
+// count only (deterministic bits: never of the machine or the thread count).
+int64_t decode_num_splits_cpu(int64_t b, int64_t h_k, int64_t max_keys);
 // Rows whose destination cache_seqlens[b] + i is outside [0, seqlen_k_max) are skipped (the
 // binding rejects such calls before launching).
 void append_kv_cpu(const AppendKvParams& params);
