@@ -221,11 +221,13 @@ def test_attention_with_kvcache_single_query_is_decode(device):
         assert torch.equal(out, out_d) and torch.equal(lse[..., 0], lse_d)
 
 
-def test_attention_with_kvcache_long_query_block_chunks():
+@pytest.mark.parametrize("H, Hk, D, Sq", [(32, 8, 64, 130), (32, 32, 128, 33)])
+def test_attention_with_kvcache_long_query_block_chunks(H, Hk, D, Sq):
     """Sq large enough that the CPU kernel cuts the queries into several chunks (and odd):
     decode::cpu_query_chunk gives 131072 / (group 4 * Hk 8 * D 64) = 64 queries per chunk,
-    so 130 queries are chunks of 64, 64 and 2."""
-    B, H, Hk, D, Sq = 2, 32, 8, 64, 130
+    so 130 queries are chunks of 64, 64 and 2; multi-head 131072 / (32 * 128) = 32, so 33
+    queries are 32 and 1 (that last chunk on the 4-heads-per-tile MHA path)."""
+    B = 2
     q, k, v, kc, vc, seqlens, bt = _kvcache_case("cpu", torch.float32, B, H, Hk, D, Sq, [0, 100], 256, paged=True)
     true_out, true_lse = reference.attention_with_kvcache(q.double(), kc.clone().double(), vc.clone().double(),
                                                           seqlens, k=k.double(), v=v.double(), block_table=bt,
