@@ -85,7 +85,7 @@ def _rms_norm_plain(x, weight, eps, residual) -> bool:
     if not (isinstance(x, Tensor) and type(eps) is float):
         return False
     dtype = x.dtype
-    if not (dtype in _KERNEL_DTYPES and x.dim() >= 1 and not x.is_nested):
+    if not (dtype in FLOAT_DTYPES and x.dim() >= 1 and not x.is_nested):
         return False
     if weight is not None and not (isinstance(weight, Tensor) and weight.dtype == dtype and weight.dim() == 1
                                    and weight.shape[0] == x.shape[-1] and weight.device == x.device):
@@ -97,8 +97,6 @@ def _rms_norm_plain(x, weight, eps, residual) -> bool:
     return not (x.is_cuda and dtype != torch.float32 and _CUDA_AUTOCAST_RMS_NORM_FP32
                 and torch.is_autocast_enabled("cuda"))
 
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Whether this torch's CUDA autocast runs rms_norm in fp32 (torch 2.13 does; torch 2.11 left it
 # alone, seen on an H200: nn.RMSNorm under fp16 autocast returned fp16). Read off torch's own
