@@ -33,8 +33,12 @@
 // read once per item for all of them; long query blocks are cut into chunks
 // (decode::cpu_query_chunk) so each item's query and output rows stay in L2. From
 // kGemmMinRows rows per kv head on, the block's rows of all heads are staged in fp32 for
-// ATen's brgemm instead; bf16 on a CPU with AVX512-BF16 stages them as bf16 pairs for the
-// vdpbf16ps block products of cpu_dpbf16.h (from kDpMinRows rows on; P rounded to bf16).
+// ATen's brgemm instead. A bf16 cache on a CPU with AVX512-BF16 multiplies in bf16 on
+// vdpbf16ps (32 exact products into 16 fp32 sums per instruction; P rounded to bf16, as on a
+// GPU's tensor cores): register tiles fed straight from the cache (qk_tile_dp / pv_tile_dp;
+// no widening, half the instructions of the fp32 tiles), and from kDpMinRows rows on the
+// block's rows staged as bf16 pairs for the block products of cpu_dpbf16.h. Elsewhere (fp32,
+// fp16, other CPUs) every tier computes the same bits.
 //
 // Logit soft-capping (params.softcap = c > 0): the scores here are in log2 units (the
 // queries carry scale * log2(e)), so each block's valid scores are taken back to natural
@@ -79,10 +83,12 @@ constexpr int64_t kHeadTile = 4;
 // 16 rows 20 ms against the GEMM's 29, 32 rows 37 against 43 fp32 and even bf16, 64 rows
 // 71 against 65); the AVX2 / SSE tiles are half as wide and stop at 16 as before.
 constexpr int64_t kGemmMinRows = cpu::vmath::kLanes == 16 ? 40 : 16;
-// The same on the bf16 pair path (vdpbf16ps block products, cpu_dpbf16.h): B8 L4096 H32/8
-// D128 on the same machine, 16 rows 23 ms against the register tiles' 19, 24 rows 28 and 28,
-// 32 rows 31.5 against 36.5, 64 rows 48 against the fp32 GEMM's 61.
-constexpr int64_t kDpMinRows = 32;
+// The same for a bf16 cache on a CPU with AVX512-BF16, where both paths run on vdpbf16ps: the
+// pair register tiles (qk_tile_dp / pv_tile_dp) against the staged pair GEMMs (cpu_dpbf16.h),
+// B8 L4096 H32/8 D128, one thread of a 2-core Zen 4: 32 rows 45 ms against 62, 64 rows 87
+// against 93, 80 rows 110 and 111, 96 rows 131 against 126, 128 rows 98 against 108 (at
+// L2048).
+constexpr int64_t kDpMinRows = 80;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
@@ -215,20 +221,25 @@ inline float block_max(const float* s) {
 // (dp: bf16 on a CPU with AVX512-BF16, cpu_dpbf16.h), qp: the query rows as bf16 pairs of
 // dims (h_k, rows padded, pairs), kps: the block's K by pairs of dims (h_k, pairs,
 // kKeyBlock), vps: its V by pairs of keys (h_k, kKeyBlock / 2, d), pp: one head's
-// probabilities as bf16 pairs (rows padded, kKeyBlock / 2). Nothing proportional to the
+// probabilities as bf16 pairs (rows padded, kKeyBlock / 2). The register tiles of a bf16
+// cache on such a CPU (qk_tile_dp / pv_tile_dp) use qp and pp too. qp rows are qp_ld words
+// apart (pairs rounded up to a 512-bit load, zero past d). Nothing proportional to the
 // cache length.
 struct Workspace {
   int64_t gp;  // padded rows per kv head
   bool gemm;   // block products as GEMMs (staged blocks) instead of register tiles
-  bool dp;     // ... on vdpbf16ps
-  int64_t pairs;
+  bool pairs_ok;  // bf16 on vdpbf16ps: the GEMM pair path, or the pair register tiles
+  bool dp;     // block products as GEMMs on vdpbf16ps
+  int64_t pairs, qp_ld;
   std::vector<float> q, kt, scores, acc, m, l, kst, vst;
   std::vector<uint32_t> qp, kps, vps, pp;
   Workspace(int64_t h_k, int64_t rows, int64_t d, bool bf16_pairs)
       : gp((rows + kHeadTile - 1) / kHeadTile * kHeadTile),
         gemm(rows >= (bf16_pairs ? kDpMinRows : kGemmMinRows)),
+        pairs_ok(bf16_pairs),
         dp(bf16_pairs && gemm),
         pairs((d + 1) / 2),
+        qp_ld((pairs + 15) / 16 * 16),
         q(static_cast<size_t>(h_k * gp * d)),
         kt(gemm && !dp ? static_cast<size_t>(d * kKeyBlock) : 0),
         scores(static_cast<size_t>(gp * kKeyBlock)),
@@ -237,10 +248,10 @@ struct Workspace {
         l(static_cast<size_t>(h_k * gp)),
         kst(gemm && !dp ? static_cast<size_t>(h_k * kKeyBlock * d) : 0),
         vst(gemm && !dp ? static_cast<size_t>(h_k * kKeyBlock * d) : 0),
-        qp(dp ? static_cast<size_t>(h_k * gp * pairs) : 0),
+        qp(bf16_pairs ? static_cast<size_t>(h_k * gp * qp_ld) : 0),
         kps(dp ? static_cast<size_t>(h_k * pairs * kKeyBlock) : 0),
         vps(dp ? static_cast<size_t>(h_k * (kKeyBlock / 2) * d) : 0),
-        pp(dp ? static_cast<size_t>(gp * (kKeyBlock / 2)) : 0) {}
+        pp(bf16_pairs ? static_cast<size_t>(gp * (kKeyBlock / 2)) : 0) {}
 };
 
 // The scores of the kHeadTile heads at q (rows d apart) x NK keys as 4-lane partial sums,
@@ -438,6 +449,178 @@ inline void pv_tile(const float* p, const T* const* vrows, int64_t hs, int64_t n
   }
 }
 
+// ---- bf16 register tiles on vdpbf16ps (AVX512-BF16; the avx512 tier only) ----------------
+// The same tiles as qk_tile / pv_tile for a bf16 cache on a CPU with AVX512-BF16, fed with
+// bf16 operands straight from the cache: one vdpbf16ps adds 32 exact bf16 products into 16
+// fp32 sums, where the fp32 tiles spend two widenings (4 instructions) and two FMAs per row
+// on the same 32 values. Scores: a 512-bit load of a K row is 32 dims = 16 pairs of dims, and
+// the query rows are kept as bf16 pairs of dims (unscaled; the scale goes onto the scores);
+// lane l of the 16 sums dims (2l, 2l + 1) of every 32-dim chunk, folded and transposed as in
+// qk_tile. P V: pairs of keys; the two V rows of a pair are interleaved in registers
+// (vpunpckl/hwd), which puts dims {0-3, 8-11, 16-19, 24-27} of a 32-dim chunk in one
+// accumulator and {4-7, 12-15, ...} in the other: the accumulator rows are permuted into that
+// order when a block's chunk starts and back when it ends (kToLo / kToHi / kFromLoHi), so
+// ws.acc stays in natural order for the softmax rescale and the output. P is rounded to bf16
+// (as on a GPU's tensor cores, and as the GEMM pair path does). Tails of d (d % 32) are
+// masked loads: dims past d are zero in both operands, nothing past a row is read.
+#if defined(FASTATTN_HAVE_DPBF16)
+constexpr int64_t kDpDims = 32;  // dims per 512-bit bf16 load
+
+inline __mmask32 dims_mask(int64_t left) {
+  return left >= kDpDims ? ~__mmask32(0) : (__mmask32(1) << left) - 1u;
+}
+
+// The 16-lane sums over d of q[g] . k[t] for the kHeadTile rows at qp (qp_ld words apart) and
+// NK keys (row g's key t at k[t] + g * hs when kPacked, k[t] otherwise), into acc[g][t].
+template <int NK, bool kPacked>
+FASTATTN_DPBF16 inline void qk_sums_dp(const uint32_t* qp, int64_t qp_ld, const uint16_t* const* k, int64_t hs,
+                                       int64_t d, __m512 (*acc)[NK], const uint16_t* const* pf) {
+  for (int g = 0; g < kHeadTile; ++g)
+    for (int t = 0; t < NK; ++t) acc[g][t] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; c += kDpDims) {
+    const __mmask32 m = dims_mask(d - c);
+    if (pf != nullptr) {  // the lines of the pf rows that start in this chunk
+      const int64_t to = std::min(c + kDpDims, d) * 2;
+      for (int g = 0; g < (kPacked ? kHeadTile : 1); ++g)
+        for (int t = 0; t < NK; ++t)
+          for (int64_t o = (c * 2 + 63) / 64 * 64; o < to; o += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(pf[t] + g * hs) + o, 0, 2);
+    }
+    if constexpr (kPacked) {
+      for (int g = 0; g < kHeadTile; ++g) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(qp + g * qp_ld + c / 2);
+        for (int t = 0; t < NK; ++t)
+          acc[g][t] = _mm512_dpbf16_ps(acc[g][t], qv, (__m512bh)_mm512_maskz_loadu_epi16(m, k[t] + g * hs + c));
+      }
+    } else {
+      __m512bh kv[NK];
+      for (int t = 0; t < NK; ++t) kv[t] = (__m512bh)_mm512_maskz_loadu_epi16(m, k[t] + c);
+      for (int g = 0; g < kHeadTile; ++g) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(qp + g * qp_ld + c / 2);
+        for (int t = 0; t < NK; ++t) acc[g][t] = _mm512_dpbf16_ps(acc[g][t], qv, kv[t]);
+      }
+    }
+  }
+}
+
+// The 16 sums of x[0..16) (16 lanes each) in one vector: lane 4i + j = the sum of x[4j + i]'s
+// lanes. Four halving steps, each pairing two vectors with two shuffles and one add (45
+// instructions for 16 sums, where folding each to 4 lanes and transposing took ~120).
+FASTATTN_DPBF16 inline __m512 reduce16x16(const __m512* x) {
+  __m512 c[8], e[4], f[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: x[2i]'s halves added, 8-15: x[2i + 1]'s
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 4; ++i)  // 128-bit lane k: x[4i + k] folded to 4
+    e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int i = 0; i < 2; ++i)  // lane k: x[8i + k] folded to 2 (lanes 0, 1), x[8i + 4 + k] (2, 3)
+    f[i] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * i], e[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(e[2 * i], e[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_ps(f[0], f[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(f[0], f[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// scores[g][j] = qscale * q[g] . K[j] for the kHeadTile rows of bf16 pairs at qp (qp_ld words
+// apart; zero past d), as qk_tile: 4 keys x 4 rows of 16-lane sums at a time, reduced
+// together (reduce16x16, ordered so that 128-bit lane g holds row g's 4 scores); a block's
+// last n % 4 keys one at a time (each sum folded alone).
+template <bool kPacked>
+FASTATTN_DPBF16 inline void qk_tile_dp(const uint32_t* qp, int64_t qp_ld, const uint16_t* const* krows, int64_t hs,
+                                       int64_t n, int64_t d, float qscale, float* scores, const uint16_t* const* pf,
+                                       int64_t row_bytes) {
+  static_assert(kHeadTile == 4, "reduce16x16 takes 4 rows x 4 keys");
+  const __m512 scale = _mm512_set1_ps(qscale);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    __m512 acc[kHeadTile][4];
+    qk_sums_dp<4, kPacked>(qp, qp_ld, krows + j, hs, d, acc, pf != nullptr ? pf + j : nullptr);
+    __m512 x[16];
+    for (int g = 0; g < kHeadTile; ++g)
+      for (int t = 0; t < 4; ++t) x[4 * t + g] = acc[g][t];
+    const __m512 s = _mm512_mul_ps(reduce16x16(x), scale);
+    _mm_storeu_ps(scores + j, _mm512_castps512_ps128(s));
+    _mm_storeu_ps(scores + kKeyBlock + j, _mm512_extractf32x4_ps(s, 1));
+    _mm_storeu_ps(scores + 2 * kKeyBlock + j, _mm512_extractf32x4_ps(s, 2));
+    _mm_storeu_ps(scores + 3 * kKeyBlock + j, _mm512_extractf32x4_ps(s, 3));
+  }
+  for (; j < n; ++j) {
+    if (pf != nullptr)
+      for (int g = 0; g < (kPacked ? kHeadTile : 1); ++g) prefetch_row(pf[j] + g * hs, row_bytes);
+    __m512 acc[kHeadTile][1];
+    qk_sums_dp<1, kPacked>(qp, qp_ld, krows + j, hs, d, acc, nullptr);
+    for (int g = 0; g < kHeadTile; ++g) scores[g * kKeyBlock + j] = _mm512_reduce_add_ps(acc[g][0]) * qscale;
+  }
+}
+
+// acc[g] += sum_j P[g][j] V[j] for the kHeadTile output rows at acc (d apart, natural order),
+// pp: row g's probabilities as bf16 pairs of keys (pp_ld words apart; 0 past n). Chunk-outer
+// as pv_tile: a 32-dim chunk's 8 accumulators stay in registers across the block.
+template <bool kPacked>
+FASTATTN_DPBF16 inline void pv_tile_dp(const uint32_t* pp, int64_t pp_ld, const uint16_t* const* vrows, int64_t hs,
+                                       int64_t n, int64_t d, float* acc, const uint16_t* const* pf) {
+  // natural (dims 0-15, 16-31) <-> (lo, hi) accumulators; see the section comment.
+  const __m512i kToLo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i kToHi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const __m512i kFrom0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i kFrom1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t c = 0; c < d; c += kDpDims) {
+    const int64_t left = d - c;
+    const __mmask32 m = dims_mask(left);
+    const __mmask16 m0 = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const __mmask16 m1 = left >= 32 ? __mmask16(0xFFFF) : left <= 16 ? __mmask16(0) : __mmask16((1u << (left - 16)) - 1u);
+    __m512 lo[kHeadTile], hi[kHeadTile];
+    for (int g = 0; g < kHeadTile; ++g) {
+      const __m512 n0 = _mm512_maskz_loadu_ps(m0, acc + g * d + c), n1 = _mm512_maskz_loadu_ps(m1, acc + g * d + c + 16);
+      lo[g] = _mm512_permutex2var_ps(n0, kToLo, n1);
+      hi[g] = _mm512_permutex2var_ps(n0, kToHi, n1);
+    }
+    const int64_t pf_from = (c * 2 + 63) / 64 * 64, pf_to = pf != nullptr ? std::min(c + kDpDims, d) * 2 : 0;
+    for (int64_t j = 0; j < n; j += 2) {
+      const bool pair = j + 1 < n;  // an odd block's last key pairs with a zero row (its P is 0)
+      for (int jj = 0; jj < (pair ? 2 : 1); ++jj)
+        for (int g = 0; g < (kPacked ? kHeadTile : 1); ++g)
+          for (int64_t o = pf_from; o < pf_to; o += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(pf[j + jj] + g * hs) + o, 0, 2);
+      if constexpr (kPacked) {
+        for (int g = 0; g < kHeadTile; ++g) {
+          const __m512i v0 = _mm512_maskz_loadu_epi16(m, vrows[j] + g * hs + c);
+          const __m512i v1 = pair ? _mm512_maskz_loadu_epi16(m, vrows[j + 1] + g * hs + c) : _mm512_setzero_si512();
+          const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[g * pp_ld + j / 2]));
+          lo[g] = _mm512_dpbf16_ps(lo[g], w, (__m512bh)_mm512_unpacklo_epi16(v0, v1));
+          hi[g] = _mm512_dpbf16_ps(hi[g], w, (__m512bh)_mm512_unpackhi_epi16(v0, v1));
+        }
+      } else {
+        const __m512i v0 = _mm512_maskz_loadu_epi16(m, vrows[j] + c);
+        const __m512i v1 = pair ? _mm512_maskz_loadu_epi16(m, vrows[j + 1] + c) : _mm512_setzero_si512();
+        const __m512bh vl = (__m512bh)_mm512_unpacklo_epi16(v0, v1), vh = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+        for (int g = 0; g < kHeadTile; ++g) {
+          const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[g * pp_ld + j / 2]));
+          lo[g] = _mm512_dpbf16_ps(lo[g], w, vl);
+          hi[g] = _mm512_dpbf16_ps(hi[g], w, vh);
+        }
+      }
+    }
+    for (int g = 0; g < kHeadTile; ++g) {
+      _mm512_mask_storeu_ps(acc + g * d + c, m0, _mm512_permutex2var_ps(lo[g], kFrom0, hi[g]));
+      _mm512_mask_storeu_ps(acc + g * d + c + 16, m1, _mm512_permutex2var_ps(lo[g], kFrom1, hi[g]));
+    }
+  }
+}
+#else
+// Tiers without the instruction never take the pair tiles (has_dpbf16() is false there).
+template <bool kPacked>
+inline void qk_tile_dp(const uint32_t*, int64_t, const uint16_t* const*, int64_t, int64_t, int64_t, float, float*,
+                       const uint16_t* const*, int64_t) {
+  __builtin_trap();
+}
+template <bool kPacked>
+inline void pv_tile_dp(const uint32_t*, int64_t, const uint16_t* const*, int64_t, int64_t, int64_t, float*,
+                       const uint16_t* const*) {
+  __builtin_trap();
+}
+#endif
+
 // Query rows [i0, i0 + nq) of sequence b whose key length is len: the key band of each row
 // (inclusive [lo, hi]; everything outside is masked) and the key range the rows need at all.
 struct QueryBand {
@@ -462,7 +645,8 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
   const int64_t d = p.d, group = p.h / p.h_k, gp = ws.gp, rows = nq * group;
   const bool use_gemm = ws.gemm && rows >= (ws.dp ? kDpMinRows : kGemmMinRows);
   const bool use_dp = use_gemm && ws.dp;  // bf16 pairs on vdpbf16ps (T is bf16)
-  const int64_t pairs = ws.pairs;
+  const bool tile_dp = !use_gemm && ws.pairs_ok;  // the register tiles on vdpbf16ps (T is bf16)
+  const int64_t pairs = ws.pairs, qp_ld = ws.qp_ld;
   // MHA decode (one query row per kv head): the register tiles take kHeadTile kv heads at a
   // time (qk_tile / pv_tile's kPacked), 4 useful rows instead of one head and three zero rows:
   // the first packed_heads heads in units of kHeadTile, any others one by one. The kv-head
@@ -483,12 +667,14 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
 
   // Query rows pre-scaled by softmax_scale * log2(e): the softmax then runs on exp2.
   std::fill(ws.q.begin(), ws.q.end(), 0.f);
+  std::fill(ws.qp.begin(), ws.qp.end(), 0u);
   const float qscale = p.softmax_scale * kLog2e;
   for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
     for (int64_t r = 0; r < rows; ++r) {
       const T* src = q + (r / group) * p.q_row_stride + (kvh * group + r % group) * p.q_head_stride;
-      if (use_dp) {  // the bf16 row as pairs, unscaled: the scale goes onto the scores
-        cpu::pack_dim_pairs(reinterpret_cast<const uint16_t*>(src), d, ws.qp.data() + (kvh * gp + r) * pairs, 1);
+      if (use_dp || tile_dp) {  // the bf16 row as pairs, unscaled: the scale goes onto the scores
+        cpu::pack_dim_pairs(reinterpret_cast<const uint16_t*>(src), d,
+                            ws.qp.data() + (use_dp ? kvh * gp + r : wrow(kvh, r)) * qp_ld, 1);
         continue;
       }
       float* qr = ws.q.data() + wrow(kvh, r) * d;
@@ -558,7 +744,7 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
       float* m = ws.m.data() + w0;
       float* l = ws.l.data() + w0;
       if (use_dp) {
-        cpu::dp_scores(rows, n, pairs, ws.qp.data() + kvh * gp * pairs, pairs, ws.kps.data() + kvh * pairs * kKeyBlock,
+        cpu::dp_scores(rows, n, pairs, ws.qp.data() + kvh * gp * qp_ld, qp_ld, ws.kps.data() + kvh * pairs * kKeyBlock,
                        kKeyBlock, sc, kKeyBlock);
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t j = 0; j < n; ++j) sc[r * kKeyBlock + j] *= qscale;
@@ -580,7 +766,16 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
           kpf[j] = jj < 0 ? kin[j] : kc + koff[ps][jj] + ph * p.k_head_stride;
           vpf[j] = jj < 0 ? vin[j] : vc + voff[ps][jj] + ph * p.v_head_stride;
         }
-        if (packed) {
+        const auto* kin16 = reinterpret_cast<const uint16_t* const*>(kin);
+        const auto* kpf16 = reinterpret_cast<const uint16_t* const*>(kpf);
+        const uint32_t* qp = ws.qp.data() + w0 * qp_ld;
+        if (tile_dp && packed) {
+          qk_tile_dp<true>(qp, qp_ld, kin16, p.k_head_stride, n, d, qscale, sc, kpf16, row_bytes);
+        } else if (tile_dp) {
+          for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile)
+            qk_tile_dp<false>(qp + g0 * qp_ld, qp_ld, kin16, 0, n, d, qscale, sc + g0 * kKeyBlock,
+                              g0 == 0 ? kpf16 : nullptr, row_bytes);
+        } else if (packed) {
           qk_tile<true, T>(qf, kin, p.k_head_stride, n, d, sc, kpf, row_bytes);
         } else {
           for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile)
@@ -630,6 +825,25 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
         cpu::dp_pv(rows, d, np, ws.pp.data(), kKeyBlock / 2, ws.vps.data() + kvh * (kKeyBlock / 2) * d, d, acc, d);
       } else if (use_gemm) {  // the staged rows are contiguous: V block (n, d)
         cpu::gemm_f32(rows, d, n, kKeyBlock, d, d, /*add_c=*/true, sc, ws.vst.data() + kvh * kKeyBlock * d, acc);
+      } else if (tile_dp) {  // P rounded to bf16 pairs, as on the GEMM pair path
+        const int64_t np = (n + 1) / 2, tile_rows = packed ? kHeadTile : gp;
+        const auto* vin16 = reinterpret_cast<const uint16_t* const*>(vin);
+        const auto* vpf16 = reinterpret_cast<const uint16_t* const*>(vpf);
+        uint32_t* pp = ws.pp.data();
+        for (int64_t r = 0; r < tile_rows; ++r) {
+          if (r < unit_rows) {
+            cpu::to_bf16_pairs(sc + r * kKeyBlock, np, pp + r * (kKeyBlock / 2));
+          } else {  // padding rows: no probability (their scores were never exponentiated)
+            std::fill(pp + r * (kKeyBlock / 2), pp + (r + 1) * (kKeyBlock / 2), 0u);
+          }
+        }
+        if (packed) {
+          pv_tile_dp<true>(pp, kKeyBlock / 2, vin16, p.v_head_stride, n, d, acc, vpf16);
+        } else {
+          for (int64_t g0 = 0; g0 < gp; g0 += kHeadTile)
+            pv_tile_dp<false>(pp + g0 * (kKeyBlock / 2), kKeyBlock / 2, vin16, 0, n, d, acc + g0 * d,
+                              g0 == 0 ? vpf16 : nullptr);
+        }
       } else if (packed) {
         pv_tile<true, T>(sc, vin, p.v_head_stride, n, d, acc, vpf);
       } else {
