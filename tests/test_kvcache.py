@@ -3,6 +3,8 @@ attention_with_kvcache (several new queries per sequence over a contiguous or pa
 parity with fastattn.reference and between layouts, ragged lengths (0, page boundaries),
 page sizes 1 / 3 / 16 / 256, pages shuffled in a larger pool, GQA/MQA, causal / window,
 split-KV, query chunking, opcheck, torch.compile, bad input, CUDA graphs."""
+import sys
+
 import pytest
 import torch
 
@@ -206,6 +208,26 @@ def test_attention_with_kvcache_matches_reference(device, paged, append, mask, S
         out_s = fastattn.attention_with_kvcache(q, kc, vc, keys, causal=causal, window=window, block_table=bt,
                                                 num_splits=3)
         assert_error_ratio(out_s, low_out, true_out, "out (num_splits=3)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", [(-1, sys.maxsize), (sys.maxsize, sys.maxsize), (sys.maxsize, 0), (2**62, 2**40)])
+def test_attention_with_kvcache_huge_window_is_unbounded(device, window):
+    """A window side of sys.maxsize (or any side reaching past the cache) excludes nothing, as
+    for flash_attention: the same bits as -1. It used to overflow the kernels' band arithmetic
+    (position + window): every row saw no key (out 0, lse -inf)."""
+    torch.manual_seed(0)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q = torch.randn(2, 3, 4, 16, device=device, dtype=dtype)
+    kc, vc = (torch.randn(2, 24, 2, 16, device=device, dtype=dtype) for _ in range(2))
+    lens = torch.tensor([10, 2], dtype=torch.int32, device=device)
+    for causal in (False, True):
+        unbounded = tuple(-1 if w >= 2**40 else w for w in window)
+        out, lse = fastattn.attention_with_kvcache(q, kc, vc, lens, causal=causal, window=window, return_lse=True)
+        ref, ref_lse = fastattn.attention_with_kvcache(q, kc, vc, lens, causal=causal, window=unbounded,
+                                                       return_lse=True)
+        assert torch.equal(out, ref) and torch.equal(lse, ref_lse), causal
+        assert torch.isfinite(lse[0]).all()  # sequence 0 (10 keys): every row sees keys
 
 
 @pytest.mark.parametrize("device", DEVICES)

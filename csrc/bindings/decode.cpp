@@ -134,8 +134,13 @@ DecodeParams kvcache_params(const at::Tensor& q4, const at::Tensor& out, const a
   p.d = q4.size(3);
   p.seqlen_k_max = s_max;
   p.seqlens_k_add = seqlens_k_add;
-  p.window_left = window_left;
-  p.window_right = window_right;
+  // A side of the band at least s_max + seqlen_q wide excludes no key (a query's position is
+  // in [len - seqlen_q, len), len <= s_max): unbounded. As in flash_params.h, this keeps huge
+  // values (sys.maxsize for "unbounded") out of the kernels' band arithmetic, where
+  // position + window would overflow.
+  const int64_t no_bound = s_max + p.seqlen_q;
+  p.window_left = window_left >= no_bound ? -1 : window_left;
+  p.window_right = window_right >= no_bound ? -1 : window_right;
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.softcap = static_cast<float>(softcap);
   p.dtype = to_dtype(q4.scalar_type());
