@@ -141,7 +141,7 @@ def rms_norm(
     Differentiable in x, weight and residual, to any order (with ``create_graph=True`` the
     backward is recorded as torch ops).
     """
-    if _rms_norm_plain(x, weight, eps, residual):  # every check below passes: straight to the kernel
+    if _rms_norm_plain(x, weight, eps, residual) and not ops.transform_active():  # straight to the kernel
         x = _contiguous_last_dim(x)
         if residual is None:
             return ops.rms_norm_fwd(x, weight, eps)[0]
@@ -185,9 +185,11 @@ def rms_norm(
                     f"promotion with x's {x.dtype}), not float32, float16, bfloat16, float64 or complex"
                 )
             x, residual = x.to(dtype), residual.to(dtype)
-    if x.dtype == torch.float64 or x.is_complex():
-        # No fp64 or complex kernels (fp64 is for checking, e.g. gradcheck, not for speed):
-        # torch's own, with torch's default eps when none is given.
+    if (x.dtype == torch.float64 or x.is_complex()
+            or (ops.transform_active() and ops.differentiating_transform(x, weight, residual))):
+        # No fp64 or complex kernels (fp64 is for checking, e.g. gradcheck, not for speed), and
+        # no forward-mode / torch.func derivatives (ops.differentiating_transform): torch's own,
+        # with torch's default eps when none is given.
         h = x + residual if residual is not None else x
         y = torch.nn.functional.rms_norm(h, (h.shape[-1],), weight, None if torch_eps else eps)
         return (y, h) if residual is not None else y
@@ -436,6 +438,8 @@ def apply_rotary(
     inplace = check_bool(inplace, "inplace")
     if not inplace:
         return ops.rotary(q, k, cos, sin, positions, interleaved, False, check_positions)
+    if ops.transform_active() and not torch.compiler.is_compiling():
+        ops._refuse_transforms("fastattn.apply_rotary(inplace=True)", (q, k, cos, sin, positions))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         if not torch.compiler.is_compiling():
             _check_inplace_memory(q, k)
@@ -707,7 +711,10 @@ def scaled_dot_product_attention(
                 f"scaled_dot_product_attention(): argument '{name}' must be bool, not {type(flag).__name__}"
             )
     query, key, value = _sdpa_autocast(query, key, value)
-    if not _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, scale):
+    # Forward-mode AD and torch.func's grad transforms (which fastattn's ops cannot serve, see
+    # ops.differentiating_transform) are torch's too.
+    if not _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, scale) or (
+            ops.transform_active() and ops.differentiating_transform(query, key, value)):
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _fw_ad
 from torch import Tensor
 
 from ._C_loader import load as _load
@@ -20,14 +21,57 @@ _ops = torch.ops.fastattn
 _grad_enabled = torch._C.is_grad_enabled
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 _compiling = torch.compiler.is_compiling
+_peek_interpreter = torch._C._functorch.peek_interpreter_stack
+_is_grad_tracking = torch._C._functorch.is_gradtrackingtensor
+
+
+def transform_active() -> bool:
+    """Whether a forward-AD dual level or a torch.func transform (grad, jvp, vmap, ...) is
+    active: two reads, False in the usual call. False while torch.compile traces (dynamo
+    handles the transforms itself, and cannot trace functorch's introspection)."""
+    return not _compiling() and (_fw_ad._current_level >= 0 or _peek_interpreter() is not None)
+
+
+def differentiating_transform(*tensors) -> Optional[str]:
+    """The derivative machinery that tracks one of ``tensors`` and that fastattn's ops cannot
+    serve, or None. Their derivatives are reverse-mode formulas registered with
+    torch.library.register_autograd, which this torch supports neither in forward-mode AD (a
+    dual input's tangent would silently be dropped: the op runs below Autograd) nor under
+    torch.func's grad transforms (torch raises a setup_context error). torch.vmap is fine."""
+    for t in tensors:
+        if isinstance(t, Tensor):
+            if _fw_ad._current_level >= 0 and _fw_ad.unpack_dual(t).tangent is not None:
+                return "forward-mode AD (torch.func.jvp / jacfwd / hessian, torch.autograd.forward_ad)"
+            if t.requires_grad and _is_grad_tracking(t):
+                return "torch.func.grad / vjp / jacrev"
+    return None
+
+
+def _refuse_transforms(op, args) -> None:
+    """RuntimeError when differentiating_transform(*args) names one; op: an op or a name."""
+    what = differentiating_transform(*args)
+    if what is not None:
+        name = op if isinstance(op, str) else op._qualified_op_name
+        raise RuntimeError(
+            f"fastattn ({name}): {what} is not supported: fastattn's ops have reverse-mode "
+            "derivatives only; use .backward() or torch.autograd.grad. (The drop-ins "
+            "fastattn.scaled_dot_product_attention, fastattn.rms_norm and fastattn.nn.RMSNorm hand such calls "
+            "to torch.)"
+        )
 
 
 def _call(op, *args):
     """op(*args), below the Autograd dispatch key when grad mode is off (outside torch.compile
     tracing). register_autograd's Python kernel would find nothing to record then and
     redispatch below Autograd itself; skipping it saves ~4 us per call, most of a small op's
-    cost in a decode step. Keys above Autograd (autocast, Python modes) still run."""
-    if _grad_enabled() or _compiling():
+    cost in a decode step. Keys above Autograd (autocast, Python modes) still run. Under
+    forward-mode AD or torch.func's grad transforms a RuntimeError says they are unsupported
+    (differentiating_transform), instead of a zero tangent or torch's setup_context error."""
+    if _compiling():
+        return op(*args)
+    if _fw_ad._current_level >= 0 or _peek_interpreter() is not None:
+        _refuse_transforms(op, args)
+    if _grad_enabled():
         return op(*args)
     with _below_autograd():
         return op(*args)
@@ -181,6 +225,8 @@ def rotary_(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor], interleaved: bool, conjugate: bool,
     check_positions: bool = True,
 ) -> None:
+    if not _compiling() and transform_active():
+        _refuse_transforms(_ops.rotary_, (q, k, cos, sin, positions))
     _ops.rotary_(q, k, cos, sin, positions, interleaved, conjugate, check_positions)
 
 

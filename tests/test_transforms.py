@@ -1,0 +1,140 @@
+"""Forward-mode AD and torch.func transforms (fastattn/ops.py: differentiating_transform).
+
+fastattn's ops carry reverse-mode derivatives registered with torch.library.register_autograd,
+which this torch serves neither in forward-mode AD nor under torch.func's grad transforms. So:
+
+* the drop-ins (scaled_dot_product_attention, rms_norm, nn.RMSNorm) hand such calls to torch
+  and give torch's derivatives (they used to return a zero tangent, or raise torch's
+  setup_context error under torch.func.grad);
+* every other op raises a RuntimeError naming the transform instead of a silently dropped
+  tangent (the grad-off fast path ran the kernel below Autograd and lost it);
+* the Hugging Face integration hands such attention calls to SDPA and keeps the model's own
+  rotary there;
+* torch.vmap, which the ops do serve, still runs the kernels.
+"""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import fastattn
+
+
+def _qkv(L=3, S=7, E=8):
+    torch.manual_seed(0)
+    return torch.randn(1, 2, L, E), torch.randn(1, 2, S, E), torch.randn(1, 2, S, E)
+
+
+def test_sdpa_jvp_and_grad_are_torchs():
+    q, k, v = _qkv()
+    tq = torch.randn_like(q)
+    with sdpa_kernel(SDPBackend.MATH):  # (torch's CPU flash kernel has no forward AD itself)
+        ours = torch.func.jvp(lambda a: fastattn.scaled_dot_product_attention(a, k, v, is_causal=True), (q,), (tq,))
+        theirs = torch.func.jvp(lambda a: F.scaled_dot_product_attention(a, k, v, is_causal=True), (q,), (tq,))
+    assert theirs[1].abs().max() > 0.1
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=0)
+    g = torch.func.grad(lambda a: fastattn.scaled_dot_product_attention(a, k, v).square().sum())(q)
+    g_ref = torch.func.grad(lambda a: F.scaled_dot_product_attention(a, k, v).square().sum())(q)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["plain", "unit_offset"])
+def test_rms_norm_module_jvp_grad_jacrev(unit_offset):
+    torch.manual_seed(0)
+    x, tx = torch.randn(3, 8), torch.randn(3, 8)
+    ours = fastattn.nn.RMSNorm(8, eps=1e-6, unit_offset=unit_offset)
+    with torch.no_grad():
+        ours.weight.normal_()
+    scale = (1 + ours.weight) if unit_offset else ours.weight
+    theirs = lambda a: F.rms_norm(a, (8,), scale.detach(), 1e-6)  # noqa: E731
+    tangent = torch.func.jvp(ours, (x,), (tx,))[1]
+    assert tangent.abs().max() > 0.1
+    torch.testing.assert_close(tangent, torch.func.jvp(theirs, (x,), (tx,))[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.func.grad(lambda a: ours(a).square().sum())(x),
+                               torch.func.grad(lambda a: theirs(a).square().sum())(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.func.jacrev(ours)(x), torch.func.jacrev(theirs)(x), rtol=1e-6, atol=1e-6)
+
+
+def test_rms_norm_forward_ad_with_residual():
+    torch.manual_seed(0)
+    x, r, tx, w = torch.randn(4, 16), torch.randn(4, 16), torch.randn(4, 16), torch.randn(16)
+    with fwAD.dual_level(), torch.no_grad():  # (forward AD works with grad mode off too)
+        y, h = fastattn.rms_norm(fwAD.make_dual(x, tx), w, 1e-5, residual=r)
+        y_ref = F.rms_norm(fwAD.make_dual(x, tx) + r, (16,), w, 1e-5)
+        t, t_ref = fwAD.unpack_dual(y).tangent, fwAD.unpack_dual(y_ref).tangent
+        assert t is not None and torch.equal(fwAD.unpack_dual(h).tangent, tx)
+    torch.testing.assert_close(t, t_ref, rtol=1e-6, atol=1e-6)
+
+
+def _ops_calls():
+    q, k, v = (t.transpose(1, 2) for t in _qkv())
+    cos, sin = torch.randn(16, 4), torch.randn(16, 4)
+    kc, vc = torch.randn(1, 9, 2, 8), torch.randn(1, 9, 2, 8)
+    lens = torch.tensor([7], dtype=torch.int32)
+    return {
+        "flash_attention": lambda a: fastattn.flash_attention(a, k, v, causal=True),
+        "apply_rotary": lambda a: fastattn.apply_rotary(a, a * 2, cos, sin)[0],
+        "apply_rotary_inplace": lambda a: fastattn.apply_rotary(a.clone(), a * 2, cos, sin, inplace=True)[0],
+        "decode_attention": lambda a: fastattn.decode_attention(a[:, 0], kc, vc, lens),
+        "attention_with_kvcache": lambda a: fastattn.attention_with_kvcache(a, kc, vc, lens),
+    }, q
+
+
+@pytest.mark.parametrize("name", list(_ops_calls()[0]))
+def test_other_ops_refuse_instead_of_dropping_the_tangent(name):
+    calls, q = _ops_calls()
+    fn = calls[name]
+    with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
+        torch.func.jvp(fn, (q,), (torch.randn_like(q),))
+    with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
+        with fwAD.dual_level(), torch.no_grad():
+            fn(fwAD.make_dual(q, torch.randn_like(q)))
+    with pytest.raises(RuntimeError, match=r"torch.func.grad / vjp / jacrev is not supported"):
+        torch.func.grad(lambda a: fn(a).sum())(q)
+    # constants inside a transform (nothing tracked) still run the kernels
+    assert torch.equal(torch.func.grad(lambda a: a.sum() + fn(q.detach()).sum() * 0)(q), torch.ones_like(q))
+
+
+def test_vmap_still_runs_the_kernels():
+    q, k, v = (t.transpose(1, 2) for t in _qkv())
+    qs = torch.stack([q[0], 2 * q[0]])  # (2, L, H, E): vmap over a batch of single sequences
+    out = torch.vmap(lambda a: fastattn.flash_attention(a[None], k, v)[0])(qs)
+    for i in range(2):
+        torch.testing.assert_close(out[i], fastattn.flash_attention(qs[i:i + 1], k, v)[0], rtol=0, atol=0)
+
+
+def test_hf_model_under_func_grad_and_jvp_matches_sdpa():
+    transformers = pytest.importorskip("transformers")
+    import copy
+    import warnings
+
+    import fastattn.integrations.transformers as fa_hf
+
+    fa_hf.register()
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    sdpa = transformers.LlamaForCausalLM(cfg).eval()
+    sdpa.config._attn_implementation = "sdpa"
+    ours = copy.deepcopy(sdpa)
+    ours.set_attn_implementation("fastattn")
+    fa_hf.patch_model(ours)
+    emb, t = torch.randn(1, 5, 32), torch.randn(1, 5, 32)
+    loss = lambda m: (lambda e: m(inputs_embeds=e).logits.square().sum())  # noqa: E731
+    fa_hf.reset_stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the one-time fallback warning
+        g = torch.func.grad(loss(ours))(emb)
+        with sdpa_kernel(SDPBackend.MATH):
+            j = torch.func.jvp(lambda e: ours(inputs_embeds=e).logits, (emb,), (t,))[1]
+            j_ref = torch.func.jvp(lambda e: sdpa(inputs_embeds=e).logits, (emb,), (t,))[1]
+    torch.testing.assert_close(g, torch.func.grad(loss(sdpa))(emb), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(j, j_ref, rtol=1e-5, atol=1e-6)
+    reasons = fa_hf.stats()["reasons"]
+    assert any("torch.func.grad" in r for r in reasons) and any("forward-mode AD" in r for r in reasons), reasons
+    # and outside the transforms the kernels run again
+    fa_hf.reset_stats()
+    with torch.no_grad():
+        ours(inputs_embeds=emb)
+    assert fa_hf.stats()["fastattn"] == 2
