@@ -432,8 +432,7 @@ def apply_rotary(
     sin are treated as constants and get no gradient.
     """
     _check_rotary_args(q, k, cos, sin, positions)
-    if not isinstance(check_positions, bool):
-        raise TypeError(f"check_positions must be a bool, got {type(check_positions).__name__}")
+    check_positions = check_bool(check_positions, "check_positions")
     interleaved = check_bool(interleaved, "interleaved")
     inplace = check_bool(inplace, "inplace")
     if not inplace:
@@ -1217,6 +1216,5 @@ def append_kv(
     if paged:
         _check_block_table(block_table, k_cache, B)
     _check_cache_seqlens(cache_seqlens, k_cache, B)
-    if not isinstance(check_capacity, bool):
-        raise TypeError(f"check_capacity must be a bool, got {type(check_capacity).__name__}")
+    check_capacity = check_bool(check_capacity, "check_capacity")
     ops.append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table, check_capacity)

@@ -93,6 +93,16 @@ def test_numpy_bool_flags_accepted():
     out, lse = fastattn.flash_attention(q, k, v, causal=np.bool_(True), return_lse=np.bool_(True))
     ref, ref_lse = fastattn.flash_attention(q, k, v, causal=True, return_lse=True)
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    # every flag, also the ones that skip host checks (they used to refuse a NumPy bool, with
+    # the message "must be a bool, got bool")
+    x = torch.randn(1, 3, 2, 8)
+    cos, sin = torch.randn(3, 4), torch.randn(3, 4)
+    for flag in (np.bool_(True), np.bool_(False)):
+        q2, k2 = fastattn.apply_rotary(x, x, cos, sin, check_positions=flag)
+        assert torch.equal(q2, fastattn.apply_rotary(x, x, cos, sin)[0])
+        kc, vc = torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8)
+        fastattn.append_kv(kc, vc, x, x, _i32([1]), check_capacity=flag)
+        assert torch.equal(kc[:, 1:4], x) and torch.equal(vc[:, 1:4], x)
 
 
 def test_cache_and_rotary_flags_must_be_bool():
@@ -107,7 +117,7 @@ def test_cache_and_rotary_flags_must_be_bool():
         fastattn.attention_with_kvcache(q, kc, kc, sl, causal=1)
     x = torch.randn(1, 3, 2, 8)
     cos, sin = torch.randn(3, 4), torch.randn(3, 4)
-    for name in ("interleaved", "inplace"):
+    for name in ("interleaved", "inplace", "check_positions"):
         with pytest.raises(TypeError, match=f"{name} must be a bool"):
             fastattn.apply_rotary(x, x, cos, sin, **{name: 1})
 

@@ -312,6 +312,14 @@ def test_append_kv_check_capacity_flag_cpu(paged):
     for bad_flag in (0, None):
         with pytest.raises(TypeError, match="check_capacity must be a bool"):
             fastattn.append_kv(kc, vc, k, v, _seqlens([0, 1], "cpu"), block_table=bt, check_capacity=bad_flag)
+    # zero new rows write nothing but the lengths are still checked (they used to pass unread)
+    k0, v0 = k[:, :0], v[:, :0]
+    for lens, match in (([-5, 2], "cache_seqlens must be >= 0"), ([3, 100], "exceeds the cache capacity")):
+        with pytest.raises(ValueError, match=match):
+            fastattn.append_kv(kc, vc, k0, v0, _seqlens(lens, "cpu"), block_table=bt)
+    kc1, vc1 = kc.clone(), vc.clone()
+    fastattn.append_kv(kc, vc, k0, v0, _seqlens([12, 0], "cpu"), block_table=bt)  # full cache, Sn = 0: fine
+    assert torch.equal(kc, kc1) and torch.equal(vc, vc1)
 
 
 def test_not_differentiable():

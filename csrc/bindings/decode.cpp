@@ -369,7 +369,7 @@ void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
   }
   const int64_t batch = k.size(0), sn = k.size(1);
   const int64_t s_max = paged ? block_table->size(1) * k_cache.size(1) : k_cache.size(1);
-  if (batch == 0 || sn == 0) return;
+  if (batch == 0) return;
 
   // Capacity: every sequence needs 0 <= cache_seqlens[b] and cache_seqlens[b] + Sn <= S_max
   // (max_pages_per_seq * page_size when paged), and on the CPU the pages written must exist.
@@ -384,6 +384,7 @@ void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
     FA_CHECK_ARG(hi_v + sn <= s_max, "fastattn.append_kv: appending ", sn, " rows at cache_seqlens (max ", hi_v,
                  ") exceeds the cache capacity ", paged ? "max_pages_per_seq * page_size = " : "S_max = ", s_max);
   }
+  if (sn == 0) return;  // (nothing to write; the lengths were still checked, as for any Sn)
   if (paged && k_cache.is_cpu()) {
     const at::Tensor seq = cache_seqlens.to(at::kLong);
     std::vector<int64_t> first(seq.data_ptr<int64_t>(), seq.data_ptr<int64_t>() + batch), last(first);
