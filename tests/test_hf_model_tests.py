@@ -278,6 +278,13 @@ def test_inconsistent_flash_kwargs_raise():
         bad = dict(batch, cu_seq_lens_k=torch.tensor([0, 4, total], dtype=torch.int32))
         with pytest.raises(ValueError, match="cu_seq_lens_k differs"):
             ms["fastattn"](**bad, use_cache=False)
+    # inference-mode tensors have no version counter (the per-tensor cache is skipped): still
+    # checked (the check used to be skipped with the cache)
+    with torch.inference_mode():
+        bad = dict(batch, cu_seq_lens_q=torch.tensor([0, 4, total + 5], dtype=torch.int32))
+        bad["cu_seq_lens_k"] = bad["cu_seq_lens_q"]
+        with pytest.raises(ValueError, match="cu_seq_lens"):
+            ms["fastattn"](**bad, use_cache=False)
 
 
 # ---- training: backward equivalence, gradient checkpointing ---------------------------------

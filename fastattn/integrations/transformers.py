@@ -629,11 +629,14 @@ def _packed_from_cu_seq_lens(cu_q, cu_k, B: int, Sq: int, Sk: int, mask_is_none:
     ValueError for kwargs that do not describe these tokens."""
     cu_q, cu_k = torch.as_tensor(cu_q), torch.as_tensor(cu_k)
     key = (B, Sq, Sk, mask_is_none, str(device), _version_of(cu_q), _version_of(cu_k))
-    if not _compiling() and None not in key:
+    # Cached per tensor version; inference-mode tensors have no version: checked every call.
+    cacheable = not _compiling() and None not in key
+    if cacheable:
         cache = getattr(cu_q, "_fastattn_packed", None)  # (every layer gets the same tensors)
         hit = cache.get(key) if isinstance(cache, dict) else None
         if hit is not None and hit[0] is cu_k:
             return hit[1]
+    if not _compiling():
         problem = None
         # keys = queries (self-attention over the same tokens), or a static cache's prefill: keys
         # 0..Sq-1 are the tokens, the rows after them unused (a None mask, SDPA's top-left is_causal)
@@ -655,7 +658,7 @@ def _packed_from_cu_seq_lens(cu_q, cu_k, B: int, Sq: int, Sk: int, mask_is_none:
     tokens = torch.arange(B * Sq, device=device)
     seg = torch.bucketize(tokens, cu_q[1:].to(device=device, dtype=torch.int64), right=True)
     mask = (seg.view(B, Sq) + 1).to(torch.int32)
-    if not _compiling() and None not in key:
+    if cacheable:
         try:
             cu_q._fastattn_packed = {key: (cu_k, mask)}
         except (AttributeError, RuntimeError):
