@@ -1092,8 +1092,11 @@ def patch_model(model: nn.Module) -> dict:
 
     Anything else is left alone. Returns a report: ``{"rms_norm": n, "rotary": m, "swapped":
     {class name: count}, "left_alone": {class name: reason}}`` (rotary entries are named by
-    their attention class, e.g. ``"rotary:GemmaAttention"``). Modules patched by an earlier call
-    count as neither."""
+    their attention class, e.g. ``"rotary:GemmaAttention"``). A rotary entry means the module's
+    calls of its file's ``apply_rotary_pos_emb`` run on fastattn; a model that calls another
+    function of its file instead (DeepSeek-V3's ``apply_rotary_pos_emb_interleave`` with
+    ``rope_interleave=True``) keeps that one. Modules patched by an earlier call count as
+    neither."""
     _require_transformers()
     report = {"rms_norm": 0, "rotary": 0, "swapped": {}, "left_alone": {}}
 
@@ -1130,7 +1133,8 @@ def patch_model(model: nn.Module) -> dict:
         if not name.endswith("Attention") or getattr(module, "_fastattn_patched", False):
             continue
         if not (hasattr(module, "q_proj") or hasattr(module, "qkv_proj")):
-            report["left_alone"]["rotary:" + name] = "no q_proj / qkv_proj (not a rotary self-attention)"
+            report["left_alone"]["rotary:" + name] = ("projections other than q_proj / qkv_proj (e.g. GPT-NeoX's "
+                                                      "fused query_key_value): rotary not patched")
             continue
         modeling = sys.modules.get(type(module).__module__) or importlib.import_module(type(module).__module__)
         why = _install_rotary_dispatcher(modeling)
