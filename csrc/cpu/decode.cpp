@@ -455,11 +455,11 @@ inline void pv_tile(const float* p, const T* const* vrows, int64_t hs, int64_t n
 // fp32 sums, where the fp32 tiles spend two widenings (4 instructions) and two FMAs per row
 // on the same 32 values. Scores: a 512-bit load of a K row is 32 dims = 16 pairs of dims, and
 // the query rows are kept as bf16 pairs of dims (unscaled; the scale goes onto the scores);
-// lane l of the 16 sums dims (2l, 2l + 1) of every 32-dim chunk, folded and transposed as in
-// qk_tile. P V: pairs of keys; the two V rows of a pair are interleaved in registers
+// lane l of the 16 sums dims (2l, 2l + 1) of every 32-dim chunk, and the 16-lane sums of 4
+// rows x 4 keys are reduced together (reduce16x16). P V: pairs of keys; the two V rows of a pair are interleaved in registers
 // (vpunpckl/hwd), which puts dims {0-3, 8-11, 16-19, 24-27} of a 32-dim chunk in one
 // accumulator and {4-7, 12-15, ...} in the other: the accumulator rows are permuted into that
-// order when a block's chunk starts and back when it ends (kToLo / kToHi / kFromLoHi), so
+// order when a block's chunk starts and back when it ends (kToLo / kToHi, kFrom0 / kFrom1), so
 // ws.acc stays in natural order for the softmax rescale and the output. P is rounded to bf16
 // (as on a GPU's tensor cores, and as the GEMM pair path does). Tails of d (d % 32) are
 // masked loads: dims past d are zero in both operands, nothing past a row is read.
