@@ -717,9 +717,13 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
       for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
         uint32_t* kp = ws.kps.data() + kvh * pairs * kKeyBlock;
         uint32_t* vp = ws.vps.data() + kvh * (kKeyBlock / 2) * d;
-        for (int64_t j = 0; j < n; ++j)
-          cpu::pack_dim_pairs(reinterpret_cast<const uint16_t*>(kc + koff[slot][j] + kvh * p.k_head_stride), d,
-                              kp + j, kKeyBlock);
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+          const uint16_t* rows16[16];
+          const int64_t nr = std::min<int64_t>(16, n - j0);
+          for (int64_t j = 0; j < nr; ++j)
+            rows16[j] = reinterpret_cast<const uint16_t*>(kc + koff[slot][j0 + j] + kvh * p.k_head_stride);
+          cpu::pack_dim_pairs_x16(rows16, nr, d, kp + j0, kKeyBlock);
+        }
         for (int64_t j = 0; j < n; j += 2) {  // an odd block's last pair: the key after it is 0
           const uint16_t* lo = reinterpret_cast<const uint16_t*>(vc + voff[slot][j] + kvh * p.v_head_stride);
           const uint16_t* hi =

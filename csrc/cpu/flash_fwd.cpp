@@ -371,8 +371,13 @@ class FlashFwdCpu {
         const T* kbase = k + b * p_.k_batch_stride + hk * p_.k_head_stride;
         if (use_dp_) {
           uint32_t* kp = reinterpret_cast<uint32_t*>(kt_) + bh * pairs_ * kt_ld_ + j0;
-          for (int64_t j = 0; j < n; ++j)
-            cpu::pack_dim_pairs(reinterpret_cast<const uint16_t*>(kbase + (j0 + j) * p_.k_row_stride), d, kp + j, kt_ld_);
+          for (int64_t r0 = 0; r0 < n; r0 += 16) {
+            const uint16_t* rows16[16];
+            const int64_t nr = std::min<int64_t>(16, n - r0);
+            for (int64_t j = 0; j < nr; ++j)
+              rows16[j] = reinterpret_cast<const uint16_t*>(kbase + (j0 + r0 + j) * p_.k_row_stride);
+            cpu::pack_dim_pairs_x16(rows16, nr, d, kp + r0, kt_ld_);
+          }
         } else {
           for (int64_t j = 0; j < n; ++j) load_row(kbase + (j0 + j) * p_.k_row_stride, rows.data() + j * d, d);
           float* kt = kt_ + bh * d * kt_ld_ + j0;
