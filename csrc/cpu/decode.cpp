@@ -699,9 +699,28 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
   // Cache row offsets (batch/page + row; the head is added per head) of this block and the next.
   int64_t koff[2][kKeyBlock], voff[2][kKeyBlock];
   auto fill_offsets = [&](int64_t k0, int64_t n, int slot) {
+    if (p.block_table == nullptr) {
+      for (int64_t j = 0; j < n; ++j) {
+        koff[slot][j] = k_layout.row_offset(b, k0 + j);
+        voff[slot][j] = v_layout.row_offset(b, k0 + j);
+      }
+      return;
+    }
+    // Paged: kv_cache_layout.h's row_offset for consecutive rows, stepping through the pages
+    // instead of a 64-bit division (and a table read) per row and cache.
+    int64_t page_idx = k0 / p.page_size, in_page = k0 % p.page_size;
+    int64_t page = 0;
     for (int64_t j = 0; j < n; ++j) {
-      koff[slot][j] = k_layout.row_offset(b, k0 + j);
-      voff[slot][j] = v_layout.row_offset(b, k0 + j);
+      if (j == 0 || in_page == 0) {
+        page = p.block_table[b * p.block_table_batch_stride + page_idx];
+        page = page < 0 ? 0 : (page >= p.num_pages ? p.num_pages - 1 : page);
+      }
+      koff[slot][j] = page * k_layout.batch_stride + in_page * k_layout.row_stride;
+      voff[slot][j] = page * v_layout.batch_stride + in_page * v_layout.row_stride;
+      if (++in_page == p.page_size) {
+        in_page = 0;
+        ++page_idx;
+      }
     }
   };
   if (begin < end) fill_offsets(begin, std::min(kKeyBlock, end - begin), 0);
