@@ -437,8 +437,8 @@ def apply_rotary(
     inplace = check_bool(inplace, "inplace")
     if not inplace:
         return ops.rotary(q, k, cos, sin, positions, interleaved, False, check_positions)
-    if ops.transform_active() and not torch.compiler.is_compiling():
-        ops._refuse_transforms("fastattn.apply_rotary(inplace=True)", (q, k, cos, sin, positions))
+    if ops.transform_active():
+        ops.refuse_transforms("fastattn.apply_rotary(inplace=True)", (q, k, cos, sin, positions))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         if not torch.compiler.is_compiling():
             _check_inplace_memory(q, k)

@@ -47,7 +47,7 @@ def differentiating_transform(*tensors) -> Optional[str]:
     return None
 
 
-def _refuse_transforms(op, args) -> None:
+def refuse_transforms(op, args) -> None:
     """RuntimeError when differentiating_transform(*args) names one; op: an op or a name."""
     what = differentiating_transform(*args)
     if what is not None:
@@ -70,7 +70,7 @@ def _call(op, *args):
     if _compiling():
         return op(*args)
     if _fw_ad._current_level >= 0 or _peek_interpreter() is not None:
-        _refuse_transforms(op, args)
+        refuse_transforms(op, args)
     if _grad_enabled():
         return op(*args)
     with _below_autograd():
@@ -225,8 +225,8 @@ def rotary_(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor], interleaved: bool, conjugate: bool,
     check_positions: bool = True,
 ) -> None:
-    if not _compiling() and transform_active():
-        _refuse_transforms(_ops.rotary_, (q, k, cos, sin, positions))
+    if transform_active():
+        refuse_transforms(_ops.rotary_, (q, k, cos, sin, positions))
     _ops.rotary_(q, k, cos, sin, positions, interleaved, conjugate, check_positions)
 
 

@@ -787,7 +787,7 @@ def fastattn_attention_forward(
         raise ValueError(f"a 2-D attention mask for fastattn must be (B={query.shape[0]}, M >= Sq={Sq}) (positions up "
                          f"to the last query), got {tuple(attention_mask.shape)}")
     reason = _unsupported_reason(module, query, value, dropout, kwargs)
-    if reason is None and not _compiling() and fastattn.ops.transform_active():
+    if reason is None and fastattn.ops.transform_active():
         # forward-mode AD or torch.func's grad transforms, which the kernels' derivatives cannot
         # serve (see fastattn.ops.differentiating_transform): SDPA's, as for any other reason
         reason = fastattn.ops.differentiating_transform(query, key, value)
@@ -925,8 +925,7 @@ def _make_rotary_dispatcher(original, partial: bool = False):
             and cos.shape[0] in (1, q.shape[0]) and cos.shape[1] == q.shape[2]
             and q.stride(-1) == 1 and k.stride(-1) == 1
         )
-        if not usable or (not _compiling() and fastattn.ops.transform_active()
-                          and fastattn.ops.differentiating_transform(q, k, cos, sin)):
+        if not usable or (fastattn.ops.transform_active() and fastattn.ops.differentiating_transform(q, k, cos, sin)):
             # (forward-mode AD / torch.func grad: the model's own rotary differentiates there)
             return original(q, k, cos, sin, *args, **kwargs)
         return _hf_rotary_on_fastattn(q, k, cos, sin)
