@@ -38,10 +38,15 @@ def differentiating_transform(*tensors) -> Optional[str]:
     torch.library.register_autograd, which this torch supports neither in forward-mode AD (a
     dual input's tangent would silently be dropped: the op runs below Autograd) nor under
     torch.func's grad transforms (torch raises a setup_context error). torch.vmap is fine."""
+    forward_ad = "forward-mode AD (torch.func.jvp / jacfwd / hessian, torch.autograd.forward_ad)"
     for t in tensors:
         if isinstance(t, Tensor):
-            if _fw_ad._current_level >= 0 and _fw_ad.unpack_dual(t).tangent is not None:
-                return "forward-mode AD (torch.func.jvp / jacfwd / hessian, torch.autograd.forward_ad)"
+            if _fw_ad._current_level >= 0:
+                try:
+                    if _fw_ad.unpack_dual(t).tangent is not None:
+                        return forward_ad
+                except RuntimeError:  # a vmap-batched tensor inside jvp (no batching rule to look)
+                    return forward_ad
             if t.requires_grad and _is_grad_tracking(t):
                 return "torch.func.grad / vjp / jacrev"
     return None

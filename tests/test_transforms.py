@@ -96,6 +96,21 @@ def test_other_ops_refuse_instead_of_dropping_the_tangent(name):
     assert torch.equal(torch.func.grad(lambda a: a.sum() + fn(q.detach()).sum() * 0)(q), torch.ones_like(q))
 
 
+def test_nested_transforms_raise():
+    """jvp / grad around or inside vmap: an error naming the problem, never a silent tangent."""
+    calls, q = _ops_calls()
+    f = lambda a: calls["flash_attention"](a[None])[0]  # noqa: E731
+    qs = torch.stack([q[0], 2 * q[0]])
+    with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
+        torch.func.jvp(torch.vmap(f), (qs,), (torch.randn_like(qs),))
+    with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
+        torch.vmap(lambda a, t: torch.func.jvp(f, (a,), (t,))[1])(qs, torch.randn_like(qs))
+    with pytest.raises(RuntimeError, match="torch.func.grad / vjp / jacrev is not supported"):
+        torch.vmap(torch.func.grad(lambda a: f(a).sum()))(qs)
+    with pytest.raises(RuntimeError):  # (torch's own setup_context error: the op runs under vmap's fallback)
+        torch.func.grad(lambda a: torch.vmap(f)(a).sum())(qs)
+
+
 def test_vmap_still_runs_the_kernels():
     q, k, v = (t.transpose(1, 2) for t in _qkv())
     qs = torch.stack([q[0], 2 * q[0]])  # (2, L, H, E): vmap over a batch of single sequences
