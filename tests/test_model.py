@@ -81,6 +81,44 @@ def test_eos_stops_each_sequence_like_transformers(hf_llama):
     assert (ours[0, 6 + first + 1:] == VOCAB - 1).all()  # padded after its eos
 
 
+def test_generate_token_id_arguments_like_transformers(hf_llama):
+    """eos ids outside the vocabulary never match a token (transformers ignores them; they
+    used to raise IndexError with min_new_tokens, or ban token vocab-1 for -1); eos as a 0-d
+    tensor or NumPy integer; a pad id outside the vocabulary is a clear ValueError (finished
+    rows feed it back into the embedding); an empty batch returns an empty result on either
+    cache."""
+    np = pytest.importorskip("numpy")
+    hf, path = hf_llama
+    model = Llama.from_pretrained(path)
+    ids = ids_of(2, 6, seed=4)
+    free = model.generate(ids, max_new_tokens=8)
+    for eos in (VOCAB + 5, -1, [VOCAB + 5, -1]):
+        for beams in (1, 2):
+            kw = dict(num_beams=beams, min_new_tokens=8, eos_token_id=eos)
+            assert torch.equal(model.generate(ids, 8, **kw), model.generate(ids, 8, num_beams=beams)), (eos, beams)
+    eos = int(free[0, 6 + 3])
+    ref = model.generate(ids, 8, eos_token_id=eos, pad_token_id=VOCAB - 1)
+    for spelled in (torch.tensor(eos), torch.tensor([eos]), np.int64(eos), [np.int64(eos)]):
+        assert torch.equal(model.generate(ids, 8, eos_token_id=spelled, pad_token_id=VOCAB - 1), ref)
+    for pad in (-5, VOCAB, 1.0):
+        with pytest.raises(ValueError, match="pad_token_id must be a token id"):
+            model.generate(ids, 8, eos_token_id=eos, pad_token_id=pad)
+    with pytest.raises(ValueError, match="eos_token_id must be an int"):
+        model.generate(ids, 8, eos_token_id="2")
+    for cache in ("contiguous", "paged"):
+        assert model.generate(ids[:0], 3, cache=cache).shape == (0, 9)
+
+
+def test_from_pretrained_dtype_names(hf_llama):
+    _, path = hf_llama
+    assert Llama.from_pretrained(path, dtype="bfloat16").output.weight.dtype == torch.bfloat16
+    assert Llama.from_pretrained(path, dtype="torch.float16").output.weight.dtype == torch.float16
+    assert Llama.from_pretrained(path, dtype="auto").output.weight.dtype == torch.float32  # the checkpoint's
+    for bad in ("int8", torch.int32, "bf17"):
+        with pytest.raises(ValueError, match="dtype must be None, 'auto', or a floating torch dtype"):
+            Llama.from_pretrained(path, dtype=bad)
+
+
 HF_VARIANTS = {
     "attention_bias": dict(attention_bias=True),
     "llama3_rope": dict(rope_scaling=LLAMA3_ROPE),

@@ -236,6 +236,32 @@ def test_phi3_longrope_matches_transformers(tmp_path):
     assert Llama.from_pretrained(path).config.longrope_switch == 16
 
 
+def test_phi3_longrope_generate_recomputes_the_cache_at_the_switch(tmp_path):
+    """A prompt shorter than original_max_position_embeddings that grows past it: transformers
+    drops its cache at that step and recomputes it with the long factors (the cached keys were
+    rotated with the short ones), and so does generate() (greedy / sampling, and beam search).
+    Weights large enough that the two rotations pick different tokens (before the fix the
+    tokens differed from the step after the switch on)."""
+    hf, _ = phi3_longrope(tmp_path / "base")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 if p.dim() > 1 else 0.5 + torch.rand(p.shape, generator=g))
+    path = save_hf(hf, tmp_path / "big")
+    prompt = ids_of(1, 9, seed=5)
+    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    beams = hf.generate(prompt, max_new_tokens=20, do_sample=False, num_beams=3, num_return_sequences=2,
+                        eos_token_id=None, pad_token_id=0)
+    for backend in BACKENDS:
+        model = Llama.from_pretrained(path, backend=backend)
+        for cache in CACHES:
+            assert torch.equal(model.generate(prompt, 20, cache=cache, page_size=4), theirs), (backend, cache)
+            ours = model.generate(prompt, 20, num_beams=3, num_return_sequences=2, cache=cache, page_size=4)
+            assert torch.equal(ours, beams), ("beams", backend, cache)
+    # the ragged batch: the longest row crosses first, the whole batch switches with it
+    check_generate(hf, path, ids_of(2, 12, seed=6), [12, 12])
+
+
 def test_unsupported_rope_fields(tmp_path):
     hf, path = phi3_longrope(tmp_path)
     with open(os.path.join(path, "config.json")) as f:

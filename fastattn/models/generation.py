@@ -125,6 +125,7 @@ def sample(model, input_ids: Tensor, lengths: Tensor, max_new_tokens: int, *, te
     penalise = repetition_penalty != 1.0
     seen = token_presence(input_ids, lengths, logits.shape[-1]) if penalise else None
     masks_eos = eos_t is not None and min_new_tokens > 0
+    recompute_at = _longrope_recompute_step(model, S, lengths)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     rows = torch.arange(B, device=device)
     steps = range(max_new_tokens)
@@ -146,8 +147,23 @@ def sample(model, input_ids: Tensor, lengths: Tensor, max_new_tokens: int, *, te
         if penalise:
             seen[rows, tok] = True
         if i + 1 < max_new_tokens:
-            logits = decode(tok)
+            if i == recompute_at:
+                logits = model.prefill(out[:, : S + i + 1], lengths + (i + 1))
+            else:
+                logits = decode(tok)
     return out[:, : S + n]
+
+
+def _longrope_recompute_step(model, S: int, lengths: Tensor) -> Optional[int]:
+    """LongRoPE (Phi-3): the prefill of prompts no wider than original_max_position_embeddings
+    rotated the cache's keys with the short factors; the first decode step whose position
+    reaches that length runs with the long ones, and there transformers drops its cache and
+    recomputes it (Phi3ForCausalLM.prepare_inputs_for_generation). The loops here do the same,
+    by a prefill of every token so far, at the step index this returns (None: never)."""
+    switch = model.config.longrope_switch
+    if switch is None or S > switch:
+        return None
+    return switch - int(lengths.max())
 
 
 def _prompt_block(input_ids: Tensor, lengths: Tensor, max_new_tokens: int, pad: int) -> Tensor:
@@ -206,6 +222,7 @@ def beam_search(model, input_ids: Tensor, lengths: Tensor, max_new_tokens: int, 
     seen = token_presence(input_ids, lengths, V).index_select(0, expand) if penalise else None
     K = max(2, 1 + len(eos)) * nb  # candidates kept per prompt and step
     in_top = torch.arange(K, device=device) < nb  # only these may finish
+    recompute_at = _longrope_recompute_step(model, S, lengths)
     row0 = (torch.arange(B, device=device) * nb).view(B, 1)
 
     run_tokens = torch.full((B, nb, T), pad, dtype=torch.long, device=device)  # new tokens of each beam
@@ -274,7 +291,13 @@ def beam_search(model, input_ids: Tensor, lengths: Tensor, max_new_tokens: int, 
         if penalise:
             seen = seen.index_select(0, rows)
             seen[torch.arange(N, device=device), new] = True
-        logits = decode(new)
+        if i == recompute_at:  # LongRoPE: every beam's tokens so far, recomputed (see sample)
+            beams = _prompt_block(input_ids, lengths, i + 1, pad).repeat_interleave(nb, 0)  # (N, S + i + 1)
+            at = lengths.long().repeat_interleave(nb).view(N, 1) + torch.arange(i + 1, device=device).view(1, i + 1)
+            beams.scatter_(1, at, run_tokens[:, :, : i + 1].reshape(N, i + 1))
+            logits = model.prefill(beams, lengths.repeat_interleave(nb) + (i + 1))
+        else:
+            logits = decode(new)
 
     R = num_return_sequences
     n = int(fin_len[:, :R].max())

@@ -22,7 +22,10 @@ rotary_dim = int(head_dim * factor) dims of each head (cos/sin tables of width r
 the kernels pass the other dims through); LongRoPE (``rope_scaling`` type "longrope", or
 "su" / "yarn" on Phi-3, as transformers reads them) keeps short- and long-factor tables and,
 like transformers, rotates a whole forward pass with the long ones once its largest position
-+ 1 exceeds original_max_position_embeddings (decided on the device during decode).
++ 1 exceeds original_max_position_embeddings (decided on the device during decode); and, like
+transformers' Phi-3 generation, ``generate`` recomputes the cache (a prefill of every token so
+far) at the step where a generation that started below that length first reaches it, since the
+cached keys were rotated with the short factors.
 
 Gemma 1/2/3 (model types gemma, gemma2, gemma3_text) are config switches on the same block:
 RMSNorm weights stored as offsets, x / rms(x) * (1 + w) in fp32 (``norm_unit_offset``; the
@@ -105,6 +108,7 @@ from torch import Tensor, nn
 
 import fastattn
 from fastattn import reference
+from fastattn._validate import is_integer
 from fastattn.nn.rms_norm import rms_norm_unit_offset
 from fastattn.nn.rotary import rotary_inv_freq
 from fastattn.models.moe import MoEFeedForward
@@ -1563,8 +1567,14 @@ class Llama(nn.Module):
             raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
-        eos = _eos_list(eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        # eos ids outside the vocabulary can never be sampled: ignored, as transformers does
+        eos = [e for e in _eos_list(eos_token_id) if 0 <= e < self.config.vocab_size]
+        if pad_token_id is not None and not (is_integer(pad_token_id) and 0 <= pad_token_id < self.config.vocab_size):
+            # (finished rows feed it back into the embedding)
+            raise ValueError(f"pad_token_id must be a token id in [0, {self.config.vocab_size}), got {pad_token_id!r}")
+        pad = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else 0)
+        if input_ids.shape[0] == 0:  # no sequence: nothing to run, on any cache
+            return torch.full((0, input_ids.shape[1] + max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
         common = dict(eos=eos, pad=pad, repetition_penalty=float(repetition_penalty), min_new_tokens=min_new_tokens,
                       progress=progress, cuda_graph=cuda_graph, cache=cache, page_size=page_size)
         if num_beams > 1:
@@ -1581,7 +1591,10 @@ class Llama(nn.Module):
         """Load a local Hugging Face LLaMA-format folder: config.json plus model.safetensors or
         sharded *.safetensors with model.safetensors.index.json (never pickle files).
 
-        dtype None keeps the checkpoint's dtype; device None means the CPU."""
+        dtype None (or "auto", as transformers spells it) keeps the checkpoint's dtype; a torch
+        floating dtype or its name ("bfloat16", "float16", "float32") converts; device None
+        means the CPU."""
+        dtype = _dtype_arg(dtype)
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"from_pretrained: {path!r} is not a directory")
@@ -1674,12 +1687,35 @@ def _check_sampling(temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
+def _dtype_arg(dtype) -> Optional[torch.dtype]:
+    """from_pretrained's dtype: None / "auto", a floating torch.dtype, or its name."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(named, torch.dtype):
+            dtype = named
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None, 'auto', or a floating torch dtype (or its name, e.g. 'bfloat16'), "
+                         f"got {dtype!r}")
+    return dtype
+
+
 def _eos_list(eos_token_id) -> List[int]:
+    """An int, a NumPy integer, a tensor (0-d or 1-d) or a list of ints, as transformers takes it."""
     if eos_token_id is None:
         return []
-    if isinstance(eos_token_id, int):
-        return [eos_token_id]
-    return [int(e) for e in eos_token_id]
+    if isinstance(eos_token_id, torch.Tensor):
+        return [int(e) for e in eos_token_id.reshape(-1).tolist()]
+    if is_integer(eos_token_id):
+        return [int(eos_token_id)]
+    try:
+        ids = [e for e in eos_token_id]
+    except TypeError:
+        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}") from None
+    if not all(is_integer(e) for e in ids):
+        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return [int(e) for e in ids]
 
 
 def _prompt_lengths(input_ids: Tensor, prompt_lengths, attention_mask) -> Tensor:
