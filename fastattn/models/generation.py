@@ -166,6 +166,16 @@ def _longrope_recompute_step(model, S: int, lengths: Tensor) -> Optional[int]:
     return switch - int(lengths.max())
 
 
+def _with_new_tokens(input_ids: Tensor, lengths: Tensor, new: Tensor, pad: int) -> Tensor:
+    """(M, S + n) for new (M, n) with M = B * r: row m is prompt m // r's real tokens, then
+    new[m], then pad (beam search's hypotheses, r per prompt)."""
+    B, M, n = input_ids.shape[0], new.shape[0], new.shape[1]
+    r = M // B
+    out = _prompt_block(input_ids, lengths, n, pad).repeat_interleave(r, 0)
+    at = lengths.long().repeat_interleave(r).view(M, 1) + torch.arange(n, device=new.device).view(1, n)
+    return out.scatter_(1, at, new)
+
+
 def _prompt_block(input_ids: Tensor, lengths: Tensor, max_new_tokens: int, pad: int) -> Tensor:
     """(B, S + max_new_tokens) of pad with each row's real prompt tokens in front."""
     B, S = input_ids.shape
@@ -292,17 +302,11 @@ def beam_search(model, input_ids: Tensor, lengths: Tensor, max_new_tokens: int, 
             seen = seen.index_select(0, rows)
             seen[torch.arange(N, device=device), new] = True
         if i == recompute_at:  # LongRoPE: every beam's tokens so far, recomputed (see sample)
-            beams = _prompt_block(input_ids, lengths, i + 1, pad).repeat_interleave(nb, 0)  # (N, S + i + 1)
-            at = lengths.long().repeat_interleave(nb).view(N, 1) + torch.arange(i + 1, device=device).view(1, i + 1)
-            beams.scatter_(1, at, run_tokens[:, :, : i + 1].reshape(N, i + 1))
+            beams = _with_new_tokens(input_ids, lengths, run_tokens[:, :, : i + 1].reshape(N, i + 1), pad)
             logits = model.prefill(beams, lengths.repeat_interleave(nb) + (i + 1))
         else:
             logits = decode(new)
 
     R = num_return_sequences
     n = int(fin_len[:, :R].max())
-    out = _prompt_block(input_ids, lengths, n, pad).repeat_interleave(R, 0)  # (B * R, S + n)
-    gen = fin_tokens[:, :R, :n].reshape(B * R, n)
-    where = lengths.long().repeat_interleave(R).view(-1, 1) + torch.arange(n, device=device).view(1, n)
-    out.scatter_(1, where, gen)
-    return out
+    return _with_new_tokens(input_ids, lengths, fin_tokens[:, :R, :n].reshape(B * R, n), pad)
