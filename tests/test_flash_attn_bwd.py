@@ -170,6 +170,30 @@ def test_cpu_fused_and_split_tasks_agree_bitwise(dtype, case):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 64], ids=["fused", "split"])
+@pytest.mark.parametrize("dtype", ALL, ids=lambda d: str(d).replace("torch.", ""))
+def test_cpu_non_finite_values_stay_in_their_sequence(dtype, threads):
+    # A NaN / inf in one sequence's keys and values poisons that sequence's gradients only: the
+    # CPU tasks reuse per-thread buffers, and a short key block that ran after a longer one
+    # must not read the stale columns (NaN * a zero probability is NaN). Sequence 0 (256 keys,
+    # non-finite at key 150, in the first half of its second 128-key block) runs first (heaviest), then
+    # sequence 1 (5 keys: one short block) on the same buffers.
+    torch.manual_seed(3)
+    lens = [256, 5]
+    cu = torch.tensor([0, 256, 261], dtype=torch.int32)
+    q, k, v, dout = (torch.randn(261, 2, 40).to(dtype) for _ in range(4))
+    bad_k, bad_v = k.clone(), v.clone()
+    bad_k[150, :, 3], bad_v[150] = float("inf"), float("nan")
+    grads = []
+    for kk, vv in ((k, v), (bad_k, bad_v)):
+        out, lse = ops.flash_attn_varlen_fwd(q, kk, vv, cu, cu, 256, 256, 0.2, -1, -1, 0.0)
+        grads.append(_bwd_on_threads(threads, ops.flash_attn_varlen_bwd,
+                                     (dout, q, kk, vv, out, lse, cu, cu, 256, 256, 0.2, -1, -1, True, 0.0)))
+    assert not torch.isfinite(grads[1][0][:256].float()).all()  # sequence 0's dq is poisoned
+    for clean, bad, name in zip(*grads, ("dq", "dk", "dv")):
+        assert torch.equal(clean[256:], bad[256:]), f"{name}: sequence 1 changed"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty(device):
     dtype = torch.float16 if device == "cuda" else torch.float32

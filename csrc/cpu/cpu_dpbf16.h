@@ -66,9 +66,19 @@ inline void pack_dim_pairs_x16(const uint16_t* const* rows, int64_t n, int64_t d
   for (int64_t r = 0; r < n; ++r) pack_dim_pairs(rows[r], d, dst + r, stride);
 }
 
-// dst[c] = the word of two bf16 rows' dim c (lo, hi): a pair of keys; hi null = a zero row.
+// dst[c] = the word of two bf16 rows' dim c (lo, hi): a pair of keys (or of query rows); hi
+// null = a zero row. With AVX-512, 16 dims per step (two zero-extending loads, a shift, an or).
 inline void pack_row_pairs(const uint16_t* lo, const uint16_t* hi, int64_t d, uint32_t* dst) {
-  for (int64_t c = 0; c < d; ++c) dst[c] = lo[c] | (hi != nullptr ? uint32_t(hi[c]) << 16 : 0u);
+  int64_t c = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (; c < d; c += 16) {
+    const __mmask16 m = d - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (d - c)) - 1u);
+    const __m512i l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + c));
+    const __m512i h = hi != nullptr ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi + c)) : _mm512_setzero_si512();
+    _mm512_mask_storeu_epi32(dst + c, m, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+  }
+#endif
+  for (; c < d; ++c) dst[c] = lo[c] | (hi != nullptr ? uint32_t(hi[c]) << 16 : 0u);
 }
 
 #if defined(FASTATTN_HAVE_DPBF16)
@@ -78,8 +88,11 @@ inline void pack_row_pairs(const uint16_t* lo, const uint16_t* hi, int64_t d, ui
 // b[t * b_ld + j] = (B[2t][j], B[2t + 1][j]), so the 16 lanes of a load of b are 16 columns.
 // For S = Q K^T the pairs are pairs of dims (q's bf16 row as is; K by pairs of dims); for
 // O += P V pairs of keys (P rounded to pairs; V by pairs of keys). 2R accumulators and two
-// B vectors in registers, one broadcast of A per row and pair.
-template <int R, bool kAccumulate>
+// B vectors in registers, one broadcast of A per row and pair. kTransA: A's pairs are laid
+// out the other way, a[t * a_ld + i] (the backward's P^T and dS^T: pairs of query rows, each
+// pair a row of the buffer), read by the same broadcasts from consecutive addresses. With
+// kAccumulate, C's values are the sums' starting values (each pair then added in order).
+template <int R, bool kAccumulate, bool kTransA = false>
 FASTATTN_DPBF16 void dp_tile(const uint32_t* a, int64_t a_ld, const uint32_t* b, int64_t b_ld, int64_t pairs,
                              int64_t ncols, float* c, int64_t c_ld) {
   const __mmask16 m0 = ncols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << ncols) - 1u);
@@ -95,7 +108,7 @@ FASTATTN_DPBF16 void dp_tile(const uint32_t* a, int64_t a_ld, const uint32_t* b,
     const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi32(m1, b + t * b_ld + 16);
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * a_ld + t]));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(kTransA ? a[t * a_ld + i] : a[i * a_ld + t]));
       acc0[i] = _mm512_dpbf16_ps(acc0[i], av, b0);
       acc1[i] = _mm512_dpbf16_ps(acc1[i], av, b1);
     }
@@ -109,23 +122,23 @@ FASTATTN_DPBF16 void dp_tile(const uint32_t* a, int64_t a_ld, const uint32_t* b,
 
 // C (rows, cols) = or += A (rows, 2 pairs) B (2 pairs, cols) by dp_tile: 32-column tiles, 8-row
 // tiles inside each (the tile's B pairs stay in L1 while the rows pass).
-template <bool kAccumulate>
+template <bool kAccumulate, bool kTransA = false>
 inline void dp_gemm(int64_t rows, int64_t cols, int64_t pairs, const uint32_t* a, int64_t a_ld, const uint32_t* b,
                     int64_t b_ld, float* c, int64_t c_ld) {
   for (int64_t c0 = 0; c0 < cols; c0 += 32) {
     const int64_t nc = std::min<int64_t>(32, cols - c0);
     for (int64_t r0 = 0; r0 < rows; r0 += 8) {
-      const uint32_t* ar = a + r0 * a_ld;
+      const uint32_t* ar = kTransA ? a + r0 : a + r0 * a_ld;
       float* cr = c + r0 * c_ld + c0;
       switch (std::min<int64_t>(8, rows - r0)) {
-        case 1: dp_tile<1, kAccumulate>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
-        case 2: dp_tile<2, kAccumulate>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
-        case 3: dp_tile<3, kAccumulate>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
-        case 4: dp_tile<4, kAccumulate>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
-        case 5: dp_tile<5, kAccumulate>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
-        case 6: dp_tile<6, kAccumulate>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
-        case 7: dp_tile<7, kAccumulate>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
-        default: dp_tile<8, kAccumulate>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
+        case 1: dp_tile<1, kAccumulate, kTransA>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
+        case 2: dp_tile<2, kAccumulate, kTransA>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
+        case 3: dp_tile<3, kAccumulate, kTransA>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
+        case 4: dp_tile<4, kAccumulate, kTransA>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
+        case 5: dp_tile<5, kAccumulate, kTransA>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
+        case 6: dp_tile<6, kAccumulate, kTransA>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
+        case 7: dp_tile<7, kAccumulate, kTransA>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
+        default: dp_tile<8, kAccumulate, kTransA>(ar, a_ld, b + c0, b_ld, pairs, nc, cr, c_ld); break;
       }
     }
   }
@@ -158,6 +171,19 @@ FASTATTN_DPBF16 inline void to_bf16_pairs(const float* src, int64_t pairs, uint3
     _mm512_mask_storeu_epi32(dst + u, __mmask16((1u << (pairs - u)) - 1u), (__m512i)b);
   }
 }
+
+// dst[c] = (lo[c], hi[c]) rounded to bf16 (nearest even), c < n, n a multiple of 16: two fp32
+// rows interleaved into the pair layout along rows (the backward's P^T / dS^T pairs of query
+// rows, dS^T's pairs of keys). One conversion of both rows and one word permutation per 16.
+FASTATTN_DPBF16 inline void to_bf16_row_pairs(const float* lo, const float* hi, int64_t n, uint32_t* dst) {
+  // cvtne2ps puts lo[0..15] in words 0..15 and hi[0..15] in words 16..31; word 2c <- c, 2c+1 <- 16+c.
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                              21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(hi + c), _mm512_loadu_ps(lo + c));
+    _mm512_storeu_si512(dst + c, _mm512_permutexvar_epi16(interleave, (__m512i)b));
+  }
+}
 #else
 // Builds without the instruction (the AVX2 and baseline tiers): has_dpbf16() is false there,
 // so callers never reach these; they exist so the callers need no #if of their own.
@@ -169,6 +195,11 @@ inline void dp_pv(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uin
   dp_unavailable();
 }
 inline void to_bf16_pairs(const float*, int64_t, uint32_t*) { dp_unavailable(); }
+inline void to_bf16_row_pairs(const float*, const float*, int64_t, uint32_t*) { dp_unavailable(); }
+template <bool kAccumulate, bool kTransA = false>
+inline void dp_gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t) {
+  dp_unavailable();
+}
 #endif
 
 }  // namespace cpu
