@@ -612,8 +612,8 @@ def flash_attention(
 
 def _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, scale) -> bool:
     """True when fastattn's kernel computes exactly what F.scaled_dot_product_attention would."""
-    if attn_mask is not None or dropout_p > 0.0:
-        return False
+    if attn_mask is not None or dropout_p != 0.0:
+        return False  # dropout (or a dropout_p torch refuses, e.g. negative) is torch's
     if scale is not None:
         try:
             check_softmax_scale(scale, "scale")

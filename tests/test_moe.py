@@ -72,6 +72,18 @@ def test_module_matches_per_token_loop(top_k, norm, shared):
     assert (m(x).detach() - ours).abs().max().item() <= 1e-6
 
 
+def test_strided_input_on_the_kernel_path():
+    # x is any (..., hidden) view: a transposed or sliced activation takes the experts kernel
+    # like a contiguous one (the kernel refused a last-dim stride != 1 with a ValueError)
+    m = make_moe(top_k=2)
+    x = torch.randn(32, 5).t()
+    with torch.no_grad():
+        assert m.uses_kernel(x) and x.stride(-1) != 1
+        assert (m(x) - naive_moe(m, x)).abs().max().item() <= 1e-5
+        wide = torch.randn(4, 64)[:, ::2]
+        assert (m(wide) - naive_moe(m, wide)).abs().max().item() <= 1e-5
+
+
 def test_one_token_and_an_expert_nobody_picks():
     m = make_moe(experts=8, top_k=2)
     x = torch.randn(1, 32)  # one token: 6 of the 8 experts get no rows

@@ -157,6 +157,26 @@ def test_torch_compile_module(device):
     assert q.grad is not None and k.grad is not None
 
 
+def test_compile_default_positions_one_graph():
+    # With positions=None the sequence length stays symbolic: one graph for every length (the
+    # error message of the table check used to format S, which made torch.compile specialise
+    # on it: a graph per length, and mark_dynamic refused)
+    torch._dynamo.reset()
+    rope = fastattn.nn.RotaryEmbedding(16, 64)
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f = torch.compile(lambda q, k: rope(q, k), backend=count, dynamic=True, fullgraph=True)
+    for s in (5, 9, 17):
+        q, k = torch.randn(1, s, 2, 16), torch.randn(1, s, 1, 16)
+        for got, want in zip(f(q, k), rope(q, k)):
+            assert torch.equal(got, want)
+    assert len(graphs) == 1
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [

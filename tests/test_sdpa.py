@@ -132,6 +132,18 @@ def test_dropout_delegates(kernel_calls):
     assert not kernel_calls
 
 
+@pytest.mark.parametrize("p", [-0.5, float("nan")])
+def test_bad_dropout_p_errors_like_torch(p, kernel_calls):
+    # torch refuses a negative / NaN dropout_p; the kernel path used to run without dropout
+    q, k, v = (torch.randn(2, 4, 10, 64) for _ in range(3))
+    with pytest.raises(RuntimeError) as want:
+        F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    with pytest.raises(RuntimeError) as got:
+        fastattn.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    assert str(got.value) == str(want.value)
+    assert not kernel_calls
+
+
 @pytest.mark.parametrize(
     "shapes",
     [

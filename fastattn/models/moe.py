@@ -260,7 +260,9 @@ class MoEFeedForward(nn.Module):
             return torch.zeros_like(x)
         weights, ids = self.route(x2)
         if self.uses_kernel(x2, backend):
-            out = torch.ops.fastattn.moe_experts(x2, weights, ids, self.w13, self.w2)
+            # The kernel takes rows with a contiguous last dim; x may be any view (the torch
+            # experts take it as it is).
+            out = torch.ops.fastattn.moe_experts(x2.contiguous(), weights, ids, self.w13, self.w2)
         else:
             out = self.experts(x2, weights, ids)
         if self.shared_intermediate_size:

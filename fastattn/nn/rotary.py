@@ -167,12 +167,13 @@ class RotaryEmbedding(torch.nn.Module):
         self.cos = freqs.cos().contiguous()
         self.sin = freqs.sin().contiguous()
 
-    def _ensure(self, needed: int, what: str) -> None:
-        # `what` names where `needed` came from, for the error.
+    def _ensure(self, needed: int, what) -> None:
+        # what() names where `needed` came from, for the error: built only when raising, since
+        # formatting a symbolic sequence length would make torch.compile specialise on it.
         limit = self.max_positions
         if needed > limit:
             raise ValueError(
-                f"{what} but RotaryEmbedding builds its cos/sin tables for at most {limit} positions "
+                f"{what()} but RotaryEmbedding builds its cos/sin tables for at most {limit} positions "
                 f"(max_positions; a table that long already takes {limit * self.dim * 4 / 2**30:.3g} GiB)"
             )
         stale = self.cos.dtype != torch.float32  # the module was cast with .to(dtype)
@@ -194,7 +195,7 @@ class RotaryEmbedding(torch.nn.Module):
     ):
         if positions is None:
             needed = q.shape[1] if isinstance(q, Tensor) and q.dim() >= 2 else 0
-            what = f"positions (default arange(S), S = {needed}) need {needed} table rows"
+            what = lambda: f"positions (default arange(S), S = {needed}) need {needed} table rows"  # noqa: E731
         elif max_position is not None:
             if isinstance(max_position, bool) or not isinstance(max_position, (numbers.Integral, torch.SymInt)):
                 raise TypeError(
@@ -204,7 +205,7 @@ class RotaryEmbedding(torch.nn.Module):
             needed = int(max_position)
             if needed < 0:
                 raise ValueError(f"max_position must be >= 0, got {needed}")
-            what = f"max_position = {needed} asks for {needed} table rows"
+            what = lambda: f"max_position = {needed} asks for {needed} table rows"  # noqa: E731
         elif (
             isinstance(positions, Tensor)
             and positions.device.type == "cpu"
@@ -216,9 +217,9 @@ class RotaryEmbedding(torch.nn.Module):
             if lo < 0:
                 raise ValueError(f"positions must be >= 0, got a minimum of {lo}")
             needed = hi + 1
-            what = f"positions: the largest position asked for is {hi}"
+            what = lambda: f"positions: the largest position asked for is {hi}"  # noqa: E731
         else:  # checked by apply_rotary (dtype, shape; CUDA values by the kernel)
-            needed, what = 0, ""
+            needed, what = 0, str
         self._ensure(needed, what)
         return F.apply_rotary(
             q, k, self.cos, self.sin, positions=positions, interleaved=self.interleaved, inplace=inplace,
