@@ -13,5 +13,33 @@ def load():
     try:
         from fastattn import _C  # noqa: F401  (loading registers torch.ops.fastattn.*)
     except ImportError as e:  # pragma: no cover - exercised only without a build
-        raise ImportError(f"{BUILD_HINT}\n(original error: {e})") from e
+        raise ImportError(f"{_shadow_hint() or BUILD_HINT}\n(original error: {e})") from e
     return _C
+
+
+def _shadow_hint():
+    """When this fastattn is a source checkout's unbuilt folder and a built fastattn is installed
+    elsewhere (`pip install .`), Python imported the checkout because the current directory comes
+    first on sys.path: say so, rather than send the user off to build again."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if not (os.path.isfile(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "csrc"))):
+        return None
+    try:
+        from importlib import metadata
+
+        dist = metadata.distribution("fastattn")
+        installed = os.path.abspath(str(dist.locate_file("fastattn")))
+    except Exception:  # not installed, or installed in a way we cannot locate
+        return None
+    if installed == here or not os.path.isdir(installed):
+        return None
+    return (
+        f"fastattn was imported from the source checkout {here}, which has no compiled extension "
+        f"(fastattn._C); the fastattn installed at {installed} is hidden by it because Python "
+        f"looks in the current directory first. Run from outside the checkout to use the "
+        f"installed package, or build the checkout in place with:\n"
+        f"    pip install -e . --no-build-isolation"
+    )

@@ -446,8 +446,11 @@ def _load_tokenizer(model_dir: str):
 
 def _prompt_ids(args, tokenizer, config):
     vocab = config.vocab_size
-    if tokenizer is not None:
-        ids = tokenizer.encode(args.prompt).ids
+    if tokenizer is not None and not args.token_ids:
+        try:
+            ids = tokenizer.encode(args.prompt).ids
+        except Exception as e:  # the tokenizers package raises plain Exception (e.g. a broken model)
+            raise UsageError(f"--prompt: {args.model}/tokenizer.json cannot encode it: {_one_line(e)}")
         if not ids:
             raise UsageError(f"--prompt {args.prompt!r}: encodes to no tokens with {args.model}/tokenizer.json")
         bad = [t for t in ids if not 0 <= t < vocab]
@@ -464,8 +467,9 @@ def _prompt_ids(args, tokenizer, config):
             try:
                 ids.append(int(w))
             except ValueError:
-                raise UsageError(f"--prompt: {w!r} is not a token id; without a tokenizer.json in {args.model}, "
-                                 "give the prompt as token ids, e.g. '1 2 3'")
+                why = "with --token-ids" if tokenizer is not None else f"without a tokenizer.json in {args.model}"
+                raise UsageError(f"--prompt: {w!r} is not a token id; {why}, give the prompt as token ids, "
+                                 "e.g. '1 2 3'")
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise UsageError(f"--prompt: token id {bad[0]} is outside this model's vocabulary "
@@ -562,7 +566,8 @@ def cmd_generate(args) -> None:
 BENCH_EPILOG = """\
 Where results go: --out, else benchmarks/results/<device>-<date>.json when run from inside the
 fastattn source checkout the package is imported from, else ./fastattn-bench-<device>-<date>.json
-in the current folder. The suites ship inside the package (fastattn/benchmarks), so this works
+in the current folder (--tiny inside the checkout: fastattn-bench-tiny-<device>-<date>.json in the
+temporary folder, away from the committed results). The suites ship inside the package (fastattn/benchmarks), so this works
 from an installed wheel; it needs pytest and pytest-benchmark, and --plot needs matplotlib:
 pip install 'fastattn[bench]'.
 
@@ -667,7 +672,7 @@ def cmd_bench(args) -> None:
         missing = runner.missing_runtime()
         if missing:
             raise UsageError(missing)
-        out = _output_path("--out", args.out, make_parents=True) if args.out else runner.default_out(_best_device())
+        out = _output_path("--out", args.out, make_parents=True) if args.out else runner.default_out(_best_device(), tiny=args.tiny)
         log = _output_path("--log", args.log, make_parents=False) if args.log else None
         os.makedirs(os.path.dirname(out), exist_ok=True)
         try:
@@ -784,6 +789,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        epilog=ERRORS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="folder with config.json and *.safetensors")
     p.add_argument("--prompt", required=True, help="text (with the folder's tokenizer.json) or token ids '1 2 3'")
+    p.add_argument("--token-ids", action="store_true",
+                   help="read --prompt as token ids even when the folder has a tokenizer.json")
     p.add_argument("--max-new-tokens", type=_int_in(1), default=32)
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=_int_in(1), default=None)

@@ -193,6 +193,14 @@ def test_default_results_location(tmp_path):
         assert inside.startswith(os.path.join(ROOT, "benchmarks", "results", "cpu-")) and inside.endswith(".json")
     assert os.path.dirname(outside) == str(tmp_path)
     assert os.path.basename(outside).startswith("fastattn-bench-cpu-")
+    # a --tiny run never lands in the checkout's committed results
+    import tempfile
+
+    if meta.source_checkout():
+        tiny = runner.default_out("cpu", cwd=ROOT, tiny=True)
+        assert os.path.dirname(tiny) == tempfile.gettempdir()
+        assert os.path.basename(tiny).startswith("fastattn-bench-tiny-cpu-")
+    assert os.path.dirname(runner.default_out("cpu", cwd=str(tmp_path), tiny=True)) == str(tmp_path)
 
 
 @pytest.mark.source_tree

@@ -39,3 +39,43 @@ def test_cpp_error_with_integer_message_raises():
 
 def test_found_libraries():
     assert any(os.path.basename(p).startswith("_C.") for p in LIBS), LIBS
+
+
+def test_unbuilt_checkout_shadowing_an_install_says_so(tmp_path, monkeypatch):
+    # `pip install .` then a command run from the checkout's root imports the checkout's unbuilt
+    # fastattn/ (the current directory comes first on sys.path): the error says that, instead of
+    # asking for another build.
+    import importlib.metadata
+    import importlib.util
+
+    checkout, installed = tmp_path / "checkout", tmp_path / "site-packages"
+    (checkout / "csrc").mkdir(parents=True)
+    (checkout / "setup.py").write_text("")
+    (checkout / "fastattn").mkdir()
+    (installed / "fastattn").mkdir(parents=True)
+    loader_src = os.path.join(os.path.dirname(fastattn.__file__), "_C_loader.py")
+    shutil.copy(loader_src, checkout / "fastattn" / "_C_loader.py")
+    spec = importlib.util.spec_from_file_location("checkout_loader", checkout / "fastattn" / "_C_loader.py")
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+
+    class Dist:
+        def __init__(self, root):
+            self.root = root
+
+        def locate_file(self, name):
+            return self.root / name
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist(installed))
+    hint = loader._shadow_hint()
+    assert hint is not None and str(checkout / "fastattn") in hint and str(installed / "fastattn") in hint
+    assert "outside the checkout" in hint
+    # the installed package is this checkout itself (an editable install), or none: the build hint
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist(checkout))
+    assert loader._shadow_hint() is None
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    assert loader._shadow_hint() is None

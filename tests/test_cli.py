@@ -270,6 +270,11 @@ def test_generate_tokenizer_errors(model_dir, tmp_path, capsys):
     # and a good prompt still works
     rc, out, err = run_main(gen(folder, "--max-new-tokens", "2", prompt="w5 w6"), capsys)
     assert rc == 0 and out.startswith("w5 w6"), err
+    # --token-ids: the same prompt given as ids, though the folder has a tokenizer (without the
+    # flag '5 6' is text, which this vocabulary maps to the unknown token w0)
+    rc, ids_out, err = run_main(gen(folder, "--max-new-tokens", "2", "--token-ids", prompt="5 6"), capsys)
+    assert rc == 0 and ids_out == out, err
+    check(gen(folder, "--token-ids", prompt="w5 w6"), capsys, "--prompt", "'w5'", "with --token-ids")
 
 
 @pytest.mark.skipif(CUDA_OK, reason="a CUDA build with a GPU accepts --device cuda")

@@ -40,16 +40,22 @@ class BenchUsageError(Exception):
     """A bad -k expression or the like, found by pytest (one line; the CLI exits with code 2)."""
 
 
-def default_out(device: str, cwd=None) -> str:
+def default_out(device: str, cwd=None, tiny: bool = False) -> str:
     """benchmarks/results/<device>-<date>.json inside the source checkout fastattn runs from
     (when the current folder is inside it), else fastattn-bench-<device>-<date>.json in the
-    current folder."""
+    current folder. A --tiny run's numbers mean nothing, so inside the checkout they never land
+    beside the committed results: fastattn-bench-tiny-<device>-<date>.json in the temporary
+    folder instead."""
     cwd = os.path.abspath(cwd or os.getcwd())
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     root = meta.source_checkout()
     if root is not None:
         real_root, real_cwd = os.path.realpath(root), os.path.realpath(cwd)
         if real_cwd == real_root or real_cwd.startswith(real_root + os.sep):
+            if tiny:
+                import tempfile
+
+                return os.path.join(tempfile.gettempdir(), f"fastattn-bench-tiny-{device}-{stamp}.json")
             return os.path.join(root, "benchmarks", "results", f"{device}-{stamp}.json")
     return os.path.join(cwd, f"fastattn-bench-{device}-{stamp}.json")
 
