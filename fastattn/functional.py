@@ -802,14 +802,15 @@ def flash_attention_varlen(
     """FlashAttention over a packed batch of variable-length sequences (flash-attn's varlen API).
 
     Sequence ``i`` owns query rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of q and key/value
-    rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of k and v, and its output is exactly
+    rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of k and v, and its output is
     ``flash_attention(q_i[None], k_i[None], v_i[None], ...)[0]`` on those slices: no padding,
-    no attention across sequences, the same masking, scale, GQA and lse conventions.
+    no attention across sequences, the same masking, scale, GQA and lse conventions (the same
+    bits in fp32; in fp16 / bf16 the two may round a value differently, at the same accuracy).
 
     Args:
         q: (total_q, H, D) queries of all sequences, concatenated along tokens. float32/
-            float16/bfloat16 on the CPU (D in 1..512), float16/bfloat16 on CUDA (D in 64,
-            128). Last dim contiguous; the other strides are free (e.g. a slice of a packed
+            float16/bfloat16 on the CPU (D in 1..512), float16/bfloat16 on CUDA (D in 32, 64,
+            96, 128, 192, 256). Last dim contiguous; the other strides are free (e.g. a slice of a packed
             qkv projection).
         k, v: (total_k, Hk, D) with q's dtype and device; ``H % Hk == 0`` (GQA/MQA: query
             head h reads kv head ``h // (H // Hk)``).
@@ -1094,7 +1095,12 @@ def attention_with_kvcache(
             graph capture the rows past capacity are dropped instead, as ``append_kv``).
         k, v: (B, Sq, Hk, D) new keys/values for the q tokens, or both None.
         block_table: (B, max_pages_per_seq) int32 for a paged cache (see ``decode_attention``).
-        causal: mask keys after each query's position (default True, as a decoder needs).
+        causal: mask keys after each query's position (default True, as a decoder needs;
+            flash-attn's flash_attn_with_kvcache defaults to False: code ported from it that
+            relies on that default must pass causal=False). Argument names follow this
+            package (``window``, not flash-attn's ``window_size``; the cache comes before the
+            new k / v); flash-attn's rotary_cos / cache_batch_idx / cache_leftpad / alibi are
+            not taken (a TypeError names them).
         window: (left, right) sliding window, -1 = unbounded; causal sets right = 0.
         softmax_scale, softcap, num_splits: as in ``decode_attention`` (the scaled scores
             must be finite in fp32).
