@@ -170,6 +170,24 @@ def test_cpu_fused_and_split_tasks_agree_bitwise(dtype, case):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_exact_path_same_bits_on_any_thread_count(dtype):
+    # Scores in the thousands (|lse| > 512) take the exact fp32 backward of the binding (ATen
+    # ops): its products used the CPU gemm, whose sums depend on the thread count, and a
+    # saturated row's dS (a difference of nearly equal terms) then changed with it.
+    g = torch.Generator().manual_seed(1203689)
+    q = (torch.randn(1, 128, 2, 129, generator=g) * 30).to(dtype)
+    k = (torch.randn(1, 33, 1, 129, generator=g) * 30).to(dtype)
+    v, dout = (torch.randn(*s, generator=g).to(dtype) for s in ((1, 33, 1, 129), (1, 128, 2, 129)))
+    out, lse = _fwd(q, k, v, 129 ** -0.5, (-1, -1))
+    assert lse.abs().max() > 512  # the exact path
+    args = (dout, q, k, v, out, lse, 129 ** -0.5, -1, -1, True)
+    runs = [_bwd_on_threads(t, ops.flash_attn_bwd, args) for t in (1, 2, 3, 5)]
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("threads", [1, 64], ids=["fused", "split"])
 @pytest.mark.parametrize("dtype", ALL, ids=lambda d: str(d).replace("torch.", ""))
 def test_cpu_non_finite_values_stay_in_their_sequence(dtype, threads):

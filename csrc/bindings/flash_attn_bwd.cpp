@@ -1,7 +1,10 @@
 // flash_attn_bwd.cpp — tensors -> FlashBwdParams for the FlashAttention backward, validation,
 // scratch allocation (delta, and the CUDA kernels' workspace) and device dispatch.
+#include <algorithm>
 #include <cmath>
 #include <limits>
+
+#include <c10/util/ParallelGuard.h>
 
 #include "common.h"
 #include "fastattn/api.h"
@@ -86,6 +89,22 @@ bool needs_exact_backward(const at::Tensor& lse, double softmax_scale) {
   return finite_abs.max().item<double>() > kLseExactLimit;
 }
 
+// a (m, k) times b (n, k)^T. On the CPU by products and row sums in fixed order, not BLAS:
+// the CPU gemm splits its sums by the thread count (the same matmul gave other bits on 1 and 3
+// threads), and the backward promises the same bits on any thread count. Row chunks keep the
+// (rows, n, k) product within 64 MiB. Slow, but only exact_backward's rare inputs come here.
+at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.is_cpu()) return at::matmul(a, b.t());
+  const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
+  at::Tensor out = at::empty({m, n}, a.options());
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, n * k));
+  for (int64_t i = 0; i < m; i += chunk) {
+    const int64_t e = std::min(m, i + chunk);
+    out.slice(0, i, e).copy_((a.slice(0, i, e).unsqueeze(1) * b.unsqueeze(0)).sum(-1));
+  }
+  return out;
+}
+
 // The same gradients with fp32 ATen ops, one (batch, query head) at a time (O(Sq * Sk)
 // memory for that head only), the softmax taken around each row's RAW maximum score so the
 // maximum gets exponent exactly 0 for any finite scale: P = exp(|scale| * (a - max a)) / l
@@ -97,6 +116,10 @@ void exact_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), sk = k.size(1), h_k = k.size(2);
   const int64_t group = h / h_k;
+  // Every ATen op below runs on this thread alone, as inside an at::parallel_for body: the
+  // backward promises the same bits on any thread count, and a multi-threaded reduction may
+  // split its sums by the thread count (matmul_nt avoids the CPU gemm for the same reason).
+  const c10::ParallelGuard serial(true);
   const auto idx = q.options().dtype(at::kLong);
   const at::Tensor pos = at::arange(sq, idx).unsqueeze(1) + (sk - sq);  // bottom-right diagonal
   const at::Tensor j = at::arange(sk, idx).unsqueeze(0);
@@ -114,7 +137,7 @@ void exact_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
       const at::Tensor kh = k[bi].select(1, hk).to(at::kFloat);  // (Sk, D)
       const at::Tensor vh = v[bi].select(1, hk).to(at::kFloat);
       const at::Tensor doh = dout[bi].select(1, hi).to(at::kFloat);
-      const at::Tensor raw = at::matmul(qh, kh.t());
+      const at::Tensor raw = matmul_nt(qh, kh);
       at::Tensor t;  // tanh(scale * s / c) when capped
       at::Tensor a;
       double exp_scale = magnitude;
@@ -129,12 +152,12 @@ void exact_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
       row_max = at::where(at::isinf(row_max), at::zeros({}, row_max.options()), row_max);  // rows with no key
       const at::Tensor e = at::exp((a - row_max) * exp_scale);
       const at::Tensor p = at::nan_to_num(e / e.sum(-1, /*keepdim=*/true), 0.0);  // P (Sq, Sk)
-      const at::Tensor dp = at::matmul(doh, vh.t());
+      const at::Tensor dp = matmul_nt(doh, vh);
       at::Tensor ds = p * (dp - (p * dp).sum(-1, /*keepdim=*/true));
       if (softcap > 0) ds = ds * (1 - t * t);
-      dq[bi].select(1, hi).copy_(at::matmul(ds, kh) * softmax_scale);
-      dk32[bi].select(1, hk).add_(at::matmul(ds.t(), qh) * softmax_scale);
-      dv32[bi].select(1, hk).add_(at::matmul(p.t(), doh));
+      dq[bi].select(1, hi).copy_(matmul_nt(ds, kh.t()) * softmax_scale);
+      dk32[bi].select(1, hk).add_(matmul_nt(ds.t(), qh.t()) * softmax_scale);
+      dv32[bi].select(1, hk).add_(matmul_nt(p.t(), doh.t()));
     }
   }
   dk.copy_(dk32);

@@ -113,6 +113,12 @@ constexpr int64_t kFusedDqBytes = int64_t(16) << 20;
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// The bf16 pair GEMMs (kDp) from this head dim on. Below it a score is a sum of a few products,
+// so the bf16 rounding of P and dS outweighs the rest of the error: a random sweep found
+// dq / dk / dv at 2.1-2.6x the bf16 reference's error at d 1..4 (the fp32 path: <= 2.1x there),
+// none at 16 and above. Tiny heads gain nothing from the pairs anyway.
+constexpr int64_t kDpMinHeadDim = 16;
+
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---- SIMD primitives ---------------------------------------------------------------------
@@ -814,7 +820,7 @@ void cpu::flash_bwd_kernel(const FlashBwdParams& params) {
 #if defined(FASTATTN_HAVE_DPBF16)
       // bf16 on an AVX512-BF16 CPU: the block GEMMs on vdpbf16ps (see the header comment).
       if constexpr (std::is_same<T, cpu::bf16_t>::value) {
-        if (cpu::has_dpbf16()) return flash_bwd_impl<T, kCap, true>(params);
+        if (cpu::has_dpbf16() && f.d >= kDpMinHeadDim) return flash_bwd_impl<T, kCap, true>(params);
       }
 #endif
       flash_bwd_impl<T, kCap, false>(params);
