@@ -4,7 +4,7 @@
 #include <cmath>
 #include <limits>
 
-#include <c10/util/ParallelGuard.h>
+#include <ATen/Parallel.h>
 
 #include "common.h"
 #include "fastattn/api.h"
@@ -89,19 +89,49 @@ bool needs_exact_backward(const at::Tensor& lse, double softmax_scale) {
   return finite_abs.max().item<double>() > kLseExactLimit;
 }
 
-// a (m, k) times b (n, k)^T. On the CPU by products and row sums in fixed order, not BLAS:
-// the CPU gemm splits its sums by the thread count (the same matmul gave other bits on 1 and 3
-// threads), and the backward promises the same bits on any thread count. Row chunks keep the
-// (rows, n, k) product within 64 MiB. Slow, but only exact_backward's rare inputs come here.
+// a (m, k) times b (n, k)^T, fp32. On the CPU by a plain loop in which every output element
+// sums its k products in order, rows split over threads: the CPU gemm splits its sums by the
+// thread count (the same matmul gave other bits on 1 and 3 threads), and the backward promises
+// the same bits on any thread count. Four rows share each row of b^T (a few GFLOP/s: only
+// exact_backward's rare inputs come here).
 at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& b) {
   if (!a.is_cpu()) return at::matmul(a, b.t());
+  const at::Tensor a32 = a.to(at::kFloat).contiguous();     // (m, k)
+  const at::Tensor bt = b.to(at::kFloat).t().contiguous();  // (k, n)
   const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
-  at::Tensor out = at::empty({m, n}, a.options());
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, n * k));
-  for (int64_t i = 0; i < m; i += chunk) {
-    const int64_t e = std::min(m, i + chunk);
-    out.slice(0, i, e).copy_((a.slice(0, i, e).unsqueeze(1) * b.unsqueeze(0)).sum(-1));
-  }
+  at::Tensor out = at::zeros({m, n}, a.options().dtype(at::kFloat));
+  const float* ap = a32.data_ptr<float>();
+  const float* bp = bt.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  constexpr int64_t kRows = 4;
+  const int64_t blocks = (m + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, n * k)), [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = blk * kRows, rows = std::min(kRows, m - i0);
+      float* o[kRows];
+      for (int64_t r = 0; r < kRows; ++r) o[r] = op + (i0 + std::min(r, rows - 1)) * n;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const float* br = bp + kk * n;
+        if (rows == kRows) {
+          const float x0 = ap[i0 * k + kk], x1 = ap[(i0 + 1) * k + kk], x2 = ap[(i0 + 2) * k + kk],
+                      x3 = ap[(i0 + 3) * k + kk];
+          float *o0 = o[0], *o1 = o[1], *o2 = o[2], *o3 = o[3];
+          for (int64_t j = 0; j < n; ++j) {
+            o0[j] += x0 * br[j];
+            o1[j] += x1 * br[j];
+            o2[j] += x2 * br[j];
+            o3[j] += x3 * br[j];
+          }
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            const float x = ap[(i0 + r) * k + kk];
+            float* orow = o[r];
+            for (int64_t j = 0; j < n; ++j) orow[j] += x * br[j];
+          }
+        }
+      }
+    }
+  });
   return out;
 }
 
@@ -116,10 +146,8 @@ void exact_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), sk = k.size(1), h_k = k.size(2);
   const int64_t group = h / h_k;
-  // Every ATen op below runs on this thread alone, as inside an at::parallel_for body: the
-  // backward promises the same bits on any thread count, and a multi-threaded reduction may
-  // split its sums by the thread count (matmul_nt avoids the CPU gemm for the same reason).
-  const c10::ParallelGuard serial(true);
+  // Every sum below is taken in a fixed order (matmul_nt, also for the row sums: an ATen
+  // reduction may split its sums by the thread count too); the rest is elementwise or a max.
   const auto idx = q.options().dtype(at::kLong);
   const at::Tensor pos = at::arange(sq, idx).unsqueeze(1) + (sk - sq);  // bottom-right diagonal
   const at::Tensor j = at::arange(sk, idx).unsqueeze(0);
@@ -151,9 +179,10 @@ void exact_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
       at::Tensor row_max = std::get<0>(a.max(-1, /*keepdim=*/true));
       row_max = at::where(at::isinf(row_max), at::zeros({}, row_max.options()), row_max);  // rows with no key
       const at::Tensor e = at::exp((a - row_max) * exp_scale);
-      const at::Tensor p = at::nan_to_num(e / e.sum(-1, /*keepdim=*/true), 0.0);  // P (Sq, Sk)
+      const at::Tensor ones = at::ones({1, sk}, e.options());
+      const at::Tensor p = at::nan_to_num(e / matmul_nt(e, ones), 0.0);  // P (Sq, Sk)
       const at::Tensor dp = matmul_nt(doh, vh);
-      at::Tensor ds = p * (dp - (p * dp).sum(-1, /*keepdim=*/true));
+      at::Tensor ds = p * (dp - matmul_nt(p * dp, ones));
       if (softcap > 0) ds = ds * (1 - t * t);
       dq[bi].select(1, hi).copy_(matmul_nt(ds, kh.t()) * softmax_scale);
       dk32[bi].select(1, hk).add_(matmul_nt(ds.t(), qh.t()) * softmax_scale);
