@@ -53,17 +53,18 @@
 // fp16 inputs are converted to fp32 when a block is loaded, once per block; so are bf16 inputs
 // on CPUs without AVX512-BF16.
 //
-// bf16 operands (kDp: bf16 inputs on an AVX512-BF16 CPU, e.g. Zen 4, Sapphire Rapids): the five
-// block GEMMs run on vdpbf16ps (cpu_dpbf16.h), 32 bf16 products per instruction where the fp32
-// FMA does 16, from bf16 operands staged in pair layouts (no widening; see "bf16 operand
-// staging" below). P and dS are rounded to bf16 for the GEMMs that take them (dV += P^T dO,
-// dK += dS^T Q, dQ += dS K), as a GPU's tensor cores take them in FlashAttention-2; S, dP, the
-// softmax and every accumulator stay fp32. Measured on a 2-core Zen 4 VM (1 x 2048 x 16 x 128,
-// 2 threads): the backward ~1.75x faster causal, ~1.9x non-causal; over five test shapes the
-// gradients' max error against float64 went from 0.23-0.91x to 0.26-1.0x of the reference's
-// run in bf16, and is 0.26-1.0x that of torch's own bf16 SDPA backward. The fused and split layouts still give the same
-// bits (the dp products of S and S^T, and of dS by rows and by columns, are the same sums), but
-// not the same bits as the fp32 path of the other CPU tiers.
+// bf16 operands (kDp: bf16 inputs, head dim >= kDpMinHeadDim, on an AVX512-BF16 CPU, e.g.
+// Zen 4, Sapphire Rapids): the five block GEMMs run on vdpbf16ps (cpu_dpbf16.h), 32 bf16
+// products per instruction where the fp32 FMA does 16, from bf16 operands staged in pair
+// layouts (no widening; see "bf16 operand staging" below). P and dS are rounded to bf16 for
+// the GEMMs that take them (dV += P^T dO, dK += dS^T Q, dQ += dS K), as a GPU's tensor cores
+// take them in FlashAttention-2; S, dP, the softmax and every accumulator stay fp32. Measured
+// on a 2-core Zen 4 VM (1 x 2048 x 16 x 128, 2 threads): the backward ~1.75x faster causal,
+// ~1.9x non-causal; over five test shapes the gradients' max error against float64 went from
+// 0.23-0.91x to 0.26-1.0x of the reference's run in bf16, and is 0.26-1.0x that of torch's own
+// bf16 SDPA backward. The fused and split layouts still give the same bits (the dp products of
+// S and S^T, and of dS by rows and by columns, are the same sums), but not the same bits as
+// the fp32 path of the other CPU tiers.
 //
 // Variable-length batches (params.fwd.cu_seqlens_q set, see params.h): every task belongs to
 // one sequence, reads its rows at that sequence's packed offsets and masks with its own
@@ -343,8 +344,8 @@ void store_rows(const float* src, int64_t ld, int64_t n, int64_t d, float scale,
 
 // Rows [0, n) of a bf16 (seq, d) slice (row stride rs) as words of dim pairs: dst (block x ld),
 // ld >= ceil(d / 2); an odd d's last dim pairs with 0; rows n..block zeroed.
-[[maybe_unused]] void stage_rows_dp(const cpu::bf16_t* src, int64_t rs, int64_t n, int64_t d, uint32_t* dst, int64_t ld,
-                   int64_t block) {
+[[maybe_unused]] void stage_rows_dp(
+    const cpu::bf16_t* src, int64_t rs, int64_t n, int64_t d, uint32_t* dst, int64_t ld, int64_t block) {
   const int64_t pd = (d + 1) / 2;
   for (int64_t r = 0; r < n; ++r) {
     uint32_t* o = dst + r * ld;
@@ -356,8 +357,8 @@ void store_rows(const float* src, int64_t ld, int64_t n, int64_t d, float scale,
 
 // The same rows by dim pairs in columns: dst[t * ld + r] (ceil(d / 2) x ld), columns n..block
 // zeroed.
-[[maybe_unused]] void stage_dim_pairs_dp(const cpu::bf16_t* src, int64_t rs, int64_t n, int64_t d, uint32_t* dst, int64_t ld,
-                        int64_t block) {
+[[maybe_unused]] void stage_dim_pairs_dp(
+    const cpu::bf16_t* src, int64_t rs, int64_t n, int64_t d, uint32_t* dst, int64_t ld, int64_t block) {
   const int64_t pd = (d + 1) / 2;
   const uint16_t* rows[16];
   for (int64_t r0 = 0; r0 < n; r0 += 16) {
@@ -371,8 +372,8 @@ void store_rows(const float* src, int64_t ld, int64_t n, int64_t d, float scale,
 
 // The same rows by row pairs: dst[u * ld + c] = (row 2u, row 2u + 1) at dim c, u < block / 2;
 // rows n..block are zero.
-[[maybe_unused]] void stage_row_pairs_dp(const cpu::bf16_t* src, int64_t rs, int64_t n, int64_t d, uint32_t* dst, int64_t ld,
-                        int64_t block) {
+[[maybe_unused]] void stage_row_pairs_dp(
+    const cpu::bf16_t* src, int64_t rs, int64_t n, int64_t d, uint32_t* dst, int64_t ld, int64_t block) {
   for (int64_t u = 0; 2 * u < block; ++u) {
     uint32_t* o = dst + u * ld;
     if (2 * u >= n) {
