@@ -77,7 +77,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <numeric>
 #include <type_traits>
@@ -347,11 +346,8 @@ void store_rows(const float* src, int64_t ld, int64_t n, int64_t d, float scale,
 [[maybe_unused]] void stage_rows_dp(
     const cpu::bf16_t* src, int64_t rs, int64_t n, int64_t d, uint32_t* dst, int64_t ld, int64_t block) {
   const int64_t pd = (d + 1) / 2;
-  for (int64_t r = 0; r < n; ++r) {
-    uint32_t* o = dst + r * ld;
-    o[pd - 1] = 0;
-    std::memcpy(o, src + r * rs, static_cast<size_t>(d) * sizeof(uint16_t));
-  }
+  for (int64_t r = 0; r < n; ++r)
+    cpu::pack_dim_pairs(reinterpret_cast<const uint16_t*>(src + r * rs), d, dst + r * ld, 1);
   for (int64_t r = n; r < block; ++r) std::fill(dst + r * ld, dst + r * ld + pd, 0u);
 }
 
