@@ -213,6 +213,35 @@ def test_cpu_non_finite_values_stay_in_their_sequence(dtype, threads):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_nan_gradient_pattern_matches_sdpa(device, where):
+    # A NaN in one query row (or one key) makes the forward rows that see it NaN; in the
+    # backward, every gradient those rows touch is NaN, exactly where torch's SDPA puts NaN:
+    # dv of the keys a NaN query row sees included (the CPU backward once left that row's terms
+    # out of dv, a finite dv), nothing outside them. 200 keys: more than one key block.
+    import fastattn
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(1, 200, 2, 16, generator=g) for _ in range(4))
+    if where == "q":
+        q[0, 150, 0, 3] = float("nan")
+    else:
+        k[0, 20, 1, 0] = float("nan")
+    for dtype in dtypes_for(device, cuda_16bit_only=True):
+        got, want = [], []
+        for fn, dst in ((lambda a, b, c: fastattn.flash_attention(a, b, c, causal=True), got),
+                        (lambda a, b, c: F.scaled_dot_product_attention(
+                            *(t.transpose(1, 2) for t in (a, b, c)), is_causal=True).transpose(1, 2), want)):
+            leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+            grads = torch.autograd.grad(fn(*leaves), leaves, dout.to(device, dtype))
+            dst.extend(torch.isnan(t).any(-1).cpu() for t in grads)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            assert b.any(), name  # the case poisons every gradient somewhere
+            assert torch.equal(a, b), f"{dtype} {name}: NaN rows differ from SDPA's"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty(device):
     dtype = torch.float16 if device == "cuda" else torch.float32
     q, k, v, dout = _make(1, 0, 5, 2, 2, 64, dtype, device)

@@ -523,6 +523,13 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
           for (int64_t c = 0; c < kOuter; ++c)
             if (!band.visible(i0 + r, j0 + c)) sr[c] = -std::numeric_limits<float>::infinity();
         exp2_row<kOuter>(sr);  // P
+        // lse NaN: the forward saw a NaN in this row (in q, or in a key it sees), and exp2_row
+        // maps NaN to 0. The row's P is NaN wherever it sees a key, as in the reference's
+        // softmax, so dV of those keys is NaN too (dQ and dK already are, through delta),
+        // instead of that row's terms silently missing from dV.
+        if (std::isnan(l2))
+          for (int64_t c = 0; c < kOuter; ++c)
+            if (full || band.visible(i0 + r, j0 + c)) sr[c] = std::numeric_limits<float>::quiet_NaN();
         float* dr = ds + r * kOuter;
         const float dl = w.delta[r];
         if constexpr (kCap) {
