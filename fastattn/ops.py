@@ -27,9 +27,14 @@ _is_grad_tracking = torch._C._functorch.is_gradtrackingtensor
 
 def transform_active() -> bool:
     """Whether a forward-AD dual level or a torch.func transform (grad, jvp, vmap, ...) is
-    active: two reads, False in the usual call. False while torch.compile traces (dynamo
-    handles the transforms itself, and cannot trace functorch's introspection)."""
-    return not _compiling() and (_fw_ad._current_level >= 0 or _peek_interpreter() is not None)
+    active: two reads, False in the usual call. While torch.compile traces, only forward AD
+    (its level, and unpack_dual in differentiating_transform) is read: dynamo traces those
+    faithfully, so a compiled jvp / jacfwd / dual level over fastattn is still seen (it
+    used to go unseen, and the tangents came out as zeros), whereas functorch's interpreter
+    stack reads as non-empty in plain compiled code and cannot be asked there."""
+    if _compiling():
+        return _fw_ad._current_level >= 0
+    return _fw_ad._current_level >= 0 or _peek_interpreter() is not None
 
 
 def differentiating_transform(*tensors) -> Optional[str]:
@@ -47,7 +52,7 @@ def differentiating_transform(*tensors) -> Optional[str]:
                         return forward_ad
                 except RuntimeError:  # a vmap-batched tensor inside jvp (no batching rule to look)
                     return forward_ad
-            if t.requires_grad and _is_grad_tracking(t):
+            if not _compiling() and t.requires_grad and _is_grad_tracking(t):
                 return "torch.func.grad / vjp / jacrev"
     return None
 
@@ -73,6 +78,8 @@ def _call(op, *args):
     forward-mode AD or torch.func's grad transforms a RuntimeError says they are unsupported
     (differentiating_transform), instead of a zero tangent or torch's setup_context error."""
     if _compiling():
+        if _fw_ad._current_level >= 0:  # a compiled jvp / dual level (see transform_active)
+            refuse_transforms(op, args)
         return op(*args)
     if _fw_ad._current_level >= 0 or _peek_interpreter() is not None:
         refuse_transforms(op, args)

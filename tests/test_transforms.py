@@ -96,6 +96,36 @@ def test_other_ops_refuse_instead_of_dropping_the_tangent(name):
     assert torch.equal(torch.func.grad(lambda a: a.sum() + fn(q.detach()).sum() * 0)(q), torch.ones_like(q))
 
 
+def test_compiled_forward_ad_is_seen():
+    """torch.compile of a jvp / jacfwd / dual level: the drop-ins give torch's tangents and the
+    other ops refuse, as in eager (they once returned all-zero tangents under compile: the
+    transform check was skipped while dynamo traced)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x, tx, w = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
+    theirs = torch.func.jvp(lambda a: F.rms_norm(a, (8,), w, 1e-6), (x,), (tx,))[1]
+    ours = torch.compile(lambda a, t: torch.func.jvp(lambda b: fastattn.rms_norm(b, w, 1e-6), (a,), (t,))[1],
+                         fullgraph=True)(x, tx)
+    assert theirs.abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+    def dual(a, t):
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(fastattn.rms_norm(fwAD.make_dual(a, t), w, 1e-6)).tangent
+
+    torch.testing.assert_close(torch.compile(dual)(x, tx), theirs, rtol=1e-6, atol=1e-6)
+    q, k, v = _qkv()
+    tq = torch.randn_like(q)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = torch.func.jvp(lambda a: F.scaled_dot_product_attention(a, k, v, is_causal=True), (q,), (tq,))[1]
+        got = torch.compile(lambda a, t: torch.func.jvp(
+            lambda b: fastattn.scaled_dot_product_attention(b, k, v, is_causal=True), (a,), (t,))[1])(q, tq)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    calls, qt = _ops_calls()
+    with pytest.raises(Exception, match="forward-mode AD .* is not supported"):
+        torch.compile(lambda a, t: torch.func.jvp(calls["flash_attention"], (a,), (t,))[1])(qt, torch.randn_like(qt))
+
+
 def test_nested_transforms_raise():
     """jvp / grad around or inside vmap: an error naming the problem, never a silent tangent."""
     calls, q = _ops_calls()
