@@ -287,3 +287,89 @@ def test_arch_matches_eager(arch, monkeypatch):
         assert (st["fastattn"] > 0) == (arch not in _NO_ATTENTION), st
     if rotary and arch not in _ROTARY_UNUSED:
         assert rotary_calls, f"{arch}: rotary reported swapped, but fastattn.apply_rotary never ran"
+
+
+_EAGER_ONLY_CONFIGS = {
+    "bloom": dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, pad_token_id=PAD),
+    "mpt": dict(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, pad_token_id=PAD),
+    "xglm": dict(vocab_size=VOCAB, d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, pad_token_id=PAD),
+}
+
+
+@pytest.mark.parametrize("model_type", list(_EAGER_ONLY_CONFIGS))
+def test_eager_only_archs_get_the_eager_mask(model_type):
+    # Models that support neither SDPA nor flash attention run their own attention code under any
+    # attn_implementation and read the mask as eager builds it; "fastattn" once handed them None
+    # (no causal mask: later tokens leaked into earlier logits) or a 2-D mask (a shape error).
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    fa_hf.register()
+    cfg = CONFIG_MAPPING[model_type](**_EAGER_ONLY_CONFIGS[model_type])
+    torch.manual_seed(0)
+    eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    fa_hf._EAGER_ONLY.pop(type(cfg), None)
+    with pytest.warns(UserWarning, match="fastattn's kernels are not used"):
+        ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastattn")
+        ours.load_state_dict(eager.state_dict())
+        ours.eval()
+        with torch.no_grad():
+            ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
+            assert torch.equal(ours(ids).logits, eager(ids).logits)
+    ids, mask = _padded((9, 4, 6))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(ours(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits)
+        gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+        assert torch.equal(ours.generate(ids, attention_mask=mask, **gen), eager.generate(ids, attention_mask=mask, **gen))
+
+
+def test_sinks_keyword_takes_the_eager_attention():
+    # Inkling2 passes its attention sinks as sinks= (GPT-OSS and its kin: s_aux=), next to a position
+    # bias that sends the call to the fallback; transformers' SDPA attention ignores the sinks, so
+    # they were silently dropped (logits 6e-2 of their scale away from eager). (Logits only: this
+    # tiny Inkling2's own generate fails in transformers, eager included.)
+    fa_hf.register()
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "inkling2_text" not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no Inkling2")
+    cls = CONFIG_MAPPING["inkling2_text"]
+    known = set(cls().to_dict())
+    cfg = cls(**{k: v for k, v in dict(BASE, sliding_window=4).items() if k in known})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+        ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastattn")
+        ours.load_state_dict(eager.state_dict())
+        ours.eval()
+        fa_hf.reset_stats()
+        with torch.no_grad():
+            ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
+            assert _rel_err(ours(ids).logits, eager(ids).logits) <= 1e-5
+            ids, mask = _padded((9, 4, 6))
+            real = mask.bool()
+            assert _rel_err(ours(ids, attention_mask=mask).logits[real],
+                            eager(ids, attention_mask=mask).logits[real]) <= 1e-5
+    assert set(fa_hf.stats()["reasons"]) == {"position bias"}
+
+
+def test_cpu_head_dim_above_the_kernels_falls_back():
+    # Head dims above 512 (the CPU kernels' limit): transformers' SDPA, as for unsupported CUDA
+    # head dims, not the kernel's ValueError.
+    fa_hf.register()
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=576, pad_token_id=PAD)
+    torch.manual_seed(0)
+    sdpa = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastattn")
+    ours.load_state_dict(sdpa.state_dict())
+    ours.eval()
+    fa_hf.reset_stats()
+    ids, mask = _padded((9, 4, 6))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(ours(ids).logits, sdpa(ids).logits)
+        real = mask.bool()
+        assert torch.equal(ours(ids, attention_mask=mask).logits[real], sdpa(ids, attention_mask=mask).logits[real])
+    assert set(fa_hf.stats()["reasons"]) == {"head dim 576 on the CPU (the kernels take up to 512)"}

@@ -53,12 +53,12 @@ Gemma 2's attention logit soft-capping (the ``softcap`` keyword: scores become
 Calls fall back to transformers' SDPA attention (on the exact mask SDPA would get, rebuilt from
 the 2-D one where needed) for: 4-D masks, dropout in training, attention sinks,
 sparse key selection (``indices``: DeepSeek-V3.2's indexer picks keys per query; applied to the
-mask as eager / SDPA apply it), position biases, value head dims that differ, float32 or unsupported head dims on CUDA, a
-sliding window over a row whose padding has holes, and builds without
+mask as eager / SDPA apply it), position biases, value head dims that differ, float32 or unsupported head dims on CUDA,
+head dims above 512 on the CPU, a sliding window over a row whose padding has holes, and builds without
 ``fastattn.flash_attention_varlen``. A soft-capped call that falls back (or any soft-capped
 call on a build whose kernels lack ``softcap=``) runs the model's own eager attention instead,
 SDPA having no soft-capping; so does a call with attention sinks (``s_aux``: GPT-OSS, ...;
-transformers' SDPA attention ignores it) and a call asked for attention weights
+``sinks``: Inkling2; transformers' SDPA attention ignores them) and a call asked for attention weights
 (``output_attentions=True``, or transformers' output collector asking for them, as for a model
 built from a config with ``output_attentions=True``: the kernels return none, and SDPA only warns
 that it returns none),
@@ -139,6 +139,7 @@ _ROTARY_KIND_CACHE: dict = {}
 
 # Head dims the CUDA flash kernel is built for (others fall back to SDPA there).
 _CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+_CPU_MAX_HEAD_DIM = 512  # (csrc/bindings/flash_attn.cpp kMaxHeadDimCpu)
 
 # Counts, per thread / task, how many patched attention modules are running: the rotary
 # dispatcher uses fastattn only inside those, so unpatched models in the same process keep
@@ -155,6 +156,12 @@ _OUTPUT_ATTENTIONS_REASON = "attention weights requested (output_attentions=True
 # eager attention: transformers' SDPA attention ignores ``s_aux``, so an SDPA fallback would
 # silently drop the sinks.
 _SINKS_REASON = "attention sinks (s_aux)"
+
+
+def _has_sinks(kwargs) -> bool:
+    """Whether the call carries per-head attention sinks: ``s_aux`` (GPT-OSS and its kin) or
+    ``sinks`` (Inkling2), one extra logit per query head that takes probability mass."""
+    return kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None
 _INDICES_REASON = "sparse key selection (indices)"
 
 
@@ -317,19 +324,52 @@ def _model_reads_mask(config) -> bool:
 def _declares_no_flash_attention(config_cls) -> bool:
     """True when a transformers model class of ``config_cls`` (from its modeling module, which is
     imported once the model is built) sets ``_supports_flash_attn = False``; False when unknown."""
+    return any(getattr(c, "_supports_flash_attn", True) is False for c in _model_classes(config_cls))
+
+
+def _model_classes(config_cls) -> list:
+    """The classes of ``config_cls``'s transformers modeling module (imported once the model is
+    built) that take that config and declare attention support flags; [] when unknown."""
     import typing
 
     modeling = sys.modules.get(config_cls.__module__.replace(".configuration_", ".modeling_"))
     if modeling is None:
-        return False
+        return []
+    found = []
     for obj in list(vars(modeling).values()):
         cc = getattr(obj, "config_class", None) if isinstance(obj, type) else None
         if cc is None or "_supports_flash_attn" not in dir(obj):
             continue
         if cc is config_cls or config_cls in typing.get_args(cc):
-            if getattr(obj, "_supports_flash_attn", True) is False:
-                return True
-    return False
+            found.append(obj)
+    return found
+
+
+_EAGER_ONLY: dict = {}
+
+
+def _eager_only_model(config) -> bool:
+    """Whether the model of ``config`` declares neither SDPA nor flash-attention support (Bloom,
+    MPT, XGLM, GPT-NeoX-Japanese, RoFormer, ...): its own attention code runs whatever
+    ``attn_implementation`` says, never calls the AttentionInterface (so never fastattn), and
+    reads the mask it is given the way transformers' eager path builds it (4-D, additive float).
+    transformers accepts "fastattn" for such a model all the same; handing it fastattn's mask
+    (None without padding) silently dropped causality, so it gets ``eager_mask`` instead, and a
+    one-time warning says fastattn is not used."""
+    if config is None:
+        return False
+    cls = type(config)
+    if cls not in _EAGER_ONLY:
+        classes = _model_classes(cls)
+        _EAGER_ONLY[cls] = bool(classes) and all(
+            getattr(c, "_supports_sdpa", True) is False and getattr(c, "_supports_flash_attn", True) is False
+            for c in classes)
+        if _EAGER_ONLY[cls]:
+            warnings.warn(f"fastattn: {cls.__name__.replace('Config', '')} models support neither SDPA nor flash "
+                          "attention in transformers: their own (eager) attention code runs, on the eager mask, and "
+                          "fastattn's kernels are not used; attn_implementation=\"eager\" gives the same result",
+                          stacklevel=3)
+    return _EAGER_ONLY[cls]
 
 
 def fastattn_mask(
@@ -361,6 +401,11 @@ def fastattn_mask(
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                          local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
 
+    if _eager_only_model(kwargs.get("config")):
+        from transformers.masking_utils import eager_mask
+
+        return eager_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
     if _compiling() or (attention_mask is not None and attention_mask.dim() != 2):
         return dense()
     if not allow_is_causal_skip and _model_reads_mask(kwargs.get("config")):
@@ -520,7 +565,7 @@ def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
         return "soft-capped scores (this fastattn build's kernels have no softcap=)"
     if kwargs.get("position_bias") is not None:
         return "position bias"
-    if kwargs.get("s_aux") is not None:
+    if _has_sinks(kwargs):
         return _SINKS_REASON
     if kwargs.get("indices") is not None:
         return _INDICES_REASON
@@ -530,6 +575,8 @@ def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
         return "float32 on CUDA (the CUDA kernels are fp16/bf16)"
     if query.is_cuda and query.shape[-1] not in _CUDA_HEAD_DIMS:
         return f"head dim {query.shape[-1]} on CUDA (built for {_CUDA_HEAD_DIMS})"
+    if not query.is_cuda and query.shape[-1] > _CPU_MAX_HEAD_DIM:
+        return f"head dim {query.shape[-1]} on the CPU (the kernels take up to {_CPU_MAX_HEAD_DIM})"
     return None
 
 
@@ -557,7 +604,7 @@ def _with_selected_keys(attention_mask, indices, query, key, module, is_causal):
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
     if _softcap(kwargs) is not None:  # SDPA refuses soft-capping: the model's eager attention has it
         return _eager_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-    if kwargs.get("s_aux") is not None:  # transformers' SDPA attention ignores the sinks: eager has them
+    if _has_sinks(kwargs):  # transformers' SDPA attention ignores the sinks: eager has them
         return _eager_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     if _weights_requested(kwargs) and _eager_of(module) is not None:  # SDPA returns no weights
         return _eager_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
@@ -597,7 +644,7 @@ def _eager_fallback(module, query, key, value, attention_mask, dropout, scaling,
     eager = _eager_of(module)
     if eager is None:
         what = (f"soft-capped attention (softcap={kwargs.get('softcap')})" if _softcap(kwargs) is not None
-                else "attention with sinks (s_aux)")
+                else "attention with sinks (s_aux / sinks)")
         raise NotImplementedError(
             f"fastattn: {what} in {type(module).__name__} needs an eager_attention_forward in "
             f"{type(module).__module__} (or, soft-capped, fastattn kernels with softcap=)")
