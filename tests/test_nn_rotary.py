@@ -269,3 +269,22 @@ def test_forward_passes_check_positions(monkeypatch):
     b = rope(q, k, pos, check_positions=False)
     assert seen == [True, False]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_meta_then_to_empty_rebuilds_the_tables():
+    # Built on the meta device (a large model's usual first step), then materialised with
+    # to_empty(): the non-persistent cos/sin tables came back as uninitialised memory and were
+    # used as is (outputs ~1e25 off); they are rebuilt from the configuration, and
+    # reset_parameters() rebuilds them on demand (what FSDP-style initialisation calls).
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    fresh = fastattn.nn.RotaryEmbedding(8, max_position_embeddings=16)
+    with torch.device("meta"):
+        rope = fastattn.nn.RotaryEmbedding(8, max_position_embeddings=16)
+    rope.to_empty(device="cpu")
+    assert torch.equal(rope.cos, fresh.cos) and torch.equal(rope.sin, fresh.sin)
+    for a, b in zip(rope(q, k), fresh(q, k)):
+        assert torch.equal(a, b)
+    rope.cos.fill_(3.0)
+    rope.reset_parameters()
+    assert torch.equal(rope.cos, fresh.cos)

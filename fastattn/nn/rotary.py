@@ -157,6 +157,22 @@ class RotaryEmbedding(torch.nn.Module):
     def cached_positions(self) -> int:
         return self.cos.shape[0]
 
+    def reset_parameters(self) -> None:
+        """Rebuild the tables from the configuration, on their device, for as many positions as
+        are cached (what ``torch.nn`` modules offer after ``to_empty()``; this module also does it
+        by itself when it leaves the meta device, see ``_apply``)."""
+        self._build(max(self.cached_positions, self.max_position_embeddings), self.cos.device)
+
+    def _apply(self, fn, recurse=True):
+        # A module built on the meta device leaves it only through to_empty() (a meta tensor has no
+        # data to copy), which hands the non-persistent tables uninitialised memory: garbage
+        # cos/sin that _ensure would never replace. Rebuild them from the configuration instead.
+        was_meta = self.cos.is_meta
+        out = super()._apply(fn, recurse)
+        if was_meta and not self.cos.is_meta:
+            self.reset_parameters()
+        return out
+
     def _build(self, num_positions: int, device) -> None:
         # Always from the configuration in fp32 (never from a buffer that .to(dtype) may
         # have rounded). Rebuilding gives bit-identical rows for positions already cached.
