@@ -23,6 +23,19 @@ _below_autograd = torch._C._AutoDispatchBelowAutograd
 _compiling = torch.compiler.is_compiling
 _peek_interpreter = torch._C._functorch.peek_interpreter_stack
 _is_grad_tracking = torch._C._functorch.is_gradtrackingtensor
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_functorch_unwrapped = torch._C._functorch.get_unwrapped
+
+
+def _grad_tracked(t: Tensor) -> bool:
+    """Whether a torch.func grad transform tracks t at any level: under grad(vmap(f)) f sees a
+    vmap-batched tensor (requires_grad False) wrapping the grad transform's tracking tensor."""
+    while True:
+        if t.requires_grad and _is_grad_tracking(t):
+            return True
+        if not _is_functorch_wrapped(t):
+            return False
+        t = _functorch_unwrapped(t)
 
 
 def transform_active() -> bool:
@@ -52,7 +65,7 @@ def differentiating_transform(*tensors) -> Optional[str]:
                         return forward_ad
                 except RuntimeError:  # a vmap-batched tensor inside jvp (no batching rule to look)
                     return forward_ad
-            if not _compiling() and t.requires_grad and _is_grad_tracking(t):
+            if not _compiling() and _grad_tracked(t):
                 return "torch.func.grad / vjp / jacrev"
     return None
 

@@ -126,6 +126,26 @@ def test_compiled_forward_ad_is_seen():
         torch.compile(lambda a, t: torch.func.jvp(calls["flash_attention"], (a,), (t,))[1])(qt, torch.randn_like(qt))
 
 
+def test_grad_of_vmap_is_torchs_for_the_drop_ins():
+    """grad(vmap(f)) (per-sample gradients): f sees a vmap-batched tensor around the grad
+    transform's tracking tensor; the drop-ins once missed the inner level and raised torch's
+    setup_context error, the other ops raised torch's error instead of fastattn's."""
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 4, 8), torch.randn(8)
+    ours = torch.func.grad(lambda a: torch.vmap(lambda r: fastattn.rms_norm(r, w, 1e-6))(a).pow(2).sum())(x)
+    theirs = torch.func.grad(lambda a: torch.vmap(lambda r: F.rms_norm(r, (8,), w, 1e-6))(a).pow(2).sum())(x)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    q, k, v = torch.randn(3, 2, 5, 8), torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    ours = torch.func.grad(lambda a: torch.vmap(
+        lambda r: fastattn.scaled_dot_product_attention(r, k, v))(a).square().sum())(q)
+    theirs = torch.func.grad(lambda a: torch.vmap(lambda r: F.scaled_dot_product_attention(r, k, v))(a).square().sum())(q)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"fastattn .*torch.func.grad / vjp / jacrev is not supported"):
+        kb, vb = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, 7, 2, 8)
+        torch.func.grad(lambda a: torch.vmap(lambda r: fastattn.flash_attention(r, kb, vb))(a).sum())(
+            q.transpose(1, 2)[:, None])
+
+
 def test_nested_transforms_raise():
     """jvp / grad around or inside vmap: an error naming the problem, never a silent tangent."""
     calls, q = _ops_calls()
