@@ -453,3 +453,29 @@ def test_bad_input_cuda():
         fastattn.flash_attention_varlen(q, q, q, _i(0, 4, 10), cq, 6, 6)
     with pytest.raises(ValueError, match=r"q must be float16 or bfloat16 on CUDA"):
         fastattn.flash_attention_varlen(q.float(), q.float(), q.float(), cq, cq, 6, 6)
+
+
+def test_compile_dynamic_max_seqlen_does_not_recompile():
+    # max_seqlen_q/_k are SymInt in the op schemas: under torch.compile(dynamic=True) a new
+    # value is a symbol, not a guard (typed int, every value recompiled, and with fullgraph=True
+    # the 9th value hit the recompile limit: FailOnRecompileLimitHit). Forward and backward.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        return gm
+
+    f = torch.compile(lambda q, k, cu, m: fastattn.flash_attention_varlen(q, k, k, cu, cu, m, m).square().sum(),
+                      backend=backend, fullgraph=True, dynamic=True)
+    for n in range(3, 14):
+        q = torch.randn(2 * n, 5, 16, requires_grad=True)
+        k = torch.randn(2 * n, 1, 16, requires_grad=True)
+        cu = torch.tensor([0, n, 2 * n], dtype=torch.int32)
+        f(q, k, cu, n).backward()
+        q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+        fastattn.flash_attention_varlen(q2, k2, k2, cu, cu, n, n).square().sum().backward()
+        assert torch.equal(q.grad, q2.grad) and torch.equal(k.grad, k2.grad)
+    assert len(frames) <= 2, f"{len(frames)} graphs for 11 max_seqlen values"

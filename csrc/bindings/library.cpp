@@ -51,10 +51,10 @@ TORCH_LIBRARY(fastattn, m) {
   // it alone. max_seqlen_q/_k bound the lengths (launch sizing only; never a host read of
   // cu_seqlens on CUDA). out (total_q, H, D), lse (H, total_q) fp32.
   m.def("flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
-        " int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right,"
+        " SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, int window_left, int window_right,"
         " float softcap=0.0) -> (Tensor out, Tensor lse)");
   m.def("flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
-        " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale,"
+        " Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale,"
         " int window_left, int window_right, bool deterministic, float softcap=0.0)"
         " -> (Tensor dq, Tensor dk, Tensor dv)");
 
