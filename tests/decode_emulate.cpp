@@ -380,6 +380,15 @@ extern "C" int64_t decode_num_splits_emulate(int64_t b, int64_t seqlen_q, int64_
   return decode_num_splits_cuda(p, num_sms, smem_per_sm);
 }
 
+// decode_cuda_launch_smem_bytes (decode.cu): the dynamic shared memory of the kernel the launcher
+// picks for this shape, which the bindings compare with the device's opt-in limit.
+extern "C" int64_t decode_launch_smem_emulate(int64_t seqlen_q, int64_t h, int64_t h_k, int64_t d, float softcap) {
+  DecodeParams p;
+  p.b = 1, p.seqlen_q = seqlen_q, p.h = h, p.h_k = h_k, p.d = d;
+  p.softcap = softcap;
+  return decode_cuda_launch_smem_bytes(p);
+}
+
 // The split heuristic decode_num_splits_cuda applies (decode_split.h), at D = 128, for tests.
 extern "C" int64_t decode_num_splits_for_slots(int64_t blocks, int64_t slots, int64_t seqlen_k_max) {
   return decode::num_splits_for_slots(blocks, slots, seqlen_k_max, block_n_for(128));

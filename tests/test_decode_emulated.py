@@ -74,6 +74,8 @@ def _build(cxx, folder, cuda_dir):
     dll.decode_num_splits_for_slots.argtypes = [ctypes.c_int64] * 3
     dll.decode_num_splits_emulate.restype = ctypes.c_int64
     dll.decode_num_splits_emulate.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_int, ctypes.c_int64, ctypes.c_float]
+    dll.decode_launch_smem_emulate.restype = ctypes.c_int64
+    dll.decode_launch_smem_emulate.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float]
     dll.append_kv_emulate.restype = ctypes.c_int
     dll.append_kv_emulate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
                                       ctypes.POINTER(ctypes.c_int64)]
@@ -952,3 +954,23 @@ def test_emulated_decode_cases_on_mma(emu, case):
     group at D 64 / 128), as the launcher runs them: on the tensor-core kernel, same checks."""
     _run_decode_case(emu, case)
     assert _launch_log(emu)[0][0].startswith("decode_mma_kernel<")
+
+
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
+@pytest.mark.parametrize("Sq,softcap", [(1, 0.0), (3, 0.0), (1, 30.0)])
+def test_launch_smem_bytes_is_what_the_launch_uses(emu, D, Sq, softcap):
+    """decode_cuda_launch_smem_bytes, what the bindings compare with the device's opt-in limit
+    (and what flash_attention's short-query route asks before it takes the decode kernels), is
+    the dynamic shared memory of the kernel the launcher actually runs (the tensor-core kernel's
+    104 KiB at d128 for one query, not the CUDA-core kernel's 152 KiB the binding used to check);
+    at d64 either fits the 99 KiB of sm_86 / sm_89 parts."""
+    torch.manual_seed(0)
+    B, H, Hk, S = 1, 8, 2, 130
+    q = torch.randn(B, Sq, H, D).to(torch.bfloat16)
+    kc, vc = (torch.randn(B, S, Hk, D).to(torch.bfloat16) for _ in range(2))
+    seqlens = torch.tensor([S], dtype=torch.int32)
+    want = emu.decode_launch_smem_emulate(Sq, H, Hk, D, softcap)
+    _emulated_decode(emu, q, kc, vc, seqlens, 0.1, 1, softcap=softcap)
+    launched = [int(entry[3]) for entry in _launch_log(emu) if "combine" not in entry[0]]
+    assert launched == [want]
+    assert (want <= 99 * 1024) == (D == 64)

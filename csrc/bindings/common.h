@@ -24,6 +24,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
+
+#include "fastattn/api.h"
 #endif
 
 namespace fastattn {
@@ -319,12 +321,32 @@ inline void check_no_overlap(const at::Tensor& a, const char* a_name, const at::
 inline cudaStream_t current_stream(const at::Tensor& t) {
   return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
+// On failure the runtime's last error is cleared first (as torch's own check does): left set,
+// the next unrelated launch check (torch's or ours) would report this call's error.
 #define FA_CUDA_CHECK_LAUNCH(expr, what)                                               \
   do {                                                                                 \
     cudaError_t fa_err_ = (expr);                                                      \
+    if (fa_err_ != cudaSuccess) (void)cudaGetLastError();                              \
     TORCH_CHECK(fa_err_ == cudaSuccess, "fastattn: CUDA ", what, " failed: ",           \
                 cudaGetErrorString(fa_err_));                                          \
   } while (0)
+
+// The dynamic shared memory one block may opt into on t's device (bytes): 227 KiB on sm_90,
+// 163 KiB on sm_80, 99 KiB on sm_86 / sm_89 / sm_120.
+inline int64_t cuda_smem_optin(const at::Tensor& t) {
+  int bytes = 0;
+  FA_CUDA_CHECK_LAUNCH(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, t.device().index()),
+                       "device query");
+  return bytes;
+}
+
+// A clear error, before anything runs, when the flash backward's blocks at head dim d need more
+// shared memory than t's device allows (d = 256 on 99 KiB parts); `op` names the caller.
+inline void check_flash_bwd_smem(const at::Tensor& t, int64_t d, const char* op) {
+  const int64_t need = flash_bwd_cuda_smem_bytes(d), have = cuda_smem_optin(t);
+  TORCH_CHECK(need <= have, "fastattn.", op, ": the CUDA backward at head dim ", d, " needs ", need,
+              " bytes of shared memory per block, this GPU allows ", have);
+}
 #endif
 
 }  // namespace fastattn

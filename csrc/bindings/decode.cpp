@@ -244,6 +244,22 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
     FA_CHECK_ARG(decode_cuda_supports_head_dim(d), "fastattn.", op, ": head dim ", d,
                  " is not supported on CUDA (supported: 64, 96, 128, 256)");
     const c10::cuda::CUDAGuard guard(q4.device());
+    int num_sms = 0, smem_optin = 0, smem_per_sm = 0;
+    FA_CUDA_CHECK_LAUNCH(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q4.device().index()),
+                         "device query");
+    FA_CUDA_CHECK_LAUNCH(
+        cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, q4.device().index()),
+        "device query");
+    FA_CUDA_CHECK_LAUNCH(
+        cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q4.device().index()),
+        "device query");
+    // The kernel this call would run (tensor-core or CUDA-core), before any copy below. On parts
+    // with 99 KiB per block (sm_86 / sm_89 / sm_120) only head dim 64 fits.
+    const int64_t smem_needed = decode_cuda_launch_smem_bytes(p);
+    TORCH_CHECK(smem_optin >= smem_needed, "fastattn.", op, ": this call's decode kernel (head dim ", d,
+                ", ", sq, " queries per sequence", softcap > 0 ? ", softcap" : "", ") needs ", smem_needed,
+                " bytes of shared memory per block, this GPU allows ", smem_optin,
+                " (GPUs with 99 KiB per block, sm_86 / sm_89, run the decode kernels at head dim 64 only)");
     // A cache view the 16-byte loads cannot use (odd strides or offset): run on a compact
     // copy instead. Correct, but it costs a full copy of the cache (or pool).
     at::Tensor kc = k_cache, vc = v_cache;
@@ -256,17 +272,6 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
                  ": shape outside the CUDA kernel's limits (B <= 65535, Hk x row slices <= 65535, B * H * Sq < 2^31, "
                  "cache capacity <= 2^30 tokens); got B = ", b, ", Hk = ", h_k, ", H = ", h, ", Sq = ", sq,
                  ", capacity = ", s_max);
-    int num_sms = 0, smem_optin = 0, smem_per_sm = 0;
-    FA_CUDA_CHECK_LAUNCH(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q4.device().index()),
-                         "device query");
-    FA_CUDA_CHECK_LAUNCH(
-        cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, q4.device().index()),
-        "device query");
-    FA_CUDA_CHECK_LAUNCH(
-        cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q4.device().index()),
-        "device query");
-    TORCH_CHECK(smem_optin >= decode_cuda_smem_bytes(d), "fastattn.", op, ": head dim ", d, " needs ",
-                decode_cuda_smem_bytes(d), " bytes of shared memory per block, this GPU allows ", smem_optin);
     p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cuda(p, num_sms, smem_per_sm);
     at::Tensor out_partial, lse_partial;  // split-KV partials, merged by the combine kernel
     if (p.num_splits > 1) {

@@ -28,13 +28,25 @@ constexpr int64_t kMaxHeadDimCpu = 512;
 // tensor cores for one query: decode_mma.cuh). Up to 16 queries, and only when the keys are
 // at least 4x as many; on CUDA for the decode kernels' head dims (64, 96, 128, 256).
 constexpr int64_t kShortQueryMax = 16;
-bool use_short_query_path(const at::Tensor& q, const at::Tensor& k, int64_t sq, int64_t sk) {
+bool use_short_query_path(const at::Tensor& q, const at::Tensor& k, int64_t sq, int64_t sk, double softcap) {
   // (empty problems stay below: the KV-cache entry refuses zero kv heads)
   if (sq < 1 || sq > kShortQueryMax || sk < 4 * sq || q.size(0) == 0 || q.size(2) == 0 || k.size(2) == 0)
     return false;
   if (!q.is_cuda()) return true;
 #ifdef FASTATTN_WITH_CUDA
-  return decode_cuda_supports_head_dim(q.size(3));
+  if (!decode_cuda_supports_head_dim(q.size(3))) return false;
+  // Only where the decode kernel this call would run fits the device's shared memory: on parts
+  // with 99 KiB per block (sm_86 / sm_89 / sm_120) none does above head dim 64, while the flash
+  // forward always fits.
+  DecodeParams p;
+  p.b = q.size(0);
+  p.seqlen_q = sq;
+  p.h = q.size(2);
+  p.h_k = k.size(2);
+  p.d = q.size(3);
+  p.softcap = static_cast<float>(softcap);
+  const c10::cuda::CUDAGuard guard(q.device());
+  return decode_cuda_launch_smem_bytes(p) <= cuda_smem_optin(q);
 #else
   return false;
 #endif
@@ -91,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
                                                   int64_t window_left, int64_t window_right, double softcap) {
   check_flash_inputs(q, k, v, softmax_scale, window_left, window_right, softcap);
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), d = q.size(3), sk = k.size(1);
-  if (use_short_query_path(q, k, sq, sk)) {
+  if (use_short_query_path(q, k, sq, sk, softcap)) {
     return flash_attn_fwd_short_query(q, k, v, softmax_scale, window_left, window_right, softcap);
   }
   at::Tensor out = empty_output({b, sq, h, d}, q.options());

@@ -268,6 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
       workspace = at::empty({ws_floats}, q.options().dtype(at::kFloat));
       p.workspace = workspace.data_ptr<float>();
     }
+    check_flash_bwd_smem(q, q.size(3), "flash_attention (backward)");
     FA_CUDA_CHECK_LAUNCH(flash_bwd_cuda(p, current_stream(q)), "flash attention backward");
 #endif
   } else {

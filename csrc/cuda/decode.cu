@@ -125,6 +125,13 @@ int64_t decode_cuda_smem_bytes(int64_t d) {
   }
 }
 
+int64_t decode_cuda_launch_smem_bytes(const DecodeParams& p) {
+  // launch_decode's choice (decode_launch.cuh): decode_mma_applies already excludes softcap and
+  // head dims other than 64 / 128.
+  if (decode_mma_applies(p)) return int64_t(p.d <= 64 ? DecodeMmaSmem<64>::kBytes : DecodeMmaSmem<128>::kBytes);
+  return decode_cuda_smem_bytes(p.d);
+}
+
 bool decode_cuda_supports_layout(const DecodeParams& p) {
   if (p.h_k < 1 || p.seqlen_q < 1 || p.h % p.h_k != 0) return false;
   // cp.async copies 16 bytes: the cache bases and every stride (the batch stride is the page
@@ -167,10 +174,11 @@ int64_t decode_num_splits_cuda(const DecodeParams& p, int num_sms, int64_t smem_
     return decode::num_splits_for_slots(p.b * h_k * decode_mma_slices(group), sms * std::min(by_regs, by_smem),
                                         p.seqlen_k_max, kMmaWarps * kMmaWarpN);
   }
-  // By shared memory one block per SM fits at D = 96, 128 and 256, two at D = 64.
+  // Blocks per SM by shared memory (plus the 1 KiB the driver reserves per block): one at D = 96,
+  // 128 and 256; two at D = 64 on sm_80 / sm_90, one on the 100 KiB SMs of sm_86 / sm_89.
   const int64_t hpb = heads_per_block_for(static_cast<int>(d));
   const int64_t slices = (p.h * p.seqlen_q / h_k + hpb - 1) / hpb;
-  const int64_t slots = sms * (d <= 64 ? 2 : 1);
+  const int64_t slots = sms * std::max<int64_t>(smem_per_sm / (decode_cuda_smem_bytes(d) + 1024), 1);
   return decode::num_splits_for_slots(p.b * h_k * slices, slots, p.seqlen_k_max, block_n_for(static_cast<int>(d)));
 }
 

@@ -151,6 +151,25 @@ namespace fastattn {
 
 bool flash_bwd_cuda_supports_head_dim(int64_t d) { return flash_bwd_head_dim_ok(d); }
 
+namespace {
+template <int D>
+constexpr int64_t bwd_smem_bytes() {
+  return DkdvCfg<D>::kSmemBytes > DqCfg<D>::kSmemBytes ? DkdvCfg<D>::kSmemBytes : DqCfg<D>::kSmemBytes;
+}
+}  // namespace
+
+int64_t flash_bwd_cuda_smem_bytes(int64_t d) {
+  switch (d) {
+    case 32: return bwd_smem_bytes<32>();
+    case 64: return bwd_smem_bytes<64>();
+    case 96: return bwd_smem_bytes<96>();
+    case 128: return bwd_smem_bytes<128>();
+    case 192: return bwd_smem_bytes<192>();
+    case 256: return bwd_smem_bytes<256>();
+    default: return 0;
+  }
+}
+
 int64_t flash_bwd_cuda_workspace_floats(const FlashBwdParams& params) {
   return bwd_workspace_floats(params);
 }

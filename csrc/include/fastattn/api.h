@@ -85,6 +85,9 @@ bool flash_fwd_cuda_supports_layout(const FlashFwdParams& params);
 cudaError_t flash_bwd_cuda(const FlashBwdParams& params, cudaStream_t stream);
 int64_t flash_bwd_cuda_workspace_floats(const FlashBwdParams& params);
 bool flash_bwd_cuda_supports_head_dim(int64_t d);
+// Dynamic shared memory the backward's largest block needs at head dim d (dK/dV or dQ kernel):
+// 128 KiB at d = 256, more than the 99 KiB opt-in limit of sm_86 / sm_89 / sm_120 parts.
+int64_t flash_bwd_cuda_smem_bytes(int64_t d);
 
 // ---- decode attention and append_kv (cuda) ----
 // Grouped-KV split-KV decode over the closed list dtype {fp16, bf16} x head dim {64, 128, 256};
@@ -93,9 +96,13 @@ bool flash_bwd_cuda_supports_head_dim(int64_t d);
 // Returns cudaErrorInvalidValue outside the supported list (see the supports_* helpers).
 cudaError_t decode_attention_cuda(const DecodeParams& params, cudaStream_t stream);
 bool decode_cuda_supports_head_dim(int64_t d);
-// Dynamic shared memory one decode block needs (148 KiB at d = 128 and 256, 76 KiB at
-// d = 64): more than the 99 KiB opt-in limit of sm_86 / sm_89 at d >= 128.
+// Dynamic shared memory one CUDA-core decode block needs (152 KiB at d = 128 and 256, 116 KiB
+// at d = 96, 76 KiB at d = 64): more than the 99 KiB opt-in limit of sm_86 / sm_89 at d >= 96.
 int64_t decode_cuda_smem_bytes(int64_t d);
+// Dynamic shared memory of the decode kernel the launcher picks for params (the tensor-core
+// kernel, 104 KiB at d = 128 and 52 KiB at d = 64, for one query per sequence without softcap;
+// else decode_cuda_smem_bytes(d)): what the device's opt-in limit must allow.
+int64_t decode_cuda_launch_smem_bytes(const DecodeParams& params);
 // True when k/v caches are 16-byte aligned with every stride a multiple of 8 elements, and
 // the grid fits (b <= 65535, h_k * head slices <= 65535).
 bool decode_cuda_supports_layout(const DecodeParams& params);
