@@ -313,8 +313,13 @@ def test_generate_input_errors(hf_llama):
         model.generate(ids, 2, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         model.generate(ids, 200)
-    with pytest.raises(ValueError, match="integer tensor"):
-        model.generate(ids.float(), 2)
+    for dtype in (torch.float32, torch.uint8, torch.int16):  # (the embedding indexes by int64 / int32 only)
+        with pytest.raises(ValueError, match="int64 or int32 tensor"):
+            model.generate(ids.to(dtype), 2)
+    with pytest.raises(ValueError, match="prompt_lengths must be integers"):  # was truncated to 2
+        model.generate(ids, 2, prompt_lengths=torch.tensor([2.7, 5.0]))
+    with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):  # was read as length 2
+        model.generate(ids, 2, attention_mask=torch.tensor([[1, 1, 0.5, 0, 0], [1, 1, 1, 1, 1]]))
     with pytest.raises(ValueError, match="backend must be one of"):
         Llama(model.config, backend="triton")
     vocab = model.config.vocab_size
@@ -326,6 +331,35 @@ def test_generate_input_errors(hf_llama):
     for bad in (float("nan"), float("inf"), -0.5, "hot"):
         with pytest.raises(ValueError, match=r"temperature must be >= 0 \(a finite number\)"):
             model.generate(ids, 2, temperature=bad)
+
+
+@pytest.mark.parametrize("cache", ["contiguous", "paged"])
+def test_decode_step_checks_its_tokens_and_a_failed_step_is_not_counted(hf_llama, cache):
+    # decode_step's tokens are checked before any work (a raw IndexError / shape error before, a
+    # device assert on CUDA); and a step that raises no longer leaves the paged cache's host
+    # lengths one ahead (it then refused a later step that fits: "would hold 9 tokens, more than
+    # its 8 pages").
+    _, path = hf_llama
+    model = Llama.from_pretrained(path)
+    vocab = model.config.vocab_size
+    model.setup_cache(2, 8, cache=cache, page_size=1)
+    model.prefill(ids_of(2, 4))
+    for bad, match in ((torch.tensor([1, vocab]), "outside the vocabulary"), (torch.tensor([1, 2, 3]), r"\(2,\)"),
+                       (torch.tensor([[1], [2]]), r"\(2,\)"), (torch.tensor([1.0, 2.0]), "int64 or int32")):
+        with pytest.raises(ValueError, match=match):
+            model.decode_step(bad)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.prefill(torch.tensor([[1, vocab]]))
+    model.setup_cache(2, 8, cache=cache, page_size=1)
+    model.prefill(ids_of(2, 4))
+    real = model._decode
+    model._decode = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))  # a step that fails
+    with pytest.raises(RuntimeError, match="boom"):
+        model.decode_step(torch.tensor([5, 6]))
+    model._decode = real
+    for _ in range(4):  # 4 + 4 = the 8 rows the cache holds
+        model.decode_step(torch.tensor([5, 6]))
+    assert model.cache.seqlens.tolist() == [8, 8]
 
 
 @pytest.mark.parametrize("field", ["vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",

@@ -262,6 +262,47 @@ def test_phi3_longrope_generate_recomputes_the_cache_at_the_switch(tmp_path):
     check_generate(hf, path, ids_of(2, 12, seed=6), [12, 12])
 
 
+def test_longrope_outside_phi3_keeps_its_cache(tmp_path):
+    """transformers recomputes the cache at the LongRoPE switch for Phi-3 only: a Llama with
+    rope_type "longrope" keeps its cache (keys rotated with the short factors), and so does
+    generate() (it recomputed for every model type; greedy tokens then differed from the step
+    after the switch on)."""
+    from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
+
+    rope = {"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 16,
+            "short_factor": [1 + 0.1 * i for i in range(8)], "long_factor": [2 + 0.5 * i for i in range(8)]}
+    hf = build_hf(HFLlamaConfig, LlamaForCausalLM, max_position_embeddings=64, rope_parameters=rope)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 if p.dim() > 1 else 0.5 + torch.rand(p.shape, generator=g))
+    path = save_hf(hf, tmp_path)
+    prompt = ids_of(2, 9, seed=5)
+    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model = Llama.from_pretrained(path)
+    assert model.config.longrope_switch == 16 and not model.config.longrope_recompute_cache
+    assert torch.equal(model.generate(prompt, 20), theirs)
+    model.config.longrope_recompute_cache = True  # Phi-3's rule: this case tells the two apart
+    assert not torch.equal(model.generate(prompt, 20), theirs)
+
+
+def test_longrope_prefill_of_right_padded_prompts_follows_their_real_lengths(tmp_path):
+    """The factors of a prefill are picked by the longest real prompt, not by the padded width:
+    pad columns past original_max_position_embeddings (16) switched the whole prefill to the
+    long factors, so the same prompts gave other logits than unpadded."""
+    hf, path = phi3_longrope(tmp_path)
+    model = Llama.from_pretrained(path)
+    assert model.config.longrope_recompute_cache
+    ids, lengths = ids_of(2, 12, seed=7), torch.tensor([10, 12], dtype=torch.int32)
+    padded = torch.cat([ids, torch.zeros(2, 8, dtype=ids.dtype)], 1)  # width 20 > 16
+    model.setup_cache(2, 30)
+    want = model.prefill(ids, lengths)
+    model.setup_cache(2, 30)
+    assert torch.equal(model.prefill(padded, lengths), want)
+    assert torch.equal(model.generate(padded, 10, prompt_lengths=lengths)[:, :22],
+                       model.generate(ids, 10, prompt_lengths=lengths))
+
+
 def test_unsupported_rope_fields(tmp_path):
     hf, path = phi3_longrope(tmp_path)
     with open(os.path.join(path, "config.json")) as f:

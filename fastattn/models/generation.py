@@ -155,15 +155,18 @@ def sample(model, input_ids: Tensor, lengths: Tensor, max_new_tokens: int, *, te
 
 
 def _longrope_recompute_step(model, S: int, lengths: Tensor) -> Optional[int]:
-    """LongRoPE (Phi-3): the prefill of prompts no wider than original_max_position_embeddings
+    """LongRoPE (Phi-3): the prefill of prompts no longer than original_max_position_embeddings
     rotated the cache's keys with the short factors; the first decode step whose position
-    reaches that length runs with the long ones, and there transformers drops its cache and
-    recomputes it (Phi3ForCausalLM.prepare_inputs_for_generation). The loops here do the same,
-    by a prefill of every token so far, at the step index this returns (None: never)."""
+    reaches that length runs with the long ones, and there transformers' Phi-3 drops its cache
+    and recomputes it (Phi3ForCausalLM.prepare_inputs_for_generation; its other models keep the
+    cache: config.longrope_recompute_cache). The loops here do the same, by a prefill of every
+    token so far, at the step index this returns (None: never). The longest real prompt
+    decides, as in the prefill (pad columns do not count)."""
     switch = model.config.longrope_switch
-    if switch is None or S > switch:
+    longest = int(lengths.max())
+    if switch is None or not model.config.longrope_recompute_cache or longest > switch:
         return None
-    return switch - int(lengths.max())
+    return switch - longest
 
 
 def _with_new_tokens(input_ids: Tensor, lengths: Tensor, new: Tensor, pad: int) -> Tensor:

@@ -22,10 +22,12 @@ rotary_dim = int(head_dim * factor) dims of each head (cos/sin tables of width r
 the kernels pass the other dims through); LongRoPE (``rope_scaling`` type "longrope", or
 "su" / "yarn" on Phi-3, as transformers reads them) keeps short- and long-factor tables and,
 like transformers, rotates a whole forward pass with the long ones once its largest position
-+ 1 exceeds original_max_position_embeddings (decided on the device during decode); and, like
-transformers' Phi-3 generation, ``generate`` recomputes the cache (a prefill of every token so
-far) at the step where a generation that started below that length first reaches it, since the
-cached keys were rotated with the short factors.
++ 1 exceeds original_max_position_embeddings (decided on the device during decode; in a prefill
+of right-padded prompts, by the longest real prompt); and, like transformers' Phi-3 generation
+(``longrope_recompute_cache``, set for Phi-3 checkpoints only: transformers' other models keep
+their cache), ``generate`` recomputes the cache (a prefill of every token so far) at the step
+where a generation that started below that length first reaches it, since the cached keys were
+rotated with the short factors.
 
 Gemma 1/2/3 (model types gemma, gemma2, gemma3_text) are config switches on the same block:
 RMSNorm weights stored as offsets, x / rms(x) * (1 + w) in fp32 (``norm_unit_offset``; the
@@ -145,6 +147,10 @@ class LlamaConfig:
     # None, {"rope_type": "linear", "factor": f}, or {"rope_type": "llama3", "factor",
     # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
     rope_scaling: Optional[dict] = None
+    # LongRoPE only: generate() recomputes the cache (a prefill of every token so far) at the step
+    # where a generation that started below original_max_position_embeddings first reaches it, as
+    # transformers' Phi-3 does (from_hf sets it for model_type "phi3"; its other models keep the cache).
+    longrope_recompute_cache: bool = False
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q/k/v projections (and on o, unless o_proj_bias says no)
@@ -350,7 +356,8 @@ class LlamaConfig:
         kw.update(rope_theta=float(theta), rope_scaling=scaling, attention_bias=attention_bias,
                   o_proj_bias=o_proj_bias, mlp_bias=bool(hf.get("mlp_bias", False)))
         kw["sliding_window"], kw["layer_types"] = _hf_sliding_window(hf, model_type)
-        kw.update(qk_norm=model_type in ("qwen3", "qwen3_moe"), partial_rotary_factor=partial)
+        kw.update(qk_norm=model_type in ("qwen3", "qwen3_moe"), partial_rotary_factor=partial,
+                  longrope_recompute_cache=model_type == "phi3" and rope_type == "longrope")
         kw.update(_hf_moe_kwargs(hf, model_type))
         return cls(**kw)
 
@@ -1244,11 +1251,12 @@ class Llama(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # -- forward ----------------------------------------------------------------------
-    def _hidden(self, input_ids: Tensor, step: _Step) -> Tensor:
-        """input_ids (B, S) -> final normed hidden states (B, S, hidden)."""
+    def _hidden(self, input_ids: Tensor, step: _Step, longest: Optional[int] = None) -> Tensor:
+        """input_ids (B, S) -> final normed hidden states (B, S, hidden). longest: the longest
+        real row (right-padded prompts; default S), which decides LongRoPE's factors."""
         if self.config.longrope_switch is not None:
             step = step._replace(positions=self._longrope_positions(step.positions, input_ids.shape[1],
-                                                                   input_ids.device))
+                                                                   input_ids.device, longest))
         h = self.tok_embeddings(input_ids)  # (B, S, hidden)
         if self.config.embedding_multiplier is not None:  # Gemma: times sqrt(hidden)
             h = h * self._embedding_scale(h.dtype)
@@ -1259,14 +1267,17 @@ class Llama(nn.Module):
                          unit_offset=self.norm.unit_offset)
         return y
 
-    def _longrope_positions(self, positions: Optional[Tensor], S: int, device) -> Optional[Tensor]:
+    def _longrope_positions(self, positions: Optional[Tensor], S: int, device,
+                            longest: Optional[int] = None) -> Optional[Tensor]:
         """LongRoPE picks its factors per forward pass, as transformers does: the long ones
         (the tables' second half, rows offset by max_position_embeddings) when the pass's
         largest position + 1 exceeds original_max_position_embeddings. positions None means
-        arange(S); given positions (decode) are tested on the device: no host sync."""
+        arange(S), of which the longest real row (``longest``, default S: pad columns of
+        right-padded prompts do not count) decides; given positions (decode) are tested on the
+        device: no host sync."""
         switch, offset = self.config.longrope_switch, self.config.max_position_embeddings
         if positions is None:
-            return None if S <= switch else torch.arange(S, device=device) + offset
+            return None if (S if longest is None else longest) <= switch else torch.arange(S, device=device) + offset
         use_long = (positions.max() + 1 > switch).to(positions.dtype)
         return positions + use_long * offset
 
@@ -1364,6 +1375,7 @@ class Llama(nn.Module):
         All S rows are appended; on a paged cache the pad rows past a sequence's own pages go
         to the null page."""
         cache = self.cache
+        _check_ids(input_ids, self.config, None)
         B, S = input_ids.shape
         if cache is None or cache.batch_size != B or cache.max_len < S:
             raise ValueError(f"call setup_cache({B}, max_len >= {S}) before prefill")
@@ -1382,7 +1394,7 @@ class Llama(nn.Module):
         # nothing for the kernels to check then (else they raise the error).
         step = self._step(input_ids.device, cache=cache, write_at=cache.seqlens,
                           checked=S > self.config.max_position_embeddings)
-        y = self._hidden(input_ids, step)  # (B, S, hidden)
+        y = self._hidden(input_ids, step, longest=max(lengths, default=0))  # (B, S, hidden)
         cache.seqlens.copy_(prompt_lengths)  # pad rows beyond each length are dead
         cache._note_max_seqlen(max(lengths, default=0))
         last = (prompt_lengths.long() - 1).view(B, 1, 1).expand(B, 1, y.shape[-1])
@@ -1399,9 +1411,18 @@ class Llama(nn.Module):
         checks, which on CUDA cost a host sync per layer. If ``cache.seqlens`` was written
         directly since, the step reads it once (one sync) instead."""
         cache = self.cache
+        if cache is None:
+            raise ValueError("call setup_cache(...) and prefill(...) before decode_step")
+        _check_step_tokens(tokens, self.config, cache.batch_size)
         bound = self._decode_room(cache)
+        grown = getattr(cache, "host_seqlens", None)
         cache.grow(1)  # paged: a new page for each sequence that crosses a page boundary
-        logits = self._decode(tokens, checked=False)
+        try:
+            logits = self._decode(tokens, checked=False)
+        except BaseException:
+            if grown is not None:  # the step did not happen: its row is not counted (a page it took stays held)
+                cache.host_seqlens = grown
+            raise
         cache._note_max_seqlen(bound)
         return logits
 
@@ -1659,9 +1680,9 @@ def sample_next_token(
 def _check_ids(input_ids, config: LlamaConfig, max_len: Optional[int]) -> None:
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"input_ids must be a Tensor, got {type(input_ids).__name__}")
-    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} "
-                         f"of shape {tuple(input_ids.shape)}")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be a (batch, seq) int64 or int32 tensor (the embedding's index "
+                         f"types), got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one token per sequence")
     if max_len is not None and input_ids.shape[1] > max_len:
@@ -1675,6 +1696,21 @@ def _check_ids(input_ids, config: LlamaConfig, max_len: Optional[int]) -> None:
         if lo < 0 or hi >= config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {config.vocab_size})")
+
+
+def _check_step_tokens(tokens, config: LlamaConfig, batch: int) -> None:
+    """decode_step's tokens: (batch,) int64 / int32, ids in the vocabulary (read on the CPU only:
+    on CUDA that would be a host sync per step; generate() passes sampled ids)."""
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a Tensor, got {type(tokens).__name__}")
+    if tokens.dim() != 1 or tokens.shape[0] != batch or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be a ({batch},) int64 or int32 tensor (one id per cached sequence), "
+                         f"got {tokens.dtype} of shape {tuple(tokens.shape)}")
+    if tokens.device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(f"tokens holds token id {lo if lo < 0 else hi}, outside the vocabulary "
+                             f"[0, {config.vocab_size})")
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
@@ -1726,6 +1762,8 @@ def _prompt_lengths(input_ids: Tensor, prompt_lengths, attention_mask) -> Tensor
     if attention_mask is not None:
         if attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask must have shape {(B, S)}, got {tuple(attention_mask.shape)}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1 (ones for the prompt's tokens, then zeros)")
         m = attention_mask.to(device=device, dtype=torch.long)
         lengths = m.sum(dim=1)
         left_aligned = torch.arange(S, device=device).view(1, S) < lengths.view(B, 1)
@@ -1735,7 +1773,10 @@ def _prompt_lengths(input_ids: Tensor, prompt_lengths, attention_mask) -> Tensor
         prompt_lengths = lengths
     if prompt_lengths is None:
         return torch.full((B,), S, dtype=torch.int32, device=device)
-    lengths = torch.as_tensor(prompt_lengths, device=device).to(torch.int32).view(-1)
+    lengths = torch.as_tensor(prompt_lengths, device=device)
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise ValueError(f"prompt_lengths must be integers, got {lengths.dtype}")
+    lengths = lengths.to(torch.int32).view(-1)
     if lengths.numel() != B:
         raise ValueError(f"prompt_lengths must have {B} entries, got {lengths.numel()}")
     if bool(((lengths < 1) | (lengths > S)).any()):
