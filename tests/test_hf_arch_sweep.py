@@ -206,9 +206,13 @@ for _arch in ARCHS:
 
 
 def _config(arch):
+    return _config_of(*ARCHS[arch])
+
+
+def _config_of(model_type, extra):
+    """A tiny config of model_type: BASE's fields that its config class has, then extra."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    model_type, extra = ARCHS[arch]
     if model_type not in CONFIG_MAPPING:  # another transformers release than the sweep's (5.25)
         pytest.skip(f"transformers {transformers.__version__} has no model type {model_type!r}")
     cls = CONFIG_MAPPING[model_type]
@@ -216,6 +220,17 @@ def _config(arch):
     kw = {k: v for k, v in BASE.items() if k in known}
     kw.update(extra)
     return cls(**kw)
+
+
+def _ref_and_ours(cfg, ref_impl="eager"):
+    """Two tiny models of cfg with the same weights, in eval mode: ref_impl's and "fastattn"'s."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=ref_impl).eval()
+        ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastattn")
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours.eval()
 
 
 def _padded(lens, seed=1):
@@ -236,14 +251,7 @@ def _rel_err(mine, theirs):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_arch_matches_eager(arch, monkeypatch):
     fa_hf.register()
-    cfg = _config(arch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
-        ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastattn")
-    ours.load_state_dict(eager.state_dict())
-    ours.eval()
+    eager, ours = _ref_and_ours(_config(arch))
     report = fa_hf.patch_model(ours)
 
     norms, rotary = EXPECT[arch]
@@ -329,21 +337,10 @@ def test_sinks_keyword_takes_the_eager_attention():
     # they were silently dropped (logits 6e-2 of their scale away from eager). (Logits only: this
     # tiny Inkling2's own generate fails in transformers, eager included.)
     fa_hf.register()
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    if "inkling2_text" not in CONFIG_MAPPING:
-        pytest.skip(f"transformers {transformers.__version__} has no Inkling2")
-    cls = CONFIG_MAPPING["inkling2_text"]
-    known = set(cls().to_dict())
-    cfg = cls(**{k: v for k, v in dict(BASE, sliding_window=4).items() if k in known})
+    eager, ours = _ref_and_ours(_config_of("inkling2_text", dict(sliding_window=4)))
+    fa_hf.reset_stats()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
-        ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastattn")
-        ours.load_state_dict(eager.state_dict())
-        ours.eval()
-        fa_hf.reset_stats()
         with torch.no_grad():
             ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
             assert _rel_err(ours(ids).logits, eager(ids).logits) <= 1e-5
@@ -360,11 +357,7 @@ def test_cpu_head_dim_above_the_kernels_falls_back():
     fa_hf.register()
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=1, head_dim=576, pad_token_id=PAD)
-    torch.manual_seed(0)
-    sdpa = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
-    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fastattn")
-    ours.load_state_dict(sdpa.state_dict())
-    ours.eval()
+    sdpa, ours = _ref_and_ours(cfg, "sdpa")
     fa_hf.reset_stats()
     ids, mask = _padded((9, 4, 6))
     with torch.no_grad(), warnings.catch_warnings():
