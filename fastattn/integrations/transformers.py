@@ -156,13 +156,13 @@ _OUTPUT_ATTENTIONS_REASON = "attention weights requested (output_attentions=True
 # eager attention: transformers' SDPA attention ignores ``s_aux``, so an SDPA fallback would
 # silently drop the sinks.
 _SINKS_REASON = "attention sinks (s_aux)"
+_INDICES_REASON = "sparse key selection (indices)"
 
 
 def _has_sinks(kwargs) -> bool:
     """Whether the call carries per-head attention sinks: ``s_aux`` (GPT-OSS and its kin) or
     ``sinks`` (Inkling2), one extra logit per query head that takes probability mass."""
     return kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None
-_INDICES_REASON = "sparse key selection (indices)"
 
 
 def _require_transformers():
