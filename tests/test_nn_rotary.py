@@ -288,3 +288,35 @@ def test_meta_then_to_empty_rebuilds_the_tables():
     rope.cos.fill_(3.0)
     rope.reset_parameters()
     assert torch.equal(rope.cos, fresh.cos)
+
+
+def test_shared_module_grows_its_tables_safely_across_threads():
+    # One module shared by threads (a server's model): while one call grows the tables, another
+    # that needs only the cached rows read a new cos with the old sin in between the two
+    # assignments ("sin must have cos's shape"). Each call now uses one consistent pair.
+    import threading
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64)
+    want = fastattn.nn.RotaryEmbedding(64, max_position_embeddings=4)(q, k)
+    errors, wrong = [], []
+    for _ in range(6):
+        rope = fastattn.nn.RotaryEmbedding(64, max_position_embeddings=4)
+        stop = threading.Event()
+
+        def reader():
+            while not stop.is_set():
+                try:
+                    got = rope(q, k)
+                except ValueError as e:
+                    errors.append(str(e))
+                    continue
+                if not all(torch.equal(a, b) for a, b in zip(got, want)):
+                    wrong.append(1)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        rope(q[:, :1], k[:, :1], positions=torch.tensor([1 << 16]))  # grows the tables
+        stop.set()
+        t.join()
+    assert not errors and not wrong, (len(errors), errors[:1], len(wrong))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -155,7 +155,7 @@ class RotaryEmbedding(torch.nn.Module):
 
     @property
     def cached_positions(self) -> int:
-        return self.cos.shape[0]
+        return self._tables[0].shape[0]
 
     def reset_parameters(self) -> None:
         """Rebuild the tables from the configuration, on their device, for as many positions as
@@ -169,21 +169,26 @@ class RotaryEmbedding(torch.nn.Module):
         # cos/sin that _ensure would never replace. Rebuild them from the configuration instead.
         was_meta = self.cos.is_meta
         out = super()._apply(fn, recurse)
+        self._tables = (self.cos, self.sin)
         if was_meta and not self.cos.is_meta:
             self.reset_parameters()
         return out
 
-    def _build(self, num_positions: int, device) -> None:
+    def _build(self, num_positions: int, device) -> Tuple[Tensor, Tensor]:
         # Always from the configuration in fp32 (never from a buffer that .to(dtype) may
         # have rounded). Rebuilding gives bit-identical rows for positions already cached.
         inv_freq = rotary_inv_freq(self.dim, self.base, self.scaling, device=device)
         t = torch.arange(num_positions, device=device, dtype=torch.int64).to(torch.float32)
         freqs = torch.outer(t, inv_freq)
+        cos, sin = freqs.cos().contiguous(), freqs.sin().contiguous()
         self.inv_freq = inv_freq
-        self.cos = freqs.cos().contiguous()
-        self.sin = freqs.sin().contiguous()
+        self.cos, self.sin = cos, sin
+        # What forward reads, set in ONE assignment: threads sharing the module (a server's model)
+        # must never see a new cos with the old sin while another thread grows the tables.
+        self._tables = (cos, sin)
+        return cos, sin
 
-    def _ensure(self, needed: int, what) -> None:
+    def _ensure(self, needed: int, what) -> Tuple[Tensor, Tensor]:
         # what() names where `needed` came from, for the error: built only when raising, since
         # formatting a symbolic sequence length would make torch.compile specialise on it.
         limit = self.max_positions
@@ -192,12 +197,15 @@ class RotaryEmbedding(torch.nn.Module):
                 f"{what()} but RotaryEmbedding builds its cos/sin tables for at most {limit} positions "
                 f"(max_positions; a table that long already takes {limit * self.dim * 4 / 2**30:.3g} GiB)"
             )
-        stale = self.cos.dtype != torch.float32  # the module was cast with .to(dtype)
-        if needed > self.cached_positions or stale:
-            size = max(self.cached_positions, 1)
+        cos, sin = self._tables
+        stale = cos.dtype != torch.float32  # the module was cast with .to(dtype)
+        if needed > cos.shape[0] or stale:
+            size = max(cos.shape[0], 1)
             while size < needed:
                 size *= 2
-            self._build(min(size, limit), self.cos.device)
+            # This call's own tables: another thread may replace self._tables meanwhile.
+            cos, sin = self._build(min(size, limit), cos.device)
+        return cos, sin
 
     def forward(
         self,
@@ -236,9 +244,9 @@ class RotaryEmbedding(torch.nn.Module):
             what = lambda: f"positions: the largest position asked for is {hi}"  # noqa: E731
         else:  # checked by apply_rotary (dtype, shape; CUDA values by the kernel)
             needed, what = 0, str
-        self._ensure(needed, what)
+        cos, sin = self._ensure(needed, what)
         return F.apply_rotary(
-            q, k, self.cos, self.sin, positions=positions, interleaved=self.interleaved, inplace=inplace,
+            q, k, cos, sin, positions=positions, interleaved=self.interleaved, inplace=inplace,
             check_positions=check_positions,
         )
 
