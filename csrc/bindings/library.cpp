@@ -60,7 +60,8 @@ TORCH_LIBRARY(fastattn, m) {
 
   // ---- decode attention and append_kv ----------------------------------------------------
   // One query token per sequence against a KV cache with ragged lengths: out has q's shape,
-  // lse (B, H) fp32. num_splits = 0 picks split-KV from the shapes only (graph-safe).
+  // lse (B, H) fp32. num_splits = 0 picks split-KV: on CUDA from the shapes only (graph-safe),
+  // on the CPU from the batch and the longest of cache_seqlens; never from the thread count.
   // block_table (B, max_pages) int32: the caches are page pools (num_pages, page_size, Hk, D)
   // and token t of sequence b is pool[block_table[b, t // page_size], t % page_size].
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
