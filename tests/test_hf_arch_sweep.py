@@ -331,6 +331,21 @@ def test_eager_only_archs_get_the_eager_mask(model_type):
         assert torch.equal(ours.generate(ids, attention_mask=mask, **gen), eager.generate(ids, attention_mask=mask, **gen))
 
 
+def test_models_on_the_attention_interface_are_not_eager_only():
+    # DeepSeek-V4 / HY-V4 declare neither SDPA nor flash attention but call the AttentionInterface
+    # (_supports_attention_backend): they keep fastattn's masks.
+    import importlib
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for model_type in ("deepseek_v4", "hy_v4", "llama"):
+        if model_type not in CONFIG_MAPPING:
+            continue
+        cls = CONFIG_MAPPING[model_type]
+        importlib.import_module(cls.__module__.replace(".configuration_", ".modeling_"))
+        assert not fa_hf._eager_only_model(_config_of(model_type, {})), model_type
+
+
 def test_sinks_keyword_takes_the_eager_attention():
     # Inkling2 passes its attention sinks as sinks= (GPT-OSS and its kin: s_aux=), next to a position
     # bias that sends the call to the fallback; transformers' SDPA attention ignores the sinks, so

@@ -363,6 +363,7 @@ def _eager_only_model(config) -> bool:
         classes = _model_classes(cls)
         _EAGER_ONLY[cls] = bool(classes) and all(
             getattr(c, "_supports_sdpa", True) is False and getattr(c, "_supports_flash_attn", True) is False
+            and not getattr(c, "_supports_attention_backend", False)  # (DeepSeek-V4, HY-V4 call the interface)
             for c in classes)
         if _EAGER_ONLY[cls]:
             warnings.warn(f"fastattn: {cls.__name__.replace('Config', '')} models support neither SDPA nor flash "
