@@ -332,13 +332,13 @@ def test_eager_only_archs_get_the_eager_mask(model_type):
 
 
 def test_models_on_the_attention_interface_are_not_eager_only():
-    # DeepSeek-V4 / HY-V4 declare neither SDPA nor flash attention but call the AttentionInterface
-    # (_supports_attention_backend): they keep fastattn's masks.
+    # DeepSeek-V4 / HY-V4 / Git / BridgeTower declare neither SDPA nor flash attention but call the
+    # AttentionInterface (their modeling source names ALL_ATTENTION_FUNCTIONS): fastattn's masks.
     import importlib
 
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    for model_type in ("deepseek_v4", "hy_v4", "llama"):
+    for model_type in ("deepseek_v4", "hy_v4", "git", "bridgetower", "llama"):
         if model_type not in CONFIG_MAPPING:
             continue
         cls = CONFIG_MAPPING[model_type]

@@ -348,23 +348,39 @@ def _model_classes(config_cls) -> list:
 _EAGER_ONLY: dict = {}
 
 
+def _calls_attention_interface(config_cls) -> bool:
+    """Whether the modeling module of ``config_cls`` dispatches attention through transformers'
+    AttentionInterface (its source names ALL_ATTENTION_FUNCTIONS, as transformers' own check of
+    a model's attention support reads it); True when unknown."""
+    modeling = sys.modules.get(config_cls.__module__.replace(".configuration_", ".modeling_"))
+    try:
+        return modeling is None or "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(modeling)
+    except (OSError, TypeError):
+        return True
+
+
 def _eager_only_model(config) -> bool:
-    """Whether the model of ``config`` declares neither SDPA nor flash-attention support (Bloom,
-    MPT, XGLM, GPT-NeoX-Japanese, RoFormer, ...): its own attention code runs whatever
-    ``attn_implementation`` says, never calls the AttentionInterface (so never fastattn), and
-    reads the mask it is given the way transformers' eager path builds it (4-D, additive float).
-    transformers accepts "fastattn" for such a model all the same; handing it fastattn's mask
-    (None without padding) silently dropped causality, so it gets ``eager_mask`` instead, and a
-    one-time warning says fastattn is not used."""
+    """Whether the model of ``config`` declares neither SDPA nor flash-attention support and its
+    modeling code never calls the AttentionInterface (Bloom, MPT, XGLM, GPT-NeoX-Japanese,
+    RoFormer, ...): its own attention code runs whatever ``attn_implementation`` says (so never
+    fastattn), and reads the mask it is given the way transformers' eager path builds it (4-D,
+    additive float). transformers accepts "fastattn" for such a model all the same; handing it
+    fastattn's mask (None without padding) silently dropped causality, so it gets
+    ``eager_mask`` instead, and a one-time warning says fastattn is not used."""
     if config is None:
         return False
     cls = type(config)
     if cls not in _EAGER_ONLY:
         classes = _model_classes(cls)
-        _EAGER_ONLY[cls] = bool(classes) and all(
+        flags = bool(classes) and all(
             getattr(c, "_supports_sdpa", True) is False and getattr(c, "_supports_flash_attn", True) is False
-            and not getattr(c, "_supports_attention_backend", False)  # (DeepSeek-V4, HY-V4 call the interface)
             for c in classes)
+        if not flags:
+            _EAGER_ONLY[cls] = False
+        elif _compiling():  # (no source reading while dynamo traces; decided, uncached, by the flags)
+            return True
+        else:  # DeepSeek-V4, HY-V4, Git, BridgeTower, ... declare neither but call the interface
+            _EAGER_ONLY[cls] = not _calls_attention_interface(cls)
         if _EAGER_ONLY[cls]:
             warnings.warn(f"fastattn: {cls.__name__.replace('Config', '')} models support neither SDPA nor flash "
                           "attention in transformers: their own (eager) attention code runs, on the eager mask, and "
