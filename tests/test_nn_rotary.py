@@ -320,3 +320,14 @@ def test_shared_module_grows_its_tables_safely_across_threads():
         stop.set()
         t.join()
     assert not errors and not wrong, (len(errors), errors[:1], len(wrong))
+
+
+def test_functional_call_substitutes_the_tables():
+    # torch.func.functional_call / stack_module_state swap the module's buffers: forward must use
+    # the substituted cos / sin (a cos of ones and a sin of zeros rotate by nothing).
+    rope = fastattn.nn.RotaryEmbedding(8, max_position_embeddings=16)
+    q, k = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    tables = {"cos": torch.ones(16, 4), "sin": torch.zeros(16, 4), "inv_freq": rope.inv_freq}
+    out_q, out_k = torch.func.functional_call(rope, tables, (q, k))
+    assert torch.equal(out_q, q) and torch.equal(out_k, k)
+    assert not torch.equal(rope(q, k)[0], q)

@@ -155,7 +155,7 @@ class RotaryEmbedding(torch.nn.Module):
 
     @property
     def cached_positions(self) -> int:
-        return self._tables[0].shape[0]
+        return self.cos.shape[0]
 
     def reset_parameters(self) -> None:
         """Rebuild the tables from the configuration, on their device, for as many positions as
@@ -167,10 +167,11 @@ class RotaryEmbedding(torch.nn.Module):
         # A module built on the meta device leaves it only through to_empty() (a meta tensor has no
         # data to copy), which hands the non-persistent tables uninitialised memory: garbage
         # cos/sin that _ensure would never replace. Rebuild them from the configuration instead.
+        # Also rebuilt: a cos and a sin of different builds (two threads grew the tables at once).
         was_meta = self.cos.is_meta
         out = super()._apply(fn, recurse)
         self._tables = (self.cos, self.sin)
-        if was_meta and not self.cos.is_meta:
+        if (was_meta and not self.cos.is_meta) or self.cos.shape != self.sin.shape:
             self.reset_parameters()
         return out
 
@@ -197,7 +198,12 @@ class RotaryEmbedding(torch.nn.Module):
                 f"{what()} but RotaryEmbedding builds its cos/sin tables for at most {limit} positions "
                 f"(max_positions; a table that long already takes {limit * self.dim * 4 / 2**30:.3g} GiB)"
             )
-        cos, sin = self._tables
+        # The buffers (what torch.func.functional_call / stack_module_state substitute); while
+        # another thread is between assigning a new cos and its sin they disagree, and the pair
+        # set in one assignment (_tables) is taken instead.
+        cos, sin = self.cos, self.sin
+        if cos.shape != sin.shape or cos.dtype != sin.dtype:
+            cos, sin = self._tables
         stale = cos.dtype != torch.float32  # the module was cast with .to(dtype)
         if needed > cos.shape[0] or stale:
             size = max(cos.shape[0], 1)
