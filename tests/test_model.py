@@ -352,11 +352,13 @@ def test_decode_step_checks_its_tokens_and_a_failed_step_is_not_counted(hf_llama
         model.prefill(torch.tensor([[1, vocab]]))
     model.setup_cache(2, 8, cache=cache, page_size=1)
     model.prefill(ids_of(2, 4))
-    real = model._decode
-    model._decode = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))  # a step that fails
+    # A step that fails late (its K/V already appended, e.g. out of memory in the LM head): the
+    # device lengths must not have moved either, or host and device disagree.
+    model._logits = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
     with pytest.raises(RuntimeError, match="boom"):
         model.decode_step(torch.tensor([5, 6]))
-    model._decode = real
+    del model._logits
+    assert model.cache.seqlens.tolist() == [4, 4]
     for _ in range(4):  # 4 + 4 = the 8 rows the cache holds
         model.decode_step(torch.tensor([5, 6]))
     assert model.cache.seqlens.tolist() == [8, 8]

@@ -1459,8 +1459,11 @@ class Llama(nn.Module):
         step = self._step(tokens.device, positions=positions, cache=cache, decode=True,
                           write_at=cache.seqlens, attend_len=attend_len, checked=checked)
         y = self._hidden(tokens.view(B, 1), step)  # (B, 1, hidden)
+        logits = self._logits(y[:, 0])  # (B, vocab)
+        # Last: a step that raises before here leaves the lengths as they were (decode_step then
+        # also rolls back the host lengths).
         cache.seqlens.copy_(attend_len)
-        return self._logits(y[:, 0])  # (B, vocab)
+        return logits
 
     @torch.no_grad()
     def capture_decode_step(self, warmup: int = 2):
@@ -1510,6 +1513,7 @@ class Llama(nn.Module):
             # The host bound of the lengths, when known, catches a step past the end for free.
             # A replay never syncs: if seqlens was written directly (no known bound), nothing
             # is checked, as inside any graph, and the kernels drop rows past the capacity.
+            _check_step_tokens(new_tokens, self.config, cache.batch_size)  # (values: CUDA, not read)
             n = self._decode_room(cache, read=False)
             cache.grow(1)
             tokens.copy_(new_tokens)
