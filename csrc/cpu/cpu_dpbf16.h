@@ -23,6 +23,9 @@ namespace cpu {
 // With stride 1 the words are the row's own bytes (little-endian: dim 2t in the low half), so
 // that case is a copy (the scalar loop was ~2% of a multi-query decode step, staging q).
 inline void pack_dim_pairs(const uint16_t* row, int64_t d, uint32_t* dst, int64_t stride) {
+#if defined(__BYTE_ORDER__)
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the stride-1 copy below assumes little-endian words");
+#endif
   if (stride == 1) {
     std::memcpy(dst, row, static_cast<size_t>(d / 2) * sizeof(uint32_t));
     if (d % 2 != 0) dst[d / 2] = row[d - 1];

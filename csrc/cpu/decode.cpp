@@ -28,7 +28,8 @@
 // ~15 GB/s on a 2-core Zen 4 whose plain read runs at ~30; into L2, ~28.)
 // Split-KV items write a normalised partial output and its lse; a second pass
 // merges them in split order, so the result does not depend on the thread count, and
-// num_splits = 0 is chosen from the shapes only. Several queries per sequence are just more
+// num_splits = 0 is chosen from the batch and the longest length only (decode_num_splits_cpu;
+// never the thread count). Several queries per sequence are just more
 // rows per kv head (seqlen_q * G instead of G, each with its own key band), so K/V are still
 // read once per item for all of them; long query blocks are cut into chunks
 // (decode::cpu_query_chunk) so each item's query and output rows stay in L2. From
