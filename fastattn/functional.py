@@ -460,6 +460,20 @@ from ._C_loader import load as _load_extension  # noqa: E402
 _CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 _CPU_MAX_HEAD_DIM = 512
 _CUDA_BUILT = bool(_load_extension().WITH_CUDA)  # a CPU-only build delegates CUDA SDPA calls
+# The CUDA backward's largest block at head dim 256 (flash_bwd.cu's dQ kernel) needs 128 KiB of
+# shared memory, more than the 99 KiB per block of sm_86 / sm_89 / sm_120 parts (the forward
+# always fits); other head dims fit every supported GPU.
+_CUDA_BWD_SMEM_D256 = 128 * 1024
+
+
+def cuda_backward_fits(t: Tensor, head_dim: int) -> bool:
+    """Whether the CUDA flash backward at head_dim runs on t's GPU (False: head dim 256 on a GPU
+    with less than 128 KiB of shared memory per block). Not asked while torch.compile traces
+    (True), and True where torch does not report the limit."""
+    if head_dim != 256 or torch.compiler.is_compiling():
+        return True
+    props = torch.cuda.get_device_properties(t.device)
+    return getattr(props, "shared_memory_per_block_optin", _CUDA_BWD_SMEM_D256) >= _CUDA_BWD_SMEM_D256
 
 
 _INT64_MAX = 2**63 - 1
@@ -638,7 +652,10 @@ def _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, sca
     if L == 0 or S == 0 or B == 0 or H == 0:
         return False
     if query.is_cuda:
-        return _CUDA_BUILT and query.dtype != torch.float32 and E in _CUDA_HEAD_DIMS
+        # (training at head dim 256 on a 99 KiB GPU: torch's, whose backward runs there)
+        needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        return (_CUDA_BUILT and query.dtype != torch.float32 and E in _CUDA_HEAD_DIMS
+                and (not needs_grad or cuda_backward_fits(query, E)))
     return 1 <= E <= _CPU_MAX_HEAD_DIM
 
 

@@ -269,3 +269,21 @@ def test_rms_norm_integer_weight_message():
     torch.testing.assert_close(fastattn.rms_norm(x, w.to(x.dtype)), F.rms_norm(x, (5,), w, 1e-6))
     # (nn.RMSNorm cannot hold an integer weight, in torch or here: a Parameter that requires
     # grad must be floating point.)
+
+
+def test_cuda_backward_fits_reads_the_shared_memory_limit(monkeypatch):
+    # Training at head dim 256 needs a 128 KiB backward block: on a 99 KiB GPU (sm_86 / sm_89) the
+    # SDPA drop-in and the HF integration hand it to torch (checked here with stand-in device
+    # properties: no GPU on CI).
+    import types
+
+    import fastattn.functional as F_
+
+    t = torch.empty(1)
+    for optin, fits in ((99 * 1024, False), (227 * 1024, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda dev, optin=optin: types.SimpleNamespace(shared_memory_per_block_optin=optin))
+        assert F_.cuda_backward_fits(t, 256) is fits
+        assert F_.cuda_backward_fits(t, 128)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace())
+    assert F_.cuda_backward_fits(t, 256)  # a torch that does not report the limit: assume it fits

@@ -592,6 +592,9 @@ def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
         return "float32 on CUDA (the CUDA kernels are fp16/bf16)"
     if query.is_cuda and query.shape[-1] not in _CUDA_HEAD_DIMS:
         return f"head dim {query.shape[-1]} on CUDA (built for {_CUDA_HEAD_DIMS})"
+    if (query.is_cuda and torch.is_grad_enabled() and (query.requires_grad or value.requires_grad)
+            and not fastattn.functional.cuda_backward_fits(query, query.shape[-1])):
+        return f"head dim {query.shape[-1]} backward on a GPU with less than 128 KiB of shared memory per block"
     if not query.is_cuda and query.shape[-1] > _CPU_MAX_HEAD_DIM:
         return f"head dim {query.shape[-1]} on the CPU (the kernels take up to {_CPU_MAX_HEAD_DIM})"
     return None
