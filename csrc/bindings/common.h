@@ -321,12 +321,13 @@ inline void check_no_overlap(const at::Tensor& a, const char* a_name, const at::
 inline cudaStream_t current_stream(const at::Tensor& t) {
   return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
-// On failure the runtime's last error is cleared first (as torch's own check does): left set,
-// the next unrelated launch check (torch's or ours) would report this call's error.
+// On failure the runtime's last error is cleared first when it is this call's (as torch's own
+// check does): left set, the next unrelated launch check (torch's or ours) would report it. An
+// error our launchers return from their own argument checks leaves another pending error alone.
 #define FA_CUDA_CHECK_LAUNCH(expr, what)                                               \
   do {                                                                                 \
     cudaError_t fa_err_ = (expr);                                                      \
-    if (fa_err_ != cudaSuccess) (void)cudaGetLastError();                              \
+    if (fa_err_ != cudaSuccess && cudaPeekAtLastError() == fa_err_) (void)cudaGetLastError(); \
     TORCH_CHECK(fa_err_ == cudaSuccess, "fastattn: CUDA ", what, " failed: ",           \
                 cudaGetErrorString(fa_err_));                                          \
   } while (0)
