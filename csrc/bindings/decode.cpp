@@ -159,17 +159,11 @@ void set_cache_pointers(DecodeParams* p, const at::Tensor& kc, const at::Tensor&
 // longest sequence's key count max_keys (query chunks count as more sequences:
 // decode::cpu_query_chunk). Not from the capacity: a cache allocated for 2048 tokens holding
 // 110 was cut into 16 splits of mostly empty items (4x the time of one).
-void run_kvcache_cpu(DecodeParams& p, int64_t num_splits, int64_t max_keys, const at::TensorOptions& options) {
+void run_kvcache_cpu(DecodeParams& p, int64_t num_splits, int64_t max_keys) {
   const int64_t chunk = decode::cpu_query_chunk(p.h / p.h_k, p.h_k, p.d, p.seqlen_q);
   const int64_t chunks = (p.seqlen_q + chunk - 1) / chunk;
   p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cpu(p.b * chunks, p.h_k, max_keys);
-  at::Tensor out_partial, lse_partial;
-  if (p.num_splits > 1) {
-    out_partial = at::empty({p.num_splits, p.b, p.h, p.seqlen_q, p.d}, options.dtype(at::kFloat));
-    lse_partial = at::empty({p.num_splits, p.b, p.h, p.seqlen_q}, options.dtype(at::kFloat));
-    p.out_partial = out_partial.data_ptr<float>();
-    p.lse_partial = lse_partial.data_ptr<float>();
-  }
+  // (the split partials come from the CPU kernel's kept scratch: out_partial stays null here)
   decode_attention_cpu(p);
 }
 
@@ -283,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
     FA_CUDA_CHECK_LAUNCH(decode_attention_cuda(p, current_stream(q4)), op);
 #endif
   } else {
-    run_kvcache_cpu(p, num_splits, max_keys, q4.options());
+    run_kvcache_cpu(p, num_splits, max_keys);
   }
   return {out, lse};
 }
