@@ -1125,8 +1125,11 @@ def attention_with_kvcache(
 
     A call that raises leaves the caches unchanged: every check (on the CPU also the page
     indices of all tokens ``[0, cache_seqlens[b] + Sq)``) runs before k/v are appended.
-    One exception: under torch.compile (where reading values would break the graph) the page
-    indices of the tokens already cached are checked by the attention op, after the append.
+    Two exceptions, both after the append: under torch.compile (where reading values would
+    break the graph) the page indices of the tokens already cached are checked by the attention
+    op; on CUDA the limits of this GPU (the decode kernel's shared memory on 99 KiB parts, grid
+    sizes) are checked when the kernel is chosen. A call that raises there has written the new
+    rows past ``cache_seqlens``, which it does not advance: the valid tokens are unchanged.
 
     Returns:
         out (B, Sq, H, D) in q's dtype, or ``(out, lse)``.

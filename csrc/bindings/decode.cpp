@@ -248,12 +248,13 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
         cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q4.device().index()),
         "device query");
     // The kernel this call would run (tensor-core or CUDA-core), before any copy below. On parts
-    // with 99 KiB per block (sm_86 / sm_89 / sm_120) only head dim 64 fits.
+    // with 99 KiB per block (sm_86 / sm_89 / sm_120) head dim 64 fits, and 128 on the tensor-core kernel.
     const int64_t smem_needed = decode_cuda_launch_smem_bytes(p);
     TORCH_CHECK(smem_optin >= smem_needed, "fastattn.", op, ": this call's decode kernel (head dim ", d,
                 ", ", sq, " queries per sequence", softcap > 0 ? ", softcap" : "", ") needs ", smem_needed,
                 " bytes of shared memory per block, this GPU allows ", smem_optin,
-                " (GPUs with 99 KiB per block, sm_86 / sm_89, run the decode kernels at head dim 64 only)");
+                " (GPUs with 99 KiB per block, sm_86 / sm_89, run the decode kernels at head dim 64, and at 128 "
+                "with one query per sequence and no softcap)");
     // A cache view the 16-byte loads cannot use (odd strides or offset): run on a compact
     // copy instead. Correct, but it costs a full copy of the cache (or pool).
     at::Tensor kc = k_cache, vc = v_cache;

@@ -60,15 +60,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <mutex>
-#include <new>
 #include <type_traits>
 #include <vector>
-
-#if defined(__linux__)
-#include <stdlib.h>
-#include <sys/mman.h>
-#endif
 
 #include "cpu_gemm.h"
 #include "cpu_math.h"
