@@ -585,7 +585,10 @@ def flash_attention(
         window: (left, right) sliding window: query i sees keys in
             ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 is unbounded, and so is any
             side >= Sq + Sk (e.g. ``sys.maxsize``). ``causal`` sets right = 0. Rows that see
-            no key output 0 (and lse = -inf).
+            no key output 0 (and lse = -inf, the log of an empty sum; flash-attn writes +inf).
+            flash-attn's C++ treats a side >= Sk as unbounded already: the two differ only
+            when Sq > Sk and Sk <= side < Sq + Sk, where this keeps the band above (the one
+            flash-attn documents).
         softcap: logit soft-capping (Gemma 2, Grok; flash-attn's ``softcap``): when > 0 each
             scaled score s becomes ``cap(s) = softcap * tanh(s / softcap)`` before the mask
             and softmax; 0 (the default) is off and runs the uncapped kernel. A real number
@@ -947,8 +950,9 @@ def _check_cache_query(q, k_cache, v_cache, cache_seqlens, block_table, batch: i
     H, D = q.shape[-2], q.shape[-1]
     Hk = k_cache.shape[2]
     if block_table is None:
-        if k_cache.shape[0] != batch:
-            raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has batch {batch}")
+        if k_cache.shape[0] != batch:  # (a larger cache batch was cut to q's before)
+            raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has batch {batch} "
+                             f"(a contiguous cache needs at least q's batch)")
     else:
         _check_block_table(block_table, k_cache, batch)
     if k_cache.shape[3] != D:
@@ -958,6 +962,29 @@ def _check_cache_query(q, k_cache, v_cache, cache_seqlens, block_table, batch: i
     if q.is_cuda and D not in _DECODE_CUDA_HEAD_DIMS:
         raise ValueError(f"head dim {D} is not supported on CUDA (supported: {_DECODE_CUDA_HEAD_DIMS})")
     _check_cache_seqlens(cache_seqlens, q, batch)
+
+
+def _kvcache_conveniences(q, k_cache, v_cache, cache_seqlens, block_table):
+    """flash-attn's ``flash_attn_with_kvcache`` conveniences, for decode_attention and
+    attention_with_kvcache: ``cache_seqlens`` as a Python int (every sequence has that length;
+    an int32 tensor on the caches' device is made from it), and a contiguous cache whose batch
+    is larger than q's (a cache preallocated for the largest batch: sequence b is its row b,
+    rows from B on are neither read nor written). Anything else passes through unchanged to the
+    checks."""
+    if not (isinstance(q, Tensor) and isinstance(k_cache, Tensor) and isinstance(v_cache, Tensor)):
+        return k_cache, v_cache, cache_seqlens
+    if q.dim() not in (3, 4):
+        return k_cache, v_cache, cache_seqlens
+    B = q.shape[0]
+    if is_integer(cache_seqlens):
+        n = int(cache_seqlens)
+        if not 0 <= n < 2**31:
+            raise ValueError(f"cache_seqlens must be in [0, 2^31) (an int32 length), got {n}")
+        cache_seqlens = torch.full((B,), n, dtype=torch.int32, device=k_cache.device)
+    if (block_table is None and k_cache.dim() == 4 and v_cache.dim() == 4 and k_cache.shape[0] > B
+            and v_cache.shape[0] == k_cache.shape[0]):
+        k_cache, v_cache = k_cache[:B], v_cache[:B]
+    return k_cache, v_cache, cache_seqlens
 
 
 # decode::kMaxSplits (csrc/include/fastattn/decode_split.h): the ops refuse more splits. Checked
@@ -1022,9 +1049,12 @@ def decode_attention(
         k_cache, v_cache: q's dtype, ``H % Hk == 0`` (GQA/MQA, query head h reads kv head
             ``h // (H // Hk)``), last dim contiguous, other strides free (e.g. a view of a
             larger cache). CUDA: D in {64, 96, 128, 256}; CPU: any D.
-            Contiguous cache (``block_table=None``): (B, S_max, Hk, D).
+            Contiguous cache (``block_table=None``): (B, S_max, Hk, D), or (B', S_max, Hk, D)
+            with B' > B (a cache preallocated for a larger batch, as flash-attn allows:
+            sequence b uses row b, the rows from B on are not touched).
             Paged cache: page pools (num_pages, page_size, Hk, D), any page_size >= 1.
-        cache_seqlens: (B,) int32 on q's device; sequence b attends to its tokens
+        cache_seqlens: (B,) int32 on q's device, or a Python int (every sequence has that
+            length, as flash-attn takes it); sequence b attends to its tokens
             ``[0, cache_seqlens[b])``. A sequence of length 0 gets out = 0 and lse = -inf.
             Values must lie in [0, capacity] (S_max, or max_pages_per_seq * page_size):
             checked on the CPU; on CUDA they are not read on the host (that would
@@ -1063,6 +1093,7 @@ def decode_attention(
         check_tensor(q, "q")
     if not (q.dim() == 3 or (q.dim() == 4 and q.shape[1] == 1)):
         raise ValueError(f"q must be (B, H, D) or (B, 1, H, D), got shape {tuple(q.shape)}")
+    k_cache, v_cache, cache_seqlens = _kvcache_conveniences(q, k_cache, v_cache, cache_seqlens, block_table)
     _check_cache_query(q, k_cache, v_cache, cache_seqlens, block_table, q.shape[0])
     softmax_scale = check_softmax_scale(softmax_scale)
     softcap = check_softcap(softcap)
@@ -1143,6 +1174,7 @@ def attention_with_kvcache(
     if q.dim() != 4:
         raise ValueError(f"q must be (B, Sq, H, D), got shape {tuple(q.shape)}")
     B, Sq = q.shape[0], q.shape[1]
+    k_cache, v_cache, cache_seqlens = _kvcache_conveniences(q, k_cache, v_cache, cache_seqlens, block_table)
     _check_cache_query(q, k_cache, v_cache, cache_seqlens, block_table, B)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values) or both be None")

@@ -260,6 +260,42 @@ def test_attention_with_kvcache_long_query_block_chunks(H, Hk, D, Sq):
     _check(out, lse, true_out, true_lse, low_out, low_lse)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_cache_conveniences(device):
+    """As flash-attn's flash_attn_with_kvcache: cache_seqlens as a Python int (every sequence
+    that length) and a contiguous cache preallocated for a larger batch (sequence b is row b;
+    rows from B on are neither read nor written): the same bits as the explicit call on the
+    first B rows."""
+    B, Bc, H, Hk, D, S_max, L, Sq = 2, 5, 8, 2, _head_dim(device), 24, 9, 3
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(7)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    kc, vc = rnd(Bc, S_max, Hk, D), rnd(Bc, S_max, Hk, D)
+    q1, q, k, v = rnd(B, H, D), rnd(B, Sq, H, D), rnd(B, Sq, Hk, D), rnd(B, Sq, Hk, D)
+    lengths = torch.full((B,), L, dtype=torch.int32, device=device)
+
+    out, lse = fastattn.decode_attention(q1, kc, vc, L, return_lse=True)
+    want, want_lse = fastattn.decode_attention(q1, kc[:B].clone(), vc[:B].clone(), lengths, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+    kc_big, vc_big = kc.clone(), vc.clone()
+    kc_own, vc_own = kc[:B].clone(), vc[:B].clone()
+    out = fastattn.attention_with_kvcache(q, kc_big, vc_big, L, k=k, v=v)
+    want = fastattn.attention_with_kvcache(q, kc_own, vc_own, lengths, k=k, v=v)
+    assert torch.equal(out, want)
+    assert torch.equal(kc_big[:B], kc_own) and torch.equal(vc_big[:B], vc_own)  # appended in place
+    assert torch.equal(kc_big[B:], kc[B:]) and torch.equal(vc_big[B:], vc[B:])  # other rows untouched
+
+    # Still refused: a bool, a negative or beyond-int32 length, a cache smaller than q's batch.
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        fastattn.decode_attention(q1, kc, vc, True)
+    for bad in (-1, 2**31):
+        with pytest.raises(ValueError, match="cache_seqlens"):
+            fastattn.attention_with_kvcache(q, kc, vc, bad)
+    with pytest.raises(ValueError, match="k_cache has batch 1 but q has batch 2"):
+        fastattn.decode_attention(q1, kc[:1], vc[:1], L)
+
+
 def test_attention_with_kvcache_empty_shapes():
     q = torch.randn(2, 0, 4, 16)
     kc = torch.randn(2, 8, 2, 16)
