@@ -117,10 +117,44 @@ def test_dtype_cast_keeps_fp32_tables():
     ref_cos = rope.cos.clone()
     rope.to(torch.bfloat16)  # casts floating buffers; forward rebuilds them in fp32
     q, k = torch.randn(1, 4, 2, 16, dtype=torch.bfloat16), torch.randn(1, 4, 2, 16, dtype=torch.bfloat16)
+    # The buffers stay fp32 right after the cast (the documented contract: apply_rotary takes
+    # fp32 tables only; before, they were bf16 until the next forward rebuilt them).
+    for name in ("inv_freq", "cos", "sin"):
+        assert getattr(rope, name).dtype == torch.float32, name
+    assert torch.equal(rope.cos, ref_cos)
+    fastattn.apply_rotary(q, k, rope.cos, rope.sin)
     q2, _ = rope(q, k)
     assert rope.cos.dtype == torch.float32 and torch.equal(rope.cos, ref_cos)
     assert q2.dtype == torch.bfloat16
     assert rope.state_dict() == {}
+    rope.half()
+    assert rope.sin.dtype == torch.float32 and torch.equal(rope.sin, fastattn.nn.RotaryEmbedding(16, 32).sin)
+
+
+def test_rope_theta_from_the_scaling_dict():
+    """transformers 5's rope_parameters (what config.rope_scaling returns there) carry
+    rope_theta: with base left out it is the dict's (it was ignored: base 10000), and a base
+    that disagrees is refused."""
+    for scaling in (dict(LLAMA3, rope_theta=500000.0), {"rope_type": "default", "rope_theta": 1e6}):
+        theta = scaling["rope_theta"]
+        want = fastattn.nn.RotaryEmbedding(64, 128, theta, scaling=scaling.get("rope_type") == "llama3" and LLAMA3 or None)
+        got = fastattn.nn.RotaryEmbedding(64, 128, scaling=scaling)
+        assert got.base == theta and torch.equal(got.inv_freq, want.inv_freq) and torch.equal(got.cos, want.cos)
+        assert fastattn.nn.RotaryEmbedding(64, 128, theta, scaling=scaling).base == theta  # agreeing: fine
+        with pytest.raises(ValueError, match="disagrees with the scaling dict's rope_theta"):
+            fastattn.nn.RotaryEmbedding(64, 128, 10000.0, scaling=scaling)
+    cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_theta=500000.0, rope_scaling=dict(LLAMA3))
+    ours = fastattn.nn.RotaryEmbedding(64, 128, scaling=cfg.rope_parameters)
+    assert torch.equal(ours.inv_freq, LlamaRotaryEmbedding(cfg).inv_freq)
+    with pytest.raises(ValueError, match="rope_theta"):
+        fastattn.nn.RotaryEmbedding(64, scaling={"rope_type": "default", "rope_theta": -1.0})
+
+
+def test_numpy_integer_sizes():
+    np = pytest.importorskip("numpy")
+    rope = fastattn.nn.RotaryEmbedding(np.int64(32), np.int32(64))
+    assert rope.dim == 32 and type(rope.dim) is int and rope.cached_positions == 64
+    assert torch.equal(rope.cos, fastattn.nn.RotaryEmbedding(32, 64).cos)
 
 
 def test_inplace_forward():

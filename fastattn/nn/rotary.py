@@ -49,6 +49,28 @@ def _parse_scaling(scaling: Optional[dict]) -> Optional[dict]:
     raise ValueError(f"unsupported scaling rope_type {kind!r}; expected 'default', 'linear' or 'llama3'")
 
 
+def _is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _base_from(base, scaling) -> float:
+    """RoPE theta: ``base`` if given, else the scaling dict's ``rope_theta`` (transformers 5's
+    ``rope_parameters`` carry it), else 10000; the two must agree when both are given."""
+    theta = scaling.get("rope_theta") if isinstance(scaling, dict) else None
+    if theta is not None:
+        if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not float(theta) > 0:
+            raise ValueError(f"scaling's 'rope_theta' must be a number > 0, got {theta!r}")
+        if base is not None and float(base) != float(theta):
+            raise ValueError(f"base = {base!r} disagrees with the scaling dict's rope_theta = {theta!r}; "
+                             f"pass one of them (or the same value)")
+    if base is None:
+        base = 10000.0 if theta is None else theta
+    if isinstance(base, bool) or not isinstance(base, numbers.Real) or not float(base) > 0:
+        raise ValueError(f"base must be > 0, got {base!r}")
+    return float(base)
+
+
 def rotary_inv_freq(dim: int, base: float = 10000.0, scaling: Optional[dict] = None, device=None) -> Tensor:
     """Inverse frequencies (dim/2,) fp32: ``base ** (-2i / dim)``, then scaled.
 
@@ -91,12 +113,16 @@ class RotaryEmbedding(torch.nn.Module):
         dim: rotary width R (even). It may be smaller than the head dim D of the q/k it is
             applied to: dims R..D pass through (partial rotary).
         max_position_embeddings: positions the tables are built for up front.
-        base: RoPE theta.
+        base: RoPE theta; default the scaling dict's ``rope_theta`` if it has one, else
+            10000. A base that disagrees with the dict's ``rope_theta`` raises ValueError.
         interleaved: False for NeoX/LLaMA halves, True for GPT-J pairs.
-        scaling: None, or a dict with the keys of a Hugging Face config's ``rope_scaling``:
-            ``{"rope_type": "linear", "factor": f}`` or ``{"rope_type": "llama3", "factor",
-            "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``
-            (``"type"`` is accepted for ``"rope_type"``; other keys are ignored).
+        scaling: None, or a dict with the keys of a Hugging Face config's ``rope_scaling`` /
+            ``rope_parameters`` (transformers 5: it carries ``rope_theta`` too):
+            ``{"rope_type": "default"}``, ``{"rope_type": "linear", "factor": f}`` or
+            ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"}`` (``"type"`` is accepted for
+            ``"rope_type"``). ``partial_rotary_factor`` is not read: ``dim`` is the rotary
+            width itself (``int(head_dim * partial_rotary_factor)``); other keys are ignored.
         device: where the tables are built.
 
     Buffers (not in the state_dict): ``inv_freq`` (R/2,), ``cos`` and ``sin``
@@ -108,8 +134,12 @@ class RotaryEmbedding(torch.nn.Module):
     check's host sync).
     The tables grow (doubling) when a larger position is needed: with ``positions=None``
     that is S; with CPU positions their max is read; CUDA positions are not read (that
-    would sync), so pass ``max_position`` (an exclusive upper bound of the positions) when
-    decoding past the cached length on CUDA, or the kernel call rejects the positions.
+    would sync), nor are CPU positions inside torch.compile (a data-dependent branch), so
+    pass ``max_position`` (an exclusive upper bound of the positions) when decoding past
+    the cached length on CUDA or under torch.compile, or the kernel call rejects the
+    positions. Tables grown inside a compiled graph come from the compiled cos / sin, which
+    may differ from eager's by an ulp (rows already cached included); build them eagerly
+    up front (``max_position_embeddings``) where bits matter.
 
     Growth is bounded by ``max_positions`` (class attribute, 2**24 = 16M positions, beyond
     any released model's context; set it on an instance or subclass to change it): the
@@ -126,18 +156,18 @@ class RotaryEmbedding(torch.nn.Module):
         self,
         dim: int,
         max_position_embeddings: int = 2048,
-        base: float = 10000.0,
+        base: Optional[float] = None,
         interleaved: bool = False,
         scaling: Optional[dict] = None,
         device=None,
     ) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2 != 0:
+        if not _is_int(dim) or dim <= 0 or dim % 2 != 0:
             raise ValueError(f"dim (the rotary width) must be a positive even integer, got {dim!r}")
-        if not isinstance(max_position_embeddings, int) or max_position_embeddings <= 0:
+        if not _is_int(max_position_embeddings) or max_position_embeddings <= 0:
             raise ValueError(f"max_position_embeddings must be a positive integer, got {max_position_embeddings!r}")
-        if not base > 0:
-            raise ValueError(f"base must be > 0, got {base!r}")
+        dim, max_position_embeddings = int(dim), int(max_position_embeddings)
+        base = _base_from(base, scaling)
         if max_position_embeddings > self.max_positions:
             raise ValueError(
                 f"max_position_embeddings = {max_position_embeddings} exceeds the table limit: RotaryEmbedding "
@@ -171,7 +201,11 @@ class RotaryEmbedding(torch.nn.Module):
         was_meta = self.cos.is_meta
         out = super()._apply(fn, recurse)
         self._tables = (self.cos, self.sin)
-        if (was_meta and not self.cos.is_meta) or self.cos.shape != self.sin.shape:
+        # And tables a dtype cast (.to(torch.bfloat16), .half()) rounded: the buffers stay fp32,
+        # as documented (apply_rotary takes fp32 tables only).
+        if ((was_meta and not self.cos.is_meta) or self.cos.shape != self.sin.shape
+                or self.cos.dtype != torch.float32 or self.sin.dtype != torch.float32
+                or self.inv_freq.dtype != torch.float32):
             self.reset_parameters()
         return out
 
