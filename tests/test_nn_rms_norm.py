@@ -141,3 +141,28 @@ def test_double_backward(device, residual):
     for a, b in zip(*results):
         assert b.abs().max() > 1e-3
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_torch_jit_script(unit_offset, affine):
+    """torch.jit.script takes the module as it takes torch.nn.RMSNorm (it raised 'cannot
+    statically infer the expected size of a list'): the scripted module runs torch's rms_norm
+    on the same weight Parameter, equal to the eager module's output (exactly for 16-bit
+    inputs, to fp32 rounding for fp32, where the two sum in different orders)."""
+    m = fastattn.nn.RMSNorm((6, 8), eps=1e-6, elementwise_affine=affine, unit_offset=unit_offset)
+    if affine:
+        with torch.no_grad():
+            m.weight.normal_(generator=torch.Generator().manual_seed(0))
+    scripted = torch.jit.script(m)
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(3, 6, 8, generator=g).to(dtype)
+        got, want = scripted(x), m(x)
+        assert got.dtype == want.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+        else:
+            assert torch.equal(got, want)
+    if affine:  # the weight is shared, not copied
+        assert [p for p in scripted.parameters()][0] is m.weight

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -134,6 +134,40 @@ class RMSNorm(torch.nn.Module):
             return out[0].reshape(*lead, *self.normalized_shape), out[1].reshape(*lead, *self.normalized_shape)
         return out.reshape(*lead, *self.normalized_shape)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script(module) compiles what this returns: TorchScript cannot compile the
+        # custom-op dispatch and argument checks of forward, so a scripted RMSNorm (like a
+        # scripted torch.nn.RMSNorm, whose drop-in this is) runs torch's rms_norm on the same
+        # weight Parameter. forward(x) only.
+        return _ScriptedRMSNorm(self)
+
     def extra_repr(self) -> str:
         offset = ", unit_offset=True" if self.unit_offset else ""
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}{offset}"
+
+
+class _ScriptedRMSNorm(torch.nn.Module):
+    """What ``torch.jit.script(fastattn.nn.RMSNorm(...))`` compiles (see
+    ``RMSNorm.__prepare_scriptable__``): torch's rms_norm over the module's own weight
+    Parameter (shared, not copied), with Gemma's ``(1 + weight)`` in fp32 for
+    ``unit_offset=True``; ``forward(x)`` only (no residual)."""
+
+    __constants__ = ["normalized_shape", "eps", "unit_offset"]
+
+    def __init__(self, src: RMSNorm) -> None:
+        super().__init__()
+        self.normalized_shape: List[int] = list(src.normalized_shape)
+        self.eps: Optional[float] = src.eps
+        self.unit_offset: bool = src.unit_offset
+        if src.weight is not None:
+            self.weight = src.weight
+        else:
+            self.register_parameter("weight", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight
+        if self.unit_offset and weight is not None:
+            compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+            scale = 1.0 + weight.to(compute)
+            return torch.nn.functional.rms_norm(x.to(compute), self.normalized_shape, scale, self.eps).to(x.dtype)
+        return torch.nn.functional.rms_norm(x, self.normalized_shape, weight, self.eps)
