@@ -287,3 +287,34 @@ def test_cuda_backward_fits_reads_the_shared_memory_limit(monkeypatch):
         assert F_.cuda_backward_fits(t, 128)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace())
     assert F_.cuda_backward_fits(t, 256)  # a torch that does not report the limit: assume it fits
+
+
+def test_fp32_operands_spanning_2gib_read_in_place():
+    """From an outside audit: the CPU flash forward reads fp32 Q and V in place, their row
+    stride becoming the GEMM's leading dimension, and ATen's brgemm throws std::bad_alloc for
+    an operand spanning 2 GiB or more (here 2 query rows of a sequence-first (S, B, H, D)
+    activation, row stride B * H * D = 2^28 + 512 floats; the 4 GiB buffer is never touched).
+    Such operands are packed first (cpu_gemm.h): the same bits as on a compact copy. The same
+    packing serves the K^T scratch past 2^29 keys x head dims (1M keys at d512)."""
+    S, H, D, B = 2, 8, 64, 2**19 + 1
+    g = torch.Generator().manual_seed(0)
+    q_small, k, v_small = (torch.randn(1, S, H, D, generator=g) for _ in range(3))
+    want = fastattn.flash_attention(q_small, k, v_small)
+    xq, xv = torch.empty(S, B, H, D), torch.empty(S, B, H, D)
+    q, v = xq.transpose(0, 1)[B - 1:], xv.transpose(0, 1)[B - 1:]
+    q.copy_(q_small)
+    v.copy_(v_small)
+    assert q.stride(1) * S * 4 > 2**31
+    assert torch.equal(fastattn.flash_attention(q, k, v_small), want)
+    assert torch.equal(fastattn.flash_attention(q_small, k, v), want)
+
+
+def test_flash_attention_keys_past_int32_refused_by_name():
+    """Sk >= 2^31 (stride-0 keys, no memory): a ValueError naming the lengths (the short-query
+    route raised torch's bare 'value cannot be converted to type int without overflow')."""
+    Sk = 2**31 + 16
+    k = torch.ones(1, 1, 1, 8, dtype=torch.bfloat16).expand(1, Sk, 1, 8)
+    q = torch.ones(1, 1, 1, 8, dtype=torch.bfloat16)
+    for sq in (1, 17):  # the short-query route and the tiled kernel
+        with pytest.raises(ValueError, match="sequence lengths must be below 2\\^31 on the CPU"):
+            fastattn.flash_attention(q.expand(1, sq, 1, 8), k, k)

@@ -32,12 +32,14 @@ bool use_short_query_path(const at::Tensor& q, const at::Tensor& k, int64_t sq, 
   // (empty problems stay below: the KV-cache entry refuses zero kv heads)
   if (sq < 1 || sq > kShortQueryMax || sk < 4 * sq || q.size(0) == 0 || q.size(2) == 0 || k.size(2) == 0)
     return false;
+  // The KV-cache kernels count keys in int32 (cache_seqlens).
+  if (sk > std::numeric_limits<int32_t>::max()) return false;
   if (!q.is_cuda()) return true;
 #ifdef FASTATTN_WITH_CUDA
   if (!decode_cuda_supports_head_dim(q.size(3))) return false;
   // Only where the decode kernel this call would run fits the device's shared memory: on parts
-  // with 99 KiB per block (sm_86 / sm_89 / sm_120) none does above head dim 64, while the flash
-  // forward always fits.
+  // with 99 KiB per block (sm_86 / sm_89 / sm_120) only head dim 64 and the tensor-core kernel
+  // at 128 (one query, no softcap) do, while the flash forward always fits.
   DecodeParams p;
   p.b = q.size(0);
   p.seqlen_q = sq;
@@ -84,6 +86,11 @@ void check_flash_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
   } else {
     FA_CHECK_ARG(d >= 1 && d <= kMaxHeadDimCpu, "fastattn.flash_attention: head dim must be in [1, ",
                  kMaxHeadDimCpu, "] on the CPU, got ", d);
+    // Sequence lengths are int32 everywhere else (cu_seqlens, cache_seqlens, flash-attn's); the
+    // tiled kernel's K^T scratch for more keys would take tens of GiB per kv head anyway.
+    FA_CHECK_ARG(k.size(1) <= std::numeric_limits<int32_t>::max() && q.size(1) <= std::numeric_limits<int32_t>::max(),
+                 "fastattn.flash_attention: sequence lengths must be below 2^31 on the CPU, got Sq = ", q.size(1),
+                 ", Sk = ", k.size(1));
   }
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
