@@ -268,7 +268,7 @@ def test_decode(device, dtype, paged):
 @pytest.mark.parametrize("Sq, causal, window", [(3, True, (-1, -1)), (20, True, (30, -1)), (6, False, (-1, -1))],
                          ids=["q3-causal", "q20-window", "q6-full"])
 def test_attention_with_kvcache(device, dtype, paged, Sq, causal, window):
-    """Few queries (4 x 4 register tiles) and Sq * H / Hk >= 16 (the brgemm block products),
+    """Few queries (4 x 4 register tiles) and Sq * H / Hk >= 16 (the fp32 GEMM block products),
     new keys appended first, ragged lengths."""
     B, S_max, H, Hk, D = 3, 200, 8, 2, 64
     lengths = [0, 50, 200 - Sq]

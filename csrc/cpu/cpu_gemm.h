@@ -1,74 +1,151 @@
 // cpu_gemm.h — the small fp32 GEMM the CPU attention kernels use for their block products
 // (flash forward's S = Q K^T and O += P V; the KV-cache kernel's with many query rows).
-// ATen's cpublas::brgemm runs oneDNN's JIT brgemm micro-kernels (or its BLAS sgemm), near
-// the machine's fp32 FMA rate on the small blocks these kernels multiply.
+//
+// Register-tiled FMA micro-kernel, written for this use instead of ATen's cpublas::brgemm
+// (oneDNN's JIT brgemm), which this replaced because of two properties of that one:
+//  * it JIT-compiles and keeps one kernel per distinct (m, n, k, lda, ldb, ldc) in a
+//    per-thread cache that is never evicted, and our shapes vary with the sequence lengths
+//    (the K^T scratch's leading dimension is the key count; the row and key-block tails
+//    follow Sq and Sk): a server or a training loop with varying lengths grew by ~40-90 KiB
+//    per distinct length and thread, without bound (outside audit, 1,000 lengths: +39 MiB
+//    fp32, +88 MiB fp16 on one thread);
+//  * it cannot build a kernel for an operand whose rows span 2 GiB or more (std::bad_alloc):
+//    the K^T scratch past 2^29 keys x head dims, or an fp32 Q / V read in place at a large
+//    row stride.
+// This kernel compiles nothing at run time and takes any leading dimensions. Speed against
+// brgemm, same run, 2-core Zen 4 VM, 1 thread, fp32 flash forward 1 x 2048 x 16 x 128: ~5-8%
+// slower (it runs at ~90% of torch.mm's fp32 rate); causal, fp16, d64 and the multi-query
+// KV-cache rows within noise. The baseline (SSE) tier is ~2x slower than brgemm was (which
+// JIT-compiled for the machine whatever the tier): it only runs on CPUs without AVX2.
+//
+// Why it is fast: C is computed in tiles of kGemmR rows x kGemmNV vectors (AVX-512: 6 x 64,
+// 24 zmm accumulators; AVX2: 6 x 16 in ymm; SSE / NEON: 4 x 8), kept in registers over the
+// whole reduction: per reduction step kGemmNV vector loads of B and one broadcast of A per row
+// feed kGemmR x kGemmNV FMAs. Column tiles outer, row tiles inner, so a tile's B columns
+// (k x 64 floats: 32 KiB at k = 128 on AVX-512) stay in L1/L2 while every row tile passes over
+// them. The last columns (n not a multiple of the tile) run with as many vectors as they need,
+// on a zero-padded copy of B's columns (a per-thread buffer of at most k x kGemmNV vectors),
+// and their C through a small buffer: nothing past n is read or written. Each output is one
+// sum in increasing k: the same bits on any thread count.
 #pragma once
-
-#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace fastattn {
 namespace cpu {
 
-// oneDNN's brgemm (behind cpublas::brgemm) cannot build a kernel for an operand whose rows
-// span 2 GiB or more (it throws std::bad_alloc): the flash forward's K^T scratch at 4M keys x
-// d128 (its leading dimension is the key count), or an fp32 Q / V read in place at a row
-// stride of a sequence-first activation. Such an operand is first packed densely into a
-// per-thread buffer: one copy of the block (m x k, k x n or m x n floats) per product, small
-// next to the product's m * n * k multiply-adds.
-constexpr int64_t kBrgemmMaxSpan = (int64_t(1) << 31) / int64_t(sizeof(float));  // elements
+#if defined(__AVX512F__)
+constexpr int kGemmW = 16;  // floats per vector
+constexpr int kGemmR = 6;   // rows per tile
+constexpr int kGemmNV = 4;  // vectors per tile row
+#elif defined(__AVX__)
+constexpr int kGemmW = 8;
+constexpr int kGemmR = 6;
+constexpr int kGemmNV = 2;
+#else
+constexpr int kGemmW = 4;
+constexpr int kGemmR = 4;
+constexpr int kGemmNV = 2;
+#endif
+typedef float GemmVec __attribute__((vector_size(kGemmW * sizeof(float))));
 
-inline bool brgemm_span_ok(int64_t rows, int64_t ld) { return rows * ld < kBrgemmMaxSpan; }
+inline GemmVec gemm_load(const float* p) {
+  GemmVec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void gemm_store(float* p, const GemmVec& v) { std::memcpy(p, &v, sizeof(v)); }
 
-// Rows x cols of src (leading dim ld) into buf, densely (leading dim cols).
-inline const float* pack_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& buf) {
-  buf.resize(static_cast<size_t>(rows * cols));
-  for (int64_t r = 0; r < rows; ++r) std::copy(src + r * ld, src + r * ld + cols, buf.data() + r * cols);
-  return buf.data();
+// C (R rows, NV vectors of columns) = or += A (R x k, lda) B (k x NV vectors, ldb).
+template <int R, int NV>
+inline void gemm_tile(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                      bool add_c) {
+  GemmVec acc[R][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = add_c ? gemm_load(c + i * ldc + v * kGemmW) : GemmVec{};
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    GemmVec bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = gemm_load(b + t * ldb + v * kGemmW);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const float ai = a[i * lda + t];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) gemm_store(c + i * ldc + v * kGemmW, acc[i][v]);
+  }
+}
+
+// A row tile of `rows` <= kGemmR rows (the last tile of m may be shorter).
+template <int NV, int R = kGemmR>
+inline void gemm_rows(int64_t rows, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                      int64_t ldc, bool add_c) {
+  if constexpr (R > 1) {
+    if (rows < R) return gemm_rows<NV, R - 1>(rows, k, a, lda, b, ldb, c, ldc, add_c);
+  }
+  gemm_tile<R, NV>(k, a, lda, b, ldb, c, ldc, add_c);
+}
+
+// A tile of `vecs` <= kGemmNV vectors of columns.
+template <int NV = kGemmNV>
+inline void gemm_cols(int vecs, int64_t rows, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                      float* c, int64_t ldc, bool add_c) {
+  if constexpr (NV > 1) {
+    if (vecs < NV) return gemm_cols<NV - 1>(vecs, rows, k, a, lda, b, ldb, c, ldc, add_c);
+  }
+  gemm_rows<NV>(rows, k, a, lda, b, ldb, c, ldc, add_c);
 }
 
 // C (m, n) = A (m, k) @ B (k, n) [+ C], row-major with leading dims lda, ldb, ldc, fp32.
 inline void gemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
                      const float* a, const float* b, float* c) {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  if (!brgemm_span_ok(m, lda) || !brgemm_span_ok(k, ldb) || !brgemm_span_ok(m, ldc)) {
-    thread_local std::vector<float> a_buf, b_buf, c_buf;
-    if (!brgemm_span_ok(m, lda)) a = pack_rows(a, m, k, lda, a_buf), lda = k;
-    if (!brgemm_span_ok(k, ldb)) b = pack_rows(b, k, n, ldb, b_buf), ldb = n;
-    if (brgemm_span_ok(m, ldc)) {
-      at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c);
-    } else {
-      float* cp = add_c ? const_cast<float*>(pack_rows(c, m, n, ldc, c_buf)) : (c_buf.resize(size_t(m * n)), c_buf.data());
-      at::native::cpublas::brgemm(m, n, k, lda, ldb, n, add_c, a, b, cp);
-      for (int64_t r = 0; r < m; ++r) std::copy(cp + r * n, cp + (r + 1) * n, c + r * ldc);
+  constexpr int64_t kTileCols = kGemmNV * kGemmW;
+  thread_local std::vector<float> b_pack;
+  float c_tile[kGemmR * kTileCols];
+  for (int64_t c0 = 0; c0 < n; c0 += kTileCols) {
+    const int64_t nc = std::min<int64_t>(kTileCols, n - c0);
+    const int vecs = static_cast<int>((nc + kGemmW - 1) / kGemmW);
+    const int64_t width = vecs * kGemmW;
+    const bool full = nc == width;
+    // A partial tile: B's columns packed (k x width, zero-padded past nc), so that the vector
+    // loads never read past n.
+    const float* bt = b + c0;
+    int64_t bt_ld = ldb;
+    if (!full) {
+      b_pack.resize(static_cast<size_t>(k * width));
+      float* dst = b_pack.data();
+      for (int64_t t = 0; t < k; ++t) {
+        const float* src = b + t * ldb + c0;
+        float* d = dst + t * width;
+        for (int64_t j = 0; j < nc; ++j) d[j] = src[j];
+        for (int64_t j = nc; j < width; ++j) d[j] = 0.0f;
+      }
+      bt = dst;
+      bt_ld = width;
     }
-    return;
-  }
-  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c);
-#else
-  // A torch without the fp32 brgemm (older than the ones this was built against): correct,
-  // compiler-vectorised over n, and much slower.
-  for (int64_t i = 0; i < m; ++i) {
-    float* ci = c + i * ldc;
-    if (!add_c) std::fill(ci, ci + n, 0.0f);
-    for (int64_t kk = 0; kk < k; ++kk) {
-      const float aik = a[i * lda + kk];
-      const float* bk = b + kk * ldb;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) ci[j] += aik * bk[j];
+    for (int64_t r0 = 0; r0 < m; r0 += kGemmR) {
+      const int64_t rows = std::min<int64_t>(kGemmR, m - r0);
+      float* cr = c + r0 * ldc + c0;
+      float* ct = full ? cr : c_tile;  // a partial tile's C through a buffer of whole vectors
+      const int64_t ct_ld = full ? ldc : width;
+      if (!full && add_c)
+        for (int64_t i = 0; i < rows; ++i) std::memcpy(c_tile + i * width, cr + i * ldc, nc * sizeof(float));
+      gemm_cols(vecs, rows, k, a + r0 * lda, lda, bt, bt_ld, ct, ct_ld, add_c);
+      if (!full)
+        for (int64_t i = 0; i < rows; ++i) std::memcpy(cr + i * ldc, c_tile + i * width, nc * sizeof(float));
     }
   }
-#endif
-}
-
-// Releases whatever per-thread state the GEMM backend keeps between calls.
-inline void gemm_release() {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  at::native::cpublas::brgemm_release(false);
-#endif
 }
 
 }  // namespace cpu

@@ -34,7 +34,7 @@
 // read once per item for all of them; long query blocks are cut into chunks
 // (decode::cpu_query_chunk) so each item's query and output rows stay in L2. From
 // kGemmMinRows rows per kv head on, the block's rows of all heads are staged in fp32 for
-// ATen's brgemm instead. A bf16 cache on a CPU with AVX512-BF16 multiplies in bf16 on
+// the fp32 GEMM (cpu_gemm.h) instead. A bf16 cache on a CPU with AVX512-BF16 multiplies in bf16 on
 // vdpbf16ps (32 exact products into 16 fp32 sums per instruction; P rounded to bf16, as on a
 // GPU's tensor cores): register tiles fed straight from the cache (qk_tile_dp / pv_tile_dp;
 // no widening, half the instructions of the fp32 tiles), and from kDpMinRows rows on the
@@ -79,9 +79,9 @@ constexpr int64_t kKeyBlock = 32;
 // registers. The group is padded to a multiple of 4 with zero query rows and probabilities.
 constexpr int64_t kHeadTile = 4;
 // From this many query rows per kv head on (several queries per sequence: speculative or
-// chunked-prefill steps), the block products are small GEMMs: ATen's brgemm micro-kernels
-// beat the 4 x 4 register tiles there, and K is transposed once per block for them. With
-// 16-lane tiles the register path holds out longer (B8 L4096 H32/8 D128 on a 2-core Zen 4:
+// chunked-prefill steps), the block products are small GEMMs (cpu_gemm.h; measured with ATen's
+// brgemm, which it replaced at about the same speed): they beat the 4 x 4 register tiles
+// there, and K is transposed once per block for them. With 16-lane tiles the register path holds out longer (B8 L4096 H32/8 D128 on a 2-core Zen 4:
 // 16 rows 20 ms against the GEMM's 29, 32 rows 37 against 43 fp32 and even bf16, 64 rows
 // 71 against 65); the AVX2 / SSE tiles are half as wide and stop at 16 as before.
 constexpr int64_t kGemmMinRows = cpu::vmath::kLanes == 16 ? 40 : 16;
@@ -733,7 +733,7 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
     const int64_t n_next = std::min(kKeyBlock, end - k0 - n);
     if (n_next > 0) fill_offsets(k0 + n, n_next, slot ^ 1);
     // GEMM path (many query rows): the block's K and V rows of every kv head converted
-    // (16-bit) or copied (fp32) to fp32 staging buffers in memory order, for the brgemm.
+    // (16-bit) or copied (fp32) to fp32 staging buffers in memory order, for the GEMM.
     if (use_dp) {  // bf16 pairs: K by pairs of dims, V by pairs of the block's keys
       for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
         uint32_t* kp = ws.kps.data() + kvh * pairs * kKeyBlock;
@@ -933,7 +933,6 @@ void decode_impl(const DecodeParams& p) {
             [&](int64_t h, int64_t qi, float lse) { p.lse_partial[row0 + h * sq + qi] = lse; });
       }
     }
-    cpu::gemm_release();
   });
   if (splits == 1) return;
   // Exact merge of the splits, in split order: lse = log sum_s exp(lse_s) and

@@ -19,18 +19,18 @@
 // GEMM: a task owns a block of up to 128 query rows of one (b, h) and sweeps the visible keys
 // in blocks of kKBlock, keeping the fp32 output accumulator and the online-softmax running
 // max / sum for its rows in per-thread buffers that stay in L2; the (Sq, Sk) score matrix
-// never exists. S = Q K^T and O += P V are ATen's cpublas::brgemm on fp32 operands (which
-// torch routes to oneDNN's JIT brgemm micro-kernels, or to its BLAS sgemm), running near
-// the FMA peak; the rest is O(Sq * Sk) vectorised work (max, exp2, sum) next to the 4 * D
-// flops per score (perf at B1 H16 S2048 D128 causal: about three quarters of the kernel's
-// time is in the JIT GEMMs, a quarter in this file's softmax, widening and masking).
+// never exists. S = Q K^T and O += P V are fp32 register-tiled FMA GEMMs (cpu_gemm.h, ~90%
+// of torch.mm's fp32 rate; they replaced ATen's cpublas::brgemm, whose per-shape JIT cache grew
+// with every new sequence length), the rest is O(Sq * Sk) vectorised work (max, exp2, sum)
+// next to the 4 * D flops per score (perf at B1 H16 S2048 D128 causal: about three quarters of
+// the kernel's time is in the GEMMs, a quarter in this file's softmax, widening and masking).
 //
 // K is transposed (and 16-bit K and V widened to fp32) once per call in a parallel
 // pre-pass, so every block product reads GEMM-ready operands and the conversion is paid
 // once per key, not once per query block; fp32 Q and V are read in place through their
-// strides. On the AVX-512 machine (bf16 dot products, no AMX) this was tuned on, brgemm on
-// fp32 operands ran 2-4x faster than on bf16 ones at these block shapes, so 16-bit inputs are
-// widened rather than multiplied in 16 bit. The exception: bf16 on a CPU with AVX512-BF16
+// strides. On the AVX-512 machine (bf16 dot products, no AMX) this was tuned on, ATen's brgemm
+// on fp32 operands ran 2-4x faster than on bf16 ones at these block shapes, so 16-bit inputs
+// are widened rather than multiplied in 16 bit. The exception: bf16 on a CPU with AVX512-BF16
 // runs both block products on our own vdpbf16ps micro-kernels (cpu_dpbf16.h: exact bf16 products
 // summed in fp32, at twice the fp32 FMA rate): S = Q K^T (dp_scores) from K laid out by pairs
 // of dims, and O += P V (dp_pv) from V laid out by pairs of keys, with P rounded to bf16 as
@@ -119,7 +119,6 @@ inline float exp2_nonpositive(float x) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 using cpu::gemm_f32;
-using cpu::gemm_release;
 
 using cpu::ScratchBuffer;
 
@@ -189,7 +188,6 @@ class FlashFwdCpu {
           run_task(bh / p_.h, bh % p_.h, qb, dense, band, ws);
         }
       }
-      gemm_release();
     });
   }
 
@@ -225,7 +223,6 @@ class FlashFwdCpu {
           run_task(it.seq, task % p_.h, it.qb, seqs_[it.seq], bands[it.seq], ws);
         }
       }
-      gemm_release();
     });
   }
 
