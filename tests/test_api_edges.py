@@ -294,8 +294,8 @@ def test_fp32_operands_spanning_2gib_read_in_place():
     stride becoming the GEMM's leading dimension, and ATen's brgemm throws std::bad_alloc for
     an operand spanning 2 GiB or more (here 2 query rows of a sequence-first (S, B, H, D)
     activation, row stride B * H * D = 2^28 + 512 floats; the 4 GiB buffer is never touched).
-    Such operands are packed first (cpu_gemm.h): the same bits as on a compact copy. The same
-    packing serves the K^T scratch past 2^29 keys x head dims (1M keys at d512)."""
+    fastattn's own GEMM (cpu_gemm.h) takes any leading dimension: the same bits as on a compact
+    copy (as for the K^T scratch past 2^29 keys x head dims, 1M keys at d512)."""
     S, H, D, B = 2, 8, 64, 2**19 + 1
     g = torch.Generator().manual_seed(0)
     q_small, k, v_small = (torch.randn(1, S, H, D, generator=g) for _ in range(3))

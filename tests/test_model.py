@@ -631,3 +631,32 @@ def test_cuda_graph_decode_matches_eager(hf_llama_d64, backend):
     eager = model.generate(ids, 12, prompt_lengths=lengths)
     graphed = model.generate(ids, 12, prompt_lengths=lengths, cuda_graph=True)
     assert torch.equal(eager, graphed)
+
+
+@pytest.mark.parametrize("cache", ["contiguous", "paged"])
+def test_setup_cache_drops_the_old_cache_before_building_the_new(cache, monkeypatch):
+    """From an outside memory audit: a new batch size (or dtype, or longer max_len) built the new
+    cache while self.cache still held the old one, so the peak was old + new (+288 MiB over a
+    256 MiB cache where +32 would do): the old cache must be unreferenced when the new one is
+    allocated."""
+    import weakref
+
+    from fastattn.models import llama as llama_mod
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = Llama(cfg).eval()
+    model.setup_cache(2, 16, cache=cache)
+    old = weakref.ref(model.cache)
+    cls = llama_mod.PagedKVCache if cache == "paged" else llama_mod.KVCache
+    alive_at_build = []
+    init = cls.__init__
+
+    def spy(self, *args, **kwargs):
+        alive_at_build.append(old() is not None)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__init__", spy)
+    model.setup_cache(3, 16, cache=cache)
+    assert alive_at_build == [False]
+    assert model.cache.batch_size == 3

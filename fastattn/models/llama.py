@@ -1336,6 +1336,9 @@ class Llama(nn.Module):
         kv = self.cache
         if (not isinstance(kv, KVCache) or kv.batch_size != batch_size or kv.max_len < max_len
                 or kv.k.dtype != self.dtype or kv.k.device != self.device):
+            # The old cache is dropped first: building the new one while it is held would need
+            # both at once (a new batch size or dtype, or a longer max_len, as generate asks).
+            self.cache = kv = None
             kv = KVCache(c.num_hidden_layers, batch_size, max_len, c.num_key_value_heads, c.head_dim,
                          self.dtype, self.device)
             self.cache = kv
@@ -1360,6 +1363,7 @@ class Llama(nn.Module):
         if (not isinstance(kv, PagedKVCache) or kv.batch_size != batch_size or kv.page_size != page_size
                 or kv.num_pages < num_pages or kv.max_pages_per_seq < width
                 or kv.k.dtype != self.dtype or kv.k.device != self.device):
+            self.cache = kv = None  # (dropped before the new one is built, as above)
             kv = PagedKVCache(c.num_hidden_layers, batch_size, num_pages, page_size, width, c.num_key_value_heads,
                               c.head_dim, self.dtype, self.device)
             self.cache = kv
