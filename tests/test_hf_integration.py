@@ -611,3 +611,60 @@ def test_softcap_is_passed_to_the_kernels(monkeypatch):
     _assert_logits_close(got[mask.bool()], theirs[mask.bool()])
     assert fa_hf.stats()["sdpa_fallback"] == 0
     assert {c[0] for c in calls} == {"dense", "varlen"} and all(c[1] == 5.0 for c in calls)
+
+
+def test_patched_model_is_freed_without_a_garbage_collection():
+    """From an outside memory audit: patch_model stored a bound method on each attention module
+    (module -> method -> module), a reference cycle that kept the attention weights alive after
+    `del model` until a full gc (on CUDA, memory torch.cuda.empty_cache() could not return).
+    The forward holds its module weakly now; a deepcopy rebinds it to the copy."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config()).eval()
+    model.set_attn_implementation("eager")
+    fa_hf.patch_model(model)
+    ids = ids_of(1, 7)
+    with torch.no_grad():
+        want = model(ids).logits
+        clone = copy.deepcopy(model)
+        assert torch.equal(clone(ids).logits, want)
+        for p in clone.parameters():
+            p.mul_(0.5)  # the copy runs on its own weights
+        assert not torch.equal(clone(ids).logits, want)
+        del clone
+    weight = weakref.ref(model.model.layers[0].self_attn.q_proj.weight)
+    attn = weakref.ref(model.model.layers[0].self_attn)
+    gc.collect()
+    gc.disable()
+    try:
+        del model
+        assert attn() is None and weight() is None
+    finally:
+        gc.enable()
+
+
+def test_packed_mask_cache_holds_no_cycle_when_cu_q_is_cu_k():
+    """The packed-sequence mask is cached on cu_seq_lens_q; with the same tensor passed as
+    cu_seq_lens_k it stored the tensor on itself (a cycle: tensor and mask lived until a full
+    gc). Still cached: the second call returns the same mask."""
+    import gc
+    import weakref
+
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    first = fa_hf._packed_from_cu_seq_lens(cu, cu, 1, 8, 8, True, torch.device("cpu"))
+    assert fa_hf._packed_from_cu_seq_lens(cu, cu, 1, 8, 8, True, torch.device("cpu")) is first
+    assert first.tolist() == [[1, 1, 1, 2, 2, 2, 2, 2]]
+    other = cu.clone()  # a different cu_seq_lens_k is not a hit
+    assert fa_hf._packed_from_cu_seq_lens(cu, other, 1, 8, 8, True, torch.device("cpu")) is not first
+    cu2 = torch.tensor([0, 3, 8], dtype=torch.int32)
+    fa_hf._packed_from_cu_seq_lens(cu2, cu2, 1, 8, 8, True, torch.device("cpu"))
+    ref = weakref.ref(cu2)
+    gc.collect()
+    gc.disable()
+    try:
+        del cu2
+        assert ref() is None
+    finally:
+        gc.enable()

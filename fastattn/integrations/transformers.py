@@ -76,7 +76,6 @@ import importlib
 import inspect
 import sys
 import threading
-import types
 import warnings
 import weakref
 from typing import Optional
@@ -701,7 +700,9 @@ def _packed_from_cu_seq_lens(cu_q, cu_k, B: int, Sq: int, Sk: int, mask_is_none:
     if cacheable:
         cache = getattr(cu_q, "_fastattn_packed", None)  # (every layer gets the same tensors)
         hit = cache.get(key) if isinstance(cache, dict) else None
-        if hit is not None and hit[0] is cu_k:
+        # (None stands for cu_q itself: storing cu_q on cu_q would be a reference cycle that
+        # keeps both alive until a full garbage collection)
+        if hit is not None and (hit[0] is cu_k or (hit[0] is None and cu_k is cu_q)):
             return hit[1]
     if not _compiling():
         problem = None
@@ -727,7 +728,7 @@ def _packed_from_cu_seq_lens(cu_q, cu_k, B: int, Sq: int, Sk: int, mask_is_none:
     mask = (seg.view(B, Sq) + 1).to(torch.int32)
     if cacheable:
         try:
-            cu_q._fastattn_packed = {key: (cu_k, mask)}
+            cu_q._fastattn_packed = {key: (None if cu_k is cu_q else cu_k, mask)}
         except (AttributeError, RuntimeError):
             pass
     return mask
@@ -1111,11 +1112,33 @@ def _patched_attention_forward(self, *args, **kwargs):
         _IN_PATCHED_ATTENTION.reset(token)
 
 
+class _PatchedForward:
+    """A patched attention module's ``forward`` (``_patched_attention_forward`` on it). It holds
+    its module weakly: a bound method stored on the module (module -> method -> module) is a
+    reference cycle, which kept the attention weights alive after ``del model`` until a full
+    garbage collection (GPU memory that ``torch.cuda.empty_cache()`` could not return). A deep
+    copy or a pickle of the module gets one bound to the copy."""
+
+    __slots__ = ("_module", "__weakref__")
+
+    def __init__(self, module: nn.Module):
+        self._module = weakref.ref(module)
+
+    def __call__(self, *args, **kwargs):
+        return _patched_attention_forward(self._module(), *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        module = self._module()
+        return _PatchedForward(memo.get(id(module), module))
+
+    def __reduce__(self):
+        return (_PatchedForward, (self._module(),))
+
+
 def _wrap_attention_forward(attn: nn.Module) -> bool:
     if getattr(attn, "_fastattn_patched", False):
         return False
-    # A bound method (not a closure over the old one), so deepcopy rebinds it to the copy.
-    attn.forward = types.MethodType(_patched_attention_forward, attn)
+    attn.forward = _PatchedForward(attn)
     attn._fastattn_patched = True
     return True
 
