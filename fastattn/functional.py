@@ -981,8 +981,7 @@ def _kvcache_conveniences(q, k_cache, v_cache, cache_seqlens, block_table):
         if not 0 <= n < 2**31:
             raise ValueError(f"cache_seqlens must be in [0, 2^31) (an int32 length), got {n}")
         cache_seqlens = torch.full((B,), n, dtype=torch.int32, device=k_cache.device)
-    if (block_table is None and k_cache.dim() == 4 and v_cache.dim() == 4 and k_cache.shape[0] > B
-            and v_cache.shape[0] == k_cache.shape[0]):
+    if block_table is None and k_cache.dim() == 4 and k_cache.shape[0] > B and v_cache.shape == k_cache.shape:
         k_cache, v_cache = k_cache[:B], v_cache[:B]
     return k_cache, v_cache, cache_seqlens
 

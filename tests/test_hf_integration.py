@@ -636,6 +636,7 @@ def test_patched_model_is_freed_without_a_garbage_collection():
         del clone
     weight = weakref.ref(model.model.layers[0].self_attn.q_proj.weight)
     attn = weakref.ref(model.model.layers[0].self_attn)
+    kept_forward = model.model.layers[0].self_attn.forward
     gc.collect()
     gc.disable()
     try:
@@ -643,6 +644,8 @@ def test_patched_model_is_freed_without_a_garbage_collection():
         assert attn() is None and weight() is None
     finally:
         gc.enable()
+    with pytest.raises(RuntimeError, match="belongs to a module that has been freed"):
+        kept_forward(torch.zeros(1, 7, 64))
 
 
 def test_packed_mask_cache_holds_no_cycle_when_cu_q_is_cu_k():

@@ -166,3 +166,16 @@ def test_torch_jit_script(unit_offset, affine):
             assert torch.equal(got, want)
     if affine:  # the weight is shared, not copied
         assert [p for p in scripted.parameters()][0] is m.weight
+
+
+def test_torch_jit_script_leaves_subclasses_alone():
+    """The scriptable stand-in is for RMSNorm itself only: a subclass's own forward (the HF
+    integration's keeps the HF output dtype) must not be silently replaced by torch's rms_norm."""
+
+    class Doubled(fastattn.nn.RMSNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    m = Doubled(8)
+    assert m.__prepare_scriptable__() is m
+    assert type(fastattn.nn.RMSNorm(8).__prepare_scriptable__()).__name__ == "_ScriptedRMSNorm"

@@ -148,6 +148,7 @@ def test_rope_theta_from_the_scaling_dict():
     assert torch.equal(ours.inv_freq, LlamaRotaryEmbedding(cfg).inv_freq)
     with pytest.raises(ValueError, match="rope_theta"):
         fastattn.nn.RotaryEmbedding(64, scaling={"rope_type": "default", "rope_theta": -1.0})
+    assert fastattn.nn.RotaryEmbedding(64, 16, torch.tensor(5e5)).base == 5e5  # a 0-d tensor, as before
 
 
 def test_numpy_integer_sizes():

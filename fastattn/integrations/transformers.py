@@ -1124,15 +1124,23 @@ class _PatchedForward:
     def __init__(self, module: nn.Module):
         self._module = weakref.ref(module)
 
+    def module(self) -> nn.Module:
+        module = self._module()
+        if module is None:
+            raise RuntimeError("fastattn: this patched attention forward belongs to a module that has been freed "
+                               "(patch_model binds each forward to its own module; call the module, or patch the "
+                               "copy with patch_model)")
+        return module
+
     def __call__(self, *args, **kwargs):
-        return _patched_attention_forward(self._module(), *args, **kwargs)
+        return _patched_attention_forward(self.module(), *args, **kwargs)
 
     def __deepcopy__(self, memo):
-        module = self._module()
+        module = self.module()
         return _PatchedForward(memo.get(id(module), module))
 
     def __reduce__(self):
-        return (_PatchedForward, (self._module(),))
+        return (_PatchedForward, (self.module(),))
 
 
 def _wrap_attention_forward(attn: nn.Module) -> bool:

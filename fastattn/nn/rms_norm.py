@@ -138,7 +138,10 @@ class RMSNorm(torch.nn.Module):
         # torch.jit.script(module) compiles what this returns: TorchScript cannot compile the
         # custom-op dispatch and argument checks of forward, so a scripted RMSNorm (like a
         # scripted torch.nn.RMSNorm, whose drop-in this is) runs torch's rms_norm on the same
-        # weight Parameter. forward(x) only.
+        # weight Parameter. forward(x) only. Not for subclasses: their own forward may differ
+        # (the HF integration's keeps the HF output dtype), and scripting must not drop it.
+        if type(self) is not RMSNorm:
+            return self
         return _ScriptedRMSNorm(self)
 
     def extra_repr(self) -> str:

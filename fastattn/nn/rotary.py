@@ -61,14 +61,18 @@ def _base_from(base, scaling) -> float:
     if theta is not None:
         if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not float(theta) > 0:
             raise ValueError(f"scaling's 'rope_theta' must be a number > 0, got {theta!r}")
-        if base is not None and float(base) != float(theta):
+        if base is not None and _base_from(base, None) != float(theta):
             raise ValueError(f"base = {base!r} disagrees with the scaling dict's rope_theta = {theta!r}; "
                              f"pass one of them (or the same value)")
     if base is None:
         base = 10000.0 if theta is None else theta
-    if isinstance(base, bool) or not isinstance(base, numbers.Real) or not float(base) > 0:
+    try:  # a Python / NumPy number or a one-element tensor
+        value = float(base)
+    except (TypeError, ValueError, RuntimeError):
+        value = float("nan")
+    if isinstance(base, bool) or not value > 0:
         raise ValueError(f"base must be > 0, got {base!r}")
-    return float(base)
+    return value
 
 
 def rotary_inv_freq(dim: int, base: float = 10000.0, scaling: Optional[dict] = None, device=None) -> Tensor:
