@@ -13,10 +13,12 @@
 //    the K^T scratch past 2^29 keys x head dims, or an fp32 Q / V read in place at a large
 //    row stride.
 // This kernel compiles nothing at run time and takes any leading dimensions. Speed against
-// brgemm, same run, 2-core Zen 4 VM, 1 thread, fp32 flash forward 1 x 2048 x 16 x 128: ~5-8%
-// slower (it runs at ~90% of torch.mm's fp32 rate); causal, fp16, d64 and the multi-query
-// KV-cache rows within noise. The baseline (SSE) tier is ~2x slower than brgemm was (which
-// JIT-compiled for the machine whatever the tier): it only runs on CPUs without AVX2.
+// brgemm, 2-core Zen 4 VM, alternating processes: AVX-512 tier, fp32 flash forward
+// 1 x 2048 x 16 x 128 and the fp32 chunked-prefill KV-cache row 3-5% slower (~90% of
+// torch.mm's fp32 rate), causal / fp16 / d64 within noise; AVX2 tier (forced on the same
+// machine), 1 thread, fp32 flash forward 1 x 2048 x 8 x 128: ~10-15% slower; the baseline
+// (SSE) tier ~2x slower (brgemm JIT-compiled for the machine whatever the tier: that tier only
+// runs on CPUs without AVX2).
 //
 // Why it is fast: C is computed in tiles of kGemmR rows x kGemmNV vectors (AVX-512: 6 x 64,
 // 24 zmm accumulators; AVX2: 6 x 16 in ymm; SSE / NEON: 4 x 8), kept in registers over the
@@ -51,6 +53,12 @@ constexpr int kGemmR = 4;
 constexpr int kGemmNV = 2;
 #endif
 typedef float GemmVec __attribute__((vector_size(kGemmW * sizeof(float))));
+
+// Far-apart B rows are packed where a tile row is one cache line (AVX2: 16 floats; ~5% on the
+// 1-thread fp32 flash forward there), not on AVX-512, where a tile row spans four lines and the
+// copy measured no gain.
+constexpr int64_t kFarLd = 1024;  // floats: 4 KiB between B rows
+constexpr bool kPackFarRows = kGemmNV * kGemmW <= 16;
 
 inline GemmVec gemm_load(const float* p) {
   GemmVec v;
@@ -118,18 +126,24 @@ inline void gemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, 
     const int vecs = static_cast<int>((nc + kGemmW - 1) / kGemmW);
     const int64_t width = vecs * kGemmW;
     const bool full = nc == width;
-    // A partial tile: B's columns packed (k x width, zero-padded past nc), so that the vector
-    // loads never read past n.
+    // B's columns packed (k x width, zero-padded past nc) for a partial tile, so that the vector
+    // loads never read past n; and when several row tiles will read a tile whose rows lie far
+    // apart (the K^T scratch's leading dimension is the key count: at a power of two every row
+    // of the tile maps to the same L1 set, and each row tile re-fetched them from L2).
     const float* bt = b + c0;
     int64_t bt_ld = ldb;
-    if (!full) {
+    if (!full || (kPackFarRows && m > kGemmR && ldb >= kFarLd)) {
       b_pack.resize(static_cast<size_t>(k * width));
       float* dst = b_pack.data();
       for (int64_t t = 0; t < k; ++t) {
         const float* src = b + t * ldb + c0;
         float* d = dst + t * width;
-        for (int64_t j = 0; j < nc; ++j) d[j] = src[j];
-        for (int64_t j = nc; j < width; ++j) d[j] = 0.0f;
+        if (full) {
+          for (int v = 0; v < vecs; ++v) gemm_store(d + v * kGemmW, gemm_load(src + v * kGemmW));
+        } else {
+          for (int64_t j = 0; j < nc; ++j) d[j] = src[j];
+          for (int64_t j = nc; j < width; ++j) d[j] = 0.0f;
+        }
       }
       bt = dst;
       bt_ld = width;
