@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from .._validate import is_integer
 
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -47,11 +48,6 @@ def _parse_scaling(scaling: Optional[dict]) -> Optional[dict]:
             )
         return out
     raise ValueError(f"unsupported scaling rope_type {kind!r}; expected 'default', 'linear' or 'llama3'")
-
-
-def _is_int(value) -> bool:
-    """A Python or NumPy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _base_from(base, scaling) -> float:
@@ -166,9 +162,9 @@ class RotaryEmbedding(torch.nn.Module):
         device=None,
     ) -> None:
         super().__init__()
-        if not _is_int(dim) or dim <= 0 or dim % 2 != 0:
+        if not is_integer(dim) or dim <= 0 or dim % 2 != 0:
             raise ValueError(f"dim (the rotary width) must be a positive even integer, got {dim!r}")
-        if not _is_int(max_position_embeddings) or max_position_embeddings <= 0:
+        if not is_integer(max_position_embeddings) or max_position_embeddings <= 0:
             raise ValueError(f"max_position_embeddings must be a positive integer, got {max_position_embeddings!r}")
         dim, max_position_embeddings = int(dim), int(max_position_embeddings)
         base = _base_from(base, scaling)
