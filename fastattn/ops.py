@@ -38,6 +38,14 @@ def _grad_tracked(t: Tensor) -> bool:
         t = _functorch_unwrapped(t)
 
 
+def _save(ctx, *tensors) -> None:
+    """ctx.save_for_backward(*tensors), with an inference tensor (made under
+    torch.inference_mode, e.g. frozen features or a table built during generation) saved as a
+    clone: autograd refuses to save one, and torch's own composites (F.rms_norm, ...) never
+    save such an input, so a training step over it works there."""
+    ctx.save_for_backward(*(t.clone() if isinstance(t, Tensor) and t.is_inference() else t for t in tensors))
+
+
 def transform_active() -> bool:
     """Whether a forward-AD dual level or a torch.func transform (grad, jvp, vmap, ...) is
     active: two reads, False in the usual call. While torch.compile traces, only forward AD
@@ -176,7 +184,8 @@ def _rms_norm_setup(ctx, inputs, output):
     x, weight, eps = inputs
     _y, rstd = output
     ctx.eps = eps
-    ctx.save_for_backward(x, weight, rstd)
+    _save(ctx, x, weight, rstd)
+    ctx.mark_non_differentiable(rstd)  # the backward has no term for it (public API never returns it)
 
 
 def _rms_norm_backward(ctx, dy, _drstd):
@@ -193,7 +202,8 @@ def _rms_norm_add_setup(ctx, inputs, output):
     _x, _residual, weight, eps = inputs
     _y, h, rstd = output
     ctx.eps = eps
-    ctx.save_for_backward(h, weight, rstd)
+    _save(ctx, h, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
 
 
 def _rms_norm_add_backward(ctx, dy, dh, _drstd):
@@ -268,7 +278,12 @@ def _rotary_inplace_fake(q, k, cos, sin, positions, interleaved, conjugate, chec
 
 def _rotary_setup(ctx, inputs, output):
     _q, _k, cos, sin, positions, interleaved, conjugate, _check_positions = inputs
-    ctx.save_for_backward(cos, sin, positions)
+    _save(ctx, cos, sin, positions)
+    # An output whose input needs no gradient needs none either (the tables get none): k_rot of
+    # a plain k must not require grad when only q does (as torch's formula gives).
+    for x, rot in zip((_q, _k), output):
+        if not x.requires_grad:
+            ctx.mark_non_differentiable(rot)
     ctx.interleaved = interleaved
     ctx.conjugate = conjugate
     ctx.q_meta = (_q.shape, _q.dtype, _q.device)
@@ -323,7 +338,7 @@ def _flash_attn_bwd_impl(dout, q, k, v, out, lse, softmax_scale, window_left, wi
 def _flash_attn_setup(ctx, inputs, output):
     q, k, v, softmax_scale, window_left, window_right, *rest = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    _save(ctx, q, k, v, out, lse)
     ctx.softcap = rest[0] if rest else 0.0
     # The backward has no term for a gradient flowing into lse (as flash-attn's): saying so
     # makes lse.requires_grad False, instead of silently dropping that gradient.
@@ -453,7 +468,7 @@ def _flash_attn_varlen_setup(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
      *rest) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    _save(ctx, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
     ctx.mark_non_differentiable(lse)  # as the dense op: no gradient term for lse
     ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right)
     ctx.softcap = rest[0] if rest else 0.0

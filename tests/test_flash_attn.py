@@ -208,6 +208,31 @@ def test_cpu_thread_count_invariant():
         assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
 
 
+def _fp32_errors(ours_fn, q, k, v, mask=None):
+    """(fastattn's, torch's) max error against float64 SDPA; q, k, v: (B, S, H, D) fp32."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = q.shape[2] != k.shape[2]
+    want = sdpa(qt.double(), kt.double(), vt.double(), attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
+    theirs = sdpa(qt, kt, vt, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
+    return ((ours_fn(q, k, v).double() - want).abs().max().item(), (theirs.double() - want).abs().max().item())
+
+
+@pytest.mark.parametrize("sq, sk, d", [(17, 4096, 64), (64, 1024, 512), (40, 1024, 256)])
+def test_cpu_fp32_error_is_torchs(sq, sk, d):
+    # fp32 on the CPU, measured against torch's own fp32 error with no absolute slack (the
+    # low-precision rule's 1e-5 would hide it). The block products are blocked sums
+    # (cpu_gemm.h): one FMA chain over the head dim, and over every key of the sequence into
+    # the running output, made the error grow with both (~11x torch's at Sq 17 x Sk 4096, ~3-4x
+    # at head dim 512). Values in [0.5, 1.5) keep the output away from zero, as the error grows.
+    g = torch.Generator().manual_seed(sq * sk + d)
+    q = torch.randn(1, sq, 2, d, generator=g)
+    k = torch.randn(1, sk, 2, d, generator=g)
+    v = torch.rand(1, sk, 2, d, generator=g) + 0.5
+    ours, theirs = _fp32_errors(fastattn.flash_attention, q, k, v)
+    assert ours <= 1.5 * theirs, (ours, theirs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cpu_retained_scratch_is_invisible(dtype):
     # The CPU forward keeps its K^T / widened-V scratch between calls (one buffer, reused by

@@ -366,3 +366,18 @@ def test_functional_call_substitutes_the_tables():
     out_q, out_k = torch.func.functional_call(rope, tables, (q, k))
     assert torch.equal(out_q, q) and torch.equal(out_k, k)
     assert not torch.equal(rope(q, k)[0], q)
+
+
+def test_tables_built_under_inference_mode_are_ordinary():
+    # A module made or grown under torch.inference_mode (generation past its tables) keeps
+    # ordinary tensors, so later training steps neither fail nor copy the tables each call.
+    with torch.inference_mode():
+        m = fastattn.nn.RotaryEmbedding(8, max_position_embeddings=4)
+        x = torch.randn(1, 10, 2, 8)
+        m(x, x)
+    assert m.cached_positions >= 10
+    assert not (m.cos.is_inference() or m.sin.is_inference() or m.inv_freq.is_inference())
+    q = torch.randn(1, 10, 2, 8, requires_grad=True)
+    q_rot, _ = m(q, torch.randn(1, 10, 2, 8))
+    q_rot.sum().backward()
+    assert q.grad is not None

@@ -690,3 +690,40 @@ def test_bad_eps_type():
         fastattn.rms_norm(torch.randn(2, 8), None, "1e-6")
     with pytest.raises(TypeError, match="eps must be a real number"):
         fastattn.rms_norm(torch.randn(2, 8), None, 1e-6j)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_inference_tensor_input_with_trainable_weight(residual):
+    # Frozen features made under torch.inference_mode, then a trainable norm over them: torch's
+    # F.rms_norm trains (its composite never saves the input); the op saves x, which autograd
+    # refuses for an inference tensor, so it is saved as a copy.
+    with torch.inference_mode():
+        x = torch.randn(4, 24)
+        res = torch.randn(4, 24)
+    w = torch.randn(24, requires_grad=True)
+    ww = w.detach().clone().requires_grad_()
+    if residual:
+        y, h = fastattn.rms_norm(x, w, eps=1e-6, residual=res)
+        (y.square().sum() + h.sum()).backward()
+        want = torch.nn.functional.rms_norm(x + res, (24,), ww, 1e-6)
+    else:
+        fastattn.rms_norm(x, w, eps=1e-6).square().sum().backward()
+        want = torch.nn.functional.rms_norm(x, (24,), ww, 1e-6)
+    want.square().sum().backward()
+    torch.testing.assert_close(w.grad, ww.grad, rtol=1e-5, atol=1e-5)
+    m = fastattn.nn.RMSNorm(24, eps=1e-6)
+    m(x).sum().backward()
+    assert m.weight.grad is not None and m.weight.grad.shape == (24,)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_raw_op_rstd_is_not_differentiable(residual):
+    # The backward has no term for rstd: the raw ops mark it non-differentiable (as the flash
+    # op's lse) rather than let a gradient through it be dropped silently.
+    x = torch.randn(3, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    if residual:
+        _y, _h, rstd = fastattn.ops.rms_norm_add_fwd(x, torch.randn(3, 16), w, 1e-6)
+    else:
+        _y, rstd = fastattn.ops.rms_norm_fwd(x, w, 1e-6)
+    assert not rstd.requires_grad

@@ -553,3 +553,40 @@ def test_overlap_decision_is_exact_on_random_views():
             torch.ops.fastattn.rotary_(q, k, cos, sin, None, False, False)
             assert torch.equal(q, expect[0]) and torch.equal(k, expect[1])
     assert min(seen.values()) > 20, seen
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rotated_k_requires_grad_only_with_k(inplace):
+    # Only q requires grad: k_rot must not (the tables get no gradient), as torch's formula
+    # gives; else append_kv(k_rot) in grad mode refused it and an in-place k joined the graph.
+    cos, sin = torch.randn(16, 4), torch.randn(16, 4)
+    q = torch.randn(1, 3, 2, 8, requires_grad=True)
+    k = torch.randn(1, 3, 2, 8)
+    if inplace:
+        q2 = q * 1
+        fastattn.apply_rotary(q2, k, cos, sin, inplace=True)
+        assert q2.requires_grad and not k.requires_grad and k.grad_fn is None
+        return
+    q_rot, k_rot = fastattn.apply_rotary(q, k, cos, sin)
+    assert q_rot.requires_grad and not k_rot.requires_grad
+    kc, vc = torch.zeros(1, 8, 2, 8), torch.zeros(1, 8, 2, 8)
+    fastattn.append_kv(kc, vc, k_rot, torch.randn(1, 3, 2, 8), torch.tensor([0], dtype=torch.int32))
+    torch.testing.assert_close(kc[:, :3], k_rot)
+    # and the other way round: only k
+    q_rot, k_rot = fastattn.apply_rotary(q.detach(), k.requires_grad_(), cos, sin)
+    assert k_rot.requires_grad and not q_rot.requires_grad
+    k_rot.sum().backward()
+    assert k.grad is not None and q.grad is None
+
+
+def test_inference_mode_tables_train_later():
+    # cos / sin tables made under torch.inference_mode (e.g. by a generation step) used by a
+    # training step afterwards: saved as copies (autograd cannot save an inference tensor).
+    with torch.inference_mode():
+        cos, sin = torch.randn(16, 4), torch.randn(16, 4)
+    q = torch.randn(1, 3, 2, 8, requires_grad=True)
+    q_rot, _ = fastattn.apply_rotary(q, torch.randn(1, 3, 2, 8), cos, sin)
+    q_rot.square().sum().backward()
+    qq = q.detach().clone().requires_grad_()
+    reference.apply_rotary(qq, torch.randn(1, 3, 2, 8), cos.clone(), sin.clone())[0].square().sum().backward()
+    torch.testing.assert_close(q.grad, qq.grad)

@@ -27,8 +27,8 @@
 // (k x 64 floats: 32 KiB at k = 128 on AVX-512) stay in L1/L2 while every row tile passes over
 // them. The last columns (n not a multiple of the tile) run with as many vectors as they need,
 // on a zero-padded copy of B's columns (a per-thread buffer of at most k x kGemmNV vectors),
-// and their C through a small buffer: nothing past n is read or written. Each output is one
-// sum in increasing k: the same bits on any thread count.
+// and their C through a small buffer: nothing past n is read or written. Each output is summed
+// in a fixed order (blocks of kGemmKc steps, see gemm_tile): the same bits on any thread count.
 #pragma once
 
 #include <algorithm>
@@ -67,32 +67,47 @@ inline GemmVec gemm_load(const float* p) {
 }
 inline void gemm_store(float* p, const GemmVec& v) { std::memcpy(p, &v, sizeof(v)); }
 
-// C (R rows, NV vectors of columns) = or += A (R x k, lda) B (k x NV vectors, ldb).
+// C (R rows, NV vectors of columns) = or += A (R x k, lda) B (k x NV vectors, ldb). The
+// reduction runs in blocks of kGemmKc steps, each summed from zero in registers and then added
+// to C (or stored, for the first block when !add_c): a blocked sum, whose rounding error grows
+// with kGemmKc + k / kGemmKc instead of k (BLAS kernels do the same; one chain from C was ~2x
+// torch's fp32 attention error at head dim 256, ~4x at 512, and made the flash forward's
+// O += P V one chain over every key of the sequence).
+constexpr int64_t kGemmKc = 128;
 template <int R, int NV>
 inline void gemm_tile(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                       bool add_c) {
-  GemmVec acc[R][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = add_c ? gemm_load(c + i * ldc + v * kGemmW) : GemmVec{};
-  }
-  for (int64_t t = 0; t < k; ++t) {
-    GemmVec bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = gemm_load(b + t * ldb + v * kGemmW);
+  int64_t t0 = 0;
+  do {  // at least once: k == 0 with !add_c stores zeros
+    const int64_t t1 = std::min(k, t0 + kGemmKc);
+    GemmVec acc[R][NV];
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      const float ai = a[i * lda + t];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+      for (int v = 0; v < NV; ++v) acc[i][v] = GemmVec{};
     }
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) {
+    for (int64_t t = t0; t < t1; ++t) {
+      GemmVec bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) gemm_store(c + i * ldc + v * kGemmW, acc[i][v]);
-  }
+      for (int v = 0; v < NV; ++v) bv[v] = gemm_load(b + t * ldb + v * kGemmW);
+#pragma GCC unroll 16
+      for (int i = 0; i < R; ++i) {
+        const float ai = a[i * lda + t];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+      }
+    }
+    const bool add = add_c || t0 > 0;
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        float* p = c + i * ldc + v * kGemmW;
+        gemm_store(p, add ? gemm_load(p) + acc[i][v] : acc[i][v]);
+      }
+    }
+    t0 = t1;
+  } while (t0 < k);
 }
 
 // A row tile of `rows` <= kGemmR rows (the last tile of m may be shorter).

@@ -360,8 +360,9 @@ inline void qk_tile(const float* q, const T* const* krows, int64_t hs, int64_t n
 // acc[g] += sum_j p[g][j] V[j] for the kHeadTile output rows at acc, the value rows read in
 // place from the cache (widened in registers): chunk-outer, two native vectors per row at a
 // time, so the 8 accumulators of a chunk pair stay in registers across the whole block (8
-// independent FMA chains). Every element sums over j in order: the same bits at any vector
-// width. When pf is given, the rows pf[0, n) are prefetched along the way (the chunk pair's
+// independent FMA chains). Every element sums over j in order, from zero, and that block sum
+// is then added to acc: the same bits at any vector width, and a blocked sum (one FMA chain
+// into the running output over every key of a 64k cache was ~12x torch's fp32 error). When pf is given, the rows pf[0, n) are prefetched along the way (the chunk pair's
 // bytes of each row as the chunk pair is read).
 //
 // kPacked: the 4 output rows are 4 kv heads, row g reading its own value rows vrows[j] + g * hs.
@@ -376,9 +377,7 @@ inline void pv_tile(const float* p, const T* const* vrows, int64_t hs, int64_t n
   constexpr int64_t kSize = sizeof(T);
   int64_t c = 0;
   for (; c + 2 * kLanes <= d; c += 2 * kLanes) {
-    vf a0 = loadv(a0p + c), a1 = loadv(a1p + c), a2 = loadv(a2p + c), a3 = loadv(a3p + c);
-    vf b0 = loadv(a0p + c + kLanes), b1 = loadv(a1p + c + kLanes), b2 = loadv(a2p + c + kLanes),
-       b3 = loadv(a3p + c + kLanes);
+    vf a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
     // The cache lines that start inside this chunk pair's bytes (two with fp32 on AVX-512,
     // none for every other pair with fp32 on SSE): each line of a row prefetched once.
     const int64_t pf_from = (c * kSize + 63) / 64 * 64, pf_to = pf != nullptr ? (c + 2 * kLanes) * kSize : 0;
@@ -409,17 +408,17 @@ inline void pv_tile(const float* p, const T* const* vrows, int64_t hs, int64_t n
         b3 += p3 * v1;
       }
     }
-    storev(a0p + c, a0);
-    storev(a1p + c, a1);
-    storev(a2p + c, a2);
-    storev(a3p + c, a3);
-    storev(a0p + c + kLanes, b0);
-    storev(a1p + c + kLanes, b1);
-    storev(a2p + c + kLanes, b2);
-    storev(a3p + c + kLanes, b3);
+    storev(a0p + c, loadv(a0p + c) + a0);
+    storev(a1p + c, loadv(a1p + c) + a1);
+    storev(a2p + c, loadv(a2p + c) + a2);
+    storev(a3p + c, loadv(a3p + c) + a3);
+    storev(a0p + c + kLanes, loadv(a0p + c + kLanes) + b0);
+    storev(a1p + c + kLanes, loadv(a1p + c + kLanes) + b1);
+    storev(a2p + c + kLanes, loadv(a2p + c + kLanes) + b2);
+    storev(a3p + c + kLanes, loadv(a3p + c + kLanes) + b3);
   }
   for (; c + kLanes <= d; c += kLanes) {
-    vf a0 = loadv(a0p + c), a1 = loadv(a1p + c), a2 = loadv(a2p + c), a3 = loadv(a3p + c);
+    vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int64_t j = 0; j < n; ++j) {
       if (pf != nullptr)
         for (int g = 0; g < (kPacked ? kHeadTile : 1); ++g) __builtin_prefetch(pf[j] + g * hs + c, 0, 2);
@@ -430,13 +429,13 @@ inline void pv_tile(const float* p, const T* const* vrows, int64_t hs, int64_t n
       a2 += p[2 * kKeyBlock + j] * (kPacked ? loadT(v + h2) : v0);
       a3 += p[3 * kKeyBlock + j] * (kPacked ? loadT(v + h3) : v0);
     }
-    storev(a0p + c, a0);
-    storev(a1p + c, a1);
-    storev(a2p + c, a2);
-    storev(a3p + c, a3);
+    storev(a0p + c, loadv(a0p + c) + a0);
+    storev(a1p + c, loadv(a1p + c) + a1);
+    storev(a2p + c, loadv(a2p + c) + a2);
+    storev(a3p + c, loadv(a3p + c) + a3);
   }
   for (; c < d; ++c) {
-    float a0 = a0p[c], a1 = a1p[c], a2 = a2p[c], a3 = a3p[c];
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
     for (int64_t j = 0; j < n; ++j) {
       const T* v = vrows[j] + c;
       a0 = std::fma(p[j], loadT1(v), a0);
@@ -444,10 +443,10 @@ inline void pv_tile(const float* p, const T* const* vrows, int64_t hs, int64_t n
       a2 = std::fma(p[2 * kKeyBlock + j], loadT1(v + h2), a2);
       a3 = std::fma(p[3 * kKeyBlock + j], loadT1(v + h3), a3);
     }
-    a0p[c] = a0;
-    a1p[c] = a1;
-    a2p[c] = a2;
-    a3p[c] = a3;
+    a0p[c] += a0;
+    a1p[c] += a1;
+    a2p[c] += a2;
+    a3p[c] += a3;
   }
 }
 
@@ -460,9 +459,8 @@ inline void pv_tile(const float* p, const T* const* vrows, int64_t hs, int64_t n
 // lane l of the 16 sums dims (2l, 2l + 1) of every 32-dim chunk, and the 16-lane sums of 4
 // rows x 4 keys are reduced together (reduce16x16). P V: pairs of keys; the two V rows of a pair are interleaved in registers
 // (vpunpckl/hwd), which puts dims {0-3, 8-11, 16-19, 24-27} of a 32-dim chunk in one
-// accumulator and {4-7, 12-15, ...} in the other: the accumulator rows are permuted into that
-// order when a block's chunk starts and back when it ends (kToLo / kToHi, kFrom0 / kFrom1), so
-// ws.acc stays in natural order for the softmax rescale and the output. P is rounded to bf16
+// accumulator and {4-7, 12-15, ...} in the other: a block's chunk sums, started from zero, are
+// permuted back (kFrom0 / kFrom1) as they are added to acc, so ws.acc stays in natural order for the softmax rescale and the output. P is rounded to bf16
 // (as on a GPU's tensor cores, and as the GEMM pair path does). Tails of d (d % 32) are
 // masked loads: dims past d are zero in both operands, nothing past a row is read.
 #if defined(FASTATTN_HAVE_DPBF16)
@@ -561,9 +559,7 @@ FASTATTN_DPBF16 inline void qk_tile_dp(const uint32_t* qp, int64_t qp_ld, const 
 template <bool kPacked>
 FASTATTN_DPBF16 inline void pv_tile_dp(const uint32_t* pp, int64_t pp_ld, const uint16_t* const* vrows, int64_t hs,
                                        int64_t n, int64_t d, float* acc, const uint16_t* const* pf) {
-  // natural (dims 0-15, 16-31) <-> (lo, hi) accumulators; see the section comment.
-  const __m512i kToLo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
-  const __m512i kToHi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  // (lo, hi) accumulators -> natural order (dims 0-15, 16-31); see the section comment.
   const __m512i kFrom0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i kFrom1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   for (int64_t c = 0; c < d; c += kDpDims) {
@@ -571,12 +567,8 @@ FASTATTN_DPBF16 inline void pv_tile_dp(const uint32_t* pp, int64_t pp_ld, const 
     const __mmask32 m = dims_mask(left);
     const __mmask16 m0 = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
     const __mmask16 m1 = left >= 32 ? __mmask16(0xFFFF) : left <= 16 ? __mmask16(0) : __mmask16((1u << (left - 16)) - 1u);
-    __m512 lo[kHeadTile], hi[kHeadTile];
-    for (int g = 0; g < kHeadTile; ++g) {
-      const __m512 n0 = _mm512_maskz_loadu_ps(m0, acc + g * d + c), n1 = _mm512_maskz_loadu_ps(m1, acc + g * d + c + 16);
-      lo[g] = _mm512_permutex2var_ps(n0, kToLo, n1);
-      hi[g] = _mm512_permutex2var_ps(n0, kToHi, n1);
-    }
+    __m512 lo[kHeadTile], hi[kHeadTile];  // the block's sum from zero, added to acc at the end (as pv_tile)
+    for (int g = 0; g < kHeadTile; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
     const int64_t pf_from = (c * 2 + 63) / 64 * 64, pf_to = pf != nullptr ? std::min(c + kDpDims, d) * 2 : 0;
     for (int64_t j = 0; j < n; j += 2) {
       const bool pair = j + 1 < n;  // an odd block's last key pairs with a zero row (its P is 0)
@@ -604,8 +596,10 @@ FASTATTN_DPBF16 inline void pv_tile_dp(const uint32_t* pp, int64_t pp_ld, const 
       }
     }
     for (int g = 0; g < kHeadTile; ++g) {
-      _mm512_mask_storeu_ps(acc + g * d + c, m0, _mm512_permutex2var_ps(lo[g], kFrom0, hi[g]));
-      _mm512_mask_storeu_ps(acc + g * d + c + 16, m1, _mm512_permutex2var_ps(lo[g], kFrom1, hi[g]));
+      float* a = acc + g * d + c;
+      _mm512_mask_storeu_ps(a, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, a), _mm512_permutex2var_ps(lo[g], kFrom0, hi[g])));
+      _mm512_mask_storeu_ps(a + 16, m1,
+                            _mm512_add_ps(_mm512_maskz_loadu_ps(m1, a + 16), _mm512_permutex2var_ps(lo[g], kFrom1, hi[g])));
     }
   }
 }

@@ -212,6 +212,12 @@ class RotaryEmbedding(torch.nn.Module):
     def _build(self, num_positions: int, device) -> Tuple[Tensor, Tensor]:
         # Always from the configuration in fp32 (never from a buffer that .to(dtype) may
         # have rounded). Rebuilding gives bit-identical rows for positions already cached.
+        if torch.is_inference_mode_enabled():
+            # Tables built (or grown) during generation under torch.inference_mode would be
+            # inference tensors, which a later training step could only use by copying them on
+            # every call (autograd cannot save one): build ordinary tensors.
+            with torch.inference_mode(False):
+                return self._build(num_positions, device)
         inv_freq = rotary_inv_freq(self.dim, self.base, self.scaling, device=device)
         t = torch.arange(num_positions, device=device, dtype=torch.int64).to(torch.float32)
         freqs = torch.outer(t, inv_freq)
