@@ -15,7 +15,7 @@ PY ?= python3
 .PHONY: setup demo test cuda-check cuda-build-check sass-report sass-baseline bench gpu-check
 
 setup:
-	@bash scripts/setup.sh
+	@PYTHON="$(PY)" bash scripts/setup.sh
 
 demo: setup
 	$(PY) -m fastattn demo

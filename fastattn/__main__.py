@@ -493,8 +493,9 @@ def _load_model(args, dtype, device):
         from safetensors import SafetensorError
 
         errors += (SafetensorError,)
-    except ImportError:
-        pass
+    except ImportError:  # an optional dependency of generate, not of fastattn: say so, exit 2
+        raise UsageError("generate reads the checkpoint's *.safetensors weights with the safetensors package, "
+                         "which is not installed: pip install safetensors") from None
     try:
         return Llama.from_pretrained(args.model, backend=args.backend, dtype=dtype, device=device).eval()
     except errors as e:

@@ -1200,7 +1200,13 @@ def attention_with_kvcache(
         # torch.compile reading values would break the graph: the op checks after the append.
         if block_table is not None and k_cache.device.type == "cpu" and not torch.compiler.is_compiling():
             _check_pages_cpu(block_table, k_cache, cache_seqlens, Sq)
-        append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table)
+        try:
+            append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table)
+        except ValueError as e:  # the op's messages name append_kv, which this caller did not call
+            msg, prefix = str(e), "fastattn.append_kv: "
+            if not msg.startswith(prefix):
+                raise
+            raise ValueError(f"fastattn.attention_with_kvcache (appending k, v): {msg[len(prefix):]}") from None
     out, lse = ops.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, left,
                                           right, Sq if k is not None else 0, num_splits, softcap)
     return (out, lse) if return_lse else out

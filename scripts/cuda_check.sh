@@ -29,7 +29,7 @@ trap 'rm -rf "$tmp"' EXIT
 OBJDIR="${FASTATTN_CHECK_OBJDIR:-build/cuda-check/objs}"
 mkdir -p "$OBJDIR"
 if [ $# -eq 0 ]; then rm -f "$OBJDIR"/*.o "$OBJDIR"/*.log; fi
-jobs="${MAX_JOBS:-$(nproc)}"
+jobs="${MAX_JOBS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"  # (nproc honours OMP_NUM_THREADS)
 echo "cuda_check: $("$NVCC" --version | tail -1); archs: $ARCHS; files: ${#files[@]}"
 
 compile_one() {  # file arch -> writes $tmp/<name>.<arch>.log (+ .secs: "wall user sys" seconds, .rc: nvcc status)

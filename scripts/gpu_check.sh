@@ -184,7 +184,7 @@ step_build() {
   export FASTATTN_CUDA_ARCHS="${FASTATTN_CUDA_ARCHS:-$cap}"
   # The CUDA tests need no portable CPU tiers: one native CPU build instead of three.
   export FASTATTN_CPU_MARCH="${GPU_CHECK_CPU_MARCH:-native}"
-  export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  export MAX_JOBS="${MAX_JOBS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
   echo "FASTATTN_CUDA_ARCHS=$FASTATTN_CUDA_ARCHS FASTATTN_CPU_MARCH=$FASTATTN_CPU_MARCH MAX_JOBS=$MAX_JOBS"
   # setup.py directly: no pip, so nothing can try to reach an index on the offline machine.
   "$PY" setup.py -q build_ext --inplace || return 1

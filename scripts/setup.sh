@@ -89,7 +89,8 @@ progress() {
 }
 
 if [ -n "$reason" ]; then
-  jobs="${MAX_JOBS:-$(nproc)}"
+  # (nproc honours OMP_NUM_THREADS, which a test setting of 1 must not make a 1-job build)
+  jobs="${MAX_JOBS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
   say "building fastattn ($reason): pip install --no-build-isolation --no-deps -e . (MAX_JOBS=$jobs, log: build/setup.log)"
   start=$SECONDS
   if ! MAX_JOBS="$jobs" "$PY" -m pip install -v --no-build-isolation --no-deps -e . 2>&1 \

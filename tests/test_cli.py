@@ -382,6 +382,14 @@ def test_generate_paged_cache_without_kernels_is_a_usage_error(model_dir, capsys
     assert rc == 0 and out.split()[:3] == ["5", "6", "7"], err
 
 
+def test_generate_without_safetensors_is_a_usage_error(model_dir, capsys, monkeypatch):
+    # safetensors is an optional dependency (it comes with transformers, not with fastattn): a
+    # user without it gets the pip line and exit 2, not an "unexpected" internal error.
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # makes `import safetensors` fail
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    check(gen(model_dir), capsys, "safetensors", "pip install safetensors")
+
+
 def test_unexpected_error_is_one_line_unless_debug(monkeypatch, capsys):
     def boom(args=None):
         raise RuntimeError("kernel exploded\nsecond line of detail")

@@ -342,6 +342,29 @@ def test_generate_option_errors(llama, kw, match):
         ours["torch"].generate(ids_of(1, 3), 2, **kw)
 
 
+def test_numpy_integer_options(llama):
+    # The README's rule for integer arguments (Python and NumPy integers) holds for generate and
+    # setup_cache too: the same tokens as with Python ints.
+    np = pytest.importorskip("numpy")
+    _, ours = llama
+    model = ours["torch"]
+    ids = ids_of(2, S)
+    i = np.int64
+    assert torch.equal(
+        model.generate(ids, i(3), num_beams=i(2), num_return_sequences=i(2), min_new_tokens=i(1), page_size=i(4),
+                       cache="paged"),
+        model.generate(ids, 3, num_beams=2, num_return_sequences=2, min_new_tokens=1, page_size=4, cache="paged"))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(model.generate(ids, 3, temperature=0.8, top_k=i(5), generator=g1),
+                       model.generate(ids, 3, temperature=0.8, top_k=5, generator=g2))
+    cache = model.setup_cache(i(2), np.int32(9))
+    assert cache.batch_size == 2 and type(cache.batch_size) is int
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            model.setup_cache(bad, 9)
+    model.cache = None
+
+
 def test_zero_new_tokens_and_defaults(llama):
     _, ours = llama
     model = ours["torch"]

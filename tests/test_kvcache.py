@@ -533,3 +533,14 @@ def test_cpu_fp32_long_cache_unsplit_error_is_torchs(sq):
     # ~3x remains: the 512 block sums are added to the running output one after another (with
     # the online-softmax rescales), where torch's masked path adds fewer, larger blocks.
     assert ours <= 4 * theirs, (ours, theirs)
+
+
+def test_attention_with_kvcache_capacity_error_names_it():
+    # The append inside attention_with_kvcache reports a full cache under the caller's name,
+    # not append_kv's (which the user did not call); the caches are left unchanged.
+    q, k = torch.randn(2, 2, 2, 16), torch.randn(2, 2, 1, 16)
+    kc, vc = torch.zeros(2, 4, 1, 16), torch.zeros(2, 4, 1, 16)
+    with pytest.raises(ValueError, match=r"^fastattn\.attention_with_kvcache \(appending k, v\): appending 2 rows "
+                                         r".*exceeds the cache capacity S_max = 4"):
+        fastattn.attention_with_kvcache(q, kc, vc, 3, k=k, v=k)
+    assert not kc.any() and not vc.any()

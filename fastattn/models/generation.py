@@ -42,6 +42,8 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
+from fastattn._validate import is_integer
+
 __all__ = ["check_options", "repetition_penalty_", "sample", "beam_search", "token_presence"]
 
 _NEG = -1.0e9  # "not a candidate": what transformers adds, so ties break the same way
@@ -53,21 +55,21 @@ _NEG = -1.0e9  # "not a candidate": what transformers adds, so ties break the sa
 def check_options(num_beams, length_penalty, early_stopping, num_return_sequences, repetition_penalty,
                   min_new_tokens, temperature, top_k, top_p) -> None:
     """ValueError for any option generate cannot honour (all checks are host-side)."""
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+    if not is_integer(num_beams) or num_beams < 1:
         raise ValueError(f"num_beams must be an int >= 1 (1 = greedy / sampling), got {num_beams!r}")
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
             or not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
     if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) \
+    if not is_integer(num_return_sequences) \
             or not 1 <= num_return_sequences <= num_beams:
         raise ValueError(f"num_return_sequences must be an int in [1, num_beams={num_beams}] (several "
                          f"sequences per prompt come from beam search), got {num_return_sequences!r}")
     if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, numbers.Real) \
             or not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}")
-    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+    if not is_integer(min_new_tokens) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be a non-negative int, got {min_new_tokens!r}")
     if num_beams > 1 and (temperature != 0 or top_k is not None or top_p is not None):
         raise ValueError(f"beam search (num_beams={num_beams}) is deterministic: temperature, top_k and top_p "

@@ -1327,6 +1327,10 @@ class Llama(nn.Module):
         c = self.config
         if cache not in CACHES:
             raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+            if not is_integer(value) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        batch_size, max_len = int(batch_size), int(max_len)
         if max_len > c.max_position_embeddings:
             raise ValueError(
                 f"max_len {max_len} exceeds max_position_embeddings {c.max_position_embeddings}"
@@ -1347,8 +1351,9 @@ class Llama(nn.Module):
 
     def _setup_paged_cache(self, batch_size: int, max_len: int, page_size, max_lengths) -> PagedKVCache:
         c = self.config
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        if not is_integer(page_size) or page_size < 1:
             raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+        page_size = int(page_size)
         if self.backend == "fastattn" and not paged_kernels_available():
             raise NotImplementedError(
                 "cache='paged' on the fastattn backend needs fastattn's paged-cache kernels (append_kv / "
@@ -1587,15 +1592,19 @@ class Llama(nn.Module):
 
         _check_ids(input_ids, self.config, None)
         lengths = _prompt_lengths(input_ids, prompt_lengths, attention_mask)  # (B,) int32
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if not is_integer(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         _check_sampling(temperature, top_k, top_p)
         generation.check_options(num_beams, length_penalty, early_stopping, num_return_sequences,
                                  repetition_penalty, min_new_tokens, temperature, top_k, top_p)
         if cache not in CACHES:
             raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        if not is_integer(page_size) or page_size < 1:
             raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+        # NumPy integers (accepted above) become Python ints before they size anything
+        max_new_tokens, num_beams, num_return_sequences, min_new_tokens, page_size = (
+            int(v) for v in (max_new_tokens, num_beams, num_return_sequences, min_new_tokens, page_size))
+        top_k = None if top_k is None else int(top_k)
         # eos ids outside the vocabulary can never be sampled: ignored, as transformers does
         eos = [e for e in _eos_list(eos_token_id) if 0 <= e < self.config.vocab_size]
         if pad_token_id is not None and not (is_integer(pad_token_id) and 0 <= pad_token_id < self.config.vocab_size):
@@ -1725,7 +1734,7 @@ def _check_sampling(temperature, top_k, top_p) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
             or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be >= 0 (a finite number), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not is_integer(top_k) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
