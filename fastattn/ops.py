@@ -43,7 +43,10 @@ def _save(ctx, *tensors) -> None:
     torch.inference_mode, e.g. frozen features or a table built during generation) saved as a
     clone: autograd refuses to save one, and torch's own composites (F.rms_norm, ...) never
     save such an input, so a training step over it works there."""
-    ctx.save_for_backward(*(t.clone() if isinstance(t, Tensor) and t.is_inference() else t for t in tensors))
+    # (Not one that requires grad itself: its clone, made here with grad off, would cut it out of
+    # a create_graph double backward; torch's own error is raised for it instead.)
+    ctx.save_for_backward(*(t.clone() if isinstance(t, Tensor) and t.is_inference() and not t.requires_grad else t
+                            for t in tensors))
 
 
 def transform_active() -> bool:
