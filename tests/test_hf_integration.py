@@ -671,3 +671,39 @@ def test_packed_mask_cache_holds_no_cycle_when_cu_q_is_cu_k():
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_patched_model_pickled_runs_in_a_fresh_process(models, tmp_path):
+    # torch.save of a patched model (attn_implementation="fastattn", patched norms and rotary),
+    # torch.load in a process where neither register() nor patch_model ran: the first forward
+    # of a patched attention redoes their process-wide part, after unpickling (with the
+    # `kernels` package, transformers' pickled rotary wrappers are rebuilt from the modeling
+    # file's apply_rotary_pos_emb, which must still be the original then). Same logits.
+    import subprocess
+    import sys
+
+    _, ours = models
+    model = copy.deepcopy(ours)
+    fa_hf.patch_model(model)
+    ids = ids_of(2, 11)
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.save({"model": model, "ids": ids, "want": want}, tmp_path / "patched.pt")
+    child = (
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "d = torch.load(sys.argv[1], weights_only=False)\n"
+        "import transformers.models.llama.modeling_llama as ml\n"
+        "assert not hasattr(ml.apply_rotary_pos_emb, '_fastattn_original')\n"
+        "with torch.no_grad():\n"
+        "    got = d['model'](d['ids']).logits\n"
+        "assert hasattr(ml.apply_rotary_pos_emb, '_fastattn_original'), 'rotary dispatcher not reinstalled'\n"
+        "assert torch.equal(got, d['want']), (got - d['want']).abs().max()\n"
+        "print('OK')\n"
+    )
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", child, str(tmp_path / "patched.pt")], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-2000:]

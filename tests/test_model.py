@@ -660,3 +660,36 @@ def test_setup_cache_drops_the_old_cache_before_building_the_new(cache, monkeypa
     model.setup_cache(3, 16, cache=cache)
     assert alive_at_build == [False]
     assert model.cache.batch_size == 3
+
+
+@pytest.mark.parametrize("backend", ["fastattn", "torch"])
+def test_generate_from_two_threads_sharing_a_model(backend):
+    # generate keeps its KV cache on the model: two threads calling it on one model used to
+    # overwrite each other's cache (wrong tokens, or a 'decode past the end' error). Calls on
+    # one model now run one at a time; each thread gets its single-threaded tokens.
+    import threading
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = Llama(cfg, backend=backend).eval()
+    prompts = [torch.randint(3, 128, (2, 9 + 11 * i), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    want = [model.generate(p, 24) for p in prompts]
+    got, errors = [[], []], []
+
+    def run(i):
+        try:
+            for _ in range(4):
+                got[i].append(model.generate(prompts[i], 24))
+        except Exception as e:  # reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(2):
+        assert len(got[i]) == 4 and all(torch.equal(g, want[i]) for g in got[i])
+    copy.deepcopy(model)  # the lock is kept beside the model: it still copies

@@ -39,7 +39,8 @@
 // GPU's tensor cores): register tiles fed straight from the cache (qk_tile_dp / pv_tile_dp;
 // no widening, half the instructions of the fp32 tiles), and from kDpMinRows rows on the
 // block's rows staged as bf16 pairs for the block products of cpu_dpbf16.h. Elsewhere (fp32,
-// fp16, other CPUs) every tier computes the same bits.
+// fp16, other CPUs) the AVX2 and AVX-512 tiers compute the same bits; the baseline tier (no
+// FMA: a separate multiply and add round twice) differs in the last bits.
 //
 // Logit soft-capping (params.softcap = c > 0): the scores here are in log2 units (the
 // queries carry scale * log2(e)), so each block's valid scores are taken back to natural
@@ -104,7 +105,7 @@ using cpu::vmath::kLanes;
 using cpu::vmath::vf;
 typedef float vfloat4 __attribute__((vector_size(4 * sizeof(float))));
 
-// The dot products sum in 16 lanes, whatever the ISA: a score is the same bits on every tier.
+// The dot products sum in 16 lanes, whatever the ISA: a score is the same bits on every tier with FMA (not the baseline tier: no FMA).
 // kSub native vectors hold those 16 lanes (lane l of vector v is lane v * kLanes + l).
 constexpr int64_t kW = 16;
 constexpr int kSub = static_cast<int>(kW / kLanes);
@@ -262,7 +263,7 @@ struct Workspace {
 // pass over the chunks per vector), so each pass holds only kHeadTile x NK accumulators of
 // one register next to NK key vectors: 4 x 4 with AVX-512 (32 registers), 4 x 2 with AVX2
 // and SSE (16). Each key vector is widened once and used for the 4 heads. Lane l of the 16
-// still sums its products over the chunks in order: the same bits on every tier.
+// still sums its products over the chunks in order: the same bits on every tier with FMA.
 constexpr int kQkKeys = kSub == 1 ? 4 : 2;
 //
 // kPacked (MHA decode: one query row per kv head): the kHeadTile rows are kHeadTile kv heads,

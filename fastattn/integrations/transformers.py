@@ -1137,10 +1137,36 @@ class _PatchedForward:
 
     def __deepcopy__(self, memo):
         module = self.module()
-        return _PatchedForward(memo.get(id(module), module))
+        return type(self)(memo.get(id(module), module))
 
     def __reduce__(self):
-        return (_PatchedForward, (self.module(),))
+        # Unpickled in another process (torch.save / torch.load, a spawn child's argument), the
+        # module needs what patch_model set up process-wide there too: see _UnpickledPatchedForward.
+        return (_UnpickledPatchedForward, (self.module(),))
+
+
+class _UnpickledPatchedForward(_PatchedForward):
+    """A patched attention forward unpickled, possibly in a process where patch_model never ran:
+    its first call redoes patch_model's process-wide part (the attention implementation's
+    registration and the rotary dispatcher in the module's modeling file; both idempotent).
+    Not while unpickling: with the `kernels` package, transformers' pickled rotary wrappers are
+    rebuilt from the modeling file's apply_rotary_pos_emb, which must still be the original then
+    (they fail to load once the dispatcher has replaced it)."""
+
+    __slots__ = ("_ready",)
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        self._ready = False
+
+    def __call__(self, *args, **kwargs):
+        if not self._ready:
+            module = self.module()
+            register()
+            modeling = sys.modules.get(type(module).__module__) or importlib.import_module(type(module).__module__)
+            _install_rotary_dispatcher(modeling)
+            self._ready = True
+        return super().__call__(*args, **kwargs)
 
 
 def _wrap_attention_forward(attn: nn.Module) -> bool:

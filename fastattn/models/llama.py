@@ -96,11 +96,14 @@ block); ``from_pretrained`` maps Hugging Face names onto them.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
 import numbers
 import os
+import threading
+import weakref
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -1179,6 +1182,28 @@ class TransformerBlock(nn.Module):
         return h, delta
 
 
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def _one_call_at_a_time(method):
+    """Serialise a method's calls per model: generate keeps its KV cache on the model
+    (self.cache), and two threads generating with one model overwrote each other's cache
+    (wrong tokens with no error, or a 'decode past the end' error). The lock is kept beside the
+    model (a weak-keyed table), not on it, so the model still pickles and deep-copies."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with _MODEL_LOCKS_GUARD:
+            lock = _MODEL_LOCKS.get(self)
+            if lock is None:
+                lock = _MODEL_LOCKS[self] = threading.RLock()
+        with lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Llama(nn.Module):
     """LLaMA-family decoder. ``backend``: "fastattn" (the kernels) or "torch" (references)."""
 
@@ -1533,6 +1558,7 @@ class Llama(nn.Module):
         return step
 
     @torch.no_grad()
+    @_one_call_at_a_time
     def generate(
         self,
         input_ids: Tensor,
@@ -1587,6 +1613,10 @@ class Llama(nn.Module):
         sum_b ceil((prompt_lengths[b] + max_new_tokens) / page_size) of them (plus the null
         page). Same tokens as the default ``cache="contiguous"``; ``self.cache`` reports the
         pages used afterwards.
+
+        The KV cache lives on the model (``self.cache``), so calls on one model from several
+        threads run one at a time; to generate in parallel, give each thread its own model
+        (``copy.deepcopy(model)``).
         """
         from . import generation
 
