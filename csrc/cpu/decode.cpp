@@ -105,7 +105,8 @@ using cpu::vmath::kLanes;
 using cpu::vmath::vf;
 typedef float vfloat4 __attribute__((vector_size(4 * sizeof(float))));
 
-// The dot products sum in 16 lanes, whatever the ISA: a score is the same bits on every tier with FMA (not the baseline tier: no FMA).
+// The dot products sum in 16 lanes, whatever the ISA: a score is the same bits on every tier
+// with FMA (not the baseline tier).
 // kSub native vectors hold those 16 lanes (lane l of vector v is lane v * kLanes + l).
 constexpr int64_t kW = 16;
 constexpr int kSub = static_cast<int>(kW / kLanes);
