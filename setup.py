@@ -79,8 +79,13 @@ def _cuda_archs():
 
 
 def _gencode(arch):
-    # "9.0a" -> arch=compute_90a,code=sm_90a
+    # "9.0a" -> arch=compute_90a,code=sm_90a; "8.0" also embeds its PTX (code=compute_80), which
+    # the driver compiles for GPUs of a newer major with no code of their own here (sm_100 /
+    # sm_120 from the default no-GPU build; sm_86 / sm_89 run the sm_80 code as it is): they run
+    # instead of failing with "no kernel image is available".
     num = arch.replace(".", "")
+    if num == "80":
+        return f"-gencode=arch=compute_{num},code=[sm_{num},compute_{num}]"
     return f"-gencode=arch=compute_{num},code=sm_{num}"
 
 

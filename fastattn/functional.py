@@ -464,6 +464,26 @@ _CUDA_BUILT = bool(_load_extension().WITH_CUDA)  # a CPU-only build delegates CU
 # shared memory, more than the 99 KiB per block of sm_86 / sm_89 / sm_120 parts (the forward
 # always fits); other head dims fit every supported GPU.
 _CUDA_BWD_SMEM_D256 = 128 * 1024
+# The CUDA flash kernels put the batch and the heads on grid dimensions of at most 65535 blocks.
+_CUDA_GRID_MAX = 65535
+
+
+_CAPABILITY_BY_DEVICE: dict = {}
+
+
+def cuda_kernels_run_on(t: Tensor) -> bool:
+    """Whether t's GPU can run this build's CUDA kernels: compute capability 8.0 or newer
+    (mma.sync bf16, cp.async; the default build embeds sm_80 / sm_90a code and compute_80 PTX,
+    which newer GPUs compile on first use). Older GPUs (V100, T4) get torch's implementations
+    from the drop-ins, the Hugging Face integration and the model. True while torch.compile
+    traces."""
+    if torch.compiler.is_compiling():
+        return True
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY_BY_DEVICE.get(index)
+    if cap is None:
+        cap = _CAPABILITY_BY_DEVICE[index] = torch.cuda.get_device_capability(index)
+    return cap >= (8, 0)
 
 
 def cuda_backward_fits(t: Tensor, head_dim: int) -> bool:
@@ -658,6 +678,8 @@ def _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, sca
         # (training at head dim 256 on a 99 KiB GPU: torch's, whose backward runs there)
         needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
         return (_CUDA_BUILT and query.dtype != torch.float32 and E in _CUDA_HEAD_DIMS
+                and B <= _CUDA_GRID_MAX and H <= _CUDA_GRID_MAX  # (e.g. Swin's batch x windows)
+                and cuda_kernels_run_on(query)
                 and (not needs_grad or cuda_backward_fits(query, E)))
     return 1 <= E <= _CPU_MAX_HEAD_DIM
 
@@ -895,6 +917,33 @@ __all__ += ["decode_attention", "attention_with_kvcache", "append_kv"]
 from ._validate import check_softmax_scale  # noqa: E402
 
 _DECODE_CUDA_HEAD_DIMS = (64, 96, 128, 256)
+# The decode kernels' shared memory per block (decode_cuda_launch_smem_bytes in
+# csrc/cuda/decode.cu; tests/test_decode_emulated.py checks this rule against it): every shape
+# fits 163 KiB (sm_80, sm_90); on parts with 99 KiB (sm_86 / sm_89 / sm_120: RTX 30xx-50xx, A10,
+# L4, L40S) head dim 64 does, and 128 with one query per sequence and no softcap (the
+# tensor-core kernel's 2-stage variant); the other shapes' kernels raise there.
+_DECODE_SMEM_ALL_SHAPES = 163 * 1024
+_SMEM_OPTIN_BY_DEVICE: dict = {}
+
+
+def decode_cuda_fits(t: Tensor, head_dim: int, seqlen_q: int = 1, softcap: float = 0.0) -> bool:
+    """Whether the CUDA decode kernels (decode_attention, attention_with_kvcache) run this shape
+    on t's GPU, by its shared memory per block (see above). True while torch.compile traces and
+    where torch does not report the limit."""
+    if torch.compiler.is_compiling():
+        return True
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    optin = _SMEM_OPTIN_BY_DEVICE.get(index)
+    if optin is None:
+        props = torch.cuda.get_device_properties(index)
+        optin = _SMEM_OPTIN_BY_DEVICE[index] = getattr(props, "shared_memory_per_block_optin", _DECODE_SMEM_ALL_SHAPES)
+    return _decode_smem_fits(optin, head_dim, seqlen_q, softcap)
+
+
+def _decode_smem_fits(optin: int, head_dim: int, seqlen_q: int, softcap: float) -> bool:
+    if optin >= _DECODE_SMEM_ALL_SHAPES:
+        return True
+    return head_dim == 64 or (head_dim == 128 and seqlen_q == 1 and not softcap > 0)
 
 
 def _check_cache_seqlens(cache_seqlens, ref: Tensor, batch: int) -> None:
@@ -1118,6 +1167,7 @@ def attention_with_kvcache(
     softcap: float = 0.0,
     num_splits: int = 0,
     return_lse: bool = False,
+    check_capacity: bool = True,
 ):
     """Several new query tokens per sequence over a KV cache: the chunked-prefill,
     speculative-decoding or multi-token step (flash-attn's ``flash_attn_with_kvcache``).
@@ -1152,6 +1202,9 @@ def attention_with_kvcache(
         softmax_scale, softcap, num_splits: as in ``decode_attention`` (the scaled scores
             must be finite in fp32).
         return_lse: also return lse (B, H, Sq) float32.
+        check_capacity: with k/v, as ``append_kv``'s: False skips the capacity check's host read
+            of cache_seqlens on CUDA (one synchronisation a call) for callers that bound the
+            lengths themselves; rows past the capacity are then dropped. The CPU checks anyway.
 
     A call that raises leaves the caches unchanged: every check (on the CPU also the page
     indices of all tokens ``[0, cache_seqlens[b] + Sq)``) runs before k/v are appended.
@@ -1179,6 +1232,7 @@ def attention_with_kvcache(
         raise ValueError("k and v must be given together (new keys and values) or both be None")
     causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
+    check_capacity = check_bool(check_capacity, "check_capacity")
     left, right = _check_window(window)
     if causal:
         right = 0
@@ -1201,7 +1255,7 @@ def attention_with_kvcache(
         if block_table is not None and k_cache.device.type == "cpu" and not torch.compiler.is_compiling():
             _check_pages_cpu(block_table, k_cache, cache_seqlens, Sq)
         try:
-            append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table)
+            append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table, check_capacity=check_capacity)
         except ValueError as e:  # the op's messages name append_kv, which this caller did not call
             msg, prefix = str(e), "fastattn.append_kv: "
             if not msg.startswith(prefix):

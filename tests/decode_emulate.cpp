@@ -246,6 +246,10 @@ void state_kernels(const char* tname) {
     emu::set_static_smem(decode_mma_kernel<T, kD, 1>, 0, "decode_mma_kernel" + s + ",1>");
     emu::set_static_smem(decode_mma_kernel<T, kD, 2>, 0, "decode_mma_kernel" + s + ",2>");
   }
+  if constexpr (kD == 128) {  // the 2-stage variant for 99 KiB parts
+    emu::set_static_smem(decode_mma_kernel<T, kD, 1, kMmaStagesCompact>, 0, "decode_mma_kernel" + s + ",1,2stages>");
+    emu::set_static_smem(decode_mma_kernel<T, kD, 2, kMmaStagesCompact>, 0, "decode_mma_kernel" + s + ",2,2stages>");
+  }
 }
 
 int g_smem_optin = 227 * 1024, g_num_sms = 132;  // the emulated device (emu_set_device)
@@ -342,6 +346,7 @@ extern "C" int decode_emulate(void** ptrs, const int64_t* nbytes, const int64_t*
   p.block_table_batch_stride = ints[23], p.page_size = ints[24], p.num_pages = ints[25];
   p.softmax_scale = softmax_scale;
   p.softcap = softcap;
+  p.smem_per_block_optin = g_smem_optin;  // as the binding: the emulated device's limit
   return finish(decode_attention_cuda(p, nullptr), "decode_attention_cuda");
 }
 
@@ -377,6 +382,7 @@ extern "C" int64_t decode_num_splits_emulate(int64_t b, int64_t seqlen_q, int64_
   DecodeParams p;
   p.b = b, p.seqlen_q = seqlen_q, p.h = h, p.h_k = h_k, p.seqlen_k_max = seqlen_k_max, p.d = d;
   p.softcap = softcap;
+  p.smem_per_block_optin = g_smem_optin;  // the emulated device (emu_set_device), as the binding
   return decode_num_splits_cuda(p, num_sms, smem_per_sm);
 }
 
@@ -386,6 +392,7 @@ extern "C" int64_t decode_launch_smem_emulate(int64_t seqlen_q, int64_t h, int64
   DecodeParams p;
   p.b = 1, p.seqlen_q = seqlen_q, p.h = h, p.h_k = h_k, p.d = d;
   p.softcap = softcap;
+  p.smem_per_block_optin = g_smem_optin;  // the emulated device (emu_set_device), as the binding
   return decode_cuda_launch_smem_bytes(p);
 }
 

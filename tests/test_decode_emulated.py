@@ -974,3 +974,43 @@ def test_launch_smem_bytes_is_what_the_launch_uses(emu, D, Sq, softcap):
     launched = [int(entry[3]) for entry in _launch_log(emu) if "combine" not in entry[0]]
     assert launched == [want]
     assert (want <= 99 * 1024) == (D == 64)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] == 128],
+                         ids=lambda c: f"{str(c[0])[6:]}_H{c[2]}_Hk{c[3]}_s{c[6]}_m{c[8]}")
+def test_emulated_decode_mma_d128_on_a_99_kib_part(emu, case):
+    """On a GPU with 99 KiB of shared memory per block (sm_86 / sm_89 / sm_120) the 3-stage d128
+    tensor-core kernel (104 KiB) cannot launch, and the CUDA-core one (152 KiB) neither: the
+    launcher runs the 2-stage variant (72 KiB) there, the same checks pass, and what the
+    bindings compare with the limit (decode_cuda_launch_smem_bytes) is what it launches."""
+    emu.emu_set_device(99 * 1024, NUM_SMS)
+    try:
+        _run_decode_case(emu, case)
+        log = [e for e in _launch_log(emu) if "combine" not in e[0]]
+        rows = case[2] // case[3]
+        rows = -(-rows // -(-rows // 32))  # decode_mma_rows: heads per slice
+        smem = 4 * 2 * 2 * 16 * 128 * 2 + 32 * 128 * 2
+        assert log[0][0].endswith(f",128,{1 if rows <= 16 else 2},2stages>") and log[0][3] == str(smem), log
+        assert emu.decode_launch_smem_emulate(1, case[2], case[3], 128, 0.0) == smem <= 99 * 1024
+    finally:
+        emu.emu_set_device(SMEM_OPTIN, NUM_SMS)
+    _run_decode_case(emu, case)  # the usual device: the 3-stage kernel, 104 KiB
+    assert [e[3] for e in _launch_log(emu) if "combine" not in e[0]][0] == str(4 * 3 * 2 * 16 * 128 * 2 + 32 * 128 * 2)
+
+
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
+def test_python_decode_fits_rule_is_the_launchers(emu, D):
+    """fastattn.functional._decode_smem_fits (what the model asks before it sends a decode step
+    to the CUDA kernels, else the torch path) agrees with decode_cuda_launch_smem_bytes on a
+    99 KiB part and on an A100 (163 KiB), for every shape class."""
+    from fastattn.functional import _decode_smem_fits
+
+    for optin in (99 * 1024, 163 * 1024, SMEM_OPTIN):
+        emu.emu_set_device(optin, NUM_SMS)
+        try:
+            for Sq in (1, 3):
+                for softcap in (0.0, 30.0):
+                    need = emu.decode_launch_smem_emulate(Sq, 8, 2, D, softcap)
+                    assert (need <= optin) == _decode_smem_fits(optin, D, Sq, softcap), (optin, Sq, softcap, need)
+        finally:
+            emu.emu_set_device(SMEM_OPTIN, NUM_SMS)

@@ -545,3 +545,17 @@ def test_attention_with_kvcache_capacity_error_names_it():
                                          r".*exceeds the cache capacity S_max = 4"):
         fastattn.attention_with_kvcache(q, kc, vc, 3, k=k, v=k)
     assert not kc.any() and not vc.any()
+
+
+def test_attention_with_kvcache_check_capacity_flag():
+    # check_capacity is append_kv's flag (False: no host read of cache_seqlens on CUDA); the CPU
+    # checks anyway, and a non-bool is refused even without k / v.
+    q, k = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 1, 16)
+    kc, vc = torch.zeros(1, 4, 1, 16), torch.zeros(1, 4, 1, 16)
+    out = fastattn.attention_with_kvcache(q, kc, vc, 1, k=k, v=k, check_capacity=False)
+    torch.testing.assert_close(kc[:, 1:3], k)
+    assert out.shape == q.shape
+    with pytest.raises(ValueError, match="exceeds the cache capacity"):
+        fastattn.attention_with_kvcache(q, kc, vc, 3, k=k, v=k, check_capacity=False)
+    with pytest.raises(TypeError, match="check_capacity"):
+        fastattn.attention_with_kvcache(q, kc, vc, 3, check_capacity=1)

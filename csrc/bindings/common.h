@@ -332,6 +332,15 @@ inline cudaStream_t current_stream(const at::Tensor& t) {
                 cudaGetErrorString(fa_err_));                                          \
   } while (0)
 
+// Whether t's current stream is capturing a CUDA graph (host reads of device values, which
+// synchronise, are not allowed then: the checks that need one are skipped).
+inline bool is_capturing(const at::Tensor& t) {
+  if (!t.is_cuda()) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  FA_CUDA_CHECK_LAUNCH(cudaStreamIsCapturing(current_stream(t), &status), "capture query");
+  return status != cudaStreamCaptureStatusNone;
+}
+
 // The dynamic shared memory one block may opt into on t's device (bytes): 227 KiB on sm_90,
 // 163 KiB on sm_80, 99 KiB on sm_86 / sm_89 / sm_120.
 inline int64_t cuda_smem_optin(const at::Tensor& t) {
@@ -348,6 +357,8 @@ inline void check_flash_bwd_smem(const at::Tensor& t, int64_t d, const char* op)
   TORCH_CHECK(need <= have, "fastattn.", op, ": the CUDA backward at head dim ", d, " needs ", need,
               " bytes of shared memory per block, this GPU allows ", have);
 }
+#else
+inline bool is_capturing(const at::Tensor&) { return false; }  // (no CUDA tensors in this build)
 #endif
 
 }  // namespace fastattn

@@ -97,18 +97,6 @@ void check_pages_cpu(const at::Tensor& block_table, int64_t page_size, int64_t n
   }
 }
 
-bool is_capturing(const at::Tensor& t) {
-#ifdef FASTATTN_WITH_CUDA
-  if (t.is_cuda()) {
-    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-    FA_CUDA_CHECK_LAUNCH(cudaStreamIsCapturing(current_stream(t), &status), "capture query");
-    return status != cudaStreamCaptureStatusNone;
-  }
-#endif
-  (void)t;
-  return false;
-}
-
 void set_paging(DecodeParams* p, const std::optional<at::Tensor>& bt, const at::Tensor& pool) {
   if (!bt.has_value()) return;
   p->block_table = bt->data_ptr<int32_t>();
@@ -248,13 +236,15 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
         cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q4.device().index()),
         "device query");
     // The kernel this call would run (tensor-core or CUDA-core), before any copy below. On parts
-    // with 99 KiB per block (sm_86 / sm_89 / sm_120) head dim 64 fits, and 128 on the tensor-core kernel.
+    // with 99 KiB per block (sm_86 / sm_89 / sm_120) head dim 64 fits, and 128 on the tensor-core
+    // kernel, which runs its 2-stage variant there (72 KiB; told the limit through the params).
+    p.smem_per_block_optin = smem_optin;
     const int64_t smem_needed = decode_cuda_launch_smem_bytes(p);
     TORCH_CHECK(smem_optin >= smem_needed, "fastattn.", op, ": this call's decode kernel (head dim ", d,
                 ", ", sq, " queries per sequence", softcap > 0 ? ", softcap" : "", ") needs ", smem_needed,
                 " bytes of shared memory per block, this GPU allows ", smem_optin,
-                " (GPUs with 99 KiB per block, sm_86 / sm_89, run the decode kernels at head dim 64, and at 128 "
-                "with one query per sequence and no softcap)");
+                " (GPUs with 99 KiB per block, sm_86 / sm_89 / sm_120, run the decode kernels at head dim 64, and "
+                "at 128 with one query per sequence and no softcap)");
     // A cache view the 16-byte loads cannot use (odd strides or offset): run on a compact
     // copy instead. Correct, but it costs a full copy of the cache (or pool).
     at::Tensor kc = k_cache, vc = v_cache;

@@ -48,7 +48,8 @@ bool use_short_query_path(const at::Tensor& q, const at::Tensor& k, int64_t sq, 
   p.d = q.size(3);
   p.softcap = static_cast<float>(softcap);
   const c10::cuda::CUDAGuard guard(q.device());
-  return decode_cuda_launch_smem_bytes(p) <= cuda_smem_optin(q);
+  p.smem_per_block_optin = cuda_smem_optin(q);
+  return decode_cuda_launch_smem_bytes(p) <= p.smem_per_block_optin;
 #else
   return false;
 #endif
@@ -124,6 +125,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
   if (q.is_cuda()) {
 #ifdef FASTATTN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
+    FA_CHECK_ARG(q.size(0) <= 65535 && q.size(2) <= 65535, "fastattn.flash_attention: batch ", q.size(0),
+                 " and heads ", q.size(2), " must be <= 65535 on CUDA (the kernel's grid limits)");
     FlashFwdParams p = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right, softcap);
     if (!flash_fwd_cuda_supports_layout(p)) {
       // Unaligned base pointers or strides that are not multiples of 8 elements (e.g. a

@@ -83,8 +83,9 @@ constexpr double kLseExactLimit = 512.0;
 
 bool needs_exact_backward(const at::Tensor& lse, double softmax_scale) {
   // On CUDA the test reads lse on the host (one synchronisation); scales of magnitude <= 1,
-  // the scale of every real model, skip it.
-  if (lse.is_cuda() && std::abs(softmax_scale) <= 1.0) return false;
+  // the scale of every real model, skip it, and so does a backward being captured into a CUDA
+  // graph (a host read would invalidate the capture: there the kernels run whatever the lse).
+  if (lse.is_cuda() && (std::abs(softmax_scale) <= 1.0 || is_capturing(lse))) return false;
   const at::Tensor finite_abs = at::where(at::isfinite(lse), lse.abs(), at::zeros({}, lse.options()));
   return finite_abs.max().item<double>() > kLseExactLimit;
 }

@@ -33,6 +33,14 @@ inline bool has_dpbf16() {
 inline bool has_dpbf16() { return false; }
 #endif
 
+// The bf16 pair paths (vdpbf16ps, P rounded to bf16) from this head dim on, in every kernel.
+// Below it a score is a sum of a few products, so P's bf16 rounding (the row sum is taken
+// before it) outweighs the rest of the error: random sweeps found the backward's dq / dk / dv
+// at 2.1-2.6x the bf16 reference's error at d 1..4, and the forward / decode outputs up to
+// 1.6x / 8.9x at d 1..8 (the fp32 paths: within the 2x rule there), none at 16 and above.
+// Tiny heads gain nothing from the pairs anyway.
+constexpr int64_t kDpMinHeadDim = 16;
+
 struct half_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
 

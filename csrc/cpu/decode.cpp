@@ -896,7 +896,8 @@ void decode_impl(const DecodeParams& p) {
   const int64_t chunk = decode::cpu_query_chunk(group, p.h_k, d, sq);
   const int64_t chunks = (sq + chunk - 1) / chunk;
   at::parallel_for(0, p.b * chunks * splits, 1, [&](int64_t it0, int64_t it1) {
-    Workspace ws(p.h_k, std::min(chunk, sq) * group, d, std::is_same<T, cpu::bf16_t>::value && cpu::has_dpbf16());
+    Workspace ws(p.h_k, std::min(chunk, sq) * group, d,
+                 std::is_same<T, cpu::bf16_t>::value && cpu::has_dpbf16() && d >= cpu::kDpMinHeadDim);
     for (int64_t it = it0; it < it1; ++it) {
       const int64_t s = it % splits, c = (it / splits) % chunks, b = it / (splits * chunks);
       const int64_t i0 = c * chunk, nq = std::min(chunk, sq - i0);

@@ -113,11 +113,8 @@ constexpr int64_t kFusedDqBytes = int64_t(16) << 20;
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// The bf16 pair GEMMs (kDp) from this head dim on. Below it a score is a sum of a few products,
-// so the bf16 rounding of P and dS outweighs the rest of the error: a random sweep found
-// dq / dk / dv at 2.1-2.6x the bf16 reference's error at d 1..4 (the fp32 path: <= 2.1x there),
-// none at 16 and above. Tiny heads gain nothing from the pairs anyway.
-constexpr int64_t kDpMinHeadDim = 16;
+// The bf16 pair GEMMs (kDp) from cpu::kDpMinHeadDim on (cpu_types.h).
+using cpu::kDpMinHeadDim;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 

@@ -162,7 +162,7 @@ class FlashFwdCpu {
     v_in_place_ = kIsFloat && p.v_row_stride >= p.d;
     // bf16 on a CPU with AVX512-BF16: S = Q K^T and O += P V on vdpbf16ps from bf16 operands
     // (K by pairs of dims, V by pairs of keys, P rounded to bf16) instead of fp32 GEMMs.
-    use_dp_ = std::is_same<T, cpu::bf16_t>::value && cpu::has_dpbf16();
+    use_dp_ = std::is_same<T, cpu::bf16_t>::value && cpu::has_dpbf16() && p.d >= cpu::kDpMinHeadDim;
     pairs_ = (p.d + 1) / 2;
   }
 

@@ -128,7 +128,7 @@ int64_t decode_cuda_smem_bytes(int64_t d) {
 int64_t decode_cuda_launch_smem_bytes(const DecodeParams& p) {
   // launch_decode's choice (decode_launch.cuh): decode_mma_applies already excludes softcap and
   // head dims other than 64 / 128.
-  if (decode_mma_applies(p)) return int64_t(p.d <= 64 ? DecodeMmaSmem<64>::kBytes : DecodeMmaSmem<128>::kBytes);
+  if (decode_mma_applies(p)) return decode_mma_smem_bytes(p);  // (the 2-stage d128 kernel on 99 KiB parts)
   return decode_cuda_smem_bytes(p.d);
 }
 
@@ -169,7 +169,7 @@ int64_t decode_num_splits_cuda(const DecodeParams& p, int num_sms, int64_t smem_
     const int64_t group = p.h / h_k;
     const int64_t by_regs = d <= 64 ? (decode_mma_rows(group) <= 16 ? kMmaMinBlocks<64, 1> : kMmaMinBlocks<64, 2>)
                                     : kMmaMinBlocks<128, 1>;
-    const int64_t block_smem = int64_t(d <= 64 ? DecodeMmaSmem<64>::kBytes : DecodeMmaSmem<128>::kBytes) + 1024;
+    const int64_t block_smem = decode_mma_smem_bytes(p) + 1024;
     const int64_t by_smem = std::max<int64_t>(smem_per_sm / block_smem, 1);
     return decode::num_splits_for_slots(p.b * h_k * decode_mma_slices(group), sms * std::min(by_regs, by_smem),
                                         p.seqlen_k_max, kMmaWarps * kMmaWarpN);

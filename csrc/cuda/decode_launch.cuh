@@ -42,10 +42,10 @@ inline cudaError_t launch_kernel(Kernel* kernel, const int64_t (&grid)[3], int t
 // The tensor-core kernel (decode_mma.cuh) on grid (num_splits, h_k * head slices, b), then
 // the same combine as decode_kernel's. kMTiles: m16 tiles of a slice's query heads (<= 16: 1,
 // <= 32: 2).
-template <typename T, int kD, int kMTiles>
+template <typename T, int kD, int kMTiles, int kStages = kMmaStages>
 inline cudaError_t launch_decode_mma(const DecodeParams& p, cudaStream_t stream) {
-  constexpr size_t kSmem = DecodeMmaSmem<kD>::kBytes;
-  auto kernel = decode_mma_kernel<T, kD, kMTiles>;
+  constexpr size_t kSmem = DecodeMmaSmem<kD, kStages>::kBytes;
+  auto kernel = decode_mma_kernel<T, kD, kMTiles, kStages>;
   FASTATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
   const int64_t grid[3] = {p.num_splits, p.h_k * decode_mma_slices(p.h / p.h_k), p.b};
   FASTATTN_CUDA_TRY(launch_kernel(kernel, grid, kMmaThreads, kSmem, stream, p));
@@ -62,8 +62,13 @@ inline cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   // (decode_mma_applies); everything else on the CUDA-core decode_kernel.
   if constexpr (!kSoftcap && (kD == 64 || kD == 128)) {
     if (decode_mma_applies(p)) {
-      return decode_mma_rows(p.h / p.h_k) <= 16 ? launch_decode_mma<T, kD, 1>(p, stream)
-                                                : launch_decode_mma<T, kD, 2>(p, stream);
+      const bool one_tile = decode_mma_rows(p.h / p.h_k) <= 16;
+      if constexpr (kD == 128) {
+        if (decode_mma_compact(p))  // a 99 KiB part (see kMmaStagesCompact)
+          return one_tile ? launch_decode_mma<T, kD, 1, kMmaStagesCompact>(p, stream)
+                          : launch_decode_mma<T, kD, 2, kMmaStagesCompact>(p, stream);
+      }
+      return one_tile ? launch_decode_mma<T, kD, 1>(p, stream) : launch_decode_mma<T, kD, 2>(p, stream);
     }
   }
   constexpr size_t kSmem = DecodeSmem<kD>::kBytes;

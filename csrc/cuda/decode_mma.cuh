@@ -38,7 +38,10 @@
 //     consumes, so the main loop has no __syncthreads at all (wait_group + __syncwarp), and
 //     two stages per warp (16 KiB at d128) are always in flight: 8 warps per SM (two blocks
 //     fit: 104 KiB of shared memory at d128, 52 KiB at d64) keep ~128 KiB of loads in flight,
-//     several times the bandwidth-latency product of an SM. The warps' (max, sum, O) are
+//     several times the bandwidth-latency product of an SM. On parts with 99 KiB of shared
+//     memory per block (sm_86 / sm_89 / sm_120) the d128 kernel runs a 2-stage ring instead
+//     (kStages = kMmaStagesCompact, 72 KiB: one slab in flight per warp while it reads the
+//     other; chosen from DecodeParams::smem_per_block_optin). The warps' (max, sum, O) are
 //     merged through shared memory at the end, like decode_kernel's warp merge.
 //   * Shared-memory rows are XOR-swizzled exactly as decode_kernel's (swz: chunk c of row r at
 //     c ^ (r & 7)), so every ldmatrix phase (8 rows at one logical chunk) and every 8-chunk
@@ -68,6 +71,10 @@ constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = kMmaWarps * 32;
 constexpr int kMmaWarpN = 16;  // keys per warp step (one k16 slice of P V)
 constexpr int kMmaStages = 3;  // per-warp K/V slab ring
+// At d128 three stages take 104 KiB of shared memory, more than the 99 KiB per block of
+// sm_86 / sm_89 / sm_120 parts (RTX 30xx / 40xx / 50xx, A10, A40, L4, L40S): there the kernel
+// runs with two (72 KiB; the next slab still streams in under each slab's math).
+constexpr int kMmaStagesCompact = 2;
 
 // Is (p) a call the tensor-core kernel takes? (The launcher also needs !softcap, kD in {64, 128}.)
 // Off switch, for A/B timing on a GPU (scripts/gpu_ab_decode.py): FASTATTN_DECODE_MMA=0 in the
@@ -100,17 +107,29 @@ __host__ __device__ inline int decode_mma_rows(int64_t group) {
   return static_cast<int>((group + slices - 1) / slices);
 }
 
-template <int kD>
+template <int kD, int kStages = kMmaStages>
 struct DecodeMmaSmem {
   static constexpr int kSlabElems = kMmaWarpN * kD;  // one warp's K (or V) slab
-  static constexpr size_t kKV = size_t(kMmaWarps) * kMmaStages * 2 * kSlabElems * 2;
+  static constexpr size_t kKV = size_t(kMmaWarps) * kStages * 2 * kSlabElems * 2;
   static constexpr size_t kQ = size_t(32) * kD * 2;  // up to two m16 tiles of 16-bit Q rows
   static constexpr size_t kBytes = kKV + kQ;
-  // End-of-block merge, in the K/V area: per warp 32 rows x (kD + 8) fp32 (padded so the
-  // float2 stores of a quad's 8 rows fall in distinct banks), then per warp 32 maxima and sums.
+  // End-of-block merge, over the K/V and Q areas (both done with by then): per warp 32 rows x
+  // (kD + 8) fp32 (padded so the float2 stores of a quad's 8 rows fall in distinct banks), then
+  // per warp 32 maxima and sums.
   static constexpr int kAccStride = kD + 8;
-  static_assert(size_t(kMmaWarps) * 32 * (kAccStride + 2) * 4 <= kKV, "merge area must fit");
+  static_assert(size_t(kMmaWarps) * 32 * (kAccStride + 2) * 4 <= kBytes, "merge area must fit");
 };
+
+// The stage count the launcher picks for p: kMmaStages, or kMmaStagesCompact at d128 when the
+// device's opt-in limit (p.smem_per_block_optin, 0 = not known) is below the 3-stage block.
+inline bool decode_mma_compact(const DecodeParams& p) {
+  return p.d == 128 && p.smem_per_block_optin > 0 &&
+         p.smem_per_block_optin < int64_t(DecodeMmaSmem<128>::kBytes);
+}
+inline int64_t decode_mma_smem_bytes(const DecodeParams& p) {
+  if (p.d <= 64) return int64_t(DecodeMmaSmem<64>::kBytes);
+  return int64_t(decode_mma_compact(p) ? DecodeMmaSmem<128, kMmaStagesCompact>::kBytes : DecodeMmaSmem<128>::kBytes);
+}
 
 #ifndef FASTATTN_DECODE_EMULATE
 __device__ __forceinline__ void dmma_ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -153,7 +172,8 @@ struct DmmaOps<__nv_bfloat16> {
 };
 #endif  // FASTATTN_DECODE_EMULATE
 
-// grid (num_splits, h_k * slices, b), kMmaThreads threads, DecodeMmaSmem<kD>::kBytes bytes.
+// grid (num_splits, h_k * slices, b), kMmaThreads threads, DecodeMmaSmem<kD, kStages>::kBytes
+// bytes.
 // Rows of the block: heads kvh * G + slice * decode_mma_rows(G) + r, r < its slice's rows
 // <= 16 * kMTiles.
 // Blocks per SM the registers must allow (decode_num_splits_cuda counts on them): 4 at d64
@@ -161,16 +181,18 @@ struct DmmaOps<__nv_bfloat16> {
 template <int kD, int kMTiles>
 constexpr int kMmaMinBlocks = kD == 64 ? (kMTiles == 1 ? 4 : 3) : 2;
 
-template <typename T, int kD, int kMTiles>
+template <typename T, int kD, int kMTiles, int kStages = kMmaStages>
 __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks<kD, kMTiles>) decode_mma_kernel(const DecodeParams p) {
   using Ops = DmmaOps<T>;
+  using Smem = DecodeMmaSmem<kD, kStages>;
   constexpr int kChunks = kD / 8;
   constexpr int kNTilesO = kD / 8;
-  constexpr int kSlab = DecodeMmaSmem<kD>::kSlabElems;
+  constexpr int kSlab = Smem::kSlabElems;
   static_assert(kD % 64 == 0, "swz: chunk c ^ (r & 7)");
+  static_assert(kStages >= 2, "one slab in flight while the current one is read");
   FASTATTN_DECODE_SMEM(smem);
   T* sKV = reinterpret_cast<T*>(smem);  // [warp][stage][K, V][16 rows][kD]
-  T* sQ = reinterpret_cast<T*>(smem + DecodeMmaSmem<kD>::kKV);
+  T* sQ = reinterpret_cast<T*>(smem + Smem::kKV);
 
   const int split = blockIdx.x;
   // (32-bit: head counts fit; the grid limits cap h_k * slices at 65535)
@@ -196,7 +218,7 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks<kD, kMTiles>) decod
 
   const T* k_base = static_cast<const T*>(p.k_cache) + kvh * p.k_head_stride;
   const T* v_base = static_cast<const T*>(p.v_cache) + kvh * p.v_head_stride;
-  const uint32_t my_kv = smem_u32(sKV + warp * kMmaStages * 2 * kSlab);
+  const uint32_t my_kv = smem_u32(sKV + warp * kStages * 2 * kSlab);
   constexpr uint32_t kSlabBytes = kSlab * 2;
   constexpr uint32_t kRowBytes = kD * 2;
 
@@ -266,9 +288,9 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks<kD, kMTiles>) decod
     }
   };
 
-  // Prologue: the first kMmaStages - 1 slabs of this warp in flight, one group each.
+  // Prologue: the first kStages - 1 slabs of this warp in flight, one group each.
 #pragma unroll
-  for (int s = 0; s < kMmaStages - 1; ++s) {
+  for (int s = 0; s < kStages - 1; ++s) {
     if (s < n_mine) load_slab(s, s);
     cp_async_commit();
   }
@@ -322,11 +344,11 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks<kD, kMTiles>) decod
   }
 
   for (int i = 0; i < n_mine; ++i) {
-    cp_async_wait<kMmaStages - 2>();
+    cp_async_wait<kStages - 2>();
     __syncwarp();  // slab i visible to the whole warp; every lane is done with slab i - 1
-    if (i + kMmaStages - 1 < n_mine) load_slab(i + kMmaStages - 1, (i + kMmaStages - 1) % kMmaStages);
+    if (i + kStages - 1 < n_mine) load_slab(i + kStages - 1, (i + kStages - 1) % kStages);
     cp_async_commit();
-    const uint32_t sK = my_kv + (i % kMmaStages) * 2 * kSlabBytes, sV = sK + kSlabBytes;
+    const uint32_t sK = my_kv + (i % kStages) * 2 * kSlabBytes, sV = sK + kSlabBytes;
 
     // S = Q K^T over the 16 keys of the slab: two n8 key tiles per m-tile.
     float s[kMTiles][2][4];
@@ -422,11 +444,11 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks<kD, kMTiles>) decod
     }
   }
   cp_async_wait<0>();
-  __syncthreads();  // every warp is done with its slabs (and their copies have landed): reuse as merge area
+  __syncthreads();  // every warp is done with its slabs and sQ (copies landed): reuse as merge area
 
   // Merge the 4 warps: each stores its unnormalised O rows, and (quad lane 0) the row max and
   // the quad-reduced row sum; then every thread finishes elements of the output.
-  constexpr int kAS = DecodeMmaSmem<kD>::kAccStride;
+  constexpr int kAS = Smem::kAccStride;
   float* sAcc = reinterpret_cast<float*>(smem);       // [warp][32][kAS]
   float* sM = sAcc + kMmaWarps * 32 * kAS;             // [warp][32]
   float* sL = sM + kMmaWarps * 32;                     // [warp][32]

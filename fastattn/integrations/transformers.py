@@ -589,8 +589,12 @@ def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
         return "value head dim differs from the query head dim"
     if query.is_cuda and query.dtype == torch.float32:
         return "float32 on CUDA (the CUDA kernels are fp16/bf16)"
+    if query.is_cuda and not fastattn.functional.cuda_kernels_run_on(query):
+        return "a GPU below compute capability 8.0 (the CUDA kernels need sm_80 or newer)"
     if query.is_cuda and query.shape[-1] not in _CUDA_HEAD_DIMS:
         return f"head dim {query.shape[-1]} on CUDA (built for {_CUDA_HEAD_DIMS})"
+    if query.is_cuda and max(query.shape[0], query.shape[1]) > fastattn.functional._CUDA_GRID_MAX:
+        return f"batch or heads above {fastattn.functional._CUDA_GRID_MAX} on CUDA (the kernels' grid limits)"
     if (query.is_cuda and torch.is_grad_enabled() and (query.requires_grad or value.requires_grad)
             and not fastattn.functional.cuda_backward_fits(query, query.shape[-1])):
         return f"head dim {query.shape[-1]} backward on a GPU with less than 128 KiB of shared memory per block"

@@ -636,16 +636,21 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_cau
     return out.transpose(1, 2)
 
 
-def _attention_kernels_take(q: Tensor, decode: bool) -> bool:
+def _attention_kernels_take(q: Tensor, decode: bool, softcap: float = 0.0, check_smem: bool = True) -> bool:
     """Whether fastattn's attention kernels take q: any dtype and head dim on the CPU; on CUDA
-    fp16/bf16 and the compiled head dims (flash 32..256, decode/KV cache 64, 96, 128, 256).
-    Elsewhere (an fp32 or head-dim-16 model on CUDA) the fastattn backend runs that attention
-    call the torch backend's way, as the Hugging Face integration falls back to SDPA, instead
-    of failing mid-forward; norms, RoPE and the MLP stay on fastattn's kernels."""
+    fp16/bf16 and the compiled head dims (flash 32..256, decode/KV cache 64, 96, 128, 256, and
+    only the decode shapes whose kernel fits the GPU's shared memory: on 99 KiB parts such as
+    an RTX 4090, head dim 64, and 128 without softcap). Elsewhere (an fp32 or head-dim-16 model
+    on CUDA, Gemma's 256 on an RTX 4090) the fastattn backend runs that attention call the torch
+    backend's way, as the Hugging Face integration falls back to SDPA, instead of failing
+    mid-forward; norms, RoPE and the MLP stay on fastattn's kernels. check_smem=False: dtype and
+    head dim only (append_kv, whose kernel needs no shared memory)."""
     if not q.is_cuda:
         return True
     dims = fastattn.functional._DECODE_CUDA_HEAD_DIMS if decode else fastattn.functional._CUDA_HEAD_DIMS
-    return q.dtype != torch.float32 and q.shape[-1] in dims
+    if q.dtype == torch.float32 or q.shape[-1] not in dims or not fastattn.functional.cuda_kernels_run_on(q):
+        return False
+    return not (decode and check_smem) or fastattn.functional.decode_cuda_fits(q, q.shape[-1], q.shape[1], softcap)
 
 
 def _causal_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, window: int = -1,
@@ -671,7 +676,7 @@ def _append_kv(backend: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Ten
                block_table: Optional[Tensor] = None, check: bool = True) -> None:
     """check=False: the caller has bounded write_at + Sn by the capacity on the host (fastattn
     then skips its capacity check, a host read of write_at per call on CUDA)."""
-    if backend == "fastattn" and _attention_kernels_take(k, decode=True):
+    if backend == "fastattn" and _attention_kernels_take(k, decode=True, check_smem=False):
         fastattn.append_kv(k_cache, v_cache, k, v, write_at, block_table=block_table, check_capacity=check)
         return
     # rows [write_at[b], write_at[b] + Sn) of sequence b; on a paged cache, row t of sequence
@@ -695,7 +700,7 @@ def _decode_attention(backend: str, q: Tensor, k_cache: Tensor, v_cache: Tensor,
     softcap as in ``_causal_attention``. The torch backend runs SDPA over the whole cache with
     a (B, 1, 1, S_max) key mask built on the device (no host sync: CUDA graphs can capture it);
     a paged cache is gathered into (B, capacity, Hk, D) first."""
-    if backend == "fastattn" and not _attention_kernels_take(q, decode=True):
+    if backend == "fastattn" and not _attention_kernels_take(q, decode=True, softcap=softcap):
         backend = "torch"
     kw = dict(block_table=block_table, softmax_scale=scale, **_softcap_kw(backend, softcap))
     if backend == "fastattn":

@@ -100,8 +100,9 @@ bool decode_cuda_supports_head_dim(int64_t d);
 // at d = 96, 76 KiB at d = 64): more than the 99 KiB opt-in limit of sm_86 / sm_89 at d >= 96.
 int64_t decode_cuda_smem_bytes(int64_t d);
 // Dynamic shared memory of the decode kernel the launcher picks for params (the tensor-core
-// kernel, 104 KiB at d = 128 and 52 KiB at d = 64, for one query per sequence without softcap;
-// else decode_cuda_smem_bytes(d)): what the device's opt-in limit must allow.
+// kernel, 104 KiB at d = 128, 72 KiB in its 2-stage variant when params.smem_per_block_optin is
+// below that, and 52 KiB at d = 64, for one query per sequence without softcap; else
+// decode_cuda_smem_bytes(d)): what the device's opt-in limit must allow.
 int64_t decode_cuda_launch_smem_bytes(const DecodeParams& params);
 // True when k/v caches are 16-byte aligned with every stride a multiple of 8 elements, and
 // the grid fits (b <= 65535, h_k * head slices <= 65535).

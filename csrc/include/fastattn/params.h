@@ -243,6 +243,9 @@ struct DecodeParams {
   float* out_partial = nullptr;
   float* lse_partial = nullptr;
   DType dtype = DType::kFloat16;
+  // The device's opt-in shared memory per block in bytes (0: not known, taken as enough): the
+  // launcher picks the tensor-core kernel's smaller d128 variant below its usual size.
+  int64_t smem_per_block_optin = 0;
 };
 
 // append_kv: row cache_seqlens[b] + i of sequence b's cache = k[b, i] (same for v), for
