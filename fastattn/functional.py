@@ -94,8 +94,8 @@ def _rms_norm_plain(x, weight, eps, residual) -> bool:
                                      and residual.shape == x.shape and residual.device == x.device
                                      and not residual.is_nested):
         return False
-    return not (x.is_cuda and dtype != torch.float32 and _CUDA_AUTOCAST_RMS_NORM_FP32
-                and torch.is_autocast_enabled("cuda"))
+    return not (x.is_cuda and ((dtype != torch.float32 and _CUDA_AUTOCAST_RMS_NORM_FP32
+                                and torch.is_autocast_enabled("cuda")) or not cuda_kernels_run_on(x)))
 
 
 # Whether this torch's CUDA autocast runs rms_norm in fp32 (torch 2.13 does; torch 2.11 left it
@@ -186,10 +186,11 @@ def rms_norm(
                 )
             x, residual = x.to(dtype), residual.to(dtype)
     if (x.dtype == torch.float64 or x.is_complex()
+            or (x.is_cuda and not cuda_kernels_run_on(x))
             or (ops.transform_active() and ops.differentiating_transform(x, weight, residual))):
-        # No fp64 or complex kernels (fp64 is for checking, e.g. gradcheck, not for speed), and
-        # no forward-mode / torch.func derivatives (ops.differentiating_transform): torch's own,
-        # with torch's default eps when none is given.
+        # No fp64 or complex kernels (fp64 is for checking, e.g. gradcheck, not for speed), no
+        # kernel for GPUs below sm_80, and no forward-mode / torch.func derivatives
+        # (ops.differentiating_transform): torch's own, with torch's default eps when none is given.
         h = x + residual if residual is not None else x
         y = torch.nn.functional.rms_norm(h, (h.shape[-1],), weight, None if torch_eps else eps)
         return (y, h) if residual is not None else y
@@ -471,19 +472,38 @@ _CUDA_GRID_MAX = 65535
 _CAPABILITY_BY_DEVICE: dict = {}
 
 
+def _build_runs_on(capability, archs: str) -> bool:
+    """Whether a build for `archs` (setup.py's FASTATTN_CUDA_ARCHS, e.g. "8.0;9.0a") has code for
+    a GPU of this (major, minor) capability: sm_XY code runs on the same major from minor Y on,
+    an "a" arch only on itself, and the compute_80 PTX setup.py embeds with "8.0" on any GPU from
+    sm_80 on; nothing runs below sm_80 (mma.sync bf16, cp.async)."""
+    if capability < (8, 0):
+        return False
+    names = [a.strip() for a in archs.split(";") if a.strip()]
+    if not names:
+        return True  # (not recorded: assume the build was made for it)
+    for name in names:
+        exact = name.endswith("a")
+        major, minor = (int(x) for x in name.rstrip("a").split("."))
+        if (major, minor) == (8, 0) or (capability == (major, minor) if exact else
+                                        capability[0] == major and capability[1] >= minor):
+            return True
+    return False
+
+
 def cuda_kernels_run_on(t: Tensor) -> bool:
-    """Whether t's GPU can run this build's CUDA kernels: compute capability 8.0 or newer
-    (mma.sync bf16, cp.async; the default build embeds sm_80 / sm_90a code and compute_80 PTX,
-    which newer GPUs compile on first use). Older GPUs (V100, T4) get torch's implementations
-    from the drop-ins, the Hugging Face integration and the model. True while torch.compile
-    traces."""
+    """Whether t's GPU can run this build's CUDA kernels (_build_runs_on: sm_80 or newer, and
+    code for it in the build). Where not (a V100 or T4; an A100 under a build made for an H100
+    alone), the SDPA drop-in, rms_norm / nn.RMSNorm, the Hugging Face integration and the model
+    run torch's way instead. True while torch.compile traces."""
     if torch.compiler.is_compiling():
         return True
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    cap = _CAPABILITY_BY_DEVICE.get(index)
-    if cap is None:
-        cap = _CAPABILITY_BY_DEVICE[index] = torch.cuda.get_device_capability(index)
-    return cap >= (8, 0)
+    runs = _CAPABILITY_BY_DEVICE.get(index)
+    if runs is None:
+        runs = _CAPABILITY_BY_DEVICE[index] = _build_runs_on(
+            torch.cuda.get_device_capability(index), getattr(_load_extension(), "CUDA_ARCHS", ""))
+    return runs
 
 
 def cuda_backward_fits(t: Tensor, head_dim: int) -> bool:
@@ -1210,9 +1230,10 @@ def attention_with_kvcache(
     indices of all tokens ``[0, cache_seqlens[b] + Sq)``) runs before k/v are appended.
     Two exceptions, both after the append: under torch.compile (where reading values would
     break the graph) the page indices of the tokens already cached are checked by the attention
-    op; on CUDA the limits of this GPU (the decode kernel's shared memory on 99 KiB parts, grid
-    sizes) are checked when the kernel is chosen. A call that raises there has written the new
-    rows past ``cache_seqlens``, which it does not advance: the valid tokens are unchanged.
+    op; on CUDA the grid limits (B and Hk x row slices <= 65535) are checked when the kernel is
+    chosen (the decode kernel's shared memory on 99 KiB parts before the append). A call that
+    raises there has written the new rows past ``cache_seqlens``, which it does not advance:
+    the valid tokens are unchanged.
 
     Returns:
         out (B, Sq, H, D) in q's dtype, or ``(out, lse)``.
@@ -1246,6 +1267,12 @@ def attention_with_kvcache(
         if k.dim() != 4 or tuple(k.shape) != (B, Sq, Hk, D):
             raise ValueError(f"k must be (B, Sq, Hk, D) = ({B}, {Sq}, {Hk}, {D}) to match q and k_cache, "
                              f"got shape {tuple(k.shape)}")
+        if q.is_cuda and not decode_cuda_fits(q, D, Sq, softcap):
+            raise RuntimeError(
+                f"fastattn.attention_with_kvcache: the decode kernel for head dim {D}, {Sq} queries per sequence"
+                f"{', softcap' if softcap > 0 else ''} needs more shared memory per block than this GPU allows "
+                "(GPUs with 99 KiB per block, sm_86 / sm_89 / sm_120, run it at head dim 64, and at 128 with one "
+                "query per sequence and no softcap); the caches were not touched")
         # Every check the attention op makes runs before the append, so a call that raises
         # leaves the caches as they were (a caller that catches and retries must not append
         # twice). The op's CPU page check covers tokens [0, cache_seqlens + Sq), append_kv's

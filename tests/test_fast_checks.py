@@ -216,3 +216,19 @@ def test_window_shortcut(window):
     slow_window = tuple(I(w) if type(w) is int else w for w in window) if isinstance(window, tuple) else window
     fast, slow = _outcome(lambda: functional._check_window(window)), _outcome(lambda: functional._check_window(slow_window))
     assert fast[:2] == slow[:2] if fast[0] == "raise" else fast == slow, (fast, slow)
+
+
+def test_cuda_build_arch_rule():
+    # Which GPUs a CUDA build has code for (the drop-ins / HF integration / model hand the rest
+    # to torch): sm_XY code runs on the same major from minor Y on, "a" archs only on themselves,
+    # the default build's compute_80 PTX on anything from sm_80 on, nothing below sm_80.
+    from fastattn.functional import _build_runs_on
+
+    default = "8.0;9.0a"
+    assert _build_runs_on((8, 0), default) and _build_runs_on((8, 6), default) and _build_runs_on((8, 9), default)
+    assert _build_runs_on((9, 0), default) and _build_runs_on((12, 0), default)  # (12.0: the PTX)
+    assert not _build_runs_on((7, 5), default) and not _build_runs_on((7, 0), default)
+    assert _build_runs_on((9, 0), "9.0a") and not _build_runs_on((8, 0), "9.0a")
+    assert not _build_runs_on((10, 0), "9.0a") and not _build_runs_on((8, 9), "9.0a")
+    assert _build_runs_on((8, 9), "8.6") and not _build_runs_on((8, 0), "8.6")
+    assert _build_runs_on((8, 6), "") and not _build_runs_on((7, 5), "")

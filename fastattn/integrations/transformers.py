@@ -996,6 +996,7 @@ def _make_rotary_dispatcher(original, partial: bool = False):
             and (R == q.shape[-1] or (partial and 0 < R < q.shape[-1]))
             and cos.shape[0] in (1, q.shape[0]) and cos.shape[1] == q.shape[2]
             and q.stride(-1) == 1 and k.stride(-1) == 1
+            and (not q.is_cuda or fastattn.functional.cuda_kernels_run_on(q))  # (no kernel below sm_80)
         )
         if not usable or (fastattn.ops.transform_active() and fastattn.ops.differentiating_transform(q, k, cos, sin)):
             # (forward-mode AD / torch.func grad: the model's own rotary differentiates there)
