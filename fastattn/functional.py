@@ -469,7 +469,23 @@ _CUDA_BWD_SMEM_D256 = 128 * 1024
 _CUDA_GRID_MAX = 65535
 
 
-_CAPABILITY_BY_DEVICE: dict = {}
+_CODE_FOR_DEVICE: dict = {}  # device index -> cuda_kernels_run_on's answer
+_SMEM_OPTIN_BY_DEVICE: dict = {}  # device index -> shared memory per block (opt-in), bytes
+
+
+def _per_device(cache: dict, t: Tensor, compute):
+    """compute(index) for t's CUDA device, asked once per device (its properties never change)."""
+    index = t.device.index or 0  # (a CUDA tensor's device always has its index)
+    value = cache.get(index)
+    if value is None:
+        value = cache[index] = compute(index)
+    return value
+
+
+def _smem_optin(t: Tensor) -> int:
+    """The opt-in shared memory per block of t's GPU (bytes); unlimited where torch does not say."""
+    return _per_device(_SMEM_OPTIN_BY_DEVICE, t, lambda i: getattr(
+        torch.cuda.get_device_properties(i), "shared_memory_per_block_optin", 2**31 - 1))
 
 
 def _build_runs_on(capability, archs: str) -> bool:
@@ -498,12 +514,8 @@ def cuda_kernels_run_on(t: Tensor) -> bool:
     run torch's way instead. True while torch.compile traces."""
     if torch.compiler.is_compiling():
         return True
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    runs = _CAPABILITY_BY_DEVICE.get(index)
-    if runs is None:
-        runs = _CAPABILITY_BY_DEVICE[index] = _build_runs_on(
-            torch.cuda.get_device_capability(index), getattr(_load_extension(), "CUDA_ARCHS", ""))
-    return runs
+    return _per_device(_CODE_FOR_DEVICE, t, lambda i: _build_runs_on(
+        torch.cuda.get_device_capability(i), getattr(_load_extension(), "CUDA_ARCHS", "")))
 
 
 def cuda_backward_fits(t: Tensor, head_dim: int) -> bool:
@@ -512,8 +524,7 @@ def cuda_backward_fits(t: Tensor, head_dim: int) -> bool:
     (True), and True where torch does not report the limit."""
     if head_dim != 256 or torch.compiler.is_compiling():
         return True
-    props = torch.cuda.get_device_properties(t.device)
-    return getattr(props, "shared_memory_per_block_optin", _CUDA_BWD_SMEM_D256) >= _CUDA_BWD_SMEM_D256
+    return _smem_optin(t) >= _CUDA_BWD_SMEM_D256
 
 
 _INT64_MAX = 2**63 - 1
@@ -943,7 +954,6 @@ _DECODE_CUDA_HEAD_DIMS = (64, 96, 128, 256)
 # L4, L40S) head dim 64 does, and 128 with one query per sequence and no softcap (the
 # tensor-core kernel's 2-stage variant); the other shapes' kernels raise there.
 _DECODE_SMEM_ALL_SHAPES = 163 * 1024
-_SMEM_OPTIN_BY_DEVICE: dict = {}
 
 
 def decode_cuda_fits(t: Tensor, head_dim: int, seqlen_q: int = 1, softcap: float = 0.0) -> bool:
@@ -952,12 +962,7 @@ def decode_cuda_fits(t: Tensor, head_dim: int, seqlen_q: int = 1, softcap: float
     where torch does not report the limit."""
     if torch.compiler.is_compiling():
         return True
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    optin = _SMEM_OPTIN_BY_DEVICE.get(index)
-    if optin is None:
-        props = torch.cuda.get_device_properties(index)
-        optin = _SMEM_OPTIN_BY_DEVICE[index] = getattr(props, "shared_memory_per_block_optin", _DECODE_SMEM_ALL_SHAPES)
-    return _decode_smem_fits(optin, head_dim, seqlen_q, softcap)
+    return _decode_smem_fits(_smem_optin(t), head_dim, seqlen_q, softcap)
 
 
 def _decode_smem_fits(optin: int, head_dim: int, seqlen_q: int, softcap: float) -> bool:

@@ -283,9 +283,14 @@ def test_cuda_backward_fits_reads_the_shared_memory_limit(monkeypatch):
     for optin, fits in ((99 * 1024, False), (227 * 1024, True)):
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda dev, optin=optin: types.SimpleNamespace(shared_memory_per_block_optin=optin))
+        monkeypatch.setattr(F_, "_SMEM_OPTIN_BY_DEVICE", {})  # (asked once per device, then kept)
         assert F_.cuda_backward_fits(t, 256) is fits
         assert F_.cuda_backward_fits(t, 128)
+        # and the decode kernels' rule on the same device (the model's decode step asks it)
+        assert F_.decode_cuda_fits(t, 128) and F_.decode_cuda_fits(t, 64, 5, 30.0)
+        assert F_.decode_cuda_fits(t, 256) is fits and F_.decode_cuda_fits(t, 128, 2) is fits
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace())
+    monkeypatch.setattr(F_, "_SMEM_OPTIN_BY_DEVICE", {})
     assert F_.cuda_backward_fits(t, 256)  # a torch that does not report the limit: assume it fits
 
 
