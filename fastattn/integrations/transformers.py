@@ -590,7 +590,7 @@ def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
     if query.is_cuda and query.dtype == torch.float32:
         return "float32 on CUDA (the CUDA kernels are fp16/bf16)"
     if query.is_cuda and not fastattn.functional.cuda_kernels_run_on(query):
-        return "a GPU below compute capability 8.0 (the CUDA kernels need sm_80 or newer)"
+        return "a GPU this build has no CUDA code for (below sm_80, or an arch it was not compiled for)"
     if query.is_cuda and query.shape[-1] not in _CUDA_HEAD_DIMS:
         return f"head dim {query.shape[-1]} on CUDA (built for {_CUDA_HEAD_DIMS})"
     if query.is_cuda and max(query.shape[0], query.shape[1]) > fastattn.functional._CUDA_GRID_MAX:
@@ -996,7 +996,7 @@ def _make_rotary_dispatcher(original, partial: bool = False):
             and (R == q.shape[-1] or (partial and 0 < R < q.shape[-1]))
             and cos.shape[0] in (1, q.shape[0]) and cos.shape[1] == q.shape[2]
             and q.stride(-1) == 1 and k.stride(-1) == 1
-            and (not q.is_cuda or fastattn.functional.cuda_kernels_run_on(q))  # (no kernel below sm_80)
+            and (not q.is_cuda or fastattn.functional.cuda_kernels_run_on(q))  # (no code for this GPU)
         )
         if not usable or (fastattn.ops.transform_active() and fastattn.ops.differentiating_transform(q, k, cos, sin)):
             # (forward-mode AD / torch.func grad: the model's own rotary differentiates there)

@@ -562,7 +562,7 @@ def _rms_norm(backend: str, x: Tensor, weight: Tensor, eps: float, residual: Opt
     backend this is F.rms_norm (which normalises in fp32 and rounds to x's dtype before the
     weight, as LlamaRMSNorm does)."""
     if backend == "fastattn" and x.is_cuda and not fastattn.functional.cuda_kernels_run_on(x):
-        backend = "torch"  # a GPU below sm_80: no kernel of ours runs there
+        backend = "torch"  # no code for this GPU in the build (e.g. below sm_80)
     if backend == "fastattn":
         if unit_offset:  # nn.RMSNorm(unit_offset=True)'s function: fused on fp32
             return rms_norm_unit_offset(x, weight, eps, residual=residual)
@@ -589,7 +589,7 @@ def _rotary(backend: str, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positi
     check=False: the caller has bounded the positions on the host (fastattn then skips its
     value check, a host sync per call on CUDA)."""
     if backend == "fastattn" and q.is_cuda and not fastattn.functional.cuda_kernels_run_on(q):
-        backend = "torch"  # a GPU below sm_80: no kernel of ours runs there
+        backend = "torch"  # no code for this GPU in the build (e.g. below sm_80)
     if backend == "fastattn":
         return fastattn.apply_rotary(q, k, cos, sin, positions=positions, check_positions=check)
     S, R = q.shape[1], 2 * cos.shape[-1]
