@@ -1313,7 +1313,9 @@ def append_kv(
 
     Args:
         k_cache, v_cache: (B, S_max, Hk, D), or page pools (num_pages, page_size, Hk, D) with
-            ``block_table``; modified in place; last dim contiguous, other strides free.
+            ``block_table``; modified in place; last dim contiguous, other strides free. A
+            contiguous cache may have a larger batch than k (preallocated for the largest
+            batch): sequence b is its row b, the rows from B on are not touched.
         k, v: (B, Sn, Hk, D) with the caches' dtype and device.
         cache_seqlens: (B,) int32 on the caches' device: the current valid length of each
             sequence, i.e. where its new rows go. It is NOT advanced: the caller does
@@ -1352,6 +1354,10 @@ def append_kv(
         check_tensor(t, name)
         check_same_device(t, k_cache, name, "k_cache")
         check_same_dtype(t, k_cache, name, "k_cache")
+    # A contiguous cache preallocated for a larger batch than k's (as attention_with_kvcache /
+    # decode_attention accept): sequence b is its row b; rows from B on are not touched.
+    if not paged and k.dim() == 4 and k_cache.shape[0] > k.shape[0] and v_cache.shape == k_cache.shape:
+        k_cache, v_cache = k_cache[:k.shape[0]], v_cache[:k.shape[0]]
     _, _, Hk, D = k_cache.shape
     B = k.shape[0] if (paged and k.dim() == 4) else k_cache.shape[0]
     if k.dim() != 4 or k.shape[0] != B or k.shape[2] != Hk or k.shape[3] != D:

@@ -559,3 +559,20 @@ def test_attention_with_kvcache_check_capacity_flag():
         fastattn.attention_with_kvcache(q, kc, vc, 3, k=k, v=k, check_capacity=False)
     with pytest.raises(TypeError, match="check_capacity"):
         fastattn.attention_with_kvcache(q, kc, vc, 3, check_capacity=1)
+
+
+def test_append_kv_into_a_larger_cache_batch():
+    # As attention_with_kvcache / decode_attention: a contiguous cache preallocated for a larger
+    # batch than k's takes sequence b at row b and leaves the rows from B on alone; a smaller one
+    # is still refused.
+    kc, vc = torch.randn(5, 12, 2, 16), torch.randn(5, 12, 2, 16)
+    k, v = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 2, 16)
+    lens = torch.tensor([4, 0], dtype=torch.int32)
+    before_k, before_v = kc.clone(), vc.clone()
+    fastattn.append_kv(kc, vc, k, v, lens)
+    torch.testing.assert_close(kc[0, 4:7], k[0], rtol=0, atol=0)
+    torch.testing.assert_close(vc[1, 0:3], v[1], rtol=0, atol=0)
+    assert torch.equal(kc[2:], before_k[2:]) and torch.equal(vc[2:], before_v[2:])
+    assert torch.equal(kc[0, :4], before_k[0, :4]) and torch.equal(kc[0, 7:], before_k[0, 7:])
+    with pytest.raises(ValueError, match="k must be"):
+        fastattn.append_kv(kc[:1], vc[:1], k, v, lens)
