@@ -1055,9 +1055,17 @@ def _kvcache_conveniences(q, k_cache, v_cache, cache_seqlens, block_table):
         if not 0 <= n < 2**31:
             raise ValueError(f"cache_seqlens must be in [0, 2^31) (an int32 length), got {n}")
         cache_seqlens = torch.full((B,), n, dtype=torch.int32, device=k_cache.device)
-    if block_table is None and k_cache.dim() == 4 and k_cache.shape[0] > B and v_cache.shape == k_cache.shape:
-        k_cache, v_cache = k_cache[:B], v_cache[:B]
+    k_cache, v_cache = _batch_rows(k_cache, v_cache, B, block_table)
     return k_cache, v_cache, cache_seqlens
+
+
+def _batch_rows(k_cache, v_cache, B: int, block_table):
+    """The first B rows of a contiguous (k_cache, v_cache) preallocated for a larger batch
+    (sequence b is row b; rows from B on are neither read nor written); anything else (a paged
+    pool, caches of different shapes, a smaller batch) unchanged, for the checks to report."""
+    if block_table is None and k_cache.dim() == 4 and k_cache.shape[0] > B and v_cache.shape == k_cache.shape:
+        return k_cache[:B], v_cache[:B]
+    return k_cache, v_cache
 
 
 # decode::kMaxSplits (csrc/include/fastattn/decode_split.h): the ops refuse more splits. Checked
@@ -1356,8 +1364,8 @@ def append_kv(
         check_same_dtype(t, k_cache, name, "k_cache")
     # A contiguous cache preallocated for a larger batch than k's (as attention_with_kvcache /
     # decode_attention accept): sequence b is its row b; rows from B on are not touched.
-    if not paged and k.dim() == 4 and k_cache.shape[0] > k.shape[0] and v_cache.shape == k_cache.shape:
-        k_cache, v_cache = k_cache[:k.shape[0]], v_cache[:k.shape[0]]
+    if k.dim() == 4:
+        k_cache, v_cache = _batch_rows(k_cache, v_cache, k.shape[0], block_table)
     _, _, Hk, D = k_cache.shape
     B = k.shape[0] if (paged and k.dim() == 4) else k_cache.shape[0]
     if k.dim() != 4 or k.shape[0] != B or k.shape[2] != Hk or k.shape[3] != D:
