@@ -40,6 +40,16 @@ namespace {
 using cpu::load_row;
 using cpu::store_row;
 
+// Row sums (sum of squares, the backward's dot product) in two levels: a vectorised partial
+// per block of kRowSumBlock values, the partials added in order. One simd reduction over the
+// whole row leaves each lane's fp32 chain n / width terms long, whose error grows with n
+// (several times torch's pairwise sum from n = 2^16 on).
+constexpr int64_t kRowSumBlock = 2048;
+template <typename F>
+inline void for_blocks(int64_t n, F&& f) {
+  for (int64_t i0 = 0; i0 < n; i0 += kRowSumBlock) f(i0, std::min(n, i0 + kRowSumBlock));
+}
+
 // Rows per parallel task: enough elements that scheduling overhead is noise.
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
@@ -226,6 +236,8 @@ std::vector<float> kernel_weight(const void* weight, int64_t n, DType dtype) {
 // thread (CPU time, 8192 x 4096) bf16 with residual 14.4 -> 12.9 ms, bf16 7.6 -> 7.1 ms against
 // none; 0.5 and 2 KiB were no better.
 constexpr int64_t kPrefetchBytes = 1024;
+// Iterations of 32 values per partial sum of squares (see row_pass).
+constexpr int kSumFold = 64;
 inline void prefetch_ahead(const void* a, const void* b) {
   if (kPrefetchBytes > 0) {
     _mm_prefetch(static_cast<const char*>(a) + kPrefetchBytes, _MM_HINT_T0);
@@ -237,6 +249,20 @@ template <typename T, bool RES, bool NT, bool SUM, bool SCALE, bool NO_NAN>
 float row_pass(const T* xn, const T* resn, T* hn, T* hbn, const T* src, const float* w, float rstd, T* y,
                int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  // Two-level sum of squares: the four chains restart from zero every kSumFold iterations of
+  // 32 values and are added into `total`, so no fp32 chain holds more than 64 terms (one
+  // chain per lane over the whole row gave 19x torch's error at n = 2^20, 2x at 2^16).
+  __m256 total = a0;
+  int since_fold = 0;
+  auto fold = [&] {
+    if constexpr (SUM) {
+      if (++since_fold == kSumFold) {
+        total = _mm256_add_ps(total, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        a0 = a1 = a2 = a3 = _mm256_setzero_ps();
+        since_fold = 0;
+      }
+    }
+  };
   const __m256 rs = _mm256_set1_ps(rstd);
   // Pass 2 of [j, j + 8): any grouping gives the same values (each element on its own).
   auto scale8 = [&](int64_t j) {
@@ -285,6 +311,7 @@ float row_pass(const T* xn, const T* resn, T* hn, T* hbn, const T* src, const fl
       sum_block(i + kBf16Block, a2, a3);
       scale_block(i);
       scale_block(i + kBf16Block);
+      fold();
     }
     for (; i < nb; i += kBf16Block) {
       sum_block(i, a0, a1);
@@ -318,13 +345,15 @@ float row_pass(const T* xn, const T* resn, T* hn, T* hbn, const T* src, const fl
       scale8(i + 16);
       scale8(i + 24);
     }
+    fold();
   }
   for (; i + 8 <= n; i += 8) {
     step(i, a0);
     if constexpr (SCALE) scale8(i);
   }
   float ss = 0.f;
-  if constexpr (SUM) ss = vec::hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  if constexpr (SUM)
+    ss = vec::hsum(_mm256_add_ps(total, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))));
   for (; i < n; ++i) {
     if constexpr (SUM) {
       float v = vec::to_float(xn[i]);
@@ -459,8 +488,12 @@ void rms_norm_fwd_impl(const RmsNormParams& p) {
         if (!std::is_same<T, float>::value) load_row(h + r * p.h_row_stride, b, n);
       }
       float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < n; ++i) ss += b[i] * b[i];
+      for_blocks(n, [&](int64_t i0, int64_t i1) {
+        float part = 0.f;
+#pragma omp simd reduction(+ : part)
+        for (int64_t i = i0; i < i1; ++i) part += b[i] * b[i];
+        ss += part;
+      });
       const float rstd = 1.0f / std::sqrt(ss / static_cast<float>(n) + p.eps);
       p.rstd[r] = rstd;
       if (wf) {
@@ -476,6 +509,8 @@ void rms_norm_fwd_impl(const RmsNormParams& p) {
 }
 #endif  // AVX2 forward
 
+constexpr int64_t kDweightFold = 64;
+
 template <typename T>
 void rms_norm_bwd_impl(const RmsNormBwdParams& p) {
   const int64_t n = p.n;
@@ -490,30 +525,50 @@ void rms_norm_bwd_impl(const RmsNormBwdParams& p) {
 
   at::parallel_for(0, nblocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
     std::vector<float> xb(static_cast<size_t>(n)), gb(static_cast<size_t>(n)),
-        hb(dh ? static_cast<size_t>(n) : 0);
+        hb(dh ? static_cast<size_t>(n) : 0), dw_run(wf ? static_cast<size_t>(n) : 0);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
-      float* dw = wf ? p.dweight_partial + blk * n : nullptr;
-      if (dw) std::fill(dw, dw + n, 0.f);
+      float* dw_block = wf ? p.dweight_partial + blk * n : nullptr;
+      // dweight in two levels within the block too: kDweightFold rows are summed into dw_run,
+      // which is then added to the block's partial (one chain per column over a whole block,
+      // 4096 rows at 262144 rows, gave 3x torch's error, 12x at 2^20 rows).
+      float* dw = dw_run.data();
+      if (wf) {
+        std::fill(dw_block, dw_block + n, 0.f);
+        std::fill(dw, dw + n, 0.f);
+      }
+      const int64_t r_begin = blk * rows_per_block;
       const int64_t r_end = std::min(p.rows, (blk + 1) * rows_per_block);
-      for (int64_t r = blk * rows_per_block; r < r_end; ++r) {
+      auto flush_dw = [&] {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          dw_block[i] += dw[i];
+          dw[i] = 0.f;
+        }
+      };
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        if (wf && r > r_begin && (r - r_begin) % kDweightFold == 0) flush_dw();
         float* xr = xb.data();
         float* g = gb.data();
         load_row(x + r * p.x_row_stride, xr, n);
         load_row(dy + r * p.dy_row_stride, g, n);
         const float rstd = p.rstd[r];
         float dot = 0.f;
-        if (wf) {
-#pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < n; ++i) {
-            const float xhat = xr[i] * rstd;
-            dw[i] += g[i] * xhat;  // dweight uses dy before it is scaled by weight
-            g[i] *= wf[i];
-            dot += g[i] * xhat;
+        for_blocks(n, [&](int64_t i0, int64_t i1) {
+          float part = 0.f;
+          if (wf) {
+#pragma omp simd reduction(+ : part)
+            for (int64_t i = i0; i < i1; ++i) {
+              const float xhat = xr[i] * rstd;
+              dw[i] += g[i] * xhat;  // dweight uses dy before it is scaled by weight
+              g[i] *= wf[i];
+              part += g[i] * xhat;
+            }
+          } else {
+#pragma omp simd reduction(+ : part)
+            for (int64_t i = i0; i < i1; ++i) part += g[i] * xr[i] * rstd;
           }
-        } else {
-#pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < n; ++i) dot += g[i] * xr[i] * rstd;
-        }
+          dot += part;
+        });
         const float c = dot / static_cast<float>(n);
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) g[i] = rstd * (g[i] - xr[i] * rstd * c);
@@ -525,6 +580,7 @@ void rms_norm_bwd_impl(const RmsNormBwdParams& p) {
         }
         store_row(g, dx + r * p.dx_row_stride, n);
       }
+      if (wf && r_end > r_begin) flush_dw();
     }
   });
 
