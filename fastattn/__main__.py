@@ -475,13 +475,14 @@ def _prompt_ids(args, tokenizer, config):
             raise UsageError(f"--prompt: token id {bad[0]} is outside this model's vocabulary "
                              f"(vocab_size {vocab}: ids 0 to {vocab - 1})")
     limit = config.max_position_embeddings
-    if len(ids) >= limit:
+    if len(ids) > limit:
         raise UsageError(f"--prompt: {len(ids)} tokens, but the model's max_position_embeddings is {limit} "
-                         f"(a prompt may have at most {limit - 1} tokens)")
-    if len(ids) + args.max_new_tokens > limit:
+                         f"(a prompt may have at most {limit} tokens)")
+    if len(ids) + args.max_new_tokens - 1 > limit:  # the last new token is never fed back
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: the {len(ids)}-token prompt plus "
-                         f"{args.max_new_tokens} new tokens exceed the model's max_position_embeddings {limit} "
-                         f"(use --max-new-tokens {limit - len(ids)} or fewer)")
+                         f"{args.max_new_tokens} new tokens need {len(ids) + args.max_new_tokens - 1} positions, "
+                         f"more than the model's max_position_embeddings {limit} "
+                         f"(use --max-new-tokens {limit - len(ids) + 1} or fewer)")
     return ids
 
 

@@ -222,10 +222,23 @@ def test_generate_bad_option_values(model_dir, capsys, extra, fragments):
     ("5 six 7", ["--prompt", "'six'", "token ids"]),
     (f"5 {VOCAB}", ["--prompt", str(VOCAB), f"vocab_size {VOCAB}"]),
     ("5 -3", ["--prompt", "-3", f"vocab_size {VOCAB}"]),
-    (" ".join(["7"] * MAX_POS), ["--prompt", f"{MAX_POS} tokens", "max_position_embeddings"]),
+    (" ".join(["7"] * (MAX_POS + 1)), ["--prompt", f"{MAX_POS + 1} tokens", "max_position_embeddings"]),
 ], ids=["empty", "blank", "not_an_id", "id_eq_vocab", "negative_id", "too_long"])
 def test_generate_bad_prompts(model_dir, capsys, prompt, fragments):
     check(gen(model_dir, prompt=prompt), capsys, *fragments)
+
+
+def test_generate_up_to_max_position_embeddings(model_dir, capsys):
+    # The last new token is printed, never fed back: a prompt of S tokens and n new ones need
+    # S + n - 1 positions (transformers' generate runs these too; they were refused before).
+    rc, out, err = run_main(gen(model_dir, "--max-new-tokens", "1", prompt=" ".join(["7"] * MAX_POS)), capsys)
+    assert rc == 0, err
+    assert len(out.split()) == MAX_POS + 1
+    rc, out, err = run_main(gen(model_dir, "--max-new-tokens", str(MAX_POS - 2)), capsys)  # 3 + 30 - 1 = 32
+    assert rc == 0, err
+    assert len(out.split()) == MAX_POS + 1
+    check(gen(model_dir, "--max-new-tokens", str(MAX_POS - 1)), capsys, "--max-new-tokens", "33 positions",
+          f"--max-new-tokens {MAX_POS - 2} or fewer")
 
 
 def test_generate_model_folder_errors(model_dir, tmp_path, capsys):

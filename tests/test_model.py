@@ -303,6 +303,23 @@ def test_ragged_batch_equals_one_by_one(hf_llama, backend):
             assert (logits[b] - model(ids[b : b + 1, :n])[0, -1]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("cache, num_beams", [("contiguous", 1), ("paged", 1), ("contiguous", 2), ("paged", 2)])
+def test_generate_fills_max_position_embeddings(hf_llama, cache, num_beams):
+    # n new tokens after an S-token prompt need S + n - 1 positions (the last one is returned,
+    # never fed back), as transformers' generate: S + n = max_pos + 1 was refused before.
+    _, path = hf_llama
+    model = Llama.from_pretrained(path)
+    max_pos = model.config.max_position_embeddings
+    for S in (max_pos, 5):
+        ids = ids_of(1, S)
+        n = max_pos - S + 1
+        out = model.generate(ids, n, cache=cache, page_size=7, num_beams=num_beams)
+        assert out.shape == (1, max_pos + 1)
+        if num_beams == 1:  # greedy: the last token is the argmax after the other max_pos
+            with torch.no_grad():
+                assert out[0, -1].item() == model(out[:, :max_pos])[0, -1].argmax().item()
+
+
 def test_generate_input_errors(hf_llama):
     _, path = hf_llama
     model = Llama.from_pretrained(path)
@@ -311,8 +328,16 @@ def test_generate_input_errors(hf_llama):
         model.generate(ids, 2, prompt_lengths=torch.tensor([5, 6]))
     with pytest.raises(ValueError, match="left padding is not supported"):
         model.generate(ids, 2, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
-    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
-        model.generate(ids, 200)
+    max_pos = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"max_new_tokens {max_pos - 3}: .* use max_new_tokens <= {max_pos - 4}"):
+        model.generate(ids, max_pos - 3)  # 5 + max_pos - 3 - 1 positions
+    with pytest.raises(ValueError, match=rf"{max_pos + 1} positions, more than max_position_embeddings"):
+        model.generate(ids_of(1, max_pos + 1), 1)
+    for bad in ("0.5", torch.tensor(0.5)):
+        with pytest.raises(ValueError, match="top_p must be in .*: a Python or NumPy real number, got"):
+            model.generate(ids, 2, temperature=1.0, top_p=bad)
+        with pytest.raises(ValueError, match="temperature must be >= 0 .*: a Python or NumPy real number, got"):
+            model.generate(ids, 2, temperature=bad)
     for dtype in (torch.float32, torch.uint8, torch.int16):  # (the embedding indexes by int64 / int32 only)
         with pytest.raises(ValueError, match="int64 or int32 tensor"):
             model.generate(ids.to(dtype), 2)

@@ -119,8 +119,9 @@ def sample(model, input_ids: Tensor, lengths: Tensor, max_new_tokens: int, *, te
     out = _prompt_block(input_ids, lengths, max_new_tokens, pad)
     if max_new_tokens == 0:
         return out[:, :S]
-    max_lengths = [n + max_new_tokens for n in lengths.tolist()] if cache == "paged" else None
-    model.setup_cache(B, S + max_new_tokens, cache=cache, page_size=page_size, max_lengths=max_lengths)
+    # The last new token is returned, never fed back: S + max_new_tokens - 1 positions are cached.
+    max_lengths = [n + max_new_tokens - 1 for n in lengths.tolist()] if cache == "paged" else None
+    model.setup_cache(B, S + max_new_tokens - 1, cache=cache, page_size=page_size, max_lengths=max_lengths)
     logits = model.prefill(input_ids, lengths)  # (B, vocab)
     decode = model.capture_decode_step() if cuda_graph and max_new_tokens > 1 else model.decode_step
     eos_t = torch.tensor(eos, device=device) if eos else None
@@ -220,13 +221,13 @@ def beam_search(model, input_ids: Tensor, lengths: Tensor, max_new_tokens: int, 
     T = max_new_tokens
     expand = torch.arange(B, device=device).repeat_interleave(nb)  # cache row of each beam, at the start
     # prefill each prompt once, then copy its cache rows (pages) to its beams
-    caps = [n + T for n in lengths.tolist()]  # what each sequence may grow to
+    caps = [n + T - 1 for n in lengths.tolist()]  # what each sequence may grow to (the last token is not fed back)
     if cache == "paged":
-        model.setup_cache(B, S + T, cache="paged", page_size=page_size, max_lengths=caps)
+        model.setup_cache(B, S + T - 1, cache="paged", page_size=page_size, max_lengths=caps)
         logits = model.prefill(input_ids, lengths)
         model.cache.reorder_rows(expand, max_lengths=[c for c in caps for _ in range(nb)])
     else:
-        model.setup_cache(B, S + T)
+        model.setup_cache(B, S + T - 1)
         logits = model.prefill(input_ids, lengths)
         model.cache.reorder_rows(expand, upto=S)
     logits = logits.index_select(0, expand)  # (N, vocab)

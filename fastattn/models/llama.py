@@ -1619,7 +1619,7 @@ class Llama(nn.Module):
 
         ``cache="paged"`` keeps K/V in pages of ``page_size`` tokens (``PagedKVCache``): only
         each prompt's real tokens and its new ones take pages, and the pool holds
-        sum_b ceil((prompt_lengths[b] + max_new_tokens) / page_size) of them (plus the null
+        sum_b ceil((prompt_lengths[b] + max_new_tokens - 1) / page_size) of them (plus the null
         page). Same tokens as the default ``cache="contiguous"``; ``self.cache`` reports the
         pages used afterwards.
 
@@ -1633,6 +1633,14 @@ class Llama(nn.Module):
         lengths = _prompt_lengths(input_ids, prompt_lengths, attention_mask)  # (B,) int32
         if not is_integer(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        S, max_pos = input_ids.shape[1], self.config.max_position_embeddings
+        if S > max_pos:
+            raise ValueError(f"input_ids has {S} positions, more than max_position_embeddings {max_pos}")
+        if S + max_new_tokens - 1 > max_pos:  # the last new token is returned, never fed back
+            raise ValueError(f"max_new_tokens {max_new_tokens}: a {S}-position prompt and {max_new_tokens} new "
+                             f"tokens need {S + max_new_tokens - 1} positions (the last new token is not fed "
+                             f"back), more than max_position_embeddings {max_pos}; use max_new_tokens <= "
+                             f"{max_pos - S + 1}")
         _check_sampling(temperature, top_k, top_p)
         generation.check_options(num_beams, length_penalty, early_stopping, num_return_sequences,
                                  repetition_penalty, min_new_tokens, temperature, top_k, top_p)
@@ -1769,12 +1777,22 @@ def _check_step_tokens(tokens, config: LlamaConfig, batch: int) -> None:
                              f"[0, {config.vocab_size})")
 
 
+def _is_real(value) -> bool:
+    """A Python or NumPy real number (not a bool, not a tensor, not a string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_sampling(temperature, top_k, top_p) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-            or not math.isfinite(temperature) or temperature < 0:
+    if not _is_real(temperature):
+        raise ValueError(f"temperature must be >= 0 (a finite number): a Python or NumPy real number, got "
+                         f"{type(temperature).__name__} {temperature!r}")
+    if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be >= 0 (a finite number), got {temperature!r}")
     if top_k is not None and (not is_integer(top_k) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not _is_real(top_p):
+        raise ValueError(f"top_p must be in (0, 1] or None: a Python or NumPy real number, got "
+                         f"{type(top_p).__name__} {top_p!r}")
     if top_p is not None and not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
