@@ -146,6 +146,42 @@ def test_config_variants_match_transformers(tmp_path, variant):
 
 
 @needs_transformers
+@pytest.mark.parametrize("where", ["absent", "top_level_wins"])
+def test_llama3_pretraining_length_read_as_transformers(tmp_path, where):
+    # transformers' standardize_rope_params: a top-level original_max_position_embeddings wins
+    # over the scaling dict's, and an absent one is max_position_embeddings. Before, the first
+    # was ignored (logits 5e-3 off) and the second failed at the first forward.
+    torch.manual_seed(0)
+    hf = randomize_norms(transformers.LlamaForCausalLM(hf_config(rope_scaling=LLAMA3_ROPE))).eval()
+    path = save_hf(hf, tmp_path)
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    rope = cfg.get("rope_parameters") or cfg["rope_scaling"]
+    if where == "absent":
+        rope.pop("original_max_position_embeddings")
+        cfg.pop("original_max_position_embeddings", None)
+    else:
+        rope["original_max_position_embeddings"] = 64
+        cfg["original_max_position_embeddings"] = 16
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    hf = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    model = Llama.from_pretrained(path)
+    want = cfg["max_position_embeddings"] if where == "absent" else 16
+    assert model.config.rope_scaling["original_max_position_embeddings"] == want
+    ids = ids_of(2, 70)
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_llama3_scaling_keys_checked_by_the_config():
+    with pytest.raises(ValueError, match="rope_scaling: .*'llama3' needs 'low_freq_factor'"):
+        LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+
+
+@needs_transformers
 def test_qwen2_matches_transformers(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -115,6 +115,7 @@ import fastattn
 from fastattn import reference
 from fastattn._validate import is_integer
 from fastattn.nn.rms_norm import rms_norm_unit_offset
+from fastattn.nn.rotary import _parse_scaling as _parse_rope_scaling
 from fastattn.nn.rotary import rotary_inv_freq
 from fastattn.models.moe import MoEFeedForward
 
@@ -223,6 +224,11 @@ class LlamaConfig:
                 )
             if rope_type == "longrope":
                 self._check_longrope()
+            elif rope_type in ("linear", "llama3"):
+                try:  # the keys the tables need, checked now rather than at the first forward
+                    _parse_rope_scaling(self.rope_scaling)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"rope_scaling: {e}") from None
         self._check_layer_types()
         self._check_gemma_fields()
         self._check_moe_fields()
@@ -342,10 +348,14 @@ class LlamaConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if model_type == "phi3" and rope_type in ("su", "yarn"):  # transformers reads both as longrope
             rope_type = rope["rope_type"] = "longrope"
-        if rope_type == "longrope":  # the pretraining length; Phi-3's top-level field wins, as in transformers
+        if rope_type in ("longrope", "llama3"):
+            # The pretraining length, as transformers' standardize_rope_params reads it: a
+            # top-level field wins (Phi-3's: its config defaults it to 4096), then the one in
+            # the scaling dict, then max_position_embeddings.
             top = hf.get("original_max_position_embeddings", 4096 if model_type == "phi3" else None)
             rope["original_max_position_embeddings"] = (
-                top if top is not None else rope.get("original_max_position_embeddings", hf.get("max_position_embeddings")))
+                top if top is not None else rope.get("original_max_position_embeddings",
+                                                  hf.get("max_position_embeddings", cls.max_position_embeddings)))
         scaling = None if rope_type == "default" else rope
         if model_type == "qwen2":
             attention_bias, o_proj_bias = True, False
