@@ -1,0 +1,233 @@
+"""flash-attn's Python API on fastattn's kernels: swap the import, keep the calls.
+
+    # from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+    from fastattn.integrations.flash_attn import (flash_attn_func, flash_attn_varlen_func,
+                                                  flash_attn_with_kvcache)
+
+Every function here has the name, the parameters (names, positional order, defaults) and the
+return values of its namesake in flash-attn 2.x's ``flash_attn.flash_attn_interface`` (2.6 and
+later: with ``softcap``), and its semantics: bottom-right causal alignment, ``window_size =
+(left, right)`` with -1 unbounded, GQA/MQA by fewer k/v heads, ``softmax_lse`` of shape (B, H,
+Sq) (varlen: (H, total_q)) in fp32 with ``+inf`` where a row sees no key (out 0 there), k/v
+appended to the caches in place by ``flash_attn_with_kvcache`` without advancing
+``cache_seqlens``, rotary applied to the new k (and q) there. Each is a thin layer over
+``fastattn.flash_attention`` / ``flash_attention_varlen`` / ``attention_with_kvcache`` /
+``apply_rotary``, so devices and dtypes are theirs (CUDA fp16/bf16, and the CPU with fp32 too)
+and gradients flow where flash-attn's do (not through ``flash_attn_with_kvcache``).
+
+What flash-attn has and fastattn does not raises ``NotImplementedError`` naming the argument,
+never a silently different result: ``dropout_p > 0``, ``alibi_slopes``, ``block_table`` in
+``flash_attn_varlen_func``, ``cache_leftpad``. ``deterministic`` is accepted and changes
+nothing: fastattn's backward is always deterministic. ``return_attn_probs=True`` returns
+``(out, softmax_lse, None)``: flash-attn's third value (the dropout pattern) only exists with
+dropout. Page sizes of a paged cache are free (flash-attn: multiples of 256) and the rotary
+tables may be fp32 or q's dtype (flash-attn: q's dtype).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from .._validate import is_integer
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_with_kvcache",
+]
+
+
+def _not_supported(dropout_p, alibi_slopes) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if dropout_p != 0.0:
+        raise NotImplementedError(
+            f"dropout_p={dropout_p}: fastattn's attention kernels have no dropout; pass dropout_p=0.0 "
+            "(evaluation, or training without attention dropout) or use "
+            "torch.nn.functional.scaled_dot_product_attention(dropout_p=...)")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: fastattn's attention kernels have no ALiBi bias; pass None")
+
+
+def _window(window_size):
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"window_size must be a (left, right) pair of ints (-1 = unbounded), got {window_size!r}")
+    return tuple(window_size)
+
+
+def _flash_attn_lse(lse: Tensor) -> Tensor:
+    """flash-attn's softmax_lse: +inf for a row that sees no key (fastattn's own ops say -inf)."""
+    return torch.where(lse == -math.inf, math.inf, lse)
+
+
+def _outputs(result, return_attn_probs: bool):
+    if not return_attn_probs:
+        return result
+    out, lse = result
+    return out, _flash_attn_lse(lse), None
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> out (B, Sq, H, D); with return_attn_probs,
+    (out, softmax_lse (B, H, Sq) fp32, None). Differentiable in q, k, v."""
+    _not_supported(dropout_p, alibi_slopes)
+    result = F.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window=_window(window_size),
+                               softcap=softcap, return_lse=return_attn_probs)
+    return _outputs(result, return_attn_probs)
+
+
+def _unpack(packed, dim: int, count: int, name: str, shape: str):
+    if not isinstance(packed, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dim() <= dim or packed.shape[dim] != count:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(packed.shape)}")
+    return packed.unbind(dim)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """qkv (B, S, 3, H, D) -> out (B, S, H, D); as flash_attn_func on its three slices."""
+    q, k, v = _unpack(qkv, 2, 3, "qkv", "(batch, seqlen, 3, nheads, headdim)")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q (B, Sq, H, D), kv (B, Sk, 2, Hk, D) -> out (B, Sq, H, D)."""
+    k, v = _unpack(kv, 2, 2, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """Packed sequences: q (total_q, H, D), k/v (total_k, Hk, D), cu_seqlens (B + 1,) int32 ->
+    out (total_q, H, D); with return_attn_probs, (out, softmax_lse (H, total_q) fp32, None).
+    Differentiable in q, k, v."""
+    _not_supported(dropout_p, alibi_slopes)
+    if block_table is not None:
+        raise NotImplementedError("block_table: fastattn's varlen attention reads packed k/v, not a paged "
+                                  "cache; pass None (paged caches: flash_attn_with_kvcache)")
+    result = F.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                      softmax_scale=softmax_scale, window=_window(window_size), softcap=softcap,
+                                      return_lse=return_attn_probs)
+    return _outputs(result, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """qkv (total, 3, H, D) -> out (total, H, D)."""
+    q, k, v = _unpack(qkv, 1, 3, "qkv", "(total, 3, nheads, headdim)")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q (total_q, H, D), kv (total_k, 2, Hk, D) -> out (total_q, H, D)."""
+    k, v = _unpack(kv, 1, 2, "kv", "(total_k, 2, nheads_k, headdim)")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def _rotate_new_tokens(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved, q_per_token: bool):
+    """flash-attn's rotary in flash_attn_with_kvcache: new key i of sequence b at position
+    cache_seqlens[b] + i; the queries there too when q_per_token (causal or local), else all at
+    cache_seqlens[b]."""
+    if k is None:
+        raise ValueError("rotary_cos / rotary_sin rotate the new keys: they need k and v")
+    if not isinstance(rotary_cos, Tensor) or not isinstance(rotary_sin, Tensor):
+        raise TypeError("rotary_cos and rotary_sin must both be tensors (seqlen_ro, rotary_dim / 2), or both None")
+    if not (rotary_cos.is_floating_point() and rotary_sin.is_floating_point()):
+        raise ValueError(f"rotary_cos / rotary_sin must be floating point, got {rotary_cos.dtype} and {rotary_sin.dtype}")
+    cos, sin = rotary_cos.float(), rotary_sin.float()  # fastattn's tables are fp32 (exact for 16-bit ones)
+    B, Sq = q.shape[0], q.shape[1]
+    if k.shape[1] != Sq:
+        raise ValueError(f"with rotary, k must have q's seqlen {Sq} (queries and new keys share positions), got "
+                         f"{k.shape[1]}")
+    if isinstance(cache_seqlens, Tensor):
+        start = cache_seqlens.to(device=q.device, dtype=torch.int64).view(-1, 1)
+    else:
+        start = torch.full((B, 1), int(cache_seqlens), dtype=torch.int64, device=q.device)
+    if start.shape[0] != B:
+        raise ValueError(f"cache_seqlens must hold {B} lengths (q's batch), got {start.shape[0]}")
+    pos_k = start + torch.arange(Sq, device=q.device).view(1, Sq)
+    if q_per_token:
+        return F.apply_rotary(q, k, cos, sin, positions=pos_k, interleaved=rotary_interleaved)
+    _, k_rot = F.apply_rotary(q, k, cos, sin, positions=pos_k, interleaved=rotary_interleaved)
+    q_rot, _ = F.apply_rotary(q, k, cos, sin, positions=start.expand(B, Sq), interleaved=rotary_interleaved)
+    return q_rot, k_rot
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens: Optional[Union[int, Tensor]] = None, cache_batch_idx: Optional[Tensor] = None,
+                            cache_leftpad: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Attention of q (B, Sq, H, D) over a KV cache, appending k/v (B, Sq, Hk, D) first when
+    given (in place, at tokens cache_seqlens[b] + i; cache_seqlens is not advanced).
+
+    k_cache/v_cache: (B_cache, S_cache, Hk, D) (B_cache >= B, or any with cache_batch_idx), or
+    page pools (num_pages, page_size, Hk, D) with block_table (B, max_pages) int32.
+    cache_seqlens: int or (B,) int32; None means every sequence fills the cache (no k/v then).
+    cache_batch_idx: (B,) integer, the cache row of each sequence (default row b).
+    rotary_cos/rotary_sin: (seqlen_ro, rotary_dim / 2) applied to the new k (and q) first,
+    interleaved (GPT-J pairs) by default as in flash-attn. Returns out (B, Sq, H, D), with
+    return_softmax_lse also softmax_lse (B, H, Sq) fp32. Forward only."""
+    _not_supported(0.0, alibi_slopes)
+    if cache_leftpad is not None:
+        raise NotImplementedError("cache_leftpad: fastattn's caches start at token 0 of each row; pass None")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (the new tokens to append) or both be None")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together or both be None")
+    if not isinstance(k_cache, Tensor):
+        raise TypeError(f"k_cache must be a torch.Tensor, got {type(k_cache).__name__}")
+    if cache_batch_idx is not None:
+        if block_table is not None:
+            raise ValueError("cache_batch_idx cannot be combined with block_table (as in flash-attn): a paged "
+                             "cache names each sequence's pages already")
+        if not isinstance(cache_batch_idx, Tensor) or cache_batch_idx.dim() != 1 or cache_batch_idx.is_floating_point() \
+                or cache_batch_idx.dtype == torch.bool or cache_batch_idx.is_complex():
+            raise ValueError("cache_batch_idx must be a (batch,) integer tensor of cache rows, got "
+                             f"{getattr(cache_batch_idx, 'dtype', type(cache_batch_idx).__name__)} of shape "
+                             f"{tuple(getattr(cache_batch_idx, 'shape', ()))}")
+        # A contiguous cache (B_cache, S_cache, Hk, D) is a page pool of B_cache pages of S_cache
+        # tokens: row cache_batch_idx[b] is sequence b's single page.
+        block_table = cache_batch_idx.to(torch.int32).view(-1, 1)
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is required with k / v: it says where the new tokens go")
+        cache_seqlens = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, Tensor) else 1)
+    elif is_integer(cache_seqlens):
+        cache_seqlens = int(cache_seqlens)
+    window = _window(window_size)
+    if rotary_cos is not None:
+        # flash-attn rotates each query at its own position when the attention is causal or
+        # local, where a window side of at least the cache's capacity counts as unbounded.
+        capacity = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, Tensor) else 1)
+        local = any(is_integer(side) and 0 <= side < capacity for side in window)
+        q, k = _rotate_new_tokens(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved,
+                                  causal is True or local)
+    result = F.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, block_table=block_table,
+                                      causal=causal, window=window, softmax_scale=softmax_scale, softcap=softcap,
+                                      num_splits=num_splits, return_lse=return_softmax_lse)
+    if return_softmax_lse:
+        out, lse = result
+        return out, _flash_attn_lse(lse)
+    return result

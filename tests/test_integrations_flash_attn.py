@@ -1,0 +1,247 @@
+"""fastattn.integrations.flash_attn: flash-attn 2.x's Python API (names, parameters, return
+values, semantics) on fastattn's kernels, checked against fastattn/reference.py."""
+import inspect
+import math
+
+import pytest
+import torch
+
+from fastattn import reference
+from fastattn.integrations import flash_attn as fa
+
+from conftest import DEVICES, assert_error_ratio, dtypes_for
+
+# flash-attn 2.6+'s flash_attn_interface, parameter by parameter (name, default): code written
+# against it, positionally or by keyword, must run unchanged.
+_ATTN_TAIL = [("dropout_p", 0.0), ("softmax_scale", None), ("causal", False), ("window_size", (-1, -1)),
+              ("softcap", 0.0), ("alibi_slopes", None), ("deterministic", False), ("return_attn_probs", False)]
+_REQ = inspect.Parameter.empty
+FLASH_ATTN_SIGNATURES = {
+    "flash_attn_func": [("q", _REQ), ("k", _REQ), ("v", _REQ)] + _ATTN_TAIL,
+    "flash_attn_qkvpacked_func": [("qkv", _REQ)] + _ATTN_TAIL,
+    "flash_attn_kvpacked_func": [("q", _REQ), ("kv", _REQ)] + _ATTN_TAIL,
+    "flash_attn_varlen_func": [("q", _REQ), ("k", _REQ), ("v", _REQ), ("cu_seqlens_q", _REQ), ("cu_seqlens_k", _REQ),
+                               ("max_seqlen_q", _REQ), ("max_seqlen_k", _REQ)] + _ATTN_TAIL + [("block_table", None)],
+    "flash_attn_varlen_qkvpacked_func": [("qkv", _REQ), ("cu_seqlens", _REQ), ("max_seqlen", _REQ)] + _ATTN_TAIL,
+    "flash_attn_varlen_kvpacked_func": [("q", _REQ), ("kv", _REQ), ("cu_seqlens_q", _REQ), ("cu_seqlens_k", _REQ),
+                                        ("max_seqlen_q", _REQ), ("max_seqlen_k", _REQ)] + _ATTN_TAIL,
+    "flash_attn_with_kvcache": [
+        ("q", _REQ), ("k_cache", _REQ), ("v_cache", _REQ), ("k", None), ("v", None), ("rotary_cos", None),
+        ("rotary_sin", None), ("cache_seqlens", None), ("cache_batch_idx", None), ("cache_leftpad", None),
+        ("block_table", None), ("softmax_scale", None), ("causal", False), ("window_size", (-1, -1)),
+        ("softcap", 0.0), ("rotary_interleaved", True), ("alibi_slopes", None), ("num_splits", 0),
+        ("return_softmax_lse", False)],
+}
+
+
+@pytest.mark.parametrize("name", list(FLASH_ATTN_SIGNATURES))
+def test_signature_is_flash_attn(name):
+    params = inspect.signature(getattr(fa, name)).parameters.values()
+    assert [(p.name, p.default) for p in params] == FLASH_ATTN_SIGNATURES[name]
+    assert all(p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+    assert name in fa.__all__
+
+
+def _qkv(device, dtype, B, Sq, Sk, H, Hk, D, requires_grad=False):
+    q, k, v = (torch.randn(B, S, h, D, device=device, dtype=dtype) for S, h in ((Sq, H), (Sk, Hk), (Sk, Hk)))
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+CASES = {  # (Sq, Sk, H, Hk, D), causal, window_size, softcap
+    "causal_gqa": ((37, 37, 4, 2, 64), True, (-1, -1), 0.0),
+    "bottom_right_sq_gt_sk": ((9, 5, 2, 1, 32), True, (-1, -1), 0.0),  # rows that see no key
+    "window_softcap_mqa": ((23, 41, 6, 1, 40), False, (7, 3), 5.0),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_flash_attn_func_matches_reference(device, case):
+    (Sq, Sk, H, Hk, D), causal, window, softcap = CASES[case]
+    for dtype in dtypes_for(device):
+        q, k, v = _qkv(device, dtype, 2, Sq, Sk, H, Hk, D, requires_grad=True)
+        # flash-attn's positional order: dropout_p, softmax_scale, causal, window_size, softcap, ...
+        out, lse, probs = fa.flash_attn_func(q, k, v, 0.0, None, causal, window, softcap, None, False, True)
+        assert probs is None
+        ref = lambda *t: reference.attention(*t, causal=causal, window=window, softcap=softcap,  # noqa: E731
+                                             return_lse=True)
+        true, true_lse = ref(*(t.double() for t in (q, k, v)))
+        low, _ = ref(q, k, v)
+        assert_error_ratio(out, low, true)
+        seen = true_lse > -math.inf
+        torch.testing.assert_close(lse[seen].double(), true_lse[seen].double(), rtol=0, atol=1e-3 if dtype != torch.float32 else 1e-5)
+        # flash-attn's softmax_lse is +inf where a row sees no key (its out is 0 there)
+        assert torch.isposinf(lse[~seen]).all() and (out.transpose(1, 2)[~seen] == 0).all()
+        if case == "bottom_right_sq_gt_sk":
+            assert (~seen).any()
+        grad = torch.randn_like(out)
+        ours = torch.autograd.grad(out, (q, k, v), grad)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        want = torch.autograd.grad(ref(qd, kd, vd)[0], (qd, kd, vd), grad.double())
+        lows = torch.autograd.grad(ref(q, k, v)[0], (q, k, v), grad)
+        for name, a, lo, t in zip("qkv", ours, lows, want):
+            assert_error_ratio(a, lo, t, name=f"d{name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_variants_are_their_slices(device):
+    dtype = dtypes_for(device)[0]
+    B, S, H, D = 2, 19, 4, 32
+    qkv = torch.randn(B, S, 3, H, D, device=device, dtype=dtype, requires_grad=True)
+    out = fa.flash_attn_qkvpacked_func(qkv, causal=True, window_size=[5, 0])
+    want = fa.flash_attn_func(*qkv.unbind(2), causal=True, window_size=(5, 0))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    out.sum().backward()
+    assert qkv.grad is not None and qkv.grad.abs().sum() > 0
+
+    q = torch.randn(B, S, 2 * H, D, device=device, dtype=dtype)
+    kv = qkv.detach()[:, :, 1:]
+    out = fa.flash_attn_kvpacked_func(q, kv, softmax_scale=0.3, causal=False)
+    torch.testing.assert_close(out, fa.flash_attn_func(q, *kv.unbind(2), softmax_scale=0.3), rtol=0, atol=0)
+
+    cu = torch.tensor([0, 7, 7, 19], dtype=torch.int32, device=device)
+    packed = qkv.detach()[0].requires_grad_()  # (total 19, 3, H, D)
+    out, lse, probs = fa.flash_attn_varlen_qkvpacked_func(packed, cu, 12, 0.0, None, True, return_attn_probs=True)
+    want, want_lse, _ = fa.flash_attn_varlen_func(*packed.unbind(1), cu, cu, 12, 12, causal=True,
+                                                  return_attn_probs=True)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    assert probs is None and lse.shape == (H, S)
+    out.sum().backward()
+    assert packed.grad.abs().sum() > 0
+    out = fa.flash_attn_varlen_kvpacked_func(q[0], packed.detach()[:, 1:], cu, cu, 12, 12, causal=True)
+    torch.testing.assert_close(out, fa.flash_attn_varlen_func(q[0], *packed.detach()[:, 1:].unbind(1), cu, cu, 12, 12,
+                                                              causal=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_varlen_func_matches_reference(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    lens_q, lens_k = [5, 0, 13], [9, 4, 13]
+    cu_q = torch.tensor([0, 5, 5, 18], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 9, 13, 26], dtype=torch.int32, device=device)
+    q = torch.randn(sum(lens_q), 4, 48, device=device, dtype=dtype)
+    k, v = (torch.randn(sum(lens_k), 2, 48, device=device, dtype=dtype) for _ in range(2))
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), 0.0, 0.2, True, (4, 0),
+                                            2.0, None, True, True)
+    true, true_lse = reference.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, causal=True,
+                                                softmax_scale=0.2, window=(4, 0), softcap=2.0, return_lse=True)
+    low = reference.attention_varlen(q, k, v, cu_q, cu_k, causal=True, softmax_scale=0.2, window=(4, 0), softcap=2.0)
+    assert_error_ratio(out, low, true)
+    seen = true_lse > -math.inf
+    torch.testing.assert_close(lse[seen].double(), true_lse[seen].double(), rtol=0, atol=1e-3)
+    assert torch.isposinf(lse[~seen]).all()
+
+
+def _rotary_reference(q, k, cos, sin, start, interleaved, q_per_token):
+    B, Sq = q.shape[:2]
+    pos_k = start.view(B, 1).long() + torch.arange(Sq, device=q.device).view(1, Sq)
+    pos_q = pos_k if q_per_token else start.view(B, 1).long().expand(B, Sq)
+    _, k_rot = reference.apply_rotary(q, k, cos, sin, positions=pos_k, interleaved=interleaved)
+    q_rot, _ = reference.apply_rotary(q, k, cos, sin, positions=pos_q, interleaved=interleaved)
+    return q_rot, k_rot
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (False, (6, 2)), (False, (40, 40))])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_with_kvcache_rotary_and_cache_batch_idx(device, causal, window, interleaved):
+    # New k (and q) rotated at cache_seqlens + i; without causal or a window narrower than the
+    # cache all queries sit at cache_seqlens; k/v written in place into the rows that
+    # cache_batch_idx names, the other rows untouched; cache_seqlens not advanced.
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    B, Sq, H, Hk, D, R, S_cache = 2, 3, 4, 2, 32, 16, 40
+    q, k, v = _qkv(device, dtype, B, Sq, Sq, H, Hk, D)
+    k_cache, v_cache = (torch.randn(4, S_cache, Hk, D, device=device, dtype=dtype) for _ in range(2))
+    angles = torch.rand(64, R // 2, device=device) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)  # flash-attn's tables are in q's dtype
+    seqlens = torch.tensor([11, 30], dtype=torch.int32, device=device)
+    rows = torch.tensor([3, 1], dtype=torch.int32, device=device)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out, lse = fa.flash_attn_with_kvcache(q, kc, vc, k, v, cos, sin, seqlens, rows, None, None, None, causal, window,
+                                          0.0, interleaved, None, 0, True)
+    assert seqlens.tolist() == [11, 30]
+
+    q_per_token = causal or window == (6, 2)  # (40, 40): both sides reach the capacity, i.e. unbounded
+    qr, kr = _rotary_reference(q.double(), k.double(), cos.double(), sin.double(), seqlens, interleaved, q_per_token)
+    want_kc, want_vc = k_cache.double()[rows.long()], v_cache.double()[rows.long()]
+    true, true_lse = reference.attention_with_kvcache(qr, want_kc, want_vc, seqlens, k=kr, v=v.double(),
+                                                      causal=causal, window=window, return_lse=True)
+    qr_low, kr_low = _rotary_reference(q, k, cos.float(), sin.float(), seqlens, interleaved, q_per_token)
+    low = reference.attention_with_kvcache(qr_low.to(dtype), k_cache[rows.long()].clone(), v_cache[rows.long()].clone(),
+                                           seqlens, k=kr_low.to(dtype), v=v, causal=causal, window=window)
+    assert_error_ratio(out, low, true)
+    torch.testing.assert_close(lse.double(), true_lse.double(), rtol=0, atol=1e-4 if dtype == torch.float32 else 2e-3)
+    for b, r in enumerate(rows.tolist()):
+        torch.testing.assert_close(kc[r].double(), want_kc[b], rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-3)
+        torch.testing.assert_close(vc[r], v_cache[r].index_copy(0, torch.arange(11 + 19 * b, 14 + 19 * b,
+                                                                                  device=device), v[b]))
+    for r in (0, 2):
+        assert torch.equal(kc[r], k_cache[r]) and torch.equal(vc[r], v_cache[r])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_with_kvcache_defaults_paged_and_int_lengths(device):
+    dtype = dtypes_for(device)[0]
+    B, H, Hk, D, page = 3, 4, 1, 64, 5
+    q = torch.randn(B, 1, H, D, device=device, dtype=dtype)
+    pool_k, pool_v = (torch.randn(13, page, Hk, D, device=device, dtype=dtype) for _ in range(2))
+    table = torch.tensor([[4, 2, 9], [1, 0, 12], [7, 3, 5]], dtype=torch.int32, device=device)
+    lens = torch.tensor([3, 15, 8], dtype=torch.int32, device=device)
+    # flash-attn's defaults: causal=False, no lse
+    out = fa.flash_attn_with_kvcache(q, pool_k, pool_v, cache_seqlens=lens, block_table=table)
+    want = reference.attention_with_kvcache(q.double(), pool_k.double(), pool_v.double(), lens, block_table=table,
+                                            causal=False)
+    low = reference.attention_with_kvcache(q, pool_k, pool_v, lens, block_table=table, causal=False)
+    assert_error_ratio(out, low, want)
+    # cache_seqlens None: every sequence is the whole cache; an int: every sequence that long
+    k_cache, v_cache = (torch.randn(B, 9, Hk, D, device=device, dtype=dtype) for _ in range(2))
+    full = fa.flash_attn_with_kvcache(q, k_cache, v_cache)
+    nine = torch.full((B,), 9, dtype=torch.int32, device=device)
+    torch.testing.assert_close(full, fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=nine), rtol=0, atol=0)
+    torch.testing.assert_close(fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=6),
+                               fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=nine - 3), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda q, kc: fa.flash_attn_func(q, q, q, 0.1), "dropout_p=0.1"),
+    (lambda q, kc: fa.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2)), "alibi_slopes"),
+    (lambda q, kc: fa.flash_attn_varlen_func(q[0], q[0], q[0], *[torch.tensor([0, 3], dtype=torch.int32)] * 2, 3, 3,
+                                             block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
+    (lambda q, kc: fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1,
+                                              cache_leftpad=torch.zeros(1, dtype=torch.int32)), "cache_leftpad"),
+], ids=["dropout", "alibi", "varlen_block_table", "cache_leftpad"])
+def test_what_fastattn_lacks_is_not_implemented(call, match):
+    q = torch.randn(1, 3, 2, 16)
+    with pytest.raises(NotImplementedError, match=match):
+        call(q, torch.randn(1, 8, 2, 16))
+
+
+def test_bad_arguments_name_themselves():
+    q = torch.randn(1, 3, 2, 16)
+    kc = torch.randn(2, 8, 2, 16)
+    with pytest.raises(ValueError, match="window_size must be a"):
+        fa.flash_attn_func(q, q, q, window_size=4)
+    with pytest.raises(ValueError, match="dropout_p must be a number"):
+        fa.flash_attn_func(q, q, q, dropout_p=None)
+    with pytest.raises(ValueError, match="qkv must have shape"):
+        fa.flash_attn_qkvpacked_func(torch.randn(1, 3, 2, 2, 16))
+    with pytest.raises(ValueError, match="cache_seqlens is required with k / v"):
+        fa.flash_attn_with_kvcache(q, kc, kc, q, q)
+    with pytest.raises(ValueError, match="k and v must be given together"):
+        fa.flash_attn_with_kvcache(q, kc, kc, q, cache_seqlens=1)
+    with pytest.raises(ValueError, match="rotary_cos / rotary_sin rotate the new keys"):
+        fa.flash_attn_with_kvcache(q, kc, kc, None, None, torch.ones(8, 4), torch.ones(8, 4), cache_seqlens=1)
+    with pytest.raises(ValueError, match="cache_batch_idx cannot be combined with block_table"):
+        fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1, cache_batch_idx=torch.zeros(1, dtype=torch.int32),
+                                   block_table=torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="cache_batch_idx must be a"):
+        fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1, cache_batch_idx=torch.zeros(1))
+    with pytest.raises(ValueError, match="page index|block_table|out of range"):  # a row the cache lacks
+        fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1, cache_batch_idx=torch.tensor([5], dtype=torch.int32))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = _qkv("cpu", torch.float32, 1, 9, 9, 2, 2, 16)
+    f = torch.compile(lambda a, b, c: fa.flash_attn_func(a, b, c, causal=True), fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(q, k, v), fa.flash_attn_func(q, k, v, causal=True), rtol=0, atol=0)
