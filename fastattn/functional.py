@@ -660,9 +660,10 @@ def flash_attention(
     lse on the host and is made only when |softmax_scale| > 1. Second derivatives
     (``create_graph=True`` and a gradient of the gradients) raise a RuntimeError.
 
-    NaN inputs propagate as in torch's math: a NaN in q, or in a key a row sees, makes that
-    row's output and lse NaN; a NaN in v reaches the rows that see its key (and possibly
-    rows that do not, through 0 * NaN, as in torch). Checked on the CPU kernels.
+    NaN inputs: a NaN in q, or in a key a row sees, makes that row's output and lse NaN; a
+    NaN in v reaches the rows that see its key, and rows that do not see it only where they
+    share its key tile (through 0 * NaN; torch's SDPA, which multiplies every masked score,
+    reaches all rows). Checked on the CPU kernels.
     """
     D = _check_qkv(q, k, v, ("(B, Sq, H, D)", "(B, Sk, Hk, D)"))
     causal = check_bool(causal, "causal")
@@ -743,10 +744,12 @@ def scaled_dot_product_attention(
     attn_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
+    *,
     scale: Optional[float] = None,
     enable_gqa: bool = False,
 ) -> Tensor:
-    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on fastattn's kernel.
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on fastattn's kernel
+    (``scale`` and ``enable_gqa`` keyword-only, as torch's parser has them).
 
     Args:
         query: (B, H, L, E); key, value: (B, Hk, S, E). Hk == H, or with ``enable_gqa`` any
@@ -779,9 +782,9 @@ def scaled_dot_product_attention(
     # bool): a truthy non-bool must not silently switch the mask on.
     for flag, name in ((is_causal, "is_causal"), (enable_gqa, "enable_gqa")):
         if not isinstance(flag, bool):
-            raise TypeError(
-                f"scaled_dot_product_attention(): argument '{name}' must be bool, not {type(flag).__name__}"
-            )
+            kind = type(flag)
+            kind = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+            raise TypeError(f"scaled_dot_product_attention(): argument '{name}' must be bool, not {kind}")
     query, key, value = _sdpa_autocast(query, key, value)
     # Forward-mode AD and torch.func's grad transforms (which fastattn's ops cannot serve, see
     # ops.differentiating_transform) are torch's too.

@@ -130,7 +130,19 @@ def test_sdpa_flags_type_error_as_torch(name, value):
         fastattn.scaled_dot_product_attention(q, q, q, **{name: value})
     with pytest.raises(TypeError) as theirs:
         F.scaled_dot_product_attention(q, q, q, **{name: value})
-    assert str(ours.value).split(",")[0] == str(theirs.value).split(",")[0]
+    assert str(ours.value) == str(theirs.value)  # "... not numpy.bool" too (was "not bool")
+
+
+def test_sdpa_scale_and_enable_gqa_keyword_only_as_torch():
+    # torch's parser takes at most 6 positional arguments; ours took 8, so code that worked on
+    # fastattn failed on torch.
+    q = torch.randn(1, 2, 3, 8)
+    for extra in ((0.5,), (0.5, False)):
+        for f in (fastattn.scaled_dot_product_attention, F.scaled_dot_product_attention):
+            with pytest.raises(TypeError, match="positional arguments"):
+                f(q, q, q, None, 0.0, False, *extra)
+    torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, q, q, None, 0.0, False, scale=0.5),
+                               F.scaled_dot_product_attention(q, q, q, None, 0.0, False, scale=0.5))
 
 
 @pytest.mark.parametrize("window", [(True, False), (0, True), (1.0, 0), ("1", 0)])
