@@ -123,6 +123,8 @@ HF_VARIANTS = {
     "attention_bias": dict(attention_bias=True),
     "llama3_rope": dict(rope_scaling=LLAMA3_ROPE),
     "linear_rope": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=500.0),
+    "yarn_rope": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                    "beta_fast": 16.0}),
     "tied_mqa_headdim": dict(tie_word_embeddings=True, num_key_value_heads=1, head_dim=8),
     "mha_mlp_bias": dict(num_key_value_heads=4, mlp_bias=True),
 }
@@ -585,8 +587,10 @@ def test_bad_architecture_and_config(hf_llama, tmp_path):
         LlamaConfig.from_hf({**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(ValueError, match="expected a \\*ForCausalLM"):
         LlamaConfig.from_hf({**cfg, "architectures": ["LlamaForSequenceClassification"]})
-    with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
-        LlamaConfig.from_hf({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="rope_scaling type 'dynamic' is not supported"):
+        LlamaConfig.from_hf({**cfg, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="rope_scaling: scaling 'beta_fast' must be a finite number"):
+        LlamaConfig.from_hf({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "beta_fast": "x"}})
     with pytest.raises(ValueError, match="hidden_act"):
         LlamaConfig.from_hf({**cfg, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):

@@ -254,8 +254,8 @@ def test_unsupported_gemma_fields(arch):
         LlamaConfig.from_hf({**cfg, "use_bidirectional_attention": True})
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         LlamaConfig.from_hf({**cfg, "partial_rotary_factor": 0.5})
-    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
-        LlamaConfig.from_hf({**cfg, "rope_parameters": None, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(ValueError, match="rope_scaling type 'dynamic'"):
+        LlamaConfig.from_hf({**cfg, "rope_parameters": None, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
     with pytest.raises(ValueError, match="gemma3_text"):  # the multimodal checkpoint
         LlamaConfig.from_hf({**cfg, "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]})
     if name == "gemma3":

@@ -22,6 +22,15 @@ LLAMA3 = {
 }
 
 
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
+YARN_VARIANTS = {  # transformers' keys: the ramp's betas, truncate, and the attention factor's three sources
+    "yarn": YARN,
+    "yarn_betas_no_truncate": dict(YARN, beta_fast=16.0, beta_slow=2.0, truncate=False),
+    "yarn_mscale": dict(YARN, factor=40.0, mscale=0.707, mscale_all_dim=1.0),
+    "yarn_attention_factor": dict(YARN, factor=2.0, attention_factor=1.25),
+}
+
+
 def _hf_config(head_dim, theta, scaling, max_pos=16384):
     params = {"rope_type": "default", "rope_theta": theta} if scaling is None else dict(scaling, rope_theta=theta)
     params["rope_type"] = params.pop("type", params.get("rope_type"))
@@ -47,6 +56,25 @@ def test_inv_freq_matches_transformers(head_dim, theta, scaling):
     torch.testing.assert_close(ours, hf_inv, rtol=1e-6, atol=0)
     mod = fastattn.nn.RotaryEmbedding(head_dim, 64, theta, scaling=scaling)
     torch.testing.assert_close(mod.inv_freq, hf_inv, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("variant", list(YARN_VARIANTS))
+@pytest.mark.parametrize("head_dim", [128, 96])
+def test_yarn_tables_match_transformers(variant, head_dim):
+    # YaRN: the inverse frequencies and the attention factor that multiplies cos / sin, bit for
+    # bit as transformers' rotary embedding (max_position_embeddings = factor * original, as
+    # YaRN checkpoints have it; a mismatch only makes transformers warn).
+    scaling = YARN_VARIANTS[variant]
+    cfg = _hf_config(head_dim, 1000000.0, scaling, max_pos=int(scaling["factor"] * 4096))
+    hf_inv, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    assert attention_factor != 1.0
+    ours = fastattn.nn.RotaryEmbedding(head_dim, 512, 1000000.0, scaling=scaling)
+    torch.testing.assert_close(ours.inv_freq, hf_inv, rtol=0, atol=0)
+    hf_rope = LlamaRotaryEmbedding(cfg)
+    pos = torch.arange(0, 512 * 37, 37).view(1, -1) % 512
+    cos, sin = hf_rope(torch.zeros(1), pos)
+    torch.testing.assert_close(torch.cat([ours.cos[pos[0]]] * 2, -1), cos[0], rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([ours.sin[pos[0]]] * 2, -1), sin[0], rtol=0, atol=0)
 
 
 def test_default_inv_freq_matches_transformers():
@@ -219,7 +247,14 @@ def test_compile_default_positions_one_graph():
         (dict(dim=0), ValueError, "positive even integer"),
         (dict(dim=64, max_position_embeddings=0), ValueError, "max_position_embeddings must be a positive integer"),
         (dict(dim=64, base=-1.0), ValueError, "base must be > 0"),
-        (dict(dim=64, scaling={"rope_type": "yarn", "factor": 2.0}), ValueError, "unsupported scaling rope_type 'yarn'"),
+        (dict(dim=64, scaling={"rope_type": "dynamic", "factor": 2.0}), ValueError,
+         "unsupported scaling rope_type 'dynamic'"),
+        (dict(dim=64, scaling={"rope_type": "yarn", "factor": 2.0}), ValueError,
+         "'yarn' needs 'original_max_position_embeddings'"),
+        (dict(dim=64, scaling={"rope_type": "yarn", "original_max_position_embeddings": 64}), ValueError,
+         "'yarn' needs 'factor'"),
+        (dict(dim=64, scaling=dict(YARN, beta_fast="32")), ValueError, "'beta_fast' must be a finite number"),
+        (dict(dim=64, scaling=dict(YARN, truncate=1)), ValueError, "'truncate' must be a bool"),
         (dict(dim=64, scaling={"factor": 2.0}), ValueError, "'rope_type' \\(or 'type'\\)"),
         (dict(dim=64, scaling={"rope_type": "linear"}), ValueError, "needs 'factor'"),
         (dict(dim=64, scaling={"rope_type": "llama3", "factor": 8.0}), ValueError, "needs 'low_freq_factor'"),

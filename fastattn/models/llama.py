@@ -116,7 +116,7 @@ from fastattn import reference
 from fastattn._validate import is_integer
 from fastattn.nn.rms_norm import rms_norm_unit_offset
 from fastattn.nn.rotary import _parse_scaling as _parse_rope_scaling
-from fastattn.nn.rotary import rotary_inv_freq
+from fastattn.nn.rotary import rotary_attention_factor, rotary_inv_freq
 from fastattn.models.moe import MoEFeedForward
 
 __all__ = ["LlamaConfig", "Llama", "KVCache", "PagedKVCache", "rope_tables", "sample_next_token"]
@@ -148,8 +148,10 @@ class LlamaConfig:
     head_dim: Optional[int] = None  # None -> hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # None, {"rope_type": "linear", "factor": f}, or {"rope_type": "llama3", "factor",
-    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    # None, {"rope_type": "linear", "factor": f}, {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, {"rope_type":
+    # "yarn", "factor", "original_max_position_embeddings", optional beta_fast / beta_slow /
+    # truncate / attention_factor / mscale / mscale_all_dim} or LongRoPE's (below)
     rope_scaling: Optional[dict] = None
     # LongRoPE only: generate() recomputes the cache (a prefill of every token so far) at the step
     # where a generation that started below original_max_position_embeddings first reaches it, as
@@ -218,13 +220,14 @@ class LlamaConfig:
                              f"int(head_dim * partial_rotary_factor) >= 2, got {f!r} (head_dim {self.head_dim})")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if rope_type not in ("default", "linear", "llama3", "longrope"):
+            if rope_type not in ("default", "linear", "llama3", "yarn", "longrope"):
                 raise ValueError(
-                    f"rope_scaling type {rope_type!r} is not supported (supported: 'linear', 'llama3', 'longrope')"
+                    f"rope_scaling type {rope_type!r} is not supported (supported: 'linear', 'llama3', 'yarn', "
+                    f"'longrope')"
                 )
             if rope_type == "longrope":
                 self._check_longrope()
-            elif rope_type in ("linear", "llama3"):
+            elif rope_type in ("linear", "llama3", "yarn"):
                 try:  # the keys the tables need, checked now rather than at the first forward
                     _parse_rope_scaling(self.rope_scaling)
                 except (TypeError, ValueError) as e:
@@ -348,14 +351,8 @@ class LlamaConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if model_type == "phi3" and rope_type in ("su", "yarn"):  # transformers reads both as longrope
             rope_type = rope["rope_type"] = "longrope"
-        if rope_type in ("longrope", "llama3"):
-            # The pretraining length, as transformers' standardize_rope_params reads it: a
-            # top-level field wins (Phi-3's: its config defaults it to 4096), then the one in
-            # the scaling dict, then max_position_embeddings.
-            top = hf.get("original_max_position_embeddings", 4096 if model_type == "phi3" else None)
-            rope["original_max_position_embeddings"] = (
-                top if top is not None else rope.get("original_max_position_embeddings",
-                                                  hf.get("max_position_embeddings", cls.max_position_embeddings)))
+        _standardize_rope(rope, rope_type, hf, top_level=hf.get(
+            "original_max_position_embeddings", 4096 if model_type == "phi3" else None))
         scaling = None if rope_type == "default" else rope
         if model_type == "qwen2":
             attention_bias, o_proj_bias = True, False
@@ -436,6 +433,22 @@ _PER_LAYER_WINDOW_TYPES: Tuple[str, ...] = ()
 GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
 
+def _standardize_rope(rope: dict, rope_type: str, hf: dict, top_level: Optional[int]) -> None:
+    """Fill in what transformers' standardize_rope_params does for llama3 / yarn / longrope:
+    the pretraining length (top_level, a config's top-level original_max_position_embeddings,
+    wins; then the scaling dict's; then max_position_embeddings), and YaRN's factor when absent
+    (max_position_embeddings / that length)."""
+    if rope_type not in ("longrope", "llama3", "yarn"):
+        return
+    max_pos = hf.get("max_position_embeddings", LlamaConfig.max_position_embeddings)
+    if top_level is not None:
+        rope["original_max_position_embeddings"] = top_level
+    rope.setdefault("original_max_position_embeddings", max_pos)
+    if rope_type == "yarn" and rope.get("factor") is None and is_integer(rope["original_max_position_embeddings"]) \
+            and rope["original_max_position_embeddings"] > 0:
+        rope["factor"] = max_pos / rope["original_max_position_embeddings"]
+
+
 def _gemma_config_kwargs(hf: dict, names) -> dict:
     """LlamaConfig keywords for a Gemma 1/2/3 config.json (transformers 4.x or 5.x layout),
     with transformers' defaults for the fields a config leaves out. What the three add to the
@@ -475,7 +488,11 @@ def _gemma_config_kwargs(hf: dict, names) -> dict:
         rope = dict(params or hf.get("rope_scaling") or {})
     rope.setdefault("rope_theta", hf.get("rope_theta", 1e6 if gen == 3 else 1e4))
     theta = float(rope.pop("rope_theta"))
-    scaling = None if rope.get("rope_type", rope.get("type", "default")) == "default" else rope
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    # (per layer type, transformers takes no top-level pretraining length)
+    nested = local is not None
+    _standardize_rope(rope, rope_type, hf, top_level=None if nested else hf.get("original_max_position_embeddings"))
+    scaling = None if rope_type == "default" else rope
     local_theta = None
     if gen == 3:
         local = local if local is not None else {}
@@ -529,6 +546,9 @@ def rope_tables(
     inv_freq = rotary_inv_freq(head_dim, theta, scaling, device=device)
     t = torch.arange(max_positions, device=device, dtype=torch.int64).float()
     freqs = torch.outer(t, inv_freq)  # (max_positions, head_dim / 2)
+    attention_factor = rotary_attention_factor(scaling)  # YaRN's, else 1
+    if attention_factor != 1.0:
+        return freqs.cos() * attention_factor, freqs.sin() * attention_factor
     return freqs.cos(), freqs.sin()
 
 

@@ -22,7 +22,8 @@ def _parse_scaling(scaling: Optional[dict]) -> Optional[dict]:
         raise TypeError(f"scaling must be a dict like a Hugging Face rope_scaling, or None; got {type(scaling).__name__}")
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind is None:
-        raise ValueError("scaling must name its kind with 'rope_type' (or 'type'): 'default', 'linear' or 'llama3'")
+        raise ValueError("scaling must name its kind with 'rope_type' (or 'type'): 'default', 'linear', 'llama3' "
+                         "or 'yarn'")
     if kind == "default":
         return None
     if kind == "linear":
@@ -47,7 +48,65 @@ def _parse_scaling(scaling: Optional[dict]) -> Optional[dict]:
                 f"{out['high_freq_factor']} and {out['low_freq_factor']}"
             )
         return out
-    raise ValueError(f"unsupported scaling rope_type {kind!r}; expected 'default', 'linear' or 'llama3'")
+    if kind == "yarn":
+        return _parse_yarn(scaling)
+    raise ValueError(f"unsupported scaling rope_type {kind!r}; expected 'default', 'linear', 'llama3' or 'yarn'")
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    # YaRN's attention temperature (eq. 21 of the paper): 0.1 * mscale * ln(scale) + 1 above 1.
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _parse_yarn(scaling: dict) -> dict:
+    """YaRN as transformers reads a ``rope_parameters`` dict: ``factor`` and
+    ``original_max_position_embeddings`` required; ``beta_fast`` (32) and ``beta_slow`` (1)
+    bound the ramp between extrapolated and interpolated frequencies (None or 0: the default);
+    ``truncate`` (True) rounds the ramp's ends outward; ``attention_factor`` multiplies cos and
+    sin, default from ``mscale`` / ``mscale_all_dim`` when both are set, else
+    0.1 * ln(factor) + 1."""
+    def number(key, default=None, positive=True):
+        value = scaling.get(key)
+        if value is None:
+            if default is None:
+                raise ValueError(f"scaling of rope_type 'yarn' needs {key!r}")
+            return default
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or \
+                (positive and not value > 0):
+            raise ValueError(f"scaling {key!r} must be a {'positive ' if positive else ''}finite number, got {value!r}")
+        return float(value)
+
+    out = {"rope_type": "yarn", "factor": number("factor")}
+    orig = scaling.get("original_max_position_embeddings")
+    if not is_integer(orig) or orig < 1:
+        raise ValueError(f"scaling of rope_type 'yarn' needs 'original_max_position_embeddings', a positive int, "
+                         f"got {orig!r}")
+    out["original_max_position_embeddings"] = int(orig)
+    # transformers: `beta_fast or 32`, so 0 and None both mean the default
+    out["beta_fast"] = number("beta_fast", 32.0, positive=False) or 32.0
+    out["beta_slow"] = number("beta_slow", 1.0, positive=False) or 1.0
+    truncate = scaling.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ValueError(f"scaling 'truncate' must be a bool, got {truncate!r}")
+    out["truncate"] = truncate
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(out["factor"], number("mscale")) / _yarn_mscale(
+                out["factor"], number("mscale_all_dim"))
+        else:
+            attention_factor = _yarn_mscale(out["factor"])
+        out["attention_factor"] = float(attention_factor)
+    else:
+        out["attention_factor"] = number("attention_factor")
+    return out
+
+
+def rotary_attention_factor(scaling: Optional[dict]) -> float:
+    """What the cos / sin tables are multiplied by: YaRN's attention factor, else 1."""
+    scaling = _parse_scaling(scaling)
+    return scaling["attention_factor"] if scaling is not None and scaling["rope_type"] == "yarn" else 1.0
 
 
 def _base_from(base, scaling) -> float:
@@ -95,6 +154,8 @@ def _scaled_inv_freq(dim: int, base: float, scaling: Optional[dict]) -> Tensor:
     factor = scaling["factor"]
     if scaling["rope_type"] == "linear":
         return inv_freq / factor
+    if scaling["rope_type"] == "yarn":
+        return _yarn_inv_freq(dim, base, scaling)
     old_len = scaling["original_max_position_embeddings"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     wavelen = 2 * math.pi / inv_freq
@@ -104,6 +165,30 @@ def _scaled_inv_freq(dim: int, base: float, scaling: Optional[dict]) -> Tensor:
     out = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     in_band = (wavelen <= old_len / low) & (wavelen >= old_len / high)
     return torch.where(in_band, blended, out)
+
+
+def _yarn_inv_freq(dim: int, base: float, scaling: dict) -> Tensor:
+    # YaRN: frequency i is extrapolated (kept) where the pretraining length saw more than
+    # beta_fast rotations of it, interpolated (divided by factor) below beta_slow rotations,
+    # and blended linearly in i between. The fp32 operations and their order are transformers'
+    # (_compute_yarn_parameters), so the tables match its rotary embedding bit for bit.
+    factor, orig = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def dim_of(rotations):  # the (fractional) dim index that turns `rotations` times over orig
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(scaling["beta_fast"]), dim_of(scaling["beta_slow"])
+    if scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim)
+    extrapolated = 1.0 / pos_freqs
+    interpolated = 1.0 / (factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolated (high frequencies), 0: interpolated
+    return interpolated * (1 - keep) + extrapolated * keep
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -120,7 +205,10 @@ class RotaryEmbedding(torch.nn.Module):
             ``rope_parameters`` (transformers 5: it carries ``rope_theta`` too):
             ``{"rope_type": "default"}``, ``{"rope_type": "linear", "factor": f}`` or
             ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-            "original_max_position_embeddings"}`` (``"type"`` is accepted for
+            "original_max_position_embeddings"}`` or ``{"rope_type": "yarn", "factor",
+            "original_max_position_embeddings"}`` with optional ``beta_fast``, ``beta_slow``,
+            ``truncate``, ``attention_factor``, ``mscale``, ``mscale_all_dim`` (cos and sin
+            then carry the attention factor, as transformers' tables) (``"type"`` is accepted for
             ``"rope_type"``). ``partial_rotary_factor`` is not read: ``dim`` is the rotary
             width itself (``int(head_dim * partial_rotary_factor)``); other keys are ignored.
         device: where the tables are built.
@@ -222,6 +310,9 @@ class RotaryEmbedding(torch.nn.Module):
         t = torch.arange(num_positions, device=device, dtype=torch.int64).to(torch.float32)
         freqs = torch.outer(t, inv_freq)
         cos, sin = freqs.cos().contiguous(), freqs.sin().contiguous()
+        attention_factor = rotary_attention_factor(self.scaling)
+        if attention_factor != 1.0:  # YaRN: cos and sin carry the attention temperature
+            cos, sin = cos * attention_factor, sin * attention_factor
         self.inv_freq = inv_freq
         self.cos, self.sin = cos, sin
         # What forward reads, set in ONE assignment: threads sharing the module (a server's model)
