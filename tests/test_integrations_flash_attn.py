@@ -3,6 +3,8 @@ values, semantics) on fastattn's kernels, checked against fastattn/reference.py.
 import inspect
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -62,7 +64,7 @@ def test_flash_attn_func_matches_reference(device, case):
         q, k, v = _qkv(device, dtype, 2, Sq, Sk, H, Hk, D, requires_grad=True)
         # flash-attn's positional order: dropout_p, softmax_scale, causal, window_size, softcap, ...
         out, lse, probs = fa.flash_attn_func(q, k, v, 0.0, None, causal, window, softcap, None, False, True)
-        assert probs is None
+        assert probs.shape == (0,) and probs.dtype == dtype  # flash-attn 2.7+: empty unless dropout
         ref = lambda *t: reference.attention(*t, causal=causal, window=window, softcap=softcap,  # noqa: E731
                                              return_lse=True)
         true, true_lse = ref(*(t.double() for t in (q, k, v)))
@@ -81,6 +83,71 @@ def test_flash_attn_func_matches_reference(device, case):
         lows = torch.autograd.grad(ref(q, k, v)[0], (q, k, v), grad)
         for name, a, lo, t in zip("qkv", ours, lows, want):
             assert_error_ratio(a, lo, t, name=f"d{name}")
+
+
+def _flash_attn_oracle(q, k, v, causal, window_size, softcap=0.0, scale=None, seqlen_k=None):
+    """flash-attn's C++ semantics in fp64, written from its mha_fwd / set_params_fprop: a window
+    side >= seqlen_k (default: k's length) is unbounded (-1), causal sets right = 0, an
+    unbounded side beside a bounded one becomes seqlen_k, any negative side is unbounded;
+    query i sees keys j in [i + Sk - Sq - left, i + Sk - Sq + right]; softcap > 0 caps the
+    scaled scores; a row that sees no key gives out 0 and lse +inf. q (B, Sq, H, D), k/v
+    (B, Sk, Hk, D) -> out (B, Sq, H, D), lse (B, H, Sq)."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    seqlen_k = Sk if seqlen_k is None else seqlen_k
+    left, right = (-1 if w < 0 or w >= seqlen_k else w for w in window_size)
+    if causal:
+        right = 0
+    if left < 0 and right >= 0:
+        left = seqlen_k
+    if left >= 0 and right < 0:
+        right = seqlen_k
+    scale = D ** -0.5 if scale is None else scale
+    k, v = (t.repeat_interleave(H // Hk, dim=2) for t in (k, v))
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(Sq).view(Sq, 1) + Sk - Sq
+    j = torch.arange(Sk).view(1, Sk)
+    seen = torch.ones(Sq, Sk, dtype=torch.bool)
+    if left >= 0:
+        seen &= j >= i - left
+    if right >= 0:
+        seen &= j <= i + right
+    s = s.masked_fill(~seen, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.where(seen.any(-1).view(1, 1, Sq, 1), torch.softmax(s, dim=-1), torch.zeros_like(s))
+    out = torch.einsum("bhij,bjhd->bihd", p.nan_to_num(0.0), v)
+    return out, torch.where(torch.isneginf(lse), math.inf, lse)
+
+
+@pytest.mark.parametrize("window", [(-1, 4), (3, 6), (2, -1), (-2, -5), (6, 0), (0, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_normalised_as_flash_attn(window, causal):
+    # Sq > Sk with a side between Sk and Sq - 1: flash-attn's clamping (a side >= Sk is
+    # unbounded, then the other side becomes Sk) differs from the documented band that
+    # fastattn's own flash_attention keeps; the drop-in must follow flash-attn.
+    torch.manual_seed(0)
+    q, k, v = _qkv("cpu", torch.float32, 2, 10, 4, 4, 2, 16)
+    want, want_lse = _flash_attn_oracle(q, k, v, causal, window, softcap=3.0)
+    out, lse, _ = fa.flash_attn_func(q, k, v, 0.0, None, np.bool_(causal), window, 3.0, None, False, True)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=2e-6)
+    # varlen: flash-attn clamps against max_seqlen_k; here one sequence of the same shapes, one empty
+    cu_q = torch.tensor([0, 10, 20], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 8], dtype=torch.int32)
+    out = fa.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, 10, 4, 0.0,
+                                    None, causal, window, 3.0)
+    torch.testing.assert_close(out.double(), want.flatten(0, 1), rtol=0, atol=2e-6)
+
+
+def test_flash_attn_func_copies_a_strided_last_dim_and_ignores_negative_softcap():
+    torch.manual_seed(0)
+    q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in _qkv("cpu", torch.float32, 1, 6, 6, 2, 2, 8))
+    assert q.stride(-1) != 1
+    want, _ = _flash_attn_oracle(q, k, v, True, (-1, -1))
+    torch.testing.assert_close(fa.flash_attn_func(q, k, v, causal=True, softcap=-1.0).double(), want, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -106,7 +173,7 @@ def test_packed_variants_are_their_slices(device):
                                                   return_attn_probs=True)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
-    assert probs is None and lse.shape == (H, S)
+    assert probs.numel() == 0 and lse.shape == (H, S)
     out.sum().backward()
     assert packed.grad.abs().sum() > 0
     out = fa.flash_attn_varlen_kvpacked_func(q[0], packed.detach()[:, 1:], cu, cu, 12, 12, causal=True)
@@ -117,9 +184,9 @@ def test_packed_variants_are_their_slices(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_flash_attn_varlen_func_matches_reference(device):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    lens_q, lens_k = [5, 0, 13], [9, 4, 13]
-    cu_q = torch.tensor([0, 5, 5, 18], dtype=torch.int32, device=device)
-    cu_k = torch.tensor([0, 9, 13, 26], dtype=torch.int32, device=device)
+    lens_q, lens_k = [5, 0, 13, 6], [9, 4, 13, 2]  # the last: 4 causal rows that see no key
+    cu_q = torch.tensor([0, 5, 5, 18, 24], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 9, 13, 26, 28], dtype=torch.int32, device=device)
     q = torch.randn(sum(lens_q), 4, 48, device=device, dtype=dtype)
     k, v = (torch.randn(sum(lens_k), 2, 48, device=device, dtype=dtype) for _ in range(2))
     out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), 0.0, 0.2, True, (4, 0),
@@ -130,7 +197,7 @@ def test_flash_attn_varlen_func_matches_reference(device):
     assert_error_ratio(out, low, true)
     seen = true_lse > -math.inf
     torch.testing.assert_close(lse[seen].double(), true_lse[seen].double(), rtol=0, atol=1e-3)
-    assert torch.isposinf(lse[~seen]).all()
+    assert (~seen).sum() == 4 * 4 and torch.isposinf(lse[~seen]).all()
 
 
 def _rotary_reference(q, k, cos, sin, start, interleaved, q_per_token):
@@ -178,6 +245,48 @@ def test_with_kvcache_rotary_and_cache_batch_idx(device, causal, window, interle
                                                                                   device=device), v[b]))
     for r in (0, 2):
         assert torch.equal(kc[r], k_cache[r]) and torch.equal(vc[r], v_cache[r])
+
+
+@pytest.mark.parametrize("causal, window, local", [
+    (np.bool_(True), (-1, -1), True),  # a NumPy bool is causal (the queries' rotary positions too)
+    (False, (-1, 39), True),           # one side below the capacity (40): local
+    (False, (40, -1), False),          # a side at the capacity is unbounded: not local
+    (False, (-1, -1), False),
+])
+@pytest.mark.parametrize("num_new", [1, 3, 5])  # new keys: fewer, as many as, more than the 3 queries
+def test_with_kvcache_matches_flash_attn(causal, window, local, num_new):
+    # flash-attn's kvcache step: the num_new keys rotated at cache_seqlens + j and appended;
+    # query i rotated at cache_seqlens + i when causal or local, else at cache_seqlens; the
+    # queries then bottom-right aligned over cache_seqlens + num_new keys, window clamped
+    # against the capacity.
+    torch.manual_seed(0)
+    B, Sq, H, Hk, D, R, capacity = 2, 3, 4, 2, 32, 16, 40
+    q = torch.randn(B, Sq, H, D)
+    k, v = (torch.randn(B, num_new, Hk, D) for _ in range(2))
+    k_cache, v_cache = (torch.randn(B, capacity, Hk, D) for _ in range(2))
+    angles = torch.rand(64, R // 2) * 6
+    cos, sin = angles.cos(), angles.sin()
+    seqlens = torch.tensor([9, 30], dtype=torch.int32)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out, lse = fa.flash_attn_with_kvcache(q, kc, vc, k, v, cos, sin, seqlens, causal=causal, window_size=window,
+                                          return_softmax_lse=True)
+    for b in range(B):
+        n = int(seqlens[b])
+        pos_k = torch.arange(n, n + num_new).view(1, -1)
+        pos_q = torch.arange(n, n + Sq).view(1, -1) if local else torch.full((1, Sq), n)
+        _, k_rot = reference.apply_rotary(k[b:b + 1].double(), k[b:b + 1].double(), cos.double(), sin.double(),
+                                          positions=pos_k, interleaved=True)
+        q_rot, _ = reference.apply_rotary(q[b:b + 1].double(), q[b:b + 1].double(), cos.double(), sin.double(),
+                                          positions=pos_q, interleaved=True)
+        keys = torch.cat([k_cache[b:b + 1, :n].double(), k_rot], 1)
+        values = torch.cat([v_cache[b:b + 1, :n].double(), v[b:b + 1].double()], 1)
+        want, want_lse = _flash_attn_oracle(q_rot, keys, values, bool(causal), window, seqlen_k=capacity)
+        torch.testing.assert_close(out[b:b + 1].double(), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(lse[b:b + 1].double(), want_lse, rtol=0, atol=1e-5)
+        torch.testing.assert_close(kc[b, n:n + num_new].double(), k_rot[0], rtol=0, atol=1e-6)
+        assert torch.equal(vc[b, n:n + num_new], v[b]) and torch.equal(kc[b, :n], k_cache[b, :n])
+        assert torch.equal(kc[b, n + num_new:], k_cache[b, n + num_new:])
+    assert seqlens.tolist() == [9, 30]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,11 +6,16 @@
 
 Every function here has the name, the parameters (names, positional order, defaults) and the
 return values of its namesake in flash-attn 2.x's ``flash_attn.flash_attn_interface`` (2.6 and
-later: with ``softcap``), and its semantics: bottom-right causal alignment, ``window_size =
-(left, right)`` with -1 unbounded, GQA/MQA by fewer k/v heads, ``softmax_lse`` of shape (B, H,
-Sq) (varlen: (H, total_q)) in fp32 with ``+inf`` where a row sees no key (out 0 there), k/v
-appended to the caches in place by ``flash_attn_with_kvcache`` without advancing
-``cache_seqlens``, rotary applied to the new k (and q) there. Each is a thin layer over
+later: with ``softcap``), and its semantics, down to its C++'s reading of the arguments:
+bottom-right causal alignment; ``window_size = (left, right)``, a side that is negative or at
+least seqlen_k (k's length, varlen's max_seqlen_k, a cache's capacity) unbounded, then causal
+setting right = 0, then an unbounded side beside a bounded one becoming seqlen_k (fastattn's own
+ops keep the documented band instead: they differ only for seqlen_q > seqlen_k); ``softcap`` <= 0
+off; q / k / v with a strided last dim copied; GQA/MQA by fewer k/v heads; ``softmax_lse`` of
+shape (B, H, Sq) (varlen: (H, total_q)) in fp32 with ``+inf`` where a row sees no key (out 0
+there); k/v (any number of new tokens) appended to the caches in place by
+``flash_attn_with_kvcache`` without advancing ``cache_seqlens``, rotary applied to the new k
+(and q) there. Each is a thin layer over
 ``fastattn.flash_attention`` / ``flash_attention_varlen`` / ``attention_with_kvcache`` /
 ``apply_rotary``, so devices and dtypes are theirs (CUDA fp16/bf16, and the CPU with fp32 too)
 and gradients flow where flash-attn's do (not through ``flash_attn_with_kvcache``).
@@ -19,8 +24,8 @@ What flash-attn has and fastattn does not raises ``NotImplementedError`` naming 
 never a silently different result: ``dropout_p > 0``, ``alibi_slopes``, ``block_table`` in
 ``flash_attn_varlen_func``, ``cache_leftpad``. ``deterministic`` is accepted and changes
 nothing: fastattn's backward is always deterministic. ``return_attn_probs=True`` returns
-``(out, softmax_lse, None)``: flash-attn's third value (the dropout pattern) only exists with
-dropout. Page sizes of a paged cache are free (flash-attn: multiples of 256) and the rotary
+``(out, softmax_lse, S_dmask)`` with S_dmask an empty tensor, as flash-attn 2.7+ does without
+dropout (2.6 gave None). Page sizes of a paged cache are free (flash-attn: multiples of 256) and the rotary
 tables may be fp32 or q's dtype (flash-attn: q's dtype).
 """
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .._validate import is_integer
+from .._validate import check_bool, is_integer
 
 __all__ = [
     "flash_attn_func",
@@ -59,9 +64,41 @@ def _not_supported(dropout_p, alibi_slopes) -> None:
 
 
 def _window(window_size):
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
+            is_integer(side) for side in window_size):
         raise ValueError(f"window_size must be a (left, right) pair of ints (-1 = unbounded), got {window_size!r}")
-    return tuple(window_size)
+    return int(window_size[0]), int(window_size[1])
+
+
+def _flash_attn_window(window_size, causal: bool, seqlen_k: int, seqlen_q: int):
+    """window_size as flash-attn's C++ reads it, in fastattn's terms. flash-attn first makes a
+    side of at least seqlen_k (the keys' length, varlen's max_seqlen_k, a cache's capacity)
+    unbounded, then causal sets right = 0, then a side left unbounded beside a bounded one
+    becomes seqlen_k: so (-1, 4) over 4 keys is full attention there, where fastattn's own
+    ops keep the documented band (they differ only for seqlen_q > seqlen_k). A side that
+    reaches every key (left >= seqlen_k - 1; right >= seqlen_q - 1) is passed as -1."""
+    left, right = _window(window_size)
+    left = -1 if left < 0 or left >= seqlen_k else left
+    right = -1 if right < 0 or right >= seqlen_k else right
+    if causal:
+        right = 0
+    if left < 0 and right >= 0:
+        left = seqlen_k
+    if left >= 0 and right < 0:
+        right = seqlen_k
+    return (-1 if left >= seqlen_k - 1 else left), (-1 if right >= seqlen_q - 1 else right)
+
+
+def _softcap(softcap):
+    """flash-attn's softcap: anything not > 0 is off."""
+    if isinstance(softcap, numbers.Real) and not isinstance(softcap, bool) and not softcap > 0:
+        return 0.0
+    return softcap
+
+
+def _maybe_contiguous(x):
+    """flash-attn copies q / k / v whose last dim is strided; fastattn's ops refuse them."""
+    return x.contiguous() if isinstance(x, Tensor) and x.dim() > 0 and x.stride(-1) != 1 else x
 
 
 def _flash_attn_lse(lse: Tensor) -> Tensor:
@@ -73,7 +110,8 @@ def _outputs(result, return_attn_probs: bool):
     if not return_attn_probs:
         return result
     out, lse = result
-    return out, _flash_attn_lse(lse), None
+    # flash-attn 2.7+: the third value is an empty tensor unless dropout records its pattern
+    return out, _flash_attn_lse(lse), torch.empty((0,), dtype=out.dtype, device=out.device)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -81,8 +119,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> out (B, Sq, H, D); with return_attn_probs,
     (out, softmax_lse (B, H, Sq) fp32, None). Differentiable in q, k, v."""
     _not_supported(dropout_p, alibi_slopes)
-    result = F.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window=_window(window_size),
-                               softcap=softcap, return_lse=return_attn_probs)
+    causal = check_bool(causal, "causal")
+    q, k, v = (_maybe_contiguous(t) for t in (q, k, v))
+    window = _flash_attn_window(window_size, causal, k.shape[1], q.shape[1]) if isinstance(k, Tensor) \
+        and isinstance(q, Tensor) and k.dim() == 4 and q.dim() == 4 else window_size
+    result = F.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window=window,
+                               softcap=_softcap(softcap), return_lse=return_attn_probs)
     return _outputs(result, return_attn_probs)
 
 
@@ -120,8 +162,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if block_table is not None:
         raise NotImplementedError("block_table: fastattn's varlen attention reads packed k/v, not a paged "
                                   "cache; pass None (paged caches: flash_attn_with_kvcache)")
+    causal = check_bool(causal, "causal")
+    q, k, v = (_maybe_contiguous(t) for t in (q, k, v))
+    window = _flash_attn_window(window_size, causal, max_seqlen_k, max_seqlen_q) if all(
+        is_integer(n) or isinstance(n, torch.SymInt) for n in (max_seqlen_k, max_seqlen_q)) else window_size
     result = F.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                      softmax_scale=softmax_scale, window=_window(window_size), softcap=softcap,
+                                      softmax_scale=softmax_scale, window=window, softcap=_softcap(softcap),
                                       return_lse=return_attn_probs)
     return _outputs(result, return_attn_probs)
 
@@ -146,9 +192,9 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 
 
 def _rotate_new_tokens(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved, q_per_token: bool):
-    """flash-attn's rotary in flash_attn_with_kvcache: new key i of sequence b at position
-    cache_seqlens[b] + i; the queries there too when q_per_token (causal or local), else all at
-    cache_seqlens[b]."""
+    """flash-attn's rotary in flash_attn_with_kvcache: new key j of sequence b at position
+    cache_seqlens[b] + j; query i there too (cache_seqlens[b] + i) when q_per_token (causal or
+    local), else every query at cache_seqlens[b]."""
     if k is None:
         raise ValueError("rotary_cos / rotary_sin rotate the new keys: they need k and v")
     if not isinstance(rotary_cos, Tensor) or not isinstance(rotary_sin, Tensor):
@@ -156,21 +202,20 @@ def _rotate_new_tokens(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_inter
     if not (rotary_cos.is_floating_point() and rotary_sin.is_floating_point()):
         raise ValueError(f"rotary_cos / rotary_sin must be floating point, got {rotary_cos.dtype} and {rotary_sin.dtype}")
     cos, sin = rotary_cos.float(), rotary_sin.float()  # fastattn's tables are fp32 (exact for 16-bit ones)
-    B, Sq = q.shape[0], q.shape[1]
-    if k.shape[1] != Sq:
-        raise ValueError(f"with rotary, k must have q's seqlen {Sq} (queries and new keys share positions), got "
-                         f"{k.shape[1]}")
+    B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
     if isinstance(cache_seqlens, Tensor):
         start = cache_seqlens.to(device=q.device, dtype=torch.int64).view(-1, 1)
     else:
         start = torch.full((B, 1), int(cache_seqlens), dtype=torch.int64, device=q.device)
     if start.shape[0] != B:
         raise ValueError(f"cache_seqlens must hold {B} lengths (q's batch), got {start.shape[0]}")
-    pos_k = start + torch.arange(Sq, device=q.device).view(1, Sq)
-    if q_per_token:
+    pos_k = start + torch.arange(Sk, device=q.device).view(1, Sk)
+    if q_per_token and Sq == Sk:  # one fused call (the common decode / speculative step)
         return F.apply_rotary(q, k, cos, sin, positions=pos_k, interleaved=rotary_interleaved)
-    _, k_rot = F.apply_rotary(q, k, cos, sin, positions=pos_k, interleaved=rotary_interleaved)
-    q_rot, _ = F.apply_rotary(q, k, cos, sin, positions=start.expand(B, Sq), interleaved=rotary_interleaved)
+    pos_q = start + torch.arange(Sq, device=q.device).view(1, Sq) if q_per_token else start.expand(B, Sq)
+    # (the op rotates a q and a k of one length: each is passed as both and half the result kept)
+    q_rot = F.apply_rotary(q, q, cos, sin, positions=pos_q, interleaved=rotary_interleaved)[0]
+    k_rot = F.apply_rotary(k, k, cos, sin, positions=pos_k, interleaved=rotary_interleaved)[0]
     return q_rot, k_rot
 
 
@@ -179,8 +224,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_leftpad: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
-    """Attention of q (B, Sq, H, D) over a KV cache, appending k/v (B, Sq, Hk, D) first when
-    given (in place, at tokens cache_seqlens[b] + i; cache_seqlens is not advanced).
+    """Attention of q (B, Sq, H, D) over a KV cache, appending k/v (B, Sn, Hk, D) first when
+    given (in place, at tokens cache_seqlens[b] + j; cache_seqlens is not advanced). Queries
+    are bottom-right aligned: query i sits at key position cache_seqlens[b] + Sn - Sq + i.
 
     k_cache/v_cache: (B_cache, S_cache, Hk, D) (B_cache >= B, or any with cache_batch_idx), or
     page pools (num_pages, page_size, Hk, D) with block_table (B, max_pages) int32.
@@ -190,14 +236,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     interleaved (GPT-J pairs) by default as in flash-attn. Returns out (B, Sq, H, D), with
     return_softmax_lse also softmax_lse (B, H, Sq) fp32. Forward only."""
     _not_supported(0.0, alibi_slopes)
+    causal = check_bool(causal, "causal")
     if cache_leftpad is not None:
         raise NotImplementedError("cache_leftpad: fastattn's caches start at token 0 of each row; pass None")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new tokens to append) or both be None")
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together or both be None")
-    if not isinstance(k_cache, Tensor):
-        raise TypeError(f"k_cache must be a torch.Tensor, got {type(k_cache).__name__}")
+    for name, t in (("q", q), ("k_cache", k_cache)) + ((("k", k),) if k is not None else ()):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (batch, seqlen, heads, headdim), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    q, k, v = (_maybe_contiguous(t) for t in (q, k, v))
     if cache_batch_idx is not None:
         if block_table is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table (as in flash-attn): a paged "
@@ -210,23 +260,30 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         # A contiguous cache (B_cache, S_cache, Hk, D) is a page pool of B_cache pages of S_cache
         # tokens: row cache_batch_idx[b] is sequence b's single page.
         block_table = cache_batch_idx.to(torch.int32).view(-1, 1)
+    capacity = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, Tensor) else 1)
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is required with k / v: it says where the new tokens go")
-        cache_seqlens = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, Tensor) else 1)
+        cache_seqlens = capacity
     elif is_integer(cache_seqlens):
         cache_seqlens = int(cache_seqlens)
-    window = _window(window_size)
+    window = _flash_attn_window(window_size, causal, capacity, q.shape[1])
     if rotary_cos is not None:
         # flash-attn rotates each query at its own position when the attention is causal or
-        # local, where a window side of at least the cache's capacity counts as unbounded.
-        capacity = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, Tensor) else 1)
-        local = any(is_integer(side) and 0 <= side < capacity for side in window)
-        q, k = _rotate_new_tokens(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved,
-                                  causal is True or local)
-    result = F.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, block_table=block_table,
-                                      causal=causal, window=window, softmax_scale=softmax_scale, softcap=softcap,
-                                      num_splits=num_splits, return_lse=return_softmax_lse)
+        # local (a side bounded after its clamping of sides >= the cache's capacity).
+        left, right = _window(window_size)
+        local = 0 <= left < capacity or 0 <= right < capacity
+        q, k = _rotate_new_tokens(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved, causal or local)
+    common = dict(block_table=block_table, causal=causal, window=window, softmax_scale=softmax_scale,
+                  softcap=_softcap(softcap), num_splits=num_splits, return_lse=return_softmax_lse)
+    if k is not None and k.shape[1] != q.shape[1]:
+        # New keys of another length than the queries (flash-attn's seqlen_knew): appended
+        # first, then the queries read the grown cache.
+        F.append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table)
+        cache_seqlens = cache_seqlens + k.shape[1]
+        result = F.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, **common)
+    else:
+        result = F.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, **common)
     if return_softmax_lse:
         out, lse = result
         return out, _flash_attn_lse(lse)
