@@ -374,6 +374,55 @@ ARCHS = {
 }
 
 
+@pytest.mark.parametrize("backend", ["fastattn", "torch"])
+def test_router_only_training(backend):
+    # Frozen experts, trainable router (router fine-tuning): the call is differentiated through
+    # the routing weights alone. The fastattn backend ran the kernel (no derivative) and the
+    # backward raised.
+    m = make_moe(shared_expert_intermediate_size=16).train()
+    for p in m.parameters():
+        p.requires_grad_(p is m.router.weight)
+    x = torch.randn(6, 32)
+    assert not m.uses_kernel(x, backend)
+    g = torch.randn(6, 32)
+    (m(x, backend) * g).sum().backward()
+    ours = m.router.weight.grad.clone()
+    m.zero_grad()
+    (naive_moe(m, x) * g).sum().backward()
+    assert (ours - m.router.weight.grad).abs().max().item() <= 1e-6 and ours.abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", ["fastattn", "torch"])
+def test_forward_mode_ad(backend):
+    # torch.func.jvp through a frozen module: the kernel dropped the tangent (zeros, no error)
+    # and the torch backend's out= matmuls raised; both now take the differentiable experts.
+    m = make_moe(shared_expert_intermediate_size=16).requires_grad_(False)
+    x, t = torch.randn(5, 32), torch.randn(5, 32)
+    _, tangent = torch.func.jvp(lambda a: m(a, backend), (x,), (t,))
+    _, want = torch.func.jvp(lambda a: naive_moe(m, a), (x,), (t,))
+    assert (tangent - want).abs().max().item() <= 1e-5 and want.abs().max() > 0
+
+
+def test_float64_without_grad_takes_the_torch_experts():
+    m = make_moe().double().requires_grad_(False)
+    x = torch.randn(3, 32, dtype=torch.float64)
+    assert not m.uses_kernel(x)
+    with torch.no_grad():  # the kernel refused fp64 with a ValueError
+        out = m(x)
+    assert out.dtype == torch.float64 and (out - naive_moe(m, x)).abs().max().item() <= 1e-8  # (naive_moe: fp32)
+
+
+def test_qwen2_moe_without_shared_expert_loads(tmp_path):
+    # shared_expert_intermediate_size 0: transformers saves zero-width shared-expert tensors (and
+    # their gate), which from_pretrained refused as unused.
+    hf = build_hf("qwen2_moe", shared_expert_intermediate_size=0)
+    hf.save_pretrained(str(tmp_path))
+    model = Llama.from_pretrained(str(tmp_path))
+    ids = ids_of(2, 7)
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
 def build_hf(name, **overrides):
     config_cls, model_cls, extra = ARCHS[name]
     kw = dict(TINY, **extra)

@@ -2006,6 +2006,12 @@ def _map_hf_state_dict(hf: Dict[str, Tensor], config: LlamaConfig, dtype: torch.
             out[q + "feed_forward.w13.bias"] = torch.cat([take(m + "gate_proj.bias"), take(m + "up_proj.bias")])
             out[q + "feed_forward.w2.bias"] = take(m + "down_proj.bias")
     unused = sorted(set(hf) - used)
+    if not config.shared_expert_intermediate_size:
+        # Qwen2-MoE with shared_expert_intermediate_size 0: transformers saves a zero-width shared
+        # expert (its output is 0 whatever its gate says), nothing to load.
+        empty = {n.rsplit("mlp.", 1)[0] for n in unused if ".mlp.shared_expert." in n and hf[n].numel() == 0}
+        unused = [n for n in unused if not (n.rsplit("mlp.", 1)[0] in empty and (
+            ".mlp.shared_expert." in n and hf[n].numel() == 0 or n.endswith(".mlp.shared_expert_gate.weight")))]
     if unused:
         raise ValueError(f"from_pretrained: {len(unused)} checkpoint tensors this model does not use, "
                          f"e.g. {unused[:4]} (is the config right?)")

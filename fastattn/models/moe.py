@@ -86,6 +86,12 @@ NATIVE_CPU_MATMUL = {
 KERNEL_MAX_ROWS_PER_EXPERT = 16
 
 
+def _transform_active() -> bool:
+    from fastattn.ops import transform_active  # (imported on use, as the extension in _kernel_available)
+
+    return transform_active()
+
+
 def _kernel_available() -> bool:
     """Whether the loaded fastattn extension has the moe_experts op (a build from before it
     does not; the torch path then runs)."""
@@ -183,7 +189,7 @@ class MoEFeedForward(nn.Module):
             if n:
                 spans.append((e, start, start + n))
                 start += n
-        if torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad or self.w2.requires_grad):
+        if self._differentiated(x):
             ys = torch.cat([self._swiglu(xs[s:t], self.w13[e], self.w2[e], self.intermediate_size).float()
                             for e, s, t in spans])  # (N*k, hidden) fp32, expert-major
         else:
@@ -244,11 +250,18 @@ class MoEFeedForward(nn.Module):
         average: decode steps and short prompts, where the experts are bound by reading the
         weights; longer inputs are matrix-matrix products, which torch's GEMM does best)."""
         return (backend == "fastattn" and x.device.type == "cpu" and x.dtype == self.w13.dtype
-                and x.dtype == self.w2.dtype
+                and x.dtype == self.w2.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
                 and x.shape[0] * self.top_k <= KERNEL_MAX_ROWS_PER_EXPERT * self.num_experts
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad
-                                                      or self.w2.requires_grad))
+                and not self._differentiated(x)
                 and _kernel_available())
+
+    def _differentiated(self, x: Tensor) -> bool:
+        """Whether autograd records this call (x, the experts' or the router's weights need
+        gradients: the router alone in router-only fine-tuning) or a torch.func transform or
+        forward-mode AD level is active: then neither the kernel (no derivative) nor the
+        no-grad experts (out= matmuls) may run."""
+        return (torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad or self.w2.requires_grad
+                                             or self.router.weight.requires_grad)) or _transform_active()
 
     def forward(self, x: Tensor, backend: str = "fastattn") -> Tensor:
         """x (..., hidden) -> (..., hidden) in x's dtype. ``backend`` (the model's): "fastattn"
