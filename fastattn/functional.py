@@ -474,16 +474,19 @@ _SMEM_OPTIN_BY_DEVICE: dict = {}  # device index -> shared memory per block (opt
 
 
 def _per_device(cache: dict, t: Tensor, compute):
-    """compute(index) for t's CUDA device, asked once per device (its properties never change)."""
+    """compute(index) for t's CUDA device, asked once per device (its properties never change).
+    While torch.compile traces, the device is not asked (None unless an eager call already
+    did: the caller then decides)."""
     index = t.device.index or 0  # (a CUDA tensor's device always has its index)
     value = cache.get(index)
-    if value is None:
+    if value is None and not torch.compiler.is_compiling():
         value = cache[index] = compute(index)
     return value
 
 
-def _smem_optin(t: Tensor) -> int:
-    """The opt-in shared memory per block of t's GPU (bytes); unlimited where torch does not say."""
+def _smem_optin(t: Tensor) -> Optional[int]:
+    """The opt-in shared memory per block of t's GPU (bytes); unlimited where torch does not say;
+    None while torch.compile traces before any eager call asked (see _per_device)."""
     return _per_device(_SMEM_OPTIN_BY_DEVICE, t, lambda i: getattr(
         torch.cuda.get_device_properties(i), "shared_memory_per_block_optin", 2**31 - 1))
 
@@ -511,20 +514,21 @@ def cuda_kernels_run_on(t: Tensor) -> bool:
     """Whether t's GPU can run this build's CUDA kernels (_build_runs_on: sm_80 or newer, and
     code for it in the build). Where not (a V100 or T4; an A100 under a build made for an H100
     alone), the SDPA drop-in, rms_norm / nn.RMSNorm, the Hugging Face integration and the model
-    run torch's way instead. True while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return True
-    return _per_device(_CODE_FOR_DEVICE, t, lambda i: _build_runs_on(
+    run torch's way instead. While torch.compile traces: the answer of an earlier eager call on
+    that device, else True (the device is not asked there)."""
+    known = _per_device(_CODE_FOR_DEVICE, t, lambda i: _build_runs_on(
         torch.cuda.get_device_capability(i), getattr(_load_extension(), "CUDA_ARCHS", "")))
+    return True if known is None else known
 
 
 def cuda_backward_fits(t: Tensor, head_dim: int) -> bool:
     """Whether the CUDA flash backward at head_dim runs on t's GPU (False: head dim 256 on a GPU
-    with less than 128 KiB of shared memory per block). Not asked while torch.compile traces
-    (True), and True where torch does not report the limit."""
-    if head_dim != 256 or torch.compiler.is_compiling():
+    with less than 128 KiB of shared memory per block). True where torch does not report the
+    limit, and while torch.compile traces unless an eager call already read it."""
+    if head_dim != 256:
         return True
-    return _smem_optin(t) >= _CUDA_BWD_SMEM_D256
+    optin = _smem_optin(t)
+    return optin is None or optin >= _CUDA_BWD_SMEM_D256
 
 
 _INT64_MAX = 2**63 - 1
@@ -961,11 +965,10 @@ _DECODE_SMEM_ALL_SHAPES = 163 * 1024
 
 def decode_cuda_fits(t: Tensor, head_dim: int, seqlen_q: int = 1, softcap: float = 0.0) -> bool:
     """Whether the CUDA decode kernels (decode_attention, attention_with_kvcache) run this shape
-    on t's GPU, by its shared memory per block (see above). True while torch.compile traces and
-    where torch does not report the limit."""
-    if torch.compiler.is_compiling():
-        return True
-    return _decode_smem_fits(_smem_optin(t), head_dim, seqlen_q, softcap)
+    on t's GPU, by its shared memory per block (see above). True where torch does not report the
+    limit, and while torch.compile traces unless an eager call already read it."""
+    optin = _smem_optin(t)
+    return optin is None or _decode_smem_fits(optin, head_dim, seqlen_q, softcap)
 
 
 def _decode_smem_fits(optin: int, head_dim: int, seqlen_q: int, softcap: float) -> bool:

@@ -306,6 +306,33 @@ def test_cuda_backward_fits_reads_the_shared_memory_limit(monkeypatch):
     assert F_.cuda_backward_fits(t, 256)  # a torch that does not report the limit: assume it fits
 
 
+def test_gpu_facts_known_from_eager_calls_hold_under_torch_compile(monkeypatch):
+    # While torch.compile traces, the device is not asked; what an eager call on that device
+    # learnt is used (it returned True there before, so a compiled model on a GPU without code
+    # in the build, or a 99 KiB part, launched kernels it cannot run). Stand-in device facts on a
+    # CPU tensor (no GPU on CI; the memo is keyed by device index only).
+    import fastattn.functional as F_
+
+    monkeypatch.setattr(F_, "_CODE_FOR_DEVICE", {0: False})
+    monkeypatch.setattr(F_, "_SMEM_OPTIN_BY_DEVICE", {0: 99 * 1024})
+
+    def facts(x):
+        return (x + float(F_.cuda_kernels_run_on(x)), x + float(F_.cuda_backward_fits(x, 256)),
+                x + float(F_.decode_cuda_fits(x, 256)), x + float(F_.decode_cuda_fits(x, 128)))
+
+    x = torch.zeros(1)
+    want = [0.0, 0.0, 0.0, 1.0]
+    assert [t.item() for t in facts(x)] == want
+    torch._dynamo.reset()
+    assert [t.item() for t in torch.compile(facts, fullgraph=True, backend="eager")(x)] == want
+    # nothing known yet: assumed to fit (the device is not asked while tracing)
+    monkeypatch.setattr(F_, "_CODE_FOR_DEVICE", {})
+    monkeypatch.setattr(F_, "_SMEM_OPTIN_BY_DEVICE", {})
+    torch._dynamo.reset()
+    assert [t.item() for t in torch.compile(facts, fullgraph=True, backend="eager")(x)] == [1.0] * 4
+    assert F_._CODE_FOR_DEVICE == {} and F_._SMEM_OPTIN_BY_DEVICE == {}
+
+
 def test_fp32_operands_spanning_2gib_read_in_place():
     """From an outside audit: the CPU flash forward reads fp32 Q and V in place, their row
     stride becoming the GEMM's leading dimension, and ATen's brgemm throws std::bad_alloc for
