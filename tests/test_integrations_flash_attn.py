@@ -289,6 +289,21 @@ def test_with_kvcache_matches_flash_attn(causal, window, local, num_new):
     assert seqlens.tolist() == [9, 30]
 
 
+def test_with_kvcache_int_lengths_and_new_keys_of_another_length():
+    # an int cache_seqlens on the path that appends first (new keys != queries) raised a TypeError
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 4, 16)
+    k, v = (torch.randn(2, 3, 2, 16) for _ in range(2))
+    caches = [torch.randn(2, 12, 2, 16) for _ in range(2)]
+    a, b = [c.clone() for c in caches], [c.clone() for c in caches]
+    out_int = fa.flash_attn_with_kvcache(q, *a, k, v, cache_seqlens=4, causal=True)
+    out_t = fa.flash_attn_with_kvcache(q, *b, k, v, cache_seqlens=torch.full((2,), 4, dtype=torch.int32), causal=True)
+    assert torch.equal(out_int, out_t) and all(torch.equal(x, y) for x, y in zip(a, b))
+    want, _ = _flash_attn_oracle(q, torch.cat([caches[0][:, :4], k], 1), torch.cat([caches[1][:, :4], v], 1), True,
+                                 (-1, -1), seqlen_k=12)
+    torch.testing.assert_close(out_int.double(), want, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_with_kvcache_defaults_paged_and_int_lengths(device):
     dtype = dtypes_for(device)[0]

@@ -244,6 +244,19 @@ def test_legacy_config_layouts():
     assert g1.hidden_act == "gelu_pytorch_tanh" and g1.sliding_window is None
 
 
+def test_yarn_pretraining_length_defaults_to_the_gemma_context(arch):
+    # A yarn config without lengths: the pretraining length is the model's own default context
+    # (8192 for Gemma 1/2, 131072 for Gemma 3), as max_position_embeddings; it was LlamaConfig's 2048.
+    name, _, _ = arch
+    cfg = {k: v for k, v in _config_json(arch).items() if k not in ("max_position_embeddings",
+                                                                    "original_max_position_embeddings")}
+    cfg.update(rope_parameters=None, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    c = LlamaConfig.from_hf(cfg)
+    want = 131072 if name == "gemma3" else 8192
+    assert c.max_position_embeddings == want
+    assert c.rope_scaling["original_max_position_embeddings"] == want
+
+
 def test_unsupported_gemma_fields(arch):
     name, _, _ = arch
     cfg = _config_json(arch)

@@ -404,12 +404,24 @@ def test_forward_mode_ad(backend):
 
 
 def test_float64_without_grad_takes_the_torch_experts():
-    m = make_moe().double().requires_grad_(False)
+    # fp64: off the kernel under no_grad (it raised a ValueError), and the experts run in fp64
+    # (they were rounded to fp32); the routing weights are fp32 softmaxes, as transformers'.
+    m = make_moe(shared_expert_intermediate_size=16).double().requires_grad_(False)
     x = torch.randn(3, 32, dtype=torch.float64)
     assert not m.uses_kernel(x)
-    with torch.no_grad():  # the kernel refused fp64 with a ValueError
+    with torch.no_grad():
         out = m(x)
-    assert out.dtype == torch.float64 and (out - naive_moe(m, x)).abs().max().item() <= 1e-8  # (naive_moe: fp32)
+        weights, ids = m.route(x)
+        want = torch.zeros_like(x)
+        I = m.intermediate_size
+        for t in range(3):
+            for j in range(m.top_k):
+                h = m.w13[ids[t, j]] @ x[t]
+                want[t] += weights[t, j].double() * (m.w2[ids[t, j]] @ (F.silu(h[:I]) * h[I:]))
+            h = m.shared_w13.weight @ x[t]
+            want[t] += torch.sigmoid(m.shared_gate.weight @ x[t])[0] * (m.shared_w2.weight @ (F.silu(h[:16]) * h[16:]))
+    assert out.dtype == torch.float64
+    assert (out - want).abs().max().item() <= 1e-12 * want.abs().max().item()
 
 
 def test_qwen2_moe_without_shared_expert_loads(tmp_path):

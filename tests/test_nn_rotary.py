@@ -77,6 +77,12 @@ def test_yarn_tables_match_transformers(variant, head_dim):
     torch.testing.assert_close(torch.cat([ours.sin[pos[0]]] * 2, -1), sin[0], rtol=0, atol=0)
 
 
+def test_yarn_length_written_as_a_float():
+    a = fastattn.nn.RotaryEmbedding(64, 16, scaling=YARN)
+    b = fastattn.nn.RotaryEmbedding(64, 16, scaling=dict(YARN, original_max_position_embeddings=4096.0))
+    assert torch.equal(a.cos, b.cos) and torch.equal(a.sin, b.sin)
+
+
 def test_default_inv_freq_matches_transformers():
     cfg = _hf_config(128, 10000.0, None)
     hf_inv, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)
@@ -255,6 +261,7 @@ def test_compile_default_positions_one_graph():
          "'yarn' needs 'factor'"),
         (dict(dim=64, scaling=dict(YARN, beta_fast="32")), ValueError, "'beta_fast' must be a finite number"),
         (dict(dim=64, scaling=dict(YARN, truncate=1)), ValueError, "'truncate' must be a bool"),
+        (dict(dim=64, scaling=dict(YARN, beta_fast=-2.0)), ValueError, "'beta_fast' must be >= 0"),
         (dict(dim=64, scaling={"factor": 2.0}), ValueError, "'rope_type' \\(or 'type'\\)"),
         (dict(dim=64, scaling={"rope_type": "linear"}), ValueError, "needs 'factor'"),
         (dict(dim=64, scaling={"rope_type": "llama3", "factor": 8.0}), ValueError, "needs 'low_freq_factor'"),

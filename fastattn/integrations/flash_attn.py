@@ -117,7 +117,7 @@ def _outputs(result, return_attn_probs: bool):
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> out (B, Sq, H, D); with return_attn_probs,
-    (out, softmax_lse (B, H, Sq) fp32, None). Differentiable in q, k, v."""
+    (out, softmax_lse (B, H, Sq) fp32, an empty tensor). Differentiable in q, k, v."""
     _not_supported(dropout_p, alibi_slopes)
     causal = check_bool(causal, "causal")
     q, k, v = (_maybe_contiguous(t) for t in (q, k, v))
@@ -156,7 +156,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
     """Packed sequences: q (total_q, H, D), k/v (total_k, Hk, D), cu_seqlens (B + 1,) int32 ->
-    out (total_q, H, D); with return_attn_probs, (out, softmax_lse (H, total_q) fp32, None).
+    out (total_q, H, D); with return_attn_probs, (out, softmax_lse (H, total_q) fp32, an empty
+    tensor).
     Differentiable in q, k, v."""
     _not_supported(dropout_p, alibi_slopes)
     if block_table is not None:
@@ -279,6 +280,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if k is not None and k.shape[1] != q.shape[1]:
         # New keys of another length than the queries (flash-attn's seqlen_knew): appended
         # first, then the queries read the grown cache.
+        if not isinstance(cache_seqlens, Tensor):  # (append_kv takes the lengths as a tensor)
+            cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
         F.append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table)
         cache_seqlens = cache_seqlens + k.shape[1]
         result = F.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, **common)

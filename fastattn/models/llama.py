@@ -433,14 +433,15 @@ _PER_LAYER_WINDOW_TYPES: Tuple[str, ...] = ()
 GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
 
-def _standardize_rope(rope: dict, rope_type: str, hf: dict, top_level: Optional[int]) -> None:
+def _standardize_rope(rope: dict, rope_type: str, hf: dict, top_level: Optional[int],
+                      default_max_pos: int = LlamaConfig.max_position_embeddings) -> None:
     """Fill in what transformers' standardize_rope_params does for llama3 / yarn / longrope:
     the pretraining length (top_level, a config's top-level original_max_position_embeddings,
-    wins; then the scaling dict's; then max_position_embeddings), and YaRN's factor when absent
-    (max_position_embeddings / that length)."""
+    wins; then the scaling dict's; then max_position_embeddings, default_max_pos where the
+    config has none), and YaRN's factor when absent (max_position_embeddings / that length)."""
     if rope_type not in ("longrope", "llama3", "yarn"):
         return
-    max_pos = hf.get("max_position_embeddings", LlamaConfig.max_position_embeddings)
+    max_pos = hf.get("max_position_embeddings", default_max_pos)
     if top_level is not None:
         rope["original_max_position_embeddings"] = top_level
     rope.setdefault("original_max_position_embeddings", max_pos)
@@ -491,7 +492,9 @@ def _gemma_config_kwargs(hf: dict, names) -> dict:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     # (per layer type, transformers takes no top-level pretraining length)
     nested = local is not None
-    _standardize_rope(rope, rope_type, hf, top_level=None if nested else hf.get("original_max_position_embeddings"))
+    default_max_pos = 131072 if gen == 3 else 8192  # (as max_position_embeddings below)
+    _standardize_rope(rope, rope_type, hf, top_level=None if nested else hf.get("original_max_position_embeddings"),
+                      default_max_pos=default_max_pos)
     scaling = None if rope_type == "default" else rope
     local_theta = None
     if gen == 3:
@@ -510,7 +513,7 @@ def _gemma_config_kwargs(hf: dict, names) -> dict:
     kw = {k: v for k, v in hf.items() if k in names}
     kw.update(
         head_dim=hf.get("head_dim", 256), hidden_act=act, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=hf.get("max_position_embeddings", 131072 if gen == 3 else 8192),
+        max_position_embeddings=hf.get("max_position_embeddings", default_max_pos),
         tie_word_embeddings=hf.get("tie_word_embeddings", True), rope_theta=theta, rope_scaling=scaling,
         attention_bias=bool(hf.get("attention_bias", False)), o_proj_bias=bool(hf.get("attention_bias", False)),
         mlp_bias=False, sliding_window=window, layer_types=layer_types, norm_unit_offset=True,

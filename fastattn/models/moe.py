@@ -86,6 +86,14 @@ NATIVE_CPU_MATMUL = {
 KERNEL_MAX_ROWS_PER_EXPERT = 16
 
 
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the experts' outputs are summed in: fp32, or fp64 for an fp64 model."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _transform_active() -> bool:
     from fastattn.ops import transform_active  # (imported on use, as the extension in _kernel_available)
 
@@ -168,7 +176,7 @@ class MoEFeedForward(nn.Module):
         """w2 (silu(x G^T) * (x U^T)) for one expert's rows x (n, hidden); w13 (2*inter, hidden)
         and w2 (hidden, inter). Returns fp32 when it multiplied in fp32, else x's dtype."""
         dtype = x.dtype
-        if (dtype != torch.float32 and x.device.type == "cpu" and not NATIVE_CPU_MATMUL.get(dtype, False)
+        if (dtype in _HALF_DTYPES and x.device.type == "cpu" and not NATIVE_CPU_MATMUL.get(dtype, False)
                 and x.shape[0] >= UPCAST_MIN_ROWS):
             gate, up = F.linear(x.float(), w13.float()).split(inter, dim=-1)
             act = (F.silu(gate) * up).to(dtype)
@@ -177,8 +185,10 @@ class MoEFeedForward(nn.Module):
         return F.linear(F.silu(gate) * up, w2)
 
     def experts(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        """sum_j weights[:, j] * expert_{ids[:, j]}(x) for x (N, hidden): (N, hidden) fp32."""
+        """sum_j weights[:, j] * expert_{ids[:, j]}(x) for x (N, hidden): (N, hidden) fp32 (fp64
+        for an fp64 x)."""
         N, k = ids.shape
+        acc = _acc_dtype(x.dtype)
         flat = ids.reshape(-1)  # (N*k,) slot s = token s // k, choice s % k
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, token order kept
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync
@@ -190,14 +200,14 @@ class MoEFeedForward(nn.Module):
                 spans.append((e, start, start + n))
                 start += n
         if self._differentiated(x):
-            ys = torch.cat([self._swiglu(xs[s:t], self.w13[e], self.w2[e], self.intermediate_size).float()
-                            for e, s, t in spans])  # (N*k, hidden) fp32, expert-major
+            ys = torch.cat([self._swiglu(xs[s:t], self.w13[e], self.w2[e], self.intermediate_size).to(acc)
+                            for e, s, t in spans])  # (N*k, hidden) fp32 (fp64), expert-major
         else:
             ys = self._experts_no_grad(xs, spans)
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)  # the inverse permutation
         slots = ys.index_select(0, back).view(N, k, self.hidden_size)  # (token, choice) order
-        return torch.bmm(weights.view(N, 1, k), slots).view(N, self.hidden_size)
+        return torch.bmm(weights.view(N, 1, k).to(acc), slots).view(N, self.hidden_size)
 
     def _experts_no_grad(self, xs: Tensor, spans) -> Tensor:
         """The experts on the expert-major slots xs (M, hidden) without autograd, one expert at
@@ -212,7 +222,7 @@ class MoEFeedForward(nn.Module):
         of the native matmul and then rounded. Returns (M, hidden) fp32."""
         I, dtype = self.intermediate_size, xs.dtype
         # fp32 math for big experts, where this CPU has no matrix instructions for the dtype
-        wide = dtype != torch.float32 and xs.device.type == "cpu" and not NATIVE_CPU_MATMUL.get(dtype, False)
+        wide = dtype in _HALF_DTYPES and xs.device.type == "cpu" and not NATIVE_CPU_MATMUL.get(dtype, False)
         ys = xs.new_empty(xs.shape[0], self.hidden_size, dtype=torch.float32 if wide else dtype)
         # One gate/up buffer for the largest expert, reused by every expert (one allocation and
         # one first touch per call instead of one per expert).
@@ -235,13 +245,14 @@ class MoEFeedForward(nn.Module):
                 ys[s:t] = torch.mm(act, self.w2[e].t())
             else:
                 torch.mm(act, self.w2[e].t(), out=ys[s:t])
-        return ys.float()
+        return ys.to(_acc_dtype(dtype))
 
     def shared_expert(self, x: Tensor) -> Tensor:
-        """sigmoid(x g^T) * shared_mlp(x), x (N, hidden) -> (N, hidden) fp32."""
+        """sigmoid(x g^T) * shared_mlp(x), x (N, hidden) -> (N, hidden) fp32 (fp64 for fp64)."""
         y = self._swiglu(x, self.shared_w13.weight, self.shared_w2.weight, self.shared_intermediate_size)
         gate = torch.sigmoid(F.linear(x, self.shared_gate.weight))  # (N, 1), x's dtype
-        return gate.float() * y.float()
+        acc = _acc_dtype(x.dtype)
+        return gate.to(acc) * y.to(acc)
 
     def uses_kernel(self, x: Tensor, backend: str = "fastattn") -> bool:
         """Whether ``forward`` runs the routed experts with the ``fastattn.moe_experts`` CPU

@@ -78,13 +78,19 @@ def _parse_yarn(scaling: dict) -> dict:
 
     out = {"rope_type": "yarn", "factor": number("factor")}
     orig = scaling.get("original_max_position_embeddings")
+    if isinstance(orig, float) and orig.is_integer():  # (a length written as 2048.0)
+        orig = int(orig)
     if not is_integer(orig) or orig < 1:
         raise ValueError(f"scaling of rope_type 'yarn' needs 'original_max_position_embeddings', a positive int, "
                          f"got {orig!r}")
     out["original_max_position_embeddings"] = int(orig)
-    # transformers: `beta_fast or 32`, so 0 and None both mean the default
-    out["beta_fast"] = number("beta_fast", 32.0, positive=False) or 32.0
-    out["beta_slow"] = number("beta_slow", 1.0, positive=False) or 1.0
+    # transformers: `beta_fast or 32`, so 0 and None both mean the default (a negative count
+    # of rotations has no correction dim: refused here rather than at the first table)
+    for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+        value = number(key, default, positive=False) or default
+        if value < 0:
+            raise ValueError(f"scaling {key!r} must be >= 0 (a number of rotations), got {value!r}")
+        out[key] = value
     truncate = scaling.get("truncate", True)
     if not isinstance(truncate, bool):
         raise ValueError(f"scaling 'truncate' must be a bool, got {truncate!r}")
@@ -93,8 +99,8 @@ def _parse_yarn(scaling: dict) -> dict:
     if attention_factor is None:
         mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
         if mscale and mscale_all_dim:
-            attention_factor = _yarn_mscale(out["factor"], number("mscale")) / _yarn_mscale(
-                out["factor"], number("mscale_all_dim"))
+            attention_factor = _yarn_mscale(out["factor"], number("mscale", positive=False)) / _yarn_mscale(
+                out["factor"], number("mscale_all_dim", positive=False))
         else:
             attention_factor = _yarn_mscale(out["factor"])
         out["attention_factor"] = float(attention_factor)
