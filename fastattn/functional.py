@@ -666,8 +666,8 @@ def flash_attention(
 
     NaN inputs: a NaN in q, or in a key a row sees, makes that row's output and lse NaN; a
     NaN in v reaches the rows that see its key, and rows that do not see it only where they
-    share its key tile (through 0 * NaN; torch's SDPA, which multiplies every masked score,
-    reaches all rows). Checked on the CPU kernels.
+    share its key tile (through 0 * NaN; under torch's SDPA a NaN value reaches every row).
+    Checked on the CPU kernels.
     """
     D = _check_qkv(q, k, v, ("(B, Sq, H, D)", "(B, Sk, Hk, D)"))
     causal = check_bool(causal, "causal")
