@@ -66,3 +66,37 @@ def test_patched_model_trains_under_autocast(device):
     for name, g in grads[1].items():
         assert g is not None and g.dtype == torch.float32, name
         torch.testing.assert_close(g, grads[0][name], rtol=5e-2, atol=5e-2 * grads[0][name].abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "padded"])
+def test_fastattn_attention_under_autocast_without_patching(device, arch, padded):
+    # attn_implementation="fastattn" alone (no patch_model): the model's own rotary turns the
+    # autocast bf16 q and k back to fp32 beside a bf16 v, and the kernels refused the mix
+    # (ValueError); the attention function now casts as SDPA's autocast policy does.
+    fa_hf.register()
+    torch.manual_seed(0)
+    sdpa = _tiny(arch).to(device)
+    sdpa.set_attn_implementation("sdpa")
+    ours = copy.deepcopy(sdpa)
+    ours.set_attn_implementation("fastattn")
+    ids = torch.randint(0, 128, (2, 12), device=device)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0  # left padding: the varlen path
+    grads = []
+    for m in (sdpa, ours):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = m(ids, attention_mask=mask, labels=ids)
+        assert out.logits.dtype == torch.bfloat16
+        out.loss.backward()
+        grads.append(m.model.layers[0].self_attn.q_proj.weight.grad)
+    with torch.no_grad():
+        true = sdpa(ids, attention_mask=mask).logits.double()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            ref, got = sdpa(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+    real = mask.bool()
+    err, ref_err = max_err(got[real], true[real]), max_err(ref[real], true[real])
+    assert err <= 2 * ref_err + 1e-4, f"fastattn {err:.3e} vs sdpa {ref_err:.3e} under autocast"
+    torch.testing.assert_close(grads[1], grads[0], rtol=5e-2, atol=5e-2 * grads[0].abs().max().item())

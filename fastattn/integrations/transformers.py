@@ -851,6 +851,9 @@ def fastattn_attention_forward(
     weights. A None mask runs on fastattn.flash_attention, a 2-D mask (padding, filled caches,
     packed sequences; see ``fastattn_mask``) on fastattn.flash_attention_varlen; the rest falls
     back to transformers' SDPA attention, counted in ``stats()``."""
+    # Under autocast, as SDPA's inputs (the model's own rotary multiplies q and k by fp32 cos /
+    # sin, so they come back fp32 beside a bf16 v: a dtype mismatch for the kernels).
+    query, key, value = fastattn.functional._sdpa_autocast(query, key, value)
     Sq, Sk = query.shape[2], key.shape[2]
     attention_mask, window_of = _apply_padding_free_packing(module, query, key, attention_mask, is_causal, kwargs)
     two_d = attention_mask is not None and attention_mask.dim() == 2
