@@ -170,19 +170,19 @@ def test_pages_held_follow_the_tokens(model):
     cache = m.cache
     held = [n + new - 1 for n in lengths]  # the last new token is sampled, never appended
     assert cache.host_seqlens == held == cache.seqlens.tolist() == [45, 8, 10, 6]
-    # pages = sum ceil(len_b / 16) = 3 + 1 + 1 + 1; the pool: sum ceil((len_b + 6) / 16) + the null page
+    # pages = sum ceil(len_b / 16) = 3 + 1 + 1 + 1; the pool: sum ceil((len_b + 6 - 1) / 16) + the null page
     assert cache.num_pages_used == pages_for(held, p) == 6
-    assert cache.num_pages == 1 + pages_for([n + new for n in lengths], p) == 7
+    assert cache.num_pages == 1 + pages_for(held, p) == 7
     assert cache.num_pages_free == 0  # 7 - the null page - 6 held
     page_bytes = 2 * 2 * p * 2 * 16 * 4  # K and V, 2 layers, 16 tokens, 2 kv heads, head dim 16, fp32
     assert cache.page_bytes == page_bytes
     assert cache.bytes_used == 6 * page_bytes and cache.bytes_total == 7 * page_bytes
-    # the contiguous cache holds B * max_len rows: 4 * 46 = 184 token rows against 6 * 16 = 96
+    # the contiguous cache holds B * max_len rows: 4 * (40 + 6 - 1) = 180 token rows against 6 * 16 = 96
     m.generate(ids, new, prompt_lengths=lens)
     contiguous = m.cache
-    assert contiguous.k.shape[1] * contiguous.k.shape[2] == 184
-    assert contiguous.bytes_total == 184 * page_bytes // p
-    assert cache.num_pages_used * p == 96 < 184
+    assert contiguous.k.shape[1] * contiguous.k.shape[2] == 180
+    assert contiguous.bytes_total == 180 * page_bytes // p
+    assert cache.num_pages_used * p == 96 < 180
 
 
 def test_pages_allocated_only_at_page_boundaries(model):
