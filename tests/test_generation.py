@@ -260,17 +260,19 @@ def test_sampling_with_penalty_is_reproducible(llama):
 def test_kv_cache_reorder_rows():
     torch.manual_seed(0)
     c = KVCache(2, 3, 5, 2, 4, torch.float32, "cpu")
-    c.k.normal_(), c.v.normal_()
+    for kv in c.k + c.v:  # one tensor per layer
+        kv.normal_()
     c.seqlens.copy_(torch.tensor([5, 3, 4], dtype=torch.int32))
-    k, v = c.k.clone(), c.v.clone()
+    k, v = torch.stack(c.k), torch.stack(c.v)  # (layers, B, max_len, Hk, D)
     idx = torch.tensor([2, 2, 0])
     c.reorder_rows(idx)
-    assert torch.equal(c.k, k[:, idx]) and torch.equal(c.v, v[:, idx])
+    assert torch.equal(torch.stack(c.k), k[:, idx]) and torch.equal(torch.stack(c.v), v[:, idx])
     assert c.seqlens.tolist() == [4, 4, 5]
-    storage = c.k.data_ptr()
+    storage = [t.data_ptr() for t in c.k]
     c.reorder_rows(torch.tensor([1, 0, 2]), upto=2)  # in place, only the first 2 rows of each
-    assert c.k.data_ptr() == storage
-    assert torch.equal(c.k[:, :, :2], k[:, idx][:, [1, 0, 2], :2]) and torch.equal(c.k[:, :, 2:], k[:, idx][:, :, 2:])
+    assert [t.data_ptr() for t in c.k] == storage
+    got = torch.stack(c.k)
+    assert torch.equal(got[:, :, :2], k[:, idx][:, [1, 0, 2], :2]) and torch.equal(got[:, :, 2:], k[:, idx][:, :, 2:])
     c.reorder_rows(torch.tensor([0, 0, 1, 1, 2, 2]))  # expand: new storage of 6 rows
     assert c.batch_size == 6 and c.seqlens.tolist() == [4, 4, 4, 4, 5, 5]
 
@@ -279,11 +281,12 @@ def test_paged_kv_cache_reorder_rows_matches_contiguous():
     torch.manual_seed(0)
     p = PagedKVCache(1, 3, 16, 2, 4, 1, 2, torch.float32, "cpu")
     p.start([5, 3, 6])
-    p.k.normal_(), p.v.normal_()
+    for kv in p.k + p.v:
+        kv.normal_()
     p.seqlens.copy_(torch.tensor([5, 3, 6], dtype=torch.int32))
 
     def dense(c):  # (B, T) rows through the block table, each sequence's valid part
-        return [c.k[0, c.block_table[b].long()].reshape(-1, 1, 2)[: c.host_seqlens[b]] for b in range(c.batch_size)]
+        return [c.k[0][c.block_table[b].long()].reshape(-1, 1, 2)[: c.host_seqlens[b]] for b in range(c.batch_size)]
 
     before = dense(p)
     used = p.num_pages_used
@@ -303,11 +306,11 @@ def test_paged_kv_cache_expands_rows_to_beams():
     torch.manual_seed(0)
     p = PagedKVCache(1, 2, 6, 2, 4, 1, 2, torch.float32, "cpu")  # 5 usable pages: too few for 4 beams
     p.start([3, 2])
-    p.k.normal_()
+    p.k[0].normal_()
     p.seqlens.copy_(torch.tensor([3, 2], dtype=torch.int32))
 
     def dense(c):
-        return [c.k[0, c.block_table[b].long()].reshape(-1, 1, 2)[: c.host_seqlens[b]] for b in range(c.batch_size)]
+        return [c.k[0][c.block_table[b].long()].reshape(-1, 1, 2)[: c.host_seqlens[b]] for b in range(c.batch_size)]
 
     before = dense(p)
     owned = list(p.pages[1])

@@ -80,12 +80,12 @@ def test_decode_past_capacity_is_a_clear_error(backend, cache):
     logits = model.prefill(_ids(1, 4))
     for _ in range(2):  # rows 4 and 5: the cache is full
         logits = model.decode_step(logits.argmax(-1))
-    k_before = model.cache.k.clone()
+    k_before = torch.stack(model.cache.k)
     with pytest.raises(ValueError, match=r"decode past the end: a sequence already holds 6 tokens.*max_len = 6"):
         model.decode_step(logits.argmax(-1))
     # refused before any work: lengths and cache untouched
     assert model.cache.seqlens.tolist() == [6]
-    assert torch.equal(model.cache.k, k_before)
+    assert torch.equal(torch.stack(model.cache.k), k_before)
 
 
 def test_decode_past_the_rope_tables_is_a_clear_error():

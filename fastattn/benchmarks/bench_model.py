@@ -91,8 +91,8 @@ def test_decode(bench, benchmark, impl, batch):
     c = CONFIG
     cache = model.setup_cache(batch, CONTEXT + 1)
     # The step's cost does not depend on what the cache holds, only on its valid length.
-    cache.k.normal_()
-    cache.v.normal_()
+    for kv in cache.k + cache.v:  # (one tensor per layer)
+        kv.normal_()
     if impl.endswith("+graph"):
         cache.seqlens.fill_(CONTEXT)
         try:

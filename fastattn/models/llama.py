@@ -820,30 +820,33 @@ class _HostLengthBound:
 class KVCache(_HostLengthBound):
     """Static per-layer K/V storage for (batch, max_len) plus each sequence's valid length.
 
-    k, v: (num_layers, B, max_len, Hk, D); seqlens: (B,) int32 on the cache's device.
+    k, v: lists of num_layers tensors (B, max_len, Hk, D); seqlens: (B,) int32 on the cache's
+    device. One tensor per layer, not views of one stacked tensor: torch.compile with dynamic
+    shapes (torch 2.13's inductor) drops the storage offset of a view passed to an in-place
+    custom op, and every layer's append_kv then wrote layer 0's rows.
     """
 
     block_table = None  # contiguous: row t of sequence b is k[layer, b, t]; see PagedKVCache
 
     def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device):
-        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, max_len, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self._note_max_seqlen(0)
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
     @property
     def bytes_total(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return 2 * len(self.k) * self.k[0].numel() * self.k[0].element_size()
 
     def reset(self) -> None:
         self.seqlens.zero_()
@@ -855,22 +858,22 @@ class KVCache(_HostLengthBound):
 
     def reorder_rows(self, index: Tensor, upto: Optional[int] = None) -> None:
         """Sequence i becomes what sequence index[i] was (beam search: beams follow their
-        parents), with one gather over all layers. index (N,) integer on any device.
+        parents), one gather per layer. index (N,) integer on any device.
 
         N == batch_size: in place (a captured CUDA graph stays valid), copying only the first
         ``upto`` rows of each sequence (default all: the rows a caller knows to be live).
         N != batch_size: new (N, max_len) storage (expanding each prompt to its beams)."""
-        idx = index.to(device=self.k.device, dtype=torch.long).view(-1)
+        idx = index.to(device=self.k[0].device, dtype=torch.long).view(-1)
         bound = self.known_max_seqlen()  # a gather of the lengths keeps their bound
         if idx.numel() == self.batch_size:
             t = self.max_len if upto is None else max(0, min(int(upto), self.max_len))
-            for kv in (self.k, self.v):
-                rows = kv[:, :, :t]
-                rows.copy_(rows.index_select(1, idx))
+            for kv in self.k + self.v:
+                rows = kv[:, :t]
+                rows.copy_(rows.index_select(0, idx))
             self.seqlens.copy_(self.seqlens.index_select(0, idx))
         else:
-            self.k = self.k.index_select(1, idx)
-            self.v = self.v.index_select(1, idx)
+            self.k = [kv.index_select(0, idx) for kv in self.k]
+            self.v = [kv.index_select(0, idx) for kv in self.v]
             self.seqlens = self.seqlens.index_select(0, idx)
         self._note_max_seqlen(bound)
 
@@ -878,9 +881,9 @@ class KVCache(_HostLengthBound):
 class PagedKVCache(_HostLengthBound):
     """Paged K/V storage: pages of ``page_size`` tokens handed out to sequences on demand.
 
-    k, v: (num_layers, num_pages, page_size, Hk, D), so ``k[layer]`` is one layer's pool;
-    block_table: (B, max_pages_per_seq) int32, token t of sequence b at
-    ``k[layer, block_table[b, t // page_size], t % page_size]``; seqlens: (B,) int32.
+    k, v: lists of num_layers page pools (num_pages, page_size, Hk, D), one tensor per layer
+    (see KVCache); block_table: (B, max_pages_per_seq) int32, token t of sequence b at
+    ``k[layer][block_table[b, t // page_size], t % page_size]``; seqlens: (B,) int32.
     All on the cache's device.
 
     The allocator lives on the host: a free list of page ids and each sequence's pages, plus
@@ -898,9 +901,9 @@ class PagedKVCache(_HostLengthBound):
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is the null page), got {num_pages}")
-        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_table = torch.zeros(batch, max_pages_per_seq, dtype=torch.int32, device=device)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.reset()
@@ -911,12 +914,12 @@ class PagedKVCache(_HostLengthBound):
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
     @property
     def num_pages(self) -> int:
         """Pages in the pool, the null page included."""
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_pages_per_seq(self) -> int:
@@ -939,7 +942,7 @@ class PagedKVCache(_HostLengthBound):
     @property
     def page_bytes(self) -> int:
         """Bytes of one page, K and V of every layer."""
-        return 2 * self.k[:, 0].numel() * self.k.element_size()
+        return 2 * len(self.k) * self.k[0][0].numel() * self.k[0].element_size()
 
     @property
     def bytes_used(self) -> int:
@@ -1027,11 +1030,11 @@ class PagedKVCache(_HostLengthBound):
                 src_pages += self.pages[s][:n]
                 dst_pages += self.pages[i][:n]
         if src_pages:
-            device = self.k.device
+            device = self.k[0].device
             src = torch.tensor(src_pages, dtype=torch.long, device=device)
             dst = torch.tensor(dst_pages, dtype=torch.long, device=device)
-            for kv in (self.k, self.v):
-                kv[:, dst] = kv[:, src]  # the right side is gathered first: overlaps are safe
+            for kv in self.k + self.v:
+                kv[dst] = kv[src]  # the right side is gathered first: overlaps are safe
         self.seqlens.copy_(self.seqlens.index_select(0, index.to(device=self.seqlens.device, dtype=torch.long)))
         self.host_seqlens = lengths
         self._note_max_seqlen(bound)
@@ -1047,9 +1050,9 @@ class PagedKVCache(_HostLengthBound):
         want = 1 + sum(-(-c // p) for c in caps)
         if want > self.num_pages:
             extra = want - self.num_pages
-            pad = (self.k.shape[0], extra) + tuple(self.k.shape[2:])
-            self.k = torch.cat([self.k, self.k.new_zeros(pad)], dim=1)
-            self.v = torch.cat([self.v, self.v.new_zeros(pad)], dim=1)
+            pad = (extra,) + tuple(self.k[0].shape[1:])
+            self.k = [torch.cat([kv, kv.new_zeros(pad)]) for kv in self.k]
+            self.v = [torch.cat([kv, kv.new_zeros(pad)]) for kv in self.v]
             self._free = list(range(want - 1, want - 1 - extra, -1)) + self._free  # pop() hands out old first
         taken = set()
         pages: List[List[int]] = []
@@ -1069,10 +1072,10 @@ class PagedKVCache(_HostLengthBound):
             if s not in taken:
                 self._free += reversed(self.pages[s])
         if src_pages:
-            src = torch.tensor(src_pages, dtype=torch.long, device=self.k.device)
-            dst = torch.tensor(dst_pages, dtype=torch.long, device=self.k.device)
-            for kv in (self.k, self.v):
-                kv[:, dst] = kv[:, src]
+            src = torch.tensor(src_pages, dtype=torch.long, device=self.k[0].device)
+            dst = torch.tensor(dst_pages, dtype=torch.long, device=self.k[0].device)
+            for kv in self.k + self.v:
+                kv[dst] = kv[src]
         table = torch.zeros(len(src_rows), self.max_pages_per_seq, dtype=torch.int32)
         for i, row in enumerate(pages):
             table[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
@@ -1406,7 +1409,7 @@ class Llama(nn.Module):
             return self._setup_paged_cache(batch_size, max_len, page_size, max_lengths)
         kv = self.cache
         if (not isinstance(kv, KVCache) or kv.batch_size != batch_size or kv.max_len < max_len
-                or kv.k.dtype != self.dtype or kv.k.device != self.device):
+                or kv.k[0].dtype != self.dtype or kv.k[0].device != self.device):
             # The old cache is dropped first: building the new one while it is held would need
             # both at once (a new batch size or dtype, or a longer max_len, as generate asks).
             self.cache = kv = None
@@ -1434,7 +1437,7 @@ class Llama(nn.Module):
         kv = self.cache
         if (not isinstance(kv, PagedKVCache) or kv.batch_size != batch_size or kv.page_size != page_size
                 or kv.num_pages < num_pages or kv.max_pages_per_seq < width
-                or kv.k.dtype != self.dtype or kv.k.device != self.device):
+                or kv.k[0].dtype != self.dtype or kv.k[0].device != self.device):
             self.cache = kv = None  # (dropped before the new one is built, as above)
             kv = PagedKVCache(c.num_hidden_layers, batch_size, num_pages, page_size, width, c.num_key_value_heads,
                               c.head_dim, self.dtype, self.device)
@@ -1564,10 +1567,10 @@ class Llama(nn.Module):
             raise ValueError(f"capture_decode_step (cuda_graph=True) does not support mixture-of-experts "
                              f"layers ({len(moe)} here): their routing syncs with the host every step; "
                              f"decode without cuda_graph")
-        if cache.k.device.type != "cuda":
-            raise ValueError(f"capture_decode_step needs the model on a CUDA device, not {cache.k.device}")
+        if cache.k[0].device.type != "cuda":
+            raise ValueError(f"capture_decode_step needs the model on a CUDA device, not {cache.k[0].device}")
         bound = self._decode_room(cache)  # the warm-up and recorded steps write one more row
-        tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.k.device)
+        tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.k[0].device)
         saved = cache.seqlens.clone()
         if cache.block_table is not None:  # the warm-up rows' pages (the next step's anyway)
             cache.reserve([n + 1 for n in cache.host_seqlens])
