@@ -240,7 +240,9 @@ def _rotary_args_ok(q, k, cos, sin, positions) -> bool:
         return qs[1] <= cs[0]
     return (isinstance(positions, Tensor) and positions.device == device
             and positions.dtype in (torch.int32, torch.int64)
-            and (positions.shape == (qs[1],) or positions.shape == (qs[0], qs[1])))
+            # (by rank first: comparing a (B, S) shape with (S,) made torch.compile / export guard S != B)
+            and ((positions.dim() == 1 and positions.shape[0] == qs[1])
+                 or (positions.dim() == 2 and positions.shape[0] == qs[0] and positions.shape[1] == qs[1])))
 
 
 def _check_rotary_args(q, k, cos, sin, positions) -> None:

@@ -226,6 +226,40 @@ def test_torch_compile_module(device):
     assert q.grad is not None and k.grad is not None
 
 
+def test_tables_grow_inside_fullgraph_compile():
+    # growth under torch.compile(fullgraph=True) (the documented max_position route) failed:
+    # the inference-mode test in _build is not traceable
+    rope = fastattn.nn.RotaryEmbedding(16, max_position_embeddings=8)
+    q, k = torch.randn(1, 16, 2, 16), torch.randn(1, 16, 2, 16)
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b, p: rope(a, b, p, max_position=40), fullgraph=True, backend="eager")
+    pos = torch.arange(16) + 20
+    got = f(q, k, pos)
+    want = fastattn.nn.RotaryEmbedding(16, max_position_embeddings=64)(q, k, pos)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # (tables traced: may differ by an ulp)
+
+
+def test_export_with_dynamic_seqlen_and_batch_positions():
+    # (B, S) positions compared against (S,) as whole shapes made export guard S != B, and a
+    # dynamic S whose range holds B failed with a constraint violation
+    from torch.export import Dim
+
+    class Rot(torch.nn.Module):
+        def forward(self, q, k, cos, sin, pos):
+            return fastattn.apply_rotary(q, k, cos, sin, positions=pos)
+
+    rope = fastattn.nn.RotaryEmbedding(16, max_position_embeddings=64)
+    q, k = torch.randn(2, 8, 4, 16), torch.randn(2, 8, 2, 16)
+    s = Dim("s", min=2, max=32)
+    pos = torch.arange(8).expand(2, 8).contiguous()
+    ep = torch.export.export(Rot(), (q, k, rope.cos, rope.sin, pos), dynamic_shapes=({1: s}, {1: s}, None, None, {1: s}))
+    q2, k2, pos2 = torch.randn(2, 2, 4, 16), torch.randn(2, 2, 2, 16), torch.tensor([[3, 4], [5, 6]])
+    for a, b in zip(ep.module()(q2, k2, rope.cos, rope.sin, pos2), fastattn.apply_rotary(q2, k2, rope.cos, rope.sin,
+                                                                                       positions=pos2)):
+        assert torch.equal(a, b)
+
+
 def test_compile_default_positions_one_graph():
     # With positions=None the sequence length stays symbolic: one graph for every length (the
     # error message of the table check used to format S, which made torch.compile specialise

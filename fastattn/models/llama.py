@@ -1298,7 +1298,10 @@ class Llama(nn.Module):
     def rope(self, device, local: bool = False) -> Tuple[Tensor, Tensor]:
         """The fp32 cos/sin tables (max_position_embeddings, rotary_dim / 2) on `device`, built
         once per device (kept out of the state dict and out of .to(dtype)). local: the sliding
-        layers' tables (base rope_local_theta, unscaled: Gemma 3)."""
+        layers' tables (base rope_local_theta, unscaled: Gemma 3). Before torch.compile or
+        torch.export, call it once eagerly (or run the model once): tables first built inside a
+        traced graph cost a recompile (or, exported, are rebuilt on every call) and may differ
+        from eager's by an ulp."""
         key = f"{device}/local" if local else str(device)
         if key not in self._rope:
             c = self.config

@@ -306,7 +306,7 @@ class RotaryEmbedding(torch.nn.Module):
     def _build(self, num_positions: int, device) -> Tuple[Tensor, Tensor]:
         # Always from the configuration in fp32 (never from a buffer that .to(dtype) may
         # have rounded). Rebuilding gives bit-identical rows for positions already cached.
-        if torch.is_inference_mode_enabled():
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():  # (not traceable)
             # Tables built (or grown) during generation under torch.inference_mode would be
             # inference tensors, which a later training step could only use by copying them on
             # every call (autograd cannot save one): build ordinary tensors.
