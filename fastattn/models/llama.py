@@ -826,10 +826,12 @@ class KVCache(_HostLengthBound):
     custom op, and every layer's append_kv then wrote layer 0's rows.
     """
 
-    block_table = None  # contiguous: row t of sequence b is k[layer, b, t]; see PagedKVCache
+    block_table = None  # contiguous: row t of sequence b is k[layer][b, t]; see PagedKVCache
 
     def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device):
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         shape = (batch, max_len, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -901,6 +903,8 @@ class PagedKVCache(_HostLengthBound):
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is the null page), got {num_pages}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
