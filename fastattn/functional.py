@@ -886,8 +886,9 @@ def flash_attention_varlen(
     Sequence ``i`` owns query rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of q and key/value
     rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of k and v, and its output is
     ``flash_attention(q_i[None], k_i[None], v_i[None], ...)[0]`` on those slices: no padding,
-    no attention across sequences, the same masking, scale, GQA and lse conventions (the same
-    bits in fp32; in fp16 / bf16 the two may round a value differently, at the same accuracy).
+    no attention across sequences, the same masking, scale, GQA and lse conventions, and on
+    the CPU the same bits, outputs and gradients (bf16 on AVX512-BF16 pairs each sequence's
+    own keys, as flash_attention does on its slice).
 
     Args:
         q: (total_q, H, D) queries of all sequences, concatenated along tokens. float32/

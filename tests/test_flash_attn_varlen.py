@@ -479,3 +479,28 @@ def test_compile_dynamic_max_seqlen_does_not_recompile():
         fastattn.flash_attention_varlen(q2, k2, k2, cu, cu, n, n).square().sum().backward()
         assert torch.equal(q.grad, q2.grad) and torch.equal(k.grad, k2.grad)
     assert len(frames) <= 2, f"{len(frames)} graphs for 11 max_seqlen values"
+
+
+@pytest.mark.parametrize("d", [32, 128])
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (5, 3))])
+def test_each_sequence_bitwise_flash_attention_bf16(d, causal, window):
+    # bf16 on CPUs with AVX512-BF16 multiplies P V by key pairs: they are pairs of each
+    # sequence's own keys, so a sequence at an odd packed offset gets flash_attention's bits on
+    # its slice (pairs of the packed rows differed by ~1 ulp there, outputs and gradients). On
+    # other CPUs (fp32 arithmetic) this holds trivially.
+    torch.manual_seed(0)
+    lens = [7, 29, 1, 16, 13]  # odd starts: 7, 36, 37, 53
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    qkv = torch.randn(sum(lens), 8, d, dtype=torch.bfloat16)
+    q, k, v = (t.clone().requires_grad_() for t in (qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]))  # GQA 4 / 2
+    out = fastattn.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal, window=window)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    for i in range(len(lens)):
+        rows = slice(int(cu[i]), int(cu[i + 1]))
+        one = [t.detach()[rows].unsqueeze(0).requires_grad_() for t in (q, k, v)]
+        want = fastattn.flash_attention(*one, causal=causal, window=window)
+        want_grads = torch.autograd.grad(want, one, grad[rows].unsqueeze(0))
+        assert torch.equal(out[rows], want[0]), i
+        for name, got, ref in zip("qkv", grads, want_grads):
+            assert torch.equal(got[rows], ref[0]), (i, name)

@@ -148,6 +148,9 @@ class FlashFwdCpu {
         seqs_[i] = cpu::varlen_seq(p, i);
         q_blocks_max += ceil_div(seqs_[i].seqlen_q, kQBlockMax);
       }
+      // use_dp_: each sequence's V key pairs start at its own first key (see pv_block_dp).
+      v_pairs_.resize(static_cast<size_t>(p.b) + 1, 0);
+      for (int64_t i = 0; i < p.b; ++i) v_pairs_[i + 1] = v_pairs_[i] + ceil_div(seqs_[i].seqlen_k, 2);
     }
     // A function of the shape only (not of the thread count), so the block boundaries, and
     // with them the summation order and the output bits, are the same on any thread count.
@@ -265,7 +268,7 @@ class FlashFwdCpu {
     // Uninitialised on purpose: every element a block product reads is written below (the
     // padding columns past seqlen_k are never read).
     // One buffer for both (the retained one holds one): K^T first, V from a 64-byte boundary.
-    // use_dp_: V by pairs of keys instead, (kv_batches, h_k, ceil(kv_rows / 2), d) words.
+    // use_dp_: V by pairs of keys instead, (kv_batches, h_k, vpairs(), d) words.
     const bool widen_v = !v_in_place_ && !use_dp_;
     const int64_t kt_count = ceil_div(nbh * (use_dp_ ? pairs_ : d) * kt_ld_, 16) * 16;
     const int64_t v_count = widen_v ? nbh * sk * d : use_dp_ ? nbh * vpairs() * d : 0;
@@ -306,7 +309,7 @@ class FlashFwdCpu {
           float* dst = v32_ + (bh * sk + j0) * d;
           for (int64_t j = 0; j < n; ++j) load_row(vbase + (j0 + j) * p_.v_row_stride, dst + j * d, d);
         }
-        if (use_dp_) {  // kChunk is even: a chunk holds whole pairs (the last one may be half)
+        if (use_dp_ && !varlen_) {  // kChunk is even: a chunk holds whole pairs (the last one may be half)
           const T* vbase = v + b * p_.v_batch_stride + hk * p_.v_head_stride;
           uint32_t* dst = vp_ + (bh * vpairs() + j0 / 2) * d;
           for (int64_t j = 0; j < n; j += 2) {
@@ -317,6 +320,28 @@ class FlashFwdCpu {
         }
       }
     });
+    if (use_dp_ && varlen_) {
+      // Varlen V by pairs of each sequence's own keys (0-1, 2-3, ... from its first key; an
+      // odd length's last pair is half), sequence i's at pair v_pairs_[i]: the pairs a
+      // sequence's blocks read are then the ones flash_attention forms on its slice alone,
+      // whatever the sequence's offset in the packed batch (pairs of the packed rows made a
+      // sequence at an odd offset round its P V differently: ~1 bf16 ulp).
+      const int64_t nseq = static_cast<int64_t>(seqs_.size());
+      at::parallel_for(0, p_.h_k * nseq, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t hk = task / nseq, i = task % nseq;
+          const cpu::VarlenSeq& seq = seqs_[i];
+          const T* vbase = v + hk * p_.v_head_stride + seq.k_start * p_.v_row_stride;
+          uint32_t* dst = vp_ + (hk * vpairs() + v_pairs_[i]) * d;
+          for (int64_t j = 0; j < seq.seqlen_k; j += 2) {
+            const uint16_t* lo = reinterpret_cast<const uint16_t*>(vbase + j * p_.v_row_stride);
+            const uint16_t* hi =
+                j + 1 < seq.seqlen_k ? reinterpret_cast<const uint16_t*>(vbase + (j + 1) * p_.v_row_stride) : nullptr;
+            cpu::pack_row_pairs(lo, hi, d, dst + (j / 2) * d);
+          }
+        }
+      });
+    }
   }
 
   // Query block qb of sequence b (dense: batch b), head h. Rows and keys are indices inside
@@ -395,21 +420,23 @@ class FlashFwdCpu {
   }
 
   // use_dp_: O += P V for the block's keys [k0, k0 + cols) of the sequence, P (ws.s) rounded
-  // to bf16 pairs for dp_pv. The V pairs are pairs of the slice's keys (0-1, 2-3, ...): a
-  // block starting at an odd slice key leaves its first key outside any whole pair of the
-  // block, and an odd count its last; those take an fp32 row update from V itself, so no key
-  // outside the block (a masked or another sequence's key) enters the sum, not even times 0.
+  // to bf16 pairs for dp_pv. The V pairs are pairs of the sequence's keys (0-1, 2-3, ...; see
+  // prepare_kv): a block starting at an odd key (a window's edge) leaves its first key outside
+  // any whole pair of the block, and an odd count its last; those take an fp32 row update
+  // from V itself, so no key outside the block (a masked or another sequence's key) enters
+  // the sum, not even times 0.
   void pv_block_dp(int64_t b, int64_t hk, int64_t kvb, const cpu::VarlenSeq& seq, int64_t k0, int64_t rows,
                    int64_t cols, Workspace& ws) const {
     const int64_t d = p_.d;
-    const int64_t a0 = seq.k_start + k0;  // the block's first key in the pre-pass slice
-    const int64_t first = a0 & 1, np = (cols - first) / 2;
+    const int64_t first = k0 & 1, np = (cols - first) / 2;
     const bool last = (cols - first) % 2 != 0;
     const float* s = ws.s.data();
     float* o = ws.o.data();
     if (np > 0) {
       for (int64_t r = 0; r < rows; ++r) cpu::to_bf16_pairs(s + r * kKBlock + first, np, ws.pp.data() + r * (kKBlock / 2));
-      const uint32_t* vp = vp_ + ((kvb * p_.h_k + hk) * vpairs() + (a0 + first) / 2) * d;
+      // the sequence's first pair: dense, 0 (its own (b, h_k) slice); varlen, found by its start
+      const int64_t seq_pairs = varlen_ ? v_pair_start(seq) : 0;
+      const uint32_t* vp = vp_ + ((kvb * p_.h_k + hk) * vpairs() + seq_pairs + (k0 + first) / 2) * d;
       cpu::dp_pv(rows, d, np, ws.pp.data(), kKBlock / 2, vp, d, o, d);
     }
     const T* vsrc = static_cast<const T*>(p_.v) + b * p_.v_batch_stride + hk * p_.v_head_stride +
@@ -426,7 +453,12 @@ class FlashFwdCpu {
       }
     }
   }
-  int64_t vpairs() const { return (kv_rows_ + 1) / 2; }
+  // V key pairs per (kv batch, kv head): dense, ceil(seqlen_k / 2); varlen, every sequence's
+  // ceil(seqlen_k / 2) side by side.
+  int64_t vpairs() const { return varlen_ ? v_pairs_.back() : (kv_rows_ + 1) / 2; }
+  int64_t v_pair_start(const cpu::VarlenSeq& seq) const {
+    return v_pairs_[static_cast<size_t>(&seq - seqs_.data())];  // (seq is an element of seqs_)
+  }
 
   // Online softmax of one score block in place: S becomes P = 2^(scale_log2 * (S - m_new)),
   // the running max and sum are updated and the accumulator rows rescaled by
@@ -501,6 +533,7 @@ class FlashFwdCpu {
   const FlashFwdParams& p_;
   bool varlen_ = false;
   std::vector<cpu::VarlenSeq> seqs_;  // varlen: each sequence's clamped offsets and lengths
+  std::vector<int64_t> v_pairs_;      // varlen, use_dp_: sequence i's V pairs start at v_pairs_[i]
   int64_t kv_batches_ = 0, kv_rows_ = 0;
   int64_t kt_ld_ = 0;
   int64_t q_block_ = kQBlockMax;
@@ -511,7 +544,7 @@ class FlashFwdCpu {
   ScratchBuffer scratch_;
   float* kt_ = nullptr;   // K^T (kv_batches, h_k, d, kt_ld) in scratch_ (use_dp_: K pairs)
   float* v32_ = nullptr;  // widened V (kv_batches, h_k, kv_rows, d) in scratch_, or unused
-  uint32_t* vp_ = nullptr;  // use_dp_: V by pairs of keys (kv_batches, h_k, ceil(kv_rows / 2), d)
+  uint32_t* vp_ = nullptr;  // use_dp_: V by pairs of keys (kv_batches, h_k, vpairs(), d)
 };
 
 }  // namespace
