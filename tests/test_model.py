@@ -784,3 +784,27 @@ def test_compiled_decode_with_dynamic_shapes_writes_each_layers_cache(cache):
             for a, b in zip(eager.cache.k + eager.cache.v, compiled.cache.k + compiled.cache.v):
                 assert torch.equal(a, b)
             tok = want.argmax(-1)
+
+
+def test_rope_tables_built_eagerly_for_the_models_device(hf_llama):
+    # Built when the model is made / loaded / moved, not at the first forward, which may be
+    # traced: a fresh model under torch.compile built them in the graph (a second graph on the
+    # next call, tables an ulp off eager's), and an exported fresh model rebuilt them per call.
+    _, path = hf_llama
+    for model in (Llama(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+                  Llama.from_pretrained(path)):
+        assert list(model._rope) == ["cpu"]
+        want = rope_tables(model.config.rotary_dim, model.config.max_position_embeddings, model.config.rope_theta,
+                           model.config.rope_scaling)
+        assert all(torch.equal(a, b) for a, b in zip(model._rope["cpu"], want))
+    ids = ids_of(1, 9)
+    fresh = copy.deepcopy(model)
+    fresh._rope = {}
+    fresh.double()  # (any _apply: the tables come back, fp32)
+    assert list(fresh._rope) == ["cpu"] and fresh._rope["cpu"][0].dtype == torch.float32
+    torch._dynamo.reset()
+    exported = torch.export.export(model, (ids,))
+    assert not [n for n in exported.graph.nodes if n.op == "call_function" and "cos" in str(n.target)]
+    with torch.no_grad():
+        assert torch.equal(exported.module()(ids), model(ids))

@@ -1268,6 +1268,26 @@ class Llama(nn.Module):
         self.cache: Union[KVCache, PagedKVCache, None] = None
         self.reset_parameters()
         self._tie_weights()
+        self._build_rope()
+
+    def _build_rope(self) -> None:
+        """The RoPE tables for the parameters' device, built now (eagerly) rather than at the
+        first forward, which may be traced: tables first built inside torch.compile cost a
+        recompile and may differ from eager's by an ulp, and an exported program rebuilt them
+        on every call. Tables of other devices are dropped (a model moved to a GPU keeps no
+        CPU copy). Not on the meta device (from_pretrained builds on meta, then loads)."""
+        device = self.tok_embeddings.weight.device
+        if device.type == "meta" or torch.compiler.is_compiling():
+            return
+        self._rope = {key: t for key, t in self._rope.items() if key.split("/")[0] == str(device)}
+        self.rope(device)
+        if self.config.rope_local_theta is not None:
+            self.rope(device, local=True)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._build_rope()  # (a device move: the new device's tables; a dtype cast: nothing new)
+        return out
 
     # -- setup -------------------------------------------------------------------------
     @property
@@ -1302,10 +1322,9 @@ class Llama(nn.Module):
     def rope(self, device, local: bool = False) -> Tuple[Tensor, Tensor]:
         """The fp32 cos/sin tables (max_position_embeddings, rotary_dim / 2) on `device`, built
         once per device (kept out of the state dict and out of .to(dtype)). local: the sliding
-        layers' tables (base rope_local_theta, unscaled: Gemma 3). Before torch.compile or
-        torch.export, call it once eagerly (or run the model once): tables first built inside a
-        traced graph cost a recompile (or, exported, are rebuilt on every call) and may differ
-        from eager's by an ulp."""
+        layers' tables (base rope_local_theta, unscaled: Gemma 3). The model builds its
+        device's tables when it is made, loaded or moved (``_build_rope``), so a traced forward
+        finds them."""
         key = f"{device}/local" if local else str(device)
         if key not in self._rope:
             c = self.config
@@ -1743,6 +1762,7 @@ class Llama(nn.Module):
             model = cls(config, backend=backend)
         model.load_state_dict(state, strict=True, assign=True)
         model._tie_weights()  # assign=True gives each key its own Parameter
+        model._build_rope()  # (built on meta: the tables for the loaded weights' device now)
         return model
 
 
