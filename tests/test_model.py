@@ -808,3 +808,40 @@ def test_rope_tables_built_eagerly_for_the_models_device(hf_llama):
     assert not [n for n in exported.graph.nodes if n.op == "call_function" and "cos" in str(n.target)]
     with torch.no_grad():
         assert torch.equal(exported.module()(ids), model(ids))
+
+
+@pytest.mark.parametrize("cache", ["contiguous", "paged"])
+def test_decode_step_compiles_once(cache):
+    # torch.compile(model.decode_step, fullgraph=True), as gpt-fast compiles its decode, failed
+    # while tracing the host-side length bound (the seqlens version counter); the paged cache's
+    # host page hand-out recompiled on every step. Now: the contiguous cache compiles fullgraph,
+    # the paged one with one graph break, each once for every step, equal to eager.
+    import torch._dynamo.testing
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    eager = Llama(config).eval()
+    compiled = copy.deepcopy(eager)
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    step = torch.compile(compiled.decode_step, backend=counter, fullgraph=cache == "contiguous")
+    ids = ids_of(2, 5)
+    for m in (eager, compiled):
+        m.setup_cache(2, 12, cache=cache, page_size=4)
+    want, got = eager.prefill(ids), compiled.prefill(ids)
+    for i in range(7):
+        tok = want.argmax(-1)
+        want, got = eager.decode_step(tok), step(tok)
+        assert torch.equal(got, want), i
+        assert torch.equal(compiled.cache.seqlens, eager.cache.seqlens)
+    assert counter.frame_count == 1
+    with pytest.raises(ValueError, match="capacity|13 tokens"):  # 12 rows used: a 13th is refused
+        step(tok)
+    assert compiled.cache.seqlens.tolist() == [12, 12]
+    if cache == "paged":
+        torch._dynamo.reset()
+        compiled.setup_cache(2, 12, cache=cache, page_size=4)
+        compiled.prefill(ids)
+        with pytest.raises(Exception, match="paged KV cache hands out its pages on the host"):
+            torch.compile(compiled.decode_step, fullgraph=True)(tok)

@@ -880,6 +880,13 @@ class KVCache(_HostLengthBound):
         self._note_max_seqlen(bound)
 
 
+@torch.compiler.disable(reason="fastattn: a paged KV cache hands out its pages on the host, outside the graph; "
+                               "decode_step compiles with fullgraph=True on the contiguous cache (setup_cache(..., "
+                               "cache='contiguous')), with a graph break here on the paged one")
+def _grow_eagerly(cache) -> None:
+    cache.grow(1)
+
+
 class PagedKVCache(_HostLengthBound):
     """Paged K/V storage: pages of ``page_size`` tokens handed out to sequences on demand.
 
@@ -1514,11 +1521,26 @@ class Llama(nn.Module):
         tables, max_position_embeddings). That is decided on the host from the lengths the
         model wrote (prefill, then one more per step): the kernels then skip their own value
         checks, which on CUDA cost a host sync per layer. If ``cache.seqlens`` was written
-        directly since, the step reads it once (one sync) instead."""
+        directly since, the step reads it once (one sync) instead.
+
+        ``torch.compile(model.decode_step, fullgraph=True)`` compiles it with the contiguous
+        cache (the kernels then check the room themselves: a full cache raises the same
+        ValueError when the step runs); a paged cache compiles with a graph break (its pages
+        are handed out on the host each step)."""
         cache = self.cache
         if cache is None:
             raise ValueError("call setup_cache(...) and prefill(...) before decode_step")
         _check_step_tokens(tokens, self.config, cache.batch_size)
+        if torch.compiler.is_compiling():
+            # Traced (torch.compile(model.decode_step, fullgraph=True), as gpt-fast compiles its
+            # decode): neither the lengths nor their version counter can be read on the host
+            # while tracing, so the kernels check the positions and the cache room themselves.
+            if cache.block_table is not None:
+                # The paged cache hands out pages on the host (a Python free list): traced,
+                # every step would recompile. That part runs eagerly (a graph break, so not
+                # under fullgraph=True; the contiguous cache has none), the device work compiles once.
+                _grow_eagerly(cache)
+            return self._decode(tokens, checked=True)
         bound = self._decode_room(cache)
         grown = getattr(cache, "host_seqlens", None)
         cache.grow(1)  # paged: a new page for each sequence that crosses a page boundary
