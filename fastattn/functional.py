@@ -689,6 +689,11 @@ def _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, sca
     """True when fastattn's kernel computes exactly what F.scaled_dot_product_attention would."""
     if attn_mask is not None or dropout_p != 0.0:
         return False  # dropout (or a dropout_p torch refuses, e.g. negative) is torch's
+    if not torch._C._get_flash_sdp_enabled():  # (torch.backends.cuda.flash_sdp_enabled(), traceable)
+        # sdpa_kernel(...) without SDPBackend.FLASH_ATTENTION (or enable_flash_sdp(False)):
+        # the caller picked torch's backends (the math one for double backward, say), or
+        # none that exists here (torch's "No viable backend" error).
+        return False
     if scale is not None:
         try:
             check_softmax_scale(scale, "scale")
@@ -782,7 +787,11 @@ def scaled_dot_product_attention(
     What the kernel does not cover is computed by torch itself, so results and errors are
     torch's: ``attn_mask``, ``dropout_p > 0``, nested (jagged) tensors, inputs that are not
     4-D, broadcast batch dims, a value head dim differing from E, fp32 or head dims other
-    than 32/64/96/128/192/256 on CUDA, empty inputs, other dtypes/devices. Differentiable (see ``flash_attention`` for the backward).
+    than 32/64/96/128/192/256 on CUDA, empty inputs, other dtypes/devices, and every call while
+    torch's flash backend is switched off (``torch.nn.attention.sdpa_kernel`` without
+    ``SDPBackend.FLASH_ATTENTION``, e.g. the math backend for double backward, or
+    ``torch.backends.cuda.enable_flash_sdp(False)``; under torch.compile, as it was when
+    traced). Differentiable (see ``flash_attention`` for the backward).
     """
     # torch's own argument errors (its parser takes a Python bool only, not an int or a NumPy
     # bool): a truthy non-bool must not silently switch the mask on.
@@ -831,8 +840,19 @@ def scaled_dot_product_attention(
         out = out.contiguous()
     elif out.stride() != query.stride() and any(
             n > 1 and so != sq for n, so, sq in zip(out.shape, out.stride(), query.stride())):
-        out = torch.empty_like(query).copy_(out)
+        out = _in_layout_of(out, query)
     return out
+
+
+def _in_layout_of(out: Tensor, like: Tensor) -> Tensor:
+    """out copied into the memory layout torch.empty_like(like) has (dims ordered by like's
+    strides; contiguous for an expanded, overlapping like), out of place: under vmap over key
+    and value only, the query is unbatched where out is batched, and an in-place copy into an
+    empty_like of the query fails (eager and compiled)."""
+    if any(n > 1 and st == 0 for n, st in zip(like.shape, like.stride())):
+        return out.contiguous()
+    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # outermost first (stable)
+    return out.permute(order).contiguous().permute([order.index(d) for d in range(like.dim())])
 
 # ---- variable-length (packed) flash attention --------------------------------------------
 __all__ += ["flash_attention_varlen"]

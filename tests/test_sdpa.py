@@ -178,3 +178,67 @@ def test_gqa_errors_like_torch():
     kv3 = torch.randn(1, 3, 5, 64)
     with pytest.raises(RuntimeError, match="Number of heads in key and value must divide"):
         fastattn.scaled_dot_product_attention(q, kv3, kv3, enable_gqa=True)
+
+
+def test_sdpa_kernel_without_flash_is_torchs(kernel_calls):
+    # torch.nn.attention.sdpa_kernel was ignored: under the math backend torch gives double
+    # backward (a gradient penalty), which fastattn's kernel refused; a backend list with no
+    # CPU kernel ran ours silently where torch raises. Without the flash backend the call is
+    # torch's now; with it (or by default) it is ours.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, 2, 6, 32, requires_grad=True) for _ in range(3))
+    with sdpa_kernel(SDPBackend.MATH):
+        (g,) = torch.autograd.grad(fastattn.scaled_dot_product_attention(q, k, v).square().sum(), q, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), k)
+        (g_t,) = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v).square().sum(), q, create_graph=True)
+        (gg_t,) = torch.autograd.grad(g_t.square().sum(), k)
+    torch.testing.assert_close(gg, gg_t, rtol=0, atol=0)
+    assert not kernel_calls
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), pytest.raises(RuntimeError, match="No viable backend"):
+        fastattn.scaled_dot_product_attention(q, k, v)
+    assert not kernel_calls
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        fastattn.scaled_dot_product_attention(q, k, v)
+    assert len(kernel_calls) == 1
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_vmap_over_key_value_only(compiled, monkeypatch):
+    # vmap over key and value with one unbatched query (an outside audit): the result was
+    # copied in place into an empty_like of the (unbatched) query, which vmap refuses.
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 5, 16)
+    kv = torch.randn(3, 1, 2, 6, 16)
+
+    def ours(b):
+        return fastattn.scaled_dot_product_attention(q, b, b)
+
+    fn = torch.vmap(ours)
+    got = (torch.compile(fn, fullgraph=True) if compiled else fn)(kv)
+    want = torch.vmap(lambda b: F.scaled_dot_product_attention(q, b, b))(kv)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if not compiled:  # the kernel ran (not torch's SDPA)
+        monkeypatch.setattr(ops, "flash_attn_fwd", None)
+        with pytest.raises(TypeError):
+            fn(kv)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "bhle_of_blhe", "lbhe", "packed", "expanded"])
+def test_output_layout_is_torchs(layout):
+    # torch returns an empty_like of the query: the same strides for every dim of size > 1.
+    B, H, L, E = 2, 3, 5, 16
+    if layout == "contiguous":
+        q = torch.randn(B, H, L, E)
+    elif layout == "bhle_of_blhe":
+        q = torch.randn(B, L, H, E).transpose(1, 2)
+    elif layout == "lbhe":
+        q = torch.randn(L, B, H, E).permute(1, 2, 0, 3)
+    elif layout == "packed":
+        q = torch.randn(B, L, 3, H, E)[:, :, 0].transpose(1, 2)
+    else:
+        q = torch.randn(B, 1, L, E).expand(B, H, L, E)
+    k, v = torch.randn(B, H, 7, E), torch.randn(B, H, 7, E)
+    got, want = fastattn.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    assert [s for n, s in zip(got.shape, got.stride()) if n > 1] == [s for n, s in zip(want.shape, want.stride()) if n > 1]
+    torch.testing.assert_close(got, want)
