@@ -100,3 +100,34 @@ def test_fastattn_attention_under_autocast_without_patching(device, arch, padded
     err, ref_err = max_err(got[real], true[real]), max_err(ref[real], true[real])
     assert err <= 2 * ref_err + 1e-4, f"fastattn {err:.3e} vs sdpa {ref_err:.3e} under autocast"
     torch.testing.assert_close(grads[1], grads[0], rtol=5e-2, atol=5e-2 * grads[0].abs().max().item())
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                              (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_patched_llama_norm_has_transformers_bits(x_dtype, w_dtype, residual):
+    # LlamaRMSNorm rounds the normalised rows to x's dtype before the weight multiplies them;
+    # the swapped-in norm fused the weight (one rounding): ~1/4 of the bf16 elements were 1 ulp
+    # off transformers', and with an fp32 weight every element was rounded to bf16 where
+    # transformers keeps the fp32 product (an outside audit). Now bitwise, gradients included.
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    hf = LlamaRMSNorm(257, eps=1e-5).to(w_dtype)
+    with torch.no_grad():
+        hf.weight.normal_()
+    model = torch.nn.Sequential(copy.deepcopy(hf))
+    assert fa_hf.patch_model(model)["rms_norm"] == 1
+    ours = model[0]
+    x = torch.randn(3, 7, 257).to(x_dtype).requires_grad_()
+    r = torch.randn(3, 7, 257).to(x_dtype) if residual else None
+    want = hf(x if r is None else x + r)
+    got = ours(x) if r is None else ours(x, r)
+    if r is not None:
+        assert torch.equal(got[1], x + r)
+        got = got[0]
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    gw = torch.autograd.grad(want.float().square().sum(), [x, hf.weight])
+    gg = torch.autograd.grad(got.float().square().sum(), [x, ours.weight])
+    assert torch.equal(gg[1], gw[1])  # dweight: the same products and reduction
+    assert max_err(gg[0], gw[0]) <= 2 * max_err(gw[0].float(), gw[0]) + 1e-2 * gw[0].float().abs().max()
