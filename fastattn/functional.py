@@ -845,14 +845,12 @@ def scaled_dot_product_attention(
 
 
 def _in_layout_of(out: Tensor, like: Tensor) -> Tensor:
-    """out copied into the memory layout torch.empty_like(like) has (dims ordered by like's
-    strides; contiguous for an expanded, overlapping like), out of place: under vmap over key
-    and value only, the query is unbatched where out is batched, and an in-place copy into an
-    empty_like of the query fails (eager and compiled)."""
-    if any(n > 1 and st == 0 for n, st in zip(like.shape, like.stride())):
-        return out.contiguous()
-    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # outermost first (stable)
-    return out.permute(order).contiguous().permute([order.index(d) for d in range(like.dim())])
+    """out's values in the memory layout of torch.empty_like(like). The buffer is made from out
+    (new_empty_strided), not from like: under vmap over key and value only, the query is
+    unbatched where out is batched, and a copy into an empty_like of the query fails (eager and
+    compiled). Traceable with symbolic strides (torch.compile(dynamic=True), export)."""
+    strides = torch.empty_like(like, device="meta").stride()
+    return out.new_empty_strided(like.shape, strides).copy_(out)
 
 # ---- variable-length (packed) flash attention --------------------------------------------
 __all__ += ["flash_attention_varlen"]

@@ -224,7 +224,7 @@ def test_vmap_over_key_value_only(compiled, monkeypatch):
             fn(kv)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "bhle_of_blhe", "lbhe", "packed", "expanded"])
+@pytest.mark.parametrize("layout", ["contiguous", "bhle_of_blhe", "lbhe", "packed", "expanded", "expanded_batch"])
 def test_output_layout_is_torchs(layout):
     # torch returns an empty_like of the query: the same strides for every dim of size > 1.
     B, H, L, E = 2, 3, 5, 16
@@ -236,9 +236,28 @@ def test_output_layout_is_torchs(layout):
         q = torch.randn(L, B, H, E).permute(1, 2, 0, 3)
     elif layout == "packed":
         q = torch.randn(B, L, 3, H, E)[:, :, 0].transpose(1, 2)
-    else:
+    elif layout == "expanded":
         q = torch.randn(B, 1, L, E).expand(B, H, L, E)
+    else:  # one (L, H, E) query broadcast over the batch: empty_like keeps the (H, L) order
+        q = torch.randn(1, L, H, E).transpose(1, 2).expand(B, H, L, E)
     k, v = torch.randn(B, H, 7, E), torch.randn(B, H, 7, E)
     got, want = fastattn.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
     assert [s for n, s in zip(got.shape, got.stride()) if n > 1] == [s for n, s in zip(want.shape, want.stride()) if n > 1]
     torch.testing.assert_close(got, want)
+
+
+def test_compiles_once_with_dynamic_lengths():
+    # The layout copy sorted the query's (symbolic) strides: dynamo refused it under
+    # dynamic=True (fullgraph raised; otherwise a graph break per length). Outside audit.
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    fn = torch.compile(fastattn.scaled_dot_product_attention, backend=counter, fullgraph=True, dynamic=True)
+    for L in (5, 7, 9):
+        q, k, v = (torch.randn(2, 3, L, 16) for _ in range(3))
+        got = fn(q, k, v, is_causal=True)
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert got.stride() == want.stride()
+        torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1
