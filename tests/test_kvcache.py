@@ -576,3 +576,36 @@ def test_append_kv_into_a_larger_cache_batch():
     assert torch.equal(kc[0, :4], before_k[0, :4]) and torch.equal(kc[0, 7:], before_k[0, 7:])
     with pytest.raises(ValueError, match="k must be"):
         fastattn.append_kv(kc[:1], vc[:1], k, v, lens)
+
+
+def test_appending_chunk_length_stays_symbolic():
+    # The op typed seqlens_k_add (the appended chunk length Sn) as int: torch.compile(dynamic=True)
+    # compiled one graph per chunk length and torch.export refused a dynamic Sq (outside audit).
+    # SymInt now, as flash_attn_varlen_fwd's lengths.
+    import torch._dynamo.testing
+    from torch.export import Dim, export
+
+    class Chunk(torch.nn.Module):
+        def forward(self, q, k_cache, v_cache, seqlens, k, v):
+            return fastattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, causal=True)
+
+    def inputs(sq):
+        g = torch.Generator().manual_seed(sq)
+        return (torch.randn(2, sq, 4, 16, generator=g), torch.randn(2, 32, 2, 16, generator=g),
+                torch.randn(2, 32, 2, 16, generator=g), torch.tensor([5, 9], dtype=torch.int32),
+                torch.randn(2, sq, 2, 16, generator=g), torch.randn(2, sq, 2, 16, generator=g))
+
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(Chunk(), backend=counter, dynamic=True, fullgraph=True)
+    for sq in (3, 4, 5, 6):
+        a = inputs(sq)
+        b = tuple(t.clone() for t in a)
+        assert torch.equal(compiled(*a), Chunk()(*b))
+        assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])  # the same rows appended
+    assert counter.frame_count == 1
+    S = Dim("S", min=1, max=16)
+    exported = export(Chunk(), inputs(3), dynamic_shapes=({1: S}, None, None, None, {1: S}, {1: S}))
+    a = inputs(7)
+    b = tuple(t.clone() for t in a)
+    assert torch.equal(exported.module()(*a), Chunk()(*b))

@@ -71,7 +71,7 @@ TORCH_LIBRARY(fastattn, m) {
   // paged as above), bottom-right aligned, keys limited by the window (-1 = unbounded;
   // causal = right 0). out (B, Sq, H, D), lse (B, H, Sq) fp32.
   m.def("attention_with_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
-        " Tensor? block_table, float? softmax_scale, int window_left, int window_right, int seqlens_k_add,"
+        " Tensor? block_table, float? softmax_scale, int window_left, int window_right, SymInt seqlens_k_add,"
         " int num_splits, float softcap=0.0) -> (Tensor out, Tensor lse)");
   // Writes k, v (B, Sn, Hk, D) into the caches at rows cache_seqlens[b] + i, in place.
   // check_capacity=False skips the capacity check on CUDA (a host read of cache_seqlens);
