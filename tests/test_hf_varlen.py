@@ -432,3 +432,77 @@ def test_padded_batch_low_precision_and_dropout_fallback(monkeypatch):
         warnings.simplefilter("ignore")
         drop(ids, attention_mask=mask)
     assert fa_hf.stats()["reasons"] == {"attention dropout in training": 2}
+
+
+class _Graphs:
+    """A torch.compile backend that keeps the graphs (and runs them as traced)."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def targets(self):
+        out = []
+        for g in self.graphs:
+            for mod in [g] + [m for m in g.modules() if isinstance(m, torch.fx.GraphModule) and m is not g]:
+                out += [str(n.target) for n in mod.graph.nodes if n.op == "call_function"]
+        return out
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
+@pytest.mark.parametrize("use_cache", [False, True], ids=["no-cache", "cache"])
+def test_compiled_packed_training_step_stays_per_sequence(arch, use_cache):
+    # Under torch.compile, packed position_ids with a cache (a model in train or eval mode builds a
+    # DynamicCache unless use_cache=False; transformers then builds a plain causal mask) attended
+    # across the packed sequences: the eager path's host check of position_ids was skipped while
+    # tracing (outside audit; loss and gradients silently wrong). Now the sequences are split in
+    # the graph. Loss and gradients vs the eager fastattn step, which is per sequence.
+    import torch._dynamo
+
+    _, mine = _models(arch)
+    ids, position_ids, lens = _packed_batch()
+    results = []
+    for compiled in (False, True):
+        m = copy.deepcopy(mine).train()
+        torch._dynamo.reset()
+
+        def forward(m, ids, position_ids):
+            out = m(ids, position_ids=position_ids, labels=ids, use_cache=use_cache)
+            return out.loss, out.logits
+
+        # (fullgraph=False: transformers' DynamicCache set-up breaks the graph on its own)
+        fn = torch.compile(forward, backend="eager", fullgraph=not use_cache) if compiled else forward
+        loss, logits = fn(m, ids, position_ids)
+        loss.backward()
+        results.append((loss.detach(), logits.detach(),
+                        {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (l0, o0, g0), (l1, o1, g1) = results
+    _assert_close(l1, l0, rel=1e-6)
+    _assert_close(o1, o0, rel=1e-5)
+    for name in g0:
+        _assert_close(g1[name], g0[name], rel=1e-4)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("use_cache", [False, True], ids=["no-cache", "cache"])
+def test_compiled_forward_runs_on_fastattn_kernels(use_cache):
+    # While tracing, transformers never skips the causal mask (torch < 2.14) and, without a cache,
+    # marks every batch as packed: its 4-D mask sent every compiled / exported forward to the SDPA
+    # fallback, silently (outside audit). Now an unpadded causal batch runs on the kernels.
+    import torch._dynamo
+
+    _, mine = _models("llama-gqa")
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    backend = _Graphs()
+    with torch.no_grad():
+        want = mine(ids, use_cache=use_cache).logits
+        got = torch.compile(lambda x: mine(x, use_cache=use_cache).logits, backend=backend, fullgraph=True)(ids)
+    targets = backend.targets()
+    assert any("fastattn" in t and "flash_attn" in t for t in targets), targets
+    assert not any("scaled_dot_product_attention" in t for t in targets), targets
+    assert torch.equal(got, want)
+    torch._dynamo.reset()

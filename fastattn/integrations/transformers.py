@@ -422,10 +422,13 @@ def fastattn_mask(
 
         return eager_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                           kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
-    if _compiling() or (attention_mask is not None and attention_mask.dim() != 2):
+    if attention_mask is not None and attention_mask.dim() != 2:
         return dense()
     if not allow_is_causal_skip and _model_reads_mask(kwargs.get("config")):
         return dense()
+    if _compiling():
+        return _traced_mask(batch_size, q_length, kv_length, kv_offset, mask_function, attention_mask, local_size,
+                            allow_is_causal_skip, kwargs, dense)
     try:
         pattern = _parse_mask_function(mask_function)
     except Exception:  # a transformers whose closures look different: be exact, via SDPA
@@ -459,6 +462,88 @@ def fastattn_mask(
         mask = padding_mask[:, :end].to(torch.bool).expand(batch_size, -1).clone()
     mask._fastattn_window = window  # sliding window (q - kv < window), None for plain causal
     return mask
+
+
+def _traced_mask(batch_size, q_length, kv_length, kv_offset, mask_function, attention_mask, local_size,
+                 allow_is_causal_skip, kwargs, dense):
+    """fastattn_mask while torch.compile / export traces. transformers never skips the causal
+    mask there (torch < 2.14, and export) and, without a cache, marks every traced batch as
+    packed (find_packed_sequence_indices cannot tell while tracing): its 4-D mask took every
+    traced call to the SDPA fallback. Without a padding mask (none can be read while tracing),
+    causal attention over as many keys as queries needs no mask (None: the kernel's causal), or,
+    with transformers' packed-sequence mask function, a (B, S) int32 mask of sequence index + 1
+    whose sequences the attention forward splits in the graph (``_traced_packed_forward``).
+    The closure cannot be taken apart while tracing; the mask function itself is asked, in the
+    graph, whether token i sees token i - 1 (within a sequence it does, across a boundary it
+    does not). Windows, chunks, custom overlays and everything else: SDPA's mask, as before."""
+    # (q_offset, a traced tensor here, is not read: with as many keys as queries from kv_offset
+    # 0, the keys are the queries' own positions, as transformers' causal skip assumes too)
+    if (attention_mask is not None or not isinstance(kv_offset, int) or kv_offset != 0 or q_length != kv_length
+            or local_size is not None or kwargs.get("use_vmap", False)):
+        return dense()
+    codes = _mask_codes()
+    if mask_function is codes["causal"]:
+        return None if allow_is_causal_skip else dense()
+    if getattr(mask_function, "__code__", None) is not codes["and"] or q_length < 2:
+        return dense()
+    device = kwargs.get("device", "cpu")
+    b = torch.arange(batch_size, device=device).view(-1, 1)
+    i = torch.arange(1, q_length, device=device).view(1, -1)
+    sees_previous = mask_function(b, torch.zeros((), dtype=torch.long, device=device), i, i - 1)  # (B, S - 1)
+    if not isinstance(sees_previous, torch.Tensor) or tuple(sees_previous.shape) != (batch_size, q_length - 1):
+        return dense()
+    starts = torch.cat([torch.ones(batch_size, 1, dtype=torch.bool, device=device), ~sees_previous.bool()], dim=1)
+    mask = starts.to(torch.int32).cumsum(1, dtype=torch.int32)
+    mask._fastattn_window = None
+    return mask
+
+
+def _traced_packed_forward(q, k, v, starts, scaling, window, cap):
+    """Causal attention of the sequences packed in q/k/v (B, S, H|Hk, D), Sq == Sk, while
+    torch.compile / export traces, where their lengths cannot be read on the host. starts (B, S)
+    bool: True where a sequence begins (column 0 always). torch.cond picks, on the device: one
+    varlen call over all B * S tokens with cu_seqlens of fixed size B * S + 1 (the sequences,
+    then empty ones), or, nothing packed, one flash_attention call. Each sequence is computed
+    exactly as the eager path computes it. (On CUDA the varlen grid then spans B * S sequence
+    slots, most of them empty: a packed batch costs more launch than in eager mode.)"""
+    seg = starts.flatten().to(torch.int32).cumsum(0) - 1  # sequence index per token, non-decreasing
+    cu = torch.searchsorted(seg, torch.arange(seg.shape[0] + 1, device=seg.device, dtype=seg.dtype)).to(torch.int32)
+    w = (window - 1, 0) if window is not None else (-1, -1)
+
+    def split(q, k, v, cu):  # (sizes from the operands: a branch may not close over symbolic ones)
+        S = q.shape[1]
+        out = fastattn.flash_attention_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, S, S,
+                                              causal=True, softmax_scale=scaling, window=w, **cap)
+        return out.view(q.shape)
+
+    def whole(q, k, v, cu):
+        return fastattn.flash_attention(q, k, v, causal=True, softmax_scale=scaling, window=w, **cap).contiguous()
+
+    return torch.cond(starts[:, 1:].any(), split, whole, (q, k, v, cu))
+
+
+def _traced_starts(attention_mask, kwargs, B: int, Sq: int, Sk: int, causal: bool):
+    """The (B, Sq) sequence starts of a packed batch while tracing, or None: from our traced
+    int32 mask (``_traced_mask``), or, with no mask, from packed position_ids of one row (a
+    cache exists, so transformers built no packed mask; flash_attention_2's rule, B = 1)."""
+    if not causal or Sq != Sk or Sq < 2:
+        return None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.dtype != torch.int32 or tuple(attention_mask.shape) != (B, Sq):
+            return None
+        ids = attention_mask
+        new = ids[:, 1:] != ids[:, :-1]
+    else:
+        if kwargs.get("cu_seq_lens_q") is not None or B != 1:
+            return None
+        ids = kwargs.get("position_ids")
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+            return None
+        ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+        if ids.dim() != 2 or tuple(ids.shape) != (1, Sq):
+            return None
+        new = (ids[:, 1:] - ids[:, :-1]) != 1
+    return torch.cat([torch.ones(B, 1, dtype=torch.bool, device=new.device), new], dim=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -812,6 +897,14 @@ def _apply_padding_free_packing(module, query, key, attention_mask, is_causal, k
         if Sk < Sq:
             return original, original
         packed = _packed_from_position_ids(kwargs.get("position_ids"), B, Sq)
+    elif _compiling() and attention_mask is not None and attention_mask.dim() == 4 and B == 1 and Sq == Sk:
+        # Traced, with a cache (transformers built no packed mask) and SDPA's 4-D mask (a sliding
+        # window, say): the sequence of every token from position_ids, in the graph, without the
+        # host test of whether anything is packed (nothing packed: one sequence, the mask unchanged).
+        starts = _traced_starts(None, kwargs, B, Sq, Sk, True)
+        if starts is None:
+            return original, original
+        packed = starts.to(torch.int32).cumsum(1, dtype=torch.int32)
     else:
         return original, original
     if packed is None:
@@ -873,7 +966,13 @@ def fastattn_attention_forward(
     if reason is None and attention_mask is not None and not two_d:
         reason = "mask not expressible as per-sequence lengths + causal/window"
     plan = None
-    if reason is None and two_d:
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    traced_starts = None
+    if reason is None and _compiling() and (attention_mask is None or two_d):
+        traced_starts = _traced_starts(attention_mask, kwargs, query.shape[0], Sq, Sk, bool(causal))
+    if traced_starts is not None:
+        pass
+    elif reason is None and two_d:
         if _compiling():  # the unpadding reads lengths on the host: SDPA's mask, traceable
             reason = "2-D mask under torch.compile"
         elif not hasattr(fastattn, "flash_attention_varlen"):
@@ -895,6 +994,9 @@ def fastattn_attention_forward(
     # (B, H, S, D) views of (B, S, H, D) projections: transposing back keeps the last dim contiguous.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     cap = {"softcap": _softcap(kwargs)} if _softcap(kwargs) is not None else {}  # scores cap * tanh(s / cap)
+    if traced_starts is not None:
+        window = _mask_window(attention_mask, kwargs) if two_d else _mask_window(None, kwargs)
+        return _traced_packed_forward(q, k, v, traced_starts, scaling, window, cap), None
     if two_d:
         return _varlen_forward(q, k, v, plan, scaling, window, cap), None
 
@@ -902,7 +1004,6 @@ def fastattn_attention_forward(
     # causal only for more than one query, and then TOP-LEFT aligned (query i sees keys j <= i).
     # transformers relies on that alignment: prefill into an empty static cache passes no mask
     # with Sk = the whole cache, whose rows j >= Sq are unused slots that no query may see.
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(causal) and Sq > 1
     window = (-1, -1)
     if causal and Sk > Sq:
