@@ -109,7 +109,8 @@ def test_patched_llama_norm_has_transformers_bits(x_dtype, w_dtype, residual):
     # LlamaRMSNorm rounds the normalised rows to x's dtype before the weight multiplies them;
     # the swapped-in norm fused the weight (one rounding): ~1/4 of the bf16 elements were 1 ulp
     # off transformers', and with an fp32 weight every element was rounded to bf16 where
-    # transformers keeps the fp32 product (an outside audit). Now bitwise, gradients included.
+    # transformers keeps the fp32 product (an outside audit). Now bitwise here, dweight included
+    # (elsewhere an fp32 mean square summed in another order can flip a rare rounding).
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     torch.manual_seed(0)

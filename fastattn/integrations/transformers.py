@@ -1293,16 +1293,22 @@ class _HFRMSNorm(fastattn.nn.RMSNorm):
     and our kernel's fused weight do not make: ~1/4 of the elements came out 1 ulp off
     transformers'), and the product has torch's promotion of x's and the weight's dtypes (fp32
     for bf16 activations with an fp32 weight, as under autocast, where ours returned x's).
-    The same bits as transformers' (Liger's casting_mode="llama"), at one more elementwise
-    pass over the rows than the fused weight."""
+    transformers' rounding (Liger's casting_mode="llama"), at one more elementwise pass over
+    the rows than the fused weight; its bits except where the fp32 mean square, summed in
+    another order, differs in its last place and that flips a rounding (measured: ~1e-4 of
+    fp16 elements, fewer in bf16)."""
 
     def forward(self, x, residual=None):
         weight = self.weight
         if (weight is not None and isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16)
                 and len(self.normalized_shape) == 1 and weight.shape == self.normalized_shape
                 and x.dim() >= 1 and x.shape[-1:] == self.normalized_shape and not x.is_nested):
-            out = fastattn.rms_norm(x, None, self.eps, residual=residual)  # x_normed.to(x.dtype)
-            return weight * out if residual is None else (weight * out[0], out[1])
+            out = fastattn.rms_norm(x, None, self.eps, residual=residual)
+            normed = out if residual is None else out[0]
+            # x_normed.to(x.dtype): also under CUDA autocast, where rms_norm returns fp32 (an
+            # explicit cast, which autocast leaves alone in transformers' code)
+            normed = weight * normed.to(x.dtype)
+            return normed if residual is None else (normed, out[1])
         out = super().forward(x, residual)
         if weight is None or weight.dtype == x.dtype:
             return out
