@@ -707,3 +707,30 @@ def test_patched_model_pickled_runs_in_a_fresh_process(models, tmp_path):
     r = subprocess.run([sys.executable, "-c", child, str(tmp_path / "patched.pt")], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-2000:]
+
+
+def test_float64_and_sdpa_kernel_math_are_sdpas(models, monkeypatch):
+    # A float64 model raised the kernels' dtype ValueError, and under sdpa_kernel(MATH) (double
+    # backward, e.g. a gradient penalty) the kernels still ran and refused second derivatives,
+    # where fastattn.scaled_dot_product_attention hands both to torch (training audit).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    eager, ours = models
+    spy = Spy(monkeypatch, "flash_attention")
+    ids = ids_of(2, 11)
+    s64, o64 = copy.deepcopy(eager).double(), copy.deepcopy(ours).double()
+    s64.set_attn_implementation("sdpa")  # (eager's softmax is fp32)
+    fa_hf.reset_stats()
+    with torch.no_grad():
+        assert torch.equal(o64(ids).logits, s64(ids).logits)
+    assert not spy.calls and fa_hf.stats()["sdpa_fallback"] == 2
+    emb = ours.get_input_embeddings()(ids).detach().requires_grad_()
+    with sdpa_kernel(SDPBackend.MATH):
+        (g,) = torch.autograd.grad(ours(inputs_embeds=emb).logits.square().sum(), emb, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), emb)
+    emb_e = emb.detach().requires_grad_()
+    (g_e,) = torch.autograd.grad(eager(inputs_embeds=emb_e).logits.square().sum(), emb_e, create_graph=True)
+    (gg_e,) = torch.autograd.grad(g_e.square().sum(), emb_e)
+    assert not spy.calls
+    assert (gg - gg_e).abs().max().item() <= 1e-4 * max(gg_e.abs().max().item(), 1.0)
+    fa_hf.reset_stats()
