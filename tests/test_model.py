@@ -845,3 +845,30 @@ def test_decode_step_compiles_once(cache):
         compiled.prefill(ids)
         with pytest.raises(Exception, match="paged KV cache hands out its pages on the host"):
             torch.compile(compiled.decode_step, fullgraph=True)(tok)
+
+
+def test_compiled_paged_step_that_raises_leaves_the_cache_usable():
+    # A traced paged step grows host_seqlens eagerly before its graph runs; when the graph raised
+    # (an out-of-vocabulary id is not checked on the host while tracing), host_seqlens stayed one
+    # ahead and took pages, and a valid step later ran out of room early (reviewer).
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = Llama(config).eval()
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    step = torch.compile(model.decode_step)
+    ids = ids_of(2, 5)
+    for m in (model, eager):
+        m.setup_cache(2, 12, cache="paged", page_size=4)
+        m.prefill(ids)
+    for _ in range(4):
+        with pytest.raises(Exception):
+            step(torch.tensor([3, VOCAB + 100]))
+    assert model.cache.seqlens.tolist() == [5, 5]
+    tok = torch.tensor([3, 4])
+    for _ in range(7):  # rows 5..11: all 12 rows of the cache
+        got, want = step(tok), eager.decode_step(tok)
+        assert torch.equal(got, want)
+        tok = want.argmax(-1)
+    assert model.cache.seqlens.tolist() == [12, 12]

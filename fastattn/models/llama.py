@@ -884,7 +884,13 @@ class KVCache(_HostLengthBound):
                                "decode_step compiles with fullgraph=True on the contiguous cache (setup_cache(..., "
                                "cache='contiguous')), with a graph break here on the paged one")
 def _grow_eagerly(cache) -> None:
+    """A traced decode step's page hand-out (run eagerly). The graph runs after this returns, so
+    a step that raises there cannot roll host_seqlens back as the eager step does (nor can its
+    version counter tell, under inductor): host_seqlens are read from the device lengths first
+    (one sync per traced paged step), and the next eager step does the same once."""
+    cache._resync_host_seqlens()
     cache.grow(1)
+    cache._host_seqlens_unsure = True
 
 
 class PagedKVCache(_HostLengthBound):
@@ -991,6 +997,14 @@ class PagedKVCache(_HostLengthBound):
                 page = self._free.pop()
                 self.block_table[b, len(held)] = page  # in place: a CUDA graph keeps reading it
                 held.append(page)
+
+    _host_seqlens_unsure = False  # set by a traced decode step (see _grow_eagerly)
+
+    def _resync_host_seqlens(self) -> None:
+        """host_seqlens from the device lengths (one sync): after a traced decode step, which may
+        have raised in its graph after growing them."""
+        self.host_seqlens = [int(n) for n in self.seqlens.tolist()]
+        self._host_seqlens_unsure = False
 
     def grow(self, num_new: int) -> None:
         """Make room for num_new more tokens in every sequence (before the step's kernels
@@ -1541,6 +1555,8 @@ class Llama(nn.Module):
                 # under fullgraph=True; the contiguous cache has none), the device work compiles once.
                 _grow_eagerly(cache)
             return self._decode(tokens, checked=True)
+        if getattr(cache, "_host_seqlens_unsure", False):
+            cache._resync_host_seqlens()  # (traced steps ran before this one; one may have raised)
         bound = self._decode_room(cache)
         grown = getattr(cache, "host_seqlens", None)
         cache.grow(1)  # paged: a new page for each sequence that crosses a page boundary
