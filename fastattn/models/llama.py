@@ -1540,7 +1540,7 @@ class Llama(nn.Module):
         ``torch.compile(model.decode_step, fullgraph=True)`` compiles it with the contiguous
         cache (the kernels then check the room themselves: a full cache raises the same
         ValueError when the step runs); a paged cache compiles with a graph break (its pages
-        are handed out on the host each step)."""
+        are handed out on the host each step, from the lengths read on the device: one sync)."""
         cache = self.cache
         if cache is None:
             raise ValueError("call setup_cache(...) and prefill(...) before decode_step")
