@@ -452,8 +452,7 @@ class _Graphs:
         return out
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
-@pytest.mark.parametrize("use_cache", [False, True], ids=["no-cache", "cache"])
+@pytest.mark.parametrize("arch, use_cache", [("llama-gqa", True), ("mistral-window", True), ("mistral-window", False)])
 def test_compiled_packed_training_step_stays_per_sequence(arch, use_cache):
     # Under torch.compile, packed position_ids with a cache (a model in train or eval mode builds a
     # DynamicCache unless use_cache=False; transformers then builds a plain causal mask) attended
@@ -487,15 +486,17 @@ def test_compiled_packed_training_step_stays_per_sequence(arch, use_cache):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("use_cache", [False, True], ids=["no-cache", "cache"])
-def test_compiled_forward_runs_on_fastattn_kernels(use_cache):
+@pytest.mark.parametrize("arch, use_cache", [("llama-gqa", False), ("llama-gqa", True), ("gemma3", False)])
+def test_compiled_forward_runs_on_fastattn_kernels(arch, use_cache):
     # While tracing, transformers never skips the causal mask (torch < 2.14) and, without a cache,
     # marks every batch as packed: its 4-D mask sent every compiled / exported forward to the SDPA
-    # fallback, silently (outside audit). Now an unpadded causal batch runs on the kernels.
+    # fallback, silently (outside audit). Now an unpadded causal batch runs on the kernels, sliding
+    # windows (7 here, 19 tokens) included. (Sliding layers with a cache traced still take SDPA /
+    # eager: their cache's mask sizes are not read while tracing.)
     import torch._dynamo
 
-    _, mine = _models("llama-gqa")
-    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    theirs, mine = _models(arch)
+    ids = torch.randint(1, VOCAB, (2, 19), generator=torch.Generator().manual_seed(3))
     torch._dynamo.reset()
     backend = _Graphs()
     with torch.no_grad():
@@ -505,4 +506,6 @@ def test_compiled_forward_runs_on_fastattn_kernels(use_cache):
     assert any("fastattn" in t and "flash_attn" in t for t in targets), targets
     assert not any("scaled_dot_product_attention" in t for t in targets), targets
     assert torch.equal(got, want)
+    with torch.no_grad():
+        _assert_close(got, theirs(ids, use_cache=use_cache).logits)
     torch._dynamo.reset()

@@ -471,18 +471,22 @@ def _traced_mask(batch_size, q_length, kv_length, kv_offset, mask_function, atte
     packed (find_packed_sequence_indices cannot tell while tracing): its 4-D mask took every
     traced call to the SDPA fallback. Without a padding mask (none can be read while tracing),
     causal attention over as many keys as queries needs no mask (None: the kernel's causal), or,
-    with transformers' packed-sequence mask function, a (B, S) int32 mask of sequence index + 1
-    whose sequences the attention forward splits in the graph (``_traced_packed_forward``).
-    The closure cannot be taken apart while tracing; the mask function itself is asked, in the
-    graph, whether token i sees token i - 1 (within a sequence it does, across a boundary it
-    does not). Windows, chunks, custom overlays and everything else: SDPA's mask, as before."""
+    for transformers' other causal mask functions (packed sequences; a sliding window or chunks
+    of ``local_size``), a (B, S) int32 mask of segment index + 1 carrying ``local_size`` as its
+    window, whose segments the attention forward splits in the graph (``_traced_packed_forward``).
+    The closure cannot be taken apart while tracing: the mask function itself is asked, in the
+    graph, whether token i sees token i - 1 (within a sequence, a window of 2 or more or a chunk
+    it does; across a sequence or chunk boundary it does not). Bidirectional masks, custom
+    overlays (use_vmap) and everything else: SDPA's mask, as before."""
     # (q_offset, a traced tensor here, is not read: with as many keys as queries from kv_offset
     # 0, the keys are the queries' own positions, as transformers' causal skip assumes too)
     if (attention_mask is not None or not isinstance(kv_offset, int) or kv_offset != 0 or q_length != kv_length
-            or local_size is not None or kwargs.get("use_vmap", False)):
+            or kwargs.get("use_vmap", False) or "allow_is_bidirectional_skip" in kwargs
+            or not (local_size is None or (isinstance(local_size, int) and not isinstance(local_size, bool)
+                                           and local_size >= 1))):
         return dense()
     codes = _mask_codes()
-    if mask_function is codes["causal"]:
+    if mask_function is codes["causal"] and local_size is None:
         return None if allow_is_causal_skip else dense()
     if getattr(mask_function, "__code__", None) is not codes["and"] or q_length < 2:
         return dense()
@@ -494,7 +498,8 @@ def _traced_mask(batch_size, q_length, kv_length, kv_offset, mask_function, atte
         return dense()
     starts = torch.cat([torch.ones(batch_size, 1, dtype=torch.bool, device=device), ~sees_previous.bool()], dim=1)
     mask = starts.to(torch.int32).cumsum(1, dtype=torch.int32)
-    mask._fastattn_window = None
+    # a sliding window: keys with q - kv < local_size; chunks: every segment is shorter than it
+    mask._fastattn_window = local_size
     return mask
 
 
@@ -528,21 +533,20 @@ def _traced_starts(attention_mask, kwargs, B: int, Sq: int, Sk: int, causal: boo
     cache exists, so transformers built no packed mask; flash_attention_2's rule, B = 1)."""
     if not causal or Sq != Sk or Sq < 2:
         return None
+    new = None
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.dtype != torch.int32 or tuple(attention_mask.shape) != (B, Sq):
             return None
-        ids = attention_mask
-        new = ids[:, 1:] != ids[:, :-1]
-    else:
-        if kwargs.get("cu_seq_lens_q") is not None or B != 1:
-            return None
-        ids = kwargs.get("position_ids")
-        if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
-            return None
+        new = attention_mask[:, 1:] != attention_mask[:, :-1]
+    ids = kwargs.get("position_ids")
+    if B == 1 and kwargs.get("cu_seq_lens_q") is None and isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+        # position_ids restarts: with a cache transformers' mask knows nothing of them
         ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
-        if ids.dim() != 2 or tuple(ids.shape) != (1, Sq):
-            return None
-        new = (ids[:, 1:] - ids[:, :-1]) != 1
+        if ids.dim() == 2 and tuple(ids.shape) == (1, Sq):
+            restarts = (ids[:, 1:] - ids[:, :-1]) != 1
+            new = restarts if new is None else new | restarts
+    if new is None:
+        return None
     return torch.cat([torch.ones(B, 1, dtype=torch.bool, device=new.device), new], dim=1)
 
 
