@@ -486,17 +486,19 @@ def test_compiled_packed_training_step_stays_per_sequence(arch, use_cache):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("arch, use_cache", [("llama-gqa", False), ("llama-gqa", True), ("gemma3", False)])
-def test_compiled_forward_runs_on_fastattn_kernels(arch, use_cache):
-    # While tracing, transformers never skips the causal mask (torch < 2.14) and, without a cache,
-    # marks every batch as packed: its 4-D mask sent every compiled / exported forward to the SDPA
-    # fallback, silently (outside audit). Now an unpadded causal batch runs on the kernels, sliding
-    # windows (7 here, 19 tokens) included. (Sliding layers with a cache traced still take SDPA /
-    # eager: their cache's mask sizes are not read while tracing.)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compiled_forward_runs_on_fastattn_kernels(batch):
+    # While tracing, transformers never skips the causal mask (torch < 2.14): its 4-D mask sent
+    # every compiled / exported forward to the SDPA fallback, silently (outside audit). Now an
+    # unpadded causal batch with a cache runs on the kernels (one row: split by position_ids
+    # restarts in the graph). Without a cache transformers marks every traced batch as packed,
+    # in a mask function that cannot be taken apart while tracing: SDPA's, as before.
     import torch._dynamo
 
+    arch, use_cache = "llama-gqa", True
+
     theirs, mine = _models(arch)
-    ids = torch.randint(1, VOCAB, (2, 19), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(1, VOCAB, (batch, 19), generator=torch.Generator().manual_seed(3))
     torch._dynamo.reset()
     backend = _Graphs()
     with torch.no_grad():

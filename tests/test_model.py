@@ -836,14 +836,15 @@ def test_decode_step_compiles_once(cache):
         assert torch.equal(got, want), i
         assert torch.equal(compiled.cache.seqlens, eager.cache.seqlens)
     assert counter.frame_count == 1
-    with pytest.raises(ValueError, match="capacity|13 tokens"):  # 12 rows used: a 13th is refused
+    # (under no_grad: a graph of this plain backend that raises midway would leave grad mode off)
+    with torch.no_grad(), pytest.raises(ValueError, match="capacity|13 tokens"):  # 12 rows used: a 13th is refused
         step(tok)
     assert compiled.cache.seqlens.tolist() == [12, 12]
     if cache == "paged":
         torch._dynamo.reset()
         compiled.setup_cache(2, 12, cache=cache, page_size=4)
         compiled.prefill(ids)
-        with pytest.raises(Exception, match="paged KV cache hands out its pages on the host"):
+        with torch.no_grad(), pytest.raises(Exception, match="paged KV cache hands out its pages on the host"):
             torch.compile(compiled.decode_step, fullgraph=True)(tok)
 
 
@@ -863,7 +864,7 @@ def test_compiled_paged_step_that_raises_leaves_the_cache_usable():
         m.setup_cache(2, 12, cache="paged", page_size=4)
         m.prefill(ids)
     for _ in range(4):
-        with pytest.raises(Exception):
+        with torch.no_grad(), pytest.raises(Exception):
             step(torch.tensor([3, VOCAB + 100]))
     assert model.cache.seqlens.tolist() == [5, 5]
     tok = torch.tensor([3, 4])

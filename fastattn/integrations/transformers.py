@@ -427,7 +427,7 @@ def fastattn_mask(
     if not allow_is_causal_skip and _model_reads_mask(kwargs.get("config")):
         return dense()
     if _compiling():
-        return _traced_mask(batch_size, q_length, kv_length, kv_offset, mask_function, attention_mask, local_size,
+        return _traced_mask(q_length, kv_length, kv_offset, mask_function, attention_mask, local_size,
                             allow_is_causal_skip, kwargs, dense)
     try:
         pattern = _parse_mask_function(mask_function)
@@ -464,90 +464,62 @@ def fastattn_mask(
     return mask
 
 
-def _traced_mask(batch_size, q_length, kv_length, kv_offset, mask_function, attention_mask, local_size,
-                 allow_is_causal_skip, kwargs, dense):
+def _traced_mask(q_length, kv_length, kv_offset, mask_function, attention_mask, local_size, allow_is_causal_skip,
+                 kwargs, dense):
     """fastattn_mask while torch.compile / export traces. transformers never skips the causal
-    mask there (torch < 2.14, and export) and, without a cache, marks every traced batch as
-    packed (find_packed_sequence_indices cannot tell while tracing): its 4-D mask took every
-    traced call to the SDPA fallback. Without a padding mask (none can be read while tracing),
-    causal attention over as many keys as queries needs no mask (None: the kernel's causal), or,
-    for transformers' other causal mask functions (packed sequences; a sliding window or chunks
-    of ``local_size``), a (B, S) int32 mask of segment index + 1 carrying ``local_size`` as its
-    window, whose segments the attention forward splits in the graph (``_traced_packed_forward``).
-    The closure cannot be taken apart while tracing: the mask function itself is asked, in the
-    graph, whether token i sees token i - 1 (within a sequence, a window of 2 or more or a chunk
-    it does; across a sequence or chunk boundary it does not). Bidirectional masks, custom
-    overlays (use_vmap) and everything else: SDPA's mask, as before."""
+    mask there (torch < 2.14, and export): its 4-D mask took every traced call to the SDPA
+    fallback. Without a padding mask (none can be read while tracing), plain causal attention
+    over as many keys as queries needs none: None, the kernel's causal (packed sequences a
+    cache hides from transformers' mask are split by the attention forward from position_ids).
+    Anything else: SDPA's mask, tagged as built here (``_fastattn_traced``): the closures of
+    transformers' other mask functions (packed sequences without a cache, windows, chunks,
+    bidirectional or block overlays) cannot be taken apart while tracing."""
     # (q_offset, a traced tensor here, is not read: with as many keys as queries from kv_offset
     # 0, the keys are the queries' own positions, as transformers' causal skip assumes too)
-    if (attention_mask is not None or not isinstance(kv_offset, int) or kv_offset != 0 or q_length != kv_length
-            or kwargs.get("use_vmap", False) or "allow_is_bidirectional_skip" in kwargs
-            or not (local_size is None or (isinstance(local_size, int) and not isinstance(local_size, bool)
-                                           and local_size >= 1))):
-        return dense()
-    codes = _mask_codes()
-    if mask_function is codes["causal"] and local_size is None:
-        return None if allow_is_causal_skip else dense()
-    if getattr(mask_function, "__code__", None) is not codes["and"] or q_length < 2:
-        return dense()
-    device = kwargs.get("device", "cpu")
-    b = torch.arange(batch_size, device=device).view(-1, 1)
-    i = torch.arange(1, q_length, device=device).view(1, -1)
-    sees_previous = mask_function(b, torch.zeros((), dtype=torch.long, device=device), i, i - 1)  # (B, S - 1)
-    if not isinstance(sees_previous, torch.Tensor) or tuple(sees_previous.shape) != (batch_size, q_length - 1):
-        return dense()
-    starts = torch.cat([torch.ones(batch_size, 1, dtype=torch.bool, device=device), ~sees_previous.bool()], dim=1)
-    mask = starts.to(torch.int32).cumsum(1, dtype=torch.int32)
-    # a sliding window: keys with q - kv < local_size; chunks: every segment is shorter than it
-    mask._fastattn_window = local_size
+    if (attention_mask is None and isinstance(kv_offset, int) and kv_offset == 0 and q_length == kv_length
+            and local_size is None and allow_is_causal_skip and mask_function is _mask_codes()["causal"]
+            and not kwargs.get("use_vmap", False)):
+        return None
+    mask = dense()
+    if isinstance(mask, torch.Tensor):
+        mask._fastattn_traced = True
     return mask
 
 
-def _traced_packed_forward(q, k, v, starts, scaling, window, cap):
-    """Causal attention of the sequences packed in q/k/v (B, S, H|Hk, D), Sq == Sk, while
-    torch.compile / export traces, where their lengths cannot be read on the host. starts (B, S)
-    bool: True where a sequence begins (column 0 always). torch.cond picks, on the device: one
-    varlen call over all B * S tokens with cu_seqlens of fixed size B * S + 1 (the sequences,
-    then empty ones), or, nothing packed, one flash_attention call. Each sequence is computed
-    exactly as the eager path computes it. (On CUDA the varlen grid then spans B * S sequence
-    slots, most of them empty: a packed batch costs more launch than in eager mode.)"""
-    seg = starts.flatten().to(torch.int32).cumsum(0) - 1  # sequence index per token, non-decreasing
-    cu = torch.searchsorted(seg, torch.arange(seg.shape[0] + 1, device=seg.device, dtype=seg.dtype)).to(torch.int32)
+def _traced_packed_forward(q, k, v, position_ids, scaling, window, cap):
+    """Causal attention of q/k/v (1, S, H|Hk, D) split into the sequences that position_ids (1, S)
+    restarts mark, while torch.compile / export traces (the lengths cannot be read on the host):
+    one varlen call with cu_seqlens of fixed size S + 1 (the sequences, then empty ones), which
+    for one sequence is exactly flash_attention's result. CPU only (on CUDA the varlen grid
+    would span S sequence slots: fastattn_attention_forward takes SDPA there)."""
+    S = q.shape[1]
+    seg = _restart_segments(position_ids).flatten() - 1  # sequence index per token, non-decreasing
+    cu = torch.searchsorted(seg, torch.arange(S + 1, device=q.device, dtype=torch.int32)).to(torch.int32)
     w = (window - 1, 0) if window is not None else (-1, -1)
-
-    def split(q, k, v, cu):  # (sizes from the operands: a branch may not close over symbolic ones)
-        S = q.shape[1]
-        out = fastattn.flash_attention_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, S, S,
-                                              causal=True, softmax_scale=scaling, window=w, **cap)
-        return out.view(q.shape)
-
-    def whole(q, k, v, cu):
-        return fastattn.flash_attention(q, k, v, causal=True, softmax_scale=scaling, window=w, **cap).contiguous()
-
-    return torch.cond(starts[:, 1:].any(), split, whole, (q, k, v, cu))
+    out = fastattn.flash_attention_varlen(q[0], k[0], v[0], cu, cu, S, S, causal=True, softmax_scale=scaling,
+                                          window=w, **cap)
+    return out.unsqueeze(0)
 
 
-def _traced_starts(attention_mask, kwargs, B: int, Sq: int, Sk: int, causal: bool):
-    """The (B, Sq) sequence starts of a packed batch while tracing, or None: from our traced
-    int32 mask (``_traced_mask``), or, with no mask, from packed position_ids of one row (a
-    cache exists, so transformers built no packed mask; flash_attention_2's rule, B = 1)."""
-    if not causal or Sq != Sk or Sq < 2:
-        return None
-    new = None
-    if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.dtype != torch.int32 or tuple(attention_mask.shape) != (B, Sq):
-            return None
-        new = attention_mask[:, 1:] != attention_mask[:, :-1]
+def _restart_segments(position_ids: torch.Tensor) -> torch.Tensor:
+    """(1, S) int32 sequence index + 1 of each token of one packed row, a new sequence wherever
+    position_ids does not step by 1 (transformers' find_packed_sequence_indices, in the graph;
+    torch.diff rather than slices, whose contiguity checks guarded S >= 3 under export)."""
+    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    return starts.to(torch.int32).cumsum(-1, dtype=torch.int32) + 1
+
+
+def _traced_position_ids(kwargs, query, Sq: int, Sk: int, causal: bool):
+    """position_ids (1, Sq) of a traced unmasked call whose packed sequences transformers' mask
+    cannot show (a cache exists), for ``_traced_packed_forward``; None where that does not
+    apply (flash_attention_2's rule: one batch row; causal, as many keys as queries)."""
     ids = kwargs.get("position_ids")
-    if B == 1 and kwargs.get("cu_seq_lens_q") is None and isinstance(ids, torch.Tensor) and not ids.is_floating_point():
-        # position_ids restarts: with a cache transformers' mask knows nothing of them
-        ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
-        if ids.dim() == 2 and tuple(ids.shape) == (1, Sq):
-            restarts = (ids[:, 1:] - ids[:, :-1]) != 1
-            new = restarts if new is None else new | restarts
-    if new is None:
+    if (not causal or Sq != Sk or Sq < 2 or query.shape[0] != 1
+            or kwargs.get("cu_seq_lens_q") is not None or not isinstance(ids, torch.Tensor)
+            or ids.is_floating_point()):
         return None
-    return torch.cat([torch.ones(B, 1, dtype=torch.bool, device=new.device), new], dim=1)
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+    return ids if ids.dim() == 2 and tuple(ids.shape) == (1, Sq) else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -907,14 +879,15 @@ def _apply_padding_free_packing(module, query, key, attention_mask, is_causal, k
         if Sk < Sq:
             return original, original
         packed = _packed_from_position_ids(kwargs.get("position_ids"), B, Sq)
-    elif _compiling() and attention_mask is not None and attention_mask.dim() == 4 and B == 1 and Sq == Sk:
-        # Traced, with a cache (transformers built no packed mask) and SDPA's 4-D mask (a sliding
-        # window, say): the sequence of every token from position_ids, in the graph, without the
-        # host test of whether anything is packed (nothing packed: one sequence, the mask unchanged).
-        starts = _traced_starts(None, kwargs, B, Sq, Sk, True)
-        if starts is None:
+    elif (_compiling() and getattr(attention_mask, "_fastattn_traced", False) and attention_mask.dim() == 4
+          and B == 1 and Sq == Sk and is_causal is not False and getattr(module, "is_causal", True)):
+        # Traced, transformers' 4-D mask built in fastattn_mask (a sliding window, say; never a
+        # caller's own mask): packed position_ids restarts split it by sequence, in the graph and
+        # without the host test of whether anything is packed (nothing packed: the mask unchanged).
+        ids = kwargs.get("position_ids")
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.numel() != Sq:
             return original, original
-        packed = starts.to(torch.int32).cumsum(1, dtype=torch.int32)
+        packed = _restart_segments(ids.reshape(1, Sq))
     else:
         return original, original
     if packed is None:
@@ -977,12 +950,15 @@ def fastattn_attention_forward(
         reason = "mask not expressible as per-sequence lengths + causal/window"
     plan = None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    traced_starts = None
-    if reason is None and _compiling() and (attention_mask is None or two_d):
-        traced_starts = _traced_starts(attention_mask, kwargs, query.shape[0], Sq, Sk, bool(causal))
-    if traced_starts is not None:
-        pass
-    elif reason is None and two_d:
+    traced_ids = None
+    if reason is None and _compiling() and attention_mask is None:
+        traced_ids = _traced_position_ids(kwargs, query, Sq, Sk, bool(causal))
+        if traced_ids is not None and query.is_cuda:
+            # (the fixed-size varlen grid would span Sq sequence slots there: SDPA on the
+            # same-sequence causal mask, as every traced call took before)
+            attention_mask = _restart_segments(traced_ids)
+            two_d, window, traced_ids = True, _mask_window(None, kwargs), None
+    if reason is None and two_d:
         if _compiling():  # the unpadding reads lengths on the host: SDPA's mask, traceable
             reason = "2-D mask under torch.compile"
         elif not hasattr(fastattn, "flash_attention_varlen"):
@@ -1004,9 +980,8 @@ def fastattn_attention_forward(
     # (B, H, S, D) views of (B, S, H, D) projections: transposing back keeps the last dim contiguous.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     cap = {"softcap": _softcap(kwargs)} if _softcap(kwargs) is not None else {}  # scores cap * tanh(s / cap)
-    if traced_starts is not None:
-        window = _mask_window(attention_mask, kwargs) if two_d else _mask_window(None, kwargs)
-        return _traced_packed_forward(q, k, v, traced_starts, scaling, window, cap), None
+    if traced_ids is not None:
+        return _traced_packed_forward(q, k, v, traced_ids, scaling, _mask_window(None, kwargs), cap), None
     if two_d:
         return _varlen_forward(q, k, v, plan, scaling, window, cap), None
 
