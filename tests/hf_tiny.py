@@ -52,3 +52,23 @@ def rel_err(mine, theirs):
     """max |mine - theirs| over the scale of theirs (at least 1), in fp32."""
     mine, theirs = mine.float(), theirs.float()
     return ((mine - theirs).abs().max() / max(theirs.abs().max().item(), 1.0)).item()
+
+
+class GraphCapture:
+    """A torch.compile backend that keeps the FX graphs and runs them as traced (no inductor);
+    targets() lists the functions they call, nested subgraphs included."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def targets(self):
+        out = []
+        for g in self.graphs:
+            for mod in g.modules():
+                if isinstance(mod, torch.fx.GraphModule):
+                    out += [str(n.target) for n in mod.graph.nodes if n.op == "call_function"]
+        return out

@@ -16,7 +16,7 @@ import fastattn
 transformers = pytest.importorskip("transformers")
 fa_hf = pytest.importorskip("fastattn.integrations.transformers")
 
-from hf_tiny import padded, rel_err, same_weight_models, tiny_config_kwargs  # noqa: E402
+from hf_tiny import GraphCapture, padded, rel_err, same_weight_models, tiny_config_kwargs  # noqa: E402
 
 VOCAB = 100
 PAD = 0
@@ -207,20 +207,6 @@ def test_output_attentions_fallback_is_warned():
 
 
 # ---- torch.compile ----
-class _Graphs:
-    """A torch.compile backend that keeps the FX graphs and runs them as traced (no inductor)."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def __call__(self, gm, example_inputs):
-        self.graphs.append(gm)
-        return gm.forward
-
-    def targets(self):
-        return [str(n.target) for g in self.graphs for n in g.graph.nodes if n.op == "call_function"]
-
-
 def test_patched_model_compiles_fullgraph():
     """patch_model's rotary switch was a ContextVar, which dynamo cannot trace: two graph breaks
     per layer, and torch.compile(fullgraph=True) of a patched model failed."""
@@ -229,7 +215,7 @@ def test_patched_model_compiles_fullgraph():
     torch._dynamo.reset()
     m = _models("llama")["fastattn"]
     ids, _ = _padded((9, 9))
-    backend = _Graphs()
+    backend = GraphCapture()
     compiled = torch.compile(m, backend=backend, fullgraph=True)
     with torch.no_grad():
         got, want = compiled(ids).logits, m(ids).logits
@@ -240,7 +226,7 @@ def test_patched_model_compiles_fullgraph():
     torch._dynamo.reset()
     # an unpatched model in the same process keeps transformers' rotary under compile too
     plain = transformers.AutoModelForCausalLM.from_config(_config("llama"), attn_implementation="fastattn").eval()
-    backend = _Graphs()
+    backend = GraphCapture()
     with torch.no_grad():
         torch.compile(plain, backend=backend, fullgraph=True)(ids)
     assert not any("rotary" in t for t in backend.targets())

@@ -17,6 +17,8 @@ import fastattn
 transformers = pytest.importorskip("transformers")
 fa_hf = pytest.importorskip("fastattn.integrations.transformers")
 
+from hf_tiny import GraphCapture  # noqa: E402
+
 VOCAB = 128
 PAD = 0
 PROMPT_LENS = (5, 17, 29, 40)  # batch of 4, prompts 5..40 tokens
@@ -434,24 +436,6 @@ def test_padded_batch_low_precision_and_dropout_fallback(monkeypatch):
     assert fa_hf.stats()["reasons"] == {"attention dropout in training": 2}
 
 
-class _Graphs:
-    """A torch.compile backend that keeps the graphs (and runs them as traced)."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def __call__(self, gm, example_inputs):
-        self.graphs.append(gm)
-        return gm.forward
-
-    def targets(self):
-        out = []
-        for g in self.graphs:
-            for mod in [g] + [m for m in g.modules() if isinstance(m, torch.fx.GraphModule) and m is not g]:
-                out += [str(n.target) for n in mod.graph.nodes if n.op == "call_function"]
-        return out
-
-
 @pytest.mark.parametrize("arch, use_cache", [("llama-gqa", True), ("mistral-window", True), ("mistral-window", False)])
 def test_compiled_packed_training_step_stays_per_sequence(arch, use_cache):
     # Under torch.compile, packed position_ids with a cache (a model in train or eval mode builds a
@@ -500,7 +484,7 @@ def test_compiled_forward_runs_on_fastattn_kernels(batch):
     theirs, mine = _models(arch)
     ids = torch.randint(1, VOCAB, (batch, 19), generator=torch.Generator().manual_seed(3))
     torch._dynamo.reset()
-    backend = _Graphs()
+    backend = GraphCapture()
     with torch.no_grad():
         want = mine(ids, use_cache=use_cache).logits
         got = torch.compile(lambda x: mine(x, use_cache=use_cache).logits, backend=backend, fullgraph=True)(ids)
