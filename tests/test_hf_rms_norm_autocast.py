@@ -132,3 +132,21 @@ def test_patched_llama_norm_has_transformers_bits(x_dtype, w_dtype, residual):
     gg = torch.autograd.grad(got.float().square().sum(), [x, ours.weight])
     assert torch.equal(gg[1], gw[1])  # dweight: the same products and reduction
     assert max_err(gg[0], gw[0]) <= 2 * max_err(gw[0].float(), gw[0]) + 1e-2 * gw[0].float().abs().max()
+
+
+def test_patched_llama_norm_with_a_wider_residual():
+    # normed rows rounded to x's dtype where the normalised tensor is h = x + residual, of the
+    # promoted dtype: bf16 x with an fp32 residual came back bf16, 1e-2 off (reviewer).
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    hf = LlamaRMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.normal_()
+    model = torch.nn.Sequential(copy.deepcopy(hf))
+    fa_hf.patch_model(model)
+    x, r = torch.randn(3, 64).to(torch.bfloat16), torch.randn(3, 64)
+    y, h = model[0](x, r)
+    want = hf(x + r)
+    assert h.dtype == y.dtype == want.dtype == torch.float32
+    assert max_err(y, want) <= 4 * torch.finfo(torch.float32).eps * want.abs().max()

@@ -495,3 +495,22 @@ def test_compiled_forward_runs_on_fastattn_kernels(batch):
     with torch.no_grad():
         _assert_close(got, theirs(ids, use_cache=use_cache).logits)
     torch._dynamo.reset()
+
+
+def test_compiled_padded_packed_row_is_eager_fastattns(monkeypatch):
+    # A traced mask built from a caller's padding mask was split by position_ids restarts too:
+    # a right-padded packed row (or generate-style position_ids over a mask with a hole)
+    # attended differently compiled than eager (reviewer). A padding mask decides, as eager.
+    import torch._dynamo
+
+    _, mine = _models("llama-gqa")
+    ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[1] * 9 + [0] * 3])
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0, 0]])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = mine(ids, attention_mask=mask, position_ids=position_ids).logits
+        got = torch.compile(lambda i, m, p: mine(i, attention_mask=m, position_ids=p).logits, backend="eager")(
+            ids, mask, position_ids)
+    _assert_close(got[:, :9], want[:, :9], rel=1e-5)
+    torch._dynamo.reset()

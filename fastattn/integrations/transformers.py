@@ -481,7 +481,9 @@ def _traced_mask(q_length, kv_length, kv_offset, mask_function, attention_mask, 
             and not kwargs.get("use_vmap", False)):
         return None
     mask = dense()
-    if isinstance(mask, torch.Tensor):
+    if isinstance(mask, torch.Tensor) and attention_mask is None:
+        # (only without a padding mask: one with padding decides, position_ids are not read,
+        # as on the eager path and in flash_attention_2)
         mask._fastattn_traced = True
     return mask
 
@@ -1289,10 +1291,11 @@ class _HFRMSNorm(fastattn.nn.RMSNorm):
                 and len(self.normalized_shape) == 1 and weight.shape == self.normalized_shape
                 and x.dim() >= 1 and x.shape[-1:] == self.normalized_shape and not x.is_nested):
             out = fastattn.rms_norm(x, None, self.eps, residual=residual)
-            normed = out if residual is None else out[0]
-            # x_normed.to(x.dtype): also under CUDA autocast, where rms_norm returns fp32 (an
-            # explicit cast, which autocast leaves alone in transformers' code)
-            normed = weight * normed.to(x.dtype)
+            normed, h_dtype = (out, x.dtype) if residual is None else (out[0], out[1].dtype)
+            # x_normed.to(input dtype), the input being h = x + residual (its promoted dtype):
+            # also under CUDA autocast, where rms_norm returns fp32 (an explicit cast, which
+            # autocast leaves alone in transformers' code)
+            normed = weight * normed.to(h_dtype)
             return normed if residual is None else (normed, out[1])
         out = super().forward(x, residual)
         if weight is None or weight.dtype == x.dtype:
