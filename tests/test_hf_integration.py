@@ -709,10 +709,11 @@ def test_patched_model_pickled_runs_in_a_fresh_process(models, tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-2000:]
 
 
-def test_float64_and_sdpa_kernel_math_are_sdpas(models, monkeypatch):
-    # A float64 model raised the kernels' dtype ValueError, and under sdpa_kernel(MATH) (double
-    # backward, e.g. a gradient penalty) the kernels still ran and refused second derivatives,
-    # where fastattn.scaled_dot_product_attention hands both to torch (training audit).
+def test_float64_is_sdpas(models, monkeypatch):
+    # A float64 model raised the kernels' dtype ValueError, where fastattn.scaled_dot_product_attention
+    # hands float64 to torch (training audit). (torch's flash-backend flag, which the SDPA drop-in
+    # honours, is not read here: attn_implementation="fastattn" is the caller's explicit choice,
+    # and a globally disabled torch flash backend must not switch it off.)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     eager, ours = models
@@ -724,13 +725,7 @@ def test_float64_and_sdpa_kernel_math_are_sdpas(models, monkeypatch):
     with torch.no_grad():
         assert torch.equal(o64(ids).logits, s64(ids).logits)
     assert not spy.calls and fa_hf.stats()["sdpa_fallback"] == 2
-    emb = ours.get_input_embeddings()(ids).detach().requires_grad_()
-    with sdpa_kernel(SDPBackend.MATH):
-        (g,) = torch.autograd.grad(ours(inputs_embeds=emb).logits.square().sum(), emb, create_graph=True)
-        (gg,) = torch.autograd.grad(g.square().sum(), emb)
-    emb_e = emb.detach().requires_grad_()
-    (g_e,) = torch.autograd.grad(eager(inputs_embeds=emb_e).logits.square().sum(), emb_e, create_graph=True)
-    (gg_e,) = torch.autograd.grad(g_e.square().sum(), emb_e)
-    assert not spy.calls
-    assert (gg - gg_e).abs().max().item() <= 1e-4 * max(gg_e.abs().max().item(), 1.0)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        ours(ids)
+    assert len(spy.calls) == 2
     fa_hf.reset_stats()

@@ -642,10 +642,6 @@ def _unsupported_reason(module, query, value, dropout, kwargs) -> Optional[str]:
         return "attention dropout in training"
     if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"{query.dtype} (the kernels take float32, float16 and bfloat16)"
-    if not torch._C._get_flash_sdp_enabled():
-        # as fastattn.scaled_dot_product_attention: the caller picked SDPA's backends (the math
-        # one for double backward, say) with torch.nn.attention.sdpa_kernel
-        return "torch.nn.attention.sdpa_kernel without SDPBackend.FLASH_ATTENTION"
     if _softcap(kwargs) is not None and not _kernels_take_softcap():
         return "soft-capped scores (this fastattn build's kernels have no softcap=)"
     if kwargs.get("position_bias") is not None:
