@@ -937,7 +937,11 @@ def flash_attention_varlen(
         is (H, total_q) float32 (natural log, flash-attn's varlen layout).
 
     Validation: on the CPU the values of cu_seqlens are checked (start at 0, non-decreasing,
-    end at total_q / total_k, every length <= max_seqlen) and a violation raises ValueError.
+    end at or before total_q / total_k, every length <= max_seqlen) and a violation raises
+    ValueError. Rows past ``cu_seqlens_q[-1]`` / ``cu_seqlens_k[-1]`` (spare rows of a
+    preallocated buffer, as flash-attn allows) belong to no sequence and are not read; on the
+    CPU their output and gradients are 0 and their lse -inf, on CUDA they are left unwritten
+    (as in flash-attn).
     On CUDA they are not read on the host (that would synchronise; a training step or a CUDA
     graph must not): the kernels clamp every sequence's rows to the tensors and its lengths
     to max_seqlen, so malformed cu_seqlens are memory-safe but give unspecified results.

@@ -193,8 +193,9 @@ def attention_varlen(
     q (total_q, H, D); k, v (total_k, Hk, D); cu_seqlens_q / cu_seqlens_k (B + 1,) integer
     cumulative lengths from 0. Sequence i is ``attention(q[cq[i]:cq[i+1]][None],
     k[ck[i]:ck[i+1]][None], ...)`` with its own bottom-right causal / window alignment.
-    Returns out (total_q, H, D) and, with return_lse, lse (H, total_q) float32.
-    Differentiable (autograd through the slices).
+    Returns out (total_q, H, D) and, with return_lse, lse (H, total_q) float32. Rows past
+    ``cu_seqlens_q[-1]`` / ``cu_seqlens_k[-1]`` (spare rows) belong to no sequence: their
+    output is 0 and lse -inf. Differentiable (autograd through the slices).
     """
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []
@@ -204,9 +205,10 @@ def attention_varlen(
                          window=window, return_lse=True, softcap=softcap)
         outs.append(o[0])
         lses.append(l[0])
-    H = q.shape[1]
-    out = torch.cat(outs, 0) if outs else q.new_zeros((0,) + tuple(q.shape[1:]))
-    lse = torch.cat(lses, 1) if lses else q.new_zeros((H, 0), dtype=torch.float32)
+    H, spare = q.shape[1], q.shape[0] - (cq[-1] if cq else 0)
+    outs.append(q.new_zeros((spare,) + tuple(q.shape[1:])))
+    lses.append(torch.full((H, spare), float("-inf"), dtype=torch.float32, device=q.device))
+    out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
     return (out, lse) if return_lse else out
 
 

@@ -361,8 +361,47 @@ def test_bad_arguments_name_themselves():
                                    block_table=torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match="cache_batch_idx must be a"):
         fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1, cache_batch_idx=torch.zeros(1))
-    with pytest.raises(ValueError, match="page index|block_table|out of range"):  # a row the cache lacks
+    # cache_batch_idx errors name cache_batch_idx (it is run as a one-page block_table inside)
+    with pytest.raises(ValueError, match=r"cache_batch_idx must name rows of k_cache in \[0, 2\), got \[5\]"):
         fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1, cache_batch_idx=torch.tensor([5], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"cache_batch_idx must name rows of k_cache in \[0, 2\), got \[-1\]"):
+        fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1, cache_batch_idx=torch.tensor([-1]))
+    with pytest.raises(ValueError, match=r"cache_batch_idx must hold 1 cache rows \(q's batch\), got 2"):
+        fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1, cache_batch_idx=torch.tensor([0, 1]))
+    # packed inputs of the wrong rank name the packed argument, not the slice
+    for call, match in ((lambda: fa.flash_attn_qkvpacked_func(torch.randn(2, 5, 3, 4)), "qkv must have shape"),
+                        (lambda: fa.flash_attn_kvpacked_func(q, torch.randn(1, 3, 2, 16)), "kv must have shape"),
+                        (lambda: fa.flash_attn_varlen_qkvpacked_func(torch.randn(5, 3, 2), torch.tensor(
+                            [0, 5], dtype=torch.int32), 5), "qkv must have shape"),
+                        (lambda: fa.flash_attn_varlen_kvpacked_func(q[0], torch.randn(3, 2, 2, 16, 1), *[torch.tensor(
+                            [0, 3], dtype=torch.int32)] * 2, 3, 3), "kv must have shape")):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_spare_rows_past_the_last_sequence(dtype):
+    # flash-attn reads only the rows cu_seqlens name: k/v (and q) buffers may be longer. The
+    # spare rows get output 0, lse -inf (flash-attn's +inf) and no gradient.
+    torch.manual_seed(0)
+    q = torch.randn(9, 4, 16, dtype=dtype, requires_grad=True)   # 2 spare query rows
+    k = torch.randn(12, 2, 16, dtype=dtype, requires_grad=True)  # 3 spare key rows
+    v = torch.randn(12, 2, 16, dtype=dtype, requires_grad=True)
+    cq, ck = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 4, 9], dtype=torch.int32)
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cq, ck, 4, 5, causal=True, return_attn_probs=True)
+    true = reference.attention_varlen(*(t.detach().double() for t in (q, k, v)), cq, ck, causal=True)
+    low = reference.attention_varlen(*(t.detach() for t in (q, k, v)), cq, ck, causal=True)
+    assert_error_ratio(out, low, true)
+    assert (out[7:] == 0).all() and (lse[:, 7:] == float("inf")).all() and lse[:, :7].isfinite().all()
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    assert (q.grad[7:] == 0).all() and (k.grad[9:] == 0).all() and (v.grad[9:] == 0).all()
+    # the rows that do belong to sequences: the same as on buffers without the spare rows
+    q2, k2, v2 = (t.detach()[:n].clone().requires_grad_() for t, n in ((q, 7), (k, 9), (v, 9)))
+    out2 = fa.flash_attn_varlen_func(q2, k2, v2, cq, ck, 4, 5, causal=True)
+    out2.backward(dout[:7])
+    assert torch.equal(out[:7], out2)
+    assert torch.equal(q.grad[:7], q2.grad) and torch.equal(k.grad[:9], k2.grad) and torch.equal(v.grad[:9], v2.grad)
 
 
 def test_torch_compile_fullgraph():

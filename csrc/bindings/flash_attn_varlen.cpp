@@ -10,7 +10,10 @@
 // (1, Sq_i, H, D) x (1, Sk_i, Hk, D) problem. out (total_q, H, D), lse (H, total_q) fp32.
 //
 // Host synchronisation: on the CPU the values of cu_seqlens are validated (start at 0,
-// non-decreasing, end at total_q / total_k, every length <= max_seqlen). On CUDA they are
+// non-decreasing, end at or before total_q / total_k, every length <= max_seqlen). Rows past
+// the last sequence (spare rows of a preallocated buffer, which flash-attn accepts too) are
+// not read; on the CPU their out / dq / dk / dv rows are 0 and their lse -inf, on CUDA they
+// are left unwritten (as flash-attn leaves them). On CUDA the values are
 // never read on the host (that would synchronise and break graph capture): max_seqlen_q /
 // _k size the launch and the kernels clamp every sequence to the tensors, so malformed
 // cu_seqlens are memory-safe but give unspecified results.
@@ -60,7 +63,8 @@ void check_cu_values(const at::Tensor& cu, int64_t total, int64_t max_seqlen, co
     FA_CHECK_ARG(len <= max_seqlen, op, "sequence ", i, " has length ", len, " (", name, ") but ", max_name,
                  " is ", max_seqlen, "; ", max_name, " must be at least the longest sequence");
   }
-  FA_CHECK_ARG(v[n - 1] == total, op, name, " must end at ", total_name, " = ", total, ", got ", v[n - 1]);
+  FA_CHECK_ARG(v[n - 1] <= total, op, name, " must end at or before ", total_name, " = ", total, ", got ",
+               v[n - 1]);
 }
 
 void check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
@@ -122,6 +126,10 @@ at::Tensor cuda_layout3(const at::Tensor& t) {
 constexpr const char* kFwdOp = "fastattn.flash_attention_varlen: ";
 constexpr const char* kBwdOp = "fastattn.flash_attn_varlen_bwd: ";
 
+// CPU: the last entry of a cu_seqlens tensor (validated by check_cu_values); rows from it on
+// belong to no sequence.
+int64_t cu_end(const at::Tensor& cu) { return cu[-1].item<int32_t>(); }
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -160,6 +168,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd(const at::Tensor& q_in,
     const FlashFwdParams p = flash_varlen_fwd_params(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
                                                      softmax_scale, window_left, window_right, softcap);
     flash_fwd_cpu(p);
+    const int64_t end_q = cu_end(cu_q);  // spare rows past the last sequence see no key
+    out.slice(0, end_q).zero_();
+    lse.slice(1, end_q).fill_(-std::numeric_limits<float>::infinity());
   }
   return {out, lse};
 }
@@ -266,6 +277,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
 #endif
   } else {
     flash_bwd_cpu(p);
+    dq.slice(0, cu_end(cu_q)).zero_();  // spare rows past the last sequence: no gradient
+    const int64_t end_k = cu_end(cu_k);
+    dk.slice(0, end_k).zero_();
+    dv.slice(0, end_k).zero_();
   }
   return {dq, dk, dv};
 }

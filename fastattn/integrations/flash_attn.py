@@ -131,7 +131,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 def _unpack(packed, dim: int, count: int, name: str, shape: str):
     if not isinstance(packed, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
-    if packed.dim() <= dim or packed.shape[dim] != count:
+    if packed.dim() != dim + 3 or packed.shape[dim] != count:  # (..., count, heads, headdim)
         raise ValueError(f"{name} must have shape {shape}, got {tuple(packed.shape)}")
     return packed.unbind(dim)
 
@@ -258,6 +258,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError("cache_batch_idx must be a (batch,) integer tensor of cache rows, got "
                              f"{getattr(cache_batch_idx, 'dtype', type(cache_batch_idx).__name__)} of shape "
                              f"{tuple(getattr(cache_batch_idx, 'shape', ()))}")
+        if cache_batch_idx.shape[0] != q.shape[0]:
+            raise ValueError(f"cache_batch_idx must hold {q.shape[0]} cache rows (q's batch), got "
+                             f"{cache_batch_idx.shape[0]}")
+        if cache_batch_idx.device.type == "cpu" and cache_batch_idx.numel() and not torch.compiler.is_compiling():
+            # (read on the CPU only: on CUDA that would synchronise, and the paged kernels
+            # then check the rows as block_table entries)
+            lo, hi = (int(t) for t in torch.aminmax(cache_batch_idx))
+            if lo < 0 or hi >= k_cache.shape[0]:
+                raise ValueError(f"cache_batch_idx must name rows of k_cache in [0, {k_cache.shape[0]}), got "
+                                 f"{cache_batch_idx.tolist()}")
         # A contiguous cache (B_cache, S_cache, Hk, D) is a page pool of B_cache pages of S_cache
         # tokens: row cache_batch_idx[b] is sequence b's single page.
         block_table = cache_batch_idx.to(torch.int32).view(-1, 1)
