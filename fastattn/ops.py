@@ -207,18 +207,21 @@ def _rms_norm_add_setup(ctx, inputs, output):
     ctx.eps = eps
     _save(ctx, h, weight, rstd)
     ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)  # an unused y arrives as None: the weight then gets None
 
 
 def _rms_norm_add_backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[2]
+    if dy is None:
+        # Only h = x + residual reached the loss: the weight gets no gradient (None, as the
+        # unfused x + residual gives; a zero tensor would still be decayed by AdamW).
+        return dh, dh, None, None
     if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable
         # h is an output of the op; second-order gradients reaching it come back through
         # this function as dh, which is exactly the derivative of h = x + residual.
         dx, dw = _rms_norm_grads_composite(dy, h, weight, ctx.eps, dh, need_dw)
         return dx, dx, dw, None
-    if dy is None:
-        dy = torch.zeros_like(h)
     dx, dw = _ops.rms_norm_bwd(dy, h, weight, rstd, dh)
     # h = x + residual, so both receive the same gradient.
     return dx, dx, _dweight(dw, weight, need_dw), None
@@ -289,15 +292,7 @@ def _rotary_setup(ctx, inputs, output):
             ctx.mark_non_differentiable(rot)
     ctx.interleaved = interleaved
     ctx.conjugate = conjugate
-    ctx.q_meta = (_q.shape, _q.dtype, _q.device)
-    ctx.k_meta = (_k.shape, _k.dtype, _k.device)
-
-
-def _grad_or_zeros(g: Optional[Tensor], meta) -> Tensor:
-    if g is None:
-        shape, dtype, device = meta
-        return torch.zeros(shape, dtype=dtype, device=device)
-    return _contiguous_last_dim(g)
+    ctx.set_materialize_grads(False)  # an unused q_rot / k_rot arrives as None (see the backward)
 
 
 def _rotary_backward(ctx, dq, dk):
@@ -306,10 +301,17 @@ def _rotary_backward(ctx, dq, dk):
     # constants of the model, as in flash-attn's apply_rotary_emb). The forward already
     # checked these positions (or its caller vouched for them): no second host sync here.
     cos, sin, positions = ctx.saved_tensors
-    dq = _grad_or_zeros(dq, ctx.q_meta)
-    dk = _grad_or_zeros(dk, ctx.k_meta)
+    rest = (None,) * 6
+    if dq is None or dk is None:
+        # Only one of q_rot / k_rot reached the loss: the other input gets no gradient (None,
+        # as the unfused rotation gives, so an optimizer skips it). The op rotates a q and a k
+        # of one batch and length, so the one gradient is passed as both and half kept.
+        g = _contiguous_last_dim(dk if dq is None else dq)
+        rot = _ops.rotary(g, g, cos, sin, positions, ctx.interleaved, not ctx.conjugate, False)[0]
+        return (None, rot) + rest if dq is None else (rot, None) + rest
+    dq, dk = _contiguous_last_dim(dq), _contiguous_last_dim(dk)
     gq, gk = _ops.rotary(dq, dk, cos, sin, positions, ctx.interleaved, not ctx.conjugate, False)
-    return gq, gk, None, None, None, None, None, None
+    return (gq, gk) + rest
 
 
 torch.library.register_autograd("fastattn::rotary", _rotary_backward, setup_context=_rotary_setup)

@@ -136,6 +136,24 @@ def test_backward(device, dtype, n, weight, residual):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_residual_only_h_used_weight_gets_no_gradient(device, create_graph):
+    # Only h = x + residual reaches the loss: as unfused (h = x + r; rms_norm(h, w)), the
+    # weight's gradient stays None (an optimizer skips it; a zero gradient would still be
+    # decayed by AdamW), x and the residual get h's gradient.
+    x = torch.randn(3, 16, device=device, requires_grad=True)
+    r = torch.randn(3, 16, device=device, requires_grad=True)
+    w = torch.randn(16, device=device, requires_grad=True)
+    gh = torch.randn(3, 16, device=device)
+    _y, h = fastattn.rms_norm(x, w, 1e-6, residual=r)
+    (dx, dr) = torch.autograd.grad((h * gh).sum(), (x, r), create_graph=create_graph)
+    assert torch.equal(dx, gh) and torch.equal(dr, gh)
+    _y, h = fastattn.rms_norm(x, w, 1e-6, residual=r)
+    (h * gh).sum().backward()
+    assert w.grad is None and torch.equal(x.grad, gh) and torch.equal(r.grad, gh)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_dweight_deterministic(device):
     x = torch.randn(257, 333, device=device)
     w = torch.rand(333, device=device, requires_grad=True)

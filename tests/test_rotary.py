@@ -163,15 +163,23 @@ def test_backward(device, dtype, interleaved):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_backward_one_output_and_inverse(device):
-    # Only q2 used: k still gets a (zero) gradient path; and rotating back by the backward
-    # op recovers the input (the rotation is orthogonal).
+@pytest.mark.parametrize("used", ["q", "k"])
+def test_backward_one_output_and_inverse(device, used):
+    # Only one rotated output used: the other input gets no gradient at all (None, as the
+    # unfused rotation gives: an optimizer then skips it rather than decaying a zero
+    # gradient), the used one the exact adjoint; and rotating back by the backward op
+    # recovers the input (the rotation is orthogonal).
     q = torch.randn(1, 5, 2, 32, device=device, requires_grad=True)
     k = torch.randn(1, 5, 1, 32, device=device, requires_grad=True)
     cos, sin = _tables(32, device)
-    q2, _ = fastattn.apply_rotary(q, k, cos, sin)
-    q2.sum().backward()
-    assert k.grad is None or torch.count_nonzero(k.grad) == 0
+    q2, k2 = fastattn.apply_rotary(q, k, cos, sin)
+    out, x, other = (q2, q, k) if used == "q" else (k2, k, q)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    assert other.grad is None
+    xd = x.detach().double().requires_grad_()
+    (reference.apply_rotary(xd, xd, cos.double(), sin.double())[0] * g.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xd.grad, atol=1e-5, rtol=1e-5)
     qb, kb = torch.ops.fastattn.rotary(q2.detach(), torch.zeros_like(k), cos, sin, None, False, True)
     torch.testing.assert_close(qb, q.detach(), atol=1e-5, rtol=1e-5)
 
