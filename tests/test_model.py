@@ -437,6 +437,21 @@ def test_config_sizes_must_be_positive(field):
         LlamaConfig(**{**kw, field: 0})
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("rope_theta", -5.0, "rope_theta must be a positive number"), ("rope_theta", 0.0, "rope_theta must be a positive"),
+    ("rope_theta", "x", "rope_theta must be a positive"), ("rope_theta", float("nan"), "rope_theta must be a positive"),
+    ("rms_norm_eps", -1e-6, r"rms_norm_eps must be a number >= 0"), ("rms_norm_eps", "x", "rms_norm_eps must be"),
+    ("rms_norm_eps", True, "rms_norm_eps must be"),
+])
+def test_config_rope_theta_and_eps_checked(field, value, match):
+    # Accepted before, they made every logit NaN (a negative RoPE base or eps).
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+              max_position_embeddings=32)
+    LlamaConfig(**kw, rms_norm_eps=0.0, rope_theta=500000)
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig(**{**kw, field: value})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
 def test_from_pretrained_cuda_without_gpu(hf_llama):
     _, path = hf_llama

@@ -214,6 +214,11 @@ class LlamaConfig:
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        real = lambda v: not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)  # noqa: E731
+        if not real(self.rope_theta) or self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be a positive number (the RoPE base), got {self.rope_theta!r}")
+        if not real(self.rms_norm_eps) or self.rms_norm_eps < 0:
+            raise ValueError(f"rms_norm_eps must be a number >= 0, got {self.rms_norm_eps!r}")
         f = self.partial_rotary_factor
         if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < f <= 1 or self.rotary_dim % 2:
             raise ValueError(f"partial_rotary_factor must be in (0, 1] with an even rotary_dim = "
