@@ -28,6 +28,9 @@ function hands each attention call one of three things:
   Query rows that are padding come back as 0 (as flash_attention_2; SDPA gives 0 where such a
   row sees no key, e.g. left padding, and attends right-padding rows to the earlier real
   tokens); they only ever reach padded positions, so real tokens' logits match SDPA. (A
+  loss that reads a padded position's logits, e.g. left padding with labels shifted so the
+  last pad predicts the first real token, matches SDPA and flash_attention_2 there, not eager,
+  which averages the values uniformly over no key.) (A
   right-padded prompt given to ``generate()``, which transformers warns against, samples its
   first new token from a padded position: that token can differ from SDPA's, as it does under
   flash_attention_2.)
