@@ -30,7 +30,7 @@ function hands each attention call one of three things:
   tokens); they only ever reach padded positions, so real tokens' logits match SDPA. (A
   loss that reads a padded position's logits, e.g. left padding with labels shifted so the
   last pad predicts the first real token, matches SDPA and flash_attention_2 there, not eager,
-  which averages the values uniformly over no key.) (A
+  whose fully masked rows average all the values.) (A
   right-padded prompt given to ``generate()``, which transformers warns against, samples its
   first new token from a padded position: that token can differ from SDPA's, as it does under
   flash_attention_2.)
