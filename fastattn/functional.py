@@ -1327,11 +1327,11 @@ def attention_with_kvcache(
             _check_pages_cpu(block_table, k_cache, cache_seqlens, Sq)
         try:
             append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table, check_capacity=check_capacity)
-        except ValueError as e:  # the op's messages name append_kv, which this caller did not call
+        except (ValueError, RuntimeError) as e:  # the op's messages name append_kv, which this caller did not call
             msg, prefix = str(e), "fastattn.append_kv: "
-            if not msg.startswith(prefix):
+            if type(e) not in (ValueError, RuntimeError) or not msg.startswith(prefix):
                 raise
-            raise ValueError(f"fastattn.attention_with_kvcache (appending k, v): {msg[len(prefix):]}") from None
+            raise type(e)(f"fastattn.attention_with_kvcache (appending k, v): {msg[len(prefix):]}") from None
     out, lse = ops.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, left,
                                           right, Sq if k is not None else 0, num_splits, softcap)
     return (out, lse) if return_lse else out

@@ -366,6 +366,9 @@ def test_bad_arguments_name_themselves():
         fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1, cache_batch_idx=torch.tensor([5], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"cache_batch_idx must name rows of k_cache in \[0, 2\), got \[-1\]"):
         fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1, cache_batch_idx=torch.tensor([-1]))
+    for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.int64):  # any integer dtype names rows
+        out = fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1, cache_batch_idx=torch.tensor([1]).to(dtype))
+        torch.testing.assert_close(out, fa.flash_attn_with_kvcache(q, kc[1:], kc[1:], cache_seqlens=1))
     with pytest.raises(ValueError, match=r"cache_batch_idx must hold 1 cache rows \(q's batch\), got 2"):
         fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1, cache_batch_idx=torch.tensor([0, 1]))
     # packed inputs of the wrong rank name the packed argument, not the slice

@@ -609,3 +609,31 @@ def test_appending_chunk_length_stays_symbolic():
     a = inputs(7)
     b = tuple(t.clone() for t in a)
     assert torch.equal(exported.module()(*a), Chunk()(*b))
+
+
+@pytest.mark.parametrize("call", ["append_kv", "attention_with_kvcache"])
+def test_inference_tensor_cache_refused_before_any_write(call):
+    # A cache made under torch.inference_mode() cannot be written outside it (torch refuses
+    # in-place updates of inference tensors): refused before the kernel writes, the cache
+    # unchanged (torch raised from the version bump after the rows were written).
+    with torch.inference_mode():
+        kc, vc = torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 8)
+    k, v = torch.ones(1, 1, 1, 8), torch.ones(1, 1, 1, 8)
+    lens = torch.tensor([0], dtype=torch.int32)
+    run = (lambda: fastattn.append_kv(kc, vc, k, v, lens)) if call == "append_kv" else \
+        (lambda: fastattn.attention_with_kvcache(torch.ones(1, 1, 1, 8), kc, vc, lens, k=k, v=v))
+    with pytest.raises(RuntimeError, match=f"fastattn.{call}.*k_cache is an inference tensor"):
+        run()
+    assert not kc.any() and not vc.any()
+    with torch.inference_mode():  # where it was made, it is writable
+        run()
+    assert torch.equal(kc[0, 0], k[0, 0]) and torch.equal(vc[0, 0], v[0, 0])
+
+
+def test_seqlens_k_add_bounded():
+    # cache_seqlens[b] + seqlens_k_add must not overflow (an int64 wrap made the call attend
+    # to no key, where the documented clamp gives every cached key).
+    q, kc = torch.randn(1, 1, 2, 8), torch.randn(1, 4, 1, 8)
+    lens = torch.tensor([1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"seqlens_k_add must be in \[0, 2\^31\), got 9223372036854775807"):
+        torch.ops.fastattn.attention_with_kvcache(q, kc, kc, lens, None, None, -1, -1, 2 ** 63 - 1, 0, 0.0)

@@ -598,3 +598,15 @@ def test_inference_mode_tables_train_later():
     qq = q.detach().clone().requires_grad_()
     reference.apply_rotary(qq, torch.randn(1, 3, 2, 8), cos.clone(), sin.clone())[0].square().sum().backward()
     torch.testing.assert_close(q.grad, qq.grad)
+
+
+def test_inplace_inference_tensor_refused_before_any_write():
+    # q made under torch.inference_mode(), rotated in place outside it: refused (as torch
+    # refuses in-place updates of inference tensors) before anything is written.
+    with torch.inference_mode():
+        q = torch.randn(1, 3, 2, 8)
+    k, q0 = torch.randn(1, 3, 1, 8), q.clone()
+    cos, sin = _tables(8, "cpu")
+    with pytest.raises(RuntimeError, match=r"apply_rotary\(inplace=True\): q is an inference tensor"):
+        fastattn.apply_rotary(q, k, cos, sin, inplace=True)
+    assert torch.equal(q, q0)

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -157,6 +158,16 @@ inline void check_inplace_not_differentiable(const char* op, std::initializer_li
   for (const NamedTensor& a : args) {
     TORCH_CHECK(!a.t.requires_grad(), op, " is not differentiable but ", a.name, " requires grad; ", hint);
   }
+}
+
+// An in-place op writes its outputs before its ADInplaceOrView kernel bumps their versions,
+// where torch refuses an inference tensor outside torch.inference_mode(): checked first, so
+// that the refused call leaves the tensor unchanged (and the error names the argument).
+inline void check_writable(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), op, ": ", name,
+              " is an inference tensor (made under torch.inference_mode()) and cannot be written in place outside "
+              "inference mode; call under torch.inference_mode() too, or pass a normal tensor (e.g. ", name,
+              ".clone() made outside it)");
 }
 
 template <class... Ts>

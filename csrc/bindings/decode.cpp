@@ -247,16 +247,29 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(const at::Tensor& q4, const
                 "at 128 with one query per sequence and no softcap)");
     // A cache view the 16-byte loads cannot use (odd strides or offset): run on a compact
     // copy instead. Correct, but it costs a full copy of the cache (or pool).
+    auto check_limits = [&](const DecodeParams& params) {
+      FA_CHECK_ARG(decode_cuda_supports_layout(params), "fastattn.", op,
+                   ": shape outside the CUDA kernel's limits (B <= 65535, Hk x row slices <= 65535, "
+                   "B * H * Sq < 2^31, cache capacity <= 2^30 tokens); got B = ", b, ", Hk = ", h_k, ", H = ", h,
+                   ", Sq = ", sq, ", capacity = ", s_max);
+    };
     at::Tensor kc = k_cache, vc = v_cache;
     if (!decode_cuda_supports_layout(p)) {
+      // Only a misaligned view is cured by a compact copy: the shape limits are checked on
+      // the copy's layout first, so a shape the kernel cannot take is refused before a copy
+      // of the whole cache (or pool) is made.
+      DecodeParams compact = p;
+      const int64_t rows = k_cache.size(1), hd = k_cache.size(2) * k_cache.size(3);
+      compact.k_cache = compact.v_cache = nullptr;
+      compact.k_head_stride = compact.v_head_stride = k_cache.size(3);
+      compact.k_row_stride = compact.v_row_stride = hd;
+      compact.k_batch_stride = compact.v_batch_stride = rows * hd;
+      check_limits(compact);
       kc = dense_aligned_copy(k_cache);
       vc = dense_aligned_copy(v_cache);
       set_caches(kc, vc);
     }
-    FA_CHECK_ARG(decode_cuda_supports_layout(p), "fastattn.", op,
-                 ": shape outside the CUDA kernel's limits (B <= 65535, Hk x row slices <= 65535, B * H * Sq < 2^31, "
-                 "cache capacity <= 2^30 tokens); got B = ", b, ", Hk = ", h_k, ", H = ", h, ", Sq = ", sq,
-                 ", capacity = ", s_max);
+    check_limits(p);
     p.num_splits = num_splits > 0 ? num_splits : decode_num_splits_cuda(p, num_sms, smem_per_sm);
     at::Tensor out_partial, lse_partial;  // split-KV partials, merged by the combine kernel
     if (p.num_splits > 1) {
@@ -319,8 +332,9 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kvcache(const at::Tensor& q, c
                                                           int64_t num_splits, double softcap) {
   check_query(q, k_cache, "attention_with_kvcache");
   FA_CHECK_ARG(q.dim() == 4, "fastattn.attention_with_kvcache: q must be (B, Sq, H, D), got shape ", q.sizes());
-  FA_CHECK_ARG(seqlens_k_add >= 0, "fastattn.attention_with_kvcache: seqlens_k_add must be >= 0, got ",
-               seqlens_k_add);
+  // (<= int32 max as the lengths: cache_seqlens[b] + seqlens_k_add cannot overflow)
+  FA_CHECK_ARG(seqlens_k_add >= 0 && seqlens_k_add <= std::numeric_limits<int32_t>::max(),
+               "fastattn.attention_with_kvcache: seqlens_k_add must be in [0, 2^31), got ", seqlens_k_add);
   return kvcache_attention(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left,
                            window_right, seqlens_k_add, num_splits, softcap, "attention_with_kvcache");
 }
@@ -330,6 +344,8 @@ void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
                bool check_capacity) {
   const bool paged = block_table_arg.has_value();
   check_caches(k_cache, v_cache, paged, "append_kv");
+  check_writable(k_cache, "fastattn.append_kv", "k_cache");
+  check_writable(v_cache, "fastattn.append_kv", "v_cache");
   check_same_device(k, k_cache, "k", "k_cache");
   check_same_device(v, k_cache, "v", "k_cache");
   check_same_dtype(k, k_cache, "k", "k_cache");

@@ -219,6 +219,8 @@ void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, co
   // allowed); the tables and positions have no reason to share a buffer with q or k, so
   // any intersection of their byte ranges is refused.
   constexpr const char* op = "fastattn.apply_rotary(inplace=True)";
+  check_writable(q, op, "q");
+  check_writable(k, op, "k");
   check_no_internal_overlap(q, op, "q");
   check_no_internal_overlap(k, op, "k");
   check_no_overlap(q, "q", k, "k", op);

@@ -264,7 +264,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if cache_batch_idx.device.type == "cpu" and cache_batch_idx.numel() and not torch.compiler.is_compiling():
             # (read on the CPU only: on CUDA that would synchronise, and the paged kernels
             # then check the rows as block_table entries)
-            lo, hi = (int(t) for t in torch.aminmax(cache_batch_idx))
+            lo, hi = (int(t) for t in torch.aminmax(cache_batch_idx.long()))  # (no uint32 aminmax)
             if lo < 0 or hi >= k_cache.shape[0]:
                 raise ValueError(f"cache_batch_idx must name rows of k_cache in [0, {k_cache.shape[0]}), got "
                                  f"{cache_batch_idx.tolist()}")
