@@ -863,6 +863,45 @@ def test_decode_step_compiles_once(cache):
             torch.compile(compiled.decode_step, fullgraph=True)(tok)
 
 
+@pytest.mark.parametrize("cache", ["contiguous", "paged"])
+@pytest.mark.parametrize("longrope", [False, True])
+def test_prefill_with_prompt_lengths_compiles(cache, longrope):
+    # torch.compile(model.prefill, fullgraph=True) failed on ragged prompts: it read
+    # prompt_lengths on the host. Traced, they are checked on the device (LongRoPE's factors
+    # picked there too), the host bound is forgotten, and the steps after it read the lengths
+    # once; the paged cache hands out the prompts' pages eagerly (a graph break).
+    import torch._dynamo.testing
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+    if longrope:  # switch at 8 positions: the longest prompt of 12 takes the long factors, 7 the short
+        kw.update(max_position_embeddings=16, rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4,
+                                                            "long_factor": [2.0] * 4,
+                                                            "original_max_position_embeddings": 8})
+    eager = Llama(LlamaConfig(**kw)).eval()
+    compiled = copy.deepcopy(eager)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    prefill = torch.compile(compiled.prefill, backend=counter, fullgraph=cache == "contiguous")
+    ids = ids_of(2, 12)
+    for lengths in ([12, 5], [7, 5]):
+        lengths = torch.tensor(lengths)
+        for m in (eager, compiled):
+            m.setup_cache(2, 16, cache=cache, page_size=4)
+        want, got = eager.prefill(ids, lengths), prefill(ids, lengths)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(compiled.cache.seqlens, eager.cache.seqlens)
+        for _ in range(3):
+            tok = want.argmax(-1)
+            want, got = eager.decode_step(tok), compiled.decode_step(tok)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == (1 if cache == "contiguous" else 2)
+    compiled.setup_cache(2, 16, cache=cache, page_size=4)
+    with torch.no_grad(), pytest.raises((RuntimeError, ValueError), match=r"prompt_lengths must hold 2 lengths in \[1, 12\]"):
+        prefill(ids, torch.tensor([13, 5]))
+
+
 def test_compiled_paged_step_that_raises_leaves_the_cache_usable():
     # A traced paged step grows host_seqlens eagerly before its graph runs; when the graph raised
     # (an out-of-vocabulary id is not checked on the host while tracing), host_seqlens stayed one

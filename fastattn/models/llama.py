@@ -886,6 +886,18 @@ class KVCache(_HostLengthBound):
 
 
 @torch.compiler.disable(reason="fastattn: a paged KV cache hands out its pages on the host, outside the graph; "
+                               "prefill compiles with fullgraph=True on the contiguous cache")
+def _start_eagerly(cache, prompt_lengths: Tensor, S: int) -> None:
+    """A traced prefill's page hand-out for the prompts (run eagerly: reads the lengths). The
+    graph runs after this returns and may raise: the next eager step reads the lengths again."""
+    lengths = [int(n) for n in prompt_lengths.tolist()]
+    if not all(1 <= n <= S for n in lengths):
+        raise ValueError(f"prompt_lengths must hold {len(lengths)} lengths in [1, {S}], got {lengths}")
+    cache.start(lengths)
+    cache._host_seqlens_unsure = True
+
+
+@torch.compiler.disable(reason="fastattn: a paged KV cache hands out its pages on the host, outside the graph; "
                                "decode_step compiles with fullgraph=True on the contiguous cache (setup_cache(..., "
                                "cache='contiguous')), with a graph break here on the paged one")
 def _grow_eagerly(cache) -> None:
@@ -1373,9 +1385,10 @@ class Llama(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # -- forward ----------------------------------------------------------------------
-    def _hidden(self, input_ids: Tensor, step: _Step, longest: Optional[int] = None) -> Tensor:
+    def _hidden(self, input_ids: Tensor, step: _Step, longest: Union[int, Tensor, None] = None) -> Tensor:
         """input_ids (B, S) -> final normed hidden states (B, S, hidden). longest: the longest
-        real row (right-padded prompts; default S), which decides LongRoPE's factors."""
+        real row (right-padded prompts; default S; a 0-dim tensor when traced), which decides
+        LongRoPE's factors."""
         if self.config.longrope_switch is not None:
             step = step._replace(positions=self._longrope_positions(step.positions, input_ids.shape[1],
                                                                    input_ids.device, longest))
@@ -1390,7 +1403,7 @@ class Llama(nn.Module):
         return y
 
     def _longrope_positions(self, positions: Optional[Tensor], S: int, device,
-                            longest: Optional[int] = None) -> Optional[Tensor]:
+                            longest: Union[int, Tensor, None] = None) -> Optional[Tensor]:
         """LongRoPE picks its factors per forward pass, as transformers does: the long ones
         (the tables' second half, rows offset by max_position_embeddings) when the pass's
         largest position + 1 exceeds original_max_position_embeddings. positions None means
@@ -1398,6 +1411,9 @@ class Llama(nn.Module):
         right-padded prompts do not count) decides; given positions (decode) are tested on the
         device: no host sync."""
         switch, offset = self.config.longrope_switch, self.config.max_position_embeddings
+        if positions is None and isinstance(longest, Tensor):  # traced prefill: decided on the device
+            positions = torch.arange(S, device=device)
+            return positions + (longest > switch).to(positions.dtype) * offset
         if positions is None:
             return None if (S if longest is None else longest) <= switch else torch.arange(S, device=device) + offset
         use_long = (positions.max() + 1 > switch).to(positions.dtype)
@@ -1504,30 +1520,51 @@ class Llama(nn.Module):
         of each prompt's last real token, (B, vocab).
 
         All S rows are appended; on a paged cache the pad rows past a sequence's own pages go
-        to the null page."""
+        to the null page.
+
+        ``torch.compile(model.prefill, fullgraph=True)`` compiles it with the contiguous cache:
+        traced, prompt_lengths are not read on the host (lengths outside [1, S] raise a
+        RuntimeError from the graph, and the next eager decode_step reads the lengths once); a
+        paged cache hands out the prompts' pages eagerly there (a graph break)."""
         cache = self.cache
         _check_ids(input_ids, self.config, None)
         B, S = input_ids.shape
         if cache is None or cache.batch_size != B or cache.max_len < S:
             raise ValueError(f"call setup_cache({B}, max_len >= {S}) before prefill")
+        traced = torch.compiler.is_compiling()
+        longest: Union[int, Tensor]
         if prompt_lengths is None:
             prompt_lengths = torch.full((B,), S, dtype=torch.int32, device=input_ids.device)
-            lengths = [S] * B
+            lengths, longest = [S] * B, S
+        elif traced:
+            # Traced (no host reads inside a graph): checked on the device instead, and the
+            # host bound decode steps vouch with is forgotten (the next eager step reads them).
+            if not isinstance(prompt_lengths, Tensor) or prompt_lengths.numel() != B \
+                    or prompt_lengths.is_floating_point() or prompt_lengths.is_complex():
+                raise ValueError(f"prompt_lengths must be a ({B},) integer tensor")
+            prompt_lengths = prompt_lengths.reshape(B)
+            torch._assert_async(((prompt_lengths >= 1) & (prompt_lengths <= S)).all(),
+                                f"prompt_lengths must hold {B} lengths in [1, {S}]")
+            lengths, longest = None, (prompt_lengths.max() if B else 0)
         else:  # read once (one sync on CUDA): the host bound of the lengths decode steps vouch with
             lengths = [int(n) for n in prompt_lengths.reshape(-1).tolist()]
             if len(lengths) != B or not all(1 <= n <= S for n in lengths):
                 raise ValueError(f"prompt_lengths must hold {B} lengths in [1, {S}], got {lengths}")
+            longest = max(lengths, default=0)
         cache.reset()
         if cache.block_table is not None:  # paged: pages for each prompt's real tokens, first
-            cache.start(lengths)
+            if lengths is None:
+                _start_eagerly(cache, prompt_lengths, S)
+            else:
+                cache.start(lengths)
         # The rows written are [0, S) of an empty cache holding max_len >= S, and the positions
         # arange(S) (LongRoPE: + max_position_embeddings) lie in the tables when S <= max_position_embeddings:
         # nothing for the kernels to check then (else they raise the error).
         step = self._step(input_ids.device, cache=cache, write_at=cache.seqlens,
                           checked=S > self.config.max_position_embeddings)
-        y = self._hidden(input_ids, step, longest=max(lengths, default=0))  # (B, S, hidden)
+        y = self._hidden(input_ids, step, longest=longest)  # (B, S, hidden)
         cache.seqlens.copy_(prompt_lengths)  # pad rows beyond each length are dead
-        cache._note_max_seqlen(max(lengths, default=0))
+        cache._note_max_seqlen(None if lengths is None else longest)
         last = (prompt_lengths.long() - 1).view(B, 1, 1).expand(B, 1, y.shape[-1])
         return self._logits(y.gather(1, last).squeeze(1))  # (B, vocab)
 
