@@ -82,10 +82,20 @@ fi
 # Shows our lines and the compiler's output; pip's and setuptools' chatter only goes to the log.
 # A progress line opens a region in which everything (compiler diagnostics, a failing
 # command) is shown; the next "fastattn:" line closes it.
+# A shell loop, not awk: mawk (Debian's awk) reads a pipe in blocks, and every line of a
+# minutes-long build then came out at its end.
 progress() {
-  awk '/^ *fastattn: / { sub(/^ */, ""); print "  " $0; region = 0; fflush(); next }
-       /^ *\[[0-9]+\/[0-9]+\] / { sub(/^ */, ""); print "  " $0; region = 1; fflush(); next }
-       region { print; fflush() }'
+  local line text region=0
+  while IFS= read -r line || [ -n "$line" ]; do
+    text="${line#"${line%%[! ]*}"}"  # without its leading spaces
+    if [[ $text == "fastattn: "* ]]; then
+      printf '  %s\n' "$text"; region=0
+    elif [[ $text =~ ^\[[0-9]+/[0-9]+\]\  ]]; then
+      printf '  %s\n' "$text"; region=1
+    elif [ "$region" = 1 ]; then
+      printf '%s\n' "$line"
+    fi
+  done
 }
 
 if [ -n "$reason" ]; then

@@ -79,3 +79,38 @@ def test_unbuilt_checkout_shadowing_an_install_says_so(tmp_path, monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     assert loader._shadow_hint() is None
+
+
+@pytest.mark.source_tree
+def test_setup_progress_filter_streams_lines():
+    # scripts/setup.sh shows the build's progress lines as they come: its filter was an awk
+    # script, and mawk (Debian's awk) reads a pipe in blocks, so every line of a minutes-long
+    # build came out at its end. Each line must come out before the next one is written.
+    import select
+
+    from conftest import ROOT
+
+    with open(os.path.join(ROOT, "scripts", "setup.sh")) as f:
+        src = f.read()
+    start = src.index("progress() {")
+    func = src[start:src.index("\n}\n", start) + 3]
+    proc = subprocess.Popen(["bash", "-c", func + "progress"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, bufsize=1)
+    try:
+        def line_within(seconds):
+            ready, _, _ = select.select([proc.stdout], [], [], seconds)
+            assert ready, "the progress filter held its line back"
+            return proc.stdout.readline()
+
+        proc.stdin.write("pip chatter, hidden\n  fastattn: compiling (baseline)\n")
+        proc.stdin.flush()
+        assert line_within(20) == "  fastattn: compiling (baseline)\n"
+        proc.stdin.write("[1/3] c++ -c a.cpp\n")
+        proc.stdin.flush()
+        assert line_within(20) == "  [1/3] c++ -c a.cpp\n"
+        proc.stdin.write("a.cpp:1: error: shown inside a region\n  fastattn: done\nhidden again\n")
+        proc.stdin.close()
+        assert proc.stdout.read() == "a.cpp:1: error: shown inside a region\n  fastattn: done\n"
+    finally:
+        proc.kill()
+        proc.wait()
