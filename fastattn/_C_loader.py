@@ -14,7 +14,31 @@ def load():
         from fastattn import _C  # noqa: F401  (loading registers torch.ops.fastattn.*)
     except ImportError as e:  # pragma: no cover - exercised only without a build
         raise ImportError(f"{_shadow_hint() or BUILD_HINT}\n(original error: {e})") from e
+    foreign = _foreign_extension_hint(getattr(_C, "__file__", None))
+    if foreign:
+        raise ImportError(foreign)
     return _C
+
+
+def _foreign_extension_hint(extension_file):
+    """An unbuilt checkout imported while another checkout's editable install is active: the
+    install's import finder supplies the missing fastattn._C from that other checkout, whose
+    kernels may be of another commit than this Python code. Refused, saying so."""
+    import os
+
+    if not extension_file:
+        return None
+    here = os.path.dirname(os.path.realpath(__file__))
+    there = os.path.dirname(os.path.realpath(extension_file))
+    if here == there:
+        return None
+    return (
+        f"fastattn was imported from {here}, but its compiled extension (fastattn._C) came from "
+        f"{there}: this folder is not built, and another fastattn (an editable install of another "
+        f"checkout) supplied its extension, whose kernels need not match this code. Build this "
+        f"checkout in place with:\n    pip install -e . --no-build-isolation\n"
+        f"or run from outside it to use the installed one."
+    )
 
 
 def _shadow_hint():

@@ -81,6 +81,19 @@ def test_unbuilt_checkout_shadowing_an_install_says_so(tmp_path, monkeypatch):
     assert loader._shadow_hint() is None
 
 
+def test_extension_from_another_checkout_is_refused(tmp_path):
+    # An unbuilt second checkout, imported while the first checkout's editable install is
+    # active, got its fastattn._C from the first one (the install's finder supplies what the
+    # folder lacks): Python code of one commit on kernels of another, silently. Now refused.
+    from fastattn import _C, _C_loader
+
+    assert _C_loader._foreign_extension_hint(_C.__file__) is None  # this build: its own folder
+    other = tmp_path / "other_checkout" / "fastattn" / "_C.so"
+    hint = _C_loader._foreign_extension_hint(str(other))
+    assert hint is not None and str(other.parent) in hint and "pip install -e ." in hint
+    assert _C_loader._foreign_extension_hint(None) is None
+
+
 @pytest.mark.source_tree
 def test_setup_progress_filter_streams_lines():
     # scripts/setup.sh shows the build's progress lines as they come: its filter was an awk
