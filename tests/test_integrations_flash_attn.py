@@ -7,6 +7,7 @@ import numpy as np
 
 import pytest
 import torch
+from torch import Tensor
 
 from fastattn import reference
 from fastattn.integrations import flash_attn as fa
@@ -120,6 +121,95 @@ def _flash_attn_oracle(q, k, v, causal, window_size, softcap=0.0, scale=None, se
     p = torch.where(seen.any(-1).view(1, 1, Sq, 1), torch.softmax(s, dim=-1), torch.zeros_like(s))
     out = torch.einsum("bhij,bjhd->bihd", p.nan_to_num(0.0), v)
     return out, torch.where(torch.isneginf(lse), math.inf, lse)
+
+
+def _paged_pools(device, dtype, lens_k, page_size, Hk, D, generator):
+    """Page pools holding each sequence's keys on shuffled pages, and its block_table (unused
+    entries -1, as vLLM leaves them)."""
+    num_pages = sum(-(-n // page_size) for n in lens_k) + 2
+    k_pool, v_pool = (torch.randn(num_pages, page_size, Hk, D, generator=generator).to(device, dtype) for _ in "kv")
+    free = torch.randperm(num_pages, generator=generator).tolist()
+    table = torch.full((len(lens_k), max(-(-n // page_size) for n in lens_k) + 1), -1, dtype=torch.int32)
+    for b, n in enumerate(lens_k):
+        for j in range(-(-n // page_size)):
+            table[b, j] = free.pop()
+    return k_pool, v_pool, table.to(device)
+
+
+PAGED_VARLEN_CASES = {  # lens_q, lens_k, page_size, causal, window_size, softcap, spare query rows
+    "causal_prefill_chunks": ([3, 1, 5], [7, 1, 9], 4, True, (-1, -1), 0.0, 0),
+    "empty_sequences_spare_rows": ([3, 0, 5], [2, 4, 0], 3, False, (-1, -1), 0.0, 2),
+    "window_sq_gt_sk": ([6, 2], [4, 11], 4, True, (2, 0), 0.0, 0),
+    "window_softcap": ([5, 2], [9, 6], 2, False, (3, 1), 5.0, 0),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(PAGED_VARLEN_CASES))
+def test_varlen_with_block_table_matches_flash_attn(device, case):
+    # flash_attn_varlen_func(..., block_table=) (vLLM-style paged prefill): k / v are page
+    # pools, sequence b's keys the first cu_seqlens_k[b+1] - cu_seqlens_k[b] tokens of its
+    # pages, each sequence bottom-right aligned with its own lengths; forward only.
+    lens_q, lens_k, page_size, causal, window, softcap, spare = PAGED_VARLEN_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    H, Hk, D = 4, 2, 16
+    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32,  # noqa: E731
+                                   device=device)
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    for dtype in dtypes_for(device):
+        k_pool, v_pool, table = _paged_pools(device, dtype, lens_k, page_size, Hk, D, gen)
+        q = torch.randn(sum(lens_q) + spare, H, D, generator=gen).to(device, dtype)
+        out, lse, _ = fa.flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, max(lens_q), max(lens_k), 0.0, None,
+                                                causal, window, softcap, None, False, True, table)
+        assert out.shape == q.shape and out.dtype == dtype and lse.shape == (H, q.shape[0])
+        assert torch.equal(fa.flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, max(lens_q), max(lens_k), 0.0,
+                                                     None, causal, window, softcap, block_table=table), out)
+        for b, (n_q, n_k) in enumerate(zip(lens_q, lens_k)):
+            rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+            k_b, v_b = (reference.paged_rows(p, table[b:b + 1].long().clamp(min=0), n_k) for p in (k_pool, v_pool))
+            args = (q[rows].unsqueeze(0), k_b, v_b, causal, window, softcap)
+            true, true_lse = _flash_attn_oracle(*args, seqlen_k=max(lens_k))
+            low, _ = _flash_attn_oracle(*(t.to(dtype) if isinstance(t, Tensor) else t for t in args),
+                                        seqlen_k=max(lens_k))
+            assert_error_ratio(out[rows].unsqueeze(0), low.to(dtype), true, name=f"out of sequence {b}")
+            lse_b = lse[:, rows].transpose(0, 1).unsqueeze(0)  # (1, n_q, H) as the oracle's (1, H, n_q)
+            seen = torch.isfinite(true_lse[0].transpose(0, 1))
+            assert torch.equal(torch.isposinf(lse_b[0]), ~seen)
+            torch.testing.assert_close(lse_b[0][seen].double().cpu(), true_lse[0].transpose(0, 1)[seen].cpu(),
+                                       rtol=0, atol=1e-3 if dtype != torch.float32 else 1e-5)
+        if spare:  # rows past cu_seqlens_q[-1]: out 0, lse +inf
+            assert (out[sum(lens_q):] == 0).all() and torch.isposinf(lse[:, sum(lens_q):]).all()
+
+
+def test_varlen_with_block_table_compiles_and_refuses_what_it_lacks():
+    gen = torch.Generator().manual_seed(1)
+    k_pool, v_pool, table = _paged_pools("cpu", torch.float32, [9, 10], 4, 2, 16, gen)
+    cu_q, cu_k = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 9, 19], dtype=torch.int32)
+    q = torch.randn(8, 4, 16, generator=gen)
+
+    def f(q, k_pool, v_pool, cu_q, cu_k, table):
+        return fa.flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, 4, 10, causal=True, block_table=table)
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(q, k_pool, v_pool, cu_q, cu_k, table),
+                               f(q, k_pool, v_pool, cu_q, cu_k, table), rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="block_table: paged varlen attention is forward only"):
+        f(q.clone().requires_grad_(), k_pool, v_pool, cu_q, cu_k, table)
+    with torch.no_grad():
+        f(q.clone().requires_grad_(), k_pool, v_pool, cu_q, cu_k, table)
+    for args, exc, match in (
+            ((q, k_pool[0], v_pool[0], cu_q, cu_k, table), ValueError, r"k must be 4-D \(num_pages, page_size"),
+            ((q, k_pool, v_pool, cu_q, cu_k, table[:1]), ValueError, r"block_table must be \(2, max_pages_per_seq\)"),
+            ((q, k_pool, v_pool, cu_q.long(), cu_k, table), ValueError, "cu_seqlens_q must be a 1-D int32"),
+            ((q, k_pool, v_pool, cu_q, cu_k[:2], table), ValueError, "must have the same length B"),
+            ((q, k_pool, v_pool, torch.tensor([0, 3, 9], dtype=torch.int32), cu_k, table), ValueError,
+             "cu_seqlens_q must start at 0 and be non-decreasing, ending at or before total_q = 8"),
+            ((q, k_pool, v_pool, cu_q, torch.tensor([0, 9, 21], dtype=torch.int32), table), ValueError,
+             "cu_seqlens_k holds a sequence of length 12 but max_seqlen is 10")):
+        with pytest.raises(exc, match=match):
+            f(*args)
+    with pytest.raises(ValueError, match="block_table|page"):  # a used entry that is no page of the pool
+        f(q, k_pool, v_pool, cu_q, cu_k, torch.where(table == table[1, 0], 99, table))
 
 
 @pytest.mark.parametrize("window", [(-1, 4), (3, 6), (2, -1), (-2, -5), (6, 0), (0, 2)])
@@ -330,11 +420,9 @@ def test_with_kvcache_defaults_paged_and_int_lengths(device):
 @pytest.mark.parametrize("call, match", [
     (lambda q, kc: fa.flash_attn_func(q, q, q, 0.1), "dropout_p=0.1"),
     (lambda q, kc: fa.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2)), "alibi_slopes"),
-    (lambda q, kc: fa.flash_attn_varlen_func(q[0], q[0], q[0], *[torch.tensor([0, 3], dtype=torch.int32)] * 2, 3, 3,
-                                             block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
     (lambda q, kc: fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1,
                                               cache_leftpad=torch.zeros(1, dtype=torch.int32)), "cache_leftpad"),
-], ids=["dropout", "alibi", "varlen_block_table", "cache_leftpad"])
+], ids=["dropout", "alibi", "cache_leftpad"])
 def test_what_fastattn_lacks_is_not_implemented(call, match):
     q = torch.randn(1, 3, 2, 16)
     with pytest.raises(NotImplementedError, match=match):

@@ -21,8 +21,9 @@ there); k/v (any number of new tokens) appended to the caches in place by
 and gradients flow where flash-attn's do (not through ``flash_attn_with_kvcache``).
 
 What flash-attn has and fastattn does not raises ``NotImplementedError`` naming the argument,
-never a silently different result: ``dropout_p > 0``, ``alibi_slopes``, ``block_table`` in
-``flash_attn_varlen_func``, ``cache_leftpad``. ``deterministic`` is accepted and changes
+never a silently different result: ``dropout_p > 0``, ``alibi_slopes``, ``cache_leftpad``.
+``block_table`` in ``flash_attn_varlen_func`` (a paged k/v, vLLM-style prefill) runs forward
+only, as in flash-attn, on ``attention_with_kvcache``. ``deterministic`` is accepted and changes
 nothing: fastattn's backward is always deterministic. ``return_attn_probs=True`` returns
 ``(out, softmax_lse, S_dmask)`` with S_dmask an empty tensor, as flash-attn 2.7+ does without
 dropout (2.6 gave None). Page sizes of a paged cache are free (flash-attn: multiples of 256) and the rotary
@@ -160,10 +161,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     tensor).
     Differentiable in q, k, v."""
     _not_supported(dropout_p, alibi_slopes)
-    if block_table is not None:
-        raise NotImplementedError("block_table: fastattn's varlen attention reads packed k/v, not a paged "
-                                  "cache; pass None (paged caches: flash_attn_with_kvcache)")
     causal = check_bool(causal, "causal")
+    if block_table is not None:
+        out, lse = _paged_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                                 softmax_scale, causal, window_size, softcap)
+        return _outputs((out, lse), True) if check_bool(return_attn_probs, "return_attn_probs") else out
     q, k, v = (_maybe_contiguous(t) for t in (q, k, v))
     window = _flash_attn_window(window_size, causal, max_seqlen_k, max_seqlen_q) if all(
         is_integer(n) or isinstance(n, torch.SymInt) for n in (max_seqlen_k, max_seqlen_q)) else window_size
@@ -171,6 +173,81 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                       softmax_scale=softmax_scale, window=window, softcap=_softcap(softcap),
                                       return_lse=return_attn_probs)
     return _outputs(result, return_attn_probs)
+
+
+def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                  softmax_scale, causal: bool, window_size, softcap):
+    """flash_attn_varlen_func with block_table (vLLM-style paged prefill): sequence b's queries
+    are q rows [cu_seqlens_q[b], cu_seqlens_q[b+1]), its keys the first
+    cu_seqlens_k[b+1] - cu_seqlens_k[b] tokens of its pages block_table[b] in the pools
+    k_cache / v_cache (num_pages, page_size, Hk, D). Forward only, as in flash-attn.
+
+    Run as one attention_with_kvcache call: each sequence's queries are placed at the END of a
+    (B, max_seqlen_q) query block, so that the call's bottom-right alignment (query row r at
+    key position len_k - max_seqlen_q + r) puts query j at len_k - len_q + j, flash-attn's
+    per-sequence alignment; the rows before them are ignored. Index math on the device: no
+    host read of cu_seqlens (which are checked on the CPU only, as the varlen op checks them)."""
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (q, k_cache, v_cache)):
+        raise NotImplementedError("block_table: paged varlen attention is forward only (as in flash-attn); "
+                                  "call it under torch.no_grad() or with inputs that do not require grad")
+    for name, t, dims in (("q", q, "3-D (total_q, nheads, headdim)"),
+                          ("k", k_cache, "4-D (num_pages, page_size, nheads_k, headdim) with block_table"),
+                          ("v", v_cache, "4-D (num_pages, page_size, nheads_k, headdim) with block_table")):
+        if not isinstance(t, Tensor) or t.dim() != int(dims[0]):
+            raise ValueError(f"{name} must be {dims}, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype != torch.int32 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of B + 1 cumulative lengths, got "
+                             f"{getattr(cu, 'dtype', type(cu).__name__)} of shape {tuple(getattr(cu, 'shape', ()))}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but must be on {q.device} with q")
+    B = cu_seqlens_q.shape[0] - 1
+    if cu_seqlens_k.shape[0] != B + 1:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length B + 1, got "
+                         f"{B + 1} and {cu_seqlens_k.shape[0]}")
+    if not isinstance(block_table, Tensor) or block_table.dim() != 2 or block_table.shape[0] != B:
+        raise ValueError(f"block_table must be ({B}, max_pages_per_seq) (one row per sequence), got "
+                         f"{tuple(getattr(block_table, 'shape', ()))}")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not (is_integer(n) or isinstance(n, torch.SymInt)) or n < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+    total_q, H, D = q.shape
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():  # (a few host reads; CUDA: none)
+        for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
+                                         ("cu_seqlens_k", cu_seqlens_k, None, max_seqlen_k)):
+            c = cu.tolist()
+            lens = [b - a for a, b in zip(c, c[1:])]
+            if c[0] != 0 or min(lens, default=0) < 0 or (total is not None and c[-1] > total):
+                raise ValueError(f"{name} must start at 0 and be non-decreasing"
+                                 + (f", ending at or before total_q = {total}" if total is not None else "")
+                                 + f", got {c}")
+            if max(lens, default=0) > longest:
+                raise ValueError(f"{name} holds a sequence of length {max(lens)} but max_seqlen is {longest}")
+    window = _flash_attn_window(window_size, causal, max_seqlen_k, max_seqlen_q)
+    Mq = max(int(max_seqlen_q), 1)
+    lens_q, lens_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
+    # token t of the packed q: its sequence b (B for spare rows past cu_seqlens_q[-1]) and its
+    # row in that sequence's right-aligned block of Mq query rows
+    # (no boolean indexing: shapes stay static under torch.compile)
+    if B == 0 or total_q == 0:
+        return (torch.zeros((total_q, H, D), dtype=q.dtype, device=q.device),
+                torch.full((H, total_q), -math.inf, dtype=torch.float32, device=q.device))
+    t = torch.arange(total_q, device=q.device)
+    seq = torch.searchsorted(cu_seqlens_q[1:].long(), t, right=True)
+    real = seq < B
+    b = seq.clamp(max=B - 1)
+    row = (Mq - lens_q.long()[b] + t - cu_seqlens_q.long()[b]).clamp(0, Mq - 1)
+    flat = torch.where(real, b * Mq + row, B * Mq)  # spare rows go to one scratch row past the block
+    q_flat = q.new_zeros((B * Mq + 1, H, D))
+    q_flat[flat] = q
+    o_block, lse_block = F.attention_with_kvcache(q_flat[:B * Mq].view(B, Mq, H, D), k_cache, v_cache,
+                                                  lens_k.to(torch.int32), block_table=block_table, causal=causal,
+                                                  window=window, softmax_scale=softmax_scale,
+                                                  softcap=_softcap(softcap), return_lse=True)  # (B, Mq, H, D), (B, H, Mq)
+    out = torch.where(real.view(-1, 1, 1), o_block[b, row], 0.0).to(q.dtype)
+    lse = torch.where(real.view(1, -1), lse_block[b, :, row].transpose(0, 1), -math.inf)
+    return out, lse
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
