@@ -127,6 +127,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
     const c10::cuda::CUDAGuard guard(q.device());
     FA_CHECK_ARG(q.size(0) <= 65535 && q.size(2) <= 65535, "fastattn.flash_attention: batch ", q.size(0),
                  " and heads ", q.size(2), " must be <= 65535 on CUDA (the kernel's grid limits)");
+    // (before any copy below: a length the kernel cannot take is refused, not copied first)
+    FA_CHECK_ARG(sq <= (int64_t(1) << 28) && sk <= (int64_t(1) << 28),
+                 "fastattn.flash_attention: problem size outside the CUDA kernel's limits (seqlens <= 2^28), got "
+                 "seqlen_q = ", sq, ", seqlen_k = ", sk);
     FlashFwdParams p = flash_fwd_params(q, k, v, out, lse, softmax_scale, window_left, window_right, softcap);
     if (!flash_fwd_cuda_supports_layout(p)) {
       // Unaligned base pointers or strides that are not multiples of 8 elements (e.g. a
