@@ -748,6 +748,14 @@ def _sdpa_autocast(query, key, value):
     return cast(query), cast(key), cast(value)
 
 
+# torch's own SDPA, taken once at import: the drop-in hands it what the kernel does not cover,
+# and users swap the drop-in in (torch.nn.functional.scaled_dot_product_attention = it), after
+# which looking the name up at call time would find the drop-in itself (endless recursion).
+_TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
+if getattr(_TORCH_SDPA, "__module__", None) == __name__:  # (a reload after such a swap)
+    _TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -805,7 +813,7 @@ def scaled_dot_product_attention(
     # ops.differentiating_transform) are torch's too.
     if not _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, scale) or (
             ops.transform_active() and ops.differentiating_transform(query, key, value)):
-        return torch.nn.functional.scaled_dot_product_attention(
+        return _TORCH_SDPA(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,
         )
@@ -817,12 +825,13 @@ def scaled_dot_product_attention(
         q, k, v = _contiguous_last_dim(q), _contiguous_last_dim(k), _contiguous_last_dim(v)
     left, right = -1, -1
     if is_causal:
-        # Top-left: query i sees j <= i. With S > L the keys j >= L are seen by no query, so
-        # dropping them leaves a square causal problem; with S < L it is the bottom-right band
-        # with right = L - S.
-        if S > L:
-            k, v = k[:, :L], v[:, :L]
-        right = max(L - S, 0)
+        # Top-left: query i sees j <= i. The keys j >= L are seen by no query: keeping the
+        # first min(S, L) leaves the bottom-right band with right = L - min(S, L) (0 when
+        # S >= L). No branch on the lengths: compiled with dynamic shapes (or exported with
+        # separate L and S), one graph serves every L and S.
+        S_used = torch.sym_min(S, L)
+        k, v = k.narrow(1, 0, S_used), v.narrow(1, 0, S_used)
+        right = L - S_used
     if scale is None:
         scale = query.shape[-1] ** -0.5
     out, _lse = ops.flash_attn_fwd(q, k, v, float(scale), left, right)

@@ -261,3 +261,63 @@ def test_compiles_once_with_dynamic_lengths():
         assert got.stride() == want.stride()
         torch.testing.assert_close(got, want)
     assert counter.frame_count == 1
+
+
+def test_causal_with_other_lengths_compiles_and_exports_once():
+    # is_causal with L != S passed right = max(L - S, 0) to an int argument and branched on
+    # S > L: every new L - S recompiled (fullgraph failed at the recompile limit), and an
+    # export with separate L and S dims failed or held for one L/S relation only. Now one
+    # graph (SymInt windows, keys narrowed to min(S, L)) serves every L and S.
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    fn = torch.compile(fastattn.scaled_dot_product_attention, backend=counter, fullgraph=True, dynamic=True)
+    compiled_frames = []
+    for L, S in ((5, 4), (6, 4), (13, 4), (4, 4), (4, 9), (3, 11), (12, 5)):
+        q = torch.randn(1, 2, L, 8, requires_grad=True)
+        kv = torch.randn(1, 2, S, 8, requires_grad=True)
+        got, want = fn(q, kv, kv, is_causal=True), F.scaled_dot_product_attention(q, kv, kv, is_causal=True)
+        compiled_frames.append(counter.frame_count)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(torch.autograd.grad(got.sum(), (q, kv)), torch.autograd.grad(want.sum(), (q, kv))):
+            torch.testing.assert_close(a, b)
+    # (the first call's count includes one dynamo restart of that trace under aot_eager)
+    assert compiled_frames == compiled_frames[:1] * 7, compiled_frames
+
+    class Causal(torch.nn.Module):
+        def forward(self, q, k, v):
+            return fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    L, S = torch.export.Dim("L", min=2), torch.export.Dim("S", min=2)
+    example = (torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8))
+    exported = torch.export.export(Causal(), example, dynamic_shapes=({2: L}, {2: S}, {2: S})).module()
+    for Lq, Sk in ((9, 4), (6, 6), (3, 10)):
+        q, k, v = torch.randn(2, 4, Lq, 8), torch.randn(2, 4, Sk, 8), torch.randn(2, 4, Sk, 8)
+        torch.testing.assert_close(exported(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_swapped_in_for_torchs_sdpa(monkeypatch):
+    # The drop-in swapped in as torch.nn.functional.scaled_dot_product_attention: what it hands
+    # to torch (masks, dropout, float64, 3-D inputs) looked the name up at call time, found
+    # itself, and recursed until RecursionError (nn.MultiheadAttention with a key padding mask).
+    real = F.scaled_dot_product_attention
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, -2:] = True
+    want = (mha(x, x, x, key_padding_mask=mask, need_weights=False)[0], layer(x, src_key_padding_mask=mask))
+    q = torch.randn(1, 2, 4, 8)
+    cases = [dict(attn_mask=torch.ones(4, 4, dtype=torch.bool)), dict(is_causal=True)]
+    want_direct = [real(q, q, q, **kw) for kw in cases]
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fastattn.scaled_dot_product_attention)
+    got = (mha(x, x, x, key_padding_mask=mask, need_weights=False)[0], layer(x, src_key_padding_mask=mask))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    for kw, w in zip(cases, want_direct):
+        torch.testing.assert_close(F.scaled_dot_product_attention(q, q, q, **kw), w)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q.double(), q.double(), q.double()),
+                               real(q.double(), q.double(), q.double()))
+    torch.testing.assert_close(F.scaled_dot_product_attention(q[0], q[0], q[0]), real(q[0], q[0], q[0]))

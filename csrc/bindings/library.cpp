@@ -37,12 +37,14 @@ TORCH_LIBRARY(fastattn, m) {
   // [i + Sk - Sq - window_left, i + Sk - Sq + window_right], -1 = unbounded; causal = (-1, 0).
   // softcap > 0 (here and on every attention op below): the scores s = softmax_scale * q.k
   // become softcap * tanh(s / softcap) before masking and softmax (Gemma 2); 0 = off.
-  m.def("flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, int window_left,"
-        " int window_right, float softcap=0.0) -> (Tensor out, Tensor lse)");
+  // (SymInt windows: SDPA's top-left is_causal passes right = Sq - Sk, which under
+  // torch.compile(dynamic=True) / torch.export must stay symbolic, not specialise the graph)
+  m.def("flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, SymInt window_left,"
+        " SymInt window_right, float softcap=0.0) -> (Tensor out, Tensor lse)");
   // Backward of flash_attn_fwd (recompute from out and lse): dq, dk, dv with q/k/v's shapes
   // and dtype. deterministic: bitwise reproducible gradients (both kernels always are).
   m.def("flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "float softmax_scale, int window_left, int window_right, bool deterministic, float softcap=0.0)"
+        "float softmax_scale, SymInt window_left, SymInt window_right, bool deterministic, float softcap=0.0)"
         " -> (Tensor dq, Tensor dk, Tensor dv)");
 
   // Variable-length (packed) form: q (total_q, H, D), k/v (total_k, Hk, D); sequence i owns
