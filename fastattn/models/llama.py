@@ -1522,10 +1522,12 @@ class Llama(nn.Module):
         All S rows are appended; on a paged cache the pad rows past a sequence's own pages go
         to the null page.
 
-        ``torch.compile(model.prefill, fullgraph=True)`` compiles it with the contiguous cache:
-        traced, prompt_lengths are not read on the host (lengths outside [1, S] raise a
-        RuntimeError from the graph, and the next eager decode_step reads the lengths once); a
-        paged cache hands out the prompts' pages eagerly there (a graph break)."""
+        ``torch.compile(model.prefill, fullgraph=True)`` compiles it with the contiguous cache
+        (one graph for every S with ``dynamic=True``): traced, prompt_lengths are not read
+        on the host but checked by ``torch._assert_async`` (lengths outside [1, S] raise a
+        RuntimeError from the graph on the CPU; on CUDA that is a device-side assert, which,
+        as any, leaves the CUDA context unusable), and the next eager decode_step reads the
+        lengths once; a paged cache hands out the prompts' pages eagerly there (a graph break)."""
         cache = self.cache
         _check_ids(input_ids, self.config, None)
         B, S = input_ids.shape
@@ -1543,8 +1545,9 @@ class Llama(nn.Module):
                     or prompt_lengths.is_floating_point() or prompt_lengths.is_complex():
                 raise ValueError(f"prompt_lengths must be a ({B},) integer tensor")
             prompt_lengths = prompt_lengths.reshape(B)
+            # (a constant message: formatting B and S into it would specialise the graph on them)
             torch._assert_async(((prompt_lengths >= 1) & (prompt_lengths <= S)).all(),
-                                f"prompt_lengths must hold {B} lengths in [1, {S}]")
+                                "prompt_lengths must hold one length in [1, S] per prompt (S = input_ids.shape[1])")
             lengths, longest = None, (prompt_lengths.max() if B else 0)
         else:  # read once (one sync on CUDA): the host bound of the lengths decode steps vouch with
             lengths = [int(n) for n in prompt_lengths.reshape(-1).tolist()]
