@@ -146,11 +146,18 @@ PAGED_VARLEN_CASES = {  # lens_q, lens_k, page_size, causal, window_size, softca
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(PAGED_VARLEN_CASES))
-def test_varlen_with_block_table_matches_flash_attn(device, case):
+@pytest.mark.parametrize("traced", [False, True])
+def test_varlen_with_block_table_matches_flash_attn(device, case, traced):
     # flash_attn_varlen_func(..., block_table=) (vLLM-style paged prefill): k / v are page
     # pools, sequence b's keys the first cu_seqlens_k[b+1] - cu_seqlens_k[b] tokens of its
-    # pages, each sequence bottom-right aligned with its own lengths; forward only.
+    # pages, each sequence bottom-right aligned with its own lengths; forward only. Eager on
+    # the CPU the keys are gathered (the lengths are host values); traced, and on CUDA, the
+    # queries are placed in a (B, max_seqlen_q) block for attention_with_kvcache instead.
     lens_q, lens_k, page_size, causal, window, softcap, spare = PAGED_VARLEN_CASES[case]
+    call = fa.flash_attn_varlen_func
+    if traced:
+        torch._dynamo.reset()
+        call = torch.compile(fa.flash_attn_varlen_func, backend="eager", fullgraph=True)
     gen = torch.Generator().manual_seed(0)
     H, Hk, D = 4, 2, 16
     cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32,  # noqa: E731
@@ -159,11 +166,11 @@ def test_varlen_with_block_table_matches_flash_attn(device, case):
     for dtype in dtypes_for(device):
         k_pool, v_pool, table = _paged_pools(device, dtype, lens_k, page_size, Hk, D, gen)
         q = torch.randn(sum(lens_q) + spare, H, D, generator=gen).to(device, dtype)
-        out, lse, _ = fa.flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, max(lens_q), max(lens_k), 0.0, None,
-                                                causal, window, softcap, None, False, True, table)
+        out, lse, _ = call(q, k_pool, v_pool, cu_q, cu_k, max(lens_q), max(lens_k), 0.0, None,
+                           causal, window, softcap, None, False, True, table)
         assert out.shape == q.shape and out.dtype == dtype and lse.shape == (H, q.shape[0])
-        assert torch.equal(fa.flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, max(lens_q), max(lens_k), 0.0,
-                                                     None, causal, window, softcap, block_table=table), out)
+        assert torch.equal(call(q, k_pool, v_pool, cu_q, cu_k, max(lens_q), max(lens_k), 0.0,
+                                None, causal, window, softcap, block_table=table), out)
         for b, (n_q, n_k) in enumerate(zip(lens_q, lens_k)):
             rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
             k_b, v_b = (reference.paged_rows(p, table[b:b + 1].long().clamp(min=0), n_k) for p in (k_pool, v_pool))
@@ -192,7 +199,12 @@ def test_varlen_with_block_table_compiles_and_refuses_what_it_lacks():
 
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(q, k_pool, v_pool, cu_q, cu_k, table),
-                               f(q, k_pool, v_pool, cu_q, cu_k, table), rtol=0, atol=0)
+                               f(q, k_pool, v_pool, cu_q, cu_k, table))
+    # eager on the CPU: exactly the dense varlen op over the gathered keys
+    k, v = (reference.paged_rows(p, table.long().clamp(min=0), 10) for p in (k_pool, v_pool))
+    packed = [torch.cat([t[0, :9], t[1]]) for t in (k, v)]
+    assert torch.equal(f(q, k_pool, v_pool, cu_q, cu_k, table),
+                       fa.flash_attn_varlen_func(q, *packed, cu_q, cu_k, 4, 10, causal=True))
     with pytest.raises(NotImplementedError, match="block_table: paged varlen attention is forward only"):
         f(q.clone().requires_grad_(), k_pool, v_pool, cu_q, cu_k, table)
     with torch.no_grad():

@@ -182,11 +182,15 @@ def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     cu_seqlens_k[b+1] - cu_seqlens_k[b] tokens of its pages block_table[b] in the pools
     k_cache / v_cache (num_pages, page_size, Hk, D). Forward only, as in flash-attn.
 
-    Run as one attention_with_kvcache call: each sequence's queries are placed at the END of a
-    (B, max_seqlen_q) query block, so that the call's bottom-right alignment (query row r at
-    key position len_k - max_seqlen_q + r) puts query j at len_k - len_q + j, flash-attn's
-    per-sequence alignment; the rows before them are ignored. Index math on the device: no
-    host read of cu_seqlens (which are checked on the CPU only, as the varlen op checks them)."""
+    Eager on the CPU (the lengths are host values there): the keys are gathered from the pages
+    into packed k / v and the varlen op runs as without pages. On CUDA and when traced (no host
+    read of cu_seqlens; static shapes): one attention_with_kvcache call, each sequence's queries
+    placed at the END of a (B, max_seqlen_q) query block, so that the call's bottom-right
+    alignment (query row r at key position len_k - max_seqlen_q + r) puts query j at
+    len_k - len_q + j, flash-attn's per-sequence alignment; the rows before them are ignored.
+    That pads the queries to max_seqlen_q per sequence (a batch of one long prompt and many
+    one-token sequences costs B * max_seqlen_q rows), and runs on the decode kernel's shared
+    memory limits (GPUs with 99 KiB per block: head dim 64, or 128 with max_seqlen_q = 1)."""
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (q, k_cache, v_cache)):
         raise NotImplementedError("block_table: paged varlen attention is forward only (as in flash-attn); "
                                   "call it under torch.no_grad() or with inputs that do not require grad")
@@ -213,6 +217,7 @@ def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         if not (is_integer(n) or isinstance(n, torch.SymInt)) or n < 0:
             raise ValueError(f"{name} must be an int >= 0, got {n!r}")
     total_q, H, D = q.shape
+    window = _flash_attn_window(window_size, causal, max_seqlen_k, max_seqlen_q)
     if q.device.type == "cpu" and not torch.compiler.is_compiling():  # (a few host reads; CUDA: none)
         for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
                                          ("cu_seqlens_k", cu_seqlens_k, None, max_seqlen_k)):
@@ -224,7 +229,14 @@ def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                  + f", got {c}")
             if max(lens, default=0) > longest:
                 raise ValueError(f"{name} holds a sequence of length {max(lens)} but max_seqlen is {longest}")
-    window = _flash_attn_window(window_size, causal, max_seqlen_k, max_seqlen_q)
+        # On the CPU, where the lengths are host values anyway: the sequences' keys gathered
+        # from their pages into packed k / v (total_k rows), then the varlen kernel on the
+        # packed queries as they are (no padding of the queries to max_seqlen_q).
+        k, v = _gather_pages(k_cache, v_cache, block_table, cu_seqlens_k, int(cu_seqlens_k[-1]))
+        return F.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        causal=causal, window=window, softmax_scale=softmax_scale,
+                                        softcap=_softcap(softcap), return_lse=True)
+    # Elsewhere (CUDA, or traced): no host read of the lengths, static shapes.
     Mq = max(int(max_seqlen_q), 1)
     lens_q, lens_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
     # token t of the packed q: its sequence b (B for spare rows past cu_seqlens_q[-1]) and its
@@ -248,6 +260,28 @@ def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     out = torch.where(real.view(-1, 1, 1), o_block[b, row], 0.0).to(q.dtype)
     lse = torch.where(real.view(1, -1), lse_block[b, :, row].transpose(0, 1), -math.inf)
     return out, lse
+
+
+def _gather_pages(k_cache, v_cache, block_table, cu_seqlens_k, total_k: int):
+    """Packed (total_k, Hk, D) k and v: row t is token t - cu_seqlens_k[b] of the sequence b
+    that owns it, read from its page in the pools. Entries of block_table that a token uses
+    must be pages of the pool (ValueError otherwise)."""
+    page_size, num_pages = k_cache.shape[1], k_cache.shape[0]
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    t = torch.arange(total_k, device=k_cache.device)
+    seq = torch.searchsorted(cu_seqlens_k[1:].long(), t, right=True)
+    pos = t - cu_seqlens_k.long()[seq]
+    slot = pos // page_size
+    if total_k and int(slot.max()) >= block_table.shape[1]:
+        raise ValueError(f"block_table has {block_table.shape[1]} pages per sequence, too few for "
+                         f"{int(pos.max()) + 1} tokens of {page_size} per page")
+    pages = block_table.long()[seq, slot]
+    if total_k and not bool(((pages >= 0) & (pages < num_pages)).all()):
+        bad = int(((pages < 0) | (pages >= num_pages)).nonzero()[0])
+        raise ValueError(f"block_table[{int(seq[bad])}, {int(slot[bad])}] = {int(pages[bad])} is not a page of the "
+                         f"pool (num_pages = {num_pages}) but sequence {int(seq[bad])} uses it")
+    return k_cache[pages, pos % page_size], v_cache[pages, pos % page_size]
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
