@@ -451,9 +451,12 @@ def test_tiny_kvcache_suite(runs):
         assert row["gbps"] > 0 and "in_cache" in row, row
         groups.setdefault((row["op"], row["shape"], row["dtype"]), set()).add(row["bytes"])
     assert all(len(b) == 1 for b in groups.values()), groups
-    # the speedup summary has a line per group: paged vs contiguous, and Sq = 1 vs decode_attention
+    # the speedup summary compares against other libraries only: the kvcache rows against SDPA,
+    # not fastattn's own routes (decode_attention, the contiguous cache for the paged rows),
+    # which stay in the table (an 0.88x against fastattn-decode read as "keep torch's kernel")
     summary = r.stdout.partition("fastattn against the fastest peer")[2]
-    assert "decode_attention+paged" in summary and "attention_with_kvcache" in summary
+    assert "attention_with_kvcache" in summary and "decode_attention+paged" not in summary
+    assert "fastattn-" not in summary
 
 
 @pytest.mark.source_tree

@@ -22,8 +22,10 @@ test_attention_with_kvcache: fastattn.attention_with_kvcache (Sq new queries per
           is_causal is top-left when Sq != Sk); Sq = 1 sees every key, so no mask there.
       fastattn-decode (Sq = 1 only): fastattn.decode_attention on the same cache, the kernel the
           Sq = 1 step must match (target: within 10%).
-    Sq <= 16 is a decode-like, memory-bound step (op "attention_with_kvcache", GB/s of K and V
-    read plus q read and out written). Sq = 128 is a chunked-prefill step (op
+    Sq <= 16 is a decode-like step (op "attention_with_kvcache", GB/s of K and V read plus q
+    read and out written): memory-bound on a GPU, but not on every CPU (at Sq = 16 a step
+    does ~2 * Sq FLOP per K/V byte in fp32, above a CPU's FLOP-to-bandwidth balance of ~5:
+    there its "% of copy" understates it; Sq = 16 fp32 runs near the GEMM rate). Sq = 128 is a chunked-prefill step (op
     "attention_with_kvcache+chunked_prefill"), reported in TFLOP/s (4 * d * h per visible
     (query, key) pair: sum over the Sq queries of L - Sq + 1 + i keys) with its GB/s recorded
     too; a separate op, so that its own plot panel is in TFLOP/s.

@@ -7,8 +7,9 @@ Each benchmark calls the `bench` fixture once:
           bytes=2 * x.nbytes)          # memory-bound ops: bytes actually read + written
     bench(fn, ..., flops=4 * b * s * s * h * d)   # compute-bound ops
 
-It times `fn` (CUDA: CUDA events around each call after warm-up; CPU: wall clock with the
-machine's threads), records every raw timing, and attaches to the pytest-benchmark entry
+It times `fn` (CUDA: after warm-up, each round a batch of back-to-back calls between one
+CUDA event pair, divided by the batch size; CPU: wall clock of each call with the machine's
+threads), records every raw timing, and attaches to the pytest-benchmark entry
 the achieved GB/s or TFLOP/s. Memory-bound entries also record their working set (the
 distinct bytes they touch; `working_set=` where that differs from `bytes`, as for an
 in-place op) and, only where that working set is larger than the last-level cache, the %
