@@ -34,18 +34,23 @@ __all__ = [
 def rms_norm(
     x: Tensor,
     weight: Optional[Tensor] = None,
-    eps: float = 1e-6,
+    eps: Optional[float] = 1e-6,
     residual: Optional[Tensor] = None,
 ):
     """RMSNorm over the last dim: ``x / sqrt(mean(x**2) + eps) * weight``.
 
     x: (..., N); weight: (N,) or None. With ``residual`` (x's shape) returns ``(y, h)``
-    where ``h = x + residual`` and ``y = rms_norm(h)``; otherwise returns ``y``.
+    where ``h = x + residual`` and ``y = rms_norm(h)``; otherwise returns ``y``. y has h's
+    dtype (x's without a residual) whatever the weight's, which is converted to it first, as
+    ``fastattn.rms_norm`` documents. eps None: torch's default, the float32 epsilon (the
+    float64 one for float64 inputs).
     """
     h = x + residual if residual is not None else x
+    if eps is None:
+        eps = torch.finfo(torch.float64 if h.dtype == torch.float64 else torch.float32).eps
     y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight
+        y = y * weight.to(h.dtype)
     return (y, h) if residual is not None else y
 
 
@@ -164,14 +169,19 @@ def attention(
     # Rows with no visible key (softmax of all -inf is NaN) output 0. Only those: a NaN in q
     # or in a visible key stays NaN (nan_to_num here used to turn it into 0 or a finite mix).
     probs = torch.where(mask.any(-1, keepdim=True), probs, 0.0)
-    vnan = torch.isnan(v)
-    if vnan.any():
-        # A value row reaches the queries that see its key, and only those: its NaN must not
-        # come in through 0 * NaN in the product with a masked key's zero probability.
-        out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v.masked_fill(vnan, 0.0))
-        seen = mask.expand(B, H, Sq, Sk).to(v.dtype)
-        reach = torch.einsum("bhqk,bkhd->bqhd", seen, vnan.to(v.dtype)) > 0
-        return (out.masked_fill(reach, float("nan")), lse) if return_lse else out.masked_fill(reach, float("nan"))
+    bad = ~torch.isfinite(v)
+    if bad.any():
+        # A value row reaches the queries that see its key, and only those: its NaN or inf
+        # must not come in through 0 * NaN / 0 * inf with a masked key's zero probability.
+        # The finite values go through the product; each key holding a non-finite value adds
+        # p * value to the rows that see it (inf stays inf, -inf + inf and NaN give NaN).
+        out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v.masked_fill(bad, 0.0))
+        seen = mask.expand(B, H, Sq, Sk)
+        for b, j in bad.any(-1).any(-1).nonzero().tolist():
+            odd = torch.where(bad[b, j], v[b, j], 0.0)  # (H, D): the key's non-finite values only
+            part = probs[b, :, :, j].to(v.dtype).unsqueeze(-1) * odd.unsqueeze(1)  # (H, Sq, D)
+            out[b] = out[b] + torch.where(seen[b, :, :, j].unsqueeze(-1), part, 0.0).transpose(0, 1)
+        return (out, lse) if return_lse else out
     out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
     return (out, lse) if return_lse else out
 
@@ -225,10 +235,13 @@ def paged_rows(pool: Tensor, block_table: Tensor, seqlen: int) -> Tensor:
 
 
 def _cache_view(cache: Tensor, block_table: Optional[Tensor]) -> Tensor:
-    """The cache as (B, capacity, Hk, D): itself, or the paged pool gathered (a copy)."""
+    """The cache as (B, capacity, Hk, D): itself, or the paged pool gathered (a copy). Entries
+    of the table past a sequence's tokens may hold anything (as the kernels allow): they are
+    clamped into the pool for the gather, and the rows they give are masked by the caller."""
     if block_table is None:
         return cache
-    return paged_rows(cache, block_table, block_table.shape[1] * cache.shape[1])
+    table = block_table.long().clamp(0, cache.shape[0] - 1)
+    return paged_rows(cache, table, block_table.shape[1] * cache.shape[1])
 
 
 def decode_attention(
@@ -251,6 +264,9 @@ def decode_attention(
     k_cache, v_cache = _cache_view(k_cache, block_table), _cache_view(v_cache, block_table)
     squeeze = q.dim() == 3
     q4 = q.unsqueeze(1) if squeeze else q
+    k_cache, v_cache = k_cache[: q4.shape[0]], v_cache[: q4.shape[0]]  # (a cache of more rows: row b is sequence b)
+    if not isinstance(cache_seqlens, Tensor):
+        cache_seqlens = torch.full((q4.shape[0],), int(cache_seqlens), device=q.device)
     S_max = k_cache.shape[1]
     valid = torch.arange(S_max, device=q.device).unsqueeze(0) < cache_seqlens.view(-1, 1).long()
     out, lse = attention(q4, k_cache, v_cache, softmax_scale=softmax_scale, return_lse=True,
