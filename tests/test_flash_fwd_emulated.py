@@ -167,6 +167,26 @@ def test_emulated_forward_nan_propagates(fwd_emulator, tmp_path, mode):
     assert np.abs(lse[0].T[clean] - rl.T[clean]).max() < 1e-4 * max(1.0, np.abs(rl).max())
 
 
+@pytest.mark.parametrize("mode", [0, 3])
+def test_emulated_forward_empty_rows_stay_zero_beside_an_inf_value(fwd_emulator, tmp_path, mode):
+    """Causal with Sq > Sk: the first Sq - Sk rows see no key and must come out exactly 0 (lse
+    -inf) even when a key of their tile holds an inf value: the epilogue scaled them by 0,
+    which kept the 0 * inf NaN of the masked key's zero probability."""
+    dtype, d, b, sq, sk, h, hk = "bf", 64, 1, 40, 9, 2, 1
+    rng = np.random.default_rng(5)
+    q, k, v = (_rnd(rng, dtype, b, sq, h, d), _rnd(rng, dtype, b, sk, hk, d), _rnd(rng, dtype, b, sk, hk, d))
+    v[0, 0, 0, 3] = np.inf  # key 0: seen by rows sq - sk .. sq - 1
+    scale = d ** -0.5
+    _write(tmp_path, dtype, d, b, sq, sk, h, hk, -1, 0, 1, scale, q, k, v)
+    _run(fwd_emulator, tmp_path, mode, "end" if mode == 0 else "start")
+    got = np.fromfile(tmp_path / "out.f32", np.float32).reshape(b, sq, h, d)
+    lse = np.fromfile(tmp_path / "lse.f32", np.float32).reshape(b, h, sq)
+    assert (got[0, :sq - sk] == 0).all() and np.isneginf(lse[0, :, :sq - sk]).all()
+    assert np.isposinf(got[0, sq - sk:, :, 3]).all()
+    others = np.delete(got[0, sq - sk:], 3, axis=-1)
+    assert np.isfinite(others).all() and np.isfinite(lse[0, :, sq - sk:]).all()
+
+
 # Causal block order in sections of (head, batch) pairs (csrc/cuda/block_order.cuh): a small K/V
 # budget makes these run several sections, the last one partial. kv bytes per pair = sk * d * 4
 # / (h / hk); (case, budget in pairs).

@@ -67,3 +67,20 @@ def test_rms_norm_output_dtype_is_xs_and_eps_none_is_torchs(x_dtype, w_dtype):
     for t in (x.double(), x.float()):  # None: the float64 epsilon for float64, else float32's (as torch)
         torch.testing.assert_close(reference.rms_norm(t, w.to(t.dtype), None), F.rms_norm(t, (64,), w.to(t.dtype)),
                                    rtol=2e-7 if t.dtype == torch.float32 else 0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_give_rows_that_see_no_key_zero_beside_an_inf_value(dtype):
+    # (the kernels, against the reference above) Causal with Sq > Sk: the first rows see no key
+    # and come out 0 even when a key of their tile holds an inf value (they were NaN: 0 * inf).
+    q, k, v = (torch.randn(1, n, 2, 16, dtype=dtype) for n in (12, 5, 5))
+    v[0, 0, 0, 3] = float("inf")
+    out = fastattn.flash_attention(q, k, v, causal=True)
+    assert (out[0, :7] == 0).all() and torch.isposinf(out[0, 7:, 0, 3]).all() and torch.isfinite(out[0, 7:, 1]).all()
+    torch.testing.assert_close(out.float(), reference.attention(q.float(), k.float(), v.float(), causal=True),
+                               atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=2e-2)
+    # decode: a window that leaves a row no key, an inf value among the keys its tile holds
+    qd, kc, vc = torch.randn(1, 2, 16, dtype=dtype), torch.randn(1, 8, 1, 16, dtype=dtype), torch.randn(1, 8, 1, 16, dtype=dtype)
+    vc[0, 2, 0, 5] = float("inf")
+    lens = torch.tensor([0], dtype=torch.int32)
+    assert (fastattn.decode_attention(qd, kc, vc, lens) == 0).all()

@@ -879,10 +879,15 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
       const int64_t w = wrow(kvh, r);
       const float l = ws.l[w];
       // l = 0: no visible key (out 0, lse -inf); l = NaN: a NaN reached the row (all NaN).
+      // (no visible key: set to 0, not scaled by 0, which would keep a 0 * inf NaN)
       const float inv = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);
       float* a = ws.acc.data() + w * d;
+      if (l == 0.f) {
+        std::fill(a, a + d, 0.f);
+      } else {
 #pragma omp simd
-      for (int64_t i = 0; i < d; ++i) a[i] *= inv;
+        for (int64_t i = 0; i < d; ++i) a[i] *= inv;
+      }
       const int64_t head = kvh * group + r % group, qi = i0 + r / group;
       out_row(head, qi, a);
       lse_out(head, qi, l > 0.f ? (ws.m[w] + std::log2(l)) * kLn2 : (l == 0.f ? kNegInf : l));

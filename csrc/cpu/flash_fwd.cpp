@@ -522,9 +522,15 @@ class FlashFwdCpu {
       // l = 0: the row saw no key (out 0, lse -inf). l = NaN: a NaN reached a visible score
       // (a NaN in q or in a key the row sees): the whole row and its lse are NaN, as in
       // torch's math, rather than lse = -inf beside a NaN output.
+      // (a row that saw no key is set to 0, not scaled by 0: its accumulator may hold a NaN
+      // from 0 * inf, a masked key's zero probability times an inf value in the same tile)
       const float inv = lr > 0.0f ? 1.0f / lr : (lr == 0.0f ? 0.0f : lr);
+      if (lr == 0.0f) {
+        std::fill(orow, orow + d, 0.0f);
+      } else {
 #pragma omp simd
-      for (int64_t c = 0; c < d; ++c) orow[c] *= inv;
+        for (int64_t c = 0; c < d; ++c) orow[c] *= inv;
+      }
       store_row(orow, out + (q0 + r) * p_.out_row_stride, d);
       lse[q0 + r] = lr > 0.0f ? (ws.m[r] * scale_log2_ + std::log2(lr)) * kLn2 : (lr == 0.0f ? kNegInf : lr);
     }

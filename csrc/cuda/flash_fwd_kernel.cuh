@@ -660,7 +660,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm) flash_fwd_
       const int lrow = warp_row0 + mi * 16 + (lane >> 2) + 8 * hf;
 #pragma unroll
       for (int j = 0; j < kNTilesO; ++j) {
-        const uint32_t packed = Ops::pack(o[mi][j][2 * hf] * inv, o[mi][j][2 * hf + 1] * inv);
+        // (an empty row is set to 0, not scaled by 0: its accumulator may hold a 0 * inf NaN
+        // from a masked key's value in the same tile)
+        const uint32_t packed = Ops::pack(empty ? 0.f : o[mi][j][2 * hf] * inv,
+                                          empty ? 0.f : o[mi][j][2 * hf + 1] * inv);
         // Element (lrow, 8j + 2t): chunk j, byte 4t within it.
         const uint32_t addr = sQ + smem_offset<kChunks>(lrow, j) + 4 * (lane & 3);
         st_shared_b32(addr, packed);
