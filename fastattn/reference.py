@@ -179,8 +179,10 @@ def attention(
         seen = mask.expand(B, H, Sq, Sk)
         for b, j in bad.any(-1).any(-1).nonzero().tolist():
             odd = torch.where(bad[b, j], v[b, j], 0.0)  # (H, D): the key's non-finite values only
-            part = probs[b, :, :, j].to(v.dtype).unsqueeze(-1) * odd.unsqueeze(1)  # (H, Sq, D)
-            out[b] = out[b] + torch.where(seen[b, :, :, j].unsqueeze(-1), part, 0.0).transpose(0, 1)
+            # masked before the product (not after: the backward of p * odd would then carry
+            # 0 * NaN into the probabilities of the rows that do not see the key)
+            odd = torch.where(seen[b, :, :, j].unsqueeze(-1), odd.unsqueeze(1), 0.0)  # (H, Sq, D)
+            out[b] = out[b] + (probs[b, :, :, j].to(v.dtype).unsqueeze(-1) * odd).transpose(0, 1)
         return (out, lse) if return_lse else out
     out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
     return (out, lse) if return_lse else out

@@ -213,6 +213,7 @@ def test_varlen_with_block_table_compiles_and_refuses_what_it_lacks():
             ((q, k_pool[0], v_pool[0], cu_q, cu_k, table), ValueError, r"k must be 4-D \(num_pages, page_size"),
             ((q, k_pool, v_pool, cu_q, cu_k, table[:1]), ValueError, r"block_table must be \(2, max_pages_per_seq\)"),
             ((q, k_pool, v_pool, cu_q.long(), cu_k, table), ValueError, "cu_seqlens_q must be a 1-D int32"),
+            ((q, k_pool, v_pool, cu_q, cu_k, table.long()), ValueError, "block_table must be int32"),
             ((q, k_pool, v_pool, cu_q, cu_k[:2], table), ValueError, "must have the same length B"),
             ((q, k_pool, v_pool, torch.tensor([0, 3, 9], dtype=torch.int32), cu_k, table), ValueError,
              "cu_seqlens_q must start at 0 and be non-decreasing, ending at or before total_q = 8"),

@@ -84,3 +84,17 @@ def test_kernels_give_rows_that_see_no_key_zero_beside_an_inf_value(dtype):
     vc[0, 2, 0, 5] = float("inf")
     lens = torch.tensor([0], dtype=torch.int32)
     assert (fastattn.decode_attention(qd, kc, vc, lens) == 0).all()
+
+
+def test_non_finite_value_gradients_stay_out_of_the_rows_that_do_not_see_it():
+    # The reference is the gradient truth too: a NaN / inf value at key 5 must not make the
+    # gradients of the query rows 0..4 (which never see it, causal) NaN through 0 * NaN in the
+    # backward. (Rows that see it get NaN, as plain torch's autograd gives: 0 * NaN.)
+    for bad in (float("nan"), float("inf")):
+        q, k, v = (torch.randn(1, 9, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        with torch.no_grad():
+            v[0, 5, 0, 1] = bad
+        out = reference.attention(q, k, v, causal=True)
+        dq, dk, dv = torch.autograd.grad(out[0, :5].sum(), (q, k, v))
+        assert torch.isfinite(dq[0, :5]).all() and torch.isfinite(dv).all()
+        assert torch.isfinite(dq[0, :, 1]).all() and torch.isfinite(dk[0, :, 1]).all()  # the other head: untouched

@@ -218,6 +218,8 @@ def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             raise ValueError(f"{name} must be an int >= 0, got {n!r}")
     total_q, H, D = q.shape
     window = _flash_attn_window(window_size, causal, max_seqlen_k, max_seqlen_q)
+    if block_table.dtype != torch.int32:  # (as attention_with_kvcache, which CUDA and traced calls run on)
+        raise ValueError(f"block_table must be int32, got {block_table.dtype}")
     if q.device.type == "cpu" and not torch.compiler.is_compiling():  # (a few host reads; CUDA: none)
         for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
                                          ("cu_seqlens_k", cu_seqlens_k, None, max_seqlen_k)):
