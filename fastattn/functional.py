@@ -56,11 +56,11 @@ def _rms_norm_eps(eps) -> float:
 def _check_rms_float(t, name: str, allow_complex: bool = False) -> None:
     check_tensor(t, name)
     if not (t.is_floating_point() or (allow_complex and t.is_complex())):
-        # torch's rms_norm promotes an integer weight/residual to x's dtype; fastattn refuses
-        # it instead (the kernels read them as floats, and an integer norm weight is almost
-        # always a mistake), saying how to get torch's result.
+        # torch's rms_norm promotes an integer / bool weight or residual (and a complex weight on
+        # a real x) to x's dtype; fastattn refuses it instead (the kernels read them as floats,
+        # and such a norm weight is almost always a mistake), saying how to get torch's result.
         raise ValueError(
-            f"{name} must be a floating-point tensor, got {t.dtype} (fastattn does not promote integer "
+            f"{name} must be a floating-point tensor, got {t.dtype} (fastattn does not promote {t.dtype} "
             f"tensors as torch.nn.functional.rms_norm does; pass {name}.to(x.dtype) for its result)"
         )
 

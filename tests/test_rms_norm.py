@@ -677,6 +677,10 @@ def test_cuda_autocast_matches_torch():
         (lambda: (torch.randint(0, 5, (4, 8)), None, None), ValueError, "x must be float32, float16, bfloat16 or float64"),
         (lambda: (torch.randn(4, 8), None, torch.ones(4, 8, dtype=torch.complex64)), ValueError, "residual must be a floating-point"),
         (lambda: (torch.randn(4, 8), torch.arange(8), None), ValueError, "weight must be a floating-point tensor"),
+        # the message names the dtype it refuses (it said "integer" for a bool or complex weight too)
+        (lambda: (torch.randn(4, 8), torch.ones(8, dtype=torch.bool), None), ValueError, "does not promote torch.bool"),
+        (lambda: (torch.randn(4, 8), torch.ones(8, dtype=torch.complex64), None), ValueError,
+         "does not promote torch.complex64"),
         (lambda: (torch.randn(4, 8), None, torch.randn(4, 9)), ValueError, "residual must have x's shape"),
         (lambda: (torch.randn(4, 8), None, torch.ones(4, 8, dtype=torch.int32)), ValueError, "residual must be a floating-point tensor"),
         (lambda: (torch.tensor(1.0), None, None), ValueError, "at least 1 dimension"),
