@@ -420,6 +420,83 @@ def test_patch_model_phi3_partial_rotary(monkeypatch):
     assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
 
 
+def test_patch_model_keeps_torch_load_working_in_this_process(models, tmp_path):
+    # With the `kernels` package (a dependency of transformers 5), the modeling file's
+    # apply_rotary_pos_emb is a wrapper module that pickle finds by name and rebuilds per model
+    # with type(wrapper)(): after patch_model put a plain function there, torch.load of any
+    # Llama, patched or not, failed in this process ("function() missing required argument").
+    pytest.importorskip("kernels")
+    from transformers.models.llama import modeling_llama
+
+    _, ours = models
+    patched, plain = copy.deepcopy(ours), copy.deepcopy(ours)
+    plain.set_attn_implementation("eager")
+    fa_hf.patch_model(patched)
+    assert hasattr(modeling_llama.apply_rotary_pos_emb, "_fastattn_original")
+    ids = ids_of(2, 9)
+    for i, model in enumerate((patched, plain)):
+        with torch.no_grad():
+            want = model(ids).logits
+        torch.save(model, tmp_path / f"m{i}.pt")
+        loaded = torch.load(tmp_path / f"m{i}.pt", weights_only=False)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, want)
+
+
+def _rotary_in_patched_attention(q, k, cos, sin):
+    """The patched modeling file's apply_rotary_pos_emb, called as a patched attention calls it."""
+    from transformers.models.llama import modeling_llama
+
+    fa_hf.patch_model(transformers.LlamaForCausalLM(tiny_config()))  # installs the dispatcher
+    token = fa_hf._IN_PATCHED_ATTENTION.set(1)
+    try:
+        return modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    finally:
+        fa_hf._IN_PATCHED_ATTENTION.reset(token)
+
+
+def _hf_rotary_args(dtype, B=2, H=4, Hk=2, S=9, D=16):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    torch.manual_seed(0)
+    rope = LlamaRotaryEmbedding(tiny_config(hidden_size=H * D, num_attention_heads=H, num_key_value_heads=Hk))
+    cos, sin = rope(torch.zeros(1, dtype=dtype), torch.arange(S).expand(B, S))
+    return torch.randn(B, H, S, D), torch.randn(B, Hk, S, D), cos, sin
+
+
+def test_patched_rotary_keeps_transformers_result_dtype():
+    # bf16 q and k with fp32 tables (an fp32 model under autocast): transformers' q * cos + ...
+    # returns fp32 (and so fp32 keys in the cache); the dispatcher returned bf16.
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as theirs
+
+    q, k, cos, sin = _hf_rotary_args(torch.float32)
+    q, k = q.bfloat16(), k.bfloat16()
+    want = fa_hf._unwrapped_function(theirs)(q, k, cos, sin)
+    got = _rotary_in_patched_attention(q, k, cos, sin)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    # q and k of different dtypes: each result in its own promoted dtype (it raised)
+    got = _rotary_in_patched_attention(q.float(), k, cos.bfloat16(), sin.bfloat16())
+    want = fa_hf._unwrapped_function(theirs)(q.float(), k, cos.bfloat16(), sin.bfloat16())
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.float32, torch.bfloat16]
+
+
+def test_patched_rotary_differentiates_learned_tables():
+    # cos / sin that require a gradient (learned or scaled tables): transformers' function gives
+    # them one; the kernel takes them as constants, and the dispatcher dropped it silently.
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as theirs
+
+    q, k, cos, sin = _hf_rotary_args(torch.float32)
+    grads = []
+    for fn in (fa_hf._unwrapped_function(theirs), _rotary_in_patched_attention):
+        c, s = cos.clone().requires_grad_(), sin.clone().requires_grad_()
+        q2, k2 = fn(q, k, c, s)
+        grads.append(torch.autograd.grad((q2 * q2.cos()).sum() + k2.sum(), (c, s)))
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("batch_tables", [False, True])
 @pytest.mark.parametrize("S", [1, 7])
 def test_rotary_tables_kept_per_forward(batch_tables, S, monkeypatch):

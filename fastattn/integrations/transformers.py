@@ -1088,12 +1088,36 @@ def _make_rotary_dispatcher(original, partial: bool = False):
             and q.stride(-1) == 1 and k.stride(-1) == 1
             and (not q.is_cuda or fastattn.functional.cuda_kernels_run_on(q))  # (no code for this GPU)
         )
-        if not usable or (fastattn.ops.transform_active() and fastattn.ops.differentiating_transform(q, k, cos, sin)):
-            # (forward-mode AD / torch.func grad: the model's own rotary differentiates there)
+        if (not usable or q.dtype != k.dtype
+                or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad))
+                or (fastattn.ops.transform_active() and fastattn.ops.differentiating_transform(q, k, cos, sin))):
+            # The model's own rotary where the kernel would differ from it: q and k of different
+            # dtypes (each result has its own), tables that need a gradient (the kernel takes
+            # them as constants), forward-mode AD / torch.func grad.
             return original(q, k, cos, sin, *args, **kwargs)
+        dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
+        if dtype != q.dtype:
+            # q * cos + rotate_half(q) * sin returns the promoted dtype: bf16 q and k with fp32
+            # tables (an fp32 model under autocast) give fp32, and so fp32 keys in the cache.
+            # Rotated in that dtype, as the original computes it.
+            q, k = q.to(dtype), k.to(dtype)
         return _hf_rotary_on_fastattn(q, k, cos, sin)
 
     apply_rotary_pos_emb._fastattn_original = original
+    if isinstance(original, nn.Module):
+        # transformers' wrapper from the `kernels` package: a module of a class made for this
+        # function, which pickle finds under the function's name in the modeling file and
+        # rebuilds per model with type(wrapper)() when a model is unpickled. A plain function
+        # there broke every torch.load of such a model in this process ("function() missing
+        # required argument"). So the dispatcher is an instance of that class whose forward is
+        # ours: type(dispatcher)() is still the original's kind of wrapper.
+        try:
+            wrapper = type(original)()
+        except Exception:  # another kind of module: keep the plain function
+            return apply_rotary_pos_emb
+        wrapper.__dict__["forward"] = apply_rotary_pos_emb
+        wrapper.__dict__["_fastattn_original"] = original
+        return wrapper
     return apply_rotary_pos_emb
 
 
