@@ -210,6 +210,24 @@ def test_attention_with_kvcache_matches_reference(device, paged, append, mask, S
         assert_error_ratio(out_s, low_out, true_out, "out (num_splits=3)")
 
 
+@pytest.mark.parametrize("cache", ["k_cache", "v_cache"])
+def test_attention_with_kvcache_reads_q_as_passed_when_it_views_the_written_rows(cache):
+    # q a view of the cache rows this call's append writes (a buffer reused for the queries):
+    # the append overwrote q before attention read it, a silently wrong output (fuzz audit).
+    torch.manual_seed(0)
+    kc, vc = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    q = (kc if cache == "k_cache" else vc)[:, 3:5]  # (B, Sq=2, H=2, D): rows 3, 4 are written
+    q_as_passed, kc0, vc0 = q.clone(), kc.clone(), vc.clone()
+    k, v = torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16)
+    seqlens = torch.tensor([3, 3], dtype=torch.int32)
+    out = fastattn.attention_with_kvcache(q, kc, vc, seqlens, k=k, v=v)
+    want = reference.attention_with_kvcache(q_as_passed.double(), kc0.double(), vc0.double(), seqlens,
+                                            k=k.double(), v=v.double())
+    low = reference.attention_with_kvcache(q_as_passed, kc0.clone(), vc0.clone(), seqlens, k=k, v=v)
+    assert_error_ratio(out, low, want, "out")
+    assert torch.equal(kc[:, 3:5], k) and torch.equal(vc[:, 3:5], v)  # appended all the same
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("window", [(-1, sys.maxsize), (sys.maxsize, sys.maxsize), (sys.maxsize, 0), (2**62, 2**40)])
 def test_attention_with_kvcache_huge_window_is_unbounded(device, window):
