@@ -33,4 +33,4 @@ def cpu_isa() -> str:
     return _C.cpu_isa()
 
 
-__all__.append("cpu_isa")
+__all__ += ["cpu_isa", "cuda_built"]

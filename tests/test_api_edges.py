@@ -362,3 +362,11 @@ def test_flash_attention_keys_past_int32_refused_by_name():
     for sq in (1, 17):  # the short-query route and the tiled kernel
         with pytest.raises(ValueError, match="sequence lengths must be below 2\\^31 on the CPU"):
             fastattn.flash_attention(q.expand(1, sq, 1, 8), k, k)
+
+
+def test_star_import_has_the_documented_helpers():
+    # README documents fastattn.cpu_isa() and fastattn.cuda_built(); only cpu_isa was in
+    # __all__, so `from fastattn import *` left cuda_built out (newcomer audit).
+    namespace = {}
+    exec("from fastattn import *", namespace)
+    assert isinstance(namespace["cuda_built"](), bool) and isinstance(namespace["cpu_isa"](), str)

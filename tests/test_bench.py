@@ -530,6 +530,9 @@ def test_gemm_fields_and_the_gemm_column(capsys):
 def test_no_matching_benchmark_is_one_line(runs):
     r = runs[0]["no_match"]
     assert_one_line_error(r.returncode, r.stdout, r.stderr, "-k 'no_such_benchmark' selects no benchmark")
+    # pytest-benchmark creates its JSON file as it starts: a run that ends without results (or
+    # is interrupted) left an empty results file behind, which bench --report then refused.
+    assert list(runs[1]["no_match"].glob("*.json")) == []
 
 
 @pytest.mark.source_tree

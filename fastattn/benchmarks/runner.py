@@ -196,11 +196,15 @@ def run_suites(out: str, filter_expr=None, tiny: bool = False, log_path=None, pr
 
 def _run(out, filter_expr, tiny, log_path, progress_stream, suites_dir, workdir):
     ini = os.path.join(workdir, "pytest.ini")
+    # pytest-benchmark creates its JSON file when it starts: written in the work folder and
+    # moved to `out` once complete, an interrupted run leaves no empty results file there (nor
+    # removes an earlier one).
+    partial = os.path.join(workdir, "results.json")
     with open(ini, "w") as f:
         f.write(PYTEST_INI)
     cmd = [sys.executable, "-m", "pytest", suites_dir, "-c", ini, "--rootdir", suites_dir, "-q", "-rfEs",
            "-p", "no:cacheprovider", "-p", "pytest_benchmark.plugin", "-p", "fastattn.benchmarks.plugin",
-           "--benchmark-only", "--benchmark-save-data", f"--benchmark-json={out}", "--benchmark-disable-gc",
+           "--benchmark-only", "--benchmark-save-data", f"--benchmark-json={partial}", "--benchmark-disable-gc",
            "--benchmark-columns=median,rounds", f"--benchmark-storage=file://{os.path.join(workdir, 'storage')}"]
     if filter_expr:
         cmd += ["-k", filter_expr]
@@ -214,8 +218,6 @@ def _run(out, filter_expr, tiny, log_path, progress_stream, suites_dir, workdir)
     env["FASTATTN_BENCH_TINY"] = "1" if tiny else "0"
     read_fd, write_fd = os.pipe()
     env["FASTATTN_BENCH_PROGRESS_FD"] = str(write_fd)
-    if os.path.exists(out):
-        os.remove(out)
     progress = _Progress(progress_stream)
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -253,11 +255,12 @@ def _run(out, filter_expr, tiny, log_path, progress_stream, suites_dir, workdir)
     if progress.collect_errors:
         nodeid, msg = progress.collect_errors[0]
         raise BenchError(f"bench: cannot load {nodeid}: {msg} ({where})")
-    if rc not in (0, 1) or not os.path.exists(out):
+    if rc not in (0, 1) or not os.path.exists(partial):
         raise BenchError(f"bench: pytest exited with code {rc} before writing results: "
                          f"{_last_error_line(log_path)} ({where})")
-    with open(out) as f:
+    with open(partial) as f:
         results = json.load(f)
+    shutil.move(partial, out)
     failures = list(progress.failures)
     if rc == 1 and not failures:
         failures = [("?", _last_error_line(log_path))]

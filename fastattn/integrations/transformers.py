@@ -1267,10 +1267,8 @@ class _PatchedForward:
 class _UnpickledPatchedForward(_PatchedForward):
     """A patched attention forward unpickled, possibly in a process where patch_model never ran:
     its first call redoes patch_model's process-wide part (the attention implementation's
-    registration and the rotary dispatcher in the module's modeling file; both idempotent).
-    Not while unpickling: with the `kernels` package, transformers' pickled rotary wrappers are
-    rebuilt from the modeling file's apply_rotary_pos_emb, which must still be the original then
-    (they fail to load once the dispatcher has replaced it)."""
+    registration and the rotary dispatcher in the module's modeling file; both idempotent), not
+    while unpickling: loading a model changes nothing process-wide until it runs."""
 
     __slots__ = ("_ready",)
 
