@@ -654,3 +654,54 @@ def test_cuda_graph_capture_refuses_moe(checkpoints):
         model.capture_decode_step()
     with pytest.raises(ValueError, match="mixture-of-experts"):
         model.generate(ids_of(1, 5), 3, cuda_graph=True)
+
+
+# ---- torch.compile / torch.export ----------------------------------------------------------
+def test_module_compiles_fullgraph_on_every_experts_path():
+    """Traced, the routed experts take experts_traced (the grouped path reads per-expert counts
+    on the host, which failed fullgraph compiles and exports: autograd, or more than
+    KERNEL_MAX_ROWS_PER_EXPERT rows per expert). Same values and gradients as eager."""
+    m = make_moe(shared_expert_intermediate_size=16).train()
+    x = torch.randn(3, 30, 32)  # 180 routed rows over 4 experts: not the kernel's
+    g = torch.randn(3, 30, 32)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert (compiled(x) - m(x)).abs().max().item() <= 1e-5
+    grads = []
+    for fn in (m, compiled):
+        x1 = x.clone().requires_grad_()
+        m.zero_grad()
+        (fn(x1) * g).sum().backward()
+        grads.append([x1.grad, m.w13.grad, m.w2.grad, m.router.weight.grad, m.shared_gate.weight.grad])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_moe_model_exports_and_compiles_prefill_and_decode():
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=32)
+    torch.manual_seed(0)
+    model = Llama(cfg).eval()
+    B, S = torch.export.Dim("B", max=64), torch.export.Dim("S", max=100)
+    ids = ids_of(2, 20)
+    exported = torch.export.export(model, (ids,), dynamic_shapes=({0: B, 1: S},))
+    other = ids_of(3, 33, seed=2)
+    with torch.no_grad():
+        assert (exported.module()(other) - model(other)).abs().max().item() <= 1e-4
+    # prefill and a decode step, compiled fullgraph, give eager's logits (batch 40: more rows
+    # per expert than the kernel takes)
+    prompt, step = ids_of(40, 3), ids_of(40, 1, seed=3)[:, 0]
+    want = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        m = Llama(cfg).eval()
+        m.setup_cache(40, 8)
+        prefill = torch.compile(m.prefill, fullgraph=True, backend="aot_eager") if compiled else m.prefill
+        decode = torch.compile(m.decode_step, fullgraph=True, backend="aot_eager") if compiled else m.decode_step
+        with torch.no_grad():
+            got = (prefill(prompt), decode(step))
+        if not compiled:
+            want = got
+    for a, b in zip(got, want):
+        assert (a - b).abs().max().item() <= 1e-4

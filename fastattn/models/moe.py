@@ -46,7 +46,10 @@ silu(gate) * up is stored in the model's dtype, as in the dense MLP. On CUDA the
 is always used.
 
 The host learns the per-expert token counts once per call (one device sync on CUDA), so a decode
-step of an MoE model is not CUDA-graph capturable.
+step of an MoE model is not CUDA-graph capturable. Under torch.compile / torch.export (where no
+host read is allowed) the routed experts that are not the kernel's run ``experts_traced``
+instead: every expert on every token, weighted by the routing (0 where not picked), E / k times
+the expert FLOPs, so fullgraph compiles and exports of MoE models work.
 
 Router fields that do not change inference are not represented: router jitter noise
 (``router_jitter_noise``, training only) and the load-balancing loss (``router_aux_loss_coef``,
@@ -209,6 +212,24 @@ class MoEFeedForward(nn.Module):
         slots = ys.index_select(0, back).view(N, k, self.hidden_size)  # (token, choice) order
         return torch.bmm(weights.view(N, 1, k).to(acc), slots).view(N, self.hidden_size)
 
+    def experts_traced(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        """``experts`` for torch.compile / torch.export: the same sum without reading the
+        routing on the host (``experts`` groups the slots by expert with one host read of the
+        per-expert counts, which a fullgraph trace or an export cannot do). Every expert runs
+        on every token and each token's result is weighted by the routing weight it gave that
+        expert, 0 where it did not pick it: static shapes, E / k times the expert FLOPs of the
+        grouped path (decode steps, where reading the weights dominates, lose little; long
+        compiled prefills pay it). (N, hidden) fp32 (fp64 for an fp64 x)."""
+        acc = _acc_dtype(x.dtype)
+        N = x.shape[0]
+        per_expert = torch.zeros(N, self.num_experts, dtype=acc, device=x.device)
+        per_expert = per_expert.scatter_add(1, ids, weights.to(acc))  # (N, E) routing weights
+        out = torch.zeros(N, self.hidden_size, dtype=acc, device=x.device)
+        for e in range(self.num_experts):
+            y = self._swiglu(x, self.w13[e], self.w2[e], self.intermediate_size).to(acc)
+            out = out + per_expert[:, e:e + 1] * y
+        return out
+
     def _experts_no_grad(self, xs: Tensor, spans) -> Tensor:
         """The experts on the expert-major slots xs (M, hidden) without autograd, one expert at
         a time with cache-sized temporaries: its (n, 2 * inter) gate/up product goes into one
@@ -287,6 +308,8 @@ class MoEFeedForward(nn.Module):
             # The kernel takes rows with a contiguous last dim; x may be any view (the torch
             # experts take it as it is).
             out = torch.ops.fastattn.moe_experts(x2.contiguous(), weights, ids, self.w13, self.w2)
+        elif torch.compiler.is_compiling():
+            out = self.experts_traced(x2, weights, ids)
         else:
             out = self.experts(x2, weights, ids)
         if self.shared_intermediate_size:
