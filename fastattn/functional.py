@@ -542,8 +542,17 @@ def _check_window(window) -> tuple:
         if type(left) is int and type(right) is int and -1 <= left <= _INT64_MAX and -1 <= right <= _INT64_MAX:
             return left, right
     # Python and NumPy integers alike; a bool is refused (True is not a window size).
-    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(is_integer(w) for w in window)):
+    if not (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(is_integer(w) or isinstance(w, torch.SymInt) for w in window)):
         raise ValueError(f"window must be a pair of ints (left, right), got {window!r}")
+    if any(isinstance(w, torch.SymInt) for w in window):
+        # A window derived from a shape while torch.compile / torch.export traces: kept
+        # symbolic (the ops take SymInt windows), so the graph serves every length; its range
+        # is checked when the graph runs.
+        for w in window:
+            if isinstance(w, torch.SymInt):
+                torch._check(w >= -1, lambda: f"window sizes must be >= 0 or -1 (unbounded), got {window}")
+        return tuple(w if isinstance(w, torch.SymInt) else int(w) for w in window)
     left, right = int(window[0]), int(window[1])
     if left < -1 or right < -1:
         raise ValueError(f"window sizes must be >= 0 or -1 (unbounded), got {(left, right)}")

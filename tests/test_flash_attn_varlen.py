@@ -481,6 +481,34 @@ def test_compile_dynamic_max_seqlen_does_not_recompile():
     assert len(frames) <= 2, f"{len(frames)} graphs for 11 max_seqlen values"
 
 
+def test_compile_dynamic_window_from_a_shape_does_not_recompile():
+    # A window derived from a shape (window=(n // 2, 0)) stays symbolic: the varlen ops' window
+    # arguments are SymInt (they were int: one graph per length, and _check_window refused a
+    # SymInt under non-strict export; export audit). Forward and backward.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        return gm
+
+    def fn(q, k, cu, m):
+        return fastattn.flash_attention_varlen(q, k, k, cu, cu, m, m, window=(m // 2, 0)).square().sum()
+
+    f = torch.compile(fn, backend=backend, fullgraph=True, dynamic=True)
+    for n in range(5, 12):
+        q = torch.randn(2 * n, 4, 16, requires_grad=True)
+        k = torch.randn(2 * n, 2, 16, requires_grad=True)
+        cu = torch.tensor([0, n, 2 * n], dtype=torch.int32)
+        f(q, k, cu, n).backward()
+        q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+        fn(q2, k2, cu, n).backward()
+        assert torch.equal(q.grad, q2.grad) and torch.equal(k.grad, k2.grad)
+    assert len(frames) <= 2, f"{len(frames)} graphs for 7 window sizes"
+
+
 @pytest.mark.parametrize("d", [32, 128])
 @pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (5, 3))])
 def test_each_sequence_bitwise_flash_attention_bf16(d, causal, window):

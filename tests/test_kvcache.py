@@ -210,6 +210,26 @@ def test_attention_with_kvcache_matches_reference(device, paged, append, mask, S
         assert_error_ratio(out_s, low_out, true_out, "out (num_splits=3)")
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+def test_export_window_from_the_cache_length_stays_dynamic(strict):
+    # window=(S_max // 2, 0) with a dynamic cache length: the op's window is SymInt (it was
+    # int: strict export failed "Constraints violated", non-strict _check_window refused the
+    # SymInt; export audit). The program serves other lengths with eager's output.
+    class Step(torch.nn.Module):
+        def forward(self, q, kc, vc, lengths):
+            return fastattn.attention_with_kvcache(q, kc, vc, lengths, window=(kc.shape[1] // 2, 0))
+
+    def inputs(S):
+        torch.manual_seed(S)
+        return (torch.randn(2, 3, 4, 8), torch.randn(2, S, 2, 8), torch.randn(2, S, 2, 8),
+                torch.tensor([S, S - 3], dtype=torch.int32))
+
+    S = torch.export.Dim("S", min=4, max=64)
+    program = torch.export.export(Step(), inputs(10), dynamic_shapes=(None, {1: S}, {1: S}, None), strict=strict)
+    for n in (7, 23):
+        assert torch.equal(program.module()(*inputs(n)), Step()(*inputs(n)))
+
+
 @pytest.mark.parametrize("cache", ["k_cache", "v_cache"])
 def test_attention_with_kvcache_reads_q_as_passed_when_it_views_the_written_rows(cache):
     # q a view of the cache rows this call's append writes (a buffer reused for the queries):

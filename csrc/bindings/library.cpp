@@ -37,7 +37,8 @@ TORCH_LIBRARY(fastattn, m) {
   // [i + Sk - Sq - window_left, i + Sk - Sq + window_right], -1 = unbounded; causal = (-1, 0).
   // softcap > 0 (here and on every attention op below): the scores s = softmax_scale * q.k
   // become softcap * tanh(s / softcap) before masking and softmax (Gemma 2); 0 = off.
-  // (SymInt windows: SDPA's top-left is_causal passes right = Sq - Sk, which under
+  // (SymInt windows, here and on the varlen and kvcache ops: SDPA's top-left is_causal
+  // passes right = Sq - Sk, and a window may be derived from a shape, which under
   // torch.compile(dynamic=True) / torch.export must stay symbolic, not specialise the graph)
   m.def("flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, SymInt window_left,"
         " SymInt window_right, float softcap=0.0) -> (Tensor out, Tensor lse)");
@@ -53,11 +54,11 @@ TORCH_LIBRARY(fastattn, m) {
   // it alone. max_seqlen_q/_k bound the lengths (launch sizing only; never a host read of
   // cu_seqlens on CUDA). out (total_q, H, D), lse (H, total_q) fp32.
   m.def("flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
-        " SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, int window_left, int window_right,"
-        " float softcap=0.0) -> (Tensor out, Tensor lse)");
+        " SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, SymInt window_left,"
+        " SymInt window_right, float softcap=0.0) -> (Tensor out, Tensor lse)");
   m.def("flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale,"
-        " int window_left, int window_right, bool deterministic, float softcap=0.0)"
+        " SymInt window_left, SymInt window_right, bool deterministic, float softcap=0.0)"
         " -> (Tensor dq, Tensor dk, Tensor dv)");
 
   // ---- decode attention and append_kv ----------------------------------------------------
@@ -73,7 +74,7 @@ TORCH_LIBRARY(fastattn, m) {
   // paged as above), bottom-right aligned, keys limited by the window (-1 = unbounded;
   // causal = right 0). out (B, Sq, H, D), lse (B, H, Sq) fp32.
   m.def("attention_with_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
-        " Tensor? block_table, float? softmax_scale, int window_left, int window_right, SymInt seqlens_k_add,"
+        " Tensor? block_table, float? softmax_scale, SymInt window_left, SymInt window_right, SymInt seqlens_k_add,"
         " int num_splits, float softcap=0.0) -> (Tensor out, Tensor lse)");
   // Writes k, v (B, Sn, Hk, D) into the caches at rows cache_seqlens[b] + i, in place.
   // check_capacity=False skips the capacity check on CUDA (a host read of cache_seqlens);
