@@ -512,3 +512,22 @@ def test_torch_compile_fullgraph():
     q, k, v = _qkv("cpu", torch.float32, 1, 9, 9, 2, 2, 16)
     f = torch.compile(lambda a, b, c: fa.flash_attn_func(a, b, c, causal=True), fullgraph=True, backend="eager")
     torch.testing.assert_close(f(q, k, v), fa.flash_attn_func(q, k, v, causal=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window_size", [(3, -1), (-1, 3), (3, 2)])
+def test_compile_dynamic_one_sided_window_serves_every_length(window_size):
+    # flash-attn makes the unbounded side of a one-sided window seqlen_k: a SymInt under
+    # dynamic compile (with more queries than keys it reaches the op), which must stay symbolic
+    # rather than give one graph per length.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda q, k: fa.flash_attn_func(q, k, k, window_size=window_size), backend=counter,
+                      fullgraph=True, dynamic=True)
+    frames = []
+    for S in (10, 14, 22, 30):
+        q, k = torch.randn(2, S + 3, 4, 16), torch.randn(2, S, 2, 16)
+        assert torch.equal(f(q, k), fa.flash_attn_func(q, k, k, window_size=window_size))
+        frames.append(counter.frame_count)
+    assert frames[-1] == frames[1], frames  # (the first trace may restart once)
