@@ -208,6 +208,13 @@ def test_module_argument_errors():
         MoEFeedForward(32, 24, 4, 5)
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         MoEFeedForward(32, 24, 4, 0)
+    # an input whose last dim is not hidden_size but whose size divides by it was folded into
+    # rows of hidden_size and returned in its shape: a wrong answer, no error (MoE audit)
+    m = make_moe()
+    for shape in [(2, 3, 16), (4, 64), (128,), (3, 33)]:
+        for backend in BACKENDS:
+            with pytest.raises(ValueError, match=r"x must be \(\.\.\., hidden_size\) = \(\.\.\., 32\)"):
+                m(torch.randn(shape), backend=backend)
 
 
 # ---- the experts kernel (torch.ops.fastattn.moe_experts, CPU) -------------------------------

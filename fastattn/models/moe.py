@@ -299,6 +299,11 @@ class MoEFeedForward(nn.Module):
         """x (..., hidden) -> (..., hidden) in x's dtype. ``backend`` (the model's): "fastattn"
         lets CPU inference use the experts kernel (see ``uses_kernel``), "torch" always runs
         the plain-torch experts."""
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.hidden_size:
+            # (the reshape below would fold any size divisible by hidden_size into rows: a wrong
+            # answer, not an error)
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be (..., hidden_size) = (..., {self.hidden_size}), got {got}")
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
         if x2.shape[0] == 0:
