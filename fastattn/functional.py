@@ -1266,7 +1266,8 @@ def attention_with_kvcache(
 
     Args:
         q: (B, Sq, H, D), Sq >= 0; dtypes as ``decode_attention``. Read as passed: a q that
-            views the cache rows the append writes is copied first (in eager mode).
+            shares memory with a cache (e.g. views the rows the append writes) is copied
+            first (in eager mode).
         k_cache, v_cache: (B, S_max, Hk, D), or page pools (num_pages, page_size, Hk, D)
             with ``block_table``, as in ``decode_attention``. Written in place when k/v are
             given.
@@ -1344,10 +1345,14 @@ def attention_with_kvcache(
         # torch.compile reading values would break the graph: the op checks after the append.
         if block_table is not None and k_cache.device.type == "cpu" and not torch.compiler.is_compiling():
             _check_pages_cpu(block_table, k_cache, cache_seqlens, Sq)
-        if not torch.compiler.is_compiling() and any(_elements_overlap(q, c) is not False for c in (k_cache, v_cache)):
-            # q is attention's input as passed: a q that is a view of the rows being written (or
-            # may be) is copied before the append, which would otherwise change it first
-            # (silently wrong output). (Traced, data pointers are not known: not detected.)
+        if type(q) is Tensor and not torch.compiler.is_compiling() and any(
+                q.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()
+                and _elements_overlap(q, c) is not False for c in (k_cache, v_cache)):
+            # q is attention's input as passed: a q that shares elements with a cache (a view
+            # of the rows being written, or may be) is copied before the append, which would
+            # otherwise change it first (silently wrong output). Decided from the storages
+            # first (~1 us; the element test only for a q inside a cache's storage). Traced,
+            # or for a tensor subclass (fake tensors: no data pointers), not detected.
             q = q.clone()
         try:
             append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table, check_capacity=check_capacity)

@@ -480,6 +480,11 @@ def test_patched_rotary_keeps_transformers_result_dtype():
     got = _rotary_in_patched_attention(q.float(), k, cos.bfloat16(), sin.bfloat16())
     want = fa_hf._unwrapped_function(theirs)(q.float(), k, cos.bfloat16(), sin.bfloat16())
     assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.float32, torch.bfloat16]
+    # float64 (an fp64 model, or fp64 tables): transformers' function (no such kernel; it raised)
+    for args in [(q.double(), k.double(), cos, sin), (q.float(), k.float(), cos.double(), sin.double())]:
+        got, want = _rotary_in_patched_attention(*args), fa_hf._unwrapped_function(theirs)(*args)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype == torch.float64 and torch.equal(g, w)
 
 
 def test_patched_rotary_differentiates_learned_tables():

@@ -1096,6 +1096,8 @@ def _make_rotary_dispatcher(original, partial: bool = False):
             # them as constants), forward-mode AD / torch.func grad.
             return original(q, k, cos, sin, *args, **kwargs)
         dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return original(q, k, cos, sin, *args, **kwargs)  # float64: no such kernel
         if dtype != q.dtype:
             # q * cos + rotate_half(q) * sin returns the promoted dtype: bf16 q and k with fp32
             # tables (an fp32 model under autocast) give fp32, and so fp32 keys in the cache.
