@@ -205,8 +205,12 @@ def test_varlen_with_block_table_compiles_and_refuses_what_it_lacks():
     packed = [torch.cat([t[0, :9], t[1]]) for t in (k, v)]
     assert torch.equal(f(q, k_pool, v_pool, cu_q, cu_k, table),
                        fa.flash_attn_varlen_func(q, *packed, cu_q, cu_k, 4, 10, causal=True))
-    with pytest.raises(NotImplementedError, match="block_table: paged varlen attention is forward only"):
-        f(q.clone().requires_grad_(), k_pool, v_pool, cu_q, cu_k, table)
+    # forward only, as in flash-attn: under autograd the forward runs (flash-attn's own tests
+    # do that; it raised here) and a backward raises
+    out = f(q.clone().requires_grad_(), k_pool, v_pool, cu_q, cu_k, table)
+    assert torch.equal(out, f(q, k_pool, v_pool, cu_q, cu_k, table)) and out.requires_grad
+    with pytest.raises(NotImplementedError, match="paged varlen attention .* has no backward"):
+        out.sum().backward()
     with torch.no_grad():
         f(q.clone().requires_grad_(), k_pool, v_pool, cu_q, cu_k, table)
     for args, exc, match in (
@@ -531,3 +535,21 @@ def test_compile_dynamic_one_sided_window_serves_every_length(window_size):
         assert torch.equal(f(q, k), fa.flash_attn_func(q, k, k, window_size=window_size))
         frames.append(counter.frame_count)
     assert frames[-1] == frames[1], frames  # (the first trace may restart once)
+
+
+def test_window_size_as_a_tensor():
+    # flash-attn's tests draw local windows as torch.randint(0, seqlen_k, (2,)): a 2-element
+    # int64 tensor (or a pair of 0-d ones), which flash-attn reads item by item; refused here
+    # before (flash-attn test-port audit).
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 9, 4, 16), torch.randn(1, 13, 2, 16)
+    want = fa.flash_attn_func(q, k, k, window_size=(2, 5))
+    for window in (torch.tensor([2, 5]), torch.tensor([2, 5], dtype=torch.int32), (torch.tensor(2), torch.tensor(5))):
+        assert torch.equal(fa.flash_attn_func(q, k, k, window_size=window), want)
+    kc = torch.randn(1, 16, 2, 16)
+    seqlens = torch.tensor([13], dtype=torch.int32)
+    assert torch.equal(fa.flash_attn_with_kvcache(q[:, :1], kc, kc, cache_seqlens=seqlens, window_size=torch.tensor([3, 0])),
+                       fa.flash_attn_with_kvcache(q[:, :1], kc, kc, cache_seqlens=seqlens, window_size=(3, 0)))
+    for bad in (torch.tensor([2.0, 5.0]), torch.tensor([1, 2, 3]), torch.tensor([True, False])):
+        with pytest.raises(ValueError, match="window_size must be a"):
+            fa.flash_attn_func(q, k, k, window_size=bad)

@@ -64,7 +64,18 @@ def _not_supported(dropout_p, alibi_slopes) -> None:
         raise NotImplementedError("alibi_slopes: fastattn's attention kernels have no ALiBi bias; pass None")
 
 
+def _int_tensor(t) -> bool:
+    return isinstance(t, Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 def _window(window_size):
+    # flash-attn indexes window_size and passes its two items on as ints: a 2-element integer
+    # tensor (its own tests draw windows with torch.randint(0, seqlen_k, (2,))) or a pair of
+    # 0-d ones work there too (one host read each).
+    if _int_tensor(window_size) and window_size.shape == (2,):
+        window_size = tuple(window_size.tolist())
+    elif isinstance(window_size, (tuple, list)) and any(_int_tensor(w) and w.dim() == 0 for w in window_size):
+        window_size = tuple(w.item() if _int_tensor(w) and w.dim() == 0 else w for w in window_size)
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
             is_integer(side) for side in window_size):
         raise ValueError(f"window_size must be a (left, right) pair of ints (-1 = unbounded), got {window_size!r}")
@@ -180,7 +191,9 @@ def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     """flash_attn_varlen_func with block_table (vLLM-style paged prefill): sequence b's queries
     are q rows [cu_seqlens_q[b], cu_seqlens_q[b+1]), its keys the first
     cu_seqlens_k[b+1] - cu_seqlens_k[b] tokens of its pages block_table[b] in the pools
-    k_cache / v_cache (num_pages, page_size, Hk, D). Forward only, as in flash-attn.
+    k_cache / v_cache (num_pages, page_size, Hk, D). Forward only, as in flash-attn: under
+    autograd the forward runs and a backward through it raises NotImplementedError (under a
+    fullgraph torch.compile with inputs that require grad, tracing that backward fails).
 
     Eager on the CPU (the lengths are host values there): the keys are gathered from the pages
     into packed k / v and the varlen op runs as without pages. On CUDA and when traced (no host
@@ -192,8 +205,12 @@ def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     one-token sequences costs B * max_seqlen_q rows), and runs on the decode kernel's shared
     memory limits (GPUs with 99 KiB per block: head dim 64, or 128 with max_seqlen_q = 1)."""
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (q, k_cache, v_cache)):
-        raise NotImplementedError("block_table: paged varlen attention is forward only (as in flash-attn); "
-                                  "call it under torch.no_grad() or with inputs that do not require grad")
+        # flash-attn runs this forward under autograd too (its tests do) and fails only in a
+        # backward: the result gets a grad_fn whose backward raises.
+        return _ForwardOnly.apply(
+            lambda: _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  block_table, softmax_scale, causal, window_size, softcap),
+            q, k_cache, v_cache)
     for name, t, dims in (("q", q, "3-D (total_q, nheads, headdim)"),
                           ("k", k_cache, "4-D (num_pages, page_size, nheads_k, headdim) with block_table"),
                           ("v", v_cache, "4-D (num_pages, page_size, nheads_k, headdim) with block_table")):
@@ -262,6 +279,22 @@ def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     out = torch.where(real.view(-1, 1, 1), o_block[b, row], 0.0).to(q.dtype)
     lse = torch.where(real.view(1, -1), lse_block[b, :, row].transpose(0, 1), -math.inf)
     return out, lse
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """(out, lse) of compute() (run without autograd) with a grad_fn on out whose backward
+    raises: paged varlen attention has no backward, in flash-attn as here."""
+
+    @staticmethod
+    def forward(ctx, compute, *inputs):
+        out, lse = compute()
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("block_table: paged varlen attention (flash_attn_varlen_func with block_table) "
+                                  "has no backward, as in flash-attn; it is forward only")
 
 
 def _gather_pages(k_cache, v_cache, block_table, cu_seqlens_k, total_k: int):
