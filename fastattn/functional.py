@@ -924,7 +924,9 @@ def flash_attention_varlen(
     ``flash_attention(q_i[None], k_i[None], v_i[None], ...)[0]`` on those slices: no padding,
     no attention across sequences, the same masking, scale, GQA and lse conventions, and on
     the CPU the same bits, outputs and gradients (bf16 on AVX512-BF16 pairs each sequence's
-    own keys, as flash_attention does on its slice).
+    own keys, as flash_attention does on its slice), except for a slice of at most 16 queries
+    over at least 4x as many keys: flash_attention alone runs those on the KV-cache kernel,
+    whose sums differ from the tiled kernel's by fp32 rounding.
 
     Args:
         q: (total_q, H, D) queries of all sequences, concatenated along tokens. float32/

@@ -39,7 +39,9 @@
 // GPU's tensor cores): register tiles fed straight from the cache (qk_tile_dp / pv_tile_dp;
 // no widening, half the instructions of the fp32 tiles), and from kDpMinRows rows on the
 // block's rows staged as bf16 pairs for the block products of cpu_dpbf16.h. Elsewhere (fp32,
-// fp16, other CPUs) the AVX2 and AVX-512 tiers compute the same bits; the baseline tier (no
+// fp16, other CPUs) the AVX2 and AVX-512 tiers compute the same bits while both run the register
+// tiles, i.e. below 16 rows per kv head (decode proper); from 16 to kGemmMinRows - 1 rows the
+// AVX2 tier already takes the GEMM, whose sums differ by fp32 rounding. The baseline tier (no
 // FMA: a separate multiply and add round twice) differs in the last bits.
 //
 // Logit soft-capping (params.softcap = c > 0): the scores here are in log2 units (the

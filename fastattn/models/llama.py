@@ -548,7 +548,9 @@ def rope_tables(
     head_dim is the rotary dim (the kernels rotate that many leading dims of each head).
 
     Computed as transformers does (fp32 inverse frequencies, fp32 position * frequency
-    products), so the rotated q/k match its ``LlamaRotaryEmbedding`` bit for bit in fp32.
+    products), so the tables match its ``LlamaRotaryEmbedding``'s cos/sin bit for bit in fp32
+    (the rotation itself, q * cos + rotate_half(q) * sin, is fused with FMAs on the AVX2 /
+    AVX-512 tiers: within an ulp of transformers' unfused products, not bitwise).
     """
     # The inverse frequencies (and linear / llama3 scaling) are RotaryEmbedding's.
     inv_freq = rotary_inv_freq(head_dim, theta, scaling, device=device)
