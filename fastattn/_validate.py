@@ -85,6 +85,17 @@ def check_bool(value, name: str) -> bool:
     raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
 
 
+def host_values_readable(*tensors) -> bool:
+    """Whether the values of these (CPU) tensors may be read on the host for a check: not while
+    torch.compile / torch.export traces, and not for fake tensors (FakeTensorMode shape
+    propagation, which has no values: such checks are then skipped, as when traced)."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not any(type(t) is not Tensor and is_fake(t) for t in tensors)
+
+
 def is_integer(value) -> bool:
     """A Python or NumPy integer (any numbers.Integral), but not a bool: True is not a size."""
     return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))

@@ -22,6 +22,7 @@ from ._validate import (
     check_softcap,
     check_softmax_scale,
     check_tensor,
+    host_values_readable,
     is_integer,
 )
 
@@ -1345,7 +1346,8 @@ def attention_with_kvcache(
         # only the new rows: the pages of the tokens already cached are checked here. On CUDA
         # neither op reads the table on the host (the kernels clamp page indices), and under
         # torch.compile reading values would break the graph: the op checks after the append.
-        if block_table is not None and k_cache.device.type == "cpu" and not torch.compiler.is_compiling():
+        if block_table is not None and k_cache.device.type == "cpu" and host_values_readable(block_table,
+                                                                                             cache_seqlens):
             _check_pages_cpu(block_table, k_cache, cache_seqlens, Sq)
         if type(q) is Tensor and not torch.compiler.is_compiling() and any(
                 q.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()

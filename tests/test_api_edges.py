@@ -370,3 +370,34 @@ def test_star_import_has_the_documented_helpers():
     namespace = {}
     exec("from fastattn import *", namespace)
     assert isinstance(namespace["cuda_built"](), bool) and isinstance(namespace["cpu_isa"](), str)
+
+
+def test_fake_tensor_mode_shape_propagation_of_the_host_checked_paths():
+    # Outside torch.compile, FakeTensorMode (shape propagation) reached the CPU value checks of
+    # three paths (paged attention_with_kvcache with k/v, paged flash_attn_varlen_func,
+    # flash_attn_with_kvcache with cache_batch_idx): DataDependentOutputException, where every
+    # other public function returns fakes of the real shapes (export audit).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastattn.integrations import flash_attn as fa
+
+    def ints(*v):
+        return torch.tensor(v, dtype=torch.int32)
+
+    pool = torch.randn(10, 4, 2, 8)
+    table = (torch.arange(15, dtype=torch.int32).reshape(3, 5) % 9) + 1
+    cache = torch.randn(3, 20, 2, 8)
+    cases = [
+        (lambda q, k, v, s, b, kn, vn: fastattn.attention_with_kvcache(q, k, v, s, k=kn, v=vn, block_table=b),
+         (torch.randn(3, 2, 4, 8), pool, pool.clone(), ints(5, 0, 17), table, torch.randn(3, 2, 2, 8),
+          torch.randn(3, 2, 2, 8))),
+        (lambda q, k, v, a, b, t: fa.flash_attn_varlen_func(q, k, v, a, b, 6, 7, causal=True, block_table=t),
+         (torch.randn(11, 4, 8), pool, pool.clone(), ints(0, 5, 11), ints(0, 6, 13), table[:2])),
+        (lambda q, k, v, s, i: fa.flash_attn_with_kvcache(q, k, v, cache_seqlens=s, cache_batch_idx=i),
+         (torch.randn(2, 1, 4, 8), cache, cache.clone(), ints(5, 9), torch.tensor([2, 0]))),
+    ]
+    for fn, args in cases:
+        real = fn(*[a.clone() for a in args])
+        with FakeTensorMode() as mode:
+            fake = fn(*[mode.from_tensor(a) for a in args])
+        assert fake.shape == real.shape and fake.dtype == real.dtype

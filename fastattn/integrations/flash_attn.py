@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .._validate import check_bool, is_integer
+from .._validate import check_bool, host_values_readable, is_integer
 
 __all__ = [
     "flash_attn_func",
@@ -237,7 +237,8 @@ def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     window = _flash_attn_window(window_size, causal, max_seqlen_k, max_seqlen_q)
     if block_table.dtype != torch.int32:  # (as attention_with_kvcache, which CUDA and traced calls run on)
         raise ValueError(f"block_table must be int32, got {block_table.dtype}")
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():  # (a few host reads; CUDA: none)
+    if q.device.type == "cpu" and host_values_readable(q, cu_seqlens_q, cu_seqlens_k, block_table):
+        # (a few host reads; CUDA: none)
         for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
                                          ("cu_seqlens_k", cu_seqlens_k, None, max_seqlen_k)):
             c = cu.tolist()
@@ -407,7 +408,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if cache_batch_idx.shape[0] != q.shape[0]:
             raise ValueError(f"cache_batch_idx must hold {q.shape[0]} cache rows (q's batch), got "
                              f"{cache_batch_idx.shape[0]}")
-        if cache_batch_idx.device.type == "cpu" and cache_batch_idx.numel() and not torch.compiler.is_compiling():
+        if cache_batch_idx.device.type == "cpu" and cache_batch_idx.numel() and host_values_readable(cache_batch_idx):
             # (read on the CPU only: on CUDA that would synchronise, and the paged kernels
             # then check the rows as block_table entries)
             lo, hi = (int(t) for t in torch.aminmax(cache_batch_idx.long()))  # (no uint32 aminmax)
