@@ -8,6 +8,7 @@ import numbers
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake as _is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -91,9 +92,10 @@ def host_values_readable(*tensors) -> bool:
     propagation, which has no values: such checks are then skipped, as when traced)."""
     if torch.compiler.is_compiling():
         return False
-    from torch._subclasses.fake_tensor import is_fake
-
-    return not any(type(t) is not Tensor and is_fake(t) for t in tensors)
+    for t in tensors:
+        if type(t) is not Tensor and _is_fake(t):
+            return False
+    return True
 
 
 def is_integer(value) -> bool:

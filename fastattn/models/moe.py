@@ -47,9 +47,11 @@ is always used.
 
 The host learns the per-expert token counts once per call (one device sync on CUDA), so a decode
 step of an MoE model is not CUDA-graph capturable. Under torch.compile / torch.export (where no
-host read is allowed) the routed experts that are not the kernel's run ``experts_traced``
-instead: every expert on every token, weighted by the routing (0 where not picked), E / k times
-the expert FLOPs, so fullgraph compiles and exports of MoE models work.
+host read is allowed) CPU inference on the fastattn backend takes the kernel at any token count,
+and everything else (autograd, CUDA, the torch backend) runs ``experts_traced``: every expert on
+every token, weighted by the routing (0 where not picked), E / k times the expert FLOPs and
+every expert's weights read per call, so fullgraph compiles and exports of MoE models work, at
+that cost.
 
 Router fields that do not change inference are not represented: router jitter noise
 (``router_jitter_noise``, training only) and the load-balancing loss (``router_aux_loss_coef``,
@@ -179,8 +181,10 @@ class MoEFeedForward(nn.Module):
         """w2 (silu(x G^T) * (x U^T)) for one expert's rows x (n, hidden); w13 (2*inter, hidden)
         and w2 (hidden, inter). Returns fp32 when it multiplied in fp32, else x's dtype."""
         dtype = x.dtype
+        # (traced: the native matmul whatever the row count, as a shape test would be a guard,
+        # failing exports whose row count crosses UPCAST_MIN_ROWS)
         if (dtype in _HALF_DTYPES and x.device.type == "cpu" and not NATIVE_CPU_MATMUL.get(dtype, False)
-                and x.shape[0] >= UPCAST_MIN_ROWS):
+                and not torch.compiler.is_compiling() and x.shape[0] >= UPCAST_MIN_ROWS):
             gate, up = F.linear(x.float(), w13.float()).split(inter, dim=-1)
             act = (F.silu(gate) * up).to(dtype)
             return F.linear(act.float(), w2.float())
@@ -216,17 +220,22 @@ class MoEFeedForward(nn.Module):
         """``experts`` for torch.compile / torch.export: the same sum without reading the
         routing on the host (``experts`` groups the slots by expert with one host read of the
         per-expert counts, which a fullgraph trace or an export cannot do). Every expert runs
-        on every token and each token's result is weighted by the routing weight it gave that
-        expert, 0 where it did not pick it: static shapes, E / k times the expert FLOPs of the
-        grouped path (decode steps, where reading the weights dominates, lose little; long
-        compiled prefills pay it). (N, hidden) fp32 (fp64 for an fp64 x)."""
+        on every token row, the rows of tokens that did not pick it zeroed first (so it gives
+        exactly 0 there, and nothing an unpicked expert computes, an overflow included, reaches
+        the output or the gradients), and each token's result is weighted by the routing weight
+        it gave that expert: static shapes, but E / k times the expert FLOPs of the grouped path
+        and every expert's weights read on every call (a batch-1 decode step with 64 experts,
+        top 4, measured ~10x slower than grouped on the CPU). (N, hidden) fp32 (fp64 for fp64)."""
         acc = _acc_dtype(x.dtype)
         N = x.shape[0]
+        picked = torch.zeros(N, self.num_experts, dtype=torch.bool, device=x.device)
+        picked = picked.scatter(1, ids, True)  # (N, E)
         per_expert = torch.zeros(N, self.num_experts, dtype=acc, device=x.device)
         per_expert = per_expert.scatter_add(1, ids, weights.to(acc))  # (N, E) routing weights
         out = torch.zeros(N, self.hidden_size, dtype=acc, device=x.device)
         for e in range(self.num_experts):
-            y = self._swiglu(x, self.w13[e], self.w2[e], self.intermediate_size).to(acc)
+            rows = torch.where(picked[:, e:e + 1], x, 0)  # silu(0) * 0 = 0: the expert gives 0 there
+            y = self._swiglu(rows, self.w13[e], self.w2[e], self.intermediate_size).to(acc)
             out = out + per_expert[:, e:e + 1] * y
         return out
 
@@ -280,11 +289,16 @@ class MoEFeedForward(nn.Module):
         kernel for the (N, hidden) input x: the fastattn backend, the CPU, no autograd, x in the
         weights' dtype, and few token rows per expert (at most ``KERNEL_MAX_ROWS_PER_EXPERT`` on
         average: decode steps and short prompts, where the experts are bound by reading the
-        weights; longer inputs are matrix-matrix products, which torch's GEMM does best)."""
+        weights; longer inputs are matrix-matrix products, which torch's GEMM does best).
+        Traced (torch.compile / torch.export): any row count, the kernel being the only traced
+        path that runs just the experts each token picked (see ``experts_traced``)."""
         return (backend == "fastattn" and x.device.type == "cpu" and x.dtype == self.w13.dtype
                 and x.dtype == self.w2.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                and x.shape[0] * self.top_k <= KERNEL_MAX_ROWS_PER_EXPERT * self.num_experts
                 and not self._differentiated(x)
+                # (traced: the kernel at any row count, as a shape test would be a guard that an
+                # export with a dynamic batch fails on the other side of; experts_traced instead
+                # would run every expert on every token)
+                and (torch.compiler.is_compiling() or x.shape[0] * self.top_k <= KERNEL_MAX_ROWS_PER_EXPERT * self.num_experts)
                 and _kernel_available())
 
     def _differentiated(self, x: Tensor) -> bool:
