@@ -455,36 +455,14 @@ def test_bad_input_cuda():
         fastattn.flash_attention_varlen(q.float(), q.float(), q.float(), cq, cq, 6, 6)
 
 
-def test_compile_dynamic_max_seqlen_does_not_recompile():
+@pytest.mark.parametrize("shape_window", [False, True], ids=["no_window", "window_from_shape"])
+def test_compile_dynamic_max_seqlen_does_not_recompile(shape_window):
     # max_seqlen_q/_k are SymInt in the op schemas: under torch.compile(dynamic=True) a new
     # value is a symbol, not a guard (typed int, every value recompiled, and with fullgraph=True
     # the 9th value hit the recompile limit: FailOnRecompileLimitHit). Forward and backward.
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    frames = []
-
-    def backend(gm, example_inputs):
-        frames.append(gm)
-        return gm
-
-    f = torch.compile(lambda q, k, cu, m: fastattn.flash_attention_varlen(q, k, k, cu, cu, m, m).square().sum(),
-                      backend=backend, fullgraph=True, dynamic=True)
-    for n in range(3, 14):
-        q = torch.randn(2 * n, 5, 16, requires_grad=True)
-        k = torch.randn(2 * n, 1, 16, requires_grad=True)
-        cu = torch.tensor([0, n, 2 * n], dtype=torch.int32)
-        f(q, k, cu, n).backward()
-        q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
-        fastattn.flash_attention_varlen(q2, k2, k2, cu, cu, n, n).square().sum().backward()
-        assert torch.equal(q.grad, q2.grad) and torch.equal(k.grad, k2.grad)
-    assert len(frames) <= 2, f"{len(frames)} graphs for 11 max_seqlen values"
-
-
-def test_compile_dynamic_window_from_a_shape_does_not_recompile():
-    # A window derived from a shape (window=(n // 2, 0)) stays symbolic: the varlen ops' window
-    # arguments are SymInt (they were int: one graph per length, and _check_window refused a
-    # SymInt under non-strict export; export audit). Forward and backward.
+    # A window derived from a shape (window=(m // 2, 0)) stays symbolic too: the varlen ops'
+    # windows are SymInt (they were int: one graph per length, and _check_window refused a
+    # SymInt under non-strict export; export audit).
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -495,18 +473,19 @@ def test_compile_dynamic_window_from_a_shape_does_not_recompile():
         return gm
 
     def fn(q, k, cu, m):
-        return fastattn.flash_attention_varlen(q, k, k, cu, cu, m, m, window=(m // 2, 0)).square().sum()
+        window = (m // 2, 0) if shape_window else (-1, -1)
+        return fastattn.flash_attention_varlen(q, k, k, cu, cu, m, m, window=window).square().sum()
 
     f = torch.compile(fn, backend=backend, fullgraph=True, dynamic=True)
-    for n in range(5, 12):
-        q = torch.randn(2 * n, 4, 16, requires_grad=True)
-        k = torch.randn(2 * n, 2, 16, requires_grad=True)
+    for n in range(3, 14):
+        q = torch.randn(2 * n, 5, 16, requires_grad=True)
+        k = torch.randn(2 * n, 1, 16, requires_grad=True)
         cu = torch.tensor([0, n, 2 * n], dtype=torch.int32)
         f(q, k, cu, n).backward()
         q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
         fn(q2, k2, cu, n).backward()
         assert torch.equal(q.grad, q2.grad) and torch.equal(k.grad, k2.grad)
-    assert len(frames) <= 2, f"{len(frames)} graphs for 7 window sizes"
+    assert len(frames) <= 2, f"{len(frames)} graphs for 11 max_seqlen values"
 
 
 @pytest.mark.parametrize("d", [32, 128])
