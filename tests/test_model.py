@@ -775,16 +775,18 @@ def test_generate_from_two_threads_sharing_a_model(backend):
     copy.deepcopy(model)  # the lock is kept beside the model: it still copies
 
 
+@pytest.mark.parametrize("backend", ["fastattn", "torch"])
 @pytest.mark.parametrize("cache", ["contiguous", "paged"])
-def test_compiled_decode_with_dynamic_shapes_writes_each_layers_cache(cache):
+def test_compiled_decode_with_dynamic_shapes_writes_each_layers_cache(cache, backend):
     # torch.compile (inductor) with dynamic shapes dropped the storage offset of a view passed to
     # an in-place custom op: with the layers' caches as views of one stacked tensor, every
     # layer's append_kv wrote layer 0's rows (silently wrong logits and cache; an outside
-    # audit). The caches are one tensor per layer now.
+    # audit). The caches are one tensor per layer now. (backend="torch": SDPA refused the
+    # SymBool enable_gqa of traced head counts; review.)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    eager = Llama(config).eval()
+    eager = Llama(config, backend=backend).eval()
     compiled = copy.deepcopy(eager)
     step = torch.compile(compiled._decode, fullgraph=True, dynamic=True)
     ids = ids_of(2, 5)
@@ -793,11 +795,13 @@ def test_compiled_decode_with_dynamic_shapes_writes_each_layers_cache(cache):
             m.setup_cache(2, 16, cache=cache, page_size=4)
             m.prefill(ids)
         tok = torch.tensor([3, 7])
+        # (the torch backend's ops are fused by inductor: equal to rounding, not bitwise)
+        same = torch.equal if backend == "fastattn" else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6))
         for _ in range(2):
             want, got = eager._decode(tok), step(tok)
-            assert torch.equal(got, want)
+            assert same(got, want)
             for a, b in zip(eager.cache.k + eager.cache.v, compiled.cache.k + compiled.cache.v):
-                assert torch.equal(a, b)
+                assert same(a, b)
             tok = want.argmax(-1)
 
 

@@ -692,7 +692,8 @@ def test_moe_model_exports_and_compiles_prefill_and_decode():
     model = Llama(cfg).eval()
     B, S = torch.export.Dim("B", max=64), torch.export.Dim("S", max=100)
     ids = ids_of(2, 20)
-    exported = torch.export.export(model, (ids,), dynamic_shapes=({0: B, 1: S},))
+    with torch.no_grad():  # (inference: the experts kernel at any length)
+        exported = torch.export.export(model, (ids,), dynamic_shapes=({0: B, 1: S},))
     # other sizes on both sides of the eager kernel's row limit (a shape test there was a guard
     # the exported program failed on the other side of: decode-sized inputs were refused)
     for other in (ids_of(3, 33, seed=2), ids_of(2, 5, seed=2), ids_of(1, 16, seed=2)):
@@ -716,14 +717,19 @@ def test_moe_model_exports_and_compiles_prefill_and_decode():
         assert (a - b).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_module_exports_with_a_dynamic_token_count(train):
-    m = make_moe(shared_expert_intermediate_size=16).train(train)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_module_exports_with_a_dynamic_token_count(grad):
+    # Without autograd the program runs the experts kernel at every token count (a row-count
+    # test picking kernel or GEMM was a guard the program failed on the other side of), with
+    # it the traced experts.
+    m = make_moe(shared_expert_intermediate_size=16)
     N = torch.export.Dim("N", min=2, max=512)
-    program = torch.export.export(m, (torch.randn(8, 32),), dynamic_shapes=({0: N},))
-    for n in (3, 40, 300):
-        x = torch.randn(n, 32)
-        assert (program.module()(x) - m(x)).abs().max().item() <= 1e-5
+    with torch.set_grad_enabled(grad):
+        program = torch.export.export(m, (torch.randn(8, 32),), dynamic_shapes=({0: N},))
+        assert ("moe_experts" in str(program.graph)) == (not grad)
+        for n in (3, 40, 300):
+            x = torch.randn(n, 32)
+            assert (program.module()(x) - m(x)).abs().max().item() <= 1e-5
 
 
 def test_traced_experts_keep_an_unpicked_experts_overflow_out():

@@ -675,8 +675,11 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_cau
           scale: Optional[float] = None) -> Tensor:
     """F.scaled_dot_product_attention on our (B, S, heads, D) layout, GQA by enable_gqa (no
     repeated K/V); mask: bool, True = attend, broadcast to (B, H, Sq, Sk). Returns (B, Sq, H, D)."""
+    # A branch, not the comparison itself: head counts traced as SymInts compare to a SymBool,
+    # which torch's SDPA refuses (dynamic=True); a branch makes it a guard on the config's heads.
+    gqa = True if q.shape[2] != k.shape[2] else False
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         is_causal=is_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+                                         is_causal=is_causal, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 

@@ -47,11 +47,13 @@ is always used.
 
 The host learns the per-expert token counts once per call (one device sync on CUDA), so a decode
 step of an MoE model is not CUDA-graph capturable. Under torch.compile / torch.export (where no
-host read is allowed) CPU inference on the fastattn backend takes the kernel at any token count,
-and everything else (autograd, CUDA, the torch backend) runs ``experts_traced``: every expert on
-every token, weighted by the routing (0 where not picked), E / k times the expert FLOPs and
-every expert's weights read per call, so fullgraph compiles and exports of MoE models work, at
-that cost.
+host read is allowed) CPU inference on the fastattn backend (autograd off: torch.no_grad /
+inference_mode, or weights that do not require grad; x in the weights' dtype) takes the kernel at
+any token count, and everything else (autograd, CUDA, the torch backend, mixed dtypes) runs
+``experts_traced``: every expert on every token, weighted by the routing (0 where not picked),
+E / k times the expert FLOPs and every expert's weights read per call, so fullgraph compiles and
+exports of MoE models work, at that cost. (Traced, 16-bit experts on CPUs without native
+matmuls for the dtype are always widened to fp32, as eager widens prefill-sized ones.)
 
 Router fields that do not change inference are not represented: router jitter noise
 (``router_jitter_noise``, training only) and the load-balancing loss (``router_aux_loss_coef``,
@@ -181,10 +183,11 @@ class MoEFeedForward(nn.Module):
         """w2 (silu(x G^T) * (x U^T)) for one expert's rows x (n, hidden); w13 (2*inter, hidden)
         and w2 (hidden, inter). Returns fp32 when it multiplied in fp32, else x's dtype."""
         dtype = x.dtype
-        # (traced: the native matmul whatever the row count, as a shape test would be a guard,
-        # failing exports whose row count crosses UPCAST_MIN_ROWS)
+        # (traced: widened whatever the row count, as a shape test would be a guard that an
+        # export with a dynamic token count fails on the other side of; the traced experts run
+        # under autograd or on every token, prefill-sized products, where widening wins)
         if (dtype in _HALF_DTYPES and x.device.type == "cpu" and not NATIVE_CPU_MATMUL.get(dtype, False)
-                and not torch.compiler.is_compiling() and x.shape[0] >= UPCAST_MIN_ROWS):
+                and (torch.compiler.is_compiling() or x.shape[0] >= UPCAST_MIN_ROWS)):
             gate, up = F.linear(x.float(), w13.float()).split(inter, dim=-1)
             act = (F.silu(gate) * up).to(dtype)
             return F.linear(act.float(), w2.float())
@@ -220,9 +223,9 @@ class MoEFeedForward(nn.Module):
         """``experts`` for torch.compile / torch.export: the same sum without reading the
         routing on the host (``experts`` groups the slots by expert with one host read of the
         per-expert counts, which a fullgraph trace or an export cannot do). Every expert runs
-        on every token row, the rows of tokens that did not pick it zeroed first (so it gives
-        exactly 0 there, and nothing an unpicked expert computes, an overflow included, reaches
-        the output or the gradients), and each token's result is weighted by the routing weight
+        on every token row, the rows of tokens that did not pick it zeroed first (so with finite
+        weights it gives exactly 0 there, and an overflow of an unpicked expert does not reach
+        the output), and each token's result is weighted by the routing weight
         it gave that expert: static shapes, but E / k times the expert FLOPs of the grouped path
         and every expert's weights read on every call (a batch-1 decode step with 64 experts,
         top 4, measured ~10x slower than grouped on the CPU). (N, hidden) fp32 (fp64 for fp64)."""
