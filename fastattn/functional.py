@@ -809,7 +809,8 @@ def scaled_dot_product_attention(
     torch's flash backend is switched off (``torch.nn.attention.sdpa_kernel`` without
     ``SDPBackend.FLASH_ATTENTION``, e.g. the math backend for double backward, or
     ``torch.backends.cuda.enable_flash_sdp(False)``; under torch.compile, as it was when
-    traced). Differentiable (see ``flash_attention`` for the backward).
+    traced), and calls recorded by ``torch.jit.trace`` (which would fix the shapes' arithmetic
+    as constants). Differentiable (see ``flash_attention`` for the backward).
     """
     # torch's own argument errors (its parser takes a Python bool only, not an int or a NumPy
     # bool): a truthy non-bool must not silently switch the mask on.
@@ -821,7 +822,11 @@ def scaled_dot_product_attention(
     query, key, value = _sdpa_autocast(query, key, value)
     # Forward-mode AD and torch.func's grad transforms (which fastattn's ops cannot serve, see
     # ops.differentiating_transform) are torch's too.
-    if not _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa, scale) or (
+    # torch.jit.trace records Python arithmetic on shapes as constants (the causal band, the
+    # default scale, the output layout's strides): a traced drop-in was silently wrong at any
+    # other shape, so tracing records torch's own SDPA, one op that traces exactly.
+    if torch.jit.is_tracing() or not _sdpa_kernel_covers(query, key, value, attn_mask, dropout_p, enable_gqa,
+                                                         scale) or (
             ops.transform_active() and ops.differentiating_transform(query, key, value)):
         return _TORCH_SDPA(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,

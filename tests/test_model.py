@@ -805,6 +805,17 @@ def test_compiled_decode_with_dynamic_shapes_writes_each_layers_cache(cache, bac
             tok = want.argmax(-1)
 
 
+@pytest.mark.parametrize("backend", ["fastattn", "torch"])
+def test_model_on_the_meta_device_gives_shapes(backend):
+    # A model moved to "meta" (shape inference without memory) read its token ids' values for
+    # the vocabulary check: "Tensor.item() cannot be called on meta tensors" (audit).
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4)
+    model = Llama(config, backend=backend).to("meta")
+    logits = model(torch.zeros(2, 8, dtype=torch.long, device="meta"))
+    assert logits.shape == (2, 8, 97) and logits.device.type == "meta"
+
+
 def test_rope_tables_built_eagerly_for_the_models_device(hf_llama):
     # Built when the model is made / loaded / moved, not at the first forward, which may be
     # traced: a fresh model under torch.compile built them in the graph (a second graph on the

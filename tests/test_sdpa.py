@@ -321,3 +321,22 @@ def test_swapped_in_for_torchs_sdpa(monkeypatch):
     torch.testing.assert_close(F.scaled_dot_product_attention(q.double(), q.double(), q.double()),
                                real(q.double(), q.double(), q.double()))
     torch.testing.assert_close(F.scaled_dot_product_attention(q[0], q[0], q[0]), real(q[0], q[0], q[0]))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_jit_trace_records_torchs_sdpa(is_causal):
+    # torch.jit.trace records Python arithmetic on shapes as constants: a traced drop-in wrote
+    # through the traced shapes' output strides (silently wrong at any other size) and, causal,
+    # failed in torch.sym_min on the tracer's tensor shapes. Traced, the drop-in records torch's
+    # own SDPA (one op, exact at every shape); TorchScript outside tracing is unchanged.
+    def attend(q, k, v):
+        return fastattn.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+    def inputs(B, H, L, S, E):
+        g = torch.Generator().manual_seed(B * 1000 + L * 10 + E)
+        return [torch.randn(B, H, n, E, generator=g) for n in (L, S, S)]
+
+    traced = torch.jit.trace(attend, inputs(1, 2, 8, 8, 16), check_trace=False)
+    for shape in [(1, 2, 8, 8, 16), (1, 2, 20, 9, 16), (3, 4, 8, 30, 16), (1, 2, 8, 8, 64)]:
+        args = inputs(*shape)
+        torch.testing.assert_close(traced(*args), F.scaled_dot_product_attention(*args, is_causal=is_causal))

@@ -113,7 +113,7 @@ from torch import Tensor, nn
 
 import fastattn
 from fastattn import reference
-from fastattn._validate import is_integer
+from fastattn._validate import host_values_readable, is_integer
 from fastattn.nn.rms_norm import rms_norm_unit_offset
 from fastattn.nn.rotary import _parse_scaling as _parse_rope_scaling
 from fastattn.nn.rotary import rotary_attention_factor, rotary_inv_freq
@@ -1905,8 +1905,9 @@ def _check_ids(input_ids, config: LlamaConfig, max_len: Optional[int]) -> None:
                          f"max_position_embeddings {max_len}")
     # An id outside the vocabulary would be an IndexError deep in the embedding on the CPU and
     # a device-side assert on CUDA. Reading the range is one host sync per call on CUDA; a
-    # compiled graph skips it rather than break on a data-dependent branch.
-    if input_ids.numel() and not torch.compiler.is_compiling():
+    # compiled graph skips it rather than break on a data-dependent branch (and so do meta and
+    # fake ids, which have no values: a model moved to "meta" runs for shapes).
+    if input_ids.numel() and input_ids.device.type != "meta" and host_values_readable(input_ids):
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= config.vocab_size:
             bad = lo if lo < 0 else hi
@@ -1921,7 +1922,7 @@ def _check_step_tokens(tokens, config: LlamaConfig, batch: int) -> None:
     if tokens.dim() != 1 or tokens.shape[0] != batch or tokens.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"tokens must be a ({batch},) int64 or int32 tensor (one id per cached sequence), "
                          f"got {tokens.dtype} of shape {tuple(tokens.shape)}")
-    if tokens.device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling():
+    if tokens.device.type == "cpu" and tokens.numel() and host_values_readable(tokens):
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= config.vocab_size:
             raise ValueError(f"tokens holds token id {lo if lo < 0 else hi}, outside the vocabulary "
