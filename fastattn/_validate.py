@@ -88,12 +88,12 @@ def check_bool(value, name: str) -> bool:
 
 def host_values_readable(*tensors) -> bool:
     """Whether the values of these (CPU) tensors may be read on the host for a check: not while
-    torch.compile / torch.export traces, and not for fake tensors (FakeTensorMode shape
-    propagation, which has no values: such checks are then skipped, as when traced)."""
+    torch.compile / torch.export traces, and not for meta or fake tensors (shape propagation,
+    which has no values: such checks are then skipped, as when traced)."""
     if torch.compiler.is_compiling():
         return False
     for t in tensors:
-        if type(t) is not Tensor and _is_fake(t):
+        if t.device.type == "meta" or (type(t) is not Tensor and _is_fake(t)):
             return False
     return True
 

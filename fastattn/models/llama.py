@@ -1907,7 +1907,7 @@ def _check_ids(input_ids, config: LlamaConfig, max_len: Optional[int]) -> None:
     # a device-side assert on CUDA. Reading the range is one host sync per call on CUDA; a
     # compiled graph skips it rather than break on a data-dependent branch (and so do meta and
     # fake ids, which have no values: a model moved to "meta" runs for shapes).
-    if input_ids.numel() and input_ids.device.type != "meta" and host_values_readable(input_ids):
+    if input_ids.numel() and host_values_readable(input_ids):
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= config.vocab_size:
             bad = lo if lo < 0 else hi
