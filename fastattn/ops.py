@@ -202,11 +202,15 @@ def _rms_norm_backward(ctx, dy, _drstd):
 
 
 def _rms_norm_add_setup(ctx, inputs, output):
-    _x, _residual, weight, eps = inputs
+    x, residual, weight, eps = inputs
     _y, h, rstd = output
     ctx.eps = eps
     _save(ctx, h, weight, rstd)
     ctx.mark_non_differentiable(rstd)
+    if not (x.requires_grad or residual.requires_grad):
+        # h = x + residual needs no gradient when neither addend does (as the unfused sum
+        # gives), even when the weight trains.
+        ctx.mark_non_differentiable(h)
     ctx.set_materialize_grads(False)  # an unused y arrives as None: the weight then gets None
 
 

@@ -375,3 +375,21 @@ def test_zero_new_tokens_and_defaults(llama):
     assert torch.equal(model.generate(ids, 0, num_beams=3, num_return_sequences=2), ids.repeat_interleave(2, 0))
     # num_beams=1 with the new options at their defaults is the plain greedy path
     assert torch.equal(model.generate(ids, 4, repetition_penalty=1.0, min_new_tokens=0), model.generate(ids, 4))
+
+
+@pytest.mark.parametrize("cache", ["contiguous", "paged"])
+def test_generate_under_autocast(llama, cache):
+    # An fp32 model under CPU autocast: the projections give bf16 k/v, so the cache holds bf16
+    # (as transformers' caches); it was allocated fp32 and the append refused the dtypes.
+    hf, ours = llama
+    ids = ids_of(2, S)
+    if cache == "paged" and not paged_kernels_available():
+        pytest.skip("this build lacks the paged-cache kernels")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = {b: m.generate(ids, 6, cache=cache) for b, m in ours.items()}
+        assert ours["fastattn"].cache.k[0].dtype == torch.bfloat16
+        want = theirs(hf, ids, max_new_tokens=6)
+    assert torch.equal(got["fastattn"], got["torch"]) and torch.equal(got["fastattn"], want)
+    # Outside autocast the next generate sets up an fp32 cache again.
+    assert torch.equal(ours["fastattn"].generate(ids, 2), theirs(hf, ids, max_new_tokens=2))
+    assert ours["fastattn"].cache.k[0].dtype == torch.float32

@@ -457,3 +457,24 @@ def test_tables_built_under_inference_mode_are_ordinary():
     q_rot, _ = m(q, torch.randn(1, 10, 2, 8))
     q_rot.sum().backward()
     assert q.grad is not None
+
+
+def test_non_reentrant_checkpoint_with_table_growth():
+    # The op saves the tables for backward: they must be this call's rows only, or a
+    # recomputation after later calls grew the tables saves a bigger table and torch's
+    # non-reentrant checkpoint refuses the metadata mismatch.
+    from torch.utils.checkpoint import checkpoint
+
+    def loss(rope, q1, k1, q2, k2):
+        a, _ = rope(q1, k1)  # 20 positions: the tables grow 16 -> 32 rows
+        b, _ = rope(q2, k2, torch.arange(100).flip(0), max_position=100)  # -> 128 rows
+        return a.square().sum() + b.square().sum()
+
+    torch.manual_seed(0)
+    q1, k1 = torch.randn(1, 20, 2, 64, requires_grad=True), torch.randn(1, 20, 1, 64)
+    q2, k2 = torch.randn(1, 100, 2, 64, requires_grad=True), torch.randn(1, 100, 1, 64)
+    want = torch.autograd.grad(loss(fastattn.nn.RotaryEmbedding(64, max_position_embeddings=16), q1, k1, q2, k2),
+                               (q1, q2))
+    rope = fastattn.nn.RotaryEmbedding(64, max_position_embeddings=16)
+    got = torch.autograd.grad(checkpoint(loss, rope, q1, k1, q2, k2, use_reentrant=False), (q1, q2))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

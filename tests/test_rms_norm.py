@@ -154,6 +154,21 @@ def test_residual_only_h_used_weight_gets_no_gradient(device, create_graph):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_residual_h_needs_no_grad_when_only_the_weight_trains(device):
+    # As unfused (h = x + r needs no gradient when neither addend does): h must not require
+    # grad, and a backward from h alone raises torch's error instead of silently doing nothing.
+    x, r = torch.randn(3, 16, device=device), torch.randn(3, 16, device=device)
+    w = torch.randn(16, device=device, requires_grad=True)
+    y, h = fastattn.rms_norm(x, w, 1e-6, residual=r)
+    assert y.requires_grad and not h.requires_grad and h.grad_fn is None
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        h.sum().backward()
+    (dw,) = torch.autograd.grad(y.sum(), (w,))
+    (want,) = torch.autograd.grad(fastattn.rms_norm(x + r, w, 1e-6).sum(), (w,))
+    assert torch.equal(dw, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_dweight_deterministic(device):
     x = torch.randn(257, 333, device=device)
     w = torch.rand(333, device=device, requires_grad=True)

@@ -1466,7 +1466,12 @@ class Llama(nn.Module):
         cache="paged": a pool of pages of page_size tokens. max_lengths (B,), default max_len
         each, is the most tokens sequence b will ever hold; the pool has
         1 + sum_b ceil(max_lengths[b] / page_size) pages (page 0 is the null page), so it
-        never runs out, and the block table ceil(max_len / page_size) columns."""
+        never runs out, and the block table ceil(max_len / page_size) columns.
+
+        The cache holds K/V in the dtype the model's projections produce: the model's dtype, or
+        under torch.autocast the autocast dtype (as transformers' caches, which take whatever
+        k/v arrive), so generate under autocast works; a cache set up under autocast must be
+        used under it."""
         c = self.config
         if cache not in CACHES:
             raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
@@ -1482,12 +1487,12 @@ class Llama(nn.Module):
             return self._setup_paged_cache(batch_size, max_len, page_size, max_lengths)
         kv = self.cache
         if (not isinstance(kv, KVCache) or kv.batch_size != batch_size or kv.max_len < max_len
-                or kv.k[0].dtype != self.dtype or kv.k[0].device != self.device):
+                or kv.k[0].dtype != self._cache_dtype() or kv.k[0].device != self.device):
             # The old cache is dropped first: building the new one while it is held would need
             # both at once (a new batch size or dtype, or a longer max_len, as generate asks).
             self.cache = kv = None
             kv = KVCache(c.num_hidden_layers, batch_size, max_len, c.num_key_value_heads, c.head_dim,
-                         self.dtype, self.device)
+                         self._cache_dtype(), self.device)
             self.cache = kv
         kv.reset()
         return kv
@@ -1510,13 +1515,22 @@ class Llama(nn.Module):
         kv = self.cache
         if (not isinstance(kv, PagedKVCache) or kv.batch_size != batch_size or kv.page_size != page_size
                 or kv.num_pages < num_pages or kv.max_pages_per_seq < width
-                or kv.k[0].dtype != self.dtype or kv.k[0].device != self.device):
+                or kv.k[0].dtype != self._cache_dtype() or kv.k[0].device != self.device):
             self.cache = kv = None  # (dropped before the new one is built, as above)
             kv = PagedKVCache(c.num_hidden_layers, batch_size, num_pages, page_size, width, c.num_key_value_heads,
-                              c.head_dim, self.dtype, self.device)
+                              c.head_dim, self._cache_dtype(), self.device)
             self.cache = kv
         kv.reset()
         return kv
+
+    def _cache_dtype(self) -> torch.dtype:
+        # What the k/v projections return: autocast casts a linear's 16/32-bit float inputs to
+        # its dtype (never float64 ones).
+        dtype, device_type = self.dtype, self.device.type
+        if (dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.amp.is_autocast_available(device_type)
+                and torch.is_autocast_enabled(device_type)):
+            return torch.get_autocast_dtype(device_type)
+        return dtype
 
     @torch.no_grad()
     def prefill(self, input_ids: Tensor, prompt_lengths: Optional[Tensor] = None) -> Tensor:

@@ -388,6 +388,11 @@ class RotaryEmbedding(torch.nn.Module):
         else:  # checked by apply_rotary (dtype, shape; CUDA values by the kernel)
             needed, what = 0, str
         cos, sin = self._ensure(needed, what)
+        if needed > 0:
+            # Exactly the rows this call needs: the op saves the tables for backward, and their
+            # shape must not depend on how far earlier calls grew them (non-reentrant
+            # torch.utils.checkpoint compares a recomputation's saved shapes with the forward's).
+            cos, sin = cos[:needed], sin[:needed]
         return F.apply_rotary(
             q, k, cos, sin, positions=positions, interleaved=self.interleaved, inplace=inplace,
             check_positions=check_positions,
