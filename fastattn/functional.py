@@ -1107,7 +1107,11 @@ def _kvcache_conveniences(q, k_cache, v_cache, cache_seqlens, block_table):
     if q.dim() not in (3, 4):
         return k_cache, v_cache, cache_seqlens
     B = q.shape[0]
-    if is_integer(cache_seqlens):
+    if isinstance(cache_seqlens, torch.SymInt):  # a length from a shape while torch.compile / export traces
+        torch._check(cache_seqlens >= 0, lambda: "cache_seqlens must be >= 0")
+        torch._check(cache_seqlens < 2**31, lambda: "cache_seqlens must be < 2^31 (an int32 length)")
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=k_cache.device)
+    elif is_integer(cache_seqlens):
         n = int(cache_seqlens)
         if not 0 <= n < 2**31:
             raise ValueError(f"cache_seqlens must be in [0, 2^31) (an int32 length), got {n}")
@@ -1370,8 +1374,14 @@ def attention_with_kvcache(
             if type(e) not in (ValueError, RuntimeError) or not msg.startswith(prefix):
                 raise
             raise type(e)(f"fastattn.attention_with_kvcache (appending k, v): {msg[len(prefix):]}") from None
-    out, lse = ops.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, left,
-                                          right, Sq if k is not None else 0, num_splits, softcap)
+    lengths, seqlens_k_add = cache_seqlens, (Sq if k is not None else 0)
+    if k is not None and torch.jit.is_tracing():
+        # torch.jit.trace records an int argument as a constant (a trace of a decode step would
+        # read one new row at every chunk length): the lengths after the append as a tensor
+        # instead, from the traced size (the kernel reads cache_seqlens[b] + seqlens_k_add).
+        lengths, seqlens_k_add = cache_seqlens + q.shape[1], 0
+    out, lse = ops.attention_with_kvcache(q, k_cache, v_cache, lengths, block_table, softmax_scale, left,
+                                          right, seqlens_k_add, num_splits, softcap)
     return (out, lse) if return_lse else out
 
 

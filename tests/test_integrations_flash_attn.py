@@ -553,3 +553,37 @@ def test_window_size_as_a_tensor():
     for bad in (torch.tensor([2.0, 5.0]), torch.tensor([1, 2, 3]), torch.tensor([True, False])):
         with pytest.raises(ValueError, match="window_size must be a"):
             fa.flash_attn_func(q, k, k, window_size=bad)
+
+
+@pytest.mark.parametrize("causal, window_size", [(True, (4, 0)), (True, (9, -1)), (True, (-1, -1)), (False, (-1, -1))])
+def test_traced_window_serves_every_length(causal, window_size):
+    # The window mapping branched on the sequence lengths: torch.jit.trace kept the first
+    # shape's band (a (4, 0) window traced at 4 tokens attended fully causal at 20: silently
+    # wrong) and torch.export refused a dynamic length (audit). Causal and unbounded windows
+    # no longer depend on the lengths; fewer keys than queries included.
+    import warnings
+
+    from torch.export import Dim, export
+
+    def f(q, k, v):
+        return fa.flash_attn_func(q, k, v, causal=causal, window_size=window_size)
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return f(q, k, v)
+
+    def inputs(sq, sk):
+        g = torch.Generator().manual_seed(sq * 100 + sk)
+        return (torch.randn(1, sq, 4, 16, generator=g), torch.randn(1, sk, 2, 16, generator=g),
+                torch.randn(1, sk, 2, 16, generator=g))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the tracer's generic warnings)
+        traced = torch.jit.trace(f, inputs(4, 4))
+    sq, sk = Dim("sq", min=2, max=64), Dim("sk", min=2, max=64)
+    program = export(M(), inputs(4, 5), dynamic_shapes=({1: sq}, {1: sk}, {1: sk}))
+    for shape in ((20, 20), (3, 11), (17, 6), (2, 2)):
+        a = inputs(*shape)
+        want = f(*a)
+        assert torch.equal(traced(*a), want), shape
+        assert torch.equal(program.module()(*a), want), shape

@@ -649,6 +649,49 @@ def test_appending_chunk_length_stays_symbolic():
     assert torch.equal(exported.module()(*a), Chunk()(*b))
 
 
+def test_jit_trace_of_an_append_serves_other_chunk_lengths():
+    # torch.jit.trace recorded the appended chunk length (an int argument) as a constant: a
+    # trace of a decode step read one new row at every chunk length (silently wrong; audit).
+    import warnings
+
+    def step(q, k_cache, v_cache, seqlens, k, v):
+        return fastattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, causal=True)
+
+    def inputs(sq):
+        g = torch.Generator().manual_seed(sq)
+        return (torch.randn(2, sq, 4, 16, generator=g), torch.zeros(2, 32, 2, 16), torch.zeros(2, 32, 2, 16),
+                torch.tensor([5, 9], dtype=torch.int32), torch.randn(2, sq, 2, 16, generator=g),
+                torch.randn(2, sq, 2, 16, generator=g))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the tracer's generic warnings)
+        traced = torch.jit.trace(step, inputs(1))
+    for sq in (1, 4, 7):
+        a = inputs(sq)
+        b = tuple(t.clone() for t in a)
+        assert torch.equal(traced(*a), step(*b))
+        assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_int_cache_seqlens_from_a_dynamic_dim(strict):
+    # An int cache_seqlens taken from a cache's shape is a SymInt while torch.export traces:
+    # non-strict export refused it ("must be a torch.Tensor, got SymInt"; audit).
+    from torch.export import Dim, export
+
+    class Step(torch.nn.Module):
+        def forward(self, q, k_cache, v_cache):
+            return fastattn.decode_attention(q, k_cache, v_cache, k_cache.shape[1])
+
+    q = torch.randn(2, 4, 16)
+    cap = Dim("cap", min=4, max=64)
+    program = export(Step(), (q, torch.randn(2, 32, 2, 16), torch.randn(2, 32, 2, 16)),
+                     dynamic_shapes=(None, {1: cap}, {1: cap}), strict=strict)
+    for n in (5, 50):
+        k_cache, v_cache = torch.randn(2, n, 2, 16), torch.randn(2, n, 2, 16)
+        assert torch.equal(program.module()(q, k_cache, v_cache), Step()(q, k_cache, v_cache))
+
+
 @pytest.mark.parametrize("call", ["append_kv", "attention_with_kvcache"])
 def test_inference_tensor_cache_refused_before_any_write(call):
     # A cache made under torch.inference_mode() cannot be written outside it (torch refuses

@@ -955,3 +955,29 @@ def test_compiled_paged_step_that_raises_leaves_the_cache_usable():
         assert torch.equal(got, want)
         tok = want.argmax(-1)
     assert model.cache.seqlens.tolist() == [12, 12]
+
+
+def test_longrope_forward_traced_at_one_length_serves_the_others():
+    # forward picked LongRoPE's factors with a Python branch on S: torch.jit.trace kept the
+    # first length's factors past the switch (silently wrong) and torch.export refused a dynamic
+    # S across it (audit). A traced length decides on the device, as a traced prefill does.
+    import warnings
+
+    from torch.export import Dim, export
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [8.0] * 4,
+                                       "original_max_position_embeddings": 16})
+    model = Llama(config).eval()
+    short = ids_of(1, 8)
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the tracer's generic warnings)
+            traced = torch.jit.trace(model, (short,))
+        program = export(model, (short,), dynamic_shapes=({1: Dim("S", min=2, max=64)},))
+        for S in (8, 16, 17, 32):
+            ids = ids_of(1, S)
+            want = model(ids)
+            assert torch.equal(traced(ids), want) and torch.equal(program.module()(ids), want), S

@@ -90,6 +90,17 @@ def _flash_attn_window(window_size, causal: bool, seqlen_k: int, seqlen_q: int):
     ops keep the documented band (they differ only for seqlen_q > seqlen_k). A side that
     reaches every key (left >= seqlen_k - 1; right >= seqlen_q - 1) is passed as -1."""
     left, right = _window(window_size)
+    if not (type(seqlen_k) is int and type(seqlen_q) is int):
+        # Traced sizes (torch.compile / export's SymInts, torch.jit.trace's tensors): no branch
+        # on them where the band does not depend on them, or a trace would fix the window of
+        # its first shape (jit.trace) or guard on it (export: a dynamic length refused).
+        # Causal: a left of >= seqlen_k - 1 already reaches every key of fastattn's band
+        # (query i sees keys >= i + seqlen_k - seqlen_q - left, i < seqlen_q), so a left side
+        # passes as given; so does an unbounded pair without causal.
+        if causal:
+            return (-1 if left < 0 else left), 0
+        if left < 0 and right < 0:
+            return -1, -1
     left = -1 if left < 0 or left >= seqlen_k else left
     right = -1 if right < 0 or right >= seqlen_k else right
     if causal:

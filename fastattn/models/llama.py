@@ -1419,6 +1419,12 @@ class Llama(nn.Module):
         if positions is None and isinstance(longest, Tensor):  # traced prefill: decided on the device
             positions = torch.arange(S, device=device)
             return positions + (longest > switch).to(positions.dtype) * offset
+        if positions is None and longest is None and type(S) is not int:
+            # A traced length (torch.compile / export's SymInt, torch.jit.trace's tensor): decided
+            # on the device too, or the trace would keep its first length's factors (jit.trace)
+            # or guard on the switch (export refused a dynamic length across it).
+            positions = torch.arange(S, device=device)
+            return positions + (positions + 1 > switch).any().to(positions.dtype) * offset
         if positions is None:
             return None if (S if longest is None else longest) <= switch else torch.arange(S, device=device) + offset
         use_long = (positions.max() + 1 > switch).to(positions.dtype)
