@@ -6,6 +6,7 @@ input dtype.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -77,6 +78,12 @@ def _contiguous_last_dim(t: Tensor) -> Tensor:
     return t
 
 
+def _any_dtensor(*tensors) -> bool:
+    """Whether any is a torch.distributed DTensor (none can exist before its module loads)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and any(isinstance(t, module.DTensor) for t in tensors)
+
+
 def _rms_norm_plain(x, weight, eps, residual) -> bool:
     """The usual call, decided in a few comparisons (~1 us instead of ~4 of checks): a float32 /
     float16 / bfloat16 x that is not nested, a float eps, a weight of x's dtype and device and
@@ -84,6 +91,8 @@ def _rms_norm_plain(x, weight, eps, residual) -> bool:
     autocast case. rms_norm then goes straight to the kernels; anything else takes its checks
     and conversions one by one."""
     if not (isinstance(x, Tensor) and type(eps) is float):
+        return False
+    if _any_dtensor(x, weight, residual):
         return False
     dtype = x.dtype
     if not (dtype in FLOAT_DTYPES and x.dim() >= 1 and not x.is_nested):
@@ -119,8 +128,9 @@ def rms_norm(
     Args:
         x: (..., N) float32/float16/bfloat16, any strides (a last dim that is not
             contiguous is copied once). float64, complex64 and complex128 are accepted
-            too, and so are nested (jagged) tensors: those are computed by torch's own
-            rms_norm (there are no such kernels).
+            too, and so are nested (jagged) tensors and DTensors (x, weight or residual):
+            those are computed by torch's own rms_norm (there are no such kernels, and no
+            sharding rule for fastattn's ops).
         weight: (N,) or None, any float dtype and strides. A weight whose dtype differs from
             x's (the fp32 master weight of a 16-bit model, or under autocast) is converted
             to x's dtype for the kernel; its gradient is reduced in fp32 and returned in the
@@ -157,8 +167,9 @@ def rms_norm(
         raise ValueError("x must have at least 1 dimension, got a 0-dim tensor")
     torch_eps = eps is None  # None is left to torch where torch computes (its default depends on the dtype)
     eps = _rms_norm_eps(eps)
-    if x.is_nested or (isinstance(residual, Tensor) and residual.is_nested):
-        # Nested (jagged) tensors: torch's own rms_norm (the kernels take strided tensors).
+    if x.is_nested or (isinstance(residual, Tensor) and residual.is_nested) or _any_dtensor(x, weight, residual):
+        # Nested (jagged) tensors and DTensors (which have no sharding rule for fastattn's ops):
+        # torch's own rms_norm (the kernels take strided tensors).
         h = x + residual if residual is not None else x
         y = torch.nn.functional.rms_norm(h, (h.shape[-1],), weight, None if torch_eps else eps)
         return (y, h) if residual is not None else y

@@ -507,6 +507,17 @@ def test_greedy_and_temperature():
         sample_next_token(logits, -1.0)
 
 
+def test_temperature_so_small_the_logits_overflow():
+    # logits / 1e-40 overflowed fp32 to +inf, the softmax gave NaN and torch.multinomial raised
+    # (distributed-training audit): the limit is the row's largest logits, equally likely.
+    logits = crafted_logits()
+    assert (sample_many(logits, n=20, temperature=1e-40) == torch.tensor([[0], [3]])).all()
+    tied = torch.tensor([[2.0, 5.0, 5.0, -1.0]])
+    drawn = sample_many(tied, n=200, temperature=1e-45)
+    assert set(drawn.flatten().tolist()) == {1, 2}
+    assert (sample_many(tied, n=20, temperature=1e-45, top_k=1) != 0).all()
+
+
 def test_fixed_generator_reproduces(hf_llama):
     _, path = hf_llama
     model = Llama.from_pretrained(path)
@@ -981,3 +992,37 @@ def test_longrope_forward_traced_at_one_length_serves_the_others():
             ids = ids_of(1, S)
             want = model(ids)
             assert torch.equal(traced(ids), want) and torch.equal(program.module()(ids), want), S
+
+
+def test_fsdp2_bf16_mixed_precision_trains(tmp_path):
+    # FSDP2's MixedPrecisionPolicy casts the floating tensors of every block's forward
+    # arguments to bf16: the RoPE tables rode in the per-pass NamedTuple, and fastattn's rotary
+    # refused bf16 tables (the torch backend ran; distributed-training audit). The tables now
+    # stay fp32; the two backends agree to bf16 rounding.
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch without torch.distributed")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    ids = ids_of(2, 8)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        losses, grads = {}, {}
+        for backend in ("torch", "fastattn"):
+            torch.manual_seed(0)
+            model = Llama(config, backend=backend)
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            for layer in model.layers:
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+            loss = torch.nn.functional.cross_entropy(model(ids).float().flatten(0, 1), ids.roll(-1, 1).flatten())
+            loss.backward()
+            losses[backend] = loss.item()
+            grads[backend] = model.layers[0].attention.wqkv.weight.grad.full_tensor()
+    finally:
+        dist.destroy_process_group()
+    assert abs(losses["fastattn"] - losses["torch"]) < 2e-2 * abs(losses["torch"])
+    rel = (grads["fastattn"] - grads["torch"]).norm() / grads["torch"].norm()
+    assert rel < 5e-2, rel

@@ -179,3 +179,32 @@ def test_torch_jit_script_leaves_subclasses_alone():
     m = Doubled(8)
     assert m.__prepare_scriptable__() is m
     assert type(fastattn.nn.RMSNorm(8).__prepare_scriptable__()).__name__ == "_ScriptedRMSNorm"
+
+
+def test_dtensor_inputs_take_torchs_rms_norm(tmp_path):
+    # DTensors (a sharded activation, a module given to distribute_module) went to fastattn's op,
+    # which has no sharding rule: torch's NotImplementedError where torch.nn.RMSNorm returns a
+    # DTensor (distributed-training audit). They are handed to torch, as nested tensors are.
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch without torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        x_local, r_local = torch.randn(4, 6, 32), torch.randn(4, 6, 32)
+        x, r = distribute_tensor(x_local, mesh, [Shard(0)]), distribute_tensor(r_local, mesh, [Shard(0)])
+        w = distribute_tensor(torch.rand(32) + 0.5, mesh, [Replicate()])
+        want = torch.nn.functional.rms_norm(x, (32,), w, 1e-6)
+        got = fastattn.rms_norm(x, w, 1e-6)
+        assert got.placements == want.placements and torch.equal(got.full_tensor(), want.full_tensor())
+        y, h = fastattn.rms_norm(x, w, 1e-6, residual=r)
+        assert torch.equal(h.full_tensor(), x_local + r_local)
+        assert torch.equal(y.full_tensor(), torch.nn.functional.rms_norm(x + r, (32,), w, 1e-6).full_tensor())
+        norm = distribute_module(fastattn.nn.RMSNorm(32, eps=1e-6), mesh)
+        reference_norm = distribute_module(torch.nn.RMSNorm(32, eps=1e-6), mesh)
+        assert torch.equal(norm(x).full_tensor(), reference_norm(x).full_tensor())
+    finally:
+        dist.destroy_process_group()

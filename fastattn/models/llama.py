@@ -1132,18 +1132,26 @@ class PagedKVCache(_HostLengthBound):
         self.host_seqlens = lengths
 
 
+class _RopeTables:
+    """One forward pass's RoPE tables, (max_pos, D/2) fp32 cos / sin (and the sliding layers'
+    own pair when they differ, Gemma 3), in an object pytrees do not enter: FSDP2 casts every
+    floating tensor of a block's forward arguments (a NamedTuple's too) to its param_dtype,
+    and fastattn's rotary takes fp32 tables only (they must not be rounded to bf16)."""
+
+    def __init__(self, cos: Tensor, sin: Tensor, local: Optional[Tuple[Tensor, Tensor]]):
+        self.cos, self.sin, self.local = cos, sin, local
+
+
 class _Step(NamedTuple):
     """What every layer needs for one forward pass."""
 
     backend: str
-    cos: Tensor  # (max_pos, D/2) fp32
-    sin: Tensor
+    rope: _RopeTables
     positions: Optional[Tensor]  # (B, S) integer, None = arange(S)
     cache: Union[KVCache, PagedKVCache, None]  # None: no cache (plain forward / training)
     decode: bool  # one new token per sequence, attending to the cache
     write_at: Optional[Tensor]  # (B,) int32: cache row of each sequence's first new token
     attend_len: Optional[Tensor]  # (B,) int32: valid cache rows once the new tokens are in
-    rope_local: Optional[Tuple[Tensor, Tensor]] = None  # sliding layers' cos/sin when they differ (Gemma 3)
     # False: positions and cache rows were bounded on the host, so the fastattn kernels skip
     # their value checks (each a host sync per layer on CUDA)
     checked: bool = True
@@ -1192,9 +1200,9 @@ class Attention(nn.Module):
         if self.config.qk_norm:  # each head's q and k normed over D, before RoPE
             q = _rms_norm(step.backend, q, self.q_norm.weight, self.q_norm.eps, unit_offset=self.q_norm.unit_offset)
             k = _rms_norm(step.backend, k, self.k_norm.weight, self.k_norm.eps, unit_offset=self.k_norm.unit_offset)
-        cos, sin = step.cos, step.sin
-        if step.rope_local is not None and self.config.layer_types[layer] == "sliding_attention":
-            cos, sin = step.rope_local  # Gemma 3: local layers rotate with their own base
+        cos, sin = step.rope.cos, step.rope.sin
+        if step.rope.local is not None and self.config.layer_types[layer] == "sliding_attention":
+            cos, sin = step.rope.local  # Gemma 3: local layers rotate with their own base
         q, k = _rotary(step.backend, q, k, cos, sin, step.positions, step.checked)
         scale, cap = self.softmax_scale, self.softcap
         if step.cache is None:  # plain forward / training: causal attention over this block
@@ -1454,7 +1462,8 @@ class Llama(nn.Module):
               checked=True) -> _Step:
         cos, sin = self.rope(device)
         local = self.rope(device, local=True) if self.config.rope_local_theta is not None else None
-        return _Step(self.backend, cos, sin, positions, cache, decode, write_at, attend_len, local, checked)
+        return _Step(self.backend, _RopeTables(cos, sin, local), positions, cache, decode, write_at, attend_len,
+                     checked)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids (B, S) integer -> logits (B, S, vocab). No cache; differentiable."""
@@ -1893,7 +1902,14 @@ def sample_next_token(
     _check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    # A temperature so small that a row's largest (finite) logit overflows fp32 (to +inf, or
+    # to -inf when it is negative: the softmax then gives NaN) takes its limit: the row's
+    # largest logits alone, equally likely (the exact distribution in fp32: any smaller logit
+    # is >= 1 ulp below, over a tiny temperature).
+    largest = logits.amax(dim=-1, keepdim=True)  # (B, 1)
+    overflow = scaled.amax(dim=-1, keepdim=True).isinf() & largest.isfinite()
+    logits = torch.where(overflow, torch.where(logits == largest, 0.0, float("-inf")), scaled)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
