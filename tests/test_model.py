@@ -516,6 +516,9 @@ def test_temperature_so_small_the_logits_overflow():
     drawn = sample_many(tied, n=200, temperature=1e-45)
     assert set(drawn.flatten().tolist()) == {1, 2}
     assert (sample_many(tied, n=20, temperature=1e-45, top_k=1) != 0).all()
+    # Below ~7e-46 the temperature is 0 in fp32: a 0 logit gave 0 / 0 = NaN (review)
+    for row, want in (([0.0, 1.0, -3.0], {1}), ([0.0, -1.0, -3.0], {0}), ([0.0, 0.0, 0.0], {0, 1, 2})):
+        assert set(sample_many(torch.tensor([row]), n=100, temperature=1e-50).flatten().tolist()) == want
 
 
 def test_fixed_generator_reproduces(hf_llama):

@@ -478,3 +478,15 @@ def test_non_reentrant_checkpoint_with_table_growth():
     rope = fastattn.nn.RotaryEmbedding(64, max_position_embeddings=16)
     got = torch.autograd.grad(checkpoint(loss, rope, q1, k1, q2, k2, use_reentrant=False), (q1, q2))
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_max_position_zero_bounds_like_any_other():
+    # max_position is an exclusive bound of the positions: 1 refused position 5, 0 passed it
+    # through to the whole table (review).
+    rope = fastattn.nn.RotaryEmbedding(8, max_position_embeddings=16)
+    q = torch.randn(1, 1, 2, 8)
+    for bound in (0, 1):
+        with pytest.raises(ValueError, match="positions must lie in"):
+            rope(q, q, torch.tensor([5]), max_position=bound)
+    empty = torch.randn(1, 0, 2, 8)
+    assert rope(empty, empty, torch.zeros(1, 0, dtype=torch.long), max_position=0)[0].shape == empty.shape

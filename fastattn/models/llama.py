@@ -1904,11 +1904,12 @@ def sample_next_token(
         return logits.argmax(dim=-1)
     scaled = logits.float() / temperature
     # A temperature so small that a row's largest (finite) logit overflows fp32 (to +inf, or
-    # to -inf when it is negative: the softmax then gives NaN) takes its limit: the row's
-    # largest logits alone, equally likely (the exact distribution in fp32: any smaller logit
-    # is >= 1 ulp below, over a tiny temperature).
+    # to -inf when it is negative; below ~7e-46 the temperature itself is 0 in fp32 and a 0
+    # logit gives NaN: the softmax then gives NaN) takes its limit: the row's largest logits
+    # alone, equally likely (the exact distribution in fp32: any smaller logit is >= 1 ulp
+    # below, over a tiny temperature).
     largest = logits.amax(dim=-1, keepdim=True)  # (B, 1)
-    overflow = scaled.amax(dim=-1, keepdim=True).isinf() & largest.isfinite()
+    overflow = ~scaled.amax(dim=-1, keepdim=True).isfinite() & largest.isfinite()
     logits = torch.where(overflow, torch.where(logits == largest, 0.0, float("-inf")), scaled)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)

@@ -388,7 +388,7 @@ class RotaryEmbedding(torch.nn.Module):
         else:  # checked by apply_rotary (dtype, shape; CUDA values by the kernel)
             needed, what = 0, str
         cos, sin = self._ensure(needed, what)
-        if needed > 0:
+        if needed > 0 or max_position is not None:
             # Exactly the rows this call needs: the op saves the tables for backward, and their
             # shape must not depend on how far earlier calls grew them (non-reentrant
             # torch.utils.checkpoint compares a recomputation's saved shapes with the forward's).
