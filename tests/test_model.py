@@ -1029,3 +1029,28 @@ def test_fsdp2_bf16_mixed_precision_trains(tmp_path):
     assert abs(losses["fastattn"] - losses["torch"]) < 2e-2 * abs(losses["torch"])
     rel = (grads["fastattn"] - grads["torch"]).norm() / grads["torch"].norm()
     assert rel < 5e-2, rel
+
+
+@pytest.mark.parametrize("backend", ["fastattn", "torch"])
+def test_qk_norm_in_fp32_under_autocast_generates(backend, monkeypatch):
+    # CUDA autocast runs rms_norm in fp32 (torch 2.13): a Qwen3-style model's normed q / k came
+    # out fp32 beside a bf16 v and the bf16 KV cache (an fp32 model under autocast), which the
+    # cache write refused (review). Simulated on the CPU, whose autocast leaves rms_norm alone.
+    import fastattn.models.llama as llama_module
+
+    real = llama_module._rms_norm
+
+    def fp32_norm(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out.float() if torch.is_autocast_enabled("cpu") and isinstance(out, torch.Tensor) else out
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, qk_norm=True)
+    model = Llama(config, backend=backend).eval()
+    ids = ids_of(2, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model.generate(ids, 4)
+        monkeypatch.setattr(llama_module, "_rms_norm", fp32_norm)
+        assert torch.equal(model.generate(ids, 4), want)
+    assert model.cache.k[0].dtype == torch.bfloat16

@@ -1200,6 +1200,9 @@ class Attention(nn.Module):
         if self.config.qk_norm:  # each head's q and k normed over D, before RoPE
             q = _rms_norm(step.backend, q, self.q_norm.weight, self.q_norm.eps, unit_offset=self.q_norm.unit_offset)
             k = _rms_norm(step.backend, k, self.k_norm.weight, self.k_norm.eps, unit_offset=self.k_norm.unit_offset)
+            # CUDA autocast runs rms_norm in fp32 (torch 2.13): back to v's dtype, the one the
+            # attention and the KV cache take (SDPA's autocast would cast them so anyway).
+            q, k = q.to(v.dtype), k.to(v.dtype)
         cos, sin = step.rope.cos, step.rope.sin
         if step.rope.local is not None and self.config.layer_types[layer] == "sliding_attention":
             cos, sin = step.rope.local  # Gemma 3: local layers rotate with their own base
