@@ -26,6 +26,13 @@ Environment:
                          anything else -- used as -march= for _C, no tier libraries
                            (cpu_isa() == "custom").
   MAX_JOBS             parallel compile jobs (honoured by torch's ninja build).
+  FASTATTN_SAN_FLAGS   developer option: extra compile (and, for -f[no-]sanitize*, link) flags
+                       for every CPU library, e.g. "-fsanitize=address,undefined -fno-wrapv
+                       -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g" (-fno-wrapv
+                       overrides Python's -fwrapv, which would hide signed overflow). Under
+                       ASan the CPU scratch buffers are exact-size allocations (cpu_scratch.h).
+                       Run with LD_PRELOAD="$(gcc -print-file-name=libasan.so)
+                       $(gcc -print-file-name=libstdc++.so.6)" ASAN_OPTIONS=detect_leaks=0.
 
 Incremental builds: every way of building (build_ext --inplace, pip install [-e] .) compiles
 into one persistent folder per configuration, build/fastattn-<python>-<torch>-<config hash>/,
@@ -141,6 +148,9 @@ def _shared_libstdcxx() -> str:
 
 link_flags = ["-fopenmp", _shared_libstdcxx()] if sys.platform.startswith("linux") else ["-fopenmp"]
 common_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-Wno-psabi"]
+_san_flags = os.environ.get("FASTATTN_SAN_FLAGS", "").split()
+common_flags += _san_flags
+link_flags += [f for f in _san_flags if f.startswith(("-fsanitize", "-fno-sanitize"))]
 cxx_flags = common_flags + c_march + [f"-DFASTATTN_CPU_MODE={cpu_mode}"]
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))

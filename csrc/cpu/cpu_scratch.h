@@ -30,6 +30,21 @@ namespace cpu {
 // Larger buffers are freed at once: their first-touch cost grows with the sequence length,
 // the attention with its square, so past that size the faults are a few percent.
 inline constexpr size_t kRetainBytes = size_t(64) << 20;
+
+// An AddressSanitizer build (setup.py's FASTATTN_SAN_FLAGS) allocates exactly what each call
+// asks for and retains nothing: a kept or rounded-up buffer's slack would hide an access past
+// the end of this call's scratch.
+#if defined(__SANITIZE_ADDRESS__)
+inline constexpr bool kExactAllocations = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+inline constexpr bool kExactAllocations = true;
+#else
+inline constexpr bool kExactAllocations = false;
+#endif
+#else
+inline constexpr bool kExactAllocations = false;
+#endif
 inline std::mutex g_cached_mutex;
 inline void* g_cached = nullptr;  // the retained buffer (process-wide, one per loaded CPU tier)
 inline size_t g_cached_bytes = 0;
@@ -62,14 +77,14 @@ class ScratchBuffer {
   void allocate(size_t count) {
     release();
     const size_t bytes = std::max<size_t>(count, 1) * sizeof(float);
-    if (void* p = take_cached(bytes, &bytes_)) {
+    if (void* p = kExactAllocations ? nullptr : take_cached(bytes, &bytes_)) {
       data_ = static_cast<float*>(p);
       return;
     }
     bytes_ = bytes;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     constexpr size_t kHuge = size_t(2) << 20;
-    if (bytes >= 2 * kHuge) {
+    if (!kExactAllocations && bytes >= 2 * kHuge) {
       void* p = nullptr;
       const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
       if (posix_memalign(&p, kHuge, rounded) == 0) {
@@ -88,7 +103,11 @@ class ScratchBuffer {
 
  private:
   void release() {
-    if (data_ != nullptr) give_back_cached(data_, bytes_);
+    if (kExactAllocations) {
+      std::free(data_);
+    } else if (data_ != nullptr) {
+      give_back_cached(data_, bytes_);
+    }
     data_ = nullptr;
     bytes_ = 0;
   }
