@@ -830,6 +830,13 @@ def scaled_dot_product_attention(
             kind = type(flag)
             kind = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
             raise TypeError(f"scaled_dot_product_attention(): argument '{name}' must be bool, not {kind}")
+    if attn_mask is not None and _is_causal_bias(attn_mask):
+        # torch.nn.attention.bias.causal_upper_left / causal_lower_right: torch's CausalBias
+        # computes itself from its __torch_function__ only when the function called is the
+        # one named torch.nn.functional.scaled_dot_product_attention, which after a swap is
+        # this one (its uninitialised data was then read as a dense mask: silently wrong).
+        return type(attn_mask)._dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                         enable_gqa=enable_gqa)
     query, key, value = _sdpa_autocast(query, key, value)
     # Forward-mode AD and torch.func's grad transforms (which fastattn's ops cannot serve, see
     # ops.differentiating_transform) are torch's too.
@@ -868,15 +875,29 @@ def scaled_dot_product_attention(
     # transposed (a q projection viewed and transposed, as in Hugging Face models; and L = 1
     # decode steps); any other query layout costs one copy of the output, a few percent of
     # the attention on the CPU (the copy is O(L * E) per head, the kernel O(L * S * E)).
-    if not unit_last:
+    if not unit_last or torch._C._functorch.is_batchedtensor(out):
         # torch's fused kernels take a unit last-dim stride only (its check counts a size-1
         # head dim too) on all three inputs; otherwise its math backend computes, and returns
         # a contiguous result whatever query's layout (a strided k or v alone decides it).
+        # Under torch.vmap torch's batching rule gives a contiguous result too (a batched
+        # query's per-example strides, whose vmapped dim lies between them, leave gaps).
         out = out.contiguous()
     elif out.stride() != query.stride() and any(
             n > 1 and so != sq for n, so, sq in zip(out.shape, out.stride(), query.stride())):
         out = _in_layout_of(out, query)
     return out
+
+
+def _is_causal_bias(mask) -> bool:
+    bias = sys.modules.get("torch.nn.attention.bias")  # (none exists before it is imported)
+    return bias is not None and isinstance(mask, bias.CausalBias)
+
+
+# TorchScript compiles a call to a Python function unless it is registered as a builtin: after
+# the swap, torch.jit.script of nn.MultiheadAttention (or of anything calling F.sdpa) tried to
+# compile this function and failed on its keyword-only arguments. Scripted code calls torch's
+# own op instead (as a jit.trace records it, above).
+torch.jit._builtins._register_builtin(scaled_dot_product_attention, "aten::scaled_dot_product_attention")
 
 
 def _in_layout_of(out: Tensor, like: Tensor) -> Tensor:

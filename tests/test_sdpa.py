@@ -323,6 +323,71 @@ def test_swapped_in_for_torchs_sdpa(monkeypatch):
     torch.testing.assert_close(F.scaled_dot_product_attention(q[0], q[0], q[0]), real(q[0], q[0], q[0]))
 
 
+@pytest.mark.parametrize("swapped", [False, True])
+def test_causal_bias_masks(swapped, monkeypatch):
+    # torch.nn.attention.bias.causal_upper_left / causal_lower_right dispatch themselves from
+    # their __torch_function__ only when the function called is the one named
+    # F.scaled_dot_product_attention: after the swap, the hand-off read the bias's
+    # uninitialised data as a dense mask (silently wrong) or failed to broadcast (SDPA audit).
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+    real = F.scaled_dot_product_attention
+    torch.manual_seed(0)
+    cases = []
+    for L, S in ((5, 7), (7, 5), (6, 6)):
+        q, k, v = torch.randn(2, 4, L, 16), torch.randn(2, 4, S, 16), torch.randn(2, 4, S, 16)
+        for bias in (causal_lower_right(L, S), causal_upper_left(L, S)):
+            cases.append(((q, k, v, bias), real(q, k, v, attn_mask=bias)))
+    if swapped:
+        monkeypatch.setattr(F, "scaled_dot_product_attention", fastattn.scaled_dot_product_attention)
+    torch._dynamo.reset()  # (one graph per case below: the recompile limit is per code object)
+    compiled = torch.compile(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                             fullgraph=True, backend="eager")
+    for (q, k, v, bias), want in cases:
+        for got in (fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias), compiled(q, k, v, bias)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_dims, transposed", [(1, False), (0, True), (1, True), ((None, 1, 1), True)])
+def test_vmap_output_layout_is_torchs(in_dims, transposed):
+    # Under torch.vmap over a middle dim the output took the batched query's per-example strides,
+    # which leave gaps: not contiguous, 1.67x the memory, and .view failed where torch's works
+    # (SDPA audit). torch's batching rule gives a contiguous result.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 4, 16).transpose(-3, -2) if transposed else torch.randn(3, 2, 4, 5, 16)
+               for _ in range(3))
+    if isinstance(in_dims, tuple):
+        q = q[:, 0]
+    want = torch.vmap(F.scaled_dot_product_attention, in_dims=in_dims)(q, k, v)
+    got = torch.vmap(fastattn.scaled_dot_product_attention, in_dims=in_dims)(q, k, v)
+    torch.testing.assert_close(got, want)
+    assert got.stride() == want.stride() and got.view(-1).shape == want.view(-1).shape
+
+
+def test_jit_script_after_the_swap(monkeypatch):
+    # After the swap torch.jit.script compiled the drop-in (a Python function) for every
+    # F.scaled_dot_product_attention call it met and failed on its keyword-only arguments:
+    # nn.MultiheadAttention and TransformerEncoderLayer could not be scripted (SDPA audit).
+    # Scripted code calls torch's op, as a jit.trace records it.
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fastattn.scaled_dot_product_attention)
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 16)
+    for module in (torch.nn.MultiheadAttention(16, 2), torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)):
+        module.eval()
+        scripted = torch.jit.script(module)
+        args = (x, x, x) if isinstance(module, torch.nn.MultiheadAttention) else (x,)
+        want, got = module(*args), scripted(*args)
+        want, got = (want[0], got[0]) if isinstance(want, tuple) else (want, got)
+        torch.testing.assert_close(got, want)
+
+    @torch.jit.script
+    def causal(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q = torch.randn(1, 2, 5, 16)
+    torch.testing.assert_close(causal(q, q, q), fastattn.scaled_dot_product_attention(q, q, q, is_causal=True))
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_jit_trace_records_torchs_sdpa(is_causal):
     # torch.jit.trace records Python arithmetic on shapes as constants: a traced drop-in wrote
