@@ -616,6 +616,11 @@ def _read_results(path: str) -> dict:
         raise UsageError(f"--report {path}: cannot read: {e.strerror or e}")
     if not isinstance(results, dict) or not isinstance(results.get("benchmarks"), list):
         raise UsageError(f"--report {path}: not a benchmark results file (no \"benchmarks\" list)")
+    from fastattn.benchmarks import report
+
+    problem = report.malformed_row(results)
+    if problem:
+        raise UsageError(f"--report {path}: {problem}")
     return results
 
 
@@ -676,7 +681,6 @@ def cmd_bench(args) -> None:
             raise UsageError(missing)
         out = _output_path("--out", args.out, make_parents=True) if args.out else runner.default_out(_best_device(), tiny=args.tiny)
         log = _output_path("--log", args.log, make_parents=False) if args.log else None
-        os.makedirs(os.path.dirname(out), exist_ok=True)
         try:
             results, failures, log_path = runner.run_suites(out, args.filter, args.tiny, log)
         except runner.BenchUsageError as e:

@@ -110,6 +110,25 @@ def test_report_prints_only_the_table_on_stdout(results_file, capsys):
     assert "TFLOP/s" in out and "tok/s" in out
 
 
+@pytest.mark.parametrize("row, fragment", [
+    (dict(shape=None), "lacks shape"), (dict(median_s=0), "has median_s 0, not a positive time"),
+    (dict(median_s="fast"), "has median_s 'fast'")])
+def test_report_of_a_malformed_row_is_one_line(tmp_path, capsys, row, fragment):
+    # A row without a field, or with a zero time, gave "KeyError: 'shape' (unexpected ...)" or a
+    # ZeroDivisionError halfway through the table (benchmark audit).
+    results = synthetic_results()
+    info = results["benchmarks"][0]["extra_info"]
+    for key, value in row.items():
+        if value is None:
+            del info[key]
+        else:
+            info[key] = value
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    rc, out, err = run_main(["bench", "--report", str(path)], capsys)
+    assert_one_line_error(rc, out, err, f"--report {path}: benchmark row 0", fragment)
+
+
 def test_percent_of_copy_rule():
     from fastattn.benchmarks import plugin
 
@@ -316,7 +335,9 @@ def test_bench_paths_are_relative_to_the_callers_folder(tmp_path, monkeypatch, c
     assert rc == 0, err
     assert seen == {"out": str(tmp_path / "sub" / "r.json"), "filter": "rms", "tiny": True,
                     "log": str(tmp_path / "b.log")}
-    assert (tmp_path / "sub").is_dir() and out.startswith("device:")
+    # --out's missing folders are made when the results are written (by run_suites), not
+    # before the run: a run that fails or is interrupted leaves no empty folders behind
+    assert not (tmp_path / "sub").exists() and out.startswith("device:")
 
 
 # ---- real (tiny) runs in subprocesses, from a folder outside the source tree ----------------
@@ -331,6 +352,10 @@ def test_ok(bench):
 
 def test_broken(bench):
     raise RuntimeError("kernel exploded\\nsecond line")
+
+
+def test_peer_without_backend(bench):
+    pytest.skip("unavailable: no such backend here")
 '''
 
 
@@ -358,7 +383,7 @@ def runs(tmp_path_factory):
         "help": ["-m", "fastattn", "bench", "--help"],
         "report": ["-m", "fastattn", "bench", "--report", str(res)],
         "tiny": ["-m", "fastattn", "bench", "--tiny", "-k", "rms_norm", *plot_args],
-        "no_match": ["-m", "fastattn", "bench", "--tiny", "-k", "no_such_benchmark"],
+        "no_match": ["-m", "fastattn", "bench", "--tiny", "-k", "no_such_benchmark", "--out", "missing/r.json"],
         "kvcache": ["-m", "fastattn", "bench", "--tiny", "-k", "kvcache", "--out", "kv.json"],
         "failing": ["-c", failing_run],
     }
@@ -533,6 +558,7 @@ def test_no_matching_benchmark_is_one_line(runs):
     # pytest-benchmark creates its JSON file as it starts: a run that ends without results (or
     # is interrupted) left an empty results file behind, which bench --report then refused.
     assert list(runs[1]["no_match"].glob("*.json")) == []
+    assert not (runs[1]["no_match"] / "missing").exists()  # --out's folder: made only for results
 
 
 @pytest.mark.source_tree
@@ -548,3 +574,8 @@ def test_failing_benchmark_is_one_line_and_exit_1(runs):
     os.remove(log)  # kept for the user; this test's copy goes
     # the benchmark that worked is still in the table and the results file
     assert "noop" in r.stdout and os.path.isfile(runs[1]["failing"] / "f.json")
+    # a skipped benchmark (a peer without its backend) has no row: the results file and the
+    # table say which are missing, or the speedups against the others look complete
+    assert "unavailable here (1: not in the table" in r.stdout and "no such backend here" in r.stdout
+    saved = json.loads((runs[1]["failing"] / "f.json").read_text())
+    assert saved["fastattn_skipped"] == [["bench_failing::peer_without_backend", "no such backend here"]]

@@ -52,7 +52,7 @@ def _fn(impl, q, kc, vc, seqlens):
     try:
         run()
     except RuntimeError as e:  # a backend that does not take this case (layout, GQA, dtype)
-        pytest.skip(f"{impl}: {str(e).splitlines()[0][:120]}")
+        pytest.skip(f"unavailable: {impl}: {str(e).splitlines()[0][:120]}")
     return run
 
 

@@ -70,6 +70,6 @@ def test_flash_attn_fwd(bench, impl, dtype, shape):
         try:
             fn()
         except RuntimeError as e:  # backend not available for this device / shape / build
-            pytest.skip(f"{impl} unavailable: {str(e).splitlines()[0][:120]}")
+            pytest.skip(f"unavailable: {impl}: {str(e).splitlines()[0][:120]}")
     bench(fn, op="flash_attn_fwd" + ("+causal" if causal else ""), impl=impl,
           shape=f"{b}x{s}x{h}x{d}", dtype=dtype, flops=flops)

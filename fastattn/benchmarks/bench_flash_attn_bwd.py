@@ -74,7 +74,7 @@ def test_flash_attn_fwd_bwd(bench, impl, shape, dtype, causal):
     try:
         step()
     except RuntimeError as e:  # a backend that does not take this shape / dtype / GPU
-        pytest.skip(f"{impl} unavailable here: {str(e).splitlines()[0][:120]}")
+        pytest.skip(f"unavailable: {impl}: {str(e).splitlines()[0][:120]}")
     fwd_flops = 4 * b * s * s * h * d // (2 if causal else 1)
     bench(step, op="flash_attn_fwd+bwd" + ("+causal" if causal else ""), impl=impl,
           shape=f"{b}x{s}x{h}x{d}", dtype=dtype, flops=int(3.5 * fwd_flops))

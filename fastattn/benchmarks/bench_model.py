@@ -98,7 +98,7 @@ def test_decode(bench, benchmark, impl, batch):
         try:
             fn = model.capture_decode_step()
         except Exception as e:  # e.g. an op that still reads lengths on the host
-            pytest.skip(f"decode step not capturable on backend {model.backend}: {type(e).__name__}: {e}")
+            pytest.skip(f"unavailable: decode step not capturable on backend {model.backend}: {type(e).__name__}: {e}")
     tokens = torch.randint(0, c.vocab_size, (batch,), device=DEVICE)
 
     def step():

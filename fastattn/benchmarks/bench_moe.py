@@ -123,9 +123,12 @@ def _models_for(dtype):
 def test_moe(bench, benchmark, impl, tokens, dtype):
     ours, theirs = _models_for(dtype)
     if impl == "transformers" and theirs is None:
-        pytest.skip("transformers is not installed")
+        pytest.skip("unavailable: transformers is not installed")
     fn = ours if impl == "fastattn" else theirs
-    x = torch.randn(1, tokens, SHAPE["hidden"], device=DEVICE, dtype=dtype)
+    # The same tokens for every implementation (they route to the same experts, so each row
+    # reads the same expert weights): a fresh draw per row compared unequal work.
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(1, tokens, SHAPE["hidden"], generator=g, dtype=dtype).to(DEVICE)
     w = work(ours, x)
     # decode: GB/s of weight reads; prefill: GFLOP/s of the expert matmuls (see the docstring)
     measure = dict(bytes=w["weight_bytes"]) if is_decode(tokens) else dict(flops=w["expert_flops"])

@@ -41,6 +41,22 @@ def rows_of(results: dict):
     return rows
 
 
+_ROW_FIELDS = ("op", "shape", "dtype", "impl")
+
+
+def malformed_row(results: dict):
+    """What is wrong with the first benchmark row a table cannot show (a field missing, a time
+    that is not a positive number), or None."""
+    for i, r in enumerate(rows_of(results)):
+        missing = [k for k in _ROW_FIELDS if k not in r]
+        if missing:
+            return f"benchmark row {i} ({r.get('op', '?')}) lacks {', '.join(missing)}"
+        t = r["median_s"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or t == float("inf"):
+            return f"benchmark row {i} ({r['op']} {r['shape']} {r['impl']}) has median_s {t!r}, not a positive time"
+    return None
+
+
 def family_of(op: str):
     """(family key, variant) of an op name as the suites spell it."""
     if op.startswith("rms_norm"):
@@ -204,6 +220,7 @@ def print_table(results: dict, file=None) -> None:
         print(line, file=file)
     if not rows:
         print("(no benchmark results in this file)", file=file)
+        _print_skipped(results, file)
         return
     cells = [(r["op"], str(r["shape"]), str(r["dtype"]), r["impl"], format_time(r["median_s"]),
               format_throughput(r), format_pct(r, meta), format_gemm(r)) for r in rows]
@@ -219,6 +236,17 @@ def print_table(results: dict, file=None) -> None:
         print("", file=file)
         for line in summary:
             print(line, file=file)
+    _print_skipped(results, file)
+
+
+def _print_skipped(results: dict, file) -> None:
+    """The implementations that could not run here (a peer without its backend, ...): no row."""
+    skipped = results.get("fastattn_skipped") or []
+    if skipped:
+        print("", file=file)
+        print(f"unavailable here ({len(skipped)}: not in the table, nor in the speedups):", file=file)
+        for name, reason in skipped:
+            print(f"  {name}: {reason}", file=file)
 
 
 def speedup_rows(results: dict):

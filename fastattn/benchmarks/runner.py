@@ -72,6 +72,11 @@ def missing_runtime():
     return None
 
 
+# How the suites' skip messages start when an implementation cannot run here (a peer without
+# its backend, a build without a kernel): those are recorded in the results and the table.
+UNAVAILABLE = "unavailable: "
+
+
 class _Progress:
     """One progress line per benchmark on stderr: a tqdm bar (with each finished benchmark
     written above it) when stderr is a terminal, a plain line per benchmark otherwise, so
@@ -85,6 +90,7 @@ class _Progress:
         self.done = 0
         self.counts = {"passed": 0, "skipped": 0, "failed": 0}
         self.failures = []
+        self.skips = []
         self.collect_errors = []
 
     def _line(self, text):
@@ -119,6 +125,10 @@ class _Progress:
             self.counts[outcome] = self.counts.get(outcome, 0) + 1
             if outcome == "failed":
                 self.failures.append((ev.get("nodeid"), ev.get("message")))
+            elif outcome == "skipped":
+                reason = ev.get("message", "").removeprefix("Skipped: ")
+                if reason.startswith(UNAVAILABLE):  # (not the suites' by-design skips)
+                    self.skips.append((_short(ev.get("nodeid", "")), reason[len(UNAVAILABLE):]))
             width = len(str(self.total or 0))
             head = f"[{self.done:>{width}}/{self.total}]" if self.total else f"[{self.done}]"
             self._line(f"{head} {_short(ev.get('nodeid', ''))}  {_describe(outcome, ev)}")
@@ -181,8 +191,8 @@ def run_suites(out: str, filter_expr=None, tiny: bool = False, log_path=None, pr
         results, failures = _run(out, filter_expr, tiny, log_path, progress_stream, suites_dir or PACKAGE_DIR,
                                  workdir)
         failed = bool(failures)
-    except BenchUsageError:
-        failed = False  # a bad -k: the log holds nothing the message does not say
+    except (BenchUsageError, KeyboardInterrupt):
+        failed = False  # a bad -k or Ctrl-C: the log holds nothing the message does not say
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -260,6 +270,14 @@ def _run(out, filter_expr, tiny, log_path, progress_stream, suites_dir, workdir)
                          f"{_last_error_line(log_path)} ({where})")
     with open(partial) as f:
         results = json.load(f)
+    if progress.skips:
+        # An implementation that could not run has no row: recorded, so that the table says
+        # which are missing (a peer skipped for want of a backend must not leave the speedups
+        # against the others looking complete).
+        results["fastattn_skipped"] = [list(s) for s in progress.skips]
+        with open(partial, "w") as f:
+            json.dump(results, f, indent=4)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # (--out's missing folders, now)
     shutil.move(partial, out)
     failures = list(progress.failures)
     if rc == 1 and not failures:

@@ -1200,13 +1200,15 @@ class Attention(nn.Module):
         if self.config.qk_norm:  # each head's q and k normed over D, before RoPE
             q = _rms_norm(step.backend, q, self.q_norm.weight, self.q_norm.eps, unit_offset=self.q_norm.unit_offset)
             k = _rms_norm(step.backend, k, self.k_norm.weight, self.k_norm.eps, unit_offset=self.k_norm.unit_offset)
-            # CUDA autocast runs rms_norm in fp32 (torch 2.13): back to v's dtype, the one the
-            # attention and the KV cache take (SDPA's autocast would cast them so anyway).
-            q, k = q.to(v.dtype), k.to(v.dtype)
         cos, sin = step.rope.cos, step.rope.sin
         if step.rope.local is not None and self.config.layer_types[layer] == "sliding_attention":
             cos, sin = step.rope.local  # Gemma 3: local layers rotate with their own base
         q, k = _rotary(step.backend, q, k, cos, sin, step.positions, step.checked)
+        # CUDA autocast runs the qk norms in fp32 (torch 2.13), as transformers' Qwen3 ends up
+        # (an fp32 weight times the normed bf16): rotated in fp32 as there, then v's dtype, the
+        # one the attention and the KV cache take (SDPA's autocast casts them so too). A no-op
+        # everywhere else (q, k and v leave one projection).
+        q, k = q.to(v.dtype), k.to(v.dtype)
         scale, cap = self.softmax_scale, self.softcap
         if step.cache is None:  # plain forward / training: causal attention over this block
             out = _causal_attention(step.backend, q, k, v, window, scale, cap)
