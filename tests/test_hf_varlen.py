@@ -497,6 +497,29 @@ def test_compiled_forward_runs_on_fastattn_kernels(batch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_compiled_packed_row_with_an_all_ones_mask_is_eager_fastattns(use_cache):
+    # A tokenizer's all-ones attention_mask over a packed row: eager lets position_ids split the
+    # row (as flash_attention_2); compiled, the traced mask kept plain causal attention across
+    # the sequences (silently wrong logits, loss and gradients; HF integration audit). Decided in
+    # the graph now; a mask with a zero still decides alone (the test below).
+    import torch._dynamo
+
+    _, mine = _models("llama-gqa")
+    ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]])
+    mask = torch.ones(1, 12, dtype=torch.long)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = mine(ids, attention_mask=mask, position_ids=position_ids, use_cache=use_cache).logits
+        alone = torch.cat([mine(ids[:, a:b], use_cache=False).logits for a, b in ((0, 5), (5, 9), (9, 12))], 1)
+        got = torch.compile(lambda i, m, p: mine(i, attention_mask=m, position_ids=p, use_cache=use_cache).logits,
+                            backend="eager")(ids, mask, position_ids)
+    _assert_close(want, alone, rel=1e-5)
+    _assert_close(got, want, rel=1e-5)
+    torch._dynamo.reset()
+
+
 def test_compiled_padded_packed_row_is_eager_fastattns(monkeypatch):
     # A traced mask built from a caller's padding mask was split by position_ids restarts too:
     # a right-padded packed row (or generate-style position_ids over a mask with a hole)

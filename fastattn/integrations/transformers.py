@@ -488,6 +488,11 @@ def _traced_mask(q_length, kv_length, kv_offset, mask_function, attention_mask, 
         # (only without a padding mask: one with padding decides, position_ids are not read,
         # as on the eager path and in flash_attention_2)
         mask._fastattn_traced = True
+    elif isinstance(mask, torch.Tensor) and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        # A padding mask of all ones (a tokenizer's, over a packed row) lets position_ids split
+        # the row on the eager path, as in flash_attention_2; whether it has a zero cannot be
+        # read while tracing: decided in the graph (_apply_padding_free_packing).
+        mask._fastattn_traced_padding = attention_mask
     return mask
 
 
@@ -889,6 +894,21 @@ def _apply_padding_free_packing(module, query, key, attention_mask, is_causal, k
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.numel() != Sq:
             return original, original
         packed = _restart_segments(ids.reshape(1, Sq))
+    elif (_compiling() and isinstance(getattr(attention_mask, "_fastattn_traced_padding", None), torch.Tensor)
+          and attention_mask.dim() == 4 and B == 1 and Sq == Sk and Sq > 1 and is_causal is not False
+          and getattr(module, "is_causal", True) and not has_cu):
+        # Traced, transformers' 4-D mask from a caller's padding mask: as eager, packed
+        # position_ids split the row only where that padding mask is all ones (decided in the
+        # graph, no host read); a mask with padding decides alone.
+        ids, padding = kwargs.get("position_ids"), attention_mask._fastattn_traced_padding
+        if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.numel() != Sq
+                or padding.numel() != Sq):
+            return original, original
+        packed = _restart_segments(ids.reshape(1, Sq))
+        keep = (packed.unsqueeze(2) == packed.unsqueeze(1)).unsqueeze(1) | ~padding.to(torch.bool).all()
+        if attention_mask.dtype == torch.bool:
+            return attention_mask & keep, None
+        return attention_mask.masked_fill(~keep, torch.finfo(attention_mask.dtype).min), None
     else:
         return original, original
     if packed is None:
