@@ -1204,11 +1204,12 @@ class Attention(nn.Module):
         if step.rope.local is not None and self.config.layer_types[layer] == "sliding_attention":
             cos, sin = step.rope.local  # Gemma 3: local layers rotate with their own base
         q, k = _rotary(step.backend, q, k, cos, sin, step.positions, step.checked)
-        # CUDA autocast runs the qk norms in fp32 (torch 2.13), as transformers' Qwen3 ends up
-        # (an fp32 weight times the normed bf16): rotated in fp32 as there, then v's dtype, the
-        # one the attention and the KV cache take (SDPA's autocast casts them so too). A no-op
-        # everywhere else (q, k and v leave one projection).
-        q, k = q.to(v.dtype), k.to(v.dtype)
+        if self.config.qk_norm:
+            # CUDA autocast runs the qk norms in fp32 (torch 2.13), as transformers' Qwen3 ends
+            # up (an fp32 weight times the normed bf16): rotated in fp32 as there, then v's
+            # dtype, the one the attention and the KV cache take (SDPA's autocast casts them so
+            # too). A no-op everywhere else (q, k and v leave one projection).
+            q, k = q.to(v.dtype), k.to(v.dtype)
         scale, cap = self.softmax_scale, self.softcap
         if step.cache is None:  # plain forward / training: causal attention over this block
             out = _causal_attention(step.backend, q, k, v, window, scale, cap)
