@@ -78,10 +78,15 @@ def _contiguous_last_dim(t: Tensor) -> Tensor:
     return t
 
 
+def _any_instance_of_loaded(module_name: str, class_name: str, *objs) -> bool:
+    """Whether any obj is an instance of module_name.class_name, without importing the module
+    (no instance can exist before it is loaded): torch's DTensor, CausalBias."""
+    module = sys.modules.get(module_name)
+    return module is not None and any(isinstance(o, getattr(module, class_name)) for o in objs)
+
+
 def _any_dtensor(*tensors) -> bool:
-    """Whether any is a torch.distributed DTensor (none can exist before its module loads)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and any(isinstance(t, module.DTensor) for t in tensors)
+    return _any_instance_of_loaded("torch.distributed.tensor", "DTensor", *tensors)
 
 
 def _rms_norm_plain(x, weight, eps, residual) -> bool:
@@ -889,8 +894,7 @@ def scaled_dot_product_attention(
 
 
 def _is_causal_bias(mask) -> bool:
-    bias = sys.modules.get("torch.nn.attention.bias")  # (none exists before it is imported)
-    return bias is not None and isinstance(mask, bias.CausalBias)
+    return _any_instance_of_loaded("torch.nn.attention.bias", "CausalBias", mask)
 
 
 # TorchScript compiles a call to a Python function unless it is registered as a builtin: after
