@@ -86,6 +86,17 @@ def check_bool(value, name: str) -> bool:
     raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
 
 
+def check_traced(condition, message: str) -> None:
+    """A check on a traced length (a SymInt under torch.compile / torch.export), recorded in the
+    graph and run with it: ``torch._check``. Under strict export the message callable is
+    dropped: dynamo lifts it as a graph constant, and strict export of a length read with
+    ``.item()`` then fails (torch 2.13) before anything runs."""
+    if torch.compiler.is_dynamo_compiling() and torch.compiler.is_exporting():
+        torch._check(condition)
+    else:
+        torch._check(condition, lambda: message)
+
+
 def host_values_readable(*tensors) -> bool:
     """Whether the values of these (CPU) tensors may be read on the host for a check: not while
     torch.compile / torch.export traces, and not for meta or fake tensors (shape propagation,

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import ops
 from ._validate import (
@@ -23,6 +24,7 @@ from ._validate import (
     check_softcap,
     check_softmax_scale,
     check_tensor,
+    check_traced,
     host_values_readable,
     is_integer,
 )
@@ -568,7 +570,7 @@ def _check_window(window) -> tuple:
         # is checked when the graph runs.
         for w in window:
             if isinstance(w, torch.SymInt):
-                torch._check(w >= -1, lambda: f"window sizes must be >= 0 or -1 (unbounded), got {window}")
+                check_traced(w >= -1, "window sizes must be >= 0 or -1 (unbounded)")
         return tuple(w if isinstance(w, torch.SymInt) else int(w) for w in window)
     left, right = int(window[0]), int(window[1])
     if left < -1 or right < -1:
@@ -863,13 +865,7 @@ def scaled_dot_product_attention(
         q, k, v = _contiguous_last_dim(q), _contiguous_last_dim(k), _contiguous_last_dim(v)
     left, right = -1, -1
     if is_causal:
-        # Top-left: query i sees j <= i. The keys j >= L are seen by no query: keeping the
-        # first min(S, L) leaves the bottom-right band with right = L - min(S, L) (0 when
-        # S >= L). No branch on the lengths: compiled with dynamic shapes (or exported with
-        # separate L and S), one graph serves every L and S.
-        S_used = torch.sym_min(S, L)
-        k, v = k.narrow(1, 0, S_used), v.narrow(1, 0, S_used)
-        right = L - S_used
+        k, v, right = _top_left_causal(k, v, L)
     if scale is None:
         scale = query.shape[-1] ** -0.5
     out, _lse = ops.flash_attn_fwd(q, k, v, float(scale), left, right)
@@ -891,6 +887,26 @@ def scaled_dot_product_attention(
             n > 1 and so != sq for n, so, sq in zip(out.shape, out.stride(), query.stride())):
         out = _in_layout_of(out, query)
     return out
+
+
+def _top_left_causal(k: Tensor, v: Tensor, seqlen_q):
+    """Top-left causal attention (SDPA's ``is_causal``: query i sees keys j <= i) in the kernels'
+    bottom-right terms: k/v (B, Sk, Hk, D) -> (k', v', window_right). The keys j >= seqlen_q
+    are seen by no query, so keeping the first min(Sk, seqlen_q) leaves the bottom-right band
+    with right = seqlen_q - min(Sk, seqlen_q) (0 when Sk >= seqlen_q). No branch on the
+    lengths: compiled with dynamic shapes (or exported with separate lengths), one graph
+    serves every pair."""
+    seqlen_k = k.shape[1]
+    kept = torch.sym_min(seqlen_k, seqlen_q)
+    right = seqlen_q - kept
+    if torch.compiler.is_exporting() and not statically_known_true(kept == seqlen_k):
+        # export records whether each view is contiguous, and for a (B, Sk, ...) buffer cut to
+        # `kept` rows that is a guard on Sk vs seqlen_q: the graph would then refuse the other
+        # relation. A gather is contiguous at every length (one copy of the kept keys and
+        # values, O(Sk * Hk * D) beside the kernel's O(seqlen_q * Sk * D)).
+        rows = torch.arange(kept, device=k.device)
+        return k.index_select(1, rows), v.index_select(1, rows), right
+    return k.narrow(1, 0, kept), v.narrow(1, 0, kept), right
 
 
 def _is_causal_bias(mask) -> bool:
@@ -923,10 +939,15 @@ def _check_max_seqlen(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (_numbers.Integral, torch.SymInt)):
         raise TypeError(f"{name} must be a Python int (an upper bound on the sequence lengths), "
                         f"got {type(value).__name__}: {value!r}")
+    if isinstance(value, torch.SymInt) or torch.compiler.is_compiling():
+        # Traced: a length from a shape, or from `.item()` (flash-attn's idiom: the max of
+        # cu_seqlens' differences), which no branch may read; the bounds become checks the
+        # graph runs (dynamo traces a SymInt as an int, hence is_compiling).
+        check_traced(value >= 0, f"{name} must be >= 0")
+        check_traced(value <= _INT32_MAX, f"{name} must be <= {_INT32_MAX} (sequence lengths are int32)")
+        return value
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
-    if isinstance(value, torch.SymInt):
-        return value
     if value > _INT32_MAX:  # the op's limit (lengths are int32, as cu_seqlens)
         raise ValueError(f"{name} must be <= {_INT32_MAX} (sequence lengths are int32, as cu_seqlens), got {value}")
     return int(value)
@@ -1144,8 +1165,8 @@ def _kvcache_conveniences(q, k_cache, v_cache, cache_seqlens, block_table):
         return k_cache, v_cache, cache_seqlens
     B = q.shape[0]
     if isinstance(cache_seqlens, torch.SymInt):  # a length from a shape while torch.compile / export traces
-        torch._check(cache_seqlens >= 0, lambda: "cache_seqlens must be >= 0")
-        torch._check(cache_seqlens < 2**31, lambda: "cache_seqlens must be < 2^31 (an int32 length)")
+        check_traced(cache_seqlens >= 0, "cache_seqlens must be >= 0")
+        check_traced(cache_seqlens < 2**31, "cache_seqlens must be < 2^31 (an int32 length)")
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=k_cache.device)
     elif is_integer(cache_seqlens):
         n = int(cache_seqlens)
@@ -1160,8 +1181,16 @@ def _batch_rows(k_cache, v_cache, B: int, block_table):
     """The first B rows of a contiguous (k_cache, v_cache) preallocated for a larger batch
     (sequence b is row b; rows from B on are neither read nor written); anything else (a paged
     pool, caches of different shapes, a smaller batch) unchanged, for the checks to report."""
-    if block_table is None and k_cache.dim() == 4 and k_cache.shape[0] > B and v_cache.shape == k_cache.shape:
-        return k_cache[:B], v_cache[:B]
+    if block_table is None and k_cache.dim() == 4 and v_cache.shape == k_cache.shape:
+        if torch.compiler.is_exporting():
+            # Exported with the cache batch as a dim of its own: no branch on it (one graph
+            # serves every cache batch >= q's; cutting a row-major cache's batch is contiguous
+            # at any size, so no guard either).
+            if not statically_known_true(k_cache.shape[0] == B):
+                check_traced(k_cache.shape[0] >= B, "k_cache needs at least q's batch")
+                return k_cache.narrow(0, 0, B), v_cache.narrow(0, 0, B)
+        elif k_cache.shape[0] > B:
+            return k_cache[:B], v_cache[:B]
     return k_cache, v_cache
 
 

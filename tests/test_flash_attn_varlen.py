@@ -488,6 +488,38 @@ def test_compile_dynamic_max_seqlen_does_not_recompile(shape_window):
     assert len(frames) <= 2, f"{len(frames)} graphs for 11 max_seqlen values"
 
 
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("api", ["fastattn", "flash_attn"])
+def test_export_max_seqlen_read_from_cu_seqlens(strict, api):
+    # flash-attn's idiom: max_seqlen = (cu[1:] - cu[:-1]).max().item(), a data-dependent
+    # length under export. Its range check branched on it ("Could not guard on data-dependent
+    # expression", both export modes), and a checked one failed strict export (export audit).
+    from torch.export import Dim, export
+
+    from fastattn.integrations import flash_attn as fa
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v, cu):
+            m = (cu[1:] - cu[:-1]).max().item()
+            if api == "flash_attn":
+                return fa.flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=True)
+            return fastattn.flash_attention_varlen(q, k, v, cu, cu, m, m, causal=True)
+
+    def inputs(lens, seed):
+        g = torch.Generator().manual_seed(seed)
+        cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        T = int(cu[-1])
+        return torch.randn(T, 4, 16, generator=g), torch.randn(T, 2, 16, generator=g), \
+            torch.randn(T, 2, 16, generator=g), cu
+
+    T, B1 = Dim("T", min=1, max=512), Dim("B1", min=3, max=64)
+    program = export(M(), inputs([3, 5], 0), dynamic_shapes=({0: T}, {0: T}, {0: T}, {0: B1}),
+                     strict=strict).module()
+    for lens in ([7, 2, 11], [1, 1], [20, 3, 0, 9]):
+        a = inputs(lens, len(lens))
+        assert torch.equal(program(*a), M()(*a)), lens
+
+
 @pytest.mark.parametrize("d", [32, 128])
 @pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (5, 3))])
 def test_each_sequence_bitwise_flash_attention_bf16(d, causal, window):

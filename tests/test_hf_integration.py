@@ -70,7 +70,8 @@ def test_fastattn_attention_matches_eager(models, monkeypatch):
     with torch.no_grad():
         theirs, mine = eager(ids).logits, ours(ids).logits
     assert (mine - theirs).abs().max().item() <= 1e-4
-    assert len(spy.calls) == 2 and all(c["causal"] for c in spy.calls)  # one per layer, causal kept
+    # one per layer, causal kept (top-left over as many keys as queries: the band right = 0)
+    assert len(spy.calls) == 2 and all(tuple(c["window"]) == (-1, 0) for c in spy.calls)
 
 
 def test_generate_with_cache_matches_eager(models, monkeypatch):
@@ -298,6 +299,28 @@ def test_mask_free_call_is_top_left_causal():
     ref2 = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :3], v[:, :, :3], is_causal=True, scale=0.25,
                                                             enable_gqa=True)
     torch.testing.assert_close(out2, ref2.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_export_unpadded_batch_with_dynamic_lengths(models):
+    """torch.export of a model on fastattn with dynamic batch and length, no mask (an unpadded
+    batch of 2 or more rows): the mask-free causal flag was a SymBool there and refused by the
+    kernel wrapper's bool check (TypeError, export audit); the key length is not branched on."""
+    eager, ours = models
+
+    class LM(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, use_cache=True).logits
+
+    B, S = torch.export.Dim("B", min=1, max=8), torch.export.Dim("S", min=2, max=64)
+    with torch.no_grad():
+        program = torch.export.export(LM(ours), (ids_of(2, 9),), dynamic_shapes=({0: B, 1: S},)).module()
+        for shape in ((3, 17), (2, 5), (1, 30)):
+            ids = ids_of(*shape, seed=shape[1])
+            torch.testing.assert_close(program(ids), eager(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),

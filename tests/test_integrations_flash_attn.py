@@ -555,6 +555,52 @@ def test_window_size_as_a_tensor():
             fa.flash_attn_func(q, k, k, window_size=bad)
 
 
+def _band(left, right, seqlen_q, seqlen_k):
+    """Which keys each query sees under fastattn's (left, right) window (-1 unbounded)."""
+    i = torch.arange(seqlen_q)[:, None] + seqlen_k - seqlen_q
+    j = torch.arange(seqlen_k)[None, :]
+    return ((j >= i - left) | (left < 0)) & ((j <= i + right) | (right < 0))
+
+
+def test_traced_bounded_window_is_flash_attns_band():
+    # Under torch.compile / export a non-causal window with a bounded side is mapped without
+    # branching on the lengths (sym_min / sym_max); on plain ints that mapping must give the
+    # band of the eager mapping (flash-attn's rules) for every window and every pair of lengths.
+    sides = (-1, 0, 1, 2, 3, 5, 8, 12)
+    for left in sides:
+        for right in sides:
+            if left < 0 and right < 0:
+                continue
+            for seqlen_q in range(1, 11):
+                for seqlen_k in range(1, 11):
+                    want = _band(*fa._flash_attn_window((left, right), False, seqlen_k, seqlen_q), seqlen_q, seqlen_k)
+                    got = _band(*fa._traced_bounded_window(left, right, seqlen_k, seqlen_q), seqlen_q, seqlen_k)
+                    assert torch.equal(got, want), (left, right, seqlen_q, seqlen_k)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("causal, window_size", [(True, (4, 0)), (False, (3, 2)), (False, (5, -1)), (False, (-1, 3))])
+def test_export_window_serves_every_length(strict, causal, window_size):
+    # Strict export (dynamo shows traced lengths as ints) specialised a causal window's key
+    # length, and non-causal bounded windows were refused in both modes (export audit).
+    from torch.export import Dim, export
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return fa.flash_attn_func(q, k, v, causal=causal, window_size=window_size)
+
+    def inputs(sq, sk):
+        g = torch.Generator().manual_seed(sq * 100 + sk)
+        return (torch.randn(1, sq, 4, 16, generator=g), torch.randn(1, sk, 2, 16, generator=g),
+                torch.randn(1, sk, 2, 16, generator=g))
+
+    sq, sk = Dim("sq", min=2, max=64), Dim("sk", min=2, max=64)
+    program = export(M(), inputs(4, 5), dynamic_shapes=({1: sq}, {1: sk}, {1: sk}), strict=strict).module()
+    for shape in ((20, 20), (3, 11), (17, 6), (2, 2), (9, 3)):
+        a = inputs(*shape)
+        assert torch.equal(program(*a), M()(*a)), shape
+
+
 @pytest.mark.parametrize("causal, window_size", [(True, (4, 0)), (True, (9, -1)), (True, (-1, -1)), (False, (-1, -1))])
 def test_traced_window_serves_every_length(causal, window_size):
     # The window mapping branched on the sequence lengths: torch.jit.trace kept the first

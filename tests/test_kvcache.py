@@ -692,6 +692,34 @@ def test_export_int_cache_seqlens_from_a_dynamic_dim(strict):
         assert torch.equal(program.module()(q, k_cache, v_cache), Step()(q, k_cache, v_cache))
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_cache_batch_as_its_own_dim(strict):
+    # A cache preallocated for a larger batch than q's (documented: sequence b is row b), both
+    # batches dynamic dims: export refused it (a branch on cache batch > q batch; export audit).
+    # The program serves every cache batch >= q's, appends in place, and refuses a smaller one.
+    from torch.export import Dim, export
+
+    class Step(torch.nn.Module):
+        def forward(self, q, k_cache, v_cache, k, v, lens):
+            return fastattn.attention_with_kvcache(q, k_cache, v_cache, lens, k=k, v=v, causal=True)
+
+    def inputs(B, cache_batch, seed):
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(B, 1, 4, 16, generator=g), torch.randn(cache_batch, 32, 2, 16, generator=g),
+                torch.randn(cache_batch, 32, 2, 16, generator=g), torch.randn(B, 1, 2, 16, generator=g),
+                torch.randn(B, 1, 2, 16, generator=g), torch.arange(B, dtype=torch.int32) + 20)
+
+    B, CB = Dim("B", min=1, max=16), Dim("CB", min=1, max=16)
+    program = export(Step(), inputs(2, 4, 0), dynamic_shapes=({0: B}, {0: CB}, {0: CB}, {0: B}, {0: B}, {0: B}),
+                     strict=strict).module()
+    for B_, CB_ in ((3, 8), (4, 4), (1, 16)):
+        a, b = inputs(B_, CB_, B_), inputs(B_, CB_, B_)
+        assert torch.equal(program(*a), Step()(*b))
+        assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])  # the same rows appended
+    with pytest.raises(Exception, match=r"cache.size\(\)\[0\] >= q.size\(\)\[0\]"):  # the program's guard
+        program(*inputs(4, 2, 0))
+
+
 @pytest.mark.parametrize("call", ["append_kv", "attention_with_kvcache"])
 def test_inference_tensor_cache_refused_before_any_write(call):
     # A cache made under torch.inference_mode() cannot be written outside it (torch refuses

@@ -297,6 +297,32 @@ def test_causal_with_other_lengths_compiles_and_exports_once():
         torch.testing.assert_close(exported(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_causal_export_of_transposed_projections_serves_every_length(strict):
+    # The usual layout: (B, S, H, E) projections transposed to (B, H, S, E). Cutting such a
+    # buffer's keys to min(S, L) made export record whether the cut view is contiguous, a guard
+    # on S vs L: the graph ran for the example's relation only ("Guard failed", export audit).
+    class Causal(torch.nn.Module):
+        def forward(self, q, k, v):
+            return fastattn.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                         is_causal=True)
+
+    def inputs(Lq, Sk):
+        g = torch.Generator().manual_seed(Lq * 100 + Sk)
+        return torch.randn(2, Lq, 4, 16, generator=g), torch.randn(2, Sk, 4, 16, generator=g), \
+            torch.randn(2, Sk, 4, 16, generator=g)
+
+    L, S = torch.export.Dim("L", min=2, max=64), torch.export.Dim("S", min=2, max=64)
+    for example in ((5, 9), (6, 6)):
+        exported = torch.export.export(Causal(), inputs(*example), dynamic_shapes=({1: L}, {1: S}, {1: S}),
+                                       strict=strict).module()
+        for Lq, Sk in ((3, 11), (6, 6), (9, 4)):
+            q, k, v = inputs(Lq, Sk)
+            want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True)
+            torch.testing.assert_close(exported(q, k, v), want)
+
+
 def test_swapped_in_for_torchs_sdpa(monkeypatch):
     # The drop-in swapped in as torch.nn.functional.scaled_dot_product_attention: what it hands
     # to torch (masks, dropout, float64, 3-D inputs) looked the name up at call time, found

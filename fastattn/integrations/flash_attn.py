@@ -90,9 +90,9 @@ def _flash_attn_window(window_size, causal: bool, seqlen_k: int, seqlen_q: int):
     ops keep the documented band (they differ only for seqlen_q > seqlen_k). A side that
     reaches every key (left >= seqlen_k - 1; right >= seqlen_q - 1) is passed as -1."""
     left, right = _window(window_size)
-    if not (type(seqlen_k) is int and type(seqlen_q) is int):
-        # Traced sizes (torch.compile / export's SymInts, torch.jit.trace's tensors): no branch
-        # on them where the band does not depend on them, or a trace would fix the window of
+    if torch.compiler.is_compiling() or not (type(seqlen_k) is int and type(seqlen_q) is int):
+        # Traced sizes (torch.compile / export's SymInts, which dynamo shows as ints;
+        # torch.jit.trace's tensors): no branch on them, or a trace would fix the window of
         # its first shape (jit.trace) or guard on it (export: a dynamic length refused).
         # Causal: a left of >= seqlen_k - 1 already reaches every key of fastattn's band
         # (query i sees keys >= i + seqlen_k - seqlen_q - left, i < seqlen_q), so a left side
@@ -101,6 +101,8 @@ def _flash_attn_window(window_size, causal: bool, seqlen_k: int, seqlen_q: int):
             return (-1 if left < 0 else left), 0
         if left < 0 and right < 0:
             return -1, -1
+        if not torch.jit.is_tracing():
+            return _traced_bounded_window(left, right, seqlen_k, seqlen_q)
     left = -1 if left < 0 or left >= seqlen_k else left
     right = -1 if right < 0 or right >= seqlen_k else right
     if causal:
@@ -110,6 +112,20 @@ def _flash_attn_window(window_size, causal: bool, seqlen_k: int, seqlen_q: int):
     if left >= 0 and right < 0:
         right = seqlen_k
     return (-1 if left >= seqlen_k - 1 else left), (-1 if right >= seqlen_q - 1 else right)
+
+
+def _traced_bounded_window(left: int, right: int, seqlen_k, seqlen_q):
+    """_flash_attn_window's rules for a non-causal window with a bounded side, in sym_min /
+    sym_max of the traced lengths (no branch). A left side passes as given: one >= seqlen_k
+    (unbounded for flash-attn) already reaches every key of fastattn's band. The right side
+    is the bounded one, at most seqlen_k (flash-attn's value for a side it cuts or fills in),
+    unless every given side is >= seqlen_k: flash-attn then attends to all keys, which is
+    right >= seqlen_q - 1 here."""
+    given = [side for side in (left, right) if side >= 0]
+    reach = seqlen_k if right < 0 else torch.sym_min(right, seqlen_k)
+    # 1 when a given side is < seqlen_k, else 0 (every side >= seqlen_k: all keys).
+    bounded = torch.sym_max(0, torch.sym_min(1, seqlen_k - min(given)))
+    return (-1 if left < 0 else left), torch.sym_max(reach, seqlen_q - 1 - seqlen_q * bounded)
 
 
 def _softcap(softcap):

@@ -1010,14 +1010,13 @@ def fastattn_attention_forward(
     # causal only for more than one query, and then TOP-LEFT aligned (query i sees keys j <= i).
     # transformers relies on that alignment: prefill into an empty static cache passes no mask
     # with Sk = the whole cache, whose rows j >= Sq are unused slots that no query may see.
-    causal = bool(causal) and Sq > 1
+    # bool(): a traced Sq > 1 is a SymBool, decided (guarded) here as transformers' sdpa decides it.
     window = (-1, -1)
-    if causal and Sk > Sq:
-        k, v = k[:, :Sq], v[:, :Sq]  # keys j >= Sq are seen by no query: a square causal problem
-    elif causal and Sk < Sq:
-        window = (-1, Sq - Sk)  # top-left j <= i is the bottom-right band with right = Sq - Sk
-    out = fastattn.flash_attention(q, k, v, causal=causal and Sk >= Sq, softmax_scale=scaling, window=window,
-                                   **cap)
+    if bool(causal) and bool(Sq > 1):
+        # No branch on Sk vs Sq (one exported / compiled graph serves every cache length).
+        k, v, right = fastattn.functional._top_left_causal(k, v, Sq)
+        window = (-1, right)
+    out = fastattn.flash_attention(q, k, v, softmax_scale=scaling, window=window, **cap)
     return out, None  # (B, Sq, H, D), no attention weights
 
 
