@@ -570,7 +570,7 @@ def _check_window(window) -> tuple:
         # is checked when the graph runs.
         for w in window:
             if isinstance(w, torch.SymInt):
-                check_traced(w >= -1, "window sizes must be >= 0 or -1 (unbounded)")
+                check_traced(w >= -1, f"window sizes must be >= 0 or -1 (unbounded), got {window}")
         return tuple(w if isinstance(w, torch.SymInt) else int(w) for w in window)
     left, right = int(window[0]), int(window[1])
     if left < -1 or right < -1:
@@ -899,10 +899,11 @@ def _top_left_causal(k: Tensor, v: Tensor, seqlen_q):
     seqlen_k = k.shape[1]
     kept = torch.sym_min(seqlen_k, seqlen_q)
     right = seqlen_q - kept
-    if torch.compiler.is_exporting() and not statically_known_true(kept == seqlen_k):
+    if torch.compiler.is_exporting() and not (statically_known_true(kept == seqlen_k)
+                                              or statically_known_true(kept != seqlen_k)):
         # export records whether each view is contiguous, and for a (B, Sk, ...) buffer cut to
         # `kept` rows that is a guard on Sk vs seqlen_q: the graph would then refuse the other
-        # relation. A gather is contiguous at every length (one copy of the kept keys and
+        # relation (lengths whose relation is known, static ones included, take the view). A gather is contiguous at every length (one copy of the kept keys and
         # values, O(Sk * Hk * D) beside the kernel's O(seqlen_q * Sk * D)).
         rows = torch.arange(kept, device=k.device)
         return k.index_select(1, rows), v.index_select(1, rows), right
@@ -939,10 +940,10 @@ def _check_max_seqlen(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (_numbers.Integral, torch.SymInt)):
         raise TypeError(f"{name} must be a Python int (an upper bound on the sequence lengths), "
                         f"got {type(value).__name__}: {value!r}")
-    if isinstance(value, torch.SymInt) or torch.compiler.is_compiling():
+    if isinstance(value, torch.SymInt) or torch.compiler.is_exporting():
         # Traced: a length from a shape, or from `.item()` (flash-attn's idiom: the max of
         # cu_seqlens' differences), which no branch may read; the bounds become checks the
-        # graph runs (dynamo traces a SymInt as an int, hence is_compiling).
+        # graph runs (strict export's dynamo shows a SymInt as an int, hence is_exporting).
         check_traced(value >= 0, f"{name} must be >= 0")
         check_traced(value <= _INT32_MAX, f"{name} must be <= {_INT32_MAX} (sequence lengths are int32)")
         return value
@@ -1185,8 +1186,8 @@ def _batch_rows(k_cache, v_cache, B: int, block_table):
         if torch.compiler.is_exporting():
             # Exported with the cache batch as a dim of its own: no branch on it (one graph
             # serves every cache batch >= q's; cutting a row-major cache's batch is contiguous
-            # at any size, so no guard either).
-            if not statically_known_true(k_cache.shape[0] == B):
+            # at any size, so no guard either). A batch known to be smaller goes to the checks.
+            if not (statically_known_true(k_cache.shape[0] == B) or statically_known_true(k_cache.shape[0] < B)):
                 check_traced(k_cache.shape[0] >= B, "k_cache needs at least q's batch")
                 return k_cache.narrow(0, 0, B), v_cache.narrow(0, 0, B)
         elif k_cache.shape[0] > B:

@@ -520,6 +520,21 @@ def test_export_max_seqlen_read_from_cu_seqlens(strict, api):
         assert torch.equal(program(*a), M()(*a)), lens
 
 
+def test_compiled_bad_max_seqlen_is_a_value_error():
+    # A concrete max_seqlen under torch.compile keeps the eager check (a ValueError naming it);
+    # only traced (export) values become graph checks (review of the export change).
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    q = torch.randn(8, 2, 16)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    f = torch.compile(lambda q, cu, m: fastattn.flash_attention_varlen(q, q, q, cu, cu, m, 5), backend="eager")
+    for m in (5, 6):  # (the second value makes m a dynamic int)
+        f(q, cu, m)
+    with pytest.raises(ValueError, match="max_seqlen_q must be >= 0"):
+        f(q, cu, -1)
+
+
 @pytest.mark.parametrize("d", [32, 128])
 @pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (5, 3))])
 def test_each_sequence_bitwise_flash_attention_bf16(d, causal, window):

@@ -323,6 +323,33 @@ def test_export_unpadded_batch_with_dynamic_lengths(models):
             torch.testing.assert_close(program(ids), eager(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_mask_free_call_under_jit_trace():
+    """jit.trace hands the lengths over as tensors: the mask-free causal call raised (a
+    TypeError, then an AssertionError in sym_min; review). It traces transformers' SDPA, right
+    at other lengths."""
+    import warnings
+
+    class Attn(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = 2
+
+    def f(q, k, v):
+        return fa_hf.fastattn_attention_forward(Attn(), q, k, v, None, scaling=0.25)[0]
+
+    g = torch.Generator().manual_seed(0)
+
+    def inputs(Sq, Sk):
+        return (torch.randn(1, 4, Sq, 16, generator=g), torch.randn(1, 2, Sk, 16, generator=g),
+                torch.randn(1, 2, Sk, 16, generator=g))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the tracer's generic warnings)
+        traced = torch.jit.trace(f, inputs(5, 9), check_trace=False)
+    for Sq, Sk in ((5, 9), (7, 3), (6, 6)):
+        a = inputs(Sq, Sk)
+        torch.testing.assert_close(traced(*a), f(*a), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
                                               (torch.float16, torch.float16)])
 def test_patched_norm_keeps_hf_result_dtype(x_dtype, w_dtype):

@@ -718,6 +718,9 @@ def test_export_cache_batch_as_its_own_dim(strict):
         assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])  # the same rows appended
     with pytest.raises(Exception, match=r"cache.size\(\)\[0\] >= q.size\(\)\[0\]"):  # the program's guard
         program(*inputs(4, 2, 0))
+    # static shapes: a smaller cache batch gets the eager check's error
+    with pytest.raises(ValueError if not strict else Exception, match="k_cache has batch 2 but q has batch 4"):
+        export(Step(), inputs(4, 2, 0), strict=strict)
 
 
 @pytest.mark.parametrize("call", ["append_kv", "attention_with_kvcache"])

@@ -94,6 +94,8 @@ def _flash_attn_window(window_size, causal: bool, seqlen_k: int, seqlen_q: int):
         # Traced sizes (torch.compile / export's SymInts, which dynamo shows as ints;
         # torch.jit.trace's tensors): no branch on them, or a trace would fix the window of
         # its first shape (jit.trace) or guard on it (export: a dynamic length refused).
+        # jit.trace has no sym_min / sym_max: there a non-causal window with a bounded side
+        # still branches below (the trace keeps its first shape's band).
         # Causal: a left of >= seqlen_k - 1 already reaches every key of fastattn's band
         # (query i sees keys >= i + seqlen_k - seqlen_q - left, i < seqlen_q), so a left side
         # passes as given; so does an unbounded pair without causal.

@@ -979,6 +979,10 @@ def fastattn_attention_forward(
             # same-sequence causal mask, as every traced call took before)
             attention_mask = _restart_segments(traced_ids)
             two_d, window, traced_ids = True, _mask_window(None, kwargs), None
+    if reason is None and attention_mask is None and traced_ids is None and torch.jit.is_tracing():
+        # jit.trace hands the lengths over as tensors, which the causal band below cannot take
+        # (sym_min); transformers' SDPA traces them (as the fastattn SDPA drop-in does)
+        reason = "mask-free causal call under torch.jit.trace"
     if reason is None and two_d:
         if _compiling():  # the unpadding reads lengths on the host: SDPA's mask, traceable
             reason = "2-D mask under torch.compile"
