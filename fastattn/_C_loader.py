@@ -13,11 +13,30 @@ def load():
     try:
         from fastattn import _C  # noqa: F401  (loading registers torch.ops.fastattn.*)
     except ImportError as e:  # pragma: no cover - exercised only without a build
-        raise ImportError(f"{_shadow_hint() or BUILD_HINT}\n(original error: {e})") from e
+        # A missing file reads "cannot import name '_C' from partially initialized module ...
+        # (most likely due to a circular import)": no cause to add, and a misleading one.
+        missing = getattr(e, "name", None) in ("fastattn._C", "fastattn") and "_C" in str(e) and \
+            "circular import" in str(e)
+        raise ImportError(f"{_shadow_hint() or BUILD_HINT}" + ("" if missing else f"\n(original error: {e})")) from e
     foreign = _foreign_extension_hint(getattr(_C, "__file__", None))
     if foreign:
         raise ImportError(foreign)
     return _C
+
+
+def exit_if_command_line(error: ImportError) -> None:
+    """The CLI promises one-line errors, but `python -m fastattn` / the `fastattn` script import
+    the package before its main() can catch anything: there, print the import error as one
+    line and exit 1 (FASTATTN_DEBUG=1 keeps the traceback)."""
+    import os
+    import sys
+
+    argv0 = sys.argv[0] if sys.argv else ""
+    # runpy imports the package while argv[0] is still "-m"; the console script is `fastattn`
+    if (argv0 == "-m" or os.path.basename(argv0) == "fastattn") and os.environ.get("FASTATTN_DEBUG", "") in ("", "0"):
+        message = " ".join(line.strip() for line in str(error).splitlines())
+        sys.stderr.write(f"fastattn: error: {message}\n")
+        raise SystemExit(1)
 
 
 def _foreign_extension_hint(extension_file):

@@ -6,8 +6,13 @@
 See README.md and DESIGN.md for the full API.
 """
 from ._C_loader import load as _load
+from ._C_loader import exit_if_command_line as _exit_if_command_line
 
-_C = _load()
+try:
+    _C = _load()
+except ImportError as _error:
+    _exit_if_command_line(_error)  # `python -m fastattn ...`: one line, not a traceback
+    raise
 
 from . import ops  # noqa: E402  (registers fake impls and autograd)
 from . import reference  # noqa: E402

@@ -401,3 +401,18 @@ def test_fake_tensor_mode_shape_propagation_of_the_host_checked_paths():
         with FakeTensorMode() as mode:
             fake = fn(*[mode.from_tensor(a) for a in args])
         assert fake.shape == real.shape and fake.dtype == real.dtype
+
+
+@pytest.mark.source_tree
+def test_readme_python_blocks_run_as_written():
+    # The README's ```python blocks are code a newcomer pastes: each must run as written (the
+    # API block was signatures with a bare `*`, a SyntaxError; newcomer audit). Signatures
+    # live in ```text blocks.
+    import os
+    import re
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    blocks = re.findall(r"^```python\n(.*?)^```", open(readme).read(), flags=re.S | re.M)
+    assert len(blocks) >= 2
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})

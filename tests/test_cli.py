@@ -453,3 +453,49 @@ def test_generate_beam_search_and_penalties(model_dir, capsys):
     rc, plain, _ = run_main(gen(model_dir, "--repetition-penalty", "1.0", prompt=PAGED_PROMPT), capsys)
     rc2, again, _ = run_main(gen(model_dir, prompt=PAGED_PROMPT), capsys)
     assert rc == rc2 == 0 and plain == again
+
+
+def test_unbuilt_package_error_is_one_line_on_the_command_line(monkeypatch, capsys):
+    # `python -m fastattn ...` imports the package before main() can catch anything: an
+    # unbuilt checkout printed two chained tracebacks (~20 lines) where the CLI promises one
+    # line and a non-zero exit (newcomer audit). In a plain `import fastattn` it stays an
+    # ImportError with the message.
+    from fastattn import _C_loader
+
+    error = ImportError("fastattn's compiled extension is not built. Build it with:\n    pip install -e .")
+    monkeypatch.delenv("FASTATTN_DEBUG", raising=False)
+    for argv0 in ("-m", "/usr/local/bin/fastattn"):
+        monkeypatch.setattr(sys, "argv", [argv0, "info"])
+        with pytest.raises(SystemExit) as exit_info:
+            _C_loader.exit_if_command_line(error)
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert err == "fastattn: error: fastattn's compiled extension is not built. Build it with: pip install -e .\n"
+    monkeypatch.setattr(sys, "argv", ["script.py"])
+    _C_loader.exit_if_command_line(error)  # not the command line: returns, the caller re-raises
+    monkeypatch.setattr(sys, "argv", ["-m", "info"])
+    monkeypatch.setenv("FASTATTN_DEBUG", "1")
+    _C_loader.exit_if_command_line(error)  # the traceback wanted
+
+
+def test_missing_extension_error_has_no_circular_import_hint(monkeypatch):
+    # A missing _C file surfaces from Python as "cannot import name '_C' from partially
+    # initialized module 'fastattn' (most likely due to a circular import)": appended as the
+    # "original error", it sent a newcomer looking for a circular import (newcomer audit).
+    import builtins
+
+    from fastattn import _C_loader
+
+    real_import = builtins.__import__
+
+    def no_extension(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "fastattn" and fromlist and "_C" in fromlist:
+            raise ImportError("cannot import name '_C' from partially initialized module 'fastattn' (most likely "
+                              "due to a circular import) (/x/fastattn/__init__.py)", name="fastattn")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", no_extension)
+    with pytest.raises(ImportError) as error:
+        _C_loader.load()
+    assert "not built" in str(error.value) or "source checkout" in str(error.value)
+    assert "circular" not in str(error.value)
