@@ -497,6 +497,29 @@ def test_compiled_forward_runs_on_fastattn_kernels(batch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("how", ["cache", "all_ones_mask"])
+def test_position_gap_is_no_restart(how, compiled):
+    # One row whose positions jump forward (0 1 2 3 10 11 12 13) but never restart: with a
+    # cache or an all-ones mask, SDPA, eager and flash_attention_2 (whose split starts where the
+    # position is the row's minimum) attend across the gap; fastattn split the row there
+    # (silently different logits and tokens; HF generate-paths audit).
+    import torch._dynamo
+
+    theirs, mine = _models("llama-gqa")
+    ids = torch.randint(1, VOCAB, (1, 8), generator=torch.Generator().manual_seed(5))
+    position_ids = torch.tensor([[0, 1, 2, 3, 10, 11, 12, 13]])
+    kw = dict(use_cache=True) if how == "cache" else dict(attention_mask=torch.ones(1, 8, dtype=torch.long),
+                                                          use_cache=False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = theirs(ids, position_ids=position_ids, **kw).logits
+        run = (lambda i, p: mine(i, position_ids=p, **kw).logits)
+        got = (torch.compile(run, backend="eager") if compiled else run)(ids, position_ids)
+    _assert_close(got, want, rel=1e-5)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_compiled_packed_row_with_an_all_ones_mask_is_eager_fastattns(use_cache):
     # A tokenizer's all-ones attention_mask over a packed row: eager lets position_ids split the

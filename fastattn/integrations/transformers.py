@@ -512,11 +512,16 @@ def _traced_packed_forward(q, k, v, position_ids, scaling, window, cap):
 
 
 def _restart_segments(position_ids: torch.Tensor) -> torch.Tensor:
-    """(1, S) int32 sequence index + 1 of each token of one packed row, a new sequence wherever
-    position_ids does not step by 1 (transformers' find_packed_sequence_indices, in the graph;
-    torch.diff rather than slices, whose contiguity checks guarded S >= 3 under export)."""
-    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
-    return starts.to(torch.int32).cumsum(-1, dtype=torch.int32) + 1
+    """(1, S) int32 sequence index + 1 of each token of one packed row, in the graph. As
+    flash_attention_2 (transformers' prepare_fa_kwargs_from_position_ids), whose split these
+    paths follow (a cache exists or the padding mask is all ones, where transformers' own mask
+    does not split): a sequence starts where the position is the row's minimum (every packed
+    sequence restarts at the same first position: 0, or RoBERTa's padding_idx + 1), and at the
+    first token. A gap in the positions (0 1 2 3 10 11 ...) is no restart: one sequence (it
+    split the row before, where SDPA, eager and flash_attention_2 attend across it)."""
+    first = torch.arange(position_ids.shape[-1], device=position_ids.device) == 0
+    starts = (position_ids == position_ids.amin(-1, keepdim=True)) | first
+    return starts.to(torch.int32).cumsum(-1, dtype=torch.int32)
 
 
 def _traced_position_ids(kwargs, query, Sq: int, Sk: int, causal: bool):
@@ -812,10 +817,9 @@ def _packed_from_cu_seq_lens(cu_q, cu_k, B: int, Sq: int, Sk: int, mask_is_none:
 
 
 def _packed_from_position_ids(position_ids, B: int, Sq: int) -> Optional[torch.Tensor]:
-    """flash_attention_2's padding-free detection: one row (B = 1) whose position_ids restart (a
-    position that is not the previous + 1 starts a new sequence, as transformers'
-    find_packed_sequence_indices). The (1, Sq) packed mask (int32 sequence index + 1), None when
-    the row is one sequence (or the ids are not a (1, Sq) tensor)."""
+    """flash_attention_2's padding-free detection: one row (B = 1) whose position_ids restart
+    (``_restart_segments``' rule, flash_attention_2's). The (1, Sq) packed mask (int32 sequence
+    index + 1), None when the row is one sequence (or the ids are not a (1, Sq) tensor)."""
     if not isinstance(position_ids, torch.Tensor) or B != 1 or Sq < 2:
         return None
     if position_ids.dim() == 1:
@@ -824,9 +828,8 @@ def _packed_from_position_ids(position_ids, B: int, Sq: int) -> Optional[torch.T
         return None
 
     def packed():
-        starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
-        seg = starts.cumsum(-1)
-        return (seg + 1).to(torch.int32) if bool(seg[0, -1] > 0) else None
+        seg = _restart_segments(position_ids)
+        return seg if bool(seg[0, -1] > 1) else None
 
     return _memo_on(position_ids, "_fastattn_packed", packed)
 
