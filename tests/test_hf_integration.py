@@ -861,3 +861,25 @@ def test_float64_is_sdpas(models, monkeypatch):
         ours(ids)
     assert len(spy.calls) == 2
     fa_hf.reset_stats()
+
+
+def test_compiled_model_compiles_once_for_one_shape(models, monkeypatch):
+    """Caches filled inside the first compiled call (per-config-class answers, transformers'
+    mask-function code objects) changed during the trace: their guards failed on the next call,
+    a second compile of the same shapes (sdpa: one; training-paths audit). register() fills the
+    second, and nothing is cached while tracing."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    _, ours = models
+    monkeypatch.setattr(fa_hf, "_EAGER_ONLY", {})  # as in a fresh process, before register()
+    monkeypatch.setattr(fa_hf, "_MASK_CODES", None)
+    fa_hf.register()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda ids: ours(ids).logits, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            f(ids_of(2, 9))
+    torch._dynamo.reset()
+    assert counter.frame_count == 1

@@ -608,6 +608,21 @@ def test_missing_files(hf_llama, tmp_path):
         Llama.from_pretrained(str(tmp_path))
 
 
+def test_config_dropout_is_not_silently_dropped(hf_llama):
+    # The model has no dropout: a config's attention_dropout = 0.5 loaded silently, and training
+    # then differed from transformers' train mode (training-paths audit). It warns now; 0 is quiet.
+    import warnings
+
+    _, path = hf_llama
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    with pytest.warns(UserWarning, match=r"no dropout: the config's \{'attention_dropout': 0.5\}"):
+        LlamaConfig.from_hf({**cfg, "attention_dropout": 0.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LlamaConfig.from_hf({**cfg, "attention_dropout": 0.0})
+
+
 def test_bad_architecture_and_config(hf_llama, tmp_path):
     _, path = hf_llama
     with open(os.path.join(path, "config.json")) as f:

@@ -377,10 +377,13 @@ def _eager_only_model(config) -> bool:
         flags = bool(classes) and all(
             getattr(c, "_supports_sdpa", True) is False and getattr(c, "_supports_flash_attn", True) is False
             for c in classes)
+        if _compiling():
+            # Decided, uncached, by the flags while dynamo traces: no source reading, and no
+            # write to the cache (a dict changed during a trace fails its guard on the next
+            # call: a second compile of the same shapes).
+            return flags
         if not flags:
             _EAGER_ONLY[cls] = False
-        elif _compiling():  # (no source reading while dynamo traces; decided, uncached, by the flags)
-            return True
         else:  # DeepSeek-V4, HY-V4, Git, BridgeTower, ... declare neither but call the interface
             _EAGER_ONLY[cls] = not _calls_attention_interface(cls)
         if _EAGER_ONLY[cls]:
@@ -1050,7 +1053,10 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    _kernels_take_softcap()  # looked up now, not first inside a compiled graph
+    # Looked up now, not first inside a compiled graph (a module global set during a trace fails
+    # its guard on the next call: a second compile of the same shapes).
+    _kernels_take_softcap()
+    _mask_codes()
     AttentionInterface.register(ATTN_IMPLEMENTATION, fastattn_attention_forward)
     # None (SDPA's is_causal), a 2-D per-sequence mask (varlen) or SDPA's 4-D mask (fallback).
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, fastattn_mask)

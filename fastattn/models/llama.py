@@ -103,6 +103,7 @@ import math
 import numbers
 import os
 import threading
+import warnings
 import weakref
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -337,6 +338,7 @@ class LlamaConfig:
         """From a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
         model_type = hf.get("model_type")
         archs = hf.get("architectures") or []
+        _warn_dropout(hf)
         if model_type in GEMMA_MODEL_TYPES + ("gemma3",):  # their own reading: _gemma_config_kwargs
             return cls(**_gemma_config_kwargs(hf, {f.name for f in fields(cls)}))
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -378,6 +380,20 @@ class LlamaConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_HF_DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
+
+
+def _warn_dropout(hf: dict) -> None:
+    """The model has no dropout. A config that asks for some loads (inference, where transformers
+    applies none either, is the same), with a warning: training differs from transformers'
+    train mode, which it silently did before (training-paths audit)."""
+    asked = {k: hf[k] for k in _HF_DROPOUT_FIELDS
+             if isinstance(hf.get(k), numbers.Real) and not isinstance(hf.get(k), bool) and hf[k] > 0}
+    if asked:
+        warnings.warn(f"fastattn.models.Llama has no dropout: the config's {asked} is not applied (inference "
+                      "is unaffected; training differs from transformers' train mode)", stacklevel=3)
 
 
 def _hf_sliding_window(hf: dict, model_type: str) -> Tuple[Optional[int], Optional[List[str]]]:
