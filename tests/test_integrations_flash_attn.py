@@ -633,3 +633,28 @@ def test_traced_window_serves_every_length(causal, window_size):
         want = f(*a)
         assert torch.equal(traced(*a), want), shape
         assert torch.equal(program.module()(*a), want), shape
+
+
+def test_traced_kvcache_without_cache_seqlens():
+    # cache_seqlens=None means "every row fills the cache": its length came from k_cache's
+    # shape, which torch.jit.trace records as a 0-d int64 tensor, and the call raised
+    # "cache_seqlens must be int32". Traced, it now follows the cache's batch and length.
+    import warnings
+
+    def f(q, k_cache, v_cache):
+        return fa.flash_attn_with_kvcache(q, k_cache, v_cache, causal=True)
+
+    def inputs(batch, seqlen_cache):
+        g = torch.Generator().manual_seed(batch * 100 + seqlen_cache)
+        return (torch.randn(batch, 1, 4, 16, generator=g), torch.randn(batch, seqlen_cache, 2, 16, generator=g),
+                torch.randn(batch, seqlen_cache, 2, 16, generator=g))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the tracer's generic warnings)
+        traced = torch.jit.trace(f, inputs(2, 8))
+    for shape in ((2, 8), (3, 21), (1, 5)):
+        a = inputs(*shape)
+        q, k_cache, v_cache = a
+        want = reference.attention(q.float(), k_cache.float(), v_cache.float(), causal=True)
+        torch.testing.assert_close(traced(*a), f(*a), rtol=0, atol=0)
+        torch.testing.assert_close(f(*a), want, rtol=1e-5, atol=1e-5)

@@ -452,6 +452,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if k is not None:
             raise ValueError("cache_seqlens is required with k / v: it says where the new tokens go")
         cache_seqlens = capacity
+        if isinstance(capacity, Tensor):  # torch.jit.trace records shapes as 0-d int64 tensors
+            cache_seqlens = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device) + capacity.to(torch.int32)
     elif is_integer(cache_seqlens):
         cache_seqlens = int(cache_seqlens)
     window = _flash_attn_window(window_size, causal, capacity, q.shape[1])
