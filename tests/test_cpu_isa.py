@@ -12,6 +12,7 @@
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -172,3 +173,23 @@ def test_baseline_kernels_have_no_avx(portable):
     assert "fastattn3cpu" in dis or "fastattn::cpu" in dis  # the kernels are there
     bad = [line for line in dis.splitlines() if "%ymm" in line or "%zmm" in line]
     assert not bad, f"{len(bad)} AVX instructions in {C_LIB}, e.g. {bad[:3]}"
+
+
+@needs_x86_linux
+@pytest.mark.parametrize("tier", TIERS[1:])
+def test_flash_forward_softmax_is_vectorised(portable, tier):
+    """The fp32 flash forward's exponentials (a degree-7 polynomial: 7 FMAs) run on whole
+    vectors of the tier. On the AVX2 tier GCC had left its `omp simd` loop scalar (one vcomiss
+    and branch per score; a quarter of the forward's time at S = 2048, D = 128): the block's
+    task held one packed FMA."""
+    lib = _tier_lib(tier)
+    dis = subprocess.run([_tool("objdump"), "-d", "-C", "--no-show-raw-insn", lib], capture_output=True, text=True,
+                         check=True).stdout
+    # the function's own block (a "[clone .cold]" part holds only its unlikely branches)
+    heads = [m.start() for m in re.finditer(r"^[0-9a-f]+ <[^\n]*FlashFwdCpu<float, false>::run_task\([^\n]*\)>:$", dis,
+                                            re.MULTILINE) if "[clone" not in dis[m.start():dis.find("\n", m.start())]]
+    assert len(heads) == 1, "FlashFwdCpu<float, false>::run_task not found once (renamed? update this test)"
+    body = dis[heads[0]:dis.find("\n\n", heads[0])]
+    reg = "%zmm" if tier == "avx512" else "%ymm"
+    packed = [line for line in body.splitlines() if "vfmadd" in line and "ps " in line and reg in line]
+    assert len(packed) >= 7, f"{len(packed)} packed FMAs on {reg} in the forward's block task"
