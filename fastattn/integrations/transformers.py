@@ -1382,11 +1382,13 @@ def patch_model(model: nn.Module) -> dict:
 
     Anything else is left alone. Returns a report: ``{"rms_norm": n, "rotary": m, "swapped":
     {class name: count}, "left_alone": {class name: reason}}`` (rotary entries are named by
-    their attention class, e.g. ``"rotary:GemmaAttention"``). A rotary entry means the module's
-    calls of its file's ``apply_rotary_pos_emb`` run on fastattn; a model that calls another
-    function of its file instead (DeepSeek-V3's ``apply_rotary_pos_emb_interleave`` with
-    ``rope_interleave=True``) keeps that one. Modules patched by an earlier call count as
-    neither."""
+    their attention class, e.g. ``"rotary:GemmaAttention"``). A rotary entry counts modules whose
+    calls of their file's ``apply_rotary_pos_emb`` in LLaMA's layout (cos/sin of shape (batch,
+    seq, R) spread over the heads, ``unsqueeze_dim=1``) run on fastattn: it is decided per call,
+    so a call in another layout (Pixtral's vision tables) keeps the original, as does a module
+    that never calls it (a cross-attention) or calls another function of its file instead
+    (DeepSeek-V3's ``apply_rotary_pos_emb_interleave`` with ``rope_interleave=True``). Modules
+    patched by an earlier call count as neither."""
     _require_transformers()
     report = {"rms_norm": 0, "rotary": 0, "swapped": {}, "left_alone": {}}
 
