@@ -381,3 +381,51 @@ def test_cpu_head_dim_above_the_kernels_falls_back():
         real = mask.bool()
         assert torch.equal(ours(ids, attention_mask=mask).logits[real], sdpa(ids, attention_mask=mask).logits[real])
     assert set(fa_hf.stats()["reasons"]) == {"head dim 576 on the CPU (the kernels take up to 512)"}
+
+
+# Models that declare neither SDPA nor flash attention but call the AttentionInterface: their
+# code was written for the eager mask only. BigBirdPegasus' decoder self-attention has
+# is_causal=False and relies on the mask for causality; DeepSeek-V4's compressed-sparse layers
+# concatenate their 4-D block bias onto the mask.
+_NEITHER_CONFIGS = {
+    "bigbird_pegasus": dict(vocab_size=VOCAB, d_model=64, decoder_layers=2, encoder_layers=2,
+                            decoder_attention_heads=4, encoder_attention_heads=4, decoder_ffn_dim=128,
+                            encoder_ffn_dim=128, max_position_embeddings=128, init_std=0.2, pad_token_id=PAD),
+    "deepseek_v4": dict(vocab_size=VOCAB, hidden_size=64, moe_intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, q_lora_rank=24,
+                        num_experts_per_tok=2, n_routed_experts=4, max_position_embeddings=128,
+                        layer_types=["heavily_compressed_attention", "compressed_sparse_attention"],
+                        mlp_layer_types=["hash_moe", "moe"], sliding_window=128, pad_token_id=PAD,
+                        qk_rope_head_dim=8, index_n_heads=2, index_head_dim=16, index_topk=4),
+}
+
+
+@pytest.mark.parametrize("model_type", list(_NEITHER_CONFIGS))
+def test_archs_declaring_neither_get_the_eager_mask(model_type):
+    # fastattn's mask function handed them SDPA's skip (None without padding) or its 2-D mask:
+    # BigBirdPegasus attended to later tokens (logits 0.96 of their scale away from eager, the
+    # first token's logits moved when the last token changed), DeepSeek-V4 dropped its block bias
+    # (0.37 of the scale) and a padded batch raised in torch.cat (outside audit).
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no model type {model_type!r}")
+    fa_hf.register()
+    cfg = CONFIG_MAPPING[model_type](**_NEITHER_CONFIGS[model_type])
+    ref, ours = _ref_and_ours(cfg)
+    fa_hf._EAGER_ONLY.pop(type(cfg), None)
+    getattr(fa_hf, "_DECLARES_NEITHER", {}).pop(type(cfg), None)
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = ours(ids).logits
+        want = ref(ids).logits
+        assert _rel_err(got, want) <= 1e-5
+        assert any("they get transformers' eager mask" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        later = ids.clone()
+        later[:, -1] = (later[:, -1] + 1) % VOCAB  # a later token changes no earlier logit
+        assert torch.equal(ours(later).logits[:, :-1], got[:, :-1])
+        ids, mask = _padded((10, 6))
+        real = mask.bool()
+        assert _rel_err(ours(ids, attention_mask=mask).logits[real], ref(ids, attention_mask=mask).logits[real]) <= 1e-5

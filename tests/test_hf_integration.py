@@ -537,6 +537,38 @@ def test_patched_rotary_keeps_transformers_result_dtype():
             assert g.dtype == w.dtype == torch.float64 and torch.equal(g, w)
 
 
+def test_patched_olmo_rotary_keeps_q_and_k_dtypes(monkeypatch):
+    # OLMo's apply_rotary_pos_emb casts q and k back to their dtypes (its tables stay fp32); the
+    # dispatcher returned them promoted to fp32, which met bf16 values in the attention: a
+    # patched OLMo / OLMo-2 / OLMo-3 in bf16 raised ValueError (outside audit).
+    from transformers.models.olmo2 import modeling_olmo2
+
+    fa_hf.register()
+    cfg = transformers.Olmo2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval().to(torch.bfloat16)
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert fa_hf.patch_model(model)["rotary"] == 2
+        calls = Spy(monkeypatch, "apply_rotary")
+        got = model(ids).logits
+    assert len(calls.calls) == 2  # the kernel ran, in both layers
+    assert (got.float() - want.float()).abs().max() <= 2 * 2 ** -7 * want.float().abs().max()
+    q, k, cos, sin = _hf_rotary_args(torch.float32)
+    q, k = q.bfloat16(), k.bfloat16()
+    theirs = fa_hf._unwrapped_function(modeling_olmo2.apply_rotary_pos_emb)(q, k, cos, sin)
+    token = fa_hf._IN_PATCHED_ATTENTION.set(1)
+    try:
+        ours = modeling_olmo2.apply_rotary_pos_emb(q, k, cos, sin)
+    finally:
+        fa_hf._IN_PATCHED_ATTENTION.reset(token)
+    for o, t in zip(ours, theirs):
+        assert o.dtype == t.dtype == torch.bfloat16
+        torch.testing.assert_close(o.float(), t.float(), rtol=2 ** -7, atol=1e-2)
+
+
 def test_patched_rotary_differentiates_learned_tables():
     # cos / sin that require a gradient (learned or scaled tables): transformers' function gives
     # them one; the kernel takes them as constants, and the dispatcher dropped it silently.

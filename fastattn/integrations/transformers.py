@@ -130,11 +130,11 @@ def _is_llama_rmsnorm_copy(cls) -> bool:
 # signs; BLT: LLaMA's function over an interleaved rotate_half; Gemma 3n / 4: one tensor at a
 # time), which ours does not compute.
 _ROTARY_REFERENCES = (
-    ("transformers.models.llama.modeling_llama", False),
-    ("transformers.models.olmo.modeling_olmo", False),  # + a cast back to q's / k's dtype
-    ("transformers.models.phi3.modeling_phi3", True),
-    ("transformers.models.glm4_moe.modeling_glm4_moe", True),  # Phi-3's, written out in more lines
-    ("transformers.models.nemotron.modeling_nemotron", True),
+    ("transformers.models.llama.modeling_llama", "full"),
+    ("transformers.models.olmo.modeling_olmo", "full_cast_back"),  # + a cast back to q's / k's dtype
+    ("transformers.models.phi3.modeling_phi3", "partial"),
+    ("transformers.models.glm4_moe.modeling_glm4_moe", "partial"),  # Phi-3's, written out in more lines
+    ("transformers.models.nemotron.modeling_nemotron", "partial"),
 )
 _ROTARY_REFERENCE_CODE = None
 _ROTARY_KIND_CACHE: dict = {}
@@ -348,6 +348,7 @@ def _model_classes(config_cls) -> list:
 
 
 _EAGER_ONLY: dict = {}
+_DECLARES_NEITHER: dict = {}
 
 
 def _calls_attention_interface(config_cls) -> bool:
@@ -359,6 +360,27 @@ def _calls_attention_interface(config_cls) -> bool:
         return modeling is None or "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(modeling)
     except (OSError, TypeError):
         return True
+
+
+def _declares_neither(config) -> bool:
+    """Whether every model class of ``config`` (its transformers modeling module, imported once
+    the model is built) sets ``_supports_sdpa = False`` and ``_supports_flash_attn = False``:
+    transformers runs such a model on the eager mask only, so its code was written for that
+    mask (4-D, additive float) and nothing else. Decided once per config class, uncached while
+    dynamo traces (a dict written during a trace fails its guard on the next call)."""
+    if config is None:
+        return False
+    cls = type(config)
+    hit = _DECLARES_NEITHER.get(cls)
+    if hit is None:
+        classes = _model_classes(cls)
+        hit = bool(classes) and all(
+            getattr(c, "_supports_sdpa", True) is False and getattr(c, "_supports_flash_attn", True) is False
+            for c in classes)
+        if _compiling():
+            return hit
+        _DECLARES_NEITHER[cls] = hit
+    return hit
 
 
 def _eager_only_model(config) -> bool:
@@ -373,10 +395,7 @@ def _eager_only_model(config) -> bool:
         return False
     cls = type(config)
     if cls not in _EAGER_ONLY:
-        classes = _model_classes(cls)
-        flags = bool(classes) and all(
-            getattr(c, "_supports_sdpa", True) is False and getattr(c, "_supports_flash_attn", True) is False
-            for c in classes)
+        flags = _declares_neither(config)
         if _compiling():
             # Decided, uncached, by the flags while dynamo traces: no source reading, and no
             # write to the cache (a dict changed during a trace fails its guard on the next
@@ -386,11 +405,15 @@ def _eager_only_model(config) -> bool:
             _EAGER_ONLY[cls] = False
         else:  # DeepSeek-V4, HY-V4, Git, BridgeTower, ... declare neither but call the interface
             _EAGER_ONLY[cls] = not _calls_attention_interface(cls)
-        if _EAGER_ONLY[cls]:
-            warnings.warn(f"fastattn: {cls.__name__.replace('Config', '')} models support neither SDPA nor flash "
-                          "attention in transformers: their own (eager) attention code runs, on the eager mask, and "
-                          "fastattn's kernels are not used; attn_implementation=\"eager\" gives the same result",
-                          stacklevel=3)
+            warnings.warn(
+                f"fastattn: {cls.__name__.replace('Config', '')} models support neither SDPA nor flash attention in "
+                "transformers: "
+                + ("their own (eager) attention code runs, on the eager mask, and fastattn's kernels are not used; "
+                   "attn_implementation=\"eager\" gives the same result" if _EAGER_ONLY[cls] else
+                   "they get transformers' eager mask (their code reads it, or relies on it for causality: "
+                   "BigBirdPegasus' decoder, DeepSeek-V4's compressed keys), so their attention runs on SDPA with "
+                   "that mask, not on fastattn's kernels"),
+                stacklevel=3)
     return _EAGER_ONLY[cls]
 
 
@@ -423,7 +446,8 @@ def fastattn_mask(
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                          local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
 
-    if _eager_only_model(kwargs.get("config")):
+    if _eager_only_model(kwargs.get("config")) or _declares_neither(kwargs.get("config")):
+        # (_eager_only_model first: it warns once about either kind)
         from transformers.masking_utils import eager_mask
 
         return eager_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
@@ -1104,8 +1128,10 @@ def _hf_rotary_on_fastattn(q, k, cos, sin, unsqueeze_dim=1):
     return q2.transpose(1, 2), k2.transpose(1, 2)
 
 
-def _make_rotary_dispatcher(original, partial: bool = False):
-    """partial: the original rotates the first cos.shape[-1] dims only (else cos spans the head)."""
+def _make_rotary_dispatcher(original, partial: bool = False, cast_back: bool = False):
+    """partial: the original rotates the first cos.shape[-1] dims only (else cos spans the head).
+    cast_back: the original returns q and k in their own dtypes (OLMo's: fp32 tables, the
+    rotation computed in the promoted dtype and cast back), else in the promoted dtype."""
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         unsqueeze_dim = kwargs.get("unsqueeze_dim", args[0] if args else 1)
@@ -1130,7 +1156,11 @@ def _make_rotary_dispatcher(original, partial: bool = False):
         dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return original(q, k, cos, sin, *args, **kwargs)  # float64: no such kernel
-        if dtype != q.dtype:
+        if cast_back:
+            # OLMo's: rotated in fp32 (the kernel computes in fp32 whatever the dtype) and
+            # rounded to q's / k's dtype, which is what the kernel returns for them.
+            pass
+        elif dtype != q.dtype:
             # q * cos + rotate_half(q) * sin returns the promoted dtype: bf16 q and k with fp32
             # tables (an fp32 model under autocast) give fp32, and so fp32 keys in the cache.
             # Rotated in that dtype, as the original computes it.
@@ -1198,22 +1228,23 @@ def _code_of(fn):
 
 
 def _rotary_kind(modeling_module):
-    """"full" / "partial" when the module's apply_rotary_pos_emb is one of _ROTARY_REFERENCES's
-    (with LLaMA's rotate_half), None for any other rotation. Decided once per module."""
+    """"full" / "partial" / "full_cast_back" (OLMo's) when the module's apply_rotary_pos_emb is one
+    of _ROTARY_REFERENCES's (with LLaMA's rotate_half), None for any other rotation. Decided once
+    per module."""
     global _ROTARY_REFERENCE_CODE
     name = getattr(modeling_module, "__name__", "")
     if name in _ROTARY_KIND_CACHE:
         return _ROTARY_KIND_CACHE[name]
     if _ROTARY_REFERENCE_CODE is None:
         refs = {}
-        for ref_name, partial in _ROTARY_REFERENCES:
+        for ref_name, ref_kind in _ROTARY_REFERENCES:
             try:
                 ref = importlib.import_module(ref_name)
             except ImportError:  # a transformers without that model
                 continue
             code = _code_of(getattr(ref, "apply_rotary_pos_emb", None))
             if code is not None:
-                refs.setdefault(code, "partial" if partial else "full")
+                refs.setdefault(code, ref_kind)
         from transformers.models.llama import modeling_llama
 
         _ROTARY_REFERENCE_CODE = (refs, _code_of(modeling_llama.rotate_half))
@@ -1238,7 +1269,8 @@ def _install_rotary_dispatcher(modeling_module) -> Optional[str]:
     if kind is None:
         return (f"apply_rotary_pos_emb in {modeling_module.__name__} is not LLaMA's rotate-half rotary (full or "
                 "partial): another rotation (interleaved pairs, other signs, ...) or signature")
-    modeling_module.apply_rotary_pos_emb = _make_rotary_dispatcher(fn, kind == "partial")
+    modeling_module.apply_rotary_pos_emb = _make_rotary_dispatcher(fn, kind == "partial",
+                                                                   cast_back=kind == "full_cast_back")
     return None
 
 
