@@ -40,6 +40,10 @@ function hands each attention call one of three things:
   that read the mask themselves (``_model_reads_mask``: ALiBi Falcon, and models declaring no
   flash-attention support that force the mask, e.g. the sparse-attention indexers of
   DeepSeek-V3.2 / GLM-MoE-DSA / HY-V4, or Doge).
+* transformers' eager mask (4-D, additive) for models that declare neither SDPA nor
+  flash-attention support (``_declares_neither``): transformers runs them on that mask only,
+  and their code relies on it (BigBirdPegasus' decoder for causality, DeepSeek-V4's compressed
+  keys for its block bias).
 
 Padding-free batches (sequences flattened into one row) are kept apart as flash_attention_2 keeps
 them, beyond what transformers' masks express: the flash kwargs ``cu_seq_lens_q`` /
