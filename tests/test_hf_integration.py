@@ -421,22 +421,33 @@ def test_patch_model_swaps_gemma_unit_offset_norms(arch, monkeypatch):
     _assert_logits_close(mine, theirs)
 
 
+@pytest.mark.parametrize("norm_path", ["gemma.modeling_gemma.GemmaRMSNorm",
+                                       # Gemma's code under another name (a comment differs): swapped since
+                                       # patch_model compares the code (it was left alone by name)
+                                       "qwen3_next.modeling_qwen3_next.Qwen3NextRMSNorm",
+                                       "qwen3_5.modeling_qwen3_5.Qwen3_5RMSNorm"])
 @pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                               (torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
-def test_patched_gemma_norm_is_hf_math(x_dtype, w_dtype):
+def test_patched_gemma_norm_is_hf_math(x_dtype, w_dtype, norm_path):
     """(x.float() / rms) * (1 + w.float()), cast to x's dtype: the same bits as Gemma's module."""
-    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    import importlib
 
+    module_name, class_name = norm_path.rsplit(".", 1)
+    try:
+        norm_class = getattr(importlib.import_module("transformers.models." + module_name), class_name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"transformers {transformers.__version__} has no {class_name}")
     torch.manual_seed(0)
     holder = torch.nn.Module()
-    holder.norm = GemmaRMSNorm(48, eps=1e-6).to(w_dtype)
+    holder.norm = norm_class(48, eps=1e-6).to(w_dtype)
     with torch.no_grad():
         holder.norm.weight.normal_(0.0, 0.5)
     x = (torch.randn(3, 5, 48) * 4).to(x_dtype)
     r = torch.randn(3, 5, 48).to(x_dtype)
     with torch.no_grad():
         theirs, theirs_res = holder.norm(x), holder.norm(x + r)
-        assert fa_hf.patch_model(holder)["swapped"] == {"GemmaRMSNorm": 1}
+        assert fa_hf.patch_model(holder)["swapped"] == {class_name: 1}
+        assert isinstance(holder.norm, fastattn.nn.RMSNorm) and holder.norm.unit_offset
         mine = holder.norm(x)
         mine_res, h = holder.norm(x, r)
     assert mine.dtype == theirs.dtype == x_dtype

@@ -108,6 +108,27 @@ _UNIT_OFFSET_RMSNORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
 # character (an offset, an fp32 weight product, no weight) stays a "variant not known". Decided
 # once per class.
 _LLAMA_COPY_CACHE: dict = {}
+_GEMMA_COPY_CACHE: dict = {}
+
+
+def _is_gemma_rmsnorm_copy(cls) -> bool:
+    """Whether ``cls`` computes GemmaRMSNorm's ``(1 + w) * x / rms(x)`` by GemmaRMSNorm's own
+    code: its ``forward`` and ``_norm`` are Gemma's statement for statement (compared as syntax
+    trees, so comments may differ: Qwen3-Next's and Qwen3.5's copies rename the model in one).
+    Decided once per class."""
+    hit = _GEMMA_COPY_CACHE.get(cls)
+    if hit is None:
+        hit = False
+        try:
+            from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+            hit = all(_code_of(getattr(cls, name, None)) is not None
+                      and _code_of(getattr(cls, name, None)) == _code_of(getattr(GemmaRMSNorm, name))
+                      for name in ("forward", "_norm"))
+        except ImportError:
+            pass
+        _GEMMA_COPY_CACHE[cls] = hit
+    return hit
 
 
 def _is_llama_rmsnorm_copy(cls) -> bool:
@@ -1406,8 +1427,10 @@ def patch_model(model: nn.Module) -> dict:
 
     * LLaMA-family norms (``w * x / rms(x)``: Llama, Mistral, Qwen2/3, Phi-3, and every
       RMSNorm class whose forward is LlamaRMSNorm's source verbatim: Mixtral, Qwen2/3-MoE,
-      DeepSeek-V2/V3, Granite, OLMoE, GLM-4, ...) become our RMSNorm; Gemma 1/2/3's ``(1 + w)`` norms (including Gemma 3's q/k norms) become our
-      RMSNorm with ``unit_offset=True`` (fp32 math, x's dtype out, as Gemma's);
+      DeepSeek-V2/V3, Granite, OLMoE, GLM-4, ...) become our RMSNorm; Gemma 1/2/3's ``(1 + w)``
+      norms (including Gemma 3's q/k norms, and every class whose ``forward`` and ``_norm`` are
+      GemmaRMSNorm's code: Qwen3-Next, Qwen3.5, ...) become our RMSNorm with
+      ``unit_offset=True`` (fp32 math, x's dtype out, as Gemma's);
     * attention modules with q/k projections (``q_proj`` or a fused ``qkv_proj``) whose modeling
       file's ``apply_rotary_pos_emb`` is LLaMA's rotate-half rotary (its code, or Phi-3's / GLM-4-MoE's /
       Nemotron's partial rotary for cos/sin narrower than the head, or OLMo's, each with LLaMA's
@@ -1439,7 +1462,8 @@ def patch_model(model: nn.Module) -> dict:
                 continue  # ours already (an earlier patch_model)
             weight = getattr(child, "weight", None)
             if (name in _COMPATIBLE_RMSNORMS + _UNIT_OFFSET_RMSNORMS
-                    or ("RMSNorm" in name and _is_llama_rmsnorm_copy(type(child)))):
+                    or ("RMSNorm" in name and (_is_llama_rmsnorm_copy(type(child))
+                                               or _is_gemma_rmsnorm_copy(type(child))))):
                 if isinstance(weight, nn.Parameter) and weight.dim() == 1:
                     replacements.append((parent, child_name, child))
                 else:
@@ -1449,7 +1473,7 @@ def patch_model(model: nn.Module) -> dict:
                                               "(1 + w) * x / rms(x)")
     for parent, child_name, child in replacements:
         name = type(child).__name__
-        offset = name in _UNIT_OFFSET_RMSNORMS
+        offset = name in _UNIT_OFFSET_RMSNORMS or _is_gemma_rmsnorm_copy(type(child))
         cls = fastattn.nn.RMSNorm if offset else _HFRMSNorm  # Gemma's returns x's dtype, as ours
         norm = cls(child.weight.shape[0], eps=_norm_eps(child), device="meta", unit_offset=offset)
         norm.weight = child.weight
