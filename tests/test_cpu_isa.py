@@ -181,7 +181,8 @@ def test_flash_forward_softmax_is_vectorised(portable, tier):
     """The fp32 flash forward's exponentials (a degree-7 polynomial: 7 FMAs) run on whole
     vectors of the tier. On the AVX2 tier GCC had left its `omp simd` loop scalar (one vcomiss
     and branch per score; a quarter of the forward's time at S = 2048, D = 128): the block's
-    task held one packed FMA."""
+    task held one packed FMA. (The AVX-512 tier had it vectorised: there this guards against a
+    regression.)"""
     lib = _tier_lib(tier)
     dis = subprocess.run([_tool("objdump"), "-d", "-C", "--no-show-raw-insn", lib], capture_output=True, text=True,
                          check=True).stdout

@@ -120,8 +120,9 @@ inline float exp2_nonpositive(float x) {
 // same bits as the scalar form). The scalar form in an `omp simd` loop did NOT vectorise
 // under GCC 12 (the select on x < -126 and the float -> int conversion stayed scalar, one
 // vcomiss + branch per score: perf put ~25% of the fp32 forward at S = 2048, D = 128 in that
-// loop on the AVX2 tier, and it was scalar on the AVX-512 tier too); written with the vector
-// types it compiles to packed FMAs (cpu_math.h says why).
+// loop on the AVX2 tier; the AVX-512 tier had it vectorised, its mask registers if-convert the
+// select); written with the vector types it compiles to packed FMAs on every tier (cpu_math.h
+// says why).
 inline cpu::vmath::vf exp2_nonpositive(cpu::vmath::vf x) {
   using namespace cpu::vmath;
   const vi below = x < -126.0f;
@@ -518,7 +519,9 @@ class FlashFwdCpu {
       const bool first = l[r] == 0.0f;  // no key seen yet (after one, the max contributes 1)
       const float m_new = first ? mx : (sl2 >= 0.0f ? std::max(m[r], mx) : std::min(m[r], mx));
       const float alpha = first ? 0.0f : exp2_nonpositive((m[r] - m_new) * sl2);
-      // P = 2^(scale_log2 * (S - m_new)) and its row sum: whole vectors, then the tail.
+      // P = 2^(scale_log2 * (S - m_new)) and its row sum: whole vectors, then the tail as one
+      // vector whose lanes past jhi keep their values and add nothing (when the row's kKBlock
+      // floats hold all its lanes; else, near a window's far edge, one score at a time).
       float sum = 0.0f;
       {
         using namespace cpu::vmath;
@@ -529,6 +532,16 @@ class FlashFwdCpu {
           const vf pj = exp2_nonpositive((load(sr + j) - vm) * vsl2);
           store(sr + j, pj);
           vsum += pj;
+        }
+        if (j < jhi && j + kLanes <= kKBlock) {
+          vi lane;
+          for (int64_t i = 0; i < kLanes; ++i) lane[i] = static_cast<int32_t>(i);
+          const vi live = lane < static_cast<int32_t>(jhi - j);
+          const vf x = load(sr + j);  // (lanes past jhi: masked zeros or stale scores, kept)
+          const vf pj = exp2_nonpositive((x - vm) * vsl2);
+          store(sr + j, live ? pj : x);
+          vsum += live ? pj : vf{};
+          j = jhi;
         }
         for (int64_t i = 0; i < kLanes; ++i) sum += vsum[i];
         for (; j < jhi; ++j) {

@@ -436,8 +436,9 @@ def _eager_only_model(config) -> bool:
                 + ("their own (eager) attention code runs, on the eager mask, and fastattn's kernels are not used; "
                    "attn_implementation=\"eager\" gives the same result" if _EAGER_ONLY[cls] else
                    "they get transformers' eager mask (their code reads it, or relies on it for causality: "
-                   "BigBirdPegasus' decoder, DeepSeek-V4's compressed keys), so their attention runs on SDPA with "
-                   "that mask, not on fastattn's kernels"),
+                   "BigBirdPegasus' decoder, DeepSeek-V4's compressed keys), so their masked attention runs on "
+                   "SDPA with that mask (fastattn's kernels only where eager's mask is None: bidirectional calls "
+                   "without padding)"),
                 stacklevel=3)
     return _EAGER_ONLY[cls]
 
