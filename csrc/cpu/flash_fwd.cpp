@@ -91,33 +91,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// 2^x for x <= 0 (the softmax only evaluates exp of non-positive numbers): x = n + f with
-// n = round(x), |f| <= 1/2, and 2^f from its degree-7 Taylor polynomial (relative error
-// < 1e-8 on that range); 2^n is added into the exponent bits. Branch-free, so `omp simd`
-// loops over it vectorise. Anything below 2^-126 returns 0.
-inline float exp2_nonpositive(float x) {
-  const float xc = x < -126.0f ? -126.0f : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (xc + magic) - magic;
-  const float f = xc - n;
-  float p = 1.5252733804059841e-05f;
-  p = p * f + 1.5403530393381608e-04f;
-  p = p * f + 1.3333558146428443e-03f;
-  p = p * f + 9.6181291076284772e-03f;
-  p = p * f + 5.5504108664821580e-02f;
-  p = p * f + 2.4022650695910071e-01f;
-  p = p * f + 6.9314718055994531e-01f;
-  p = p * f + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, 4);
-  bits += static_cast<int32_t>(n) << 23;
-  float r;
-  std::memcpy(&r, &bits, 4);
-  return x < -126.0f ? 0.0f : r;
-}
-
-// exp2_nonpositive on cpu::vmath::kLanes lanes at once, the same operations per lane (so the
-// same bits as the scalar form). The scalar form in an `omp simd` loop did NOT vectorise
+// 2^x for x <= 0 (the softmax only evaluates exp of non-positive numbers), on
+// cpu::vmath::kLanes lanes at once, each on its own: x = n + f with n = round(x) (the magic
+// constant's rounding), |f| <= 1/2, and 2^f from its degree-7 Taylor polynomial (relative
+// error < 1e-8 on that range); 2^n is added into the exponent bits. Anything below 2^-126
+// returns 0; NaN stays NaN. A scalar form of it in an `omp simd` loop did NOT vectorise
 // under GCC 12 (the select on x < -126 and the float -> int conversion stayed scalar, one
 // vcomiss + branch per score: perf put ~25% of the fp32 forward at S = 2048, D = 128 in that
 // loop on the AVX2 tier; the AVX-512 tier had it vectorised, its mask registers if-convert the
@@ -141,6 +119,9 @@ inline cpu::vmath::vf exp2_nonpositive(cpu::vmath::vf x) {
   const vf r = as_float(as_int(p) + (__builtin_convertvector(n, vi) << 23));
   return below ? splat(0.0f) : r;
 }
+
+// One value: lane 0 of the vector form (the same bits as a lane of a vector call).
+inline float exp2_nonpositive(float x) { return exp2_nonpositive(cpu::vmath::splat(x))[0]; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
