@@ -122,9 +122,11 @@ def _is_gemma_rmsnorm_copy(cls) -> bool:
         try:
             from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 
-            hit = all(_code_of(getattr(cls, name, None)) is not None
-                      and _code_of(getattr(cls, name, None)) == _code_of(getattr(GemmaRMSNorm, name))
-                      for name in ("forward", "_norm"))
+            for name in ("forward", "_norm"):
+                code = _code_of(getattr(cls, name, None))
+                hit = code is not None and code == _code_of(getattr(GemmaRMSNorm, name))
+                if not hit:
+                    break
         except ImportError:
             pass
         _GEMMA_COPY_CACHE[cls] = hit
@@ -1182,11 +1184,9 @@ def _make_rotary_dispatcher(original, partial: bool = False, cast_back: bool = F
         dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return original(q, k, cos, sin, *args, **kwargs)  # float64: no such kernel
-        if cast_back:
-            # OLMo's: rotated in fp32 (the kernel computes in fp32 whatever the dtype) and
-            # rounded to q's / k's dtype, which is what the kernel returns for them.
-            pass
-        elif dtype != q.dtype:
+        # cast_back (OLMo's): rotated in fp32 (the kernel computes in fp32 whatever the dtype)
+        # and rounded to q's / k's dtype, which is what the kernel returns for them as they are.
+        if dtype != q.dtype and not cast_back:
             # q * cos + rotate_half(q) * sin returns the promoted dtype: bf16 q and k with fp32
             # tables (an fp32 model under autocast) give fp32, and so fp32 keys in the cache.
             # Rotated in that dtype, as the original computes it.
