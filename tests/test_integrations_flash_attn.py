@@ -487,6 +487,64 @@ def test_bad_arguments_name_themselves():
             call()
 
 
+def test_flags_and_tables_name_the_argument_the_caller_passed():
+    """From an outside audit: the flags were checked under the names of fastattn's own
+    parameters (return_lse, interleaved), ``deterministic`` was not checked at all, and a
+    cache_batch_idx / rotary table on another device or too short was reported as block_table,
+    cos or 'positions'."""
+    q = torch.randn(1, 3, 2, 16)
+    kc = torch.randn(2, 8, 2, 16)
+    cq = torch.tensor([0, 3], dtype=torch.int32)
+    for call, match in (
+            (lambda: fa.flash_attn_func(q, q, q, return_attn_probs=1), "return_attn_probs must be a bool"),
+            (lambda: fa.flash_attn_varlen_func(q[0], q[0], q[0], cq, cq, 3, 3, return_attn_probs=1),
+             "return_attn_probs must be a bool"),
+            (lambda: fa.flash_attn_func(q, q, q, deterministic="yes"), "deterministic must be a bool"),
+            (lambda: fa.flash_attn_varlen_func(q[0], q[0], q[0], cq, cq, 3, 3, deterministic=None),
+             "deterministic must be a bool"),
+            (lambda: fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1, return_softmax_lse=1),
+             "return_softmax_lse must be a bool"),
+            (lambda: fa.flash_attn_with_kvcache(q, kc, kc, q, q, torch.ones(8, 4), torch.ones(8, 4), cache_seqlens=1,
+                                                rotary_interleaved=1), "rotary_interleaved must be a bool"),
+            (lambda: fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=3.0),
+             "cache_seqlens must be an int or a \\(batch,\\) int32 tensor, got float")):
+        with pytest.raises(TypeError, match=match):
+            call()
+    with pytest.raises(ValueError, match="cache_batch_idx is on meta but must be on cpu with k_cache"):
+        fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=1, cache_batch_idx=torch.zeros(1, dtype=torch.int32,
+                                                                                             device="meta"))
+    with pytest.raises(ValueError, match="rotary_sin is on meta but must be on cpu with q"):
+        fa.flash_attn_with_kvcache(q, kc, kc, q, q, torch.ones(8, 4), torch.ones(8, 4, device="meta"), cache_seqlens=1)
+    # 3 new tokens at 4, 5, 6: a 6-position table is one short (7 is enough); int or tensor lengths
+    for seqlens in (4, torch.tensor([4], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="rotary_cos / rotary_sin hold 6 positions, but the new tokens reach "
+                                             "position 6"):
+            fa.flash_attn_with_kvcache(q, kc, kc, q, q, torch.ones(6, 4), torch.zeros(6, 4), cache_seqlens=seqlens)
+        fa.flash_attn_with_kvcache(q, kc.clone(), kc.clone(), q, q, torch.ones(7, 4), torch.zeros(7, 4),
+                                   cache_seqlens=seqlens)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_varlen_max_seqlen_as_0d_integer_tensors(paged):
+    """flash-attn declares max_seqlen_q / max_seqlen_k ``int`` in its custom ops, which take a
+    0-d integer tensor (Hugging Face's padding-free path passes ``cu_seqlens.diff().max()``);
+    fastattn refused them (outside audit): now the same result as the ints."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(10, 4, 32, generator=g)
+    cq = torch.tensor([0, 4, 10], dtype=torch.int32)
+    ck = torch.tensor([0, 5, 12], dtype=torch.int32)
+    if paged:
+        pool = torch.randn(4, 8, 2, 32, generator=g)
+        k, v, extra = pool, pool.flip(0), dict(block_table=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32))
+    else:
+        k, v, extra = torch.randn(12, 2, 32, generator=g), torch.randn(12, 2, 32, generator=g), {}
+    want = fa.flash_attn_varlen_func(q, k, v, cq, ck, 6, 7, causal=True, **extra)
+    for mq, mk in ((cq.diff().max(), ck.diff().max()), (torch.tensor(6), torch.tensor(7, dtype=torch.int16))):
+        assert torch.equal(fa.flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, causal=True, **extra), want)
+    with pytest.raises(TypeError, match="max_seqlen_q must be a"):
+        fa.flash_attn_varlen_func(q, k, v, cq, ck, 6.0, 7, causal=True, **extra)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_varlen_spare_rows_past_the_last_sequence(dtype):
     # flash-attn reads only the rows cu_seqlens name: k/v (and q) buffers may be longer. The

@@ -23,8 +23,10 @@ and gradients flow where flash-attn's do (not through ``flash_attn_with_kvcache`
 What flash-attn has and fastattn does not raises ``NotImplementedError`` naming the argument,
 never a silently different result: ``dropout_p > 0``, ``alibi_slopes``, ``cache_leftpad``.
 ``block_table`` in ``flash_attn_varlen_func`` (a paged k/v, vLLM-style prefill) runs forward
-only, as in flash-attn, on ``attention_with_kvcache``. ``deterministic`` is accepted and changes
-nothing: fastattn's backward is always deterministic. ``return_attn_probs=True`` returns
+only, as in flash-attn, on ``attention_with_kvcache``. ``deterministic`` (a bool) is accepted and
+changes nothing: fastattn's backward is always deterministic. Flags are bools (as everywhere in
+fastattn; flash-attn reads some by truthiness), and ``max_seqlen_q`` / ``max_seqlen_k`` ints
+or 0-d integer tensors (one host read each), as flash-attn's ``int`` custom-op arguments take. ``return_attn_probs=True`` returns
 ``(out, softmax_lse, S_dmask)`` with S_dmask an empty tensor, as flash-attn 2.7+ does without
 dropout (2.6 gave None). Page sizes of a paged cache are free (flash-attn: multiples of 256) and the rotary
 tables may be fp32 or q's dtype (flash-attn: q's dtype).
@@ -66,6 +68,13 @@ def _not_supported(dropout_p, alibi_slopes) -> None:
 
 def _int_tensor(t) -> bool:
     return isinstance(t, Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _host_int(n):
+    """flash-attn's ints that callers pass as 0-d integer tensors (its custom ops declare them
+    ``int``, which torch's argument parser takes a 0-d integer tensor for; Hugging Face's
+    padding-free path passes ``cu_seqlens.diff().max()`` so): one host read."""
+    return n.item() if _int_tensor(n) and n.dim() == 0 else n
 
 
 def _window(window_size):
@@ -161,6 +170,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (out, softmax_lse (B, H, Sq) fp32, an empty tensor). Differentiable in q, k, v."""
     _not_supported(dropout_p, alibi_slopes)
     causal = check_bool(causal, "causal")
+    check_bool(deterministic, "deterministic")
+    return_attn_probs = check_bool(return_attn_probs, "return_attn_probs")
     q, k, v = (_maybe_contiguous(t) for t in (q, k, v))
     window = _flash_attn_window(window_size, causal, k.shape[1], q.shape[1]) if isinstance(k, Tensor) \
         and isinstance(q, Tensor) and k.dim() == 4 and q.dim() == 4 else window_size
@@ -202,10 +213,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     Differentiable in q, k, v."""
     _not_supported(dropout_p, alibi_slopes)
     causal = check_bool(causal, "causal")
+    check_bool(deterministic, "deterministic")
+    return_attn_probs = check_bool(return_attn_probs, "return_attn_probs")
+    max_seqlen_q, max_seqlen_k = _host_int(max_seqlen_q), _host_int(max_seqlen_k)
     if block_table is not None:
         out, lse = _paged_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
                                  softmax_scale, causal, window_size, softcap)
-        return _outputs((out, lse), True) if check_bool(return_attn_probs, "return_attn_probs") else out
+        return _outputs((out, lse), True) if return_attn_probs else out
     q, k, v = (_maybe_contiguous(t) for t in (q, k, v))
     window = _flash_attn_window(window_size, causal, max_seqlen_k, max_seqlen_q) if all(
         is_integer(n) or isinstance(n, torch.SymInt) for n in (max_seqlen_k, max_seqlen_q)) else window_size
@@ -260,7 +274,9 @@ def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         raise ValueError(f"block_table must be ({B}, max_pages_per_seq) (one row per sequence), got "
                          f"{tuple(getattr(block_table, 'shape', ()))}")
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not (is_integer(n) or isinstance(n, torch.SymInt)) or n < 0:
+        if not (is_integer(n) or isinstance(n, torch.SymInt)):  # (as flash_attention_varlen)
+            raise TypeError(f"{name} must be an int (or a 0-d integer tensor), got {type(n).__name__}: {n!r}")
+        if n < 0:
             raise ValueError(f"{name} must be an int >= 0, got {n!r}")
     total_q, H, D = q.shape
     window = _flash_attn_window(window_size, causal, max_seqlen_k, max_seqlen_q)
@@ -378,6 +394,9 @@ def _rotate_new_tokens(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_inter
         raise TypeError("rotary_cos and rotary_sin must both be tensors (seqlen_ro, rotary_dim / 2), or both None")
     if not (rotary_cos.is_floating_point() and rotary_sin.is_floating_point()):
         raise ValueError(f"rotary_cos / rotary_sin must be floating point, got {rotary_cos.dtype} and {rotary_sin.dtype}")
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but must be on {q.device} with q")
     cos, sin = rotary_cos.float(), rotary_sin.float()  # fastattn's tables are fp32 (exact for 16-bit ones)
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
     if isinstance(cache_seqlens, Tensor):
@@ -386,6 +405,12 @@ def _rotate_new_tokens(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_inter
         start = torch.full((B, 1), int(cache_seqlens), dtype=torch.int64, device=q.device)
     if start.shape[0] != B:
         raise ValueError(f"cache_seqlens must hold {B} lengths (q's batch), got {start.shape[0]}")
+    if B and start.device.type == "cpu" and not torch.jit.is_tracing() and host_values_readable(start, rotary_cos):
+        # (named here: apply_rotary's own check speaks of positions; CUDA: no host read)
+        last = int(start.max()) + max(Sk, Sq if q_per_token else 1) - 1
+        if last >= rotary_cos.shape[0]:
+            raise ValueError(f"rotary_cos / rotary_sin hold {rotary_cos.shape[0]} positions, but the new tokens "
+                             f"reach position {last} (cache_seqlens + their count - 1)")
     pos_k = start + torch.arange(Sk, device=q.device).view(1, Sk)
     if q_per_token and Sq == Sk:  # one fused call (the common decode / speculative step)
         return F.apply_rotary(q, k, cos, sin, positions=pos_k, interleaved=rotary_interleaved)
@@ -414,6 +439,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return_softmax_lse also softmax_lse (B, H, Sq) fp32. Forward only."""
     _not_supported(0.0, alibi_slopes)
     causal = check_bool(causal, "causal")
+    return_softmax_lse = check_bool(return_softmax_lse, "return_softmax_lse")
+    rotary_interleaved = check_bool(rotary_interleaved, "rotary_interleaved")
     if cache_leftpad is not None:
         raise NotImplementedError("cache_leftpad: fastattn's caches start at token 0 of each row; pass None")
     if (k is None) != (v is None):
@@ -437,6 +464,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if cache_batch_idx.shape[0] != q.shape[0]:
             raise ValueError(f"cache_batch_idx must hold {q.shape[0]} cache rows (q's batch), got "
                              f"{cache_batch_idx.shape[0]}")
+        if cache_batch_idx.device != k_cache.device:  # (checked here: it becomes a block table below)
+            raise ValueError(f"cache_batch_idx is on {cache_batch_idx.device} but must be on {k_cache.device} "
+                             "with k_cache")
         if cache_batch_idx.device.type == "cpu" and cache_batch_idx.numel() and host_values_readable(cache_batch_idx):
             # (read on the CPU only: on CUDA that would synchronise, and the paged kernels
             # then check the rows as block_table entries)
@@ -456,6 +486,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             cache_seqlens = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device) + capacity.to(torch.int32)
     elif is_integer(cache_seqlens):
         cache_seqlens = int(cache_seqlens)
+    elif not isinstance(cache_seqlens, (Tensor, torch.SymInt)):
+        raise TypeError(f"cache_seqlens must be an int or a (batch,) int32 tensor, got "
+                        f"{type(cache_seqlens).__name__}: {cache_seqlens!r}")
     window = _flash_attn_window(window_size, causal, capacity, q.shape[1])
     if rotary_cos is not None:
         # flash-attn rotates each query at its own position when the attention is causal or
