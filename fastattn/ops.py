@@ -306,6 +306,8 @@ def _rotary_backward(ctx, dq, dk):
     # checked these positions (or its caller vouched for them): no second host sync here.
     cos, sin, positions = ctx.saved_tensors
     rest = (None,) * 6
+    if dq is None and dk is None:  # neither output reached the loss (a downstream backward gave None)
+        return (None, None) + rest
     if dq is None or dk is None:
         # Only one of q_rot / k_rot reached the loss: the other input gets no gradient (None,
         # as the unfused rotation gives, so an optimizer skips it). The op rotates a q and a k

@@ -1,4 +1,6 @@
 """fastattn.apply_rotary (and the rotary ops) against fastattn.reference.apply_rotary."""
+import warnings
+
 import pytest
 import torch
 
@@ -182,6 +184,31 @@ def test_backward_one_output_and_inverse(device, used):
     torch.testing.assert_close(x.grad.double(), xd.grad, atol=1e-5, rtol=1e-5)
     qb, kb = torch.ops.fastattn.rotary(q2.detach(), torch.zeros_like(k), cos, sin, None, False, True)
     torch.testing.assert_close(qb, q.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_backward_with_neither_gradient_defined():
+    """From an outside audit: a downstream backward returning None for both rotated outputs
+    (and gradcheck's check_undefined_grad, on by default) crashed the backward with an
+    AttributeError; neither input gets a gradient, as with the unfused rotation."""
+    class NoGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return a.sum() + b.sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            return None, None
+
+    q = torch.randn(1, 3, 2, 8, requires_grad=True)
+    k = torch.randn(1, 3, 1, 8, requires_grad=True)
+    cos, sin = _tables(8, "cpu")
+    w = torch.ones((), requires_grad=True)
+    (NoGrad.apply(*fastattn.apply_rotary(q, k, cos, sin)) * w).backward()
+    assert q.grad is None and k.grad is None and w.grad is not None
+    with warnings.catch_warnings():  # (gradcheck warns about fp32 inputs; the rotation is linear)
+        warnings.simplefilter("ignore", UserWarning)
+        assert torch.autograd.gradcheck(lambda a, b: fastattn.apply_rotary(a, b, cos, sin), (q, k),
+                                        eps=1e-2, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
