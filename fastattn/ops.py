@@ -25,6 +25,15 @@ _peek_interpreter = torch._C._functorch.peek_interpreter_stack
 _is_grad_tracking = torch._C._functorch.is_gradtrackingtensor
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _functorch_unwrapped = torch._C._functorch.get_unwrapped
+_layer_depth = torch._C._functorch.get_dynamic_layer_stack_depth  # dynamo folds it (with a guard)
+
+
+def _compiled_vmap_only() -> bool:
+    """While torch.compile traces, under a torch.func transform: whether it is one vmap level,
+    as far as dynamo lets it be asked (the depth of functorch's layer stack and the innermost
+    transform's kind; a tensor's grad tracking cannot be read there)."""
+    return _layer_depth() == 1 and (torch._functorch.pyfunctorch.retrieve_current_functorch_interpreter().key()
+                                    == torch._C._functorch.TransformType.Vmap)
 
 
 def _grad_tracked(t: Tensor) -> bool:
@@ -55,9 +64,10 @@ def transform_active() -> bool:
     (its level, and unpack_dual in differentiating_transform) is read: dynamo traces those
     faithfully, so a compiled jvp / jacfwd / dual level over fastattn is still seen (it
     used to go unseen, and the tangents came out as zeros), whereas functorch's interpreter
-    stack reads as non-empty in plain compiled code and cannot be asked there."""
+    stack reads as non-empty in plain compiled code: its depth is read there instead (a compiled
+    torch.func.grad over a drop-in failed with torch's setup_context error; outside audit)."""
     if _compiling():
-        return _fw_ad._current_level >= 0
+        return _fw_ad._current_level >= 0 or _layer_depth() > 0
     return _fw_ad._current_level >= 0 or _peek_interpreter() is not None
 
 
@@ -78,6 +88,12 @@ def differentiating_transform(*tensors) -> Optional[str]:
                     return forward_ad
             if not _compiling() and _grad_tracked(t):
                 return "torch.func.grad / vjp / jacrev"
+    if _compiling() and any(isinstance(t, Tensor) for t in tensors):
+        # Compiled: any transform but one vmap level counts as differentiating (whether it
+        # tracks these tensors cannot be read while dynamo traces): the drop-ins then take
+        # torch's path, as a compiled torch.func.grad of torch's own ops does.
+        if _layer_depth() > 0 and not _compiled_vmap_only():
+            return "torch.func.grad / vjp / jacrev"
     return None
 
 
@@ -102,7 +118,7 @@ def _call(op, *args):
     forward-mode AD or torch.func's grad transforms a RuntimeError says they are unsupported
     (differentiating_transform), instead of a zero tangent or torch's setup_context error."""
     if _compiling():
-        if _fw_ad._current_level >= 0:  # a compiled jvp / dual level (see transform_active)
+        if _fw_ad._current_level >= 0 or _layer_depth() > 0:  # (see transform_active)
             refuse_transforms(op, args)
         return op(*args)
     if _fw_ad._current_level >= 0 or _peek_interpreter() is not None:

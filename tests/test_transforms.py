@@ -126,6 +126,42 @@ def test_compiled_forward_ad_is_seen():
         torch.compile(lambda a, t: torch.func.jvp(calls["flash_attention"], (a,), (t,))[1])(qt, torch.randn_like(qt))
 
 
+def test_compiled_grad_transforms_are_torchs_for_the_drop_ins():
+    """torch.compile(torch.func.grad / jacrev / vmap(grad)) over the drop-ins: torch's
+    derivatives, as in eager (outside audit: the transform went unseen while dynamo traced, and
+    compiling failed with torch's setup_context error); the other ops refuse by name; a compiled
+    vmap alone still runs fastattn's kernels."""
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 8), torch.randn(8)
+    q, k, v = _qkv()
+    cases = [(lambda a: fastattn.rms_norm(a, w, 1e-6).pow(3).sum(), lambda a: F.rms_norm(a, (8,), w, 1e-6).pow(3).sum(),
+              x),
+             (lambda a: fastattn.scaled_dot_product_attention(a, k, v, is_causal=True).pow(2).sum(),
+              lambda a: F.scaled_dot_product_attention(a, k, v, is_causal=True).pow(2).sum(), q)]
+    for ours, theirs, a in cases:
+        stacked = torch.stack([a, 2 * a])  # vmap(grad): per-sample gradients over a batch of two
+        for transform, arg in ((torch.func.grad, a), (torch.func.jacrev, a),
+                               (lambda f: torch.vmap(torch.func.grad(f)), stacked)):
+            torch._dynamo.reset()
+            got = torch.compile(transform(ours), fullgraph=True)(arg)
+            torch.testing.assert_close(got, transform(theirs)(arg), rtol=1e-5, atol=1e-5)
+    calls, qt = _ops_calls()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"fastattn .*torch.func.grad / vjp / jacrev is not supported"):
+        torch.compile(torch.func.grad(lambda a: calls["flash_attention"](a).sum()), fullgraph=True)(qt)
+    qs = torch.stack([qt[0], 2 * qt[0]])
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    out = torch.compile(torch.vmap(lambda r: calls["flash_attention"](r[None])[0]), backend=backend, fullgraph=True)(qs)
+    torch.testing.assert_close(out, torch.vmap(lambda r: calls["flash_attention"](r[None])[0])(qs), rtol=0, atol=0)
+    assert any("fastattn.flash_attn_fwd" in str(gm.graph) for gm in graphs)
+
+
 def test_grad_of_vmap_is_torchs_for_the_drop_ins():
     """grad(vmap(f)) (per-sample gradients): f sees a vmap-batched tensor around the grad
     transform's tracking tensor; the drop-ins once missed the inner level and raised torch's
