@@ -73,11 +73,15 @@ def _shadow_hint():
     try:
         from importlib import metadata
 
-        dist = metadata.distribution("fastattn")
-        installed = os.path.abspath(str(dist.locate_file("fastattn")))
+        # Every fastattn distribution on the path: the build leaves a fastattn.egg-info in the
+        # checkout's root, found first from there (it locates the checkout itself), so the
+        # installed copy may be a later one (newcomer audit: the hint stayed silent after
+        # `pip install .`).
+        found = [os.path.abspath(str(dist.locate_file("fastattn"))) for dist in metadata.distributions(name="fastattn")]
     except Exception:  # not installed, or installed in a way we cannot locate
         return None
-    if installed == here or not os.path.isdir(installed):
+    installed = next((path for path in found if path != here and os.path.isdir(path)), None)
+    if installed is None:
         return None
     return (
         f"fastattn was imported from the source checkout {here}, which has no compiled extension "
