@@ -632,7 +632,10 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, layouts) -> int:
         raise ValueError(f"k must have q's head dim {D}, got {k.shape[-1]}")
     Hk = k.shape[-2]
     if Hk < 1 or H % Hk != 0:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of key/value heads ({Hk})")
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of key/value heads ({Hk}): "
+                         f"q is {q_layout} and k / v {kv_layout}, heads in dim -2"
+                         + (" (a (B, H, S, D) tensor, as SDPA takes, is passed as x.transpose(1, 2))" if rank == 4
+                            else ""))
     if q.is_cuda and D not in _CUDA_HEAD_DIMS:
         raise ValueError(f"head dim {D} is not supported on CUDA (supported: {', '.join(map(str, _CUDA_HEAD_DIMS))})")
     if not q.is_cuda and not 1 <= D <= _CPU_MAX_HEAD_DIM:
@@ -1147,7 +1150,8 @@ def _check_cache_query(q, k_cache, v_cache, cache_seqlens, block_table, batch: i
     if k_cache.shape[3] != D:
         raise ValueError(f"k_cache has head dim {k_cache.shape[3]} but q has head dim {D}")
     if Hk == 0 or H % Hk != 0:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of kv heads ({Hk})")
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of kv heads ({Hk}): "
+                         f"q's heads are its dim -2, the caches' their dim 2 (k_cache (B, S_cache, Hk, D))")
     if q.is_cuda and D not in _DECODE_CUDA_HEAD_DIMS:
         raise ValueError(f"head dim {D} is not supported on CUDA (supported: {_DECODE_CUDA_HEAD_DIMS})")
     _check_cache_seqlens(cache_seqlens, q, batch)

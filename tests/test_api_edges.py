@@ -416,3 +416,19 @@ def test_readme_python_blocks_run_as_written():
     assert len(blocks) >= 2
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_head_count_mismatch_names_the_layout():
+    """Newcomer audit: q and k in SDPA's (B, H, S, D) layout reached a bare 'number of query
+    heads (100) ... key/value heads (120)'; the error now says which dims hold the heads."""
+    r = torch.randn
+    with pytest.raises(ValueError, match=r"q is \(B, Sq, H, D\) and k / v \(B, Sk, Hk, D\), heads in dim -2 "
+                                         r"\(a \(B, H, S, D\) tensor, as SDPA takes, is passed as x.transpose\(1, 2\)\)"):
+        fastattn.flash_attention(r(2, 8, 100, 16), r(2, 2, 120, 16), r(2, 2, 120, 16))
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"multiple of the number of key/value heads \(3\): q is \(total_q, H, D\) "
+                                         r"and k / v \(total_k, Hk, D\), heads in dim -2$"):
+        fastattn.flash_attention_varlen(r(4, 4, 16), r(4, 3, 16), r(4, 3, 16), cu, cu, 4, 4)
+    kc = r(2, 2, 256, 16)  # (B, Hk, S, D): the caches' heads in dim 1 by mistake
+    with pytest.raises(ValueError, match=r"kv heads \(256\): q's heads are its dim -2, the caches' their dim 2"):
+        fastattn.decode_attention(r(2, 8, 16), kc, kc, torch.tensor([3, 3], dtype=torch.int32))

@@ -93,6 +93,8 @@ class RMSNorm(torch.nn.Module):
             (torch.nn.init.zeros_ if self.unit_offset else torch.nn.init.ones_)(self.weight)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        """x (..., *normalized_shape) -> y, x's shape and dtype; with residual (x's shape),
+        ``(y, h)``: h = x + residual and y = RMSNorm(h), one kernel pass."""
         nd = len(self.normalized_shape)
         if nd == 0:
             raise ValueError("RMSNorm's normalized_shape must have at least one dimension, got ()")

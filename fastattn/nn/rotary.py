@@ -360,6 +360,11 @@ class RotaryEmbedding(torch.nn.Module):
         inplace: bool = False,
         check_positions: bool = True,
     ):
+        """q (B, S, H, D), k (B, S, Hk, D) -> (q_rot, k_rot), the same shapes and dtypes,
+        rotated at ``positions`` ((B, S) or (S,) integers; default 0..S-1). ``max_position``:
+        an exclusive bound of the positions, for the tables' growth where the positions are
+        not read (CUDA, torch.compile); ``inplace``: rotate q and k in place and return them;
+        ``check_positions=False``: the caller guarantees the positions (see the class)."""
         if positions is None:
             needed = q.shape[1] if isinstance(q, Tensor) and q.dim() >= 2 else 0
             what = lambda: f"positions (default arange(S), S = {needed}) need {needed} table rows"  # noqa: E731
