@@ -54,10 +54,17 @@ constexpr int kGemmNV = 2;
 #endif
 typedef float GemmVec __attribute__((vector_size(kGemmW * sizeof(float))));
 
-// Far-apart B rows are packed where a tile row is one cache line (AVX2: 16 floats; ~5% on the
-// 1-thread fp32 flash forward there), not on AVX-512, where a tile row spans four lines and the
-// copy measured no gain.
-constexpr int64_t kFarLd = 1024;  // floats: 4 KiB between B rows
+// Far-apart B rows are packed where a tile row is one cache line (AVX2: 16 floats), not on
+// AVX-512, where a tile row spans four lines and the copy measured no gain. Far: 4 KiB or more
+// between rows (the K^T scratch at the key count's stride; ~5% on the 1-thread fp32 flash
+// forward); or 256 bytes or more under a long reduction with many rows to share the copy (the
+// flash forward's O += P V over 256 keys, V rows d = 64..256 floats apart: the tile's 256
+// lines fall into a few L1 sets and each row tile re-read them from L2; AVX2, 1 thread, 128
+// query rows, alternating in one process: 68-78 -> 72-86 GFLOP/s at d64 / d128). Short
+// reductions (the KV-cache kernel's 32-key blocks) or few rows measured slower with the copy.
+constexpr int64_t kFarLd = 1024;   // floats: 4 KiB between B rows
+constexpr int64_t kNearLd = 64;    // floats: 256 bytes, with k >= kLongK and m >= kManyRows
+constexpr int64_t kLongK = 256, kManyRows = 64;
 constexpr bool kPackFarRows = kGemmNV * kGemmW <= 16;
 
 inline GemmVec gemm_load(const float* p) {
@@ -147,7 +154,8 @@ inline void gemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, 
     // of the tile maps to the same L1 set, and each row tile re-fetched them from L2).
     const float* bt = b + c0;
     int64_t bt_ld = ldb;
-    if (!full || (kPackFarRows && m > kGemmR && ldb >= kFarLd)) {
+    const bool far = ldb >= kFarLd || (ldb >= kNearLd && k >= kLongK && m >= kManyRows);
+    if (!full || (kPackFarRows && m > kGemmR && far)) {
       b_pack.resize(static_cast<size_t>(k * width));
       float* dst = b_pack.data();
       for (int64_t t = 0; t < k; ++t) {
