@@ -54,17 +54,10 @@ constexpr int kGemmNV = 2;
 #endif
 typedef float GemmVec __attribute__((vector_size(kGemmW * sizeof(float))));
 
-// Far-apart B rows are packed where a tile row is one cache line (AVX2: 16 floats), not on
-// AVX-512, where a tile row spans four lines and the copy measured no gain. Far: 4 KiB or more
-// between rows (the K^T scratch at the key count's stride; ~5% on the 1-thread fp32 flash
-// forward); or 256 bytes or more under a long reduction with many rows to share the copy (the
-// flash forward's O += P V over 256 keys, V rows d = 64..256 floats apart: the tile's 256
-// lines fall into a few L1 sets and each row tile re-read them from L2; AVX2, 1 thread, 128
-// query rows, alternating in one process: 68-78 -> 72-86 GFLOP/s at d64 / d128). Short
-// reductions (the KV-cache kernel's 32-key blocks) or few rows measured slower with the copy.
-constexpr int64_t kFarLd = 1024;   // floats: 4 KiB between B rows
-constexpr int64_t kNearLd = 64;    // floats: 256 bytes, with k >= kLongK and m >= kManyRows
-constexpr int64_t kLongK = 256, kManyRows = 64;
+// Far-apart B rows are packed where a tile row is one cache line (AVX2: 16 floats; ~5% on the
+// 1-thread fp32 flash forward there), not on AVX-512, where a tile row spans four lines and the
+// copy measured no gain.
+constexpr int64_t kFarLd = 1024;  // floats: 4 KiB between B rows
 constexpr bool kPackFarRows = kGemmNV * kGemmW <= 16;
 
 inline GemmVec gemm_load(const float* p) {
@@ -154,8 +147,7 @@ inline void gemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, 
     // of the tile maps to the same L1 set, and each row tile re-fetched them from L2).
     const float* bt = b + c0;
     int64_t bt_ld = ldb;
-    const bool far = ldb >= kFarLd || (ldb >= kNearLd && k >= kLongK && m >= kManyRows);
-    if (!full || (kPackFarRows && m > kGemmR && far)) {
+    if (!full || (kPackFarRows && m > kGemmR && ldb >= kFarLd)) {
       b_pack.resize(static_cast<size_t>(k * width));
       float* dst = b_pack.data();
       for (int64_t t = 0; t < k; ++t) {
@@ -181,6 +173,45 @@ inline void gemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, 
       gemm_cols(vecs, rows, k, a + r0 * lda, lda, bt, bt_ld, ct, ct_ld, add_c);
       if (!full)
         for (int64_t i = 0; i < rows; ++i) std::memcpy(cr + i * ldc, c_tile + i * width, nc * sizeof(float));
+    }
+  }
+}
+
+// B in column panels, the layout the flash forward's pre-pass writes K^T and V in: panels of
+// kGemmPanel columns (one tile's width), each a contiguous (rows x kGemmPanel) block, panel q
+// at bp + q * pstride; B(t, j) = bp[(j / P) * pstride + t * P + j % P] for P = kGemmPanel.
+// Every tile then reads its B as one contiguous stream (ld P): no per-call pack. The packs of
+// far-apart rows that gemm_f32 makes measured ~25% of its time in the flash forward (AVX2,
+// perf: each K^T / V row of a tile one page apart, so each load a TLB and cache miss).
+constexpr int64_t kGemmPanel = kGemmNV * kGemmW;
+
+// C (m, n) = or += A (m, k) @ B[:, col0 : col0 + n], B in panels as above. col0 need not be a
+// panel boundary (a window's first key, a packed sequence's start): the tiles follow the
+// panels, and a tile that covers columns outside [col0, col0 + n) (the first and last, at
+// most) is computed in a buffer of whole tiles and only its columns inside are written. Those
+// outside columns must be readable panel memory (other keys, or padding) and are discarded.
+// Each output's sum runs in gemm_tile's order: the same bits as gemm_f32 on the same values.
+inline void gemm_f32_bpanels(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool add_c, const float* a,
+                             const float* bp, int64_t pstride, int64_t col0, float* c) {
+  constexpr int64_t P = kGemmPanel;
+  float c_tile[kGemmR * P] = {};  // (columns outside the range: computed, never written out)
+  for (int64_t g = col0 - col0 % P; g < col0 + n; g += P) {
+    const float* bt = bp + (g / P) * pstride;
+    const int64_t lo = std::max(g, col0), hi = std::min(g + P, col0 + n);  // columns of C, as B's
+    const bool whole = lo == g && hi == g + P;
+    const int vecs = static_cast<int>((hi - g + kGemmW - 1) / kGemmW);
+    const int64_t off = lo - g, nc = hi - lo;
+    for (int64_t r0 = 0; r0 < m; r0 += kGemmR) {
+      const int64_t rows = std::min<int64_t>(kGemmR, m - r0);
+      float* cr = c + r0 * ldc + (lo - col0);
+      if (whole) {
+        gemm_cols(kGemmNV, rows, k, a + r0 * lda, lda, bt, P, cr, ldc, add_c);
+        continue;
+      }
+      if (add_c)
+        for (int64_t i = 0; i < rows; ++i) std::memcpy(c_tile + i * P + off, cr + i * ldc, nc * sizeof(float));
+      gemm_cols(vecs, rows, k, a + r0 * lda, lda, bt, P, c_tile, P, add_c);
+      for (int64_t i = 0; i < rows; ++i) std::memcpy(cr + i * ldc, c_tile + i * P + off, nc * sizeof(float));
     }
   }
 }

@@ -125,7 +125,8 @@ inline float exp2_nonpositive(float x) { return exp2_nonpositive(cpu::vmath::spl
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-using cpu::gemm_f32;
+using cpu::gemm_f32_bpanels;
+using cpu::kGemmPanel;
 
 using cpu::ScratchBuffer;
 
@@ -146,11 +147,13 @@ class FlashFwdCpu {
     // varlen, one (h_k) slice of all total_k packed keys (each sequence a column range of it).
     kv_batches_ = varlen_ ? 1 : p.b;
     kv_rows_ = varlen_ ? p.total_k : p.seqlen_k;
-    // Rounded up to whole vectors; a multiple of 256 floats (1 KiB) gets one vector more, so
-    // the d rows of K^T that a block's GEMM packs (cpu_gemm.h) do not all fall into the same
-    // few cache sets (power-of-two key counts: ~6% on S = Q K^T at 2048 keys, AVX2).
+    // use_dp_'s K pairs: rows rounded up to whole vectors, and a multiple of 256 words (1 KiB)
+    // one vector more, so the rows a block reads do not all fall into the same few cache sets.
     kt_ld_ = ceil_div(kv_rows_, 16) * 16;
     if (kt_ld_ % 256 == 0) kt_ld_ += 16;
+    // fp32 GEMM operands: K^T in panels of kGemmPanel keys, V in panels of kGemmPanel dims.
+    kt_panels_ = ceil_div(kv_rows_, kGemmPanel);
+    v_panels_ = ceil_div(p.d, kGemmPanel);
     int64_t q_blocks_max = p.b * ceil_div(p.seqlen_q, kQBlockMax);
     if (varlen_) {
       seqs_.resize(static_cast<size_t>(p.b));
@@ -169,16 +172,12 @@ class FlashFwdCpu {
     // Capped: the block scores are turned into capped scores (the scale applied inside the
     // tanh) before the softmax, which then runs at scale 1.
     scale_log2_ = kCap ? kLog2e : p.softmax_scale * kLog2e;
-    // fp32 V is the P V GEMM's B operand in place when its row stride is a valid leading
-    // dimension (>= d; rows that overlap, an expanded stride-0 view, are copied instead): the
-    // GEMM packs far-apart B rows itself. fp32 Q is read in place only when its rows are
-    // adjacent (one head, or (B, H, S, D) memory): the micro-kernel broadcasts from kGemmR
-    // rows of A at once, and at the (B, S, H, D) row stride H * D those rows sit 4 KiB or
-    // more apart and share L1 sets (AVX2, 1 thread, S = Q K^T at 128 x 256 x 128 from a
-    // compact copy: ~7% faster, the copy being once per query block and head).
-    constexpr bool kIsFloat = std::is_same<T, float>::value;
-    q_in_place_ = kIsFloat && p.q_row_stride == p.d;
-    v_in_place_ = kIsFloat && p.v_row_stride >= p.d;
+    // fp32 Q is the A operand in place only when its rows are adjacent (one head, or
+    // (B, H, S, D) memory): the micro-kernel broadcasts from kGemmR rows of A at once, and at
+    // the (B, S, H, D) row stride H * D those rows sit 4 KiB or more apart and share L1 sets
+    // (AVX2, 1 thread, S = Q K^T at 128 x 256 x 128 from a compact copy: ~7% faster; the copy
+    // is once per query block and head).
+    q_in_place_ = std::is_same<T, float>::value && p.q_row_stride == p.d;
     // bf16 on a CPU with AVX512-BF16: S = Q K^T and O += P V on vdpbf16ps from bf16 operands
     // (K by pairs of dims, V by pairs of keys, P rounded to bf16) instead of fp32 GEMMs.
     use_dp_ = std::is_same<T, cpu::bf16_t>::value && cpu::has_dpbf16() && p.d >= cpu::kDpMinHeadDim;
@@ -274,35 +273,40 @@ class FlashFwdCpu {
     return band;
   }
 
-  // K^T (kv_batches, h_k, d, kt_ld) fp32 (use_dp_: K by pairs of dims, (kv_batches, h_k,
-  // pairs, kt_ld) 32-bit words of two bf16); V (kv_batches, h_k, kv_rows, d) fp32 unless V is
-  // read in place. Varlen: kv_batches = 1 and kv_rows = total_k, the
+  // The GEMM operands, once per call (fp32 panels, cpu_gemm.h's gemm_f32_bpanels): K^T as
+  // (kv_batches, h_k, kt_panels, d, P) (panel q: keys [q P, q P + P), dim-major) and V as
+  // (kv_batches, h_k, v_panels, kv_rows, P) (panel q: dims [q P, q P + P), key-major), for
+  // P = kGemmPanel; the padding (keys past kv_rows, dims past d) zeroed. Each block product
+  // then reads its B tile by tile as contiguous streams, where K^T at the key count's row
+  // stride and V in place had each tile row a page apart (~25% of the GEMMs' time went to
+  // packing them, AVX2 perf). use_dp_ (bf16 with AVX512-BF16): K by pairs of dims,
+  // (kv_batches, h_k, pairs, kt_ld) 32-bit words of two bf16, and V by pairs of keys,
+  // (kv_batches, h_k, vpairs(), d) words. Varlen: kv_batches = 1 and kv_rows = total_k, the
   // packed keys of all sequences side by side (the same work per key as the dense layout).
   void prepare_kv() {
+    constexpr int64_t P = kGemmPanel;
     const int64_t d = p_.d, sk = kv_rows_;
     const int64_t nbh = kv_batches_ * p_.h_k;
-    // Uninitialised on purpose: every element a block product reads is written below (the
-    // padding columns past seqlen_k are never read).
     // One buffer for both (the retained one holds one): K^T first, V from a 64-byte boundary.
-    // use_dp_: V by pairs of keys instead, (kv_batches, h_k, vpairs(), d) words.
-    const bool widen_v = !v_in_place_ && !use_dp_;
-    const int64_t kt_count = ceil_div(nbh * (use_dp_ ? pairs_ : d) * kt_ld_, 16) * 16;
-    const int64_t v_count = widen_v ? nbh * sk * d : use_dp_ ? nbh * vpairs() * d : 0;
+    const int64_t kt_count = ceil_div(nbh * (use_dp_ ? pairs_ * kt_ld_ : kt_panels_ * d * P), 16) * 16;
+    const int64_t v_count = use_dp_ ? nbh * vpairs() * d : nbh * v_panels_ * sk * P;
     scratch_.allocate(static_cast<size_t>(kt_count + v_count));
     kt_ = scratch_.get();
-    v32_ = widen_v ? kt_ + kt_count : nullptr;
+    v32_ = use_dp_ ? nullptr : kt_ + kt_count;
     vp_ = use_dp_ ? reinterpret_cast<uint32_t*>(kt_ + kt_count) : nullptr;
-    constexpr int64_t kChunk = 64;
+    constexpr int64_t kChunk = 64;  // a multiple of P (8, 16 or 64): a chunk holds whole K^T panels
+    static_assert(kChunk % P == 0, "a chunk of keys must hold whole K^T panels");
     const int64_t nchunks = ceil_div(sk, kChunk);
     const T* k = static_cast<const T*>(p_.k);
     const T* v = static_cast<const T*>(p_.v);
     at::parallel_for(0, nbh * nchunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> rows(use_dp_ ? 0 : static_cast<size_t>(kChunk * d));
+      std::vector<float> rows(use_dp_ ? 0 : static_cast<size_t>(kChunk * v_panels_ * P), 0.0f);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / nchunks, j0 = (task % nchunks) * kChunk;
         const int64_t b = bh / p_.h_k, hk = bh % p_.h_k;
         const int64_t n = std::min(kChunk, sk - j0);
         const T* kbase = k + b * p_.k_batch_stride + hk * p_.k_head_stride;
+        const T* vbase = v + b * p_.v_batch_stride + hk * p_.v_head_stride;
         if (use_dp_) {
           uint32_t* kp = reinterpret_cast<uint32_t*>(kt_) + bh * pairs_ * kt_ld_ + j0;
           for (int64_t r0 = 0; r0 < n; r0 += 16) {
@@ -312,27 +316,36 @@ class FlashFwdCpu {
               rows16[j] = reinterpret_cast<const uint16_t*>(kbase + (j0 + r0 + j) * p_.k_row_stride);
             cpu::pack_dim_pairs_x16(rows16, nr, d, kp + r0, kt_ld_);
           }
-        } else {
-          for (int64_t j = 0; j < n; ++j) load_row(kbase + (j0 + j) * p_.k_row_stride, rows.data() + j * d, d);
-          float* kt = kt_ + bh * d * kt_ld_ + j0;
+          if (!varlen_) {  // kChunk is even: a chunk holds whole pairs (the last one may be half)
+            uint32_t* dst = vp_ + (bh * vpairs() + j0 / 2) * d;
+            for (int64_t j = 0; j < n; j += 2) {
+              const uint16_t* lo = reinterpret_cast<const uint16_t*>(vbase + (j0 + j) * p_.v_row_stride);
+              const uint16_t* hi =
+                  j + 1 < n ? reinterpret_cast<const uint16_t*>(vbase + (j0 + j + 1) * p_.v_row_stride) : nullptr;
+              cpu::pack_row_pairs(lo, hi, d, dst + (j / 2) * d);
+            }
+          }
+          continue;
+        }
+        // K^T panels: the chunk's keys (rows of d floats, widened) transposed panel by panel;
+        // a last panel's keys past n are zero.
+        const int64_t row_ld = v_panels_ * P;  // (the rows buffer's stride; its dims past d stay 0)
+        for (int64_t j = 0; j < n; ++j) load_row(kbase + (j0 + j) * p_.k_row_stride, rows.data() + j * row_ld, d);
+        for (int64_t q0 = 0; q0 < n; q0 += P) {
+          float* panel = kt_ + (bh * kt_panels_ + (j0 + q0) / P) * d * P;
+          const int64_t nq = std::min(P, n - q0);
           for (int64_t c = 0; c < d; ++c) {
-            float* dst = kt + c * kt_ld_;
-            for (int64_t j = 0; j < n; ++j) dst[j] = rows[j * d + c];
+            float* dst = panel + c * P;
+            for (int64_t j = 0; j < nq; ++j) dst[j] = rows[(q0 + j) * row_ld + c];
+            for (int64_t j = nq; j < P; ++j) dst[j] = 0.0f;
           }
         }
-        if (widen_v) {
-          const T* vbase = v + b * p_.v_batch_stride + hk * p_.v_head_stride;
-          float* dst = v32_ + (bh * sk + j0) * d;
-          for (int64_t j = 0; j < n; ++j) load_row(vbase + (j0 + j) * p_.v_row_stride, dst + j * d, d);
-        }
-        if (use_dp_ && !varlen_) {  // kChunk is even: a chunk holds whole pairs (the last one may be half)
-          const T* vbase = v + b * p_.v_batch_stride + hk * p_.v_head_stride;
-          uint32_t* dst = vp_ + (bh * vpairs() + j0 / 2) * d;
-          for (int64_t j = 0; j < n; j += 2) {
-            const uint16_t* lo = reinterpret_cast<const uint16_t*>(vbase + (j0 + j) * p_.v_row_stride);
-            const uint16_t* hi = j + 1 < n ? reinterpret_cast<const uint16_t*>(vbase + (j0 + j + 1) * p_.v_row_stride) : nullptr;
-            cpu::pack_row_pairs(lo, hi, d, dst + (j / 2) * d);
-          }
+        // V panels: each key's row split into its panels (dims past d zero: the rows buffer's).
+        for (int64_t j = 0; j < n; ++j) {
+          float* row = rows.data() + j * row_ld;
+          load_row(vbase + (j0 + j) * p_.v_row_stride, row, d);
+          for (int64_t q = 0; q < v_panels_; ++q)
+            std::memcpy(v32_ + ((bh * v_panels_ + q) * sk + j0 + j) * P, row + q * P, P * sizeof(float));
         }
       }
     });
@@ -401,19 +414,11 @@ class FlashFwdCpu {
         qa = ws.q.data();
         q_ld = d;
       }
-      const float* kt = use_dp_ ? nullptr : kt_ + (kvb * p_.h_k + hk) * d * kt_ld_ + seq.k_start;
-      const uint32_t* kp =
-          use_dp_ ? reinterpret_cast<const uint32_t*>(kt_) + (kvb * p_.h_k + hk) * pairs_ * kt_ld_ + seq.k_start : nullptr;
-      const float* vb = nullptr;  // fp32 V operand (use_dp_: the V pairs instead, pv_block_dp)
-      int64_t v_ld = d;
-      if (v_in_place_) {
-        vb = reinterpret_cast<const float*>(static_cast<const T*>(p_.v) + b * p_.v_batch_stride +
-                                            hk * p_.v_head_stride + seq.k_start * p_.v_row_stride);
-        v_ld = p_.v_row_stride;
-      } else {
-        vb = v32_ + ((kvb * p_.h_k + hk) * kv_rows_ + seq.k_start) * d;
-        v_ld = d;
-      }
+      const int64_t kvbh = kvb * p_.h_k + hk;
+      // fp32 panels of this (kv batch, kv head) (use_dp_: K pairs, and V pairs in pv_block_dp)
+      const float* kt = use_dp_ ? nullptr : kt_ + kvbh * kt_panels_ * d * kGemmPanel;
+      const uint32_t* kp = use_dp_ ? reinterpret_cast<const uint32_t*>(kt_) + kvbh * pairs_ * kt_ld_ + seq.k_start : nullptr;
+      const float* vb = use_dp_ ? nullptr : v32_ + kvbh * v_panels_ * kv_rows_ * kGemmPanel;
 
       for (int64_t k0 = k_lo; k0 < k_hi; k0 += kKBlock) {
         const int64_t cols = std::min(kKBlock, k_hi - k0);
@@ -422,7 +427,7 @@ class FlashFwdCpu {
         if (use_dp_)
           cpu::dp_scores(rows, cols, pairs_, ws.qp.data(), pairs_, kp + k0, kt_ld_, s, kKBlock);
         else
-          gemm_f32(rows, cols, d, q_ld, kt_ld_, kKBlock, /*add_c=*/false, qa, kt + k0, s);
+          gemm_f32_bpanels(rows, cols, d, q_ld, kKBlock, /*add_c=*/false, qa, kt, d * kGemmPanel, seq.k_start + k0, s);
         // Blocks wholly inside every row's band skip the per-row clipping.
         const bool masked = band.lo(q0 + rows - 1) > k0 || band.hi(q0) < k0 + cols - 1;
         softmax_block(s, rows, cols, q0, k0, masked, band, ws);
@@ -430,7 +435,8 @@ class FlashFwdCpu {
         if (use_dp_)
           pv_block_dp(b, hk, kvb, seq, k0, rows, cols, ws);
         else
-          gemm_f32(rows, d, cols, kKBlock, v_ld, d, /*add_c=*/true, s, vb + k0 * v_ld, o);
+          gemm_f32_bpanels(rows, d, cols, kKBlock, d, /*add_c=*/true, s, vb + (seq.k_start + k0) * kGemmPanel,
+                           kv_rows_ * kGemmPanel, 0, o);
       }
     }
     write_output(b, h, seq.q_start + q0, rows, ws);
@@ -582,15 +588,16 @@ class FlashFwdCpu {
   std::vector<cpu::VarlenSeq> seqs_;  // varlen: each sequence's clamped offsets and lengths
   std::vector<int64_t> v_pairs_;      // varlen, use_dp_: sequence i's V pairs start at v_pairs_[i]
   int64_t kv_batches_ = 0, kv_rows_ = 0;
-  int64_t kt_ld_ = 0;
+  int64_t kt_ld_ = 0;                     // use_dp_: K pairs' row stride
+  int64_t kt_panels_ = 0, v_panels_ = 0;  // fp32: panels of kGemmPanel keys (K^T) and dims (V)
   int64_t q_block_ = kQBlockMax;
-  bool q_in_place_ = false, v_in_place_ = false;
+  bool q_in_place_ = false;
   bool use_dp_ = false;
   int64_t pairs_ = 0;  // ceil(d / 2)
   float scale_log2_ = 0.0f;
   ScratchBuffer scratch_;
-  float* kt_ = nullptr;   // K^T (kv_batches, h_k, d, kt_ld) in scratch_ (use_dp_: K pairs)
-  float* v32_ = nullptr;  // widened V (kv_batches, h_k, kv_rows, d) in scratch_, or unused
+  float* kt_ = nullptr;   // K^T panels (kv_batches, h_k, kt_panels, d, P) in scratch_ (use_dp_: K pairs)
+  float* v32_ = nullptr;  // V panels (kv_batches, h_k, v_panels, kv_rows, P) in scratch_ (use_dp_: unused)
   uint32_t* vp_ = nullptr;  // use_dp_: V by pairs of keys (kv_batches, h_k, vpairs(), d)
 };
 
