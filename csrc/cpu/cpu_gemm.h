@@ -1,5 +1,6 @@
 // cpu_gemm.h — the small fp32 GEMM the CPU attention kernels use for their block products
-// (flash forward's S = Q K^T and O += P V; the KV-cache kernel's with many query rows).
+// (flash forward's S = Q K^T and O += P V, on B laid out in panels: gemm_f32_bpanels below;
+// the KV-cache kernel's with many query rows, on row-major B: gemm_f32).
 //
 // Register-tiled FMA micro-kernel, written for this use instead of ATen's cpublas::brgemm
 // (oneDNN's JIT brgemm), which this replaced because of two properties of that one:

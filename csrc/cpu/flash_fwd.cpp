@@ -25,10 +25,10 @@
 // next to the 4 * D flops per score (perf at B1 H16 S2048 D128 causal: about three quarters of
 // the kernel's time is in the GEMMs, a quarter in this file's softmax, widening and masking).
 //
-// K is transposed (and 16-bit K and V widened to fp32) once per call in a parallel
-// pre-pass, so every block product reads GEMM-ready operands and the conversion is paid
-// once per key, not once per query block; fp32 Q and V are read in place through their
-// strides. On the AVX-512 machine (bf16 dot products, no AMX) this was tuned on, ATen's brgemm
+// K is transposed and V copied (16-bit ones widened to fp32) once per call in a parallel
+// pre-pass, into the panels the GEMM's tiles read as contiguous streams (gemm_f32_bpanels),
+// so every block product reads GEMM-ready operands and the layout is paid once per key, not
+// once per query block; fp32 Q is read in place when its rows are adjacent. On the AVX-512 machine (bf16 dot products, no AMX) this was tuned on, ATen's brgemm
 // on fp32 operands ran 2-4x faster than on bf16 ones at these block shapes, so 16-bit inputs
 // are widened rather than multiplied in 16 bit. The exception: bf16 on a CPU with AVX512-BF16
 // runs both block products on our own vdpbf16ps micro-kernels (cpu_dpbf16.h: exact bf16 products
@@ -37,8 +37,8 @@
 // the GPU kernels round it (the output error against float64 moved from 7.8e-3 to 8.2e-3 at
 // most on the shapes checked; torch's bf16 math is at 4e-2 to 9e-2 there). The bf16 forward
 // at B1 H16 S2048 D128 on a 2-core Zen 4: 180 ms widened, 103 ms so. The price is scratch
-// memory per call: an fp32 K^T (or the bf16 K pairs) and, for 16-bit inputs, an fp32 V (or
-// the bf16 V pairs), in huge pages where the OS offers them.
+// memory per call: an fp32 K^T and an fp32 V (or the bf16 K and V pairs), in huge pages where
+// the OS offers them.
 //
 // The softmax runs in the log2 domain (scale * log2 e folded into one multiply, a
 // polynomial exp2 that the compiler vectorises), and O is divided by the row sum once, at
