@@ -28,8 +28,9 @@
 // (k x 64 floats: 32 KiB at k = 128 on AVX-512) stay in L1/L2 while every row tile passes over
 // them. The last columns (n not a multiple of the tile) run with as many vectors as they need,
 // on a zero-padded copy of B's columns (a per-thread buffer of at most k x kGemmNV vectors),
-// and their C through a small buffer: nothing past n is read or written. Each output is summed
-// in a fixed order (blocks of kGemmKc steps, see gemm_tile): the same bits on any thread count.
+// and their C through a small buffer: gemm_f32 reads and writes nothing past n (the panel
+// variant below reads B's panels whole, by design). Each output is summed in a fixed order
+// (blocks of kGemmKc steps, see gemm_tile): the same bits on any thread count.
 #pragma once
 
 #include <algorithm>
@@ -54,12 +55,6 @@ constexpr int kGemmR = 4;
 constexpr int kGemmNV = 2;
 #endif
 typedef float GemmVec __attribute__((vector_size(kGemmW * sizeof(float))));
-
-// Far-apart B rows are packed where a tile row is one cache line (AVX2: 16 floats; ~5% on the
-// 1-thread fp32 flash forward there), not on AVX-512, where a tile row spans four lines and the
-// copy measured no gain.
-constexpr int64_t kFarLd = 1024;  // floats: 4 KiB between B rows
-constexpr bool kPackFarRows = kGemmNV * kGemmW <= 16;
 
 inline GemmVec gemm_load(const float* p) {
   GemmVec v;
@@ -143,23 +138,18 @@ inline void gemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, 
     const int64_t width = vecs * kGemmW;
     const bool full = nc == width;
     // B's columns packed (k x width, zero-padded past nc) for a partial tile, so that the vector
-    // loads never read past n; and when several row tiles will read a tile whose rows lie far
-    // apart (the K^T scratch's leading dimension is the key count: at a power of two every row
-    // of the tile maps to the same L1 set, and each row tile re-fetched them from L2).
+    // loads never read past n. (B with far-apart rows, which a per-call pack served badly, is
+    // the panel variant's case: gemm_f32_bpanels.)
     const float* bt = b + c0;
     int64_t bt_ld = ldb;
-    if (!full || (kPackFarRows && m > kGemmR && ldb >= kFarLd)) {
+    if (!full) {
       b_pack.resize(static_cast<size_t>(k * width));
       float* dst = b_pack.data();
       for (int64_t t = 0; t < k; ++t) {
         const float* src = b + t * ldb + c0;
         float* d = dst + t * width;
-        if (full) {
-          for (int v = 0; v < vecs; ++v) gemm_store(d + v * kGemmW, gemm_load(src + v * kGemmW));
-        } else {
-          for (int64_t j = 0; j < nc; ++j) d[j] = src[j];
-          for (int64_t j = nc; j < width; ++j) d[j] = 0.0f;
-        }
+        for (int64_t j = 0; j < nc; ++j) d[j] = src[j];
+        for (int64_t j = nc; j < width; ++j) d[j] = 0.0f;
       }
       bt = dst;
       bt_ld = width;
@@ -179,12 +169,18 @@ inline void gemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, 
 }
 
 // B in column panels, the layout the flash forward's pre-pass writes K^T and V in: panels of
-// kGemmPanel columns (one tile's width), each a contiguous (rows x kGemmPanel) block, panel q
-// at bp + q * pstride; B(t, j) = bp[(j / P) * pstride + t * P + j % P] for P = kGemmPanel.
-// Every tile then reads its B as one contiguous stream (ld P): no per-call pack. The packs of
-// far-apart rows that gemm_f32 makes measured ~25% of its time in the flash forward (AVX2,
-// perf: each K^T / V row of a tile one page apart, so each load a TLB and cache miss).
+// pw columns (at most one tile's width kGemmPanel, a multiple of kGemmW), each a contiguous
+// (rows x pw) block, panel q at bp + q * pstride: B(t, j) = bp[(j / pw) * pstride + t * pw +
+// j % pw]. Every tile then reads its B as one contiguous stream (ld pw): no per-call pack. The
+// packs of far-apart rows that gemm_f32 made took ~25% of its time in the flash forward (AVX2,
+// perf: each K^T / V row of a tile a page apart, so each load a TLB and cache miss).
 constexpr int64_t kGemmPanel = kGemmNV * kGemmW;
+
+// The panel width for n columns: one tile's, or fewer whole vectors when n is smaller (a head
+// dim below 64 on AVX-512), so a panel pads at most kGemmW - 1 columns.
+inline int64_t gemm_panel_width(int64_t n) {
+  return std::min<int64_t>(kGemmPanel, std::max<int64_t>(1, (n + kGemmW - 1) / kGemmW) * kGemmW);
+}
 
 // C (m, n) = or += A (m, k) @ B[:, col0 : col0 + n], B in panels as above. col0 need not be a
 // panel boundary (a window's first key, a packed sequence's start): the tiles follow the
@@ -193,25 +189,25 @@ constexpr int64_t kGemmPanel = kGemmNV * kGemmW;
 // outside columns must be readable panel memory (other keys, or padding) and are discarded.
 // Each output's sum runs in gemm_tile's order: the same bits as gemm_f32 on the same values.
 inline void gemm_f32_bpanels(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool add_c, const float* a,
-                             const float* bp, int64_t pstride, int64_t col0, float* c) {
+                             const float* bp, int64_t pw, int64_t pstride, int64_t col0, float* c) {
   constexpr int64_t P = kGemmPanel;
   float c_tile[kGemmR * P] = {};  // (columns outside the range: computed, never written out)
-  for (int64_t g = col0 - col0 % P; g < col0 + n; g += P) {
-    const float* bt = bp + (g / P) * pstride;
-    const int64_t lo = std::max(g, col0), hi = std::min(g + P, col0 + n);  // columns of C, as B's
-    const bool whole = lo == g && hi == g + P;
+  for (int64_t g = col0 - col0 % pw; g < col0 + n; g += pw) {
+    const float* bt = bp + (g / pw) * pstride;
+    const int64_t lo = std::max(g, col0), hi = std::min(g + pw, col0 + n);  // columns of C, as B's
+    const bool whole = lo == g && hi == g + pw;
     const int vecs = static_cast<int>((hi - g + kGemmW - 1) / kGemmW);
     const int64_t off = lo - g, nc = hi - lo;
     for (int64_t r0 = 0; r0 < m; r0 += kGemmR) {
       const int64_t rows = std::min<int64_t>(kGemmR, m - r0);
       float* cr = c + r0 * ldc + (lo - col0);
       if (whole) {
-        gemm_cols(kGemmNV, rows, k, a + r0 * lda, lda, bt, P, cr, ldc, add_c);
+        gemm_cols(static_cast<int>(pw / kGemmW), rows, k, a + r0 * lda, lda, bt, pw, cr, ldc, add_c);
         continue;
       }
       if (add_c)
         for (int64_t i = 0; i < rows; ++i) std::memcpy(c_tile + i * P + off, cr + i * ldc, nc * sizeof(float));
-      gemm_cols(vecs, rows, k, a + r0 * lda, lda, bt, P, c_tile, P, add_c);
+      gemm_cols(vecs, rows, k, a + r0 * lda, lda, bt, pw, c_tile, P, add_c);
       for (int64_t i = 0; i < rows; ++i) std::memcpy(cr + i * ldc, c_tile + i * P + off, nc * sizeof(float));
     }
   }

@@ -28,8 +28,9 @@
 // K is transposed and V copied (16-bit ones widened to fp32) once per call in a parallel
 // pre-pass, into the panels the GEMM's tiles read as contiguous streams (gemm_f32_bpanels),
 // so every block product reads GEMM-ready operands and the layout is paid once per key, not
-// once per query block; fp32 Q is read in place when its rows are adjacent. On the AVX-512 machine (bf16 dot products, no AMX) this was tuned on, ATen's brgemm
-// on fp32 operands ran 2-4x faster than on bf16 ones at these block shapes, so 16-bit inputs
+// once per query block; fp32 Q is read in place when its rows are adjacent. On the AVX-512
+// machine (bf16 dot products, no AMX) this was tuned on, ATen's brgemm on fp32 operands ran
+// 2-4x faster than on bf16 ones at these block shapes, so 16-bit inputs
 // are widened rather than multiplied in 16 bit. The exception: bf16 on a CPU with AVX512-BF16
 // runs both block products on our own vdpbf16ps micro-kernels (cpu_dpbf16.h: exact bf16 products
 // summed in fp32, at twice the fp32 FMA rate): S = Q K^T (dp_scores) from K laid out by pairs
@@ -37,8 +38,9 @@
 // the GPU kernels round it (the output error against float64 moved from 7.8e-3 to 8.2e-3 at
 // most on the shapes checked; torch's bf16 math is at 4e-2 to 9e-2 there). The bf16 forward
 // at B1 H16 S2048 D128 on a 2-core Zen 4: 180 ms widened, 103 ms so. The price is scratch
-// memory per call: an fp32 K^T and an fp32 V (or the bf16 K and V pairs), in huge pages where
-// the OS offers them.
+// memory per call: an fp32 K^T and an fp32 V, each padded to whole panels (K^T: keys to a tile's
+// width; V: dims to whole vectors), or the bf16 K and V pairs, in huge pages where the OS
+// offers them.
 //
 // The softmax runs in the log2 domain (scale * log2 e folded into one multiply, a
 // polynomial exp2 that the compiler vectorises), and O is divided by the row sum once, at
@@ -147,13 +149,14 @@ class FlashFwdCpu {
     // varlen, one (h_k) slice of all total_k packed keys (each sequence a column range of it).
     kv_batches_ = varlen_ ? 1 : p.b;
     kv_rows_ = varlen_ ? p.total_k : p.seqlen_k;
-    // use_dp_'s K pairs: rows rounded up to whole vectors, and a multiple of 256 words (1 KiB)
-    // one vector more, so the rows a block reads do not all fall into the same few cache sets.
+    // use_dp_'s K pairs: rows of whole vectors (the words past kv_rows stay unwritten, and no
+    // block reads them).
     kt_ld_ = ceil_div(kv_rows_, 16) * 16;
-    if (kt_ld_ % 256 == 0) kt_ld_ += 16;
-    // fp32 GEMM operands: K^T in panels of kGemmPanel keys, V in panels of kGemmPanel dims.
+    // fp32 GEMM operands: K^T in panels of kGemmPanel keys, V in panels of v_pw_ dims (one
+    // tile's width, or d rounded up to whole vectors when smaller).
     kt_panels_ = ceil_div(kv_rows_, kGemmPanel);
-    v_panels_ = ceil_div(p.d, kGemmPanel);
+    v_pw_ = cpu::gemm_panel_width(p.d);
+    v_panels_ = ceil_div(p.d, v_pw_);
     int64_t q_blocks_max = p.b * ceil_div(p.seqlen_q, kQBlockMax);
     if (varlen_) {
       seqs_.resize(static_cast<size_t>(p.b));
@@ -274,9 +277,9 @@ class FlashFwdCpu {
   }
 
   // The GEMM operands, once per call (fp32 panels, cpu_gemm.h's gemm_f32_bpanels): K^T as
-  // (kv_batches, h_k, kt_panels, d, P) (panel q: keys [q P, q P + P), dim-major) and V as
-  // (kv_batches, h_k, v_panels, kv_rows, P) (panel q: dims [q P, q P + P), key-major), for
-  // P = kGemmPanel; the padding (keys past kv_rows, dims past d) zeroed. Each block product
+  // (kv_batches, h_k, kt_panels, d, P) (panel q: keys [q P, q P + P), dim-major) for
+  // P = kGemmPanel, and V as (kv_batches, h_k, v_panels, kv_rows, v_pw) (panel q: dims
+  // [q v_pw, q v_pw + v_pw), key-major); the padding (keys past kv_rows, dims past d) zeroed. Each block product
   // then reads its B tile by tile as contiguous streams, where K^T at the key count's row
   // stride and V in place had each tile row a page apart (~25% of the GEMMs' time went to
   // packing them, AVX2 perf). use_dp_ (bf16 with AVX512-BF16): K by pairs of dims,
@@ -289,7 +292,7 @@ class FlashFwdCpu {
     const int64_t nbh = kv_batches_ * p_.h_k;
     // One buffer for both (the retained one holds one): K^T first, V from a 64-byte boundary.
     const int64_t kt_count = ceil_div(nbh * (use_dp_ ? pairs_ * kt_ld_ : kt_panels_ * d * P), 16) * 16;
-    const int64_t v_count = use_dp_ ? nbh * vpairs() * d : nbh * v_panels_ * sk * P;
+    const int64_t v_count = use_dp_ ? nbh * vpairs() * d : nbh * v_panels_ * sk * v_pw_;
     scratch_.allocate(static_cast<size_t>(kt_count + v_count));
     kt_ = scratch_.get();
     v32_ = use_dp_ ? nullptr : kt_ + kt_count;
@@ -300,7 +303,7 @@ class FlashFwdCpu {
     const T* k = static_cast<const T*>(p_.k);
     const T* v = static_cast<const T*>(p_.v);
     at::parallel_for(0, nbh * nchunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> rows(use_dp_ ? 0 : static_cast<size_t>(kChunk * v_panels_ * P), 0.0f);
+      std::vector<float> rows(use_dp_ ? 0 : static_cast<size_t>(kChunk * v_panels_ * v_pw_), 0.0f);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / nchunks, j0 = (task % nchunks) * kChunk;
         const int64_t b = bh / p_.h_k, hk = bh % p_.h_k;
@@ -329,7 +332,7 @@ class FlashFwdCpu {
         }
         // K^T panels: the chunk's keys (rows of d floats, widened) transposed panel by panel;
         // a last panel's keys past n are zero.
-        const int64_t row_ld = v_panels_ * P;  // (the rows buffer's stride; its dims past d stay 0)
+        const int64_t row_ld = v_panels_ * v_pw_;  // (the rows buffer's stride; its dims past d stay 0)
         for (int64_t j = 0; j < n; ++j) load_row(kbase + (j0 + j) * p_.k_row_stride, rows.data() + j * row_ld, d);
         for (int64_t q0 = 0; q0 < n; q0 += P) {
           float* panel = kt_ + (bh * kt_panels_ + (j0 + q0) / P) * d * P;
@@ -345,7 +348,7 @@ class FlashFwdCpu {
           float* row = rows.data() + j * row_ld;
           load_row(vbase + (j0 + j) * p_.v_row_stride, row, d);
           for (int64_t q = 0; q < v_panels_; ++q)
-            std::memcpy(v32_ + ((bh * v_panels_ + q) * sk + j0 + j) * P, row + q * P, P * sizeof(float));
+            std::memcpy(v32_ + ((bh * v_panels_ + q) * sk + j0 + j) * v_pw_, row + q * v_pw_, v_pw_ * sizeof(float));
         }
       }
     });
@@ -418,7 +421,7 @@ class FlashFwdCpu {
       // fp32 panels of this (kv batch, kv head) (use_dp_: K pairs, and V pairs in pv_block_dp)
       const float* kt = use_dp_ ? nullptr : kt_ + kvbh * kt_panels_ * d * kGemmPanel;
       const uint32_t* kp = use_dp_ ? reinterpret_cast<const uint32_t*>(kt_) + kvbh * pairs_ * kt_ld_ + seq.k_start : nullptr;
-      const float* vb = use_dp_ ? nullptr : v32_ + kvbh * v_panels_ * kv_rows_ * kGemmPanel;
+      const float* vb = use_dp_ ? nullptr : v32_ + kvbh * v_panels_ * kv_rows_ * v_pw_;
 
       for (int64_t k0 = k_lo; k0 < k_hi; k0 += kKBlock) {
         const int64_t cols = std::min(kKBlock, k_hi - k0);
@@ -427,7 +430,8 @@ class FlashFwdCpu {
         if (use_dp_)
           cpu::dp_scores(rows, cols, pairs_, ws.qp.data(), pairs_, kp + k0, kt_ld_, s, kKBlock);
         else
-          gemm_f32_bpanels(rows, cols, d, q_ld, kKBlock, /*add_c=*/false, qa, kt, d * kGemmPanel, seq.k_start + k0, s);
+          gemm_f32_bpanels(rows, cols, d, q_ld, kKBlock, /*add_c=*/false, qa, kt, kGemmPanel, d * kGemmPanel,
+                           seq.k_start + k0, s);
         // Blocks wholly inside every row's band skip the per-row clipping.
         const bool masked = band.lo(q0 + rows - 1) > k0 || band.hi(q0) < k0 + cols - 1;
         softmax_block(s, rows, cols, q0, k0, masked, band, ws);
@@ -435,8 +439,8 @@ class FlashFwdCpu {
         if (use_dp_)
           pv_block_dp(b, hk, kvb, seq, k0, rows, cols, ws);
         else
-          gemm_f32_bpanels(rows, d, cols, kKBlock, d, /*add_c=*/true, s, vb + (seq.k_start + k0) * kGemmPanel,
-                           kv_rows_ * kGemmPanel, 0, o);
+          gemm_f32_bpanels(rows, d, cols, kKBlock, d, /*add_c=*/true, s, vb + (seq.k_start + k0) * v_pw_, v_pw_,
+                           kv_rows_ * v_pw_, 0, o);
       }
     }
     write_output(b, h, seq.q_start + q0, rows, ws);
@@ -589,7 +593,8 @@ class FlashFwdCpu {
   std::vector<int64_t> v_pairs_;      // varlen, use_dp_: sequence i's V pairs start at v_pairs_[i]
   int64_t kv_batches_ = 0, kv_rows_ = 0;
   int64_t kt_ld_ = 0;                     // use_dp_: K pairs' row stride
-  int64_t kt_panels_ = 0, v_panels_ = 0;  // fp32: panels of kGemmPanel keys (K^T) and dims (V)
+  int64_t kt_panels_ = 0, v_panels_ = 0;  // fp32: panels of kGemmPanel keys (K^T) and v_pw_ dims (V)
+  int64_t v_pw_ = 0;
   int64_t q_block_ = kQBlockMax;
   bool q_in_place_ = false;
   bool use_dp_ = false;
@@ -597,7 +602,7 @@ class FlashFwdCpu {
   float scale_log2_ = 0.0f;
   ScratchBuffer scratch_;
   float* kt_ = nullptr;   // K^T panels (kv_batches, h_k, kt_panels, d, P) in scratch_ (use_dp_: K pairs)
-  float* v32_ = nullptr;  // V panels (kv_batches, h_k, v_panels, kv_rows, P) in scratch_ (use_dp_: unused)
+  float* v32_ = nullptr;  // V panels (kv_batches, h_k, v_panels, kv_rows, v_pw) in scratch_ (use_dp_: unused)
   uint32_t* vp_ = nullptr;  // use_dp_: V by pairs of keys (kv_batches, h_k, vpairs(), d)
 };
 
