@@ -28,12 +28,17 @@ _functorch_unwrapped = torch._C._functorch.get_unwrapped
 _layer_depth = torch._C._functorch.get_dynamic_layer_stack_depth  # dynamo folds it (with a guard)
 
 
-def _compiled_vmap_only() -> bool:
-    """While torch.compile traces, under a torch.func transform: whether it is one vmap level,
-    as far as dynamo lets it be asked (the depth of functorch's layer stack and the innermost
-    transform's kind; a tensor's grad tracking cannot be read there)."""
-    return _layer_depth() == 1 and (torch._functorch.pyfunctorch.retrieve_current_functorch_interpreter().key()
-                                    == torch._C._functorch.TransformType.Vmap)
+def _compiled_grad_transform() -> bool:
+    """While torch.compile traces: whether a torch.func grad transform (grad, vjp, jacrev) may
+    track the call's tensors, as far as dynamo lets it be asked: functorch's layer depth and
+    the innermost transform's kind (a tensor's grad tracking cannot be read there). One vmap
+    or one jvp level is not one (jvp's tangents are read through forward AD); any other
+    transform or nesting counts as one."""
+    depth = _layer_depth()
+    if depth == 0:
+        return False
+    kind = torch._functorch.pyfunctorch.retrieve_current_functorch_interpreter().key()
+    return not (depth == 1 and kind in (torch._C._functorch.TransformType.Vmap, torch._C._functorch.TransformType.Jvp))
 
 
 def _grad_tracked(t: Tensor) -> bool:
@@ -92,7 +97,7 @@ def differentiating_transform(*tensors) -> Optional[str]:
         # Compiled: any transform but one vmap level counts as differentiating (whether it
         # tracks these tensors cannot be read while dynamo traces): the drop-ins then take
         # torch's path, as a compiled torch.func.grad of torch's own ops does.
-        if _layer_depth() > 0 and not _compiled_vmap_only():
+        if _compiled_grad_transform():
             return "torch.func.grad / vjp / jacrev"
     return None
 

@@ -160,6 +160,13 @@ def test_compiled_grad_transforms_are_torchs_for_the_drop_ins():
     out = torch.compile(torch.vmap(lambda r: calls["flash_attention"](r[None])[0]), backend=backend, fullgraph=True)(qs)
     torch.testing.assert_close(out, torch.vmap(lambda r: calls["flash_attention"](r[None])[0])(qs), rtol=0, atol=0)
     assert any("fastattn.flash_attn_fwd" in str(gm.graph) for gm in graphs)
+    # a compiled jvp whose tangents never reach the op: the op runs (only tangents are refused)
+    torch._dynamo.reset()
+    t = torch.randn(())
+    want = torch.func.jvp(lambda s: calls["flash_attention"](qt) * s, (torch.ones(()),), (t,))
+    got = torch.compile(lambda s, ts: torch.func.jvp(lambda b: calls["flash_attention"](qt) * b, (s,), (ts,)),
+                        fullgraph=True)(torch.ones(()), t)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_grad_of_vmap_is_torchs_for_the_drop_ins():

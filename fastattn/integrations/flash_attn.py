@@ -26,9 +26,9 @@ never a silently different result: ``dropout_p > 0``, ``alibi_slopes``, ``cache_
 only, as in flash-attn, on ``attention_with_kvcache``. ``deterministic`` (a bool) is accepted and
 changes nothing: fastattn's backward is always deterministic. Flags are bools (as everywhere in
 fastattn; flash-attn reads some by truthiness), and ``max_seqlen_q`` / ``max_seqlen_k`` ints
-or 0-d integer tensors (one host read each), as flash-attn's ``int`` custom-op arguments take. ``return_attn_probs=True`` returns
-``(out, softmax_lse, S_dmask)`` with S_dmask an empty tensor, as flash-attn 2.7+ does without
-dropout (2.6 gave None). Page sizes of a paged cache are free (flash-attn: multiples of 256) and the rotary
+or 0-d integer tensors (one host read each), as flash-attn's ``int`` custom-op arguments take.
+``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)`` with S_dmask an empty
+tensor, as flash-attn 2.7+ does without dropout (2.6 gave None). Page sizes of a paged cache are free (flash-attn: multiples of 256) and the rotary
 tables may be fp32 or q's dtype (flash-attn: q's dtype).
 """
 from __future__ import annotations
