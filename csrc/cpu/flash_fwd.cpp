@@ -30,8 +30,8 @@
 // so every block product reads GEMM-ready operands and the layout is paid once per key, not
 // once per query block; fp32 Q is read in place when its rows are adjacent. On the AVX-512
 // machine (bf16 dot products, no AMX) this was tuned on, ATen's brgemm on fp32 operands ran
-// 2-4x faster than on bf16 ones at these block shapes, so 16-bit inputs
-// are widened rather than multiplied in 16 bit. The exception: bf16 on a CPU with AVX512-BF16
+// 2-4x faster than on bf16 ones at these block shapes, so 16-bit inputs are widened rather
+// than multiplied in 16 bit. The exception: bf16 on a CPU with AVX512-BF16
 // runs both block products on our own vdpbf16ps micro-kernels (cpu_dpbf16.h: exact bf16 products
 // summed in fp32, at twice the fp32 FMA rate): S = Q K^T (dp_scores) from K laid out by pairs
 // of dims, and O += P V (dp_pv) from V laid out by pairs of keys, with P rounded to bf16 as
@@ -279,10 +279,10 @@ class FlashFwdCpu {
   // The GEMM operands, once per call (fp32 panels, cpu_gemm.h's gemm_f32_bpanels): K^T as
   // (kv_batches, h_k, kt_panels, d, P) (panel q: keys [q P, q P + P), dim-major) for
   // P = kGemmPanel, and V as (kv_batches, h_k, v_panels, kv_rows, v_pw) (panel q: dims
-  // [q v_pw, q v_pw + v_pw), key-major); the padding (keys past kv_rows, dims past d) zeroed. Each block product
-  // then reads its B tile by tile as contiguous streams, where K^T at the key count's row
-  // stride and V in place had each tile row a page apart (~25% of the GEMMs' time went to
-  // packing them, AVX2 perf). use_dp_ (bf16 with AVX512-BF16): K by pairs of dims,
+  // [q v_pw, q v_pw + v_pw), key-major); the padding (keys past kv_rows, dims past d) zeroed.
+  // Each block product then reads its B tile by tile as contiguous streams, where K^T at the
+  // key count's row stride and V in place had each tile row a page apart (~25% of the GEMMs'
+  // time went to packing them, AVX2 perf). use_dp_ (bf16 with AVX512-BF16): K by pairs of dims,
   // (kv_batches, h_k, pairs, kt_ld) 32-bit words of two bf16, and V by pairs of keys,
   // (kv_batches, h_k, vpairs(), d) words. Varlen: kv_batches = 1 and kv_rows = total_k, the
   // packed keys of all sequences side by side (the same work per key as the dense layout).
