@@ -600,6 +600,19 @@ def _qkv_ok(q, k, v, rank: int) -> bool:
             and (D == 1 or (q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)))
 
 
+def _default_softmax_scale(D) -> float:
+    """1 / sqrt(D). torch.jit.trace records it as a constant of the traced head dim (the op takes
+    a float), so a traced function would be silently wrong at another head dim: said while
+    tracing (outside audit), where torch's own TracerWarning spoke only of a float conversion."""
+    if torch.jit.is_tracing():
+        import warnings
+
+        warnings.warn(f"torch.jit.trace records fastattn's default softmax_scale (1 / sqrt(D), D = {int(D)} here) "
+                      "as a constant: the traced function is wrong at any other head dim. Pass softmax_scale= "
+                      "explicitly to say the scale is meant to be fixed.", torch.jit.TracerWarning, stacklevel=3)
+    return D ** -0.5
+
+
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, layouts) -> int:
     """The checks flash_attention (4-D, batched) and flash_attention_varlen (3-D, packed)
     share: dtypes, ranks, devices, shapes, GQA head counts, head dims per device, contiguous
@@ -711,7 +724,7 @@ def flash_attention(
     softmax_scale = check_softmax_scale(softmax_scale)
     softcap = check_softcap(softcap)
     if softmax_scale is None:
-        softmax_scale = D ** -0.5
+        softmax_scale = _default_softmax_scale(D)
     out, lse = ops.flash_attn_fwd(q, k, v, softmax_scale, left, right, softcap)
     return (out, lse) if return_lse else out
 
@@ -1054,7 +1067,7 @@ def flash_attention_varlen(
     softmax_scale = check_softmax_scale(softmax_scale)
     softcap = check_softcap(softcap)
     if softmax_scale is None:
-        softmax_scale = D ** -0.5
+        softmax_scale = _default_softmax_scale(D)
     out, lse = ops.flash_attn_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, left, right, softcap
     )

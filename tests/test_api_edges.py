@@ -432,3 +432,29 @@ def test_head_count_mismatch_names_the_layout():
     kc = r(2, 2, 256, 16)  # (B, Hk, S, D): the caches' heads in dim 1 by mistake
     with pytest.raises(ValueError, match=r"kv heads \(256\): q's heads are its dim -2, the caches' their dim 2"):
         fastattn.decode_attention(r(2, 8, 16), kc, kc, torch.tensor([3, 3], dtype=torch.int32))
+
+
+def test_jit_trace_of_the_default_scale_says_it_is_a_constant():
+    """torch.jit.trace records flash_attention's default softmax_scale (1 / sqrt(D)) as a
+    constant, so the traced function is wrong at another head dim (outside audit): tracing
+    says so by name; an explicit scale traces without that warning."""
+    import warnings
+
+    def args(D):
+        g = torch.Generator().manual_seed(D)
+        return torch.randn(1, 5, 2, D, generator=g), torch.randn(1, 7, 2, D, generator=g), \
+            torch.randn(1, 7, 2, D, generator=g)
+
+    cu_q, cu_k = torch.tensor([0, 5], dtype=torch.int32), torch.tensor([0, 7], dtype=torch.int32)
+    for f in (lambda q, k, v: fastattn.flash_attention(q, k, v),
+              lambda q, k, v: fastattn.flash_attention_varlen(q[0], k[0], v[0], cu_q, cu_k, 5, 7)):
+        with pytest.warns(torch.jit.TracerWarning, match=r"default softmax_scale \(1 / sqrt\(D\), D = 8 here\) as a "
+                                                          r"constant: the traced function is wrong at any other head dim"):
+            torch.jit.trace(f, args(8), check_trace=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(lambda q, k, v: fastattn.flash_attention(q, k, v, softmax_scale=0.25), args(8),
+                                 check_trace=False)
+    assert not [w for w in caught if "softmax_scale" in str(w.message)]
+    a = args(8)
+    assert torch.equal(traced(*a), fastattn.flash_attention(*a, softmax_scale=0.25))
