@@ -84,7 +84,7 @@ def _window(window_size):
     if _int_tensor(window_size) and window_size.shape == (2,):
         window_size = tuple(window_size.tolist())
     elif isinstance(window_size, (tuple, list)) and any(_int_tensor(w) and w.dim() == 0 for w in window_size):
-        window_size = tuple(w.item() if _int_tensor(w) and w.dim() == 0 else w for w in window_size)
+        window_size = tuple(_host_int(w) for w in window_size)
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
             is_integer(side) for side in window_size):
         raise ValueError(f"window_size must be a (left, right) pair of ints (-1 = unbounded), got {window_size!r}")
