@@ -580,6 +580,42 @@ def test_patched_olmo_rotary_keeps_q_and_k_dtypes(monkeypatch):
         torch.testing.assert_close(o.float(), t.float(), rtol=2 ** -7, atol=1e-2)
 
 
+@pytest.mark.parametrize("layout", ["bshd_view", "bhsd"])
+@pytest.mark.parametrize("S", [1, 5])
+@pytest.mark.parametrize("form", ["llama", "phi3", "olmo2"])
+def test_patched_rotary_returns_transformers_layout(form, S, layout):
+    # The patched rotary returned q and k as views of the kernel's (B, S, H, D) results whatever
+    # the original returned: Phi-3's partial form ends in torch.cat (contiguous (B, H, S, D)), and
+    # the full forms are elementwise, laid out as their input (outside audit: code that .view()s
+    # q after the rotary works on one and raised on the other).
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{form}.modeling_{form}")
+    dispatcher = fa_hf._make_rotary_dispatcher(fa_hf._unwrapped_function(module.apply_rotary_pos_emb),
+                                               partial=form == "phi3", cast_back=form == "olmo2")
+    q, k, cos, sin = _hf_rotary_args(torch.float32, S=S)
+    if form == "phi3":  # rotates the first 8 of the 16 dims
+        cos, sin = torch.cat([cos[..., :4], cos[..., :4]], -1), torch.cat([sin[..., :4], sin[..., :4]], -1)
+    if layout == "bshd_view":  # the attention modules' q / k: (B, S, H, D) projections, transposed
+        q, k = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
+    want = fa_hf._unwrapped_function(module.apply_rotary_pos_emb)(q, k, cos, sin)
+    calls = []
+    real = fastattn.apply_rotary
+    token = fa_hf._IN_PATCHED_ATTENTION.set(1)
+    try:
+        fastattn.apply_rotary = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        got = dispatcher(q, k, cos, sin)
+    finally:
+        fastattn.apply_rotary = real
+        fa_hf._IN_PATCHED_ATTENTION.reset(token)
+    assert calls, "the kernel did not run"
+    for g, w in zip(got, want):
+        def strides(t):  # (the stride of a size-1 dim is never used)
+            return [st for st, n in zip(t.stride(), t.shape) if n > 1]
+        assert strides(g) == strides(w) and g.is_contiguous() == w.is_contiguous(), (g.stride(), w.stride())
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_patched_rotary_differentiates_learned_tables():
     # cos / sin that require a gradient (learned or scaled tables): transformers' function gives
     # them one; the kernel takes them as constants, and the dispatcher dropped it silently.

@@ -1131,14 +1131,20 @@ def _rotary_tables(cos, sin):
     return cos_t, sin_t, positions
 
 
-def _hf_rotary_on_fastattn(q, k, cos, sin, unsqueeze_dim=1):
+def _hf_rotary_on_fastattn(q, k, cos, sin, unsqueeze_dim=1, partial=False):
     """transformers' apply_rotary_pos_emb(q, k, cos, sin) on fastattn.apply_rotary.
 
     q (B, H, S, D), k (B, Hk, S, D); cos/sin (B or 1, S, R), already gathered per position
     (see _rotary_tables). R < D (Phi-3's partial rotary) rotates dims 0..R and passes R..D
     through, in the kernel as in Phi-3's function. Every layer of a forward gets the same cos
     and sin tensors: the tables are made once per forward (kept on cos, keyed by its and
-    sin's in-place versions and sin's identity)."""
+    sin's in-place versions and sin's identity).
+
+    Each result has the memory layout the original returns (outside audit: code that .view()s
+    q after the rotary works on both): Phi-3's partial form (partial=True) ends in torch.cat,
+    a contiguous (B, H, S, D) tensor; the full form is elementwise, laid out as its input, so
+    contiguous for a contiguous q / k and otherwise (q a transposed (B, S, H, D) projection, as
+    in the attention modules) as the kernel's (B, S, H, D) result viewed (B, H, S, D)."""
     tables = None
     sin_version = None if _compiling() else _version_of(sin)
     if sin_version is not None:
@@ -1153,7 +1159,13 @@ def _hf_rotary_on_fastattn(q, k, cos, sin, unsqueeze_dim=1):
     # value check (on CUDA it would be a host sync in every attention layer).
     q2, k2 = fastattn.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos_t, sin_t, positions=positions,
                                    check_positions=False)
-    return q2.transpose(1, 2), k2.transpose(1, 2)
+    q2, k2 = q2.transpose(1, 2), k2.transpose(1, 2)
+    # (no copy for the usual transposed input, nor where both layouts agree, e.g. S = 1)
+    if partial or q.is_contiguous():
+        q2 = q2.contiguous()
+    if partial or k.is_contiguous():
+        k2 = k2.contiguous()
+    return q2, k2
 
 
 def _make_rotary_dispatcher(original, partial: bool = False, cast_back: bool = False):
@@ -1191,7 +1203,7 @@ def _make_rotary_dispatcher(original, partial: bool = False, cast_back: bool = F
             # tables (an fp32 model under autocast) give fp32, and so fp32 keys in the cache.
             # Rotated in that dtype, as the original computes it.
             q, k = q.to(dtype), k.to(dtype)
-        return _hf_rotary_on_fastattn(q, k, cos, sin)
+        return _hf_rotary_on_fastattn(q, k, cos, sin, partial=partial)
 
     apply_rotary_pos_emb._fastattn_original = original
     if isinstance(original, nn.Module):
