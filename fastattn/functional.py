@@ -704,11 +704,17 @@ def flash_attention(
     with ``requires_grad=False``, so a loss through it alone raises instead of silently
     getting no gradient. The backward is the FlashAttention
     backward kernel (``fastattn.ops.flash_attn_bwd``): recomputed from out and lse, O(Sq + Sk)
-    memory, bitwise reproducible gradients. When |lse| exceeds 512 (scores scaled far beyond
-    anything a model produces, where one fp32 lse per row cannot resolve P) the gradients come
-    from an exact fp32 path with O(Sq * Sk) memory per head instead; on CUDA that test reads
-    lse on the host and is made only when |softmax_scale| > 1. Second derivatives
-    (``create_graph=True`` and a gradient of the gradients) raise a RuntimeError.
+    memory, bitwise reproducible gradients. A call that will be differentiated (grad mode on,
+    q, k or v requiring grad) runs the forward on the tiled kernel whose arithmetic the
+    backward repeats, also where up to 16 queries over at least 4x as many keys otherwise run
+    on the KV-cache kernel. When |lse| exceeds 512 (scores scaled far beyond anything a model
+    produces, where one fp32 lse per row cannot resolve P) the gradients come from an exact
+    fp32 path with O(Sq * Sk) memory per head instead; on CUDA that test reads lse on the host
+    and is made only when |softmax_scale| > 1. Below that, P is recomputed from the fp32 lse,
+    whose rounding (about |lse| * 6e-8) reaches the probabilities: fp32 gradients of rows with
+    |lse| in the tens to hundreds are less accurate than torch's fp32 softmax gives them (up to
+    ~30x its error at |lse| ~ 250; the 16-bit dtypes' own rounding hides it). Second
+    derivatives (``create_graph=True`` and a gradient of the gradients) raise a RuntimeError.
 
     NaN inputs: a NaN in q, or in a key a row sees, makes that row's output and lse NaN; a
     NaN in v reaches the rows that see its key, and rows that do not see it only where they
@@ -1005,8 +1011,9 @@ def flash_attention_varlen(
     no attention across sequences, the same masking, scale, GQA and lse conventions, and on
     the CPU the same bits, outputs and gradients (bf16 on AVX512-BF16 pairs each sequence's
     own keys, as flash_attention does on its slice), except for a slice of at most 16 queries
-    over at least 4x as many keys: flash_attention alone runs those on the KV-cache kernel,
-    whose sums differ from the tiled kernel's by fp32 rounding.
+    over at least 4x as many keys in a call that is not differentiated: flash_attention alone
+    runs those on the KV-cache kernel, whose sums differ from the tiled kernel's by fp32
+    rounding.
 
     Args:
         q: (total_q, H, D) queries of all sequences, concatenated along tokens. float32/

@@ -350,12 +350,20 @@ def flash_attn_fwd(
     softcap: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     """out (B, Sq, H, D), lse (B, H, Sq) fp32. Causal is (window_left, window_right) = (-1, 0).
-    softcap > 0 caps the scores s to softcap * tanh(s / softcap) before the softmax."""
-    return _call(_ops.flash_attn_fwd, q, k, v, softmax_scale, window_left, window_right, softcap)
+    softcap > 0 caps the scores s to softcap * tanh(s / softcap) before the softmax.
+
+    A call that will be differentiated (grad mode on and q, k or v requiring grad) runs the
+    tiled forward whatever the shape: the backward recomputes the scores with that kernel's
+    arithmetic, and an lse from the KV-cache kernels (which the op takes for up to 16 queries
+    over at least 4x as many keys) rounds its scores differently, which left the fp32 gradients
+    of a sharp softmax up to ~10x less accurate than torch's (outside audit)."""
+    differentiated = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return _call(_ops.flash_attn_fwd, q, k, v, softmax_scale, window_left, window_right, softcap,
+                 not differentiated)
 
 
 @torch.library.register_fake("fastattn::flash_attn_fwd")
-def _flash_attn_fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap=0.0):
+def _flash_attn_fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap=0.0, allow_short_query=True):
     B, Sq, H, D = q.shape
     return q.new_empty((B, Sq, H, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
 
@@ -384,7 +392,7 @@ def _flash_attn_backward(ctx, dout, _dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _flash_attn_bwd_impl(dout, q, k, v, out, lse, ctx.softmax_scale, *ctx.window, ctx.softcap)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 torch.library.register_autograd(

@@ -108,10 +108,11 @@ void check_flash_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& v, double softmax_scale,
-                                                  int64_t window_left, int64_t window_right, double softcap) {
+                                                  int64_t window_left, int64_t window_right, double softcap,
+                                                  bool allow_short_query) {
   check_flash_inputs(q, k, v, softmax_scale, window_left, window_right, softcap);
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), d = q.size(3), sk = k.size(1);
-  if (use_short_query_path(q, k, sq, sk, softcap)) {
+  if (allow_short_query && use_short_query_path(q, k, sq, sk, softcap)) {
     return flash_attn_fwd_short_query(q, k, v, softmax_scale, window_left, window_right, softcap);
   }
   at::Tensor out = empty_output({b, sq, h, d}, q.options());

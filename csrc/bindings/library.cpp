@@ -40,8 +40,13 @@ TORCH_LIBRARY(fastattn, m) {
   // (SymInt windows, here and on the varlen and kvcache ops: SDPA's top-left is_causal
   // passes right = Sq - Sk, and a window may be derived from a shape, which under
   // torch.compile(dynamic=True) / torch.export must stay symbolic, not specialise the graph)
+  // allow_short_query: up to 16 queries over at least 4x as many keys may run on the KV-cache
+  // kernels (faster there); False always runs the tiled forward, the kernel whose scores
+  // flash_attn_bwd recomputes (fastattn.ops passes False when the call will be differentiated:
+  // an lse from the other kernel's scores, rounded differently, left the fp32 gradients of a
+  // sharp softmax up to ~10x less accurate; outside audit).
   m.def("flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, SymInt window_left,"
-        " SymInt window_right, float softcap=0.0) -> (Tensor out, Tensor lse)");
+        " SymInt window_right, float softcap=0.0, bool allow_short_query=True) -> (Tensor out, Tensor lse)");
   // Backward of flash_attn_fwd (recompute from out and lse): dq, dk, dv with q/k/v's shapes
   // and dtype. deterministic: bitwise reproducible gradients (both kernels always are).
   m.def("flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "

@@ -34,7 +34,8 @@ void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
 // ---- flash attention (flash_attn.cpp) --------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& v, double softmax_scale,
-                                                  int64_t window_left, int64_t window_right, double softcap);
+                                                  int64_t window_left, int64_t window_right, double softcap,
+                                                  bool allow_short_query);
 // flash_attn_bwd.cpp: dq, dk, dv (q/k/v's shapes and dtype) from the forward's out and lse.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
