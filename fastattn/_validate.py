@@ -12,6 +12,10 @@ from torch._subclasses.fake_tensor import is_fake as _is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+# The largest float32 s with s * log2(e) finite in float32: the kernels run the softmax on exp2,
+# with the scores scaled by softmax_scale * log2(e) (a larger scale gave NaN rows although the
+# scaled scores were finite; outside audit).
+_SOFTMAX_SCALE_MAX = 2.3586574359122396e38
 
 
 def check_tensor(t, name: str) -> None:
@@ -46,18 +50,19 @@ def check_last_dim_contiguous(t: Tensor, name: str) -> None:
 
 
 def check_softmax_scale(scale, name: str = "softmax_scale"):
-    """None (the caller's default) or a finite real number, returned as a Python float.
-    Tensors, strings, complex numbers, bools, NaN and +-inf are refused by name: a NaN
-    scale would silently turn every output into NaN."""
+    """None (the caller's default) or a finite real number with |scale| <= _SOFTMAX_SCALE_MAX,
+    returned as a Python float. Tensors, strings, complex numbers, bools, NaN, +-inf and
+    larger magnitudes are refused by name: such a scale would silently turn outputs into NaN."""
     if scale is None:
         return None
-    if type(scale) is float and abs(scale) <= _FLOAT32_MAX:  # (the common case, without the ABC checks)
+    if type(scale) is float and abs(scale) <= _SOFTMAX_SCALE_MAX:  # (the common case, without the ABC checks)
         return scale
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name} must be a real number (float) or None, got {type(scale).__name__}: {scale!r}")
     scale = float(scale)
-    if not math.isfinite(scale) or abs(scale) > _FLOAT32_MAX:  # the kernels scale in fp32
-        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {_FLOAT32_MAX:.4g}), got {scale}")
+    if not math.isfinite(scale) or abs(scale) > _SOFTMAX_SCALE_MAX:
+        raise ValueError(f"{name} must be finite in float32 times log2(e) (|{name}| <= {_SOFTMAX_SCALE_MAX:.6g}: the "
+                         f"kernels take the softmax on exp2 of the scores scaled by {name} * log2(e)), got {scale}")
     return scale
 
 

@@ -678,11 +678,14 @@ def flash_attention(
         k, v: (B, Sk, Hk, D) with q's dtype and device; ``H % Hk == 0`` (GQA/MQA: query head
             h reads kv head ``h // (H // Hk)``; K/V are never copied per query head).
         causal: bottom-right aligned, as flash-attn: query i sees keys ``j <= i + Sk - Sq``.
-        softmax_scale: defaults to ``1 / sqrt(D)``. Any finite float32 value (negative and 0
-            included); NaN, inf, non-numbers raise. The scaled scores ``softmax_scale * q.k``
-            are computed in fp32 and must stay finite there: a large scale sharpens the
-            softmax towards the hard argmax, but where a score overflows to +-inf the result
-            is unspecified (zeros, NaN or another key's value row; not checked).
+        softmax_scale: defaults to ``1 / sqrt(D)``. Any real number with |softmax_scale| <=
+            2.3587e38 (its product with log2(e) finite in float32; negative and 0 included);
+            NaN, inf, larger values and non-numbers raise. The scaled scores
+            ``softmax_scale * q.k`` (and, for the KV-cache kernels a short query runs on,
+            ``softmax_scale * log2(e) * q``) are computed in fp32 and must stay finite there:
+            a large scale sharpens the softmax towards the hard argmax, but where a score
+            overflows to +-inf the result is unspecified (zeros, NaN or another key's value
+            row; not checked).
         window: (left, right) sliding window: query i sees keys in
             ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 is unbounded, and so is any
             side >= Sq + Sk (e.g. ``sys.maxsize``). ``causal`` sets right = 0. Rows that see
@@ -1030,8 +1033,9 @@ def flash_attention_varlen(
             reads cu_seqlens on the host).
         causal: bottom-right aligned per sequence: query i of a sequence with lengths
             (Sq_i, Sk_i) sees keys ``j <= i + Sk_i - Sq_i``.
-        softmax_scale: defaults to ``1 / sqrt(D)``; any finite float32 value, with the
-            scaled scores finite in fp32 (as ``flash_attention``: unspecified where they overflow).
+        softmax_scale: defaults to ``1 / sqrt(D)``; as ``flash_attention``'s (|softmax_scale|
+            <= 2.3587e38), with the scaled scores finite in fp32 (as ``flash_attention``:
+            unspecified where they overflow).
         window: (left, right) sliding window per sequence, as ``flash_attention``: query i
             sees keys in ``[i + Sk_i - Sq_i - left, i + Sk_i - Sq_i + right]``; -1 (or any
             side >= max_seqlen_q + max_seqlen_k) is unbounded; ``causal`` sets right = 0.
@@ -1291,11 +1295,12 @@ def decode_attention(
             Values must lie in [0, capacity] (S_max, or max_pages_per_seq * page_size):
             checked on the CPU; on CUDA they are not read on the host (that would
             synchronise) and are clamped into that range by the kernel.
-        softmax_scale: a finite real number, default ``1 / sqrt(D)``. NaN or +-inf raise
-            ValueError (they would make every output NaN), a non-number TypeError. The
-            scaled scores ``softmax_scale * q.k`` must be finite in fp32: where one
-            overflows to +-inf the result is unspecified (zeros, NaN or another key's
-            value row; not checked), as in ``flash_attention``.
+        softmax_scale: a finite real number, default ``1 / sqrt(D)``, |softmax_scale| <=
+            2.3587e38 (as ``flash_attention``). NaN, +-inf and larger values raise
+            ValueError (they would make outputs NaN), a non-number TypeError. The scaled
+            scores ``softmax_scale * q.k`` (and ``softmax_scale * log2(e) * q``) must be
+            finite in fp32: where one overflows to +-inf the result is unspecified (zeros,
+            NaN or another key's value row; not checked), as in ``flash_attention``.
         num_splits: split-KV factor in [0, 128] (each sequence's keys are cut into this many
             chunks, merged exactly). 0 picks it: on CUDA from the shapes and the SM count only,
             never from the values of cache_seqlens (no host synchronisation, so a decode step

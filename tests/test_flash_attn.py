@@ -502,6 +502,35 @@ def test_op_refuses_nonfinite_scale():
             torch.ops.fastattn.flash_attn_fwd(q, q, q, scale, -1, -1)
 
 
+def test_scale_whose_log2e_product_overflows_is_refused():
+    # The kernels take the softmax on exp2 of the scores scaled by softmax_scale * log2(e), in
+    # fp32: a scale above FLT_MAX / log2(e) gave NaN rows although every scaled score was
+    # finite (outside audit). Refused by name now; the largest accepted scale stays exact; the
+    # SDPA drop-in hands such a scale to torch, as any it does not cover.
+    from fastattn._validate import _SOFTMAX_SCALE_MAX
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 1, 32, generator=g) * 1e-19, torch.randn(1, 256, 1, 32, generator=g) * 1e-19
+    v = torch.randn(1, 256, 1, 32, generator=g)
+    lens = torch.tensor([256], dtype=torch.int32)
+    for scale in (2.4e38, -3e38):
+        with pytest.raises(ValueError, match="softmax_scale must be finite in float32 times log2"):
+            fastattn.flash_attention(q, k, v, softmax_scale=scale)
+        with pytest.raises(ValueError, match="softmax_scale must be finite in float32 times log2"):
+            fastattn.decode_attention(q[:, 0], k, v, lens, softmax_scale=scale)
+        want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                v.transpose(1, 2), scale=scale)
+        got = fastattn.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                    scale=scale)
+        assert torch.isfinite(want).all() and torch.equal(got, want)
+    scale = _SOFTMAX_SCALE_MAX
+    want = torch.softmax((q[0, :, 0].double() @ k[0, :, 0].double().T) * scale, -1) @ v[0, :, 0].double()
+    for out, rows in ((fastattn.flash_attention(q, k, v, softmax_scale=scale)[0, :, 0], 4),
+                      (fastattn.flash_attention(q.repeat(1, 8, 1, 1), k, v, softmax_scale=scale)[0, :4, 0], 4),  # tiled
+                      (fastattn.decode_attention(q[:, 0], k, v, lens, softmax_scale=scale)[0], 1)):
+        torch.testing.assert_close(out.double(), want[:rows], rtol=1e-4, atol=1e-4)
+
+
 # ---- extreme but legal arguments: exact, never garbage -----------------------------------
 @pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("window", [(-1, sys.maxsize), (sys.maxsize, 0), (sys.maxsize, sys.maxsize), (2**62, 2**40)])
