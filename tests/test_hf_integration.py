@@ -583,7 +583,7 @@ def test_patched_olmo_rotary_keeps_q_and_k_dtypes(monkeypatch):
 @pytest.mark.parametrize("layout", ["bshd_view", "bhsd"])
 @pytest.mark.parametrize("S", [1, 5])
 @pytest.mark.parametrize("form", ["llama", "phi3", "olmo2"])
-def test_patched_rotary_returns_transformers_layout(form, S, layout):
+def test_patched_rotary_returns_transformers_layout(form, S, layout, monkeypatch):
     # The patched rotary returned q and k as views of the kernel's (B, S, H, D) results whatever
     # the original returned: Phi-3's partial form ends in torch.cat (contiguous (B, H, S, D)), and
     # the full forms are elementwise, laid out as their input (outside audit: code that .view()s
@@ -599,16 +599,13 @@ def test_patched_rotary_returns_transformers_layout(form, S, layout):
     if layout == "bshd_view":  # the attention modules' q / k: (B, S, H, D) projections, transposed
         q, k = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
     want = fa_hf._unwrapped_function(module.apply_rotary_pos_emb)(q, k, cos, sin)
-    calls = []
-    real = fastattn.apply_rotary
+    rotary = Spy(monkeypatch, "apply_rotary")
     token = fa_hf._IN_PATCHED_ATTENTION.set(1)
     try:
-        fastattn.apply_rotary = lambda *a, **kw: calls.append(1) or real(*a, **kw)
         got = dispatcher(q, k, cos, sin)
     finally:
-        fastattn.apply_rotary = real
         fa_hf._IN_PATCHED_ATTENTION.reset(token)
-    assert calls, "the kernel did not run"
+    assert rotary.calls, "the kernel did not run"
     for g, w in zip(got, want):
         def strides(t):  # (the stride of a size-1 dim is never used)
             return [st for st, n in zip(t.stride(), t.shape) if n > 1]
