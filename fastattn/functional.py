@@ -679,7 +679,7 @@ def flash_attention(
             h reads kv head ``h // (H // Hk)``; K/V are never copied per query head).
         causal: bottom-right aligned, as flash-attn: query i sees keys ``j <= i + Sk - Sq``.
         softmax_scale: defaults to ``1 / sqrt(D)``. Any real number with |softmax_scale| <=
-            2.3587e38 (its product with log2(e) finite in float32; negative and 0 included);
+            2.35865e38 (its product with log2(e) finite in float32; negative and 0 included);
             NaN, inf, larger values and non-numbers raise. The scaled scores
             ``softmax_scale * q.k`` (and, for the KV-cache kernels a short query runs on,
             ``softmax_scale * log2(e) * q``) are computed in fp32 and must stay finite there:
@@ -1034,7 +1034,7 @@ def flash_attention_varlen(
         causal: bottom-right aligned per sequence: query i of a sequence with lengths
             (Sq_i, Sk_i) sees keys ``j <= i + Sk_i - Sq_i``.
         softmax_scale: defaults to ``1 / sqrt(D)``; as ``flash_attention``'s (|softmax_scale|
-            <= 2.3587e38), with the scaled scores finite in fp32 (as ``flash_attention``:
+            <= 2.35865e38), with the scaled scores finite in fp32 (as ``flash_attention``:
             unspecified where they overflow).
         window: (left, right) sliding window per sequence, as ``flash_attention``: query i
             sees keys in ``[i + Sk_i - Sq_i - left, i + Sk_i - Sq_i + right]``; -1 (or any
@@ -1296,7 +1296,7 @@ def decode_attention(
             checked on the CPU; on CUDA they are not read on the host (that would
             synchronise) and are clamped into that range by the kernel.
         softmax_scale: a finite real number, default ``1 / sqrt(D)``, |softmax_scale| <=
-            2.3587e38 (as ``flash_attention``). NaN, +-inf and larger values raise
+            2.35865e38 (as ``flash_attention``). NaN, +-inf and larger values raise
             ValueError (they would make outputs NaN), a non-number TypeError. The scaled
             scores ``softmax_scale * q.k`` (and ``softmax_scale * log2(e) * q``) must be
             finite in fp32: where one overflows to +-inf the result is unspecified (zeros,

@@ -31,7 +31,7 @@ rotated with the short factors.
 
 Gemma 1/2/3 (model types gemma, gemma2, gemma3_text) are config switches on the same block:
 RMSNorm weights stored as offsets, x / rms(x) * (1 + w) in fp32 (``norm_unit_offset``; the
-fastattn backend uses ``fastattn.nn.rms_norm_unit_offset``, the function behind
+fastattn backend uses ``fastattn.nn.rms_norm.rms_norm_unit_offset``, the function behind
 ``fastattn.nn.RMSNorm(unit_offset=True)``), embeddings times sqrt(hidden_size) rounded to the
 model dtype, GeGLU (``hidden_act="gelu_pytorch_tanh"``), softmax scale
 query_pre_attn_scalar ** -0.5; Gemma 2/3 also norm each sublayer's output before its residual
