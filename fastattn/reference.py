@@ -149,7 +149,7 @@ def attention(
     q (B, Sq, H, D); k, v (B, Sk, Hk, D), H % Hk == 0, query head h reads kv head
     h // (H // Hk). key_padding_mask (B, Sk) bool, True = valid key (used by decode).
     Returns out (B, Sq, H, D) and, with return_lse, lse (B, H, Sq) float32. A query row that
-    sees no key gets out = 0 and lse = -inf.
+    sees no key, or whose visible scores are all -inf, gets out = 0 and lse = -inf.
     """
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
@@ -166,9 +166,12 @@ def attention(
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores.float(), dim=-1)  # (B, H, Sq)
     probs = torch.softmax(scores, dim=-1)
-    # Rows with no visible key (softmax of all -inf is NaN) output 0. Only those: a NaN in q
-    # or in a visible key stays NaN (nan_to_num here used to turn it into 0 or a finite mix).
-    probs = torch.where(mask.any(-1, keepdim=True), probs, 0.0)
+    # Rows with no visible key (softmax of all -inf is NaN) output 0, and so do rows whose
+    # visible scores are all -inf (an infinite key, a q.k that overflowed): no probability
+    # mass, as torch's SDPA and flash-attn give. Only those: a NaN in q or in a visible key
+    # stays NaN (nan_to_num here used to turn it into 0 or a finite mix), and so does a +inf
+    # score (inf - inf).
+    probs = torch.where((scores != float("-inf")).any(-1, keepdim=True), probs, 0.0)
     bad = ~torch.isfinite(v)
     if bad.any():
         # A value row reaches the queries that see its key, and only those: its NaN or inf

@@ -581,6 +581,58 @@ def test_huge_softmax_scale_exact(device, dtype, scale, causal):
         assert_error_ratio(g.double(), l.double(), t, f"d{name}", atol=rounding * max(1.0, t.abs().max().item()))
 
 
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("sq", [20, 3], ids=["tiled", "short-query"])
+@pytest.mark.parametrize("scale", [0.25, -0.25])
+def test_minus_inf_scores_drop_their_keys_in_any_block(device, dtype, sq, scale):
+    """A score that is -inf once scaled (an infinite key; with a negative scale, a +inf one)
+    drops its key wherever it falls, and a row whose visible scores are all -inf (also from a
+    finite q.k that overflows fp32) writes 0 and lse -inf, as a row that sees no key, and as
+    torch's SDPA and flash-attn give. The CPU tiled forward gave NaN rows when a row's first
+    256-key block held only such scores (outside audit); the CUDA kernels already subtracted 0
+    for a max still at -inf."""
+    torch.manual_seed(0)
+    inf = float("inf")
+    sign = -1.0 if scale > 0 else 1.0  # q . (+inf key) * scale = -inf
+    q = (sign * (torch.rand(1, sq, 2, 16) + 0.5)).to(device, dtype)
+    k = torch.randn(1, 600, 2, 16, device=device, dtype=dtype)
+    v = torch.randn(1, 600, 2, 16, device=device, dtype=dtype)
+    k[:, :300] = inf  # the first key block(s) of every tile size
+    finite = k.dtype != torch.float16  # 3e38 overflows q.k in fp32 (fp16 cannot hold it)
+    cases = {"mixed": k, "all inf": torch.full_like(k, inf)}
+    if finite:
+        cases["q.k overflows"] = torch.full_like(k, 3e38)
+    for name, keys in cases.items():
+        for causal in (False, True):
+            out, lse = fastattn.flash_attention(q, keys, v, causal=causal, softmax_scale=scale, return_lse=True)
+            # (the overflow happens in fp32, the kernels' arithmetic: not in a float64 reference)
+            ref_dtype = torch.float32 if name == "q.k overflows" else torch.float64
+            want = F.scaled_dot_product_attention(q.transpose(1, 2).to(ref_dtype), keys.transpose(1, 2).to(ref_dtype),
+                                                  v.transpose(1, 2).to(ref_dtype), scale=scale,
+                                                  attn_mask=reference.attention_mask(sq, 600, causal, device=device))
+            ref, ref_lse = reference.attention(q.to(ref_dtype), keys.to(ref_dtype), v.to(ref_dtype), causal=causal,
+                                               softmax_scale=scale, return_lse=True)
+            torch.testing.assert_close(ref, want.transpose(1, 2), rtol=1e-6, atol=1e-6)  # the reference is torch's
+            ref = ref.double()
+            assert not out.isnan().any(), f"{name}, causal={causal}: NaN rows"
+            torch.testing.assert_close(out.double(), ref, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=2e-2)
+            if name == "mixed":
+                assert torch.isfinite(lse).all()
+                torch.testing.assert_close(lse.double(), ref_lse.double(), atol=2e-2, rtol=1e-3)
+            else:
+                assert (out == 0).all() and torch.isneginf(lse).all() and torch.isneginf(ref_lse).all()
+            # the same through the varlen entry point and the SDPA drop-in
+            cu = torch.tensor([0, sq], device=device, dtype=torch.int32)
+            cuk = torch.tensor([0, 600], device=device, dtype=torch.int32)
+            out_v = fastattn.flash_attention_varlen(q[0], keys[0], v[0], cu, cuk, sq, 600, causal=causal,
+                                                    softmax_scale=scale)
+            assert not out_v.isnan().any()
+            torch.testing.assert_close(out_v, out[0])  # (bitwise only where both take the tiled kernel)
+    # The drop-in (top-left causal is torch's own: compare without it)
+    sdpa = fastattn.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    assert not sdpa.isnan().any()
+
+
 def test_double_backward_raises():
     """create_graph=True then a gradient of the gradients: a clear error, never silent zeros."""
     q, k, v = (t.requires_grad_() for t in _make("cpu", torch.float32, 1, 5, 7, 2, 1, 16))

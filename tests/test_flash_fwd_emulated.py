@@ -187,6 +187,32 @@ def test_emulated_forward_empty_rows_stay_zero_beside_an_inf_value(fwd_emulator,
     assert np.isfinite(others).all() and np.isfinite(lse[0, :, sq - sk:]).all()
 
 
+def test_emulated_forward_minus_inf_scores_drop_their_keys(fwd_emulator, tmp_path):
+    """Scores that are -inf (a negative q against +inf keys) fill the first key tiles: those keys
+    drop out and the rows equal the softmax over the finite keys (the max still at -inf is
+    replaced by 0, so no -inf - -inf NaN); with every key +inf each row is 0 and lse -inf, as
+    fastattn.reference, torch's SDPA and the CPU kernels give."""
+    dtype, d, b, sq, sk, h, hk = "bf", 64, 1, 40, 300, 2, 1
+    rng = np.random.default_rng(11)
+    q = -np.abs(_rnd(rng, dtype, b, sq, h, d)) - 0.25
+    q = _from_bits(_to_bits(q, dtype), dtype)
+    k, v = _rnd(rng, dtype, b, sk, hk, d), _rnd(rng, dtype, b, sk, hk, d)
+    scale = d ** -0.5
+    for n_inf in (150, sk):
+        k[0, :n_inf] = np.inf
+        _write(tmp_path, dtype, d, b, sq, sk, h, hk, -1, -1, 0, scale, q, k, v)
+        _run(fwd_emulator, tmp_path, 0, "end")
+        got = np.fromfile(tmp_path / "out.f32", np.float32).reshape(b, sq, h, d)
+        lse = np.fromfile(tmp_path / "lse.f32", np.float32).reshape(b, h, sq)
+        if n_inf == sk:
+            assert (got == 0).all() and np.isneginf(lse).all()
+            continue
+        ro, rl = _reference(q[0], k[0, n_inf:], v[0, n_inf:], scale, -1, -1)  # the finite keys alone
+        assert np.isfinite(got).all() and np.isfinite(lse).all()
+        assert np.abs(got[0] - ro).max() < 2.5e-2 * max(np.abs(ro).max(), 0.5)
+        assert np.abs(lse[0] - rl).max() < 1e-4 * max(1.0, np.abs(rl).max())
+
+
 # Causal block order in sections of (head, batch) pairs (csrc/cuda/block_order.cuh): a small K/V
 # budget makes these run several sections, the last one partial. kv bytes per pair = sk * d * 4
 # / (h / hk); (case, budget in pairs).

@@ -520,13 +520,19 @@ class FlashFwdCpu {
       const bool first = l[r] == 0.0f;  // no key seen yet (after one, the max contributes 1)
       const float m_new = first ? mx : (sl2 >= 0.0f ? std::max(m[r], mx) : std::min(m[r], mx));
       const float alpha = first ? 0.0f : exp2_nonpositive((m[r] - m_new) * sl2);
-      // P = 2^(scale_log2 * (S - m_new)) and its row sum: whole vectors, then the tail as one
+      // Every visible score so far -inf once scaled (an infinite key, a q . k that overflowed
+      // fp32): no probability mass yet, so subtract 0 rather than m_new; each such score gives
+      // 2^-inf = 0 instead of 2^(-inf - -inf) = NaN, l stays 0 and the row, if nothing else
+      // comes, writes 0 and lse -inf, as the CUDA kernel and torch's attention do. A NaN score
+      // still gives NaN (row_extreme skips NaNs; exp2 keeps them).
+      const float m_sub = m_new * sl2 == kNegInf ? 0.0f : m_new;
+      // P = 2^(scale_log2 * (S - m_sub)) and its row sum: whole vectors, then the tail as one
       // vector whose lanes past jhi keep their values and add nothing (when the row's kKBlock
       // floats hold all its lanes; else, near a window's far edge, one score at a time).
       float sum = 0.0f;
       {
         using namespace cpu::vmath;
-        const vf vm = splat(m_new), vsl2 = splat(sl2);
+        const vf vm = splat(m_sub), vsl2 = splat(sl2);
         vf vsum = vf{};
         int64_t j = jlo;
         for (; j + kLanes <= jhi; j += kLanes) {
@@ -546,7 +552,7 @@ class FlashFwdCpu {
         }
         for (int64_t i = 0; i < kLanes; ++i) sum += vsum[i];
         for (; j < jhi; ++j) {
-          const float pj = exp2_nonpositive((sr[j] - m_new) * sl2);
+          const float pj = exp2_nonpositive((sr[j] - m_sub) * sl2);
           sr[j] = pj;
           sum += pj;
         }
