@@ -487,6 +487,35 @@ def test_bad_arguments_name_themselves():
             call()
 
 
+def test_bad_arguments_are_runtime_errors_too_as_flash_attns_checks():
+    """flash-attn's C++ checks (TORCH_CHECK) raise RuntimeError for a wrong dtype, shape, head
+    count or cu_seqlens; code written for it catches RuntimeError to fall back, and fastattn's
+    ValueError slipped past (outside audit). Each compat function's ValueError is now also a
+    RuntimeError, with the same message; what fastattn lacks stays NotImplementedError."""
+    q = torch.randn(2, 17, 4, 32)
+    k = torch.randn(2, 23, 2, 32)
+    kc = torch.randn(2, 40, 2, 32)
+    cu = torch.tensor([0, 17], dtype=torch.int32)
+    for call, match in (
+            (lambda: fa.flash_attn_func(q, k.bfloat16(), k), "k has dtype torch.bfloat16 but q has dtype"),
+            (lambda: fa.flash_attn_func(q, k[:, :, :1].expand(2, 23, 3, 32), k[:, :, :1].expand(2, 23, 3, 32)),
+             "must be a multiple of the number of key/value heads"),
+            (lambda: fa.flash_attn_qkvpacked_func(torch.randn(2, 3, 3)), "qkv must have shape"),
+            (lambda: fa.flash_attn_kvpacked_func(q, torch.randn(1, 3, 2, 16)), "kv must have shape"),
+            (lambda: fa.flash_attn_varlen_func(q[0], k[0], k[0], cu.long(), cu, 17, 23), "cu_seqlens_q must be"),
+            (lambda: fa.flash_attn_varlen_qkvpacked_func(torch.randn(5, 3, 2), cu, 5), "qkv must have shape"),
+            (lambda: fa.flash_attn_varlen_kvpacked_func(q[0], torch.randn(3, 2, 2, 16, 1), cu, cu, 17, 3),
+             "kv must have shape"),
+            (lambda: fa.flash_attn_with_kvcache(q[:, :1], kc, kc, q[:, :1], cache_seqlens=1),
+             "k and v must be given together"),
+            (lambda: fa.flash_attn_func(q, q, q, window_size=4), "window_size must be a")):
+        with pytest.raises(RuntimeError, match=match) as info:
+            call()
+        assert isinstance(info.value, ValueError) and type(info.value) is fa.FlashAttnInputError
+    with pytest.raises(NotImplementedError):
+        fa.flash_attn_func(q, q, q, 0.1)
+
+
 def test_flags_and_tables_name_the_argument_the_caller_passed():
     """From an outside audit: the flags were checked under the names of fastattn's own
     parameters (return_lse, interleaved), ``deterministic`` was not checked at all, and a

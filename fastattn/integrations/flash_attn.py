@@ -28,11 +28,15 @@ changes nothing: fastattn's backward is always deterministic. Flags are bools (a
 fastattn; flash-attn reads some by truthiness), and ``max_seqlen_q`` / ``max_seqlen_k`` ints
 or 0-d integer tensors (one host read each), as flash-attn's ``int`` custom-op arguments take.
 ``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)`` with S_dmask an empty
-tensor, as flash-attn 2.7+ does without dropout (2.6 gave None). Page sizes of a paged cache are free (flash-attn: multiples of 256) and the rotary
+tensor, as flash-attn 2.7+ does without dropout (2.6 gave None). A bad argument raises
+``FlashAttnInputError``, both a ``ValueError`` (as everywhere in fastattn) and a
+``RuntimeError`` (what flash-attn's C++ checks raise for a wrong dtype, shape or head count), so
+code that catches either keeps working. Page sizes of a paged cache are free (flash-attn: multiples of 256) and the rotary
 tables may be fp32 or q's dtype (flash-attn: q's dtype).
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional, Union
@@ -51,7 +55,30 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_with_kvcache",
+    "FlashAttnInputError",
 ]
+
+
+class FlashAttnInputError(ValueError, RuntimeError):
+    """A bad argument to a function of this module: a ValueError, as fastattn raises everywhere,
+    and a RuntimeError, as flash-attn raises from its C++ argument checks (TORCH_CHECK: dtypes,
+    shapes, head counts, cu_seqlens), so that code written against flash-attn, which catches
+    RuntimeError to fall back to another attention, still catches it (outside audit)."""
+
+
+def _flash_attn_errors(fn):
+    """fn with its ValueErrors raised as FlashAttnInputError (same message)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as e:
+            if isinstance(e, FlashAttnInputError):
+                raise
+            raise FlashAttnInputError(*e.args) from e
+
+    return call
 
 
 def _not_supported(dropout_p, alibi_slopes) -> None:
@@ -164,6 +191,7 @@ def _outputs(result, return_attn_probs: bool):
     return out, _flash_attn_lse(lse), torch.empty((0,), dtype=out.dtype, device=out.device)
 
 
+@_flash_attn_errors
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> out (B, Sq, H, D); with return_attn_probs,
@@ -188,6 +216,7 @@ def _unpack(packed, dim: int, count: int, name: str, shape: str):
     return packed.unbind(dim)
 
 
+@_flash_attn_errors
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """qkv (B, S, 3, H, D) -> out (B, S, H, D); as flash_attn_func on its three slices."""
@@ -196,6 +225,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                            deterministic, return_attn_probs)
 
 
+@_flash_attn_errors
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (B, Sq, H, D), kv (B, Sk, 2, Hk, D) -> out (B, Sq, H, D)."""
@@ -204,6 +234,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                            deterministic, return_attn_probs)
 
 
+@_flash_attn_errors
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
@@ -365,6 +396,7 @@ def _gather_pages(k_cache, v_cache, block_table, cu_seqlens_k, total_k: int):
     return k_cache[pages, pos % page_size], v_cache[pages, pos % page_size]
 
 
+@_flash_attn_errors
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False):
@@ -374,6 +406,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
+@_flash_attn_errors
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
@@ -421,6 +454,7 @@ def _rotate_new_tokens(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_inter
     return q_rot, k_rot
 
 
+@_flash_attn_errors
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens: Optional[Union[int, Tensor]] = None, cache_batch_idx: Optional[Tensor] = None,
                             cache_leftpad: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
