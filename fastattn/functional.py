@@ -684,8 +684,10 @@ def flash_attention(
             ``softmax_scale * q.k`` (and, for the KV-cache kernels a short query runs on,
             ``softmax_scale * log2(e) * q``) are computed in fp32 and must stay finite there:
             a large scale sharpens the softmax towards the hard argmax, but where a score
-            overflows to +-inf the result is unspecified (zeros, NaN or another key's value
-            row; not checked).
+            overflows to +inf (or the pre-scaled q does) the result is unspecified (zeros,
+            NaN or another key's value row; not checked). A score of -inf (an infinite key,
+            or a q.k overflowing to -inf) drops its key, and a row whose visible scores are
+            all -inf outputs 0 and lse -inf, as torch's SDPA and flash-attn give.
         window: (left, right) sliding window: query i sees keys in
             ``[i + Sk - Sq - left, i + Sk - Sq + right]``; -1 is unbounded, and so is any
             side >= Sq + Sk (e.g. ``sys.maxsize``). ``causal`` sets right = 0. Rows that see
