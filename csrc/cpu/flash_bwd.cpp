@@ -49,7 +49,10 @@
 // transposed (a transposed A is just a different broadcast stride), so no
 // GEMM ever needs a packing step: K^T and V^T are transposed once per key block in the dK/dV
 // task, Q^T and dO^T once per query block in the dQ task. Buffers are padded with zeros to
-// whole microkernel tiles, so odd head dims and sequence tails run the same code. The
+// whole microkernel tiles, so odd head dims and sequence tails run the same code; the fp32
+// GEMMs of a block cover its rows and keys only up to whole tiles, not the whole block (a
+// 16-token sequence's backward cost 64 x 128 blocks: 1 x 16 x 8 x 128 fp32, causal, forward
+// + backward 1.56 -> 0.54 ms, 1 thread, AVX2; the same bits). The
 // exponential is a vectorised exp2 of S * (scale * log2(e)) - lse * log2(e).
 // fp16 inputs are converted to fp32 when a block is loaded, once per block; so are bf16 inputs
 // on CPUs without AVX512-BF16.
@@ -166,13 +169,10 @@ static_assert(kInner % kMR == 0 && kOuter % kMR == 0 && kInner % kColTile == 0 &
 // x[0:kN] = 2^x[0:kN]; values below -126 (including -inf) give exactly 0. The SIMD paths are
 // range reduction to r in [-0.5, 0.5] plus a degree-7 Taylor polynomial of 2^r (relative
 // error < 1e-8 before rounding), scaled by 2^e (vscalefps, or the exponent bits on AVX2).
-// kN is a whole number of vectors (a block row), so there is no scalar tail: GCC warned
-// (-Waggressive-loop-optimizations) on one that could never run once inlined.
-template <int64_t kN>
-inline void exp2_row(float* x) {
+// n is a whole number of vectors (a block row's used columns: a multiple of kColTile), so
+// there is no scalar tail on the SIMD tiers.
+inline void exp2_row(float* x, int64_t n) {
   int64_t i = 0;
-  constexpr int64_t n = kN;
-  static_assert(kN % 16 == 0, "a block row is whole vectors on every tier");
 #if defined(__AVX512F__)
   const __m512 lo = _mm512_set1_ps(-126.0f), hi = _mm512_set1_ps(127.0f);
   const __m512 c1 = _mm512_set1_ps(0.6931471805599453f), c2 = _mm512_set1_ps(0.2402265069591007f),
@@ -488,8 +488,13 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
   const T* v = static_cast<const T*>(f.v) + bi * f.v_batch_stride + hk * f.v_head_stride + kr * f.v_row_stride;
   float *k_t = w.a_t.data(), *v_t = w.b_t.data(), *q = w.a.data(), *dout = w.b.data();
   float *s = w.s.data(), *ds = w.dp_buf.data(), *dk = w.acc0.data(), *dv = w.acc1.data();
-  std::fill(dk, dk + kOuter * dp, 0.0f);
-  std::fill(dv, dv + kOuter * dp, 0.0f);
+  // The block's keys the fp32 GEMMs cover: nk rounded up to whole tiles (a short sequence
+  // costs its size, not a whole block; the keys past nk are zero rows of K^T / V^T, masked,
+  // and the dropped ones were only exact zero terms at the end of each sum: the same bits).
+  // The bf16 pair GEMMs keep whole blocks.
+  const int64_t nkp = kDp ? kOuter : round_up(nk, kColTile);
+  std::fill(dk, dk + nkp * dp, 0.0f);
+  std::fill(dv, dv + nkp * dp, 0.0f);
 
   int64_t ilo, ihi, qb0, qb1;
   band.rows_seeing(j0, j0 + nk, &ilo, &ihi);
@@ -500,9 +505,9 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
       stage_dim_pairs_dp(v, f.v_row_stride, nk, d, w.bt_w.data(), kOuter, kOuter);
       if (dq_acc != nullptr) stage_row_pairs_dp(k, f.k_row_stride, nk, d, w.kr_w.data(), dp, kOuter);
     } else {
-      load_rows_transposed(k, f.k_row_stride, nk, d, k_t, kOuter, kOuter, w.row.data());
-      load_rows_transposed(v, f.v_row_stride, nk, d, v_t, kOuter, kOuter, w.row.data());
-      if (dq_acc != nullptr) load_rows(k, f.k_row_stride, nk, d, w.k_rows.data(), dp, kOuter);
+      load_rows_transposed(k, f.k_row_stride, nk, d, k_t, kOuter, nkp, w.row.data());
+      load_rows_transposed(v, f.v_row_stride, nk, d, v_t, kOuter, nkp, w.row.data());
+      if (dq_acc != nullptr) load_rows(k, f.k_row_stride, nk, d, w.k_rows.data(), dp, nkp);
     }
   }
   for (int64_t hq = hk * sh.group; hq < (hk + 1) * sh.group && qb0 < qb1; ++hq) {
@@ -510,6 +515,7 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
     const float* delta = p.delta + lse_offset(f, bi, hq, seq);
     for (int64_t qb = qb0; qb < qb1; ++qb) {
       const int64_t i0 = qb * kInner, nq = std::min(kInner, seq.seqlen_q - i0);
+      const int64_t nqp = kDp ? kInner : round_up(nq, kMR);  // the rows the fp32 GEMMs cover
       const T* qs = static_cast<const T*>(f.q) + bi * f.q_batch_stride + hq * f.q_head_stride + (qr + i0) * f.q_row_stride;
       const T* dos = static_cast<const T*>(p.dout) + bi * p.dout_batch_stride + hq * p.dout_head_stride + (qr + i0) * p.dout_row_stride;
       load_lse(lse, delta, i0, nq, kInner, w.lse2.data(), w.delta.data());
@@ -521,43 +527,43 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
         cpu::dp_gemm<false>(kInner, kOuter, pd, w.a_w.data(), wl, w.at_w.data(), kOuter, s, kOuter);   // S = Q K^T
         cpu::dp_gemm<false>(kInner, kOuter, pd, w.b_w.data(), wl, w.bt_w.data(), kOuter, ds, kOuter);  // dP = dO V^T
       } else {
-        load_rows(qs, f.q_row_stride, nq, d, q, dp, kInner);
-        load_rows(dos, p.dout_row_stride, nq, d, dout, dp, kInner);
-        gemm<false>(kInner, kOuter, dp, q, dp, k_t, kOuter, s, kOuter, false);     // S = Q K^T
-        gemm<false>(kInner, kOuter, dp, dout, dp, v_t, kOuter, ds, kOuter, false); // dP = dO V^T
+        load_rows(qs, f.q_row_stride, nq, d, q, dp, nqp);
+        load_rows(dos, p.dout_row_stride, nq, d, dout, dp, nqp);
+        gemm<false>(nqp, nkp, dp, q, dp, k_t, kOuter, s, kOuter, false);     // S = Q K^T
+        gemm<false>(nqp, nkp, dp, dout, dp, v_t, kOuter, ds, kOuter, false); // dP = dO V^T
       }
       const bool full = band.block_full(i0, i0 + kInner, j0, j0 + kOuter);
-      for (int64_t r = 0; r < kInner; ++r) {
+      for (int64_t r = 0; r < nqp; ++r) {
         float* sr = s + r * kOuter;
         const float l2 = w.lse2[r];
         float* tr = w.tanh_row.data();
         if constexpr (kCap) {  // P = 2^(c * t * log2(e) - lse2), t = tanh(scale * S / c)
-          cpu::tanh_row(sr, cpu::softcap_multiplier(sh.scale, sh.cap), tr, kOuter);
+          cpu::tanh_row(sr, cpu::softcap_multiplier(sh.scale, sh.cap), tr, nkp);
 #pragma omp simd
-          for (int64_t c = 0; c < kOuter; ++c) sr[c] = (tr[c] * sh.cap) * kLog2e - l2;
+          for (int64_t c = 0; c < nkp; ++c) sr[c] = (tr[c] * sh.cap) * kLog2e - l2;
         } else {
 #pragma omp simd
-          for (int64_t c = 0; c < kOuter; ++c) sr[c] = sr[c] * sh.scale_log2 - l2;
+          for (int64_t c = 0; c < nkp; ++c) sr[c] = sr[c] * sh.scale_log2 - l2;
         }
         if (!full)
-          for (int64_t c = 0; c < kOuter; ++c)
+          for (int64_t c = 0; c < nkp; ++c)
             if (!band.visible(i0 + r, j0 + c)) sr[c] = -std::numeric_limits<float>::infinity();
-        exp2_row<kOuter>(sr);  // P
+        exp2_row(sr, nkp);  // P
         // lse NaN: the forward saw a NaN in this row (in q, or in a key it sees), and exp2_row
         // maps NaN to 0. The row's P is NaN wherever it sees a key, as in the reference's
         // softmax, so dV of those keys is NaN too (dQ and dK already are, through delta),
         // instead of that row's terms silently missing from dV.
         if (std::isnan(l2))
-          for (int64_t c = 0; c < kOuter; ++c)
+          for (int64_t c = 0; c < nkp; ++c)
             if (full || band.visible(i0 + r, j0 + c)) sr[c] = std::numeric_limits<float>::quiet_NaN();
         float* dr = ds + r * kOuter;
         const float dl = w.delta[r];
         if constexpr (kCap) {
 #pragma omp simd
-          for (int64_t c = 0; c < kOuter; ++c) dr[c] = sr[c] * (dr[c] - dl) * (1.0f - tr[c] * tr[c]);  // dS
+          for (int64_t c = 0; c < nkp; ++c) dr[c] = sr[c] * (dr[c] - dl) * (1.0f - tr[c] * tr[c]);  // dS
         } else {
 #pragma omp simd
-          for (int64_t c = 0; c < kOuter; ++c) dr[c] = sr[c] * (dr[c] - dl);  // dS
+          for (int64_t c = 0; c < nkp; ++c) dr[c] = sr[c] * (dr[c] - dl);  // dS
         }
       }
       if constexpr (kDp) {
@@ -568,8 +574,8 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
         cpu::dp_gemm<true, true>(kOuter, d, kInner / 2, w.p_w.data(), kOuter, w.br_w.data(), dp, dv, dp);   // dV += P^T dO
         cpu::dp_gemm<true, true>(kOuter, d, kInner / 2, w.ds_w.data(), kOuter, w.ar_w.data(), dp, dk, dp);  // dK += dS^T Q
       } else {
-        gemm<true>(kOuter, dp, kInner, s, kOuter, dout, dp, dv, dp, true);  // dV += P^T dO
-        gemm<true>(kOuter, dp, kInner, ds, kOuter, q, dp, dk, dp, true);    // dK += dS^T Q
+        gemm<true>(nkp, dp, nqp, s, kOuter, dout, dp, dv, dp, true);  // dV += P^T dO
+        gemm<true>(nkp, dp, nqp, ds, kOuter, q, dp, dk, dp, true);    // dK += dS^T Q
       }
       if (dq_acc != nullptr) {
         // dQ += dS K, one GEMM per half of the key block: the dQ task's key blocks are kInner
@@ -586,12 +592,17 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
         for (int64_t half = 0; half < kOuter / kInner; ++half) {
           const int64_t kbi = j0 / kInner + half;
           if (kbi < kb0 || kbi >= kb1) continue;
-          if constexpr (kDp)
+          if constexpr (kDp) {
             cpu::dp_gemm<true>(kInner, d, kInner / 2, w.dsr_w.data() + half * (kInner / 2), kOuter / 2,
                                w.kr_w.data() + half * (kInner / 2) * dp, dp, dq, dp);
-          else
-            gemm<false>(kInner, dp, kInner, ds + half * kInner, kOuter, w.k_rows.data() + half * kInner * dp, dp,
-                        dq, dp, true);
+          } else {
+            // the half's keys up to nkp (the dQ task's keys are its block's, rounded up to kMR:
+            // both sums end in exact zero terms only)
+            const int64_t kh = std::min(kInner, nkp - half * kInner);
+            if (kh > 0)
+              gemm<false>(nqp, dp, kh, ds + half * kInner, kOuter, w.k_rows.data() + half * kInner * dp, dp, dq,
+                          dp, true);
+          }
         }
       }
     }
@@ -612,7 +623,9 @@ void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t
   const int64_t qr = seq.q_start + i0, kr = seq.k_start;  // packed row of query i0 / key 0
   float *q_t = w.a_t.data(), *do_t = w.b_t.data(), *k = w.a.data(), *v = w.b.data();
   float *s_t = w.s.data(), *ds_t = w.dp_buf.data(), *dq = w.acc0.data();
-  std::fill(dq, dq + kOuter * dp, 0.0f);
+  // The block's query rows the fp32 GEMMs cover (as nkp in dkdv_task; whole blocks for kDp).
+  const int64_t nqp = kDp ? kOuter : round_up(nq, kColTile);
+  std::fill(dq, dq + nqp * dp, 0.0f);
 
   int64_t jlo, jhi, kb0, kb1;
   band.keys_seen(i0, i0 + nq, &jlo, &jhi);
@@ -624,8 +637,8 @@ void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t
       stage_dim_pairs_dp(qs, f.q_row_stride, nq, d, w.at_w.data(), kOuter, kOuter);
       stage_dim_pairs_dp(dos, p.dout_row_stride, nq, d, w.bt_w.data(), kOuter, kOuter);
     } else {
-      load_rows_transposed(qs, f.q_row_stride, nq, d, q_t, kOuter, kOuter, w.row.data());
-      load_rows_transposed(dos, p.dout_row_stride, nq, d, do_t, kOuter, kOuter, w.row.data());
+      load_rows_transposed(qs, f.q_row_stride, nq, d, q_t, kOuter, nqp, w.row.data());
+      load_rows_transposed(dos, p.dout_row_stride, nq, d, do_t, kOuter, nqp, w.row.data());
     }
     load_lse(f.lse + lse_offset(f, bi, hq, seq), p.delta + lse_offset(f, bi, hq, seq), i0, nq,
              kOuter, w.lse2.data(), w.delta.data());
@@ -634,6 +647,7 @@ void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t
   const float* delta = w.delta.data();
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t j0 = kb * kInner, nk = std::min(kInner, seq.seqlen_k - j0);
+    const int64_t nkp = kDp ? kInner : round_up(nk, kMR);
     const T* ks = static_cast<const T*>(f.k) + bi * f.k_batch_stride + hk * f.k_head_stride + (kr + j0) * f.k_row_stride;
     const T* vs = static_cast<const T*>(f.v) + bi * f.v_batch_stride + hk * f.v_head_stride + (kr + j0) * f.v_row_stride;
     if constexpr (kDp) {
@@ -643,34 +657,34 @@ void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t
       cpu::dp_gemm<false>(kInner, kOuter, pd, w.a_w.data(), wl, w.at_w.data(), kOuter, s_t, kOuter);   // S^T = K Q^T
       cpu::dp_gemm<false>(kInner, kOuter, pd, w.b_w.data(), wl, w.bt_w.data(), kOuter, ds_t, kOuter);  // dP^T = V dO^T
     } else {
-      load_rows(ks, f.k_row_stride, nk, d, k, dp, kInner);
-      load_rows(vs, f.v_row_stride, nk, d, v, dp, kInner);
-      gemm<false>(kInner, kOuter, dp, k, dp, q_t, kOuter, s_t, kOuter, false);    // S^T = K Q^T
-      gemm<false>(kInner, kOuter, dp, v, dp, do_t, kOuter, ds_t, kOuter, false);  // dP^T = V dO^T
+      load_rows(ks, f.k_row_stride, nk, d, k, dp, nkp);
+      load_rows(vs, f.v_row_stride, nk, d, v, dp, nkp);
+      gemm<false>(nkp, nqp, dp, k, dp, q_t, kOuter, s_t, kOuter, false);    // S^T = K Q^T
+      gemm<false>(nkp, nqp, dp, v, dp, do_t, kOuter, ds_t, kOuter, false);  // dP^T = V dO^T
     }
     const bool full = band.block_full(i0, i0 + kOuter, j0, j0 + kInner);
-    for (int64_t c = 0; c < kInner; ++c) {  // c: key, r: query
+    for (int64_t c = 0; c < nkp; ++c) {  // c: key, r: query
       float* sr = s_t + c * kOuter;
       float* tr = w.tanh_row.data();
       if constexpr (kCap) {  // as in dkdv_task, along a column of S
-        cpu::tanh_row(sr, cpu::softcap_multiplier(sh.scale, sh.cap), tr, kOuter);
+        cpu::tanh_row(sr, cpu::softcap_multiplier(sh.scale, sh.cap), tr, nqp);
 #pragma omp simd
-        for (int64_t r = 0; r < kOuter; ++r) sr[r] = (tr[r] * sh.cap) * kLog2e - lse2[r];
+        for (int64_t r = 0; r < nqp; ++r) sr[r] = (tr[r] * sh.cap) * kLog2e - lse2[r];
       } else {
 #pragma omp simd
-        for (int64_t r = 0; r < kOuter; ++r) sr[r] = sr[r] * sh.scale_log2 - lse2[r];
+        for (int64_t r = 0; r < nqp; ++r) sr[r] = sr[r] * sh.scale_log2 - lse2[r];
       }
       if (!full)
-        for (int64_t r = 0; r < kOuter; ++r)
+        for (int64_t r = 0; r < nqp; ++r)
           if (!band.visible(i0 + r, j0 + c)) sr[r] = -std::numeric_limits<float>::infinity();
-      exp2_row<kOuter>(sr);  // P^T
+      exp2_row(sr, nqp);  // P^T
       float* dr = ds_t + c * kOuter;
       if constexpr (kCap) {
 #pragma omp simd
-        for (int64_t r = 0; r < kOuter; ++r) dr[r] = sr[r] * (dr[r] - delta[r]) * (1.0f - tr[r] * tr[r]);  // dS^T
+        for (int64_t r = 0; r < nqp; ++r) dr[r] = sr[r] * (dr[r] - delta[r]) * (1.0f - tr[r] * tr[r]);  // dS^T
       } else {
 #pragma omp simd
-        for (int64_t r = 0; r < kOuter; ++r) dr[r] = sr[r] * (dr[r] - delta[r]);  // dS^T
+        for (int64_t r = 0; r < nqp; ++r) dr[r] = sr[r] * (dr[r] - delta[r]);  // dS^T
       }
     }
     if constexpr (kDp) {
@@ -678,7 +692,7 @@ void dq_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t
         cpu::to_bf16_row_pairs(ds_t + 2 * u * kOuter, ds_t + (2 * u + 1) * kOuter, kOuter, w.ds_w.data() + u * kOuter);
       cpu::dp_gemm<true, true>(kOuter, d, kInner / 2, w.ds_w.data(), kOuter, w.ar_w.data(), dp, dq, dp);  // dQ += dS K
     } else {
-      gemm<true>(kOuter, dp, kInner, ds_t, kOuter, k, dp, dq, dp, true);  // dQ += dS K
+      gemm<true>(nqp, dp, nkp, ds_t, kOuter, k, dp, dq, dp, true);  // dQ += dS K
     }
   }
   T* dqs = static_cast<T*>(p.dq) + bi * p.dq_batch_stride + hq * p.dq_head_stride + qr * p.dq_row_stride;
@@ -696,7 +710,8 @@ template <typename T, bool kCap, bool kDp>
 void fused_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64_t bi,
                 const cpu::VarlenSeq& seq, int64_t hk, Scratch& w) {
   const FlashFwdParams& f = p.fwd;
-  const int64_t dq_rows = round_up(seq.seqlen_q, kOuter);  // whole kInner blocks are written
+  // kDp: whole kInner blocks are written; fp32: each block's rows up to a multiple of kMR
+  const int64_t dq_rows = round_up(seq.seqlen_q, kDp ? kOuter : kMR);
   w.dq.assign(static_cast<size_t>(sh.group * dq_rows * sh.dp), 0.0f);
   for (int64_t kb = 0; kb * kOuter < seq.seqlen_k; ++kb)
     dkdv_task<T, kCap, kDp>(p, sh, band, bi, seq, hk, kb, w, w.dq.data(), dq_rows);
