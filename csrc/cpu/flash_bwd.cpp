@@ -490,7 +490,8 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
   float *s = w.s.data(), *ds = w.dp_buf.data(), *dk = w.acc0.data(), *dv = w.acc1.data();
   // The block's keys the fp32 GEMMs cover: nk rounded up to whole tiles (a short sequence
   // costs its size, not a whole block; the keys past nk are zero rows of K^T / V^T, masked,
-  // and the dropped ones were only exact zero terms at the end of each sum: the same bits).
+  // and the dropped ones were only exact zero terms at the end of each sum for finite
+  // inputs: the same bits; with an inf in q and softcap they gave NaN, now 0).
   // The bf16 pair GEMMs keep whole blocks.
   const int64_t nkp = kDp ? kOuter : round_up(nk, kColTile);
   std::fill(dk, dk + nkp * dp, 0.0f);
@@ -596,9 +597,11 @@ void dkdv_task(const FlashBwdParams& p, const Shape& sh, const Band& band, int64
             cpu::dp_gemm<true>(kInner, d, kInner / 2, w.dsr_w.data() + half * (kInner / 2), kOuter / 2,
                                w.kr_w.data() + half * (kInner / 2) * dp, dp, dq, dp);
           } else {
-            // the half's keys up to nkp (the dQ task's keys are its block's, rounded up to kMR:
-            // both sums end in exact zero terms only)
-            const int64_t kh = std::min(kInner, nkp - half * kInner);
+            // the half's keys rounded up to kMR, exactly the keys the dQ task's sum over this
+            // key block covers: past them the terms are zeros for finite inputs only (an inf
+            // in q with softcap makes a padding key's dS NaN through tanh), so the two layouts
+            // must stop at the same key (review)
+            const int64_t kh = nk > half * kInner ? round_up(std::min(kInner, nk - half * kInner), kMR) : 0;
             if (kh > 0)
               gemm<false>(nqp, dp, kh, ds + half * kInner, kOuter, w.k_rows.data() + half * kInner * dp, dp, dq,
                           dp, true);
