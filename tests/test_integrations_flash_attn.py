@@ -512,6 +512,8 @@ def test_bad_arguments_are_runtime_errors_too_as_flash_attns_checks():
         with pytest.raises(RuntimeError, match=match) as info:
             call()
         assert isinstance(info.value, ValueError) and type(info.value) is fa.FlashAttnInputError
+        # one traceback, not the same message twice in a chain
+        assert info.value.__cause__ is None and info.value.__suppress_context__
     with pytest.raises(NotImplementedError):
         fa.flash_attn_func(q, q, q, 0.1)
 

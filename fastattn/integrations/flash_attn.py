@@ -76,7 +76,8 @@ def _flash_attn_errors(fn):
         except ValueError as e:
             if isinstance(e, FlashAttnInputError):
                 raise
-            raise FlashAttnInputError(*e.args) from e
+            # One traceback (the original frames), not two chained ones with the same message.
+            raise FlashAttnInputError(*e.args).with_traceback(e.__traceback__) from None
 
     return call
 
