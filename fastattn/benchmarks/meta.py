@@ -20,6 +20,19 @@ RELEVANT_CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx5
                       "asimd")
 
 
+def gemm_roof_tflops(gemm, dtype_name: str):
+    """The compute roof an attention row of this dtype is read against ("% GEMM"), from a run's
+    measured torch.mm rates (``gemm``: {"float32": {"tflops": ...}, "bfloat16": ...}): the
+    faster of its own dtype's rate and float32's (fp32's alone for a dtype the run did not
+    measure), or None. The faster one, because a kernel may widen 16-bit inputs to fp32 (as
+    fastattn's CPU kernels do without AVX512-BF16), and on such a CPU torch.mm in bf16 runs
+    hundreds of times below its fp32 rate: against that rate a bf16 row read as ~50000%."""
+    rates = [r.get("tflops") for r in ((gemm or {}).get(dtype_name), (gemm or {}).get("float32"))
+             if isinstance(r, dict)]
+    rates = [t for t in rates if isinstance(t, (int, float)) and t > 0]
+    return max(rates) if rates else None
+
+
 def package_root() -> str:
     """The folder holding the imported fastattn package (a checkout root or site-packages)."""
     import fastattn

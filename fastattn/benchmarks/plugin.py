@@ -127,13 +127,13 @@ def _measure_gemm():
 
 
 def gemm_fields(flops: int, median_s: float, dtype, gemm) -> dict:
-    """TFLOP/s of a compute-bound entry and its % of the same run's GEMM rate in its dtype
-    (fp16/bf16 against that dtype's GEMM, anything else against fp32)."""
+    """TFLOP/s of a compute-bound entry and its % of the same run's GEMM rate
+    (meta.gemm_roof_tflops: fp16/bf16 against the faster of that dtype's GEMM and fp32's,
+    anything else against fp32)."""
     out = {"flops": flops, "tflops": flops / median_s / 1e12}
-    name = str(dtype).replace("torch.", "")
-    ref = (gemm or {}).get(name) or (gemm or {}).get("float32")
-    if ref and ref.get("tflops"):
-        out["pct_of_gemm"] = 100.0 * out["tflops"] / ref["tflops"]
+    roof = meta.gemm_roof_tflops(gemm, str(dtype).replace("torch.", ""))
+    if roof:
+        out["pct_of_gemm"] = 100.0 * out["tflops"] / roof
     return out
 
 

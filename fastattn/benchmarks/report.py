@@ -12,6 +12,8 @@ import re
 import sys
 import textwrap
 
+from fastattn.benchmarks import meta as _meta
+
 # One panel per op family, in this order; ops outside the list get a panel of their own.
 FAMILIES = [
     ("rms_norm", "RMSNorm"),
@@ -160,11 +162,11 @@ def header_lines(results: dict):
         text += ")" if dev == "cuda" or not copy.get("clone_gbps") else f"); clone {copy['clone_gbps']:.1f} GB/s"
         lines.append(text)
     gemm = meta.get("gemm") or {}
-    rates = [f"{k} {v['tflops']:.3f} TFLOP/s" for k, v in gemm.items()
+    rates = [f"{k} {_tflops(v['tflops'])} TFLOP/s" for k, v in gemm.items()
              if isinstance(v, dict) and isinstance(v.get("tflops"), (int, float))]
     if rates:
         lines.append(f"GEMM rate: {', '.join(rates)} (torch.mm, {gemm.get('n')}x{gemm.get('n')} square, same run): "
-                     "'% GEMM' of attention rows is against their dtype's rate")
+                     "'% GEMM' of attention rows is against the faster of their dtype's rate and float32's")
     if llc_bytes(meta) is not None:
         lines.append(f"% copy: only for working sets larger than the {_mib(llc_bytes(meta))} last-level cache; "
                      "smaller ones say 'in cache'")
@@ -203,8 +205,18 @@ def format_pct(r, meta) -> str:
     return "" if pct is None else f"{pct:.0f}%"
 
 
-def format_gemm(r) -> str:
+def _tflops(t) -> str:
+    return f"{t:.3f}" if t >= 0.01 else f"{t:.2g}"  # (bf16 torch.mm without native bf16: ~3e-4)
+
+
+def format_gemm(r, meta=None) -> str:
+    """% GEMM, recomputed from the file's GEMM rates by meta.gemm_roof_tflops where it has them
+    (files written under the earlier rule, a bf16 row against bf16's rate alone, read the same
+    as new ones), else as stored."""
     pct = r.get("pct_of_gemm")
+    roof = _meta.gemm_roof_tflops((meta or {}).get("gemm"), str(r.get("dtype")))
+    if roof and isinstance(r.get("tflops"), (int, float)) and isinstance(pct, (int, float)):
+        pct = 100.0 * r["tflops"] / roof
     return f"{pct:.0f}%" if isinstance(pct, (int, float)) else ""
 
 
@@ -223,7 +235,7 @@ def print_table(results: dict, file=None) -> None:
         _print_skipped(results, file)
         return
     cells = [(r["op"], str(r["shape"]), str(r["dtype"]), r["impl"], format_time(r["median_s"]),
-              format_throughput(r), format_pct(r, meta), format_gemm(r)) for r in rows]
+              format_throughput(r), format_pct(r, meta), format_gemm(r, meta)) for r in rows]
     names = ("op", "shape", "dtype", "impl", "time", "throughput", "% copy", "% GEMM")
     if not any(c[-1] for c in cells):  # no compute-bound row (or a file from before the GEMM rate)
         cells, names = [c[:-1] for c in cells], names[:-1]
