@@ -912,10 +912,14 @@ def scaled_dot_product_attention(
         out = out.contiguous()
     elif out.stride() != query.stride() and any(
             n > 1 and so != sq for n, so, sq in zip(out.shape, out.stride(), query.stride())):
-        # (eager, contiguous query, the usual case: .contiguous() is that layout, ~3 us cheaper
-        # than building empty_like's strides on the meta device)
+        # (eager, a query with the contiguous strides, size-1 dims included, the usual case:
+        # .contiguous() is then empty_like's layout, ~3 us cheaper than building it on the meta
+        # device; is_contiguous() alone would also pass a size-1 dim's other stride, which
+        # empty_like keeps, e.g. a batch-1 query sliced from a packed projection)
         eager = not (ops._compiling() or torch.compiler.is_exporting())
-        out = out.contiguous() if eager and query.is_contiguous() else _in_layout_of(out, query)
+        B_, H_, L_, E_ = query.shape
+        out = (out.contiguous() if eager and query.stride() == (H_ * L_ * E_, L_ * E_, E_, 1)
+               else _in_layout_of(out, query))
     return out
 
 

@@ -246,6 +246,21 @@ def test_output_layout_is_torchs(layout):
     torch.testing.assert_close(got, want)
 
 
+def test_contiguous_query_with_a_size1_dims_own_stride_keeps_it():
+    # A batch-1 query sliced from a packed (B, 3, H, L, E) projection is_contiguous() with
+    # stride[0] = 3 H L E, which torch's empty_like keeps; the eager shortcut to .contiguous()
+    # dropped it (diff review). Eager strides equal torch's exactly, size-1 dims included.
+    H, L, E = 4, 6, 16
+    q = torch.randn(1, 3, H, L, E)[:, 0]
+    k, v = torch.randn(1, H, 5, E), torch.randn(1, H, 5, E)
+    assert q.is_contiguous() and q.stride()[0] == 3 * H * L * E
+    for causal in (False, True):
+        got = fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        assert got.stride() == want.stride() == torch.empty_like(q).stride()
+        torch.testing.assert_close(got, want)
+
+
 def test_compiles_once_with_dynamic_lengths():
     # The layout copy sorted the query's (symbolic) strides: dynamo refused it under
     # dynamic=True (fullgraph raised; otherwise a graph break per length). Outside audit.

@@ -17,8 +17,9 @@ of the copy bandwidth measured in this same run (itself on a working set several
 last-level cache); a smaller working set is marked `in_cache` instead, since its GB/s is a
 cache bandwidth, not a fraction of DRAM/HBM bandwidth. Compute-bound entries (`flops=`)
 record their TFLOP/s and its % of the dense GEMM rate (torch.mm on large square matrices)
-measured in this same run in the entry's dtype ("% GEMM": fp32 rows against the fp32 GEMM,
-bf16 rows against the bf16 one), the compute roof an attention kernel is read against.
+measured in this same run ("% GEMM": fp32 rows against the fp32 GEMM, bf16 / fp16 rows
+against the faster of their dtype's GEMM and fp32's, meta.gemm_roof_tflops), the compute roof
+an attention kernel is read against.
 `times=` hands in timings the suite measured itself (interleaved with the peers, as the
 end-to-end suite does).
 
