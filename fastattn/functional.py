@@ -912,14 +912,7 @@ def scaled_dot_product_attention(
         out = out.contiguous()
     elif out.stride() != query.stride() and any(
             n > 1 and so != sq for n, so, sq in zip(out.shape, out.stride(), query.stride())):
-        # (eager, a query with the contiguous strides, size-1 dims included, the usual case:
-        # .contiguous() is then empty_like's layout, ~3 us cheaper than building it on the meta
-        # device; is_contiguous() alone would also pass a size-1 dim's other stride, which
-        # empty_like keeps, e.g. a batch-1 query sliced from a packed projection)
-        eager = not (ops._compiling() or torch.compiler.is_exporting())
-        B_, H_, L_, E_ = query.shape
-        out = (out.contiguous() if eager and query.stride() == (H_ * L_ * E_, L_ * E_, E_, 1)
-               else _in_layout_of(out, query))
+        out = _in_layout_of(out, query)
     return out
 
 
@@ -961,11 +954,25 @@ def _is_causal_bias(mask) -> bool:
 torch.jit._builtins._register_builtin(scaled_dot_product_attention, "aten::scaled_dot_product_attention")
 
 
+def _contiguous_strides(shape) -> tuple:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)  # (as torch: a size-0 dim counts as 1)
+    return tuple(reversed(strides))
+
+
 def _in_layout_of(out: Tensor, like: Tensor) -> Tensor:
     """out's values in the memory layout of torch.empty_like(like). The buffer is made from out
     (new_empty_strided), not from like: under vmap over key and value only, the query is
     unbatched where out is batched, and a copy into an empty_like of the query fails (eager and
     compiled). Traceable with symbolic strides (torch.compile(dynamic=True), export)."""
+    if not (ops._compiling() or torch.compiler.is_exporting()) and like.stride() == _contiguous_strides(like.shape):
+        # Eager, and like has exactly the contiguous strides, size-1 dims included (the usual
+        # query): .contiguous() is that layout, ~3 us cheaper than the meta tensor below.
+        # (is_contiguous() would also pass a size-1 dim with another stride, which empty_like
+        # keeps: a batch-1 query sliced from a packed projection.)
+        return out.contiguous()
     strides = torch.empty_like(like, device="meta").stride()
     return out.new_empty_strided(like.shape, strides).copy_(out)
 
