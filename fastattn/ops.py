@@ -121,9 +121,10 @@ def _call(op, *args):
     grad (outside torch.compile tracing and torch.func transforms). register_autograd's Python
     kernel would find nothing to record then and redispatch below Autograd itself; skipping it
     saves ~4 us per call with grad off, most of a small op's cost in a decode step, and ~18 us
-    with grad on (a 1 x 1 x 8 x 64 flash forward: 36 -> 18 us, AVX2 Zen 3). Keys above Autograd (autocast, Python modes) still run. Under
-    forward-mode AD or torch.func's grad transforms a RuntimeError says they are unsupported
-    (differentiating_transform), instead of a zero tangent or torch's setup_context error."""
+    with grad on (a 1 x 1 x 8 x 64 flash forward: 36 -> 18 us, AVX2 Zen 3). Keys above
+    Autograd (autocast, Python modes) still run. Under forward-mode AD or torch.func's grad
+    transforms a RuntimeError says they are unsupported (differentiating_transform), instead
+    of a zero tangent or torch's setup_context error."""
     if _compiling():
         if _fw_ad._current_level >= 0 or _layer_depth() > 0:  # (see transform_active)
             refuse_transforms(op, args)
