@@ -14,7 +14,8 @@
 //
 // Why it is fast: decode reads the whole cache at every step, so every K/V row is read from memory
 // exactly once and used by all G query heads of its group. Work is split over ATen's thread
-// pool by (batch, split). Each item walks its keys in blocks of kKeyBlock rows and, inside a
+// pool by (batch, split), and by slices of the kv heads too when that leaves threads idle
+// (one short sequence). Each item walks its keys in blocks of kKeyBlock rows and, inside a
 // block, kv head by kv head. A head's K rows are read in place from the cache (fp32 loaded,
 // bf16 widened by a zero-extension and a 16-bit shift, fp16 by F16C, all in registers: no
 // staging copy) and dotted with the G pre-scaled query rows in register tiles (16-lane sums
@@ -219,9 +220,9 @@ inline float block_max(const float* s) {
   return r;
 }
 
-// Per-thread buffers of one work item, for all h_k kv heads: q, acc (h_k, rows padded to
-// kHeadTile, d) with rows = query chunk * G; scores (rows padded, kKeyBlock); m, l (h_k,
-// rows padded); GEMM path only (rows >= kGemmMinRows, kDpMinRows on the pair path): kt, and
+// Per-thread buffers of one work item, for its h_k kv heads (all, or a slice's): q, acc
+// (h_k, rows padded to kHeadTile, d) with rows = query chunk * G; scores (rows padded,
+// kKeyBlock); m, l (h_k, rows padded); GEMM path only (rows >= kGemmMinRows, kDpMinRows on the pair path): kt, and
 // kst, vst: one key block of K and V rows of every kv head in fp32, (h_k, kKeyBlock, d)
 // each; or, on the bf16 pair path
 // (dp: bf16 on a CPU with AVX512-BF16, cpu_dpbf16.h), qp: the query rows as bf16 pairs of
@@ -631,17 +632,21 @@ struct QueryBand {
   int64_t hi(int64_t qi) const { return wr >= 0 ? std::min(pos0 + qi + wr, len - 1) : len - 1; }
 };
 
-// One (batch b, query chunk, split) work item over keys [begin, end), for every kv head and
-// the nq query rows of the chunk times its G query heads (row r = query qi * G + head g).
-// The kv heads are walked inside each key block, so the block's rows of all heads, which
-// are adjacent in the usual (B, S, Hk, D) layout (and in a page), are consumed together:
-// the item streams through contiguous cache memory (hardware prefetchers and the TLB then
-// work) instead of hopping by the Hk * D row stride once per head. Writes the normalised
-// output and natural-log lse of these keys through out_row(head, qi, row) and
-// lse_out(head, qi, lse).
+// One (batch b, query chunk, split, kv-head slice) work item over keys [begin, end), for the
+// nh kv heads from h0 on (all h_k of them unless there are fewer (batch, chunk, split) items
+// than threads: decode_impl) and the nq query rows of the chunk times its G query heads (row
+// r = query qi * G + head g). The kv heads are walked inside each key block, so the block's
+// rows of all heads, which are adjacent in the usual (B, S, Hk, D) layout (and in a page),
+// are consumed together: the item streams through contiguous cache memory (hardware
+// prefetchers and the TLB then work) instead of hopping by the Hk * D row stride once per
+// head. Every kv head's arithmetic is the same whichever slice runs it (the packed tiles sum
+// each head's row as alone), so the slicing never changes a bit. Writes the normalised output
+// and natural-log lse of these keys through out_row(head, qi, row) and lse_out(head, qi, lse).
+// Below, kvh counts the slice's heads (its workspace rows); the cache head is h0 + kvh.
 template <typename T, bool kCap, typename OutRow, typename LseOut>
 void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const QueryBand& band,
-                 int64_t begin, int64_t end, Workspace& ws, OutRow out_row, LseOut lse_out) {
+                 int64_t begin, int64_t end, int64_t h0, int64_t nh, Workspace& ws, OutRow out_row,
+                 LseOut lse_out) {
   const int64_t d = p.d, group = p.h / p.h_k, gp = ws.gp, rows = nq * group;
   const bool use_gemm = ws.gemm && rows >= (ws.dp ? kDpMinRows : kGemmMinRows);
   const bool use_dp = use_gemm && ws.dp;  // bf16 pairs on vdpbf16ps (T is bf16)
@@ -651,15 +656,15 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
   // time (qk_tile / pv_tile's kPacked), 4 useful rows instead of one head and three zero rows:
   // the first packed_heads heads in units of kHeadTile, any others one by one. The kv-head
   // loop walks units: unit u's first head, its ws row (wrow) and how many heads it holds.
-  const int64_t packed_heads = !use_gemm && rows == 1 ? p.h_k / kHeadTile * kHeadTile : 0;
-  const int64_t packed_units = packed_heads / kHeadTile, units = packed_units + (p.h_k - packed_heads);
+  const int64_t packed_heads = !use_gemm && rows == 1 ? nh / kHeadTile * kHeadTile : 0;
+  const int64_t packed_units = packed_heads / kHeadTile, units = packed_units + (nh - packed_heads);
   auto wrow = [&](int64_t kvh, int64_t r) {  // ws row of query row r of kv head kvh
     return kvh < packed_heads ? kvh : packed_heads + (kvh - packed_heads) * gp + r;
   };
   auto unit_head = [&](int64_t u) { return u < packed_units ? u * kHeadTile : packed_heads + (u - packed_units); };
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + i0 * p.q_row_stride;
-  const T* kc = static_cast<const T*>(p.k_cache);
-  const T* vc = static_cast<const T*>(p.v_cache);
+  const T* kc = static_cast<const T*>(p.k_cache) + h0 * p.k_head_stride;  // the slice's first head
+  const T* vc = static_cast<const T*>(p.v_cache) + h0 * p.v_head_stride;
   const KvLayout k_layout{p.k_batch_stride, p.k_row_stride, p.block_table, p.block_table_batch_stride,
                           p.page_size, p.num_pages};
   const KvLayout v_layout{p.v_batch_stride, p.v_row_stride, p.block_table, p.block_table_batch_stride,
@@ -669,9 +674,9 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
   std::fill(ws.q.begin(), ws.q.end(), 0.f);
   std::fill(ws.qp.begin(), ws.qp.end(), 0u);
   const float qscale = p.softmax_scale * kLog2e;
-  for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
+  for (int64_t kvh = 0; kvh < nh; ++kvh) {
     for (int64_t r = 0; r < rows; ++r) {
-      const T* src = q + (r / group) * p.q_row_stride + (kvh * group + r % group) * p.q_head_stride;
+      const T* src = q + (r / group) * p.q_row_stride + ((h0 + kvh) * group + r % group) * p.q_head_stride;
       if (use_dp || tile_dp) {  // the bf16 row as pairs, unscaled: the scale goes onto the scores
         cpu::pack_dim_pairs(reinterpret_cast<const uint16_t*>(src), d,
                             ws.qp.data() + (use_dp ? kvh * gp + r : wrow(kvh, r)) * qp_ld, 1);
@@ -733,7 +738,7 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
     // GEMM path (many query rows): the block's K and V rows of every kv head converted
     // (16-bit) or copied (fp32) to fp32 staging buffers in memory order, for the GEMM.
     if (use_dp) {  // bf16 pairs: K by pairs of dims, V by pairs of the block's keys
-      for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
+      for (int64_t kvh = 0; kvh < nh; ++kvh) {
         uint32_t* kp = ws.kps.data() + kvh * pairs * kKeyBlock;
         uint32_t* vp = ws.vps.data() + kvh * (kKeyBlock / 2) * d;
         for (int64_t j0 = 0; j0 < n; j0 += 16) {
@@ -752,7 +757,7 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
       }
     } else if (use_gemm) {
       for (int64_t j = 0; j < n; ++j) {
-        for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
+        for (int64_t kvh = 0; kvh < nh; ++kvh) {
           load_row(kc + koff[slot][j] + kvh * p.k_head_stride, ws.kst.data() + (kvh * kKeyBlock + j) * d, d);
           load_row(vc + voff[slot][j] + kvh * p.v_head_stride, ws.vst.data() + (kvh * kKeyBlock + j) * d, d);
         }
@@ -876,7 +881,7 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
     }
   }
 
-  for (int64_t kvh = 0; kvh < p.h_k; ++kvh) {
+  for (int64_t kvh = 0; kvh < nh; ++kvh) {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t w = wrow(kvh, r);
       const float l = ws.l[w];
@@ -890,7 +895,7 @@ void decode_item(const DecodeParams& p, int64_t b, int64_t i0, int64_t nq, const
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) a[i] *= inv;
       }
-      const int64_t head = kvh * group + r % group, qi = i0 + r / group;
+      const int64_t head = (h0 + kvh) * group + r % group, qi = i0 + r / group;
       out_row(head, qi, a);
       lse_out(head, qi, l > 0.f ? (ws.m[w] + std::log2(l)) * kLn2 : (l == 0.f ? kNegInf : l));
     }
@@ -902,10 +907,27 @@ void decode_impl(const DecodeParams& p) {
   const int64_t group = p.h / p.h_k, d = p.d, splits = p.num_splits, sq = p.seqlen_q;
   const int64_t chunk = decode::cpu_query_chunk(group, p.h_k, d, sq);
   const int64_t chunks = (sq + chunk - 1) / chunk;
-  at::parallel_for(0, p.b * chunks * splits, 1, [&](int64_t it0, int64_t it1) {
-    Workspace ws(p.h_k, std::min(chunk, sq) * group, d,
+  // Few (batch, chunk, split) items (one sequence whose keys are too few to split: a few
+  // queries through flash_attention's short-query route, a small decode) would leave threads
+  // idle, as each item runs every kv head: then the kv heads are cut into slices too, about
+  // two items per thread (B1, 8 of 64 keys, H32/8 D128 on 2 threads: 1.3-1.4x the tiled
+  // flash forward's time before, ~0.7x after). Slices of whole kHeadTile units where MHA
+  // decode packs that many heads into one tile. Unlike the splits this may follow the thread
+  // count: no bit depends on which slice runs a head (decode_item).
+  const int64_t items = p.b * chunks * splits, rows = std::min(chunk, sq) * group;
+  const int64_t head_unit = rows == 1 ? kHeadTile : 1;
+  const int64_t want_items = 2 * static_cast<int64_t>(at::get_num_threads());
+  int64_t slices = 1;
+  if (items < want_items)
+    slices = std::min((want_items + items - 1) / items, (p.h_k + head_unit - 1) / head_unit);
+  const int64_t slice_heads = ((p.h_k + slices - 1) / slices + head_unit - 1) / head_unit * head_unit;
+  slices = (p.h_k + slice_heads - 1) / slice_heads;
+  at::parallel_for(0, items * slices, 1, [&](int64_t it0, int64_t it1) {
+    Workspace ws(std::min(slice_heads, p.h_k), rows, d,
                  std::is_same<T, cpu::bf16_t>::value && cpu::has_dpbf16() && d >= cpu::kDpMinHeadDim);
-    for (int64_t it = it0; it < it1; ++it) {
+    for (int64_t it_sliced = it0; it_sliced < it1; ++it_sliced) {
+      const int64_t h0 = (it_sliced % slices) * slice_heads, nh = std::min(slice_heads, p.h_k - h0);
+      const int64_t it = it_sliced / slices;
       const int64_t s = it % splits, c = (it / splits) % chunks, b = it / (splits * chunks);
       const int64_t i0 = c * chunk, nq = std::min(chunk, sq - i0);
       const int64_t len = std::min<int64_t>(
@@ -921,7 +943,7 @@ void decode_impl(const DecodeParams& p) {
       if (splits == 1) {
         T* out = static_cast<T*>(p.out) + b * p.out_batch_stride;
         decode_item<T, kCap>(
-            p, b, i0, nq, band, begin, end, ws,
+            p, b, i0, nq, band, begin, end, h0, nh, ws,
             [&](int64_t h, int64_t qi, const float* row) {
               cpu::store_row(row, out + qi * p.out_row_stride + h * p.out_head_stride, d);
             },
@@ -930,7 +952,7 @@ void decode_impl(const DecodeParams& p) {
         // Partials: out_partial (splits, b, h, seqlen_q, d), lse_partial (splits, b, h, seqlen_q).
         const int64_t row0 = (s * p.b + b) * p.h * sq;
         decode_item<T, kCap>(
-            p, b, i0, nq, band, begin, end, ws,
+            p, b, i0, nq, band, begin, end, h0, nh, ws,
             [&](int64_t h, int64_t qi, const float* row) {
               std::memcpy(p.out_partial + (row0 + h * sq + qi) * d, row, static_cast<size_t>(d) * sizeof(float));
             },
@@ -986,7 +1008,8 @@ int64_t decode_num_splits_cpu(int64_t b, int64_t h_k, int64_t max_keys) {
   // Enough (batch, split) items to keep any CPU's threads busy, but splits of at least 128
   // keys (4 blocks) of the longest sequence, so the partial writes and the merge stay small
   // next to the key work. Never of the machine or the thread count: the same split (and so
-  // the same bits) everywhere. h_k does not matter: every item runs all kv heads.
+  // the same bits) everywhere. h_k does not matter: an item runs all kv heads (or, when the
+  // items are fewer than the threads, a slice of them: decode_impl; the bits are the same).
   constexpr int64_t kTargetItems = 64, kMinKeysPerSplit = 128;
   (void)h_k;
   const int64_t base = std::max<int64_t>(1, b);
