@@ -224,36 +224,38 @@ def test_decode_cpu_bits_do_not_depend_on_thread_count():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_kv_head_slices_keep_the_bits(dtype):
-    """Few (batch, query chunk, split) items, i.e. one sequence of too few keys to split, are
-    cut into kv-head slices after the thread count (2 items per thread): the same bits at 1,
-    2, 3 and 5 threads (2 to 8 slices; whole 4-head units for MHA decode, Hk = 13: a short last
-    slice) as the sequence unsliced in a batch of 4 at one thread, and the reference's answer,
-    for MHA decode, GQA decode and several queries per sequence (register tiles and GEMM),
-    paged and windowed."""
+    """Few (batch, query chunk, split) items (here one sequence, one split) are cut into kv-head
+    slices after the thread count (2 items per thread, each slice at least ~2^19 QK^T
+    multiply-adds: every case below allows 2 or more): the same bits at 1, 2, 3 and 5 threads
+    (2 to 8 slices; whole 4-head units for MHA decode, Hk = 13: a short last slice) as the
+    sequence unsliced in a batch of 4 at one thread, and the reference's answer, for MHA
+    decode, GQA decode and several queries per sequence (register tiles and GEMM), paged and
+    windowed."""
     torch.manual_seed(3)
+    S, L = 1200, 1100
     cases = []
-    for Hk, G, Sq, D in ((13, 1, 1, 40), (8, 4, 1, 64), (6, 4, 3, 32), (5, 2, 16, 48)):
-        kc, vc = _cache(1, 90, Hk, D, dtype, "cpu", strided=Hk == 8)
+    for Hk, G, Sq, D in ((13, 1, 1, 136), (8, 4, 1, 64), (6, 4, 3, 32), (5, 2, 16, 48)):
+        kc, vc = _cache(1, S, Hk, D, dtype, "cpu", strided=Hk == 8)
         q = torch.randn(1, Sq, Hk * G, D).to(dtype)
-        cases.append((q, kc, vc, None, (-1, -1) if Sq == 1 else (40, 0)))
-    pool_k, pool_v = _cache(7, 16, 4, 64, dtype, "cpu")  # paged: 5 of 7 pages, shuffled
-    cases.append((torch.randn(1, 2, 12, 64).to(dtype), pool_k, pool_v, torch.tensor([[6, 2, 0, 5, 3]]).int(), (-1, -1)))
-    lens = _seqlens([77], "cpu")
+        cases.append((q, kc, vc, None, (-1, -1) if Sq == 1 else (400, 0)))
+    pool_k, pool_v = _cache(80, 16, 4, 64, dtype, "cpu")  # paged: 75 of 80 pages, shuffled
+    table = torch.randperm(80)[:75].view(1, 75).int()
+    cases.append((torch.randn(1, 2, 12, 64).to(dtype), pool_k, pool_v, table, (-1, -1)))
+    lens = _seqlens([L], "cpu")
     threads = torch.get_num_threads()
     for q, kc, vc, table, window in cases:
         runs = []
         batch = (4,) + (1,) * (q.dim() - 1)
+        kwargs = dict(causal=False, window=window, num_splits=1, return_lse=True)
         try:
             torch.set_num_threads(1)
             whole = fastattn.attention_with_kvcache(  # 4 items: no slices at 1 thread
                 q.repeat(batch), kc if table is not None else kc.repeat(batch),
                 vc if table is not None else vc.repeat(batch), lens.repeat(4),
-                block_table=None if table is None else table.repeat(4, 1), causal=False, window=window,
-                return_lse=True)
+                block_table=None if table is None else table.repeat(4, 1), **kwargs)
             for n in (1, 2, 3, 5):
                 torch.set_num_threads(n)
-                runs.append(fastattn.attention_with_kvcache(q, kc, vc, lens, block_table=table, causal=False,
-                                                            window=window, return_lse=True))
+                runs.append(fastattn.attention_with_kvcache(q, kc, vc, lens, block_table=table, **kwargs))
         finally:
             torch.set_num_threads(threads)
         for out, lse in runs:
