@@ -225,7 +225,7 @@ def test_decode_cpu_bits_do_not_depend_on_thread_count():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_kv_head_slices_keep_the_bits(dtype):
     """Few (batch, query chunk, split) items (here one sequence, one split) are cut into kv-head
-    slices after the thread count (2 items per thread, each slice at least ~2^19 QK^T
+    slices after the thread count (2 items per thread, each slice at least ~2^17 QK^T
     multiply-adds: every case below allows 2 or more): the same bits at 1, 2, 3 and 5 threads
     (2 to 8 slices; whole 4-head units for MHA decode, Hk = 13: a short last slice) as the
     sequence unsliced in a batch of 4 at one thread, and the reference's answer, for MHA

@@ -913,14 +913,15 @@ void decode_impl(const DecodeParams& p) {
   // two items per thread (B1, 8 of 64 keys, H32/8 D128 on 2 threads: 1.3-1.4x the tiled
   // flash forward's time before, ~0.7x after). Slices of whole kHeadTile units where MHA
   // decode packs that many heads into one tile. Unlike the splits this may follow the thread
-  // count: no bit depends on which slice runs a head (decode_item). Not below ~2^19 QK^T
+  // count: no bit depends on which slice runs a head (decode_item). Not below ~2^17 QK^T
   // multiply-adds per slice: a smaller item costs about as much to hand to a thread as to run
-  // (B1 H32/8 D128 decode over 64 keys: no gain, over 4 keys ~3 us lost).
+  // (B1 H32/8 D128 decode over 4 keys: ~3 us lost when sliced; over 64 keys, 2 slices, and B1
+  // H12/12 D64 with 9-16 queries over 64 keys gain).
   const int64_t items = p.b * chunks * splits, rows = std::min(chunk, sq) * group;
   const int64_t head_unit = rows == 1 ? kHeadTile : 1;
   const int64_t want_items = 2 * static_cast<int64_t>(at::get_num_threads());
   const int64_t split_keys = (p.seqlen_k_max + splits - 1) / splits;
-  const int64_t max_slices = std::max<int64_t>(1, rows * p.h_k * d * split_keys >> 19);
+  const int64_t max_slices = std::max<int64_t>(1, rows * p.h_k * d * split_keys >> 17);
   int64_t slices = 1;
   if (items < want_items)
     slices = std::min({(want_items + items - 1) / items, (p.h_k + head_unit - 1) / head_unit, max_slices});
