@@ -222,9 +222,9 @@ inline float block_max(const float* s) {
 
 // Per-thread buffers of one work item, for its h_k kv heads (all, or a slice's): q, acc
 // (h_k, rows padded to kHeadTile, d) with rows = query chunk * G; scores (rows padded,
-// kKeyBlock); m, l (h_k, rows padded); GEMM path only (rows >= kGemmMinRows, kDpMinRows on the pair path): kt, and
-// kst, vst: one key block of K and V rows of every kv head in fp32, (h_k, kKeyBlock, d)
-// each; or, on the bf16 pair path
+// kKeyBlock); m, l (h_k, rows padded); GEMM path only (rows >= kGemmMinRows, kDpMinRows on
+// the pair path): kt, and kst, vst: one key block of K and V rows of every kv head in fp32,
+// (h_k, kKeyBlock, d) each; or, on the bf16 pair path
 // (dp: bf16 on a CPU with AVX512-BF16, cpu_dpbf16.h), qp: the query rows as bf16 pairs of
 // dims (h_k, rows padded, pairs), kps: the block's K by pairs of dims (h_k, pairs,
 // kKeyBlock), vps: its V by pairs of keys (h_k, kKeyBlock / 2, d), pp: one head's
@@ -910,8 +910,8 @@ void decode_impl(const DecodeParams& p) {
   // Few (batch, chunk, split) items (one sequence whose keys are too few to split: a few
   // queries through flash_attention's short-query route, a small decode) would leave threads
   // idle, as each item runs every kv head: then the kv heads are cut into slices too, about
-  // two items per thread (B1, 8 of 64 keys, H32/8 D128 on 2 threads: 1.3-1.4x the tiled
-  // flash forward's time before, ~0.7x after). Slices of whole kHeadTile units where MHA
+  // two items per thread (B1 H32/8 D128, 4-16 queries over 64 keys, 2 threads: 1.3-1.5x the
+  // tiled flash forward's time before, 0.8-1.0x after). Slices of whole kHeadTile units where MHA
   // decode packs that many heads into one tile. Unlike the splits this may follow the thread
   // count: no bit depends on which slice runs a head (decode_item). Not below ~2^17 QK^T
   // multiply-adds per slice: a smaller item costs about as much to hand to a thread as to run
