@@ -925,10 +925,11 @@ void decode_impl(const DecodeParams& p) {
   int64_t slices = 1;
   if (items < want_items)
     slices = std::min({(want_items + items - 1) / items, (p.h_k + head_unit - 1) / head_unit, max_slices});
-  const int64_t slice_heads = ((p.h_k + slices - 1) / slices + head_unit - 1) / head_unit * head_unit;
+  const int64_t slice_heads =
+      std::min(p.h_k, ((p.h_k + slices - 1) / slices + head_unit - 1) / head_unit * head_unit);
   slices = (p.h_k + slice_heads - 1) / slice_heads;
   at::parallel_for(0, items * slices, 1, [&](int64_t it0, int64_t it1) {
-    Workspace ws(std::min(slice_heads, p.h_k), rows, d,
+    Workspace ws(slice_heads, rows, d,
                  std::is_same<T, cpu::bf16_t>::value && cpu::has_dpbf16() && d >= cpu::kDpMinHeadDim);
     for (int64_t it_sliced = it0; it_sliced < it1; ++it_sliced) {
       const int64_t h0 = (it_sliced % slices) * slice_heads, nh = std::min(slice_heads, p.h_k - h0);
