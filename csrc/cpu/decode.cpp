@@ -920,7 +920,10 @@ void decode_impl(const DecodeParams& p) {
   const int64_t items = p.b * chunks * splits, rows = std::min(chunk, sq) * group;
   const int64_t head_unit = rows == 1 ? kHeadTile : 1;
   const int64_t want_items = 2 * static_cast<int64_t>(at::get_num_threads());
-  const int64_t split_keys = (p.seqlen_k_max + splits - 1) / splits;
+  int64_t max_len = 0;  // the longest sequence's keys (not the capacity, as for the splits)
+  for (int64_t b = 0; b < p.b; ++b)
+    max_len = std::max<int64_t>(max_len, static_cast<int64_t>(p.cache_seqlens[b]) + p.seqlens_k_add);
+  const int64_t split_keys = (std::min(max_len, p.seqlen_k_max) + splits - 1) / splits;
   const int64_t max_slices = std::max<int64_t>(1, rows * p.h_k * d * split_keys >> 17);
   int64_t slices = 1;
   if (items < want_items)
