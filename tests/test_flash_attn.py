@@ -627,7 +627,11 @@ def test_minus_inf_scores_drop_their_keys_in_any_block(device, dtype, sq, scale)
             out_v = fastattn.flash_attention_varlen(q[0], keys[0], v[0], cu, cuk, sq, 600, causal=causal,
                                                     softmax_scale=scale)
             assert not out_v.isnan().any()
-            torch.testing.assert_close(out_v, out[0])  # (bitwise only where both take the tiled kernel)
+            if sq > 16:  # both take the tiled kernel: the same bits
+                assert torch.equal(out_v, out[0]), f"{name}, causal={causal}: varlen differs from flash_attention"
+            else:  # flash_attention took the KV-cache kernel (on AVX512-BF16 ~1 bf16 ulp apart): the same bound
+                torch.testing.assert_close(out_v.double(), ref[0], atol=2e-2 if dtype != torch.float32 else 1e-5,
+                                           rtol=2e-2)
     # The drop-in (top-left causal is torch's own: compare without it)
     sdpa = fastattn.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     assert not sdpa.isnan().any()
