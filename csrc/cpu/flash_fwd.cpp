@@ -97,12 +97,15 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // cpu::vmath::kLanes lanes at once, each on its own: x = n + f with n = round(x) (the magic
 // constant's rounding), |f| <= 1/2, and 2^f from its degree-7 Taylor polynomial (relative
 // error < 1e-8 on that range); 2^n is added into the exponent bits. Anything below 2^-126
-// returns 0; NaN stays NaN. A scalar form of it in an `omp simd` loop did NOT vectorise
-// under GCC 12 (the select on x < -126 and the float -> int conversion stayed scalar, one
-// vcomiss + branch per score: perf put ~25% of the fp32 forward at S = 2048, D = 128 in that
-// loop on the AVX2 tier; the AVX-512 tier had it vectorised, its mask registers if-convert the
-// select); written with the vector types it compiles to packed FMAs on every tier (cpu_math.h
-// says why).
+// returns 0; NaN stays NaN. Each step is defined for every x <= 0 and NaN (the callers pass 0
+// in the lanes they discard, whose scores may be anything): the integer part is converted only
+// where it is a number >= -126 (0 elsewhere: a NaN's p keeps its NaN bits), and the exponent
+// add is unsigned (its signed form overflowed in discarded lanes: UBSan, fuzzing). A scalar
+// form of it in an `omp simd` loop did NOT vectorise under GCC 12 (the select on x < -126 and
+// the float -> int conversion stayed scalar, one vcomiss + branch per score: perf put ~25% of
+// the fp32 forward at S = 2048, D = 128 in that loop on the AVX2 tier; the AVX-512 tier had it
+// vectorised, its mask registers if-convert the select); written with the vector types it
+// compiles to packed FMAs on every tier (cpu_math.h says why).
 inline cpu::vmath::vf exp2_nonpositive(cpu::vmath::vf x) {
   using namespace cpu::vmath;
   const vi below = x < -126.0f;
@@ -118,7 +121,9 @@ inline cpu::vmath::vf exp2_nonpositive(cpu::vmath::vf x) {
   p = p * f + 2.4022650695910071e-01f;
   p = p * f + 6.9314718055994531e-01f;
   p = p * f + 1.0f;
-  const vf r = as_float(as_int(p) + (__builtin_convertvector(n, vi) << 23));
+  typedef uint32_t vu __attribute__((vector_size(sizeof(vi))));
+  const vu n_bits = (vu)__builtin_convertvector(x >= -126.0f ? n : splat(0.0f), vi) << 23;
+  const vf r = as_float((vi)((vu)as_int(p) + n_bits));
   return below ? splat(0.0f) : r;
 }
 
@@ -545,7 +550,7 @@ class FlashFwdCpu {
           for (int64_t i = 0; i < kLanes; ++i) lane[i] = static_cast<int32_t>(i);
           const vi live = lane < static_cast<int32_t>(jhi - j);
           const vf x = load(sr + j);  // (lanes past jhi: masked zeros or stale scores, kept)
-          const vf pj = exp2_nonpositive((x - vm) * vsl2);
+          const vf pj = exp2_nonpositive(live ? (x - vm) * vsl2 : vf{});  // (2^0 there, discarded)
           store(sr + j, live ? pj : x);
           vsum += live ? pj : vf{};
           j = jhi;
