@@ -85,16 +85,23 @@ constexpr int64_t kHeadTile = 4;
 // From this many query rows per kv head on (several queries per sequence: speculative or
 // chunked-prefill steps), the block products are small GEMMs (cpu_gemm.h; measured with ATen's
 // brgemm, which it replaced at about the same speed): they beat the 4 x 4 register tiles
-// there, and K is transposed once per block for them. With 16-lane tiles the register path holds out longer (B8 L4096 H32/8 D128 on a 2-core Zen 4:
-// 16 rows 20 ms against the GEMM's 29, 32 rows 37 against 43 fp32 and even bf16, 64 rows
-// 71 against 65); the AVX2 / SSE tiles are half as wide and stop at 16 as before.
+// there, and K is transposed once per block for them. With 16-lane tiles the register path
+// holds out longer (B8 L4096 H32/8 D128 on a 2-core Zen 4: 16 rows 20 ms against the GEMM's
+// 29, 32 rows 37 against 43 fp32 and even bf16, 64 rows 71 against 65; fp32 on a 2-core Zen 5,
+// one thread, one split, B2 L4096: 16 rows 6.6-6.8 against 8.9-9.4, 32 rows 11.7-11.8 against
+// 12.2-12.7, 36 rows 13.0-13.3 against 12.5); the AVX2 / SSE tiles are half as wide and stop
+// at 16 as before.
 constexpr int64_t kGemmMinRows = cpu::vmath::kLanes == 16 ? 40 : 16;
 // The same for a bf16 cache on a CPU with AVX512-BF16, where both paths run on vdpbf16ps: the
-// pair register tiles (qk_tile_dp / pv_tile_dp) against the staged pair GEMMs (cpu_dpbf16.h),
-// B8 L4096 H32/8 D128, one thread of a 2-core Zen 4: 32 rows 45 ms against 62, 64 rows 87
-// against 93, 80 rows 110 and 111, 96 rows 131 against 126, 128 rows 98 against 108 (at
-// L2048).
-constexpr int64_t kDpMinRows = 80;
+// pair register tiles (qk_tile_dp / pv_tile_dp) against the staged pair GEMMs (cpu_dpbf16.h).
+// Measured at one thread, H32/8 D128, one split, tiles against GEMM: on a 2-core Zen 5, B1 over
+// 2048 keys 32 rows 1.55-1.61 ms against 1.16-1.24, 48 rows 2.27-2.31 against 1.63-1.65, 64
+// rows 2.99-3.08 against 2.15-2.23; B2 over 4096 keys (out of cache) 32 rows 6.3-7.2 against
+// 6.5-6.9, 48 rows 9.4-9.9 against 8.5-8.7, 64 rows 11.9-13.5 against 10.4-11.0. An older
+// measurement on a 2-core Zen 4, before the GEMM path's K staging became a 16 x 16 transpose
+// (pack_dim_pairs_x16), had the tiles ahead up to ~80 rows (B8 L4096: 32 rows 45 ms against
+// 62, 64 rows 87 against 93); the GEMM now starts where the fp32 one does on this tier.
+constexpr int64_t kDpMinRows = kGemmMinRows;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
