@@ -757,3 +757,48 @@ def test_short_queries_gradients_and_thread_invariance_cpu():
         torch.set_num_threads(prev)
     for o, lse in outs[1:]:
         assert torch.equal(o, outs[0][0]) and torch.equal(lse, outs[0][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_slice_chunks_keep_the_bits(dtype):
+    """The CPU forward prepares and attends its (batch, kv head) slices a few MiB of operands at
+    a time (a chunk ends, the next is prepared in the same scratch): a call of many slices is
+    the same bits as each slice called alone (one chunk), at 1 and 2 threads (chunks of 4 and
+    8 slices, a short last one), and varlen is flash_attention on each sequence's slice, its
+    kv heads in chunks too; the reference's error rule holds."""
+    torch.manual_seed(5)
+    B, Sq, Sk, H, Hk, D = 3, 40, 1500, 6, 3, 128  # ~1.5 MiB of fp32 operands per slice
+    q = torch.randn(B, Sq, H, D).to(dtype)
+    k = torch.randn(B, Sk, Hk, D).to(dtype)
+    v = torch.randn(B, Sk, Hk, D).to(dtype)
+    G = H // Hk
+    lens_q, lens_k = [40, 23, 31], [1500, 1117, 1350]
+    cu = torch.tensor([0] + lens_q).cumsum(0).int()
+    cuk = torch.tensor([0] + lens_k).cumsum(0).int()
+    qv = torch.cat([q[i, :lens_q[i]] for i in range(B)])
+    kv = torch.cat([k[i, :lens_k[i]] for i in range(B)])
+    vv = torch.cat([v[i, :lens_k[i]] for i in range(B)])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for causal, window in ((True, (-1, -1)), (False, (200, 100))):
+                out = fastattn.flash_attention(q, k, v, causal=causal, window=window)
+                for b in range(B):
+                    for hk in range(Hk):
+                        heads = slice(hk * G, (hk + 1) * G)
+                        alone = fastattn.flash_attention(q[b:b + 1, :, heads], k[b:b + 1, :, hk:hk + 1],
+                                                         v[b:b + 1, :, hk:hk + 1], causal=causal, window=window)
+                        assert torch.equal(out[b:b + 1, :, heads], alone), (n, causal, b, hk)
+                out_v = fastattn.flash_attention_varlen(qv, kv, vv, cu, cuk, max(lens_q), max(lens_k), causal=causal,
+                                                        window=window)
+                for i in range(B):
+                    one = fastattn.flash_attention(q[i:i + 1, :lens_q[i]], k[i:i + 1, :lens_k[i]],
+                                                   v[i:i + 1, :lens_k[i]], causal=causal, window=window)
+                    assert torch.equal(out_v[cu[i]:cu[i + 1]], one[0]), (n, causal, i)
+    finally:
+        torch.set_num_threads(threads)
+    low = reference.attention(q, k, v, causal=True)
+    want = reference.attention(q.double(), k.double(), v.double(), causal=True)
+    torch.set_num_threads(threads)
+    assert_error_ratio(fastattn.flash_attention(q, k, v, causal=True), low, want, "out")
