@@ -594,9 +594,10 @@ def test_minus_inf_scores_drop_their_keys_in_any_block(device, dtype, sq, scale)
     torch.manual_seed(0)
     inf = float("inf")
     sign = -1.0 if scale > 0 else 1.0  # q . (+inf key) * scale = -inf
-    q = (sign * (torch.rand(1, sq, 2, 16) + 0.5)).to(device, dtype)
-    k = torch.randn(1, 600, 2, 16, device=device, dtype=dtype)
-    v = torch.randn(1, 600, 2, 16, device=device, dtype=dtype)
+    # (head dim 64: one CUDA's flash and decode kernels both take; 16 was refused there)
+    q = (sign * (torch.rand(1, sq, 2, 64) + 0.5)).to(device, dtype)
+    k = torch.randn(1, 600, 2, 64, device=device, dtype=dtype)
+    v = torch.randn(1, 600, 2, 64, device=device, dtype=dtype)
     k[:, :300] = inf  # the first key block(s) of every tile size
     finite = k.dtype != torch.float16  # 3e38 overflows q.k in fp32 (fp16 cannot hold it)
     cases = {"mixed": k, "all inf": torch.full_like(k, inf)}
@@ -763,9 +764,10 @@ def test_short_queries_gradients_and_thread_invariance_cpu():
 def test_cpu_slice_chunks_keep_the_bits(dtype):
     """The CPU forward prepares and attends its (batch, kv head) slices a few MiB of operands at
     a time (a chunk ends, the next is prepared in the same scratch): a call of many slices is
-    the same bits as each slice called alone (one chunk), at 1 and 2 threads (chunks of 4 and
-    8 slices, a short last one), and varlen is flash_attention on each sequence's slice, its
-    kv heads in chunks too; the reference's error rule holds."""
+    the same bits as each slice called alone (one chunk), out and lse, at 1 and 2 threads
+    (fp32 chunks of 4, 4, 1 and 8, 1 slices; bf16 on AVX512-BF16 5, 4 and 8, 1), and varlen is
+    flash_attention on each sequence's slice (its 3 kv heads in chunks of 2, 1 at one
+    thread); the reference's error rule holds."""
     torch.manual_seed(5)
     B, Sq, Sk, H, Hk, D = 3, 40, 1500, 6, 3, 128  # ~1.5 MiB of fp32 operands per slice
     q = torch.randn(B, Sq, H, D).to(dtype)
@@ -783,13 +785,15 @@ def test_cpu_slice_chunks_keep_the_bits(dtype):
         for n in (1, 2):
             torch.set_num_threads(n)
             for causal, window in ((True, (-1, -1)), (False, (200, 100))):
-                out = fastattn.flash_attention(q, k, v, causal=causal, window=window)
+                out, lse = fastattn.flash_attention(q, k, v, causal=causal, window=window, return_lse=True)
                 for b in range(B):
                     for hk in range(Hk):
                         heads = slice(hk * G, (hk + 1) * G)
-                        alone = fastattn.flash_attention(q[b:b + 1, :, heads], k[b:b + 1, :, hk:hk + 1],
-                                                         v[b:b + 1, :, hk:hk + 1], causal=causal, window=window)
+                        alone, alone_lse = fastattn.flash_attention(q[b:b + 1, :, heads], k[b:b + 1, :, hk:hk + 1],
+                                                                    v[b:b + 1, :, hk:hk + 1], causal=causal,
+                                                                    window=window, return_lse=True)
                         assert torch.equal(out[b:b + 1, :, heads], alone), (n, causal, b, hk)
+                        assert torch.equal(lse[b:b + 1, heads], alone_lse), (n, causal, b, hk)
                 out_v = fastattn.flash_attention_varlen(qv, kv, vv, cu, cuk, max(lens_q), max(lens_k), causal=causal,
                                                         window=window)
                 for i in range(B):

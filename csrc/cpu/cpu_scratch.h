@@ -18,10 +18,11 @@
 namespace fastattn {
 namespace cpu {
 
-// Uninitialised fp32 scratch for the whole call (the K^T / widened V copies). Fresh
-// multi-megabyte allocations are new pages every call, and first-touching them one 4 KiB page
-// fault at a time cost as much as the widening pass itself (measured: ~35 ms of page faults
-// for bf16 K^T + V at B1 H16 S2048 D128). Where Linux offers transparent huge pages on
+// Uninitialised fp32 scratch for a call (the flash forward's K^T / widened V copies, today of
+// one chunk of slices; the KV-cache kernel's split partials). Fresh multi-megabyte allocations
+// are new pages every call, and first-touching them one 4 KiB page fault at a time cost as much
+// as the widening pass itself (measured: ~35 ms of page faults for bf16 K^T + V of a whole
+// call at B1 H16 S2048 D128, before the chunks). Where Linux offers transparent huge pages on
 // request, a 2 MiB-aligned buffer with MADV_HUGEPAGE takes 512x fewer faults; elsewhere it is
 // a plain allocation. Even the huge-page faults were ~13% of an fp32 call at that shape on
 // the 2-core VM this was tuned on (a VM's freed pages may go back to the host, and every

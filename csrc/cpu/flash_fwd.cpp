@@ -25,8 +25,8 @@
 // next to the 4 * D flops per score (perf at B1 H16 S2048 D128 causal: about three quarters of
 // the kernel's time is in the GEMMs, a quarter in this file's softmax, widening and masking).
 //
-// K is transposed and V copied (16-bit ones widened to fp32) once per call in a parallel
-// pre-pass, into the panels the GEMM's tiles read as contiguous streams (gemm_f32_bpanels),
+// K is transposed and V copied (16-bit ones widened to fp32) once per (batch, kv head) slice in
+// a parallel pre-pass over a few MiB of slices at a time (FlashFwdCpu::run), into the panels the GEMM's tiles read as contiguous streams (gemm_f32_bpanels),
 // so every block product reads GEMM-ready operands and the layout is paid once per key, not
 // once per query block; fp32 Q is read in place when its rows are adjacent. On the AVX-512
 // machine (bf16 dot products, no AMX) this was tuned on, ATen's brgemm on fp32 operands ran
@@ -38,9 +38,9 @@
 // the GPU kernels round it (the output error against float64 moved from 7.8e-3 to 8.2e-3 at
 // most on the shapes checked; torch's bf16 math is at 4e-2 to 9e-2 there). The bf16 forward
 // at B1 H16 S2048 D128 on a 2-core Zen 4: 180 ms widened, 103 ms so. The price is scratch
-// memory per call: an fp32 K^T and an fp32 V, each padded to whole panels (K^T: keys to a tile's
-// width; V: dims to whole vectors), or the bf16 K and V pairs, in huge pages where the OS
-// offers them.
+// memory for one chunk of slices (~4 MiB, or one slice where a slice is larger): an fp32 K^T
+// and an fp32 V per slice, each padded to whole panels (K^T: keys to a tile's width; V: dims to
+// whole vectors), or the bf16 K and V pairs, in huge pages where the OS offers them.
 //
 // The softmax runs in the log2 domain (scale * log2 e folded into one multiply, a
 // polynomial exp2 that the compiler vectorises), and O is divided by the row sum once, at
@@ -232,7 +232,7 @@ class FlashFwdCpu {
         for (int64_t task = next.fetch_add(1); task < ntasks; task = next.fetch_add(1)) {
           // Heaviest first: under a causal mask the last query blocks see the most keys.
           const int64_t qb = nqb - 1 - task / heads;
-          const int64_t bh = s0 * group + task % heads;  // = b * h + h (slices are b * h_k + hk)
+          const int64_t bh = s0 * group + task % heads;  // = b * h + head (slice s = b * h_k + hk)
           run_task(bh / p_.h, bh % p_.h, qb, dense, band, ws);
         }
       }
@@ -658,9 +658,10 @@ class FlashFwdCpu {
   float scale_log2_ = 0.0f;
   ScratchBuffer scratch_;
   int64_t slice0_ = 0;  // the first slice of the chunk in the scratch (prepare_kv)
-  float* kt_ = nullptr;   // K^T panels (kv_batches, h_k, kt_panels, d, P) in scratch_ (use_dp_: K pairs)
-  float* v32_ = nullptr;  // V panels (kv_batches, h_k, v_panels, kv_rows, v_pw) in scratch_ (use_dp_: unused)
-  uint32_t* vp_ = nullptr;  // use_dp_: V by pairs of keys (kv_batches, h_k, vpairs(), d)
+  // (the chunk's slices from slice0_ on, see prepare_kv)
+  float* kt_ = nullptr;   // K^T panels (slices, kt_panels, d, P) in scratch_ (use_dp_: K pairs)
+  float* v32_ = nullptr;  // V panels (slices, v_panels, kv_rows, v_pw) in scratch_ (use_dp_: unused)
+  uint32_t* vp_ = nullptr;  // use_dp_: V by pairs of keys (slices, vpairs(), d)
 };
 
 }  // namespace
