@@ -25,13 +25,14 @@
 // next to the 4 * D flops per score (perf at B1 H16 S2048 D128 causal: about three quarters of
 // the kernel's time is in the GEMMs, a quarter in this file's softmax, widening and masking).
 //
-// K is transposed and V copied (16-bit ones widened to fp32) once per (batch, kv head) slice in
-// a parallel pre-pass over a few MiB of slices at a time (FlashFwdCpu::run), into the panels the GEMM's tiles read as contiguous streams (gemm_f32_bpanels),
-// so every block product reads GEMM-ready operands and the layout is paid once per key, not
-// once per query block; fp32 Q is read in place when its rows are adjacent. On the AVX-512
-// machine (bf16 dot products, no AMX) this was tuned on, ATen's brgemm on fp32 operands ran
-// 2-4x faster than on bf16 ones at these block shapes, so 16-bit inputs are widened rather
-// than multiplied in 16 bit. The exception: bf16 on a CPU with AVX512-BF16
+// K is transposed and V copied (16-bit ones widened to fp32) once per (batch, kv head) slice,
+// in a parallel pre-pass over a few MiB of slices at a time (FlashFwdCpu::run), into the
+// panels the GEMM's tiles read as contiguous streams (gemm_f32_bpanels), so every block
+// product reads GEMM-ready operands and the layout is paid once per key, not once per query
+// block; fp32 Q is read in place when its rows are adjacent. On the AVX-512 machine (bf16 dot
+// products, no AMX) this was tuned on, ATen's brgemm on fp32 operands ran 2-4x faster than on
+// bf16 ones at these block shapes, so 16-bit inputs are widened rather than multiplied in 16
+// bit. The exception: bf16 on a CPU with AVX512-BF16
 // runs both block products on our own vdpbf16ps micro-kernels (cpu_dpbf16.h: exact bf16 products
 // summed in fp32, at twice the fp32 FMA rate): S = Q K^T (dp_scores) from K laid out by pairs
 // of dims, and O += P V (dp_pv) from V laid out by pairs of keys, with P rounded to bf16 as
@@ -323,6 +324,8 @@ class FlashFwdCpu {
   // 64-byte boundary.
   int64_t k_region(int64_t n) const { return ceil_div(n * slice_k_floats(), 16) * 16; }
   int64_t slice_floats_for(int64_t n) const { return k_region(n) + n * slice_v_floats(); }
+  // Where slice (kvb, hk) sits in this chunk's scratch.
+  int64_t scratch_slice(int64_t kvb, int64_t hk) const { return kvb * p_.h_k + hk - slice0_; }
 
   // Slices per chunk (see run): operands of about kChunkBytes (~4 MiB: each slice's stay in
   // cache from being written to being read), but at least 8 tasks per thread in a chunk (each
@@ -347,17 +350,17 @@ class FlashFwdCpu {
     const int64_t d = p_.d, sk = kv_rows_;
     const int64_t nbh = s1 - s0;  // slices of this chunk; scratch slice bh is slice s0 + bh
     slice0_ = s0;
-    constexpr int64_t kChunk = 64;  // a multiple of P (8, 16 or 64): a chunk holds whole K^T panels
-    static_assert(kChunk % P == 0, "a chunk of keys must hold whole K^T panels");
-    const int64_t nchunks = ceil_div(sk, kChunk);
+    constexpr int64_t kKeyChunk = 64;  // a multiple of P (8, 16 or 64): whole K^T panels
+    static_assert(kKeyChunk % P == 0, "a chunk of keys must hold whole K^T panels");
+    const int64_t key_chunks = ceil_div(sk, kKeyChunk);
     const T* k = static_cast<const T*>(p_.k);
     const T* v = static_cast<const T*>(p_.v);
-    at::parallel_for(0, nbh * nchunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> rows(use_dp_ ? 0 : static_cast<size_t>(kChunk * v_panels_ * v_pw_), 0.0f);
+    at::parallel_for(0, nbh * key_chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> rows(use_dp_ ? 0 : static_cast<size_t>(kKeyChunk * v_panels_ * v_pw_), 0.0f);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t bh = task / nchunks, j0 = (task % nchunks) * kChunk;
+        const int64_t bh = task / key_chunks, j0 = (task % key_chunks) * kKeyChunk;
         const int64_t b = (s0 + bh) / p_.h_k, hk = (s0 + bh) % p_.h_k;
-        const int64_t n = std::min(kChunk, sk - j0);
+        const int64_t n = std::min(kKeyChunk, sk - j0);
         const T* kbase = k + b * p_.k_batch_stride + hk * p_.k_head_stride;
         const T* vbase = v + b * p_.v_batch_stride + hk * p_.v_head_stride;
         if (use_dp_) {
@@ -369,7 +372,7 @@ class FlashFwdCpu {
               rows16[j] = reinterpret_cast<const uint16_t*>(kbase + (j0 + r0 + j) * p_.k_row_stride);
             cpu::pack_dim_pairs_x16(rows16, nr, d, kp + r0, kt_ld_);
           }
-          if (!varlen_) {  // kChunk is even: a chunk holds whole pairs (the last one may be half)
+          if (!varlen_) {  // kKeyChunk is even: a chunk holds whole pairs (the last one may be half)
             uint32_t* dst = vp_ + (bh * vpairs() + j0 / 2) * d;
             for (int64_t j = 0; j < n; j += 2) {
               const uint16_t* lo = reinterpret_cast<const uint16_t*>(vbase + (j0 + j) * p_.v_row_stride);
@@ -467,7 +470,7 @@ class FlashFwdCpu {
         qa = ws.q.data();
         q_ld = d;
       }
-      const int64_t kvbh = kvb * p_.h_k + hk - slice0_;  // its slice in this chunk's scratch
+      const int64_t kvbh = scratch_slice(kvb, hk);
       // fp32 panels of this (kv batch, kv head) (use_dp_: K pairs, and V pairs in pv_block_dp)
       const float* kt = use_dp_ ? nullptr : kt_ + kvbh * kt_panels_ * d * kGemmPanel;
       const uint32_t* kp = use_dp_ ? reinterpret_cast<const uint32_t*>(kt_) + kvbh * pairs_ * kt_ld_ + seq.k_start : nullptr;
@@ -513,7 +516,7 @@ class FlashFwdCpu {
       for (int64_t r = 0; r < rows; ++r) cpu::to_bf16_pairs(s + r * kKBlock + first, np, ws.pp.data() + r * (kKBlock / 2));
       // the sequence's first pair: dense, 0 (its own (b, h_k) slice); varlen, found by its start
       const int64_t seq_pairs = varlen_ ? v_pair_start(seq) : 0;
-      const uint32_t* vp = vp_ + ((kvb * p_.h_k + hk - slice0_) * vpairs() + seq_pairs + (k0 + first) / 2) * d;
+      const uint32_t* vp = vp_ + (scratch_slice(kvb, hk) * vpairs() + seq_pairs + (k0 + first) / 2) * d;
       cpu::dp_pv(rows, d, np, ws.pp.data(), kKBlock / 2, vp, d, o, d);
     }
     const T* vsrc = static_cast<const T*>(p_.v) + b * p_.v_batch_stride + hk * p_.v_head_stride +
@@ -657,8 +660,7 @@ class FlashFwdCpu {
   int64_t pairs_ = 0;  // ceil(d / 2)
   float scale_log2_ = 0.0f;
   ScratchBuffer scratch_;
-  int64_t slice0_ = 0;  // the first slice of the chunk in the scratch (prepare_kv)
-  // (the chunk's slices from slice0_ on, see prepare_kv)
+  int64_t slice0_ = 0;  // the chunk's first slice, the first in the scratch (prepare_kv)
   float* kt_ = nullptr;   // K^T panels (slices, kt_panels, d, P) in scratch_ (use_dp_: K pairs)
   float* v32_ = nullptr;  // V panels (slices, v_panels, kv_rows, v_pw) in scratch_ (use_dp_: unused)
   uint32_t* vp_ = nullptr;  // use_dp_: V by pairs of keys (slices, vpairs(), d)
